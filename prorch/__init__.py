@@ -1,0 +1,102 @@
+"""prorch: resumable step pipelines for Python applications.
+
+Declare ``Pipeline`` and ``Step`` subclasses, store runs through any ``IRepository`` backend, and
+let an ``Orchestrator`` (cron or worker) resume every pipeline that has work due.
+"""
+
+from prorch.clock import Clock, FakeClock, SystemClock
+from prorch.exceptions import (
+    ConcurrentUpdateError,
+    ConfigurationError,
+    CorruptRecordError,
+    DuplicateNameError,
+    InvalidOutputError,
+    InvalidParamsError,
+    InvalidStateError,
+    NotRegisteredError,
+    PipelineNameNotDefinedError,
+    PipelineNotFoundError,
+    ProrchError,
+    RegistrationError,
+    RepositoryError,
+    StepNameNotDefinedError,
+    StepsNotDefinedError,
+    StepUsageError,
+)
+from prorch.mixins import OnContinueMixin, OnStartMixin
+from prorch.orchestrator import Orchestrator, OrchestratorConfig, PassSummary, PipelineState
+from prorch.pipeline import Pipeline
+from prorch.records import (
+    ErrorInfo,
+    EventRecord,
+    MessageRecord,
+    Metadata,
+    PipelineRecord,
+    StepRecord,
+)
+from prorch.registry import Registry, register_pipeline, register_step
+from prorch.repository import (
+    IRepository,
+    SavedItem,
+    SupportsClaim,
+    SupportsCompareAndSet,
+    SupportsDueQuery,
+    SupportsTransaction,
+)
+from prorch.runner import Outcome
+from prorch.status import EventType, Status
+from prorch.step import Step
+
+from prorch import legacy as _legacy
+
+_legacy.install()
+
+__version__ = "2.0.0.dev0"
+
+__all__ = [
+    "Clock",
+    "ConcurrentUpdateError",
+    "ConfigurationError",
+    "CorruptRecordError",
+    "DuplicateNameError",
+    "ErrorInfo",
+    "EventRecord",
+    "EventType",
+    "FakeClock",
+    "IRepository",
+    "InvalidOutputError",
+    "InvalidParamsError",
+    "InvalidStateError",
+    "MessageRecord",
+    "Metadata",
+    "NotRegisteredError",
+    "OnContinueMixin",
+    "OnStartMixin",
+    "Orchestrator",
+    "OrchestratorConfig",
+    "Outcome",
+    "PassSummary",
+    "Pipeline",
+    "PipelineNameNotDefinedError",
+    "PipelineNotFoundError",
+    "PipelineRecord",
+    "PipelineState",
+    "ProrchError",
+    "RegistrationError",
+    "Registry",
+    "RepositoryError",
+    "SavedItem",
+    "Status",
+    "Step",
+    "StepNameNotDefinedError",
+    "StepRecord",
+    "StepUsageError",
+    "StepsNotDefinedError",
+    "SupportsClaim",
+    "SupportsCompareAndSet",
+    "SupportsDueQuery",
+    "SupportsTransaction",
+    "SystemClock",
+    "register_pipeline",
+    "register_step",
+]

@@ -1,0 +1,88 @@
+"""Every error prorch raises derives from ``ProrchError``; a subclass's docstring is its default
+message. The prorch 1.0.1 names are kept as aliases at the bottom."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class ProrchError(Exception):
+    """A prorch error."""
+
+    def __init__(self, message: str | None = None, **context: Any) -> None:
+        self.context = context
+        super().__init__(message or (self.__doc__ or "").strip())
+
+
+class RegistrationError(ProrchError):
+    """A Pipeline or Step class cannot be registered."""
+
+
+class PipelineNameNotDefinedError(RegistrationError):
+    """A Pipeline subclass has no `name`: set `name = "MyPipeline"` on the class."""
+
+
+class StepNameNotDefinedError(RegistrationError):
+    """A Step subclass has no `name`: set `name = "MyStep"` on the class."""
+
+
+class StepsNotDefinedError(RegistrationError):
+    """A Pipeline subclass has no `steps`: set `steps = [FirstStep, SecondStep]` on the class."""
+
+
+class DuplicateNameError(RegistrationError):
+    """Another class is already registered under this name and version."""
+
+
+class NotRegisteredError(ProrchError, LookupError):
+    """No class is registered under this name (import the module that defines it, e.g. --app)."""
+
+
+class InvalidParamsError(ProrchError, ValueError):
+    """The pipeline's params are invalid; nothing was stored."""
+
+
+class InvalidOutputError(ProrchError, ValueError):
+    """A step's output is not valid JSON-compatible data or does not match its Output model."""
+
+
+class StepUsageError(ProrchError):
+    """A step's control call (finish, fail, cancel, wait) was used the wrong way."""
+
+
+class PipelineNotFoundError(ProrchError, LookupError):
+    """No pipeline with this uuid is stored."""
+
+
+class InvalidStateError(ProrchError):
+    """The operation does not apply to a pipeline in its current status."""
+
+
+class RepositoryError(ProrchError):
+    """The repository failed; the driver's error is chained as the cause."""
+
+
+class CorruptRecordError(RepositoryError):
+    """A stored record does not match prorch's record schema."""
+
+
+class ConcurrentUpdateError(RepositoryError):
+    """The record changed since it was read (another orchestrator holds it); the write was refused."""
+
+
+class ConfigurationError(ProrchError, ValueError):
+    """The configuration is invalid."""
+
+
+# --- prorch 1.0.1 names, kept so that code written for it still catches the same errors ---
+StepsNotDefinedException = StepsNotDefinedError
+PipelineNameNotDefinedException = PipelineNameNotDefinedError
+StepNameNotDefinedException = StepNameNotDefinedError
+
+
+class RepositoryNotDefinedException(ConfigurationError):
+    """No repository was given: pass `repository=` (a URL, a backend or a repository class)."""
+
+
+class PipelineNotDefinedException(ProrchError):
+    """A step record needs the uuid of its pipeline."""

@@ -1,0 +1,262 @@
+"""``Orchestrator``: the pass that resumes every due pipeline, the worker loop around it, and the
+operations on one pipeline (read, cancel, retry)."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+from prorch.clock import Clock, SystemClock
+from prorch.exceptions import ConcurrentUpdateError, InvalidStateError, PipelineNotFoundError, ProrchError
+from prorch.pipeline import new_owner_id
+from prorch.records import ErrorInfo, EventRecord, PipelineRecord, StepRecord
+from prorch.registry import Registry, current_registry
+from prorch.runner import DEFAULT_LEASE_SECONDS, DEFAULT_MAX_TURNS_PER_PASS, Outcome, Runner
+from prorch.status import TERMINAL, Status
+from prorch.store import Store
+
+logger = logging.getLogger("prorch.orchestrator")
+
+DEFAULT_CONCURRENCY = 4
+DEFAULT_BATCH_SIZE = 100
+DEFAULT_INTERVAL_SECONDS = 5.0
+
+
+@dataclass
+class OrchestratorConfig:
+    """The prorch 1.0.1 way to configure an Orchestrator: ``OrchestratorConfig(repository_class=R)``."""
+
+    repository_class: Any
+
+
+@dataclass
+class PassSummary:
+    """What one pass did. ``errors`` maps a pipeline uuid to the error that stopped its advance;
+    ``blocked`` maps a pipeline uuid to why its code is not available."""
+
+    claimed: int = 0
+    advanced: int = 0
+    transitions: int = 0
+    finished: int = 0
+    failed: int = 0
+    cancelled: int = 0
+    waiting: int = 0
+    blocked: dict[str, str] = field(default_factory=dict)
+    errors: dict[str, str] = field(default_factory=dict)
+
+    def add(self, outcome: Outcome) -> None:
+        if outcome.blocked:
+            self.blocked[outcome.uuid] = outcome.blocked
+            return
+        self.advanced += 1
+        self.transitions += outcome.transitions
+        if outcome.status == Status.FINISHED:
+            self.finished += 1
+        elif outcome.status == Status.FAILED:
+            self.failed += 1
+        elif outcome.status == Status.CANCELLED:
+            self.cancelled += 1
+        elif outcome.waiting_until is not None:
+            self.waiting += 1
+
+    @property
+    def did_something(self) -> bool:
+        return bool(self.claimed or self.errors)
+
+
+@dataclass
+class PipelineState:
+    """A pipeline with its steps, as ``Orchestrator.get`` returns it. ``blocked`` says why its
+    code is missing, when it is."""
+
+    pipeline: PipelineRecord
+    steps: list[StepRecord]
+    blocked: str | None = None
+
+
+class Orchestrator:
+    """Resumes every due pipeline of one repository: ``execute_pipelines()`` for one pass (cron),
+    ``run_forever()`` for a worker."""
+
+    def __init__(
+        self,
+        repository: Any = None,
+        *,
+        config: OrchestratorConfig | None = None,
+        concurrency: int = DEFAULT_CONCURRENCY,
+        batch_size: int = DEFAULT_BATCH_SIZE,
+        lease_seconds: float = DEFAULT_LEASE_SECONDS,
+        max_turns_per_pass: int = DEFAULT_MAX_TURNS_PER_PASS,
+        clock: Clock | None = None,
+        registry: Registry | None = None,
+    ) -> None:
+        if repository is None and config is not None:
+            repository = config.repository_class
+        if concurrency < 1 or batch_size < 1 or lease_seconds <= 0:
+            raise ValueError("concurrency and batch_size must be >= 1 and lease_seconds > 0")
+        self.store = Store(repository)
+        self.clock: Clock = clock or SystemClock()
+        self.registry = registry or current_registry()
+        self.owner = new_owner_id()
+        self.batch_size = batch_size
+        self.lease_seconds = lease_seconds
+        # Hooks run in threads only on a backend that says it is thread-safe.
+        self.concurrency = concurrency if self.store.thread_safe else 1
+        self.runner = Runner(
+            self.store, self.registry, self.clock,
+            owner=self.owner if self.store.can_claim else None,
+            lease_seconds=lease_seconds, max_turns=max_turns_per_pass,
+        )
+        self._stop = threading.Event()
+
+    # --- the pass -------------------------------------------------------------------------------
+
+    def execute_pipelines(self) -> PassSummary:
+        """One pass: claim the due pipelines (up to ``batch_size``), advance each, and return
+        what happened. One pipeline's error is logged and recorded, and the pass goes on."""
+        self.store.warn_if_unguarded()
+        summary = PassSummary()
+        now = self.clock.now()
+        lease_until = now + timedelta(seconds=self.lease_seconds)
+        claimed = self.store.claim_due(now, self.owner, lease_until, self.batch_size)
+        summary.claimed = len(claimed)
+        if self.concurrency > 1 and len(claimed) > 1:
+            with ThreadPoolExecutor(self.concurrency, thread_name_prefix="prorch") as pool:
+                results = list(pool.map(self._advance_one, claimed))
+        else:
+            results = [self._advance_one(p) for p in claimed]
+        for pipeline, result in zip(claimed, results):
+            if isinstance(result, Outcome):
+                summary.add(result)
+            else:
+                summary.errors[pipeline.uuid] = result
+        if summary.did_something:
+            logger.info(
+                "pass: claimed %d, finished %d, failed %d, waiting %d, blocked %d, errors %d",
+                summary.claimed, summary.finished, summary.failed, summary.waiting,
+                len(summary.blocked), len(summary.errors),
+            )
+        return summary
+
+    def _advance_one(self, pipeline: PipelineRecord) -> Outcome | str:
+        try:
+            return self.runner.advance(pipeline)
+        except ConcurrentUpdateError as exc:
+            logger.warning("pipeline %s: write refused, another orchestrator holds it: %s",
+                           pipeline.uuid, exc, extra={"pipeline_uuid": pipeline.uuid})
+            return f"{type(exc).__name__}: {exc}"
+        except Exception as exc:
+            logger.exception("pipeline %s: advance failed: %s", pipeline.uuid, exc,
+                             extra={"pipeline_uuid": pipeline.uuid})
+            self._record_error(pipeline.uuid, exc)
+            return f"{type(exc).__name__}: {exc}"
+
+    def _record_error(self, uuid: str, exc: Exception) -> None:
+        """Keep the error on the pipeline for a look, and release its lease (best effort: the
+        repository may be what failed)."""
+        try:
+            record = self.store.get_pipeline(uuid)
+            if record is None or record.status in TERMINAL:
+                return
+            record.last_error = ErrorInfo.from_exception(exc)
+            if record.lease_owner == self.owner:
+                record.lease_owner = None
+                record.lease_expires_at = None
+            self.store.commit([record])
+        except Exception as again:  # the repository is still down: the lease expires by itself
+            logger.warning("pipeline %s: could not record the error: %s", uuid, again)
+
+    def run_forever(self, interval: float = DEFAULT_INTERVAL_SECONDS) -> None:
+        """Run passes every ``interval`` seconds until ``stop()`` or SIGTERM/SIGINT; a pass with
+        a full batch is followed at once by the next."""
+        restore = self._install_signal_handlers()
+        try:
+            while not self._stop.is_set():
+                summary = self.execute_pipelines()
+                if summary.claimed < self.batch_size:
+                    self._stop.wait(interval)
+        finally:
+            restore()
+
+    def stop(self) -> None:
+        """Ask ``run_forever`` to return after the current pass."""
+        self._stop.set()
+
+    def _install_signal_handlers(self) -> Any:
+        if threading.current_thread() is not threading.main_thread():
+            return lambda: None
+        previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+        def handle(signum: int, frame: Any) -> None:
+            logger.info("received %s: finishing the current pass, then stopping", signal.Signals(signum).name)
+            self.stop()
+
+        for sig in previous:
+            signal.signal(sig, handle)
+
+        def restore() -> None:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+        return restore
+
+    # --- reading -------------------------------------------------------------------------------
+
+    def list_pipelines(self, status: Status | str | None = None, name: str | None = None) -> list[PipelineRecord]:
+        """Stored pipelines, newest first; filtered by status and name when given."""
+        found = (
+            self.store.pipelines_with_status(Status(status)) if status is not None else self.store.all_pipelines()
+        )
+        if name is not None:
+            found = [p for p in found if p.name == name]
+        epoch = datetime.min.replace(tzinfo=self.clock.now().tzinfo)
+        return sorted(found, key=lambda p: p.created_at or epoch, reverse=True)
+
+    def get(self, uuid: str) -> PipelineState:
+        """The pipeline ``uuid`` with its steps in order, and why it is blocked, if it is."""
+        record = self._require(uuid)
+        steps = sorted(self.store.steps_of(uuid), key=lambda s: (s.position is None, s.position or 0))
+        return PipelineState(record, steps, blocked=self.blocked_reason(record, steps))
+
+    def history(self, uuid: str) -> list[EventRecord]:
+        """The pipeline's events, oldest first."""
+        self._require(uuid)
+        return self.store.events_of(uuid)
+
+    def blocked_reason(self, record: PipelineRecord, steps: list[StepRecord]) -> str | None:
+        try:
+            self.registry.pipeline(record.name, record.version)
+            for step in steps:
+                self.registry.step(step.name, step.version)
+        except ProrchError as exc:
+            return str(exc)
+        return None
+
+    # --- acting --------------------------------------------------------------------------------
+
+    def cancel(self, uuid: str) -> PipelineState:
+        """Cancel a pipeline that has not ended; its current step's ``on_cancel()`` runs."""
+        record = self._require(uuid)
+        if record.status in TERMINAL:
+            raise InvalidStateError(f"pipeline {uuid} is already {record.status.value}; nothing to cancel")
+        self.runner.cancel(record)
+        return self.get(uuid)
+
+    def retry(self, uuid: str) -> PipelineState:
+        """Resume a failed pipeline from its failed step, with fresh attempts."""
+        record = self._require(uuid)
+        if record.status != Status.FAILED:
+            raise InvalidStateError(f"pipeline {uuid} is {record.status.value}; only a failed pipeline can be retried")
+        self.runner.retry(record)
+        return self.get(uuid)
+
+    def _require(self, uuid: str) -> PipelineRecord:
+        record = self.store.get_pipeline(uuid)
+        if record is None:
+            raise PipelineNotFoundError(f"no pipeline with uuid {uuid} is stored", uuid=uuid)
+        return record

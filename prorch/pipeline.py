@@ -1,0 +1,226 @@
+"""``Pipeline``: declare the steps, create runs, and (seed form) run one in this process."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from collections.abc import Sequence
+from datetime import timedelta
+from typing import Any, ClassVar
+
+from pydantic import BaseModel, ValidationError
+
+from prorch.clock import Clock, SystemClock
+from prorch.exceptions import (
+    InvalidParamsError,
+    InvalidStateError,
+    NotRegisteredError,
+    PipelineNameNotDefinedError,
+    PipelineNotFoundError,
+    StepsNotDefinedError,
+)
+from prorch.records import EventRecord, JSONDict, PipelineRecord, StepRecord, new_uuid
+from prorch.registry import current_registry
+from prorch.runner import DEFAULT_LEASE_SECONDS, Outcome, Runner
+from prorch.status import EventType, Status
+from prorch.step import Step
+from prorch.store import Store
+
+
+def new_owner_id() -> str:
+    """Identifies one orchestrator (or one in-process start) in leases and logs."""
+    return f"{socket.gethostname()}:{os.getpid()}:{new_uuid()[:8]}"
+
+
+class Pipeline:
+    """Base class of a pipeline: set ``name`` and ``steps`` and register it with
+    ``@register_pipeline``.
+
+    Optional class attributes: ``version`` (int, default 1), ``priority`` (higher runs first),
+    ``Params`` (a pydantic model that validates ``create(params=...)``).
+    """
+
+    name: ClassVar[str | None] = None
+    steps: ClassVar[Sequence[type[Step]]] = ()
+    version: ClassVar[int] = 1
+    priority: ClassVar[int] = 0
+    Params: ClassVar[type[BaseModel] | None] = None
+
+    def __init__(
+        self,
+        repository_class: Any = None,
+        pipeline_uuid: str | None = None,
+        *,
+        repository: Any = None,
+        params: Any = None,
+        clock: Clock | None = None,
+    ) -> None:
+        """The prorch 1.0.1 form: with no ``pipeline_uuid``, store a new pipeline as ``created``
+        (run it with ``.start()``); with one, load that pipeline. Prefer ``create`` / ``load``."""
+        self._check_declared()
+        self._store = Store(repository if repository is not None else repository_class)
+        self._clock: Clock = clock or SystemClock()
+        if pipeline_uuid is not None:
+            self.record = self._fetch(pipeline_uuid)
+        else:
+            self.record = self._insert(params, status=Status.CREATED, context={}, priority=None)
+
+    # --- creating and loading -----------------------------------------------------------------
+
+    @classmethod
+    def create(
+        cls,
+        repository: Any,
+        params: Any = None,
+        *,
+        tenant: str | None = None,
+        context: JSONDict | None = None,
+        priority: int | None = None,
+        clock: Clock | None = None,
+    ) -> Pipeline:
+        """Validate ``params`` and store the pipeline as pending and due now, running no hook:
+        the next orchestrator pass runs it. Raises ``InvalidParamsError`` and stores nothing when
+        the params are invalid."""
+        cls._check_declared()
+        self = cls.__new__(cls)
+        self._store = Store(repository)
+        self._clock = clock or SystemClock()
+        merged = dict(context or {})
+        if tenant is not None:
+            merged["tenant"] = tenant
+        self.record = self._insert(params, status=Status.PENDING, context=merged, priority=priority)
+        return self
+
+    @classmethod
+    def load(cls, repository: Any, uuid: str, *, clock: Clock | None = None) -> Pipeline:
+        """The stored pipeline ``uuid`` (of this class)."""
+        return cls(repository=repository, pipeline_uuid=uuid, clock=clock)
+
+    @classmethod
+    def _check_declared(cls) -> None:
+        if not cls.name:
+            raise PipelineNameNotDefinedError(f"pipeline class {cls.__qualname__} has no `name`")
+        if not cls.steps:
+            raise StepsNotDefinedError(f"pipeline {cls.name} has no `steps`")
+        registered = current_registry().pipelines.get(cls.name, {}).get(cls.version)
+        if registered is not cls:
+            raise NotRegisteredError(
+                f"pipeline {cls.name} is not registered: decorate {cls.__qualname__} with "
+                "@register_pipeline so that the orchestrator can resume it"
+            )
+
+    @classmethod
+    def validate_params(cls, params: Any) -> JSONDict:
+        """``params`` as stored: checked against ``Params`` (or as JSON-compatible data)."""
+        if cls.Params is not None:
+            try:
+                model = params if isinstance(params, cls.Params) else cls.Params.model_validate(params or {})
+            except ValidationError as exc:
+                problems = "; ".join(
+                    f"{'.'.join(str(p) for p in err['loc']) or 'params'}: {err['msg']}" for err in exc.errors()
+                )
+                raise InvalidParamsError(f"invalid params for pipeline {cls.name}: {problems}") from exc
+            return model.model_dump(mode="json")
+        if params is None:
+            return {}
+        if not isinstance(params, dict):
+            raise InvalidParamsError(
+                f"params for pipeline {cls.name} must be a dict, got {type(params).__name__}"
+            )
+        try:
+            result: JSONDict = json.loads(json.dumps(params, allow_nan=False))
+        except (TypeError, ValueError) as exc:
+            raise InvalidParamsError(
+                f"params for pipeline {cls.name} are not JSON-compatible ({exc}); declare a Params "
+                "pydantic model to accept richer types"
+            ) from exc
+        return result
+
+    def _insert(
+        self, params: Any, *, status: Status, context: JSONDict, priority: int | None
+    ) -> PipelineRecord:
+        stored_params = self.validate_params(params)
+        now = self._clock.now()
+        record = PipelineRecord(
+            uuid=new_uuid(),
+            name=self.name or "",
+            version=self.version,
+            status=status,
+            params=stored_params,
+            context=context,
+            metadata={"current_step": None},
+            priority=self.priority if priority is None else priority,
+            created_at=now,
+            updated_at=now,
+            next_run_at=now if status == Status.PENDING else None,
+        )
+        steps = [
+            StepRecord(
+                uuid=new_uuid(),
+                pipeline_uuid=record.uuid,
+                name=step.name or "",
+                version=step.version,
+                position=position,
+                status=Status.CREATED,
+            )
+            for position, step in enumerate(self.steps)
+        ]
+        created = EventRecord(
+            uuid=new_uuid(), pipeline_uuid=record.uuid, type=EventType.PIPELINE_CREATED, at=now,
+            data={"name": record.name, "version": record.version},
+        )
+        # Steps first: a pipeline record is never visible without its steps.
+        self._store.insert_all([*steps, created, record])
+        return record
+
+    def _fetch(self, uuid: str) -> PipelineRecord:
+        record = self._store.get_pipeline(uuid)
+        if record is None:
+            raise PipelineNotFoundError(f"no pipeline with uuid {uuid} is stored", uuid=uuid)
+        return record
+
+    # --- running in this process (seed form) --------------------------------------------------
+
+    def start(self) -> Outcome:
+        """Run this pipeline's due work now, in this process, as the seed's ``start()`` did:
+        the current step and, as each finishes, the next ones (up to the per-pass bound)."""
+        owner = new_owner_id()
+        now = self._clock.now()
+        lease_until = now + timedelta(seconds=DEFAULT_LEASE_SECONDS)
+        record = self._store.claim_one(self.uuid, now, owner, lease_until)
+        if record is None:
+            raise InvalidStateError(
+                f"pipeline {self.uuid} is being run by another orchestrator; try again later"
+            )
+        runner = Runner(self._store, current_registry(), self._clock, owner=owner)
+        outcome = runner.advance(record)
+        self.refresh()
+        return outcome
+
+    def refresh(self) -> None:
+        """Read the stored record again."""
+        self.record = self._fetch(self.uuid)
+
+    # --- reading ---------------------------------------------------------------------------
+
+    @property
+    def uuid(self) -> str:
+        return self.record.uuid
+
+    @property
+    def status(self) -> str:
+        return self.record.status.value
+
+    @property
+    def params(self) -> Any:
+        if self.Params is not None:
+            return self.Params.model_validate(self.record.params)
+        return self.record.params
+
+    @property
+    def metadata(self) -> JSONDict:
+        return self.record.metadata
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.uuid} {self.status}>"

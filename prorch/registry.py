@@ -1,0 +1,185 @@
+"""Which code runs for a stored record: classes registered by name and version.
+
+Stored data only ever selects code by looking a (name, version) up here; nothing stored is
+imported, unpickled or evaluated.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from pydantic import BaseModel
+
+from prorch.exceptions import (
+    DuplicateNameError,
+    NotRegisteredError,
+    PipelineNameNotDefinedError,
+    RegistrationError,
+    StepNameNotDefinedError,
+    StepsNotDefinedError,
+)
+from prorch.mixins import OnContinueMixin, OnStartMixin, defines_hook
+from prorch.step import Step
+
+if TYPE_CHECKING:
+    from prorch.pipeline import Pipeline
+
+logger = logging.getLogger("prorch.registry")
+ClassT = TypeVar("ClassT", bound=type)
+
+
+class Registry:
+    """Pipelines and steps by name, each with one or more versions."""
+
+    def __init__(self) -> None:
+        self.pipelines: dict[str, dict[int, type[Pipeline]]] = {}
+        self.steps: dict[str, dict[int, type[Step]]] = {}
+
+    # --- registering -------------------------------------------------------------------------
+
+    def add_step(self, cls: type[Step]) -> type[Step]:
+        if not (isinstance(cls, type) and issubclass(cls, Step)):
+            raise RegistrationError(f"@register_step needs a Step subclass, got {cls!r}")
+        if not isinstance(cls.name, str) or not cls.name:
+            raise StepNameNotDefinedError(
+                f"step class {cls.__qualname__} has no `name`: set name = \"{cls.__name__}\""
+            )
+        _check_version(cls)
+        for mixin, hook in ((OnStartMixin, "on_start"), (OnContinueMixin, "on_continue")):
+            if issubclass(cls, mixin) and not defines_hook(cls, hook):
+                raise RegistrationError(
+                    f"step {cls.name} mixes in {mixin.__name__} but defines no {hook}(): "
+                    f"define it, or drop the mixin"
+                )
+        if not isinstance(cls.max_attempts, int) or cls.max_attempts < 1:
+            raise RegistrationError(f"step {cls.name}: max_attempts must be an int >= 1")
+        if cls.Output is not None and not _is_model(cls.Output):
+            raise RegistrationError(f"step {cls.name}: Output must be a pydantic BaseModel subclass")
+        return self._add(self.steps, cls, "step")
+
+    def add_pipeline(self, cls: type[Pipeline]) -> type[Pipeline]:
+        from prorch.pipeline import Pipeline
+
+        if not (isinstance(cls, type) and issubclass(cls, Pipeline)):
+            raise RegistrationError(f"@register_pipeline needs a Pipeline subclass, got {cls!r}")
+        if not isinstance(cls.name, str) or not cls.name:
+            raise PipelineNameNotDefinedError(
+                f"pipeline class {cls.__qualname__} has no `name`: set name = \"{cls.__name__}\""
+            )
+        _check_version(cls)
+        if not isinstance(cls.steps, (list, tuple)) or not cls.steps:
+            raise StepsNotDefinedError(
+                f"pipeline {cls.name} has no `steps`: set steps = [FirstStep, SecondStep, ...]"
+            )
+        seen: set[str] = set()
+        for item in cls.steps:
+            if not self.is_registered_step(item):
+                raise RegistrationError(
+                    f"pipeline {cls.name}: steps must hold registered Step classes, but {item!r} "
+                    "is not one (decorate it with @register_step, above the pipeline)"
+                )
+            if item.name in seen:
+                raise RegistrationError(
+                    f"pipeline {cls.name} lists step {item.name} twice; step names in a pipeline "
+                    "must be unique (outputs are keyed by name)"
+                )
+            seen.add(item.name)
+        if cls.Params is not None and not _is_model(cls.Params):
+            raise RegistrationError(f"pipeline {cls.name}: Params must be a pydantic BaseModel subclass")
+        if isinstance(cls.priority, bool) or not isinstance(cls.priority, int):
+            raise RegistrationError(f"pipeline {cls.name}: priority must be an int")
+        return self._add(self.pipelines, cls, "pipeline")
+
+    def _add(self, table: dict[str, dict[int, Any]], cls: ClassT, kind: str) -> ClassT:
+        versions = table.setdefault(cls.name, {})  # type: ignore[attr-defined]
+        existing = versions.get(cls.version)  # type: ignore[attr-defined]
+        if existing is not None and existing is not cls and not _same_definition(existing, cls):
+            raise DuplicateNameError(
+                f"{kind} name {cls.name!r} version {cls.version} is already registered by "  # type: ignore[attr-defined]
+                f"{existing.__module__}.{existing.__qualname__}; choose another name or set version = N"
+            )
+        versions[cls.version] = cls  # type: ignore[attr-defined]
+        return cls
+
+    # --- looking up --------------------------------------------------------------------------
+
+    def is_registered_step(self, item: object) -> bool:
+        if not (isinstance(item, type) and issubclass(item, Step)):
+            return False
+        return self.steps.get(item.name or "", {}).get(item.version) is item
+
+    def pipeline(self, name: str, version: int | None = None) -> type[Pipeline]:
+        """The pipeline class of that name: the given version, or the newest."""
+        return _lookup(self.pipelines, "pipeline", name, version)
+
+    def step(self, name: str, version: int | None = None) -> type[Step]:
+        return _lookup(self.steps, "step", name, version)
+
+    def pipeline_names(self) -> list[str]:
+        return sorted(self.pipelines)
+
+
+def _lookup(table: dict[str, dict[int, ClassT]], kind: str, name: str, version: int | None) -> ClassT:
+    versions = table.get(name)
+    if not versions:
+        known = ", ".join(sorted(table)) or "none"
+        raise NotRegisteredError(
+            f"no {kind} named {name!r} is registered (registered: {known}); import the module "
+            "that defines it (e.g. prorch --app my_app.pipelines)",
+            name=name,
+        )
+    if version is None:
+        return versions[max(versions)]
+    if version not in versions:
+        raise NotRegisteredError(
+            f"{kind} {name!r} version {version} is not registered (registered versions: "
+            f"{', '.join(str(v) for v in sorted(versions))}); deploy the code that defines it",
+            name=name,
+        )
+    return versions[version]
+
+
+def _check_version(cls: Any) -> None:
+    if isinstance(cls.version, bool) or not isinstance(cls.version, int) or cls.version < 1:
+        raise RegistrationError(f"{cls.__qualname__}: version must be an int >= 1, got {cls.version!r}")
+
+
+def _is_model(value: object) -> bool:
+    return isinstance(value, type) and issubclass(value, BaseModel)
+
+
+def _same_definition(old: type, new: type) -> bool:
+    """A module imported again (a reload, ``python -m`` plus import) re-registers the same class."""
+    return (old.__module__, old.__qualname__) == (new.__module__, new.__qualname__)
+
+
+_current = Registry()
+
+
+def current_registry() -> Registry:
+    """The registry that ``@register_pipeline`` / ``@register_step`` write to."""
+    return _current
+
+
+@contextlib.contextmanager
+def isolated_registry() -> Iterator[Registry]:
+    """Use a fresh, empty registry inside the block (for tests), then restore the previous one."""
+    global _current
+    previous, _current = _current, Registry()
+    try:
+        yield _current
+    finally:
+        _current = previous
+
+
+def register_step(cls: type[Step]) -> type[Step]:
+    """Class decorator: make a Step available to pipelines and to stored records by name."""
+    return _current.add_step(cls)
+
+
+def register_pipeline(cls: type[Pipeline]) -> type[Pipeline]:
+    """Class decorator: make a Pipeline startable and resumable by name."""
+    return _current.add_pipeline(cls)

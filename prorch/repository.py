@@ -1,0 +1,114 @@
+"""The repository interface a user implements, and the optional capabilities the engine uses.
+
+A repository stores one model's records (``IRepository(model)``); a *backend* is any callable
+``model -> IRepository``: a seed-style class, or a configured backend from ``repositories``.
+The four seed methods are all a user must write. The capabilities below are small optional
+protocols; the engine checks for them and, where they are missing, falls back to the four
+methods, which is safe in a single orchestrator process only.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Protocol, Union, runtime_checkable
+
+JSONDict = dict[str, Any]
+
+
+@dataclass
+class SavedItem:
+    """What ``save`` may return (prorch 1.0.1): the store's own identifier of the new item."""
+
+    identifier: Union[str, int]
+
+
+class IRepository(ABC):
+    """Stores the records of one model (``Metadata.TABLE_NAMES[model]`` names its table).
+
+    Records are JSON-compatible dicts with a unique ``"uuid"`` key. Raise any exception on a
+    storage failure: the engine wraps it in ``RepositoryError`` and retries the pipeline later.
+    """
+
+    model: str
+
+    def __init__(self, model: str) -> None:
+        self.model = model
+
+    @abstractmethod
+    def get(self, uuid: str) -> JSONDict | None:
+        """The record whose ``uuid`` matches, or None when there is none."""
+
+    @abstractmethod
+    def save(self, data: JSONDict) -> Any:
+        """Insert a new record (its uuid is new). The return value is not used (seed: SavedItem)."""
+
+    @abstractmethod
+    def update(self, uuid: str, data: JSONDict) -> Any:
+        """Replace the fields of the record ``uuid`` with ``data`` (the engine sends every field)."""
+
+    @abstractmethod
+    def search(self, filter: list[Any]) -> list[JSONDict]:  # noqa: A002 - the seed's name
+        """The records whose field equals the value, given as ``[field, value]``; [] when none."""
+
+
+RepositoryFactory = Callable[[str], IRepository]
+"""A backend: anything that makes the repository of a model, e.g. an ``IRepository`` subclass."""
+
+
+@runtime_checkable
+class SupportsCompareAndSet(Protocol):
+    """A repository that can refuse a write when the record changed since it was read."""
+
+    def compare_and_set(self, uuid: str, expected_revision: int, data: JSONDict) -> bool:
+        """Replace the record only if its stored ``revision`` equals ``expected_revision``.
+
+        Return True if it was replaced, False if the revision differed or the record is missing.
+        """
+        ...
+
+
+@runtime_checkable
+class SupportsDueQuery(Protocol):
+    """A pipeline repository that finds due pipelines without reading the others (an index)."""
+
+    def search_due(self, now: datetime, limit: int) -> list[JSONDict]:
+        """Pending pipelines with ``next_run_at`` null or <= now and no lease expiring after now,
+        highest ``priority`` first, then earliest ``next_run_at``; at most ``limit``."""
+        ...
+
+
+@runtime_checkable
+class SupportsClaim(Protocol):
+    """A pipeline repository that claims due pipelines atomically, so two workers never share one."""
+
+    def claim_due(
+        self, now: datetime, owner: str, lease_expires_at: datetime, limit: int
+    ) -> list[JSONDict]:
+        """Select as ``search_due`` and, in the same atomic step, set ``lease_owner``,
+        ``lease_expires_at`` and ``revision + 1`` on them; return them as now stored."""
+        ...
+
+    def claim_one(
+        self, uuid: str, now: datetime, owner: str, lease_expires_at: datetime
+    ) -> JSONDict | None:
+        """Lease one pipeline whatever its ``next_run_at`` if no live lease is held by another
+        owner; return it as now stored, or None when it is missing or leased elsewhere."""
+        ...
+
+
+@runtime_checkable
+class SupportsTransaction(Protocol):
+    """A backend whose repositories can write several records all-or-nothing."""
+
+    def transaction(self) -> AbstractContextManager[None]:
+        """Writes made by this backend's repositories inside the block commit together."""
+        ...
+
+
+def is_thread_safe(backend: object) -> bool:
+    """Backends declare ``thread_safe = True`` to let a pass run hooks in a thread pool."""
+    return bool(getattr(backend, "thread_safe", False))

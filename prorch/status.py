@@ -1,0 +1,90 @@
+"""The state machine: statuses, the moves allowed between them, and event types.
+
+Pipeline status is never set freely: it is derived from the statuses of its steps, which are
+the source of truth (a crash between two writes is repaired by deriving again).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from enum import Enum
+
+
+class Status(str, Enum):
+    """Status of a pipeline or of a step. The values are the seed's strings."""
+
+    CREATED = "created"  # stored, no hook has run yet (a step not started, a seed pipeline not started)
+    PENDING = "pending"  # in progress: the orchestrator resumes it when it is due
+    FINISHED = "finished"  # done for good (terminal)
+    FAILED = "failed"  # gave up after its attempts, or fail() was called (terminal until retry)
+    CANCELLED = "cancelled"  # stopped by cancel() (terminal)
+
+    def __str__(self) -> str:
+        return self.value
+
+
+TERMINAL = frozenset({Status.FINISHED, Status.FAILED, Status.CANCELLED})
+
+#: The moves a step may make. Anything else is a bug and is refused loudly.
+STEP_TRANSITIONS: dict[Status, frozenset[Status]] = {
+    Status.CREATED: frozenset({Status.PENDING, Status.FINISHED, Status.FAILED, Status.CANCELLED}),
+    Status.PENDING: frozenset({Status.PENDING, Status.FINISHED, Status.FAILED, Status.CANCELLED}),
+    Status.FINISHED: frozenset(),
+    Status.FAILED: frozenset({Status.PENDING}),  # Orchestrator.retry()
+    Status.CANCELLED: frozenset(),
+}
+
+#: The moves a pipeline may make.
+PIPELINE_TRANSITIONS: dict[Status, frozenset[Status]] = {
+    Status.CREATED: frozenset({Status.PENDING, Status.FINISHED, Status.FAILED, Status.CANCELLED}),
+    Status.PENDING: frozenset({Status.PENDING, Status.FINISHED, Status.FAILED, Status.CANCELLED}),
+    Status.FINISHED: frozenset(),
+    Status.FAILED: frozenset({Status.PENDING}),  # Orchestrator.retry()
+    Status.CANCELLED: frozenset(),
+}
+
+
+def can_move(table: dict[Status, frozenset[Status]], old: Status, new: Status) -> bool:
+    """True when ``old -> new`` is an allowed move in ``table`` (staying put is always allowed)."""
+    return old == new or new in table[old]
+
+
+def derive_pipeline_status(step_statuses: Iterable[Status]) -> Status:
+    """The seed's rule: any failed -> failed, any cancelled -> cancelled, all finished -> finished."""
+    statuses = list(step_statuses)
+    if Status.FAILED in statuses:
+        return Status.FAILED
+    if Status.CANCELLED in statuses:
+        return Status.CANCELLED
+    if statuses and all(status == Status.FINISHED for status in statuses):
+        return Status.FINISHED
+    return Status.PENDING
+
+
+class EventType(str, Enum):
+    """Types of the append-only history records, one per transition."""
+
+    PIPELINE_CREATED = "pipeline.created"
+    PIPELINE_STARTED = "pipeline.started"
+    PIPELINE_FINISHED = "pipeline.finished"
+    PIPELINE_FAILED = "pipeline.failed"
+    PIPELINE_CANCELLED = "pipeline.cancelled"
+    PIPELINE_RETRIED = "pipeline.retried"
+    STEP_STARTED = "step.started"
+    STEP_FINISHED = "step.finished"
+    STEP_RETRYING = "step.retrying"
+    STEP_FAILED = "step.failed"
+    STEP_CANCELLED = "step.cancelled"
+    STEP_ROLLED_BACK = "step.rolled_back"
+    MESSAGE_RECEIVED = "message.received"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+#: The pipeline event that records reaching each terminal status.
+PIPELINE_EVENT_FOR: dict[Status, EventType] = {
+    Status.FINISHED: EventType.PIPELINE_FINISHED,
+    Status.FAILED: EventType.PIPELINE_FAILED,
+    Status.CANCELLED: EventType.PIPELINE_CANCELLED,
+}

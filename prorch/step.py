@@ -1,0 +1,176 @@
+"""``Step``: what a hook sees (``self.params``, ``self.metadata``, ``self.outputs``...) and the calls
+it makes to reach a verdict. The calls only record the verdict; the engine persists it after the
+hook returns, so a hook that raises afterwards changes nothing."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any, ClassVar, Literal
+
+from pydantic import BaseModel, ValidationError
+
+from prorch.exceptions import InvalidOutputError, StepUsageError
+from prorch.records import JSONDict, PipelineRecord, StepRecord
+
+logger = logging.getLogger("prorch.step")
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """What a hook decided: finish, fail, cancel, or wait until a time."""
+
+    kind: Literal["finish", "fail", "cancel", "wait"]
+    output: Any = None
+    reason: str | None = None
+    until: datetime | None = None
+
+
+class Step:
+    """Base class of a step. Subclass it with ``OnStartMixin`` and/or ``OnContinueMixin``, set
+    ``name``, and register it with ``@register_step``.
+
+    Optional class attributes: ``version`` (int, default 1), ``timeout`` (seconds),
+    ``max_attempts`` (default 1: no retry), ``Output`` (a pydantic model for ``finish(output)``).
+    """
+
+    name: ClassVar[str | None] = None
+    version: ClassVar[int] = 1
+    timeout: ClassVar[float | None] = None
+    max_attempts: ClassVar[int] = 1
+    Output: ClassVar[type[BaseModel] | None] = None
+
+    def __init__(
+        self,
+        *,
+        record: StepRecord,
+        pipeline: PipelineRecord,
+        params: Any,
+        outputs: dict[str, Any],
+        now: datetime,
+    ) -> None:
+        self._record = record
+        self._pipeline = pipeline
+        self._now = now
+        self._verdict: Verdict | None = None
+        self.params = params
+        self.metadata: JSONDict = dict(record.metadata)
+        self.outputs = outputs
+        self.logger = logging.LoggerAdapter(
+            logging.getLogger(f"prorch.steps.{self.name}"),
+            {"pipeline_uuid": record.pipeline_uuid, "step_uuid": record.uuid},
+        )
+
+    # --- what a hook reads ---------------------------------------------------------------------
+
+    @property
+    def uuid(self) -> str:
+        return self._record.uuid
+
+    @property
+    def pipeline_uuid(self) -> str:
+        return self._record.pipeline_uuid
+
+    @property
+    def status(self) -> str:
+        return self._record.status.value
+
+    @property
+    def attempt(self) -> int:
+        """1 on the first run of this step, 2 on the first retry, and so on."""
+        return max(self._record.attempt, 1)
+
+    @property
+    def idempotency_key(self) -> str:
+        """The same on every run of this step, across retries and crashes: pass it to external
+        services so that a repeated call is not acted on twice."""
+        return f"prorch-{self._record.uuid}"
+
+    @property
+    def context(self) -> JSONDict:
+        return self._pipeline.context
+
+    @property
+    def tenant(self) -> str | None:
+        tenant = self._pipeline.context.get("tenant")
+        return str(tenant) if tenant is not None else None
+
+    @property
+    def now(self) -> datetime:
+        """The time the engine is running this hook at (the orchestrator's clock)."""
+        return self._now
+
+    @property
+    def verdict(self) -> Verdict | None:
+        return self._verdict
+
+    # --- what a hook calls ----------------------------------------------------------------------
+
+    def finish(self, output: Any = None) -> None:
+        """The step is done; ``output`` is stored and visible to later steps as ``outputs[name]``."""
+        self._decide(Verdict("finish", output=self._validate_output(output)))
+
+    def fail(self, reason: str | BaseException = "the step called fail()") -> None:
+        """The step fails at once, without retries."""
+        self._decide(Verdict("fail", reason=str(reason)))
+
+    def cancel(self) -> None:
+        """Cancel the whole pipeline; this step's ``on_cancel()`` runs."""
+        self._decide(Verdict("cancel"))
+
+    def wait(self, seconds: float | None = None, until: datetime | None = None) -> None:
+        """Return at once; the pipeline is not resumed before ``now + seconds`` or ``until``."""
+        if (seconds is None) == (until is None):
+            raise StepUsageError("wait() takes exactly one of seconds=... or until=...")
+        if seconds is not None:
+            if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or seconds < 0:
+                raise StepUsageError(f"wait(seconds=...) needs a number >= 0, got {seconds!r}")
+            until = self._now + timedelta(seconds=seconds)
+        assert until is not None
+        if until.tzinfo is None:
+            raise StepUsageError(
+                "wait(until=...) needs a timezone-aware datetime, e.g. datetime.now(timezone.utc)"
+            )
+        self._decide(Verdict("wait", until=until))
+
+    # --- hooks a step may override (no-ops by default) -----------------------------------------
+
+    def on_cancel(self) -> None:
+        """Runs once when the pipeline is cancelled while this step is current."""
+
+    def on_rollback(self) -> None:
+        """Compensation: runs for this finished step when a later step fails for good."""
+
+    def on_timeout(self) -> None:
+        """Runs when this step's ``timeout`` has passed, before it fails with a timeout error."""
+
+    # --- internals -----------------------------------------------------------------------------
+
+    def _decide(self, verdict: Verdict) -> None:
+        if self._verdict is not None:
+            raise StepUsageError(
+                f"step {self.name} already called {self._verdict.kind}(); call only one of "
+                "finish(), fail(), cancel() or wait() per hook"
+            )
+        self._verdict = verdict
+
+    def _validate_output(self, output: Any) -> Any:
+        if self.Output is not None:
+            try:
+                model = output if isinstance(output, self.Output) else self.Output.model_validate(output)
+            except ValidationError as exc:
+                raise InvalidOutputError(
+                    f"output of step {self.name} does not match its Output model: {exc}"
+                ) from exc
+            return model.model_dump(mode="json")
+        if isinstance(output, BaseModel):
+            return output.model_dump(mode="json")
+        try:
+            return json.loads(json.dumps(output, allow_nan=False))
+        except (TypeError, ValueError) as exc:
+            raise InvalidOutputError(
+                f"output of step {self.name} is not JSON-compatible ({exc}); pass dicts, lists, "
+                "strings, numbers, booleans and None, or declare an Output pydantic model"
+            ) from exc

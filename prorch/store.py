@@ -1,0 +1,253 @@
+"""Typed access to a backend: records in and out, validated, and each transition written as one
+unit. Decisions stay in the engine; this module only loads and saves."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable, Iterator, Sequence
+from datetime import datetime
+from typing import Any, TypeVar
+
+from pydantic import ValidationError
+
+from prorch.exceptions import (
+    ConcurrentUpdateError,
+    ConfigurationError,
+    CorruptRecordError,
+    ProrchError,
+    RepositoryError,
+    RepositoryNotDefinedException,
+)
+from prorch.records import EventRecord, MessageRecord, PipelineRecord, Record, StepRecord
+from prorch.repository import (
+    IRepository,
+    RepositoryFactory,
+    SupportsClaim,
+    SupportsCompareAndSet,
+    SupportsDueQuery,
+    SupportsTransaction,
+    is_thread_safe,
+)
+from prorch.status import Status
+
+logger = logging.getLogger("prorch.store")
+RecordT = TypeVar("RecordT", bound=Record)
+T = TypeVar("T")
+
+RepositoryLike = str | RepositoryFactory
+_warned_backends: set[int] = set()
+
+
+def resolve_backend(repository: object) -> RepositoryFactory:
+    """Accept a URL string, a backend from ``repositories``, or a seed-style repository class."""
+    if repository is None:
+        raise RepositoryNotDefinedException()
+    if isinstance(repository, str):
+        try:
+            from repositories import from_url
+        except ImportError as exc:  # pragma: no cover - the package ships with prorch
+            raise ConfigurationError("the 'repositories' package is missing; reinstall prorch") from exc
+        return from_url(repository)
+    if isinstance(repository, IRepository):
+        raise ConfigurationError(
+            f"got a repository instance ({type(repository).__name__}); pass its class or a "
+            "backend (a callable model -> IRepository) or a URL such as 'sqlite:///prorch.db'"
+        )
+    if not callable(repository):
+        raise ConfigurationError(
+            f"cannot use {repository!r} as a repository: pass a URL such as 'sqlite:///prorch.db', "
+            "a backend from `repositories`, or an IRepository subclass"
+        )
+    return repository  # type: ignore[return-value]
+
+
+def _call(action: str, func: Callable[..., T], *args: Any) -> T:
+    """Run one repository call, wrapping a driver's exception in RepositoryError."""
+    try:
+        return func(*args)
+    except ProrchError:
+        raise
+    except Exception as exc:
+        raise RepositoryError(f"repository failed to {action}: {type(exc).__name__}: {exc}") from exc
+
+
+def _load(record_type: type[RecordT], data: Any) -> RecordT:
+    try:
+        return record_type.from_dict(data)
+    except (ValidationError, TypeError, ValueError) as exc:
+        uuid = data.get("uuid") if isinstance(data, dict) else None
+        raise CorruptRecordError(
+            f"stored {record_type.MODEL} record {uuid!r} is not valid: {exc}", uuid=uuid
+        ) from exc
+
+
+class Store:
+    """The engine's view of one backend: four repositories and the capabilities they offer."""
+
+    def __init__(self, repository: object) -> None:
+        self.backend = resolve_backend(repository)
+        self.pipelines = self._make(PipelineRecord.MODEL)
+        self.steps = self._make(StepRecord.MODEL)
+        self.events = self._make(EventRecord.MODEL)
+        self.messages = self._make(MessageRecord.MODEL)
+        self._by_model = {
+            PipelineRecord.MODEL: self.pipelines,
+            StepRecord.MODEL: self.steps,
+            EventRecord.MODEL: self.events,
+            MessageRecord.MODEL: self.messages,
+        }
+        self.can_claim = isinstance(self.pipelines, SupportsClaim)
+        self.can_compare_and_set = isinstance(self.pipelines, SupportsCompareAndSet) and isinstance(
+            self.steps, SupportsCompareAndSet
+        )
+        self.has_due_query = isinstance(self.pipelines, SupportsDueQuery)
+        self.has_transaction = isinstance(self.backend, SupportsTransaction)
+        self.thread_safe = is_thread_safe(self.backend)
+        self.guards_concurrency = self.can_claim and self.can_compare_and_set
+
+    def _make(self, model: str) -> IRepository:
+        return _call(f"open the {model} repository", self.backend, model)
+
+    def warn_if_unguarded(self) -> None:
+        """Say once per backend that a second orchestrator could run the same pipeline."""
+        if self.guards_concurrency or id(self.backend) in _warned_backends:
+            return
+        _warned_backends.add(id(self.backend))
+        logger.warning(
+            "repository %s has no atomic claim / compare-and-set: run a single orchestrator "
+            "process on it (prorch cannot guard against a second one)",
+            getattr(self.backend, "__name__", type(self.backend).__name__),
+        )
+
+    # --- reading -----------------------------------------------------------------------------
+
+    def get_pipeline(self, uuid: str) -> PipelineRecord | None:
+        data = _call("get a pipeline", self.pipelines.get, uuid)
+        return _load(PipelineRecord, data) if data else None
+
+    def pipelines_with_status(self, status: Status) -> list[PipelineRecord]:
+        rows = _call("search pipelines", self.pipelines.search, ["status", status.value])
+        return [_load(PipelineRecord, row) for row in rows or []]
+
+    def all_pipelines(self) -> list[PipelineRecord]:
+        found: list[PipelineRecord] = []
+        for status in Status:
+            found.extend(self.pipelines_with_status(status))
+        return found
+
+    def steps_of(self, pipeline_uuid: str) -> list[StepRecord]:
+        rows = _call("search steps", self.steps.search, ["pipeline_uuid", pipeline_uuid])
+        return [_load(StepRecord, row) for row in rows or []]
+
+    def events_of(self, pipeline_uuid: str) -> list[EventRecord]:
+        rows = _call("search events", self.events.search, ["pipeline_uuid", pipeline_uuid])
+        events = [_load(EventRecord, row) for row in rows or []]
+        return sorted(events, key=lambda event: (event.seq, event.at))
+
+    def due(self, now: datetime, limit: int) -> list[PipelineRecord]:
+        """Due pipelines, highest priority first; through the index when the backend has one."""
+        if self.has_due_query:
+            rows = _call("query due pipelines", self.pipelines.search_due, now, limit)  # type: ignore[attr-defined]
+            return [_load(PipelineRecord, row) for row in rows]
+        candidates = [p for p in self.pipelines_with_status(Status.PENDING) if is_due(p, now)]
+        candidates.sort(key=lambda p: (-p.priority, p.next_run_at or now))
+        return candidates[:limit]
+
+    # --- claiming ----------------------------------------------------------------------------
+
+    def claim_due(
+        self, now: datetime, owner: str, lease_expires_at: datetime, limit: int
+    ) -> list[PipelineRecord]:
+        if not self.can_claim:
+            return self.due(now, limit)
+        rows = _call(
+            "claim due pipelines",
+            self.pipelines.claim_due,  # type: ignore[attr-defined]
+            now,
+            owner,
+            lease_expires_at,
+            limit,
+        )
+        return [_load(PipelineRecord, row) for row in rows]
+
+    def claim_one(
+        self, uuid: str, now: datetime, owner: str, lease_expires_at: datetime
+    ) -> PipelineRecord | None:
+        """Lease one pipeline for an in-process run; None when another owner holds it."""
+        if not self.can_claim:
+            return self.get_pipeline(uuid)
+        row = _call(
+            "claim a pipeline",
+            self.pipelines.claim_one,  # type: ignore[attr-defined]
+            uuid,
+            now,
+            owner,
+            lease_expires_at,
+        )
+        return _load(PipelineRecord, row) if row else None
+
+    # --- writing -----------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _unit(self) -> Iterator[None]:
+        if self.has_transaction:
+            with self.backend.transaction():  # type: ignore[attr-defined]
+                yield
+        else:
+            yield
+
+    def insert_all(self, records: Sequence[Record]) -> None:
+        """Store new records (a pipeline with its steps and first event) as one unit."""
+        with self._unit():
+            for record in records:
+                _call(f"save a {record.MODEL} record", self._repository(record).save, record.to_dict())
+
+    def commit(
+        self,
+        changed: Sequence[PipelineRecord | StepRecord],
+        added: Sequence[Record] = (),
+    ) -> None:
+        """Write one transition: changed records by compare-and-set on their revision, then the
+        new ones. Steps are written before the pipeline, so a crash in between leaves steps (the
+        source of truth) ahead, which the next pass derives the pipeline from."""
+        ordered = sorted(changed, key=lambda record: isinstance(record, PipelineRecord))
+        with self._unit():
+            for record in ordered:
+                self._write(record)
+            for record in added:
+                _call(f"save a {record.MODEL} record", self._repository(record).save, record.to_dict())
+
+    def _write(self, record: PipelineRecord | StepRecord) -> None:
+        expected = record.revision
+        record.revision = expected + 1
+        repository = self._repository(record)
+        if self.can_compare_and_set:
+            written = _call(
+                f"update a {record.MODEL} record",
+                repository.compare_and_set,  # type: ignore[attr-defined]
+                record.uuid,
+                expected,
+                record.to_dict(),
+            )
+            if not written:
+                record.revision = expected
+                raise ConcurrentUpdateError(
+                    f"{record.MODEL} {record.uuid} changed since it was read (revision {expected}); "
+                    "another orchestrator holds it or it was cancelled",
+                    uuid=record.uuid,
+                )
+        else:
+            _call(f"update a {record.MODEL} record", repository.update, record.uuid, record.to_dict())
+
+    def _repository(self, record: Record) -> IRepository:
+        return self._by_model[record.MODEL]
+
+
+def is_due(pipeline: PipelineRecord, now: datetime) -> bool:
+    """Pending, its time has come, and no live lease."""
+    if pipeline.status != Status.PENDING:
+        return False
+    if pipeline.next_run_at is not None and pipeline.next_run_at > now:
+        return False
+    return pipeline.lease_expires_at is None or pipeline.lease_expires_at <= now
