@@ -4,6 +4,7 @@ Declare ``Pipeline`` and ``Step`` subclasses, store runs through any ``IReposito
 let an ``Orchestrator`` (cron or worker) resume every pipeline that has work due.
 """
 
+from prorch import legacy as _legacy
 from prorch.clock import Clock, FakeClock, SystemClock
 from prorch.exceptions import (
     ConcurrentUpdateError,
@@ -46,8 +47,6 @@ from prorch.repository import (
 from prorch.runner import Outcome
 from prorch.status import EventType, Status
 from prorch.step import Step
-
-from prorch import legacy as _legacy
 
 _legacy.install()
 

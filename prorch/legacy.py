@@ -58,7 +58,7 @@ def install() -> None:
             created = parent is None
             if parent is None:
                 parent = types.ModuleType(parent_name, "prorch 1.0.1 compatibility package")
-                parent.__path__ = []  # type: ignore[attr-defined]
+                parent.__path__ = []
                 sys.modules[parent_name] = parent
             if not hasattr(parent, child_name):
                 setattr(parent, child_name, child)

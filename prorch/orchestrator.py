@@ -108,9 +108,12 @@ class Orchestrator:
         # Hooks run in threads only on a backend that says it is thread-safe.
         self.concurrency = concurrency if self.store.thread_safe else 1
         self.runner = Runner(
-            self.store, self.registry, self.clock,
+            self.store,
+            self.registry,
+            self.clock,
             owner=self.owner if self.store.can_claim else None,
-            lease_seconds=lease_seconds, max_turns=max_turns_per_pass,
+            lease_seconds=lease_seconds,
+            max_turns=max_turns_per_pass,
         )
         self._stop = threading.Event()
 
@@ -130,7 +133,7 @@ class Orchestrator:
                 results = list(pool.map(self._advance_one, claimed))
         else:
             results = [self._advance_one(p) for p in claimed]
-        for pipeline, result in zip(claimed, results):
+        for pipeline, result in zip(claimed, results, strict=True):
             if isinstance(result, Outcome):
                 summary.add(result)
             else:
@@ -138,8 +141,12 @@ class Orchestrator:
         if summary.did_something:
             logger.info(
                 "pass: claimed %d, finished %d, failed %d, waiting %d, blocked %d, errors %d",
-                summary.claimed, summary.finished, summary.failed, summary.waiting,
-                len(summary.blocked), len(summary.errors),
+                summary.claimed,
+                summary.finished,
+                summary.failed,
+                summary.waiting,
+                len(summary.blocked),
+                len(summary.errors),
             )
         return summary
 
@@ -147,12 +154,17 @@ class Orchestrator:
         try:
             return self.runner.advance(pipeline)
         except ConcurrentUpdateError as exc:
-            logger.warning("pipeline %s: write refused, another orchestrator holds it: %s",
-                           pipeline.uuid, exc, extra={"pipeline_uuid": pipeline.uuid})
+            logger.warning(
+                "pipeline %s: write refused, another orchestrator holds it: %s",
+                pipeline.uuid,
+                exc,
+                extra={"pipeline_uuid": pipeline.uuid},
+            )
             return f"{type(exc).__name__}: {exc}"
         except Exception as exc:
-            logger.exception("pipeline %s: advance failed: %s", pipeline.uuid, exc,
-                             extra={"pipeline_uuid": pipeline.uuid})
+            logger.exception(
+                "pipeline %s: advance failed: %s", pipeline.uuid, exc, extra={"pipeline_uuid": pipeline.uuid}
+            )
             self._record_error(pipeline.uuid, exc)
             return f"{type(exc).__name__}: {exc}"
 
@@ -207,10 +219,14 @@ class Orchestrator:
 
     # --- reading -------------------------------------------------------------------------------
 
-    def list_pipelines(self, status: Status | str | None = None, name: str | None = None) -> list[PipelineRecord]:
+    def list_pipelines(
+        self, status: Status | str | None = None, name: str | None = None
+    ) -> list[PipelineRecord]:
         """Stored pipelines, newest first; filtered by status and name when given."""
         found = (
-            self.store.pipelines_with_status(Status(status)) if status is not None else self.store.all_pipelines()
+            self.store.pipelines_with_status(Status(status))
+            if status is not None
+            else self.store.all_pipelines()
         )
         if name is not None:
             found = [p for p in found if p.name == name]
@@ -251,7 +267,9 @@ class Orchestrator:
         """Resume a failed pipeline from its failed step, with fresh attempts."""
         record = self._require(uuid)
         if record.status != Status.FAILED:
-            raise InvalidStateError(f"pipeline {uuid} is {record.status.value}; only a failed pipeline can be retried")
+            raise InvalidStateError(
+                f"pipeline {uuid} is {record.status.value}; only a failed pipeline can be retried"
+            )
         self.runner.retry(record)
         return self.get(uuid)
 

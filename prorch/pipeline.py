@@ -118,7 +118,8 @@ class Pipeline:
                 model = params if isinstance(params, cls.Params) else cls.Params.model_validate(params or {})
             except ValidationError as exc:
                 problems = "; ".join(
-                    f"{'.'.join(str(p) for p in err['loc']) or 'params'}: {err['msg']}" for err in exc.errors()
+                    f"{'.'.join(str(p) for p in err['loc']) or 'params'}: {err['msg']}"
+                    for err in exc.errors()
                 )
                 raise InvalidParamsError(f"invalid params for pipeline {cls.name}: {problems}") from exc
             return model.model_dump(mode="json")
@@ -167,7 +168,10 @@ class Pipeline:
             for position, step in enumerate(self.steps)
         ]
         created = EventRecord(
-            uuid=new_uuid(), pipeline_uuid=record.uuid, type=EventType.PIPELINE_CREATED, at=now,
+            uuid=new_uuid(),
+            pipeline_uuid=record.uuid,
+            type=EventType.PIPELINE_CREATED,
+            at=now,
             data={"name": record.name, "version": record.version},
         )
         # Steps first: a pipeline record is never visible without its steps.

@@ -45,7 +45,7 @@ class Registry:
             raise RegistrationError(f"@register_step needs a Step subclass, got {cls!r}")
         if not isinstance(cls.name, str) or not cls.name:
             raise StepNameNotDefinedError(
-                f"step class {cls.__qualname__} has no `name`: set name = \"{cls.__name__}\""
+                f'step class {cls.__qualname__} has no `name`: set name = "{cls.__name__}"'
             )
         _check_version(cls)
         for mixin, hook in ((OnStartMixin, "on_start"), (OnContinueMixin, "on_continue")):
@@ -67,7 +67,7 @@ class Registry:
             raise RegistrationError(f"@register_pipeline needs a Pipeline subclass, got {cls!r}")
         if not isinstance(cls.name, str) or not cls.name:
             raise PipelineNameNotDefinedError(
-                f"pipeline class {cls.__qualname__} has no `name`: set name = \"{cls.__name__}\""
+                f'pipeline class {cls.__qualname__} has no `name`: set name = "{cls.__name__}"'
             )
         _check_version(cls)
         if not isinstance(cls.steps, (list, tuple)) or not cls.steps:

@@ -14,7 +14,7 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Protocol, Union, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 JSONDict = dict[str, Any]
 
@@ -23,7 +23,7 @@ JSONDict = dict[str, Any]
 class SavedItem:
     """What ``save`` may return (prorch 1.0.1): the store's own identifier of the new item."""
 
-    identifier: Union[str, int]
+    identifier: str | int
 
 
 class IRepository(ABC):
@@ -85,16 +85,12 @@ class SupportsDueQuery(Protocol):
 class SupportsClaim(Protocol):
     """A pipeline repository that claims due pipelines atomically, so two workers never share one."""
 
-    def claim_due(
-        self, now: datetime, owner: str, lease_expires_at: datetime, limit: int
-    ) -> list[JSONDict]:
+    def claim_due(self, now: datetime, owner: str, lease_expires_at: datetime, limit: int) -> list[JSONDict]:
         """Select as ``search_due`` and, in the same atomic step, set ``lease_owner``,
         ``lease_expires_at`` and ``revision + 1`` on them; return them as now stored."""
         ...
 
-    def claim_one(
-        self, uuid: str, now: datetime, owner: str, lease_expires_at: datetime
-    ) -> JSONDict | None:
+    def claim_one(self, uuid: str, now: datetime, owner: str, lease_expires_at: datetime) -> JSONDict | None:
         """Lease one pipeline whatever its ``next_run_at`` if no live lease is held by another
         owner; return it as now stored, or None when it is missing or leased elsewhere."""
         ...

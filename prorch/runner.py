@@ -63,7 +63,7 @@ class _Run:
 def backoff_delay(attempt: int) -> float:
     """Seconds before retry number ``attempt``: exponential, capped, with jitter (50-100%)."""
     ceiling = min(RETRY_BACKOFF_CAP_SECONDS, RETRY_BACKOFF_BASE_SECONDS * 2 ** max(attempt - 1, 0))
-    return ceiling * random.uniform(0.5, 1.0)
+    return float(ceiling * random.uniform(0.5, 1.0))
 
 
 class Runner:
@@ -238,33 +238,51 @@ class Runner:
             step.next_run_at = now + timedelta(seconds=delay)
             logger.warning(
                 "step %s of pipeline %s raised %s: %s; retry %d/%d in %.1fs",
-                name, run.pipeline.uuid, type(exc).__name__, exc, step.attempt, cls.max_attempts, delay,
+                name,
+                run.pipeline.uuid,
+                type(exc).__name__,
+                exc,
+                step.attempt,
+                cls.max_attempts,
+                delay,
                 extra={"pipeline_uuid": run.pipeline.uuid, "step_uuid": step.uuid},
             )
             run.events.append(
                 self._event(
-                    run, EventType.STEP_RETRYING, step, now,
-                    attempt=step.attempt, error=step.error.message, retry_at=step.next_run_at.isoformat(),
+                    run,
+                    EventType.STEP_RETRYING,
+                    step,
+                    now,
+                    attempt=step.attempt,
+                    error=step.error.message,
+                    retry_at=step.next_run_at.isoformat(),
                 )
             )
             self._commit(run, [step], stop=True)
             return False
         logger.error(
             "step %s of pipeline %s failed: %s: %s",
-            name, run.pipeline.uuid, type(exc).__name__, exc,
+            name,
+            run.pipeline.uuid,
+            type(exc).__name__,
+            exc,
             extra={"pipeline_uuid": run.pipeline.uuid, "step_uuid": step.uuid},
         )
         self._end_step(run, step, Status.FAILED, EventType.STEP_FAILED, now, error=step.error.message)
         self._commit(run, [step], stop=True)
         return False
 
-    def _run_on_cancel(self, run: _Run, step: StepRecord, now: datetime, instance: Step | None = None) -> None:
+    def _run_on_cancel(
+        self, run: _Run, step: StepRecord, now: datetime, instance: Step | None = None
+    ) -> None:
         cls = run.classes[step.uuid]
         if cls.on_cancel is Step.on_cancel:
             return
         try:
             if instance is None:
-                instance = cls(record=step, pipeline=run.pipeline, params=run.params, outputs=run.outputs, now=now)
+                instance = cls(
+                    record=step, pipeline=run.pipeline, params=run.params, outputs=run.outputs, now=now
+                )
             instance.on_cancel()
         except Exception as exc:  # the cancel stands; the hook's error is kept for a look
             step.error = ErrorInfo.from_exception(exc)
@@ -326,7 +344,9 @@ class Runner:
 
     def _blocked(self, pipeline: PipelineRecord, reason: str) -> Outcome:
         """Code for this record is not deployed: touch nothing but our own lease."""
-        logger.warning("pipeline %s is blocked: %s", pipeline.uuid, reason, extra={"pipeline_uuid": pipeline.uuid})
+        logger.warning(
+            "pipeline %s is blocked: %s", pipeline.uuid, reason, extra={"pipeline_uuid": pipeline.uuid}
+        )
         if pipeline.lease_owner is not None:
             now = self.clock.now()
             pipeline.lease_owner = None

@@ -59,7 +59,7 @@ def resolve_backend(repository: object) -> RepositoryFactory:
             f"cannot use {repository!r} as a repository: pass a URL such as 'sqlite:///prorch.db', "
             "a backend from `repositories`, or an IRepository subclass"
         )
-    return repository  # type: ignore[return-value]
+    return repository
 
 
 def _call(action: str, func: Callable[..., T], *args: Any) -> T:
@@ -213,8 +213,8 @@ class Store:
         source of truth) ahead, which the next pass derives the pipeline from."""
         ordered = sorted(changed, key=lambda record: isinstance(record, PipelineRecord))
         with self._unit():
-            for record in ordered:
-                self._write(record)
+            for changed_record in ordered:
+                self._write(changed_record)
             for record in added:
                 _call(f"save a {record.MODEL} record", self._repository(record).save, record.to_dict())
 

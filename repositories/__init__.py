@@ -29,4 +29,4 @@ def from_url(url: str) -> RepositoryFactory:
     )
 
 
-__all__ = ["MemoryBackend", "MemoryRepository", "SUPPORTED_SCHEMES", "from_url"]
+__all__ = ["SUPPORTED_SCHEMES", "MemoryBackend", "MemoryRepository", "from_url"]

@@ -101,17 +101,25 @@ def test_params_model_is_what_steps_see(harness: Harness, registry: Registry) ->
 # --- on_start / on_continue ----------------------------------------------------------------------
 
 
-def test_step_without_on_continue_finishes_when_on_start_returns(harness: Harness, registry: Registry) -> None:
+def test_step_without_on_continue_finishes_when_on_start_returns(
+    harness: Harness, registry: Registry
+) -> None:
     run = harness.create(pipeline_of(quick("A")))
     summary = harness.run_pass()
     assert (summary.claimed, summary.finished) == (1, 1)
     assert harness.status(run.uuid) == "finished"
     assert harness.event_types(run.uuid) == [
-        "pipeline.created", "pipeline.started", "step.started", "step.finished", "pipeline.finished",
+        "pipeline.created",
+        "pipeline.started",
+        "step.started",
+        "step.finished",
+        "pipeline.finished",
     ]
 
 
-def test_on_continue_runs_right_after_on_start_then_on_every_resume(harness: Harness, registry: Registry) -> None:
+def test_on_continue_runs_right_after_on_start_then_on_every_resume(
+    harness: Harness, registry: Registry
+) -> None:
     class Poll(OnStartMixin, OnContinueMixin, Step):
         name = "Poll"
 
@@ -195,7 +203,9 @@ def test_quick_steps_all_run_in_one_pass_up_to_the_bound(registry: Registry) -> 
     bounded.run_pass()
     assert bounded.status(run.uuid) == "pending"
     assert [s.status for s in bounded.orchestrator.get(run.uuid).steps] == [
-        Status.FINISHED, Status.FINISHED, Status.CREATED,
+        Status.FINISHED,
+        Status.FINISHED,
+        Status.CREATED,
     ]
     bounded.run_pass()
     assert bounded.status(run.uuid) == "finished"
@@ -333,7 +343,9 @@ def test_retries_exhausted_fail_the_step(harness: Harness, registry: Registry) -
 # --- cancel -------------------------------------------------------------------------------------
 
 
-def test_cancel_from_a_hook_cancels_the_pipeline_and_runs_on_cancel(harness: Harness, registry: Registry) -> None:
+def test_cancel_from_a_hook_cancels_the_pipeline_and_runs_on_cancel(
+    harness: Harness, registry: Registry
+) -> None:
     class Cancelling(OnStartMixin, Step):
         name = "Cancelling"
 
@@ -397,7 +409,9 @@ def test_wait_seconds_returns_at_once_and_defers_the_pipeline(harness: Harness, 
     run = harness.create(pipeline_of(Sleepy))
     summary = harness.run_pass()
     assert summary.waiting == 1
-    assert harness.orchestrator.get(run.uuid).pipeline.next_run_at == harness.clock.now() + timedelta(seconds=60)
+    assert harness.orchestrator.get(run.uuid).pipeline.next_run_at == harness.clock.now() + timedelta(
+        seconds=60
+    )
     harness.clock.advance(59)
     assert harness.run_pass().claimed == 0  # waiting pipelines are not claimed
     harness.clock.advance(1)
@@ -430,7 +444,9 @@ def test_wait_until_a_time(harness: Harness, registry: Registry) -> None:
     ("kwargs", "message"),
     [({}, "exactly one"), ({"seconds": -1}, ">= 0"), ({"seconds": 1, "until": None}, None)],
 )
-def test_wait_rejects_bad_arguments(harness: Harness, registry: Registry, kwargs: dict[str, Any], message: str | None) -> None:
+def test_wait_rejects_bad_arguments(
+    harness: Harness, registry: Registry, kwargs: dict[str, Any], message: str | None
+) -> None:
     class W(OnStartMixin, Step):
         name = "W"
 
@@ -445,7 +461,9 @@ def test_wait_rejects_bad_arguments(harness: Harness, registry: Registry, kwargs
         assert step.status == Status.PENDING
     else:
         assert step.status == Status.FAILED
-        assert step.error is not None and step.error.type == "StepUsageError" and message in step.error.message
+        assert (
+            step.error is not None and step.error.type == "StepUsageError" and message in step.error.message
+        )
 
 
 def test_two_verdicts_in_one_hook_are_a_usage_error(harness: Harness, registry: Registry) -> None:

@@ -10,8 +10,8 @@ import pytest
 
 from prorch import (
     ConcurrentUpdateError,
-    IRepository,
     InvalidStateError,
+    IRepository,
     OnContinueMixin,
     OnStartMixin,
     Orchestrator,
@@ -116,8 +116,12 @@ def test_list_get_history(registry: Registry) -> None:
     assert state.pipeline.params == {"n": 1}
     history = o.history(done.uuid)
     assert [e.type.value for e in history] == [
-        "pipeline.created", "pipeline.started",
-        "step.started", "step.finished", "step.started", "step.finished",
+        "pipeline.created",
+        "pipeline.started",
+        "step.started",
+        "step.finished",
+        "step.started",
+        "step.finished",
         "pipeline.finished",
     ]
     assert [e.at for e in history] == sorted(e.at for e in history)
@@ -262,9 +266,7 @@ def test_a_repository_error_is_recorded_on_that_pipeline_and_the_pass_goes_on(
 def test_a_corrupt_record_is_reported_not_fatal(registry: Registry) -> None:
     harness = Harness(registry=registry)
     run = harness.create(pipeline_of("P", quick("A")))
-    harness.repository("STEP").update(
-        next(iter(harness.repository.tables["STEP"])), {"status": "exploded"}
-    )
+    harness.repository("STEP").update(next(iter(harness.repository.tables["STEP"])), {"status": "exploded"})
     summary = harness.run_pass()
     assert "CorruptRecordError" in summary.errors[run.uuid]
     assert "is not valid" in summary.errors[run.uuid]

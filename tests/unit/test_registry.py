@@ -37,7 +37,7 @@ def test_registered_step_and_pipeline_are_found(registry: Registry) -> None:
 
 def test_duplicate_step_name_is_rejected(registry: Registry) -> None:
     register_step(make_step("A", class_name="First"))
-    with pytest.raises(DuplicateNameError, match="'A' version 1 is already registered by .*First"):
+    with pytest.raises(DuplicateNameError, match=r"'A' version 1 is already registered by .*First"):
         register_step(make_step("A", class_name="Second"))
 
 
