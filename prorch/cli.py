@@ -21,8 +21,8 @@ from prorch.exceptions import ConfigurationError, ProrchError
 from prorch.orchestrator import DEFAULT_INTERVAL_SECONDS, Orchestrator, PipelineState
 from prorch.records import EventRecord
 from prorch.registry import isolated_registry
-from prorch.store import resolve_backend
 from prorch.status import TERMINAL
+from prorch.store import resolve_backend
 
 DEFAULT_REPOSITORY_URL = "sqlite:///prorch.db"
 
@@ -59,16 +59,29 @@ def fail(message: str, code: int) -> NoReturn:
 
 
 @click.group()
-@click.option("--repository", "-r", envvar="PRORCH_REPOSITORY", default=DEFAULT_REPOSITORY_URL,
-              show_default=True, help="Repository URL (sqlite:///..., postgresql://..., tinydb:///..., memory://).")
-@click.option("--app", "apps", multiple=True, envvar="PRORCH_APP",
-              help="Dotted module that defines your pipelines (repeatable).")
+@click.option(
+    "--repository",
+    "-r",
+    envvar="PRORCH_REPOSITORY",
+    default=DEFAULT_REPOSITORY_URL,
+    show_default=True,
+    help="Repository URL (sqlite:///..., postgresql://..., tinydb:///..., memory://).",
+)
+@click.option(
+    "--app",
+    "apps",
+    multiple=True,
+    envvar="PRORCH_APP",
+    help="Dotted module that defines your pipelines (repeatable).",
+)
 @click.option("--verbose", "-v", is_flag=True, help="Show tracebacks and debug logs.")
 @click.pass_context
 def main(click_ctx: click.Context, repository: str, apps: tuple[str, ...], verbose: bool) -> None:
     """prorch: resumable step pipelines."""
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
     click_ctx.obj = Context(repository, apps, verbose)
 
 
@@ -89,8 +102,14 @@ def run(ctx: Context) -> None:
 
 
 @main.command()
-@click.option("--interval", type=float, default=DEFAULT_INTERVAL_SECONDS, show_default=True,
-              envvar="PRORCH_INTERVAL", help="Seconds between passes.")
+@click.option(
+    "--interval",
+    type=float,
+    default=DEFAULT_INTERVAL_SECONDS,
+    show_default=True,
+    envvar="PRORCH_INTERVAL",
+    help="Seconds between passes.",
+)
 @click.pass_obj
 def worker(ctx: Context, interval: float) -> None:
     """Run passes until SIGTERM or SIGINT."""
@@ -124,12 +143,17 @@ def show(ctx: Context, uuid: str, as_json: bool) -> None:
         state = orchestrator.get(uuid)
         history = orchestrator.history(uuid)
     if as_json:
-        click.echo(json.dumps({
-            "pipeline": state.pipeline.to_dict(),
-            "steps": [s.to_dict() for s in state.steps],
-            "history": [e.to_dict() for e in history],
-            "blocked": state.blocked,
-        }, indent=2))
+        click.echo(
+            json.dumps(
+                {
+                    "pipeline": state.pipeline.to_dict(),
+                    "steps": [s.to_dict() for s in state.steps],
+                    "history": [e.to_dict() for e in history],
+                    "blocked": state.blocked,
+                },
+                indent=2,
+            )
+        )
         return
     print_state(state)
     print_history(history)
@@ -157,8 +181,13 @@ def print_state(state: PipelineState) -> None:
 
 
 @main.command()
-@click.option("--repository", "-r", "demo_repository", default=None,
-              help="Repository URL for the demo (default: a temporary SQLite file).")
+@click.option(
+    "--repository",
+    "-r",
+    "demo_repository",
+    default=None,
+    help="Repository URL for the demo (default: a temporary SQLite file).",
+)
 @click.pass_obj
 def demo(ctx: Context, demo_repository: str | None) -> None:
     """Run the backup example end to end on a temporary SQLite file."""

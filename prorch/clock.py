@@ -25,9 +25,7 @@ class FakeClock:
     def __init__(self, start: datetime | None = None) -> None:
         moment = start or datetime(2030, 1, 1, tzinfo=timezone.utc)
         if moment.tzinfo is None:
-            raise ValueError(
-                "FakeClock start must be timezone-aware, e.g. datetime(..., tzinfo=timezone.utc)"
-            )
+            raise ValueError("FakeClock start must be timezone-aware, e.g. datetime(..., tzinfo=timezone.utc)")
         self._now = moment
 
     def now(self) -> datetime:

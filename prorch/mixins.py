@@ -16,9 +16,7 @@ class OnContinueMixin:
     the step calls ``finish``, ``fail`` or ``cancel``. Returning without one keeps it pending."""
 
     def on_continue(self) -> None:
-        raise NotImplementedError(
-            f"{type(self).__name__} mixes in OnContinueMixin but defines no on_continue()"
-        )
+        raise NotImplementedError(f"{type(self).__name__} mixes in OnContinueMixin but defines no on_continue()")
 
 
 def defines_hook(cls: type, hook: str) -> bool:

@@ -219,15 +219,9 @@ class Orchestrator:
 
     # --- reading -------------------------------------------------------------------------------
 
-    def list_pipelines(
-        self, status: Status | str | None = None, name: str | None = None
-    ) -> list[PipelineRecord]:
+    def list_pipelines(self, status: Status | str | None = None, name: str | None = None) -> list[PipelineRecord]:
         """Stored pipelines, newest first; filtered by status and name when given."""
-        found = (
-            self.store.pipelines_with_status(Status(status))
-            if status is not None
-            else self.store.all_pipelines()
-        )
+        found = self.store.pipelines_with_status(Status(status)) if status is not None else self.store.all_pipelines()
         if name is not None:
             found = [p for p in found if p.name == name]
         epoch = datetime.min.replace(tzinfo=self.clock.now().tzinfo)
@@ -267,9 +261,7 @@ class Orchestrator:
         """Resume a failed pipeline from its failed step, with fresh attempts."""
         record = self._require(uuid)
         if record.status != Status.FAILED:
-            raise InvalidStateError(
-                f"pipeline {uuid} is {record.status.value}; only a failed pipeline can be retried"
-            )
+            raise InvalidStateError(f"pipeline {uuid} is {record.status.value}; only a failed pipeline can be retried")
         self.runner.retry(record)
         return self.get(uuid)
 

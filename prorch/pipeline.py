@@ -118,17 +118,14 @@ class Pipeline:
                 model = params if isinstance(params, cls.Params) else cls.Params.model_validate(params or {})
             except ValidationError as exc:
                 problems = "; ".join(
-                    f"{'.'.join(str(p) for p in err['loc']) or 'params'}: {err['msg']}"
-                    for err in exc.errors()
+                    f"{'.'.join(str(p) for p in err['loc']) or 'params'}: {err['msg']}" for err in exc.errors()
                 )
                 raise InvalidParamsError(f"invalid params for pipeline {cls.name}: {problems}") from exc
             return model.model_dump(mode="json")
         if params is None:
             return {}
         if not isinstance(params, dict):
-            raise InvalidParamsError(
-                f"params for pipeline {cls.name} must be a dict, got {type(params).__name__}"
-            )
+            raise InvalidParamsError(f"params for pipeline {cls.name} must be a dict, got {type(params).__name__}")
         try:
             result: JSONDict = json.loads(json.dumps(params, allow_nan=False))
         except (TypeError, ValueError) as exc:
@@ -138,9 +135,7 @@ class Pipeline:
             ) from exc
         return result
 
-    def _insert(
-        self, params: Any, *, status: Status, context: JSONDict, priority: int | None
-    ) -> PipelineRecord:
+    def _insert(self, params: Any, *, status: Status, context: JSONDict, priority: int | None) -> PipelineRecord:
         stored_params = self.validate_params(params)
         now = self._clock.now()
         record = PipelineRecord(
@@ -194,9 +189,7 @@ class Pipeline:
         lease_until = now + timedelta(seconds=DEFAULT_LEASE_SECONDS)
         record = self._store.claim_one(self.uuid, now, owner, lease_until)
         if record is None:
-            raise InvalidStateError(
-                f"pipeline {self.uuid} is being run by another orchestrator; try again later"
-            )
+            raise InvalidStateError(f"pipeline {self.uuid} is being run by another orchestrator; try again later")
         runner = Runner(self._store, current_registry(), self._clock, owner=owner)
         outcome = runner.advance(record)
         self.refresh()

@@ -44,15 +44,12 @@ class Registry:
         if not (isinstance(cls, type) and issubclass(cls, Step)):
             raise RegistrationError(f"@register_step needs a Step subclass, got {cls!r}")
         if not isinstance(cls.name, str) or not cls.name:
-            raise StepNameNotDefinedError(
-                f'step class {cls.__qualname__} has no `name`: set name = "{cls.__name__}"'
-            )
+            raise StepNameNotDefinedError(f'step class {cls.__qualname__} has no `name`: set name = "{cls.__name__}"')
         _check_version(cls)
         for mixin, hook in ((OnStartMixin, "on_start"), (OnContinueMixin, "on_continue")):
             if issubclass(cls, mixin) and not defines_hook(cls, hook):
                 raise RegistrationError(
-                    f"step {cls.name} mixes in {mixin.__name__} but defines no {hook}(): "
-                    f"define it, or drop the mixin"
+                    f"step {cls.name} mixes in {mixin.__name__} but defines no {hook}(): define it, or drop the mixin"
                 )
         if not isinstance(cls.max_attempts, int) or cls.max_attempts < 1:
             raise RegistrationError(f"step {cls.name}: max_attempts must be an int >= 1")
@@ -71,9 +68,7 @@ class Registry:
             )
         _check_version(cls)
         if not isinstance(cls.steps, (list, tuple)) or not cls.steps:
-            raise StepsNotDefinedError(
-                f"pipeline {cls.name} has no `steps`: set steps = [FirstStep, SecondStep, ...]"
-            )
+            raise StepsNotDefinedError(f"pipeline {cls.name} has no `steps`: set steps = [FirstStep, SecondStep, ...]")
         seen: set[str] = set()
         for item in cls.steps:
             if not self.is_registered_step(item):

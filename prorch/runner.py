@@ -139,9 +139,7 @@ class Runner:
             step.next_run_at = None
         run.pipeline.status = Status.PENDING
         run.pipeline.last_error = None
-        run.events.append(
-            self._event(run, EventType.PIPELINE_RETRIED, None, now, steps=[s.name for s in failed])
-        )
+        run.events.append(self._event(run, EventType.PIPELINE_RETRIED, None, now, steps=[s.name for s in failed]))
         self._commit(run, failed, stop=True)
         return self._outcome(run)
 
@@ -172,9 +170,7 @@ class Runner:
         step.attempt = max(step.attempt, 1)
         instance: Step | None = None
         try:
-            instance = cls(
-                record=step, pipeline=run.pipeline, params=run.params, outputs=run.outputs, now=now
-            )
+            instance = cls(record=step, pipeline=run.pipeline, params=run.params, outputs=run.outputs, now=now)
             if first_run and defines_hook(cls, "on_start"):
                 instance.on_start()  # type: ignore[attr-defined]
             elif not first_run and has_continue:
@@ -272,17 +268,13 @@ class Runner:
         self._commit(run, [step], stop=True)
         return False
 
-    def _run_on_cancel(
-        self, run: _Run, step: StepRecord, now: datetime, instance: Step | None = None
-    ) -> None:
+    def _run_on_cancel(self, run: _Run, step: StepRecord, now: datetime, instance: Step | None = None) -> None:
         cls = run.classes[step.uuid]
         if cls.on_cancel is Step.on_cancel:
             return
         try:
             if instance is None:
-                instance = cls(
-                    record=step, pipeline=run.pipeline, params=run.params, outputs=run.outputs, now=now
-                )
+                instance = cls(record=step, pipeline=run.pipeline, params=run.params, outputs=run.outputs, now=now)
             instance.on_cancel()
         except Exception as exc:  # the cancel stands; the hook's error is kept for a look
             step.error = ErrorInfo.from_exception(exc)
@@ -323,6 +315,8 @@ class Runner:
         elif stop:
             current = run.current_step()
             pipeline.next_run_at = (current.next_run_at if current else None) or now
+        elif pipeline.next_run_at is None:
+            pipeline.next_run_at = now  # a crash before the last commit must leave it due
         if stop:
             pipeline.lease_owner = None
             pipeline.lease_expires_at = None
@@ -344,9 +338,7 @@ class Runner:
 
     def _blocked(self, pipeline: PipelineRecord, reason: str) -> Outcome:
         """Code for this record is not deployed: touch nothing but our own lease."""
-        logger.warning(
-            "pipeline %s is blocked: %s", pipeline.uuid, reason, extra={"pipeline_uuid": pipeline.uuid}
-        )
+        logger.warning("pipeline %s is blocked: %s", pipeline.uuid, reason, extra={"pipeline_uuid": pipeline.uuid})
         if pipeline.lease_owner is not None:
             now = self.clock.now()
             pipeline.lease_owner = None
@@ -362,9 +354,7 @@ class Runner:
             waiting = None
         return Outcome(pipeline.uuid, pipeline.status, run.transitions, waiting_until=waiting)
 
-    def _event(
-        self, run: _Run, kind: EventType, step: StepRecord | None, now: datetime, **data: Any
-    ) -> EventRecord:
+    def _event(self, run: _Run, kind: EventType, step: StepRecord | None, now: datetime, **data: Any) -> EventRecord:
         if step is not None:
             data.setdefault("step", step.name)
         return EventRecord(

@@ -130,9 +130,7 @@ class Step:
             until = self._now + timedelta(seconds=seconds)
         assert until is not None
         if until.tzinfo is None:
-            raise StepUsageError(
-                "wait(until=...) needs a timezone-aware datetime, e.g. datetime.now(timezone.utc)"
-            )
+            raise StepUsageError("wait(until=...) needs a timezone-aware datetime, e.g. datetime.now(timezone.utc)")
         self._decide(Verdict("wait", until=until))
 
     # --- hooks a step may override (no-ops by default) -----------------------------------------
@@ -161,9 +159,7 @@ class Step:
             try:
                 model = output if isinstance(output, self.Output) else self.Output.model_validate(output)
             except ValidationError as exc:
-                raise InvalidOutputError(
-                    f"output of step {self.name} does not match its Output model: {exc}"
-                ) from exc
+                raise InvalidOutputError(f"output of step {self.name} does not match its Output model: {exc}") from exc
             return model.model_dump(mode="json")
         if isinstance(output, BaseModel):
             return output.model_dump(mode="json")

@@ -77,9 +77,7 @@ def _load(record_type: type[RecordT], data: Any) -> RecordT:
         return record_type.from_dict(data)
     except (ValidationError, TypeError, ValueError) as exc:
         uuid = data.get("uuid") if isinstance(data, dict) else None
-        raise CorruptRecordError(
-            f"stored {record_type.MODEL} record {uuid!r} is not valid: {exc}", uuid=uuid
-        ) from exc
+        raise CorruptRecordError(f"stored {record_type.MODEL} record {uuid!r} is not valid: {exc}", uuid=uuid) from exc
 
 
 class Store:
@@ -156,9 +154,7 @@ class Store:
 
     # --- claiming ----------------------------------------------------------------------------
 
-    def claim_due(
-        self, now: datetime, owner: str, lease_expires_at: datetime, limit: int
-    ) -> list[PipelineRecord]:
+    def claim_due(self, now: datetime, owner: str, lease_expires_at: datetime, limit: int) -> list[PipelineRecord]:
         if not self.can_claim:
             return self.due(now, limit)
         rows = _call(
@@ -171,9 +167,7 @@ class Store:
         )
         return [_load(PipelineRecord, row) for row in rows]
 
-    def claim_one(
-        self, uuid: str, now: datetime, owner: str, lease_expires_at: datetime
-    ) -> PipelineRecord | None:
+    def claim_one(self, uuid: str, now: datetime, owner: str, lease_expires_at: datetime) -> PipelineRecord | None:
         """Lease one pipeline for an in-process run; None when another owner holds it."""
         if not self.can_claim:
             return self.get_pipeline(uuid)

@@ -38,9 +38,7 @@ class Harness:
     ) -> None:
         self.clock = clock or FakeClock()
         self.repository = repository if repository is not None else MemoryBackend()
-        self.orchestrator = Orchestrator(
-            self.repository, clock=self.clock, registry=registry, **orchestrator_options
-        )
+        self.orchestrator = Orchestrator(self.repository, clock=self.clock, registry=registry, **orchestrator_options)
 
     def create(self, pipeline: type[Pipeline], params: Any = None, **options: Any) -> Pipeline:
         """``pipeline.create`` on this harness's repository and clock."""

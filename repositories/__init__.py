@@ -1,7 +1,8 @@
 """Ready repository backends for prorch, chosen by URL with ``from_url``.
 
 A backend is a callable ``model -> IRepository`` that shares one store (file, pool, dict) between
-the models; pass it wherever prorch takes a repository.
+the models; pass it wherever prorch takes a repository. Drivers are imported only for the URL
+that needs them.
 """
 
 from __future__ import annotations
@@ -12,21 +13,27 @@ from prorch.exceptions import ConfigurationError
 from prorch.repository import RepositoryFactory
 from repositories.memory import MemoryBackend, MemoryRepository
 
-SUPPORTED_SCHEMES = ("memory://",)
+DEFAULT_URL = "sqlite:///prorch.db"
+SUPPORTED_SCHEMES = ("sqlite:///PATH", "postgresql://USER@HOST/DB", "memory://", "any SQLAlchemy URL")
 
 
 def from_url(url: str) -> RepositoryFactory:
-    """The backend for ``url``; a clear ``ConfigurationError`` for anything else."""
+    """The backend for ``url``: ``sqlite:///path.db``, ``postgresql://...``, ``memory://``, or
+    another SQLAlchemy URL. Raises ``ConfigurationError`` naming what is supported."""
     if not isinstance(url, str) or "://" not in url:
         raise ConfigurationError(
-            f"malformed repository URL {url!r}: expected scheme://..., one of {', '.join(SUPPORTED_SCHEMES)}"
+            f"malformed repository URL {url!r}: expected scheme://..., e.g. {', '.join(SUPPORTED_SCHEMES)}"
         )
     scheme = urlsplit(url).scheme.lower()
     if scheme == "memory":
         return MemoryBackend()
-    raise ConfigurationError(
-        f"unsupported repository URL scheme {scheme!r} in {url!r}; supported: {', '.join(SUPPORTED_SCHEMES)}"
-    )
+    if not scheme:
+        raise ConfigurationError(
+            f"malformed repository URL {url!r}: no scheme; supported: {', '.join(SUPPORTED_SCHEMES)}"
+        )
+    from repositories.sql import SQLBackend
+
+    return SQLBackend(url)
 
 
-__all__ = ["SUPPORTED_SCHEMES", "MemoryBackend", "MemoryRepository", "from_url"]
+__all__ = ["DEFAULT_URL", "SUPPORTED_SCHEMES", "MemoryBackend", "MemoryRepository", "from_url"]

@@ -113,9 +113,7 @@ class MemoryRepository(IRepository):
 
     def claim_due(self, now: datetime, owner: str, lease_expires_at: datetime, limit: int) -> list[JSONDict]:
         with self.backend.lock:
-            return [
-                self._lease(row, owner, lease_expires_at) for row in self._due(format_timestamp(now), limit)
-            ]
+            return [self._lease(row, owner, lease_expires_at) for row in self._due(format_timestamp(now), limit)]
 
     def claim_one(self, uuid: str, now: datetime, owner: str, lease_expires_at: datetime) -> JSONDict | None:
         with self.backend.lock:

@@ -19,9 +19,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def run(script: str, cwd: Path) -> str:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(cwd), str(ROOT)])}
-    done = subprocess.run(
-        [sys.executable, script], cwd=cwd, env=env, capture_output=True, text=True, timeout=60
-    )
+    done = subprocess.run([sys.executable, script], cwd=cwd, env=env, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     return done.stdout
 

@@ -101,9 +101,7 @@ def test_params_model_is_what_steps_see(harness: Harness, registry: Registry) ->
 # --- on_start / on_continue ----------------------------------------------------------------------
 
 
-def test_step_without_on_continue_finishes_when_on_start_returns(
-    harness: Harness, registry: Registry
-) -> None:
+def test_step_without_on_continue_finishes_when_on_start_returns(harness: Harness, registry: Registry) -> None:
     run = harness.create(pipeline_of(quick("A")))
     summary = harness.run_pass()
     assert (summary.claimed, summary.finished) == (1, 1)
@@ -117,9 +115,7 @@ def test_step_without_on_continue_finishes_when_on_start_returns(
     ]
 
 
-def test_on_continue_runs_right_after_on_start_then_on_every_resume(
-    harness: Harness, registry: Registry
-) -> None:
+def test_on_continue_runs_right_after_on_start_then_on_every_resume(harness: Harness, registry: Registry) -> None:
     class Poll(OnStartMixin, OnContinueMixin, Step):
         name = "Poll"
 
@@ -295,9 +291,7 @@ def test_exception_is_stored_and_the_pass_goes_on(harness: Harness, registry: Re
     assert harness.status(good.uuid) == "finished"
 
 
-def test_exception_is_retried_with_backoff_and_a_stable_idempotency_key(
-    harness: Harness, registry: Registry
-) -> None:
+def test_exception_is_retried_with_backoff_and_a_stable_idempotency_key(harness: Harness, registry: Registry) -> None:
     keys: list[tuple[int, str]] = []
 
     class Flaky(OnStartMixin, Step):
@@ -343,9 +337,7 @@ def test_retries_exhausted_fail_the_step(harness: Harness, registry: Registry) -
 # --- cancel -------------------------------------------------------------------------------------
 
 
-def test_cancel_from_a_hook_cancels_the_pipeline_and_runs_on_cancel(
-    harness: Harness, registry: Registry
-) -> None:
+def test_cancel_from_a_hook_cancels_the_pipeline_and_runs_on_cancel(harness: Harness, registry: Registry) -> None:
     class Cancelling(OnStartMixin, Step):
         name = "Cancelling"
 
@@ -409,9 +401,7 @@ def test_wait_seconds_returns_at_once_and_defers_the_pipeline(harness: Harness, 
     run = harness.create(pipeline_of(Sleepy))
     summary = harness.run_pass()
     assert summary.waiting == 1
-    assert harness.orchestrator.get(run.uuid).pipeline.next_run_at == harness.clock.now() + timedelta(
-        seconds=60
-    )
+    assert harness.orchestrator.get(run.uuid).pipeline.next_run_at == harness.clock.now() + timedelta(seconds=60)
     harness.clock.advance(59)
     assert harness.run_pass().claimed == 0  # waiting pipelines are not claimed
     harness.clock.advance(1)
@@ -461,9 +451,7 @@ def test_wait_rejects_bad_arguments(
         assert step.status == Status.PENDING
     else:
         assert step.status == Status.FAILED
-        assert (
-            step.error is not None and step.error.type == "StepUsageError" and message in step.error.message
-        )
+        assert step.error is not None and step.error.type == "StepUsageError" and message in step.error.message
 
 
 def test_two_verdicts_in_one_hook_are_a_usage_error(harness: Harness, registry: Registry) -> None:

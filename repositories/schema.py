@@ -1,0 +1,94 @@
+"""The SQL schema, declared once with SQLAlchemy Core (JSONB on PostgreSQL, JSON elsewhere).
+
+Changing a table here means adding a migration in ``migrations/versions`` and bumping
+``SCHEMA_REVISION`` to its id; the migrations, not this module, create and upgrade stores.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import JSON, Column, DateTime, Index, Integer, MetaData, String, Table
+from sqlalchemy.dialects.postgresql import JSONB
+
+from prorch.records import Metadata as Models
+
+SCHEMA_REVISION = "0002"
+"""The newest migration; a store at this revision needs no upgrade."""
+VERSION_TABLE = "prorch_schema_version"
+
+Json = JSON().with_variant(JSONB(), "postgresql")
+Timestamp = DateTime(timezone=True)
+
+metadata = MetaData()
+
+pipelines = Table(
+    Models.TABLE_NAMES[Models.PIPELINES_MODEL],
+    metadata,
+    Column("uuid", String(36), primary_key=True),
+    Column("name", String(200), nullable=False),
+    Column("version", Integer, nullable=False, default=1),
+    Column("status", String(16), nullable=False),
+    Column("params", Json, nullable=False),
+    Column("context", Json, nullable=False),
+    Column("metadata", Json, nullable=False),
+    Column("priority", Integer, nullable=False, default=0),
+    Column("created_at", Timestamp),
+    Column("updated_at", Timestamp),
+    Column("next_run_at", Timestamp),
+    Column("lease_owner", String(200)),
+    Column("lease_expires_at", Timestamp),
+    Column("last_error", Json),
+    Column("revision", Integer, nullable=False, default=0),
+    Index("ix_pipelines_due", "status", "next_run_at", "priority"),
+    Index("ix_pipelines_name", "name"),
+)
+
+steps = Table(
+    Models.TABLE_NAMES[Models.STEP_MODEL],
+    metadata,
+    Column("uuid", String(36), primary_key=True),
+    Column("pipeline_uuid", String(36), nullable=False, index=True),
+    Column("name", String(200), nullable=False),
+    Column("version", Integer, nullable=False, default=1),
+    Column("position", Integer),
+    Column("status", String(16), nullable=False),
+    Column("metadata", Json, nullable=False),
+    Column("output", Json),
+    Column("attempt", Integer, nullable=False, default=0),
+    Column("error", Json),
+    Column("started_at", Timestamp),
+    Column("finished_at", Timestamp),
+    Column("next_run_at", Timestamp),
+    Column("revision", Integer, nullable=False, default=0),
+)
+
+events = Table(
+    Models.TABLE_NAMES[Models.EVENT_MODEL],
+    metadata,
+    Column("uuid", String(36), primary_key=True),
+    Column("pipeline_uuid", String(36), nullable=False, index=True),
+    Column("step_uuid", String(36)),
+    Column("type", String(64), nullable=False),
+    Column("at", Timestamp, nullable=False),
+    Column("seq", Integer, nullable=False, default=0),
+    Column("data", Json, nullable=False),
+)
+
+messages = Table(
+    Models.TABLE_NAMES[Models.MESSAGE_MODEL],
+    metadata,
+    Column("uuid", String(36), primary_key=True),
+    Column("pipeline_uuid", String(36), nullable=False, index=True),
+    Column("name", String(200), nullable=False),
+    Column("payload", Json),
+    Column("sent_at", Timestamp, nullable=False),
+    Column("consumed_at", Timestamp),
+)
+
+TABLES: dict[str, Table] = {
+    Models.PIPELINES_MODEL: pipelines,
+    Models.STEP_MODEL: steps,
+    Models.EVENT_MODEL: events,
+    Models.MESSAGE_MODEL: messages,
+}
+
+__all__ = ["SCHEMA_REVISION", "TABLES", "VERSION_TABLE", "metadata"]

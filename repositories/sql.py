@@ -1,0 +1,307 @@
+"""SQL backends through SQLAlchemy 2 Core: ``sqlite:///prorch.db`` (the embedded default) and
+``postgresql://...`` (several workers on several machines), or any SQLAlchemy URL.
+
+Every capability the engine uses is here: an atomic claim with a lease (PostgreSQL:
+``FOR UPDATE SKIP LOCKED``; SQLite: one ``BEGIN IMMEDIATE`` transaction), compare-and-set on the
+``revision`` column, a transaction around one transition, and a due query served by an index.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+from collections.abc import Iterator
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Connection, Engine, create_engine, event, select, text, update
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError, NoSuchModuleError, OperationalError, SQLAlchemyError
+
+from prorch.exceptions import ConfigurationError, RepositoryError
+from prorch.records import format_timestamp, to_utc
+from prorch.repository import IRepository
+from repositories.schema import SCHEMA_REVISION, TABLES, VERSION_TABLE
+
+logger = logging.getLogger("prorch.repositories.sql")
+JSONDict = dict[str, Any]
+
+SQLITE_BUSY_TIMEOUT_SECONDS = 30.0
+SQLITE_SYNCHRONOUS = ("OFF", "NORMAL", "FULL", "EXTRA")
+TERMINAL = ("finished", "failed", "cancelled")
+
+
+class SQLBackend:
+    """A backend over one SQLAlchemy engine; ``backend(model)`` gives that model's repository.
+
+    Writes in ``with backend.transaction():`` commit together; outside one, each call is its own
+    transaction.
+    """
+
+    thread_safe = True
+
+    def __init__(self, url: str, *, migrate: bool = True, **engine_options: Any) -> None:
+        self.url = url
+        self.engine = _create_engine(url, **engine_options)
+        self.is_sqlite = self.engine.dialect.name == "sqlite"
+        self.is_postgresql = self.engine.dialect.name == "postgresql"
+        self._local = threading.local()
+        if migrate:
+            upgrade(self)
+
+    def __call__(self, model: str) -> SQLRepository:
+        return SQLRepository(model, self)
+
+    def __repr__(self) -> str:
+        return f"SQLBackend({self.engine.url.render_as_string(hide_password=True)!r})"
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[None]:
+        """All repository writes in the block commit together (nested blocks join the outer)."""
+        if getattr(self._local, "connection", None) is not None:
+            yield
+            return
+        with self.engine.connect() as connection:
+            connection.execution_options(prorch_write=True)
+            with connection.begin():
+                self._local.connection = connection
+                try:
+                    yield
+                finally:
+                    self._local.connection = None
+
+    @contextlib.contextmanager
+    def connect(self, *, write: bool) -> Iterator[Connection]:
+        """The open transaction's connection, or a new short transaction (IMMEDIATE for writes
+        on SQLite, so two processes queue on the busy timeout instead of deadlocking)."""
+        current = getattr(self._local, "connection", None)
+        if current is not None:
+            yield current
+            return
+        try:
+            with self.engine.connect() as connection:
+                if write:
+                    connection.execution_options(prorch_write=True)
+                with connection.begin():
+                    yield connection
+        except OperationalError as exc:
+            raise RepositoryError(f"{self!r}: {exc.orig or exc}") from exc
+
+
+def _create_engine(url: str, **options: Any) -> Engine:
+    try:
+        parsed = make_url(url)
+    except ArgumentError as exc:
+        raise ConfigurationError(f"malformed repository URL {url!r}: {exc}") from exc
+    query = dict(parsed.query)
+    synchronous = str(query.pop("synchronous", "NORMAL")).upper()
+    parsed = parsed.set(query=query)
+    if parsed.drivername in ("postgresql", "postgres"):
+        parsed = parsed.set(drivername="postgresql+psycopg")
+    if parsed.get_backend_name() == "sqlite":
+        if synchronous not in SQLITE_SYNCHRONOUS:
+            raise ConfigurationError(
+                f"synchronous={synchronous.lower()} in {url!r}: use one of {', '.join(SQLITE_SYNCHRONOUS).lower()}"
+            )
+        if parsed.database and parsed.database != ":memory:":
+            folder = Path(parsed.database).expanduser().resolve().parent
+            if not folder.is_dir():
+                raise ConfigurationError(f"folder {folder} of SQLite file in {url!r} does not exist")
+        options.setdefault("connect_args", {}).update(
+            {"timeout": SQLITE_BUSY_TIMEOUT_SECONDS, "check_same_thread": False}
+        )
+    try:
+        engine = create_engine(parsed, **options)
+    except (NoSuchModuleError, ModuleNotFoundError, ImportError) as exc:
+        extra = "postgres" if parsed.get_backend_name() == "postgresql" else None
+        hint = f"pip install 'prorch[{extra}]'" if extra else "install the SQLAlchemy driver it names"
+        raise ConfigurationError(f"no driver for repository URL {url!r} ({exc}): {hint}") from exc
+    if engine.dialect.name == "sqlite":
+        _configure_sqlite(engine, synchronous)
+    return engine
+
+
+def _configure_sqlite(engine: Engine, synchronous: str) -> None:
+    @event.listens_for(engine, "connect")
+    def on_connect(dbapi_connection: Any, _record: Any) -> None:
+        dbapi_connection.isolation_level = None  # we issue BEGIN ourselves (see on_begin)
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute(f"PRAGMA synchronous={synchronous}")
+        cursor.execute(f"PRAGMA busy_timeout={int(SQLITE_BUSY_TIMEOUT_SECONDS * 1000)}")
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def on_begin(connection: Connection) -> None:
+        immediate = connection.get_execution_options().get("prorch_write", False)
+        connection.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+
+
+# --- schema migrations ----------------------------------------------------------------------------
+
+
+def stored_revision(connection: Connection) -> str | None:
+    """The store's schema revision, or None for an empty store."""
+    try:
+        with connection.begin_nested():
+            return connection.execute(text(f"SELECT version_num FROM {VERSION_TABLE}")).scalar()
+    except SQLAlchemyError:
+        return None
+
+
+def upgrade(backend: SQLBackend, revision: str = "head") -> None:
+    """Create or upgrade the schema with the migrations shipped in the package, under a lock so
+    that workers starting together do it once."""
+    with backend.connect(write=True) as connection:
+        if revision == "head" and stored_revision(connection) == SCHEMA_REVISION:
+            return  # the common case: no Alembic import at all
+        if backend.is_postgresql:
+            connection.execute(text("SELECT pg_advisory_xact_lock(7270712)"))  # 'prorch' schema lock
+        from alembic import command
+        from alembic.config import Config
+
+        config = Config()
+        config.set_main_option("script_location", str(Path(__file__).parent / "migrations"))
+        config.attributes["connection"] = connection
+        logger.info("upgrading schema of %r to %s", backend, revision)
+        command.upgrade(config, revision)
+
+
+# --- the repository ---------------------------------------------------------------------------------
+
+
+class SQLRepository(IRepository):
+    """One model's table. Timestamps travel as ISO strings in records and as aware datetimes in
+    the database."""
+
+    def __init__(self, model: str, backend: SQLBackend) -> None:
+        super().__init__(model)
+        if model not in TABLES:
+            raise ConfigurationError(f"unknown model {model!r}; expected one of {', '.join(TABLES)}")
+        self.backend = backend
+        self.table = TABLES[model]
+        self.columns = {column.name for column in self.table.columns}
+        self.timestamps = {c.name for c in self.table.columns if c.type.python_type is datetime}
+
+    # --- the four methods --------------------------------------------------------------------
+
+    def get(self, uuid: str) -> JSONDict | None:
+        with self.backend.connect(write=False) as connection:
+            row = connection.execute(select(self.table).where(self.table.c.uuid == uuid)).mappings().first()
+        return self._to_record(row) if row is not None else None
+
+    def save(self, data: JSONDict) -> str:
+        with self.backend.connect(write=True) as connection:
+            connection.execute(self.table.insert().values(self._to_row(data)))
+        return str(data["uuid"])
+
+    def update(self, uuid: str, data: JSONDict) -> None:
+        values = self._to_row(data)
+        values.pop("uuid", None)
+        with self.backend.connect(write=True) as connection:
+            connection.execute(update(self.table).where(self.table.c.uuid == uuid).values(values))
+
+    def search(self, filter: list[Any]) -> list[JSONDict]:  # noqa: A002 - the seed's name
+        field, value = filter
+        if field not in self.columns:
+            raise ConfigurationError(f"cannot search {self.table.name} by unknown field {field!r}")
+        query = select(self.table).where(self.table.c[field] == value)
+        if "seq" in self.columns:
+            query = query.order_by(self.table.c.seq, self.table.c.at)
+        with self.backend.connect(write=False) as connection:
+            rows = connection.execute(query).mappings().all()
+        return [self._to_record(row) for row in rows]
+
+    # --- capabilities ------------------------------------------------------------------------
+
+    def compare_and_set(self, uuid: str, expected_revision: int, data: JSONDict) -> bool:
+        values = self._to_row(data)
+        values.pop("uuid", None)
+        query = (
+            update(self.table)
+            .where(self.table.c.uuid == uuid, self.table.c.revision == expected_revision)
+            .values(values)
+        )
+        with self.backend.connect(write=True) as connection:
+            return connection.execute(query).rowcount == 1
+
+    def _due_query(self, now: datetime, limit: int) -> Any:
+        c = self.table.c
+        return (
+            select(c.uuid)
+            .where(
+                c.status == "pending",
+                c.next_run_at <= now,
+                (c.lease_expires_at.is_(None)) | (c.lease_expires_at <= now),
+            )
+            .order_by(c.priority.desc(), c.next_run_at)
+            .limit(limit)
+        )
+
+    def search_due(self, now: datetime, limit: int) -> list[JSONDict]:
+        due = self._due_query(now, limit).subquery()
+        query = select(self.table).where(self.table.c.uuid.in_(select(due.c.uuid)))
+        with self.backend.connect(write=False) as connection:
+            rows = connection.execute(query).mappings().all()
+        return self._by_priority([self._to_record(row) for row in rows])
+
+    def claim_due(self, now: datetime, owner: str, lease_expires_at: datetime, limit: int) -> list[JSONDict]:
+        due = self._due_query(now, limit)
+        if self.backend.is_postgresql:
+            due = due.with_for_update(skip_locked=True)
+        query = (
+            update(self.table)
+            .where(self.table.c.uuid.in_(due.scalar_subquery()))
+            .values(lease_owner=owner, lease_expires_at=lease_expires_at, revision=self.table.c.revision + 1)
+            .returning(*self.table.columns)
+        )
+        with self.backend.connect(write=True) as connection:
+            rows = connection.execute(query).mappings().all()
+        return self._by_priority([self._to_record(row) for row in rows])
+
+    def claim_one(self, uuid: str, now: datetime, owner: str, lease_expires_at: datetime) -> JSONDict | None:
+        c = self.table.c
+        query = (
+            update(self.table)
+            .where(
+                c.uuid == uuid,
+                c.status.not_in(TERMINAL),
+                (c.lease_expires_at.is_(None)) | (c.lease_expires_at <= now) | (c.lease_owner == owner),
+            )
+            .values(lease_owner=owner, lease_expires_at=lease_expires_at, revision=c.revision + 1)
+            .returning(*self.table.columns)
+        )
+        with self.backend.connect(write=True) as connection:
+            row = connection.execute(query).mappings().first()
+            if row is None:
+                current = connection.execute(select(self.table).where(c.uuid == uuid)).mappings().first()
+                if current is None or current["status"] not in TERMINAL:
+                    return None  # missing, or leased by another owner
+                row = current
+        return self._to_record(row)
+
+    # --- conversion --------------------------------------------------------------------------
+
+    def _to_row(self, data: JSONDict) -> JSONDict:
+        row = {key: value for key, value in data.items() if key in self.columns}
+        for key in self.timestamps & row.keys():
+            if isinstance(row[key], str):
+                row[key] = datetime.fromisoformat(row[key])
+        return row
+
+    def _to_record(self, row: Any) -> JSONDict:
+        record = dict(row)
+        for key in self.timestamps:
+            value = record.get(key)
+            if isinstance(value, datetime):
+                record[key] = format_timestamp(to_utc(value))
+        return record
+
+    @staticmethod
+    def _by_priority(records: list[JSONDict]) -> list[JSONDict]:
+        return sorted(records, key=lambda r: (-r.get("priority", 0), r.get("next_run_at") or ""))

@@ -1,0 +1,223 @@
+"""One contract, every backend: the four seed methods, each optional capability the backend
+offers, and a full pipeline run through the engine. A new backend is one more fixture param."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+import pytest
+
+from prorch import (
+    EventRecord,
+    OnContinueMixin,
+    OnStartMixin,
+    Pipeline,
+    PipelineRecord,
+    Status,
+    Step,
+    StepRecord,
+    SupportsClaim,
+    SupportsCompareAndSet,
+    SupportsDueQuery,
+    SupportsTransaction,
+    register_pipeline,
+    register_step,
+)
+from prorch.records import ErrorInfo, new_uuid
+from prorch.registry import Registry
+from prorch.testing import Harness
+
+NOW = datetime(2030, 1, 1, 12, 0, tzinfo=timezone.utc)
+
+
+def pipeline_row(**changes: Any) -> dict[str, Any]:
+    record = PipelineRecord(
+        uuid=new_uuid(),
+        name="P",
+        status=Status.PENDING,
+        params={"path": "/x", "n": [1, 2]},
+        context={"tenant": "t1"},
+        metadata={"current_step": None},
+        created_at=NOW,
+        updated_at=NOW,
+        next_run_at=NOW,
+        last_error=ErrorInfo(type="E", message="m", traceback="tb"),
+    )
+    return {**record.to_dict(), **changes}
+
+
+def test_save_then_get_returns_the_same_record(backend: Any) -> None:
+    repo = backend("PIPELINE")
+    row = pipeline_row()
+    repo.save(row)
+    assert PipelineRecord.from_dict(repo.get(row["uuid"])) == PipelineRecord.from_dict(row)
+    assert repo.get(row["uuid"]) == row
+
+
+def test_every_model_round_trips(backend: Any) -> None:
+    step = StepRecord(
+        uuid=new_uuid(),
+        pipeline_uuid="p",
+        name="S",
+        position=0,
+        status=Status.PENDING,
+        metadata={"job": "j"},
+        output={"file": "f", "sizes": [1.5, None]},
+        attempt=2,
+        started_at=NOW,
+    ).to_dict()
+    event = EventRecord(
+        uuid=new_uuid(), pipeline_uuid="p", type="step.started", at=NOW, seq=3, data={"attempt": 1}
+    ).to_dict()
+    for model, row in (("STEP", step), ("EVENT", event)):
+        repo = backend(model)
+        repo.save(row)
+        assert repo.get(row["uuid"]) == row
+
+
+def test_get_missing_is_none(backend: Any) -> None:
+    assert not backend("PIPELINE").get("no-such-uuid")
+
+
+def test_update_replaces_fields(backend: Any) -> None:
+    repo = backend("PIPELINE")
+    row = pipeline_row()
+    repo.save(row)
+    repo.update(row["uuid"], {**row, "status": "finished", "metadata": {"current_step": "s"}})
+    stored = repo.get(row["uuid"])
+    assert stored["status"] == "finished" and stored["metadata"] == {"current_step": "s"}
+
+
+def test_search_by_field(backend: Any) -> None:
+    repo = backend("PIPELINE")
+    a, b = pipeline_row(), pipeline_row(status="finished")
+    repo.save(a)
+    repo.save(b)
+    assert [r["uuid"] for r in repo.search(["status", "pending"])] == [a["uuid"]]
+    assert repo.search(["status", "cancelled"]) == []
+
+
+# --- capabilities (skipped where a backend does not offer them) --------------------------------
+
+
+def require(obj: Any, capability: type) -> None:
+    if not isinstance(obj, capability):
+        pytest.skip(f"backend does not offer {capability.__name__}")
+
+
+def test_compare_and_set(backend: Any) -> None:
+    repo = backend("PIPELINE")
+    require(repo, SupportsCompareAndSet)
+    row = pipeline_row(revision=4)
+    repo.save(row)
+    assert repo.compare_and_set(row["uuid"], 3, {**row, "status": "failed"}) is False
+    assert repo.get(row["uuid"])["status"] == "pending"
+    assert repo.compare_and_set(row["uuid"], 4, {**row, "status": "failed", "revision": 5}) is True
+    assert repo.get(row["uuid"])["revision"] == 5
+    assert repo.compare_and_set("missing", 0, row) is False
+
+
+def due_rows(repo: Any) -> dict[str, dict[str, Any]]:
+    later = (NOW + timedelta(hours=1)).isoformat()
+    rows = {
+        "low": pipeline_row(priority=0),
+        "high": pipeline_row(priority=9),
+        "waiting": pipeline_row(next_run_at=later),
+        "leased": pipeline_row(lease_owner="w", lease_expires_at=later),
+        "expired": pipeline_row(lease_owner="w", lease_expires_at=(NOW - timedelta(seconds=1)).isoformat()),
+        "done": pipeline_row(status="finished"),
+    }
+    for row in rows.values():
+        repo.save(row)
+    return rows
+
+
+def test_search_due_filters_and_orders(backend: Any) -> None:
+    repo = backend("PIPELINE")
+    require(repo, SupportsDueQuery)
+    rows = due_rows(repo)
+    found = [r["uuid"] for r in repo.search_due(NOW, 10)]
+    assert found[0] == rows["high"]["uuid"]
+    assert set(found) == {rows[k]["uuid"] for k in ("low", "high", "expired")}
+    assert len(repo.search_due(NOW, 1)) == 1
+
+
+def test_claim_due_leases_atomically(backend: Any) -> None:
+    repo = backend("PIPELINE")
+    require(repo, SupportsClaim)
+    rows = due_rows(repo)
+    until = NOW + timedelta(seconds=60)
+    claimed = repo.claim_due(NOW, "me", until, 10)
+    assert {r["uuid"] for r in claimed} == {rows[k]["uuid"] for k in ("low", "high", "expired")}
+    assert all(r["lease_owner"] == "me" for r in claimed)
+    assert all(r["revision"] == rows["low"]["revision"] + 1 for r in claimed)
+    assert PipelineRecord.from_dict(claimed[0]).lease_expires_at == until
+    assert repo.claim_due(NOW, "other", until, 10) == []
+
+
+def test_claim_one_respects_a_live_lease(backend: Any) -> None:
+    repo = backend("PIPELINE")
+    require(repo, SupportsClaim)
+    row = pipeline_row()
+    repo.save(row)
+    until = NOW + timedelta(seconds=60)
+    assert repo.claim_one(row["uuid"], NOW, "me", until)["lease_owner"] == "me"
+    assert repo.claim_one(row["uuid"], NOW, "other", until) is None
+    assert repo.claim_one(row["uuid"], until, "other", until + timedelta(seconds=60))["lease_owner"] == "other"
+    assert repo.claim_one("missing", NOW, "me", until) is None
+
+
+def test_transaction_is_all_or_nothing(backend: Any) -> None:
+    require(backend, SupportsTransaction)
+    pipelines, steps = backend("PIPELINE"), backend("STEP")
+    row = pipeline_row()
+    with pytest.raises(RuntimeError), backend.transaction():
+        pipelines.save(row)
+        steps.save(StepRecord(uuid=new_uuid(), pipeline_uuid=row["uuid"], name="S", status=Status.CREATED).to_dict())
+        raise RuntimeError("crash in the middle of a transition")
+    assert not pipelines.get(row["uuid"])
+    assert steps.search(["pipeline_uuid", row["uuid"]]) == []
+
+
+# --- the engine on each backend ------------------------------------------------------------------
+
+
+def test_a_pipeline_runs_to_the_end(backend: Any, registry: Registry) -> None:
+    class Poll(OnStartMixin, OnContinueMixin, Step):
+        name = "Poll"
+
+        def on_start(self) -> None:
+            self.metadata["checks"] = 0
+
+        def on_continue(self) -> None:
+            self.metadata["checks"] += 1
+            if self.metadata["checks"] < 3:
+                self.wait(seconds=30)
+            else:
+                self.finish({"checks": self.metadata["checks"]})
+
+    class Report(OnStartMixin, Step):
+        name = "Report"
+
+        def on_start(self) -> None:
+            self.finish({"seen": self.outputs["Poll"]["checks"]})
+
+    register_step(Poll)
+    register_step(Report)
+    p = register_pipeline(type("P", (Pipeline,), {"name": "P", "steps": [Poll, Report]}))
+    harness = Harness(backend, registry=registry)
+    runs = [harness.create(p, {"i": i}) for i in range(3)]
+    for run in runs:
+        assert harness.run_until_done(run.uuid) == "finished"
+    state = harness.orchestrator.get(runs[0].uuid)
+    assert [s.output for s in state.steps] == [{"checks": 3}, {"seen": 3}]
+    assert harness.event_types(runs[0].uuid) == [
+        "pipeline.created",
+        "pipeline.started",
+        "step.started",
+        "step.finished",
+        "step.started",
+        "step.finished",
+        "pipeline.finished",
+    ]
