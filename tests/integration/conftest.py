@@ -1,22 +1,57 @@
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy import create_engine, text
 
 from repositories import from_url
+from tests.support.postgres import PostgresServer, PostgresUnavailable, remove, start_server
 from tests.support.seed_repository import seed_backend
 
-BACKENDS = ["memory", "sqlite", "seed"]
+BACKENDS = ["memory", "sqlite", "postgresql", "seed"]
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 
-def make_backend(kind: str, tmp_path: Path) -> Any:
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    """One server for the run. Locally a missing server skips; in CI it fails."""
+    try:
+        server = start_server()
+    except PostgresUnavailable as exc:
+        if IN_CI:
+            pytest.fail(f"PostgreSQL is required in CI: {exc}")
+        pytest.skip(f"PostgreSQL not available: {exc}")
+    yield server
+    remove(server)
+
+
+_databases = iter(range(1, 1_000_000))
+
+
+@pytest.fixture
+def postgres_url(postgres_server: PostgresServer) -> str:
+    """A fresh, empty database on the session's server."""
+    name = f"prorch_test_{next(_databases)}"
+    admin = create_engine(
+        postgres_server.url.replace("postgresql://", "postgresql+psycopg://"), isolation_level="AUTOCOMMIT"
+    )
+    with admin.connect() as connection:
+        connection.execute(text(f"CREATE DATABASE {name}"))
+    admin.dispose()
+    return postgres_server.url.rsplit("/", 1)[0] + f"/{name}"
+
+
+def make_backend(kind: str, tmp_path: Path, request: pytest.FixtureRequest) -> Any:
     if kind == "memory":
         return from_url("memory://")
     if kind == "sqlite":
         return from_url(f"sqlite:///{tmp_path / 'prorch.db'}")
+    if kind == "postgresql":
+        return from_url(request.getfixturevalue("postgres_url"))
     if kind == "seed":
         return seed_backend(str(tmp_path / "seed.json"))
     raise AssertionError(kind)
@@ -24,7 +59,7 @@ def make_backend(kind: str, tmp_path: Path) -> Any:
 
 @pytest.fixture(params=BACKENDS)
 def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Any]:
-    made = make_backend(request.param, tmp_path)
+    made = make_backend(request.param, tmp_path, request)
     yield made
     if hasattr(made, "dispose"):
         made.dispose()
