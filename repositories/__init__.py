@@ -14,12 +14,19 @@ from prorch.repository import RepositoryFactory
 from repositories.memory import MemoryBackend, MemoryRepository
 
 DEFAULT_URL = "sqlite:///prorch.db"
-SUPPORTED_SCHEMES = ("sqlite:///PATH", "postgresql://USER@HOST/DB", "memory://", "any SQLAlchemy URL")
+SUPPORTED_SCHEMES = (
+    "sqlite:///PATH",
+    "postgresql://USER@HOST/DB",
+    "tinydb:///PATH.json",
+    "memory://",
+    "any SQLAlchemy URL",
+)
 
 
 def from_url(url: str) -> RepositoryFactory:
-    """The backend for ``url``: ``sqlite:///path.db``, ``postgresql://...``, ``memory://``, or
-    another SQLAlchemy URL. Raises ``ConfigurationError`` naming what is supported."""
+    """The backend for ``url``: ``sqlite:///path.db``, ``postgresql://...``,
+    ``tinydb:///path.json``, ``memory://``, or another SQLAlchemy URL. Raises
+    ``ConfigurationError`` naming what is supported."""
     if not isinstance(url, str) or "://" not in url:
         raise ConfigurationError(
             f"malformed repository URL {url!r}: expected scheme://..., e.g. {', '.join(SUPPORTED_SCHEMES)}"
@@ -27,6 +34,15 @@ def from_url(url: str) -> RepositoryFactory:
     scheme = urlsplit(url).scheme.lower()
     if scheme == "memory":
         return MemoryBackend()
+    if scheme == "tinydb":
+        path = url.split("://", 1)[1]
+        if not path.startswith("/") or path == "/":
+            raise ConfigurationError(
+                f"malformed TinyDB URL {url!r}: use tinydb:///relative.json or tinydb:////abs.json"
+            )
+        from repositories.tinydb import TinyDBBackend
+
+        return TinyDBBackend(path[1:])
     if not scheme:
         raise ConfigurationError(
             f"malformed repository URL {url!r}: no scheme; supported: {', '.join(SUPPORTED_SCHEMES)}"

@@ -12,7 +12,7 @@ from repositories import from_url
 from tests.support.postgres import PostgresServer, PostgresUnavailable, remove, start_server
 from tests.support.seed_repository import seed_backend
 
-BACKENDS = ["memory", "sqlite", "postgresql", "seed"]
+BACKENDS = ["memory", "sqlite", "postgresql", "tinydb", "seed"]
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 
@@ -52,6 +52,8 @@ def make_backend(kind: str, tmp_path: Path, request: pytest.FixtureRequest) -> A
         return from_url(f"sqlite:///{tmp_path / 'prorch.db'}")
     if kind == "postgresql":
         return from_url(request.getfixturevalue("postgres_url"))
+    if kind == "tinydb":
+        return from_url(f"tinydb:///{tmp_path / 'prorch.json'}")
     if kind == "seed":
         return seed_backend(str(tmp_path / "seed.json"))
     raise AssertionError(kind)

@@ -1,0 +1,275 @@
+"""``tinydb:///prorch.json``: the prorch 1.0.1 JSON store, made crash-safe and multi-process.
+
+The file stays human-readable TinyDB JSON (the same layout a 1.0.1 ``TinyDBRepository`` wrote,
+so such a file opens here). Unlike TinyDB's own ``JSONStorage``, which rewrites the file in place,
+``AtomicJSONStorage`` writes a temp file in the same folder, fsyncs it and renames it over the old
+one, under an inter-process lock: a SIGKILL mid-write leaves the old file or the new one, never a
+torn one. A file that is empty, truncated or not JSON is reported, never replaced.
+
+Every lookup scans the table in memory (the file is parsed once per change): fine for thousands
+of pipelines; use SQLite beyond that.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+import threading
+from collections.abc import Iterator
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from filelock import FileLock
+from tinydb.storages import Storage
+
+from prorch.exceptions import ConfigurationError, RepositoryError
+from prorch.records import Metadata, format_timestamp
+from prorch.repository import IRepository
+
+JSONDict = dict[str, Any]
+TERMINAL = ("finished", "failed", "cancelled")
+
+
+class CorruptStoreError(RepositoryError):
+    """The TinyDB file is not a valid store; it was left as it is."""
+
+
+class AtomicJSONStorage(Storage):
+    """A TinyDB ``Storage`` writing whole-file replacements atomically. Call it only while the
+    backend's lock is held. Parsed data is cached and re-read only when the file changed."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        self._cache: dict[str, dict[str, Any]] | None = None
+        self._stamp: tuple[int, int, int] | None = None
+        self.buffering = False  # inside a transaction: writes stay in memory until flush()
+        self._dirty = False
+
+    def _file_stamp(self) -> tuple[int, int, int] | None:
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            return None
+        return (st.st_ino, st.st_mtime_ns, st.st_size)
+
+    def read(self) -> dict[str, dict[str, Any]] | None:
+        if self.buffering and self._cache is not None:
+            return self._cache
+        stamp = self._file_stamp()
+        if stamp is None:
+            self._cache, self._stamp = None, None
+            return None
+        if stamp == self._stamp and self._cache is not None:
+            return self._cache
+        text = self.path.read_text(encoding="utf-8")
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            what = "empty" if not text.strip() else f"not valid JSON ({exc})"
+            raise CorruptStoreError(
+                f"TinyDB store {self.path} is {what}; it was left untouched: restore it from a backup "
+                "or move it away to start a new store"
+            ) from exc
+        if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
+            raise CorruptStoreError(f"TinyDB store {self.path} does not hold TinyDB tables; it was left untouched")
+        self._cache, self._stamp = data, stamp
+        return data
+
+    def write(self, data: dict[str, dict[str, Any]]) -> None:
+        self._cache = data
+        if self.buffering:
+            self._dirty = True
+            return
+        self._replace(data)
+
+    def flush(self) -> None:
+        """Write what a transaction buffered, in one atomic replacement."""
+        if self._dirty and self._cache is not None:
+            self._replace(self._cache)
+        self._dirty = False
+
+    def forget(self) -> None:
+        """Drop the cache (after a failed transaction): the next read comes from the file."""
+        self._cache, self._stamp, self._dirty = None, None, False
+
+    def _replace(self, data: dict[str, dict[str, Any]]) -> None:
+        payload = json.dumps(data, indent=1, ensure_ascii=False)
+        fd, temp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as handle:
+                handle.write(payload)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(temp, self.path)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(temp)
+            raise
+        directory = os.open(self.path.parent, os.O_RDONLY)
+        try:
+            os.fsync(directory)  # make the rename itself durable
+        finally:
+            os.close(directory)
+        self._stamp = self._file_stamp()
+
+
+class TinyDBBackend:
+    """A backend over one TinyDB file; repositories of all models share its lock and cache."""
+
+    thread_safe = True
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path).expanduser().resolve()
+        if not self.path.parent.is_dir():
+            raise ConfigurationError(f"folder {self.path.parent} of TinyDB store {self.path} does not exist")
+        self.storage = AtomicJSONStorage(self.path)
+        self._thread_lock = threading.RLock()
+        self._file_lock = FileLock(str(self.path) + ".lock")
+        self._depth = 0
+        with self.locked():
+            if self.storage.read() is None:  # a new store: create the file, atomically
+                self.storage.write({})
+
+    def __call__(self, model: str) -> TinyDBRepository:
+        return TinyDBRepository(model, self)
+
+    def __repr__(self) -> str:
+        return f"TinyDBBackend('tinydb:///{self.path}')"
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """Hold the thread lock and the inter-process file lock."""
+        with self._thread_lock, self._file_lock:
+            self._depth += 1
+            try:
+                yield
+            except BaseException:
+                if self._depth == 1:
+                    self.storage.forget()
+                raise
+            finally:
+                self._depth -= 1
+
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[None]:
+        """Writes in the block reach the file in one atomic replacement, or not at all."""
+        with self.locked():
+            if self.storage.buffering:  # nested: the outer block flushes
+                yield
+                return
+            self.storage.read()
+            self.storage.buffering = True
+            try:
+                yield
+                self.storage.buffering = False
+                self.storage.flush()
+            finally:
+                self.storage.buffering = False
+
+
+class TinyDBRepository(IRepository):
+    """One model's table in the backend's file, edited in TinyDB's layout
+    (``{table: {doc_id: record}}``) directly through the storage: TinyDB's ``Table`` caches its
+    next document id per instance, which two processes writing one file would break."""
+
+    def __init__(self, model: str, backend: TinyDBBackend) -> None:
+        super().__init__(model)
+        if model not in Metadata.TABLE_NAMES:
+            raise ConfigurationError(f"unknown model {model!r}")
+        self.backend = backend
+        self.name = Metadata.TABLE_NAMES[model]
+
+    def _rows(self) -> dict[str, JSONDict]:
+        return (self.backend.storage.read() or {}).get(self.name, {})
+
+    def _write_row(self, doc_id: str | None, row: JSONDict) -> str:
+        data = self.backend.storage.read() or {}
+        table = data.setdefault(self.name, {})
+        if doc_id is None:
+            doc_id = str(max((int(key) for key in table), default=0) + 1)
+        table[doc_id] = row
+        self.backend.storage.write(data)
+        return doc_id
+
+    def _find(self, uuid: str) -> tuple[str, JSONDict] | None:
+        for doc_id, row in self._rows().items():
+            if row.get("uuid") == uuid:
+                return doc_id, row
+        return None
+
+    def get(self, uuid: str) -> JSONDict | None:
+        with self.backend.locked():
+            found = self._find(uuid)
+            return dict(found[1]) if found else None
+
+    def save(self, data: JSONDict) -> int:
+        with self.backend.locked():
+            return int(self._write_row(None, dict(data)))
+
+    def update(self, uuid: str, data: JSONDict) -> None:
+        with self.backend.locked():
+            found = self._find(uuid)
+            if found is None:
+                raise KeyError(f"{self.model} {uuid} does not exist")
+            self._write_row(found[0], {**found[1], **data})
+
+    def search(self, filter: list[Any]) -> list[JSONDict]:  # noqa: A002 - the seed's name
+        field, value = filter
+        with self.backend.locked():
+            return [dict(row) for row in self._rows().values() if row.get(field) == value]
+
+    # --- capabilities ------------------------------------------------------------------------
+
+    def compare_and_set(self, uuid: str, expected_revision: int, data: JSONDict) -> bool:
+        with self.backend.locked():
+            found = self._find(uuid)
+            if found is None or found[1].get("revision", 0) != expected_revision:
+                return False
+            self._write_row(found[0], {**found[1], **data})
+            return True
+
+    def _due(self, now: str, limit: int) -> list[tuple[str, JSONDict]]:
+        rows = [
+            (doc_id, row)
+            for doc_id, row in self._rows().items()
+            if row.get("status") == "pending"
+            and (row.get("next_run_at") is None or row["next_run_at"] <= now)
+            and (row.get("lease_expires_at") is None or row["lease_expires_at"] <= now)
+        ]
+        rows.sort(key=lambda item: (-item[1].get("priority", 0), item[1].get("next_run_at") or ""))
+        return rows[:limit]
+
+    def search_due(self, now: datetime, limit: int) -> list[JSONDict]:
+        with self.backend.locked():
+            return [dict(row) for _, row in self._due(format_timestamp(now), limit)]
+
+    def claim_due(self, now: datetime, owner: str, lease_expires_at: datetime, limit: int) -> list[JSONDict]:
+        with self.backend.transaction():
+            due = self._due(format_timestamp(now), limit)
+            return [self._lease(doc_id, row, owner, lease_expires_at) for doc_id, row in due]
+
+    def claim_one(self, uuid: str, now: datetime, owner: str, lease_expires_at: datetime) -> JSONDict | None:
+        with self.backend.transaction():
+            found = self._find(uuid)
+            if found is None:
+                return None
+            doc_id, row = found
+            if row.get("status") in TERMINAL:
+                return dict(row)
+            lease = row.get("lease_expires_at")
+            if lease is not None and lease > format_timestamp(now) and row.get("lease_owner") != owner:
+                return None
+            return self._lease(doc_id, row, owner, lease_expires_at)
+
+    def _lease(self, doc_id: str, row: JSONDict, owner: str, lease_expires_at: datetime) -> JSONDict:
+        leased = {
+            **row,
+            "lease_owner": owner,
+            "lease_expires_at": format_timestamp(lease_expires_at),
+            "revision": row.get("revision", 0) + 1,
+        }
+        self._write_row(doc_id, leased)
+        return dict(leased)
