@@ -117,7 +117,14 @@ def _create_engine(url: str, **options: Any) -> Engine:
         )
     try:
         engine = create_engine(parsed, **options)
-    except (NoSuchModuleError, ModuleNotFoundError, ImportError) as exc:
+    except NoSuchModuleError as exc:
+        from repositories import SUPPORTED_SCHEMES
+
+        raise ConfigurationError(
+            f"unsupported repository URL scheme {parsed.drivername!r} in {url!r}; supported: "
+            f"{', '.join(SUPPORTED_SCHEMES)}"
+        ) from exc
+    except ImportError as exc:
         extra = "postgres" if parsed.get_backend_name() == "postgresql" else None
         hint = f"pip install 'prorch[{extra}]'" if extra else "install the SQLAlchemy driver it names"
         raise ConfigurationError(f"no driver for repository URL {url!r} ({exc}): {hint}") from exc
