@@ -12,7 +12,7 @@ from repositories import from_url
 from tests.support.postgres import PostgresServer, PostgresUnavailable, remove, start_server
 from tests.support.seed_repository import seed_backend
 
-BACKENDS = ["memory", "sqlite", "postgresql", "tinydb", "seed"]
+BACKENDS = ["memory", "sqlite", "postgresql", "tinydb", "seed", "docs-example"]
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 
@@ -56,6 +56,10 @@ def make_backend(kind: str, tmp_path: Path, request: pytest.FixtureRequest) -> A
         return from_url(f"tinydb:///{tmp_path / 'prorch.json'}")
     if kind == "seed":
         return seed_backend(str(tmp_path / "seed.json"))
+    if kind == "docs-example":  # the repository written in docs/repositories.md
+        from docs.examples.sqlite3_repository import Sqlite3Backend
+
+        return Sqlite3Backend(str(tmp_path / "example.db"))
     raise AssertionError(kind)
 
 
