@@ -47,6 +47,17 @@ class Harness:
     def run_pass(self) -> PassSummary:
         return self.orchestrator.execute_pipelines()
 
+    def drive(self, uuid: str, *, max_passes: int = 1000) -> str:
+        """Run passes without moving the clock until the pipeline ends or waits (is not due
+        now); returns its status. Use it to stop at each wait and check what the steps did."""
+        for _ in range(max_passes):
+            record = self.orchestrator.get(uuid).pipeline
+            waiting = record.next_run_at is not None and record.next_run_at > self.clock.now()
+            if record.status in TERMINAL or waiting:
+                return record.status.value
+            self.run_pass()
+        raise AssertionError(f"pipeline {uuid} neither ended nor waited within {max_passes} passes")
+
     def run_until_done(self, uuid: str, *, max_passes: int = 1000) -> str:
         """Run passes until the pipeline ends, jumping the clock to its next due time between
         passes; returns its final status. Raises if it does not end within ``max_passes``."""

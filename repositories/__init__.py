@@ -7,6 +7,8 @@ that needs them.
 
 from __future__ import annotations
 
+import os
+import threading
 from urllib.parse import urlsplit
 
 from prorch.exceptions import ConfigurationError
@@ -23,10 +25,30 @@ SUPPORTED_SCHEMES = (
 )
 
 
+_backends: dict[tuple[str, int], RepositoryFactory] = {}
+_backends_lock = threading.Lock()
+
+
 def from_url(url: str) -> RepositoryFactory:
     """The backend for ``url``: ``sqlite:///path.db``, ``postgresql://...``,
-    ``tinydb:///path.json``, ``memory://``, or another SQLAlchemy URL. Raises
-    ``ConfigurationError`` naming what is supported."""
+    ``tinydb:///path.json``, ``memory://`` (or ``memory://name``), or another SQLAlchemy URL.
+
+    One backend per URL per process: ``Pipeline.create(url)`` and ``Orchestrator(url)`` share its
+    engine, file lock or dict; a forked child makes its own. Raises ``ConfigurationError`` naming
+    what is supported."""
+    key = (url, os.getpid()) if isinstance(url, str) else None
+    if key is not None and key in _backends:
+        return _backends[key]
+    with _backends_lock:
+        if key is not None and key in _backends:
+            return _backends[key]
+        backend = _make_backend(url)
+        if key is not None:
+            _backends[key] = backend
+        return backend
+
+
+def _make_backend(url: str) -> RepositoryFactory:
     if not isinstance(url, str) or "://" not in url:
         raise ConfigurationError(
             f"malformed repository URL {url!r}: expected scheme://..., e.g. {', '.join(SUPPORTED_SCHEMES)}"

@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 from sqlalchemy import create_engine, text
 
-from repositories import from_url
+from repositories import MemoryBackend, from_url
 from tests.support.postgres import PostgresServer, PostgresUnavailable, remove, start_server
 from tests.support.seed_repository import seed_backend
 
@@ -47,7 +47,7 @@ def postgres_url(postgres_server: PostgresServer) -> str:
 
 def make_backend(kind: str, tmp_path: Path, request: pytest.FixtureRequest) -> Any:
     if kind == "memory":
-        return from_url("memory://")
+        return MemoryBackend()
     if kind == "sqlite":
         return from_url(f"sqlite:///{tmp_path / 'prorch.db'}")
     if kind == "postgresql":

@@ -156,3 +156,24 @@ def test_upgrade_is_skipped_when_current(tmp_path: Path) -> None:
 def test_bad_urls_give_one_clear_error(url: str, message: str) -> None:
     with pytest.raises(ConfigurationError, match=message):
         from_url(url)
+
+
+def test_one_backend_per_url_per_process(tmp_path: Path) -> None:
+    assert from_url("memory://") is from_url("memory://")
+    assert from_url("memory://a") is not from_url("memory://b")
+    url = f"sqlite:///{tmp_path / 'one.db'}"
+    assert from_url(url) is from_url(url)
+    child = python(
+        """
+        import os, sys
+        from repositories import from_url
+        parent = from_url(sys.argv[1])
+        pid = os.fork()
+        if pid == 0:
+            os._exit(0 if from_url(sys.argv[1]) is not parent else 1)
+        print(os.waitpid(pid, 0)[1])
+        """,
+        url,
+    )
+    out, err = child.communicate(timeout=60)
+    assert out.strip() == "0", err

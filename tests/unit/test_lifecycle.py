@@ -468,3 +468,23 @@ def test_two_verdicts_in_one_hook_are_a_usage_error(harness: Harness, registry: 
     step = steps_of(harness, run.uuid)["Twice"]
     assert step.status == Status.FAILED
     assert step.error is not None and "already called finish()" in step.error.message
+
+
+def test_harness_drive_stops_at_a_wait_without_moving_the_clock(harness: Harness, registry: Registry) -> None:
+    class TwoWaits(OnContinueMixin, Step):
+        name = "TwoWaits"
+
+        def on_continue(self) -> None:
+            CALLS.append("continue")
+            if len(CALLS) < 3:
+                self.wait(seconds=10)
+            else:
+                self.finish()
+
+    register_step(TwoWaits)
+    run = harness.create(pipeline_of(TwoWaits, quick("B")))
+    start = harness.clock.now()
+    assert harness.drive(run.uuid) == "pending"
+    assert (CALLS, harness.clock.now()) == (["continue"], start)
+    assert harness.run_until_done(run.uuid) == "finished"
+    assert CALLS == ["continue", "continue", "continue", "B.start"]
