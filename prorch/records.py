@@ -92,6 +92,8 @@ class PipelineRecord(Record):
     lease_owner: str | None = None
     lease_expires_at: Timestamp | None = None
     last_error: ErrorInfo | None = None
+    claims: int = 0  # claims since the last clean release: >1 means a worker died holding it
+    cancel_requested: bool = False  # Orchestrator.cancel() while another worker held it
     revision: int = 0  # bumped on every write; compare-and-set target
 
 
@@ -110,6 +112,8 @@ class StepRecord(Record):
     started_at: Timestamp | None = None
     finished_at: Timestamp | None = None
     next_run_at: Timestamp | None = None
+    rollback: str | None = None  # None, then "done" or "failed" once on_rollback has run its course
+    rollback_attempt: int = 0
     revision: int = 0
 
 

@@ -91,8 +91,14 @@ class SupportsClaim(Protocol):
         ...
 
     def claim_one(self, uuid: str, now: datetime, owner: str, lease_expires_at: datetime) -> JSONDict | None:
-        """Lease one pipeline whatever its ``next_run_at`` if no live lease is held by another
-        owner; return it as now stored, or None when it is missing or leased elsewhere."""
+        """Lease one pipeline whatever its ``next_run_at`` (as ``claim_due`` does) if no live
+        lease is held by another owner; return it as now stored, or None when it is missing or
+        leased elsewhere. A finished, failed or cancelled pipeline is returned unleased."""
+        ...
+
+    def renew_lease(self, uuid: str, owner: str, lease_expires_at: datetime) -> bool:
+        """Move ``lease_expires_at`` if ``owner`` still holds the lease (the revision is left
+        alone); False when the lease was lost."""
         ...
 
 

@@ -25,17 +25,9 @@ class Status(str, Enum):
 
 TERMINAL = frozenset({Status.FINISHED, Status.FAILED, Status.CANCELLED})
 
-#: The moves a step may make. Anything else is a bug and is refused loudly.
-STEP_TRANSITIONS: dict[Status, frozenset[Status]] = {
-    Status.CREATED: frozenset({Status.PENDING, Status.FINISHED, Status.FAILED, Status.CANCELLED}),
-    Status.PENDING: frozenset({Status.PENDING, Status.FINISHED, Status.FAILED, Status.CANCELLED}),
-    Status.FINISHED: frozenset(),
-    Status.FAILED: frozenset({Status.PENDING}),  # Orchestrator.retry()
-    Status.CANCELLED: frozenset(),
-}
-
-#: The moves a pipeline may make.
-PIPELINE_TRANSITIONS: dict[Status, frozenset[Status]] = {
+#: The moves a step or a pipeline may make (a pipeline's status follows its steps').
+#: Anything else is a bug and is refused loudly.
+TRANSITIONS: dict[Status, frozenset[Status]] = {
     Status.CREATED: frozenset({Status.PENDING, Status.FINISHED, Status.FAILED, Status.CANCELLED}),
     Status.PENDING: frozenset({Status.PENDING, Status.FINISHED, Status.FAILED, Status.CANCELLED}),
     Status.FINISHED: frozenset(),
@@ -44,9 +36,9 @@ PIPELINE_TRANSITIONS: dict[Status, frozenset[Status]] = {
 }
 
 
-def can_move(table: dict[Status, frozenset[Status]], old: Status, new: Status) -> bool:
-    """True when ``old -> new`` is an allowed move in ``table`` (staying put is always allowed)."""
-    return old == new or new in table[old]
+def can_move(old: Status, new: Status) -> bool:
+    """True when ``old -> new`` is an allowed move (staying put is always allowed)."""
+    return old == new or new in TRANSITIONS[old]
 
 
 def derive_pipeline_status(step_statuses: Iterable[Status]) -> Status:

@@ -127,6 +127,15 @@ class MemoryRepository(IRepository):
                 return None
             return self._lease(row, owner, lease_expires_at)
 
+    def renew_lease(self, uuid: str, owner: str, lease_expires_at: datetime) -> bool:
+        with self.backend.lock:
+            row = self.table.get(uuid)
+            if row is None or row.get("lease_owner") != owner:
+                return False
+            self.backend._remember(self.model, uuid)
+            row["lease_expires_at"] = format_timestamp(lease_expires_at)
+            return True
+
     def _due(self, now: str, limit: int) -> list[JSONDict]:
         rows = [
             row
@@ -142,5 +151,6 @@ class MemoryRepository(IRepository):
         self.backend._remember(self.model, row["uuid"])
         row["lease_owner"] = owner
         row["lease_expires_at"] = format_timestamp(lease_expires_at)
+        row["claims"] = row.get("claims", 0) + 1
         row["revision"] = row.get("revision", 0) + 1
         return copy.deepcopy(row)

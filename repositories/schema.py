@@ -6,12 +6,12 @@ Changing a table here means adding a migration in ``migrations/versions`` and bu
 
 from __future__ import annotations
 
-from sqlalchemy import JSON, Column, DateTime, Index, Integer, MetaData, String, Table
+from sqlalchemy import JSON, Boolean, Column, DateTime, Index, Integer, MetaData, String, Table
 from sqlalchemy.dialects.postgresql import JSONB
 
 from prorch.records import Metadata as Models
 
-SCHEMA_REVISION = "0002"
+SCHEMA_REVISION = "0003"
 """The newest migration; a store at this revision needs no upgrade."""
 VERSION_TABLE = "prorch_schema_version"
 
@@ -37,6 +37,8 @@ pipelines = Table(
     Column("lease_owner", String(200)),
     Column("lease_expires_at", Timestamp),
     Column("last_error", Json),
+    Column("claims", Integer, nullable=False, default=0),
+    Column("cancel_requested", Boolean, nullable=False, default=False),
     Column("revision", Integer, nullable=False, default=0),
     Index("ix_pipelines_due", "status", "next_run_at", "priority"),
     Index("ix_pipelines_name", "name"),
@@ -58,6 +60,8 @@ steps = Table(
     Column("started_at", Timestamp),
     Column("finished_at", Timestamp),
     Column("next_run_at", Timestamp),
+    Column("rollback", String(16)),
+    Column("rollback_attempt", Integer, nullable=False, default=0),
     Column("revision", Integer, nullable=False, default=0),
 )
 

@@ -264,7 +264,7 @@ class SQLRepository(IRepository):
         query = (
             update(self.table)
             .where(self.table.c.uuid.in_(due.scalar_subquery()))
-            .values(lease_owner=owner, lease_expires_at=lease_expires_at, revision=self.table.c.revision + 1)
+            .values(self._lease_values(owner, lease_expires_at))
             .returning(*self.table.columns)
         )
         with self.backend.connect(write=True) as connection:
@@ -280,7 +280,7 @@ class SQLRepository(IRepository):
                 c.status.not_in(TERMINAL),
                 (c.lease_expires_at.is_(None)) | (c.lease_expires_at <= now) | (c.lease_owner == owner),
             )
-            .values(lease_owner=owner, lease_expires_at=lease_expires_at, revision=c.revision + 1)
+            .values(self._lease_values(owner, lease_expires_at))
             .returning(*self.table.columns)
         )
         with self.backend.connect(write=True) as connection:
@@ -291,6 +291,16 @@ class SQLRepository(IRepository):
                     return None  # missing, or leased by another owner
                 row = current
         return self._to_record(row)
+
+    def renew_lease(self, uuid: str, owner: str, lease_expires_at: datetime) -> bool:
+        c = self.table.c
+        query = update(self.table).where(c.uuid == uuid, c.lease_owner == owner).values(lease_expires_at=lease_expires_at)
+        with self.backend.connect(write=True) as connection:
+            return connection.execute(query).rowcount == 1
+
+    def _lease_values(self, owner: str, lease_expires_at: datetime) -> JSONDict:
+        c = self.table.c
+        return {"lease_owner": owner, "lease_expires_at": lease_expires_at, "claims": c.claims + 1, "revision": c.revision + 1}
 
     # --- conversion --------------------------------------------------------------------------
 

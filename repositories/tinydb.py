@@ -264,11 +264,20 @@ class TinyDBRepository(IRepository):
                 return None
             return self._lease(doc_id, row, owner, lease_expires_at)
 
+    def renew_lease(self, uuid: str, owner: str, lease_expires_at: datetime) -> bool:
+        with self.backend.locked():
+            found = self._find(uuid)
+            if found is None or found[1].get("lease_owner") != owner:
+                return False
+            self._write_row(found[0], {**found[1], "lease_expires_at": format_timestamp(lease_expires_at)})
+            return True
+
     def _lease(self, doc_id: str, row: JSONDict, owner: str, lease_expires_at: datetime) -> JSONDict:
         leased = {
             **row,
             "lease_owner": owner,
             "lease_expires_at": format_timestamp(lease_expires_at),
+            "claims": row.get("claims", 0) + 1,
             "revision": row.get("revision", 0) + 1,
         }
         self._write_row(doc_id, leased)

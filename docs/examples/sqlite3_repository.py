@@ -134,7 +134,21 @@ class Sqlite3Repository(IRepository):
                 return None
             return self._lease(row, owner, lease_expires_at)
 
+    def renew_lease(self, uuid: str, owner: str, lease_expires_at: datetime) -> bool:
+        with self.backend.transaction() as db:
+            cursor = db.execute(
+                "UPDATE pipelines SET data = json_set(data, '$.lease_expires_at', ?) "
+                "WHERE uuid = ? AND json_extract(data, '$.lease_owner') = ?",
+                (format_timestamp(lease_expires_at), uuid, owner),
+            )
+            return cursor.rowcount == 1
+
     def _lease(self, row: dict[str, Any], owner: str, lease_expires_at: datetime) -> dict[str, Any]:
-        row.update(lease_owner=owner, lease_expires_at=format_timestamp(lease_expires_at), revision=row["revision"] + 1)
+        row.update(
+            lease_owner=owner,
+            lease_expires_at=format_timestamp(lease_expires_at),
+            claims=row.get("claims", 0) + 1,
+            revision=row["revision"] + 1,
+        )
         self.update(row["uuid"], row)
         return row

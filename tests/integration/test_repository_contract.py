@@ -221,3 +221,18 @@ def test_a_pipeline_runs_to_the_end(backend: Any, registry: Registry) -> None:
         "step.finished",
         "pipeline.finished",
     ]
+
+
+def test_claims_count_up_and_leases_renew_only_for_their_owner(backend: Any) -> None:
+    repo = backend("PIPELINE")
+    require(repo, SupportsClaim)
+    row = pipeline_row(claims=0)
+    repo.save(row)
+    until = NOW + timedelta(seconds=60)
+    assert repo.claim_one(row["uuid"], NOW, "me", until)["claims"] == 1
+    later = until + timedelta(seconds=60)
+    assert repo.renew_lease(row["uuid"], "me", later) is True
+    stored = PipelineRecord.from_dict(repo.get(row["uuid"]))
+    assert stored.lease_expires_at == later and stored.revision == row["revision"] + 1  # not bumped by renew
+    assert repo.renew_lease(row["uuid"], "other", later) is False
+    assert repo.claim_due(later, "other", later + timedelta(seconds=60), 5)[0]["claims"] == 2
