@@ -54,6 +54,10 @@ class PipelineNotFoundError(ProrchError, LookupError):
     """No pipeline with this uuid is stored."""
 
 
+class StepTimeoutError(ProrchError):
+    """The step did not reach a verdict within its timeout."""
+
+
 class InvalidStateError(ProrchError):
     """The operation does not apply to a pipeline in its current status."""
 

@@ -13,11 +13,12 @@ from typing import Any
 
 from prorch.clock import Clock, SystemClock
 from prorch.exceptions import ConcurrentUpdateError, InvalidStateError, PipelineNotFoundError, ProrchError
+from prorch.leases import LeaseKeeper
 from prorch.pipeline import new_owner_id
-from prorch.records import ErrorInfo, EventRecord, PipelineRecord, StepRecord
+from prorch.records import ErrorInfo, EventRecord, PipelineRecord, StepRecord, new_uuid
 from prorch.registry import Registry, current_registry
-from prorch.runner import DEFAULT_LEASE_SECONDS, DEFAULT_MAX_TURNS_PER_PASS, Outcome, Runner
-from prorch.status import TERMINAL, Status
+from prorch.runner import DEFAULT_LEASE_SECONDS, DEFAULT_MAX_CRASHES, DEFAULT_MAX_TURNS_PER_PASS, Outcome, Runner
+from prorch.status import TERMINAL, EventType, Status
 from prorch.store import Store
 
 logger = logging.getLogger("prorch.orchestrator")
@@ -92,6 +93,7 @@ class Orchestrator:
         batch_size: int = DEFAULT_BATCH_SIZE,
         lease_seconds: float = DEFAULT_LEASE_SECONDS,
         max_turns_per_pass: int = DEFAULT_MAX_TURNS_PER_PASS,
+        max_crashes: int = DEFAULT_MAX_CRASHES,
         clock: Clock | None = None,
         registry: Registry | None = None,
     ) -> None:
@@ -128,11 +130,20 @@ class Orchestrator:
         lease_until = now + timedelta(seconds=self.lease_seconds)
         claimed = self.store.claim_due(now, self.owner, lease_until, self.batch_size)
         summary.claimed = len(claimed)
-        if self.concurrency > 1 and len(claimed) > 1:
-            with ThreadPoolExecutor(self.concurrency, thread_name_prefix="prorch") as pool:
-                results = list(pool.map(self._advance_one, claimed))
-        else:
-            results = [self._advance_one(p) for p in claimed]
+        with LeaseKeeper(self.store, self.owner, self.lease_seconds, self.clock) as keeper:
+            keeper.hold(p.uuid for p in claimed)
+
+            def advance(pipeline: PipelineRecord) -> Outcome | str:
+                try:
+                    return self._advance_one(pipeline)
+                finally:
+                    keeper.drop(pipeline.uuid)
+
+            if self.concurrency > 1 and len(claimed) > 1:
+                with ThreadPoolExecutor(self.concurrency, thread_name_prefix="prorch") as pool:
+                    results = list(pool.map(advance, claimed))
+            else:
+                results = [advance(p) for p in claimed]
         for pipeline, result in zip(claimed, results, strict=True):
             if isinstance(result, Outcome):
                 summary.add(result)
@@ -179,6 +190,7 @@ class Orchestrator:
             if record.lease_owner == self.owner:
                 record.lease_owner = None
                 record.lease_expires_at = None
+                record.claims = 0  # an error, not a crash
             self.store.commit([record])
         except Exception as again:  # the repository is still down: the lease expires by itself
             logger.warning("pipeline %s: could not record the error: %s", uuid, again)
@@ -250,12 +262,43 @@ class Orchestrator:
     # --- acting --------------------------------------------------------------------------------
 
     def cancel(self, uuid: str) -> PipelineState:
-        """Cancel a pipeline that has not ended; its current step's ``on_cancel()`` runs."""
+        """Cancel a pipeline that has not ended; its current step's ``on_cancel()`` runs once.
+
+        If another worker holds the pipeline, a cancel request is stored instead: that worker's
+        next transition is refused and it cancels the pipeline then (or the next worker does)."""
         record = self._require(uuid)
         if record.status in TERMINAL:
             raise InvalidStateError(f"pipeline {uuid} is already {record.status.value}; nothing to cancel")
-        self.runner.cancel(record)
+        now = self.clock.now()
+        claimed = self.store.claim_one(uuid, now, self.owner, now + timedelta(seconds=self.lease_seconds))
+        if claimed is None:
+            self._request_cancel(uuid)
+        elif claimed.status not in TERMINAL:
+            self.runner.cancel(claimed)
         return self.get(uuid)
+
+    def _request_cancel(self, uuid: str, attempts: int = 20) -> None:
+        for _ in range(attempts):
+            record = self._require(uuid)
+            if record.status in TERMINAL:
+                return
+            now = self.clock.now()
+            record.cancel_requested = True
+            record.next_run_at = now
+            event = EventRecord(
+                uuid=new_uuid(),
+                pipeline_uuid=uuid,
+                type=EventType.PIPELINE_CANCEL_REQUESTED,
+                at=now,
+                seq=(record.revision + 1) * 1000,
+                data={"held_by": record.lease_owner},
+            )
+            try:
+                self.store.commit([record], [event])
+                return
+            except ConcurrentUpdateError:
+                continue
+        raise InvalidStateError(f"pipeline {uuid} kept changing while a cancel was requested; try again")
 
     def retry(self, uuid: str) -> PipelineState:
         """Resume a failed pipeline from its failed step, with fresh attempts."""

@@ -20,6 +20,7 @@ from prorch.exceptions import (
     PipelineNotFoundError,
     StepsNotDefinedError,
 )
+from prorch.leases import LeaseKeeper
 from prorch.records import EventRecord, JSONDict, PipelineRecord, StepRecord, new_uuid
 from prorch.registry import current_registry
 from prorch.runner import DEFAULT_LEASE_SECONDS, Outcome, Runner
@@ -191,7 +192,9 @@ class Pipeline:
         if record is None:
             raise InvalidStateError(f"pipeline {self.uuid} is being run by another orchestrator; try again later")
         runner = Runner(self._store, current_registry(), self._clock, owner=owner)
-        outcome = runner.advance(record)
+        with LeaseKeeper(self._store, owner, DEFAULT_LEASE_SECONDS, self._clock) as keeper:
+            keeper.hold([self.uuid])
+            outcome = runner.advance(record)
         self.refresh()
         return outcome
 

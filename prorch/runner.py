@@ -1,12 +1,15 @@
 """Advancing one pipeline: run its current step's hooks, persist each transition, start the next
-step when one finishes, and stop at a wait, a verdict, or the per-pass bound.
+step when one finishes, roll finished steps back when one fails for good, and stop at a wait, a
+verdict, or the per-pass bound.
 
 Each transition is one ``Store.commit``: the changed step, the pipeline record (status derived
-from the steps, lease renewed or released) and the transition's events, together.
+from the steps, lease renewed or released) and the transition's events, together, by
+compare-and-set on the pipeline's revision. A worker that lost its lease has its write refused.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 from dataclasses import dataclass, field
@@ -14,11 +17,25 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from prorch.clock import Clock
-from prorch.exceptions import InvalidOutputError, NotRegisteredError, StepUsageError
+from prorch.exceptions import (
+    ConcurrentUpdateError,
+    InvalidOutputError,
+    InvalidStateError,
+    NotRegisteredError,
+    StepTimeoutError,
+    StepUsageError,
+)
 from prorch.mixins import defines_hook
 from prorch.records import ErrorInfo, EventRecord, PipelineRecord, StepRecord, new_uuid
 from prorch.registry import Registry
-from prorch.status import PIPELINE_EVENT_FOR, TERMINAL, EventType, Status, derive_pipeline_status
+from prorch.status import (
+    PIPELINE_EVENT_FOR,
+    TERMINAL,
+    EventType,
+    Status,
+    can_move,
+    derive_pipeline_status,
+)
 from prorch.step import Step, Verdict
 from prorch.store import Store
 
@@ -27,8 +44,8 @@ logger = logging.getLogger("prorch.runner")
 DEFAULT_LEASE_SECONDS = 60.0
 DEFAULT_MAX_TURNS_PER_PASS = 100
 """How many step hooks one pipeline may run in one pass before it yields to the others."""
-RETRY_BACKOFF_BASE_SECONDS = 1.0
-RETRY_BACKOFF_CAP_SECONDS = 300.0
+DEFAULT_MAX_CRASHES = 3
+"""How many times in a row a worker may die holding a pipeline before it is quarantined."""
 NEVER_RETRIED: tuple[type[BaseException], ...] = (StepUsageError, InvalidOutputError)
 """Programming errors: a retry would fail the same way."""
 
@@ -59,10 +76,32 @@ class _Run:
     def current_step(self) -> StepRecord | None:
         return next((s for s in self.steps if s.status in (Status.CREATED, Status.PENDING)), None)
 
+    def pending_rollbacks(self) -> list[StepRecord]:
+        """Finished steps to compensate, latest first, once a step has failed for good."""
+        if not any(s.status == Status.FAILED for s in self.steps):
+            return []
+        return [
+            s
+            for s in reversed(self.steps)
+            if s.status == Status.FINISHED
+            and s.rollback is None
+            and self.classes[s.uuid].on_rollback is not Step.on_rollback
+        ]
 
-def backoff_delay(attempt: int) -> float:
+    def deadline(self, step: StepRecord) -> datetime | None:
+        timeout = self.classes[step.uuid].timeout
+        if timeout is None or step.started_at is None or step.status != Status.PENDING:
+            return None
+        return step.started_at + timedelta(seconds=timeout)
+
+
+class _Stop(Exception):
+    """Ends an advance early: a cancel request took over the pipeline."""
+
+
+def backoff_delay(attempt: int, base: float = 1.0, cap: float = 300.0) -> float:
     """Seconds before retry number ``attempt``: exponential, capped, with jitter (50-100%)."""
-    ceiling = min(RETRY_BACKOFF_CAP_SECONDS, RETRY_BACKOFF_BASE_SECONDS * 2 ** max(attempt - 1, 0))
+    ceiling = min(cap, base * 2 ** max(attempt - 1, 0))
     return float(ceiling * random.uniform(0.5, 1.0))
 
 
@@ -78,6 +117,7 @@ class Runner:
         owner: str | None = None,
         lease_seconds: float = DEFAULT_LEASE_SECONDS,
         max_turns: int = DEFAULT_MAX_TURNS_PER_PASS,
+        max_crashes: int = DEFAULT_MAX_CRASHES,
     ) -> None:
         self.store = store
         self.registry = registry
@@ -85,63 +125,84 @@ class Runner:
         self.owner = owner
         self.lease_seconds = lease_seconds
         self.max_turns = max_turns
+        self.max_crashes = max_crashes
 
     # --- entry points ----------------------------------------------------------------------
 
     def advance(self, pipeline: PipelineRecord) -> Outcome:
-        """Run the pipeline's due work now; the record must be claimed by this runner (or the
-        store must be one without claims, used by a single orchestrator)."""
+        """Run the pipeline's due work now. The record must be claimed by this runner, or the
+        store must be one without claims, used by a single orchestrator."""
         try:
             run = self._load(pipeline)
         except NotRegisteredError as exc:
             return self._blocked(pipeline, str(exc))
-        if self._settle(run):
-            self._commit(run, [], stop=run.pipeline.status in TERMINAL)
-        while run.pipeline.status not in TERMINAL:
-            step = run.current_step()
-            now = self.clock.now()
-            if step is None:  # pragma: no cover - derive_pipeline_status makes this terminal
-                break
-            if step.next_run_at is not None and step.next_run_at > now:
-                self._park(run, step.next_run_at)
-                break
-            if run.transitions >= self.max_turns:
-                self._park(run, now)
-                break
-            if not self._turn(run, step, now):
-                break
+        try:
+            if pipeline.status not in TERMINAL and pipeline.claims > self.max_crashes:
+                self._quarantine(run)
+            elif pipeline.cancel_requested and pipeline.status not in TERMINAL:
+                self._cancel(run)
+            else:
+                if self._settle(run):
+                    self._commit(run, [], stop=run.pipeline.status in TERMINAL)
+                self._loop(run)
+        except _Stop:
+            pass
         return self._outcome(run)
 
     def cancel(self, pipeline: PipelineRecord) -> Outcome:
-        """Cancel a pipeline that is not finished yet; the current step's ``on_cancel`` runs."""
+        """Cancel a pipeline that has not ended; the current step's ``on_cancel`` runs."""
         run = self._load(pipeline)
-        now = self.clock.now()
-        step = run.current_step()
-        if step is not None:
-            self._run_on_cancel(run, step, now)
-            self._end_step(run, step, Status.CANCELLED, EventType.STEP_CANCELLED, now)
-        else:
-            run.pipeline.status = Status.CANCELLED
-            run.events.append(self._event(run, EventType.PIPELINE_CANCELLED, None, now))
-        self._commit(run, [step] if step else [], stop=True)
+        with contextlib.suppress(_Stop):
+            self._cancel(run)
         return self._outcome(run)
 
     def retry(self, pipeline: PipelineRecord) -> Outcome:
-        """Put a failed pipeline back to pending from its failed step, with fresh attempts."""
+        """Put a failed pipeline back to pending from its failed step, with fresh attempts.
+        Steps that were rolled back run again; the others keep their results."""
         run = self._load(pipeline)
         now = self.clock.now()
-        failed = [s for s in run.steps if s.status == Status.FAILED]
-        for step in failed:
-            step.status = Status.PENDING if step.started_at else Status.CREATED
-            step.attempt = 0
-            step.error = None
-            step.finished_at = None
-            step.next_run_at = None
-        run.pipeline.status = Status.PENDING
+        changed = []
+        for step in run.steps:
+            if step.status == Status.FAILED:
+                self._move(step, Status.PENDING if step.started_at else Status.CREATED)
+            elif step.rollback == "done":
+                self._move(step, Status.CREATED)  # compensated: its effect is gone, do it again
+                step.started_at = step.finished_at = None
+                step.output = None
+                step.metadata = {}
+            elif step.rollback is None:
+                continue
+            step.attempt = step.rollback_attempt = 0
+            step.error = step.rollback = step.finished_at = step.next_run_at = None
+            changed.append(step)
+        self._move(run.pipeline, Status.PENDING)
         run.pipeline.last_error = None
-        run.events.append(self._event(run, EventType.PIPELINE_RETRIED, None, now, steps=[s.name for s in failed]))
-        self._commit(run, failed, stop=True)
+        run.events.append(self._event(run, EventType.PIPELINE_RETRIED, None, now, steps=[s.name for s in changed]))
+        self._commit(run, changed, stop=True)
         return self._outcome(run)
+
+    # --- the loop --------------------------------------------------------------------------
+
+    def _loop(self, run: _Run) -> None:
+        while run.pipeline.status not in TERMINAL:
+            now = self.clock.now()
+            rollbacks = run.pending_rollbacks()
+            step = rollbacks[0] if rollbacks else run.current_step()
+            if step is None:  # pragma: no cover - derive_pipeline_status makes this terminal
+                return
+            deadline = None if rollbacks else run.deadline(step)
+            if deadline is not None and deadline <= now:
+                self._time_out(run, step, now)
+                continue
+            if step.next_run_at is not None and step.next_run_at > now:
+                self._park(run, self._wake_time(run, now))
+                return
+            if run.transitions >= self.max_turns:
+                self._park(run, now)
+                return
+            go_on = self._roll_back(run, step, now) if rollbacks else self._turn(run, step, now)
+            if not go_on:
+                return
 
     # --- loading -----------------------------------------------------------------------------
 
@@ -159,6 +220,10 @@ class Runner:
         outputs = {s.name: s.output for s in steps if s.status == Status.FINISHED}
         return _Run(pipeline=pipeline, steps=steps, classes=classes, params=params, outputs=outputs)
 
+    def _instance(self, run: _Run, step: StepRecord, now: datetime) -> Step:
+        cls = run.classes[step.uuid]
+        return cls(record=step, pipeline=run.pipeline, params=run.params, outputs=run.outputs, now=now)
+
     # --- one turn: one hook call and its transition --------------------------------------------
 
     def _turn(self, run: _Run, step: StepRecord, now: datetime) -> bool:
@@ -170,7 +235,7 @@ class Runner:
         step.attempt = max(step.attempt, 1)
         instance: Step | None = None
         try:
-            instance = cls(record=step, pipeline=run.pipeline, params=run.params, outputs=run.outputs, now=now)
+            instance = self._instance(run, step, now)
             if first_run and defines_hook(cls, "on_start"):
                 instance.on_start()  # type: ignore[attr-defined]
             elif not first_run and has_continue:
@@ -182,7 +247,7 @@ class Runner:
         if first_run:
             if not any(s.started_at for s in run.steps):
                 run.events.append(self._event(run, EventType.PIPELINE_STARTED, None, now))
-            step.status = Status.PENDING
+            self._move(step, Status.PENDING)
             step.started_at = now
             run.pipeline.metadata["current_step"] = step.uuid
             run.events.append(self._event(run, EventType.STEP_STARTED, step, now, attempt=step.attempt))
@@ -205,8 +270,7 @@ class Runner:
             # After on_start, on_continue follows in this pass. An on_continue without a verdict
             # keeps the step pending: the pipeline is due again at the next pass.
             step.next_run_at = None
-            self._commit(run, [step], stop=not first_run)
-            return first_run
+            return self._commit(run, [step], stop=not first_run) and first_run
         if verdict.kind == "wait":
             step.next_run_at = verdict.until
             self._commit(run, [step], stop=True)
@@ -227,22 +291,23 @@ class Runner:
     def _hook_failed(self, run: _Run, step: StepRecord, exc: Exception, now: datetime) -> bool:
         cls = run.classes[step.uuid]
         step.error = ErrorInfo.from_exception(exc)
-        name = step.name
-        if step.attempt < cls.max_attempts and not isinstance(exc, NEVER_RETRIED):
-            delay = backoff_delay(step.attempt)
+        context = {"pipeline_uuid": run.pipeline.uuid, "step_uuid": step.uuid}
+        if step.attempt < cls.max_attempts and not isinstance(exc, NEVER_RETRIED + tuple(cls.never_retry)):
+            delay = backoff_delay(step.attempt, cls.retry_delay, cls.retry_max_delay)
             step.attempt += 1
             step.next_run_at = now + timedelta(seconds=delay)
             logger.warning(
                 "step %s of pipeline %s raised %s: %s; retry %d/%d in %.1fs",
-                name,
+                step.name,
                 run.pipeline.uuid,
                 type(exc).__name__,
                 exc,
                 step.attempt,
                 cls.max_attempts,
                 delay,
-                extra={"pipeline_uuid": run.pipeline.uuid, "step_uuid": step.uuid},
+                extra=context,
             )
+            retry_at = step.next_run_at.isoformat()
             run.events.append(
                 self._event(
                     run,
@@ -251,57 +316,160 @@ class Runner:
                     now,
                     attempt=step.attempt,
                     error=step.error.message,
-                    retry_at=step.next_run_at.isoformat(),
+                    retry_at=retry_at,
                 )
             )
             self._commit(run, [step], stop=True)
             return False
         logger.error(
             "step %s of pipeline %s failed: %s: %s",
-            name,
+            step.name,
             run.pipeline.uuid,
             type(exc).__name__,
             exc,
-            extra={"pipeline_uuid": run.pipeline.uuid, "step_uuid": step.uuid},
+            extra=context,
         )
         self._end_step(run, step, Status.FAILED, EventType.STEP_FAILED, now, error=step.error.message)
-        self._commit(run, [step], stop=True)
-        return False
+        return self._commit(run, [step], stop=False)
+
+    def _time_out(self, run: _Run, step: StepRecord, now: datetime) -> None:
+        cls = run.classes[step.uuid]
+        run.transitions += 1
+        error = StepTimeoutError(f"step {step.name} timed out: no verdict within {cls.timeout:g}s of its start")
+        if cls.on_timeout is not Step.on_timeout:
+            try:
+                self._instance(run, step, now).on_timeout()
+            except Exception as exc:  # the timeout stands; keep what on_timeout raised in the log
+                logger.error("on_timeout of step %s in pipeline %s raised %s", step.name, run.pipeline.uuid, exc)
+        step.error = ErrorInfo(type="StepTimeoutError", message=str(error))
+        self._end_step(run, step, Status.FAILED, EventType.STEP_FAILED, now, error=step.error.message, timeout=True)
+        self._commit(run, [step], stop=False)
+
+    # --- rollback -------------------------------------------------------------------------------
+
+    def _roll_back(self, run: _Run, step: StepRecord, now: datetime) -> bool:
+        """Run one finished step's ``on_rollback``; retried like a hook, then given up on."""
+        cls = run.classes[step.uuid]
+        run.transitions += 1
+        step.rollback_attempt += 1
+        try:
+            self._instance(run, step, now).on_rollback()
+        except Exception as exc:
+            error = ErrorInfo.from_exception(exc)
+            if step.rollback_attempt < cls.max_attempts:
+                delay = backoff_delay(step.rollback_attempt, cls.retry_delay, cls.retry_max_delay)
+                step.next_run_at = now + timedelta(seconds=delay)
+                run.events.append(
+                    self._event(
+                        run,
+                        EventType.STEP_RETRYING,
+                        step,
+                        now,
+                        rollback=True,
+                        attempt=step.rollback_attempt + 1,
+                        error=error.message,
+                    )
+                )
+                self._commit(run, [step], stop=True)
+                return False
+            logger.error("on_rollback of step %s in pipeline %s failed for good: %s", step.name, run.pipeline.uuid, exc)
+            step.rollback = "failed"
+            step.error = error
+            run.events.append(self._event(run, EventType.STEP_ROLLBACK_FAILED, step, now, error=error.message))
+        else:
+            step.rollback = "done"
+            run.events.append(self._event(run, EventType.STEP_ROLLED_BACK, step, now))
+        step.next_run_at = None
+        return self._commit(run, [step], stop=False)
+
+    # --- cancel, quarantine ------------------------------------------------------------------
+
+    def _cancel(self, run: _Run) -> None:
+        now = self.clock.now()
+        step = run.current_step()
+        run.pipeline.cancel_requested = False
+        if step is not None:
+            self._run_on_cancel(run, step, now)
+            self._end_step(run, step, Status.CANCELLED, EventType.STEP_CANCELLED, now)
+        self._commit(run, [step] if step else [], stop=True)
 
     def _run_on_cancel(self, run: _Run, step: StepRecord, now: datetime, instance: Step | None = None) -> None:
         cls = run.classes[step.uuid]
         if cls.on_cancel is Step.on_cancel:
             return
         try:
-            if instance is None:
-                instance = cls(record=step, pipeline=run.pipeline, params=run.params, outputs=run.outputs, now=now)
-            instance.on_cancel()
+            (instance or self._instance(run, step, now)).on_cancel()
         except Exception as exc:  # the cancel stands; the hook's error is kept for a look
             step.error = ErrorInfo.from_exception(exc)
             logger.error("on_cancel of step %s in pipeline %s raised %s", step.name, run.pipeline.uuid, exc)
 
+    def _quarantine(self, run: _Run) -> None:
+        """Workers died holding this pipeline again and again: fail it instead of running its
+        hooks once more (no rollback either: a rollback hook may be what kills them)."""
+        now = self.clock.now()
+        crashes = run.pipeline.claims - 1
+        error = ErrorInfo(
+            type="WorkerCrashed",
+            message=(
+                f"quarantined: a worker died {crashes} times in a row while running this pipeline "
+                f"(limit {self.max_crashes}); fix the cause, then retry it (prorch retry {run.pipeline.uuid})"
+            ),
+        )
+        logger.error("pipeline %s %s", run.pipeline.uuid, error.message, extra={"pipeline_uuid": run.pipeline.uuid})
+        changed = [s for s in run.steps if s.status == Status.FINISHED and s.rollback is None]
+        for finished in changed:
+            finished.rollback = "skipped"
+        step = run.current_step()
+        if step is not None:
+            step.error = error
+            self._end_step(run, step, Status.FAILED, EventType.STEP_FAILED, now, error=error.message, quarantined=True)
+            changed.append(step)
+        run.pipeline.last_error = error
+        self._commit(run, changed, stop=True)
+
     # --- writing -------------------------------------------------------------------------------
+
+    def _move(self, record: PipelineRecord | StepRecord, status: Status) -> None:
+        if not can_move(record.status, status):
+            raise InvalidStateError(
+                f"{record.MODEL} {record.uuid} cannot move from {record.status.value} to {status.value}"
+            )
+        record.status = status
 
     def _end_step(
         self, run: _Run, step: StepRecord, status: Status, event: EventType, now: datetime, **data: Any
     ) -> None:
-        step.status = status
+        self._move(step, status)
         step.finished_at = now
         step.next_run_at = None
         run.events.append(self._event(run, event, step, now, **data))
 
     def _settle(self, run: _Run) -> bool:
-        """Derive the pipeline's status from its steps; True when the record changed."""
+        """Derive the pipeline's status from its steps; True when the record changed. A failed
+        pipeline stays pending until its rollbacks have run."""
         pipeline = run.pipeline
         derived = derive_pipeline_status(s.status for s in run.steps)
+        if derived == Status.FAILED and run.pending_rollbacks():
+            derived = Status.PENDING
         if derived == pipeline.status:
             return False
-        pipeline.status = derived
+        self._move(pipeline, derived)
         if derived in TERMINAL:
             if derived == Status.FAILED:
-                pipeline.last_error = next((s.error for s in run.steps if s.status == Status.FAILED), None)
+                pipeline.last_error = next(
+                    (s.error for s in run.steps if s.status == Status.FAILED), pipeline.last_error
+                )
             run.events.append(self._event(run, PIPELINE_EVENT_FOR[derived], None, self.clock.now()))
         return True
+
+    def _wake_time(self, run: _Run, now: datetime) -> datetime:
+        """When the pipeline is next due: its step's wait or backoff, or its timeout if sooner."""
+        rollbacks = run.pending_rollbacks()
+        step = rollbacks[0] if rollbacks else run.current_step()
+        if step is None:
+            return now
+        candidates = [t for t in (step.next_run_at, None if rollbacks else run.deadline(step)) if t is not None]
+        return min(candidates) if candidates else now
 
     def _commit(self, run: _Run, steps: list[StepRecord], *, stop: bool) -> bool:
         """Persist one transition; returns whether the pass goes on with this pipeline."""
@@ -313,20 +481,39 @@ class Runner:
         if pipeline.status in TERMINAL:
             pipeline.next_run_at = None
         elif stop:
-            current = run.current_step()
-            pipeline.next_run_at = (current.next_run_at if current else None) or now
+            pipeline.next_run_at = self._wake_time(run, now)
         elif pipeline.next_run_at is None:
             pipeline.next_run_at = now  # a crash before the last commit must leave it due
         if stop:
             pipeline.lease_owner = None
             pipeline.lease_expires_at = None
+            pipeline.claims = 0  # released cleanly: not a crash
         elif pipeline.lease_owner is not None:
             pipeline.lease_expires_at = now + timedelta(seconds=self.lease_seconds)
         for index, event in enumerate(run.events):  # order within one commit, for history()
             event.seq = (pipeline.revision + 1) * 1000 + index
-        self.store.commit([*steps, pipeline], run.events)
+        try:
+            self.store.commit([*steps, pipeline], run.events)
+        except ConcurrentUpdateError:
+            self._on_conflict(run)
+            raise
         run.events = []
         return not stop
+
+    def _on_conflict(self, run: _Run) -> None:
+        """Our write was refused. If a cancel was requested while we held the lease, apply it
+        now (our last transition is dropped); otherwise the lease was lost: let it propagate."""
+        fresh = self.store.get_pipeline(run.pipeline.uuid)
+        if fresh is None or not fresh.cancel_requested or fresh.status in TERMINAL:
+            return
+        if self.owner is None or fresh.lease_owner != self.owner:
+            return
+        logger.info("pipeline %s: cancel requested while running; cancelling", fresh.uuid)
+        fresh_run = self._load(fresh)
+        self._cancel(fresh_run)
+        run.pipeline = fresh_run.pipeline
+        run.steps = fresh_run.steps
+        raise _Stop()
 
     def _park(self, run: _Run, until: datetime) -> None:
         """Stop for now without running a hook: release the lease, be due again at ``until``."""
@@ -343,6 +530,7 @@ class Runner:
             now = self.clock.now()
             pipeline.lease_owner = None
             pipeline.lease_expires_at = None
+            pipeline.claims = 0
             pipeline.next_run_at = now + timedelta(seconds=self.lease_seconds)
             self.store.commit([pipeline])
         return Outcome(pipeline.uuid, pipeline.status, blocked=reason)

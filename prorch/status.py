@@ -30,8 +30,8 @@ TERMINAL = frozenset({Status.FINISHED, Status.FAILED, Status.CANCELLED})
 TRANSITIONS: dict[Status, frozenset[Status]] = {
     Status.CREATED: frozenset({Status.PENDING, Status.FINISHED, Status.FAILED, Status.CANCELLED}),
     Status.PENDING: frozenset({Status.PENDING, Status.FINISHED, Status.FAILED, Status.CANCELLED}),
-    Status.FINISHED: frozenset(),
-    Status.FAILED: frozenset({Status.PENDING}),  # Orchestrator.retry()
+    Status.FINISHED: frozenset({Status.CREATED}),  # Orchestrator.retry() of a step that was rolled back
+    Status.FAILED: frozenset({Status.PENDING, Status.CREATED}),  # Orchestrator.retry()
     Status.CANCELLED: frozenset(),
 }
 
@@ -68,6 +68,8 @@ class EventType(str, Enum):
     STEP_FAILED = "step.failed"
     STEP_CANCELLED = "step.cancelled"
     STEP_ROLLED_BACK = "step.rolled_back"
+    STEP_ROLLBACK_FAILED = "step.rollback_failed"
+    PIPELINE_CANCEL_REQUESTED = "pipeline.cancel_requested"
     MESSAGE_RECEIVED = "message.received"
 
     def __str__(self) -> str:

@@ -32,14 +32,20 @@ class Step:
     """Base class of a step. Subclass it with ``OnStartMixin`` and/or ``OnContinueMixin``, set
     ``name``, and register it with ``@register_step``.
 
-    Optional class attributes: ``version`` (int, default 1), ``timeout`` (seconds),
-    ``max_attempts`` (default 1: no retry), ``Output`` (a pydantic model for ``finish(output)``).
+    Optional class attributes: ``version`` (int, default 1), ``timeout`` (seconds from the
+    step's start), ``max_attempts`` (default 1: no retry; also bounds ``on_rollback`` attempts),
+    ``retry_delay`` and ``retry_max_delay`` (the exponential backoff's base and cap, in seconds),
+    ``never_retry`` (exception types that fail the step at once), ``Output`` (a pydantic model
+    for ``finish(output)``).
     """
 
     name: ClassVar[str | None] = None
     version: ClassVar[int] = 1
     timeout: ClassVar[float | None] = None
     max_attempts: ClassVar[int] = 1
+    retry_delay: ClassVar[float] = 1.0
+    retry_max_delay: ClassVar[float] = 300.0
+    never_retry: ClassVar[tuple[type[BaseException], ...]] = ()
     Output: ClassVar[type[BaseModel] | None] = None
 
     def __init__(

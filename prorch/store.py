@@ -181,6 +181,13 @@ class Store:
         )
         return _load(PipelineRecord, row) if row else None
 
+    def renew_lease(self, uuid: str, owner: str, lease_expires_at: datetime) -> bool:
+        """Extend a lease this owner holds; False when it was lost (or leases are unsupported)."""
+        if not self.can_claim:
+            return False
+        renew = self.pipelines.renew_lease  # type: ignore[attr-defined]
+        return bool(_call("renew a lease", renew, uuid, owner, lease_expires_at))
+
     # --- writing -----------------------------------------------------------------------------
 
     @contextlib.contextmanager

@@ -294,13 +294,20 @@ class SQLRepository(IRepository):
 
     def renew_lease(self, uuid: str, owner: str, lease_expires_at: datetime) -> bool:
         c = self.table.c
-        query = update(self.table).where(c.uuid == uuid, c.lease_owner == owner).values(lease_expires_at=lease_expires_at)
+        query = (
+            update(self.table).where(c.uuid == uuid, c.lease_owner == owner).values(lease_expires_at=lease_expires_at)
+        )
         with self.backend.connect(write=True) as connection:
             return connection.execute(query).rowcount == 1
 
     def _lease_values(self, owner: str, lease_expires_at: datetime) -> JSONDict:
         c = self.table.c
-        return {"lease_owner": owner, "lease_expires_at": lease_expires_at, "claims": c.claims + 1, "revision": c.revision + 1}
+        return {
+            "lease_owner": owner,
+            "lease_expires_at": lease_expires_at,
+            "claims": c.claims + 1,
+            "revision": c.revision + 1,
+        }
 
     # --- conversion --------------------------------------------------------------------------
 
