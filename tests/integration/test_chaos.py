@@ -1,0 +1,136 @@
+"""Real worker processes, a random one SIGKILLed every second: every pipeline still finishes,
+each step's finish is recorded exactly once, and no two processes ever ran hooks of one
+pipeline at overlapping times (checked from an append-only log of every hook's pid, start, end)."""
+
+from __future__ import annotations
+
+import collections
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from prorch import Orchestrator, Status
+from repositories import from_url
+
+CHAOS = Path(__file__).parent / "chaos"
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def start_worker(url: str, log: Path) -> subprocess.Popen[bytes]:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(CHAOS), str(ROOT)]), "CHAOS_LOG": str(log)}
+    return subprocess.Popen(
+        [sys.executable, str(CHAOS / "worker.py"), url], env=env,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+
+
+def run_chaos(url: str, tmp_path: Path, *, workers: int, pipelines: int, budget: float = 240) -> None:
+    sys.path.insert(0, str(CHAOS))
+    try:
+        import chaos_app
+    finally:
+        sys.path.remove(str(CHAOS))
+    log = tmp_path / "hooks.log"
+    backend = from_url(url)
+    uuids = [chaos_app.ChaosPipeline.create(backend).uuid for _ in range(pipelines)]
+    orchestrator = Orchestrator(backend)
+
+    procs = [start_worker(url, log) for _ in range(workers)]
+    killed: dict[int, float] = {}
+    rng = random.Random(1234)
+    deadline = time.monotonic() + budget
+    kills = 0
+    try:
+        while time.monotonic() < deadline:
+            time.sleep(1.0)
+            if not orchestrator.list_pipelines(status="pending"):
+                break
+            victim = procs.pop(rng.randrange(len(procs)))
+            victim.send_signal(signal.SIGKILL)
+            victim.wait()
+            killed[victim.pid] = time.monotonic()
+            kills += 1
+            procs.append(start_worker(url, log))
+    finally:
+        for proc in procs:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            killed[proc.pid] = time.monotonic()
+    assert kills >= 3, "the run ended before enough workers were killed to mean anything"
+
+    # every pipeline finished
+    statuses = collections.Counter(orchestrator.get(u).pipeline.status for u in uuids)
+    assert statuses == {Status.FINISHED: pipelines}, statuses
+
+    # exactly one step.finished per step
+    for uuid in uuids:
+        state = orchestrator.get(uuid)
+        finished = collections.Counter(
+            e.step_uuid for e in orchestrator.history(uuid) if e.type.value == "step.finished"
+        )
+        assert finished == {s.uuid: 1 for s in state.steps}, (uuid, finished)
+
+    check_no_overlap(log.read_text().splitlines(), killed)
+
+
+def check_no_overlap(lines: list[str], killed: dict[int, float]) -> None:
+    """Per pipeline, hooks (start..end, or start..kill time for a killed one) never overlap."""
+    open_hooks: dict[tuple[str, int], float] = {}
+    intervals: dict[str, list[tuple[float, float, int]]] = collections.defaultdict(list)
+    for line in lines:
+        kind, pipeline, _step, pid_text, at_text = line.split()
+        pid, at = int(pid_text), float(at_text)
+        if kind == "S":
+            open_hooks[(pipeline, pid)] = at
+        else:
+            intervals[pipeline].append((open_hooks.pop((pipeline, pid)), at, pid))
+    for (pipeline, pid), start in open_hooks.items():  # hooks cut short by SIGKILL
+        intervals[pipeline].append((start, killed[pid], pid))
+    overlaps: list[Any] = []
+    for pipeline, spans in intervals.items():
+        spans.sort()
+        latest_end, latest_pid = spans[0][1], spans[0][2]  # the furthest-reaching hook so far
+        for start, end, pid in spans[1:]:
+            if start < latest_end and pid != latest_pid:
+                overlaps.append((pipeline, latest_pid, pid, round(latest_end - start, 6)))
+            if end > latest_end:
+                latest_end, latest_pid = end, pid
+    assert not overlaps, overlaps[:5]
+    assert sum(len(s) for s in intervals.values()) > 0
+
+
+@pytest.mark.slow
+def test_sqlite_four_workers_random_sigkill(tmp_path: Path) -> None:
+    run_chaos(f"sqlite:///{tmp_path / 'chaos.db'}", tmp_path, workers=4, pipelines=1000)
+
+
+@pytest.mark.slow
+def test_postgresql_eight_workers_random_sigkill(tmp_path: Path, postgres_url: str) -> None:
+    run_chaos(postgres_url, tmp_path, workers=8, pipelines=1000)
+
+
+@pytest.mark.slow
+def test_tinydb_three_workers_random_sigkill(tmp_path: Path) -> None:
+    run_chaos(f"tinydb:///{tmp_path / 'chaos.json'}", tmp_path, workers=3, pipelines=100)
+
+
+def test_overlap_check_catches_two_processes_in_one_pipeline() -> None:
+    apart = ["S p A 1 1.0", "E p A 1 2.0", "S p B 2 2.5", "E p B 2 3.0"]
+    check_no_overlap(apart, killed={})
+    overlapping = ["S p A 1 1.0", "S p B 2 1.5", "E p B 2 1.8", "E p A 1 2.0"]
+    with pytest.raises(AssertionError):
+        check_no_overlap(overlapping, killed={})
+    cut_short = ["S p A 1 1.0", "S p B 2 1.5", "E p B 2 3.0"]  # pid 1 was killed at 2.0
+    with pytest.raises(AssertionError):
+        check_no_overlap(cut_short, killed={1: 2.0})
+    check_no_overlap(cut_short, killed={1: 1.2})
+    long_first = ["S p A 1 1.0", "E p A 1 10.0", "S p B 2 2.0", "E p B 2 3.0", "S p C 3 4.0", "E p C 3 5.0"]
+    with pytest.raises(AssertionError, match="'p', 1, 3"):  # C overlaps A, not just B
+        check_no_overlap(long_first, killed={})
