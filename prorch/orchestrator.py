@@ -12,7 +12,13 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from prorch.clock import Clock, SystemClock
-from prorch.exceptions import ConcurrentUpdateError, InvalidStateError, PipelineNotFoundError, ProrchError
+from prorch.exceptions import (
+    ConcurrentUpdateError,
+    InvalidStateError,
+    PipelineNotFoundError,
+    ProrchError,
+    RepositoryError,
+)
 from prorch.leases import LeaseKeeper
 from prorch.pipeline import new_owner_id
 from prorch.records import ErrorInfo, EventRecord, PipelineRecord, StepRecord, new_uuid
@@ -116,6 +122,7 @@ class Orchestrator:
             owner=self.owner if self.store.can_claim else None,
             lease_seconds=lease_seconds,
             max_turns=max_turns_per_pass,
+            max_crashes=max_crashes,
         )
         self._stop = threading.Event()
 
@@ -201,7 +208,12 @@ class Orchestrator:
         restore = self._install_signal_handlers()
         try:
             while not self._stop.is_set():
-                summary = self.execute_pipelines()
+                try:
+                    summary = self.execute_pipelines()
+                except RepositoryError as exc:  # the store is down: keep the worker, try again later
+                    logger.error("pass failed, retrying in %.1fs: %s", interval, exc)
+                    self._stop.wait(interval)
+                    continue
                 if summary.claimed < self.batch_size:
                     self._stop.wait(interval)
         finally:

@@ -18,7 +18,7 @@ from typing import Any
 
 from sqlalchemy import Connection, Engine, create_engine, event, select, text, update
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError, NoSuchModuleError, OperationalError, SQLAlchemyError
+from sqlalchemy.exc import ArgumentError, InterfaceError, NoSuchModuleError, OperationalError, SQLAlchemyError
 
 from prorch.exceptions import ConfigurationError, RepositoryError
 from prorch.records import format_timestamp, to_utc
@@ -89,7 +89,7 @@ class SQLBackend:
                     connection.execution_options(prorch_write=True)
                 with connection.begin():
                     yield connection
-        except OperationalError as exc:
+        except (OperationalError, InterfaceError) as exc:
             raise RepositoryError(f"{self!r}: {exc.orig or exc}") from exc
 
 
@@ -115,6 +115,8 @@ def _create_engine(url: str, **options: Any) -> Engine:
         options.setdefault("connect_args", {}).update(
             {"timeout": SQLITE_BUSY_TIMEOUT_SECONDS, "check_same_thread": False}
         )
+    else:
+        options.setdefault("pool_pre_ping", True)  # a server restart leaves dead pooled connections
     try:
         engine = create_engine(parsed, **options)
     except NoSuchModuleError as exc:

@@ -1,0 +1,121 @@
+"""Repository faults: injected failures, and a PostgreSQL restart in the middle of a run."""
+
+from __future__ import annotations
+
+import collections
+import threading
+import time
+
+import pytest
+
+from prorch import (
+    OnContinueMixin,
+    OnStartMixin,
+    Orchestrator,
+    Pipeline,
+    RepositoryError,
+    Status,
+    Step,
+    register_pipeline,
+    register_step,
+)
+from prorch.registry import Registry
+from prorch.testing import Harness
+from repositories import from_url
+from repositories.memory import MemoryBackend
+from tests.support.faults import FaultyBackend
+from tests.support.postgres import PostgresServer
+
+RUNS: collections.Counter[str] = collections.Counter()
+
+
+def declare(registry: Registry) -> type[Pipeline]:
+    class Quick(OnStartMixin, Step):
+        name = "Quick"
+
+        def on_start(self) -> None:
+            RUNS[self.idempotency_key] += 1
+
+    class Poll(OnStartMixin, OnContinueMixin, Step):
+        name = "Poll"
+
+        def on_start(self) -> None:
+            self.metadata["n"] = 0
+
+        def on_continue(self) -> None:
+            self.metadata["n"] += 1
+            if self.metadata["n"] >= 2:
+                self.finish()
+            else:
+                self.wait(seconds=1)
+
+    class Last(OnStartMixin, Step):
+        name = "Last"
+
+        def on_start(self) -> None:
+            time.sleep(0.002)
+
+    for step in (Quick, Poll, Last):
+        register_step(step)
+    return register_pipeline(type("Faulty", (Pipeline,), {"name": "Faulty", "steps": [Quick, Poll, Last]}))
+
+
+def assert_all_finished_once(orchestrator: Orchestrator, uuids: list[str]) -> None:
+    for uuid in uuids:
+        state = orchestrator.get(uuid)
+        assert state.pipeline.status == Status.FINISHED, (uuid, state.pipeline)
+        finishes = collections.Counter(
+            e.step_uuid for e in orchestrator.history(uuid) if e.type.value == "step.finished"
+        )
+        assert finishes == {s.uuid: 1 for s in state.steps}
+
+
+def test_injected_faults_lose_nothing_and_are_recorded(registry: Registry, caplog: pytest.LogCaptureFixture) -> None:
+    RUNS.clear()
+    inner = MemoryBackend()
+    faulty = FaultyBackend(inner, rate=0.15)
+    harness = Harness(faulty, registry=registry, lease_seconds=10, max_crashes=20)
+    pipeline = declare(registry)
+    faulty.enabled = False  # creating is not under test here
+    uuids = [harness.create(pipeline).uuid for _ in range(40)]
+    faulty.enabled = True
+    errors = 0
+    pending = True
+    for _ in range(3000):
+        try:
+            errors += len(harness.run_pass().errors)
+        except RepositoryError:
+            errors += 1  # the claim itself failed: the whole pass is retried
+        harness.clock.advance(2)
+        faulty.enabled = False
+        pending = any(p.status != Status.FINISHED for p in harness.orchestrator.list_pipelines())
+        faulty.enabled = True
+        if not pending:
+            break
+    faulty.enabled = False
+    assert not pending
+    assert faulty.faults > 20 and errors > 0
+    assert "injected fault" in caplog.text
+    assert_all_finished_once(Orchestrator(inner, registry=registry), uuids)
+    assert sum(RUNS.values()) >= 40  # at least once each; a fault after a hook re-runs it
+
+
+def test_postgresql_restart_mid_run(registry: Registry, postgres_server: PostgresServer, postgres_url: str) -> None:
+    pipeline = declare(registry)
+    backend = from_url(postgres_url)
+    uuids = [pipeline.create(backend).uuid for _ in range(300)]
+    worker = Orchestrator(backend, registry=registry, lease_seconds=3, concurrency=4, batch_size=20)
+    thread = threading.Thread(target=worker.run_forever, kwargs={"interval": 0.05})
+    thread.start()
+    try:
+        time.sleep(0.5)
+        done_before = len(worker.list_pipelines(status="finished"))
+        postgres_server.restart()  # pg_ctl restart -m fast, while the worker runs
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline and worker.list_pipelines(status="pending"):
+            time.sleep(0.2)
+    finally:
+        worker.stop()
+        thread.join(timeout=30)
+    assert done_before < len(uuids), "the run finished before the restart: nothing was tested"
+    assert_all_finished_once(worker, uuids)
