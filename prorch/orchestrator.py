@@ -4,14 +4,17 @@ operations on one pipeline (read, cancel, retry)."""
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
 from prorch.clock import Clock, SystemClock
+from prorch.config import StepOverride
 from prorch.exceptions import (
     ConcurrentUpdateError,
     InvalidStateError,
@@ -100,6 +103,7 @@ class Orchestrator:
         lease_seconds: float = DEFAULT_LEASE_SECONDS,
         max_turns_per_pass: int = DEFAULT_MAX_TURNS_PER_PASS,
         max_crashes: int = DEFAULT_MAX_CRASHES,
+        step_overrides: Mapping[str, StepOverride] | None = None,
         clock: Clock | None = None,
         registry: Registry | None = None,
     ) -> None:
@@ -108,6 +112,7 @@ class Orchestrator:
         if concurrency < 1 or batch_size < 1 or lease_seconds <= 0:
             raise ValueError("concurrency and batch_size must be >= 1 and lease_seconds > 0")
         self.store = Store(repository)
+        self._stop = threading.Event()
         self.clock: Clock = clock or SystemClock()
         self.registry = registry or current_registry()
         self.owner = new_owner_id()
@@ -123,8 +128,9 @@ class Orchestrator:
             lease_seconds=lease_seconds,
             max_turns=max_turns_per_pass,
             max_crashes=max_crashes,
+            step_overrides=step_overrides,
+            should_stop=self._stopping,
         )
-        self._stop = threading.Event()
 
     # --- the pass -------------------------------------------------------------------------------
 
@@ -220,8 +226,12 @@ class Orchestrator:
             restore()
 
     def stop(self) -> None:
-        """Ask ``run_forever`` to return after the current pass."""
+        """Stop claiming and starting hooks: running hooks finish, their transitions are written,
+        the leases held are released, and ``run_forever`` returns."""
         self._stop.set()
+
+    def _stopping(self) -> bool:
+        return self._stop.is_set()
 
     def _install_signal_handlers(self) -> Any:
         if threading.current_thread() is not threading.main_thread():
@@ -229,7 +239,11 @@ class Orchestrator:
         previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
 
         def handle(signum: int, frame: Any) -> None:
-            logger.info("received %s: finishing the current pass, then stopping", signal.Signals(signum).name)
+            name = signal.Signals(signum).name
+            if self._stop.is_set():
+                logger.warning("received %s again: exiting now (leases expire by themselves)", name)
+                os._exit(1)
+            logger.info("received %s: letting running hooks finish, releasing leases, then exiting", name)
             self.stop()
 
         for sig in previous:

@@ -12,11 +12,13 @@ from __future__ import annotations
 import contextlib
 import logging
 import random
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
 from prorch.clock import Clock
+from prorch.config import StepOverride
 from prorch.exceptions import (
     ConcurrentUpdateError,
     InvalidOutputError,
@@ -88,12 +90,6 @@ class _Run:
             and self.classes[s.uuid].on_rollback is not Step.on_rollback
         ]
 
-    def deadline(self, step: StepRecord) -> datetime | None:
-        timeout = self.classes[step.uuid].timeout
-        if timeout is None or step.started_at is None or step.status != Status.PENDING:
-            return None
-        return step.started_at + timedelta(seconds=timeout)
-
 
 class _Stop(Exception):
     """Ends an advance early: a cancel request took over the pipeline."""
@@ -118,6 +114,8 @@ class Runner:
         lease_seconds: float = DEFAULT_LEASE_SECONDS,
         max_turns: int = DEFAULT_MAX_TURNS_PER_PASS,
         max_crashes: int = DEFAULT_MAX_CRASHES,
+        step_overrides: Mapping[str, StepOverride] | None = None,
+        should_stop: Callable[[], bool] = lambda: False,
     ) -> None:
         self.store = store
         self.registry = registry
@@ -126,6 +124,24 @@ class Runner:
         self.lease_seconds = lease_seconds
         self.max_turns = max_turns
         self.max_crashes = max_crashes
+        self.step_overrides = dict(step_overrides or {})
+        self.should_stop = should_stop
+
+    # --- settings: configuration overrides class attributes ----------------------------------
+
+    def _timeout(self, cls: type[Step]) -> float | None:
+        override = self.step_overrides.get(cls.name or "")
+        return override.timeout if override and override.timeout is not None else cls.timeout
+
+    def _max_attempts(self, cls: type[Step]) -> int:
+        override = self.step_overrides.get(cls.name or "")
+        return override.max_attempts if override and override.max_attempts is not None else cls.max_attempts
+
+    def _deadline(self, run: _Run, step: StepRecord) -> datetime | None:
+        timeout = self._timeout(run.classes[step.uuid])
+        if timeout is None or step.started_at is None or step.status != Status.PENDING:
+            return None
+        return step.started_at + timedelta(seconds=timeout)
 
     # --- entry points ----------------------------------------------------------------------
 
@@ -190,14 +206,14 @@ class Runner:
             step = rollbacks[0] if rollbacks else run.current_step()
             if step is None:  # pragma: no cover - derive_pipeline_status makes this terminal
                 return
-            deadline = None if rollbacks else run.deadline(step)
+            deadline = None if rollbacks else self._deadline(run, step)
             if deadline is not None and deadline <= now:
                 self._time_out(run, step, now)
                 continue
             if step.next_run_at is not None and step.next_run_at > now:
                 self._park(run, self._wake_time(run, now))
                 return
-            if run.transitions >= self.max_turns:
+            if run.transitions >= self.max_turns or self.should_stop():
                 self._park(run, now)
                 return
             go_on = self._roll_back(run, step, now) if rollbacks else self._turn(run, step, now)
@@ -292,7 +308,8 @@ class Runner:
         cls = run.classes[step.uuid]
         step.error = ErrorInfo.from_exception(exc)
         context = {"pipeline_uuid": run.pipeline.uuid, "step_uuid": step.uuid}
-        if step.attempt < cls.max_attempts and not isinstance(exc, NEVER_RETRIED + tuple(cls.never_retry)):
+        max_attempts = self._max_attempts(cls)
+        if step.attempt < max_attempts and not isinstance(exc, NEVER_RETRIED + tuple(cls.never_retry)):
             delay = backoff_delay(step.attempt, cls.retry_delay, cls.retry_max_delay)
             step.attempt += 1
             step.next_run_at = now + timedelta(seconds=delay)
@@ -303,7 +320,7 @@ class Runner:
                 type(exc).__name__,
                 exc,
                 step.attempt,
-                cls.max_attempts,
+                max_attempts,
                 delay,
                 extra=context,
             )
@@ -335,7 +352,7 @@ class Runner:
     def _time_out(self, run: _Run, step: StepRecord, now: datetime) -> None:
         cls = run.classes[step.uuid]
         run.transitions += 1
-        error = StepTimeoutError(f"step {step.name} timed out: no verdict within {cls.timeout:g}s of its start")
+        error = StepTimeoutError(f"step {step.name} timed out: no verdict within {self._timeout(cls):g}s of its start")
         if cls.on_timeout is not Step.on_timeout:
             try:
                 self._instance(run, step, now).on_timeout()
@@ -356,7 +373,7 @@ class Runner:
             self._instance(run, step, now).on_rollback()
         except Exception as exc:
             error = ErrorInfo.from_exception(exc)
-            if step.rollback_attempt < cls.max_attempts:
+            if step.rollback_attempt < self._max_attempts(cls):
                 delay = backoff_delay(step.rollback_attempt, cls.retry_delay, cls.retry_max_delay)
                 step.next_run_at = now + timedelta(seconds=delay)
                 run.events.append(
@@ -468,7 +485,7 @@ class Runner:
         step = rollbacks[0] if rollbacks else run.current_step()
         if step is None:
             return now
-        candidates = [t for t in (step.next_run_at, None if rollbacks else run.deadline(step)) if t is not None]
+        candidates = [t for t in (step.next_run_at, None if rollbacks else self._deadline(run, step)) if t is not None]
         return min(candidates) if candidates else now
 
     def _commit(self, run: _Run, steps: list[StepRecord], *, stop: bool) -> bool:

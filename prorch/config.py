@@ -1,0 +1,149 @@
+"""Settings, layered: defaults < config file (``prorch.toml``, or ``[tool.prorch]`` in
+``pyproject.toml``) < environment (``PRORCH_*``) < command-line flags. Every value remembers
+which layer it came from, for ``prorch config``; a bad value or unknown key is one error naming
+it and where it was set."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, EnvSettingsSource, NoDecode, SettingsConfigDict
+
+from prorch.exceptions import ConfigurationError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+DEFAULT_REPOSITORY_URL = "sqlite:///prorch.db"
+CONFIG_FILE = "prorch.toml"
+PYPROJECT_FILE = "pyproject.toml"
+
+
+class StepOverride(BaseModel):
+    """Per-step settings that override the class attributes, by step name."""
+
+    model_config = ConfigDict(extra="forbid")
+    timeout: float | None = Field(default=None, gt=0)
+    max_attempts: int | None = Field(default=None, ge=1)
+
+
+class PipelineOverride(BaseModel):
+    """Per-pipeline settings that override the class attributes, by pipeline name."""
+
+    model_config = ConfigDict(extra="forbid")
+    priority: int | None = None
+
+
+Modules = Annotated[list[str], NoDecode]  # "a.b, c.d" in the environment, a list in TOML
+
+
+class Settings(BaseSettings):
+    """Everything ``prorch`` can be told. Field names are the TOML keys; the environment
+    variable is ``PRORCH_`` + the name in capitals (``PRORCH_LEASE_SECONDS``); the flag is
+    ``--`` + the name with dashes (``--lease-seconds``)."""
+
+    model_config = SettingsConfigDict(env_prefix="PRORCH_", extra="forbid")
+
+    repository: str = Field(default=DEFAULT_REPOSITORY_URL, description="repository URL")
+    app: Modules = Field(default_factory=list, description="modules that define your pipelines")
+    interval: float = Field(default=5.0, gt=0, description="seconds between a worker's passes")
+    concurrency: int = Field(default=4, ge=1, description="hooks run at once by one process")
+    batch_size: int = Field(default=100, ge=1, description="pipelines claimed per pass")
+    lease_seconds: float = Field(default=60.0, gt=0, description="how long a claim lasts unrenewed")
+    max_crashes: int = Field(default=3, ge=1, description="worker deaths before a pipeline is quarantined")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(default="INFO", description="log level")
+    log_format: Literal["text", "json"] = Field(default="text", description="log line format")
+    pipelines: dict[str, PipelineOverride] = Field(default_factory=dict, description="per-pipeline overrides")
+    steps: dict[str, StepOverride] = Field(default_factory=dict, description="per-step overrides")
+
+    @field_validator("app", mode="before")
+    @classmethod
+    def _split_modules(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper(cls, value: Any) -> Any:
+        return value.upper() if isinstance(value, str) else value
+
+
+class LoadedSettings(BaseModel):
+    """The effective settings and, for each field, the layer that set it."""
+
+    settings: Settings
+    origins: dict[str, str]
+    config_file: Path | None = None
+
+
+def find_config_file(explicit: str | Path | None, cwd: Path) -> tuple[Path | None, dict[str, Any]]:
+    """The config file and its prorch table: ``explicit``, else ``prorch.toml``, else the
+    ``[tool.prorch]`` table of ``pyproject.toml``, in ``cwd``."""
+    if explicit is not None:
+        path = Path(explicit)
+        if not path.is_file():
+            raise ConfigurationError(f"config file {path} does not exist")
+        return path, _read_table(path)
+    for name in (CONFIG_FILE, PYPROJECT_FILE):
+        path = cwd / name
+        if path.is_file():
+            table = _read_table(path)
+            if name == CONFIG_FILE or table:
+                return path, table
+    return None, {}
+
+
+def _read_table(path: Path) -> dict[str, Any]:
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigurationError(f"cannot read config file {path}: {exc}") from exc
+    if path.name == PYPROJECT_FILE:
+        tool = data.get("tool", {})
+        return dict(tool.get("prorch", {})) if isinstance(tool, dict) else {}
+    return dict(data)
+
+
+def load_settings(
+    flags: dict[str, Any] | None = None,
+    *,
+    config_file: str | Path | None = None,
+    cwd: Path | None = None,
+) -> LoadedSettings:
+    """Merge the layers, validating each on its own so that an error names where it was set."""
+    path, file_values = find_config_file(config_file, cwd or Path.cwd())
+    env_values = EnvSettingsSource(Settings)()
+    layers = [
+        (f"file {path}", file_values),
+        ("environment", env_values),
+        ("flag", {key: value for key, value in (flags or {}).items() if value not in (None, ())}),
+    ]
+    merged: dict[str, Any] = {}
+    origins = {name: "default" for name in Settings.model_fields}
+    for source, values in layers:
+        _validate_layer(source, values)
+        for key, value in values.items():
+            if key in ("pipelines", "steps") and isinstance(value, dict):
+                merged[key] = {**merged.get(key, {}), **value}
+            else:
+                merged[key] = value
+            origins[key] = source if source != "environment" else f"environment PRORCH_{key.upper()}"
+    return LoadedSettings(settings=Settings.model_validate(merged), origins=origins, config_file=path)
+
+
+def _validate_layer(source: str, values: dict[str, Any]) -> None:
+    try:
+        Settings.model_validate(values)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first["loc"])
+        if first["type"] == "extra_forbidden":
+            known = ", ".join(Settings.model_fields)
+            raise ConfigurationError(f"unknown setting {where!r} in {source} (known: {known})") from exc
+        raise ConfigurationError(f"invalid setting {where!r} in {source}: {first['msg']}") from exc
