@@ -1,11 +1,14 @@
-"""The ``prorch`` command: a thin shell over the library. Each option can also be set with a
-``PRORCH_*`` environment variable. Exit codes: 0 ok, 1 an operation failed, 2 usage error."""
+"""The ``prorch`` command: a thin shell over the library.
+
+Settings come from defaults < ``prorch.toml`` / ``[tool.prorch]`` < ``PRORCH_*`` < flags
+(``prorch config`` shows the result). Exit codes: 0 ok, 1 an operation failed, 2 a usage or
+configuration error. Errors are one line on stderr; ``--verbose`` adds the traceback.
+"""
 
 from __future__ import annotations
 
 import importlib
 import json
-import logging
 import sys
 import tempfile
 import time
@@ -17,40 +20,73 @@ from typing import Any, NoReturn
 import click
 
 from prorch import demo as demo_module
-from prorch.exceptions import ConfigurationError, ProrchError
-from prorch.orchestrator import DEFAULT_INTERVAL_SECONDS, Orchestrator, PipelineState
-from prorch.records import EventRecord
-from prorch.registry import isolated_registry
-from prorch.status import TERMINAL
+from prorch import logs
+from prorch.config import LoadedSettings, Settings, load_settings
+from prorch.exceptions import ConfigurationError, InvalidParamsError, NotRegisteredError, ProrchError
+from prorch.orchestrator import Orchestrator, PassSummary, PipelineState
+from prorch.pipeline import Pipeline
+from prorch.records import EventRecord, PipelineRecord
+from prorch.registry import current_registry, isolated_registry
+from prorch.status import TERMINAL, Status
 from prorch.store import resolve_backend
 
-DEFAULT_REPOSITORY_URL = "sqlite:///prorch.db"
+USAGE_ERRORS = (ConfigurationError, NotRegisteredError, InvalidParamsError)
+STATUSES = [status.value for status in Status]
 
 
 class Context:
-    def __init__(self, repository: str, apps: tuple[str, ...], verbose: bool) -> None:
-        self.repository = repository
-        self.apps = apps
-        self.verbose = verbose
+    """What every command needs: the flags given to the group, loaded into settings on demand."""
 
-    def orchestrator(self, **options: Any) -> Orchestrator:
-        for app in self.apps:
+    def __init__(self, flags: dict[str, Any], config_file: str | None, verbose: bool) -> None:
+        self.flags = flags
+        self.config_file = config_file
+        self.verbose = verbose
+        self._loaded: LoadedSettings | None = None
+
+    def loaded(self, **more_flags: Any) -> LoadedSettings:
+        if self._loaded is None or more_flags:
+            self._loaded = load_settings({**self.flags, **more_flags}, config_file=self.config_file)
+            settings = self._loaded.settings
+            logs.configure("DEBUG" if self.verbose else settings.log_level, settings.log_format)
+        return self._loaded
+
+    @property
+    def settings(self) -> Settings:
+        return self.loaded().settings
+
+    def import_apps(self) -> None:
+        """Import the user's modules, so that their pipelines register (cwd is importable, as
+        with ``python -m``)."""
+        if str(Path.cwd()) not in sys.path:
+            sys.path.insert(0, str(Path.cwd()))
+        for module in self.settings.app:
             try:
-                importlib.import_module(app)
+                importlib.import_module(module)
             except ImportError as exc:
-                raise ConfigurationError(f"cannot import app module {app!r}: {exc}") from exc
-        return Orchestrator(self.repository, **options)
+                raise ConfigurationError(f"cannot import app module {module!r}: {exc}") from exc
+
+    def orchestrator(self, **more_flags: Any) -> Orchestrator:
+        settings = self.loaded(**more_flags).settings
+        self.import_apps()
+        return Orchestrator(
+            settings.repository,
+            concurrency=settings.concurrency,
+            batch_size=settings.batch_size,
+            lease_seconds=settings.lease_seconds,
+            max_crashes=settings.max_crashes,
+            step_overrides=settings.steps,
+        )
 
 
 @contextmanager
-def reported_errors(ctx: Context) -> Iterator[None]:
-    """One clear line per error (a traceback with --verbose), and a meaningful exit code."""
+def reported(ctx: Context) -> Iterator[None]:
+    """One clear line per error (the traceback with --verbose) and a meaningful exit code."""
     try:
         yield
     except ProrchError as exc:
         if ctx.verbose:
             raise
-        fail(str(exc), 2 if isinstance(exc, ConfigurationError) else 1)
+        fail(str(exc), 2 if isinstance(exc, USAGE_ERRORS) else 1)
 
 
 def fail(message: str, code: int) -> NoReturn:
@@ -58,78 +94,189 @@ def fail(message: str, code: int) -> NoReturn:
     sys.exit(code)
 
 
-@click.group()
+def echo_json(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2, default=str))
+
+
+def worker_options(command: Any) -> Any:
+    """The pass settings, shared by ``run`` and ``worker``."""
+    for option in reversed(
+        [
+            click.option("--concurrency", type=int, help="Hooks run at once by this process."),
+            click.option("--batch-size", type=int, help="Pipelines claimed per pass."),
+            click.option("--lease-seconds", type=float, help="How long a claim lasts unrenewed."),
+        ]
+    ):
+        command = option(command)
+    return command
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.option(
-    "--repository",
-    "-r",
-    envvar="PRORCH_REPOSITORY",
-    default=DEFAULT_REPOSITORY_URL,
-    show_default=True,
-    help="Repository URL (sqlite:///..., postgresql://..., tinydb:///..., memory://).",
+    "--config",
+    "config_file",
+    type=click.Path(dir_okay=False),
+    envvar="PRORCH_CONFIG",
+    help="Config file (default: ./prorch.toml, else [tool.prorch] in ./pyproject.toml).",
 )
-@click.option(
-    "--app",
-    "apps",
-    multiple=True,
-    envvar="PRORCH_APP",
-    help="Dotted module that defines your pipelines (repeatable).",
-)
-@click.option("--verbose", "-v", is_flag=True, help="Show tracebacks and debug logs.")
+@click.option("--repository", "-r", help="Repository URL (sqlite:///..., postgresql://..., tinydb:///..., memory://).")
+@click.option("--app", "app", multiple=True, help="Module that defines your pipelines (repeatable).")
+@click.option("--log-level", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False))
+@click.option("--log-format", type=click.Choice(["text", "json"]))
+@click.option("--verbose", "-v", is_flag=True, help="Debug logs and tracebacks.")
+@click.version_option(package_name="prorch")
 @click.pass_context
-def main(click_ctx: click.Context, repository: str, apps: tuple[str, ...], verbose: bool) -> None:
-    """prorch: resumable step pipelines."""
-    logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.WARNING,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    click_ctx.obj = Context(repository, apps, verbose)
+def main(click_ctx: click.Context, /, config_file: str | None, verbose: bool, **flags: Any) -> None:
+    """prorch: resumable step pipelines. Run `prorch demo` to see one."""
+    click_ctx.obj = Context(flags, config_file, verbose)
+
+
+# --- running -----------------------------------------------------------------------------------
 
 
 @main.command()
+@worker_options
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
 @click.pass_obj
-def run(ctx: Context) -> None:
-    """Run one pass over the due pipelines (for cron) and print what it did."""
-    with reported_errors(ctx):
-        summary = ctx.orchestrator().execute_pipelines()
-    click.echo(
-        f"claimed {summary.claimed}, finished {summary.finished}, failed {summary.failed}, "
-        f"waiting {summary.waiting}, blocked {len(summary.blocked)}, errors {len(summary.errors)}"
-    )
-    for uuid, reason in {**summary.blocked, **summary.errors}.items():
-        click.echo(f"  {uuid}: {reason}")
+def run(ctx: Context, /, as_json: bool, **flags: Any) -> None:
+    """One pass over the due pipelines, for cron. Exit 1 if a pipeline hit an engine error."""
+    with reported(ctx):
+        summary = ctx.orchestrator(**flags).execute_pipelines()
+    print_summary(summary, as_json)
     if summary.errors:
         sys.exit(1)
 
 
+def print_summary(summary: PassSummary, as_json: bool) -> None:
+    if as_json:
+        echo_json(summary.__dict__)
+        return
+    click.echo(
+        f"claimed {summary.claimed}, finished {summary.finished}, failed {summary.failed}, "
+        f"cancelled {summary.cancelled}, waiting {summary.waiting}, blocked {len(summary.blocked)}, "
+        f"errors {len(summary.errors)}"
+    )
+    for uuid, reason in summary.blocked.items():
+        click.echo(f"  blocked {uuid}: {reason}")
+    for uuid, reason in summary.errors.items():
+        click.echo(f"  error {uuid}: {reason}")
+
+
 @main.command()
-@click.option(
-    "--interval",
-    type=float,
-    default=DEFAULT_INTERVAL_SECONDS,
-    show_default=True,
-    envvar="PRORCH_INTERVAL",
-    help="Seconds between passes.",
-)
+@click.option("--interval", type=float, help="Seconds between passes.")
+@worker_options
 @click.pass_obj
-def worker(ctx: Context, interval: float) -> None:
-    """Run passes until SIGTERM or SIGINT."""
-    with reported_errors(ctx):
-        ctx.orchestrator().run_forever(interval=interval)
+def worker(ctx: Context, /, **flags: Any) -> None:
+    """Run passes until SIGTERM or SIGINT: running hooks finish, leases are released, exit 0.
+    A second signal exits at once."""
+    with reported(ctx):
+        orchestrator = ctx.orchestrator(**flags)
+        settings = ctx.settings
+        click.echo(f"prorch worker {orchestrator.owner} on {redact(settings.repository)}", err=True)
+        orchestrator.run_forever(interval=settings.interval)
+
+
+def redact(url: str) -> str:
+    """The URL without its password, for logs."""
+    if "@" not in url or "://" not in url:
+        return url
+    scheme, rest = url.split("://", 1)
+    credentials, host = rest.rsplit("@", 1)
+    return f"{scheme}://{credentials.split(':', 1)[0]}:***@{host}" if ":" in credentials else url
+
+
+# --- creating ----------------------------------------------------------------------------------
+
+
+@main.command()
+@click.argument("name")
+@click.option(
+    "--param",
+    "-p",
+    "pairs",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="A parameter (repeatable); VALUE is read as JSON when it parses, else as text.",
+)
+@click.option("--params-json", help="All parameters as one JSON object.")
+@click.option("--version", "version", type=int, help="The pipeline version to run (default: the newest).")
+@click.option("--tenant", help="The tenant, for tenant plugins.")
+@click.option("--priority", type=int, help="Higher runs first.")
+@click.option("--json", "as_json", is_flag=True, help="Print the new pipeline as JSON.")
+@click.pass_obj
+def start(ctx: Context, name: str, pairs: tuple[str, ...], params_json: str | None, version: int | None,
+          tenant: str | None, priority: int | None, as_json: bool) -> None:  # fmt: skip
+    """Create a pipeline NAME, pending and due now (the next pass runs it)."""
+    with reported(ctx):
+        params = parse_params(pairs, params_json)
+        ctx.loaded()
+        ctx.import_apps()
+        pipeline_cls = current_registry().pipeline(name, version)
+        settings = ctx.settings
+        override = settings.pipelines.get(name)
+        if priority is None and override is not None:
+            priority = override.priority
+        created = pipeline_cls.create(settings.repository, params, tenant=tenant, priority=priority)
+    if as_json:
+        echo_json(created.record.to_dict())
+    else:
+        click.echo(created.uuid)
+
+
+def parse_params(pairs: tuple[str, ...], params_json: str | None) -> dict[str, Any]:
+    params: dict[str, Any] = {}
+    if params_json is not None:
+        try:
+            loaded = json.loads(params_json)
+        except json.JSONDecodeError as exc:
+            raise InvalidParamsError(f"--params-json is not valid JSON: {exc}") from exc
+        if not isinstance(loaded, dict):
+            raise InvalidParamsError('--params-json must be a JSON object, e.g. \'{"path": "/data"}\'')
+        params.update(loaded)
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise InvalidParamsError(f"--param {pair!r}: expected KEY=VALUE")
+        try:
+            params[key] = json.loads(value)
+        except json.JSONDecodeError:
+            params[key] = value
+    return params
+
+
+# --- reading -----------------------------------------------------------------------------------
 
 
 @main.command(name="list")
-@click.option("--status", type=click.Choice(["created", "pending", "finished", "failed", "cancelled"]))
+@click.option("--status", type=click.Choice(STATUSES), help="Only pipelines with this status.")
+@click.option("--name", help="Only pipelines with this name.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.pass_obj
-def list_pipelines(ctx: Context, status: str | None, as_json: bool) -> None:
-    """List stored pipelines, newest first."""
-    with reported_errors(ctx):
-        records = ctx.orchestrator().list_pipelines(status=status)
+def list_pipelines(ctx: Context, status: str | None, name: str | None, as_json: bool) -> None:
+    """Stored pipelines, newest first."""
+    with reported(ctx):
+        orchestrator = ctx.orchestrator()
+        records = orchestrator.list_pipelines(status=status, name=name)
     if as_json:
-        click.echo(json.dumps([r.to_dict() for r in records], indent=2))
+        echo_json([r.to_dict() for r in records])
         return
-    for r in records:
-        click.echo(f"{r.uuid}  {r.status.value:<9}  {r.name} v{r.version}")
+    rows = [["UUID", "STATUS", "NAME", "VERSION", "CREATED", "NEXT RUN"]]
+    rows += [[r.uuid, r.status.value, r.name, str(r.version), when(r.created_at), next_run(r)] for r in records]
+    print_table(rows)
+
+
+def when(moment: Any) -> str:
+    return moment.strftime("%Y-%m-%d %H:%M:%S") if moment is not None else "-"
+
+
+def next_run(record: PipelineRecord) -> str:
+    return when(record.next_run_at) if record.status not in TERMINAL else "-"
+
+
+def print_table(rows: list[list[str]]) -> None:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        click.echo("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
 
 
 @main.command()
@@ -137,80 +284,147 @@ def list_pipelines(ctx: Context, status: str | None, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.pass_obj
 def show(ctx: Context, uuid: str, as_json: bool) -> None:
-    """Show a pipeline: its steps, outputs, errors and history."""
-    with reported_errors(ctx):
+    """A pipeline's steps, outputs, errors and history."""
+    with reported(ctx):
         orchestrator = ctx.orchestrator()
         state = orchestrator.get(uuid)
         history = orchestrator.history(uuid)
     if as_json:
-        click.echo(
-            json.dumps(
-                {
-                    "pipeline": state.pipeline.to_dict(),
-                    "steps": [s.to_dict() for s in state.steps],
-                    "history": [e.to_dict() for e in history],
-                    "blocked": state.blocked,
-                },
-                indent=2,
-            )
+        echo_json(
+            {
+                "pipeline": state.pipeline.to_dict(),
+                "steps": [s.to_dict() for s in state.steps],
+                "history": [e.to_dict() for e in history],
+                "blocked": state.blocked,
+            }
         )
         return
     print_state(state)
     print_history(history)
 
 
-def print_history(history: list[EventRecord]) -> None:
-    click.echo("history:")
-    for event in history:
-        step = f" {event.data['step']}" if "step" in event.data else ""
-        click.echo(f"  {event.at:%H:%M:%S.%f}  {event.type.value}{step}")
-
-
 def print_state(state: PipelineState) -> None:
     p = state.pipeline
     click.echo(f"{p.name} v{p.version}  {p.uuid}  {p.status.value}")
+    if p.context:
+        click.echo(f"  context: {json.dumps(p.context)}")
     if state.blocked:
         click.echo(f"  BLOCKED: {state.blocked}")
+    if p.last_error is not None:
+        click.echo(f"  last error: {p.last_error.type}: {p.last_error.message}")
     for s in state.steps:
         line = f"  {s.position}. {s.name:<32} {s.status.value:<9}"
         if s.output is not None:
             line += f" output={json.dumps(s.output)}"
         if s.error is not None:
             line += f" error={s.error.type}: {s.error.message}"
+        if s.rollback:
+            line += f" rollback={s.rollback}"
         click.echo(line)
 
 
+def print_history(history: list[EventRecord]) -> None:
+    click.echo("history:")
+    for event in history:
+        step = f" {event.data['step']}" if "step" in event.data else ""
+        click.echo(f"  {event.at:%Y-%m-%d %H:%M:%S.%f}  {event.type.value}{step}")
+
+
+# --- acting ------------------------------------------------------------------------------------
+
+
 @main.command()
-@click.option(
-    "--repository",
-    "-r",
-    "demo_repository",
-    default=None,
-    help="Repository URL for the demo (default: a temporary SQLite file).",
-)
+@click.argument("uuid")
+@click.pass_obj
+def cancel(ctx: Context, uuid: str) -> None:
+    """Cancel a pipeline (its current step's on_cancel runs), or ask its worker to."""
+    with reported(ctx):
+        state = ctx.orchestrator().cancel(uuid)
+    if state.pipeline.status == Status.CANCELLED:
+        click.echo(f"cancelled {uuid}")
+    else:
+        click.echo(f"cancel requested for {uuid}: the worker holding it cancels it at its next transition")
+
+
+@main.command()
+@click.argument("uuid")
+@click.pass_obj
+def retry(ctx: Context, uuid: str) -> None:
+    """Resume a failed pipeline from its failed step (the next pass runs it)."""
+    with reported(ctx):
+        ctx.orchestrator().retry(uuid)
+    click.echo(f"retrying {uuid}")
+
+
+# --- describing --------------------------------------------------------------------------------
+
+
+@main.command()
+@click.argument("name")
+@click.option("--version", "version", type=int, help="The pipeline version (default: the newest).")
+@click.pass_obj
+def schema(ctx: Context, name: str, version: int | None) -> None:
+    """The JSON Schema of pipeline NAME's Params and of each step's Output."""
+    with reported(ctx):
+        ctx.loaded()
+        ctx.import_apps()
+        echo_json(pipeline_schema(current_registry().pipeline(name, version)))
+
+
+def pipeline_schema(pipeline_cls: type[Pipeline]) -> dict[str, Any]:
+    any_object = {"type": "object"}
+    return {
+        "pipeline": pipeline_cls.name,
+        "version": pipeline_cls.version,
+        "params": pipeline_cls.Params.model_json_schema() if pipeline_cls.Params else any_object,
+        "steps": {step.name: step.Output.model_json_schema() if step.Output else None for step in pipeline_cls.steps},
+    }
+
+
+@main.command(name="config")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_obj
+def show_config(ctx: Context, as_json: bool) -> None:
+    """The effective settings and where each came from."""
+    with reported(ctx):
+        loaded = ctx.loaded()
+    values = loaded.settings.model_dump(mode="json")
+    if as_json:
+        echo_json({"settings": values, "origins": loaded.origins, "config_file": loaded.config_file})
+        return
+    rows = [["SETTING", "VALUE", "FROM"]]
+    rows += [[key, json.dumps(value), loaded.origins[key]] for key, value in values.items()]
+    print_table(rows)
+
+
+# --- the demo ----------------------------------------------------------------------------------
+
+
+@main.command()
+@click.option("--repository", "-r", "demo_repository", help="Repository URL (default: a temporary SQLite file).")
 @click.pass_obj
 def demo(ctx: Context, demo_repository: str | None) -> None:
-    """Run the backup example end to end on a temporary SQLite file."""
+    """The backup example, end to end, on a temporary SQLite file."""
     demo_module.echo = click.echo
     with tempfile.TemporaryDirectory(prefix="prorch-demo-") as folder, isolated_registry() as registry:
         url = demo_repository or f"sqlite:///{Path(folder) / 'demo.db'}"
-        with reported_errors(ctx):
+        with reported(ctx):
             pipeline_cls = demo_module.register(registry)
             backend = resolve_backend(url)  # one store shared by create() and the orchestrator
             orchestrator = Orchestrator(backend, registry=registry)
             click.echo(f"prorch demo on {url}")
-            run_ = pipeline_cls.create(backend, {"path": "/var/lib/app"})
-            click.echo(f"created {pipeline_cls.name} {run_.uuid}; resuming it pass by pass:")
+            created = pipeline_cls.create(backend, {"path": "/var/lib/app"})
+            click.echo(f"created {pipeline_cls.name} {created.uuid}; resuming it pass by pass:")
             started = time.monotonic()
             passes = 0
-            while orchestrator.get(run_.uuid).pipeline.status not in TERMINAL:
+            while orchestrator.get(created.uuid).pipeline.status not in TERMINAL:
                 passes += 1
                 orchestrator.execute_pipelines()
                 time.sleep(demo_module.POLL_SECONDS / 2)
-            state = orchestrator.get(run_.uuid)
-            history = orchestrator.history(run_.uuid)
+            state = orchestrator.get(created.uuid)
+            history = orchestrator.history(created.uuid)
         click.echo(f"\n{passes} passes in {time.monotonic() - started:.1f}s; final state:")
         print_state(state)
         print_history(history)
-    if state.pipeline.status.value != "finished":
+    if state.pipeline.status != Status.FINISHED:
         sys.exit(1)

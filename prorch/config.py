@@ -6,6 +6,7 @@ it and where it was set."""
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -42,12 +43,12 @@ class PipelineOverride(BaseModel):
 Modules = Annotated[list[str], NoDecode]  # "a.b, c.d" in the environment, a list in TOML
 
 
-class Settings(BaseSettings):
+class SettingsFields(BaseModel):
     """Everything ``prorch`` can be told. Field names are the TOML keys; the environment
     variable is ``PRORCH_`` + the name in capitals (``PRORCH_LEASE_SECONDS``); the flag is
-    ``--`` + the name with dashes (``--lease-seconds``)."""
+    ``--`` + the name with dashes (``--lease-seconds``). Validates one layer on its own."""
 
-    model_config = SettingsConfigDict(env_prefix="PRORCH_", extra="forbid")
+    model_config = ConfigDict(extra="forbid")
 
     repository: str = Field(default=DEFAULT_REPOSITORY_URL, description="repository URL")
     app: Modules = Field(default_factory=list, description="modules that define your pipelines")
@@ -72,6 +73,12 @@ class Settings(BaseSettings):
     @classmethod
     def _upper(cls, value: Any) -> Any:
         return value.upper() if isinstance(value, str) else value
+
+
+class Settings(BaseSettings, SettingsFields):
+    """The effective settings (``SettingsFields`` read from ``PRORCH_*`` by pydantic-settings)."""
+
+    model_config = SettingsConfigDict(env_prefix="PRORCH_", extra="forbid")
 
 
 class LoadedSettings(BaseModel):
@@ -118,32 +125,33 @@ def load_settings(
 ) -> LoadedSettings:
     """Merge the layers, validating each on its own so that an error names where it was set."""
     path, file_values = find_config_file(config_file, cwd or Path.cwd())
-    env_values = EnvSettingsSource(Settings)()
-    layers = [
-        (f"file {path}", file_values),
-        ("environment", env_values),
-        ("flag", {key: value for key, value in (flags or {}).items() if value not in (None, ())}),
+    flag_values = {key: value for key, value in (flags or {}).items() if value not in (None, ())}
+    layers: list[tuple[Callable[[str], str], dict[str, Any]]] = [
+        (lambda key: f"file {path}", file_values),
+        (lambda key: f"environment variable PRORCH_{key.upper()}", EnvSettingsSource(Settings)()),
+        (lambda key: f"flag --{key.replace('_', '-')}", flag_values),
     ]
     merged: dict[str, Any] = {}
     origins = {name: "default" for name in Settings.model_fields}
-    for source, values in layers:
-        _validate_layer(source, values)
+    for where, values in layers:
+        _validate_layer(where, values)
         for key, value in values.items():
             if key in ("pipelines", "steps") and isinstance(value, dict):
                 merged[key] = {**merged.get(key, {}), **value}
             else:
                 merged[key] = value
-            origins[key] = source if source != "environment" else f"environment PRORCH_{key.upper()}"
+            origins[key] = where(key)
     return LoadedSettings(settings=Settings.model_validate(merged), origins=origins, config_file=path)
 
 
-def _validate_layer(source: str, values: dict[str, Any]) -> None:
+def _validate_layer(where: Callable[[str], str], values: dict[str, Any]) -> None:
     try:
-        Settings.model_validate(values)
+        SettingsFields.model_validate(values)
     except ValidationError as exc:
         first = exc.errors()[0]
-        where = ".".join(str(part) for part in first["loc"])
+        key = ".".join(str(part) for part in first["loc"])
+        source = where(str(first["loc"][0]))
         if first["type"] == "extra_forbidden":
-            known = ", ".join(Settings.model_fields)
-            raise ConfigurationError(f"unknown setting {where!r} in {source} (known: {known})") from exc
-        raise ConfigurationError(f"invalid setting {where!r} in {source}: {first['msg']}") from exc
+            known = ", ".join(SettingsFields.model_fields)
+            raise ConfigurationError(f"unknown setting {key!r} in {source} (known: {known})") from exc
+        raise ConfigurationError(f"invalid setting {key!r} in {source}: {first['msg']}") from exc

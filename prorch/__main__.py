@@ -1,0 +1,5 @@
+"""`python -m prorch`: the same as the `prorch` command."""
+
+from prorch.cli import main
+
+main()
