@@ -344,3 +344,36 @@ def test_a_worker_that_lost_its_lease_cannot_record_a_finish(registry: Registry)
     assert harness.run_until_done(run.uuid) == "finished"
     assert harness.event_types(run.uuid).count("step.finished") == 1
     assert LOG == ["start", "start"]  # at least once: the refused run, then the recorded one
+
+
+def test_configured_step_overrides_replace_class_attributes(registry: Registry) -> None:
+    from prorch.config import StepOverride
+
+    class Flaky(OnStartMixin, OnContinueMixin, Step):
+        name = "Flaky"
+        max_attempts = 1
+
+        def on_start(self) -> None:
+            LOG.append("start")
+            if len(LOG) < 3:
+                raise ConnectionError("later")
+
+        def on_continue(self) -> None:
+            self.wait(seconds=3600)
+
+    register_step(Flaky)
+    overrides = {"Flaky": StepOverride(max_attempts=3, timeout=60)}
+    harness = Harness(registry=registry, step_overrides=overrides)
+    run = harness.create(pipeline_of(Flaky))
+    harness.drive(run.uuid)
+    harness.clock.set(harness.orchestrator.get(run.uuid).pipeline.next_run_at)  # backoff 1
+    harness.run_pass()
+    harness.clock.set(harness.orchestrator.get(run.uuid).pipeline.next_run_at)  # backoff 2
+    harness.run_pass()
+    assert LOG == ["start", "start", "start"]  # retried: max_attempts 3 from configuration
+    started = harness.clock.now()
+    assert harness.orchestrator.get(run.uuid).pipeline.next_run_at == started + timedelta(seconds=60)
+    harness.clock.advance(60)
+    harness.run_pass()
+    error = harness.orchestrator.get(run.uuid).steps[0].error
+    assert error is not None and "within 60s" in error.message  # timeout 60 from configuration

@@ -1,0 +1,199 @@
+"""The real `prorch` executable, in a subprocess, against a SQLite file: commands, output,
+exit codes (0 ok, 1 operation failed, 2 usage or configuration error)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from prorch import Orchestrator, Status
+
+HERE = Path(__file__).parent
+ROOT = HERE.parents[1]
+PRORCH = shutil.which("prorch", path=str(Path(sys.executable).parent)) or "prorch"
+
+
+@pytest.fixture
+def workdir(tmp_path: Path) -> Path:
+    shutil.copy(HERE / "shop.py", tmp_path / "shop.py")
+    (tmp_path / "prorch.toml").write_text('repository = "sqlite:///shop.db"\napp = ["shop"]\n')
+    return tmp_path
+
+
+def prorch(workdir: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("PRORCH_")}
+    environ.update(env or {})
+    return subprocess.run([PRORCH, *args], cwd=workdir, env=environ, capture_output=True, text=True, timeout=120)
+
+
+def ok(result: subprocess.CompletedProcess[str]) -> str:
+    assert result.returncode == 0, (result.returncode, result.stdout, result.stderr)
+    return result.stdout
+
+
+def state(workdir: Path, uuid: str) -> dict[str, Any]:
+    return json.loads(ok(prorch(workdir, "show", uuid, "--json")))  # type: ignore[no-any-return]
+
+
+def test_start_run_list_show(workdir: Path) -> None:
+    uuid = ok(prorch(workdir, "start", "Order", "--param", "item=book", "-p", "qty=2")).strip()
+    assert len(uuid) == 36
+    assert state(workdir, uuid)["pipeline"]["status"] == "pending"
+    assert "claimed 1, finished 1" in ok(prorch(workdir, "run"))
+    listing = ok(prorch(workdir, "list"))
+    assert uuid in listing and "finished" in listing and "Order" in listing
+    shown = ok(prorch(workdir, "show", uuid))
+    assert 'output={"item": "book", "qty": 2}' in shown and "pipeline.finished" in shown
+    data = state(workdir, uuid)
+    assert [s["status"] for s in data["steps"]] == ["finished"] * 3
+    assert data["steps"][2]["output"]["tracking"].startswith("TRK-")
+    assert json.loads(ok(prorch(workdir, "list", "--status", "finished", "--json")))[0]["uuid"] == uuid
+    assert json.loads(ok(prorch(workdir, "list", "--status", "pending", "--json"))) == []
+
+
+def test_params_json_and_run_json(workdir: Path) -> None:
+    ok(prorch(workdir, "start", "Order", "--params-json", '{"item": "pen", "qty": 5}'))
+    summary = json.loads(ok(prorch(workdir, "run", "--json")))
+    assert summary["claimed"] == 1 and summary["finished"] == 1
+
+
+def test_cancel_and_retry(workdir: Path) -> None:
+    waiting = ok(prorch(workdir, "start", "Order", "-p", "item=slowpoke")).strip()
+    ok(prorch(workdir, "run"))
+    assert state(workdir, waiting)["steps"][2]["status"] == "pending"  # waiting an hour
+    decline = workdir / "decline"
+    decline.touch()
+    failing = ok(prorch(workdir, "start", "Order", "-p", "item=lamp")).strip()
+    ok(prorch(workdir, "run", env={"SHOP_DECLINE_FILE": str(decline)}))
+    assert state(workdir, failing)["pipeline"]["status"] == "failed"
+    assert "card declined" in ok(prorch(workdir, "show", failing))
+
+    assert f"cancelled {waiting}" in ok(prorch(workdir, "cancel", waiting))
+    assert state(workdir, waiting)["pipeline"]["status"] == "cancelled"
+    again = prorch(workdir, "cancel", waiting)
+    assert again.returncode == 1 and "already cancelled" in again.stderr
+
+    decline.unlink()
+    assert f"retrying {failing}" in ok(prorch(workdir, "retry", failing))
+    ok(prorch(workdir, "run"))
+    data = state(workdir, failing)
+    assert data["pipeline"]["status"] == "finished"
+    assert "pipeline.retried" in [e["type"] for e in data["history"]]
+
+
+def test_schema(workdir: Path) -> None:
+    schema = json.loads(ok(prorch(workdir, "schema", "Order")))
+    assert schema["params"]["required"] == ["item"]
+    assert schema["params"]["properties"]["qty"]["default"] == 1
+    assert schema["steps"]["Reserve"]["properties"]["qty"]["type"] == "integer"
+    assert schema["steps"]["Charge"] is None
+
+
+def test_config_shows_each_value_and_its_origin(workdir: Path) -> None:
+    out = ok(prorch(workdir, "--log-level", "debug", "config", env={"PRORCH_BATCH_SIZE": "7"}))
+    lines = {line.split()[0]: line for line in out.splitlines()[1:]}
+    assert '"sqlite:///shop.db"' in lines["repository"] and "prorch.toml" in lines["repository"]
+    assert "7" in lines["batch_size"] and "PRORCH_BATCH_SIZE" in lines["batch_size"]
+    assert '"DEBUG"' in lines["log_level"] and "flag --log-level" in lines["log_level"]
+    assert "default" in lines["interval"]
+    data = json.loads(ok(prorch(workdir, "config", "--json")))
+    assert data["settings"]["app"] == ["shop"]
+
+
+def test_configured_pipeline_priority_applies_to_start(workdir: Path) -> None:
+    with (workdir / "prorch.toml").open("a") as config:
+        config.write("\n[pipelines.Order]\npriority = 7\n")
+    assert json.loads(ok(prorch(workdir, "start", "Order", "-p", "item=a", "--json")))["priority"] == 7
+    assert (
+        json.loads(ok(prorch(workdir, "start", "Order", "-p", "item=a", "--priority", "9", "--json")))["priority"] == 9
+    )
+
+
+def test_pyproject_tool_prorch_is_read(workdir: Path) -> None:
+    (workdir / "prorch.toml").unlink()
+    (workdir / "pyproject.toml").write_text('[project]\nname = "x"\n\n[tool.prorch]\nconcurrency = 2\n')
+    data = json.loads(ok(prorch(workdir, "config", "--json")))
+    assert data["settings"]["concurrency"] == 2 and "pyproject.toml" in data["origins"]["concurrency"]
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "code", "message"),
+    [
+        (["run", "--no-such-flag"], {}, 2, "No such option"),
+        (["start", "Nope"], {}, 2, "no pipeline named 'Nope' is registered (registered: Order)"),
+        (["start", "Order", "-p", "qty=2"], {}, 2, "invalid params for pipeline Order: item: Field required"),
+        (["start", "Order", "-p", "qty"], {}, 2, "expected KEY=VALUE"),
+        (["start", "Order", "--params-json", "{oops"], {}, 2, "not valid JSON"),
+        (["show", "no-such-uuid"], {}, 1, "no pipeline with uuid no-such-uuid"),
+        (["retry", "no-such-uuid"], {}, 1, "no pipeline with uuid"),
+        (["--repository", "nosuch://x", "list"], {}, 2, "unsupported repository URL scheme"),
+        (["list"], {"PRORCH_CONCURRENCY": "zero"}, 2, "PRORCH_CONCURRENCY"),
+        (["--app", "no_such_module", "list"], {}, 2, "cannot import app module 'no_such_module'"),
+    ],
+)
+def test_errors_are_one_line_with_meaningful_exit_codes(
+    workdir: Path, args: list[str], env: dict[str, str], code: int, message: str
+) -> None:
+    result = prorch(workdir, *args, env=env)
+    assert result.returncode == code, (result.stdout, result.stderr)
+    assert message in result.stderr
+    if code == 1 or "error:" in result.stderr:
+        assert "Traceback" not in result.stderr
+        assert len([line for line in result.stderr.splitlines() if line.startswith("error:")]) == 1
+    if args[0] == "start":
+        assert json.loads(ok(prorch(workdir, "list", "--json"))) == []  # nothing stored
+
+
+def test_bad_config_file_names_the_key_and_the_file(workdir: Path) -> None:
+    (workdir / "prorch.toml").write_text('repository = "sqlite:///shop.db"\nintervall = 3\n')
+    result = prorch(workdir, "run")
+    assert result.returncode == 2
+    assert "unknown setting 'intervall'" in result.stderr and str(workdir / "prorch.toml") in result.stderr
+    (workdir / "prorch.toml").write_text("[steps.Ship]\ntimeout = -1\n")
+    result = prorch(workdir, "config")
+    assert result.returncode == 2 and "steps.Ship.timeout" in result.stderr
+
+
+def test_verbose_shows_the_traceback(workdir: Path) -> None:
+    result = prorch(workdir, "--verbose", "show", "no-such-uuid")
+    assert result.returncode == 1 and "Traceback" in result.stderr
+
+
+def test_demo(workdir: Path) -> None:
+    started = time.monotonic()
+    out = ok(prorch(workdir, "demo"))
+    assert time.monotonic() - started < 15
+    assert "ProcessCompletionNotification: notified the team" in out
+    assert "pipeline.finished" in out and "BackupAutomationPipeline v1" in out
+
+
+def test_worker_stops_cleanly_on_sigterm_while_a_hook_runs(workdir: Path) -> None:
+    uuid = ok(prorch(workdir, "start", "Order", "-p", "item=book")).strip()
+    marker = workdir / "ship"
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("PRORCH_")}
+    environ["SHOP_SLOW_MARKER"] = str(marker)
+    worker = subprocess.Popen(
+        [PRORCH, "worker", "--interval", "0.1"], cwd=workdir, env=environ,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + 30
+    while not Path(str(marker) + ".start").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert Path(str(marker) + ".start").exists(), "the hook never started"
+    worker.send_signal(signal.SIGTERM)
+    _, err = worker.communicate(timeout=30)
+    assert worker.returncode == 0, err
+    assert Path(str(marker) + ".end").exists()  # the running hook finished
+    record = Orchestrator(f"sqlite:///{workdir / 'shop.db'}").get(uuid)
+    assert record.pipeline.lease_owner is None  # lease released
+    assert record.steps[2].status == Status.PENDING  # the hook's transition was written
+    assert "letting running hooks finish" in err
