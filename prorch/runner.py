@@ -298,6 +298,13 @@ class Runner:
             self._end_step(run, step, Status.FINISHED, EventType.STEP_FINISHED, now)
         elif verdict.kind == "fail":
             step.error = ErrorInfo(type="StepFailed", message=verdict.reason or "failed")
+            logger.warning(
+                "step %s of pipeline %s called fail(): %s",
+                step.name,
+                run.pipeline.uuid,
+                step.error.message,
+                extra={"pipeline_uuid": run.pipeline.uuid, "step_uuid": step.uuid},
+            )
             self._end_step(run, step, Status.FAILED, EventType.STEP_FAILED, now, error=step.error.message)
         else:
             self._run_on_cancel(run, step, now, instance)

@@ -197,3 +197,36 @@ def test_worker_stops_cleanly_on_sigterm_while_a_hook_runs(workdir: Path) -> Non
     assert record.pipeline.lease_owner is None  # lease released
     assert record.steps[2].status == Status.PENDING  # the hook's transition was written
     assert "letting running hooks finish" in err
+
+
+def test_a_second_signal_exits_at_once(workdir: Path) -> None:
+    ok(prorch(workdir, "start", "Order", "-p", "item=book"))
+    marker = workdir / "ship"
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("PRORCH_")}
+    environ["SHOP_SLOW_MARKER"] = str(marker)
+    worker = subprocess.Popen([PRORCH, "worker", "--interval", "0.1"], cwd=workdir, env=environ, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 30
+    while not Path(str(marker) + ".start").exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    worker.send_signal(signal.SIGTERM)
+    time.sleep(0.2)
+    worker.send_signal(signal.SIGTERM)
+    worker.wait(timeout=30)
+    assert worker.returncode == 1
+    assert not Path(str(marker) + ".end").exists()  # it did not wait for the hook
+
+
+def test_json_logs_carry_pipeline_and_step_uuids(workdir: Path) -> None:
+    decline = workdir / "decline"
+    decline.touch()
+    uuid = ok(prorch(workdir, "start", "Order", "-p", "item=lamp")).strip()
+    result = prorch(workdir, "--log-format", "json", "run", env={"SHOP_DECLINE_FILE": str(decline)})
+    entries = [json.loads(line) for line in result.stderr.splitlines() if line.startswith("{")]
+    assert entries, result.stderr
+    assert all({"at", "level", "logger", "message"} <= entry.keys() for entry in entries)
+    pass_line = next(e for e in entries if e["message"].startswith("pass:"))
+    assert "failed 1" in pass_line["message"]
+    charge = state(workdir, uuid)["steps"][1]
+    assert charge["status"] == "failed"
+    failed = next(e for e in entries if "card declined" in e["message"])
+    assert (failed["pipeline_uuid"], failed["step_uuid"], failed["level"]) == (uuid, charge["uuid"], "WARNING")
