@@ -317,33 +317,13 @@ class Runner:
         context = {"pipeline_uuid": run.pipeline.uuid, "step_uuid": step.uuid}
         max_attempts = self._max_attempts(cls)
         if step.attempt < max_attempts and not isinstance(exc, NEVER_RETRIED + tuple(cls.never_retry)):
-            delay = backoff_delay(step.attempt, cls.retry_delay, cls.retry_max_delay)
             step.attempt += 1
-            step.next_run_at = now + timedelta(seconds=delay)
+            delay = self._schedule_retry(run, step, step.attempt - 1, exc, now)
             logger.warning(
                 "step %s of pipeline %s raised %s: %s; retry %d/%d in %.1fs",
-                step.name,
-                run.pipeline.uuid,
-                type(exc).__name__,
-                exc,
-                step.attempt,
-                max_attempts,
-                delay,
+                step.name, run.pipeline.uuid, type(exc).__name__, exc, step.attempt, max_attempts, delay,
                 extra=context,
-            )
-            retry_at = step.next_run_at.isoformat()
-            run.events.append(
-                self._event(
-                    run,
-                    EventType.STEP_RETRYING,
-                    step,
-                    now,
-                    attempt=step.attempt,
-                    error=step.error.message,
-                    retry_at=retry_at,
-                )
-            )
-            self._commit(run, [step], stop=True)
+            )  # fmt: skip
             return False
         logger.error(
             "step %s of pipeline %s failed: %s: %s",
@@ -369,6 +349,21 @@ class Runner:
         self._end_step(run, step, Status.FAILED, EventType.STEP_FAILED, now, error=step.error.message, timeout=True)
         self._commit(run, [step], stop=False)
 
+    def _schedule_retry(
+        self, run: _Run, step: StepRecord, attempt: int, exc: Exception, now: datetime, **data: Any
+    ) -> float:
+        """Back off before attempt ``attempt + 1``: record when, say so in the history, stop."""
+        cls = run.classes[step.uuid]
+        delay = backoff_delay(attempt, cls.retry_delay, cls.retry_max_delay)
+        step.next_run_at = now + timedelta(seconds=delay)
+        retry_at = step.next_run_at.isoformat()
+        event = self._event(
+            run, EventType.STEP_RETRYING, step, now, attempt=attempt + 1, error=str(exc), retry_at=retry_at, **data
+        )
+        run.events.append(event)
+        self._commit(run, [step], stop=True)
+        return delay
+
     # --- rollback -------------------------------------------------------------------------------
 
     def _roll_back(self, run: _Run, step: StepRecord, now: datetime) -> bool:
@@ -381,20 +376,7 @@ class Runner:
         except Exception as exc:
             error = ErrorInfo.from_exception(exc)
             if step.rollback_attempt < self._max_attempts(cls):
-                delay = backoff_delay(step.rollback_attempt, cls.retry_delay, cls.retry_max_delay)
-                step.next_run_at = now + timedelta(seconds=delay)
-                run.events.append(
-                    self._event(
-                        run,
-                        EventType.STEP_RETRYING,
-                        step,
-                        now,
-                        rollback=True,
-                        attempt=step.rollback_attempt + 1,
-                        error=error.message,
-                    )
-                )
-                self._commit(run, [step], stop=True)
+                self._schedule_retry(run, step, step.rollback_attempt, exc, now, rollback=True)
                 return False
             logger.error("on_rollback of step %s in pipeline %s failed for good: %s", step.name, run.pipeline.uuid, exc)
             step.rollback = "failed"
