@@ -78,11 +78,16 @@ class Pipeline:
         tenant: str | None = None,
         context: JSONDict | None = None,
         priority: int | None = None,
+        version: int | None = None,
         clock: Clock | None = None,
     ) -> Pipeline:
         """Validate ``params`` and store the pipeline as pending and due now, running no hook:
         the next orchestrator pass runs it. Raises ``InvalidParamsError`` and stores nothing when
-        the params are invalid."""
+        the params are invalid. ``version`` picks another registered version of this pipeline;
+        the pipeline then runs exactly that version and its steps' versions to the end."""
+        if version is not None and version != cls.version:
+            target = current_registry().pipeline(cls.name or "", version)
+            return target.create(repository, params, tenant=tenant, context=context, priority=priority, clock=clock)
         cls._check_declared()
         self = cls.__new__(cls)
         self._store = Store(repository)
