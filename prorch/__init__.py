@@ -11,6 +11,7 @@ from prorch.exceptions import (
     ConfigurationError,
     CorruptRecordError,
     DuplicateNameError,
+    InvalidMessageError,
     InvalidOutputError,
     InvalidParamsError,
     InvalidStateError,
@@ -27,6 +28,8 @@ from prorch.exceptions import (
 from prorch.mixins import OnContinueMixin, OnStartMixin
 from prorch.orchestrator import Orchestrator, OrchestratorConfig, PassSummary, PipelineState
 from prorch.pipeline import Pipeline
+from prorch.plugins import register_plugin
+from prorch.reactions import ReactionContext, on_event
 from prorch.records import (
     ErrorInfo,
     EventRecord,
@@ -63,6 +66,7 @@ __all__ = [
     "EventType",
     "FakeClock",
     "IRepository",
+    "InvalidMessageError",
     "InvalidOutputError",
     "InvalidParamsError",
     "InvalidStateError",
@@ -81,6 +85,7 @@ __all__ = [
     "PipelineRecord",
     "PipelineState",
     "ProrchError",
+    "ReactionContext",
     "RegistrationError",
     "Registry",
     "RepositoryError",
@@ -96,6 +101,8 @@ __all__ = [
     "SupportsDueQuery",
     "SupportsTransaction",
     "SystemClock",
+    "on_event",
     "register_pipeline",
+    "register_plugin",
     "register_step",
 ]

@@ -20,9 +20,15 @@ from typing import Any, NoReturn
 import click
 
 from prorch import demo as demo_module
-from prorch import logs
+from prorch import logs, plugins
 from prorch.config import LoadedSettings, Settings, load_settings
-from prorch.exceptions import ConfigurationError, InvalidParamsError, NotRegisteredError, ProrchError
+from prorch.exceptions import (
+    ConfigurationError,
+    InvalidMessageError,
+    InvalidParamsError,
+    NotRegisteredError,
+    ProrchError,
+)
 from prorch.orchestrator import Orchestrator, PassSummary, PipelineState
 from prorch.pipeline import Pipeline
 from prorch.records import EventRecord, PipelineRecord
@@ -30,7 +36,7 @@ from prorch.registry import current_registry, isolated_registry
 from prorch.status import TERMINAL, Status
 from prorch.store import resolve_backend
 
-USAGE_ERRORS = (ConfigurationError, NotRegisteredError, InvalidParamsError)
+USAGE_ERRORS = (ConfigurationError, NotRegisteredError, InvalidParamsError, InvalidMessageError)
 STATUSES = [status.value for status in Status]
 
 
@@ -64,6 +70,7 @@ class Context:
                 importlib.import_module(module)
             except ImportError as exc:
                 raise ConfigurationError(f"cannot import app module {module!r}: {exc}") from exc
+        plugins.discover(self.settings.plugins)
 
     def orchestrator(self, **more_flags: Any) -> Orchestrator:
         settings = self.loaded(**more_flags).settings
@@ -121,6 +128,7 @@ def worker_options(command: Any) -> Any:
 )
 @click.option("--repository", "-r", help="Repository URL (sqlite:///..., postgresql://..., tinydb:///..., memory://).")
 @click.option("--app", "app", multiple=True, help="Module that defines your pipelines (repeatable).")
+@click.option("--plugins", "plugins", multiple=True, help="Module that registers plugins (repeatable).")
 @click.option("--log-level", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False))
 @click.option("--log-format", type=click.Choice(["text", "json"]))
 @click.option("--verbose", "-v", is_flag=True, help="Debug logs and tracebacks.")
@@ -354,6 +362,22 @@ def retry(ctx: Context, uuid: str) -> None:
     with reported(ctx):
         ctx.orchestrator().retry(uuid)
     click.echo(f"retrying {uuid}")
+
+
+@main.command()
+@click.argument("uuid")
+@click.argument("name")
+@click.option("--payload-json", help="The message's payload, as JSON (default: null).")
+@click.pass_obj
+def send(ctx: Context, uuid: str, name: str, payload_json: str | None) -> None:
+    """Send message NAME to a pipeline; it is due at once and a hook reads it with receive()."""
+    with reported(ctx):
+        try:
+            payload = json.loads(payload_json) if payload_json is not None else None
+        except json.JSONDecodeError as exc:
+            raise InvalidMessageError(f"--payload-json is not valid JSON: {exc}") from exc
+        message = ctx.orchestrator().send(uuid, name, payload)
+    click.echo(f"sent {name} to {uuid} ({message.uuid})")
 
 
 # --- describing --------------------------------------------------------------------------------

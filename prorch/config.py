@@ -52,6 +52,7 @@ class SettingsFields(BaseModel):
 
     repository: str = Field(default=DEFAULT_REPOSITORY_URL, description="repository URL")
     app: Modules = Field(default_factory=list, description="modules that define your pipelines")
+    plugins: Modules = Field(default_factory=list, description="modules that register plugins")
     interval: float = Field(default=5.0, gt=0, description="seconds between a worker's passes")
     concurrency: int = Field(default=4, ge=1, description="hooks run at once by one process")
     batch_size: int = Field(default=100, ge=1, description="pipelines claimed per pass")
@@ -62,7 +63,7 @@ class SettingsFields(BaseModel):
     pipelines: dict[str, PipelineOverride] = Field(default_factory=dict, description="per-pipeline overrides")
     steps: dict[str, StepOverride] = Field(default_factory=dict, description="per-step overrides")
 
-    @field_validator("app", mode="before")
+    @field_validator("app", "plugins", mode="before")
     @classmethod
     def _split_modules(cls, value: Any) -> Any:
         if isinstance(value, str):

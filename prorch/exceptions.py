@@ -46,6 +46,10 @@ class InvalidOutputError(ProrchError, ValueError):
     """A step's output is not valid JSON-compatible data or does not match its Output model."""
 
 
+class InvalidMessageError(ProrchError, ValueError):
+    """A message's name or payload is invalid; nothing was stored."""
+
+
 class StepUsageError(ProrchError):
     """A step's control call (finish, fail, cancel, wait) was used the wrong way."""
 

@@ -3,6 +3,7 @@ operations on one pipeline (read, cancel, retry)."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -17,6 +18,7 @@ from prorch.clock import Clock, SystemClock
 from prorch.config import StepOverride
 from prorch.exceptions import (
     ConcurrentUpdateError,
+    InvalidMessageError,
     InvalidStateError,
     PipelineNotFoundError,
     ProrchError,
@@ -24,7 +26,7 @@ from prorch.exceptions import (
 )
 from prorch.leases import LeaseKeeper
 from prorch.pipeline import new_owner_id
-from prorch.records import ErrorInfo, EventRecord, PipelineRecord, StepRecord, new_uuid
+from prorch.records import ErrorInfo, EventRecord, MessageRecord, PipelineRecord, StepRecord, new_uuid
 from prorch.registry import Registry, current_registry
 from prorch.runner import DEFAULT_LEASE_SECONDS, DEFAULT_MAX_CRASHES, DEFAULT_MAX_TURNS_PER_PASS, Outcome, Runner
 from prorch.status import TERMINAL, EventType, Status
@@ -333,6 +335,44 @@ class Orchestrator:
             raise InvalidStateError(f"pipeline {uuid} is {record.status.value}; only a failed pipeline can be retried")
         self.runner.retry(record)
         return self.get(uuid)
+
+    def send(self, uuid: str, name: str, payload: Any = None) -> MessageRecord:
+        """Store a message for pipeline ``uuid`` and make it due at once, even while it waits;
+        a hook reads it with ``self.receive(name)``, exactly once."""
+        record = self._require(uuid)
+        if record.status in TERMINAL:
+            raise InvalidStateError(f"pipeline {uuid} is {record.status.value}; a message to it would never be read")
+        if not isinstance(name, str) or not name:
+            raise InvalidMessageError("a message needs a non-empty name")
+        try:
+            payload = json.loads(json.dumps(payload, allow_nan=False))
+        except (TypeError, ValueError) as exc:
+            raise InvalidMessageError(f"message payload is not JSON-compatible: {exc}") from exc
+        message = MessageRecord(
+            uuid=new_uuid(), pipeline_uuid=uuid, name=name, payload=payload, sent_at=self.clock.now()
+        )
+        self.store.insert_all([message])
+        self._wake(uuid)
+        return message
+
+    def _wake(self, uuid: str, attempts: int = 20) -> None:
+        """Make the pipeline due now. A worker holding it sees its next write refused and
+        merges the wake-up (see ``Runner._on_conflict``)."""
+        for _ in range(attempts):
+            record = self._require(uuid)
+            now = self.clock.now()
+            if record.status != Status.PENDING:
+                return
+            held = record.lease_expires_at is not None and record.lease_expires_at > now
+            if not held and record.next_run_at is not None and record.next_run_at <= now:
+                return  # already due, and nobody to tell
+            record.next_run_at = now if record.next_run_at is None else min(record.next_run_at, now)
+            try:
+                self.store.commit([record])
+                return
+            except ConcurrentUpdateError:
+                continue
+        logger.warning("pipeline %s kept changing; its message is stored and will be read at its next run", uuid)
 
     def _require(self, uuid: str) -> PipelineRecord:
         record = self.store.get_pipeline(uuid)

@@ -6,7 +6,7 @@ import json
 import os
 import socket
 from collections.abc import Sequence
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any, ClassVar
 
 from pydantic import BaseModel, ValidationError
@@ -21,7 +21,7 @@ from prorch.exceptions import (
     StepsNotDefinedError,
 )
 from prorch.leases import LeaseKeeper
-from prorch.records import EventRecord, JSONDict, PipelineRecord, StepRecord, new_uuid
+from prorch.records import EventRecord, JSONDict, PipelineRecord, Record, StepRecord, new_uuid
 from prorch.registry import current_registry
 from prorch.runner import DEFAULT_LEASE_SECONDS, Outcome, Runner
 from prorch.status import EventType, Status
@@ -80,14 +80,18 @@ class Pipeline:
         priority: int | None = None,
         version: int | None = None,
         clock: Clock | None = None,
+        uuid: str | None = None,
     ) -> Pipeline:
         """Validate ``params`` and store the pipeline as pending and due now, running no hook:
         the next orchestrator pass runs it. Raises ``InvalidParamsError`` and stores nothing when
         the params are invalid. ``version`` picks another registered version of this pipeline;
-        the pipeline then runs exactly that version and its steps' versions to the end."""
+        the pipeline then runs exactly that version and its steps' versions to the end.
+        ``uuid`` makes creation idempotent: if that pipeline exists, it is returned as stored."""
         if version is not None and version != cls.version:
             target = current_registry().pipeline(cls.name or "", version)
-            return target.create(repository, params, tenant=tenant, context=context, priority=priority, clock=clock)
+            return target.create(
+                repository, params, tenant=tenant, context=context, priority=priority, clock=clock, uuid=uuid
+            )
         cls._check_declared()
         self = cls.__new__(cls)
         self._store = Store(repository)
@@ -95,7 +99,11 @@ class Pipeline:
         merged = dict(context or {})
         if tenant is not None:
             merged["tenant"] = tenant
-        self.record = self._insert(params, status=Status.PENDING, context=merged, priority=priority)
+        existing = self._store.get_pipeline(uuid) if uuid is not None else None
+        if existing is not None:
+            self.record = existing
+            return self
+        self.record = self._insert(params, status=Status.PENDING, context=merged, priority=priority, uuid=uuid)
         return self
 
     @classmethod
@@ -141,43 +149,23 @@ class Pipeline:
             ) from exc
         return result
 
-    def _insert(self, params: Any, *, status: Status, context: JSONDict, priority: int | None) -> PipelineRecord:
+    def _insert(
+        self, params: Any, *, status: Status, context: JSONDict, priority: int | None, uuid: str | None = None
+    ) -> PipelineRecord:
+        from prorch.reactions import reaction_tasks
+
         stored_params = self.validate_params(params)
         now = self._clock.now()
-        record = PipelineRecord(
-            uuid=new_uuid(),
-            name=self.name or "",
-            version=self.version,
-            status=status,
-            params=stored_params,
-            context=context,
-            metadata={"current_step": None},
-            priority=self.priority if priority is None else priority,
-            created_at=now,
-            updated_at=now,
-            next_run_at=now if status == Status.PENDING else None,
+        records = build_records(
+            type(self), stored_params, now=now, status=status, context=context, priority=priority, uuid=uuid
         )
-        steps = [
-            StepRecord(
-                uuid=new_uuid(),
-                pipeline_uuid=record.uuid,
-                name=step.name or "",
-                version=step.version,
-                position=position,
-                status=Status.CREATED,
-            )
-            for position, step in enumerate(self.steps)
-        ]
-        created = EventRecord(
-            uuid=new_uuid(),
-            pipeline_uuid=record.uuid,
-            type=EventType.PIPELINE_CREATED,
-            at=now,
-            data={"name": record.name, "version": record.version},
-        )
-        # Steps first: a pipeline record is never visible without its steps.
-        self._store.insert_all([*steps, created, record])
-        return record
+        pipeline = records[-1]
+        assert isinstance(pipeline, PipelineRecord)
+        created = [r for r in records if isinstance(r, EventRecord)]
+        tasks = reaction_tasks(current_registry(), pipeline.name, created, now)
+        # Steps first, the pipeline last: a pipeline record is never visible without its steps.
+        self._store.insert_all([*tasks, *records])
+        return pipeline
 
     def _fetch(self, uuid: str) -> PipelineRecord:
         record = self._store.get_pipeline(uuid)
@@ -229,3 +217,49 @@ class Pipeline:
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.uuid} {self.status}>"
+
+
+def build_records(
+    pipeline_cls: type[Pipeline],
+    params: JSONDict,
+    *,
+    now: datetime,
+    status: Status = Status.PENDING,
+    context: JSONDict | None = None,
+    priority: int | None = None,
+    uuid: str | None = None,
+) -> list[Record]:
+    """A new pipeline's records, in write order: its steps, its ``pipeline.created`` event, and
+    the pipeline itself (due now when pending). ``params`` must be validated already."""
+    record = PipelineRecord(
+        uuid=uuid or new_uuid(),
+        name=pipeline_cls.name or "",
+        version=pipeline_cls.version,
+        status=status,
+        params=params,
+        context=context or {},
+        metadata={"current_step": None},
+        priority=pipeline_cls.priority if priority is None else priority,
+        created_at=now,
+        updated_at=now,
+        next_run_at=now if status == Status.PENDING else None,
+    )
+    steps: list[Record] = [
+        StepRecord(
+            uuid=new_uuid(),
+            pipeline_uuid=record.uuid,
+            name=step.name or "",
+            version=step.version,
+            position=position,
+            status=Status.CREATED,
+        )
+        for position, step in enumerate(pipeline_cls.steps)
+    ]
+    created = EventRecord(
+        uuid=new_uuid(),
+        pipeline_uuid=record.uuid,
+        type=EventType.PIPELINE_CREATED,
+        at=now,
+        data={"name": record.name, "version": record.version},
+    )
+    return [*steps, created, record]

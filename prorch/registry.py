@@ -26,6 +26,8 @@ from prorch.step import Step
 
 if TYPE_CHECKING:
     from prorch.pipeline import Pipeline
+    from prorch.plugins import Plugin
+    from prorch.reactions import Reaction
 
 logger = logging.getLogger("prorch.registry")
 ClassT = TypeVar("ClassT", bound=type)
@@ -37,6 +39,8 @@ class Registry:
     def __init__(self) -> None:
         self.pipelines: dict[str, dict[int, type[Pipeline]]] = {}
         self.steps: dict[str, dict[int, type[Step]]] = {}
+        self.plugins: list[Plugin] = []  # prorch.plugins.register_plugin
+        self.reactions: list[Reaction] = []  # prorch.reactions.on_event
 
     # --- registering -------------------------------------------------------------------------
 
@@ -108,10 +112,20 @@ class Registry:
 
     def pipeline(self, name: str, version: int | None = None) -> type[Pipeline]:
         """The pipeline class of that name: the given version, or the newest."""
+        self._add_builtins(name)
         return _lookup(self.pipelines, "pipeline", name, version)
 
     def step(self, name: str, version: int | None = None) -> type[Step]:
+        self._add_builtins(name)
         return _lookup(self.steps, "step", name, version)
+
+    def _add_builtins(self, name: str) -> None:
+        """prorch's own reaction-task pipeline, registered in every registry on first use."""
+        if name.startswith("prorch.") and name not in self.pipelines and name not in self.steps:
+            from prorch.reactions import ReactionPipeline, RunReaction
+
+            self.add_step(RunReaction)
+            self.add_pipeline(ReactionPipeline)
 
     def pipeline_names(self) -> list[str]:
         return sorted(self.pipelines)

@@ -28,7 +28,8 @@ from prorch.exceptions import (
     StepUsageError,
 )
 from prorch.mixins import defines_hook
-from prorch.records import ErrorInfo, EventRecord, PipelineRecord, StepRecord, new_uuid
+from prorch.plugins import plugins_for
+from prorch.records import ErrorInfo, EventRecord, MessageRecord, PipelineRecord, Record, StepRecord, new_uuid
 from prorch.registry import Registry
 from prorch.status import (
     PIPELINE_EVENT_FOR,
@@ -73,7 +74,9 @@ class _Run:
     params: Any
     outputs: dict[str, Any]
     events: list[EventRecord] = field(default_factory=list)
+    consumed: list[MessageRecord] = field(default_factory=list)
     transitions: int = 0
+    woken: bool = False  # a message arrived while we held the pipeline: be due again at once
 
     def current_step(self) -> StepRecord | None:
         return next((s for s in self.steps if s.status in (Status.CREATED, Status.PENDING)), None)
@@ -89,6 +92,47 @@ class _Run:
             and s.rollback is None
             and self.classes[s.uuid].on_rollback is not Step.on_rollback
         ]
+
+
+class _Runtime:
+    """What one hook call may reach beyond its step: messages and plugins. Its effects join
+    the run only if the hook returns without raising."""
+
+    def __init__(self, runner: Runner, run: _Run, now: datetime) -> None:
+        self.runner = runner
+        self.registry = runner.registry
+        self.run = run
+        self.now = now
+        self.consumed: list[MessageRecord] = []
+        self.events: list[EventRecord] = []
+
+    def receive(self, step: Step, name: str) -> Any:
+        taken = {m.uuid for m in self.run.consumed} | {m.uuid for m in self.consumed}
+        for message in self.runner.store.messages_of(self.run.pipeline.uuid):
+            if message.name == name and message.consumed_at is None and message.uuid not in taken:
+                message.consumed_at = self.now
+                self.consumed.append(message)
+                record = self.run.steps[[s.uuid for s in self.run.steps].index(step.uuid)]
+                self.events.append(
+                    self.runner._event(
+                        self.run, EventType.MESSAGE_RECEIVED, record, self.now, name=name, message=message.uuid
+                    )
+                )
+                return message.payload
+        return None
+
+    def plugins(self, step: Step, point: str, kwargs: dict[str, Any]) -> list[Any]:
+        found = plugins_for(self.runner.registry.plugins, step.name or "", point, step.tenant)
+        return [plugin.func(step, **kwargs) for plugin in found]
+
+    def create_pipeline(self, pipeline: Any, params: Any, uuid: str, options: dict[str, Any]) -> None:
+        """Create a pipeline with a given uuid, once (for reactions)."""
+        cls = self.registry.pipeline(pipeline) if isinstance(pipeline, str) else pipeline
+        cls.create(self.runner.store.backend, params, uuid=uuid, clock=self.runner.clock, **options)
+
+    def merge(self) -> None:
+        self.run.consumed.extend(self.consumed)
+        self.run.events.extend(self.events)
 
 
 class _Stop(Exception):
@@ -211,14 +255,19 @@ class Runner:
                 self._time_out(run, step, now)
                 continue
             if step.next_run_at is not None and step.next_run_at > now:
-                self._park(run, self._wake_time(run, now))
-                return
+                if rollbacks or not self._has_mail(run):
+                    self._park(run, self._wake_time(run, now))
+                    return
+                step.next_run_at = None  # woken by a message before its wait was over
             if run.transitions >= self.max_turns or self.should_stop():
                 self._park(run, now)
                 return
             go_on = self._roll_back(run, step, now) if rollbacks else self._turn(run, step, now)
             if not go_on:
                 return
+
+    def _has_mail(self, run: _Run) -> bool:
+        return any(m.consumed_at is None for m in self.store.messages_of(run.pipeline.uuid))
 
     # --- loading -----------------------------------------------------------------------------
 
@@ -236,9 +285,9 @@ class Runner:
         outputs = {s.name: s.output for s in steps if s.status == Status.FINISHED}
         return _Run(pipeline=pipeline, steps=steps, classes=classes, params=params, outputs=outputs)
 
-    def _instance(self, run: _Run, step: StepRecord, now: datetime) -> Step:
+    def _instance(self, run: _Run, step: StepRecord, now: datetime, runtime: _Runtime | None = None) -> Step:
         cls = run.classes[step.uuid]
-        return cls(record=step, pipeline=run.pipeline, params=run.params, outputs=run.outputs, now=now)
+        return cls(record=step, pipeline=run.pipeline, params=run.params, outputs=run.outputs, now=now, runtime=runtime)
 
     # --- one turn: one hook call and its transition --------------------------------------------
 
@@ -250,14 +299,16 @@ class Runner:
         run.transitions += 1
         step.attempt = max(step.attempt, 1)
         instance: Step | None = None
+        runtime = _Runtime(self, run, now)
         try:
-            instance = self._instance(run, step, now)
+            instance = self._instance(run, step, now, runtime)
             if first_run and defines_hook(cls, "on_start"):
                 instance.on_start()  # type: ignore[attr-defined]
             elif not first_run and has_continue:
                 instance.on_continue()  # type: ignore[attr-defined]
         except Exception as exc:
             return self._hook_failed(run, step, exc, now)
+        runtime.merge()
 
         step.metadata = instance.metadata
         if first_run:
@@ -487,7 +538,7 @@ class Runner:
         if pipeline.status in TERMINAL:
             pipeline.next_run_at = None
         elif stop:
-            pipeline.next_run_at = self._wake_time(run, now)
+            pipeline.next_run_at = now if run.woken else self._wake_time(run, now)
         elif pipeline.next_run_at is None:
             pipeline.next_run_at = now  # a crash before the last commit must leave it due
         if stop:
@@ -498,22 +549,36 @@ class Runner:
             pipeline.lease_expires_at = now + timedelta(seconds=self.lease_seconds)
         for index, event in enumerate(run.events):  # order within one commit, for history()
             event.seq = (pipeline.revision + 1) * 1000 + index
+        added: list[Record] = list(run.events)
+        if self.registry.reactions:
+            from prorch.reactions import reaction_tasks
+
+            added += reaction_tasks(self.registry, pipeline.name, run.events, now)
         try:
-            self.store.commit([*steps, pipeline], run.events)
+            self.store.commit([*steps, pipeline], added, run.consumed)
         except ConcurrentUpdateError:
-            self._on_conflict(run)
-            raise
+            if not self._on_conflict(run, steps, added):
+                raise
         run.events = []
+        run.consumed = []
         return not stop
 
-    def _on_conflict(self, run: _Run) -> None:
-        """Our write was refused. If a cancel was requested while we held the lease, apply it
-        now (our last transition is dropped); otherwise the lease was lost: let it propagate."""
+    def _on_conflict(self, run: _Run, steps: list[StepRecord], added: list[Record]) -> bool:
+        """Our write was refused because someone else wrote the pipeline. If we still hold the
+        lease, it was an outside request: a cancel (applied now, our transition dropped) or a
+        message's wake-up (merged: the write is made again). Otherwise the lease was lost: False."""
         fresh = self.store.get_pipeline(run.pipeline.uuid)
-        if fresh is None or not fresh.cancel_requested or fresh.status in TERMINAL:
-            return
-        if self.owner is None or fresh.lease_owner != self.owner:
-            return
+        if fresh is None or fresh.status in TERMINAL or self.owner is None or fresh.lease_owner != self.owner:
+            return False
+        if not fresh.cancel_requested:
+            run.woken = True
+            for step in steps:
+                step.revision -= 1  # the refused write bumped them in memory; write them again
+            run.pipeline.revision = fresh.revision
+            if run.pipeline.status not in TERMINAL and run.pipeline.lease_owner is None:
+                run.pipeline.next_run_at = self.clock.now()
+            self.store.commit([*steps, run.pipeline], added, run.consumed)
+            return True
         logger.info("pipeline %s: cancel requested while running; cancelling", fresh.uuid)
         fresh_run = self._load(fresh)
         self._cancel(fresh_run)

@@ -8,14 +8,30 @@ import json
 import logging
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol
 
 from pydantic import BaseModel, ValidationError
 
 from prorch.exceptions import InvalidOutputError, StepUsageError
 from prorch.records import JSONDict, PipelineRecord, StepRecord
 
+if TYPE_CHECKING:
+    from prorch.registry import Registry
+
 logger = logging.getLogger("prorch.step")
+
+
+class StepRuntime(Protocol):
+    """What the engine lends a hook for calls that reach beyond the step (messages, plugins,
+    starting pipelines from a reaction)."""
+
+    registry: Registry
+
+    def receive(self, step: Step, name: str) -> Any: ...
+
+    def plugins(self, step: Step, point: str, kwargs: dict[str, Any]) -> list[Any]: ...
+
+    def create_pipeline(self, pipeline: Any, params: Any, uuid: str, options: dict[str, Any]) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -47,6 +63,8 @@ class Step:
     retry_max_delay: ClassVar[float] = 300.0
     never_retry: ClassVar[tuple[type[BaseException], ...]] = ()
     Output: ClassVar[type[BaseModel] | None] = None
+    plugin_points: ClassVar[dict[str, tuple[str, ...]]] = {}
+    """Plugin points this step offers and their keyword arguments, e.g. {"format": ("text",)}."""
 
     def __init__(
         self,
@@ -56,7 +74,9 @@ class Step:
         params: Any,
         outputs: dict[str, Any],
         now: datetime,
+        runtime: StepRuntime | None = None,
     ) -> None:
+        self._runtime = runtime
         self._record = record
         self._pipeline = pipeline
         self._now = now
@@ -138,6 +158,29 @@ class Step:
         if until.tzinfo is None:
             raise StepUsageError("wait(until=...) needs a timezone-aware datetime, e.g. datetime.now(timezone.utc)")
         self._decide(Verdict("wait", until=until))
+
+    def receive(self, name: str) -> Any:
+        """The oldest unconsumed message ``name`` sent to this pipeline (``Orchestrator.send``),
+        consumed exactly once when this hook's transition is recorded; None when there is none."""
+        return self._require_runtime("receive").receive(self, name)
+
+    def plugins(self, point: str, **kwargs: Any) -> list[Any]:
+        """Run the plugins registered for this step's ``point`` and this pipeline's tenant, in
+        order, and return their results. A plugin's exception is this hook's exception."""
+        declared = self.plugin_points.get(point)
+        if declared is None:
+            raise StepUsageError(f"step {self.name} declares no plugin point {point!r} in plugin_points")
+        if set(kwargs) != set(declared):
+            raise StepUsageError(
+                f"plugin point {point!r} of step {self.name} takes {', '.join(declared) or 'no arguments'}, "
+                f"got {', '.join(kwargs) or 'none'}"
+            )
+        return self._require_runtime("plugins").plugins(self, point, kwargs)
+
+    def _require_runtime(self, call: str) -> StepRuntime:
+        if self._runtime is None:
+            raise StepUsageError(f"{call}() works only inside a hook run by prorch")
+        return self._runtime
 
     # --- hooks a step may override (no-ops by default) -----------------------------------------
 

@@ -143,6 +143,11 @@ class Store:
         events = [_load(EventRecord, row) for row in rows or []]
         return sorted(events, key=lambda event: (event.seq, event.at))
 
+    def messages_of(self, pipeline_uuid: str) -> list[MessageRecord]:
+        rows = _call("search messages", self.messages.search, ["pipeline_uuid", pipeline_uuid])
+        messages = [_load(MessageRecord, row) for row in rows or []]
+        return sorted(messages, key=lambda message: message.sent_at)
+
     def due(self, now: datetime, limit: int) -> list[PipelineRecord]:
         """Due pipelines, highest priority first; through the index when the backend has one."""
         if self.has_due_query:
@@ -208,16 +213,23 @@ class Store:
         self,
         changed: Sequence[PipelineRecord | StepRecord],
         added: Sequence[Record] = (),
+        touched: Sequence[MessageRecord] = (),
     ) -> None:
-        """Write one transition: changed records by compare-and-set on their revision, then the
-        new ones. Steps are written before the pipeline, so a crash in between leaves steps (the
-        source of truth) ahead, which the next pass derives the pipeline from."""
-        ordered = sorted(changed, key=lambda record: isinstance(record, PipelineRecord))
+        """Write one transition: steps by compare-and-set on their revision, consumed messages,
+        new records (events), and last the pipeline, by compare-and-set. Without a transaction a
+        crash in between leaves the steps (the source of truth) ahead, and the next pass derives
+        the pipeline from them."""
+        steps = [record for record in changed if not isinstance(record, PipelineRecord)]
+        pipelines = [record for record in changed if isinstance(record, PipelineRecord)]
         with self._unit():
-            for changed_record in ordered:
-                self._write(changed_record)
+            for step in steps:
+                self._write(step)
+            for message in touched:
+                _call("update a message", self.messages.update, message.uuid, message.to_dict())
             for record in added:
                 _call(f"save a {record.MODEL} record", self._repository(record).save, record.to_dict())
+            for pipeline in pipelines:
+                self._write(pipeline)
 
     def _write(self, record: PipelineRecord | StepRecord) -> None:
         expected = record.revision

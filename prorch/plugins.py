@@ -1,0 +1,107 @@
+"""Tenant plugins (from task-catalog-poc): functions registered for a step's plugin point,
+optionally for one tenant; ``self.plugins(point, **kwargs)`` in a hook runs the matching ones.
+
+A step declares its points and their keyword arguments (``plugin_points = {"format":
+("text",)}``), so a plugin whose signature cannot take them is rejected when it registers, not
+when a customer's pipeline first reaches it.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import logging
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from importlib.metadata import entry_points
+from typing import Any, TypeVar
+
+from prorch.exceptions import ConfigurationError, RegistrationError
+from prorch.registry import current_registry
+from prorch.step import Step
+
+logger = logging.getLogger("prorch.plugins")
+ENTRY_POINT_GROUP = "prorch.plugins"
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+@dataclass(frozen=True)
+class Plugin:
+    """One registered plugin. Generic plugins (``tenant=None``) run for every tenant, before
+    the tenant's own; within each group, lower ``order`` first, then registration order."""
+
+    func: Callable[..., Any]
+    step: str
+    point: str
+    tenant: str | None
+    order: int
+    sequence: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.func.__module__}.{self.func.__qualname__}"
+
+    def sort_key(self) -> tuple[int, int, int]:
+        return (self.tenant is not None, self.order, self.sequence)
+
+
+def register_plugin(
+    *, step: type[Step] | str, point: str, tenant: str | None = None, order: int = 0
+) -> Callable[[F], F]:
+    """Decorator: run ``func(step, **kwargs)`` when ``step`` calls ``self.plugins(point, ...)``
+    in a pipeline of ``tenant`` (any tenant when None)."""
+
+    def decorate(func: F) -> F:
+        registry = current_registry()
+        step_cls = step if isinstance(step, type) else registry.step(step)
+        if not (isinstance(step_cls, type) and issubclass(step_cls, Step)) or not step_cls.name:
+            raise RegistrationError(f"plugin {func.__qualname__}: step must be a registered Step class or name")
+        points = step_cls.plugin_points
+        if point not in points:
+            declared = ", ".join(sorted(points)) or "none"
+            raise RegistrationError(
+                f"plugin {func.__qualname__}: step {step_cls.name} has no plugin point {point!r} "
+                f"(declared: {declared}); declare it in plugin_points"
+            )
+        check_signature(func, point, points[point])
+        registry.plugins.append(Plugin(func, step_cls.name, point, tenant, order, sequence=len(registry.plugins)))
+        return func
+
+    return decorate
+
+
+def check_signature(func: Callable[..., Any], point: str, arguments: Iterable[str]) -> None:
+    """The plugin must accept the step as its first argument and the point's keywords."""
+    try:
+        inspect.signature(func).bind(object(), **{name: None for name in arguments})
+    except TypeError as exc:
+        raise RegistrationError(
+            f"plugin {func.__qualname__} cannot take point {point!r}'s arguments "
+            f"(step, {', '.join(f'{a}=...' for a in arguments)}): {exc}"
+        ) from exc
+
+
+def plugins_for(plugins: Iterable[Plugin], step: str, point: str, tenant: str | None) -> list[Plugin]:
+    """The plugins to run for this step, point and tenant, in order."""
+    found = [p for p in plugins if p.step == step and p.point == point and p.tenant in (None, tenant)]
+    return sorted(found, key=Plugin.sort_key)
+
+
+def discover(modules: Iterable[str] = ()) -> list[str]:
+    """Import the configured plugin modules, then everything in the ``prorch.plugins``
+    entry-point group (an installed package's plugins register on import). Returns their names."""
+    loaded = []
+    for module in modules:
+        try:
+            importlib.import_module(module)
+        except ImportError as exc:
+            raise ConfigurationError(f"cannot import plugin module {module!r}: {exc}") from exc
+        loaded.append(module)
+    for entry in entry_points(group=ENTRY_POINT_GROUP):
+        try:
+            entry.load()
+        except Exception as exc:
+            raise ConfigurationError(f"cannot load plugin entry point {entry.name!r} ({entry.value}): {exc}") from exc
+        loaded.append(entry.value)
+    logger.debug("plugins loaded: %s", loaded)
+    return loaded

@@ -1,0 +1,157 @@
+"""Reactions (from open-integration's EventReaction): a function registered for an event type,
+optionally of one pipeline or step, that may start other pipelines.
+
+Each matching event gets one reaction task, stored in the same transaction as the event itself
+(its uuid is derived from the event's and the reaction's names, so it exists exactly once). The
+task is an ordinary internal pipeline, ``prorch.Reaction``, so it is claimed, leased, retried
+with backoff and recovered after a crash like any other. The pipelines a reaction starts get
+uuids derived from the task, so a reaction run again after a crash starts nothing twice.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import uuid as uuid_module
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from prorch.exceptions import RegistrationError
+from prorch.mixins import OnContinueMixin
+from prorch.records import EventRecord, Record
+from prorch.registry import Registry, current_registry
+from prorch.status import EventType
+from prorch.step import Step
+
+if TYPE_CHECKING:
+    from prorch.pipeline import Pipeline
+
+logger = logging.getLogger("prorch.reactions")
+REACTION_PIPELINE = "prorch.Reaction"
+REACTION_STEP = "prorch.RunReaction"
+NAMESPACE = uuid_module.UUID("6f0b3f55-3c1e-4c56-9a55-7a2e3f0d1c42")
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+@dataclass(frozen=True)
+class Reaction:
+    name: str
+    func: Callable[..., Any]
+    event_type: EventType
+    pipeline: str | None
+    step: str | None
+
+    def matches(self, pipeline_name: str, event: EventRecord) -> bool:
+        return (
+            event.type == self.event_type
+            and self.pipeline in (None, pipeline_name)
+            and self.step in (None, event.data.get("step"))
+        )
+
+
+def on_event(
+    event_type: str | EventType,
+    *,
+    pipeline: str | type[Pipeline] | None = None,
+    step: str | type[Step] | None = None,
+    name: str | None = None,
+) -> Callable[[F], F]:
+    """Decorator: call ``func(event, ctx)`` once for each stored event of ``event_type`` (of
+    ``pipeline`` / ``step`` when given). ``ctx.start(PipelineClass, params)`` starts a pipeline
+    exactly once per event. A reaction that raises is retried with backoff and logged."""
+    try:
+        kind = EventType(event_type)
+    except ValueError as exc:
+        known = ", ".join(e.value for e in EventType)
+        raise RegistrationError(f"unknown event type {event_type!r}; one of: {known}") from exc
+    pipeline_name = pipeline if isinstance(pipeline, str) or pipeline is None else pipeline.name
+    step_name = step if isinstance(step, str) or step is None else step.name
+
+    def decorate(func: F) -> F:
+        try:
+            inspect.signature(func).bind(object(), object())
+        except TypeError as exc:
+            raise RegistrationError(f"reaction {func.__qualname__} must take (event, ctx): {exc}") from exc
+        reaction_name = name or f"{func.__module__}.{func.__qualname__}"
+        registry = current_registry()
+        existing = next((r for r in registry.reactions if r.name == reaction_name), None)
+        if existing is not None:
+            registry.reactions.remove(existing)  # a module imported again re-registers it
+        registry.reactions.append(Reaction(reaction_name, func, kind, pipeline_name, step_name))
+        return func
+
+    return decorate
+
+
+def reaction_tasks(
+    registry: Registry, pipeline_name: str, events: Sequence[EventRecord], now: datetime
+) -> list[Record]:
+    """The task records (pipeline, step, created event) for the reactions these events trigger."""
+    if not registry.reactions or pipeline_name == REACTION_PIPELINE:
+        return []
+    from prorch.pipeline import build_records
+
+    tasks: list[Record] = []
+    for event in events:
+        for reaction in registry.reactions:
+            if reaction.matches(pipeline_name, event):
+                params = {"reaction": reaction.name, "pipeline": pipeline_name, "event": event.to_dict()}
+                task_uuid = str(uuid_module.uuid5(NAMESPACE, f"{event.uuid}/{reaction.name}"))
+                tasks.extend(build_records(ReactionPipeline, params, now=now, uuid=task_uuid))
+    return tasks
+
+
+class ReactionContext:
+    """What a reaction gets besides the event: a way to start pipelines exactly once."""
+
+    def __init__(self, step: RunReaction) -> None:
+        self._step = step
+        self.started: list[str] = []
+
+    @property
+    def pipeline(self) -> str:
+        """The name of the pipeline the event belongs to."""
+        return str(self._step.params["pipeline"])
+
+    def start(self, pipeline: type[Pipeline] | str, params: Any = None, **options: Any) -> str:
+        """Create a pipeline (pending, due now) and return its uuid; on a re-run of this
+        reaction, the same call returns the same uuid and creates nothing."""
+        derived = str(uuid_module.uuid5(NAMESPACE, f"{self._step.pipeline_uuid}/{len(self.started)}"))
+        self._step._require_runtime("start").create_pipeline(pipeline, params, derived, options)
+        self.started.append(derived)
+        return derived
+
+
+class RunReaction(OnContinueMixin, Step):
+    """The one step of a reaction task: call the reaction function."""
+
+    name = REACTION_STEP
+    max_attempts = 5
+
+    def on_continue(self) -> None:
+        registry = self._require_runtime("reaction").registry
+        reaction = next((r for r in registry.reactions if r.name == self.params["reaction"]), None)
+        if reaction is None:  # not deployed on this worker: wait for one that has it, never fail
+            logger.warning("reaction %s is not registered here; trying again in 60s", self.params["reaction"])
+            self.wait(seconds=60)
+            return
+        ctx = ReactionContext(self)
+        reaction.func(EventRecord.from_dict(self.params["event"]), ctx)
+        self.finish({"reaction": reaction.name, "started": ctx.started})
+
+
+def _reaction_pipeline() -> type[Pipeline]:
+    from prorch.pipeline import Pipeline
+
+    class ReactionPipeline(Pipeline):
+        """A reaction task: one event, one reaction."""
+
+        name = REACTION_PIPELINE
+        steps = [RunReaction]
+
+    return ReactionPipeline
+
+
+ReactionPipeline = _reaction_pipeline()
