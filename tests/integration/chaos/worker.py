@@ -3,7 +3,8 @@ picked up quickly."""
 
 import sys
 
-import chaos_app  # noqa: F401  (registers the pipeline)
+import chaos_app  # noqa: F401  (registers the pipelines)
+import inbox_app  # noqa: F401
 
 from prorch import Orchestrator
 

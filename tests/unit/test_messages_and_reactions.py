@@ -1,0 +1,199 @@
+"""Messages (send/receive) and reactions, on the in-memory backend with a fake clock."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from prorch import (
+    EventRecord,
+    InvalidMessageError,
+    InvalidStateError,
+    OnContinueMixin,
+    OnStartMixin,
+    Pipeline,
+    ReactionContext,
+    RegistrationError,
+    Status,
+    Step,
+    on_event,
+    register_pipeline,
+    register_step,
+)
+from prorch.registry import Registry
+from prorch.testing import Harness
+
+SEEN: list[Any] = []
+
+
+@pytest.fixture(autouse=True)
+def _clear() -> None:
+    SEEN.clear()
+
+
+def approval_pipeline() -> type[Pipeline]:
+    class AwaitApproval(OnContinueMixin, Step):
+        name = "AwaitApproval"
+
+        def on_continue(self) -> None:
+            decision = self.receive("approval")
+            SEEN.append(decision)
+            if decision is None:
+                self.wait(seconds=24 * 3600)
+            else:
+                self.finish({"approved_by": decision["by"]})
+
+    register_step(AwaitApproval)
+    return register_pipeline(type("Expense", (Pipeline,), {"name": "Expense", "steps": [AwaitApproval]}))
+
+
+def test_a_message_wakes_a_waiting_pipeline_and_is_consumed_once(harness: Harness, registry: Registry) -> None:
+    run = harness.create(approval_pipeline())
+    harness.run_pass()
+    assert SEEN == [None] and harness.run_pass().claimed == 0  # waiting a day
+    harness.orchestrator.send(run.uuid, "approval", {"by": "alice"})
+    harness.orchestrator.send(run.uuid, "unrelated", 1)
+    summary = harness.run_pass()  # woken at once, not in a day
+    assert summary.finished == 1
+    assert SEEN == [None, {"by": "alice"}]
+    assert harness.orchestrator.get(run.uuid).steps[0].output == {"approved_by": "alice"}
+    messages = harness.orchestrator.store.messages_of(run.uuid)
+    assert [(m.name, m.consumed_at is not None) for m in messages] == [("approval", True), ("unrelated", False)]
+    assert harness.event_types(run.uuid).count("message.received") == 1
+
+
+def test_receive_takes_the_oldest_and_a_failed_hook_leaves_the_message(harness: Harness, registry: Registry) -> None:
+    class Picky(OnContinueMixin, Step):
+        name = "Picky"
+        max_attempts = 2
+
+        def on_continue(self) -> None:
+            got = self.receive("n")
+            SEEN.append(got)
+            if got == 1 and SEEN.count(1) == 1:
+                raise RuntimeError("crash after receive: the message must stay unread")
+            if got == 2:
+                self.finish()
+            else:
+                self.wait(seconds=10)
+
+    register_step(Picky)
+    run = harness.create(register_pipeline(type("Q", (Pipeline,), {"name": "Q", "steps": [Picky]})))
+    for n in (1, 2):
+        harness.orchestrator.send(run.uuid, "n", n)
+    assert harness.run_until_done(run.uuid) == "finished"
+    assert SEEN == [1, 1, 2]  # oldest first; 1 again after the failed attempt
+
+
+def test_send_rejects_bad_input_and_ended_pipelines(harness: Harness, registry: Registry) -> None:
+    run = harness.create(approval_pipeline())
+    with pytest.raises(InvalidMessageError, match="not JSON-compatible"):
+        harness.orchestrator.send(run.uuid, "approval", {"when": object()})
+    with pytest.raises(InvalidMessageError, match="non-empty name"):
+        harness.orchestrator.send(run.uuid, "", None)
+    assert harness.orchestrator.store.messages_of(run.uuid) == []
+    harness.orchestrator.cancel(run.uuid)
+    with pytest.raises(InvalidStateError, match="would never be read"):
+        harness.orchestrator.send(run.uuid, "approval", {"by": "bob"})
+
+
+def test_a_message_sent_while_a_worker_holds_the_pipeline_is_merged(registry: Registry) -> None:
+    harness = Harness(registry=registry)
+
+    class SendsToItself(OnContinueMixin, Step):
+        name = "SendsToItself"
+
+        def on_continue(self) -> None:
+            got = self.receive("ping")
+            SEEN.append(got)
+            if got is None:
+                if len(SEEN) == 1:  # someone sends while this hook runs
+                    harness.orchestrator.send(self.pipeline_uuid, "ping", "pong")
+                self.wait(seconds=3600)
+            else:
+                self.finish()
+
+    register_step(SendsToItself)
+    run = harness.create(register_pipeline(type("S", (Pipeline,), {"name": "S", "steps": [SendsToItself]})))
+    summary = harness.run_pass()
+    assert summary.errors == {}  # the holder's write was not lost: the wake-up was merged
+    assert harness.orchestrator.get(run.uuid).pipeline.next_run_at == harness.clock.now()
+    harness.run_pass()
+    assert SEEN == [None, "pong"] and harness.status(run.uuid) == "finished"
+
+
+# --- reactions ----------------------------------------------------------------------------------
+
+
+def shipping(registry: Registry) -> tuple[type[Pipeline], type[Pipeline]]:
+    class Pack(OnStartMixin, Step):
+        name = "Pack"
+
+        def on_start(self) -> None:
+            self.finish({"box": self.params["order"]})
+
+    class Email(OnStartMixin, Step):
+        name = "Email"
+
+        def on_start(self) -> None:
+            SEEN.append(("email", self.params["order"]))
+
+    register_step(Pack)
+    register_step(Email)
+    order = register_pipeline(type("Order", (Pipeline,), {"name": "Order", "steps": [Pack]}))
+    notify = register_pipeline(type("Notify", (Pipeline,), {"name": "Notify", "steps": [Email]}))
+    return order, notify
+
+
+def test_a_reaction_starts_a_pipeline_once_per_event(harness: Harness, registry: Registry) -> None:
+    order, notify = shipping(registry)
+
+    @on_event("pipeline.finished", pipeline="Order")
+    def email_customer(event: EventRecord, ctx: ReactionContext) -> None:
+        SEEN.append(("reaction", event.pipeline_uuid[:8]))
+        ctx.start(notify, {"order": event.pipeline_uuid})
+
+    @on_event("step.finished", step="Pack")
+    def count_boxes(event: EventRecord, ctx: ReactionContext) -> None:
+        SEEN.append(("box", ctx.pipeline))
+
+    runs = [harness.create(order, {"order": n}) for n in range(3)]
+    for _ in range(5):
+        harness.run_pass()
+    notifications = harness.orchestrator.list_pipelines(name="Notify")
+    assert len(notifications) == 3 and all(p.status == Status.FINISHED for p in notifications)
+    assert sorted(p.params["order"] for p in notifications) == sorted(r.uuid for r in runs)
+    assert SEEN.count(("box", "Order")) == 3
+    assert len([s for s in SEEN if s[0] == "reaction"]) == 3
+    tasks = harness.orchestrator.list_pipelines(name="prorch.Reaction")
+    assert len(tasks) == 6 and all(t.status == Status.FINISHED for t in tasks)
+
+
+def test_a_reaction_run_again_starts_nothing_twice(harness: Harness, registry: Registry) -> None:
+    order, notify = shipping(registry)
+    attempts: list[int] = []
+
+    @on_event("pipeline.finished", pipeline="Order")
+    def flaky(event: EventRecord, ctx: ReactionContext) -> None:
+        ctx.start(notify, {"order": "o"})
+        attempts.append(1)
+        if len(attempts) == 1:
+            raise ConnectionError("crashed after starting the pipeline")
+
+    harness.create(order, {"order": "o"})
+    harness.run_pass()
+    (task,) = harness.orchestrator.list_pipelines(name="prorch.Reaction")
+    assert harness.run_until_done(task.uuid) == "finished"
+    assert len(attempts) == 2  # the reaction ran twice (retried after raising)...
+    assert len(harness.orchestrator.list_pipelines(name="Notify")) == 1  # ...and started it once
+
+
+def test_reactions_are_validated_at_registration(registry: Registry) -> None:
+    with pytest.raises(RegistrationError, match=r"unknown event type 'pipeline\.done'"):
+        on_event("pipeline.done")
+    with pytest.raises(RegistrationError, match=r"must take \(event, ctx\)"):
+
+        @on_event("pipeline.finished")
+        def one_argument(event: EventRecord) -> None:
+            pass
