@@ -230,3 +230,21 @@ def test_json_logs_carry_pipeline_and_step_uuids(workdir: Path) -> None:
     assert charge["status"] == "failed"
     failed = next(e for e in entries if "card declined" in e["message"])
     assert (failed["pipeline_uuid"], failed["step_uuid"], failed["level"]) == (uuid, charge["uuid"], "WARNING")
+
+
+def test_send_wakes_a_waiting_pipeline(workdir: Path) -> None:
+    uuid = ok(prorch(workdir, "start", "Order", "-p", "item=slowpoke")).strip()
+    ok(prorch(workdir, "run"))
+    assert "claimed 0" in ok(prorch(workdir, "run"))  # waiting an hour
+    assert f"sent ping to {uuid}" in ok(prorch(workdir, "send", uuid, "ping", "--payload-json", '{"a": 1}'))
+    assert "claimed 1" in ok(prorch(workdir, "run"))  # due at once
+    bad = prorch(workdir, "send", uuid, "ping", "--payload-json", "{nope")
+    assert bad.returncode == 2 and "not valid JSON" in bad.stderr
+    ok(prorch(workdir, "cancel", uuid))
+    ended = prorch(workdir, "send", uuid, "ping")
+    assert ended.returncode == 1 and "would never be read" in ended.stderr
+
+
+def test_start_a_version_that_is_not_registered(workdir: Path) -> None:
+    result = prorch(workdir, "start", "Order", "--version", "3", "-p", "item=a")
+    assert result.returncode == 2 and "version 3 is not registered (registered versions: 1)" in result.stderr
