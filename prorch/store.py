@@ -206,8 +206,25 @@ class Store:
     def insert_all(self, records: Sequence[Record]) -> None:
         """Store new records (a pipeline with its steps and first event) as one unit."""
         with self._unit():
-            for record in records:
-                _call(f"save a {record.MODEL} record", self._repository(record).save, record.to_dict())
+            self._save(records)
+
+    def _save(self, records: Sequence[Record]) -> None:
+        """Insert new records in order; consecutive records of one model go in one call to the
+        repository's optional ``save_many``."""
+        index = 0
+        while index < len(records):
+            model = records[index].MODEL
+            end = index
+            while end < len(records) and model == records[end].MODEL:
+                end += 1
+            repository = self._by_model[model]
+            save_many = getattr(repository, "save_many", None)
+            if save_many is not None and end - index > 1:
+                _call(f"save {model} records", save_many, [r.to_dict() for r in records[index:end]])
+            else:
+                for record in records[index:end]:
+                    _call(f"save a {model} record", repository.save, record.to_dict())
+            index = end
 
     def commit(
         self,
@@ -226,8 +243,7 @@ class Store:
                 self._write(step)
             for message in touched:
                 _call("update a message", self.messages.update, message.uuid, message.to_dict())
-            for record in added:
-                _call(f"save a {record.MODEL} record", self._repository(record).save, record.to_dict())
+            self._save(added)
             for pipeline in pipelines:
                 self._write(pipeline)
 

@@ -16,7 +16,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Connection, Engine, create_engine, event, select, text, update
+from sqlalchemy import Connection, Engine, Integer, bindparam, create_engine, event, select, text, update
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, InterfaceError, NoSuchModuleError, OperationalError, SQLAlchemyError
 
@@ -48,11 +48,15 @@ class SQLBackend:
         self.is_sqlite = self.engine.dialect.name == "sqlite"
         self.is_postgresql = self.engine.dialect.name == "postgresql"
         self._local = threading.local()
+        self._repositories: dict[str, SQLRepository] = {}
         if migrate:
             upgrade(self)
 
     def __call__(self, model: str) -> SQLRepository:
-        return SQLRepository(model, self)
+        repository = self._repositories.get(model)
+        if repository is None:  # one per model: its statements are built once
+            repository = self._repositories[model] = SQLRepository(model, self)
+        return repository
 
     def __repr__(self) -> str:
         return f"SQLBackend({self.engine.url.render_as_string(hide_password=True)!r})"
@@ -85,6 +89,11 @@ class SQLBackend:
             return
         try:
             with self.engine.connect() as connection:
+                if not write and self.is_sqlite:
+                    # a read is one statement: no BEGIN/COMMIT round trip, WAL gives it a snapshot
+                    connection.execution_options(isolation_level="AUTOCOMMIT")
+                    yield connection
+                    return
                 if write:
                     connection.execution_options(prorch_write=True)
                 with connection.begin():
@@ -147,8 +156,10 @@ def _configure_sqlite(engine: Engine, synchronous: str) -> None:
 
     @event.listens_for(engine, "begin")
     def on_begin(connection: Connection) -> None:
-        immediate = connection.get_execution_options().get("prorch_write", False)
-        connection.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+        options = connection.get_execution_options()
+        if options.get("isolation_level") == "AUTOCOMMIT":
+            return
+        connection.exec_driver_sql("BEGIN IMMEDIATE" if options.get("prorch_write", False) else "BEGIN")
 
 
 # --- schema migrations ----------------------------------------------------------------------------
@@ -196,34 +207,59 @@ class SQLRepository(IRepository):
         self.table = TABLES[model]
         self.columns = {column.name for column in self.table.columns}
         self.timestamps = {c.name for c in self.table.columns if c.type.python_type is datetime}
+        # Statements built once with bind parameters: building them per call (values() with a
+        # dict) costs more than running them.
+        c = self.table.c
+        values = {name: bindparam(name) for name in self.columns - {"uuid"}}
+        self._insert = self.table.insert()
+        self._get = select(self.table).where(c.uuid == bindparam("_uuid"))
+        self._update_all = update(self.table).where(c.uuid == bindparam("_uuid")).values(values)
+        self._cas_all = (
+            update(self.table).where(c.uuid == bindparam("_uuid"), c.revision == bindparam("_expected")).values(values)
+            if "revision" in self.columns
+            else None
+        )
+        self._searches: dict[str, Any] = {}
 
     # --- the four methods --------------------------------------------------------------------
 
     def get(self, uuid: str) -> JSONDict | None:
         with self.backend.connect(write=False) as connection:
-            row = connection.execute(select(self.table).where(self.table.c.uuid == uuid)).mappings().first()
+            row = connection.execute(self._get, {"_uuid": uuid}).mappings().first()
         return self._to_record(row) if row is not None else None
 
     def save(self, data: JSONDict) -> str:
         with self.backend.connect(write=True) as connection:
-            connection.execute(self.table.insert().values(self._to_row(data)))
+            connection.execute(self._insert, self._full_row(data))
         return str(data["uuid"])
+
+    def save_many(self, rows: list[JSONDict]) -> None:
+        """Insert several new records in one round trip (optional; the engine uses it for the
+        events of one transition)."""
+        with self.backend.connect(write=True) as connection:
+            connection.execute(self._insert, [self._full_row(row) for row in rows])
 
     def update(self, uuid: str, data: JSONDict) -> None:
         values = self._to_row(data)
         values.pop("uuid", None)
         with self.backend.connect(write=True) as connection:
-            connection.execute(update(self.table).where(self.table.c.uuid == uuid).values(values))
+            if values.keys() == self.columns - {"uuid"}:
+                connection.execute(self._update_all, {**values, "_uuid": uuid})
+            else:  # a partial update (a user's call): build the statement for these columns
+                connection.execute(update(self.table).where(self.table.c.uuid == uuid).values(values))
 
     def search(self, filter: list[Any]) -> list[JSONDict]:  # noqa: A002 - the seed's name
         field, value = filter
-        if field not in self.columns:
-            raise ConfigurationError(f"cannot search {self.table.name} by unknown field {field!r}")
-        query = select(self.table).where(self.table.c[field] == value)
-        if "seq" in self.columns:
-            query = query.order_by(self.table.c.seq, self.table.c.at)
+        query = self._searches.get(field)
+        if query is None:
+            if field not in self.columns:
+                raise ConfigurationError(f"cannot search {self.table.name} by unknown field {field!r}")
+            query = select(self.table).where(self.table.c[field] == bindparam("_value"))
+            if "seq" in self.columns:
+                query = query.order_by(self.table.c.seq, self.table.c.at)
+            self._searches[field] = query
         with self.backend.connect(write=False) as connection:
-            rows = connection.execute(query).mappings().all()
+            rows = connection.execute(query, {"_value": value}).mappings().all()
         return [self._to_record(row) for row in rows]
 
     # --- capabilities ------------------------------------------------------------------------
@@ -231,16 +267,19 @@ class SQLRepository(IRepository):
     def compare_and_set(self, uuid: str, expected_revision: int, data: JSONDict) -> bool:
         values = self._to_row(data)
         values.pop("uuid", None)
-        query = (
-            update(self.table)
-            .where(self.table.c.uuid == uuid, self.table.c.revision == expected_revision)
-            .values(values)
-        )
         with self.backend.connect(write=True) as connection:
-            return connection.execute(query).rowcount == 1
+            if self._cas_all is not None and values.keys() == self.columns - {"uuid"}:
+                result = connection.execute(self._cas_all, {**values, "_uuid": uuid, "_expected": expected_revision})
+            else:
+                c = self.table.c
+                query = update(self.table).where(c.uuid == uuid, c.revision == expected_revision).values(values)
+                result = connection.execute(query)
+            return result.rowcount == 1
 
-    def _due_query(self, now: datetime, limit: int) -> Any:
+    def _due_query(self) -> Any:
+        """Due pipeline uuids, by the (status, next_run_at, priority) index; bound: _now, _limit."""
         c = self.table.c
+        now = bindparam("_now", type_=c.next_run_at.type)
         return (
             select(c.uuid)
             .where(
@@ -249,28 +288,33 @@ class SQLRepository(IRepository):
                 (c.lease_expires_at.is_(None)) | (c.lease_expires_at <= now),
             )
             .order_by(c.priority.desc(), c.next_run_at)
-            .limit(limit)
+            .limit(bindparam("_limit", type_=Integer()))
         )
 
     def search_due(self, now: datetime, limit: int) -> list[JSONDict]:
-        due = self._due_query(now, limit).subquery()
-        query = select(self.table).where(self.table.c.uuid.in_(select(due.c.uuid)))
+        query = self._searches.get("_due")
+        if query is None:
+            due = self._due_query().subquery()
+            query = self._searches["_due"] = select(self.table).where(self.table.c.uuid.in_(select(due.c.uuid)))
         with self.backend.connect(write=False) as connection:
-            rows = connection.execute(query).mappings().all()
+            rows = connection.execute(query, {"_now": now, "_limit": limit}).mappings().all()
         return self._by_priority([self._to_record(row) for row in rows])
 
     def claim_due(self, now: datetime, owner: str, lease_expires_at: datetime, limit: int) -> list[JSONDict]:
-        due = self._due_query(now, limit)
-        if self.backend.is_postgresql:
-            due = due.with_for_update(skip_locked=True)
-        query = (
-            update(self.table)
-            .where(self.table.c.uuid.in_(due.scalar_subquery()))
-            .values(self._lease_values(owner, lease_expires_at))
-            .returning(*self.table.columns)
-        )
+        query = self._searches.get("_claim")
+        if query is None:
+            due = self._due_query()
+            if self.backend.is_postgresql:
+                due = due.with_for_update(skip_locked=True)
+            query = self._searches["_claim"] = (
+                update(self.table)
+                .where(self.table.c.uuid.in_(due.scalar_subquery()))
+                .values(self._lease_values())
+                .returning(*self.table.columns)
+            )
+        params = {"_now": now, "_limit": limit, "_owner": owner, "_until": lease_expires_at}
         with self.backend.connect(write=True) as connection:
-            rows = connection.execute(query).mappings().all()
+            rows = connection.execute(query, params).mappings().all()
         return self._by_priority([self._to_record(row) for row in rows])
 
     def claim_one(self, uuid: str, now: datetime, owner: str, lease_expires_at: datetime) -> JSONDict | None:
@@ -282,11 +326,11 @@ class SQLRepository(IRepository):
                 c.status.not_in(TERMINAL),
                 (c.lease_expires_at.is_(None)) | (c.lease_expires_at <= now) | (c.lease_owner == owner),
             )
-            .values(self._lease_values(owner, lease_expires_at))
+            .values(self._lease_values())
             .returning(*self.table.columns)
         )
         with self.backend.connect(write=True) as connection:
-            row = connection.execute(query).mappings().first()
+            row = connection.execute(query, {"_owner": owner, "_until": lease_expires_at}).mappings().first()
             if row is None:
                 current = connection.execute(select(self.table).where(c.uuid == uuid)).mappings().first()
                 if current is None or current["status"] not in TERMINAL:
@@ -302,16 +346,24 @@ class SQLRepository(IRepository):
         with self.backend.connect(write=True) as connection:
             return connection.execute(query).rowcount == 1
 
-    def _lease_values(self, owner: str, lease_expires_at: datetime) -> JSONDict:
+    def _lease_values(self) -> JSONDict:
         c = self.table.c
         return {
-            "lease_owner": owner,
-            "lease_expires_at": lease_expires_at,
+            "lease_owner": bindparam("_owner"),
+            "lease_expires_at": bindparam("_until", type_=c.lease_expires_at.type),
             "claims": c.claims + 1,
             "revision": c.revision + 1,
         }
 
     # --- conversion --------------------------------------------------------------------------
+
+    def _full_row(self, data: JSONDict) -> JSONDict:
+        """Every column, missing ones as None: one cached INSERT serves every record."""
+        row = self._to_row(data)
+        return {
+            name: row.get(name, self.table.c[name].default.arg if self.table.c[name].default else None)
+            for name in self.columns
+        }
 
     def _to_row(self, data: JSONDict) -> JSONDict:
         row = {key: value for key, value in data.items() if key in self.columns}
