@@ -210,7 +210,8 @@ class SQLRepository(IRepository):
         # Statements built once with bind parameters: building them per call (values() with a
         # dict) costs more than running them.
         c = self.table.c
-        values = {name: bindparam(name) for name in self.columns - {"uuid"}}
+        values: dict[str, Any] = {name: bindparam(name) for name in self.columns - {"uuid"}}
+        self._defaults = {column.name: getattr(column.default, "arg", None) for column in self.table.columns}
         self._insert = self.table.insert()
         self._get = select(self.table).where(c.uuid == bindparam("_uuid"))
         self._update_all = update(self.table).where(c.uuid == bindparam("_uuid")).values(values)
