@@ -348,9 +348,11 @@ class Orchestrator:
             payload = json.loads(json.dumps(payload, allow_nan=False))
         except (TypeError, ValueError) as exc:
             raise InvalidMessageError(f"message payload is not JSON-compatible: {exc}") from exc
-        message = MessageRecord(
-            uuid=new_uuid(), pipeline_uuid=uuid, name=name, payload=payload, sent_at=self.clock.now()
-        )
+        sent_at = self.clock.now()
+        earlier = self.store.messages_of(uuid)
+        if earlier and earlier[-1].sent_at >= sent_at:  # keep "oldest first" well defined
+            sent_at = earlier[-1].sent_at + timedelta(microseconds=1)
+        message = MessageRecord(uuid=new_uuid(), pipeline_uuid=uuid, name=name, payload=payload, sent_at=sent_at)
         self.store.insert_all([message])
         self._wake(uuid)
         return message

@@ -1,14 +1,17 @@
 """``memory://``: every record in a dict, for tests and ``prorch.testing``.
 
-Thread-safe and offers every capability (claim with lease, compare-and-set, transaction, due
-query), so the engine's multi-worker paths run on it too; nothing survives the process.
+Records are kept as JSON text, so that only JSON survives a round trip, as with a real store,
+and nothing a caller holds aliases what is stored. Thread-safe, with every capability (claim
+with lease, compare-and-set, transaction, due query), so the engine's multi-worker paths run on
+it too; nothing survives the process.
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
+import json
 import threading
+from collections import defaultdict
 from collections.abc import Iterator
 from datetime import datetime
 from typing import Any
@@ -17,6 +20,8 @@ from prorch.records import format_timestamp
 from prorch.repository import IRepository
 
 JSONDict = dict[str, Any]
+INDEXED = ("pipeline_uuid", "status")  # the fields the engine searches by
+TERMINAL = ("finished", "failed", "cancelled")
 
 
 class MemoryBackend:
@@ -25,15 +30,24 @@ class MemoryBackend:
     thread_safe = True
 
     def __init__(self) -> None:
-        self.tables: dict[str, dict[str, JSONDict]] = {}
         self.lock = threading.RLock()
-        self._undo: list[tuple[str, str, JSONDict | None]] | None = None
+        self._tables: dict[str, MemoryRepository] = {}
+        self._undo: list[tuple[MemoryRepository, str, str | None]] | None = None
 
     def __call__(self, model: str) -> MemoryRepository:
-        return MemoryRepository(model, self)
+        with self.lock:
+            if model not in self._tables:
+                self._tables[model] = MemoryRepository(model, self)
+            return self._tables[model]
 
     def __repr__(self) -> str:
         return "MemoryBackend('memory://')"
+
+    @property
+    def tables(self) -> dict[str, dict[str, JSONDict]]:
+        """A snapshot of every table, for tests to look at."""
+        with self.lock:
+            return {model: {u: json.loads(t) for u, t in repo.rows.items()} for model, repo in self._tables.items()}
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[None]:
@@ -46,70 +60,93 @@ class MemoryBackend:
             try:
                 yield
             except BaseException:
-                for model, uuid, previous in reversed(self._undo):
-                    table = self.tables[model]
-                    if previous is None:
-                        table.pop(uuid, None)
-                    else:
-                        table[uuid] = previous
+                for repository, uuid, previous in reversed(self._undo):
+                    repository._put(uuid, previous)
                 raise
             finally:
                 self._undo = None
 
-    def _remember(self, model: str, uuid: str) -> None:
-        if self._undo is not None:
-            self._undo.append((model, uuid, self.tables[model].get(uuid)))
-
 
 class MemoryRepository(IRepository):
-    """One model's table inside a ``MemoryBackend``. Records are copied in and out, so a caller's
-    dict never aliases the stored one."""
+    """One model's table inside a ``MemoryBackend``, indexed by the fields the engine searches."""
 
     def __init__(self, model: str, backend: MemoryBackend) -> None:
         super().__init__(model)
         self.backend = backend
-        with backend.lock:
-            self.table = backend.tables.setdefault(model, {})
+        self.rows: dict[str, str] = {}
+        # value -> uuids, in insertion order (a dict used as an ordered set)
+        self.index: dict[str, dict[Any, dict[str, None]]] = {field: defaultdict(dict) for field in INDEXED}
+        # pending pipelines' (priority, next_run_at, lease_expires_at): the due query reads no JSON
+        self.due_keys: dict[str, tuple[int, str | None, str | None]] = {}
+
+    def _put(self, uuid: str, text: str | None) -> None:
+        """Store (or with None, remove) a row and keep the indexes in step."""
+        old = self.rows.get(uuid)
+        if old is not None:
+            old_row = json.loads(old)
+            for field in INDEXED:
+                self.index[field][old_row.get(field)].pop(uuid, None)
+            self.due_keys.pop(uuid, None)
+        if text is None:
+            self.rows.pop(uuid, None)
+            return
+        self.rows[uuid] = text
+        row = json.loads(text)
+        for field in INDEXED:
+            self.index[field][row.get(field)][uuid] = None
+        if row.get("status") == "pending":
+            self.due_keys[uuid] = (row.get("priority", 0), row.get("next_run_at"), row.get("lease_expires_at"))
+
+    def _write(self, uuid: str, row: JSONDict) -> None:
+        if self.backend._undo is not None:
+            self.backend._undo.append((self, uuid, self.rows.get(uuid)))
+        self._put(uuid, json.dumps(row))
+
+    def _row(self, uuid: str) -> JSONDict | None:
+        text = self.rows.get(uuid)
+        return json.loads(text) if text is not None else None
 
     def get(self, uuid: str) -> JSONDict | None:
         with self.backend.lock:
-            found = self.table.get(uuid)
-            return copy.deepcopy(found) if found is not None else None
+            return self._row(uuid)
 
     def save(self, data: JSONDict) -> str:
         uuid = data["uuid"]
         with self.backend.lock:
-            if uuid in self.table:
+            if uuid in self.rows:
                 raise KeyError(f"{self.model} {uuid} already exists")
-            self.backend._remember(self.model, uuid)
-            self.table[uuid] = copy.deepcopy(data)
+            self._write(uuid, data)
         return str(uuid)
 
     def update(self, uuid: str, data: JSONDict) -> None:
         with self.backend.lock:
-            if uuid not in self.table:
+            current = self._row(uuid)
+            if current is None:
                 raise KeyError(f"{self.model} {uuid} does not exist")
-            self.backend._remember(self.model, uuid)
-            self.table[uuid] = {**self.table[uuid], **copy.deepcopy(data)}
+            self._write(uuid, {**current, **data})
 
     def search(self, filter: list[Any]) -> list[JSONDict]:  # noqa: A002 - the seed's name
         field, value = filter
         with self.backend.lock:
-            return [copy.deepcopy(row) for row in self.table.values() if row.get(field) == value]
+            if field in self.index:
+                uuids = list(self.index[field].get(value, ()))
+                return [json.loads(self.rows[u]) for u in uuids]
+            rows = (json.loads(text) for text in self.rows.values())
+            return [row for row in rows if row.get(field) == value]
 
     # --- capabilities ------------------------------------------------------------------------
 
     def compare_and_set(self, uuid: str, expected_revision: int, data: JSONDict) -> bool:
         with self.backend.lock:
-            current = self.table.get(uuid)
+            current = self._row(uuid)
             if current is None or current.get("revision", 0) != expected_revision:
                 return False
-            self.update(uuid, data)
+            self._write(uuid, {**current, **data})
             return True
 
     def search_due(self, now: datetime, limit: int) -> list[JSONDict]:
         with self.backend.lock:
-            return [copy.deepcopy(row) for row in self._due(format_timestamp(now), limit)]
+            return self._due(format_timestamp(now), limit)
 
     def claim_due(self, now: datetime, owner: str, lease_expires_at: datetime, limit: int) -> list[JSONDict]:
         with self.backend.lock:
@@ -117,11 +154,9 @@ class MemoryRepository(IRepository):
 
     def claim_one(self, uuid: str, now: datetime, owner: str, lease_expires_at: datetime) -> JSONDict | None:
         with self.backend.lock:
-            row = self.table.get(uuid)
-            if row is None:
-                return None
-            if row.get("status") in ("finished", "failed", "cancelled"):
-                return copy.deepcopy(row)
+            row = self._row(uuid)
+            if row is None or row.get("status") in TERMINAL:
+                return row
             lease = row.get("lease_expires_at")
             if lease is not None and lease > format_timestamp(now) and row.get("lease_owner") != owner:
                 return None
@@ -129,28 +164,26 @@ class MemoryRepository(IRepository):
 
     def renew_lease(self, uuid: str, owner: str, lease_expires_at: datetime) -> bool:
         with self.backend.lock:
-            row = self.table.get(uuid)
+            row = self._row(uuid)
             if row is None or row.get("lease_owner") != owner:
                 return False
-            self.backend._remember(self.model, uuid)
             row["lease_expires_at"] = format_timestamp(lease_expires_at)
+            self._write(uuid, row)
             return True
 
     def _due(self, now: str, limit: int) -> list[JSONDict]:
-        rows = [
-            row
-            for row in self.table.values()
-            if row.get("status") == "pending"
-            and (row.get("next_run_at") is None or row["next_run_at"] <= now)
-            and (row.get("lease_expires_at") is None or row["lease_expires_at"] <= now)
+        due = [
+            (-priority, next_run_at or "", uuid)
+            for uuid, (priority, next_run_at, lease) in self.due_keys.items()
+            if (next_run_at is None or next_run_at <= now) and (lease is None or lease <= now)
         ]
-        rows.sort(key=lambda row: (-row.get("priority", 0), row.get("next_run_at") or ""))
-        return rows[:limit]
+        due.sort()
+        return [json.loads(self.rows[uuid]) for _, _, uuid in due[:limit]]
 
     def _lease(self, row: JSONDict, owner: str, lease_expires_at: datetime) -> JSONDict:
-        self.backend._remember(self.model, row["uuid"])
         row["lease_owner"] = owner
         row["lease_expires_at"] = format_timestamp(lease_expires_at)
         row["claims"] = row.get("claims", 0) + 1
         row["revision"] = row.get("revision", 0) + 1
-        return copy.deepcopy(row)
+        self._write(row["uuid"], row)
+        return row

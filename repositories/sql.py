@@ -361,10 +361,7 @@ class SQLRepository(IRepository):
     def _full_row(self, data: JSONDict) -> JSONDict:
         """Every column, missing ones as None: one cached INSERT serves every record."""
         row = self._to_row(data)
-        return {
-            name: row.get(name, self.table.c[name].default.arg if self.table.c[name].default else None)
-            for name in self.columns
-        }
+        return {name: row.get(name, self._defaults[name]) for name in self.columns}
 
     def _to_row(self, data: JSONDict) -> JSONDict:
         row = {key: value for key, value in data.items() if key in self.columns}
