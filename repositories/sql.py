@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import sqlite3
 import threading
 from collections.abc import Iterator
 from datetime import datetime
@@ -24,6 +25,7 @@ from prorch.exceptions import ConfigurationError, RepositoryError
 from prorch.records import format_timestamp, to_utc
 from prorch.repository import IRepository
 from repositories.schema import SCHEMA_REVISION, TABLES, VERSION_TABLE
+from repositories.sqlite_fastpath import SQLiteFastPath
 
 logger = logging.getLogger("prorch.repositories.sql")
 JSONDict = dict[str, Any]
@@ -100,6 +102,8 @@ class SQLBackend:
                     yield connection
         except (OperationalError, InterfaceError) as exc:
             raise RepositoryError(f"{self!r}: {exc.orig or exc}") from exc
+        except sqlite3.OperationalError as exc:  # raised by the fast path, not wrapped by SQLAlchemy
+            raise RepositoryError(f"{self!r}: {exc}") from exc
 
 
 def _create_engine(url: str, **options: Any) -> Engine:
@@ -159,7 +163,15 @@ def _configure_sqlite(engine: Engine, synchronous: str) -> None:
         options = connection.get_execution_options()
         if options.get("isolation_level") == "AUTOCOMMIT":
             return
-        connection.exec_driver_sql("BEGIN IMMEDIATE" if options.get("prorch_write", False) else "BEGIN")
+        # straight to the driver: this runs once per transition, SQLAlchemy's execute path costs more
+        dbapi = connection.connection.driver_connection
+        assert dbapi is not None
+        dbapi.execute("BEGIN IMMEDIATE" if options.get("prorch_write", False) else "BEGIN")
+
+
+def _cursor(connection: Connection) -> Any:
+    """A DBAPI cursor on the connection's current transaction (the SQLite fast path)."""
+    return connection.connection.driver_connection.cursor()  # type: ignore[union-attr]
 
 
 # --- schema migrations ----------------------------------------------------------------------------
@@ -221,29 +233,38 @@ class SQLRepository(IRepository):
             else None
         )
         self._searches: dict[str, Any] = {}
+        self.fast = SQLiteFastPath(self.table) if backend.is_sqlite else None
 
     # --- the four methods --------------------------------------------------------------------
 
     def get(self, uuid: str) -> JSONDict | None:
         with self.backend.connect(write=False) as connection:
+            if self.fast is not None:
+                found = _cursor(connection).execute(self.fast.select + " WHERE uuid = ?", (uuid,)).fetchone()
+                return self.fast.record(found) if found is not None else None
             row = connection.execute(self._get, {"_uuid": uuid}).mappings().first()
         return self._to_record(row) if row is not None else None
 
     def save(self, data: JSONDict) -> str:
-        with self.backend.connect(write=True) as connection:
-            connection.execute(self._insert, self._full_row(data))
+        self.save_many([data])
         return str(data["uuid"])
 
     def save_many(self, rows: list[JSONDict]) -> None:
         """Insert several new records in one round trip (optional; the engine uses it for the
         events of one transition)."""
         with self.backend.connect(write=True) as connection:
-            connection.execute(self._insert, [self._full_row(row) for row in rows])
+            if self.fast is not None:
+                _cursor(connection).executemany(self.fast.insert, [self.fast.row(row) for row in rows])
+            else:
+                connection.execute(self._insert, [self._full_row(row) for row in rows])
 
     def update(self, uuid: str, data: JSONDict) -> None:
-        values = self._to_row(data)
-        values.pop("uuid", None)
         with self.backend.connect(write=True) as connection:
+            if self.fast is not None and self.fast.covers(data):
+                _cursor(connection).execute(self.fast.update, [*self.fast.row(data, with_uuid=False), uuid])
+                return
+            values = self._to_row(data)
+            values.pop("uuid", None)
             if values.keys() == self.columns - {"uuid"}:
                 connection.execute(self._update_all, {**values, "_uuid": uuid})
             else:  # a partial update (a user's call): build the statement for these columns
@@ -260,15 +281,21 @@ class SQLRepository(IRepository):
                 query = query.order_by(self.table.c.seq, self.table.c.at)
             self._searches[field] = query
         with self.backend.connect(write=False) as connection:
+            if self.fast is not None:
+                sql = f'{self.fast.select} WHERE "{field}" = ?{self.fast.order}'
+                return [self.fast.record(row) for row in _cursor(connection).execute(sql, (value,)).fetchall()]
             rows = connection.execute(query, {"_value": value}).mappings().all()
         return [self._to_record(row) for row in rows]
 
     # --- capabilities ------------------------------------------------------------------------
 
     def compare_and_set(self, uuid: str, expected_revision: int, data: JSONDict) -> bool:
-        values = self._to_row(data)
-        values.pop("uuid", None)
         with self.backend.connect(write=True) as connection:
+            if self.fast is not None and self.fast.covers(data):
+                params = [*self.fast.row(data, with_uuid=False), uuid, expected_revision]
+                return bool(_cursor(connection).execute(self.fast.compare_and_set, params).rowcount == 1)
+            values = self._to_row(data)
+            values.pop("uuid", None)
             if self._cas_all is not None and values.keys() == self.columns - {"uuid"}:
                 result = connection.execute(self._cas_all, {**values, "_uuid": uuid, "_expected": expected_revision})
             else:

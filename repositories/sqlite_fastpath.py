@@ -1,0 +1,99 @@
+"""The per-transition statements on SQLite, run on the DBAPI connection itself.
+
+SQLAlchemy builds, caches and processes every execution generically, which costs several times
+what SQLite needs for one of prorch's small statements. For the statements run on every
+transition (get, search, insert, full-row update and compare-and-set), this module keeps the
+SQL text (written from the same ``Table`` declarations) and converts values itself, in exactly
+the formats SQLAlchemy's SQLite dialect uses (JSON as text, ``null`` for None; timestamps as
+``YYYY-MM-DD HH:MM:SS.ffffff`` in UTC; booleans as 0/1), so that rows written by either path
+read back the same through the other. Everything else (migrations, claims) stays in SQLAlchemy.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import JSON, Boolean, DateTime, Table
+
+from prorch.records import format_timestamp, to_utc
+
+JSONDict = dict[str, Any]
+
+
+def _db_time(value: Any) -> str | None:
+    """A record's timestamp (our fixed-width UTC ISO text) as SQLAlchemy stores it on SQLite."""
+    if value is None:
+        return None
+    if isinstance(value, str) and len(value) == 32 and value.endswith("+00:00"):
+        return value[:10] + " " + value[11:26]  # "2030-01-01T00:00:00.000000+00:00"
+    moment = to_utc(value if isinstance(value, datetime) else datetime.fromisoformat(value))
+    return moment.strftime("%Y-%m-%d %H:%M:%S.%f")
+
+
+def _record_time(value: str | None) -> str | None:
+    if value is None:
+        return None
+    if len(value) == 26:
+        return value[:10] + "T" + value[11:] + "+00:00"
+    return format_timestamp(datetime.fromisoformat(value))
+
+
+class SQLiteFastPath:
+    """SQL text and value conversion for one table."""
+
+    def __init__(self, table: Table) -> None:
+        self.table = table
+        self.names = [column.name for column in table.columns]
+        self.kinds = [_kind(column.type) for column in table.columns]
+        self.defaults = {c.name: getattr(c.default, "arg", None) for c in table.columns}
+        quoted = [f'"{name}"' for name in self.names]
+        settable = [f'"{name}" = ?' for name in self.names if name != "uuid"]
+        self.select = f'SELECT {", ".join(quoted)} FROM "{table.name}"'
+        self.insert = f'INSERT INTO "{table.name}" ({", ".join(quoted)}) VALUES ({", ".join("?" * len(quoted))})'
+        self.update = f'UPDATE "{table.name}" SET {", ".join(settable)} WHERE uuid = ?'
+        self.compare_and_set = self.update + " AND revision = ?"
+        self.order = ' ORDER BY "seq", "at"' if "seq" in self.names else ""
+
+    def row(self, data: JSONDict, *, with_uuid: bool = True) -> list[Any]:
+        values = []
+        for name, kind in zip(self.names, self.kinds, strict=True):
+            if name == "uuid" and not with_uuid:
+                continue
+            value = data.get(name, self.defaults[name])
+            if kind == "json":
+                value = json.dumps(value)
+            elif kind == "time":
+                value = _db_time(value)
+            elif kind == "bool" and value is not None:
+                value = int(value)
+            values.append(value)
+        return values
+
+    def record(self, values: Sequence[Any]) -> JSONDict:
+        result: JSONDict = {}
+        for name, kind, value in zip(self.names, self.kinds, values, strict=True):
+            if kind == "json":
+                value = json.loads(value) if value is not None else None
+            elif kind == "time":
+                value = _record_time(value)
+            elif kind == "bool" and value is not None:
+                value = bool(value)
+            result[name] = value
+        return result
+
+    def covers(self, data: JSONDict) -> bool:
+        """True when ``data`` sets every column but the key (what the engine always writes)."""
+        return all(name in data for name in self.names if name != "uuid")
+
+
+def _kind(column_type: Any) -> str:
+    if isinstance(column_type, JSON) or isinstance(getattr(column_type, "impl", None), JSON):
+        return "json"
+    if isinstance(column_type, DateTime):
+        return "time"
+    if isinstance(column_type, Boolean):
+        return "bool"
+    return "plain"
