@@ -150,7 +150,8 @@ class Orchestrator:
 
             def advance(pipeline: PipelineRecord) -> Outcome | str:
                 try:
-                    return self._advance_one(pipeline)
+                    with self.store.session():
+                        return self._advance_one(pipeline)
                 finally:
                     keeper.drop(pipeline.uuid)
 
@@ -158,7 +159,8 @@ class Orchestrator:
                 with ThreadPoolExecutor(self.concurrency, thread_name_prefix="prorch") as pool:
                     results = list(pool.map(advance, claimed))
             else:
-                results = [advance(p) for p in claimed]
+                with self.store.session():  # one set of connections for the whole pass
+                    results = [advance(p) for p in claimed]
         for pipeline, result in zip(claimed, results, strict=True):
             if isinstance(result, Outcome):
                 summary.add(result)

@@ -195,6 +195,11 @@ class Store:
 
     # --- writing -----------------------------------------------------------------------------
 
+    def session(self) -> contextlib.AbstractContextManager[None]:
+        """Hold this thread's connections for a block of work, if the backend can (``pinned``)."""
+        pinned = getattr(self.backend, "pinned", None)
+        return pinned() if pinned is not None else contextlib.nullcontext()
+
     @contextlib.contextmanager
     def _unit(self) -> Iterator[None]:
         if self.has_transaction:

@@ -72,34 +72,75 @@ class SQLBackend:
         if getattr(self._local, "connection", None) is not None:
             yield
             return
-        with self.engine.connect() as connection:
-            connection.execution_options(prorch_write=True)
-            with connection.begin():
-                self._local.connection = connection
-                try:
-                    yield
-                finally:
-                    self._local.connection = None
+        with self._errors(), self._checkout(write=True) as connection, connection.begin():
+            self._local.connection = connection
+            try:
+                yield
+            finally:
+                self._local.connection = None
 
     @contextlib.contextmanager
     def connect(self, *, write: bool) -> Iterator[Connection]:
         """The open transaction's connection, or a new short transaction (IMMEDIATE for writes
-        on SQLite, so two processes queue on the busy timeout instead of deadlocking)."""
+        on SQLite, so two processes queue on the busy timeout instead of deadlocking). A read on
+        SQLite is one statement in autocommit: no BEGIN/COMMIT, WAL gives it a snapshot."""
         current = getattr(self._local, "connection", None)
         if current is not None:
             yield current
             return
+        with self._errors(), self._checkout(write=write) as connection:
+            if not write and self.is_sqlite:
+                yield connection
+                return
+            with connection.begin():
+                yield connection
+
+    @contextlib.contextmanager
+    def pinned(self) -> Iterator[None]:
+        """Keep this thread's connections checked out for the block (a pass, or one pipeline's
+        advance) instead of a pool round trip per transition; they go back at the end."""
+        if getattr(self._local, "pins", None) is not None:
+            yield
+            return
+        self._local.pins = {}
         try:
-            with self.engine.connect() as connection:
-                if not write and self.is_sqlite:
-                    # a read is one statement: no BEGIN/COMMIT round trip, WAL gives it a snapshot
-                    connection.execution_options(isolation_level="AUTOCOMMIT")
-                    yield connection
-                    return
-                if write:
-                    connection.execution_options(prorch_write=True)
-                with connection.begin():
-                    yield connection
+            yield
+        finally:
+            pins, self._local.pins = self._local.pins, None
+            for connection in pins.values():
+                connection.close()
+
+    @contextlib.contextmanager
+    def _checkout(self, *, write: bool) -> Iterator[Connection]:
+        """A connection: IMMEDIATE transactions for writes, autocommit for reads on SQLite;
+        the thread's pinned one inside ``pinned()``, else one from the pool."""
+        pins = getattr(self._local, "pins", None)
+        if pins is not None:
+            connection = pins.get(write)
+            if connection is None or connection.closed:
+                connection = pins[write] = self._configure(self.engine.connect(), write=write)
+            try:
+                yield connection
+            except BaseException:
+                if connection.in_transaction():
+                    connection.rollback()
+                raise
+            return
+        with self.engine.connect() as connection:
+            yield self._configure(connection, write=write)
+
+    def _configure(self, connection: Connection, *, write: bool) -> Connection:
+        if write:
+            connection.execution_options(prorch_write=True)
+        elif self.is_sqlite:
+            connection.execution_options(isolation_level="AUTOCOMMIT")
+        return connection
+
+    @contextlib.contextmanager
+    def _errors(self) -> Iterator[None]:
+        """Driver errors become RepositoryError, naming the store."""
+        try:
+            yield
         except (OperationalError, InterfaceError) as exc:
             raise RepositoryError(f"{self!r}: {exc.orig or exc}") from exc
         except sqlite3.OperationalError as exc:  # raised by the fast path, not wrapped by SQLAlchemy
@@ -128,6 +169,9 @@ def _create_engine(url: str, **options: Any) -> Engine:
         options.setdefault("connect_args", {}).update(
             {"timeout": SQLITE_BUSY_TIMEOUT_SECONDS, "check_same_thread": False}
         )
+        # Every checkout ends its own transaction (commit, rollback, or an autocommit read), so
+        # the pool's ROLLBACK on return would only cost a round trip per transition.
+        options.setdefault("pool_reset_on_return", None)
     else:
         options.setdefault("pool_pre_ping", True)  # a server restart leaves dead pooled connections
     try:
