@@ -616,11 +616,14 @@ class Runner:
     def _event(self, run: _Run, kind: EventType, step: StepRecord | None, now: datetime, **data: Any) -> EventRecord:
         if step is not None:
             data.setdefault("step", step.name)
-        return EventRecord(
+        # Built from values the engine holds in the right types (``now`` is aware UTC): the
+        # record is not validated again, which matters on the hot path. It is validated on load.
+        return EventRecord.model_construct(
             uuid=new_uuid(),
             pipeline_uuid=run.pipeline.uuid,
             step_uuid=step.uuid if step else None,
             type=kind,
             at=now,
+            seq=0,
             data=data,
         )

@@ -84,12 +84,19 @@ class Step:
         self.params = params
         self.metadata: JSONDict = dict(record.metadata)
         self.outputs = outputs
-        self.logger = logging.LoggerAdapter(
-            logging.getLogger(f"prorch.steps.{self.name}"),
-            {"pipeline_uuid": record.pipeline_uuid, "step_uuid": record.uuid},
-        )
+        self._logger: logging.LoggerAdapter[logging.Logger] | None = None
 
     # --- what a hook reads ---------------------------------------------------------------------
+
+    @property
+    def logger(self) -> logging.LoggerAdapter[logging.Logger]:
+        """A logger whose records carry this pipeline's and step's uuids."""
+        if self._logger is None:
+            self._logger = logging.LoggerAdapter(
+                logging.getLogger(f"prorch.steps.{self.name}"),
+                {"pipeline_uuid": self._record.pipeline_uuid, "step_uuid": self._record.uuid},
+            )
+        return self._logger
 
     @property
     def uuid(self) -> str:

@@ -72,12 +72,31 @@ class SQLBackend:
         if getattr(self._local, "connection", None) is not None:
             yield
             return
-        with self._errors(), self._checkout(write=True) as connection, connection.begin():
-            self._local.connection = connection
-            try:
-                yield
-            finally:
-                self._local.connection = None
+        with self._errors(), self._checkout(write=True) as connection:
+            if self.is_sqlite:
+                # Everything inside is a fast-path statement on this driver connection, so the
+                # transaction is driven there too, without SQLAlchemy's bookkeeping per transition.
+                dbapi = connection.connection.driver_connection
+                assert dbapi is not None
+                dbapi.execute("BEGIN IMMEDIATE")
+                self._local.connection = connection
+                try:
+                    yield
+                except BaseException:
+                    if dbapi.in_transaction:
+                        dbapi.execute("ROLLBACK")
+                    raise
+                else:
+                    dbapi.execute("COMMIT")
+                finally:
+                    self._local.connection = None
+                return
+            with connection.begin():
+                self._local.connection = connection
+                try:
+                    yield
+                finally:
+                    self._local.connection = None
 
     @contextlib.contextmanager
     def connect(self, *, write: bool) -> Iterator[Connection]:
@@ -210,6 +229,8 @@ def _configure_sqlite(engine: Engine, synchronous: str) -> None:
         # straight to the driver: this runs once per transition, SQLAlchemy's execute path costs more
         dbapi = connection.connection.driver_connection
         assert dbapi is not None
+        if dbapi.in_transaction:  # inside a transaction driven on the driver (SQLBackend.transaction)
+            return
         dbapi.execute("BEGIN IMMEDIATE" if options.get("prorch_write", False) else "BEGIN")
 
 

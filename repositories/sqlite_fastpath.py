@@ -49,6 +49,12 @@ class SQLiteFastPath:
         self.names = [column.name for column in table.columns]
         self.kinds = [_kind(column.type) for column in table.columns]
         self.defaults = {c.name: getattr(c.default, "arg", None) for c in table.columns}
+        # one (name, default, converter) per column, so that a row is one loop without branches
+        self.encoders = [
+            (name, self.defaults[name], ENCODERS[kind]) for name, kind in zip(self.names, self.kinds, strict=True)
+        ]
+        self.encoders_without_uuid = [entry for entry in self.encoders if entry[0] != "uuid"]
+        self.required = frozenset(self.names) - {"uuid"}
         quoted = [f'"{name}"' for name in self.names]
         settable = [f'"{name}" = ?' for name in self.names if name != "uuid"]
         self.select = f'SELECT {", ".join(quoted)} FROM "{table.name}"'
@@ -58,25 +64,18 @@ class SQLiteFastPath:
         self.order = ' ORDER BY "seq", "at"' if "seq" in self.names else ""
 
     def row(self, data: JSONDict, *, with_uuid: bool = True) -> list[Any]:
-        values = []
-        for name, kind in zip(self.names, self.kinds, strict=True):
-            if name == "uuid" and not with_uuid:
-                continue
-            value = data.get(name, self.defaults[name])
-            if kind == "json":
-                value = json.dumps(value)
-            elif kind == "time":
-                value = _db_time(value)
-            elif kind == "bool" and value is not None:
-                value = int(value)
-            values.append(value)
-        return values
+        get = data.get
+        return [
+            encode(get(name, default)) if encode is not None else get(name, default)
+            for name, default, encode in (self.encoders if with_uuid else self.encoders_without_uuid)
+        ]
 
     def record(self, values: Sequence[Any]) -> JSONDict:
         result: JSONDict = {}
         for name, kind, value in zip(self.names, self.kinds, values, strict=True):
             if kind == "json":
-                value = json.loads(value) if value is not None else None
+                # SQLite gives a JSON column NUMERIC affinity: a scalar such as 7 comes back a number
+                value = json.loads(value) if isinstance(value, (str, bytes)) else value
             elif kind == "time":
                 value = _record_time(value)
             elif kind == "bool" and value is not None:
@@ -86,7 +85,14 @@ class SQLiteFastPath:
 
     def covers(self, data: JSONDict) -> bool:
         """True when ``data`` sets every column but the key (what the engine always writes)."""
-        return all(name in data for name in self.names if name != "uuid")
+        return self.required <= data.keys()
+
+
+def _db_bool(value: Any) -> int | None:
+    return None if value is None else int(value)
+
+
+ENCODERS: dict[str, Any] = {"json": json.dumps, "time": _db_time, "bool": _db_bool, "plain": None}
 
 
 def _kind(column_type: Any) -> str:

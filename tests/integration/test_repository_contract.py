@@ -236,3 +236,18 @@ def test_claims_count_up_and_leases_renew_only_for_their_owner(backend: Any) -> 
     assert stored.lease_expires_at == later and stored.revision == row["revision"] + 1  # not bumped by renew
     assert repo.renew_lease(row["uuid"], "other", later) is False
     assert repo.claim_due(later, "other", later + timedelta(seconds=60), 5)[0]["claims"] == 2
+
+
+@pytest.mark.parametrize("payload", [7, 2.5, "text", "7", True, None, [1, "a"], {"n": 1}])
+def test_json_values_of_every_shape_round_trip(backend: Any, payload: Any) -> None:
+    from prorch import MessageRecord
+
+    messages = backend("MESSAGE")
+    row = MessageRecord(uuid=new_uuid(), pipeline_uuid="p", name="m", payload=payload, sent_at=NOW).to_dict()
+    messages.save(row)
+    assert messages.get(row["uuid"])["payload"] == payload
+    assert [m["payload"] for m in messages.search(["pipeline_uuid", "p"])] == [payload]
+    steps = backend("STEP")
+    step = StepRecord(uuid=new_uuid(), pipeline_uuid="p", name="S", status=Status.FINISHED, output=payload)
+    steps.save(step.to_dict())
+    assert steps.get(step.uuid)["output"] == payload

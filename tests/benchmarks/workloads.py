@@ -1,0 +1,203 @@
+"""prorch's benchmark workloads; each run is a fresh process that prints one JSON line.
+
+    python tests/benchmarks/workloads.py w1 URL N        # N pipelines of 3 quick steps, created then run
+    python tests/benchmarks/workloads.py w2_setup URL WAITING  # WAITING idle + 10 due pipelines
+    python tests/benchmarks/workloads.py w2_pass URL           # one pass of a fresh worker over them
+    python tests/benchmarks/workloads.py w3 SQLITE_PATH N  # engine time per transition, SQLite time excluded
+    python tests/benchmarks/workloads.py w4 URL N WORKERS  # WORKERS processes, hooks sleeping 10 ms
+
+Run them all with tests/benchmarks/run.py, which writes docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import resource
+import sqlite3
+import sys
+import time
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any
+
+from prorch import OnStartMixin, Orchestrator, Pipeline, Status, Step, register_pipeline, register_step
+from prorch.pipeline import build_records
+from prorch.records import Record
+from prorch.store import Store
+from repositories import from_url
+from repositories.sql import SQLBackend
+
+SLEEP = {"seconds": 0.0}
+
+
+def quick_step(index: int) -> type[Step]:
+    def on_start(self: Step) -> None:
+        if SLEEP["seconds"]:
+            time.sleep(SLEEP["seconds"])
+
+    return register_step(type(f"Quick{index}", (OnStartMixin, Step), {"name": f"Quick{index}", "on_start": on_start}))
+
+
+Three = register_pipeline(type("Three", (Pipeline,), {"name": "Three", "steps": [quick_step(i) for i in range(3)]}))
+
+
+def rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run_to_end(orchestrator: Orchestrator) -> int:
+    transitions = 0
+    while True:
+        summary = orchestrator.execute_pipelines()
+        transitions += summary.transitions
+        if summary.claimed == 0:
+            return transitions
+
+
+def w1(url: str, n: int) -> dict[str, Any]:
+    backend = from_url(url)
+    started = time.perf_counter()
+    for _ in range(n):
+        Three.create(backend)
+    created = time.perf_counter()
+    transitions = run_to_end(Orchestrator(backend, concurrency=1))
+    done = time.perf_counter()
+    finished = len(Orchestrator(backend).list_pipelines(status="finished"))
+    assert finished == n, f"only {finished} of {n} finished"
+    return {
+        "create_per_s": n / (created - started),
+        "transitions": transitions,
+        "transitions_per_s": transitions / (done - created),
+        "rss_mb": rss_mb(),
+    }
+
+
+def bulk_insert(backend: Any, records: list[Record]) -> None:
+    """Setup only: many pipelines in one transaction (grouped by model for executemany)."""
+    order = {"STEP": 0, "EVENT": 1, "PIPELINE": 2}
+    Store(backend).insert_all(sorted(records, key=lambda r: order[r.MODEL]))
+
+
+def w2_setup(url: str, waiting: int) -> dict[str, Any]:
+    """WAITING pipelines not due for a day, and 10 due now."""
+    backend = from_url(url)
+    now = Orchestrator(backend).clock.now()
+    later = now + timedelta(days=1)
+    for start in range(0, waiting, 5000):
+        records: list[Record] = []
+        for _ in range(min(5000, waiting - start)):
+            for record in build_records(Three, {}, now=now):
+                if record.MODEL == "PIPELINE":
+                    record.next_run_at = later  # type: ignore[attr-defined]
+                records.append(record)
+        bulk_insert(backend, records)
+    for _ in range(10):
+        Three.create(backend)
+    return {"waiting": waiting, "due": 10}
+
+
+def w2_pass(url: str) -> dict[str, Any]:
+    """One pass of a fresh worker process: its time, its peak RSS, its threads."""
+    import threading
+
+    orchestrator = Orchestrator(url, concurrency=1)
+    started = time.perf_counter()
+    summary = orchestrator.execute_pipelines()
+    took = time.perf_counter() - started
+    assert summary.claimed == 10 and summary.finished == 10, summary
+    return {"pass_ms": took * 1000, "rss_mb": rss_mb(), "threads": len(threading.enumerate())}
+
+
+class TimedCursor(sqlite3.Cursor):
+    spent = 0.0
+
+    def execute(self, *args: Any) -> Any:  # type: ignore[override]
+        started = time.perf_counter()
+        try:
+            return super().execute(*args)
+        finally:
+            TimedCursor.spent += time.perf_counter() - started
+
+    def executemany(self, *args: Any) -> Any:  # type: ignore[override]
+        started = time.perf_counter()
+        try:
+            return super().executemany(*args)
+        finally:
+            TimedCursor.spent += time.perf_counter() - started
+
+
+class TimedConnection(sqlite3.Connection):
+    """Counts the time spent inside the SQLite library (statements, BEGIN, COMMIT)."""
+
+    def cursor(self, factory: Any = TimedCursor) -> Any:  # type: ignore[override]
+        return super().cursor(factory)
+
+    def execute(self, *args: Any) -> Any:  # type: ignore[override]
+        started = time.perf_counter()
+        try:
+            return super().execute(*args)
+        finally:
+            TimedCursor.spent += time.perf_counter() - started
+
+    def commit(self) -> None:
+        started = time.perf_counter()
+        try:
+            super().commit()
+        finally:
+            TimedCursor.spent += time.perf_counter() - started
+
+
+def w3(path: str, n: int) -> dict[str, Any]:
+    backend = SQLBackend(f"sqlite:///{path}", connect_args={"factory": TimedConnection})
+    for _ in range(n):
+        Three.create(backend)
+    TimedCursor.spent = 0.0
+    started = time.perf_counter()
+    transitions = run_to_end(Orchestrator(backend, concurrency=1))
+    total = time.perf_counter() - started
+    return {
+        "transitions": transitions,
+        "total_us": total / transitions * 1e6,
+        "sqlite_us": TimedCursor.spent / transitions * 1e6,
+        "engine_us": (total - TimedCursor.spent) / transitions * 1e6,
+    }
+
+
+def w4_worker(url: str, done: Any) -> None:
+    SLEEP["seconds"] = 0.010
+    orchestrator = Orchestrator(url, concurrency=1, batch_size=4)
+    while not done.is_set():
+        if orchestrator.execute_pipelines().claimed == 0:
+            time.sleep(0.01)
+
+
+def w4(url: str, n: int, workers: int) -> dict[str, Any]:
+    backend = from_url(url)
+    for _ in range(n):
+        Three.create(backend)
+    orchestrator = Orchestrator(backend)
+    done = multiprocessing.get_context("fork").Event()
+    procs = [multiprocessing.get_context("fork").Process(target=w4_worker, args=(url, done)) for _ in range(workers)]
+    started = time.perf_counter()
+    for proc in procs:
+        proc.start()
+    while orchestrator.list_pipelines(status=Status.PENDING):
+        time.sleep(0.05)
+    took = time.perf_counter() - started
+    done.set()
+    for proc in procs:
+        proc.join(30)
+    return {"workers": workers, "transitions_per_s": 3 * n / took, "seconds": took}
+
+
+if __name__ == "__main__":
+    name, *args = sys.argv[1:]
+    commands: dict[str, Callable[[], dict[str, Any]]] = {
+        "w1": lambda: w1(args[0], int(args[1])),
+        "w2_setup": lambda: w2_setup(args[0], int(args[1])),
+        "w2_pass": lambda: w2_pass(args[0]),
+        "w3": lambda: w3(args[0], int(args[1])),
+        "w4": lambda: w4(args[0], int(args[1]), int(args[2])),
+    }
+    print(json.dumps(commands[name]()))
