@@ -26,7 +26,7 @@ from prorch.registry import current_registry
 from prorch.runner import DEFAULT_LEASE_SECONDS, Outcome, Runner
 from prorch.status import EventType, Status
 from prorch.step import Step
-from prorch.store import Store
+from prorch.store import store_for
 
 
 def new_owner_id() -> str:
@@ -60,7 +60,7 @@ class Pipeline:
         """The prorch 1.0.1 form: with no ``pipeline_uuid``, store a new pipeline as ``created``
         (run it with ``.start()``); with one, load that pipeline. Prefer ``create`` / ``load``."""
         self._check_declared()
-        self._store = Store(repository if repository is not None else repository_class)
+        self._store = store_for(repository if repository is not None else repository_class)
         self._clock: Clock = clock or SystemClock()
         if pipeline_uuid is not None:
             self.record = self._fetch(pipeline_uuid)
@@ -94,7 +94,7 @@ class Pipeline:
             )
         cls._check_declared()
         self = cls.__new__(cls)
-        self._store = Store(repository)
+        self._store = store_for(repository)
         self._clock = clock or SystemClock()
         merged = dict(context or {})
         if tenant is not None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime
 from typing import Any, TypeVar
@@ -78,6 +80,26 @@ def _load(record_type: type[RecordT], data: Any) -> RecordT:
     except (ValidationError, TypeError, ValueError) as exc:
         uuid = data.get("uuid") if isinstance(data, dict) else None
         raise CorruptRecordError(f"stored {record_type.MODEL} record {uuid!r} is not valid: {exc}", uuid=uuid) from exc
+
+
+_stores: weakref.WeakKeyDictionary[Any, Store] = weakref.WeakKeyDictionary()
+_stores_lock = threading.Lock()
+
+
+def store_for(repository: object) -> Store:
+    """The ``Store`` of a repository (URL, backend or class), made once per backend: detecting
+    capabilities is not free, and ``Pipeline.create`` runs on every web request."""
+    backend = resolve_backend(repository)
+    try:
+        found = _stores.get(backend)
+    except TypeError:  # not weak-referenceable: make one each time
+        return Store(backend)
+    if found is None:
+        with _stores_lock:
+            found = _stores.get(backend)
+            if found is None:
+                found = _stores[backend] = Store(backend)
+    return found
 
 
 class Store:
