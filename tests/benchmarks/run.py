@@ -177,12 +177,21 @@ def render(results: dict[str, Any], runs: int, sizes: list[int], waiting: int) -
     def m(key: str, field: str) -> float | None:
         return median(results[key], field) if key in results else None
 
+    def end_to_end(key: str, size: int) -> float | None:
+        run_rate, create_rate = m(key, "transitions_per_s"), m(key, "create_per_s")
+        if not run_rate or not create_rate:
+            return None
+        return 3 * size / (size / create_rate + 3 * size / run_rate)
+
     n = sizes[0]
     w1 = m(f"w1/sqlite/{n}", "transitions_per_s")
-    w1_full = m(f"w1/sqlite-full/{n}", "transitions_per_s")
+    w1_e2e = end_to_end(f"w1/sqlite/{n}", n)
+    w1_full = end_to_end(f"w1/sqlite-full/{n}", n)
     dbos_inline = m("dbos/inline", "transitions_per_s")
     dbos_start = m("dbos/start", "transitions_per_s")
-    seed_100 = m("seed/100", "transitions_per_s")
+    seed_1000 = m("seed/1000", "transitions_per_s")
+    seed_dnf = "seed/1000" in results and seed_1000 is None
+    seed_bound = seed_1000 or (3 * 1000 / SEED_TIMEOUT if seed_dnf else None)
     w4 = {w: m(f"w4/{w}", "transitions_per_s") for w in (1, 2, 4)}
     w3_engine = m("w3", "engine_us")
     w2_ms = m("w2", "pass_ms")
@@ -211,10 +220,7 @@ def render(results: dict[str, Any], runs: int, sizes: list[int], waiting: int) -
             if key not in results:
                 continue
             run_rate = m(key, "transitions_per_s")
-            create_rate = m(key, "create_per_s")
-            e2e = None
-            if run_rate and create_rate:
-                e2e = 3 * size / (size / create_rate + 3 * size / run_rate)
+            e2e = end_to_end(key, size)
             label = {
                 "sqlite-full": "sqlite, synchronous=full",
                 "sqlite": "sqlite (default: WAL, synchronous=normal)",
@@ -262,19 +268,29 @@ def render(results: dict[str, Any], runs: int, sizes: list[int], waiting: int) -
         "",
         "| target | measured | verdict |",
         "|---|---|---|",
-        target_row("W1 SQLite ≥ 1,600 transitions/s", w1, 1600),
+        target_row("W1 SQLite ≥ 1,600 transitions/s (run phase)", w1, 1600),
+        target_row("W1 SQLite ≥ 1,600 transitions/s (end to end: create + run)", w1_e2e, 1600),
         target_row(
-            "W1 SQLite ≥ 10x DBOS (best mode, same run)",
-            w1 / best_dbos if w1 and best_dbos else None,
+            "W1 SQLite ≥ 10x DBOS (end to end, DBOS's best mode, same run)",
+            w1_e2e / best_dbos if w1_e2e and best_dbos else None,
             10,
             unit="x",
             digits=1,
         ),
         target_row(
-            "W1 SQLite ≥ 100x prorch 1.0.1 (N=100)", w1 / seed_100 if w1 and seed_100 else None, 100, unit="x", digits=1
+            "W1 SQLite ≥ 100x prorch 1.0.1 at N=1,000"
+            + (
+                f" (1.0.1 did not finish in {SEED_TIMEOUT} s: at most {seed_bound:.0f}/s)"
+                if seed_dnf and seed_bound
+                else ""
+            ),
+            w1_e2e / seed_bound if w1_e2e and seed_bound else None,
+            100,
+            unit="x" if not seed_dnf else "x or more",
+            digits=0,
         ),
         target_row(
-            "W1 ahead of DBOS at the same synchronous setting (FULL)",
+            "W1 ahead of DBOS at the same synchronous setting (FULL), end to end",
             w1_full / best_dbos if w1_full and best_dbos else None,
             1,
             unit="x",
