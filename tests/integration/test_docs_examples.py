@@ -35,3 +35,18 @@ def test_example_runs(name: str, tmp_path: Path) -> None:
 def test_every_example_is_checked() -> None:
     examples = {p.name for p in (ROOT / "docs" / "examples").glob("*.py") if not p.name.startswith("_")}
     assert examples - {"sqlite3_repository.py"} == set(EXPECTED)  # sqlite3_repository: the contract suite
+
+
+def test_the_tutorials_code_runs(tmp_path: Path) -> None:
+    import re
+
+    blocks = re.findall(r"```python\n(.*?)```", (ROOT / "docs" / "tutorial.md").read_text(), re.S)
+    (tmp_path / "trial.py").write_text(blocks[0])
+    (tmp_path / "test_trial.py").write_text(blocks[2])
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(ROOT)])}
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "test_trial.py"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "2 passed" in done.stdout
