@@ -47,6 +47,7 @@ class AtomicJSONStorage(Storage):
         self._stamp: tuple[int, int, int] | None = None
         self.buffering = False  # inside a transaction: writes stay in memory until flush()
         self._dirty = False
+        self.next_ids: dict[str, int] = {}  # per table; forgotten whenever the file is read again
 
     def _file_stamp(self) -> tuple[int, int, int] | None:
         try:
@@ -76,6 +77,7 @@ class AtomicJSONStorage(Storage):
         if not isinstance(data, dict) or not all(isinstance(v, dict) for v in data.values()):
             raise CorruptStoreError(f"TinyDB store {self.path} does not hold TinyDB tables; it was left untouched")
         self._cache, self._stamp = data, stamp
+        self.next_ids = {}
         return data
 
     def write(self, data: dict[str, dict[str, Any]]) -> None:
@@ -94,9 +96,11 @@ class AtomicJSONStorage(Storage):
     def forget(self) -> None:
         """Drop the cache (after a failed transaction): the next read comes from the file."""
         self._cache, self._stamp, self._dirty = None, None, False
+        self.next_ids = {}
 
     def _replace(self, data: dict[str, dict[str, Any]]) -> None:
-        payload = json.dumps(data, indent=1, ensure_ascii=False)
+        # compact: json only uses its C encoder without indent (pretty-print with python -m json.tool)
+        payload = json.dumps(data, ensure_ascii=False)
         fd, temp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
         try:
             with os.fdopen(fd, "w", encoding="utf-8") as handle:
@@ -186,10 +190,13 @@ class TinyDBRepository(IRepository):
         return (self.backend.storage.read() or {}).get(self.name, {})
 
     def _write_row(self, doc_id: str | None, row: JSONDict) -> str:
-        data = self.backend.storage.read() or {}
+        storage = self.backend.storage
+        data = storage.read() or {}
         table = data.setdefault(self.name, {})
         if doc_id is None:
-            doc_id = str(max((int(key) for key in table), default=0) + 1)
+            next_id = storage.next_ids.get(self.name) or max((int(key) for key in table), default=0) + 1
+            storage.next_ids[self.name] = next_id + 1
+            doc_id = str(next_id)
         table[doc_id] = row
         self.backend.storage.write(data)
         return doc_id
