@@ -74,6 +74,10 @@ class CorruptRecordError(RepositoryError):
     """A stored record does not match prorch's record schema."""
 
 
+class CorruptStoreError(RepositoryError):
+    """The store's file is not a valid store; it was left untouched."""
+
+
 class ConcurrentUpdateError(RepositoryError):
     """The record changed since it was read (another orchestrator holds it); the write was refused."""
 

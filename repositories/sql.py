@@ -19,9 +19,16 @@ from typing import Any
 
 from sqlalchemy import Connection, Engine, Integer, bindparam, create_engine, event, select, text, update
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError, InterfaceError, NoSuchModuleError, OperationalError, SQLAlchemyError
+from sqlalchemy.exc import (
+    ArgumentError,
+    DatabaseError,
+    InterfaceError,
+    NoSuchModuleError,
+    OperationalError,
+    SQLAlchemyError,
+)
 
-from prorch.exceptions import ConfigurationError, RepositoryError
+from prorch.exceptions import ConfigurationError, CorruptStoreError, RepositoryError
 from prorch.records import format_timestamp, to_utc
 from prorch.repository import IRepository
 from repositories.schema import SCHEMA_REVISION, TABLES, VERSION_TABLE
@@ -52,7 +59,15 @@ class SQLBackend:
         self._local = threading.local()
         self._repositories: dict[str, SQLRepository] = {}
         if migrate:
-            upgrade(self)
+            try:
+                upgrade(self)
+            except DatabaseError as exc:
+                if not self.is_sqlite:
+                    raise RepositoryError(f"cannot open {self!r}: {exc.orig or exc}") from exc
+                raise CorruptStoreError(
+                    f"{self.url} is not a usable SQLite store ({exc.orig or exc}); it was left untouched: "
+                    "restore it from a backup, or point prorch at another file"
+                ) from exc
 
     def __call__(self, model: str) -> SQLRepository:
         repository = self._repositories.get(model)

@@ -25,16 +25,12 @@ from typing import Any
 from filelock import FileLock
 from tinydb.storages import Storage
 
-from prorch.exceptions import ConfigurationError, RepositoryError
+from prorch.exceptions import ConfigurationError, CorruptStoreError
 from prorch.records import Metadata, format_timestamp
 from prorch.repository import IRepository
 
 JSONDict = dict[str, Any]
 TERMINAL = ("finished", "failed", "cancelled")
-
-
-class CorruptStoreError(RepositoryError):
-    """The TinyDB file is not a valid store; it was left as it is."""
 
 
 class AtomicJSONStorage(Storage):

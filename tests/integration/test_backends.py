@@ -15,12 +15,11 @@ from pathlib import Path
 import pytest
 from sqlalchemy import create_engine, inspect, text
 
-from prorch import ConfigurationError, Orchestrator, PipelineRecord, Status
+from prorch import ConfigurationError, CorruptStoreError, Orchestrator, PipelineRecord, Status
 from prorch.records import new_uuid
 from repositories import from_url
 from repositories.schema import SCHEMA_REVISION, VERSION_TABLE
 from repositories.sql import SQLBackend, upgrade
-from repositories.tinydb import CorruptStoreError
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -177,3 +176,12 @@ def test_one_backend_per_url_per_process(tmp_path: Path) -> None:
     )
     out, err = child.communicate(timeout=60)
     assert out.strip() == "0", err
+
+
+def test_a_file_that_is_not_a_sqlite_database_is_reported_and_left_untouched(tmp_path: Path) -> None:
+    store = tmp_path / "notes.db"
+    store.write_text("shopping list: milk, eggs\n" * 200)
+    before = store.read_bytes()
+    with pytest.raises(CorruptStoreError, match=r"is not a usable SQLite store .*left untouched"):
+        from_url(f"sqlite:///{store}")
+    assert store.read_bytes() == before
