@@ -28,9 +28,9 @@ from prorch.exceptions import (
     StepUsageError,
 )
 from prorch.mixins import defines_hook
-from prorch.plugins import plugins_for
 from prorch.records import ErrorInfo, EventRecord, MessageRecord, PipelineRecord, Record, StepRecord, new_uuid
 from prorch.registry import Registry
+from prorch.runtime import HookRuntime
 from prorch.status import (
     PIPELINE_EVENT_FOR,
     TERMINAL,
@@ -65,7 +65,7 @@ class Outcome:
 
 
 @dataclass
-class _Run:
+class Run:
     """The state of one advance: the records as last written and what is pending to write."""
 
     pipeline: PipelineRecord
@@ -92,47 +92,6 @@ class _Run:
             and s.rollback is None
             and self.classes[s.uuid].on_rollback is not Step.on_rollback
         ]
-
-
-class _Runtime:
-    """What one hook call may reach beyond its step: messages and plugins. Its effects join
-    the run only if the hook returns without raising."""
-
-    def __init__(self, runner: Runner, run: _Run, now: datetime) -> None:
-        self.runner = runner
-        self.registry = runner.registry
-        self.run = run
-        self.now = now
-        self.consumed: list[MessageRecord] = []
-        self.events: list[EventRecord] = []
-
-    def receive(self, step: Step, name: str) -> Any:
-        taken = {m.uuid for m in self.run.consumed} | {m.uuid for m in self.consumed}
-        for message in self.runner.store.messages_of(self.run.pipeline.uuid):
-            if message.name == name and message.consumed_at is None and message.uuid not in taken:
-                message.consumed_at = self.now
-                self.consumed.append(message)
-                record = self.run.steps[[s.uuid for s in self.run.steps].index(step.uuid)]
-                self.events.append(
-                    self.runner._event(
-                        self.run, EventType.MESSAGE_RECEIVED, record, self.now, name=name, message=message.uuid
-                    )
-                )
-                return message.payload
-        return None
-
-    def plugins(self, step: Step, point: str, kwargs: dict[str, Any]) -> list[Any]:
-        found = plugins_for(self.runner.registry.plugins, step.name or "", point, step.tenant)
-        return [plugin.func(step, **kwargs) for plugin in found]
-
-    def create_pipeline(self, pipeline: Any, params: Any, uuid: str, options: dict[str, Any]) -> None:
-        """Create a pipeline with a given uuid, once (for reactions)."""
-        cls = self.registry.pipeline(pipeline) if isinstance(pipeline, str) else pipeline
-        cls.create(self.runner.store.backend, params, uuid=uuid, clock=self.runner.clock, **options)
-
-    def merge(self) -> None:
-        self.run.consumed.extend(self.consumed)
-        self.run.events.extend(self.events)
 
 
 class _Stop(Exception):
@@ -181,7 +140,7 @@ class Runner:
         override = self.step_overrides.get(cls.name or "")
         return override.max_attempts if override and override.max_attempts is not None else cls.max_attempts
 
-    def _deadline(self, run: _Run, step: StepRecord) -> datetime | None:
+    def _deadline(self, run: Run, step: StepRecord) -> datetime | None:
         timeout = self._timeout(run.classes[step.uuid])
         if timeout is None or step.started_at is None or step.status != Status.PENDING:
             return None
@@ -237,13 +196,13 @@ class Runner:
             changed.append(step)
         self._move(run.pipeline, Status.PENDING)
         run.pipeline.last_error = None
-        run.events.append(self._event(run, EventType.PIPELINE_RETRIED, None, now, steps=[s.name for s in changed]))
+        run.events.append(self.make_event(run, EventType.PIPELINE_RETRIED, None, now, steps=[s.name for s in changed]))
         self._commit(run, changed, stop=True)
         return self._outcome(run)
 
     # --- the loop --------------------------------------------------------------------------
 
-    def _loop(self, run: _Run) -> None:
+    def _loop(self, run: Run) -> None:
         while run.pipeline.status not in TERMINAL:
             now = self.clock.now()
             rollbacks = run.pending_rollbacks()
@@ -266,12 +225,12 @@ class Runner:
             if not go_on:
                 return
 
-    def _has_mail(self, run: _Run) -> bool:
+    def _has_mail(self, run: Run) -> bool:
         return any(m.consumed_at is None for m in self.store.messages_of(run.pipeline.uuid))
 
     # --- loading -----------------------------------------------------------------------------
 
-    def _load(self, pipeline: PipelineRecord) -> _Run:
+    def _load(self, pipeline: PipelineRecord) -> Run:
         pipeline_cls = self.registry.pipeline(pipeline.name, pipeline.version)
         order = {cls.name: index for index, cls in enumerate(pipeline_cls.steps)}
         steps = sorted(
@@ -283,15 +242,15 @@ class Runner:
         if pipeline_cls.Params is not None:
             params = pipeline_cls.Params.model_validate(pipeline.params)
         outputs = {s.name: s.output for s in steps if s.status == Status.FINISHED}
-        return _Run(pipeline=pipeline, steps=steps, classes=classes, params=params, outputs=outputs)
+        return Run(pipeline=pipeline, steps=steps, classes=classes, params=params, outputs=outputs)
 
-    def _instance(self, run: _Run, step: StepRecord, now: datetime, runtime: _Runtime | None = None) -> Step:
+    def _instance(self, run: Run, step: StepRecord, now: datetime, runtime: HookRuntime | None = None) -> Step:
         cls = run.classes[step.uuid]
         return cls(record=step, pipeline=run.pipeline, params=run.params, outputs=run.outputs, now=now, runtime=runtime)
 
     # --- one turn: one hook call and its transition --------------------------------------------
 
-    def _turn(self, run: _Run, step: StepRecord, now: datetime) -> bool:
+    def _turn(self, run: Run, step: StepRecord, now: datetime) -> bool:
         """Run the step's next hook and persist the result; True to go on in this pass."""
         cls = run.classes[step.uuid]
         first_run = step.status == Status.CREATED
@@ -299,7 +258,7 @@ class Runner:
         run.transitions += 1
         step.attempt = max(step.attempt, 1)
         instance: Step | None = None
-        runtime = _Runtime(self, run, now)
+        runtime = HookRuntime(self, run, now)
         try:
             instance = self._instance(run, step, now, runtime)
             if first_run and defines_hook(cls, "on_start"):
@@ -313,11 +272,11 @@ class Runner:
         step.metadata = instance.metadata
         if first_run:
             if not any(s.started_at for s in run.steps):
-                run.events.append(self._event(run, EventType.PIPELINE_STARTED, None, now))
+                run.events.append(self.make_event(run, EventType.PIPELINE_STARTED, None, now))
             self._move(step, Status.PENDING)
             step.started_at = now
             run.pipeline.metadata["current_step"] = step.uuid
-            run.events.append(self._event(run, EventType.STEP_STARTED, step, now, attempt=step.attempt))
+            run.events.append(self.make_event(run, EventType.STEP_STARTED, step, now, attempt=step.attempt))
         verdict = instance.verdict
         if verdict is None and not has_continue:
             verdict = Verdict("finish")
@@ -325,7 +284,7 @@ class Runner:
 
     def _apply(
         self,
-        run: _Run,
+        run: Run,
         step: StepRecord,
         instance: Step,
         verdict: Verdict | None,
@@ -362,7 +321,7 @@ class Runner:
             self._end_step(run, step, Status.CANCELLED, EventType.STEP_CANCELLED, now)
         return self._commit(run, [step], stop=False)
 
-    def _hook_failed(self, run: _Run, step: StepRecord, exc: Exception, now: datetime) -> bool:
+    def _hook_failed(self, run: Run, step: StepRecord, exc: Exception, now: datetime) -> bool:
         cls = run.classes[step.uuid]
         step.error = ErrorInfo.from_exception(exc)
         context = {"pipeline_uuid": run.pipeline.uuid, "step_uuid": step.uuid}
@@ -387,7 +346,7 @@ class Runner:
         self._end_step(run, step, Status.FAILED, EventType.STEP_FAILED, now, error=step.error.message)
         return self._commit(run, [step], stop=False)
 
-    def _time_out(self, run: _Run, step: StepRecord, now: datetime) -> None:
+    def _time_out(self, run: Run, step: StepRecord, now: datetime) -> None:
         cls = run.classes[step.uuid]
         run.transitions += 1
         error = StepTimeoutError(f"step {step.name} timed out: no verdict within {self._timeout(cls):g}s of its start")
@@ -401,14 +360,14 @@ class Runner:
         self._commit(run, [step], stop=False)
 
     def _schedule_retry(
-        self, run: _Run, step: StepRecord, attempt: int, exc: Exception, now: datetime, **data: Any
+        self, run: Run, step: StepRecord, attempt: int, exc: Exception, now: datetime, **data: Any
     ) -> float:
         """Back off before attempt ``attempt + 1``: record when, say so in the history, stop."""
         cls = run.classes[step.uuid]
         delay = backoff_delay(attempt, cls.retry_delay, cls.retry_max_delay)
         step.next_run_at = now + timedelta(seconds=delay)
         retry_at = step.next_run_at.isoformat()
-        event = self._event(
+        event = self.make_event(
             run, EventType.STEP_RETRYING, step, now, attempt=attempt + 1, error=str(exc), retry_at=retry_at, **data
         )
         run.events.append(event)
@@ -417,7 +376,7 @@ class Runner:
 
     # --- rollback -------------------------------------------------------------------------------
 
-    def _roll_back(self, run: _Run, step: StepRecord, now: datetime) -> bool:
+    def _roll_back(self, run: Run, step: StepRecord, now: datetime) -> bool:
         """Run one finished step's ``on_rollback``; retried like a hook, then given up on."""
         cls = run.classes[step.uuid]
         run.transitions += 1
@@ -432,16 +391,16 @@ class Runner:
             logger.error("on_rollback of step %s in pipeline %s failed for good: %s", step.name, run.pipeline.uuid, exc)
             step.rollback = "failed"
             step.error = error
-            run.events.append(self._event(run, EventType.STEP_ROLLBACK_FAILED, step, now, error=error.message))
+            run.events.append(self.make_event(run, EventType.STEP_ROLLBACK_FAILED, step, now, error=error.message))
         else:
             step.rollback = "done"
-            run.events.append(self._event(run, EventType.STEP_ROLLED_BACK, step, now))
+            run.events.append(self.make_event(run, EventType.STEP_ROLLED_BACK, step, now))
         step.next_run_at = None
         return self._commit(run, [step], stop=False)
 
     # --- cancel, quarantine ------------------------------------------------------------------
 
-    def _cancel(self, run: _Run) -> None:
+    def _cancel(self, run: Run) -> None:
         now = self.clock.now()
         step = run.current_step()
         run.pipeline.cancel_requested = False
@@ -450,7 +409,7 @@ class Runner:
             self._end_step(run, step, Status.CANCELLED, EventType.STEP_CANCELLED, now)
         self._commit(run, [step] if step else [], stop=True)
 
-    def _run_on_cancel(self, run: _Run, step: StepRecord, now: datetime, instance: Step | None = None) -> None:
+    def _run_on_cancel(self, run: Run, step: StepRecord, now: datetime, instance: Step | None = None) -> None:
         cls = run.classes[step.uuid]
         if cls.on_cancel is Step.on_cancel:
             return
@@ -460,7 +419,7 @@ class Runner:
             step.error = ErrorInfo.from_exception(exc)
             logger.error("on_cancel of step %s in pipeline %s raised %s", step.name, run.pipeline.uuid, exc)
 
-    def _quarantine(self, run: _Run) -> None:
+    def _quarantine(self, run: Run) -> None:
         """Workers died holding this pipeline again and again: fail it instead of running its
         hooks once more (no rollback either: a rollback hook may be what kills them)."""
         now = self.clock.now()
@@ -494,14 +453,14 @@ class Runner:
         record.status = status
 
     def _end_step(
-        self, run: _Run, step: StepRecord, status: Status, event: EventType, now: datetime, **data: Any
+        self, run: Run, step: StepRecord, status: Status, event: EventType, now: datetime, **data: Any
     ) -> None:
         self._move(step, status)
         step.finished_at = now
         step.next_run_at = None
-        run.events.append(self._event(run, event, step, now, **data))
+        run.events.append(self.make_event(run, event, step, now, **data))
 
-    def _settle(self, run: _Run) -> bool:
+    def _settle(self, run: Run) -> bool:
         """Derive the pipeline's status from its steps; True when the record changed. A failed
         pipeline stays pending until its rollbacks have run."""
         pipeline = run.pipeline
@@ -516,10 +475,10 @@ class Runner:
                 pipeline.last_error = next(
                     (s.error for s in run.steps if s.status == Status.FAILED), pipeline.last_error
                 )
-            run.events.append(self._event(run, PIPELINE_EVENT_FOR[derived], None, self.clock.now()))
+            run.events.append(self.make_event(run, PIPELINE_EVENT_FOR[derived], None, self.clock.now()))
         return True
 
-    def _wake_time(self, run: _Run, now: datetime) -> datetime:
+    def _wake_time(self, run: Run, now: datetime) -> datetime:
         """When the pipeline is next due: its step's wait or backoff, or its timeout if sooner."""
         rollbacks = run.pending_rollbacks()
         step = rollbacks[0] if rollbacks else run.current_step()
@@ -528,7 +487,7 @@ class Runner:
         candidates = [t for t in (step.next_run_at, None if rollbacks else self._deadline(run, step)) if t is not None]
         return min(candidates) if candidates else now
 
-    def _commit(self, run: _Run, steps: list[StepRecord], *, stop: bool) -> bool:
+    def _commit(self, run: Run, steps: list[StepRecord], *, stop: bool) -> bool:
         """Persist one transition; returns whether the pass goes on with this pipeline."""
         self._settle(run)
         pipeline = run.pipeline
@@ -563,7 +522,7 @@ class Runner:
         run.consumed = []
         return not stop
 
-    def _on_conflict(self, run: _Run, steps: list[StepRecord], added: list[Record]) -> bool:
+    def _on_conflict(self, run: Run, steps: list[StepRecord], added: list[Record]) -> bool:
         """Our write was refused because someone else wrote the pipeline. If we still hold the
         lease, it was an outside request: a cancel (applied now, our transition dropped) or a
         message's wake-up (merged: the write is made again). Otherwise the lease was lost: False."""
@@ -586,7 +545,7 @@ class Runner:
         run.steps = fresh_run.steps
         raise _Stop()
 
-    def _park(self, run: _Run, until: datetime) -> None:
+    def _park(self, run: Run, until: datetime) -> None:
         """Stop for now without running a hook: release the lease, be due again at ``until``."""
         pipeline = run.pipeline
         if pipeline.lease_owner is None and pipeline.next_run_at == until:
@@ -606,14 +565,14 @@ class Runner:
             self.store.commit([pipeline])
         return Outcome(pipeline.uuid, pipeline.status, blocked=reason)
 
-    def _outcome(self, run: _Run) -> Outcome:
+    def _outcome(self, run: Run) -> Outcome:
         pipeline = run.pipeline
         waiting = pipeline.next_run_at if pipeline.status == Status.PENDING else None
         if waiting is not None and waiting <= self.clock.now():
             waiting = None
         return Outcome(pipeline.uuid, pipeline.status, run.transitions, waiting_until=waiting)
 
-    def _event(self, run: _Run, kind: EventType, step: StepRecord | None, now: datetime, **data: Any) -> EventRecord:
+    def make_event(self, run: Run, kind: EventType, step: StepRecord | None, now: datetime, **data: Any) -> EventRecord:
         if step is not None:
             data.setdefault("step", step.name)
         # Built from values the engine holds in the right types (``now`` is aware UTC): the
