@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 import socket
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from datetime import datetime, timedelta
 from typing import Any, ClassVar
 
@@ -105,6 +105,50 @@ class Pipeline:
             return self
         self.record = self._insert(params, status=Status.PENDING, context=merged, priority=priority, uuid=uuid)
         return self
+
+    @classmethod
+    def create_many(
+        cls,
+        repository: Any,
+        params: Iterable[Any],
+        *,
+        tenant: str | None = None,
+        context: JSONDict | None = None,
+        priority: int | None = None,
+        clock: Clock | None = None,
+    ) -> list[Pipeline]:
+        """``create`` for a batch, in one transaction: every params is validated first, and an
+        invalid one raises ``InvalidParamsError`` naming its index, storing nothing."""
+        cls._check_declared()
+        store = store_for(repository)
+        clock = clock or SystemClock()
+        merged = dict(context or {})
+        if tenant is not None:
+            merged["tenant"] = tenant
+        validated = []
+        for index, item in enumerate(params):
+            try:
+                validated.append(cls.validate_params(item))
+            except InvalidParamsError as exc:
+                raise InvalidParamsError(f"params #{index}: {exc}") from exc
+        now = clock.now()
+        records = [build_records(cls, item, now=now, context=merged, priority=priority) for item in validated]
+        pipelines = [group[-1] for group in records]
+        created = [record for group in records for record in group if isinstance(record, EventRecord)]
+        from prorch.reactions import reaction_tasks
+
+        tasks = reaction_tasks(current_registry(), cls.name or "", created, now)
+        order = {StepRecord.MODEL: 0, EventRecord.MODEL: 1, PipelineRecord.MODEL: 2}
+        flat = sorted((record for group in records for record in group), key=lambda r: order[r.MODEL])
+        store.insert_all([*tasks, *flat])  # steps first, pipelines last, one transaction
+        made = []
+        for record in pipelines:
+            instance = cls.__new__(cls)
+            instance._store, instance._clock = store, clock
+            assert isinstance(record, PipelineRecord)
+            instance.record = record
+            made.append(instance)
+        return made
 
     @classmethod
     def load(cls, repository: Any, uuid: str, *, clock: Clock | None = None) -> Pipeline:

@@ -73,6 +73,22 @@ def w1(url: str, n: int) -> dict[str, Any]:
     }
 
 
+def w1_batch(url: str, n: int) -> dict[str, Any]:
+    """W1 with the pipelines created by one ``create_many`` instead of one ``create`` each."""
+    backend = from_url(url)
+    started = time.perf_counter()
+    Three.create_many(backend, [{}] * n)
+    created = time.perf_counter()
+    transitions = run_to_end(Orchestrator(backend, concurrency=1))
+    done = time.perf_counter()
+    return {
+        "create_per_s": n / (created - started),
+        "transitions": transitions,
+        "transitions_per_s": transitions / (done - created),
+        "rss_mb": rss_mb(),
+    }
+
+
 def bulk_insert(backend: Any, records: list[Record]) -> None:
     """Setup only: many pipelines in one transaction (grouped by model for executemany)."""
     order = {"STEP": 0, "EVENT": 1, "PIPELINE": 2}
@@ -188,6 +204,7 @@ if __name__ == "__main__":
     name, *args = sys.argv[1:]
     commands: dict[str, Callable[[], dict[str, Any]]] = {
         "w1": lambda: w1(args[0], int(args[1])),
+        "w1_batch": lambda: w1_batch(args[0], int(args[1])),
         "w2_setup": lambda: w2_setup(args[0], int(args[1])),
         "w2_pass": lambda: w2_pass(args[0]),
         "w3": lambda: w3(args[0], int(args[1])),

@@ -251,3 +251,21 @@ def test_json_values_of_every_shape_round_trip(backend: Any, payload: Any) -> No
     step = StepRecord(uuid=new_uuid(), pipeline_uuid="p", name="S", status=Status.FINISHED, output=payload)
     steps.save(step.to_dict())
     assert steps.get(step.uuid)["output"] == payload
+
+
+def test_create_many_then_run(backend: Any, registry: Registry) -> None:
+    class Once(OnStartMixin, Step):
+        name = "Once"
+
+        def on_start(self) -> None:
+            self.finish({"n": self.params["n"]})
+
+    register_step(Once)
+    p = register_pipeline(type("Batch", (Pipeline,), {"name": "Batch", "steps": [Once]}))
+    harness = Harness(backend, registry=registry)
+    made = p.create_many(backend, [{"n": i} for i in range(20)], clock=harness.clock)
+    assert len({m.uuid for m in made}) == 20
+    for _ in range(3):
+        harness.run_pass()
+    outputs = sorted(harness.orchestrator.get(m.uuid).steps[0].output["n"] for m in made)
+    assert outputs == list(range(20))

@@ -488,3 +488,19 @@ def test_harness_drive_stops_at_a_wait_without_moving_the_clock(harness: Harness
     assert (CALLS, harness.clock.now()) == (["continue"], start)
     assert harness.run_until_done(run.uuid) == "finished"
     assert CALLS == ["continue", "continue", "continue", "B.start"]
+
+
+def test_create_many_stores_a_batch_or_nothing(harness: Harness, registry: Registry) -> None:
+    class Params(BaseModel):
+        n: int
+
+    p = pipeline_of(quick("A"), Params=Params)
+    with pytest.raises(InvalidParamsError, match=r"params #2: invalid params for pipeline P: n:"):
+        p.create_many(harness.repository, [{"n": 1}, {"n": 2}, {"n": "three"}], clock=harness.clock)
+    assert harness.orchestrator.list_pipelines() == []
+    assert harness.repository.tables.get("STEP", {}) == {}
+    made = p.create_many(harness.repository, [{"n": i} for i in range(5)], tenant="acme", clock=harness.clock)
+    assert [m.params.n for m in made] == list(range(5))
+    assert harness.run_pass().finished == 5
+    assert all(r.context == {"tenant": "acme"} for r in harness.orchestrator.list_pipelines())
+    assert CALLS.count("A.start") == 5
