@@ -12,7 +12,7 @@ that drives passes with no sleeping.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prorch.clock import FakeClock
 from prorch.orchestrator import Orchestrator, PassSummary
@@ -20,9 +20,20 @@ from prorch.pipeline import Pipeline
 from prorch.records import EventRecord
 from prorch.registry import Registry, isolated_registry
 from prorch.status import TERMINAL
-from repositories.memory import MemoryBackend
+
+if TYPE_CHECKING:
+    from repositories.memory import MemoryBackend
 
 __all__ = ["FakeClock", "Harness", "MemoryBackend", "isolated_registry"]
+
+
+def __getattr__(name: str) -> Any:
+    """``MemoryBackend`` is re-exported lazily: prorch reaches backends only on demand."""
+    if name == "MemoryBackend":
+        from repositories.memory import MemoryBackend
+
+        return MemoryBackend
+    raise AttributeError(name)
 
 
 class Harness:
@@ -36,6 +47,8 @@ class Harness:
         registry: Registry | None = None,
         **orchestrator_options: Any,
     ) -> None:
+        from repositories.memory import MemoryBackend
+
         self.clock = clock or FakeClock()
         self.repository = repository if repository is not None else MemoryBackend()
         self.orchestrator = Orchestrator(self.repository, clock=self.clock, registry=registry, **orchestrator_options)
