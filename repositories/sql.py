@@ -105,6 +105,8 @@ class SQLBackend:
                     dbapi.execute("COMMIT")
                 finally:
                     self._local.connection = None
+                    if connection.in_transaction():  # a statement through SQLAlchemy autobegan: reset
+                        connection.rollback()  # a no-op for the driver, which is already done
                 return
             with connection.begin():
                 self._local.connection = connection

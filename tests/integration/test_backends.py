@@ -185,3 +185,20 @@ def test_a_file_that_is_not_a_sqlite_database_is_reported_and_left_untouched(tmp
     with pytest.raises(CorruptStoreError, match=r"is not a usable SQLite store .*left untouched"):
         from_url(f"sqlite:///{store}")
     assert store.read_bytes() == before
+
+
+def test_a_partial_update_inside_a_sqlite_transaction_leaves_the_connection_usable(tmp_path: Path) -> None:
+    backend = from_url(f"sqlite:///{tmp_path / 'mixed.db'}")
+    pipelines = backend("PIPELINE")
+    row = PipelineRecord(uuid=new_uuid(), name="P", status=Status.PENDING).to_dict()
+    with backend.pinned():  # type: ignore[attr-defined]  # one connection for both transactions
+        with backend.transaction():  # type: ignore[attr-defined]
+            pipelines.save(row)
+            pipelines.update(row["uuid"], {"status": "finished"})  # partial: through SQLAlchemy
+        with backend.transaction():  # type: ignore[attr-defined]
+            pipelines.update(row["uuid"], {**row, "priority": 5})
+        other = PipelineRecord(uuid=new_uuid(), name="Q", status=Status.PENDING).to_dict()
+        pipelines.save(other)  # a write of its own (SQLAlchemy's begin) on the same connection
+    stored = pipelines.get(row["uuid"])
+    assert (stored["status"], stored["priority"]) == ("pending", 5)
+    assert pipelines.get(other["uuid"]) is not None
