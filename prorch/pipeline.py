@@ -26,7 +26,7 @@ from prorch.registry import current_registry
 from prorch.runner import DEFAULT_LEASE_SECONDS, Outcome, Runner
 from prorch.status import EventType, Status
 from prorch.step import Step
-from prorch.store import store_for
+from prorch.store import Store, store_for
 
 
 def new_owner_id() -> str:
@@ -93,17 +93,14 @@ class Pipeline:
                 repository, params, tenant=tenant, context=context, priority=priority, clock=clock, uuid=uuid
             )
         cls._check_declared()
-        self = cls.__new__(cls)
-        self._store = store_for(repository)
-        self._clock = clock or SystemClock()
-        merged = dict(context or {})
-        if tenant is not None:
-            merged["tenant"] = tenant
-        existing = self._store.get_pipeline(uuid) if uuid is not None else None
+        store, clock = store_for(repository), clock or SystemClock()
+        existing = store.get_pipeline(uuid) if uuid is not None else None
         if existing is not None:
-            self.record = existing
-            return self
-        self.record = self._insert(params, status=Status.PENDING, context=merged, priority=priority, uuid=uuid)
+            return cls._bound(store, clock, existing)
+        self = cls._bound(store, clock, None)
+        self.record = self._insert(
+            params, status=Status.PENDING, context=_with_tenant(context, tenant), priority=priority, uuid=uuid
+        )
         return self
 
     @classmethod
@@ -120,11 +117,8 @@ class Pipeline:
         """``create`` for a batch, in one transaction: every params is validated first, and an
         invalid one raises ``InvalidParamsError`` naming its index, storing nothing."""
         cls._check_declared()
-        store = store_for(repository)
-        clock = clock or SystemClock()
-        merged = dict(context or {})
-        if tenant is not None:
-            merged["tenant"] = tenant
+        store, clock = store_for(repository), clock or SystemClock()
+        merged = _with_tenant(context, tenant)
         validated = []
         for index, item in enumerate(params):
             try:
@@ -132,23 +126,17 @@ class Pipeline:
             except InvalidParamsError as exc:
                 raise InvalidParamsError(f"params #{index}: {exc}") from exc
         now = clock.now()
-        records = [build_records(cls, item, now=now, context=merged, priority=priority) for item in validated]
-        pipelines = [group[-1] for group in records]
-        created = [record for group in records for record in group if isinstance(record, EventRecord)]
-        from prorch.reactions import reaction_tasks
+        groups = [build_records(cls, item, now=now, context=merged, priority=priority) for item in validated]
+        return [cls._bound(store, clock, pipeline) for pipeline in store_new(store, groups, now)]
 
-        tasks = reaction_tasks(current_registry(), cls.name or "", created, now)
-        order = {StepRecord.MODEL: 0, EventRecord.MODEL: 1, PipelineRecord.MODEL: 2}
-        flat = sorted((record for group in records for record in group), key=lambda r: order[r.MODEL])
-        store.insert_all([*tasks, *flat])  # steps first, pipelines last, one transaction
-        made = []
-        for record in pipelines:
-            instance = cls.__new__(cls)
-            instance._store, instance._clock = store, clock
-            assert isinstance(record, PipelineRecord)
-            instance.record = record
-            made.append(instance)
-        return made
+    @classmethod
+    def _bound(cls, store: Store, clock: Clock, record: PipelineRecord | None) -> Pipeline:
+        """An instance for a record, without the 1.0.1 constructor's side effects."""
+        self = cls.__new__(cls)
+        self._store, self._clock = store, clock
+        if record is not None:
+            self.record = record
+        return self
 
     @classmethod
     def load(cls, repository: Any, uuid: str, *, clock: Clock | None = None) -> Pipeline:
@@ -196,19 +184,12 @@ class Pipeline:
     def _insert(
         self, params: Any, *, status: Status, context: JSONDict, priority: int | None, uuid: str | None = None
     ) -> PipelineRecord:
-        from prorch.reactions import reaction_tasks
-
         stored_params = self.validate_params(params)
         now = self._clock.now()
         records = build_records(
             type(self), stored_params, now=now, status=status, context=context, priority=priority, uuid=uuid
         )
-        pipeline = records[-1]
-        assert isinstance(pipeline, PipelineRecord)
-        created = [r for r in records if isinstance(r, EventRecord)]
-        tasks = reaction_tasks(current_registry(), pipeline.name, created, now)
-        # Steps first, the pipeline last: a pipeline record is never visible without its steps.
-        self._store.insert_all([*tasks, *records])
+        (pipeline,) = store_new(self._store, [records], now)
         return pipeline
 
     def _fetch(self, uuid: str) -> PipelineRecord:
@@ -307,3 +288,25 @@ def build_records(
         data={"name": record.name, "version": record.version},
     )
     return [*steps, created, record]
+
+
+def store_new(store: Store, groups: list[list[Record]], now: datetime) -> list[PipelineRecord]:
+    """Store new pipelines (each group from ``build_records``) and the reaction tasks their
+    ``pipeline.created`` events trigger, in one transaction: steps first, pipelines last, so a
+    pipeline record is never visible without its steps. Returns the pipeline records."""
+    from prorch.reactions import reaction_tasks
+
+    records = [record for group in groups for record in group]
+    pipelines = [record for record in records if isinstance(record, PipelineRecord)]
+    created = [record for record in records if isinstance(record, EventRecord)]
+    tasks = reaction_tasks(current_registry(), pipelines[0].name, created, now) if pipelines else []
+    order = {StepRecord.MODEL: 0, EventRecord.MODEL: 1, PipelineRecord.MODEL: 2}
+    store.insert_all([*tasks, *sorted(records, key=lambda record: order[record.MODEL])])
+    return pipelines
+
+
+def _with_tenant(context: JSONDict | None, tenant: str | None) -> JSONDict:
+    merged = dict(context or {})
+    if tenant is not None:
+        merged["tenant"] = tenant
+    return merged

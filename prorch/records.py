@@ -152,5 +152,3 @@ class Metadata:
         EVENT_MODEL: "pipeline_events",
         MESSAGE_MODEL: "pipeline_messages",
     }
-
-    MODELS: ClassVar[tuple[str, ...]] = (PIPELINES_MODEL, STEP_MODEL, EVENT_MODEL, MESSAGE_MODEL)

@@ -127,9 +127,6 @@ class Registry:
             self.add_step(RunReaction)
             self.add_pipeline(ReactionPipeline)
 
-    def pipeline_names(self) -> list[str]:
-        return sorted(self.pipelines)
-
 
 def _lookup(table: dict[str, dict[int, ClassT]], kind: str, name: str, version: int | None) -> ClassT:
     versions = table.get(name)

@@ -37,7 +37,6 @@ logger = logging.getLogger("prorch.store")
 RecordT = TypeVar("RecordT", bound=Record)
 T = TypeVar("T")
 
-RepositoryLike = str | RepositoryFactory
 _warned_backends: set[int] = set()
 
 
