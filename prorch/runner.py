@@ -531,8 +531,6 @@ class Runner:
             return False
         if not fresh.cancel_requested:
             run.woken = True
-            for step in steps:
-                step.revision -= 1  # the refused write bumped them in memory; write them again
             run.pipeline.revision = fresh.revision
             if run.pipeline.status not in TERMINAL and run.pipeline.lease_owner is None:
                 run.pipeline.next_run_at = self.clock.now()

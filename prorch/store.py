@@ -264,14 +264,21 @@ class Store:
         the pipeline from them."""
         steps = [record for record in changed if not isinstance(record, PipelineRecord)]
         pipelines = [record for record in changed if isinstance(record, PipelineRecord)]
-        with self._unit():
-            for step in steps:
-                self._write(step)
-            for message in touched:
-                _call("update a message", self.messages.update, message.uuid, message.to_dict())
-            self._save(added)
-            for pipeline in pipelines:
-                self._write(pipeline)
+        revisions = [record.revision for record in changed]
+        try:
+            with self._unit():
+                for step in steps:
+                    self._write(step)
+                for message in touched:
+                    _call("update a message", self.messages.update, message.uuid, message.to_dict())
+                self._save(added)
+                for pipeline in pipelines:
+                    self._write(pipeline)
+        except BaseException:
+            # The unit did not happen: the records keep the revisions they were read with.
+            for record, revision in zip(changed, revisions, strict=True):
+                record.revision = revision
+            raise
 
     def _write(self, record: PipelineRecord | StepRecord) -> None:
         expected = record.revision
@@ -286,7 +293,6 @@ class Store:
                 record.to_dict(),
             )
             if not written:
-                record.revision = expected
                 raise ConcurrentUpdateError(
                     f"{record.MODEL} {record.uuid} changed since it was read (revision {expected}); "
                     "another orchestrator holds it or it was cancelled",
