@@ -8,7 +8,7 @@ import logging
 import os
 import signal
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -307,12 +307,10 @@ class Orchestrator:
             self.runner.cancel(claimed)
         return self.get(uuid)
 
-    def _request_cancel(self, uuid: str, attempts: int = 20) -> None:
-        for _ in range(attempts):
-            record = self._require(uuid)
+    def _request_cancel(self, uuid: str) -> None:
+        def change(record: PipelineRecord, now: datetime) -> list[EventRecord] | None:
             if record.status in TERMINAL:
-                return
-            now = self.clock.now()
+                return None
             record.cancel_requested = True
             record.next_run_at = now
             event = EventRecord(
@@ -323,12 +321,31 @@ class Orchestrator:
                 seq=(record.revision + 1) * 1000,
                 data={"held_by": record.lease_owner},
             )
+            return [event]
+
+        if not self._change_pipeline(uuid, change):
+            raise InvalidStateError(f"pipeline {uuid} kept changing while a cancel was requested; try again")
+
+    def _change_pipeline(
+        self,
+        uuid: str,
+        change: Callable[[PipelineRecord, datetime], list[EventRecord] | None],
+        attempts: int = 20,
+    ) -> bool:
+        """Read the pipeline, apply ``change`` (None: nothing to write), write it by
+        compare-and-set; read again and retry when another writer got there first. False when
+        every attempt was beaten."""
+        for _ in range(attempts):
+            record = self._require(uuid)
+            events = change(record, self.clock.now())
+            if events is None:
+                return True
             try:
-                self.store.commit([record], [event])
-                return
+                self.store.commit([record], events)
+                return True
             except ConcurrentUpdateError:
                 continue
-        raise InvalidStateError(f"pipeline {uuid} kept changing while a cancel was requested; try again")
+        return False
 
     def retry(self, uuid: str) -> PipelineState:
         """Resume a failed pipeline from its failed step, with fresh attempts."""
@@ -359,24 +376,21 @@ class Orchestrator:
         self._wake(uuid)
         return message
 
-    def _wake(self, uuid: str, attempts: int = 20) -> None:
+    def _wake(self, uuid: str) -> None:
         """Make the pipeline due now. A worker holding it sees its next write refused and
         merges the wake-up (see ``Runner._on_conflict``)."""
-        for _ in range(attempts):
-            record = self._require(uuid)
-            now = self.clock.now()
+
+        def change(record: PipelineRecord, now: datetime) -> list[EventRecord] | None:
             if record.status != Status.PENDING:
-                return
+                return None
             held = record.lease_expires_at is not None and record.lease_expires_at > now
             if not held and record.next_run_at is not None and record.next_run_at <= now:
-                return  # already due, and nobody to tell
+                return None  # already due, and nobody to tell
             record.next_run_at = now if record.next_run_at is None else min(record.next_run_at, now)
-            try:
-                self.store.commit([record])
-                return
-            except ConcurrentUpdateError:
-                continue
-        logger.warning("pipeline %s kept changing; its message is stored and will be read at its next run", uuid)
+            return []
+
+        if not self._change_pipeline(uuid, change):
+            logger.warning("pipeline %s kept changing; its message is stored and will be read at its next run", uuid)
 
     def _require(self, uuid: str) -> PipelineRecord:
         record = self.store.get_pipeline(uuid)
