@@ -50,6 +50,14 @@ class InvalidMessageError(ProrchError, ValueError):
     """A message's name or payload is invalid; nothing was stored."""
 
 
+class UnstorableValueError(ProrchError, ValueError):
+    """A value is not JSON (NaN, infinity, a NUL character, a non-str key, or a non-JSON object)."""
+
+
+class UnstorableResultError(ProrchError):
+    """A hook's results (metadata, output, consumed messages) could not be stored: a failed attempt."""
+
+
 class StepUsageError(ProrchError):
     """A step's control call (finish, fail, cancel, wait) was used the wrong way."""
 
@@ -60,6 +68,14 @@ class PipelineNotFoundError(ProrchError, LookupError):
 
 class StepTimeoutError(ProrchError):
     """The step did not reach a verdict within its timeout."""
+
+
+class HookTimeoutError(StepTimeoutError):
+    """A hook call did not return within its bound; its thread was abandoned."""
+
+
+class WorkerUnhealthyError(ProrchError):
+    """The worker holds more abandoned (hung) hook threads than allowed; restart it."""
 
 
 class InvalidStateError(ProrchError):

@@ -5,28 +5,32 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Iterable
-from datetime import timedelta
+from datetime import datetime, timedelta
 from types import TracebackType
 
 from prorch.clock import Clock
+from prorch.records import PipelineRecord
 from prorch.store import Store
 
 logger = logging.getLogger("prorch.leases")
 
 
 class LeaseKeeper:
-    """Renews, every third of the lease length, the leases of the pipelines it holds.
+    """Renews, every third of the lease length, the leases of the pipelines it holds, each by the
+    token it was claimed with.
 
     A renewal that fails means the lease was lost (it expired and another worker claimed the
-    pipeline): it is logged, and that pipeline's next write is refused by compare-and-set.
+    pipeline): it is logged, and that pipeline's next write is refused by compare-and-set. A
+    pipeline whose hook has run past its time limit is renewed no more, so that another worker
+    can take it over when this one is stuck.
     """
 
-    def __init__(self, store: Store, owner: str, lease_seconds: float, clock: Clock) -> None:
+    def __init__(self, store: Store, lease_seconds: float, clock: Clock) -> None:
         self.store = store
-        self.owner = owner
         self.lease_seconds = lease_seconds
         self.clock = clock
-        self._held: set[str] = set()
+        self._held: dict[str, str] = {}  # pipeline uuid -> lease token
+        self._limits: dict[str, datetime] = {}  # pipeline uuid -> renew no later than this
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -44,21 +48,31 @@ class LeaseKeeper:
         if self._thread is not None:
             self._thread.join()
 
-    def hold(self, uuids: Iterable[str]) -> None:
+    def hold(self, records: Iterable[PipelineRecord]) -> None:
         with self._lock:
-            self._held.update(uuids)
+            self._held.update((r.uuid, r.lease_owner) for r in records if r.lease_owner is not None)
 
     def drop(self, uuid: str) -> None:
         with self._lock:
-            self._held.discard(uuid)
+            self._held.pop(uuid, None)
+            self._limits.pop(uuid, None)
+
+    def limit(self, uuid: str, until: datetime | None) -> None:
+        """Renew the lease of ``uuid`` only while the clock is before ``until`` (None: always)."""
+        with self._lock:
+            if until is None:
+                self._limits.pop(uuid, None)
+            else:
+                self._limits[uuid] = until
 
     def renew_all(self) -> None:
+        now = self.clock.now()
         with self._lock:
-            held = list(self._held)
-        until = self.clock.now() + timedelta(seconds=self.lease_seconds)
-        for uuid in held:
+            held = [(uuid, token) for uuid, token in self._held.items() if self._limits.get(uuid, now) >= now]
+        until = now + timedelta(seconds=self.lease_seconds)
+        for uuid, token in held:
             try:
-                if not self.store.renew_lease(uuid, self.owner, until):
+                if not self.store.renew_lease(uuid, token, until):
                     logger.warning("lease of pipeline %s was lost", uuid, extra={"pipeline_uuid": uuid})
                     self.drop(uuid)
             except Exception as exc:  # the store is down: the lease may lapse; the CAS still guards

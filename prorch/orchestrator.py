@@ -3,7 +3,7 @@ operations on one pipeline (read, cancel, retry)."""
 
 from __future__ import annotations
 
-import json
+import itertools
 import logging
 import os
 import signal
@@ -23,7 +23,11 @@ from prorch.exceptions import (
     PipelineNotFoundError,
     ProrchError,
     RepositoryError,
+    UnstorableValueError,
+    WorkerUnhealthyError,
 )
+from prorch.hooks import HookCaller
+from prorch.jsonvalue import check_json, copy_json
 from prorch.leases import LeaseKeeper
 from prorch.pipeline import new_owner_id
 from prorch.records import ErrorInfo, EventRecord, MessageRecord, PipelineRecord, StepRecord, new_uuid
@@ -37,6 +41,10 @@ logger = logging.getLogger("prorch.orchestrator")
 DEFAULT_CONCURRENCY = 4
 DEFAULT_BATCH_SIZE = 100
 DEFAULT_INTERVAL_SECONDS = 5.0
+DEFAULT_SHUTDOWN_GRACE_SECONDS = 30.0
+"""How long a stopping worker waits for running hooks before it exits anyway."""
+EXIT_FORCED = 1
+"""Exit status of a worker that stopped without waiting for its hooks (a second signal, or the grace ran out)."""
 
 
 @dataclass
@@ -60,6 +68,7 @@ class PassSummary:
     waiting: int = 0
     blocked: dict[str, str] = field(default_factory=dict)
     errors: dict[str, str] = field(default_factory=dict)
+    abandoned_hooks: int = 0  # hung hook threads of this orchestrator still running after the pass
 
     def add(self, outcome: Outcome) -> None:
         if outcome.blocked:
@@ -106,6 +115,9 @@ class Orchestrator:
         max_turns_per_pass: int = DEFAULT_MAX_TURNS_PER_PASS,
         max_crashes: int = DEFAULT_MAX_CRASHES,
         step_overrides: Mapping[str, StepOverride] | None = None,
+        hook_timeout: float | None = None,
+        max_abandoned_hooks: int | None = None,
+        shutdown_grace: float = DEFAULT_SHUTDOWN_GRACE_SECONDS,
         clock: Clock | None = None,
         registry: Registry | None = None,
     ) -> None:
@@ -113,28 +125,41 @@ class Orchestrator:
             repository = config.repository_class
         if concurrency < 1 or batch_size < 1 or lease_seconds <= 0:
             raise ValueError("concurrency and batch_size must be >= 1 and lease_seconds > 0")
+        if (hook_timeout is not None and hook_timeout <= 0) or shutdown_grace < 0:
+            raise ValueError("hook_timeout must be > 0 (or None) and shutdown_grace >= 0")
         self.store = Store(repository)
         self._stop = threading.Event()
         self.clock: Clock = clock or SystemClock()
         self.registry = registry or current_registry()
         self.owner = new_owner_id()
+        self._claims = itertools.count(1)
         self.batch_size = batch_size
         self.lease_seconds = lease_seconds
+        self.shutdown_grace = shutdown_grace
         # Hooks run in threads only on a backend that says it is thread-safe.
         self.concurrency = concurrency if self.store.thread_safe else 1
+        self.max_abandoned_hooks = concurrency if max_abandoned_hooks is None else max_abandoned_hooks
+        self.hooks = HookCaller()
         self.runner = Runner(
             self.store,
             self.registry,
             self.clock,
-            owner=self.owner if self.store.can_claim else None,
             lease_seconds=lease_seconds,
             max_turns=max_turns_per_pass,
             max_crashes=max_crashes,
             step_overrides=step_overrides,
+            hook_timeout=hook_timeout,
+            hooks=self.hooks,
             should_stop=self._stopping,
+            request_stop=self.stop,
         )
 
     # --- the pass -------------------------------------------------------------------------------
+
+    def new_lease_token(self) -> str:
+        """A token for one claim: a lease is ours only while the stored token is this one, so a
+        hook thread abandoned in an earlier pass can never write over a later claim."""
+        return f"{self.owner}#{next(self._claims)}"
 
     def execute_pipelines(self) -> PassSummary:
         """One pass: claim the due pipelines (up to ``batch_size``), advance each, and return
@@ -143,15 +168,15 @@ class Orchestrator:
         summary = PassSummary()
         now = self.clock.now()
         lease_until = now + timedelta(seconds=self.lease_seconds)
-        claimed = self.store.claim_due(now, self.owner, lease_until, self.batch_size)
+        claimed = self.store.claim_due(now, self.new_lease_token(), lease_until, self.batch_size)
         summary.claimed = len(claimed)
-        with LeaseKeeper(self.store, self.owner, self.lease_seconds, self.clock) as keeper:
-            keeper.hold(p.uuid for p in claimed)
+        with LeaseKeeper(self.store, self.lease_seconds, self.clock) as keeper:
+            keeper.hold(claimed)
 
             def advance(pipeline: PipelineRecord) -> Outcome | str:
                 try:
                     with self.store.session():
-                        return self._advance_one(pipeline)
+                        return self._advance_one(pipeline, keeper)
                 finally:
                     keeper.drop(pipeline.uuid)
 
@@ -166,6 +191,7 @@ class Orchestrator:
                 summary.add(result)
             else:
                 summary.errors[pipeline.uuid] = result
+        summary.abandoned_hooks = self.hooks.abandoned
         if summary.did_something:
             logger.info(
                 "pass: claimed %d, finished %d, failed %d, waiting %d, blocked %d, errors %d",
@@ -178,9 +204,9 @@ class Orchestrator:
             )
         return summary
 
-    def _advance_one(self, pipeline: PipelineRecord) -> Outcome | str:
+    def _advance_one(self, pipeline: PipelineRecord, keeper: LeaseKeeper | None = None) -> Outcome | str:
         try:
-            return self.runner.advance(pipeline)
+            return self.runner.advance(pipeline, keeper)
         except ConcurrentUpdateError as exc:
             logger.warning(
                 "pipeline %s: write refused, another orchestrator holds it: %s",
@@ -193,28 +219,31 @@ class Orchestrator:
             logger.exception(
                 "pipeline %s: advance failed: %s", pipeline.uuid, exc, extra={"pipeline_uuid": pipeline.uuid}
             )
-            self._record_error(pipeline.uuid, exc)
+            self._record_error(pipeline, exc)
             return f"{type(exc).__name__}: {exc}"
 
-    def _record_error(self, uuid: str, exc: Exception) -> None:
+    def _record_error(self, claimed: PipelineRecord, exc: Exception) -> None:
         """Keep the error on the pipeline for a look, and release its lease (best effort: the
-        repository may be what failed)."""
+        repository may be what failed). An error is not a crash: no crash is charged."""
         try:
-            record = self.store.get_pipeline(uuid)
+            record = self.store.get_pipeline(claimed.uuid)
             if record is None or record.status in TERMINAL:
                 return
             record.last_error = ErrorInfo.from_exception(exc)
-            if record.lease_owner == self.owner:
+            if claimed.lease_owner is None or record.lease_owner == claimed.lease_owner:
                 record.lease_owner = None
                 record.lease_expires_at = None
-                record.claims = 0  # an error, not a crash
+                record.claims = 0
+                record.hook_started_at = None
             self.store.commit([record])
         except Exception as again:  # the repository is still down: the lease expires by itself
-            logger.warning("pipeline %s: could not record the error: %s", uuid, again)
+            logger.warning("pipeline %s: could not record the error: %s", claimed.uuid, again)
 
     def run_forever(self, interval: float = DEFAULT_INTERVAL_SECONDS) -> None:
         """Run passes every ``interval`` seconds until ``stop()`` or SIGTERM/SIGINT; a pass with
-        a full batch is followed at once by the next."""
+        a full batch is followed at once by the next. Raises ``WorkerUnhealthyError`` when more
+        hung hook threads were abandoned than ``max_abandoned_hooks``, for a supervisor to
+        restart the process."""
         restore = self._install_signal_handlers()
         try:
             while not self._stop.is_set():
@@ -224,6 +253,11 @@ class Orchestrator:
                     logger.error("pass failed, retrying in %.1fs: %s", interval, exc)
                     self._stop.wait(interval)
                     continue
+                if summary.abandoned_hooks > self.max_abandoned_hooks:
+                    raise WorkerUnhealthyError(
+                        f"{summary.abandoned_hooks} hung hook threads are still running (limit "
+                        f"{self.max_abandoned_hooks}); exiting so that the supervisor starts a fresh worker"
+                    )
                 if summary.claimed < self.batch_size:
                     self._stop.wait(interval)
         finally:
@@ -246,9 +280,16 @@ class Orchestrator:
             name = signal.Signals(signum).name
             if self._stop.is_set():
                 logger.warning("received %s again: exiting now (leases expire by themselves)", name)
-                os._exit(1)
-            logger.info("received %s: letting running hooks finish, releasing leases, then exiting", name)
+                os._exit(EXIT_FORCED)
+            logger.info(
+                "received %s: letting running hooks finish (up to %gs), releasing leases, then exiting",
+                name,
+                self.shutdown_grace,
+            )
             self.stop()
+            timer = threading.Timer(self.shutdown_grace, self._grace_over)
+            timer.daemon = True
+            timer.start()
 
         for sig in previous:
             signal.signal(sig, handle)
@@ -258,6 +299,13 @@ class Orchestrator:
                 signal.signal(sig, handler)
 
         return restore
+
+    def _grace_over(self) -> None:
+        """Hooks still run after the shutdown grace: exit anyway, non-zero (their leases expire
+        and their pipelines are charged as crashed; the others were released or expire)."""
+        logger.error("hooks still running %gs after the stop signal: exiting without them", self.shutdown_grace)
+        logging.shutdown()
+        os._exit(EXIT_FORCED)
 
     # --- reading -------------------------------------------------------------------------------
 
@@ -300,7 +348,7 @@ class Orchestrator:
         if record.status in TERMINAL:
             raise InvalidStateError(f"pipeline {uuid} is already {record.status.value}; nothing to cancel")
         now = self.clock.now()
-        claimed = self.store.claim_one(uuid, now, self.owner, now + timedelta(seconds=self.lease_seconds))
+        claimed = self.store.claim_one(uuid, now, self.new_lease_token(), now + timedelta(seconds=self.lease_seconds))
         if claimed is None:
             self._request_cancel(uuid)
         elif claimed.status not in TERMINAL:
@@ -364,9 +412,10 @@ class Orchestrator:
         if not isinstance(name, str) or not name:
             raise InvalidMessageError("a message needs a non-empty name")
         try:
-            payload = json.loads(json.dumps(payload, allow_nan=False))
-        except (TypeError, ValueError) as exc:
-            raise InvalidMessageError(f"message payload is not JSON-compatible: {exc}") from exc
+            check_json(payload, "payload")
+        except UnstorableValueError as exc:
+            raise InvalidMessageError(f"message payload cannot be stored: {exc}") from exc
+        payload = copy_json(payload)
         sent_at = self.clock.now()
         earlier = self.store.messages_of(uuid)
         if earlier and earlier[-1].sent_at >= sent_at:  # keep "oldest first" well defined

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 from collections.abc import Iterable, Sequence
@@ -19,7 +18,9 @@ from prorch.exceptions import (
     PipelineNameNotDefinedError,
     PipelineNotFoundError,
     StepsNotDefinedError,
+    UnstorableValueError,
 )
+from prorch.jsonvalue import check_json, copy_json
 from prorch.leases import LeaseKeeper
 from prorch.records import EventRecord, JSONDict, PipelineRecord, Record, StepRecord, new_uuid
 from prorch.registry import current_registry
@@ -158,7 +159,7 @@ class Pipeline:
 
     @classmethod
     def validate_params(cls, params: Any) -> JSONDict:
-        """``params`` as stored: checked against ``Params`` (or as JSON-compatible data)."""
+        """``params`` as stored: checked against ``Params`` (or as JSON values), never converted."""
         if cls.Params is not None:
             try:
                 model = params if isinstance(params, cls.Params) else cls.Params.model_validate(params or {})
@@ -167,19 +168,22 @@ class Pipeline:
                     f"{'.'.join(str(p) for p in err['loc']) or 'params'}: {err['msg']}" for err in exc.errors()
                 )
                 raise InvalidParamsError(f"invalid params for pipeline {cls.name}: {problems}") from exc
-            return model.model_dump(mode="json")
-        if params is None:
+            result: JSONDict = model.model_dump(mode="json")
+        elif params is None:
             return {}
-        if not isinstance(params, dict):
+        elif not isinstance(params, dict):
             raise InvalidParamsError(f"params for pipeline {cls.name} must be a dict, got {type(params).__name__}")
+        else:
+            result = params
         try:
-            result: JSONDict = json.loads(json.dumps(params, allow_nan=False))
-        except (TypeError, ValueError) as exc:
+            check_json(result, "params")
+        except UnstorableValueError as exc:
             raise InvalidParamsError(
-                f"params for pipeline {cls.name} are not JSON-compatible ({exc}); declare a Params "
-                "pydantic model to accept richer types"
+                f"params for pipeline {cls.name} cannot be stored: {exc}; declare a Params pydantic model "
+                "to accept richer types"
             ) from exc
-        return result
+        copied: JSONDict = copy_json(result)
+        return copied
 
     def _insert(
         self, params: Any, *, status: Status, context: JSONDict, priority: int | None, uuid: str | None = None
@@ -209,10 +213,10 @@ class Pipeline:
         record = self._store.claim_one(self.uuid, now, owner, lease_until)
         if record is None:
             raise InvalidStateError(f"pipeline {self.uuid} is being run by another orchestrator; try again later")
-        runner = Runner(self._store, current_registry(), self._clock, owner=owner)
-        with LeaseKeeper(self._store, owner, DEFAULT_LEASE_SECONDS, self._clock) as keeper:
-            keeper.hold([self.uuid])
-            outcome = runner.advance(record)
+        runner = Runner(self._store, current_registry(), self._clock)
+        with LeaseKeeper(self._store, DEFAULT_LEASE_SECONDS, self._clock) as keeper:
+            keeper.hold([record])
+            outcome = runner.advance(record, keeper)
         self.refresh()
         return outcome
 
@@ -309,4 +313,9 @@ def _with_tenant(context: JSONDict | None, tenant: str | None) -> JSONDict:
     merged = dict(context or {})
     if tenant is not None:
         merged["tenant"] = tenant
-    return merged
+    try:
+        check_json(merged, "context")
+    except UnstorableValueError as exc:
+        raise InvalidParamsError(f"the pipeline's context cannot be stored: {exc}") from exc
+    copied: JSONDict = copy_json(merged)
+    return copied

@@ -63,17 +63,31 @@ class Record(BaseModel):
 RecordT = TypeVar("RecordT", bound=Record)
 
 
+MAX_ERROR_TEXT = 20_000
+"""An error's message and traceback are cut to this many characters (a driver may quote rows)."""
+
+
+def _storable(text: str) -> str:
+    """Error text that any store takes: NUL shown as ``\\x00`` (PostgreSQL refuses it), cut."""
+    text = text.replace("\x00", "\\x00")
+    return text if len(text) <= MAX_ERROR_TEXT else text[:MAX_ERROR_TEXT] + " [...]"
+
+
+ErrorText = Annotated[str, AfterValidator(_storable)]
+
+
 class ErrorInfo(BaseModel):
     """An exception as stored on a step or pipeline: enough to debug without the process."""
 
     type: str
-    message: str
-    traceback: str | None = None
+    message: ErrorText
+    traceback: ErrorText | None = None
+    hook: str | None = None  # the hook that failed (on_start, on_continue, ...), when one did
 
     @classmethod
-    def from_exception(cls, exc: BaseException) -> ErrorInfo:
+    def from_exception(cls, exc: BaseException, hook: str | None = None) -> ErrorInfo:
         text = "".join(traceback_module.format_exception(type(exc), exc, exc.__traceback__))
-        return cls(type=type(exc).__name__, message=str(exc), traceback=text)
+        return cls(type=type(exc).__name__, message=str(exc), traceback=text, hook=hook)
 
 
 class PipelineRecord(Record):
@@ -92,9 +106,11 @@ class PipelineRecord(Record):
     lease_owner: str | None = None
     lease_expires_at: Timestamp | None = None
     last_error: ErrorInfo | None = None
-    claims: int = 0  # claims since the last clean release: >1 means a worker died holding it
+    claims: int = 0  # claims since the last clean release (informational)
     cancel_requested: bool = False  # Orchestrator.cancel() while another worker held it
     revision: int = 0  # bumped on every write; compare-and-set target
+    hook_started_at: Timestamp | None = None  # a hook is running (set before it, cleared with its result)
+    crashes: int = 0  # workers that died in a row while one of this pipeline's hooks was running
 
 
 class StepRecord(Record):

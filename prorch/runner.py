@@ -9,7 +9,6 @@ compare-and-set on the pipeline's revision. A worker that lost its lease has its
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import random
 from collections.abc import Callable, Mapping
@@ -17,16 +16,24 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
+from pydantic import BaseModel
+
 from prorch.clock import Clock
 from prorch.config import StepOverride
 from prorch.exceptions import (
     ConcurrentUpdateError,
-    InvalidOutputError,
+    HookTimeoutError,
     InvalidStateError,
     NotRegisteredError,
+    RepositoryError,
     StepTimeoutError,
     StepUsageError,
+    UnstorableResultError,
+    UnstorableValueError,
 )
+from prorch.hooks import HookCaller
+from prorch.jsonvalue import check_json, copy_json
+from prorch.leases import LeaseKeeper
 from prorch.mixins import defines_hook
 from prorch.records import ErrorInfo, EventRecord, MessageRecord, PipelineRecord, Record, StepRecord, new_uuid
 from prorch.registry import Registry
@@ -48,9 +55,13 @@ DEFAULT_LEASE_SECONDS = 60.0
 DEFAULT_MAX_TURNS_PER_PASS = 100
 """How many step hooks one pipeline may run in one pass before it yields to the others."""
 DEFAULT_MAX_CRASHES = 3
-"""How many times in a row a worker may die holding a pipeline before it is quarantined."""
-NEVER_RETRIED: tuple[type[BaseException], ...] = (StepUsageError, InvalidOutputError)
+"""How many workers in a row may die while one of a pipeline's hooks runs before it is quarantined."""
+NEVER_RETRIED: tuple[type[BaseException], ...] = (StepUsageError,)
 """Programming errors: a retry would fail the same way."""
+STORE_ATTEMPTS = 10
+"""Attempts a step gets, at least, when the store fails to take its results (it may be a blip)."""
+MAX_MERGES = 1000
+"""Outside writes merged into one transition before giving up (a safety net, never reached)."""
 
 
 @dataclass
@@ -77,6 +88,10 @@ class Run:
     consumed: list[MessageRecord] = field(default_factory=list)
     transitions: int = 0
     woken: bool = False  # a message arrived while we held the pipeline: be due again at once
+    token: str | None = None  # the lease token we claimed the pipeline with (None: no leases)
+    keeper: LeaseKeeper | None = None  # renews our lease; told to stop when a hook overruns
+    crashed_hook_at: datetime | None = None  # a worker died while a hook that began then ran
+    dirty: bool = False  # changed in memory without a transition (a crash charged)
 
     def current_step(self) -> StepRecord | None:
         return next((s for s in self.steps if s.status in (Status.CREATED, Status.PENDING)), None)
@@ -94,10 +109,6 @@ class Run:
         ]
 
 
-class _Stop(Exception):
-    """Ends an advance early: a cancel request took over the pipeline."""
-
-
 def backoff_delay(attempt: int, base: float = 1.0, cap: float = 300.0) -> float:
     """Seconds before retry number ``attempt``: exponential, capped, with jitter (50-100%)."""
     ceiling = min(cap, base * 2 ** max(attempt - 1, 0))
@@ -113,22 +124,26 @@ class Runner:
         registry: Registry,
         clock: Clock,
         *,
-        owner: str | None = None,
         lease_seconds: float = DEFAULT_LEASE_SECONDS,
         max_turns: int = DEFAULT_MAX_TURNS_PER_PASS,
         max_crashes: int = DEFAULT_MAX_CRASHES,
         step_overrides: Mapping[str, StepOverride] | None = None,
+        hook_timeout: float | None = None,
+        hooks: HookCaller | None = None,
         should_stop: Callable[[], bool] = lambda: False,
+        request_stop: Callable[[], None] | None = None,
     ) -> None:
         self.store = store
         self.registry = registry
         self.clock = clock
-        self.owner = owner
         self.lease_seconds = lease_seconds
         self.max_turns = max_turns
         self.max_crashes = max_crashes
         self.step_overrides = dict(step_overrides or {})
+        self.hook_timeout = hook_timeout
+        self.hooks = hooks or HookCaller()
         self.should_stop = should_stop
+        self.request_stop = request_stop
 
     # --- settings: configuration overrides class attributes ----------------------------------
 
@@ -141,22 +156,42 @@ class Runner:
         return override.max_attempts if override and override.max_attempts is not None else cls.max_attempts
 
     def _deadline(self, run: Run, step: StepRecord) -> datetime | None:
+        """When the step must have a verdict: ``timeout`` after its start. A step whose
+        ``on_start`` was running when its worker died started when that hook did."""
         timeout = self._timeout(run.classes[step.uuid])
-        if timeout is None or step.started_at is None or step.status != Status.PENDING:
+        if timeout is None:
             return None
-        return step.started_at + timedelta(seconds=timeout)
+        if step.status == Status.PENDING and step.started_at is not None:
+            started = step.started_at
+        elif step.status == Status.CREATED and run.crashed_hook_at is not None:
+            started = run.crashed_hook_at
+        else:
+            return None
+        return started + timedelta(seconds=timeout)
+
+    def _bound(self, run: Run, step: StepRecord, now: datetime, *, own_hook: bool) -> float | None:
+        """Seconds one hook call may take: until the step's deadline for ``on_start`` and
+        ``on_continue``, the step's ``timeout`` for its other hooks, else the default."""
+        timeout = self._timeout(run.classes[step.uuid])
+        if timeout is None:
+            return self.hook_timeout
+        deadline = self._deadline(run, step) if own_hook else None
+        return (deadline - now).total_seconds() if deadline is not None else timeout
 
     # --- entry points ----------------------------------------------------------------------
 
-    def advance(self, pipeline: PipelineRecord) -> Outcome:
-        """Run the pipeline's due work now. The record must be claimed by this runner, or the
-        store must be one without claims, used by a single orchestrator."""
+    def advance(self, pipeline: PipelineRecord, keeper: LeaseKeeper | None = None) -> Outcome:
+        """Run the pipeline's due work now. The record must be claimed by this runner (its
+        ``lease_owner`` is our lease token), or the store must be one without claims, used by a
+        single orchestrator."""
         try:
             run = self._load(pipeline)
         except NotRegisteredError as exc:
             return self._blocked(pipeline, str(exc))
+        run.token, run.keeper = pipeline.lease_owner, keeper
         try:
-            if pipeline.status not in TERMINAL and pipeline.claims > self.max_crashes:
+            self._charge_crash(run)
+            if pipeline.status not in TERMINAL and pipeline.crashes >= self.max_crashes:
                 self._quarantine(run)
             elif pipeline.cancel_requested and pipeline.status not in TERMINAL:
                 self._cancel(run)
@@ -164,26 +199,31 @@ class Runner:
                 if self._settle(run):
                     self._commit(run, [], stop=run.pipeline.status in TERMINAL)
                 self._loop(run)
-        except _Stop:
-            pass
+        except KeyboardInterrupt:
+            self._interrupted(run)
         return self._outcome(run)
 
     def cancel(self, pipeline: PipelineRecord) -> Outcome:
         """Cancel a pipeline that has not ended; the current step's ``on_cancel`` runs."""
         run = self._load(pipeline)
-        with contextlib.suppress(_Stop):
-            self._cancel(run)
+        run.token = pipeline.lease_owner
+        self._cancel(run)
         return self._outcome(run)
 
     def retry(self, pipeline: PipelineRecord) -> Outcome:
-        """Put a failed pipeline back to pending from its failed step, with fresh attempts.
-        Steps that were rolled back run again; the others keep their results."""
+        """Put a failed pipeline back to pending from its failed step, with fresh attempts: the
+        step runs again the hook that failed. Steps that were rolled back run again; the others
+        keep their results."""
         run = self._load(pipeline)
         now = self.clock.now()
         changed = []
         for step in run.steps:
             if step.status == Status.FAILED:
-                self._move(step, Status.PENDING if step.started_at else Status.CREATED)
+                if self._failed_in_on_start(run, step):
+                    self._move(step, Status.CREATED)
+                    step.started_at = None
+                else:
+                    self._move(step, Status.PENDING)
             elif step.rollback == "done":
                 self._move(step, Status.CREATED)  # compensated: its effect is gone, do it again
                 step.started_at = step.finished_at = None
@@ -196,14 +236,25 @@ class Runner:
             changed.append(step)
         self._move(run.pipeline, Status.PENDING)
         run.pipeline.last_error = None
+        run.pipeline.crashes = 0
+        run.pipeline.hook_started_at = None
         run.events.append(self.make_event(run, EventType.PIPELINE_RETRIED, None, now, steps=[s.name for s in changed]))
         self._commit(run, changed, stop=True)
         return self._outcome(run)
+
+    def _failed_in_on_start(self, run: Run, step: StepRecord) -> bool:
+        """Whether a failed step gave up in ``on_start`` (so a retry runs ``on_start`` again)."""
+        if not defines_hook(run.classes[step.uuid], "on_continue") or step.started_at is None:
+            return True
+        return step.error is not None and step.error.hook == "on_start"
 
     # --- the loop --------------------------------------------------------------------------
 
     def _loop(self, run: Run) -> None:
         while run.pipeline.status not in TERMINAL:
+            if run.pipeline.cancel_requested:  # merged from an outside write while we ran
+                self._cancel(run)
+                return
             now = self.clock.now()
             rollbacks = run.pending_rollbacks()
             step = rollbacks[0] if rollbacks else run.current_step()
@@ -211,7 +262,10 @@ class Runner:
                 return
             deadline = None if rollbacks else self._deadline(run, step)
             if deadline is not None and deadline <= now:
-                self._time_out(run, step, now)
+                timeout = self._timeout(run.classes[step.uuid]) or 0
+                error = StepTimeoutError(f"step {step.name} timed out: no verdict within {timeout:g}s of its start")
+                if not self._time_out(run, step, now, error):
+                    return
                 continue
             if step.next_run_at is not None and step.next_run_at > now:
                 if rollbacks or not self._has_mail(run):
@@ -238,15 +292,85 @@ class Runner:
             key=lambda s: s.position if s.position is not None else order.get(s.name, len(order)),
         )
         classes = {s.uuid: self.registry.step(s.name, s.version) for s in steps}
-        params: Any = dict(pipeline.params)
+        params: Any = pipeline.params
         if pipeline_cls.Params is not None:
             params = pipeline_cls.Params.model_validate(pipeline.params)
         outputs = {s.name: s.output for s in steps if s.status == Status.FINISHED}
         return Run(pipeline=pipeline, steps=steps, classes=classes, params=params, outputs=outputs)
 
     def _instance(self, run: Run, step: StepRecord, now: datetime, runtime: HookRuntime | None = None) -> Step:
+        """A step object for one hook call. It gets its own copies of the params and outputs,
+        so a hook that changes them changes nothing stored."""
         cls = run.classes[step.uuid]
-        return cls(record=step, pipeline=run.pipeline, params=run.params, outputs=run.outputs, now=now, runtime=runtime)
+        params = run.params.model_copy(deep=True) if isinstance(run.params, BaseModel) else copy_json(run.params)
+        outputs = copy_json(run.outputs)
+        return cls(record=step, pipeline=run.pipeline, params=params, outputs=outputs, now=now, runtime=runtime)
+
+    # --- calling hooks -------------------------------------------------------------------------
+
+    def _call_hook(self, run: Run, step: StepRecord, now: datetime, hook: Callable[[], object], name: str) -> None:
+        """Call one hook of ``step``: marked as running in the store first (so that a worker
+        dying in it is charged to this pipeline alone), bounded in time, and the lease no longer
+        renewed past that bound. Raises what the hook raises, or ``HookTimeoutError``. The
+        caller marks the hook running first (``_mark_hook_running``), outside its ``try``: a
+        store error there is not the hook's."""
+        bound = self._bound(run, step, now, own_hook=name in ("on_start", "on_continue"))
+        keeper = run.keeper
+        if keeper is not None and bound is not None:
+            keeper.limit(run.pipeline.uuid, self.clock.now() + timedelta(seconds=bound))
+        what = f"{name} of step {step.name} in pipeline {run.pipeline.uuid}"
+        try:
+            self.hooks.call(hook, bound, what)
+        except KeyboardInterrupt:
+            raise
+        except BaseException:
+            run.pipeline.crashes = 0  # the hook ended, whatever its result: not a crash
+            raise
+        else:
+            run.pipeline.crashes = 0
+        finally:
+            if keeper is not None and bound is not None:
+                keeper.limit(run.pipeline.uuid, None)
+
+    def _mark_hook_running(self, run: Run) -> None:
+        """Store that a hook is about to run, unless the last write already did (it does when
+        the pass goes on with this pipeline): one write per advance, not per hook."""
+        if run.pipeline.hook_started_at is None:
+            self._commit(run, [], stop=False)
+
+    def _charge_crash(self, run: Run) -> None:
+        """A hook was marked running and its result never recorded: the worker running it died
+        or vanished. Charge this pipeline (and no other one of that worker's batch)."""
+        pipeline = run.pipeline
+        if pipeline.hook_started_at is None or pipeline.status in TERMINAL:
+            return
+        run.crashed_hook_at = pipeline.hook_started_at
+        pipeline.hook_started_at = None
+        pipeline.crashes += 1
+        run.dirty = True
+        logger.warning(
+            "pipeline %s: a worker died or vanished while one of its hooks was running (since %s); "
+            "crash %d of %d before quarantine",
+            pipeline.uuid,
+            run.crashed_hook_at.isoformat(),
+            pipeline.crashes,
+            self.max_crashes,
+            extra={"pipeline_uuid": pipeline.uuid},
+        )
+
+    def _interrupted(self, run: Run) -> None:
+        """A hook raised KeyboardInterrupt: stop the worker as SIGINT does, and put this
+        pipeline back, due now, without blame (its hook runs again: at least once)."""
+        logger.warning(
+            "pipeline %s: a hook raised KeyboardInterrupt; stopping the worker as on SIGINT",
+            run.pipeline.uuid,
+            extra={"pipeline_uuid": run.pipeline.uuid},
+        )
+        run.events, run.consumed = [], []
+        self._park(run, self.clock.now())
+        if self.request_stop is None:
+            raise KeyboardInterrupt
+        self.request_stop()
 
     # --- one turn: one hook call and its transition --------------------------------------------
 
@@ -255,20 +379,45 @@ class Runner:
         cls = run.classes[step.uuid]
         first_run = step.status == Status.CREATED
         has_continue = defines_hook(cls, "on_continue")
+        # on_start when the step starts (or, for a step without on_continue, whenever it runs)
+        name = "on_start" if (first_run or not has_continue) else "on_continue"
         run.transitions += 1
         step.attempt = max(step.attempt, 1)
-        instance: Step | None = None
         runtime = HookRuntime(self, run, now)
+        self._mark_hook_running(run)
         try:
             instance = self._instance(run, step, now, runtime)
-            if first_run and defines_hook(cls, "on_start"):
-                instance.on_start()  # type: ignore[attr-defined]
-            elif not first_run and has_continue:
-                instance.on_continue()  # type: ignore[attr-defined]
-        except Exception as exc:
-            return self._hook_failed(run, step, exc, now)
+            if defines_hook(cls, name):
+                self._call_hook(run, step, now, getattr(instance, name), name)
+            check_json(instance.metadata, "metadata")
+        except HookTimeoutError as exc:
+            return self._time_out(run, step, now, exc)
+        except UnstorableValueError as exc:
+            error = UnstorableResultError(f"the results of {name} of step {step.name} cannot be stored: {exc}")
+            return self._hook_failed(run, step, error, now, name)
+        except KeyboardInterrupt:
+            raise
+        except BaseException as exc:  # SystemExit too: a failure of this step, not of the worker
+            return self._hook_failed(run, step, exc, now, name)
         runtime.merge()
+        try:
+            return self._record_turn(run, step, instance, now, name, first_run=first_run, has_continue=has_continue)
+        except ConcurrentUpdateError:
+            raise
+        except RepositoryError as exc:
+            return self._unstorable(run, step, exc, name)
 
+    def _record_turn(
+        self,
+        run: Run,
+        step: StepRecord,
+        instance: Step,
+        now: datetime,
+        hook: str,
+        *,
+        first_run: bool,
+        has_continue: bool,
+    ) -> bool:
         step.metadata = instance.metadata
         if first_run:
             if not any(s.started_at for s in run.steps):
@@ -279,8 +428,27 @@ class Runner:
             run.events.append(self.make_event(run, EventType.STEP_STARTED, step, now, attempt=step.attempt))
         verdict = instance.verdict
         if verdict is None and not has_continue:
-            verdict = Verdict("finish")
-        return self._apply(run, step, instance, verdict, now, first_run=first_run)
+            verdict = Verdict("finish")  # its only hook returned: the step is done
+        return self._apply(run, step, instance, verdict, now, hook, first_run=first_run)
+
+    def _unstorable(self, run: Run, step: StepRecord, exc: RepositoryError, hook: str) -> bool:
+        """The store refused what a hook produced: count a failed attempt of the step, recorded
+        without those results (read back from the store), instead of running the hook forever."""
+        logger.error(
+            "pipeline %s: the results of %s of step %s could not be stored: %s",
+            run.pipeline.uuid, hook, step.name, exc, extra={"pipeline_uuid": run.pipeline.uuid},
+        )  # fmt: skip
+        fresh = self.store.get_pipeline(run.pipeline.uuid)
+        if fresh is None or (run.token is not None and fresh.lease_owner != run.token):
+            raise ConcurrentUpdateError(f"pipeline {run.pipeline.uuid}: lease lost", uuid=run.pipeline.uuid) from exc
+        reloaded = self._load(fresh)
+        run.pipeline, run.steps, run.outputs = reloaded.pipeline, reloaded.steps, reloaded.outputs
+        run.events, run.consumed = [], []
+        run.pipeline.crashes = 0
+        current = next(s for s in run.steps if s.uuid == step.uuid)
+        current.attempt = max(current.attempt, 1)
+        error = UnstorableResultError(f"the results of {hook} of step {step.name} could not be stored: {exc}")
+        return self._hook_failed(run, current, error, self.clock.now(), hook, attempts=STORE_ATTEMPTS)
 
     def _apply(
         self,
@@ -289,6 +457,7 @@ class Runner:
         instance: Step,
         verdict: Verdict | None,
         now: datetime,
+        hook: str,
         *,
         first_run: bool,
     ) -> bool:
@@ -307,7 +476,7 @@ class Runner:
             run.outputs[step.name] = verdict.output
             self._end_step(run, step, Status.FINISHED, EventType.STEP_FINISHED, now)
         elif verdict.kind == "fail":
-            step.error = ErrorInfo(type="StepFailed", message=verdict.reason or "failed")
+            step.error = ErrorInfo(type="StepFailed", message=verdict.reason or "failed", hook=hook)
             logger.warning(
                 "step %s of pipeline %s called fail(): %s",
                 step.name,
@@ -321,11 +490,15 @@ class Runner:
             self._end_step(run, step, Status.CANCELLED, EventType.STEP_CANCELLED, now)
         return self._commit(run, [step], stop=False)
 
-    def _hook_failed(self, run: Run, step: StepRecord, exc: Exception, now: datetime) -> bool:
+    def _hook_failed(
+        self, run: Run, step: StepRecord, exc: BaseException, now: datetime, hook: str, *, attempts: int = 1
+    ) -> bool:
+        """Count a failed attempt: retry with backoff while the step has attempts left (at
+        least ``attempts``), else fail the step."""
         cls = run.classes[step.uuid]
-        step.error = ErrorInfo.from_exception(exc)
+        step.error = ErrorInfo.from_exception(exc, hook=hook)
         context = {"pipeline_uuid": run.pipeline.uuid, "step_uuid": step.uuid}
-        max_attempts = self._max_attempts(cls)
+        max_attempts = max(self._max_attempts(cls), attempts)
         if step.attempt < max_attempts and not isinstance(exc, NEVER_RETRIED + tuple(cls.never_retry)):
             step.attempt += 1
             delay = self._schedule_retry(run, step, step.attempt - 1, exc, now)
@@ -346,21 +519,36 @@ class Runner:
         self._end_step(run, step, Status.FAILED, EventType.STEP_FAILED, now, error=step.error.message)
         return self._commit(run, [step], stop=False)
 
-    def _time_out(self, run: Run, step: StepRecord, now: datetime) -> None:
+    def _time_out(self, run: Run, step: StepRecord, now: datetime, error: StepTimeoutError) -> bool:
+        """The step, or one hook call of it, ran out of time: ``on_timeout`` runs, then the step
+        is retried from ``on_start`` per its attempts, or fails. True to go on in this pass."""
         cls = run.classes[step.uuid]
         run.transitions += 1
-        error = StepTimeoutError(f"step {step.name} timed out: no verdict within {self._timeout(cls):g}s of its start")
+        step.attempt = max(step.attempt, 1)
         if cls.on_timeout is not Step.on_timeout:
+            self._mark_hook_running(run)
             try:
-                self._instance(run, step, now).on_timeout()
-            except Exception as exc:  # the timeout stands; keep what on_timeout raised in the log
+                self._call_hook(run, step, now, self._instance(run, step, now).on_timeout, "on_timeout")
+            except KeyboardInterrupt:
+                raise
+            except BaseException as exc:  # the timeout stands; keep what on_timeout raised in the log
                 logger.error("on_timeout of step %s in pipeline %s raised %s", step.name, run.pipeline.uuid, exc)
-        step.error = ErrorInfo(type="StepTimeoutError", message=str(error))
+        run.pipeline.crashes = 0
+        step.error = ErrorInfo(type=type(error).__name__, message=str(error))
+        logger.error("pipeline %s: %s", run.pipeline.uuid, error, extra={"pipeline_uuid": run.pipeline.uuid})
+        if step.attempt < self._max_attempts(cls):
+            step.attempt += 1
+            if step.status == Status.PENDING:  # a new attempt starts the step again
+                self._move(step, Status.CREATED)
+            step.started_at = None
+            run.crashed_hook_at = None
+            self._schedule_retry(run, step, step.attempt - 1, error, now, timeout=True)
+            return False
         self._end_step(run, step, Status.FAILED, EventType.STEP_FAILED, now, error=step.error.message, timeout=True)
-        self._commit(run, [step], stop=False)
+        return self._commit(run, [step], stop=False)
 
     def _schedule_retry(
-        self, run: Run, step: StepRecord, attempt: int, exc: Exception, now: datetime, **data: Any
+        self, run: Run, step: StepRecord, attempt: int, exc: BaseException, now: datetime, **data: Any
     ) -> float:
         """Back off before attempt ``attempt + 1``: record when, say so in the history, stop."""
         cls = run.classes[step.uuid]
@@ -381,10 +569,13 @@ class Runner:
         cls = run.classes[step.uuid]
         run.transitions += 1
         step.rollback_attempt += 1
+        self._mark_hook_running(run)
         try:
-            self._instance(run, step, now).on_rollback()
-        except Exception as exc:
-            error = ErrorInfo.from_exception(exc)
+            self._call_hook(run, step, now, self._instance(run, step, now).on_rollback, "on_rollback")
+        except KeyboardInterrupt:
+            raise
+        except BaseException as exc:
+            error = ErrorInfo.from_exception(exc, hook="on_rollback")
             if step.rollback_attempt < self._max_attempts(cls):
                 self._schedule_retry(run, step, step.rollback_attempt, exc, now, rollback=True)
                 return False
@@ -403,32 +594,36 @@ class Runner:
     def _cancel(self, run: Run) -> None:
         now = self.clock.now()
         step = run.current_step()
-        run.pipeline.cancel_requested = False
         if step is not None:
             self._run_on_cancel(run, step, now)
             self._end_step(run, step, Status.CANCELLED, EventType.STEP_CANCELLED, now)
+        run.pipeline.cancel_requested = False  # only now: a crash in on_cancel leaves the request
         self._commit(run, [step] if step else [], stop=True)
 
     def _run_on_cancel(self, run: Run, step: StepRecord, now: datetime, instance: Step | None = None) -> None:
         cls = run.classes[step.uuid]
         if cls.on_cancel is Step.on_cancel:
             return
+        self._mark_hook_running(run)
         try:
-            (instance or self._instance(run, step, now)).on_cancel()
-        except Exception as exc:  # the cancel stands; the hook's error is kept for a look
-            step.error = ErrorInfo.from_exception(exc)
+            target = instance or self._instance(run, step, now)
+            self._call_hook(run, step, now, target.on_cancel, "on_cancel")
+        except KeyboardInterrupt:
+            raise
+        except BaseException as exc:  # the cancel stands; the hook's error is kept for a look
+            step.error = ErrorInfo.from_exception(exc, hook="on_cancel")
             logger.error("on_cancel of step %s in pipeline %s raised %s", step.name, run.pipeline.uuid, exc)
 
     def _quarantine(self, run: Run) -> None:
-        """Workers died holding this pipeline again and again: fail it instead of running its
-        hooks once more (no rollback either: a rollback hook may be what kills them)."""
+        """Workers died again and again while this pipeline's hooks ran: fail it instead of
+        running its hooks once more (no rollback either: a rollback hook may be what kills them)."""
         now = self.clock.now()
-        crashes = run.pipeline.claims - 1
         error = ErrorInfo(
             type="WorkerCrashed",
             message=(
-                f"quarantined: a worker died {crashes} times in a row while running this pipeline "
-                f"(limit {self.max_crashes}); fix the cause, then retry it (prorch retry {run.pipeline.uuid})"
+                f"quarantined: a worker died {run.pipeline.crashes} times in a row while a hook of this "
+                f"pipeline was running (limit {self.max_crashes}); fix the cause, then retry it "
+                f"(prorch retry {run.pipeline.uuid})"
             ),
         )
         logger.error("pipeline %s %s", run.pipeline.uuid, error.message, extra={"pipeline_uuid": run.pipeline.uuid})
@@ -488,11 +683,36 @@ class Runner:
         return min(candidates) if candidates else now
 
     def _commit(self, run: Run, steps: list[StepRecord], *, stop: bool) -> bool:
-        """Persist one transition; returns whether the pass goes on with this pipeline."""
+        """Persist one transition; returns whether the pass goes on with this pipeline. A write
+        refused while we still hold the lease (by its token) was an outside request (a message's
+        wake-up, a cancel request, a priority change): it is merged and the write made again."""
         self._settle(run)
         pipeline = run.pipeline
-        now = self.clock.now()
         stop = stop or pipeline.status in TERMINAL
+        for _ in range(MAX_MERGES):
+            now = self.clock.now()
+            self._prepare(run, stop, now)
+            added: list[Record] = list(run.events)
+            if self.registry.reactions:
+                from prorch.reactions import reaction_tasks
+
+                added += reaction_tasks(self.registry, pipeline.name, run.events, now)
+            try:
+                self.store.commit([*steps, pipeline], added, run.consumed)
+                break
+            except ConcurrentUpdateError:
+                if not self._merge_outside_write(run):
+                    raise
+        else:  # pragma: no cover - MAX_MERGES outside writes during one transition
+            raise ConcurrentUpdateError(f"pipeline {pipeline.uuid} kept changing; giving up this transition")
+        run.events = []
+        run.consumed = []
+        run.dirty = False
+        return not stop
+
+    def _prepare(self, run: Run, stop: bool, now: datetime) -> None:
+        """The pipeline's scheduling fields for this write: due time, lease, hook mark."""
+        pipeline = run.pipeline
         pipeline.updated_at = now
         if pipeline.status in TERMINAL:
             pipeline.next_run_at = None
@@ -503,50 +723,36 @@ class Runner:
         if stop:
             pipeline.lease_owner = None
             pipeline.lease_expires_at = None
-            pipeline.claims = 0  # released cleanly: not a crash
-        elif pipeline.lease_owner is not None:
-            pipeline.lease_expires_at = now + timedelta(seconds=self.lease_seconds)
+            pipeline.claims = 0
+            pipeline.hook_started_at = None
+        else:
+            if pipeline.lease_owner is not None:
+                pipeline.lease_expires_at = now + timedelta(seconds=self.lease_seconds)
+            pipeline.hook_started_at = now  # the pass goes on: the next hook starts now
         for index, event in enumerate(run.events):  # order within one commit, for history()
             event.seq = (pipeline.revision + 1) * 1000 + index
-        added: list[Record] = list(run.events)
-        if self.registry.reactions:
-            from prorch.reactions import reaction_tasks
 
-            added += reaction_tasks(self.registry, pipeline.name, run.events, now)
-        try:
-            self.store.commit([*steps, pipeline], added, run.consumed)
-        except ConcurrentUpdateError:
-            if not self._on_conflict(run, steps, added):
-                raise
-        run.events = []
-        run.consumed = []
-        return not stop
-
-    def _on_conflict(self, run: Run, steps: list[StepRecord], added: list[Record]) -> bool:
-        """Our write was refused because someone else wrote the pipeline. If we still hold the
-        lease, it was an outside request: a cancel (applied now, our transition dropped) or a
-        message's wake-up (merged: the write is made again). Otherwise the lease was lost: False."""
-        fresh = self.store.get_pipeline(run.pipeline.uuid)
-        if fresh is None or fresh.status in TERMINAL or self.owner is None or fresh.lease_owner != self.owner:
+    def _merge_outside_write(self, run: Run) -> bool:
+        """Our write was refused. If our lease token still holds the pipeline, someone wrote it
+        from outside: take their changes (revision, cancel request, priority) and return True
+        to write again. Otherwise the lease was lost: False."""
+        if run.token is None or not self.store.has_transaction:
             return False
-        if not fresh.cancel_requested:
-            run.woken = True
-            run.pipeline.revision = fresh.revision
-            if run.pipeline.status not in TERMINAL and run.pipeline.lease_owner is None:
-                run.pipeline.next_run_at = self.clock.now()
-            self.store.commit([*steps, run.pipeline], added, run.consumed)
-            return True
-        logger.info("pipeline %s: cancel requested while running; cancelling", fresh.uuid)
-        fresh_run = self._load(fresh)
-        self._cancel(fresh_run)
-        run.pipeline = fresh_run.pipeline
-        run.steps = fresh_run.steps
-        raise _Stop()
+        fresh = self.store.get_pipeline(run.pipeline.uuid)
+        if fresh is None or fresh.status in TERMINAL or fresh.lease_owner != run.token:
+            return False
+        pipeline = run.pipeline
+        pipeline.revision = fresh.revision
+        pipeline.priority = fresh.priority
+        pipeline.cancel_requested = pipeline.cancel_requested or fresh.cancel_requested
+        run.woken = True  # a message may have arrived: be due again at once
+        return True
 
     def _park(self, run: Run, until: datetime) -> None:
         """Stop for now without running a hook: release the lease, be due again at ``until``."""
         pipeline = run.pipeline
-        if pipeline.lease_owner is None and pipeline.next_run_at == until:
+        unchanged = pipeline.lease_owner is None and pipeline.hook_started_at is None and not run.dirty
+        if unchanged and pipeline.next_run_at == until:
             return
         pipeline.next_run_at = until
         self._commit(run, [], stop=True)

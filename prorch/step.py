@@ -4,7 +4,6 @@ hook returns, so a hook that raises afterwards changes nothing."""
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -12,7 +11,8 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol
 
 from pydantic import BaseModel, ValidationError
 
-from prorch.exceptions import InvalidOutputError, StepUsageError
+from prorch.exceptions import InvalidOutputError, StepUsageError, UnstorableValueError
+from prorch.jsonvalue import check_json, copy_json
 from prorch.records import JSONDict, PipelineRecord, StepRecord
 
 if TYPE_CHECKING:
@@ -216,13 +216,14 @@ class Step:
                 model = output if isinstance(output, self.Output) else self.Output.model_validate(output)
             except ValidationError as exc:
                 raise InvalidOutputError(f"output of step {self.name} does not match its Output model: {exc}") from exc
-            return model.model_dump(mode="json")
-        if isinstance(output, BaseModel):
-            return output.model_dump(mode="json")
+            output = model.model_dump(mode="json")
+        elif isinstance(output, BaseModel):
+            output = output.model_dump(mode="json")
         try:
-            return json.loads(json.dumps(output, allow_nan=False))
-        except (TypeError, ValueError) as exc:
+            check_json(output, "output")
+        except UnstorableValueError as exc:
             raise InvalidOutputError(
-                f"output of step {self.name} is not JSON-compatible ({exc}); pass dicts, lists, "
-                "strings, numbers, booleans and None, or declare an Output pydantic model"
+                f"output of step {self.name} cannot be stored: {exc}; pass dicts, lists, strings, finite "
+                "numbers, booleans and None, or declare an Output pydantic model"
             ) from exc
+        return copy_json(output)

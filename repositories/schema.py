@@ -11,7 +11,7 @@ from sqlalchemy.dialects.postgresql import JSONB
 
 from prorch.records import Metadata as Models
 
-SCHEMA_REVISION = "0003"
+SCHEMA_REVISION = "0004"
 """The newest migration; a store at this revision needs no upgrade."""
 VERSION_TABLE = "prorch_schema_version"
 
@@ -40,6 +40,8 @@ pipelines = Table(
     Column("claims", Integer, nullable=False, default=0),
     Column("cancel_requested", Boolean, nullable=False, default=False),
     Column("revision", Integer, nullable=False, default=0),
+    Column("hook_started_at", Timestamp),
+    Column("crashes", Integer, nullable=False, default=0),
     Index("ix_pipelines_due", "status", "next_run_at", "priority"),
     Index("ix_pipelines_name", "name"),
 )

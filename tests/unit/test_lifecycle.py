@@ -76,7 +76,7 @@ def test_invalid_params_raise_and_store_nothing(harness: Harness, registry: Regi
 
 def test_params_without_model_must_be_json(harness: Harness, registry: Registry) -> None:
     p = pipeline_of(quick("A"))
-    with pytest.raises(InvalidParamsError, match="not JSON-compatible"):
+    with pytest.raises(InvalidParamsError, match=r"params\['when'\]: object is not a JSON value"):
         harness.create(p, {"when": object()})
     assert harness.orchestrator.list_pipelines() == []
 
@@ -230,19 +230,23 @@ def test_output_model_validates_finish(harness: Harness, registry: Registry) -> 
 
 
 def test_non_json_output_fails_the_step_and_stores_nothing(harness: Harness, registry: Registry) -> None:
+    calls = []
+
     class Bad(OnStartMixin, Step):
         name = "Bad"
-        max_attempts = 3  # a programming error is not retried
+        max_attempts = 3  # results that cannot be stored are a failed attempt, retried per policy
 
         def on_start(self) -> None:
+            calls.append(self.attempt)
             self.finish({"handle": object()})
 
     register_step(Bad)
     run = harness.create(pipeline_of(Bad))
-    harness.run_pass()
+    assert harness.run_until_done(run.uuid) == "failed"
     step = steps_of(harness, run.uuid)["Bad"]
+    assert calls == [1, 2, 3]
     assert step.status == Status.FAILED
-    assert step.error is not None and "not JSON-compatible" in step.error.message
+    assert step.error is not None and "output['handle']: object is not a JSON value" in step.error.message
     assert step.output is None
 
 

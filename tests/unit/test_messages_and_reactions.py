@@ -88,7 +88,7 @@ def test_receive_takes_the_oldest_and_a_failed_hook_leaves_the_message(harness: 
 
 def test_send_rejects_bad_input_and_ended_pipelines(harness: Harness, registry: Registry) -> None:
     run = harness.create(approval_pipeline())
-    with pytest.raises(InvalidMessageError, match="not JSON-compatible"):
+    with pytest.raises(InvalidMessageError, match=r"payload\['when'\]: object is not a JSON value"):
         harness.orchestrator.send(run.uuid, "approval", {"when": object()})
     with pytest.raises(InvalidMessageError, match="non-empty name"):
         harness.orchestrator.send(run.uuid, "", None)
