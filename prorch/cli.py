@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
 import sys
 import tempfile
 import time
@@ -28,6 +29,7 @@ from prorch.exceptions import (
     InvalidParamsError,
     NotRegisteredError,
     ProrchError,
+    WorkerUnhealthyError,
 )
 from prorch.orchestrator import Orchestrator, PassSummary, PipelineState
 from prorch.pipeline import Pipeline
@@ -82,6 +84,9 @@ class Context:
             lease_seconds=settings.lease_seconds,
             max_crashes=settings.max_crashes,
             step_overrides=settings.steps,
+            hook_timeout=settings.hook_timeout,
+            max_abandoned_hooks=settings.max_abandoned_hooks,
+            shutdown_grace=settings.shutdown_grace,
         )
 
 
@@ -112,6 +117,7 @@ def worker_options(command: Any) -> Any:
             click.option("--concurrency", type=int, help="Hooks run at once by this process."),
             click.option("--batch-size", type=int, help="Pipelines claimed per pass."),
             click.option("--lease-seconds", type=float, help="How long a claim lasts unrenewed."),
+            click.option("--hook-timeout", type=float, help="Seconds a hook call may take when its step sets none."),
         ]
     ):
         command = option(command)
@@ -151,6 +157,12 @@ def run(ctx: Context, /, as_json: bool, **flags: Any) -> None:
     with reported(ctx):
         summary = ctx.orchestrator(**flags).execute_pipelines()
     print_summary(summary, as_json)
+    if summary.abandoned_hooks:
+        # a hung hook's thread would keep the interpreter's exit waiting on nothing useful
+        click.echo(f"error: {summary.abandoned_hooks} hook(s) did not return in time and were abandoned", err=True)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1)
     if summary.errors:
         sys.exit(1)
 
@@ -181,7 +193,13 @@ def worker(ctx: Context, /, **flags: Any) -> None:
         orchestrator = ctx.orchestrator(**flags)
         settings = ctx.settings
         click.echo(f"prorch worker {orchestrator.owner} on {redact(settings.repository)}", err=True)
-        orchestrator.run_forever(interval=settings.interval)
+        try:
+            orchestrator.run_forever(interval=settings.interval)
+        except WorkerUnhealthyError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(1)  # hung hook threads cannot be joined: leave without waiting for them
 
 
 def redact(url: str) -> str:

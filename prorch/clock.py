@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import threading
+import time
+from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
 from typing import Protocol
 
@@ -44,3 +47,37 @@ class FakeClock:
         if moment < self._now:
             raise ValueError("a FakeClock only moves forward")
         self._now = moment
+
+
+SERVER_CLOCK_RECHECK_SECONDS = 30.0
+"""How often an aligned clock measures its offset to the store's clock again."""
+
+
+class ServerAlignedClock:
+    """This machine's clock moved onto the store server's: ``now()`` is the local time plus the
+    offset measured by asking the server (``server_time``) now and then. Leases and due times
+    written and compared by workers on several machines then all follow the one clock of the
+    database, so a worker whose own clock is off cannot take a pipeline that is still leased."""
+
+    def __init__(self, server_time: Callable[[], datetime], base: Clock | None = None) -> None:
+        self.base: Clock = base or SystemClock()
+        self._server_time = server_time
+        self._offset = timedelta(0)
+        self._checked_at: float | None = None
+        self._lock = threading.Lock()
+
+    def now(self) -> datetime:
+        checked = self._checked_at
+        if checked is None or time.monotonic() - checked > SERVER_CLOCK_RECHECK_SECONDS:
+            self.measure()
+        return self.base.now() + self._offset
+
+    def measure(self) -> timedelta:
+        """Ask the server for its time and keep the offset (half the round trip corrected)."""
+        with self._lock:
+            before = self.base.now()
+            server = self._server_time()
+            after = self.base.now()
+            self._offset = server - (before + (after - before) / 2)
+            self._checked_at = time.monotonic()
+            return self._offset

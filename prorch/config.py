@@ -57,7 +57,18 @@ class SettingsFields(BaseModel):
     concurrency: int = Field(default=4, ge=1, description="hooks run at once by one process")
     batch_size: int = Field(default=100, ge=1, description="pipelines claimed per pass")
     lease_seconds: float = Field(default=60.0, gt=0, description="how long a claim lasts unrenewed")
-    max_crashes: int = Field(default=3, ge=1, description="worker deaths before a pipeline is quarantined")
+    max_crashes: int = Field(
+        default=3, ge=1, description="worker deaths in a row inside a pipeline's hooks before it is quarantined"
+    )
+    hook_timeout: float | None = Field(
+        default=None, gt=0, description="seconds one hook call may take when its step sets no timeout (off)"
+    )
+    max_abandoned_hooks: int | None = Field(
+        default=None, ge=0, description="hung hook threads a worker may hold before it exits (default: concurrency)"
+    )
+    shutdown_grace: float = Field(
+        default=30.0, ge=0, description="seconds a stopping worker waits for running hooks before it exits"
+    )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(default="INFO", description="log level")
     log_format: Literal["text", "json"] = Field(default="text", description="log line format")
     pipelines: dict[str, PipelineOverride] = Field(default_factory=dict, description="per-pipeline overrides")

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from prorch.clock import Clock, SystemClock
+from prorch.clock import Clock
 from prorch.config import StepOverride
 from prorch.exceptions import (
     ConcurrentUpdateError,
@@ -129,7 +129,7 @@ class Orchestrator:
             raise ValueError("hook_timeout must be > 0 (or None) and shutdown_grace >= 0")
         self.store = Store(repository)
         self._stop = threading.Event()
-        self.clock: Clock = clock or SystemClock()
+        self.clock: Clock = self.store.clock(clock)
         self.registry = registry or current_registry()
         self.owner = new_owner_id()
         self._claims = itertools.count(1)

@@ -10,7 +10,7 @@ from typing import Any, ClassVar
 
 from pydantic import BaseModel, ValidationError
 
-from prorch.clock import Clock, SystemClock
+from prorch.clock import Clock
 from prorch.exceptions import (
     InvalidParamsError,
     InvalidStateError,
@@ -62,7 +62,7 @@ class Pipeline:
         (run it with ``.start()``); with one, load that pipeline. Prefer ``create`` / ``load``."""
         self._check_declared()
         self._store = store_for(repository if repository is not None else repository_class)
-        self._clock: Clock = clock or SystemClock()
+        self._clock: Clock = self._store.clock(clock)
         if pipeline_uuid is not None:
             self.record = self._fetch(pipeline_uuid)
         else:
@@ -94,7 +94,8 @@ class Pipeline:
                 repository, params, tenant=tenant, context=context, priority=priority, clock=clock, uuid=uuid
             )
         cls._check_declared()
-        store, clock = store_for(repository), clock or SystemClock()
+        store = store_for(repository)
+        clock = store.clock(clock)
         existing = store.get_pipeline(uuid) if uuid is not None else None
         if existing is not None:
             return cls._bound(store, clock, existing)
@@ -118,7 +119,8 @@ class Pipeline:
         """``create`` for a batch, in one transaction: every params is validated first, and an
         invalid one raises ``InvalidParamsError`` naming its index, storing nothing."""
         cls._check_declared()
-        store, clock = store_for(repository), clock or SystemClock()
+        store = store_for(repository)
+        clock = store.clock(clock)
         merged = _with_tenant(context, tenant)
         validated = []
         for index, item in enumerate(params):

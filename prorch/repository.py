@@ -111,6 +111,16 @@ class SupportsTransaction(Protocol):
         ...
 
 
+@runtime_checkable
+class SupportsServerClock(Protocol):
+    """A backend whose server keeps the time that every worker should follow."""
+
+    def server_time(self) -> datetime | None:
+        """The server's current time (timezone-aware), or None when the store has no clock of
+        its own (an embedded store used by the processes of one machine)."""
+        ...
+
+
 def is_thread_safe(backend: object) -> bool:
     """Backends declare ``thread_safe = True`` to let a pass run hooks in a thread pool."""
     return bool(getattr(backend, "thread_safe", False))

@@ -85,6 +85,7 @@ class Step:
         self.metadata: JSONDict = dict(record.metadata)
         self.outputs = outputs
         self._logger: logging.LoggerAdapter[logging.Logger] | None = None
+        self._context: JSONDict | None = None
 
     # --- what a hook reads ---------------------------------------------------------------------
 
@@ -123,7 +124,10 @@ class Step:
 
     @property
     def context(self) -> JSONDict:
-        return self._pipeline.context
+        """The pipeline's context (tenant and the caller's keys): this hook's own copy."""
+        if self._context is None:
+            self._context = copy_json(self._pipeline.context)
+        return self._context
 
     @property
     def tenant(self) -> str | None:

@@ -13,6 +13,7 @@ from typing import Any, TypeVar
 
 from pydantic import ValidationError
 
+from prorch.clock import Clock, ServerAlignedClock, SystemClock
 from prorch.exceptions import (
     ConcurrentUpdateError,
     ConfigurationError,
@@ -28,6 +29,7 @@ from prorch.repository import (
     SupportsClaim,
     SupportsCompareAndSet,
     SupportsDueQuery,
+    SupportsServerClock,
     SupportsTransaction,
     is_thread_safe,
 )
@@ -123,7 +125,32 @@ class Store:
         self.has_due_query = isinstance(self.pipelines, SupportsDueQuery)
         self.has_transaction = isinstance(self.backend, SupportsTransaction)
         self.thread_safe = is_thread_safe(self.backend)
+        self._aligned_clock: ServerAlignedClock | None = None
         self.guards_concurrency = self.can_claim and self.can_compare_and_set
+
+    def clock(self, clock: Clock | None = None) -> Clock:
+        """The clock to run on: the one given; else, on a store with a server clock
+        (PostgreSQL), the system clock aligned to the server's; else the system clock. A
+        ``SystemClock`` given explicitly is aligned too; a test clock is used as it is."""
+        if clock is not None and not isinstance(clock, SystemClock):
+            return clock
+        server_time = getattr(self.backend, "server_time", None)
+        if not isinstance(self.backend, SupportsServerClock) or server_time is None:
+            return clock or SystemClock()
+        if clock is None and self._aligned_clock is not None:
+            return self._aligned_clock
+        try:
+            probe = _call("read the server's clock", server_time)
+        except RepositoryError as exc:
+            probe = None
+            logger.warning("could not read the clock of %r (%s); using this machine's", self.backend, exc)
+        if probe is None:
+            return clock or SystemClock()
+        backend = self.backend
+        aligned = ServerAlignedClock(lambda: _server_now(backend), clock)
+        if clock is None:
+            self._aligned_clock = aligned
+        return aligned
 
     def _make(self, model: str) -> IRepository:
         return _call(f"open the {model} repository", self.backend, model)
@@ -303,6 +330,13 @@ class Store:
 
     def _repository(self, record: Record) -> IRepository:
         return self._by_model[record.MODEL]
+
+
+def _server_now(backend: SupportsServerClock) -> datetime:
+    found = _call("read the server's clock", backend.server_time)
+    if found is None:  # pragma: no cover - it answered when the clock was made
+        raise RepositoryError(f"{backend!r} no longer reports its clock")
+    return found
 
 
 def is_due(pipeline: PipelineRecord, now: datetime) -> bool:

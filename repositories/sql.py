@@ -81,6 +81,15 @@ class SQLBackend:
     def dispose(self) -> None:
         self.engine.dispose()
 
+    def server_time(self) -> datetime | None:
+        """PostgreSQL's clock, which all workers follow (see ``SupportsServerClock``); None on
+        SQLite, whose processes share this machine's clock."""
+        if not self.is_postgresql:
+            return None
+        with self._errors(), self.engine.connect() as connection:
+            moment = connection.execute(text("SELECT clock_timestamp()")).scalar_one()
+        return to_utc(moment)
+
     @contextlib.contextmanager
     def transaction(self) -> Iterator[None]:
         """All repository writes in the block commit together (nested blocks join the outer)."""
