@@ -1,0 +1,130 @@
+"""Pipelines for the fault tests, run by real worker processes. Every hook appends
+``event pid pipeline time`` to the file named by FAULT_LOG (one short O_APPEND write a line, so
+lines from several processes never mix)."""
+
+from __future__ import annotations
+
+import os
+import time
+
+from prorch import OnContinueMixin, OnStartMixin, Pipeline, Step, register_pipeline, register_step
+
+
+def note(event: str, step: Step) -> None:
+    path = os.environ.get("FAULT_LOG")
+    if path:
+        with open(path, "a") as log:
+            log.write(f"{event} {os.getpid()} {step.pipeline_uuid} {time.time():.6f}\n")
+
+
+@register_step
+class Sleep(OnStartMixin, Step):
+    """Sleeps ``params['seconds']``."""
+
+    name = "Sleep"
+
+    def on_start(self) -> None:
+        note("start", self)
+        time.sleep(float(self.params.get("seconds", 3)))
+        note("end", self)
+
+
+@register_pipeline
+class Slow(Pipeline):
+    name = "Slow"
+    steps = [Sleep]
+
+
+@register_step
+class Kill(OnStartMixin, Step):
+    """Kills its worker, as a segfault would."""
+
+    name = "Kill"
+
+    def on_start(self) -> None:
+        note("start", self)
+        os._exit(1)
+
+
+@register_pipeline
+class Culprit(Pipeline):
+    name = "Culprit"
+    steps = [Kill]
+
+
+@register_step
+class Hang(OnStartMixin, Step):
+    """Never returns; its step allows it 2 seconds."""
+
+    name = "Hang"
+    timeout = 2
+
+    def on_start(self) -> None:
+        note("start", self)
+        time.sleep(3600)
+
+    def on_timeout(self) -> None:
+        note("timeout", self)
+
+
+@register_pipeline
+class Hung(Pipeline):
+    name = "Hung"
+    steps = [Hang]
+
+
+@register_step
+class HangForever(OnStartMixin, Step):
+    """Never returns, and its step sets no timeout."""
+
+    name = "HangForever"
+
+    def on_start(self) -> None:
+        note("start", self)
+        time.sleep(3600)
+
+
+@register_pipeline
+class HungNoLimit(Pipeline):
+    name = "HungNoLimit"
+    steps = [HangForever]
+
+
+@register_step
+class Interrupt(OnStartMixin, Step):
+    name = "Interrupt"
+
+    def on_start(self) -> None:
+        note("start", self)
+        raise KeyboardInterrupt
+
+
+@register_pipeline
+class Interrupts(Pipeline):
+    name = "Interrupts"
+    steps = [Interrupt]
+
+
+@register_step
+class Inbox(OnStartMixin, OnContinueMixin, Step):
+    """Takes every 'tick' sent to it, writing each payload to the log as it does; finishes on 'stop'."""
+
+    name = "Inbox"
+
+    def on_start(self) -> None:
+        self.metadata["count"] = 0
+
+    def on_continue(self) -> None:
+        while (payload := self.receive("tick")) is not None:
+            note(f"tick:{payload}", self)
+            self.metadata["count"] += 1
+        if self.receive("stop") is not None:
+            self.finish({"count": self.metadata["count"]})
+        else:
+            self.wait(seconds=3600)
+
+
+@register_pipeline
+class Mailbox(Pipeline):
+    name = "Mailbox"
+    steps = [Inbox]
