@@ -96,7 +96,10 @@ def test_sigkill_during_hooks_charges_only_the_running_pipelines(
         worker = start_worker(sqlite_url, log, options)
         stop_all.append(worker)
         wait_for(
-            lambda: any(e[1] == worker.pid for e in events(log)) or not orchestrator.list_pipelines(status="pending"),
+            lambda pid=worker.pid: (
+                any(e[1] == pid for e in events(log))
+                or not orchestrator.list_pipelines(status="pending")
+            ),
             30,
             "a hook to start",
         )
@@ -268,7 +271,7 @@ def burst(url: str, tmp_path: Path, procs: list[subprocess.Popen[bytes]]) -> Non
             env=env(log),
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
-        )  # fmt: skip
+        )
         for index in range(3)
     ]
     sent = 0
