@@ -224,6 +224,7 @@ class Runner:
                     step.started_at = None
                 else:
                     self._move(step, Status.PENDING)
+                    step.started_at = now  # a fresh `timeout` window for the retried attempts
             elif step.rollback == "done":
                 self._move(step, Status.CREATED)  # compensated: its effect is gone, do it again
                 step.started_at = step.finished_at = None
@@ -243,10 +244,17 @@ class Runner:
         return self._outcome(run)
 
     def _failed_in_on_start(self, run: Run, step: StepRecord) -> bool:
-        """Whether a failed step gave up in ``on_start`` (so a retry runs ``on_start`` again)."""
+        """Whether a retry of this failed step starts it again (``on_start``) rather than going
+        on with ``on_continue``: when it failed in ``on_start``, has no ``on_continue``, never
+        started, or timed out (a timeout restarts a step)."""
         if not defines_hook(run.classes[step.uuid], "on_continue") or step.started_at is None:
             return True
-        return step.error is not None and step.error.hook == "on_start"
+        error = step.error
+        if error is None:
+            return False
+        if error.hook is not None:
+            return error.hook == "on_start"
+        return error.type in ("StepTimeoutError", "HookTimeoutError")  # recorded before hooks were named
 
     # --- the loop --------------------------------------------------------------------------
 
@@ -389,6 +397,8 @@ class Runner:
             instance = self._instance(run, step, now, runtime)
             if defines_hook(cls, name):
                 self._call_hook(run, step, now, getattr(instance, name), name)
+            if instance.verdict is None and not has_continue:
+                instance.finish()  # its only hook returned: done, its Output model still applies
             check_json(instance.metadata, "metadata")
         except HookTimeoutError as exc:
             return self._time_out(run, step, now, exc)
@@ -401,7 +411,7 @@ class Runner:
             return self._hook_failed(run, step, exc, now, name)
         runtime.merge()
         try:
-            return self._record_turn(run, step, instance, now, name, first_run=first_run, has_continue=has_continue)
+            return self._record_turn(run, step, instance, now, name, first_run=first_run)
         except ConcurrentUpdateError:
             raise
         except RepositoryError as exc:
@@ -416,7 +426,6 @@ class Runner:
         hook: str,
         *,
         first_run: bool,
-        has_continue: bool,
     ) -> bool:
         step.metadata = instance.metadata
         if first_run:
@@ -426,10 +435,7 @@ class Runner:
             step.started_at = now
             run.pipeline.metadata["current_step"] = step.uuid
             run.events.append(self.make_event(run, EventType.STEP_STARTED, step, now, attempt=step.attempt))
-        verdict = instance.verdict
-        if verdict is None and not has_continue:
-            verdict = Verdict("finish")  # its only hook returned: the step is done
-        return self._apply(run, step, instance, verdict, now, hook, first_run=first_run)
+        return self._apply(run, step, instance, instance.verdict, now, hook, first_run=first_run)
 
     def _unstorable(self, run: Run, step: StepRecord, exc: RepositoryError, hook: str) -> bool:
         """The store refused what a hook produced: count a failed attempt of the step, recorded

@@ -97,8 +97,7 @@ def test_sigkill_during_hooks_charges_only_the_running_pipelines(
         stop_all.append(worker)
         wait_for(
             lambda pid=worker.pid: (
-                any(e[1] == pid for e in events(log))
-                or not orchestrator.list_pipelines(status="pending")
+                any(e[1] == pid for e in events(log)) or not orchestrator.list_pipelines(status="pending")
             ),
             30,
             "a hook to start",
