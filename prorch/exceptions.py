@@ -102,6 +102,10 @@ class ConfigurationError(ProrchError, ValueError):
     """The configuration is invalid."""
 
 
+class SchemaTooNewError(ConfigurationError):
+    """The store was migrated by a newer prorch, in a way this one cannot work with; upgrade prorch."""
+
+
 # --- prorch 1.0.1 names, kept so that code written for it still catches the same errors ---
 StepsNotDefinedException = StepsNotDefinedError
 PipelineNameNotDefinedException = PipelineNameNotDefinedError

@@ -14,6 +14,8 @@ from prorch.records import Metadata as Models
 SCHEMA_REVISION = "0004"
 """The newest migration; a store at this revision needs no upgrade."""
 VERSION_TABLE = "prorch_schema_version"
+HISTORY_TABLE = "prorch_schema_migrations"
+"""Every migration applied and whether it only adds (``additive = True`` in its module)."""
 
 Json = JSON().with_variant(JSONB(), "postgresql")
 Timestamp = DateTime(timezone=True)
@@ -90,6 +92,13 @@ messages = Table(
     Column("consumed_at", Timestamp),
 )
 
+schema_history = Table(
+    HISTORY_TABLE,
+    metadata,
+    Column("revision", String(32), primary_key=True),
+    Column("additive", Boolean, nullable=False),
+)
+
 TABLES: dict[str, Table] = {
     Models.PIPELINES_MODEL: pipelines,
     Models.STEP_MODEL: steps,
@@ -97,4 +106,4 @@ TABLES: dict[str, Table] = {
     Models.MESSAGE_MODEL: messages,
 }
 
-__all__ = ["SCHEMA_REVISION", "TABLES", "VERSION_TABLE", "metadata"]
+__all__ = ["HISTORY_TABLE", "SCHEMA_REVISION", "TABLES", "VERSION_TABLE", "metadata", "schema_history"]

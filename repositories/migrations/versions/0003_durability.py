@@ -10,6 +10,7 @@ revision = "0003"
 down_revision = "0002"
 branch_labels = None
 depends_on = None
+additive = True  # only adds tables, columns and indexes: older prorch versions keep working
 
 
 def upgrade() -> None:
