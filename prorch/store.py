@@ -7,6 +7,7 @@ import contextlib
 import logging
 import threading
 import weakref
+from pathlib import Path
 from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime
 from typing import Any, TypeVar
@@ -47,11 +48,7 @@ def resolve_backend(repository: object) -> RepositoryFactory:
     if repository is None:
         raise RepositoryNotDefinedException()
     if isinstance(repository, str):
-        try:
-            from repositories import from_url
-        except ImportError as exc:  # pragma: no cover - the package ships with prorch
-            raise ConfigurationError("the 'repositories' package is missing; reinstall prorch") from exc
-        return from_url(repository)
+        return backends_package().from_url(repository)
     if isinstance(repository, IRepository):
         raise ConfigurationError(
             f"got a repository instance ({type(repository).__name__}); pass its class or a "
@@ -63,6 +60,25 @@ def resolve_backend(repository: object) -> RepositoryFactory:
             "a backend from `repositories`, or an IRepository subclass"
         )
     return repository
+
+
+def backends_package() -> Any:
+    """prorch's own ``repositories`` package, checked: an application's package of the same name
+    found first on ``sys.path`` would otherwise fail later with a puzzling error."""
+    try:
+        import repositories
+    except ImportError as exc:  # pragma: no cover - the package ships with prorch
+        raise ConfigurationError("the 'repositories' package is missing; reinstall prorch") from exc
+    expected = Path(__file__).resolve().parent.parent / "repositories"
+    where = getattr(repositories, "__file__", None) or ", ".join(getattr(repositories, "__path__", []))
+    if not where or Path(where).resolve().parent != expected or not hasattr(repositories, "from_url"):
+        raise ConfigurationError(
+            f"the module 'repositories' was imported from {where or 'a namespace package'}, which shadows "
+            f"prorch's own 'repositories' package ({expected}): rename your package (e.g. 'app_repositories') "
+            "or keep its folder off sys.path ahead of the installed packages (PYTHONPATH, the current "
+            "directory of `python -m` or a script)"
+        )
+    return repositories
 
 
 def _call(action: str, func: Callable[..., T], *args: Any) -> T:

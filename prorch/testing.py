@@ -20,6 +20,7 @@ from prorch.pipeline import Pipeline
 from prorch.records import EventRecord
 from prorch.registry import Registry, isolated_registry
 from prorch.status import TERMINAL
+from prorch.store import backends_package
 
 if TYPE_CHECKING:
     from repositories.memory import MemoryBackend
@@ -30,6 +31,7 @@ __all__ = ["FakeClock", "Harness", "MemoryBackend", "isolated_registry"]
 def __getattr__(name: str) -> Any:
     """``MemoryBackend`` is re-exported lazily: prorch reaches backends only on demand."""
     if name == "MemoryBackend":
+        backends_package()  # a clear error if an application's 'repositories' shadows prorch's
         from repositories.memory import MemoryBackend
 
         return MemoryBackend
@@ -47,6 +49,7 @@ class Harness:
         registry: Registry | None = None,
         **orchestrator_options: Any,
     ) -> None:
+        backends_package()  # a clear error if an application's 'repositories' shadows prorch's
         from repositories.memory import MemoryBackend
 
         self.clock = clock or FakeClock()

@@ -248,3 +248,17 @@ def test_send_wakes_a_waiting_pipeline(workdir: Path) -> None:
 def test_start_a_version_that_is_not_registered(workdir: Path) -> None:
     result = prorch(workdir, "start", "Order", "--version", "3", "-p", "item=a")
     assert result.returncode == 2 and "version 3 is not registered (registered versions: 1)" in result.stderr
+
+
+def test_an_application_package_named_repositories_gets_a_clear_error(tmp_path: Path) -> None:
+    """Regression: "the 'repositories' package is missing; reinstall prorch", naming nothing."""
+    own = tmp_path / "repositories"
+    own.mkdir()
+    (own / "__init__.py").write_text("USERS = {}\n")
+    script = "import repositories\nfrom prorch import Orchestrator\nOrchestrator('sqlite:///p.db')\n"
+    environ = {**{k: v for k, v in os.environ.items() if not k.startswith("PRORCH_")}, "PYTHONPATH": str(tmp_path)}
+    result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=environ, capture_output=True, text=True)
+    assert result.returncode == 1
+    last = result.stderr.strip().splitlines()[-1]
+    assert f"imported from {own / '__init__.py'}, which shadows prorch's own 'repositories' package" in last
+    assert "rename your package" in last
