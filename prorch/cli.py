@@ -35,6 +35,7 @@ from prorch.orchestrator import Orchestrator, PassSummary, PipelineState
 from prorch.pipeline import Pipeline
 from prorch.records import EventRecord, PipelineRecord
 from prorch.registry import current_registry, isolated_registry
+from prorch.secrets import redact_url
 from prorch.status import TERMINAL, Status
 from prorch.store import resolve_backend
 
@@ -65,8 +66,9 @@ class Context:
     def import_apps(self) -> None:
         """Import the user's modules, so that their pipelines register (cwd is importable, as
         with ``python -m``)."""
-        if str(Path.cwd()) not in sys.path:
-            sys.path.insert(0, str(Path.cwd()))
+        wanted = [*self.settings.app, *self.settings.plugins]
+        if wanted and str(Path.cwd()) not in sys.path:
+            sys.path.append(str(Path.cwd()))  # after the installed packages: a stray ./sqlite3.py shadows nothing
         for module in self.settings.app:
             try:
                 importlib.import_module(module)
@@ -192,7 +194,7 @@ def worker(ctx: Context, /, **flags: Any) -> None:
     with reported(ctx):
         orchestrator = ctx.orchestrator(**flags)
         settings = ctx.settings
-        click.echo(f"prorch worker {orchestrator.owner} on {redact(settings.repository)}", err=True)
+        click.echo(f"prorch worker {orchestrator.owner} on {redact_url(settings.repository)}", err=True)
         try:
             orchestrator.run_forever(interval=settings.interval)
         except WorkerUnhealthyError as exc:
@@ -200,15 +202,6 @@ def worker(ctx: Context, /, **flags: Any) -> None:
             sys.stdout.flush()
             sys.stderr.flush()
             os._exit(1)  # hung hook threads cannot be joined: leave without waiting for them
-
-
-def redact(url: str) -> str:
-    """The URL without its password, for logs."""
-    if "@" not in url or "://" not in url:
-        return url
-    scheme, rest = url.split("://", 1)
-    credentials, host = rest.rsplit("@", 1)
-    return f"{scheme}://{credentials.split(':', 1)[0]}:***@{host}" if ":" in credentials else url
 
 
 # --- creating ----------------------------------------------------------------------------------
@@ -431,6 +424,7 @@ def show_config(ctx: Context, as_json: bool) -> None:
     with reported(ctx):
         loaded = ctx.loaded()
     values = loaded.settings.model_dump(mode="json")
+    values["repository"] = redact_url(values["repository"])
     if as_json:
         echo_json({"settings": values, "origins": loaded.origins, "config_file": loaded.config_file})
         return

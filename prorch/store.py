@@ -7,9 +7,9 @@ import contextlib
 import logging
 import threading
 import weakref
-from pathlib import Path
 from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime
+from pathlib import Path
 from typing import Any, TypeVar
 
 from pydantic import ValidationError
@@ -34,6 +34,7 @@ from prorch.repository import (
     SupportsTransaction,
     is_thread_safe,
 )
+from prorch.secrets import error_summary
 from prorch.status import Status
 
 logger = logging.getLogger("prorch.store")
@@ -48,7 +49,8 @@ def resolve_backend(repository: object) -> RepositoryFactory:
     if repository is None:
         raise RepositoryNotDefinedException()
     if isinstance(repository, str):
-        return backends_package().from_url(repository)
+        backend: RepositoryFactory = backends_package().from_url(repository)
+        return backend
     if isinstance(repository, IRepository):
         raise ConfigurationError(
             f"got a repository instance ({type(repository).__name__}); pass its class or a "
@@ -88,7 +90,8 @@ def _call(action: str, func: Callable[..., T], *args: Any) -> T:
     except ProrchError:
         raise
     except Exception as exc:
-        raise RepositoryError(f"repository failed to {action}: {type(exc).__name__}: {exc}") from exc
+        # the first line only: drivers quote rows and parameters (secrets) on the next ones
+        raise RepositoryError(f"repository failed to {action}: {type(exc).__name__}: {error_summary(exc)}") from exc
 
 
 def _load(record_type: type[RecordT], data: Any) -> RecordT:

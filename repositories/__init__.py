@@ -13,6 +13,7 @@ from urllib.parse import urlsplit
 
 from prorch.exceptions import ConfigurationError
 from prorch.repository import RepositoryFactory
+from prorch.secrets import redact_url
 from repositories.memory import MemoryBackend, MemoryRepository
 
 DEFAULT_URL = "sqlite:///prorch.db"
@@ -51,7 +52,7 @@ def from_url(url: str) -> RepositoryFactory:
 def _make_backend(url: str) -> RepositoryFactory:
     if not isinstance(url, str) or "://" not in url:
         raise ConfigurationError(
-            f"malformed repository URL {url!r}: expected scheme://..., e.g. {', '.join(SUPPORTED_SCHEMES)}"
+            f"malformed repository URL {redact_url(url)!r}: expected scheme://..., e.g. {', '.join(SUPPORTED_SCHEMES)}"
         )
     scheme = urlsplit(url).scheme.lower()
     if scheme == "memory":
@@ -67,7 +68,7 @@ def _make_backend(url: str) -> RepositoryFactory:
         return TinyDBBackend(path[1:])
     if not scheme:
         raise ConfigurationError(
-            f"malformed repository URL {url!r}: no scheme; supported: {', '.join(SUPPORTED_SCHEMES)}"
+            f"malformed repository URL {redact_url(url)!r}: no scheme; supported: {', '.join(SUPPORTED_SCHEMES)}"
         )
     from repositories.sql import SQLBackend
 

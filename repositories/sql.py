@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import sqlite3
 import threading
 from collections.abc import Iterator
@@ -19,18 +20,12 @@ from typing import Any
 
 from sqlalchemy import Connection, Engine, Integer, bindparam, create_engine, event, inspect, select, text, update
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import (
-    ArgumentError,
-    DatabaseError,
-    InterfaceError,
-    NoSuchModuleError,
-    OperationalError,
-    SQLAlchemyError,
-)
+from sqlalchemy.exc import ArgumentError, DatabaseError, DBAPIError, NoSuchModuleError, SQLAlchemyError
 
 from prorch.exceptions import ConfigurationError, CorruptStoreError, RepositoryError, SchemaTooNewError
 from prorch.records import format_timestamp, to_utc
 from prorch.repository import IRepository
+from prorch.secrets import error_summary, redact_url
 from repositories.schema import HISTORY_TABLE, SCHEMA_REVISION, TABLES, VERSION_TABLE, schema_history
 from repositories.sqlite_fastpath import SQLiteFastPath
 
@@ -63,10 +58,10 @@ class SQLBackend:
                 upgrade(self)
             except DatabaseError as exc:
                 if not self.is_sqlite:
-                    raise RepositoryError(f"cannot open {self!r}: {exc.orig or exc}") from exc
+                    raise RepositoryError(f"cannot open {self!r}: {error_summary(exc)}") from None
                 raise CorruptStoreError(
-                    f"{self.url} is not a usable SQLite store ({exc.orig or exc}); it was left untouched: "
-                    "restore it from a backup, or point prorch at another file"
+                    f"{redact_url(self.url)} is not a usable SQLite store ({error_summary(exc)}); it was left "
+                    "untouched: restore it from a backup, or point prorch at another file"
                 ) from exc
 
     def __call__(self, model: str) -> SQLRepository:
@@ -76,7 +71,7 @@ class SQLBackend:
         return repository
 
     def __repr__(self) -> str:
-        return f"SQLBackend({self.engine.url.render_as_string(hide_password=True)!r})"
+        return f"SQLBackend({redact_url(self.url)!r})"
 
     def dispose(self) -> None:
         self.engine.dispose()
@@ -183,20 +178,22 @@ class SQLBackend:
 
     @contextlib.contextmanager
     def _errors(self) -> Iterator[None]:
-        """Driver errors become RepositoryError, naming the store."""
+        """Driver errors become RepositoryError, naming the store, with the first line of the
+        driver's message only: the rest quotes rows and parameters, which may hold secrets.
+        The driver's exception is not chained, so no traceback carries it either."""
         try:
             yield
-        except (OperationalError, InterfaceError) as exc:
-            raise RepositoryError(f"{self!r}: {exc.orig or exc}") from exc
-        except sqlite3.OperationalError as exc:  # raised by the fast path, not wrapped by SQLAlchemy
-            raise RepositoryError(f"{self!r}: {exc}") from exc
+        except (DBAPIError, sqlite3.Error) as exc:
+            raise RepositoryError(f"{self!r}: {error_summary(exc)}") from None
 
 
 def _create_engine(url: str, **options: Any) -> Engine:
+    shown = redact_url(url)
     try:
         parsed = make_url(url)
-    except ArgumentError as exc:
-        raise ConfigurationError(f"malformed repository URL {url!r}: {exc}") from exc
+        parsed.port  # noqa: B018 - a malformed port raises here, not deep inside the driver
+    except (ArgumentError, ValueError) as exc:
+        raise ConfigurationError(f"malformed repository URL {shown!r}: {error_summary(exc)}") from None
     query = dict(parsed.query)
     synchronous = str(query.pop("synchronous", "NORMAL")).upper()
     parsed = parsed.set(query=query)
@@ -205,12 +202,13 @@ def _create_engine(url: str, **options: Any) -> Engine:
     if parsed.get_backend_name() == "sqlite":
         if synchronous not in SQLITE_SYNCHRONOUS:
             raise ConfigurationError(
-                f"synchronous={synchronous.lower()} in {url!r}: use one of {', '.join(SQLITE_SYNCHRONOUS).lower()}"
+                f"synchronous={synchronous.lower()} in {shown!r}: use one of {', '.join(SQLITE_SYNCHRONOUS).lower()}"
             )
         if parsed.database and parsed.database != ":memory:":
             folder = Path(parsed.database).expanduser().resolve().parent
             if not folder.is_dir():
-                raise ConfigurationError(f"folder {folder} of SQLite file in {url!r} does not exist")
+                raise ConfigurationError(f"folder {folder} of SQLite file in {shown!r} does not exist")
+            _create_private(Path(parsed.database).expanduser())
         options.setdefault("connect_args", {}).update(
             {"timeout": SQLITE_BUSY_TIMEOUT_SECONDS, "check_same_thread": False}
         )
@@ -219,22 +217,31 @@ def _create_engine(url: str, **options: Any) -> Engine:
         options.setdefault("pool_reset_on_return", None)
     else:
         options.setdefault("pool_pre_ping", True)  # a server restart leaves dead pooled connections
+    options.setdefault("hide_parameters", True)  # bound values (user data, tokens) never reach a message
     try:
         engine = create_engine(parsed, **options)
     except NoSuchModuleError as exc:
         from repositories import SUPPORTED_SCHEMES
 
         raise ConfigurationError(
-            f"unsupported repository URL scheme {parsed.drivername!r} in {url!r}; supported: "
+            f"unsupported repository URL scheme {parsed.drivername!r} in {shown!r}; supported: "
             f"{', '.join(SUPPORTED_SCHEMES)}"
         ) from exc
     except ImportError as exc:
         extra = "postgres" if parsed.get_backend_name() == "postgresql" else None
         hint = f"pip install 'prorch[{extra}]'" if extra else "install the SQLAlchemy driver it names"
-        raise ConfigurationError(f"no driver for repository URL {url!r} ({exc}): {hint}") from exc
+        raise ConfigurationError(f"no driver for repository URL {shown!r} ({exc}): {hint}") from exc
     if engine.dialect.name == "sqlite":
         _configure_sqlite(engine, synchronous)
     return engine
+
+
+def _create_private(path: Path) -> None:
+    """Create a new store file readable by its owner only (0600): it holds params, outputs and
+    errors. An existing file keeps the mode its operator gave it. SQLite gives its -wal and -shm
+    files the mode of the database file."""
+    with contextlib.suppress(FileExistsError):
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
 
 
 def _configure_sqlite(engine: Engine, synchronous: str) -> None:

@@ -99,6 +99,8 @@ class AtomicJSONStorage(Storage):
         payload = json.dumps(data, ensure_ascii=False)
         fd, temp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
         try:
+            with contextlib.suppress(FileNotFoundError):  # keep the operator's mode; a new store is 0600
+                os.fchmod(fd, os.stat(self.path).st_mode & 0o7777)
             with os.fdopen(fd, "w", encoding="utf-8") as handle:
                 handle.write(payload)
                 handle.flush()
