@@ -72,12 +72,15 @@ class Context:
         for module in self.settings.app:
             try:
                 importlib.import_module(module)
-            except ImportError as exc:
-                raise ConfigurationError(f"cannot import app module {module!r}: {exc}") from exc
+            except ProrchError as exc:  # e.g. two steps registered under one name
+                raise ConfigurationError(f"app module {module!r} failed to import: {exc}") from exc
+            except Exception as exc:  # a SyntaxError or an exception at import: one line, -v for the traceback
+                raise ConfigurationError(f"cannot import app module {module!r}: {type(exc).__name__}: {exc}") from exc
         plugins.discover(self.settings.plugins)
 
     def orchestrator(self, **more_flags: Any) -> Orchestrator:
         settings = self.loaded(**more_flags).settings
+        refuse_transient(settings.repository)
         self.import_apps()
         return Orchestrator(
             settings.repository,
@@ -89,6 +92,15 @@ class Context:
             hook_timeout=settings.hook_timeout,
             max_abandoned_hooks=settings.max_abandoned_hooks,
             shutdown_grace=settings.shutdown_grace,
+        )
+
+
+def refuse_transient(url: str) -> None:
+    """A command's store must outlive the command: an in-memory one would keep nothing."""
+    if url.rstrip("/") in ("sqlite:", "sqlite:///:memory:", "memory:") or url.startswith("memory://"):
+        raise ConfigurationError(
+            f"repository {url!r} lives in memory and keeps nothing after this command exits; "
+            "use a file, e.g. sqlite:///prorch.db"
         )
 
 
@@ -228,7 +240,7 @@ def start(ctx: Context, name: str, pairs: tuple[str, ...], params_json: str | No
     """Create a pipeline NAME, pending and due now (the next pass runs it)."""
     with reported(ctx):
         params = parse_params(pairs, params_json)
-        ctx.loaded()
+        refuse_transient(ctx.settings.repository)
         ctx.import_apps()
         pipeline_cls = current_registry().pipeline(name, version)
         settings = ctx.settings
@@ -249,6 +261,8 @@ def parse_params(pairs: tuple[str, ...], params_json: str | None) -> dict[str, A
             loaded = json.loads(params_json)
         except json.JSONDecodeError as exc:
             raise InvalidParamsError(f"--params-json is not valid JSON: {exc}") from exc
+        except RecursionError:
+            raise InvalidParamsError("--params-json is nested too deeply (at most 100 levels)") from None
         if not isinstance(loaded, dict):
             raise InvalidParamsError('--params-json must be a JSON object, e.g. \'{"path": "/data"}\'')
         params.update(loaded)
@@ -260,6 +274,8 @@ def parse_params(pairs: tuple[str, ...], params_json: str | None) -> dict[str, A
             params[key] = json.loads(value)
         except json.JSONDecodeError:
             params[key] = value
+        except RecursionError:
+            raise InvalidParamsError(f"--param {key}: nested too deeply (at most 100 levels)") from None
     return params
 
 
@@ -329,6 +345,8 @@ def print_state(state: PipelineState) -> None:
         click.echo(f"  context: {json.dumps(p.context)}")
     if state.blocked:
         click.echo(f"  BLOCKED: {state.blocked}")
+    elif state.code_missing:
+        click.echo(f"  (its code is not loaded here: {state.code_missing})")
     if p.last_error is not None:
         click.echo(f"  last error: {p.last_error.type}: {p.last_error.message}")
     for s in state.steps:

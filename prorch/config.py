@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
-from pydantic_settings import BaseSettings, EnvSettingsSource, NoDecode, SettingsConfigDict
+from pydantic_settings import BaseSettings, EnvSettingsSource, NoDecode, SettingsConfigDict, SettingsError
 
 from prorch.exceptions import ConfigurationError
 
@@ -140,7 +140,7 @@ def load_settings(
     flag_values = {key: value for key, value in (flags or {}).items() if value not in (None, ())}
     layers: list[tuple[Callable[[str], str], dict[str, Any]]] = [
         (lambda key: f"file {path}", file_values),
-        (lambda key: f"environment variable PRORCH_{key.upper()}", EnvSettingsSource(Settings)()),
+        (lambda key: f"environment variable PRORCH_{key.upper()}", _environment()),
         (lambda key: f"flag --{key.replace('_', '-')}", flag_values),
     ]
     merged: dict[str, Any] = {}
@@ -154,6 +154,19 @@ def load_settings(
                 merged[key] = value
             origins[key] = where(key)
     return LoadedSettings(settings=Settings.model_validate(merged), origins=origins, config_file=path)
+
+
+def _environment() -> dict[str, Any]:
+    """The ``PRORCH_*`` variables, parsed by pydantic-settings; a value that does not parse
+    (``PRORCH_STEPS='{bad'``) is one error naming the variable."""
+    try:
+        return dict(EnvSettingsSource(Settings)())
+    except SettingsError as exc:
+        field = str(exc).split('field "', 1)[-1].split('"', 1)[0]
+        raise ConfigurationError(
+            f"invalid environment variable PRORCH_{field.upper()}: not valid JSON ({exc.__cause__ or exc}); "
+            'per-name tables are JSON there, e.g. PRORCH_STEPS=\'{"Charge": {"timeout": 120}}\''
+        ) from exc
 
 
 def _validate_layer(where: Callable[[str], str], values: dict[str, Any]) -> None:

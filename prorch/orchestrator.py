@@ -97,7 +97,8 @@ class PipelineState:
 
     pipeline: PipelineRecord
     steps: list[StepRecord]
-    blocked: str | None = None
+    blocked: str | None = None  # not ended, and its code is missing here: it waits for it
+    code_missing: str | None = None  # ended, and its code is not loaded here (nothing waits)
 
 
 class Orchestrator:
@@ -321,7 +322,10 @@ class Orchestrator:
         """The pipeline ``uuid`` with its steps in order, and why it is blocked, if it is."""
         record = self._require(uuid)
         steps = sorted(self.store.steps_of(uuid), key=lambda s: (s.position is None, s.position or 0))
-        return PipelineState(record, steps, blocked=self.blocked_reason(record, steps))
+        missing = self.blocked_reason(record, steps)
+        if record.status in TERMINAL:  # an ended pipeline waits for nothing: it is not blocked
+            return PipelineState(record, steps, code_missing=missing)
+        return PipelineState(record, steps, blocked=missing)
 
     def history(self, uuid: str) -> list[EventRecord]:
         """The pipeline's events, oldest first."""

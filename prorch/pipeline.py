@@ -163,8 +163,21 @@ class Pipeline:
     def validate_params(cls, params: Any) -> JSONDict:
         """``params`` as stored: checked against ``Params`` (or as JSON values), never converted."""
         if cls.Params is not None:
+            if isinstance(params, dict) and cls.Params.model_config.get("extra") in (None, "ignore"):
+                known = {name for name, f in cls.Params.model_fields.items()} | {
+                    f.alias for f in cls.Params.model_fields.values() if f.alias
+                }
+                unknown = sorted(str(key) for key in params if key not in known)
+                if unknown:
+                    raise InvalidParamsError(
+                        f"invalid params for pipeline {cls.name}: unknown key(s) {', '.join(unknown)} "
+                        f"(known: {', '.join(sorted(known)) or 'none'}); set model_config = "
+                        "ConfigDict(extra='allow') on Params to accept others"
+                    )
             try:
                 model = params if isinstance(params, cls.Params) else cls.Params.model_validate(params or {})
+            except RecursionError:
+                raise InvalidParamsError(f"params for pipeline {cls.name} are nested too deeply") from None
             except ValidationError as exc:
                 problems = "; ".join(
                     f"{'.'.join(str(p) for p in err['loc']) or 'params'}: {err['msg']}" for err in exc.errors()

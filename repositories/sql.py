@@ -200,6 +200,12 @@ def _create_engine(url: str, **options: Any) -> Engine:
     if parsed.drivername in ("postgresql", "postgres"):
         parsed = parsed.set(drivername="postgresql+psycopg")
     if parsed.get_backend_name() == "sqlite":
+        if parsed.host:
+            raise ConfigurationError(
+                f"malformed SQLite URL {shown!r}: the path goes after three slashes, "
+                f"sqlite:///{parsed.host}{'/' + parsed.database if parsed.database else ''} "
+                "(relative) or sqlite:////absolute/path.db"
+            )
         if synchronous not in SQLITE_SYNCHRONOUS:
             raise ConfigurationError(
                 f"synchronous={synchronous.lower()} in {shown!r}: use one of {', '.join(SQLITE_SYNCHRONOUS).lower()}"

@@ -25,12 +25,16 @@ from typing import Any
 from filelock import FileLock
 from tinydb.storages import Storage
 
-from prorch.exceptions import ConfigurationError, CorruptStoreError
+from prorch.exceptions import ConfigurationError, CorruptRecordError, CorruptStoreError
 from prorch.records import Metadata, format_timestamp
 from prorch.repository import IRepository
+from prorch.status import TERMINAL as TERMINAL_STATUSES
+from prorch.status import Status
 
 JSONDict = dict[str, Any]
-TERMINAL = ("finished", "failed", "cancelled")
+TERMINAL = tuple(status.value for status in TERMINAL_STATUSES)
+STATUSES = tuple(status.value for status in Status)
+STATUS_MODELS = (Metadata.PIPELINES_MODEL, Metadata.STEP_MODEL)
 
 
 class AtomicJSONStorage(Storage):
@@ -224,7 +228,21 @@ class TinyDBRepository(IRepository):
     def search(self, filter: list[Any]) -> list[JSONDict]:  # noqa: A002 - the seed's name
         field, value = filter
         with self.backend.locked():
-            return [dict(row) for row in self._rows().values() if row.get(field) == value]
+            rows = self._rows()
+            if field == "status" and self.model in STATUS_MODELS:
+                self._check_statuses(rows)
+            return [dict(row) for row in rows.values() if row.get(field) == value]
+
+    def _check_statuses(self, rows: dict[str, JSONDict]) -> None:
+        """A hand-edited record with a status prorch does not know would match no search and
+        vanish from `list` and `run`: say which one instead."""
+        for doc_id, row in rows.items():
+            if row.get("status") not in STATUSES:
+                raise CorruptRecordError(
+                    f"{self.name} record {row.get('uuid')!r} (document {doc_id} in {self.backend.path}) has "
+                    f"unknown status {row.get('status')!r}; expected one of {', '.join(STATUSES)}",
+                    uuid=row.get("uuid"),
+                )
 
     # --- capabilities ------------------------------------------------------------------------
 
@@ -237,6 +255,7 @@ class TinyDBRepository(IRepository):
             return True
 
     def _due(self, now: str, limit: int) -> list[tuple[str, JSONDict]]:
+        self._check_statuses(self._rows())
         rows = [
             (doc_id, row)
             for doc_id, row in self._rows().items()
