@@ -20,7 +20,15 @@ from typing import Any
 
 from sqlalchemy import Connection, Engine, Integer, bindparam, create_engine, event, inspect, select, text, update
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError, DatabaseError, DBAPIError, NoSuchModuleError, SQLAlchemyError
+from sqlalchemy.exc import (
+    ArgumentError,
+    DatabaseError,
+    DBAPIError,
+    InterfaceError,
+    NoSuchModuleError,
+    OperationalError,
+    SQLAlchemyError,
+)
 
 from prorch.exceptions import ConfigurationError, CorruptStoreError, RepositoryError, SchemaTooNewError
 from prorch.records import format_timestamp, to_utc
@@ -35,6 +43,11 @@ JSONDict = dict[str, Any]
 SQLITE_BUSY_TIMEOUT_SECONDS = 30.0
 SQLITE_SYNCHRONOUS = ("OFF", "NORMAL", "FULL", "EXTRA")
 TERMINAL = ("finished", "failed", "cancelled")
+
+
+class DatabaseRefusedError(RepositoryError):
+    """The database refused a statement (a constraint, a value it cannot hold), or the file is
+    not a database; as opposed to being unreachable."""
 
 
 class SQLBackend:
@@ -56,7 +69,7 @@ class SQLBackend:
         if migrate:
             try:
                 upgrade(self)
-            except DatabaseError as exc:
+            except (DatabaseError, DatabaseRefusedError) as exc:
                 if not self.is_sqlite:
                     raise RepositoryError(f"cannot open {self!r}: {error_summary(exc)}") from None
                 raise CorruptStoreError(
@@ -183,8 +196,10 @@ class SQLBackend:
         The driver's exception is not chained, so no traceback carries it either."""
         try:
             yield
-        except (DBAPIError, sqlite3.Error) as exc:
+        except (OperationalError, InterfaceError, sqlite3.OperationalError) as exc:  # down, locked, lost
             raise RepositoryError(f"{self!r}: {error_summary(exc)}") from None
+        except (DBAPIError, sqlite3.Error) as exc:  # the database refused a statement or is not one
+            raise DatabaseRefusedError(f"{self!r}: {error_summary(exc)}") from None
 
 
 def _create_engine(url: str, **options: Any) -> Engine:
