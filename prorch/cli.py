@@ -22,7 +22,7 @@ import click
 
 from prorch import demo as demo_module
 from prorch import logs, plugins
-from prorch.config import LoadedSettings, Settings, load_settings
+from prorch.config import LoadedSettings, Settings, closest, load_settings
 from prorch.exceptions import (
     ConfigurationError,
     InvalidMessageError,
@@ -57,6 +57,8 @@ class Context:
             self._loaded = load_settings({**self.flags, **more_flags}, config_file=self.config_file)
             settings = self._loaded.settings
             logs.configure("DEBUG" if self.verbose else settings.log_level, settings.log_format)
+            for warning in self._loaded.warnings:
+                click.echo(f"warning: {warning}", err=True)
         return self._loaded
 
     @property
@@ -77,6 +79,21 @@ class Context:
             except Exception as exc:  # a SyntaxError or an exception at import: one line, -v for the traceback
                 raise ConfigurationError(f"cannot import app module {module!r}: {type(exc).__name__}: {exc}") from exc
         plugins.discover(self.settings.plugins)
+        self.warn_unknown_overrides()
+
+    def warn_unknown_overrides(self) -> None:
+        """A ``[steps.X]`` or ``[pipelines.X]`` table naming nothing registered is a typo to report."""
+        if not self.settings.app:
+            return  # without the user's code loaded, nothing can be judged
+        registry = current_registry()
+        for kind, names, known in (
+            ("steps", self.settings.steps, registry.steps),
+            ("pipelines", self.settings.pipelines, registry.pipelines),
+        ):
+            for name in names:
+                if name not in known:
+                    hint = closest(name, known)
+                    click.echo(f"warning: [{kind}.{name}] names no registered {kind[:-1]}; ignored{hint}", err=True)
 
     def orchestrator(self, **more_flags: Any) -> Orchestrator:
         settings = self.loaded(**more_flags).settings

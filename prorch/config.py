@@ -5,8 +5,10 @@ it and where it was set."""
 
 from __future__ import annotations
 
+import difflib
+import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -99,6 +101,7 @@ class LoadedSettings(BaseModel):
     settings: Settings
     origins: dict[str, str]
     config_file: Path | None = None
+    warnings: list[str] = []  # things set that nothing reads, e.g. a misspelt PRORCH_* variable
 
 
 def find_config_file(explicit: str | Path | None, cwd: Path) -> tuple[Path | None, dict[str, Any]]:
@@ -153,7 +156,28 @@ def load_settings(
             else:
                 merged[key] = value
             origins[key] = where(key)
-    return LoadedSettings(settings=Settings.model_validate(merged), origins=origins, config_file=path)
+    settings = Settings.model_validate(merged)
+    return LoadedSettings(settings=settings, origins=origins, config_file=path, warnings=unknown_variables())
+
+
+KNOWN_VARIABLES = {f"PRORCH_{name.upper()}" for name in SettingsFields.model_fields} | {"PRORCH_CONFIG"}
+
+
+def unknown_variables(environ: Mapping[str, str] | None = None) -> list[str]:
+    """A warning for each ``PRORCH_*`` variable that is no setting, with the closest known name:
+    a typo there would otherwise be ignored without a word."""
+    found = os.environ if environ is None else environ
+    return [
+        f"environment variable {name} is not a prorch setting; ignored{closest(name, KNOWN_VARIABLES)}"
+        for name in sorted(found)
+        if name.startswith("PRORCH_") and name not in KNOWN_VARIABLES
+    ]
+
+
+def closest(name: str, known: Iterable[str]) -> str:
+    """``" (did you mean X?)"`` for the known name closest to ``name``, or ``""``."""
+    match = difflib.get_close_matches(name, list(known), n=1, cutoff=0.6)
+    return f" (did you mean {match[0]}?)" if match else ""
 
 
 def _environment() -> dict[str, Any]:

@@ -92,3 +92,23 @@ def test_a_tinydb_record_with_an_unknown_status_is_named(workdir: Path) -> None:
     for command in ("list", "run"):
         result = prorch(workdir, "-r", url, command)
         assert result.returncode == 1 and uuid in result.stderr and "unknown status 'paused'" in result.stderr
+
+
+def test_a_misspelt_environment_variable_is_reported(workdir: Path) -> None:  # noqa: F811
+    """Regression: an unknown PRORCH_* variable was ignored without a word."""
+    result = prorch(workdir, "config", env={"PRORCH_BATCHSIZE": "7"})
+    assert result.returncode == 0
+    assert (
+        "warning: environment variable PRORCH_BATCHSIZE is not a prorch setting; ignored "
+        "(did you mean PRORCH_BATCH_SIZE?)" in result.stderr
+    )
+
+
+def test_a_misspelt_override_is_reported(workdir: Path) -> None:  # noqa: F811
+    """Regression: a misspelt [steps.Rendr] table was ignored without a word."""
+    with (workdir / "prorch.toml").open("a") as config:
+        config.write("\n[steps.Chrage]\ntimeout = 5\n\n[steps.Charge]\nmax_attempts = 2\n")
+    result = prorch(workdir, "list")
+    assert result.returncode == 0
+    assert "warning: [steps.Chrage] names no registered step; ignored (did you mean Charge?)" in result.stderr
+    assert "[steps.Charge]" not in result.stderr
