@@ -55,6 +55,13 @@ def check_json(value: Any, where: str) -> None:
             raise UnstorableValueError(f"{path}: {kind.__name__} is not a JSON value{hint}; store JSON values only")
 
 
+def checked_copy(value: Any, where: str) -> Any:
+    """``value`` checked by ``check_json`` and copied, ready to store: what a caller keeps
+    changing afterwards changes nothing stored."""
+    check_json(value, where)
+    return copy_json(value)
+
+
 def copy_json(value: Any) -> Any:
     """A deep copy of a checked JSON value (cheaper than ``copy.deepcopy``)."""
     kind = type(value)

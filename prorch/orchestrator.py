@@ -27,7 +27,7 @@ from prorch.exceptions import (
     WorkerUnhealthyError,
 )
 from prorch.hooks import HookCaller
-from prorch.jsonvalue import check_json, copy_json
+from prorch.jsonvalue import checked_copy
 from prorch.leases import LeaseKeeper
 from prorch.pipeline import new_owner_id
 from prorch.records import ErrorInfo, EventRecord, MessageRecord, PipelineRecord, StepRecord, new_uuid
@@ -416,10 +416,9 @@ class Orchestrator:
         if not isinstance(name, str) or not name:
             raise InvalidMessageError("a message needs a non-empty name")
         try:
-            check_json(payload, "payload")
+            payload = checked_copy(payload, "payload")
         except UnstorableValueError as exc:
             raise InvalidMessageError(f"message payload cannot be stored: {exc}") from exc
-        payload = copy_json(payload)
         sent_at = self.clock.now()
         earlier = self.store.messages_of(uuid)
         if earlier and earlier[-1].sent_at >= sent_at:  # keep "oldest first" well defined

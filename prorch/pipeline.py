@@ -20,7 +20,7 @@ from prorch.exceptions import (
     StepsNotDefinedError,
     UnstorableValueError,
 )
-from prorch.jsonvalue import check_json, copy_json
+from prorch.jsonvalue import checked_copy
 from prorch.leases import LeaseKeeper
 from prorch.records import EventRecord, JSONDict, PipelineRecord, Record, StepRecord, new_uuid
 from prorch.registry import current_registry
@@ -191,13 +191,12 @@ class Pipeline:
         else:
             result = params
         try:
-            check_json(result, "params")
+            copied: JSONDict = checked_copy(result, "params")
         except UnstorableValueError as exc:
             raise InvalidParamsError(
                 f"params for pipeline {cls.name} cannot be stored: {exc}; declare a Params pydantic model "
                 "to accept richer types"
             ) from exc
-        copied: JSONDict = copy_json(result)
         return copied
 
     def _insert(
@@ -329,8 +328,7 @@ def _with_tenant(context: JSONDict | None, tenant: str | None) -> JSONDict:
     if tenant is not None:
         merged["tenant"] = tenant
     try:
-        check_json(merged, "context")
+        copied: JSONDict = checked_copy(merged, "context")
     except UnstorableValueError as exc:
         raise InvalidParamsError(f"the pipeline's context cannot be stored: {exc}") from exc
-    copied: JSONDict = copy_json(merged)
     return copied

@@ -327,16 +327,18 @@ class Runner:
         if keeper is not None and bound is not None:
             keeper.limit(run.pipeline.uuid, self.clock.now() + timedelta(seconds=bound))
         what = f"{name} of step {step.name} in pipeline {run.pipeline.uuid}"
+        ended = False  # returned or raised: whatever its result, the worker did not die in it
         try:
             self.hooks.call(hook, bound, what)
+            ended = True
         except KeyboardInterrupt:
             raise
         except BaseException:
-            run.pipeline.crashes = 0  # the hook ended, whatever its result: not a crash
+            ended = True
             raise
-        else:
-            run.pipeline.crashes = 0
         finally:
+            if ended:
+                run.pipeline.crashes = 0
             if keeper is not None and bound is not None:
                 keeper.limit(run.pipeline.uuid, None)
 

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol
 from pydantic import BaseModel, ValidationError
 
 from prorch.exceptions import InvalidOutputError, StepUsageError, UnstorableValueError
-from prorch.jsonvalue import check_json, copy_json
+from prorch.jsonvalue import checked_copy, copy_json
 from prorch.records import JSONDict, PipelineRecord, StepRecord
 
 if TYPE_CHECKING:
@@ -224,10 +224,9 @@ class Step:
         elif isinstance(output, BaseModel):
             output = output.model_dump(mode="json")
         try:
-            check_json(output, "output")
+            return checked_copy(output, "output")
         except UnstorableValueError as exc:
             raise InvalidOutputError(
                 f"output of step {self.name} cannot be stored: {exc}; pass dicts, lists, strings, finite "
                 "numbers, booleans and None, or declare an Output pydantic model"
             ) from exc
-        return copy_json(output)

@@ -153,13 +153,12 @@ class Store:
         ``SystemClock`` given explicitly is aligned too; a test clock is used as it is."""
         if clock is not None and not isinstance(clock, SystemClock):
             return clock
-        server_time = getattr(self.backend, "server_time", None)
-        if not isinstance(self.backend, SupportsServerClock) or server_time is None:
+        if not isinstance(self.backend, SupportsServerClock):
             return clock or SystemClock()
         if clock is None and self._aligned_clock is not None:
             return self._aligned_clock
         try:
-            probe = _call("read the server's clock", server_time)
+            probe = _call("read the server's clock", self.backend.server_time)
         except RepositoryError as exc:
             probe = None
             logger.warning("could not read the clock of %r (%s); using this machine's", self.backend, exc)
