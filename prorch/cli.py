@@ -27,6 +27,7 @@ from prorch.exceptions import (
     ConfigurationError,
     InvalidMessageError,
     InvalidParamsError,
+    KeyConflictError,
     NotRegisteredError,
     ProrchError,
     WorkerUnhealthyError,
@@ -39,7 +40,7 @@ from prorch.secrets import redact_url
 from prorch.status import TERMINAL, Status
 from prorch.store import resolve_backend
 
-USAGE_ERRORS = (ConfigurationError, NotRegisteredError, InvalidParamsError, InvalidMessageError)
+USAGE_ERRORS = (ConfigurationError, NotRegisteredError, InvalidParamsError, InvalidMessageError, KeyConflictError)
 STATUSES = [status.value for status in Status]
 
 
@@ -250,11 +251,17 @@ def worker(ctx: Context, /, **flags: Any) -> None:
 @click.option("--version", "version", type=int, help="The pipeline version to run (default: the newest).")
 @click.option("--tenant", help="The tenant, for tenant plugins.")
 @click.option("--priority", type=int, help="Higher runs first.")
-@click.option("--json", "as_json", is_flag=True, help="Print the new pipeline as JSON.")
+@click.option(
+    "--key",
+    help="Create it once: a repeat with this key, NAME and params prints the stored pipeline's uuid "
+    "and 'exists'; with another NAME or params it is an error.",
+)
+@click.option("--json", "as_json", is_flag=True, help='Print the pipeline as JSON, with "created": true/false.')
 @click.pass_obj
 def start(ctx: Context, name: str, pairs: tuple[str, ...], params_json: str | None, version: int | None,
-          tenant: str | None, priority: int | None, as_json: bool) -> None:  # fmt: skip
-    """Create a pipeline NAME, pending and due now (the next pass runs it)."""
+          tenant: str | None, priority: int | None, key: str | None, as_json: bool) -> None:  # fmt: skip
+    """Create a pipeline NAME, pending and due now (the next pass runs it). Prints its uuid, with
+    ' exists' after it when --key found it already stored."""
     with reported(ctx):
         params = parse_params(pairs, params_json)
         refuse_transient(ctx.settings.repository)
@@ -264,11 +271,11 @@ def start(ctx: Context, name: str, pairs: tuple[str, ...], params_json: str | No
         override = settings.pipelines.get(name)
         if priority is None and override is not None:
             priority = override.priority
-        created = pipeline_cls.create(settings.repository, params, tenant=tenant, priority=priority)
+        created = pipeline_cls.create(settings.repository, params, key=key, tenant=tenant, priority=priority)
     if as_json:
-        echo_json(created.record.to_dict())
+        echo_json({**created.record.to_dict(), "created": created.created})
     else:
-        click.echo(created.uuid)
+        click.echo(created.uuid if created.created else f"{created.uuid} exists")
 
 
 def parse_params(pairs: tuple[str, ...], params_json: str | None) -> dict[str, Any]:
@@ -332,15 +339,18 @@ def print_table(rows: list[list[str]]) -> None:
 
 
 @main.command()
-@click.argument("uuid")
+@click.argument("uuid", required=False)
+@click.option("--key", help="Show the pipeline created with this key (prorch start --key) instead.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.pass_obj
-def show(ctx: Context, uuid: str, as_json: bool) -> None:
+def show(ctx: Context, uuid: str | None, key: str | None, as_json: bool) -> None:
     """A pipeline's steps, outputs, errors and history."""
     with reported(ctx):
+        if (uuid is None) == (key is None):
+            raise InvalidParamsError("give a pipeline's UUID or --key KEY, one of the two")
         orchestrator = ctx.orchestrator()
-        state = orchestrator.get(uuid)
-        history = orchestrator.history(uuid)
+        state = orchestrator.get_by_key(key) if key is not None else orchestrator.get(uuid or "")
+        history = orchestrator.history(state.pipeline.uuid)
     if as_json:
         echo_json(
             {
@@ -358,6 +368,8 @@ def show(ctx: Context, uuid: str, as_json: bool) -> None:
 def print_state(state: PipelineState) -> None:
     p = state.pipeline
     click.echo(f"{p.name} v{p.version}  {p.uuid}  {p.status.value}")
+    if p.key is not None:
+        click.echo(f"  key: {p.key}")
     if p.context:
         click.echo(f"  context: {json.dumps(p.context)}")
     if state.blocked:

@@ -42,6 +42,15 @@ class InvalidParamsError(ProrchError, ValueError):
     """The pipeline's params are invalid; nothing was stored."""
 
 
+class InvalidKeyError(InvalidParamsError):
+    """A creation key is not a string of 1 to 200 characters without NUL; nothing was stored."""
+
+
+class KeyConflictError(ProrchError, ValueError):
+    """A creation key already names a pipeline of another name or with other params; nothing
+    was stored."""
+
+
 class InvalidOutputError(ProrchError, ValueError):
     """A step's output is not valid JSON-compatible data or does not match its Output model."""
 
@@ -84,6 +93,10 @@ class InvalidStateError(ProrchError):
 
 class RepositoryError(ProrchError):
     """The repository failed; the driver's error is chained as the cause."""
+
+
+class DuplicateRecordError(RepositoryError):
+    """An insert met a record with the same uuid (another process created it at the same time)."""
 
 
 class CorruptRecordError(RepositoryError):

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable
+
+HookResult = Awaitable[None] | None
+"""What a hook returns: nothing, or, for an ``async def`` hook, what the worker awaits."""
+
 
 class OnStartMixin:
     """Gives a step an ``on_start`` hook: run once when the step becomes current (at least once
     across crashes; ``self.idempotency_key`` is stable across re-runs)."""
 
-    def on_start(self) -> None:
+    def on_start(self) -> HookResult:
         raise NotImplementedError(f"{type(self).__name__} mixes in OnStartMixin but defines no on_start()")
 
 
@@ -15,7 +20,7 @@ class OnContinueMixin:
     """Gives a step an ``on_continue`` hook: run right after ``on_start`` and on every resume until
     the step calls ``finish``, ``fail`` or ``cancel``. Returning without one keeps it pending."""
 
-    def on_continue(self) -> None:
+    def on_continue(self) -> HookResult:
         raise NotImplementedError(f"{type(self).__name__} mixes in OnContinueMixin but defines no on_continue()")
 
 

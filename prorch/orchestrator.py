@@ -28,6 +28,7 @@ from prorch.exceptions import (
 )
 from prorch.hooks import HookCaller
 from prorch.jsonvalue import checked_copy
+from prorch.keys import uuid_for_key
 from prorch.leases import LeaseKeeper
 from prorch.pipeline import new_owner_id
 from prorch.records import ErrorInfo, EventRecord, MessageRecord, PipelineRecord, StepRecord, new_uuid
@@ -176,12 +177,13 @@ class Orchestrator:
 
             def advance(pipeline: PipelineRecord) -> Outcome | str:
                 try:
-                    with self.store.session():
-                        return self._advance_one(pipeline, keeper)
+                    return self._advance_one(pipeline, keeper)
                 finally:
                     keeper.drop(pipeline.uuid)
 
             if self.concurrency > 1 and len(claimed) > 1:
+                # No connection is held through a hook: with more pipelines at once than pooled
+                # connections, each thread takes one only for its reads and commits.
                 with ThreadPoolExecutor(self.concurrency, thread_name_prefix="prorch") as pool:
                     results = list(pool.map(advance, claimed))
             else:
@@ -263,6 +265,18 @@ class Orchestrator:
                     self._stop.wait(interval)
         finally:
             restore()
+            self.close()
+
+    def close(self) -> None:
+        """Stop the event loop of async hooks (``run_forever`` does it on its way out). The
+        orchestrator stays usable: the next async hook starts a new loop."""
+        self.hooks.close()
+
+    def __enter__(self) -> Orchestrator:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def stop(self) -> None:
         """Stop claiming and starting hooks: running hooks finish, their transitions are written,
@@ -326,6 +340,13 @@ class Orchestrator:
         if record.status in TERMINAL:  # an ended pipeline waits for nothing: it is not blocked
             return PipelineState(record, steps, code_missing=missing)
         return PipelineState(record, steps, blocked=missing)
+
+    def get_by_key(self, key: str) -> PipelineState:
+        """The pipeline created with ``key`` (``create(key=...)``), with its steps."""
+        try:
+            return self.get(uuid_for_key(key))
+        except PipelineNotFoundError:
+            raise PipelineNotFoundError(f"no pipeline was created with key {key!r}", uuid=uuid_for_key(key)) from None
 
     def history(self, uuid: str) -> list[EventRecord]:
         """The pipeline's events, oldest first."""

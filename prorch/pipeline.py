@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 from collections.abc import Iterable, Sequence
@@ -12,8 +13,11 @@ from pydantic import BaseModel, ValidationError
 
 from prorch.clock import Clock
 from prorch.exceptions import (
+    DuplicateRecordError,
+    InvalidKeyError,
     InvalidParamsError,
     InvalidStateError,
+    KeyConflictError,
     NotRegisteredError,
     PipelineNameNotDefinedError,
     PipelineNotFoundError,
@@ -21,6 +25,7 @@ from prorch.exceptions import (
     UnstorableValueError,
 )
 from prorch.jsonvalue import checked_copy
+from prorch.keys import check_uuid, uuid_for_key
 from prorch.leases import LeaseKeeper
 from prorch.records import EventRecord, JSONDict, PipelineRecord, Record, StepRecord, new_uuid
 from prorch.registry import current_registry
@@ -49,6 +54,9 @@ class Pipeline:
     priority: ClassVar[int] = 0
     Params: ClassVar[type[BaseModel] | None] = None
 
+    created: bool
+    """False when ``create`` found the pipeline already stored under its key."""
+
     def __init__(
         self,
         repository_class: Any = None,
@@ -63,6 +71,7 @@ class Pipeline:
         self._check_declared()
         self._store = store_for(repository if repository is not None else repository_class)
         self._clock: Clock = self._store.clock(clock)
+        self.created = pipeline_uuid is None
         if pipeline_uuid is not None:
             self.record = self._fetch(pipeline_uuid)
         else:
@@ -76,6 +85,7 @@ class Pipeline:
         repository: Any,
         params: Any = None,
         *,
+        key: str | None = None,
         tenant: str | None = None,
         context: JSONDict | None = None,
         priority: int | None = None,
@@ -87,23 +97,20 @@ class Pipeline:
         the next orchestrator pass runs it. Raises ``InvalidParamsError`` and stores nothing when
         the params are invalid. ``version`` picks another registered version of this pipeline;
         the pipeline then runs exactly that version and its steps' versions to the end.
-        ``uuid`` makes creation idempotent: if that pipeline exists, it is returned as stored."""
+
+        ``key`` (any string up to 200 characters: an order id, a request id) creates the
+        pipeline exactly once: a later create with that key, this pipeline's name and equal
+        params returns the stored pipeline with ``created`` False; with another name or other
+        params it raises ``KeyConflictError``. ``uuid`` does the same with a uuid of your own."""
         if version is not None and version != cls.version:
             target = current_registry().pipeline(cls.name or "", version)
             return target.create(
-                repository, params, tenant=tenant, context=context, priority=priority, clock=clock, uuid=uuid
+                repository, params, key=key, tenant=tenant, context=context, priority=priority, clock=clock, uuid=uuid
             )
-        cls._check_declared()
-        store = store_for(repository)
-        clock = store.clock(clock)
-        existing = store.get_pipeline(uuid) if uuid is not None else None
-        if existing is not None:
-            return cls._bound(store, clock, existing)
-        self = cls._bound(store, clock, None)
-        self.record = self._insert(
-            params, status=Status.PENDING, context=_with_tenant(context, tenant), priority=priority, uuid=uuid
+        (created,) = cls._create_all(
+            repository, [params], [key], tenant=tenant, context=context, priority=priority, clock=clock, uuid=uuid
         )
-        return self
+        return created
 
     @classmethod
     def create_many(
@@ -111,32 +118,68 @@ class Pipeline:
         repository: Any,
         params: Iterable[Any],
         *,
+        keys: Iterable[str | None] | None = None,
         tenant: str | None = None,
         context: JSONDict | None = None,
         priority: int | None = None,
         clock: Clock | None = None,
     ) -> list[Pipeline]:
         """``create`` for a batch, in one transaction: every params is validated first, and an
-        invalid one raises ``InvalidParamsError`` naming its index, storing nothing."""
+        invalid one raises ``InvalidParamsError`` naming its index, storing nothing. ``keys``
+        (one per params, or None) work as ``create``'s ``key``: the pipelines already stored
+        under their keys come back with ``created`` False, and one conflict stores nothing."""
+        items = list(params)
+        key_list: list[str | None] = list(keys) if keys is not None else [None] * len(items)
+        if len(key_list) != len(items):
+            raise InvalidKeyError(
+                f"create_many got {len(items)} params and {len(key_list)} keys; give one key per params"
+            )
+        return cls._create_all(
+            repository, items, key_list, tenant=tenant, context=context, priority=priority, clock=clock
+        )
+
+    @classmethod
+    def _create_all(
+        cls,
+        repository: Any,
+        items: list[Any],
+        keys: list[str | None],
+        *,
+        tenant: str | None,
+        context: JSONDict | None,
+        priority: int | None,
+        clock: Clock | None,
+        uuid: str | None = None,
+    ) -> list[Pipeline]:
         cls._check_declared()
         store = store_for(repository)
         clock = store.clock(clock)
         merged = _with_tenant(context, tenant)
         validated = []
-        for index, item in enumerate(params):
+        for index, item in enumerate(items):
             try:
                 validated.append(cls.validate_params(item))
             except InvalidParamsError as exc:
-                raise InvalidParamsError(f"params #{index}: {exc}") from exc
+                raise InvalidParamsError(f"params #{index}: {exc}" if len(items) > 1 else str(exc)) from exc
+        uuids = [uuid_for_key(key) if key is not None else None for key in keys]
+        if uuid is not None:
+            uuids = [check_uuid(uuid)]
         now = clock.now()
-        groups = [build_records(cls, item, now=now, context=merged, priority=priority) for item in validated]
-        return [cls._bound(store, clock, pipeline) for pipeline in store_new(store, groups, now)]
+        groups = [
+            build_records(cls, item, now=now, context=merged, priority=priority, uuid=given, key=key)
+            for item, given, key in zip(validated, uuids, keys, strict=True)
+        ]
+        if all(given is None for given in uuids):  # nothing to look up: new uuids cannot collide
+            return [cls._bound(store, clock, pipeline) for pipeline in store_new(store, groups, now)]
+        stored = store_once(store, groups, now)
+        return [cls._bound(store, clock, record, created=created) for record, created in stored]
 
     @classmethod
-    def _bound(cls, store: Store, clock: Clock, record: PipelineRecord | None) -> Pipeline:
+    def _bound(cls, store: Store, clock: Clock, record: PipelineRecord | None, *, created: bool = True) -> Pipeline:
         """An instance for a record, without the 1.0.1 constructor's side effects."""
         self = cls.__new__(cls)
         self._store, self._clock = store, clock
+        self.created = created
         if record is not None:
             self.record = record
         return self
@@ -228,9 +271,12 @@ class Pipeline:
         if record is None:
             raise InvalidStateError(f"pipeline {self.uuid} is being run by another orchestrator; try again later")
         runner = Runner(self._store, current_registry(), self._clock)
-        with LeaseKeeper(self._store, DEFAULT_LEASE_SECONDS, self._clock) as keeper:
-            keeper.hold([record])
-            outcome = runner.advance(record, keeper)
+        try:
+            with LeaseKeeper(self._store, DEFAULT_LEASE_SECONDS, self._clock) as keeper:
+                keeper.hold([record])
+                outcome = runner.advance(record, keeper)
+        finally:
+            runner.hooks.close()  # the event loop of its async hooks, if it had any
         self.refresh()
         return outcome
 
@@ -271,6 +317,7 @@ def build_records(
     context: JSONDict | None = None,
     priority: int | None = None,
     uuid: str | None = None,
+    key: str | None = None,
 ) -> list[Record]:
     """A new pipeline's records, in write order: its steps, its ``pipeline.created`` event, and
     the pipeline itself (due now when pending). ``params`` must be validated already."""
@@ -286,6 +333,7 @@ def build_records(
         created_at=now,
         updated_at=now,
         next_run_at=now if status == Status.PENDING else None,
+        key=key,
     )
     steps: list[Record] = [
         StepRecord(
@@ -321,6 +369,63 @@ def store_new(store: Store, groups: list[list[Record]], now: datetime) -> list[P
     order = {StepRecord.MODEL: 0, EventRecord.MODEL: 1, PipelineRecord.MODEL: 2}
     store.insert_all([*tasks, *sorted(records, key=lambda record: order[record.MODEL])])
     return pipelines
+
+
+STORE_ONCE_ATTEMPTS = 3
+
+
+def store_once(store: Store, groups: list[list[Record]], now: datetime) -> list[tuple[PipelineRecord, bool]]:
+    """Store the new pipelines whose uuid (from a key) is not stored yet, in one transaction;
+    return each pipeline's record and whether it was created now. A uuid already stored must
+    name an equal pipeline (name and params), else ``KeyConflictError`` and nothing is stored.
+
+    The look-up and the inserts share one transaction: writers take turns on SQLite, TinyDB
+    and the memory store. On PostgreSQL two transactions can both find nothing; the second
+    insert then fails on the uuid's uniqueness, and the look-up runs again and finds the first."""
+    for attempt in range(1, STORE_ONCE_ATTEMPTS + 1):
+        try:
+            with store.transaction():
+                results, fresh = _sort_out(store, groups)
+                if fresh:
+                    store_new(store, fresh, now)
+            return results
+        except DuplicateRecordError:
+            if attempt == STORE_ONCE_ATTEMPTS:
+                raise
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _sort_out(store: Store, groups: list[list[Record]]) -> tuple[list[tuple[PipelineRecord, bool]], list[list[Record]]]:
+    """Each group's pipeline as stored (or as it will be), whether it is new, and the groups to insert."""
+    results: list[tuple[PipelineRecord, bool]] = []
+    fresh: list[list[Record]] = []
+    taken: dict[str, PipelineRecord] = {}
+    for group in groups:
+        wanted = next(record for record in group if isinstance(record, PipelineRecord))
+        found = taken.get(wanted.uuid) or store.get_pipeline(wanted.uuid)
+        if found is None:
+            taken[wanted.uuid] = wanted
+            fresh.append(group)
+            results.append((wanted, True))
+            continue
+        if found.name != wanted.name or found.params != wanted.params:
+            raise KeyConflictError(_conflict(found, wanted))
+        results.append((found, False))
+    return results, fresh
+
+
+def _conflict(found: PipelineRecord, wanted: PipelineRecord) -> str:
+    taken_by = f"key {found.key!r}" if found.key is not None else f"uuid {found.uuid}"
+    return (
+        f"{taken_by} already names pipeline {found.name} {found.uuid} with params {_shown(found.params)}; "
+        f"this create asked for {wanted.name} with params {_shown(wanted.params)}; use another key, "
+        "or the same name and params to get the stored pipeline"
+    )
+
+
+def _shown(params: JSONDict) -> str:
+    text = json.dumps(params, sort_keys=True, ensure_ascii=False)
+    return text if len(text) <= 300 else text[:297] + "..."
 
 
 def _with_tenant(context: JSONDict | None, tenant: str | None) -> JSONDict:

@@ -13,13 +13,13 @@ from __future__ import annotations
 import inspect
 import logging
 import uuid as uuid_module
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from prorch.exceptions import RegistrationError
-from prorch.mixins import OnContinueMixin
+from prorch.mixins import HookResult, OnContinueMixin
 from prorch.records import EventRecord, Record
 from prorch.registry import Registry, current_registry
 from prorch.status import EventType
@@ -130,16 +130,23 @@ class RunReaction(OnContinueMixin, Step):
     name = REACTION_STEP
     max_attempts = 5
 
-    def on_continue(self) -> None:
+    def on_continue(self) -> HookResult:
         registry = self._require_runtime("reaction").registry
         reaction = next((r for r in registry.reactions if r.name == self.params["reaction"]), None)
         if reaction is None:  # not deployed on this worker: wait for one that has it, never fail
             logger.warning("reaction %s is not registered here; trying again in 60s", self.params["reaction"])
             self.wait(seconds=60)
-            return
+            return None
         ctx = ReactionContext(self)
-        reaction.func(EventRecord.from_dict(self.params["event"]), ctx)
+        result = reaction.func(EventRecord.from_dict(self.params["event"]), ctx)
+        if inspect.isawaitable(result):  # an ``async def`` reaction: the worker awaits it on its loop
+            return self._finish_after(result, reaction.name, ctx)
         self.finish({"reaction": reaction.name, "started": ctx.started})
+        return None
+
+    async def _finish_after(self, awaited: Awaitable[Any], name: str, ctx: ReactionContext) -> None:
+        await awaited
+        self.finish({"reaction": name, "started": ctx.started})
 
 
 def _reaction_pipeline() -> type[Pipeline]:

@@ -111,6 +111,7 @@ class PipelineRecord(Record):
     revision: int = 0  # bumped on every write; compare-and-set target
     hook_started_at: Timestamp | None = None  # a hook is running (set before it, cleared with its result)
     crashes: int = 0  # workers that died in a row while one of this pipeline's hooks was running
+    key: str | None = None  # the creator's key (create(key=...)): the uuid is derived from it
 
 
 class StepRecord(Record):

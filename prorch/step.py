@@ -13,6 +13,7 @@ from pydantic import BaseModel, ValidationError
 
 from prorch.exceptions import InvalidOutputError, StepUsageError, UnstorableValueError
 from prorch.jsonvalue import checked_copy, copy_json
+from prorch.mixins import HookResult
 from prorch.records import JSONDict, PipelineRecord, StepRecord
 
 if TYPE_CHECKING:
@@ -195,13 +196,13 @@ class Step:
 
     # --- hooks a step may override (no-ops by default) -----------------------------------------
 
-    def on_cancel(self) -> None:
+    def on_cancel(self) -> HookResult:
         """Runs once when the pipeline is cancelled while this step is current."""
 
-    def on_rollback(self) -> None:
+    def on_rollback(self) -> HookResult:
         """Compensation: runs for this finished step when a later step fails for good."""
 
-    def on_timeout(self) -> None:
+    def on_timeout(self) -> HookResult:
         """Runs when this step's ``timeout`` has passed, before it fails with a timeout error."""
 
     # --- internals -----------------------------------------------------------------------------

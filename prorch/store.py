@@ -266,6 +266,11 @@ class Store:
         pinned = getattr(self.backend, "pinned", None)
         return pinned() if pinned is not None else contextlib.nullcontext()
 
+    def transaction(self) -> contextlib.AbstractContextManager[None]:
+        """All writes in the block commit together, on a backend with transactions (nested
+        blocks join the outer one); elsewhere, each write stands alone."""
+        return self._unit()
+
     @contextlib.contextmanager
     def _unit(self) -> Iterator[None]:
         if self.has_transaction:

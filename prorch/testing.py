@@ -56,6 +56,16 @@ class Harness:
         self.repository = repository if repository is not None else MemoryBackend()
         self.orchestrator = Orchestrator(self.repository, clock=self.clock, registry=registry, **orchestrator_options)
 
+    def __enter__(self) -> Harness:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Stop the event loop of async hooks, if any ran."""
+        self.orchestrator.close()
+
     def create(self, pipeline: type[Pipeline], params: Any = None, **options: Any) -> Pipeline:
         """``pipeline.create`` on this harness's repository and clock."""
         return pipeline.create(self.repository, params, clock=self.clock, **options)

@@ -24,13 +24,20 @@ from sqlalchemy.exc import (
     ArgumentError,
     DatabaseError,
     DBAPIError,
+    IntegrityError,
     InterfaceError,
     NoSuchModuleError,
     OperationalError,
     SQLAlchemyError,
 )
 
-from prorch.exceptions import ConfigurationError, CorruptStoreError, RepositoryError, SchemaTooNewError
+from prorch.exceptions import (
+    ConfigurationError,
+    CorruptStoreError,
+    DuplicateRecordError,
+    RepositoryError,
+    SchemaTooNewError,
+)
 from prorch.records import format_timestamp, to_utc
 from prorch.repository import IRepository
 from prorch.secrets import error_summary, redact_url
@@ -65,6 +72,7 @@ class SQLBackend:
         self.is_sqlite = self.engine.dialect.name == "sqlite"
         self.is_postgresql = self.engine.dialect.name == "postgresql"
         self._local = threading.local()
+        self._write_lock = threading.RLock()
         self._repositories: dict[str, SQLRepository] = {}
         if migrate:
             try:
@@ -104,7 +112,7 @@ class SQLBackend:
         if getattr(self._local, "connection", None) is not None:
             yield
             return
-        with self._errors(), self._checkout(write=True) as connection:
+        with self._errors(), self._sqlite_writer(), self._checkout(write=True) as connection:
             if self.is_sqlite:
                 # Everything inside is a fast-path statement on this driver connection, so the
                 # transaction is driven there too, without SQLAlchemy's bookkeeping per transition.
@@ -139,14 +147,21 @@ class SQLBackend:
         SQLite is one statement in autocommit: no BEGIN/COMMIT, WAL gives it a snapshot."""
         current = getattr(self._local, "connection", None)
         if current is not None:
-            yield current
+            with self._errors():  # a statement's error, named as outside a transaction
+                yield current
             return
-        with self._errors(), self._checkout(write=write) as connection:
+        with self._errors(), self._sqlite_writer(write), self._checkout(write=write) as connection:
             if not write and self.is_sqlite:
                 yield connection
                 return
             with connection.begin():
                 yield connection
+
+    def _sqlite_writer(self, write: bool = True) -> contextlib.AbstractContextManager[Any]:
+        """SQLite takes one writer at a time: this process's threads queue here, woken as soon
+        as the writer before them commits, instead of polling the file lock with the busy
+        timeout's growing sleeps (other processes still meet on that lock)."""
+        return self._write_lock if write and self.is_sqlite else contextlib.nullcontext()
 
     @contextlib.contextmanager
     def pinned(self) -> Iterator[None]:
@@ -198,6 +213,8 @@ class SQLBackend:
             yield
         except (OperationalError, InterfaceError, sqlite3.OperationalError) as exc:  # down, locked, lost
             raise RepositoryError(f"{self!r}: {error_summary(exc)}") from None
+        except (IntegrityError, sqlite3.IntegrityError) as exc:  # a uuid inserted twice, at the same time
+            raise DuplicateRecordError(f"{self!r}: {error_summary(exc)}") from None
         except (DBAPIError, sqlite3.Error) as exc:  # the database refused a statement or is not one
             raise DatabaseRefusedError(f"{self!r}: {error_summary(exc)}") from None
 

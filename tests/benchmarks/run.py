@@ -89,6 +89,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="one run each, small N")
     parser.add_argument("--output", default=str(ROOT / "docs" / "benchmarks.md"))
     parser.add_argument("--render-only", action="store_true", help="rewrite the page from last_results.json")
+    parser.add_argument(
+        "--only", nargs="+", metavar="WORKLOAD", help="run only these (w1 w2 w3 w4 w5 peers), keeping the other results"
+    )
     options = parser.parse_args()
     runs = 1 if options.quick else 3
     sizes = [200] if options.quick else [1000, 10000]
@@ -101,9 +104,12 @@ def main() -> None:
 
     server = start_server()
     results: dict[str, Any] = {}
+    chosen = set(options.only or ["w1", "w2", "w3", "w4", "w5", "peers"])
+    if options.only:
+        results = json.loads((HERE / "last_results.json").read_text())
     try:
         # W1: N pipelines of 3 quick steps, created then run to the end
-        for n in sizes:
+        for n in sizes if "w1" in chosen else []:
             for backend in ("memory", "sqlite", "sqlite-batch", "sqlite-full", "tinydb", "postgresql"):
                 if backend == "tinydb" and n > 1000:
                     continue  # the whole file is rewritten per transition: see the notes
@@ -123,51 +129,67 @@ def main() -> None:
                 # TinyDB rewrites its whole file per transition: minutes per run at N=1,000
                 results[f"w1/{backend}/{n}"] = measure(1 if backend == "tinydb" else runs, make)
 
-        # W2: one pass of a fresh worker over WAITING idle pipelines and 10 due ones
-        print(f"W2 sqlite waiting={waiting}", flush=True)
-        with tempfile.TemporaryDirectory(prefix="prorch-bench-") as folder:
-            url = f"sqlite:///{folder}/w2.db"
-            run_json(workload("w2_setup", url, str(waiting)), cwd=Path(folder))
-            passes = []
-            for _ in range(runs):
-                passes.append(run_json(workload("w2_pass", url), cwd=Path(folder)))
-                run_json(workload("w2_setup", url, "0"), cwd=Path(folder))  # 10 more due
-            results["w2"] = passes
+        if "w2" in chosen:
+            # W2: one pass of a fresh worker over WAITING idle pipelines and 10 due ones
+            print(f"W2 sqlite waiting={waiting}", flush=True)
+            with tempfile.TemporaryDirectory(prefix="prorch-bench-") as folder:
+                url = f"sqlite:///{folder}/w2.db"
+                run_json(workload("w2_setup", url, str(waiting)), cwd=Path(folder))
+                passes = []
+                for _ in range(runs):
+                    passes.append(run_json(workload("w2_pass", url), cwd=Path(folder)))
+                    run_json(workload("w2_setup", url, "0"), cwd=Path(folder))  # 10 more due
+                results["w2"] = passes
 
-        # W3: engine time per transition on SQLite, time inside SQLite excluded
-        print("W3 sqlite", flush=True)
-        results["w3"] = measure(runs, lambda f: run_json(workload("w3", str(f / "w3.db"), str(sizes[0])), cwd=f))
+        if "w3" in chosen:
+            # W3: engine time per transition on SQLite, time inside SQLite excluded
+            print("W3 sqlite", flush=True)
+            results["w3"] = measure(runs, lambda f: run_json(workload("w3", str(f / "w3.db"), str(sizes[0])), cwd=f))
 
-        # W4: 1, 2, 4 worker processes on PostgreSQL, hooks sleeping 10 ms
-        for workers in (1, 2, 4):
-            print(f"W4 postgresql workers={workers}", flush=True)
-            results[f"w4/{workers}"] = measure(
-                runs,
-                lambda f, w=workers: run_json(
-                    workload("w4", fresh_pg_url(server), str(100 if options.quick else 300), str(w)), cwd=f
-                ),
-            )
+        if "w4" in chosen:
+            # W4: 1, 2, 4 worker processes on PostgreSQL, hooks sleeping 10 ms
+            for workers in (1, 2, 4):
+                print(f"W4 postgresql workers={workers}", flush=True)
+                results[f"w4/{workers}"] = measure(
+                    runs,
+                    lambda f, w=workers: run_json(
+                        workload("w4", fresh_pg_url(server), str(100 if options.quick else 300), str(w)), cwd=f
+                    ),
+                )
 
-        # Peers, same workload as W1
-        seed = venv_python("seed")
-        for n in [100] if options.quick else [100, 300, 1000]:
-            print(f"peer prorch 1.0.1 N={n}", flush=True)
-            count = 1 if n == 1000 else runs  # N=1000 is expected not to finish in time
-            results[f"seed/{n}"] = measure(
-                count,
-                lambda f, n=n: run_json(
-                    [seed, str(HERE / "peers" / "seed_w1.py"), str(n)], cwd=f, timeout=SEED_TIMEOUT, peer=True
-                ),
-            )
-        dbos = venv_python("dbos")
-        for mode in ("inline", "start"):
-            print(f"peer DBOS {mode} N={sizes[0]}", flush=True)
-            results[f"dbos/{mode}"] = measure(
-                runs,
-                lambda f, m=mode: run_json(
-                    [dbos, str(HERE / "peers" / "dbos_w1.py"), str(sizes[0]), m], cwd=f, peer=True
-                ),
-            )
+        if "w5" in chosen:  # W5: hooks waiting 50 ms on I/O, async on the loop vs sync in threads
+            for store in ("sqlite", "postgresql"):
+                for kind in ("async", "sync"):
+                    n = 200 if options.quick else 1000
+                    print(f"W5 {store} {kind} N={n}", flush=True)
+
+                    def make_w5(f: Path, store: str = store, kind: str = kind, n: int = n) -> dict[str, Any] | None:
+                        url = f"sqlite:///{f}/w5.db" if store == "sqlite" else fresh_pg_url(server)
+                        return run_json(workload("w5", url, str(n), "100", kind), cwd=f)
+
+                    results[f"w5/{store}/{kind}"] = measure(runs, make_w5)
+
+        if "peers" in chosen:
+            # Peers, same workload as W1
+            seed = venv_python("seed")
+            for n in [100] if options.quick else [100, 300, 1000]:
+                print(f"peer prorch 1.0.1 N={n}", flush=True)
+                count = 1 if n == 1000 else runs  # N=1000 is expected not to finish in time
+                results[f"seed/{n}"] = measure(
+                    count,
+                    lambda f, n=n: run_json(
+                        [seed, str(HERE / "peers" / "seed_w1.py"), str(n)], cwd=f, timeout=SEED_TIMEOUT, peer=True
+                    ),
+                )
+            dbos = venv_python("dbos")
+            for mode in ("inline", "start"):
+                print(f"peer DBOS {mode} N={sizes[0]}", flush=True)
+                results[f"dbos/{mode}"] = measure(
+                    runs,
+                    lambda f, m=mode: run_json(
+                        [dbos, str(HERE / "peers" / "dbos_w1.py"), str(sizes[0]), m], cwd=f, peer=True
+                    ),
+                )
     finally:
         remove(server)
     Path(options.output).write_text(render(results, runs, sizes, waiting))
@@ -273,6 +295,7 @@ def render(results: dict[str, Any], runs: int, sizes: list[int], waiting: int) -
     for workers, rate in w4.items():
         ratio = f"{rate / w4[1]:.2f}x" if rate and w4[1] else "—"
         lines.append(f"| {workers} | {fmt(rate)} | {ratio} |")
+    lines += w5_section(results, m)
     lines += [
         "",
         "## Targets",
@@ -316,6 +339,47 @@ def render(results: dict[str, Any], runs: int, sizes: list[int], waiting: int) -
         NOTES,
     ]
     return "\n".join(lines) + "\n"
+
+
+def w5_section(results: dict[str, Any], m: Callable[[str, str], float | None]) -> list[str]:
+    """W5: async hooks on the worker's loop against sync hooks in its threads."""
+    if not any(key.startswith("w5/") for key in results):
+        return []
+    lines = [
+        "",
+        "## W5 — 1,000 pipelines of 3 steps whose hooks wait 50 ms on I/O, `concurrency=100`",
+        "",
+        "One worker process; the hooks `await asyncio.sleep(0.05)` (async, on the worker's event loop)",
+        "or `time.sleep(0.05)` (sync, in the pass's threads). With no cost but the waits, 3,000",
+        "hooks of 50 ms, 100 at a time, would take 1.5 s (2,000 transitions/s).",
+        "",
+        "| store | hooks | transitions/s | seconds | of the 1.5 s ideal | peak RSS |",
+        "|---|---|---|---|---|---|",
+    ]
+    for store in ("sqlite", "postgresql"):
+        for kind in ("async", "sync"):
+            key = f"w5/{store}/{kind}"
+            if key not in results:
+                continue
+            seconds, ideal = m(key, "seconds"), m(key, "ideal_seconds")
+            share = f"{ideal / seconds:.0%}" if seconds and ideal else "—"
+            lines.append(
+                f"| {store} | {kind} | {fmt(m(key, 'transitions_per_s'))} | {fmt(seconds, 1)} | {share} | "
+                f"{fmt(m(key, 'rss_mb'))} MB |"
+            )
+    lines += [
+        "",
+        "Async and sync hooks come out close: the waits do overlap (100 at a time), and what is left is",
+        "the store and the engine, which take the GIL. Each pipeline costs about 5 commits (the hook",
+        "mark, 3 transitions, the release); SQLite takes one writer at a time, and on PostgreSQL the",
+        "client side (SQLAlchemy and psycopg, about 1.2 ms of CPU per transition) is the bound, with",
+        "100 threads taking turns on the GIL. A pass also waits for its slowest pipeline before it",
+        "claims the next batch (on the in-memory store: 3.7 s with batches of 100, 2.5 s with one batch",
+        "of 1,000). Group commit, a leaner hot path and claiming while a pass runs are the performance",
+        "issue's work. (The pass keeps one thread per pipeline it advances, for the store calls; an",
+        "async hook's thread waits on the loop while the hook runs there.)",
+    ]
+    return lines
 
 
 def target_row(

@@ -5,12 +5,14 @@
     python tests/benchmarks/workloads.py w2_pass URL           # one pass of a fresh worker over them
     python tests/benchmarks/workloads.py w3 SQLITE_PATH N  # engine time per transition, SQLite time excluded
     python tests/benchmarks/workloads.py w4 URL N WORKERS  # WORKERS processes, hooks sleeping 10 ms
+    python tests/benchmarks/workloads.py w5 URL N CONCURRENCY async|sync  # hooks waiting 50 ms on I/O
 
 Run them all with tests/benchmarks/run.py, which writes docs/benchmarks.md.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import multiprocessing
 import resource
@@ -40,6 +42,30 @@ def quick_step(index: int) -> type[Step]:
 
 
 Three = register_pipeline(type("Three", (Pipeline,), {"name": "Three", "steps": [quick_step(i) for i in range(3)]}))
+
+
+def io_step(index: int, kind: str) -> type[Step]:
+    """A step whose only hook waits 50 ms on (simulated) I/O: ``async def`` awaiting, or a sync
+    hook sleeping in its thread."""
+
+    async def on_start_async(self: Step) -> None:
+        await asyncio.sleep(IO_SECONDS)
+
+    def on_start_sync(self: Step) -> None:
+        time.sleep(IO_SECONDS)
+
+    on_start = on_start_async if kind == "async" else on_start_sync
+    name = f"IO{kind.title()}{index}"
+    return register_step(type(name, (OnStartMixin, Step), {"name": name, "on_start": on_start}))
+
+
+IO_SECONDS = 0.050
+IO_PIPELINES = {
+    kind: register_pipeline(
+        type(f"Io{kind}", (Pipeline,), {"name": f"Io{kind}", "steps": [io_step(i, kind) for i in range(3)]})
+    )
+    for kind in ("async", "sync")
+}
 
 
 def rss_mb() -> float:
@@ -200,6 +226,29 @@ def w4(url: str, n: int, workers: int) -> dict[str, Any]:
     return {"workers": workers, "transitions_per_s": 3 * n / took, "seconds": took}
 
 
+def w5(url: str, n: int, concurrency: int, kind: str) -> dict[str, Any]:
+    """N pipelines of 3 steps whose hooks wait 50 ms each, one worker at ``concurrency``."""
+    import threading
+
+    backend = from_url(url)
+    IO_PIPELINES[kind].create_many(backend, [{}] * n)
+    with Orchestrator(backend, concurrency=concurrency, batch_size=concurrency) as orchestrator:
+        started = time.perf_counter()
+        transitions = run_to_end(orchestrator)
+        took = time.perf_counter() - started
+        threads = len(threading.enumerate())
+    finished = len(Orchestrator(backend).list_pipelines(status="finished"))
+    assert finished == n, f"only {finished} of {n} finished"
+    ideal = 3 * n * IO_SECONDS / concurrency
+    return {
+        "transitions_per_s": transitions / took,
+        "seconds": took,
+        "ideal_seconds": ideal,
+        "rss_mb": rss_mb(),
+        "threads": threads,
+    }
+
+
 if __name__ == "__main__":
     name, *args = sys.argv[1:]
     commands: dict[str, Callable[[], dict[str, Any]]] = {
@@ -209,5 +258,6 @@ if __name__ == "__main__":
         "w2_pass": lambda: w2_pass(args[0]),
         "w3": lambda: w3(args[0], int(args[1])),
         "w4": lambda: w4(args[0], int(args[1]), int(args[2])),
+        "w5": lambda: w5(args[0], int(args[1]), int(args[2]), args[3]),
     }
     print(json.dumps(commands[name]()))

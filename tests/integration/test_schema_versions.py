@@ -1,5 +1,5 @@
 """A store migrated by a newer prorch: used as it is when every migration this prorch does not
-know only adds, refused with one line otherwise (synthetic migrations 0005 of each kind)."""
+know only adds, refused with one line otherwise (a synthetic next migration of each kind)."""
 
 from __future__ import annotations
 
@@ -20,18 +20,20 @@ from prorch.testing import Harness
 from repositories.schema import SCHEMA_REVISION
 from repositories.sql import MIGRATIONS, SQLBackend, upgrade
 
+FUTURE = f"{int(SCHEMA_REVISION) + 1:04d}"  # the revision after the newest this prorch knows
+
 PRORCH = str(Path(sys.executable).parent / "prorch")
 
 MIGRATION = '''
 """A migration of a future prorch.
 
-Revision ID: 0005
+Revision ID: {revision}
 """
 
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0005"
+revision = "{revision}"
 down_revision = "{previous}"
 branch_labels = None
 depends_on = None
@@ -56,12 +58,12 @@ CHANGES = {
 def migrated_by_a_newer_prorch(tmp_path: Path, url: str, additive: bool) -> None:
     newer = tmp_path / "newer-migrations"
     shutil.copytree(MIGRATIONS, newer, ignore=shutil.ignore_patterns("__pycache__"))
-    source = MIGRATION.format(previous=SCHEMA_REVISION, additive=additive, change=CHANGES[additive])
-    (newer / "versions" / "0005_future.py").write_text(textwrap.dedent(source))
+    source = MIGRATION.format(revision=FUTURE, previous=SCHEMA_REVISION, additive=additive, change=CHANGES[additive])
+    (newer / "versions" / f"{FUTURE}_future.py").write_text(textwrap.dedent(source))
     backend = SQLBackend(url, migrate=False)
     upgrade(backend, migrations=newer)
     with backend.engine.connect() as connection:
-        assert connection.execute(text("SELECT version_num FROM prorch_schema_version")).scalar() == "0005"
+        assert connection.execute(text("SELECT version_num FROM prorch_schema_version")).scalar() == FUTURE
     backend.dispose()
 
 
@@ -87,7 +89,7 @@ def test_newer_schema_that_is_not_additive_is_refused_in_one_line(tmp_path: Path
     """Regression: an 80-line Alembic traceback ("Can't locate revision identified by ...")."""
     url = f"sqlite:///{tmp_path / 'p.db'}"
     migrated_by_a_newer_prorch(tmp_path, url, additive=False)
-    message = f"store schema 0005 is newer than this prorch understands ({SCHEMA_REVISION}); upgrade prorch"
+    message = f"store schema {FUTURE} is newer than this prorch understands ({SCHEMA_REVISION}); upgrade prorch"
     with pytest.raises(SchemaTooNewError) as caught:
         SQLBackend(url)
     assert str(caught.value) == message
@@ -99,5 +101,5 @@ def test_newer_schema_that_is_not_additive_is_refused_in_one_line(tmp_path: Path
 
 def test_newer_schema_refused_on_postgresql(tmp_path: Path, postgres_url: str) -> None:
     migrated_by_a_newer_prorch(tmp_path, postgres_url, additive=False)
-    with pytest.raises(SchemaTooNewError, match="store schema 0005 is newer"):
+    with pytest.raises(SchemaTooNewError, match=f"store schema {FUTURE} is newer"):
         SQLBackend(postgres_url)

@@ -1,0 +1,95 @@
+"""Creation keys on every backend, and exactly once under concurrency: 4 processes creating the
+same keys at the same moment, on SQLite and PostgreSQL (and TinyDB), store one pipeline per key."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from prorch import KeyConflictError, Orchestrator
+from prorch.keys import uuid_for_key
+from tests.integration.key_race import KeyRacePipeline, create_in_lockstep
+
+PRORCH = str(Path(sys.executable).parent / "prorch")
+PROCESSES = 4
+ROUNDS = 25
+
+
+def test_keys_on_every_backend(backend: Any) -> None:
+    long_key = "k" * 200  # regression: a 40-character uuid= failed on PostgreSQL's uuid column
+    first = KeyRacePipeline.create(backend, {"order": 1}, key=long_key)
+    again = KeyRacePipeline.create(backend, {"order": 1}, key=long_key)
+    assert (first.created, again.created) == (True, False)
+    assert again.uuid == first.uuid == uuid_for_key(long_key)
+    with pytest.raises(KeyConflictError, match=f"key '{long_key}' already names pipeline KeyRacePipeline"):
+        KeyRacePipeline.create(backend, {"order": 2}, key=long_key)
+    made = KeyRacePipeline.create_many(backend, [{"order": 1}, {"order": 3}], keys=[long_key, "other"])
+    assert [p.created for p in made] == [False, True]
+    orchestrator = Orchestrator(backend)
+    assert len(orchestrator.list_pipelines()) == 2
+    state = orchestrator.get_by_key(long_key)
+    assert state.pipeline.key == long_key and state.pipeline.params == {"order": 1}
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "postgresql", "tinydb"])
+def test_four_processes_creating_one_key_at_once_store_one_pipeline(
+    kind: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """Regression: with create(uuid=...), about 1 round in 10 raised IntegrityError on SQLite."""
+    url = {
+        "sqlite": f"sqlite:///{tmp_path / 'keys.db'}",
+        "tinydb": f"tinydb:///{tmp_path / 'keys.json'}",
+    }.get(kind) or request.getfixturevalue("postgres_url")
+    context = multiprocessing.get_context("spawn")
+    barrier, results = context.Barrier(PROCESSES), context.Queue()
+    keys = [f"order-{n}" for n in range(ROUNDS)]
+    processes = [
+        context.Process(target=create_in_lockstep, args=(url, keys, barrier, results)) for _ in range(PROCESSES)
+    ]
+    for process in processes:
+        process.start()
+    reports = [results.get(timeout=120) for _ in range(PROCESSES * ROUNDS)]
+    for process in processes:
+        process.join(30)
+        assert process.exitcode == 0
+    errors = [error for _, _, _, error in reports if error]
+    assert errors == []
+    for key in keys:
+        mine = [(uuid, created) for k, uuid, created, _ in reports if k == key]
+        assert len(mine) == PROCESSES
+        assert sum(created for _, created in mine) == 1, (key, mine)  # exactly one process created it
+        assert {uuid for uuid, _ in mine} == {uuid_for_key(key)}
+    stored = Orchestrator(url).list_pipelines()
+    assert sorted(p.key or "" for p in stored) == sorted(keys)
+
+
+def test_prorch_start_with_a_key(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'cli.db'}"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PRORCH_")}
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[2])
+
+    def prorch(*args: str) -> subprocess.CompletedProcess[str]:
+        command = [PRORCH, "-r", url, "--app", "tests.integration.key_race", *args]
+        return subprocess.run(command, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=60)
+
+    first = prorch("start", "KeyRacePipeline", "-p", "order=7", "--key", "order-7")
+    assert first.returncode == 0, first.stderr
+    assert first.stdout.strip() == uuid_for_key("order-7")
+    again = prorch("start", "KeyRacePipeline", "-p", "order=7", "--key", "order-7")
+    assert again.returncode == 0 and again.stdout.strip() == f"{uuid_for_key('order-7')} exists"
+    as_json = prorch("start", "KeyRacePipeline", "-p", "order=7", "--key", "order-7", "--json")
+    assert '"created": false' in as_json.stdout and '"key": "order-7"' in as_json.stdout
+    conflict = prorch("start", "KeyRacePipeline", "-p", "order=8", "--key", "order-7")
+    assert conflict.returncode == 2
+    assert conflict.stderr.startswith("error: key 'order-7' already names pipeline KeyRacePipeline")
+    assert 'this create asked for KeyRacePipeline with params {"order": 8}' in conflict.stderr
+    shown = prorch("show", "--key", "order-7")
+    assert shown.returncode == 0 and "  key: order-7" in shown.stdout
+    too_long = prorch("start", "KeyRacePipeline", "-p", "order=1", "--key", "x" * 201)
+    assert too_long.returncode == 2 and "1 to 200 characters long, not 201" in too_long.stderr
