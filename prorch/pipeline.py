@@ -28,7 +28,7 @@ from prorch.jsonvalue import checked_copy
 from prorch.keys import check_uuid, uuid_for_key
 from prorch.leases import LeaseKeeper
 from prorch.records import EventRecord, JSONDict, PipelineRecord, Record, StepRecord, new_uuid
-from prorch.registry import current_registry
+from prorch.registry import Registry, current_registry
 from prorch.runner import DEFAULT_LEASE_SECONDS, Outcome, Runner
 from prorch.status import EventType, Status
 from prorch.step import Step
@@ -65,10 +65,12 @@ class Pipeline:
         repository: Any = None,
         params: Any = None,
         clock: Clock | None = None,
+        registry: Registry | None = None,
     ) -> None:
         """The prorch 1.0.1 form: with no ``pipeline_uuid``, store a new pipeline as ``created``
         (run it with ``.start()``); with one, load that pipeline. Prefer ``create`` / ``load``."""
-        self._check_declared()
+        self._registry = registry or current_registry()
+        self._check_declared(self._registry)
         self._store = store_for(repository if repository is not None else repository_class)
         self._clock: Clock = self._store.clock(clock)
         self.created = pipeline_uuid is None
@@ -92,6 +94,7 @@ class Pipeline:
         version: int | None = None,
         clock: Clock | None = None,
         uuid: str | None = None,
+        registry: Registry | None = None,
     ) -> Pipeline:
         """Validate ``params`` and store the pipeline as pending and due now, running no hook:
         the next orchestrator pass runs it. Raises ``InvalidParamsError`` and stores nothing when
@@ -101,15 +104,19 @@ class Pipeline:
         ``key`` (any string up to 200 characters: an order id, a request id) creates the
         pipeline exactly once: a later create with that key, this pipeline's name and equal
         params returns the stored pipeline with ``created`` False; with another name or other
-        params it raises ``KeyConflictError``. ``uuid`` does the same with a uuid of your own."""
+        params it raises ``KeyConflictError``. ``uuid`` does the same with a uuid of your own.
+        ``registry`` is where this class is registered (default: the global one)."""
+        registry = registry or current_registry()
         if version is not None and version != cls.version:
-            target = current_registry().pipeline(cls.name or "", version)
+            target: type[Pipeline] = registry.pipeline(cls.name or "", version)
             return target.create(
-                repository, params, key=key, tenant=tenant, context=context, priority=priority, clock=clock, uuid=uuid
-            )
+                repository, params, key=key, tenant=tenant, context=context, priority=priority, clock=clock,
+                uuid=uuid, registry=registry,
+            )  # fmt: skip
         (created,) = cls._create_all(
-            repository, [params], [key], tenant=tenant, context=context, priority=priority, clock=clock, uuid=uuid
-        )
+            repository, [params], [key], tenant=tenant, context=context, priority=priority, clock=clock, uuid=uuid,
+            registry=registry,
+        )  # fmt: skip
         return created
 
     @classmethod
@@ -123,6 +130,7 @@ class Pipeline:
         context: JSONDict | None = None,
         priority: int | None = None,
         clock: Clock | None = None,
+        registry: Registry | None = None,
     ) -> list[Pipeline]:
         """``create`` for a batch, in one transaction: every params is validated first, and an
         invalid one raises ``InvalidParamsError`` naming its index, storing nothing. ``keys``
@@ -135,8 +143,9 @@ class Pipeline:
                 f"create_many got {len(items)} params and {len(key_list)} keys; give one key per params"
             )
         return cls._create_all(
-            repository, items, key_list, tenant=tenant, context=context, priority=priority, clock=clock
-        )
+            repository, items, key_list, tenant=tenant, context=context, priority=priority, clock=clock,
+            registry=registry or current_registry(),
+        )  # fmt: skip
 
     @classmethod
     def _create_all(
@@ -149,9 +158,10 @@ class Pipeline:
         context: JSONDict | None,
         priority: int | None,
         clock: Clock | None,
+        registry: Registry,
         uuid: str | None = None,
     ) -> list[Pipeline]:
-        cls._check_declared()
+        cls._check_declared(registry)
         store = store_for(repository)
         clock = store.clock(clock)
         merged = _with_tenant(context, tenant)
@@ -170,32 +180,38 @@ class Pipeline:
             for item, given, key in zip(validated, uuids, keys, strict=True)
         ]
         if all(given is None for given in uuids):  # nothing to look up: new uuids cannot collide
-            return [cls._bound(store, clock, pipeline) for pipeline in store_new(store, groups, now)]
-        stored = store_once(store, groups, now)
-        return [cls._bound(store, clock, record, created=created) for record, created in stored]
+            new = store_new(store, groups, now, registry)
+            return [cls._bound(store, clock, pipeline, registry=registry) for pipeline in new]
+        stored = store_once(store, groups, now, registry)
+        return [cls._bound(store, clock, record, created=created, registry=registry) for record, created in stored]
 
     @classmethod
-    def _bound(cls, store: Store, clock: Clock, record: PipelineRecord | None, *, created: bool = True) -> Pipeline:
+    def _bound(
+        cls, store: Store, clock: Clock, record: PipelineRecord | None, *, created: bool = True,
+        registry: Registry | None = None,
+    ) -> Pipeline:  # fmt: skip
         """An instance for a record, without the 1.0.1 constructor's side effects."""
         self = cls.__new__(cls)
-        self._store, self._clock = store, clock
+        self._store, self._clock, self._registry = store, clock, registry or current_registry()
         self.created = created
         if record is not None:
             self.record = record
         return self
 
     @classmethod
-    def load(cls, repository: Any, uuid: str, *, clock: Clock | None = None) -> Pipeline:
+    def load(
+        cls, repository: Any, uuid: str, *, clock: Clock | None = None, registry: Registry | None = None
+    ) -> Pipeline:
         """The stored pipeline ``uuid`` (of this class)."""
-        return cls(repository=repository, pipeline_uuid=uuid, clock=clock)
+        return cls(repository=repository, pipeline_uuid=uuid, clock=clock, registry=registry)
 
     @classmethod
-    def _check_declared(cls) -> None:
+    def _check_declared(cls, registry: Registry) -> None:
         if not cls.name:
             raise PipelineNameNotDefinedError(f"pipeline class {cls.__qualname__} has no `name`")
         if not cls.steps:
             raise StepsNotDefinedError(f"pipeline {cls.name} has no `steps`")
-        registered = current_registry().pipelines.get(cls.name, {}).get(cls.version)
+        registered = registry.pipelines.get(cls.name, {}).get(cls.version)
         if registered is not cls:
             raise NotRegisteredError(
                 f"pipeline {cls.name} is not registered: decorate {cls.__qualname__} with "
@@ -250,7 +266,7 @@ class Pipeline:
         records = build_records(
             type(self), stored_params, now=now, status=status, context=context, priority=priority, uuid=uuid
         )
-        (pipeline,) = store_new(self._store, [records], now)
+        (pipeline,) = store_new(self._store, [records], now, self._registry)
         return pipeline
 
     def _fetch(self, uuid: str) -> PipelineRecord:
@@ -270,7 +286,7 @@ class Pipeline:
         record = self._store.claim_one(self.uuid, now, owner, lease_until)
         if record is None:
             raise InvalidStateError(f"pipeline {self.uuid} is being run by another orchestrator; try again later")
-        runner = Runner(self._store, current_registry(), self._clock)
+        runner = Runner(self._store, self._registry, self._clock)
         try:
             with LeaseKeeper(self._store, DEFAULT_LEASE_SECONDS, self._clock) as keeper:
                 keeper.hold([record])
@@ -356,7 +372,7 @@ def build_records(
     return [*steps, created, record]
 
 
-def store_new(store: Store, groups: list[list[Record]], now: datetime) -> list[PipelineRecord]:
+def store_new(store: Store, groups: list[list[Record]], now: datetime, registry: Registry) -> list[PipelineRecord]:
     """Store new pipelines (each group from ``build_records``) and the reaction tasks their
     ``pipeline.created`` events trigger, in one transaction: steps first, pipelines last, so a
     pipeline record is never visible without its steps. Returns the pipeline records."""
@@ -365,7 +381,7 @@ def store_new(store: Store, groups: list[list[Record]], now: datetime) -> list[P
     records = [record for group in groups for record in group]
     pipelines = [record for record in records if isinstance(record, PipelineRecord)]
     created = [record for record in records if isinstance(record, EventRecord)]
-    tasks = reaction_tasks(current_registry(), pipelines[0].name, created, now) if pipelines else []
+    tasks = reaction_tasks(registry, pipelines[0].name, created, now) if pipelines else []
     order = {StepRecord.MODEL: 0, EventRecord.MODEL: 1, PipelineRecord.MODEL: 2}
     store.insert_all([*tasks, *sorted(records, key=lambda record: order[record.MODEL])])
     return pipelines
@@ -374,7 +390,9 @@ def store_new(store: Store, groups: list[list[Record]], now: datetime) -> list[P
 STORE_ONCE_ATTEMPTS = 3
 
 
-def store_once(store: Store, groups: list[list[Record]], now: datetime) -> list[tuple[PipelineRecord, bool]]:
+def store_once(
+    store: Store, groups: list[list[Record]], now: datetime, registry: Registry
+) -> list[tuple[PipelineRecord, bool]]:
     """Store the new pipelines whose uuid (from a key) is not stored yet, in one transaction;
     return each pipeline's record and whether it was created now. A uuid already stored must
     name an equal pipeline (name and params), else ``KeyConflictError`` and nothing is stored.
@@ -387,7 +405,7 @@ def store_once(store: Store, groups: list[list[Record]], now: datetime) -> list[
             with store.transaction():
                 results, fresh = _sort_out(store, groups)
                 if fresh:
-                    store_new(store, fresh, now)
+                    store_new(store, fresh, now, registry)
             return results
         except DuplicateRecordError:
             if attempt == STORE_ONCE_ATTEMPTS:

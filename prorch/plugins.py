@@ -17,7 +17,7 @@ from importlib.metadata import entry_points
 from typing import Any, TypeVar
 
 from prorch.exceptions import ConfigurationError, RegistrationError
-from prorch.registry import current_registry
+from prorch.registry import Registry, current_registry
 from prorch.step import Step
 
 logger = logging.getLogger("prorch.plugins")
@@ -46,14 +46,15 @@ class Plugin:
 
 
 def register_plugin(
-    *, step: type[Step] | str, point: str, tenant: str | None = None, order: int = 0
+    *, step: type[Step] | str, point: str, tenant: str | None = None, order: int = 0, registry: Registry | None = None
 ) -> Callable[[F], F]:
     """Decorator: run ``func(step, **kwargs)`` when ``step`` calls ``self.plugins(point, ...)``
-    in a pipeline of ``tenant`` (any tenant when None)."""
+    in a pipeline of ``tenant`` (any tenant when None). ``registry``: where to register it
+    (default: the global registry)."""
 
     def decorate(func: F) -> F:
-        registry = current_registry()
-        step_cls = step if isinstance(step, type) else registry.step(step)
+        target = registry or current_registry()
+        step_cls = step if isinstance(step, type) else target.step(step)
         if not (isinstance(step_cls, type) and issubclass(step_cls, Step)) or not step_cls.name:
             raise RegistrationError(f"plugin {func.__qualname__}: step must be a registered Step class or name")
         points = step_cls.plugin_points
@@ -64,7 +65,7 @@ def register_plugin(
                 f"(declared: {declared}); declare it in plugin_points"
             )
         check_signature(func, point, points[point])
-        registry.plugins.append(Plugin(func, step_cls.name, point, tenant, order, sequence=len(registry.plugins)))
+        target.plugins.append(Plugin(func, step_cls.name, point, tenant, order, sequence=len(target.plugins)))
         return func
 
     return decorate

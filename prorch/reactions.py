@@ -57,10 +57,12 @@ def on_event(
     pipeline: str | type[Pipeline] | None = None,
     step: str | type[Step] | None = None,
     name: str | None = None,
+    registry: Registry | None = None,
 ) -> Callable[[F], F]:
     """Decorator: call ``func(event, ctx)`` once for each stored event of ``event_type`` (of
     ``pipeline`` / ``step`` when given). ``ctx.start(PipelineClass, params)`` starts a pipeline
-    exactly once per event. A reaction that raises is retried with backoff and logged."""
+    exactly once per event. A reaction that raises is retried with backoff and logged.
+    ``registry``: where to register it (default: the global registry)."""
     try:
         kind = EventType(event_type)
     except ValueError as exc:
@@ -75,11 +77,11 @@ def on_event(
         except TypeError as exc:
             raise RegistrationError(f"reaction {func.__qualname__} must take (event, ctx): {exc}") from exc
         reaction_name = name or f"{func.__module__}.{func.__qualname__}"
-        registry = current_registry()
-        existing = next((r for r in registry.reactions if r.name == reaction_name), None)
+        target = registry or current_registry()
+        existing = next((r for r in target.reactions if r.name == reaction_name), None)
         if existing is not None:
-            registry.reactions.remove(existing)  # a module imported again re-registers it
-        registry.reactions.append(Reaction(reaction_name, func, kind, pipeline_name, step_name))
+            target.reactions.remove(existing)  # a module imported again re-registers it
+        target.reactions.append(Reaction(reaction_name, func, kind, pipeline_name, step_name))
         return func
 
     return decorate

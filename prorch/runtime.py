@@ -50,7 +50,9 @@ class HookRuntime:
     def create_pipeline(self, pipeline: Any, params: Any, uuid: str, options: dict[str, Any]) -> None:
         """Create a pipeline with a given uuid, once (for reactions)."""
         cls = self.registry.pipeline(pipeline) if isinstance(pipeline, str) else pipeline
-        cls.create(self.runner.store.backend, params, uuid=uuid, clock=self.runner.clock, **options)
+        cls.create(
+            self.runner.store.backend, params, uuid=uuid, clock=self.runner.clock, registry=self.registry, **options
+        )
 
     def merge(self) -> None:
         self.run.consumed.extend(self.consumed)

@@ -68,6 +68,7 @@ class Harness:
 
     def create(self, pipeline: type[Pipeline], params: Any = None, **options: Any) -> Pipeline:
         """``pipeline.create`` on this harness's repository and clock."""
+        options.setdefault("registry", self.orchestrator.registry)
         return pipeline.create(self.repository, params, clock=self.clock, **options)
 
     def run_pass(self) -> PassSummary:
