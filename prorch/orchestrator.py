@@ -18,6 +18,7 @@ from prorch.clock import Clock
 from prorch.config import StepOverride
 from prorch.exceptions import (
     ConcurrentUpdateError,
+    ConfigurationError,
     InvalidMessageError,
     InvalidStateError,
     PipelineNotFoundError,
@@ -125,10 +126,13 @@ class Orchestrator:
     ) -> None:
         if repository is None and config is not None:
             repository = config.repository_class
-        if concurrency < 1 or batch_size < 1 or lease_seconds <= 0:
-            raise ValueError("concurrency and batch_size must be >= 1 and lease_seconds > 0")
-        if (hook_timeout is not None and hook_timeout <= 0) or shutdown_grace < 0:
-            raise ValueError("hook_timeout must be > 0 (or None) and shutdown_grace >= 0")
+        _check_settings(
+            concurrency=(concurrency, concurrency >= 1, "an int >= 1"),
+            batch_size=(batch_size, batch_size >= 1, "an int >= 1"),
+            lease_seconds=(lease_seconds, lease_seconds > 0, "a number of seconds > 0"),
+            hook_timeout=(hook_timeout, hook_timeout is None or hook_timeout > 0, "None or a number of seconds > 0"),
+            shutdown_grace=(shutdown_grace, shutdown_grace >= 0, "a number of seconds >= 0"),
+        )
         self.store = Store(repository)
         self._stop = threading.Event()
         self.clock: Clock = self.store.clock(clock)
@@ -470,3 +474,10 @@ class Orchestrator:
         if record is None:
             raise PipelineNotFoundError(f"no pipeline with uuid {uuid} is stored", uuid=uuid)
         return record
+
+
+def _check_settings(**settings: tuple[Any, bool, str]) -> None:
+    """One ``ConfigurationError`` naming the first bad ``Orchestrator`` argument and what it takes."""
+    for name, (value, valid, wanted) in settings.items():
+        if not valid:
+            raise ConfigurationError(f"Orchestrator({name}={value!r}): {name} must be {wanted}")

@@ -10,7 +10,6 @@ compare-and-set on the pipeline's revision. A worker that lost its lease has its
 from __future__ import annotations
 
 import logging
-import random
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -27,7 +26,6 @@ from prorch.exceptions import (
     NotRegisteredError,
     RepositoryError,
     StepTimeoutError,
-    StepUsageError,
     UnstorableResultError,
     UnstorableValueError,
 )
@@ -35,6 +33,7 @@ from prorch.hooks import HookCaller
 from prorch.jsonvalue import check_json, copy_json
 from prorch.leases import LeaseKeeper
 from prorch.mixins import defines_hook
+from prorch.policy import Policies
 from prorch.records import ErrorInfo, EventRecord, MessageRecord, PipelineRecord, Record, StepRecord, new_uuid
 from prorch.registry import Registry
 from prorch.runtime import HookRuntime
@@ -56,8 +55,6 @@ DEFAULT_MAX_TURNS_PER_PASS = 100
 """How many step hooks one pipeline may run in one pass before it yields to the others."""
 DEFAULT_MAX_CRASHES = 3
 """How many workers in a row may die while one of a pipeline's hooks runs before it is quarantined."""
-NEVER_RETRIED: tuple[type[BaseException], ...] = (StepUsageError,)
-"""Programming errors: a retry would fail the same way."""
 STORE_ATTEMPTS = 10
 """Attempts a step gets, at least, when the store fails to take its results (it may be a blip)."""
 MAX_MERGES = 1000
@@ -109,12 +106,6 @@ class Run:
         ]
 
 
-def backoff_delay(attempt: int, base: float = 1.0, cap: float = 300.0) -> float:
-    """Seconds before retry number ``attempt``: exponential, capped, with jitter (50-100%)."""
-    ceiling = min(cap, base * 2 ** max(attempt - 1, 0))
-    return float(ceiling * random.uniform(0.5, 1.0))
-
-
 class Runner:
     """Advances pipelines against one store with one clock."""
 
@@ -139,7 +130,7 @@ class Runner:
         self.lease_seconds = lease_seconds
         self.max_turns = max_turns
         self.max_crashes = max_crashes
-        self.step_overrides = dict(step_overrides or {})
+        self.policies = Policies(step_overrides)
         self.hook_timeout = hook_timeout
         self.hooks = hooks or HookCaller()
         self.should_stop = should_stop
@@ -148,26 +139,21 @@ class Runner:
     # --- settings: configuration overrides class attributes ----------------------------------
 
     def _timeout(self, cls: type[Step]) -> float | None:
-        override = self.step_overrides.get(cls.name or "")
-        return override.timeout if override and override.timeout is not None else cls.timeout
+        return self.policies.of(cls).timeout
 
     def _max_attempts(self, cls: type[Step]) -> int:
-        override = self.step_overrides.get(cls.name or "")
-        return override.max_attempts if override and override.max_attempts is not None else cls.max_attempts
+        return self.policies.of(cls).max_attempts
 
     def _deadline(self, run: Run, step: StepRecord) -> datetime | None:
         """When the step must have a verdict: ``timeout`` after its start. A step whose
         ``on_start`` was running when its worker died started when that hook did."""
-        timeout = self._timeout(run.classes[step.uuid])
-        if timeout is None:
-            return None
-        if step.status == Status.PENDING and step.started_at is not None:
+        if step.status == Status.PENDING:
             started = step.started_at
-        elif step.status == Status.CREATED and run.crashed_hook_at is not None:
+        elif step.status == Status.CREATED:
             started = run.crashed_hook_at
         else:
             return None
-        return started + timedelta(seconds=timeout)
+        return self.policies.of(run.classes[step.uuid]).deadline(started)
 
     def _bound(self, run: Run, step: StepRecord, now: datetime, *, own_hook: bool) -> float | None:
         """Seconds one hook call may take: until the step's deadline for ``on_start`` and
@@ -506,8 +492,9 @@ class Runner:
         cls = run.classes[step.uuid]
         step.error = ErrorInfo.from_exception(exc, hook=hook)
         context = {"pipeline_uuid": run.pipeline.uuid, "step_uuid": step.uuid}
-        max_attempts = max(self._max_attempts(cls), attempts)
-        if step.attempt < max_attempts and not isinstance(exc, NEVER_RETRIED + tuple(cls.never_retry)):
+        policy = self.policies.of(cls)
+        max_attempts = max(policy.max_attempts, attempts)
+        if policy.retries(exc, step.attempt, at_least=attempts):
             step.attempt += 1
             delay = self._schedule_retry(run, step, step.attempt - 1, exc, now)
             logger.warning(
@@ -559,8 +546,7 @@ class Runner:
         self, run: Run, step: StepRecord, attempt: int, exc: BaseException, now: datetime, **data: Any
     ) -> float:
         """Back off before attempt ``attempt + 1``: record when, say so in the history, stop."""
-        cls = run.classes[step.uuid]
-        delay = backoff_delay(attempt, cls.retry_delay, cls.retry_max_delay)
+        delay = self.policies.of(run.classes[step.uuid]).delay(attempt)
         step.next_run_at = now + timedelta(seconds=delay)
         retry_at = step.next_run_at.isoformat()
         event = self.make_event(

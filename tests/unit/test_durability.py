@@ -9,8 +9,8 @@ import pytest
 
 from prorch import OnContinueMixin, OnStartMixin, Orchestrator, Pipeline, Status, Step, register_pipeline, register_step
 from prorch.leases import LeaseKeeper
+from prorch.policy import backoff_delay
 from prorch.registry import Registry
-from prorch.runner import backoff_delay
 from prorch.store import Store
 from prorch.testing import Harness
 from repositories.memory import MemoryBackend

@@ -57,7 +57,7 @@ def test_reactions_of_the_injected_registry_fire() -> None:
     run = harness.create(Greeting, {"who": "bob"})
     for _ in range(4):
         harness.run_pass()
-    assert SEEN == ["bob", ("reacted", run.uuid)]
+    assert ["bob", ("reacted", run.uuid)] == SEEN
     assert current_registry().reactions == [] or all(
         r.pipeline != "InjectedGreeting" for r in current_registry().reactions
     )
