@@ -120,9 +120,8 @@ class HookCaller:
                 ) from None
             logger.error("%s did not return within %gs: cancelled", what, bound)
             raise HookTimeoutError(f"{what} did not return within {bound:g}s; it was cancelled") from None
-        except concurrent.futures.CancelledError:
-            if outcome.error is None:  # cancelled from elsewhere (the loop closed under it)
-                raise HookTimeoutError(f"{what} was cancelled: its event loop stopped") from None
+        except concurrent.futures.CancelledError:  # cancelled from elsewhere: the loop closed under it
+            raise HookTimeoutError(f"{what} was cancelled: its event loop stopped") from None
         except BaseException:  # KeyboardInterrupt while waiting: the hook must not run on alone
             future.cancel()
             raise

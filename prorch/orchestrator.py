@@ -347,10 +347,11 @@ class Orchestrator:
 
     def get_by_key(self, key: str) -> PipelineState:
         """The pipeline created with ``key`` (``create(key=...)``), with its steps."""
+        uuid = uuid_for_key(key)
         try:
-            return self.get(uuid_for_key(key))
+            return self.get(uuid)
         except PipelineNotFoundError:
-            raise PipelineNotFoundError(f"no pipeline was created with key {key!r}", uuid=uuid_for_key(key)) from None
+            raise PipelineNotFoundError(f"no pipeline was created with key {key!r}", uuid=uuid) from None
 
     def history(self, uuid: str) -> list[EventRecord]:
         """The pipeline's events, oldest first."""

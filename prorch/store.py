@@ -266,13 +266,10 @@ class Store:
         pinned = getattr(self.backend, "pinned", None)
         return pinned() if pinned is not None else contextlib.nullcontext()
 
-    def transaction(self) -> contextlib.AbstractContextManager[None]:
+    @contextlib.contextmanager
+    def transaction(self) -> Iterator[None]:
         """All writes in the block commit together, on a backend with transactions (nested
         blocks join the outer one); elsewhere, each write stands alone."""
-        return self._unit()
-
-    @contextlib.contextmanager
-    def _unit(self) -> Iterator[None]:
         if self.has_transaction:
             with self.backend.transaction():  # type: ignore[attr-defined]
                 yield
@@ -281,7 +278,7 @@ class Store:
 
     def insert_all(self, records: Sequence[Record]) -> None:
         """Store new records (a pipeline with its steps and first event) as one unit."""
-        with self._unit():
+        with self.transaction():
             self._save(records)
 
     def _save(self, records: Sequence[Record]) -> None:
@@ -316,7 +313,7 @@ class Store:
         pipelines = [record for record in changed if isinstance(record, PipelineRecord)]
         revisions = [record.revision for record in changed]
         try:
-            with self._unit():
+            with self.transaction():
                 for step in steps:
                     self._write(step)
                 for message in touched:

@@ -147,8 +147,7 @@ class SQLBackend:
         SQLite is one statement in autocommit: no BEGIN/COMMIT, WAL gives it a snapshot."""
         current = getattr(self._local, "connection", None)
         if current is not None:
-            with self._errors():  # a statement's error, named as outside a transaction
-                yield current
+            yield current
             return
         with self._errors(), self._sqlite_writer(write), self._checkout(write=write) as connection:
             if not write and self.is_sqlite:
@@ -431,8 +430,9 @@ class SQLRepository(IRepository):
 
     def save_many(self, rows: list[JSONDict]) -> None:
         """Insert several new records in one round trip (optional; the engine uses it for the
-        events of one transition)."""
-        with self.backend.connect(write=True) as connection:
+        events of one transition). A uuid stored already raises ``DuplicateRecordError``, inside
+        a transaction too."""
+        with self.backend._errors(), self.backend.connect(write=True) as connection:
             if self.fast is not None:
                 _cursor(connection).executemany(self.fast.insert, [self.fast.row(row) for row in rows])
             else:
