@@ -173,6 +173,8 @@ class Pipeline:
                 raise InvalidParamsError(f"params #{index}: {exc}" if len(items) > 1 else str(exc)) from exc
         uuids = [uuid_for_key(key) if key is not None else None for key in keys]
         if uuid is not None:
+            if keys != [None]:
+                raise InvalidKeyError("give key= or uuid=, not both: a keyed pipeline's uuid comes from its key")
             uuids = [check_uuid(uuid)]
         now = clock.now()
         groups = [

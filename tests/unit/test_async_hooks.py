@@ -4,6 +4,7 @@ cancelled when they overrun, mixed freely with sync hooks (the edges issue, item
 from __future__ import annotations
 
 import asyncio
+import functools
 import threading
 import warnings
 from collections.abc import Iterator
@@ -448,3 +449,33 @@ def test_a_hook_called_from_inside_a_running_event_loop_still_works() -> None:
     asyncio.run(app())
     caller.close()
     assert seen == [True]
+
+
+@pytest.mark.parametrize("timeout", [None, 5.0])
+def test_an_async_hook_behind_a_plain_decorator_is_awaited(registry: Registry, timeout: float | None) -> None:
+    """A sync wrapper that returns the coroutine hides ``async def`` from inspection; the
+    coroutine it returns is still awaited, bounded or not."""
+
+    def logged(hook: Any) -> Any:
+        @functools.wraps(hook)
+        def wrapper(self: Step) -> Any:
+            CALLS.append("wrapped")
+            return hook(self)
+
+        return wrapper
+
+    @register_step
+    class Wrapped(OnStartMixin, Step):
+        name = "Wrapped"
+
+        @logged
+        async def on_start(self) -> None:
+            await asyncio.sleep(0.01)
+            self.finish({"ran": True})
+
+    Wrapped.timeout = timeout
+    harness = Harness(registry=registry)
+    run = harness.create(pipeline_of(Wrapped))
+    assert harness.run_until_done(run.uuid) == "finished"
+    assert harness.orchestrator.get(run.uuid).steps[0].output == {"ran": True}
+    assert CALLS == ["wrapped"]

@@ -173,3 +173,12 @@ def test_a_repeat_after_the_pipeline_ran_returns_it_as_it_is_now(pipelines: Any,
     Orchestrator(backend, registry=registry).execute_pipelines()
     again = ship.create(backend, {"amount": 5}, key="k")
     assert again.created is False and again.status == "finished"
+
+
+def test_key_and_uuid_together_are_refused(pipelines: Any) -> None:
+    """Found in review: the uuid won silently, so get_by_key(key) could never find the pipeline."""
+    ship, _ = pipelines
+    backend = MemoryBackend()
+    with pytest.raises(InvalidKeyError, match="give key= or uuid=, not both"):
+        ship.create(backend, {"amount": 1}, key="k", uuid="0d7e3c3e-2b1a-4c8e-9f60-1d2c3b4a5968")
+    assert stored_pipelines(backend) == []
