@@ -21,15 +21,22 @@ class KeyRacePipeline(Pipeline):
     steps = [KeyRaceStep]
 
 
-def create_in_lockstep(url: str, keys: list[str], barrier: Any, results: Any) -> None:
-    """For each key: wait for the others at the barrier, then create it; report what happened."""
+def create_in_lockstep(url: str, keys: list[str], barrier: Any, results: Any, by: str = "key") -> None:
+    """For each key: wait for the others at the barrier, then create it, with ``key=`` or, by
+    ``"uuid"``, with a uuid made from it; report what happened."""
+    import uuid as uuid_module
+
     from repositories import from_url
 
     backend = from_url(url)
     for key in keys:
         barrier.wait(timeout=60)
         try:
-            made = KeyRacePipeline.create(backend, {"order": key}, key=key)
+            if by == "uuid":
+                given = str(uuid_module.uuid5(uuid_module.NAMESPACE_URL, key))
+                made = KeyRacePipeline.create(backend, {"order": key}, uuid=given)
+            else:
+                made = KeyRacePipeline.create(backend, {"order": key}, key=key)
             results.put((key, made.uuid, made.created, None))
         except Exception as exc:  # reported to the test, which fails on it
             results.put((key, None, None, f"{type(exc).__name__}: {exc}"))
