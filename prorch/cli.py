@@ -23,6 +23,7 @@ import click
 from prorch import demo as demo_module
 from prorch import logs, plugins
 from prorch.config import LoadedSettings, Settings, closest, load_settings
+from prorch.definition import PipelineDefinition
 from prorch.exceptions import (
     ConfigurationError,
     InvalidMessageError,
@@ -33,7 +34,7 @@ from prorch.exceptions import (
     WorkerUnhealthyError,
 )
 from prorch.orchestrator import Orchestrator, PassSummary, PipelineState
-from prorch.pipeline import Pipeline
+from prorch.pipeline import pipeline_class
 from prorch.records import EventRecord, PipelineRecord
 from prorch.registry import current_registry, isolated_registry
 from prorch.secrets import redact_url
@@ -266,7 +267,7 @@ def start(ctx: Context, name: str, pairs: tuple[str, ...], params_json: str | No
         params = parse_params(pairs, params_json)
         refuse_transient(ctx.settings.repository)
         ctx.import_apps()
-        pipeline_cls = current_registry().pipeline(name, version)
+        pipeline_cls = pipeline_class(current_registry(), name, version)
         settings = ctx.settings
         override = settings.pipelines.get(name)
         if priority is None and override is not None:
@@ -453,7 +454,7 @@ def schema(ctx: Context, name: str, version: int | None) -> None:
         echo_json(pipeline_schema(current_registry().pipeline(name, version)))
 
 
-def pipeline_schema(pipeline_cls: type[Pipeline]) -> dict[str, Any]:
+def pipeline_schema(pipeline_cls: type[PipelineDefinition]) -> dict[str, Any]:
     any_object = {"type": "object"}
     return {
         "pipeline": pipeline_cls.name,

@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pydantic_settings import BaseSettings, EnvSettingsSource, NoDecode, SettingsConfigDict, SettingsError
 
 from prorch.exceptions import ConfigurationError
+from prorch.policy import StepOverride
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -25,14 +26,6 @@ else:  # pragma: no cover - Python 3.10
 DEFAULT_REPOSITORY_URL = "sqlite:///prorch.db"
 CONFIG_FILE = "prorch.toml"
 PYPROJECT_FILE = "pyproject.toml"
-
-
-class StepOverride(BaseModel):
-    """Per-step settings that override the class attributes, by step name."""
-
-    model_config = ConfigDict(extra="forbid")
-    timeout: float | None = Field(default=None, gt=0)
-    max_attempts: int | None = Field(default=None, ge=1)
 
 
 class PipelineOverride(BaseModel):

@@ -83,6 +83,16 @@ class HookTimeoutError(StepTimeoutError):
     """A hook call did not return within its bound; its thread was abandoned."""
 
 
+class StepFailed(ProrchError):
+    """A hook called ``fail(reason)``: the step failed at once, without a retry. Stored as the
+    step's error type; ``str()`` is the reason."""
+
+
+class WorkerCrashed(ProrchError):
+    """Workers died again and again while one of a pipeline's hooks ran: it was quarantined
+    (failed without rollback). Fix the cause, then ``prorch retry`` it."""
+
+
 class WorkerUnhealthyError(ProrchError):
     """The worker holds more abandoned (hung) hook threads than allowed; restart it."""
 

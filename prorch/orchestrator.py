@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
+from prorch import reactions
 from prorch.clock import Clock
-from prorch.config import StepOverride
 from prorch.exceptions import (
     ConcurrentUpdateError,
     ConfigurationError,
@@ -32,6 +32,7 @@ from prorch.jsonvalue import checked_copy
 from prorch.keys import uuid_for_key
 from prorch.leases import LeaseKeeper
 from prorch.pipeline import new_owner_id
+from prorch.policy import StepOverride
 from prorch.records import ErrorInfo, EventRecord, MessageRecord, PipelineRecord, StepRecord, new_uuid
 from prorch.registry import Registry, current_registry
 from prorch.runner import DEFAULT_LEASE_SECONDS, DEFAULT_MAX_CRASHES, DEFAULT_MAX_TURNS_PER_PASS, Outcome, Runner
@@ -137,6 +138,7 @@ class Orchestrator:
         self._stop = threading.Event()
         self.clock: Clock = self.store.clock(clock)
         self.registry = registry or current_registry()
+        reactions.install(self.registry)  # this worker runs the reaction tasks stored by any process
         self.owner = new_owner_id()
         self._claims = itertools.count(1)
         self.batch_size = batch_size
@@ -456,7 +458,7 @@ class Orchestrator:
 
     def _wake(self, uuid: str) -> None:
         """Make the pipeline due now. A worker holding it sees its next write refused and
-        merges the wake-up (see ``Runner._on_conflict``)."""
+        merges the wake-up (see ``Journal.merge``)."""
 
         def change(record: PipelineRecord, now: datetime) -> list[EventRecord] | None:
             if record.status != Status.PENDING:

@@ -2,36 +2,21 @@
 
 from __future__ import annotations
 
-import json
 import os
 import socket
-from collections.abc import Iterable, Sequence
-from datetime import datetime, timedelta
-from typing import Any, ClassVar
-
-from pydantic import BaseModel, ValidationError
+from collections.abc import Iterable
+from datetime import timedelta
+from typing import Any
 
 from prorch.clock import Clock
-from prorch.exceptions import (
-    DuplicateRecordError,
-    InvalidKeyError,
-    InvalidParamsError,
-    InvalidStateError,
-    KeyConflictError,
-    NotRegisteredError,
-    PipelineNameNotDefinedError,
-    PipelineNotFoundError,
-    StepsNotDefinedError,
-    UnstorableValueError,
-)
-from prorch.jsonvalue import checked_copy
-from prorch.keys import check_uuid, uuid_for_key
+from prorch.creation import build_records, check_declared, create_pipelines, store_new
+from prorch.definition import PipelineDefinition
+from prorch.exceptions import InvalidKeyError, InvalidStateError, NotRegisteredError, PipelineNotFoundError
 from prorch.leases import LeaseKeeper
-from prorch.records import EventRecord, JSONDict, PipelineRecord, Record, StepRecord, new_uuid
+from prorch.records import JSONDict, PipelineRecord, new_uuid
 from prorch.registry import Registry, current_registry
 from prorch.runner import DEFAULT_LEASE_SECONDS, Outcome, Runner
-from prorch.status import EventType, Status
-from prorch.step import Step
+from prorch.status import Status
 from prorch.store import Store, store_for
 
 
@@ -40,19 +25,21 @@ def new_owner_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}:{new_uuid()[:8]}"
 
 
-class Pipeline:
+def pipeline_class(registry: Registry, name: str, version: int | None = None) -> type[Pipeline]:
+    """The registered ``Pipeline`` class of that name, for creating one by name (the CLI)."""
+    found = registry.pipeline(name, version)
+    if not issubclass(found, Pipeline):
+        raise NotRegisteredError(f"pipeline {name!r} is prorch's own and cannot be started by hand", name=name)
+    return found
+
+
+class Pipeline(PipelineDefinition):
     """Base class of a pipeline: set ``name`` and ``steps`` and register it with
     ``@register_pipeline``.
 
     Optional class attributes: ``version`` (int, default 1), ``priority`` (higher runs first),
     ``Params`` (a pydantic model that validates ``create(params=...)``).
     """
-
-    name: ClassVar[str | None] = None
-    steps: ClassVar[Sequence[type[Step]]] = ()
-    version: ClassVar[int] = 1
-    priority: ClassVar[int] = 0
-    Params: ClassVar[type[BaseModel] | None] = None
 
     created: bool
     """False when ``create`` found the pipeline already stored under its key."""
@@ -70,7 +57,7 @@ class Pipeline:
         """The prorch 1.0.1 form: with no ``pipeline_uuid``, store a new pipeline as ``created``
         (run it with ``.start()``); with one, load that pipeline. Prefer ``create`` / ``load``."""
         self._registry = registry or current_registry()
-        self._check_declared(self._registry)
+        check_declared(type(self), self._registry)
         self._store = store_for(repository if repository is not None else repository_class)
         self._clock: Clock = self._store.clock(clock)
         self.created = pipeline_uuid is None
@@ -108,7 +95,7 @@ class Pipeline:
         ``registry`` is where this class is registered (default: the global one)."""
         registry = registry or current_registry()
         if version is not None and version != cls.version:
-            target: type[Pipeline] = registry.pipeline(cls.name or "", version)
+            target = pipeline_class(registry, cls.name or "", version)
             return target.create(
                 repository, params, key=key, tenant=tenant, context=context, priority=priority, clock=clock,
                 uuid=uuid, registry=registry,
@@ -161,30 +148,12 @@ class Pipeline:
         registry: Registry,
         uuid: str | None = None,
     ) -> list[Pipeline]:
-        cls._check_declared(registry)
         store = store_for(repository)
         clock = store.clock(clock)
-        merged = _with_tenant(context, tenant)
-        validated = []
-        for index, item in enumerate(items):
-            try:
-                validated.append(cls.validate_params(item))
-            except InvalidParamsError as exc:
-                raise InvalidParamsError(f"params #{index}: {exc}" if len(items) > 1 else str(exc)) from exc
-        uuids = [uuid_for_key(key) if key is not None else None for key in keys]
-        if uuid is not None:
-            if keys != [None]:
-                raise InvalidKeyError("give key= or uuid=, not both: a keyed pipeline's uuid comes from its key")
-            uuids = [check_uuid(uuid)]
-        now = clock.now()
-        groups = [
-            build_records(cls, item, now=now, context=merged, priority=priority, uuid=given, key=key)
-            for item, given, key in zip(validated, uuids, keys, strict=True)
-        ]
-        if all(given is None for given in uuids):  # nothing to look up: new uuids cannot collide
-            new = store_new(store, groups, now, registry)
-            return [cls._bound(store, clock, pipeline, registry=registry) for pipeline in new]
-        stored = store_once(store, groups, now, registry)
+        stored = create_pipelines(
+            store, cls, items, keys, registry=registry, clock=clock, context=context, tenant=tenant,
+            priority=priority, uuid=uuid,
+        )  # fmt: skip
         return [cls._bound(store, clock, record, created=created, registry=registry) for record, created in stored]
 
     @classmethod
@@ -206,59 +175,6 @@ class Pipeline:
     ) -> Pipeline:
         """The stored pipeline ``uuid`` (of this class)."""
         return cls(repository=repository, pipeline_uuid=uuid, clock=clock, registry=registry)
-
-    @classmethod
-    def _check_declared(cls, registry: Registry) -> None:
-        if not cls.name:
-            raise PipelineNameNotDefinedError(f"pipeline class {cls.__qualname__} has no `name`")
-        if not cls.steps:
-            raise StepsNotDefinedError(f"pipeline {cls.name} has no `steps`")
-        registered = registry.pipelines.get(cls.name, {}).get(cls.version)
-        if registered is not cls:
-            raise NotRegisteredError(
-                f"pipeline {cls.name} is not registered: decorate {cls.__qualname__} with "
-                "@register_pipeline so that the orchestrator can resume it"
-            )
-
-    @classmethod
-    def validate_params(cls, params: Any) -> JSONDict:
-        """``params`` as stored: checked against ``Params`` (or as JSON values), never converted."""
-        if cls.Params is not None:
-            if isinstance(params, dict) and cls.Params.model_config.get("extra") in (None, "ignore"):
-                known = {name for name, f in cls.Params.model_fields.items()} | {
-                    f.alias for f in cls.Params.model_fields.values() if f.alias
-                }
-                unknown = sorted(str(key) for key in params if key not in known)
-                if unknown:
-                    raise InvalidParamsError(
-                        f"invalid params for pipeline {cls.name}: unknown key(s) {', '.join(unknown)} "
-                        f"(known: {', '.join(sorted(known)) or 'none'}); set model_config = "
-                        "ConfigDict(extra='allow') on Params to accept others"
-                    )
-            try:
-                model = params if isinstance(params, cls.Params) else cls.Params.model_validate(params or {})
-            except RecursionError:
-                raise InvalidParamsError(f"params for pipeline {cls.name} are nested too deeply") from None
-            except ValidationError as exc:
-                problems = "; ".join(
-                    f"{'.'.join(str(p) for p in err['loc']) or 'params'}: {err['msg']}" for err in exc.errors()
-                )
-                raise InvalidParamsError(f"invalid params for pipeline {cls.name}: {problems}") from exc
-            result: JSONDict = model.model_dump(mode="json")
-        elif params is None:
-            return {}
-        elif not isinstance(params, dict):
-            raise InvalidParamsError(f"params for pipeline {cls.name} must be a dict, got {type(params).__name__}")
-        else:
-            result = params
-        try:
-            copied: JSONDict = checked_copy(result, "params")
-        except UnstorableValueError as exc:
-            raise InvalidParamsError(
-                f"params for pipeline {cls.name} cannot be stored: {exc}; declare a Params pydantic model "
-                "to accept richer types"
-            ) from exc
-        return copied
 
     def _insert(
         self, params: Any, *, status: Status, context: JSONDict, priority: int | None, uuid: str | None = None
@@ -324,136 +240,3 @@ class Pipeline:
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.uuid} {self.status}>"
-
-
-def build_records(
-    pipeline_cls: type[Pipeline],
-    params: JSONDict,
-    *,
-    now: datetime,
-    status: Status = Status.PENDING,
-    context: JSONDict | None = None,
-    priority: int | None = None,
-    uuid: str | None = None,
-    key: str | None = None,
-) -> list[Record]:
-    """A new pipeline's records, in write order: its steps, its ``pipeline.created`` event, and
-    the pipeline itself (due now when pending). ``params`` must be validated already."""
-    record = PipelineRecord(
-        uuid=uuid or new_uuid(),
-        name=pipeline_cls.name or "",
-        version=pipeline_cls.version,
-        status=status,
-        params=params,
-        context=context or {},
-        metadata={"current_step": None},
-        priority=pipeline_cls.priority if priority is None else priority,
-        created_at=now,
-        updated_at=now,
-        next_run_at=now if status == Status.PENDING else None,
-        key=key,
-    )
-    steps: list[Record] = [
-        StepRecord(
-            uuid=new_uuid(),
-            pipeline_uuid=record.uuid,
-            name=step.name or "",
-            version=step.version,
-            position=position,
-            status=Status.CREATED,
-        )
-        for position, step in enumerate(pipeline_cls.steps)
-    ]
-    created = EventRecord(
-        uuid=new_uuid(),
-        pipeline_uuid=record.uuid,
-        type=EventType.PIPELINE_CREATED,
-        at=now,
-        data={"name": record.name, "version": record.version},
-    )
-    return [*steps, created, record]
-
-
-def store_new(store: Store, groups: list[list[Record]], now: datetime, registry: Registry) -> list[PipelineRecord]:
-    """Store new pipelines (each group from ``build_records``) and the reaction tasks their
-    ``pipeline.created`` events trigger, in one transaction: steps first, pipelines last, so a
-    pipeline record is never visible without its steps. Returns the pipeline records."""
-    from prorch.reactions import reaction_tasks
-
-    records = [record for group in groups for record in group]
-    pipelines = [record for record in records if isinstance(record, PipelineRecord)]
-    created = [record for record in records if isinstance(record, EventRecord)]
-    tasks = reaction_tasks(registry, pipelines[0].name, created, now) if pipelines else []
-    order = {StepRecord.MODEL: 0, EventRecord.MODEL: 1, PipelineRecord.MODEL: 2}
-    store.insert_all([*tasks, *sorted(records, key=lambda record: order[record.MODEL])])
-    return pipelines
-
-
-STORE_ONCE_ATTEMPTS = 3
-
-
-def store_once(
-    store: Store, groups: list[list[Record]], now: datetime, registry: Registry
-) -> list[tuple[PipelineRecord, bool]]:
-    """Store the new pipelines whose uuid (from a key) is not stored yet, in one transaction;
-    return each pipeline's record and whether it was created now. A uuid already stored must
-    name an equal pipeline (name and params), else ``KeyConflictError`` and nothing is stored.
-
-    The look-up and the inserts share one transaction: writers take turns on SQLite, TinyDB
-    and the memory store. On PostgreSQL two transactions can both find nothing; the second
-    insert then fails on the uuid's uniqueness, and the look-up runs again and finds the first."""
-    for attempt in range(1, STORE_ONCE_ATTEMPTS + 1):
-        try:
-            with store.transaction():
-                results, fresh = _sort_out(store, groups)
-                if fresh:
-                    store_new(store, fresh, now, registry)
-            return results
-        except DuplicateRecordError:
-            if attempt == STORE_ONCE_ATTEMPTS:
-                raise
-    raise AssertionError("unreachable")  # pragma: no cover
-
-
-def _sort_out(store: Store, groups: list[list[Record]]) -> tuple[list[tuple[PipelineRecord, bool]], list[list[Record]]]:
-    """Each group's pipeline as stored (or as it will be), whether it is new, and the groups to insert."""
-    results: list[tuple[PipelineRecord, bool]] = []
-    fresh: list[list[Record]] = []
-    taken: dict[str, PipelineRecord] = {}
-    for group in groups:
-        wanted = next(record for record in group if isinstance(record, PipelineRecord))
-        found = taken.get(wanted.uuid) or store.get_pipeline(wanted.uuid)
-        if found is None:
-            taken[wanted.uuid] = wanted
-            fresh.append(group)
-            results.append((wanted, True))
-            continue
-        if found.name != wanted.name or found.params != wanted.params:
-            raise KeyConflictError(_conflict(found, wanted))
-        results.append((found, False))
-    return results, fresh
-
-
-def _conflict(found: PipelineRecord, wanted: PipelineRecord) -> str:
-    taken_by = f"key {found.key!r}" if found.key is not None else f"uuid {found.uuid}"
-    return (
-        f"{taken_by} already names pipeline {found.name} {found.uuid} with params {_shown(found.params)}; "
-        f"this create asked for {wanted.name} with params {_shown(wanted.params)}; use another key, "
-        "or the same name and params to get the stored pipeline"
-    )
-
-
-def _shown(params: JSONDict) -> str:
-    text = json.dumps(params, sort_keys=True, ensure_ascii=False)
-    return text if len(text) <= 300 else text[:297] + "..."
-
-
-def _with_tenant(context: JSONDict | None, tenant: str | None) -> JSONDict:
-    merged = dict(context or {})
-    if tenant is not None:
-        merged["tenant"] = tenant
-    try:
-        copied: JSONDict = checked_copy(merged, "context")
-    except UnstorableValueError as exc:
-        raise InvalidParamsError(f"the pipeline's context cannot be stored: {exc}") from exc
-    return copied

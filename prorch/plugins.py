@@ -12,37 +12,16 @@ import importlib
 import inspect
 import logging
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from importlib.metadata import entry_points
 from typing import Any, TypeVar
 
 from prorch.exceptions import ConfigurationError, RegistrationError
-from prorch.registry import Registry, current_registry
+from prorch.registry import Plugin, Registry, current_registry
 from prorch.step import Step
 
 logger = logging.getLogger("prorch.plugins")
 ENTRY_POINT_GROUP = "prorch.plugins"
 F = TypeVar("F", bound=Callable[..., Any])
-
-
-@dataclass(frozen=True)
-class Plugin:
-    """One registered plugin. Generic plugins (``tenant=None``) run for every tenant, before
-    the tenant's own; within each group, lower ``order`` first, then registration order."""
-
-    func: Callable[..., Any]
-    step: str
-    point: str
-    tenant: str | None
-    order: int
-    sequence: int
-
-    @property
-    def name(self) -> str:
-        return f"{self.func.__module__}.{self.func.__qualname__}"
-
-    def sort_key(self) -> tuple[int, int, int]:
-        return (self.tenant is not None, self.order, self.sequence)
 
 
 def register_plugin(
@@ -80,12 +59,6 @@ def check_signature(func: Callable[..., Any], point: str, arguments: Iterable[st
             f"plugin {func.__qualname__} cannot take point {point!r}'s arguments "
             f"(step, {', '.join(f'{a}=...' for a in arguments)}): {exc}"
         ) from exc
-
-
-def plugins_for(plugins: Iterable[Plugin], step: str, point: str, tenant: str | None) -> list[Plugin]:
-    """The plugins to run for this step, point and tenant, in order."""
-    found = [p for p in plugins if p.step == step and p.point == point and p.tenant in (None, tenant)]
-    return sorted(found, key=Plugin.sort_key)
 
 
 def discover(modules: Iterable[str] = ()) -> list[str]:

@@ -9,7 +9,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from prorch.config import StepOverride
+from pydantic import BaseModel, ConfigDict, Field
+
 from prorch.exceptions import StepUsageError
 from prorch.step import Step
 
@@ -21,6 +22,15 @@ def backoff_delay(attempt: int, base: float = 1.0, cap: float = 300.0) -> float:
     """Seconds before retry number ``attempt``: exponential, capped, with jitter (50-100%)."""
     ceiling = min(cap, base * 2 ** max(attempt - 1, 0))
     return float(ceiling * random.uniform(0.5, 1.0))
+
+
+class StepOverride(BaseModel):
+    """Per-step settings that override the class attributes, by step name (configuration's
+    ``[steps.NAME]`` tables)."""
+
+    model_config = ConfigDict(extra="forbid")
+    timeout: float | None = Field(default=None, gt=0)
+    max_attempts: int | None = Field(default=None, ge=1)
 
 
 @dataclass(frozen=True)

@@ -16,17 +16,16 @@ import uuid as uuid_module
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
+from prorch.creation import build_records
+from prorch.definition import PipelineDefinition
 from prorch.exceptions import RegistrationError
 from prorch.mixins import HookResult, OnContinueMixin
 from prorch.records import EventRecord, Record
 from prorch.registry import Registry, current_registry
 from prorch.status import EventType
 from prorch.step import Step
-
-if TYPE_CHECKING:
-    from prorch.pipeline import Pipeline
 
 logger = logging.getLogger("prorch.reactions")
 REACTION_PIPELINE = "prorch.Reaction"
@@ -54,7 +53,7 @@ class Reaction:
 def on_event(
     event_type: str | EventType,
     *,
-    pipeline: str | type[Pipeline] | None = None,
+    pipeline: str | type[PipelineDefinition] | None = None,
     step: str | type[Step] | None = None,
     name: str | None = None,
     registry: Registry | None = None,
@@ -77,32 +76,72 @@ def on_event(
         except TypeError as exc:
             raise RegistrationError(f"reaction {func.__qualname__} must take (event, ctx): {exc}") from exc
         reaction_name = name or f"{func.__module__}.{func.__qualname__}"
-        target = registry or current_registry()
-        existing = next((r for r in target.reactions if r.name == reaction_name), None)
-        if existing is not None:
-            target.reactions.remove(existing)  # a module imported again re-registers it
-        target.reactions.append(Reaction(reaction_name, func, kind, pipeline_name, step_name))
+        install(registry or current_registry()).add(Reaction(reaction_name, func, kind, pipeline_name, step_name))
         return func
 
     return decorate
 
 
-def reaction_tasks(
-    registry: Registry, pipeline_name: str, events: Sequence[EventRecord], now: datetime
-) -> list[Record]:
-    """The task records (pipeline, step, created event) for the reactions these events trigger."""
-    if not registry.reactions or pipeline_name == REACTION_PIPELINE:
-        return []
-    from prorch.pipeline import build_records
+def install(registry: Registry) -> ReactionBook:
+    """Give ``registry`` the reactions feature, once: its book of reactions (an event hook that
+    adds a reaction task to the commit of each event that triggers one) and the internal
+    ``prorch.Reaction`` pipeline that runs those tasks. Returns the registry's book."""
+    for hook in registry.event_hooks:
+        if isinstance(hook, ReactionBook):
+            return hook
+    book = ReactionBook()
+    registry.event_hooks.append(book)
+    registry.add_step(book.step)
+    registry.add_pipeline(book.pipeline)
+    return book
 
-    tasks: list[Record] = []
-    for event in events:
-        for reaction in registry.reactions:
-            if reaction.matches(pipeline_name, event):
-                params = {"reaction": reaction.name, "pipeline": pipeline_name, "event": event.to_dict()}
-                task_uuid = str(uuid_module.uuid5(NAMESPACE, f"{event.uuid}/{reaction.name}"))
-                tasks.extend(build_records(ReactionPipeline, params, now=now, uuid=task_uuid))
-    return tasks
+
+def reactions_of(registry: Registry) -> list[Reaction]:
+    """The reactions registered on ``registry`` (none when the feature is not installed)."""
+    return next((list(hook.reactions) for hook in registry.event_hooks if isinstance(hook, ReactionBook)), [])
+
+
+class ReactionBook:
+    """One registry's reactions, the event hook that turns matching events into reaction tasks,
+    and the task pipeline's classes, bound to this book."""
+
+    def __init__(self) -> None:
+        self.reactions: list[Reaction] = []
+        book = self
+
+        class BoundRunReaction(RunReaction):
+            reactions = book
+
+        class ReactionPipeline(PipelineDefinition):
+            """A reaction task: one event, one reaction."""
+
+            name = REACTION_PIPELINE
+            steps = [BoundRunReaction]
+
+        self.step: type[RunReaction] = BoundRunReaction
+        self.pipeline: type[PipelineDefinition] = ReactionPipeline
+
+    def add(self, reaction: Reaction) -> None:
+        existing = self.find(reaction.name)
+        if existing is not None:
+            self.reactions.remove(existing)  # a module imported again re-registers it
+        self.reactions.append(reaction)
+
+    def find(self, name: str) -> Reaction | None:
+        return next((r for r in self.reactions if r.name == name), None)
+
+    def __call__(self, pipeline_name: str, events: Sequence[EventRecord], now: datetime) -> list[Record]:
+        """The task records (pipeline, step, created event) for the reactions these events trigger."""
+        if not self.reactions or pipeline_name == REACTION_PIPELINE:
+            return []
+        tasks: list[Record] = []
+        for event in events:
+            for reaction in self.reactions:
+                if reaction.matches(pipeline_name, event):
+                    params = {"reaction": reaction.name, "pipeline": pipeline_name, "event": event.to_dict()}
+                    task_uuid = str(uuid_module.uuid5(NAMESPACE, f"{event.uuid}/{reaction.name}"))
+                    tasks.extend(build_records(self.pipeline, params, now=now, uuid=task_uuid))
+        return tasks
 
 
 class ReactionContext:
@@ -117,7 +156,7 @@ class ReactionContext:
         """The name of the pipeline the event belongs to."""
         return str(self._step.params["pipeline"])
 
-    def start(self, pipeline: type[Pipeline] | str, params: Any = None, **options: Any) -> str:
+    def start(self, pipeline: type[PipelineDefinition] | str, params: Any = None, **options: Any) -> str:
         """Create a pipeline (pending, due now) and return its uuid; on a re-run of this
         reaction, the same call returns the same uuid and creates nothing."""
         derived = str(uuid_module.uuid5(NAMESPACE, f"{self._step.pipeline_uuid}/{len(self.started)}"))
@@ -127,14 +166,15 @@ class ReactionContext:
 
 
 class RunReaction(OnContinueMixin, Step):
-    """The one step of a reaction task: call the reaction function."""
+    """The one step of a reaction task: call the reaction function. ``install`` registers a
+    subclass bound to its registry's book."""
 
     name = REACTION_STEP
     max_attempts = 5
+    reactions: ClassVar[ReactionBook]
 
     def on_continue(self) -> HookResult:
-        registry = self._require_runtime("reaction").registry
-        reaction = next((r for r in registry.reactions if r.name == self.params["reaction"]), None)
+        reaction = self.reactions.find(self.params["reaction"])
         if reaction is None:  # not deployed on this worker: wait for one that has it, never fail
             logger.warning("reaction %s is not registered here; trying again in 60s", self.params["reaction"])
             self.wait(seconds=60)
@@ -149,18 +189,3 @@ class RunReaction(OnContinueMixin, Step):
     async def _finish_after(self, awaited: Awaitable[Any], name: str, ctx: ReactionContext) -> None:
         await awaited
         self.finish({"reaction": name, "started": ctx.started})
-
-
-def _reaction_pipeline() -> type[Pipeline]:
-    from prorch.pipeline import Pipeline
-
-    class ReactionPipeline(Pipeline):
-        """A reaction task: one event, one reaction."""
-
-        name = REACTION_PIPELINE
-        steps = [RunReaction]
-
-    return ReactionPipeline
-
-
-ReactionPipeline = _reaction_pipeline()

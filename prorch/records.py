@@ -15,7 +15,7 @@ from typing import Annotated, Any, ClassVar, TypeVar
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PlainSerializer
 
-from prorch.status import EventType, Status
+from prorch.status import EventType, RollbackState, Status
 
 JSONDict = dict[str, Any]
 
@@ -129,7 +129,7 @@ class StepRecord(Record):
     started_at: Timestamp | None = None
     finished_at: Timestamp | None = None
     next_run_at: Timestamp | None = None
-    rollback: str | None = None  # None, then "done" or "failed" once on_rollback has run its course
+    rollback: RollbackState | None = None  # None until on_rollback has run its course (or was skipped)
     rollback_attempt: int = 0
     revision: int = 0
 

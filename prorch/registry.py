@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any, TypeVar
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Protocol, TypeVar
 
 from pydantic import BaseModel
 
+from prorch.definition import PipelineDefinition
 from prorch.exceptions import (
     DuplicateNameError,
     NotRegisteredError,
@@ -22,29 +25,73 @@ from prorch.exceptions import (
     StepsNotDefinedError,
 )
 from prorch.mixins import OnContinueMixin, OnStartMixin, defines_hook
+from prorch.records import EventRecord, Record
 from prorch.step import Step
 
-if TYPE_CHECKING:
-    from prorch.pipeline import Pipeline
-    from prorch.plugins import Plugin
-    from prorch.reactions import Reaction
-
 logger = logging.getLogger("prorch.registry")
-ClassT = TypeVar("ClassT", bound=type)
+StepT = TypeVar("StepT", bound=Step)
+LookedUpT = TypeVar("LookedUpT")
+PipelineT = TypeVar("PipelineT", bound=PipelineDefinition)
+
+
+class EventHook(Protocol):
+    """A feature's hook on stored events (reactions are one): given a pipeline's name and the
+    events of one transition, the records to store in the same commit."""
+
+    def __call__(self, pipeline_name: str, events: Sequence[EventRecord], now: datetime) -> list[Record]: ...
+
+
+@dataclass(frozen=True)
+class Plugin:
+    """One registered plugin (see ``prorch.plugins.register_plugin``). Generic plugins
+    (``tenant=None``) run for every tenant, before the tenant's own; within each group, lower
+    ``order`` first, then registration order."""
+
+    func: Callable[..., Any]
+    step: str
+    point: str
+    tenant: str | None
+    order: int
+    sequence: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.func.__module__}.{self.func.__qualname__}"
+
+    def sort_key(self) -> tuple[int, int, int]:
+        return (self.tenant is not None, self.order, self.sequence)
+
+
+def plugins_for(plugins: Iterable[Plugin], step: str, point: str, tenant: str | None) -> list[Plugin]:
+    """The plugins to run for this step, point and tenant, in order."""
+    found = [p for p in plugins if p.step == step and p.point == point and p.tenant in (None, tenant)]
+    return sorted(found, key=Plugin.sort_key)
 
 
 class Registry:
-    """Pipelines and steps by name, each with one or more versions."""
+    """Pipelines and steps by name, each with one or more versions, the plugins registered for
+    their plugin points, and the event hooks that features (reactions) install."""
 
     def __init__(self) -> None:
-        self.pipelines: dict[str, dict[int, type[Pipeline]]] = {}
+        self.pipelines: dict[str, dict[int, type[PipelineDefinition]]] = {}
         self.steps: dict[str, dict[int, type[Step]]] = {}
         self.plugins: list[Plugin] = []  # prorch.plugins.register_plugin
-        self.reactions: list[Reaction] = []  # prorch.reactions.on_event
+        self.event_hooks: list[EventHook] = []  # e.g. prorch.reactions.install
+
+    def records_for_events(self, pipeline_name: str, events: Sequence[EventRecord], now: datetime) -> list[Record]:
+        """What the installed event hooks add to a commit that stores ``events``."""
+        added: list[Record] = []
+        for hook in self.event_hooks:
+            added += hook(pipeline_name, events, now)
+        return added
+
+    def plugins_for(self, step: str, point: str, tenant: str | None) -> list[Plugin]:
+        """The plugins to run for this step's point and tenant, in order."""
+        return plugins_for(self.plugins, step, point, tenant)
 
     # --- registering -------------------------------------------------------------------------
 
-    def add_step(self, cls: type[Step]) -> type[Step]:
+    def add_step(self, cls: type[StepT]) -> type[StepT]:
         if not (isinstance(cls, type) and issubclass(cls, Step)):
             raise RegistrationError(f"@register_step needs a Step subclass, got {cls!r}")
         if not isinstance(cls.name, str) or not cls.name:
@@ -59,12 +106,11 @@ class Registry:
             raise RegistrationError(f"step {cls.name}: max_attempts must be an int >= 1")
         if cls.Output is not None and not _is_model(cls.Output):
             raise RegistrationError(f"step {cls.name}: Output must be a pydantic BaseModel subclass")
-        return self._add(self.steps, cls, "step")
+        self._add(self.steps, cls, "step")
+        return cls
 
-    def add_pipeline(self, cls: type[Pipeline]) -> type[Pipeline]:
-        from prorch.pipeline import Pipeline
-
-        if not (isinstance(cls, type) and issubclass(cls, Pipeline)):
+    def add_pipeline(self, cls: type[PipelineT]) -> type[PipelineT]:
+        if not (isinstance(cls, type) and issubclass(cls, PipelineDefinition)):
             raise RegistrationError(f"@register_pipeline needs a Pipeline subclass, got {cls!r}")
         if not isinstance(cls.name, str) or not cls.name:
             raise PipelineNameNotDefinedError(
@@ -90,18 +136,19 @@ class Registry:
             raise RegistrationError(f"pipeline {cls.name}: Params must be a pydantic BaseModel subclass")
         if isinstance(cls.priority, bool) or not isinstance(cls.priority, int):
             raise RegistrationError(f"pipeline {cls.name}: priority must be an int")
-        return self._add(self.pipelines, cls, "pipeline")
+        self._add(self.pipelines, cls, "pipeline")
+        return cls
 
-    def _add(self, table: dict[str, dict[int, Any]], cls: ClassT, kind: str) -> ClassT:
-        versions = table.setdefault(cls.name, {})  # type: ignore[attr-defined]
-        existing = versions.get(cls.version)  # type: ignore[attr-defined]
+    def _add(self, table: dict[str, dict[int, Any]], cls: type[Step] | type[PipelineDefinition], kind: str) -> None:
+        name, version = cls.name or "", cls.version
+        versions = table.setdefault(name, {})
+        existing = versions.get(version)
         if existing is not None and existing is not cls and not _same_definition(existing, cls):
             raise DuplicateNameError(
-                f"{kind} name {cls.name!r} version {cls.version} is already registered by "  # type: ignore[attr-defined]
+                f"{kind} name {name!r} version {version} is already registered by "
                 f"{existing.__module__}.{existing.__qualname__}; choose another name or set version = N"
             )
-        versions[cls.version] = cls  # type: ignore[attr-defined]
-        return cls
+        versions[version] = cls
 
     # --- looking up --------------------------------------------------------------------------
 
@@ -110,25 +157,16 @@ class Registry:
             return False
         return self.steps.get(item.name or "", {}).get(item.version) is item
 
-    def pipeline(self, name: str, version: int | None = None) -> type[Pipeline]:
+    def pipeline(self, name: str, version: int | None = None) -> type[PipelineDefinition]:
         """The pipeline class of that name: the given version, or the newest."""
-        self._add_builtins(name)
         return _lookup(self.pipelines, "pipeline", name, version)
 
     def step(self, name: str, version: int | None = None) -> type[Step]:
-        self._add_builtins(name)
+        """The step class of that name: the given version, or the newest."""
         return _lookup(self.steps, "step", name, version)
 
-    def _add_builtins(self, name: str) -> None:
-        """prorch's own reaction-task pipeline, registered in every registry on first use."""
-        if name.startswith("prorch.") and name not in self.pipelines and name not in self.steps:
-            from prorch.reactions import ReactionPipeline, RunReaction
 
-            self.add_step(RunReaction)
-            self.add_pipeline(ReactionPipeline)
-
-
-def _lookup(table: dict[str, dict[int, ClassT]], kind: str, name: str, version: int | None) -> ClassT:
+def _lookup(table: dict[str, dict[int, LookedUpT]], kind: str, name: str, version: int | None) -> LookedUpT:
     versions = table.get(name)
     if not versions:
         known = ", ".join(sorted(table)) or "none"
@@ -181,11 +219,11 @@ def isolated_registry() -> Iterator[Registry]:
         _current = previous
 
 
-def register_step(cls: type[Step]) -> type[Step]:
+def register_step(cls: type[StepT]) -> type[StepT]:
     """Class decorator: make a Step available to pipelines and to stored records by name."""
     return _current.add_step(cls)
 
 
-def register_pipeline(cls: type[Pipeline]) -> type[Pipeline]:
+def register_pipeline(cls: type[PipelineT]) -> type[PipelineT]:
     """Class decorator: make a Pipeline startable and resumable by name."""
     return _current.add_pipeline(cls)

@@ -23,6 +23,17 @@ class Status(str, Enum):
         return self.value
 
 
+class RollbackState(str, Enum):
+    """How a finished step's compensation (``on_rollback``) ended, once a later step failed for good."""
+
+    DONE = "done"  # on_rollback ran to its end: the step's effect is undone
+    FAILED = "failed"  # on_rollback raised on every attempt: the step's effect may remain
+    SKIPPED = "skipped"  # not run: the pipeline was quarantined (a rollback hook may be what kills workers)
+
+    def __str__(self) -> str:
+        return self.value
+
+
 TERMINAL = frozenset({Status.FINISHED, Status.FAILED, Status.CANCELLED})
 
 #: The moves a step or a pipeline may make (a pipeline's status follows its steps').

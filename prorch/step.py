@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol
+from typing import Any, ClassVar, Literal, Protocol
 
 from pydantic import BaseModel, ValidationError
 
@@ -16,17 +16,12 @@ from prorch.jsonvalue import checked_copy, copy_json
 from prorch.mixins import HookResult
 from prorch.records import JSONDict, PipelineRecord, StepRecord
 
-if TYPE_CHECKING:
-    from prorch.registry import Registry
-
 logger = logging.getLogger("prorch.step")
 
 
 class StepRuntime(Protocol):
     """What the engine lends a hook for calls that reach beyond the step (messages, plugins,
     starting pipelines from a reaction)."""
-
-    registry: Registry
 
     def receive(self, step: Step, name: str) -> Any: ...
 

@@ -24,7 +24,7 @@ from datetime import timedelta
 from typing import Any
 
 from prorch import OnStartMixin, Orchestrator, Pipeline, Status, Step, register_pipeline, register_step
-from prorch.pipeline import build_records
+from prorch.creation import build_records
 from prorch.records import Record
 from prorch.store import Store
 from repositories import from_url

@@ -1,0 +1,18 @@
+"""The engine: advancing one pipeline (``Runner``), in parts. ``transitions`` is the state
+machine as pure functions, ``journal`` loads runs and commits transitions, ``hookcalls`` calls one
+hook within its bound, ``turns`` runs a step's hooks and records their results, ``endings``
+handles rollback, cancel and quarantine, and ``runtime`` is what a hook reaches beyond its step."""
+
+from prorch.runner.runner import DEFAULT_LEASE_SECONDS, DEFAULT_MAX_CRASHES, DEFAULT_MAX_TURNS_PER_PASS, Runner
+from prorch.runner.state import Outcome, Run
+from prorch.runner.turns import STORE_ATTEMPTS
+
+__all__ = [
+    "DEFAULT_LEASE_SECONDS",
+    "DEFAULT_MAX_CRASHES",
+    "DEFAULT_MAX_TURNS_PER_PASS",
+    "STORE_ATTEMPTS",
+    "Outcome",
+    "Run",
+    "Runner",
+]

@@ -1,0 +1,154 @@
+"""Reading a pipeline's records into a ``Run`` and writing each transition back as one unit.
+
+A transition is one ``Store.commit``: the changed steps, the pipeline record (status derived from
+the steps, lease renewed or released) and the transition's events, together, by compare-and-set
+on the pipeline's revision. A worker that lost its lease has its write refused; a write refused
+while we still hold the lease was an outside request (a message's wake-up, a cancel request, a
+priority change), which ``merge`` takes in before the write is made again."""
+
+from __future__ import annotations
+
+import enum
+from datetime import datetime, timedelta
+from typing import Any
+
+from pydantic import BaseModel
+
+from prorch.clock import Clock
+from prorch.exceptions import ConcurrentUpdateError
+from prorch.jsonvalue import copy_json
+from prorch.policy import Policies
+from prorch.records import PipelineRecord, Record, StepRecord
+from prorch.registry import Registry
+from prorch.runner import transitions
+from prorch.runner.state import Outcome, Run
+from prorch.status import TERMINAL, Status
+from prorch.step import Step, StepRuntime
+from prorch.store import Store
+
+MAX_MERGES = 1000
+"""Outside writes merged into one transition before giving up (a safety net, never reached)."""
+
+
+class Merge(enum.Enum):
+    """What ``Journal.merge`` found after our write was refused."""
+
+    MERGED = "merged"  # we still hold the lease: the outside change is taken in, write again
+    LEASE_LOST = "lease lost"  # another worker holds the pipeline now (or it ended): stop
+
+
+class Journal:
+    """Loads runs and commits their transitions, against one store."""
+
+    def __init__(
+        self, store: Store, registry: Registry, clock: Clock, policies: Policies, lease_seconds: float
+    ) -> None:
+        self.store = store
+        self.registry = registry
+        self.clock = clock
+        self.policies = policies
+        self.lease_seconds = lease_seconds
+
+    # --- reading -------------------------------------------------------------------------------
+
+    def load(self, pipeline: PipelineRecord) -> Run:
+        """The run of a pipeline: its steps in order and their registered classes. Raises
+        ``NotRegisteredError`` when this worker does not have the code for it."""
+        pipeline_cls = self.registry.pipeline(pipeline.name, pipeline.version)
+        order = {cls.name: index for index, cls in enumerate(pipeline_cls.steps)}
+        steps = sorted(
+            self.store.steps_of(pipeline.uuid),
+            key=lambda s: s.position if s.position is not None else order.get(s.name, len(order)),
+        )
+        classes = {s.uuid: self.registry.step(s.name, s.version) for s in steps}
+        params: Any = pipeline.params
+        if pipeline_cls.Params is not None:
+            params = pipeline_cls.Params.model_validate(pipeline.params)
+        outputs = {s.name: s.output for s in steps if s.status == Status.FINISHED}
+        return Run(pipeline=pipeline, steps=steps, classes=classes, params=params, outputs=outputs)
+
+    def reload(self, run: Run) -> bool:
+        """Read the run's records again, dropping what was not written; False if the lease is lost."""
+        fresh = self.store.get_pipeline(run.pipeline.uuid)
+        if fresh is None or (run.token is not None and fresh.lease_owner != run.token):
+            return False
+        reloaded = self.load(fresh)
+        run.pipeline, run.steps, run.outputs = reloaded.pipeline, reloaded.steps, reloaded.outputs
+        run.forget_pending()
+        return True
+
+    def has_mail(self, run: Run) -> bool:
+        return any(m.consumed_at is None for m in self.store.messages_of(run.pipeline.uuid))
+
+    @staticmethod
+    def instance(run: Run, step: StepRecord, now: datetime, runtime: StepRuntime | None = None) -> Step:
+        """A step object for one hook call. It gets its own copies of the params and outputs, so
+        a hook that changes them changes nothing stored."""
+        params = run.params.model_copy(deep=True) if isinstance(run.params, BaseModel) else copy_json(run.params)
+        outputs = copy_json(run.outputs)
+        cls = run.step_class(step)
+        return cls(record=step, pipeline=run.pipeline, params=params, outputs=outputs, now=now, runtime=runtime)
+
+    # --- writing -------------------------------------------------------------------------------
+
+    def commit(self, run: Run, steps: list[StepRecord], *, stop: bool) -> bool:
+        """Persist one transition; returns whether the pass goes on with this pipeline. Raises
+        ``ConcurrentUpdateError`` when the lease was lost."""
+        transitions.settle(run, self.clock.now())
+        pipeline = run.pipeline
+        stop = stop or pipeline.status in TERMINAL
+        for _ in range(MAX_MERGES):
+            now = self.clock.now()
+            transitions.schedule(run, stop=stop, now=now, lease_seconds=self.lease_seconds, policies=self.policies)
+            added: list[Record] = list(run.events)
+            if self.registry.event_hooks:
+                added += self.registry.records_for_events(pipeline.name, run.events, now)
+            try:
+                self.store.commit([*steps, pipeline], added, run.consumed)
+                break
+            except ConcurrentUpdateError:
+                if self.merge(run) is Merge.LEASE_LOST:
+                    raise
+        else:  # pragma: no cover - MAX_MERGES outside writes during one transition
+            raise ConcurrentUpdateError(f"pipeline {pipeline.uuid} kept changing; giving up this transition")
+        run.forget_pending()
+        run.dirty = False
+        return not stop
+
+    def merge(self, run: Run) -> Merge:
+        """Our write was refused. If our lease token still holds the pipeline, someone wrote it
+        from outside: take their changes (revision, cancel request, priority) in."""
+        if run.token is None or not self.store.has_transaction:
+            return Merge.LEASE_LOST
+        fresh = self.store.get_pipeline(run.pipeline.uuid)
+        if fresh is None or fresh.status in TERMINAL or fresh.lease_owner != run.token:
+            return Merge.LEASE_LOST
+        pipeline = run.pipeline
+        pipeline.revision = fresh.revision
+        pipeline.priority = fresh.priority
+        pipeline.cancel_requested = pipeline.cancel_requested or fresh.cancel_requested
+        run.woken = True  # a message may have arrived: be due again at once
+        return Merge.MERGED
+
+    def mark_hook_running(self, run: Run) -> None:
+        """Store that a hook is about to run, unless the last write already did (it does when
+        the pass goes on with this pipeline): one write per advance, not per hook."""
+        if run.pipeline.hook_started_at is None:
+            self.commit(run, [], stop=False)
+
+    def park(self, run: Run, until: datetime) -> None:
+        """Stop for now without running a hook: release the lease, be due again at ``until``."""
+        pipeline = run.pipeline
+        unchanged = pipeline.lease_owner is None and pipeline.hook_started_at is None and not run.dirty
+        if unchanged and pipeline.next_run_at == until:
+            return
+        pipeline.next_run_at = until
+        self.commit(run, [], stop=True)
+
+    def leave_blocked(self, pipeline: PipelineRecord, reason: str) -> Outcome:
+        """Code for this record is not deployed: touch nothing but our own lease."""
+        if pipeline.lease_owner is not None:
+            transitions.release(pipeline)
+            pipeline.next_run_at = self.clock.now() + timedelta(seconds=self.lease_seconds)
+            self.store.commit([pipeline])
+        return Outcome(pipeline.uuid, pipeline.status, blocked=reason)

@@ -1,0 +1,79 @@
+"""The import graph of prorch has no cycle, counting function-level and ``TYPE_CHECKING``
+imports (grimp sees both); the layers themselves are checked by import-linter (pyproject.toml's
+``[tool.importlinter]``), run here too so that a plain ``pytest`` catches a broken layer."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import grimp
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def strongly_connected(graph: dict[str, set[str]]) -> list[set[str]]:
+    """Tarjan's algorithm: the groups of modules that import each other, directly or not."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    on_stack: set[str] = set()
+    groups: list[set[str]] = []
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        on_stack.add(node)
+        for target in graph.get(node, ()):
+            if target not in index:
+                visit(target)
+                low[node] = min(low[node], low[target])
+            elif target in on_stack:
+                low[node] = min(low[node], index[target])
+        if low[node] == index[node]:
+            group = set()
+            while True:
+                member = stack.pop()
+                on_stack.discard(member)
+                group.add(member)
+                if member == node:
+                    break
+            groups.append(group)
+
+    for node in graph:
+        if node not in index:
+            visit(node)
+    return groups
+
+
+def module_graph() -> dict[str, set[str]]:
+    imports = grimp.build_graph("prorch", "repositories")
+    # The package itself (prorch/__init__.py) re-exports everything: leave it out, as
+    # import-linter's layers do; a module that imports ``prorch`` would still show below.
+    modules = {m for m in imports.modules if m not in ("prorch", "repositories")}
+    return {m: imports.find_modules_directly_imported_by(m) & modules for m in modules}
+
+
+def test_a_cycle_is_found_when_there_is_one() -> None:
+    groups = strongly_connected({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}})
+    assert [g for g in groups if len(g) > 1] == [{"a", "b", "c"}]
+
+
+def test_prorch_has_no_import_cycle() -> None:
+    cycles = [sorted(group) for group in strongly_connected(module_graph()) if len(group) > 1]
+    assert cycles == []
+
+
+def test_no_module_imports_the_prorch_package_itself() -> None:
+    imports = grimp.build_graph("prorch")
+    importers = sorted(imports.find_modules_that_directly_import("prorch"))
+    assert importers == []
+
+
+def test_the_layer_contracts_are_kept() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "importlinter.cli", "--config", str(ROOT / "pyproject.toml")],
+        cwd=ROOT, capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
