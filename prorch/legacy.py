@@ -48,8 +48,7 @@ def install() -> None:
         if dotted in sys.modules:
             continue
         module = types.ModuleType(dotted, f"prorch 1.0.1 compatibility module; see {__name__}")
-        module.__dict__.update(names)
-        module.__all__ = list(names)  # type: ignore[attr-defined]
+        module.__dict__.update(names, __all__=list(names))
         sys.modules[dotted] = module
         child: types.ModuleType = module
         parent_name, _, child_name = dotted.rpartition(".")

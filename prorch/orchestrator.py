@@ -35,6 +35,7 @@ from prorch.pipeline import new_owner_id
 from prorch.policy import StepOverride
 from prorch.records import ErrorInfo, EventRecord, MessageRecord, PipelineRecord, StepRecord, new_uuid
 from prorch.registry import Registry, current_registry
+from prorch.repository import RepositoryLike
 from prorch.runner import DEFAULT_LEASE_SECONDS, DEFAULT_MAX_CRASHES, DEFAULT_MAX_TURNS_PER_PASS, Outcome, Runner
 from prorch.status import TERMINAL, EventType, Status
 from prorch.store import Store
@@ -54,7 +55,7 @@ EXIT_FORCED = 1
 class OrchestratorConfig:
     """The prorch 1.0.1 way to configure an Orchestrator: ``OrchestratorConfig(repository_class=R)``."""
 
-    repository_class: Any
+    repository_class: RepositoryLike
 
 
 @dataclass
@@ -110,7 +111,7 @@ class Orchestrator:
 
     def __init__(
         self,
-        repository: Any = None,
+        repository: RepositoryLike | None = None,
         *,
         config: OrchestratorConfig | None = None,
         concurrency: int = DEFAULT_CONCURRENCY,

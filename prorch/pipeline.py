@@ -15,6 +15,7 @@ from prorch.exceptions import InvalidKeyError, InvalidStateError, NotRegisteredE
 from prorch.leases import LeaseKeeper
 from prorch.records import JSONDict, PipelineRecord, new_uuid
 from prorch.registry import Registry, current_registry
+from prorch.repository import RepositoryLike
 from prorch.runner import DEFAULT_LEASE_SECONDS, Outcome, Runner
 from prorch.status import Status
 from prorch.store import Store, store_for
@@ -46,10 +47,10 @@ class Pipeline(PipelineDefinition):
 
     def __init__(
         self,
-        repository_class: Any = None,
+        repository_class: RepositoryLike | None = None,
         pipeline_uuid: str | None = None,
         *,
-        repository: Any = None,
+        repository: RepositoryLike | None = None,
         params: Any = None,
         clock: Clock | None = None,
         registry: Registry | None = None,
@@ -71,7 +72,7 @@ class Pipeline(PipelineDefinition):
     @classmethod
     def create(
         cls,
-        repository: Any,
+        repository: RepositoryLike,
         params: Any = None,
         *,
         key: str | None = None,
@@ -109,7 +110,7 @@ class Pipeline(PipelineDefinition):
     @classmethod
     def create_many(
         cls,
-        repository: Any,
+        repository: RepositoryLike,
         params: Iterable[Any],
         *,
         keys: Iterable[str | None] | None = None,
@@ -137,7 +138,7 @@ class Pipeline(PipelineDefinition):
     @classmethod
     def _create_all(
         cls,
-        repository: Any,
+        repository: RepositoryLike,
         items: list[Any],
         keys: list[str | None],
         *,
@@ -171,7 +172,7 @@ class Pipeline(PipelineDefinition):
 
     @classmethod
     def load(
-        cls, repository: Any, uuid: str, *, clock: Clock | None = None, registry: Registry | None = None
+        cls, repository: RepositoryLike, uuid: str, *, clock: Clock | None = None, registry: Registry | None = None
     ) -> Pipeline:
         """The stored pipeline ``uuid`` (of this class)."""
         return cls(repository=repository, pipeline_uuid=uuid, clock=clock, registry=registry)

@@ -56,6 +56,10 @@ class IRepository(ABC):
 
 
 RepositoryFactory = Callable[[str], IRepository]
+"""A backend: a callable ``model -> IRepository`` (an ``IRepository`` subclass is one)."""
+RepositoryLike = str | RepositoryFactory
+"""What prorch takes wherever it needs a store: a URL (``"sqlite:///prorch.db"``), a backend
+from ``repositories``, or a seed-style ``IRepository`` subclass."""
 """A backend: anything that makes the repository of a model, e.g. an ``IRepository`` subclass."""
 
 
@@ -118,6 +122,24 @@ class SupportsServerClock(Protocol):
     def server_time(self) -> datetime | None:
         """The server's current time (timezone-aware), or None when the store has no clock of
         its own (an embedded store used by the processes of one machine)."""
+        ...
+
+
+@runtime_checkable
+class SupportsSaveMany(Protocol):
+    """A repository that inserts several new records in one call (one round trip)."""
+
+    def save_many(self, rows: list[JSONDict]) -> None:
+        """Insert the records; a uuid stored already raises ``DuplicateRecordError``."""
+        ...
+
+
+@runtime_checkable
+class SupportsPinning(Protocol):
+    """A backend that can keep this thread's connections checked out for a block of work."""
+
+    def pinned(self) -> AbstractContextManager[None]:
+        """Inside the block, this thread's calls reuse the same connections."""
         ...
 
 

@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 from pydantic import ValidationError
 
 from prorch.clock import Clock, ServerAlignedClock, SystemClock
+from prorch.due import claim_order, is_due
 from prorch.exceptions import (
     ConcurrentUpdateError,
     ConfigurationError,
@@ -23,13 +24,15 @@ from prorch.exceptions import (
     RepositoryError,
     RepositoryNotDefinedException,
 )
-from prorch.records import EventRecord, MessageRecord, PipelineRecord, Record, StepRecord
+from prorch.records import EventRecord, MessageRecord, PipelineRecord, Record, StepRecord, format_timestamp
 from prorch.repository import (
     IRepository,
     RepositoryFactory,
     SupportsClaim,
     SupportsCompareAndSet,
     SupportsDueQuery,
+    SupportsPinning,
+    SupportsSaveMany,
     SupportsServerClock,
     SupportsTransaction,
     is_thread_safe,
@@ -137,15 +140,35 @@ class Store:
             EventRecord.MODEL: self.events,
             MessageRecord.MODEL: self.messages,
         }
-        self.can_claim = isinstance(self.pipelines, SupportsClaim)
-        self.can_compare_and_set = isinstance(self.pipelines, SupportsCompareAndSet) and isinstance(
-            self.steps, SupportsCompareAndSet
-        )
-        self.has_due_query = isinstance(self.pipelines, SupportsDueQuery)
-        self.has_transaction = isinstance(self.backend, SupportsTransaction)
+        # The optional capabilities, each held narrowed to its Protocol (None: not offered).
+        self.claims = self.pipelines if isinstance(self.pipelines, SupportsClaim) else None
+        self.due_query = self.pipelines if isinstance(self.pipelines, SupportsDueQuery) else None
+        self.transactions = self.backend if isinstance(self.backend, SupportsTransaction) else None
+        self.pinning = self.backend if isinstance(self.backend, SupportsPinning) else None
+        self.server_clock = self.backend if isinstance(self.backend, SupportsServerClock) else None
+        self.compare_and_set: dict[str, SupportsCompareAndSet] | None = {
+            model: repository
+            for model, repository in self._by_model.items()
+            if model in (PipelineRecord.MODEL, StepRecord.MODEL) and isinstance(repository, SupportsCompareAndSet)
+        }
+        if len(self.compare_and_set) < 2:
+            self.compare_and_set = None
+        self.save_many: dict[str, SupportsSaveMany] = {
+            model: repository
+            for model, repository in self._by_model.items()
+            if isinstance(repository, SupportsSaveMany)
+        }
         self.thread_safe = is_thread_safe(self.backend)
         self._aligned_clock: ServerAlignedClock | None = None
-        self.guards_concurrency = self.can_claim and self.can_compare_and_set
+        self.guards_concurrency = self.claims is not None and self.compare_and_set is not None
+
+    @property
+    def can_claim(self) -> bool:
+        return self.claims is not None
+
+    @property
+    def has_transaction(self) -> bool:
+        return self.transactions is not None
 
     def clock(self, clock: Clock | None = None) -> Clock:
         """The clock to run on: the one given; else, on a store with a server clock
@@ -153,19 +176,19 @@ class Store:
         ``SystemClock`` given explicitly is aligned too; a test clock is used as it is."""
         if clock is not None and not isinstance(clock, SystemClock):
             return clock
-        if not isinstance(self.backend, SupportsServerClock):
+        server = self.server_clock
+        if server is None:
             return clock or SystemClock()
         if clock is None and self._aligned_clock is not None:
             return self._aligned_clock
         try:
-            probe = _call("read the server's clock", self.backend.server_time)
+            probe = _call("read the server's clock", server.server_time)
         except RepositoryError as exc:
             probe = None
             logger.warning("could not read the clock of %r (%s); using this machine's", self.backend, exc)
         if probe is None:
             return clock or SystemClock()
-        backend = self.backend
-        aligned = ServerAlignedClock(lambda: _server_now(backend), clock)
+        aligned = ServerAlignedClock(lambda: _server_now(server), clock)
         if clock is None:
             self._aligned_clock = aligned
         return aligned
@@ -216,62 +239,52 @@ class Store:
 
     def due(self, now: datetime, limit: int) -> list[PipelineRecord]:
         """Due pipelines, highest priority first; through the index when the backend has one."""
-        if self.has_due_query:
-            rows = _call("query due pipelines", self.pipelines.search_due, now, limit)  # type: ignore[attr-defined]
+        if self.due_query is not None:
+            rows = _call("query due pipelines", self.due_query.search_due, now, limit)
             return [_load(PipelineRecord, row) for row in rows]
-        candidates = [p for p in self.pipelines_with_status(Status.PENDING) if is_due(p, now)]
-        candidates.sort(key=lambda p: (-p.priority, p.next_run_at or now))
+        candidates = [
+            p
+            for p in self.pipelines_with_status(Status.PENDING)
+            if is_due(p.status, p.next_run_at, p.lease_expires_at, now)
+        ]
+        candidates.sort(
+            key=lambda p: claim_order(p.priority, format_timestamp(p.next_run_at) if p.next_run_at else None)
+        )
         return candidates[:limit]
 
     # --- claiming ----------------------------------------------------------------------------
 
     def claim_due(self, now: datetime, owner: str, lease_expires_at: datetime, limit: int) -> list[PipelineRecord]:
-        if not self.can_claim:
+        if self.claims is None:
             return self.due(now, limit)
-        rows = _call(
-            "claim due pipelines",
-            self.pipelines.claim_due,  # type: ignore[attr-defined]
-            now,
-            owner,
-            lease_expires_at,
-            limit,
-        )
+        rows = _call("claim due pipelines", self.claims.claim_due, now, owner, lease_expires_at, limit)
         return [_load(PipelineRecord, row) for row in rows]
 
     def claim_one(self, uuid: str, now: datetime, owner: str, lease_expires_at: datetime) -> PipelineRecord | None:
         """Lease one pipeline for an in-process run; None when another owner holds it."""
-        if not self.can_claim:
+        if self.claims is None:
             return self.get_pipeline(uuid)
-        row = _call(
-            "claim a pipeline",
-            self.pipelines.claim_one,  # type: ignore[attr-defined]
-            uuid,
-            now,
-            owner,
-            lease_expires_at,
-        )
+        row = _call("claim a pipeline", self.claims.claim_one, uuid, now, owner, lease_expires_at)
         return _load(PipelineRecord, row) if row else None
 
     def renew_lease(self, uuid: str, owner: str, lease_expires_at: datetime) -> bool:
         """Extend a lease this owner holds; False when it was lost (or leases are unsupported)."""
-        if not self.can_claim:
+        if self.claims is None:
             return False
-        renew = self.pipelines.renew_lease  # type: ignore[attr-defined]
-        return bool(_call("renew a lease", renew, uuid, owner, lease_expires_at))
+        return bool(_call("renew a lease", self.claims.renew_lease, uuid, owner, lease_expires_at))
 
     # --- writing -----------------------------------------------------------------------------
 
     def session(self) -> contextlib.AbstractContextManager[None]:
         """Hold this thread's connections for a block of work, if the backend can (``pinned``)."""
-        pinned = getattr(self.backend, "pinned", None)
-        return pinned() if pinned is not None else contextlib.nullcontext()
+        return self.pinning.pinned() if self.pinning is not None else contextlib.nullcontext()
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[None]:
         """All writes in the block commit together, on a backend with transactions (nested
         blocks join the outer one); elsewhere, each write stands alone."""
-        if self.has_transaction:
-            with self.backend.transaction():  # type: ignore[attr-defined]
+        if self.transactions is not None:
+            with self.transactions.transaction():
                 yield
         else:
             yield
@@ -290,11 +303,11 @@ class Store:
             end = index
             while end < len(records) and model == records[end].MODEL:
                 end += 1
-            repository = self._by_model[model]
-            save_many = getattr(repository, "save_many", None)
-            if save_many is not None and end - index > 1:
-                _call(f"save {model} records", save_many, [r.to_dict() for r in records[index:end]])
+            batch = self.save_many.get(model)
+            if batch is not None and end - index > 1:
+                _call(f"save {model} records", batch.save_many, [r.to_dict() for r in records[index:end]])
             else:
+                repository = self._by_model[model]
                 for record in records[index:end]:
                     _call(f"save a {model} record", repository.save, record.to_dict())
             index = end
@@ -330,14 +343,10 @@ class Store:
     def _write(self, record: PipelineRecord | StepRecord) -> None:
         expected = record.revision
         record.revision = expected + 1
-        repository = self._repository(record)
-        if self.can_compare_and_set:
+        if self.compare_and_set is not None:
+            conditional = self.compare_and_set[record.MODEL]
             written = _call(
-                f"update a {record.MODEL} record",
-                repository.compare_and_set,  # type: ignore[attr-defined]
-                record.uuid,
-                expected,
-                record.to_dict(),
+                f"update a {record.MODEL} record", conditional.compare_and_set, record.uuid, expected, record.to_dict()
             )
             if not written:
                 raise ConcurrentUpdateError(
@@ -346,6 +355,7 @@ class Store:
                     uuid=record.uuid,
                 )
         else:
+            repository = self._repository(record)
             _call(f"update a {record.MODEL} record", repository.update, record.uuid, record.to_dict())
 
     def _repository(self, record: Record) -> IRepository:
@@ -357,12 +367,3 @@ def _server_now(backend: SupportsServerClock) -> datetime:
     if found is None:  # pragma: no cover - it answered when the clock was made
         raise RepositoryError(f"{backend!r} no longer reports its clock")
     return found
-
-
-def is_due(pipeline: PipelineRecord, now: datetime) -> bool:
-    """Pending, its time has come, and no live lease."""
-    if pipeline.status != Status.PENDING:
-        return False
-    if pipeline.next_run_at is not None and pipeline.next_run_at > now:
-        return False
-    return pipeline.lease_expires_at is None or pipeline.lease_expires_at <= now

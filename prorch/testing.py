@@ -19,6 +19,7 @@ from prorch.orchestrator import Orchestrator, PassSummary
 from prorch.pipeline import Pipeline
 from prorch.records import EventRecord
 from prorch.registry import Registry, isolated_registry
+from prorch.repository import RepositoryLike
 from prorch.status import TERMINAL
 from prorch.store import backends_package
 
@@ -43,7 +44,7 @@ class Harness:
 
     def __init__(
         self,
-        repository: Any = None,
+        repository: RepositoryLike | None = None,
         *,
         clock: FakeClock | None = None,
         registry: Registry | None = None,

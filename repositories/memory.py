@@ -16,12 +16,12 @@ from collections.abc import Iterator
 from datetime import datetime
 from typing import Any
 
-from prorch.records import format_timestamp
+from prorch.due import TERMINAL_VALUES, claim_order, claimable_by, is_due, leased
+from prorch.records import JSONDict, format_timestamp
 from prorch.repository import IRepository
+from prorch.status import Status
 
-JSONDict = dict[str, Any]
 INDEXED = ("pipeline_uuid", "status")  # the fields the engine searches by
-TERMINAL = ("finished", "failed", "cancelled")
 
 
 class MemoryBackend:
@@ -94,7 +94,7 @@ class MemoryRepository(IRepository):
         row = json.loads(text)
         for field in INDEXED:
             self.index[field][row.get(field)][uuid] = None
-        if row.get("status") == "pending":
+        if row.get("status") == Status.PENDING.value:
             self.due_keys[uuid] = (row.get("priority", 0), row.get("next_run_at"), row.get("lease_expires_at"))
 
     def _write(self, uuid: str, row: JSONDict) -> None:
@@ -155,10 +155,9 @@ class MemoryRepository(IRepository):
     def claim_one(self, uuid: str, now: datetime, owner: str, lease_expires_at: datetime) -> JSONDict | None:
         with self.backend.lock:
             row = self._row(uuid)
-            if row is None or row.get("status") in TERMINAL:
+            if row is None or row.get("status") in TERMINAL_VALUES:
                 return row
-            lease = row.get("lease_expires_at")
-            if lease is not None and lease > format_timestamp(now) and row.get("lease_owner") != owner:
+            if not claimable_by(row, owner, format_timestamp(now)):
                 return None
             return self._lease(row, owner, lease_expires_at)
 
@@ -173,17 +172,14 @@ class MemoryRepository(IRepository):
 
     def _due(self, now: str, limit: int) -> list[JSONDict]:
         due = [
-            (-priority, next_run_at or "", uuid)
+            (*claim_order(priority, next_run_at), uuid)
             for uuid, (priority, next_run_at, lease) in self.due_keys.items()
-            if (next_run_at is None or next_run_at <= now) and (lease is None or lease <= now)
+            if is_due(Status.PENDING.value, next_run_at, lease, now)
         ]
         due.sort()
         return [json.loads(self.rows[uuid]) for _, _, uuid in due[:limit]]
 
     def _lease(self, row: JSONDict, owner: str, lease_expires_at: datetime) -> JSONDict:
-        row["lease_owner"] = owner
-        row["lease_expires_at"] = format_timestamp(lease_expires_at)
-        row["claims"] = row.get("claims", 0) + 1
-        row["revision"] = row.get("revision", 0) + 1
-        self._write(row["uuid"], row)
-        return row
+        claimed = leased(row, owner, format_timestamp(lease_expires_at))
+        self._write(claimed["uuid"], claimed)
+        return claimed

@@ -1,25 +1,26 @@
-"""SQL backends through SQLAlchemy 2 Core: ``sqlite:///prorch.db`` (the embedded default) and
-``postgresql://...`` (several workers on several machines), or any SQLAlchemy URL.
+"""The SQL backend through SQLAlchemy 2 Core, shared by its dialects: ``repositories.sqlite``
+(the embedded default) and ``repositories.postgresql`` (several workers on several machines)
+override what differs, as DBOS's ``_sys_db_sqlite.py`` and ``_sys_db_postgres.py`` do; any other
+SQLAlchemy URL runs on this generic code.
 
-Every capability the engine uses is here: an atomic claim with a lease (PostgreSQL:
-``FOR UPDATE SKIP LOCKED``; SQLite: one ``BEGIN IMMEDIATE`` transaction), compare-and-set on the
+Every capability the engine uses is here: an atomic claim with a lease, compare-and-set on the
 ``revision`` column, a transaction around one transition, and a due query served by an index.
+``SQLBackend(url)`` gives the dialect's backend for the URL.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib
 import logging
-import os
-import sqlite3
 import threading
 from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
-from sqlalchemy import Connection, Engine, Integer, bindparam, create_engine, event, inspect, select, text, update
-from sqlalchemy.engine import make_url
+from sqlalchemy import Connection, Engine, Integer, Select, bindparam, create_engine, inspect, select, text, update
+from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import (
     ArgumentError,
     DatabaseError,
@@ -31,25 +32,24 @@ from sqlalchemy.exc import (
     SQLAlchemyError,
 )
 
+from prorch.due import TERMINAL_VALUES
 from prorch.exceptions import (
     ConfigurationError,
-    CorruptStoreError,
     DuplicateRecordError,
     RepositoryError,
     SchemaTooNewError,
 )
-from prorch.records import format_timestamp, to_utc
+from prorch.records import JSONDict, format_timestamp, to_utc
 from prorch.repository import IRepository
 from prorch.secrets import error_summary, redact_url
+from prorch.status import Status
 from repositories.schema import HISTORY_TABLE, SCHEMA_REVISION, TABLES, VERSION_TABLE, schema_history
-from repositories.sqlite_fastpath import SQLiteFastPath
 
 logger = logging.getLogger("prorch.repositories.sql")
-JSONDict = dict[str, Any]
 
-SQLITE_BUSY_TIMEOUT_SECONDS = 30.0
-SQLITE_SYNCHRONOUS = ("OFF", "NORMAL", "FULL", "EXTRA")
-TERMINAL = ("finished", "failed", "cancelled")
+DIALECTS = {"sqlite": "repositories.sqlite:SQLiteBackend", "postgresql": "repositories.postgresql:PostgreSQLBackend"}
+"""The backend class of each dialect, found by name when a URL names it (as SQLAlchemy finds its
+dialects): this module needs no import of its subclasses."""
 
 
 class DatabaseRefusedError(RepositoryError):
@@ -61,106 +61,114 @@ class SQLBackend:
     """A backend over one SQLAlchemy engine; ``backend(model)`` gives that model's repository.
 
     Writes in ``with backend.transaction():`` commit together; outside one, each call is its own
-    transaction.
+    transaction. ``SQLBackend(url)`` returns the subclass of the URL's dialect (``DIALECTS``).
     """
 
     thread_safe = True
+    repository_class: ClassVar[type[SQLRepository]]
+    reads_in_transaction: ClassVar[bool] = True
+    """False where a read is one autocommit statement (SQLite: WAL gives it a snapshot)."""
+    unreachable_errors: ClassVar[tuple[type[BaseException], ...]] = (OperationalError, InterfaceError)
+    duplicate_errors: ClassVar[tuple[type[BaseException], ...]] = (IntegrityError,)
+    refused_errors: ClassVar[tuple[type[BaseException], ...]] = (DBAPIError,)
+
+    def __new__(cls, url: str, **_options: Any) -> SQLBackend:
+        if cls is SQLBackend:
+            cls = dialect_class(url)
+        return super().__new__(cls)
 
     def __init__(self, url: str, *, migrate: bool = True, **engine_options: Any) -> None:
         self.url = url
-        self.engine = _create_engine(url, **engine_options)
-        self.is_sqlite = self.engine.dialect.name == "sqlite"
-        self.is_postgresql = self.engine.dialect.name == "postgresql"
+        self.engine = self._create_engine(_parse(url), engine_options)
         self._local = threading.local()
-        self._write_lock = threading.RLock()
         self._repositories: dict[str, SQLRepository] = {}
         if migrate:
             try:
                 upgrade(self)
             except (DatabaseError, DatabaseRefusedError) as exc:
-                if not self.is_sqlite:
-                    raise RepositoryError(f"cannot open {self!r}: {error_summary(exc)}") from None
-                raise CorruptStoreError(
-                    f"{redact_url(self.url)} is not a usable SQLite store ({error_summary(exc)}); it was left "
-                    "untouched: restore it from a backup, or point prorch at another file"
-                ) from exc
+                raise self._unusable(exc) from exc
 
     def __call__(self, model: str) -> SQLRepository:
         repository = self._repositories.get(model)
         if repository is None:  # one per model: its statements are built once
-            repository = self._repositories[model] = SQLRepository(model, self)
+            repository = self._repositories[model] = self.repository_class(model, self)
         return repository
 
     def __repr__(self) -> str:
-        return f"SQLBackend({redact_url(self.url)!r})"
+        return f"{type(self).__name__}({redact_url(self.url)!r})"
 
     def dispose(self) -> None:
         self.engine.dispose()
 
     def server_time(self) -> datetime | None:
-        """PostgreSQL's clock, which all workers follow (see ``SupportsServerClock``); None on
-        SQLite, whose processes share this machine's clock."""
-        if not self.is_postgresql:
-            return None
-        with self._errors(), self.engine.connect() as connection:
-            moment = connection.execute(text("SELECT clock_timestamp()")).scalar_one()
-        return to_utc(moment)
+        """The database server's clock, where workers on several machines share it (see
+        ``SupportsServerClock``); None here."""
+        return None
+
+    # --- what a dialect overrides ------------------------------------------------------------
+
+    def _create_engine(self, url: URL, options: dict[str, Any]) -> Engine:
+        options.setdefault("hide_parameters", True)  # bound values (user data, tokens) never reach a message
+        options.setdefault("pool_pre_ping", True)  # a server restart leaves dead pooled connections
+        return _engine(url, self.url, options)
+
+    def _unusable(self, exc: BaseException) -> RepositoryError:
+        """The error for a store whose schema cannot be read or created."""
+        return RepositoryError(f"cannot open {self!r}: {error_summary(exc)}")
+
+    def lock_schema(self, connection: Connection) -> None:
+        """Serialize schema upgrades of workers starting together (the migration's transaction
+        does on most databases)."""
+
+    def _writer(self, write: bool) -> contextlib.AbstractContextManager[Any]:
+        """What a writer of this process holds around its transaction (nothing here)."""
+        return contextlib.nullcontext()
+
+    def _configure(self, connection: Connection, *, write: bool) -> Connection:
+        if write:
+            connection.execution_options(prorch_write=True)
+        return connection
+
+    @contextlib.contextmanager
+    def _transaction_on(self, connection: Connection) -> Iterator[None]:
+        """One transaction on ``connection`` around the block."""
+        with connection.begin():
+            yield
+
+    # --- transactions and connections ---------------------------------------------------------
+
+    def current_connection(self) -> Connection | None:
+        """The connection of this thread's open ``transaction()``, if any."""
+        connection: Connection | None = getattr(self._local, "connection", None)
+        return connection
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[None]:
         """All repository writes in the block commit together (nested blocks join the outer)."""
-        if getattr(self._local, "connection", None) is not None:
+        if self.current_connection() is not None:
             yield
             return
-        with self._errors(), self._sqlite_writer(), self._checkout(write=True) as connection:
-            if self.is_sqlite:
-                # Everything inside is a fast-path statement on this driver connection, so the
-                # transaction is driven there too, without SQLAlchemy's bookkeeping per transition.
-                dbapi = connection.connection.driver_connection
-                assert dbapi is not None
-                dbapi.execute("BEGIN IMMEDIATE")
-                self._local.connection = connection
-                try:
+        with self._errors(), self._writer(True), self._checkout(write=True) as connection:
+            self._local.connection = connection
+            try:
+                with self._transaction_on(connection):
                     yield
-                except BaseException:
-                    if dbapi.in_transaction:
-                        dbapi.execute("ROLLBACK")
-                    raise
-                else:
-                    dbapi.execute("COMMIT")
-                finally:
-                    self._local.connection = None
-                    if connection.in_transaction():  # a statement through SQLAlchemy autobegan: reset
-                        connection.rollback()  # a no-op for the driver, which is already done
-                return
-            with connection.begin():
-                self._local.connection = connection
-                try:
-                    yield
-                finally:
-                    self._local.connection = None
+            finally:
+                self._local.connection = None
 
     @contextlib.contextmanager
     def connect(self, *, write: bool) -> Iterator[Connection]:
-        """The open transaction's connection, or a new short transaction (IMMEDIATE for writes
-        on SQLite, so two processes queue on the busy timeout instead of deadlocking). A read on
-        SQLite is one statement in autocommit: no BEGIN/COMMIT, WAL gives it a snapshot."""
-        current = getattr(self._local, "connection", None)
+        """The open transaction's connection, or a new short transaction around the block."""
+        current = self.current_connection()
         if current is not None:
             yield current
             return
-        with self._errors(), self._sqlite_writer(write), self._checkout(write=write) as connection:
-            if not write and self.is_sqlite:
+        with self._errors(), self._writer(write), self._checkout(write=write) as connection:
+            if not write and not self.reads_in_transaction:
                 yield connection
                 return
             with connection.begin():
                 yield connection
-
-    def _sqlite_writer(self, write: bool = True) -> contextlib.AbstractContextManager[Any]:
-        """SQLite takes one writer at a time: this process's threads queue here, woken as soon
-        as the writer before them commits, instead of polling the file lock with the busy
-        timeout's growing sleeps (other processes still meet on that lock)."""
-        return self._write_lock if write and self.is_sqlite else contextlib.nullcontext()
 
     @contextlib.contextmanager
     def pinned(self) -> Iterator[None]:
@@ -179,8 +187,8 @@ class SQLBackend:
 
     @contextlib.contextmanager
     def _checkout(self, *, write: bool) -> Iterator[Connection]:
-        """A connection: IMMEDIATE transactions for writes, autocommit for reads on SQLite;
-        the thread's pinned one inside ``pinned()``, else one from the pool."""
+        """A connection configured for writes or reads: the thread's pinned one inside
+        ``pinned()``, else one from the pool."""
         pins = getattr(self._local, "pins", None)
         if pins is not None:
             connection = pins.get(write)
@@ -196,13 +204,6 @@ class SQLBackend:
         with self.engine.connect() as connection:
             yield self._configure(connection, write=write)
 
-    def _configure(self, connection: Connection, *, write: bool) -> Connection:
-        if write:
-            connection.execution_options(prorch_write=True)
-        elif self.is_sqlite:
-            connection.execution_options(isolation_level="AUTOCOMMIT")
-        return connection
-
     @contextlib.contextmanager
     def _errors(self) -> Iterator[None]:
         """Driver errors become RepositoryError, naming the store, with the first line of the
@@ -210,53 +211,42 @@ class SQLBackend:
         The driver's exception is not chained, so no traceback carries it either."""
         try:
             yield
-        except (OperationalError, InterfaceError, sqlite3.OperationalError) as exc:  # down, locked, lost
+        except self.unreachable_errors as exc:  # down, locked, lost
             raise RepositoryError(f"{self!r}: {error_summary(exc)}") from None
-        except (IntegrityError, sqlite3.IntegrityError) as exc:  # a uuid inserted twice, at the same time
+        except self.duplicate_errors as exc:  # a uuid inserted twice, at the same time
             raise DuplicateRecordError(f"{self!r}: {error_summary(exc)}") from None
-        except (DBAPIError, sqlite3.Error) as exc:  # the database refused a statement or is not one
+        except self.refused_errors as exc:  # the database refused a statement or is not one
             raise DatabaseRefusedError(f"{self!r}: {error_summary(exc)}") from None
 
 
-def _create_engine(url: str, **options: Any) -> Engine:
-    shown = redact_url(url)
+def dialect_class(url: str) -> type[SQLBackend]:
+    """The backend class for the URL's dialect: one of ``DIALECTS``, else the generic one (a
+    malformed URL too: its constructor then says what is wrong)."""
+    try:
+        name = make_url(url).get_backend_name()
+    except (ArgumentError, ValueError, TypeError):
+        return SQLBackend
+    if name not in DIALECTS:
+        return SQLBackend
+    module, _, attribute = DIALECTS[name].partition(":")
+    found: type[SQLBackend] = getattr(importlib.import_module(module), attribute)
+    return found
+
+
+def _parse(url: str) -> URL:
     try:
         parsed = make_url(url)
         parsed.port  # noqa: B018 - a malformed port raises here, not deep inside the driver
     except (ArgumentError, ValueError) as exc:
-        raise ConfigurationError(f"malformed repository URL {shown!r}: {error_summary(exc)}") from None
-    query = dict(parsed.query)
-    synchronous = str(query.pop("synchronous", "NORMAL")).upper()
-    parsed = parsed.set(query=query)
-    if parsed.drivername in ("postgresql", "postgres"):
-        parsed = parsed.set(drivername="postgresql+psycopg")
-    if parsed.get_backend_name() == "sqlite":
-        if parsed.host:
-            raise ConfigurationError(
-                f"malformed SQLite URL {shown!r}: the path goes after three slashes, "
-                f"sqlite:///{parsed.host}{'/' + parsed.database if parsed.database else ''} "
-                "(relative) or sqlite:////absolute/path.db"
-            )
-        if synchronous not in SQLITE_SYNCHRONOUS:
-            raise ConfigurationError(
-                f"synchronous={synchronous.lower()} in {shown!r}: use one of {', '.join(SQLITE_SYNCHRONOUS).lower()}"
-            )
-        if parsed.database and parsed.database != ":memory:":
-            folder = Path(parsed.database).expanduser().resolve().parent
-            if not folder.is_dir():
-                raise ConfigurationError(f"folder {folder} of SQLite file in {shown!r} does not exist")
-            _create_private(Path(parsed.database).expanduser())
-        options.setdefault("connect_args", {}).update(
-            {"timeout": SQLITE_BUSY_TIMEOUT_SECONDS, "check_same_thread": False}
-        )
-        # Every checkout ends its own transaction (commit, rollback, or an autocommit read), so
-        # the pool's ROLLBACK on return would only cost a round trip per transition.
-        options.setdefault("pool_reset_on_return", None)
-    else:
-        options.setdefault("pool_pre_ping", True)  # a server restart leaves dead pooled connections
-    options.setdefault("hide_parameters", True)  # bound values (user data, tokens) never reach a message
+        raise ConfigurationError(f"malformed repository URL {redact_url(url)!r}: {error_summary(exc)}") from None
+    return parsed
+
+
+def _engine(parsed: URL, url: str, options: dict[str, Any]) -> Engine:
+    """``create_engine``, with clear errors for an unknown scheme and a missing driver."""
+    shown = redact_url(url)
     try:
-        engine = create_engine(parsed, **options)
+        return create_engine(parsed, **options)
     except NoSuchModuleError as exc:
         from repositories import SUPPORTED_SCHEMES
 
@@ -265,48 +255,9 @@ def _create_engine(url: str, **options: Any) -> Engine:
             f"{', '.join(SUPPORTED_SCHEMES)}"
         ) from exc
     except ImportError as exc:
-        extra = "postgres" if parsed.get_backend_name() == "postgresql" else None
+        extra = "postgresql" if parsed.get_backend_name() == "postgresql" else None
         hint = f"pip install 'prorch[{extra}]'" if extra else "install the SQLAlchemy driver it names"
         raise ConfigurationError(f"no driver for repository URL {shown!r} ({exc}): {hint}") from exc
-    if engine.dialect.name == "sqlite":
-        _configure_sqlite(engine, synchronous)
-    return engine
-
-
-def _create_private(path: Path) -> None:
-    """Create a new store file readable by its owner only (0600): it holds params, outputs and
-    errors. An existing file keeps the mode its operator gave it. SQLite gives its -wal and -shm
-    files the mode of the database file."""
-    with contextlib.suppress(FileExistsError):
-        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
-
-
-def _configure_sqlite(engine: Engine, synchronous: str) -> None:
-    @event.listens_for(engine, "connect")
-    def on_connect(dbapi_connection: Any, _record: Any) -> None:
-        dbapi_connection.isolation_level = None  # we issue BEGIN ourselves (see on_begin)
-        cursor = dbapi_connection.cursor()
-        cursor.execute("PRAGMA journal_mode=WAL")
-        cursor.execute(f"PRAGMA synchronous={synchronous}")
-        cursor.execute(f"PRAGMA busy_timeout={int(SQLITE_BUSY_TIMEOUT_SECONDS * 1000)}")
-        cursor.close()
-
-    @event.listens_for(engine, "begin")
-    def on_begin(connection: Connection) -> None:
-        options = connection.get_execution_options()
-        if options.get("isolation_level") == "AUTOCOMMIT":
-            return
-        # straight to the driver: this runs once per transition, SQLAlchemy's execute path costs more
-        dbapi = connection.connection.driver_connection
-        assert dbapi is not None
-        if dbapi.in_transaction:  # inside a transaction driven on the driver (SQLBackend.transaction)
-            return
-        dbapi.execute("BEGIN IMMEDIATE" if options.get("prorch_write", False) else "BEGIN")
-
-
-def _cursor(connection: Connection) -> Any:
-    """A DBAPI cursor on the connection's current transaction (the SQLite fast path)."""
-    return connection.connection.driver_connection.cursor()  # type: ignore[union-attr]
 
 
 # --- schema migrations ----------------------------------------------------------------------------
@@ -344,8 +295,7 @@ def upgrade(backend: SQLBackend, revision: str = "head", *, migrations: Path = M
         if stored is not None and stored not in known:
             _accept_newer(backend, connection, stored, known)
             return
-        if backend.is_postgresql:
-            connection.execute(text("SELECT pg_advisory_xact_lock(7270712)"))  # 'prorch' schema lock
+        backend.lock_schema(connection)
         from alembic import command
         from alembic.config import Config
         from alembic.script import ScriptDirectory
@@ -412,15 +362,11 @@ class SQLRepository(IRepository):
             else None
         )
         self._searches: dict[str, Any] = {}
-        self.fast = SQLiteFastPath(self.table) if backend.is_sqlite else None
 
     # --- the four methods --------------------------------------------------------------------
 
     def get(self, uuid: str) -> JSONDict | None:
         with self.backend.connect(write=False) as connection:
-            if self.fast is not None:
-                found = _cursor(connection).execute(self.fast.select + " WHERE uuid = ?", (uuid,)).fetchone()
-                return self.fast.record(found) if found is not None else None
             row = connection.execute(self._get, {"_uuid": uuid}).mappings().first()
         return self._to_record(row) if row is not None else None
 
@@ -433,16 +379,10 @@ class SQLRepository(IRepository):
         events of one transition). A uuid stored already raises ``DuplicateRecordError``, inside
         a transaction too."""
         with self.backend._errors(), self.backend.connect(write=True) as connection:
-            if self.fast is not None:
-                _cursor(connection).executemany(self.fast.insert, [self.fast.row(row) for row in rows])
-            else:
-                connection.execute(self._insert, [self._full_row(row) for row in rows])
+            connection.execute(self._insert, [self._full_row(row) for row in rows])
 
     def update(self, uuid: str, data: JSONDict) -> None:
         with self.backend.connect(write=True) as connection:
-            if self.fast is not None and self.fast.covers(data):
-                _cursor(connection).execute(self.fast.update, [*self.fast.row(data, with_uuid=False), uuid])
-                return
             values = self._to_row(data)
             values.pop("uuid", None)
             if values.keys() == self.columns - {"uuid"}:
@@ -454,26 +394,23 @@ class SQLRepository(IRepository):
         field, value = filter
         query = self._searches.get(field)
         if query is None:
-            if field not in self.columns:
-                raise ConfigurationError(f"cannot search {self.table.name} by unknown field {field!r}")
+            self.check_field(field)
             query = select(self.table).where(self.table.c[field] == bindparam("_value"))
             if "seq" in self.columns:
                 query = query.order_by(self.table.c.seq, self.table.c.at)
             self._searches[field] = query
         with self.backend.connect(write=False) as connection:
-            if self.fast is not None:
-                sql = f'{self.fast.select} WHERE "{field}" = ?{self.fast.order}'
-                return [self.fast.record(row) for row in _cursor(connection).execute(sql, (value,)).fetchall()]
             rows = connection.execute(query, {"_value": value}).mappings().all()
         return [self._to_record(row) for row in rows]
+
+    def check_field(self, field: str) -> None:
+        if field not in self.columns:
+            raise ConfigurationError(f"cannot search {self.table.name} by unknown field {field!r}")
 
     # --- capabilities ------------------------------------------------------------------------
 
     def compare_and_set(self, uuid: str, expected_revision: int, data: JSONDict) -> bool:
         with self.backend.connect(write=True) as connection:
-            if self.fast is not None and self.fast.covers(data):
-                params = [*self.fast.row(data, with_uuid=False), uuid, expected_revision]
-                return bool(_cursor(connection).execute(self.fast.compare_and_set, params).rowcount == 1)
             values = self._to_row(data)
             values.pop("uuid", None)
             if self._cas_all is not None and values.keys() == self.columns - {"uuid"}:
@@ -484,14 +421,14 @@ class SQLRepository(IRepository):
                 result = connection.execute(query)
             return result.rowcount == 1
 
-    def _due_query(self) -> Any:
+    def _due_query(self) -> Select[Any]:
         """Due pipeline uuids, by the (status, next_run_at, priority) index; bound: _now, _limit."""
         c = self.table.c
         now = bindparam("_now", type_=c.next_run_at.type)
         return (
             select(c.uuid)
             .where(
-                c.status == "pending",
+                c.status == Status.PENDING.value,
                 c.next_run_at <= now,
                 (c.lease_expires_at.is_(None)) | (c.lease_expires_at <= now),
             )
@@ -511,9 +448,7 @@ class SQLRepository(IRepository):
     def claim_due(self, now: datetime, owner: str, lease_expires_at: datetime, limit: int) -> list[JSONDict]:
         query = self._searches.get("_claim")
         if query is None:
-            due = self._due_query()
-            if self.backend.is_postgresql:
-                due = due.with_for_update(skip_locked=True)
+            due = self.lockable(self._due_query())
             query = self._searches["_claim"] = (
                 update(self.table)
                 .where(self.table.c.uuid.in_(due.scalar_subquery()))
@@ -525,13 +460,18 @@ class SQLRepository(IRepository):
             rows = connection.execute(query, params).mappings().all()
         return self._by_priority([self._to_record(row) for row in rows])
 
+    def lockable(self, due: Select[Any]) -> Select[Any]:
+        """The due query as the claim's subquery: where the database can lock rows, it skips
+        the ones another worker's claim holds (PostgreSQL); as it is here."""
+        return due
+
     def claim_one(self, uuid: str, now: datetime, owner: str, lease_expires_at: datetime) -> JSONDict | None:
         c = self.table.c
         query = (
             update(self.table)
             .where(
                 c.uuid == uuid,
-                c.status.not_in(TERMINAL),
+                c.status.not_in(sorted(TERMINAL_VALUES)),
                 (c.lease_expires_at.is_(None)) | (c.lease_expires_at <= now) | (c.lease_owner == owner),
             )
             .values(self._lease_values())
@@ -541,7 +481,7 @@ class SQLRepository(IRepository):
             row = connection.execute(query, {"_owner": owner, "_until": lease_expires_at}).mappings().first()
             if row is None:
                 current = connection.execute(select(self.table).where(c.uuid == uuid)).mappings().first()
-                if current is None or current["status"] not in TERMINAL:
+                if current is None or current["status"] not in TERMINAL_VALUES:
                     return None  # missing, or leased by another owner
                 row = current
         return self._to_record(row)
@@ -588,3 +528,6 @@ class SQLRepository(IRepository):
     @staticmethod
     def _by_priority(records: list[JSONDict]) -> list[JSONDict]:
         return sorted(records, key=lambda r: (-r.get("priority", 0), r.get("next_run_at") or ""))
+
+
+SQLBackend.repository_class = SQLRepository

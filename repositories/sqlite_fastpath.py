@@ -18,9 +18,7 @@ from typing import Any
 
 from sqlalchemy import JSON, Boolean, DateTime, Table
 
-from prorch.records import format_timestamp, to_utc
-
-JSONDict = dict[str, Any]
+from prorch.records import JSONDict, format_timestamp, to_utc
 
 
 def _db_time(value: Any) -> str | None:

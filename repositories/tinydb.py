@@ -25,14 +25,12 @@ from typing import Any
 from filelock import FileLock
 from tinydb.storages import Storage
 
+from prorch.due import TERMINAL_VALUES, claimable_by, leased, row_claim_order, row_is_due
 from prorch.exceptions import ConfigurationError, CorruptRecordError, CorruptStoreError
-from prorch.records import Metadata, format_timestamp
+from prorch.records import JSONDict, Metadata, format_timestamp
 from prorch.repository import IRepository
-from prorch.status import TERMINAL as TERMINAL_STATUSES
 from prorch.status import Status
 
-JSONDict = dict[str, Any]
-TERMINAL = tuple(status.value for status in TERMINAL_STATUSES)
 STATUSES = tuple(status.value for status in Status)
 STATUS_MODELS = (Metadata.PIPELINES_MODEL, Metadata.STEP_MODEL)
 
@@ -256,14 +254,8 @@ class TinyDBRepository(IRepository):
 
     def _due(self, now: str, limit: int) -> list[tuple[str, JSONDict]]:
         self._check_statuses(self._rows())
-        rows = [
-            (doc_id, row)
-            for doc_id, row in self._rows().items()
-            if row.get("status") == "pending"
-            and (row.get("next_run_at") is None or row["next_run_at"] <= now)
-            and (row.get("lease_expires_at") is None or row["lease_expires_at"] <= now)
-        ]
-        rows.sort(key=lambda item: (-item[1].get("priority", 0), item[1].get("next_run_at") or ""))
+        rows = [(doc_id, row) for doc_id, row in self._rows().items() if row_is_due(row, now)]
+        rows.sort(key=lambda item: row_claim_order(item[1]))
         return rows[:limit]
 
     def search_due(self, now: datetime, limit: int) -> list[JSONDict]:
@@ -281,10 +273,9 @@ class TinyDBRepository(IRepository):
             if found is None:
                 return None
             doc_id, row = found
-            if row.get("status") in TERMINAL:
+            if row.get("status") in TERMINAL_VALUES:
                 return dict(row)
-            lease = row.get("lease_expires_at")
-            if lease is not None and lease > format_timestamp(now) and row.get("lease_owner") != owner:
+            if not claimable_by(row, owner, format_timestamp(now)):
                 return None
             return self._lease(doc_id, row, owner, lease_expires_at)
 
@@ -297,12 +288,6 @@ class TinyDBRepository(IRepository):
             return True
 
     def _lease(self, doc_id: str, row: JSONDict, owner: str, lease_expires_at: datetime) -> JSONDict:
-        leased = {
-            **row,
-            "lease_owner": owner,
-            "lease_expires_at": format_timestamp(lease_expires_at),
-            "claims": row.get("claims", 0) + 1,
-            "revision": row.get("revision", 0) + 1,
-        }
-        self._write_row(doc_id, leased)
-        return dict(leased)
+        claimed = leased(row, owner, format_timestamp(lease_expires_at))
+        self._write_row(doc_id, claimed)
+        return dict(claimed)

@@ -1,0 +1,64 @@
+"""When a pipeline is due, in which order due pipelines are claimed, and what a claim writes:
+the rule written once, for the engine's fallback (``Store.due``) and for the backends that
+evaluate it themselves (memory, TinyDB). The SQL backends state the same rule in SQL
+(``SQLRepository._due_query``); the repository contract tests hold all of them to it.
+
+Timestamps are compared as they come: aware datetimes, or the fixed-width UTC ISO strings of
+stored records (``format_timestamp``), which sort as the moments they name."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Protocol, TypeVar
+
+from prorch.status import TERMINAL, Status
+
+TERMINAL_VALUES = frozenset(status.value for status in TERMINAL)
+
+
+class Comparable(Protocol):
+    def __le__(self, other: Any, /) -> bool: ...
+
+
+MomentT = TypeVar("MomentT", bound=Comparable)
+
+
+def is_due(status: str, next_run_at: MomentT | None, lease_expires_at: MomentT | None, now: MomentT) -> bool:
+    """Pending, its time has come (no time: at once), and no live lease."""
+    return (
+        status == Status.PENDING.value
+        and (next_run_at is None or next_run_at <= now)
+        and (lease_expires_at is None or lease_expires_at <= now)
+    )
+
+
+def row_is_due(row: Mapping[str, Any], now: str) -> bool:
+    """``is_due`` for a stored pipeline row (timestamps as ISO strings)."""
+    return is_due(row.get("status", ""), row.get("next_run_at"), row.get("lease_expires_at"), now)
+
+
+def claim_order(priority: int, next_run_at: str | None) -> tuple[int, str]:
+    """Sort key of due pipelines: highest priority first, then the longest due."""
+    return (-priority, next_run_at or "")
+
+
+def row_claim_order(row: Mapping[str, Any]) -> tuple[int, str]:
+    return claim_order(row.get("priority", 0), row.get("next_run_at"))
+
+
+def claimable_by(row: Mapping[str, Any], owner: str, now: str) -> bool:
+    """Whether ``owner`` may claim this one pipeline now (``claim_one``): no live lease of
+    another owner. A finished pipeline is returned as it is, unclaimed, by the caller."""
+    lease = row.get("lease_expires_at")
+    return lease is None or lease <= now or row.get("lease_owner") == owner
+
+
+def leased(row: Mapping[str, Any], owner: str, lease_expires_at: str) -> dict[str, Any]:
+    """The row as a claim writes it: leased to ``owner``, one more claim, a new revision."""
+    return {
+        **row,
+        "lease_owner": owner,
+        "lease_expires_at": lease_expires_at,
+        "claims": row.get("claims", 0) + 1,
+        "revision": row.get("revision", 0) + 1,
+    }

@@ -1,0 +1,192 @@
+"""The SQLite dialect of the SQL backend: the embedded default (``sqlite:///prorch.db``).
+
+One file, WAL, one writer at a time: a write is a ``BEGIN IMMEDIATE`` transaction (two processes
+queue on the busy timeout instead of deadlocking), this process's writers take turns on a lock,
+and a read is one autocommit statement (WAL gives it a snapshot). The statements run on every
+transition take the fast path on the driver's connection (``repositories.sqlite_fastpath``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sqlite3
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Connection, Engine, event
+from sqlalchemy.engine import URL
+from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError
+
+from prorch.exceptions import ConfigurationError, CorruptStoreError, RepositoryError
+from prorch.records import JSONDict
+from prorch.secrets import error_summary, redact_url
+from repositories.sql import SQLBackend, SQLRepository
+from repositories.sqlite_fastpath import SQLiteFastPath
+
+BUSY_TIMEOUT_SECONDS = 30.0
+SYNCHRONOUS = ("OFF", "NORMAL", "FULL", "EXTRA")
+
+
+class SQLiteBackend(SQLBackend):
+    """A SQLite file. ``?synchronous=full`` in the URL trades speed for surviving a power cut
+    (the default, NORMAL, survives a crash of the process)."""
+
+    reads_in_transaction = False
+    unreachable_errors = (OperationalError, InterfaceError, sqlite3.OperationalError)
+    duplicate_errors = (IntegrityError, sqlite3.IntegrityError)
+    refused_errors = (*SQLBackend.refused_errors, sqlite3.Error)
+
+    def __init__(self, url: str, *, migrate: bool = True, **engine_options: Any) -> None:
+        self._write_lock = threading.RLock()
+        super().__init__(url, migrate=migrate, **engine_options)
+
+    def _create_engine(self, url: URL, options: dict[str, Any]) -> Engine:
+        shown = redact_url(self.url)
+        query = dict(url.query)
+        synchronous = str(query.pop("synchronous", "NORMAL")).upper()
+        url = url.set(query=query)
+        if url.host:
+            raise ConfigurationError(
+                f"malformed SQLite URL {shown!r}: the path goes after three slashes, "
+                f"sqlite:///{url.host}{'/' + url.database if url.database else ''} "
+                "(relative) or sqlite:////absolute/path.db"
+            )
+        if synchronous not in SYNCHRONOUS:
+            raise ConfigurationError(
+                f"synchronous={synchronous.lower()} in {shown!r}: use one of {', '.join(SYNCHRONOUS).lower()}"
+            )
+        if url.database and url.database != ":memory:":
+            folder = Path(url.database).expanduser().resolve().parent
+            if not folder.is_dir():
+                raise ConfigurationError(f"folder {folder} of SQLite file in {shown!r} does not exist")
+            _create_private(Path(url.database).expanduser())
+        options.setdefault("connect_args", {}).update({"timeout": BUSY_TIMEOUT_SECONDS, "check_same_thread": False})
+        # Every checkout ends its own transaction (commit, rollback, or an autocommit read), so
+        # the pool's ROLLBACK on return would only cost a round trip per transition.
+        options.setdefault("pool_reset_on_return", None)
+        options.setdefault("hide_parameters", True)
+        engine = super()._create_engine(url, {**options, "pool_pre_ping": options.get("pool_pre_ping", False)})
+        _configure(engine, synchronous)
+        return engine
+
+    def _unusable(self, exc: BaseException) -> RepositoryError:
+        return CorruptStoreError(
+            f"{redact_url(self.url)} is not a usable SQLite store ({error_summary(exc)}); it was left "
+            "untouched: restore it from a backup, or point prorch at another file"
+        )
+
+    def _writer(self, write: bool) -> contextlib.AbstractContextManager[Any]:
+        """SQLite takes one writer at a time: this process's threads queue here, woken as soon
+        as the writer before them commits, instead of polling the file lock with the busy
+        timeout's growing sleeps (other processes still meet on that lock)."""
+        return self._write_lock if write else contextlib.nullcontext()
+
+    def _configure(self, connection: Connection, *, write: bool) -> Connection:
+        if not write:
+            return connection.execution_options(isolation_level="AUTOCOMMIT")
+        return super()._configure(connection, write=write)
+
+    @contextlib.contextmanager
+    def _transaction_on(self, connection: Connection) -> Iterator[None]:
+        """Everything inside is a fast-path statement on this driver connection, so the
+        transaction is driven there too, without SQLAlchemy's bookkeeping per transition."""
+        dbapi = driver(connection)
+        dbapi.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except BaseException:
+            if dbapi.in_transaction:
+                dbapi.execute("ROLLBACK")
+            raise
+        else:
+            dbapi.execute("COMMIT")
+        finally:
+            if connection.in_transaction():  # a statement through SQLAlchemy autobegan: reset
+                connection.rollback()  # a no-op for the driver, which is already done
+
+
+class SQLiteRepository(SQLRepository):
+    """One table, its per-transition statements on the driver's connection."""
+
+    def __init__(self, model: str, backend: SQLBackend) -> None:
+        super().__init__(model, backend)
+        self.fast = SQLiteFastPath(self.table)
+
+    def get(self, uuid: str) -> JSONDict | None:
+        with self.backend.connect(write=False) as connection:
+            found = cursor(connection).execute(self.fast.select + " WHERE uuid = ?", (uuid,)).fetchone()
+        return self.fast.record(found) if found is not None else None
+
+    def save_many(self, rows: list[JSONDict]) -> None:
+        with self.backend._errors(), self.backend.connect(write=True) as connection:
+            cursor(connection).executemany(self.fast.insert, [self.fast.row(row) for row in rows])
+
+    def update(self, uuid: str, data: JSONDict) -> None:
+        if not self.fast.covers(data):  # a partial update (a user's call)
+            super().update(uuid, data)
+            return
+        with self.backend.connect(write=True) as connection:
+            cursor(connection).execute(self.fast.update, [*self.fast.row(data, with_uuid=False), uuid])
+
+    def search(self, filter: list[Any]) -> list[JSONDict]:  # noqa: A002 - the seed's name
+        field, value = filter
+        self.check_field(field)
+        sql = f'{self.fast.select} WHERE "{field}" = ?{self.fast.order}'
+        with self.backend.connect(write=False) as connection:
+            return [self.fast.record(row) for row in cursor(connection).execute(sql, (value,)).fetchall()]
+
+    def compare_and_set(self, uuid: str, expected_revision: int, data: JSONDict) -> bool:
+        if not self.fast.covers(data):
+            return super().compare_and_set(uuid, expected_revision, data)
+        params = [*self.fast.row(data, with_uuid=False), uuid, expected_revision]
+        with self.backend.connect(write=True) as connection:
+            return bool(cursor(connection).execute(self.fast.compare_and_set, params).rowcount == 1)
+
+
+SQLiteBackend.repository_class = SQLiteRepository
+
+
+def driver(connection: Connection) -> sqlite3.Connection:
+    """The sqlite3 connection under a SQLAlchemy one."""
+    dbapi = connection.connection.driver_connection
+    if not isinstance(dbapi, sqlite3.Connection):  # pragma: no cover - the pysqlite driver
+        raise TypeError(f"expected a sqlite3 connection, got {type(dbapi).__name__}")
+    return dbapi
+
+
+def cursor(connection: Connection) -> sqlite3.Cursor:
+    """A DBAPI cursor on the connection's current transaction (the fast path)."""
+    return driver(connection).cursor()
+
+
+def _create_private(path: Path) -> None:
+    """Create a new store file readable by its owner only (0600): it holds params, outputs and
+    errors. An existing file keeps the mode its operator gave it. SQLite gives its -wal and -shm
+    files the mode of the database file."""
+    with contextlib.suppress(FileExistsError):
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+
+
+def _configure(engine: Engine, synchronous: str) -> None:
+    @event.listens_for(engine, "connect")
+    def on_connect(dbapi_connection: Any, _record: Any) -> None:
+        dbapi_connection.isolation_level = None  # we issue BEGIN ourselves (see on_begin)
+        statements = dbapi_connection.cursor()
+        statements.execute("PRAGMA journal_mode=WAL")
+        statements.execute(f"PRAGMA synchronous={synchronous}")
+        statements.execute(f"PRAGMA busy_timeout={int(BUSY_TIMEOUT_SECONDS * 1000)}")
+        statements.close()
+
+    @event.listens_for(engine, "begin")
+    def on_begin(connection: Connection) -> None:
+        options = connection.get_execution_options()
+        if options.get("isolation_level") == "AUTOCOMMIT":
+            return
+        # straight to the driver: this runs once per transition, SQLAlchemy's execute path costs more
+        dbapi = driver(connection)
+        if dbapi.in_transaction:  # inside a transaction driven on the driver (SQLBackend.transaction)
+            return
+        dbapi.execute("BEGIN IMMEDIATE" if options.get("prorch_write", False) else "BEGIN")
