@@ -16,16 +16,15 @@ from prorch import (
     OnContinueMixin,
     OnStartMixin,
     Orchestrator,
-    Pipeline,
     Status,
     Step,
     on_event,
-    register_pipeline,
     register_step,
 )
 from prorch.hooks import HookCaller
 from prorch.registry import Registry
 from prorch.testing import Harness
+from tests.support.builders import pipeline_of
 
 CALLS: list[Any] = []
 
@@ -36,10 +35,6 @@ def _clear() -> Iterator[None]:
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)  # "coroutine ... was never awaited" fails the test
         yield
-
-
-def pipeline_of(*steps: type[Step], name: str = "P") -> type[Pipeline]:
-    return register_pipeline(type(name, (Pipeline,), {"name": name, "steps": list(steps)}))
 
 
 class Gauge:

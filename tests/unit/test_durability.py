@@ -7,13 +7,14 @@ from datetime import timedelta
 
 import pytest
 
-from prorch import OnContinueMixin, OnStartMixin, Orchestrator, Pipeline, Status, Step, register_pipeline, register_step
+from prorch import OnContinueMixin, OnStartMixin, Orchestrator, Status, Step, register_step
 from prorch.leases import LeaseKeeper
 from prorch.policy import backoff_delay
 from prorch.registry import Registry
 from prorch.store import Store
 from prorch.testing import Harness
 from repositories.memory import MemoryBackend
+from tests.support.builders import pipeline_of
 
 LOG: list[str] = []
 
@@ -21,10 +22,6 @@ LOG: list[str] = []
 @pytest.fixture(autouse=True)
 def _clear() -> None:
     LOG.clear()
-
-
-def pipeline_of(*steps: type[Step], name: str = "P") -> type[Pipeline]:
-    return register_pipeline(type(name, (Pipeline,), {"name": name, "steps": list(steps)}))
 
 
 def compensable(name: str, *, rollback_fails: int = 0, max_attempts: int = 1) -> type[Step]:

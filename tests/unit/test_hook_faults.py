@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from prorch import OnContinueMixin, OnStartMixin, Orchestrator, Pipeline, Status, Step, register_pipeline, register_step
+from prorch import Orchestrator, Status, Step
 from prorch.exceptions import ConcurrentUpdateError, UnstorableValueError
 from prorch.jsonvalue import check_json
 from prorch.registry import Registry
@@ -19,6 +19,7 @@ from prorch.runner import STORE_ATTEMPTS
 from prorch.store import Store
 from prorch.testing import Harness
 from repositories.memory import MemoryBackend, MemoryRepository
+from tests.support.builders import pipeline_of, step_of
 
 CALLS: list[Any] = []
 
@@ -26,22 +27,6 @@ CALLS: list[Any] = []
 @pytest.fixture(autouse=True)
 def _clear() -> None:
     CALLS.clear()
-
-
-def pipeline_of(*steps: type[Step], name: str = "P", **attrs: Any) -> type[Pipeline]:
-    return register_pipeline(type(name, (Pipeline,), {"name": name, "steps": list(steps), **attrs}))
-
-
-def step_of(name: str, on_start: Any = None, on_continue: Any = None, **attrs: Any) -> type[Step]:
-    bases: tuple[type, ...] = (Step,)
-    body: dict[str, Any] = {"name": name, **attrs}
-    if on_continue is not None:
-        bases = (OnContinueMixin, *bases)
-        body["on_continue"] = on_continue
-    if on_start is not None:
-        bases = (OnStartMixin, *bases)
-        body["on_start"] = on_start
-    return register_step(type(name, bases, body))
 
 
 # --- the JSON-value check ------------------------------------------------------------------------

@@ -3,6 +3,7 @@ clock: no sleeps."""
 
 from __future__ import annotations
 
+import functools
 from datetime import timedelta
 from typing import Any
 
@@ -13,34 +14,22 @@ from prorch import (
     InvalidParamsError,
     OnContinueMixin,
     OnStartMixin,
-    Pipeline,
     Status,
     Step,
-    register_pipeline,
     register_step,
 )
 from prorch.registry import Registry
 from prorch.testing import Harness
+from tests.support import builders
+from tests.support.builders import pipeline_of
 
 CALLS: list[str] = []
+quick = functools.partial(builders.quick, log=CALLS)
 
 
 @pytest.fixture(autouse=True)
 def _clear_calls() -> None:
     CALLS.clear()
-
-
-def pipeline_of(*steps: type[Step], name: str = "P", **attrs: Any) -> type[Pipeline]:
-    return register_pipeline(type(name, (Pipeline,), {"name": name, "steps": list(steps), **attrs}))
-
-
-def quick(name: str) -> type[Step]:
-    """A step with on_start only: finishes when on_start returns."""
-
-    def on_start(self: Step) -> None:
-        CALLS.append(f"{name}.start")
-
-    return register_step(type(name, (OnStartMixin, Step), {"name": name, "on_start": on_start}))
 
 
 def steps_of(harness: Harness, uuid: str) -> dict[str, Any]:

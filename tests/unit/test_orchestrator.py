@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from datetime import timedelta
 from typing import Any
@@ -16,11 +17,9 @@ from prorch import (
     OnStartMixin,
     Orchestrator,
     OrchestratorConfig,
-    Pipeline,
     PipelineNotFoundError,
     Status,
     Step,
-    register_pipeline,
     register_step,
 )
 from prorch.records import JSONDict
@@ -28,8 +27,11 @@ from prorch.registry import Registry
 from prorch.store import Store
 from prorch.testing import Harness
 from repositories.memory import MemoryBackend
+from tests.support import builders
+from tests.support.builders import pipeline_of
 
 RAN: list[str] = []
+quick = functools.partial(builders.quick, log=RAN, entry="{name}:{pipeline}")
 
 
 @pytest.fixture(autouse=True)
@@ -37,21 +39,10 @@ def _clear() -> None:
     RAN.clear()
 
 
-def quick(name: str) -> type[Step]:
-    def on_start(self: Step) -> None:
-        RAN.append(f"{self.name}:{self.pipeline_uuid}")
-
-    return register_step(type(name, (OnStartMixin, Step), {"name": name, "on_start": on_start}))
-
-
-def pipeline_of(name: str, *steps: type[Step], **attrs: Any) -> type[Pipeline]:
-    return register_pipeline(type(name, (Pipeline,), {"name": name, "steps": list(steps), **attrs}))
-
-
 def test_unregistered_pipeline_is_blocked_untouched_then_resumes(registry: Registry) -> None:
     backend = MemoryBackend()
     harness = Harness(backend, registry=registry)
-    p = pipeline_of("Deployed", quick("A"))
+    p = pipeline_of(quick("A"), name="Deployed")
     run = harness.create(p)
     del registry.pipelines["Deployed"]  # the code is not deployed on this worker
     summary = harness.run_pass()
@@ -68,7 +59,7 @@ def test_unregistered_pipeline_is_blocked_untouched_then_resumes(registry: Regis
 
 def test_unregistered_step_version_blocks(registry: Registry) -> None:
     harness = Harness(registry=registry)
-    run = harness.create(pipeline_of("P", quick("A")))
+    run = harness.create(pipeline_of(quick("A"), name="P"))
     del registry.steps["A"]
     summary = harness.run_pass()
     assert "no step named 'A'" in summary.blocked[run.uuid]
@@ -77,7 +68,7 @@ def test_unregistered_step_version_blocks(registry: Registry) -> None:
 
 def test_steps_are_the_source_of_truth_after_a_crash_between_writes(registry: Registry) -> None:
     harness = Harness(registry=registry)
-    run = harness.create(pipeline_of("P", quick("A"), quick("B")))
+    run = harness.create(pipeline_of(quick("A"), quick("B"), name="P"))
     # A crash after the step writes but before the pipeline write leaves steps ahead.
     steps = harness.repository("STEP")
     for row in steps.search(["pipeline_uuid", run.uuid]):
@@ -92,9 +83,9 @@ def test_steps_are_the_source_of_truth_after_a_crash_between_writes(registry: Re
 def test_higher_priority_is_claimed_first(registry: Registry) -> None:
     harness = Harness(registry=registry, batch_size=1)
     a = quick("A")
-    low = harness.create(pipeline_of("Low", a))
-    high = harness.create(pipeline_of("High", quick("B"), priority=10))
-    override = harness.create(pipeline_of("Mid", quick("C")), priority=5)
+    low = harness.create(pipeline_of(a, name="Low"))
+    high = harness.create(pipeline_of(quick("B"), priority=10, name="High"))
+    override = harness.create(pipeline_of(quick("C"), name="Mid"), priority=5)
     harness.run_pass()
     harness.run_pass()
     harness.run_pass()
@@ -103,7 +94,7 @@ def test_higher_priority_is_claimed_first(registry: Registry) -> None:
 
 def test_list_get_history(registry: Registry) -> None:
     harness = Harness(registry=registry)
-    p = pipeline_of("P", quick("A"), quick("B"))
+    p = pipeline_of(quick("A"), quick("B"), name="P")
     done = harness.create(p, {"n": 1})
     harness.run_pass()
     fresh = harness.create(p, {"n": 2})
@@ -142,7 +133,7 @@ def test_retry_resumes_a_failed_pipeline_from_its_failed_step(registry: Registry
 
     register_step(Once)
     harness = Harness(registry=registry)
-    run = harness.create(pipeline_of("P", quick("A"), Once))
+    run = harness.create(pipeline_of(quick("A"), Once, name="P"))
     harness.run_pass()
     assert harness.status(run.uuid) == "failed"
     state = harness.orchestrator.retry(run.uuid)
@@ -156,7 +147,7 @@ def test_retry_resumes_a_failed_pipeline_from_its_failed_step(registry: Registry
 
 def test_retry_and_cancel_refuse_the_wrong_status(registry: Registry) -> None:
     harness = Harness(registry=registry)
-    run = harness.create(pipeline_of("P", quick("A")))
+    run = harness.create(pipeline_of(quick("A"), name="P"))
     with pytest.raises(InvalidStateError, match="only a failed pipeline"):
         harness.orchestrator.retry(run.uuid)
     harness.run_pass()
@@ -166,7 +157,7 @@ def test_retry_and_cancel_refuse_the_wrong_status(registry: Registry) -> None:
 
 def test_seed_form_stores_created_and_runs_only_on_start(registry: Registry) -> None:
     backend = MemoryBackend()
-    p = pipeline_of("P", quick("A"), quick("B"))
+    p = pipeline_of(quick("A"), quick("B"), name="P")
     pipeline = p(repository_class=backend)
     assert pipeline.status == "created"
     orchestrator = Orchestrator(config=OrchestratorConfig(repository_class=backend), registry=registry)
@@ -191,7 +182,7 @@ def test_a_leased_pipeline_is_not_claimed_by_a_second_orchestrator(registry: Reg
     backend = MemoryBackend()
     first = Harness(backend, registry=registry)
     second = Orchestrator(backend, clock=first.clock, registry=registry)
-    run = first.create(pipeline_of("P", Slow))
+    run = first.create(pipeline_of(Slow, name="P"))
     store = Store(backend)
     claimed = store.claim_due(first.clock.now(), "worker-1", first.clock.now() + timedelta(seconds=60), 10)
     assert [p.uuid for p in claimed] == [run.uuid]
@@ -203,7 +194,7 @@ def test_a_leased_pipeline_is_not_claimed_by_a_second_orchestrator(registry: Reg
 def test_a_stale_write_is_refused(registry: Registry) -> None:
     backend = MemoryBackend()
     harness = Harness(backend, registry=registry)
-    run = harness.create(pipeline_of("P", quick("A")))
+    run = harness.create(pipeline_of(quick("A"), name="P"))
     store = Store(backend)
     mine = store.get_pipeline(run.uuid)
     theirs = store.get_pipeline(run.uuid)
@@ -244,7 +235,7 @@ def test_a_repository_error_is_recorded_on_that_pipeline_and_the_pass_goes_on(
 ) -> None:
     FlakySteps.rows = {}
     harness = Harness(FlakySteps, registry=registry)
-    p = pipeline_of("P", quick("A"))
+    p = pipeline_of(quick("A"), name="P")
     bad = harness.create(p)
     good = harness.create(p)
     FlakySteps.poisoned = {bad.uuid}
@@ -265,7 +256,7 @@ def test_a_repository_error_is_recorded_on_that_pipeline_and_the_pass_goes_on(
 
 def test_a_corrupt_record_is_reported_not_fatal(registry: Registry) -> None:
     harness = Harness(registry=registry)
-    run = harness.create(pipeline_of("P", quick("A")))
+    run = harness.create(pipeline_of(quick("A"), name="P"))
     harness.repository("STEP").update(next(iter(harness.repository.tables["STEP"])), {"status": "exploded"})
     summary = harness.run_pass()
     assert "CorruptRecordError" in summary.errors[run.uuid]

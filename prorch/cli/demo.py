@@ -3,21 +3,26 @@ with ``wait`` so that you can watch each step resume across passes."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import tempfile
+import time
 from datetime import timedelta
+from pathlib import Path
 
+import click
 from pydantic import BaseModel
 
+from prorch.cli.helpers import Context, reported
+from prorch.cli.output import print_history, print_state
 from prorch.mixins import OnContinueMixin, OnStartMixin
+from prorch.orchestrator import Orchestrator
 from prorch.pipeline import Pipeline
-from prorch.registry import Registry
+from prorch.registry import Registry, isolated_registry
+from prorch.status import TERMINAL, Status
 from prorch.step import Step
+from prorch.store import resolve_backend
 
 JOB_SECONDS = 2.0  # how long each simulated external job takes
 POLL_SECONDS = 0.5
-
-Echo = Callable[[str], None]
-echo: Echo = print
 
 
 class BackupParams(BaseModel):
@@ -33,15 +38,15 @@ class ExternalJobStep(OnStartMixin, OnContinueMixin, Step):
         ready = self.now + timedelta(seconds=JOB_SECONDS)
         self.metadata["job_id"] = self.idempotency_key
         self.metadata["ready_at"] = ready.isoformat()
-        echo(f"  {self.name}: started job {self.metadata['job_id'][:15]}... ({self.verb})")
+        click.echo(f"  {self.name}: started job {self.metadata['job_id'][:15]}... ({self.verb})")
 
     def on_continue(self) -> None:
         if self.now.isoformat() < self.metadata["ready_at"]:
-            echo(f"  {self.name}: job still running, checking again in {POLL_SECONDS}s")
+            click.echo(f"  {self.name}: job still running, checking again in {POLL_SECONDS}s")
             self.wait(seconds=POLL_SECONDS)
             return
         self.finish(output=self.result())
-        echo(f"  {self.name}: done -> {self.result()}")
+        click.echo(f"  {self.name}: done -> {self.result()}")
 
     def result(self) -> dict[str, str]:
         return {}
@@ -67,7 +72,7 @@ class ProcessCompletionNotification(OnStartMixin, Step):
     name = "ProcessCompletionNotification"
 
     def on_start(self) -> None:
-        echo(f"  {self.name}: notified the team: backup stored at {self.outputs['BackupTransfer']['location']}")
+        click.echo(f"  {self.name}: notified the team: backup stored at {self.outputs['BackupTransfer']['location']}")
 
 
 class BackupAutomationPipeline(Pipeline):
@@ -82,3 +87,29 @@ def register(registry: Registry) -> type[Pipeline]:
         registry.add_step(step)
     registry.add_pipeline(BackupAutomationPipeline)
     return BackupAutomationPipeline
+
+
+def run(ctx: Context, url: str | None) -> bool:
+    """Create the demo pipeline on ``url`` (default: a temporary SQLite file), run passes until it
+    ends, print its state and history; True when it finished."""
+    with tempfile.TemporaryDirectory(prefix="prorch-demo-") as folder, isolated_registry() as registry:
+        url = url or f"sqlite:///{Path(folder) / 'demo.db'}"
+        with reported(ctx):
+            pipeline_cls = register(registry)
+            backend = resolve_backend(url)  # one store shared by create() and the orchestrator
+            orchestrator = Orchestrator(backend, registry=registry)
+            click.echo(f"prorch demo on {url}")
+            created = pipeline_cls.create(backend, {"path": "/var/lib/app"})
+            click.echo(f"created {pipeline_cls.name} {created.uuid}; resuming it pass by pass:")
+            started = time.monotonic()
+            passes = 0
+            while orchestrator.get(created.uuid).pipeline.status not in TERMINAL:
+                passes += 1
+                orchestrator.execute_pipelines()
+                time.sleep(POLL_SECONDS / 2)
+            state = orchestrator.get(created.uuid)
+            history = orchestrator.history(created.uuid)
+        click.echo(f"\n{passes} passes in {time.monotonic() - started:.1f}s; final state:")
+        print_state(state)
+        print_history(history)
+    return state.pipeline.status == Status.FINISHED

@@ -1,0 +1,260 @@
+"""The ``prorch`` command: a thin shell over the library.
+
+Settings come from defaults < ``prorch.toml`` / ``[tool.prorch]`` < ``PRORCH_*`` < flags
+(``prorch config`` shows the result). Exit codes: 0 ok, 1 an operation failed, 2 a usage or
+configuration error. Errors are one line on stderr; ``--verbose`` adds the traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Any
+
+import click
+
+from prorch.cli import demo as demo_module
+from prorch.cli.helpers import STATUSES, Context, parse_params, refuse_transient, reported, worker_options
+from prorch.cli.output import (
+    echo_json,
+    next_run,
+    pipeline_schema,
+    print_history,
+    print_state,
+    print_summary,
+    print_table,
+    when,
+)
+from prorch.exceptions import (
+    InvalidMessageError,
+    InvalidParamsError,
+    WorkerUnhealthyError,
+)
+from prorch.pipeline import pipeline_class
+from prorch.registry import current_registry
+from prorch.secrets import redact_url
+from prorch.status import Status
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--config",
+    "config_file",
+    type=click.Path(dir_okay=False),
+    envvar="PRORCH_CONFIG",
+    help="Config file (default: ./prorch.toml, else [tool.prorch] in ./pyproject.toml).",
+)
+@click.option("--repository", "-r", help="Repository URL (sqlite:///..., postgresql://..., tinydb:///..., memory://).")
+@click.option("--app", "app", multiple=True, help="Module that defines your pipelines (repeatable).")
+@click.option("--plugins", "plugins", multiple=True, help="Module that registers plugins (repeatable).")
+@click.option("--log-level", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False))
+@click.option("--log-format", type=click.Choice(["text", "json"]))
+@click.option("--verbose", "-v", is_flag=True, help="Debug logs and tracebacks.")
+@click.version_option(package_name="prorch")
+@click.pass_context
+def main(click_ctx: click.Context, /, config_file: str | None, verbose: bool, **flags: Any) -> None:
+    """prorch: resumable step pipelines. Run `prorch demo` to see one."""
+    click_ctx.obj = Context(flags, config_file, verbose)
+
+
+@main.command()
+@worker_options
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+@click.pass_obj
+def run(ctx: Context, /, as_json: bool, **flags: Any) -> None:
+    """One pass over the due pipelines, for cron. Exit 1 if a pipeline hit an engine error."""
+    with reported(ctx):
+        summary = ctx.orchestrator(**flags).execute_pipelines()
+    print_summary(summary, as_json)
+    if summary.abandoned_hooks:
+        # a hung hook's thread would keep the interpreter's exit waiting on nothing useful
+        click.echo(f"error: {summary.abandoned_hooks} hook(s) did not return in time and were abandoned", err=True)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1)
+    if summary.errors:
+        sys.exit(1)
+
+
+@main.command()
+@click.option("--interval", type=float, help="Seconds between passes.")
+@worker_options
+@click.pass_obj
+def worker(ctx: Context, /, **flags: Any) -> None:
+    """Run passes until SIGTERM or SIGINT: running hooks finish, leases are released, exit 0.
+    A second signal exits at once."""
+    with reported(ctx):
+        orchestrator = ctx.orchestrator(**flags)
+        settings = ctx.settings
+        click.echo(f"prorch worker {orchestrator.owner} on {redact_url(settings.repository)}", err=True)
+        try:
+            orchestrator.run_forever(interval=settings.interval)
+        except WorkerUnhealthyError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(1)  # hung hook threads cannot be joined: leave without waiting for them
+
+
+@main.command()
+@click.argument("name")
+@click.option(
+    "--param",
+    "-p",
+    "pairs",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="A parameter (repeatable); VALUE is read as JSON when it parses, else as text.",
+)
+@click.option("--params-json", help="All parameters as one JSON object.")
+@click.option("--version", "version", type=int, help="The pipeline version to run (default: the newest).")
+@click.option("--tenant", help="The tenant, for tenant plugins.")
+@click.option("--priority", type=int, help="Higher runs first.")
+@click.option(
+    "--key",
+    help="Create it once: a repeat with this key, NAME and params prints the stored pipeline's uuid "
+    "and 'exists'; with another NAME or params it is an error.",
+)
+@click.option("--json", "as_json", is_flag=True, help='Print the pipeline as JSON, with "created": true/false.')
+@click.pass_obj
+def start(ctx: Context, name: str, pairs: tuple[str, ...], params_json: str | None, version: int | None,
+          tenant: str | None, priority: int | None, key: str | None, as_json: bool) -> None:  # fmt: skip
+    """Create a pipeline NAME, pending and due now (the next pass runs it). Prints its uuid, with
+    ' exists' after it when --key found it already stored."""
+    with reported(ctx):
+        params = parse_params(pairs, params_json)
+        refuse_transient(ctx.settings.repository)
+        ctx.import_apps()
+        pipeline_cls = pipeline_class(current_registry(), name, version)
+        settings = ctx.settings
+        override = settings.pipelines.get(name)
+        if priority is None and override is not None:
+            priority = override.priority
+        created = pipeline_cls.create(settings.repository, params, key=key, tenant=tenant, priority=priority)
+    if as_json:
+        echo_json({**created.record.to_dict(), "created": created.created})
+    else:
+        click.echo(created.uuid if created.created else f"{created.uuid} exists")
+
+
+@main.command(name="list")
+@click.option("--status", type=click.Choice(STATUSES), help="Only pipelines with this status.")
+@click.option("--name", help="Only pipelines with this name.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_obj
+def list_pipelines(ctx: Context, status: str | None, name: str | None, as_json: bool) -> None:
+    """Stored pipelines, newest first."""
+    with reported(ctx):
+        orchestrator = ctx.orchestrator()
+        records = orchestrator.list_pipelines(status=status, name=name)
+    if as_json:
+        echo_json([r.to_dict() for r in records])
+        return
+    rows = [["UUID", "STATUS", "NAME", "VERSION", "CREATED", "NEXT RUN"]]
+    rows += [[r.uuid, r.status.value, r.name, str(r.version), when(r.created_at), next_run(r)] for r in records]
+    print_table(rows)
+
+
+@main.command()
+@click.argument("uuid", required=False)
+@click.option("--key", help="Show the pipeline created with this key (prorch start --key) instead.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_obj
+def show(ctx: Context, uuid: str | None, key: str | None, as_json: bool) -> None:
+    """A pipeline's steps, outputs, errors and history."""
+    with reported(ctx):
+        if (uuid is None) == (key is None):
+            raise InvalidParamsError("give a pipeline's UUID or --key KEY, one of the two")
+        orchestrator = ctx.orchestrator()
+        state = orchestrator.get_by_key(key) if key is not None else orchestrator.get(uuid or "")
+        history = orchestrator.history(state.pipeline.uuid)
+    if as_json:
+        echo_json(
+            {
+                "pipeline": state.pipeline.to_dict(),
+                "steps": [s.to_dict() for s in state.steps],
+                "history": [e.to_dict() for e in history],
+                "blocked": state.blocked,
+            }
+        )
+        return
+    print_state(state)
+    print_history(history)
+
+
+@main.command()
+@click.argument("uuid")
+@click.pass_obj
+def cancel(ctx: Context, uuid: str) -> None:
+    """Cancel a pipeline (its current step's on_cancel runs), or ask its worker to."""
+    with reported(ctx):
+        state = ctx.orchestrator().cancel(uuid)
+    if state.pipeline.status == Status.CANCELLED:
+        click.echo(f"cancelled {uuid}")
+    else:
+        click.echo(f"cancel requested for {uuid}: the worker holding it cancels it at its next transition")
+
+
+@main.command()
+@click.argument("uuid")
+@click.pass_obj
+def retry(ctx: Context, uuid: str) -> None:
+    """Resume a failed pipeline from its failed step (the next pass runs it)."""
+    with reported(ctx):
+        ctx.orchestrator().retry(uuid)
+    click.echo(f"retrying {uuid}")
+
+
+@main.command()
+@click.argument("uuid")
+@click.argument("name")
+@click.option("--payload-json", help="The message's payload, as JSON (default: null).")
+@click.pass_obj
+def send(ctx: Context, uuid: str, name: str, payload_json: str | None) -> None:
+    """Send message NAME to a pipeline; it is due at once and a hook reads it with receive()."""
+    with reported(ctx):
+        try:
+            payload = json.loads(payload_json) if payload_json is not None else None
+        except json.JSONDecodeError as exc:
+            raise InvalidMessageError(f"--payload-json is not valid JSON: {exc}") from exc
+        message = ctx.orchestrator().send(uuid, name, payload)
+    click.echo(f"sent {name} to {uuid} ({message.uuid})")
+
+
+@main.command()
+@click.argument("name")
+@click.option("--version", "version", type=int, help="The pipeline version (default: the newest).")
+@click.pass_obj
+def schema(ctx: Context, name: str, version: int | None) -> None:
+    """The JSON Schema of pipeline NAME's Params and of each step's Output."""
+    with reported(ctx):
+        ctx.loaded()
+        ctx.import_apps()
+        echo_json(pipeline_schema(current_registry().pipeline(name, version)))
+
+
+@main.command(name="config")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_obj
+def show_config(ctx: Context, as_json: bool) -> None:
+    """The effective settings and where each came from."""
+    with reported(ctx):
+        loaded = ctx.loaded()
+    values = loaded.settings.model_dump(mode="json")
+    values["repository"] = redact_url(values["repository"])
+    if as_json:
+        echo_json({"settings": values, "origins": loaded.origins, "config_file": loaded.config_file})
+        return
+    rows = [["SETTING", "VALUE", "FROM"]]
+    rows += [[key, json.dumps(value), loaded.origins[key]] for key, value in values.items()]
+    print_table(rows)
+
+
+@main.command()
+@click.option("--repository", "-r", "demo_repository", help="Repository URL (default: a temporary SQLite file).")
+@click.pass_obj
+def demo(ctx: Context, demo_repository: str | None) -> None:
+    """The backup example, end to end, on a temporary SQLite file."""
+    if not demo_module.run(ctx, demo_repository):
+        sys.exit(1)

@@ -1,0 +1,166 @@
+"""What every command shares: the settings context, error reporting with exit codes, and
+the options and arguments several commands take (as rq's ``cli/helpers.py``)."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, NoReturn
+
+import click
+
+from prorch import logs, plugins
+from prorch.config import LoadedSettings, Settings, closest, load_settings
+from prorch.exceptions import (
+    ConfigurationError,
+    InvalidMessageError,
+    InvalidParamsError,
+    KeyConflictError,
+    NotRegisteredError,
+    ProrchError,
+)
+from prorch.orchestrator import Orchestrator
+from prorch.registry import current_registry
+from prorch.status import Status
+
+USAGE_ERRORS = (ConfigurationError, NotRegisteredError, InvalidParamsError, InvalidMessageError, KeyConflictError)
+
+
+STATUSES = [status.value for status in Status]
+
+
+class Context:
+    """What every command needs: the flags given to the group, loaded into settings on demand."""
+
+    def __init__(self, flags: dict[str, Any], config_file: str | None, verbose: bool) -> None:
+        self.flags = flags
+        self.config_file = config_file
+        self.verbose = verbose
+        self._loaded: LoadedSettings | None = None
+
+    def loaded(self, **more_flags: Any) -> LoadedSettings:
+        if self._loaded is None or more_flags:
+            self._loaded = load_settings({**self.flags, **more_flags}, config_file=self.config_file)
+            settings = self._loaded.settings
+            logs.configure("DEBUG" if self.verbose else settings.log_level, settings.log_format)
+            for warning in self._loaded.warnings:
+                click.echo(f"warning: {warning}", err=True)
+        return self._loaded
+
+    @property
+    def settings(self) -> Settings:
+        return self.loaded().settings
+
+    def import_apps(self) -> None:
+        """Import the user's modules, so that their pipelines register (cwd is importable, as
+        with ``python -m``)."""
+        wanted = [*self.settings.app, *self.settings.plugins]
+        if wanted and str(Path.cwd()) not in sys.path:
+            sys.path.append(str(Path.cwd()))  # after the installed packages: a stray ./sqlite3.py shadows nothing
+        for module in self.settings.app:
+            try:
+                importlib.import_module(module)
+            except ProrchError as exc:  # e.g. two steps registered under one name
+                raise ConfigurationError(f"app module {module!r} failed to import: {exc}") from exc
+            except Exception as exc:  # a SyntaxError or an exception at import: one line, -v for the traceback
+                raise ConfigurationError(f"cannot import app module {module!r}: {type(exc).__name__}: {exc}") from exc
+        plugins.discover(self.settings.plugins)
+        self.warn_unknown_overrides()
+
+    def warn_unknown_overrides(self) -> None:
+        """A ``[steps.X]`` or ``[pipelines.X]`` table naming nothing registered is a typo to report."""
+        if not self.settings.app:
+            return  # without the user's code loaded, nothing can be judged
+        registry = current_registry()
+        for kind, names, known in (
+            ("steps", self.settings.steps, registry.steps),
+            ("pipelines", self.settings.pipelines, registry.pipelines),
+        ):
+            for name in names:
+                if name not in known:
+                    hint = closest(name, known)
+                    click.echo(f"warning: [{kind}.{name}] names no registered {kind[:-1]}; ignored{hint}", err=True)
+
+    def orchestrator(self, **more_flags: Any) -> Orchestrator:
+        settings = self.loaded(**more_flags).settings
+        refuse_transient(settings.repository)
+        self.import_apps()
+        return Orchestrator(
+            settings.repository,
+            concurrency=settings.concurrency,
+            batch_size=settings.batch_size,
+            lease_seconds=settings.lease_seconds,
+            max_crashes=settings.max_crashes,
+            step_overrides=settings.steps,
+            hook_timeout=settings.hook_timeout,
+            max_abandoned_hooks=settings.max_abandoned_hooks,
+            shutdown_grace=settings.shutdown_grace,
+        )
+
+
+def refuse_transient(url: str) -> None:
+    """A command's store must outlive the command: an in-memory one would keep nothing."""
+    if url.rstrip("/") in ("sqlite:", "sqlite:///:memory:", "memory:") or url.startswith("memory://"):
+        raise ConfigurationError(
+            f"repository {url!r} lives in memory and keeps nothing after this command exits; "
+            "use a file, e.g. sqlite:///prorch.db"
+        )
+
+
+@contextmanager
+def reported(ctx: Context) -> Iterator[None]:
+    """One clear line per error (the traceback with --verbose) and a meaningful exit code."""
+    try:
+        yield
+    except ProrchError as exc:
+        if ctx.verbose:
+            raise
+        fail(str(exc), 2 if isinstance(exc, USAGE_ERRORS) else 1)
+
+
+def fail(message: str, code: int) -> NoReturn:
+    click.echo(f"error: {message}", err=True)
+    sys.exit(code)
+
+
+def worker_options(command: Any) -> Any:
+    """The pass settings, shared by ``run`` and ``worker``."""
+    for option in reversed(
+        [
+            click.option("--concurrency", type=int, help="Hooks run at once by this process."),
+            click.option("--batch-size", type=int, help="Pipelines claimed per pass."),
+            click.option("--lease-seconds", type=float, help="How long a claim lasts unrenewed."),
+            click.option("--hook-timeout", type=float, help="Seconds a hook call may take when its step sets none."),
+        ]
+    ):
+        command = option(command)
+    return command
+
+
+def parse_params(pairs: tuple[str, ...], params_json: str | None) -> dict[str, Any]:
+    params: dict[str, Any] = {}
+    if params_json is not None:
+        try:
+            loaded = json.loads(params_json)
+        except json.JSONDecodeError as exc:
+            raise InvalidParamsError(f"--params-json is not valid JSON: {exc}") from exc
+        except RecursionError:
+            raise InvalidParamsError("--params-json is nested too deeply (at most 100 levels)") from None
+        if not isinstance(loaded, dict):
+            raise InvalidParamsError('--params-json must be a JSON object, e.g. \'{"path": "/data"}\'')
+        params.update(loaded)
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise InvalidParamsError(f"--param {pair!r}: expected KEY=VALUE")
+        try:
+            params[key] = json.loads(value)
+        except json.JSONDecodeError:
+            params[key] = value
+        except RecursionError:
+            raise InvalidParamsError(f"--param {key}: nested too deeply (at most 100 levels)") from None
+    return params
