@@ -13,19 +13,28 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
-from pydantic_settings import BaseSettings, EnvSettingsSource, NoDecode, SettingsConfigDict, SettingsError
+from pydantic_settings import (
+    BaseSettings,
+    EnvSettingsSource,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    SettingsError,
+    TomlConfigSettingsSource,
+)
 
 from prorch.exceptions import ConfigurationError
 from prorch.policy import StepOverride
 
 if sys.version_info >= (3, 11):
-    import tomllib
+    from tomllib import TOMLDecodeError
 else:  # pragma: no cover - Python 3.10
-    import tomli as tomllib
+    from tomli import TOMLDecodeError
 
 DEFAULT_REPOSITORY_URL = "sqlite:///prorch.db"
 CONFIG_FILE = "prorch.toml"
 PYPROJECT_FILE = "pyproject.toml"
+PYPROJECT_TABLE = ("tool", "prorch")
 
 
 class PipelineOverride(BaseModel):
@@ -83,9 +92,23 @@ class SettingsFields(BaseModel):
 
 
 class Settings(BaseSettings, SettingsFields):
-    """The effective settings (``SettingsFields`` read from ``PRORCH_*`` by pydantic-settings)."""
+    """The effective settings. ``Settings()`` in your own code reads the same layers as the
+    command line, through pydantic-settings' sources: its arguments < ``PRORCH_*`` < the config
+    file found in the current directory; ``load_settings`` also says where each value came from."""
 
     model_config = SettingsConfigDict(env_prefix="PRORCH_", extra="forbid")
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        _, source = file_source(None, Path.cwd())
+        return (init_settings, env_settings, source) if source is not None else (init_settings, env_settings)
 
 
 class LoadedSettings(BaseModel):
@@ -97,32 +120,39 @@ class LoadedSettings(BaseModel):
     warnings: list[str] = []  # things set that nothing reads, e.g. a misspelt PRORCH_* variable
 
 
-def find_config_file(explicit: str | Path | None, cwd: Path) -> tuple[Path | None, dict[str, Any]]:
-    """The config file and its prorch table: ``explicit``, else ``prorch.toml``, else the
-    ``[tool.prorch]`` table of ``pyproject.toml``, in ``cwd``."""
+def file_source(explicit: str | Path | None, cwd: Path) -> tuple[Path | None, PydanticBaseSettingsSource | None]:
+    """The config file and the pydantic-settings source that reads it: ``explicit``, else
+    ``prorch.toml``, else the ``[tool.prorch]`` table of ``pyproject.toml``, in ``cwd``."""
     if explicit is not None:
         path = Path(explicit)
         if not path.is_file():
             raise ConfigurationError(f"config file {path} does not exist")
-        return path, _read_table(path)
+        return path, _source(path)
     for name in (CONFIG_FILE, PYPROJECT_FILE):
         path = cwd / name
         if path.is_file():
-            table = _read_table(path)
-            if name == CONFIG_FILE or table:
-                return path, table
-    return None, {}
+            source = _source(path)
+            if name == CONFIG_FILE or (source is not None and source()):
+                return path, source
+    return None, None
 
 
-def _read_table(path: Path) -> dict[str, Any]:
+def _source(path: Path) -> PydanticBaseSettingsSource | None:
+    """pydantic-settings' TOML source for the file (its ``[tool.prorch]`` table for a
+    ``pyproject.toml``); None for a ``pyproject.toml`` without that table."""
+    header = PYPROJECT_TABLE if path.name == PYPROJECT_FILE else None
     try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except (OSError, tomllib.TOMLDecodeError) as exc:
+        return TomlConfigSettingsSource(Settings, toml_file=path, toml_table_header=header)
+    except KeyError:  # no [tool.prorch] table
+        return None
+    except (OSError, TOMLDecodeError) as exc:
         raise ConfigurationError(f"cannot read config file {path}: {exc}") from exc
-    if path.name == PYPROJECT_FILE:
-        tool = data.get("tool", {})
-        return dict(tool.get("prorch", {})) if isinstance(tool, dict) else {}
-    return dict(data)
+
+
+def find_config_file(explicit: str | Path | None, cwd: Path) -> tuple[Path | None, dict[str, Any]]:
+    """The config file and its prorch table (see ``file_source``)."""
+    path, source = file_source(explicit, cwd)
+    return path, dict(source()) if source is not None else {}
 
 
 def load_settings(

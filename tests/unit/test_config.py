@@ -1,0 +1,94 @@
+"""Configuration layering, in-process: defaults < config file < PRORCH_* < flags, with the
+origin of every value; the acceptance tests cover the same through the CLI."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from prorch.config import Settings, load_settings
+from prorch.exceptions import ConfigurationError
+
+
+@pytest.fixture(autouse=True)
+def clean_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    for name in list(__import__("os").environ):
+        if name.startswith("PRORCH_"):
+            monkeypatch.delenv(name)
+    monkeypatch.chdir(tmp_path)
+
+
+def test_defaults_when_nothing_is_set(tmp_path: Path) -> None:
+    loaded = load_settings(cwd=tmp_path)
+    assert loaded.settings.repository == "sqlite:///prorch.db"
+    assert loaded.config_file is None
+    assert set(loaded.origins.values()) == {"default"}
+
+
+def test_each_layer_overrides_the_one_below_and_says_so(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "prorch.toml").write_text(
+        "concurrency = 2\nbatch_size = 7\ninterval = 9\n[steps.Charge]\ntimeout = 5\n"
+    )
+    monkeypatch.setenv("PRORCH_BATCH_SIZE", "8")
+    monkeypatch.setenv("PRORCH_INTERVAL", "10")
+    loaded = load_settings({"interval": 11.0, "concurrency": None}, cwd=tmp_path)
+    settings = loaded.settings
+    assert (settings.concurrency, settings.batch_size, settings.interval) == (2, 8, 11.0)
+    assert settings.steps["Charge"].timeout == 5
+    assert loaded.origins["concurrency"] == f"file {tmp_path / 'prorch.toml'}"
+    assert loaded.origins["batch_size"] == "environment variable PRORCH_BATCH_SIZE"
+    assert loaded.origins["interval"] == "flag --interval"
+    assert loaded.origins["lease_seconds"] == "default"
+
+
+def test_pyproject_table_is_read_when_there_is_no_prorch_toml(tmp_path: Path) -> None:
+    (tmp_path / "pyproject.toml").write_text('[project]\nname = "app"\n[tool.prorch]\napp = ["my.pipelines"]\n')
+    loaded = load_settings(cwd=tmp_path)
+    assert loaded.settings.app == ["my.pipelines"]
+    assert loaded.config_file == tmp_path / "pyproject.toml"
+
+
+def test_prorch_toml_wins_over_pyproject(tmp_path: Path) -> None:
+    (tmp_path / "pyproject.toml").write_text("[tool.prorch]\nconcurrency = 3\n")
+    (tmp_path / "prorch.toml").write_text("batch_size = 5\n")
+    loaded = load_settings(cwd=tmp_path)
+    assert (loaded.settings.concurrency, loaded.settings.batch_size) == (4, 5)
+
+
+def test_a_pyproject_without_a_prorch_table_is_no_config_file(tmp_path: Path) -> None:
+    (tmp_path / "pyproject.toml").write_text('[project]\nname = "app"\n')
+    assert load_settings(cwd=tmp_path).config_file is None
+
+
+def test_an_unknown_key_names_the_key_and_the_file(tmp_path: Path) -> None:
+    (tmp_path / "prorch.toml").write_text("concurency = 2\n")
+    with pytest.raises(ConfigurationError, match=r"unknown setting 'concurency' in file .*prorch.toml"):
+        load_settings(cwd=tmp_path)
+
+
+def test_a_bad_value_names_its_environment_variable(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PRORCH_CONCURRENCY", "0")
+    with pytest.raises(ConfigurationError, match="'concurrency' in environment variable PRORCH_CONCURRENCY"):
+        load_settings(cwd=tmp_path)
+
+
+def test_a_file_that_is_not_toml_is_one_clear_error(tmp_path: Path) -> None:
+    (tmp_path / "prorch.toml").write_text("concurrency = = 2\n")
+    with pytest.raises(ConfigurationError, match="cannot read config file"):
+        load_settings(cwd=tmp_path)
+
+
+def test_a_misspelt_variable_is_a_warning_with_a_suggestion(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PRORCH_CONCURENCY", "2")
+    warnings = load_settings(cwd=tmp_path).warnings
+    assert warnings == [
+        "environment variable PRORCH_CONCURENCY is not a prorch setting; ignored (did you mean PRORCH_CONCURRENCY?)"
+    ]
+
+
+def test_settings_in_your_own_code_read_the_same_sources(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "prorch.toml").write_text('repository = "sqlite:///from-file.db"\nconcurrency = 2\nbatch_size = 3\n')
+    monkeypatch.setenv("PRORCH_CONCURRENCY", "6")
+    settings = Settings(batch_size=9)
+    assert (settings.repository, settings.concurrency, settings.batch_size) == ("sqlite:///from-file.db", 6, 9)
