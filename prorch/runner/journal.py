@@ -136,13 +136,15 @@ class Journal:
         if run.pipeline.hook_started_at is None:
             self.commit(run, [], stop=False)
 
-    def park(self, run: Run, until: datetime) -> None:
-        """Stop for now without running a hook: release the lease, be due again at ``until``."""
+    def park(self, run: Run) -> None:
+        """Stop for now without running a hook: release the lease, be due again when the next
+        step's wait, backoff or deadline says (at once when it is due now). Writes nothing when
+        the stored record says so already."""
         pipeline = run.pipeline
+        until = transitions.wake_time(run, self.clock.now(), self.policies)
         unchanged = pipeline.lease_owner is None and pipeline.hook_started_at is None and not run.dirty
         if unchanged and pipeline.next_run_at == until:
             return
-        pipeline.next_run_at = until
         self.commit(run, [], stop=True)
 
     def leave_blocked(self, pipeline: PipelineRecord, reason: str) -> Outcome:

@@ -125,11 +125,11 @@ class Runner:
                 continue
             if step.next_run_at is not None and step.next_run_at > now:
                 if rollback or not self.journal.has_mail(run):
-                    self.journal.park(run, transitions.wake_time(run, now, self.policies))
+                    self.journal.park(run)
                     return
                 step.next_run_at = None  # woken by a message before its wait was over
             if run.transitions >= self.max_turns or self.should_stop():
-                self.journal.park(run, now)
+                self.journal.park(run)
                 return
             go_on = self.endings.roll_back(run, step, now) if rollback else self.turns.turn(run, step, now)
             if not go_on:
@@ -153,7 +153,7 @@ class Runner:
             extra={"pipeline_uuid": run.pipeline.uuid},
         )
         run.forget_pending()
-        self.journal.park(run, self.clock.now())
+        self.journal.park(run)
         if self.request_stop is None:
             raise KeyboardInterrupt
         self.request_stop()

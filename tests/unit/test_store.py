@@ -1,0 +1,91 @@
+"""The Store over a repository with the seed's four methods only: every optional capability
+falls back (due query, claim, transaction, batch insert, compare-and-set), so the engine still
+works in one process; and over one with all of them, each is used through its Protocol."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+import pytest
+
+from prorch import IRepository, Metadata
+from prorch.creation import build_records, store_new
+from prorch.records import JSONDict
+from prorch.registry import Registry
+from prorch.store import Store
+from repositories.memory import MemoryBackend
+from tests.support.builders import pipeline_of, quick
+
+NOW = datetime(2030, 1, 1, tzinfo=timezone.utc)
+
+
+def seed_style() -> type[IRepository]:
+    """A repository class with get/save/update/search over dicts, nothing more."""
+    tables: dict[str, dict[str, JSONDict]] = {name: {} for name in Metadata.TABLE_NAMES}
+
+    class Plain(IRepository):
+        def __init__(self, model: str) -> None:
+            super().__init__(model)
+            self.rows = tables[model]
+
+        def get(self, uuid: str) -> JSONDict | None:
+            return self.rows.get(uuid)
+
+        def save(self, data: JSONDict) -> str:
+            self.rows[data["uuid"]] = dict(data)
+            return str(data["uuid"])
+
+        def update(self, uuid: str, data: JSONDict) -> None:
+            self.rows[uuid] = {**self.rows[uuid], **data}
+
+        def search(self, filter: list[Any]) -> list[JSONDict]:  # noqa: A002
+            field, value = filter
+            return [dict(row) for row in self.rows.values() if row.get(field) == value]
+
+    return Plain
+
+
+def test_a_seed_style_repository_offers_no_capability() -> None:
+    store = Store(seed_style())
+    assert (store.claims, store.due_query, store.transactions, store.compare_and_set) == (None, None, None, None)
+    assert store.save_many == {} and not store.guards_concurrency and not store.thread_safe
+
+
+def test_the_fallbacks_find_claim_and_write_without_capabilities(registry: Registry) -> None:
+    store = Store(seed_style())
+    low = pipeline_of(quick("A"), name="Low")
+    high = pipeline_of(quick("B"), name="High", priority=5)
+    later = build_records(low, {}, now=NOW)
+    for group in (later, build_records(high, {}, now=NOW), build_records(low, {}, now=NOW + timedelta(hours=1))):
+        store_new(store, [group], NOW, registry)
+    due = store.due(NOW, 10)
+    assert [p.name for p in due] == ["High", "Low"]  # priority first; the later one is not due
+    claimed = store.claim_due(NOW, "me", NOW + timedelta(seconds=30), 10)
+    assert [p.uuid for p in claimed] == [p.uuid for p in due]  # no claim: the due list, unleased
+    assert store.renew_lease(due[0].uuid, "me", NOW) is False
+    with store.transaction():  # no transaction: each write stands alone
+        record = due[0]
+        record.priority = 9
+        store.commit([record])
+    stored = store.get_pipeline(record.uuid)
+    assert stored is not None and stored.priority == 9 and stored.revision == 1
+
+
+def test_a_full_backend_is_used_through_each_capability(registry: Registry) -> None:
+    store = Store(MemoryBackend())
+    assert store.claims is not None and store.due_query is not None and store.transactions is not None
+    assert store.compare_and_set is not None and set(store.compare_and_set) == {"PIPELINE", "STEP"}
+    pipeline = pipeline_of(quick("A"))
+    (record,) = store_new(store, [build_records(pipeline, {}, now=NOW)], NOW, registry)
+    (claimed,) = store.claim_due(NOW, "me", NOW + timedelta(seconds=30), 10)
+    assert claimed.uuid == record.uuid and claimed.lease_owner == "me"
+    assert store.claim_due(NOW, "other", NOW + timedelta(seconds=30), 10) == []
+
+
+@pytest.mark.parametrize("bad", ["not a url", 42])
+def test_a_store_of_something_that_is_no_repository_is_one_clear_error(bad: Any) -> None:
+    from prorch import ConfigurationError
+
+    with pytest.raises(ConfigurationError):
+        Store(bad)

@@ -1,0 +1,212 @@
+"""The state machine's pure functions (prorch/runner/transitions.py): records in memory, no
+store, no hooks."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+import pytest
+
+from prorch import InvalidStateError, OnContinueMixin, OnStartMixin, Step
+from prorch.policy import Policies, StepOverride
+from prorch.records import ErrorInfo, PipelineRecord, StepRecord, new_uuid
+from prorch.runner import transitions
+from prorch.runner.state import Run
+from prorch.status import EventType, RollbackState, Status
+
+NOW = datetime(2030, 1, 1, tzinfo=timezone.utc)
+
+
+class Plain(OnStartMixin, Step):
+    name = "Plain"
+
+    def on_start(self) -> None: ...
+
+
+class Polling(OnStartMixin, OnContinueMixin, Step):
+    name = "Polling"
+    timeout = 60
+
+    def on_start(self) -> None: ...
+
+    def on_continue(self) -> None: ...
+
+
+class Compensated(OnStartMixin, Step):
+    name = "Compensated"
+
+    def on_start(self) -> None: ...
+
+    def on_rollback(self) -> None: ...
+
+
+def make_run(*classes: type[Step], **pipeline: Any) -> Run:
+    record = PipelineRecord(uuid=new_uuid(), name="P", status=Status.PENDING, revision=4, **pipeline)
+    steps = [
+        StepRecord(
+            uuid=new_uuid(), pipeline_uuid=record.uuid, name=cls.name or "", position=index, status=Status.CREATED
+        )
+        for index, cls in enumerate(classes)
+    ]
+    return Run(
+        pipeline=record,
+        steps=steps,
+        classes={s.uuid: cls for s, cls in zip(steps, classes, strict=True)},
+        params={},
+        outputs={},
+    )
+
+
+def kinds(run: Run) -> list[EventType]:
+    return [event.type for event in run.events]
+
+
+def test_the_first_start_starts_the_pipeline_too() -> None:
+    run = make_run(Plain, Plain)
+    first, second = run.steps
+    transitions.start_step(run, first, NOW)
+    transitions.start_step(run, second, NOW)
+    assert kinds(run) == [EventType.PIPELINE_STARTED, EventType.STEP_STARTED, EventType.STEP_STARTED]
+    assert run.pipeline.metadata["current_step"] == second.uuid
+    assert first.status == Status.PENDING and first.started_at == NOW
+
+
+def test_a_forbidden_move_is_refused_loudly() -> None:
+    run = make_run(Plain)
+    (step,) = run.steps
+    transitions.finish_step(run, step, {"ok": 1}, NOW)
+    with pytest.raises(InvalidStateError, match="cannot move from finished to pending"):
+        transitions.move(step, Status.PENDING)
+
+
+def test_settle_derives_the_pipeline_from_its_steps() -> None:
+    run = make_run(Plain, Plain)
+    assert transitions.settle(run, NOW) is False  # created steps: still pending
+    for step in run.steps:
+        transitions.finish_step(run, step, None, NOW)
+    assert transitions.settle(run, NOW) is True
+    assert run.pipeline.status == Status.FINISHED
+    assert kinds(run)[-1] == EventType.PIPELINE_FINISHED
+    assert run.outputs == {"Plain": None}
+
+
+def test_a_failed_pipeline_stays_pending_until_its_rollbacks_ran() -> None:
+    run = make_run(Compensated, Plain)
+    done, failing = run.steps
+    transitions.finish_step(run, done, None, NOW)
+    transitions.fail_step(run, failing, ErrorInfo(type="Boom", message="boom"), NOW)
+    assert transitions.settle(run, NOW) is False and run.pipeline.status == Status.PENDING
+    assert run.next_step() == (done, True)
+    transitions.rolled_back(run, done, NOW, None)
+    assert done.rollback == RollbackState.DONE
+    assert transitions.settle(run, NOW) is True
+    assert run.pipeline.status == Status.FAILED and run.pipeline.last_error is not None
+    assert run.pipeline.last_error.message == "boom"
+
+
+def test_the_deadline_counts_from_the_start_or_from_the_crashed_hook() -> None:
+    run = make_run(Polling)
+    (step,) = run.steps
+    policies = Policies()
+    assert transitions.deadline(run, step, policies) is None  # not started, no crash
+    run.crashed_hook_at = NOW
+    assert transitions.deadline(run, step, policies) == NOW + timedelta(seconds=60)
+    transitions.start_step(run, step, NOW + timedelta(seconds=5))
+    assert transitions.deadline(run, step, policies) == NOW + timedelta(seconds=65)
+    overridden = Policies({"Polling": StepOverride(timeout=10)})
+    assert transitions.deadline(run, step, overridden) == NOW + timedelta(seconds=15)
+
+
+def test_the_wake_time_is_the_wait_or_the_timeout_whichever_is_sooner() -> None:
+    run = make_run(Polling)
+    (step,) = run.steps
+    transitions.start_step(run, step, NOW)
+    step.next_run_at = NOW + timedelta(seconds=30)
+    assert transitions.wake_time(run, NOW, Policies()) == NOW + timedelta(seconds=30)
+    step.next_run_at = NOW + timedelta(seconds=600)
+    assert transitions.wake_time(run, NOW, Policies()) == NOW + timedelta(seconds=60)
+
+
+def test_schedule_keeps_the_lease_while_the_pass_goes_on_and_releases_it_at_a_stop() -> None:
+    run = make_run(Plain, lease_owner="token", lease_expires_at=NOW, claims=2)
+    run.events.append(transitions.new_event(run, EventType.STEP_STARTED, run.steps[0], NOW))
+    transitions.schedule(run, stop=False, now=NOW, lease_seconds=30, policies=Policies())
+    assert run.pipeline.lease_expires_at == NOW + timedelta(seconds=30)
+    assert run.pipeline.hook_started_at == NOW and run.pipeline.next_run_at == NOW
+    assert run.events[0].seq == 5000  # (revision + 1) * 1000 + index
+    transitions.schedule(run, stop=True, now=NOW, lease_seconds=30, policies=Policies())
+    assert (run.pipeline.lease_owner, run.pipeline.claims, run.pipeline.hook_started_at) == (None, 0, None)
+
+
+def test_a_retry_is_planned_with_its_time_and_an_event() -> None:
+    run = make_run(Plain)
+    (step,) = run.steps
+    transitions.plan_retry(run, step, 1, "boom", NOW, 2.5, rollback=True)
+    assert step.next_run_at == NOW + timedelta(seconds=2.5)
+    (event,) = run.events
+    assert event.type == EventType.STEP_RETRYING
+    assert event.data == {"step": "Plain", "attempt": 2, "error": "boom", "retry_at": step.next_run_at.isoformat(),
+                          "rollback": True}  # fmt: skip
+
+
+def test_a_crash_is_charged_once_and_only_while_a_hook_was_marked() -> None:
+    run = make_run(Plain)
+    assert transitions.charge_crash(run) is False
+    run.pipeline.hook_started_at = NOW
+    assert transitions.charge_crash(run) is True
+    assert (run.pipeline.crashes, run.crashed_hook_at, run.pipeline.hook_started_at) == (1, NOW, None)
+    assert transitions.charge_crash(run) is False
+
+
+def test_quarantine_fails_the_current_step_and_skips_the_rollbacks() -> None:
+    run = make_run(Compensated, Plain)
+    done, current = run.steps
+    transitions.finish_step(run, done, None, NOW)
+    error = ErrorInfo(type="WorkerCrashed", message="quarantined")
+    changed = transitions.quarantine(run, NOW, error)
+    assert changed == [done, current]
+    assert done.rollback == RollbackState.SKIPPED and current.status == Status.FAILED
+    assert run.pipeline.last_error == error
+
+
+def test_a_retry_restarts_the_failed_step_and_redoes_the_compensated_ones() -> None:
+    run = make_run(Compensated, Polling)
+    done, failed = run.steps
+    transitions.finish_step(run, done, {"id": 1}, NOW)
+    transitions.start_step(run, failed, NOW)
+    transitions.fail_step(run, failed, ErrorInfo(type="Boom", message="x", hook="on_continue"), NOW)
+    transitions.rolled_back(run, done, NOW, None)
+    transitions.settle(run, NOW)
+    run.events.clear()
+    changed = transitions.reset_for_retry(run, NOW)
+    assert changed == [done, failed]
+    assert done.status == Status.CREATED and done.output is None  # its effect was undone: again
+    assert failed.status == Status.PENDING  # failed in on_continue: goes on with on_continue
+    assert run.pipeline.status == Status.PENDING and kinds(run) == [EventType.PIPELINE_RETRIED]
+
+
+@pytest.mark.parametrize(
+    ("cls", "started", "hook", "type_", "expected"),
+    [
+        (Plain, True, "on_start", "Boom", True),  # no on_continue: always from on_start
+        (Polling, False, None, "Boom", True),  # never started
+        (Polling, True, "on_start", "Boom", True),
+        (Polling, True, "on_continue", "Boom", False),
+        (Polling, True, None, "StepTimeoutError", True),  # a timeout restarts the step
+    ],
+)
+def test_which_hook_a_retried_step_runs_again(
+    cls: type[Step], started: bool, hook: str | None, type_: str, expected: bool
+) -> None:
+    run = make_run(cls)
+    (step,) = run.steps
+    step.started_at = NOW if started else None
+    step.error = ErrorInfo(type=type_, message="x", hook=hook)
+    assert transitions.failed_in_on_start(run, step) is expected
+
+
+def test_the_outcome_reports_a_future_wait_only() -> None:
+    run = make_run(Plain, next_run_at=NOW + timedelta(seconds=5))
+    assert transitions.outcome(run, NOW).waiting_until == NOW + timedelta(seconds=5)
+    assert transitions.outcome(run, NOW + timedelta(seconds=5)).waiting_until is None
