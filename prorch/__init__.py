@@ -25,9 +25,11 @@ from prorch.exceptions import (
     RegistrationError,
     RepositoryError,
     SchemaTooNewError,
+    StepFailed,
     StepNameNotDefinedError,
     StepsNotDefinedError,
     StepUsageError,
+    WorkerCrashed,
 )
 from prorch.mixins import OnContinueMixin, OnStartMixin
 from prorch.orchestrator import Orchestrator, OrchestratorConfig, PassSummary, PipelineState
@@ -45,6 +47,7 @@ from prorch.records import (
 from prorch.registry import Registry, register_pipeline, register_step
 from prorch.repository import (
     IRepository,
+    RepositoryLike,
     SavedItem,
     SupportsClaim,
     SupportsCompareAndSet,
@@ -52,7 +55,7 @@ from prorch.repository import (
     SupportsTransaction,
 )
 from prorch.runner import Outcome
-from prorch.status import EventType, Status
+from prorch.status import EventType, RollbackState, Status
 from prorch.step import Step
 
 _legacy.install()
@@ -96,10 +99,13 @@ __all__ = [
     "RegistrationError",
     "Registry",
     "RepositoryError",
+    "RepositoryLike",
+    "RollbackState",
     "SavedItem",
     "SchemaTooNewError",
     "Status",
     "Step",
+    "StepFailed",
     "StepNameNotDefinedError",
     "StepRecord",
     "StepUsageError",
@@ -109,6 +115,7 @@ __all__ = [
     "SupportsDueQuery",
     "SupportsTransaction",
     "SystemClock",
+    "WorkerCrashed",
     "on_event",
     "register_pipeline",
     "register_plugin",

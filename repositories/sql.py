@@ -129,11 +129,16 @@ class SQLBackend:
             connection.execution_options(prorch_write=True)
         return connection
 
-    @contextlib.contextmanager
-    def _transaction_on(self, connection: Connection) -> Iterator[None]:
-        """One transaction on ``connection`` around the block."""
-        with connection.begin():
-            yield
+    def _begin(self, connection: Connection) -> Any:
+        """Begin the transaction of ``transaction()`` on ``connection``; returns its handle."""
+        return connection.begin()
+
+    def _end(self, connection: Connection, handle: Any, *, commit: bool) -> None:
+        """Commit (or roll back) what ``_begin`` began."""
+        if commit:
+            handle.commit()
+        else:
+            handle.rollback()
 
     # --- transactions and connections ---------------------------------------------------------
 
@@ -151,15 +156,20 @@ class SQLBackend:
         with self._errors(), self._writer(True), self._checkout(write=True) as connection:
             self._local.connection = connection
             try:
-                with self._transaction_on(connection):
+                handle = self._begin(connection)
+                try:
                     yield
+                except BaseException:
+                    self._end(connection, handle, commit=False)
+                    raise
+                self._end(connection, handle, commit=True)
             finally:
                 self._local.connection = None
 
     @contextlib.contextmanager
     def connect(self, *, write: bool) -> Iterator[Connection]:
         """The open transaction's connection, or a new short transaction around the block."""
-        current = self.current_connection()
+        current = getattr(self._local, "connection", None)  # current_connection(), inlined: the hot path
         if current is not None:
             yield current
             return

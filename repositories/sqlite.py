@@ -12,9 +12,8 @@ import contextlib
 import os
 import sqlite3
 import threading
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from sqlalchemy import Connection, Engine, event
 from sqlalchemy.engine import URL
@@ -89,20 +88,19 @@ class SQLiteBackend(SQLBackend):
             return connection.execution_options(isolation_level="AUTOCOMMIT")
         return super()._configure(connection, write=write)
 
-    @contextlib.contextmanager
-    def _transaction_on(self, connection: Connection) -> Iterator[None]:
+    def _begin(self, connection: Connection) -> Any:
         """Everything inside is a fast-path statement on this driver connection, so the
         transaction is driven there too, without SQLAlchemy's bookkeeping per transition."""
         dbapi = driver(connection)
         dbapi.execute("BEGIN IMMEDIATE")
+        return dbapi
+
+    def _end(self, connection: Connection, handle: Any, *, commit: bool) -> None:
         try:
-            yield
-        except BaseException:
-            if dbapi.in_transaction:
-                dbapi.execute("ROLLBACK")
-            raise
-        else:
-            dbapi.execute("COMMIT")
+            if commit:
+                handle.execute("COMMIT")
+            elif handle.in_transaction:
+                handle.execute("ROLLBACK")
         finally:
             if connection.in_transaction():  # a statement through SQLAlchemy autobegan: reset
                 connection.rollback()  # a no-op for the driver, which is already done
@@ -150,16 +148,15 @@ SQLiteBackend.repository_class = SQLiteRepository
 
 
 def driver(connection: Connection) -> sqlite3.Connection:
-    """The sqlite3 connection under a SQLAlchemy one."""
-    dbapi = connection.connection.driver_connection
-    if not isinstance(dbapi, sqlite3.Connection):  # pragma: no cover - the pysqlite driver
-        raise TypeError(f"expected a sqlite3 connection, got {type(dbapi).__name__}")
-    return dbapi
+    """The sqlite3 connection under a SQLAlchemy one (the pysqlite driver's)."""
+    return cast(sqlite3.Connection, connection.connection.driver_connection)
 
 
 def cursor(connection: Connection) -> sqlite3.Cursor:
     """A DBAPI cursor on the connection's current transaction (the fast path)."""
-    return driver(connection).cursor()
+    dbapi: Any = connection.connection.driver_connection  # driver(connection), inlined: the hot path
+    found: sqlite3.Cursor = dbapi.cursor()
+    return found
 
 
 def _create_private(path: Path) -> None:

@@ -40,7 +40,7 @@ class Endings:
         step.rollback_attempt += 1
         error = self.invoker.call_guarded(run, step, now, "on_rollback")
         if error is not None:
-            if step.rollback_attempt < self.policies.of(run.step_class(step)).max_attempts:
+            if step.rollback_attempt < self.policies.of(run.classes[step.uuid]).max_attempts:
                 self.turns.retry_later(run, step, step.rollback_attempt, error.message, now, rollback=True)
                 return False
             logger.error(

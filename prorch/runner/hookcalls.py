@@ -38,7 +38,7 @@ class HookInvoker:
     def bound(self, run: Run, step: StepRecord, now: datetime, *, own_hook: bool) -> float | None:
         """Seconds one hook call may take: until the step's deadline for ``on_start`` and
         ``on_continue``, the step's ``timeout`` for its other hooks, else the default."""
-        timeout = self.policies.of(run.step_class(step)).timeout
+        timeout = self.policies.of(run.classes[step.uuid]).timeout
         if timeout is None:
             return self.hook_timeout
         deadline = transitions.deadline(run, step, self.policies) if own_hook else None
@@ -86,7 +86,7 @@ class HookInvoker:
     def call_on_cancel(self, run: Run, step: StepRecord, now: datetime, instance: Step | None = None) -> None:
         """The step is being cancelled: its ``on_cancel`` runs, if it has one. The cancel stands
         whatever it raises; the error is kept on the step for a look."""
-        if run.step_class(step).on_cancel is Step.on_cancel:
+        if run.classes[step.uuid].on_cancel is Step.on_cancel:
             return
         error = self.call_guarded(run, step, now, "on_cancel", instance)
         if error is not None:

@@ -86,7 +86,7 @@ class Journal:
         a hook that changes them changes nothing stored."""
         params = run.params.model_copy(deep=True) if isinstance(run.params, BaseModel) else copy_json(run.params)
         outputs = copy_json(run.outputs)
-        cls = run.step_class(step)
+        cls = run.classes[step.uuid]
         return cls(record=step, pipeline=run.pipeline, params=params, outputs=outputs, now=now, runtime=runtime)
 
     # --- writing -------------------------------------------------------------------------------
@@ -94,11 +94,13 @@ class Journal:
     def commit(self, run: Run, steps: list[StepRecord], *, stop: bool) -> bool:
         """Persist one transition; returns whether the pass goes on with this pipeline. Raises
         ``ConcurrentUpdateError`` when the lease was lost."""
-        transitions.settle(run, self.clock.now())
+        now = self.clock.now()
+        transitions.settle(run, now)
         pipeline = run.pipeline
         stop = stop or pipeline.status in TERMINAL
-        for _ in range(MAX_MERGES):
-            now = self.clock.now()
+        for merged in range(MAX_MERGES):
+            if merged:
+                now = self.clock.now()
             transitions.schedule(run, stop=stop, now=now, lease_seconds=self.lease_seconds, policies=self.policies)
             added: list[Record] = list(run.events)
             if self.registry.event_hooks:

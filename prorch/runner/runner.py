@@ -118,7 +118,7 @@ class Runner:
                 return
             deadline = None if rollback else transitions.deadline(run, step, self.policies)
             if deadline is not None and deadline <= now:
-                timeout = self.policies.of(run.step_class(step)).timeout or 0
+                timeout = self.policies.of(run.classes[step.uuid]).timeout or 0
                 error = StepTimeoutError(f"step {step.name} timed out: no verdict within {timeout:g}s of its start")
                 if not self.turns.time_out(run, step, now, error):
                     return

@@ -61,9 +61,6 @@ class Run:
         rollbacks = self.pending_rollbacks()
         return (rollbacks[0], True) if rollbacks else (self.current_step(), False)
 
-    def step_class(self, step: StepRecord) -> type[Step]:
-        return self.classes[step.uuid]
-
     def forget_pending(self) -> None:
         """Drop what was to be written with the next transition (events, consumed messages)."""
         self.events, self.consumed = [], []

@@ -135,7 +135,7 @@ def deadline(run: Run, step: StepRecord, policies: Policies) -> datetime | None:
         started = run.crashed_hook_at
     else:
         return None
-    return policies.of(run.step_class(step)).deadline(started)
+    return policies.of(run.classes[step.uuid]).deadline(started)
 
 
 def wake_time(run: Run, now: datetime, policies: Policies) -> datetime:
@@ -237,7 +237,7 @@ def failed_in_on_start(run: Run, step: StepRecord) -> bool:
     """Whether a retry of this failed step starts it again (``on_start``) rather than going on
     with ``on_continue``: when it failed in ``on_start``, has no ``on_continue``, never started,
     or timed out (a timeout restarts a step)."""
-    if not defines_hook(run.step_class(step), "on_continue") or step.started_at is None:
+    if not defines_hook(run.classes[step.uuid], "on_continue") or step.started_at is None:
         return True
     error = step.error
     if error is None:

@@ -50,7 +50,7 @@ class Turns:
 
     def turn(self, run: Run, step: StepRecord, now: datetime) -> bool:
         """Run the step's next hook and persist the result; True to go on in this pass."""
-        cls = run.step_class(step)
+        cls = run.classes[step.uuid]
         first_run = step.status == Status.CREATED
         has_continue = defines_hook(cls, "on_continue")
         # on_start when the step starts (or, for a step without on_continue, whenever it runs)
@@ -137,7 +137,7 @@ class Turns:
         error = ErrorInfo.from_exception(exc, hook=hook)
         step.error = error
         context = {"pipeline_uuid": run.pipeline.uuid, "step_uuid": step.uuid}
-        policy = self.policies.of(run.step_class(step))
+        policy = self.policies.of(run.classes[step.uuid])
         if policy.retries(exc, step.attempt, at_least=attempts):
             step.attempt += 1
             delay = self.retry_later(run, step, step.attempt - 1, str(exc), now)
@@ -161,7 +161,7 @@ class Turns:
     def time_out(self, run: Run, step: StepRecord, now: datetime, error: StepTimeoutError) -> bool:
         """The step, or one hook call of it, ran out of time: ``on_timeout`` runs, then the step
         is retried from ``on_start`` per its attempts, or fails. True to go on in this pass."""
-        cls = run.step_class(step)
+        cls = run.classes[step.uuid]
         run.transitions += 1
         step.attempt = max(step.attempt, 1)
         if cls.on_timeout is not Step.on_timeout:
@@ -183,7 +183,7 @@ class Turns:
 
     def retry_later(self, run: Run, step: StepRecord, attempt: int, error: str, now: datetime, **data: Any) -> float:
         """Back off before attempt ``attempt + 1``: record when, say so in the history, stop."""
-        delay = self.policies.of(run.step_class(step)).delay(attempt)
+        delay = self.policies.of(run.classes[step.uuid]).delay(attempt)
         transitions.plan_retry(run, step, attempt, error, now, delay, **data)
         self.journal.commit(run, [step], stop=True)
         return delay

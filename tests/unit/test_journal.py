@@ -38,7 +38,7 @@ def test_load_orders_the_steps_and_finds_their_classes(journal: Journal) -> None
     assert pipeline is not None
     run = journal.load(pipeline)
     assert [s.name for s in run.steps] == ["A", "B"]
-    assert all(issubclass(run.step_class(s), OnStartMixin) for s in run.steps)
+    assert all(issubclass(run.classes[s.uuid], OnStartMixin) for s in run.steps)
 
 
 def test_an_outside_write_under_our_lease_is_merged_and_the_commit_goes_through(journal: Journal) -> None:
