@@ -32,7 +32,7 @@ from prorch.exceptions import (
     WorkerCrashed,
 )
 from prorch.mixins import OnContinueMixin, OnStartMixin
-from prorch.orchestrator import Orchestrator, OrchestratorConfig, PassSummary, PipelineState
+from prorch.orchestrator import Orchestrator, OrchestratorConfig
 from prorch.pipeline import Pipeline
 from prorch.plugins import register_plugin
 from prorch.reactions import ReactionContext, on_event
@@ -57,6 +57,7 @@ from prorch.repository import (
 from prorch.runner import Outcome
 from prorch.status import EventType, RollbackState, Status
 from prorch.step import Step
+from prorch.summaries import PassSummary, PipelineState
 
 _legacy.install()
 

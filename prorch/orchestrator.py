@@ -8,37 +8,37 @@ import logging
 import os
 import signal
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from prorch import reactions
+from prorch import outside, reactions
 from prorch.clock import Clock
 from prorch.exceptions import (
     ConcurrentUpdateError,
     ConfigurationError,
-    InvalidMessageError,
     InvalidStateError,
     PipelineNotFoundError,
     ProrchError,
     RepositoryError,
-    UnstorableValueError,
     WorkerUnhealthyError,
 )
 from prorch.hooks import HookCaller
-from prorch.jsonvalue import checked_copy
 from prorch.keys import uuid_for_key
 from prorch.leases import LeaseKeeper
 from prorch.pipeline import new_owner_id
 from prorch.policy import StepOverride
-from prorch.records import ErrorInfo, EventRecord, MessageRecord, PipelineRecord, StepRecord, new_uuid
+from prorch.records import ErrorInfo, EventRecord, MessageRecord, PipelineRecord, StepRecord
 from prorch.registry import Registry, current_registry
 from prorch.repository import RepositoryLike
 from prorch.runner import DEFAULT_LEASE_SECONDS, DEFAULT_MAX_CRASHES, DEFAULT_MAX_TURNS_PER_PASS, Outcome, Runner
-from prorch.status import TERMINAL, EventType, Status
+from prorch.status import TERMINAL, Status
 from prorch.store import Store
+from prorch.summaries import PassSummary, PipelineState
+
+__all__ = ["Orchestrator", "OrchestratorConfig", "PassSummary", "PipelineState"]
 
 logger = logging.getLogger("prorch.orchestrator")
 
@@ -56,53 +56,6 @@ class OrchestratorConfig:
     """The prorch 1.0.1 way to configure an Orchestrator: ``OrchestratorConfig(repository_class=R)``."""
 
     repository_class: RepositoryLike
-
-
-@dataclass
-class PassSummary:
-    """What one pass did. ``errors`` maps a pipeline uuid to the error that stopped its advance;
-    ``blocked`` maps a pipeline uuid to why its code is not available."""
-
-    claimed: int = 0
-    advanced: int = 0
-    transitions: int = 0
-    finished: int = 0
-    failed: int = 0
-    cancelled: int = 0
-    waiting: int = 0
-    blocked: dict[str, str] = field(default_factory=dict)
-    errors: dict[str, str] = field(default_factory=dict)
-    abandoned_hooks: int = 0  # hung hook threads of this orchestrator still running after the pass
-
-    def add(self, outcome: Outcome) -> None:
-        if outcome.blocked:
-            self.blocked[outcome.uuid] = outcome.blocked
-            return
-        self.advanced += 1
-        self.transitions += outcome.transitions
-        if outcome.status == Status.FINISHED:
-            self.finished += 1
-        elif outcome.status == Status.FAILED:
-            self.failed += 1
-        elif outcome.status == Status.CANCELLED:
-            self.cancelled += 1
-        elif outcome.waiting_until is not None:
-            self.waiting += 1
-
-    @property
-    def did_something(self) -> bool:
-        return bool(self.claimed or self.errors)
-
-
-@dataclass
-class PipelineState:
-    """A pipeline with its steps, as ``Orchestrator.get`` returns it. ``blocked`` says why its
-    code is missing, when it is."""
-
-    pipeline: PipelineRecord
-    steps: list[StepRecord]
-    blocked: str | None = None  # not ended, and its code is missing here: it waits for it
-    code_missing: str | None = None  # ended, and its code is not loaded here (nothing waits)
 
 
 class Orchestrator:
@@ -383,50 +336,10 @@ class Orchestrator:
         now = self.clock.now()
         claimed = self.store.claim_one(uuid, now, self.new_lease_token(), now + timedelta(seconds=self.lease_seconds))
         if claimed is None:
-            self._request_cancel(uuid)
+            outside.request_cancel(self.store, self.clock, uuid)
         elif claimed.status not in TERMINAL:
             self.runner.cancel(claimed)
         return self.get(uuid)
-
-    def _request_cancel(self, uuid: str) -> None:
-        def change(record: PipelineRecord, now: datetime) -> list[EventRecord] | None:
-            if record.status in TERMINAL:
-                return None
-            record.cancel_requested = True
-            record.next_run_at = now
-            event = EventRecord(
-                uuid=new_uuid(),
-                pipeline_uuid=uuid,
-                type=EventType.PIPELINE_CANCEL_REQUESTED,
-                at=now,
-                seq=(record.revision + 1) * 1000,
-                data={"held_by": record.lease_owner},
-            )
-            return [event]
-
-        if not self._change_pipeline(uuid, change):
-            raise InvalidStateError(f"pipeline {uuid} kept changing while a cancel was requested; try again")
-
-    def _change_pipeline(
-        self,
-        uuid: str,
-        change: Callable[[PipelineRecord, datetime], list[EventRecord] | None],
-        attempts: int = 20,
-    ) -> bool:
-        """Read the pipeline, apply ``change`` (None: nothing to write), write it by
-        compare-and-set; read again and retry when another writer got there first. False when
-        every attempt was beaten."""
-        for _ in range(attempts):
-            record = self._require(uuid)
-            events = change(record, self.clock.now())
-            if events is None:
-                return True
-            try:
-                self.store.commit([record], events)
-                return True
-            except ConcurrentUpdateError:
-                continue
-        return False
 
     def retry(self, uuid: str) -> PipelineState:
         """Resume a failed pipeline from its failed step, with fresh attempts."""
@@ -442,36 +355,7 @@ class Orchestrator:
         record = self._require(uuid)
         if record.status in TERMINAL:
             raise InvalidStateError(f"pipeline {uuid} is {record.status.value}; a message to it would never be read")
-        if not isinstance(name, str) or not name:
-            raise InvalidMessageError("a message needs a non-empty name")
-        try:
-            payload = checked_copy(payload, "payload")
-        except UnstorableValueError as exc:
-            raise InvalidMessageError(f"message payload cannot be stored: {exc}") from exc
-        sent_at = self.clock.now()
-        earlier = self.store.messages_of(uuid)
-        if earlier and earlier[-1].sent_at >= sent_at:  # keep "oldest first" well defined
-            sent_at = earlier[-1].sent_at + timedelta(microseconds=1)
-        message = MessageRecord(uuid=new_uuid(), pipeline_uuid=uuid, name=name, payload=payload, sent_at=sent_at)
-        self.store.insert_all([message])
-        self._wake(uuid)
-        return message
-
-    def _wake(self, uuid: str) -> None:
-        """Make the pipeline due now. A worker holding it sees its next write refused and
-        merges the wake-up (see ``Journal.merge``)."""
-
-        def change(record: PipelineRecord, now: datetime) -> list[EventRecord] | None:
-            if record.status != Status.PENDING:
-                return None
-            held = record.lease_expires_at is not None and record.lease_expires_at > now
-            if not held and record.next_run_at is not None and record.next_run_at <= now:
-                return None  # already due, and nobody to tell
-            record.next_run_at = now if record.next_run_at is None else min(record.next_run_at, now)
-            return []
-
-        if not self._change_pipeline(uuid, change):
-            logger.warning("pipeline %s kept changing; its message is stored and will be read at its next run", uuid)
+        return outside.send(self.store, self.clock, uuid, name, payload)
 
     def _require(self, uuid: str) -> PipelineRecord:
         record = self.store.get_pipeline(uuid)

@@ -8,9 +8,9 @@ from typing import Any
 import click
 
 from prorch.definition import PipelineDefinition
-from prorch.orchestrator import PassSummary, PipelineState
 from prorch.records import EventRecord, PipelineRecord
 from prorch.status import TERMINAL
+from prorch.summaries import PassSummary, PipelineState
 
 
 def echo_json(data: Any) -> None:
