@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import os
-import signal
 import threading
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
@@ -14,7 +12,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from prorch import outside, reactions
+from prorch import outside, reactions, signals
 from prorch.clock import Clock
 from prorch.exceptions import (
     ConcurrentUpdateError,
@@ -30,7 +28,7 @@ from prorch.keys import uuid_for_key
 from prorch.leases import LeaseKeeper
 from prorch.pipeline import new_owner_id
 from prorch.policy import StepOverride
-from prorch.records import ErrorInfo, EventRecord, MessageRecord, PipelineRecord, StepRecord
+from prorch.records import EventRecord, MessageRecord, PipelineRecord, StepRecord
 from prorch.registry import Registry, current_registry
 from prorch.repository import RepositoryLike
 from prorch.runner import DEFAULT_LEASE_SECONDS, DEFAULT_MAX_CRASHES, DEFAULT_MAX_TURNS_PER_PASS, Outcome, Runner
@@ -47,8 +45,6 @@ DEFAULT_BATCH_SIZE = 100
 DEFAULT_INTERVAL_SECONDS = 5.0
 DEFAULT_SHUTDOWN_GRACE_SECONDS = 30.0
 """How long a stopping worker waits for running hooks before it exits anyway."""
-EXIT_FORCED = 1
-"""Exit status of a worker that stopped without waiting for its hooks (a second signal, or the grace ran out)."""
 
 
 @dataclass
@@ -182,32 +178,15 @@ class Orchestrator:
             logger.exception(
                 "pipeline %s: advance failed: %s", pipeline.uuid, exc, extra={"pipeline_uuid": pipeline.uuid}
             )
-            self._record_error(pipeline, exc)
+            self.runner.journal.record_error(pipeline, exc)
             return f"{type(exc).__name__}: {exc}"
-
-    def _record_error(self, claimed: PipelineRecord, exc: Exception) -> None:
-        """Keep the error on the pipeline for a look, and release its lease (best effort: the
-        repository may be what failed). An error is not a crash: no crash is charged."""
-        try:
-            record = self.store.get_pipeline(claimed.uuid)
-            if record is None or record.status in TERMINAL:
-                return
-            record.last_error = ErrorInfo.from_exception(exc)
-            if claimed.lease_owner is None or record.lease_owner == claimed.lease_owner:
-                record.lease_owner = None
-                record.lease_expires_at = None
-                record.claims = 0
-                record.hook_started_at = None
-            self.store.commit([record])
-        except Exception as again:  # the repository is still down: the lease expires by itself
-            logger.warning("pipeline %s: could not record the error: %s", claimed.uuid, again)
 
     def run_forever(self, interval: float = DEFAULT_INTERVAL_SECONDS) -> None:
         """Run passes every ``interval`` seconds until ``stop()`` or SIGTERM/SIGINT; a pass with
         a full batch is followed at once by the next. Raises ``WorkerUnhealthyError`` when more
         hung hook threads were abandoned than ``max_abandoned_hooks``, for a supervisor to
         restart the process."""
-        restore = self._install_signal_handlers()
+        restore = signals.stop_on_signals(self.stop, self._stopping, self.shutdown_grace)
         try:
             while not self._stop.is_set():
                 try:
@@ -245,42 +224,6 @@ class Orchestrator:
 
     def _stopping(self) -> bool:
         return self._stop.is_set()
-
-    def _install_signal_handlers(self) -> Any:
-        if threading.current_thread() is not threading.main_thread():
-            return lambda: None
-        previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
-
-        def handle(signum: int, frame: Any) -> None:
-            name = signal.Signals(signum).name
-            if self._stop.is_set():
-                logger.warning("received %s again: exiting now (leases expire by themselves)", name)
-                os._exit(EXIT_FORCED)
-            logger.info(
-                "received %s: letting running hooks finish (up to %gs), releasing leases, then exiting",
-                name,
-                self.shutdown_grace,
-            )
-            self.stop()
-            timer = threading.Timer(self.shutdown_grace, self._grace_over)
-            timer.daemon = True
-            timer.start()
-
-        for sig in previous:
-            signal.signal(sig, handle)
-
-        def restore() -> None:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
-
-        return restore
-
-    def _grace_over(self) -> None:
-        """Hooks still run after the shutdown grace: exit anyway, non-zero (their leases expire
-        and their pipelines are charged as crashed; the others were released or expire)."""
-        logger.error("hooks still running %gs after the stop signal: exiting without them", self.shutdown_grace)
-        logging.shutdown()
-        os._exit(EXIT_FORCED)
 
     # --- reading -------------------------------------------------------------------------------
 

@@ -9,6 +9,7 @@ priority change), which ``merge`` takes in before the write is made again."""
 from __future__ import annotations
 
 import enum
+import logging
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -18,13 +19,15 @@ from prorch.clock import Clock
 from prorch.exceptions import ConcurrentUpdateError
 from prorch.jsonvalue import copy_json
 from prorch.policy import Policies
-from prorch.records import PipelineRecord, Record, StepRecord
+from prorch.records import ErrorInfo, PipelineRecord, Record, StepRecord
 from prorch.registry import Registry
 from prorch.runner import transitions
 from prorch.runner.state import Outcome, Run
 from prorch.status import TERMINAL, Status
 from prorch.step import Step, StepRuntime
 from prorch.store import Store
+
+logger = logging.getLogger("prorch.orchestrator")
 
 MAX_MERGES = 1000
 """Outside writes merged into one transition before giving up (a safety net, never reached)."""
@@ -148,6 +151,22 @@ class Journal:
         if unchanged and pipeline.next_run_at == until:
             return
         self.commit(run, [], stop=True)
+
+    def record_error(self, claimed: PipelineRecord, exc: Exception) -> None:
+        """An advance failed in the engine (not in a hook): keep the error on the pipeline for a
+        look and release its lease, best effort (the repository may be what failed). An error
+        is not a crash: no crash is charged."""
+        try:
+            record = self.store.get_pipeline(claimed.uuid)
+            if record is None or record.status in TERMINAL:
+                return
+            record.last_error = ErrorInfo.from_exception(exc)
+            if claimed.lease_owner is None or record.lease_owner == claimed.lease_owner:
+                transitions.release(record)
+                record.hook_started_at = None
+            self.store.commit([record])
+        except Exception as again:  # the repository is still down: the lease expires by itself
+            logger.warning("pipeline %s: could not record the error: %s", claimed.uuid, again)
 
     def leave_blocked(self, pipeline: PipelineRecord, reason: str) -> Outcome:
         """Code for this record is not deployed: touch nothing but our own lease."""
