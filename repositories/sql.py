@@ -16,10 +16,9 @@ import logging
 import threading
 from collections.abc import Iterator
 from datetime import datetime
-from pathlib import Path
 from typing import Any, ClassVar
 
-from sqlalchemy import Connection, Engine, Integer, Select, bindparam, create_engine, inspect, select, text, update
+from sqlalchemy import Connection, Engine, Integer, Select, bindparam, create_engine, select, update
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import (
     ArgumentError,
@@ -29,7 +28,6 @@ from sqlalchemy.exc import (
     InterfaceError,
     NoSuchModuleError,
     OperationalError,
-    SQLAlchemyError,
 )
 
 from prorch.due import TERMINAL_VALUES
@@ -37,13 +35,15 @@ from prorch.exceptions import (
     ConfigurationError,
     DuplicateRecordError,
     RepositoryError,
-    SchemaTooNewError,
 )
 from prorch.records import JSONDict, format_timestamp, to_utc
 from prorch.repository import IRepository
 from prorch.secrets import error_summary, redact_url
 from prorch.status import Status
-from repositories.schema import HISTORY_TABLE, SCHEMA_REVISION, TABLES, VERSION_TABLE, schema_history
+from repositories.migrate import MIGRATIONS, upgrade
+from repositories.schema import TABLES
+
+__all__ = ["DIALECTS", "MIGRATIONS", "SQLBackend", "SQLRepository", "dialect_class", "upgrade"]
 
 logger = logging.getLogger("prorch.repositories.sql")
 
@@ -268,79 +268,6 @@ def _engine(parsed: URL, url: str, options: dict[str, Any]) -> Engine:
         extra = "postgresql" if parsed.get_backend_name() == "postgresql" else None
         hint = f"pip install 'prorch[{extra}]'" if extra else "install the SQLAlchemy driver it names"
         raise ConfigurationError(f"no driver for repository URL {shown!r} ({exc}): {hint}") from exc
-
-
-# --- schema migrations ----------------------------------------------------------------------------
-
-
-def stored_revision(connection: Connection) -> str | None:
-    """The store's schema revision, or None for an empty store."""
-    try:
-        with connection.begin_nested():
-            return connection.execute(text(f"SELECT version_num FROM {VERSION_TABLE}")).scalar()
-    except SQLAlchemyError:
-        return None
-
-
-MIGRATIONS = Path(__file__).parent / "migrations"
-
-
-def known_revisions(migrations: Path = MIGRATIONS) -> frozenset[str]:
-    """The revisions this prorch ships (file names ``NNNN_*.py``): no Alembic import needed."""
-    return frozenset(path.name[:4] for path in (migrations / "versions").glob("[0-9][0-9][0-9][0-9]_*.py"))
-
-
-KNOWN_REVISIONS = known_revisions()
-
-
-def upgrade(backend: SQLBackend, revision: str = "head", *, migrations: Path = MIGRATIONS) -> None:
-    """Create or upgrade the schema with the migrations shipped in the package, under a lock so
-    that workers starting together do it once. A store already migrated by a newer prorch is used
-    as it is when every migration this one does not know only adds; otherwise it is refused."""
-    with backend.connect(write=True) as connection:
-        stored = stored_revision(connection)
-        if revision == "head" and stored == SCHEMA_REVISION and migrations == MIGRATIONS:
-            return  # the common case: no Alembic import at all
-        known = KNOWN_REVISIONS if migrations == MIGRATIONS else known_revisions(migrations)
-        if stored is not None and stored not in known:
-            _accept_newer(backend, connection, stored, known)
-            return
-        backend.lock_schema(connection)
-        from alembic import command
-        from alembic.config import Config
-        from alembic.script import ScriptDirectory
-
-        config = Config()
-        config.set_main_option("script_location", str(migrations))
-        config.attributes["connection"] = connection
-        logger.info("upgrading schema of %r to %s", backend, revision)
-        command.upgrade(config, revision)
-        if HISTORY_TABLE in inspect(connection).get_table_names():
-            recorded = set(connection.execute(select(schema_history.c.revision)).scalars())
-            for script in ScriptDirectory.from_config(config).walk_revisions():
-                if script.revision not in recorded:
-                    additive = bool(getattr(script.module, "additive", False))
-                    connection.execute(schema_history.insert().values(revision=script.revision, additive=additive))
-
-
-def _accept_newer(backend: SQLBackend, connection: Connection, stored: str, known: frozenset[str]) -> None:
-    """Work on a schema from a newer prorch only if all its extra migrations are additive."""
-    newest = max(known)
-    refused = SchemaTooNewError(
-        f"store schema {stored} is newer than this prorch understands ({newest}); upgrade prorch"
-    )
-    try:
-        query = select(schema_history.c.revision, schema_history.c.additive)
-        rows = {revision: additive for revision, additive in connection.execute(query)}
-    except SQLAlchemyError as exc:  # no history table: nothing says the extra migrations only add
-        raise refused from exc
-    extra = {revision: additive for revision, additive in rows.items() if revision not in known}
-    if stored not in extra or not all(extra.values()):
-        raise refused
-    logger.info(
-        "store schema %s of %r is newer than this prorch (%s); its extra migrations (%s) only add, so it is used as is",
-        stored, backend, newest, ", ".join(sorted(extra)),
-    )  # fmt: skip
 
 
 # --- the repository ---------------------------------------------------------------------------------
