@@ -204,41 +204,43 @@ def test_a_stale_write_is_refused(registry: Registry) -> None:
         store.commit([mine])
 
 
-class FlakySteps(IRepository):
-    """A four-method repository whose step searches fail for one pipeline."""
-
+def flaky_steps(poisoned: set[str]) -> type[IRepository]:
+    """A four-method repository class whose step searches fail for the pipelines in
+    ``poisoned``; its rows live in this call's closure, not in class attributes shared by tests."""
     rows: dict[str, dict[str, JSONDict]] = {}
-    poisoned: set[str] = set()
 
-    def __init__(self, model: str) -> None:
-        super().__init__(model)
-        self.table = self.rows.setdefault(model, {})
+    class FlakySteps(IRepository):
+        def __init__(self, model: str) -> None:
+            super().__init__(model)
+            self.table = rows.setdefault(model, {})
 
-    def get(self, uuid: str) -> JSONDict | None:
-        return self.table.get(uuid)
+        def get(self, uuid: str) -> JSONDict | None:
+            return self.table.get(uuid)
 
-    def save(self, data: JSONDict) -> None:
-        self.table[data["uuid"]] = dict(data)
+        def save(self, data: JSONDict) -> None:
+            self.table[data["uuid"]] = dict(data)
 
-    def update(self, uuid: str, data: JSONDict) -> None:
-        self.table[uuid].update(data)
+        def update(self, uuid: str, data: JSONDict) -> None:
+            self.table[uuid].update(data)
 
-    def search(self, filter: list[Any]) -> list[JSONDict]:  # noqa: A002
-        field, value = filter
-        if self.model == "STEP" and value in self.poisoned:
-            raise OSError("disk read error")
-        return [dict(r) for r in self.table.values() if r.get(field) == value]
+        def search(self, filter: list[Any]) -> list[JSONDict]:  # noqa: A002
+            field, value = filter
+            if self.model == "STEP" and value in poisoned:
+                raise OSError("disk read error")
+            return [dict(r) for r in self.table.values() if r.get(field) == value]
+
+    return FlakySteps
 
 
 def test_a_repository_error_is_recorded_on_that_pipeline_and_the_pass_goes_on(
     registry: Registry, caplog: pytest.LogCaptureFixture
 ) -> None:
-    FlakySteps.rows = {}
-    harness = Harness(FlakySteps, registry=registry)
+    poisoned: set[str] = set()
+    harness = Harness(flaky_steps(poisoned), registry=registry)
     p = pipeline_of(quick("A"), name="P")
     bad = harness.create(p)
     good = harness.create(p)
-    FlakySteps.poisoned = {bad.uuid}
+    poisoned.add(bad.uuid)
     with caplog.at_level(logging.WARNING):
         summary = harness.run_pass()
     assert summary.claimed == 2 and summary.finished == 1
@@ -250,7 +252,7 @@ def test_a_repository_error_is_recorded_on_that_pipeline_and_the_pass_goes_on(
     assert harness.status(good.uuid) == "finished"
     # the seed-style repository cannot guard against a second orchestrator: said once
     assert caplog.text.count("cannot guard against a second one") == 1
-    FlakySteps.poisoned = set()
+    poisoned.clear()
     assert harness.run_until_done(bad.uuid) == "finished"
 
 
