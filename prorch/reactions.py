@@ -86,27 +86,35 @@ def install(registry: Registry) -> ReactionBook:
     """Give ``registry`` the reactions feature, once: its book of reactions (an event hook that
     adds a reaction task to the commit of each event that triggers one) and the internal
     ``prorch.Reaction`` pipeline that runs those tasks. Returns the registry's book."""
-    for hook in registry.event_hooks:
-        if isinstance(hook, ReactionBook):
-            return hook
-    book = ReactionBook()
-    registry.event_hooks.append(book)
+    found = book_of(registry)
+    if found is not None:
+        return found
+    book = ReactionBook(registry)
     registry.add_step(book.step)
     registry.add_pipeline(book.pipeline)
     return book
 
 
+def book_of(registry: Registry) -> ReactionBook | None:
+    """The registry's book of reactions, when the feature is installed."""
+    versions = registry.steps.get(REACTION_STEP, {})
+    step = next(iter(versions.values()), None)
+    return step.reactions if step is not None and issubclass(step, RunReaction) else None
+
+
 def reactions_of(registry: Registry) -> list[Reaction]:
     """The reactions registered on ``registry`` (none when the feature is not installed)."""
-    return next((list(hook.reactions) for hook in registry.event_hooks if isinstance(hook, ReactionBook)), [])
+    book = book_of(registry)
+    return list(book.reactions) if book is not None else []
 
 
 class ReactionBook:
     """One registry's reactions, the event hook that turns matching events into reaction tasks,
     and the task pipeline's classes, bound to this book."""
 
-    def __init__(self) -> None:
+    def __init__(self, registry: Registry) -> None:
         self.reactions: list[Reaction] = []
+        self.registry = registry
         book = self
 
         class BoundRunReaction(RunReaction):
@@ -122,10 +130,14 @@ class ReactionBook:
         self.pipeline: type[PipelineDefinition] = ReactionPipeline
 
     def add(self, reaction: Reaction) -> None:
+        """Register a reaction; the first one hooks the book on the registry's events (until
+        then, a transition pays nothing for the feature)."""
         existing = self.find(reaction.name)
         if existing is not None:
             self.reactions.remove(existing)  # a module imported again re-registers it
         self.reactions.append(reaction)
+        if self not in self.registry.event_hooks:
+            self.registry.event_hooks.append(self)
 
     def find(self, name: str) -> Reaction | None:
         return next((r for r in self.reactions if r.name == name), None)
