@@ -36,6 +36,7 @@ from prorch.exceptions import (
     DuplicateRecordError,
     RepositoryError,
 )
+from prorch.jsonvalue import dumps
 from prorch.records import JSONDict, format_timestamp, to_utc
 from prorch.repository import IRepository
 from prorch.secrets import error_summary, redact_url
@@ -109,6 +110,7 @@ class SQLBackend:
 
     def _create_engine(self, url: URL, options: dict[str, Any]) -> Engine:
         options.setdefault("hide_parameters", True)  # bound values (user data, tokens) never reach a message
+        options.setdefault("json_serializer", dumps)  # orjson: several JSON columns per transition
         options.setdefault("pool_pre_ping", True)  # a server restart leaves dead pooled connections
         return _engine(url, self.url, options)
 

@@ -18,6 +18,7 @@ from typing import Any
 
 from sqlalchemy import JSON, Boolean, DateTime, Table
 
+from prorch.jsonvalue import dumps
 from prorch.records import JSONDict, format_timestamp, to_utc
 
 
@@ -90,7 +91,7 @@ def _db_bool(value: Any) -> int | None:
     return None if value is None else int(value)
 
 
-ENCODERS: dict[str, Any] = {"json": json.dumps, "time": _db_time, "bool": _db_bool, "plain": None}
+ENCODERS: dict[str, Any] = {"json": dumps, "time": _db_time, "bool": _db_bool, "plain": None}
 
 
 def _kind(column_type: Any) -> str:

@@ -238,7 +238,10 @@ def test_claims_count_up_and_leases_renew_only_for_their_owner(backend: Any) -> 
     assert repo.claim_due(later, "other", later + timedelta(seconds=60), 5)[0]["claims"] == 2
 
 
-@pytest.mark.parametrize("payload", [7, 2.5, "text", "7", True, None, [1, "a"], {"n": 1}])
+@pytest.mark.parametrize(
+    "payload",
+    [7, 2.5, "text", "7", True, None, [1, "a"], {"n": 1}, 2**70, -(2**63), 2.5e-7, "é ☃ \u2028", {"ü": ["ß"]}],
+)
 def test_json_values_of_every_shape_round_trip(backend: Any, payload: Any) -> None:
     from prorch import MessageRecord
 
