@@ -27,11 +27,20 @@ from repositories.sqlite_fastpath import SQLiteFastPath
 
 BUSY_TIMEOUT_SECONDS = 30.0
 SYNCHRONOUS = ("OFF", "NORMAL", "FULL", "EXTRA")
+WAL_AUTOCHECKPOINT_PAGES = 10_000
+"""WAL pages between automatic checkpoints (SQLite's default: 1,000). Measured on W1: 1,000 ->
+about 960 transitions/s, 4,000 -> 1,200, 10,000 -> 1,280, 20,000 -> 1,440 (medians of 3): each
+checkpoint syncs the database file, so fewer of them pay. 10,000 pages bound the WAL file to
+about 40 MB between checkpoints; ``?wal_autocheckpoint=N`` in the URL sets another value."""
+JOURNAL_SIZE_LIMIT_BYTES = 64 * 1024 * 1024
+"""After a checkpoint, the WAL file is truncated back to this size: a burst does not leave a
+large file behind."""
 
 
 class SQLiteBackend(SQLBackend):
     """A SQLite file. ``?synchronous=full`` in the URL trades speed for surviving a power cut
-    (the default, NORMAL, survives a crash of the process)."""
+    (the default, NORMAL, survives a crash of the process); ``?wal_autocheckpoint=N`` sets the
+    WAL pages between checkpoints."""
 
     reads_in_transaction = False
     unreachable_errors = (OperationalError, InterfaceError, sqlite3.OperationalError)
@@ -46,6 +55,7 @@ class SQLiteBackend(SQLBackend):
         shown = redact_url(self.url)
         query = dict(url.query)
         synchronous = str(query.pop("synchronous", "NORMAL")).upper()
+        checkpoint = _pages(query.pop("wal_autocheckpoint", str(WAL_AUTOCHECKPOINT_PAGES)), shown)
         url = url.set(query=query)
         if url.host:
             raise ConfigurationError(
@@ -68,7 +78,7 @@ class SQLiteBackend(SQLBackend):
         options.setdefault("pool_reset_on_return", None)
         options.setdefault("hide_parameters", True)
         engine = super()._create_engine(url, {**options, "pool_pre_ping": options.get("pool_pre_ping", False)})
-        _configure(engine, synchronous)
+        _configure(engine, synchronous, checkpoint)
         return engine
 
     def _unusable(self, exc: BaseException) -> RepositoryError:
@@ -167,13 +177,25 @@ def _create_private(path: Path) -> None:
         os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
 
 
-def _configure(engine: Engine, synchronous: str) -> None:
+def _pages(value: Any, shown: str) -> int:
+    """The ``wal_autocheckpoint`` of a URL: a number of pages, 0 for no automatic checkpoint."""
+    text = str(value)
+    if not text.isdigit():
+        raise ConfigurationError(
+            f"wal_autocheckpoint={text} in {shown!r}: give a number of WAL pages (0: no automatic checkpoint)"
+        )
+    return int(text)
+
+
+def _configure(engine: Engine, synchronous: str, checkpoint: int) -> None:
     @event.listens_for(engine, "connect")
     def on_connect(dbapi_connection: Any, _record: Any) -> None:
         dbapi_connection.isolation_level = None  # we issue BEGIN ourselves (see on_begin)
         statements = dbapi_connection.cursor()
         statements.execute("PRAGMA journal_mode=WAL")
         statements.execute(f"PRAGMA synchronous={synchronous}")
+        statements.execute(f"PRAGMA wal_autocheckpoint={checkpoint}")
+        statements.execute(f"PRAGMA journal_size_limit={JOURNAL_SIZE_LIMIT_BYTES}")
         statements.execute(f"PRAGMA busy_timeout={int(BUSY_TIMEOUT_SECONDS * 1000)}")
         statements.close()
 

@@ -149,12 +149,23 @@ def test_upgrade_is_skipped_when_current(tmp_path: Path) -> None:
         ("tinydb://relative.json", "malformed TinyDB URL"),
         ("sqlite:////no/such/folder/x.db", "does not exist"),
         ("sqlite:///x.db?synchronous=sometimes", "synchronous=sometimes"),
+        ("sqlite:///x.db?wal_autocheckpoint=often", "wal_autocheckpoint=often"),
         ("mysql://u@localhost/db", "no driver for repository URL"),
     ],
 )
 def test_bad_urls_give_one_clear_error(url: str, message: str) -> None:
     with pytest.raises(ConfigurationError, match=message):
         from_url(url)
+
+
+@pytest.mark.parametrize(("query", "pages"), [("", 10_000), ("?wal_autocheckpoint=500", 500)])
+def test_sqlite_checkpoints_every_so_many_wal_pages(tmp_path: Path, query: str, pages: int) -> None:
+    backend = from_url(f"sqlite:///{tmp_path / 'wal.db'}{query}")
+    with backend.engine.connect() as connection:  # type: ignore[attr-defined]
+        dbapi = connection.connection.driver_connection
+        assert dbapi.execute("PRAGMA wal_autocheckpoint").fetchone() == (pages,)
+        assert dbapi.execute("PRAGMA journal_size_limit").fetchone() == (64 * 1024 * 1024,)
+        assert dbapi.execute("PRAGMA journal_mode").fetchone() == ("wal",)
 
 
 def test_one_backend_per_url_per_process(tmp_path: Path) -> None:
