@@ -68,7 +68,8 @@ class SQLBackend:
     thread_safe = True
     repository_class: ClassVar[type[SQLRepository]]
     reads_in_transaction: ClassVar[bool] = True
-    """False where a read is one autocommit statement (SQLite: WAL gives it a snapshot)."""
+    """False where a read is one autocommit statement: each of prorch's reads is one statement,
+    which sees a consistent snapshot on its own (SQLite's WAL, PostgreSQL's READ COMMITTED)."""
     unreachable_errors: ClassVar[tuple[type[BaseException], ...]] = (OperationalError, InterfaceError)
     duplicate_errors: ClassVar[tuple[type[BaseException], ...]] = (IntegrityError,)
     refused_errors: ClassVar[tuple[type[BaseException], ...]] = (DBAPIError,)
@@ -128,7 +129,9 @@ class SQLBackend:
 
     def _configure(self, connection: Connection, *, write: bool) -> Connection:
         if write:
-            connection.execution_options(prorch_write=True)
+            return connection.execution_options(prorch_write=True)
+        if not self.reads_in_transaction:  # one statement, no BEGIN/COMMIT round trips
+            return connection.execution_options(isolation_level="AUTOCOMMIT")
         return connection
 
     def _begin(self, connection: Connection) -> Any:

@@ -93,11 +93,6 @@ class SQLiteBackend(SQLBackend):
         timeout's growing sleeps (other processes still meet on that lock)."""
         return self._write_lock if write else contextlib.nullcontext()
 
-    def _configure(self, connection: Connection, *, write: bool) -> Connection:
-        if not write:
-            return connection.execution_options(isolation_level="AUTOCOMMIT")
-        return super()._configure(connection, write=write)
-
     def _begin(self, connection: Connection) -> Any:
         """Everything inside is a fast-path statement on this driver connection, so the
         transaction is driven there too, without SQLAlchemy's bookkeeping per transition."""

@@ -45,6 +45,8 @@ class PostgresServer:
     bin_dir: Path
     folder: Path
     port: int
+    durable: bool = False
+    """fsync and synchronous_commit on (benchmarks); the tests run with fsync off, for speed."""
 
     @property
     def data(self) -> Path:
@@ -61,7 +63,8 @@ class PostgresServer:
         return subprocess.run(command, check=True, capture_output=True, text=True, timeout=120)
 
     def start(self) -> None:
-        options = f"-p {self.port} -k {self.folder} -c listen_addresses=127.0.0.1 -c fsync=off"
+        durability = "-c fsync=on -c synchronous_commit=on" if self.durable else "-c fsync=off"
+        options = f"-p {self.port} -k {self.folder} -c listen_addresses=127.0.0.1 {durability}"
         self._run("pg_ctl", "-D", str(self.data), "-o", options, "-l", str(self.folder / "log"), "-w", "start")
 
     def stop(self, mode: str = "fast") -> None:
@@ -72,7 +75,7 @@ class PostgresServer:
         self.start()
 
 
-def start_server() -> PostgresServer:
+def start_server(*, durable: bool = False) -> PostgresServer:
     bin_dir = find_bin_dir()
     if bin_dir is None:
         install_with_apt()
@@ -82,7 +85,7 @@ def start_server() -> PostgresServer:
     folder = Path(tempfile.mkdtemp(prefix="prorch-pg-"))
     if os.geteuid() == 0:
         shutil.chown(folder, "postgres", "postgres")
-    server = PostgresServer(bin_dir, folder, free_port())
+    server = PostgresServer(bin_dir, folder, free_port(), durable)
     try:
         server._run("initdb", "-D", str(server.data), "-A", "trust", "-U", "prorch", "-E", "UTF8", "--no-sync")
         server.start()
