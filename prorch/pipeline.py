@@ -65,7 +65,7 @@ class Pipeline(PipelineDefinition):
         if pipeline_uuid is not None:
             self.record = self._fetch(pipeline_uuid)
         else:
-            self.record = self._insert(params, status=Status.CREATED, context={}, priority=None)
+            self.record = self._insert(params)
 
     # --- creating and loading -----------------------------------------------------------------
 
@@ -159,15 +159,12 @@ class Pipeline(PipelineDefinition):
 
     @classmethod
     def _bound(
-        cls, store: Store, clock: Clock, record: PipelineRecord | None, *, created: bool = True,
-        registry: Registry | None = None,
-    ) -> Pipeline:  # fmt: skip
+        cls, store: Store, clock: Clock, record: PipelineRecord, *, created: bool, registry: Registry
+    ) -> Pipeline:
         """An instance for a record, without the 1.0.1 constructor's side effects."""
         self = cls.__new__(cls)
-        self._store, self._clock, self._registry = store, clock, registry or current_registry()
-        self.created = created
-        if record is not None:
-            self.record = record
+        self._store, self._clock, self._registry = store, clock, registry
+        self.created, self.record = created, record
         return self
 
     @classmethod
@@ -177,14 +174,10 @@ class Pipeline(PipelineDefinition):
         """The stored pipeline ``uuid`` (of this class)."""
         return cls(repository=repository, pipeline_uuid=uuid, clock=clock, registry=registry)
 
-    def _insert(
-        self, params: Any, *, status: Status, context: JSONDict, priority: int | None, uuid: str | None = None
-    ) -> PipelineRecord:
-        stored_params = self.validate_params(params)
+    def _insert(self, params: Any) -> PipelineRecord:
+        """The seed form's new pipeline: stored as ``created``, not due until ``start()``."""
         now = self._clock.now()
-        records = build_records(
-            type(self), stored_params, now=now, status=status, context=context, priority=priority, uuid=uuid
-        )
+        records = build_records(type(self), self.validate_params(params), now=now, status=Status.CREATED)
         (pipeline,) = store_new(self._store, [records], now, self._registry)
         return pipeline
 

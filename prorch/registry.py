@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol, TypeVar
@@ -62,12 +62,6 @@ class Plugin:
         return (self.tenant is not None, self.order, self.sequence)
 
 
-def plugins_for(plugins: Iterable[Plugin], step: str, point: str, tenant: str | None) -> list[Plugin]:
-    """The plugins to run for this step, point and tenant, in order."""
-    found = [p for p in plugins if p.step == step and p.point == point and p.tenant in (None, tenant)]
-    return sorted(found, key=Plugin.sort_key)
-
-
 class Registry:
     """Pipelines and steps by name, each with one or more versions, the plugins registered for
     their plugin points, and the event hooks that features (reactions) install."""
@@ -87,7 +81,8 @@ class Registry:
 
     def plugins_for(self, step: str, point: str, tenant: str | None) -> list[Plugin]:
         """The plugins to run for this step's point and tenant, in order."""
-        return plugins_for(self.plugins, step, point, tenant)
+        found = [p for p in self.plugins if p.step == step and p.point == point and p.tenant in (None, tenant)]
+        return sorted(found, key=Plugin.sort_key)
 
     # --- registering -------------------------------------------------------------------------
 

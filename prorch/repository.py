@@ -60,7 +60,6 @@ RepositoryFactory = Callable[[str], IRepository]
 RepositoryLike = str | RepositoryFactory
 """What prorch takes wherever it needs a store: a URL (``"sqlite:///prorch.db"``), a backend
 from ``repositories``, or a seed-style ``IRepository`` subclass."""
-"""A backend: anything that makes the repository of a model, e.g. an ``IRepository`` subclass."""
 
 
 @runtime_checkable

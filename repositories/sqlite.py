@@ -76,8 +76,8 @@ class SQLiteBackend(SQLBackend):
         # Every checkout ends its own transaction (commit, rollback, or an autocommit read), so
         # the pool's ROLLBACK on return would only cost a round trip per transition.
         options.setdefault("pool_reset_on_return", None)
-        options.setdefault("hide_parameters", True)
-        engine = super()._create_engine(url, {**options, "pool_pre_ping": options.get("pool_pre_ping", False)})
+        options.setdefault("pool_pre_ping", False)  # a file: no server restart to notice
+        engine = super()._create_engine(url, options)
         _configure(engine, synchronous, checkpoint)
         return engine
 

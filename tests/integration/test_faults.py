@@ -16,13 +16,13 @@ from prorch import (
     RepositoryError,
     Status,
     Step,
-    register_pipeline,
     register_step,
 )
 from prorch.registry import Registry
 from prorch.testing import Harness
 from repositories import from_url
 from repositories.memory import MemoryBackend
+from tests.support.builders import pipeline_of
 from tests.support.faults import FaultyBackend
 from tests.support.postgres import PostgresServer
 
@@ -57,7 +57,7 @@ def declare(registry: Registry) -> type[Pipeline]:
 
     for step in (Quick, Poll, Last):
         register_step(step)
-    return register_pipeline(type("Faulty", (Pipeline,), {"name": "Faulty", "steps": [Quick, Poll, Last]}))
+    return pipeline_of(Quick, Poll, Last, name="Faulty")
 
 
 def assert_all_finished_once(orchestrator: Orchestrator, uuids: list[str]) -> None:

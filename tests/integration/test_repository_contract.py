@@ -12,7 +12,6 @@ from prorch import (
     EventRecord,
     OnContinueMixin,
     OnStartMixin,
-    Pipeline,
     PipelineRecord,
     Status,
     Step,
@@ -21,12 +20,12 @@ from prorch import (
     SupportsCompareAndSet,
     SupportsDueQuery,
     SupportsTransaction,
-    register_pipeline,
     register_step,
 )
 from prorch.records import ErrorInfo, new_uuid
 from prorch.registry import Registry
 from prorch.testing import Harness
+from tests.support.builders import pipeline_of
 
 NOW = datetime(2030, 1, 1, 12, 0, tzinfo=timezone.utc)
 
@@ -205,7 +204,7 @@ def test_a_pipeline_runs_to_the_end(backend: Any, registry: Registry) -> None:
 
     register_step(Poll)
     register_step(Report)
-    p = register_pipeline(type("P", (Pipeline,), {"name": "P", "steps": [Poll, Report]}))
+    p = pipeline_of(Poll, Report, name="P")
     harness = Harness(backend, registry=registry)
     runs = [harness.create(p, {"i": i}) for i in range(3)]
     for run in runs:
@@ -264,7 +263,7 @@ def test_create_many_then_run(backend: Any, registry: Registry) -> None:
             self.finish({"n": self.params["n"]})
 
     register_step(Once)
-    p = register_pipeline(type("Batch", (Pipeline,), {"name": "Batch", "steps": [Once]}))
+    p = pipeline_of(Once, name="Batch")
     harness = Harness(backend, registry=registry)
     made = p.create_many(backend, [{"n": i} for i in range(20)], clock=harness.clock)
     assert len({m.uuid for m in made}) == 20

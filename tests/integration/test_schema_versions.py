@@ -13,12 +13,13 @@ from pathlib import Path
 import pytest
 from sqlalchemy import text
 
-from prorch import OnStartMixin, Pipeline, Step, register_pipeline, register_step
+from prorch import OnStartMixin, Step, register_step
 from prorch.exceptions import SchemaTooNewError
 from prorch.registry import Registry
 from prorch.testing import Harness
 from repositories.schema import SCHEMA_REVISION
 from repositories.sql import MIGRATIONS, SQLBackend, upgrade
+from tests.support.builders import pipeline_of
 
 FUTURE = f"{int(SCHEMA_REVISION) + 1:04d}"  # the revision after the newest this prorch knows
 
@@ -78,7 +79,7 @@ def test_additive_newer_schema_is_used_as_it_is(tmp_path: Path, registry: Regist
             self.finish({"ok": True})
 
     register_step(Works)
-    pipeline = register_pipeline(type("W", (Pipeline,), {"name": "W", "steps": [Works]}))
+    pipeline = pipeline_of(Works, name="W")
     harness = Harness(SQLBackend(url), registry=registry)
     run = harness.create(pipeline, {"a": 1})
     assert harness.run_until_done(run.uuid) == "finished"

@@ -7,10 +7,11 @@ from typing import Any
 
 import pytest
 
-from prorch import OnStartMixin, Orchestrator, Pipeline, Status, Step, register_pipeline, register_step
+from prorch import OnStartMixin, Orchestrator, Pipeline, Status, Step, register_step
 from prorch.exceptions import InvalidMessageError, InvalidParamsError
 from prorch.registry import Registry
 from prorch.testing import Harness
+from tests.support.builders import pipeline_of
 
 BAD_VALUES = {
     "nan": float("nan"),
@@ -36,7 +37,7 @@ def declare(value: Any) -> type[Pipeline]:
             self.metadata["left"] = value
 
     register_step(Leaves)
-    pipeline = register_pipeline(type("Bad", (Pipeline,), {"name": "Bad", "steps": [Leaves]}))
+    pipeline = pipeline_of(Leaves, name="Bad")
     pipeline.calls = calls  # type: ignore[attr-defined]
     return pipeline
 
@@ -78,7 +79,7 @@ def test_json_values_come_back_exactly(backend: Any, registry: Registry) -> None
             self.finish(self.params["value"])
 
     register_step(Keeps)
-    pipeline = register_pipeline(type("Keep", (Pipeline,), {"name": "Keep", "steps": [Keeps]}))
+    pipeline = pipeline_of(Keeps, name="Keep")
     harness = Harness(backend, registry=registry)
     run = harness.create(pipeline, {"value": value})
     assert harness.run_until_done(run.uuid) == "finished"

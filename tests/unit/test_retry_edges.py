@@ -8,9 +8,10 @@ from typing import Any
 import pytest
 from pydantic import BaseModel
 
-from prorch import OnContinueMixin, OnStartMixin, Pipeline, Step, register_pipeline, register_step
+from prorch import OnContinueMixin, OnStartMixin, Pipeline, Step, register_step
 from prorch.registry import Registry
 from prorch.testing import Harness
+from tests.support.builders import pipeline_of
 
 CALLS: list[str] = []
 
@@ -48,7 +49,7 @@ def declare(fails_in: str, how: str, with_continue: bool) -> type[Pipeline]:
             CALLS.append("ship")
 
     register_step(Ship)
-    return register_pipeline(type("CheckShip", (Pipeline,), {"name": "CheckShip", "steps": [check, Ship]}))
+    return pipeline_of(check, Ship, name="CheckShip")
 
 
 CASES = [
@@ -90,7 +91,7 @@ def test_a_step_that_only_returns_is_validated_against_its_output_model(harness:
             CALLS.append("start")
 
     register_step(Returns)
-    run = harness.create(register_pipeline(type("R", (Pipeline,), {"name": "R", "steps": [Returns]})))
+    run = harness.create(pipeline_of(Returns, name="R"))
     assert harness.run_until_done(run.uuid) == "failed"
     step = harness.orchestrator.get(run.uuid).steps[0]
     assert step.error is not None and "does not match its Output model" in step.error.message
