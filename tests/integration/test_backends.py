@@ -213,3 +213,41 @@ def test_a_partial_update_inside_a_sqlite_transaction_leaves_the_connection_usab
     stored = pipelines.get(row["uuid"])
     assert (stored["status"], stored["priority"]) == ("pending", 5)
     assert pipelines.get(other["uuid"]) is not None
+
+
+@pytest.mark.parametrize("dialect", ["sqlite", "postgresql"])
+def test_reads_are_single_statements_without_a_transaction(
+    dialect: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """A read is one round trip: no BEGIN and COMMIT around it (each of prorch's reads is one
+    statement, which sees a consistent snapshot on its own); writes keep their transaction."""
+    url = f"sqlite:///{tmp_path / 'reads.db'}" if dialect == "sqlite" else request.getfixturevalue("postgres_url")
+    backend = from_url(url)
+    with backend.connect(write=False) as connection:  # type: ignore[attr-defined]
+        assert connection.get_execution_options().get("isolation_level") == "AUTOCOMMIT"
+        assert not connection.in_transaction()
+        assert connection.execute(text("SELECT 1")).scalar() == 1
+    with backend.connect(write=True) as connection:  # type: ignore[attr-defined]
+        assert connection.in_transaction()
+
+
+@pytest.mark.slow
+def test_the_benchmarks_postgresql_commits_durably() -> None:
+    """Every PostgreSQL benchmark figure is a durable commit (tests/benchmarks/run.py starts its
+    server this way); the test suite's own server runs without fsync, for speed."""
+    from tests.support.postgres import PostgresUnavailable, remove, start_server
+
+    try:
+        server = start_server(durable=True)
+    except PostgresUnavailable as exc:
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail(f"PostgreSQL is required in CI: {exc}")
+        pytest.skip(f"PostgreSQL not available: {exc}")
+    try:
+        engine = create_engine(server.url.replace("postgresql://", "postgresql+psycopg://"))
+        with engine.connect() as connection:
+            settings = [connection.execute(text(f"SHOW {name}")).scalar() for name in ("fsync", "synchronous_commit")]
+        engine.dispose()
+        assert settings == ["on", "on"]
+    finally:
+        remove(server)

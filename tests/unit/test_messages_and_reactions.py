@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Any
 
 import pytest
@@ -10,6 +11,7 @@ from prorch import (
     EventRecord,
     InvalidMessageError,
     InvalidStateError,
+    NotRegisteredError,
     OnContinueMixin,
     OnStartMixin,
     Pipeline,
@@ -21,6 +23,8 @@ from prorch import (
     register_pipeline,
     register_step,
 )
+from prorch.pipeline import pipeline_class
+from prorch.reactions import reactions_of
 from prorch.registry import Registry
 from prorch.testing import Harness
 
@@ -197,3 +201,60 @@ def test_reactions_are_validated_at_registration(registry: Registry) -> None:
         @on_event("pipeline.finished")
         def one_argument(event: EventRecord) -> None:
             pass
+
+
+def test_a_reaction_task_waits_on_a_worker_that_lacks_the_reaction(registry: Registry) -> None:
+    """The orchestrator installs the reaction feature on its registry, so a worker whose code
+    has no reactions still knows prorch.Reaction: the task waits for a worker that has the
+    reaction, rather than being blocked as unknown code or failed."""
+    order, _ = shipping(registry)
+    on_event("pipeline.finished", pipeline="Order", name="later.email")(lambda event, ctx: None)
+    harness = Harness(registry=registry)
+    harness.create(order, {"order": "o"})
+    harness.run_pass()  # the order finishes; its reaction task is stored
+    (task,) = harness.orchestrator.list_pipelines(name="prorch.Reaction")
+
+    elsewhere = Registry()  # a worker deployed without the reaction's module
+    summary = Harness(harness.repository, clock=harness.clock, registry=elsewhere).run_pass()
+    assert summary.claimed == 1 and summary.blocked == {} and summary.errors == {}
+    state = harness.orchestrator.get(task.uuid)
+    assert state.pipeline.status == Status.PENDING
+    assert state.steps[0].next_run_at == harness.clock.now() + timedelta(seconds=60)
+
+
+def test_reactions_hook_onto_transitions_only_once_one_is_registered(registry: Registry) -> None:
+    Harness(registry=registry)
+    assert "prorch.Reaction" in registry.pipelines and registry.event_hooks == []  # a transition pays nothing
+    on_event("pipeline.finished", name="first")(lambda event, ctx: None)
+    on_event("pipeline.failed", name="second")(lambda event, ctx: None)
+    assert len(registry.event_hooks) == 1
+    assert [r.name for r in reactions_of(registry)] == ["first", "second"]
+
+
+def test_a_reaction_can_start_another_version_of_a_pipeline(harness: Harness, registry: Registry) -> None:
+    order, _ = shipping(registry)
+
+    class Email2(OnStartMixin, Step):
+        name = "Email"
+        version = 2
+
+        def on_start(self) -> None:
+            pass
+
+    register_step(Email2)
+    register_pipeline(type("Notify2", (Pipeline,), {"name": "Notify", "version": 2, "steps": [Email2]}))
+
+    @on_event("pipeline.finished", pipeline="Order")
+    def notify_old_version(event: EventRecord, ctx: ReactionContext) -> None:
+        ctx.start("Notify", {"order": "o"}, version=1)
+
+    harness.create(order, {"order": "o"})
+    for _ in range(3):
+        harness.run_pass()
+    (notification,) = harness.orchestrator.list_pipelines(name="Notify")
+    assert notification.version == 1
+
+
+def test_prorchs_own_pipelines_cannot_be_started_by_name(harness: Harness, registry: Registry) -> None:
+    with pytest.raises(NotRegisteredError, match="prorch's own and cannot be started by hand"):
+        pipeline_class(registry, "prorch.Reaction")
