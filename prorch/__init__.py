@@ -52,6 +52,7 @@ from prorch.repository import (
     SupportsClaim,
     SupportsCompareAndSet,
     SupportsDueQuery,
+    SupportsSavepoint,
     SupportsTransaction,
 )
 from prorch.runner import Outcome
@@ -114,6 +115,7 @@ __all__ = [
     "SupportsClaim",
     "SupportsCompareAndSet",
     "SupportsDueQuery",
+    "SupportsSavepoint",
     "SupportsTransaction",
     "SystemClock",
     "WorkerCrashed",

@@ -60,6 +60,9 @@ class SettingsFields(BaseModel):
     interval: float = Field(default=5.0, gt=0, description="seconds between a worker's passes")
     concurrency: int = Field(default=4, ge=1, description="hooks run at once by one process")
     batch_size: int = Field(default=100, ge=1, description="pipelines claimed per pass")
+    group_commit: int = Field(
+        default=32, ge=1, description="transitions of different pipelines stored per commit (1: one each)"
+    )
     lease_seconds: float = Field(default=60.0, gt=0, description="how long a claim lasts unrenewed")
     max_crashes: int = Field(
         default=3, ge=1, description="worker deaths in a row inside a pipeline's hooks before it is quarantined"

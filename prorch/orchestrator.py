@@ -3,6 +3,7 @@ operations on one pipeline (read, cancel, retry)."""
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import threading
@@ -31,7 +32,16 @@ from prorch.policy import StepOverride
 from prorch.records import EventRecord, MessageRecord, PipelineRecord, StepRecord
 from prorch.registry import Registry, current_registry
 from prorch.repository import RepositoryLike
-from prorch.runner import DEFAULT_LEASE_SECONDS, DEFAULT_MAX_CRASHES, DEFAULT_MAX_TURNS_PER_PASS, Outcome, Runner
+from prorch.runner import (
+    DEFAULT_LEASE_SECONDS,
+    DEFAULT_MAX_CRASHES,
+    DEFAULT_MAX_TURNS_PER_PASS,
+    Outcome,
+    Runner,
+    Writing,
+    write_each,
+    write_in_rounds,
+)
 from prorch.status import TERMINAL, Status
 from prorch.store import Store
 from prorch.summaries import PassSummary, PipelineState
@@ -42,6 +52,8 @@ logger = logging.getLogger("prorch.orchestrator")
 
 DEFAULT_CONCURRENCY = 4
 DEFAULT_BATCH_SIZE = 100
+DEFAULT_GROUP_COMMIT = 32
+"""Transitions of different pipelines stored per commit, at most (see ``prorch.runner.rounds``)."""
 DEFAULT_INTERVAL_SECONDS = 5.0
 DEFAULT_SHUTDOWN_GRACE_SECONDS = 30.0
 """How long a stopping worker waits for running hooks before it exits anyway."""
@@ -65,6 +77,7 @@ class Orchestrator:
         config: OrchestratorConfig | None = None,
         concurrency: int = DEFAULT_CONCURRENCY,
         batch_size: int = DEFAULT_BATCH_SIZE,
+        group_commit: int = DEFAULT_GROUP_COMMIT,
         lease_seconds: float = DEFAULT_LEASE_SECONDS,
         max_turns_per_pass: int = DEFAULT_MAX_TURNS_PER_PASS,
         max_crashes: int = DEFAULT_MAX_CRASHES,
@@ -80,6 +93,7 @@ class Orchestrator:
         _check_settings(
             concurrency=(concurrency, concurrency >= 1, "an int >= 1"),
             batch_size=(batch_size, batch_size >= 1, "an int >= 1"),
+            group_commit=(group_commit, group_commit >= 1, "an int >= 1 (1: one commit per transition)"),
             lease_seconds=(lease_seconds, lease_seconds > 0, "a number of seconds > 0"),
             hook_timeout=(hook_timeout, hook_timeout is None or hook_timeout > 0, "None or a number of seconds > 0"),
             shutdown_grace=(shutdown_grace, shutdown_grace >= 0, "a number of seconds >= 0"),
@@ -92,6 +106,7 @@ class Orchestrator:
         self.owner = new_owner_id()
         self._claims = itertools.count(1)
         self.batch_size = batch_size
+        self.group_commit = group_commit
         self.lease_seconds = lease_seconds
         self.shutdown_grace = shutdown_grace
         # Hooks run in threads only on a backend that says it is thread-safe.
@@ -130,21 +145,22 @@ class Orchestrator:
         summary.claimed = len(claimed)
         with LeaseKeeper(self.store, self.lease_seconds, self.clock) as keeper:
             keeper.hold(claimed)
-
-            def advance(pipeline: PipelineRecord) -> Outcome | str:
-                try:
-                    return self._advance_one(pipeline, keeper)
-                finally:
-                    keeper.drop(pipeline.uuid)
-
-            if self.concurrency > 1 and len(claimed) > 1:
+            writings = [self._advancing(pipeline, keeper) for pipeline in claimed]
+            if self.group_commit > 1 and len(claimed) > 1 and self.store.can_group_commit:
+                # suspects of a crash in an earlier round run alone, so that a crash is pinned on one
+                alone = [i for i, p in enumerate(claimed) if p.crashes or p.hook_started_at is not None]
+                with self.store.session():
+                    results = write_in_rounds(
+                        self.store, writings, group=self.group_commit, concurrency=self.concurrency, alone=alone
+                    )
+            elif self.concurrency > 1 and len(claimed) > 1:
                 # No connection is held through a hook: with more pipelines at once than pooled
                 # connections, each thread takes one only for its reads and commits.
                 with ThreadPoolExecutor(self.concurrency, thread_name_prefix="prorch") as pool:
-                    results = list(pool.map(advance, claimed))
+                    results = list(pool.map(functools.partial(write_each, self.store), writings))
             else:
                 with self.store.session():  # one set of connections for the whole pass
-                    results = [advance(p) for p in claimed]
+                    results = [write_each(self.store, writing) for writing in writings]
         for pipeline, result in zip(claimed, results, strict=True):
             if isinstance(result, Outcome):
                 summary.add(result)
@@ -163,9 +179,10 @@ class Orchestrator:
             )
         return summary
 
-    def _advance_one(self, pipeline: PipelineRecord, keeper: LeaseKeeper | None = None) -> Outcome | str:
+    def _advancing(self, pipeline: PipelineRecord, keeper: LeaseKeeper) -> Writing[Outcome | str]:
+        """One pipeline's advance; an error is logged and recorded on it, and the pass goes on."""
         try:
-            return self.runner.advance(pipeline, keeper)
+            return (yield from self.runner.advancing(pipeline, keeper))
         except ConcurrentUpdateError as exc:
             logger.warning(
                 "pipeline %s: write refused, another orchestrator holds it: %s",
@@ -180,6 +197,8 @@ class Orchestrator:
             )
             self.runner.journal.record_error(pipeline, exc)
             return f"{type(exc).__name__}: {exc}"
+        finally:
+            keeper.drop(pipeline.uuid)  # its last write is stored: the lease is released
 
     def run_forever(self, interval: float = DEFAULT_INTERVAL_SECONDS) -> None:
         """Run passes every ``interval`` seconds until ``stop()`` or SIGTERM/SIGINT; a pass with

@@ -110,6 +110,7 @@ class PipelineRecord(Record):
     cancel_requested: bool = False  # Orchestrator.cancel() while another worker held it
     revision: int = 0  # bumped on every write; compare-and-set target
     hook_started_at: Timestamp | None = None  # a hook is running (set before it, cleared with its result)
+    hook_shared: bool = False  # that mark was stored by a round of group commit: a crash is not pinned on us
     crashes: int = 0  # workers that died in a row while one of this pipeline's hooks was running
     key: str | None = None  # the creator's key (create(key=...)): the uuid is derived from it
 

@@ -8,6 +8,7 @@ import logging
 import threading
 import weakref
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
@@ -33,6 +34,7 @@ from prorch.repository import (
     SupportsDueQuery,
     SupportsPinning,
     SupportsSaveMany,
+    SupportsSavepoint,
     SupportsServerClock,
     SupportsTransaction,
     is_thread_safe,
@@ -105,6 +107,16 @@ def _load(record_type: type[RecordT], data: Any) -> RecordT:
         raise CorruptRecordError(f"stored {record_type.MODEL} record {uuid!r} is not valid: {exc}", uuid=uuid) from exc
 
 
+@dataclass(slots=True)
+class Write:
+    """One transition to store, as ``Store.commit`` takes it: the changed pipeline and steps
+    (by compare-and-set), the new records (events) and the consumed messages."""
+
+    changed: list[PipelineRecord | StepRecord]
+    added: list[Record]
+    touched: list[MessageRecord]
+
+
 _stores: weakref.WeakKeyDictionary[Any, Store] = weakref.WeakKeyDictionary()
 _stores_lock = threading.Lock()
 
@@ -145,6 +157,9 @@ class Store:
         self.due_query = self.pipelines if isinstance(self.pipelines, SupportsDueQuery) else None
         self.transactions = self.backend if isinstance(self.backend, SupportsTransaction) else None
         self.pinning = self.backend if isinstance(self.backend, SupportsPinning) else None
+        self.savepoints = (
+            self.backend if self.transactions is not None and isinstance(self.backend, SupportsSavepoint) else None
+        )
         self.server_clock = self.backend if isinstance(self.backend, SupportsServerClock) else None
         self.compare_and_set: dict[str, SupportsCompareAndSet] | None = {
             model: repository
@@ -322,23 +337,69 @@ class Store:
         new records (events), and last the pipeline, by compare-and-set. Without a transaction a
         crash in between leaves the steps (the source of truth) ahead, and the next pass derives
         the pipeline from them."""
-        steps = [record for record in changed if not isinstance(record, PipelineRecord)]
-        pipelines = [record for record in changed if isinstance(record, PipelineRecord)]
-        revisions = [record.revision for record in changed]
+        self.commit_write(Write(list(changed), list(added), list(touched)))
+
+    def commit_write(self, write: Write) -> None:
+        """``commit`` of a ``Write``: one transition, in its own transaction."""
+        revisions = [record.revision for record in write.changed]
         try:
             with self.transaction():
-                for step in steps:
-                    self._write(step)
-                for message in touched:
-                    _call("update a message", self.messages.update, message.uuid, message.to_dict())
-                self._save(added)
-                for pipeline in pipelines:
-                    self._write(pipeline)
+                self._write_unit(write)
         except BaseException:
-            # The unit did not happen: the records keep the revisions they were read with.
-            for record, revision in zip(changed, revisions, strict=True):
-                record.revision = revision
+            _restore(write, revisions)  # the unit did not happen
             raise
+
+    def _write_unit(self, write: Write) -> None:
+        for record in write.changed:
+            if not isinstance(record, PipelineRecord):
+                self._write(record)
+        for message in write.touched:
+            _call("update a message", self.messages.update, message.uuid, message.to_dict())
+        self._save(write.added)
+        for record in write.changed:
+            if isinstance(record, PipelineRecord):
+                self._write(record)
+
+    @property
+    def can_group_commit(self) -> bool:
+        """Whether ``commit_many`` stores several transitions in one transaction."""
+        return self.savepoints is not None
+
+    def commit_many(self, writes: Sequence[Write]) -> list[Exception | None]:
+        """Store several pipelines' transitions in one transaction (group commit: one commit,
+        one fsync, for all of them), each all-or-nothing on its own: a refused compare-and-set
+        undoes that transition only. Returns, per write, None when it was stored or the error
+        that kept it out; when the commit itself fails, every write gets that error. Without
+        savepoints, each write is its own commit."""
+        if self.savepoints is None or len(writes) == 1:
+            return [self._try_commit(write) for write in writes]
+        revisions = [[record.revision for record in write.changed] for write in writes]
+        outcomes: list[Exception | None] = []
+        try:
+            with self.transaction():
+                for write, before in zip(writes, revisions, strict=True):
+                    try:
+                        with self.savepoints.savepoint():
+                            self._write_unit(write)
+                    except Exception as exc:
+                        _restore(write, before)
+                        outcomes.append(exc)
+                    else:
+                        outcomes.append(None)
+        except BaseException as exc:
+            for write, before in zip(writes, revisions, strict=True):
+                _restore(write, before)  # nothing was stored
+            if not isinstance(exc, Exception):
+                raise
+            return [exc] * len(writes)
+        return outcomes
+
+    def _try_commit(self, write: Write) -> Exception | None:
+        try:
+            self.commit_write(write)
+        except Exception as exc:
+            return exc
+        return None
 
     def _write(self, record: PipelineRecord | StepRecord) -> None:
         expected = record.revision
@@ -360,6 +421,12 @@ class Store:
 
     def _repository(self, record: Record) -> IRepository:
         return self._by_model[record.MODEL]
+
+
+def _restore(write: Write, revisions: list[int]) -> None:
+    """A write that did not happen: its records keep the revisions they were read with."""
+    for record, revision in zip(write.changed, revisions, strict=True):
+        record.revision = revision
 
 
 def _server_now(backend: SupportsServerClock) -> datetime:

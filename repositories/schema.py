@@ -11,7 +11,7 @@ from sqlalchemy.dialects.postgresql import JSONB
 
 from prorch.records import Metadata as Models
 
-SCHEMA_REVISION = "0005"
+SCHEMA_REVISION = "0006"
 """The newest migration; a store at this revision needs no upgrade."""
 VERSION_TABLE = "prorch_schema_version"
 HISTORY_TABLE = "prorch_schema_migrations"
@@ -43,6 +43,7 @@ pipelines = Table(
     Column("cancel_requested", Boolean, nullable=False, default=False),
     Column("revision", Integer, nullable=False, default=0),
     Column("hook_started_at", Timestamp),
+    Column("hook_shared", Boolean, nullable=False, default=False),
     Column("crashes", Integer, nullable=False, default=0),
     Column("key", String(200)),
     Index("ix_pipelines_due", "status", "next_run_at", "priority"),

@@ -93,6 +93,7 @@ class Context:
             settings.repository,
             concurrency=settings.concurrency,
             batch_size=settings.batch_size,
+            group_commit=settings.group_commit,
             lease_seconds=settings.lease_seconds,
             max_crashes=settings.max_crashes,
             step_overrides=settings.steps,
@@ -133,6 +134,7 @@ def worker_options(command: Any) -> Any:
         [
             click.option("--concurrency", type=int, help="Hooks run at once by this process."),
             click.option("--batch-size", type=int, help="Pipelines claimed per pass."),
+            click.option("--group-commit", type=int, help="Transitions stored per commit (1: one each)."),
             click.option("--lease-seconds", type=float, help="How long a claim lasts unrenewed."),
             click.option("--hook-timeout", type=float, help="Seconds a hook call may take when its step sets none."),
         ]

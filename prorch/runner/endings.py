@@ -14,7 +14,7 @@ from prorch.records import ErrorInfo, StepRecord
 from prorch.runner import transitions
 from prorch.runner.hookcalls import HookInvoker
 from prorch.runner.journal import Journal
-from prorch.runner.state import Run
+from prorch.runner.state import Run, Writing
 from prorch.runner.turns import Turns
 from prorch.status import EventType, Status
 
@@ -34,32 +34,32 @@ class Endings:
         self.policies = policies
         self.max_crashes = max_crashes
 
-    def roll_back(self, run: Run, step: StepRecord, now: datetime) -> bool:
+    def roll_back(self, run: Run, step: StepRecord, now: datetime) -> Writing[bool]:
         """Run one finished step's ``on_rollback``; retried like a hook, then given up on."""
         run.transitions += 1
         step.rollback_attempt += 1
-        error = self.invoker.call_guarded(run, step, now, "on_rollback")
+        error = yield from self.invoker.call_guarded(run, step, now, "on_rollback")
         if error is not None:
             if step.rollback_attempt < self.policies.of(run.classes[step.uuid]).max_attempts:
-                self.turns.retry_later(run, step, step.rollback_attempt, error.message, now, rollback=True)
+                yield from self.turns.retry_later(run, step, step.rollback_attempt, error.message, now, rollback=True)
                 return False
             logger.error(
                 "on_rollback of step %s in pipeline %s failed for good: %s", step.name, run.pipeline.uuid, error.message
             )
         transitions.rolled_back(run, step, now, error)
-        return self.journal.commit(run, [step], stop=False)
+        return (yield from self.journal.commit(run, [step], stop=False))
 
-    def cancel(self, run: Run) -> None:
+    def cancel(self, run: Run) -> Writing[None]:
         """Cancel the run's pipeline; the current step's ``on_cancel`` runs first."""
         now = self.clock.now()
         step = run.current_step()
         if step is not None:
-            self.invoker.call_on_cancel(run, step, now)
+            yield from self.invoker.call_on_cancel(run, step, now)
             transitions.end_step(run, step, Status.CANCELLED, EventType.STEP_CANCELLED, now)
         run.pipeline.cancel_requested = False  # only now: a crash in on_cancel leaves the request
-        self.journal.commit(run, [step] if step else [], stop=True)
+        yield from self.journal.commit(run, [step] if step else [], stop=True)
 
-    def quarantine(self, run: Run) -> None:
+    def quarantine(self, run: Run) -> Writing[None]:
         """Workers died again and again while this pipeline's hooks ran: fail it instead of
         running its hooks once more."""
         error = ErrorInfo(
@@ -72,4 +72,4 @@ class Endings:
         )
         logger.error("pipeline %s %s", run.pipeline.uuid, error.message, extra={"pipeline_uuid": run.pipeline.uuid})
         changed = transitions.quarantine(run, self.clock.now(), error)
-        self.journal.commit(run, changed, stop=True)
+        yield from self.journal.commit(run, changed, stop=True)

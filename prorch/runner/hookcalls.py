@@ -14,7 +14,7 @@ from prorch.policy import Policies
 from prorch.records import ErrorInfo, StepRecord
 from prorch.runner import transitions
 from prorch.runner.journal import Journal
-from prorch.runner.state import Run
+from prorch.runner.state import Run, Writing
 from prorch.step import Step
 
 logger = logging.getLogger("prorch.runner")
@@ -70,10 +70,10 @@ class HookInvoker:
 
     def call_guarded(
         self, run: Run, step: StepRecord, now: datetime, name: str, instance: Step | None = None
-    ) -> ErrorInfo | None:
+    ) -> Writing[ErrorInfo | None]:
         """Mark the hook running and call hook ``name`` (``on_timeout``, ``on_rollback``,
         ``on_cancel``) on a fresh step object (or ``instance``); what it raised, or None."""
-        self.journal.mark_hook_running(run)
+        yield from self.journal.mark_hook_running(run)
         try:
             target = instance or self.journal.instance(run, step, now)
             self.call(run, step, now, getattr(target, name), name)
@@ -83,12 +83,12 @@ class HookInvoker:
             return ErrorInfo.from_exception(exc, hook=name)
         return None
 
-    def call_on_cancel(self, run: Run, step: StepRecord, now: datetime, instance: Step | None = None) -> None:
+    def call_on_cancel(self, run: Run, step: StepRecord, now: datetime, instance: Step | None = None) -> Writing[None]:
         """The step is being cancelled: its ``on_cancel`` runs, if it has one. The cancel stands
         whatever it raises; the error is kept on the step for a look."""
         if run.classes[step.uuid].on_cancel is Step.on_cancel:
             return
-        error = self.call_guarded(run, step, now, "on_cancel", instance)
+        error = yield from self.call_guarded(run, step, now, "on_cancel", instance)
         if error is not None:
             step.error = error
             logger.error("on_cancel of step %s in pipeline %s raised %s", step.name, run.pipeline.uuid, error.message)

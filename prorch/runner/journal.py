@@ -22,10 +22,10 @@ from prorch.policy import Policies
 from prorch.records import ErrorInfo, PipelineRecord, Record, StepRecord
 from prorch.registry import Registry
 from prorch.runner import transitions
-from prorch.runner.state import Outcome, Run
+from prorch.runner.state import Outcome, Run, Writing
 from prorch.status import TERMINAL, Status
 from prorch.step import Step, StepRuntime
-from prorch.store import Store
+from prorch.store import Store, Write
 
 logger = logging.getLogger("prorch.orchestrator")
 
@@ -94,9 +94,10 @@ class Journal:
 
     # --- writing -------------------------------------------------------------------------------
 
-    def commit(self, run: Run, steps: list[StepRecord], *, stop: bool) -> bool:
-        """Persist one transition; returns whether the pass goes on with this pipeline. Raises
-        ``ConcurrentUpdateError`` when the lease was lost."""
+    def commit(self, run: Run, steps: list[StepRecord], *, stop: bool, mark: bool = True) -> Writing[bool]:
+        """Persist one transition (yield it; resumed once stored); returns whether the pass goes
+        on with this pipeline. Going on, the write marks the next hook running, unless ``mark``
+        is False. Raises ``ConcurrentUpdateError`` when the lease was lost."""
         now = self.clock.now()
         transitions.settle(run, now)
         pipeline = run.pipeline
@@ -104,12 +105,14 @@ class Journal:
         for merged in range(MAX_MERGES):
             if merged:
                 now = self.clock.now()
-            transitions.schedule(run, stop=stop, now=now, lease_seconds=self.lease_seconds, policies=self.policies)
+            transitions.schedule(
+                run, stop=stop, now=now, lease_seconds=self.lease_seconds, policies=self.policies, mark=mark
+            )
             added: list[Record] = list(run.events)
             if self.registry.event_hooks:
                 added += self.registry.records_for_events(pipeline.name, run.events, now)
             try:
-                self.store.commit([*steps, pipeline], added, run.consumed)
+                yield Write([*steps, pipeline], added, run.consumed)
                 break
             except ConcurrentUpdateError:
                 if self.merge(run) is Merge.LEASE_LOST:
@@ -135,13 +138,13 @@ class Journal:
         run.woken = True  # a message may have arrived: be due again at once
         return Merge.MERGED
 
-    def mark_hook_running(self, run: Run) -> None:
+    def mark_hook_running(self, run: Run) -> Writing[None]:
         """Store that a hook is about to run, unless the last write already did (it does when
         the pass goes on with this pipeline): one write per advance, not per hook."""
         if run.pipeline.hook_started_at is None:
-            self.commit(run, [], stop=False)
+            yield from self.commit(run, [], stop=False)
 
-    def park(self, run: Run) -> None:
+    def park(self, run: Run) -> Writing[None]:
         """Stop for now without running a hook: release the lease, be due again when the next
         step's wait, backoff or deadline says (at once when it is due now). Writes nothing when
         the stored record says so already."""
@@ -150,7 +153,7 @@ class Journal:
         unchanged = pipeline.lease_owner is None and pipeline.hook_started_at is None and not run.dirty
         if unchanged and pipeline.next_run_at == until:
             return
-        self.commit(run, [], stop=True)
+        yield from self.commit(run, [], stop=True)
 
     def record_error(self, claimed: PipelineRecord, exc: Exception) -> None:
         """An advance failed in the engine (not in a hook): keep the error on the pipeline for a
@@ -168,10 +171,10 @@ class Journal:
         except Exception as again:  # the repository is still down: the lease expires by itself
             logger.warning("pipeline %s: could not record the error: %s", claimed.uuid, again)
 
-    def leave_blocked(self, pipeline: PipelineRecord, reason: str) -> Outcome:
+    def leave_blocked(self, pipeline: PipelineRecord, reason: str) -> Writing[Outcome]:
         """Code for this record is not deployed: touch nothing but our own lease."""
         if pipeline.lease_owner is not None:
             transitions.release(pipeline)
             pipeline.next_run_at = self.clock.now() + timedelta(seconds=self.lease_seconds)
-            self.store.commit([pipeline])
+            yield Write([pipeline], [], [])
         return Outcome(pipeline.uuid, pipeline.status, blocked=reason)

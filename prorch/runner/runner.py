@@ -20,7 +20,8 @@ from prorch.runner import transitions
 from prorch.runner.endings import Endings
 from prorch.runner.hookcalls import HookInvoker
 from prorch.runner.journal import Journal
-from prorch.runner.state import Outcome, Run
+from prorch.runner.rounds import write_each
+from prorch.runner.state import Outcome, Run, Writing
 from prorch.runner.turns import Turns
 from prorch.status import TERMINAL
 from prorch.store import Store
@@ -67,50 +68,62 @@ class Runner:
     # --- entry points ----------------------------------------------------------------------
 
     def advance(self, pipeline: PipelineRecord, keeper: LeaseKeeper | None = None) -> Outcome:
-        """Run the pipeline's due work now. The record must be claimed by this runner (its
-        ``lease_owner`` is our lease token), or the store must be one without claims, used by a
-        single orchestrator."""
+        """Run the pipeline's due work now, one commit per transition."""
+        return write_each(self.journal.store, self.advancing(pipeline, keeper))
+
+    def advancing(self, pipeline: PipelineRecord, keeper: LeaseKeeper | None = None) -> Writing[Outcome]:
+        """The pipeline's due work, yielding each transition to store (see ``Writing``). The
+        record must be claimed by this runner (its ``lease_owner`` is our lease token), or the
+        store must be one without claims, used by a single orchestrator."""
         try:
             run = self.journal.load(pipeline)
         except NotRegisteredError as exc:
             logger.warning("pipeline %s is blocked: %s", pipeline.uuid, exc, extra={"pipeline_uuid": pipeline.uuid})
-            return self.journal.leave_blocked(pipeline, str(exc))
+            return (yield from self.journal.leave_blocked(pipeline, str(exc)))
         run.token, run.keeper = pipeline.lease_owner, keeper
         try:
             if transitions.charge_crash(run):
                 self._log_crash(run)
+                # stored before any hook runs, with no hook marked: a crash from here on is a new one
+                yield from self.journal.commit(run, [], stop=False, mark=False)
+            elif run.crashed_hook_at is not None:
+                logger.warning(
+                    "pipeline %s: a worker died or vanished during a round of group commit that included "
+                    "this pipeline; not charged, its hooks now run alone until they pass",
+                    pipeline.uuid, extra={"pipeline_uuid": pipeline.uuid},
+                )  # fmt: skip
             if pipeline.status not in TERMINAL and pipeline.crashes >= self.max_crashes:
-                self.endings.quarantine(run)
+                yield from self.endings.quarantine(run)
             elif pipeline.cancel_requested and pipeline.status not in TERMINAL:
-                self.endings.cancel(run)
+                yield from self.endings.cancel(run)
             else:
                 if transitions.settle(run, self.clock.now()):
-                    self.journal.commit(run, [], stop=run.pipeline.status in TERMINAL)
-                self._loop(run)
+                    yield from self.journal.commit(run, [], stop=run.pipeline.status in TERMINAL)
+                yield from self._loop(run)
         except KeyboardInterrupt:
-            self._interrupted(run)
+            yield from self._interrupted(run)
         return transitions.outcome(run, self.clock.now())
 
     def cancel(self, pipeline: PipelineRecord) -> Outcome:
         """Cancel a pipeline that has not ended; the current step's ``on_cancel`` runs."""
         run = self.journal.load(pipeline)
         run.token = pipeline.lease_owner
-        self.endings.cancel(run)
+        write_each(self.journal.store, self.endings.cancel(run))
         return transitions.outcome(run, self.clock.now())
 
     def retry(self, pipeline: PipelineRecord) -> Outcome:
         """Put a failed pipeline back to pending from its failed step, with fresh attempts."""
         run = self.journal.load(pipeline)
         changed = transitions.reset_for_retry(run, self.clock.now())
-        self.journal.commit(run, changed, stop=True)
+        write_each(self.journal.store, self.journal.commit(run, changed, stop=True))
         return transitions.outcome(run, self.clock.now())
 
     # --- the loop --------------------------------------------------------------------------
 
-    def _loop(self, run: Run) -> None:
+    def _loop(self, run: Run) -> Writing[None]:
         while run.pipeline.status not in TERMINAL:
             if run.pipeline.cancel_requested:  # merged from an outside write while we ran
-                self.endings.cancel(run)
+                yield from self.endings.cancel(run)
                 return
             now = self.clock.now()
             step, rollback = run.next_step()
@@ -120,19 +133,23 @@ class Runner:
             if deadline is not None and deadline <= now:
                 timeout = self.policies.of(run.classes[step.uuid]).timeout or 0
                 error = StepTimeoutError(f"step {step.name} timed out: no verdict within {timeout:g}s of its start")
-                if not self.turns.time_out(run, step, now, error):
+                if not (yield from self.turns.time_out(run, step, now, error)):
                     return
                 continue
             if step.next_run_at is not None and step.next_run_at > now:
                 if rollback or not self.journal.has_mail(run):
-                    self.journal.park(run)
+                    yield from self.journal.park(run)
                     return
                 step.next_run_at = None  # woken by a message before its wait was over
             if run.transitions >= self.max_turns or self.should_stop():
-                self.journal.park(run)
+                yield from self.journal.park(run)
                 return
-            go_on = self.endings.roll_back(run, step, now) if rollback else self.turns.turn(run, step, now)
-            if not go_on:
+            yield from self.journal.mark_hook_running(run)  # a no-op when the last write did it
+            if self.should_stop():  # asked for while that was stored (in a round of group commit)
+                yield from self.journal.park(run)
+                return
+            turn = self.endings.roll_back(run, step, now) if rollback else self.turns.turn(run, step, now)
+            if not (yield from turn):
                 return
 
     def _log_crash(self, run: Run) -> None:
@@ -144,7 +161,7 @@ class Runner:
             self.max_crashes, extra={"pipeline_uuid": pipeline.uuid},
         )  # fmt: skip
 
-    def _interrupted(self, run: Run) -> None:
+    def _interrupted(self, run: Run) -> Writing[None]:
         """A hook raised KeyboardInterrupt: stop the worker as SIGINT does, and put this
         pipeline back, due now, without blame (its hook runs again: at least once)."""
         logger.warning(
@@ -153,7 +170,8 @@ class Runner:
             extra={"pipeline_uuid": run.pipeline.uuid},
         )
         run.forget_pending()
-        self.journal.park(run)
+        if self.request_stop is not None:
+            self.request_stop()  # first: the other pipelines of a round start no hook from now on
+        yield from self.journal.park(run)
         if self.request_stop is None:
             raise KeyboardInterrupt
-        self.request_stop()

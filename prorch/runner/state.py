@@ -1,15 +1,26 @@
-"""The state of one advance of one pipeline (``Run``) and what it did (``Outcome``)."""
+"""The state of one advance of one pipeline (``Run``), what it did (``Outcome``), and the shape
+of the runner's work (``Writing``)."""
 
 from __future__ import annotations
 
+from collections.abc import Generator
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeAlias, TypeVar
 
 from prorch.leases import LeaseKeeper
 from prorch.records import EventRecord, MessageRecord, PipelineRecord, StepRecord
 from prorch.status import Status
 from prorch.step import Step
+from prorch.store import Write
+
+T = TypeVar("T")
+
+Writing: TypeAlias = Generator[Write, None, T]
+"""The runner's work on one pipeline, as a generator: it yields each transition to store and
+is resumed once that is stored (with nothing), or with the store's error thrown in. The runner
+never commits by itself, so that whoever drives it chooses: one commit per transition
+(``rounds.write_each``) or several pipelines' transitions per commit (``rounds.write_in_rounds``)."""
 
 
 @dataclass

@@ -147,8 +147,11 @@ def wake_time(run: Run, now: datetime, policies: Policies) -> datetime:
     return min(candidates) if candidates else now
 
 
-def schedule(run: Run, *, stop: bool, now: datetime, lease_seconds: float, policies: Policies) -> None:
-    """The pipeline's scheduling fields for the next write: due time, lease, hook mark."""
+def schedule(
+    run: Run, *, stop: bool, now: datetime, lease_seconds: float, policies: Policies, mark: bool = True
+) -> None:
+    """The pipeline's scheduling fields for the next write: due time, lease, hook mark (unless
+    ``mark`` is False: the pass goes on, but no hook is starting yet)."""
     pipeline = run.pipeline
     pipeline.updated_at = now
     if pipeline.status in TERMINAL:
@@ -157,13 +160,14 @@ def schedule(run: Run, *, stop: bool, now: datetime, lease_seconds: float, polic
         pipeline.next_run_at = now if run.woken else wake_time(run, now, policies)
     elif pipeline.next_run_at is None:
         pipeline.next_run_at = now  # a crash before the last commit must leave it due
+    pipeline.hook_shared = False  # one write, one pipeline (group commit's rounds share it)
     if stop:
         release(pipeline)
         pipeline.hook_started_at = None
     else:
         if pipeline.lease_owner is not None:
             pipeline.lease_expires_at = now + timedelta(seconds=lease_seconds)
-        pipeline.hook_started_at = now  # the pass goes on: the next hook starts now
+        pipeline.hook_started_at = now if mark else None  # the pass goes on: the next hook starts now
     for index, event in enumerate(run.events):  # order within one commit, for history()
         event.seq = (pipeline.revision + 1) * 1000 + index
 
@@ -177,15 +181,28 @@ def release(pipeline: PipelineRecord) -> None:
 
 def charge_crash(run: Run) -> bool:
     """A hook was marked running and its result never recorded: the worker running it died or
-    vanished. Charge this pipeline (and no other one of that worker's batch); True if charged."""
+    vanished. Charge this pipeline (and no other one of that worker's batch); True if charged.
+    A mark shared by a round of group commit charges nothing: several pipelines' hooks ran
+    under it, and the crash cannot be pinned on one. Either way the mark is taken off, so that
+    the next hook is marked afresh, on its own (see ``rounds``)."""
     pipeline = run.pipeline
     if pipeline.hook_started_at is None or pipeline.status in TERMINAL:
         return False
     run.crashed_hook_at = pipeline.hook_started_at
     pipeline.hook_started_at = None
-    pipeline.crashes += 1
     run.dirty = True
+    if pipeline.hook_shared:
+        pipeline.hook_shared = False
+        return False
+    pipeline.crashes += 1
     return True
+
+
+def share_hook_mark(pipeline: PipelineRecord) -> None:
+    """The write about to be stored is part of a round of group commit: if it marks a hook
+    running, so do the round's other writes, and a crash would not be this pipeline's alone."""
+    if pipeline.hook_started_at is not None:
+        pipeline.hook_shared = True
 
 
 def quarantine(run: Run, now: datetime, error: ErrorInfo) -> list[StepRecord]:

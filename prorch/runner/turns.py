@@ -26,7 +26,7 @@ from prorch.runner import transitions
 from prorch.runner.hookcalls import HookInvoker
 from prorch.runner.journal import Journal
 from prorch.runner.runtime import HookRuntime
-from prorch.runner.state import Run
+from prorch.runner.state import Run, Writing
 from prorch.status import EventType, Status
 from prorch.step import Step, Verdict
 
@@ -48,7 +48,7 @@ class Turns:
         self.clock = clock
         self.policies = policies
 
-    def turn(self, run: Run, step: StepRecord, now: datetime) -> bool:
+    def turn(self, run: Run, step: StepRecord, now: datetime) -> Writing[bool]:
         """Run the step's next hook and persist the result; True to go on in this pass."""
         cls = run.classes[step.uuid]
         first_run = step.status == Status.CREATED
@@ -58,7 +58,7 @@ class Turns:
         run.transitions += 1
         step.attempt = max(step.attempt, 1)
         runtime = HookRuntime(self.journal.store, self.registry, self.clock, run, now)
-        self.journal.mark_hook_running(run)
+        yield from self.journal.mark_hook_running(run)
         try:
             instance = self.journal.instance(run, step, now, runtime)
             if defines_hook(cls, name):
@@ -67,38 +67,39 @@ class Turns:
                 instance.finish()  # its only hook returned: done, its Output model still applies
             check_json(instance.metadata, "metadata")
         except HookTimeoutError as exc:
-            return self.time_out(run, step, now, exc)
+            return (yield from self.time_out(run, step, now, exc))
         except UnstorableValueError as exc:
             error = UnstorableResultError(f"the results of {name} of step {step.name} cannot be stored: {exc}")
-            return self.failed(run, step, error, now, name)
+            return (yield from self.failed(run, step, error, now, name))
         except KeyboardInterrupt:
             raise
         except BaseException as exc:  # SystemExit too: a failure of this step, not of the worker
-            return self.failed(run, step, exc, now, name)
+            return (yield from self.failed(run, step, exc, now, name))
         runtime.merge()
         try:
             step.metadata = instance.metadata
             if first_run:
                 transitions.start_step(run, step, now)
-            return self.apply(run, step, instance, instance.verdict, now, name, first_run=first_run)
+            return (yield from self.apply(run, step, instance, instance.verdict, now, name, first_run=first_run))
         except ConcurrentUpdateError:
             raise
         except RepositoryError as exc:
-            return self.unstorable(run, step, exc, name)
+            return (yield from self.unstorable(run, step, exc, name))
 
     def apply(
         self, run: Run, step: StepRecord, instance: Step, verdict: Verdict | None, now: datetime, hook: str,
         *, first_run: bool,
-    ) -> bool:  # fmt: skip
+    ) -> Writing[bool]:  # fmt: skip
         """Record a hook's verdict (or its lack of one); True to go on in this pass."""
         if verdict is None:
             # After on_start, on_continue follows in this pass. An on_continue without a verdict
             # keeps the step pending: the pipeline is due again at the next pass.
             step.next_run_at = None
-            return self.journal.commit(run, [step], stop=not first_run) and first_run
+            go_on = yield from self.journal.commit(run, [step], stop=not first_run)
+            return go_on and first_run
         if verdict.kind == "wait":
             step.next_run_at = verdict.until
-            self.journal.commit(run, [step], stop=True)
+            yield from self.journal.commit(run, [step], stop=True)
             return False
         if verdict.kind == "finish":
             transitions.finish_step(run, step, verdict.output, now)
@@ -110,11 +111,11 @@ class Turns:
             )  # fmt: skip
             transitions.fail_step(run, step, error, now)
         else:
-            self.invoker.call_on_cancel(run, step, now, instance)
+            yield from self.invoker.call_on_cancel(run, step, now, instance)
             transitions.end_step(run, step, Status.CANCELLED, EventType.STEP_CANCELLED, now)
-        return self.journal.commit(run, [step], stop=False)
+        return (yield from self.journal.commit(run, [step], stop=False))
 
-    def unstorable(self, run: Run, step: StepRecord, exc: RepositoryError, hook: str) -> bool:
+    def unstorable(self, run: Run, step: StepRecord, exc: RepositoryError, hook: str) -> Writing[bool]:
         """The store refused what a hook produced: count a failed attempt of the step, recorded
         without those results (read back from the store), instead of running the hook forever."""
         logger.error(
@@ -127,11 +128,11 @@ class Turns:
         current = next(s for s in run.steps if s.uuid == step.uuid)
         current.attempt = max(current.attempt, 1)
         error = UnstorableResultError(f"the results of {hook} of step {step.name} could not be stored: {exc}")
-        return self.failed(run, current, error, self.clock.now(), hook, attempts=STORE_ATTEMPTS)
+        return (yield from self.failed(run, current, error, self.clock.now(), hook, attempts=STORE_ATTEMPTS))
 
     def failed(
         self, run: Run, step: StepRecord, exc: BaseException, now: datetime, hook: str, *, attempts: int = 1
-    ) -> bool:
+    ) -> Writing[bool]:
         """Count a failed attempt: retry with backoff while the step has attempts left (at
         least ``attempts``), else fail the step."""
         error = ErrorInfo.from_exception(exc, hook=hook)
@@ -140,7 +141,7 @@ class Turns:
         policy = self.policies.of(run.classes[step.uuid])
         if policy.retries(exc, step.attempt, at_least=attempts):
             step.attempt += 1
-            delay = self.retry_later(run, step, step.attempt - 1, str(exc), now)
+            delay = yield from self.retry_later(run, step, step.attempt - 1, str(exc), now)
             logger.warning(
                 "step %s of pipeline %s raised %s: %s; retry %d/%d in %.1fs",
                 step.name, run.pipeline.uuid, type(exc).__name__, exc, step.attempt,
@@ -156,16 +157,16 @@ class Turns:
             extra=context,
         )
         transitions.fail_step(run, step, error, now)
-        return self.journal.commit(run, [step], stop=False)
+        return (yield from self.journal.commit(run, [step], stop=False))
 
-    def time_out(self, run: Run, step: StepRecord, now: datetime, error: StepTimeoutError) -> bool:
+    def time_out(self, run: Run, step: StepRecord, now: datetime, error: StepTimeoutError) -> Writing[bool]:
         """The step, or one hook call of it, ran out of time: ``on_timeout`` runs, then the step
         is retried from ``on_start`` per its attempts, or fails. True to go on in this pass."""
         cls = run.classes[step.uuid]
         run.transitions += 1
         step.attempt = max(step.attempt, 1)
         if cls.on_timeout is not Step.on_timeout:
-            raised = self.invoker.call_guarded(run, step, now, "on_timeout")
+            raised = yield from self.invoker.call_guarded(run, step, now, "on_timeout")
             if raised is not None:  # the timeout stands; keep what on_timeout raised in the log
                 logger.error(
                     "on_timeout of step %s in pipeline %s raised %s", step.name, run.pipeline.uuid, raised.message
@@ -176,14 +177,16 @@ class Turns:
         if step.attempt < self.policies.of(cls).max_attempts:
             step.error = timed_out
             transitions.restart_after_timeout(run, step)
-            self.retry_later(run, step, step.attempt - 1, str(error), now, timeout=True)
+            yield from self.retry_later(run, step, step.attempt - 1, str(error), now, timeout=True)
             return False
         transitions.fail_step(run, step, timed_out, now, timeout=True)
-        return self.journal.commit(run, [step], stop=False)
+        return (yield from self.journal.commit(run, [step], stop=False))
 
-    def retry_later(self, run: Run, step: StepRecord, attempt: int, error: str, now: datetime, **data: Any) -> float:
+    def retry_later(
+        self, run: Run, step: StepRecord, attempt: int, error: str, now: datetime, **data: Any
+    ) -> Writing[float]:
         """Back off before attempt ``attempt + 1``: record when, say so in the history, stop."""
         delay = self.policies.of(run.classes[step.uuid]).delay(attempt)
         transitions.plan_retry(run, step, attempt, error, now, delay, **data)
-        self.journal.commit(run, [step], stop=True)
+        yield from self.journal.commit(run, [step], stop=True)
         return delay

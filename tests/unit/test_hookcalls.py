@@ -17,6 +17,7 @@ from prorch.registry import Registry
 from prorch.runner import transitions
 from prorch.runner.hookcalls import HookInvoker
 from prorch.runner.journal import Journal
+from prorch.runner.rounds import write_each
 from prorch.runner.state import Run
 from prorch.store import Store
 from repositories.memory import MemoryBackend
@@ -69,7 +70,7 @@ def test_call_guarded_returns_what_the_hook_raised(registry: Registry) -> None:
         def on_rollback(self) -> None:
             raise ValueError("cannot undo")
 
-    error = invoker.call_guarded(run, step, NOW, "on_rollback", Failing())  # type: ignore[arg-type]
+    error = write_each(invoker.journal.store, invoker.call_guarded(run, step, NOW, "on_rollback", Failing()))  # type: ignore[arg-type]
     assert error is not None and (error.type, error.message, error.hook) == ("ValueError", "cannot undo", "on_rollback")
     assert run.pipeline.hook_started_at is not None  # marked running first, in the store
 
@@ -80,5 +81,5 @@ def test_on_cancel_errors_are_kept_on_the_step(registry: Registry) -> None:
 
     invoker, run = invoker_and_run(registry, Policies(), on_cancel=on_cancel)
     (step,) = run.steps
-    invoker.call_on_cancel(run, step, NOW)
+    write_each(invoker.journal.store, invoker.call_on_cancel(run, step, NOW))
     assert step.error is not None and step.error.message == "cleanup failed" and step.error.hook == "on_cancel"

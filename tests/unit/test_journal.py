@@ -12,6 +12,7 @@ from prorch.creation import build_records, store_new
 from prorch.policy import Policies
 from prorch.registry import Registry
 from prorch.runner.journal import Journal, Merge
+from prorch.runner.rounds import write_each
 from prorch.store import Store
 from repositories.memory import MemoryBackend
 from tests.support.builders import pipeline_of, step_of
@@ -53,7 +54,7 @@ def test_an_outside_write_under_our_lease_is_merged_and_the_commit_goes_through(
 
     assert journal.merge(run) is Merge.MERGED
     assert (run.pipeline.cancel_requested, run.pipeline.priority, run.woken) == (True, 7, True)
-    assert journal.commit(run, [], stop=True) is False
+    assert write_each(journal.store, journal.commit(run, [], stop=True)) is False
     stored = journal.store.get_pipeline(uuid)
     assert stored is not None and stored.cancel_requested and stored.lease_owner is None
 
@@ -66,7 +67,7 @@ def test_a_lost_lease_is_reported_as_such_and_the_commit_refused(journal: Journa
     assert journal.store.claim_one(uuid, later, "other", later + timedelta(seconds=30)) is not None
     assert journal.merge(run) is Merge.LEASE_LOST
     with pytest.raises(ConcurrentUpdateError):
-        journal.commit(run, [], stop=True)
+        write_each(journal.store, journal.commit(run, [], stop=True))
 
 
 def test_without_a_lease_token_nothing_is_merged(journal: Journal) -> None:
@@ -81,7 +82,7 @@ def test_a_parked_run_is_due_again_at_its_wake_time_and_unleased(journal: Journa
     run = journal.load(journal.store.get_pipeline(uuid))  # type: ignore[arg-type]
     run.token = "me"
     run.steps[0].next_run_at = NOW + timedelta(seconds=9)  # e.g. its wait
-    journal.park(run)
+    write_each(journal.store, journal.park(run))
     stored = journal.store.get_pipeline(uuid)
     assert stored is not None
     assert (stored.next_run_at, stored.lease_owner, stored.status) == (
@@ -93,7 +94,7 @@ def test_a_pipeline_whose_code_is_missing_keeps_everything_but_our_lease(journal
     uuid = claimed(journal)
     pipeline = journal.store.get_pipeline(uuid)
     assert pipeline is not None
-    outcome = journal.leave_blocked(pipeline, "not deployed")
+    outcome = write_each(journal.store, journal.leave_blocked(pipeline, "not deployed"))
     stored = journal.store.get_pipeline(uuid)
     assert stored is not None and stored.lease_owner is None and stored.status == Status.PENDING
     assert outcome.blocked == "not deployed"

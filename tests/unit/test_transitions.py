@@ -159,6 +159,32 @@ def test_a_crash_is_charged_once_and_only_while_a_hook_was_marked() -> None:
     assert transitions.charge_crash(run) is False
 
 
+def test_a_mark_shared_by_a_round_charges_nothing_but_is_taken_off() -> None:
+    run = make_run(Plain)
+    run.pipeline.hook_started_at, run.pipeline.hook_shared = NOW, True
+    assert transitions.charge_crash(run) is False
+    assert (run.pipeline.crashes, run.pipeline.hook_started_at, run.pipeline.hook_shared) == (0, None, False)
+    assert run.crashed_hook_at == NOW and run.dirty  # the step's deadline still counts from then
+
+
+def test_only_a_round_shares_marks_and_every_other_write_unshares_them() -> None:
+    run = make_run(Plain)
+    transitions.schedule(run, stop=False, now=NOW, lease_seconds=30, policies=Policies())
+    transitions.share_hook_mark(run.pipeline)
+    assert run.pipeline.hook_shared
+    transitions.schedule(run, stop=False, now=NOW, lease_seconds=30, policies=Policies())
+    assert not run.pipeline.hook_shared and run.pipeline.hook_started_at == NOW
+    transitions.schedule(run, stop=True, now=NOW, lease_seconds=30, policies=Policies())
+    transitions.share_hook_mark(run.pipeline)  # no mark: nothing to share
+    assert not run.pipeline.hook_shared and run.pipeline.hook_started_at is None
+
+
+def test_a_charge_write_marks_no_hook() -> None:
+    run = make_run(Plain)
+    transitions.schedule(run, stop=False, now=NOW, lease_seconds=30, policies=Policies(), mark=False)
+    assert run.pipeline.hook_started_at is None
+
+
 def test_quarantine_fails_the_current_step_and_skips_the_rollbacks() -> None:
     run = make_run(Compensated, Plain)
     done, current = run.steps

@@ -1,0 +1,235 @@
+"""Group commit on real stores: several pipelines' transitions in one transaction, each
+all-or-nothing on its own; a transition acknowledged (the next hook, visible records) only once
+committed; one commit (one TinyDB file write) per round; crash marks of a round shared, and the
+pipelines found with a mark run alone."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from prorch import ConcurrentUpdateError, FakeClock, Orchestrator, Status, Step
+from prorch.records import EventRecord, PipelineRecord, new_uuid
+from prorch.registry import Registry
+from prorch.status import EventType
+from prorch.store import Store, Write
+from repositories.sqlite import SQLiteBackend
+from repositories.tinydb import AtomicJSONStorage
+from tests.integration.conftest import make_backend
+from tests.support.builders import pipeline_of, step_of
+
+GROUP_BACKENDS = ["memory", "sqlite", "postgresql", "tinydb"]
+
+
+def event_for(record: PipelineRecord) -> EventRecord:
+    return EventRecord(
+        uuid=new_uuid(), pipeline_uuid=record.uuid, type=EventType.PIPELINE_STARTED, at=record.created_at, data={}
+    )
+
+
+@pytest.mark.parametrize("kind", GROUP_BACKENDS)
+def test_a_refused_write_in_a_group_undoes_that_write_only(
+    kind: str, tmp_path: Path, request: pytest.FixtureRequest, registry: Registry
+) -> None:
+    backend = make_backend(kind, tmp_path, request)
+    pipeline = pipeline_of(step_of("A", lambda self: None))
+    uuids = [pipeline.create(backend, registry=registry).uuid for _ in range(3)]
+    store = Store(backend)
+    records = [store.get_pipeline(uuid) for uuid in uuids]
+    assert all(records)
+    first, stale, third = (r for r in records if r is not None)
+    stale.revision -= 1  # read before someone else's write: its compare-and-set must be refused
+    for record in (first, stale, third):
+        record.priority = 7
+    events = [event_for(record) for record in (first, stale, third)]
+    writes = [Write([record], [event], []) for record, event in zip((first, stale, third), events, strict=True)]
+
+    outcomes = store.commit_many(writes)
+
+    assert outcomes[0] is None and outcomes[2] is None
+    assert isinstance(outcomes[1], ConcurrentUpdateError)
+    assert stale.revision == first.revision - 2  # the refused write keeps the revision it was read with
+    fresh = Store(make_backend(kind, tmp_path, request) if kind != "memory" else backend)
+    for record, event, written in zip((first, stale, third), events, (True, False, True), strict=True):
+        stored = fresh.get_pipeline(record.uuid)
+        assert stored is not None and (stored.priority == 7) is written
+        assert any(e.uuid == event.uuid for e in fresh.events_of(record.uuid)) is written
+
+
+def test_a_store_error_in_one_write_of_a_group_undoes_that_write_only(tmp_path: Path, registry: Registry) -> None:
+    url = f"sqlite:///{tmp_path / 'p.db'}"
+    backend = SQLiteBackend(url)
+    pipeline = pipeline_of(step_of("A", lambda self: None))
+    uuids = [pipeline.create(backend, registry=registry).uuid for _ in range(2)]
+    store = Store(backend)
+    records = [r for r in (store.get_pipeline(uuid) for uuid in uuids) if r is not None]
+    before = [r.revision for r in records]
+    for record in records:
+        record.priority = 9
+    duplicate = event_for(records[0])
+    # the same event in two writes of one group: the second insert fails, inside its own savepoint
+    outcomes = store.commit_many([Write([records[0]], [duplicate], []), Write([records[1]], [duplicate], [])])
+    assert outcomes[0] is None and outcomes[1] is not None
+    assert records[1].revision == before[1]
+    stored = Store(SQLiteBackend(url)).get_pipeline(uuids[1])
+    assert stored is not None and stored.priority == 0
+
+
+def two_step_pipeline(seen: list[tuple[str, bool]], reader: Store) -> type[Any]:
+    """Step B's hook looks, through another connection, at what the store holds of step A."""
+
+    def check(self: Step) -> None:
+        stored = {s.name: s.status for s in reader.steps_of(self.pipeline_uuid)}
+        seen.append((self.pipeline_uuid, stored["A"] == Status.FINISHED))
+
+    return pipeline_of(step_of("A", lambda self: None), step_of("B", check))
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "postgresql", "tinydb"])
+@pytest.mark.parametrize("concurrency", [1, 4])
+def test_a_hook_starts_only_after_the_transition_before_it_is_committed(
+    kind: str, concurrency: int, tmp_path: Path, request: pytest.FixtureRequest, registry: Registry
+) -> None:
+    backend = make_backend(kind, tmp_path, request)
+    seen: list[tuple[str, bool]] = []
+    pipeline = two_step_pipeline(seen, Store(make_backend(kind, tmp_path, request)))
+    uuids = {pipeline.create(backend, registry=registry).uuid for _ in range(12)}
+    orchestrator = Orchestrator(backend, registry=registry, concurrency=concurrency, group_commit=8)
+    summary = orchestrator.execute_pipelines()
+    assert summary.finished == 12 and not summary.errors
+    assert {uuid for uuid, _ in seen} == uuids
+    assert all(committed for _, committed in seen), seen
+
+
+def count_calls(monkeypatch: pytest.MonkeyPatch, owner: type, name: str, wanted: Any = None) -> list[int]:
+    """Count calls of a real method (it still runs)."""
+    calls: list[int] = []
+    original = getattr(owner, name)
+
+    def counted(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if wanted is None or wanted(*args, **kwargs):
+            calls.append(1)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(owner, name, counted)
+    return calls
+
+
+@pytest.mark.parametrize("group_commit", [1, 32])
+def test_tinydb_writes_its_file_once_per_round(
+    group_commit: int, tmp_path: Path, registry: Registry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    backend = make_backend("tinydb", tmp_path, None)  # type: ignore[arg-type]
+    pipeline = pipeline_of(*(step_of(name, lambda self: None) for name in "ABC"))
+    for _ in range(10):
+        pipeline.create(backend, registry=registry)
+    replaced = count_calls(monkeypatch, AtomicJSONStorage, "_replace")
+    summary = Orchestrator(backend, registry=registry, concurrency=1, group_commit=group_commit).execute_pipelines()
+    assert summary.finished == 10 and summary.transitions == 30
+    # 10 pipelines x (a hook mark + 3 transitions) = 40 writes, plus the claim
+    if group_commit == 1:
+        assert len(replaced) >= 40
+    else:
+        assert len(replaced) <= 6, len(replaced)
+
+
+@pytest.mark.parametrize("group_commit", [1, 32])
+def test_sqlite_commits_once_per_round(
+    group_commit: int, tmp_path: Path, registry: Registry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    backend = SQLiteBackend(f"sqlite:///{tmp_path / 'p.db'}")
+    pipeline = pipeline_of(*(step_of(name, lambda self: None) for name in "ABC"))
+    pipeline.create_many(backend, [{}] * 20, registry=registry)
+    commits = count_calls(monkeypatch, SQLiteBackend, "_end", lambda connection, handle, *, commit: commit)
+    summary = Orchestrator(backend, registry=registry, concurrency=1, group_commit=group_commit).execute_pipelines()
+    assert summary.finished == 20
+    if group_commit == 1:
+        assert len(commits) >= 80  # a hook mark and 3 transitions each
+    else:
+        assert len(commits) <= 5, len(commits)  # 80 writes in rounds of up to 32
+
+
+def test_a_lease_lost_in_a_round_costs_only_that_pipeline(tmp_path: Path, registry: Registry) -> None:
+    """Another worker takes one pipeline over while its hook runs (its lease had run out): that
+    pipeline's write is refused; the others of the round are stored."""
+    url = f"sqlite:///{tmp_path / 'p.db'}"
+    clock = FakeClock()
+    other_store = Store(SQLiteBackend(url))
+
+    def take_over(self: Step) -> None:
+        later = clock.now() + timedelta(seconds=120)
+        assert other_store.claim_one(self.pipeline_uuid, later, "other-worker", later + timedelta(seconds=60))
+
+    victim_pipeline = pipeline_of(step_of("Hijacked", take_over), name="Victim")
+    plain = pipeline_of(step_of("Plain", lambda self: None), name="Plain")
+    backend = SQLiteBackend(url)
+    victim = victim_pipeline.create(backend, registry=registry, clock=clock).uuid
+    others = [plain.create(backend, registry=registry, clock=clock).uuid for _ in range(4)]
+    orchestrator = Orchestrator(backend, registry=registry, clock=clock, concurrency=1, group_commit=32)
+    summary = orchestrator.execute_pipelines()
+    assert list(summary.errors) == [victim] and "ConcurrentUpdateError" in summary.errors[victim]
+    for uuid in others:
+        assert orchestrator.get(uuid).pipeline.status == Status.FINISHED
+    state = orchestrator.get(victim)
+    assert state.pipeline.lease_owner == "other-worker" and state.steps[0].status != Status.FINISHED
+
+
+def test_marks_of_a_round_are_shared_and_a_marked_pipeline_runs_alone(tmp_path: Path, registry: Registry) -> None:
+    """After a worker died in a round, the pipelines it had marked run alone: while one of
+    their hooks runs, it carries its own exact mark and no other pipeline carries one (stale
+    shared marks charge nobody), so a death then is pinned on it alone."""
+    url = f"sqlite:///{tmp_path / 'p.db'}"
+    clock = FakeClock()
+    reader = Store(SQLiteBackend(url))
+    marked_elsewhere: list[list[str]] = []
+    own: list[bool] = []
+
+    def look(self: Step) -> None:
+        exact = [p.uuid for p in reader.all_pipelines() if p.hook_started_at is not None and not p.hook_shared]
+        own.append(self.pipeline_uuid in exact)
+        marked_elsewhere.append([uuid for uuid in exact if uuid != self.pipeline_uuid])
+
+    pipeline = pipeline_of(step_of("Look", look))
+    backend = SQLiteBackend(url)
+    uuids = [pipeline.create(backend, registry=registry, clock=clock).uuid for _ in range(3)]
+    store = Store(backend)
+    # a worker claimed them, stored the marks of a round, and died
+    start = clock.now()
+    for record in store.claim_due(start, "dead-worker#1", start + timedelta(seconds=60), 10):
+        record.hook_started_at, record.hook_shared = start, True
+        store.commit([record])
+    clock.advance(61)
+    orchestrator = Orchestrator(backend, registry=registry, clock=clock, concurrency=1, group_commit=32)
+    summary = orchestrator.execute_pipelines()
+    assert summary.finished == 3
+    assert own == [True, True, True] and marked_elsewhere == [[], [], []]  # each ran alone
+    for uuid in uuids:
+        assert orchestrator.get(uuid).pipeline.crashes == 0  # a shared mark charges nobody
+
+
+def test_an_exact_mark_is_charged_and_the_charge_stored_before_any_hook(tmp_path: Path, registry: Registry) -> None:
+    url = f"sqlite:///{tmp_path / 'p.db'}"
+    clock = FakeClock()
+    reader = Store(SQLiteBackend(url))
+    crashes_seen: dict[str, int] = {}
+
+    def look(self: Step) -> None:
+        for record in reader.all_pipelines():
+            crashes_seen.setdefault(record.uuid, record.crashes)
+
+    pipeline = pipeline_of(step_of("Look", look))
+    backend = SQLiteBackend(url)
+    uuids = [pipeline.create(backend, registry=registry, clock=clock).uuid for _ in range(2)]
+    store = Store(backend)
+    start = clock.now()
+    for record in store.claim_due(start, "dead-worker#1", start + timedelta(seconds=60), 10):
+        record.hook_started_at = start  # exact marks (group_commit = 1, or alone): both hooks ran
+        store.commit([record])
+    clock.advance(61)
+    orchestrator = Orchestrator(backend, registry=registry, clock=clock, concurrency=1, group_commit=32)
+    assert orchestrator.execute_pipelines().finished == 2
+    # when the first hook ran, both charges were stored already
+    assert crashes_seen == {uuid: 1 for uuid in uuids}
