@@ -61,7 +61,7 @@ class SettingsFields(BaseModel):
     concurrency: int = Field(default=4, ge=1, description="hooks run at once by one process")
     batch_size: int = Field(default=100, ge=1, description="pipelines claimed per pass")
     group_commit: int = Field(
-        default=32, ge=1, description="transitions of different pipelines stored per commit (1: one each)"
+        default=100, ge=1, description="transitions of different pipelines stored per commit (1: one each)"
     )
     lease_seconds: float = Field(default=60.0, gt=0, description="how long a claim lasts unrenewed")
     max_crashes: int = Field(

@@ -52,8 +52,11 @@ logger = logging.getLogger("prorch.orchestrator")
 
 DEFAULT_CONCURRENCY = 4
 DEFAULT_BATCH_SIZE = 100
-DEFAULT_GROUP_COMMIT = 32
-"""Transitions of different pipelines stored per commit, at most (see ``prorch.runner.rounds``)."""
+DEFAULT_GROUP_COMMIT = 100
+"""Transitions of different pipelines stored per commit, at most (see ``prorch.runner.rounds``).
+Measured on W1 (transitions/s, group 1 / 8 / 32 / 100): SQLite 1,290 / 1,590 / 1,630 / 1,640,
+durable PostgreSQL about 320 / 300 / 360 / 400, TinyDB (1,000 pipelines) 9 / 78 / 199 / 478: flat
+on SQLite past 8, rising to the default batch size elsewhere."""
 DEFAULT_INTERVAL_SECONDS = 5.0
 DEFAULT_SHUTDOWN_GRACE_SECONDS = 30.0
 """How long a stopping worker waits for running hooks before it exits anyway."""

@@ -92,3 +92,18 @@ def test_settings_in_your_own_code_read_the_same_sources(tmp_path: Path, monkeyp
     monkeypatch.setenv("PRORCH_CONCURRENCY", "6")
     settings = Settings(batch_size=9)
     assert (settings.repository, settings.concurrency, settings.batch_size) == ("sqlite:///from-file.db", 6, 9)
+
+
+def test_group_commit_reaches_the_orchestrator_from_the_environment_and_the_flag(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from prorch.cli.helpers import Context
+
+    url = f"sqlite:///{tmp_path / 'p.db'}"
+    assert Context({"repository": url}, None, False).orchestrator().group_commit == 100
+    monkeypatch.setenv("PRORCH_GROUP_COMMIT", "1")
+    assert Context({"repository": url}, None, False).orchestrator().group_commit == 1
+    assert Context({"repository": url, "group_commit": 8}, None, False).orchestrator().group_commit == 8
+    monkeypatch.setenv("PRORCH_GROUP_COMMIT", "0")
+    with pytest.raises(ConfigurationError, match="group_commit"):
+        load_settings(cwd=tmp_path)

@@ -72,6 +72,7 @@ def test_the_deadline_is_the_timeout_after_the_start() -> None:
     [
         ({"concurrency": 0}, r"Orchestrator\(concurrency=0\): concurrency must be an int >= 1"),
         ({"batch_size": -1}, r"Orchestrator\(batch_size=-1\): batch_size must be an int >= 1"),
+        ({"group_commit": 0}, r"Orchestrator\(group_commit=0\): group_commit must be an int >= 1 \(1: one commit"),
         ({"lease_seconds": 0}, r"Orchestrator\(lease_seconds=0\): lease_seconds must be a number of seconds > 0"),
         ({"hook_timeout": 0}, r"hook_timeout must be None or a number of seconds > 0"),
         ({"shutdown_grace": -1}, r"shutdown_grace must be a number of seconds >= 0"),
