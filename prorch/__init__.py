@@ -52,7 +52,6 @@ from prorch.repository import (
     SupportsClaim,
     SupportsCompareAndSet,
     SupportsDueQuery,
-    SupportsSavepoint,
     SupportsTransaction,
 )
 from prorch.runner import Outcome
@@ -115,7 +114,6 @@ __all__ = [
     "SupportsClaim",
     "SupportsCompareAndSet",
     "SupportsDueQuery",
-    "SupportsSavepoint",
     "SupportsTransaction",
     "SystemClock",
     "WorkerCrashed",

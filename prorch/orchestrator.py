@@ -149,7 +149,7 @@ class Orchestrator:
         with LeaseKeeper(self.store, self.lease_seconds, self.clock) as keeper:
             keeper.hold(claimed)
             writings = [self._advancing(pipeline, keeper) for pipeline in claimed]
-            if self.group_commit > 1 and len(claimed) > 1 and self.store.can_group_commit:
+            if self.group_commit > 1 and len(claimed) > 1 and self.store.has_transaction:
                 # suspects of a crash in an earlier round run alone, so that a crash is pinned on one
                 alone = [i for i, p in enumerate(claimed) if p.crashes or p.hook_started_at is not None]
                 with self.store.session():

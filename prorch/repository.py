@@ -115,17 +115,6 @@ class SupportsTransaction(Protocol):
 
 
 @runtime_checkable
-class SupportsSavepoint(Protocol):
-    """A backend that can undo part of an open transaction: group commit stores several
-    pipelines' transitions in one transaction, each all-or-nothing on its own."""
-
-    def savepoint(self) -> AbstractContextManager[None]:
-        """Inside ``transaction()``: if the block raises, its writes are undone and the error
-        goes on; the transaction stays open, with the writes made before the block."""
-        ...
-
-
-@runtime_checkable
 class SupportsServerClock(Protocol):
     """A backend whose server keeps the time that every worker should follow."""
 

@@ -34,7 +34,6 @@ from prorch.repository import (
     SupportsDueQuery,
     SupportsPinning,
     SupportsSaveMany,
-    SupportsSavepoint,
     SupportsServerClock,
     SupportsTransaction,
     is_thread_safe,
@@ -157,9 +156,6 @@ class Store:
         self.due_query = self.pipelines if isinstance(self.pipelines, SupportsDueQuery) else None
         self.transactions = self.backend if isinstance(self.backend, SupportsTransaction) else None
         self.pinning = self.backend if isinstance(self.backend, SupportsPinning) else None
-        self.savepoints = (
-            self.backend if self.transactions is not None and isinstance(self.backend, SupportsSavepoint) else None
-        )
         self.server_clock = self.backend if isinstance(self.backend, SupportsServerClock) else None
         self.compare_and_set: dict[str, SupportsCompareAndSet] | None = {
             model: repository
@@ -349,29 +345,37 @@ class Store:
             _restore(write, revisions)  # the unit did not happen
             raise
 
-    def _write_unit(self, write: Write) -> None:
+    def _write_unit(self, write: Write, *, pipeline_first: bool = False) -> None:
+        """The statements of one write. Steps go first (without a transaction, a crash in
+        between leaves them, the source of truth, ahead); inside a group, the pipeline goes
+        first, so that a refused compare-and-set is found before anything is written."""
+        pipelines = [record for record in write.changed if isinstance(record, PipelineRecord)]
+        if pipeline_first and pipelines:
+            try:
+                self._write(pipelines[0])
+            except ConcurrentUpdateError as exc:
+                raise _Refused(exc) from exc
+            pipelines = pipelines[1:]
         for record in write.changed:
             if not isinstance(record, PipelineRecord):
                 self._write(record)
         for message in write.touched:
             _call("update a message", self.messages.update, message.uuid, message.to_dict())
         self._save(write.added)
-        for record in write.changed:
-            if isinstance(record, PipelineRecord):
-                self._write(record)
-
-    @property
-    def can_group_commit(self) -> bool:
-        """Whether ``commit_many`` stores several transitions in one transaction."""
-        return self.savepoints is not None
+        for record in pipelines:
+            self._write(record)
 
     def commit_many(self, writes: Sequence[Write]) -> list[Exception | None]:
         """Store several pipelines' transitions in one transaction (group commit: one commit,
-        one fsync, for all of them), each all-or-nothing on its own: a refused compare-and-set
-        undoes that transition only. Returns, per write, None when it was stored or the error
-        that kept it out; when the commit itself fails, every write gets that error. Without
-        savepoints, each write is its own commit."""
-        if self.savepoints is None or len(writes) == 1:
+        one sync of the log, for all of them), each all-or-nothing on its own. Returns, per
+        write, None when it was stored or the error that kept it out.
+
+        Each write's pipeline goes first, by compare-and-set: a refused one (another worker
+        holds it, or an outside write came in) has written nothing yet and is left out, and
+        the others go on. Should anything else fail half-way through a write, or the commit
+        itself, the transaction is rolled back and each write is stored on its own instead:
+        slower, and as exact. Without transactions, each write is its own commit anyway."""
+        if self.transactions is None or len(writes) == 1:
             return [self._try_commit(write) for write in writes]
         revisions = [[record.revision for record in write.changed] for write in writes]
         outcomes: list[Exception | None] = []
@@ -379,19 +383,18 @@ class Store:
             with self.transaction():
                 for write, before in zip(writes, revisions, strict=True):
                     try:
-                        with self.savepoints.savepoint():
-                            self._write_unit(write)
-                    except Exception as exc:
+                        self._write_unit(write, pipeline_first=True)
+                    except _Refused as refused:
                         _restore(write, before)
-                        outcomes.append(exc)
+                        outcomes.append(refused.error)
                     else:
                         outcomes.append(None)
         except BaseException as exc:
             for write, before in zip(writes, revisions, strict=True):
-                _restore(write, before)  # nothing was stored
+                _restore(write, before)  # nothing of the group was stored
             if not isinstance(exc, Exception):
                 raise
-            return [exc] * len(writes)
+            return [self._try_commit(write) for write in writes]
         return outcomes
 
     def _try_commit(self, write: Write) -> Exception | None:
@@ -421,6 +424,14 @@ class Store:
 
     def _repository(self, record: Record) -> IRepository:
         return self._by_model[record.MODEL]
+
+
+class _Refused(Exception):
+    """A write of a group was refused before any of its statements ran."""
+
+    def __init__(self, error: ConcurrentUpdateError) -> None:
+        super().__init__(str(error))
+        self.error = error
 
 
 def _restore(write: Write, revisions: list[int]) -> None:

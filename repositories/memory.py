@@ -66,21 +66,6 @@ class MemoryBackend:
             finally:
                 self._undo = None
 
-    @contextlib.contextmanager
-    def savepoint(self) -> Iterator[None]:
-        """Inside ``transaction()``: the block's writes are put back if it raises."""
-        with self.lock:
-            if self._undo is None:
-                raise RuntimeError("savepoint() is only meaningful inside transaction()")
-            undo, mark = self._undo, len(self._undo)
-            try:
-                yield
-            except BaseException:
-                while len(undo) > mark:
-                    repository, uuid, previous = undo.pop()
-                    repository._put(uuid, previous)
-                raise
-
 
 class MemoryRepository(IRepository):
     """One model's table inside a ``MemoryBackend``, indexed by the fields the engine searches."""

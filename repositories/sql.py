@@ -172,20 +172,6 @@ class SQLBackend:
                 self._local.connection = None
 
     @contextlib.contextmanager
-    def savepoint(self) -> Iterator[None]:
-        """Inside ``transaction()``: the block's writes are undone if it raises (group commit
-        keeps one pipeline's refused write from undoing the others')."""
-        connection = self._open_transaction()
-        with self._errors(), connection.begin_nested():
-            yield
-
-    def _open_transaction(self) -> Connection:
-        connection = self.current_connection()
-        if connection is None:
-            raise RuntimeError("savepoint() is only meaningful inside transaction()")
-        return connection
-
-    @contextlib.contextmanager
     def connect(self, *, write: bool) -> Iterator[Connection]:
         """The open transaction's connection, or a new short transaction around the block."""
         current = getattr(self._local, "connection", None)  # current_connection(), inlined: the hot path

@@ -12,7 +12,6 @@ import contextlib
 import os
 import sqlite3
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, cast
 
@@ -110,22 +109,6 @@ class SQLiteBackend(SQLBackend):
         finally:
             if connection.in_transaction():  # a statement through SQLAlchemy autobegan: reset
                 connection.rollback()  # a no-op for the driver, which is already done
-
-    @contextlib.contextmanager
-    def savepoint(self) -> Iterator[None]:
-        """A savepoint on the driver's connection, where ``_begin`` began the transaction."""
-        handle = driver(self._open_transaction())
-        with self._errors():
-            handle.execute("SAVEPOINT prorch_unit")
-        try:
-            yield
-        except BaseException:
-            with self._errors():
-                handle.execute("ROLLBACK TO prorch_unit")
-                handle.execute("RELEASE prorch_unit")
-            raise
-        with self._errors():
-            handle.execute("RELEASE prorch_unit")
 
 
 class SQLiteRepository(SQLRepository):

@@ -46,7 +46,6 @@ class AtomicJSONStorage(Storage):
         self.buffering = False  # inside a transaction: writes stay in memory until flush()
         self._dirty = False
         self.next_ids: dict[str, int] = {}  # per table; forgotten whenever the file is read again
-        self.undo: list[tuple[str, str, JSONDict | None]] = []  # (table, doc_id, previous row) while buffering
 
     def _file_stamp(self) -> tuple[int, int, int] | None:
         try:
@@ -91,21 +90,6 @@ class AtomicJSONStorage(Storage):
         if self._dirty and self._cache is not None:
             self._replace(self._cache)
         self._dirty = False
-
-    def remember(self, table: str, doc_id: str, previous: JSONDict | None) -> None:
-        """Inside a transaction: what a write replaced, for ``undo_to`` (a savepoint)."""
-        if self.buffering:
-            self.undo.append((table, doc_id, previous))
-
-    def undo_to(self, mark: int) -> None:
-        """Put back the rows written since the undo log was ``mark`` entries long."""
-        tables = self._cache or {}
-        while len(self.undo) > mark:
-            table, doc_id, previous = self.undo.pop()
-            if previous is None:
-                tables.get(table, {}).pop(doc_id, None)
-            else:
-                tables.setdefault(table, {})[doc_id] = previous
 
     def forget(self) -> None:
         """Drop the cache (after a failed transaction): the next read comes from the file."""
@@ -182,27 +166,12 @@ class TinyDBBackend:
                 return
             self.storage.read()
             self.storage.buffering = True
-            self.storage.undo = []
             try:
                 yield
                 self.storage.buffering = False
                 self.storage.flush()
             finally:
                 self.storage.buffering = False
-                self.storage.undo = []
-
-    @contextlib.contextmanager
-    def savepoint(self) -> Iterator[None]:
-        """Inside ``transaction()``: the block's writes are taken back from the buffer if it
-        raises (group commit keeps one pipeline's refused write from undoing the others')."""
-        if not self.storage.buffering:
-            raise RuntimeError("savepoint() is only meaningful inside transaction()")
-        mark = len(self.storage.undo)
-        try:
-            yield
-        except BaseException:
-            self.storage.undo_to(mark)
-            raise
 
 
 class TinyDBRepository(IRepository):
@@ -228,7 +197,6 @@ class TinyDBRepository(IRepository):
             next_id = storage.next_ids.get(self.name) or max((int(key) for key in table), default=0) + 1
             storage.next_ids[self.name] = next_id + 1
             doc_id = str(next_id)
-        storage.remember(self.name, doc_id, table.get(doc_id))
         table[doc_id] = row
         self.backend.storage.write(data)
         return doc_id

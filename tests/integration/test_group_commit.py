@@ -70,7 +70,8 @@ def test_a_store_error_in_one_write_of_a_group_undoes_that_write_only(tmp_path: 
     for record in records:
         record.priority = 9
     duplicate = event_for(records[0])
-    # the same event in two writes of one group: the second insert fails, inside its own savepoint
+    # the same event in two writes of one group: the second insert fails half-way through its
+    # write (its pipeline already written), so the group is stored one write at a time instead
     outcomes = store.commit_many([Write([records[0]], [duplicate], []), Write([records[1]], [duplicate], [])])
     assert outcomes[0] is None and outcomes[1] is not None
     assert records[1].revision == before[1]
