@@ -94,40 +94,65 @@ def main() -> None:
     )
     options = parser.parse_args()
     runs = 1 if options.quick else 3
-    sizes = [200] if options.quick else [1000, 10000]
-    waiting = 5000 if options.quick else 100_000
+    sizes = [200] if options.quick else [1000]
+    large = 2000 if options.quick else 100_000  # W1 SQLite at scale, one run
+    waiting = 5000 if options.quick else 1_000_000
     if options.render_only:
         results = json.loads((HERE / "last_results.json").read_text())
-        Path(options.output).write_text(render(results, runs, sizes, waiting))
+        Path(options.output).write_text(render(results, runs, sizes, waiting, large))
         return
     from tests.support.postgres import remove, start_server
 
     server = start_server(durable=True)  # every PostgreSQL figure is a durable commit: fsync and synchronous_commit on
     results: dict[str, Any] = {}
-    chosen = set(options.only or ["w1", "w2", "w3", "w4", "w5", "peers"])
+    chosen = set(options.only or ["w1", "floor", "w2", "w3", "w4", "w5", "peers"])
     if options.only:
         results = json.loads((HERE / "last_results.json").read_text())
     try:
         # W1: N pipelines of 3 quick steps, created then run to the end
         for n in sizes if "w1" in chosen else []:
-            for backend in ("memory", "sqlite", "sqlite-batch", "sqlite-full", "tinydb", "postgresql"):
-                if backend == "tinydb" and n > 1000:
-                    continue  # the whole file is rewritten per transition: see the notes
+            for backend in W1_BACKENDS:
+                if n > 1000 and backend not in ("sqlite", "sqlite-batch"):
+                    continue
 
                 def make(folder: Path, backend: str = backend, n: int = n) -> dict[str, Any] | None:
                     url = {
                         "memory": "memory://",
                         "sqlite": f"sqlite:///{folder}/w1.db",
                         "sqlite-batch": f"sqlite:///{folder}/w1.db",
+                        "sqlite-group1": f"sqlite:///{folder}/w1.db",
                         "sqlite-full": f"sqlite:///{folder}/w1.db?synchronous=full",
                         "tinydb": f"tinydb:///{folder}/w1.json",
                     }.get(backend) or fresh_pg_url(server)
-                    name = "w1_batch" if backend == "sqlite-batch" else "w1"
-                    return run_json(workload(name, url, str(n)), cwd=folder)
+                    name = "w1_batch" if backend in ("sqlite-batch", "postgresql-batch") else "w1"
+                    group = "1" if backend.endswith("group1") else "100"
+                    return run_json(workload(name, url, str(n), group), cwd=folder)
 
                 print(f"W1 {backend} N={n}", flush=True)
-                # TinyDB rewrites its whole file per transition: minutes per run at N=1,000
-                results[f"w1/{backend}/{n}"] = measure(1 if backend == "tinydb" else runs, make)
+                results[f"w1/{backend}/{n}"] = measure(runs, make)
+        if "w1" in chosen:
+            print(f"W1 sqlite-batch N={large}", flush=True)
+            results[f"w1/sqlite-batch/{large}"] = measure(
+                1, lambda f: run_json(workload("w1_batch", f"sqlite:///{f}/w1.db", str(large)), cwd=f, timeout=1800)
+            )
+
+        if "floor" in chosen:
+            # the same writes replayed with the raw driver, no engine: what the store itself costs
+            for store in ("sqlite", "postgresql"):
+                for group in (1, 100):
+                    print(f"floor {store} group={group}", flush=True)
+                    results[f"floor/{store}/{group}"] = measure(
+                        runs,
+                        lambda f, store=store, group=group: run_json(
+                            workload(
+                                "floor",
+                                f"sqlite:///{f}/floor.db" if store == "sqlite" else fresh_pg_url(server),
+                                str(sizes[0]),
+                                str(group),
+                            ),
+                            cwd=f,
+                        ),
+                    )
 
         if "w2" in chosen:
             # W2: one pass of a fresh worker over WAITING idle pipelines and 10 due ones
@@ -147,15 +172,17 @@ def main() -> None:
             results["w3"] = measure(runs, lambda f: run_json(workload("w3", str(f / "w3.db"), str(sizes[0])), cwd=f))
 
         if "w4" in chosen:
-            # W4: 1, 2, 4 worker processes on PostgreSQL, hooks sleeping 10 ms
-            for workers in (1, 2, 4):
-                print(f"W4 postgresql workers={workers}", flush=True)
-                results[f"w4/{workers}"] = measure(
-                    runs,
-                    lambda f, w=workers: run_json(
-                        workload("w4", fresh_pg_url(server), str(100 if options.quick else 300), str(w)), cwd=f
-                    ),
-                )
+            # W4: 1, 2, 4 worker processes on PostgreSQL, hooks sleeping 10 ms (I/O-bound) or not at all (W1)
+            for sleep in ("0.010", "0"):
+                for workers in (1, 2, 4):
+                    print(f"W4 postgresql workers={workers} sleep={sleep}", flush=True)
+                    results[f"w4/{workers}" if sleep != "0" else f"w4-quick/{workers}"] = measure(
+                        runs,
+                        lambda f, w=workers, sleep=sleep: run_json(
+                            workload("w4", fresh_pg_url(server), str(100 if options.quick else 300), str(w), sleep),
+                            cwd=f,
+                        ),
+                    )
 
         if "w5" in chosen:  # W5: hooks waiting 50 ms on I/O, async on the loop vs sync in threads
             for store in ("sqlite", "postgresql"):
@@ -182,26 +209,43 @@ def main() -> None:
                     ),
                 )
             dbos = venv_python("dbos")
-            for mode in ("inline", "start"):
-                print(f"peer DBOS {mode} N={sizes[0]}", flush=True)
-                results[f"dbos/{mode}"] = measure(
-                    runs,
-                    lambda f, m=mode: run_json(
-                        [dbos, str(HERE / "peers" / "dbos_w1.py"), str(sizes[0]), m], cwd=f, peer=True
-                    ),
-                )
+            for store in ("sqlite", "postgresql"):
+                for mode in ("inline", "start"):
+                    print(f"peer DBOS {store} {mode} N={sizes[0]}", flush=True)
+                    results[f"dbos/{mode}" if store == "sqlite" else f"dbos-pg/{mode}"] = measure(
+                        runs,
+                        lambda f, m=mode, store=store: run_json(
+                            [dbos, str(HERE / "peers" / "dbos_w1.py"), str(sizes[0]), m]
+                            + ([fresh_pg_url(server)] if store == "postgresql" else []),
+                            cwd=f,
+                            peer=True,
+                        ),
+                    )
     finally:
         remove(server)
-    Path(options.output).write_text(render(results, runs, sizes, waiting))
+    Path(options.output).write_text(render(results, runs, sizes, waiting, large))
     (HERE / "last_results.json").write_text(json.dumps(results, indent=1))
     print(f"wrote {options.output}")
+
+
+W1_BACKENDS = (
+    "memory",
+    "sqlite",
+    "sqlite-batch",
+    "sqlite-group1",
+    "sqlite-full",
+    "tinydb",
+    "postgresql",
+    "postgresql-batch",
+    "postgresql-group1",
+)
 
 
 def fmt(value: float | None, digits: int = 0) -> str:
     return "did not finish" if value is None else f"{value:,.{digits}f}"
 
 
-def render(results: dict[str, Any], runs: int, sizes: list[int], waiting: int) -> str:
+def render(results: dict[str, Any], runs: int, sizes: list[int], waiting: int, large: int) -> str:
     import prorch
 
     def m(key: str, field: str) -> float | None:
@@ -213,22 +257,25 @@ def render(results: dict[str, Any], runs: int, sizes: list[int], waiting: int) -
             return None
         return 3 * size / (size / create_rate + 3 * size / run_rate)
 
+    def ratio(a: float | None, b: float | None) -> float | None:
+        return a / b if a and b else None
+
     n = sizes[0]
-    w1 = m(f"w1/sqlite/{n}", "transitions_per_s")
-    w1_e2e = end_to_end(f"w1/sqlite/{n}", n)
-    w1_full = end_to_end(f"w1/sqlite-full/{n}", n)
+    best = {
+        store: max(
+            (v for v in (m(f"{prefix}/inline", "transitions_per_s"), m(f"{prefix}/start", "transitions_per_s")) if v),
+            default=None,
+        )
+        for store, prefix in (("sqlite", "dbos"), ("postgresql", "dbos-pg"))
+    }
     w1_batch = end_to_end(f"w1/sqlite-batch/{n}", n)
-    w1_best = max((v for v in (w1_e2e, w1_batch) if v is not None), default=None)  # as for the peers
-    dbos_inline = m("dbos/inline", "transitions_per_s")
-    dbos_start = m("dbos/start", "transitions_per_s")
-    seed_1000 = m("seed/1000", "transitions_per_s")
-    seed_dnf = "seed/1000" in results and seed_1000 is None
-    seed_bound = seed_1000 or (3 * 1000 / SEED_TIMEOUT if seed_dnf else None)
+    w1_pg = m(f"w1/postgresql/{n}", "transitions_per_s")
+    per_transition = {size: ratio(1e6, m(f"w1/sqlite-batch/{size}", "transitions_per_s")) for size in (n, large)}
     w4 = {w: m(f"w4/{w}", "transitions_per_s") for w in (1, 2, 4)}
+    w4_quick = {w: m(f"w4-quick/{w}", "transitions_per_s") for w in (1, 2, 4)}
     w3_engine = m("w3", "engine_us")
     w2_ms = m("w2", "pass_ms")
     w2_rss = m("w2", "rss_mb")
-    best_dbos = max(v for v in (dbos_inline, dbos_start) if v is not None) if dbos_inline or dbos_start else None
     lines = [
         "# Benchmarks",
         "",
@@ -238,41 +285,70 @@ def render(results: dict[str, Any], runs: int, sizes: list[int], waiting: int) -
         f"prorch {prorch.__version__}, SQLite {__import__('sqlite3').sqlite_version}, "
         f"{time.strftime('%Y-%m-%d')}. Machines here are shared: expect ±15% between runs.",
         "PostgreSQL figures come from a local PostgreSQL server started by the run with `fsync=on` and",
-        "`synchronous_commit=on`: every commit is durable, as on SQLite.",
+        "`synchronous_commit=on`: every commit is durable, for prorch and for DBOS alike.",
         "",
-        f"## W1 — {n:,} pipelines of 3 steps that finish at once, created then run to the end",
+        "## W1 — pipelines of 3 steps that finish at once, created then run to the end",
         "",
         "Step transitions per second (a step started and finished = 1), in the run phase and end to",
-        "end (create + run), and the process's peak RSS. One orchestrator process, `concurrency=1`.",
+        "end (create + run), and the process's peak RSS. One orchestrator process, `concurrency=1`,",
+        "group commit at its default (100 transitions per commit) unless the row says `group_commit=1`.",
         "",
         "| system | store | N | run: transitions/s | end to end: transitions/s | peak RSS |",
         "|---|---|---|---|---|---|",
     ]
-    for size in sizes:
-        for backend in ("memory", "sqlite", "sqlite-batch", "sqlite-full", "tinydb", "postgresql"):
+    labels = {
+        "sqlite": "sqlite (default: WAL, synchronous=normal)",
+        "sqlite-batch": "sqlite, pipelines made by one `create_many`",
+        "sqlite-group1": "sqlite, `group_commit=1`",
+        "sqlite-full": "sqlite, synchronous=full",
+        "postgresql-batch": "postgresql, pipelines made by one `create_many`",
+        "postgresql-group1": "postgresql, `group_commit=1`",
+    }
+    for size in (*sizes, large):
+        for backend in W1_BACKENDS:
             key = f"w1/{backend}/{size}"
             if key not in results:
                 continue
-            run_rate = m(key, "transitions_per_s")
-            e2e = end_to_end(key, size)
-            label = {
-                "sqlite-full": "sqlite, synchronous=full",
-                "sqlite": "sqlite (default: WAL, synchronous=normal)",
-                "sqlite-batch": "sqlite, pipelines made by one `create_many`",
-            }.get(backend, backend)
-            lines.append(f"| prorch | {label} | {size:,} | {fmt(run_rate)} | {fmt(e2e)} | {fmt(m(key, 'rss_mb'))} MB |")
-    for mode, label in (("inline", "workflows called in a row"), ("start", "start_workflow")):
-        key = f"dbos/{mode}"
-        lines.append(
-            f"| DBOS 3.4 ({label}) | SQLite system database | {n:,} | — | {fmt(m(key, 'transitions_per_s'))} | "
-            f"{fmt(m(key, 'rss_mb'))} MB |"
-        )
+            lines.append(
+                f"| prorch | {labels.get(backend, backend)} | {size:,} | {fmt(m(key, 'transitions_per_s'))} | "
+                f"{fmt(end_to_end(key, size))} | {fmt(m(key, 'rss_mb'))} MB |"
+            )
+    for prefix, store in (("dbos", "SQLite"), ("dbos-pg", "PostgreSQL")):
+        for mode, label in (("inline", "workflows called in a row"), ("start", "start_workflow")):
+            key = f"{prefix}/{mode}"
+            if key in results:
+                lines.append(
+                    f"| DBOS 3.4 ({label}) | {store} system database | {n:,} | — | "
+                    f"{fmt(m(key, 'transitions_per_s'))} | {fmt(m(key, 'rss_mb'))} MB |"
+                )
     for size in (100, 300, 1000):
         key = f"seed/{size}"
         if key in results:
             lines.append(
                 f"| prorch 1.0.1 | README's TinyDBRepository | {size:,} | — | {fmt(m(key, 'transitions_per_s'))} | "
                 f"{fmt(m(key, 'rss_mb'))} MB |"
+            )
+    lines += [
+        "",
+        "## The floor: W1's writes with the raw driver",
+        "",
+        f"W1's writes for {n:,} pipelines (per pipeline the hook mark, then per step the step row, two",
+        "events and the pipeline row, whole rows by compare-and-set, as prorch writes them) replayed",
+        "with `sqlite3` or `psycopg` alone on prorch's schema, parameters built before the clock",
+        "starts: what the store costs with no engine at all.",
+        "",
+        "| store | writes per commit | transitions/s | µs per transition | prorch, same store and grouping |",
+        "|---|---|---|---|---|",
+    ]
+    for store in ("sqlite", "postgresql"):
+        for group in (1, 100):
+            key = f"floor/{store}/{group}"
+            if key not in results:
+                continue
+            ours = m(f"w1/{store}{'-group1' if group == 1 else '-batch'}/{n}", "transitions_per_s")
+            lines.append(
+                f"| {store} | {group} | {fmt(m(key, 'transitions_per_s'))} | {fmt(m(key, 'us_per_transition'))} | "
+                f"{fmt(ours)}/s |"
             )
     lines += [
         "",
@@ -289,54 +365,61 @@ def render(results: dict[str, Any], runs: int, sizes: list[int], waiting: int) -
         f"Python side) + {fmt(m('w3', 'sqlite_us'))} µs inside the SQLite library (timed around every",
         f"statement, BEGIN and COMMIT) = {fmt(m('w3', 'total_us'))} µs.",
         "",
-        "## W4 — scale-out on PostgreSQL, hooks that sleep 10 ms (I/O-bound)",
+        "## W4 — scale-out on PostgreSQL",
         "",
-        "| worker processes (concurrency 1 each) | transitions/s | vs 1 worker |",
-        "|---|---|---|",
+        "| worker processes (concurrency 1 each) | hooks sleep 10 ms: transitions/s | vs 1 "
+        "| hooks return at once (W1): transitions/s | vs 1 |",
+        "|---|---|---|---|---|",
     ]
-    for workers, rate in w4.items():
-        ratio = f"{rate / w4[1]:.2f}x" if rate and w4[1] else "—"
-        lines.append(f"| {workers} | {fmt(rate)} | {ratio} |")
+    for workers in (1, 2, 4):
+        lines.append(
+            f"| {workers} | {fmt(w4[workers])} | {fmt(ratio(w4[workers], w4[1]), 2)}x | {fmt(w4_quick[workers])} | "
+            f"{fmt(ratio(w4_quick[workers], w4_quick[1]), 2)}x |"
+        )
     lines += w5_section(results, m)
+    tinydb = m(f"w1/tinydb/{n}", "transitions_per_s")
     lines += [
         "",
-        "## Targets",
+        "## Targets (the performance issue, #13)",
         "",
         "| target | measured | verdict |",
         "|---|---|---|",
-        target_row("W1 SQLite ≥ 1,600 transitions/s (run phase)", w1, 1600),
-        target_row("W1 SQLite ≥ 1,600 transitions/s (end to end: create + run)", w1_e2e, 1600),
-        target_row("W1 SQLite ≥ 1,600 transitions/s (end to end, created with create_many)", w1_batch, 1600),
         target_row(
-            "W1 SQLite ≥ 10x DBOS (end to end, each in its best mode, same run)",
-            w1_best / best_dbos if w1_best and best_dbos else None,
-            10,
+            f"W1 SQLite, N={n:,}, end to end (create_many + run) ≥ 20x DBOS 3.4 on SQLite",
+            ratio(w1_batch, best["sqlite"]),
+            20,
             unit="x",
             digits=1,
         ),
+        target_row("W3 engine Python per transition ≤ 80 µs", w3_engine, 80, lower=True, unit=" µs"),
         target_row(
-            "W1 SQLite ≥ 100x prorch 1.0.1 at N=1,000"
-            + (
-                f" (1.0.1 did not finish in {SEED_TIMEOUT} s: at most {seed_bound:.0f}/s)"
-                if seed_dnf and seed_bound
-                else ""
-            ),
-            w1_best / seed_bound if w1_best and seed_bound else None,
-            100,
-            unit="x" if not seed_dnf else "x or more",
-            digits=0,
+            "W1 SQLite with `group_commit = 1` ≥ 3,500 transitions/s",
+            m(f"w1/sqlite-group1/{n}", "transitions_per_s"),
+            3500,
+        ),
+        target_row("W1 PostgreSQL, durable, 1 worker ≥ 2,500 transitions/s", w1_pg, 2500),
+        target_row(
+            "W1 PostgreSQL ≥ 10x DBOS 3.4 on PostgreSQL", ratio(w1_pg, best["postgresql"]), 10, unit="x", digits=1
         ),
         target_row(
-            "W1 ahead of DBOS at the same synchronous setting (FULL), end to end",
-            w1_full / best_dbos if w1_full and best_dbos else None,
-            1,
-            unit="x",
-            digits=1,
+            "PostgreSQL, 4 worker processes ≥ 3.5x one on W4 (I/O-bound)", ratio(w4[4], w4[1]), 3.5, unit="x", digits=2
         ),
-        target_row("W3 ≤ 300 µs engine overhead", w3_engine, 300, lower=True, unit=" µs"),
-        target_row("W2 one pass ≤ 50 ms", w2_ms, 50, lower=True, unit=" ms", digits=1),
+        target_row(
+            "PostgreSQL, 4 worker processes ≥ 2x one on W1", ratio(w4_quick[4], w4_quick[1]), 2, unit="x", digits=2
+        ),
+        target_row(
+            f"W2 one pass over {waiting:,} waiting pipelines ≤ 50 ms", w2_ms, 50, lower=True, unit=" ms", digits=1
+        ),
         target_row("W2 worker peak RSS ≤ 100 MB", w2_rss, 100, lower=True, unit=" MB"),
-        target_row("W4 4 workers ≥ 3x 1 worker", w4[4] / w4[1] if w4[4] and w4[1] else None, 3, unit="x", digits=2),
+        target_row(
+            f"W1 SQLite, N={large:,}: per-transition cost within 10% of N={n:,}",
+            ratio(per_transition[large], per_transition[n]),
+            1.10,
+            lower=True,
+            unit="x",
+            digits=2,
+        ),
+        target_row(f"TinyDB with rounds, N={n:,} ≥ 200 transitions/s", tinydb, 200),
         "",
         NOTES,
     ]
@@ -372,14 +455,9 @@ def w5_section(results: dict[str, Any], m: Callable[[str, str], float | None]) -
     lines += [
         "",
         "Async and sync hooks come out close: the waits do overlap (100 at a time), and what is left is",
-        "the store and the engine, which take the GIL. Each pipeline costs about 5 commits (the hook",
-        "mark, 3 transitions, the release); SQLite takes one writer at a time, and on PostgreSQL the",
-        "client side (SQLAlchemy and psycopg, about 1.2 ms of CPU per transition) is the bound, with",
-        "100 threads taking turns on the GIL. A pass also waits for its slowest pipeline before it",
-        "claims the next batch (on the in-memory store: 3.7 s with batches of 100, 2.5 s with one batch",
-        "of 1,000). Group commit, a leaner hot path and claiming while a pass runs are the performance",
-        "issue's work. (The pass keeps one thread per pipeline it advances, for the store calls; an",
-        "async hook's thread waits on the loop while the hook runs there.)",
+        "the store and the engine, which take the GIL. The hooks run in the pass's thread pool and the",
+        "pass's own thread stores their transitions in rounds (group commit). A pass also waits for",
+        "its slowest pipeline before it claims the next batch; claiming while a pass runs is not done.",
     ]
     return lines
 
@@ -396,42 +474,43 @@ def target_row(
 
 NOTES = """## Where targets are missed, and why
 
-- **End to end ≥ 1,600 transitions/s** (the run phase alone is above it). Creating a pipeline
-  is a durable transaction of its own (BEGIN IMMEDIATE, the pipeline, its steps and its first
-  event, COMMIT), so end to end every pipeline costs one creation plus three transitions.
-  `Pipeline.create_many` creates a batch in one transaction (about 7,000 pipelines/s): the row
-  above shows the end-to-end figure with it.
-- **10x DBOS.** DBOS does 220-280 transitions/s on this machine (the issue measured 160/s
-  elsewhere; against that figure the rates above are near 10x). 10x
-  the DBOS of this run means about 2,800/s end to end, at most 360 µs per transition including
-  creation, while SQLite itself spends about 280 µs per transition here (W3) for one durable
-  commit per transition. The rest of the way needs several transitions per commit (group
-  commit), which would re-run finished steps after a crash: prorch keeps one commit per
-  transition. Against DBOS at the same durability setting (synchronous=FULL) prorch is ahead
-  by the factor above.
+- **The engine is the bound, not the store.** With group commit, W1's writes cost SQLite about
+  95 µs per transition (the floor above), and prorch spends about 4-5 times that: W3's engine
+  share is far from 80 µs. The cost is the engine's Python per transition: pydantic records
+  (`model_construct`, assignment, `model_dump`), a row built from every column although a third
+  change, timestamps formatted several times, and the runner's generator and context managers.
+  That is the performance issue's item 2 (a hot path without pydantic, changed-column updates),
+  not done yet; it is what stands between the figures above and 20x DBOS on SQLite.
+- **`group_commit = 1` ≥ 3,500/s cannot be met on this machine by any engine**: the raw
+  driver alone, one commit per transition, does about 1,900/s here (the floor above).
+- **PostgreSQL.** Each write is 3-4 statements, one round trip each, through SQLAlchemy and
+  psycopg; even the raw driver with 100 writes per commit stays under 2,000/s (the floor), and
+  prorch adds about 1.2 ms of client CPU per transition. The one-round-trip write (a statement
+  with CTEs, the issue's item 4) is not done yet. DBOS on PostgreSQL is measured in the same
+  run, against the same durable server.
+- **4 PostgreSQL workers on W1** come out 1.8x one: the machine has 2 cores, shared by the 4
+  workers and the server.
+- **W1 at N=100,000** costs 1.8x per transition what N=1,000 does, and the process peaks at
+  about 1 GB. Not yet explained: the store is 100 times larger (deeper indexes, a page cache
+  that no longer holds it) and `create_many` builds all 100,000 pipelines' records in memory
+  before writing them; the per-transition figure is for the run phase only.
+- **prorch 1.0.1** runs one step per pipeline per pass and rewrites its TinyDB file on every
+  write; at 1,000 pipelines it does not finish in 270 s.
 
 ## Notes
 
-- **What a transition costs.** Each step transition is one durable SQLite transaction (WAL,
-  `BEGIN IMMEDIATE`): the step row by compare-and-set, its events, and the pipeline row by
-  compare-and-set. prorch does not batch several steps' transitions into one commit: a step whose
-  hook has run is recorded before the next step starts, so a crash never re-runs a finished step.
-- **How it got here.** Profiling (cProfile, then a timed SQLite connection) showed SQLAlchemy's
-  generic execution path costing several times what SQLite needs per statement. The per-transition
-  statements now run on the DBAPI connection with SQL text written from the same `Table`
-  declarations (`repositories/sqlite_fastpath.py`), statements are built once with bind
-  parameters, reads run in autocommit, events of one transition go in one `executemany`, and a
-  pass keeps its connections instead of a pool round trip per transition. W1 SQLite went from 465
-  to the figure above.
-- **TinyDB** rewrites its whole file (temp file, fsync, rename) on every transition: that is what
-  makes it crash-safe, and why its throughput falls as the file grows. It is measured at N=1,000
-  only; use SQLite beyond a few thousand pipelines.
-- **Threads.** `concurrency` > 1 helps I/O-bound hooks (W4's shape); with hooks that return at
-  once on one SQLite file, threads only contend for the GIL and SQLite's single writer, so W1 runs
-  with `concurrency=1`.
+- **Group commit.** A pass advances its pipelines in rounds and stores up to `group_commit`
+  (default 100) pipelines' transitions in one transaction; a pipeline's next hook starts only
+  after its transition is committed, and a crash re-runs at most one round of hooks
+  ([concepts](concepts.md#group-commit)). `group_commit=1` rows show one commit per transition.
+- **TinyDB** rewrites its whole file (temp file, fsync, rename) per commit; with rounds, that is
+  once per round instead of once per transition (about 9/s before at N=1,000, in a hand run).
+  Its end-to-end figure is low because each `create` is a file write of its own: use
+  `create_many`.
+- **Threads.** `concurrency` > 1 helps I/O-bound hooks (W4, W5); with hooks that return at once,
+  threads only contend for the GIL, so W1 runs with `concurrency=1`.
 - **DBOS** runs a workflow's steps in the caller's thread and checkpoints each; `start_workflow`
-  adds a thread per workflow. prorch 1.0.1 runs one step per pipeline per orchestrator pass and its
-  README's TinyDB repository rewrites the file on every write, so its cost grows with N.
+  adds a thread per workflow. Each figure is the median of its own runs in this same run.
 """
 
 

@@ -1,10 +1,12 @@
 """prorch's benchmark workloads; each run is a fresh process that prints one JSON line.
 
-    python tests/benchmarks/workloads.py w1 URL N        # N pipelines of 3 quick steps, created then run
+    python tests/benchmarks/workloads.py w1 URL N [GROUP]  # N pipelines of 3 quick steps, created then run
+    python tests/benchmarks/workloads.py w1_batch URL N [GROUP]  # the same, created by one create_many
+    python tests/benchmarks/workloads.py floor URL N GROUP  # W1's writes replayed with the raw driver
     python tests/benchmarks/workloads.py w2_setup URL WAITING  # WAITING idle + 10 due pipelines
     python tests/benchmarks/workloads.py w2_pass URL           # one pass of a fresh worker over them
     python tests/benchmarks/workloads.py w3 SQLITE_PATH N  # engine time per transition, SQLite time excluded
-    python tests/benchmarks/workloads.py w4 URL N WORKERS  # WORKERS processes, hooks sleeping 10 ms
+    python tests/benchmarks/workloads.py w4 URL N WORKERS [SLEEP]  # WORKERS processes, hooks sleeping 10 ms
     python tests/benchmarks/workloads.py w5 URL N CONCURRENCY async|sync  # hooks waiting 50 ms on I/O
 
 Run them all with tests/benchmarks/run.py, which writes docs/benchmarks.md.
@@ -19,6 +21,7 @@ import resource
 import sqlite3
 import sys
 import time
+import uuid
 from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
@@ -28,7 +31,10 @@ from prorch.creation import build_records
 from prorch.records import Record
 from prorch.store import Store
 from repositories import from_url
+from repositories.schema import TABLES
 from repositories.sql import SQLBackend
+from repositories.sqlite import WAL_AUTOCHECKPOINT_PAGES
+from repositories.sqlite_fastpath import SQLiteFastPath
 
 SLEEP = {"seconds": 0.0}
 
@@ -81,13 +87,13 @@ def run_to_end(orchestrator: Orchestrator) -> int:
             return transitions
 
 
-def w1(url: str, n: int) -> dict[str, Any]:
+def w1(url: str, n: int, group: int = 100) -> dict[str, Any]:
     backend = from_url(url)
     started = time.perf_counter()
     for _ in range(n):
         Three.create(backend)
     created = time.perf_counter()
-    transitions = run_to_end(Orchestrator(backend, concurrency=1))
+    transitions = run_to_end(Orchestrator(backend, concurrency=1, group_commit=group))
     done = time.perf_counter()
     finished = len(Orchestrator(backend).list_pipelines(status="finished"))
     assert finished == n, f"only {finished} of {n} finished"
@@ -99,13 +105,13 @@ def w1(url: str, n: int) -> dict[str, Any]:
     }
 
 
-def w1_batch(url: str, n: int) -> dict[str, Any]:
+def w1_batch(url: str, n: int, group: int = 100) -> dict[str, Any]:
     """W1 with the pipelines created by one ``create_many`` instead of one ``create`` each."""
     backend = from_url(url)
     started = time.perf_counter()
     Three.create_many(backend, [{}] * n)
     created = time.perf_counter()
-    transitions = run_to_end(Orchestrator(backend, concurrency=1))
+    transitions = run_to_end(Orchestrator(backend, concurrency=1, group_commit=group))
     done = time.perf_counter()
     return {
         "create_per_s": n / (created - started),
@@ -199,21 +205,23 @@ def w3(path: str, n: int) -> dict[str, Any]:
     }
 
 
-def w4_worker(url: str, done: Any) -> None:
-    SLEEP["seconds"] = 0.010
+def w4_worker(url: str, done: Any, sleep: float) -> None:
+    SLEEP["seconds"] = sleep
     orchestrator = Orchestrator(url, concurrency=1, batch_size=4)
     while not done.is_set():
         if orchestrator.execute_pipelines().claimed == 0:
             time.sleep(0.01)
 
 
-def w4(url: str, n: int, workers: int) -> dict[str, Any]:
+def w4(url: str, n: int, workers: int, sleep: float = 0.010) -> dict[str, Any]:
     backend = from_url(url)
     for _ in range(n):
         Three.create(backend)
     orchestrator = Orchestrator(backend)
     done = multiprocessing.get_context("fork").Event()
-    procs = [multiprocessing.get_context("fork").Process(target=w4_worker, args=(url, done)) for _ in range(workers)]
+    procs = [
+        multiprocessing.get_context("fork").Process(target=w4_worker, args=(url, done, sleep)) for _ in range(workers)
+    ]
     started = time.perf_counter()
     for proc in procs:
         proc.start()
@@ -249,15 +257,88 @@ def w5(url: str, n: int, concurrency: int, kind: str) -> dict[str, Any]:
     }
 
 
+def floor(url: str, n: int, group: int) -> dict[str, Any]:
+    """The floor under W1: its writes replayed with the raw driver (sqlite3 or psycopg) on
+    prorch's own schema and statements, ``group`` writes per commit, with no engine at all. Per
+    pipeline: the hook mark (the pipeline row), then per step the step row, two events and the
+    pipeline row; rows written whole, by compare-and-set, as prorch writes them. Parameters are
+    built before the clock starts."""
+    backend = from_url(url)
+    Three.create_many(backend, [{}] * n)
+    store = Store(backend)
+    pipelines = store.pipelines_with_status(Status.PENDING)
+    fast = {model: SQLiteFastPath(TABLES[model]) for model in ("PIPELINE", "STEP", "EVENT")}
+    sqlite = url.startswith("sqlite")
+
+    def text(sql: str) -> str:
+        return sql if sqlite else sql.replace("?", "%s")
+
+    def values(model: str, record: Record) -> list[Any]:
+        row = fast[model].row(record.to_dict(), with_uuid=model == "EVENT")
+        if sqlite:
+            return row
+        # PostgreSQL takes the same text for JSON and timestamps, and real booleans
+        kinds = [
+            k
+            for name, k in zip(fast[model].names, fast[model].kinds, strict=True)
+            if model == "EVENT" or name != "uuid"
+        ]
+        return [bool(v) if kind == "bool" and v is not None else v for v, kind in zip(row, kinds, strict=True)]
+
+    template = store.events_of(pipelines[0].uuid)[0]
+    cas = {model: text(fast[model].compare_and_set) for model in ("PIPELINE", "STEP")}
+
+    def compare_and_set(model: str, record: Any) -> tuple[str, list[Any]]:
+        record.revision += 1  # as Store._write: the new revision is written, the old one compared
+        return cas[model], [*values(model, record), record.uuid, record.revision - 1]
+
+    statements: list[list[tuple[str, list[Any]]]] = []  # one list per write
+    for pipeline in pipelines:
+        statements.append([compare_and_set("PIPELINE", pipeline)])
+        for step in store.steps_of(pipeline.uuid):
+            write = [compare_and_set("STEP", step)]
+            for _ in range(2):
+                event = template.model_copy(update={"uuid": str(uuid.uuid4()), "pipeline_uuid": pipeline.uuid})
+                write.append((text(fast["EVENT"].insert), values("EVENT", event)))
+            write.append(compare_and_set("PIPELINE", pipeline))
+            statements.append(write)
+    if hasattr(backend, "dispose"):
+        backend.dispose()
+    if sqlite:
+        connection: Any = sqlite3.connect(url.removeprefix("sqlite:///"), isolation_level=None)
+        connection.execute(f"PRAGMA wal_autocheckpoint={WAL_AUTOCHECKPOINT_PAGES}")
+        cursor = connection.cursor()
+    else:
+        import psycopg
+
+        connection = psycopg.connect(url)
+        cursor = connection.cursor()
+    started = time.perf_counter()
+    for first in range(0, len(statements), group):
+        if sqlite:
+            cursor.execute("BEGIN IMMEDIATE")
+        for write in statements[first : first + group]:
+            for sql, parameters in write:
+                cursor.execute(sql, parameters)
+                assert cursor.rowcount == 1
+        if sqlite:
+            cursor.execute("COMMIT")
+        else:
+            connection.commit()
+    took = time.perf_counter() - started
+    return {"writes": len(statements), "transitions_per_s": 3 * n / took, "us_per_transition": took / (3 * n) * 1e6}
+
+
 if __name__ == "__main__":
     name, *args = sys.argv[1:]
     commands: dict[str, Callable[[], dict[str, Any]]] = {
-        "w1": lambda: w1(args[0], int(args[1])),
-        "w1_batch": lambda: w1_batch(args[0], int(args[1])),
+        "w1": lambda: w1(args[0], int(args[1]), *map(int, args[2:])),
+        "w1_batch": lambda: w1_batch(args[0], int(args[1]), *map(int, args[2:])),
+        "floor": lambda: floor(args[0], int(args[1]), int(args[2])),
         "w2_setup": lambda: w2_setup(args[0], int(args[1])),
         "w2_pass": lambda: w2_pass(args[0]),
         "w3": lambda: w3(args[0], int(args[1])),
-        "w4": lambda: w4(args[0], int(args[1]), int(args[2])),
+        "w4": lambda: w4(args[0], int(args[1]), int(args[2]), *map(float, args[3:])),
         "w5": lambda: w5(args[0], int(args[1]), int(args[2]), args[3]),
     }
     print(json.dumps(commands[name]()))

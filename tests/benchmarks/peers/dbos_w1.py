@@ -1,6 +1,7 @@
-"""W1 on DBOS (a workflow of 3 steps, SQLite system database), in its own venv.
+"""W1 on DBOS (a workflow of 3 steps), in its own venv; its system database on SQLite, or on
+the PostgreSQL server at URL.
 
-python dbos_w1.py N MODE     MODE: inline (workflows called in a row) or start (start_workflow)
+python dbos_w1.py N MODE [URL]    MODE: inline (workflows called in a row) or start (start_workflow)
 """
 
 import json
@@ -12,7 +13,8 @@ import time
 from dbos import DBOS
 
 n, mode = int(sys.argv[1]), sys.argv[2]
-DBOS(config={"name": "bench", "system_database_url": "sqlite:///dbos.sqlite", "log_level": "ERROR"})
+url = sys.argv[3] if len(sys.argv) > 3 else "sqlite:///dbos.sqlite"
+DBOS(config={"name": "bench", "system_database_url": url, "log_level": "ERROR"})
 
 
 @DBOS.step()
