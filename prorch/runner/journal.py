@@ -1,10 +1,11 @@
 """Reading a pipeline's records into a ``Run`` and writing each transition back as one unit.
 
-A transition is one ``Store.commit``: the changed steps, the pipeline record (status derived from
-the steps, lease renewed or released) and the transition's events, together, by compare-and-set
-on the pipeline's revision. A worker that lost its lease has its write refused; a write refused
-while we still hold the lease was an outside request (a message's wake-up, a cancel request, a
-priority change), which ``merge`` takes in before the write is made again."""
+A transition is one ``Write``, yielded to whoever drives the runner (``rounds``): the changed
+steps, the pipeline record (status derived from the steps, lease renewed or released) and the
+transition's events, stored together, by compare-and-set on the pipeline's revision. A worker
+that lost its lease has its write refused; a write refused while we still hold the lease was an
+outside request (a message's wake-up, a cancel request, a priority change), which ``merge``
+takes in before the write is made again."""
 
 from __future__ import annotations
 

@@ -178,6 +178,21 @@ def test_a_lease_lost_in_a_round_costs_only_that_pipeline(tmp_path: Path, regist
     assert state.pipeline.lease_owner == "other-worker" and state.steps[0].status != Status.FINISHED
 
 
+def left_marked_by_a_dead_worker(
+    backend: SQLiteBackend, pipeline: type[Any], count: int, clock: FakeClock, registry: Registry, *, shared: bool
+) -> list[str]:
+    """``count`` pipelines that a worker claimed, marked as running a hook, and died with; the
+    clock is then past its lease. Returns their uuids."""
+    uuids = [pipeline.create(backend, registry=registry, clock=clock).uuid for _ in range(count)]
+    store = Store(backend)
+    start = clock.now()
+    for record in store.claim_due(start, "dead-worker#1", start + timedelta(seconds=60), 10):
+        record.hook_started_at, record.hook_shared = start, shared
+        store.commit([record])
+    clock.advance(61)
+    return uuids
+
+
 def test_marks_of_a_round_are_shared_and_a_marked_pipeline_runs_alone(tmp_path: Path, registry: Registry) -> None:
     """After a worker died in a round, the pipelines it had marked run alone: while one of
     their hooks runs, it carries its own exact mark and no other pipeline carries one (stale
@@ -193,16 +208,8 @@ def test_marks_of_a_round_are_shared_and_a_marked_pipeline_runs_alone(tmp_path: 
         own.append(self.pipeline_uuid in exact)
         marked_elsewhere.append([uuid for uuid in exact if uuid != self.pipeline_uuid])
 
-    pipeline = pipeline_of(step_of("Look", look))
     backend = SQLiteBackend(url)
-    uuids = [pipeline.create(backend, registry=registry, clock=clock).uuid for _ in range(3)]
-    store = Store(backend)
-    # a worker claimed them, stored the marks of a round, and died
-    start = clock.now()
-    for record in store.claim_due(start, "dead-worker#1", start + timedelta(seconds=60), 10):
-        record.hook_started_at, record.hook_shared = start, True
-        store.commit([record])
-    clock.advance(61)
+    uuids = left_marked_by_a_dead_worker(backend, pipeline_of(step_of("Look", look)), 3, clock, registry, shared=True)
     orchestrator = Orchestrator(backend, registry=registry, clock=clock, concurrency=1, group_commit=32)
     summary = orchestrator.execute_pipelines()
     assert summary.finished == 3
@@ -221,15 +228,9 @@ def test_an_exact_mark_is_charged_and_the_charge_stored_before_any_hook(tmp_path
         for record in reader.all_pipelines():
             crashes_seen.setdefault(record.uuid, record.crashes)
 
-    pipeline = pipeline_of(step_of("Look", look))
     backend = SQLiteBackend(url)
-    uuids = [pipeline.create(backend, registry=registry, clock=clock).uuid for _ in range(2)]
-    store = Store(backend)
-    start = clock.now()
-    for record in store.claim_due(start, "dead-worker#1", start + timedelta(seconds=60), 10):
-        record.hook_started_at = start  # exact marks (group_commit = 1, or alone): both hooks ran
-        store.commit([record])
-    clock.advance(61)
+    # exact marks (group_commit = 1, or alone): both hooks were running
+    uuids = left_marked_by_a_dead_worker(backend, pipeline_of(step_of("Look", look)), 2, clock, registry, shared=False)
     orchestrator = Orchestrator(backend, registry=registry, clock=clock, concurrency=1, group_commit=32)
     assert orchestrator.execute_pipelines().finished == 2
     # when the first hook ran, both charges were stored already
