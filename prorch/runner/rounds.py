@@ -158,4 +158,4 @@ def _rounds(
             pool.shutdown(wait=True)
         if queue:  # an engine error ends the pass: keep the hooks' results that are waiting
             with contextlib.suppress(Exception):
-                store.commit_many([write for _, write in queue])
+                store.commit_many([_shared(write) for _, write in queue])
