@@ -1,23 +1,29 @@
-"""What is stored: the pydantic models of the four record kinds.
+"""What is stored: the four record kinds, as msgspec Structs.
 
 Records travel to and from repositories as plain JSON-compatible dicts (``to_dict`` /
-``from_dict``), so any store can hold them. Timestamps are UTC ISO-8601 strings with a fixed
-width, which sort correctly as text. Fields a prorch 1.0.1 store lacks have defaults, so such a
-store loads as it is.
+``from_dict``), so any store can hold them. They are Structs rather than pydantic models because
+the engine builds, changes and writes several per transition: a Struct is made, changed and
+converted many times faster, and msgspec still validates every record on the way in
+(``from_dict``). Pydantic stays at the edges: a pipeline's ``Params`` and a step's ``Output``.
+Timestamps are UTC ISO-8601 strings with a fixed width, which sort correctly as text. Fields a
+prorch 1.0.1 store lacks have defaults, so such a store loads as it is.
 """
 
 from __future__ import annotations
 
+import functools
 import traceback as traceback_module
 import uuid as uuid_module
 from datetime import datetime, timezone
-from typing import Annotated, Any, ClassVar, TypeVar
+from typing import Any, ClassVar, TypeVar
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PlainSerializer
+import msgspec
 
 from prorch.status import EventType, RollbackState, Status
 
 JSONDict = dict[str, Any]
+RecordError = msgspec.ValidationError
+"""What ``from_dict`` raises for data that is not a valid record."""
 
 
 def new_uuid() -> str:
@@ -31,33 +37,47 @@ def to_utc(moment: datetime) -> datetime:
     return moment.astimezone(timezone.utc)
 
 
+@functools.lru_cache(maxsize=512)
 def format_timestamp(moment: datetime) -> str:
-    """Fixed-width UTC ISO-8601, so that text order is time order."""
+    """Fixed-width UTC ISO-8601, so that text order is time order. Cached: one transition
+    writes the same ``now`` in several places (updated_at, started_at, its events)."""
     return to_utc(moment).isoformat(timespec="microseconds")
 
 
-Timestamp = Annotated[
-    datetime,
-    AfterValidator(to_utc),
-    PlainSerializer(format_timestamp, return_type=str, when_used="json"),
-]
-
-
-class Record(BaseModel):
-    """Base of every stored record: validated on the way in and out, extra keys ignored."""
-
-    model_config = ConfigDict(extra="ignore", validate_assignment=False)
+class Record(msgspec.Struct, kw_only=True):
+    """Base of every stored record: validated on the way in, extra keys ignored."""
 
     MODEL: ClassVar[str]
+    TIMES: ClassVar[tuple[str, ...]] = ()  # the timestamp fields, kept in UTC
 
     uuid: str
 
+    def __post_init__(self) -> None:
+        for name in self.TIMES:
+            moment = getattr(self, name)
+            if moment is not None and moment.tzinfo is not timezone.utc:
+                setattr(self, name, to_utc(moment))
+
     def to_dict(self) -> JSONDict:
-        return self.model_dump(mode="json")
+        data: JSONDict = msgspec.to_builtins(self, builtin_types=(datetime,))
+        for name in self.TIMES:
+            moment = data[name]
+            if moment is not None:
+                data[name] = format_timestamp(moment)
+        return data
 
     @classmethod
     def from_dict(cls: type[RecordT], data: Any) -> RecordT:
-        return cls.model_validate(dict(data))
+        """A record from stored data; raises ``RecordError`` (msgspec's ValidationError) naming
+        the field when the data is not one."""
+        data = dict(data)
+        try:
+            return msgspec.convert(data, cls, strict=False)
+        except RecordError:
+            if all(type(key) is str for key in data):
+                raise
+            # a str subclass as a key (a driver's quoted column name): msgspec wants plain str
+            return msgspec.convert({str(key): value for key, value in data.items()}, cls, strict=False)
 
 
 RecordT = TypeVar("RecordT", bound=Record)
@@ -73,16 +93,18 @@ def _storable(text: str) -> str:
     return text if len(text) <= MAX_ERROR_TEXT else text[:MAX_ERROR_TEXT] + " [...]"
 
 
-ErrorText = Annotated[str, AfterValidator(_storable)]
-
-
-class ErrorInfo(BaseModel):
+class ErrorInfo(msgspec.Struct, kw_only=True):
     """An exception as stored on a step or pipeline: enough to debug without the process."""
 
     type: str
-    message: ErrorText
-    traceback: ErrorText | None = None
+    message: str
+    traceback: str | None = None
     hook: str | None = None  # the hook that failed (on_start, on_continue, ...), when one did
+
+    def __post_init__(self) -> None:
+        self.message = _storable(self.message)
+        if self.traceback is not None:
+            self.traceback = _storable(self.traceback)
 
     @classmethod
     def from_exception(cls, exc: BaseException, hook: str | None = None) -> ErrorInfo:
@@ -90,70 +112,80 @@ class ErrorInfo(BaseModel):
         return cls(type=type(exc).__name__, message=str(exc), traceback=text, hook=hook)
 
 
-class PipelineRecord(Record):
+class PipelineRecord(Record, kw_only=True):
     MODEL: ClassVar[str] = "PIPELINE"
+    TIMES: ClassVar[tuple[str, ...]] = (
+        "created_at",
+        "updated_at",
+        "next_run_at",
+        "lease_expires_at",
+        "hook_started_at",
+    )
 
     name: str
     version: int = 1
     status: Status
-    params: JSONDict = Field(default_factory=dict)
-    context: JSONDict = Field(default_factory=dict)  # {"tenant": ...} and the caller's own keys
-    metadata: JSONDict = Field(default_factory=dict)  # the seed's {"current_step": uuid}
+    params: JSONDict = msgspec.field(default_factory=dict)
+    context: JSONDict = msgspec.field(default_factory=dict)  # {"tenant": ...} and the caller's own keys
+    metadata: JSONDict = msgspec.field(default_factory=dict)  # the seed's {"current_step": uuid}
     priority: int = 0
-    created_at: Timestamp | None = None
-    updated_at: Timestamp | None = None
-    next_run_at: Timestamp | None = None  # due when <= now; None on a pending record: due now
+    created_at: datetime | None = None
+    updated_at: datetime | None = None
+    next_run_at: datetime | None = None  # due when <= now; None on a pending record: due now
     lease_owner: str | None = None
-    lease_expires_at: Timestamp | None = None
+    lease_expires_at: datetime | None = None
     last_error: ErrorInfo | None = None
     claims: int = 0  # claims since the last clean release (informational)
     cancel_requested: bool = False  # Orchestrator.cancel() while another worker held it
     revision: int = 0  # bumped on every write; compare-and-set target
-    hook_started_at: Timestamp | None = None  # a hook is running (set before it, cleared with its result)
+    hook_started_at: datetime | None = None  # a hook is running (set before it, cleared with its result)
     hook_shared: bool = False  # that mark was stored by a round of group commit: a crash is not pinned on us
     crashes: int = 0  # workers that died in a row while one of this pipeline's hooks was running
     key: str | None = None  # the creator's key (create(key=...)): the uuid is derived from it
 
 
-class StepRecord(Record):
+class StepRecord(Record, kw_only=True):
     MODEL: ClassVar[str] = "STEP"
+    TIMES: ClassVar[tuple[str, ...]] = ("started_at", "finished_at", "next_run_at")
 
     pipeline_uuid: str
     name: str
     version: int = 1
     position: int | None = None  # None in a prorch 1.0.1 store: the pipeline's order is used
     status: Status
-    metadata: JSONDict = Field(default_factory=dict)
+    metadata: JSONDict = msgspec.field(default_factory=dict)
     output: Any = None
     attempt: int = 0  # how many times on_start/on_continue raised or ran to a verdict
     error: ErrorInfo | None = None
-    started_at: Timestamp | None = None
-    finished_at: Timestamp | None = None
-    next_run_at: Timestamp | None = None
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    next_run_at: datetime | None = None
     rollback: RollbackState | None = None  # None until on_rollback has run its course (or was skipped)
     rollback_attempt: int = 0
     revision: int = 0
 
 
-class EventRecord(Record):
+class EventRecord(Record, kw_only=True):
     MODEL: ClassVar[str] = "EVENT"
+    TIMES: ClassVar[tuple[str, ...]] = ("at",)
 
     pipeline_uuid: str
     step_uuid: str | None = None
     type: EventType
-    at: Timestamp
+    at: datetime
     seq: int = 0  # orders the events of one pipeline: pipeline revision * 1000 + index
-    data: JSONDict = Field(default_factory=dict)
+    data: JSONDict = msgspec.field(default_factory=dict)
 
 
-class MessageRecord(Record):
+class MessageRecord(Record, kw_only=True):
     MODEL: ClassVar[str] = "MESSAGE"
+    TIMES: ClassVar[tuple[str, ...]] = ("sent_at", "consumed_at")
 
     pipeline_uuid: str
     name: str
     payload: Any = None
-    sent_at: Timestamp
-    consumed_at: Timestamp | None = None
+    sent_at: datetime
+    consumed_at: datetime | None = None
 
 
 class Metadata:

@@ -13,8 +13,6 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
-from pydantic import ValidationError
-
 from prorch.clock import Clock, ServerAlignedClock, SystemClock
 from prorch.due import claim_order, is_due
 from prorch.exceptions import (
@@ -25,7 +23,15 @@ from prorch.exceptions import (
     RepositoryError,
     RepositoryNotDefinedException,
 )
-from prorch.records import EventRecord, MessageRecord, PipelineRecord, Record, StepRecord, format_timestamp
+from prorch.records import (
+    EventRecord,
+    MessageRecord,
+    PipelineRecord,
+    Record,
+    RecordError,
+    StepRecord,
+    format_timestamp,
+)
 from prorch.repository import (
     IRepository,
     RepositoryFactory,
@@ -101,7 +107,7 @@ def _call(action: str, func: Callable[..., T], *args: Any) -> T:
 def _load(record_type: type[RecordT], data: Any) -> RecordT:
     try:
         return record_type.from_dict(data)
-    except (ValidationError, TypeError, ValueError) as exc:
+    except (RecordError, TypeError, ValueError) as exc:
         uuid = data.get("uuid") if isinstance(data, dict) else None
         raise CorruptRecordError(f"stored {record_type.MODEL} record {uuid!r} is not valid: {exc}", uuid=uuid) from exc
 

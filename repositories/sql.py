@@ -460,7 +460,9 @@ class SQLRepository(IRepository):
         return row
 
     def _to_record(self, row: Any) -> JSONDict:
-        record = dict(row)
+        # plain str keys: SQLAlchemy names a column that is a reserved word ("key") with a str
+        # subclass, which msgspec does not take as a field name
+        record = {str(key): value for key, value in row.items()}
         for key in self.timestamps:
             value = record.get(key)
             if isinstance(value, datetime):

@@ -45,7 +45,7 @@ class SQLiteFastPath:
 
     def __init__(self, table: Table) -> None:
         self.table = table
-        self.names = [column.name for column in table.columns]
+        self.names = [str(column.name) for column in table.columns]  # plain str, see SQLRepository
         self.kinds = [_kind(column.type) for column in table.columns]
         self.defaults = {c.name: getattr(c.default, "arg", None) for c in table.columns}
         # one (name, default, converter) per column, so that a row is one loop without branches

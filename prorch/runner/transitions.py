@@ -27,9 +27,9 @@ def new_event(run: Run, kind: EventType, step: StepRecord | None, now: datetime,
     """An event of this pipeline (of ``step`` when given), at ``now``."""
     if step is not None:
         data.setdefault("step", step.name)
-    # Built from values the engine holds in the right types (``now`` is aware UTC): the record
-    # is not validated again, which matters on the hot path. It is validated on load.
-    return EventRecord.model_construct(
+    # Built from values the engine holds in the right types (``now`` is aware UTC): a Struct
+    # is not validated when made, which matters on the hot path. It is validated on load.
+    return EventRecord(
         uuid=new_uuid(),
         pipeline_uuid=run.pipeline.uuid,
         step_uuid=step.uuid if step else None,

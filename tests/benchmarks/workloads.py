@@ -26,6 +26,8 @@ from collections.abc import Callable
 from datetime import timedelta
 from typing import Any
 
+import msgspec
+
 from prorch import OnStartMixin, Orchestrator, Pipeline, Status, Step, register_pipeline, register_step
 from prorch.creation import build_records
 from prorch.records import Record
@@ -298,7 +300,7 @@ def floor(url: str, n: int, group: int) -> dict[str, Any]:
         for step in store.steps_of(pipeline.uuid):
             write = [compare_and_set("STEP", step)]
             for _ in range(2):
-                event = template.model_copy(update={"uuid": str(uuid.uuid4()), "pipeline_uuid": pipeline.uuid})
+                event = msgspec.structs.replace(template, uuid=str(uuid.uuid4()), pipeline_uuid=pipeline.uuid)
                 write.append((text(fast["EVENT"].insert), values("EVENT", event)))
             write.append(compare_and_set("PIPELINE", pipeline))
             statements.append(write)
