@@ -75,6 +75,15 @@ class SupportsCompareAndSet(Protocol):
 
 
 @runtime_checkable
+class SupportsPartialUpdate(Protocol):
+    """A repository whose ``update`` and ``compare_and_set`` take some of a record's fields
+    and keep the others as stored (``{**stored, **data}``). The engine then writes only the
+    fields a transition changed (with ``revision``, which always changes)."""
+
+    partial_update: bool
+
+
+@runtime_checkable
 class SupportsDueQuery(Protocol):
     """A pipeline repository that finds due pipelines without reading the others (an index)."""
 

@@ -30,7 +30,10 @@ from prorch.records import (
     Record,
     RecordError,
     StepRecord,
+    changed_fields,
     format_timestamp,
+    remember_stored,
+    snapshot,
 )
 from prorch.repository import (
     IRepository,
@@ -38,6 +41,7 @@ from prorch.repository import (
     SupportsClaim,
     SupportsCompareAndSet,
     SupportsDueQuery,
+    SupportsPartialUpdate,
     SupportsPinning,
     SupportsSaveMany,
     SupportsServerClock,
@@ -106,10 +110,13 @@ def _call(action: str, func: Callable[..., T], *args: Any) -> T:
 
 def _load(record_type: type[RecordT], data: Any) -> RecordT:
     try:
-        return record_type.from_dict(data)
+        record = record_type.from_dict(data)
     except (RecordError, TypeError, ValueError) as exc:
         uuid = data.get("uuid") if isinstance(data, dict) else None
         raise CorruptRecordError(f"stored {record_type.MODEL} record {uuid!r} is not valid: {exc}", uuid=uuid) from exc
+    if record.JSON:  # a record the engine writes again (pipeline, step): note what is stored
+        remember_stored(record, snapshot(record, data))
+    return record
 
 
 @dataclass(slots=True)
@@ -176,6 +183,11 @@ class Store:
             if isinstance(repository, SupportsSaveMany)
         }
         self.thread_safe = is_thread_safe(self.backend)
+        # write only the changed fields when both record kinds the engine updates allow it
+        self.partial_update = all(
+            isinstance(repository, SupportsPartialUpdate) and repository.partial_update
+            for repository in (self.pipelines, self.steps)
+        )
         self._aligned_clock: ServerAlignedClock | None = None
         self.guards_concurrency = self.claims is not None and self.compare_and_set is not None
 
@@ -350,6 +362,7 @@ class Store:
         except BaseException:
             _restore(write, revisions)  # the unit did not happen
             raise
+        _settle(write)
 
     def _write_unit(self, write: Write, *, pipeline_first: bool = False) -> None:
         """The statements of one write. Steps go first (without a transaction, a crash in
@@ -401,6 +414,9 @@ class Store:
             if not isinstance(exc, Exception):
                 raise
             return [self._try_commit(write) for write in writes]
+        for write, outcome in zip(writes, outcomes, strict=True):
+            if outcome is None:
+                _settle(write)
         return outcomes
 
     def _try_commit(self, write: Write) -> Exception | None:
@@ -413,11 +429,15 @@ class Store:
     def _write(self, record: PipelineRecord | StepRecord) -> None:
         expected = record.revision
         record.revision = expected + 1
+        data = record.to_dict()
+        if self.partial_update:
+            changes, stored = changed_fields(record, data)
+            record.__dict__["pending"] = stored  # what the store holds once this commits
+            if changes is not None:
+                data = changes
         if self.compare_and_set is not None:
             conditional = self.compare_and_set[record.MODEL]
-            written = _call(
-                f"update a {record.MODEL} record", conditional.compare_and_set, record.uuid, expected, record.to_dict()
-            )
+            written = _call(f"update a {record.MODEL} record", conditional.compare_and_set, record.uuid, expected, data)
             if not written:
                 raise ConcurrentUpdateError(
                     f"{record.MODEL} {record.uuid} changed since it was read (revision {expected}); "
@@ -426,7 +446,7 @@ class Store:
                 )
         else:
             repository = self._repository(record)
-            _call(f"update a {record.MODEL} record", repository.update, record.uuid, record.to_dict())
+            _call(f"update a {record.MODEL} record", repository.update, record.uuid, data)
 
     def _repository(self, record: Record) -> IRepository:
         return self._by_model[record.MODEL]
@@ -441,9 +461,19 @@ class _Refused(Exception):
 
 
 def _restore(write: Write, revisions: list[int]) -> None:
-    """A write that did not happen: its records keep the revisions they were read with."""
+    """A write that did not happen: its records keep the revisions they were read with (and
+    what the store holds for them is unchanged)."""
     for record, revision in zip(write.changed, revisions, strict=True):
         record.revision = revision
+        record.__dict__.pop("pending", None)
+
+
+def _settle(write: Write) -> None:
+    """A write that was committed: what the store holds for its records is what was written."""
+    for record in write.changed:
+        stored = record.__dict__.pop("pending", None)
+        if stored is not None:
+            remember_stored(record, stored)
 
 
 def _server_now(backend: SupportsServerClock) -> datetime:

@@ -70,6 +70,8 @@ class MemoryBackend:
 class MemoryRepository(IRepository):
     """One model's table inside a ``MemoryBackend``, indexed by the fields the engine searches."""
 
+    partial_update = True  # update and compare_and_set keep the fields not given
+
     def __init__(self, model: str, backend: MemoryBackend) -> None:
         super().__init__(model)
         self.backend = backend

@@ -282,6 +282,8 @@ class SQLRepository(IRepository):
     """One model's table. Timestamps travel as ISO strings in records and as aware datetimes in
     the database."""
 
+    partial_update = True  # update and compare_and_set keep the fields not given
+
     def __init__(self, model: str, backend: SQLBackend) -> None:
         super().__init__(model)
         if model not in TABLES:

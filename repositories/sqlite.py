@@ -124,8 +124,14 @@ class SQLiteRepository(SQLRepository):
         return self.fast.record(found) if found is not None else None
 
     def save_many(self, rows: list[JSONDict]) -> None:
+        values = [self.fast.row(row) for row in rows]
+        current = self.backend.current_connection()
+        if current is not None:  # inside the transition's transaction: no context manager
+            with self.backend._errors():
+                cursor(current).executemany(self.fast.insert, values)
+            return
         with self.backend._errors(), self.backend.connect(write=True) as connection:
-            cursor(connection).executemany(self.fast.insert, [self.fast.row(row) for row in rows])
+            cursor(connection).executemany(self.fast.insert, values)
 
     def update(self, uuid: str, data: JSONDict) -> None:
         if not self.fast.covers(data):  # a partial update (a user's call)
@@ -142,11 +148,16 @@ class SQLiteRepository(SQLRepository):
             return [self.fast.record(row) for row in cursor(connection).execute(sql, (value,)).fetchall()]
 
     def compare_and_set(self, uuid: str, expected_revision: int, data: JSONDict) -> bool:
-        if not self.fast.covers(data):
-            return super().compare_and_set(uuid, expected_revision, data)
-        params = [*self.fast.row(data, with_uuid=False), uuid, expected_revision]
+        if self.fast.covers(data):
+            sql, params = self.fast.compare_and_set, self.fast.row(data, with_uuid=False)
+        else:  # the fields a transition changed
+            sql, params = self.fast.changes(data)
+        params += (uuid, expected_revision)
+        current = self.backend.current_connection()
+        if current is not None:  # inside the transition's transaction: no context manager
+            return bool(cursor(current).execute(sql, params).rowcount == 1)
         with self.backend.connect(write=True) as connection:
-            return bool(cursor(connection).execute(self.fast.compare_and_set, params).rowcount == 1)
+            return bool(cursor(connection).execute(sql, params).rowcount == 1)
 
 
 SQLiteBackend.repository_class = SQLiteRepository

@@ -11,14 +11,13 @@ read back the same through the other. Everything else (migrations, claims) stays
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
 from sqlalchemy import JSON, Boolean, DateTime, Table
 
-from prorch.jsonvalue import dumps
+from prorch.jsonvalue import dumps, loads
 from prorch.records import JSONDict, format_timestamp, to_utc
 
 
@@ -61,6 +60,24 @@ class SQLiteFastPath:
         self.update = f'UPDATE "{table.name}" SET {", ".join(settable)} WHERE uuid = ?'
         self.compare_and_set = self.update + " AND revision = ?"
         self.order = ' ORDER BY "seq", "at"' if "seq" in self.names else ""
+        self.encoder_of = {name: encode for name, _, encode in self.encoders}
+        self._partial: dict[tuple[str, ...], str] = {}
+
+    def changes(self, data: JSONDict) -> tuple[str, list[Any]]:
+        """An UPDATE (compare-and-set: its last two parameters are the uuid and the expected
+        revision) of the columns in ``data`` only, and their values; keys that are not columns
+        are left out, as SQLAlchemy's path does."""
+        encoder_of = self.encoder_of
+        names = tuple(name for name in data if name in encoder_of and name != "uuid")
+        sql = self._partial.get(names)
+        if sql is None:
+            settable = ", ".join(f'"{name}" = ?' for name in names) or '"uuid" = "uuid"'  # nothing: only compare
+            sql = self._partial[names] = f'UPDATE "{self.table.name}" SET {settable} WHERE uuid = ? AND revision = ?'
+        values = []
+        for name in names:
+            encode = encoder_of[name]
+            values.append(data[name] if encode is None else encode(data[name]))
+        return sql, values
 
     def row(self, data: JSONDict, *, with_uuid: bool = True) -> list[Any]:
         get = data.get
@@ -74,7 +91,7 @@ class SQLiteFastPath:
         for name, kind, value in zip(self.names, self.kinds, values, strict=True):
             if kind == "json":
                 # SQLite gives a JSON column NUMERIC affinity: a scalar such as 7 comes back a number
-                value = json.loads(value) if isinstance(value, (str, bytes)) else value
+                value = loads(value) if isinstance(value, (str, bytes)) else value
             elif kind == "time":
                 value = _record_time(value)
             elif kind == "bool" and value is not None:

@@ -179,6 +179,8 @@ class TinyDBRepository(IRepository):
     (``{table: {doc_id: record}}``) directly through the storage: TinyDB's ``Table`` caches its
     next document id per instance, which two processes writing one file would break."""
 
+    partial_update = True  # update and compare_and_set keep the fields not given
+
     def __init__(self, model: str, backend: TinyDBBackend) -> None:
         super().__init__(model)
         if model not in Metadata.TABLE_NAMES:

@@ -1,0 +1,129 @@
+"""The engine writes only the fields a transition changed (issue #13): what it leaves out must be
+exactly what the store already holds, on every backend that takes partial writes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from prorch import Orchestrator, Status
+from prorch.exceptions import ConcurrentUpdateError
+from prorch.store import Store
+from tests.integration.conftest import make_backend
+from tests.support.builders import pipeline_of, step_of
+
+PARTIAL = ["memory", "sqlite", "postgresql", "tinydb"]
+
+
+def _stored_pipeline(kind: str, tmp_path: Path, request: pytest.FixtureRequest) -> tuple[Store, str]:
+    backend = make_backend(kind, tmp_path, request)
+    waits = pipeline_of(step_of("Wait", on_start=lambda step: None, on_continue=lambda step: step.wait(seconds=60)))
+    uuid = waits.create(backend, {}).uuid
+    store = Store(backend)
+    assert store.partial_update, f"{kind} should take partial writes"
+    return store, uuid
+
+
+@pytest.mark.parametrize("kind", PARTIAL)
+def test_a_nested_value_changed_in_place_is_written(kind: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    store, uuid = _stored_pipeline(kind, tmp_path, request)
+    record = store.get_pipeline(uuid)
+    assert record is not None
+    record.metadata["job"] = {"polls": 1, "ids": [1]}
+    store.commit([record])
+
+    again = store.get_pipeline(uuid)
+    assert again is not None
+    again.metadata["job"]["polls"] += 1  # in place: the loaded record shares nothing with its snapshot
+    again.metadata["job"]["ids"].append(2)
+    store.commit([again])
+    again.metadata["job"]["polls"] += 1  # and once more on the same record, after its write
+    store.commit([again])
+
+    stored = store.get_pipeline(uuid)
+    assert stored is not None
+    assert stored.metadata["job"] == {"polls": 3, "ids": [1, 2]}
+
+
+@pytest.mark.parametrize("kind", PARTIAL)
+@pytest.mark.parametrize(("before", "after"), [(1, True), (1, 1.0), (0, False), ({"a": 1}, {"a": True})])
+def test_a_change_python_calls_equal_is_written(
+    kind: str, tmp_path: Path, request: pytest.FixtureRequest, before: Any, after: Any
+) -> None:
+    store, uuid = _stored_pipeline(kind, tmp_path, request)
+    record = store.get_pipeline(uuid)
+    assert record is not None
+    record.metadata["value"] = before
+    store.commit([record])
+    record.metadata["value"] = after  # == before in Python, but not the same JSON
+    store.commit([record])
+
+    stored = store.get_pipeline(uuid)
+    assert stored is not None
+    assert repr(stored.metadata["value"]) == repr(after)
+
+
+@pytest.mark.parametrize("kind", PARTIAL)
+def test_fields_a_write_did_not_change_keep_what_is_stored(
+    kind: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """An outside update of one field (the seed's ``update``, no revision bump) survives the
+    engine's next write of other fields: with whole-row writes it was overwritten."""
+    store, uuid = _stored_pipeline(kind, tmp_path, request)
+    record = store.get_pipeline(uuid)
+    assert record is not None
+    store.pipelines.update(uuid, {"priority": 7})
+    record.metadata["note"] = "engine"
+    store.commit([record])
+
+    stored = store.get_pipeline(uuid)
+    assert stored is not None
+    assert (stored.priority, stored.metadata["note"]) == (7, "engine")
+
+
+@pytest.mark.parametrize("kind", PARTIAL)
+def test_a_refused_write_is_written_whole_after_a_reload(
+    kind: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """A write refused by compare-and-set changes nothing, and the record's snapshot stays
+    what the store held: the next write still sends the change."""
+    store, uuid = _stored_pipeline(kind, tmp_path, request)
+    mine = store.get_pipeline(uuid)
+    theirs = store.get_pipeline(uuid)
+    assert mine is not None and theirs is not None
+    theirs.metadata["by"] = "them"
+    store.commit([theirs])
+    mine.metadata["by"] = "me"
+    with pytest.raises(ConcurrentUpdateError):
+        store.commit([mine])
+
+    fresh = store.get_pipeline(uuid)
+    assert fresh is not None and fresh.metadata["by"] == "them"
+    fresh.metadata["by"] = "me"
+    store.commit([fresh])
+    stored = store.get_pipeline(uuid)
+    assert stored is not None and stored.metadata["by"] == "me"
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "postgresql", "tinydb"])
+def test_a_pipeline_runs_to_its_end_with_partial_writes(
+    kind: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    def poll(step: Any) -> None:
+        job = step.metadata.setdefault("job", {"polls": 0})
+        job["polls"] += 1
+        if job["polls"] == 3:
+            step.finish(output={"polls": job["polls"]})
+
+    backend = make_backend(kind, tmp_path, request)
+    polls = pipeline_of(step_of("Poll", on_start=lambda step: None, on_continue=poll), name="Polls")
+    uuid = polls.create(backend, {}).uuid
+    orchestrator = Orchestrator(backend)
+    for _ in range(3):
+        orchestrator.execute_pipelines()
+    state = orchestrator.get(uuid)
+    assert state.pipeline.status == Status.FINISHED
+    assert state.steps[0].metadata["job"] == {"polls": 3}
+    assert state.steps[0].output == {"polls": 3}
