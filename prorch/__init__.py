@@ -52,6 +52,8 @@ from prorch.repository import (
     SupportsClaim,
     SupportsCompareAndSet,
     SupportsDueQuery,
+    SupportsPartialUpdate,
+    SupportsSearchMany,
     SupportsTransaction,
 )
 from prorch.runner import Outcome
@@ -114,6 +116,8 @@ __all__ = [
     "SupportsClaim",
     "SupportsCompareAndSet",
     "SupportsDueQuery",
+    "SupportsPartialUpdate",
+    "SupportsSearchMany",
     "SupportsTransaction",
     "SystemClock",
     "WorkerCrashed",

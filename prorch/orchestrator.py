@@ -148,7 +148,8 @@ class Orchestrator:
         summary.claimed = len(claimed)
         with LeaseKeeper(self.store, self.lease_seconds, self.clock) as keeper:
             keeper.hold(claimed)
-            writings = [self._advancing(pipeline, keeper) for pipeline in claimed]
+            steps = self.store.steps_of_many([pipeline.uuid for pipeline in claimed])  # one read, not one each
+            writings = [self._advancing(pipeline, keeper, steps.get(pipeline.uuid)) for pipeline in claimed]
             if self.group_commit > 1 and len(claimed) > 1 and self.store.has_transaction:
                 # suspects of a crash in an earlier round run alone, so that a crash is pinned on one
                 alone = [i for i, p in enumerate(claimed) if p.crashes or p.hook_started_at is not None]
@@ -182,10 +183,12 @@ class Orchestrator:
             )
         return summary
 
-    def _advancing(self, pipeline: PipelineRecord, keeper: LeaseKeeper) -> Writing[Outcome | str]:
+    def _advancing(
+        self, pipeline: PipelineRecord, keeper: LeaseKeeper, steps: list[StepRecord] | None
+    ) -> Writing[Outcome | str]:
         """One pipeline's advance; an error is logged and recorded on it, and the pass goes on."""
         try:
-            return (yield from self.runner.advancing(pipeline, keeper))
+            return (yield from self.runner.advancing(pipeline, keeper, steps))
         except ConcurrentUpdateError as exc:
             logger.warning(
                 "pipeline %s: write refused, another orchestrator holds it: %s",

@@ -84,6 +84,41 @@ class SupportsPartialUpdate(Protocol):
 
 
 @runtime_checkable
+class SupportsSearchMany(Protocol):
+    """A repository that finds the records of several values of a field in one query (the
+    steps of every pipeline a pass claimed, instead of one query per pipeline)."""
+
+    def search_many(self, field: str, values: list[Any]) -> list[JSONDict]:
+        """The records whose ``field`` is one of ``values`` (as ``search``, for each value)."""
+        ...
+
+
+@dataclass(slots=True)
+class TransitionRows:
+    """One transition as rows, for ``SupportsTransitionStatements``: the pipeline and its steps
+    as ``(model, uuid, expected_revision, fields)`` (compare-and-set), other updated records
+    (consumed messages) as ``(model, uuid, fields)``, and new records as ``(model, fields)``."""
+
+    pipeline: tuple[str, str, int, JSONDict]
+    steps: list[tuple[str, str, int, JSONDict]]
+    updates: list[tuple[str, str, JSONDict]]
+    added: list[tuple[str, JSONDict]]
+
+
+@runtime_checkable
+class SupportsTransitionStatements(Protocol):
+    """A backend that writes a transition in one statement, conditioned on its pipeline's
+    compare-and-set, and several transitions in one round trip (PostgreSQL)."""
+
+    def write_transitions(self, units: list[TransitionRows]) -> list[bool]:
+        """Write each unit inside the caller's ``transaction()``: per unit, True when it was
+        written, False when its pipeline's revision differed (then nothing of it was written).
+        Raise ``ConcurrentUpdateError`` when a written pipeline's step was refused: the
+        caller's transaction is then rolled back."""
+        ...
+
+
+@runtime_checkable
 class SupportsDueQuery(Protocol):
     """A pipeline repository that finds due pipelines without reading the others (an index)."""
 

@@ -25,6 +25,7 @@ from prorch.exceptions import (
 )
 from prorch.records import (
     EventRecord,
+    JSONDict,
     MessageRecord,
     PipelineRecord,
     Record,
@@ -44,8 +45,11 @@ from prorch.repository import (
     SupportsPartialUpdate,
     SupportsPinning,
     SupportsSaveMany,
+    SupportsSearchMany,
     SupportsServerClock,
     SupportsTransaction,
+    SupportsTransitionStatements,
+    TransitionRows,
     is_thread_safe,
 )
 from prorch.secrets import error_summary
@@ -170,6 +174,11 @@ class Store:
         self.transactions = self.backend if isinstance(self.backend, SupportsTransaction) else None
         self.pinning = self.backend if isinstance(self.backend, SupportsPinning) else None
         self.server_clock = self.backend if isinstance(self.backend, SupportsServerClock) else None
+        self.statements = (
+            self.backend
+            if isinstance(self.backend, SupportsTransitionStatements) and self.transactions is not None
+            else None
+        )
         self.compare_and_set: dict[str, SupportsCompareAndSet] | None = {
             model: repository
             for model, repository in self._by_model.items()
@@ -255,6 +264,30 @@ class Store:
     def steps_of(self, pipeline_uuid: str) -> list[StepRecord]:
         rows = _call("search steps", self.steps.search, ["pipeline_uuid", pipeline_uuid])
         return [_load(StepRecord, row) for row in rows or []]
+
+    def steps_of_many(self, pipeline_uuids: Sequence[str]) -> dict[str, list[StepRecord]]:
+        """The steps of several pipelines, by pipeline, in one query, where the repository can
+        (``SupportsSearchMany``). A pipeline left out (none can be read that way, or one of its
+        steps is not a valid record) is read on its own by ``steps_of``, which then reports
+        the error on that pipeline only."""
+        if not isinstance(self.steps, SupportsSearchMany) or len(pipeline_uuids) < 2:
+            return {}
+        try:
+            rows = self.steps.search_many("pipeline_uuid", list(pipeline_uuids))
+        except Exception as exc:
+            logger.debug("reading the steps of %d pipelines at once failed (%s); one by one", len(pipeline_uuids), exc)
+            return {}
+        found: dict[str, list[StepRecord]] = {uuid: [] for uuid in pipeline_uuids}
+        unreadable: set[str] = set()
+        for row in rows:
+            try:
+                step = _load(StepRecord, row)
+            except CorruptRecordError:
+                unreadable.add(str(row.get("pipeline_uuid")))
+                continue
+            if step.pipeline_uuid in found:
+                found[step.pipeline_uuid].append(step)
+        return {uuid: steps for uuid, steps in found.items() if uuid not in unreadable}
 
     def events_of(self, pipeline_uuid: str) -> list[EventRecord]:
         rows = _call("search events", self.events.search, ["pipeline_uuid", pipeline_uuid])
@@ -355,6 +388,11 @@ class Store:
 
     def commit_write(self, write: Write) -> None:
         """``commit`` of a ``Write``: one transition, in its own transaction."""
+        if self.statements is not None and _one_pipeline(write):
+            error = self._commit_by_statements([write])[0]
+            if error is not None:
+                raise error
+            return
         revisions = [record.revision for record in write.changed]
         try:
             with self.transaction():
@@ -396,6 +434,11 @@ class Store:
         slower, and as exact. Without transactions, each write is its own commit anyway."""
         if self.transactions is None or len(writes) == 1:
             return [self._try_commit(write) for write in writes]
+        if self.statements is not None and all(_one_pipeline(write) for write in writes):
+            try:
+                return self._commit_by_statements(writes)
+            except Exception:
+                return [self._try_commit(write) for write in writes]
         revisions = [[record.revision for record in write.changed] for write in writes]
         outcomes: list[Exception | None] = []
         try:
@@ -419,6 +462,49 @@ class Store:
                 _settle(write)
         return outcomes
 
+    def _commit_by_statements(self, writes: Sequence[Write]) -> list[Exception | None]:
+        """``commit_many`` on a backend that writes a transition in one statement: the rounds'
+        statements go in one round trip. A refused pipeline wrote nothing (each statement is
+        conditioned on its compare-and-set); anything else rolls the whole call back."""
+        assert self.statements is not None
+        revisions = [[record.revision for record in write.changed] for write in writes]
+        try:
+            with self.transaction():
+                units = [self._rows(write) for write in writes]
+                written = _call("write transitions", self.statements.write_transitions, units)
+        except BaseException:
+            for write, before in zip(writes, revisions, strict=True):
+                _restore(write, before)  # nothing was stored
+            raise
+        outcomes: list[Exception | None] = []
+        for write, before, stored in zip(writes, revisions, written, strict=True):
+            if stored:
+                _settle(write)
+                outcomes.append(None)
+            else:
+                _restore(write, before)
+                pipeline = next(r for r in write.changed if isinstance(r, PipelineRecord))
+                outcomes.append(_conflict(pipeline.MODEL, pipeline.uuid, pipeline.revision))
+        return outcomes
+
+    def _rows(self, write: Write) -> TransitionRows:
+        """A write as rows: each changed record's revision bumped, its changed fields."""
+        pipeline: tuple[str, str, int, JSONDict] | None = None
+        steps = []
+        for record in write.changed:
+            expected, data = self._payload(record)
+            if isinstance(record, PipelineRecord):
+                pipeline = (record.MODEL, record.uuid, expected, data)
+            else:
+                steps.append((record.MODEL, record.uuid, expected, data))
+        assert pipeline is not None
+        return TransitionRows(
+            pipeline=pipeline,
+            steps=steps,
+            updates=[(message.MODEL, message.uuid, message.to_dict()) for message in write.touched],
+            added=[(record.MODEL, record.to_dict()) for record in write.added],
+        )
+
     def _try_commit(self, write: Write) -> Exception | None:
         try:
             self.commit_write(write)
@@ -426,7 +512,9 @@ class Store:
             return exc
         return None
 
-    def _write(self, record: PipelineRecord | StepRecord) -> None:
+    def _payload(self, record: PipelineRecord | StepRecord) -> tuple[int, JSONDict]:
+        """Bump a record's revision for its write; the revision it was read with, and the
+        fields to write (only the changed ones where the repository takes that)."""
         expected = record.revision
         record.revision = expected + 1
         data = record.to_dict()
@@ -435,15 +523,15 @@ class Store:
             record.__dict__["pending"] = stored  # what the store holds once this commits
             if changes is not None:
                 data = changes
+        return expected, data
+
+    def _write(self, record: PipelineRecord | StepRecord) -> None:
+        expected, data = self._payload(record)
         if self.compare_and_set is not None:
             conditional = self.compare_and_set[record.MODEL]
             written = _call(f"update a {record.MODEL} record", conditional.compare_and_set, record.uuid, expected, data)
             if not written:
-                raise ConcurrentUpdateError(
-                    f"{record.MODEL} {record.uuid} changed since it was read (revision {expected}); "
-                    "another orchestrator holds it or it was cancelled",
-                    uuid=record.uuid,
-                )
+                raise _conflict(record.MODEL, record.uuid, expected)
         else:
             repository = self._repository(record)
             _call(f"update a {record.MODEL} record", repository.update, record.uuid, data)
@@ -458,6 +546,19 @@ class _Refused(Exception):
     def __init__(self, error: ConcurrentUpdateError) -> None:
         super().__init__(str(error))
         self.error = error
+
+
+def _conflict(model: str, uuid: str, expected: int) -> ConcurrentUpdateError:
+    return ConcurrentUpdateError(
+        f"{model} {uuid} changed since it was read (revision {expected}); "
+        "another orchestrator holds it or it was cancelled",
+        uuid=uuid,
+    )
+
+
+def _one_pipeline(write: Write) -> bool:
+    """A write of exactly one pipeline (with its steps): what a one-statement transition is."""
+    return sum(isinstance(record, PipelineRecord) for record in write.changed) == 1
 
 
 def _restore(write: Write, revisions: list[int]) -> None:

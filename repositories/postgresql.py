@@ -4,13 +4,18 @@ workers follow the server's clock, and schema upgrades take an advisory lock."""
 
 from __future__ import annotations
 
+import functools
 from datetime import datetime
 from typing import Any
 
 from sqlalchemy import Connection, Engine, Select, text
 from sqlalchemy.engine import URL
 
+from prorch.exceptions import ConcurrentUpdateError, ProrchError
 from prorch.records import to_utc
+from prorch.repository import TransitionRows
+from repositories.postgresql_transitions import TransitionStatements
+from repositories.schema import TABLES
 from repositories.sql import SQLBackend, SQLRepository
 
 SCHEMA_LOCK = 7270712
@@ -36,6 +41,27 @@ class PostgreSQLBackend(SQLBackend):
 
     def lock_schema(self, connection: Connection) -> None:
         connection.execute(text(f"SELECT pg_advisory_xact_lock({SCHEMA_LOCK})"))
+
+    @functools.cached_property
+    def _statements(self) -> TransitionStatements:
+        return TransitionStatements(TABLES)
+
+    def write_transitions(self, units: list[TransitionRows]) -> list[bool]:
+        """One statement per transition, a round's statements in one round trip (see
+        ``postgresql_transitions``), inside the caller's ``transaction()``."""
+        connection = self.current_connection()
+        if connection is None:
+            raise ProrchError("write_transitions runs inside transaction()")
+        with self._errors():
+            outcomes = self._statements.run(connection.connection.driver_connection, units)
+        for unit, (written, steps_written) in zip(units, outcomes, strict=True):
+            if written and not steps_written:
+                raise ConcurrentUpdateError(
+                    f"a step of pipeline {unit.pipeline[1]} changed since it was read; another orchestrator "
+                    "holds it or it was cancelled",
+                    uuid=unit.pipeline[1],
+                )
+        return [written for written, _ in outcomes]
 
 
 class PostgreSQLRepository(SQLRepository):

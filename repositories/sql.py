@@ -278,6 +278,10 @@ def _engine(parsed: URL, url: str, options: dict[str, Any]) -> Engine:
 # --- the repository ---------------------------------------------------------------------------------
 
 
+SEARCH_CHUNK = 500
+"""Values per query of ``search_many``: well under any database's limit of parameters."""
+
+
 class SQLRepository(IRepository):
     """One model's table. Timestamps travel as ISO strings in records and as aware datetimes in
     the database."""
@@ -346,6 +350,22 @@ class SQLRepository(IRepository):
         with self.backend.connect(write=False) as connection:
             rows = connection.execute(query, {"_value": value}).mappings().all()
         return [self._to_record(row) for row in rows]
+
+    def search_many(self, field: str, values: list[Any]) -> list[JSONDict]:
+        """``search`` for several values at once, in chunks of ``SEARCH_CHUNK`` values."""
+        key = f"{field}[]"
+        query = self._searches.get(key)
+        if query is None:
+            self.check_field(field)
+            query = self._searches[key] = select(self.table).where(
+                self.table.c[field].in_(bindparam("_values", expanding=True))
+            )
+        found: list[JSONDict] = []
+        with self.backend.connect(write=False) as connection:
+            for start in range(0, len(values), SEARCH_CHUNK):
+                rows = connection.execute(query, {"_values": values[start : start + SEARCH_CHUNK]}).mappings().all()
+                found.extend(self._to_record(row) for row in rows)
+        return found
 
     def check_field(self, field: str) -> None:
         if field not in self.columns:

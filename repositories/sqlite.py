@@ -22,7 +22,7 @@ from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError
 from prorch.exceptions import ConfigurationError, CorruptStoreError, RepositoryError
 from prorch.records import JSONDict
 from prorch.secrets import error_summary, redact_url
-from repositories.sql import SQLBackend, SQLRepository
+from repositories.sql import SEARCH_CHUNK, SQLBackend, SQLRepository
 from repositories.sqlite_fastpath import SQLiteFastPath
 
 BUSY_TIMEOUT_SECONDS = 30.0
@@ -146,6 +146,16 @@ class SQLiteRepository(SQLRepository):
         sql = f'{self.fast.select} WHERE "{field}" = ?{self.fast.order}'
         with self.backend.connect(write=False) as connection:
             return [self.fast.record(row) for row in cursor(connection).execute(sql, (value,)).fetchall()]
+
+    def search_many(self, field: str, values: list[Any]) -> list[JSONDict]:
+        self.check_field(field)
+        found: list[JSONDict] = []
+        with self.backend.connect(write=False) as connection:
+            for start in range(0, len(values), SEARCH_CHUNK):
+                chunk = values[start : start + SEARCH_CHUNK]
+                sql = f'{self.fast.select} WHERE "{field}" IN ({", ".join("?" * len(chunk))})'
+                found.extend(self.fast.record(row) for row in cursor(connection).execute(sql, chunk).fetchall())
+        return found
 
     def compare_and_set(self, uuid: str, expected_revision: int, data: JSONDict) -> bool:
         if self.fast.covers(data):

@@ -246,6 +246,12 @@ class TinyDBRepository(IRepository):
 
     # --- capabilities ------------------------------------------------------------------------
 
+    def search_many(self, field: str, values: list[Any]) -> list[JSONDict]:
+        """``search`` for several values in one scan of the table."""
+        wanted = set(values)
+        with self.backend.locked():
+            return [dict(row) for row in self._rows().values() if row.get(field) in wanted]
+
     def compare_and_set(self, uuid: str, expected_revision: int, data: JSONDict) -> bool:
         with self.backend.locked():
             found = self._find(uuid)

@@ -55,13 +55,14 @@ class Journal:
 
     # --- reading -------------------------------------------------------------------------------
 
-    def load(self, pipeline: PipelineRecord) -> Run:
-        """The run of a pipeline: its steps in order and their registered classes. Raises
-        ``NotRegisteredError`` when this worker does not have the code for it."""
+    def load(self, pipeline: PipelineRecord, steps: list[StepRecord] | None = None) -> Run:
+        """The run of a pipeline: its steps in order (read now, unless given as read with the
+        pipeline's claim) and their registered classes. Raises ``NotRegisteredError`` when this
+        worker does not have the code for it."""
         pipeline_cls = self.registry.pipeline(pipeline.name, pipeline.version)
         order = {cls.name: index for index, cls in enumerate(pipeline_cls.steps)}
         steps = sorted(
-            self.store.steps_of(pipeline.uuid),
+            self.store.steps_of(pipeline.uuid) if steps is None else steps,
             key=lambda s: s.position if s.position is not None else order.get(s.name, len(order)),
         )
         classes = {s.uuid: self.registry.step(s.name, s.version) for s in steps}

@@ -14,7 +14,7 @@ from prorch.exceptions import NotRegisteredError, StepTimeoutError
 from prorch.hooks import HookCaller
 from prorch.leases import LeaseKeeper
 from prorch.policy import Policies, StepOverride
-from prorch.records import PipelineRecord
+from prorch.records import PipelineRecord, StepRecord
 from prorch.registry import Registry
 from prorch.runner import transitions
 from prorch.runner.endings import Endings
@@ -71,12 +71,15 @@ class Runner:
         """Run the pipeline's due work now, one commit per transition."""
         return write_each(self.journal.store, self.advancing(pipeline, keeper))
 
-    def advancing(self, pipeline: PipelineRecord, keeper: LeaseKeeper | None = None) -> Writing[Outcome]:
+    def advancing(
+        self, pipeline: PipelineRecord, keeper: LeaseKeeper | None = None, steps: list[StepRecord] | None = None
+    ) -> Writing[Outcome]:
         """The pipeline's due work, yielding each transition to store (see ``Writing``). The
         record must be claimed by this runner (its ``lease_owner`` is our lease token), or the
-        store must be one without claims, used by a single orchestrator."""
+        store must be one without claims, used by a single orchestrator. ``steps``: its steps,
+        when they were read after the claim (see ``Store.steps_of_many``)."""
         try:
-            run = self.journal.load(pipeline)
+            run = self.journal.load(pipeline, steps)
         except NotRegisteredError as exc:
             logger.warning("pipeline %s is blocked: %s", pipeline.uuid, exc, extra={"pipeline_uuid": pipeline.uuid})
             return (yield from self.journal.leave_blocked(pipeline, str(exc)))

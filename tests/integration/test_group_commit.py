@@ -16,6 +16,9 @@ from prorch.records import EventRecord, PipelineRecord, new_uuid
 from prorch.registry import Registry
 from prorch.status import EventType
 from prorch.store import Store, Write
+from repositories.postgresql import PostgreSQLBackend
+from repositories.postgresql_transitions import TransitionStatements
+from repositories.sql import SQLRepository
 from repositories.sqlite import SQLiteBackend
 from repositories.tinydb import AtomicJSONStorage
 from tests.integration.conftest import make_backend
@@ -59,9 +62,11 @@ def test_a_refused_write_in_a_group_undoes_that_write_only(
         assert any(e.uuid == event.uuid for e in fresh.events_of(record.uuid)) is written
 
 
-def test_a_store_error_in_one_write_of_a_group_undoes_that_write_only(tmp_path: Path, registry: Registry) -> None:
-    url = f"sqlite:///{tmp_path / 'p.db'}"
-    backend = SQLiteBackend(url)
+@pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
+def test_a_store_error_in_one_write_of_a_group_undoes_that_write_only(
+    kind: str, tmp_path: Path, request: pytest.FixtureRequest, registry: Registry
+) -> None:
+    backend = make_backend(kind, tmp_path, request)
     pipeline = pipeline_of(step_of("A", lambda self: None))
     uuids = [pipeline.create(backend, registry=registry).uuid for _ in range(2)]
     store = Store(backend)
@@ -75,8 +80,40 @@ def test_a_store_error_in_one_write_of_a_group_undoes_that_write_only(tmp_path: 
     outcomes = store.commit_many([Write([records[0]], [duplicate], []), Write([records[1]], [duplicate], [])])
     assert outcomes[0] is None and outcomes[1] is not None
     assert records[1].revision == before[1]
-    stored = Store(SQLiteBackend(url)).get_pipeline(uuids[1])
+    stored = Store(make_backend(kind, tmp_path, request)).get_pipeline(uuids[1])
     assert stored is not None and stored.priority == 0
+
+
+@pytest.mark.parametrize("kind", GROUP_BACKENDS)
+def test_a_refused_step_in_a_group_undoes_that_write_only(
+    kind: str, tmp_path: Path, request: pytest.FixtureRequest, registry: Registry
+) -> None:
+    """The pipeline's compare-and-set passes but one of its steps' is refused: nothing of that
+    transition is stored (on PostgreSQL its one statement is rolled back with the round, and
+    the others are stored again one by one)."""
+    backend = make_backend(kind, tmp_path, request)
+    pipeline = pipeline_of(step_of("A", lambda self: None))
+    uuids = [pipeline.create(backend, registry=registry).uuid for _ in range(3)]
+    store = Store(backend)
+    pipelines = [r for r in (store.get_pipeline(uuid) for uuid in uuids) if r is not None]
+    steps = [store.steps_of(uuid)[0] for uuid in uuids]
+    steps[1].revision += 5  # as if read before writes that never happened: refused
+    events = [event_for(record) for record in pipelines]
+    for record, step in zip(pipelines, steps, strict=True):
+        record.priority = 3
+        step.metadata["seen"] = True
+    writes = [Write([step, record], [event], []) for step, record, event in zip(steps, pipelines, events, strict=True)]
+
+    outcomes = store.commit_many(writes)
+
+    assert outcomes[0] is None and outcomes[2] is None
+    assert isinstance(outcomes[1], ConcurrentUpdateError)
+    fresh = Store(make_backend(kind, tmp_path, request) if kind != "memory" else backend)
+    for record, event, written in zip(pipelines, events, (True, False, True), strict=True):
+        stored = fresh.get_pipeline(record.uuid)
+        assert stored is not None and (stored.priority == 3) is written
+        assert (fresh.steps_of(record.uuid)[0].metadata.get("seen") is True) is written
+        assert any(e.uuid == event.uuid for e in fresh.events_of(record.uuid)) is written
 
 
 def two_step_pipeline(seen: list[tuple[str, bool]], reader: Store) -> type[Any]:
@@ -151,6 +188,25 @@ def test_sqlite_commits_once_per_round(
         assert len(commits) >= 80  # a hook mark and 3 transitions each
     else:
         assert len(commits) <= 5, len(commits)  # 80 writes in rounds of up to 32
+
+
+@pytest.mark.parametrize("group_commit", [1, 32])
+def test_postgresql_writes_a_transition_in_one_statement_and_a_round_in_one_call(
+    group_commit: int, postgres_url: str, registry: Registry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    backend = PostgreSQLBackend(postgres_url)
+    pipeline = pipeline_of(*(step_of(name, lambda self: None) for name in "ABC"))
+    pipeline.create_many(backend, [{}] * 20, registry=registry)
+    calls = count_calls(monkeypatch, PostgreSQLBackend, "write_transitions")
+    statements = count_calls(monkeypatch, TransitionStatements, "statement")
+    separate = count_calls(monkeypatch, SQLRepository, "compare_and_set")
+    summary = Orchestrator(backend, registry=registry, concurrency=1, group_commit=group_commit).execute_pipelines()
+    assert summary.finished == 20
+    assert len(statements) == 80 and not separate  # a hook mark and 3 transitions each, one statement each
+    if group_commit == 1:
+        assert len(calls) == 80
+    else:
+        assert len(calls) <= 5, len(calls)  # one round trip per round of up to 32
 
 
 def test_a_lease_lost_in_a_round_costs_only_that_pipeline(tmp_path: Path, registry: Registry) -> None:

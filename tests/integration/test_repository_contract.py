@@ -19,6 +19,8 @@ from prorch import (
     SupportsClaim,
     SupportsCompareAndSet,
     SupportsDueQuery,
+    SupportsPartialUpdate,
+    SupportsSearchMany,
     SupportsTransaction,
     register_step,
 )
@@ -115,6 +117,33 @@ def test_compare_and_set(backend: Any) -> None:
     assert repo.compare_and_set(row["uuid"], 4, {**row, "status": "failed", "revision": 5}) is True
     assert repo.get(row["uuid"])["revision"] == 5
     assert repo.compare_and_set("missing", 0, row) is False
+
+
+def test_partial_update_keeps_the_fields_not_given(backend: Any) -> None:
+    repo = backend("PIPELINE")
+    require(repo, SupportsPartialUpdate)
+    assert repo.partial_update is True
+    row = pipeline_row(revision=2, priority=5)
+    repo.save(row)
+    assert repo.compare_and_set(row["uuid"], 2, {"status": "failed", "revision": 3}) is True
+    repo.update(row["uuid"], {"metadata": {"k": [1]}})
+    stored = repo.get(row["uuid"])
+    assert (stored["status"], stored["revision"], stored["priority"]) == ("failed", 3, 5)
+    assert stored["metadata"] == {"k": [1]} and stored["name"] == row["name"]
+    assert repo.compare_and_set(row["uuid"], 2, {"status": "finished", "revision": 3}) is False
+
+
+def test_search_many_finds_every_value(backend: Any) -> None:
+    repo = backend("PIPELINE")
+    require(repo, SupportsSearchMany)
+    rows = [pipeline_row() for _ in range(5)]
+    for row in rows:
+        repo.save(row)
+    wanted = [rows[0]["uuid"], rows[3]["uuid"], "missing"]
+    assert sorted(r["uuid"] for r in repo.search_many("uuid", wanted)) == sorted(wanted[:2])
+    many = [f"x-{index}" for index in range(1200)] + [rows[4]["uuid"]]  # more than one chunk
+    assert [r["uuid"] for r in repo.search_many("uuid", many)] == [rows[4]["uuid"]]
+    assert repo.search_many("uuid", []) == []
 
 
 def due_rows(repo: Any) -> dict[str, dict[str, Any]]:
