@@ -60,6 +60,8 @@ RecordT = TypeVar("RecordT", bound=Record)
 T = TypeVar("T")
 
 _warned_backends: set[int] = set()
+SAVE_CHUNK = 1000
+"""Records per ``save_many`` call: a ``create_many`` of 100,000 pipelines does not hold every row at once."""
 
 
 def resolve_backend(repository: object) -> RepositoryFactory:
@@ -367,7 +369,9 @@ class Store:
                 end += 1
             batch = self.save_many.get(model)
             if batch is not None and end - index > 1:
-                _call(f"save {model} records", batch.save_many, [r.to_dict() for r in records[index:end]])
+                for start in range(index, end, SAVE_CHUNK):  # rows made a chunk at a time: bounded memory
+                    rows = [r.to_dict() for r in records[start : min(end, start + SAVE_CHUNK)]]
+                    _call(f"save {model} records", batch.save_many, rows)
             else:
                 repository = self._by_model[model]
                 for record in records[index:end]:
