@@ -108,6 +108,10 @@ def main() -> None:
     chosen = set(options.only or ["w1", "floor", "w2", "w3", "w4", "w5", "peers"])
     if options.only:
         results = json.loads((HERE / "last_results.json").read_text())
+        kept = sorted({"w1", "floor", "w2", "w3", "w4", "w5", "peers"} - chosen)
+        results["_kept"] = {"workloads": kept, "on": time.strftime("%Y-%m-%d")}
+    else:
+        results.pop("_kept", None)
     try:
         # W1: N pipelines of 3 quick steps, created then run to the end
         for n in sizes if "w1" in chosen else []:
@@ -286,6 +290,14 @@ def render(results: dict[str, Any], runs: int, sizes: list[int], waiting: int, l
         f"{time.strftime('%Y-%m-%d')}. Machines here are shared: expect ±15% between runs.",
         "PostgreSQL figures come from a local PostgreSQL server started by the run with `fsync=on` and",
         "`synchronous_commit=on`: every commit is durable, for prorch and for DBOS alike.",
+        *(
+            [
+                f"This page's last run ({results['_kept']['on']}) re-ran only some workloads (`--only`); "
+                f"{', '.join(results['_kept']['workloads'])} are from the full run before it, on the same machine.",
+            ]
+            if results.get("_kept")
+            else []
+        ),
         "",
         "## W1 — pipelines of 3 steps that finish at once, created then run to the end",
         "",
@@ -474,26 +486,38 @@ def target_row(
 
 NOTES = """## Where targets are missed, and why
 
-- **The engine is the bound, not the store.** With group commit, W1's writes cost SQLite about
-  95 µs per transition (the floor above), and prorch spends about 4-5 times that: W3's engine
-  share is far from 80 µs. The cost is the engine's Python per transition: pydantic records
-  (`model_construct`, assignment, `model_dump`), a row built from every column although a third
-  change, timestamps formatted several times, and the runner's generator and context managers.
-  That is the performance issue's item 2 (a hot path without pydantic, changed-column updates),
-  not done yet; it is what stands between the figures above and 20x DBOS on SQLite.
+- **The engine is still the bound on SQLite.** With group commit, W1's writes cost SQLite about
+  95 µs per transition (the floor above) and prorch spends about 3-4 times that. Records are
+  now msgspec Structs (not pydantic), UPDATEs send only the changed fields, uuids come from
+  batched randomness and the per-transition context managers are gone from the SQLite path;
+  together about 15-25% less CPU per transition in A/B runs, which this shared machine's noise
+  (±15% between runs) partly hides. What remains is spread thin: the runner's generators and
+  per-transition bookkeeping, `to_dict` and the snapshot compare, the row conversion, and the
+  random-order inserts into the events table's two indexes (below). 80 µs needs rows built
+  without dicts and a leaner runner loop, not one more hot spot.
+- **The events table's shape** was measured with raw `sqlite3` (2 events per transition, 100
+  transitions per commit, 200,000 events already stored): today's shape (uuid primary key and
+  an index on pipeline_uuid) costs about 155-190 µs per transition's events; a `WITHOUT ROWID`
+  table clustered on (pipeline_uuid, seq, uuid) with no other index about 90-115 µs; a rowid
+  table with a unique uuid and an index on (pipeline_uuid, seq) about 130 µs. The clustered
+  shape pays (and also explains part of the N=100,000 slowdown: random inserts into larger
+  indexes), but it needs a migration that rebuilds the events table on every SQL store; it is
+  not done yet. A larger page cache (64 MB) changed nothing measurable.
 - **`group_commit = 1` ≥ 3,500/s cannot be met on this machine by any engine**: the raw
   driver alone, one commit per transition, does about 1,900/s here (the floor above).
-- **PostgreSQL.** Each write is 3-4 statements, one round trip each, through SQLAlchemy and
-  psycopg; even the raw driver with 100 writes per commit stays under 2,000/s (the floor), and
-  prorch adds about 1.2 ms of client CPU per transition. The one-round-trip write (a statement
-  with CTEs, the issue's item 4) is not done yet. DBOS on PostgreSQL is measured in the same
-  run, against the same durable server.
-- **4 PostgreSQL workers on W1** come out 1.8x one: the machine has 2 cores, shared by the 4
-  workers and the server.
-- **W1 at N=100,000** costs 1.8x per transition what N=1,000 does, and the process peaks at
-  about 1 GB. Not yet explained: the store is 100 times larger (deeper indexes, a page cache
-  that no longer holds it) and `create_many` builds all 100,000 pipelines' records in memory
-  before writing them; the per-transition figure is for the run phase only.
+- **PostgreSQL.** A transition is now one statement (the pipeline's compare-and-set, with its
+  steps, messages and events conditioned on it) and a round's statements go in one round trip
+  (psycopg's pipeline mode); the steps of a pass's pipelines are read in one query. That took
+  W1 from about 550/s to about 1,600/s, above the raw-driver floor measured with whole-row
+  writes as separate statements. 2,500/s would need the claim, the hook marks and the rest of
+  the pass's reads pipelined too; DBOS on PostgreSQL is measured in the same run, against the
+  same durable server.
+- **4 PostgreSQL workers** on W1 come out about 1x one, and 3.1x on W4: the machine has 2
+  cores, shared by the workers and the server, and one worker now keeps a core busy by itself.
+- **W1 at N=100,000** costs about 1.6x per transition what N=1,000 does (run phase), with a
+  peak of about 290 MB (was 1 GB: `create_many` now stores its rows a chunk at a time, and
+  records are smaller). The rest is the larger store: random-order inserts into the events
+  and steps indexes (see the events table above).
 - **prorch 1.0.1** runs one step per pipeline per pass and rewrites its TinyDB file on every
   write; at 1,000 pipelines it does not finish in 270 s.
 
