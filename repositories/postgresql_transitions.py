@@ -13,11 +13,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import JSON, Boolean, DateTime, Table
+from sqlalchemy import Table
 
 from prorch.jsonvalue import dumps
 from prorch.records import JSONDict
 from prorch.repository import TransitionRows
+from repositories.schema import column_kind
 
 _CASTS = {"json": "::jsonb", "time": "::timestamptz", "plain": "", "bool": ""}
 
@@ -27,7 +28,9 @@ class TransitionStatements:
 
     def __init__(self, tables: dict[str, Table]) -> None:
         self.tables = tables
-        self.kinds = {model: {str(c.name): _kind(c.type) for c in table.columns} for model, table in tables.items()}
+        self.kinds = {
+            model: {str(c.name): column_kind(c.type) for c in table.columns} for model, table in tables.items()
+        }
 
     def run(self, driver: Any, units: Sequence[TransitionRows]) -> list[tuple[bool, bool]]:
         """Run one statement per unit on ``driver`` (a psycopg connection, in a transaction):
@@ -105,13 +108,3 @@ def _grouped(added: Sequence[tuple[str, JSONDict]]) -> list[tuple[str, list[JSON
         else:
             groups.append((model, [row]))
     return groups
-
-
-def _kind(column_type: Any) -> str:
-    if isinstance(column_type, JSON) or isinstance(getattr(column_type, "impl", None), JSON):
-        return "json"
-    if isinstance(column_type, DateTime):
-        return "time"
-    if isinstance(column_type, Boolean):
-        return "bool"
-    return "plain"

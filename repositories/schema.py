@@ -6,6 +6,8 @@ Changing a table here means adding a migration in ``migrations/versions`` and bu
 
 from __future__ import annotations
 
+from typing import Any
+
 from sqlalchemy import JSON, Boolean, Column, DateTime, Index, Integer, MetaData, String, Table
 from sqlalchemy.dialects.postgresql import JSONB
 
@@ -108,4 +110,17 @@ TABLES: dict[str, Table] = {
     Models.MESSAGE_MODEL: messages,
 }
 
-__all__ = ["HISTORY_TABLE", "SCHEMA_REVISION", "TABLES", "VERSION_TABLE", "metadata", "schema_history"]
+
+def column_kind(column_type: Any) -> str:
+    """How a column's values are converted on the raw-driver paths: "json", "time", "bool" or
+    "plain" (SQLite's fast path and PostgreSQL's one-statement transitions)."""
+    if isinstance(column_type, JSON) or isinstance(getattr(column_type, "impl", None), JSON):
+        return "json"
+    if isinstance(column_type, DateTime):
+        return "time"
+    if isinstance(column_type, Boolean):
+        return "bool"
+    return "plain"
+
+
+__all__ = ["HISTORY_TABLE", "SCHEMA_REVISION", "TABLES", "VERSION_TABLE", "column_kind", "metadata", "schema_history"]

@@ -15,10 +15,11 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import JSON, Boolean, DateTime, Table
+from sqlalchemy import Table
 
 from prorch.jsonvalue import dumps, loads
 from prorch.records import JSONDict, format_timestamp, to_utc
+from repositories.schema import column_kind
 
 
 def _db_time(value: Any) -> str | None:
@@ -45,7 +46,7 @@ class SQLiteFastPath:
     def __init__(self, table: Table) -> None:
         self.table = table
         self.names = [str(column.name) for column in table.columns]  # plain str, see SQLRepository
-        self.kinds = [_kind(column.type) for column in table.columns]
+        self.kinds = [column_kind(column.type) for column in table.columns]
         self.defaults = {c.name: getattr(c.default, "arg", None) for c in table.columns}
         # one (name, default, converter) per column, so that a row is one loop without branches
         self.encoders = [
@@ -109,13 +110,3 @@ def _db_bool(value: Any) -> int | None:
 
 
 ENCODERS: dict[str, Any] = {"json": dumps, "time": _db_time, "bool": _db_bool, "plain": None}
-
-
-def _kind(column_type: Any) -> str:
-    if isinstance(column_type, JSON) or isinstance(getattr(column_type, "impl", None), JSON):
-        return "json"
-    if isinstance(column_type, DateTime):
-        return "time"
-    if isinstance(column_type, Boolean):
-        return "bool"
-    return "plain"
