@@ -114,13 +114,15 @@ def _call(action: str, func: Callable[..., T], *args: Any) -> T:
         raise RepositoryError(f"repository failed to {action}: {type(exc).__name__}: {error_summary(exc)}") from exc
 
 
-def _load(record_type: type[RecordT], data: Any) -> RecordT:
+def _load(record_type: type[RecordT], data: Any, *, remember: bool = False) -> RecordT:
+    """A record from a repository's data; with ``remember``, a snapshot of it is kept, so that
+    its next write sends only what changed (on repositories with ``SupportsPartialUpdate``)."""
     try:
         record = record_type.from_dict(data)
     except (RecordError, TypeError, ValueError) as exc:
         uuid = data.get("uuid") if isinstance(data, dict) else None
         raise CorruptRecordError(f"stored {record_type.MODEL} record {uuid!r} is not valid: {exc}", uuid=uuid) from exc
-    if record.JSON:  # a record the engine writes again (pipeline, step): note what is stored
+    if remember:
         remember_stored(record, snapshot(record, data))
     return record
 
@@ -251,7 +253,7 @@ class Store:
 
     def get_pipeline(self, uuid: str) -> PipelineRecord | None:
         data = _call("get a pipeline", self.pipelines.get, uuid)
-        return _load(PipelineRecord, data) if data else None
+        return _load(PipelineRecord, data, remember=self.partial_update) if data else None
 
     def pipelines_with_status(self, status: Status) -> list[PipelineRecord]:
         rows = _call("search pipelines", self.pipelines.search, ["status", status.value])
@@ -265,7 +267,7 @@ class Store:
 
     def steps_of(self, pipeline_uuid: str) -> list[StepRecord]:
         rows = _call("search steps", self.steps.search, ["pipeline_uuid", pipeline_uuid])
-        return [_load(StepRecord, row) for row in rows or []]
+        return [_load(StepRecord, row, remember=self.partial_update) for row in rows or []]
 
     def steps_of_many(self, pipeline_uuids: Sequence[str]) -> dict[str, list[StepRecord]]:
         """The steps of several pipelines, by pipeline, in one query, where the repository can
@@ -283,7 +285,7 @@ class Store:
         unreadable: set[str] = set()
         for row in rows:
             try:
-                step = _load(StepRecord, row)
+                step = _load(StepRecord, row, remember=self.partial_update)
             except CorruptRecordError:
                 unreadable.add(str(row.get("pipeline_uuid")))
                 continue
@@ -305,7 +307,7 @@ class Store:
         """Due pipelines, highest priority first; through the index when the backend has one."""
         if self.due_query is not None:
             rows = _call("query due pipelines", self.due_query.search_due, now, limit)
-            return [_load(PipelineRecord, row) for row in rows]
+            return [_load(PipelineRecord, row, remember=self.partial_update) for row in rows]
         candidates = [
             p
             for p in self.pipelines_with_status(Status.PENDING)
@@ -322,14 +324,14 @@ class Store:
         if self.claims is None:
             return self.due(now, limit)
         rows = _call("claim due pipelines", self.claims.claim_due, now, owner, lease_expires_at, limit)
-        return [_load(PipelineRecord, row) for row in rows]
+        return [_load(PipelineRecord, row, remember=self.partial_update) for row in rows]
 
     def claim_one(self, uuid: str, now: datetime, owner: str, lease_expires_at: datetime) -> PipelineRecord | None:
         """Lease one pipeline for an in-process run; None when another owner holds it."""
         if self.claims is None:
             return self.get_pipeline(uuid)
         row = _call("claim a pipeline", self.claims.claim_one, uuid, now, owner, lease_expires_at)
-        return _load(PipelineRecord, row) if row else None
+        return _load(PipelineRecord, row, remember=self.partial_update) if row else None
 
     def renew_lease(self, uuid: str, owner: str, lease_expires_at: datetime) -> bool:
         """Extend a lease this owner holds; False when it was lost (or leases are unsupported)."""

@@ -124,14 +124,7 @@ class SQLiteRepository(SQLRepository):
         return self.fast.record(found) if found is not None else None
 
     def save_many(self, rows: list[JSONDict]) -> None:
-        values = [self.fast.row(row) for row in rows]
-        current = self.backend.current_connection()
-        if current is not None:  # inside the transition's transaction: no context manager
-            with self.backend._errors():
-                cursor(current).executemany(self.fast.insert, values)
-            return
-        with self.backend._errors(), self.backend.connect(write=True) as connection:
-            cursor(connection).executemany(self.fast.insert, values)
+        self._write(self.fast.insert, [self.fast.row(row) for row in rows], many=True)
 
     def update(self, uuid: str, data: JSONDict) -> None:
         if not self.fast.covers(data):  # a partial update (a user's call)
@@ -163,11 +156,18 @@ class SQLiteRepository(SQLRepository):
         else:  # the fields a transition changed
             sql, params = self.fast.changes(data)
         params += (uuid, expected_revision)
-        current = self.backend.current_connection()
-        if current is not None:  # inside the transition's transaction: no context manager
-            return bool(cursor(current).execute(sql, params).rowcount == 1)
-        with self.backend.connect(write=True) as connection:
-            return bool(cursor(connection).execute(sql, params).rowcount == 1)
+        return self._write(sql, params) == 1
+
+    def _write(self, sql: str, params: Any, *, many: bool = False) -> int:
+        """Run a write statement and return how many rows it changed: inside the transition's
+        transaction, on its connection directly (the hot path: no connect() per statement),
+        else in a short transaction of its own."""
+        with self.backend._errors():
+            current = self.backend.current_connection()
+            if current is not None:
+                return _execute(cursor(current), sql, params, many)
+            with self.backend.connect(write=True) as connection:
+                return _execute(cursor(connection), sql, params, many)
 
 
 SQLiteBackend.repository_class = SQLiteRepository
@@ -176,6 +176,10 @@ SQLiteBackend.repository_class = SQLiteRepository
 def driver(connection: Connection) -> sqlite3.Connection:
     """The sqlite3 connection under a SQLAlchemy one (the pysqlite driver's)."""
     return cast(sqlite3.Connection, connection.connection.driver_connection)
+
+
+def _execute(on: sqlite3.Cursor, sql: str, params: Any, many: bool) -> int:
+    return (on.executemany(sql, params) if many else on.execute(sql, params)).rowcount
 
 
 def cursor(connection: Connection) -> sqlite3.Cursor:
