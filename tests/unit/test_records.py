@@ -1,0 +1,51 @@
+"""The records as msgspec Structs (issue #13): uuids, keys from drivers, timestamps."""
+
+from __future__ import annotations
+
+import threading
+import uuid as uuid_module
+from datetime import datetime, timedelta, timezone
+
+import pytest
+from sqlalchemy.sql.elements import quoted_name
+
+from prorch.records import PipelineRecord, RecordError, new_uuid
+
+
+def test_new_uuids_are_random_version_4_and_unique_across_threads() -> None:
+    made: list[str] = []
+
+    def make() -> None:
+        made.extend(new_uuid() for _ in range(5_000))
+
+    threads = [threading.Thread(target=make) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(set(made)) == len(made) == 20_000
+    for text in made[:2_000]:
+        parsed = uuid_module.UUID(text)
+        assert (parsed.version, parsed.variant, str(parsed)) == (4, uuid_module.RFC_4122, text)
+
+
+def test_a_key_that_is_a_str_subclass_still_loads() -> None:
+    """A driver may name a column with a str subclass (SQLAlchemy quotes the reserved word
+    'key'); msgspec alone refuses such a key."""
+    data = {"uuid": "u", "name": "P", "status": "pending", quoted_name("key", True): "order-7"}
+    assert PipelineRecord.from_dict(data).key == "order-7"
+
+
+def test_an_invalid_record_names_the_field() -> None:
+    with pytest.raises(RecordError, match="status"):
+        PipelineRecord.from_dict({"uuid": "u", "name": "P", "status": "exploded"})
+
+
+def test_timestamps_are_utc_and_fixed_width_whatever_zone_they_came_in() -> None:
+    moment = datetime(2030, 1, 2, 5, 0, tzinfo=timezone(timedelta(hours=2)))
+    record = PipelineRecord(uuid="u", name="P", status="pending", created_at=moment)
+    assert record.created_at == moment and record.created_at.tzinfo is timezone.utc
+    data = record.to_dict()
+    assert data["created_at"] == "2030-01-02T03:00:00.000000+00:00"
+    naive = PipelineRecord.from_dict({**data, "updated_at": "2030-01-02 03:00:00"})
+    assert naive.updated_at == record.created_at
