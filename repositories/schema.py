@@ -8,12 +8,23 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import JSON, Boolean, Column, DateTime, Index, Integer, MetaData, String, Table
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    Column,
+    DateTime,
+    Index,
+    Integer,
+    MetaData,
+    PrimaryKeyConstraint,
+    String,
+    Table,
+)
 from sqlalchemy.dialects.postgresql import JSONB
 
 from prorch.records import Metadata as Models
 
-SCHEMA_REVISION = "0006"
+SCHEMA_REVISION = "0007"
 """The newest migration; a store at this revision needs no upgrade."""
 VERSION_TABLE = "prorch_schema_version"
 HISTORY_TABLE = "prorch_schema_migrations"
@@ -76,13 +87,16 @@ steps = Table(
 events = Table(
     Models.TABLE_NAMES[Models.EVENT_MODEL],
     metadata,
-    Column("uuid", String(36), primary_key=True),
-    Column("pipeline_uuid", String(36), nullable=False, index=True),
+    Column("uuid", String(36), nullable=False),
+    Column("pipeline_uuid", String(36), nullable=False),
     Column("step_uuid", String(36)),
     Column("type", String(64), nullable=False),
     Column("at", Timestamp, nullable=False),
     Column("seq", Integer, nullable=False, default=0),
     Column("data", Json, nullable=False),
+    # clustered by pipeline, in order: one B-tree insert per event, history reads are one range
+    PrimaryKeyConstraint("pipeline_uuid", "seq", "uuid", name="pipeline_events_pkey"),
+    sqlite_with_rowid=False,
 )
 
 messages = Table(

@@ -492,17 +492,21 @@ NOTES = """## Where targets are missed, and why
   batched randomness and the per-transition context managers are gone from the SQLite path;
   together about 15-25% less CPU per transition in A/B runs, which this shared machine's noise
   (±15% between runs) partly hides. What remains is spread thin: the runner's generators and
-  per-transition bookkeeping, `to_dict` and the snapshot compare, the row conversion, and the
-  random-order inserts into the events table's two indexes (below). 80 µs needs rows built
-  without dicts and a leaner runner loop, not one more hot spot.
+  per-transition bookkeeping, `to_dict` and the snapshot compare, and the row conversion. 80
+  µs needs rows built without dicts and a leaner runner loop, not one more hot spot.
 - **The events table's shape** was measured with raw `sqlite3` (2 events per transition, 100
-  transitions per commit, 200,000 events already stored): today's shape (uuid primary key and
-  an index on pipeline_uuid) costs about 155-190 µs per transition's events; a `WITHOUT ROWID`
-  table clustered on (pipeline_uuid, seq, uuid) with no other index about 90-115 µs; a rowid
-  table with a unique uuid and an index on (pipeline_uuid, seq) about 130 µs. The clustered
-  shape pays (and also explains part of the N=100,000 slowdown: random inserts into larger
-  indexes), but it needs a migration that rebuilds the events table on every SQL store; it is
-  not done yet. A larger page cache (64 MB) changed nothing measurable.
+  transitions per commit, 200,000 events already stored): a uuid primary key plus an index on
+  pipeline_uuid (the shape before migration 0007) cost about 155-190 µs per transition's
+  events; a `WITHOUT ROWID` table clustered on (pipeline_uuid, seq, uuid) with no other index
+  about 90-115 µs; a rowid table with a unique uuid and an index on (pipeline_uuid, seq) about
+  130 µs. Migration 0007 makes the events table the clustered one (the same key on
+  PostgreSQL). A larger page cache (64 MB) changed nothing measurable.
+- **The WAL checkpoint** was measured again with group commit (W1, 2,000 pipelines, 3 runs
+  each, alternated): `wal_autocheckpoint` 1,000 pages 1,994/s, 10,000 pages 1,974/s, 10,000
+  plus a passive checkpoint after every pass 1,983/s, none but the passive one 1,815/s. With
+  100 transitions per commit a checkpoint is rare either way and the differences are inside
+  this machine's noise; the default stays at 10,000 pages (no worker cooperation needed, so
+  cron passes get it too; the WAL stays under about 40 MB).
 - **`group_commit = 1` ≥ 3,500/s cannot be met on this machine by any engine**: the raw
   driver alone, one commit per transition, does about 1,900/s here (the floor above).
 - **PostgreSQL.** A transition is now one statement (the pipeline's compare-and-set, with its
@@ -516,8 +520,8 @@ NOTES = """## Where targets are missed, and why
   cores, shared by the workers and the server, and one worker now keeps a core busy by itself.
 - **W1 at N=100,000** costs about 1.6x per transition what N=1,000 does (run phase), with a
   peak of about 290 MB (was 1 GB: `create_many` now stores its rows a chunk at a time, and
-  records are smaller). The rest is the larger store: random-order inserts into the events
-  and steps indexes (see the events table above).
+  records are smaller). The rest is the larger store: random-order inserts into the steps'
+  and pipelines' uuid indexes.
 - **prorch 1.0.1** runs one step per pipeline per pass and rewrites its TinyDB file on every
   write; at 1,000 pipelines it does not finish in 270 s.
 
