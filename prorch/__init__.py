@@ -31,6 +31,7 @@ from prorch.exceptions import (
     StepUsageError,
     WorkerCrashed,
 )
+from prorch.listing import PipelinePage
 from prorch.mixins import OnContinueMixin, OnStartMixin
 from prorch.orchestrator import Orchestrator, OrchestratorConfig
 from prorch.pipeline import Pipeline
@@ -47,12 +48,14 @@ from prorch.records import (
 from prorch.registry import Registry, register_pipeline, register_step
 from prorch.repository import (
     IRepository,
+    PipelineQuery,
     RepositoryLike,
     SavedItem,
     SupportsClaim,
     SupportsCompareAndSet,
     SupportsDueQuery,
     SupportsPartialUpdate,
+    SupportsPipelineQuery,
     SupportsSearchMany,
     SupportsTransaction,
 )
@@ -95,6 +98,8 @@ __all__ = [
     "Pipeline",
     "PipelineNameNotDefinedError",
     "PipelineNotFoundError",
+    "PipelinePage",
+    "PipelineQuery",
     "PipelineRecord",
     "PipelineState",
     "ProrchError",
@@ -117,6 +122,7 @@ __all__ = [
     "SupportsCompareAndSet",
     "SupportsDueQuery",
     "SupportsPartialUpdate",
+    "SupportsPipelineQuery",
     "SupportsSearchMany",
     "SupportsTransaction",
     "SystemClock",

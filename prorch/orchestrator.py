@@ -27,11 +27,12 @@ from prorch.exceptions import (
 from prorch.hooks import HookCaller
 from prorch.keys import uuid_for_key
 from prorch.leases import LeaseKeeper
+from prorch.listing import PipelinePage
 from prorch.pipeline import new_owner_id
 from prorch.policy import StepOverride
 from prorch.records import EventRecord, MessageRecord, PipelineRecord, StepRecord
 from prorch.registry import Registry, current_registry
-from prorch.repository import RepositoryLike
+from prorch.repository import PipelineQuery, RepositoryLike
 from prorch.runner import (
     DEFAULT_LEASE_SECONDS,
     DEFAULT_MAX_CRASHES,
@@ -259,6 +260,37 @@ class Orchestrator:
             found = [p for p in found if p.name == name]
         epoch = datetime.min.replace(tzinfo=self.clock.now().tzinfo)
         return sorted(found, key=lambda p: p.created_at or epoch, reverse=True)
+
+    def query(
+        self,
+        *,
+        status: Status | str | None = None,
+        name: str | None = None,
+        version: int | None = None,
+        tenant: str | None = None,
+        key: str | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        updated_since: datetime | None = None,
+        updated_until: datetime | None = None,
+        param: tuple[str, str | int | float | bool] | None = None,
+        limit: int = 50,
+        after: str | None = None,
+        count: bool = False,
+    ) -> PipelinePage:
+        """A page of stored pipelines, newest first, by the store's indexes where it has them.
+
+        Filters combine; ``since``/``until`` bound ``created_at`` (until excluded), ``param`` is
+        ``(field, value)`` on a top-level params field. Pass the page's ``next_after`` as
+        ``after`` for the next page; ``count=True`` adds the total number of matches."""
+        query = PipelineQuery(
+            status=Status(status).value if status is not None else None,
+            name=name, version=version, tenant=tenant, key=key,
+            created_since=since, created_until=until,
+            updated_since=updated_since, updated_until=updated_until,
+            param=param, limit=limit, count=count,
+        )  # fmt: skip
+        return self.store.query_pipelines(query, after=after)
 
     def get(self, uuid: str) -> PipelineState:
         """The pipeline ``uuid`` with its steps in order, and why it is blocked, if it is."""

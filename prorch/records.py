@@ -204,7 +204,7 @@ class PipelineRecord(Record, kw_only=True):
 class StepRecord(Record, kw_only=True):
     MODEL: ClassVar[str] = "STEP"
     TIMES: ClassVar[tuple[str, ...]] = ("started_at", "finished_at", "next_run_at")
-    JSON: ClassVar[frozenset[str]] = frozenset({"metadata", "output", "error"})
+    JSON: ClassVar[frozenset[str]] = frozenset({"metadata", "output", "error", "progress"})
 
     pipeline_uuid: str
     name: str
@@ -221,6 +221,7 @@ class StepRecord(Record, kw_only=True):
     rollback: RollbackState | None = None  # None until on_rollback has run its course (or was skipped)
     rollback_attempt: int = 0
     revision: int = 0
+    progress: JSONDict | None = None  # the last self.progress(): {"done", "total", "note", "at"}
 
 
 class EventRecord(Record, kw_only=True):

@@ -118,6 +118,65 @@ class SupportsTransitionStatements(Protocol):
         ...
 
 
+@dataclass(frozen=True, slots=True)
+class PipelineQuery:
+    """Which pipelines a listing wants, newest first (``created_at``, then ``uuid``, descending).
+
+    Every filter given must match; ``param`` is ``(field, value)`` on a top-level params field
+    (a str, number or bool) and ``tenant`` reads ``context["tenant"]``. ``after`` is the keyset
+    cursor: the ``(created_at, uuid)`` of the last pipeline of the previous page. ``count``
+    asks for the total number of matches as well (without ``after`` and ``limit``)."""
+
+    status: str | None = None
+    name: str | None = None
+    version: int | None = None
+    tenant: str | None = None
+    uuid: str | None = None
+    key: str | None = None
+    created_since: datetime | None = None
+    created_until: datetime | None = None
+    updated_since: datetime | None = None
+    updated_until: datetime | None = None
+    param: tuple[str, str | int | float | bool] | None = None
+    limit: int = 50
+    after: tuple[datetime | None, str] | None = None
+    count: bool = False
+
+
+@runtime_checkable
+class SupportsPipelineQuery(Protocol):
+    """A pipeline repository that answers a ``PipelineQuery`` from its indexes (without it,
+    the store reads every pipeline and filters them in Python)."""
+
+    def query_pipelines(self, query: PipelineQuery) -> tuple[list[JSONDict], int | None]:
+        """At most ``query.limit`` matching records, newest first, and the total number of
+        matches when ``query.count`` (else None)."""
+        ...
+
+
+@dataclass(slots=True)
+class PipelineStats:
+    """What the dashboard's overview shows, counted by the store: pipelines by status, name and
+    version; pending ones leased (running), due and not leased, and waiting; failed ones that
+    were quarantined; the earliest due time; and ``(status, updated_at)`` of those that ended
+    since a given time."""
+
+    counts: list[tuple[str, str, int, int]]
+    running: int
+    due: int
+    quarantined: int
+    oldest_due: datetime | None
+    ended: list[tuple[str, datetime]]
+
+
+@runtime_checkable
+class SupportsPipelineStats(Protocol):
+    """A pipeline repository that counts from its indexes (without it, the store reads every
+    pipeline to count them)."""
+
+    def pipeline_stats(self, now: datetime, ended_since: datetime) -> PipelineStats: ...
+
+
 @runtime_checkable
 class SupportsDueQuery(Protocol):
     """A pipeline repository that finds due pipelines without reading the others (an index)."""

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, timezone
 from typing import Any, ClassVar, Literal, Protocol
 
 from pydantic import BaseModel, ValidationError
@@ -82,6 +82,7 @@ class Step:
         self.outputs = outputs
         self._logger: logging.LoggerAdapter[logging.Logger] | None = None
         self._context: JSONDict | None = None
+        self._progress: JSONDict | None = None
 
     # --- what a hook reads ---------------------------------------------------------------------
 
@@ -165,6 +166,26 @@ class Step:
         if until.tzinfo is None:
             raise StepUsageError("wait(until=...) needs a timezone-aware datetime, e.g. datetime.now(timezone.utc)")
         self._decide(Verdict("wait", until=until))
+
+    def progress(self, done: float, total: float | None = None, note: str | None = None) -> None:
+        """Report how far this step has come (``done`` of ``total``, with an optional note).
+        Stored with the step's next transition, which this hook's return writes; shown by
+        ``Orchestrator.get()``, ``prorch show`` and the dashboard. The last report wins."""
+        for label, value in (("done", done), ("total", total)):
+            if value is None and label == "total":
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 or value != value:
+                raise StepUsageError(f"progress({label}=...) needs a number >= 0, got {value!r}")
+        if total is not None and done > total:
+            raise StepUsageError(f"progress(done={done!r}, total={total!r}): done is more than total")
+        if note is not None and not isinstance(note, str):
+            raise StepUsageError(f"progress(note=...) needs a str, got {type(note).__name__}")
+        self._progress = {"done": done, "total": total, "note": note, "at": datetime.now(timezone.utc).isoformat()}
+
+    @property
+    def reported_progress(self) -> JSONDict | None:
+        """What ``progress()`` reported during this hook, if it was called."""
+        return self._progress
 
     def receive(self, name: str) -> Any:
         """The oldest unconsumed message ``name`` sent to this pipeline (``Orchestrator.send``),

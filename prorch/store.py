@@ -4,6 +4,7 @@ unit. Decisions stay in the engine; this module only loads and saves."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import threading
 import weakref
@@ -13,16 +14,19 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
+from prorch import listing
 from prorch.clock import Clock, ServerAlignedClock, SystemClock
 from prorch.due import claim_order, is_due
 from prorch.exceptions import (
     ConcurrentUpdateError,
     ConfigurationError,
     CorruptRecordError,
+    PipelineNotFoundError,
     ProrchError,
     RepositoryError,
     RepositoryNotDefinedException,
 )
+from prorch.listing import PipelinePage
 from prorch.records import (
     EventRecord,
     JSONDict,
@@ -38,12 +42,16 @@ from prorch.records import (
 )
 from prorch.repository import (
     IRepository,
+    PipelineQuery,
+    PipelineStats,
     RepositoryFactory,
     SupportsClaim,
     SupportsCompareAndSet,
     SupportsDueQuery,
     SupportsPartialUpdate,
     SupportsPinning,
+    SupportsPipelineQuery,
+    SupportsPipelineStats,
     SupportsSaveMany,
     SupportsSearchMany,
     SupportsServerClock,
@@ -258,6 +266,30 @@ class Store:
     def pipelines_with_status(self, status: Status) -> list[PipelineRecord]:
         rows = _call("search pipelines", self.pipelines.search, ["status", status.value])
         return [_load(PipelineRecord, row) for row in rows or []]
+
+    def query_pipelines(self, query: PipelineQuery, after: str | None = None) -> PipelinePage:
+        """A page of pipelines, newest first (``prorch list``, the dashboard); ``after`` is the
+        uuid of the last pipeline of the previous page."""
+        query = listing.checked(query)
+        if after is not None:
+            last = self.get_pipeline(after)
+            if last is None:
+                raise PipelineNotFoundError(f"--after {after}: no pipeline with that uuid is stored", uuid=after)
+            query = dataclasses.replace(query, after=(last.created_at, last.uuid))
+        if isinstance(self.pipelines, SupportsPipelineQuery):
+            rows, total = _call("list pipelines", self.pipelines.query_pipelines, query)
+            records = [_load(PipelineRecord, row) for row in rows]
+        else:
+            records, total = listing.filtered_page(self.all_pipelines(), query)
+        last_page = len(records) < query.limit
+        return PipelinePage(records, None if last_page or not records else records[-1].uuid, total)
+
+    def pipeline_stats(self, now: datetime, ended_since: datetime) -> PipelineStats:
+        """Counts for the dashboard's overview, by the store's indexes when it has them."""
+        if isinstance(self.pipelines, SupportsPipelineStats):
+            stats: PipelineStats = _call("count pipelines", self.pipelines.pipeline_stats, now, ended_since)
+            return stats
+        return listing.stats_of(self.all_pipelines(), now, ended_since)
 
     def all_pipelines(self) -> list[PipelineRecord]:
         found: list[PipelineRecord] = []

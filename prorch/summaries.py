@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from datetime import datetime
 
-from prorch.records import PipelineRecord, StepRecord
+from prorch.records import EventRecord, PipelineRecord, StepRecord
 from prorch.runner import Outcome
-from prorch.status import Status
+from prorch.status import TERMINAL, EventType, Status
 
 
 @dataclass
@@ -54,3 +55,31 @@ class PipelineState:
     steps: list[StepRecord]
     blocked: str | None = None  # not ended, and its code is missing here: it waits for it
     code_missing: str | None = None  # ended, and its code is not loaded here (nothing waits)
+
+    @property
+    def current_step(self) -> StepRecord | None:
+        """The step the pipeline is on (``metadata["current_step"]``), or None before the first."""
+        uuid = self.pipeline.metadata.get("current_step")
+        return next((step for step in self.steps if step.uuid == uuid), None)
+
+    def next_run(self, now: datetime, history: list[EventRecord] | None = None) -> tuple[datetime | None, str]:
+        """When the pipeline runs next and why then: "due now", "waiting", "backoff after
+        attempt N failed" (told apart by the current step's last event, from ``history``),
+        "running on OWNER", "blocked: ...", or "ended"."""
+        p = self.pipeline
+        if p.status in TERMINAL:
+            return None, "ended"
+        if self.blocked:
+            return None, f"blocked: {self.blocked}"
+        if p.lease_owner and p.lease_expires_at is not None and p.lease_expires_at > now:
+            return None, f"running on {p.lease_owner} (lease until {p.lease_expires_at.isoformat()})"
+        if p.next_run_at is None or p.next_run_at <= now:
+            return p.next_run_at or now, "due now"
+        step = self.current_step
+        last = next((e for e in reversed(history or []) if step is not None and e.step_uuid == step.uuid), None)
+        if last is not None and last.type == EventType.STEP_RETRYING:
+            failed = int(last.data.get("attempt", 2)) - 1
+            return p.next_run_at, f"backoff after attempt {failed} failed: {last.data.get('error', '')}"
+        if step is not None and step.rollback is not None:
+            return p.next_run_at, "rolling back"
+        return p.next_run_at, "waiting (a hook called wait())"

@@ -19,18 +19,20 @@ from sqlalchemy import (
     PrimaryKeyConstraint,
     String,
     Table,
+    text,
 )
 from sqlalchemy.dialects.postgresql import JSONB
 
 from prorch.records import Metadata as Models
 
-SCHEMA_REVISION = "0007"
+SCHEMA_REVISION = "0008"
 """The newest migration; a store at this revision needs no upgrade."""
 VERSION_TABLE = "prorch_schema_version"
 HISTORY_TABLE = "prorch_schema_migrations"
 """Every migration applied and whether it only adds (``additive = True`` in its module)."""
 
 Json = JSON().with_variant(JSONB(), "postgresql")
+ENDED = text("status IN ('finished', 'failed', 'cancelled')")
 Timestamp = DateTime(timezone=True)
 
 metadata = MetaData()
@@ -60,7 +62,12 @@ pipelines = Table(
     Column("crashes", Integer, nullable=False, default=0),
     Column("key", String(200)),
     Index("ix_pipelines_due", "status", "next_run_at", "priority"),
-    Index("ix_pipelines_name", "name"),
+    # newest-first listings by keyset, alone or after a status or name filter (prorch list)
+    Index("ix_pipelines_created", "created_at", "uuid"),
+    Index("ix_pipelines_status_created", "status", "created_at", "uuid"),
+    Index("ix_pipelines_name_created", "name", "created_at", "uuid"),
+    # ended pipelines only: "ended in the last hour" without indexing every transition
+    Index("ix_pipelines_ended", "updated_at", sqlite_where=ENDED, postgresql_where=ENDED),
 )
 
 steps = Table(
@@ -82,6 +89,7 @@ steps = Table(
     Column("rollback", String(16)),
     Column("rollback_attempt", Integer, nullable=False, default=0),
     Column("revision", Integer, nullable=False, default=0),
+    Column("progress", Json),
 )
 
 events = Table(
@@ -137,4 +145,13 @@ def column_kind(column_type: Any) -> str:
     return "plain"
 
 
-__all__ = ["HISTORY_TABLE", "SCHEMA_REVISION", "TABLES", "VERSION_TABLE", "column_kind", "metadata", "schema_history"]
+__all__ = [
+    "ENDED",
+    "HISTORY_TABLE",
+    "SCHEMA_REVISION",
+    "TABLES",
+    "VERSION_TABLE",
+    "column_kind",
+    "metadata",
+    "schema_history",
+]

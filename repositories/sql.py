@@ -37,10 +37,11 @@ from prorch.exceptions import (
     RepositoryError,
 )
 from prorch.jsonvalue import dumps
-from prorch.records import JSONDict, format_timestamp, to_utc
-from prorch.repository import IRepository
+from prorch.records import JSONDict, Metadata, format_timestamp, to_utc
+from prorch.repository import IRepository, PipelineQuery, PipelineStats
 from prorch.secrets import error_summary, redact_url
 from prorch.status import Status
+from repositories import sql_listing
 from repositories.migrate import MIGRATIONS, upgrade
 from repositories.schema import TABLES
 
@@ -384,6 +385,21 @@ class SQLRepository(IRepository):
                 query = update(self.table).where(c.uuid == uuid, c.revision == expected_revision).values(values)
                 result = connection.execute(query)
             return result.rowcount == 1
+
+    def query_pipelines(self, query: PipelineQuery) -> tuple[list[JSONDict], int | None]:
+        """A page of pipelines for ``prorch list`` and the dashboard (``SupportsPipelineQuery``)."""
+        if self.model != Metadata.PIPELINES_MODEL:
+            raise ConfigurationError(f"query_pipelines works on pipelines, not on {self.table.name}")
+        page, count = sql_listing.listing(self.table, query, self.backend.engine.dialect.name)
+        with self.backend.connect(write=False) as connection:
+            rows = connection.execute(page).mappings().all()
+            total = connection.execute(count).scalar_one() if count is not None else None
+        return [self._to_record(row) for row in rows], total
+
+    def pipeline_stats(self, now: datetime, ended_since: datetime) -> PipelineStats:
+        """The dashboard overview's counts (``SupportsPipelineStats``)."""
+        with self.backend.connect(write=False) as connection:
+            return sql_listing.stats(self.table, connection, now, ended_since)
 
     def _due_query(self) -> Select[Any]:
         """Due pipeline uuids, by the (status, next_run_at, priority) index; bound: _now, _limit."""

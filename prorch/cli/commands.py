@@ -15,22 +15,30 @@ from typing import Any
 import click
 
 from prorch.cli import demo as demo_module
-from prorch.cli.helpers import STATUSES, Context, parse_params, refuse_transient, reported, worker_options
+from prorch.cli.helpers import (
+    STATUSES,
+    Context,
+    parse_param_filter,
+    parse_params,
+    refuse_transient,
+    reported,
+    step_limits,
+    worker_options,
+)
 from prorch.cli.output import (
     echo_json,
-    next_run,
     pipeline_schema,
-    print_history,
+    print_page,
     print_state,
     print_summary,
     print_table,
-    when,
 )
 from prorch.exceptions import (
     InvalidMessageError,
     InvalidParamsError,
     WorkerUnhealthyError,
 )
+from prorch.listing import MAX_LIMIT, parse_moment
 from prorch.pipeline import pipeline_class
 from prorch.registry import current_registry
 from prorch.secrets import redact_url
@@ -141,19 +149,41 @@ def start(ctx: Context, name: str, pairs: tuple[str, ...], params_json: str | No
 @main.command(name="list")
 @click.option("--status", type=click.Choice(STATUSES), help="Only pipelines with this status.")
 @click.option("--name", help="Only pipelines with this name.")
+@click.option("--version", "version", type=int, help="Only pipelines of this version.")
+@click.option("--tenant", help="Only pipelines of this tenant.")
+@click.option("--key", help="Only the pipeline created with this key.")
+@click.option(
+    "--param",
+    "param",
+    metavar="NAME=VALUE",
+    help="Only pipelines whose params field NAME equals VALUE (JSON when it parses).",
+)
+@click.option("--since", help="Created at or after: an age (30m, 2h, 7d) or an ISO time.")
+@click.option("--until", help="Created before: an age (30m, 2h, 7d) or an ISO time.")
+@click.option("--limit", type=click.IntRange(1, MAX_LIMIT), default=50, show_default=True, help="Pipelines per page.")
+@click.option("--after", metavar="UUID", help="The page after this pipeline (the 'next page' uuid printed last).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.pass_obj
-def list_pipelines(ctx: Context, status: str | None, name: str | None, as_json: bool) -> None:
-    """Stored pipelines, newest first."""
+def list_pipelines(ctx: Context, status: str | None, name: str | None, version: int | None, tenant: str | None,
+                   key: str | None, param: str | None, since: str | None, until: str | None, limit: int,
+                   after: str | None, as_json: bool) -> None:  # fmt: skip
+    """Stored pipelines, newest first, a page at a time, with the total that match."""
     with reported(ctx):
         orchestrator = ctx.orchestrator()
-        records = orchestrator.list_pipelines(status=status, name=name)
+        now = orchestrator.clock.now()
+        page = orchestrator.query(
+            status=status, name=name, version=version, tenant=tenant, key=key,
+            param=parse_param_filter(param) if param is not None else None,
+            since=parse_moment(since, "--since", now) if since is not None else None,
+            until=parse_moment(until, "--until", now) if until is not None else None,
+            limit=limit, after=after, count=True,
+        )  # fmt: skip
     if as_json:
-        echo_json([r.to_dict() for r in records])
+        echo_json(
+            {"pipelines": [r.to_dict() for r in page.pipelines], "total": page.total, "next_after": page.next_after}
+        )
         return
-    rows = [["UUID", "STATUS", "NAME", "VERSION", "CREATED", "NEXT RUN"]]
-    rows += [[r.uuid, r.status.value, r.name, str(r.version), when(r.created_at), next_run(r)] for r in records]
-    print_table(rows)
+    print_page(page)
 
 
 @main.command()
@@ -169,6 +199,7 @@ def show(ctx: Context, uuid: str | None, key: str | None, as_json: bool) -> None
         orchestrator = ctx.orchestrator()
         state = orchestrator.get_by_key(key) if key is not None else orchestrator.get(uuid or "")
         history = orchestrator.history(state.pipeline.uuid)
+        moment, reason = state.next_run(orchestrator.clock.now(), history)
     if as_json:
         echo_json(
             {
@@ -176,11 +207,11 @@ def show(ctx: Context, uuid: str | None, key: str | None, as_json: bool) -> None
                 "steps": [s.to_dict() for s in state.steps],
                 "history": [e.to_dict() for e in history],
                 "blocked": state.blocked,
+                "next_run": {"at": moment.isoformat() if moment else None, "reason": reason},
             }
         )
         return
-    print_state(state)
-    print_history(history)
+    print_state(state, history, orchestrator.clock.now(), step_limits(orchestrator, state))
 
 
 @main.command()

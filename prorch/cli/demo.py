@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import tempfile
 import time
-from datetime import timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import click
 from pydantic import BaseModel
 
-from prorch.cli.helpers import Context, reported
-from prorch.cli.output import print_history, print_state
+from prorch.cli.helpers import Context, reported, step_limits
+from prorch.cli.output import print_state
 from prorch.mixins import OnContinueMixin, OnStartMixin
 from prorch.orchestrator import Orchestrator
 from prorch.pipeline import Pipeline
@@ -42,9 +42,12 @@ class ExternalJobStep(OnStartMixin, OnContinueMixin, Step):
 
     def on_continue(self) -> None:
         if self.now.isoformat() < self.metadata["ready_at"]:
+            left = (datetime.fromisoformat(self.metadata["ready_at"]) - self.now).total_seconds()
+            self.progress(round(JOB_SECONDS - left, 1), JOB_SECONDS, note=self.verb)  # shown by prorch show
             click.echo(f"  {self.name}: job still running, checking again in {POLL_SECONDS}s")
             self.wait(seconds=POLL_SECONDS)
             return
+        self.progress(JOB_SECONDS, JOB_SECONDS, note="done")
         self.finish(output=self.result())
         click.echo(f"  {self.name}: done -> {self.result()}")
 
@@ -110,6 +113,5 @@ def run(ctx: Context, url: str | None) -> bool:
             state = orchestrator.get(created.uuid)
             history = orchestrator.history(created.uuid)
         click.echo(f"\n{passes} passes in {time.monotonic() - started:.1f}s; final state:")
-        print_state(state)
-        print_history(history)
+        print_state(state, history, orchestrator.clock.now(), step_limits(orchestrator, state))
     return state.pipeline.status == Status.FINISHED

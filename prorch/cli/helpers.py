@@ -23,9 +23,11 @@ from prorch.exceptions import (
     NotRegisteredError,
     ProrchError,
 )
+from prorch.listing import filter_value
 from prorch.orchestrator import Orchestrator
 from prorch.registry import current_registry
 from prorch.status import Status
+from prorch.summaries import PipelineState
 
 USAGE_ERRORS = (ConfigurationError, NotRegisteredError, InvalidParamsError, InvalidMessageError, KeyConflictError)
 
@@ -166,3 +168,23 @@ def parse_params(pairs: tuple[str, ...], params_json: str | None) -> dict[str, A
         except RecursionError:
             raise InvalidParamsError(f"--param {key}: nested too deeply (at most 100 levels)") from None
     return params
+
+
+def parse_param_filter(pair: str) -> tuple[str, Any]:
+    """``--param name=value`` of ``prorch list``: VALUE is read as JSON when it parses (``3``,
+    ``true``), else as text."""
+    field, sep, text = pair.partition("=")
+    if not sep or not field:
+        raise InvalidParamsError(f"--param {pair!r}: expected NAME=VALUE")
+    return field, filter_value(text)
+
+
+def step_limits(orchestrator: Orchestrator, state: PipelineState) -> dict[str, int]:
+    """Each step's ``max_attempts``, for the steps whose code is loaded here."""
+    limits: dict[str, int] = {}
+    for step in state.steps:
+        try:
+            limits[step.name] = orchestrator.registry.step(step.name, step.version).max_attempts
+        except ProrchError:
+            continue
+    return limits

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+from datetime import datetime
 from typing import Any
 
 import click
 
 from prorch.definition import PipelineDefinition
+from prorch.listing import PipelinePage
 from prorch.records import EventRecord, PipelineRecord
 from prorch.status import TERMINAL
 from prorch.summaries import PassSummary, PipelineState
@@ -33,11 +35,22 @@ def print_summary(summary: PassSummary, as_json: bool) -> None:
 
 
 def when(moment: Any) -> str:
-    return moment.strftime("%Y-%m-%d %H:%M:%S") if moment is not None else "-"
+    """A time with its zone (stored times are UTC)."""
+    return moment.strftime("%Y-%m-%d %H:%M:%S %Z") if moment is not None else "-"
 
 
 def next_run(record: PipelineRecord) -> str:
     return when(record.next_run_at) if record.status not in TERMINAL else "-"
+
+
+def duration(start: datetime | None, end: datetime | None) -> str:
+    if start is None or end is None:
+        return "-"
+    seconds = max((end - start).total_seconds(), 0.0)
+    if seconds < 60:
+        return f"{seconds:.3f}s" if seconds < 10 else f"{seconds:.1f}s"
+    minutes, rest = divmod(int(seconds), 60)
+    return f"{minutes}m{rest:02d}s" if minutes < 60 else f"{minutes // 60}h{minutes % 60:02d}m"
 
 
 def print_table(rows: list[list[str]]) -> None:
@@ -46,35 +59,76 @@ def print_table(rows: list[list[str]]) -> None:
         click.echo("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
 
 
-def print_state(state: PipelineState) -> None:
+def print_page(page: PipelinePage) -> None:
+    rows = [["UUID", "STATUS", "NAME", "VERSION", "CREATED", "NEXT RUN"]]
+    rows += [[r.uuid, r.status.value, r.name, str(r.version), when(r.created_at), next_run(r)] for r in page.pipelines]
+    print_table(rows)
+    shown = len(page.pipelines)
+    click.echo(f"{shown} shown of {page.total} matching" if page.total is not None else f"{shown} shown")
+    if page.next_after is not None:
+        click.echo(f"next page: --after {page.next_after}")
+
+
+def progress_text(progress: dict[str, Any] | None) -> str:
+    if not progress:
+        return ""
+    done, total = float(progress.get("done") or 0), progress.get("total")
+    text = f"{done:g}/{float(total):g} ({100 * done / float(total):.0f}%)" if total else f"{done:g}"
+    return text + (f" {progress['note']}" if progress.get("note") else "")
+
+
+def print_state(state: PipelineState, history: list[EventRecord], now: datetime, max_attempts: dict[str, int]) -> None:
+    """``prorch show``: everything an operator asks about one pipeline, times with their zone.
+    ``max_attempts`` maps a step name to its limit when its code is loaded here."""
     p = state.pipeline
     click.echo(f"{p.name} v{p.version}  {p.uuid}  {p.status.value}")
-    if p.key is not None:
-        click.echo(f"  key: {p.key}")
-    if p.context:
-        click.echo(f"  context: {json.dumps(p.context)}")
+    tenant = p.context.get("tenant")
+    for label, value in (("key", p.key), ("tenant", tenant), ("priority", p.priority or None)):
+        if value is not None:
+            click.echo(f"  {label}: {value}")
+    click.echo(f"  created: {when(p.created_at)}   updated: {when(p.updated_at)}")
+    moment, reason = state.next_run(now, history)
+    click.echo(f"  next run: {when(moment) if moment is not None else '-'} ({reason})")
+    click.echo(f"  params: {json.dumps(p.params, sort_keys=True)}")
+    context = {k: v for k, v in p.context.items() if k != "tenant"}
+    if context:
+        click.echo(f"  context: {json.dumps(context, sort_keys=True)}")
+    metadata = {k: v for k, v in p.metadata.items() if k != "current_step"}
+    if metadata:
+        click.echo(f"  metadata: {json.dumps(metadata, sort_keys=True)}")
     if state.blocked:
         click.echo(f"  BLOCKED: {state.blocked}")
     elif state.code_missing:
         click.echo(f"  (its code is not loaded here: {state.code_missing})")
     if p.last_error is not None:
         click.echo(f"  last error: {p.last_error.type}: {p.last_error.message}")
+    click.echo("steps:")
     for s in state.steps:
-        line = f"  {s.position}. {s.name:<32} {s.status.value:<9}"
+        limit = max_attempts.get(s.name)
+        attempt = f"attempt {s.attempt} of {limit}" if limit else f"attempt {s.attempt}"
+        end = s.finished_at or (now if s.started_at is not None and s.status not in TERMINAL else None)
+        click.echo(
+            f"  {s.position}. {s.name:<28} {s.status.value:<9} {attempt:<14} "
+            f"took {duration(s.started_at, end):<8} started {when(s.started_at)}"
+        )
+        if s.progress:
+            click.echo(f"       progress: {progress_text(s.progress)}")
+        if s.metadata:
+            click.echo(f"       metadata: {json.dumps(s.metadata, sort_keys=True)}")
         if s.output is not None:
-            line += f" output={json.dumps(s.output)}"
+            click.echo(f"       output: {json.dumps(s.output, sort_keys=True)}")
         if s.error is not None:
-            line += f" error={s.error.type}: {s.error.message}"
+            click.echo(f"       error: {s.error.type}: {s.error.message}")
         if s.rollback:
-            line += f" rollback={s.rollback}"
-        click.echo(line)
+            click.echo(f"       rollback: {s.rollback}")
+    print_history(history)
 
 
 def print_history(history: list[EventRecord]) -> None:
     click.echo("history:")
     for event in history:
         step = f" {event.data['step']}" if "step" in event.data else ""
-        click.echo(f"  {event.at:%Y-%m-%d %H:%M:%S.%f}  {event.type.value}{step}")
+        click.echo(f"  {event.at:%Y-%m-%d %H:%M:%S.%f %Z}  {event.type.value}{step}")
 
 
 def pipeline_schema(pipeline_cls: type[PipelineDefinition]) -> dict[str, Any]:

@@ -78,6 +78,8 @@ class Turns:
         runtime.merge()
         try:
             step.metadata = instance.metadata
+            if instance.reported_progress is not None:
+                step.progress = instance.reported_progress
             if first_run:
                 transitions.start_step(run, step, now)
             return (yield from self.apply(run, step, instance, instance.verdict, now, name, first_run=first_run))

@@ -48,6 +48,7 @@ class Ship(OnStartMixin, OnContinueMixin, Step):
 
     def on_continue(self) -> None:
         if self.params.item == "slowpoke":
+            self.progress(1, 4, note="in transit")
             self.wait(seconds=3600)
         else:
             self.finish({"tracking": f"TRK-{self.pipeline_uuid[:6]}"})

@@ -52,12 +52,13 @@ def test_start_run_list_show(workdir: Path) -> None:
     listing = ok(prorch(workdir, "list"))
     assert uuid in listing and "finished" in listing and "Order" in listing
     shown = ok(prorch(workdir, "show", uuid))
-    assert 'output={"item": "book", "qty": 2}' in shown and "pipeline.finished" in shown
+    assert 'output: {"item": "book", "qty": 2}' in shown and "pipeline.finished" in shown
     data = state(workdir, uuid)
     assert [s["status"] for s in data["steps"]] == ["finished"] * 3
     assert data["steps"][2]["output"]["tracking"].startswith("TRK-")
-    assert json.loads(ok(prorch(workdir, "list", "--status", "finished", "--json")))[0]["uuid"] == uuid
-    assert json.loads(ok(prorch(workdir, "list", "--status", "pending", "--json"))) == []
+    finished = json.loads(ok(prorch(workdir, "list", "--status", "finished", "--json")))
+    assert [p["uuid"] for p in finished["pipelines"]] == [uuid] and finished["total"] == 1
+    assert json.loads(ok(prorch(workdir, "list", "--status", "pending", "--json")))["pipelines"] == []
 
 
 def test_params_json_and_run_json(workdir: Path) -> None:
@@ -150,7 +151,7 @@ def test_errors_are_one_line_with_meaningful_exit_codes(
         assert "Traceback" not in result.stderr
         assert len([line for line in result.stderr.splitlines() if line.startswith("error:")]) == 1
     if args[0] == "start":
-        assert json.loads(ok(prorch(workdir, "list", "--json"))) == []  # nothing stored
+        assert json.loads(ok(prorch(workdir, "list", "--json")))["total"] == 0  # nothing stored
 
 
 def test_bad_config_file_names_the_key_and_the_file(workdir: Path) -> None:
@@ -262,3 +263,36 @@ def test_an_application_package_named_repositories_gets_a_clear_error(tmp_path: 
     last = result.stderr.strip().splitlines()[-1]
     assert f"imported from {own / '__init__.py'}, which shadows prorch's own 'repositories' package" in last
     assert "rename your package" in last
+
+
+def test_list_pages_filters_and_total(workdir: Path) -> None:
+    uuids = [ok(prorch(workdir, "start", "Order", "-p", f"item=i{n}", "-p", f"qty={n}")).strip() for n in range(5)]
+    first = ok(prorch(workdir, "list", "--limit", "2"))
+    assert "2 shown of 5 matching" in first and "CREATED" in first and " UTC" in first
+    after = first.strip().splitlines()[-1].removeprefix("next page: --after ")
+    assert after == uuids[3]
+    second = json.loads(ok(prorch(workdir, "list", "--limit", "2", "--after", after, "--json")))
+    assert [p["uuid"] for p in second["pipelines"]] == [uuids[2], uuids[1]] and second["total"] == 5
+    by_param = json.loads(ok(prorch(workdir, "list", "--param", "qty=3", "--json")))
+    assert [p["uuid"] for p in by_param["pipelines"]] == [uuids[3]]
+    assert json.loads(ok(prorch(workdir, "list", "--param", 'qty="3"', "--json")))["total"] == 0
+    assert json.loads(ok(prorch(workdir, "list", "--since", "1h", "--json")))["total"] == 5
+    assert json.loads(ok(prorch(workdir, "list", "--until", "2020-01-01", "--json")))["total"] == 0
+    bad = prorch(workdir, "list", "--since", "yesterday")
+    assert bad.returncode == 2
+    assert bad.stderr.strip() == (
+        "error: --since 'yesterday': give an age such as 30m, 2h or 7d, or a time such as 2026-11-23T08:00:00+00:00"
+    )
+
+
+def test_show_tells_what_an_operator_asks(workdir: Path) -> None:
+    uuid = ok(prorch(workdir, "start", "Order", "-p", "item=slowpoke", "-p", "qty=1", "--tenant", "acme")).strip()
+    ok(prorch(workdir, "run"))
+    shown = ok(prorch(workdir, "show", uuid))
+    assert "tenant: acme" in shown
+    assert 'params: {"item": "slowpoke", "qty": 1}' in shown
+    assert "attempt 1 of 1" in shown and " UTC" in shown
+    assert "next run:" in shown and "(waiting (a hook called wait()))" in shown
+    assert "took " in shown and "progress: 1/4 (25%) in transit" in shown
+    data = state(workdir, uuid)
+    assert data["next_run"]["reason"].startswith("waiting") and data["next_run"]["at"].endswith("+00:00")

@@ -1,0 +1,213 @@
+"""The dashboard's web app (Starlette): pages rendered with Jinja2 and refreshed by htmx, the
+JSON API under ``/api/`` that the pages share their data with, and the guarded actions."""
+
+from __future__ import annotations
+
+import json
+import logging
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlencode
+
+from jinja2 import Environment, FileSystemLoader, select_autoescape
+from markupsafe import Markup
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
+
+from prorch.dashboard import chart, views
+from prorch.dashboard.security import SESSION_COOKIE, Guard
+from prorch.exceptions import InvalidMessageError, InvalidParamsError, InvalidStateError, PipelineNotFoundError
+from prorch.orchestrator import Orchestrator
+from prorch.status import Status
+
+HERE = Path(__file__).parent
+REFRESH_SECONDS = 5
+ACTIONS = ("cancel", "retry", "send")
+logger = logging.getLogger("prorch.dashboard")
+
+
+def when(text: str | None) -> str:
+    if not text:
+        return "-"
+    return datetime.fromisoformat(text).strftime("%Y-%m-%d %H:%M:%S %Z")
+
+
+def seconds(value: float | None) -> str:
+    if value is None:
+        return "-"
+    if value < 60:
+        return f"{value:.3f}s" if value < 10 else f"{value:.1f}s"
+    minutes, rest = divmod(int(value), 60)
+    return f"{minutes}m{rest:02d}s" if minutes < 60 else f"{minutes // 60}h{minutes % 60:02d}m"
+
+
+def pretty(value: Any) -> str:
+    return json.dumps(value, indent=2, sort_keys=True, default=str)
+
+
+def templates() -> Environment:
+    environment = Environment(loader=FileSystemLoader(HERE / "templates"), autoescape=select_autoescape(["html"]))
+    environment.filters.update(when=when, seconds=seconds, pretty=pretty)
+    environment.globals.update(statuses=[s.value for s in Status], refresh=REFRESH_SECONDS, urlencode=urlencode)
+    return environment
+
+
+def create_app(orchestrator: Orchestrator, *, token: str | None = None, store_name: str = "") -> Starlette:
+    """The dashboard over ``orchestrator``'s store. Without ``token`` it is read-only; with it,
+    cancel, retry and send are allowed to a logged-in browser (with CSRF tokens) or to an API
+    client that sends ``Authorization: Bearer TOKEN``."""
+    guard = Guard(token or None)
+    cache = views.StatsCache(orchestrator)
+    environment = templates()
+
+    def page(request: Request, template: str, status_code: int = 200, **data: Any) -> HTMLResponse:
+        session = guard.session_of(request.cookies.get(SESSION_COOKIE))
+        html = environment.get_template(template).render(
+            request=request, store=store_name, read_only=guard.read_only, logged_in=session is not None,
+            csrf=guard.csrf_for(session), **data,
+        )  # fmt: skip
+        return HTMLResponse(html, status_code=status_code)
+
+    def failure(request: Request, exc: Exception, api: bool) -> Response:
+        code = 404 if isinstance(exc, PipelineNotFoundError) else 409 if isinstance(exc, InvalidStateError) else 400
+        if api:
+            return JSONResponse({"error": str(exc)}, status_code=code)
+        return page(request, "error.html", status_code=code, message=str(exc))
+
+    async def overview_page(request: Request) -> Response:
+        data = views.overview(orchestrator, cache)
+        svg = Markup(chart.last_hour_svg(data["last_hour"]))  # numbers only: nothing user-given
+        return page(request, "overview.html", data=data, chart=svg, totals=chart.totals(data["last_hour"]))
+
+    async def pipelines_page(request: Request) -> Response:
+        filters = views.filters_from(request.query_params)
+        try:
+            data = views.pipelines(orchestrator, filters)
+        except (InvalidParamsError, PipelineNotFoundError) as exc:
+            return page(request, "pipelines.html", status_code=400, data=None, filters=filters, message=str(exc))
+        return page(request, "pipelines.html", data=data, filters=filters, message=None)
+
+    async def pipeline_page(request: Request) -> Response:
+        try:
+            data = views.pipeline(orchestrator, request.path_params["uuid"])
+        except PipelineNotFoundError as exc:
+            return failure(request, exc, api=False)
+        return page(request, "pipeline.html", data=data, done=request.query_params.get("done"))
+
+    async def login(request: Request) -> Response:
+        if request.method == "GET":
+            return page(request, "login.html", message=None)
+        form = await request.form()
+        offered = str(form.get("token", ""))
+        if guard.read_only or not guard.token_matches(offered):
+            logger.warning("dashboard: refused login from %s", _client(request))
+            message = "this dashboard is read-only: no token is set" if guard.read_only else "wrong token"
+            return page(request, "login.html", status_code=403, message=message)
+        response = RedirectResponse(_local(str(form.get("next", "/"))), status_code=303)
+        response.set_cookie(SESSION_COOKIE, guard.new_session(), httponly=True, samesite="strict")
+        logger.info("dashboard: login from %s", _client(request))
+        return response
+
+    async def logout(request: Request) -> Response:
+        response = RedirectResponse("/", status_code=303)
+        response.delete_cookie(SESSION_COOKIE)
+        return response
+
+    async def act_from_page(request: Request) -> Response:
+        uuid, action = request.path_params["uuid"], request.path_params["action"]
+        form = await request.form()
+        session = guard.session_of(request.cookies.get(SESSION_COOKIE))
+        if guard.read_only or session is None or not guard.csrf_matches(session, str(form.get("csrf", ""))):
+            logger.warning("dashboard: refused %s of %s from %s (not logged in)", action, uuid, _client(request))
+            message = (
+                "read-only: set PRORCH_DASHBOARD_TOKEN (or dashboard_token in prorch.toml) to allow actions"
+                if guard.read_only
+                else "log in with the dashboard token first (and reload the page if your session changed)"
+            )
+            return page(request, "error.html", status_code=403, message=message)
+        try:
+            done = act(orchestrator, uuid, action, form.get("name"), form.get("payload"))
+        except (PipelineNotFoundError, InvalidStateError, InvalidMessageError, InvalidParamsError) as exc:
+            return failure(request, exc, api=False)
+        logger.info("dashboard: %s %s by %s", action, uuid, _client(request))
+        cache.reset()
+        return RedirectResponse(f"/pipelines/{uuid}?{urlencode({'done': done})}", status_code=303)
+
+    async def api_overview(request: Request) -> Response:
+        return JSONResponse(views.overview(orchestrator, cache))
+
+    async def api_pipelines(request: Request) -> Response:
+        try:
+            return JSONResponse(views.pipelines(orchestrator, views.filters_from(request.query_params)))
+        except (InvalidParamsError, PipelineNotFoundError) as exc:
+            return failure(request, exc, api=True)
+
+    async def api_pipeline(request: Request) -> Response:
+        try:
+            return JSONResponse(views.pipeline(orchestrator, request.path_params["uuid"]))
+        except PipelineNotFoundError as exc:
+            return failure(request, exc, api=True)
+
+    async def api_act(request: Request) -> Response:
+        uuid, action = request.path_params["uuid"], request.path_params["action"]
+        if guard.read_only or not guard.bearer_matches(request.headers.get("authorization")):
+            logger.warning("dashboard: refused API %s of %s from %s", action, uuid, _client(request))
+            reason = "read-only: no dashboard token is set" if guard.read_only else "send Authorization: Bearer TOKEN"
+            return JSONResponse({"error": reason}, status_code=403)
+        body = await request.json() if action == "send" else {}
+        try:
+            done = act(orchestrator, uuid, action, body.get("name"), json.dumps(body.get("payload")))
+        except (PipelineNotFoundError, InvalidStateError, InvalidMessageError, InvalidParamsError) as exc:
+            return failure(request, exc, api=True)
+        logger.info("dashboard: API %s %s by %s", action, uuid, _client(request))
+        cache.reset()
+        return JSONResponse({"done": done, **views.pipeline(orchestrator, uuid)})
+
+    action_path = "/pipelines/{uuid}/{action:str}"
+    routes = [
+        Route("/", overview_page),
+        Route("/pipelines", pipelines_page),
+        Route("/pipelines/{uuid}", pipeline_page),
+        Route(action_path, act_from_page, methods=["POST"]),
+        Route("/login", login, methods=["GET", "POST"]),
+        Route("/logout", logout, methods=["POST"]),
+        Route("/api/overview", api_overview),
+        Route("/api/pipelines", api_pipelines),
+        Route("/api/pipelines/{uuid}", api_pipeline),
+        Route("/api" + action_path, api_act, methods=["POST"]),
+        Mount("/static", StaticFiles(directory=HERE / "static"), name="static"),
+    ]
+    return Starlette(routes=routes)
+
+
+def act(orchestrator: Orchestrator, uuid: str, action: str, name: Any, payload: Any) -> str:
+    """Run one action; what to tell the user it did."""
+    if action == "cancel":
+        state = orchestrator.cancel(uuid)
+        return "cancelled" if state.pipeline.status == Status.CANCELLED else "cancel requested"
+    if action == "retry":
+        orchestrator.retry(uuid)
+        return "retrying"
+    if action == "send":
+        if not name:
+            raise InvalidMessageError("a message needs a name")
+        try:
+            value = json.loads(payload) if payload not in (None, "") else None
+        except json.JSONDecodeError as exc:
+            raise InvalidMessageError(f"the payload is not valid JSON: {exc}") from exc
+        orchestrator.send(uuid, str(name), value)
+        return f"sent {name}"
+    raise InvalidParamsError(f"unknown action {action!r}: use one of {', '.join(ACTIONS)}")
+
+
+def _client(request: Request) -> str:
+    return f"{request.client.host}:{request.client.port}" if request.client else "unknown"
+
+
+def _local(target: str) -> str:
+    """Only redirect within the dashboard (no open redirect through ``next``)."""
+    return target if target.startswith("/") and not target.startswith("//") else "/"

@@ -1,0 +1,218 @@
+"""What the dashboard's pages and its JSON API show, as plain JSON-ready dicts: the pages
+render them with templates, ``/api/`` returns them as they are."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+from prorch.exceptions import InvalidParamsError, ProrchError
+from prorch.listing import filter_value, parse_moment
+from prorch.orchestrator import Orchestrator
+from prorch.records import PipelineRecord, StepRecord
+from prorch.repository import PipelineStats
+from prorch.status import TERMINAL, Status
+
+FILTERS = ("status", "name", "version", "tenant", "key", "param", "since", "until", "limit", "after")
+STATS_SECONDS = 5.0
+"""How long overview counts are reused: every open page refreshes every few seconds, and a
+count over millions of pipelines should not run once per page per refresh."""
+CHART_MINUTES = 60
+
+
+def iso(moment: datetime | None) -> str | None:
+    return moment.isoformat() if moment is not None else None
+
+
+@dataclass
+class StatsCache:
+    """The overview's counts, shared by every request for ``STATS_SECONDS``."""
+
+    orchestrator: Orchestrator
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+    _at: float = 0.0
+    _stats: PipelineStats | None = None
+    _now: datetime | None = None
+
+    def get(self) -> tuple[PipelineStats, datetime]:
+        with self._lock:
+            if self._stats is None or self._now is None or time.monotonic() - self._at > STATS_SECONDS:
+                now = self.orchestrator.clock.now()
+                self._stats = self.orchestrator.store.pipeline_stats(now, now - timedelta(minutes=CHART_MINUTES))
+                self._now, self._at = now, time.monotonic()
+            return self._stats, self._now
+
+    def reset(self) -> None:
+        """Count again at the next request (after an action changed something)."""
+        with self._lock:
+            self._stats = None
+
+
+def overview(orchestrator: Orchestrator, cache: StatsCache) -> dict[str, Any]:
+    """Counts by status and by name, running / due / waiting / blocked / quarantined, the
+    oldest due pipeline's lag, and the pipelines that ended in each minute of the last hour."""
+    stats, now = cache.get()
+    by_status = {status.value: 0 for status in Status}
+    by_name: dict[str, dict[str, int]] = {}
+    blocked: int | None = 0 if orchestrator.registry.pipelines else None
+    for status, name, version, count in stats.counts:
+        by_status[status] = by_status.get(status, 0) + count
+        row = by_name.setdefault(name, {s.value: 0 for s in Status} | {"total": 0})
+        row[status] = row.get(status, 0) + count
+        row["total"] += count
+        if blocked is not None and Status(status) not in TERMINAL and not _registered(orchestrator, name, version):
+            blocked += count
+    waiting = max(by_status.get(Status.PENDING.value, 0) - stats.running - stats.due, 0)
+    minutes = [{"finished": 0, "failed": 0, "cancelled": 0} for _ in range(CHART_MINUTES)]
+    for status, at in stats.ended:
+        age = int((now - at).total_seconds() // 60)
+        if 0 <= age < CHART_MINUTES:
+            minutes[CHART_MINUTES - 1 - age][status] += 1
+    return {
+        "now": iso(now),
+        "by_status": by_status,
+        "by_name": dict(sorted(by_name.items())),
+        "running": stats.running,
+        "due": stats.due,
+        "waiting": waiting,
+        "blocked": blocked,
+        "quarantined": stats.quarantined,
+        "oldest_due_lag_seconds": (now - stats.oldest_due).total_seconds() if stats.oldest_due else None,
+        "last_hour": minutes,
+        "total": sum(by_status.values()),
+    }
+
+
+def _registered(orchestrator: Orchestrator, name: str, version: int) -> bool:
+    try:
+        orchestrator.registry.pipeline(name, version)
+    except ProrchError:
+        return False
+    return True
+
+
+def filters_from(query: Mapping[str, str]) -> dict[str, str]:
+    """The listing filters of a request's query string that are set (the form sends empty ones)."""
+    return {name: query[name].strip() for name in FILTERS if query.get(name, "").strip()}
+
+
+def pipelines(orchestrator: Orchestrator, filters: dict[str, str]) -> dict[str, Any]:
+    """One page of the listing, with the total; bad filters raise ``InvalidParamsError``."""
+    now = orchestrator.clock.now()
+    param = None
+    if "param" in filters:
+        field_name, sep, text = filters["param"].partition("=")
+        if not sep:
+            raise InvalidParamsError(f"param filter {filters['param']!r}: expected NAME=VALUE, e.g. region=eu")
+        param = (field_name.strip(), filter_value(text.strip()))
+    page = orchestrator.query(
+        status=filters.get("status"),
+        name=filters.get("name"),
+        version=_int(filters, "version"),
+        tenant=filters.get("tenant"),
+        key=filters.get("key"),
+        param=param,
+        since=_moment(filters, "since", now),
+        until=_moment(filters, "until", now),
+        limit=_int(filters, "limit") or 50,
+        after=filters.get("after"),
+        count=True,
+    )
+    return {
+        "pipelines": [pipeline_row(record, now) for record in page.pipelines],
+        "total": page.total,
+        "next_after": page.next_after,
+        "filters": filters,
+    }
+
+
+def pipeline_row(record: PipelineRecord, now: datetime) -> dict[str, Any]:
+    ended = record.status in TERMINAL
+    return {
+        "uuid": record.uuid,
+        "name": record.name,
+        "version": record.version,
+        "status": record.status.value,
+        "tenant": record.context.get("tenant"),
+        "created_at": iso(record.created_at),
+        "updated_at": iso(record.updated_at),
+        "next_run_at": None if ended else iso(record.next_run_at or now),
+        "error": record.last_error.message if record.last_error else None,
+    }
+
+
+def pipeline(orchestrator: Orchestrator, uuid: str) -> dict[str, Any]:
+    """One pipeline: its steps as a timeline, the next run and why, params, metadata, progress,
+    outputs, errors with tracebacks, the history, and why it is blocked."""
+    state = orchestrator.get(uuid)
+    history = orchestrator.history(uuid)
+    now = orchestrator.clock.now()
+    moment, reason = state.next_run(now, history)
+    p = state.pipeline
+    return {
+        "pipeline": {
+            **pipeline_row(p, now),
+            "key": p.key,
+            "priority": p.priority,
+            "params": p.params,
+            "context": p.context,
+            "metadata": p.metadata,
+            "last_error": _error(p.last_error),
+            "lease_owner": p.lease_owner,
+            "cancel_requested": p.cancel_requested,
+        },
+        "next_run": {"at": iso(moment), "reason": reason},
+        "blocked": state.blocked,
+        "steps": [_step(step, now, orchestrator) for step in state.steps],
+        "history": [{"at": iso(e.at), "type": e.type.value, "step_uuid": e.step_uuid, "data": e.data} for e in history],
+        "ended": p.status in TERMINAL,
+    }
+
+
+def _step(step: StepRecord, now: datetime, orchestrator: Orchestrator) -> dict[str, Any]:
+    end = step.finished_at or (now if step.started_at is not None and step.status not in TERMINAL else None)
+    try:
+        limit: int | None = orchestrator.registry.step(step.name, step.version).max_attempts
+    except ProrchError:
+        limit = None
+    return {
+        "uuid": step.uuid,
+        "position": step.position,
+        "name": step.name,
+        "version": step.version,
+        "status": step.status.value,
+        "attempt": step.attempt,
+        "max_attempts": limit,
+        "started_at": iso(step.started_at),
+        "finished_at": iso(step.finished_at),
+        "seconds": (end - step.started_at).total_seconds() if end and step.started_at else None,
+        "next_run_at": iso(step.next_run_at),
+        "progress": step.progress,
+        "metadata": step.metadata,
+        "output": step.output,
+        "error": _error(step.error),
+        "rollback": step.rollback.value if step.rollback else None,
+    }
+
+
+def _error(error: Any) -> dict[str, Any] | None:
+    if error is None:
+        return None
+    return {"type": error.type, "message": error.message, "traceback": error.traceback, "hook": error.hook}
+
+
+def _int(filters: dict[str, str], name: str) -> int | None:
+    if name not in filters:
+        return None
+    try:
+        return int(filters[name])
+    except ValueError:
+        raise InvalidParamsError(f"{name}={filters[name]!r}: give a whole number") from None
+
+
+def _moment(filters: dict[str, str], name: str, now: datetime) -> datetime | None:
+    return parse_moment(filters[name], name, now) if name in filters else None

@@ -1,0 +1,95 @@
+"""``PipelineQuery`` as SQL: filters on the pipelines table, newest first by the keyset
+(created_at, uuid), served by the listing indexes of migration 0008. JSON fields (a params
+field, the tenant in context) are compared by JSON type as well as value, so that ``"1"``,
+``1`` and ``true`` stay three different values."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import ColumnElement, Connection, Select, Table, and_, func, literal, or_, select, type_coerce
+from sqlalchemy.dialects.postgresql import JSONB
+
+from prorch.records import to_utc
+from prorch.repository import PipelineQuery, PipelineStats
+from repositories.schema import ENDED
+
+JSON_TYPES_SQLITE: dict[type, tuple[str, ...]] = {int: ("integer",), float: ("real", "integer")}
+
+
+def json_field_equals(column: Any, field: str, value: str | int | float | bool, dialect: str) -> ColumnElement[bool]:
+    """``column[field] == value`` with JSON's types: containment on PostgreSQL (JSONB ``@>``),
+    ``json_type`` and ``json_extract`` on SQLite."""
+    if dialect == "postgresql":
+        return type_coerce(column, JSONB).contains({field: value})
+    path = literal('$."' + field + '"')
+    kind = func.json_type(column, path)
+    if isinstance(value, bool):
+        return kind == ("true" if value else "false")
+    types = JSON_TYPES_SQLITE.get(type(value), ("text",))
+    return and_(kind.in_(types), func.json_extract(column, path) == value)
+
+
+def listing(table: Table, query: PipelineQuery, dialect: str) -> tuple[Select[Any], Select[Any] | None]:
+    """The page's statement and, when ``query.count``, the statement counting every match."""
+    c = table.c
+    where: list[ColumnElement[bool]] = []
+    for name in ("status", "name", "version", "uuid", "key"):
+        value = getattr(query, name)
+        if value is not None:
+            where.append(c[name] == value)
+    if query.tenant is not None:
+        where.append(json_field_equals(c.context, "tenant", query.tenant, dialect))
+    if query.param is not None:
+        where.append(json_field_equals(c.params, query.param[0], query.param[1], dialect))
+    for column, since, until in (
+        (c.created_at, query.created_since, query.created_until),
+        (c.updated_at, query.updated_since, query.updated_until),
+    ):
+        if since is not None:
+            where.append(column >= since)
+        if until is not None:
+            where.append(column < until)
+    count = select(func.count()).select_from(table).where(*where) if query.count else None
+    if query.after is not None:
+        created, uuid = query.after
+        if created is None:  # a prorch 1.0.1 record without created_at: those sort last
+            where.append(and_(c.created_at.is_(None), c.uuid < uuid))
+        else:
+            where.append(
+                or_(c.created_at < created, and_(c.created_at == created, c.uuid < uuid), c.created_at.is_(None))
+            )
+    page = select(table).where(*where).order_by(c.created_at.desc().nulls_last(), c.uuid.desc()).limit(query.limit)
+    return page, count
+
+
+def stats(table: Table, connection: Connection, now: datetime, ended_since: datetime) -> PipelineStats:
+    """The overview's counts, each from an index: (status, name) groups, the due index for
+    pending pipelines, the partial index of ended ones for the last hour."""
+    c = table.c
+    counts = connection.execute(
+        select(c.status, c.name, c.version, func.count()).group_by(c.status, c.name, c.version)
+    ).all()
+    leased = c.lease_expires_at > now
+    pending = connection.execute(
+        select(
+            func.count().filter(leased),
+            func.count().filter(and_(c.next_run_at <= now, or_(c.lease_expires_at.is_(None), ~leased))),
+            func.min(c.next_run_at).filter(c.next_run_at <= now),
+        ).where(c.status == "pending")
+    ).one()
+    quarantined = connection.execute(
+        select(func.count()).where(
+            c.status == "failed", json_field_equals(c.last_error, "type", "WorkerCrashed", connection.dialect.name)
+        )
+    ).scalar_one()
+    ended = connection.execute(select(c.status, c.updated_at).where(ENDED, c.updated_at >= ended_since)).all()
+    return PipelineStats(
+        counts=[(str(s), str(n), int(v), int(k)) for s, n, v, k in counts],
+        running=int(pending[0] or 0),
+        due=int(pending[1] or 0),
+        quarantined=int(quarantined or 0),
+        oldest_due=to_utc(pending[2]) if pending[2] is not None else None,
+        ended=[(str(status), to_utc(at)) for status, at in ended if at is not None],
+    )

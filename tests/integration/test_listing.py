@@ -1,0 +1,144 @@
+"""Listing pipelines (issue #14): every filter, keyset pages that cover the matches exactly
+once, the total, and JSON-typed param filters, the same on the backends with an index
+(SQLite, PostgreSQL) and on those listed by the store's fallback (memory, TinyDB, a seed-style
+repository); progress reported by hooks is stored with the step."""
+
+from __future__ import annotations
+
+import sqlite3
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from prorch import FakeClock, InvalidParamsError, Orchestrator, PipelineNotFoundError, StepUsageError
+from prorch.registry import Registry
+from tests.integration.conftest import make_backend
+from tests.support.builders import pipeline_of, step_of
+
+KINDS = ["sqlite", "postgresql", "memory", "tinydb", "seed"]
+START = datetime(2026, 11, 1, 12, 0, tzinfo=timezone.utc)
+
+
+@pytest.fixture(params=KINDS)
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Any:
+    made = make_backend(request.param, tmp_path, request)
+    yield made
+    if hasattr(made, "dispose"):
+        made.dispose()
+
+
+def stored(backend: Any, registry: Registry) -> tuple[Orchestrator, list[str]]:
+    """12 pipelines a minute apart (newest last): two names, two tenants, typed params."""
+    work = step_of("Work", lambda self: self.finish({"i": self.params["i"]}))
+    fetch = pipeline_of(work, name="Fetch")
+    other = pipeline_of(step_of("Other", None, lambda self: None), name="Other")
+    clock = FakeClock(START)
+    uuids = []
+    for i in range(12):
+        cls = fetch if i % 3 else other
+        params = {"i": i, "s": str(i), "even": i % 2 == 0, "ratio": i / 2}
+        created = cls.create(backend, params, tenant="acme" if i < 6 else None, key=f"k{i}", clock=clock)
+        uuids.append(created.uuid)
+        clock.advance(60)
+    return Orchestrator(backend, registry=registry, clock=clock), uuids
+
+
+def numbers(page: Any) -> list[int]:
+    return [p.params["i"] for p in page.pipelines]
+
+
+def test_filters(backend: Any, registry: Registry) -> None:
+    orchestrator, _ = stored(backend, registry)
+    assert numbers(orchestrator.query()) == list(range(11, -1, -1))  # newest first
+    assert numbers(orchestrator.query(name="Other")) == [9, 6, 3, 0]
+    assert numbers(orchestrator.query(tenant="acme", name="Fetch")) == [5, 4, 2, 1]
+    assert numbers(orchestrator.query(key="k7")) == [7]
+    assert numbers(orchestrator.query(version=2)) == []
+    assert numbers(orchestrator.query(since=START + timedelta(minutes=9))) == [11, 10, 9]
+    assert numbers(orchestrator.query(until=START + timedelta(minutes=2))) == [1, 0]
+    # JSON types: 4 and "4" and true are different values
+    assert numbers(orchestrator.query(param=("i", 4))) == [4]
+    assert numbers(orchestrator.query(param=("i", "4"))) == []
+    assert numbers(orchestrator.query(param=("s", "4"))) == [4]
+    assert numbers(orchestrator.query(param=("even", True), name="Other")) == [6, 0]
+    assert numbers(orchestrator.query(param=("ratio", 1.5))) == [3]
+    assert numbers(orchestrator.query(param=("i", True))) == []
+    orchestrator.execute_pipelines()
+    finished = orchestrator.query(status="finished", count=True)
+    pending = orchestrator.query(status="pending", count=True)
+    assert (finished.total, pending.total) == (8, 4)  # Other's hook never finishes
+    later = orchestrator.clock.now() - timedelta(seconds=1)
+    assert orchestrator.query(updated_since=later, count=True).total == 12
+    assert orchestrator.query(updated_until=later, count=True).total == 0
+
+
+def test_keyset_pages_cover_every_match_once(backend: Any, registry: Registry) -> None:
+    orchestrator, uuids = stored(backend, registry)
+    seen: list[str] = []
+    after = None
+    pages = 0
+    while True:
+        page = orchestrator.query(limit=5, after=after, count=True)
+        assert page.total == 12
+        seen += [p.uuid for p in page.pipelines]
+        pages += 1
+        after = page.next_after
+        if after is None:
+            break
+    assert seen == list(reversed(uuids)) and pages == 3
+    filtered = orchestrator.query(name="Fetch", limit=3)
+    rest = orchestrator.query(name="Fetch", limit=10, after=filtered.next_after)
+    assert numbers(filtered) + numbers(rest) == [11, 10, 8, 7, 5, 4, 2, 1]
+    assert rest.next_after is None
+
+
+def test_bad_queries_get_one_clear_error(backend: Any, registry: Registry) -> None:
+    orchestrator, _ = stored(backend, registry)
+    with pytest.raises(InvalidParamsError, match="limit must be a whole number from 1 to 1000"):
+        orchestrator.query(limit=0)
+    with pytest.raises(InvalidParamsError, match="timezone-aware"):
+        orchestrator.query(since=datetime(2026, 1, 1))
+    with pytest.raises(InvalidParamsError, match="top-level params field name"):
+        orchestrator.query(param=("a.b", 1))
+    with pytest.raises(InvalidParamsError, match="string, number or boolean"):
+        orchestrator.query(param=("i", [1]))  # type: ignore[arg-type]
+    with pytest.raises(PipelineNotFoundError, match="no pipeline with that uuid"):
+        orchestrator.query(after="00000000-0000-0000-0000-000000000000")
+
+
+def test_progress_is_stored_with_the_step(backend: Any, registry: Registry) -> None:
+    def report(step: Any) -> None:
+        step.progress(3, 10, note="pages")
+        if step.attempt == 1 and "bad" in step.params:
+            step.progress(-1)
+
+    pipeline = pipeline_of(step_of("Report", lambda self: None, report, max_attempts=2), name="Reporting")
+    orchestrator = Orchestrator(backend, registry=registry)
+    good = pipeline.create(backend, {}).uuid
+    bad = pipeline.create(backend, {"bad": True}).uuid
+    orchestrator.execute_pipelines()
+    progress = orchestrator.get(good).steps[0].progress
+    assert progress is not None and (progress["done"], progress["total"], progress["note"]) == (3, 10, "pages")
+    assert datetime.fromisoformat(progress["at"]).tzinfo is not None
+    step = orchestrator.get(bad).steps[0]
+    assert step.error is not None and step.error.type == StepUsageError.__name__
+    assert "progress(done=...) needs a number >= 0, got -1" in step.error.message
+    assert step.progress is None  # a failed hook's reports are not stored
+
+
+def test_sqlite_pages_come_from_the_listing_indexes(tmp_path: Path, registry: Registry) -> None:
+    backend = make_backend("sqlite", tmp_path, None)  # type: ignore[arg-type]
+    stored(backend, registry)
+    connection = sqlite3.connect(tmp_path / "prorch.db")
+    plans = {
+        "all": "SELECT uuid FROM pipelines ORDER BY created_at DESC, uuid DESC LIMIT 50",
+        "status": "SELECT uuid FROM pipelines WHERE status = 'pending' ORDER BY created_at DESC, uuid DESC LIMIT 50",
+        "name": "SELECT uuid FROM pipelines WHERE name = 'Fetch' ORDER BY created_at DESC, uuid DESC LIMIT 50",
+    }
+    used = {k: " ".join(row[3] for row in connection.execute("EXPLAIN QUERY PLAN " + q)) for k, q in plans.items()}
+    assert "ix_pipelines_created" in used["all"] and "TEMP B-TREE" not in used["all"]
+    assert "ix_pipelines_status_created" in used["status"] and "TEMP B-TREE" not in used["status"]
+    assert "ix_pipelines_name_created" in used["name"] and "TEMP B-TREE" not in used["name"]
+    backend.dispose()
