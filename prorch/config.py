@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import (
     BaseSettings,
     EnvSettingsSource,
@@ -75,6 +75,11 @@ class SettingsFields(BaseModel):
     )
     shutdown_grace: float = Field(
         default=30.0, ge=0, description="seconds a stopping worker waits for running hooks before it exits"
+    )
+    dashboard_host: str = Field(default="127.0.0.1", description="address prorch dashboard listens on")
+    dashboard_port: int = Field(default=8181, ge=1, le=65535, description="port prorch dashboard listens on")
+    dashboard_token: SecretStr | None = Field(
+        default=None, description="token that allows the dashboard's actions (unset: read-only)"
     )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(default="INFO", description="log level")
     log_format: Literal["text", "json"] = Field(default="text", description="log line format")

@@ -34,6 +34,7 @@ from prorch.cli.output import (
     print_table,
 )
 from prorch.exceptions import (
+    ConfigurationError,
     InvalidMessageError,
     InvalidParamsError,
     WorkerUnhealthyError,
@@ -43,6 +44,8 @@ from prorch.pipeline import pipeline_class
 from prorch.registry import current_registry
 from prorch.secrets import redact_url
 from prorch.status import Status
+
+LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -280,6 +283,40 @@ def show_config(ctx: Context, as_json: bool) -> None:
     rows = [["SETTING", "VALUE", "FROM"]]
     rows += [[key, json.dumps(value), loaded.origins[key]] for key, value in values.items()]
     print_table(rows)
+
+
+@main.command()
+@click.option("--host", help="Address to listen on (default 127.0.0.1: this machine only).")
+@click.option("--port", type=int, help="Port to listen on (default 8181).")
+@click.pass_obj
+def dashboard(ctx: Context, host: str | None, port: int | None) -> None:
+    """The web dashboard: overview, pipelines, one pipeline, actions (with a token) and /api/.
+    Needs pip install 'prorch[dashboard]'."""
+    with reported(ctx):
+        loaded = ctx.loaded(dashboard_host=host, dashboard_port=port)
+        try:
+            import uvicorn
+
+            from prorch.dashboard import create_app
+        except ImportError as exc:
+            raise ConfigurationError(
+                f"prorch dashboard needs its extra: pip install 'prorch[dashboard]' ({exc})"
+            ) from exc
+        settings = loaded.settings
+        orchestrator = ctx.orchestrator()
+        token = settings.dashboard_token.get_secret_value() if settings.dashboard_token else None
+        app = create_app(orchestrator, token=token, store_name=redact_url(settings.repository))
+    host, port = settings.dashboard_host, settings.dashboard_port
+    if not token:
+        click.echo("dashboard is read-only: set PRORCH_DASHBOARD_TOKEN to allow cancel, retry and send", err=True)
+    if host not in LOOPBACK and not token:
+        click.echo(
+            f"warning: listening on {host} without a token: anyone who reaches this port sees your "
+            "pipelines' params and outputs; set PRORCH_DASHBOARD_TOKEN, or bind 127.0.0.1 behind a proxy",
+            err=True,
+        )
+    click.echo(f"prorch dashboard on http://{host}:{port}/ ({redact_url(settings.repository)})", err=True)
+    uvicorn.run(app, host=host, port=port, log_level="warning")
 
 
 @main.command()

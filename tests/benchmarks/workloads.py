@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import json
 import multiprocessing
+import os
 import resource
 import sqlite3
 import sys
@@ -157,6 +158,52 @@ def w2_pass(url: str) -> dict[str, Any]:
     took = time.perf_counter() - started
     assert summary.claimed == 10 and summary.finished == 10, summary
     return {"pass_ms": took * 1000, "rss_mb": rss_mb(), "threads": len(threading.enumerate())}
+
+
+def dashboard_pages(url: str, runs: int = 15) -> dict[str, Any]:
+    """The dashboard's pages over the store (a real ``prorch dashboard`` process): median
+    milliseconds per request for the list (first page, a status filter, the next page) and a
+    pipeline's page; the overview too, though it has no target (its counts are cached 5 s)."""
+    import statistics
+    import subprocess
+    import urllib.request
+
+    from tests.support.postgres import free_port
+
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PRORCH_")}
+    server = subprocess.Popen(
+        [sys.executable, "-m", "prorch", "-r", url, "dashboard", "--port", str(port)],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    base = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(300):
+            try:
+                listing = json.loads(urllib.request.urlopen(base + "/api/pipelines?limit=50", timeout=60).read())
+                break
+            except OSError:
+                time.sleep(0.1)
+        uuid = listing["pipelines"][0]["uuid"]
+        pages = {
+            "list_ms": "/pipelines",
+            "list_pending_ms": "/pipelines?status=pending",
+            "list_next_ms": f"/pipelines?after={listing['next_after']}",
+            "detail_ms": f"/pipelines/{uuid}",
+            "overview_ms": "/",
+        }
+        result: dict[str, Any] = {"pipelines": listing["total"]}
+        for name, path in pages.items():
+            took = []
+            for _ in range(runs):
+                started = time.perf_counter()
+                urllib.request.urlopen(base + path, timeout=60).read()
+                took.append((time.perf_counter() - started) * 1000)
+            result[name] = statistics.median(took)
+        return result
+    finally:
+        server.terminate()
+        server.wait()
 
 
 SQLITE_SECONDS = [0.0]  # time spent inside the SQLite library, for W3
@@ -342,5 +389,6 @@ if __name__ == "__main__":
         "w3": lambda: w3(args[0], int(args[1])),
         "w4": lambda: w4(args[0], int(args[1]), int(args[2]), *map(float, args[3:])),
         "w5": lambda: w5(args[0], int(args[1]), int(args[2]), args[3]),
+        "dashboard_pages": lambda: dashboard_pages(args[0]),
     }
     print(json.dumps(commands[name]()))

@@ -1,0 +1,138 @@
+"""The dashboard's JSON API and its guards, against a real `prorch dashboard` process over a
+real SQLite store: read-only without a token, bearer tokens for API actions, sessions with CSRF
+tokens for the pages' forms, one clear error for bad filters, and no secrets in its pages."""
+
+from __future__ import annotations
+
+import http.cookiejar
+import json
+import re
+import urllib.error
+import urllib.parse
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.support.dashboard import dashboard, prorch, shop_workdir
+
+TOKEN = "dash-s3cret-token"
+
+
+def get(url: str) -> tuple[int, Any]:
+    try:
+        with urllib.request.urlopen(url, timeout=10) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+def post(url: str, body: Any = None, headers: dict[str, str] | None = None, form: bool = False) -> tuple[int, str]:
+    data = urllib.parse.urlencode(body or {}).encode() if form else json.dumps(body or {}).encode()
+    kind = "application/x-www-form-urlencoded" if form else "application/json"
+    request = urllib.request.Request(url, data=data, method="POST", headers={"Content-Type": kind, **(headers or {})})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read().decode()
+
+
+@pytest.fixture
+def shop(tmp_path: Path) -> tuple[Path, list[str]]:
+    workdir = shop_workdir(tmp_path)
+    uuids = [prorch(workdir, "start", "Order", "-p", f"item=i{n}", "-p", f"qty={n}").strip() for n in range(3)]
+    uuids.append(prorch(workdir, "start", "Order", "-p", "item=slowpoke", "--tenant", "acme").strip())
+    prorch(workdir, "run")
+    return workdir, uuids
+
+
+def test_api_serves_what_the_pages_show(shop: tuple[Path, list[str]]) -> None:
+    workdir, uuids = shop
+    with dashboard(workdir) as (base, _):
+        status, overview = get(base + "/api/overview")
+        assert status == 200
+        assert overview["by_status"]["finished"] == 3 and overview["by_status"]["pending"] == 1
+        assert overview["waiting"] == 1 and overview["blocked"] == 0
+        assert sum(minute["finished"] for minute in overview["last_hour"]) == 3
+        status, page = get(base + "/api/pipelines?status=finished&limit=2")
+        assert status == 200 and page["total"] == 3 and len(page["pipelines"]) == 2
+        status, rest = get(base + f"/api/pipelines?status=finished&limit=2&after={page['next_after']}")
+        assert [p["uuid"] for p in rest["pipelines"]] == [uuids[0]] and rest["next_after"] is None
+        status, by_param = get(base + "/api/pipelines?param=qty%3D2")
+        assert [p["uuid"] for p in by_param["pipelines"]] == [uuids[2]]
+        status, one = get(base + f"/api/pipelines/{uuids[3]}")
+        assert one["pipeline"]["tenant"] == "acme" and one["next_run"]["reason"].startswith("waiting")
+        ship = one["steps"][2]
+        assert ship["progress"]["note"] == "in transit" and ship["max_attempts"] == 1
+        assert get(base + "/api/pipelines?since=yesterday")[0] == 400
+        status, missing = get(base + "/api/pipelines/00000000-0000-0000-0000-000000000000")
+        assert status == 404 and "no pipeline with uuid" in missing["error"]
+
+
+def test_without_a_token_the_dashboard_is_read_only(shop: tuple[Path, list[str]]) -> None:
+    workdir, uuids = shop
+    with dashboard(workdir, "--host", "0.0.0.0") as (base, process):
+        status, body = post(base + f"/api/pipelines/{uuids[3]}/cancel", headers={"Authorization": "Bearer x"})
+        assert status == 403 and "read-only" in body
+        status, body = post(base + f"/pipelines/{uuids[3]}/cancel", {"csrf": "x"}, form=True)
+        assert status == 403 and "PRORCH_DASHBOARD_TOKEN" in body
+        assert get(base + f"/api/pipelines/{uuids[3]}")[1]["pipeline"]["status"] == "pending"
+    assert process.stderr is not None
+    assert "warning: listening on 0.0.0.0 without a token" in process.stderr.read()
+
+
+def test_actions_need_the_token_and_are_logged(shop: tuple[Path, list[str]]) -> None:
+    workdir, uuids = shop
+    with dashboard(workdir, token=TOKEN) as (base, process):
+        target = f"{base}/api/pipelines/{uuids[3]}"
+        assert post(target + "/cancel", headers={"Authorization": "Bearer wrong"})[0] == 403
+        assert post(target + "/cancel")[0] == 403
+        status, body = post(target + "/send", {"name": "go", "payload": {"n": 1}}, {"Authorization": f"Bearer {TOKEN}"})
+        assert status == 200 and json.loads(body)["done"] == "sent go"
+        # the pages' forms: a session from the login, and the CSRF token of that session
+        assert post(f"{target.replace('/api', '')}/cancel", {"csrf": ""}, form=True)[0] == 403
+        assert post(base + "/login", {"token": "wrong"}, form=True)[0] == 403
+        status, body = post(target + "/cancel", headers={"Authorization": f"Bearer {TOKEN}"})
+        assert status == 200 and json.loads(body)["pipeline"]["status"] == "cancelled"
+        for page in ("/", "/pipelines", f"/pipelines/{uuids[3]}"):
+            with urllib.request.urlopen(base + page, timeout=10) as response:
+                assert TOKEN not in response.read().decode()
+    assert process.stderr is not None
+    log = process.stderr.read()
+    assert f"dashboard: API cancel {uuids[3]} by 127.0.0.1" in log
+    assert "dashboard: refused API cancel" in log and TOKEN not in log
+
+
+def test_forms_need_the_session_and_its_csrf_token(shop: tuple[Path, list[str]]) -> None:
+    workdir, uuids = shop
+    jar = http.cookiejar.CookieJar()
+    browser = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(jar))
+
+    def submit(url: str, fields: dict[str, str]) -> tuple[int, str]:
+        try:
+            with browser.open(url, data=urllib.parse.urlencode(fields).encode(), timeout=10) as response:
+                return response.status, response.read().decode()
+        except urllib.error.HTTPError as error:
+            return error.code, error.read().decode()
+
+    with dashboard(workdir, token=TOKEN) as (base, _):
+        status, _ = submit(base + "/login", {"token": TOKEN, "next": "//evil.example/steal"})
+        assert status == 200 and browser.open(base + "/", timeout=10).geturl() == base + "/"  # no open redirect
+        assert any(cookie.name == "prorch_session" and TOKEN not in cookie.value for cookie in jar)
+        status, body = submit(f"{base}/pipelines/{uuids[3]}/cancel", {"csrf": "forged"})
+        assert status == 403 and "log in with the dashboard token" in body
+        page = browser.open(f"{base}/pipelines/{uuids[3]}", timeout=10).read().decode()
+        csrf = re.search(r'name="csrf" value="([0-9a-f]+)"', page)
+        assert csrf is not None
+        status, body = submit(f"{base}/pipelines/{uuids[3]}/cancel", {"csrf": csrf.group(1)})
+        assert status == 200 and 'id="status">cancelled<' in body
+
+
+def test_stored_values_are_escaped_in_pages(tmp_path: Path) -> None:
+    workdir = shop_workdir(tmp_path)
+    uuid = prorch(workdir, "start", "Order", "-p", "item=<script>alert(1)</script>").strip()
+    with dashboard(workdir) as (base, _):
+        page = urllib.request.urlopen(f"{base}/pipelines/{uuid}", timeout=10).read().decode()
+    assert "<script>alert(1)</script>" not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page
