@@ -115,12 +115,11 @@ def stats_of(records: list[PipelineRecord], now: datetime, ended_since: datetime
     ended: list[tuple[str, datetime]] = []
     for r in records:
         groups[(r.status.value, r.name, r.version)] += 1
-        if r.status == Status.PENDING:
+        if r.status == Status.PENDING and r.next_run_at is not None and r.next_run_at <= now:
             leased = r.lease_expires_at is not None and r.lease_expires_at > now
             running += leased
-            if r.next_run_at is not None and r.next_run_at <= now:
-                due += not leased
-                oldest = r.next_run_at if oldest is None else min(oldest, r.next_run_at)
+            due += not leased
+            oldest = r.next_run_at if oldest is None else min(oldest, r.next_run_at)
         elif r.status in TERMINAL and r.updated_at is not None and r.updated_at >= ended_since:
             ended.append((r.status.value, r.updated_at))
         if r.status == Status.FAILED and r.last_error is not None and r.last_error.type == "WorkerCrashed":

@@ -157,9 +157,9 @@ class SupportsPipelineQuery(Protocol):
 @dataclass(slots=True)
 class PipelineStats:
     """What the dashboard's overview shows, counted by the store: pipelines by status, name and
-    version; pending ones leased (running), due and not leased, and waiting; failed ones that
-    were quarantined; the earliest due time; and ``(status, updated_at)`` of those that ended
-    since a given time."""
+    version; among the pending ones whose ``next_run_at`` has come, those leased by a worker
+    (running) and the others (due); failed ones that were quarantined; the earliest due time;
+    and ``(status, updated_at)`` of those that ended since a given time."""
 
     counts: list[tuple[str, str, int, int]]
     running: int

@@ -66,6 +66,8 @@ pipelines = Table(
     Index("ix_pipelines_created", "created_at", "uuid"),
     Index("ix_pipelines_status_created", "status", "created_at", "uuid"),
     Index("ix_pipelines_name_created", "name", "created_at", "uuid"),
+    # the dashboard's counts by status, name and version, read from the index alone
+    Index("ix_pipelines_status_name", "status", "name", "version"),
     # ended pipelines only: "ended in the last hour" without indexing every transition
     Index("ix_pipelines_ended", "updated_at", sqlite_where=ENDED, postgresql_where=ENDED),
 )

@@ -14,6 +14,8 @@ import pytest
 
 from prorch import FakeClock, InvalidParamsError, Orchestrator, PipelineNotFoundError, StepUsageError
 from prorch.registry import Registry
+from repositories.schema import TABLES
+from repositories.sql_listing import ended_query
 from tests.integration.conftest import make_backend
 from tests.support.builders import pipeline_of, step_of
 
@@ -141,4 +143,33 @@ def test_sqlite_pages_come_from_the_listing_indexes(tmp_path: Path, registry: Re
     assert "ix_pipelines_created" in used["all"] and "TEMP B-TREE" not in used["all"]
     assert "ix_pipelines_status_created" in used["status"] and "TEMP B-TREE" not in used["status"]
     assert "ix_pipelines_name_created" in used["name"] and "TEMP B-TREE" not in used["name"]
+    backend.dispose()
+
+
+def test_overview_counts(backend: Any, registry: Registry) -> None:
+    orchestrator, _ = stored(backend, registry)
+    now = orchestrator.clock.now()
+    before = orchestrator.store.pipeline_stats(now, now - timedelta(hours=1))
+    assert sorted(before.counts) == [("pending", "Fetch", 1, 8), ("pending", "Other", 1, 4)]
+    assert (before.due, before.running, before.quarantined, before.ended) == (12, 0, 0, [])
+    assert before.oldest_due == START
+    orchestrator.execute_pipelines()
+    after = orchestrator.store.pipeline_stats(now, now - timedelta(hours=1))
+    assert sorted(after.counts) == [("finished", "Fetch", 1, 8), ("pending", "Other", 1, 4)]
+    assert after.due == 4 and [status for status, _ in after.ended] == ["finished"] * 8
+
+
+def test_sqlite_overview_counts_read_indexes_only(tmp_path: Path, registry: Registry) -> None:
+    backend = make_backend("sqlite", tmp_path, None)  # type: ignore[arg-type]
+    stored(backend, registry)
+    connection = sqlite3.connect(tmp_path / "prorch.db")
+    plans = {
+        "ix_pipelines_status_name": "SELECT status, name, version, count(*) FROM pipelines "
+        "GROUP BY status, name, version",
+        "ix_pipelines_due": "SELECT count(*) FROM pipelines WHERE status = 'pending' AND next_run_at <= '2030-01-01'",
+        "ix_pipelines_ended": str(ended_query(TABLES["PIPELINE"], "sqlite")).replace(":since", "'2026-01-01'"),
+    }
+    for index, query in plans.items():
+        plan = " ".join(row[3] for row in connection.execute("EXPLAIN QUERY PLAN " + query))
+        assert index in plan and "SCAN pipelines\\b" not in plan, (index, plan)
     backend.dispose()
