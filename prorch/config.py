@@ -24,6 +24,7 @@ from pydantic_settings import (
 )
 
 from prorch.exceptions import ConfigurationError
+from prorch.listing import parse_age
 from prorch.policy import StepOverride
 
 if sys.version_info >= (3, 11):
@@ -76,6 +77,10 @@ class SettingsFields(BaseModel):
     shutdown_grace: float = Field(
         default=30.0, ge=0, description="seconds a stopping worker waits for running hooks before it exits"
     )
+    retention: str | None = Field(
+        default=None,
+        description="a worker purges finished and cancelled pipelines older than this (e.g. 30d; unset: never)",
+    )
     dashboard_host: str = Field(default="127.0.0.1", description="address prorch dashboard listens on")
     dashboard_port: int = Field(default=8181, ge=1, le=65535, description="port prorch dashboard listens on")
     dashboard_token: SecretStr | None = Field(
@@ -91,6 +96,13 @@ class SettingsFields(BaseModel):
     def _split_modules(cls, value: Any) -> Any:
         if isinstance(value, str):
             return [part.strip() for part in value.split(",") if part.strip()]
+        return value
+
+    @field_validator("retention")
+    @classmethod
+    def _age(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_age(value, "retention")  # one clear error at load, not at the first purge
         return value
 
     @field_validator("log_level", mode="before")

@@ -5,6 +5,7 @@ creating, loading and running on top, so that the model does not depend on the e
 from __future__ import annotations
 
 from collections.abc import Sequence
+from datetime import timedelta
 from typing import Any, ClassVar
 
 from pydantic import BaseModel, ValidationError
@@ -24,6 +25,12 @@ class PipelineDefinition:
     version: ClassVar[int] = 1
     priority: ClassVar[int] = 0
     Params: ClassVar[type[BaseModel] | None] = None
+    # a recurring schedule (prorch.schedule): a cron string or an interval, not both
+    schedule: ClassVar[str | None] = None
+    every: ClassVar[timedelta | None] = None
+    schedule_tz: ClassVar[str] = "UTC"
+    schedule_params: ClassVar[Any] = None  # a dict, or a function of the tick time returning params
+    catch_up: ClassVar[str] = "latest"  # missed ticks: "latest", "all" or "none"
 
     @classmethod
     def validate_params(cls, params: Any) -> JSONDict:

@@ -153,3 +153,11 @@ def filter_value(text: str) -> Any:
         return json.loads(text)
     except ValueError:
         return text
+
+
+def parse_age(text: str, option: str) -> timedelta:
+    """An age such as ``30d``, ``12h`` or ``90m`` (retention, ``prorch purge --older-than``)."""
+    age = DURATION.match(str(text).strip())
+    if not age:
+        raise InvalidParamsError(f"{option} {text!r}: give an age such as 30d, 12h or 90m")
+    return timedelta(seconds=float(age.group(1)) * UNIT_SECONDS[age.group(2)])

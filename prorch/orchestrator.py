@@ -7,13 +7,15 @@ import functools
 import itertools
 import logging
 import threading
+import time
 from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from prorch import outside, reactions, signals
+from prorch import outside, reactions, scheduling, signals
+from prorch import retention as retention_module
 from prorch.clock import Clock
 from prorch.exceptions import (
     ConcurrentUpdateError,
@@ -33,6 +35,7 @@ from prorch.policy import StepOverride
 from prorch.records import EventRecord, MessageRecord, PipelineRecord, StepRecord
 from prorch.registry import Registry, current_registry
 from prorch.repository import PipelineQuery, RepositoryLike
+from prorch.retention import PurgeSummary
 from prorch.runner import (
     DEFAULT_LEASE_SECONDS,
     DEFAULT_MAX_CRASHES,
@@ -58,6 +61,8 @@ DEFAULT_GROUP_COMMIT = 100
 Measured on W1 (transitions/s, group 1 / 8 / 32 / 100): SQLite 1,290 / 1,590 / 1,630 / 1,640,
 durable PostgreSQL about 320 / 300 / 360 / 400, TinyDB (1,000 pipelines) 9 / 78 / 199 / 478: flat
 on SQLite past 8, rising to the default batch size elsewhere."""
+PURGE_EVERY_SECONDS = 600.0
+"""How often a worker with `retention` purges (the first time at its first pass)."""
 DEFAULT_INTERVAL_SECONDS = 5.0
 DEFAULT_SHUTDOWN_GRACE_SECONDS = 30.0
 """How long a stopping worker waits for running hooks before it exits anyway."""
@@ -89,6 +94,7 @@ class Orchestrator:
         hook_timeout: float | None = None,
         max_abandoned_hooks: int | None = None,
         shutdown_grace: float = DEFAULT_SHUTDOWN_GRACE_SECONDS,
+        retention: timedelta | None = None,
         clock: Clock | None = None,
         registry: Registry | None = None,
     ) -> None:
@@ -101,6 +107,7 @@ class Orchestrator:
             lease_seconds=(lease_seconds, lease_seconds > 0, "a number of seconds > 0"),
             hook_timeout=(hook_timeout, hook_timeout is None or hook_timeout > 0, "None or a number of seconds > 0"),
             shutdown_grace=(shutdown_grace, shutdown_grace >= 0, "a number of seconds >= 0"),
+            retention=(retention, retention is None or _non_negative(retention), "None or a timedelta >= 0"),
         )
         self.store = Store(repository)
         self._stop = threading.Event()
@@ -113,6 +120,8 @@ class Orchestrator:
         self.group_commit = group_commit
         self.lease_seconds = lease_seconds
         self.shutdown_grace = shutdown_grace
+        self.retention = retention
+        self._last_purge = 0.0
         # Hooks run in threads only on a backend that says it is thread-safe.
         self.concurrency = concurrency if self.store.thread_safe else 1
         self.max_abandoned_hooks = concurrency if max_abandoned_hooks is None else max_abandoned_hooks
@@ -143,6 +152,7 @@ class Orchestrator:
         what happened. One pipeline's error is logged and recorded, and the pass goes on."""
         self.store.warn_if_unguarded()
         summary = PassSummary()
+        summary.scheduled = scheduling.create_due(self.store, self.registry, self.clock)
         now = self.clock.now()
         lease_until = now + timedelta(seconds=self.lease_seconds)
         claimed = self.store.claim_due(now, self.new_lease_token(), lease_until, self.batch_size)
@@ -221,6 +231,7 @@ class Orchestrator:
                     logger.error("pass failed, retrying in %.1fs: %s", interval, exc)
                     self._stop.wait(interval)
                     continue
+                self._purge_now_and_then()
                 if summary.abandoned_hooks > self.max_abandoned_hooks:
                     raise WorkerUnhealthyError(
                         f"{summary.abandoned_hooks} hung hook threads are still running (limit "
@@ -231,6 +242,28 @@ class Orchestrator:
         finally:
             restore()
             self.close()
+
+    def purge(
+        self,
+        older_than: timedelta,
+        statuses: tuple[Status | str, ...] = retention_module.DEFAULT_STATUSES,
+        batch_size: int = retention_module.DEFAULT_BATCH,
+        dry_run: bool = False,
+    ) -> PurgeSummary:
+        """Delete ended pipelines (default: finished and cancelled) last changed more than
+        ``older_than`` ago, with their steps, events and messages, ``batch_size`` per short
+        transaction so that running workers wait at most one batch. ``dry_run`` only counts."""
+        return retention_module.purge(self.store, self.clock, older_than, statuses, batch_size, dry_run)
+
+    def _purge_now_and_then(self) -> None:
+        """The worker's ``retention``: a purge every ``PURGE_EVERY_SECONDS``; a failure is logged."""
+        if self.retention is None or time.monotonic() - self._last_purge < PURGE_EVERY_SECONDS:
+            return
+        self._last_purge = time.monotonic()
+        try:
+            self.purge(self.retention)
+        except (RepositoryError, ConfigurationError) as exc:
+            logger.error("retention: purge failed, trying again in %.0fs: %s", PURGE_EVERY_SECONDS, exc)
 
     def close(self) -> None:
         """Stop the event loop of async hooks (``run_forever`` does it on its way out). The
@@ -362,6 +395,10 @@ class Orchestrator:
         if record is None:
             raise PipelineNotFoundError(f"no pipeline with uuid {uuid} is stored", uuid=uuid)
         return record
+
+
+def _non_negative(value: Any) -> bool:
+    return isinstance(value, timedelta) and value >= timedelta(0)
 
 
 def _check_settings(**settings: tuple[Any, bool, str]) -> None:

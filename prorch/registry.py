@@ -26,6 +26,7 @@ from prorch.exceptions import (
 )
 from prorch.mixins import OnContinueMixin, OnStartMixin, defines_hook
 from prorch.records import EventRecord, Record
+from prorch.schedule import schedule_of
 from prorch.step import Step
 
 logger = logging.getLogger("prorch.registry")
@@ -127,6 +128,7 @@ class Registry:
                     "must be unique (outputs are keyed by name)"
                 )
             seen.add(item.name)
+        schedule_of(cls)  # a bad schedule is refused here, at import, not at the first pass
         if cls.Params is not None and not _is_model(cls.Params):
             raise RegistrationError(f"pipeline {cls.name}: Params must be a pydantic BaseModel subclass")
         if isinstance(cls.priority, bool) or not isinstance(cls.priority, int):

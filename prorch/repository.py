@@ -178,6 +178,26 @@ class SupportsPipelineStats(Protocol):
 
 
 @runtime_checkable
+class SupportsDelete(Protocol):
+    """A repository that deletes records (retention: ``Orchestrator.purge``, ``prorch purge``)."""
+
+    def delete_by(self, field: str, values: list[Any]) -> int:
+        """Delete the records whose ``field`` is one of ``values``; how many were deleted."""
+        ...
+
+
+@runtime_checkable
+class SupportsEndedQuery(Protocol):
+    """A pipeline repository that finds ended pipelines by age from an index (without it, the
+    store reads the pipelines of each status and filters them)."""
+
+    def ended_before(self, statuses: list[str], before: datetime, limit: int) -> list[str]:
+        """Up to ``limit`` uuids of pipelines with one of ``statuses`` (ended ones) and
+        ``updated_at`` before ``before``."""
+        ...
+
+
+@runtime_checkable
 class SupportsDueQuery(Protocol):
     """A pipeline repository that finds due pipelines without reading the others (an index)."""
 

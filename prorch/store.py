@@ -47,7 +47,9 @@ from prorch.repository import (
     RepositoryFactory,
     SupportsClaim,
     SupportsCompareAndSet,
+    SupportsDelete,
     SupportsDueQuery,
+    SupportsEndedQuery,
     SupportsPartialUpdate,
     SupportsPinning,
     SupportsPipelineQuery,
@@ -290,6 +292,43 @@ class Store:
             stats: PipelineStats = _call("count pipelines", self.pipelines.pipeline_stats, now, ended_since)
             return stats
         return listing.stats_of(self.all_pipelines(), now, ended_since)
+
+    def ended_before(self, statuses: list[Status], before: datetime, limit: int) -> list[str]:
+        """Uuids of ended pipelines of ``statuses`` last changed before ``before`` (retention)."""
+        values = [status.value for status in statuses]
+        if isinstance(self.pipelines, SupportsEndedQuery):
+            found: list[str] = _call("find ended pipelines", self.pipelines.ended_before, values, before, limit)
+            return found
+        old = [
+            p.uuid
+            for status in statuses
+            for p in self.pipelines_with_status(status)
+            if p.updated_at is not None and p.updated_at < before
+        ]
+        return old[:limit]
+
+    def deleters(self) -> list[SupportsDelete]:
+        """The steps, events, messages and pipelines repositories, each able to delete; one
+        ``ConfigurationError`` naming those that cannot."""
+        repositories = (self.steps, self.events, self.messages, self.pipelines)
+        missing = [r.model for r in repositories if not isinstance(r, SupportsDelete)]
+        if missing:
+            raise ConfigurationError(
+                f"this repository cannot delete records ({', '.join(missing)}): implement "
+                "delete_by(field, values) (SupportsDelete) to use retention"
+            )
+        return [r for r in repositories if isinstance(r, SupportsDelete)]
+
+    def delete_pipelines(self, uuids: list[str]) -> int:
+        """Delete pipelines with their steps, events and messages, all-or-nothing where the
+        backend has transactions; the pipelines go last, so an interrupted delete leaves them
+        to be purged again rather than children without a pipeline."""
+        deleters = self.deleters()
+        with self.transaction():
+            for children in deleters[:3]:
+                _call("delete records", children.delete_by, "pipeline_uuid", uuids)
+            deleted: int = _call("delete pipelines", deleters[3].delete_by, "uuid", uuids)
+        return deleted
 
     def all_pipelines(self) -> list[PipelineRecord]:
         found: list[PipelineRecord] = []

@@ -24,6 +24,7 @@ class PassSummary:
     waiting: int = 0
     blocked: dict[str, str] = field(default_factory=dict)
     errors: dict[str, str] = field(default_factory=dict)
+    scheduled: int = 0  # pipelines created for schedule ticks at the start of the pass
     abandoned_hooks: int = 0  # hung hook threads of this orchestrator still running after the pass
 
     def add(self, outcome: Outcome) -> None:

@@ -127,6 +127,21 @@ class MemoryRepository(IRepository):
                 raise KeyError(f"{self.model} {uuid} does not exist")
             self._write(uuid, {**current, **data})
 
+    def delete_by(self, field: str, values: list[Any]) -> int:
+        wanted = set(values)
+        with self.backend.lock:
+            if field == "uuid":
+                uuids = [u for u in wanted if u in self.rows]
+            elif field in self.index:
+                uuids = [u for value in wanted for u in self.index[field].get(value, ())]
+            else:
+                uuids = [u for u, text in self.rows.items() if json.loads(text).get(field) in wanted]
+            for uuid in uuids:
+                if self.backend._undo is not None:
+                    self.backend._undo.append((self, uuid, self.rows.get(uuid)))
+                self._put(uuid, None)
+        return len(uuids)
+
     def search(self, filter: list[Any]) -> list[JSONDict]:  # noqa: A002 - the seed's name
         field, value = filter
         with self.backend.lock:

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from datetime import datetime
 from typing import Any, ClassVar
 
-from sqlalchemy import Connection, Engine, Integer, Select, bindparam, create_engine, select, update
+from sqlalchemy import Connection, Engine, Integer, Select, bindparam, create_engine, delete, select, update
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import (
     ArgumentError,
@@ -395,6 +395,23 @@ class SQLRepository(IRepository):
             rows = connection.execute(page).mappings().all()
             total = connection.execute(count).scalar_one() if count is not None else None
         return [self._to_record(row) for row in rows], total
+
+    def delete_by(self, field: str, values: list[Any]) -> int:
+        """Delete the records whose ``field`` is one of ``values``, ``SEARCH_CHUNK`` at a time."""
+        self.check_field(field)
+        deleted = 0
+        query = delete(self.table).where(self.table.c[field].in_(bindparam("_values", expanding=True)))
+        with self.backend._errors(), self.backend.connect(write=True) as connection:
+            for start in range(0, len(values), SEARCH_CHUNK):
+                deleted += connection.execute(query, {"_values": values[start : start + SEARCH_CHUNK]}).rowcount
+        return deleted
+
+    def ended_before(self, statuses: list[str], before: datetime, limit: int) -> list[str]:
+        """Ended pipelines by age, from the partial index of ended pipelines."""
+        query = sql_listing.ended_before(self.table, self.backend.engine.dialect.name)
+        with self.backend.connect(write=False) as connection:
+            rows = connection.execute(query, {"statuses": statuses, "before": before, "limit": limit})
+            return [str(uuid) for (uuid,) in rows]
 
     def pipeline_stats(self, now: datetime, ended_since: datetime) -> PipelineStats:
         """The dashboard overview's counts (``SupportsPipelineStats``)."""

@@ -11,6 +11,7 @@ from typing import Any
 from sqlalchemy import (
     ColumnElement,
     Connection,
+    Integer,
     Select,
     Table,
     and_,
@@ -120,3 +121,19 @@ def ended_query(table: Table, dialect: str) -> Any:
         f"WHERE {ENDED.text} AND updated_at >= :since"
     )
     return text(sql).bindparams(bindparam("since", type_=c.updated_at.type)).columns(c.status, c.updated_at)
+
+
+def ended_before(table: Table, dialect: str) -> Any:
+    """Uuids of ended pipelines with a status in ``:statuses`` and ``updated_at`` before
+    ``:before``, at most ``:limit``, from the partial index of ended pipelines (retention)."""
+    c = table.c
+    before = bindparam("before", type_=c.updated_at.type)
+    statuses: Any = bindparam("statuses", expanding=True)
+    limit = bindparam("limit", type_=Integer())
+    if dialect != "sqlite":
+        return select(c.uuid).where(ENDED, c.status.in_(statuses), c.updated_at < before).limit(limit)
+    sql = (
+        f"SELECT uuid FROM {table.name} INDEXED BY ix_pipelines_ended "
+        f"WHERE {ENDED.text} AND status IN :statuses AND updated_at < :before LIMIT :limit"
+    )
+    return text(sql).bindparams(before, statuses, limit)

@@ -225,6 +225,19 @@ class TinyDBRepository(IRepository):
                 raise KeyError(f"{self.model} {uuid} does not exist")
             self._write_row(found[0], {**found[1], **data})
 
+    def delete_by(self, field: str, values: list[Any]) -> int:
+        wanted = set(values)
+        with self.backend.locked():
+            storage = self.backend.storage
+            data = storage.read() or {}
+            table = data.get(self.name, {})
+            doomed = [doc_id for doc_id, row in table.items() if row.get(field) in wanted]
+            for doc_id in doomed:
+                del table[doc_id]
+            if doomed:
+                storage.write(data)
+        return len(doomed)
+
     def search(self, filter: list[Any]) -> list[JSONDict]:  # noqa: A002 - the seed's name
         field, value = filter
         with self.backend.locked():

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from datetime import datetime, timezone
 from typing import Any
 
 import click
@@ -32,6 +33,7 @@ from prorch.cli.output import (
     print_state,
     print_summary,
     print_table,
+    when,
 )
 from prorch.exceptions import (
     ConfigurationError,
@@ -39,9 +41,10 @@ from prorch.exceptions import (
     InvalidParamsError,
     WorkerUnhealthyError,
 )
-from prorch.listing import MAX_LIMIT, parse_moment
+from prorch.listing import MAX_LIMIT, parse_age, parse_moment
 from prorch.pipeline import pipeline_class
 from prorch.registry import current_registry
+from prorch.scheduling import scheduled
 from prorch.secrets import redact_url
 from prorch.status import Status
 
@@ -266,6 +269,63 @@ def schema(ctx: Context, name: str, version: int | None) -> None:
         ctx.loaded()
         ctx.import_apps()
         echo_json(pipeline_schema(current_registry().pipeline(name, version)))
+
+
+@main.command()
+@click.option("--next", "count", type=click.IntRange(1, 100), default=3, show_default=True, help="Ticks to show.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_obj
+def schedules(ctx: Context, count: int, as_json: bool) -> None:
+    """The recurring schedules of your pipelines (--app) and their next ticks, in UTC."""
+    with reported(ctx):
+        ctx.loaded()
+        ctx.import_apps()
+        now = datetime.now(timezone.utc)
+        found = [(schedule, schedule.upcoming(now, count)) for _, schedule in scheduled(current_registry())]
+    if as_json:
+        echo_json(
+            [
+                {"pipeline": s.name, "schedule": s.cron, "every_seconds": s.every.total_seconds() if s.every else None,
+                 "tz": str(s.tz), "catch_up": s.catch_up, "next": [t.isoformat() for t in ticks]}
+                for s, ticks in found
+            ]
+        )  # fmt: skip
+        return
+    if not found:
+        click.echo("no schedules: declare schedule = '0 3 * * *' or every = timedelta(...) on a pipeline (--app)")
+        return
+    rows = [["PIPELINE", "SCHEDULE", "CATCH UP", "NEXT TICKS"]]
+    rows += [[s.name, s.description, s.catch_up, ", ".join(when(t) for t in ticks)] for s, ticks in found]
+    print_table(rows)
+
+
+@main.command()
+@click.option("--older-than", "older_than", required=True, help="Age of the last change: 30d, 12h, 90m.")
+@click.option(
+    "--status",
+    "statuses",
+    multiple=True,
+    type=click.Choice(["finished", "failed", "cancelled"]),
+    help="Which ended pipelines (repeatable; default: finished and cancelled).",
+)
+@click.option("--batch-size", type=click.IntRange(1, 10_000), default=500, show_default=True)
+@click.option("--dry-run", is_flag=True, help="Count what would be deleted; delete nothing.")
+@click.pass_obj
+def purge(ctx: Context, older_than: str, statuses: tuple[str, ...], batch_size: int, dry_run: bool) -> None:
+    """Delete ended pipelines older than --older-than, with their steps, events and messages,
+    in short batches (running workers wait at most one batch)."""
+    with reported(ctx):
+        age = parse_age(older_than, "--older-than")
+        chosen = statuses or ("finished", "cancelled")
+        summary = ctx.orchestrator().purge(age, chosen, batch_size=batch_size, dry_run=dry_run)
+    what = ", ".join(chosen)
+    if dry_run:
+        click.echo(f"would purge {summary.pipelines} pipelines ({what}) older than {older_than}")
+    else:
+        click.echo(
+            f"purged {summary.pipelines} pipelines ({what}) older than {older_than} in {summary.batches} "
+            f"batches (longest {summary.longest_batch_seconds:.3f}s)"
+        )
 
 
 @main.command(name="config")

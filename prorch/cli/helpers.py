@@ -23,7 +23,7 @@ from prorch.exceptions import (
     NotRegisteredError,
     ProrchError,
 )
-from prorch.listing import filter_value
+from prorch.listing import filter_value, parse_age
 from prorch.orchestrator import Orchestrator
 from prorch.registry import current_registry
 from prorch.status import Status
@@ -102,6 +102,7 @@ class Context:
             hook_timeout=settings.hook_timeout,
             max_abandoned_hooks=settings.max_abandoned_hooks,
             shutdown_grace=settings.shutdown_grace,
+            retention=parse_age(settings.retention, "retention") if settings.retention else None,
         )
 
 

@@ -23,8 +23,9 @@ def print_summary(summary: PassSummary, as_json: bool) -> None:
     if as_json:
         echo_json(summary.__dict__)
         return
+    scheduled = f"scheduled {summary.scheduled}, " if summary.scheduled else ""
     click.echo(
-        f"claimed {summary.claimed}, finished {summary.finished}, failed {summary.failed}, "
+        f"{scheduled}claimed {summary.claimed}, finished {summary.finished}, failed {summary.failed}, "
         f"cancelled {summary.cancelled}, waiting {summary.waiting}, blocked {len(summary.blocked)}, "
         f"errors {len(summary.errors)}"
     )

@@ -296,3 +296,57 @@ def test_show_tells_what_an_operator_asks(workdir: Path) -> None:
     assert "took " in shown and "progress: 1/4 (25%) in transit" in shown
     data = state(workdir, uuid)
     assert data["next_run"]["reason"].startswith("waiting") and data["next_run"]["at"].endswith("+00:00")
+
+
+BEATS = """
+from datetime import timedelta
+from prorch import OnStartMixin, Pipeline, Step, register_pipeline, register_step
+
+@register_step
+class Beat(OnStartMixin, Step):
+    name = "Beat"
+
+    def on_start(self):
+        pass
+
+@register_pipeline
+class Nightly(Pipeline):
+    name = "Nightly"
+    steps = [Beat]
+    schedule = "0 3 * * *"
+    schedule_tz = "Europe/Berlin"
+    catch_up = "all"
+"""
+
+
+def test_schedules_are_listed_and_run(tmp_path: Path) -> None:
+    (tmp_path / "beats.py").write_text(BEATS)
+    (tmp_path / "prorch.toml").write_text('repository = "sqlite:///beats.db"\napp = ["beats"]\n')
+    listed = ok(prorch(tmp_path, "schedules"))
+    assert "Nightly" in listed and "cron '0 3 * * *' (Europe/Berlin)" in listed and " all " in listed
+    ticks = json.loads(ok(prorch(tmp_path, "schedules", "--next", "2", "--json")))[0]["next"]
+    assert len(ticks) == 2 and all(t.endswith(("T01:00:00+00:00", "T02:00:00+00:00")) for t in ticks)
+    assert ok(prorch(tmp_path, "run")).startswith("scheduled 1, claimed 1, finished 1")
+    assert ok(prorch(tmp_path, "run")).startswith("claimed 0")
+    (tmp_path / "beats.py").write_text(BEATS.replace("0 3 * * *", "0 25 * * *"))
+    bad = prorch(tmp_path, "schedules")
+    assert bad.returncode == 2
+    assert "schedule '0 25 * * *' is not a cron expression (Bad hour)" in bad.stderr
+
+
+def test_purge_from_the_command_line(workdir: Path) -> None:
+    uuids = [ok(prorch(workdir, "start", "Order", "-p", f"item=i{n}")).strip() for n in range(3)]
+    ok(prorch(workdir, "run"))
+    assert ok(prorch(workdir, "purge", "--older-than", "1h")).startswith("purged 0 pipelines")
+    assert ok(prorch(workdir, "purge", "--older-than", "0s", "--dry-run")).strip() == (
+        "would purge 3 pipelines (finished, cancelled) older than 0s"
+    )
+    assert json.loads(ok(prorch(workdir, "list", "--json")))["total"] == 3
+    assert ok(prorch(workdir, "purge", "--older-than", "0s", "--batch-size", "2")).startswith(
+        "purged 3 pipelines (finished, cancelled) older than 0s in 2 batches"
+    )
+    assert json.loads(ok(prorch(workdir, "list", "--json")))["total"] == 0
+    assert prorch(workdir, "show", uuids[0]).returncode == 1
+    bad = prorch(workdir, "purge", "--older-than", "a month")
+    assert bad.returncode == 2
+    assert bad.stderr.strip() == "error: --older-than 'a month': give an age such as 30d, 12h or 90m"

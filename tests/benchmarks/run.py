@@ -93,7 +93,7 @@ def main() -> None:
         "--only",
         nargs="+",
         metavar="WORKLOAD",
-        help="run only these (w1 floor w2 w3 w4 w5 dashboard peers), keeping the others",
+        help="run only these (w1 floor w2 w3 w4 w5 dashboard purge peers), keeping the others",
     )
     options = parser.parse_args()
     runs = 1 if options.quick else 3
@@ -108,10 +108,10 @@ def main() -> None:
 
     server = start_server(durable=True)  # every PostgreSQL figure is a durable commit: fsync and synchronous_commit on
     results: dict[str, Any] = {}
-    chosen = set(options.only or ["w1", "floor", "w2", "w3", "w4", "w5", "dashboard", "peers"])
+    chosen = set(options.only or ["w1", "floor", "w2", "w3", "w4", "w5", "dashboard", "purge", "peers"])
     if options.only:
         results = json.loads((HERE / "last_results.json").read_text())
-        kept = sorted({"w1", "floor", "w2", "w3", "w4", "w5", "dashboard", "peers"} - chosen)
+        kept = sorted({"w1", "floor", "w2", "w3", "w4", "w5", "dashboard", "purge", "peers"} - chosen)
         results["_kept"] = {"workloads": kept, "on": time.strftime("%Y-%m-%d")}
     else:
         results.pop("_kept", None)
@@ -177,6 +177,14 @@ def main() -> None:
                 if "dashboard" in chosen:
                     print("dashboard pages", flush=True)
                     results["dashboard"] = [run_json(workload("dashboard_pages", url), cwd=Path(folder))]
+
+        if "purge" in chosen:
+            # Retention: 100,000 old finished pipelines purged while a worker runs others
+            print("purge stall", flush=True)
+            with tempfile.TemporaryDirectory(prefix="prorch-bench-") as folder:
+                old = str(5000 if options.quick else 100_000)
+                url = f"sqlite:///{folder}/p.db"
+                results["purge"] = [run_json(workload("purge_stall", url, old), cwd=Path(folder))]
 
         if "w3" in chosen:
             # W3: engine time per transition on SQLite, time inside SQLite excluded
@@ -392,6 +400,23 @@ def render(results: dict[str, Any], runs: int, sizes: list[int], waiting: int, l
         f"| one pipeline | {fmt(m('dashboard', 'detail_ms'), 1)} |",
         f"| overview, counting (the first request) | {fmt(m('dashboard', 'overview_first_ms'), 1)} |",
         f"| overview, counts reused (refreshes within 5 s) | {fmt(m('dashboard', 'overview_ms'), 1)} |",
+        "",
+        "## Retention — the longest stall while purging",
+        "",
+        f"{fmt(m('purge', 'old'))} finished pipelines 60 days old (each with 3 steps and its events) are purged",
+        "by another process (`Orchestrator.purge`, batches of 500) while a worker runs passes of one",
+        "quick transition each on the same SQLite store (`batch_size` 1, `group_commit` 1):",
+        "",
+        "| | ms |",
+        "|---|---|",
+        f"| a pass before the purge, median / longest | {fmt(m('purge', 'baseline_p50_ms'), 1)} / "
+        f"{fmt(m('purge', 'baseline_max_ms'), 1)} |",
+        f"| a pass during the purge, median / **longest (the worst stall)** | {fmt(m('purge', 'during_p50_ms'), 1)} / "
+        f"**{fmt(m('purge', 'during_max_ms'), 1)}** |",
+        f"| the purge's longest batch | {fmt(m('purge', 'longest_batch_ms'), 1)} |",
+        "",
+        f"The purge deleted {fmt(m('purge', 'purged'))} pipelines in {fmt(m('purge', 'purge_s'), 1)} s, while the",
+        f"worker ran {fmt(m('purge', 'passes_during'))} passes.",
         "",
         "## W3 — engine overhead per step transition, SQLite",
         "",

@@ -25,6 +25,7 @@ import time
 import uuid
 from collections.abc import Callable
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -51,6 +52,7 @@ def quick_step(index: int) -> type[Step]:
 
 
 Three = register_pipeline(type("Three", (Pipeline,), {"name": "Three", "steps": [quick_step(i) for i in range(3)]}))
+One = register_pipeline(type("One", (Pipeline,), {"name": "One", "steps": [quick_step(9)]}))
 
 
 def io_step(index: int, kind: str) -> type[Step]:
@@ -205,6 +207,55 @@ def dashboard_pages(url: str, runs: int = 15) -> dict[str, Any]:
     finally:
         server.terminate()
         server.wait()
+
+
+def purge_stall(url: str, old: int) -> dict[str, Any]:
+    """Retention under load: OLD finished pipelines 60 days old are purged by another process
+    while this one runs passes of one quick transition each (batch_size 1, group_commit 1).
+    The longest pass during the purge is the longest stall a worker saw."""
+    import statistics
+    import subprocess
+
+    backend = from_url(url)
+    now = Orchestrator(backend).clock.now()
+    for start in range(0, old, 5000):
+        records: list[Record] = []
+        for _ in range(min(5000, old - start)):
+            for record in build_records(Three, {}, now=now - timedelta(days=60)):
+                if record.MODEL in ("PIPELINE", "STEP"):
+                    record.status = Status.FINISHED  # type: ignore[attr-defined]
+                records.append(record)
+        bulk_insert(backend, records)
+    One.create_many(backend, [{}] * 40_000)
+    orchestrator = Orchestrator(backend, concurrency=1, batch_size=1, group_commit=1)
+
+    def timed_pass() -> float:
+        started = time.perf_counter()
+        orchestrator.execute_pipelines()
+        return (time.perf_counter() - started) * 1000
+
+    baseline = [timed_pass() for _ in range(500)]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    code = (
+        "import json, sys, time; from datetime import timedelta; from prorch import Orchestrator; "
+        "t = time.perf_counter(); s = Orchestrator(sys.argv[1]).purge(timedelta(days=30)); "
+        "print(json.dumps({'purged': s.pipelines, 'batches': s.batches, "
+        "'longest_batch_ms': s.longest_batch_seconds * 1000, 'purge_s': time.perf_counter() - t}))"
+    )
+    purger = subprocess.Popen([sys.executable, "-c", code, url], env=env, stdout=subprocess.PIPE, text=True)
+    during = []
+    while purger.poll() is None:
+        during.append(timed_pass())
+    purged = json.loads(purger.communicate()[0])
+    return {
+        **purged,
+        "old": old,
+        "passes_during": len(during),
+        "baseline_p50_ms": statistics.median(baseline),
+        "baseline_max_ms": max(baseline),
+        "during_p50_ms": statistics.median(during) if during else None,
+        "during_max_ms": max(during) if during else None,
+    }
 
 
 SQLITE_SECONDS = [0.0]  # time spent inside the SQLite library, for W3
@@ -391,5 +442,6 @@ if __name__ == "__main__":
         "w4": lambda: w4(args[0], int(args[1]), int(args[2]), *map(float, args[3:])),
         "w5": lambda: w5(args[0], int(args[1]), int(args[2]), args[3]),
         "dashboard_pages": lambda: dashboard_pages(args[0]),
+        "purge_stall": lambda: purge_stall(args[0], int(args[1])),
     }
     print(json.dumps(commands[name]()))

@@ -22,6 +22,13 @@ EXPECTED = {
         "Stuck was cancelled after its timeout",
         "Hangs: failed - HookTimeoutError",
     ],
+    "retention.py": ["would purge: 5", "purged 5 in 3 batches; left: 1"],
+    "schedules.py": [
+        "first pass created: 1",
+        "again, same night: 0",
+        "after three nights: 3",
+        "2026-11-26 finished {'report': 'sales-2026-11-26.pdf'}",
+    ],
     "schemas.py": ["rejected: invalid params for pipeline Thumbnail: image: Field required", "bad: width"],
 }
 

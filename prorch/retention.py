@@ -1,0 +1,89 @@
+"""Retention: deleting ended pipelines with their steps, events and messages once they are old
+enough (``Orchestrator.purge``, ``prorch purge``, the worker's ``retention`` setting). It goes
+in batches, each its own short transaction, so that workers writing at the same time wait at
+most one batch."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+
+from prorch.clock import Clock
+from prorch.exceptions import InvalidParamsError
+from prorch.status import TERMINAL, Status
+from prorch.store import Store
+
+logger = logging.getLogger("prorch.retention")
+
+DEFAULT_STATUSES = (Status.FINISHED, Status.CANCELLED)
+"""Failed pipelines are kept unless asked for: someone may still want to read why, or retry."""
+DEFAULT_BATCH = 500
+
+
+@dataclass
+class PurgeSummary:
+    """What a purge did (or, with ``dry_run``, would do)."""
+
+    pipelines: int = 0
+    batches: int = 0
+    longest_batch_seconds: float = 0.0
+    dry_run: bool = False
+
+
+def purge(
+    store: Store,
+    clock: Clock,
+    older_than: timedelta,
+    statuses: tuple[Status | str, ...] = DEFAULT_STATUSES,
+    batch_size: int = DEFAULT_BATCH,
+    dry_run: bool = False,
+) -> PurgeSummary:
+    """Delete the pipelines with one of ``statuses`` (ended ones only) whose last change is
+    older than ``older_than``, ``batch_size`` at a time."""
+    chosen = _statuses(statuses)
+    if not isinstance(older_than, timedelta) or older_than < timedelta(0):
+        raise InvalidParamsError(f"older_than must be a timedelta of 0 or more, got {older_than!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise InvalidParamsError(f"batch_size must be a whole number of 1 or more, got {batch_size!r}")
+    store.deleters()  # a store that cannot delete says so now, not after the first batch is found
+    before = clock.now() - older_than
+    summary = PurgeSummary(dry_run=dry_run)
+    if dry_run:
+        while True:  # count without deleting: page through by growing the limit
+            found = store.ended_before(chosen, before, summary.pipelines + batch_size)
+            if len(found) <= summary.pipelines:
+                return summary
+            summary.pipelines = len(found)
+    while True:
+        uuids = store.ended_before(chosen, before, batch_size)
+        if not uuids:
+            break
+        started = time.perf_counter()
+        summary.pipelines += store.delete_pipelines(uuids)
+        summary.batches += 1
+        summary.longest_batch_seconds = max(summary.longest_batch_seconds, time.perf_counter() - started)
+    if summary.pipelines:
+        logger.info(
+            "purged %d pipelines (%s) older than %s in %d batches; longest %.3fs",
+            summary.pipelines, ", ".join(s.value for s in chosen), before.isoformat(), summary.batches,
+            summary.longest_batch_seconds,
+        )  # fmt: skip
+    return summary
+
+
+def _statuses(statuses: tuple[Status | str, ...]) -> list[Status]:
+    chosen = []
+    for status in statuses:
+        try:
+            value = Status(status)
+        except ValueError:
+            value = None
+        if value not in TERMINAL:
+            ended = ", ".join(s.value for s in TERMINAL)
+            raise InvalidParamsError(f"purge takes ended statuses only ({ended}), not {status!r}")
+        chosen.append(value)
+    if not chosen:
+        raise InvalidParamsError("purge needs at least one status")
+    return chosen

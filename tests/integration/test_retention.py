@@ -1,0 +1,112 @@
+"""Retention (issue #15): purge deletes ended pipelines past an age with their steps, events and
+messages, keeps everything else, goes in batches, counts without deleting on a dry run, and
+refuses bad input and repositories that cannot delete with one clear error; a worker with
+``retention`` purges by itself."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from prorch import ConfigurationError, FakeClock, InvalidParamsError, Orchestrator
+from prorch.registry import Registry
+from tests.integration.conftest import make_backend
+from tests.support.builders import pipeline_of, step_of
+
+START = datetime(2026, 10, 1, tzinfo=timezone.utc)
+PRORCH = str(Path(sys.executable).parent / "prorch")
+
+
+@pytest.fixture(params=["sqlite", "postgresql", "memory", "tinydb"])
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Any:
+    made = make_backend(request.param, tmp_path, request)
+    yield made
+    if hasattr(made, "dispose"):
+        made.dispose()
+
+
+def children(backend: Any, uuid: str) -> int:
+    return sum(len(backend(model).search(["pipeline_uuid", uuid])) for model in ("STEP", "EVENT", "MESSAGE"))
+
+
+def test_purge_deletes_old_ended_pipelines_and_nothing_else(backend: Any, registry: Registry) -> None:
+    work = pipeline_of(step_of("Work", lambda self: self.finish({"ok": True})), name="Work")
+    broken = pipeline_of(step_of("Broken", lambda self: self.fail("no")), name="Broken")
+    waiting = pipeline_of(step_of("Wait", None, lambda self: self.wait(seconds=10**6)), name="Waiting")
+    clock = FakeClock(START)
+    orchestrator = Orchestrator(backend, registry=registry, clock=clock)
+    old = [work.create(backend, {"n": n}, clock=clock).uuid for n in range(7)]
+    failed = broken.create(backend, {}, clock=clock).uuid
+    pending = waiting.create(backend, {}, clock=clock).uuid
+    cancelled = waiting.create(backend, {}, clock=clock).uuid
+    orchestrator.execute_pipelines()
+    orchestrator.send(pending, "note", {"x": 1})
+    orchestrator.cancel(cancelled)
+    clock.advance(31 * 86400)
+    recent = work.create(backend, {"n": 99}, clock=clock).uuid
+    orchestrator.execute_pipelines()
+    assert children(backend, old[0]) > 0
+
+    dry = orchestrator.purge(timedelta(days=30), dry_run=True)
+    assert (dry.pipelines, dry.dry_run) == (8, True)
+    assert orchestrator.get(old[0]).pipeline.status.value == "finished"  # nothing deleted
+
+    summary = orchestrator.purge(timedelta(days=30), batch_size=3)
+    assert (summary.pipelines, summary.batches) == (8, 3)
+    gone = [*old, cancelled]
+    assert [orchestrator.store.get_pipeline(uuid) for uuid in gone] == [None] * 8
+    assert [children(backend, uuid) for uuid in gone] == [0] * 8
+    for kept in (failed, pending, recent):  # failed (not asked for), not ended, too young
+        assert orchestrator.store.get_pipeline(kept) is not None and children(backend, kept) > 0
+    assert orchestrator.purge(timedelta(days=30)).pipelines == 0
+    assert orchestrator.purge(timedelta(days=30), statuses=("failed",)).pipelines == 1
+
+
+def test_bad_purges_get_one_clear_error(registry: Registry, tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    orchestrator = Orchestrator(make_backend("memory", tmp_path, request), registry=registry)
+    with pytest.raises(InvalidParamsError, match=r"purge takes ended statuses only .* not 'pending'"):
+        orchestrator.purge(timedelta(days=1), statuses=("pending",))
+    with pytest.raises(InvalidParamsError, match="older_than must be a timedelta"):
+        orchestrator.purge(30)  # type: ignore[arg-type]
+    seed = Orchestrator(make_backend("seed", tmp_path, request), registry=registry)
+    with pytest.raises(ConfigurationError, match=r"cannot delete records .*implement delete_by"):
+        seed.purge(timedelta(days=1))
+
+
+@pytest.mark.slow
+def test_a_worker_with_retention_purges_by_itself(tmp_path: Path, registry: Registry) -> None:
+    url = f"sqlite:///{tmp_path / 'keep.db'}"
+    (tmp_path / "jobs.py").write_text(
+        "from prorch import OnStartMixin, Pipeline, Step, register_pipeline, register_step\n"
+        "@register_step\nclass Job(OnStartMixin, Step):\n    name = 'Job'\n    def on_start(self):\n        pass\n"
+        "@register_pipeline\nclass Jobs(Pipeline):\n    name = 'Jobs'\n    steps = [Job]\n"
+    )
+    sys.path.insert(0, str(tmp_path))
+    try:
+        import jobs  # noqa: F401 - registers Jobs in this test's registry
+    finally:
+        sys.path.remove(str(tmp_path))
+        sys.modules.pop("jobs", None)
+    done = [registry.pipeline("Jobs").create(url, {}).uuid for _ in range(5)]
+    Orchestrator(url, registry=registry).execute_pipelines()
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("PRORCH_")}, "PRORCH_RETENTION": "0s"}
+    worker = subprocess.Popen(
+        [PRORCH, "-r", url, "--app", "jobs", "worker", "--interval", "0.2"],
+        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + 20
+    store = Orchestrator(url, registry=registry).store
+    while any(store.get_pipeline(uuid) for uuid in done) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    worker.send_signal(signal.SIGTERM)
+    _, log = worker.communicate(timeout=30)
+    assert [store.get_pipeline(uuid) for uuid in done] == [None] * 5, log
+    assert "purged 5 pipelines (finished, cancelled)" in log
