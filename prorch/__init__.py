@@ -19,6 +19,7 @@ from prorch.exceptions import (
     InvalidStateError,
     KeyConflictError,
     NotRegisteredError,
+    PipelineFailedError,
     PipelineNameNotDefinedError,
     PipelineNotFoundError,
     ProrchError,
@@ -29,6 +30,7 @@ from prorch.exceptions import (
     StepNameNotDefinedError,
     StepsNotDefinedError,
     StepUsageError,
+    WaitTimeoutError,
     WorkerCrashed,
 )
 from prorch.listing import PipelinePage
@@ -96,6 +98,7 @@ __all__ = [
     "Outcome",
     "PassSummary",
     "Pipeline",
+    "PipelineFailedError",
     "PipelineNameNotDefinedError",
     "PipelineNotFoundError",
     "PipelinePage",
@@ -126,6 +129,7 @@ __all__ = [
     "SupportsSearchMany",
     "SupportsTransaction",
     "SystemClock",
+    "WaitTimeoutError",
     "WorkerCrashed",
     "on_event",
     "register_pipeline",

@@ -46,6 +46,7 @@ def create_pipelines(
     tenant: str | None = None,
     priority: int | None = None,
     uuid: str | None = None,
+    parent_uuid: str | None = None,
 ) -> list[tuple[PipelineRecord, bool]]:
     """Validate every params first, then store the pipelines, pending and due now, in one
     transaction. Returns each pipeline's record and whether it was created now (False: its key
@@ -65,7 +66,9 @@ def create_pipelines(
         uuids = [check_uuid(uuid)]
     now = clock.now()
     groups = [
-        build_records(definition, item, now=now, context=merged, priority=priority, uuid=given, key=key)
+        build_records(
+            definition, item, now=now, context=merged, priority=priority, uuid=given, key=key, parent_uuid=parent_uuid
+        )
         for item, given, key in zip(validated, uuids, keys, strict=True)
     ]
     if all(given is None for given in uuids):  # nothing to look up: new uuids cannot collide
@@ -97,6 +100,7 @@ def build_records(
     priority: int | None = None,
     uuid: str | None = None,
     key: str | None = None,
+    parent_uuid: str | None = None,
 ) -> list[Record]:
     """A new pipeline's records, in write order: its steps, its ``pipeline.created`` event, and
     the pipeline itself (due now when pending). ``params`` must be validated already."""
@@ -113,6 +117,7 @@ def build_records(
         updated_at=now,
         next_run_at=now if status == Status.PENDING else None,
         key=key,
+        parent_uuid=parent_uuid,
     )
     steps: list[Record] = [
         StepRecord(

@@ -25,6 +25,8 @@ class PipelineDefinition:
     version: ClassVar[int] = 1
     priority: ClassVar[int] = 0
     Params: ClassVar[type[BaseModel] | None] = None
+    Output: ClassVar[type[BaseModel] | None] = None  # the result's model (default: the last step's output)
+    cancel_children: ClassVar[bool] = True  # cancelling this pipeline cancels its unended children
     # a recurring schedule (prorch.schedule): a cron string or an interval, not both
     schedule: ClassVar[str | None] = None
     every: ClassVar[timedelta | None] = None

@@ -141,3 +141,18 @@ class RepositoryNotDefinedException(ConfigurationError):
 
 class PipelineNotDefinedException(ProrchError):
     """A step record needs the uuid of its pipeline."""
+
+
+class PipelineFailedError(ProrchError):
+    """A pipeline whose result was asked for ended failed or cancelled (``child_result``,
+    ``Orchestrator.wait``): ``status`` says which, ``error`` why."""
+
+    def __init__(self, message: str, *, uuid: str, status: str, error: str | None = None) -> None:
+        super().__init__(message)
+        self.uuid = uuid
+        self.status = status
+        self.error = error
+
+
+class WaitTimeoutError(ProrchError, TimeoutError):
+    """``Orchestrator.wait`` gave up before the pipeline ended."""

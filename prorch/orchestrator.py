@@ -24,6 +24,7 @@ from prorch.exceptions import (
     PipelineNotFoundError,
     ProrchError,
     RepositoryError,
+    WaitTimeoutError,
     WorkerUnhealthyError,
 )
 from prorch.hooks import HookCaller
@@ -35,6 +36,7 @@ from prorch.policy import StepOverride
 from prorch.records import EventRecord, MessageRecord, PipelineRecord, StepRecord
 from prorch.registry import Registry, current_registry
 from prorch.repository import PipelineQuery, RepositoryLike
+from prorch.results import CHILD_ENDED, result_of
 from prorch.retention import PurgeSummary
 from prorch.runner import (
     DEFAULT_LEASE_SECONDS,
@@ -179,6 +181,8 @@ class Orchestrator:
         for pipeline, result in zip(claimed, results, strict=True):
             if isinstance(result, Outcome):
                 summary.add(result)
+                if result.status in TERMINAL:
+                    self._ended(pipeline, result.status)
             else:
                 summary.errors[pipeline.uuid] = result
         summary.abandoned_hooks = self.hooks.abandoned
@@ -326,13 +330,38 @@ class Orchestrator:
         return self.store.query_pipelines(query, after=after)
 
     def get(self, uuid: str) -> PipelineState:
-        """The pipeline ``uuid`` with its steps in order, and why it is blocked, if it is."""
+        """The pipeline ``uuid`` with its steps in order, its children, and why it is blocked,
+        if it is."""
         record = self._require(uuid)
         steps = sorted(self.store.steps_of(uuid), key=lambda s: (s.position is None, s.position or 0))
         missing = self.blocked_reason(record, steps)
+        children = self.store.children_of(uuid)
         if record.status in TERMINAL:  # an ended pipeline waits for nothing: it is not blocked
-            return PipelineState(record, steps, code_missing=missing)
-        return PipelineState(record, steps, blocked=missing)
+            return PipelineState(record, steps, code_missing=missing, children=children)
+        return PipelineState(record, steps, blocked=missing, children=children)
+
+    def result(self, uuid: str) -> Any:
+        """The result of pipeline ``uuid``: its last step's output (or its ``Output`` model) once
+        it finished, None while it runs; ``PipelineFailedError`` if it failed or was cancelled."""
+        record = self._require(uuid)
+        return result_of(record, self.store.steps_of(uuid), self.registry)
+
+    def wait(self, uuid: str, timeout: float | None = None, poll: float = 0.2) -> Any:
+        """Block until pipeline ``uuid`` ends and return its result (as ``result``); a
+        worker elsewhere runs it. ``WaitTimeoutError`` after ``timeout`` seconds."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        delay = min(poll, 0.05)
+        while True:
+            record = self._require(uuid)
+            if record.status in TERMINAL:
+                return result_of(record, self.store.steps_of(uuid), self.registry)
+            if deadline is not None and time.monotonic() >= deadline:
+                raise WaitTimeoutError(
+                    f"pipeline {uuid} did not end within {timeout:g}s (it is {record.status.value})", uuid=uuid
+                )
+            pause = delay if deadline is None else max(min(delay, deadline - time.monotonic()), 0)
+            time.sleep(pause)
+            delay = min(delay * 2, poll)
 
     def get_by_key(self, key: str) -> PipelineState:
         """The pipeline created with ``key`` (``create(key=...)``), with its steps."""
@@ -372,7 +401,32 @@ class Orchestrator:
             outside.request_cancel(self.store, self.clock, uuid)
         elif claimed.status not in TERMINAL:
             self.runner.cancel(claimed)
+            self._ended(claimed, Status.CANCELLED)
         return self.get(uuid)
+
+    def _ended(self, record: PipelineRecord, status: Status) -> None:
+        """After a pipeline ended: wake its parent with a ``CHILD_ENDED`` message (its
+        ``child_result`` consumes it; ``receive(CHILD_ENDED)`` reads it), and cancel its unended
+        children if it was cancelled (``cancel_children``, default on). A failure here is
+        logged: the parent's own wait, or a later cancel, still gets there."""
+        try:
+            parent = self.store.get_pipeline(record.parent_uuid) if record.parent_uuid else None
+            if parent is not None and parent.status not in TERMINAL:
+                payload = {"child": record.uuid, "status": status.value}
+                outside.send(self.store, self.clock, parent.uuid, CHILD_ENDED, payload)
+            if status == Status.CANCELLED and self._cancels_children(record):
+                for child in self.store.children_of(record.uuid):
+                    if child.status not in TERMINAL:
+                        self.cancel(child.uuid)
+        except ProrchError as exc:
+            logger.warning("pipeline %s ended %s; telling its parent or children failed: %s", record.uuid,
+                           status.value, exc, extra={"pipeline_uuid": record.uuid})  # fmt: skip
+
+    def _cancels_children(self, record: PipelineRecord) -> bool:
+        try:
+            return bool(self.registry.pipeline(record.name, record.version).cancel_children)
+        except ProrchError:
+            return True
 
     def retry(self, uuid: str) -> PipelineState:
         """Resume a failed pipeline from its failed step, with fresh attempts."""

@@ -199,6 +199,7 @@ class PipelineRecord(Record, kw_only=True):
     hook_shared: bool = False  # that mark was stored by a round of group commit: a crash is not pinned on us
     crashes: int = 0  # workers that died in a row while one of this pipeline's hooks was running
     key: str | None = None  # the creator's key (create(key=...)): the uuid is derived from it
+    parent_uuid: str | None = None  # the pipeline whose hook started this one (self.start_child)
 
 
 class StepRecord(Record, kw_only=True):

@@ -29,6 +29,10 @@ class StepRuntime(Protocol):
 
     def create_pipeline(self, pipeline: Any, params: Any, uuid: str, options: dict[str, Any]) -> None: ...
 
+    def start_child(self, step: Step, pipeline: Any, params: Any, key: str | None) -> str: ...
+
+    def child_result(self, step: Step, uuid: str) -> Any: ...
+
 
 @dataclass(frozen=True)
 class Verdict:
@@ -186,6 +190,19 @@ class Step:
     def reported_progress(self) -> JSONDict | None:
         """What ``progress()`` reported during this hook, if it was called."""
         return self._progress
+
+    def start_child(self, pipeline: Any, params: Any = None, key: str | None = None) -> str:
+        """Create a child pipeline (a ``Pipeline`` class or a registered name) and return its
+        uuid. Idempotent: when this hook runs again, the same call returns the same child (it is
+        keyed by this pipeline, this step and ``key``, default the child's name; give distinct
+        keys to start several of one kind). Its end wakes this pipeline; read its result with
+        ``child_result``."""
+        return self._require_runtime("start_child").start_child(self, pipeline, params, key)
+
+    def child_result(self, child: str) -> Any:
+        """None until the child ends; then its result (its last step's output, or its
+        ``Output`` model). Raises ``PipelineFailedError`` when it failed or was cancelled."""
+        return self._require_runtime("child_result").child_result(self, child)
 
     def receive(self, name: str) -> Any:
         """The oldest unconsumed message ``name`` sent to this pipeline (``Orchestrator.send``),

@@ -330,6 +330,12 @@ class Store:
             deleted: int = _call("delete pipelines", deleters[3].delete_by, "uuid", uuids)
         return deleted
 
+    def children_of(self, uuid: str) -> list[PipelineRecord]:
+        """The pipelines started by ``uuid``'s hooks, oldest first."""
+        rows = _call("search pipelines", self.pipelines.search, ["parent_uuid", uuid])
+        found = [_load(PipelineRecord, row) for row in rows or []]
+        return sorted(found, key=listing.newest_first)
+
     def all_pipelines(self) -> list[PipelineRecord]:
         found: list[PipelineRecord] = []
         for status in Status:

@@ -56,6 +56,7 @@ class PipelineState:
     steps: list[StepRecord]
     blocked: str | None = None  # not ended, and its code is missing here: it waits for it
     code_missing: str | None = None  # ended, and its code is not loaded here (nothing waits)
+    children: list[PipelineRecord] = field(default_factory=list)  # started by its hooks (start_child)
 
     @property
     def current_step(self) -> StepRecord | None:

@@ -25,7 +25,7 @@ from sqlalchemy.dialects.postgresql import JSONB
 
 from prorch.records import Metadata as Models
 
-SCHEMA_REVISION = "0008"
+SCHEMA_REVISION = "0009"
 """The newest migration; a store at this revision needs no upgrade."""
 VERSION_TABLE = "prorch_schema_version"
 HISTORY_TABLE = "prorch_schema_migrations"
@@ -61,6 +61,7 @@ pipelines = Table(
     Column("hook_shared", Boolean, nullable=False, default=False),
     Column("crashes", Integer, nullable=False, default=0),
     Column("key", String(200)),
+    Column("parent_uuid", String(36)),
     Index("ix_pipelines_due", "status", "next_run_at", "priority"),
     # newest-first listings by keyset, alone or after a status or name filter (prorch list)
     Index("ix_pipelines_created", "created_at", "uuid"),
@@ -68,6 +69,7 @@ pipelines = Table(
     Index("ix_pipelines_name_created", "name", "created_at", "uuid"),
     # the dashboard's counts by status, name and version, read from the index alone
     Index("ix_pipelines_status_name", "status", "name", "version"),
+    Index("ix_pipelines_parent", "parent_uuid"),  # a pipeline's children
     # ended pipelines only: "ended in the last hour" without indexing every transition
     Index("ix_pipelines_ended", "updated_at", sqlite_where=ENDED, postgresql_where=ENDED),
 )

@@ -39,6 +39,8 @@ from prorch.exceptions import (
     ConfigurationError,
     InvalidMessageError,
     InvalidParamsError,
+    PipelineFailedError,
+    WaitTimeoutError,
     WorkerUnhealthyError,
 )
 from prorch.listing import MAX_LIMIT, parse_age, parse_moment
@@ -213,11 +215,29 @@ def show(ctx: Context, uuid: str | None, key: str | None, as_json: bool) -> None
                 "steps": [s.to_dict() for s in state.steps],
                 "history": [e.to_dict() for e in history],
                 "blocked": state.blocked,
+                "children": [{"uuid": c.uuid, "name": c.name, "status": c.status.value} for c in state.children],
                 "next_run": {"at": moment.isoformat() if moment else None, "reason": reason},
             }
         )
         return
     print_state(state, history, orchestrator.clock.now(), step_limits(orchestrator, state))
+
+
+@main.command()
+@click.argument("uuid")
+@click.option("--timeout", type=float, help="Seconds to wait at most (default: until it ends).")
+@click.pass_obj
+def wait(ctx: Context, uuid: str, timeout: float | None) -> None:
+    """Wait until pipeline UUID ends (a worker runs it) and print its result as JSON. Exit 0
+    when it finished, 1 when it failed or was cancelled, or the timeout passed."""
+    with reported(ctx):
+        orchestrator = ctx.orchestrator()
+        try:
+            result = orchestrator.wait(uuid, timeout=timeout)
+        except (PipelineFailedError, WaitTimeoutError) as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(1)
+    echo_json(result)
 
 
 @main.command()

@@ -88,6 +88,8 @@ def print_state(state: PipelineState, history: list[EventRecord], now: datetime,
         if value is not None:
             click.echo(f"  {label}: {value}")
     click.echo(f"  created: {when(p.created_at)}   updated: {when(p.updated_at)}")
+    if p.parent_uuid:
+        click.echo(f"  parent: {p.parent_uuid}")
     moment, reason = state.next_run(now, history)
     click.echo(f"  next run: {when(moment) if moment is not None else '-'} ({reason})")
     click.echo(f"  params: {json.dumps(p.params, sort_keys=True)}")
@@ -122,6 +124,10 @@ def print_state(state: PipelineState, history: list[EventRecord], now: datetime,
             click.echo(f"       error: {s.error.type}: {s.error.message}")
         if s.rollback:
             click.echo(f"       rollback: {s.rollback}")
+    if state.children:
+        click.echo("children:")
+        for child in state.children:
+            click.echo(f"  {child.uuid}  {child.name}  {child.status.value}")
     print_history(history)
 
 

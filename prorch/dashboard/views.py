@@ -164,7 +164,10 @@ def pipeline(orchestrator: Orchestrator, uuid: str) -> dict[str, Any]:
             "last_error": _error(p.last_error),
             "lease_owner": p.lease_owner,
             "cancel_requested": p.cancel_requested,
+            "parent_uuid": p.parent_uuid,
         },
+        "children": [pipeline_row(child, now) for child in state.children],
+        "result": _result(orchestrator, p),
         "next_run": {"at": iso(moment), "reason": reason},
         "blocked": state.blocked,
         "steps": [_step(step, now, orchestrator) for step in state.steps],
@@ -216,3 +219,13 @@ def _int(filters: dict[str, str], name: str) -> int | None:
 
 def _moment(filters: dict[str, str], name: str, now: datetime) -> datetime | None:
     return parse_moment(filters[name], name, now) if name in filters else None
+
+
+def _result(orchestrator: Orchestrator, record: PipelineRecord) -> Any:
+    """The result of a finished pipeline (None otherwise, or when it cannot be read here)."""
+    if record.status != Status.FINISHED:
+        return None
+    try:
+        return orchestrator.result(record.uuid)
+    except ProrchError:
+        return None

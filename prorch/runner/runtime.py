@@ -1,20 +1,24 @@
 """What a hook may reach beyond its own step, lent for one hook call: messages (``receive``),
-plugins (``plugins``) and, for reactions, starting pipelines. Its effects join the transition
+plugins (``plugins``), child pipelines (``start_child``, ``child_result``) and, for reactions,
+starting pipelines. Its effects join the transition
 only if the hook returns without raising."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
 from prorch.clock import Clock
 from prorch.creation import create_pipelines
 from prorch.definition import PipelineDefinition
+from prorch.exceptions import StepUsageError
 from prorch.records import EventRecord, MessageRecord
 from prorch.registry import Registry
+from prorch.results import CHILD_ENDED, result_of
 from prorch.runner.state import Run
 from prorch.runner.transitions import new_event
-from prorch.status import EventType
+from prorch.status import TERMINAL, EventType
 from prorch.step import Step
 from prorch.store import Store
 
@@ -33,17 +37,22 @@ class HookRuntime:
         self.events: list[EventRecord] = []
 
     def receive(self, step: Step, name: str) -> Any:
+        message = self._consume(step, lambda m: m.name == name)
+        return message.payload if message is not None else None
+
+    def _consume(self, step: Step, wanted: Callable[[MessageRecord], bool]) -> MessageRecord | None:
+        """Mark the oldest unread message ``wanted`` picks as read with this hook's transition."""
         taken = {m.uuid for m in self.run.consumed} | {m.uuid for m in self.consumed}
         for message in self.store.messages_of(self.run.pipeline.uuid):
-            if message.name == name and message.consumed_at is None and message.uuid not in taken:
+            if message.consumed_at is None and message.uuid not in taken and wanted(message):
                 message.consumed_at = self.now
                 self.consumed.append(message)
                 record = next(s for s in self.run.steps if s.uuid == step.uuid)
                 event = new_event(
-                    self.run, EventType.MESSAGE_RECEIVED, record, self.now, name=name, message=message.uuid
+                    self.run, EventType.MESSAGE_RECEIVED, record, self.now, name=message.name, message=message.uuid
                 )
                 self.events.append(event)
-                return message.payload
+                return message
         return None
 
     def plugins(self, step: Step, point: str, kwargs: dict[str, Any]) -> list[Any]:
@@ -62,6 +71,27 @@ class HookRuntime:
         create_pipelines(
             self.store, definition, [params], [None], registry=self.registry, clock=self.clock, uuid=uuid, **options
         )
+
+    def start_child(self, step: Step, pipeline: Any, params: Any, key: str | None) -> str:
+        definition: type[PipelineDefinition] = (
+            pipeline if isinstance(pipeline, type) else self.registry.pipeline(pipeline)
+        )
+        parent = self.run.pipeline.uuid
+        child_key = f"child:{parent}:{step.name}:{key if key is not None else definition.name}"
+        ((record, _),) = create_pipelines(
+            self.store, definition, [params], [child_key], registry=self.registry, clock=self.clock,
+            tenant=step.tenant, parent_uuid=parent,
+        )  # fmt: skip
+        return record.uuid
+
+    def child_result(self, step: Step, uuid: str) -> Any:
+        record = self.store.get_pipeline(uuid)
+        if record is None or record.parent_uuid != self.run.pipeline.uuid:
+            raise StepUsageError(f"child_result({uuid!r}): no child of this pipeline has that uuid")
+        result = result_of(record, self.store.steps_of(uuid), self.registry)
+        if record.status in TERMINAL:  # its wake-up message is read: it wakes nothing again
+            self._consume(step, lambda m: m.name == CHILD_ENDED and (m.payload or {}).get("child") == uuid)
+        return result
 
     def merge(self) -> None:
         """The hook returned: its effects join the run's next transition."""

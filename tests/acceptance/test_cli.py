@@ -350,3 +350,30 @@ def test_purge_from_the_command_line(workdir: Path) -> None:
     bad = prorch(workdir, "purge", "--older-than", "a month")
     assert bad.returncode == 2
     assert bad.stderr.strip() == "error: --older-than 'a month': give an age such as 30d, 12h or 90m"
+
+
+def test_wait_prints_the_result_once_a_worker_ran_it(workdir: Path) -> None:
+    uuid = ok(prorch(workdir, "start", "Order", "-p", "item=book")).strip()
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("PRORCH_")}
+    waiting = subprocess.Popen(
+        [PRORCH, "wait", uuid, "--timeout", "60"], cwd=workdir, env=environ, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    time.sleep(1)
+    assert waiting.poll() is None  # still waiting: nothing ran it yet
+    ok(prorch(workdir, "run"))
+    out, err = waiting.communicate(timeout=60)
+    assert waiting.returncode == 0, err
+    assert json.loads(out)["tracking"].startswith("TRK-")  # the last step's output
+
+    declined = workdir / "decline"
+    declined.write_text("x")
+    failing = ok(prorch(workdir, "start", "Order", "-p", "item=pen")).strip()
+    prorch(workdir, "run", env={"SHOP_DECLINE_FILE": str(declined)})
+    result = prorch(workdir, "wait", failing)
+    assert result.returncode == 1
+    assert result.stderr.strip() == f"error: pipeline {failing} (Order) failed: card declined"
+
+    slow = ok(prorch(workdir, "start", "Order", "-p", "item=slowpoke")).strip()
+    result = prorch(workdir, "wait", slow, "--timeout", "0.5")
+    assert result.returncode == 1 and f"pipeline {slow} did not end within 0.5s (it is pending)" in result.stderr

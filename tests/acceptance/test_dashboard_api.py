@@ -136,3 +136,58 @@ def test_stored_values_are_escaped_in_pages(tmp_path: Path) -> None:
     with dashboard(workdir) as (base, _):
         page = urllib.request.urlopen(f"{base}/pipelines/{uuid}", timeout=10).read().decode()
     assert "<script>alert(1)</script>" not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+
+
+FAMILY = """
+from prorch import OnContinueMixin, OnStartMixin, Pipeline, Step, register_pipeline, register_step
+
+@register_step
+class Kid(OnStartMixin, Step):
+    name = "Kid"
+
+    def on_start(self):
+        self.finish({"n": self.params["n"]})
+
+@register_pipeline
+class Child(Pipeline):
+    name = "Child"
+    steps = [Kid]
+
+@register_step
+class Raise(OnStartMixin, OnContinueMixin, Step):
+    name = "Raise"
+
+    def on_start(self):
+        self.metadata["kids"] = [self.start_child(Child, {"n": n}, key=str(n)) for n in (1, 2)]
+
+    def on_continue(self):
+        results = [self.child_result(kid) for kid in self.metadata["kids"]]
+        if None in results:
+            self.wait(seconds=3600)
+        else:
+            self.finish({"sum": sum(r["n"] for r in results)})
+
+@register_pipeline
+class Parent(Pipeline):
+    name = "Parent"
+    steps = [Raise]
+"""
+
+
+def test_parents_children_and_results_are_shown(tmp_path: Path) -> None:
+    (tmp_path / "family.py").write_text(FAMILY)
+    (tmp_path / "prorch.toml").write_text('repository = "sqlite:///family.db"\napp = ["family"]\n')
+    parent = prorch(tmp_path, "start", "Parent").strip()
+    for _ in range(3):
+        prorch(tmp_path, "run")
+    shown = prorch(tmp_path, "show", parent)
+    assert "children:" in shown and shown.count("  Child  finished") == 2
+    with dashboard(tmp_path) as (base, _):
+        data = get(f"{base}/api/pipelines/{parent}")[1]
+        assert data["result"] == {"sum": 3} and [c["status"] for c in data["children"]] == ["finished"] * 2
+        child = data["children"][0]["uuid"]
+        assert get(f"{base}/api/pipelines/{child}")[1]["pipeline"]["parent_uuid"] == parent
+        page = urllib.request.urlopen(f"{base}/pipelines/{parent}", timeout=10).read().decode()
+        assert 'id="children"' in page and f'href="/pipelines/{child}"' in page and "&#34;sum&#34;: 3" in page
+        page = urllib.request.urlopen(f"{base}/pipelines/{child}", timeout=10).read().decode()
+        assert f'href="/pipelines/{parent}" id="parent"' in page

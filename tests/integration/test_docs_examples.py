@@ -22,6 +22,10 @@ EXPECTED = {
         "Stuck was cancelled after its timeout",
         "Hangs: failed - HookTimeoutError",
     ],
+    "children.py": [
+        "children: ['pending', 'pending']",
+        "album: finished {'thumbs': ['a-small.jpg', 'b-small.jpg']}",
+    ],
     "retention.py": ["would purge: 5", "purged 5 in 3 batches; left: 1"],
     "schedules.py": [
         "first pass created: 1",
