@@ -26,6 +26,7 @@ class PipelineDefinition:
     priority: ClassVar[int] = 0
     Params: ClassVar[type[BaseModel] | None] = None
     Output: ClassVar[type[BaseModel] | None] = None  # the result's model (default: the last step's output)
+    max_running: ClassVar[int | None] = None  # at most this many of its pipelines leased at once, all workers
     cancel_children: ClassVar[bool] = True  # cancelling this pipeline cancels its unended children
     # a recurring schedule (prorch.schedule): a cron string or an interval, not both
     schedule: ClassVar[str | None] = None

@@ -157,7 +157,7 @@ class Orchestrator:
         summary.scheduled = scheduling.create_due(self.store, self.registry, self.clock)
         now = self.clock.now()
         lease_until = now + timedelta(seconds=self.lease_seconds)
-        claimed = self.store.claim_due(now, self.new_lease_token(), lease_until, self.batch_size)
+        claimed = self.store.claim_due(now, self.new_lease_token(), lease_until, self.batch_size, self._limits())
         summary.claimed = len(claimed)
         with LeaseKeeper(self.store, self.lease_seconds, self.clock) as keeper:
             keeper.hold(claimed)
@@ -197,6 +197,15 @@ class Orchestrator:
                 len(summary.errors),
             )
         return summary
+
+    def _limits(self) -> dict[str, int]:
+        """``max_running`` of each registered pipeline name that declares it (its newest version's)."""
+        limits = {}
+        for name, versions in self.registry.pipelines.items():
+            limit = versions[max(versions)].max_running
+            if limit is not None:
+                limits[name] = limit
+        return limits
 
     def _advancing(
         self, pipeline: PipelineRecord, keeper: LeaseKeeper, steps: list[StepRecord] | None

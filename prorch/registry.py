@@ -129,6 +129,11 @@ class Registry:
                 )
             seen.add(item.name)
         schedule_of(cls)  # a bad schedule is refused here, at import, not at the first pass
+        limit = cls.max_running
+        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+            raise RegistrationError(
+                f"pipeline {cls.name}: max_running must be a whole number of 1 or more, got {limit!r}"
+            )
         if cls.Params is not None and not _is_model(cls.Params):
             raise RegistrationError(f"pipeline {cls.name}: Params must be a pydantic BaseModel subclass")
         if isinstance(cls.priority, bool) or not isinstance(cls.priority, int):

@@ -229,6 +229,19 @@ class SupportsClaim(Protocol):
 
 
 @runtime_checkable
+class SupportsLimitedClaim(Protocol):
+    """A pipeline repository whose claim honours concurrency limits (``max_running`` on a
+    pipeline class), atomically with the claim, however many workers claim at once."""
+
+    def claim_due_limited(
+        self, now: datetime, owner: str, lease_expires_at: datetime, limit: int, limits: dict[str, int]
+    ) -> list[JSONDict]:
+        """``claim_due``, leaving at most ``limits[name]`` pipelines of each of those names
+        holding a live lease (pending, ``lease_expires_at`` after ``now``) once it is done."""
+        ...
+
+
+@runtime_checkable
 class SupportsTransaction(Protocol):
     """A backend whose repositories can write several records all-or-nothing."""
 

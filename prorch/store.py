@@ -8,6 +8,7 @@ import dataclasses
 import logging
 import threading
 import weakref
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -16,7 +17,7 @@ from typing import Any, TypeVar
 
 from prorch import listing
 from prorch.clock import Clock, ServerAlignedClock, SystemClock
-from prorch.due import claim_order, is_due
+from prorch.due import claim_order, is_due, within_limits
 from prorch.exceptions import (
     ConcurrentUpdateError,
     ConfigurationError,
@@ -50,6 +51,7 @@ from prorch.repository import (
     SupportsDelete,
     SupportsDueQuery,
     SupportsEndedQuery,
+    SupportsLimitedClaim,
     SupportsPartialUpdate,
     SupportsPinning,
     SupportsPipelineQuery,
@@ -397,9 +399,26 @@ class Store:
 
     # --- claiming ----------------------------------------------------------------------------
 
-    def claim_due(self, now: datetime, owner: str, lease_expires_at: datetime, limit: int) -> list[PipelineRecord]:
-        if self.claims is None:
-            return self.due(now, limit)
+    def claim_due(
+        self, now: datetime, owner: str, lease_expires_at: datetime, limit: int, limits: dict[str, int] | None = None
+    ) -> list[PipelineRecord]:
+        """Lease the due pipelines, at most ``limits[name]`` of each of those names holding a
+        lease at once (``max_running``)."""
+        if self.claims is None:  # one process: no other claimer to race
+            if not limits:
+                return self.due(now, limit)
+            running = Counter(p.name for p in self.pipelines_with_status(Status.PENDING) if _leased(p, now))
+            due = [(r.to_dict(), r) for r in self.due(now, 1_000_000)]
+            return within_limits(due, running, limits, limit)
+        if limits and isinstance(self.claims, SupportsLimitedClaim):
+            args = (now, owner, lease_expires_at, limit, limits)
+            rows = _call("claim due pipelines", self.claims.claim_due_limited, *args)
+            return [_load(PipelineRecord, row, remember=self.partial_update) for row in rows]
+        if limits:
+            _warn_once(
+                f"{self.backend!r} has no SupportsLimitedClaim: max_running ({', '.join(sorted(limits))}) "
+                "is not enforced"
+            )
         rows = _call("claim due pipelines", self.claims.claim_due, now, owner, lease_expires_at, limit)
         return [_load(PipelineRecord, row, remember=self.partial_update) for row in rows]
 
@@ -665,3 +684,16 @@ def _server_now(backend: SupportsServerClock) -> datetime:
     if found is None:  # pragma: no cover - it answered when the clock was made
         raise RepositoryError(f"{backend!r} no longer reports its clock")
     return found
+
+
+def _leased(record: PipelineRecord, now: datetime) -> bool:
+    return record.lease_expires_at is not None and record.lease_expires_at > now
+
+
+_warned: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        logger.warning(message)

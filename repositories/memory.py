@@ -11,12 +11,12 @@ from __future__ import annotations
 import contextlib
 import json
 import threading
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Iterator
 from datetime import datetime
 from typing import Any
 
-from prorch.due import TERMINAL_VALUES, claim_order, claimable_by, is_due, leased
+from prorch.due import TERMINAL_VALUES, claim_order, claimable_by, is_due, leased, within_limits
 from prorch.records import JSONDict, format_timestamp
 from prorch.repository import IRepository
 from prorch.status import Status
@@ -168,6 +168,16 @@ class MemoryRepository(IRepository):
     def claim_due(self, now: datetime, owner: str, lease_expires_at: datetime, limit: int) -> list[JSONDict]:
         with self.backend.lock:
             return [self._lease(row, owner, lease_expires_at) for row in self._due(format_timestamp(now), limit)]
+
+    def claim_due_limited(
+        self, now: datetime, owner: str, lease_expires_at: datetime, limit: int, limits: dict[str, int]
+    ) -> list[JSONDict]:
+        with self.backend.lock:
+            stamp = format_timestamp(now)
+            leased_now = [u for u, (_, _, lease) in self.due_keys.items() if lease is not None and lease > stamp]
+            running = Counter(json.loads(self.rows[u]).get("name", "") for u in leased_now)
+            due = [(row, row) for row in self._due(stamp, len(self.due_keys))]
+            return [self._lease(row, owner, lease_expires_at) for row in within_limits(due, running, limits, limit)]
 
     def claim_one(self, uuid: str, now: datetime, owner: str, lease_expires_at: datetime) -> JSONDict | None:
         with self.backend.lock:

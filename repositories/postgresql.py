@@ -39,6 +39,11 @@ class PostgreSQLBackend(SQLBackend):
             moment = connection.execute(text("SELECT clock_timestamp()")).scalar_one()
         return to_utc(moment)
 
+    def lock_name(self, connection: Connection, name: str) -> None:
+        """A transaction-scoped advisory lock per pipeline name: two workers counting and
+        claiming the same limited name take turns (``max_running``)."""
+        connection.execute(text("SELECT pg_advisory_xact_lock(hashtext(:key))"), {"key": f"prorch:limit:{name}"})
+
     def lock_schema(self, connection: Connection) -> None:
         connection.execute(text(f"SELECT pg_advisory_xact_lock({SCHEMA_LOCK})"))
 

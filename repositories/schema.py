@@ -25,7 +25,7 @@ from sqlalchemy.dialects.postgresql import JSONB
 
 from prorch.records import Metadata as Models
 
-SCHEMA_REVISION = "0009"
+SCHEMA_REVISION = "0010"
 """The newest migration; a store at this revision needs no upgrade."""
 VERSION_TABLE = "prorch_schema_version"
 HISTORY_TABLE = "prorch_schema_migrations"
@@ -33,6 +33,7 @@ HISTORY_TABLE = "prorch_schema_migrations"
 
 Json = JSON().with_variant(JSONB(), "postgresql")
 ENDED = text("status IN ('finished', 'failed', 'cancelled')")
+LEASED = text("lease_expires_at IS NOT NULL")
 Timestamp = DateTime(timezone=True)
 
 metadata = MetaData()
@@ -70,6 +71,8 @@ pipelines = Table(
     # the dashboard's counts by status, name and version, read from the index alone
     Index("ix_pipelines_status_name", "status", "name", "version"),
     Index("ix_pipelines_parent", "parent_uuid"),  # a pipeline's children
+    # live leases by name, for max_running: only leased rows, so as small as the work in flight
+    Index("ix_pipelines_leased", "name", "lease_expires_at", sqlite_where=LEASED, postgresql_where=LEASED),
     # ended pipelines only: "ended in the last hour" without indexing every transition
     Index("ix_pipelines_ended", "updated_at", sqlite_where=ENDED, postgresql_where=ENDED),
 )

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from datetime import datetime
 from typing import Any, ClassVar
 
-from sqlalchemy import Connection, Engine, Integer, Select, bindparam, create_engine, delete, select, update
+from sqlalchemy import Connection, Engine, Integer, Select, bindparam, create_engine, delete, func, select, update
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import (
     ArgumentError,
@@ -119,6 +119,10 @@ class SQLBackend:
     def _unusable(self, exc: BaseException) -> RepositoryError:
         """The error for a store whose schema cannot be read or created."""
         return RepositoryError(f"cannot open {self!r}: {error_summary(exc)}")
+
+    def lock_name(self, connection: Connection, name: str) -> None:
+        """Serialise the claims of one limited pipeline name until the transaction ends. SQLite
+        needs nothing: a write transaction holds the database's only write lock."""
 
     def lock_schema(self, connection: Connection) -> None:
         """Serialize schema upgrades of workers starting together (the migration's transaction
@@ -455,6 +459,48 @@ class SQLRepository(IRepository):
         params = {"_now": now, "_limit": limit, "_owner": owner, "_until": lease_expires_at}
         with self.backend.connect(write=True) as connection:
             rows = connection.execute(query, params).mappings().all()
+        return self._by_priority([self._to_record(row) for row in rows])
+
+    def claim_due_limited(
+        self, now: datetime, owner: str, lease_expires_at: datetime, limit: int, limits: dict[str, int]
+    ) -> list[JSONDict]:
+        """``claim_due`` with ``max_running`` limits: the unlimited names in one statement, then
+        each limited name in a transaction of its own that counts its live leases and claims
+        only the room left. On SQLite the write lock makes count and claim one step; elsewhere
+        ``lock_name`` serialises the claimers of one name (PostgreSQL: an advisory lock)."""
+        c = self.table.c
+        params = {"_now": now, "_owner": owner, "_until": lease_expires_at}
+        others = self._searches.get("_claim_others")
+        if others is None:
+            due = self.lockable(self._due_query().where(c.name.not_in(bindparam("_limited", expanding=True))))
+            others = self._searches["_claim_others"] = (
+                update(self.table).where(c.uuid.in_(due.scalar_subquery())).values(self._lease_values())
+                .returning(*self.table.columns)
+            )  # fmt: skip
+            named = self.lockable(self._due_query().where(c.name == bindparam("_name")))
+            self._searches["_claim_named"] = (
+                update(self.table).where(c.uuid.in_(named.scalar_subquery())).values(self._lease_values())
+                .returning(*self.table.columns)
+            )  # fmt: skip
+            self._searches["_running"] = select(func.count()).where(
+                c.name == bindparam("_name"), c.status == Status.PENDING.value,
+                c.lease_expires_at > bindparam("_now", type_=c.lease_expires_at.type),
+            )  # fmt: skip
+        rows: list[Any] = []
+        with self.backend.connect(write=True) as connection:
+            rows += connection.execute(others, {**params, "_limit": limit, "_limited": sorted(limits)}).mappings().all()
+        for name in sorted(limits):
+            if len(rows) >= limit:
+                break
+            with self.backend.connect(write=True) as connection:
+                self.backend.lock_name(connection, name)
+                running = connection.execute(self._searches["_running"], {"_name": name, "_now": now}).scalar_one()
+                room = min(limits[name] - int(running), limit - len(rows))
+                if room > 0:
+                    found = connection.execute(
+                        self._searches["_claim_named"], {**params, "_name": name, "_limit": room}
+                    )
+                    rows += found.mappings().all()
         return self._by_priority([self._to_record(row) for row in rows])
 
     def lockable(self, due: Select[Any]) -> Select[Any]:

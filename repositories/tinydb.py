@@ -17,6 +17,7 @@ import json
 import os
 import tempfile
 import threading
+from collections import Counter
 from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
@@ -25,7 +26,15 @@ from typing import Any
 from filelock import FileLock
 from tinydb.storages import Storage
 
-from prorch.due import TERMINAL_VALUES, claimable_by, leased, row_claim_order, row_is_due
+from prorch.due import (
+    TERMINAL_VALUES,
+    claimable_by,
+    holds_lease,
+    leased,
+    row_claim_order,
+    row_is_due,
+    within_limits,
+)
 from prorch.exceptions import ConfigurationError, CorruptRecordError, CorruptStoreError
 from prorch.records import JSONDict, Metadata, format_timestamp
 from prorch.repository import IRepository
@@ -287,6 +296,17 @@ class TinyDBRepository(IRepository):
         with self.backend.transaction():
             due = self._due(format_timestamp(now), limit)
             return [self._lease(doc_id, row, owner, lease_expires_at) for doc_id, row in due]
+
+    def claim_due_limited(
+        self, now: datetime, owner: str, lease_expires_at: datetime, limit: int, limits: dict[str, int]
+    ) -> list[JSONDict]:
+        with self.backend.transaction():
+            stamp = format_timestamp(now)
+            rows = self._rows()
+            running = Counter(str(row.get("name", "")) for row in rows.values() if holds_lease(row, stamp))
+            due = [(row, (doc_id, row)) for doc_id, row in self._due(stamp, len(rows))]
+            chosen = within_limits(due, running, limits, limit)
+            return [self._lease(doc_id, row, owner, lease_expires_at) for doc_id, row in chosen]
 
     def claim_one(self, uuid: str, now: datetime, owner: str, lease_expires_at: datetime) -> JSONDict | None:
         with self.backend.transaction():
