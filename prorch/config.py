@@ -81,6 +81,9 @@ class SettingsFields(BaseModel):
         default=None,
         description="a worker purges finished and cancelled pipelines older than this (e.g. 30d; unset: never)",
     )
+    metrics_port: int | None = Field(
+        default=None, ge=1, le=65535, description="port a worker serves /metrics and /healthz on (unset: none)"
+    )
     dashboard_host: str = Field(default="127.0.0.1", description="address prorch dashboard listens on")
     dashboard_port: int = Field(default=8181, ge=1, le=65535, description="port prorch dashboard listens on")
     dashboard_token: SecretStr | None = Field(

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
+from prorch import tracecontext
 from prorch.clock import Clock
 from prorch.definition import PipelineDefinition
 from prorch.exceptions import (
@@ -67,7 +68,15 @@ def create_pipelines(
     now = clock.now()
     groups = [
         build_records(
-            definition, item, now=now, context=merged, priority=priority, uuid=given, key=key, parent_uuid=parent_uuid
+            definition,
+            item,
+            now=now,
+            context=merged,
+            priority=priority,
+            uuid=given,
+            key=key,
+            parent_uuid=parent_uuid,
+            trace=tracecontext.new_carrier(),
         )
         for item, given, key in zip(validated, uuids, keys, strict=True)
     ]
@@ -101,6 +110,7 @@ def build_records(
     uuid: str | None = None,
     key: str | None = None,
     parent_uuid: str | None = None,
+    trace: JSONDict | None = None,
 ) -> list[Record]:
     """A new pipeline's records, in write order: its steps, its ``pipeline.created`` event, and
     the pipeline itself (due now when pending). ``params`` must be validated already."""
@@ -118,6 +128,7 @@ def build_records(
         next_run_at=now if status == Status.PENDING else None,
         key=key,
         parent_uuid=parent_uuid,
+        trace=trace,
     )
     steps: list[Record] = [
         StepRecord(

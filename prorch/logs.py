@@ -1,5 +1,6 @@
 """Logging setup for the command line: stdlib ``logging``, every record carrying the pipeline and
-step uuid when it has them, as text or as one JSON object per line for log shippers."""
+step uuid when it has them (and the trace and span ids when tracing is active), as text or as
+one JSON object per line for log shippers."""
 
 from __future__ import annotations
 
@@ -9,6 +10,12 @@ import sys
 from datetime import datetime, timezone
 
 CONTEXT_FIELDS = ("pipeline_uuid", "step_uuid")
+TRACE_FIELDS = ("trace_id", "span_id")
+
+try:
+    from opentelemetry import trace as otel_trace
+except ImportError:  # pragma: no cover - prorch[otel] is not installed
+    otel_trace = None  # type: ignore[assignment]
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s [pipeline=%(pipeline_uuid)s step=%(step_uuid)s] %(message)s"
 
 
@@ -19,6 +26,11 @@ class ContextFilter(logging.Filter):
         for name in CONTEXT_FIELDS:
             if not hasattr(record, name):
                 setattr(record, name, "-")
+        if otel_trace is not None and not hasattr(record, "trace_id"):
+            span = otel_trace.get_current_span().get_span_context()
+            if span.is_valid:  # tracing is active: the record joins the span it was logged in
+                record.trace_id = f"{span.trace_id:032x}"
+                record.span_id = f"{span.span_id:016x}"
         return True
 
 
@@ -30,7 +42,7 @@ class JSONFormatter(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
         }
-        for name in CONTEXT_FIELDS:
+        for name in CONTEXT_FIELDS + TRACE_FIELDS:
             value = getattr(record, name, "-")
             if value != "-":
                 entry[name] = value

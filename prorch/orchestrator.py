@@ -8,13 +8,13 @@ import itertools
 import logging
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from prorch import outside, reactions, scheduling, signals
+from prorch import outside, reactions, scheduling, signals, tracing
 from prorch import retention as retention_module
 from prorch.clock import Clock
 from prorch.exceptions import (
@@ -124,6 +124,10 @@ class Orchestrator:
         self.shutdown_grace = shutdown_grace
         self.retention = retention
         self._last_purge = 0.0
+        self.last_loop = time.monotonic()  # run_forever's heartbeat, for health checks
+        self.pass_observers: list[Callable[[PassSummary, list[float], float], None]] = []
+        """Told (summary, each claimed pipeline's seconds from due to claim, the pass's seconds)
+        after every pass (metrics)."""
         # Hooks run in threads only on a backend that says it is thread-safe.
         self.concurrency = concurrency if self.store.thread_safe else 1
         self.max_abandoned_hooks = concurrency if max_abandoned_hooks is None else max_abandoned_hooks
@@ -141,6 +145,7 @@ class Orchestrator:
             should_stop=self._stopping,
             request_stop=self.stop,
         )
+        self._pass_span = tracing.install(self.registry, self.runner.invoker.hook_spans)
 
     # --- the pass -------------------------------------------------------------------------------
 
@@ -152,13 +157,21 @@ class Orchestrator:
     def execute_pipelines(self) -> PassSummary:
         """One pass: claim the due pipelines (up to ``batch_size``), advance each, and return
         what happened. One pipeline's error is logged and recorded, and the pass goes on."""
+        if self._pass_span is None:
+            return self._pass()
+        with self._pass_span():
+            return self._pass()
+
+    def _pass(self) -> PassSummary:
         self.store.warn_if_unguarded()
+        started = time.perf_counter()
         summary = PassSummary()
         summary.scheduled = scheduling.create_due(self.store, self.registry, self.clock)
         now = self.clock.now()
         lease_until = now + timedelta(seconds=self.lease_seconds)
         claimed = self.store.claim_due(now, self.new_lease_token(), lease_until, self.batch_size, self._limits())
         summary.claimed = len(claimed)
+        lags = [(now - p.next_run_at).total_seconds() for p in claimed if p.next_run_at is not None]
         with LeaseKeeper(self.store, self.lease_seconds, self.clock) as keeper:
             keeper.hold(claimed)
             steps = self.store.steps_of_many([pipeline.uuid for pipeline in claimed])  # one read, not one each
@@ -186,6 +199,8 @@ class Orchestrator:
             else:
                 summary.errors[pipeline.uuid] = result
         summary.abandoned_hooks = self.hooks.abandoned
+        for observer in self.pass_observers:
+            observer(summary, lags, time.perf_counter() - started)
         if summary.did_something:
             logger.info(
                 "pass: claimed %d, finished %d, failed %d, waiting %d, blocked %d, errors %d",
@@ -238,6 +253,7 @@ class Orchestrator:
         restore = signals.stop_on_signals(self.stop, self._stopping, self.shutdown_grace)
         try:
             while not self._stop.is_set():
+                self.last_loop = time.monotonic()
                 try:
                     summary = self.execute_pipelines()
                 except RepositoryError as exc:  # the store is down: keep the worker, try again later

@@ -170,7 +170,7 @@ class ErrorInfo(msgspec.Struct, kw_only=True):
 
 class PipelineRecord(Record, kw_only=True):
     MODEL: ClassVar[str] = "PIPELINE"
-    JSON: ClassVar[frozenset[str]] = frozenset({"params", "context", "metadata", "last_error"})
+    JSON: ClassVar[frozenset[str]] = frozenset({"params", "context", "metadata", "last_error", "trace"})
     TIMES: ClassVar[tuple[str, ...]] = (
         "created_at",
         "updated_at",
@@ -200,6 +200,7 @@ class PipelineRecord(Record, kw_only=True):
     crashes: int = 0  # workers that died in a row while one of this pipeline's hooks was running
     key: str | None = None  # the creator's key (create(key=...)): the uuid is derived from it
     parent_uuid: str | None = None  # the pipeline whose hook started this one (self.start_child)
+    trace: JSONDict | None = None  # the W3C trace context it was created in (prorch[otel])
 
 
 class StepRecord(Record, kw_only=True):

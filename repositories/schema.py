@@ -25,7 +25,7 @@ from sqlalchemy.dialects.postgresql import JSONB
 
 from prorch.records import Metadata as Models
 
-SCHEMA_REVISION = "0010"
+SCHEMA_REVISION = "0011"
 """The newest migration; a store at this revision needs no upgrade."""
 VERSION_TABLE = "prorch_schema_version"
 HISTORY_TABLE = "prorch_schema_migrations"
@@ -63,6 +63,7 @@ pipelines = Table(
     Column("crashes", Integer, nullable=False, default=0),
     Column("key", String(200)),
     Column("parent_uuid", String(36)),
+    Column("trace", Json),
     Index("ix_pipelines_due", "status", "next_run_at", "priority"),
     # newest-first listings by keyset, alone or after a status or name filter (prorch list)
     Index("ix_pipelines_created", "created_at", "uuid"),

@@ -95,6 +95,7 @@ def run(ctx: Context, /, as_json: bool, **flags: Any) -> None:
 
 @main.command()
 @click.option("--interval", type=float, help="Seconds between passes.")
+@click.option("--metrics-port", type=int, help="Serve /metrics (Prometheus) and /healthz on this port.")
 @worker_options
 @click.pass_obj
 def worker(ctx: Context, /, **flags: Any) -> None:
@@ -103,6 +104,14 @@ def worker(ctx: Context, /, **flags: Any) -> None:
     with reported(ctx):
         orchestrator = ctx.orchestrator(**flags)
         settings = ctx.settings
+        if settings.metrics_port is not None:
+            try:
+                from prorch.observability.server import serve
+            except ImportError as exc:
+                hint = f"--metrics-port needs its extra: pip install 'prorch[metrics]' ({exc})"
+                raise ConfigurationError(hint) from exc
+            serve(orchestrator, settings.metrics_port, settings.interval)
+            click.echo(f"metrics on http://0.0.0.0:{settings.metrics_port}/metrics, health on /healthz", err=True)
         click.echo(f"prorch worker {orchestrator.owner} on {redact_url(settings.repository)}", err=True)
         try:
             orchestrator.run_forever(interval=settings.interval)

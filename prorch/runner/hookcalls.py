@@ -5,13 +5,16 @@ bound."""
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager, ExitStack
 from datetime import datetime, timedelta
+from typing import Any
 
 from prorch.clock import Clock
 from prorch.hooks import HookCaller
 from prorch.policy import Policies
-from prorch.records import ErrorInfo, StepRecord
+from prorch.records import ErrorInfo, PipelineRecord, StepRecord
 from prorch.runner import transitions
 from prorch.runner.journal import Journal
 from prorch.runner.state import Run, Writing
@@ -34,6 +37,10 @@ class HookInvoker:
         self.clock = clock
         self.policies = policies
         self.hook_timeout = hook_timeout
+        self.timings: list[Callable[[str, str, str, float], None]] = []
+        """Told (pipeline name, step name, hook, seconds) after every hook call (metrics)."""
+        self.hook_spans: list[Callable[[PipelineRecord, StepRecord, str], AbstractContextManager[Any]]] = []
+        """Context managers around every hook call (tracing: ``prorch.tracing.hook_span``)."""
 
     def bound(self, run: Run, step: StepRecord, now: datetime, *, own_hook: bool) -> float | None:
         """Seconds one hook call may take: until the step's deadline for ``on_start`` and
@@ -54,8 +61,15 @@ class HookInvoker:
             keeper.limit(run.pipeline.uuid, self.clock.now() + timedelta(seconds=bound))
         what = f"{name} of step {step.name} in pipeline {run.pipeline.uuid}"
         ended = False  # returned or raised: whatever its result, the worker did not die in it
+        started = time.perf_counter()
         try:
-            self.hooks.call(hook, bound, what)
+            if self.hook_spans:  # tracing: no context manager per hook call otherwise
+                with ExitStack() as spans:
+                    for span in self.hook_spans:
+                        spans.enter_context(span(run.pipeline, step, name))
+                    self.hooks.call(hook, bound, what)
+            else:
+                self.hooks.call(hook, bound, what)
             ended = True
         except KeyboardInterrupt:
             raise
@@ -63,6 +77,8 @@ class HookInvoker:
             ended = True
             raise
         finally:
+            for told in self.timings:
+                told(run.pipeline.name, step.name, name, time.perf_counter() - started)
             if ended:
                 run.pipeline.crashes = 0
             if keeper is not None and bound is not None:

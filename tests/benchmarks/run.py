@@ -93,7 +93,7 @@ def main() -> None:
         "--only",
         nargs="+",
         metavar="WORKLOAD",
-        help="run only these (w1 floor w2 w3 w4 w5 dashboard purge peers), keeping the others",
+        help="run only these (w1 floor w2 w3 w4 w5 dashboard purge observed peers), keeping the others",
     )
     options = parser.parse_args()
     runs = 1 if options.quick else 3
@@ -108,10 +108,10 @@ def main() -> None:
 
     server = start_server(durable=True)  # every PostgreSQL figure is a durable commit: fsync and synchronous_commit on
     results: dict[str, Any] = {}
-    chosen = set(options.only or ["w1", "floor", "w2", "w3", "w4", "w5", "dashboard", "purge", "peers"])
+    chosen = set(options.only or ["w1", "floor", "w2", "w3", "w4", "w5", "dashboard", "purge", "observed", "peers"])
     if options.only:
         results = json.loads((HERE / "last_results.json").read_text())
-        kept = sorted({"w1", "floor", "w2", "w3", "w4", "w5", "dashboard", "purge", "peers"} - chosen)
+        kept = sorted({"w1", "floor", "w2", "w3", "w4", "w5", "dashboard", "purge", "observed", "peers"} - chosen)
         results["_kept"] = {"workloads": kept, "on": time.strftime("%Y-%m-%d")}
     else:
         results.pop("_kept", None)
@@ -177,6 +177,16 @@ def main() -> None:
                 if "dashboard" in chosen:
                     print("dashboard pages", flush=True)
                     results["dashboard"] = [run_json(workload("dashboard_pages", url), cwd=Path(folder))]
+
+        if "observed" in chosen:
+            # Metrics overhead: W1's run phase on SQLite with Prometheus metrics on and off, alternated
+            print("W1 observed", flush=True)
+            for _ in range(runs):
+                for state in ("off", "on"):
+                    with tempfile.TemporaryDirectory(prefix="prorch-bench-") as folder:
+                        url = f"sqlite:///{folder}/o.db"
+                        found = run_json(workload("w1_observed", url, str(sizes[0] * 3), state), cwd=Path(folder))
+                        results.setdefault(f"observed/{state}", []).append(found)
 
         if "purge" in chosen:
             # Retention: 100,000 old finished pipelines purged while a worker runs others
@@ -401,6 +411,13 @@ def render(results: dict[str, Any], runs: int, sizes: list[int], waiting: int, l
         f"| overview, counting (the first request) | {fmt(m('dashboard', 'overview_first_ms'), 1)} |",
         f"| overview, counts reused (refreshes within 5 s) | {fmt(m('dashboard', 'overview_ms'), 1)} |",
         "",
+        "## Observability overhead",
+        "",
+        f"W1's run phase on SQLite ({fmt(3 * sizes[0])} pipelines, `create_many` first), with Prometheus metrics",
+        "attached (`prorch worker --metrics-port`) and without, alternated, medians of their runs:",
+        f"**{fmt(m('observed/off', 'transitions_per_s'))}/s** off, "
+        f"**{fmt(m('observed/on', 'transitions_per_s'))}/s** on.",
+        "",
         "## Retention — the longest stall while purging",
         "",
         f"{fmt(m('purge', 'old'))} finished pipelines 60 days old (each with 3 steps and its events) are purged",
@@ -495,6 +512,13 @@ def render(results: dict[str, Any], runs: int, sizes: list[int], waiting: int, l
             digits=2,
         ),
         target_row(f"TinyDB with rounds, N={n:,} ≥ 200 transitions/s", tinydb, 200),
+        target_row(
+            "Metrics on: W1 SQLite at most 10% slower than off (on/off)",
+            ratio(m("observed/on", "transitions_per_s"), m("observed/off", "transitions_per_s")),
+            0.90,
+            unit="x",
+            digits=2,
+        ),
         "",
         NOTES,
     ]

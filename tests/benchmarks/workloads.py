@@ -92,6 +92,21 @@ def run_to_end(orchestrator: Orchestrator) -> int:
             return transitions
 
 
+def w1_observed(url: str, n: int, metrics: bool) -> dict[str, Any]:
+    """W1's run phase on SQLite (create_many, then passes), with Prometheus metrics attached or
+    not: the overhead of observing a worker."""
+    backend = from_url(url)
+    Three.create_many(backend, [{}] * n)
+    orchestrator = Orchestrator(backend, concurrency=1)
+    if metrics:
+        from prorch.observability.metrics import WorkerMetrics
+
+        WorkerMetrics(orchestrator).attach()
+    started = time.perf_counter()
+    transitions = run_to_end(orchestrator)
+    return {"metrics": metrics, "transitions_per_s": transitions / (time.perf_counter() - started)}
+
+
 def w1(url: str, n: int, group: int = 100) -> dict[str, Any]:
     backend = from_url(url)
     started = time.perf_counter()
@@ -443,5 +458,6 @@ if __name__ == "__main__":
         "w5": lambda: w5(args[0], int(args[1]), int(args[2]), args[3]),
         "dashboard_pages": lambda: dashboard_pages(args[0]),
         "purge_stall": lambda: purge_stall(args[0], int(args[1])),
+        "w1_observed": lambda: w1_observed(args[0], int(args[1]), args[2] == "on"),
     }
     print(json.dumps(commands[name]()))

@@ -1,0 +1,141 @@
+"""Prometheus metrics of one worker process (prometheus_client), attached to an orchestrator:
+counters from the events each transition writes, hook durations from the hook invoker, pass
+durations and start lag from the pass, and gauges read from the store at most every
+``GAUGE_SECONDS``. Labels stay bounded: pipeline and step names and kinds, never a uuid, params
+or a tenant."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from datetime import datetime, timedelta
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from prorch.orchestrator import Orchestrator
+from prorch.records import EventRecord, Record
+from prorch.repository import PipelineStats
+from prorch.status import EventType
+from prorch.summaries import PassSummary
+
+GAUGE_SECONDS = 5.0
+"""Store-read gauges are reused this long: a scrape every few seconds costs one indexed count."""
+DURATION_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 10, 60, 300, 1800)
+
+
+class WorkerMetrics:
+    """The metrics of one orchestrator, in their own ``CollectorRegistry`` (``registry``)."""
+
+    def __init__(self, orchestrator: Orchestrator, registry: CollectorRegistry | None = None) -> None:
+        self.orchestrator = orchestrator
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.transitions = Counter(
+            "prorch_transitions", "Step and pipeline transitions written, by kind (the event type).",
+            ["pipeline", "step", "kind"], registry=r,
+        )  # fmt: skip
+        self.hook_failures = Counter(
+            "prorch_hook_failures", "Hook calls that raised or failed.", ["pipeline", "step"], registry=r
+        )
+        self.retries = Counter(
+            "prorch_retries", "Steps retried after a failed attempt.", ["pipeline", "step"], registry=r
+        )
+        self.timeouts = Counter(
+            "prorch_timeouts", "Steps or hook calls that ran out of time.", ["pipeline", "step"], registry=r
+        )
+        self.quarantines = Counter(
+            "prorch_quarantines",
+            "Pipelines failed because workers kept dying in their hooks.",
+            ["pipeline"],
+            registry=r,
+        )
+        self.refused_writes = Counter(
+            "prorch_refused_writes", "Transitions refused because another worker held the pipeline.", registry=r
+        )
+        self.hook_seconds = Histogram(
+            "prorch_hook_duration_seconds", "Time one hook call took.", ["pipeline", "step", "hook"],
+            buckets=DURATION_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.pass_seconds = Histogram(
+            "prorch_pass_duration_seconds", "Time one pass took.", buckets=DURATION_BUCKETS, registry=r
+        )
+        self.start_lag = Histogram(
+            "prorch_start_lag_seconds", "From a pipeline's due time to its claim.", buckets=DURATION_BUCKETS, registry=r
+        )
+        r.register(StoreGauges(orchestrator))
+
+    def attach(self) -> WorkerMetrics:
+        """Hook the counters onto the orchestrator: its registry's event hooks, its hook
+        invoker's timings, its pass observers."""
+        self.orchestrator.registry.event_hooks.append(self.count_events)
+        self.orchestrator.runner.invoker.timings.append(self.hook_timed)
+        self.orchestrator.pass_observers.append(self.pass_done)
+        return self
+
+    def count_events(self, pipeline_name: str, events: Sequence[EventRecord], now: datetime) -> list[Record]:
+        """An event hook: counts the transition's events and stores nothing."""
+        for event in events:
+            step = str(event.data.get("step", ""))
+            self.transitions.labels(pipeline_name, step, event.type.value).inc()
+            if event.type == EventType.STEP_RETRYING:
+                self.retries.labels(pipeline_name, step).inc()
+                self.hook_failures.labels(pipeline_name, step).inc()
+            elif event.type == EventType.STEP_FAILED:
+                self.hook_failures.labels(pipeline_name, step).inc()
+                if event.data.get("quarantined"):
+                    self.quarantines.labels(pipeline_name).inc()
+            if event.data.get("timeout"):
+                self.timeouts.labels(pipeline_name, step).inc()
+        return []
+
+    def hook_timed(self, pipeline_name: str, step_name: str, hook: str, seconds: float) -> None:
+        self.hook_seconds.labels(pipeline_name, step_name, hook).observe(seconds)
+
+    def pass_done(self, summary: PassSummary, lags: list[float], seconds: float) -> None:
+        self.pass_seconds.observe(seconds)
+        for lag in lags:
+            self.start_lag.observe(max(lag, 0.0))
+        refused = sum(1 for error in summary.errors.values() if error.startswith("ConcurrentUpdateError"))
+        if refused:
+            self.refused_writes.inc(refused)
+
+
+class StoreGauges(Collector):
+    """Pipelines by status and name, due now and the oldest due one's age, read from the store's
+    indexes (``Store.pipeline_stats``) at most every ``GAUGE_SECONDS``."""
+
+    def __init__(self, orchestrator: Orchestrator) -> None:
+        self.orchestrator = orchestrator
+        self._lock = threading.Lock()
+        self._read_at = 0.0
+        self._stats: tuple[PipelineStats, datetime] | None = None
+
+    def stats(self) -> tuple[PipelineStats, datetime]:
+        with self._lock:
+            if self._stats is None or time.monotonic() - self._read_at > GAUGE_SECONDS:
+                now = self.orchestrator.clock.now()
+                self._stats = (self.orchestrator.store.pipeline_stats(now, now - timedelta(minutes=1)), now)
+                self._read_at = time.monotonic()
+            return self._stats
+
+    def collect(self) -> Iterator[Any]:
+        stats, now = self.stats()
+        pipelines = GaugeMetricFamily(
+            "prorch_pipelines", "Stored pipelines by status and name.", labels=["status", "pipeline"]
+        )
+        totals: dict[tuple[str, str], int] = {}
+        for status, name, _version, count in stats.counts:
+            totals[(status, name)] = totals.get((status, name), 0) + count
+        for (status, name), count in sorted(totals.items()):
+            pipelines.add_metric([status, name], count)
+        yield pipelines
+        yield GaugeMetricFamily("prorch_due", "Pending pipelines whose time has come, not leased.", value=stats.due)
+        yield GaugeMetricFamily("prorch_running", "Due pipelines leased by a worker now.", value=stats.running)
+        lag = (now - stats.oldest_due).total_seconds() if stats.oldest_due else 0.0
+        yield GaugeMetricFamily(
+            "prorch_oldest_due_age_seconds", "How long the longest-due pipeline has waited.", value=lag
+        )

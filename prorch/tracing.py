@@ -1,0 +1,76 @@
+"""OpenTelemetry spans (with ``prorch[otel]``; opentelemetry-api only, the app configures the
+SDK): each pass is a span, each hook call a span in the pipeline's own trace (the one it was
+created in, ``prorch.tracecontext``), so that every resume, in any process, joins it; the
+transitions a pass writes are span events; a hook's exception is recorded on its span. Without
+the API installed, nothing here runs."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+from datetime import datetime
+from typing import Any
+
+from prorch import tracecontext
+from prorch.records import EventRecord, PipelineRecord, Record, StepRecord
+from prorch.registry import Registry
+
+try:
+    from opentelemetry import trace
+except ImportError:  # pragma: no cover - the extra is not installed
+    trace = None  # type: ignore[assignment]
+
+SpanFactory = Callable[[], contextlib.AbstractContextManager[Any]]
+
+
+def tracer() -> Any:
+    assert trace is not None
+    return trace.get_tracer("prorch")
+
+
+@contextlib.contextmanager
+def hook_span(pipeline: PipelineRecord, step: StepRecord, hook: str) -> Iterator[None]:
+    """One hook call, as a span of the pipeline's trace."""
+    attributes = {
+        "prorch.pipeline.uuid": pipeline.uuid,
+        "prorch.pipeline.name": pipeline.name,
+        "prorch.pipeline.version": pipeline.version,
+        "prorch.step": step.name,
+        "prorch.hook": hook,
+        "prorch.attempt": max(step.attempt, 1),
+    }
+    tenant = pipeline.context.get("tenant")
+    if tenant is not None:
+        attributes["prorch.tenant"] = str(tenant)
+    parent = tracecontext.parent_context(pipeline.trace)
+    with tracer().start_as_current_span(f"prorch.hook {step.name}.{hook}", context=parent, attributes=attributes):
+        yield
+
+
+def pass_span() -> contextlib.AbstractContextManager[Any]:
+    return tracer().start_as_current_span("prorch.pass")  # type: ignore[no-any-return]
+
+
+def transition_events(pipeline_name: str, events: Sequence[EventRecord], now: datetime) -> list[Record]:
+    """An event hook: each transition's events become events of the current span; stores nothing."""
+    span = trace.get_current_span() if trace is not None else None
+    if span is not None and span.is_recording():
+        for event in events:
+            attributes = {"prorch.pipeline.uuid": event.pipeline_uuid, "prorch.pipeline.name": pipeline_name}
+            if "step" in event.data:
+                attributes["prorch.step"] = str(event.data["step"])
+            span.add_event(event.type.value, attributes)
+    return []
+
+
+def install(registry: Registry, hook_spans: list[Callable[..., Any]]) -> SpanFactory | None:
+    """Turn tracing on where opentelemetry-api is installed and the app has set a tracer
+    provider (before creating the orchestrator: the ``--app`` module runs first): hook spans
+    (appended to the invoker's ``hook_spans``), transition events (an event hook on
+    ``registry``); the pass's span factory, or None when tracing is off."""
+    if trace is None or isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider):
+        return None  # no SDK configured (yet): nothing would record, so a transition pays nothing
+    hook_spans.append(hook_span)
+    if transition_events not in registry.event_hooks:
+        registry.event_hooks.append(transition_events)
+    return pass_span

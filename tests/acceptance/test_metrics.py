@@ -1,0 +1,130 @@
+"""A real `prorch worker --metrics-port` (issue #16): /metrics serves the Prometheus text format
+with transitions, hook failures, retries, hook and pass durations, start lag and the store's
+gauges, labelled by pipeline and step only; /healthz is 200 while the loop runs and 503 while a
+hook holds it past 3 x the interval."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from tests.support.postgres import free_port
+
+pytest.importorskip("prometheus_client")
+PRORCH = str(Path(sys.executable).parent / "prorch")
+APP = """
+import time
+from prorch import OnStartMixin, Pipeline, Step, register_pipeline, register_step
+
+@register_step
+class Quick(OnStartMixin, Step):
+    name = "Quick"
+
+    def on_start(self):
+        if self.params.get("flaky") and self.attempt == 1:
+            raise RuntimeError("first try fails")
+        if self.params.get("hang"):
+            time.sleep(self.params["hang"])
+
+@register_pipeline
+class Job(Pipeline):
+    name = "Job"
+    steps = [Quick]
+
+@register_step
+class Flaky(Quick):
+    name = "Flaky"
+    max_attempts = 2
+    retry_delay = 0.1
+
+@register_pipeline
+class FlakyJob(Pipeline):
+    name = "FlakyJob"
+    steps = [Flaky]
+"""
+
+
+def fetch(url: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=10) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read().decode()
+
+
+def value(text: str, sample: str) -> float:
+    for line in text.splitlines():
+        if line.startswith(sample + " "):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"{sample} not in:\n{text}")
+
+
+def test_metrics_and_health_of_a_real_worker(tmp_path: Path) -> None:
+    (tmp_path / "jobs.py").write_text(APP)
+    (tmp_path / "prorch.toml").write_text('repository = "sqlite:///jobs.db"\napp = ["jobs"]\n')
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PRORCH_")}
+
+    def cli(*args: str) -> str:
+        done = subprocess.run([PRORCH, *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        return done.stdout.strip()
+
+    for _ in range(3):
+        cli("start", "Job")
+    cli("start", "FlakyJob", "-p", "flaky=true")
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    worker = subprocess.Popen(
+        [PRORCH, "worker", "--interval", "0.2", "--metrics-port", str(port), "--concurrency", "1"],
+        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 30
+        text = ""
+        while time.monotonic() < deadline:
+            try:
+                status, text = fetch(base + "/metrics")
+            except OSError:
+                time.sleep(0.1)
+                continue
+            if 'prorch_pipelines{pipeline="FlakyJob",status="finished"} 1.0' in text:
+                break
+            time.sleep(0.3)
+        assert status == 200
+        assert value(text, 'prorch_transitions_total{kind="pipeline.finished",pipeline="Job",step=""}') == 3
+        assert value(text, 'prorch_transitions_total{kind="step.finished",pipeline="Job",step="Quick"}') == 3
+        assert value(text, 'prorch_retries_total{pipeline="FlakyJob",step="Flaky"}') == 1
+        assert value(text, 'prorch_hook_failures_total{pipeline="FlakyJob",step="Flaky"}') == 1
+        assert value(text, 'prorch_hook_duration_seconds_count{hook="on_start",pipeline="Job",step="Quick"}') == 3
+        assert value(text, "prorch_pass_duration_seconds_count") >= 2
+        assert value(text, "prorch_start_lag_seconds_count") >= 4
+        assert value(text, 'prorch_pipelines{pipeline="Job",status="finished"}') == 3
+        assert value(text, "prorch_due") == 0
+        assert "uuid" not in text  # labels stay bounded: never a pipeline's uuid
+        status, body = fetch(base + "/healthz")
+        assert status == 200 and body.startswith("ok")
+
+        cli("start", "Job", "-p", "hang=2")  # one hook holds the loop for 2 s > 3 x 0.2 s
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            status, body = fetch(base + "/healthz")
+            if status == 503:
+                break
+            time.sleep(0.1)
+        assert status == 503 and body.startswith("stalled: last loop")
+        deadline = time.monotonic() + 15
+        while fetch(base + "/healthz")[0] != 200 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert fetch(base + "/healthz")[0] == 200  # healthy again once the hook returned
+        assert fetch(base + "/nothing")[0] == 404
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        worker.communicate(timeout=30)
