@@ -573,14 +573,15 @@ def target_row(
 
 NOTES = """## Where targets are missed, and why
 
+- **W1 against DBOS on SQLite: 19x, the target is 20x.** The clustered events table (migration
+  0007) and the lean hot path took it from about 12x; the rest is the engine's Python below.
 - **The engine is still the bound on SQLite.** With group commit, W1's writes cost SQLite about
-  95 µs per transition (the floor above) and prorch spends about 3-4 times that. Records are
-  now msgspec Structs (not pydantic), UPDATEs send only the changed fields, uuids come from
-  batched randomness and the per-transition context managers are gone from the SQLite path;
-  together about 15-25% less CPU per transition in A/B runs, which this shared machine's noise
-  (±15% between runs) partly hides. What remains is spread thin: the runner's generators and
-  per-transition bookkeeping, `to_dict` and the snapshot compare, and the row conversion. 80
-  µs needs rows built without dicts and a leaner runner loop, not one more hot spot.
+  80 µs per transition (the floor above) and prorch spends about 4-5 times that. Records are
+  msgspec Structs (not pydantic), UPDATEs send only the changed fields, uuids come from batched
+  randomness, the per-transition context managers are gone from the SQLite path and events
+  are one B-tree insert each. What remains is spread thin: the runner's generators and
+  per-transition bookkeeping, `to_dict` and the snapshot compare, and the row conversion. 80 µs
+  needs rows built without dicts and a leaner runner loop, not one more hot spot.
 - **The events table's shape** was measured with raw `sqlite3` (2 events per transition, 100
   transitions per commit, 200,000 events already stored): a uuid primary key plus an index on
   pipeline_uuid (the shape before migration 0007) cost about 155-190 µs per transition's
@@ -595,7 +596,8 @@ NOTES = """## Where targets are missed, and why
   this machine's noise; the default stays at 10,000 pages (no worker cooperation needed, so
   cron passes get it too; the WAL stays under about 40 MB).
 - **`group_commit = 1` ≥ 3,500/s cannot be met on this machine by any engine**: the raw
-  driver alone, one commit per transition, does about 1,900/s here (the floor above).
+  driver alone, one commit per transition, does about 1,650-1,900/s here (the floor above);
+  prorch does about as much.
 - **PostgreSQL.** A transition is now one statement (the pipeline's compare-and-set, with its
   steps, messages and events conditioned on it) and a round's statements go in one round trip
   (psycopg's pipeline mode); the steps of a pass's pipelines are read in one query. That took
@@ -603,12 +605,17 @@ NOTES = """## Where targets are missed, and why
   writes as separate statements. 2,500/s would need the claim, the hook marks and the rest of
   the pass's reads pipelined too; DBOS on PostgreSQL is measured in the same run, against the
   same durable server.
-- **4 PostgreSQL workers** on W1 come out about 1x one, and 3.1x on W4: the machine has 2
-  cores, shared by the workers and the server, and one worker now keeps a core busy by itself.
-- **W1 at N=100,000** costs about 1.6x per transition what N=1,000 does (run phase), with a
+- **4 PostgreSQL workers** come out 3.5x one on W4 (met) and about 1.7x on W1: the machine has
+  2 cores, shared by the workers and the server, and one worker keeps a core busy by itself
+  on W1.
+- **W1 at N=100,000** costs about 1.7x per transition what N=1,000 does (run phase), with a
   peak of about 290 MB (was 1 GB: `create_many` now stores its rows a chunk at a time, and
   records are smaller). The rest is the larger store: random-order inserts into the steps'
-  and pipelines' uuid indexes.
+  and pipelines' uuid indexes (random uuids), which a larger store reads from disk more often.
+- **Retention** pauses after each batch as long as the batch held the store, so a worker
+  writing at the same time gets the lock between batches: the worst stall a worker saw went
+  from 3.3 s (batches back to back) to about 0.5 s, and a purge of 100,000 pipelines from
+  about 40 s to about 150 s. Retention is background work; the worker's latency matters more.
 - **prorch 1.0.1** runs one step per pipeline per pass and rewrites its TinyDB file on every
   write; at 1,000 pipelines it does not finish in 270 s.
 
