@@ -124,6 +124,7 @@ class Orchestrator:
         self.shutdown_grace = shutdown_grace
         self.retention = retention
         self._last_purge = 0.0
+        self._purging: threading.Thread | None = None
         self.last_loop = time.monotonic()  # run_forever's heartbeat, for health checks
         self.pass_observers: list[Callable[[PassSummary, list[float], float], None]] = []
         """Told (summary, each claimed pipeline's seconds from due to claim, the pass's seconds)
@@ -285,12 +286,25 @@ class Orchestrator:
         return retention_module.purge(self.store, self.clock, older_than, statuses, batch_size, dry_run)
 
     def _purge_now_and_then(self) -> None:
-        """The worker's ``retention``: a purge every ``PURGE_EVERY_SECONDS``; a failure is logged."""
+        """The worker's ``retention``: a purge every ``PURGE_EVERY_SECONDS``, in a thread of its
+        own where the store allows it, so that the loop (and its health check) goes on while a
+        large purge runs; a failure is logged."""
         if self.retention is None or time.monotonic() - self._last_purge < PURGE_EVERY_SECONDS:
             return
+        if self._purging is not None and self._purging.is_alive():
+            return  # the last one is still going
         self._last_purge = time.monotonic()
+        if not self.store.thread_safe:
+            self._purge_logged(self.retention)
+            return
+        self._purging = threading.Thread(
+            target=self._purge_logged, args=(self.retention,), name="prorch-retention", daemon=True
+        )
+        self._purging.start()
+
+    def _purge_logged(self, older_than: timedelta) -> None:
         try:
-            self.purge(self.retention)
+            self.purge(older_than)
         except (RepositoryError, ConfigurationError) as exc:
             logger.error("retention: purge failed, trying again in %.0fs: %s", PURGE_EVERY_SECONDS, exc)
 

@@ -110,3 +110,41 @@ def test_a_worker_with_retention_purges_by_itself(tmp_path: Path, registry: Regi
     _, log = worker.communicate(timeout=30)
     assert [store.get_pipeline(uuid) for uuid in done] == [None] * 5, log
     assert "purged 5 pipelines (finished, cancelled)" in log
+
+
+def test_a_long_purge_does_not_hold_up_the_workers_loop(
+    tmp_path: Path, registry: Registry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Regression: the worker purged inline, so a large purge stopped it running pipelines (and
+    failed its health check, which wants a loop every 3 intervals) until the purge ended."""
+    import threading
+
+    quick = pipeline_of(step_of("Quick", lambda self: None), name="Quick")
+    url = f"sqlite:///{tmp_path / 'busy.db'}"
+    setup = Orchestrator(url, registry=registry)
+    quick.create_many(url, [{}] * 1500)
+    while setup.execute_pipelines().claimed:
+        pass
+    worker = Orchestrator(url, registry=registry, retention=timedelta(0))
+    slow_delete = worker.store.delete_pipelines
+
+    def slowly(uuids: list[str]) -> int:
+        time.sleep(0.5)  # a store under load: each batch holds on for a while
+        return slow_delete(uuids)
+
+    monkeypatch.setattr(worker.store, "delete_pipelines", slowly)
+    loop = threading.Thread(target=worker.run_forever, kwargs={"interval": 0.05}, daemon=True)
+    loop.start()
+    try:
+        deadline = time.monotonic() + 10
+        while worker._purging is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        new = quick.create(url, {}).uuid
+        while worker.store.get_pipeline(new).status.value != "finished" and time.monotonic() < deadline:  # type: ignore[union-attr]
+            time.sleep(0.02)
+        assert worker.store.get_pipeline(new).status.value == "finished"  # type: ignore[union-attr]
+        assert worker._purging is not None and worker._purging.is_alive()  # ... while the purge still runs
+        assert time.monotonic() - worker.last_loop < 1  # and the loop's heartbeat goes on
+    finally:
+        worker.stop()
+        loop.join(timeout=10)
