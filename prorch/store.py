@@ -408,7 +408,7 @@ class Store:
             if not limits:
                 return self.due(now, limit)
             running = Counter(p.name for p in self.pipelines_with_status(Status.PENDING) if _leased(p, now))
-            due = [(r.to_dict(), r) for r in self.due(now, 1_000_000)]
+            due = [({"name": r.name}, r) for r in self.due(now, 1_000_000)]  # within_limits reads the name
             return within_limits(due, running, limits, limit)
         if limits and isinstance(self.claims, SupportsLimitedClaim):
             args = (now, owner, lease_expires_at, limit, limits)

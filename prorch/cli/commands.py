@@ -23,7 +23,6 @@ from prorch.cli.helpers import (
     parse_params,
     refuse_transient,
     reported,
-    step_limits,
     worker_options,
 )
 from prorch.cli.output import (
@@ -33,8 +32,8 @@ from prorch.cli.output import (
     print_state,
     print_summary,
     print_table,
-    when,
 )
+from prorch.display import format_time, step_limits
 from prorch.exceptions import (
     ConfigurationError,
     InvalidMessageError,
@@ -229,7 +228,7 @@ def show(ctx: Context, uuid: str | None, key: str | None, as_json: bool) -> None
             }
         )
         return
-    print_state(state, history, orchestrator.clock.now(), step_limits(orchestrator, state))
+    print_state(state, history, orchestrator.clock.now(), step_limits(orchestrator.registry, state.steps))
 
 
 @main.command()
@@ -324,7 +323,7 @@ def schedules(ctx: Context, count: int, as_json: bool) -> None:
         click.echo("no schedules: declare schedule = '0 3 * * *' or every = timedelta(...) on a pipeline (--app)")
         return
     rows = [["PIPELINE", "SCHEDULE", "CATCH UP", "NEXT TICKS"]]
-    rows += [[s.name, s.description, s.catch_up, ", ".join(when(t) for t in ticks)] for s, ticks in found]
+    rows += [[s.name, s.description, s.catch_up, ", ".join(format_time(t) for t in ticks)] for s, ticks in found]
     print_table(rows)
 
 

@@ -11,8 +11,9 @@ from pathlib import Path
 import click
 from pydantic import BaseModel
 
-from prorch.cli.helpers import Context, reported, step_limits
+from prorch.cli.helpers import Context, reported
 from prorch.cli.output import print_state
+from prorch.display import step_limits
 from prorch.mixins import OnContinueMixin, OnStartMixin
 from prorch.orchestrator import Orchestrator
 from prorch.pipeline import Pipeline
@@ -113,5 +114,5 @@ def run(ctx: Context, url: str | None) -> bool:
             state = orchestrator.get(created.uuid)
             history = orchestrator.history(created.uuid)
         click.echo(f"\n{passes} passes in {time.monotonic() - started:.1f}s; final state:")
-        print_state(state, history, orchestrator.clock.now(), step_limits(orchestrator, state))
+        print_state(state, history, orchestrator.clock.now(), step_limits(orchestrator.registry, state.steps))
     return state.pipeline.status == Status.FINISHED

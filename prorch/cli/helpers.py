@@ -27,7 +27,6 @@ from prorch.listing import filter_value, parse_age
 from prorch.orchestrator import Orchestrator
 from prorch.registry import current_registry
 from prorch.status import Status
-from prorch.summaries import PipelineState
 
 USAGE_ERRORS = (ConfigurationError, NotRegisteredError, InvalidParamsError, InvalidMessageError, KeyConflictError)
 
@@ -178,14 +177,3 @@ def parse_param_filter(pair: str) -> tuple[str, Any]:
     if not sep or not field:
         raise InvalidParamsError(f"--param {pair!r}: expected NAME=VALUE")
     return field, filter_value(text)
-
-
-def step_limits(orchestrator: Orchestrator, state: PipelineState) -> dict[str, int]:
-    """Each step's ``max_attempts``, for the steps whose code is loaded here."""
-    limits: dict[str, int] = {}
-    for step in state.steps:
-        try:
-            limits[step.name] = orchestrator.registry.step(step.name, step.version).max_attempts
-        except ProrchError:
-            continue
-    return limits

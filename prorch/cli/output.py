@@ -9,6 +9,7 @@ from typing import Any
 import click
 
 from prorch.definition import PipelineDefinition
+from prorch.display import format_seconds, format_time, step_seconds
 from prorch.listing import PipelinePage
 from prorch.records import EventRecord, PipelineRecord
 from prorch.status import TERMINAL
@@ -35,23 +36,8 @@ def print_summary(summary: PassSummary, as_json: bool) -> None:
         click.echo(f"  error {uuid}: {reason}")
 
 
-def when(moment: Any) -> str:
-    """A time with its zone (stored times are UTC)."""
-    return moment.strftime("%Y-%m-%d %H:%M:%S %Z") if moment is not None else "-"
-
-
 def next_run(record: PipelineRecord) -> str:
-    return when(record.next_run_at) if record.status not in TERMINAL else "-"
-
-
-def duration(start: datetime | None, end: datetime | None) -> str:
-    if start is None or end is None:
-        return "-"
-    seconds = max((end - start).total_seconds(), 0.0)
-    if seconds < 60:
-        return f"{seconds:.3f}s" if seconds < 10 else f"{seconds:.1f}s"
-    minutes, rest = divmod(int(seconds), 60)
-    return f"{minutes}m{rest:02d}s" if minutes < 60 else f"{minutes // 60}h{minutes % 60:02d}m"
+    return format_time(record.next_run_at) if record.status not in TERMINAL else "-"
 
 
 def print_table(rows: list[list[str]]) -> None:
@@ -62,7 +48,9 @@ def print_table(rows: list[list[str]]) -> None:
 
 def print_page(page: PipelinePage) -> None:
     rows = [["UUID", "STATUS", "NAME", "VERSION", "CREATED", "NEXT RUN"]]
-    rows += [[r.uuid, r.status.value, r.name, str(r.version), when(r.created_at), next_run(r)] for r in page.pipelines]
+    rows += [
+        [r.uuid, r.status.value, r.name, str(r.version), format_time(r.created_at), next_run(r)] for r in page.pipelines
+    ]
     print_table(rows)
     shown = len(page.pipelines)
     click.echo(f"{shown} shown of {page.total} matching" if page.total is not None else f"{shown} shown")
@@ -87,11 +75,11 @@ def print_state(state: PipelineState, history: list[EventRecord], now: datetime,
     for label, value in (("key", p.key), ("tenant", tenant), ("priority", p.priority or None)):
         if value is not None:
             click.echo(f"  {label}: {value}")
-    click.echo(f"  created: {when(p.created_at)}   updated: {when(p.updated_at)}")
+    click.echo(f"  created: {format_time(p.created_at)}   updated: {format_time(p.updated_at)}")
     if p.parent_uuid:
         click.echo(f"  parent: {p.parent_uuid}")
     moment, reason = state.next_run(now, history)
-    click.echo(f"  next run: {when(moment) if moment is not None else '-'} ({reason})")
+    click.echo(f"  next run: {format_time(moment) if moment is not None else '-'} ({reason})")
     click.echo(f"  params: {json.dumps(p.params, sort_keys=True)}")
     context = {k: v for k, v in p.context.items() if k != "tenant"}
     if context:
@@ -109,10 +97,9 @@ def print_state(state: PipelineState, history: list[EventRecord], now: datetime,
     for s in state.steps:
         limit = max_attempts.get(s.name)
         attempt = f"attempt {s.attempt} of {limit}" if limit else f"attempt {s.attempt}"
-        end = s.finished_at or (now if s.started_at is not None and s.status not in TERMINAL else None)
         click.echo(
             f"  {s.position}. {s.name:<28} {s.status.value:<9} {attempt:<14} "
-            f"took {duration(s.started_at, end):<8} started {when(s.started_at)}"
+            f"took {format_seconds(step_seconds(s, now)):<8} started {format_time(s.started_at)}"
         )
         if s.progress:
             click.echo(f"       progress: {progress_text(s.progress)}")

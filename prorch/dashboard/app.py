@@ -20,6 +20,7 @@ from starlette.staticfiles import StaticFiles
 
 from prorch.dashboard import chart, views
 from prorch.dashboard.security import SESSION_COOKIE, Guard
+from prorch.display import format_seconds, format_time
 from prorch.exceptions import InvalidMessageError, InvalidParamsError, InvalidStateError, PipelineNotFoundError
 from prorch.orchestrator import Orchestrator
 from prorch.status import Status
@@ -31,18 +32,8 @@ logger = logging.getLogger("prorch.dashboard")
 
 
 def when(text: str | None) -> str:
-    if not text:
-        return "-"
-    return datetime.fromisoformat(text).strftime("%Y-%m-%d %H:%M:%S %Z")
-
-
-def seconds(value: float | None) -> str:
-    if value is None:
-        return "-"
-    if value < 60:
-        return f"{value:.3f}s" if value < 10 else f"{value:.1f}s"
-    minutes, rest = divmod(int(value), 60)
-    return f"{minutes}m{rest:02d}s" if minutes < 60 else f"{minutes // 60}h{minutes % 60:02d}m"
+    """A time from the JSON the pages share with the API (ISO), as ``prorch show`` prints it."""
+    return format_time(datetime.fromisoformat(text)) if text else "-"
 
 
 def pretty(value: Any) -> str:
@@ -51,7 +42,7 @@ def pretty(value: Any) -> str:
 
 def templates() -> Environment:
     environment = Environment(loader=FileSystemLoader(HERE / "templates"), autoescape=select_autoescape(["html"]))
-    environment.filters.update(when=when, seconds=seconds, pretty=pretty)
+    environment.filters.update(when=when, seconds=format_seconds, pretty=pretty)
     environment.globals.update(statuses=[s.value for s in Status], refresh=REFRESH_SECONDS, urlencode=urlencode)
     return environment
 

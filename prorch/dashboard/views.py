@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
+from prorch.display import step_limits, step_seconds
 from prorch.exceptions import InvalidParamsError, ProrchError
 from prorch.listing import filter_value, parse_moment
 from prorch.orchestrator import Orchestrator
@@ -152,6 +153,7 @@ def pipeline(orchestrator: Orchestrator, uuid: str) -> dict[str, Any]:
     history = orchestrator.history(uuid)
     now = orchestrator.clock.now()
     moment, reason = state.next_run(now, history)
+    limits = step_limits(orchestrator.registry, state.steps)
     p = state.pipeline
     return {
         "pipeline": {
@@ -170,18 +172,13 @@ def pipeline(orchestrator: Orchestrator, uuid: str) -> dict[str, Any]:
         "result": _result(orchestrator, p),
         "next_run": {"at": iso(moment), "reason": reason},
         "blocked": state.blocked,
-        "steps": [_step(step, now, orchestrator) for step in state.steps],
+        "steps": [_step(step, now, limits) for step in state.steps],
         "history": [{"at": iso(e.at), "type": e.type.value, "step_uuid": e.step_uuid, "data": e.data} for e in history],
         "ended": p.status in TERMINAL,
     }
 
 
-def _step(step: StepRecord, now: datetime, orchestrator: Orchestrator) -> dict[str, Any]:
-    end = step.finished_at or (now if step.started_at is not None and step.status not in TERMINAL else None)
-    try:
-        limit: int | None = orchestrator.registry.step(step.name, step.version).max_attempts
-    except ProrchError:
-        limit = None
+def _step(step: StepRecord, now: datetime, limits: dict[str, int]) -> dict[str, Any]:
     return {
         "uuid": step.uuid,
         "position": step.position,
@@ -189,10 +186,10 @@ def _step(step: StepRecord, now: datetime, orchestrator: Orchestrator) -> dict[s
         "version": step.version,
         "status": step.status.value,
         "attempt": step.attempt,
-        "max_attempts": limit,
+        "max_attempts": limits.get(step.name),
         "started_at": iso(step.started_at),
         "finished_at": iso(step.finished_at),
-        "seconds": (end - step.started_at).total_seconds() if end and step.started_at else None,
+        "seconds": step_seconds(step, now),
         "next_run_at": iso(step.next_run_at),
         "progress": step.progress,
         "metadata": step.metadata,

@@ -1,0 +1,46 @@
+"""How times, durations and step limits read to a person: one rule for ``prorch show``,
+``prorch list`` and the dashboard."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from prorch.exceptions import ProrchError
+from prorch.records import StepRecord
+from prorch.registry import Registry
+from prorch.status import TERMINAL
+
+
+def format_time(moment: datetime | None) -> str:
+    """A stored time with its zone (stored times are UTC); ``-`` for none."""
+    return moment.strftime("%Y-%m-%d %H:%M:%S %Z") if moment is not None else "-"
+
+
+def format_seconds(seconds: float | None) -> str:
+    """``0.004s``, ``12.5s``, ``3m07s``, ``2h05m``; ``-`` for none."""
+    if seconds is None:
+        return "-"
+    seconds = max(seconds, 0.0)
+    if seconds < 60:
+        return f"{seconds:.3f}s" if seconds < 10 else f"{seconds:.1f}s"
+    minutes, rest = divmod(int(seconds), 60)
+    return f"{minutes}m{rest:02d}s" if minutes < 60 else f"{minutes // 60}h{minutes % 60:02d}m"
+
+
+def step_seconds(step: StepRecord, now: datetime) -> float | None:
+    """How long a step took, or has taken so far when it has not ended; None before it started."""
+    if step.started_at is None:
+        return None
+    end = step.finished_at or (now if step.status not in TERMINAL else None)
+    return (end - step.started_at).total_seconds() if end is not None else None
+
+
+def step_limits(registry: Registry, steps: list[StepRecord]) -> dict[str, int]:
+    """Each step's ``max_attempts``, for the steps whose code is loaded here."""
+    limits: dict[str, int] = {}
+    for step in steps:
+        try:
+            limits[step.name] = registry.step(step.name, step.version).max_attempts
+        except ProrchError:
+            continue
+    return limits
