@@ -122,3 +122,18 @@ def test_the_claim_leaves_room_only_up_to_the_limit(
 def test_a_bad_limit_is_refused_at_registration(registry: Registry) -> None:
     with pytest.raises(RegistrationError, match="max_running must be a whole number of 1 or more, got 0"):
         pipeline_of(step_of("S", lambda self: None), name="Zero", max_running=0)
+
+
+def test_a_repository_without_claims_still_keeps_to_the_limit_in_one_pass(
+    tmp_path: Path, request: pytest.FixtureRequest, registry: Registry
+) -> None:
+    backend = make_backend("seed", tmp_path, request)  # the 1.0.1 README's repository: no claim, one process
+    step = step_of("Slow", None, lambda self: None)
+    limited, free = pipeline_of(step, name="Limited", max_running=2), pipeline_of(step, name="Free")
+    for _ in range(3):
+        limited.create(backend, {})
+        free.create(backend, {})
+    orchestrator = Orchestrator(backend, registry=registry)
+    now = orchestrator.clock.now()
+    found = orchestrator.store.claim_due(now, "w1", now + timedelta(seconds=60), 100, {"Limited": 2})
+    assert sorted(p.name for p in found) == ["Free"] * 3 + ["Limited"] * 2
