@@ -26,7 +26,10 @@ class PipelineDefinition:
     priority: ClassVar[int] = 0
     Params: ClassVar[type[BaseModel] | None] = None
     Output: ClassVar[type[BaseModel] | None] = None  # the result's model (default: the last step's output)
+    # limits kept by every worker's claim (prorch.limits)
     max_running: ClassVar[int | None] = None  # at most this many of its pipelines leased at once, all workers
+    max_running_per_tenant: ClassVar[int | None] = None  # at most this many of one tenant's
+    rate_limit: ClassVar[str | None] = None  # "100/minute": at most that many hook calls started
     cancel_children: ClassVar[bool] = True  # cancelling this pipeline cancels its unended children
     # a recurring schedule (prorch.schedule): a cron string or an interval, not both
     schedule: ClassVar[str | None] = None

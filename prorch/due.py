@@ -8,7 +8,7 @@ stored records (``format_timestamp``), which sort as the moments they name."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any, Protocol, TypeVar
 
 from prorch.status import TERMINAL, Status
@@ -68,26 +68,3 @@ def holds_lease(row: Mapping[str, Any], now: str) -> bool:
     """Pending with a live lease: what ``max_running`` counts."""
     lease = row.get("lease_expires_at")
     return row.get("status") == Status.PENDING.value and lease is not None and lease > now
-
-
-RowT = TypeVar("RowT")
-
-
-def within_limits(
-    due: Sequence[tuple[Mapping[str, Any], RowT]], running: Mapping[str, int], limits: Mapping[str, int], limit: int
-) -> list[RowT]:
-    """From due rows in claim order (each with what the caller keeps for it), the first
-    ``limit`` that leave at most ``limits[name]`` live leases per limited name, given the
-    ``running`` ones."""
-    taken: dict[str, int] = dict(running)
-    chosen: list[RowT] = []
-    for row, kept in due:
-        if len(chosen) >= limit:
-            break
-        name = row.get("name", "")
-        if name in limits:
-            if taken.get(name, 0) >= limits[name]:
-                continue
-            taken[name] = taken.get(name, 0) + 1
-        chosen.append(kept)
-    return chosen

@@ -30,6 +30,7 @@ from prorch.exceptions import (
 from prorch.hooks import HookCaller
 from prorch.keys import uuid_for_key
 from prorch.leases import LeaseKeeper
+from prorch.limits import ClaimLimit, limits_of
 from prorch.listing import PipelinePage
 from prorch.pipeline import new_owner_id
 from prorch.policy import StepOverride
@@ -214,11 +215,11 @@ class Orchestrator:
             )
         return summary
 
-    def _limits(self) -> dict[str, int]:
-        """``max_running`` of each registered pipeline name that declares it (its newest version's)."""
+    def _limits(self) -> dict[str, ClaimLimit]:
+        """The limits of each registered pipeline name that declares some (its newest version's)."""
         limits = {}
         for name, versions in self.registry.pipelines.items():
-            limit = versions[max(versions)].max_running
+            limit = limits_of(versions[max(versions)])
             if limit is not None:
                 limits[name] = limit
         return limits

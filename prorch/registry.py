@@ -24,6 +24,7 @@ from prorch.exceptions import (
     StepNameNotDefinedError,
     StepsNotDefinedError,
 )
+from prorch.limits import limits_of
 from prorch.mixins import OnContinueMixin, OnStartMixin, defines_hook
 from prorch.records import EventRecord, Record
 from prorch.schedule import schedule_of
@@ -129,11 +130,7 @@ class Registry:
                 )
             seen.add(item.name)
         schedule_of(cls)  # a bad schedule is refused here, at import, not at the first pass
-        limit = cls.max_running
-        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
-            raise RegistrationError(
-                f"pipeline {cls.name}: max_running must be a whole number of 1 or more, got {limit!r}"
-            )
+        limits_of(cls)  # a bad limit or rate too
         if cls.Params is not None and not _is_model(cls.Params):
             raise RegistrationError(f"pipeline {cls.name}: Params must be a pydantic BaseModel subclass")
         if isinstance(cls.priority, bool) or not isinstance(cls.priority, int):

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol, runtime_checkable
 
+from prorch.limits import ClaimLimit
+
 JSONDict = dict[str, Any]
 
 
@@ -230,14 +232,17 @@ class SupportsClaim(Protocol):
 
 @runtime_checkable
 class SupportsLimitedClaim(Protocol):
-    """A pipeline repository whose claim honours concurrency limits (``max_running`` on a
-    pipeline class), atomically with the claim, however many workers claim at once."""
+    """A pipeline repository whose claim keeps to the limits of pipeline classes
+    (``max_running``, ``max_running_per_tenant``, ``rate_limit``: ``prorch.limits``),
+    atomically with the claim, however many workers claim at once."""
 
     def claim_due_limited(
-        self, now: datetime, owner: str, lease_expires_at: datetime, limit: int, limits: dict[str, int]
+        self, now: datetime, owner: str, lease_expires_at: datetime, limit: int, limits: dict[str, ClaimLimit]
     ) -> list[JSONDict]:
-        """``claim_due``, leaving at most ``limits[name]`` pipelines of each of those names
-        holding a live lease (pending, ``lease_expires_at`` after ``now``) once it is done."""
+        """``claim_due``, taking the due pipelines in claim order that ``prorch.limits.within_limits``
+        admits: counting the live leases (pending, ``lease_expires_at`` after ``now``) of each
+        limited name and tenant, and the claims of each rate-limited name within its period
+        before ``now``, which it stores with the claim (one start per pipeline claimed)."""
         ...
 
 

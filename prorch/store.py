@@ -8,7 +8,6 @@ import dataclasses
 import logging
 import threading
 import weakref
-from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -17,7 +16,7 @@ from typing import Any, TypeVar
 
 from prorch import listing
 from prorch.clock import Clock, ServerAlignedClock, SystemClock
-from prorch.due import claim_order, is_due, within_limits
+from prorch.due import claim_order, is_due
 from prorch.exceptions import (
     ConcurrentUpdateError,
     ConfigurationError,
@@ -27,6 +26,7 @@ from prorch.exceptions import (
     RepositoryError,
     RepositoryNotDefinedException,
 )
+from prorch.limits import ClaimLimit, StartLog, Tally, within_limits
 from prorch.listing import PipelinePage
 from prorch.records import (
     EventRecord,
@@ -184,6 +184,7 @@ class Store:
             EventRecord.MODEL: self.events,
             MessageRecord.MODEL: self.messages,
         }
+        self._starts = StartLog()  # rate limits without claims (one process): kept here
         # The optional capabilities, each held narrowed to its Protocol (None: not offered).
         self.claims = self.pipelines if isinstance(self.pipelines, SupportsClaim) else None
         self.due_query = self.pipelines if isinstance(self.pipelines, SupportsDueQuery) else None
@@ -400,24 +401,32 @@ class Store:
     # --- claiming ----------------------------------------------------------------------------
 
     def claim_due(
-        self, now: datetime, owner: str, lease_expires_at: datetime, limit: int, limits: dict[str, int] | None = None
+        self,
+        now: datetime,
+        owner: str,
+        lease_expires_at: datetime,
+        limit: int,
+        limits: dict[str, ClaimLimit] | None = None,
     ) -> list[PipelineRecord]:
-        """Lease the due pipelines, at most ``limits[name]`` of each of those names holding a
-        lease at once (``max_running``)."""
+        """Lease the due pipelines within the limits of their names (``prorch.limits``)."""
         if self.claims is None:  # one process: no other claimer to race
             if not limits:
                 return self.due(now, limit)
-            running = Counter(p.name for p in self.pipelines_with_status(Status.PENDING) if _leased(p, now))
-            due = [({"name": r.name}, r) for r in self.due(now, 1_000_000)]  # within_limits reads the name
-            return within_limits(due, running, limits, limit)
+            tally = Tally(limits, started=self._starts.counts(limits, now))
+            tally.add_leased({"name": p.name, "context": p.context} for p in self.pipelines_with_status(Status.PENDING)
+                             if _leased(p, now))  # fmt: skip
+            due = [({"name": r.name, "context": r.context}, r) for r in self.due(now, 1_000_000)]
+            chosen = within_limits(due, tally, limit)
+            self._starts.record(({"name": r.name} for r in chosen), limits, now)
+            return chosen
         if limits and isinstance(self.claims, SupportsLimitedClaim):
             args = (now, owner, lease_expires_at, limit, limits)
             rows = _call("claim due pipelines", self.claims.claim_due_limited, *args)
             return [_load(PipelineRecord, row, remember=self.partial_update) for row in rows]
         if limits:
             _warn_once(
-                f"{self.backend!r} has no SupportsLimitedClaim: max_running ({', '.join(sorted(limits))}) "
-                "is not enforced"
+                f"{self.backend!r} has no SupportsLimitedClaim: the limits of {', '.join(sorted(limits))} "
+                "(max_running, rate_limit) are not enforced"
             )
         rows = _call("claim due pipelines", self.claims.claim_due, now, owner, lease_expires_at, limit)
         return [_load(PipelineRecord, row, remember=self.partial_update) for row in rows]

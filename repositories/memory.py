@@ -11,12 +11,13 @@ from __future__ import annotations
 import contextlib
 import json
 import threading
-from collections import Counter, defaultdict
+from collections import defaultdict
 from collections.abc import Iterator
 from datetime import datetime
 from typing import Any
 
-from prorch.due import TERMINAL_VALUES, claim_order, claimable_by, is_due, leased, within_limits
+from prorch.due import TERMINAL_VALUES, claim_order, claimable_by, is_due, leased
+from prorch.limits import ClaimLimit, StartLog, Tally, within_limits
 from prorch.records import JSONDict, format_timestamp
 from prorch.repository import IRepository
 from prorch.status import Status
@@ -76,6 +77,7 @@ class MemoryRepository(IRepository):
         super().__init__(model)
         self.backend = backend
         self.rows: dict[str, str] = {}
+        self.starts = StartLog()  # rate-limited names' recent claims (a pipelines table's)
         # value -> uuids, in insertion order (a dict used as an ordered set)
         self.index: dict[str, dict[Any, dict[str, None]]] = {field: defaultdict(dict) for field in INDEXED}
         # pending pipelines' (priority, next_run_at, lease_expires_at): the due query reads no JSON
@@ -170,14 +172,17 @@ class MemoryRepository(IRepository):
             return [self._lease(row, owner, lease_expires_at) for row in self._due(format_timestamp(now), limit)]
 
     def claim_due_limited(
-        self, now: datetime, owner: str, lease_expires_at: datetime, limit: int, limits: dict[str, int]
+        self, now: datetime, owner: str, lease_expires_at: datetime, limit: int, limits: dict[str, ClaimLimit]
     ) -> list[JSONDict]:
         with self.backend.lock:
             stamp = format_timestamp(now)
             leased_now = [u for u, (_, _, lease) in self.due_keys.items() if lease is not None and lease > stamp]
-            running = Counter(json.loads(self.rows[u]).get("name", "") for u in leased_now)
+            tally = Tally(limits, started=self.starts.counts(limits, now))
+            tally.add_leased(json.loads(self.rows[u]) for u in leased_now)
             due = [(row, row) for row in self._due(stamp, len(self.due_keys))]
-            return [self._lease(row, owner, lease_expires_at) for row in within_limits(due, running, limits, limit)]
+            chosen = within_limits(due, tally, limit)
+            self.starts.record(chosen, limits, now)
+            return [self._lease(row, owner, lease_expires_at) for row in chosen]
 
     def claim_one(self, uuid: str, now: datetime, owner: str, lease_expires_at: datetime) -> JSONDict | None:
         with self.backend.lock:

@@ -25,7 +25,7 @@ from sqlalchemy.dialects.postgresql import JSONB
 
 from prorch.records import Metadata as Models
 
-SCHEMA_REVISION = "0011"
+SCHEMA_REVISION = "0012"
 """The newest migration; a store at this revision needs no upgrade."""
 VERSION_TABLE = "prorch_schema_version"
 HISTORY_TABLE = "prorch_schema_migrations"
@@ -124,6 +124,16 @@ messages = Table(
     Column("payload", Json),
     Column("sent_at", Timestamp, nullable=False),
     Column("consumed_at", Timestamp),
+)
+
+rate_limit_starts = Table(
+    "rate_limit_starts",
+    metadata,
+    Column("name", String(200), nullable=False),
+    Column("started_at", Timestamp, nullable=False),
+    Column("pipeline_uuid", String(36), nullable=False),
+    # a rate-limited name's claims by time: counted and pruned by one range of the key
+    PrimaryKeyConstraint("name", "started_at", "pipeline_uuid", name="rate_limit_starts_pkey"),
 )
 
 schema_history = Table(

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from datetime import datetime
 from typing import Any, ClassVar
 
-from sqlalchemy import Connection, Engine, Integer, Select, bindparam, create_engine, delete, func, select, update
+from sqlalchemy import Connection, Engine, Integer, Select, bindparam, create_engine, delete, select, update
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import (
     ArgumentError,
@@ -37,6 +37,7 @@ from prorch.exceptions import (
     RepositoryError,
 )
 from prorch.jsonvalue import dumps
+from prorch.limits import ClaimLimit
 from prorch.records import JSONDict, Metadata, format_timestamp, to_utc
 from prorch.repository import IRepository, PipelineQuery, PipelineStats
 from prorch.secrets import error_summary, redact_url
@@ -44,6 +45,7 @@ from prorch.status import Status
 from repositories import sql_listing
 from repositories.migrate import MIGRATIONS, upgrade
 from repositories.schema import TABLES
+from repositories.sql_limits import LimitedClaim
 
 __all__ = ["DIALECTS", "MIGRATIONS", "SQLBackend", "SQLRepository", "dialect_class", "upgrade"]
 
@@ -315,6 +317,7 @@ class SQLRepository(IRepository):
             else None
         )
         self._searches: dict[str, Any] = {}
+        self._limited: LimitedClaim | None = None  # the limited claim's statements, built once
 
     # --- the four methods --------------------------------------------------------------------
 
@@ -462,12 +465,11 @@ class SQLRepository(IRepository):
         return self._by_priority([self._to_record(row) for row in rows])
 
     def claim_due_limited(
-        self, now: datetime, owner: str, lease_expires_at: datetime, limit: int, limits: dict[str, int]
+        self, now: datetime, owner: str, lease_expires_at: datetime, limit: int, limits: dict[str, ClaimLimit]
     ) -> list[JSONDict]:
-        """``claim_due`` with ``max_running`` limits: the unlimited names in one statement, then
-        each limited name in a transaction of its own that counts its live leases and claims
-        only the room left. On SQLite the write lock makes count and claim one step; elsewhere
-        ``lock_name`` serialises the claimers of one name (PostgreSQL: an advisory lock)."""
+        """``claim_due`` within the limits of pipeline names (``prorch.limits``): the unlimited
+        names in one statement, then each limited name in a transaction of its own that holds
+        the name's lock while it counts and claims (``sql_limits.LimitedClaim``)."""
         c = self.table.c
         params = {"_now": now, "_owner": owner, "_until": lease_expires_at}
         others = self._searches.get("_claim_others")
@@ -477,15 +479,9 @@ class SQLRepository(IRepository):
                 update(self.table).where(c.uuid.in_(due.scalar_subquery())).values(self._lease_values())
                 .returning(*self.table.columns)
             )  # fmt: skip
-            named = self.lockable(self._due_query().where(c.name == bindparam("_name")))
-            self._searches["_claim_named"] = (
-                update(self.table).where(c.uuid.in_(named.scalar_subquery())).values(self._lease_values())
-                .returning(*self.table.columns)
-            )  # fmt: skip
-            self._searches["_running"] = select(func.count()).where(
-                c.name == bindparam("_name"), c.status == Status.PENDING.value,
-                c.lease_expires_at > bindparam("_now", type_=c.lease_expires_at.type),
-            )  # fmt: skip
+        if self._limited is None:
+            dialect = self.backend.engine.dialect.name
+            self._limited = LimitedClaim(self.table, dialect, self._due_query(), self.lockable, self._lease_values())
         rows: list[Any] = []
         with self.backend.connect(write=True) as connection:
             rows += connection.execute(others, {**params, "_limit": limit, "_limited": sorted(limits)}).mappings().all()
@@ -494,13 +490,7 @@ class SQLRepository(IRepository):
                 break
             with self.backend.connect(write=True) as connection:
                 self.backend.lock_name(connection, name)
-                running = connection.execute(self._searches["_running"], {"_name": name, "_now": now}).scalar_one()
-                room = min(limits[name] - int(running), limit - len(rows))
-                if room > 0:
-                    found = connection.execute(
-                        self._searches["_claim_named"], {**params, "_name": name, "_limit": room}
-                    )
-                    rows += found.mappings().all()
+                rows += self._limited.claim(connection, name, limits, params, limit - len(rows))
         return self._by_priority([self._to_record(row) for row in rows])
 
     def lockable(self, due: Select[Any]) -> Select[Any]:

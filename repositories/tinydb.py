@@ -17,7 +17,6 @@ import json
 import os
 import tempfile
 import threading
-from collections import Counter
 from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
@@ -33,15 +32,17 @@ from prorch.due import (
     leased,
     row_claim_order,
     row_is_due,
-    within_limits,
 )
 from prorch.exceptions import ConfigurationError, CorruptRecordError, CorruptStoreError
+from prorch.limits import ClaimLimit, StartLog, Tally, within_limits
 from prorch.records import JSONDict, Metadata, format_timestamp
 from prorch.repository import IRepository
 from prorch.status import Status
 
 STATUSES = tuple(status.value for status in Status)
 STATUS_MODELS = (Metadata.PIPELINES_MODEL, Metadata.STEP_MODEL)
+RATE_TABLE = "rate_limit_starts"
+"""The starts of rate-limited pipelines within their window, in one document by name."""
 
 
 class AtomicJSONStorage(Storage):
@@ -298,15 +299,28 @@ class TinyDBRepository(IRepository):
             return [self._lease(doc_id, row, owner, lease_expires_at) for doc_id, row in due]
 
     def claim_due_limited(
-        self, now: datetime, owner: str, lease_expires_at: datetime, limit: int, limits: dict[str, int]
+        self, now: datetime, owner: str, lease_expires_at: datetime, limit: int, limits: dict[str, ClaimLimit]
     ) -> list[JSONDict]:
         with self.backend.transaction():
             stamp = format_timestamp(now)
             rows = self._rows()
-            running = Counter(str(row.get("name", "")) for row in rows.values() if holds_lease(row, stamp))
+            starts = self._start_log()
+            tally = Tally(limits, started=starts.counts(limits, now))
+            tally.add_leased(row for row in rows.values() if holds_lease(row, stamp))
             due = [(row, (doc_id, row)) for doc_id, row in self._due(stamp, len(rows))]
-            chosen = within_limits(due, running, limits, limit)
+            chosen = within_limits(due, tally, limit)
+            starts.record((row for _, row in chosen), limits, now)
+            self._save_start_log(starts)
             return [self._lease(doc_id, row, owner, lease_expires_at) for doc_id, row in chosen]
+
+    def _start_log(self) -> StartLog:
+        document = (self.backend.storage.read() or {}).get(RATE_TABLE, {}).get("1", {})
+        return StartLog({name: list(starts) for name, starts in document.get("starts", {}).items()})
+
+    def _save_start_log(self, log: StartLog) -> None:
+        data = self.backend.storage.read() or {}
+        data[RATE_TABLE] = {"1": {"starts": log.starts}}
+        self.backend.storage.write(data)
 
     def claim_one(self, uuid: str, now: datetime, owner: str, lease_expires_at: datetime) -> JSONDict | None:
         with self.backend.transaction():

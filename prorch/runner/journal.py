@@ -70,7 +70,11 @@ class Journal:
         if pipeline_cls.Params is not None:
             params = pipeline_cls.Params.model_validate(pipeline.params)
         outputs = {s.name: s.output for s in steps if s.status == Status.FINISHED}
-        return Run(pipeline=pipeline, steps=steps, classes=classes, params=params, outputs=outputs)
+        # a rate limit counts claims (prorch.limits): one claim, one hook
+        hooks_left = 1 if pipeline_cls.rate_limit is not None else None
+        return Run(
+            pipeline=pipeline, steps=steps, classes=classes, params=params, outputs=outputs, hooks_left=hooks_left
+        )
 
     def reload(self, run: Run) -> bool:
         """Read the run's records again, dropping what was not written; False if the lease is lost."""

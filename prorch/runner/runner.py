@@ -144,13 +144,15 @@ class Runner:
                     yield from self.journal.park(run)
                     return
                 step.next_run_at = None  # woken by a message before its wait was over
-            if run.transitions >= self.max_turns or self.should_stop():
+            if run.transitions >= self.max_turns or run.hooks_left == 0 or self.should_stop():
                 yield from self.journal.park(run)
                 return
             yield from self.journal.mark_hook_running(run)  # a no-op when the last write did it
             if self.should_stop():  # asked for while that was stored (in a round of group commit)
                 yield from self.journal.park(run)
                 return
+            if run.hooks_left is not None:
+                run.hooks_left -= 1
             turn = self.endings.roll_back(run, step, now) if rollback else self.turns.turn(run, step, now)
             if not (yield from turn):
                 return

@@ -51,6 +51,7 @@ class Run:
     keeper: LeaseKeeper | None = None  # renews our lease; told to stop when a hook overruns
     crashed_hook_at: datetime | None = None  # a worker died while a hook that began then ran
     dirty: bool = False  # changed in memory without a transition (a crash charged)
+    hooks_left: int | None = None  # hooks this claim may still start (1 for a rate-limited pipeline)
 
     def current_step(self) -> StepRecord | None:
         return next((s for s in self.steps if s.status in (Status.CREATED, Status.PENDING)), None)

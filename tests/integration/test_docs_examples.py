@@ -26,6 +26,12 @@ EXPECTED = {
         "children: ['pending', 'pending']",
         "album: finished {'thumbs': ['a-small.jpg', 'b-small.jpg']}",
     ],
+    "limits.py": [
+        "first pass: [1, 4, 5]",
+        "same minute: [1, 4, 5]",
+        "a minute later: [1, 2, 4, 5, 6]",
+        "then: [1, 2, 3, 4, 5, 6]",
+    ],
     "retention.py": ["would purge: 5", "purged 5 in 3 batches; left: 1"],
     "schedules.py": [
         "first pass created: 1",
