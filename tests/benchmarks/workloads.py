@@ -92,19 +92,33 @@ def run_to_end(orchestrator: Orchestrator) -> int:
             return transitions
 
 
-def w1_observed(url: str, n: int, metrics: bool) -> dict[str, Any]:
-    """W1's run phase on SQLite (create_many, then passes), with Prometheus metrics attached or
-    not: the overhead of observing a worker."""
+def w1_observed(url: str, n: int, state: str) -> dict[str, Any]:
+    """W1's run phase on SQLite (create_many, then passes), observed or not: ``off``,
+    ``metrics`` (Prometheus metrics attached), or ``traced`` (metrics, and OpenTelemetry spans
+    through the SDK's batch processor to an exporter that drops them: every span is made and
+    processed, none is sent). Tracing needs opentelemetry-sdk in this venv."""
+    if state == "traced":
+        from opentelemetry import trace
+        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
+
+        class Dropping(SpanExporter):
+            def export(self, spans: Any) -> SpanExportResult:
+                return SpanExportResult.SUCCESS
+
+        provider = TracerProvider()
+        provider.add_span_processor(BatchSpanProcessor(Dropping()))
+        trace.set_tracer_provider(provider)
     backend = from_url(url)
     Three.create_many(backend, [{}] * n)
     orchestrator = Orchestrator(backend, concurrency=1)
-    if metrics:
+    if state in ("metrics", "traced"):
         from prorch.observability.metrics import WorkerMetrics
 
         WorkerMetrics(orchestrator).attach()
     started = time.perf_counter()
     transitions = run_to_end(orchestrator)
-    return {"metrics": metrics, "transitions_per_s": transitions / (time.perf_counter() - started)}
+    return {"state": state, "transitions_per_s": transitions / (time.perf_counter() - started)}
 
 
 def w1(url: str, n: int, group: int = 100) -> dict[str, Any]:
@@ -458,6 +472,6 @@ if __name__ == "__main__":
         "w5": lambda: w5(args[0], int(args[1]), int(args[2]), args[3]),
         "dashboard_pages": lambda: dashboard_pages(args[0]),
         "purge_stall": lambda: purge_stall(args[0], int(args[1])),
-        "w1_observed": lambda: w1_observed(args[0], int(args[1]), args[2] == "on"),
+        "w1_observed": lambda: w1_observed(args[0], int(args[1]), args[2]),
     }
     print(json.dumps(commands[name]()))
