@@ -76,7 +76,7 @@ def create_pipelines(
             uuid=given,
             key=key,
             parent_uuid=parent_uuid,
-            trace=tracecontext.new_carrier(),
+            trace=tracecontext.new_carrier(definition.name),
         )
         for item, given, key in zip(validated, uuids, keys, strict=True)
     ]

@@ -5,6 +5,7 @@ when there is one, else the pipeline gets a trace of its own; without it, nothin
 
 from __future__ import annotations
 
+import functools
 import random
 from typing import Any
 
@@ -19,13 +20,28 @@ def enabled() -> bool:
     return trace is not None
 
 
-def new_carrier() -> dict[str, str] | None:
-    """The carrier to store with a new pipeline: the creator's span, or a fresh trace."""
+@functools.cache
+def tracer() -> Any:
+    """prorch's tracer, got once: the SDK makes a new one, with its scope, on every call. Only
+    called once an SDK provider is set (a proxy's tracer would be kept otherwise)."""
+    assert trace is not None
+    return trace.get_tracer("prorch")
+
+
+def new_carrier(name: str | None = None) -> dict[str, str] | None:
+    """The carrier to store with a new pipeline named ``name``. Where the app has set an SDK
+    tracer provider, a ``prorch.create`` span (a child of the creator's current span, or a
+    root): its trace is the pipeline's, and the SDK's sampler decides once, here, whether the
+    pipeline's spans are recorded, in every process (ParentBased samplers follow it). Without
+    an SDK here: the creator's current span, else a fresh trace, marked sampled."""
     if trace is None:
         return None
-    current = trace.get_current_span().get_span_context()
     context = None
-    if not current.is_valid:
+    if not isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider):
+        span = tracer().start_span(f"prorch.create {name or ''}".rstrip())
+        span.end()
+        context = trace.set_span_in_context(span)
+    elif not trace.get_current_span().get_span_context().is_valid:
         fresh = trace.SpanContext(
             trace_id=random.getrandbits(128) or 1,
             span_id=random.getrandbits(64) or 1,
@@ -42,4 +58,12 @@ def parent_context(carrier: dict[str, Any] | None) -> Any:
     """The OpenTelemetry context to start a pipeline's spans in (None: the current one)."""
     if trace is None or not isinstance(carrier, dict):
         return None
+    if carrier.keys() == {"traceparent"} and isinstance(carrier["traceparent"], str):
+        return _extracted(carrier["traceparent"])  # what prorch stores: each of its hooks reads it
     return extract(carrier)
+
+
+@functools.lru_cache(maxsize=4096)
+def _extracted(traceparent: str) -> Any:
+    """Contexts are immutable, so the hooks of one pipeline share the one read of its carrier."""
+    return extract({"traceparent": traceparent})

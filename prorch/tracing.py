@@ -23,9 +23,7 @@ except ImportError:  # pragma: no cover - the extra is not installed
 SpanFactory = Callable[[], contextlib.AbstractContextManager[Any]]
 
 
-def tracer() -> Any:
-    assert trace is not None
-    return trace.get_tracer("prorch")
+tracer = tracecontext.tracer
 
 
 @contextlib.contextmanager
@@ -55,8 +53,8 @@ def transition_events(pipeline_name: str, events: Sequence[EventRecord], now: da
     """An event hook: each transition's events become events of the current span; stores nothing."""
     span = trace.get_current_span() if trace is not None else None
     if span is not None and span.is_recording():
-        for event in events:
-            attributes = {"prorch.pipeline.uuid": event.pipeline_uuid, "prorch.pipeline.name": pipeline_name}
+        for event in events:  # the name is the span's already: the uuid tells pipelines of a pass apart
+            attributes = {"prorch.pipeline.uuid": event.pipeline_uuid}
             if "step" in event.data:
                 attributes["prorch.step"] = str(event.data["step"])
             span.add_event(event.type.value, attributes)

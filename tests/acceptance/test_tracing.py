@@ -34,10 +34,15 @@ class FileExporter(SpanExporter):
                     "name": span.name, "trace_id": format(span.context.trace_id, "032x"), "pid": os.getpid(),
                     "attributes": dict(span.attributes or {}), "events": [e.name for e in span.events],
                     "status": span.status.status_code.name,
+                    "parent": format(span.parent.span_id, "016x") if span.parent else None,
+                    "span_id": format(span.context.span_id, "016x"),
                 }) + "\\n")
         return SpanExportResult.SUCCESS
 
-provider = TracerProvider()
+from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ParentBased
+
+# SAMPLE=never: this process's sampler records nothing it starts (the creator's choice)
+provider = TracerProvider(sampler=ParentBased(ALWAYS_OFF) if os.environ.get("SAMPLE") == "never" else None)
 provider.add_span_processor(SimpleSpanProcessor(FileExporter()))
 trace.set_tracer_provider(provider)
 
@@ -101,6 +106,9 @@ def test_one_pipeline_is_one_trace_across_processes(tmp_path: Path) -> None:
     assert {s["trace_id"] for s in hooks} == {trace_id}  # ... and one trace
     failed = [s for s in hooks if s["status"] == "ERROR"]
     assert [s["name"] for s in failed] == ["prorch.hook Fetch.on_start"] and "exception" in failed[0]["events"]
+    created = [s for s in spans(tmp_path / "spans.jsonl") if s["name"] == "prorch.create Order"]
+    assert [s["trace_id"] for s in created] == [trace_id]  # the creation is the trace's root span
+    assert created[0]["parent"] is None and {s["parent"] for s in hooks} == {created[0]["span_id"]}
     attributes = hooks[-1]["attributes"]
     assert attributes["prorch.pipeline.uuid"] == uuid and attributes["prorch.pipeline.name"] == "Order"
     assert {"prorch.step", "prorch.attempt", "prorch.pipeline.version", "prorch.hook"} <= attributes.keys()
@@ -109,3 +117,31 @@ def test_one_pipeline_is_one_trace_across_processes(tmp_path: Path) -> None:
     logged = [json.loads(line) for line in (first.stderr + second.stderr).splitlines() if line.startswith("{")]
     fetched = [entry for entry in logged if entry["message"] == "fetched"]
     assert fetched and fetched[0]["trace_id"] == trace_id and len(fetched[0]["span_id"]) == 16
+
+
+def test_the_creators_sampler_decides_for_every_worker(tmp_path: Path) -> None:
+    """A pipeline created unsampled (the creator's sampler dropped its ``prorch.create`` span)
+    records no hook span in a worker whose own sampler would record everything, as a
+    ParentBased sampler follows its stored parent: one decision per pipeline, at creation."""
+    (tmp_path / "traced.py").write_text(APP)
+    url = f"sqlite:///{tmp_path / 'traced.db'}"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PRORCH_")}
+    env["SPANS_FILE"] = str(tmp_path / "spans.jsonl")
+
+    def run(*args: str, **extra: str) -> str:
+        done = subprocess.run(
+            [PRORCH, "-r", url, "--app", "traced", *args],
+            cwd=tmp_path, env={**env, **extra}, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        return done.stdout.strip()
+
+    dropped = run("start", "Order", SAMPLE="never")
+    kept = run("start", "Order")
+    run("run")
+    hooks = [s for s in spans(tmp_path / "spans.jsonl") if s["name"].startswith("prorch.hook")]
+    owners = {s["attributes"]["prorch.pipeline.uuid"] for s in hooks}
+    assert owners == {kept} and dropped not in owners
+    stored = Orchestrator(url).store.get_pipeline(dropped)
+    assert stored is not None and stored.trace is not None
+    assert int(stored.trace["traceparent"].rsplit("-", 1)[1], 16) & 1 == 0  # stored as not sampled

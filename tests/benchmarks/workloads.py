@@ -94,25 +94,27 @@ def run_to_end(orchestrator: Orchestrator) -> int:
 
 def w1_observed(url: str, n: int, state: str) -> dict[str, Any]:
     """W1's run phase on SQLite (create_many, then passes), observed or not: ``off``,
-    ``metrics`` (Prometheus metrics attached), or ``traced`` (metrics, and OpenTelemetry spans
-    through the SDK's batch processor to an exporter that drops them: every span is made and
-    processed, none is sent). Tracing needs opentelemetry-sdk in this venv."""
-    if state == "traced":
+    ``metrics`` (Prometheus metrics attached), ``traced`` (metrics, and OpenTelemetry spans of
+    every pipeline through the SDK's batch processor to an exporter that drops them: every span
+    is made and processed, none is sent), or ``sampled`` (the same with 10% of pipelines
+    sampled at creation, ParentBased(TraceIdRatioBased(0.1))). Needs opentelemetry-sdk."""
+    if state in ("traced", "sampled"):
         from opentelemetry import trace
         from opentelemetry.sdk.trace import TracerProvider
         from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
+        from opentelemetry.sdk.trace.sampling import ParentBased, TraceIdRatioBased
 
         class Dropping(SpanExporter):
             def export(self, spans: Any) -> SpanExportResult:
                 return SpanExportResult.SUCCESS
 
-        provider = TracerProvider()
-        provider.add_span_processor(BatchSpanProcessor(Dropping()))
+        provider = TracerProvider(sampler=ParentBased(TraceIdRatioBased(0.1)) if state == "sampled" else None)
+        provider.add_span_processor(BatchSpanProcessor(Dropping(), max_queue_size=1_000_000))  # drop none
         trace.set_tracer_provider(provider)
     backend = from_url(url)
     Three.create_many(backend, [{}] * n)
     orchestrator = Orchestrator(backend, concurrency=1)
-    if state in ("metrics", "traced"):
+    if state != "off":
         from prorch.observability.metrics import WorkerMetrics
 
         WorkerMetrics(orchestrator).attach()
