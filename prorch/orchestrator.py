@@ -272,6 +272,8 @@ class Orchestrator:
                     self._stop.wait(interval)
         finally:
             restore()
+            if self._purging is not None:  # told to stop by _stop: it ends its batch and logs what it did
+                self._purging.join(self.shutdown_grace)
             self.close()
 
     def purge(
@@ -305,7 +307,7 @@ class Orchestrator:
 
     def _purge_logged(self, older_than: timedelta) -> None:
         try:
-            self.purge(older_than)
+            retention_module.purge(self.store, self.clock, older_than, stop=self._stop)
         except (RepositoryError, ConfigurationError) as exc:
             logger.error("retention: purge failed, trying again in %.0fs: %s", PURGE_EVERY_SECONDS, exc)
 

@@ -6,6 +6,7 @@ workers writing at the same time wait at most about one batch."""
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from dataclasses import dataclass
 from datetime import timedelta
@@ -40,9 +41,11 @@ def purge(
     statuses: tuple[Status | str, ...] = DEFAULT_STATUSES,
     batch_size: int = DEFAULT_BATCH,
     dry_run: bool = False,
+    stop: threading.Event | None = None,
 ) -> PurgeSummary:
     """Delete the pipelines with one of ``statuses`` (ended ones only) whose last change is
-    older than ``older_than``, ``batch_size`` at a time."""
+    older than ``older_than``, ``batch_size`` at a time; once ``stop`` is set (a worker shutting
+    down), after the batch under way."""
     chosen = _statuses(statuses)
     if not isinstance(older_than, timedelta) or older_than < timedelta(0):
         raise InvalidParamsError(f"older_than must be a timedelta of 0 or more, got {older_than!r}")
@@ -57,7 +60,7 @@ def purge(
             if len(found) <= summary.pipelines:
                 return summary
             summary.pipelines = len(found)
-    while True:
+    while stop is None or not stop.is_set():
         uuids = store.ended_before(chosen, before, batch_size)
         if not uuids:
             break
@@ -69,12 +72,15 @@ def purge(
         # Leave the store to the workers as long as the batch held it: on SQLite a writer that
         # waited for this batch gets the lock before the next one (measured: without the pause, a
         # worker's pass stalled 3.3 s behind back-to-back batches of 0.9 s).
-        time.sleep(min(took, MAX_PAUSE_SECONDS))
+        if stop is None:
+            time.sleep(min(took, MAX_PAUSE_SECONDS))
+        else:
+            stop.wait(min(took, MAX_PAUSE_SECONDS))
     if summary.pipelines:
         logger.info(
-            "purged %d pipelines (%s) older than %s in %d batches; longest %.3fs",
+            "purged %d pipelines (%s) older than %s in %d batches; longest %.3fs%s",
             summary.pipelines, ", ".join(s.value for s in chosen), before.isoformat(), summary.batches,
-            summary.longest_batch_seconds,
+            summary.longest_batch_seconds, "; stopped early for shutdown" if stop and stop.is_set() else "",
         )  # fmt: skip
     return summary
 

@@ -148,3 +148,36 @@ def test_a_long_purge_does_not_hold_up_the_workers_loop(
     finally:
         worker.stop()
         loop.join(timeout=10)
+
+
+def test_a_worker_stopped_during_its_purge_ends_the_batch_and_says_what_it_purged(
+    tmp_path: Path, registry: Registry
+) -> None:
+    """Regression: the purge thread was a daemon that SIGTERM's exit killed wherever it was, so a
+    worker stopped mid-purge never logged what it had deleted (and a CI run of the test above
+    lost its log line). Now the worker tells it to stop after the batch under way and waits."""
+    url = f"sqlite:///{tmp_path / 'big.db'}"
+    (tmp_path / "jobs.py").write_text(
+        "from prorch import OnStartMixin, Pipeline, Step, register_pipeline, register_step\n"
+        "@register_step\nclass Job(OnStartMixin, Step):\n    name = 'Job'\n    def on_start(self):\n        pass\n"
+        "@register_pipeline\nclass Jobs(Pipeline):\n    name = 'Jobs'\n    steps = [Job]\n"
+    )
+    jobs = pipeline_of(step_of("Job", lambda self: None), name="Jobs")
+    jobs.create_many(url, [{}] * 5000)
+    setup = Orchestrator(url, registry=registry, batch_size=1000)
+    while setup.execute_pipelines().claimed:
+        pass
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("PRORCH_")}, "PRORCH_RETENTION": "0s"}
+    worker = subprocess.Popen(
+        [PRORCH, "-r", url, "--app", "jobs", "worker", "--interval", "0.2"],
+        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + 60
+    while setup.query(count=True).total == 5000 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    worker.send_signal(signal.SIGTERM)  # the first batch is gone: stop in the middle
+    _, log = worker.communicate(timeout=30)
+    left = setup.query(count=True).total
+    assert 0 < left < 5000, log
+    assert f"purged {5000 - left} pipelines (finished, cancelled)" in log
+    assert "stopped early for shutdown" in log
