@@ -64,7 +64,11 @@ def leased(row: Mapping[str, Any], owner: str, lease_expires_at: str) -> dict[st
     }
 
 
-def holds_lease(row: Mapping[str, Any], now: str) -> bool:
+def is_leased(status: str, lease_expires_at: MomentT | None, now: MomentT) -> bool:
     """Pending with a live lease: what ``max_running`` counts."""
-    lease = row.get("lease_expires_at")
-    return row.get("status") == Status.PENDING.value and lease is not None and lease > now
+    return status == Status.PENDING.value and lease_expires_at is not None and not lease_expires_at <= now
+
+
+def holds_lease(row: Mapping[str, Any], now: str) -> bool:
+    """``is_leased`` for a stored pipeline row (timestamps as ISO strings)."""
+    return is_leased(row.get("status", ""), row.get("lease_expires_at"), now)

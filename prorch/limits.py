@@ -14,6 +14,7 @@ name. This module is the model layer: it knows rows, not stores."""
 
 from __future__ import annotations
 
+import functools
 import re
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
@@ -71,7 +72,12 @@ class ClaimLimit:
 
 def limits_of(cls: Any) -> ClaimLimit | None:
     """A pipeline class's limits, checked (``RegistrationError`` names the attribute and the
-    fix); None when it declares none."""
+    fix); None when it declares none. Read once per class: every pass asks."""
+    return _limits_of(cls)
+
+
+@functools.cache
+def _limits_of(cls: Any) -> ClaimLimit | None:
     name = getattr(cls, "name", None) or cls.__qualname__
     counts = {}
     for attribute in ("max_running", "max_running_per_tenant"):
@@ -168,11 +174,6 @@ def within_limits(due: Sequence[tuple[Row, KeptT]], tally: Tally, limit: int) ->
     return chosen
 
 
-def recent(starts: Iterable[Any], since: Any) -> list[Any]:
-    """The starts after ``since`` (the rate window's beginning): those that still count."""
-    return [start for start in starts if start > since]
-
-
 class StartLog:
     """The starts of rate-limited names within their window, as fixed-width UTC timestamps by
     name: how memory, TinyDB and the engine's one-process fallback keep them."""
@@ -185,7 +186,8 @@ class StartLog:
         counts: Counter[str] = Counter()
         for name, limit in limits.items():
             if limit.rate is not None and name in self.starts:
-                self.starts[name] = recent(self.starts[name], format_timestamp(now - limit.rate.period))
+                since = format_timestamp(now - limit.rate.period)
+                self.starts[name] = [start for start in self.starts[name] if start > since]
                 counts[name] = len(self.starts[name])
         return counts
 

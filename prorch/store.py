@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 
 from prorch import listing
 from prorch.clock import Clock, ServerAlignedClock, SystemClock
-from prorch.due import claim_order, is_due
+from prorch.due import claim_order, is_due, is_leased
 from prorch.exceptions import (
     ConcurrentUpdateError,
     ConfigurationError,
@@ -413,8 +413,9 @@ class Store:
             if not limits:
                 return self.due(now, limit)
             tally = Tally(limits, started=self._starts.counts(limits, now))
-            tally.add_leased({"name": p.name, "context": p.context} for p in self.pipelines_with_status(Status.PENDING)
-                             if _leased(p, now))  # fmt: skip
+            pending = self.pipelines_with_status(Status.PENDING)
+            tally.add_leased({"name": p.name, "context": p.context} for p in pending
+                             if is_leased(p.status.value, p.lease_expires_at, now))  # fmt: skip
             due = [({"name": r.name, "context": r.context}, r) for r in self.due(now, 1_000_000)]
             chosen = within_limits(due, tally, limit)
             self._starts.record(({"name": r.name} for r in chosen), limits, now)
@@ -693,10 +694,6 @@ def _server_now(backend: SupportsServerClock) -> datetime:
     if found is None:  # pragma: no cover - it answered when the clock was made
         raise RepositoryError(f"{backend!r} no longer reports its clock")
     return found
-
-
-def _leased(record: PipelineRecord, now: datetime) -> bool:
-    return record.lease_expires_at is not None and record.lease_expires_at > now
 
 
 _warned: set[str] = set()

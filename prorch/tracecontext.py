@@ -16,8 +16,10 @@ except ImportError:  # pragma: no cover - the extra is not installed
     trace = None  # type: ignore[assignment]
 
 
-def enabled() -> bool:
-    return trace is not None
+def sdk_configured() -> bool:
+    """opentelemetry-api is installed and the app has set a tracer provider (an SDK's): spans
+    would be recorded. Before that, the API's global provider is a proxy."""
+    return trace is not None and not isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider)
 
 
 @functools.cache
@@ -37,7 +39,7 @@ def new_carrier(name: str | None = None) -> dict[str, str] | None:
     if trace is None:
         return None
     context = None
-    if not isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider):
+    if sdk_configured():
         span = tracer().start_span(f"prorch.create {name or ''}".rstrip())
         span.end()
         context = trace.set_span_in_context(span)

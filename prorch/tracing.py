@@ -63,7 +63,7 @@ def transition_events(pipeline_name: str, events: Sequence[EventRecord], now: da
     """An event hook: each transition's events become events of the current span; stores nothing."""
     span = trace.get_current_span() if trace is not None else None
     if span is not None and span.is_recording():
-        for event in events:  # the name is the span's already: the uuid tells pipelines of a pass apart
+        for event in events:  # the uuid names the pipeline (a pass span holds several)
             attributes = {"prorch.pipeline.uuid": event.pipeline_uuid}
             if "step" in event.data:
                 attributes["prorch.step"] = str(event.data["step"])
@@ -76,7 +76,7 @@ def install(registry: Registry, hook_spans: list[Callable[..., Any]]) -> SpanFac
     provider (before creating the orchestrator: the ``--app`` module runs first): hook spans
     (appended to the invoker's ``hook_spans``), transition events (an event hook on
     ``registry``); the pass's span factory, or None when tracing is off."""
-    if trace is None or isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider):
+    if not tracecontext.sdk_configured():
         return None  # no SDK configured (yet): nothing would record, so a transition pays nothing
     hook_spans.append(hook_span)
     if transition_events not in registry.event_hooks:
