@@ -139,11 +139,15 @@ def allowed_hosts(bound: str, extra: Iterable[str] = ()) -> list[str]:
     """The names a request may give as its ``Host``: the address the dashboard is bound to, the
     loopback names, and the ones configured (``dashboard_allowed_hosts``)."""
     names: list[str] = []
-    for name in (bound, *LOCAL_HOSTS, *extra):
-        name = name.strip().lower().removeprefix("[").removesuffix("]")
+    for name in map(_plain, (bound, *LOCAL_HOSTS, *extra)):
         if name and name not in names:
             names.append(name)
     return names
+
+
+def _plain(name: str) -> str:
+    """A configured host name as ``host_of`` reads a header: lower case, IPv6 without brackets."""
+    return name.strip().lower().removeprefix("[").removesuffix("]")
 
 
 def host_of(header: str) -> str:
@@ -162,7 +166,7 @@ class HostCheck:
 
     def __init__(self, app: ASGIApp, allowed: Iterable[str]) -> None:
         self.app = app
-        self.allowed = list(allowed)
+        self.allowed = [_plain(name) for name in allowed]
 
     def allows(self, host: str) -> bool:
         return any(
