@@ -46,6 +46,7 @@ class PipelineOverride(BaseModel):
 
 
 Modules = Annotated[list[str], NoDecode]  # "a.b, c.d" in the environment, a list in TOML
+Names = Annotated[list[str], NoDecode]  # "a, b" in the environment, a list in TOML
 
 
 class SettingsFields(BaseModel):
@@ -89,12 +90,16 @@ class SettingsFields(BaseModel):
     dashboard_token: SecretStr | None = Field(
         default=None, description="token that allows the dashboard's actions (unset: read-only)"
     )
+    dashboard_allowed_hosts: Names = Field(
+        default_factory=list,
+        description="host names the dashboard answers to besides its address and localhost (* for any)",
+    )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(default="INFO", description="log level")
     log_format: Literal["text", "json"] = Field(default="text", description="log line format")
     pipelines: dict[str, PipelineOverride] = Field(default_factory=dict, description="per-pipeline overrides")
     steps: dict[str, StepOverride] = Field(default_factory=dict, description="per-step overrides")
 
-    @field_validator("app", "plugins", mode="before")
+    @field_validator("app", "plugins", "dashboard_allowed_hosts", mode="before")
     @classmethod
     def _split_modules(cls, value: Any) -> Any:
         if isinstance(value, str):

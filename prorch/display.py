@@ -44,3 +44,10 @@ def step_limits(registry: Registry, steps: list[StepRecord]) -> dict[str, int]:
         except ProrchError:
             continue
     return limits
+
+
+def app_loaded(registry: Registry) -> bool:
+    """Whether this process has the app's own pipeline classes (prorch's internal ones, such as
+    ``prorch.Reaction``, are always there). Without them a pipeline's class is missing here for
+    every pipeline, which says nothing about whether the workers have it: nothing is blocked."""
+    return any(not name.startswith("prorch.") for name in registry.pipelines)

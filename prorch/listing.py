@@ -137,7 +137,12 @@ def parse_moment(text: str, option: str, now: datetime) -> datetime:
     ISO 8601 time (UTC when it names no zone)."""
     age = DURATION.match(text.strip())
     if age:
-        return now - timedelta(seconds=float(age.group(1)) * UNIT_SECONDS[age.group(2)])
+        try:
+            return now - timedelta(seconds=float(age.group(1)) * UNIT_SECONDS[age.group(2)])
+        except OverflowError:  # 99999999999d: before the year 1
+            raise InvalidParamsError(
+                f"{option} {text!r}: that age reaches before the year 1; give a shorter one"
+            ) from None
     try:
         moment = datetime.fromisoformat(text.strip())
     except ValueError:

@@ -376,16 +376,25 @@ def show_config(ctx: Context, as_json: bool) -> None:
 @main.command()
 @click.option("--host", help="Address to listen on (default 127.0.0.1: this machine only).")
 @click.option("--port", type=int, help="Port to listen on (default 8181).")
+@click.option(
+    "--allowed-host",
+    "allowed_host",
+    multiple=True,
+    help="A host name the dashboard answers to, besides its address and localhost (repeatable; * for any).",
+)
 @click.pass_obj
-def dashboard(ctx: Context, host: str | None, port: int | None) -> None:
+def dashboard(ctx: Context, host: str | None, port: int | None, allowed_host: tuple[str, ...]) -> None:
     """The web dashboard: overview, pipelines, one pipeline, actions (with a token) and /api/.
     Needs pip install 'prorch[dashboard]'."""
     with reported(ctx):
-        loaded = ctx.loaded(dashboard_host=host, dashboard_port=port)
+        loaded = ctx.loaded(
+            dashboard_host=host, dashboard_port=port, dashboard_allowed_hosts=list(allowed_host) or None
+        )
         try:
             import uvicorn
 
             from prorch.dashboard import create_app
+            from prorch.dashboard.security import allowed_hosts
         except ImportError as exc:
             raise ConfigurationError(
                 f"prorch dashboard needs its extra: pip install 'prorch[dashboard]' ({exc})"
@@ -393,8 +402,9 @@ def dashboard(ctx: Context, host: str | None, port: int | None) -> None:
         settings = loaded.settings
         orchestrator = ctx.orchestrator()
         token = settings.dashboard_token.get_secret_value() if settings.dashboard_token else None
-        app = create_app(orchestrator, token=token, store_name=redact_url(settings.repository))
-    host, port = settings.dashboard_host, settings.dashboard_port
+        host, port = settings.dashboard_host, settings.dashboard_port
+        hosts = allowed_hosts(host, settings.dashboard_allowed_hosts)
+        app = create_app(orchestrator, token=token, store_name=redact_url(settings.repository), allowed_hosts=hosts)
     if not token:
         click.echo("dashboard is read-only: set PRORCH_DASHBOARD_TOKEN to allow cancel, retry and send", err=True)
     if host not in LOOPBACK and not token:
@@ -404,6 +414,7 @@ def dashboard(ctx: Context, host: str | None, port: int | None) -> None:
             err=True,
         )
     click.echo(f"prorch dashboard on http://{host}:{port}/ ({redact_url(settings.repository)})", err=True)
+    click.echo(f"answering to Host: {', '.join(hosts)} (add names with --allowed-host)", err=True)
     uvicorn.run(app, host=host, port=port, log_level="warning")
 
 

@@ -3,8 +3,10 @@ JSON API under ``/api/`` that the pages share their data with, and the guarded a
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+from collections.abc import Iterable
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -13,13 +15,14 @@ from urllib.parse import urlencode
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 from markupsafe import Markup
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from prorch.dashboard import chart, views
-from prorch.dashboard.security import SESSION_COOKIE, Guard
+from prorch.dashboard.security import LOCAL_HOSTS, SESSION_COOKIE, Guard, HostCheck, Throttle
 from prorch.display import format_seconds, format_time
 from prorch.exceptions import InvalidMessageError, InvalidParamsError, InvalidStateError, PipelineNotFoundError
 from prorch.orchestrator import Orchestrator
@@ -28,6 +31,8 @@ from prorch.status import Status
 HERE = Path(__file__).parent
 REFRESH_SECONDS = 5
 ACTIONS = ("cancel", "retry", "send")
+FAILED_TOKEN_DELAY = 0.5
+"""Seconds before a wrong token is answered: with ``Throttle``'s limit, guessing is slow."""
 logger = logging.getLogger("prorch.dashboard")
 
 
@@ -47,11 +52,19 @@ def templates() -> Environment:
     return environment
 
 
-def create_app(orchestrator: Orchestrator, *, token: str | None = None, store_name: str = "") -> Starlette:
+def create_app(
+    orchestrator: Orchestrator,
+    *,
+    token: str | None = None,
+    store_name: str = "",
+    allowed_hosts: Iterable[str] = LOCAL_HOSTS,
+) -> Starlette:
     """The dashboard over ``orchestrator``'s store. Without ``token`` it is read-only; with it,
     cancel, retry and send are allowed to a logged-in browser (with CSRF tokens) or to an API
-    client that sends ``Authorization: Bearer TOKEN``."""
+    client that sends ``Authorization: Bearer TOKEN``. Only requests whose ``Host`` is one of
+    ``allowed_hosts`` are answered (see ``security.allowed_hosts``)."""
     guard = Guard(token or None)
+    throttle = Throttle()
     cache = views.StatsCache(orchestrator)
     environment = templates()
 
@@ -89,13 +102,37 @@ def create_app(orchestrator: Orchestrator, *, token: str | None = None, store_na
             return failure(request, exc, api=False)
         return page(request, "pipeline.html", data=data, done=request.query_params.get("done"))
 
+    def too_many(request: Request, api: bool) -> Response | None:
+        """A 429 for a client that gave too many wrong tokens lately, else None."""
+        wait = throttle.retry_after(_host(request))
+        if wait is None:
+            return None
+        logger.warning("dashboard: refused a token from %s (too many wrong ones)", _client(request))
+        message = f"too many wrong tokens from your address: try again in {wait}s"
+        response = (
+            JSONResponse({"error": message}, status_code=429)
+            if api
+            else page(request, "login.html", status_code=429, message=message)
+        )
+        response.headers["Retry-After"] = str(wait)
+        return response
+
+    async def wrong_token(request: Request) -> None:
+        throttle.failed(_host(request))  # counted before the pause, so parallel guesses count too
+        await asyncio.sleep(FAILED_TOKEN_DELAY)
+
     async def login(request: Request) -> Response:
         if request.method == "GET":
             return page(request, "login.html", message=None)
+        refused = None if guard.read_only else too_many(request, api=False)
+        if refused is not None:
+            return refused
         form = await request.form()
         offered = str(form.get("token", ""))
         if guard.read_only or not guard.token_matches(offered):
             logger.warning("dashboard: refused login from %s", _client(request))
+            if not guard.read_only:
+                await wrong_token(request)
             message = "this dashboard is read-only: no token is set" if guard.read_only else "wrong token"
             return page(request, "login.html", status_code=403, message=message)
         response = RedirectResponse(_local(str(form.get("next", "/"))), status_code=303)
@@ -104,6 +141,7 @@ def create_app(orchestrator: Orchestrator, *, token: str | None = None, store_na
         return response
 
     async def logout(request: Request) -> Response:
+        guard.end_session(request.cookies.get(SESSION_COOKIE))
         response = RedirectResponse("/", status_code=303)
         response.delete_cookie(SESSION_COOKIE)
         return response
@@ -111,8 +149,12 @@ def create_app(orchestrator: Orchestrator, *, token: str | None = None, store_na
     async def act_from_page(request: Request) -> Response:
         uuid, action = request.path_params["uuid"], request.path_params["action"]
         form = await request.form()
-        session = guard.session_of(request.cookies.get(SESSION_COOKIE))
-        if guard.read_only or session is None or not guard.csrf_matches(session, str(form.get("csrf", ""))):
+        cookie, csrf = request.cookies.get(SESSION_COOKIE, ""), str(form.get("csrf", ""))
+        for value, what, fix in ((cookie, "session cookie", "log in again"), (csrf, "CSRF token", "reload the page")):
+            if not value.isascii():
+                return page(request, "error.html", status_code=400, message=f"the {what} is malformed: {fix}")
+        session = guard.session_of(cookie)
+        if guard.read_only or session is None or not guard.csrf_matches(session, csrf):
             logger.warning("dashboard: refused %s of %s from %s (not logged in)", action, uuid, _client(request))
             message = (
                 "read-only: set PRORCH_DASHBOARD_TOKEN (or dashboard_token in prorch.toml) to allow actions"
@@ -145,12 +187,18 @@ def create_app(orchestrator: Orchestrator, *, token: str | None = None, store_na
 
     async def api_act(request: Request) -> Response:
         uuid, action = request.path_params["uuid"], request.path_params["action"]
-        if guard.read_only or not guard.bearer_matches(request.headers.get("authorization")):
+        header = request.headers.get("authorization")
+        refused = None if guard.read_only or header is None else too_many(request, api=True)
+        if refused is not None:
+            return refused
+        if guard.read_only or not guard.bearer_matches(header):
             logger.warning("dashboard: refused API %s of %s from %s", action, uuid, _client(request))
+            if not guard.read_only and header is not None:
+                await wrong_token(request)
             reason = "read-only: no dashboard token is set" if guard.read_only else "send Authorization: Bearer TOKEN"
             return JSONResponse({"error": reason}, status_code=403)
-        body = await request.json() if action == "send" else {}
         try:
+            body = await _json_object(request) if action == "send" else {}
             done = act(orchestrator, uuid, action, body.get("name"), json.dumps(body.get("payload")))
         except (PipelineNotFoundError, InvalidStateError, InvalidMessageError, InvalidParamsError) as exc:
             return failure(request, exc, api=True)
@@ -172,7 +220,7 @@ def create_app(orchestrator: Orchestrator, *, token: str | None = None, store_na
         Route("/api" + action_path, api_act, methods=["POST"]),
         Mount("/static", StaticFiles(directory=HERE / "static"), name="static"),
     ]
-    return Starlette(routes=routes)
+    return Starlette(routes=routes, middleware=[Middleware(HostCheck, allowed=list(allowed_hosts))])
 
 
 def act(orchestrator: Orchestrator, uuid: str, action: str, name: Any, payload: Any) -> str:
@@ -193,6 +241,25 @@ def act(orchestrator: Orchestrator, uuid: str, action: str, name: Any, payload: 
         orchestrator.send(uuid, str(name), value)
         return f"sent {name}"
     raise InvalidParamsError(f"unknown action {action!r}: use one of {', '.join(ACTIONS)}")
+
+
+async def _json_object(request: Request) -> dict[str, Any]:
+    """The request's body, which must be a JSON object."""
+    try:
+        body = json.loads(await request.body())
+    except ValueError as exc:  # not JSON, or not UTF-8
+        raise InvalidMessageError(
+            f'the body is not JSON ({exc}): send a JSON object, {{"name": ..., "payload": ...}}'
+        ) from exc
+    if not isinstance(body, dict):
+        raise InvalidMessageError(
+            f'the body is {type(body).__name__}: send a JSON object, {{"name": ..., "payload": ...}}'
+        )
+    return body
+
+
+def _host(request: Request) -> str:
+    return request.client.host if request.client else "unknown"
 
 
 def _client(request: Request) -> str:

@@ -3,6 +3,7 @@ render them with templates, ``/api/`` returns them as they are."""
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from collections.abc import Mapping
@@ -10,7 +11,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from prorch.display import step_limits, step_seconds
+from prorch.display import app_loaded, step_limits, step_seconds
 from prorch.exceptions import InvalidParamsError, ProrchError
 from prorch.listing import filter_value, parse_moment
 from prorch.orchestrator import Orchestrator
@@ -18,11 +19,13 @@ from prorch.records import PipelineRecord, StepRecord
 from prorch.repository import PipelineStats
 from prorch.status import TERMINAL, Status
 
+MAX_INT = 2**31 - 1  # a stored version is a 32-bit integer on PostgreSQL
 FILTERS = ("status", "name", "version", "tenant", "key", "param", "since", "until", "limit", "after")
 STATS_SECONDS = 5.0
 """How long overview counts are reused: every open page refreshes every few seconds, and a
 count over millions of pipelines should not run once per page per refresh."""
 CHART_MINUTES = 60
+STATUSES = [status.value for status in Status]
 
 
 def iso(moment: datetime | None) -> str | None:
@@ -55,11 +58,12 @@ class StatsCache:
 
 def overview(orchestrator: Orchestrator, cache: StatsCache) -> dict[str, Any]:
     """Counts by status and by name, running / due / waiting / blocked / quarantined, the
-    oldest due pipeline's lag, and the pipelines that ended in each minute of the last hour."""
+    oldest due pipeline's lag, and the pipelines that ended in each minute of the last hour.
+    Blocked (not ended, code not loaded here) is counted only when the app is loaded here, else None."""
     stats, now = cache.get()
     by_status = {status.value: 0 for status in Status}
     by_name: dict[str, dict[str, int]] = {}
-    blocked: int | None = 0 if orchestrator.registry.pipelines else None
+    blocked: int | None = 0 if app_loaded(orchestrator.registry) else None
     for status, name, version, count in stats.counts:
         by_status[status] = by_status.get(status, 0) + count
         row = by_name.setdefault(name, {s.value: 0 for s in Status} | {"total": 0})
@@ -111,7 +115,7 @@ def pipelines(orchestrator: Orchestrator, filters: dict[str, str]) -> dict[str, 
             raise InvalidParamsError(f"param filter {filters['param']!r}: expected NAME=VALUE, e.g. region=eu")
         param = (field_name.strip(), filter_value(text.strip()))
     page = orchestrator.query(
-        status=filters.get("status"),
+        status=_status(filters),
         name=filters.get("name"),
         version=_int(filters, "version"),
         tenant=filters.get("tenant"),
@@ -148,8 +152,11 @@ def pipeline_row(record: PipelineRecord, now: datetime) -> dict[str, Any]:
 
 def pipeline(orchestrator: Orchestrator, uuid: str) -> dict[str, Any]:
     """One pipeline: its steps as a timeline, the next run and why, params, metadata, progress,
-    outputs, errors with tracebacks, the history, and why it is blocked."""
+    outputs, errors with tracebacks, the history, and why it is blocked. Without the app loaded
+    here, its code is missing here, not necessarily on the workers: it gets its stored next run."""
     state = orchestrator.get(uuid)
+    if state.blocked and not app_loaded(orchestrator.registry):
+        state = dataclasses.replace(state, blocked=None, code_missing=state.blocked)
     history = orchestrator.history(uuid)
     now = orchestrator.clock.now()
     moment, reason = state.next_run(now, history)
@@ -172,6 +179,7 @@ def pipeline(orchestrator: Orchestrator, uuid: str) -> dict[str, Any]:
         "result": _result(orchestrator, p),
         "next_run": {"at": iso(moment), "reason": reason},
         "blocked": state.blocked,
+        "code_loaded": not (state.blocked or state.code_missing),
         "steps": [_step(step, now, limits) for step in state.steps],
         "history": [{"at": iso(e.at), "type": e.type.value, "step_uuid": e.step_uuid, "data": e.data} for e in history],
         "ended": p.status in TERMINAL,
@@ -209,9 +217,20 @@ def _int(filters: dict[str, str], name: str) -> int | None:
     if name not in filters:
         return None
     try:
-        return int(filters[name])
+        number = int(filters[name])
     except ValueError:
-        raise InvalidParamsError(f"{name}={filters[name]!r}: give a whole number") from None
+        number = None
+    if number is None or abs(number) > MAX_INT:
+        raise InvalidParamsError(f"{name}={filters[name]!r}: give a whole number up to {MAX_INT}")
+    return number
+
+
+def _status(filters: dict[str, str]) -> str | None:
+    if "status" not in filters:
+        return None
+    if filters["status"] not in STATUSES:
+        raise InvalidParamsError(f"status {filters['status']!r}: give one of {', '.join(STATUSES)}")
+    return filters["status"]
 
 
 def _moment(filters: dict[str, str], name: str, now: datetime) -> datetime | None:

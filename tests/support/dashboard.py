@@ -57,10 +57,12 @@ def running(workdir: Path, *args: str, **env: str) -> Iterator[subprocess.Popen[
 
 
 @contextmanager
-def dashboard(workdir: Path, *args: str, token: str | None = None) -> Iterator[tuple[str, subprocess.Popen[str]]]:
+def dashboard(
+    workdir: Path, *args: str, token: str | None = None, **more_env: str
+) -> Iterator[tuple[str, subprocess.Popen[str]]]:
     """``prorch dashboard`` on a free port; yields its base URL once it answers."""
     port = free_port()
-    env = {"PRORCH_DASHBOARD_TOKEN": token} if token else {}
+    env = {"PRORCH_DASHBOARD_TOKEN": token, **more_env} if token else more_env
     with running(workdir, "dashboard", "--port", str(port), *args, **env) as process:
         base = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 30
