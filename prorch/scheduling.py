@@ -86,7 +86,8 @@ def create_due(store: Store, registry: Registry, clock: Clock) -> tuple[int, dic
         except RepositoryError:
             raise
         except Exception as exc:  # the user's schedule_params, or its result refused: this schedule only
-            logger.error("schedule of %s failed: %s", schedule.name, exc, exc_info=not isinstance(exc, ProrchError))
+            logger.error("schedule of %s failed: %s", schedule.name, exc)  # one line; the traceback with --verbose
+            logger.debug("schedule of %s failed", schedule.name, exc_info=not isinstance(exc, ProrchError))
             errors[f"schedule:{schedule.name}"] = f"{type(exc).__name__}: {exc}"
     return created, errors
 
