@@ -116,7 +116,8 @@ def test_a_worker_whose_schedule_params_raise_goes_on_running_pipelines(tmp_path
     command = [PRORCH, "-r", url, "--app", "broken"]
     once = subprocess.run([*command, "run"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
     assert once.returncode == 1, once  # an error of the pass, as for any other pass error
-    assert "errors 1" in once.stdout and "error schedule:Broken: RuntimeError: the params service is down" in once.stdout
+    assert "errors 1" in once.stdout
+    assert "error schedule:Broken: RuntimeError: the params service is down" in once.stdout
     assert "Traceback" not in once.stderr  # one clear line without --verbose
     worker = subprocess.Popen(
         [*command, "worker", "--interval", "0.1"],
