@@ -37,6 +37,7 @@ class PipelineDefinition:
     schedule_tz: ClassVar[str] = "UTC"
     schedule_params: ClassVar[Any] = None  # a dict, or a function of the tick time returning params
     catch_up: ClassVar[str] = "latest"  # missed ticks: "latest", "all" or "none"
+    schedule_grace: ClassVar[float | timedelta] = 60.0  # catch_up "none": seconds (or a timedelta) a tick may be late
 
     @classmethod
     def validate_params(cls, params: Any) -> JSONDict:

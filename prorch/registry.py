@@ -27,7 +27,7 @@ from prorch.exceptions import (
 from prorch.limits import limits_of
 from prorch.mixins import OnContinueMixin, OnStartMixin, defines_hook
 from prorch.records import EventRecord, Record
-from prorch.schedule import schedule_of
+from prorch.schedule import check_schedule_params, schedule_of
 from prorch.step import Step
 
 logger = logging.getLogger("prorch.registry")
@@ -129,10 +129,12 @@ class Registry:
                     "must be unique (outputs are keyed by name)"
                 )
             seen.add(item.name)
-        schedule_of(cls)  # a bad schedule is refused here, at import, not at the first pass
+        schedule = schedule_of(cls)  # a bad schedule is refused here, at import, not at the first pass
         limits_of(cls)  # a bad limit or rate too
         if cls.Params is not None and not _is_model(cls.Params):
             raise RegistrationError(f"pipeline {cls.name}: Params must be a pydantic BaseModel subclass")
+        if schedule is not None:
+            check_schedule_params(cls, schedule)
         if isinstance(cls.priority, bool) or not isinstance(cls.priority, int):
             raise RegistrationError(f"pipeline {cls.name}: priority must be an int")
         self._add(self.pipelines, cls, "pipeline")

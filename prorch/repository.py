@@ -266,6 +266,24 @@ class SupportsServerClock(Protocol):
 
 
 @runtime_checkable
+class SupportsScheduleTicks(Protocol):
+    """A backend that remembers, per schedule, the newest tick whose pipeline was created, in a
+    table of its own: no purge of pipelines can bring a tick back (``prorch.scheduling``)."""
+
+    def schedule_ticks(self) -> dict[str, datetime]:
+        """Every schedule's last created tick (timezone-aware), by schedule name."""
+        ...
+
+    def advance_schedule(self, name: str, tick: datetime) -> bool:
+        """Store ``tick`` as ``name``'s last tick if it is later than the stored one (or none
+        is stored): True if so; False when that tick or a later one is stored already, which
+        means another worker created it. Atomic: of two workers at once, one gets True; in a
+        ``transaction()``, a second worker waits for the first's commit (or raises
+        ``DuplicateRecordError`` where the first tick of a name raced)."""
+        ...
+
+
+@runtime_checkable
 class SupportsSaveMany(Protocol):
     """A repository that inserts several new records in one call (one round trip)."""
 

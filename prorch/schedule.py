@@ -5,6 +5,7 @@ declaration and computes ticks; ``prorch.scheduling`` creates the pipelines."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
@@ -13,12 +14,13 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from cronsim import CronSim, CronSimError
 
-from prorch.exceptions import RegistrationError
+from prorch.exceptions import ProrchError, RegistrationError
 
 CatchUp = Literal["latest", "all", "none"]
 CATCH_UP = ("latest", "all", "none")
 EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 TINY = timedelta(microseconds=1)
+DEFAULT_GRACE_SECONDS = 60.0
 
 
 @dataclass(frozen=True)
@@ -31,6 +33,7 @@ class Schedule:
     tz: ZoneInfo | timezone
     catch_up: CatchUp
     params: dict[str, Any] | Callable[[datetime], Any] | None
+    grace: timedelta = timedelta(seconds=DEFAULT_GRACE_SECONDS)  # catch_up "none": how late a tick may be seen
 
     def latest(self, now: datetime) -> datetime:
         """The last tick at or before ``now``."""
@@ -46,6 +49,18 @@ class Schedule:
         assert self.cron is not None
         for tick in CronSim(self.cron, (now + TINY).astimezone(self.tz), reverse=True):
             yield tick.astimezone(timezone.utc)
+
+    def after(self, tick: datetime) -> Iterator[datetime]:
+        """Ticks strictly after ``tick``, oldest first, in UTC: the missed ticks after the last
+        created one (read forward, so no look-back can run past the calendar's start)."""
+        if self.every is not None:
+            following = EPOCH + ((tick - EPOCH) // self.every + 1) * self.every
+            while True:
+                yield following
+                following += self.every
+        assert self.cron is not None
+        for following in CronSim(self.cron, tick.astimezone(self.tz)):
+            yield following.astimezone(timezone.utc)
 
     def upcoming(self, now: datetime, count: int) -> list[datetime]:
         """The next ``count`` ticks after ``now``, in UTC (``prorch schedules``)."""
@@ -103,4 +118,48 @@ def schedule_of(cls: Any) -> Schedule | None:
     params = getattr(cls, "schedule_params", None)
     if params is not None and not (isinstance(params, dict) or callable(params)):
         raise RegistrationError(f"pipeline {name}: schedule_params must be a dict or a function of the tick time")
-    return Schedule(name, cron, every, tz, cast(CatchUp, catch_up), params)
+    schedule = Schedule(name, cron, every, tz, cast(CatchUp, catch_up), params, _grace(cls, name))
+    _check_ticks(schedule)
+    return schedule
+
+
+def check_schedule_params(cls: Any, schedule: Schedule) -> None:
+    """Fixed params (a dict, or none) are checked once, at registration, against the class's
+    ``Params``: a schedule that could never create its pipeline is refused there, not at every
+    tick. A function's params can only be checked per tick."""
+    if callable(schedule.params):
+        return
+    try:
+        cls.validate_params(schedule.params_for(EPOCH))
+    except ProrchError as exc:
+        raise RegistrationError(
+            f"pipeline {schedule.name}: schedule_params {schedule.params or {}!r} are refused by Params ({exc}); "
+            "set schedule_params to params that Params accepts, or a function of the tick time returning them"
+        ) from None
+
+
+def _grace(cls: Any, name: str) -> timedelta:
+    """``schedule_grace``: seconds (a number) or a timedelta, not negative."""
+    grace = getattr(cls, "schedule_grace", DEFAULT_GRACE_SECONDS)
+    if isinstance(grace, (int, float)) and not isinstance(grace, bool) and math.isfinite(grace):
+        grace = timedelta(seconds=grace)
+    if not isinstance(grace, timedelta) or grace < timedelta(0):
+        raise RegistrationError(
+            f"pipeline {name}: schedule_grace must be a number of seconds or a timedelta, not negative, got "
+            f"{grace!r}; e.g. schedule_grace = 120 or timedelta(minutes=2)"
+        )
+    return grace
+
+
+def _check_ticks(schedule: Schedule) -> None:
+    """The schedule's ticks can be computed around now (a cron expression that parses may
+    still name no date CronSim can reach)."""
+    now = datetime.now(timezone.utc)
+    try:
+        schedule.latest(now)
+        schedule.upcoming(now, 1)
+    except (CronSimError, StopIteration, OverflowError, ValueError) as exc:
+        raise RegistrationError(
+            f"pipeline {schedule.name}: the ticks of {schedule.description} cannot be computed ({exc!r}); "
+            "check the expression against a calendar"
+        ) from None

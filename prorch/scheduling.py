@@ -1,23 +1,32 @@
 """Recurring schedules: at the start of each pass, a worker creates the pipelines whose ticks
-have come (``schedule`` / ``every`` on a pipeline class). Each tick's pipeline is created with
-a creation key derived from the pipeline's name and the tick's time, so however many workers
-see the tick, it is created once. Missed ticks (no worker ran) follow the class's ``catch_up``:
-``"latest"`` creates only the newest, ``"all"`` every one since the last created (looking
-back at most ``MAX_CATCH_UP`` ticks; a schedule that never ran starts with the newest),
-``"none"`` none unless a worker sees the tick within ``schedule_grace`` seconds (default 60)."""
+have come (``schedule`` / ``every`` on a pipeline class).
+
+The store remembers each schedule's last created tick (``Store.advance_schedule``), apart from
+the pipelines, so a tick is created once however many workers see it, and never again after
+retention purged its pipeline. A tick's pipeline and its mark are stored in one transaction;
+its creation key (from the pipeline's name and the tick's time) stays, for stores created by
+older versions and repositories without transactions. Missed ticks (no worker ran) follow the
+class's ``catch_up``: ``"latest"`` creates only the newest, ``"all"`` every one since the last
+created, oldest first, up to ``CATCH_UP_BATCH`` a pass (the next passes go on from there; a
+schedule that never ran starts with the newest), ``"none"`` none unless a worker sees the tick
+within ``schedule_grace`` (default 60 seconds).
+
+One schedule's failure (its ``schedule_params`` raising or refused) is logged, reported as an
+error of the pass under ``schedule:NAME`` and skipped; its tick is not marked created, so the
+next pass tries again, and the other schedules and the pipelines go on."""
 
 from __future__ import annotations
 
 import itertools
 import logging
 import weakref
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import Any
 
 from prorch.clock import Clock
 from prorch.creation import create_pipelines
 from prorch.definition import PipelineDefinition
-from prorch.exceptions import ProrchError
+from prorch.exceptions import DuplicateRecordError, ProrchError, RepositoryError
 from prorch.keys import uuid_for_key
 from prorch.registry import Registry
 from prorch.schedule import Schedule, schedule_of
@@ -25,9 +34,10 @@ from prorch.store import Store
 
 logger = logging.getLogger("prorch.scheduling")
 
-MAX_CATCH_UP = 1000
-"""Missed ticks created at most, with ``catch_up = "all"``, after a long stop."""
-DEFAULT_GRACE_SECONDS = 60.0
+CATCH_UP_BATCH = 100
+"""Missed ticks created per schedule in one pass, with ``catch_up = "all"``; the next passes create the rest."""
+LOOKBACK = 1000
+"""Ticks looked back for a pipeline created by a prorch that stored no last tick (an upgraded store)."""
 
 _schedules: weakref.WeakKeyDictionary[type, Schedule | None] = weakref.WeakKeyDictionary()
 
@@ -45,47 +55,73 @@ def scheduled(registry: Registry) -> list[tuple[type[PipelineDefinition], Schedu
     return found
 
 
-def due_ticks(store: Store, schedule: Schedule, cls: type, now: datetime) -> list[datetime]:
-    """The ticks to create now, oldest first (none when the newest one is stored already)."""
+def due_ticks(schedule: Schedule, last: datetime | None, now: datetime) -> list[datetime]:
+    """The ticks to create now, oldest first, after ``last`` (the last created one, if known)."""
     latest = schedule.latest(now)
-    if store.get_pipeline(uuid_for_key(schedule.key(latest))) is not None:
+    if last is not None and last >= latest:
         return []
     if schedule.catch_up == "none":
-        grace = timedelta(seconds=float(getattr(cls, "schedule_grace", DEFAULT_GRACE_SECONDS)))
-        return [latest] if now - latest <= grace else []
-    if schedule.catch_up == "latest":
+        return [latest] if now - latest <= schedule.grace else []
+    if schedule.catch_up == "latest" or last is None:
         return [latest]
-    missed = [latest]
-    for tick in itertools.islice(schedule.backwards(now), 1, MAX_CATCH_UP):
-        if store.get_pipeline(uuid_for_key(schedule.key(tick))) is not None:
-            return list(reversed(missed))
-        missed.append(tick)
-    # no earlier tick stored within MAX_CATCH_UP ticks: a schedule that never ran (nothing to
-    # catch up), or a stop longer than that
-    return [latest]
+    missed = itertools.takewhile(lambda tick: tick <= latest, schedule.after(last))
+    return list(itertools.islice(missed, CATCH_UP_BATCH))
 
 
-def create_due(store: Store, registry: Registry, clock: Clock) -> int:
-    """Create the pipelines of every tick that has come; the number created. A schedule whose
-    params are refused is logged and skipped: the pass goes on."""
+def create_due(store: Store, registry: Registry, clock: Clock) -> tuple[int, dict[str, str]]:
+    """Create the pipelines of every tick that has come: the number created, and the error of
+    each schedule that failed (by ``schedule:NAME``), which was logged and skipped. A store
+    that cannot be reached raises ``RepositoryError``: the pass cannot go on either."""
+    schedules = scheduled(registry)
+    if not schedules:
+        return 0, {}
     now = clock.now()
-    created = 0
-    for cls, schedule in scheduled(registry):
+    marks = store.schedule_ticks()
+    created, errors = 0, {}
+    for cls, schedule in schedules:
         try:
-            ticks = due_ticks(store, schedule, cls, now)
-            for tick in ticks:
+            last = marks.get(schedule.name) or _created_before(store, schedule, now)
+            for tick in due_ticks(schedule, last, now):
                 created += _create(store, registry, clock, cls, schedule, tick)
-        except ProrchError as exc:
-            logger.error("schedule of %s: %s", schedule.name, exc)
-    return created
+        except RepositoryError:
+            raise
+        except Exception as exc:  # the user's schedule_params, or its result refused: this schedule only
+            logger.error("schedule of %s failed: %s", schedule.name, exc)  # one line; the traceback with --verbose
+            logger.debug("schedule of %s failed", schedule.name, exc_info=not isinstance(exc, ProrchError))
+            errors[f"schedule:{schedule.name}"] = f"{type(exc).__name__}: {exc}"
+    return created, errors
+
+
+def _created_before(store: Store, schedule: Schedule, now: datetime) -> datetime | None:
+    """For ``catch_up = "all"`` on a store with no last tick of this schedule: the newest tick
+    whose keyed pipeline is stored (a prorch that kept no last tick created it), looking back
+    ``LOOKBACK`` ticks; None for a schedule that never ran."""
+    if schedule.catch_up != "all":
+        return None
+    try:
+        for tick in itertools.islice(schedule.backwards(now), LOOKBACK):
+            if store.get_pipeline(uuid_for_key(schedule.key(tick))) is not None:
+                return tick
+    except OverflowError:  # looked back past year 1 (e.g. a leap day's schedule)
+        pass
+    return None
 
 
 def _create(store: Store, registry: Registry, clock: Clock, cls: Any, schedule: Schedule, tick: datetime) -> int:
+    """Create the tick's pipeline and mark the tick created, in one transaction; 0 when another
+    worker marked it (or a later one) first."""
+    params = schedule.params_for(tick)  # the user's code, before any lock is taken
     context = {"schedule_tick": tick.isoformat()}
-    ((record, made),) = create_pipelines(
-        store, cls, [schedule.params_for(tick)], [schedule.key(tick)], registry=registry, clock=clock,
-        context=context, tenant=None, priority=None, uuid=None,
-    )  # fmt: skip
+    try:
+        with store.transaction():
+            if not store.advance_schedule(schedule.name, tick):
+                return 0
+            ((record, made),) = create_pipelines(
+                store, cls, [params], [schedule.key(tick)], registry=registry, clock=clock,
+                context=context, tenant=None, priority=None, uuid=None,
+            )  # fmt: skip
+    except DuplicateRecordError:  # another worker stored this schedule's first tick at the same time
+        return 0
     if made:
         logger.info("schedule of %s: created %s for %s", schedule.name, record.uuid, tick.isoformat(),
                     extra={"pipeline_uuid": record.uuid})  # fmt: skip

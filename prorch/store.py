@@ -7,6 +7,7 @@ import contextlib
 import dataclasses
 import logging
 import threading
+import uuid as uuid_module
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ from prorch.exceptions import (
     RepositoryError,
     RepositoryNotDefinedException,
 )
+from prorch.keys import KEY_NAMESPACE
 from prorch.limits import ClaimLimit, StartLog, Tally, within_limits
 from prorch.listing import PipelinePage
 from prorch.records import (
@@ -57,6 +59,7 @@ from prorch.repository import (
     SupportsPipelineQuery,
     SupportsPipelineStats,
     SupportsSaveMany,
+    SupportsScheduleTicks,
     SupportsSearchMany,
     SupportsServerClock,
     SupportsTransaction,
@@ -72,6 +75,8 @@ RecordT = TypeVar("RecordT", bound=Record)
 T = TypeVar("T")
 
 _warned_backends: set[int] = set()
+TICKS_UUID = str(uuid_module.uuid5(KEY_NAMESPACE, "prorch:schedule-ticks"))
+"""The pipeline uuid (of no pipeline) that the fallback's records of schedules' last ticks carry."""
 SAVE_CHUNK = 1000
 """Records per ``save_many`` call: a ``create_many`` of 100,000 pipelines does not hold every row at once."""
 
@@ -191,6 +196,7 @@ class Store:
         self.transactions = self.backend if isinstance(self.backend, SupportsTransaction) else None
         self.pinning = self.backend if isinstance(self.backend, SupportsPinning) else None
         self.server_clock = self.backend if isinstance(self.backend, SupportsServerClock) else None
+        self.tick_marks = self.backend if isinstance(self.backend, SupportsScheduleTicks) else None
         self.statements = (
             self.backend
             if isinstance(self.backend, SupportsTransitionStatements) and self.transactions is not None
@@ -444,6 +450,36 @@ class Store:
         if self.claims is None:
             return False
         return bool(_call("renew a lease", self.claims.renew_lease, uuid, owner, lease_expires_at))
+
+    # --- schedules ---------------------------------------------------------------------------
+
+    def schedule_ticks(self) -> dict[str, datetime]:
+        """Each schedule's last created tick (``SupportsScheduleTicks``; on a repository
+        without it, records of the message model addressed to no pipeline, which no purge
+        deletes: it deletes the messages of the pipelines it deletes)."""
+        if self.tick_marks is not None:
+            return _call("read the schedules' last ticks", self.tick_marks.schedule_ticks)
+        rows = _call("read the schedules' last ticks", self.messages.search, ["pipeline_uuid", TICKS_UUID])
+        marks = [_load(MessageRecord, row) for row in rows]
+        return {mark.name: mark.sent_at for mark in marks}
+
+    def advance_schedule(self, name: str, tick: datetime) -> bool:
+        """Store ``tick`` as the schedule's last created tick unless that tick or a later one is
+        stored: False then (another worker created it). Call it in the ``transaction()`` that
+        creates the tick's pipeline. The fallback (a user's repository) reads, then writes:
+        atomic only inside a transaction, as the rest of such a store."""
+        if self.tick_marks is not None:
+            return bool(_call("store a schedule's last tick", self.tick_marks.advance_schedule, name, tick))
+        uuid = str(uuid_module.uuid5(KEY_NAMESPACE, f"schedule-tick:{name}"))
+        found = _call("read a schedule's last tick", self.messages.get, uuid)
+        mark = MessageRecord(uuid=uuid, pipeline_uuid=TICKS_UUID, name=name, payload=None, sent_at=tick)
+        if not found:
+            _call("store a schedule's last tick", self.messages.save, mark.to_dict())
+            return True
+        if _load(MessageRecord, found).sent_at >= tick:
+            return False
+        _call("store a schedule's last tick", self.messages.update, uuid, mark.to_dict())
+        return True
 
     # --- writing -----------------------------------------------------------------------------
 

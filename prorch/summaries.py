@@ -12,7 +12,8 @@ from prorch.status import TERMINAL, EventType, Status
 
 @dataclass
 class PassSummary:
-    """What one pass did. ``errors`` maps a pipeline uuid to the error that stopped its advance;
+    """What one pass did. ``errors`` maps a pipeline uuid to the error that stopped its advance
+    (or ``schedule:NAME`` to the error that stopped a schedule creating its tick's pipeline);
     ``blocked`` maps a pipeline uuid to why its code is not available."""
 
     claimed: int = 0

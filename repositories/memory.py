@@ -18,11 +18,12 @@ from typing import Any
 
 from prorch.due import TERMINAL_VALUES, claim_order, claimable_by, is_due, leased
 from prorch.limits import ClaimLimit, StartLog, Tally, within_limits
-from prorch.records import JSONDict, format_timestamp
+from prorch.records import JSONDict, format_timestamp, to_utc
 from prorch.repository import IRepository
 from prorch.status import Status
 
 INDEXED = ("pipeline_uuid", "status")  # the fields the engine searches by
+TICKS = "schedule_ticks"  # the table of schedules' last ticks, one row per schedule
 
 
 class MemoryBackend:
@@ -49,6 +50,23 @@ class MemoryBackend:
         """A snapshot of every table, for tests to look at."""
         with self.lock:
             return {model: {u: json.loads(t) for u, t in repo.rows.items()} for model, repo in self._tables.items()}
+
+    def schedule_ticks(self) -> dict[str, datetime]:
+        """Every schedule's last created tick (``SupportsScheduleTicks``)."""
+        with self.lock:
+            rows = (json.loads(text) for text in self(TICKS).rows.values())
+            return {row["name"]: to_utc(datetime.fromisoformat(row["tick"])) for row in rows}
+
+    def advance_schedule(self, name: str, tick: datetime) -> bool:
+        """Move the schedule's last tick forward to ``tick``, under the backend's lock (in a
+        transaction, rolled back with it)."""
+        with self.lock:
+            marks = self(TICKS)
+            stored = marks._row(name)
+            if stored is not None and to_utc(datetime.fromisoformat(stored["tick"])) >= tick:
+                return False
+            marks._write(name, {"uuid": name, "name": name, "tick": format_timestamp(tick)})
+            return True
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[None]:

@@ -136,6 +136,13 @@ rate_limit_starts = Table(
     PrimaryKeyConstraint("name", "started_at", "pipeline_uuid", name="rate_limit_starts_pkey"),
 )
 
+schedule_ticks = Table(
+    "schedule_ticks",
+    metadata,
+    Column("name", String(200), primary_key=True),  # the pipeline name whose schedule it is
+    Column("tick", Timestamp, nullable=False),  # the last tick whose pipeline was created
+)
+
 schema_history = Table(
     HISTORY_TABLE,
     metadata,
@@ -171,5 +178,6 @@ __all__ = [
     "VERSION_TABLE",
     "column_kind",
     "metadata",
+    "schedule_ticks",
     "schema_history",
 ]

@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from datetime import datetime
 from typing import Any, ClassVar
 
-from sqlalchemy import Connection, Engine, Integer, Select, bindparam, create_engine, delete, select, update
+from sqlalchemy import Connection, Engine, Integer, Select, bindparam, create_engine, delete, insert, select, update
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import (
     ArgumentError,
@@ -44,7 +44,7 @@ from prorch.secrets import error_summary, redact_url
 from prorch.status import Status
 from repositories import sql_listing
 from repositories.migrate import MIGRATIONS, upgrade
-from repositories.schema import TABLES
+from repositories.schema import TABLES, schedule_ticks
 from repositories.sql_limits import LimitedClaim
 
 __all__ = ["DIALECTS", "MIGRATIONS", "SQLBackend", "SQLRepository", "dialect_class", "upgrade"]
@@ -109,6 +109,29 @@ class SQLBackend:
         """The database server's clock, where workers on several machines share it (see
         ``SupportsServerClock``); None here."""
         return None
+
+    # --- schedules (SupportsScheduleTicks) --------------------------------------------------
+
+    def schedule_ticks(self) -> dict[str, datetime]:
+        """Every schedule's last created tick."""
+        with self.connect(write=False) as connection:
+            rows = connection.execute(select(schedule_ticks.c.name, schedule_ticks.c.tick)).all()
+        return {str(name): to_utc(tick) for name, tick in rows}
+
+    def advance_schedule(self, name: str, tick: datetime) -> bool:
+        """Move the schedule's last tick forward to ``tick``. The update comes first: on
+        PostgreSQL it locks the row, so a second worker waits for the first's transaction and
+        then finds the tick stored; two first ticks of a name at once meet on the primary key
+        (``DuplicateRecordError`` for the second)."""
+        c = schedule_ticks.c
+        with self._errors(), self.connect(write=True) as connection:
+            moved = connection.execute(update(schedule_ticks).where(c.name == name, c.tick < tick).values(tick=tick))
+            if moved.rowcount:
+                return True
+            if connection.execute(select(c.tick).where(c.name == name)).first() is not None:
+                return False
+            connection.execute(insert(schedule_ticks).values(name=name, tick=tick))
+            return True
 
     # --- what a dialect overrides ------------------------------------------------------------
 

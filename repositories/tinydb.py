@@ -35,13 +35,14 @@ from prorch.due import (
 )
 from prorch.exceptions import ConfigurationError, CorruptRecordError, CorruptStoreError
 from prorch.limits import ClaimLimit, StartLog, Tally, within_limits
-from prorch.records import JSONDict, Metadata, format_timestamp
+from prorch.records import JSONDict, Metadata, format_timestamp, to_utc
 from prorch.repository import IRepository
 from prorch.status import Status
 
 STATUSES = tuple(status.value for status in Status)
 STATUS_MODELS = (Metadata.PIPELINES_MODEL, Metadata.STEP_MODEL)
 RATE_TABLE = "rate_limit_starts"
+TICKS_TABLE = "schedule_ticks"  # one document: each schedule's last created tick
 """The starts of rate-limited pipelines within their window, in one document by name."""
 
 
@@ -166,6 +167,28 @@ class TinyDBBackend:
                 raise
             finally:
                 self._depth -= 1
+
+    def schedule_ticks(self) -> dict[str, datetime]:
+        """Every schedule's last created tick (``SupportsScheduleTicks``)."""
+        with self.locked():
+            return {name: to_utc(datetime.fromisoformat(tick)) for name, tick in self._ticks().items()}
+
+    def advance_schedule(self, name: str, tick: datetime) -> bool:
+        """Move the schedule's last tick forward to ``tick``, under the file lock (in a
+        transaction, written with it in one replacement of the file)."""
+        with self.locked():
+            ticks = self._ticks()
+            stored = ticks.get(name)
+            if stored is not None and to_utc(datetime.fromisoformat(stored)) >= tick:
+                return False
+            data = self.storage.read() or {}
+            data[TICKS_TABLE] = {"1": {"ticks": {**ticks, name: format_timestamp(tick)}}}
+            self.storage.write(data)
+            return True
+
+    def _ticks(self) -> dict[str, str]:
+        ticks: dict[str, str] = (self.storage.read() or {}).get(TICKS_TABLE, {}).get("1", {}).get("ticks", {})
+        return ticks
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[None]:

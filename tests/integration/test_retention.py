@@ -181,3 +181,78 @@ def test_a_worker_stopped_during_its_purge_ends_the_batch_and_says_what_it_purge
     assert 0 < left < 5000, log
     assert f"purged {5000 - left} pipelines (finished, cancelled)" in log
     assert "stopped early for shutdown" in log
+
+
+def test_a_purged_schedule_tick_is_not_created_again(backend: Any, registry: Registry) -> None:
+    """Regression (#25 item 3): schedule = "0 0 1 * *" with retention = 30d: the January 1
+    pipeline was purged on January 31 and the next pass created it again."""
+    monthly = pipeline_of(step_of("Bill", lambda self: None), name="Monthly", schedule="0 0 1 * *", catch_up="all")
+    clock = FakeClock(datetime(2026, 1, 1, 0, 0, 30, tzinfo=timezone.utc))
+    orchestrator = Orchestrator(backend, registry=registry, clock=clock)
+    assert orchestrator.execute_pipelines().scheduled == 1
+    clock.advance(30 * 86400 + 60)  # January 31
+    assert orchestrator.purge(timedelta(days=30)).pipelines == 1
+    for _ in range(3):
+        assert orchestrator.execute_pipelines().scheduled == 0
+    assert orchestrator.query(name="Monthly").pipelines == []
+    clock.advance(86400)  # February 1: the next tick, once
+    assert [orchestrator.execute_pipelines().scheduled for _ in range(2)] == [1, 0]
+    (february,) = orchestrator.query(name="Monthly").pipelines
+    assert february.context["schedule_tick"] == "2026-02-01T00:00:00+00:00" and february.name == monthly.name
+
+
+def test_a_users_repository_keeps_the_last_tick_in_a_message_record(tmp_path: Path, registry: Registry) -> None:
+    """The fallback for a four-method repository (no purge there): a tick's pipeline deleted by
+    hand is not created again, and the mark is a message record addressed to no pipeline."""
+    from tinydb import TinyDB, where
+
+    from prorch.store import TICKS_UUID
+    from tests.support.seed_repository import seed_backend
+
+    pipeline_of(step_of("Bill", lambda self: None), name="Monthly", schedule="0 0 1 * *")
+    path = tmp_path / "seed.json"
+    clock = FakeClock(datetime(2026, 1, 1, 0, 0, 30, tzinfo=timezone.utc))
+    orchestrator = Orchestrator(seed_backend(str(path)), registry=registry, clock=clock)
+    assert orchestrator.execute_pipelines().scheduled == 1
+    with TinyDB(path) as db:
+        assert db.table("pipelines").remove(where("name") == "Monthly")
+        (mark,) = db.table("pipeline_messages").search(where("pipeline_uuid") == TICKS_UUID)
+    assert (mark["name"], mark["sent_at"][:19]) == ("Monthly", "2026-01-01T00:00:00")
+    clock.advance(86400)
+    assert orchestrator.execute_pipelines().scheduled == 0
+    clock.advance(31 * 86400)
+    assert orchestrator.execute_pipelines().scheduled == 1
+
+
+@pytest.mark.slow
+def test_a_worker_with_retention_does_not_create_a_purged_tick_again(tmp_path: Path, registry: Registry) -> None:
+    """Regression (#25 item 3), with a real worker: its retention purges this year's tick of a
+    yearly schedule, and its next passes must not create that tick again."""
+    url = f"sqlite:///{tmp_path / 'yearly.db'}"
+    (tmp_path / "yearly.py").write_text(
+        "from prorch import OnStartMixin, Pipeline, Step, register_pipeline, register_step\n"
+        "@register_step\nclass Job(OnStartMixin, Step):\n    name = 'Job'\n    def on_start(self):\n        pass\n"
+        "@register_pipeline\nclass Yearly(Pipeline):\n    name = 'Yearly'\n    steps = [Job]\n"
+        "    schedule = '0 0 1 1 *'\n    catch_up = 'all'\n"
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PRORCH_")}
+    command = [PRORCH, "-r", url, "--app", "yearly"]
+    first = subprocess.run([*command, "run"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    assert first.returncode == 0 and "scheduled 1" in first.stdout, first
+    store = Orchestrator(url, registry=registry).store
+    (created,) = store.all_pipelines()
+    assert created.status.value == "finished"
+    worker = subprocess.Popen(
+        [*command, "worker", "--interval", "0.1"],
+        cwd=tmp_path, env={**env, "PRORCH_RETENTION": "0s"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + 60  # a loaded machine
+    while store.get_pipeline(created.uuid) is not None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    purged = store.get_pipeline(created.uuid) is None
+    time.sleep(2)  # about 20 more passes
+    worker.send_signal(signal.SIGTERM)
+    _, log = worker.communicate(timeout=30)
+    assert purged and worker.returncode == 0, log
+    assert "purged 1 pipelines (finished, cancelled)" in log
+    assert store.all_pipelines() == [], log  # the tick was not created again

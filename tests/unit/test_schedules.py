@@ -8,8 +8,9 @@ from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import pytest
+from pydantic import BaseModel
 
-from prorch import FakeClock, Orchestrator, RegistrationError
+from prorch import FakeClock, RegistrationError
 from prorch.registry import Registry
 from prorch.schedule import schedule_of
 from prorch.testing import Harness
@@ -18,14 +19,18 @@ from tests.support.builders import pipeline_of, step_of
 START = datetime(2026, 11, 23, 12, 0, 30, tzinfo=timezone.utc)
 
 
+class Region(BaseModel):
+    region: str
+
+
 def scheduled(registry: Registry, **declaration: Any) -> type:
     step = step_of("Tick", lambda self: self.finish({"tick": self.context.get("schedule_tick")}))
     return pipeline_of(step, name="Nightly", **declaration)
 
 
 def ticks(harness: Harness) -> list[str]:
-    found = harness.orchestrator.query(name="Nightly", limit=1000).pipelines
-    return sorted(p.context["schedule_tick"] for p in found)
+    found = harness.orchestrator.store.all_pipelines()
+    return sorted(p.context["schedule_tick"] for p in found if p.name == "Nightly")
 
 
 def iso(hours: float) -> str:
@@ -93,22 +98,113 @@ def test_cron_in_a_time_zone_with_params_per_tick(registry: Registry) -> None:
     ]
 
 
-def test_a_schedule_whose_params_are_refused_is_logged_and_the_pass_goes_on(
+def test_a_schedule_whose_params_are_refused_is_an_error_of_the_pass_and_the_pass_goes_on(
     registry: Registry, caplog: pytest.LogCaptureFixture
 ) -> None:
+    """Regression (#25 item 15): refused params were logged, but the pass reported errors 0."""
     from pydantic import BaseModel
 
     class Needs(BaseModel):
         region: str
 
-    scheduled(registry, every=timedelta(hours=1), Params=Needs)
+    scheduled(registry, every=timedelta(hours=1), Params=Needs, schedule_params=lambda tick: {"area": "x"})
     other = pipeline_of(step_of("Other", lambda self: None), name="Other")
     harness = Harness(registry=registry, clock=FakeClock(START))
     run = harness.create(other)
     summary = harness.run_pass()
     assert summary.scheduled == 0 and summary.finished == 1
     assert harness.orchestrator.get(run.uuid).pipeline.status.value == "finished"
-    assert "schedule of Nightly: invalid params for pipeline Nightly" in caplog.text
+    assert "invalid params for pipeline Nightly" in summary.errors["schedule:Nightly"]
+    assert "schedule of Nightly failed: invalid params for pipeline Nightly" in caplog.text
+
+
+def test_a_raising_schedule_params_is_an_error_of_the_pass_and_the_pass_goes_on(
+    registry: Registry, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Regression (#25 item 4): user code raising in schedule_params killed the pass (and the worker)."""
+
+    def broken(tick: datetime) -> dict[str, Any]:
+        raise RuntimeError("the params service is down")
+
+    scheduled(registry, every=timedelta(hours=1), schedule_params=broken)
+    other = pipeline_of(step_of("Other", lambda self: None), name="Other")
+    harness = Harness(registry=registry, clock=FakeClock(START))
+    run = harness.create(other)
+    summary = harness.run_pass()
+    assert summary.finished == 1 and summary.scheduled == 0
+    assert harness.orchestrator.get(run.uuid).pipeline.status.value == "finished"
+    assert summary.errors == {"schedule:Nightly": "RuntimeError: the params service is down"}
+    assert "schedule of Nightly failed" in caplog.text and "the params service is down" in caplog.text
+    assert harness.run_pass().errors == {"schedule:Nightly": "RuntimeError: the params service is down"}
+    assert ticks(harness) == []  # the tick is not marked created: a fixed deploy creates it
+
+
+def test_a_leap_day_schedule_catching_up_all_runs(registry: Registry) -> None:
+    """Regression (#25 item 4): looking back 1,000 leap days raised OverflowError on every pass."""
+    scheduled(registry, schedule="0 0 29 2 *", catch_up="all")
+    harness = Harness(registry=registry, clock=FakeClock(START))
+    summary = harness.run_pass()
+    assert summary.errors == {} and summary.scheduled == 1
+    assert ticks(harness) == ["2024-02-29T00:00:00+00:00"]
+    harness.clock.advance(8 * 366 * 86400)  # two leap days missed (2028, 2032)
+    assert harness.run_pass().scheduled == 2
+    assert ticks(harness) == ["2024-02-29T00:00:00+00:00", "2028-02-29T00:00:00+00:00", "2032-02-29T00:00:00+00:00"]
+
+
+def test_all_means_all_after_a_stop_of_more_than_a_thousand_ticks(registry: Registry) -> None:
+    """Regression (#25 item 9): a stop of 1,000 ticks or more created only the newest. Now every
+    missed tick is created, oldest first, a bounded batch per pass."""
+    from prorch.scheduling import CATCH_UP_BATCH
+
+    scheduled(registry, every=timedelta(minutes=1), catch_up="all")
+    harness = Harness(registry=registry, clock=FakeClock(START))
+    assert harness.run_pass().scheduled == 1
+    harness.clock.advance(2500 * 60)
+    per_pass = []
+    while (created := harness.run_pass().scheduled) and len(per_pass) < 100:
+        per_pass.append(created)
+    assert sum(per_pass) == 2500 and max(per_pass) <= CATCH_UP_BATCH and len(per_pass) > 1
+    first = datetime(2026, 11, 23, 12, tzinfo=timezone.utc)
+    assert ticks(harness) == sorted((first + timedelta(minutes=m)).isoformat() for m in range(2501))
+
+
+def test_a_tick_whose_pipeline_was_deleted_is_not_created_again(registry: Registry) -> None:
+    """Regression (#25 item 3): retention purged a tick's pipeline and the next pass created it again."""
+    scheduled(registry, schedule="0 0 1 * *", catch_up="all")
+    harness = Harness(registry=registry, clock=FakeClock(datetime(2026, 1, 1, 0, 0, 30, tzinfo=timezone.utc)))
+    assert harness.run_pass().scheduled == 1
+    harness.run_pass()
+    harness.clock.advance(30 * 86400 + 60)  # January 31: "retention = 30d"
+    assert harness.orchestrator.purge(timedelta(days=30)).pipelines == 1
+    assert harness.run_pass().scheduled == 0
+    assert ticks(harness) == []
+    harness.clock.advance(86400 - 60)  # February 1
+    assert harness.run_pass().scheduled == 1
+    assert ticks(harness) == ["2026-02-01T00:00:00+00:00"]
+
+
+def test_a_cron_tick_exactly_at_now_is_created_in_that_pass(registry: Registry) -> None:
+    scheduled(registry, schedule="0 3 * * *")
+    harness = Harness(registry=registry, clock=FakeClock(datetime(2026, 11, 23, 3, 0, tzinfo=timezone.utc)))
+    assert harness.run_pass().scheduled == 1
+    assert ticks(harness) == ["2026-11-23T03:00:00+00:00"]
+    harness.clock.advance(24 * 3600 - 0.001)  # a millisecond before the next one
+    assert harness.run_pass().scheduled == 0
+    harness.clock.advance(0.001)
+    assert harness.run_pass().scheduled == 1
+
+
+def test_every_second_is_the_shortest_interval_and_ticks_each_second(registry: Registry) -> None:
+    with pytest.raises(RegistrationError, match="at least 1 second"):
+        scheduled(registry, every=timedelta(milliseconds=999))
+    scheduled(registry, every=timedelta(seconds=1), catch_up="all")
+    harness = Harness(registry=registry, clock=FakeClock(START))
+    assert harness.run_pass().scheduled == 1
+    harness.clock.advance(0.999)
+    assert harness.run_pass().scheduled == 0
+    harness.clock.advance(2.001)
+    assert harness.run_pass().scheduled == 3
+    assert ticks(harness) == [(START + timedelta(seconds=s)).isoformat() for s in range(4)]
 
 
 @pytest.mark.parametrize(
@@ -120,6 +216,10 @@ def test_a_schedule_whose_params_are_refused_is_logged_and_the_pass_goes_on(
         ({"every": timedelta(hours=1), "catch_up": "some"}, "catch_up must be one of latest, all, none"),
         ({"schedule": "0 3 * * *", "schedule_tz": "Mars/Olympus"}, "schedule_tz 'Mars/Olympus' is not a time zone"),
         ({"every": timedelta(hours=1), "schedule_params": "x"}, "schedule_params must be a dict or a function"),
+        ({"every": timedelta(hours=1), "catch_up": "none", "schedule_grace": "60s"}, "schedule_grace must be"),
+        ({"every": timedelta(hours=1), "catch_up": "none", "schedule_grace": -1}, "schedule_grace must be"),
+        ({"every": timedelta(hours=1), "Params": Region}, "schedule_params {} are refused by Params"),
+        ({"every": timedelta(hours=1), "Params": Region, "schedule_params": {"region": 3}}, "refused by Params"),
     ],
 )
 def test_bad_declarations_are_refused_at_registration(
@@ -132,9 +232,16 @@ def test_bad_declarations_are_refused_at_registration(
 def test_no_schedule_costs_no_query(registry: Registry, monkeypatch: pytest.MonkeyPatch) -> None:
     pipeline_of(step_of("Plain", lambda self: None), name="Plain")
     harness = Harness(registry=registry, clock=FakeClock(START))
+    store = harness.orchestrator.store
     calls: list[str] = []
-    original = harness.orchestrator.store.get_pipeline
-    monkeypatch.setattr(harness.orchestrator.store, "get_pipeline", lambda uuid: calls.append(uuid) or original(uuid))
+    for method in ("get_pipeline", "schedule_ticks"):
+        original = getattr(store, method)
+        monkeypatch.setattr(store, method, lambda *a, _m=method, _o=original: calls.append(_m) or _o(*a))
     harness.run_pass()
     assert calls == []
-    assert isinstance(harness.orchestrator, Orchestrator)
+    scheduled(registry, every=timedelta(hours=1))  # the control: a schedule is read
+    harness.run_pass()
+    assert calls[0] == "schedule_ticks"
+    calls.clear()
+    harness.run_pass()  # its tick is created: one read of the last ticks, and nothing else
+    assert calls == ["schedule_ticks"]
