@@ -25,7 +25,7 @@ from sqlalchemy.dialects.postgresql import JSONB
 
 from prorch.records import Metadata as Models
 
-SCHEMA_REVISION = "0012"
+SCHEMA_REVISION = "0013"
 """The newest migration; a store at this revision needs no upgrade."""
 VERSION_TABLE = "prorch_schema_version"
 HISTORY_TABLE = "prorch_schema_migrations"
