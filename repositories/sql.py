@@ -428,7 +428,7 @@ class SQLRepository(IRepository):
         if query is None:
             c = self.table.c
             before_at = bindparam("_before", type_=c.updated_at.type)
-            statuses_in = bindparam("_statuses", expanding=True)
+            statuses_in: Any = bindparam("_statuses", expanding=True)
             chosen = select(c.uuid).where(
                 c.uuid.in_(bindparam("_uuids", expanding=True)),
                 *sql_listing.purgeable(self.table, statuses_in, before_at),

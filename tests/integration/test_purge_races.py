@@ -61,7 +61,7 @@ def test_two_purges_and_a_retrying_process_at_once(
     retried_out, retry_log = retrier.communicate("\n".join(reversed(uuids)), timeout=300)
     outputs = [p.communicate(timeout=300) for p in purges]
     assert retrier.returncode == 0, retry_log
-    for process, (out, log) in zip(purges, outputs, strict=True):
+    for process, (_, log) in zip(purges, outputs, strict=True):
         assert process.returncode == 0 and "deadlock" not in log.lower(), log
     retried = retried_out.split()
     purged = sum(int(out.split()[1]) for out, _ in outputs)
