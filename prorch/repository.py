@@ -200,6 +200,19 @@ class SupportsEndedQuery(Protocol):
 
 
 @runtime_checkable
+class SupportsPurge(Protocol):
+    """A pipeline repository that deletes ended pipelines with the checks in the same statement
+    (retention). Without it, the store checks each pipeline inside its transaction, which is as
+    exact only where a transaction holds the whole store (memory, TinyDB, SQLite)."""
+
+    def delete_ended(self, uuids: list[str], statuses: list[str], before: datetime) -> list[str]:
+        """In the caller's transaction, delete those of ``uuids`` still with one of ``statuses``,
+        ``updated_at`` before ``before`` and no stored parent (a child goes after its parent),
+        skipping rows another transaction holds (never waiting on them); the uuids deleted."""
+        ...
+
+
+@runtime_checkable
 class SupportsDueQuery(Protocol):
     """A pipeline repository that finds due pipelines without reading the others (an index)."""
 

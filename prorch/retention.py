@@ -65,7 +65,10 @@ def purge(
         if not uuids:
             break
         started = time.perf_counter()
-        summary.pipelines += store.delete_pipelines(uuids)
+        deleted = store.delete_pipelines(uuids, chosen, before)
+        if not deleted:
+            break  # all taken meanwhile (a retry, another purge holding them): that purge goes on
+        summary.pipelines += deleted
         summary.batches += 1
         took = time.perf_counter() - started
         summary.longest_batch_seconds = max(summary.longest_batch_seconds, took)

@@ -58,6 +58,7 @@ from prorch.repository import (
     SupportsPinning,
     SupportsPipelineQuery,
     SupportsPipelineStats,
+    SupportsPurge,
     SupportsSaveMany,
     SupportsScheduleTicks,
     SupportsSearchMany,
@@ -303,18 +304,24 @@ class Store:
         return listing.stats_of(self.all_pipelines(), now, ended_since)
 
     def ended_before(self, statuses: list[Status], before: datetime, limit: int) -> list[str]:
-        """Uuids of ended pipelines of ``statuses`` last changed before ``before`` (retention)."""
+        """Uuids of ended pipelines of ``statuses`` last changed before ``before`` whose parent
+        is not stored (retention: a child goes after its parent, whose ``child_result`` reads it)."""
         values = [status.value for status in statuses]
         if isinstance(self.pipelines, SupportsEndedQuery):
             found: list[str] = _call("find ended pipelines", self.pipelines.ended_before, values, before, limit)
             return found
-        old = [
-            p.uuid
-            for status in statuses
-            for p in self.pipelines_with_status(status)
-            if p.updated_at is not None and p.updated_at < before
-        ]
+        old = [p.uuid for status in statuses for p in self.pipelines_with_status(status)
+               if self._purgeable(p, statuses, before)]  # fmt: skip
         return old[:limit]
+
+    def _purgeable(self, record: PipelineRecord, statuses: list[Status], before: datetime) -> bool:
+        """Retention's rule, for stores without ``SupportsEndedQuery`` / ``SupportsPurge``."""
+        return (
+            record.status in statuses
+            and record.updated_at is not None
+            and record.updated_at < before
+            and (record.parent_uuid is None or self.get_pipeline(record.parent_uuid) is None)
+        )
 
     def deleters(self) -> list[SupportsDelete]:
         """The steps, events, messages and pipelines repositories, each able to delete; one
@@ -328,15 +335,29 @@ class Store:
             )
         return [r for r in repositories if isinstance(r, SupportsDelete)]
 
-    def delete_pipelines(self, uuids: list[str]) -> int:
-        """Delete pipelines with their steps, events and messages, all-or-nothing where the
-        backend has transactions; the pipelines go last, so an interrupted delete leaves them
-        to be purged again rather than children without a pipeline."""
+    def delete_pipelines(self, uuids: list[str], statuses: list[Status], before: datetime) -> int:
+        """Delete those of ``uuids`` that retention may still take (ended with one of
+        ``statuses``, last changed before ``before``, no stored parent: checked again here, as
+        a retry may have landed since they were found) with their steps, events and messages,
+        all-or-nothing where the backend has transactions.
+
+        With ``SupportsPurge`` the pipelines go first, checked and locked by one statement, so
+        that a purge takes their locks in the order the workers do (pipeline, then steps) and
+        skips those another transaction holds: no deadlock with a worker or a second purge.
+        Otherwise each is checked inside the transaction, and the pipelines go last, so an
+        interrupted delete leaves them to be purged again rather than steps without a pipeline."""
         deleters = self.deleters()
         with self.transaction():
+            if isinstance(self.pipelines, SupportsPurge):
+                values = [status.value for status in statuses]
+                gone: list[str] = _call("delete pipelines", self.pipelines.delete_ended, uuids, values, before)
+                for children in deleters[:3]:
+                    _call("delete records", children.delete_by, "pipeline_uuid", gone)
+                return len(gone)
+            chosen = [r.uuid for r in map(self.get_pipeline, uuids) if r and self._purgeable(r, statuses, before)]
             for children in deleters[:3]:
-                _call("delete records", children.delete_by, "pipeline_uuid", uuids)
-            deleted: int = _call("delete pipelines", deleters[3].delete_by, "uuid", uuids)
+                _call("delete records", children.delete_by, "pipeline_uuid", chosen)
+            deleted: int = _call("delete pipelines", deleters[3].delete_by, "uuid", chosen)
         return deleted
 
     def children_of(self, uuid: str) -> list[PipelineRecord]:

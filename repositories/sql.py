@@ -443,6 +443,29 @@ class SQLRepository(IRepository):
             rows = connection.execute(query, {"statuses": statuses, "before": before, "limit": limit})
             return [str(uuid) for (uuid,) in rows]
 
+    def delete_ended(self, uuids: list[str], statuses: list[str], before: datetime) -> list[str]:
+        """Delete those of ``uuids`` that retention may still take, checked in the statement
+        that deletes them (``SupportsPurge``): a pipeline retried since the purge found it is
+        left. Where rows can be locked, ones another transaction holds are skipped."""
+        query = self._searches.get("_purge")
+        if query is None:
+            c = self.table.c
+            before_at = bindparam("_before", type_=c.updated_at.type)
+            statuses_in: Any = bindparam("_statuses", expanding=True)
+            chosen = select(c.uuid).where(
+                c.uuid.in_(bindparam("_uuids", expanding=True)),
+                *sql_listing.purgeable(self.table, statuses_in, before_at),
+            )
+            query = self._searches["_purge"] = (
+                delete(self.table).where(c.uuid.in_(self.lockable(chosen).scalar_subquery())).returning(c.uuid)
+            )
+        deleted: list[str] = []
+        with self.backend._errors(), self.backend.connect(write=True) as connection:
+            for start in range(0, len(uuids), SEARCH_CHUNK):
+                params = {"_uuids": uuids[start : start + SEARCH_CHUNK], "_statuses": statuses, "_before": before}
+                deleted += [str(uuid) for (uuid,) in connection.execute(query, params)]
+        return deleted
+
     def pipeline_stats(self, now: datetime, ended_since: datetime) -> PipelineStats:
         """The dashboard overview's counts (``SupportsPipelineStats``)."""
         with self.backend.connect(write=False) as connection:

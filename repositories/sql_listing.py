@@ -16,6 +16,7 @@ from sqlalchemy import (
     Table,
     and_,
     bindparam,
+    exists,
     func,
     literal,
     or_,
@@ -125,15 +126,29 @@ def ended_query(table: Table, dialect: str) -> Any:
 
 def ended_before(table: Table, dialect: str) -> Any:
     """Uuids of ended pipelines with a status in ``:statuses`` and ``updated_at`` before
-    ``:before``, at most ``:limit``, from the partial index of ended pipelines (retention)."""
+    ``:before`` whose parent is not stored, at most ``:limit``, from the partial index of ended
+    pipelines (retention)."""
     c = table.c
     before = bindparam("before", type_=c.updated_at.type)
     statuses: Any = bindparam("statuses", expanding=True)
     limit = bindparam("limit", type_=Integer())
     if dialect != "sqlite":
-        return select(c.uuid).where(ENDED, c.status.in_(statuses), c.updated_at < before).limit(limit)
+        return select(c.uuid).where(*purgeable(table, statuses, before)).limit(limit)
     sql = (
         f"SELECT uuid FROM {table.name} INDEXED BY ix_pipelines_ended "
-        f"WHERE {ENDED.text} AND status IN :statuses AND updated_at < :before LIMIT :limit"
+        f"WHERE {ENDED.text} AND status IN :statuses AND updated_at < :before AND {_ORPHAN.format(t=table.name)} "
+        "LIMIT :limit"
     )
     return text(sql).bindparams(before, statuses, limit)
+
+
+_ORPHAN = "(parent_uuid IS NULL OR NOT EXISTS (SELECT 1 FROM {t} AS parent WHERE parent.uuid = {t}.parent_uuid))"
+
+
+def purgeable(table: Table, statuses: Any, before: Any) -> list[Any]:
+    """Retention's rule as conditions: ended with one of ``statuses``, last changed before
+    ``before``, and no stored parent (a parent's ``child_result`` reads its children)."""
+    c = table.c
+    parent = table.alias("parent")
+    orphan = c.parent_uuid.is_(None) | ~exists().where(parent.c.uuid == c.parent_uuid)
+    return [ENDED, c.status.in_(statuses), c.updated_at < before, orphan]

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from prorch import KeyConflictError, Orchestrator
+from prorch import ConfigurationError, KeyConflictError, Orchestrator
 from prorch.keys import uuid_for_key
 from tests.integration.key_race import KeyRacePipeline, create_in_lockstep
 
@@ -98,3 +98,30 @@ def test_prorch_start_with_a_key(tmp_path: Path) -> None:
     assert shown.returncode == 0 and "  key: order-7" in shown.stdout
     too_long = prorch("start", "KeyRacePipeline", "-p", "order=1", "--key", "x" * 201)
     assert too_long.returncode == 2 and "1 to 200 characters long, not 201" in too_long.stderr
+
+
+def test_a_key_is_kept_as_long_as_its_pipeline(backend: Any) -> None:
+    """The documented rule (#25, docs/concepts.md "Creation keys"): a key names its pipeline
+    while the pipeline is stored; once retention purges it, the key is free again, as a
+    workflow id is in Temporal and DBOS. Keep pipelines longer than callers retry."""
+    from datetime import timedelta
+
+    from prorch import FakeClock
+
+    clock = FakeClock()
+    orchestrator = Orchestrator(backend, clock=clock)
+    try:
+        orchestrator.store.deleters()
+    except ConfigurationError:
+        pytest.skip("this repository cannot delete: nothing is ever purged")
+    first = KeyRacePipeline.create(backend, {"order": 1}, key="order-1", clock=clock)
+    orchestrator.execute_pipelines()
+    clock.advance(29 * 86400)
+    assert orchestrator.purge(timedelta(days=30)).pipelines == 0
+    again = KeyRacePipeline.create(backend, {"order": 1}, key="order-1", clock=clock)
+    assert (again.created, again.uuid) == (False, first.uuid)  # within retention: the same pipeline
+    clock.advance(2 * 86400)
+    assert orchestrator.purge(timedelta(days=30)).pipelines == 1
+    after = KeyRacePipeline.create(backend, {"order": 1}, key="order-1", clock=clock)
+    assert (after.created, after.uuid) == (True, first.uuid)  # purged: the key creates a new pipeline
+    assert orchestrator.get(after.uuid).pipeline.status.value == "pending"

@@ -18,6 +18,7 @@ import pytest
 
 from prorch import ConfigurationError, FakeClock, InvalidParamsError, Orchestrator
 from prorch.registry import Registry
+from prorch.status import Status
 from tests.integration.conftest import make_backend
 from tests.support.builders import pipeline_of, step_of
 
@@ -128,9 +129,9 @@ def test_a_long_purge_does_not_hold_up_the_workers_loop(
     worker = Orchestrator(url, registry=registry, retention=timedelta(0))
     slow_delete = worker.store.delete_pipelines
 
-    def slowly(uuids: list[str]) -> int:
+    def slowly(*args: Any) -> int:
         time.sleep(0.5)  # a store under load: each batch holds on for a while
-        return slow_delete(uuids)
+        return slow_delete(*args)
 
     monkeypatch.setattr(worker.store, "delete_pipelines", slowly)
     loop = threading.Thread(target=worker.run_forever, kwargs={"interval": 0.05}, daemon=True)
@@ -256,3 +257,57 @@ def test_a_worker_with_retention_does_not_create_a_purged_tick_again(tmp_path: P
     assert purged and worker.returncode == 0, log
     assert "purged 1 pipelines (finished, cancelled)" in log
     assert store.all_pipelines() == [], log  # the tick was not created again
+
+
+def test_a_finished_child_is_kept_while_its_parent_lives(backend: Any, registry: Registry) -> None:
+    """Regression (#25): a finished child of a waiting parent was purged, and the parent's
+    ``child_result`` then failed ("no child of this pipeline has that uuid"). A child goes only
+    after its parent is gone: the same purge takes it in a later batch."""
+
+    def start(step: Any) -> None:
+        step.metadata["kid"] = step.start_child("Kid", {})
+
+    def gather(step: Any) -> None:
+        if step.receive("go") is None:
+            step.wait(seconds=10**7)
+            return
+        step.finish({"kid": step.child_result(step.metadata["kid"])})
+
+    pipeline_of(step_of("KidStep", lambda self: self.finish({"px": 2})), name="Kid")
+    parent = pipeline_of(step_of("Gather", start, gather), name="Parent")
+    clock = FakeClock(START)
+    orchestrator = Orchestrator(backend, registry=registry, clock=clock)
+    uuid = parent.create(backend, {}, clock=clock).uuid
+    while orchestrator.execute_pipelines().claimed:
+        pass
+    (kid,) = orchestrator.get(uuid).children
+    assert kid.status.value == "finished"
+    clock.advance(31 * 86400)
+    assert orchestrator.purge(timedelta(days=30)).pipelines == 0  # the parent still waits
+    orchestrator.send(uuid, "go", {})
+    orchestrator.execute_pipelines()
+    assert orchestrator.result(uuid) == {"kid": {"px": 2}}
+    clock.advance(31 * 86400)
+    summary = orchestrator.purge(timedelta(days=30))
+    assert (summary.pipelines, summary.batches) == (2, 2)  # the parent, then its child
+    assert orchestrator.store.get_pipeline(kid.uuid) is None and children(backend, kid.uuid) == 0
+
+
+def test_a_pipeline_retried_after_the_purge_chose_it_is_not_deleted(backend: Any, registry: Registry) -> None:
+    """Regression (#25): the purge found its batch, then deleted by uuid, so a retry landing in
+    between was deleted while pending. The delete checks status and age again itself."""
+    broken = pipeline_of(step_of("Broken", lambda self: self.fail("no")), name="Broken")
+    clock = FakeClock(START)
+    orchestrator = Orchestrator(backend, registry=registry, clock=clock)
+    failed = [broken.create(backend, {"n": n}, clock=clock).uuid for n in range(3)]
+    orchestrator.execute_pipelines()
+    clock.advance(31 * 86400)
+    before = clock.now() - timedelta(days=30)
+    store = orchestrator.store
+    chosen = store.ended_before([Status.FAILED], before, 10)
+    assert sorted(chosen) == sorted(failed)
+    orchestrator.retry(failed[0])  # lands between the purge's choice and its delete
+    assert store.delete_pipelines(chosen, [Status.FAILED], before) == 2
+    retried = store.get_pipeline(failed[0])
+    assert retried is not None and retried.status == Status.PENDING and children(backend, failed[0]) > 0
+    assert [store.get_pipeline(uuid) for uuid in failed[1:]] == [None, None]
