@@ -139,9 +139,7 @@ class LeaseKeeper:
         since = time.monotonic()
         now = self.clock.now()
         with self._lock:
-            held = [
-                (uuid, lease.token) for uuid, lease in self._held.items() if self._limits.get(uuid, now) >= now
-            ]
+            held = [(uuid, lease.token) for uuid, lease in self._held.items() if self._limits.get(uuid, now) >= now]
         for uuid, token in held:
             try:
                 self._renew(uuid, token, since, now)
