@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable
 from datetime import datetime, timedelta, timezone
 from typing import Protocol
+
+logger = logging.getLogger("prorch.clock")
 
 
 class Clock(Protocol):
@@ -51,6 +54,9 @@ class FakeClock:
 
 SERVER_CLOCK_RECHECK_SECONDS = 30.0
 """How often an aligned clock measures its offset to the store's clock again."""
+SERVER_CLOCK_RETRY_SECONDS = 1.0
+"""How soon an aligned clock tries again after the server could not be asked (it keeps the last
+offset meanwhile)."""
 
 
 class ServerAlignedClock:
@@ -64,12 +70,21 @@ class ServerAlignedClock:
         self._server_time = server_time
         self._offset = timedelta(0)
         self._checked_at: float | None = None
+        self._next_check = 0.0  # time.monotonic() at which to measure again
         self._lock = threading.Lock()
 
     def now(self) -> datetime:
-        checked = self._checked_at
-        if checked is None or time.monotonic() - checked > SERVER_CLOCK_RECHECK_SECONDS:
-            self.measure()
+        """The aligned time. A re-check the server does not answer (it is down for a moment)
+        keeps the last offset and is tried again ``SERVER_CLOCK_RETRY_SECONDS`` later: reading
+        the time never fails once the offset was measured (the lease keeper reads it)."""
+        if time.monotonic() >= self._next_check:
+            try:
+                self.measure()
+            except Exception as exc:
+                if self._checked_at is None:
+                    raise  # never measured: no offset to fall back on
+                self._next_check = time.monotonic() + SERVER_CLOCK_RETRY_SECONDS
+                logger.warning("could not re-check the server's clock (%s); keeping the last offset", exc)
         return self.base.now() + self._offset
 
     def measure(self) -> timedelta:
@@ -80,4 +95,5 @@ class ServerAlignedClock:
             after = self.base.now()
             self._offset = server - (before + (after - before) / 2)
             self._checked_at = time.monotonic()
+            self._next_check = self._checked_at + SERVER_CLOCK_RECHECK_SECONDS
             return self._offset

@@ -121,6 +121,11 @@ class ConcurrentUpdateError(RepositoryError):
     """The record changed since it was read (another orchestrator holds it); the write was refused."""
 
 
+class LeaseLostError(ConcurrentUpdateError):
+    """This worker no longer holds the pipeline's lease (a renewal was refused: it ran out and
+    another worker claimed it), so it starts none of its hooks."""
+
+
 class ConfigurationError(ProrchError, ValueError):
     """The configuration is invalid."""
 

@@ -21,6 +21,7 @@ from prorch.exceptions import (
     ConcurrentUpdateError,
     ConfigurationError,
     InvalidStateError,
+    LeaseLostError,
     PipelineNotFoundError,
     ProrchError,
     RepositoryError,
@@ -130,6 +131,9 @@ class Orchestrator:
         self.pass_observers: list[Callable[[PassSummary, list[float], float], None]] = []
         """Told (summary, each claimed pipeline's seconds from due to claim, the pass's seconds)
         after every pass (metrics)."""
+        self.lease_observers: list[Callable[[str], None]] = []
+        """Told (pipeline name) when a lease this worker held was lost: its renewal was refused
+        (metrics)."""
         # Hooks run in threads only on a backend that says it is thread-safe.
         self.concurrency = concurrency if self.store.thread_safe else 1
         self.max_abandoned_hooks = concurrency if max_abandoned_hooks is None else max_abandoned_hooks
@@ -170,13 +174,14 @@ class Orchestrator:
         summary = PassSummary()
         summary.scheduled, failed = scheduling.create_due(self.store, self.registry, self.clock)
         summary.errors.update(failed)
+        since = time.monotonic()  # before the lease's time is read: see LeaseKeeper
         now = self.clock.now()
         lease_until = now + timedelta(seconds=self.lease_seconds)
         claimed = self.store.claim_due(now, self.new_lease_token(), lease_until, self.batch_size, self._limits())
         summary.claimed = len(claimed)
         lags = [(now - p.next_run_at).total_seconds() for p in claimed if p.next_run_at is not None]
-        with LeaseKeeper(self.store, self.lease_seconds, self.clock) as keeper:
-            keeper.hold(claimed)
+        with LeaseKeeper(self.store, self.lease_seconds, self.clock, self._lease_lost) as keeper:
+            keeper.hold(claimed, since)
             steps = self.store.steps_of_many([pipeline.uuid for pipeline in claimed])  # one read, not one each
             writings = [self._advancing(pipeline, keeper, steps.get(pipeline.uuid)) for pipeline in claimed]
             if self.group_commit > 1 and len(claimed) > 1 and self.store.has_transaction:
@@ -231,6 +236,9 @@ class Orchestrator:
         """One pipeline's advance; an error is logged and recorded on it, and the pass goes on."""
         try:
             return (yield from self.runner.advancing(pipeline, keeper, steps))
+        except LeaseLostError as exc:
+            logger.warning("%s", exc, extra={"pipeline_uuid": pipeline.uuid})
+            return f"{type(exc).__name__}: {exc}"
         except ConcurrentUpdateError as exc:
             logger.warning(
                 "pipeline %s: write refused, another orchestrator holds it: %s",
@@ -243,10 +251,15 @@ class Orchestrator:
             logger.exception(
                 "pipeline %s: advance failed: %s", pipeline.uuid, exc, extra={"pipeline_uuid": pipeline.uuid}
             )
+            keeper.releasing(pipeline.uuid)
             self.runner.journal.record_error(pipeline, exc)
             return f"{type(exc).__name__}: {exc}"
         finally:
             keeper.drop(pipeline.uuid)  # its last write is stored: the lease is released
+
+    def _lease_lost(self, pipeline_name: str) -> None:
+        for observer in self.lease_observers:
+            observer(pipeline_name)
 
     def run_forever(self, interval: float = DEFAULT_INTERVAL_SECONDS) -> None:
         """Run passes every ``interval`` seconds until ``stop()`` or SIGTERM/SIGINT; a pass with

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 from collections.abc import Iterable
 from datetime import timedelta
 from typing import Any
@@ -193,6 +194,7 @@ class Pipeline(PipelineDefinition):
         """Run this pipeline's due work now, in this process, as the seed's ``start()`` did:
         the current step and, as each finishes, the next ones (up to the per-pass bound)."""
         owner = new_owner_id()
+        since = time.monotonic()  # before the lease's time is read: see LeaseKeeper
         now = self._clock.now()
         lease_until = now + timedelta(seconds=DEFAULT_LEASE_SECONDS)
         record = self._store.claim_one(self.uuid, now, owner, lease_until)
@@ -201,7 +203,7 @@ class Pipeline(PipelineDefinition):
         runner = Runner(self._store, self._registry, self._clock)
         try:
             with LeaseKeeper(self._store, DEFAULT_LEASE_SECONDS, self._clock) as keeper:
-                keeper.hold([record])
+                keeper.hold([record], since)
                 outcome = runner.advance(record, keeper)
         finally:
             runner.hooks.close()  # the event loop of its async hooks, if it had any

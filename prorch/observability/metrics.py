@@ -1,6 +1,6 @@
 """Prometheus metrics of one worker process (prometheus_client), attached to an orchestrator:
 counters from the events each transition writes, hook durations from the hook invoker, pass
-durations and start lag from the pass, and gauges read from the store at most every
+durations and start lag from the pass, lost leases from the lease keeper, and gauges read from the store at most every
 ``GAUGE_SECONDS``. Labels stay bounded: pipeline and step names and kinds, never a uuid, params
 or a tenant."""
 
@@ -56,6 +56,13 @@ class WorkerMetrics:
         self.refused_writes = Counter(
             "prorch_refused_writes", "Transitions refused because another worker held the pipeline.", registry=r
         )
+        self.leases_lost = Counter(
+            "prorch_leases_lost",
+            "Leases this worker lost: a renewal refused, as the lease had run out (a frozen or starved "
+            "worker) and another worker claimed the pipeline.",
+            ["pipeline"],
+            registry=r,
+        )
         self.hook_seconds = Histogram(
             "prorch_hook_duration_seconds", "Time one hook call took.", ["pipeline", "step", "hook"],
             buckets=DURATION_BUCKETS, registry=r,
@@ -74,6 +81,7 @@ class WorkerMetrics:
         self.orchestrator.registry.event_hooks.append(self.count_events)
         self.orchestrator.runner.invoker.timings.append(self.hook_timed)
         self.orchestrator.pass_observers.append(self.pass_done)
+        self.orchestrator.lease_observers.append(self.lease_lost)
         return self
 
     def count_events(self, pipeline_name: str, events: Sequence[EventRecord], now: datetime) -> list[Record]:
@@ -94,6 +102,9 @@ class WorkerMetrics:
 
     def hook_timed(self, pipeline_name: str, step_name: str, hook: str, seconds: float) -> None:
         self.hook_seconds.labels(pipeline_name, step_name, hook).observe(seconds)
+
+    def lease_lost(self, pipeline_name: str) -> None:
+        self.leases_lost.labels(pipeline_name).inc()
 
     def pass_done(self, summary: PassSummary, lags: list[float], seconds: float) -> None:
         self.pass_seconds.observe(seconds)

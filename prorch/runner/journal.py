@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import enum
 import logging
+import time
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -104,12 +105,16 @@ class Journal:
         """Persist one transition (yield it; resumed once stored); returns whether the pass goes
         on with this pipeline. Going on, the write marks the next hook running, unless ``mark``
         is False. Raises ``ConcurrentUpdateError`` when the lease was lost."""
+        since = time.monotonic()  # before the lease's time is read: see LeaseKeeper
         now = self.clock.now()
         transitions.settle(run, now)
         pipeline = run.pipeline
         stop = stop or pipeline.status in TERMINAL
+        if stop and run.keeper is not None:
+            run.keeper.releasing(pipeline.uuid)
         for merged in range(MAX_MERGES):
             if merged:
+                since = time.monotonic()
                 now = self.clock.now()
             transitions.schedule(
                 run, stop=stop, now=now, lease_seconds=self.lease_seconds, policies=self.policies, mark=mark
@@ -125,6 +130,8 @@ class Journal:
                     raise
         else:  # pragma: no cover - MAX_MERGES outside writes during one transition
             raise ConcurrentUpdateError(f"pipeline {pipeline.uuid} kept changing; giving up this transition")
+        if not stop and run.keeper is not None:
+            run.keeper.renewed(pipeline.uuid, since)
         run.forget_pending()
         run.dirty = False
         return not stop
@@ -146,9 +153,14 @@ class Journal:
 
     def mark_hook_running(self, run: Run) -> Writing[None]:
         """Store that a hook is about to run, unless the last write already did (it does when
-        the pass goes on with this pipeline): one write per advance, not per hook."""
+        the pass goes on with this pipeline): one write per advance, not per hook. Then make
+        sure our lease is live for a safe margin, or raise (``LeaseKeeper.confirm``): that last
+        write may have been stored a while ago (in a round of group commit, behind a slow
+        store), and its lease may have run out since."""
         if run.pipeline.hook_started_at is None:
             yield from self.commit(run, [], stop=False)
+        if run.keeper is not None:
+            run.keeper.confirm(run.pipeline.uuid)
 
     def park(self, run: Run) -> Writing[None]:
         """Stop for now without running a hook: release the lease, be due again when the next

@@ -82,6 +82,8 @@ class Runner:
             run = self.journal.load(pipeline, steps)
         except NotRegisteredError as exc:
             logger.warning("pipeline %s is blocked: %s", pipeline.uuid, exc, extra={"pipeline_uuid": pipeline.uuid})
+            if keeper is not None:
+                keeper.releasing(pipeline.uuid)
             return (yield from self.journal.leave_blocked(pipeline, str(exc)))
         run.token, run.keeper = pipeline.lease_owner, keeper
         try:

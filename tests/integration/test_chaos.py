@@ -134,3 +134,57 @@ def test_overlap_check_catches_two_processes_in_one_pipeline() -> None:
     long_first = ["S p A 1 1.0", "E p A 1 10.0", "S p B 2 2.0", "E p B 2 3.0", "S p C 3 4.0", "E p C 3 5.0"]
     with pytest.raises(AssertionError, match="'p', 1, 3"):  # C overlaps A, not just B
         check_no_overlap(long_first, killed={})
+
+
+def run_lease_race(tmp_path: Path, run: int, *, lease: float, seconds: float, every: float) -> None:
+    """#25: 300 pipelines of three 3 ms steps, three workers on one SQLite file with short
+    leases, a random one SIGKILLed every ``every`` seconds once hooks run: no two processes
+    may run hooks of one pipeline at overlapping times, and no step's finish is recorded twice."""
+    sys.path.insert(0, str(CHAOS))
+    try:
+        import lease_app
+    finally:
+        sys.path.remove(str(CHAOS))
+    url = f"sqlite:///{tmp_path / f'lease{run}.db'}"
+    log = tmp_path / f"hooks{run}.log"
+    backend = from_url(url)
+    uuids = [p.uuid for p in lease_app.LeasePipeline.create_many(backend, [{}] * 300)]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(CHAOS), str(ROOT)]), "CHAOS_LOG": str(log)}
+
+    def start() -> subprocess.Popen[bytes]:
+        command = [sys.executable, str(CHAOS / "lease_worker.py"), url, str(lease)]
+        return subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    procs = [start() for _ in range(3)]
+    killed: dict[int, float] = {}
+    rng = random.Random(run)
+    try:
+        started = time.monotonic()
+        while not log.exists() and time.monotonic() - started < 60:  # a loaded machine starts slowly
+            time.sleep(0.05)
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            time.sleep(every)
+            victim = procs.pop(rng.randrange(len(procs)))
+            victim.send_signal(signal.SIGKILL)
+            victim.wait()
+            killed[victim.pid] = time.monotonic()
+            procs.append(start())
+    finally:
+        for proc in procs:
+            proc.send_signal(signal.SIGKILL)
+            proc.wait()
+            killed[proc.pid] = time.monotonic()
+    orchestrator = Orchestrator(backend)
+    for uuid in uuids:
+        finished = collections.Counter(
+            e.step_uuid for e in orchestrator.history(uuid) if e.type.value == "step.finished"
+        )
+        assert all(count == 1 for count in finished.values()), (uuid, finished)
+    check_no_overlap(log.read_text().splitlines(), killed)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("run", range(10))
+def test_sqlite_short_leases_and_kills_never_run_one_pipeline_in_two_workers(tmp_path: Path, run: int) -> None:
+    run_lease_race(tmp_path, run, lease=1.0, seconds=4.0, every=0.5)

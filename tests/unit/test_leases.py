@@ -1,16 +1,32 @@
 """LeaseKeeper (prorch/leases.py): held leases are renewed by their token, a lost one is
-dropped, and a hook past its time limit is renewed no more."""
+dropped (logged and counted), a hook past its time limit is renewed no more, a hook starts only
+on a lease known to be live, and no error stops the keeper."""
 
 from __future__ import annotations
 
-from datetime import timedelta
+import logging
+import threading
+import time
+from collections.abc import Sequence
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
 
+import pytest
+
+from prorch import Orchestrator, Status, Step
+from prorch import clock as clock_module
+from prorch.clock import ServerAlignedClock, SystemClock
+from prorch.exceptions import ConcurrentUpdateError, LeaseLostError, RepositoryError
 from prorch.leases import LeaseKeeper
+from prorch.observability.metrics import WorkerMetrics
+from prorch.records import EventRecord, PipelineRecord, Record
 from prorch.registry import Registry
+from prorch.runner import Outcome, Runner, Writing, write_in_rounds
 from prorch.store import Store
 from prorch.testing import Harness
+from repositories import from_url
 from repositories.memory import MemoryBackend
-from tests.support.builders import pipeline_of, quick
+from tests.support.builders import pipeline_of, quick, step_of
 
 
 def test_lease_keeper_renews_held_leases_and_notices_lost_ones(registry: Registry) -> None:
@@ -22,7 +38,7 @@ def test_lease_keeper_renews_held_leases_and_notices_lost_ones(registry: Registr
     now = harness.clock.now()
     claimed = store.claim_due(now, "me", now + timedelta(seconds=30), 10)
     keeper = LeaseKeeper(store, 30, harness.clock)
-    keeper.hold(claimed)
+    keeper.hold(claimed, time.monotonic())
     store.claim_one(theirs.uuid, now + timedelta(seconds=31), "other", now + timedelta(seconds=90))
     harness.clock.advance(20)
     keeper.renew_all()
@@ -30,7 +46,7 @@ def test_lease_keeper_renews_held_leases_and_notices_lost_ones(registry: Registr
     assert record is not None and record.lease_expires_at == harness.clock.now() + timedelta(seconds=30)
     other = store.get_pipeline(theirs.uuid)
     assert other is not None and other.lease_owner == "other"
-    assert keeper._held == {mine.uuid: "me"}
+    assert list(keeper._held) == [mine.uuid]
 
 
 def test_lease_keeper_stops_renewing_past_a_hook_limit(registry: Registry) -> None:
@@ -40,7 +56,7 @@ def test_lease_keeper_stops_renewing_past_a_hook_limit(registry: Registry) -> No
     store = Store(backend)
     now = harness.clock.now()
     keeper = LeaseKeeper(store, 30, harness.clock)
-    keeper.hold(store.claim_due(now, "me", now + timedelta(seconds=30), 10))
+    keeper.hold(store.claim_due(now, "me", now + timedelta(seconds=30), 10), time.monotonic())
     keeper.limit(mine.uuid, now + timedelta(seconds=10))  # a hook that must be done in 10 s
     harness.clock.advance(5)
     keeper.renew_all()
@@ -50,3 +66,180 @@ def test_lease_keeper_stops_renewing_past_a_hook_limit(registry: Registry) -> No
     keeper.renew_all()
     left = store.get_pipeline(mine.uuid)
     assert left is not None and left.lease_expires_at == now + timedelta(seconds=35)
+
+
+# --- #25: a hook starts only on a lease known to be live; no error stops the keeper ------------
+
+
+def sqlite_store(tmp_path: Path) -> tuple[str, Store]:
+    url = f"sqlite:///{tmp_path / 'leases.db'}"
+    return url, Store(from_url(url))
+
+
+def claim(store: Store, lease: float, owner: str = "me#1") -> tuple[list[PipelineRecord], float]:
+    since = time.monotonic()
+    now = datetime.now(timezone.utc)
+    return store.claim_due(now, owner, now + timedelta(seconds=lease), 10), since
+
+
+def guarded(writing: Writing[Outcome]) -> Writing[Outcome | Exception]:
+    """A pipeline's advance as the orchestrator drives it: a refused lease ends it, alone."""
+    try:
+        return (yield from writing)
+    except ConcurrentUpdateError as exc:
+        return exc
+
+
+def test_a_hook_waiting_its_turn_does_not_start_on_a_lease_that_ran_out(registry: Registry, tmp_path: Path) -> None:
+    """Two pipelines marked in one round of group commit; the first one's hook outlasts the
+    lease while the keeper could renew nothing (a starved worker), and another worker claims
+    the second. Its hook must not start here (it did: the round's write was the last check)."""
+    url, store = sqlite_store(tmp_path)
+    ran: list[str] = []
+    stolen: list[PipelineRecord | None] = []
+    thief = Store(from_url(url))
+
+    def on_start(step: Step) -> None:
+        ran.append(step.pipeline_uuid)
+        if len(ran) == 1:
+            time.sleep(0.8)  # past the 0.6 s lease
+            other = next(u for u in uuids if u != step.pipeline_uuid)
+            now = datetime.now(timezone.utc)
+            stolen.append(thief.claim_one(other, now, "thief#1", now + timedelta(seconds=60)))
+
+    flow = pipeline_of(step_of("Slow", on_start=on_start))
+    uuids = [flow.create(store.backend).uuid for _ in range(2)]
+    claimed, since = claim(store, 0.6)
+    keeper = LeaseKeeper(store, 0.6, SystemClock())  # not started: its renewals never get through
+    keeper.hold(claimed, since)
+    runner = Runner(store, registry, SystemClock(), lease_seconds=0.6)
+    results = write_in_rounds(store, [guarded(runner.advancing(p, keeper)) for p in claimed], group=100)
+
+    assert stolen and stolen[0] is not None, "the other worker should have claimed the second pipeline"
+    assert len(ran) == 1, f"a hook started on a lost lease: {ran}"
+    assert any(isinstance(r, LeaseLostError) for r in results), results
+
+
+def test_the_keeper_thread_renews_a_claimed_pipeline_whose_hook_has_not_started(tmp_path: Path) -> None:
+    """Fails if ``renew_all`` is removed or does nothing: without it the lease runs out."""
+    url, store = sqlite_store(tmp_path)
+    pipeline_of(quick("A")).create(store.backend)
+    claimed, since = claim(store, 0.3)
+    with LeaseKeeper(store, 0.3, SystemClock()) as keeper:
+        keeper.hold(claimed, since)
+        time.sleep(1.0)
+        now = datetime.now(timezone.utc)
+        assert Store(from_url(url)).claim_one(claimed[0].uuid, now, "thief#1", now + timedelta(seconds=60)) is None
+    stored = store.get_pipeline(claimed[0].uuid)
+    assert stored is not None and stored.lease_owner == "me#1"
+    assert stored.lease_expires_at is not None and stored.lease_expires_at > now
+
+
+def test_no_error_stops_the_keeper_a_clock_recheck_during_a_store_blip_included(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The server-aligned clock re-checks its offset while the server is down: the keeper goes
+    on with the last offset (its thread died, and the lease ran out)."""
+    monkeypatch.setattr(clock_module, "SERVER_CLOCK_RECHECK_SECONDS", 0.05)
+    down = threading.Event()
+
+    def server_time() -> datetime:
+        if down.is_set():
+            raise RepositoryError("could not read the server's clock: connection refused")
+        return datetime.now(timezone.utc)
+
+    url, store = sqlite_store(tmp_path)
+    pipeline_of(quick("A")).create(store.backend)
+    aligned = ServerAlignedClock(server_time)
+    aligned.now()
+    claimed, since = claim(store, 0.3)
+    with LeaseKeeper(store, 0.3, aligned) as keeper:
+        keeper.hold(claimed, since)
+        down.set()
+        time.sleep(0.4)  # the blip: re-checks fail
+        down.clear()
+        time.sleep(0.8)
+        now = datetime.now(timezone.utc)
+        assert Store(from_url(url)).claim_one(claimed[0].uuid, now, "thief#1", now + timedelta(seconds=60)) is None
+
+
+def test_a_failed_clock_recheck_keeps_the_last_offset_and_is_tried_again(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(clock_module, "SERVER_CLOCK_RECHECK_SECONDS", 0.0)
+    monkeypatch.setattr(clock_module, "SERVER_CLOCK_RETRY_SECONDS", 0.0, raising=False)
+    offsets: list[float | None] = [5.0, None, 7.0]
+
+    def server_time() -> datetime:
+        offset = offsets.pop(0) if len(offsets) > 1 else offsets[0]
+        if offset is None:
+            raise RepositoryError("the server is down")
+        return datetime.now(timezone.utc) + timedelta(seconds=offset)
+
+    aligned = ServerAlignedClock(server_time)
+    assert abs((aligned.now() - datetime.now(timezone.utc)).total_seconds() - 5) < 0.5
+    assert abs((aligned.now() - datetime.now(timezone.utc)).total_seconds() - 5) < 0.5  # the blip: last offset
+    assert abs((aligned.now() - datetime.now(timezone.utc)).total_seconds() - 7) < 0.5  # tried again
+
+
+def test_a_refused_renewal_is_logged_and_counted_and_that_pipeline_starts_no_hook(
+    registry: Registry, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Another worker (its clock ahead) claims a pipeline this worker holds: the keeper's next
+    renewal is refused; the loss is logged and counted in prorch_leases_lost_total."""
+    url = f"sqlite:///{tmp_path / 'leases.db'}"
+    ran: list[str] = []
+    thief = Store(from_url(url))
+
+    def on_start(step: Step) -> None:
+        ran.append(step.pipeline_uuid)
+        if len(ran) == 1:
+            other = next(u for u in uuids if u != step.pipeline_uuid)
+            ahead = datetime.now(timezone.utc) + timedelta(seconds=30)
+            assert thief.claim_one(other, ahead, "thief#1", ahead + timedelta(seconds=60)) is not None
+            time.sleep(0.5)  # the keeper renews every 0.2 s
+
+    flow = pipeline_of(step_of("Slow", on_start=on_start))
+    orchestrator = Orchestrator(url, lease_seconds=0.6, concurrency=1, group_commit=1, registry=registry)
+    uuids = [flow.create(orchestrator.store.backend).uuid for _ in range(2)]
+    metrics = WorkerMetrics(orchestrator).attach()
+    with caplog.at_level(logging.WARNING, logger="prorch.leases"):
+        summary = orchestrator.execute_pipelines()
+
+    lost = next(u for u in uuids if u not in ran)
+    assert ran == [next(u for u in uuids if u != lost)]
+    assert summary.errors[lost].startswith(("LeaseLostError", "ConcurrentUpdateError")), summary.errors
+    assert any(f"lease of pipeline {lost} was lost" in r.getMessage() for r in caplog.records)
+    assert metrics.registry.get_sample_value("prorch_leases_lost_total", {"pipeline": "P"}) == 1
+
+
+def test_an_engine_error_releases_the_lease_and_clears_the_hook_mark(
+    registry: Registry, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An error in the engine (here an event hook), after a hook was marked running: the
+    error is kept on the pipeline, its lease released and its mark cleared, so that the next
+    pass neither waits for the lease nor charges a crash."""
+    failing = threading.Event()
+
+    def on_start(step: Step) -> None:
+        failing.set()
+
+    def event_hook(name: str, events: Sequence[EventRecord], now: datetime) -> list[Record]:
+        if failing.is_set():
+            raise RuntimeError("event hook broke")
+        return []
+
+    flow = pipeline_of(step_of("A", on_start=on_start), step_of("B", on_start=on_start))
+    orchestrator = Orchestrator(f"sqlite:///{tmp_path / 'e.db'}", lease_seconds=60, registry=registry)
+    uuid = flow.create(orchestrator.store.backend).uuid
+    registry.event_hooks.append(event_hook)
+    summary = orchestrator.execute_pipelines()
+    assert "event hook broke" in summary.errors[uuid]
+    stored = orchestrator.store.get_pipeline(uuid)
+    assert stored is not None and stored.last_error is not None and "event hook broke" in stored.last_error.message
+    assert stored.lease_owner is None and stored.lease_expires_at is None
+    assert stored.hook_started_at is None
+    failing.clear()
+    registry.event_hooks.remove(event_hook)
+    with caplog.at_level(logging.WARNING):
+        orchestrator.execute_pipelines()
+    assert orchestrator.get(uuid).pipeline.status == Status.FINISHED
+    assert not [r for r in caplog.records if "died or vanished" in r.getMessage()]
