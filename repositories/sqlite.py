@@ -23,7 +23,7 @@ from prorch.exceptions import ConfigurationError, CorruptStoreError, RepositoryE
 from prorch.records import JSONDict
 from prorch.secrets import error_summary, redact_url
 from repositories.sql import SEARCH_CHUNK, SQLBackend, SQLRepository
-from repositories.sqlite_fastpath import SQLiteFastPath
+from repositories.sqlite_fastpath import SQLiteFastPath, db_json
 
 BUSY_TIMEOUT_SECONDS = 30.0
 SYNCHRONOUS = ("OFF", "NORMAL", "FULL", "EXTRA")
@@ -77,6 +77,7 @@ class SQLiteBackend(SQLBackend):
         # the pool's ROLLBACK on return would only cost a round trip per transition.
         options.setdefault("pool_reset_on_return", None)
         options.setdefault("pool_pre_ping", False)  # a file: no server restart to notice
+        options.setdefault("json_serializer", db_json)  # what the fast path writes, on SQLAlchemy's path
         engine = super()._create_engine(url, options)
         _configure(engine, synchronous, checkpoint)
         return engine
