@@ -238,6 +238,15 @@ class Orchestrator:
                 extra={"pipeline_uuid": pipeline.uuid},
             )
             return f"{type(exc).__name__}: {exc}"
+        except RepositoryError as exc:  # the store's failure, not the engine's: no traceback
+            logger.error(
+                "pipeline %s: store error; what was not stored is done again in a later pass: %s",
+                pipeline.uuid,
+                exc,
+                extra={"pipeline_uuid": pipeline.uuid},
+            )
+            self.runner.journal.record_error(pipeline, exc)
+            return f"{type(exc).__name__}: {exc}"
         except Exception as exc:
             logger.exception(
                 "pipeline %s: advance failed: %s", pipeline.uuid, exc, extra={"pipeline_uuid": pipeline.uuid}

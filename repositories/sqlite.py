@@ -44,6 +44,7 @@ class SQLiteBackend(SQLBackend):
 
     reads_in_transaction = False
     unreachable_errors = (OperationalError, InterfaceError, sqlite3.OperationalError)
+    unreachable_error = RepositoryError  # a file: locked or unreadable, no server to come back
     duplicate_errors = (IntegrityError, sqlite3.IntegrityError)
     refused_errors = (*SQLBackend.refused_errors, sqlite3.Error)
 
