@@ -75,7 +75,6 @@ class PostgreSQLBackend(SQLBackend):
                 )
         return [written for written, _ in outcomes]
 
-
     def _driver_error(self, exc: Exception) -> RepositoryError:
         """A psycopg error as ``_errors`` words SQLAlchemy's: unreachable (the server or the
         connection went away), else refused."""

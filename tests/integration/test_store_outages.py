@@ -4,12 +4,16 @@ the worker's connections killed mid-transaction."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -18,7 +22,7 @@ import pytest
 
 from prorch import Orchestrator, Status
 from repositories import from_url
-from tests.support.postgres import PostgresServer
+from tests.support.postgres import PostgresServer, PostgresUnavailable, free_port, start_server
 
 FAULTS = Path(__file__).parent / "faults"
 ROOT = Path(__file__).resolve().parents[2]
@@ -101,3 +105,91 @@ def test_killed_connections_leave_the_next_writes_clean(
     # what the killed connections cost is said as what it is: a store error (of a pipeline or a pass)
     assert "store error" in log or "store unreachable" in log, log[-3000:]
     assert "UnstorableResultError" not in log, log[-3000:]  # and is not charged to a step as a failed attempt
+
+
+@pytest.fixture
+def own_server() -> Iterator[PostgresServer]:
+    """A server of this test's own, to stop and start (the session's serves the other tests)."""
+    try:
+        server = start_server()
+    except PostgresUnavailable as exc:
+        pytest.skip(f"PostgreSQL not available: {exc}")
+    yield server
+    with contextlib.suppress(subprocess.CalledProcessError):  # a test may leave it stopped
+        server.stop("immediate")
+    shutil.rmtree(server.folder, ignore_errors=True)
+
+
+def health(port: int) -> int | None:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as answer:
+            return int(answer.status)
+    except urllib.error.HTTPError as exc:
+        return exc.code
+    except OSError:
+        return None  # not listening (yet, or any more)
+
+
+@pytest.mark.slow
+def test_a_worker_started_while_postgresql_is_down_waits_for_it(
+    own_server: PostgresServer, tmp_path: Path, processes: list[subprocess.Popen[bytes]]
+) -> None:
+    """Regression: ``prorch worker`` against a stopped server exited 1. It now tries again with
+    backoff, logging each try, /healthz 503 meanwhile, and works once the server is up."""
+    own_server.stop()
+    port = free_port()
+    stderr = tmp_path / "worker.err"
+    with stderr.open("wb") as sink:
+        worker = subprocess.Popen(
+            [PRORCH, "--app", "fault_app", "-r", own_server.url, "worker", "--interval", "0.1",
+             "--metrics-port", str(port)],
+            env=env(), cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=sink,
+        )  # fmt: skip
+    processes.append(worker)
+    wait_for(lambda: health(port) is not None or worker.poll() is not None, 30, "the health endpoint")
+    time.sleep(3)
+    assert worker.poll() is None, stderr.read_text()
+    assert health(port) == 503
+    tries = stderr.read_text().count("unreachable")
+    assert tries >= 3, stderr.read_text()  # each try is logged, with backoff: not one per 0.1 s
+    assert tries < 30, stderr.read_text()
+    own_server.start()
+    uuid = fault_app.Slow.create(own_server.url, {"seconds": 0.1}).uuid
+    orchestrator = Orchestrator(own_server.url)
+    wait_for(lambda: orchestrator.get(uuid).pipeline.status == Status.FINISHED, 60, "the pipeline to finish")
+    wait_for(lambda: health(port) == 200, 10, "/healthz 200")
+    worker.send_signal(signal.SIGTERM)
+    assert worker.wait(timeout=60) == 0, stderr.read_text()
+
+
+@pytest.mark.slow
+def test_a_worker_whose_database_is_down_backs_off_and_logs_a_few_lines(
+    own_server: PostgresServer, tmp_path: Path, processes: list[subprocess.Popen[bytes]]
+) -> None:
+    """Regression: every pass logged an ERROR while the store was down (586 lines in 30 s at
+    interval 0.05), each saying "retrying in 0.1s". It now backs off (exponential, capped),
+    logs once when the store goes away, once when it is back, and the delays it states."""
+    uuid = fault_app.Slow.create(own_server.url, {"seconds": 0.1}).uuid
+    from_url(own_server.url).dispose()  # type: ignore[attr-defined]
+    stderr = tmp_path / "worker.err"
+    with stderr.open("wb") as sink:
+        worker = subprocess.Popen(
+            [sys.executable, str(FAULTS / "worker.py"), own_server.url, json.dumps({"interval": 0.05})],
+            env=env(WORKER_LOG_LEVELS="1"), stdout=subprocess.DEVNULL, stderr=sink,
+        )  # fmt: skip
+    processes.append(worker)
+    orchestrator = Orchestrator(own_server.url)
+    wait_for(lambda: orchestrator.get(uuid).pipeline.status == Status.FINISHED, 60, "the first pipeline")
+    orchestrator.store.backend.dispose()  # type: ignore[attr-defined]
+    own_server.stop()
+    time.sleep(20)
+    down = stderr.read_text().splitlines()
+    errors = [line for line in down if line.startswith("ERROR")]
+    assert worker.poll() is None, down[-20:]
+    assert 1 <= len(errors) <= 3, errors  # going away (and a pipeline or two caught mid-write)
+    assert "store unreachable" in "\n".join(errors) and "next try in 0.05s" in "\n".join(errors), errors
+    own_server.start()
+    second = fault_app.Slow.create(own_server.url, {"seconds": 0.1}).uuid
+    wait_for(lambda: orchestrator.get(second).pipeline.status == Status.FINISHED, 60, "a pipeline after")
+    back = stderr.read_text()
+    assert back.count("store reachable again") == 1, back[-3000:]
