@@ -30,6 +30,7 @@ from prorch.exceptions import (
     StepNameNotDefinedError,
     StepsNotDefinedError,
     StepUsageError,
+    StoreUnreachableError,
     WaitTimeoutError,
     WorkerCrashed,
 )
@@ -121,6 +122,7 @@ __all__ = [
     "StepRecord",
     "StepUsageError",
     "StepsNotDefinedError",
+    "StoreUnreachableError",
     "SupportsClaim",
     "SupportsCompareAndSet",
     "SupportsDueQuery",

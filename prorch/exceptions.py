@@ -105,6 +105,11 @@ class RepositoryError(ProrchError):
     """The repository failed; the driver's error is chained as the cause."""
 
 
+class StoreUnreachableError(RepositoryError):
+    """The store could not be reached (its server is down, the connection was lost): what was
+    being written was not stored, and trying again later may succeed."""
+
+
 class DuplicateRecordError(RepositoryError):
     """An insert met a record with the same uuid (another process created it at the same time)."""
 

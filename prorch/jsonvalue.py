@@ -13,6 +13,7 @@ import json
 import math
 from typing import Any
 
+import msgspec
 import orjson
 
 from prorch.exceptions import UnstorableValueError
@@ -85,8 +86,12 @@ def dumps(value: Any) -> str:
 
 
 def loads(text: str | bytes) -> Any:
-    """A value from its JSON text (orjson); an int beyond 64 bits through the standard library."""
+    """A value from its JSON text, every int exact: msgspec's decoder (orjson, as fast, turns an
+    int beyond 64 bits into a float without a word)."""
     try:
-        return orjson.loads(text)
-    except orjson.JSONDecodeError:
-        return json.loads(text)
+        return _decode(text)
+    except msgspec.DecodeError:
+        return json.loads(text)  # the standard library's message says what is wrong
+
+
+_decode = msgspec.json.Decoder().decode

@@ -33,6 +33,7 @@ from prorch.keys import uuid_for_key
 from prorch.leases import LeaseKeeper
 from prorch.limits import ClaimLimit, limits_of
 from prorch.listing import PipelinePage
+from prorch.outage import Outage
 from prorch.pipeline import new_owner_id
 from prorch.policy import StepOverride
 from prorch.records import EventRecord, MessageRecord, PipelineRecord, StepRecord
@@ -128,6 +129,8 @@ class Orchestrator:
         self._last_purge = 0.0
         self._purging: threading.Thread | None = None
         self.last_loop = time.monotonic()  # run_forever's heartbeat, for health checks
+        self.outage = Outage(DEFAULT_INTERVAL_SECONDS)
+        """Whether run_forever finds the store unreachable (health checks say so)."""
         self.pass_observers: list[Callable[[PassSummary, list[float], float], None]] = []
         """Told (summary, each claimed pipeline's seconds from due to claim, the pass's seconds)
         after every pass (metrics)."""
@@ -247,6 +250,15 @@ class Orchestrator:
                 extra={"pipeline_uuid": pipeline.uuid},
             )
             return f"{type(exc).__name__}: {exc}"
+        except RepositoryError as exc:  # the store's failure, not the engine's: no traceback
+            logger.error(
+                "pipeline %s: store error; what was not stored is done again in a later pass: %s",
+                pipeline.uuid,
+                exc,
+                extra={"pipeline_uuid": pipeline.uuid},
+            )
+            self.runner.journal.record_error(pipeline, exc)
+            return f"{type(exc).__name__}: {exc}"
         except Exception as exc:
             logger.exception(
                 "pipeline %s: advance failed: %s", pipeline.uuid, exc, extra={"pipeline_uuid": pipeline.uuid}
@@ -267,15 +279,17 @@ class Orchestrator:
         hung hook threads were abandoned than ``max_abandoned_hooks``, for a supervisor to
         restart the process."""
         restore = signals.stop_on_signals(self.stop, self._stopping, self.shutdown_grace)
+        if not self.outage.down:
+            self.outage = Outage(interval)
         try:
             while not self._stop.is_set():
                 self.last_loop = time.monotonic()
                 try:
                     summary = self.execute_pipelines()
-                except RepositoryError as exc:  # the store is down: keep the worker, try again later
-                    logger.error("pass failed, retrying in %.1fs: %s", interval, exc)
-                    self._stop.wait(interval)
+                except RepositoryError as exc:  # the store is down: keep the worker, back off (logged once)
+                    self._stop.wait(self.outage.failed(exc))
                     continue
+                self.outage.recovered()
                 self._purge_now_and_then()
                 if summary.abandoned_hooks > self.max_abandoned_hooks:
                     raise WorkerUnhealthyError(

@@ -13,9 +13,8 @@ from __future__ import annotations
 
 import functools
 import json
-import os
-import threading
 import traceback as traceback_module
+import uuid
 from datetime import datetime, timezone
 from typing import Any, ClassVar, TypeVar
 
@@ -30,23 +29,11 @@ RecordError = msgspec.ValidationError
 
 
 def new_uuid() -> str:
-    """A random (version 4) uuid as text, as ``str(uuid.uuid4())`` makes it, for a fraction of
-    its cost: the engine makes one per event."""
-    random = getattr(_random, "bits", None)
-    if not random:  # 64 uuids' worth of the system's randomness at a time, per thread
-        random = _random.bits = [int.from_bytes(chunk, "big") for chunk in _chunks(os.urandom(16 * 64))]
-    bits = (random.pop() & _UUID_CLEAR) | _UUID_SET
-    text = f"{bits:032x}"
-    return f"{text[:8]}-{text[8:12]}-{text[12:16]}-{text[16:20]}-{text[20:]}"
-
-
-def _chunks(data: bytes) -> list[bytes]:
-    return [data[index : index + 16] for index in range(0, len(data), 16)]
-
-
-_random = threading.local()
-_UUID_CLEAR = ~((0xF000 << 64) | (0xC000 << 48))  # the version and variant bits
-_UUID_SET = (0x4000 << 64) | (0x8000 << 48)  # version 4, variant RFC 4122
+    """A random (version 4) uuid as text. Each call reads the system's randomness, so a forked
+    process (gunicorn's preload, multiprocessing's fork) never repeats its parent's uuids, as a
+    buffer of random bits copied into the child did; the buffer saved about 1 us of a ~500 us
+    transition."""
+    return str(uuid.uuid4())
 
 
 def to_utc(moment: datetime) -> datetime:

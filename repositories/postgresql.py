@@ -11,12 +11,13 @@ from typing import Any
 from sqlalchemy import Connection, Engine, Select, text
 from sqlalchemy.engine import URL
 
-from prorch.exceptions import ConcurrentUpdateError, ProrchError
+from prorch.exceptions import ConcurrentUpdateError, ProrchError, RepositoryError
 from prorch.records import to_utc
 from prorch.repository import TransitionRows
+from prorch.secrets import error_summary
 from repositories.postgresql_transitions import TransitionStatements
 from repositories.schema import TABLES
-from repositories.sql import SQLBackend, SQLRepository
+from repositories.sql import DatabaseRefusedError, SQLBackend, SQLRepository
 
 SCHEMA_LOCK = 7270712
 """The advisory lock key of schema upgrades ('prorch')."""
@@ -58,7 +59,13 @@ class PostgreSQLBackend(SQLBackend):
         if connection is None:
             raise ProrchError("write_transitions runs inside transaction()")
         with self._errors():
-            outcomes = self._statements.run(connection.connection.driver_connection, units)
+            try:
+                outcomes = self._statements.run(connection.connection.driver_connection, units)
+            except Exception as exc:
+                # the driver's own error, which SQLAlchemy never saw: a killed server connection,
+                # or one left mid-pipeline, would be handed out again as if it were sound
+                connection.invalidate()
+                raise self._driver_error(exc) from None
         for unit, (written, steps_written) in zip(units, outcomes, strict=True):
             if written and not steps_written:
                 raise ConcurrentUpdateError(
@@ -67,6 +74,14 @@ class PostgreSQLBackend(SQLBackend):
                     uuid=unit.pipeline[1],
                 )
         return [written for written, _ in outcomes]
+
+    def _driver_error(self, exc: Exception) -> RepositoryError:
+        """A psycopg error as ``_errors`` words SQLAlchemy's: unreachable (the server or the
+        connection went away), else refused."""
+        import psycopg
+
+        lost = isinstance(exc, (psycopg.OperationalError, psycopg.InterfaceError))
+        return (self.unreachable_error if lost else DatabaseRefusedError)(f"{self!r}: {error_summary(exc)}")
 
 
 class PostgreSQLRepository(SQLRepository):

@@ -35,6 +35,7 @@ from prorch.exceptions import (
     ConfigurationError,
     DuplicateRecordError,
     RepositoryError,
+    StoreUnreachableError,
 )
 from prorch.jsonvalue import dumps
 from prorch.limits import ClaimLimit
@@ -74,6 +75,9 @@ class SQLBackend:
     """False where a read is one autocommit statement: each of prorch's reads is one statement,
     which sees a consistent snapshot on its own (SQLite's WAL, PostgreSQL's READ COMMITTED)."""
     unreachable_errors: ClassVar[tuple[type[BaseException], ...]] = (OperationalError, InterfaceError)
+    unreachable_error: ClassVar[type[RepositoryError]] = StoreUnreachableError
+    """What ``unreachable_errors`` become: a server that is down or a connection that was lost
+    may be back later (a worker waits for it)."""
     duplicate_errors: ClassVar[tuple[type[BaseException], ...]] = (IntegrityError,)
     refused_errors: ClassVar[tuple[type[BaseException], ...]] = (DBAPIError,)
 
@@ -142,8 +146,10 @@ class SQLBackend:
         return _engine(url, self.url, options)
 
     def _unusable(self, exc: BaseException) -> RepositoryError:
-        """The error for a store whose schema cannot be read or created."""
-        return RepositoryError(f"cannot open {self!r}: {error_summary(exc)}")
+        """The error for a store whose schema cannot be read or created (its server cannot be
+        reached: ``unreachable_error``)."""
+        kind = self.unreachable_error if isinstance(exc, self.unreachable_errors) else RepositoryError
+        return kind(f"cannot open {self!r}: {error_summary(exc)}")
 
     def lock_name(self, connection: Connection, name: str) -> None:
         """Serialise the claims of one limited pipeline name until the transaction ends. SQLite
@@ -237,17 +243,24 @@ class SQLBackend:
         pins = getattr(self._local, "pins", None)
         if pins is not None:
             connection = pins.get(write)
-            if connection is None or connection.closed:
+            if connection is None or connection.closed or connection.invalidated:
+                if connection is not None:
+                    connection.close()
                 connection = pins[write] = self._configure(self.engine.connect(), write=write)
             try:
                 yield connection
             except BaseException:
-                if connection.in_transaction():
-                    connection.rollback()
+                if not _reset(connection):  # its next user gets a fresh one
+                    connection.close()
+                    del pins[write]
                 raise
             return
         with self.engine.connect() as connection:
-            yield self._configure(connection, write=write)
+            try:
+                yield self._configure(connection, write=write)
+            except BaseException:
+                _reset(connection)
+                raise
 
     @contextlib.contextmanager
     def _errors(self) -> Iterator[None]:
@@ -257,11 +270,28 @@ class SQLBackend:
         try:
             yield
         except self.unreachable_errors as exc:  # down, locked, lost
-            raise RepositoryError(f"{self!r}: {error_summary(exc)}") from None
+            raise self.unreachable_error(f"{self!r}: {error_summary(exc)}") from None
         except self.duplicate_errors as exc:  # a uuid inserted twice, at the same time
             raise DuplicateRecordError(f"{self!r}: {error_summary(exc)}") from None
         except self.refused_errors as exc:  # the database refused a statement or is not one
             raise DatabaseRefusedError(f"{self!r}: {error_summary(exc)}") from None
+
+
+def _reset(connection: Connection) -> bool:
+    """After a failed block: roll back what it left open on ``connection``; True if the
+    connection can serve again. One that cannot roll back (its server connection was killed,
+    or the driver was left mid-pipeline) is invalidated, so that it is closed rather than
+    handed out again, and its pool opens a fresh one: left as it was, its next ``begin()``
+    failed with SQLAlchemy's "already initialized a Transaction" error."""
+    if connection.invalidated:
+        return False
+    try:
+        if connection.in_transaction():
+            connection.rollback()
+    except Exception:
+        connection.invalidate()
+        return False
+    return True
 
 
 def dialect_class(url: str) -> type[SQLBackend]:

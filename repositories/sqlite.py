@@ -23,7 +23,7 @@ from prorch.exceptions import ConfigurationError, CorruptStoreError, RepositoryE
 from prorch.records import JSONDict
 from prorch.secrets import error_summary, redact_url
 from repositories.sql import SEARCH_CHUNK, SQLBackend, SQLRepository
-from repositories.sqlite_fastpath import SQLiteFastPath
+from repositories.sqlite_fastpath import SQLiteFastPath, db_json
 
 BUSY_TIMEOUT_SECONDS = 30.0
 SYNCHRONOUS = ("OFF", "NORMAL", "FULL", "EXTRA")
@@ -44,6 +44,7 @@ class SQLiteBackend(SQLBackend):
 
     reads_in_transaction = False
     unreachable_errors = (OperationalError, InterfaceError, sqlite3.OperationalError)
+    unreachable_error = RepositoryError  # a file: locked or unreadable, no server to come back
     duplicate_errors = (IntegrityError, sqlite3.IntegrityError)
     refused_errors = (*SQLBackend.refused_errors, sqlite3.Error)
 
@@ -77,6 +78,7 @@ class SQLiteBackend(SQLBackend):
         # the pool's ROLLBACK on return would only cost a round trip per transition.
         options.setdefault("pool_reset_on_return", None)
         options.setdefault("pool_pre_ping", False)  # a file: no server restart to notice
+        options.setdefault("json_serializer", db_json)  # what the fast path writes, on SQLAlchemy's path
         engine = super()._create_engine(url, options)
         _configure(engine, synchronous, checkpoint)
         return engine

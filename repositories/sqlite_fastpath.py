@@ -109,4 +109,15 @@ def _db_bool(value: Any) -> int | None:
     return None if value is None else int(value)
 
 
-ENCODERS: dict[str, Any] = {"json": dumps, "time": _db_time, "bool": _db_bool, "plain": None}
+def db_json(value: Any) -> str | bytes:
+    """A JSON value as SQLite stores it: its text, except a bare int beyond 64 bits, which goes
+    as a BLOB: a JSON column has NUMERIC affinity, and SQLite would keep such a number, sent as
+    text, as a REAL (15 exact digits). Both read back through ``loads``."""
+    text = dumps(value)
+    if type(value) is int and not _INT64_MIN <= value <= _INT64_MAX:
+        return text.encode()
+    return text
+
+
+_INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
+ENCODERS: dict[str, Any] = {"json": db_json, "time": _db_time, "bool": _db_bool, "plain": None}

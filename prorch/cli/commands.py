@@ -43,6 +43,7 @@ from prorch.exceptions import (
     WorkerUnhealthyError,
 )
 from prorch.listing import MAX_LIMIT, parse_age, parse_moment
+from prorch.outage import Outage, open_when_reachable
 from prorch.pipeline import pipeline_class
 from prorch.registry import current_registry
 from prorch.scheduling import scheduled
@@ -101,16 +102,20 @@ def worker(ctx: Context, /, **flags: Any) -> None:
     """Run passes until SIGTERM or SIGINT: running hooks finish, leases are released, exit 0.
     A second signal exits at once."""
     with reported(ctx):
-        orchestrator = ctx.orchestrator(**flags)
-        settings = ctx.settings
-        if settings.metrics_port is not None:
+        settings = ctx.loaded(**flags).settings
+        opening = Outage(settings.interval, log_every_try=True)
+        endpoint = None
+        if settings.metrics_port is not None:  # up first: /healthz says 503 while the store cannot be opened
             try:
                 from prorch.observability.server import serve
             except ImportError as exc:
                 hint = f"--metrics-port needs its extra: pip install 'prorch[metrics]' ({exc})"
                 raise ConfigurationError(hint) from exc
-            serve(orchestrator, settings.metrics_port, settings.interval)
+            endpoint = serve(None, settings.metrics_port, settings.interval, opening=opening)
             click.echo(f"metrics on http://0.0.0.0:{settings.metrics_port}/metrics, health on /healthz", err=True)
+        orchestrator = open_when_reachable(lambda: ctx.orchestrator(**flags), opening)  # a database not up yet
+        if endpoint is not None:
+            endpoint.attach(orchestrator)
         click.echo(f"prorch worker {orchestrator.owner} on {redact_url(settings.repository)}", err=True)
         try:
             orchestrator.run_forever(interval=settings.interval)

@@ -1,6 +1,7 @@
 """The worker's HTTP endpoint: ``/metrics`` (the Prometheus text format) and ``/healthz``
-(200 while the worker's loop has run within 3 x its interval, 503 otherwise: a hung or wedged
-worker fails its liveness probe). A daemon thread; it stops with the process."""
+(200 while the worker's loop has run within 3 x its interval and its store is reachable, 503
+otherwise: a hung or wedged worker, or one whose database is away, fails its probe; so does a
+worker still waiting for its database to open). A daemon thread; it stops with the process."""
 
 from __future__ import annotations
 
@@ -9,27 +10,57 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from prorch.observability.metrics import WorkerMetrics
 from prorch.orchestrator import Orchestrator
+from prorch.outage import Outage
 
 HEALTHY_INTERVALS = 3
 
 
-def serve(orchestrator: Orchestrator, port: int, interval: float, host: str = "0.0.0.0") -> ThreadingHTTPServer:
-    """Attach metrics to ``orchestrator`` and serve them with its health on ``host:port``."""
-    metrics = WorkerMetrics(orchestrator).attach()
+class Endpoint:
+    """What the endpoint reports: nothing but 503 until ``attach`` gives it the orchestrator
+    (a worker waiting for its store to open has none yet)."""
+
+    def __init__(self, interval: float, opening: Outage | None = None) -> None:
+        self.interval = interval
+        self.opening = opening
+        self.orchestrator: Orchestrator | None = None
+        self.registry = CollectorRegistry()
+
+    def attach(self, orchestrator: Orchestrator) -> None:
+        self.registry = WorkerMetrics(orchestrator).attach().registry
+        self.orchestrator = orchestrator
+
+    def health(self) -> tuple[bool, str]:
+        orchestrator = self.orchestrator
+        if orchestrator is None:
+            waiting = f": {self.opening.describe()}" if self.opening is not None else ""
+            return False, f"starting: opening the store{waiting}"
+        if orchestrator.outage.down:
+            return False, f"unhealthy: {orchestrator.outage.describe()}"
+        age, limit = time.monotonic() - orchestrator.last_loop, HEALTHY_INTERVALS * self.interval
+        healthy = age <= limit
+        return healthy, f"{'ok' if healthy else 'stalled'}: last loop {age:.1f}s ago (limit {limit:g}s)"
+
+
+def serve(
+    orchestrator: Orchestrator | None, port: int, interval: float, host: str = "0.0.0.0", opening: Outage | None = None
+) -> Endpoint:
+    """Serve the metrics and health of ``orchestrator`` (or, if None, of the one given later
+    to the returned endpoint's ``attach``; ``opening`` says why it is not there yet) on ``host:port``."""
+    endpoint = Endpoint(interval, opening)
+    if orchestrator is not None:
+        endpoint.attach(orchestrator)
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:
             if self.path.split("?")[0] == "/metrics":
-                self._send(200, generate_latest(metrics.registry), CONTENT_TYPE_LATEST)
+                self._send(200, generate_latest(endpoint.registry), CONTENT_TYPE_LATEST)
             elif self.path.split("?")[0] == "/healthz":
-                age, limit = time.monotonic() - orchestrator.last_loop, HEALTHY_INTERVALS * interval
-                healthy = age <= limit
-                body = f"{'ok' if healthy else 'stalled'}: last loop {age:.1f}s ago (limit {limit:g}s)\n"
-                self._send(200 if healthy else 503, body.encode(), "text/plain; charset=utf-8")
+                healthy, text = endpoint.health()
+                self._send(200 if healthy else 503, f"{text}\n".encode(), "text/plain; charset=utf-8")
             else:
                 self._send(404, b"not found: try /metrics or /healthz\n", "text/plain; charset=utf-8")
 
@@ -45,4 +76,4 @@ def serve(orchestrator: Orchestrator, port: int, interval: float, host: str = "0
 
     server = ThreadingHTTPServer((host, port), Handler)
     threading.Thread(target=server.serve_forever, name="prorch-metrics", daemon=True).start()
-    return server
+    return endpoint

@@ -14,6 +14,7 @@ from prorch.exceptions import (
     RepositoryError,
     StepFailed,
     StepTimeoutError,
+    StoreUnreachableError,
     UnstorableResultError,
     UnstorableValueError,
 )
@@ -83,8 +84,8 @@ class Turns:
             if first_run:
                 transitions.start_step(run, step, now)
             return (yield from self.apply(run, step, instance, instance.verdict, now, name, first_run=first_run))
-        except ConcurrentUpdateError:
-            raise
+        except (ConcurrentUpdateError, StoreUnreachableError):
+            raise  # not the hook's results: the store went away (the pass reports a store error)
         except RepositoryError as exc:
             return (yield from self.unstorable(run, step, exc, name))
 

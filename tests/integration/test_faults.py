@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import collections
+import multiprocessing
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -119,3 +121,33 @@ def test_postgresql_restart_mid_run(registry: Registry, postgres_server: Postgre
         thread.join(timeout=30)
     assert done_before < len(uuids), "the run finished before the restart: nothing was tested"
     assert_all_finished_once(worker, uuids)
+
+
+def _create_one(url: str, pipeline: type[Pipeline], results: multiprocessing.Queue[str]) -> None:
+    """In a forked child: create one pipeline and report its uuid, or the error."""
+    try:
+        results.put(pipeline.create(url).uuid)
+    except Exception as exc:
+        results.put(f"error: {type(exc).__name__}: {exc}")
+
+
+def test_processes_forked_after_a_create_each_create_their_own_pipeline(registry: Registry, tmp_path: Path) -> None:
+    """The parent created a pipeline (made uuids) before forking, as with gunicorn's preload:
+    two children creating a pipeline each must not reuse the parent's next uuids."""
+    pipeline = declare(registry)
+    url = f"sqlite:///{tmp_path / 'forked.db'}"
+    first = pipeline.create(url).uuid
+    context = multiprocessing.get_context("fork")
+    results: multiprocessing.Queue[str] = context.Queue()
+    children = [context.Process(target=_create_one, args=(url, pipeline, results)) for _ in range(2)]
+    for child in children:
+        child.start()
+    made = [results.get(timeout=60) for _ in children]
+    for child in children:
+        child.join(timeout=60)
+    assert not [m for m in made if m.startswith("error")], made
+    orchestrator = Orchestrator(url, registry=registry)
+    assert {p.uuid for p in orchestrator.list_pipelines()} == {first, *made}
+    uuids = [s.uuid for uuid in (first, *made) for s in orchestrator.get(uuid).steps]
+    uuids += [e.uuid for uuid in (first, *made) for e in orchestrator.history(uuid)]
+    assert len(set(uuids)) == len(uuids) == 3 * 3 + 3

@@ -300,3 +300,53 @@ def test_create_many_then_run(backend: Any, registry: Registry) -> None:
         harness.run_pass()
     outputs = sorted(harness.orchestrator.get(m.uuid).steps[0].output["n"] for m in made)
     assert outputs == list(range(20))
+
+
+BIG = 2**70 + 1
+"""A whole number wider than 64 bits that no float holds exactly (2**70 alone is a float)."""
+
+
+@pytest.mark.parametrize("kind", ["memory", "sqlite", "postgresql", "tinydb"])
+def test_whole_numbers_wider_than_64_bits_round_trip_through_the_engine(
+    kind: str, tmp_path: Any, request: pytest.FixtureRequest, registry: Registry
+) -> None:
+    """Params, metadata and outputs (a scalar one too) come back exact on the engine's own read
+    paths: a later hook in a later pass, the next step's ``outputs`` and ``Orchestrator.get``."""
+    from tests.integration.conftest import make_backend
+
+    seen: dict[str, Any] = {}
+
+    class Store(OnStartMixin, OnContinueMixin, Step):
+        name = "StoreBig"
+
+        def on_start(self) -> None:
+            seen["params"] = self.params["n"]
+            self.metadata["big"] = [BIG, -BIG, {"n": BIG}]
+            self.wait(seconds=1)
+
+        def on_continue(self) -> None:
+            seen["metadata"] = self.metadata["big"]
+            self.finish(BIG)
+
+    class Read(OnStartMixin, Step):
+        name = "ReadBig"
+
+        def on_start(self) -> None:
+            seen["output"] = self.outputs["StoreBig"]
+            self.finish({"n": BIG, "list": [BIG]})
+
+    register_step(Store)
+    register_step(Read)
+    backend = make_backend(kind, tmp_path, request)
+    harness = Harness(backend, registry=registry)
+    uuid = harness.create(pipeline_of(Store, Read, name="Big"), {"n": BIG}).uuid
+    assert harness.run_until_done(uuid) == "finished"
+    assert seen == {"params": BIG, "metadata": [BIG, -BIG, {"n": BIG}], "output": BIG}
+    assert all(type(value) is int for value in (seen["params"], seen["output"]))
+    state = harness.orchestrator.get(uuid)
+    assert state.pipeline.params == {"n": BIG}
+    assert [s.output for s in state.steps] == [BIG, {"n": BIG, "list": [BIG]}]
+    assert state.steps[0].metadata["big"] == [BIG, -BIG, {"n": BIG}]
+    assert harness.orchestrator.result(uuid) == {"n": BIG, "list": [BIG]}
+    if hasattr(backend, "dispose"):
+        backend.dispose()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import uuid as uuid_module
 from datetime import datetime, timedelta, timezone
@@ -27,6 +28,29 @@ def test_new_uuids_are_random_version_4_and_unique_across_threads() -> None:
     for text in made[:2_000]:
         parsed = uuid_module.UUID(text)
         assert (parsed.version, parsed.variant, str(parsed)) == (4, uuid_module.RFC_4122, text)
+
+
+def test_forked_processes_make_uuids_of_their_own() -> None:
+    """A process forked after its parent made a uuid (gunicorn's preload, multiprocessing's
+    fork) must not hand out uuids the parent or a sibling also hands out."""
+    made_in_parent = [new_uuid() for _ in range(3)]
+    children = []
+    for _ in range(2):
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: its uuids to the pipe, then out without pytest's cleanup
+            os.close(read)
+            os.write(write, "\n".join(new_uuid() for _ in range(100)).encode())
+            os._exit(0)
+        os.close(write)
+        children.append((pid, read))
+    made = [*made_in_parent, *(new_uuid() for _ in range(100))]
+    for pid, read in children:
+        with os.fdopen(read) as pipe:
+            made.extend(pipe.read().split())
+        assert os.waitpid(pid, 0)[1] == 0
+    assert len(made) == 303
+    assert len(set(made)) == len(made), "a forked process repeated another process's uuids"
 
 
 def test_a_key_that_is_a_str_subclass_still_loads() -> None:

@@ -1,7 +1,9 @@
 """A worker process for the fault tests: ``worker.py URL '{"concurrency": 2, ...}'``. With
-SKEW_SECONDS set, its system clock runs that far ahead of the real time."""
+SKEW_SECONDS set, its system clock runs that far ahead of the real time; with WORKER_LOG_LEVELS
+set, it logs from INFO up, each line starting with its level."""
 
 import json
+import logging
 import os
 import sys
 from datetime import datetime, timedelta
@@ -20,6 +22,8 @@ class SkewedClock(SystemClock):
 
 
 if __name__ == "__main__":
+    if os.environ.get("WORKER_LOG_LEVELS"):  # each line says its level, for the tests that count them
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s %(message)s")
     options = json.loads(sys.argv[2]) if len(sys.argv) > 2 else {}
     interval = options.pop("interval", 0.05)
     clock = SkewedClock() if os.environ.get("SKEW_SECONDS") else None

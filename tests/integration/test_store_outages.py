@@ -1,0 +1,195 @@
+"""A worker and an unreachable PostgreSQL, with real worker processes and the real server
+(issue #25): a server down when the worker starts, a server stopped under a running worker, and
+the worker's connections killed mid-transaction."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from prorch import Orchestrator, Status
+from repositories import from_url
+from tests.support.postgres import PostgresServer, PostgresUnavailable, free_port, start_server
+
+FAULTS = Path(__file__).parent / "faults"
+ROOT = Path(__file__).resolve().parents[2]
+PRORCH = str(Path(sys.executable).parent / "prorch")
+
+sys.path.insert(0, str(FAULTS))
+try:
+    import fault_app
+finally:
+    sys.path.remove(str(FAULTS))
+
+
+def env(**more: str) -> dict[str, str]:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("PRORCH_")}
+    return {**clean, "PYTHONPATH": os.pathsep.join([str(FAULTS), str(ROOT)]), **more}
+
+
+def wait_for(condition: Callable[[], bool], seconds: float, what: str) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {seconds}s waiting for {what}")
+        time.sleep(0.1)
+
+
+@pytest.fixture
+def processes() -> Iterator[list[subprocess.Popen[bytes]]]:
+    started: list[subprocess.Popen[bytes]] = []
+    yield started
+    for process in started:
+        if process.poll() is None:
+            process.send_signal(signal.SIGKILL)
+            process.wait()
+
+
+def kill_backends(server: PostgresServer, database: str) -> int:
+    """``pg_terminate_backend`` on every connection to ``database``: how many were killed."""
+    with psycopg.connect(server.url, autocommit=True) as admin:
+        rows = admin.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = %s AND pid <> pg_backend_pid()",
+            (database,),
+        ).fetchall()
+    return sum(1 for (killed,) in rows if killed)
+
+
+@pytest.mark.slow
+def test_killed_connections_leave_the_next_writes_clean(
+    postgres_server: PostgresServer, postgres_url: str, tmp_path: Path, processes: list[subprocess.Popen[bytes]]
+) -> None:
+    """Regression: after pg_terminate_backend killed a worker's connection inside a transaction,
+    the next write on it failed with SQLAlchemy's ``InvalidRequestError: This connection has
+    already initialized a SQLAlchemy Transaction()``, logged as "advance failed" with a
+    traceback. A broken connection is now rolled back or discarded, and the error is a store
+    error."""
+    uuids = [fault_app.Slow.create(postgres_url, {"seconds": 0.05}).uuid for _ in range(150)]
+    from_url(postgres_url).dispose()  # type: ignore[attr-defined]
+    stderr = tmp_path / "worker.err"
+    options = {"concurrency": 4, "lease_seconds": 2, "batch_size": 8, "group_commit": 4, "interval": 0.05}
+    with stderr.open("wb") as sink:
+        worker = subprocess.Popen(
+            [sys.executable, str(FAULTS / "worker.py"), postgres_url, json.dumps(options)],
+            env=env(FAULT_LOG=str(tmp_path / "hooks.log")), stdout=subprocess.DEVNULL, stderr=sink,
+        )  # fmt: skip
+    processes.append(worker)
+    database = postgres_url.rsplit("/", 1)[1]
+    killed = 0
+    started = time.monotonic()
+    while time.monotonic() - started < 8 and worker.poll() is None:  # kill its connections, again and again
+        time.sleep(0.3)
+        killed += kill_backends(postgres_server, database)
+    orchestrator = Orchestrator(postgres_url)
+    wait_for(lambda: not orchestrator.list_pipelines(status="pending"), 120, "every pipeline to end")
+    log = stderr.read_text()
+    assert worker.poll() is None, log
+    assert killed >= 10, killed
+    for uuid in uuids:
+        assert orchestrator.get(uuid).pipeline.status == Status.FINISHED, (uuid, log[-3000:])
+    assert "InvalidRequestError" not in log and "already initialized" not in log, log[-3000:]
+    assert "advance failed" not in log and "Traceback" not in log, log[-3000:]
+    # what the killed connections cost is said as what it is: a store error (of a pipeline or a pass)
+    assert "store error" in log or "store unreachable" in log, log[-3000:]
+    assert "UnstorableResultError" not in log, log[-3000:]  # and is not charged to a step as a failed attempt
+
+
+@pytest.fixture
+def own_server() -> Iterator[PostgresServer]:
+    """A server of this test's own, to stop and start (the session's serves the other tests)."""
+    try:
+        server = start_server()
+    except PostgresUnavailable as exc:
+        pytest.skip(f"PostgreSQL not available: {exc}")
+    yield server
+    with contextlib.suppress(subprocess.CalledProcessError):  # a test may leave it stopped
+        server.stop("immediate")
+    shutil.rmtree(server.folder, ignore_errors=True)
+
+
+def health(port: int) -> int | None:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=5) as answer:
+            return int(answer.status)
+    except urllib.error.HTTPError as exc:
+        return exc.code
+    except OSError:
+        return None  # not listening (yet, or any more)
+
+
+@pytest.mark.slow
+def test_a_worker_started_while_postgresql_is_down_waits_for_it(
+    own_server: PostgresServer, tmp_path: Path, processes: list[subprocess.Popen[bytes]]
+) -> None:
+    """Regression: ``prorch worker`` against a stopped server exited 1. It now tries again with
+    backoff, logging each try, /healthz 503 meanwhile, and works once the server is up."""
+    own_server.stop()
+    port = free_port()
+    stderr = tmp_path / "worker.err"
+    with stderr.open("wb") as sink:
+        worker = subprocess.Popen(
+            [PRORCH, "--app", "fault_app", "-r", own_server.url, "worker", "--interval", "0.1",
+             "--metrics-port", str(port)],
+            env=env(), cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=sink,
+        )  # fmt: skip
+    processes.append(worker)
+    wait_for(lambda: health(port) is not None or worker.poll() is not None, 30, "the health endpoint")
+    time.sleep(3)
+    assert worker.poll() is None, stderr.read_text()
+    assert health(port) == 503
+    tries = stderr.read_text().count("unreachable")
+    assert tries >= 3, stderr.read_text()  # each try is logged, with backoff: not one per 0.1 s
+    assert tries < 30, stderr.read_text()
+    own_server.start()
+    uuid = fault_app.Slow.create(own_server.url, {"seconds": 0.1}).uuid
+    orchestrator = Orchestrator(own_server.url)
+    wait_for(lambda: orchestrator.get(uuid).pipeline.status == Status.FINISHED, 60, "the pipeline to finish")
+    wait_for(lambda: health(port) == 200, 10, "/healthz 200")
+    worker.send_signal(signal.SIGTERM)
+    assert worker.wait(timeout=60) == 0, stderr.read_text()
+
+
+@pytest.mark.slow
+def test_a_worker_whose_database_is_down_backs_off_and_logs_a_few_lines(
+    own_server: PostgresServer, tmp_path: Path, processes: list[subprocess.Popen[bytes]]
+) -> None:
+    """Regression: every pass logged an ERROR while the store was down (586 lines in 30 s at
+    interval 0.05), each saying "retrying in 0.1s". It now backs off (exponential, capped),
+    logs once when the store goes away, once when it is back, and the delays it states."""
+    uuid = fault_app.Slow.create(own_server.url, {"seconds": 0.1}).uuid
+    from_url(own_server.url).dispose()  # type: ignore[attr-defined]
+    stderr = tmp_path / "worker.err"
+    with stderr.open("wb") as sink:
+        worker = subprocess.Popen(
+            [sys.executable, str(FAULTS / "worker.py"), own_server.url, json.dumps({"interval": 0.05})],
+            env=env(WORKER_LOG_LEVELS="1"), stdout=subprocess.DEVNULL, stderr=sink,
+        )  # fmt: skip
+    processes.append(worker)
+    orchestrator = Orchestrator(own_server.url)
+    wait_for(lambda: orchestrator.get(uuid).pipeline.status == Status.FINISHED, 60, "the first pipeline")
+    orchestrator.store.backend.dispose()  # type: ignore[attr-defined]
+    own_server.stop()
+    time.sleep(20)
+    down = stderr.read_text().splitlines()
+    errors = [line for line in down if line.startswith("ERROR")]
+    assert worker.poll() is None, down[-20:]
+    assert 1 <= len(errors) <= 3, errors  # going away (and a pipeline or two caught mid-write)
+    assert "store unreachable" in "\n".join(errors) and "next try in 0.05s" in "\n".join(errors), errors
+    own_server.start()
+    second = fault_app.Slow.create(own_server.url, {"seconds": 0.1}).uuid
+    wait_for(lambda: orchestrator.get(second).pipeline.status == Status.FINISHED, 60, "a pipeline after")
+    back = stderr.read_text()
+    assert back.count("store reachable again") == 1, back[-3000:]
