@@ -17,6 +17,7 @@ from typing import Any
 from prorch import outside, reactions, scheduling, signals, tracing
 from prorch import retention as retention_module
 from prorch.clock import Clock
+from prorch.due import Runnable
 from prorch.exceptions import (
     ConcurrentUpdateError,
     ConfigurationError,
@@ -171,7 +172,9 @@ class Orchestrator:
         summary.scheduled = scheduling.create_due(self.store, self.registry, self.clock)
         now = self.clock.now()
         lease_until = now + timedelta(seconds=self.lease_seconds)
-        claimed = self.store.claim_due(now, self.new_lease_token(), lease_until, self.batch_size, self._limits())
+        claimed = self.store.claim_due(
+            now, self.new_lease_token(), lease_until, self.batch_size, self._limits(), self.runnable()
+        )
         summary.claimed = len(claimed)
         lags = [(now - p.next_run_at).total_seconds() for p in claimed if p.next_run_at is not None]
         with LeaseKeeper(self.store, self.lease_seconds, self.clock) as keeper:
@@ -214,6 +217,10 @@ class Orchestrator:
                 len(summary.errors),
             )
         return summary
+
+    def runnable(self) -> Runnable:
+        """The (name, version) of every pipeline class registered here: what this worker claims."""
+        return frozenset((name, version) for name, versions in self.registry.pipelines.items() for version in versions)
 
     def _limits(self) -> dict[str, ClaimLimit]:
         """The limits of each registered pipeline name that declares some (its newest version's)."""
