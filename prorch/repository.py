@@ -161,7 +161,8 @@ class SupportsPipelineQuery(Protocol):
 class PipelineStats:
     """What the dashboard's overview shows, counted by the store: pipelines by status, name and
     version; among the pending ones whose ``next_run_at`` has come, those leased by a worker
-    (running) and the others (due); failed ones that were quarantined; the earliest due time;
+    (running) and the others (due); failed ones that were quarantined; the earliest due time
+    of the due ones (a running pipeline is not waiting, however long its hook takes);
     and ``(status, updated_at)`` of those that ended since a given time."""
 
     counts: list[tuple[str, str, int, int]]

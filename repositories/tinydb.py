@@ -141,6 +141,10 @@ class TinyDBBackend:
         self.path = Path(path).expanduser().resolve()
         if not self.path.parent.is_dir():
             raise ConfigurationError(f"folder {self.path.parent} of TinyDB store {self.path} does not exist")
+        if self.path.is_dir():
+            raise ConfigurationError(
+                f"TinyDB store {self.path} is a directory; name a file in it, e.g. tinydb:///{self.path}/prorch.json"
+            )
         self.storage = AtomicJSONStorage(self.path)
         self._thread_lock = threading.RLock()
         self._file_lock = FileLock(str(self.path) + ".lock")
