@@ -10,6 +10,9 @@ from datetime import datetime, timedelta, timezone
 from typing import Protocol
 
 logger = logging.getLogger("prorch.clock")
+MAX_SECONDS = 365 * 24 * 3600
+"""The longest lease, interval, timeout or grace the engine takes (a year): a larger one, or
+``inf``, would overflow the times computed from it."""
 
 
 class Clock(Protocol):

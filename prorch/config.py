@@ -23,6 +23,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from prorch.clock import MAX_SECONDS
 from prorch.exceptions import ConfigurationError
 from prorch.listing import parse_age
 from prorch.policy import StepOverride
@@ -59,24 +60,36 @@ class SettingsFields(BaseModel):
     repository: str = Field(default=DEFAULT_REPOSITORY_URL, description="repository URL")
     app: Modules = Field(default_factory=list, description="modules that define your pipelines")
     plugins: Modules = Field(default_factory=list, description="modules that register plugins")
-    interval: float = Field(default=5.0, gt=0, description="seconds between a worker's passes")
+    interval: float = Field(
+        default=5.0, gt=0, le=MAX_SECONDS, allow_inf_nan=False, description="seconds between a worker's passes"
+    )
     concurrency: int = Field(default=4, ge=1, description="hooks run at once by one process")
     batch_size: int = Field(default=100, ge=1, description="pipelines claimed per pass")
     group_commit: int = Field(
         default=100, ge=1, description="transitions of different pipelines stored per commit (1: one each)"
     )
-    lease_seconds: float = Field(default=60.0, gt=0, description="how long a claim lasts unrenewed")
+    lease_seconds: float = Field(
+        default=60.0, gt=0, le=MAX_SECONDS, allow_inf_nan=False, description="how long a claim lasts unrenewed"
+    )
     max_crashes: int = Field(
         default=3, ge=1, description="worker deaths in a row inside a pipeline's hooks before it is quarantined"
     )
     hook_timeout: float | None = Field(
-        default=None, gt=0, description="seconds one hook call may take when its step sets no timeout (off)"
+        default=None,
+        gt=0,
+        le=MAX_SECONDS,
+        allow_inf_nan=False,
+        description="seconds one hook call may take when its step sets no timeout (off)",
     )
     max_abandoned_hooks: int | None = Field(
         default=None, ge=0, description="hung hook threads a worker may hold before it exits (default: concurrency)"
     )
     shutdown_grace: float = Field(
-        default=30.0, ge=0, description="seconds a stopping worker waits for running hooks before it exits"
+        default=30.0,
+        ge=0,
+        le=MAX_SECONDS,
+        allow_inf_nan=False,
+        description="seconds a stopping worker waits for running hooks before it exits",
     )
     retention: str | None = Field(
         default=None,

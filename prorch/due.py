@@ -9,7 +9,7 @@ stored records (``format_timestamp``), which sort as the moments they name."""
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol, TypeAlias, TypeVar
 
 from prorch.status import TERMINAL, Status
 
@@ -21,6 +21,15 @@ class Comparable(Protocol):
 
 
 MomentT = TypeVar("MomentT", bound=Comparable)
+
+Runnable: TypeAlias = frozenset[tuple[str, int]]
+"""The (name, version) pairs of the pipeline classes a worker has: its claim takes only those, so
+an older worker beside a newer one never claims (and pushes back) what it cannot run."""
+
+
+def can_run(row: Mapping[str, Any], runnable: Runnable | None) -> bool:
+    """Whether a stored pipeline row is of a class in ``runnable`` (None: any class)."""
+    return runnable is None or (row.get("name"), row.get("version", 1)) in runnable
 
 
 def is_due(status: str, next_run_at: MomentT | None, lease_expires_at: MomentT | None, now: MomentT) -> bool:

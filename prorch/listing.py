@@ -119,7 +119,8 @@ def stats_of(records: list[PipelineRecord], now: datetime, ended_since: datetime
             leased = r.lease_expires_at is not None and r.lease_expires_at > now
             running += leased
             due += not leased
-            oldest = r.next_run_at if oldest is None else min(oldest, r.next_run_at)
+            if not leased:  # waiting for a worker: a running one is not late
+                oldest = r.next_run_at if oldest is None else min(oldest, r.next_run_at)
         elif r.status in TERMINAL and r.updated_at is not None and r.updated_at >= ended_since:
             ended.append((r.status.value, r.updated_at))
         if r.status == Status.FAILED and r.last_error is not None and r.last_error.type == "WorkerCrashed":

@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import itertools
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -16,12 +17,14 @@ from typing import Any
 
 from prorch import outside, reactions, scheduling, signals, tracing
 from prorch import retention as retention_module
-from prorch.clock import Clock
+from prorch.clock import MAX_SECONDS, Clock
+from prorch.due import Runnable
 from prorch.exceptions import (
     ConcurrentUpdateError,
     ConfigurationError,
     InvalidStateError,
     LeaseLostError,
+    NotRegisteredError,
     PipelineNotFoundError,
     ProrchError,
     RepositoryError,
@@ -109,9 +112,17 @@ class Orchestrator:
             concurrency=(concurrency, concurrency >= 1, "an int >= 1"),
             batch_size=(batch_size, batch_size >= 1, "an int >= 1"),
             group_commit=(group_commit, group_commit >= 1, "an int >= 1 (1: one commit per transition)"),
-            lease_seconds=(lease_seconds, lease_seconds > 0, "a number of seconds > 0"),
-            hook_timeout=(hook_timeout, hook_timeout is None or hook_timeout > 0, "None or a number of seconds > 0"),
-            shutdown_grace=(shutdown_grace, shutdown_grace >= 0, "a number of seconds >= 0"),
+            lease_seconds=(
+                lease_seconds,
+                _seconds(lease_seconds) and lease_seconds > 0,
+                f"a number of seconds > 0{UP_TO}",
+            ),
+            hook_timeout=(
+                hook_timeout,
+                hook_timeout is None or (_seconds(hook_timeout) and hook_timeout > 0),
+                f"None or a number of seconds > 0{UP_TO}",
+            ),
+            shutdown_grace=(shutdown_grace, _seconds(shutdown_grace), f"a number of seconds >= 0{UP_TO}"),
             retention=(retention, retention is None or _non_negative(retention), "None or a timedelta >= 0"),
         )
         self.store = Store(repository)
@@ -180,7 +191,9 @@ class Orchestrator:
         since = time.monotonic()  # before the lease's time is read: see LeaseKeeper
         now = self.clock.now()
         lease_until = now + timedelta(seconds=self.lease_seconds)
-        claimed = self.store.claim_due(now, self.new_lease_token(), lease_until, self.batch_size, self._limits())
+        claimed = self.store.claim_due(
+            now, self.new_lease_token(), lease_until, self.batch_size, self._limits(), self.runnable()
+        )
         summary.claimed = len(claimed)
         lags = [(now - p.next_run_at).total_seconds() for p in claimed if p.next_run_at is not None]
         with LeaseKeeper(self.store, self.lease_seconds, self.clock, self._lease_lost) as keeper:
@@ -223,6 +236,10 @@ class Orchestrator:
                 len(summary.errors),
             )
         return summary
+
+    def runnable(self) -> Runnable:
+        """The (name, version) of every pipeline class registered here: what this worker claims."""
+        return frozenset((name, version) for name, versions in self.registry.pipelines.items() for version in versions)
 
     def _limits(self) -> dict[str, ClaimLimit]:
         """The limits of each registered pipeline name that declares some (its newest version's)."""
@@ -399,14 +416,16 @@ class Orchestrator:
         )  # fmt: skip
         return self.store.query_pipelines(query, after=after)
 
-    def get(self, uuid: str) -> PipelineState:
+    def get(self, uuid: str, *, workers_code: bool = True) -> PipelineState:
         """The pipeline ``uuid`` with its steps in order, its children, and why it is blocked,
-        if it is."""
+        if it is. ``workers_code=False`` says this process has not loaded the workers' code (the
+        CLI without ``--app``): a pipeline whose code is missing here is then reported as
+        ``code_missing``, not as blocked, since the workers may well run it."""
         record = self._require(uuid)
         steps = sorted(self.store.steps_of(uuid), key=lambda s: (s.position is None, s.position or 0))
         missing = self.blocked_reason(record, steps)
         children = self.store.children_of(uuid)
-        if record.status in TERMINAL:  # an ended pipeline waits for nothing: it is not blocked
+        if record.status in TERMINAL or not workers_code:  # an ended pipeline waits for nothing
             return PipelineState(record, steps, code_missing=missing, children=children)
         return PipelineState(record, steps, blocked=missing, children=children)
 
@@ -433,11 +452,12 @@ class Orchestrator:
             time.sleep(pause)
             delay = min(delay * 2, poll)
 
-    def get_by_key(self, key: str) -> PipelineState:
-        """The pipeline created with ``key`` (``create(key=...)``), with its steps."""
+    def get_by_key(self, key: str, *, workers_code: bool = True) -> PipelineState:
+        """The pipeline created with ``key`` (``create(key=...)``), with its steps (``workers_code``
+        as for ``get``)."""
         uuid = uuid_for_key(key)
         try:
-            return self.get(uuid)
+            return self.get(uuid, workers_code=workers_code)
         except PipelineNotFoundError:
             raise PipelineNotFoundError(f"no pipeline was created with key {key!r}", uuid=uuid) from None
 
@@ -445,6 +465,17 @@ class Orchestrator:
         """The pipeline's events, oldest first."""
         self._require(uuid)
         return self.store.events_of(uuid)
+
+    def blocked_on_page(self, records: list[PipelineRecord]) -> dict[str, str]:
+        """Why each unended pipeline whose class (name, version) is not registered here is
+        blocked, by uuid: with the workers' code loaded, those no worker claims (``prorch list``)."""
+        found = {}
+        for record in records:
+            if record.status not in TERMINAL:
+                reason = self.blocked_reason(record, [])
+                if reason is not None:
+                    found[record.uuid] = reason
+        return found
 
     def blocked_reason(self, record: PipelineRecord, steps: list[StepRecord]) -> str | None:
         try:
@@ -465,6 +496,7 @@ class Orchestrator:
         record = self._require(uuid)
         if record.status in TERMINAL:
             raise InvalidStateError(f"pipeline {uuid} is already {record.status.value}; nothing to cancel")
+        self._require_code(record, "cancelled")  # before the claim: a refusal leaves no lease behind
         now = self.clock.now()
         claimed = self.store.claim_one(uuid, now, self.new_lease_token(), now + timedelta(seconds=self.lease_seconds))
         if claimed is None:
@@ -503,6 +535,7 @@ class Orchestrator:
         record = self._require(uuid)
         if record.status != Status.FAILED:
             raise InvalidStateError(f"pipeline {uuid} is {record.status.value}; only a failed pipeline can be retried")
+        self._require_code(record, "retried")
         self.runner.retry(record)
         return self.get(uuid)
 
@@ -514,11 +547,30 @@ class Orchestrator:
             raise InvalidStateError(f"pipeline {uuid} is {record.status.value}; a message to it would never be read")
         return outside.send(self.store, self.clock, uuid, name, payload)
 
+    def _require_code(self, record: PipelineRecord, done: str) -> None:
+        """``NotRegisteredError`` before anything is claimed or written, when the code of the
+        pipeline or of its steps is not loaded in this process (the CLI without ``--app``)."""
+        missing = self.blocked_reason(record, self.store.steps_of(record.uuid))
+        if missing is not None:
+            raise NotRegisteredError(
+                f"pipeline {record.uuid} ({record.name} v{record.version}) cannot be {done} here, its code is "
+                f"not loaded: {missing}",
+                name=record.name,
+            )
+
     def _require(self, uuid: str) -> PipelineRecord:
         record = self.store.get_pipeline(uuid)
         if record is None:
             raise PipelineNotFoundError(f"no pipeline with uuid {uuid} is stored", uuid=uuid)
         return record
+
+
+UP_TO = f" (finite, at most {MAX_SECONDS}: a year)"
+
+
+def _seconds(value: float) -> bool:
+    """A finite number of seconds from 0 to a year (``inf`` would overflow the times computed from it)."""
+    return math.isfinite(value) and 0 <= value <= MAX_SECONDS
 
 
 def _non_negative(value: Any) -> bool:

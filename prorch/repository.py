@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol, runtime_checkable
 
+from prorch.due import Runnable
 from prorch.limits import ClaimLimit
 
 JSONDict = dict[str, Any]
@@ -160,7 +161,8 @@ class SupportsPipelineQuery(Protocol):
 class PipelineStats:
     """What the dashboard's overview shows, counted by the store: pipelines by status, name and
     version; among the pending ones whose ``next_run_at`` has come, those leased by a worker
-    (running) and the others (due); failed ones that were quarantined; the earliest due time;
+    (running) and the others (due); failed ones that were quarantined; the earliest due time
+    of the due ones (a running pipeline is not waiting, however long its hook takes);
     and ``(status, updated_at)`` of those that ended since a given time."""
 
     counts: list[tuple[str, str, int, int]]
@@ -226,9 +228,12 @@ class SupportsDueQuery(Protocol):
 class SupportsClaim(Protocol):
     """A pipeline repository that claims due pipelines atomically, so two workers never share one."""
 
-    def claim_due(self, now: datetime, owner: str, lease_expires_at: datetime, limit: int) -> list[JSONDict]:
-        """Select as ``search_due`` and, in the same atomic step, set ``lease_owner``,
-        ``lease_expires_at`` and ``revision + 1`` on them; return them as now stored."""
+    def claim_due(
+        self, now: datetime, owner: str, lease_expires_at: datetime, limit: int, runnable: Runnable | None = None
+    ) -> list[JSONDict]:
+        """Select as ``search_due``, only pipelines whose (name, version) is in ``runnable`` when
+        it is given (the classes the claiming worker has), and, in the same atomic step, set
+        ``lease_owner``, ``lease_expires_at`` and ``revision + 1`` on them; return them as now stored."""
         ...
 
     def claim_one(self, uuid: str, now: datetime, owner: str, lease_expires_at: datetime) -> JSONDict | None:
@@ -250,12 +255,19 @@ class SupportsLimitedClaim(Protocol):
     atomically with the claim, however many workers claim at once."""
 
     def claim_due_limited(
-        self, now: datetime, owner: str, lease_expires_at: datetime, limit: int, limits: dict[str, ClaimLimit]
+        self,
+        now: datetime,
+        owner: str,
+        lease_expires_at: datetime,
+        limit: int,
+        limits: dict[str, ClaimLimit],
+        runnable: Runnable | None = None,
     ) -> list[JSONDict]:
-        """``claim_due``, taking the due pipelines in claim order that ``prorch.limits.within_limits``
-        admits: counting the live leases (pending, ``lease_expires_at`` after ``now``) of each
-        limited name and tenant, and the claims of each rate-limited name within its period
-        before ``now``, which it stores with the claim (one start per pipeline claimed)."""
+        """``claim_due`` (``runnable`` as there), taking the due pipelines in claim order that
+        ``prorch.limits.within_limits`` admits: counting the live leases (pending,
+        ``lease_expires_at`` after ``now``) of each limited name and tenant, and the claims of
+        each rate-limited name within its period before ``now``, which it stores with the claim
+        (one start per pipeline claimed)."""
         ...
 
 

@@ -159,7 +159,14 @@ class Step:
         self._decide(Verdict("cancel"))
 
     def wait(self, seconds: float | None = None, until: datetime | None = None) -> None:
-        """Return at once; the pipeline is not resumed before ``now + seconds`` or ``until``."""
+        """Return at once; the pipeline is not resumed before ``now + seconds`` or ``until``, then
+        ``on_continue`` runs. A step without ``on_continue`` finishes when ``on_start`` returns, so
+        a wait there is refused (it would run ``on_start`` again after every wait, for ever)."""
+        if not _has_on_continue(type(self)):
+            raise StepUsageError(
+                f"step {self.name} called wait() but defines no on_continue(), so nothing would run after the "
+                "wait: define on_continue() (the code to run once the wait is over), e.g. with OnContinueMixin"
+            )
         if (seconds is None) == (until is None):
             raise StepUsageError("wait() takes exactly one of seconds=... or until=...")
         if seconds is not None:
@@ -264,3 +271,12 @@ class Step:
                 f"output of step {self.name} cannot be stored: {exc}; pass dicts, lists, strings, finite "
                 "numbers, booleans and None, or declare an Output pydantic model"
             ) from exc
+
+
+def _has_on_continue(cls: type) -> bool:
+    """Whether a step class has a real ``on_continue`` (not ``OnContinueMixin``'s placeholder;
+    ``prorch.mixins.defines_hook``, which this layer cannot import)."""
+    for klass in cls.__mro__:
+        if "on_continue" in vars(klass):
+            return klass.__module__ != "prorch.mixins"
+    return False

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import inspect
 import logging
 import threading
 import uuid as uuid_module
@@ -17,7 +18,7 @@ from typing import Any, TypeVar
 
 from prorch import listing
 from prorch.clock import Clock, ServerAlignedClock, SystemClock
-from prorch.due import claim_order, is_due, is_leased
+from prorch.due import Runnable, can_run, claim_order, is_due, is_leased
 from prorch.exceptions import (
     ConcurrentUpdateError,
     ConfigurationError,
@@ -410,15 +411,22 @@ class Store:
         messages = [_load(MessageRecord, row) for row in rows or []]
         return sorted(messages, key=lambda message: message.sent_at)
 
-    def due(self, now: datetime, limit: int) -> list[PipelineRecord]:
-        """Due pipelines, highest priority first; through the index when the backend has one."""
+    def due(self, now: datetime, limit: int, runnable: Runnable | None = None) -> list[PipelineRecord]:
+        """Due pipelines, highest priority first, only of the ``runnable`` classes when given;
+        through the index when the backend has one."""
         if self.due_query is not None:
-            rows = _call("query due pipelines", self.due_query.search_due, now, limit)
-            return [_load(PipelineRecord, row, remember=self.partial_update) for row in rows]
+            wanted = limit
+            while True:  # the index knows nothing of classes: read more until enough are runnable
+                rows = _call("query due pipelines", self.due_query.search_due, now, wanted)
+                found = [row for row in rows if can_run(row, runnable)]
+                if len(found) >= limit or len(rows) < wanted:
+                    return [_load(PipelineRecord, row, remember=self.partial_update) for row in found[:limit]]
+                wanted *= 4
         candidates = [
             p
             for p in self.pipelines_with_status(Status.PENDING)
             if is_due(p.status, p.next_run_at, p.lease_expires_at, now)
+            and (runnable is None or (p.name, p.version) in runnable)
         ]
         candidates.sort(
             key=lambda p: claim_order(p.priority, format_timestamp(p.next_run_at) if p.next_run_at else None)
@@ -434,29 +442,35 @@ class Store:
         lease_expires_at: datetime,
         limit: int,
         limits: dict[str, ClaimLimit] | None = None,
+        runnable: Runnable | None = None,
     ) -> list[PipelineRecord]:
-        """Lease the due pipelines within the limits of their names (``prorch.limits``)."""
+        """Lease the due pipelines within the limits of their names (``prorch.limits``), only
+        those of the ``runnable`` classes (name, version) when given: a worker never claims what
+        it cannot run, so an older worker beside a newer one leaves the new classes to it."""
         if self.claims is None:  # one process: no other claimer to race
             if not limits:
-                return self.due(now, limit)
+                return self.due(now, limit, runnable)
             tally = Tally(limits, started=self._starts.counts(limits, now))
             pending = self.pipelines_with_status(Status.PENDING)
             tally.add_leased({"name": p.name, "context": p.context} for p in pending
                              if is_leased(p.status.value, p.lease_expires_at, now))  # fmt: skip
-            due = [({"name": r.name, "context": r.context}, r) for r in self.due(now, 1_000_000)]
+            due = [({"name": r.name, "context": r.context}, r) for r in self.due(now, 1_000_000, runnable)]
             chosen = within_limits(due, tally, limit)
             self._starts.record(({"name": r.name} for r in chosen), limits, now)
             return chosen
         if limits and isinstance(self.claims, SupportsLimitedClaim):
             args = (now, owner, lease_expires_at, limit, limits)
-            rows = _call("claim due pipelines", self.claims.claim_due_limited, *args)
+            limited = self.claims.claim_due_limited
+            rows = _call("claim due pipelines", limited, *args, *_runnable_argument(limited, runnable))
             return [_load(PipelineRecord, row, remember=self.partial_update) for row in rows]
         if limits:
             _warn_once(
                 f"{self.backend!r} has no SupportsLimitedClaim: the limits of {', '.join(sorted(limits))} "
                 "(max_running, rate_limit) are not enforced"
             )
-        rows = _call("claim due pipelines", self.claims.claim_due, now, owner, lease_expires_at, limit)
+        claim = self.claims.claim_due
+        extra = _runnable_argument(claim, runnable)
+        rows = _call("claim due pipelines", claim, now, owner, lease_expires_at, limit, *extra)
         return [_load(PipelineRecord, row, remember=self.partial_update) for row in rows]
 
     def claim_one(self, uuid: str, now: datetime, owner: str, lease_expires_at: datetime) -> PipelineRecord | None:
@@ -744,6 +758,24 @@ def _settle(write: Write) -> None:
         stored = record.__dict__.pop("pending", None)
         if stored is not None:
             remember_stored(record, stored)
+
+
+def _runnable_argument(claim: Callable[..., Any], runnable: Runnable | None) -> tuple[Runnable | None, ...]:
+    """``(runnable,)`` for a claim that takes it; ``()`` for one written before it existed (its
+    worker then claims every class, as prorch 1.x did, and is told so once)."""
+    if runnable is None:
+        return ()
+    try:
+        takes = "runnable" in inspect.signature(claim).parameters
+    except (TypeError, ValueError):  # pragma: no cover - a builtin without a signature
+        takes = False
+    if not takes:
+        _warn_once(
+            f"{getattr(claim, '__qualname__', claim)} takes no `runnable`: this worker also claims pipelines of "
+            "classes it does not have, and puts them off (add runnable=None to the claim, see SupportsClaim)"
+        )
+        return ()
+    return (runnable,)
 
 
 def _server_now(backend: SupportsServerClock) -> datetime:

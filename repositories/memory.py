@@ -9,6 +9,7 @@ it too; nothing survives the process.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import threading
 from collections import defaultdict
@@ -16,7 +17,7 @@ from collections.abc import Iterator
 from datetime import datetime
 from typing import Any
 
-from prorch.due import TERMINAL_VALUES, claim_order, claimable_by, is_due, leased
+from prorch.due import TERMINAL_VALUES, Runnable, can_run, claim_order, claimable_by, is_due, leased
 from prorch.limits import ClaimLimit, StartLog, Tally, within_limits
 from prorch.records import JSONDict, format_timestamp, to_utc
 from prorch.repository import IRepository
@@ -185,19 +186,28 @@ class MemoryRepository(IRepository):
         with self.backend.lock:
             return self._due(format_timestamp(now), limit)
 
-    def claim_due(self, now: datetime, owner: str, lease_expires_at: datetime, limit: int) -> list[JSONDict]:
+    def claim_due(
+        self, now: datetime, owner: str, lease_expires_at: datetime, limit: int, runnable: Runnable | None = None
+    ) -> list[JSONDict]:
         with self.backend.lock:
-            return [self._lease(row, owner, lease_expires_at) for row in self._due(format_timestamp(now), limit)]
+            due = self._due(format_timestamp(now), limit, runnable)
+            return [self._lease(row, owner, lease_expires_at) for row in due]
 
     def claim_due_limited(
-        self, now: datetime, owner: str, lease_expires_at: datetime, limit: int, limits: dict[str, ClaimLimit]
+        self,
+        now: datetime,
+        owner: str,
+        lease_expires_at: datetime,
+        limit: int,
+        limits: dict[str, ClaimLimit],
+        runnable: Runnable | None = None,
     ) -> list[JSONDict]:
         with self.backend.lock:
             stamp = format_timestamp(now)
             leased_now = [u for u, (_, _, lease) in self.due_keys.items() if lease is not None and lease > stamp]
             tally = Tally(limits, started=self.starts.counts(limits, now))
             tally.add_leased(json.loads(self.rows[u]) for u in leased_now)
-            due = [(row, row) for row in self._due(stamp, len(self.due_keys))]
+            due = [(row, row) for row in self._due(stamp, len(self.due_keys), runnable)]
             chosen = within_limits(due, tally, limit)
             self.starts.record(chosen, limits, now)
             return [self._lease(row, owner, lease_expires_at) for row in chosen]
@@ -220,14 +230,15 @@ class MemoryRepository(IRepository):
             self._write(uuid, row)
             return True
 
-    def _due(self, now: str, limit: int) -> list[JSONDict]:
+    def _due(self, now: str, limit: int, runnable: Runnable | None = None) -> list[JSONDict]:
         due = [
             (*claim_order(priority, next_run_at), uuid)
             for uuid, (priority, next_run_at, lease) in self.due_keys.items()
             if is_due(Status.PENDING.value, next_run_at, lease, now)
         ]
         due.sort()
-        return [json.loads(self.rows[uuid]) for _, _, uuid in due[:limit]]
+        rows = (json.loads(self.rows[uuid]) for _, _, uuid in due)
+        return list(itertools.islice((row for row in rows if can_run(row, runnable)), limit))
 
     def _lease(self, row: JSONDict, owner: str, lease_expires_at: datetime) -> JSONDict:
         claimed = leased(row, owner, format_timestamp(lease_expires_at))

@@ -14,11 +14,26 @@ import contextlib
 import importlib
 import logging
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import datetime
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar, cast
 
-from sqlalchemy import Connection, Engine, Integer, Select, bindparam, create_engine, delete, insert, select, update
+from sqlalchemy import (
+    ColumnElement,
+    Connection,
+    Engine,
+    Integer,
+    Select,
+    and_,
+    bindparam,
+    create_engine,
+    delete,
+    false,
+    insert,
+    or_,
+    select,
+    update,
+)
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import (
     ArgumentError,
@@ -30,7 +45,7 @@ from sqlalchemy.exc import (
     OperationalError,
 )
 
-from prorch.due import TERMINAL_VALUES
+from prorch.due import TERMINAL_VALUES, Runnable
 from prorch.exceptions import (
     ConfigurationError,
     DuplicateRecordError,
@@ -51,6 +66,7 @@ from repositories.sql_limits import LimitedClaim
 __all__ = ["DIALECTS", "MIGRATIONS", "SQLBackend", "SQLRepository", "dialect_class", "upgrade"]
 
 logger = logging.getLogger("prorch.repositories.sql")
+T = TypeVar("T")
 
 DIALECTS = {"sqlite": "repositories.sqlite:SQLiteBackend", "postgresql": "repositories.postgresql:PostgreSQLBackend"}
 """The backend class of each dialect, found by name when a URL names it (as SQLAlchemy finds its
@@ -370,7 +386,7 @@ class SQLRepository(IRepository):
             else None
         )
         self._searches: dict[str, Any] = {}
-        self._limited: LimitedClaim | None = None  # the limited claim's statements, built once
+        self._claims: dict[tuple[str, Runnable | None], Any] = {}  # claim statements by the classes claimed
 
     # --- the four methods --------------------------------------------------------------------
 
@@ -501,11 +517,12 @@ class SQLRepository(IRepository):
         with self.backend.connect(write=False) as connection:
             return sql_listing.stats(self.table, connection, now, ended_since)
 
-    def _due_query(self) -> Select[Any]:
-        """Due pipeline uuids, by the (status, next_run_at, priority) index; bound: _now, _limit."""
+    def _due_query(self, runnable: Runnable | None = None) -> Select[Any]:
+        """Due pipeline uuids, by the (status, next_run_at, priority) index; bound: _now, _limit.
+        With ``runnable``, only pipelines of those (name, version) pairs."""
         c = self.table.c
         now = bindparam("_now", type_=c.next_run_at.type)
-        return (
+        query = (
             select(c.uuid)
             .where(
                 c.status == Status.PENDING.value,
@@ -515,6 +532,29 @@ class SQLRepository(IRepository):
             .order_by(c.priority.desc(), c.next_run_at)
             .limit(bindparam("_limit", type_=Integer()))
         )
+        return query if runnable is None else query.where(self._of_classes(runnable))
+
+    def _of_classes(self, runnable: Runnable) -> ColumnElement[bool]:
+        """``(name = a AND version IN (1, 2)) OR (name = b AND ...)``, one term per name: a
+        plain boolean every database plans well, on the due index or on (status, name, version).
+        The values are bound into the statement, built once: a worker's classes do not change."""
+        c = self.table.c
+        versions: dict[str, list[int]] = {}
+        for name, version in sorted(runnable):
+            versions.setdefault(name, []).append(version)
+        if not versions:
+            return false()
+        return or_(*(and_(c.name == name, c.version.in_(found)) for name, found in versions.items()))
+
+    def _statement(self, kind: str, runnable: Runnable | None, build: Callable[[], T]) -> T:
+        """A claim statement for these classes, built once (a few kept: a worker has one set)."""
+        key = (kind, runnable)
+        found = self._claims.get(key)
+        if found is None:
+            if len(self._claims) >= 16:
+                self._claims.clear()
+            found = self._claims[key] = build()
+        return cast(T, found)
 
     def search_due(self, now: datetime, limit: int) -> list[JSONDict]:
         query = self._searches.get("_due")
@@ -525,39 +565,43 @@ class SQLRepository(IRepository):
             rows = connection.execute(query, {"_now": now, "_limit": limit}).mappings().all()
         return self._by_priority([self._to_record(row) for row in rows])
 
-    def claim_due(self, now: datetime, owner: str, lease_expires_at: datetime, limit: int) -> list[JSONDict]:
-        query = self._searches.get("_claim")
-        if query is None:
-            due = self.lockable(self._due_query())
-            query = self._searches["_claim"] = (
-                update(self.table)
-                .where(self.table.c.uuid.in_(due.scalar_subquery()))
-                .values(self._lease_values())
-                .returning(*self.table.columns)
-            )
+    def claim_due(
+        self, now: datetime, owner: str, lease_expires_at: datetime, limit: int, runnable: Runnable | None = None
+    ) -> list[JSONDict]:
+        query = self._statement("claim", runnable, lambda: (
+            update(self.table)
+            .where(self.table.c.uuid.in_(self.lockable(self._due_query(runnable)).scalar_subquery()))
+            .values(self._lease_values())
+            .returning(*self.table.columns)
+        ))  # fmt: skip
         params = {"_now": now, "_limit": limit, "_owner": owner, "_until": lease_expires_at}
         with self.backend.connect(write=True) as connection:
             rows = connection.execute(query, params).mappings().all()
         return self._by_priority([self._to_record(row) for row in rows])
 
     def claim_due_limited(
-        self, now: datetime, owner: str, lease_expires_at: datetime, limit: int, limits: dict[str, ClaimLimit]
+        self,
+        now: datetime,
+        owner: str,
+        lease_expires_at: datetime,
+        limit: int,
+        limits: dict[str, ClaimLimit],
+        runnable: Runnable | None = None,
     ) -> list[JSONDict]:
         """``claim_due`` within the limits of pipeline names (``prorch.limits``): the unlimited
         names in one statement, then each limited name in a transaction of its own that holds
         the name's lock while it counts and claims (``sql_limits.LimitedClaim``)."""
         c = self.table.c
         params = {"_now": now, "_owner": owner, "_until": lease_expires_at}
-        others = self._searches.get("_claim_others")
-        if others is None:
-            due = self.lockable(self._due_query().where(c.name.not_in(bindparam("_limited", expanding=True))))
-            others = self._searches["_claim_others"] = (
-                update(self.table).where(c.uuid.in_(due.scalar_subquery())).values(self._lease_values())
-                .returning(*self.table.columns)
-            )  # fmt: skip
-        if self._limited is None:
-            dialect = self.backend.engine.dialect.name
-            self._limited = LimitedClaim(self.table, dialect, self._due_query(), self.lockable, self._lease_values())
+        due = self._due_query(runnable).where(c.name.not_in(bindparam("_limited", expanding=True)))
+        others = self._statement("claim_others", runnable, lambda: (
+            update(self.table).where(c.uuid.in_(self.lockable(due).scalar_subquery())).values(self._lease_values())
+            .returning(*self.table.columns)
+        ))  # fmt: skip
+        dialect = self.backend.engine.dialect.name
+        limited = self._statement("limited", runnable, lambda: LimitedClaim(
+            self.table, dialect, self._due_query(runnable), self.lockable, self._lease_values()
+        ))  # fmt: skip
         rows: list[Any] = []
         with self.backend.connect(write=True) as connection:
             rows += connection.execute(others, {**params, "_limit": limit, "_limited": sorted(limits)}).mappings().all()
@@ -566,7 +610,7 @@ class SQLRepository(IRepository):
                 break
             with self.backend.connect(write=True) as connection:
                 self.backend.lock_name(connection, name)
-                rows += self._limited.claim(connection, name, limits, params, limit - len(rows))
+                rows += limited.claim(connection, name, limits, params, limit - len(rows))
         return self._by_priority([self._to_record(row) for row in rows])
 
     def lockable(self, due: Select[Any]) -> Select[Any]:

@@ -90,11 +90,12 @@ def stats(table: Table, connection: Connection, now: datetime, ended_since: date
     # running = leased among the due ones: a worker claims only due pipelines, so this reads the
     # due index's range, not every pending row (a million waiting ones cost nothing here)
     leased = c.lease_expires_at > now
+    free = or_(c.lease_expires_at.is_(None), ~leased)
     pending = connection.execute(
         select(
             func.count().filter(leased),
-            func.count().filter(or_(c.lease_expires_at.is_(None), ~leased)),
-            func.min(c.next_run_at),
+            func.count().filter(free),
+            func.min(c.next_run_at).filter(free),  # waiting for a worker: a running one is not late
         ).where(c.status == "pending", c.next_run_at <= now)
     ).one()
     crashed = json_field_equals(c.last_error, "type", "WorkerCrashed", connection.dialect.name)

@@ -27,6 +27,8 @@ from tinydb.storages import Storage
 
 from prorch.due import (
     TERMINAL_VALUES,
+    Runnable,
+    can_run,
     claimable_by,
     holds_lease,
     leased,
@@ -140,6 +142,10 @@ class TinyDBBackend:
         self.path = Path(path).expanduser().resolve()
         if not self.path.parent.is_dir():
             raise ConfigurationError(f"folder {self.path.parent} of TinyDB store {self.path} does not exist")
+        if self.path.is_dir():
+            raise ConfigurationError(
+                f"TinyDB store {self.path} is a directory; name a file in it, e.g. tinydb:///{self.path}/prorch.json"
+            )
         self.storage = AtomicJSONStorage(self.path)
         self._thread_lock = threading.RLock()
         self._file_lock = FileLock(str(self.path) + ".lock")
@@ -306,9 +312,9 @@ class TinyDBRepository(IRepository):
             self._write_row(found[0], {**found[1], **data})
             return True
 
-    def _due(self, now: str, limit: int) -> list[tuple[str, JSONDict]]:
+    def _due(self, now: str, limit: int, runnable: Runnable | None = None) -> list[tuple[str, JSONDict]]:
         self._check_statuses(self._rows())
-        rows = [(doc_id, row) for doc_id, row in self._rows().items() if row_is_due(row, now)]
+        rows = [(i, row) for i, row in self._rows().items() if row_is_due(row, now) and can_run(row, runnable)]
         rows.sort(key=lambda item: row_claim_order(item[1]))
         return rows[:limit]
 
@@ -316,13 +322,21 @@ class TinyDBRepository(IRepository):
         with self.backend.locked():
             return [dict(row) for _, row in self._due(format_timestamp(now), limit)]
 
-    def claim_due(self, now: datetime, owner: str, lease_expires_at: datetime, limit: int) -> list[JSONDict]:
+    def claim_due(
+        self, now: datetime, owner: str, lease_expires_at: datetime, limit: int, runnable: Runnable | None = None
+    ) -> list[JSONDict]:
         with self.backend.transaction():
-            due = self._due(format_timestamp(now), limit)
+            due = self._due(format_timestamp(now), limit, runnable)
             return [self._lease(doc_id, row, owner, lease_expires_at) for doc_id, row in due]
 
     def claim_due_limited(
-        self, now: datetime, owner: str, lease_expires_at: datetime, limit: int, limits: dict[str, ClaimLimit]
+        self,
+        now: datetime,
+        owner: str,
+        lease_expires_at: datetime,
+        limit: int,
+        limits: dict[str, ClaimLimit],
+        runnable: Runnable | None = None,
     ) -> list[JSONDict]:
         with self.backend.transaction():
             stamp = format_timestamp(now)
@@ -330,7 +344,7 @@ class TinyDBRepository(IRepository):
             starts = self._start_log()
             tally = Tally(limits, started=starts.counts(limits, now))
             tally.add_leased(row for row in rows.values() if holds_lease(row, stamp))
-            due = [(row, (doc_id, row)) for doc_id, row in self._due(stamp, len(rows))]
+            due = [(row, (doc_id, row)) for doc_id, row in self._due(stamp, len(rows), runnable)]
             chosen = within_limits(due, tally, limit)
             starts.record((row for _, row in chosen), limits, now)
             self._save_start_log(starts)

@@ -119,10 +119,16 @@ class Sqlite3Repository(IRepository):
         )
         return [json.loads(row[0]) for row in rows]
 
-    # prorch.SupportsClaim: select and lease in one write transaction.
-    def claim_due(self, now: datetime, owner: str, lease_expires_at: datetime, limit: int) -> list[dict[str, Any]]:
+    # prorch.SupportsClaim: select and lease in one write transaction, only the classes
+    # (name, version) the worker has when it says (`runnable`): a worker without a class
+    # leaves its pipelines to one that has it.
+    def claim_due(
+        self, now: datetime, owner: str, lease_expires_at: datetime, limit: int, runnable: Any = None
+    ) -> list[dict[str, Any]]:
         with self.backend.transaction():
-            return [self._lease(row, owner, lease_expires_at) for row in self.search_due(now, limit)]
+            due = self.search_due(now, limit if runnable is None else -1)  # LIMIT -1: all of them
+            due = [row for row in due if runnable is None or (row["name"], row.get("version", 1)) in runnable]
+            return [self._lease(row, owner, lease_expires_at) for row in due[:limit]]
 
     def claim_one(self, uuid: str, now: datetime, owner: str, lease_expires_at: datetime) -> dict[str, Any] | None:
         with self.backend.transaction():

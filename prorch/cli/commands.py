@@ -199,12 +199,14 @@ def list_pipelines(ctx: Context, status: str | None, name: str | None, version: 
             until=parse_moment(until, "--until", now) if until is not None else None,
             limit=limit, after=after, count=True,
         )  # fmt: skip
+        blocked = orchestrator.blocked_on_page(page.pipelines) if ctx.has_app() else {}
     if as_json:
         echo_json(
-            {"pipelines": [r.to_dict() for r in page.pipelines], "total": page.total, "next_after": page.next_after}
-        )
+            {"pipelines": [r.to_dict() for r in page.pipelines], "total": page.total, "next_after": page.next_after,
+             "blocked": blocked}
+        )  # fmt: skip
         return
-    print_page(page)
+    print_page(page, blocked)
 
 
 @main.command()
@@ -218,7 +220,11 @@ def show(ctx: Context, uuid: str | None, key: str | None, as_json: bool) -> None
         if (uuid is None) == (key is None):
             raise InvalidParamsError("give a pipeline's UUID or --key KEY, one of the two")
         orchestrator = ctx.orchestrator()
-        state = orchestrator.get_by_key(key) if key is not None else orchestrator.get(uuid or "")
+        loaded = ctx.has_app()  # without the workers' code, missing code is no sign of a block
+        if key is not None:
+            state = orchestrator.get_by_key(key, workers_code=loaded)
+        else:
+            state = orchestrator.get(uuid or "", workers_code=loaded)
         history = orchestrator.history(state.pipeline.uuid)
         moment, reason = state.next_run(orchestrator.clock.now(), history)
     if as_json:
@@ -228,6 +234,7 @@ def show(ctx: Context, uuid: str | None, key: str | None, as_json: bool) -> None
                 "steps": [s.to_dict() for s in state.steps],
                 "history": [e.to_dict() for e in history],
                 "blocked": state.blocked,
+                "code_missing": state.code_missing,
                 "children": [{"uuid": c.uuid, "name": c.name, "status": c.status.value} for c in state.children],
                 "next_run": {"at": moment.isoformat() if moment else None, "reason": reason},
             }
@@ -288,6 +295,8 @@ def send(ctx: Context, uuid: str, name: str, payload_json: str | None) -> None:
             payload = json.loads(payload_json) if payload_json is not None else None
         except json.JSONDecodeError as exc:
             raise InvalidMessageError(f"--payload-json is not valid JSON: {exc}") from exc
+        except RecursionError:
+            raise InvalidMessageError("--payload-json is nested too deeply (at most 100 levels)") from None
         message = ctx.orchestrator().send(uuid, name, payload)
     click.echo(f"sent {name} to {uuid} ({message.uuid})")
 

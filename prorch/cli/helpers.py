@@ -56,6 +56,11 @@ class Context:
     def settings(self) -> Settings:
         return self.loaded().settings
 
+    def has_app(self) -> bool:
+        """Whether the user's code is loaded here (``--app``), as the workers have it: only then
+        does code missing here mean a pipeline no worker can run."""
+        return bool(self.settings.app)
+
     def import_apps(self) -> None:
         """Import the user's modules, so that their pipelines register (cwd is importable, as
         with ``python -m``)."""

@@ -46,11 +46,15 @@ def print_table(rows: list[list[str]]) -> None:
         click.echo("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
 
 
-def print_page(page: PipelinePage) -> None:
+def print_page(page: PipelinePage, blocked: dict[str, str] | None = None) -> None:
+    """``prorch list``; ``blocked`` maps the uuid of a pipeline no worker can run to why."""
+    blocked = blocked or {}
     rows = [["UUID", "STATUS", "NAME", "VERSION", "CREATED", "NEXT RUN"]]
     rows += [
-        [r.uuid, r.status.value, r.name, str(r.version), format_time(r.created_at), next_run(r)] for r in page.pipelines
-    ]
+        [r.uuid, r.status.value, r.name, str(r.version), format_time(r.created_at),
+         f"blocked: {blocked[r.uuid]}" if r.uuid in blocked else next_run(r)]
+        for r in page.pipelines
+    ]  # fmt: skip
     print_table(rows)
     shown = len(page.pipelines)
     click.echo(f"{shown} shown of {page.total} matching" if page.total is not None else f"{shown} shown")

@@ -148,5 +148,5 @@ class StoreGauges(Collector):
         yield GaugeMetricFamily("prorch_running", "Due pipelines leased by a worker now.", value=stats.running)
         lag = (now - stats.oldest_due).total_seconds() if stats.oldest_due else 0.0
         yield GaugeMetricFamily(
-            "prorch_oldest_due_age_seconds", "How long the longest-due pipeline has waited.", value=lag
+            "prorch_oldest_due_age_seconds", "How long the longest-due pipeline no worker holds has waited.", value=lag
         )

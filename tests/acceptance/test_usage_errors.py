@@ -62,8 +62,11 @@ def test_an_app_module_that_fails_to_import(workdir: Path, source: str, expected
 
 
 def test_params_nested_too_deeply(workdir: Path) -> None:  # noqa: F811
-    deep = "[" * 900 + "]" * 900
-    usage_error(prorch(workdir, "start", "Order", "--params-json", json.dumps({"item": "a"})[:-1] + f', "x": {deep}}}'))
+    deep = "[" * 60_000 + "]" * 60_000  # beyond the interpreter's recursion limit (900 was not)
+    usage_error(
+        prorch(workdir, "start", "Order", "--params-json", json.dumps({"item": "a"})[:-1] + f', "x": {deep}}}'),
+        "--params-json is nested too deeply",
+    )
 
 
 def test_an_unknown_param_key_is_an_error(workdir: Path) -> None:  # noqa: F811
@@ -112,3 +115,78 @@ def test_a_misspelt_override_is_reported(workdir: Path) -> None:  # noqa: F811
     assert result.returncode == 0
     assert "warning: [steps.Chrage] names no registered step; ignored (did you mean Charge?)" in result.stderr
     assert "[steps.Charge]" not in result.stderr
+
+
+def without_app(folder: Path) -> None:
+    (folder / "prorch.toml").write_text('repository = "sqlite:///shop.db"\n')  # the CLI without --app
+
+
+def stored(folder: Path, uuid: str) -> dict[str, object]:
+    return json.loads(ok(prorch(folder, "show", uuid, "--json")))["pipeline"]  # type: ignore[no-any-return]
+
+
+def test_acting_without_the_code_fails_before_claiming(workdir: Path) -> None:  # noqa: F811
+    """Regression (#25): `prorch cancel UUID` without --app exited 2 but left the pipeline
+    leased by the CLI process, which had ended; retry checks the same, before any write."""
+    declined = workdir / "decline"
+    declined.write_text("yes")
+    failed = ok(prorch(workdir, "start", "Order", "-p", "item=a")).strip()
+    ok(prorch(workdir, "run", env={"SHOP_DECLINE_FILE": str(declined)}))
+    waiting = ok(prorch(workdir, "start", "Order", "-p", "item=slowpoke")).strip()
+    ok(prorch(workdir, "run"))
+    before = {uuid: stored(workdir, uuid) for uuid in (waiting, failed)}
+    assert before[failed]["status"] == "failed" and before[waiting]["status"] == "pending"
+    without_app(workdir)
+    usage_error(prorch(workdir, "cancel", waiting), f"pipeline {waiting}", "cannot be cancelled", "--app")
+    usage_error(prorch(workdir, "retry", failed), f"pipeline {failed}", "cannot be retried", "--app")
+    for uuid in (waiting, failed):
+        assert stored(workdir, uuid) == before[uuid]  # no lease, nothing written
+
+
+def test_show_without_the_code_shows_the_stored_next_run(workdir: Path) -> None:  # noqa: F811
+    """Regression (#25): without --app, `prorch show` called a waiting pipeline BLOCKED and hid
+    its next run; the workers, which have the code, run it on time."""
+    uuid = ok(prorch(workdir, "start", "Order", "-p", "item=slowpoke")).strip()
+    ok(prorch(workdir, "run"))
+    without_app(workdir)
+    shown = ok(prorch(workdir, "show", uuid))
+    assert "BLOCKED" not in shown and "blocked" not in shown, shown
+    assert "next run: 20" in shown and "(waiting (a hook called wait()))" in shown, shown
+    assert "its code is not loaded here" in shown and "--app" in shown, shown
+    data = json.loads(ok(prorch(workdir, "show", uuid, "--json")))
+    assert data["blocked"] is None and data["next_run"]["at"] is not None and "Order" in data["code_missing"]
+
+
+def test_list_with_the_code_names_the_pipelines_no_worker_can_run(workdir: Path) -> None:  # noqa: F811
+    """#25: a pipeline of a class (or version) the workers' code lacks is never claimed; with
+    --app, `prorch list` and `prorch show` say it is blocked and why."""
+    (workdir / "gone.py").write_text(
+        "from prorch import Pipeline, register_pipeline\nfrom shop import Reserve\n\n"
+        "@register_pipeline\nclass Gone(Pipeline):\n    name = 'Gone'\n    steps = [Reserve]\n"
+    )
+    uuid = ok(prorch(workdir, "--app", "gone", "start", "Gone", "-p", "item=a")).strip()
+    kept = ok(prorch(workdir, "start", "Order", "-p", "item=a")).strip()
+    listing = ok(prorch(workdir, "list"))
+    line = next(line for line in listing.splitlines() if line.startswith(uuid))
+    assert "blocked: no pipeline named 'Gone' is registered" in line, listing
+    assert "blocked" not in next(line for line in listing.splitlines() if line.startswith(kept))
+    assert "BLOCKED: no pipeline named 'Gone'" in ok(prorch(workdir, "show", uuid))
+    data = json.loads(ok(prorch(workdir, "list", "--json")))
+    assert list(data["blocked"]) == [uuid]
+
+
+def test_a_message_payload_nested_too_deeply(workdir: Path) -> None:  # noqa: F811
+    uuid = ok(prorch(workdir, "start", "Order", "-p", "item=slowpoke")).strip()
+    deep = "[" * 60_000 + "]" * 60_000
+    usage_error(prorch(workdir, "send", uuid, "poke", "--payload-json", deep), "--payload-json is nested too deeply")
+
+
+@pytest.mark.parametrize(("value", "expected"), [("inf", "finite"), ("nan", "finite"), ("1e300", "31536000")])
+def test_an_infinite_lease_is_refused(workdir: Path, value: str, expected: str) -> None:  # noqa: F811
+    """Regression (#25): `--lease-seconds inf` printed an OverflowError's traceback."""
+    usage_error(prorch(workdir, "run", "--lease-seconds", value), "invalid setting 'lease_seconds'", expected)
+
+
+def test_a_tinydb_url_naming_a_directory(workdir: Path) -> None:  # noqa: F811
+    (workdir / "somedir").mkdir()
+    usage_error(prorch(workdir, "-r", "tinydb:///somedir", "list"), "is a directory", "somedir/prorch.json")

@@ -159,6 +159,20 @@ def test_overview_counts(backend: Any, registry: Registry) -> None:
     assert after.due == 4 and [status for status, _ in after.ended] == ["finished"] * 8
 
 
+def test_the_oldest_due_leaves_out_pipelines_a_worker_holds(backend: Any, registry: Registry) -> None:
+    """Regression (#25): ``prorch_oldest_due_age_seconds`` counted a running (leased) pipeline,
+    so the documented alert fired on any long hook; it is the age of the oldest one waiting."""
+    orchestrator, uuids = stored(backend, registry)
+    store = orchestrator.store
+    if store.claims is None:
+        pytest.skip("no leases on a repository without claims")
+    now = orchestrator.clock.now()
+    assert store.claim_one(uuids[0], now, "worker", now + timedelta(minutes=5)) is not None  # the oldest runs
+    stats = store.pipeline_stats(now, now - timedelta(hours=1))
+    assert (stats.running, stats.due) == (1, 11)
+    assert stats.oldest_due == START + timedelta(minutes=1)
+
+
 def test_sqlite_overview_counts_read_indexes_only(tmp_path: Path, registry: Registry) -> None:
     backend = make_backend("sqlite", tmp_path, None)  # type: ignore[arg-type]
     stored(backend, registry)

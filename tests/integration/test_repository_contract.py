@@ -24,8 +24,10 @@ from prorch import (
     SupportsTransaction,
     register_step,
 )
+from prorch.limits import ClaimLimit
 from prorch.records import ErrorInfo, new_uuid
 from prorch.registry import Registry
+from prorch.repository import SupportsLimitedClaim
 from prorch.testing import Harness
 from tests.support.builders import pipeline_of
 
@@ -182,6 +184,42 @@ def test_claim_due_leases_atomically(backend: Any) -> None:
     assert all(r["revision"] == rows["low"]["revision"] + 1 for r in claimed)
     assert PipelineRecord.from_dict(claimed[0]).lease_expires_at == until
     assert repo.claim_due(NOW, "other", until, 10) == []
+
+
+@pytest.mark.parametrize("limited", [False, True])
+def test_a_claim_takes_only_the_classes_the_worker_has(backend: Any, limited: bool) -> None:
+    """Issue #25: an old worker beside a new one claims only the (name, version) pairs it
+    has; before, it claimed the new ones too and put each off by a lease it could not use."""
+    repo = backend("PIPELINE")
+    require(repo, SupportsClaim)
+    if limited:
+        require(repo, SupportsLimitedClaim)
+    rows = {
+        "p1": pipeline_row(name="P", version=1),
+        "p2": pipeline_row(name="P", version=2, priority=9),  # first in claim order
+        "q1": pipeline_row(name="Q", version=1),
+        "new": pipeline_row(name="New", version=1, priority=5),
+    }
+    for row in rows.values():
+        repo.save(row)
+    until = NOW + timedelta(seconds=60)
+    limits = {"P": ClaimLimit(max_running=10)} if limited else None
+
+    def claim(owner: str, runnable: Any) -> set[str]:
+        found = (
+            repo.claim_due_limited(NOW, owner, until, 10, limits, runnable)
+            if limits is not None
+            else repo.claim_due(NOW, owner, until, 10, runnable)
+        )
+        return {row["uuid"] for row in found}
+
+    assert claim("nothing", frozenset()) == set()
+    assert claim("old", frozenset({("P", 1), ("Q", 1), ("Q", 3)})) == {rows["p1"]["uuid"], rows["q1"]["uuid"]}
+    assert all(repo.get(rows[k]["uuid"])["lease_owner"] is None for k in ("p2", "new"))
+    assert claim("new", frozenset({("P", 1), ("P", 2), ("Q", 1), ("New", 1)})) == {
+        rows["p2"]["uuid"],
+        rows["new"]["uuid"],
+    }
 
 
 def test_claim_one_respects_a_live_lease(backend: Any) -> None:

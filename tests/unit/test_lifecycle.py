@@ -430,11 +430,14 @@ def test_wait_until_a_time(harness: Harness, registry: Registry) -> None:
 def test_wait_rejects_bad_arguments(
     harness: Harness, registry: Registry, kwargs: dict[str, Any], message: str | None
 ) -> None:
-    class W(OnStartMixin, Step):
+    class W(OnStartMixin, OnContinueMixin, Step):
         name = "W"
 
         def on_start(self) -> None:
             self.wait(**kwargs)
+
+        def on_continue(self) -> None:
+            self.finish()
 
     register_step(W)
     run = harness.create(pipeline_of(W))
@@ -445,6 +448,29 @@ def test_wait_rejects_bad_arguments(
     else:
         assert step.status == Status.FAILED
         assert step.error is not None and step.error.type == "StepUsageError" and message in step.error.message
+
+
+def test_a_wait_in_a_step_without_on_continue_is_a_usage_error(harness: Harness, registry: Registry) -> None:
+    """Regression (#25): such a step (it finishes when on_start returns) ran on_start again after
+    every wait, so it never finished, silently. Now its wait() fails it with the fix named."""
+    calls: list[str] = []
+
+    class Poll(OnStartMixin, Step):
+        name = "Poll"
+
+        def on_start(self) -> None:
+            calls.append("on_start")
+            self.wait(seconds=60)
+
+    register_step(Poll)
+    run = harness.create(pipeline_of(Poll))
+    harness.run_pass()
+    harness.clock.advance(61)
+    harness.run_pass()
+    step = steps_of(harness, run.uuid)["Poll"]
+    assert harness.status(run.uuid) == "failed" and calls == ["on_start"]
+    assert step.error is not None and step.error.type == "StepUsageError"
+    assert "step Poll called wait() but defines no on_continue()" in step.error.message
 
 
 def test_two_verdicts_in_one_hook_are_a_usage_error(harness: Harness, registry: Registry) -> None:

@@ -45,10 +45,11 @@ def test_unregistered_pipeline_is_blocked_untouched_then_resumes(registry: Regis
     p = pipeline_of(quick("A"), name="Deployed")
     run = harness.create(p)
     del registry.pipelines["Deployed"]  # the code is not deployed on this worker
+    before = harness.orchestrator.get(run.uuid).pipeline
     summary = harness.run_pass()
-    assert list(summary.blocked) == [run.uuid]
-    assert "no pipeline named 'Deployed'" in summary.blocked[run.uuid]
+    assert summary.claimed == 0  # a worker never claims what it cannot run (issue #25)
     state = harness.orchestrator.get(run.uuid)
+    assert state.pipeline.claims == 0 and state.pipeline.next_run_at == before.next_run_at  # not put off
     assert state.pipeline.status == Status.PENDING
     assert state.steps[0].status == Status.CREATED
     assert state.blocked is not None and "Deployed" in state.blocked

@@ -76,6 +76,7 @@ def test_the_deadline_is_the_timeout_after_the_start() -> None:
         ({"lease_seconds": 0}, r"Orchestrator\(lease_seconds=0\): lease_seconds must be a number of seconds > 0"),
         ({"hook_timeout": 0}, r"hook_timeout must be None or a number of seconds > 0"),
         ({"shutdown_grace": -1}, r"shutdown_grace must be a number of seconds >= 0"),
+        ({"lease_seconds": float("inf")}, r"lease_seconds must be a number of seconds > 0 \(finite, at most 31536000"),
     ],
 )
 def test_bad_orchestrator_arguments_are_a_configuration_error(options: dict[str, Any], message: str) -> None:

@@ -11,10 +11,11 @@ import pytest
 
 from prorch import IRepository, Metadata
 from prorch.creation import build_records, store_new
+from prorch.limits import ClaimLimit
 from prorch.records import JSONDict
 from prorch.registry import Registry
 from prorch.store import Store
-from repositories.memory import MemoryBackend
+from repositories.memory import MemoryBackend, MemoryRepository
 from tests.support.builders import pipeline_of, quick
 
 NOW = datetime(2030, 1, 1, tzinfo=timezone.utc)
@@ -89,3 +90,38 @@ def test_a_store_of_something_that_is_no_repository_is_one_clear_error(bad: Any)
 
     with pytest.raises(ConfigurationError):
         Store(bad)
+
+
+def test_the_fallback_claims_only_the_classes_the_worker_has(registry: Registry) -> None:
+    """Issue #25 on a prorch 1.0.1-style repository (no claim): the due list is filtered by the
+    (name, version) pairs given, with and without limits, and those behind are not starved."""
+    store = Store(seed_style())
+    old = pipeline_of(quick("A"), name="Job")
+    new = pipeline_of(quick("B"), name="Job", version=2, priority=5)
+    for cls in (new, new, old):
+        store_new(store, [build_records(cls, {}, now=NOW)], NOW, registry)
+    until = NOW + timedelta(seconds=30)
+    assert [p.version for p in store.claim_due(NOW, "me", until, 1, runnable=frozenset({("Job", 1)}))] == [1]
+    limits = {"Job": ClaimLimit(max_running=5)}
+    claimed = store.claim_due(NOW, "me", until, 5, limits, runnable=frozenset({("Job", 1)}))
+    assert [p.version for p in claimed] == [1]
+    assert store.claim_due(NOW, "me", until, 5, runnable=frozenset()) == []
+
+
+def test_a_claim_written_before_runnable_still_claims_and_says_so(
+    registry: Registry, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A user's ``SupportsClaim`` without the ``runnable`` argument keeps working (claiming
+    every class, as before), with one warning naming the fix."""
+    memory = MemoryBackend()
+
+    class OldClaim(MemoryRepository):
+        def claim_due(self, now: datetime, owner: str, lease_expires_at: datetime, limit: int) -> list[JSONDict]:
+            return super().claim_due(now, owner, lease_expires_at, limit)
+
+    store = Store(lambda model: OldClaim(model, memory) if model == "PIPELINE" else memory(model))
+    pipeline = pipeline_of(quick("A"), name="Fresh")
+    store_new(store, [build_records(pipeline, {}, now=NOW)], NOW, registry)
+    claimed = store.claim_due(NOW, "me", NOW + timedelta(seconds=30), 10, runnable=frozenset({("Job", 1)}))
+    assert [p.name for p in claimed] == ["Fresh"]
+    assert "takes no `runnable`" in caplog.text and "add runnable=None" in caplog.text
