@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from typing import Any
 
 import orjson
@@ -84,8 +85,17 @@ def dumps(value: Any) -> str:
         return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
 
 
+_LONG_NUMBER = re.compile(r"[0-9]{20}")
+_LONG_NUMBER_BYTES = re.compile(rb"[0-9]{20}")
+"""20 digits in a row: maybe an int beyond 64 bits, which orjson reads as a float (wrong)."""
+
+
 def loads(text: str | bytes) -> Any:
-    """A value from its JSON text (orjson); an int beyond 64 bits through the standard library."""
+    """A value from its JSON text (orjson); one that may hold an int beyond 64 bits through the
+    standard library, which reads it exactly."""
+    long_number = _LONG_NUMBER.search(text) if isinstance(text, str) else _LONG_NUMBER_BYTES.search(text)
+    if long_number is not None:
+        return json.loads(text)
     try:
         return orjson.loads(text)
     except orjson.JSONDecodeError:

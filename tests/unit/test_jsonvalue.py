@@ -39,6 +39,7 @@ def test_depth_is_counted_per_branch_not_per_sibling() -> None:
         ({1: "x"}, r"^context: key 1 is a int; JSON object keys must be str$"),
         ({"a": [1, "x\x00"]}, r"^context\['a'\]\[1\]: a string with a NUL character"),
         ([float("nan")], r"^context\[0\]: nan is not a JSON number"),
+        ([float("nan"), None, 1, True], r"^context\[0\]: nan is not a JSON number"),  # scalars checked go on
         ({"x": float("-inf")}, r"^context\['x'\]: -inf is not a JSON number"),
         ((1, 2), r"^context: tuple is not a JSON value \(use a list\); store JSON values only$"),
         ({"s": {1}}, r"^context\['s'\]: set is not a JSON value \(use a list\)"),
@@ -67,5 +68,8 @@ def test_a_checked_copy_is_not_changed_by_the_caller_afterwards() -> None:
 def test_dumps_is_compact_and_round_trips_big_ints() -> None:
     assert dumps({"a": [1, "é"]}) == '{"a":[1,"é"]}'
     assert dumps({"big": 2**70, "b": [1]}) == '{"big":1180591620717411303424,"b":[1]}'
-    assert loads(dumps({"big": 2**70})) == {"big": 2**70}
+    assert dumps({"big": 2**70 + 1, "s": "é"}) == '{"big":1180591620717411303425,"s":"é"}'  # the fallback
+    assert loads(dumps({"big": 2**70 + 1})) == {"big": 2**70 + 1}  # orjson read it as a float
+    assert loads(b'{"big":1180591620717411303425}') == {"big": 2**70 + 1}
+    assert loads('{"id":"12345678901234567890","n":1.5}') == {"id": "12345678901234567890", "n": 1.5}
     assert loads(b'{"a":1}') == {"a": 1}

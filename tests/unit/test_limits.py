@@ -45,7 +45,7 @@ def test_a_rate_is_parsed_to_a_count_and_seconds(text: str, count: int, seconds:
         ("5/0s", "the count and the period must be more than 0"),
         ("5/0.0m", "the count and the period must be more than 0"),
         ("0/minute", "the count and the period must be more than 0"),
-        ("5/fortnight", "is not a rate"),
+        ("5/fortnight", r"is not a rate: .* \(periods: second, minute, hour, day, or a number of s, m, h, d\)$"),
         ("minute", "is not a rate"),
         ("5 per minute", "is not a rate"),
         (5, "is not a rate"),
@@ -149,6 +149,8 @@ def test_a_tally_counts_what_is_leased_and_what_it_takes() -> None:
     assert tally.room("L") == 0
     assert sorted(tally.full_tenants("L"), key=str) == [("str", "a"), ("str", "b")]
     assert tally.full_tenants("other") == []
+    tally.add_leased([{"name": "other", "context": {"tenant": "z"}}] * 3)
+    assert ("str", "z") not in tally.full_tenants("L")  # another name's tenants are not this one's
     assert within_limits([({"name": "other"}, 1), ({"name": "other"}, 2)], tally, 1) == [1]
 
 
@@ -156,6 +158,12 @@ def test_a_tally_s_room_is_never_negative() -> None:
     tally = Tally({"L": ClaimLimit(max_running=1, rate=RateLimit(1, 60))})
     tally.add_leased([{"name": "L"}, {"name": "L"}])
     assert tally.room("L") == 0
+
+
+def test_a_start_log_starts_from_the_starts_it_is_given() -> None:
+    limits = {"L": ClaimLimit(rate=RateLimit(5, 60))}
+    log = StartLog({"L": [format_timestamp(NOW)]})  # as TinyDB reads them back from its file
+    assert log.counts(limits, NOW + timedelta(seconds=1)) == {"L": 1}
 
 
 def test_a_start_log_drops_starts_older_than_the_window() -> None:
