@@ -149,9 +149,13 @@ def test_a_tally_counts_what_is_leased_and_what_it_takes() -> None:
     assert tally.room("L") == 0
     assert sorted(tally.full_tenants("L"), key=str) == [("str", "a"), ("str", "b")]
     assert tally.full_tenants("other") == []
-    tally.add_leased([{"name": "other", "context": {"tenant": "z"}}] * 3)
-    assert ("str", "z") not in tally.full_tenants("L")  # another name's tenants are not this one's
     assert within_limits([({"name": "other"}, 1), ({"name": "other"}, 2)], tally, 1) == [1]
+
+
+def test_full_tenants_are_one_name_s() -> None:
+    tally = Tally({"L": ClaimLimit(per_tenant=2), "M": ClaimLimit(max_running=10)})
+    tally.add_leased([{"name": "M", "context": {"tenant": "z"}}] * 3 + [{"name": "L", "context": {"tenant": "a"}}])
+    assert tally.full_tenants("L") == []  # M's tenant z holds 3, but of M
 
 
 def test_a_tally_s_room_is_never_negative() -> None:
