@@ -40,7 +40,8 @@ TERMINAL = frozenset({Status.FINISHED, Status.FAILED, Status.CANCELLED})
 #: Anything else is a bug and is refused loudly.
 TRANSITIONS: dict[Status, frozenset[Status]] = {
     Status.CREATED: frozenset({Status.PENDING, Status.FINISHED, Status.FAILED, Status.CANCELLED}),
-    Status.PENDING: frozenset({Status.PENDING, Status.FINISHED, Status.FAILED, Status.CANCELLED}),
+    # CREATED: a step timed out with attempts left starts again from on_start (restart_after_timeout)
+    Status.PENDING: frozenset({Status.CREATED, Status.FINISHED, Status.FAILED, Status.CANCELLED}),
     Status.FINISHED: frozenset({Status.CREATED}),  # Orchestrator.retry() of a step that was rolled back
     Status.FAILED: frozenset({Status.PENDING, Status.CREATED}),  # Orchestrator.retry()
     Status.CANCELLED: frozenset(),

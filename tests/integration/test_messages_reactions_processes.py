@@ -68,20 +68,20 @@ def test_messages_wake_waiting_pipelines_and_are_consumed_once_with_three_worker
             60,
             "every pipeline to be waiting an hour",
         )
+        waits = {uuid: orchestrator.get(uuid).pipeline.next_run_at for uuid in uuids}
         for n, uuid in enumerate(uuids):
             orchestrator.send(uuid, "go", n)
-        took = wait_for(
-            lambda: not orchestrator.list_pipelines(status="pending"), 60, "every pipeline to read its message"
-        )
+        wait_for(lambda: not orchestrator.list_pipelines(status="pending"), 60, "every pipeline to read its message")
     finally:
         stop(procs)
-    assert took < 60  # woken by the message, not after the hour
     lines = [line.split() for line in log.read_text().splitlines() if line.startswith("R ")]
     per_pipeline = collections.Counter(parts[1] for parts in lines)
     assert per_pipeline == {uuid: 1 for uuid in uuids}  # each message consumed exactly once
     for n, uuid in enumerate(uuids):
         state = orchestrator.get(uuid)
         assert state.pipeline.status == Status.FINISHED and state.steps[0].output == {"payload": n}
+        finished = state.steps[0].finished_at
+        assert finished is not None and finished < waits[uuid]  # type: ignore[operator]  # woken, not after the hour
         assert [m.consumed_at is not None for m in orchestrator.store.messages_of(uuid)] == [True]
     assert len({parts[3] for parts in lines}) >= 2  # the work really was spread over the workers
 

@@ -119,7 +119,7 @@ def test_one_conflict_in_create_many_stores_nothing(pipelines: Any) -> None:
     [
         ("", "1 to 200 characters long, not 0"),
         ("k" * 201, "1 to 200 characters long, not 201"),
-        ("a\x00b", "must not contain a NUL character"),
+        ("a\x00b", "^a creation key must not contain a NUL character$"),
         (42, "must be a string, not int"),
     ],
 )
@@ -159,6 +159,29 @@ def test_a_uuid_longer_than_the_column_is_refused_before_anything_is_stored(pipe
     with pytest.raises(InvalidKeyError, match=expected):
         ship.create(backend, {"amount": 1}, uuid="u" * 40)
     assert stored_pipelines(backend) == []
+
+
+@pytest.mark.parametrize(
+    ("uuid", "shown"), [("", "0 characters"), ("u" * 37, "37 characters"), ("a\x00b", "3 characters"), (7, "int")]
+)
+def test_an_unusable_uuid_is_refused_before_anything_is_stored(pipelines: Any, uuid: Any, shown: str) -> None:
+    """uuid="" was a gap (no test): it must not fall back to a fresh uuid, nor be stored."""
+    ship, _ = pipelines
+    backend = MemoryBackend()
+    with pytest.raises(InvalidKeyError, match=f"at most 36 characters, not {shown};"):
+        ship.create(backend, {"amount": 1}, uuid=uuid)
+    assert stored_pipelines(backend) == []
+
+
+def test_a_uuid_of_1_to_36_characters_is_taken_as_given(pipelines: Any) -> None:
+    ship, _ = pipelines
+    backend = MemoryBackend()
+    assert [ship.create(backend, {"amount": 1}, uuid=u).uuid for u in ("x", "y" * 36)] == ["x", "y" * 36]
+
+
+def test_a_key_s_uuid_is_the_same_for_ever() -> None:
+    assert uuid_for_key("order-1") == "16a77e32-f759-5c0c-8ac8-4768890ad578"  # stored keys depend on it: never change
+    assert uuid_for_key("order-1") != uuid_for_key("order-2")
 
 
 def test_get_by_key_of_an_unknown_key(pipelines: Any) -> None:

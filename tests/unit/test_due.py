@@ -6,7 +6,7 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from prorch.due import claim_order, claimable_by, is_due, leased, row_claim_order, row_is_due
+from prorch.due import claim_order, claimable_by, holds_lease, is_due, is_leased, leased, row_claim_order, row_is_due
 from prorch.records import format_timestamp
 
 NOW = datetime(2030, 1, 1, tzinfo=timezone.utc)
@@ -65,3 +65,38 @@ def test_a_claim_leases_counts_and_bumps_the_revision() -> None:
         "lease_expires_at": "2030-01-01T00:00:30.000000+00:00",
     }  # fmt: skip
     assert row["revision"] == 3  # the row given is left as it was
+
+
+@pytest.mark.parametrize(
+    ("status", "lease", "leased"),
+    [
+        ("pending", LATER, True),
+        ("pending", NOW, False),  # a lease expiring exactly now is over
+        ("pending", EARLIER, False),
+        ("pending", None, False),
+        ("created", LATER, False),  # only pending pipelines count against max_running
+        ("finished", LATER, False),
+    ],
+)
+def test_a_live_lease_on_datetimes_and_on_stored_strings_alike(
+    status: str, lease: datetime | None, leased: bool
+) -> None:
+    assert is_leased(status, lease, NOW) is leased
+    row = {"status": status, "lease_expires_at": format_timestamp(lease) if lease else None}
+    assert holds_lease(row, format_timestamp(NOW)) is leased
+
+
+def test_a_lease_expiring_exactly_now_is_claimable_by_another_owner() -> None:
+    now = format_timestamp(NOW)
+    assert claimable_by({"lease_owner": "a", "lease_expires_at": now}, "b", now) is True
+    assert row_is_due({"status": "pending", "lease_expires_at": now}, now) is True
+
+
+def test_a_claim_of_a_row_never_claimed_counts_from_zero() -> None:
+    row = leased({"uuid": "x"}, "me", "2030")
+    assert (row["claims"], row["revision"]) == (1, 1)
+
+
+def test_priority_is_0_by_default_in_the_claim_order() -> None:
+    assert row_claim_order({"next_run_at": "2030"}) == (0, "2030")
+    assert row_claim_order({"priority": -1}) > row_claim_order({"next_run_at": "2031"})

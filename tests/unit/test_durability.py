@@ -10,6 +10,8 @@ import pytest
 from prorch import OnContinueMixin, OnStartMixin, Orchestrator, Status, Step, register_step
 from prorch.policy import backoff_delay
 from prorch.registry import Registry
+from prorch.runner import transitions
+from prorch.runner.state import Run
 from prorch.store import Store
 from prorch.testing import Harness
 from repositories.memory import MemoryBackend
@@ -202,8 +204,8 @@ def die_in_a_hook(store: Store, harness: Harness, uuid: str) -> None:
     now = harness.clock.now()
     (claimed,) = store.claim_due(now, "doomed", now + timedelta(seconds=30), 10)
     assert claimed.uuid == uuid
-    if claimed.hook_started_at is not None:  # as the runner does: the previous worker died in a hook
-        claimed.crashes += 1
+    # the runner's own rule charges the previous worker's death (not a copy of it here)
+    transitions.charge_crash(Run(pipeline=claimed, steps=[], classes={}, params=None, outputs={}))
     claimed.hook_started_at = now
     store.commit([claimed])
     harness.clock.advance(31)

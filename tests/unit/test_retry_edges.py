@@ -3,6 +3,7 @@ finishes without a verdict or a returned hook; its Output model always applies."
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Any
 
 import pytest
@@ -96,3 +97,42 @@ def test_a_step_that_only_returns_is_validated_against_its_output_model(harness:
     step = harness.orchestrator.get(run.uuid).steps[0]
     assert step.error is not None and "does not match its Output model" in step.error.message
     assert step.output is None
+
+
+def test_a_waiting_step_that_times_out_with_attempts_left_starts_again_with_a_fresh_window(
+    harness: Harness, registry: Registry
+) -> None:
+    """Untested before: the timeout of a step waiting in on_continue, with attempts left. It
+    restarts from on_start after the backoff, and its next timeout counts from that start."""
+    starts: list[float] = []
+
+    class Slow(OnStartMixin, OnContinueMixin, Step):
+        name = "Slow"
+        timeout = 60
+        max_attempts = 2
+        retry_delay = 10
+
+        def on_start(self) -> None:
+            starts.append((harness.clock.now() - t0).total_seconds())
+
+        def on_continue(self) -> None:
+            self.wait(3600)
+
+    register_step(Slow)
+    run = harness.create(pipeline_of(Slow))
+    t0 = harness.clock.now()
+    assert harness.run_until_done(run.uuid) == "failed"
+    assert len(starts) == 2 and starts[0] == 0 and 60 < starts[1] <= 70  # timed out at 60, backed off
+    again = starts[1]
+    events = [(e.type.value, e.data, (e.at - t0).total_seconds()) for e in harness.history(run.uuid)]
+    retrying = [(data, at) for kind, data, at in events if kind == "step.retrying"]
+    assert len(retrying) == 1 and retrying[0][1] == 60
+    assert retrying[0][0]["attempt"] == 2 and retrying[0][0]["timeout"] is True
+    started = [(data["attempt"], at) for kind, data, at in events if kind == "step.started"]
+    assert started == [(1, 0), (2, again)]
+    history = harness.history(run.uuid)
+    second_start = [e.at for e in history if e.type.value == "step.started"][1]
+    failed = [(e.data.get("timeout"), e.at - second_start) for e in history if e.type.value == "step.failed"]
+    assert failed == [(True, timedelta(seconds=60))]  # 60 s after the second start, not after the first
+    step = harness.orchestrator.get(run.uuid).steps[0]
+    assert step.attempt == 2 and step.finished_at == second_start + timedelta(seconds=60)

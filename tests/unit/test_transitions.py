@@ -236,3 +236,68 @@ def test_the_outcome_reports_a_future_wait_only() -> None:
     run = make_run(Plain, next_run_at=NOW + timedelta(seconds=5))
     assert transitions.outcome(run, NOW).waiting_until == NOW + timedelta(seconds=5)
     assert transitions.outcome(run, NOW + timedelta(seconds=5)).waiting_until is None
+
+
+def test_a_retry_starts_afresh_with_no_stale_crash_error_mark_window_or_metadata() -> None:
+    """A retry kept crashes, last_error, the hook mark, the old start time (a stale timeout
+    window) or the redone step's metadata without any test noticing."""
+    old, later = NOW - timedelta(hours=1), NOW + timedelta(hours=2)
+    run = make_run(Compensated, Polling, Plain)
+    done, failed, untouched = run.steps
+    transitions.start_step(run, done, old)
+    done.metadata = {"charged": "card-1"}
+    transitions.finish_step(run, done, {"id": 1}, old)
+    transitions.start_step(run, failed, old)
+    failed.attempt, failed.rollback_attempt = 3, 1
+    failed.metadata = {"polls": 7}
+    transitions.plan_retry(run, failed, 3, "x", old, 5)
+    transitions.fail_step(run, failed, ErrorInfo(type="Boom", message="x", hook="on_continue"), old)
+    done.rollback_attempt = 2
+    transitions.rolled_back(run, done, old, None)
+    transitions.settle(run, old)
+    run.pipeline.crashes, run.pipeline.hook_started_at = 2, old
+    assert run.pipeline.status == Status.FAILED and run.pipeline.last_error is not None
+    run.events.clear()
+
+    changed = transitions.reset_for_retry(run, later)
+
+    assert changed == [done, failed] and untouched.status == Status.CREATED
+    pipeline = run.pipeline
+    assert (pipeline.status, pipeline.crashes, pipeline.last_error, pipeline.hook_started_at) == (
+        Status.PENDING, 0, None, None,
+    )  # fmt: skip
+    assert failed.started_at == later  # its timeout window starts again now
+    assert failed.metadata == {"polls": 7}  # it goes on with on_continue, with what it kept
+    assert done.metadata == {} and done.output is None and done.started_at is None  # done again from scratch
+    for step in changed:
+        assert (step.attempt, step.rollback_attempt, step.error, step.rollback, step.finished_at, step.next_run_at) == (
+            0, 0, None, None, None, None,
+        )  # fmt: skip
+    (event,) = run.events
+    assert event.type == EventType.PIPELINE_RETRIED and event.data == {"steps": ["Compensated", "Polling"]}
+    assert event.at == later and event.step_uuid is None
+
+
+def test_a_retry_of_a_step_that_failed_in_on_start_starts_it_again() -> None:
+    run = make_run(Polling)
+    (step,) = run.steps
+    transitions.start_step(run, step, NOW)
+    transitions.fail_step(run, step, ErrorInfo(type="Boom", message="x", hook="on_start"), NOW)
+    transitions.settle(run, NOW)
+    transitions.reset_for_retry(run, NOW + timedelta(minutes=1))
+    assert step.status == Status.CREATED and step.started_at is None
+
+
+def test_a_verdict_records_when_the_step_ended() -> None:
+    run = make_run(Plain, Plain)
+    first, second = run.steps
+    transitions.start_step(run, first, NOW)
+    first.next_run_at = NOW + timedelta(seconds=9)
+    first.error = ErrorInfo(type="Old", message="x")
+    transitions.finish_step(run, first, {"ok": 1}, NOW + timedelta(seconds=3))
+    assert first.finished_at == NOW + timedelta(seconds=3) and first.next_run_at is None
+    assert first.error is None and first.output == {"ok": 1} and run.outputs["Plain"] == {"ok": 1}
+    transitions.start_step(run, second, NOW)
+    transitions.fail_step(run, second, ErrorInfo(type="Boom", message="bad"), NOW + timedelta(seconds=4), extra=1)
+    assert second.finished_at == NOW + timedelta(seconds=4) and second.status == Status.FAILED
+    assert run.events[-1].data == {"step": "Plain", "error": "bad", "extra": 1}
