@@ -83,9 +83,9 @@ def send(store: Store, clock: Clock, uuid: str, name: str, payload: Any) -> Mess
     except UnstorableValueError as exc:
         raise InvalidMessageError(f"message payload cannot be stored: {exc}") from exc
     sent_at = clock.now()
-    earlier = store.messages_of(uuid)
-    if earlier and earlier[-1].sent_at >= sent_at:  # keep "oldest first" well defined
-        sent_at = earlier[-1].sent_at + timedelta(microseconds=1)
+    last = store.last_sent_at(uuid)
+    if last is not None and last >= sent_at:  # keep "oldest first" well defined
+        sent_at = last + timedelta(microseconds=1)
     message = MessageRecord(uuid=new_uuid(), pipeline_uuid=uuid, name=name, payload=payload, sent_at=sent_at)
     store.insert_all([message])
     wake(store, clock, uuid)
