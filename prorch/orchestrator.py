@@ -498,9 +498,11 @@ class Orchestrator:
         self.runner.retry(record)
         return self.get(uuid)
 
-    def send(self, uuid: str, name: str, payload: Any = None) -> MessageRecord:
+    def send(self, uuid: str, name: str, payload: Any = outside.NO_PAYLOAD) -> MessageRecord:
         """Store a message for pipeline ``uuid`` and make it due at once, even while it waits;
-        a hook reads it with ``self.receive(name)``, exactly once."""
+        a hook reads it with ``self.receive(name)``, exactly once. Without a payload, the
+        message carries True; a payload of None is refused (``receive`` returns None for no
+        message, so the receiver could not tell it from none)."""
         record = self._require(uuid)
         if record.status in TERMINAL:
             raise InvalidStateError(f"pipeline {uuid} is {record.status.value}; a message to it would never be read")

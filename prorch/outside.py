@@ -74,10 +74,22 @@ def request_cancel(store: Store, clock: Clock, uuid: str) -> None:
         raise InvalidStateError(f"pipeline {uuid} kept changing while a cancel was requested; try again")
 
 
-def send(store: Store, clock: Clock, uuid: str, name: str, payload: Any) -> MessageRecord:
-    """Store a message for a pipeline that has not ended and make the pipeline due at once."""
+NO_PAYLOAD = True
+"""What a message sent without a payload carries: ``receive()`` returns None only when no
+message waits, so such a message must be something else."""
+
+
+def send(store: Store, clock: Clock, uuid: str, name: str, payload: Any = NO_PAYLOAD) -> MessageRecord:
+    """Store a message for a pipeline that has not ended and make the pipeline due at once. A
+    payload of None is refused: the receiver would take the message for none."""
     if not isinstance(name, str) or not name:
         raise InvalidMessageError("a message needs a non-empty name")
+    if payload is None:
+        raise InvalidMessageError(
+            f"message {name!r} has the payload None, which its receiver could not tell from no message "
+            "(receive() returns None when no message waits): leave the payload out (the message then "
+            "carries True) or send a value such as {}"
+        )
     try:
         payload = checked_copy(payload, "payload")
     except UnstorableValueError as exc:

@@ -23,6 +23,7 @@ from prorch.dashboard.security import SESSION_COOKIE, Guard
 from prorch.display import format_seconds, format_time
 from prorch.exceptions import InvalidMessageError, InvalidParamsError, InvalidStateError, PipelineNotFoundError
 from prorch.orchestrator import Orchestrator
+from prorch.outside import NO_PAYLOAD
 from prorch.status import Status
 
 HERE = Path(__file__).parent
@@ -150,8 +151,9 @@ def create_app(orchestrator: Orchestrator, *, token: str | None = None, store_na
             reason = "read-only: no dashboard token is set" if guard.read_only else "send Authorization: Bearer TOKEN"
             return JSONResponse({"error": reason}, status_code=403)
         body = await request.json() if action == "send" else {}
+        payload = json.dumps(body["payload"]) if "payload" in body else None  # left out: no payload
         try:
-            done = act(orchestrator, uuid, action, body.get("name"), json.dumps(body.get("payload")))
+            done = act(orchestrator, uuid, action, body.get("name"), payload)
         except (PipelineNotFoundError, InvalidStateError, InvalidMessageError, InvalidParamsError) as exc:
             return failure(request, exc, api=True)
         logger.info("dashboard: API %s %s by %s", action, uuid, _client(request))
@@ -187,7 +189,7 @@ def act(orchestrator: Orchestrator, uuid: str, action: str, name: Any, payload: 
         if not name:
             raise InvalidMessageError("a message needs a name")
         try:
-            value = json.loads(payload) if payload not in (None, "") else None
+            value = json.loads(payload) if payload not in (None, "") else NO_PAYLOAD
         except json.JSONDecodeError as exc:
             raise InvalidMessageError(f"the payload is not valid JSON: {exc}") from exc
         orchestrator.send(uuid, str(name), value)

@@ -13,6 +13,7 @@ from prorch.clock import Clock
 from prorch.creation import create_pipelines
 from prorch.definition import PipelineDefinition
 from prorch.exceptions import StepUsageError
+from prorch.outside import NO_PAYLOAD
 from prorch.records import EventRecord, MessageRecord
 from prorch.registry import Registry
 from prorch.results import CHILD_ENDED, result_of
@@ -80,7 +81,7 @@ class HookRuntime:
         if message is None:
             return None
         self._take(step, inbox, message)
-        return message.payload
+        return message.payload if message.payload is not None else NO_PAYLOAD  # stored before None was refused
 
     def _inbox(self, name: str) -> Inbox:
         inbox = self.inboxes.get(name)
