@@ -472,7 +472,7 @@ class FanOut(OnStartMixin, OnContinueMixin, Step):
     name = "FanOut"
 
     def on_start(self) -> None:
-        self.metadata["kids"] = [self.start_child(One, {}, key=str(i)) for i in range(self.params["n"])]
+        self.metadata["kids"] = [self.start_child(Kid, {}, key=str(i)) for i in range(self.params["n"])]
 
     def on_continue(self) -> None:
         started = time.perf_counter()
@@ -497,6 +497,14 @@ class Drain(OnStartMixin, OnContinueMixin, Step):
         self.finish(received)
 
 
+class Answer(OnStartMixin, Step):
+    name = "Answer"
+
+    def on_start(self) -> None:
+        self.finish(42)
+
+
+Kid = register_pipeline(type("Kid", (Pipeline,), {"name": "Kid", "steps": [register_step(Answer)]}))
 Parent = register_pipeline(type("Parent", (Pipeline,), {"name": "Parent", "steps": [register_step(FanOut)]}))
 Inbox = register_pipeline(type("Inbox", (Pipeline,), {"name": "Inbox", "steps": [register_step(Drain)]}))
 
