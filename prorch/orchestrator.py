@@ -497,32 +497,52 @@ class Orchestrator:
         if record.status in TERMINAL:
             raise InvalidStateError(f"pipeline {uuid} is already {record.status.value}; nothing to cancel")
         self._require_code(record, "cancelled")  # before the claim: a refusal leaves no lease behind
+        cancelled = self._cancel_here(uuid)
+        if cancelled is not None:
+            self._ended(cancelled, Status.CANCELLED)
+        return self.get(uuid)
+
+    def _cancel_here(self, uuid: str) -> PipelineRecord | None:
+        """Cancel a pipeline in this process and return it; None when it had ended already, or
+        another worker holds it (a cancel request is stored for that worker)."""
         now = self.clock.now()
         claimed = self.store.claim_one(uuid, now, self.new_lease_token(), now + timedelta(seconds=self.lease_seconds))
         if claimed is None:
             outside.request_cancel(self.store, self.clock, uuid)
-        elif claimed.status not in TERMINAL:
-            self.runner.cancel(claimed)
-            self._ended(claimed, Status.CANCELLED)
-        return self.get(uuid)
+            return None
+        if claimed.status in TERMINAL:
+            return None
+        self.runner.cancel(claimed)
+        return claimed
 
     def _ended(self, record: PipelineRecord, status: Status) -> None:
         """After a pipeline ended: wake its parent with a ``CHILD_ENDED`` message (its
         ``child_result`` consumes it; ``receive(CHILD_ENDED)`` reads it), and cancel its unended
-        children if it was cancelled (``cancel_children``, default on). A failure here is
-        logged: the parent's own wait, or a later cancel, still gets there."""
-        try:
-            parent = self.store.get_pipeline(record.parent_uuid) if record.parent_uuid else None
-            if parent is not None and parent.status not in TERMINAL:
-                payload = {"child": record.uuid, "status": status.value}
-                outside.send(self.store, self.clock, parent.uuid, CHILD_ENDED, payload)
-            if status == Status.CANCELLED and self._cancels_children(record):
-                for child in self.store.children_of(record.uuid):
-                    if child.status not in TERMINAL:
-                        self.cancel(child.uuid)
-        except ProrchError as exc:
-            logger.warning("pipeline %s ended %s; telling its parent or children failed: %s", record.uuid,
-                           status.value, exc, extra={"pipeline_uuid": record.uuid})  # fmt: skip
+        children if it was cancelled (``cancel_children``, default on), and theirs, to any
+        depth: a list of pipelines to tell, not a recursion. A failure here is logged: the
+        parent's own wait, or a later cancel, still gets there."""
+        ended = [(record, status)]
+        while ended:
+            record, status = ended.pop()
+            try:
+                parent = self.store.get_pipeline(record.parent_uuid) if record.parent_uuid else None
+                if parent is not None and parent.status not in TERMINAL:
+                    payload = {"child": record.uuid, "status": status.value}
+                    outside.send(self.store, self.clock, parent.uuid, CHILD_ENDED, payload)
+                children = self.store.children_of(record.uuid) if status == Status.CANCELLED else []
+            except ProrchError as exc:
+                _tell_failed(record, status, exc)
+                continue
+            if not children or not self._cancels_children(record):
+                continue
+            for child in children:
+                try:
+                    cancelled = self._cancel_here(child.uuid) if child.status not in TERMINAL else None
+                except ProrchError as exc:
+                    _tell_failed(record, status, exc)
+                    continue
+                if cancelled is not None:
+                    ended.append((cancelled, Status.CANCELLED))
 
     def _cancels_children(self, record: PipelineRecord) -> bool:
         try:
@@ -539,9 +559,11 @@ class Orchestrator:
         self.runner.retry(record)
         return self.get(uuid)
 
-    def send(self, uuid: str, name: str, payload: Any = None) -> MessageRecord:
+    def send(self, uuid: str, name: str, payload: Any = outside.NO_PAYLOAD) -> MessageRecord:
         """Store a message for pipeline ``uuid`` and make it due at once, even while it waits;
-        a hook reads it with ``self.receive(name)``, exactly once."""
+        a hook reads it with ``self.receive(name)``, exactly once. Without a payload, the
+        message carries True; a payload of None is refused (``receive`` returns None for no
+        message, so the receiver could not tell it from none)."""
         record = self._require(uuid)
         if record.status in TERMINAL:
             raise InvalidStateError(f"pipeline {uuid} is {record.status.value}; a message to it would never be read")
@@ -571,6 +593,11 @@ UP_TO = f" (finite, at most {MAX_SECONDS}: a year)"
 def _seconds(value: float) -> bool:
     """A finite number of seconds from 0 to a year (``inf`` would overflow the times computed from it)."""
     return math.isfinite(value) and 0 <= value <= MAX_SECONDS
+
+
+def _tell_failed(record: PipelineRecord, status: Status, exc: ProrchError) -> None:
+    logger.warning("pipeline %s ended %s; telling its parent or children failed: %s", record.uuid,
+                   status.value, exc, extra={"pipeline_uuid": record.uuid})  # fmt: skip
 
 
 def _non_negative(value: Any) -> bool:

@@ -74,18 +74,30 @@ def request_cancel(store: Store, clock: Clock, uuid: str) -> None:
         raise InvalidStateError(f"pipeline {uuid} kept changing while a cancel was requested; try again")
 
 
-def send(store: Store, clock: Clock, uuid: str, name: str, payload: Any) -> MessageRecord:
-    """Store a message for a pipeline that has not ended and make the pipeline due at once."""
+NO_PAYLOAD = True
+"""What a message sent without a payload carries: ``receive()`` returns None only when no
+message waits, so such a message must be something else."""
+
+
+def send(store: Store, clock: Clock, uuid: str, name: str, payload: Any = NO_PAYLOAD) -> MessageRecord:
+    """Store a message for a pipeline that has not ended and make the pipeline due at once. A
+    payload of None is refused: the receiver would take the message for none."""
     if not isinstance(name, str) or not name:
         raise InvalidMessageError("a message needs a non-empty name")
+    if payload is None:
+        raise InvalidMessageError(
+            f"message {name!r} has the payload None, which its receiver could not tell from no message "
+            "(receive() returns None when no message waits): leave the payload out (the message then "
+            "carries True) or send a value such as {}"
+        )
     try:
         payload = checked_copy(payload, "payload")
     except UnstorableValueError as exc:
         raise InvalidMessageError(f"message payload cannot be stored: {exc}") from exc
     sent_at = clock.now()
-    earlier = store.messages_of(uuid)
-    if earlier and earlier[-1].sent_at >= sent_at:  # keep "oldest first" well defined
-        sent_at = earlier[-1].sent_at + timedelta(microseconds=1)
+    last = store.last_sent_at(uuid)
+    if last is not None and last >= sent_at:  # keep "oldest first" well defined
+        sent_at = last + timedelta(microseconds=1)
     message = MessageRecord(uuid=new_uuid(), pipeline_uuid=uuid, name=name, payload=payload, sent_at=sent_at)
     store.insert_all([message])
     wake(store, clock, uuid)

@@ -215,6 +215,29 @@ class SupportsPurge(Protocol):
 
 
 @runtime_checkable
+class SupportsMessageQuery(Protocol):
+    """A message repository that reads a pipeline's unread messages by an index, rather than
+    every message the pipeline was ever sent (``receive``, ``child_result`` and ``send`` would
+    otherwise cost as much as the pipeline's whole mail, each call)."""
+
+    def unread_messages(
+        self, pipeline_uuid: str, name: str, after: tuple[datetime, str] | None, limit: int
+    ) -> list[JSONDict]:
+        """Up to ``limit`` messages ``name`` of the pipeline with no ``consumed_at``, oldest first
+        by (``sent_at``, ``uuid``); with ``after``, only those after that (sent_at, uuid)."""
+        ...
+
+    def has_unread_messages(self, pipeline_uuid: str) -> bool:
+        """Whether the pipeline has a message (of any name) with no ``consumed_at``."""
+        ...
+
+    def last_sent_at(self, pipeline_uuid: str) -> datetime | None:
+        """The newest ``sent_at`` of the pipeline's messages (read or not); None without any.
+        May be later than that (a memory store keeps the newest it ever held), never earlier."""
+        ...
+
+
+@runtime_checkable
 class SupportsDueQuery(Protocol):
     """A pipeline repository that finds due pipelines without reading the others (an index)."""
 

@@ -212,8 +212,11 @@ class Step:
         return self._require_runtime("child_result").child_result(self, child)
 
     def receive(self, name: str) -> Any:
-        """The oldest unconsumed message ``name`` sent to this pipeline (``Orchestrator.send``),
-        consumed exactly once when this hook's transition is recorded; None when there is none."""
+        """The payload of the oldest unconsumed message ``name`` sent to this pipeline
+        (``Orchestrator.send``), consumed exactly once when this hook's transition is recorded;
+        None when there is none. A message sent without a payload carries True. Within one
+        hook call, a name's unread messages are read once: one sent meanwhile wakes the
+        pipeline again."""
         return self._require_runtime("receive").receive(self, name)
 
     def plugins(self, point: str, **kwargs: Any) -> list[Any]:

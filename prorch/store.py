@@ -43,6 +43,7 @@ from prorch.records import (
     format_timestamp,
     remember_stored,
     snapshot,
+    to_utc,
 )
 from prorch.repository import (
     IRepository,
@@ -55,6 +56,7 @@ from prorch.repository import (
     SupportsDueQuery,
     SupportsEndedQuery,
     SupportsLimitedClaim,
+    SupportsMessageQuery,
     SupportsPartialUpdate,
     SupportsPinning,
     SupportsPipelineQuery,
@@ -80,6 +82,8 @@ _warned_backends: set[int] = set()
 TICKS_UUID = str(uuid_module.uuid5(KEY_NAMESPACE, "prorch:schedule-ticks"))
 """The pipeline uuid (of no pipeline) that the fallback's records of schedules' last ticks carry."""
 SAVE_CHUNK = 1000
+MESSAGE_PAGE = 500
+"""Unread messages per read of ``unread_messages``: a hook draining a long queue reads it by pages."""
 """Records per ``save_many`` call: a ``create_many`` of 100,000 pipelines does not hold every row at once."""
 
 
@@ -195,6 +199,7 @@ class Store:
         # The optional capabilities, each held narrowed to its Protocol (None: not offered).
         self.claims = self.pipelines if isinstance(self.pipelines, SupportsClaim) else None
         self.due_query = self.pipelines if isinstance(self.pipelines, SupportsDueQuery) else None
+        self.message_query = self.messages if isinstance(self.messages, SupportsMessageQuery) else None
         self.transactions = self.backend if isinstance(self.backend, SupportsTransaction) else None
         self.pinning = self.backend if isinstance(self.backend, SupportsPinning) else None
         self.server_clock = self.backend if isinstance(self.backend, SupportsServerClock) else None
@@ -410,6 +415,37 @@ class Store:
         rows = _call("search messages", self.messages.search, ["pipeline_uuid", pipeline_uuid])
         messages = [_load(MessageRecord, row) for row in rows or []]
         return sorted(messages, key=lambda message: message.sent_at)
+
+    def unread_messages(
+        self, pipeline_uuid: str, name: str, after: tuple[datetime, str] | None = None, limit: int = MESSAGE_PAGE
+    ) -> list[MessageRecord]:
+        """Up to ``limit`` unread messages ``name`` of a pipeline, oldest first, after the
+        (sent_at, uuid) ``after``: by the repository's index where it has one
+        (``SupportsMessageQuery``), else from all the pipeline's messages."""
+        if self.message_query is not None:
+            args = (pipeline_uuid, name, after, limit)
+            rows = _call("read unread messages", self.message_query.unread_messages, *args)
+            return [_load(MessageRecord, row) for row in rows]
+        unread = [
+            m
+            for m in self.messages_of(pipeline_uuid)
+            if m.consumed_at is None and m.name == name and (after is None or (m.sent_at, m.uuid) > after)
+        ]
+        return sorted(unread, key=lambda m: (m.sent_at, m.uuid))[:limit]
+
+    def has_unread_messages(self, pipeline_uuid: str) -> bool:
+        """Whether a message (of any name) waits unread for the pipeline."""
+        if self.message_query is not None:
+            return bool(_call("look for unread messages", self.message_query.has_unread_messages, pipeline_uuid))
+        return any(m.consumed_at is None for m in self.messages_of(pipeline_uuid))
+
+    def last_sent_at(self, pipeline_uuid: str) -> datetime | None:
+        """The newest ``sent_at`` of the pipeline's messages (or later, never earlier)."""
+        if self.message_query is not None:
+            last = self.message_query.last_sent_at
+            found: datetime | None = _call("read the last message's time", last, pipeline_uuid)
+            return to_utc(found) if found is not None else None
+        return max((m.sent_at for m in self.messages_of(pipeline_uuid)), default=None)
 
     def due(self, now: datetime, limit: int, runnable: Runnable | None = None) -> list[PipelineRecord]:
         """Due pipelines, highest priority first, only of the ``runnable`` classes when given;

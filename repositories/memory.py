@@ -9,6 +9,7 @@ it too; nothing survives the process.
 from __future__ import annotations
 
 import contextlib
+import heapq
 import itertools
 import json
 import threading
@@ -19,7 +20,7 @@ from typing import Any
 
 from prorch.due import TERMINAL_VALUES, Runnable, can_run, claim_order, claimable_by, is_due, leased
 from prorch.limits import ClaimLimit, StartLog, Tally, within_limits
-from prorch.records import JSONDict, format_timestamp, to_utc
+from prorch.records import JSONDict, MessageRecord, format_timestamp, to_utc
 from prorch.repository import IRepository
 from prorch.status import Status
 
@@ -101,6 +102,11 @@ class MemoryRepository(IRepository):
         self.index: dict[str, dict[Any, dict[str, None]]] = {field: defaultdict(dict) for field in INDEXED}
         # pending pipelines' (priority, next_run_at, lease_expires_at): the due query reads no JSON
         self.due_keys: dict[str, tuple[int, str | None, str | None]] = {}
+        # messages: unread ones by (pipeline, name) -> {uuid: (sent_at, uuid)}; each pipeline's
+        # newest sent_at ever stored (kept on delete: a later message still goes after it)
+        self.unread: dict[tuple[Any, Any], dict[str, tuple[str, str]]] = defaultdict(dict)
+        self.unread_count: dict[Any, int] = defaultdict(int)
+        self.last_sent: dict[Any, str] = {}
 
     def _put(self, uuid: str, text: str | None) -> None:
         """Store (or with None, remove) a row and keep the indexes in step."""
@@ -110,6 +116,7 @@ class MemoryRepository(IRepository):
             for field in INDEXED:
                 self.index[field][old_row.get(field)].pop(uuid, None)
             self.due_keys.pop(uuid, None)
+            self._unindex_message(old_row)
         if text is None:
             self.rows.pop(uuid, None)
             return
@@ -119,6 +126,21 @@ class MemoryRepository(IRepository):
             self.index[field][row.get(field)][uuid] = None
         if row.get("status") == Status.PENDING.value:
             self.due_keys[uuid] = (row.get("priority", 0), row.get("next_run_at"), row.get("lease_expires_at"))
+        if self.model == MessageRecord.MODEL:
+            self._index_message(row)
+
+    def _index_message(self, row: JSONDict) -> None:
+        pipeline, sent_at = row.get("pipeline_uuid"), str(row.get("sent_at"))
+        self.last_sent[pipeline] = max(self.last_sent.get(pipeline, sent_at), sent_at)
+        if row.get("consumed_at") is None:
+            self.unread[(pipeline, row.get("name"))][row["uuid"]] = (sent_at, row["uuid"])
+            self.unread_count[pipeline] += 1
+
+    def _unindex_message(self, row: JSONDict) -> None:
+        if self.model == MessageRecord.MODEL and row.get("consumed_at") is None:
+            pipeline = row.get("pipeline_uuid")
+            if self.unread[(pipeline, row.get("name"))].pop(row["uuid"], None) is not None:
+                self.unread_count[pipeline] -= 1
 
     def _write(self, uuid: str, row: JSONDict) -> None:
         if self.backend._undo is not None:
@@ -181,6 +203,23 @@ class MemoryRepository(IRepository):
                 return False
             self._write(uuid, {**current, **data})
             return True
+
+    def unread_messages(
+        self, pipeline_uuid: str, name: str, after: tuple[datetime, str] | None, limit: int
+    ) -> list[JSONDict]:
+        with self.backend.lock:
+            start = (format_timestamp(after[0]), after[1]) if after is not None else ("", "")
+            keys = [key for key in self.unread.get((pipeline_uuid, name), {}).values() if key > start]
+            return [json.loads(self.rows[uuid]) for _, uuid in heapq.nsmallest(limit, keys)]
+
+    def has_unread_messages(self, pipeline_uuid: str) -> bool:
+        with self.backend.lock:
+            return self.unread_count.get(pipeline_uuid, 0) > 0
+
+    def last_sent_at(self, pipeline_uuid: str) -> datetime | None:
+        with self.backend.lock:
+            found = self.last_sent.get(pipeline_uuid)
+        return datetime.fromisoformat(found) if found is not None else None
 
     def search_due(self, now: datetime, limit: int) -> list[JSONDict]:
         with self.backend.lock:

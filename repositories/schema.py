@@ -25,7 +25,7 @@ from sqlalchemy.dialects.postgresql import JSONB
 
 from prorch.records import Metadata as Models
 
-SCHEMA_REVISION = "0013"
+SCHEMA_REVISION = "0014"
 """The newest migration; a store at this revision needs no upgrade."""
 VERSION_TABLE = "prorch_schema_version"
 HISTORY_TABLE = "prorch_schema_migrations"
@@ -34,6 +34,7 @@ HISTORY_TABLE = "prorch_schema_migrations"
 Json = JSON().with_variant(JSONB(), "postgresql")
 ENDED = text("status IN ('finished', 'failed', 'cancelled')")
 LEASED = text("lease_expires_at IS NOT NULL")
+UNREAD = text("consumed_at IS NULL")
 Timestamp = DateTime(timezone=True)
 
 metadata = MetaData()
@@ -124,6 +125,11 @@ messages = Table(
     Column("payload", Json),
     Column("sent_at", Timestamp, nullable=False),
     Column("consumed_at", Timestamp),
+    # a pipeline's unread messages of a name, oldest first (receive, child_result): unread rows only
+    Index(
+        "ix_messages_unread", "pipeline_uuid", "name", "sent_at", "uuid", sqlite_where=UNREAD, postgresql_where=UNREAD
+    ),
+    Index("ix_messages_sent", "pipeline_uuid", "sent_at"),  # a pipeline's newest message (send)
 )
 
 rate_limit_starts = Table(

@@ -29,9 +29,11 @@ from sqlalchemy import (
     create_engine,
     delete,
     false,
+    func,
     insert,
     or_,
     select,
+    tuple_,
     update,
 )
 from sqlalchemy.engine import URL, make_url
@@ -516,6 +518,42 @@ class SQLRepository(IRepository):
         """The dashboard overview's counts (``SupportsPipelineStats``)."""
         with self.backend.connect(write=False) as connection:
             return sql_listing.stats(self.table, connection, now, ended_since)
+
+    def unread_messages(
+        self, pipeline_uuid: str, name: str, after: tuple[datetime, str] | None, limit: int
+    ) -> list[JSONDict]:
+        """A pipeline's unread messages of a name, by the partial index of unread messages
+        (``SupportsMessageQuery``); a range of it, from ``after``."""
+        key = "_unread_after" if after is not None else "_unread"
+        query = self._searches.get(key)
+        if query is None:
+            c = self.table.c
+            query = select(self.table).where(
+                c.pipeline_uuid == bindparam("_pipeline"), c.name == bindparam("_name"), c.consumed_at.is_(None)
+            )
+            if after is not None:
+                sent = bindparam("_sent", type_=c.sent_at.type)
+                query = query.where(tuple_(c.sent_at, c.uuid) > tuple_(sent, bindparam("_uuid")))
+            query = self._searches[key] = query.order_by(c.sent_at, c.uuid).limit(bindparam("_limit", type_=Integer()))
+        params: dict[str, Any] = {"_pipeline": pipeline_uuid, "_name": name, "_limit": limit}
+        if after is not None:
+            params["_sent"], params["_uuid"] = after
+        with self.backend.connect(write=False) as connection:
+            rows = connection.execute(query, params).mappings().all()
+        return [self._to_record(row) for row in rows]
+
+    def has_unread_messages(self, pipeline_uuid: str) -> bool:
+        c = self.table.c
+        query = select(c.uuid).where(c.pipeline_uuid == pipeline_uuid, c.consumed_at.is_(None)).limit(1)
+        with self.backend.connect(write=False) as connection:
+            return connection.execute(query).first() is not None
+
+    def last_sent_at(self, pipeline_uuid: str) -> datetime | None:
+        c = self.table.c
+        query = select(func.max(c.sent_at)).where(c.pipeline_uuid == pipeline_uuid)
+        with self.backend.connect(write=False) as connection:
+            found: datetime | None = connection.execute(query).scalar()
+        return to_utc(found) if found is not None else None
 
     def _due_query(self, runnable: Runnable | None = None) -> Select[Any]:
         """Due pipeline uuids, by the (status, next_run_at, priority) index; bound: _now, _limit.

@@ -304,6 +304,32 @@ class TinyDBRepository(IRepository):
         with self.backend.locked():
             return [dict(row) for row in self._rows().values() if row.get(field) in wanted]
 
+    def unread_messages(
+        self, pipeline_uuid: str, name: str, after: tuple[datetime, str] | None, limit: int
+    ) -> list[JSONDict]:
+        """A pipeline's unread messages of a name, from one scan of the table (parsed once
+        per change of the file): only these are copied and returned."""
+        start = (format_timestamp(after[0]), after[1]) if after is not None else ("", "")
+        with self.backend.locked():
+            found = [
+                row
+                for row in self._rows().values()
+                if row.get("pipeline_uuid") == pipeline_uuid and row.get("name") == name
+                and row.get("consumed_at") is None and (str(row.get("sent_at")), str(row.get("uuid"))) > start
+            ]  # fmt: skip
+            found.sort(key=lambda row: (str(row.get("sent_at")), str(row.get("uuid"))))
+            return [dict(row) for row in found[:limit]]
+
+    def has_unread_messages(self, pipeline_uuid: str) -> bool:
+        with self.backend.locked():
+            rows = self._rows().values()
+            return any(r.get("pipeline_uuid") == pipeline_uuid and r.get("consumed_at") is None for r in rows)
+
+    def last_sent_at(self, pipeline_uuid: str) -> datetime | None:
+        with self.backend.locked():
+            times = [str(r.get("sent_at")) for r in self._rows().values() if r.get("pipeline_uuid") == pipeline_uuid]
+        return datetime.fromisoformat(max(times)) if times else None
+
     def compare_and_set(self, uuid: str, expected_revision: int, data: JSONDict) -> bool:
         with self.backend.locked():
             found = self._find(uuid)

@@ -44,6 +44,7 @@ from prorch.exceptions import (
 )
 from prorch.listing import MAX_LIMIT, parse_age, parse_moment
 from prorch.outage import Outage, open_when_reachable
+from prorch.outside import NO_PAYLOAD
 from prorch.pipeline import pipeline_class
 from prorch.registry import current_registry
 from prorch.scheduling import scheduled
@@ -286,13 +287,13 @@ def retry(ctx: Context, uuid: str) -> None:
 @main.command()
 @click.argument("uuid")
 @click.argument("name")
-@click.option("--payload-json", help="The message's payload, as JSON (default: null).")
+@click.option("--payload-json", help="The message's payload, as JSON (default: true; null is refused).")
 @click.pass_obj
 def send(ctx: Context, uuid: str, name: str, payload_json: str | None) -> None:
     """Send message NAME to a pipeline; it is due at once and a hook reads it with receive()."""
     with reported(ctx):
         try:
-            payload = json.loads(payload_json) if payload_json is not None else None
+            payload = json.loads(payload_json) if payload_json is not None else NO_PAYLOAD
         except json.JSONDecodeError as exc:
             raise InvalidMessageError(f"--payload-json is not valid JSON: {exc}") from exc
         except RecursionError:

@@ -26,6 +26,7 @@ from prorch.dashboard.security import LOCAL_HOSTS, SESSION_COOKIE, Guard, HostCh
 from prorch.display import format_seconds, format_time
 from prorch.exceptions import InvalidMessageError, InvalidParamsError, InvalidStateError, PipelineNotFoundError
 from prorch.orchestrator import Orchestrator
+from prorch.outside import NO_PAYLOAD
 from prorch.status import Status
 
 HERE = Path(__file__).parent
@@ -199,7 +200,8 @@ def create_app(
             return JSONResponse({"error": reason}, status_code=403)
         try:
             body = await _json_object(request) if action == "send" else {}
-            done = act(orchestrator, uuid, action, body.get("name"), json.dumps(body.get("payload")))
+            payload = json.dumps(body["payload"]) if "payload" in body else None  # left out: no payload
+            done = act(orchestrator, uuid, action, body.get("name"), payload)
         except (PipelineNotFoundError, InvalidStateError, InvalidMessageError, InvalidParamsError) as exc:
             return failure(request, exc, api=True)
         logger.info("dashboard: API %s %s by %s", action, uuid, _client(request))
@@ -235,7 +237,7 @@ def act(orchestrator: Orchestrator, uuid: str, action: str, name: Any, payload: 
         if not name:
             raise InvalidMessageError("a message needs a name")
         try:
-            value = json.loads(payload) if payload not in (None, "") else None
+            value = json.loads(payload) if payload not in (None, "") else NO_PAYLOAD
         except json.JSONDecodeError as exc:
             raise InvalidMessageError(f"the payload is not valid JSON: {exc}") from exc
         orchestrator.send(uuid, str(name), value)

@@ -88,7 +88,7 @@ class Journal:
         return True
 
     def has_mail(self, run: Run) -> bool:
-        return any(m.consumed_at is None for m in self.store.messages_of(run.pipeline.uuid))
+        return self.store.has_unread_messages(run.pipeline.uuid)
 
     @staticmethod
     def instance(run: Run, step: StepRecord, now: datetime, runtime: StepRuntime | None = None) -> Step:

@@ -5,7 +5,7 @@ only if the hook returns without raising."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -13,6 +13,7 @@ from prorch.clock import Clock
 from prorch.creation import create_pipelines
 from prorch.definition import PipelineDefinition
 from prorch.exceptions import StepUsageError
+from prorch.outside import NO_PAYLOAD
 from prorch.records import EventRecord, MessageRecord
 from prorch.registry import Registry
 from prorch.results import CHILD_ENDED, result_of
@@ -20,7 +21,42 @@ from prorch.runner.state import Run
 from prorch.runner.transitions import new_event
 from prorch.status import TERMINAL, EventType
 from prorch.step import Step
-from prorch.store import Store
+from prorch.store import MESSAGE_PAGE, Store
+
+
+@dataclass
+class Inbox:
+    """The unread messages of one name this hook call has read, oldest first; the next page
+    is read (after ``after``) only when these do not have what the hook asks for."""
+
+    unread: dict[str, MessageRecord] = field(default_factory=dict)
+    """By uuid, oldest first."""
+    by_child: dict[str, list[str]] = field(default_factory=dict)
+    """``CHILD_ENDED`` messages: a child's uuid -> its messages' uuids, oldest first."""
+    after: tuple[datetime, str] | None = None
+    complete: bool = False
+
+    def add(self, message: MessageRecord) -> None:
+        self.unread[message.uuid] = message
+        child = _child_of(message)
+        if child is not None:
+            self.by_child.setdefault(child, []).append(message.uuid)
+
+    def remove(self, message: MessageRecord) -> None:
+        del self.unread[message.uuid]
+        child = _child_of(message)
+        if child is not None:
+            self.by_child[child].remove(message.uuid)
+            if not self.by_child[child]:
+                del self.by_child[child]
+
+
+def _child_of(message: MessageRecord) -> str | None:
+    """The child whose end a ``CHILD_ENDED`` message tells; None for any other message."""
+    if message.name != CHILD_ENDED or not isinstance(message.payload, dict):
+        return None
+    child = message.payload.get("child")
+    return child if isinstance(child, str) else None
 
 
 class HookRuntime:
@@ -35,25 +71,43 @@ class HookRuntime:
         self.now = now
         self.consumed: list[MessageRecord] = []
         self.events: list[EventRecord] = []
+        self.inboxes: dict[str, Inbox] = {}
 
     def receive(self, step: Step, name: str) -> Any:
-        message = self._consume(step, lambda m: m.name == name)
-        return message.payload if message is not None else None
+        inbox = self._inbox(name)
+        while not inbox.unread and not inbox.complete:
+            self._read_page(name, inbox)
+        message = next(iter(inbox.unread.values()), None)
+        if message is None:
+            return None
+        self._take(step, inbox, message)
+        return message.payload if message.payload is not None else NO_PAYLOAD  # stored before None was refused
 
-    def _consume(self, step: Step, wanted: Callable[[MessageRecord], bool]) -> MessageRecord | None:
-        """Mark the oldest unread message ``wanted`` picks as read with this hook's transition."""
-        taken = {m.uuid for m in self.run.consumed} | {m.uuid for m in self.consumed}
-        for message in self.store.messages_of(self.run.pipeline.uuid):
-            if message.consumed_at is None and message.uuid not in taken and wanted(message):
-                message.consumed_at = self.now
-                self.consumed.append(message)
-                record = next(s for s in self.run.steps if s.uuid == step.uuid)
-                event = new_event(
-                    self.run, EventType.MESSAGE_RECEIVED, record, self.now, name=message.name, message=message.uuid
-                )
-                self.events.append(event)
-                return message
-        return None
+    def _inbox(self, name: str) -> Inbox:
+        inbox = self.inboxes.get(name)
+        if inbox is None:
+            inbox = self.inboxes[name] = Inbox()
+        return inbox
+
+    def _read_page(self, name: str, inbox: Inbox) -> None:
+        """Read the next page of the pipeline's unread messages ``name`` into ``inbox``: one
+        indexed read, of unread rows only, so a hook's reads cost what it receives."""
+        page = self.store.unread_messages(self.run.pipeline.uuid, name, inbox.after)
+        inbox.complete = len(page) < MESSAGE_PAGE
+        taken = {m.uuid for m in self.run.consumed}  # read by an earlier hook, not yet stored
+        for message in page:
+            inbox.after = (message.sent_at, message.uuid)
+            if message.uuid not in taken:
+                inbox.add(message)
+
+    def _take(self, step: Step, inbox: Inbox, message: MessageRecord) -> None:
+        """Mark ``message`` read with this hook's transition."""
+        inbox.remove(message)
+        message.consumed_at = self.now
+        self.consumed.append(message)
+        record = next(s for s in self.run.steps if s.uuid == step.uuid)
+        received = EventType.MESSAGE_RECEIVED
+        self.events.append(new_event(self.run, received, record, self.now, name=message.name, message=message.uuid))
 
     def plugins(self, step: Step, point: str, kwargs: dict[str, Any]) -> list[Any]:
         found = self.registry.plugins_for(step.name or "", point, step.tenant)
@@ -90,7 +144,11 @@ class HookRuntime:
             raise StepUsageError(f"child_result({uuid!r}): no child of this pipeline has that uuid")
         result = result_of(record, self.store.steps_of(uuid), self.registry)
         if record.status in TERMINAL:  # its wake-up message is read: it wakes nothing again
-            self._consume(step, lambda m: m.name == CHILD_ENDED and (m.payload or {}).get("child") == uuid)
+            inbox = self._inbox(CHILD_ENDED)
+            while uuid not in inbox.by_child and not inbox.complete:
+                self._read_page(CHILD_ENDED, inbox)
+            if uuid in inbox.by_child:
+                self._take(step, inbox, inbox.unread[inbox.by_child[uuid][0]])
         return result
 
     def merge(self) -> None:

@@ -246,6 +246,23 @@ def test_send_wakes_a_waiting_pipeline(workdir: Path) -> None:
     assert ended.returncode == 1 and "would never be read" in ended.stderr
 
 
+def test_a_message_without_a_payload_is_not_taken_for_no_message(workdir: Path) -> None:
+    """Issue #25: ``prorch send UUID NAME`` without a payload stored null, which ``receive()``
+    returned as None (no message): it was consumed and the step waited another hour. Now it
+    carries True, and a null payload is refused (nothing stored)."""
+    uuid = ok(prorch(workdir, "start", "Order", "-p", "item=slowpoke")).strip()
+    ok(prorch(workdir, "run"))  # Ship waits an hour, unless a ship_now message is there
+    refused = prorch(workdir, "send", uuid, "ship_now", "--payload-json", "null")
+    assert refused.returncode == 2 and "receive() returns None when no message waits" in refused.stderr
+    assert "Traceback" not in refused.stderr
+    store = Orchestrator(f"sqlite:///{workdir / 'shop.db'}").store
+    assert store.messages_of(uuid) == []  # nothing stored
+    ok(prorch(workdir, "send", uuid, "ship_now"))
+    ok(prorch(workdir, "run"))
+    assert state(workdir, uuid)["pipeline"]["status"] == "finished"
+    assert [m.payload for m in store.messages_of(uuid)] == [True]
+
+
 def test_start_a_version_that_is_not_registered(workdir: Path) -> None:
     result = prorch(workdir, "start", "Order", "--version", "3", "-p", "item=a")
     assert result.returncode == 2 and "version 3 is not registered (registered versions: 1)" in result.stderr

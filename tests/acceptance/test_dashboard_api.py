@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 
+from prorch import Orchestrator
 from tests.support.dashboard import dashboard, prorch, shop_workdir
 
 TOKEN = "dash-s3cret-token"
@@ -126,6 +127,18 @@ def test_forms_need_the_session_and_its_csrf_token(shop: tuple[Path, list[str]])
         page = browser.open(f"{base}/pipelines/{uuids[3]}", timeout=10).read().decode()
         csrf = re.search(r'name="csrf" value="([0-9a-f]+)"', page)
         assert csrf is not None
+        # the send form with its payload left empty: a message carrying True (it stored null,
+        # which receive() returned as no message); null itself is refused, nothing stored
+        form = f"{base}/pipelines/{uuids[3]}/send"
+        status, body = submit(form, {"csrf": csrf.group(1), "name": "go", "payload": ""})
+        assert status == 200, body
+        status, body = submit(form, {"csrf": csrf.group(1), "name": "go", "payload": "null"})
+        assert status == 400 and "leave the payload out" in body
+        api = f"{base}/api/pipelines/{uuids[3]}/send"
+        assert post(api, {"name": "bare"}, {"Authorization": f"Bearer {TOKEN}"})[0] == 200
+        assert post(api, {"name": "bare", "payload": None}, {"Authorization": f"Bearer {TOKEN}"})[0] == 400
+        messages = Orchestrator(f"sqlite:///{workdir / 'shop.db'}").store.messages_of(uuids[3])
+        assert [(m.name, m.payload) for m in messages] == [("go", True), ("bare", True)]
         status, body = submit(f"{base}/pipelines/{uuids[3]}/cancel", {"csrf": csrf.group(1)})
         assert status == 200 and 'id="status">cancelled<' in body
 

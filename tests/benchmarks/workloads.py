@@ -8,6 +8,8 @@
     python tests/benchmarks/workloads.py w3 SQLITE_PATH N  # engine time per transition, SQLite time excluded
     python tests/benchmarks/workloads.py w4 URL N WORKERS [SLEEP]  # WORKERS processes, hooks sleeping 10 ms
     python tests/benchmarks/workloads.py w5 URL N CONCURRENCY async|sync  # hooks waiting 50 ms on I/O
+    python tests/benchmarks/workloads.py children URL N  # a parent of N children reads their results
+    python tests/benchmarks/workloads.py drain URL N     # one hook receives N queued messages
 
 Run them all with tests/benchmarks/run.py, which writes docs/benchmarks.md.
 """
@@ -30,7 +32,7 @@ from typing import Any
 
 import msgspec
 
-from prorch import OnStartMixin, Orchestrator, Pipeline, Status, Step, register_pipeline, register_step
+from prorch import OnContinueMixin, OnStartMixin, Orchestrator, Pipeline, Status, Step, register_pipeline, register_step
 from prorch.creation import build_records
 from prorch.records import Record
 from prorch.store import Store
@@ -461,6 +463,79 @@ def floor(url: str, n: int, group: int) -> dict[str, Any]:
     return {"writes": len(statements), "transitions_per_s": 3 * n / took, "us_per_transition": took / (3 * n) * 1e6}
 
 
+HOOKS: dict[str, list[float]] = {"fan_in": [], "drain": []}
+
+
+class FanOut(OnStartMixin, OnContinueMixin, Step):
+    """Starts N children, then on every wake-up reads every child's result until all are in."""
+
+    name = "FanOut"
+
+    def on_start(self) -> None:
+        self.metadata["kids"] = [self.start_child(Kid, {}, key=str(i)) for i in range(self.params["n"])]
+
+    def on_continue(self) -> None:
+        started = time.perf_counter()
+        results = [self.child_result(kid) for kid in self.metadata["kids"]]
+        HOOKS["fan_in"].append(time.perf_counter() - started)
+        self.finish() if None not in results else self.wait(seconds=86400)
+
+
+class Drain(OnStartMixin, OnContinueMixin, Step):
+    """Waits for its messages, then receives every one in one hook."""
+
+    name = "Drain"
+
+    def on_start(self) -> None:
+        self.wait(seconds=86400)
+
+    def on_continue(self) -> None:
+        started, received = time.perf_counter(), 0
+        while self.receive("job") is not None:
+            received += 1
+        HOOKS["drain"].append(time.perf_counter() - started)
+        self.finish(received)
+
+
+class Answer(OnStartMixin, Step):
+    name = "Answer"
+
+    def on_start(self) -> None:
+        self.finish(42)
+
+
+Kid = register_pipeline(type("Kid", (Pipeline,), {"name": "Kid", "steps": [register_step(Answer)]}))
+Parent = register_pipeline(type("Parent", (Pipeline,), {"name": "Parent", "steps": [register_step(FanOut)]}))
+Inbox = register_pipeline(type("Inbox", (Pipeline,), {"name": "Inbox", "steps": [register_step(Drain)]}))
+
+
+def children(url: str, n: int) -> dict[str, Any]:
+    """Issue #25: a parent starts N children in one hook; they finish, each end wakes it, and
+    each of its wake-ups reads every child's result (``child_result`` N times)."""
+    orchestrator = Orchestrator(url, batch_size=1000)
+    parent = Parent.create(url, {"n": n})
+    started = time.perf_counter()
+    run_to_end(orchestrator)
+    took = time.perf_counter() - started
+    assert orchestrator.get(parent.uuid).pipeline.status == Status.FINISHED
+    fan_in = HOOKS["fan_in"]
+    return {"n": n, "total_s": took, "wakeups": len(fan_in), "last_fan_in_s": fan_in[-1], "max_fan_in_s": max(fan_in)}
+
+
+def drain(url: str, n: int) -> dict[str, Any]:
+    """Issue #25: N messages sent to a waiting pipeline, then one hook receives them all."""
+    orchestrator = Orchestrator(url)
+    inbox = Inbox.create(url, {})
+    orchestrator.execute_pipelines()  # it waits
+    started = time.perf_counter()
+    for i in range(n):
+        orchestrator.send(inbox.uuid, "job", {"i": i})
+    sent = time.perf_counter() - started
+    orchestrator.execute_pipelines()
+    assert orchestrator.result(inbox.uuid) == n
+    return {"n": n, "send_s": sent, "drain_s": HOOKS["drain"][-1]}
+
+
 if __name__ == "__main__":
     name, *args = sys.argv[1:]
     commands: dict[str, Callable[[], dict[str, Any]]] = {
@@ -475,5 +550,7 @@ if __name__ == "__main__":
         "dashboard_pages": lambda: dashboard_pages(args[0]),
         "purge_stall": lambda: purge_stall(args[0], int(args[1])),
         "w1_observed": lambda: w1_observed(args[0], int(args[1]), args[2]),
+        "children": lambda: children(args[0], int(args[1])),
+        "drain": lambda: drain(args[0], int(args[1])),
     }
     print(json.dumps(commands[name]()))

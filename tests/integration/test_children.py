@@ -19,6 +19,7 @@ from prorch import (
     StepUsageError,
     WaitTimeoutError,
 )
+from prorch.creation import create_pipelines
 from prorch.registry import Registry
 from tests.integration.conftest import make_backend
 from tests.support.builders import pipeline_of, step_of
@@ -155,3 +156,94 @@ def test_child_result_of_a_stranger_is_refused(
     error = orchestrator.get(nosy.uuid).steps[0].error
     assert error is not None and error.type == StepUsageError.__name__
     assert "no child of this pipeline has that uuid" in error.message
+
+
+def test_cancelling_the_root_of_a_deep_chain_cancels_every_descendant(
+    registry: Registry, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """Issue #25: each child's cancel ran inside its parent's, so a chain deeper than Python's
+    recursion limit stopped half-way with a RecursionError (logged), leaving the rest running."""
+    link = pipeline_of(step_of("Hold", lambda self: self.wait(seconds=86400)), name="Link")
+    orchestrator = Orchestrator(make_backend("sqlite", tmp_path, request), registry=registry, clock=FakeClock())
+    store, clock = orchestrator.store, orchestrator.clock
+    ((root, _),) = create_pipelines(store, link, [{}], [None], registry=registry, clock=clock)
+    parent = root
+    for _ in range(600):  # deeper than the recursion limit (1,000 frames) allows a nested cancel to go
+        ((parent, _),) = create_pipelines(store, link, [{}], [None], registry=registry, clock=clock,
+                                          parent_uuid=parent.uuid)  # fmt: skip
+    orchestrator.cancel(root.uuid)
+    statuses = [p.status.value for p in store.all_pipelines()]
+    assert len(statuses) == 601 and set(statuses) == {"cancelled"}
+
+
+class CountingReads:
+    """Counts the reads of a real backend's messages repository and the rows they return."""
+
+    READS = ("search", "unread_messages", "last_sent_at", "has_unread_messages")
+
+    def __init__(self, repository: Any) -> None:
+        self.calls = 0
+        self.rows = 0
+        for name in self.READS:
+            if hasattr(repository, name):
+                setattr(repository, name, self._counted(getattr(repository, name)))
+
+    def _counted(self, read: Any) -> Any:
+        def counted(*args: Any) -> Any:
+            found = read(*args)
+            self.calls += 1
+            self.rows += len(found) if isinstance(found, list) else 1
+            return found
+
+        return counted
+
+
+@pytest.mark.parametrize("kind", ["memory", "sqlite"])
+def test_a_parent_reads_its_childrens_ends_in_linear_time(
+    kind: str, registry: Registry, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """Issue #25: every child's end and every ``child_result`` read all the parent's messages
+    (quadratic: 7.1 s per ``on_continue`` with 1,000 children). Now each reads only unread
+    messages of its name, by an index: the rows read grow with the number of children."""
+    n = 90  # within one pass's batch (100)
+    pipeline_of(step_of("Resize", resize), name="Thumb")
+    pipeline_of(step_of("Fan", fan_out, fan_in), name="Gallery")
+    orchestrator = Orchestrator(make_backend(kind, tmp_path, request), registry=registry, clock=FakeClock())
+    reads = CountingReads(orchestrator.store.messages)
+    gallery = registry.pipeline("Gallery").create(
+        orchestrator.store.backend, {"sizes": list(range(1, n + 1))}, clock=orchestrator.clock
+    )
+    orchestrator.execute_pipelines()  # the parent starts its children
+    orchestrator.execute_pipelines()  # they finish: n messages sent to the parent
+    before = reads.rows
+    orchestrator.execute_pipelines()  # the parent reads n results (n child_result calls)
+    assert orchestrator.result(gallery.uuid) == {"px": [2 * s for s in range(1, n + 1)]}
+    assert reads.rows - before <= 2 * n  # quadratic: n * n
+    assert reads.rows <= 5 * n  # sending included (each send read every earlier message)
+
+
+@pytest.mark.parametrize("kind", ["memory", "sqlite"])
+def test_draining_messages_reads_each_about_once(
+    kind: str, registry: Registry, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    n = 300
+    drained: list[Any] = []
+
+    def drain(step: Any) -> None:
+        while (payload := step.receive("job")) is not None:
+            drained.append(payload)
+        step.finish(len(drained))
+
+    inbox = pipeline_of(step_of("Drain", on_start=lambda self: self.wait(seconds=86400), on_continue=drain),
+                        name="Inbox")  # fmt: skip
+    orchestrator = Orchestrator(make_backend(kind, tmp_path, request), registry=registry, clock=FakeClock())
+    reads = CountingReads(orchestrator.store.messages)
+    run = inbox.create(orchestrator.store.backend, {}, clock=orchestrator.clock)
+    orchestrator.execute_pipelines()
+    for i in range(n):
+        orchestrator.send(run.uuid, "job" if i % 3 else "other", i)
+    calls = reads.calls
+    orchestrator.execute_pipelines()
+    assert drained == [i for i in range(n) if i % 3]  # oldest first, each once
+    assert reads.rows <= 3 * n  # quadratic: every receive read all n messages
+    assert reads.calls - calls <= len(drained) // 10 + 5  # reads by pages, not one per message

@@ -10,6 +10,7 @@ import pytest
 
 from prorch import (
     EventRecord,
+    MessageRecord,
     OnContinueMixin,
     OnStartMixin,
     PipelineRecord,
@@ -19,6 +20,7 @@ from prorch import (
     SupportsClaim,
     SupportsCompareAndSet,
     SupportsDueQuery,
+    SupportsMessageQuery,
     SupportsPartialUpdate,
     SupportsSearchMany,
     SupportsTransaction,
@@ -388,3 +390,34 @@ def test_whole_numbers_wider_than_64_bits_round_trip_through_the_engine(
     assert harness.orchestrator.result(uuid) == {"n": BIG, "list": [BIG]}
     if hasattr(backend, "dispose"):
         backend.dispose()
+
+
+def test_unread_messages_by_name_oldest_first_by_pages(backend: Any) -> None:
+    repo = backend("MESSAGE")
+    require(repo, SupportsMessageQuery)
+    pipeline, other = new_uuid(), new_uuid()
+    assert repo.unread_messages(pipeline, "a", None, 10) == [] and repo.last_sent_at(pipeline) is None
+    assert not repo.has_unread_messages(pipeline)
+
+    def message(name: str, seconds: int, owner: str = pipeline, read: bool = False) -> dict[str, Any]:
+        at = NOW + timedelta(seconds=seconds)
+        record = MessageRecord(uuid=new_uuid(), pipeline_uuid=owner, name=name, payload={"n": seconds}, sent_at=at,
+                               consumed_at=at if read else None)  # fmt: skip
+        repo.save(record.to_dict())
+        return record.to_dict()
+
+    tied = sorted([message("a", 5), message("a", 5)], key=lambda row: row["uuid"])  # same time: by uuid
+    first, read, later = message("a", 1), message("a", 2, read=True), message("a", 9)
+    message("b", 3), message("a", 4, owner=other), message("a", 20, owner=other, read=True)
+    order = [first["uuid"], tied[0]["uuid"], tied[1]["uuid"], later["uuid"]]
+    assert [r["uuid"] for r in repo.unread_messages(pipeline, "a", None, 10)] == order
+    assert repo.unread_messages(pipeline, "a", None, 10)[0]["payload"] == {"n": 1}
+    page = repo.unread_messages(pipeline, "a", None, 2)
+    assert [r["uuid"] for r in page] == order[:2]
+    after = (datetime.fromisoformat(page[-1]["sent_at"]), page[-1]["uuid"])
+    assert [r["uuid"] for r in repo.unread_messages(pipeline, "a", after, 10)] == order[2:]
+    assert read["uuid"] not in order and repo.has_unread_messages(pipeline) and repo.has_unread_messages(other)
+    assert repo.last_sent_at(pipeline) == NOW + timedelta(seconds=9)
+    assert repo.last_sent_at(other) == NOW + timedelta(seconds=20)
+    repo.update(first["uuid"], {"consumed_at": NOW.isoformat()})
+    assert [r["uuid"] for r in repo.unread_messages(pipeline, "a", None, 10)] == order[1:]

@@ -25,6 +25,7 @@ from prorch import (
 )
 from prorch.pipeline import pipeline_class
 from prorch.reactions import reactions_of
+from prorch.records import MessageRecord, new_uuid
 from prorch.registry import Registry
 from prorch.testing import Harness
 
@@ -95,11 +96,40 @@ def test_send_rejects_bad_input_and_ended_pipelines(harness: Harness, registry: 
     with pytest.raises(InvalidMessageError, match=r"payload\['when'\]: object is not a JSON value"):
         harness.orchestrator.send(run.uuid, "approval", {"when": object()})
     with pytest.raises(InvalidMessageError, match="non-empty name"):
-        harness.orchestrator.send(run.uuid, "", None)
+        harness.orchestrator.send(run.uuid, "")
     assert harness.orchestrator.store.messages_of(run.uuid) == []
     harness.orchestrator.cancel(run.uuid)
     with pytest.raises(InvalidStateError, match="would never be read"):
         harness.orchestrator.send(run.uuid, "approval", {"by": "bob"})
+
+
+def test_a_message_without_a_payload_is_told_apart_from_no_message(harness: Harness, registry: Registry) -> None:
+    """Issue #25: a message sent without a payload stored None, which ``receive()`` returned
+    as if no message waited; it was consumed, and the step waited another day."""
+
+    class AwaitSignal(OnContinueMixin, Step):
+        name = "AwaitSignal"
+
+        def on_continue(self) -> None:
+            signal = self.receive("go")
+            SEEN.append(signal)
+            self.wait(seconds=86400) if signal is None else self.finish()
+
+    register_step(AwaitSignal)
+    signal = register_pipeline(type("Signal", (Pipeline,), {"name": "Signal", "steps": [AwaitSignal]}))
+    first, second = harness.create(signal), harness.create(signal)
+    harness.run_pass()
+    with pytest.raises(InvalidMessageError, match=r"payload None.*leave the payload out"):
+        harness.orchestrator.send(first.uuid, "go", None)
+    assert harness.orchestrator.store.messages_of(first.uuid) == []  # nothing stored
+    harness.orchestrator.send(first.uuid, "go")
+    old = MessageRecord(uuid=new_uuid(), pipeline_uuid=second.uuid, name="go", payload=None,
+                        sent_at=harness.orchestrator.clock.now())  # fmt: skip
+    harness.orchestrator.store.insert_all([old])  # stored with None by an earlier prorch
+    harness.orchestrator.send(second.uuid, "wake", {})
+    assert harness.run_pass().finished == 2
+    assert SEEN == [None, None, True, True]
+    assert [m.payload for m in harness.orchestrator.store.messages_of(first.uuid)] == [True]
 
 
 def test_a_message_sent_while_a_worker_holds_the_pipeline_is_merged(registry: Registry) -> None:
