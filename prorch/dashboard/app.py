@@ -33,7 +33,7 @@ REFRESH_SECONDS = 5
 ACTIONS = ("cancel", "retry", "send")
 FAILED_TOKEN_DELAY = 0.5
 """Seconds before a wrong token is answered: with ``Throttle``'s limit, guessing is slow."""
-logger = logging.getLogger("prorch.dashboard")
+logger = logging.getLogger(__name__)
 
 
 def when(text: str | None) -> str:

@@ -26,7 +26,7 @@ from prorch.runner.turns import Turns
 from prorch.status import TERMINAL
 from prorch.store import Store
 
-logger = logging.getLogger("prorch.runner")
+logger = logging.getLogger(__name__)
 
 DEFAULT_LEASE_SECONDS = 60.0
 DEFAULT_MAX_TURNS_PER_PASS = 100
