@@ -4,6 +4,7 @@ origin of every value; the acceptance tests cover the same through the CLI."""
 from __future__ import annotations
 
 import inspect
+import re
 from pathlib import Path
 from typing import Any
 
@@ -148,3 +149,12 @@ def test_the_settings_and_the_orchestrator_agree_on_defaults_and_bounds() -> Non
             assert orchestrator_accepts(name, value) == settings_accept(name, value), (name, value)
     interval = inspect.signature(Orchestrator.run_forever).parameters["interval"].default
     assert interval == SettingsFields.model_fields["interval"].default
+
+
+def test_the_documented_defaults_are_the_defaults() -> None:
+    """docs/configuration.md's table states each numeric setting's default as the code has it."""
+    table = (Path(__file__).resolve().parents[2] / "docs" / "configuration.md").read_text()
+    documented = dict(re.findall(r"^\| `([a-z_]+)` \| `([0-9.]+)` \|", table, re.MULTILINE))
+    assert {"interval", "concurrency", "lease_seconds", "max_crashes", "dashboard_port"} <= set(documented)
+    for name, text in documented.items():
+        assert str(SettingsFields.model_fields[name].default) == text, name
