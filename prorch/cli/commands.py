@@ -244,9 +244,7 @@ def show(ctx: Context, uuid: str | None, key: str | None, as_json: bool, traceba
             }
         )
         return
-    print_state(
-        state, history, orchestrator.clock.now(), step_limits(orchestrator.registry, state.steps), tracebacks
-    )
+    print_state(state, history, orchestrator.clock.now(), step_limits(orchestrator.registry, state.steps), tracebacks)
 
 
 @main.command()

@@ -11,7 +11,7 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NoReturn, cast
 
 import click
 
@@ -28,6 +28,7 @@ from prorch.exceptions import (
 from prorch.listing import filter_value, parse_age
 from prorch.orchestrator import Orchestrator
 from prorch.registry import current_registry
+from prorch.repository import RepositoryLike
 from prorch.status import Status
 
 USAGE_ERRORS = (ConfigurationError, NotRegisteredError, InvalidParamsError, InvalidMessageError, KeyConflictError)
@@ -98,7 +99,7 @@ class Context:
                     hint = closest(name, known)
                     click.echo(f"warning: [{kind}.{name}] names no registered {kind[:-1]}; ignored{hint}", err=True)
 
-    def repository(self) -> object:
+    def repository(self) -> RepositoryLike:
         """The configured repository: a URL, or the object that ``module:attribute`` names."""
         setting = self.settings.repository
         if not FACTORY.match(setting):
@@ -125,7 +126,7 @@ class Context:
         )
 
 
-def load_repository(setting: str) -> object:
+def load_repository(setting: str) -> RepositoryLike:
     """``module:attribute`` (``-r myapp.store:make_repository``): the attribute is what
     ``Orchestrator`` takes (an ``IRepository`` subclass or a backend), or a function of no
     arguments that returns one. The current directory is importable, as for ``--app``."""
@@ -149,8 +150,10 @@ def load_repository(setting: str) -> object:
         except ProrchError:
             raise
         except Exception as exc:
-            raise ConfigurationError(f"repository {setting!r}: {attribute}() raised {type(exc).__name__}: {exc}") from exc
-    return found
+            raise ConfigurationError(
+                f"repository {setting!r}: {attribute}() raised {type(exc).__name__}: {exc}"
+            ) from exc
+    return cast(RepositoryLike, found)  # Orchestrator checks it, with one clear error
 
 
 def shadowed_name(exc: ImportError) -> str | None:

@@ -125,7 +125,7 @@ def print_state(
     print_history(history)
 
 
-def step_times(step: StepRecord, now: datetime, last_change: datetime) -> str:
+def step_times(step: StepRecord, now: datetime, last_change: datetime | None) -> str:
     """How long a step took, or, while it waits (a hook called ``wait()``), since when (the
     pipeline's last transition stored the wait): its time so far is no duration of work."""
     if step.status == Status.PENDING and step.next_run_at is not None and step.next_run_at > now:

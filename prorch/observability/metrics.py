@@ -11,6 +11,7 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from datetime import datetime, timedelta
+from importlib.metadata import version
 from typing import Any
 
 import prometheus_client
@@ -18,7 +19,6 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, Info
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from prorch import __version__
 from prorch.orchestrator import Orchestrator
 from prorch.records import EventRecord, Record
 from prorch.repository import PipelineStats
@@ -31,7 +31,7 @@ DURATION_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 10, 60, 300, 1800)
 
 # Each counter and histogram would also export a ``_created`` series (its creation time), which
 # doubles the output and which no dashboard reads (also PROMETHEUS_DISABLE_CREATED_SERIES=True).
-prometheus_client.disable_created_metrics()
+prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]
 
 
 class WorkerMetrics:
@@ -50,7 +50,7 @@ class WorkerMetrics:
             ["pipeline", "kind"], registry=r,
         )  # fmt: skip
         Info("prorch_build", "The prorch and Python versions of this worker.", registry=r).info(
-            {"version": __version__, "python": platform.python_version()}
+            {"version": version("prorch"), "python": platform.python_version()}
         )
         self.hook_failures = Counter(
             "prorch_hook_failures", "Hook calls that raised or failed.", ["pipeline", "step"], registry=r
@@ -164,9 +164,12 @@ class StoreGauges(Collector):
         yield GaugeMetricFamily(
             "prorch_pipelines_due", "Pending pipelines whose time has come, not leased.", value=stats.due
         )
-        yield GaugeMetricFamily("prorch_pipelines_running", "Due pipelines leased by a worker now.", value=stats.running)
-        for old, new, value in (("prorch_due", "prorch_pipelines_due", stats.due),
-                                ("prorch_running", "prorch_pipelines_running", stats.running)):  # fmt: skip
+        yield GaugeMetricFamily(
+            "prorch_pipelines_running", "Due pipelines leased by a worker now.", value=stats.running
+        )
+        renamed = (("prorch_due", "prorch_pipelines_due", stats.due),
+                   ("prorch_running", "prorch_pipelines_running", stats.running))  # fmt: skip
+        for old, new, value in renamed:
             yield GaugeMetricFamily(old, f"Deprecated: use {new} (this name goes in the next release).", value=value)
         lag = (now - stats.oldest_due).total_seconds() if stats.oldest_due else 0.0
         yield GaugeMetricFamily(

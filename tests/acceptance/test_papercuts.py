@@ -108,7 +108,7 @@ def test_wait_says_what_it_waits_for(workdir: Path) -> None:  # noqa: F811
     assert result.stdout == ""
 
 
-FAILING = '''
+FAILING = """
 from prorch import OnStartMixin, Pipeline, Step, register_pipeline, register_step
 
 
@@ -124,7 +124,7 @@ class Explode(OnStartMixin, Step):
 class Fragile(Pipeline):
     name = "Fragile"
     steps = [Explode]
-'''
+"""
 
 
 def test_show_a_step_that_failed_in_its_first_hook(workdir: Path) -> None:  # noqa: F811
@@ -187,4 +187,3 @@ def test_the_seed_readme_style_script_runs(tmp_path: Path) -> None:
     result = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=environ, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert "/data.tar" in result.stdout
-
