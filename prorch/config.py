@@ -66,7 +66,9 @@ class SettingsFields(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    repository: str = Field(default=DEFAULT_REPOSITORY_URL, description="repository URL")
+    repository: str = Field(
+        default=DEFAULT_REPOSITORY_URL, description="repository URL, or module:factory naming your own repository"
+    )
     app: Modules = Field(default_factory=list, description="modules that define your pipelines")
     plugins: Modules = Field(default_factory=list, description="modules that register plugins")
     interval: float = ruled(defaults.INTERVAL, "seconds between a worker's passes")
@@ -196,14 +198,17 @@ def load_settings(
     *,
     config_file: str | Path | None = None,
     cwd: Path | None = None,
+    flag_names: Mapping[str, str] | None = None,
 ) -> LoadedSettings:
-    """Merge the layers, validating each on its own so that an error names where it was set."""
+    """Merge the layers, validating each on its own so that an error names where it was set.
+    ``flag_names``: the flag of a setting whose flag is not ``--`` + its name (``--port``)."""
+    names = flag_names or {}
     path, file_values = find_config_file(config_file, cwd or Path.cwd())
     flag_values = {key: value for key, value in (flags or {}).items() if value not in (None, ())}
     layers: list[tuple[Callable[[str], str], dict[str, Any]]] = [
         (lambda key: f"file {path}", file_values),
         (lambda key: f"environment variable PRORCH_{key.upper()}", _environment()),
-        (lambda key: f"flag --{key.replace('_', '-')}", flag_values),
+        (lambda key: f"flag {names.get(key) or '--' + key.replace('_', '-')}", flag_values),
     ]
     merged: dict[str, Any] = {}
     origins = {name: "default" for name in Settings.model_fields}

@@ -44,7 +44,8 @@ class Rule(Generic[T]):
     def wanted(self) -> str:
         """What the setting takes, for an error: ``"an int >= 1"``, ``"None or seconds > 0"``."""
         kind = "an int" if self.integer else f"a number of {self.unit}" if self.unit else "a number"
-        bounds = [f"{op} {_number(bound)}" for op, bound in ((">", self.gt), (">=", self.ge), ("<=", self.le))]
+        upper = None if self.le == MAX_SECONDS else self.le  # said in words below
+        bounds = [f"{op} {_number(bound)}" for op, bound in ((">", self.gt), (">=", self.ge), ("<=", upper))]
         text = " ".join([kind, *[bound for bound in bounds if not bound.endswith("None")]])
         if not self.integer:
             text = f"{text} (finite, at most {_number(self.le)}: a year)" if self.le == MAX_SECONDS else text
@@ -53,7 +54,9 @@ class Rule(Generic[T]):
 
 
 def _number(bound: float | None) -> str:
-    return "None" if bound is None else f"{bound:g}"
+    if bound is None:
+        return "None"
+    return str(int(bound)) if float(bound).is_integer() else f"{bound:g}"
 
 
 CONCURRENCY: Rule[int] = Rule(4, ge=1)

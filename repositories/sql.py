@@ -70,7 +70,11 @@ __all__ = ["DIALECTS", "MIGRATIONS", "SQLBackend", "SQLRepository", "dialect_cla
 logger = logging.getLogger("prorch.repositories.sql")
 T = TypeVar("T")
 
-DIALECTS = {"sqlite": "repositories.sqlite:SQLiteBackend", "postgresql": "repositories.postgresql:PostgreSQLBackend"}
+DIALECTS = {
+    "sqlite": "repositories.sqlite:SQLiteBackend",
+    "postgresql": "repositories.postgresql:PostgreSQLBackend",
+    "postgres": "repositories.postgresql:PostgreSQLBackend",  # postgres://, as Heroku and libpq write it
+}
 """The backend class of each dialect, found by name when a URL names it (as SQLAlchemy finds its
 dialects): this module needs no import of its subclasses."""
 
@@ -348,7 +352,7 @@ def _engine(parsed: URL, url: str, options: dict[str, Any]) -> Engine:
             f"{', '.join(SUPPORTED_SCHEMES)}"
         ) from exc
     except ImportError as exc:
-        extra = "postgresql" if parsed.get_backend_name() == "postgresql" else None
+        extra = "postgresql" if parsed.get_backend_name() in ("postgresql", "postgres") else None
         hint = f"pip install 'prorch[{extra}]'" if extra else "install the SQLAlchemy driver it names"
         raise ConfigurationError(f"no driver for repository URL {shown!r} ({exc}): {hint}") from exc
 
