@@ -32,9 +32,8 @@ from prorch.records import (
 from prorch.repository import IRepository, PipelineQuery, PipelineStats
 from prorch.status import Status
 from prorch.storage.backend import Backend, Outcome, Write
-from prorch.storage.commits import SAVE_CHUNK
+from prorch.storage.commits import SAVE_CHUNK, call
 from prorch.storage.composed import RepositoryBackend
-from prorch.storage.errors import call
 from prorch.storage.seed_adapter import TICKS_UUID
 from prorch.storage.urls import backend_of, backends_package, resolve_backend
 
@@ -101,10 +100,9 @@ class Store:
 
     def repository(self, model: str) -> IRepository:
         """The repository of one model (tests look at it)."""
-        found: IRepository = (
-            self.engine.table(model) if isinstance(self.engine, RepositoryBackend) else self.backend(model)
-        )  # type: ignore[assignment]
-        return found
+        if isinstance(self.engine, RepositoryBackend):
+            return self.engine.table(model)  # type: ignore[return-value]
+        return self.backend(model)
 
     pipelines = property(lambda self: self.repository(PipelineRecord.MODEL))
     steps = property(lambda self: self.repository(StepRecord.MODEL))

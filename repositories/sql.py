@@ -60,8 +60,8 @@ from prorch.records import JSONDict, Metadata, format_timestamp, to_utc
 from prorch.repository import IRepository, PipelineQuery, PipelineStats
 from prorch.secrets import error_summary, redact_url
 from prorch.status import Status
+from prorch.storage.commits import call
 from prorch.storage.composed import MODELS, RepositoryBackend
-from prorch.storage.errors import call
 from repositories import sql_listing
 from repositories.migrate import MIGRATIONS, upgrade
 from repositories.schema import TABLES, schedule_ticks

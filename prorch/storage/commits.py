@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator, Sequence
+from typing import Any, TypeVar
 
-from prorch.exceptions import ConcurrentUpdateError
+from prorch.exceptions import ConcurrentUpdateError, ProrchError, RepositoryError
 from prorch.records import JSONDict, MessageRecord, PipelineRecord, Record, StepRecord, changed_fields, remember_stored
 from prorch.repository import TransitionRows
+from prorch.secrets import error_summary
 from prorch.storage.backend import Outcome, Write
-from prorch.storage.errors import call, conflict
 
+T = TypeVar("T")
 SAVE_CHUNK = 1000
 """Records per ``save_many`` call: a ``create_many`` of 100,000 pipelines does not hold every row at once."""
 
@@ -97,9 +99,6 @@ class Committer:
         settle(write)
 
     def _try_alone(self, write: Write) -> Outcome:
-        found = self.one_statement([write])
-        if found is not None:
-            return found[0]
         try:
             self.commit_alone(write)
         except Exception as exc:
@@ -259,3 +258,22 @@ def _statements(
             restore(write, before)
             outcomes.append(conflict_of(write))
     return outcomes
+
+
+def call(action: str, func: Callable[..., T], *args: Any) -> T:
+    """Run one store call, wrapping a driver's exception in RepositoryError."""
+    try:
+        return func(*args)
+    except ProrchError:
+        raise
+    except Exception as exc:
+        raise RepositoryError(f"repository failed to {action}: {type(exc).__name__}: {error_summary(exc)}") from exc
+
+
+def conflict(model: str, uuid: str, expected: int) -> ConcurrentUpdateError:
+    """The error of a refused compare-and-set."""
+    return ConcurrentUpdateError(
+        f"{model} {uuid} changed since it was read (revision {expected}); "
+        "another orchestrator holds it or it was cancelled",
+        uuid=uuid,
+    )

@@ -19,8 +19,7 @@ from prorch.limits import ClaimLimit
 from prorch.records import EventRecord, JSONDict, MessageRecord, PipelineRecord, Record, StepRecord, to_utc
 from prorch.repository import PipelineQuery, PipelineStats
 from prorch.status import Status
-from prorch.storage.commits import Committer, chunks
-from prorch.storage.errors import call, conflict
+from prorch.storage.commits import Committer, call, chunks, conflict
 
 MODELS = (PipelineRecord.MODEL, StepRecord.MODEL, EventRecord.MODEL, MessageRecord.MODEL)
 

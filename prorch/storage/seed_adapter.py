@@ -49,9 +49,8 @@ from prorch.repository import (
     is_thread_safe,
 )
 from prorch.storage.backend import Outcome, Write
-from prorch.storage.commits import by_statements
+from prorch.storage.commits import by_statements, call, conflict
 from prorch.storage.composed import MODELS, RepositoryBackend
-from prorch.storage.errors import call, conflict
 
 logger = logging.getLogger("prorch.storage.seed_adapter")
 TICKS_UUID = str(uuid_module.uuid5(KEY_NAMESPACE, "prorch:schedule-ticks"))
@@ -152,8 +151,11 @@ class SeedAdapter(RepositoryBackend):
             (MessageRecord.from_dict(row), row)
             for row in self.search(MessageRecord.MODEL, "pipeline_uuid", pipeline_uuid)
         ]
-        unread = [(m.sent_at, m.uuid, row) for m, row in mail
-                  if m.consumed_at is None and m.name == name and (after is None or (m.sent_at, m.uuid) > after)]  # fmt: skip
+        unread = [
+            (m.sent_at, m.uuid, row)
+            for m, row in mail
+            if m.consumed_at is None and m.name == name and (after is None or (m.sent_at, m.uuid) > after)
+        ]
         unread.sort(key=lambda found: found[:2])
         return [row for _, _, row in unread[:limit]]
 
