@@ -47,7 +47,7 @@ from sqlalchemy.exc import (
     OperationalError,
 )
 
-from prorch.due import TERMINAL_VALUES, Runnable
+from prorch.due import CLAIM_ORDER, TERMINAL_VALUES, Runnable, row_claim_order
 from prorch.exceptions import (
     ConfigurationError,
     DuplicateRecordError,
@@ -596,7 +596,7 @@ class SQLRepository(IRepository):
                 c.next_run_at <= now,
                 (c.lease_expires_at.is_(None)) | (c.lease_expires_at <= now),
             )
-            .order_by(c.priority.desc(), c.next_run_at)
+            .order_by(*(c[field].desc() if descending else c[field].asc() for field, descending in CLAIM_ORDER))
             .limit(bindparam("_limit", type_=Integer()))
         )
         return query if runnable is None else query.where(self._of_classes(runnable))
@@ -749,7 +749,7 @@ class SQLRepository(IRepository):
 
     @staticmethod
     def _by_priority(records: list[JSONDict]) -> list[JSONDict]:
-        return sorted(records, key=lambda r: (-r.get("priority", 0), r.get("next_run_at") or ""))
+        return sorted(records, key=row_claim_order)
 
 
 SQLBackend.repository_class = SQLRepository
