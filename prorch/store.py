@@ -94,7 +94,8 @@ class Store:
         self.engine: Backend = backend_of(self.backend)
         self.thread_safe = self.engine.thread_safe
         self.has_transaction = self.engine.has_transactions
-        self.guards_concurrency = self.can_claim = self.engine.guards_concurrency
+        self.guards_concurrency = self.engine.guards_concurrency
+        self.can_claim = self.engine.can_claim
         self.partial_update = self.engine.partial_update
         self._aligned_clock: ServerAlignedClock | None = None
 

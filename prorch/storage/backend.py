@@ -43,6 +43,8 @@ class Backend(Protocol):
 
     thread_safe: bool
     """True when several threads may call it at once (a pass then runs hooks in a pool)."""
+    can_claim: bool
+    """True when ``claim`` leases what it returns (leases can then be renewed)."""
     guards_concurrency: bool
     """True when claims are atomic and writes compare-and-set: several workers may share it."""
     has_transactions: bool

@@ -62,6 +62,7 @@ class RepositoryBackend(Committer):
     """``prorch.storage.backend.Backend`` over ``self(model)``'s repositories."""
 
     thread_safe = True
+    can_claim = True
     guards_concurrency = True
     has_transactions = True
     partial_update = True

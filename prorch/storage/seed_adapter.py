@@ -92,6 +92,7 @@ class SeedAdapter(RepositoryBackend):
         self.many = steps if isinstance(steps, SupportsSearchMany) else None
         self.thread_safe = is_thread_safe(factory)
         self.has_transactions = self.transactions is not None
+        self.can_claim = self.claims is not None
         self.guards_concurrency = self.claims is not None and self.compare_and_set is not None
         self.partial_update = all(
             isinstance(r, SupportsPartialUpdate) and r.partial_update for r in map(self.repository, MODELS[:2])
