@@ -20,15 +20,16 @@ from typing import Any
 
 from prorch.due import TERMINAL_VALUES, Runnable, can_run, claim_order, claimable_by, is_due, leased
 from prorch.limits import ClaimLimit, StartLog, Tally, within_limits
-from prorch.records import JSONDict, MessageRecord, format_timestamp, to_utc
+from prorch.records import JSONDict, MessageRecord, Metadata, format_timestamp, to_utc
 from prorch.repository import IRepository
 from prorch.status import Status
+from prorch.storage.composed import RepositoryBackend
 
 INDEXED = ("pipeline_uuid", "status")  # the fields the engine searches by
 TICKS = "schedule_ticks"  # the table of schedules' last ticks, one row per schedule
 
 
-class MemoryBackend:
+class MemoryBackend(RepositoryBackend):
     """A backend: ``backend(model)`` gives the repository of that model; all share one lock."""
 
     thread_safe = True
@@ -51,6 +52,8 @@ class MemoryBackend:
     def tables(self) -> dict[str, dict[str, JSONDict]]:
         """A snapshot of every table, for tests to look at."""
         with self.lock:
+            for model in Metadata.TABLE_NAMES:  # every model's, those not written to yet too
+                self(model)
             return {model: {u: json.loads(t) for u, t in repo.rows.items()} for model, repo in self._tables.items()}
 
     def schedule_ticks(self) -> dict[str, datetime]:
@@ -184,6 +187,10 @@ class MemoryRepository(IRepository):
                     self.backend._undo.append((self, uuid, self.rows.get(uuid)))
                 self._put(uuid, None)
         return len(uuids)
+
+    def search_many(self, field: str, values: list[Any]) -> list[JSONDict]:
+        with self.backend.lock:
+            return [row for value in dict.fromkeys(values) for row in self.search([field, value])]
 
     def search(self, filter: list[Any]) -> list[JSONDict]:  # noqa: A002 - the seed's name
         field, value = filter

@@ -5,6 +5,7 @@ workers follow the server's clock, and schema upgrades take an advisory lock."""
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
@@ -15,6 +16,8 @@ from prorch.exceptions import ConcurrentUpdateError, ProrchError, RepositoryErro
 from prorch.records import to_utc
 from prorch.repository import TransitionRows
 from prorch.secrets import error_summary
+from prorch.storage.backend import Outcome, Write
+from prorch.storage.commits import by_statements
 from repositories.postgresql_transitions import TransitionStatements
 from repositories.schema import TABLES
 from repositories.sql import DatabaseRefusedError, SQLBackend, SQLRepository
@@ -54,6 +57,10 @@ class PostgreSQLBackend(SQLBackend):
     @functools.cached_property
     def _statements(self) -> TransitionStatements:
         return TransitionStatements(TABLES)
+
+    def one_statement(self, writes: Sequence[Write]) -> list[Outcome] | None:
+        """This backend's commit strategy: one statement per transition (``write_transitions``)."""
+        return by_statements(self, writes, self.write_transitions)
 
     def write_transitions(self, units: list[TransitionRows]) -> list[bool]:
         """One statement per transition, a round's statements in one round trip (see

@@ -60,6 +60,8 @@ from prorch.records import JSONDict, Metadata, format_timestamp, to_utc
 from prorch.repository import IRepository, PipelineQuery, PipelineStats
 from prorch.secrets import error_summary, redact_url
 from prorch.status import Status
+from prorch.storage.commits import call
+from prorch.storage.composed import MODELS, RepositoryBackend
 from repositories import sql_listing
 from repositories.migrate import MIGRATIONS, upgrade
 from repositories.schema import TABLES, schedule_ticks
@@ -84,7 +86,7 @@ class DatabaseRefusedError(RepositoryError):
     not a database; as opposed to being unreachable."""
 
 
-class SQLBackend:
+class SQLBackend(RepositoryBackend):
     """A backend over one SQLAlchemy engine; ``backend(model)`` gives that model's repository.
 
     Writes in ``with backend.transaction():`` commit together; outside one, each call is its own
@@ -135,6 +137,33 @@ class SQLBackend:
         """The database server's clock, where workers on several machines share it (see
         ``SupportsServerClock``); None here."""
         return None
+
+    # --- the backend contract: what the tables' indexes answer ---------------------------------
+
+    def query_pipelines(self, query: PipelineQuery) -> tuple[list[JSONDict], int | None]:
+        return self(Metadata.PIPELINES_MODEL).query_pipelines(query)
+
+    def pipeline_stats(self, now: datetime, ended_since: datetime) -> PipelineStats:
+        return self(Metadata.PIPELINES_MODEL).pipeline_stats(now, ended_since)
+
+    def ended_before(self, statuses: list[str], before: datetime, limit: int) -> list[str]:
+        return self(Metadata.PIPELINES_MODEL).ended_before(statuses, before, limit)
+
+    def save_rows(self, model: str, rows: list[JSONDict]) -> None:
+        call(f"save {model} records", self(model).save_many, rows)
+
+    def session(self) -> contextlib.AbstractContextManager[None]:
+        return self.pinned()
+
+    def delete_pipelines(self, uuids: list[str], statuses: list[str], before: datetime) -> int:
+        """The pipelines go first, checked and locked by one statement (``delete_ended``), so
+        that a purge takes their locks in the order the workers do (pipeline, then steps) and
+        skips those another transaction holds: no deadlock with a worker or a second purge."""
+        with self.transaction():
+            gone = call("delete pipelines", self(Metadata.PIPELINES_MODEL).delete_ended, uuids, statuses, before)
+            for model in MODELS[1:]:
+                call("delete records", self(model).delete_by, "pipeline_uuid", gone)
+            return len(gone)
 
     # --- schedules (SupportsScheduleTicks) --------------------------------------------------
 

@@ -40,6 +40,7 @@ from prorch.limits import ClaimLimit, StartLog, Tally, within_limits
 from prorch.records import JSONDict, Metadata, format_timestamp, to_utc
 from prorch.repository import IRepository
 from prorch.status import Status
+from prorch.storage.composed import RepositoryBackend
 
 STATUSES = tuple(status.value for status in Status)
 STATUS_MODELS = (Metadata.PIPELINES_MODEL, Metadata.STEP_MODEL)
@@ -133,7 +134,7 @@ class AtomicJSONStorage(Storage):
         self._stamp = self._file_stamp()
 
 
-class TinyDBBackend:
+class TinyDBBackend(RepositoryBackend):
     """A backend over one TinyDB file; repositories of all models share its lock and cache."""
 
     thread_safe = True

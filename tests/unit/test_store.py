@@ -14,6 +14,7 @@ from prorch.creation import build_records, store_new
 from prorch.limits import ClaimLimit
 from prorch.records import JSONDict
 from prorch.registry import Registry
+from prorch.storage.seed_adapter import SeedAdapter
 from prorch.store import Store
 from repositories.memory import MemoryBackend, MemoryRepository
 from tests.support.builders import pipeline_of, quick
@@ -49,8 +50,10 @@ def seed_style() -> type[IRepository]:
 
 def test_a_seed_style_repository_offers_no_capability() -> None:
     store = Store(seed_style())
-    assert (store.claims, store.due_query, store.transactions, store.compare_and_set) == (None, None, None, None)
-    assert store.save_many == {} and not store.guards_concurrency and not store.thread_safe
+    adapter = store.engine
+    assert isinstance(adapter, SeedAdapter)  # wrapped once, with the fallbacks
+    assert (adapter.claims, adapter.due_query, adapter.transactions, adapter.compare_and_set) == (None,) * 4
+    assert adapter.batches == {} and not store.guards_concurrency and not store.thread_safe
 
 
 def test_the_fallbacks_find_claim_and_write_without_capabilities(registry: Registry) -> None:
@@ -74,9 +77,10 @@ def test_the_fallbacks_find_claim_and_write_without_capabilities(registry: Regis
 
 
 def test_a_full_backend_is_used_through_each_capability(registry: Registry) -> None:
-    store = Store(MemoryBackend())
-    assert store.claims is not None and store.due_query is not None and store.transactions is not None
-    assert store.compare_and_set is not None and set(store.compare_and_set) == {"PIPELINE", "STEP"}
+    memory = MemoryBackend()
+    store = Store(memory)
+    assert store.engine is memory  # a shipped backend implements the contract itself: no adapter
+    assert store.guards_concurrency and store.has_transaction and store.partial_update
     pipeline = pipeline_of(quick("A"))
     (record,) = store_new(store, [build_records(pipeline, {}, now=NOW)], NOW, registry)
     (claimed,) = store.claim_due(NOW, "me", NOW + timedelta(seconds=30), 10)
@@ -125,3 +129,26 @@ def test_a_claim_written_before_runnable_still_claims_and_says_so(
     claimed = store.claim_due(NOW, "me", NOW + timedelta(seconds=30), 10, runnable=frozenset({("Job", 1)}))
     assert [p.name for p in claimed] == ["Fresh"]
     assert "takes no `runnable`" in caplog.text and "add runnable=None" in caplog.text
+
+
+def test_a_repository_with_the_old_protocols_works_and_is_told_what_to_implement_once(
+    registry: Registry, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A user's repository with some ``Supports*`` protocols (prorch 2) keeps working through
+    the seed adapter for one deprecation cycle, with one warning per class saying what to do."""
+    memory = MemoryBackend()
+
+    class Mine(MemoryRepository):  # every Supports* of the memory repository, not the contract
+        pass
+
+    def factory(model: str) -> Mine:
+        return Mine(model, memory)
+
+    store = Store(factory)
+    Store(factory)
+    assert isinstance(store.engine, SeedAdapter) and store.guards_concurrency
+    warnings = [r.message for r in caplog.records if "deprecated" in r.message]
+    assert len(warnings) == 1 and "SupportsClaim" in warnings[0] and "RepositoryBackend" in warnings[0]
+    (record,) = store_new(store, [build_records(pipeline_of(quick("A")), {}, now=NOW)], NOW, registry)
+    (claimed,) = store.claim_due(NOW, "me", NOW + timedelta(seconds=30), 10)
+    assert claimed.uuid == record.uuid and claimed.lease_owner == "me"

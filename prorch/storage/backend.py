@@ -1,0 +1,180 @@
+"""The backend contract: what the engine asks of a store, one method per verb (claim, commit,
+read, query, delete, wait), as Oban's ``Engine`` behaviour and huey's ``BaseStorage``.
+
+Records travel as JSON-compatible dicts (rows); ``prorch.store.Store`` turns them into typed
+records. Each shipped backend implements this contract (``repositories``: memory, SQLite,
+PostgreSQL, TinyDB, on ``prorch.storage.composed.RepositoryBackend``) and picks its own commit
+strategy inside. A user's four-method ``IRepository`` is wrapped once in
+``prorch.storage.seed_adapter.SeedAdapter``, which holds the fallbacks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Protocol, runtime_checkable
+
+from prorch.due import Runnable
+from prorch.limits import ClaimLimit
+from prorch.records import JSONDict, MessageRecord, PipelineRecord, Record, StepRecord
+from prorch.repository import PipelineQuery, PipelineStats
+
+
+@dataclass(slots=True)
+class Write:
+    """One transition to store: the changed pipeline and steps (each by compare-and-set on the
+    revision it was read with), the new records (events) and the consumed messages."""
+
+    changed: list[PipelineRecord | StepRecord]
+    added: list[Record]
+    touched: list[MessageRecord]
+
+
+Outcome = Exception | None
+"""Per write of a ``commit``: None when it was stored, else the error that kept it out."""
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """A store at the engine's verbs. Raise any exception on a storage failure (the facade wraps
+    it in ``RepositoryError``); ``ConcurrentUpdateError`` and ``DuplicateRecordError`` pass as they are."""
+
+    thread_safe: bool
+    """True when several threads may call it at once (a pass then runs hooks in a pool)."""
+    can_claim: bool
+    """True when ``claim`` leases what it returns (leases can then be renewed)."""
+    guards_concurrency: bool
+    """True when claims are atomic and writes compare-and-set: several workers may share it."""
+    has_transactions: bool
+    """True when ``transaction()`` makes the writes of its block all-or-nothing."""
+    partial_update: bool
+    """True when a changed record may be written as its changed fields only (plus ``revision``)."""
+
+    # --- reading -------------------------------------------------------------------------------
+
+    def get(self, model: str, uuid: str) -> JSONDict | None:
+        """The record of ``model`` whose uuid matches, or None."""
+        ...
+
+    def search(self, model: str, field: str, value: object) -> list[JSONDict]:
+        """The records of ``model`` whose ``field`` equals ``value`` (events by ``seq``)."""
+        ...
+
+    def search_many(self, model: str, field: str, values: list[object]) -> list[JSONDict] | None:
+        """``search`` for several values in one query; None where the store cannot (the caller
+        then searches one value at a time)."""
+        ...
+
+    def due(self, now: datetime, limit: int, runnable: Runnable | None) -> list[JSONDict]:
+        """Pending pipelines with ``next_run_at`` null or <= now and no live lease, of the
+        ``runnable`` (name, version) classes when given, in claim order; at most ``limit``."""
+        ...
+
+    def query_pipelines(self, query: PipelineQuery) -> tuple[list[JSONDict], int | None]:
+        """A page of pipelines, newest first, and the total when ``query.count``."""
+        ...
+
+    def pipeline_stats(self, now: datetime, ended_since: datetime) -> PipelineStats:
+        """The dashboard overview's counts."""
+        ...
+
+    def ended_before(self, statuses: list[str], before: datetime, limit: int) -> list[str]:
+        """Up to ``limit`` uuids of pipelines with one of ``statuses``, ``updated_at`` before
+        ``before`` and no stored parent (retention)."""
+        ...
+
+    def unread_messages(
+        self, pipeline_uuid: str, name: str, after: tuple[datetime, str] | None, limit: int
+    ) -> list[JSONDict]:
+        """Up to ``limit`` unread messages ``name`` of the pipeline, oldest first by (sent_at,
+        uuid), after ``after`` when given."""
+        ...
+
+    def has_unread_messages(self, pipeline_uuid: str) -> bool:
+        """Whether a message of any name waits unread for the pipeline."""
+        ...
+
+    def last_sent_at(self, pipeline_uuid: str) -> datetime | None:
+        """The newest ``sent_at`` of the pipeline's messages (or later, never earlier)."""
+        ...
+
+    def schedule_ticks(self) -> dict[str, datetime]:
+        """Every schedule's last created tick, by schedule name."""
+        ...
+
+    def server_time(self) -> datetime | None:
+        """The server's clock that every worker follows, or None (an embedded store)."""
+        ...
+
+    # --- claiming ------------------------------------------------------------------------------
+
+    def claim(
+        self,
+        now: datetime,
+        owner: str,
+        lease_expires_at: datetime,
+        limit: int,
+        limits: dict[str, ClaimLimit],
+        runnable: Runnable | None,
+    ) -> list[JSONDict]:
+        """Lease up to ``limit`` due pipelines (as ``due``) within ``limits`` (``prorch.limits``:
+        counted and stored atomically with the claim), setting ``lease_owner``,
+        ``lease_expires_at``, ``claims + 1`` and ``revision + 1``; return them as now stored."""
+        ...
+
+    def claim_one(self, uuid: str, now: datetime, owner: str, lease_expires_at: datetime) -> JSONDict | None:
+        """Lease one pipeline whatever its ``next_run_at`` unless another owner holds a live
+        lease (None then, or when missing); an ended pipeline is returned unleased."""
+        ...
+
+    def renew_lease(self, uuid: str, owner: str, lease_expires_at: datetime) -> bool:
+        """Move the lease's expiry if ``owner`` still holds it; False when it was lost."""
+        ...
+
+    # --- writing -------------------------------------------------------------------------------
+
+    def insert(self, records: Sequence[Record]) -> None:
+        """Store new records (a pipeline, its steps, its first event) all-or-nothing where the
+        store has transactions; a uuid stored already raises ``DuplicateRecordError``."""
+        ...
+
+    def commit(self, writes: Sequence[Write]) -> list[Outcome]:
+        """Store each write all-or-nothing (several in one transaction where the store can: group
+        commit) and return each one's outcome. A refused compare-and-set is that write's
+        ``ConcurrentUpdateError`` and stores nothing of it; the other writes go on. A stored
+        write's records get their new revision; a refused one's keep theirs."""
+        ...
+
+    def advance_schedule(self, name: str, tick: datetime) -> bool:
+        """Store ``tick`` as the schedule's last tick unless it or a later one is stored (False:
+        another worker created it). Atomic inside ``transaction()``."""
+        ...
+
+    def delete_pipelines(self, uuids: list[str], statuses: list[str], before: datetime) -> int:
+        """Delete those of ``uuids`` that retention may still take (checked again: ended with one
+        of ``statuses``, ``updated_at`` before ``before``, no stored parent) with their steps,
+        events and messages; how many pipelines went."""
+        ...
+
+    def check_deletable(self) -> None:
+        """Raise ``ConfigurationError`` naming what is missing when this store cannot delete."""
+        ...
+
+    def transaction(self) -> AbstractContextManager[None]:
+        """The block's writes commit together (nested blocks join the outer one); a plain block
+        where the store has no transactions."""
+        ...
+
+    def session(self) -> AbstractContextManager[None]:
+        """Hold this thread's connections for a block of work, where the store has any."""
+        ...
+
+    # --- waiting -------------------------------------------------------------------------------
+
+    def wait_for_work(self, timeout: float) -> None:
+        """Return when work may have arrived or after ``timeout`` seconds. The hook for a store
+        that can be told (PostgreSQL's LISTEN/NOTIFY, for a later worker); the shipped backends
+        just sleep for the timeout (``composed.RepositoryBackend``)."""
+        ...

@@ -1,0 +1,279 @@
+"""Committing writes record by record: the strategy of every backend whose repositories write
+one record per call (memory, TinyDB, SQLite's fast path, a user's repository). A backend with a
+better way (PostgreSQL's one statement per transition) offers it through ``one_statement``.
+
+A record's revision is bumped as its write is sent and put back if the write did not happen;
+with partial updates, what the store will hold is kept aside (``pending``) until the commit."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, TypeVar
+
+from prorch.exceptions import ConcurrentUpdateError, ProrchError, RepositoryError
+from prorch.records import JSONDict, MessageRecord, PipelineRecord, Record, StepRecord, changed_fields, remember_stored
+from prorch.repository import TransitionRows
+from prorch.secrets import error_summary
+from prorch.storage.backend import Outcome, Write
+
+T = TypeVar("T")
+SAVE_CHUNK = 1000
+"""Records per ``save_many`` call: a ``create_many`` of 100,000 pipelines does not hold every row at once."""
+
+
+class Committer:
+    """``insert`` and ``commit`` of the backend contract over per-record hooks."""
+
+    has_transactions: bool = True
+    partial_update: bool = True
+
+    # --- what a backend provides ---------------------------------------------------------------
+
+    def transaction(self) -> contextlib.AbstractContextManager[None]:  # pragma: no cover - overridden
+        return contextlib.nullcontext()
+
+    def write_record(self, record: PipelineRecord | StepRecord, expected: int, data: JSONDict) -> None:
+        """Write a changed record by compare-and-set on ``expected``; raise ``conflict`` when refused."""
+        raise NotImplementedError
+
+    def update_message(self, message: MessageRecord) -> None:
+        raise NotImplementedError
+
+    def save(self, records: Sequence[Record]) -> None:
+        """Insert new records in order."""
+        raise NotImplementedError
+
+    def one_statement(self, writes: Sequence[Write]) -> list[Outcome] | None:
+        """Commit the writes by the backend's own strategy, or None to go record by record."""
+        return None
+
+    # --- the contract --------------------------------------------------------------------------
+
+    def insert(self, records: Sequence[Record]) -> None:
+        with self.transaction():
+            self.save(records)
+
+    def commit(self, writes: Sequence[Write]) -> list[Outcome]:
+        """Several writes in one transaction (group commit), each all-or-nothing. Each write's
+        pipeline goes first, by compare-and-set: a refused one has written nothing and is left
+        out. Should anything else fail, or the commit itself, the group is rolled back and each
+        write is stored on its own instead: slower, and as exact."""
+        found = self.one_statement(writes)
+        if found is not None:
+            return found
+        if not self.has_transactions or len(writes) == 1:
+            return [self._try_alone(write) for write in writes]
+        revisions = [[record.revision for record in write.changed] for write in writes]
+        outcomes: list[Outcome] = []
+        try:
+            with self.transaction():
+                for write, before in zip(writes, revisions, strict=True):
+                    try:
+                        self._write_unit(write, pipeline_first=True)
+                    except _Refused as refused:
+                        restore(write, before)
+                        outcomes.append(refused.error)
+                    else:
+                        outcomes.append(None)
+        except BaseException as exc:
+            for write, before in zip(writes, revisions, strict=True):
+                restore(write, before)  # nothing of the group was stored
+            if not isinstance(exc, Exception):
+                raise
+            return [self._try_alone(write) for write in writes]
+        for write, outcome in zip(writes, outcomes, strict=True):
+            if outcome is None:
+                settle(write)
+        return outcomes
+
+    def commit_alone(self, write: Write) -> None:
+        """One write in its own transaction; raises what kept it out."""
+        revisions = [record.revision for record in write.changed]
+        try:
+            with self.transaction():
+                self._write_unit(write)
+        except BaseException:
+            restore(write, revisions)  # the unit did not happen
+            raise
+        settle(write)
+
+    def _try_alone(self, write: Write) -> Outcome:
+        try:
+            self.commit_alone(write)
+        except Exception as exc:
+            return exc
+        return None
+
+    def _write_unit(self, write: Write, *, pipeline_first: bool = False) -> None:
+        """The statements of one write. Steps go first (without a transaction, a crash in
+        between leaves them, the source of truth, ahead); inside a group, the pipeline goes
+        first, so that a refused compare-and-set is found before anything is written."""
+        pipelines = [record for record in write.changed if isinstance(record, PipelineRecord)]
+        if pipeline_first and pipelines:
+            try:
+                self._write(pipelines[0])
+            except ConcurrentUpdateError as exc:
+                raise _Refused(exc) from exc
+            pipelines = pipelines[1:]
+        for record in write.changed:
+            if not isinstance(record, PipelineRecord):
+                self._write(record)
+        for message in write.touched:
+            self.update_message(message)
+        self.save(write.added)
+        for record in pipelines:
+            self._write(record)
+
+    def _write(self, record: PipelineRecord | StepRecord) -> None:
+        expected, data = payload(record, self.partial_update)
+        self.write_record(record, expected, data)
+
+
+class _Refused(Exception):
+    """A write of a group was refused before any of its statements ran."""
+
+    def __init__(self, error: ConcurrentUpdateError) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+def payload(record: PipelineRecord | StepRecord, partial: bool) -> tuple[int, JSONDict]:
+    """Bump a record's revision for its write; the revision it was read with, and the fields
+    to write (only the changed ones where the store takes that)."""
+    expected = record.revision
+    record.revision = expected + 1
+    data = record.to_dict()
+    if partial:
+        changes, stored = changed_fields(record, data)
+        record.__dict__["pending"] = stored  # what the store holds once this commits
+        if changes is not None:
+            data = changes
+    return expected, data
+
+
+def transition_rows(write: Write, partial: bool) -> TransitionRows:
+    """A write of one pipeline as rows (each changed record's revision bumped), for a backend
+    that writes a transition in one statement."""
+    pipeline: tuple[str, str, int, JSONDict] | None = None
+    steps = []
+    for record in write.changed:
+        expected, data = payload(record, partial)
+        if isinstance(record, PipelineRecord):
+            pipeline = (record.MODEL, record.uuid, expected, data)
+        else:
+            steps.append((record.MODEL, record.uuid, expected, data))
+    assert pipeline is not None
+    return TransitionRows(
+        pipeline=pipeline,
+        steps=steps,
+        updates=[(message.MODEL, message.uuid, message.to_dict()) for message in write.touched],
+        added=[(record.MODEL, record.to_dict()) for record in write.added],
+    )
+
+
+def one_pipeline(write: Write) -> bool:
+    """A write of exactly one pipeline (with its steps): what a one-statement transition is."""
+    return sum(isinstance(record, PipelineRecord) for record in write.changed) == 1
+
+
+def restore(write: Write, revisions: list[int]) -> None:
+    """A write that did not happen: its records keep the revisions they were read with."""
+    for record, revision in zip(write.changed, revisions, strict=True):
+        record.revision = revision
+        record.__dict__.pop("pending", None)
+
+
+def settle(write: Write) -> None:
+    """A write that was committed: what the store holds for its records is what was written."""
+    for record in write.changed:
+        stored = record.__dict__.pop("pending", None)
+        if stored is not None:
+            remember_stored(record, stored)
+
+
+def conflict_of(write: Write) -> ConcurrentUpdateError:
+    pipeline = next(r for r in write.changed if isinstance(r, PipelineRecord))
+    return conflict(pipeline.MODEL, pipeline.uuid, pipeline.revision)
+
+
+def chunks(records: Sequence[Record]) -> Iterator[tuple[str, Sequence[Record]]]:
+    """Consecutive records of one model, at most ``SAVE_CHUNK`` at a time (bounded memory)."""
+    index = 0
+    while index < len(records):
+        model = records[index].MODEL
+        end = index
+        while end < len(records) and model == records[end].MODEL:
+            end += 1
+        for start in range(index, end, SAVE_CHUNK):
+            yield model, records[start : min(end, start + SAVE_CHUNK)]
+        index = end
+
+
+def by_statements(
+    committer: Committer, writes: Sequence[Write], write_transitions: Callable[[list[TransitionRows]], list[bool]]
+) -> list[Outcome] | None:
+    """``commit`` on a store that writes a transition in one statement (``write_transitions``):
+    a round's statements in one round trip. None when a write is not one pipeline's. Should
+    the round fail, each write is tried on its own."""
+    if not all(one_pipeline(write) for write in writes):
+        return None
+    if len(writes) > 1:
+        try:
+            return _statements(committer, writes, write_transitions)
+        except Exception:
+            pass
+    return [_statement_alone(committer, write, write_transitions) for write in writes]
+
+
+def _statement_alone(
+    committer: Committer, write: Write, write_transitions: Callable[[list[TransitionRows]], list[bool]]
+) -> Outcome:
+    try:
+        return _statements(committer, [write], write_transitions)[0]
+    except Exception as exc:
+        return exc
+
+
+def _statements(
+    committer: Committer, writes: Sequence[Write], write_transitions: Callable[[list[TransitionRows]], list[bool]]
+) -> list[Outcome]:
+    """A refused pipeline wrote nothing (each statement is conditioned on its compare-and-set);
+    anything else rolls the whole call back."""
+    revisions = [[record.revision for record in write.changed] for write in writes]
+    try:
+        with committer.transaction():
+            units = [transition_rows(write, committer.partial_update) for write in writes]
+            written = call("write transitions", write_transitions, units)
+    except BaseException:
+        for write, before in zip(writes, revisions, strict=True):
+            restore(write, before)  # nothing was stored
+        raise
+    outcomes: list[Outcome] = []
+    for write, before, stored in zip(writes, revisions, written, strict=True):
+        if stored:
+            settle(write)
+            outcomes.append(None)
+        else:
+            restore(write, before)
+            outcomes.append(conflict_of(write))
+    return outcomes
+
+
+def call(action: str, func: Callable[..., T], *args: Any) -> T:
+    """Run one store call, wrapping a driver's exception in RepositoryError."""
+    try:
+        return func(*args)
+    except ProrchError:
+        raise
+    except Exception as exc:
+        raise RepositoryError(f"repository failed to {action}: {type(exc).__name__}: {error_summary(exc)}") from exc
+
+
+def conflict(model: str, uuid: str, expected: int) -> ConcurrentUpdateError:
+    """The error of a refused compare-and-set."""
+    return ConcurrentUpdateError(
+        f"{model} {uuid} changed since it was read (revision {expected}); "
+        "another orchestrator holds it or it was cancelled",
+        uuid=uuid,
+    )

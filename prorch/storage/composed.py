@@ -1,0 +1,204 @@
+"""The backend contract over per-model repositories that have every capability: what the
+shipped backends (``repositories``: memory, SQL, TinyDB) build on. Each backend is a callable
+``model -> repository`` as before; this base turns the engine's verbs into calls on those
+repositories, typed, with no capability left to detect. The listing, counting and retention
+queries default to Python over the repositories' searches, which a store with indexes (SQL)
+overrides."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any, Protocol
+
+from prorch import listing
+from prorch.due import Runnable, can_run
+from prorch.limits import ClaimLimit
+from prorch.records import EventRecord, JSONDict, MessageRecord, PipelineRecord, Record, StepRecord, to_utc
+from prorch.repository import PipelineQuery, PipelineStats
+from prorch.status import Status
+from prorch.storage.commits import Committer, call, chunks, conflict
+
+MODELS = (PipelineRecord.MODEL, StepRecord.MODEL, EventRecord.MODEL, MessageRecord.MODEL)
+
+
+class FullRepository(Protocol):
+    """One model's table of a shipped backend: the seed's four methods and every capability."""
+
+    model: str
+
+    def get(self, uuid: str) -> JSONDict | None: ...
+    def save(self, data: JSONDict) -> Any: ...
+    def update(self, uuid: str, data: JSONDict) -> Any: ...
+    def search(self, filter: list[Any]) -> list[JSONDict]: ...  # noqa: A002 - the seed's name
+    def search_many(self, field: str, values: list[Any]) -> list[JSONDict]: ...
+    def delete_by(self, field: str, values: list[Any]) -> int: ...
+    def compare_and_set(self, uuid: str, expected_revision: int, data: JSONDict) -> bool: ...
+    def search_due(self, now: datetime, limit: int) -> list[JSONDict]: ...
+    def claim_due(
+        self, now: datetime, owner: str, lease_expires_at: datetime, limit: int, runnable: Runnable | None = None
+    ) -> list[JSONDict]: ...
+    def claim_due_limited(
+        self,
+        now: datetime,
+        owner: str,
+        lease_expires_at: datetime,
+        limit: int,
+        limits: dict[str, ClaimLimit],
+        runnable: Runnable | None = None,
+    ) -> list[JSONDict]: ...
+    def claim_one(self, uuid: str, now: datetime, owner: str, lease_expires_at: datetime) -> JSONDict | None: ...
+    def renew_lease(self, uuid: str, owner: str, lease_expires_at: datetime) -> bool: ...
+    def unread_messages(
+        self, pipeline_uuid: str, name: str, after: tuple[datetime, str] | None, limit: int
+    ) -> list[JSONDict]: ...
+    def has_unread_messages(self, pipeline_uuid: str) -> bool: ...
+    def last_sent_at(self, pipeline_uuid: str) -> datetime | None: ...
+
+
+class RepositoryBackend(Committer):
+    """``prorch.storage.backend.Backend`` over ``self(model)``'s repositories."""
+
+    thread_safe = True
+    can_claim = True
+    guards_concurrency = True
+    has_transactions = True
+    partial_update = True
+
+    def __call__(self, model: str) -> Any:  # pragma: no cover - each backend gives its repositories
+        raise NotImplementedError
+
+    def table(self, model: str) -> FullRepository:
+        """The repository of ``model``, made once."""
+        tables: dict[str, FullRepository] | None = self.__dict__.get("_by_model")
+        if tables is None:
+            tables = self.__dict__["_by_model"] = {}
+        found = tables.get(model)
+        if found is None:
+            found = tables[model] = self(model)
+        return found
+
+    # --- reading -------------------------------------------------------------------------------
+
+    def get(self, model: str, uuid: str) -> JSONDict | None:
+        return self.table(model).get(uuid)
+
+    def search(self, model: str, field: str, value: object) -> list[JSONDict]:
+        return self.table(model).search([field, value])
+
+    def search_many(self, model: str, field: str, values: list[object]) -> list[JSONDict] | None:
+        return self.table(model).search_many(field, values)
+
+    def due(self, now: datetime, limit: int, runnable: Runnable | None) -> list[JSONDict]:
+        wanted = limit
+        while True:  # the index knows nothing of classes: read more until enough are runnable
+            rows = self.table(PipelineRecord.MODEL).search_due(now, wanted)
+            found = [row for row in rows if can_run(row, runnable)]
+            if len(found) >= limit or len(rows) < wanted:
+                return found[:limit]
+            wanted *= 4
+
+    def all_pipelines(self) -> list[JSONDict]:
+        return [row for status in Status for row in self.search(PipelineRecord.MODEL, "status", status.value)]
+
+    def query_pipelines(self, query: PipelineQuery) -> tuple[list[JSONDict], int | None]:
+        """In Python, over every pipeline: a store without indexes."""
+        rows = {str(row["uuid"]): row for row in self.all_pipelines()}
+        records, total = listing.filtered_page([PipelineRecord.from_dict(row) for row in rows.values()], query)
+        return [rows[record.uuid] for record in records], total
+
+    def pipeline_stats(self, now: datetime, ended_since: datetime) -> PipelineStats:
+        return listing.stats_of([PipelineRecord.from_dict(row) for row in self.all_pipelines()], now, ended_since)
+
+    def ended_before(self, statuses: list[str], before: datetime, limit: int) -> list[str]:
+        rows = [row for status in statuses for row in self.search(PipelineRecord.MODEL, "status", status)]
+        return [str(row["uuid"]) for row in rows if self.purgeable(row, statuses, before)][:limit]
+
+    def purgeable(self, row: JSONDict, statuses: list[str], before: datetime) -> bool:
+        """Retention's rule, checked on a stored pipeline."""
+        record = PipelineRecord.from_dict(row)
+        return (
+            record.status.value in statuses
+            and record.updated_at is not None
+            and record.updated_at < before
+            and (record.parent_uuid is None or self.get(PipelineRecord.MODEL, record.parent_uuid) is None)
+        )
+
+    def unread_messages(
+        self, pipeline_uuid: str, name: str, after: tuple[datetime, str] | None, limit: int
+    ) -> list[JSONDict]:
+        return self.table(MessageRecord.MODEL).unread_messages(pipeline_uuid, name, after, limit)
+
+    def has_unread_messages(self, pipeline_uuid: str) -> bool:
+        return self.table(MessageRecord.MODEL).has_unread_messages(pipeline_uuid)
+
+    def last_sent_at(self, pipeline_uuid: str) -> datetime | None:
+        found = self.table(MessageRecord.MODEL).last_sent_at(pipeline_uuid)
+        return to_utc(found) if found is not None else None
+
+    def server_time(self) -> datetime | None:
+        return None
+
+    # --- claiming ------------------------------------------------------------------------------
+
+    def claim(
+        self,
+        now: datetime,
+        owner: str,
+        lease_expires_at: datetime,
+        limit: int,
+        limits: dict[str, ClaimLimit],
+        runnable: Runnable | None,
+    ) -> list[JSONDict]:
+        pipelines = self.table(PipelineRecord.MODEL)
+        if limits:
+            return pipelines.claim_due_limited(now, owner, lease_expires_at, limit, limits, runnable)
+        return pipelines.claim_due(now, owner, lease_expires_at, limit, runnable)
+
+    def claim_one(self, uuid: str, now: datetime, owner: str, lease_expires_at: datetime) -> JSONDict | None:
+        return self.table(PipelineRecord.MODEL).claim_one(uuid, now, owner, lease_expires_at)
+
+    def renew_lease(self, uuid: str, owner: str, lease_expires_at: datetime) -> bool:
+        return self.table(PipelineRecord.MODEL).renew_lease(uuid, owner, lease_expires_at)
+
+    # --- writing (the record-by-record strategy of ``Committer``) ------------------------------
+
+    def write_record(self, record: PipelineRecord | StepRecord, expected: int, data: JSONDict) -> None:
+        cas = self.table(record.MODEL).compare_and_set
+        if not call(f"update a {record.MODEL} record", cas, record.uuid, expected, data):
+            raise conflict(record.MODEL, record.uuid, expected)
+
+    def update_message(self, message: MessageRecord) -> None:
+        call("update a message", self.table(message.MODEL).update, message.uuid, message.to_dict())
+
+    def save(self, records: Sequence[Record]) -> None:
+        for model, batch in chunks(records):
+            self.save_rows(model, [record.to_dict() for record in batch])
+
+    def save_rows(self, model: str, rows: list[JSONDict]) -> None:
+        """Insert rows of one model (one call each here; a store with a batch insert overrides)."""
+        save = self.table(model).save
+        for row in rows:
+            call(f"save a {model} record", save, row)
+
+    def delete_pipelines(self, uuids: list[str], statuses: list[str], before: datetime) -> int:
+        """Each pipeline checked inside the transaction, the pipelines last: an interrupted
+        delete leaves them to be purged again rather than steps without a pipeline."""
+        with self.transaction():
+            rows = [self.get(PipelineRecord.MODEL, uuid) for uuid in uuids]
+            chosen = [str(row["uuid"]) for row in rows if row is not None and self.purgeable(row, statuses, before)]
+            for model in MODELS[1:]:
+                call("delete records", self.table(model).delete_by, "pipeline_uuid", chosen)
+            return call("delete pipelines", self.table(PipelineRecord.MODEL).delete_by, "uuid", chosen)
+
+    def check_deletable(self) -> None:
+        """Every shipped backend deletes."""
+
+    def session(self) -> contextlib.AbstractContextManager[None]:
+        return contextlib.nullcontext()
+
+    def wait_for_work(self, timeout: float) -> None:
+        """No store here can be told of new work: sleep for the timeout."""
+        time.sleep(max(0.0, timeout))

@@ -1,0 +1,331 @@
+"""A user's repository (the seed's four methods: ``prorch.repository.IRepository``) as a
+``Backend``: wrapped once, here, with today's fallbacks (due query, claims and limits in
+Python, listing and counting in Python, unread messages from all of a pipeline's mail,
+schedules' ticks as records of the message model, a purge that checks each pipeline).
+
+The optional ``Supports*`` protocols of prorch 2 are still used where such a repository has
+them, for one deprecation cycle, with a warning once per class that says what to do instead
+(subclass ``prorch.storage.composed.RepositoryBackend``, or implement ``Backend``). This module
+is the only place that asks a repository what it can do."""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import logging
+import uuid as uuid_module
+from collections.abc import Callable, Sequence
+from datetime import datetime
+from typing import Any
+
+from prorch.due import Runnable, claim_order, is_due, is_leased
+from prorch.exceptions import ConfigurationError
+from prorch.keys import KEY_NAMESPACE
+from prorch.limits import ClaimLimit, StartLog, Tally, within_limits
+from prorch.records import JSONDict, MessageRecord, PipelineRecord, StepRecord, format_timestamp, to_utc
+from prorch.repository import (
+    IRepository,
+    PipelineQuery,
+    PipelineStats,
+    RepositoryFactory,
+    SupportsClaim,
+    SupportsCompareAndSet,
+    SupportsDelete,
+    SupportsDueQuery,
+    SupportsEndedQuery,
+    SupportsLimitedClaim,
+    SupportsMessageQuery,
+    SupportsPartialUpdate,
+    SupportsPinning,
+    SupportsPipelineQuery,
+    SupportsPipelineStats,
+    SupportsPurge,
+    SupportsSaveMany,
+    SupportsScheduleTicks,
+    SupportsSearchMany,
+    SupportsServerClock,
+    SupportsTransaction,
+    SupportsTransitionStatements,
+    is_thread_safe,
+)
+from prorch.storage.backend import Outcome, Write
+from prorch.storage.commits import by_statements, call, conflict
+from prorch.storage.composed import MODELS, RepositoryBackend
+
+logger = logging.getLogger("prorch.storage.seed_adapter")
+TICKS_UUID = str(uuid_module.uuid5(KEY_NAMESPACE, "prorch:schedule-ticks"))
+"""The pipeline uuid (of no pipeline) that the fallback's records of schedules' last ticks carry."""
+CAPABILITIES = (
+    SupportsClaim, SupportsLimitedClaim, SupportsDueQuery, SupportsCompareAndSet, SupportsPartialUpdate,
+    SupportsSearchMany, SupportsSaveMany, SupportsMessageQuery, SupportsPipelineQuery, SupportsPipelineStats,
+    SupportsEndedQuery, SupportsPurge, SupportsDelete,
+)  # fmt: skip
+BACKEND_CAPABILITIES = (
+    SupportsTransaction, SupportsPinning, SupportsServerClock, SupportsScheduleTicks, SupportsTransitionStatements,
+)  # fmt: skip
+
+
+class SeedAdapter(RepositoryBackend):
+    """``Backend`` over a ``model -> IRepository`` factory."""
+
+    def __init__(self, factory: RepositoryFactory) -> None:
+        self.factory = factory
+        self.__dict__["_by_model"] = {model: call(f"open the {model} repository", factory, model) for model in MODELS}
+        pipelines, messages = self.repository(PipelineRecord.MODEL), self.repository(MessageRecord.MODEL)
+        self.claims = pipelines if isinstance(pipelines, SupportsClaim) else None
+        self.limited = pipelines if isinstance(pipelines, SupportsLimitedClaim) else None
+        self.due_query = pipelines if isinstance(pipelines, SupportsDueQuery) else None
+        self.listing = pipelines if isinstance(pipelines, SupportsPipelineQuery) else None
+        self.stats = pipelines if isinstance(pipelines, SupportsPipelineStats) else None
+        self.ended = pipelines if isinstance(pipelines, SupportsEndedQuery) else None
+        self.purge = pipelines if isinstance(pipelines, SupportsPurge) else None
+        self.message_query = messages if isinstance(messages, SupportsMessageQuery) else None
+        self.transactions = factory if isinstance(factory, SupportsTransaction) else None
+        self.pinning = factory if isinstance(factory, SupportsPinning) else None
+        self.server_clock = factory if isinstance(factory, SupportsServerClock) else None
+        self.tick_marks = factory if isinstance(factory, SupportsScheduleTicks) else None
+        self.statements = factory if isinstance(factory, SupportsTransitionStatements) and self.transactions else None
+        conditional = {m: r for m in MODELS[:2] if isinstance(r := self.repository(m), SupportsCompareAndSet)}
+        self.compare_and_set = conditional if len(conditional) == 2 else None
+        self.batches = {m: r for m in MODELS if isinstance(r := self.repository(m), SupportsSaveMany)}
+        steps = self.repository(StepRecord.MODEL)
+        self.many = steps if isinstance(steps, SupportsSearchMany) else None
+        self.thread_safe = is_thread_safe(factory)
+        self.has_transactions = self.transactions is not None
+        self.can_claim = self.claims is not None
+        self.guards_concurrency = self.claims is not None and self.compare_and_set is not None
+        self.partial_update = all(
+            isinstance(r, SupportsPartialUpdate) and r.partial_update for r in map(self.repository, MODELS[:2])
+        )
+        self._starts = StartLog()  # rate limits without claims (one process): kept here
+        _warn_deprecated(factory, [self.repository(m) for m in MODELS])
+
+    def __call__(self, model: str) -> Any:
+        return self.factory(model)
+
+    def __repr__(self) -> str:
+        return repr(self.factory)
+
+    def repository(self, model: str) -> IRepository:
+        found: IRepository = self.__dict__["_by_model"][model]
+        return found
+
+    # --- reading -------------------------------------------------------------------------------
+
+    def search_many(self, model: str, field: str, values: list[object]) -> list[JSONDict] | None:
+        return self.many.search_many(field, values) if self.many is not None and model == StepRecord.MODEL else None
+
+    def due(self, now: datetime, limit: int, runnable: Runnable | None) -> list[JSONDict]:
+        if self.due_query is not None:
+            return super().due(now, limit, runnable)
+        pending = [
+            (PipelineRecord.from_dict(row), row) for row in self.search(PipelineRecord.MODEL, "status", "pending")
+        ]
+        candidates = [
+            (claim_order(p.priority, format_timestamp(p.next_run_at) if p.next_run_at else None), row)
+            for p, row in pending
+            if is_due(p.status, p.next_run_at, p.lease_expires_at, now)
+            and (runnable is None or (p.name, p.version) in runnable)
+        ]
+        candidates.sort(key=lambda pair: pair[0])
+        return [row for _, row in candidates[:limit]]
+
+    def query_pipelines(self, query: PipelineQuery) -> tuple[list[JSONDict], int | None]:
+        return self.listing.query_pipelines(query) if self.listing is not None else super().query_pipelines(query)
+
+    def pipeline_stats(self, now: datetime, ended_since: datetime) -> PipelineStats:
+        if self.stats is not None:
+            return self.stats.pipeline_stats(now, ended_since)
+        return super().pipeline_stats(now, ended_since)
+
+    def ended_before(self, statuses: list[str], before: datetime, limit: int) -> list[str]:
+        if self.ended is not None:
+            return self.ended.ended_before(statuses, before, limit)
+        return super().ended_before(statuses, before, limit)
+
+    def unread_messages(
+        self, pipeline_uuid: str, name: str, after: tuple[datetime, str] | None, limit: int
+    ) -> list[JSONDict]:
+        if self.message_query is not None:
+            return self.message_query.unread_messages(pipeline_uuid, name, after, limit)
+        mail = [
+            (MessageRecord.from_dict(row), row)
+            for row in self.search(MessageRecord.MODEL, "pipeline_uuid", pipeline_uuid)
+        ]
+        unread = [
+            (m.sent_at, m.uuid, row)
+            for m, row in mail
+            if m.consumed_at is None and m.name == name and (after is None or (m.sent_at, m.uuid) > after)
+        ]
+        unread.sort(key=lambda found: found[:2])
+        return [row for _, _, row in unread[:limit]]
+
+    def has_unread_messages(self, pipeline_uuid: str) -> bool:
+        if self.message_query is not None:
+            return self.message_query.has_unread_messages(pipeline_uuid)
+        return any(
+            row.get("consumed_at") is None for row in self.search(MessageRecord.MODEL, "pipeline_uuid", pipeline_uuid)
+        )
+
+    def last_sent_at(self, pipeline_uuid: str) -> datetime | None:
+        if self.message_query is not None:
+            found = self.message_query.last_sent_at(pipeline_uuid)
+            return to_utc(found) if found is not None else None
+        mail = self.search(MessageRecord.MODEL, "pipeline_uuid", pipeline_uuid)
+        return max((MessageRecord.from_dict(row).sent_at for row in mail), default=None)
+
+    def server_time(self) -> datetime | None:
+        return self.server_clock.server_time() if self.server_clock is not None else None
+
+    def schedule_ticks(self) -> dict[str, datetime]:
+        """Records of the message model addressed to no pipeline, which no purge deletes."""
+        if self.tick_marks is not None:
+            return self.tick_marks.schedule_ticks()
+        marks = [MessageRecord.from_dict(row) for row in self.search(MessageRecord.MODEL, "pipeline_uuid", TICKS_UUID)]
+        return {mark.name: mark.sent_at for mark in marks}
+
+    # --- claiming (without a claim: one process, no other claimer to race) ----------------------
+
+    def claim(
+        self,
+        now: datetime,
+        owner: str,
+        lease_expires_at: datetime,
+        limit: int,
+        limits: dict[str, ClaimLimit],
+        runnable: Runnable | None,
+    ) -> list[JSONDict]:
+        if self.claims is None:
+            return self._due_within(now, limit, limits, runnable)
+        if limits and self.limited is not None:
+            claim: Callable[..., list[JSONDict]] = self.limited.claim_due_limited
+            return claim(now, owner, lease_expires_at, limit, limits, *_runnable_argument(claim, runnable))
+        if limits:
+            _warn_once(
+                f"{self.factory!r} has no SupportsLimitedClaim: the limits of {', '.join(sorted(limits))} "
+                "(max_running, rate_limit) are not enforced"
+            )
+        claim = self.claims.claim_due
+        return claim(now, owner, lease_expires_at, limit, *_runnable_argument(claim, runnable))
+
+    def _due_within(
+        self, now: datetime, limit: int, limits: dict[str, ClaimLimit], runnable: Runnable | None
+    ) -> list[JSONDict]:
+        if not limits:
+            return self.due(now, limit, runnable)
+        tally = Tally(limits, started=self._starts.counts(limits, now))
+        pending = [PipelineRecord.from_dict(row) for row in self.search(PipelineRecord.MODEL, "status", "pending")]
+        tally.add_leased({"name": p.name, "context": p.context} for p in pending
+                         if is_leased(p.status.value, p.lease_expires_at, now))  # fmt: skip
+        chosen = within_limits([(row, row) for row in self.due(now, 1_000_000, runnable)], tally, limit)
+        self._starts.record(chosen, limits, now)
+        return chosen
+
+    def claim_one(self, uuid: str, now: datetime, owner: str, lease_expires_at: datetime) -> JSONDict | None:
+        if self.claims is None:
+            return self.get(PipelineRecord.MODEL, uuid)
+        return self.claims.claim_one(uuid, now, owner, lease_expires_at)
+
+    def renew_lease(self, uuid: str, owner: str, lease_expires_at: datetime) -> bool:
+        return self.claims is not None and bool(self.claims.renew_lease(uuid, owner, lease_expires_at))
+
+    # --- writing -------------------------------------------------------------------------------
+
+    def transaction(self) -> contextlib.AbstractContextManager[None]:
+        return self.transactions.transaction() if self.transactions is not None else contextlib.nullcontext()
+
+    def session(self) -> contextlib.AbstractContextManager[None]:
+        return self.pinning.pinned() if self.pinning is not None else contextlib.nullcontext()
+
+    def one_statement(self, writes: Sequence[Write]) -> list[Outcome] | None:
+        return by_statements(self, writes, self.statements.write_transitions) if self.statements else None
+
+    def write_record(self, record: PipelineRecord | StepRecord, expected: int, data: JSONDict) -> None:
+        if self.compare_and_set is None:
+            call(f"update a {record.MODEL} record", self.repository(record.MODEL).update, record.uuid, data)
+            return
+        cas = self.compare_and_set[record.MODEL].compare_and_set
+        if not call(f"update a {record.MODEL} record", cas, record.uuid, expected, data):
+            raise conflict(record.MODEL, record.uuid, expected)
+
+    def save_rows(self, model: str, rows: list[JSONDict]) -> None:
+        batch = self.batches.get(model)
+        if batch is not None and len(rows) > 1:
+            call(f"save {model} records", batch.save_many, rows)
+        else:
+            super().save_rows(model, rows)
+
+    def advance_schedule(self, name: str, tick: datetime) -> bool:
+        """The fallback reads, then writes: atomic only inside a transaction."""
+        if self.tick_marks is not None:
+            return bool(self.tick_marks.advance_schedule(name, tick))
+        uuid = str(uuid_module.uuid5(KEY_NAMESPACE, f"schedule-tick:{name}"))
+        found = self.get(MessageRecord.MODEL, uuid)
+        mark = MessageRecord(uuid=uuid, pipeline_uuid=TICKS_UUID, name=name, payload=None, sent_at=tick).to_dict()
+        if not found:
+            self.repository(MessageRecord.MODEL).save(mark)
+            return True
+        if MessageRecord.from_dict(found).sent_at >= tick:
+            return False
+        self.repository(MessageRecord.MODEL).update(uuid, mark)
+        return True
+
+    def check_deletable(self) -> None:
+        missing = [m for m in (*MODELS[1:], MODELS[0]) if not isinstance(self.repository(m), SupportsDelete)]
+        if missing:
+            raise ConfigurationError(
+                f"this repository cannot delete records ({', '.join(missing)}): implement "
+                "delete_by(field, values) (SupportsDelete) to use retention"
+            )
+
+    def delete_pipelines(self, uuids: list[str], statuses: list[str], before: datetime) -> int:
+        """With ``SupportsPurge`` the pipelines go first, checked and locked by one statement, so
+        that a purge takes locks in the order the workers do and skips those another holds."""
+        self.check_deletable()
+        if self.purge is None:
+            return super().delete_pipelines(uuids, statuses, before)
+        with self.transaction():
+            gone = call("delete pipelines", self.purge.delete_ended, uuids, statuses, before)
+            for model in MODELS[1:]:
+                call("delete records", self.repository(model).delete_by, "pipeline_uuid", gone)  # type: ignore[attr-defined]
+            return len(gone)
+
+
+def _runnable_argument(claim: Callable[..., Any], runnable: Runnable | None) -> tuple[Runnable | None, ...]:
+    """``(runnable,)`` for a claim that takes it; ``()`` for one written before it existed (its
+    worker then claims every class, as prorch 1.x did, and is told so once)."""
+    if runnable is None:
+        return ()
+    try:
+        takes = "runnable" in inspect.signature(claim).parameters
+    except (TypeError, ValueError):  # pragma: no cover - a builtin without a signature
+        takes = False
+    if not takes:
+        _warn_once(
+            f"{getattr(claim, '__qualname__', claim)} takes no `runnable`: this worker also claims pipelines of "
+            "classes it does not have, and puts them off (add runnable=None to the claim, see SupportsClaim)"
+        )
+        return ()
+    return (runnable,)
+
+
+def _warn_deprecated(factory: RepositoryFactory, repositories: list[IRepository]) -> None:
+    """Once per class: the ``Supports*`` protocols found, and what to do instead."""
+    found = {p.__name__ for r in repositories for p in CAPABILITIES if isinstance(r, p)}
+    found |= {p.__name__ for p in BACKEND_CAPABILITIES if isinstance(factory, p)}
+    if found:
+        _warn_once(
+            f"{getattr(factory, '__qualname__', type(factory).__qualname__)} implements {', '.join(sorted(found))}: "
+            "these optional protocols are deprecated and will be ignored in prorch 3; implement the backend "
+            "contract instead (subclass prorch.storage.composed.RepositoryBackend, or implement "
+            "prorch.storage.backend.Backend; see docs/repositories.md)"
+        )
+
+
+_warned: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        logger.warning(message)
