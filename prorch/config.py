@@ -23,7 +23,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
-from prorch.clock import MAX_SECONDS
+from prorch import defaults
 from prorch.exceptions import ConfigurationError
 from prorch.listing import parse_age
 from prorch.policy import StepOverride
@@ -46,6 +46,15 @@ class PipelineOverride(BaseModel):
     priority: int | None = None
 
 
+def ruled(rule: defaults.Rule[Any], description: str) -> Any:
+    """A field whose default and bounds are its rule's in ``prorch.defaults``, which the
+    ``Orchestrator`` checks its arguments by too."""
+    finite = None if rule.integer else False  # no inf or nan where a number of seconds is taken
+    return Field(
+        default=rule.default, gt=rule.gt, ge=rule.ge, le=rule.le, allow_inf_nan=finite, description=description
+    )
+
+
 Modules = Annotated[list[str], NoDecode]  # "a.b, c.d" in the environment, a list in TOML
 Names = Annotated[list[str], NoDecode]  # "a, b" in the environment, a list in TOML
 
@@ -57,49 +66,37 @@ class SettingsFields(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    repository: str = Field(default=DEFAULT_REPOSITORY_URL, description="repository URL")
+    repository: str = Field(
+        default=DEFAULT_REPOSITORY_URL, description="repository URL, or module:factory naming your own repository"
+    )
     app: Modules = Field(default_factory=list, description="modules that define your pipelines")
     plugins: Modules = Field(default_factory=list, description="modules that register plugins")
-    interval: float = Field(
-        default=5.0, gt=0, le=MAX_SECONDS, allow_inf_nan=False, description="seconds between a worker's passes"
+    interval: float = ruled(defaults.INTERVAL, "seconds between a worker's passes")
+    concurrency: int = ruled(defaults.CONCURRENCY, "hooks run at once by one process")
+    batch_size: int = ruled(defaults.BATCH_SIZE, "pipelines claimed per pass")
+    group_commit: int = ruled(
+        defaults.GROUP_COMMIT, "transitions of different pipelines stored per commit (1: one each)"
     )
-    concurrency: int = Field(default=4, ge=1, description="hooks run at once by one process")
-    batch_size: int = Field(default=100, ge=1, description="pipelines claimed per pass")
-    group_commit: int = Field(
-        default=100, ge=1, description="transitions of different pipelines stored per commit (1: one each)"
+    lease_seconds: float = ruled(defaults.LEASE_SECONDS, "how long a claim lasts unrenewed")
+    max_crashes: int = ruled(
+        defaults.MAX_CRASHES, "worker deaths in a row inside a pipeline's hooks before it is quarantined"
     )
-    lease_seconds: float = Field(
-        default=60.0, gt=0, le=MAX_SECONDS, allow_inf_nan=False, description="how long a claim lasts unrenewed"
+    hook_timeout: float | None = ruled(
+        defaults.HOOK_TIMEOUT, "seconds one hook call may take when its step sets no timeout (off)"
     )
-    max_crashes: int = Field(
-        default=3, ge=1, description="worker deaths in a row inside a pipeline's hooks before it is quarantined"
+    max_abandoned_hooks: int | None = ruled(
+        defaults.MAX_ABANDONED_HOOKS, "hung hook threads a worker may hold before it exits (default: concurrency)"
     )
-    hook_timeout: float | None = Field(
-        default=None,
-        gt=0,
-        le=MAX_SECONDS,
-        allow_inf_nan=False,
-        description="seconds one hook call may take when its step sets no timeout (off)",
-    )
-    max_abandoned_hooks: int | None = Field(
-        default=None, ge=0, description="hung hook threads a worker may hold before it exits (default: concurrency)"
-    )
-    shutdown_grace: float = Field(
-        default=30.0,
-        ge=0,
-        le=MAX_SECONDS,
-        allow_inf_nan=False,
-        description="seconds a stopping worker waits for running hooks before it exits",
+    shutdown_grace: float = ruled(
+        defaults.SHUTDOWN_GRACE, "seconds a stopping worker waits for running hooks before it exits"
     )
     retention: str | None = Field(
         default=None,
         description="a worker purges finished and cancelled pipelines older than this (e.g. 30d; unset: never)",
     )
-    metrics_port: int | None = Field(
-        default=None, ge=1, le=65535, description="port a worker serves /metrics and /healthz on (unset: none)"
-    )
+    metrics_port: int | None = ruled(defaults.PORT, "port a worker serves /metrics and /healthz on (unset: none)")
     dashboard_host: str = Field(default="127.0.0.1", description="address prorch dashboard listens on")
-    dashboard_port: int = Field(default=8181, ge=1, le=65535, description="port prorch dashboard listens on")
+    dashboard_port: int = ruled(defaults.DASHBOARD_PORT, "port prorch dashboard listens on")
     dashboard_token: SecretStr | None = Field(
         default=None, description="token that allows the dashboard's actions (unset: read-only)"
     )
@@ -201,14 +198,17 @@ def load_settings(
     *,
     config_file: str | Path | None = None,
     cwd: Path | None = None,
+    flag_names: Mapping[str, str] | None = None,
 ) -> LoadedSettings:
-    """Merge the layers, validating each on its own so that an error names where it was set."""
+    """Merge the layers, validating each on its own so that an error names where it was set.
+    ``flag_names``: the flag of a setting whose flag is not ``--`` + its name (``--port``)."""
+    names = flag_names or {}
     path, file_values = find_config_file(config_file, cwd or Path.cwd())
     flag_values = {key: value for key, value in (flags or {}).items() if value not in (None, ())}
     layers: list[tuple[Callable[[str], str], dict[str, Any]]] = [
         (lambda key: f"file {path}", file_values),
         (lambda key: f"environment variable PRORCH_{key.upper()}", _environment()),
-        (lambda key: f"flag --{key.replace('_', '-')}", flag_values),
+        (lambda key: f"flag {names.get(key) or '--' + key.replace('_', '-')}", flag_values),
     ]
     merged: dict[str, Any] = {}
     origins = {name: "default" for name in Settings.model_fields}

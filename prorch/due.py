@@ -46,13 +46,21 @@ def row_is_due(row: Mapping[str, Any], now: str) -> bool:
     return is_due(row.get("status", ""), row.get("next_run_at"), row.get("lease_expires_at"), now)
 
 
-def claim_order(priority: int, next_run_at: str | None) -> tuple[int, str]:
-    """Sort key of due pipelines: highest priority first, then the longest due."""
-    return (-priority, next_run_at or "")
+CLAIM_ORDER: tuple[tuple[str, bool], ...] = (("priority", True), ("next_run_at", False))
+"""The order due pipelines are claimed in, as (field, descending): highest priority first, then
+the longest due; ties in any order. The one definition: ``row_claim_order`` sorts by it in
+Python (the engine's fallback, memory, TinyDB, a SQL claim's result), ``repositories.sql``
+builds its ORDER BY from it. A descending field is an int; a missing one is 0 or ``""``."""
 
 
-def row_claim_order(row: Mapping[str, Any]) -> tuple[int, str]:
-    return claim_order(row.get("priority", 0), row.get("next_run_at"))
+def row_claim_order(row: Mapping[str, Any]) -> tuple[Any, ...]:
+    """Sort key of a due pipeline row (``CLAIM_ORDER``; timestamps as ISO strings)."""
+    return tuple(-(row.get(field) or 0) if descending else row.get(field) or "" for field, descending in CLAIM_ORDER)
+
+
+def claim_order(priority: int, next_run_at: str | None) -> tuple[Any, ...]:
+    """``row_claim_order`` of a pipeline with this priority and next run."""
+    return row_claim_order({"priority": priority, "next_run_at": next_run_at})
 
 
 def claimable_by(row: Mapping[str, Any], owner: str, now: str) -> bool:

@@ -24,6 +24,23 @@ MAX_DEPTH = 100
 _SCALARS = (str, int, float, bool, type(None))
 
 
+class ParamsDict(dict[str, Any]):
+    """``self.params`` of a pipeline that declares no ``Params`` model: a plain JSON object,
+    whose attribute access (``self.params.email``, the form for a declared model) fails with an
+    error that names the form that works."""
+
+    pipeline = ""
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__"):
+            raise AttributeError(name)
+        raise AttributeError(
+            f"pipeline {self.pipeline} declares no Params model, so self.params is a dict: read "
+            f"self.params[{name!r}], or declare `class Params(BaseModel)` on the pipeline to write "
+            f"self.params.{name}"
+        )
+
+
 def check_json(value: Any, where: str) -> None:
     """Raise ``UnstorableValueError`` naming the first offending path under ``where`` (for
     example ``metadata['job'][2]``) unless ``value`` is a JSON value: None, bool, int, finite
@@ -40,7 +57,7 @@ def check_json(value: Any, where: str) -> None:
                 raise UnstorableValueError(f"{path}: {item!r} is not a JSON number (NaN and infinity are refused)")
         elif kind in _SCALARS:
             continue
-        elif kind is list or kind is dict:
+        elif kind is list or kind is dict or kind is ParamsDict:
             if depth >= MAX_DEPTH:
                 raise UnstorableValueError(f"{path}: nested deeper than {MAX_DEPTH} levels")
             if kind is list:
@@ -69,7 +86,7 @@ def checked_copy(value: Any, where: str) -> Any:
 def copy_json(value: Any) -> Any:
     """A deep copy of a checked JSON value (cheaper than ``copy.deepcopy``)."""
     kind = type(value)
-    if kind is dict:
+    if kind is dict or kind is ParamsDict:
         return {key: copy_json(element) for key, element in value.items()}
     if kind is list:
         return [copy_json(element) for element in value]

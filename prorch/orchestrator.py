@@ -6,7 +6,6 @@ from __future__ import annotations
 import functools
 import itertools
 import logging
-import math
 import threading
 import time
 from collections.abc import Iterable, Mapping
@@ -15,9 +14,9 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from prorch import outside, signals
+from prorch import defaults, outside, signals
 from prorch import retention as retention_module
-from prorch.clock import MAX_SECONDS, Clock
+from prorch.clock import Clock
 from prorch.due import Runnable
 from prorch.exceptions import (
     ConcurrentUpdateError,
@@ -62,16 +61,11 @@ __all__ = ["Orchestrator", "OrchestratorConfig", "PassSummary", "PipelineState"]
 
 logger = logging.getLogger("prorch.orchestrator")
 
-DEFAULT_CONCURRENCY = 4
-DEFAULT_BATCH_SIZE = 100
-DEFAULT_GROUP_COMMIT = 100
-"""Transitions of different pipelines stored per commit, at most (see ``prorch.runner.rounds``).
-Measured on W1 (transitions/s, group 1 / 8 / 32 / 100): SQLite 1,290 / 1,590 / 1,630 / 1,640,
-durable PostgreSQL about 320 / 300 / 360 / 400, TinyDB (1,000 pipelines) 9 / 78 / 199 / 478: flat
-on SQLite past 8, rising to the default batch size elsewhere."""
-DEFAULT_INTERVAL_SECONDS = 5.0
-DEFAULT_SHUTDOWN_GRACE_SECONDS = 30.0
-"""How long a stopping worker waits for running hooks before it exits anyway."""
+DEFAULT_CONCURRENCY = defaults.CONCURRENCY.default
+DEFAULT_BATCH_SIZE = defaults.BATCH_SIZE.default
+DEFAULT_GROUP_COMMIT = defaults.GROUP_COMMIT.default
+DEFAULT_INTERVAL_SECONDS = defaults.INTERVAL.default
+DEFAULT_SHUTDOWN_GRACE_SECONDS = defaults.SHUTDOWN_GRACE.default
 
 
 @dataclass
@@ -108,22 +102,19 @@ class Orchestrator:
         if repository is None and config is not None:
             repository = config.repository_class
         _check_settings(
-            concurrency=(concurrency, concurrency >= 1, "an int >= 1"),
-            batch_size=(batch_size, batch_size >= 1, "an int >= 1"),
-            group_commit=(group_commit, group_commit >= 1, "an int >= 1 (1: one commit per transition)"),
-            lease_seconds=(
-                lease_seconds,
-                _seconds(lease_seconds) and lease_seconds > 0,
-                f"a number of seconds > 0{UP_TO}",
-            ),
-            hook_timeout=(
-                hook_timeout,
-                hook_timeout is None or (_seconds(hook_timeout) and hook_timeout > 0),
-                f"None or a number of seconds > 0{UP_TO}",
-            ),
-            shutdown_grace=(shutdown_grace, _seconds(shutdown_grace), f"a number of seconds >= 0{UP_TO}"),
-            retention=(retention, retention is None or _non_negative(retention), "None or a timedelta >= 0"),
+            concurrency=concurrency,
+            batch_size=batch_size,
+            group_commit=group_commit,
+            lease_seconds=lease_seconds,
+            max_crashes=max_crashes,
+            hook_timeout=hook_timeout,
+            max_abandoned_hooks=max_abandoned_hooks,
+            shutdown_grace=shutdown_grace,
         )
+        if not (retention is None or _non_negative(retention)):
+            raise ConfigurationError(
+                f"Orchestrator(retention={retention!r}): retention must be None or a timedelta >= 0"
+            )
         self.store = Store(repository)
         self.stopped = threading.Event()
         self._stop = self.stopped
@@ -517,20 +508,14 @@ class Orchestrator:
         return record
 
 
-UP_TO = f" (finite, at most {MAX_SECONDS}: a year)"
-
-
-def _seconds(value: float) -> bool:
-    """A finite number of seconds from 0 to a year (``inf`` would overflow the times computed from it)."""
-    return math.isfinite(value) and 0 <= value <= MAX_SECONDS
-
-
 def _non_negative(value: Any) -> bool:
     return isinstance(value, timedelta) and value >= timedelta(0)
 
 
-def _check_settings(**settings: tuple[Any, bool, str]) -> None:
-    """One ``ConfigurationError`` naming the first bad ``Orchestrator`` argument and what it takes."""
-    for name, (value, valid, wanted) in settings.items():
-        if not valid:
-            raise ConfigurationError(f"Orchestrator({name}={value!r}): {name} must be {wanted}")
+def _check_settings(**settings: Any) -> None:
+    """One ``ConfigurationError`` naming the first bad ``Orchestrator`` argument and what it takes,
+    by the rule the settings' fields use too (``prorch.defaults``)."""
+    for name, value in settings.items():
+        rule = defaults.RULES[name]
+        if not rule.admits(value):
+            raise ConfigurationError(f"Orchestrator({name}={value!r}): {name} must be {rule.wanted()}")

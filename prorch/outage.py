@@ -12,7 +12,7 @@ from typing import TypeVar
 
 from prorch.exceptions import StoreUnreachableError
 
-logger = logging.getLogger("prorch.orchestrator")
+logger = logging.getLogger(__name__)
 T = TypeVar("T")
 
 MAX_BACKOFF_SECONDS = 10.0

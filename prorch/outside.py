@@ -23,7 +23,7 @@ from prorch.records import EventRecord, MessageRecord, PipelineRecord, new_uuid
 from prorch.status import TERMINAL, EventType, Status
 from prorch.store import Store
 
-logger = logging.getLogger("prorch.orchestrator")
+logger = logging.getLogger(__name__)
 
 CHANGE_ATTEMPTS = 20
 """Reads and writes of one outside change before giving up (other writers kept winning)."""

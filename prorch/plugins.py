@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable
 from importlib.metadata import entry_points
 from typing import Any, TypeVar
 
-from prorch.exceptions import ConfigurationError, RegistrationError
+from prorch.exceptions import ConfigurationError, ProrchError, RegistrationError
 from prorch.registry import Plugin, Registry, current_registry
 from prorch.step import Step
 
@@ -70,6 +70,10 @@ def discover(modules: Iterable[str] = ()) -> list[str]:
             importlib.import_module(module)
         except ImportError as exc:
             raise ConfigurationError(f"cannot import plugin module {module!r}: {exc}") from exc
+        except ConfigurationError:
+            raise
+        except ProrchError as exc:  # a plugin that cannot register is a configuration error (exit 2)
+            raise ConfigurationError(f"plugin module {module!r} failed to register: {exc}") from exc
         loaded.append(module)
     for entry in entry_points(group=ENTRY_POINT_GROUP):
         try:

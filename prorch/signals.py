@@ -10,7 +10,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-logger = logging.getLogger("prorch.orchestrator")
+logger = logging.getLogger(__name__)
 
 EXIT_FORCED = 1
 """Exit status of a worker that stopped without waiting for its hooks (a second signal, or the grace ran out)."""

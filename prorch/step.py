@@ -5,6 +5,7 @@ hook returns, so a hook that raises afterwards changes nothing."""
 from __future__ import annotations
 
 import logging
+import weakref
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any, ClassVar, Literal, Protocol
@@ -12,7 +13,7 @@ from typing import Any, ClassVar, Literal, Protocol
 from pydantic import BaseModel, ValidationError
 
 from prorch.exceptions import InvalidOutputError, StepUsageError, UnstorableValueError
-from prorch.jsonvalue import checked_copy, copy_json
+from prorch.jsonvalue import ParamsDict, checked_copy, copy_json
 from prorch.mixins import HookResult
 from prorch.records import JSONDict, PipelineRecord, StepRecord
 
@@ -81,7 +82,7 @@ class Step:
         self._pipeline = pipeline
         self._now = now
         self._verdict: Verdict | None = None
-        self.params = params
+        self.params = guarded_params(params, pipeline.name)
         self.metadata: JSONDict = dict(record.metadata)
         self.outputs = outputs
         self._logger: logging.LoggerAdapter[logging.Logger] | None = None
@@ -283,3 +284,42 @@ def _has_on_continue(cls: type) -> bool:
         if "on_continue" in vars(klass):
             return klass.__module__ != "prorch.mixins"
     return False
+
+
+_guarded: weakref.WeakKeyDictionary[type[BaseModel], type[BaseModel]] = weakref.WeakKeyDictionary()
+
+
+def guarded_params(params: Any, pipeline: str) -> Any:
+    """``params`` as a hook reads them, with an error that names the right form when it uses the
+    wrong one: ``self.params["x"]`` on a declared ``Params`` model, ``self.params.x`` on a dict."""
+    if type(params) is dict:
+        wrapped = ParamsDict(params)
+        wrapped.pipeline = pipeline
+        return wrapped
+    if isinstance(params, BaseModel) and not hasattr(type(params), "__getitem__"):
+        cls = _guarded.get(type(params)) or _guard(type(params))
+        return cls.model_construct(params.model_fields_set, **dict(params))
+    return params
+
+
+def _guard(model: type[BaseModel]) -> type[BaseModel]:
+    """A subclass of the pipeline's ``Params`` whose ``[]`` says to read attributes instead."""
+
+    def __getitem__(self: BaseModel, key: Any) -> Any:
+        raise TypeError(
+            f"this pipeline declares a Params model ({model.__name__}), so self.params is that model: "
+            f"read self.params.{key}, not self.params[{key!r}]"
+        )
+
+    def __eq__(self: BaseModel, other: object) -> bool:  # equal to the model it stands for, both ways
+        return model.model_construct(self.model_fields_set, **dict(self)) == other
+
+    namespace = {
+        "__getitem__": __getitem__,
+        "__eq__": __eq__,
+        "__hash__": model.__hash__,
+        "__module__": model.__module__,
+    }
+    guarded = type(model.__name__, (model,), namespace)
+    _guarded[model] = guarded
+    return guarded

@@ -15,7 +15,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from prorch.exceptions import SchemaTooNewError
 from repositories.schema import HISTORY_TABLE, SCHEMA_REVISION, VERSION_TABLE, schema_history
 
-logger = logging.getLogger("prorch.repositories.sql")
+logger = logging.getLogger("prorch.repositories.migrate")
 
 
 class Migratable(Protocol):

@@ -30,6 +30,9 @@ class PostgreSQLBackend(SQLBackend):
     reads_in_transaction = False
 
     def _create_engine(self, url: URL, options: dict[str, Any]) -> Engine:
+        backend, plus, driver = url.drivername.partition("+")
+        if backend == "postgres":  # SQLAlchemy knows the dialect as postgresql only
+            url = url.set(drivername=f"postgresql{plus}{driver}")
         if url.drivername in ("postgresql", "postgres"):
             url = url.set(drivername="postgresql+psycopg")
         return super()._create_engine(url, options)

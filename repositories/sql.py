@@ -47,7 +47,7 @@ from sqlalchemy.exc import (
     OperationalError,
 )
 
-from prorch.due import TERMINAL_VALUES, Runnable
+from prorch.due import CLAIM_ORDER, TERMINAL_VALUES, Runnable, row_claim_order
 from prorch.exceptions import (
     ConfigurationError,
     DuplicateRecordError,
@@ -70,7 +70,11 @@ __all__ = ["DIALECTS", "MIGRATIONS", "SQLBackend", "SQLRepository", "dialect_cla
 logger = logging.getLogger("prorch.repositories.sql")
 T = TypeVar("T")
 
-DIALECTS = {"sqlite": "repositories.sqlite:SQLiteBackend", "postgresql": "repositories.postgresql:PostgreSQLBackend"}
+DIALECTS = {
+    "sqlite": "repositories.sqlite:SQLiteBackend",
+    "postgresql": "repositories.postgresql:PostgreSQLBackend",
+    "postgres": "repositories.postgresql:PostgreSQLBackend",  # postgres://, as Heroku and libpq write it
+}
 """The backend class of each dialect, found by name when a URL names it (as SQLAlchemy finds its
 dialects): this module needs no import of its subclasses."""
 
@@ -348,7 +352,7 @@ def _engine(parsed: URL, url: str, options: dict[str, Any]) -> Engine:
             f"{', '.join(SUPPORTED_SCHEMES)}"
         ) from exc
     except ImportError as exc:
-        extra = "postgresql" if parsed.get_backend_name() == "postgresql" else None
+        extra = "postgresql" if parsed.get_backend_name() in ("postgresql", "postgres") else None
         hint = f"pip install 'prorch[{extra}]'" if extra else "install the SQLAlchemy driver it names"
         raise ConfigurationError(f"no driver for repository URL {shown!r} ({exc}): {hint}") from exc
 
@@ -567,7 +571,7 @@ class SQLRepository(IRepository):
                 c.next_run_at <= now,
                 (c.lease_expires_at.is_(None)) | (c.lease_expires_at <= now),
             )
-            .order_by(c.priority.desc(), c.next_run_at)
+            .order_by(*(c[field].desc() if descending else c[field].asc() for field, descending in CLAIM_ORDER))
             .limit(bindparam("_limit", type_=Integer()))
         )
         return query if runnable is None else query.where(self._of_classes(runnable))
@@ -720,7 +724,7 @@ class SQLRepository(IRepository):
 
     @staticmethod
     def _by_priority(records: list[JSONDict]) -> list[JSONDict]:
-        return sorted(records, key=lambda r: (-r.get("priority", 0), r.get("next_run_at") or ""))
+        return sorted(records, key=row_claim_order)
 
 
 SQLBackend.repository_class = SQLRepository

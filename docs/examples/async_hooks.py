@@ -7,6 +7,8 @@ Run: python docs/examples/async_hooks.py
 
 import asyncio
 
+from pydantic import BaseModel
+
 from prorch import OnContinueMixin, OnStartMixin, Pipeline, Step, register_pipeline, register_step
 from prorch.testing import Harness
 
@@ -26,7 +28,7 @@ class Submit(OnStartMixin, OnContinueMixin, Step):
     name = "Submit"
 
     async def on_start(self):
-        self.metadata.update(await call_service(self.params["n"]))
+        self.metadata.update(await call_service(self.params.n))
 
     async def on_continue(self):
         await call_service("status")
@@ -50,6 +52,9 @@ class Stuck(OnStartMixin, Step):
 class Report(Pipeline):
     name = "Report"
     steps = [Submit]
+
+    class Params(BaseModel):
+        n: int
 
 
 @register_pipeline

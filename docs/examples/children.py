@@ -5,6 +5,8 @@ on the album's result with Orchestrator.wait.
 Run: python docs/examples/children.py
 """
 
+from pydantic import BaseModel
+
 from prorch import OnContinueMixin, OnStartMixin, Pipeline, Step, register_pipeline, register_step
 from prorch.testing import Harness
 
@@ -14,13 +16,16 @@ class Resize(OnStartMixin, Step):
     name = "Resize"
 
     def on_start(self):
-        self.finish({"thumb": self.params["photo"].replace(".jpg", "-small.jpg")})
+        self.finish({"thumb": self.params.photo.replace(".jpg", "-small.jpg")})
 
 
 @register_pipeline
 class Thumbnail(Pipeline):
     name = "Thumbnail"
     steps = [Resize]
+
+    class Params(BaseModel):
+        photo: str
 
 
 @register_step
@@ -30,7 +35,7 @@ class MakeThumbnails(OnStartMixin, OnContinueMixin, Step):
     def on_start(self):
         # idempotent: if this hook runs again (a crash, a retry), the same children come back
         self.metadata["children"] = [
-            self.start_child(Thumbnail, {"photo": photo}, key=photo) for photo in self.params["photos"]
+            self.start_child(Thumbnail, {"photo": photo}, key=photo) for photo in self.params.photos
         ]
 
     def on_continue(self):
@@ -45,6 +50,9 @@ class MakeThumbnails(OnStartMixin, OnContinueMixin, Step):
 class Album(Pipeline):
     name = "Album"
     steps = [MakeThumbnails]
+
+    class Params(BaseModel):
+        photos: list[str]
 
 
 h = Harness()

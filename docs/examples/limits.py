@@ -5,6 +5,8 @@ the claim, so a worker simply does not take what they leave no room for; it take
 Run: python docs/examples/limits.py
 """
 
+from pydantic import BaseModel
+
 from prorch import OnStartMixin, Pipeline, Step, register_pipeline, register_step
 from prorch.testing import Harness
 
@@ -14,7 +16,7 @@ class CallPartner(OnStartMixin, Step):
     name = "CallPartner"
 
     def on_start(self):
-        self.finish({"order": self.params["order"]})
+        self.finish({"order": self.params.order})
 
 
 @register_pipeline
@@ -23,6 +25,9 @@ class SyncOrder(Pipeline):
     steps = [CallPartner]
     max_running_per_tenant = 1  # one at a time per customer
     rate_limit = "3/minute"  # the partner allows 3 calls a minute
+
+    class Params(BaseModel):
+        order: int
 
 
 h = Harness()

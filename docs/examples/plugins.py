@@ -3,6 +3,8 @@
 Run: python docs/examples/plugins.py
 """
 
+from pydantic import BaseModel
+
 from prorch import OnStartMixin, Pipeline, Step, register_pipeline, register_plugin, register_step
 from prorch.testing import Harness
 
@@ -13,13 +15,16 @@ class SendInvoice(OnStartMixin, Step):
     plugin_points = {"render": ("amount",)}  # the point and the keyword arguments it passes
 
     def on_start(self):
-        self.finish({"lines": self.plugins("render", amount=self.params["amount"])})
+        self.finish({"lines": self.plugins("render", amount=self.params.amount)})
 
 
 @register_pipeline
 class Billing(Pipeline):
     name = "Billing"
     steps = [SendInvoice]
+
+    class Params(BaseModel):
+        amount: float
 
 
 @register_plugin(step=SendInvoice, point="render")  # every tenant

@@ -4,6 +4,8 @@ event (even if the worker dies mid-reaction).
 Run: python docs/examples/reactions.py
 """
 
+from pydantic import BaseModel
+
 from prorch import OnStartMixin, Pipeline, Step, on_event, register_pipeline, register_step
 from prorch.testing import Harness
 
@@ -27,13 +29,16 @@ class Email(OnStartMixin, Step):
     name = "Email"
 
     def on_start(self):
-        print("  emailing the customer about order", self.params["order"][:8])
+        print("  emailing the customer about order", self.params.order[:8])
 
 
 @register_pipeline
 class Notify(Pipeline):
     name = "Notify"
     steps = [Email]
+
+    class Params(BaseModel):
+        order: str
 
 
 @on_event("pipeline.finished", pipeline="Order")

@@ -6,6 +6,8 @@ Run: python docs/examples/schedules.py
 
 from datetime import datetime, timezone
 
+from pydantic import BaseModel
+
 from prorch import FakeClock, OnStartMixin, Pipeline, Step, register_pipeline, register_step
 from prorch.testing import Harness
 
@@ -15,13 +17,17 @@ class BuildReport(OnStartMixin, Step):
     name = "BuildReport"
 
     def on_start(self):
-        self.finish({"report": f"sales-{self.params['day']}.pdf"})
+        self.finish({"report": f"sales-{self.params.day}.pdf"})
 
 
 @register_pipeline
 class NightlyReport(Pipeline):
     name = "NightlyReport"
     steps = [BuildReport]
+
+    class Params(BaseModel):
+        day: str
+
     schedule = "0 3 * * *"  # cron: minute hour day month weekday
     schedule_tz = "Europe/Berlin"
     schedule_params = lambda tick: {"day": tick.date().isoformat()}  # noqa: E731 - the params of each tick

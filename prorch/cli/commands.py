@@ -21,7 +21,6 @@ from prorch.cli.helpers import (
     Context,
     parse_param_filter,
     parse_params,
-    refuse_transient,
     reported,
     worker_options,
 )
@@ -49,7 +48,7 @@ from prorch.pipeline import pipeline_class
 from prorch.registry import current_registry
 from prorch.scheduling import scheduled
 from prorch.secrets import redact_url
-from prorch.status import Status
+from prorch.status import TERMINAL, Status
 
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 
@@ -62,7 +61,12 @@ LOOPBACK = {"127.0.0.1", "localhost", "::1"}
     envvar="PRORCH_CONFIG",
     help="Config file (default: ./prorch.toml, else [tool.prorch] in ./pyproject.toml).",
 )
-@click.option("--repository", "-r", help="Repository URL (sqlite:///..., postgresql://..., tinydb:///..., memory://).")
+@click.option(
+    "--repository",
+    "-r",
+    help="Repository URL (sqlite:///..., postgresql://..., tinydb:///..., memory://), or module:factory "
+    "naming your own IRepository class, backend, or a function returning one.",
+)
 @click.option("--app", "app", multiple=True, help="Module that defines your pipelines (repeatable).")
 @click.option("--plugins", "plugins", multiple=True, help="Module that registers plugins (repeatable).")
 @click.option("--log-level", type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False))
@@ -154,14 +158,14 @@ def start(ctx: Context, name: str, pairs: tuple[str, ...], params_json: str | No
     ' exists' after it when --key found it already stored."""
     with reported(ctx):
         params = parse_params(pairs, params_json)
-        refuse_transient(ctx.settings.repository)
+        repository = ctx.repository()
         ctx.import_apps()
         pipeline_cls = pipeline_class(current_registry(), name, version)
         settings = ctx.settings
         override = settings.pipelines.get(name)
         if priority is None and override is not None:
             priority = override.priority
-        created = pipeline_cls.create(settings.repository, params, key=key, tenant=tenant, priority=priority)
+        created = pipeline_cls.create(repository, params, key=key, tenant=tenant, priority=priority)
     if as_json:
         echo_json({**created.record.to_dict(), "created": created.created})
     else:
@@ -214,9 +218,16 @@ def list_pipelines(ctx: Context, status: str | None, name: str | None, version: 
 @click.argument("uuid", required=False)
 @click.option("--key", help="Show the pipeline created with this key (prorch start --key) instead.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.option(
+    "--traceback/--no-traceback",
+    "tracebacks",
+    default=True,
+    show_default=True,
+    help="Print the traceback of a failed step's error.",
+)
 @click.pass_obj
-def show(ctx: Context, uuid: str | None, key: str | None, as_json: bool) -> None:
-    """A pipeline's steps, outputs, errors and history."""
+def show(ctx: Context, uuid: str | None, key: str | None, as_json: bool, tracebacks: bool) -> None:
+    """A pipeline's steps, outputs, errors (with their tracebacks) and history."""
     with reported(ctx):
         if (uuid is None) == (key is None):
             raise InvalidParamsError("give a pipeline's UUID or --key KEY, one of the two")
@@ -241,7 +252,7 @@ def show(ctx: Context, uuid: str | None, key: str | None, as_json: bool) -> None
             }
         )
         return
-    print_state(state, history, orchestrator.clock.now(), step_limits(orchestrator.registry, state.steps))
+    print_state(state, history, orchestrator.clock.now(), step_limits(orchestrator.registry, state.steps), tracebacks)
 
 
 @main.command()
@@ -253,6 +264,14 @@ def wait(ctx: Context, uuid: str, timeout: float | None) -> None:
     when it finished, 1 when it failed or was cancelled, or the timeout passed."""
     with reported(ctx):
         orchestrator = ctx.orchestrator()
+        record = orchestrator.get(uuid).pipeline
+        if record.status not in TERMINAL:  # say once what we wait for: a silent command looks hung
+            bound = f"--timeout {timeout:g}" if timeout is not None else "no --timeout: until it ends"
+            click.echo(
+                f"waiting for pipeline {uuid} ({record.name}, {record.status.value}) to end; "
+                f"a worker must run it (prorch worker or prorch run) ({bound})",
+                err=True,
+            )
         try:
             result = orchestrator.wait(uuid, timeout=timeout)
         except (PipelineFailedError, WaitTimeoutError) as exc:

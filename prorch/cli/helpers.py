@@ -4,12 +4,14 @@ the options and arguments several commands take (as rq's ``cli/helpers.py``)."""
 from __future__ import annotations
 
 import importlib
+import inspect
 import json
+import re
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, NoReturn, cast
 
 import click
 
@@ -26,12 +28,17 @@ from prorch.exceptions import (
 from prorch.listing import filter_value, parse_age
 from prorch.orchestrator import Orchestrator
 from prorch.registry import current_registry
+from prorch.repository import RepositoryLike
 from prorch.status import Status
 
 USAGE_ERRORS = (ConfigurationError, NotRegisteredError, InvalidParamsError, InvalidMessageError, KeyConflictError)
 
 
 STATUSES = [status.value for status in Status]
+FLAG_NAMES = {"dashboard_host": "--host", "dashboard_port": "--port", "dashboard_allowed_hosts": "--allowed-host"}
+"""Settings whose command-line flag is not ``--`` + the setting's name (``prorch dashboard --port``)."""
+FACTORY = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
+"""``module:attribute``: a repository of your own, where a URL would be (a URL has ``://``)."""
 
 
 class Context:
@@ -45,7 +52,9 @@ class Context:
 
     def loaded(self, **more_flags: Any) -> LoadedSettings:
         if self._loaded is None or more_flags:
-            self._loaded = load_settings({**self.flags, **more_flags}, config_file=self.config_file)
+            self._loaded = load_settings(
+                {**self.flags, **more_flags}, config_file=self.config_file, flag_names=FLAG_NAMES
+            )
             settings = self._loaded.settings
             logs.configure("DEBUG" if self.verbose else settings.log_level, settings.log_format)
             for warning in self._loaded.warnings:
@@ -70,6 +79,10 @@ class Context:
         for module in self.settings.app:
             try:
                 importlib.import_module(module)
+            except ImportError as exc:
+                if shadowed_name(exc) is None:
+                    raise ConfigurationError(f"cannot import app module {module!r}: ImportError: {exc}") from exc
+                raise ConfigurationError(f"app module {module!r}: {shadowed_explanation(exc)}") from exc
             except ProrchError as exc:  # e.g. two steps registered under one name
                 raise ConfigurationError(f"app module {module!r} failed to import: {exc}") from exc
             except Exception as exc:  # a SyntaxError or an exception at import: one line, -v for the traceback
@@ -91,12 +104,20 @@ class Context:
                     hint = closest(name, known)
                     click.echo(f"warning: [{kind}.{name}] names no registered {kind[:-1]}; ignored{hint}", err=True)
 
+    def repository(self) -> RepositoryLike:
+        """The configured repository: a URL, or the object that ``module:attribute`` names."""
+        setting = self.settings.repository
+        if not FACTORY.match(setting):
+            refuse_transient(setting)
+            return setting
+        return load_repository(setting)
+
     def orchestrator(self, **more_flags: Any) -> Orchestrator:
         settings = self.loaded(**more_flags).settings
-        refuse_transient(settings.repository)
+        repository = self.repository()
         self.import_apps()
         return Orchestrator(
-            settings.repository,
+            repository,
             concurrency=settings.concurrency,
             batch_size=settings.batch_size,
             group_commit=settings.group_commit,
@@ -108,6 +129,56 @@ class Context:
             shutdown_grace=settings.shutdown_grace,
             retention=parse_age(settings.retention, "retention") if settings.retention else None,
         )
+
+
+def load_repository(setting: str) -> RepositoryLike:
+    """``module:attribute`` (``-r myapp.store:make_repository``): the attribute is what
+    ``Orchestrator`` takes (an ``IRepository`` subclass or a backend), or a function of no
+    arguments that returns one. The current directory is importable, as for ``--app``."""
+    module_name, _, attribute = setting.partition(":")
+    if str(Path.cwd()) not in sys.path:
+        sys.path.append(str(Path.cwd()))
+    try:
+        found: Any = importlib.import_module(module_name)
+        for part in attribute.split("."):
+            found = getattr(found, part)
+    except ImportError as exc:
+        raise ConfigurationError(f"repository {setting!r}: cannot import module {module_name!r}: {exc}") from exc
+    except AttributeError:
+        raise ConfigurationError(
+            f"repository {setting!r}: module {module_name!r} has no attribute {attribute!r}; "
+            "give module:attribute naming an IRepository subclass, a backend, or a function returning one"
+        ) from None
+    if inspect.isfunction(found):
+        try:
+            found = found()
+        except ProrchError:
+            raise
+        except Exception as exc:
+            raise ConfigurationError(
+                f"repository {setting!r}: {attribute}() raised {type(exc).__name__}: {exc}"
+            ) from exc
+    return cast(RepositoryLike, found)  # Orchestrator checks it, with one clear error
+
+
+def shadowed_name(exc: ImportError) -> str | None:
+    """The name an app looked up in prorch's ``repositories`` package, when that is what failed:
+    the app has a package of that name, which prorch's (imported first) hides."""
+    if exc.name != "repositories" or not exc.path:
+        return None
+    expected = Path(__file__).resolve().parents[2] / "repositories"
+    if Path(exc.path).resolve().parent != expected:
+        return None
+    match = re.search(r"cannot import name '([^']+)'", str(exc))
+    return match.group(1) if match else None
+
+
+def shadowed_explanation(exc: ImportError) -> str:
+    return (
+        f"it imports {shadowed_name(exc)!r} from 'repositories', but that name found prorch's own "
+        f"'repositories' package ({exc.path}), not your application's package of the same name: "
+        "rename your package (e.g. 'app_repositories') and its imports (docs/migration.md)"
+    )
 
 
 def refuse_transient(url: str) -> None:

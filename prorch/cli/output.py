@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import textwrap
 from datetime import datetime
 from typing import Any
 
@@ -11,8 +12,8 @@ import click
 from prorch.definition import PipelineDefinition
 from prorch.display import format_seconds, format_time, step_seconds
 from prorch.listing import PipelinePage
-from prorch.records import EventRecord, PipelineRecord
-from prorch.status import TERMINAL
+from prorch.records import EventRecord, PipelineRecord, StepRecord
+from prorch.status import TERMINAL, Status
 from prorch.summaries import PassSummary, PipelineState
 
 
@@ -70,9 +71,16 @@ def progress_text(progress: dict[str, Any] | None) -> str:
     return text + (f" {progress['note']}" if progress.get("note") else "")
 
 
-def print_state(state: PipelineState, history: list[EventRecord], now: datetime, max_attempts: dict[str, int]) -> None:
+def print_state(
+    state: PipelineState,
+    history: list[EventRecord],
+    now: datetime,
+    max_attempts: dict[str, int],
+    tracebacks: bool = True,
+) -> None:
     """``prorch show``: everything an operator asks about one pipeline, times with their zone.
-    ``max_attempts`` maps a step name to its limit when its code is loaded here."""
+    ``max_attempts`` maps a step name to its limit when its code is loaded here; ``tracebacks``:
+    print a failed step's traceback under its error."""
     p = state.pipeline
     click.echo(f"{p.name} v{p.version}  {p.uuid}  {p.status.value}")
     tenant = p.context.get("tenant")
@@ -101,10 +109,7 @@ def print_state(state: PipelineState, history: list[EventRecord], now: datetime,
     for s in state.steps:
         limit = max_attempts.get(s.name)
         attempt = f"attempt {s.attempt} of {limit}" if limit else f"attempt {s.attempt}"
-        click.echo(
-            f"  {s.position}. {s.name:<28} {s.status.value:<9} {attempt:<14} "
-            f"took {format_seconds(step_seconds(s, now)):<8} started {format_time(s.started_at)}"
-        )
+        click.echo(f"  {s.position}. {s.name:<28} {s.status.value:<9} {attempt:<14} {step_times(s, now, p.updated_at)}")
         if s.progress:
             click.echo(f"       progress: {progress_text(s.progress)}")
         if s.metadata:
@@ -113,6 +118,8 @@ def print_state(state: PipelineState, history: list[EventRecord], now: datetime,
             click.echo(f"       output: {json.dumps(s.output, sort_keys=True)}")
         if s.error is not None:
             click.echo(f"       error: {s.error.type}: {s.error.message}")
+            if tracebacks and s.error.traceback and s.status == Status.FAILED:
+                click.echo(textwrap.indent(s.error.traceback.rstrip(), "         "))
         if s.rollback:
             click.echo(f"       rollback: {s.rollback}")
     if state.children:
@@ -120,6 +127,14 @@ def print_state(state: PipelineState, history: list[EventRecord], now: datetime,
         for child in state.children:
             click.echo(f"  {child.uuid}  {child.name}  {child.status.value}")
     print_history(history)
+
+
+def step_times(step: StepRecord, now: datetime, last_change: datetime | None) -> str:
+    """How long a step took, or, while it waits (a hook called ``wait()``), since when (the
+    pipeline's last transition stored the wait): its time so far is no duration of work."""
+    if step.status == Status.PENDING and step.next_run_at is not None and step.next_run_at > now:
+        return f"waiting since {format_time(last_change)}, started {format_time(step.started_at)}"
+    return f"took {format_seconds(step_seconds(step, now)):<8} started {format_time(step.started_at)}"
 
 
 def print_history(history: list[EventRecord]) -> None:

@@ -4,17 +4,21 @@ JSON API under ``/api/`` that the pages share their data with, and the guarded a
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import json
 import logging
-from collections.abc import Iterable
+import threading
+from collections.abc import Callable, Iterable
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlencode
 
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 from markupsafe import Markup
 from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
 from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Response
@@ -34,7 +38,8 @@ REFRESH_SECONDS = 5
 ACTIONS = ("cancel", "retry", "send")
 FAILED_TOKEN_DELAY = 0.5
 """Seconds before a wrong token is answered: with ``Throttle``'s limit, guessing is slow."""
-logger = logging.getLogger("prorch.dashboard")
+logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 def when(text: str | None) -> str:
@@ -68,6 +73,7 @@ def create_app(
     throttle = Throttle()
     cache = views.StatsCache(orchestrator)
     environment = templates()
+    off_loop = store_caller(orchestrator)
 
     def page(request: Request, template: str, status_code: int = 200, **data: Any) -> HTMLResponse:
         session = guard.session_of(request.cookies.get(SESSION_COOKIE))
@@ -84,21 +90,21 @@ def create_app(
         return page(request, "error.html", status_code=code, message=str(exc))
 
     async def overview_page(request: Request) -> Response:
-        data = views.overview(orchestrator, cache)
+        data = await off_loop(views.overview, orchestrator, cache)
         svg = Markup(chart.last_hour_svg(data["last_hour"]))  # numbers only: nothing user-given
         return page(request, "overview.html", data=data, chart=svg, totals=chart.totals(data["last_hour"]))
 
     async def pipelines_page(request: Request) -> Response:
         filters = views.filters_from(request.query_params)
         try:
-            data = views.pipelines(orchestrator, filters)
+            data = await off_loop(views.pipelines, orchestrator, filters)
         except (InvalidParamsError, PipelineNotFoundError) as exc:
             return page(request, "pipelines.html", status_code=400, data=None, filters=filters, message=str(exc))
         return page(request, "pipelines.html", data=data, filters=filters, message=None)
 
     async def pipeline_page(request: Request) -> Response:
         try:
-            data = views.pipeline(orchestrator, request.path_params["uuid"])
+            data = await off_loop(views.pipeline, orchestrator, request.path_params["uuid"])
         except PipelineNotFoundError as exc:
             return failure(request, exc, api=False)
         return page(request, "pipeline.html", data=data, done=request.query_params.get("done"))
@@ -164,7 +170,7 @@ def create_app(
             )
             return page(request, "error.html", status_code=403, message=message)
         try:
-            done = act(orchestrator, uuid, action, form.get("name"), form.get("payload"))
+            done = await off_loop(act, orchestrator, uuid, action, form.get("name"), form.get("payload"))
         except (PipelineNotFoundError, InvalidStateError, InvalidMessageError, InvalidParamsError) as exc:
             return failure(request, exc, api=False)
         logger.info("dashboard: %s %s by %s", action, uuid, _client(request))
@@ -172,17 +178,18 @@ def create_app(
         return RedirectResponse(f"/pipelines/{uuid}?{urlencode({'done': done})}", status_code=303)
 
     async def api_overview(request: Request) -> Response:
-        return JSONResponse(views.overview(orchestrator, cache))
+        return JSONResponse(await off_loop(views.overview, orchestrator, cache))
 
     async def api_pipelines(request: Request) -> Response:
         try:
-            return JSONResponse(views.pipelines(orchestrator, views.filters_from(request.query_params)))
+            filters = views.filters_from(request.query_params)
+            return JSONResponse(await off_loop(views.pipelines, orchestrator, filters))
         except (InvalidParamsError, PipelineNotFoundError) as exc:
             return failure(request, exc, api=True)
 
     async def api_pipeline(request: Request) -> Response:
         try:
-            return JSONResponse(views.pipeline(orchestrator, request.path_params["uuid"]))
+            return JSONResponse(await off_loop(views.pipeline, orchestrator, request.path_params["uuid"]))
         except PipelineNotFoundError as exc:
             return failure(request, exc, api=True)
 
@@ -201,12 +208,12 @@ def create_app(
         try:
             body = await _json_object(request) if action == "send" else {}
             payload = json.dumps(body["payload"]) if "payload" in body else None  # left out: no payload
-            done = act(orchestrator, uuid, action, body.get("name"), payload)
+            done = await off_loop(act, orchestrator, uuid, action, body.get("name"), payload)
         except (PipelineNotFoundError, InvalidStateError, InvalidMessageError, InvalidParamsError) as exc:
             return failure(request, exc, api=True)
         logger.info("dashboard: API %s %s by %s", action, uuid, _client(request))
         cache.reset()
-        return JSONResponse({"done": done, **views.pipeline(orchestrator, uuid)})
+        return JSONResponse({"done": done, **await off_loop(views.pipeline, orchestrator, uuid)})
 
     action_path = "/pipelines/{uuid}/{action:str}"
     routes = [
@@ -223,6 +230,24 @@ def create_app(
         Mount("/static", StaticFiles(directory=HERE / "static"), name="static"),
     ]
     return Starlette(routes=routes, middleware=[Middleware(HostCheck, allowed=list(allowed_hosts))])
+
+
+def store_caller(orchestrator: Orchestrator) -> Callable[..., Any]:
+    """``await off_loop(fn, *args)``: ``fn(*args)`` in Starlette's thread pool, so that a slow query
+    or a blocking ``on_cancel`` hook holds only its own request, never the event loop (the store is
+    synchronous). On a backend that is not thread-safe the calls take turns."""
+    turns: contextlib.AbstractContextManager[Any] = (
+        contextlib.nullcontext() if orchestrator.store.thread_safe else threading.Lock()
+    )
+
+    def taking_turns(fn: Callable[..., T], *args: Any) -> T:
+        with turns:
+            return fn(*args)
+
+    async def off_loop(fn: Callable[..., T], *args: Any) -> T:
+        return await run_in_threadpool(functools.partial(taking_turns, fn, *args))
+
+    return off_loop
 
 
 def act(orchestrator: Orchestrator, uuid: str, action: str, name: Any, payload: Any) -> str:

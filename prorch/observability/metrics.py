@@ -6,13 +6,16 @@ stay bounded: pipeline and step names and kinds, never a uuid, params or a tenan
 
 from __future__ import annotations
 
+import platform
 import threading
 import time
 from collections.abc import Iterator, Sequence
 from datetime import datetime, timedelta
+from importlib.metadata import version
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+import prometheus_client
+from prometheus_client import CollectorRegistry, Counter, Histogram, Info
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -26,6 +29,10 @@ GAUGE_SECONDS = 5.0
 """Store-read gauges are reused this long: a scrape every few seconds costs one indexed count."""
 DURATION_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 10, 60, 300, 1800)
 
+# Each counter and histogram would also export a ``_created`` series (its creation time), which
+# doubles the output and which no dashboard reads (also PROMETHEUS_DISABLE_CREATED_SERIES=True).
+prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]
+
 
 class WorkerMetrics(Extension):
     """The metrics of one orchestrator, in their own ``CollectorRegistry`` (``registry``)."""
@@ -35,9 +42,16 @@ class WorkerMetrics(Extension):
         self.registry = registry or CollectorRegistry()
         r = self.registry
         self.transitions = Counter(
-            "prorch_transitions", "Step and pipeline transitions written, by kind (the event type).",
+            "prorch_transitions", "Step transitions written, by kind (the event type).",
             ["pipeline", "step", "kind"], registry=r,
         )  # fmt: skip
+        self.pipeline_transitions = Counter(
+            "prorch_pipeline_transitions", "Pipeline-level transitions written (no step), by kind (the event type).",
+            ["pipeline", "kind"], registry=r,
+        )  # fmt: skip
+        Info("prorch_build", "The prorch and Python versions of this worker.", registry=r).info(
+            {"version": version("prorch"), "python": platform.python_version()}
+        )
         self.hook_failures = Counter(
             "prorch_hook_failures", "Hook calls that raised or failed.", ["pipeline", "step"], registry=r
         )
@@ -83,7 +97,10 @@ class WorkerMetrics(Extension):
     def on_transition(self, pipeline_name: str, events: Sequence[EventRecord], now: datetime) -> Sequence[Record]:
         """Counts the transition's events and stores nothing."""
         for event in events:
-            step = str(event.data.get("step", ""))
+            if "step" not in event.data:
+                self.pipeline_transitions.labels(pipeline_name, event.type.value).inc()
+                continue
+            step = str(event.data["step"])
             self.transitions.labels(pipeline_name, step, event.type.value).inc()
             if event.type == EventType.STEP_RETRYING:
                 self.retries.labels(pipeline_name, step).inc()
@@ -140,8 +157,16 @@ class StoreGauges(Collector):
         for (status, name), count in sorted(totals.items()):
             pipelines.add_metric([status, name], count)
         yield pipelines
-        yield GaugeMetricFamily("prorch_due", "Pending pipelines whose time has come, not leased.", value=stats.due)
-        yield GaugeMetricFamily("prorch_running", "Due pipelines leased by a worker now.", value=stats.running)
+        yield GaugeMetricFamily(
+            "prorch_pipelines_due", "Pending pipelines whose time has come, not leased.", value=stats.due
+        )
+        yield GaugeMetricFamily(
+            "prorch_pipelines_running", "Due pipelines leased by a worker now.", value=stats.running
+        )
+        renamed = (("prorch_due", "prorch_pipelines_due", stats.due),
+                   ("prorch_running", "prorch_pipelines_running", stats.running))  # fmt: skip
+        for old, new, value in renamed:
+            yield GaugeMetricFamily(old, f"Deprecated: use {new} (this name goes in the next release).", value=value)
         lag = (now - stats.oldest_due).total_seconds() if stats.oldest_due else 0.0
         yield GaugeMetricFamily(
             "prorch_oldest_due_age_seconds", "How long the longest-due pipeline no worker holds has waited.", value=lag

@@ -18,7 +18,7 @@ from prorch.runner.state import Run, Writing
 from prorch.runner.turns import Turns
 from prorch.status import EventType, Status
 
-logger = logging.getLogger("prorch.runner")
+logger = logging.getLogger(__name__)
 
 
 class Endings:

@@ -19,7 +19,7 @@ from prorch.runner.journal import Journal
 from prorch.runner.state import Run, Writing
 from prorch.step import Step
 
-logger = logging.getLogger("prorch.runner")
+logger = logging.getLogger(__name__)
 
 OWN_HOOKS = ("on_start", "on_continue")
 """The hooks bounded by the step's deadline; its other hooks get the step's whole ``timeout``."""

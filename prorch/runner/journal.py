@@ -30,7 +30,7 @@ from prorch.status import TERMINAL, Status
 from prorch.step import Step, StepRuntime
 from prorch.store import Store, Write
 
-logger = logging.getLogger("prorch.orchestrator")
+logger = logging.getLogger(__name__)
 
 MAX_MERGES = 1000
 """Outside writes merged into one transition before giving up (a safety net, never reached)."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Mapping
 
+from prorch import defaults
 from prorch.clock import Clock
 from prorch.exceptions import NotRegisteredError, StepTimeoutError
 from prorch.extension import Extensions
@@ -27,12 +28,12 @@ from prorch.runner.turns import Turns
 from prorch.status import TERMINAL
 from prorch.store import Store
 
-logger = logging.getLogger("prorch.runner")
+logger = logging.getLogger(__name__)
 
-DEFAULT_LEASE_SECONDS = 60.0
+DEFAULT_LEASE_SECONDS = defaults.LEASE_SECONDS.default
 DEFAULT_MAX_TURNS_PER_PASS = 100
 """How many step hooks one pipeline may run in one pass before it yields to the others."""
-DEFAULT_MAX_CRASHES = 3
+DEFAULT_MAX_CRASHES = defaults.MAX_CRASHES.default
 """How many workers in a row may die while one of a pipeline's hooks runs before it is quarantined."""
 
 

@@ -51,9 +51,14 @@ def move(record: PipelineRecord | StepRecord, status: Status) -> None:
 
 def start_step(run: Run, step: StepRecord, now: datetime) -> None:
     """The step's ``on_start`` returned: it is pending (the pipeline started with its first step)."""
+    move(step, Status.PENDING)
+    mark_started(run, step, now)
+
+
+def mark_started(run: Run, step: StepRecord, now: datetime) -> None:
+    """The step has started: its time and the history say so (the pipeline's too, with its first)."""
     if not any(s.started_at for s in run.steps):
         run.events.append(new_event(run, EventType.PIPELINE_STARTED, None, now))
-    move(step, Status.PENDING)
     step.started_at = now
     run.pipeline.metadata["current_step"] = step.uuid
     run.events.append(new_event(run, EventType.STEP_STARTED, step, now, attempt=step.attempt))
@@ -75,6 +80,8 @@ def finish_step(run: Run, step: StepRecord, output: Any, now: datetime) -> None:
 
 
 def fail_step(run: Run, step: StepRecord, error: ErrorInfo, now: datetime, **data: Any) -> None:
+    if step.started_at is None and error.hook == "on_start":  # it did start: failing in on_start
+        mark_started(run, step, now)
     step.error = error
     end_step(run, step, Status.FAILED, EventType.STEP_FAILED, now, error=error.message, **data)
 

@@ -31,7 +31,7 @@ from prorch.runner.state import Run, Writing
 from prorch.status import EventType, Status
 from prorch.step import Step, Verdict
 
-logger = logging.getLogger("prorch.runner")
+logger = logging.getLogger(__name__)
 
 STORE_ATTEMPTS = 10
 """Attempts a step gets, at least, when the store fails to take its results (it may be a blip)."""

@@ -7,6 +7,8 @@ from __future__ import annotations
 import http.cookiejar
 import json
 import re
+import threading
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -204,3 +206,43 @@ def test_parents_children_and_results_are_shown(tmp_path: Path) -> None:
         assert 'id="children"' in page and f'href="/pipelines/{child}"' in page and "&#34;sum&#34;: 3" in page
         page = urllib.request.urlopen(f"{base}/pipelines/{child}", timeout=10).read().decode()
         assert f'href="/pipelines/{parent}" id="parent"' in page
+
+
+def test_a_held_request_does_not_hold_the_others(shop: tuple[Path, list[str]], tmp_path: Path) -> None:
+    """The store is synchronous: a route that queried it on the event loop stopped every other
+    request until it returned. A cancel whose ``on_cancel`` waits for the test's word (its hook
+    writes ``hold.end`` when it returns) holds one request; the overview, a pipeline, the list and
+    a page are each answered while that hook is still waiting."""
+    workdir, uuids = shop
+    hold = tmp_path / "hold"
+    started, ended, release = (Path(f"{hold}.{suffix}") for suffix in ("start", "end", "release"))
+    answered: list[str] = []
+    with dashboard(workdir, token=TOKEN, SHOP_CANCEL_HOLD=str(hold)) as (base, _):
+
+        def cancel() -> None:
+            url = base + f"/api/pipelines/{uuids[3]}/cancel"
+            request = urllib.request.Request(
+                url, data=b"{}", method="POST", headers={"Authorization": f"Bearer {TOKEN}"}
+            )
+            with urllib.request.urlopen(request, timeout=60) as response:
+                body = json.loads(response.read())
+            answered.append(f"cancel {response.status} {body['pipeline']['status']} hook ended={ended.exists()}")
+
+        first = threading.Thread(target=cancel)
+        first.start()
+        deadline = time.monotonic() + 30
+        while not started.exists():  # the cancel is inside its hook now
+            assert time.monotonic() < deadline and first.is_alive(), answered
+            time.sleep(0.05)
+        for path in ("/api/overview", f"/api/pipelines/{uuids[0]}", "/api/pipelines?status=finished", "/"):
+            with urllib.request.urlopen(base + path, timeout=60) as response:
+                answered.append(f"{path} {response.status} hook ended={ended.exists()}")
+        release.write_text("go")
+        first.join(timeout=60)
+    assert answered == [
+        "/api/overview 200 hook ended=False",
+        f"/api/pipelines/{uuids[0]} 200 hook ended=False",
+        "/api/pipelines?status=finished 200 hook ended=False",
+        "/ 200 hook ended=False",
+        "cancel 200 cancelled hook ended=True",
+    ]

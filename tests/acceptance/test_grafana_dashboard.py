@@ -100,7 +100,8 @@ def test_the_grafana_dashboard_against_a_real_prometheus(tmp_path: Path) -> None
     url = f"sqlite:///{tmp_path / 'prorch.db'}"
     (tmp_path / "photos.py").write_text(APP)
     env = {k: v for k, v in os.environ.items() if not k.startswith("PRORCH_")}
-    env["PYTHONPATH"] = str(tmp_path)
+    code = os.environ.get("PYTHONPATH")  # the code under test, when a worktree sets it
+    env["PYTHONPATH"] = os.pathsep.join([str(tmp_path), code]) if code else str(tmp_path)
     worker_port, prometheus_port = free_port(), free_port()
     (tmp_path / "prometheus.yml").write_text(prometheus_config(worker_port))
     prometheus_url = f"http://127.0.0.1:{prometheus_port}"

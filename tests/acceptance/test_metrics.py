@@ -99,7 +99,9 @@ def test_metrics_and_health_of_a_real_worker(tmp_path: Path) -> None:
                 break
             time.sleep(0.3)
         assert status == 200
-        assert value(text, 'prorch_transitions_total{kind="pipeline.finished",pipeline="Job",step=""}') == 3
+        # pipeline-level transitions in their own family, with no empty step label (#31)
+        assert value(text, 'prorch_pipeline_transitions_total{kind="pipeline.finished",pipeline="Job"}') == 3
+        assert 'step=""' not in text
         assert value(text, 'prorch_transitions_total{kind="step.finished",pipeline="Job",step="Quick"}') == 3
         assert value(text, 'prorch_retries_total{pipeline="FlakyJob",step="Flaky"}') == 1
         assert value(text, 'prorch_hook_failures_total{pipeline="FlakyJob",step="Flaky"}') == 1
@@ -107,7 +109,12 @@ def test_metrics_and_health_of_a_real_worker(tmp_path: Path) -> None:
         assert value(text, "prorch_pass_duration_seconds_count") >= 2
         assert value(text, "prorch_start_lag_seconds_count") >= 4
         assert value(text, 'prorch_pipelines{pipeline="Job",status="finished"}') == 3
-        assert value(text, "prorch_due") == 0
+        assert value(text, "prorch_pipelines_due") == 0 and value(text, "prorch_pipelines_running") == 0
+        assert value(text, "prorch_due") == 0  # the old name, deprecated, kept one release
+        assert "# HELP prorch_due Deprecated: use prorch_pipelines_due" in text
+        assert "_created" not in text  # prometheus_client's _created series doubled the output
+        build = next(line for line in text.splitlines() if line.startswith("prorch_build_info{"))
+        assert f'python="{sys.version_info.major}.{sys.version_info.minor}.' in build and 'version="' in build
         assert "uuid" not in text  # labels stay bounded: never a pipeline's uuid
         status, body = fetch(base + "/healthz")
         assert status == 200 and body.startswith("ok")

@@ -30,6 +30,7 @@ from prorch.limits import ClaimLimit
 from prorch.records import ErrorInfo, new_uuid
 from prorch.registry import Registry
 from prorch.repository import SupportsLimitedClaim
+from prorch.store import Store
 from prorch.testing import Harness
 from tests.support.builders import pipeline_of
 
@@ -222,6 +223,42 @@ def test_a_claim_takes_only_the_classes_the_worker_has(backend: Any, limited: bo
         rows["p2"]["uuid"],
         rows["new"]["uuid"],
     }
+
+
+MIXED = {  # name: (priority, minutes overdue); the claim order, by the rule, is the listed order
+    "urgent-old": (9, 30),
+    "urgent-new": (9, 1),
+    "normal-oldest": (0, 120),
+    "normal-old": (0, 45),
+    "normal-new": (0, 2),
+    "low-old": (-3, 90),
+    "low-new": (-3, 5),
+}
+
+
+@pytest.mark.parametrize("how", ["due", "claim", "limited claim"])
+def test_every_backend_claims_in_the_one_order(backend: Any, how: str) -> None:
+    """Highest priority first, then the longest due (``prorch.due.CLAIM_ORDER``), whether the
+    backend orders in SQL, in Python, or the engine's fallback does for a four-method
+    repository; saved in an order that is neither, so that no order falls out by accident."""
+    repo = backend("PIPELINE")
+    uuids = {}
+    for name in ("normal-new", "low-old", "urgent-new", "normal-oldest", "low-new", "urgent-old", "normal-old"):
+        priority, overdue = MIXED[name]
+        row = pipeline_row(name=name, priority=priority, next_run_at=(NOW - timedelta(minutes=overdue)).isoformat())
+        repo.save(row)
+        uuids[row["uuid"]] = name
+    store = Store(backend)
+    until = NOW + timedelta(seconds=60)
+    if how == "due":
+        found = store.due(NOW, 100)
+    elif how == "claim":
+        found = store.claim_due(NOW, "me", until, 100)
+    else:
+        found = store.claim_due(NOW, "me", until, 100, {name: ClaimLimit(max_running=10) for name in MIXED})
+    assert [uuids[record.uuid] for record in found] == list(MIXED)
+    if how == "due":  # a limit takes the first ones
+        assert [uuids[record.uuid] for record in store.due(NOW, 3)] == list(MIXED)[:3]
 
 
 def test_claim_one_respects_a_live_lease(backend: Any) -> None:

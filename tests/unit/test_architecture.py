@@ -89,3 +89,24 @@ def test_every_module_belongs_to_a_layer() -> None:
     modules = grimp.build_graph("prorch", cache_dir=None).modules - {"prorch"}
     unlisted = sorted(m for m in modules if not any(m == name or m.startswith(name + ".") for name in listed))
     assert unlisted == []
+
+
+def test_each_module_logs_under_its_own_name() -> None:
+    """A module's ``logger`` is named after the module (``repositories.*`` under ``prorch.``), so
+    that a log line says where it came from and ``prorch.X`` can be set to its own level."""
+    import importlib
+    import logging
+    import pkgutil
+
+    wrong = {}
+    for package in ("prorch", "repositories"):
+        root = importlib.import_module(package)
+        for info in pkgutil.walk_packages(root.__path__, f"{package}."):
+            if ".migrations." in info.name or info.name.endswith(".__main__"):
+                continue
+            logger = getattr(importlib.import_module(info.name), "logger", None)
+            if isinstance(logger, logging.Logger):
+                wanted = info.name if package == "prorch" else f"prorch.{info.name}"
+                if logger.name != wanted:
+                    wrong[info.name] = logger.name
+    assert wrong == {}

@@ -3,11 +3,15 @@ origin of every value; the acceptance tests cover the same through the CLI."""
 
 from __future__ import annotations
 
+import inspect
+import re
 from pathlib import Path
+from typing import Any
 
 import pytest
+from pydantic import ValidationError
 
-from prorch.config import Settings, load_settings
+from prorch.config import Settings, SettingsFields, load_settings
 from prorch.exceptions import ConfigurationError
 
 
@@ -107,3 +111,50 @@ def test_group_commit_reaches_the_orchestrator_from_the_environment_and_the_flag
     monkeypatch.setenv("PRORCH_GROUP_COMMIT", "0")
     with pytest.raises(ConfigurationError, match="group_commit"):
         load_settings(cwd=tmp_path)
+
+
+def orchestrator_accepts(name: str, value: Any) -> bool:
+    from prorch import Orchestrator
+    from repositories.memory import MemoryBackend
+
+    try:
+        Orchestrator(MemoryBackend(), **{name: value}).close()
+    except ConfigurationError:
+        return False
+    return True
+
+
+def settings_accept(name: str, value: Any) -> bool:
+    try:
+        SettingsFields.model_validate({name: value})
+    except ValidationError:
+        return False
+    return True
+
+
+def test_the_settings_and_the_orchestrator_agree_on_defaults_and_bounds() -> None:
+    """A setting given to ``prorch worker`` and the same given to ``Orchestrator(...)`` take the
+    same default and refuse the same values (they once drifted: ``max_crashes = 0`` was refused
+    in ``prorch.toml`` and taken by ``Orchestrator(max_crashes=0)``)."""
+    from prorch import Orchestrator
+
+    keywords = inspect.signature(Orchestrator.__init__).parameters
+    shared = [
+        name for name in SettingsFields.model_fields if name in keywords and name not in ("repository", "retention")
+    ]
+    assert {"concurrency", "batch_size", "lease_seconds", "max_crashes", "max_abandoned_hooks"} <= set(shared)
+    for name in shared:
+        assert keywords[name].default == SettingsFields.model_fields[name].default, name
+        for value in (-1, 0, 0.5, 1, 2, 65535, 65536, None):
+            assert orchestrator_accepts(name, value) == settings_accept(name, value), (name, value)
+    interval = inspect.signature(Orchestrator.run_forever).parameters["interval"].default
+    assert interval == SettingsFields.model_fields["interval"].default
+
+
+def test_the_documented_defaults_are_the_defaults() -> None:
+    """docs/configuration.md's table states each numeric setting's default as the code has it."""
+    table = (Path(__file__).resolve().parents[2] / "docs" / "configuration.md").read_text()
+    documented = dict(re.findall(r"^\| `([a-z_]+)` \| `([0-9.]+)` \|", table, re.MULTILINE))
+    assert {"interval", "concurrency", "lease_seconds", "max_crashes", "dashboard_port"} <= set(documented)
+    for name, text in documented.items():
+        assert str(SettingsFields.model_fields[name].default) == text, name
