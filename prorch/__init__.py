@@ -4,6 +4,7 @@ Declare ``Pipeline`` and ``Step`` subclasses, store runs through any ``IReposito
 let an ``Orchestrator`` (cron or worker) resume every pipeline that has work due.
 """
 
+from prorch import features as _features  # noqa: F401 - registers the built-in features (schedules, reactions, ...)
 from prorch import legacy as _legacy
 from prorch.clock import Clock, FakeClock, SystemClock
 from prorch.exceptions import (
@@ -34,6 +35,7 @@ from prorch.exceptions import (
     WaitTimeoutError,
     WorkerCrashed,
 )
+from prorch.extension import Extension
 from prorch.listing import PipelinePage
 from prorch.mixins import OnContinueMixin, OnStartMixin
 from prorch.orchestrator import Orchestrator, OrchestratorConfig
@@ -82,6 +84,7 @@ __all__ = [
     "ErrorInfo",
     "EventRecord",
     "EventType",
+    "Extension",
     "FakeClock",
     "IRepository",
     "InvalidKeyError",

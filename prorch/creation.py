@@ -158,7 +158,7 @@ def store_new(store: Store, groups: list[list[Record]], now: datetime, registry:
     records = [record for group in groups for record in group]
     pipelines = [record for record in records if isinstance(record, PipelineRecord)]
     created = [record for record in records if isinstance(record, EventRecord)]
-    triggered = registry.records_for_events(pipelines[0].name, created, now) if pipelines else []
+    triggered = registry.records_for_created(pipelines[0].name, created, now) if pipelines else []
     order = {StepRecord.MODEL: 0, EventRecord.MODEL: 1, PipelineRecord.MODEL: 2}
     store.insert_all([*triggered, *sorted(records, key=lambda record: order[record.MODEL])])
     return pipelines

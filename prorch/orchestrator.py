@@ -8,13 +8,13 @@ import itertools
 import logging
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from prorch import defaults, outside, reactions, scheduling, signals, tracing
+from prorch import defaults, outside, signals
 from prorch import retention as retention_module
 from prorch.clock import Clock
 from prorch.due import Runnable
@@ -30,10 +30,10 @@ from prorch.exceptions import (
     WaitTimeoutError,
     WorkerUnhealthyError,
 )
+from prorch.extension import Extension, Extensions, builtin_extensions
 from prorch.hooks import HookCaller
 from prorch.keys import uuid_for_key
 from prorch.leases import LeaseKeeper
-from prorch.limits import ClaimLimit, limits_of
 from prorch.listing import PipelinePage
 from prorch.outage import Outage
 from prorch.pipeline import new_owner_id
@@ -41,7 +41,7 @@ from prorch.policy import StepOverride
 from prorch.records import EventRecord, MessageRecord, PipelineRecord, StepRecord
 from prorch.registry import Registry, current_registry
 from prorch.repository import PipelineQuery, RepositoryLike
-from prorch.results import CHILD_ENDED, result_of
+from prorch.results import result_of
 from prorch.retention import PurgeSummary
 from prorch.runner import (
     DEFAULT_LEASE_SECONDS,
@@ -64,8 +64,6 @@ logger = logging.getLogger("prorch.orchestrator")
 DEFAULT_CONCURRENCY = defaults.CONCURRENCY.default
 DEFAULT_BATCH_SIZE = defaults.BATCH_SIZE.default
 DEFAULT_GROUP_COMMIT = defaults.GROUP_COMMIT.default
-PURGE_EVERY_SECONDS = 600.0
-"""How often a worker with `retention` purges (the first time at its first pass)."""
 DEFAULT_INTERVAL_SECONDS = defaults.INTERVAL.default
 DEFAULT_SHUTDOWN_GRACE_SECONDS = defaults.SHUTDOWN_GRACE.default
 
@@ -99,6 +97,7 @@ class Orchestrator:
         retention: timedelta | None = None,
         clock: Clock | None = None,
         registry: Registry | None = None,
+        extensions: Iterable[Extension] = (),
     ) -> None:
         if repository is None and config is not None:
             repository = config.repository_class
@@ -117,10 +116,10 @@ class Orchestrator:
                 f"Orchestrator(retention={retention!r}): retention must be None or a timedelta >= 0"
             )
         self.store = Store(repository)
-        self._stop = threading.Event()
+        self.stopped = threading.Event()
+        self._stop = self.stopped
         self.clock: Clock = self.store.clock(clock)
         self.registry = registry or current_registry()
-        reactions.install(self.registry)  # this worker runs the reaction tasks stored by any process
         self.owner = new_owner_id()
         self._claims = itertools.count(1)
         self.batch_size = batch_size
@@ -128,17 +127,11 @@ class Orchestrator:
         self.lease_seconds = lease_seconds
         self.shutdown_grace = shutdown_grace
         self.retention = retention
-        self._last_purge = 0.0
-        self._purging: threading.Thread | None = None
         self.last_loop = time.monotonic()  # run_forever's heartbeat, for health checks
         self.outage = Outage(DEFAULT_INTERVAL_SECONDS)
         """Whether run_forever finds the store unreachable (health checks say so)."""
-        self.pass_observers: list[Callable[[PassSummary, list[float], float], None]] = []
-        """Told (summary, each claimed pipeline's seconds from due to claim, the pass's seconds)
-        after every pass (metrics)."""
-        self.lease_observers: list[Callable[[str], None]] = []
-        """Told (pipeline name) when a lease this worker held was lost: its renewal was refused
-        (metrics)."""
+        self.extensions = Extensions()
+        """The features attached (``prorch.extension``): the built-in ones, then ``extensions``."""
         # Hooks run in threads only on a backend that says it is thread-safe.
         self.concurrency = concurrency if self.store.thread_safe else 1
         self.max_abandoned_hooks = concurrency if max_abandoned_hooks is None else max_abandoned_hooks
@@ -155,8 +148,18 @@ class Orchestrator:
             hooks=self.hooks,
             should_stop=self._stopping,
             request_stop=self.stop,
+            extensions=self.extensions,
         )
-        self._pass_span = tracing.install(self.registry, self.runner.invoker.hook_spans)
+        for extension in [*builtin_extensions(self), *self.registry.extensions, *extensions]:
+            self.add_extension(extension)
+
+    def add_extension(self, extension: Extension) -> None:
+        """Attach a feature (``extension.setup(self)`` first); a worker already running does
+        not call its ``start``. One already attached is not attached again."""
+        if extension in self.extensions:
+            return
+        extension.setup(self)
+        self.extensions.add(extension)
 
     # --- the pass -------------------------------------------------------------------------------
 
@@ -168,26 +171,25 @@ class Orchestrator:
     def execute_pipelines(self) -> PassSummary:
         """One pass: claim the due pipelines (up to ``batch_size``), advance each, and return
         what happened. One pipeline's error is logged and recorded, and the pass goes on."""
-        if self._pass_span is None:
+        if not self.extensions.by_hook["around_pass"]:
             return self._pass()
-        with self._pass_span():
+        with self.extensions.around_pass():
             return self._pass()
 
     def _pass(self) -> PassSummary:
         self.store.warn_if_unguarded()
         started = time.perf_counter()
         summary = PassSummary()
-        summary.scheduled, failed = scheduling.create_due(self.store, self.registry, self.clock)
-        summary.errors.update(failed)
+        self.extensions.pass_started(summary)
         since = time.monotonic()  # before the lease's time is read: see LeaseKeeper
         now = self.clock.now()
         lease_until = now + timedelta(seconds=self.lease_seconds)
         claimed = self.store.claim_due(
-            now, self.new_lease_token(), lease_until, self.batch_size, self._limits(), self.runnable()
+            now, self.new_lease_token(), lease_until, self.batch_size, self.extensions.claim_limits(), self.runnable()
         )
         summary.claimed = len(claimed)
         lags = [(now - p.next_run_at).total_seconds() for p in claimed if p.next_run_at is not None]
-        with LeaseKeeper(self.store, self.lease_seconds, self.clock, self._lease_lost) as keeper:
+        with LeaseKeeper(self.store, self.lease_seconds, self.clock, self.extensions.lease_lost) as keeper:
             keeper.hold(claimed, since)
             steps = self.store.steps_of_many([pipeline.uuid for pipeline in claimed])  # one read, not one each
             writings = [self._advancing(pipeline, keeper, steps.get(pipeline.uuid)) for pipeline in claimed]
@@ -210,12 +212,11 @@ class Orchestrator:
             if isinstance(result, Outcome):
                 summary.add(result)
                 if result.status in TERMINAL:
-                    self._ended(pipeline, result.status)
+                    self.extensions.call("on_ended", pipeline, result.status)
             else:
                 summary.errors[pipeline.uuid] = result
         summary.abandoned_hooks = self.hooks.abandoned
-        for observer in self.pass_observers:
-            observer(summary, lags, time.perf_counter() - started)
+        self.extensions.call("on_pass_end", summary, lags, time.perf_counter() - started)
         if summary.did_something:
             logger.info(
                 "pass: claimed %d, finished %d, failed %d, waiting %d, blocked %d, errors %d",
@@ -231,15 +232,6 @@ class Orchestrator:
     def runnable(self) -> Runnable:
         """The (name, version) of every pipeline class registered here: what this worker claims."""
         return frozenset((name, version) for name, versions in self.registry.pipelines.items() for version in versions)
-
-    def _limits(self) -> dict[str, ClaimLimit]:
-        """The limits of each registered pipeline name that declares some (its newest version's)."""
-        limits = {}
-        for name, versions in self.registry.pipelines.items():
-            limit = limits_of(versions[max(versions)])
-            if limit is not None:
-                limits[name] = limit
-        return limits
 
     def _advancing(
         self, pipeline: PipelineRecord, keeper: LeaseKeeper, steps: list[StepRecord] | None
@@ -277,10 +269,6 @@ class Orchestrator:
         finally:
             keeper.drop(pipeline.uuid)  # its last write is stored: the lease is released
 
-    def _lease_lost(self, pipeline_name: str) -> None:
-        for observer in self.lease_observers:
-            observer(pipeline_name)
-
     def run_forever(self, interval: float = DEFAULT_INTERVAL_SECONDS) -> None:
         """Run passes every ``interval`` seconds until ``stop()`` or SIGTERM/SIGINT; a pass with
         a full batch is followed at once by the next. Raises ``WorkerUnhealthyError`` when more
@@ -289,6 +277,7 @@ class Orchestrator:
         restore = signals.stop_on_signals(self.stop, self._stopping, self.shutdown_grace)
         if not self.outage.down:
             self.outage = Outage(interval)
+        self.extensions.call("start")
         try:
             while not self._stop.is_set():
                 self.last_loop = time.monotonic()
@@ -298,7 +287,6 @@ class Orchestrator:
                     self._stop.wait(self.outage.failed(exc))
                     continue
                 self.outage.recovered()
-                self._purge_now_and_then()
                 if summary.abandoned_hooks > self.max_abandoned_hooks:
                     raise WorkerUnhealthyError(
                         f"{summary.abandoned_hooks} hung hook threads are still running (limit "
@@ -308,8 +296,7 @@ class Orchestrator:
                     self._stop.wait(interval)
         finally:
             restore()
-            if self._purging is not None:  # told to stop by _stop: it ends its batch and logs what it did
-                self._purging.join(self.shutdown_grace)
+            self.extensions.call("stop")  # a background task ends what it is doing, within shutdown_grace
             self.close()
 
     def purge(
@@ -323,29 +310,6 @@ class Orchestrator:
         ``older_than`` ago, with their steps, events and messages, ``batch_size`` per short
         transaction so that running workers wait at most one batch. ``dry_run`` only counts."""
         return retention_module.purge(self.store, self.clock, older_than, statuses, batch_size, dry_run)
-
-    def _purge_now_and_then(self) -> None:
-        """The worker's ``retention``: a purge every ``PURGE_EVERY_SECONDS``, in a thread of its
-        own where the store allows it, so that the loop (and its health check) goes on while a
-        large purge runs; a failure is logged."""
-        if self.retention is None or time.monotonic() - self._last_purge < PURGE_EVERY_SECONDS:
-            return
-        if self._purging is not None and self._purging.is_alive():
-            return  # the last one is still going
-        self._last_purge = time.monotonic()
-        if not self.store.thread_safe:
-            self._purge_logged(self.retention)
-            return
-        self._purging = threading.Thread(
-            target=self._purge_logged, args=(self.retention,), name="prorch-retention", daemon=True
-        )
-        self._purging.start()
-
-    def _purge_logged(self, older_than: timedelta) -> None:
-        try:
-            retention_module.purge(self.store, self.clock, older_than, stop=self._stop)
-        except (RepositoryError, ConfigurationError) as exc:
-            logger.error("retention: purge failed, trying again in %.0fs: %s", PURGE_EVERY_SECONDS, exc)
 
     def close(self) -> None:
         """Stop the event loop of async hooks (``run_forever`` does it on its way out). The
@@ -488,14 +452,15 @@ class Orchestrator:
         if record.status in TERMINAL:
             raise InvalidStateError(f"pipeline {uuid} is already {record.status.value}; nothing to cancel")
         self._require_code(record, "cancelled")  # before the claim: a refusal leaves no lease behind
-        cancelled = self._cancel_here(uuid)
+        cancelled = self.cancel_here(uuid)
         if cancelled is not None:
-            self._ended(cancelled, Status.CANCELLED)
+            self.extensions.call("on_ended", cancelled, Status.CANCELLED)
         return self.get(uuid)
 
-    def _cancel_here(self, uuid: str) -> PipelineRecord | None:
-        """Cancel a pipeline in this process and return it; None when it had ended already, or
-        another worker holds it (a cancel request is stored for that worker)."""
+    def cancel_here(self, uuid: str) -> PipelineRecord | None:
+        """Cancel a pipeline in this process and return it, with no ``on_ended`` told; None when
+        it had ended already, or another worker holds it (a cancel request is stored for that
+        worker)."""
         now = self.clock.now()
         claimed = self.store.claim_one(uuid, now, self.new_lease_token(), now + timedelta(seconds=self.lease_seconds))
         if claimed is None:
@@ -505,41 +470,6 @@ class Orchestrator:
             return None
         self.runner.cancel(claimed)
         return claimed
-
-    def _ended(self, record: PipelineRecord, status: Status) -> None:
-        """After a pipeline ended: wake its parent with a ``CHILD_ENDED`` message (its
-        ``child_result`` consumes it; ``receive(CHILD_ENDED)`` reads it), and cancel its unended
-        children if it was cancelled (``cancel_children``, default on), and theirs, to any
-        depth: a list of pipelines to tell, not a recursion. A failure here is logged: the
-        parent's own wait, or a later cancel, still gets there."""
-        ended = [(record, status)]
-        while ended:
-            record, status = ended.pop()
-            try:
-                parent = self.store.get_pipeline(record.parent_uuid) if record.parent_uuid else None
-                if parent is not None and parent.status not in TERMINAL:
-                    payload = {"child": record.uuid, "status": status.value}
-                    outside.send(self.store, self.clock, parent.uuid, CHILD_ENDED, payload)
-                children = self.store.children_of(record.uuid) if status == Status.CANCELLED else []
-            except ProrchError as exc:
-                _tell_failed(record, status, exc)
-                continue
-            if not children or not self._cancels_children(record):
-                continue
-            for child in children:
-                try:
-                    cancelled = self._cancel_here(child.uuid) if child.status not in TERMINAL else None
-                except ProrchError as exc:
-                    _tell_failed(record, status, exc)
-                    continue
-                if cancelled is not None:
-                    ended.append((cancelled, Status.CANCELLED))
-
-    def _cancels_children(self, record: PipelineRecord) -> bool:
-        try:
-            return bool(self.registry.pipeline(record.name, record.version).cancel_children)
-        except ProrchError:
-            return True
 
     def retry(self, uuid: str) -> PipelineState:
         """Resume a failed pipeline from its failed step, with fresh attempts."""
@@ -576,11 +506,6 @@ class Orchestrator:
         if record is None:
             raise PipelineNotFoundError(f"no pipeline with uuid {uuid} is stored", uuid=uuid)
         return record
-
-
-def _tell_failed(record: PipelineRecord, status: Status, exc: ProrchError) -> None:
-    logger.warning("pipeline %s ended %s; telling its parent or children failed: %s", record.uuid,
-                   status.value, exc, extra={"pipeline_uuid": record.uuid})  # fmt: skip
 
 
 def _non_negative(value: Any) -> bool:

@@ -21,6 +21,7 @@ from typing import Any, ClassVar, TypeVar
 from prorch.creation import build_records
 from prorch.definition import PipelineDefinition
 from prorch.exceptions import RegistrationError
+from prorch.extension import Extension
 from prorch.mixins import HookResult, OnContinueMixin
 from prorch.records import EventRecord, Record
 from prorch.registry import Registry, current_registry
@@ -83,15 +84,17 @@ def on_event(
 
 
 def install(registry: Registry) -> ReactionBook:
-    """Give ``registry`` the reactions feature, once: its book of reactions (an event hook that
-    adds a reaction task to the commit of each event that triggers one) and the internal
-    ``prorch.Reaction`` pipeline that runs those tasks. Returns the registry's book."""
+    """Give ``registry`` the reactions feature, once: its book of reactions (called by the
+    ``prorch.features.Reactions`` extension with each transition's events, it adds a reaction task
+    to the commit of each event that triggers one) and the internal ``prorch.Reaction`` pipeline
+    that runs those tasks. Returns the registry's book."""
     found = book_of(registry)
     if found is not None:
         return found
     book = ReactionBook(registry)
     registry.add_step(book.step)
     registry.add_pipeline(book.pipeline)
+    registry.extensions.append(book)  # with the registry: its orchestrators and pipeline creation
     return book
 
 
@@ -108,9 +111,11 @@ def reactions_of(registry: Registry) -> list[Reaction]:
     return list(book.reactions) if book is not None else []
 
 
-class ReactionBook:
-    """One registry's reactions, the event hook that turns matching events into reaction tasks,
+class ReactionBook(Extension):
+    """One registry's reactions, the extension that turns matching events into reaction tasks,
     and the task pipeline's classes, bound to this book."""
+
+    name = "reactions"
 
     def __init__(self, registry: Registry) -> None:
         self.reactions: list[Reaction] = []
@@ -130,19 +135,16 @@ class ReactionBook:
         self.pipeline: type[PipelineDefinition] = ReactionPipeline
 
     def add(self, reaction: Reaction) -> None:
-        """Register a reaction; the first one hooks the book on the registry's events (until
-        then, a transition pays nothing for the feature)."""
+        """Register a reaction (an orchestrator built before it sees it: they share the book)."""
         existing = self.find(reaction.name)
         if existing is not None:
             self.reactions.remove(existing)  # a module imported again re-registers it
         self.reactions.append(reaction)
-        if self not in self.registry.event_hooks:
-            self.registry.event_hooks.append(self)
 
     def find(self, name: str) -> Reaction | None:
         return next((r for r in self.reactions if r.name == name), None)
 
-    def __call__(self, pipeline_name: str, events: Sequence[EventRecord], now: datetime) -> list[Record]:
+    def on_transition(self, pipeline_name: str, events: Sequence[EventRecord], now: datetime) -> list[Record]:
         """The task records (pipeline, step, created event) for the reactions these events trigger."""
         if not self.reactions or pipeline_name == REACTION_PIPELINE:
             return []

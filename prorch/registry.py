@@ -11,7 +11,7 @@ import logging
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any, Protocol, TypeVar
+from typing import Any, TypeVar
 
 from pydantic import BaseModel
 
@@ -36,13 +36,6 @@ LookedUpT = TypeVar("LookedUpT")
 PipelineT = TypeVar("PipelineT", bound=PipelineDefinition)
 
 
-class EventHook(Protocol):
-    """A feature's hook on stored events (reactions are one): given a pipeline's name and the
-    events of one transition, the records to store in the same commit."""
-
-    def __call__(self, pipeline_name: str, events: Sequence[EventRecord], now: datetime) -> list[Record]: ...
-
-
 @dataclass(frozen=True)
 class Plugin:
     """One registered plugin (see ``prorch.plugins.register_plugin``). Generic plugins
@@ -65,20 +58,23 @@ class Plugin:
 
 
 class Registry:
-    """Pipelines and steps by name, each with one or more versions, the plugins registered for
-    their plugin points, and the event hooks that features (reactions) install."""
+    """Pipelines and steps by name, each with one or more versions, and the plugins registered
+    for their plugin points."""
 
     def __init__(self) -> None:
         self.pipelines: dict[str, dict[int, type[PipelineDefinition]]] = {}
         self.steps: dict[str, dict[int, type[Step]]] = {}
         self.plugins: list[Plugin] = []  # prorch.plugins.register_plugin
-        self.event_hooks: list[EventHook] = []  # e.g. prorch.reactions.install
+        self.extensions: list[Any] = []
+        """Extensions (``prorch.extension.Extension``) that go with this registry wherever it is
+        used: every orchestrator over it takes them, and creating a pipeline calls their
+        ``on_transition`` with its ``pipeline.created`` events (reactions: ``prorch.reactions.install``)."""
 
-    def records_for_events(self, pipeline_name: str, events: Sequence[EventRecord], now: datetime) -> list[Record]:
-        """What the installed event hooks add to a commit that stores ``events``."""
+    def records_for_created(self, pipeline_name: str, events: Sequence[EventRecord], now: datetime) -> list[Record]:
+        """What this registry's extensions add to the commit creating pipelines (reaction tasks)."""
         added: list[Record] = []
-        for hook in self.event_hooks:
-            added += hook(pipeline_name, events, now)
+        for extension in self.extensions:
+            added += extension.on_transition(pipeline_name, events, now)
         return added
 
     def plugins_for(self, step: str, point: str, tenant: str | None) -> list[Plugin]:

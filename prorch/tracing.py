@@ -2,7 +2,7 @@
 SDK): each pass is a span, each hook call a span in the pipeline's own trace (the one it was
 created in, ``prorch.tracecontext``), so that every resume, in any process, joins it; the
 transitions a pass writes are span events; a hook's exception is recorded on its span. Without
-the API installed, nothing here runs."""
+the API installed, nothing here runs. ``prorch.features.Tracing`` attaches these to an orchestrator."""
 
 from __future__ import annotations
 
@@ -13,7 +13,6 @@ from typing import Any
 
 from prorch import tracecontext
 from prorch.records import EventRecord, PipelineRecord, Record, StepRecord
-from prorch.registry import Registry
 
 try:
     from opentelemetry import context as otel_context
@@ -60,7 +59,7 @@ def pass_span() -> contextlib.AbstractContextManager[Any]:
 
 
 def transition_events(pipeline_name: str, events: Sequence[EventRecord], now: datetime) -> list[Record]:
-    """An event hook: each transition's events become events of the current span; stores nothing."""
+    """Each transition's events become events of the current span; stores nothing."""
     span = trace.get_current_span() if trace is not None else None
     if span is not None and span.is_recording():
         for event in events:  # the uuid names the pipeline (a pass span holds several)
@@ -69,16 +68,3 @@ def transition_events(pipeline_name: str, events: Sequence[EventRecord], now: da
                 attributes["prorch.step"] = str(event.data["step"])
             span.add_event(event.type.value, attributes)
     return []
-
-
-def install(registry: Registry, hook_spans: list[Callable[..., Any]]) -> SpanFactory | None:
-    """Turn tracing on where opentelemetry-api is installed and the app has set a tracer
-    provider (before creating the orchestrator: the ``--app`` module runs first): hook spans
-    (appended to the invoker's ``hook_spans``), transition events (an event hook on
-    ``registry``); the pass's span factory, or None when tracing is off."""
-    if not tracecontext.sdk_configured():
-        return None  # no SDK configured (yet): nothing would record, so a transition pays nothing
-    hook_spans.append(hook_span)
-    if transition_events not in registry.event_hooks:
-        registry.event_hooks.append(transition_events)
-    return pass_span

@@ -1,8 +1,8 @@
-"""Prometheus metrics of one worker process (prometheus_client), attached to an orchestrator:
-counters from the events each transition writes, hook durations from the hook invoker, pass
-durations and start lag from the pass, lost leases from the lease keeper, and gauges read from the store at most every
-``GAUGE_SECONDS``. Labels stay bounded: pipeline and step names and kinds, never a uuid, params
-or a tenant."""
+"""Prometheus metrics of one worker process (prometheus_client), an extension attached to an
+orchestrator: counters from the events each transition writes (``on_transition``), hook
+durations (``on_hook_end``), pass durations and start lag (``on_pass_end``), lost leases
+(``on_lease_lost``), and gauges read from the store at most every ``GAUGE_SECONDS``. Labels
+stay bounded: pipeline and step names and kinds, never a uuid, params or a tenant."""
 
 from __future__ import annotations
 
@@ -19,11 +19,11 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, Info
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from prorch.extension import Extension, PassReport
 from prorch.orchestrator import Orchestrator
 from prorch.records import EventRecord, Record
 from prorch.repository import PipelineStats
 from prorch.status import EventType
-from prorch.summaries import PassSummary
 
 GAUGE_SECONDS = 5.0
 """Store-read gauges are reused this long: a scrape every few seconds costs one indexed count."""
@@ -34,7 +34,7 @@ DURATION_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 10, 60, 300, 1800)
 prometheus_client.disable_created_metrics()  # type: ignore[no-untyped-call]
 
 
-class WorkerMetrics:
+class WorkerMetrics(Extension):
     """The metrics of one orchestrator, in their own ``CollectorRegistry`` (``registry``)."""
 
     def __init__(self, orchestrator: Orchestrator, registry: CollectorRegistry | None = None) -> None:
@@ -90,16 +90,12 @@ class WorkerMetrics:
         r.register(StoreGauges(orchestrator))
 
     def attach(self) -> WorkerMetrics:
-        """Hook the counters onto the orchestrator: its registry's event hooks, its hook
-        invoker's timings, its pass observers."""
-        self.orchestrator.registry.event_hooks.append(self.count_events)
-        self.orchestrator.runner.invoker.timings.append(self.hook_timed)
-        self.orchestrator.pass_observers.append(self.pass_done)
-        self.orchestrator.lease_observers.append(self.lease_lost)
+        """Attach the counters to the orchestrator, as one of its extensions."""
+        self.orchestrator.add_extension(self)
         return self
 
-    def count_events(self, pipeline_name: str, events: Sequence[EventRecord], now: datetime) -> list[Record]:
-        """An event hook: counts the transition's events and stores nothing."""
+    def on_transition(self, pipeline_name: str, events: Sequence[EventRecord], now: datetime) -> Sequence[Record]:
+        """Counts the transition's events and stores nothing."""
         for event in events:
             if "step" not in event.data:
                 self.pipeline_transitions.labels(pipeline_name, event.type.value).inc()
@@ -115,15 +111,15 @@ class WorkerMetrics:
                     self.quarantines.labels(pipeline_name).inc()
             if event.data.get("timeout"):
                 self.timeouts.labels(pipeline_name, step).inc()
-        return []
+        return ()
 
-    def hook_timed(self, pipeline_name: str, step_name: str, hook: str, seconds: float) -> None:
+    def on_hook_end(self, pipeline_name: str, step_name: str, hook: str, seconds: float) -> None:
         self.hook_seconds.labels(pipeline_name, step_name, hook).observe(seconds)
 
-    def lease_lost(self, pipeline_name: str) -> None:
+    def on_lease_lost(self, pipeline_name: str) -> None:
         self.leases_lost.labels(pipeline_name).inc()
 
-    def pass_done(self, summary: PassSummary, lags: list[float], seconds: float) -> None:
+    def on_pass_end(self, summary: PassReport, lags: Sequence[float], seconds: float) -> None:
         self.pass_seconds.observe(seconds)
         for lag in lags:
             self.start_lag.observe(max(lag, 0.0))

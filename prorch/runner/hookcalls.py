@@ -7,14 +7,13 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from contextlib import AbstractContextManager, ExitStack
 from datetime import datetime, timedelta
-from typing import Any
 
 from prorch.clock import Clock
+from prorch.extension import Extensions
 from prorch.hooks import HookCaller
 from prorch.policy import Policies
-from prorch.records import ErrorInfo, PipelineRecord, StepRecord
+from prorch.records import ErrorInfo, StepRecord
 from prorch.runner import transitions
 from prorch.runner.journal import Journal
 from prorch.runner.state import Run, Writing
@@ -30,17 +29,21 @@ class HookInvoker:
     """Calls hooks for the runner, each within its time bound."""
 
     def __init__(
-        self, journal: Journal, hooks: HookCaller, clock: Clock, policies: Policies, hook_timeout: float | None
+        self,
+        journal: Journal,
+        hooks: HookCaller,
+        clock: Clock,
+        policies: Policies,
+        hook_timeout: float | None,
+        extensions: Extensions | None = None,
     ) -> None:
         self.journal = journal
         self.hooks = hooks
         self.clock = clock
         self.policies = policies
         self.hook_timeout = hook_timeout
-        self.timings: list[Callable[[str, str, str, float], None]] = []
-        """Told (pipeline name, step name, hook, seconds) after every hook call (metrics)."""
-        self.hook_spans: list[Callable[[PipelineRecord, StepRecord, str], AbstractContextManager[Any]]] = []
-        """Context managers around every hook call (tracing: ``prorch.tracing.hook_span``)."""
+        self.extensions = extensions or Extensions()
+        """Their ``around_hook`` (tracing's spans) and ``on_hook_end`` (metrics' timings)."""
 
     def bound(self, run: Run, step: StepRecord, now: datetime, *, own_hook: bool) -> float | None:
         """Seconds one hook call may take: until the step's deadline for ``on_start`` and
@@ -63,10 +66,8 @@ class HookInvoker:
         ended = False  # returned or raised: whatever its result, the worker did not die in it
         started = time.perf_counter()
         try:
-            if self.hook_spans:  # tracing: no context manager per hook call otherwise
-                with ExitStack() as spans:
-                    for span in self.hook_spans:
-                        spans.enter_context(span(run.pipeline, step, name))
+            if self.extensions.around_hook:  # no context manager per hook call otherwise
+                with self.extensions.hook_context(run.pipeline, step, name):
                     self.hooks.call(hook, bound, what)
             else:
                 self.hooks.call(hook, bound, what)
@@ -77,8 +78,9 @@ class HookInvoker:
             ended = True
             raise
         finally:
-            for told in self.timings:
-                told(run.pipeline.name, step.name, name, time.perf_counter() - started)
+            if self.extensions.on_hook_end:
+                seconds = time.perf_counter() - started
+                self.extensions.call("on_hook_end", run.pipeline.name, step.name, name, seconds)
             if ended:
                 run.pipeline.crashes = 0
             if keeper is not None and bound is not None:

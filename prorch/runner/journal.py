@@ -19,6 +19,7 @@ from pydantic import BaseModel
 
 from prorch.clock import Clock
 from prorch.exceptions import ConcurrentUpdateError
+from prorch.extension import Extensions
 from prorch.jsonvalue import copy_json
 from prorch.policy import Policies
 from prorch.records import ErrorInfo, PipelineRecord, Record, StepRecord
@@ -46,9 +47,16 @@ class Journal:
     """Loads runs and commits their transitions, against one store."""
 
     def __init__(
-        self, store: Store, registry: Registry, clock: Clock, policies: Policies, lease_seconds: float
+        self,
+        store: Store,
+        registry: Registry,
+        clock: Clock,
+        policies: Policies,
+        lease_seconds: float,
+        extensions: Extensions | None = None,
     ) -> None:
         self.store = store
+        self.extensions = extensions or Extensions()
         self.registry = registry
         self.clock = clock
         self.policies = policies
@@ -120,8 +128,8 @@ class Journal:
                 run, stop=stop, now=now, lease_seconds=self.lease_seconds, policies=self.policies, mark=mark
             )
             added: list[Record] = list(run.events)
-            if self.registry.event_hooks:
-                added += self.registry.records_for_events(pipeline.name, run.events, now)
+            if self.extensions.on_transition:
+                added += self.extensions.records_for(pipeline.name, run.events, now)
             try:
                 yield Write([*steps, pipeline], added, run.consumed)
                 break

@@ -12,6 +12,7 @@ from collections.abc import Callable, Mapping
 from prorch import defaults
 from prorch.clock import Clock
 from prorch.exceptions import NotRegisteredError, StepTimeoutError
+from prorch.extension import Extensions
 from prorch.hooks import HookCaller
 from prorch.leases import LeaseKeeper
 from prorch.policy import Policies, StepOverride
@@ -53,6 +54,7 @@ class Runner:
         hooks: HookCaller | None = None,
         should_stop: Callable[[], bool] = lambda: False,
         request_stop: Callable[[], None] | None = None,
+        extensions: Extensions | None = None,
     ) -> None:
         self.clock = clock
         self.max_turns = max_turns
@@ -61,8 +63,10 @@ class Runner:
         self.hooks = hooks or HookCaller()
         self.should_stop = should_stop
         self.request_stop = request_stop
-        self.journal = Journal(store, registry, clock, self.policies, lease_seconds)
-        self.invoker = HookInvoker(self.journal, self.hooks, clock, self.policies, hook_timeout)
+        self.extensions = extensions or Extensions()
+        """The features' hooks the runner calls: ``around_hook``, ``on_hook_end``, ``on_transition``."""
+        self.journal = Journal(store, registry, clock, self.policies, lease_seconds, self.extensions)
+        self.invoker = HookInvoker(self.journal, self.hooks, clock, self.policies, hook_timeout, self.extensions)
         self.turns = Turns(self.journal, self.invoker, registry, clock, self.policies)
         self.endings = Endings(self.journal, self.invoker, self.turns, clock, self.policies, max_crashes)
 

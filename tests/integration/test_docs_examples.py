@@ -16,6 +16,12 @@ EXPECTED = {
     "plugins.py": ["acme ['Total: 120.00 EUR', 'PO: ACME-", "globex ['Total: 80.00 EUR']"],
     "messages.py": ["before: pending - due again at 2030-01-02", "after: finished {'approved_by': 'alice'}"],
     "reactions.py": ["emailing the customer about order", "notifications: 2"],
+    "audit_log.py": [
+        "status: finished",
+        "audit: Payment pipeline.started -",
+        "audit: Payment step.finished Receipt",
+        "audit: Payment pipeline.finished -",
+    ],
     "async_hooks.py": [
         "finished 20 of 20 in one pass; hooks awaiting at once, at most: 20",
         "first output: {'job': 'job-0'}",

@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 
 from prorch import ConfigurationError, FakeClock, InvalidParamsError, Orchestrator
+from prorch.features import Retention
 from prorch.registry import Registry
 from prorch.status import Status
 from tests.integration.conftest import make_backend
@@ -134,17 +135,19 @@ def test_a_long_purge_does_not_hold_up_the_workers_loop(
         return slow_delete(*args)
 
     monkeypatch.setattr(worker.store, "delete_pipelines", slowly)
+    retention = worker.extensions.find(Retention)
+    assert isinstance(retention, Retention)
     loop = threading.Thread(target=worker.run_forever, kwargs={"interval": 0.05}, daemon=True)
     loop.start()
     try:
         deadline = time.monotonic() + 10
-        while worker._purging is None and time.monotonic() < deadline:
+        while retention._purging is None and time.monotonic() < deadline:
             time.sleep(0.01)
         new = quick.create(url, {}).uuid
         while worker.store.get_pipeline(new).status.value != "finished" and time.monotonic() < deadline:  # type: ignore[union-attr]
             time.sleep(0.02)
         assert worker.store.get_pipeline(new).status.value == "finished"  # type: ignore[union-attr]
-        assert worker._purging is not None and worker._purging.is_alive()  # ... while the purge still runs
+        assert retention._purging is not None and retention._purging.is_alive()  # ... while the purge still runs
         assert time.monotonic() - worker.last_loop < 1  # and the loop's heartbeat goes on
     finally:
         worker.stop()

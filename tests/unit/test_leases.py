@@ -17,6 +17,7 @@ from prorch import Orchestrator, Status, Step
 from prorch import clock as clock_module
 from prorch.clock import ServerAlignedClock, SystemClock
 from prorch.exceptions import ConcurrentUpdateError, LeaseLostError, RepositoryError
+from prorch.extension import Extension
 from prorch.leases import LeaseKeeper
 from prorch.observability.metrics import WorkerMetrics
 from prorch.records import EventRecord, PipelineRecord, Record
@@ -214,31 +215,35 @@ def test_a_refused_renewal_is_logged_and_counted_and_that_pipeline_starts_no_hoo
 def test_an_engine_error_releases_the_lease_and_clears_the_hook_mark(
     registry: Registry, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """An error in the engine (here an event hook), after a hook was marked running: the
-    error is kept on the pipeline, its lease released and its mark cleared, so that the next
-    pass neither waits for the lease nor charges a crash."""
+    """An error in the engine (here an extension's ``on_transition``, whose records a commit
+    needs), after a hook was marked running: the error is kept on the pipeline, its lease
+    released and its mark cleared, so that the next pass neither waits for the lease nor
+    charges a crash."""
     failing = threading.Event()
 
     def on_start(step: Step) -> None:
         failing.set()
 
-    def event_hook(name: str, events: Sequence[EventRecord], now: datetime) -> list[Record]:
-        if failing.is_set():
-            raise RuntimeError("event hook broke")
-        return []
+    class Breaking(Extension):
+        on = True
+
+        def on_transition(self, name: str, events: Sequence[EventRecord], now: datetime) -> list[Record]:
+            if self.on and failing.is_set():
+                raise RuntimeError("event hook broke")
+            return []
 
     flow = pipeline_of(step_of("A", on_start=on_start), step_of("B", on_start=on_start))
-    orchestrator = Orchestrator(f"sqlite:///{tmp_path / 'e.db'}", lease_seconds=60, registry=registry)
+    orchestrator = Orchestrator(
+        f"sqlite:///{tmp_path / 'e.db'}", lease_seconds=60, registry=registry, extensions=[breaking := Breaking()]
+    )
     uuid = flow.create(orchestrator.store.backend).uuid
-    registry.event_hooks.append(event_hook)
     summary = orchestrator.execute_pipelines()
     assert "event hook broke" in summary.errors[uuid]
     stored = orchestrator.store.get_pipeline(uuid)
     assert stored is not None and stored.last_error is not None and "event hook broke" in stored.last_error.message
     assert stored.lease_owner is None and stored.lease_expires_at is None
     assert stored.hook_started_at is None
-    failing.clear()
-    registry.event_hooks.remove(event_hook)
+    breaking.on = False
     with caplog.at_level(logging.WARNING):
         orchestrator.execute_pipelines()
     assert orchestrator.get(uuid).pipeline.status == Status.FINISHED

@@ -28,6 +28,7 @@ from prorch.reactions import reactions_of
 from prorch.records import MessageRecord, new_uuid
 from prorch.registry import Registry
 from prorch.testing import Harness
+from tests.support.builders import pipeline_of, step_of
 
 SEEN: list[Any] = []
 
@@ -252,13 +253,18 @@ def test_a_reaction_task_waits_on_a_worker_that_lacks_the_reaction(registry: Reg
     assert state.steps[0].next_run_at == harness.clock.now() + timedelta(seconds=60)
 
 
-def test_reactions_hook_onto_transitions_only_once_one_is_registered(registry: Registry) -> None:
-    Harness(registry=registry)
-    assert "prorch.Reaction" in registry.pipelines and registry.event_hooks == []  # a transition pays nothing
+def test_reactions_are_one_extension_of_the_registry_seen_by_an_orchestrator_built_before(
+    harness: Harness, registry: Registry
+) -> None:
+    (book,) = registry.extensions  # installed once, by the orchestrator, before any reaction
+    assert "prorch.Reaction" in registry.pipelines and book in harness.orchestrator.extensions
     on_event("pipeline.finished", name="first")(lambda event, ctx: None)
     on_event("pipeline.failed", name="second")(lambda event, ctx: None)
-    assert len(registry.event_hooks) == 1
+    assert registry.extensions == [book] and Harness(harness.repository, registry=registry).orchestrator.extensions
     assert [r.name for r in reactions_of(registry)] == ["first", "second"]
+    flow = pipeline_of(step_of("Quick", lambda self: None), name="Quick")
+    harness.run_until_done(harness.create(flow).uuid)
+    assert len(harness.orchestrator.list_pipelines(name="prorch.Reaction")) == 1
 
 
 def test_a_reaction_can_start_another_version_of_a_pipeline(harness: Harness, registry: Registry) -> None:

@@ -1,0 +1,25 @@
+"""Limits as an extension: each registered pipeline's concurrency and rate limits (its newest
+version's, ``prorch.limits``), handed to the claim."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from prorch.extension import Extension, Host
+from prorch.limits import ClaimLimit, limits_of
+from prorch.registry import Registry
+
+
+class Limits(Extension):
+    """The claim's limits, read from the registry at each pass (a class registered later counts)."""
+
+    def setup(self, host: Host) -> None:
+        self.registry: Registry = host.registry
+
+    def claim_limits(self) -> Mapping[str, ClaimLimit]:
+        limits = {}
+        for name, versions in self.registry.pipelines.items():
+            limit = limits_of(versions[max(versions)])
+            if limit is not None:
+                limits[name] = limit
+        return limits
