@@ -11,9 +11,9 @@ import os
 import threading
 from urllib.parse import urlsplit
 
-from prorch.exceptions import ConfigurationError
-from prorch.repository import RepositoryFactory
-from prorch.secrets import redact_url
+from prorch.model.exceptions import ConfigurationError
+from prorch.model.secrets import redact_url
+from prorch.storage.repository import RepositoryFactory
 from repositories.memory import MemoryBackend, MemoryRepository
 
 DEFAULT_URL = "sqlite:///prorch.db"
