@@ -15,15 +15,9 @@ from prorch.model.exceptions import ConfigurationError
 from prorch.model.secrets import redact_url
 from prorch.storage.repository import RepositoryFactory
 from repositories.memory import MemoryBackend, MemoryRepository
+from repositories.schemes import SUPPORTED_SCHEMES
 
 DEFAULT_URL = "sqlite:///prorch.db"
-SUPPORTED_SCHEMES = (
-    "sqlite:///PATH",
-    "postgresql://USER@HOST/DB",
-    "tinydb:///PATH.json",
-    "memory://",
-    "any SQLAlchemy URL",
-)
 
 
 _backends: dict[tuple[str, int], RepositoryFactory] = {}

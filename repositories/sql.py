@@ -65,6 +65,7 @@ from prorch.storage.repository import IRepository, PipelineQuery, PipelineStats
 from repositories import sql_listing
 from repositories.migrate import MIGRATIONS, upgrade
 from repositories.schema import TABLES, schedule_ticks
+from repositories.schemes import SUPPORTED_SCHEMES
 from repositories.sql_limits import LimitedClaim
 
 __all__ = ["DIALECTS", "MIGRATIONS", "SQLBackend", "SQLRepository", "dialect_class", "upgrade"]
@@ -374,8 +375,6 @@ def _engine(parsed: URL, url: str, options: dict[str, Any]) -> Engine:
     try:
         return create_engine(parsed, **options)
     except NoSuchModuleError as exc:
-        from repositories import SUPPORTED_SCHEMES
-
         raise ConfigurationError(
             f"unsupported repository URL scheme {parsed.drivername!r} in {shown!r}; supported: "
             f"{', '.join(SUPPORTED_SCHEMES)}"

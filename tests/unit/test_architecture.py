@@ -48,10 +48,10 @@ def strongly_connected(graph: dict[str, set[str]]) -> list[set[str]]:
 
 
 def module_graph() -> dict[str, set[str]]:
+    """Every module, package roots (``__init__``) included: a cycle through a package's
+    ``__init__`` is a cycle too."""
     imports = grimp.build_graph("prorch", "repositories", cache_dir=None)
-    # The package itself (prorch/__init__.py) re-exports everything: leave it out, as
-    # import-linter's layers do; a module that imports ``prorch`` would still show below.
-    modules = {m for m in imports.modules if m not in ("prorch", "repositories")}
+    modules = set(imports.modules)
     return {m: imports.find_modules_directly_imported_by(m) & modules for m in modules}
 
 
