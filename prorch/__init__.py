@@ -6,8 +6,12 @@ let an ``Orchestrator`` (cron or worker) resume every pipeline that has work due
 
 from prorch import features as _features  # noqa: F401 - registers the built-in features (schedules, reactions, ...)
 from prorch import legacy as _legacy
-from prorch.clock import Clock, FakeClock, SystemClock
-from prorch.exceptions import (
+from prorch.engine import Outcome
+from prorch.engine.extension import Extension
+from prorch.features.reactions import ReactionContext, on_event
+from prorch.features.tenant_plugins import register_plugin
+from prorch.model.clock import Clock, FakeClock, SystemClock
+from prorch.model.exceptions import (
     ConcurrentUpdateError,
     ConfigurationError,
     CorruptRecordError,
@@ -35,14 +39,8 @@ from prorch.exceptions import (
     WaitTimeoutError,
     WorkerCrashed,
 )
-from prorch.extension import Extension
-from prorch.listing import PipelinePage
-from prorch.mixins import OnContinueMixin, OnStartMixin
-from prorch.orchestrator import Orchestrator, OrchestratorConfig
-from prorch.pipeline import Pipeline
-from prorch.plugins import register_plugin
-from prorch.reactions import ReactionContext, on_event
-from prorch.records import (
+from prorch.model.mixins import OnContinueMixin, OnStartMixin
+from prorch.model.records import (
     ErrorInfo,
     EventRecord,
     MessageRecord,
@@ -50,8 +48,13 @@ from prorch.records import (
     PipelineRecord,
     StepRecord,
 )
-from prorch.registry import Registry, register_pipeline, register_step
-from prorch.repository import (
+from prorch.model.registry import Registry, register_pipeline, register_step
+from prorch.model.status import EventType, RollbackState, Status
+from prorch.model.step import Step
+from prorch.orchestrator import Orchestrator, OrchestratorConfig
+from prorch.pipeline import Pipeline
+from prorch.storage.listing import PipelinePage
+from prorch.storage.repository import (
     IRepository,
     PipelineQuery,
     RepositoryLike,
@@ -65,9 +68,6 @@ from prorch.repository import (
     SupportsSearchMany,
     SupportsTransaction,
 )
-from prorch.runner import Outcome
-from prorch.status import EventType, RollbackState, Status
-from prorch.step import Step
 from prorch.summaries import PassSummary, PipelineState
 
 _legacy.install()

@@ -23,10 +23,10 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
-from prorch import defaults
-from prorch.exceptions import ConfigurationError
-from prorch.listing import parse_age
-from prorch.policy import StepOverride
+from prorch.engine.policy import StepOverride
+from prorch.model import defaults
+from prorch.model.exceptions import ConfigurationError
+from prorch.storage.listing import parse_age
 
 if sys.version_info >= (3, 11):
     from tomllib import TOMLDecodeError
@@ -47,7 +47,7 @@ class PipelineOverride(BaseModel):
 
 
 def ruled(rule: defaults.Rule[Any], description: str) -> Any:
-    """A field whose default and bounds are its rule's in ``prorch.defaults``, which the
+    """A field whose default and bounds are its rule's in ``prorch.model.defaults``, which the
     ``Orchestrator`` checks its arguments by too."""
     finite = None if rule.integer else False  # no inf or nan where a number of seconds is taken
     return Field(

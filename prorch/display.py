@@ -5,10 +5,10 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from prorch.exceptions import ProrchError
-from prorch.records import StepRecord
-from prorch.registry import Registry
-from prorch.status import TERMINAL
+from prorch.model.exceptions import ProrchError
+from prorch.model.records import StepRecord
+from prorch.model.registry import Registry
+from prorch.model.status import TERMINAL
 
 
 def format_time(moment: datetime | None) -> str:

@@ -1,9 +1,9 @@
 """prorch 1.0.1 import paths, kept so that code written for it runs unchanged.
 
 prorch 1.0.1 spread its API over nine sub-packages (``prorch.pipeline.pipeline``,
-``prorch.step.step`` ...). Today's modules are flat; this one module maps each old dotted path to
-the module that now holds those names, by registering it in ``sys.modules`` when ``prorch`` is
-imported. New code should use ``from prorch import ...``.
+``prorch.step.step`` ...). Today they live in the layer packages (``prorch.model`` ...); this
+module maps each old dotted path to the module that now holds those names, by registering it in
+``sys.modules`` when ``prorch`` is imported. New code should use ``from prorch import ...``.
 """
 
 from __future__ import annotations
@@ -11,7 +11,9 @@ from __future__ import annotations
 import sys
 import types
 
-from prorch import exceptions, mixins, orchestrator, pipeline, records, registry, repository, status, step
+from prorch import orchestrator, pipeline
+from prorch.model import exceptions, mixins, records, registry, status, step
+from prorch.storage import repository
 
 #: old dotted path -> names it exported, and where those names live now.
 LEGACY_MODULES: dict[str, dict[str, object]] = {
@@ -42,8 +44,15 @@ LEGACY_MODULES: dict[str, dict[str, object]] = {
 }
 
 
+#: 1.0.1 parents that were flat modules of their own until #26 moved them into ``prorch.model``:
+#: ``from prorch.step import Step`` still finds the module beside ``prorch.step.step``.
+LEGACY_PARENTS: dict[str, types.ModuleType] = {"prorch.step": step, "prorch.mixins": mixins}
+
+
 def install() -> None:
     """Register the old module paths (and their missing parent packages) in ``sys.modules``."""
+    for dotted, module in LEGACY_PARENTS.items():
+        sys.modules.setdefault(dotted, module)
     for dotted, names in LEGACY_MODULES.items():
         if dotted in sys.modules:
             continue

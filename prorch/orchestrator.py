@@ -14,11 +14,25 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from prorch import defaults, outside, signals
-from prorch import retention as retention_module
-from prorch.clock import Clock
-from prorch.due import Runnable
-from prorch.exceptions import (
+from prorch import signals
+from prorch.engine import (
+    DEFAULT_LEASE_SECONDS,
+    DEFAULT_MAX_CRASHES,
+    DEFAULT_MAX_TURNS_PER_PASS,
+    Outcome,
+    Runner,
+    Writing,
+    write_each,
+    write_in_rounds,
+)
+from prorch.engine.bounded_calls import HookCaller
+from prorch.engine.extension import Extension, Extensions, builtin_extensions
+from prorch.engine.outage import Outage
+from prorch.engine.policy import StepOverride
+from prorch.model import defaults
+from prorch.model.clock import Clock
+from prorch.model.due import Runnable
+from prorch.model.exceptions import (
     ConcurrentUpdateError,
     ConfigurationError,
     InvalidStateError,
@@ -30,31 +44,18 @@ from prorch.exceptions import (
     WaitTimeoutError,
     WorkerUnhealthyError,
 )
-from prorch.extension import Extension, Extensions, builtin_extensions
-from prorch.hooks import HookCaller
-from prorch.keys import uuid_for_key
-from prorch.leases import LeaseKeeper
-from prorch.listing import PipelinePage
-from prorch.outage import Outage
+from prorch.model.keys import uuid_for_key
+from prorch.model.records import EventRecord, MessageRecord, PipelineRecord, StepRecord
+from prorch.model.registry import Registry, current_registry
+from prorch.model.status import TERMINAL, Status
 from prorch.pipeline import new_owner_id
-from prorch.policy import StepOverride
-from prorch.records import EventRecord, MessageRecord, PipelineRecord, StepRecord
-from prorch.registry import Registry, current_registry
-from prorch.repository import PipelineQuery, RepositoryLike
-from prorch.results import result_of
-from prorch.retention import PurgeSummary
-from prorch.runner import (
-    DEFAULT_LEASE_SECONDS,
-    DEFAULT_MAX_CRASHES,
-    DEFAULT_MAX_TURNS_PER_PASS,
-    Outcome,
-    Runner,
-    Writing,
-    write_each,
-    write_in_rounds,
-)
-from prorch.status import TERMINAL, Status
-from prorch.store import Store
+from prorch.storage import outside, purge
+from prorch.storage.leases import LeaseKeeper
+from prorch.storage.listing import PipelinePage
+from prorch.storage.purge import PurgeSummary
+from prorch.storage.repository import PipelineQuery, RepositoryLike
+from prorch.storage.results import result_of
+from prorch.storage.store import Store
 from prorch.summaries import PassSummary, PipelineState
 
 __all__ = ["Orchestrator", "OrchestratorConfig", "PassSummary", "PipelineState"]
@@ -131,7 +132,7 @@ class Orchestrator:
         self.outage = Outage(DEFAULT_INTERVAL_SECONDS)
         """Whether run_forever finds the store unreachable (health checks say so)."""
         self.extensions = Extensions()
-        """The features attached (``prorch.extension``): the built-in ones, then ``extensions``."""
+        """The features attached (``prorch.engine.extension``): the built-in ones, then ``extensions``."""
         # Hooks run in threads only on a backend that says it is thread-safe.
         self.concurrency = concurrency if self.store.thread_safe else 1
         self.max_abandoned_hooks = concurrency if max_abandoned_hooks is None else max_abandoned_hooks
@@ -302,14 +303,14 @@ class Orchestrator:
     def purge(
         self,
         older_than: timedelta,
-        statuses: tuple[Status | str, ...] = retention_module.DEFAULT_STATUSES,
-        batch_size: int = retention_module.DEFAULT_BATCH,
+        statuses: tuple[Status | str, ...] = purge.DEFAULT_STATUSES,
+        batch_size: int = purge.DEFAULT_BATCH,
         dry_run: bool = False,
     ) -> PurgeSummary:
         """Delete ended pipelines (default: finished and cancelled) last changed more than
         ``older_than`` ago, with their steps, events and messages, ``batch_size`` per short
         transaction so that running workers wait at most one batch. ``dry_run`` only counts."""
-        return retention_module.purge(self.store, self.clock, older_than, statuses, batch_size, dry_run)
+        return purge.purge(self.store, self.clock, older_than, statuses, batch_size, dry_run)
 
     def close(self) -> None:
         """Stop the event loop of async hooks (``run_forever`` does it on its way out). The
@@ -514,7 +515,7 @@ def _non_negative(value: Any) -> bool:
 
 def _check_settings(**settings: Any) -> None:
     """One ``ConfigurationError`` naming the first bad ``Orchestrator`` argument and what it takes,
-    by the rule the settings' fields use too (``prorch.defaults``)."""
+    by the rule the settings' fields use too (``prorch.model.defaults``)."""
     for name, value in settings.items():
         rule = defaults.RULES[name]
         if not rule.admits(value):

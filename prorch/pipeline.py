@@ -9,17 +9,17 @@ from collections.abc import Iterable
 from datetime import timedelta
 from typing import Any
 
-from prorch.clock import Clock
-from prorch.creation import build_records, check_declared, create_pipelines, store_new
-from prorch.definition import PipelineDefinition
-from prorch.exceptions import InvalidKeyError, InvalidStateError, NotRegisteredError, PipelineNotFoundError
-from prorch.leases import LeaseKeeper
-from prorch.records import JSONDict, PipelineRecord, new_uuid
-from prorch.registry import Registry, current_registry
-from prorch.repository import RepositoryLike
-from prorch.runner import DEFAULT_LEASE_SECONDS, Outcome, Runner
-from prorch.status import Status
-from prorch.store import Store, store_for
+from prorch.engine import DEFAULT_LEASE_SECONDS, Outcome, Runner
+from prorch.model.clock import Clock
+from prorch.model.definition import PipelineDefinition
+from prorch.model.exceptions import InvalidKeyError, InvalidStateError, NotRegisteredError, PipelineNotFoundError
+from prorch.model.records import JSONDict, PipelineRecord, new_uuid
+from prorch.model.registry import Registry, current_registry
+from prorch.model.status import Status
+from prorch.storage.creation import build_records, check_declared, create_pipelines, store_new
+from prorch.storage.leases import LeaseKeeper
+from prorch.storage.repository import RepositoryLike
+from prorch.storage.store import Store, store_for
 
 
 def new_owner_id() -> str:

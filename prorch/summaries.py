@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from prorch.records import EventRecord, PipelineRecord, StepRecord
-from prorch.runner import Outcome
-from prorch.status import TERMINAL, EventType, Status
+from prorch.engine import Outcome
+from prorch.model.records import EventRecord, PipelineRecord, StepRecord
+from prorch.model.status import TERMINAL, EventType, Status
 
 
 @dataclass

@@ -14,14 +14,14 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from prorch.clock import FakeClock
+from prorch.model.clock import FakeClock
+from prorch.model.records import EventRecord
+from prorch.model.registry import Registry, isolated_registry
+from prorch.model.status import TERMINAL
 from prorch.orchestrator import Orchestrator
 from prorch.pipeline import Pipeline
-from prorch.records import EventRecord
-from prorch.registry import Registry, isolated_registry
-from prorch.repository import RepositoryLike
-from prorch.status import TERMINAL
-from prorch.store import backends_package
+from prorch.storage.repository import RepositoryLike
+from prorch.storage.store import backends_package
 from prorch.summaries import PassSummary
 
 if TYPE_CHECKING:

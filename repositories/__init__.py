@@ -11,19 +11,13 @@ import os
 import threading
 from urllib.parse import urlsplit
 
-from prorch.exceptions import ConfigurationError
-from prorch.repository import RepositoryFactory
-from prorch.secrets import redact_url
+from prorch.model.exceptions import ConfigurationError
+from prorch.model.secrets import redact_url
+from prorch.storage.repository import RepositoryFactory
 from repositories.memory import MemoryBackend, MemoryRepository
+from repositories.schemes import SUPPORTED_SCHEMES
 
 DEFAULT_URL = "sqlite:///prorch.db"
-SUPPORTED_SCHEMES = (
-    "sqlite:///PATH",
-    "postgresql://USER@HOST/DB",
-    "tinydb:///PATH.json",
-    "memory://",
-    "any SQLAlchemy URL",
-)
 
 
 _backends: dict[tuple[str, int], RepositoryFactory] = {}

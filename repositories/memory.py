@@ -18,12 +18,12 @@ from collections.abc import Iterator
 from datetime import datetime
 from typing import Any
 
-from prorch.due import TERMINAL_VALUES, Runnable, can_run, claim_order, claimable_by, is_due, leased
-from prorch.limits import ClaimLimit, StartLog, Tally, within_limits
-from prorch.records import JSONDict, MessageRecord, Metadata, format_timestamp, to_utc
-from prorch.repository import IRepository
-from prorch.status import Status
+from prorch.model.due import TERMINAL_VALUES, Runnable, can_run, claim_order, claimable_by, is_due, leased
+from prorch.model.limit_rules import ClaimLimit, StartLog, Tally, within_limits
+from prorch.model.records import JSONDict, MessageRecord, Metadata, format_timestamp, to_utc
+from prorch.model.status import Status
 from prorch.storage.composed import RepositoryBackend
+from prorch.storage.repository import IRepository
 
 INDEXED = ("pipeline_uuid", "status")  # the fields the engine searches by
 TICKS = "schedule_ticks"  # the table of schedules' last ticks, one row per schedule

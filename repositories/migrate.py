@@ -12,7 +12,7 @@ from typing import Protocol
 from sqlalchemy import Connection, inspect, select, text
 from sqlalchemy.exc import SQLAlchemyError
 
-from prorch.exceptions import SchemaTooNewError
+from prorch.model.exceptions import SchemaTooNewError
 from repositories.schema import HISTORY_TABLE, SCHEMA_REVISION, VERSION_TABLE, schema_history
 
 logger = logging.getLogger("prorch.repositories.migrate")

@@ -12,12 +12,12 @@ from typing import Any
 from sqlalchemy import Connection, Engine, Select, text
 from sqlalchemy.engine import URL
 
-from prorch.exceptions import ConcurrentUpdateError, ProrchError, RepositoryError
-from prorch.records import to_utc
-from prorch.repository import TransitionRows
-from prorch.secrets import error_summary
+from prorch.model.exceptions import ConcurrentUpdateError, ProrchError, RepositoryError
+from prorch.model.records import to_utc
+from prorch.model.secrets import error_summary
 from prorch.storage.backend import Outcome, Write
 from prorch.storage.commits import by_statements
+from prorch.storage.repository import TransitionRows
 from repositories.postgresql_transitions import TransitionStatements
 from repositories.schema import TABLES
 from repositories.sql import DatabaseRefusedError, SQLBackend, SQLRepository

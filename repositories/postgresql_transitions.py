@@ -15,9 +15,9 @@ from typing import Any
 
 from sqlalchemy import Table
 
-from prorch.jsonvalue import dumps
-from prorch.records import JSONDict
-from prorch.repository import TransitionRows
+from prorch.model.jsonvalue import dumps
+from prorch.model.records import JSONDict
+from prorch.storage.repository import TransitionRows
 from repositories.schema import column_kind
 
 _CASTS = {"json": "::jsonb", "time": "::timestamptz", "plain": "", "bool": ""}

@@ -23,7 +23,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects.postgresql import JSONB
 
-from prorch.records import Metadata as Models
+from prorch.model.records import Metadata as Models
 
 SCHEMA_REVISION = "0014"
 """The newest migration; a store at this revision needs no upgrade."""

@@ -47,24 +47,25 @@ from sqlalchemy.exc import (
     OperationalError,
 )
 
-from prorch.due import CLAIM_ORDER, TERMINAL_VALUES, Runnable, row_claim_order
-from prorch.exceptions import (
+from prorch.model.due import CLAIM_ORDER, TERMINAL_VALUES, Runnable, row_claim_order
+from prorch.model.exceptions import (
     ConfigurationError,
     DuplicateRecordError,
     RepositoryError,
     StoreUnreachableError,
 )
-from prorch.jsonvalue import dumps
-from prorch.limits import ClaimLimit
-from prorch.records import JSONDict, Metadata, format_timestamp, to_utc
-from prorch.repository import IRepository, PipelineQuery, PipelineStats
-from prorch.secrets import error_summary, redact_url
-from prorch.status import Status
+from prorch.model.jsonvalue import dumps
+from prorch.model.limit_rules import ClaimLimit
+from prorch.model.records import JSONDict, Metadata, format_timestamp, to_utc
+from prorch.model.secrets import error_summary, redact_url
+from prorch.model.status import Status
 from prorch.storage.commits import call
 from prorch.storage.composed import MODELS, RepositoryBackend
+from prorch.storage.repository import IRepository, PipelineQuery, PipelineStats
 from repositories import sql_listing
 from repositories.migrate import MIGRATIONS, upgrade
 from repositories.schema import TABLES, schedule_ticks
+from repositories.schemes import SUPPORTED_SCHEMES
 from repositories.sql_limits import LimitedClaim
 
 __all__ = ["DIALECTS", "MIGRATIONS", "SQLBackend", "SQLRepository", "dialect_class", "upgrade"]
@@ -374,8 +375,6 @@ def _engine(parsed: URL, url: str, options: dict[str, Any]) -> Engine:
     try:
         return create_engine(parsed, **options)
     except NoSuchModuleError as exc:
-        from repositories import SUPPORTED_SCHEMES
-
         raise ConfigurationError(
             f"unsupported repository URL scheme {parsed.drivername!r} in {shown!r}; supported: "
             f"{', '.join(SUPPORTED_SCHEMES)}"
@@ -659,7 +658,7 @@ class SQLRepository(IRepository):
         limits: dict[str, ClaimLimit],
         runnable: Runnable | None = None,
     ) -> list[JSONDict]:
-        """``claim_due`` within the limits of pipeline names (``prorch.limits``): the unlimited
+        """``claim_due`` within the limits of pipeline names (``prorch.model.limit_rules``): the unlimited
         names in one statement, then each limited name in a transaction of its own that holds
         the name's lock while it counts and claims (``sql_limits.LimitedClaim``)."""
         c = self.table.c

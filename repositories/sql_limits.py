@@ -1,5 +1,5 @@
 """The claim of one limited pipeline name as SQL (``max_running``, ``max_running_per_tenant``,
-``rate_limit``: ``prorch.limits``). It runs in a transaction that holds the name's lock
+``rate_limit``: ``prorch.model.limit_rules``). It runs in a transaction that holds the name's lock
 (``SQLBackend.lock_name``: SQLite's write lock, a PostgreSQL advisory lock), so counting and
 claiming are one step for every worker: it counts the name's live leases (per tenant when it
 must) and its claims within the rate's period, leases only what the limits leave room for, and
@@ -28,8 +28,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects.postgresql import JSONB
 
-from prorch.limits import ClaimLimit, Tally, TenantKey, within_limits
-from prorch.status import Status
+from prorch.model.limit_rules import ClaimLimit, Tally, TenantKey, within_limits
+from prorch.model.status import Status
 from repositories.schema import rate_limit_starts
 from repositories.sql_listing import json_field_equals
 

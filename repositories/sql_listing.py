@@ -26,8 +26,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects.postgresql import JSONB
 
-from prorch.records import to_utc
-from prorch.repository import PipelineQuery, PipelineStats
+from prorch.model.records import to_utc
+from prorch.storage.repository import PipelineQuery, PipelineStats
 from repositories.schema import ENDED
 
 JSON_TYPES_SQLITE: dict[type, tuple[str, ...]] = {int: ("integer",), float: ("real", "integer")}

@@ -19,9 +19,9 @@ from sqlalchemy import Connection, Engine, event
 from sqlalchemy.engine import URL
 from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError
 
-from prorch.exceptions import ConfigurationError, CorruptStoreError, RepositoryError
-from prorch.records import JSONDict
-from prorch.secrets import error_summary, redact_url
+from prorch.model.exceptions import ConfigurationError, CorruptStoreError, RepositoryError
+from prorch.model.records import JSONDict
+from prorch.model.secrets import error_summary, redact_url
 from repositories.sql import SEARCH_CHUNK, SQLBackend, SQLRepository
 from repositories.sqlite_fastpath import SQLiteFastPath, db_json
 

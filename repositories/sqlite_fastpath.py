@@ -17,8 +17,8 @@ from typing import Any
 
 from sqlalchemy import Table
 
-from prorch.jsonvalue import dumps, loads
-from prorch.records import JSONDict, format_timestamp, to_utc
+from prorch.model.jsonvalue import dumps, loads
+from prorch.model.records import JSONDict, format_timestamp, to_utc
 from repositories.schema import column_kind
 
 

@@ -25,7 +25,7 @@ from typing import Any
 from filelock import FileLock
 from tinydb.storages import Storage
 
-from prorch.due import (
+from prorch.model.due import (
     TERMINAL_VALUES,
     Runnable,
     can_run,
@@ -35,12 +35,12 @@ from prorch.due import (
     row_claim_order,
     row_is_due,
 )
-from prorch.exceptions import ConfigurationError, CorruptRecordError, CorruptStoreError
-from prorch.limits import ClaimLimit, StartLog, Tally, within_limits
-from prorch.records import JSONDict, Metadata, format_timestamp, to_utc
-from prorch.repository import IRepository
-from prorch.status import Status
+from prorch.model.exceptions import ConfigurationError, CorruptRecordError, CorruptStoreError
+from prorch.model.limit_rules import ClaimLimit, StartLog, Tally, within_limits
+from prorch.model.records import JSONDict, Metadata, format_timestamp, to_utc
+from prorch.model.status import Status
 from prorch.storage.composed import RepositoryBackend
+from prorch.storage.repository import IRepository
 
 STATUSES = tuple(status.value for status in Status)
 STATUS_MODELS = (Metadata.PIPELINES_MODEL, Metadata.STEP_MODEL)

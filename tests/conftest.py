@@ -4,7 +4,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from prorch.registry import Registry, isolated_registry
+from prorch.model.registry import Registry, isolated_registry
 from prorch.testing import Harness
 
 

@@ -16,7 +16,7 @@ from datetime import datetime
 from typing import Any
 
 from prorch import IRepository, Metadata
-from prorch.records import format_timestamp
+from prorch.model.records import format_timestamp
 
 TERMINAL = ("finished", "failed", "cancelled")
 

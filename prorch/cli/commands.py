@@ -33,7 +33,9 @@ from prorch.cli.output import (
     print_table,
 )
 from prorch.display import format_time, step_limits
-from prorch.exceptions import (
+from prorch.engine.outage import Outage, open_when_reachable
+from prorch.features.schedules import scheduled
+from prorch.model.exceptions import (
     ConfigurationError,
     InvalidMessageError,
     InvalidParamsError,
@@ -41,14 +43,12 @@ from prorch.exceptions import (
     WaitTimeoutError,
     WorkerUnhealthyError,
 )
-from prorch.listing import MAX_LIMIT, parse_age, parse_moment
-from prorch.outage import Outage, open_when_reachable
-from prorch.outside import NO_PAYLOAD
+from prorch.model.registry import current_registry
+from prorch.model.secrets import redact_url
+from prorch.model.status import TERMINAL, Status
 from prorch.pipeline import pipeline_class
-from prorch.registry import current_registry
-from prorch.scheduling import scheduled
-from prorch.secrets import redact_url
-from prorch.status import TERMINAL, Status
+from prorch.storage.listing import MAX_LIMIT, parse_age, parse_moment
+from prorch.storage.outside import NO_PAYLOAD
 
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 

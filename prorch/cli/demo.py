@@ -14,13 +14,13 @@ from pydantic import BaseModel
 from prorch.cli.helpers import Context, reported
 from prorch.cli.output import print_state
 from prorch.display import step_limits
-from prorch.mixins import OnContinueMixin, OnStartMixin
+from prorch.model.mixins import OnContinueMixin, OnStartMixin
+from prorch.model.registry import Registry, isolated_registry
+from prorch.model.status import TERMINAL, Status
+from prorch.model.step import Step
 from prorch.orchestrator import Orchestrator
 from prorch.pipeline import Pipeline
-from prorch.registry import Registry, isolated_registry
-from prorch.status import TERMINAL, Status
-from prorch.step import Step
-from prorch.store import resolve_backend
+from prorch.storage.store import resolve_backend
 
 JOB_SECONDS = 2.0  # how long each simulated external job takes
 POLL_SECONDS = 0.5

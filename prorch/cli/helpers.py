@@ -15,9 +15,10 @@ from typing import Any, NoReturn, cast
 
 import click
 
-from prorch import logs, plugins
 from prorch.config import LoadedSettings, Settings, closest, load_settings
-from prorch.exceptions import (
+from prorch.features import tenant_plugins
+from prorch.model import logs
+from prorch.model.exceptions import (
     ConfigurationError,
     InvalidMessageError,
     InvalidParamsError,
@@ -25,11 +26,11 @@ from prorch.exceptions import (
     NotRegisteredError,
     ProrchError,
 )
-from prorch.listing import filter_value, parse_age
+from prorch.model.registry import current_registry
+from prorch.model.status import Status
 from prorch.orchestrator import Orchestrator
-from prorch.registry import current_registry
-from prorch.repository import RepositoryLike
-from prorch.status import Status
+from prorch.storage.listing import filter_value, parse_age
+from prorch.storage.repository import RepositoryLike
 
 USAGE_ERRORS = (ConfigurationError, NotRegisteredError, InvalidParamsError, InvalidMessageError, KeyConflictError)
 
@@ -87,7 +88,7 @@ class Context:
                 raise ConfigurationError(f"app module {module!r} failed to import: {exc}") from exc
             except Exception as exc:  # a SyntaxError or an exception at import: one line, -v for the traceback
                 raise ConfigurationError(f"cannot import app module {module!r}: {type(exc).__name__}: {exc}") from exc
-        plugins.discover(self.settings.plugins)
+        tenant_plugins.discover(self.settings.plugins)
         self.warn_unknown_overrides()
 
     def warn_unknown_overrides(self) -> None:

@@ -9,11 +9,11 @@ from typing import Any
 
 import click
 
-from prorch.definition import PipelineDefinition
 from prorch.display import format_seconds, format_time, step_seconds
-from prorch.listing import PipelinePage
-from prorch.records import EventRecord, PipelineRecord, StepRecord
-from prorch.status import TERMINAL, Status
+from prorch.model.definition import PipelineDefinition
+from prorch.model.records import EventRecord, PipelineRecord, StepRecord
+from prorch.model.status import TERMINAL, Status
+from prorch.storage.listing import PipelinePage
 from prorch.summaries import PassSummary, PipelineState
 
 

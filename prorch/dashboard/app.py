@@ -28,10 +28,10 @@ from starlette.staticfiles import StaticFiles
 from prorch.dashboard import chart, views
 from prorch.dashboard.security import LOCAL_HOSTS, SESSION_COOKIE, Guard, HostCheck, Throttle
 from prorch.display import format_seconds, format_time
-from prorch.exceptions import InvalidMessageError, InvalidParamsError, InvalidStateError, PipelineNotFoundError
+from prorch.model.exceptions import InvalidMessageError, InvalidParamsError, InvalidStateError, PipelineNotFoundError
+from prorch.model.status import Status
 from prorch.orchestrator import Orchestrator
-from prorch.outside import NO_PAYLOAD
-from prorch.status import Status
+from prorch.storage.outside import NO_PAYLOAD
 
 HERE = Path(__file__).parent
 REFRESH_SECONDS = 5

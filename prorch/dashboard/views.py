@@ -12,12 +12,12 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from prorch.display import app_loaded, step_limits, step_seconds
-from prorch.exceptions import InvalidParamsError, ProrchError
-from prorch.listing import filter_value, parse_moment
+from prorch.model.exceptions import InvalidParamsError, ProrchError
+from prorch.model.records import PipelineRecord, StepRecord
+from prorch.model.status import TERMINAL, Status
 from prorch.orchestrator import Orchestrator
-from prorch.records import PipelineRecord, StepRecord
-from prorch.repository import PipelineStats
-from prorch.status import TERMINAL, Status
+from prorch.storage.listing import filter_value, parse_moment
+from prorch.storage.repository import PipelineStats
 
 MAX_INT = 2**31 - 1  # a stored version is a 32-bit integer on PostgreSQL
 FILTERS = ("status", "name", "version", "tenant", "key", "param", "since", "until", "limit", "after")

@@ -1,11 +1,11 @@
-"""The built-in features, each an ``Extension`` (``prorch.extension``) that every orchestrator
+"""The built-in features, each an ``Extension`` (``prorch.engine.extension``) that every orchestrator
 takes by default where it applies, in this order: schedules, limits, reactions, children,
 retention (with the ``retention`` setting), tracing (with an OpenTelemetry SDK configured).
 Importing this package registers them (``prorch`` does it); the orchestrator names none."""
 
 from __future__ import annotations
 
-from prorch.extension import Extension, Host, register_builtin
+from prorch.engine.extension import Extension, Host, register_builtin
 from prorch.features.children import Children
 from prorch.features.limits import Limits
 from prorch.features.reactions import reactions_for

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import logging
 
-from prorch import outside
-from prorch.exceptions import ProrchError
-from prorch.extension import Extension, Host
-from prorch.records import PipelineRecord
-from prorch.results import CHILD_ENDED
-from prorch.status import TERMINAL, Status
+from prorch.engine.extension import Extension, Host
+from prorch.model.exceptions import ProrchError
+from prorch.model.records import PipelineRecord
+from prorch.model.status import TERMINAL, Status
+from prorch.storage import outside
+from prorch.storage.results import CHILD_ENDED
 
 logger = logging.getLogger("prorch.features.children")
 

@@ -1,13 +1,13 @@
 """Limits as an extension: each registered pipeline's concurrency and rate limits (its newest
-version's, ``prorch.limits``), handed to the claim."""
+version's, ``prorch.model.limit_rules``), handed to the claim."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 
-from prorch.extension import Extension, Host
-from prorch.limits import ClaimLimit, limits_of
-from prorch.registry import Registry
+from prorch.engine.extension import Extension, Host
+from prorch.model.limit_rules import ClaimLimit, limits_of
+from prorch.model.registry import Registry
 
 
 class Limits(Extension):

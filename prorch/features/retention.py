@@ -1,5 +1,5 @@
 """Retention as an extension: a worker (``run_forever``) with ``retention`` purges the pipelines
-that ended longer ago than that (``prorch.retention.purge``) every ``PURGE_EVERY_SECONDS``, the
+that ended longer ago than that (``prorch.storage.purge.purge``) every ``PURGE_EVERY_SECONDS``, the
 first time at its first pass, in a thread of its own where the store allows it, so that the
 loop (and its health check) goes on while a large purge runs; a failure is logged."""
 
@@ -11,9 +11,9 @@ import time
 from collections.abc import Sequence
 from datetime import timedelta
 
-from prorch import retention
-from prorch.exceptions import ConfigurationError, RepositoryError
-from prorch.extension import Extension, Host, PassReport
+from prorch.engine.extension import Extension, Host, PassReport
+from prorch.model.exceptions import ConfigurationError, RepositoryError
+from prorch.storage import purge
 
 logger = logging.getLogger("prorch.features.retention")
 
@@ -63,6 +63,6 @@ class Retention(Extension):
 
     def _purge_logged(self, older_than: timedelta) -> None:
         try:
-            retention.purge(self.host.store, self.host.clock, older_than, stop=self.host.stopped)
+            purge.purge(self.host.store, self.host.clock, older_than, stop=self.host.stopped)
         except (RepositoryError, ConfigurationError) as exc:
             logger.error("retention: purge failed, trying again in %.0fs: %s", PURGE_EVERY_SECONDS, exc)

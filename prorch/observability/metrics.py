@@ -19,11 +19,11 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, Info
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from prorch.extension import Extension, PassReport
+from prorch.engine.extension import Extension, PassReport
+from prorch.model.records import EventRecord, Record
+from prorch.model.status import EventType
 from prorch.orchestrator import Orchestrator
-from prorch.records import EventRecord, Record
-from prorch.repository import PipelineStats
-from prorch.status import EventType
+from prorch.storage.repository import PipelineStats
 
 GAUGE_SECONDS = 5.0
 """Store-read gauges are reused this long: a scrape every few seconds costs one indexed count."""

@@ -12,9 +12,9 @@ from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
+from prorch.engine.outage import Outage
 from prorch.observability.metrics import WorkerMetrics
 from prorch.orchestrator import Orchestrator
-from prorch.outage import Outage
 
 HEALTHY_INTERVALS = 3
 

@@ -1,7 +1,7 @@
 """The backend contract: what the engine asks of a store, one method per verb (claim, commit,
 read, query, delete, wait), as Oban's ``Engine`` behaviour and huey's ``BaseStorage``.
 
-Records travel as JSON-compatible dicts (rows); ``prorch.store.Store`` turns them into typed
+Records travel as JSON-compatible dicts (rows); ``prorch.storage.store.Store`` turns them into typed
 records. Each shipped backend implements this contract (``repositories``: memory, SQLite,
 PostgreSQL, TinyDB, on ``prorch.storage.composed.RepositoryBackend``) and picks its own commit
 strategy inside. A user's four-method ``IRepository`` is wrapped once in
@@ -16,10 +16,10 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Protocol, runtime_checkable
 
-from prorch.due import Runnable
-from prorch.limits import ClaimLimit
-from prorch.records import JSONDict, MessageRecord, PipelineRecord, Record, StepRecord
-from prorch.repository import PipelineQuery, PipelineStats
+from prorch.model.due import Runnable
+from prorch.model.limit_rules import ClaimLimit
+from prorch.model.records import JSONDict, MessageRecord, PipelineRecord, Record, StepRecord
+from prorch.storage.repository import PipelineQuery, PipelineStats
 
 
 @dataclass(slots=True)
@@ -119,7 +119,7 @@ class Backend(Protocol):
         limits: dict[str, ClaimLimit],
         runnable: Runnable | None,
     ) -> list[JSONDict]:
-        """Lease up to ``limit`` due pipelines (as ``due``) within ``limits`` (``prorch.limits``:
+        """Lease up to ``limit`` due pipelines (as ``due``) within ``limits`` (``prorch.model.limit_rules``:
         counted and stored atomically with the claim), setting ``lease_owner``,
         ``lease_expires_at``, ``claims + 1`` and ``revision + 1``; return them as now stored."""
         ...

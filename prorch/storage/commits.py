@@ -11,11 +11,19 @@ import contextlib
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeVar
 
-from prorch.exceptions import ConcurrentUpdateError, ProrchError, RepositoryError
-from prorch.records import JSONDict, MessageRecord, PipelineRecord, Record, StepRecord, changed_fields, remember_stored
-from prorch.repository import TransitionRows
-from prorch.secrets import error_summary
+from prorch.model.exceptions import ConcurrentUpdateError, ProrchError, RepositoryError
+from prorch.model.records import (
+    JSONDict,
+    MessageRecord,
+    PipelineRecord,
+    Record,
+    StepRecord,
+    changed_fields,
+    remember_stored,
+)
+from prorch.model.secrets import error_summary
 from prorch.storage.backend import Outcome, Write
+from prorch.storage.repository import TransitionRows
 
 T = TypeVar("T")
 SAVE_CHUNK = 1000

@@ -13,13 +13,13 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any, Protocol
 
-from prorch import listing
-from prorch.due import Runnable, can_run
-from prorch.limits import ClaimLimit
-from prorch.records import EventRecord, JSONDict, MessageRecord, PipelineRecord, Record, StepRecord, to_utc
-from prorch.repository import PipelineQuery, PipelineStats
-from prorch.status import Status
+from prorch.model.due import Runnable, can_run
+from prorch.model.limit_rules import ClaimLimit
+from prorch.model.records import EventRecord, JSONDict, MessageRecord, PipelineRecord, Record, StepRecord, to_utc
+from prorch.model.status import Status
+from prorch.storage import listing
 from prorch.storage.commits import Committer, call, chunks, conflict
+from prorch.storage.repository import PipelineQuery, PipelineStats
 
 MODELS = (PipelineRecord.MODEL, StepRecord.MODEL, EventRecord.MODEL, MessageRecord.MODEL)
 

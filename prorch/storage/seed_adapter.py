@@ -1,4 +1,4 @@
-"""A user's repository (the seed's four methods: ``prorch.repository.IRepository``) as a
+"""A user's repository (the seed's four methods: ``prorch.storage.repository.IRepository``) as a
 ``Backend``: wrapped once, here, with today's fallbacks (due query, claims and limits in
 Python, listing and counting in Python, unread messages from all of a pipeline's mail,
 schedules' ticks as records of the message model, a purge that checks each pipeline).
@@ -18,12 +18,15 @@ from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import Any
 
-from prorch.due import Runnable, claim_order, is_due, is_leased
-from prorch.exceptions import ConfigurationError
-from prorch.keys import KEY_NAMESPACE
-from prorch.limits import ClaimLimit, StartLog, Tally, within_limits
-from prorch.records import JSONDict, MessageRecord, PipelineRecord, StepRecord, format_timestamp, to_utc
-from prorch.repository import (
+from prorch.model.due import Runnable, claim_order, is_due, is_leased
+from prorch.model.exceptions import ConfigurationError
+from prorch.model.keys import KEY_NAMESPACE
+from prorch.model.limit_rules import ClaimLimit, StartLog, Tally, within_limits
+from prorch.model.records import JSONDict, MessageRecord, PipelineRecord, StepRecord, format_timestamp, to_utc
+from prorch.storage.backend import Outcome, Write
+from prorch.storage.commits import by_statements, call, conflict
+from prorch.storage.composed import MODELS, RepositoryBackend
+from prorch.storage.repository import (
     IRepository,
     PipelineQuery,
     PipelineStats,
@@ -48,9 +51,6 @@ from prorch.repository import (
     SupportsTransitionStatements,
     is_thread_safe,
 )
-from prorch.storage.backend import Outcome, Write
-from prorch.storage.commits import by_statements, call, conflict
-from prorch.storage.composed import MODELS, RepositoryBackend
 
 logger = logging.getLogger("prorch.storage.seed_adapter")
 TICKS_UUID = str(uuid_module.uuid5(KEY_NAMESPACE, "prorch:schedule-ticks"))

@@ -6,9 +6,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from prorch.exceptions import ConfigurationError, RepositoryNotDefinedException
-from prorch.repository import IRepository, RepositoryFactory
+from prorch.model.exceptions import ConfigurationError, RepositoryNotDefinedException
 from prorch.storage.backend import Backend
+from prorch.storage.repository import IRepository, RepositoryFactory
 from prorch.storage.seed_adapter import SeedAdapter
 
 

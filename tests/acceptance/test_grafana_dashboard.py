@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from prorch import Orchestrator
-from prorch.registry import isolated_registry
+from prorch.model.registry import isolated_registry
 from tests.support.browser import chromium_or_skip, prometheus_or_skip
 from tests.support.panels import dashboard_html, panel_series, wait_for_data
 from tests.support.postgres import free_port

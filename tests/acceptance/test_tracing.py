@@ -111,7 +111,7 @@ def test_one_pipeline_is_one_trace_across_processes(tmp_path: Path) -> None:
     assert created[0]["parent"] is None and {s["parent"] for s in hooks} == {created[0]["span_id"]}
     attributes = hooks[-1]["attributes"]
     assert attributes["prorch.pipeline.uuid"] == uuid and attributes["prorch.pipeline.name"] == "Order"
-    assert {"prorch.step", "prorch.attempt", "prorch.pipeline.version", "prorch.hook"} <= attributes.keys()
+    assert {"prorch.model.step", "prorch.attempt", "prorch.pipeline.version", "prorch.hook"} <= attributes.keys()
     passes = [s for s in spans(tmp_path / "spans.jsonl") if s["name"] == "prorch.pass"]
     assert any("step.retrying" in s["events"] for s in passes)  # transitions are span events
     logged = [json.loads(line) for line in (first.stderr + second.stderr).splitlines() if line.startswith("{")]

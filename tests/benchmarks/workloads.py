@@ -33,9 +33,9 @@ from typing import Any
 import msgspec
 
 from prorch import OnContinueMixin, OnStartMixin, Orchestrator, Pipeline, Status, Step, register_pipeline, register_step
-from prorch.creation import build_records
-from prorch.records import Record
-from prorch.store import Store
+from prorch.model.records import Record
+from prorch.storage.creation import build_records
+from prorch.storage.store import Store
 from repositories import from_url
 from repositories.schema import TABLES
 from repositories.sql import SQLBackend

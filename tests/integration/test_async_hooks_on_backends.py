@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from prorch import OnContinueMixin, OnStartMixin, Orchestrator, Pipeline, Step, register_pipeline, register_step
-from prorch.registry import isolated_registry
+from prorch.model.registry import isolated_registry
 from repositories.sql import SQLBackend
 
 

@@ -16,7 +16,7 @@ import pytest
 from sqlalchemy import create_engine, inspect, text
 
 from prorch import ConfigurationError, CorruptStoreError, Orchestrator, PipelineRecord, Status
-from prorch.records import new_uuid
+from prorch.model.records import new_uuid
 from repositories import from_url
 from repositories.schema import SCHEMA_REVISION, VERSION_TABLE
 from repositories.sql import SQLBackend, upgrade
@@ -39,7 +39,7 @@ WRITER = """
     import sys
     from repositories import from_url
     from prorch import PipelineRecord, Status
-    from prorch.records import new_uuid
+    from prorch.model.records import new_uuid
     backend = from_url(sys.argv[1])
     repo = backend("PIPELINE")
     print("ready", flush=True)

@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 
 from prorch import Orchestrator, Status
-from prorch.exceptions import ConcurrentUpdateError
-from prorch.store import Store
+from prorch.model.exceptions import ConcurrentUpdateError
+from prorch.storage.store import Store
 from tests.integration.conftest import make_backend
 from tests.support.builders import pipeline_of, step_of
 

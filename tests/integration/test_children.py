@@ -19,8 +19,8 @@ from prorch import (
     StepUsageError,
     WaitTimeoutError,
 )
-from prorch.creation import create_pipelines
-from prorch.registry import Registry
+from prorch.model.registry import Registry
+from prorch.storage.creation import create_pipelines
 from tests.integration.conftest import make_backend
 from tests.support.builders import pipeline_of, step_of
 

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from prorch import ConfigurationError, KeyConflictError, Orchestrator
-from prorch.keys import uuid_for_key
+from prorch.model.keys import uuid_for_key
 from tests.integration.key_race import KeyRacePipeline, create_in_lockstep
 
 PRORCH = str(Path(sys.executable).parent / "prorch")

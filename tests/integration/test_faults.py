@@ -20,7 +20,7 @@ from prorch import (
     Step,
     register_step,
 )
-from prorch.registry import Registry
+from prorch.model.registry import Registry
 from prorch.testing import Harness
 from repositories import from_url
 from repositories.memory import MemoryBackend

@@ -12,10 +12,10 @@ from typing import Any
 import pytest
 
 from prorch import ConcurrentUpdateError, FakeClock, Orchestrator, Status, Step
-from prorch.records import EventRecord, PipelineRecord, new_uuid
-from prorch.registry import Registry
-from prorch.status import EventType
-from prorch.store import Store, Write
+from prorch.model.records import EventRecord, PipelineRecord, new_uuid
+from prorch.model.registry import Registry
+from prorch.model.status import EventType
+from prorch.storage.store import Store, Write
 from repositories.postgresql import PostgreSQLBackend
 from repositories.postgresql_transitions import TransitionStatements
 from repositories.sql import SQLRepository

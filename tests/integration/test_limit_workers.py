@@ -25,8 +25,8 @@ from alembic.config import Config
 from sqlalchemy import create_engine, inspect
 
 from prorch import Orchestrator, RegistrationError
-from prorch.limits import ClaimLimit, RateLimit
-from prorch.registry import Registry, isolated_registry
+from prorch.model.limit_rules import ClaimLimit, RateLimit
+from prorch.model.registry import Registry, isolated_registry
 from repositories.sql import MIGRATIONS, SQLBackend, upgrade
 from tests.integration.conftest import make_backend
 from tests.support.builders import pipeline_of, step_of

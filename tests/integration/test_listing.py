@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from prorch import FakeClock, InvalidParamsError, Orchestrator, PipelineNotFoundError, StepUsageError
-from prorch.registry import Registry
+from prorch.model.registry import Registry
 from repositories.schema import TABLES
 from repositories.sql_listing import ended_query
 from tests.integration.conftest import make_backend

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from prorch import Orchestrator, Status
-from prorch.store import SAVE_CHUNK, Store
+from prorch.storage.store import SAVE_CHUNK, Store
 from repositories.sql import SQLRepository
 from repositories.sqlite import SQLiteRepository
 from tests.integration.conftest import make_backend

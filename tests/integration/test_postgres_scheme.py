@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from prorch import Orchestrator, Status
-from prorch.registry import Registry
+from prorch.model.registry import Registry
 from repositories import from_url
 from repositories.postgresql import PostgreSQLBackend
 from tests.support.builders import pipeline_of, quick

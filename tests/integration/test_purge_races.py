@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 
 from prorch import Orchestrator
-from prorch.registry import Registry
-from prorch.status import Status
+from prorch.model.registry import Registry
+from prorch.model.status import Status
 
 PRORCH = str(Path(sys.executable).parent / "prorch")
 COUNT = 1500

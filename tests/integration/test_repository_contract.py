@@ -26,11 +26,11 @@ from prorch import (
     SupportsTransaction,
     register_step,
 )
-from prorch.limits import ClaimLimit
-from prorch.records import ErrorInfo, new_uuid
-from prorch.registry import Registry
-from prorch.repository import SupportsLimitedClaim
-from prorch.store import Store
+from prorch.model.limit_rules import ClaimLimit
+from prorch.model.records import ErrorInfo, new_uuid
+from prorch.model.registry import Registry
+from prorch.storage.repository import SupportsLimitedClaim
+from prorch.storage.store import Store
 from prorch.testing import Harness
 from tests.support.builders import pipeline_of
 
@@ -238,7 +238,7 @@ MIXED = {  # name: (priority, minutes overdue); the claim order, by the rule, is
 
 @pytest.mark.parametrize("how", ["due", "claim", "limited claim"])
 def test_every_backend_claims_in_the_one_order(backend: Any, how: str) -> None:
-    """Highest priority first, then the longest due (``prorch.due.CLAIM_ORDER``), whether the
+    """Highest priority first, then the longest due (``prorch.model.due.CLAIM_ORDER``), whether the
     backend orders in SQL, in Python, or the engine's fallback does for a four-method
     repository; saved in an order that is neither, so that no order falls out by accident."""
     repo = backend("PIPELINE")

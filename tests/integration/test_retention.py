@@ -18,8 +18,8 @@ import pytest
 
 from prorch import ConfigurationError, FakeClock, InvalidParamsError, Orchestrator
 from prorch.features import Retention
-from prorch.registry import Registry
-from prorch.status import Status
+from prorch.model.registry import Registry
+from prorch.model.status import Status
 from tests.integration.conftest import make_backend
 from tests.support.builders import pipeline_of, step_of
 
@@ -210,7 +210,7 @@ def test_a_users_repository_keeps_the_last_tick_in_a_message_record(tmp_path: Pa
     hand is not created again, and the mark is a message record addressed to no pipeline."""
     from tinydb import TinyDB, where
 
-    from prorch.store import TICKS_UUID
+    from prorch.storage.store import TICKS_UUID
     from tests.support.seed_repository import seed_backend
 
     pipeline_of(step_of("Bill", lambda self: None), name="Monthly", schedule="0 0 1 * *")

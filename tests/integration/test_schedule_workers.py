@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from prorch import Orchestrator
-from prorch.registry import isolated_registry
+from prorch.model.registry import isolated_registry
 
 PRORCH = str(Path(sys.executable).parent / "prorch")
 APP = """

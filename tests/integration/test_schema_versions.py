@@ -14,8 +14,8 @@ import pytest
 from sqlalchemy import text
 
 from prorch import OnStartMixin, Step, register_step
-from prorch.exceptions import SchemaTooNewError
-from prorch.registry import Registry
+from prorch.model.exceptions import SchemaTooNewError
+from prorch.model.registry import Registry
 from prorch.testing import Harness
 from repositories.schema import SCHEMA_REVISION
 from repositories.sql import MIGRATIONS, SQLBackend, upgrade

@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 
 from prorch import ConfigurationError
-from prorch.exceptions import RepositoryError
-from prorch.records import ErrorInfo, PipelineRecord, new_uuid
-from prorch.secrets import redact_url
-from prorch.status import Status
-from prorch.store import Store
+from prorch.model.exceptions import RepositoryError
+from prorch.model.records import ErrorInfo, PipelineRecord, new_uuid
+from prorch.model.secrets import redact_url
+from prorch.model.status import Status
+from prorch.storage.store import Store
 from repositories import from_url
 from repositories.sql import SQLBackend
 

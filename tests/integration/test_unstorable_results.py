@@ -8,8 +8,8 @@ from typing import Any
 import pytest
 
 from prorch import OnStartMixin, Orchestrator, Pipeline, Status, Step, register_step
-from prorch.exceptions import InvalidMessageError, InvalidParamsError
-from prorch.registry import Registry
+from prorch.model.exceptions import InvalidMessageError, InvalidParamsError
+from prorch.model.registry import Registry
 from prorch.testing import Harness
 from tests.support.builders import pipeline_of
 

@@ -48,10 +48,10 @@ def strongly_connected(graph: dict[str, set[str]]) -> list[set[str]]:
 
 
 def module_graph() -> dict[str, set[str]]:
+    """Every module, package roots (``__init__``) included: a cycle through a package's
+    ``__init__`` is a cycle too."""
     imports = grimp.build_graph("prorch", "repositories", cache_dir=None)
-    # The package itself (prorch/__init__.py) re-exports everything: leave it out, as
-    # import-linter's layers do; a module that imports ``prorch`` would still show below.
-    modules = {m for m in imports.modules if m not in ("prorch", "repositories")}
+    modules = set(imports.modules)
     return {m: imports.find_modules_directly_imported_by(m) & modules for m in modules}
 
 
@@ -110,3 +110,49 @@ def test_each_module_logs_under_its_own_name() -> None:
                 if logger.name != wanted:
                     wrong[info.name] = logger.name
     assert wrong == {}
+
+
+def contract_layers() -> list[set[str]]:
+    """The layers contract's layers, top first, each as the set of its packages and modules."""
+    import tomllib
+
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    (layers,) = [c["layers"] for c in config["tool"]["importlinter"]["contracts"] if c["type"] == "layers"]
+    return [{name.strip() for name in layer.replace("|", ":").split(":")} for layer in layers]
+
+
+def documented_layers() -> list[tuple[set[str], set[str]]]:
+    """docs/architecture.md's layers table, top first: per row, the dotted names it gives
+    (``prorch.engine``) and the other names in backquotes (the modules: ``runner``)."""
+    import re
+
+    text = (ROOT / "docs" / "architecture.md").read_text()
+    section = text.split("## The layers", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in section.splitlines() if line.startswith("| ") and not line.startswith("| layer")]
+    layers = []
+    for row in rows:
+        modules_cell = row.split("|")[2]
+        names = set(re.findall(r"`([^`]+)`", modules_cell))
+        layers.append(({n for n in names if n.startswith("prorch.")}, {n for n in names if "." not in n}))
+    return layers
+
+
+def test_the_architecture_doc_shows_the_contract_layers() -> None:
+    """Each row of the doc's table names exactly the packages of one layer, in the contract's order."""
+    assert [dotted for dotted, _ in documented_layers()] == contract_layers()
+
+
+def test_the_architecture_doc_names_every_module() -> None:
+    """Every module of prorch appears in its layer's row (``prorch.engine.journal`` as ``journal``)."""
+    rows = documented_layers()
+    missing = []
+    for module in sorted(grimp.build_graph("prorch", cache_dir=None).modules - {"prorch"}):
+        for dotted, short in rows:
+            owner = next((name for name in dotted if module == name or module.startswith(name + ".")), None)
+            if owner is not None:
+                if module != owner and module[len(owner) + 1 :] not in short:
+                    missing.append(module)
+                break
+        else:
+            missing.append(module)
+    assert missing == []

@@ -21,8 +21,8 @@ from prorch import (
     on_event,
     register_step,
 )
-from prorch.hooks import HookCaller
-from prorch.registry import Registry
+from prorch.engine.bounded_calls import HookCaller
+from prorch.model.registry import Registry
 from prorch.testing import Harness
 from tests.support.builders import pipeline_of
 

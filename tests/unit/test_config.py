@@ -12,7 +12,7 @@ import pytest
 from pydantic import ValidationError
 
 from prorch.config import Settings, SettingsFields, load_settings
-from prorch.exceptions import ConfigurationError
+from prorch.model.exceptions import ConfigurationError
 
 
 @pytest.fixture(autouse=True)

@@ -22,8 +22,8 @@ from prorch import (
     register_pipeline,
     register_step,
 )
-from prorch.keys import uuid_for_key
-from prorch.registry import Registry
+from prorch.model.keys import uuid_for_key
+from prorch.model.registry import Registry
 from repositories.memory import MemoryBackend
 
 

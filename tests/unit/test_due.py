@@ -1,4 +1,4 @@
-"""The due rule written once (prorch/due.py), on datetimes and on stored ISO strings."""
+"""The due rule written once (prorch/model/due.py), on datetimes and on stored ISO strings."""
 
 from __future__ import annotations
 
@@ -6,8 +6,17 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from prorch.due import claim_order, claimable_by, holds_lease, is_due, is_leased, leased, row_claim_order, row_is_due
-from prorch.records import format_timestamp
+from prorch.model.due import (
+    claim_order,
+    claimable_by,
+    holds_lease,
+    is_due,
+    is_leased,
+    leased,
+    row_claim_order,
+    row_is_due,
+)
+from prorch.model.records import format_timestamp
 
 NOW = datetime(2030, 1, 1, tzinfo=timezone.utc)
 EARLIER, LATER = NOW - timedelta(seconds=1), NOW + timedelta(seconds=1)

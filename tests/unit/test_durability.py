@@ -8,11 +8,11 @@ from datetime import timedelta
 import pytest
 
 from prorch import OnContinueMixin, OnStartMixin, Orchestrator, Status, Step, register_step
-from prorch.policy import backoff_delay
-from prorch.registry import Registry
-from prorch.runner import transitions
-from prorch.runner.state import Run
-from prorch.store import Store
+from prorch.engine import transitions
+from prorch.engine.policy import backoff_delay
+from prorch.engine.state import Run
+from prorch.model.registry import Registry
+from prorch.storage.store import Store
 from prorch.testing import Harness
 from repositories.memory import MemoryBackend
 from tests.support.builders import pipeline_of

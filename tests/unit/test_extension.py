@@ -1,4 +1,4 @@
-"""The Extension protocol (``prorch.extension``): each hook reaches the extensions that
+"""The Extension protocol (``prorch.engine.extension``): each hook reaches the extensions that
 implement it, an extension's error is logged with its name and never stops the pass, and the
 documented audit-log example works on a real SQLite file."""
 
@@ -17,12 +17,12 @@ import pytest
 import prorch
 from docs.examples.audit_log import AuditLog, Payment
 from prorch import Extension, Orchestrator, PassSummary
-from prorch.extension import Extensions, PassReport
+from prorch.engine.extension import Extensions, PassReport
 from prorch.features import Children, Limits, Schedules
-from prorch.limits import ClaimLimit
-from prorch.records import EventRecord, PipelineRecord, Record, StepRecord
-from prorch.registry import Registry
-from prorch.status import Status
+from prorch.model.limit_rules import ClaimLimit
+from prorch.model.records import EventRecord, PipelineRecord, Record, StepRecord
+from prorch.model.registry import Registry
+from prorch.model.status import Status
 from prorch.testing import Harness
 from tests.support.builders import pipeline_of, step_of
 
@@ -119,7 +119,7 @@ def test_an_extension_s_error_is_logged_with_its_name_and_the_pass_goes_on(
     after = Recorder()  # after the broken one: still called
     harness = Harness(registry=registry, extensions=[Broken(), after])
     uuid = harness.create(flow).uuid
-    with caplog.at_level(logging.ERROR, logger="prorch.extension"):
+    with caplog.at_level(logging.ERROR, logger="prorch.engine.extension"):
         summary = harness.run_pass()
     assert summary.finished == 1 and summary.errors == {}
     assert harness.status(uuid) == "finished"

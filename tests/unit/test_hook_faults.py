@@ -12,11 +12,11 @@ from typing import Any
 import pytest
 
 from prorch import Orchestrator, Status, Step
-from prorch.exceptions import ConcurrentUpdateError, UnstorableValueError
-from prorch.jsonvalue import check_json
-from prorch.registry import Registry
-from prorch.runner import STORE_ATTEMPTS
-from prorch.store import Store
+from prorch.engine import STORE_ATTEMPTS
+from prorch.model.exceptions import ConcurrentUpdateError, UnstorableValueError
+from prorch.model.jsonvalue import check_json
+from prorch.model.registry import Registry
+from prorch.storage.store import Store
 from prorch.testing import Harness
 from repositories.memory import MemoryBackend, MemoryRepository
 from tests.support.builders import pipeline_of, step_of

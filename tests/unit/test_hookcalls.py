@@ -1,4 +1,4 @@
-"""One hook call (prorch/runner/hookcalls.py): its time bound, what it raises, and on_cancel,
+"""One hook call (prorch/engine/step_hooks.py): its time bound, what it raises, and on_cancel,
 whose error is kept without undoing the cancel."""
 
 from __future__ import annotations
@@ -9,17 +9,17 @@ from datetime import datetime, timedelta, timezone
 import pytest
 
 from prorch import FakeClock
-from prorch.creation import build_records, store_new
-from prorch.exceptions import HookTimeoutError
-from prorch.hooks import HookCaller
-from prorch.policy import Policies, StepOverride
-from prorch.registry import Registry
-from prorch.runner import transitions
-from prorch.runner.hookcalls import HookInvoker
-from prorch.runner.journal import Journal
-from prorch.runner.rounds import write_each
-from prorch.runner.state import Run
-from prorch.store import Store
+from prorch.engine import transitions
+from prorch.engine.bounded_calls import HookCaller
+from prorch.engine.journal import Journal
+from prorch.engine.policy import Policies, StepOverride
+from prorch.engine.rounds import write_each
+from prorch.engine.state import Run
+from prorch.engine.step_hooks import HookInvoker
+from prorch.model.exceptions import HookTimeoutError
+from prorch.model.registry import Registry
+from prorch.storage.creation import build_records, store_new
+from prorch.storage.store import Store
 from repositories.memory import MemoryBackend
 from tests.support.builders import pipeline_of, step_of
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 from typing import Any
 
 from prorch import OnStartMixin, Pipeline, Step
-from prorch.reactions import on_event, reactions_of
-from prorch.registry import Registry, current_registry
+from prorch.features.reactions import on_event, reactions_of
+from prorch.model.registry import Registry, current_registry
 from prorch.testing import Harness
 
 SEEN: list[Any] = []

@@ -8,12 +8,12 @@ from datetime import datetime, timedelta, timezone
 import pytest
 
 from prorch import ConcurrentUpdateError, FakeClock, OnStartMixin, Status, Step
-from prorch.creation import build_records, store_new
-from prorch.policy import Policies
-from prorch.registry import Registry
-from prorch.runner.journal import Journal, Merge
-from prorch.runner.rounds import write_each
-from prorch.store import Store
+from prorch.engine.journal import Journal, Merge
+from prorch.engine.policy import Policies
+from prorch.engine.rounds import write_each
+from prorch.model.registry import Registry
+from prorch.storage.creation import build_records, store_new
+from prorch.storage.store import Store
 from repositories.memory import MemoryBackend
 from tests.support.builders import pipeline_of, step_of
 

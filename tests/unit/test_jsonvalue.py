@@ -1,4 +1,4 @@
-"""What may be stored as a value (prorch/jsonvalue.py): the exact bounds of the check."""
+"""What may be stored as a value (prorch/model/jsonvalue.py): the exact bounds of the check."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ from typing import Any
 
 import pytest
 
-from prorch.exceptions import UnstorableValueError
-from prorch.jsonvalue import MAX_DEPTH, check_json, checked_copy, dumps, loads
+from prorch.model.exceptions import UnstorableValueError
+from prorch.model.jsonvalue import MAX_DEPTH, check_json, checked_copy, dumps, loads
 
 
 def nested(levels: int, kind: str) -> Any:

@@ -1,4 +1,4 @@
-"""LeaseKeeper (prorch/leases.py): held leases are renewed by their token, a lost one is
+"""LeaseKeeper (prorch/storage/leases.py): held leases are renewed by their token, a lost one is
 dropped (logged and counted), a hook past its time limit is renewed no more, a hook starts only
 on a lease known to be live, and no error stops the keeper."""
 
@@ -14,16 +14,16 @@ from pathlib import Path
 import pytest
 
 from prorch import Orchestrator, Status, Step
-from prorch import clock as clock_module
-from prorch.clock import ServerAlignedClock, SystemClock
-from prorch.exceptions import ConcurrentUpdateError, LeaseLostError, RepositoryError
-from prorch.extension import Extension
-from prorch.leases import LeaseKeeper
+from prorch.engine import Outcome, Runner, Writing, write_in_rounds
+from prorch.engine.extension import Extension
+from prorch.model import clock as clock_module
+from prorch.model.clock import ServerAlignedClock, SystemClock
+from prorch.model.exceptions import ConcurrentUpdateError, LeaseLostError, RepositoryError
+from prorch.model.records import EventRecord, PipelineRecord, Record
+from prorch.model.registry import Registry
 from prorch.observability.metrics import WorkerMetrics
-from prorch.records import EventRecord, PipelineRecord, Record
-from prorch.registry import Registry
-from prorch.runner import Outcome, Runner, Writing, write_in_rounds
-from prorch.store import Store
+from prorch.storage.leases import LeaseKeeper
+from prorch.storage.store import Store
 from prorch.testing import Harness
 from repositories import from_url
 from repositories.memory import MemoryBackend
@@ -202,7 +202,7 @@ def test_a_refused_renewal_is_logged_and_counted_and_that_pipeline_starts_no_hoo
     orchestrator = Orchestrator(url, lease_seconds=0.6, concurrency=1, group_commit=1, registry=registry)
     uuids = [flow.create(orchestrator.store.backend).uuid for _ in range(2)]
     metrics = WorkerMetrics(orchestrator).attach()
-    with caplog.at_level(logging.WARNING, logger="prorch.leases"):
+    with caplog.at_level(logging.WARNING, logger="prorch.storage.leases"):
         summary = orchestrator.execute_pipelines()
 
     lost = next(u for u in uuids if u not in ran)

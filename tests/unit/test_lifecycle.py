@@ -18,7 +18,7 @@ from prorch import (
     Step,
     register_step,
 )
-from prorch.registry import Registry
+from prorch.model.registry import Registry
 from prorch.testing import Harness
 from tests.support import builders
 from tests.support.builders import pipeline_of

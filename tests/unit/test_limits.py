@@ -1,4 +1,4 @@
-"""A pipeline class's limits (prorch/limits.py): parsed from its attributes, and kept by a claim
+"""A pipeline class's limits (prorch/model/limit_rules.py): parsed from its attributes, and kept by a claim
 on the in-memory store, at counts above 1 and together (max_running with a rate limit)."""
 
 from __future__ import annotations
@@ -8,11 +8,11 @@ from typing import Any
 
 import pytest
 
-from prorch.exceptions import RegistrationError
-from prorch.limits import ClaimLimit, RateLimit, StartLog, Tally, limits_of, tenant_key, within_limits
-from prorch.records import format_timestamp
-from prorch.registry import Registry
-from prorch.store import Store
+from prorch.model.exceptions import RegistrationError
+from prorch.model.limit_rules import ClaimLimit, RateLimit, StartLog, Tally, limits_of, tenant_key, within_limits
+from prorch.model.records import format_timestamp
+from prorch.model.registry import Registry
+from prorch.storage.store import Store
 from repositories.memory import MemoryBackend
 from tests.support.builders import pipeline_of, step_of
 

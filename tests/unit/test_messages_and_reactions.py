@@ -23,10 +23,10 @@ from prorch import (
     register_pipeline,
     register_step,
 )
+from prorch.features.reactions import reactions_of
+from prorch.model.records import MessageRecord, new_uuid
+from prorch.model.registry import Registry
 from prorch.pipeline import pipeline_class
-from prorch.reactions import reactions_of
-from prorch.records import MessageRecord, new_uuid
-from prorch.registry import Registry
 from prorch.testing import Harness
 from tests.support.builders import pipeline_of, step_of
 

@@ -22,9 +22,9 @@ from prorch import (
     Step,
     register_step,
 )
-from prorch.records import JSONDict
-from prorch.registry import Registry
-from prorch.store import Store
+from prorch.model.records import JSONDict
+from prorch.model.registry import Registry
+from prorch.storage.store import Store
 from prorch.testing import Harness
 from repositories.memory import MemoryBackend
 from tests.support import builders

@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 
 from prorch import OnStartMixin, Pipeline, RegistrationError, Step, register_pipeline, register_plugin, register_step
-from prorch.plugins import discover
-from prorch.registry import Registry
+from prorch.features.tenant_plugins import discover
+from prorch.model.registry import Registry
 from prorch.testing import Harness
 
 

@@ -9,8 +9,8 @@ import pytest
 
 from prorch import OnStartMixin, Step
 from prorch.config import StepOverride
-from prorch.exceptions import StepUsageError
-from prorch.policy import Policies, StepPolicy, backoff_delay
+from prorch.engine.policy import Policies, StepPolicy, backoff_delay
+from prorch.model.exceptions import StepUsageError
 
 
 class Flaky(OnStartMixin, Step):

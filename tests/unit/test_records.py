@@ -10,7 +10,7 @@ from datetime import datetime, timedelta, timezone
 import pytest
 from sqlalchemy.sql.elements import quoted_name
 
-from prorch.records import PipelineRecord, RecordError, new_uuid
+from prorch.model.records import PipelineRecord, RecordError, new_uuid
 
 
 def test_new_uuids_are_random_version_4_and_unique_across_threads() -> None:

@@ -17,8 +17,8 @@ from prorch import (
     register_pipeline,
     register_step,
 )
-from prorch.exceptions import PipelineNameNotDefinedException, StepsNotDefinedException
-from prorch.registry import Registry
+from prorch.model.exceptions import PipelineNameNotDefinedException, StepsNotDefinedException
+from prorch.model.registry import Registry
 
 
 def make_step(name: str = "S", class_name: str | None = None, **attrs: object) -> type[Step]:

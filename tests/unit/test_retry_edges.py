@@ -10,7 +10,7 @@ import pytest
 from pydantic import BaseModel
 
 from prorch import OnContinueMixin, OnStartMixin, Pipeline, Step, register_step
-from prorch.registry import Registry
+from prorch.model.registry import Registry
 from prorch.testing import Harness
 from tests.support.builders import pipeline_of
 

@@ -9,11 +9,11 @@ from datetime import datetime, timezone
 
 import pytest
 
-from prorch.records import PipelineRecord
-from prorch.registry import Registry
-from prorch.runner.rounds import write_in_rounds
-from prorch.runner.state import Writing
-from prorch.store import Store, Write
+from prorch.engine.rounds import write_in_rounds
+from prorch.engine.state import Writing
+from prorch.model.records import PipelineRecord
+from prorch.model.registry import Registry
+from prorch.storage.store import Store, Write
 from repositories.memory import MemoryBackend
 from tests.support.builders import pipeline_of, step_of
 

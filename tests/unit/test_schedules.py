@@ -11,8 +11,8 @@ import pytest
 from pydantic import BaseModel
 
 from prorch import FakeClock, RegistrationError
-from prorch.registry import Registry
-from prorch.schedule import schedule_of
+from prorch.model.registry import Registry
+from prorch.model.schedule_rules import schedule_of
 from prorch.testing import Harness
 from tests.support.builders import pipeline_of, step_of
 
@@ -154,7 +154,7 @@ def test_a_leap_day_schedule_catching_up_all_runs(registry: Registry) -> None:
 def test_all_means_all_after_a_stop_of_more_than_a_thousand_ticks(registry: Registry) -> None:
     """Regression (#25 item 9): a stop of 1,000 ticks or more created only the newest. Now every
     missed tick is created, oldest first, a bounded batch per pass."""
-    from prorch.scheduling import CATCH_UP_BATCH
+    from prorch.features.schedules import CATCH_UP_BATCH
 
     scheduled(registry, every=timedelta(minutes=1), catch_up="all")
     harness = Harness(registry=registry, clock=FakeClock(START))

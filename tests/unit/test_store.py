@@ -10,12 +10,12 @@ from typing import Any
 import pytest
 
 from prorch import IRepository, Metadata
-from prorch.creation import build_records, store_new
-from prorch.limits import ClaimLimit
-from prorch.records import JSONDict
-from prorch.registry import Registry
+from prorch.model.limit_rules import ClaimLimit
+from prorch.model.records import JSONDict
+from prorch.model.registry import Registry
+from prorch.storage.creation import build_records, store_new
 from prorch.storage.seed_adapter import SeedAdapter
-from prorch.store import Store
+from prorch.storage.store import Store
 from repositories.memory import MemoryBackend, MemoryRepository
 from tests.support.builders import pipeline_of, quick
 

@@ -1,4 +1,4 @@
-"""The state machine's pure functions (prorch/runner/transitions.py): records in memory, no
+"""The state machine's pure functions (prorch/engine/transitions.py): records in memory, no
 store, no hooks."""
 
 from __future__ import annotations
@@ -9,11 +9,11 @@ from typing import Any
 import pytest
 
 from prorch import InvalidStateError, OnContinueMixin, OnStartMixin, Step
-from prorch.policy import Policies, StepOverride
-from prorch.records import ErrorInfo, PipelineRecord, StepRecord, new_uuid
-from prorch.runner import transitions
-from prorch.runner.state import Run
-from prorch.status import EventType, RollbackState, Status
+from prorch.engine import transitions
+from prorch.engine.policy import Policies, StepOverride
+from prorch.engine.state import Run
+from prorch.model.records import ErrorInfo, PipelineRecord, StepRecord, new_uuid
+from prorch.model.status import EventType, RollbackState, Status
 
 NOW = datetime(2030, 1, 1, tzinfo=timezone.utc)
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from prorch import NotRegisteredError, OnStartMixin, Pipeline, Step, register_pipeline, register_step
-from prorch.registry import Registry
+from prorch.model.registry import Registry
 from prorch.testing import Harness
 
 RAN: list[str] = []

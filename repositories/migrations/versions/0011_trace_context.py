@@ -1,4 +1,4 @@
-"""Tracing: the W3C trace context a pipeline was created in (``prorch.tracecontext``), so that
+"""Tracing: the W3C trace context a pipeline was created in (``prorch.model.trace_context``), so that
 its resumes, in any process, join one trace.
 
 Revision ID: 0011

@@ -11,7 +11,7 @@ from datetime import datetime, timedelta
 import fault_app  # noqa: F401  (registers the pipelines)
 
 from prorch import Orchestrator
-from prorch.clock import SystemClock
+from prorch.model.clock import SystemClock
 
 
 class SkewedClock(SystemClock):

@@ -1,0 +1,252 @@
+"""What is stored: the four record kinds, as msgspec Structs.
+
+Records travel to and from repositories as plain JSON-compatible dicts (``to_dict`` /
+``from_dict``), so any store can hold them. They are Structs rather than pydantic models because
+the engine builds, changes and writes several per transition: a Struct is made, changed and
+converted many times faster, and msgspec still validates every record on the way in
+(``from_dict``). Pydantic stays at the edges: a pipeline's ``Params`` and a step's ``Output``.
+Timestamps are UTC ISO-8601 strings with a fixed width, which sort correctly as text. Fields a
+prorch 1.0.1 store lacks have defaults, so such a store loads as it is.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import traceback as traceback_module
+import uuid
+from datetime import datetime, timezone
+from typing import Any, ClassVar, TypeVar
+
+import msgspec
+import orjson
+
+from prorch.model.status import EventType, RollbackState, Status
+
+JSONDict = dict[str, Any]
+RecordError = msgspec.ValidationError
+"""What ``from_dict`` raises for data that is not a valid record."""
+
+
+def new_uuid() -> str:
+    """A random (version 4) uuid as text. Each call reads the system's randomness, so a forked
+    process (gunicorn's preload, multiprocessing's fork) never repeats its parent's uuids, as a
+    buffer of random bits copied into the child did; the buffer saved about 1 us of a ~500 us
+    transition."""
+    return str(uuid.uuid4())
+
+
+def to_utc(moment: datetime) -> datetime:
+    """Stored times are UTC; a naive time read back from a driver is taken as UTC."""
+    if moment.tzinfo is None:
+        return moment.replace(tzinfo=timezone.utc)
+    return moment.astimezone(timezone.utc)
+
+
+@functools.lru_cache(maxsize=512)
+def format_timestamp(moment: datetime) -> str:
+    """Fixed-width UTC ISO-8601, so that text order is time order. Cached: one transition
+    writes the same ``now`` in several places (updated_at, started_at, its events)."""
+    return to_utc(moment).isoformat(timespec="microseconds")
+
+
+class Record(msgspec.Struct, kw_only=True, dict=True):
+    """Base of every stored record: validated on the way in, extra keys ignored."""
+
+    MODEL: ClassVar[str]
+    TIMES: ClassVar[tuple[str, ...]] = ()  # the timestamp fields, kept in UTC
+    JSON: ClassVar[frozenset[str]] = frozenset()  # the fields that hold JSON values
+
+    uuid: str
+
+    def __post_init__(self) -> None:
+        for name in self.TIMES:
+            moment = getattr(self, name)
+            if moment is not None and moment.tzinfo is not timezone.utc:
+                setattr(self, name, to_utc(moment))
+
+    def to_dict(self) -> JSONDict:
+        data: JSONDict = msgspec.to_builtins(self, builtin_types=(datetime,))
+        for name in self.TIMES:
+            moment = data[name]
+            if moment is not None:
+                data[name] = format_timestamp(moment)
+        return data
+
+    @classmethod
+    def from_dict(cls: type[RecordT], data: Any) -> RecordT:
+        """A record from stored data; raises ``RecordError`` (msgspec's ValidationError) naming
+        the field when the data is not one."""
+        data = dict(data)
+        try:
+            return msgspec.convert(data, cls, strict=False)
+        except RecordError:
+            if all(type(key) is str for key in data):
+                raise
+            # a str subclass as a key (a driver's quoted column name): msgspec wants plain str
+            return msgspec.convert({str(key): value for key, value in data.items()}, cls, strict=False)
+
+
+RecordT = TypeVar("RecordT", bound=Record)
+
+
+def snapshot(record: Record, data: JSONDict) -> JSONDict:
+    """What ``changed_fields`` compares with: ``data`` with JSON values as their encoding. A
+    record shares nested values with the data it was read from, so a hook that changes one in
+    place must not change the snapshot; and ``1 == 1.0 == True`` in Python, but a change
+    between those must be written."""
+    json_fields = record.JSON
+    return {name: _encoded(value) if name in json_fields else value for name, value in data.items()}
+
+
+def remember_stored(record: Record, stored: JSONDict) -> None:
+    """Note a ``snapshot`` of what the store now holds for ``record``. Kept outside the fields:
+    it is never stored itself."""
+    record.__dict__["stored"] = stored
+
+
+def changed_fields(record: Record, data: JSONDict) -> tuple[JSONDict | None, JSONDict]:
+    """The fields of ``data`` (``record.to_dict()``) that differ from what the store holds
+    (None when that is not known: write them all), and the snapshot to remember once they
+    are stored."""
+    now = snapshot(record, data)
+    stored: JSONDict | None = record.__dict__.get("stored")
+    if stored is None:
+        return None, now
+    return {name: data[name] for name, value in now.items() if stored.get(name, _ABSENT) != value}, now
+
+
+_ABSENT = object()
+
+
+def _encoded(value: Any) -> bytes:
+    try:
+        return orjson.dumps(value)
+    except TypeError:  # an int beyond 64 bits: rare, compare the standard library's text
+        return json.dumps(value, sort_keys=False).encode()
+
+
+MAX_ERROR_TEXT = 20_000
+"""An error's message and traceback are cut to this many characters (a driver may quote rows)."""
+
+
+def _storable(text: str) -> str:
+    """Error text that any store takes: NUL shown as ``\\x00`` (PostgreSQL refuses it), cut."""
+    text = text.replace("\x00", "\\x00")
+    return text if len(text) <= MAX_ERROR_TEXT else text[:MAX_ERROR_TEXT] + " [...]"
+
+
+class ErrorInfo(msgspec.Struct, kw_only=True):
+    """An exception as stored on a step or pipeline: enough to debug without the process."""
+
+    type: str
+    message: str
+    traceback: str | None = None
+    hook: str | None = None  # the hook that failed (on_start, on_continue, ...), when one did
+
+    def __post_init__(self) -> None:
+        self.message = _storable(self.message)
+        if self.traceback is not None:
+            self.traceback = _storable(self.traceback)
+
+    @classmethod
+    def from_exception(cls, exc: BaseException, hook: str | None = None) -> ErrorInfo:
+        text = "".join(traceback_module.format_exception(type(exc), exc, exc.__traceback__))
+        return cls(type=type(exc).__name__, message=str(exc), traceback=text, hook=hook)
+
+
+class PipelineRecord(Record, kw_only=True):
+    MODEL: ClassVar[str] = "PIPELINE"
+    JSON: ClassVar[frozenset[str]] = frozenset({"params", "context", "metadata", "last_error", "trace"})
+    TIMES: ClassVar[tuple[str, ...]] = (
+        "created_at",
+        "updated_at",
+        "next_run_at",
+        "lease_expires_at",
+        "hook_started_at",
+    )
+
+    name: str
+    version: int = 1
+    status: Status
+    params: JSONDict = msgspec.field(default_factory=dict)
+    context: JSONDict = msgspec.field(default_factory=dict)  # {"tenant": ...} and the caller's own keys
+    metadata: JSONDict = msgspec.field(default_factory=dict)  # the seed's {"current_step": uuid}
+    priority: int = 0
+    created_at: datetime | None = None
+    updated_at: datetime | None = None
+    next_run_at: datetime | None = None  # due when <= now; None on a pending record: due now
+    lease_owner: str | None = None
+    lease_expires_at: datetime | None = None
+    last_error: ErrorInfo | None = None
+    claims: int = 0  # claims since the last clean release (informational)
+    cancel_requested: bool = False  # Orchestrator.cancel() while another worker held it
+    revision: int = 0  # bumped on every write; compare-and-set target
+    hook_started_at: datetime | None = None  # a hook is running (set before it, cleared with its result)
+    hook_shared: bool = False  # that mark was stored by a round of group commit: a crash is not pinned on us
+    crashes: int = 0  # workers that died in a row while one of this pipeline's hooks was running
+    key: str | None = None  # the creator's key (create(key=...)): the uuid is derived from it
+    parent_uuid: str | None = None  # the pipeline whose hook started this one (self.start_child)
+    trace: JSONDict | None = None  # the W3C trace context it was created in (prorch[otel])
+
+
+class StepRecord(Record, kw_only=True):
+    MODEL: ClassVar[str] = "STEP"
+    TIMES: ClassVar[tuple[str, ...]] = ("started_at", "finished_at", "next_run_at")
+    JSON: ClassVar[frozenset[str]] = frozenset({"metadata", "output", "error", "progress"})
+
+    pipeline_uuid: str
+    name: str
+    version: int = 1
+    position: int | None = None  # None in a prorch 1.0.1 store: the pipeline's order is used
+    status: Status
+    metadata: JSONDict = msgspec.field(default_factory=dict)
+    output: Any = None
+    attempt: int = 0  # how many times on_start/on_continue raised or ran to a verdict
+    error: ErrorInfo | None = None
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    next_run_at: datetime | None = None
+    rollback: RollbackState | None = None  # None until on_rollback has run its course (or was skipped)
+    rollback_attempt: int = 0
+    revision: int = 0
+    progress: JSONDict | None = None  # the last self.progress(): {"done", "total", "note", "at"}
+
+
+class EventRecord(Record, kw_only=True):
+    MODEL: ClassVar[str] = "EVENT"
+    TIMES: ClassVar[tuple[str, ...]] = ("at",)
+
+    pipeline_uuid: str
+    step_uuid: str | None = None
+    type: EventType
+    at: datetime
+    seq: int = 0  # orders the events of one pipeline: pipeline revision * 1000 + index
+    data: JSONDict = msgspec.field(default_factory=dict)
+
+
+class MessageRecord(Record, kw_only=True):
+    MODEL: ClassVar[str] = "MESSAGE"
+    TIMES: ClassVar[tuple[str, ...]] = ("sent_at", "consumed_at")
+
+    pipeline_uuid: str
+    name: str
+    payload: Any = None
+    sent_at: datetime
+    consumed_at: datetime | None = None
+
+
+class Metadata:
+    """Model names and their table names, as in prorch 1.0.1 (``Metadata.TABLE_NAMES[model]``)."""
+
+    PIPELINES_MODEL = PipelineRecord.MODEL
+    STEP_MODEL = StepRecord.MODEL
+    EVENT_MODEL = EventRecord.MODEL
+    MESSAGE_MODEL = MessageRecord.MODEL
+
+    TABLE_NAMES: ClassVar[dict[str, str]] = {
+        PIPELINES_MODEL: "pipelines",
+        STEP_MODEL: "pipeline_steps",
+        EVENT_MODEL: "pipeline_events",
+        MESSAGE_MODEL: "pipeline_messages",
+    }

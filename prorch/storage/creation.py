@@ -1,0 +1,232 @@
+"""Storing new pipelines: their records built from a definition, written in one transaction with
+the records their ``pipeline.created`` events trigger, and, for a key or uuid, exactly once.
+
+``Pipeline.create`` and the hook runtime (a reaction starting a pipeline) both come here, so a
+pipeline is created the same way from a web request and from inside the engine."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+from prorch.model import trace_context
+from prorch.model.clock import Clock
+from prorch.model.definition import PipelineDefinition
+from prorch.model.exceptions import (
+    DuplicateRecordError,
+    InvalidKeyError,
+    InvalidParamsError,
+    KeyConflictError,
+    NotRegisteredError,
+    PipelineNameNotDefinedError,
+    StepsNotDefinedError,
+    UnstorableValueError,
+)
+from prorch.model.jsonvalue import checked_copy
+from prorch.model.keys import check_uuid, uuid_for_key
+from prorch.model.records import EventRecord, JSONDict, PipelineRecord, Record, StepRecord, new_uuid
+from prorch.model.registry import Registry
+from prorch.model.status import EventType, Status
+from prorch.storage.store import Store
+
+STORE_ONCE_ATTEMPTS = 3
+"""Look-ups of a keyed create that lost a race to an equal create (PostgreSQL) before giving up."""
+
+
+def create_pipelines(
+    store: Store,
+    definition: type[PipelineDefinition],
+    items: Sequence[Any],
+    keys: Sequence[str | None],
+    *,
+    registry: Registry,
+    clock: Clock,
+    context: JSONDict | None = None,
+    tenant: str | None = None,
+    priority: int | None = None,
+    uuid: str | None = None,
+    parent_uuid: str | None = None,
+) -> list[tuple[PipelineRecord, bool]]:
+    """Validate every params first, then store the pipelines, pending and due now, in one
+    transaction. Returns each pipeline's record and whether it was created now (False: its key
+    or uuid named an equal pipeline already stored). Invalid params store nothing."""
+    check_declared(definition, registry)
+    merged = with_tenant(context, tenant)
+    validated = []
+    for index, item in enumerate(items):
+        try:
+            validated.append(definition.validate_params(item))
+        except InvalidParamsError as exc:
+            raise InvalidParamsError(f"params #{index}: {exc}" if len(items) > 1 else str(exc)) from exc
+    uuids = [uuid_for_key(key) if key is not None else None for key in keys]
+    if uuid is not None:
+        if list(keys) != [None]:
+            raise InvalidKeyError("give key= or uuid=, not both: a keyed pipeline's uuid comes from its key")
+        uuids = [check_uuid(uuid)]
+    now = clock.now()
+    groups = [
+        build_records(
+            definition,
+            item,
+            now=now,
+            context=merged,
+            priority=priority,
+            uuid=given,
+            key=key,
+            parent_uuid=parent_uuid,
+            trace=trace_context.new_carrier(definition.name),
+        )
+        for item, given, key in zip(validated, uuids, keys, strict=True)
+    ]
+    if all(given is None for given in uuids):  # nothing to look up: new uuids cannot collide
+        return [(record, True) for record in store_new(store, groups, now, registry)]
+    return store_once(store, groups, now, registry)
+
+
+def check_declared(definition: type[PipelineDefinition], registry: Registry) -> None:
+    """The class declares a name and steps, and is the one registered under its name and version."""
+    if not definition.name:
+        raise PipelineNameNotDefinedError(f"pipeline class {definition.__qualname__} has no `name`")
+    if not definition.steps:
+        raise StepsNotDefinedError(f"pipeline {definition.name} has no `steps`")
+    registered = registry.pipelines.get(definition.name, {}).get(definition.version)
+    if registered is not definition:
+        raise NotRegisteredError(
+            f"pipeline {definition.name} is not registered: decorate {definition.__qualname__} with "
+            "@register_pipeline so that the orchestrator can resume it"
+        )
+
+
+def build_records(
+    definition: type[PipelineDefinition],
+    params: JSONDict,
+    *,
+    now: datetime,
+    status: Status = Status.PENDING,
+    context: JSONDict | None = None,
+    priority: int | None = None,
+    uuid: str | None = None,
+    key: str | None = None,
+    parent_uuid: str | None = None,
+    trace: JSONDict | None = None,
+) -> list[Record]:
+    """A new pipeline's records, in write order: its steps, its ``pipeline.created`` event, and
+    the pipeline itself (due now when pending). ``params`` must be validated already."""
+    record = PipelineRecord(
+        uuid=uuid or new_uuid(),
+        name=definition.name or "",
+        version=definition.version,
+        status=status,
+        params=params,
+        context=context or {},
+        metadata={"current_step": None},
+        priority=definition.priority if priority is None else priority,
+        created_at=now,
+        updated_at=now,
+        next_run_at=now if status == Status.PENDING else None,
+        key=key,
+        parent_uuid=parent_uuid,
+        trace=trace,
+    )
+    steps: list[Record] = [
+        StepRecord(
+            uuid=new_uuid(),
+            pipeline_uuid=record.uuid,
+            name=step.name or "",
+            version=step.version,
+            position=position,
+            status=Status.CREATED,
+        )
+        for position, step in enumerate(definition.steps)
+    ]
+    created = EventRecord(
+        uuid=new_uuid(),
+        pipeline_uuid=record.uuid,
+        type=EventType.PIPELINE_CREATED,
+        at=now,
+        data={"name": record.name, "version": record.version},
+    )
+    return [*steps, created, record]
+
+
+def store_new(store: Store, groups: list[list[Record]], now: datetime, registry: Registry) -> list[PipelineRecord]:
+    """Store new pipelines (each group from ``build_records``) and what their ``pipeline.created``
+    events trigger (reaction tasks), in one transaction: steps first, pipelines last, so a
+    pipeline record is never visible without its steps. Returns the pipeline records."""
+    records = [record for group in groups for record in group]
+    pipelines = [record for record in records if isinstance(record, PipelineRecord)]
+    created = [record for record in records if isinstance(record, EventRecord)]
+    triggered = registry.records_for_created(pipelines[0].name, created, now) if pipelines else []
+    order = {StepRecord.MODEL: 0, EventRecord.MODEL: 1, PipelineRecord.MODEL: 2}
+    store.insert_all([*triggered, *sorted(records, key=lambda record: order[record.MODEL])])
+    return pipelines
+
+
+def store_once(
+    store: Store, groups: list[list[Record]], now: datetime, registry: Registry
+) -> list[tuple[PipelineRecord, bool]]:
+    """Store the new pipelines whose uuid (from a key) is not stored yet, in one transaction;
+    return each pipeline's record and whether it was created now. A uuid already stored must
+    name an equal pipeline (name and params), else ``KeyConflictError`` and nothing is stored.
+
+    The look-up and the inserts share one transaction: writers take turns on SQLite, TinyDB
+    and the memory store. On PostgreSQL two transactions can both find nothing; the second
+    insert then fails on the uuid's uniqueness, and the look-up runs again and finds the first."""
+    for attempt in range(1, STORE_ONCE_ATTEMPTS + 1):
+        try:
+            with store.transaction():
+                results, fresh = _sort_out(store, groups)
+                if fresh:
+                    store_new(store, fresh, now, registry)
+            return results
+        except DuplicateRecordError:
+            if attempt == STORE_ONCE_ATTEMPTS:
+                raise
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _sort_out(store: Store, groups: list[list[Record]]) -> tuple[list[tuple[PipelineRecord, bool]], list[list[Record]]]:
+    """Each group's pipeline as stored (or as it will be), whether it is new, and the groups to insert."""
+    results: list[tuple[PipelineRecord, bool]] = []
+    fresh: list[list[Record]] = []
+    taken: dict[str, PipelineRecord] = {}
+    for group in groups:
+        wanted = next(record for record in group if isinstance(record, PipelineRecord))
+        found = taken.get(wanted.uuid) or store.get_pipeline(wanted.uuid)
+        if found is None:
+            taken[wanted.uuid] = wanted
+            fresh.append(group)
+            results.append((wanted, True))
+            continue
+        if found.name != wanted.name or found.params != wanted.params:
+            raise KeyConflictError(_conflict(found, wanted))
+        results.append((found, False))
+    return results, fresh
+
+
+def _conflict(found: PipelineRecord, wanted: PipelineRecord) -> str:
+    taken_by = f"key {found.key!r}" if found.key is not None else f"uuid {found.uuid}"
+    return (
+        f"{taken_by} already names pipeline {found.name} {found.uuid} with params {_shown(found.params)}; "
+        f"this create asked for {wanted.name} with params {_shown(wanted.params)}; use another key, "
+        "or the same name and params to get the stored pipeline"
+    )
+
+
+def _shown(params: JSONDict) -> str:
+    text = json.dumps(params, sort_keys=True, ensure_ascii=False)
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+def with_tenant(context: JSONDict | None, tenant: str | None) -> JSONDict:
+    """The pipeline's context with its tenant, checked storable."""
+    merged = dict(context or {})
+    if tenant is not None:
+        merged["tenant"] = tenant
+    try:
+        copied: JSONDict = checked_copy(merged, "context")
+    except UnstorableValueError as exc:
+        raise InvalidParamsError(f"the pipeline's context cannot be stored: {exc}") from exc
+    return copied

@@ -1,0 +1,183 @@
+"""Keeping leases alive while a worker holds pipelines, and knowing, before each hook, that the
+lease is still ours: a hook starts only while its lease is sure to be live for a safe margin."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from types import TracebackType
+
+from prorch.model.clock import Clock
+from prorch.model.exceptions import LeaseLostError, RepositoryError
+from prorch.model.records import PipelineRecord
+from prorch.storage.store import Store
+
+logger = logging.getLogger("prorch.storage.leases")
+
+SAFE_MARGIN = 1 / 3
+"""The part of the lease a hook may not start in: a lease last written ``lease_seconds`` ago
+minus this margin is renewed before the hook starts (the keeper renews every third anyway)."""
+
+
+@dataclass
+class _Lease:
+    token: str
+    name: str
+    live_until: float  # time.monotonic() before which the stored lease is sure to be live
+    releasing: bool = False  # our next write gives the lease up: a refused renewal is no loss
+
+
+class LeaseKeeper:
+    """Renews, every third of the lease length, the leases of every pipeline the worker claimed
+    and has not released, each by the token it was claimed with, and answers, before a hook
+    starts, whether the lease is sure to be live (``confirm``).
+
+    When a lease was last written is measured on this process's monotonic clock, from just
+    before the time written into it was read: the lease is live at least ``lease_seconds`` from
+    then, whatever the wall clock does. A renewal that is refused means the lease was lost (it
+    ran out and another worker claimed the pipeline): it is logged and counted (``on_lost``),
+    the pipeline starts no more hooks here, and its next write is refused by compare-and-set. A
+    pipeline whose hook has run past its time limit is renewed no more, so that another worker
+    can take it over when this one is stuck. No error stops the keeper.
+    """
+
+    def __init__(
+        self, store: Store, lease_seconds: float, clock: Clock, on_lost: Callable[[str], None] | None = None
+    ) -> None:
+        self.store = store
+        self.lease_seconds = lease_seconds
+        self.clock = clock
+        self.on_lost = on_lost
+        self._held: dict[str, _Lease] = {}  # pipeline uuid -> its lease as we last wrote it
+        self._lost: set[str] = set()
+        self._limits: dict[str, datetime] = {}  # pipeline uuid -> renew no later than this
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def __enter__(self) -> LeaseKeeper:
+        if self.store.can_claim:
+            self._thread = threading.Thread(target=self._loop, name="prorch-lease-keeper", daemon=True)
+            self._thread.start()
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+
+    def hold(self, records: Iterable[PipelineRecord], since: float) -> None:
+        """Keep the leases of ``records``, claimed with a lease time read after
+        ``time.monotonic()`` was ``since``."""
+        until = since + self.lease_seconds
+        with self._lock:
+            for record in records:
+                if record.lease_owner is not None:
+                    self._held[record.uuid] = _Lease(record.lease_owner, record.name, until)
+
+    def drop(self, uuid: str) -> None:
+        """The pipeline's advance is over: its lease was released, or is left to run out."""
+        with self._lock:
+            self._held.pop(uuid, None)
+            self._limits.pop(uuid, None)
+            self._lost.discard(uuid)
+
+    def limit(self, uuid: str, until: datetime | None) -> None:
+        """Renew the lease of ``uuid`` only while the clock is before ``until`` (None: always)."""
+        with self._lock:
+            if until is None:
+                self._limits.pop(uuid, None)
+            else:
+                self._limits[uuid] = until
+
+    def renewed(self, uuid: str, since: float) -> None:
+        """A write that renewed the lease of ``uuid`` was stored; the lease time it wrote was
+        read after ``time.monotonic()`` was ``since``."""
+        with self._lock:
+            lease = self._held.get(uuid)
+            if lease is not None:
+                lease.live_until = max(lease.live_until, since + self.lease_seconds)
+
+    def releasing(self, uuid: str) -> None:
+        """Our next write of ``uuid`` gives its lease up (a renewal refused after it is no loss)."""
+        with self._lock:
+            lease = self._held.get(uuid)
+            if lease is not None:
+                lease.releasing = True
+
+    def confirm(self, uuid: str) -> None:
+        """Return only if the lease of ``uuid`` is sure to be live for the safe margin, renewing
+        it first (compare-and-set on our token) when it was last written too long ago. Raises
+        ``LeaseLostError`` when it was lost, ``RepositoryError`` when the store could not renew
+        it; a pipeline this keeper does not hold (a store without leases) passes."""
+        margin = self.lease_seconds * SAFE_MARGIN
+        with self._lock:
+            if uuid in self._lost:
+                raise LeaseLostError(f"pipeline {uuid}: this worker lost its lease; not starting its hook", uuid=uuid)
+            lease = self._held.get(uuid)
+            if lease is None or time.monotonic() < lease.live_until - margin:
+                return
+            token = lease.token
+        since = time.monotonic()
+        try:
+            renewed = self._renew(uuid, token, since)
+        except RepositoryError as exc:
+            raise RepositoryError(f"pipeline {uuid}: could not renew its lease before a hook: {exc}") from exc
+        if not renewed:
+            raise LeaseLostError(f"pipeline {uuid}: its lease ran out and another worker took it", uuid=uuid)
+        if time.monotonic() >= since + self.lease_seconds - margin:
+            raise RepositoryError(f"pipeline {uuid}: renewing its lease took too long to start a hook safely")
+
+    def renew_all(self) -> None:
+        """Renew every lease held, unless past its hook's limit; a failure is logged."""
+        since = time.monotonic()
+        now = self.clock.now()
+        with self._lock:
+            held = [(uuid, lease.token) for uuid, lease in self._held.items() if self._limits.get(uuid, now) >= now]
+        for uuid, token in held:
+            try:
+                self._renew(uuid, token, since, now)
+            except Exception as exc:  # the store is down: the lease may lapse; confirm() and the CAS still guard
+                logger.warning("could not renew the lease of pipeline %s: %s", uuid, exc)
+
+    def _renew(self, uuid: str, token: str, since: float, now: datetime | None = None) -> bool:
+        """Renew one lease; False (and the loss told) when it was refused."""
+        now = self.clock.now() if now is None else now
+        if self.store.renew_lease(uuid, token, now + timedelta(seconds=self.lease_seconds)):
+            self.renewed(uuid, since)
+            return True
+        self._refused(uuid, token)
+        return False
+
+    def _refused(self, uuid: str, token: str) -> None:
+        with self._lock:
+            lease = self._held.get(uuid)
+            if lease is None or lease.token != token:
+                return  # dropped meanwhile
+            del self._held[uuid]
+            if lease.releasing:
+                return  # most likely our own release was stored first; a refused write would say otherwise
+            self._lost.add(uuid)
+        logger.warning(
+            "lease of pipeline %s was lost: it ran out and another worker claimed it; this worker starts "
+            "none of its hooks from now on and its writes are refused (a hook already running goes on)",
+            uuid, extra={"pipeline_uuid": uuid},
+        )  # fmt: skip
+        if self.on_lost is not None:
+            try:
+                self.on_lost(lease.name)
+            except Exception:  # a metrics observer must not stop the keeper
+                logger.exception("telling a lost lease of pipeline %s failed", uuid)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.lease_seconds / 3):
+            try:
+                self.renew_all()
+            except Exception as exc:  # e.g. the clock could not be read: try again at the next turn
+                logger.warning("lease keeper: renewing failed, trying again in %.1fs: %s", self.lease_seconds / 3, exc)

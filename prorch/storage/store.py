@@ -1,0 +1,308 @@
+"""The engine's typed view of a backend: records in and out, validated, each call's failure one
+``RepositoryError``. What a store can do and how it commits is the backend's business
+(``prorch.storage``); this facade only loads and saves records."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import threading
+import weakref
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any, TypeVar
+
+from prorch.model.clock import Clock, ServerAlignedClock, SystemClock
+from prorch.model.due import Runnable
+from prorch.model.exceptions import CorruptRecordError, PipelineNotFoundError, RepositoryError
+from prorch.model.limit_rules import ClaimLimit
+from prorch.model.records import (
+    EventRecord,
+    MessageRecord,
+    PipelineRecord,
+    Record,
+    RecordError,
+    StepRecord,
+    remember_stored,
+    snapshot,
+)
+from prorch.model.status import Status
+from prorch.storage import listing
+from prorch.storage.backend import Backend, Outcome, Write
+from prorch.storage.commits import SAVE_CHUNK, call
+from prorch.storage.composed import RepositoryBackend
+from prorch.storage.listing import PipelinePage
+from prorch.storage.repository import IRepository, PipelineQuery, PipelineStats
+from prorch.storage.seed_adapter import TICKS_UUID
+from prorch.storage.urls import backend_of, backends_package, resolve_backend
+
+__all__ = [
+    "MESSAGE_PAGE",
+    "SAVE_CHUNK",
+    "TICKS_UUID",
+    "Store",
+    "Write",
+    "backends_package",
+    "resolve_backend",
+    "store_for",
+]
+
+logger = logging.getLogger("prorch.storage.store")
+RecordT = TypeVar("RecordT", bound=Record)
+MESSAGE_PAGE = 500
+"""Unread messages per read of ``unread_messages``: a hook draining a long queue reads it by pages."""
+_warned_backends: set[int] = set()
+_stores: weakref.WeakKeyDictionary[Any, Store] = weakref.WeakKeyDictionary()
+_stores_lock = threading.Lock()
+
+
+def store_for(repository: object) -> Store:
+    """The ``Store`` of a repository (URL, backend or class), made once per backend:
+    ``Pipeline.create`` runs on every web request."""
+    backend = resolve_backend(repository)
+    try:
+        found = _stores.get(backend)
+    except TypeError:  # not weak-referenceable: make one each time
+        return Store(backend)
+    if found is None:
+        with _stores_lock:
+            found = _stores.get(backend)
+            if found is None:
+                found = _stores[backend] = Store(backend)
+    return found
+
+
+def _load(record_type: type[RecordT], data: Any, *, remember: bool = False) -> RecordT:
+    """A record from a row; with ``remember``, a snapshot of it is kept, so that its next write
+    sends only what changed."""
+    try:
+        record = record_type.from_dict(data)
+    except (RecordError, TypeError, ValueError) as exc:
+        uuid = data.get("uuid") if isinstance(data, dict) else None
+        raise CorruptRecordError(f"stored {record_type.MODEL} record {uuid!r} is not valid: {exc}", uuid=uuid) from exc
+    if remember:
+        remember_stored(record, snapshot(record, data))
+    return record
+
+
+class Store:
+    """One backend, typed: what the engine, the API and the features call."""
+
+    def __init__(self, repository: object) -> None:
+        self.backend = resolve_backend(repository)
+        self.engine: Backend = backend_of(self.backend)
+        self.thread_safe = self.engine.thread_safe
+        self.has_transaction = self.engine.has_transactions
+        self.guards_concurrency = self.engine.guards_concurrency
+        self.can_claim = self.engine.can_claim
+        self.partial_update = self.engine.partial_update
+        self._aligned_clock: ServerAlignedClock | None = None
+
+    def repository(self, model: str) -> IRepository:
+        """The repository of one model (tests look at it)."""
+        if isinstance(self.engine, RepositoryBackend):
+            return self.engine.table(model)  # type: ignore[return-value]
+        return self.backend(model)
+
+    pipelines = property(lambda self: self.repository(PipelineRecord.MODEL))
+    steps = property(lambda self: self.repository(StepRecord.MODEL))
+    events = property(lambda self: self.repository(EventRecord.MODEL))
+    messages = property(lambda self: self.repository(MessageRecord.MODEL))
+
+    def clock(self, clock: Clock | None = None) -> Clock:
+        """The clock given; else, on a store with a server clock (PostgreSQL), the system clock
+        aligned to the server's; else the system clock. A test clock is used as it is."""
+        if clock is not None and not isinstance(clock, SystemClock):
+            return clock
+        if clock is None and self._aligned_clock is not None:
+            return self._aligned_clock
+        try:
+            probe = call("read the server's clock", self.engine.server_time)
+        except RepositoryError as exc:
+            probe = None
+            logger.warning("could not read the clock of %r (%s); using this machine's", self.backend, exc)
+        if probe is None:
+            return clock or SystemClock()
+        aligned = ServerAlignedClock(self._server_now, clock)
+        if clock is None:
+            self._aligned_clock = aligned
+        return aligned
+
+    def _server_now(self) -> datetime:
+        found = call("read the server's clock", self.engine.server_time)
+        if found is None:  # pragma: no cover - it answered when the clock was made
+            raise RepositoryError(f"{self.backend!r} no longer reports its clock")
+        return found
+
+    def warn_if_unguarded(self) -> None:
+        """Say once per backend that a second orchestrator could run the same pipeline."""
+        if self.guards_concurrency or id(self.backend) in _warned_backends:
+            return
+        _warned_backends.add(id(self.backend))
+        logger.warning(
+            "repository %s has no atomic claim / compare-and-set: run a single orchestrator "
+            "process on it (prorch cannot guard against a second one)",
+            getattr(self.backend, "__name__", type(self.backend).__name__),
+        )
+
+    # --- reading -------------------------------------------------------------------------------
+
+    def get_pipeline(self, uuid: str) -> PipelineRecord | None:
+        data = call("get a pipeline", self.engine.get, PipelineRecord.MODEL, uuid)
+        return _load(PipelineRecord, data, remember=self.partial_update) if data else None
+
+    def _search(self, record_type: type[RecordT], field: str, value: object, remember: bool = False) -> list[RecordT]:
+        rows = call(f"search {record_type.MODEL.lower()} records", self.engine.search, record_type.MODEL, field, value)
+        return [_load(record_type, row, remember=remember) for row in rows or []]
+
+    def pipelines_with_status(self, status: Status) -> list[PipelineRecord]:
+        return self._search(PipelineRecord, "status", status.value)
+
+    def all_pipelines(self) -> list[PipelineRecord]:
+        return [record for status in Status for record in self.pipelines_with_status(status)]
+
+    def children_of(self, uuid: str) -> list[PipelineRecord]:
+        """The pipelines started by ``uuid``'s hooks, oldest first."""
+        return sorted(self._search(PipelineRecord, "parent_uuid", uuid), key=listing.newest_first)
+
+    def steps_of(self, pipeline_uuid: str) -> list[StepRecord]:
+        return self._search(StepRecord, "pipeline_uuid", pipeline_uuid, self.partial_update)
+
+    def steps_of_many(self, pipeline_uuids: Sequence[str]) -> dict[str, list[StepRecord]]:
+        """The steps of several pipelines in one query where the store can. A pipeline left out
+        (or with an invalid step) is read on its own by ``steps_of``, which reports the error."""
+        if len(pipeline_uuids) < 2:
+            return {}
+        try:
+            rows = self.engine.search_many(StepRecord.MODEL, "pipeline_uuid", list(pipeline_uuids))
+        except Exception as exc:
+            logger.debug("reading the steps of %d pipelines at once failed (%s); one by one", len(pipeline_uuids), exc)
+            return {}
+        found: dict[str, list[StepRecord]] = {uuid: [] for uuid in pipeline_uuids}
+        unreadable: set[str] = set()
+        for row in rows or ():
+            try:
+                step = _load(StepRecord, row, remember=self.partial_update)
+            except CorruptRecordError:
+                unreadable.add(str(row.get("pipeline_uuid")))
+                continue
+            if step.pipeline_uuid in found:
+                found[step.pipeline_uuid].append(step)
+        return {uuid: steps for uuid, steps in found.items() if uuid not in unreadable} if rows is not None else {}
+
+    def events_of(self, pipeline_uuid: str) -> list[EventRecord]:
+        events = self._search(EventRecord, "pipeline_uuid", pipeline_uuid)
+        return sorted(events, key=lambda event: (event.seq, event.at))
+
+    def messages_of(self, pipeline_uuid: str) -> list[MessageRecord]:
+        messages = self._search(MessageRecord, "pipeline_uuid", pipeline_uuid)
+        return sorted(messages, key=lambda message: message.sent_at)
+
+    def unread_messages(
+        self, pipeline_uuid: str, name: str, after: tuple[datetime, str] | None = None, limit: int = MESSAGE_PAGE
+    ) -> list[MessageRecord]:
+        """Up to ``limit`` unread messages ``name`` of a pipeline, oldest first, after ``after``."""
+        rows = call("read unread messages", self.engine.unread_messages, pipeline_uuid, name, after, limit)
+        return [_load(MessageRecord, row) for row in rows]
+
+    def has_unread_messages(self, pipeline_uuid: str) -> bool:
+        return bool(call("look for unread messages", self.engine.has_unread_messages, pipeline_uuid))
+
+    def last_sent_at(self, pipeline_uuid: str) -> datetime | None:
+        return call("read the last message's time", self.engine.last_sent_at, pipeline_uuid)
+
+    def query_pipelines(self, query: PipelineQuery, after: str | None = None) -> PipelinePage:
+        """A page of pipelines, newest first; ``after``: the last uuid of the previous page."""
+        query = listing.checked(query)
+        if after is not None:
+            last = self.get_pipeline(after)
+            if last is None:
+                raise PipelineNotFoundError(f"--after {after}: no pipeline with that uuid is stored", uuid=after)
+            query = dataclasses.replace(query, after=(last.created_at, last.uuid))
+        rows, total = call("list pipelines", self.engine.query_pipelines, query)
+        records = [_load(PipelineRecord, row) for row in rows]
+        last_page = len(records) < query.limit
+        return PipelinePage(records, None if last_page or not records else records[-1].uuid, total)
+
+    def pipeline_stats(self, now: datetime, ended_since: datetime) -> PipelineStats:
+        return call("count pipelines", self.engine.pipeline_stats, now, ended_since)
+
+    def ended_before(self, statuses: list[Status], before: datetime, limit: int) -> list[str]:
+        """Uuids of ended pipelines of ``statuses`` last changed before ``before`` and no stored parent."""
+        return call("find ended pipelines", self.engine.ended_before, [s.value for s in statuses], before, limit)
+
+    def due(self, now: datetime, limit: int, runnable: Runnable | None = None) -> list[PipelineRecord]:
+        rows = call("query due pipelines", self.engine.due, now, limit, runnable)
+        return [_load(PipelineRecord, row, remember=self.partial_update) for row in rows]
+
+    def schedule_ticks(self) -> dict[str, datetime]:
+        return call("read the schedules' last ticks", self.engine.schedule_ticks)
+
+    # --- claiming ------------------------------------------------------------------------------
+
+    def claim_due(
+        self,
+        now: datetime,
+        owner: str,
+        lease_expires_at: datetime,
+        limit: int,
+        limits: dict[str, ClaimLimit] | None = None,
+        runnable: Runnable | None = None,
+    ) -> list[PipelineRecord]:
+        """Lease due pipelines within their limits, only of the ``runnable`` classes when given."""
+        args = (now, owner, lease_expires_at, limit, limits or {}, runnable)
+        rows = call("claim due pipelines", self.engine.claim, *args)
+        return [_load(PipelineRecord, row, remember=self.partial_update) for row in rows]
+
+    def claim_one(self, uuid: str, now: datetime, owner: str, lease_expires_at: datetime) -> PipelineRecord | None:
+        """Lease one pipeline for an in-process run; None when another owner holds it."""
+        row = call("claim a pipeline", self.engine.claim_one, uuid, now, owner, lease_expires_at)
+        return _load(PipelineRecord, row, remember=self.partial_update) if row else None
+
+    def renew_lease(self, uuid: str, owner: str, lease_expires_at: datetime) -> bool:
+        return bool(call("renew a lease", self.engine.renew_lease, uuid, owner, lease_expires_at))
+
+    # --- writing -------------------------------------------------------------------------------
+
+    def session(self) -> contextlib.AbstractContextManager[None]:
+        return self.engine.session()
+
+    def transaction(self) -> contextlib.AbstractContextManager[None]:
+        return self.engine.transaction()
+
+    def insert_all(self, records: Sequence[Record]) -> None:
+        """Store new records (a pipeline with its steps and first event) as one unit."""
+        call("save records", self.engine.insert, records)
+
+    def commit(
+        self,
+        changed: Sequence[PipelineRecord | StepRecord],
+        added: Sequence[Record] = (),
+        touched: Sequence[MessageRecord] = (),
+    ) -> None:
+        """Write one transition (steps, consumed messages, new records, the pipeline) by compare-and-set."""
+        self.commit_write(Write(list(changed), list(added), list(touched)))
+
+    def commit_write(self, write: Write) -> None:
+        outcome = self.commit_many([write])[0]
+        if outcome is not None:
+            raise outcome
+
+    def commit_many(self, writes: Sequence[Write]) -> list[Outcome]:
+        """Each write all-or-nothing, several in one transaction where the store can; per write,
+        None when stored or the error that kept it out."""
+        return call("write transitions", self.engine.commit, writes)
+
+    def advance_schedule(self, name: str, tick: datetime) -> bool:
+        """Store ``tick`` as the schedule's last tick unless it or a later one is (False)."""
+        return bool(call("store a schedule's last tick", self.engine.advance_schedule, name, tick))
+
+    def deleters(self) -> None:
+        """Raise ``ConfigurationError`` now when this store cannot delete (retention)."""
+        self.engine.check_deletable()
+
+    def delete_pipelines(self, uuids: list[str], statuses: list[Status], before: datetime) -> int:
+        """Delete those of ``uuids`` retention may still take, with their steps, events, messages."""
+        values = [status.value for status in statuses]
+        return call("delete pipelines", self.engine.delete_pipelines, uuids, values, before)
