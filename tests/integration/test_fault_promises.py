@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import collections
 import json
-import os
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,21 +18,14 @@ import pytest
 
 from prorch import Orchestrator, Status
 from repositories import from_url
+from tests.support import processes
+from tests.support.processes import FAULTS, PRORCH, child_env, wait_for
 
-FAULTS = Path(__file__).parent / "faults"
-ROOT = Path(__file__).resolve().parents[2]
-PRORCH = str(Path(sys.executable).parent / "prorch")
-
-sys.path.insert(0, str(FAULTS))
-try:
-    import fault_app
-finally:
-    sys.path.remove(str(FAULTS))
+fault_app = processes.fault_app()
 
 
 def env(log: Path, **more: str) -> dict[str, str]:
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("PRORCH_")}
-    return {**clean, "PYTHONPATH": os.pathsep.join([str(FAULTS), str(ROOT)]), "FAULT_LOG": str(log), **more}
+    return child_env(FAULT_LOG=str(log), **more)
 
 
 def start_worker(url: str, log: Path, options: dict[str, Any], **more: str) -> subprocess.Popen[bytes]:
@@ -51,14 +43,6 @@ def events(log: Path) -> list[tuple[str, int, str, float]]:
         kind, pid, uuid, at = line.split()
         rows.append((kind, int(pid), uuid, float(at)))
     return rows
-
-
-def wait_for(condition: Callable[[], bool], seconds: float, what: str) -> None:
-    deadline = time.monotonic() + seconds
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {seconds}s waiting for {what}")
-        time.sleep(0.05)
 
 
 @pytest.fixture

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -14,7 +13,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import psycopg
@@ -22,30 +21,15 @@ import pytest
 
 from prorch import Orchestrator, Status
 from repositories import from_url
+from tests.support import processes
 from tests.support.postgres import PostgresServer, PostgresUnavailable, free_port, start_server
+from tests.support.processes import FAULTS, PRORCH, child_env, wait_for
 
-FAULTS = Path(__file__).parent / "faults"
-ROOT = Path(__file__).resolve().parents[2]
-PRORCH = str(Path(sys.executable).parent / "prorch")
-
-sys.path.insert(0, str(FAULTS))
-try:
-    import fault_app
-finally:
-    sys.path.remove(str(FAULTS))
+fault_app = processes.fault_app()
 
 
 def env(**more: str) -> dict[str, str]:
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("PRORCH_")}
-    return {**clean, "PYTHONPATH": os.pathsep.join([str(FAULTS), str(ROOT)]), **more}
-
-
-def wait_for(condition: Callable[[], bool], seconds: float, what: str) -> None:
-    deadline = time.monotonic() + seconds
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {seconds}s waiting for {what}")
-        time.sleep(0.1)
+    return child_env(**more)
 
 
 @pytest.fixture
