@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
@@ -73,3 +74,10 @@ def test_dumps_is_compact_and_round_trips_big_ints() -> None:
     assert loads(b'{"big":1180591620717411303425}') == {"big": 2**70 + 1}
     assert loads('{"id":"12345678901234567890","n":1.5}') == {"id": "12345678901234567890", "n": 1.5}
     assert loads(b'{"a":1}') == {"a": 1}
+
+
+def test_text_that_is_not_json_is_refused_with_the_standard_librarys_message() -> None:
+    with pytest.raises(json.JSONDecodeError, match=r"^Expecting property name enclosed in double quotes"):
+        loads('{"a": 1, }')
+    with pytest.raises(json.JSONDecodeError):
+        loads(b"[1, 2")

@@ -220,15 +220,18 @@ def test_a_retry_restarts_the_failed_step_and_redoes_the_compensated_ones() -> N
         (Polling, True, "on_start", "Boom", True),
         (Polling, True, "on_continue", "Boom", False),
         (Polling, True, None, "StepTimeoutError", True),  # a timeout restarts the step
+        (Polling, True, None, "HookTimeoutError", True),  # as recorded before hooks were named
+        (Polling, True, None, "Boom", False),
+        (Polling, True, None, None, False),  # no error kept: it goes on with on_continue
     ],
 )
 def test_which_hook_a_retried_step_runs_again(
-    cls: type[Step], started: bool, hook: str | None, type_: str, expected: bool
+    cls: type[Step], started: bool, hook: str | None, type_: str | None, expected: bool
 ) -> None:
     run = make_run(cls)
     (step,) = run.steps
     step.started_at = NOW if started else None
-    step.error = ErrorInfo(type=type_, message="x", hook=hook)
+    step.error = None if type_ is None else ErrorInfo(type=type_, message="x", hook=hook)
     assert transitions.failed_in_on_start(run, step) is expected
 
 
@@ -301,3 +304,61 @@ def test_a_verdict_records_when_the_step_ended() -> None:
     transitions.fail_step(run, second, ErrorInfo(type="Boom", message="bad"), NOW + timedelta(seconds=4), extra=1)
     assert second.finished_at == NOW + timedelta(seconds=4) and second.status == Status.FAILED
     assert run.events[-1].data == {"step": "Plain", "error": "bad", "extra": 1}
+
+
+def test_a_steps_events_name_the_step_and_a_pipelines_events_none() -> None:
+    run = make_run(Plain)
+    (step,) = run.steps
+    transitions.start_step(run, step, NOW)
+    started_pipeline, started_step = run.events
+    assert (started_pipeline.step_uuid, started_pipeline.data) == (None, {})
+    assert (started_step.step_uuid, started_step.data) == (step.uuid, {"step": "Plain", "attempt": 0})
+    assert started_step.pipeline_uuid == run.pipeline.uuid and started_step.at == NOW
+
+
+def test_a_rollback_records_its_verdict_on_the_step_and_in_the_history() -> None:
+    run = make_run(Compensated, Compensated, Plain)
+    undone, unrecoverable, failing = run.steps
+    for step in (undone, unrecoverable):
+        transitions.finish_step(run, step, None, NOW)
+    transitions.fail_step(run, failing, ErrorInfo(type="Boom", message="boom"), NOW)
+    run.events.clear()
+    unrecoverable.next_run_at = undone.next_run_at = NOW + timedelta(seconds=5)  # a rollback's backoff
+    error = ErrorInfo(type="Refund", message="refund refused", hook="on_rollback")
+    transitions.rolled_back(run, unrecoverable, NOW, error)
+    transitions.rolled_back(run, undone, NOW, None)
+    assert (unrecoverable.rollback, unrecoverable.error, unrecoverable.next_run_at) == (
+        RollbackState.FAILED, error, None,
+    )  # fmt: skip
+    assert (undone.rollback, undone.error, undone.next_run_at) == (RollbackState.DONE, None, None)
+    failed_event, done_event = run.events
+    assert (failed_event.type, failed_event.step_uuid) == (EventType.STEP_ROLLBACK_FAILED, unrecoverable.uuid)
+    assert failed_event.data == {"step": "Compensated", "error": "refund refused"}
+    assert (done_event.type, done_event.step_uuid, done_event.data) == (
+        EventType.STEP_ROLLED_BACK, undone.uuid, {"step": "Compensated"},
+    )  # fmt: skip
+
+
+def test_quarantine_records_when_and_that_the_step_was_quarantined() -> None:
+    run = make_run(Plain)
+    (current,) = run.steps
+    transitions.quarantine(run, NOW, ErrorInfo(type="WorkerCrashed", message="quarantined"))
+    assert current.finished_at == NOW
+    (event,) = run.events
+    assert (event.type, event.at, event.step_uuid) == (EventType.STEP_FAILED, NOW, current.uuid)
+    assert event.data == {"step": "Plain", "error": "quarantined", "quarantined": True}
+
+
+def test_a_stop_with_nothing_to_wait_for_leaves_the_pipeline_due_now() -> None:
+    """A created step with no backoff and no timeout: no wake time but now (not None, which
+    would leave a pending pipeline never due)."""
+    run = make_run(Plain, next_run_at=NOW - timedelta(hours=1))
+    transitions.schedule(run, stop=True, now=NOW, lease_seconds=30, policies=Policies())
+    assert run.pipeline.next_run_at == NOW
+
+
+def test_the_outcome_names_its_pipeline_and_reports_no_wait_once_it_ended() -> None:
+    run = make_run(Plain, next_run_at=NOW + timedelta(seconds=5))
+    assert transitions.outcome(run, NOW).uuid == run.pipeline.uuid
+    run.pipeline.status = Status.FINISHED  # a stale due time on an ended pipeline is no wait
+    assert transitions.outcome(run, NOW).waiting_until is None
