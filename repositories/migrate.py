@@ -31,7 +31,9 @@ def stored_revision(connection: Connection) -> str | None:
     try:
         with connection.begin_nested():
             return connection.execute(text(f"SELECT version_num FROM {VERSION_TABLE}")).scalar()
-    except SQLAlchemyError:
+    except SQLAlchemyError as exc:
+        if getattr(exc, "connection_invalidated", False) or connection.invalidated:
+            raise  # the connection was lost, not the table: an unreachable store, not an empty one
         return None
 
 

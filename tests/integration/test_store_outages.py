@@ -71,6 +71,8 @@ def test_killed_connections_leave_the_next_writes_clean(
             env=env(FAULT_LOG=str(tmp_path / "hooks.log")), stdout=subprocess.DEVNULL, stderr=sink,
         )  # fmt: skip
     processes.append(worker)
+    hooks = tmp_path / "hooks.log"  # kill mid-run, not while the worker opens the store (a store error then)
+    wait_for(lambda: hooks.exists() and hooks.stat().st_size > 0, 60, "the worker's first hook")
     database = postgres_url.rsplit("/", 1)[1]
     killed = 0
     started = time.monotonic()
@@ -177,3 +179,26 @@ def test_a_worker_whose_database_is_down_backs_off_and_logs_a_few_lines(
     wait_for(lambda: orchestrator.get(second).pipeline.status == Status.FINISHED, 60, "a pipeline after")
     back = stderr.read_text()
     assert back.count("store reachable again") == 1, back[-3000:]
+
+
+def test_a_connection_lost_while_the_schema_is_read_is_not_an_empty_store(postgres_server: PostgresServer) -> None:
+    """Regression: a connection killed while a starting worker read the schema's revision was
+    taken for an empty store; the worker went on to upgrade on the dead connection and died of
+    SQLAlchemy's PendingRollbackError (seen under backend kills), instead of a store error."""
+    import sqlalchemy
+    from sqlalchemy.exc import DBAPIError
+
+    from repositories.migrate import stored_revision
+
+    engine = sqlalchemy.create_engine(postgres_server.url.replace("postgresql://", "postgresql+psycopg://"))
+    try:
+        with engine.connect() as connection:
+            pid = connection.execute(sqlalchemy.text("SELECT pg_backend_pid()")).scalar()
+            connection.commit()
+            with psycopg.connect(postgres_server.url, autocommit=True) as admin:
+                admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+            with pytest.raises(DBAPIError) as lost:
+                stored_revision(connection)
+        assert lost.value.connection_invalidated
+    finally:
+        engine.dispose()
