@@ -109,4 +109,3 @@ class Heartbeat:
     def _run(self) -> None:
         while not self._stop.wait(self.every):
             self.beat()
-

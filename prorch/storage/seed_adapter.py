@@ -292,7 +292,6 @@ class SeedAdapter(RepositoryBackend):
                 call("delete records", self.repository(model).delete_by, "pipeline_uuid", gone)  # type: ignore[attr-defined]
             return len(gone)
 
-
     # --- workers (the fallback: message records addressed to no pipeline, as schedule ticks) ---
 
     def upsert_worker(self, row: JSONDict) -> None:
