@@ -29,8 +29,9 @@ def prorch_version() -> str:
 
 def beat_seconds(lease_seconds: float) -> float:
     """How often a worker beats: ``HEARTBEAT_SECONDS``, faster when its leases are short, so
-    that its row goes stale no later than its leases run out."""
-    return min(HEARTBEAT_SECONDS, lease_seconds / STALE_BEATS)
+    that its row goes stale (``STALE_BEATS`` late beats) within a quarter of its lease: a dead
+    worker's pipelines are shown stranded for most of the time their leases still hold them."""
+    return min(HEARTBEAT_SECONDS, lease_seconds / (4 * STALE_BEATS))
 
 
 class Heartbeat:
