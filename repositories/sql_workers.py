@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import contextlib
 from datetime import datetime
-from typing import TYPE_CHECKING
+from typing import Protocol
 
-from sqlalchemy import delete, insert, select, update
+from sqlalchemy import Connection, delete, insert, select, update
 
 from prorch.model.records import JSONDict, format_timestamp, to_utc
 from repositories.schema import workers
 
-if TYPE_CHECKING:
-    from repositories.sql import SQLBackend
+
+class SQLBackend(Protocol):
+    """What these functions use of ``repositories.sql.SQLBackend`` (named here: no import cycle)."""
+
+    def _errors(self) -> contextlib.AbstractContextManager[None]: ...
+    def connect(self, *, write: bool) -> contextlib.AbstractContextManager[Connection]: ...
+
 
 TIMES = ("started_at", "heartbeat_at")
 
