@@ -4,11 +4,13 @@
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Any
 
 from prorch.model.exceptions import ProrchError
-from prorch.model.records import StepRecord
+from prorch.model.records import PipelineRecord, StepRecord, format_timestamp
 from prorch.model.registry import Registry
 from prorch.model.status import TERMINAL
+from prorch.model.workers import WorkerRow, stranded_until, worker_of
 
 
 def format_time(moment: datetime | None) -> str:
@@ -51,3 +53,28 @@ def app_loaded(registry: Registry) -> bool:
     ``prorch.Reaction``, are always there). Without them a pipeline's class is missing here for
     every pipeline, which says nothing about whether the workers have it: nothing is blocked."""
     return any(not name.startswith("prorch.") for name in registry.pipelines)
+
+
+def lease_holder(record: PipelineRecord, workers: list[WorkerRow], now: datetime) -> dict[str, Any] | None:
+    """Which worker runs the pipeline and since when (its hook's start, else its last change),
+    and whether it is stranded: its holder's heartbeat is late, so it resumes when the lease
+    runs out. None when no live lease holds it."""
+    if record.status in TERMINAL or record.lease_expires_at is None or record.lease_expires_at <= now:
+        return None
+    since = record.hook_started_at or record.updated_at
+    resumes = stranded_until(record.lease_owner, record.lease_expires_at, workers, now)
+    return {
+        "worker": worker_of(record.lease_owner),
+        "since": format_timestamp(since) if since is not None else None,
+        "stranded": resumes is not None,
+        "resumes_at": format_timestamp(resumes) if resumes is not None else None,
+    }
+
+
+def holder_text(holder: dict[str, Any]) -> str:
+    """``running on worker W since HH:MM:SS`` or ``stranded, resumes at HH:MM`` (UTC, as stored)."""
+    if holder["stranded"]:
+        resumes = datetime.fromisoformat(holder["resumes_at"])
+        return f"stranded, resumes at {resumes:%H:%M} UTC (worker {holder['worker']} stopped beating)"
+    since = datetime.fromisoformat(holder["since"]).strftime("%H:%M:%S UTC") if holder["since"] else "-"
+    return f"running on worker {holder['worker']} since {since}"

@@ -50,6 +50,7 @@ from prorch.model.registry import Registry, current_registry
 from prorch.model.status import TERMINAL, Status
 from prorch.pipeline import new_owner_id
 from prorch.storage import outside, purge
+from prorch.storage.heartbeat import Heartbeat, beat_seconds
 from prorch.storage.leases import LeaseKeeper
 from prorch.storage.listing import PipelinePage
 from prorch.storage.purge import PurgeSummary
@@ -128,7 +129,11 @@ class Orchestrator:
         self.lease_seconds = lease_seconds
         self.shutdown_grace = shutdown_grace
         self.retention = retention
-        self.last_loop = time.monotonic()  # run_forever's heartbeat, for health checks
+        self.last_loop = time.monotonic()  # when run_forever last started a pass
+        self.app_version: str | None = None
+        """The version of the user's code (the ``--app`` modules' ``__version__``), on the worker's row."""
+        self.heartbeat: Heartbeat | None = None
+        """The worker's row and health while ``run_forever`` runs (``prorch.storage.heartbeat``)."""
         self.outage = Outage(DEFAULT_INTERVAL_SECONDS)
         """Whether run_forever finds the store unreachable (health checks say so)."""
         self.extensions = Extensions()
@@ -280,25 +285,37 @@ class Orchestrator:
             self.outage = Outage(interval)
         self.extensions.call("start")
         try:
-            while not self._stop.is_set():
-                self.last_loop = time.monotonic()
-                try:
-                    summary = self.execute_pipelines()
-                except RepositoryError as exc:  # the store is down: keep the worker, back off (logged once)
-                    self._stop.wait(self.outage.failed(exc))
-                    continue
-                self.outage.recovered()
-                if summary.abandoned_hooks > self.max_abandoned_hooks:
-                    raise WorkerUnhealthyError(
-                        f"{summary.abandoned_hooks} hung hook threads are still running (limit "
-                        f"{self.max_abandoned_hooks}); exiting so that the supervisor starts a fresh worker"
-                    )
-                if summary.claimed < self.batch_size:
-                    self._stop.wait(interval)
+            with self._heartbeat():
+                self._loop(interval)
         finally:
             restore()
             self.extensions.call("stop")  # a background task ends what it is doing, within shutdown_grace
             self.close()
+
+    def _heartbeat(self) -> Heartbeat:
+        self.heartbeat = Heartbeat(
+            self.store, self.clock, self.owner, concurrency=self.concurrency, in_flight=lambda: self.hooks.in_flight,
+            app_version=self.app_version, every=beat_seconds(self.lease_seconds),
+        )  # fmt: skip
+        return self.heartbeat
+
+    def _loop(self, interval: float) -> None:
+        """Passes until stopped; a pass that claimed a full batch is followed at once by the next."""
+        while not self._stop.is_set():
+            self.last_loop = time.monotonic()
+            try:
+                summary = self.execute_pipelines()
+            except RepositoryError as exc:  # the store is down: keep the worker, back off (logged once)
+                self._stop.wait(self.outage.failed(exc))
+                continue
+            self.outage.recovered()
+            if summary.abandoned_hooks > self.max_abandoned_hooks:
+                raise WorkerUnhealthyError(
+                    f"{summary.abandoned_hooks} hung hook threads are still running (limit "
+                    f"{self.max_abandoned_hooks}); exiting so that the supervisor starts a fresh worker"
+                )
+            if summary.claimed < self.batch_size:
+                self._stop.wait(interval)
 
     def purge(
         self,

@@ -27,6 +27,7 @@ from prorch.storage.repository import IRepository
 
 INDEXED = ("pipeline_uuid", "status")  # the fields the engine searches by
 TICKS = "schedule_ticks"  # the table of schedules' last ticks, one row per schedule
+WORKERS = "workers"  # the table of worker rows, by worker id
 
 
 class MemoryBackend(RepositoryBackend):
@@ -72,6 +73,18 @@ class MemoryBackend(RepositoryBackend):
                 return False
             marks._write(name, {"uuid": name, "name": name, "tick": format_timestamp(tick)})
             return True
+
+    def upsert_worker(self, row: JSONDict) -> None:
+        with self.lock:
+            self(WORKERS)._put(str(row["id"]), json.dumps(row))
+
+    def delete_worker(self, worker_id: str) -> None:
+        with self.lock:
+            self(WORKERS)._put(worker_id, None)
+
+    def workers(self) -> list[JSONDict]:
+        with self.lock:
+            return [json.loads(text) for text in self(WORKERS).rows.values()]
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[None]:

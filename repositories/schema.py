@@ -13,6 +13,7 @@ from sqlalchemy import (
     Boolean,
     Column,
     DateTime,
+    Float,
     Index,
     Integer,
     MetaData,
@@ -25,7 +26,7 @@ from sqlalchemy.dialects.postgresql import JSONB
 
 from prorch.model.records import Metadata as Models
 
-SCHEMA_REVISION = "0014"
+SCHEMA_REVISION = "0015"
 """The newest migration; a store at this revision needs no upgrade."""
 VERSION_TABLE = "prorch_schema_version"
 HISTORY_TABLE = "prorch_schema_migrations"
@@ -149,6 +150,21 @@ schedule_ticks = Table(
     Column("tick", Timestamp, nullable=False),  # the last tick whose pipeline was created
 )
 
+workers = Table(
+    "workers",
+    metadata,
+    Column("id", String(200), primary_key=True),  # the worker's id: its leases' tokens start with it
+    Column("host", String(255), nullable=False),
+    Column("pid", Integer, nullable=False),
+    Column("prorch_version", String(64), nullable=False),
+    Column("app_version", String(64)),
+    Column("started_at", Timestamp, nullable=False),
+    Column("heartbeat_at", Timestamp, nullable=False),
+    Column("beat_seconds", Float, nullable=False),  # how often it beats: a row older than 3 beats is stale
+    Column("concurrency", Integer, nullable=False),
+    Column("in_flight", Integer, nullable=False),
+)
+
 schema_history = Table(
     HISTORY_TABLE,
     metadata,
@@ -186,4 +202,5 @@ __all__ = [
     "metadata",
     "schedule_ticks",
     "schema_history",
+    "workers",
 ]

@@ -62,7 +62,7 @@ from prorch.model.status import Status
 from prorch.storage.commits import call
 from prorch.storage.composed import MODELS, RepositoryBackend
 from prorch.storage.repository import IRepository, PipelineQuery, PipelineStats
-from repositories import sql_listing
+from repositories import sql_listing, sql_workers
 from repositories.migrate import MIGRATIONS, upgrade
 from repositories.schema import TABLES, schedule_ticks
 from repositories.schemes import SUPPORTED_SCHEMES
@@ -188,6 +188,17 @@ class SQLBackend(RepositoryBackend):
                 return False
             connection.execute(insert(schedule_ticks).values(name=name, tick=tick))
             return True
+
+    # --- workers (repositories.sql_workers) ---------------------------------------------------
+
+    def upsert_worker(self, row: JSONDict) -> None:
+        sql_workers.upsert_worker(self, row)
+
+    def delete_worker(self, worker_id: str) -> None:
+        sql_workers.delete_worker(self, worker_id)
+
+    def workers(self) -> list[JSONDict]:
+        return sql_workers.worker_rows(self)
 
     # --- what a dialect overrides ------------------------------------------------------------
 

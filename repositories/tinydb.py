@@ -46,6 +46,7 @@ STATUSES = tuple(status.value for status in Status)
 STATUS_MODELS = (Metadata.PIPELINES_MODEL, Metadata.STEP_MODEL)
 RATE_TABLE = "rate_limit_starts"
 TICKS_TABLE = "schedule_ticks"  # one document: each schedule's last created tick
+WORKERS_TABLE = "workers"  # one document: the worker rows, by worker id
 """The starts of rate-limited pipelines within their window, in one document by name."""
 
 
@@ -196,6 +197,30 @@ class TinyDBBackend(RepositoryBackend):
     def _ticks(self) -> dict[str, str]:
         ticks: dict[str, str] = (self.storage.read() or {}).get(TICKS_TABLE, {}).get("1", {}).get("ticks", {})
         return ticks
+
+    def upsert_worker(self, row: JSONDict) -> None:
+        """Under the file lock, in one atomic replacement of the file (as every write here)."""
+        with self.locked():
+            self._write_workers({**self._workers(), str(row["id"]): row})
+
+    def delete_worker(self, worker_id: str) -> None:
+        with self.locked():
+            rows = self._workers()
+            if rows.pop(worker_id, None) is not None:
+                self._write_workers(rows)
+
+    def workers(self) -> list[JSONDict]:
+        with self.locked():
+            return list(self._workers().values())
+
+    def _workers(self) -> dict[str, JSONDict]:
+        rows: dict[str, JSONDict] = (self.storage.read() or {}).get(WORKERS_TABLE, {}).get("1", {}).get("workers", {})
+        return dict(rows)
+
+    def _write_workers(self, rows: dict[str, JSONDict]) -> None:
+        data = self.storage.read() or {}
+        data[WORKERS_TABLE] = {"1": {"workers": rows}}
+        self.storage.write(data)
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[None]:

@@ -32,7 +32,7 @@ from prorch.cli.output import (
     print_summary,
     print_table,
 )
-from prorch.display import format_time, step_limits
+from prorch.display import format_seconds, format_time, holder_text, lease_holder, step_limits
 from prorch.engine.outage import Outage, open_when_reachable
 from prorch.features.schedules import scheduled
 from prorch.model.exceptions import (
@@ -239,6 +239,7 @@ def show(ctx: Context, uuid: str | None, key: str | None, as_json: bool, traceba
             state = orchestrator.get(uuid or "", workers_code=loaded)
         history = orchestrator.history(state.pipeline.uuid)
         moment, reason = state.next_run(orchestrator.clock.now(), history)
+        holder = lease_holder(state.pipeline, orchestrator.store.workers(), orchestrator.clock.now())
     if as_json:
         echo_json(
             {
@@ -249,10 +250,13 @@ def show(ctx: Context, uuid: str | None, key: str | None, as_json: bool, traceba
                 "code_missing": state.code_missing,
                 "children": [{"uuid": c.uuid, "name": c.name, "status": c.status.value} for c in state.children],
                 "next_run": {"at": moment.isoformat() if moment else None, "reason": reason},
+                "worker": holder,
             }
         )
         return
-    print_state(state, history, orchestrator.clock.now(), step_limits(orchestrator.registry, state.steps), tracebacks)
+    limits = step_limits(orchestrator.registry, state.steps)
+    text = holder_text(holder) if holder is not None else None
+    print_state(state, history, orchestrator.clock.now(), limits, tracebacks, holder=text)
 
 
 @main.command()
@@ -459,3 +463,27 @@ def demo(ctx: Context, demo_repository: str | None) -> None:
     """The backup example, end to end, on a temporary SQLite file."""
     if not demo_module.run(ctx, demo_repository):
         sys.exit(1)
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_obj
+def workers(ctx: Context, as_json: bool) -> None:
+    """The workers with a row in the store: live ones, and stale ones (dead or frozen: their
+    heartbeat is late; their pipelines resume when their leases run out)."""
+    with reported(ctx):
+        orchestrator = ctx.orchestrator()
+        rows, now = orchestrator.store.workers(), orchestrator.clock.now()
+    if as_json:
+        echo_json([row.summary(now) for row in rows])
+        return
+    if not rows:
+        click.echo("no worker has a row in this store (none running, or all stopped cleanly)")
+        return
+    table = [["WORKER", "STATE", "VERSION", "APP", "STARTED", "HEARTBEAT", "HOOKS", "FREE"]]
+    for row in rows:
+        state = "alive" if row.alive(now) else "STALE"
+        beat = f"{format_seconds((now - row.heartbeat_at).total_seconds())} ago"
+        table.append([row.id, state, row.prorch_version, row.app_version or "-", format_time(row.started_at), beat,
+                      f"{row.in_flight}/{row.concurrency}", str(row.free_slots)])  # fmt: skip
+    print_table(table)

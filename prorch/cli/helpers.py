@@ -117,7 +117,7 @@ class Context:
         settings = self.loaded(**more_flags).settings
         repository = self.repository()
         self.import_apps()
-        return Orchestrator(
+        orchestrator = Orchestrator(
             repository,
             concurrency=settings.concurrency,
             batch_size=settings.batch_size,
@@ -130,6 +130,16 @@ class Context:
             shutdown_grace=settings.shutdown_grace,
             retention=parse_age(settings.retention, "retention") if settings.retention else None,
         )
+        orchestrator.app_version = self.app_version()
+        return orchestrator
+
+    def app_version(self) -> str | None:
+        """The first ``--app`` module's ``__version__`` that is set (after ``import_apps``), else None."""
+        for module in self.settings.app:
+            found = getattr(sys.modules.get(module), "__version__", None)
+            if found is not None:
+                return str(found)
+        return None
 
 
 def load_repository(setting: str) -> RepositoryLike:

@@ -77,10 +77,11 @@ def print_state(
     now: datetime,
     max_attempts: dict[str, int],
     tracebacks: bool = True,
+    holder: str | None = None,
 ) -> None:
     """``prorch show``: everything an operator asks about one pipeline, times with their zone.
     ``max_attempts`` maps a step name to its limit when its code is loaded here; ``tracebacks``:
-    print a failed step's traceback under its error."""
+    print a failed step's traceback under its error; ``holder``: which worker runs it."""
     p = state.pipeline
     click.echo(f"{p.name} v{p.version}  {p.uuid}  {p.status.value}")
     tenant = p.context.get("tenant")
@@ -92,6 +93,8 @@ def print_state(
         click.echo(f"  parent: {p.parent_uuid}")
     moment, reason = state.next_run(now, history)
     click.echo(f"  next run: {format_time(moment) if moment is not None else '-'} ({reason})")
+    if holder is not None:
+        click.echo(f"  {holder}")
     click.echo(f"  params: {json.dumps(p.params, sort_keys=True)}")
     context = {k: v for k, v in p.context.items() if k != "tenant"}
     if context:

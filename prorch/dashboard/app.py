@@ -109,6 +109,12 @@ def create_app(
             return failure(request, exc, api=False)
         return page(request, "pipeline.html", data=data, done=request.query_params.get("done"))
 
+    async def workers_page(request: Request) -> Response:
+        return page(request, "workers.html", data=await off_loop(views.workers, orchestrator))
+
+    async def api_workers(request: Request) -> Response:
+        return JSONResponse(await off_loop(views.workers, orchestrator))
+
     def too_many(request: Request, api: bool) -> Response | None:
         """A 429 for a client that gave too many wrong tokens lately, else None."""
         wait = throttle.retry_after(_host(request))
@@ -220,12 +226,14 @@ def create_app(
         Route("/", overview_page),
         Route("/pipelines", pipelines_page),
         Route("/pipelines/{uuid}", pipeline_page),
+        Route("/workers", workers_page),
         Route(action_path, act_from_page, methods=["POST"]),
         Route("/login", login, methods=["GET", "POST"]),
         Route("/logout", logout, methods=["POST"]),
         Route("/api/overview", api_overview),
         Route("/api/pipelines", api_pipelines),
         Route("/api/pipelines/{uuid}", api_pipeline),
+        Route("/api/workers", api_workers),
         Route("/api" + action_path, api_act, methods=["POST"]),
         Mount("/static", StaticFiles(directory=HERE / "static"), name="static"),
     ]

@@ -11,10 +11,11 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from prorch.display import app_loaded, step_limits, step_seconds
+from prorch.display import app_loaded, lease_holder, step_limits, step_seconds
 from prorch.model.exceptions import InvalidParamsError, ProrchError
 from prorch.model.records import PipelineRecord, StepRecord
 from prorch.model.status import TERMINAL, Status
+from prorch.model.workers import WorkerRow
 from prorch.orchestrator import Orchestrator
 from prorch.storage.listing import filter_value, parse_moment
 from prorch.storage.repository import PipelineStats
@@ -127,17 +128,20 @@ def pipelines(orchestrator: Orchestrator, filters: dict[str, str]) -> dict[str, 
         after=filters.get("after"),
         count=True,
     )
+    rows = orchestrator.store.workers() if any(_leased(r, now) for r in page.pipelines) else []
     return {
-        "pipelines": [pipeline_row(record, now) for record in page.pipelines],
+        "pipelines": [pipeline_row(record, now, rows) for record in page.pipelines],
         "total": page.total,
         "next_after": page.next_after,
         "filters": filters,
     }
 
 
-def pipeline_row(record: PipelineRecord, now: datetime) -> dict[str, Any]:
+def pipeline_row(record: PipelineRecord, now: datetime, workers: list[WorkerRow] | None = None) -> dict[str, Any]:
+    """One pipeline of a listing; with ``workers``, which of them runs it (``display.lease_holder``)."""
     ended = record.status in TERMINAL
     return {
+        "worker": lease_holder(record, workers, now) if workers is not None else None,
         "uuid": record.uuid,
         "name": record.name,
         "version": record.version,
@@ -162,9 +166,10 @@ def pipeline(orchestrator: Orchestrator, uuid: str) -> dict[str, Any]:
     moment, reason = state.next_run(now, history)
     limits = step_limits(orchestrator.registry, state.steps)
     p = state.pipeline
+    workers = orchestrator.store.workers() if _leased(p, now) else []
     return {
         "pipeline": {
-            **pipeline_row(p, now),
+            **pipeline_row(p, now, workers),
             "key": p.key,
             "priority": p.priority,
             "params": p.params,
@@ -245,3 +250,13 @@ def _result(orchestrator: Orchestrator, record: PipelineRecord) -> Any:
         return orchestrator.result(record.uuid)
     except ProrchError:
         return None
+
+
+def _leased(record: PipelineRecord, now: datetime) -> bool:
+    return record.lease_expires_at is not None and record.lease_expires_at > now and record.status not in TERMINAL
+
+
+def workers(orchestrator: Orchestrator) -> dict[str, Any]:
+    """Every worker with a row: live ones and stale ones (dead or frozen), oldest first."""
+    now = orchestrator.clock.now()
+    return {"workers": [row.summary(now) for row in orchestrator.store.workers()], "now": iso(now)}

@@ -60,12 +60,27 @@ class HookCaller:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._loop_thread: threading.Thread | None = None
         self._loop_pid = 0
+        self._in_flight = 0
+
+    @property
+    def in_flight(self) -> int:
+        """How many hook calls are running now (an abandoned one no longer counts)."""
+        return self._in_flight
 
     # --- calling ----------------------------------------------------------------------------
 
     def call(self, func: Callable[[], object], bound: float | None, what: str) -> None:
         """Run ``func``; with a ``bound`` (seconds), give up after that long. Whatever ``func``
         raises (``BaseException`` included) is raised here, with its traceback."""
+        with self._lock:
+            self._in_flight += 1
+        try:
+            self._call(func, bound, what)
+        finally:
+            with self._lock:
+                self._in_flight -= 1
+
+    def _call(self, func: Callable[[], object], bound: float | None, what: str) -> None:
         if inspect.iscoroutinefunction(func):
             self._await(func(), bound, what)
             return

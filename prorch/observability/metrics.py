@@ -88,6 +88,7 @@ class WorkerMetrics(Extension):
             "prorch_start_lag_seconds", "From a pipeline's due time to its claim.", buckets=DURATION_BUCKETS, registry=r
         )
         r.register(StoreGauges(orchestrator))
+        r.register(SlotGauges(orchestrator))
 
     def attach(self) -> WorkerMetrics:
         """Attach the counters to the orchestrator, as one of its extensions."""
@@ -170,4 +171,27 @@ class StoreGauges(Collector):
         lag = (now - stats.oldest_due).total_seconds() if stats.oldest_due else 0.0
         yield GaugeMetricFamily(
             "prorch_oldest_due_age_seconds", "How long the longest-due pipeline no worker holds has waited.", value=lag
+        )
+
+
+class SlotGauges(Collector):
+    """What this worker's slots do now, read from its hook caller at each scrape (no store read)."""
+
+    def __init__(self, orchestrator: Orchestrator) -> None:
+        self.orchestrator = orchestrator
+
+    def collect(self) -> Iterator[Any]:
+        hooks = self.orchestrator.hooks
+        in_flight = hooks.in_flight
+        yield GaugeMetricFamily("prorch_hooks_in_flight", "Hook calls running in this worker now.", value=in_flight)
+        yield GaugeMetricFamily(
+            "prorch_free_slots",
+            "Slots of this worker running no hook: concurrency minus hooks in flight.",
+            value=max(self.orchestrator.concurrency - in_flight, 0),
+        )
+        yield GaugeMetricFamily(
+            "prorch_hooks_overdue",
+            "Hooks still running past their step's timeout: given up on (their step timed out, logged as an "
+            "error) but their threads or tasks go on. Not a health failure; too many restart the worker.",
+            value=hooks.abandoned,
         )

@@ -1,7 +1,8 @@
 """The worker's HTTP endpoint: ``/metrics`` (the Prometheus text format) and ``/healthz``
-(200 while the worker's loop has run within 3 x its interval and its store is reachable, 503
-otherwise: a hung or wedged worker, or one whose database is away, fails its probe; so does a
-worker still waiting for its database to open). A daemon thread; it stops with the process."""
+(200 while the worker's loop is alive and its heartbeat stored its row within 3 beats, 503
+otherwise: a dead loop, or a worker whose database is away, fails its probe; so does a worker
+still waiting for its database to open). A hook that runs long, even past its timeout, does not
+make the worker unhealthy: the metrics report it. A daemon thread; it stops with the process."""
 
 from __future__ import annotations
 
@@ -40,6 +41,9 @@ class Endpoint:
             return False, f"starting: opening the store{waiting}"
         if orchestrator.outage.down:
             return False, f"unhealthy: {orchestrator.outage.describe()}"
+        if orchestrator.heartbeat is not None:
+            return orchestrator.heartbeat.health()
+        # run_forever has not started yet: it is about to
         age, limit = time.monotonic() - orchestrator.last_loop, HEALTHY_INTERVALS * self.interval
         healthy = age <= limit
         return healthy, f"{'ok' if healthy else 'stalled'}: last loop {age:.1f}s ago (limit {limit:g}s)"

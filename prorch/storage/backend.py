@@ -178,3 +178,18 @@ class Backend(Protocol):
         that can be told (PostgreSQL's LISTEN/NOTIFY, for a later worker); the shipped backends
         just sleep for the timeout (``composed.RepositoryBackend``)."""
         ...
+
+    # --- workers -------------------------------------------------------------------------------
+
+    def upsert_worker(self, row: JSONDict) -> None:
+        """Store a worker's row (``prorch.model.workers.WorkerRow.to_dict``: times as ISO text),
+        replacing the stored row of its ``id``: its heartbeat."""
+        ...
+
+    def delete_worker(self, worker_id: str) -> None:
+        """Remove a worker's row (its clean stop); a missing one is no error."""
+        ...
+
+    def workers(self) -> list[JSONDict]:
+        """Every stored worker row, live or stale, in no particular order."""
+        ...

@@ -54,6 +54,8 @@ from prorch.storage.repository import (
 
 logger = logging.getLogger("prorch.storage.seed_adapter")
 TICKS_UUID = str(uuid_module.uuid5(KEY_NAMESPACE, "prorch:schedule-ticks"))
+WORKERS_UUID = str(uuid_module.uuid5(KEY_NAMESPACE, "prorch:workers"))
+"""The pipeline uuid no pipeline has that the fallback's worker rows (message records) are addressed to."""
 """The pipeline uuid (of no pipeline) that the fallback's records of schedules' last ticks carry."""
 CAPABILITIES = (
     SupportsClaim, SupportsLimitedClaim, SupportsDueQuery, SupportsCompareAndSet, SupportsPartialUpdate,
@@ -289,6 +291,38 @@ class SeedAdapter(RepositoryBackend):
             for model in MODELS[1:]:
                 call("delete records", self.repository(model).delete_by, "pipeline_uuid", gone)  # type: ignore[attr-defined]
             return len(gone)
+
+    # --- workers (the fallback: message records addressed to no pipeline, as schedule ticks) ---
+
+    def upsert_worker(self, row: JSONDict) -> None:
+        """A worker row as a message record of ``WORKERS_UUID`` (read already, so never unread)."""
+        uuid = _worker_uuid(str(row["id"]))
+        at = datetime.fromisoformat(str(row["heartbeat_at"]))
+        record = MessageRecord(uuid=uuid, pipeline_uuid=WORKERS_UUID, name=str(row["id"]), payload=row,
+                               sent_at=at, consumed_at=at).to_dict()  # fmt: skip
+        messages = self.repository(MessageRecord.MODEL)
+        if self.get(MessageRecord.MODEL, uuid) is None:
+            messages.save(record)
+        else:
+            messages.update(uuid, record)
+
+    def delete_worker(self, worker_id: str) -> None:
+        """Deleted where the repository can delete (``SupportsDelete``); else emptied, which
+        ``workers`` skips."""
+        uuid = _worker_uuid(worker_id)
+        messages = self.repository(MessageRecord.MODEL)
+        if isinstance(messages, SupportsDelete):
+            messages.delete_by("uuid", [uuid])
+        elif (found := self.get(MessageRecord.MODEL, uuid)) is not None:
+            messages.update(uuid, {**found, "payload": None})
+
+    def workers(self) -> list[JSONDict]:
+        rows = self.search(MessageRecord.MODEL, "pipeline_uuid", WORKERS_UUID)
+        return [row["payload"] for row in rows if isinstance(row.get("payload"), dict)]
+
+
+def _worker_uuid(worker_id: str) -> str:
+    return str(uuid_module.uuid5(KEY_NAMESPACE, f"worker:{worker_id}"))
 
 
 def _runnable_argument(claim: Callable[..., Any], runnable: Runnable | None) -> tuple[Runnable | None, ...]:

@@ -28,6 +28,7 @@ from prorch.model.records import (
     snapshot,
 )
 from prorch.model.status import Status
+from prorch.model.workers import WorkerRow
 from prorch.storage import listing
 from prorch.storage.backend import Backend, Outcome, Write
 from prorch.storage.commits import SAVE_CHUNK, call
@@ -306,3 +307,17 @@ class Store:
         """Delete those of ``uuids`` retention may still take, with their steps, events, messages."""
         values = [status.value for status in statuses]
         return call("delete pipelines", self.engine.delete_pipelines, uuids, values, before)
+
+    # --- workers -------------------------------------------------------------------------------
+
+    def upsert_worker(self, row: WorkerRow) -> None:
+        """Store a worker's row (its heartbeat)."""
+        call("store a worker's heartbeat", self.engine.upsert_worker, row.to_dict())
+
+    def delete_worker(self, worker_id: str) -> None:
+        call("delete a worker's row", self.engine.delete_worker, worker_id)
+
+    def workers(self) -> list[WorkerRow]:
+        """Every worker row stored, live or stale, oldest first."""
+        rows = call("read the worker rows", self.engine.workers)
+        return sorted((WorkerRow.from_dict(row) for row in rows), key=lambda w: (w.started_at, w.id))

@@ -12,13 +12,16 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from prorch import Orchestrator
-from tests.support.dashboard import dashboard, prorch, shop_workdir
+from prorch.model.workers import WorkerRow
+from tests.support.dashboard import dashboard, prorch, running, shop_workdir
+from tests.support.processes import wait_for
 
 TOKEN = "dash-s3cret-token"
 
@@ -246,3 +249,44 @@ def test_a_held_request_does_not_hold_the_others(shop: tuple[Path, list[str]], t
         "/ 200 hook ended=False",
         "cancel 200 cancelled hook ended=True",
     ]
+
+
+def test_workers_page_and_api_show_live_workers_and_stranded_pipelines(shop: tuple[Path, list[str]]) -> None:
+    """A real worker's row in ``/api/workers`` and on ``/workers``; a pipeline leased by a worker
+    whose heartbeat stopped (a stale row) is shown stranded until its lease expiry (issue #27)."""
+    workdir, uuids = shop
+    (workdir / "shop.py").write_text((workdir / "shop.py").read_text() + '\n__version__ = "3.1.4"\n')
+    store = Orchestrator(f"sqlite:///{workdir / 'shop.db'}").store
+    now = datetime.now(timezone.utc)
+    ghost = WorkerRow(
+        id="ghost:1:deadbeef", host="ghost", pid=1, prorch_version="2.0", app_version=None,
+        started_at=now - timedelta(hours=1), heartbeat_at=now - timedelta(minutes=5), beat_seconds=5.0,
+        concurrency=4, in_flight=1,
+    )  # fmt: skip
+    store.upsert_worker(ghost)
+    expiry = now + timedelta(minutes=10)
+    assert store.claim_one(uuids[3], now, f"{ghost.id}#7", expiry) is not None  # its lease outlives its heartbeat
+    with running(workdir, "worker", "--interval", "0.2") as worker, dashboard(workdir) as (base, _):
+        rows: list[dict[str, Any]] = []
+
+        def live() -> bool:
+            nonlocal rows
+            rows = get(base + "/api/workers")[1]["workers"]
+            return any(row["pid"] == worker.pid for row in rows)
+
+        wait_for(live, 30, "the worker's row in /api/workers")
+        mine = next(row for row in rows if row["pid"] == worker.pid)
+        assert mine["alive"] is True and mine["app_version"] == "3.1.4" and mine["free_slots"] == mine["concurrency"]
+        dead = next(row for row in rows if row["id"] == ghost.id)
+        assert dead["alive"] is False and dead["in_flight"] == 1
+        with urllib.request.urlopen(base + "/workers", timeout=10) as response:
+            html = response.read().decode()
+        assert mine["id"] in html and ghost.id in html and "stale" in html and 'href="/workers"' in html
+        status, one = get(base + f"/api/pipelines/{uuids[3]}")
+        holder = one["pipeline"]["worker"]
+        assert status == 200 and holder["worker"] == ghost.id and holder["stranded"] is True
+        assert datetime.fromisoformat(holder["resumes_at"]) == expiry
+        with urllib.request.urlopen(base + f"/pipelines/{uuids[3]}", timeout=10) as response:
+            assert "stranded, resumes at" in response.read().decode()
+        listed = get(base + "/api/pipelines?status=pending")[1]["pipelines"]
+        assert [p["worker"]["stranded"] for p in listed if p["uuid"] == uuids[3]] == [True]

@@ -29,6 +29,7 @@ from prorch import (
 from prorch.model.limit_rules import ClaimLimit
 from prorch.model.records import ErrorInfo, new_uuid
 from prorch.model.registry import Registry
+from prorch.model.workers import WorkerRow
 from prorch.storage.repository import SupportsLimitedClaim
 from prorch.storage.store import Store
 from prorch.testing import Harness
@@ -458,3 +459,25 @@ def test_unread_messages_by_name_oldest_first_by_pages(backend: Any) -> None:
     assert repo.last_sent_at(other) == NOW + timedelta(seconds=20)
     repo.update(first["uuid"], {"consumed_at": NOW.isoformat()})
     assert [r["uuid"] for r in repo.unread_messages(pipeline, "a", None, 10)] == order[1:]
+
+
+def test_worker_rows_are_upserted_listed_and_deleted(backend: Any) -> None:
+    """A heartbeat replaces its worker's row; a clean stop deletes it (issue #27), on every
+    backend and on a user's repository (message records addressed to no pipeline)."""
+    store = Store(backend)
+    start = datetime(2026, 1, 2, 3, 4, 5, 678901, tzinfo=timezone.utc)
+    one = WorkerRow(id="h:1:aa", host="h", pid=1, prorch_version="2.0", app_version="1.5", started_at=start,
+                    heartbeat_at=start, beat_seconds=5.0, concurrency=4, in_flight=0)  # fmt: skip
+    two = WorkerRow(id="h:2:bb", host="h", pid=2, prorch_version="2.0", app_version=None,
+                    started_at=start + timedelta(seconds=1), heartbeat_at=start, beat_seconds=0.5,
+                    concurrency=1, in_flight=1)  # fmt: skip
+    store.upsert_worker(one)
+    store.upsert_worker(two)
+    one.heartbeat_at, one.in_flight = start + timedelta(seconds=5), 3
+    store.upsert_worker(one)
+    assert store.workers() == [one, two]
+    assert one.alive(start + timedelta(seconds=20)) and not two.alive(start + timedelta(seconds=2))
+    store.delete_worker(one.id)
+    store.delete_worker("never:was:here")
+    assert store.workers() == [two]
+    assert store.pipelines_with_status(Status.PENDING) == []  # nothing else was written as a pipeline
