@@ -13,7 +13,7 @@ from prorch.storage.commits import call
 
 __all__ = ["ServerClock"]
 
-logger = logging.getLogger("prorch.storage.store")
+logger = logging.getLogger("prorch.storage.server_clock")
 
 
 class ServerClock:
