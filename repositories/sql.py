@@ -5,7 +5,8 @@ SQLAlchemy URL runs on this generic code.
 
 Every capability the engine uses is here: an atomic claim with a lease, compare-and-set on the
 ``revision`` column, a transaction around one transition, and a due query served by an index.
-``SQLBackend(url)`` gives the dialect's backend for the URL.
+``SQLBackend(url)`` gives the dialect's backend for the URL. Its connections and errors are
+``repositories.sql_connections``; its claim, ``repositories.sql_claim``.
 """
 
 from __future__ import annotations
@@ -14,64 +15,38 @@ import contextlib
 import importlib
 import logging
 import threading
-from collections.abc import Callable, Iterator
 from datetime import datetime
-from typing import Any, ClassVar, TypeVar, cast
+from typing import Any, ClassVar
 
-from sqlalchemy import (
-    ColumnElement,
-    Connection,
-    Engine,
-    Integer,
-    Select,
-    and_,
-    bindparam,
-    create_engine,
-    delete,
-    false,
-    func,
-    insert,
-    or_,
-    select,
-    tuple_,
-    update,
-)
-from sqlalchemy.engine import URL, make_url
-from sqlalchemy.exc import (
-    ArgumentError,
-    DatabaseError,
-    DBAPIError,
-    IntegrityError,
-    InterfaceError,
-    NoSuchModuleError,
-    OperationalError,
-)
+from sqlalchemy import Integer, bindparam, delete, func, insert, select, tuple_, update
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError, DatabaseError
 
-from prorch.model.due import CLAIM_ORDER, TERMINAL_VALUES, Runnable, row_claim_order
-from prorch.model.exceptions import (
-    ConfigurationError,
-    DuplicateRecordError,
-    RepositoryError,
-    StoreUnreachableError,
-)
-from prorch.model.jsonvalue import dumps
-from prorch.model.limit_rules import ClaimLimit
+from prorch.model.due import Runnable
+from prorch.model.exceptions import ConfigurationError
 from prorch.model.records import JSONDict, Metadata, format_timestamp, to_utc
-from prorch.model.secrets import error_summary, redact_url
-from prorch.model.status import Status
+from prorch.model.secrets import redact_url
 from prorch.storage.commits import call
-from prorch.storage.composed import MODELS, RepositoryBackend
+from prorch.storage.composed import MODELS
 from prorch.storage.repository import IRepository, PipelineQuery, PipelineStats
 from repositories import sql_listing, sql_workers
 from repositories.migrate import MIGRATIONS, upgrade
 from repositories.schema import TABLES, schedule_ticks
-from repositories.schemes import SUPPORTED_SCHEMES
-from repositories.sql_limits import LimitedClaim
+from repositories.sql_claim import SQLClaims
+from repositories.sql_connections import DatabaseRefusedError, SQLConnections, parse_url
 
-__all__ = ["DIALECTS", "MIGRATIONS", "SQLBackend", "SQLRepository", "dialect_class", "upgrade"]
+__all__ = [
+    "DIALECTS",
+    "MIGRATIONS",
+    "SEARCH_CHUNK",
+    "DatabaseRefusedError",
+    "SQLBackend",
+    "SQLRepository",
+    "dialect_class",
+    "upgrade",
+]
 
 logger = logging.getLogger("prorch.repositories.sql")
-T = TypeVar("T")
 
 DIALECTS = {
     "sqlite": "repositories.sqlite:SQLiteBackend",
@@ -82,12 +57,7 @@ DIALECTS = {
 dialects): this module needs no import of its subclasses."""
 
 
-class DatabaseRefusedError(RepositoryError):
-    """The database refused a statement (a constraint, a value it cannot hold), or the file is
-    not a database; as opposed to being unreachable."""
-
-
-class SQLBackend(RepositoryBackend):
+class SQLBackend(SQLConnections):
     """A backend over one SQLAlchemy engine; ``backend(model)`` gives that model's repository.
 
     Writes in ``with backend.transaction():`` commit together; outside one, each call is its own
@@ -96,15 +66,6 @@ class SQLBackend(RepositoryBackend):
 
     thread_safe = True
     repository_class: ClassVar[type[SQLRepository]]
-    reads_in_transaction: ClassVar[bool] = True
-    """False where a read is one autocommit statement: each of prorch's reads is one statement,
-    which sees a consistent snapshot on its own (SQLite's WAL, PostgreSQL's READ COMMITTED)."""
-    unreachable_errors: ClassVar[tuple[type[BaseException], ...]] = (OperationalError, InterfaceError)
-    unreachable_error: ClassVar[type[RepositoryError]] = StoreUnreachableError
-    """What ``unreachable_errors`` become: a server that is down or a connection that was lost
-    may be back later (a worker waits for it)."""
-    duplicate_errors: ClassVar[tuple[type[BaseException], ...]] = (IntegrityError,)
-    refused_errors: ClassVar[tuple[type[BaseException], ...]] = (DBAPIError,)
 
     def __new__(cls, url: str, **_options: Any) -> SQLBackend:
         if cls is SQLBackend:
@@ -113,7 +74,7 @@ class SQLBackend(RepositoryBackend):
 
     def __init__(self, url: str, *, migrate: bool = True, **engine_options: Any) -> None:
         self.url = url
-        self.engine = self._create_engine(_parse(url), engine_options)
+        self.engine = self._create_engine(parse_url(url), engine_options)
         self._local = threading.local()
         self._repositories: dict[str, SQLRepository] = {}
         if migrate:
@@ -200,162 +161,6 @@ class SQLBackend(RepositoryBackend):
     def workers(self) -> list[JSONDict]:
         return sql_workers.worker_rows(self)
 
-    # --- what a dialect overrides ------------------------------------------------------------
-
-    def _create_engine(self, url: URL, options: dict[str, Any]) -> Engine:
-        options.setdefault("hide_parameters", True)  # bound values (user data, tokens) never reach a message
-        options.setdefault("json_serializer", dumps)  # orjson: several JSON columns per transition
-        options.setdefault("pool_pre_ping", True)  # a server restart leaves dead pooled connections
-        return _engine(url, self.url, options)
-
-    def _unusable(self, exc: BaseException) -> RepositoryError:
-        """The error for a store whose schema cannot be read or created (its server cannot be
-        reached: ``unreachable_error``)."""
-        kind = self.unreachable_error if isinstance(exc, self.unreachable_errors) else RepositoryError
-        return kind(f"cannot open {self!r}: {error_summary(exc)}")
-
-    def lock_name(self, connection: Connection, name: str) -> None:
-        """Serialise the claims of one limited pipeline name until the transaction ends. SQLite
-        needs nothing: a write transaction holds the database's only write lock."""
-
-    def lock_schema(self, connection: Connection) -> None:
-        """Serialize schema upgrades of workers starting together (the migration's transaction
-        does on most databases)."""
-
-    def _writer(self, write: bool) -> contextlib.AbstractContextManager[Any]:
-        """What a writer of this process holds around its transaction (nothing here)."""
-        return contextlib.nullcontext()
-
-    def _configure(self, connection: Connection, *, write: bool) -> Connection:
-        if write:
-            return connection.execution_options(prorch_write=True)
-        if not self.reads_in_transaction:  # one statement, no BEGIN/COMMIT round trips
-            return connection.execution_options(isolation_level="AUTOCOMMIT")
-        return connection
-
-    def _begin(self, connection: Connection) -> Any:
-        """Begin the transaction of ``transaction()`` on ``connection``; returns its handle."""
-        return connection.begin()
-
-    def _end(self, connection: Connection, handle: Any, *, commit: bool) -> None:
-        """Commit (or roll back) what ``_begin`` began."""
-        if commit:
-            handle.commit()
-        else:
-            handle.rollback()
-
-    # --- transactions and connections ---------------------------------------------------------
-
-    def current_connection(self) -> Connection | None:
-        """The connection of this thread's open ``transaction()``, if any."""
-        connection: Connection | None = getattr(self._local, "connection", None)
-        return connection
-
-    @contextlib.contextmanager
-    def transaction(self) -> Iterator[None]:
-        """All repository writes in the block commit together (nested blocks join the outer)."""
-        if self.current_connection() is not None:
-            yield
-            return
-        with self._errors(), self._writer(True), self._checkout(write=True) as connection:
-            self._local.connection = connection
-            try:
-                handle = self._begin(connection)
-                try:
-                    yield
-                except BaseException:
-                    self._end(connection, handle, commit=False)
-                    raise
-                self._end(connection, handle, commit=True)
-            finally:
-                self._local.connection = None
-
-    @contextlib.contextmanager
-    def connect(self, *, write: bool) -> Iterator[Connection]:
-        """The open transaction's connection, or a new short transaction around the block."""
-        current = getattr(self._local, "connection", None)  # current_connection(), inlined: the hot path
-        if current is not None:
-            yield current
-            return
-        with self._errors(), self._writer(write), self._checkout(write=write) as connection:
-            if not write and not self.reads_in_transaction:
-                yield connection
-                return
-            with connection.begin():
-                yield connection
-
-    @contextlib.contextmanager
-    def pinned(self) -> Iterator[None]:
-        """Keep this thread's connections checked out for the block (a pass, or one pipeline's
-        advance) instead of a pool round trip per transition; they go back at the end."""
-        if getattr(self._local, "pins", None) is not None:
-            yield
-            return
-        self._local.pins = {}
-        try:
-            yield
-        finally:
-            pins, self._local.pins = self._local.pins, None
-            for connection in pins.values():
-                connection.close()
-
-    @contextlib.contextmanager
-    def _checkout(self, *, write: bool) -> Iterator[Connection]:
-        """A connection configured for writes or reads: the thread's pinned one inside
-        ``pinned()``, else one from the pool."""
-        pins = getattr(self._local, "pins", None)
-        if pins is not None:
-            connection = pins.get(write)
-            if connection is None or connection.closed or connection.invalidated:
-                if connection is not None:
-                    connection.close()
-                connection = pins[write] = self._configure(self.engine.connect(), write=write)
-            try:
-                yield connection
-            except BaseException:
-                if not _reset(connection):  # its next user gets a fresh one
-                    connection.close()
-                    del pins[write]
-                raise
-            return
-        with self.engine.connect() as connection:
-            try:
-                yield self._configure(connection, write=write)
-            except BaseException:
-                _reset(connection)
-                raise
-
-    @contextlib.contextmanager
-    def _errors(self) -> Iterator[None]:
-        """Driver errors become RepositoryError, naming the store, with the first line of the
-        driver's message only: the rest quotes rows and parameters, which may hold secrets.
-        The driver's exception is not chained, so no traceback carries it either."""
-        try:
-            yield
-        except self.unreachable_errors as exc:  # down, locked, lost
-            raise self.unreachable_error(f"{self!r}: {error_summary(exc)}") from None
-        except self.duplicate_errors as exc:  # a uuid inserted twice, at the same time
-            raise DuplicateRecordError(f"{self!r}: {error_summary(exc)}") from None
-        except self.refused_errors as exc:  # the database refused a statement or is not one
-            raise DatabaseRefusedError(f"{self!r}: {error_summary(exc)}") from None
-
-
-def _reset(connection: Connection) -> bool:
-    """After a failed block: roll back what it left open on ``connection``; True if the
-    connection can serve again. One that cannot roll back (its server connection was killed,
-    or the driver was left mid-pipeline) is invalidated, so that it is closed rather than
-    handed out again, and its pool opens a fresh one: left as it was, its next ``begin()``
-    failed with SQLAlchemy's "already initialized a Transaction" error."""
-    if connection.invalidated:
-        return False
-    try:
-        if connection.in_transaction():
-            connection.rollback()
-    except Exception:
-        connection.invalidate()
-        return False
-    return True
-
 
 def dialect_class(url: str) -> type[SQLBackend]:
     """The backend class for the URL's dialect: one of ``DIALECTS``, else the generic one (a
@@ -371,31 +176,6 @@ def dialect_class(url: str) -> type[SQLBackend]:
     return found
 
 
-def _parse(url: str) -> URL:
-    try:
-        parsed = make_url(url)
-        parsed.port  # noqa: B018 - a malformed port raises here, not deep inside the driver
-    except (ArgumentError, ValueError) as exc:
-        raise ConfigurationError(f"malformed repository URL {redact_url(url)!r}: {error_summary(exc)}") from None
-    return parsed
-
-
-def _engine(parsed: URL, url: str, options: dict[str, Any]) -> Engine:
-    """``create_engine``, with clear errors for an unknown scheme and a missing driver."""
-    shown = redact_url(url)
-    try:
-        return create_engine(parsed, **options)
-    except NoSuchModuleError as exc:
-        raise ConfigurationError(
-            f"unsupported repository URL scheme {parsed.drivername!r} in {shown!r}; supported: "
-            f"{', '.join(SUPPORTED_SCHEMES)}"
-        ) from exc
-    except ImportError as exc:
-        extra = "postgresql" if parsed.get_backend_name() in ("postgresql", "postgres") else None
-        hint = f"pip install 'prorch[{extra}]'" if extra else "install the SQLAlchemy driver it names"
-        raise ConfigurationError(f"no driver for repository URL {shown!r} ({exc}): {hint}") from exc
-
-
 # --- the repository ---------------------------------------------------------------------------------
 
 
@@ -403,7 +183,7 @@ SEARCH_CHUNK = 500
 """Values per query of ``search_many``: well under any database's limit of parameters."""
 
 
-class SQLRepository(IRepository):
+class SQLRepository(SQLClaims, IRepository):
     """One model's table. Timestamps travel as ISO strings in records and as aware datetimes in
     the database."""
 
@@ -598,145 +378,6 @@ class SQLRepository(IRepository):
             found: datetime | None = connection.execute(query).scalar()
         return to_utc(found) if found is not None else None
 
-    def _due_query(self, runnable: Runnable | None = None) -> Select[Any]:
-        """Due pipeline uuids, by the (status, next_run_at, priority) index; bound: _now, _limit.
-        With ``runnable``, only pipelines of those (name, version) pairs."""
-        c = self.table.c
-        now = bindparam("_now", type_=c.next_run_at.type)
-        query = (
-            select(c.uuid)
-            .where(
-                c.status == Status.PENDING.value,
-                c.next_run_at <= now,
-                (c.lease_expires_at.is_(None)) | (c.lease_expires_at <= now),
-            )
-            .order_by(*(c[field].desc() if descending else c[field].asc() for field, descending in CLAIM_ORDER))
-            .limit(bindparam("_limit", type_=Integer()))
-        )
-        return query if runnable is None else query.where(self._of_classes(runnable))
-
-    def _of_classes(self, runnable: Runnable) -> ColumnElement[bool]:
-        """``(name = a AND version IN (1, 2)) OR (name = b AND ...)``, one term per name: a
-        plain boolean every database plans well, on the due index or on (status, name, version).
-        The values are bound into the statement, built once: a worker's classes do not change."""
-        c = self.table.c
-        versions: dict[str, list[int]] = {}
-        for name, version in sorted(runnable):
-            versions.setdefault(name, []).append(version)
-        if not versions:
-            return false()
-        return or_(*(and_(c.name == name, c.version.in_(found)) for name, found in versions.items()))
-
-    def _statement(self, kind: str, runnable: Runnable | None, build: Callable[[], T]) -> T:
-        """A claim statement for these classes, built once (a few kept: a worker has one set)."""
-        key = (kind, runnable)
-        found = self._claims.get(key)
-        if found is None:
-            if len(self._claims) >= 16:
-                self._claims.clear()
-            found = self._claims[key] = build()
-        return cast(T, found)
-
-    def search_due(self, now: datetime, limit: int) -> list[JSONDict]:
-        query = self._searches.get("_due")
-        if query is None:
-            due = self._due_query().subquery()
-            query = self._searches["_due"] = select(self.table).where(self.table.c.uuid.in_(select(due.c.uuid)))
-        with self.backend.connect(write=False) as connection:
-            rows = connection.execute(query, {"_now": now, "_limit": limit}).mappings().all()
-        return self._by_priority([self._to_record(row) for row in rows])
-
-    def claim_due(
-        self, now: datetime, owner: str, lease_expires_at: datetime, limit: int, runnable: Runnable | None = None
-    ) -> list[JSONDict]:
-        query = self._statement("claim", runnable, lambda: (
-            update(self.table)
-            .where(self.table.c.uuid.in_(self.lockable(self._due_query(runnable)).scalar_subquery()))
-            .values(self._lease_values())
-            .returning(*self.table.columns)
-        ))  # fmt: skip
-        params = {"_now": now, "_limit": limit, "_owner": owner, "_until": lease_expires_at}
-        with self.backend.connect(write=True) as connection:
-            rows = connection.execute(query, params).mappings().all()
-        return self._by_priority([self._to_record(row) for row in rows])
-
-    def claim_due_limited(
-        self,
-        now: datetime,
-        owner: str,
-        lease_expires_at: datetime,
-        limit: int,
-        limits: dict[str, ClaimLimit],
-        runnable: Runnable | None = None,
-    ) -> list[JSONDict]:
-        """``claim_due`` within the limits of pipeline names (``prorch.model.limit_rules``): the unlimited
-        names in one statement, then each limited name in a transaction of its own that holds
-        the name's lock while it counts and claims (``sql_limits.LimitedClaim``)."""
-        c = self.table.c
-        params = {"_now": now, "_owner": owner, "_until": lease_expires_at}
-        due = self._due_query(runnable).where(c.name.not_in(bindparam("_limited", expanding=True)))
-        others = self._statement("claim_others", runnable, lambda: (
-            update(self.table).where(c.uuid.in_(self.lockable(due).scalar_subquery())).values(self._lease_values())
-            .returning(*self.table.columns)
-        ))  # fmt: skip
-        dialect = self.backend.engine.dialect.name
-        limited = self._statement("limited", runnable, lambda: LimitedClaim(
-            self.table, dialect, self._due_query(runnable), self.lockable, self._lease_values()
-        ))  # fmt: skip
-        rows: list[Any] = []
-        with self.backend.connect(write=True) as connection:
-            rows += connection.execute(others, {**params, "_limit": limit, "_limited": sorted(limits)}).mappings().all()
-        for name in sorted(limits):
-            if len(rows) >= limit:
-                break
-            with self.backend.connect(write=True) as connection:
-                self.backend.lock_name(connection, name)
-                rows += limited.claim(connection, name, limits, params, limit - len(rows))
-        return self._by_priority([self._to_record(row) for row in rows])
-
-    def lockable(self, due: Select[Any]) -> Select[Any]:
-        """The due query as the claim's subquery: where the database can lock rows, it skips
-        the ones another worker's claim holds (PostgreSQL); as it is here."""
-        return due
-
-    def claim_one(self, uuid: str, now: datetime, owner: str, lease_expires_at: datetime) -> JSONDict | None:
-        c = self.table.c
-        query = (
-            update(self.table)
-            .where(
-                c.uuid == uuid,
-                c.status.not_in(sorted(TERMINAL_VALUES)),
-                (c.lease_expires_at.is_(None)) | (c.lease_expires_at <= now) | (c.lease_owner == owner),
-            )
-            .values(self._lease_values())
-            .returning(*self.table.columns)
-        )
-        with self.backend.connect(write=True) as connection:
-            row = connection.execute(query, {"_owner": owner, "_until": lease_expires_at}).mappings().first()
-            if row is None:
-                current = connection.execute(select(self.table).where(c.uuid == uuid)).mappings().first()
-                if current is None or current["status"] not in TERMINAL_VALUES:
-                    return None  # missing, or leased by another owner
-                row = current
-        return self._to_record(row)
-
-    def renew_lease(self, uuid: str, owner: str, lease_expires_at: datetime) -> bool:
-        c = self.table.c
-        query = (
-            update(self.table).where(c.uuid == uuid, c.lease_owner == owner).values(lease_expires_at=lease_expires_at)
-        )
-        with self.backend.connect(write=True) as connection:
-            return connection.execute(query).rowcount == 1
-
-    def _lease_values(self) -> JSONDict:
-        c = self.table.c
-        return {
-            "lease_owner": bindparam("_owner"),
-            "lease_expires_at": bindparam("_until", type_=c.lease_expires_at.type),
-            "claims": c.claims + 1,
-            "revision": c.revision + 1,
-        }
-
     # --- conversion --------------------------------------------------------------------------
 
     def _full_row(self, data: JSONDict) -> JSONDict:
@@ -760,10 +401,6 @@ class SQLRepository(IRepository):
             if isinstance(value, datetime):
                 record[key] = format_timestamp(to_utc(value))
         return record
-
-    @staticmethod
-    def _by_priority(records: list[JSONDict]) -> list[JSONDict]:
-        return sorted(records, key=row_claim_order)
 
 
 SQLBackend.repository_class = SQLRepository

@@ -82,6 +82,19 @@ def print_state(
     """``prorch show``: everything an operator asks about one pipeline, times with their zone.
     ``max_attempts`` maps a step name to its limit when its code is loaded here; ``tracebacks``:
     print a failed step's traceback under its error; ``holder``: which worker runs it."""
+    _print_pipeline(state, history, now, holder)
+    click.echo("steps:")
+    for s in state.steps:
+        _print_step(s, max_attempts.get(s.name), now, state.pipeline.updated_at, tracebacks)
+    if state.children:
+        click.echo("children:")
+        for child in state.children:
+            click.echo(f"  {child.uuid}  {child.name}  {child.status.value}")
+    print_history(history)
+
+
+def _print_pipeline(state: PipelineState, history: list[EventRecord], now: datetime, holder: str | None) -> None:
+    """The pipeline's own lines of ``prorch show``, above its steps."""
     p = state.pipeline
     click.echo(f"{p.name} v{p.version}  {p.uuid}  {p.status.value}")
     tenant = p.context.get("tenant")
@@ -108,28 +121,26 @@ def print_state(
         click.echo(f"  (its code is not loaded here: {state.code_missing})")
     if p.last_error is not None:
         click.echo(f"  last error: {p.last_error.type}: {p.last_error.message}")
-    click.echo("steps:")
-    for s in state.steps:
-        limit = max_attempts.get(s.name)
-        attempt = f"attempt {s.attempt} of {limit}" if limit else f"attempt {s.attempt}"
-        click.echo(f"  {s.position}. {s.name:<28} {s.status.value:<9} {attempt:<14} {step_times(s, now, p.updated_at)}")
-        if s.progress:
-            click.echo(f"       progress: {progress_text(s.progress)}")
-        if s.metadata:
-            click.echo(f"       metadata: {json.dumps(s.metadata, sort_keys=True)}")
-        if s.output is not None:
-            click.echo(f"       output: {json.dumps(s.output, sort_keys=True)}")
-        if s.error is not None:
-            click.echo(f"       error: {s.error.type}: {s.error.message}")
-            if tracebacks and s.error.traceback and s.status == Status.FAILED:
-                click.echo(textwrap.indent(s.error.traceback.rstrip(), "         "))
-        if s.rollback:
-            click.echo(f"       rollback: {s.rollback}")
-    if state.children:
-        click.echo("children:")
-        for child in state.children:
-            click.echo(f"  {child.uuid}  {child.name}  {child.status.value}")
-    print_history(history)
+
+
+def _print_step(
+    s: StepRecord, limit: int | None, now: datetime, last_change: datetime | None, tracebacks: bool
+) -> None:
+    """One step's lines of ``prorch show``; ``limit``: its max attempts, when its code is loaded."""
+    attempt = f"attempt {s.attempt} of {limit}" if limit else f"attempt {s.attempt}"
+    click.echo(f"  {s.position}. {s.name:<28} {s.status.value:<9} {attempt:<14} {step_times(s, now, last_change)}")
+    if s.progress:
+        click.echo(f"       progress: {progress_text(s.progress)}")
+    if s.metadata:
+        click.echo(f"       metadata: {json.dumps(s.metadata, sort_keys=True)}")
+    if s.output is not None:
+        click.echo(f"       output: {json.dumps(s.output, sort_keys=True)}")
+    if s.error is not None:
+        click.echo(f"       error: {s.error.type}: {s.error.message}")
+        if tracebacks and s.error.traceback and s.status == Status.FAILED:
+            click.echo(textwrap.indent(s.error.traceback.rstrip(), "         "))
+    if s.rollback:
+        click.echo(f"       rollback: {s.rollback}")
 
 
 def step_times(step: StepRecord, now: datetime, last_change: datetime | None) -> str:

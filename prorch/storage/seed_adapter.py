@@ -73,25 +73,8 @@ class SeedAdapter(RepositoryBackend):
     def __init__(self, factory: RepositoryFactory) -> None:
         self.factory = factory
         self.__dict__["_by_model"] = {model: call(f"open the {model} repository", factory, model) for model in MODELS}
-        pipelines, messages = self.repository(PipelineRecord.MODEL), self.repository(MessageRecord.MODEL)
-        self.claims = pipelines if isinstance(pipelines, SupportsClaim) else None
-        self.limited = pipelines if isinstance(pipelines, SupportsLimitedClaim) else None
-        self.due_query = pipelines if isinstance(pipelines, SupportsDueQuery) else None
-        self.listing = pipelines if isinstance(pipelines, SupportsPipelineQuery) else None
-        self.stats = pipelines if isinstance(pipelines, SupportsPipelineStats) else None
-        self.ended = pipelines if isinstance(pipelines, SupportsEndedQuery) else None
-        self.purge = pipelines if isinstance(pipelines, SupportsPurge) else None
-        self.message_query = messages if isinstance(messages, SupportsMessageQuery) else None
-        self.transactions = factory if isinstance(factory, SupportsTransaction) else None
-        self.pinning = factory if isinstance(factory, SupportsPinning) else None
-        self.server_clock = factory if isinstance(factory, SupportsServerClock) else None
-        self.tick_marks = factory if isinstance(factory, SupportsScheduleTicks) else None
-        self.statements = factory if isinstance(factory, SupportsTransitionStatements) and self.transactions else None
-        conditional = {m: r for m in MODELS[:2] if isinstance(r := self.repository(m), SupportsCompareAndSet)}
-        self.compare_and_set = conditional if len(conditional) == 2 else None
-        self.batches = {m: r for m in MODELS if isinstance(r := self.repository(m), SupportsSaveMany)}
-        steps = self.repository(StepRecord.MODEL)
-        self.many = steps if isinstance(steps, SupportsSearchMany) else None
+        self._find_repository_capabilities()
+        self._find_backend_capabilities(factory)
         self.thread_safe = is_thread_safe(factory)
         self.has_transactions = self.transactions is not None
         self.can_claim = self.claims is not None
@@ -101,6 +84,31 @@ class SeedAdapter(RepositoryBackend):
         )
         self._starts = StartLog()  # rate limits without claims (one process): kept here
         _warn_deprecated(factory, [self.repository(m) for m in MODELS])
+
+    def _find_repository_capabilities(self) -> None:
+        """What the repositories can do beyond the four methods (``None``: a fallback here)."""
+        pipelines, messages = self.repository(PipelineRecord.MODEL), self.repository(MessageRecord.MODEL)
+        self.claims = pipelines if isinstance(pipelines, SupportsClaim) else None
+        self.limited = pipelines if isinstance(pipelines, SupportsLimitedClaim) else None
+        self.due_query = pipelines if isinstance(pipelines, SupportsDueQuery) else None
+        self.listing = pipelines if isinstance(pipelines, SupportsPipelineQuery) else None
+        self.stats = pipelines if isinstance(pipelines, SupportsPipelineStats) else None
+        self.ended = pipelines if isinstance(pipelines, SupportsEndedQuery) else None
+        self.purge = pipelines if isinstance(pipelines, SupportsPurge) else None
+        self.message_query = messages if isinstance(messages, SupportsMessageQuery) else None
+        conditional = {m: r for m in MODELS[:2] if isinstance(r := self.repository(m), SupportsCompareAndSet)}
+        self.compare_and_set = conditional if len(conditional) == 2 else None
+        self.batches = {m: r for m in MODELS if isinstance(r := self.repository(m), SupportsSaveMany)}
+        steps = self.repository(StepRecord.MODEL)
+        self.many = steps if isinstance(steps, SupportsSearchMany) else None
+
+    def _find_backend_capabilities(self, factory: RepositoryFactory) -> None:
+        """What the factory, as a backend, can do (transactions, pinning, a clock, ticks)."""
+        self.transactions = factory if isinstance(factory, SupportsTransaction) else None
+        self.pinning = factory if isinstance(factory, SupportsPinning) else None
+        self.server_clock = factory if isinstance(factory, SupportsServerClock) else None
+        self.tick_marks = factory if isinstance(factory, SupportsScheduleTicks) else None
+        self.statements = factory if isinstance(factory, SupportsTransitionStatements) and self.transactions else None
 
     def __call__(self, model: str) -> Any:
         return self.factory(model)

@@ -13,20 +13,11 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any, TypeVar
 
-from prorch.model.clock import Clock, ServerAlignedClock, SystemClock
+from prorch.model.clock import Clock
 from prorch.model.due import Runnable
-from prorch.model.exceptions import CorruptRecordError, PipelineNotFoundError, RepositoryError
+from prorch.model.exceptions import PipelineNotFoundError
 from prorch.model.limit_rules import ClaimLimit
-from prorch.model.records import (
-    EventRecord,
-    MessageRecord,
-    PipelineRecord,
-    Record,
-    RecordError,
-    StepRecord,
-    remember_stored,
-    snapshot,
-)
+from prorch.model.records import EventRecord, MessageRecord, PipelineRecord, Record, StepRecord
 from prorch.model.status import Status
 from prorch.model.workers import WorkerRow
 from prorch.storage import listing
@@ -34,8 +25,10 @@ from prorch.storage.backend import Backend, Outcome, Write
 from prorch.storage.commits import SAVE_CHUNK, call
 from prorch.storage.composed import RepositoryBackend
 from prorch.storage.listing import PipelinePage
+from prorch.storage.loading import load, steps_by_pipeline
 from prorch.storage.repository import IRepository, PipelineQuery, PipelineStats
 from prorch.storage.seed_adapter import TICKS_UUID
+from prorch.storage.server_clock import ServerClock
 from prorch.storage.urls import backend_of, backends_package, resolve_backend
 
 __all__ = [
@@ -74,19 +67,6 @@ def store_for(repository: object) -> Store:
     return found
 
 
-def _load(record_type: type[RecordT], data: Any, *, remember: bool = False) -> RecordT:
-    """A record from a row; with ``remember``, a snapshot of it is kept, so that its next write
-    sends only what changed."""
-    try:
-        record = record_type.from_dict(data)
-    except (RecordError, TypeError, ValueError) as exc:
-        uuid = data.get("uuid") if isinstance(data, dict) else None
-        raise CorruptRecordError(f"stored {record_type.MODEL} record {uuid!r} is not valid: {exc}", uuid=uuid) from exc
-    if remember:
-        remember_stored(record, snapshot(record, data))
-    return record
-
-
 class Store:
     """One backend, typed: what the engine, the API and the features call."""
 
@@ -98,7 +78,7 @@ class Store:
         self.guards_concurrency = self.engine.guards_concurrency
         self.can_claim = self.engine.can_claim
         self.partial_update = self.engine.partial_update
-        self._aligned_clock: ServerAlignedClock | None = None
+        self._clock = ServerClock(self.engine, self.backend)
 
     def repository(self, model: str) -> IRepository:
         """The repository of one model (tests look at it)."""
@@ -112,29 +92,8 @@ class Store:
     messages = property(lambda self: self.repository(MessageRecord.MODEL))
 
     def clock(self, clock: Clock | None = None) -> Clock:
-        """The clock given; else, on a store with a server clock (PostgreSQL), the system clock
-        aligned to the server's; else the system clock. A test clock is used as it is."""
-        if clock is not None and not isinstance(clock, SystemClock):
-            return clock
-        if clock is None and self._aligned_clock is not None:
-            return self._aligned_clock
-        try:
-            probe = call("read the server's clock", self.engine.server_time)
-        except RepositoryError as exc:
-            probe = None
-            logger.warning("could not read the clock of %r (%s); using this machine's", self.backend, exc)
-        if probe is None:
-            return clock or SystemClock()
-        aligned = ServerAlignedClock(self._server_now, clock)
-        if clock is None:
-            self._aligned_clock = aligned
-        return aligned
-
-    def _server_now(self) -> datetime:
-        found = call("read the server's clock", self.engine.server_time)
-        if found is None:  # pragma: no cover - it answered when the clock was made
-            raise RepositoryError(f"{self.backend!r} no longer reports its clock")
-        return found
+        """The clock given; else the store's server clock where it has one (``ServerClock``)."""
+        return self._clock.clock(clock)
 
     def warn_if_unguarded(self) -> None:
         """Say once per backend that a second orchestrator could run the same pipeline."""
@@ -151,11 +110,11 @@ class Store:
 
     def get_pipeline(self, uuid: str) -> PipelineRecord | None:
         data = call("get a pipeline", self.engine.get, PipelineRecord.MODEL, uuid)
-        return _load(PipelineRecord, data, remember=self.partial_update) if data else None
+        return load(PipelineRecord, data, remember=self.partial_update) if data else None
 
     def _search(self, record_type: type[RecordT], field: str, value: object, remember: bool = False) -> list[RecordT]:
         rows = call(f"search {record_type.MODEL.lower()} records", self.engine.search, record_type.MODEL, field, value)
-        return [_load(record_type, row, remember=remember) for row in rows or []]
+        return [load(record_type, row, remember=remember) for row in rows or []]
 
     def pipelines_with_status(self, status: Status) -> list[PipelineRecord]:
         return self._search(PipelineRecord, "status", status.value)
@@ -180,17 +139,9 @@ class Store:
         except Exception as exc:
             logger.debug("reading the steps of %d pipelines at once failed (%s); one by one", len(pipeline_uuids), exc)
             return {}
-        found: dict[str, list[StepRecord]] = {uuid: [] for uuid in pipeline_uuids}
-        unreadable: set[str] = set()
-        for row in rows or ():
-            try:
-                step = _load(StepRecord, row, remember=self.partial_update)
-            except CorruptRecordError:
-                unreadable.add(str(row.get("pipeline_uuid")))
-                continue
-            if step.pipeline_uuid in found:
-                found[step.pipeline_uuid].append(step)
-        return {uuid: steps for uuid, steps in found.items() if uuid not in unreadable} if rows is not None else {}
+        if rows is None:
+            return {}
+        return steps_by_pipeline(rows, pipeline_uuids, remember=self.partial_update)
 
     def events_of(self, pipeline_uuid: str) -> list[EventRecord]:
         events = self._search(EventRecord, "pipeline_uuid", pipeline_uuid)
@@ -205,7 +156,7 @@ class Store:
     ) -> list[MessageRecord]:
         """Up to ``limit`` unread messages ``name`` of a pipeline, oldest first, after ``after``."""
         rows = call("read unread messages", self.engine.unread_messages, pipeline_uuid, name, after, limit)
-        return [_load(MessageRecord, row) for row in rows]
+        return [load(MessageRecord, row) for row in rows]
 
     def has_unread_messages(self, pipeline_uuid: str) -> bool:
         return bool(call("look for unread messages", self.engine.has_unread_messages, pipeline_uuid))
@@ -222,7 +173,7 @@ class Store:
                 raise PipelineNotFoundError(f"--after {after}: no pipeline with that uuid is stored", uuid=after)
             query = dataclasses.replace(query, after=(last.created_at, last.uuid))
         rows, total = call("list pipelines", self.engine.query_pipelines, query)
-        records = [_load(PipelineRecord, row) for row in rows]
+        records = [load(PipelineRecord, row) for row in rows]
         last_page = len(records) < query.limit
         return PipelinePage(records, None if last_page or not records else records[-1].uuid, total)
 
@@ -235,7 +186,7 @@ class Store:
 
     def due(self, now: datetime, limit: int, runnable: Runnable | None = None) -> list[PipelineRecord]:
         rows = call("query due pipelines", self.engine.due, now, limit, runnable)
-        return [_load(PipelineRecord, row, remember=self.partial_update) for row in rows]
+        return [load(PipelineRecord, row, remember=self.partial_update) for row in rows]
 
     def schedule_ticks(self) -> dict[str, datetime]:
         return call("read the schedules' last ticks", self.engine.schedule_ticks)
@@ -254,12 +205,12 @@ class Store:
         """Lease due pipelines within their limits, only of the ``runnable`` classes when given."""
         args = (now, owner, lease_expires_at, limit, limits or {}, runnable)
         rows = call("claim due pipelines", self.engine.claim, *args)
-        return [_load(PipelineRecord, row, remember=self.partial_update) for row in rows]
+        return [load(PipelineRecord, row, remember=self.partial_update) for row in rows]
 
     def claim_one(self, uuid: str, now: datetime, owner: str, lease_expires_at: datetime) -> PipelineRecord | None:
         """Lease one pipeline for an in-process run; None when another owner holds it."""
         row = call("claim a pipeline", self.engine.claim_one, uuid, now, owner, lease_expires_at)
-        return _load(PipelineRecord, row, remember=self.partial_update) if row else None
+        return load(PipelineRecord, row, remember=self.partial_update) if row else None
 
     def renew_lease(self, uuid: str, owner: str, lease_expires_at: datetime) -> bool:
         return bool(call("renew a lease", self.engine.renew_lease, uuid, owner, lease_expires_at))

@@ -83,6 +83,8 @@ def test_a_killed_workers_pipeline_is_shown_stranded_then_resumed_by_another(
     uuid = cli(store, "start", "Slow", "-p", "seconds=8").strip()
     doomed = worker(store, processes, log)
     wait_for(lambda: log.exists() and "start" in log.read_text(), 30, "the hook to start")
+    # the row tells the hook at the worker's next beat (every few seconds), not at once
+    wait_for(lambda: workers(store)[0]["in_flight"] == 1, 30, "the row to count the running hook")
     [row] = workers(store)
     assert row["in_flight"] == 1 and row["free_slots"] == 1
     shown = json.loads(cli(store, "show", uuid, "--json"))

@@ -1,0 +1,105 @@
+"""The commands that change pipelines from outside: ``start``, ``cancel``, ``retry``, ``send``."""
+
+from __future__ import annotations
+
+import json
+
+import click
+
+from prorch.cli.helpers import (
+    Context,
+    parse_params,
+    reported,
+)
+from prorch.cli.output import (
+    echo_json,
+)
+from prorch.model.exceptions import (
+    InvalidMessageError,
+)
+from prorch.model.registry import current_registry
+from prorch.model.status import Status
+from prorch.pipeline import pipeline_class
+from prorch.storage.outside import NO_PAYLOAD
+
+
+@click.command()
+@click.argument("name")
+@click.option(
+    "--param",
+    "-p",
+    "pairs",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="A parameter (repeatable); VALUE is read as JSON when it parses, else as text.",
+)
+@click.option("--params-json", help="All parameters as one JSON object.")
+@click.option("--version", "version", type=int, help="The pipeline version to run (default: the newest).")
+@click.option("--tenant", help="The tenant, for tenant plugins.")
+@click.option("--priority", type=int, help="Higher runs first.")
+@click.option(
+    "--key",
+    help="Create it once: a repeat with this key, NAME and params prints the stored pipeline's uuid "
+    "and 'exists'; with another NAME or params it is an error.",
+)
+@click.option("--json", "as_json", is_flag=True, help='Print the pipeline as JSON, with "created": true/false.')
+@click.pass_obj
+def start(ctx: Context, name: str, pairs: tuple[str, ...], params_json: str | None, version: int | None,
+          tenant: str | None, priority: int | None, key: str | None, as_json: bool) -> None:  # fmt: skip
+    """Create a pipeline NAME, pending and due now (the next pass runs it). Prints its uuid, with
+    ' exists' after it when --key found it already stored."""
+    with reported(ctx):
+        params = parse_params(pairs, params_json)
+        repository = ctx.repository()
+        ctx.import_apps()
+        pipeline_cls = pipeline_class(current_registry(), name, version)
+        settings = ctx.settings
+        override = settings.pipelines.get(name)
+        if priority is None and override is not None:
+            priority = override.priority
+        created = pipeline_cls.create(repository, params, key=key, tenant=tenant, priority=priority)
+    if as_json:
+        echo_json({**created.record.to_dict(), "created": created.created})
+    else:
+        click.echo(created.uuid if created.created else f"{created.uuid} exists")
+
+
+@click.command()
+@click.argument("uuid")
+@click.pass_obj
+def cancel(ctx: Context, uuid: str) -> None:
+    """Cancel a pipeline (its current step's on_cancel runs), or ask its worker to."""
+    with reported(ctx):
+        state = ctx.orchestrator().cancel(uuid)
+    if state.pipeline.status == Status.CANCELLED:
+        click.echo(f"cancelled {uuid}")
+    else:
+        click.echo(f"cancel requested for {uuid}: the worker holding it cancels it at its next transition")
+
+
+@click.command()
+@click.argument("uuid")
+@click.pass_obj
+def retry(ctx: Context, uuid: str) -> None:
+    """Resume a failed pipeline from its failed step (the next pass runs it)."""
+    with reported(ctx):
+        ctx.orchestrator().retry(uuid)
+    click.echo(f"retrying {uuid}")
+
+
+@click.command()
+@click.argument("uuid")
+@click.argument("name")
+@click.option("--payload-json", help="The message's payload, as JSON (default: true; null is refused).")
+@click.pass_obj
+def send(ctx: Context, uuid: str, name: str, payload_json: str | None) -> None:
+    """Send message NAME to a pipeline; it is due at once and a hook reads it with receive()."""
+    with reported(ctx):
+        try:
+            payload = json.loads(payload_json) if payload_json is not None else NO_PAYLOAD
+        except json.JSONDecodeError as exc:
+            raise InvalidMessageError(f"--payload-json is not valid JSON: {exc}") from exc
+        except RecursionError:
+            raise InvalidMessageError("--payload-json is nested too deeply (at most 100 levels)") from None
+        message = ctx.orchestrator().send(uuid, name, payload)
+    click.echo(f"sent {name} to {uuid} ({message.uuid})")

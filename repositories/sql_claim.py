@@ -1,0 +1,177 @@
+"""The claim of the SQL backend: due pipelines leased in one statement (within the limits of
+pipeline names, ``repositories.sql_limits``), one pipeline leased for an in-process run, a lease
+renewed. A part of ``SQLRepository`` (``repositories.sql``); each statement is built once."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import datetime
+from typing import Any, TypeVar, cast
+
+from sqlalchemy import ColumnElement, Integer, Select, Table, and_, bindparam, false, or_, select, update
+
+from prorch.model.due import CLAIM_ORDER, TERMINAL_VALUES, Runnable, row_claim_order
+from prorch.model.limit_rules import ClaimLimit
+from prorch.model.records import JSONDict
+from prorch.model.status import Status
+from repositories.sql_connections import SQLConnections
+from repositories.sql_limits import LimitedClaim
+
+__all__ = ["SQLClaims"]
+
+T = TypeVar("T")
+
+
+class SQLClaims:
+    """The claim and lease statements of the pipelines' table (``SQLRepository`` is one)."""
+
+    table: Table
+    backend: SQLConnections
+    _searches: dict[str, Any]
+    _claims: dict[tuple[str, Runnable | None], Any]
+
+    def _to_record(self, row: Any) -> JSONDict:  # pragma: no cover - SQLRepository's
+        raise NotImplementedError
+
+    def _due_query(self, runnable: Runnable | None = None) -> Select[Any]:
+        """Due pipeline uuids, by the (status, next_run_at, priority) index; bound: _now, _limit.
+        With ``runnable``, only pipelines of those (name, version) pairs."""
+        c = self.table.c
+        now = bindparam("_now", type_=c.next_run_at.type)
+        query = (
+            select(c.uuid)
+            .where(
+                c.status == Status.PENDING.value,
+                c.next_run_at <= now,
+                (c.lease_expires_at.is_(None)) | (c.lease_expires_at <= now),
+            )
+            .order_by(*(c[field].desc() if descending else c[field].asc() for field, descending in CLAIM_ORDER))
+            .limit(bindparam("_limit", type_=Integer()))
+        )
+        return query if runnable is None else query.where(self._of_classes(runnable))
+
+    def _of_classes(self, runnable: Runnable) -> ColumnElement[bool]:
+        """``(name = a AND version IN (1, 2)) OR (name = b AND ...)``, one term per name: a
+        plain boolean every database plans well, on the due index or on (status, name, version).
+        The values are bound into the statement, built once: a worker's classes do not change."""
+        c = self.table.c
+        versions: dict[str, list[int]] = {}
+        for name, version in sorted(runnable):
+            versions.setdefault(name, []).append(version)
+        if not versions:
+            return false()
+        return or_(*(and_(c.name == name, c.version.in_(found)) for name, found in versions.items()))
+
+    def _statement(self, kind: str, runnable: Runnable | None, build: Callable[[], T]) -> T:
+        """A claim statement for these classes, built once (a few kept: a worker has one set)."""
+        key = (kind, runnable)
+        found = self._claims.get(key)
+        if found is None:
+            if len(self._claims) >= 16:
+                self._claims.clear()
+            found = self._claims[key] = build()
+        return cast(T, found)
+
+    def search_due(self, now: datetime, limit: int) -> list[JSONDict]:
+        query = self._searches.get("_due")
+        if query is None:
+            due = self._due_query().subquery()
+            query = self._searches["_due"] = select(self.table).where(self.table.c.uuid.in_(select(due.c.uuid)))
+        with self.backend.connect(write=False) as connection:
+            rows = connection.execute(query, {"_now": now, "_limit": limit}).mappings().all()
+        return self._by_priority([self._to_record(row) for row in rows])
+
+    def claim_due(
+        self, now: datetime, owner: str, lease_expires_at: datetime, limit: int, runnable: Runnable | None = None
+    ) -> list[JSONDict]:
+        query = self._statement("claim", runnable, lambda: (
+            update(self.table)
+            .where(self.table.c.uuid.in_(self.lockable(self._due_query(runnable)).scalar_subquery()))
+            .values(self._lease_values())
+            .returning(*self.table.columns)
+        ))  # fmt: skip
+        params = {"_now": now, "_limit": limit, "_owner": owner, "_until": lease_expires_at}
+        with self.backend.connect(write=True) as connection:
+            rows = connection.execute(query, params).mappings().all()
+        return self._by_priority([self._to_record(row) for row in rows])
+
+    def claim_due_limited(
+        self,
+        now: datetime,
+        owner: str,
+        lease_expires_at: datetime,
+        limit: int,
+        limits: dict[str, ClaimLimit],
+        runnable: Runnable | None = None,
+    ) -> list[JSONDict]:
+        """``claim_due`` within the limits of pipeline names (``prorch.model.limit_rules``): the unlimited
+        names in one statement, then each limited name in a transaction of its own that holds
+        the name's lock while it counts and claims (``sql_limits.LimitedClaim``)."""
+        c = self.table.c
+        params = {"_now": now, "_owner": owner, "_until": lease_expires_at}
+        due = self._due_query(runnable).where(c.name.not_in(bindparam("_limited", expanding=True)))
+        others = self._statement("claim_others", runnable, lambda: (
+            update(self.table).where(c.uuid.in_(self.lockable(due).scalar_subquery())).values(self._lease_values())
+            .returning(*self.table.columns)
+        ))  # fmt: skip
+        dialect = self.backend.engine.dialect.name
+        limited = self._statement("limited", runnable, lambda: LimitedClaim(
+            self.table, dialect, self._due_query(runnable), self.lockable, self._lease_values()
+        ))  # fmt: skip
+        rows: list[Any] = []
+        with self.backend.connect(write=True) as connection:
+            rows += connection.execute(others, {**params, "_limit": limit, "_limited": sorted(limits)}).mappings().all()
+        for name in sorted(limits):
+            if len(rows) >= limit:
+                break
+            with self.backend.connect(write=True) as connection:
+                self.backend.lock_name(connection, name)
+                rows += limited.claim(connection, name, limits, params, limit - len(rows))
+        return self._by_priority([self._to_record(row) for row in rows])
+
+    def lockable(self, due: Select[Any]) -> Select[Any]:
+        """The due query as the claim's subquery: where the database can lock rows, it skips
+        the ones another worker's claim holds (PostgreSQL); as it is here."""
+        return due
+
+    def claim_one(self, uuid: str, now: datetime, owner: str, lease_expires_at: datetime) -> JSONDict | None:
+        c = self.table.c
+        query = (
+            update(self.table)
+            .where(
+                c.uuid == uuid,
+                c.status.not_in(sorted(TERMINAL_VALUES)),
+                (c.lease_expires_at.is_(None)) | (c.lease_expires_at <= now) | (c.lease_owner == owner),
+            )
+            .values(self._lease_values())
+            .returning(*self.table.columns)
+        )
+        with self.backend.connect(write=True) as connection:
+            row = connection.execute(query, {"_owner": owner, "_until": lease_expires_at}).mappings().first()
+            if row is None:
+                current = connection.execute(select(self.table).where(c.uuid == uuid)).mappings().first()
+                if current is None or current["status"] not in TERMINAL_VALUES:
+                    return None  # missing, or leased by another owner
+                row = current
+        return self._to_record(row)
+
+    def renew_lease(self, uuid: str, owner: str, lease_expires_at: datetime) -> bool:
+        c = self.table.c
+        query = (
+            update(self.table).where(c.uuid == uuid, c.lease_owner == owner).values(lease_expires_at=lease_expires_at)
+        )
+        with self.backend.connect(write=True) as connection:
+            return connection.execute(query).rowcount == 1
+
+    def _lease_values(self) -> JSONDict:
+        c = self.table.c
+        return {
+            "lease_owner": bindparam("_owner"),
+            "lease_expires_at": bindparam("_until", type_=c.lease_expires_at.type),
+            "claims": c.claims + 1,
+            "revision": c.revision + 1,
+        }
+
+    @staticmethod
+    def _by_priority(records: list[JSONDict]) -> list[JSONDict]:
+        return sorted(records, key=row_claim_order)
