@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import asyncio
 import json
-import threading
 import multiprocessing
 import os
 import resource
 import sqlite3
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable
