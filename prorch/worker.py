@@ -117,6 +117,8 @@ class Worker:
     def _claim(self, slots: Slots[str, Result], keeper: LeaseKeeper) -> None:
         host = self.host
         limit = self.capacity - slots.active - len(self.waiting)
+        if any(rule.rate is not None for rule in host.extensions.claim_limits().values()):
+            limit = min(limit, slots.free - len(self.waiting))  # a rate counts claims: claim only what starts now
         try:
             claimed, lags = host.claim(limit, keeper)
             writings = host.advancings(claimed, keeper)

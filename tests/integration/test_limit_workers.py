@@ -95,7 +95,6 @@ def run_four_workers(
     (tmp_path / "render.py").write_text(textwrap.dedent(APP))
     env = {k: v for k, v in os.environ.items() if not k.startswith("PRORCH_")}
     env["PYTHONPATH"] = str(tmp_path)
-    env["PRORCH_PREFETCH"] = "0"  # a rate limit counts claims: here each claim starts its hook at once
     sys.path.insert(0, str(tmp_path))
     with isolated_registry() as registry:
         import render  # noqa: F401 - registers the app's pipelines here, to create them
