@@ -10,6 +10,7 @@ import time
 from collections.abc import Sequence
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -248,3 +249,120 @@ def test_an_engine_error_releases_the_lease_and_clears_the_hook_mark(
         orchestrator.execute_pipelines()
     assert orchestrator.get(uuid).pipeline.status == Status.FINISHED
     assert not [r for r in caplog.records if "died or vanished" in r.getMessage()]
+
+
+# --- confirm() and the keeper's bookkeeping, on the in-memory store and a fake clock ----------
+
+
+def held(registry: Registry, age: float, lease: float = 30, **keeper: Any) -> tuple[Harness, Store, LeaseKeeper, str]:
+    """One pipeline claimed with a ``lease`` s lease, whose lease time was written ``age`` s ago
+    (on the monotonic clock), held by a keeper that was not started."""
+    harness = Harness(MemoryBackend(), registry=registry)
+    uuid = harness.create(pipeline_of(quick("A"))).uuid
+    store = Store(harness.orchestrator.store.backend)
+    now = harness.clock.now()
+    claimed = store.claim_due(now, "me#1", now + timedelta(seconds=lease), 10)
+    lease_keeper = LeaseKeeper(store, lease, harness.clock, **keeper)
+    lease_keeper.hold(claimed, time.monotonic() - age)
+    return harness, store, lease_keeper, uuid
+
+
+def expires(store: Store, uuid: str) -> datetime | None:
+    record = store.get_pipeline(uuid)
+    assert record is not None
+    return record.lease_expires_at
+
+
+def test_confirm_renews_a_lease_only_once_it_is_within_a_third_of_its_end(registry: Registry) -> None:
+    """30 s lease: written 19 s ago (11 s left) it passes as is; written 21 s ago (9 s left) it
+    is renewed first, and passes without renewal again right after."""
+    harness, store, keeper, uuid = held(registry, age=19)
+    first = expires(store, uuid)
+    harness.clock.advance(19)
+    keeper.confirm(uuid)
+    assert expires(store, uuid) == first
+    harness, store, keeper, uuid = held(registry, age=21)
+    harness.clock.advance(21)
+    keeper.confirm(uuid)
+    assert expires(store, uuid) == harness.clock.now() + timedelta(seconds=30)
+    harness.clock.advance(1)
+    keeper.confirm(uuid)
+    assert expires(store, uuid) == harness.clock.now() - timedelta(seconds=1) + timedelta(seconds=30)
+
+
+def test_a_renewal_stored_by_a_write_counts_and_never_moves_the_lease_back(registry: Registry) -> None:
+    harness, store, keeper, uuid = held(registry, age=25)
+    keeper.renewed(uuid, time.monotonic() - 40)  # older than what we hold: ignored
+    keeper.renewed(uuid, time.monotonic())  # just written: 30 s left
+    first = expires(store, uuid)
+    harness.clock.advance(1)  # a renewal now would store a later time
+    keeper.confirm(uuid)
+    assert expires(store, uuid) == first
+    keeper.renewed("not-held", time.monotonic())  # a pipeline not held: nothing to note
+
+
+def test_a_lease_refused_at_confirm_is_lost_told_once_and_refused_after(registry: Registry) -> None:
+    lost: list[str] = []
+    harness, store, keeper, uuid = held(registry, age=25, on_lost=lost.append)
+    now = harness.clock.now() + timedelta(seconds=31)
+    assert store.claim_one(uuid, now, "thief#1", now + timedelta(seconds=60)) is not None
+    with pytest.raises(LeaseLostError, match="ran out and another worker took it") as refused:
+        keeper.confirm(uuid)
+    assert refused.value.context == {"uuid": uuid} and lost == ["P"]
+    with pytest.raises(LeaseLostError, match="lost its lease; not starting its hook") as again:
+        keeper.confirm(uuid)
+    assert again.value.context == {"uuid": uuid} and lost == ["P"]
+    keeper.drop(uuid)  # its advance is over: nothing is held, nothing lost
+    keeper.confirm(uuid)
+
+
+def test_a_renewal_refused_after_our_own_release_is_no_loss(registry: Registry) -> None:
+    lost: list[str] = []
+    harness, store, keeper, uuid = held(registry, age=0, on_lost=lost.append)
+    keeper.releasing(uuid)
+    keeper.releasing("not-held")
+    now = harness.clock.now() + timedelta(seconds=31)
+    assert store.claim_one(uuid, now, "thief#1", now + timedelta(seconds=60)) is not None
+    keeper.renew_all()
+    assert lost == [] and keeper._held == {} and keeper._lost == set()
+
+
+def test_a_store_error_at_confirm_is_a_repository_error_naming_the_pipeline(
+    registry: Registry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _harness, store, keeper, uuid = held(registry, age=25)
+
+    def down(*args: Any) -> bool:
+        raise RepositoryError("connection refused")
+
+    monkeypatch.setattr(store, "renew_lease", down)
+    with pytest.raises(RepositoryError, match=f"pipeline {uuid}: could not renew its lease before a hook") as error:
+        keeper.confirm(uuid)
+    assert not isinstance(error.value, LeaseLostError)
+
+
+def test_a_hook_limit_exactly_now_is_still_renewed_and_lifting_it_renews_again(registry: Registry) -> None:
+    harness, store, keeper, uuid = held(registry, age=0)
+    keeper.limit(uuid, harness.clock.now() + timedelta(seconds=10))
+    harness.clock.advance(10)
+    keeper.renew_all()
+    assert expires(store, uuid) == harness.clock.now() + timedelta(seconds=30)
+    harness.clock.advance(5)
+    keeper.renew_all()  # past the limit: not renewed
+    assert expires(store, uuid) == harness.clock.now() + timedelta(seconds=25)
+    keeper.limit(uuid, None)
+    keeper.renew_all()
+    assert expires(store, uuid) == harness.clock.now() + timedelta(seconds=30)
+
+
+def test_a_failing_loss_observer_does_not_stop_the_keeper(registry: Registry, caplog: pytest.LogCaptureFixture) -> None:
+    def broken(name: str) -> None:
+        raise RuntimeError("metrics down")
+
+    harness, store, keeper, uuid = held(registry, age=0, on_lost=broken)
+    now = harness.clock.now() + timedelta(seconds=31)
+    assert store.claim_one(uuid, now, "thief#1", now + timedelta(seconds=60)) is not None
+    with caplog.at_level(logging.WARNING, logger="prorch.storage.leases"):
+        keeper.renew_all()
+    assert f"telling a lost lease of pipeline {uuid} failed" in caplog.text
+    assert keeper._lost == {uuid}

@@ -243,10 +243,11 @@ def test_a_slow_hook_does_not_hold_back_the_others_writes(registry: Registry) ->
     assert results == ["stored", "stored"] and seen == [True]
 
 
-def test_an_engine_error_waits_for_the_hooks_still_running(registry: Registry) -> None:
+def test_an_engine_error_waits_for_the_hooks_running_and_starts_no_other(registry: Registry) -> None:
+    """The slow hook is waited for; the third pipeline, not yet started when the first broke, never starts."""
     store = CountingStore()
-    (record,) = _pipelines(store, registry, 1)
-    finished = threading.Event()
+    record, unstarted = _pipelines(store, registry, 2)
+    finished, started = threading.Event(), threading.Event()
 
     def slow() -> None:
         time.sleep(0.5)
@@ -257,8 +258,10 @@ def test_an_engine_error_waits_for_the_hooks_still_running(registry: Registry) -
         yield  # pragma: no cover - a generator
 
     with pytest.raises(KeyboardInterrupt):
-        write_in_rounds(store, [_one_write(record, slow), breaks()], group=100, concurrency=2)
-    assert finished.is_set()
+        write_in_rounds(
+            store, [breaks(), _one_write(record, slow), _one_write(unstarted, started.set)], group=100, concurrency=2
+        )
+    assert finished.is_set() and not started.is_set()
 
 
 def test_the_engine_error_is_raised_when_the_waiting_writes_cannot_be_stored(registry: Registry) -> None:
