@@ -222,8 +222,10 @@ def test_more_hooks_than_a_default_pool_run_at_once(registry: Registry) -> None:
 
 
 def test_a_slow_hook_does_not_hold_back_the_others_writes(registry: Registry) -> None:
+    """The fast one's write is stored while the slow hook runs, with a third pipeline still ready
+    (its write and the slow one's would fill the group of 2)."""
     store = CountingStore()
-    fast, slow = _pipelines(store, registry, 2)
+    fast, slow, third = _pipelines(store, registry, 3)
     fast_stored = threading.Event()
     original = store.commit_many
 
@@ -236,11 +238,11 @@ def test_a_slow_hook_does_not_hold_back_the_others_writes(registry: Registry) ->
     seen: list[bool] = []
     results = write_in_rounds(
         store,
-        [_one_write(fast), _one_write(slow, lambda: seen.append(fast_stored.wait(timeout=5)))],
-        group=100,
+        [_one_write(fast), _one_write(slow, lambda: seen.append(fast_stored.wait(timeout=5))), _one_write(third)],
+        group=2,
         concurrency=2,
     )
-    assert results == ["stored", "stored"] and seen == [True]
+    assert results == ["stored"] * 3 and seen == [True]
 
 
 def test_an_engine_error_waits_for_the_hooks_running_and_starts_no_other(registry: Registry) -> None:
