@@ -4,6 +4,8 @@ clock is a FakeClock; tests/integration/test_schedule_workers.py runs real worke
 
 from __future__ import annotations
 
+import time
+from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
@@ -326,3 +328,47 @@ def test_a_cron_declaration_that_is_no_expression_is_refused_with_why() -> None:
         declared(schedule="0 0 30 2 *")
     with pytest.raises(RegistrationError, match=r"^pipeline Nightly: schedule must be a cron string"):
         declared(schedule=3)
+
+
+def test_every_after_a_tick_off_its_grid_goes_back_to_the_grid() -> None:
+    """The last stored tick of a schedule whose interval changed (half-hourly, now hourly)."""
+    after = declared(every=timedelta(hours=1)).after(at("2026-11-23T12:30:00+00:00"))
+    assert [next(after), next(after)] == [at("2026-11-23T13:00:00+00:00"), at("2026-11-23T14:00:00+00:00")]
+
+
+@pytest.fixture
+def local_tokyo(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """The machine's local time zone is Asia/Tokyo (UTC+9)."""
+    monkeypatch.setenv("TZ", "Asia/Tokyo")
+    time.tzset()
+    yield
+    monkeypatch.undo()
+    time.tzset()
+
+
+@pytest.mark.usefixtures("local_tokyo")
+def test_cron_ticks_and_keys_are_in_utc_whatever_the_machines_zone() -> None:
+    nightly = declared(schedule="0 3 * * *", schedule_tz="Europe/Berlin")
+    tick = at("2026-11-23T02:00:00+00:00")
+    found = [nightly.latest(tick), next(nightly.after(tick)), *nightly.upcoming(tick, 1)]
+    assert [t.isoformat() for t in found] == [
+        "2026-11-23T02:00:00+00:00", "2026-11-24T02:00:00+00:00", "2026-11-24T02:00:00+00:00",
+    ]  # fmt: skip
+    assert nightly.key(tick) == "schedule:Nightly:2026-11-23T02:00:00+00:00"
+
+
+def test_fixed_params_that_params_accepts_are_accepted_and_refused_ones_say_how_to_fix() -> None:
+    flow = pipeline_of(step_of("Tick", lambda self: None), name="Nightly", every=timedelta(hours=1), Params=Region,
+                       schedule_params={"region": "eu"})  # fmt: skip
+    assert flow.name == "Nightly"
+    with pytest.raises(RegistrationError, match=r"\); set schedule_params to params that Params accepts"):
+        pipeline_of(step_of("Tock", lambda self: None), name="Other", every=timedelta(hours=1), Params=Region)
+
+
+def test_a_schedule_whose_ticks_cannot_be_computed_is_refused_with_why() -> None:
+    with pytest.raises(
+        RegistrationError,
+        match=r"^pipeline Nightly: the ticks of every 999999999 days, 0:00:00 cannot be computed "
+        r"\(OverflowError\(.*\); check the expression against a calendar$",
+    ):
+        declared(every=timedelta(days=999_999_999))
