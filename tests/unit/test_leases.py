@@ -364,5 +364,60 @@ def test_a_failing_loss_observer_does_not_stop_the_keeper(registry: Registry, ca
     assert store.claim_one(uuid, now, "thief#1", now + timedelta(seconds=60)) is not None
     with caplog.at_level(logging.WARNING, logger="prorch.storage.leases"):
         keeper.renew_all()
-    assert f"telling a lost lease of pipeline {uuid} failed" in caplog.text
+    assert [r.getMessage() for r in caplog.records][-1] == f"telling a lost lease of pipeline {uuid} failed"
     assert keeper._lost == {uuid}
+
+
+def test_a_renewal_by_the_keeper_counts_for_confirm_and_a_dropped_lease_is_not_renewed(registry: Registry) -> None:
+    harness, store, keeper, uuid = held(registry, age=25)
+    harness.clock.advance(1)
+    keeper.renew_all()
+    renewed = expires(store, uuid)
+    assert renewed == harness.clock.now() + timedelta(seconds=30)
+    harness.clock.advance(1)
+    keeper.confirm(uuid)  # renewed just now: no second renewal
+    assert expires(store, uuid) == renewed
+    keeper.limit(uuid, harness.clock.now() + timedelta(seconds=5))
+    keeper.drop(uuid)
+    keeper.hold([store.get_pipeline(uuid)], time.monotonic() - 25)  # type: ignore[list-item]
+    harness.clock.advance(10)  # past the dropped limit
+    keeper.renew_all()
+    assert expires(store, uuid) == harness.clock.now() + timedelta(seconds=30)
+    keeper.drop(uuid)
+    harness.clock.advance(1)
+    keeper.confirm(uuid)  # not held: passes, nothing renewed
+    keeper.renew_all()
+    assert expires(store, uuid) == harness.clock.now() - timedelta(seconds=1) + timedelta(seconds=30)
+    keeper.limit(uuid, None)  # no limit to lift: nothing happens
+
+
+def test_a_refused_renewal_by_an_older_token_keeps_the_lease(registry: Registry) -> None:
+    lost: list[str] = []
+    _harness, _store, keeper, uuid = held(registry, age=0, on_lost=lost.append)
+    assert keeper._renew(uuid, "me#0", time.monotonic()) is False  # a claim before this one
+    assert list(keeper._held) == [uuid] and keeper._lost == set() and lost == []
+
+
+def test_lost_leases_and_failed_renewals_are_logged_with_the_pipeline(
+    registry: Registry, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    harness, store, keeper, uuid = held(registry, age=0)
+    original = store.renew_lease
+
+    def down(*args: Any) -> bool:
+        raise RepositoryError("connection refused")
+
+    monkeypatch.setattr(store, "renew_lease", down)
+    with caplog.at_level(logging.WARNING, logger="prorch.storage.leases"):
+        keeper.renew_all()
+        monkeypatch.setattr(store, "renew_lease", original)
+        now = harness.clock.now() + timedelta(seconds=31)
+        assert store.claim_one(uuid, now, "thief#1", now + timedelta(seconds=60)) is not None
+        keeper.renew_all()
+    failed, lost = caplog.records
+    assert failed.getMessage() == f"could not renew the lease of pipeline {uuid}: connection refused"
+    assert lost.getMessage() == (
+        f"lease of pipeline {uuid} was lost: it ran out and another worker claimed it; this worker starts none of "
+        "its hooks from now on and its writes are refused (a hook already running goes on)"
+    )
+    assert lost.pipeline_uuid == uuid  # type: ignore[attr-defined]
