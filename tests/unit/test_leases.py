@@ -421,3 +421,36 @@ def test_lost_leases_and_failed_renewals_are_logged_with_the_pipeline(
         "its hooks from now on and its writes are refused (a hook already running goes on)"
     )
     assert lost.pipeline_uuid == uuid  # type: ignore[attr-defined]
+
+
+def test_a_renewal_too_slow_to_leave_the_margin_is_an_error(
+    registry: Registry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A 0.3 s lease renewed in 0.25 s leaves less than its third (0.1 s) when the hook would start."""
+    _harness, store, keeper, uuid = held(registry, age=0.3, lease=0.3)
+    original = store.renew_lease
+
+    def slow(*args: Any) -> bool:
+        time.sleep(0.25)
+        return original(*args)
+
+    monkeypatch.setattr(store, "renew_lease", slow)
+    with pytest.raises(RepositoryError, match=f"^pipeline {uuid}: renewing its lease took too long to start a hook"):
+        keeper.confirm(uuid)
+
+
+def test_the_keeper_thread_logs_a_failed_turn_and_goes_on(registry: Registry, caplog: pytest.LogCaptureFixture) -> None:
+    _harness, store, _keeper, _uuid = held(registry, age=0)
+    turns: list[int] = []
+
+    class Broken:
+        def now(self) -> datetime:
+            turns.append(1)
+            raise RuntimeError("no clock")
+
+    with caplog.at_level(logging.WARNING, logger="prorch.storage.leases"), LeaseKeeper(store, 0.3, Broken()):
+        deadline = time.monotonic() + 10
+        while len(turns) < 2 and time.monotonic() < deadline:
+            time.sleep(0.02)
+    assert len(turns) >= 2
+    assert caplog.records[0].getMessage() == "lease keeper: renewing failed, trying again in 0.1s: no clock"
