@@ -10,6 +10,7 @@ import time
 from collections.abc import Sequence
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -248,3 +249,208 @@ def test_an_engine_error_releases_the_lease_and_clears_the_hook_mark(
         orchestrator.execute_pipelines()
     assert orchestrator.get(uuid).pipeline.status == Status.FINISHED
     assert not [r for r in caplog.records if "died or vanished" in r.getMessage()]
+
+
+# --- confirm() and the keeper's bookkeeping, on the in-memory store and a fake clock ----------
+
+
+def held(registry: Registry, age: float, lease: float = 30, **keeper: Any) -> tuple[Harness, Store, LeaseKeeper, str]:
+    """One pipeline claimed with a ``lease`` s lease, whose lease time was written ``age`` s ago
+    (on the monotonic clock), held by a keeper that was not started."""
+    harness = Harness(MemoryBackend(), registry=registry)
+    uuid = harness.create(pipeline_of(quick("A"))).uuid
+    store = Store(harness.orchestrator.store.backend)
+    now = harness.clock.now()
+    claimed = store.claim_due(now, "me#1", now + timedelta(seconds=lease), 10)
+    lease_keeper = LeaseKeeper(store, lease, harness.clock, **keeper)
+    lease_keeper.hold(claimed, time.monotonic() - age)
+    return harness, store, lease_keeper, uuid
+
+
+def expires(store: Store, uuid: str) -> datetime | None:
+    record = store.get_pipeline(uuid)
+    assert record is not None
+    return record.lease_expires_at
+
+
+def test_confirm_renews_a_lease_only_once_it_is_within_a_third_of_its_end(registry: Registry) -> None:
+    """30 s lease: written 19 s ago (11 s left) it passes as is; written 21 s ago (9 s left) it
+    is renewed first, and passes without renewal again right after."""
+    harness, store, keeper, uuid = held(registry, age=19)
+    first = expires(store, uuid)
+    harness.clock.advance(19)
+    keeper.confirm(uuid)
+    assert expires(store, uuid) == first
+    harness, store, keeper, uuid = held(registry, age=21)
+    harness.clock.advance(21)
+    keeper.confirm(uuid)
+    assert expires(store, uuid) == harness.clock.now() + timedelta(seconds=30)
+    harness.clock.advance(1)
+    keeper.confirm(uuid)
+    assert expires(store, uuid) == harness.clock.now() - timedelta(seconds=1) + timedelta(seconds=30)
+
+
+def test_a_renewal_stored_by_a_write_counts_and_never_moves_the_lease_back(registry: Registry) -> None:
+    harness, store, keeper, uuid = held(registry, age=25)
+    keeper.renewed(uuid, time.monotonic() - 40)  # older than what we hold: ignored
+    keeper.renewed(uuid, time.monotonic())  # just written: 30 s left
+    first = expires(store, uuid)
+    harness.clock.advance(1)  # a renewal now would store a later time
+    keeper.confirm(uuid)
+    assert expires(store, uuid) == first
+    keeper.renewed("not-held", time.monotonic())  # a pipeline not held: nothing to note
+
+
+def test_a_lease_refused_at_confirm_is_lost_told_once_and_refused_after(registry: Registry) -> None:
+    lost: list[str] = []
+    harness, store, keeper, uuid = held(registry, age=25, on_lost=lost.append)
+    now = harness.clock.now() + timedelta(seconds=31)
+    assert store.claim_one(uuid, now, "thief#1", now + timedelta(seconds=60)) is not None
+    with pytest.raises(LeaseLostError, match="ran out and another worker took it") as refused:
+        keeper.confirm(uuid)
+    assert refused.value.context == {"uuid": uuid} and lost == ["P"]
+    with pytest.raises(LeaseLostError, match="lost its lease; not starting its hook") as again:
+        keeper.confirm(uuid)
+    assert again.value.context == {"uuid": uuid} and lost == ["P"]
+    keeper.drop(uuid)  # its advance is over: nothing is held, nothing lost
+    keeper.confirm(uuid)
+
+
+def test_a_renewal_refused_after_our_own_release_is_no_loss(registry: Registry) -> None:
+    lost: list[str] = []
+    harness, store, keeper, uuid = held(registry, age=0, on_lost=lost.append)
+    keeper.releasing(uuid)
+    keeper.releasing("not-held")
+    now = harness.clock.now() + timedelta(seconds=31)
+    assert store.claim_one(uuid, now, "thief#1", now + timedelta(seconds=60)) is not None
+    keeper.renew_all()
+    assert lost == [] and keeper._held == {} and keeper._lost == set()
+
+
+def test_a_store_error_at_confirm_is_a_repository_error_naming_the_pipeline(
+    registry: Registry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _harness, store, keeper, uuid = held(registry, age=25)
+
+    def down(*args: Any) -> bool:
+        raise RepositoryError("connection refused")
+
+    monkeypatch.setattr(store, "renew_lease", down)
+    with pytest.raises(RepositoryError, match=f"pipeline {uuid}: could not renew its lease before a hook") as error:
+        keeper.confirm(uuid)
+    assert not isinstance(error.value, LeaseLostError)
+
+
+def test_a_hook_limit_exactly_now_is_still_renewed_and_lifting_it_renews_again(registry: Registry) -> None:
+    harness, store, keeper, uuid = held(registry, age=0)
+    keeper.limit(uuid, harness.clock.now() + timedelta(seconds=10))
+    harness.clock.advance(10)
+    keeper.renew_all()
+    assert expires(store, uuid) == harness.clock.now() + timedelta(seconds=30)
+    harness.clock.advance(5)
+    keeper.renew_all()  # past the limit: not renewed
+    assert expires(store, uuid) == harness.clock.now() + timedelta(seconds=25)
+    keeper.limit(uuid, None)
+    keeper.renew_all()
+    assert expires(store, uuid) == harness.clock.now() + timedelta(seconds=30)
+
+
+def test_a_failing_loss_observer_does_not_stop_the_keeper(registry: Registry, caplog: pytest.LogCaptureFixture) -> None:
+    def broken(name: str) -> None:
+        raise RuntimeError("metrics down")
+
+    harness, store, keeper, uuid = held(registry, age=0, on_lost=broken)
+    now = harness.clock.now() + timedelta(seconds=31)
+    assert store.claim_one(uuid, now, "thief#1", now + timedelta(seconds=60)) is not None
+    with caplog.at_level(logging.WARNING, logger="prorch.storage.leases"):
+        keeper.renew_all()
+    assert [r.getMessage() for r in caplog.records][-1] == f"telling a lost lease of pipeline {uuid} failed"
+    assert keeper._lost == {uuid}
+
+
+def test_a_renewal_by_the_keeper_counts_for_confirm_and_a_dropped_lease_is_not_renewed(registry: Registry) -> None:
+    harness, store, keeper, uuid = held(registry, age=25)
+    harness.clock.advance(1)
+    keeper.renew_all()
+    renewed = expires(store, uuid)
+    assert renewed == harness.clock.now() + timedelta(seconds=30)
+    harness.clock.advance(1)
+    keeper.confirm(uuid)  # renewed just now: no second renewal
+    assert expires(store, uuid) == renewed
+    keeper.limit(uuid, harness.clock.now() + timedelta(seconds=5))
+    keeper.drop(uuid)
+    keeper.hold([store.get_pipeline(uuid)], time.monotonic() - 25)  # type: ignore[list-item]
+    harness.clock.advance(10)  # past the dropped limit
+    keeper.renew_all()
+    assert expires(store, uuid) == harness.clock.now() + timedelta(seconds=30)
+    keeper.drop(uuid)
+    harness.clock.advance(1)
+    keeper.confirm(uuid)  # not held: passes, nothing renewed
+    keeper.renew_all()
+    assert expires(store, uuid) == harness.clock.now() - timedelta(seconds=1) + timedelta(seconds=30)
+    keeper.limit(uuid, None)  # no limit to lift: nothing happens
+
+
+def test_a_refused_renewal_by_an_older_token_keeps_the_lease(registry: Registry) -> None:
+    lost: list[str] = []
+    _harness, _store, keeper, uuid = held(registry, age=0, on_lost=lost.append)
+    assert keeper._renew(uuid, "me#0", time.monotonic()) is False  # a claim before this one
+    assert list(keeper._held) == [uuid] and keeper._lost == set() and lost == []
+
+
+def test_lost_leases_and_failed_renewals_are_logged_with_the_pipeline(
+    registry: Registry, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    harness, store, keeper, uuid = held(registry, age=0)
+    original = store.renew_lease
+
+    def down(*args: Any) -> bool:
+        raise RepositoryError("connection refused")
+
+    monkeypatch.setattr(store, "renew_lease", down)
+    with caplog.at_level(logging.WARNING, logger="prorch.storage.leases"):
+        keeper.renew_all()
+        monkeypatch.setattr(store, "renew_lease", original)
+        now = harness.clock.now() + timedelta(seconds=31)
+        assert store.claim_one(uuid, now, "thief#1", now + timedelta(seconds=60)) is not None
+        keeper.renew_all()
+    failed, lost = caplog.records
+    assert failed.getMessage() == f"could not renew the lease of pipeline {uuid}: connection refused"
+    assert lost.getMessage() == (
+        f"lease of pipeline {uuid} was lost: it ran out and another worker claimed it; this worker starts none of "
+        "its hooks from now on and its writes are refused (a hook already running goes on)"
+    )
+    assert lost.pipeline_uuid == uuid  # type: ignore[attr-defined]
+
+
+def test_a_renewal_too_slow_to_leave_the_margin_is_an_error(
+    registry: Registry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A 0.3 s lease renewed in 0.25 s leaves less than its third (0.1 s) when the hook would start."""
+    _harness, store, keeper, uuid = held(registry, age=0.3, lease=0.3)
+    original = store.renew_lease
+
+    def slow(*args: Any) -> bool:
+        time.sleep(0.25)
+        return original(*args)
+
+    monkeypatch.setattr(store, "renew_lease", slow)
+    with pytest.raises(RepositoryError, match=f"^pipeline {uuid}: renewing its lease took too long to start a hook"):
+        keeper.confirm(uuid)
+
+
+def test_the_keeper_thread_logs_a_failed_turn_and_goes_on(registry: Registry, caplog: pytest.LogCaptureFixture) -> None:
+    _harness, store, _keeper, _uuid = held(registry, age=0)
+    turns: list[int] = []
+
+    class Broken:
+        def now(self) -> datetime:
+            turns.append(1)
+            raise RuntimeError("no clock")
+
+    with caplog.at_level(logging.WARNING, logger="prorch.storage.leases"), LeaseKeeper(store, 0.3, Broken()):
+        deadline = time.monotonic() + 10
+        while len(turns) < 2 and time.monotonic() < deadline:
+            time.sleep(0.02)
+    assert len(turns) >= 2
+    assert caplog.records[0].getMessage() == "lease keeper: renewing failed, trying again in 0.1s: no clock"

@@ -9,8 +9,9 @@ from datetime import datetime, timezone
 
 import pytest
 
-from prorch.engine.rounds import write_in_rounds
+from prorch.engine.rounds import write_each, write_in_rounds
 from prorch.engine.state import Writing
+from prorch.model.exceptions import ConcurrentUpdateError, StoreUnreachableError
 from prorch.model.records import PipelineRecord
 from prorch.model.registry import Registry
 from prorch.storage.store import Store, Write
@@ -111,3 +112,172 @@ def test_alone_pipelines_run_one_after_another_before_the_rounds(registry: Regis
     assert store.rounds == [0, 1, 1, 2]  # the unmarked first writes of the alone ones (none), each alone, the rest
     marked = store.get_pipeline(records[0].uuid)
     assert marked is not None and not marked.hook_shared  # stored alone: a crash is its own
+
+
+def _writes(*records: PipelineRecord, ends: str = "") -> Writing[list[str]]:
+    """One write per record, noting what became of each; ``ends`` returns it before any write."""
+    if ends:
+        return [ends]
+    seen = []
+    for record in records:
+        try:
+            yield Write([record], [], [])
+        except ConcurrentUpdateError:
+            seen.append("refused")
+        else:
+            seen.append("stored")
+    return seen
+
+
+def _stale(store: Store, record: PipelineRecord) -> PipelineRecord:
+    """A copy of ``record`` that another write makes stale: writing it is refused."""
+    copy = store.get_pipeline(record.uuid)
+    assert copy is not None
+    store.commit_write(Write([record], [], []))
+    return copy
+
+
+@pytest.mark.parametrize("concurrency", [1, 2])
+def test_a_write_refused_in_a_round_is_thrown_into_its_pipeline_which_goes_on(
+    registry: Registry, concurrency: int
+) -> None:
+    store = CountingStore()
+    records = _pipelines(store, registry, 3)
+    stale = _stale(store, records[1])
+    writings = [_writes(records[0]), _writes(stale, records[1]), _writes(records[2])]
+    results = write_in_rounds(store, writings, group=100, concurrency=concurrency)
+    assert results == [["stored"], ["refused", "stored"], ["stored"]]
+
+
+def test_alone_pipelines_get_their_first_writes_refusal_held_or_stored_together(registry: Registry) -> None:
+    store = CountingStore()
+    records = _pipelines(store, registry, 4)
+    held, together = _stale(store, records[0]), _stale(store, records[1])
+    held.hook_started_at = NOW  # marks a hook: stored at its turn, alone
+    store.rounds.clear()
+    writings = [_writes(held, records[0]), _writes(together, records[1]), _writes(records[2]), _writes(records[3])]
+    results = write_in_rounds(store, writings, group=100, alone=[0, 1, 2])
+    assert results == [["refused", "stored"], ["refused", "stored"], ["stored"], ["stored"]]
+    # the unmarked first writes of 1 and 2 together; 0's first, 0's second, 1's second; 3 in the rounds
+    assert store.rounds == [2, 1, 1, 1, 1]
+
+
+def test_a_pipeline_ending_before_its_first_write_returns_its_result(registry: Registry) -> None:
+    store = CountingStore()
+    records = _pipelines(store, registry, 1)
+    writings = [_writes(ends="alone"), _writes(records[0]), _writes(ends="in a round")]
+    results = write_in_rounds(store, writings, group=100, alone=[0])
+    assert results == [["alone"], ["stored"], ["in a round"]]
+
+
+def test_write_each_throws_a_refused_write_into_the_pipeline(registry: Registry) -> None:
+    store = CountingStore()
+    records = _pipelines(store, registry, 1)
+    stale = _stale(store, records[0])
+    assert write_each(store, _writes(stale, stale, records[0])) == ["refused", "refused", "stored"]
+
+
+def _running_hooks(count: int) -> tuple[Callable[[], None], list[int], list[str]]:
+    """A hook noting the most hooks running at once and the threads they ran in."""
+    lock, active, most, threads = threading.Lock(), [0], [0], []
+
+    def hook() -> None:
+        with lock:
+            active[0] += 1
+            most[0] = max(most[0], active[0])
+            threads.append(threading.current_thread().name)
+        time.sleep(0.05)
+        with lock:
+            active[0] -= 1
+
+    return hook, most, threads
+
+
+def test_hooks_in_flight_count_toward_the_group(registry: Registry) -> None:
+    """A round never holds more than ``group`` writes: no more hooks run than their writes fit."""
+    store = CountingStore()
+    records = _pipelines(store, registry, 6)
+    hook, most, threads = _running_hooks(6)
+    store.rounds.clear()
+    results = write_in_rounds(store, [_one_write(r, hook) for r in records], group=2, concurrency=4)
+    assert results == ["stored"] * 6 and most[0] <= 2 and max(store.rounds) <= 2
+    assert all(name.startswith("prorch") for name in threads)
+
+
+def test_with_concurrency_one_the_hooks_run_in_the_calling_thread(registry: Registry) -> None:
+    store = CountingStore()
+    records = _pipelines(store, registry, 2)
+    hook, _, threads = _running_hooks(2)
+    write_in_rounds(store, [_one_write(r, hook) for r in records], group=100, concurrency=1)
+    assert threads == [threading.current_thread().name] * 2
+
+
+def test_more_hooks_than_a_default_pool_run_at_once(registry: Registry) -> None:
+    """The pool has ``concurrency`` threads (not the default, at most 32)."""
+    store = CountingStore()
+    records = _pipelines(store, registry, 33)
+    together = threading.Barrier(33, timeout=10)
+    results = write_in_rounds(store, [_one_write(r, together.wait) for r in records], group=100, concurrency=33)
+    assert results == ["stored"] * 33
+
+
+def test_a_slow_hook_does_not_hold_back_the_others_writes(registry: Registry) -> None:
+    """The fast one's write is stored while the slow hook runs, with a third pipeline still ready
+    (its write and the slow one's would fill the group of 2)."""
+    store = CountingStore()
+    fast, slow, third = _pipelines(store, registry, 3)
+    fast_stored = threading.Event()
+    original = store.commit_many
+
+    def commit_many(writes: Sequence[Write]) -> list[Exception | None]:
+        if any(fast in write.changed for write in writes):
+            fast_stored.set()
+        return original(writes)
+
+    store.commit_many = commit_many  # type: ignore[method-assign]
+    seen: list[bool] = []
+    results = write_in_rounds(
+        store,
+        [_one_write(fast), _one_write(slow, lambda: seen.append(fast_stored.wait(timeout=5))), _one_write(third)],
+        group=2,
+        concurrency=2,
+    )
+    assert results == ["stored"] * 3 and seen == [True]
+
+
+def test_an_engine_error_waits_for_the_hooks_running_and_starts_no_other(registry: Registry) -> None:
+    """The slow hook is waited for; the third pipeline, not yet started when the first broke, never starts."""
+    store = CountingStore()
+    record, unstarted = _pipelines(store, registry, 2)
+    finished, started = threading.Event(), threading.Event()
+
+    def slow() -> None:
+        time.sleep(0.5)
+        finished.set()
+
+    def breaks() -> Writing[str]:
+        raise KeyboardInterrupt
+        yield  # pragma: no cover - a generator
+
+    with pytest.raises(KeyboardInterrupt):
+        write_in_rounds(
+            store, [breaks(), _one_write(record, slow), _one_write(unstarted, started.set)], group=100, concurrency=2
+        )
+    assert finished.is_set() and not started.is_set()
+
+
+def test_the_engine_error_is_raised_when_the_waiting_writes_cannot_be_stored(registry: Registry) -> None:
+    store = CountingStore()
+    (record,) = _pipelines(store, registry, 1)
+
+    def unreachable(writes: Sequence[Write]) -> list[Exception | None]:
+        raise StoreUnreachableError("the store is down")
+
+    store.commit_many = unreachable  # type: ignore[method-assign]
+
+    def breaks() -> Writing[str]:
+        raise KeyboardInterrupt
+        yield  # pragma: no cover - a generator
+
+    with pytest.raises(KeyboardInterrupt):
+        write_in_rounds(store, [_one_write(record), breaks()], group=100)

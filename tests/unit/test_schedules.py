@@ -4,6 +4,8 @@ clock is a FakeClock; tests/integration/test_schedule_workers.py runs real worke
 
 from __future__ import annotations
 
+import time
+from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
@@ -12,7 +14,7 @@ from pydantic import BaseModel
 
 from prorch import FakeClock, RegistrationError
 from prorch.model.registry import Registry
-from prorch.model.schedule_rules import schedule_of
+from prorch.model.schedule_rules import Schedule, schedule_of
 from prorch.testing import Harness
 from tests.support.builders import pipeline_of, step_of
 
@@ -245,3 +247,128 @@ def test_no_schedule_costs_no_query(registry: Registry, monkeypatch: pytest.Monk
     calls.clear()
     harness.run_pass()  # its tick is created: one read of the last ticks, and nothing else
     assert calls == ["schedule_ticks"]
+
+
+# --- the declaration read by schedule_of, and the ticks a Schedule computes (no store) ------------
+
+
+def declared(**attrs: Any) -> Schedule:
+    found = schedule_of(type("Declared", (), {"name": "Nightly", **attrs}))
+    assert found is not None
+    return found
+
+
+def at(text: str) -> datetime:
+    return datetime.fromisoformat(text)
+
+
+def test_what_a_declaration_reads_when_left_out() -> None:
+    assert schedule_of(type("Plain", (), {})) is None
+    every = declared(every=timedelta(hours=1))
+    assert (every.tz, every.catch_up, every.params) == (timezone.utc, "latest", None)
+    assert every.grace == timedelta(seconds=60)
+    assert declared(every=timedelta(hours=1), schedule_tz=None).tz is timezone.utc
+    with pytest.raises(RegistrationError, match=r"^pipeline Unnamed: every must be"):
+        schedule_of(type("Unnamed", (), {"every": 60}))
+
+
+@pytest.mark.parametrize(
+    ("grace", "read"),
+    [(0, timedelta(0)), (90.5, timedelta(seconds=90.5)), (timedelta(minutes=2), timedelta(minutes=2))],
+)
+def test_a_grace_of_seconds_or_a_timedelta_not_negative_is_read(grace: Any, read: timedelta) -> None:
+    assert declared(every=timedelta(hours=1), schedule_grace=grace).grace == read
+
+
+@pytest.mark.parametrize("grace", [True, float("inf"), float("nan"), timedelta(seconds=-1)])
+def test_a_grace_that_is_no_length_of_time_is_refused(grace: Any) -> None:
+    with pytest.raises(RegistrationError, match=r"^pipeline Nightly: schedule_grace must be .* e\.g\. schedule_grace"):
+        declared(every=timedelta(hours=1), schedule_grace=grace)
+
+
+def test_every_ticks_at_whole_multiples_since_the_epoch() -> None:
+    hourly = declared(every=timedelta(hours=1))
+    assert hourly.latest(at("2026-11-23T12:00:30+00:00")) == at("2026-11-23T12:00:00+00:00")
+    assert hourly.latest(at("2026-11-23T13:00:00+00:00")) == at("2026-11-23T13:00:00+00:00")
+    backwards = hourly.backwards(at("2026-11-23T12:59:59+00:00"))
+    assert [next(backwards) for _ in range(3)] == [at(f"2026-11-23T{h}:00:00+00:00") for h in (12, 11, 10)]
+    after = hourly.after(at("2026-11-23T12:00:00+00:00"))
+    assert [next(after) for _ in range(2)] == [at(f"2026-11-23T{h}:00:00+00:00") for h in (13, 14)]
+    assert hourly.upcoming(at("2026-11-23T12:00:00+00:00"), 3) == [
+        at(f"2026-11-23T{h}:00:00+00:00") for h in (13, 14, 15)
+    ]
+    assert hourly.description == "every 1:00:00"
+
+
+def test_cron_ticks_in_its_time_zone_are_read_in_utc() -> None:
+    nightly = declared(schedule="0 3 * * *", schedule_tz="Europe/Berlin")  # 02:00 UTC in winter
+    tick = at("2026-11-23T02:00:00+00:00")
+    assert nightly.latest(tick) == tick
+    assert nightly.latest(tick - timedelta(microseconds=1)) == tick - timedelta(days=1)
+    backwards = nightly.backwards(tick)
+    assert [next(backwards), next(backwards)] == [tick, tick - timedelta(days=1)]
+    after = nightly.after(tick)
+    assert [next(after), next(after)] == [tick + timedelta(days=1), tick + timedelta(days=2)]
+    assert nightly.upcoming(tick, 2) == [tick + timedelta(days=1), tick + timedelta(days=2)]
+    assert nightly.description == "cron '0 3 * * *' (Europe/Berlin)"
+    assert nightly.key(tick.astimezone(nightly.tz)) == "schedule:Nightly:2026-11-23T02:00:00+00:00"
+
+
+def test_params_per_tick_are_a_copy_of_the_dict_or_the_functions_result() -> None:
+    fixed = {"region": "eu"}
+    tick = at("2026-11-23T02:00:00+00:00")
+    params = declared(every=timedelta(hours=1), schedule_params=fixed).params_for(tick)
+    assert params == fixed and params is not fixed
+    assert declared(every=timedelta(hours=1)).params_for(tick) == {}
+    assert declared(every=timedelta(hours=1), schedule_params=lambda t: {"at": t}).params_for(tick) == {"at": tick}
+
+
+def test_a_cron_declaration_that_is_no_expression_is_refused_with_why() -> None:
+    with pytest.raises(RegistrationError, match=r"^pipeline Nightly: schedule '0 0 30 2 \*' is not .* \(Bad day-of"):
+        declared(schedule="0 0 30 2 *")
+    with pytest.raises(RegistrationError, match=r"^pipeline Nightly: schedule must be a cron string"):
+        declared(schedule=3)
+
+
+def test_every_after_a_tick_off_its_grid_goes_back_to_the_grid() -> None:
+    """The last stored tick of a schedule whose interval changed (half-hourly, now hourly)."""
+    after = declared(every=timedelta(hours=1)).after(at("2026-11-23T12:30:00+00:00"))
+    assert [next(after), next(after)] == [at("2026-11-23T13:00:00+00:00"), at("2026-11-23T14:00:00+00:00")]
+
+
+@pytest.fixture
+def local_tokyo(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """The machine's local time zone is Asia/Tokyo (UTC+9)."""
+    monkeypatch.setenv("TZ", "Asia/Tokyo")
+    time.tzset()
+    yield
+    monkeypatch.undo()
+    time.tzset()
+
+
+@pytest.mark.usefixtures("local_tokyo")
+def test_cron_ticks_and_keys_are_in_utc_whatever_the_machines_zone() -> None:
+    nightly = declared(schedule="0 3 * * *", schedule_tz="Europe/Berlin")
+    tick = at("2026-11-23T02:00:00+00:00")
+    found = [nightly.latest(tick), next(nightly.after(tick)), *nightly.upcoming(tick, 1)]
+    assert [t.isoformat() for t in found] == [
+        "2026-11-23T02:00:00+00:00", "2026-11-24T02:00:00+00:00", "2026-11-24T02:00:00+00:00",
+    ]  # fmt: skip
+    assert nightly.key(tick) == "schedule:Nightly:2026-11-23T02:00:00+00:00"
+
+
+def test_fixed_params_that_params_accepts_are_accepted_and_refused_ones_say_how_to_fix() -> None:
+    flow = pipeline_of(step_of("Tick", lambda self: None), name="Nightly", every=timedelta(hours=1), Params=Region,
+                       schedule_params={"region": "eu"})  # fmt: skip
+    assert flow.name == "Nightly"
+    with pytest.raises(RegistrationError, match=r"\); set schedule_params to params that Params accepts"):
+        pipeline_of(step_of("Tock", lambda self: None), name="Other", every=timedelta(hours=1), Params=Region)
+
+
+def test_a_schedule_whose_ticks_cannot_be_computed_is_refused_with_why() -> None:
+    with pytest.raises(
+        RegistrationError,
+        match=r"^pipeline Nightly: the ticks of every 999999999 days, 0:00:00 cannot be computed "
+        r"\(OverflowError\(.*\); check the expression against a calendar$",
+    ):
+        declared(every=timedelta(days=999_999_999))
