@@ -3,6 +3,7 @@ released), within a grace period; a second one, or the end of the grace, exits a
 
 from __future__ import annotations
 
+import _thread
 import logging
 import os
 import signal
@@ -23,11 +24,20 @@ def stop_on_signals(stop: Callable[[], None], stopping: Callable[[], bool], grac
         return lambda: None
     previous = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
 
+    received: list[str] = []  # appended to in the handler itself: no lock taken there
+
     def handle(signum: int, frame: Any) -> None:
+        """Runs between two bytecodes of the main thread, which may hold a lock that stopping
+        takes (an ``Event``'s, mid-``wait``; the logging handler's): so it only notes the signal
+        and hands the rest to a new thread, started without any lock of ``threading``'s."""
         name = signal.Signals(signum).name
-        if stopping():
-            logger.warning("received %s again: exiting now (leases expire by themselves)", name)
-            os._exit(EXIT_FORCED)
+        if received or stopping():
+            _thread.start_new_thread(_exit_now, (name,))
+            return
+        received.append(name)
+        _thread.start_new_thread(_begin_stop, (name,))
+
+    def _begin_stop(name: str) -> None:
         logger.info(
             "received %s: letting running hooks finish (up to %gs), releasing leases, then exiting", name, grace
         )
@@ -44,6 +54,12 @@ def stop_on_signals(stop: Callable[[], None], stopping: Callable[[], bool], grac
             signal.signal(sig, handler)
 
     return restore
+
+
+def _exit_now(name: str) -> None:
+    logger.warning("received %s again: exiting now (leases expire by themselves)", name)
+    logging.shutdown()
+    os._exit(EXIT_FORCED)
 
 
 def grace_over(grace: float) -> None:
