@@ -105,10 +105,12 @@ def test_the_grafana_dashboard_against_a_real_prometheus(tmp_path: Path) -> None
     worker_port, prometheus_port = free_port(), free_port()
     (tmp_path / "prometheus.yml").write_text(prometheus_config(worker_port))
     prometheus_url = f"http://127.0.0.1:{prometheus_port}"
-    worker = subprocess.Popen(
-        [PRORCH, "-r", url, "--app", "photos", "worker", "--interval", "0.2", "--metrics-port", str(worker_port)],
-        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
+    worker_log_path = tmp_path / "worker.log"  # a file, not a pipe: a full pipe would stop the worker mid-log
+    with worker_log_path.open("w") as worker_log_file:
+        worker = subprocess.Popen(
+            [PRORCH, "-r", url, "--app", "photos", "worker", "--interval", "0.2", "--metrics-port", str(worker_port)],
+            cwd=tmp_path, env=env, stdout=worker_log_file, stderr=subprocess.STDOUT, text=True,
+        )  # fmt: skip
     prometheus = subprocess.Popen(
         [prometheus_bin, f"--config.file={tmp_path / 'prometheus.yml'}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
          f"--web.listen-address=127.0.0.1:{prometheus_port}"],
@@ -134,7 +136,9 @@ def test_the_grafana_dashboard_against_a_real_prometheus(tmp_path: Path) -> None
                 time.sleep(0.5)
         orchestrator = Orchestrator(url)
         while orchestrator.query(status="pending", count=True).total:  # the worker drains the backlog
-            assert time.time() - start < LOAD_SECONDS + 60, "the worker did not finish the pipelines"
+            assert time.time() - start < LOAD_SECONDS + 60, (
+                "the worker did not finish the pipelines: " + worker_log_path.read_text()[-3000:]
+            )
             time.sleep(0.5)
         finished = orchestrator.query(status="finished", count=True).total
         assert finished == n
@@ -178,6 +182,7 @@ def test_the_grafana_dashboard_against_a_real_prometheus(tmp_path: Path) -> None
             sys.path.remove(str(tmp_path))
         for process in (worker, prometheus):
             process.send_signal(signal.SIGTERM)
-        worker_log = worker.communicate(timeout=30)[1]
+        worker.wait(timeout=30)
+        worker_log = worker_log_path.read_text()
         prometheus.communicate(timeout=30)
     assert "Traceback" not in worker_log, worker_log[-3000:]
