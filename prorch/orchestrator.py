@@ -49,7 +49,7 @@ from prorch.model.records import EventRecord, MessageRecord, PipelineRecord, Ste
 from prorch.model.registry import Registry, current_registry
 from prorch.model.status import TERMINAL, Status
 from prorch.pipeline import new_owner_id
-from prorch.storage import outside, purge
+from prorch.storage import forking, outside, purge
 from prorch.storage.heartbeat import Heartbeat, beat_seconds
 from prorch.storage.leases import LeaseKeeper
 from prorch.storage.listing import PipelinePage
@@ -497,6 +497,28 @@ class Orchestrator:
         self._require_code(record, "retried")
         self.runner.retry(record)
         return self.get(uuid)
+
+    def rerun(
+        self, uuid: str, from_step: str, params: dict[str, Any] | None = None, *, cancel_original: bool = False
+    ) -> PipelineState:
+        """Start a new pipeline of the same class and version that reuses the outputs of the
+        steps before ``from_step`` and runs from it on; ``params`` replaces the fields it names.
+        A live original is refused unless ``cancel_original`` (it is cancelled first); the
+        original is otherwise left as it is, with a ``pipeline.rerun`` event naming the new one."""
+        record = self._require(uuid)
+        self._require_code(record, "rerun")
+        plan = forking.plan_rerun(record, self.store.steps_of(uuid), from_step, registry=self.registry, params=params)
+        if record.status not in TERMINAL:
+            if not cancel_original:
+                raise InvalidStateError(
+                    f"pipeline {uuid} is {record.status.value}, still running: rerun an ended pipeline, or cancel "
+                    "it first with cancel_original=True (the CLI's --cancel-original)"
+                )
+            self.cancel(uuid)
+            plan = forking.plan_rerun(
+                self._require(uuid), self.store.steps_of(uuid), from_step, registry=self.registry, params=params
+            )
+        return self.get(forking.store_rerun(self.store, plan, self.clock, self.registry).uuid)
 
     def send(self, uuid: str, name: str, payload: Any = outside.NO_PAYLOAD) -> MessageRecord:
         """Store a message for pipeline ``uuid`` and make it due at once, even while it waits;

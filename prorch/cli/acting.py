@@ -103,3 +103,32 @@ def send(ctx: Context, uuid: str, name: str, payload_json: str | None) -> None:
             raise InvalidMessageError("--payload-json is nested too deeply (at most 100 levels)") from None
         message = ctx.orchestrator().send(uuid, name, payload)
     click.echo(f"sent {name} to {uuid} ({message.uuid})")
+
+
+@click.command()
+@click.argument("uuid")
+@click.option("--from-step", "from_step", required=True, help="The step to run again; the steps before it are reused.")
+@click.option(
+    "--param",
+    "-p",
+    "pairs",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="A parameter to change (repeatable); the others are the original's. VALUE is read as JSON when it "
+    "parses, else as text.",
+)
+@click.option("--params-json", help="The parameters to change, as one JSON object.")
+@click.option("--cancel-original", is_flag=True, help="Cancel the original first when it has not ended.")
+@click.option("--json", "as_json", is_flag=True, help="Print the new pipeline as JSON.")
+@click.pass_obj
+def rerun(ctx: Context, uuid: str, from_step: str, pairs: tuple[str, ...], params_json: str | None,
+          cancel_original: bool, as_json: bool) -> None:  # fmt: skip
+    """Start a new pipeline that reuses the outputs of the original's steps before --from-step
+    and runs from that step on, optionally with changed params. Prints the new uuid."""
+    with reported(ctx):
+        changes = parse_params(pairs, params_json) if pairs or params_json is not None else None
+        state = ctx.orchestrator().rerun(uuid, from_step, changes, cancel_original=cancel_original)
+    if as_json:
+        echo_json(state.pipeline.to_dict())
+    else:
+        click.echo(f"{state.pipeline.uuid} reruns {uuid} from {from_step}")

@@ -74,6 +74,7 @@ class EventType(str, Enum):
     PIPELINE_FAILED = "pipeline.failed"
     PIPELINE_CANCELLED = "pipeline.cancelled"
     PIPELINE_RETRIED = "pipeline.retried"
+    PIPELINE_RERUN = "pipeline.rerun"  # Orchestrator.rerun(): data names the new pipeline
     STEP_STARTED = "step.started"
     STEP_FINISHED = "step.finished"
     STEP_RETRYING = "step.retrying"

@@ -45,6 +45,11 @@ EXPECTED = {
         "after three nights: 3",
         "2026-11-26 finished {'report': 'sales-2026-11-26.pdf'}",
     ],
+    "rerun.py": [
+        "first: failed",
+        "rerun: finished {'loaded': 3, 'into': 'sales'}",
+        "forked from: {'uuid': '",
+    ],
     "schemas.py": ["rejected: invalid params for pipeline Thumbnail: image: Field required", "bad: width"],
 }
 
