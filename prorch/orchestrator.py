@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
+from prorch import bulk as bulk_actions
 from prorch import signals
 from prorch.engine import (
     DEFAULT_LEASE_SECONDS,
@@ -519,6 +520,21 @@ class Orchestrator:
                 self._require(uuid), self.store.steps_of(uuid), from_step, registry=self.registry, params=params
             )
         return self.get(forking.store_rerun(self.store, plan, self.clock, self.registry).uuid)
+
+    def bulk(
+        self,
+        action: str | bulk_actions.BulkAction,
+        filters: bulk_actions.Filters,
+        *,
+        dry_run: bool = False,
+        batch_size: int = bulk_actions.DEFAULT_BATCH,
+        progress: bulk_actions.Progress | None = None,
+    ) -> bulk_actions.BulkSummary:
+        """Cancel, retry, rerun or purge every pipeline ``filters`` match (those of ``query``), a
+        page of ``batch_size`` at a time, each as its single action would; ``dry_run`` counts.
+        Give a ``BulkAction`` for rerun's step and params or purge's age and statuses."""
+        chosen = bulk_actions.BulkAction(action) if isinstance(action, str) else action
+        return bulk_actions.apply(self, chosen, filters, dry_run=dry_run, batch_size=batch_size, progress=progress)
 
     def send(self, uuid: str, name: str, payload: Any = outside.NO_PAYLOAD) -> MessageRecord:
         """Store a message for pipeline ``uuid`` and make it due at once, even while it waits;

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import click
 
+from prorch.bulk import BulkAction
+from prorch.cli.bulk import bulk_exit, filter_options, one_or_many, run_bulk
 from prorch.cli.helpers import (
     Context,
     parse_params,
@@ -65,11 +68,16 @@ def start(ctx: Context, name: str, pairs: tuple[str, ...], params_json: str | No
 
 
 @click.command()
-@click.argument("uuid")
+@click.argument("uuid", required=False)
+@filter_options()
 @click.pass_obj
-def cancel(ctx: Context, uuid: str) -> None:
-    """Cancel a pipeline (its current step's on_cancel runs), or ask its worker to."""
+def cancel(ctx: Context, /, uuid: str | None, dry_run: bool, yes: bool, batch_size: int, **filters: Any) -> None:
+    """Cancel a pipeline (its current step's on_cancel runs), or ask its worker to. With filters
+    instead of UUID: every matching pipeline that has not ended."""
     with reported(ctx):
+        if one_or_many(uuid, filters):
+            bulk_exit(run_bulk(ctx, BulkAction("cancel"), filters, dry_run=dry_run, yes=yes, batch_size=batch_size))
+        assert uuid is not None
         state = ctx.orchestrator().cancel(uuid)
     if state.pipeline.status == Status.CANCELLED:
         click.echo(f"cancelled {uuid}")
@@ -78,11 +86,16 @@ def cancel(ctx: Context, uuid: str) -> None:
 
 
 @click.command()
-@click.argument("uuid")
+@click.argument("uuid", required=False)
+@filter_options()
 @click.pass_obj
-def retry(ctx: Context, uuid: str) -> None:
-    """Resume a failed pipeline from its failed step (the next pass runs it)."""
+def retry(ctx: Context, /, uuid: str | None, dry_run: bool, yes: bool, batch_size: int, **filters: Any) -> None:
+    """Resume a failed pipeline from its failed step (the next pass runs it). With filters
+    instead of UUID: every matching failed pipeline."""
     with reported(ctx):
+        if one_or_many(uuid, filters):
+            bulk_exit(run_bulk(ctx, BulkAction("retry"), filters, dry_run=dry_run, yes=yes, batch_size=batch_size))
+        assert uuid is not None
         ctx.orchestrator().retry(uuid)
     click.echo(f"retrying {uuid}")
 
@@ -106,7 +119,7 @@ def send(ctx: Context, uuid: str, name: str, payload_json: str | None) -> None:
 
 
 @click.command()
-@click.argument("uuid")
+@click.argument("uuid", required=False)
 @click.option("--from-step", "from_step", required=True, help="The step to run again; the steps before it are reused.")
 @click.option(
     "--param",
@@ -120,13 +133,21 @@ def send(ctx: Context, uuid: str, name: str, payload_json: str | None) -> None:
 @click.option("--params-json", help="The parameters to change, as one JSON object.")
 @click.option("--cancel-original", is_flag=True, help="Cancel the original first when it has not ended.")
 @click.option("--json", "as_json", is_flag=True, help="Print the new pipeline as JSON.")
+@filter_options(param_flag="--match-param")
 @click.pass_obj
-def rerun(ctx: Context, uuid: str, from_step: str, pairs: tuple[str, ...], params_json: str | None,
-          cancel_original: bool, as_json: bool) -> None:  # fmt: skip
+def rerun(ctx: Context, /, uuid: str | None, from_step: str, pairs: tuple[str, ...], params_json: str | None,
+          cancel_original: bool, as_json: bool, dry_run: bool, yes: bool, batch_size: int,
+          **filters: Any) -> None:  # fmt: skip
     """Start a new pipeline that reuses the outputs of the original's steps before --from-step
-    and runs from that step on, optionally with changed params. Prints the new uuid."""
+    and runs from that step on, optionally with changed params. Prints the new uuid. With
+    filters instead of UUID: every matching ended pipeline (and, with --cancel-original, the
+    others)."""
     with reported(ctx):
         changes = parse_params(pairs, params_json) if pairs or params_json is not None else None
+        if one_or_many(uuid, filters):
+            action = BulkAction("rerun", from_step=from_step, params=changes, cancel_original=cancel_original)
+            bulk_exit(run_bulk(ctx, action, filters, dry_run=dry_run, yes=yes, batch_size=batch_size))
+        assert uuid is not None
         state = ctx.orchestrator().rerun(uuid, from_step, changes, cancel_original=cancel_original)
     if as_json:
         echo_json(state.pipeline.to_dict())

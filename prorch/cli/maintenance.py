@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import click
 
+from prorch.bulk import BulkAction
+from prorch.cli.bulk import bulk_exit, filter_options, run_bulk
 from prorch.cli.helpers import (
     Context,
     reported,
@@ -29,13 +32,19 @@ from prorch.storage.listing import parse_age
 )
 @click.option("--batch-size", type=click.IntRange(1, 10_000), default=500, show_default=True)
 @click.option("--dry-run", is_flag=True, help="Count what would be deleted; delete nothing.")
+@filter_options(with_status=False, run_options=False)
 @click.pass_obj
-def purge(ctx: Context, older_than: str, statuses: tuple[str, ...], batch_size: int, dry_run: bool) -> None:
+def purge(ctx: Context, /, older_than: str, statuses: tuple[str, ...], batch_size: int, dry_run: bool, yes: bool,
+          **filters: Any) -> None:  # fmt: skip
     """Delete ended pipelines older than --older-than, with their steps, events and messages,
-    in short batches (running workers wait at most one batch)."""
+    in short batches (running workers wait at most one batch). Filters (--name, --tenant, ...)
+    narrow it to the pipelines they match."""
     with reported(ctx):
         age = parse_age(older_than, "--older-than")
         chosen = statuses or ("finished", "cancelled")
+        if any(value is not None for value in filters.values()):
+            action = BulkAction("purge", older_than=age, statuses=tuple(chosen))
+            bulk_exit(run_bulk(ctx, action, filters, dry_run=dry_run, yes=yes, batch_size=min(batch_size, 1_000)))
         summary = ctx.orchestrator().purge(age, chosen, batch_size=batch_size, dry_run=dry_run)
     what = ", ".join(chosen)
     if dry_run:

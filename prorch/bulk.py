@@ -1,0 +1,220 @@
+"""Bulk actions by filter: cancel, retry, rerun or purge every pipeline that the filters of a
+listing (``prorch list``) match, a page at a time.
+
+The pages follow the listing's keyset order (newest first, by creation time and uuid), so a
+pipeline whose status an action changes is neither visited twice nor skipped, and the
+pipelines a rerun creates (newer than every page still to come) are never acted on. Each
+pipeline goes through the same call as a single action (``Orchestrator.cancel`` and so on),
+with the same checks and races handled; one that does not qualify is counted as skipped, one
+whose action fails as failed with its error, and the others go on."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any, Protocol
+
+from prorch.model.clock import Clock
+from prorch.model.exceptions import InvalidParamsError, ProrchError, StoreUnreachableError
+from prorch.model.records import PipelineRecord
+from prorch.model.status import TERMINAL, Status
+from prorch.storage import purge
+from prorch.storage.repository import PipelineQuery
+from prorch.storage.store import Store
+
+ACTIONS = ("cancel", "retry", "rerun", "purge")
+DEFAULT_BATCH = 100
+MAX_PROBLEMS = 100
+"""Errors kept in a summary, by uuid; the count goes on past it."""
+
+Progress = Callable[[int], None]
+"""Told how many more pipelines were looked at, after each one."""
+
+
+class Acting(Protocol):
+    """What a bulk action calls: the orchestrator's single actions, its store and its clock."""
+
+    store: Store
+    clock: Clock
+
+    def cancel(self, uuid: str) -> Any: ...
+    def retry(self, uuid: str) -> Any: ...
+    def rerun(
+        self, uuid: str, from_step: str, params: dict[str, Any] | None = None, *, cancel_original: bool = False
+    ) -> Any: ...
+
+
+@dataclass(frozen=True)
+class Filters:
+    """The filters of ``prorch list`` (all given must match): creation and last-change windows
+    (``until`` excluded), a top-level params field's value, and the rest by equality."""
+
+    status: Status | str | None = None
+    name: str | None = None
+    version: int | None = None
+    tenant: str | None = None
+    key: str | None = None
+    since: datetime | None = None
+    until: datetime | None = None
+    updated_since: datetime | None = None
+    updated_until: datetime | None = None
+    param: tuple[str, str | int | float | bool] | None = None
+
+    def query(self, limit: int, after: tuple[datetime | None, str] | None = None, count: bool = False) -> PipelineQuery:
+        return PipelineQuery(
+            status=Status(self.status).value if self.status is not None else None,
+            name=self.name, version=self.version, tenant=self.tenant, key=self.key,
+            created_since=self.since, created_until=self.until,
+            updated_since=self.updated_since, updated_until=self.updated_until,
+            param=self.param, limit=limit, after=after, count=count,
+        )  # fmt: skip
+
+    def given(self) -> bool:
+        return any(value is not None for value in dataclasses.astuple(self))
+
+
+@dataclass
+class BulkSummary:
+    """What a bulk action did, or with ``dry_run`` would do: the pipelines the filters matched,
+    those acted on, those that did not qualify (an ended one for cancel, one not failed for
+    retry) with how many for each reason, and those whose action failed, with the first
+    errors by uuid."""
+
+    action: str
+    matched: int = 0
+    done: int = 0
+    skipped: int = 0
+    failed: int = 0
+    dry_run: bool = False
+    skipped_why: Counter[str] = field(default_factory=Counter)
+    errors: dict[str, str] = field(default_factory=dict)
+    created: list[str] = field(default_factory=list)  # rerun: the new pipelines' uuids
+
+    def skip(self, reason: str, n: int = 1) -> None:
+        self.skipped += n
+        self.skipped_why[reason] += n
+
+    def fail(self, uuid: str, error: str) -> None:
+        self.failed += 1
+        if len(self.errors) < MAX_PROBLEMS:
+            self.errors[uuid] = error
+
+
+@dataclass(frozen=True)
+class BulkAction:
+    """One bulk action's arguments: ``from_step``, ``params`` and ``cancel_original`` are
+    rerun's; ``older_than`` and ``statuses`` are purge's (a purge takes only ended pipelines
+    whose last change is older, and, by default, not failed ones, as ``purge`` does)."""
+
+    action: str
+    from_step: str | None = None
+    params: dict[str, Any] | None = None
+    cancel_original: bool = False
+    older_than: timedelta = timedelta(0)
+    statuses: tuple[Status | str, ...] = purge.DEFAULT_STATUSES
+
+    def check(self) -> None:
+        if self.action not in ACTIONS:
+            raise InvalidParamsError(f"bulk action {self.action!r}: use one of {', '.join(ACTIONS)}")
+        if self.action == "rerun" and not self.from_step:
+            raise InvalidParamsError("a bulk rerun needs from_step (--from-step STEP)")
+        if not isinstance(self.older_than, timedelta) or self.older_than < timedelta(0):
+            raise InvalidParamsError(f"older_than must be a timedelta of 0 or more, got {self.older_than!r}")
+
+    def qualifies(self, record: PipelineRecord, now: datetime) -> str | None:
+        """Why ``record`` is skipped, or None when the action applies to it."""
+        status = record.status
+        if self.action == "cancel" and status in TERMINAL:
+            return f"already {status.value}"
+        if self.action == "retry" and status != Status.FAILED:
+            return f"{status.value}, not failed"
+        if self.action == "rerun" and status not in TERMINAL and not self.cancel_original:
+            return f"{status.value}, not ended (cancel_original reruns it anyway)"
+        if self.action == "purge":
+            if status.value not in {Status(s).value for s in self.statuses}:
+                return f"{status.value}, not a status purged"
+            if record.updated_at is None or record.updated_at >= now - self.older_than:
+                return "changed too recently"
+        return None
+
+
+def count(orchestrator: Acting, filters: Filters) -> int:
+    """How many pipelines the filters match now."""
+    page = orchestrator.store.query_pipelines(filters.query(limit=1, count=True))
+    return page.total or 0
+
+
+def apply(
+    orchestrator: Acting,
+    action: BulkAction,
+    filters: Filters,
+    *,
+    dry_run: bool = False,
+    batch_size: int = DEFAULT_BATCH,
+    progress: Progress | None = None,
+) -> BulkSummary:
+    """Apply ``action`` to every pipeline ``filters`` match, ``batch_size`` at a time, and say
+    what happened; with ``dry_run``, count what would be done and change nothing. A store that
+    fails stops the run with its error (what was done stays done: run it again for the rest)."""
+    action.check()
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or not 1 <= batch_size <= 1_000:
+        raise InvalidParamsError(f"batch_size must be a whole number from 1 to 1000, got {batch_size!r}")
+    if action.action == "purge":
+        orchestrator.store.deleters()  # a store that cannot delete says so before anything is read
+    summary = BulkSummary(action.action, dry_run=dry_run)
+    after: tuple[datetime | None, str] | None = None
+    while True:
+        page = orchestrator.store.query_pipelines(filters.query(limit=batch_size, after=after))
+        if not page.pipelines:
+            return summary
+        now = orchestrator.clock.now()
+        summary.matched += len(page.pipelines)
+        chosen = []
+        for record in page.pipelines:
+            reason = action.qualifies(record, now)
+            if reason is None:
+                chosen.append(record)
+            else:
+                summary.skip(reason)
+        if not dry_run:
+            _act(orchestrator, action, chosen, summary, now)
+        else:
+            summary.done += len(chosen)
+        if progress is not None:
+            progress(len(page.pipelines))
+        if page.next_after is None:
+            return summary
+        last = page.pipelines[-1]
+        after = (last.created_at, last.uuid)
+
+
+def _act(
+    orchestrator: Acting, action: BulkAction, chosen: list[PipelineRecord], summary: BulkSummary, now: datetime
+) -> None:
+    if action.action == "purge":
+        statuses = [Status(s) for s in action.statuses]
+        deleted = orchestrator.store.delete_pipelines([r.uuid for r in chosen], statuses, now - action.older_than)
+        summary.done += deleted
+        if len(chosen) > deleted:  # retried meanwhile, or a child whose parent is kept
+            summary.skip("changed meanwhile, or a child whose parent is kept", len(chosen) - deleted)
+        return
+    for record in chosen:
+        try:
+            if action.action == "cancel":
+                orchestrator.cancel(record.uuid)
+            elif action.action == "retry":
+                orchestrator.retry(record.uuid)
+            else:
+                state = orchestrator.rerun(
+                    record.uuid, action.from_step or "", action.params, cancel_original=action.cancel_original
+                )
+                summary.created.append(state.pipeline.uuid)
+        except StoreUnreachableError:
+            raise
+        except ProrchError as exc:
+            summary.fail(record.uuid, f"{type(exc).__name__}: {exc}")
+        else:
+            summary.done += 1
