@@ -62,14 +62,17 @@ class Filters:
     updated_since: datetime | None = None
     updated_until: datetime | None = None
     param: tuple[str, str | int | float | bool] | None = None
+    state: str | None = None  # running, due, waiting (``prorch.model.substates``) or an ended status
 
-    def query(self, limit: int, after: tuple[datetime | None, str] | None = None, count: bool = False) -> PipelineQuery:
+    def query(
+        self, now: datetime, limit: int, after: tuple[datetime | None, str] | None = None, count: bool = False
+    ) -> PipelineQuery:
         return PipelineQuery(
             status=Status(self.status).value if self.status is not None else None,
             name=self.name, version=self.version, tenant=self.tenant, key=self.key,
             created_since=self.since, created_until=self.until,
             updated_since=self.updated_since, updated_until=self.updated_until,
-            param=self.param, limit=limit, after=after, count=count,
+            param=self.param, limit=limit, after=after, count=count, state=self.state, now=now,
         )  # fmt: skip
 
     def given(self) -> bool:
@@ -143,7 +146,7 @@ class BulkAction:
 
 def count(orchestrator: Acting, filters: Filters) -> int:
     """How many pipelines the filters match now."""
-    page = orchestrator.store.query_pipelines(filters.query(limit=1, count=True))
+    page = orchestrator.store.query_pipelines(filters.query(orchestrator.clock.now(), limit=1, count=True))
     return page.total or 0
 
 
@@ -167,10 +170,10 @@ def apply(
     summary = BulkSummary(action.action, dry_run=dry_run)
     after: tuple[datetime | None, str] | None = None
     while True:
-        page = orchestrator.store.query_pipelines(filters.query(limit=batch_size, after=after))
+        now = orchestrator.clock.now()
+        page = orchestrator.store.query_pipelines(filters.query(now, limit=batch_size, after=after))
         if not page.pipelines:
             return summary
-        now = orchestrator.clock.now()
         summary.matched += len(page.pipelines)
         chosen = []
         for record in page.pipelines:

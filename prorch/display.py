@@ -10,6 +10,7 @@ from prorch.model.exceptions import ProrchError
 from prorch.model.records import PipelineRecord, StepRecord, format_timestamp
 from prorch.model.registry import Registry
 from prorch.model.status import TERMINAL
+from prorch.model.substates import RUNNING, state_of
 from prorch.model.workers import WorkerRow, stranded_until, worker_of
 
 
@@ -78,3 +79,16 @@ def holder_text(holder: dict[str, Any]) -> str:
         return f"stranded, resumes at {resumes:%H:%M} UTC (worker {holder['worker']} stopped beating)"
     since = datetime.fromisoformat(holder["since"]).strftime("%H:%M:%S UTC") if holder["since"] else "-"
     return f"running on worker {holder['worker']} since {since}"
+
+
+def state_text(record: PipelineRecord, now: datetime, workers: list[WorkerRow], blocked: str | None = None) -> str:
+    """What ``prorch list`` and ``show`` print for a pipeline's state: ``running``, ``due`` or
+    ``waiting`` for a pending one (``prorch.model.substates``), ``stranded`` for one running on
+    a worker whose heartbeat stopped, ``blocked`` when no worker has its code; else its status."""
+    if blocked and record.status not in TERMINAL:
+        return "blocked"
+    state = state_of(record, now)
+    expires = record.lease_expires_at
+    if state == RUNNING and expires is not None and stranded_until(record.lease_owner, expires, workers, now):
+        return "stranded"
+    return state

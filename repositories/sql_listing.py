@@ -19,6 +19,7 @@ from sqlalchemy import (
     exists,
     func,
     literal,
+    not_,
     or_,
     select,
     text,
@@ -26,6 +27,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects.postgresql import JSONB
 
+from prorch.model import substates
 from prorch.model.records import to_utc
 from prorch.storage.repository import PipelineQuery, PipelineStats
 from repositories.schema import ENDED
@@ -54,6 +56,8 @@ def listing(table: Table, query: PipelineQuery, dialect: str) -> tuple[Select[An
         value = getattr(query, name)
         if value is not None:
             where.append(c[name] == value)
+    if query.state is not None and query.now is not None:
+        where += state_conditions(table, query.state, query.now)
     if query.tenant is not None:
         where.append(json_field_equals(c.context, "tenant", query.tenant, dialect))
     if query.param is not None:
@@ -77,6 +81,18 @@ def listing(table: Table, query: PipelineQuery, dialect: str) -> tuple[Select[An
             )
     page = select(table).where(*where).order_by(c.created_at.desc().nulls_last(), c.uuid.desc()).limit(query.limit)
     return page, count
+
+
+def state_conditions(table: Table, state: str, now: datetime) -> list[ColumnElement[bool]]:
+    """``prorch.model.substates.state_of`` as conditions on the pipeline row."""
+    c = table.c
+    if state not in substates.SUBSTATES:
+        return [c.status == state]
+    leased = and_(c.lease_expires_at.is_not(None), c.lease_expires_at > now)
+    if state == substates.RUNNING:
+        return [c.status == "pending", leased]
+    came = or_(c.next_run_at.is_(None), c.next_run_at <= now)
+    return [c.status == "pending", not_(leased), came if state == substates.DUE else not_(came)]
 
 
 def stats(table: Table, connection: Connection, now: datetime, ended_since: datetime) -> PipelineStats:

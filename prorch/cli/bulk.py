@@ -13,12 +13,25 @@ import click
 from prorch.bulk import BulkAction, BulkSummary, Filters, count
 from prorch.cli.helpers import STATUSES, Context, parse_param_filter
 from prorch.model.exceptions import InvalidParamsError
+from prorch.model.substates import STATES
 from prorch.storage.listing import parse_moment
 
 CONFIRM_ABOVE = 10
 """A bulk action on more pipelines than this asks first (``--yes`` does not)."""
 
-FILTERS = ("status", "name", "version", "tenant", "key", "param", "since", "until", "updated_since", "updated_until")
+FILTERS = (
+    "status",
+    "state",
+    "name",
+    "version",
+    "tenant",
+    "key",
+    "param",
+    "since",
+    "until",
+    "updated_since",
+    "updated_until",
+)
 PAST_TENSE = {"cancel": "cancelled", "retry": "retried", "rerun": "reran", "purge": "purged"}
 
 
@@ -48,7 +61,10 @@ def filter_options(
                 click.option("--batch-size", type=click.IntRange(1, 1_000), default=100, show_default=True),
             ]
         if with_status:
-            options.insert(0, click.option("--status", type=click.Choice(STATUSES), help="... with this status."))
+            options[:0] = [
+                click.option("--status", type=click.Choice(STATUSES), help="... with this status."),
+                click.option("--state", type=click.Choice(STATES), help="... in this state (running, due, waiting)."),
+            ]
         for option in reversed(options):
             command = option(command)
         return command
@@ -69,7 +85,7 @@ def filters_from(ctx: Context, given: dict[str, Any]) -> Filters:
     }
     param = parse_param_filter(given["param"]) if given.get("param") is not None else None
     return Filters(
-        status=given.get("status"), name=given.get("name"), version=given.get("version"),
+        status=given.get("status"), state=given.get("state"), name=given.get("name"), version=given.get("version"),
         tenant=given.get("tenant"), key=given.get("key"), param=param,
         since=moments["since"], until=moments["until"],
         updated_since=moments["updated_since"], updated_until=moments["updated_until"],

@@ -47,12 +47,13 @@ def print_table(rows: list[list[str]]) -> None:
         click.echo("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
 
 
-def print_page(page: PipelinePage, blocked: dict[str, str] | None = None) -> None:
-    """``prorch list``; ``blocked`` maps the uuid of a pipeline no worker can run to why."""
+def print_page(page: PipelinePage, states: dict[str, str], blocked: dict[str, str] | None = None) -> None:
+    """``prorch list``; ``states`` maps each uuid to its state (``display.state_text``),
+    ``blocked`` the uuid of a pipeline no worker can run to why."""
     blocked = blocked or {}
-    rows = [["UUID", "STATUS", "NAME", "VERSION", "CREATED", "NEXT RUN"]]
+    rows = [["UUID", "STATE", "NAME", "VERSION", "CREATED", "NEXT RUN"]]
     rows += [
-        [r.uuid, r.status.value, r.name, str(r.version), format_time(r.created_at),
+        [r.uuid, states[r.uuid], r.name, str(r.version), format_time(r.created_at),
          f"blocked: {blocked[r.uuid]}" if r.uuid in blocked else next_run(r)]
         for r in page.pipelines
     ]  # fmt: skip
@@ -78,11 +79,13 @@ def print_state(
     max_attempts: dict[str, int],
     tracebacks: bool = True,
     holder: str | None = None,
+    current: str | None = None,
 ) -> None:
     """``prorch show``: everything an operator asks about one pipeline, times with their zone.
     ``max_attempts`` maps a step name to its limit when its code is loaded here; ``tracebacks``:
-    print a failed step's traceback under its error; ``holder``: which worker runs it."""
-    _print_pipeline(state, history, now, holder)
+    print a failed step's traceback under its error; ``holder``: which worker runs it;
+    ``current``: its state, when it says more than its status (running, due, waiting...)."""
+    _print_pipeline(state, history, now, holder, current)
     click.echo("steps:")
     for s in state.steps:
         _print_step(s, max_attempts.get(s.name), now, state.pipeline.updated_at, tracebacks)
@@ -93,10 +96,13 @@ def print_state(
     print_history(history)
 
 
-def _print_pipeline(state: PipelineState, history: list[EventRecord], now: datetime, holder: str | None) -> None:
+def _print_pipeline(
+    state: PipelineState, history: list[EventRecord], now: datetime, holder: str | None, current: str | None
+) -> None:
     """The pipeline's own lines of ``prorch show``, above its steps."""
     p = state.pipeline
-    click.echo(f"{p.name} v{p.version}  {p.uuid}  {p.status.value}")
+    shown = p.status.value if current in (None, p.status.value) else f"{p.status.value} ({current})"
+    click.echo(f"{p.name} v{p.version}  {p.uuid}  {shown}")
     tenant = p.context.get("tenant")
     for label, value in (("key", p.key), ("tenant", tenant), ("priority", p.priority or None)):
         if value is not None:

@@ -21,7 +21,7 @@ from prorch.cli.output import (
     print_state,
     print_table,
 )
-from prorch.display import format_seconds, format_time, holder_text, lease_holder, step_limits
+from prorch.display import format_seconds, format_time, holder_text, lease_holder, state_text, step_limits
 from prorch.features.schedules import scheduled
 from prorch.model.exceptions import (
     InvalidParamsError,
@@ -30,11 +30,17 @@ from prorch.model.exceptions import (
 )
 from prorch.model.registry import current_registry
 from prorch.model.status import TERMINAL
+from prorch.model.substates import STATES
 from prorch.storage.listing import MAX_LIMIT, parse_moment
 
 
 @click.command(name="list")
 @click.option("--status", type=click.Choice(STATUSES), help="Only pipelines with this status.")
+@click.option(
+    "--state",
+    type=click.Choice(STATES),
+    help="Only pipelines in this state: running, due or waiting (pending split up), or an ended status.",
+)
 @click.option("--name", help="Only pipelines with this name.")
 @click.option("--version", "version", type=int, help="Only pipelines of this version.")
 @click.option("--tenant", help="Only pipelines of this tenant.")
@@ -51,9 +57,9 @@ from prorch.storage.listing import MAX_LIMIT, parse_moment
 @click.option("--after", metavar="UUID", help="The page after this pipeline (the 'next page' uuid printed last).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.pass_obj
-def list_pipelines(ctx: Context, status: str | None, name: str | None, version: int | None, tenant: str | None,
-                   key: str | None, param: str | None, since: str | None, until: str | None, limit: int,
-                   after: str | None, as_json: bool) -> None:  # fmt: skip
+def list_pipelines(ctx: Context, status: str | None, state: str | None, name: str | None, version: int | None,
+                   tenant: str | None, key: str | None, param: str | None, since: str | None, until: str | None,
+                   limit: int, after: str | None, as_json: bool) -> None:  # fmt: skip
     """Stored pipelines, newest first, a page at a time, with the total that match."""
     with reported(ctx):
         orchestrator = ctx.orchestrator()
@@ -63,16 +69,19 @@ def list_pipelines(ctx: Context, status: str | None, name: str | None, version: 
             param=parse_param_filter(param) if param is not None else None,
             since=parse_moment(since, "--since", now) if since is not None else None,
             until=parse_moment(until, "--until", now) if until is not None else None,
-            limit=limit, after=after, count=True,
+            limit=limit, after=after, count=True, state=state,
         )  # fmt: skip
         blocked = orchestrator.blocked_on_page(page.pipelines) if ctx.has_app() else {}
+        running = [r for r in page.pipelines if r.lease_expires_at is not None and r.lease_expires_at > now]
+        workers = orchestrator.store.workers() if running else []
+        states = {r.uuid: state_text(r, now, workers, blocked.get(r.uuid)) for r in page.pipelines}
     if as_json:
         echo_json(
-            {"pipelines": [r.to_dict() for r in page.pipelines], "total": page.total, "next_after": page.next_after,
-             "blocked": blocked}
+            {"pipelines": [{**r.to_dict(), "state": states[r.uuid]} for r in page.pipelines], "total": page.total,
+             "next_after": page.next_after, "blocked": blocked}
         )  # fmt: skip
         return
-    print_page(page, blocked)
+    print_page(page, states, blocked)
 
 
 @click.command()
@@ -100,7 +109,10 @@ def show(ctx: Context, uuid: str | None, key: str | None, as_json: bool, traceba
             state = orchestrator.get(uuid or "", workers_code=loaded)
         history = orchestrator.history(state.pipeline.uuid)
         moment, reason = state.next_run(orchestrator.clock.now(), history)
-        holder = lease_holder(state.pipeline, orchestrator.store.workers(), orchestrator.clock.now())
+        now = orchestrator.clock.now()
+        workers = orchestrator.store.workers()
+        holder = lease_holder(state.pipeline, workers, now)
+        current = state_text(state.pipeline, now, workers, state.blocked)
     if as_json:
         echo_json(
             {
@@ -112,12 +124,13 @@ def show(ctx: Context, uuid: str | None, key: str | None, as_json: bool, traceba
                 "children": [{"uuid": c.uuid, "name": c.name, "status": c.status.value} for c in state.children],
                 "next_run": {"at": moment.isoformat() if moment else None, "reason": reason},
                 "worker": holder,
+                "state": current,
             }
         )
         return
     text = holder_text(holder) if holder is not None else None
     limits = step_limits(orchestrator.registry, state.steps)
-    print_state(state, history, orchestrator.clock.now(), limits, tracebacks, holder=text)
+    print_state(state, history, now, limits, tracebacks, holder=text, current=current)
 
 
 @click.command()

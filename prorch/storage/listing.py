@@ -11,6 +11,7 @@ from dataclasses import dataclass, replace
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
+from prorch.model import substates
 from prorch.model.exceptions import InvalidParamsError
 from prorch.model.keys import uuid_for_key
 from prorch.model.records import PipelineRecord
@@ -48,6 +49,11 @@ def checked(query: PipelineQuery) -> PipelineQuery:
         moment = getattr(query, name)
         if moment is not None and moment.tzinfo is None:
             raise InvalidParamsError(f"{name} needs a timezone-aware datetime, e.g. datetime.now(timezone.utc)")
+    if query.state is not None:
+        if query.state not in substates.STATES:
+            raise InvalidParamsError(f"state {query.state!r}: use one of {', '.join(substates.STATES)}")
+        if query.now is None:
+            raise InvalidParamsError("a state filter needs the time to judge it at (query.now)")
     if query.key is not None:
         query = replace(query, uuid=uuid_for_key(query.key))
     return query
@@ -60,6 +66,8 @@ def matches(record: PipelineRecord, query: PipelineQuery) -> bool:
         if wanted is not None and getattr(record, name) != wanted:
             return False
     if query.status is not None and record.status.value != query.status:
+        return False
+    if query.state is not None and query.now is not None and substates.state_of(record, query.now) != query.state:
         return False
     if query.tenant is not None and not same_json(record.context.get("tenant", _MISSING), query.tenant):
         return False

@@ -128,7 +128,9 @@ class PipelineQuery:
     Every filter given must match; ``param`` is ``(field, value)`` on a top-level params field
     (a str, number or bool) and ``tenant`` reads ``context["tenant"]``. ``after`` is the keyset
     cursor: the ``(created_at, uuid)`` of the last pipeline of the previous page. ``count``
-    asks for the total number of matches as well (without ``after`` and ``limit``)."""
+    asks for the total number of matches as well (without ``after`` and ``limit``). ``state``
+    splits pending by ``prorch.model.substates.state_of`` at ``now``; a repository that filters
+    in its own query applies that rule."""
 
     status: str | None = None
     name: str | None = None
@@ -144,6 +146,8 @@ class PipelineQuery:
     limit: int = 50
     after: tuple[datetime | None, str] | None = None
     count: bool = False
+    state: str | None = None  # running, due, waiting (prorch.model.substates) or an ended status
+    now: datetime | None = None  # what ``state`` is judged at (the store's clock)
 
 
 @runtime_checkable

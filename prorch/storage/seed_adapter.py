@@ -141,7 +141,11 @@ class SeedAdapter(RepositoryBackend):
         return [row for _, row in candidates[:limit]]
 
     def query_pipelines(self, query: PipelineQuery) -> tuple[list[JSONDict], int | None]:
-        return self.listing.query_pipelines(query) if self.listing is not None else super().query_pipelines(query)
+        """The user's own query where it has one; a state filter (newer than that protocol, so
+        perhaps unknown to it) in Python over every pipeline."""
+        if self.listing is not None and query.state is None:
+            return self.listing.query_pipelines(query)
+        return super().query_pipelines(query)
 
     def pipeline_stats(self, now: datetime, ended_since: datetime) -> PipelineStats:
         if self.stats is not None:

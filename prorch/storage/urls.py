@@ -3,6 +3,8 @@ class) to a ``Backend``: the only place the engine reaches the ``repositories`` 
 
 from __future__ import annotations
 
+import threading
+import weakref
 from pathlib import Path
 from typing import Any
 
@@ -32,12 +34,27 @@ def resolve_backend(repository: object) -> RepositoryFactory:
     return repository
 
 
+_ADAPTERS: weakref.WeakKeyDictionary[Any, SeedAdapter] = weakref.WeakKeyDictionary()
+_ADAPTERS_LOCK = threading.Lock()
+
+
 def backend_of(factory: RepositoryFactory) -> Backend:
     """The factory itself where it implements the contract (every shipped backend), else the
-    seed adapter around it (a user's four-method repository), made once per store."""
+    seed adapter around it (a user's four-method repository), made once per factory in a
+    process: a seed-style repository often opens its file per instance (TinyDB), and two
+    instances of one model in one process (``Pipeline.create`` beside a running orchestrator)
+    would each keep their own idea of the file (TinyDB's next document id: "Document with ID 3
+    already exists")."""
     if isinstance(factory, Backend) and not isinstance(factory, type):
         return factory
-    return SeedAdapter(factory)
+    with _ADAPTERS_LOCK:
+        try:
+            adapter = _ADAPTERS.get(factory)
+        except TypeError:  # not weakly referenceable: one adapter per store, as before
+            return SeedAdapter(factory)
+        if adapter is None:
+            adapter = _ADAPTERS[factory] = SeedAdapter(factory)
+        return adapter
 
 
 def backends_package() -> Any:

@@ -74,3 +74,28 @@ def test_seed_created_pipeline_is_not_run_without_start(app: Path) -> None:
     assert run("orchestrate.py", app) == ""
     (pipeline,) = stored(app)["pipelines"].values()
     assert pipeline["status"] == "created"
+
+
+ONE_PROCESS = """
+import pipelines
+from prorch.dataclasses.orchestrator import OrchestratorConfig
+from prorch.orchestrator import Orchestrator
+from your_repository_implementation import TinyDBRepository
+
+orchestrator = Orchestrator(config=OrchestratorConfig(repository_class=TinyDBRepository))
+for _ in range(3):
+    pipeline = pipelines.BackupAutomationPipeline(repository_class=TinyDBRepository)
+    pipeline.start()
+    orchestrator.execute_pipelines()
+print("started 3")
+"""
+
+
+def test_seed_readme_creates_beside_a_running_orchestrator_in_one_process(app: Path) -> None:
+    """Regression: a seed TinyDB repository opens its file per instance, and each store made
+    its own instances, so a create after a pass in the same process (a web app with an
+    orchestrator thread) failed with TinyDB's "Document with ID 3 already exists"."""
+    (app / "one_process.py").write_text(ONE_PROCESS)
+    assert "started 3" in run("one_process.py", app)
+    pipelines = stored(app)["pipelines"]
+    assert len(pipelines) == 3
