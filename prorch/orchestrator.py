@@ -31,6 +31,7 @@ from prorch.engine.extension import Extension, Extensions, builtin_extensions
 from prorch.engine.outage import Outage
 from prorch.engine.policy import StepOverride
 from prorch.model import defaults
+from prorch.model import patches as patch_rules
 from prorch.model.clock import Clock
 from prorch.model.due import Runnable
 from prorch.model.exceptions import (
@@ -451,14 +452,16 @@ class Orchestrator:
                     found[record.uuid] = reason
         return found
 
-    def blocked_reason(self, record: PipelineRecord, steps: list[StepRecord]) -> str | None:
+    def blocked_reason(self, record: PipelineRecord, steps: list[StepRecord], *, patches: bool = True) -> str | None:
+        """Why no worker with this process's code runs the pipeline: its class or a step's is not
+        registered, or (``patches``) its recorded patches do not fit the class's."""
         try:
-            self.registry.pipeline(record.name, record.version)
+            definition = self.registry.pipeline(record.name, record.version)
             for step in steps:
                 self.registry.step(step.name, step.version)
         except ProrchError as exc:
             return str(exc)
-        return None
+        return patch_rules.mismatch(definition, record) if patches else None
 
     # --- acting --------------------------------------------------------------------------------
 
@@ -549,7 +552,7 @@ class Orchestrator:
     def _require_code(self, record: PipelineRecord, done: str) -> None:
         """``NotRegisteredError`` before anything is claimed or written, when the code of the
         pipeline or of its steps is not loaded in this process (the CLI without ``--app``)."""
-        missing = self.blocked_reason(record, self.store.steps_of(record.uuid))
+        missing = self.blocked_reason(record, self.store.steps_of(record.uuid), patches=False)
         if missing is not None:
             raise NotRegisteredError(
                 f"pipeline {record.uuid} ({record.name} v{record.version}) cannot be {done} here, its code is "
