@@ -52,6 +52,7 @@ from prorch.model.registry import Registry, current_registry
 from prorch.model.status import TERMINAL, Status
 from prorch.pipeline import new_owner_id
 from prorch.storage import forking, outside, purge
+from prorch.storage import versions as code_versions
 from prorch.storage.heartbeat import Heartbeat, beat_seconds
 from prorch.storage.leases import LeaseKeeper
 from prorch.storage.listing import PipelinePage
@@ -59,6 +60,7 @@ from prorch.storage.purge import PurgeSummary
 from prorch.storage.repository import PipelineQuery, RepositoryLike
 from prorch.storage.results import result_of
 from prorch.storage.store import Store
+from prorch.storage.versions import VersionUsage
 from prorch.summaries import PassSummary, PipelineState
 
 __all__ = ["Orchestrator", "OrchestratorConfig", "PassSummary", "PipelineState"]
@@ -440,6 +442,14 @@ class Orchestrator:
         """The pipeline's events, oldest first."""
         self._require(uuid)
         return self.store.events_of(uuid)
+
+    def versions(self, *, workers_code: bool = True) -> list[VersionUsage]:
+        """Per pipeline class and version, the live (not ended) pipelines with the oldest one's
+        creation time, the ended ones, and per patch the live pipelines with it and those that
+        predate it: the code a team can delete (``prorch versions``). Counted by the store (a
+        GROUP BY on SQL). ``workers_code=False``: this process has not loaded the workers' code,
+        so nothing is said about which versions and patches it declares."""
+        return code_versions.summarize(self.store.version_groups(), self.registry if workers_code else None)
 
     def blocked_on_page(self, records: list[PipelineRecord]) -> dict[str, str]:
         """Why each unended pipeline whose class (name, version) is not registered here is
