@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 
 from prorch import Orchestrator
+from prorch.dashboard.versions_api import versions_view
 from prorch.model.registry import Registry, isolated_registry
 from prorch.testing import Harness, replay
 from tests.support.processes import PRORCH, child_env, wait_for
@@ -129,7 +130,7 @@ def test_patched_across_a_rolling_deploy_with_old_and_new_worker_processes(url: 
         wait_for(lambda: "was created with patch(es) 'fix-rounding'" in old_log.read_text(), 30, "a refusal")
         assert outputs(after) == [None] * 10, old_log.read_text()
         more_before = create(url, "old_app", 5, tmp_path)  # the old web process still creates some
-        new_worker, new_log = start_worker(url, "new_app", tmp_path)
+        new_worker, _ = start_worker(url, "new_app", tmp_path)
         wait_for(lambda: ended(after + more_before), 90, "both workers to finish everything")
     finally:
         stop(old_worker, new_worker)
@@ -206,6 +207,8 @@ def test_versions_counts_live_and_ended_per_version_and_patch(backend: Any) -> N
     assert (second.live, second.ended, second.registered) == (1, 0, False)  # not in this code
     assert [(p.id, p.live_with, p.live_without) for p in second.patches] == [("fix-rounding", 1, 0), ("tax-2027", 1, 0)]
     assert newest.uuid and patched
+    (shown, _) = versions_view(orchestrator)["versions"]  # the dashboard's JSON, as `prorch versions --json`
+    assert (shown["version"], shown["live"], shown["patches"][0]["live_without"]) == (1, 4, 2)
 
 
 def test_versions_of_the_sql_stores_come_from_one_group_by() -> None:
