@@ -471,7 +471,9 @@ class Orchestrator:
                 self.registry.step(step.name, step.version)
         except ProrchError as exc:
             return str(exc)
-        return patch_rules.mismatch(definition, record) if patches else None
+        if not patches or record.status in TERMINAL:  # an ended pipeline's patches decide nothing any more
+            return None
+        return patch_rules.mismatch(definition, record)
 
     # --- acting --------------------------------------------------------------------------------
 

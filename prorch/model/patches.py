@@ -84,15 +84,14 @@ def mismatch(cls: Any, record: PipelineRecord) -> str | None:
     missing = _listed(id_ for id_ in getattr(cls, "deprecated_patches", ()) if id_ not in have)
     if missing:
         return (
-            f"pipeline {record.uuid} ({record.name} v{record.version}) predates patch(es) {missing}, deprecated "
-            "in this code (its old branch is gone); deploy code that still lists them in `patches` to finish "
-            "it, or cancel it"
+            f"this pipeline predates patch(es) {missing}, deprecated in this code (its old branch is gone); "
+            "deploy code that still lists them in `patches` to finish it, or cancel it"
         )
     unknown = _listed(have - declared(cls))
     if unknown:
         return (
-            f"pipeline {record.uuid} ({record.name} v{record.version}) was created with patch(es) {unknown}, "
-            "which this code does not declare (newer code created it); a worker whose code declares them runs it"
+            f"this pipeline was created with patch(es) {unknown}, which this code does not declare (newer code "
+            "created it); a worker whose code declares them runs it"
         )
     return None
 

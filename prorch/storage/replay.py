@@ -118,12 +118,16 @@ def first_divergence(history: History, registry: Registry) -> Finding | None:
         cls.validate_params(record.params)
     except InvalidParamsError as exc:
         return found(None, "params", f"{exc} (as stored: {json.dumps(record.params, sort_keys=True)[:300]})")
-    for index, step in enumerate(history.steps):
+    order = {step_cls.name: index for index, step_cls in enumerate(cls.steps)}
+    steps = sorted(  # as the worker orders them (a prorch 1.0.1 step has no position)
+        history.steps, key=lambda s: s.position if s.position is not None else order.get(s.name, len(order))
+    )
+    for index, step in enumerate(steps):
         problem = _step_problem(cls, registry, index, step)
         if problem is not None:
             return found(step.name, *problem)
-    if len(cls.steps) > len(history.steps):
-        added = cls.steps[len(history.steps)]
+    if len(cls.steps) > len(steps):
+        added = cls.steps[len(steps)]
         return found(
             added.name, "steps",
             f"the class now lists step {added.name} v{added.version} after the pipeline's last recorded step; "

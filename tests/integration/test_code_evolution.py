@@ -211,13 +211,27 @@ def test_versions_counts_live_and_ended_per_version_and_patch(backend: Any) -> N
     assert (shown["version"], shown["live"], shown["patches"][0]["live_without"]) == (1, 4, 2)
 
 
-def test_versions_of_the_sql_stores_come_from_one_group_by() -> None:
-    """Not by loading every pipeline: the SQL backends answer ``version_groups`` themselves."""
-    from prorch.storage.composed import RepositoryBackend
-    from repositories.sql import SQLBackend
+@pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
+def test_versions_of_the_sql_stores_come_from_one_group_by(
+    kind: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """Not by loading every pipeline: one statement, grouped in the database."""
+    from sqlalchemy import event
 
-    assert issubclass(SQLBackend, RepositoryBackend)
-    assert SQLBackend.version_groups is not RepositoryBackend.version_groups
+    from tests.integration.conftest import make_backend
+
+    backend = make_backend(kind, tmp_path, request)
+    registry = price_app(1, ["fix-rounding"])
+    harness = Harness(backend, registry=registry)
+    for _ in range(30):
+        harness.create(registry.pipeline("Price"))
+    orchestrator = Orchestrator(backend, registry=registry)
+    statements: list[str] = []
+    event.listen(backend.engine, "before_cursor_execute", lambda *args: statements.append(args[2]))
+    (usage,) = orchestrator.versions()
+    assert (usage.live, usage.patches[0].live_with) == (30, 30)
+    assert len(statements) == 1 and "GROUP BY" in statements[0].upper(), statements
+    backend.dispose()
 
 
 # --- replay -----------------------------------------------------------------------------------------
@@ -299,6 +313,22 @@ def test_replay_finds_params_and_outputs_that_no_longer_validate(recorded: tuple
     recounted = load_app(SHIP_V1.replace("boxes: int", "parcels: int"))
     (first, *_) = replay(url, registry=recounted).findings
     assert (first.step, first.kind) == ("Pack", "output") and "parcels: Field required" in first.message
+    notify = """
+    @register_step
+    class Notify(OnStartMixin, Step):
+        name = "Notify"
+
+        def on_start(self):
+            self.finish()
+"""
+    added = load_app(SHIP_V1.replace("    @register_pipeline", notify + "\n    @register_pipeline").replace(
+        "steps = [Pack, Ship]", "steps = [Pack, Ship, Notify]"
+    ))  # fmt: skip
+    (first, *_) = replay(url, registry=added).findings
+    assert (first.step, first.kind) == ("Notify", "steps") and "has no record of it" in first.message
+    swapped = load_app(SHIP_V1.replace("steps = [Pack, Ship]", "steps = [Ship, Pack]"))
+    (first, *_) = replay(url, registry=swapped).findings
+    assert (first.step, first.kind) == ("Pack", "steps") and "now lists: Ship v1, Pack v1" in first.message
     removed_class = load_app(SHIP_V1.replace('name = "Order"', 'name = "Purchase"'))
     (first, *_) = replay(url, registry=removed_class).findings
     assert first.kind == "class" and "no pipeline named 'Order' is registered" in first.message
@@ -332,3 +362,17 @@ def test_prorch_replay_and_export_from_the_command_line(recorded: tuple[str, lis
     (tmp_path / "junk.json").write_text("{}")
     junk = prorch("--app", "shop_v1", "replay", "--file", "junk.json")
     assert junk.returncode != 0 and "is not a file written by `prorch export`" in junk.stderr
+
+
+def test_replay_finds_patches_the_code_no_longer_fits(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'p.db'}"
+    patched, unpatched = price_app(1, ["fix-rounding"]), price_app(1, [])
+    Harness(url, registry=unpatched).create(unpatched.pipeline("Price"))
+    Harness(url, registry=patched).create(patched.pipeline("Price"))
+    assert replay(url, registry=patched).ok
+    (finding,) = replay(url, registry=unpatched).findings  # an older deploy: the patch is unknown
+    assert finding.kind == "patches" and "created with patch(es) 'fix-rounding'" in finding.message
+    deprecated = price_app(1, [])
+    deprecated.pipeline("Price").deprecated_patches = ["fix-rounding"]
+    (finding,) = replay(url, registry=deprecated).findings
+    assert finding.kind == "patches" and "predates patch(es) 'fix-rounding'" in finding.message
