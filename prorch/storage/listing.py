@@ -11,9 +11,9 @@ from dataclasses import dataclass, replace
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
-from prorch.model import patches as patch_rules
 from prorch.model.exceptions import InvalidParamsError
 from prorch.model.keys import uuid_for_key
+from prorch.model.patches import recorded as recorded_patches
 from prorch.model.records import PipelineRecord
 from prorch.model.status import TERMINAL, Status
 from prorch.storage.repository import PipelineQuery, PipelineStats, VersionGroup
@@ -134,7 +134,7 @@ def version_groups_of(records: list[PipelineRecord]) -> list[VersionGroup]:
     """The fallback's version groups, from every pipeline (what ``sql_listing.version_groups`` counts)."""
     groups: dict[tuple[str, int, tuple[str, ...], bool], tuple[int, datetime | None]] = {}
     for r in records:
-        group = (r.name, r.version, tuple(sorted(patch_rules.recorded(r))), r.status in TERMINAL)
+        group = (r.name, r.version, tuple(sorted(recorded_patches(r))), r.status in TERMINAL)
         count, oldest = groups.get(group, (0, None))
         if r.created_at is not None and (oldest is None or r.created_at < oldest):
             oldest = r.created_at
