@@ -53,10 +53,9 @@ EXPECTED = {
     "patches.py": [
         "before [] {'total': 3}",
         "after ['fix-rounding'] {'total': 3.33}",
-        "old worker: pipeline ",
-        "which this code does not declare (newer code created it)",
+        "old worker: this pipeline was created with patch(es) 'fix-rounding', which this code does not declare",
         "new worker: {'total': 3.33}",
-        "predates patch(es) 'fix-rounding', deprecated in this code",
+        "deprecated: this pipeline predates patch(es) 'fix-rounding', deprecated in this code",
         "versions: Billing v1: 1 live, 3 ended; fix-rounding: 0 live with it, 1 predating it",
     ],
     "replay.py": [
