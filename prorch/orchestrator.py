@@ -31,6 +31,7 @@ from prorch.engine.extension import Extension, Extensions, builtin_extensions
 from prorch.engine.outage import Outage
 from prorch.engine.policy import StepOverride
 from prorch.model import defaults
+from prorch.model import patches as patch_rules
 from prorch.model.clock import Clock
 from prorch.model.due import Runnable
 from prorch.model.exceptions import (
@@ -51,6 +52,7 @@ from prorch.model.registry import Registry, current_registry
 from prorch.model.status import TERMINAL, Status
 from prorch.pipeline import new_owner_id
 from prorch.storage import forking, outside, purge
+from prorch.storage import versions as code_versions
 from prorch.storage.heartbeat import Heartbeat, beat_seconds
 from prorch.storage.leases import LeaseKeeper
 from prorch.storage.listing import PipelinePage
@@ -58,6 +60,7 @@ from prorch.storage.purge import PurgeSummary
 from prorch.storage.repository import PipelineQuery, RepositoryLike
 from prorch.storage.results import result_of
 from prorch.storage.store import Store
+from prorch.storage.versions import VersionUsage
 from prorch.summaries import PassSummary, PipelineState
 
 __all__ = ["Orchestrator", "OrchestratorConfig", "PassSummary", "PipelineState"]
@@ -442,6 +445,14 @@ class Orchestrator:
         self._require(uuid)
         return self.store.events_of(uuid)
 
+    def versions(self, *, workers_code: bool = True) -> list[VersionUsage]:
+        """Per pipeline class and version, the live (not ended) pipelines with the oldest one's
+        creation time, the ended ones, and per patch the live pipelines with it and those that
+        predate it: the code a team can delete (``prorch versions``). Counted by the store (a
+        GROUP BY on SQL). ``workers_code=False``: this process has not loaded the workers' code,
+        so nothing is said about which versions and patches it declares."""
+        return code_versions.summarize(self.store.version_groups(), self.registry if workers_code else None)
+
     def blocked_on_page(self, records: list[PipelineRecord]) -> dict[str, str]:
         """Why each unended pipeline whose class (name, version) is not registered here is
         blocked, by uuid: with the workers' code loaded, those no worker claims (``prorch list``)."""
@@ -453,14 +464,18 @@ class Orchestrator:
                     found[record.uuid] = reason
         return found
 
-    def blocked_reason(self, record: PipelineRecord, steps: list[StepRecord]) -> str | None:
+    def blocked_reason(self, record: PipelineRecord, steps: list[StepRecord], *, patches: bool = True) -> str | None:
+        """Why no worker with this process's code runs the pipeline: its class or a step's is not
+        registered, or (``patches``) its recorded patches do not fit the class's."""
         try:
-            self.registry.pipeline(record.name, record.version)
+            definition = self.registry.pipeline(record.name, record.version)
             for step in steps:
                 self.registry.step(step.name, step.version)
         except ProrchError as exc:
             return str(exc)
-        return None
+        if not patches or record.status in TERMINAL:  # an ended pipeline's patches decide nothing any more
+            return None
+        return patch_rules.mismatch(definition, record)
 
     # --- acting --------------------------------------------------------------------------------
 
@@ -551,7 +566,7 @@ class Orchestrator:
     def _require_code(self, record: PipelineRecord, done: str) -> None:
         """``NotRegisteredError`` before anything is claimed or written, when the code of the
         pipeline or of its steps is not loaded in this process (the CLI without ``--app``)."""
-        missing = self.blocked_reason(record, self.store.steps_of(record.uuid))
+        missing = self.blocked_reason(record, self.store.steps_of(record.uuid), patches=False)
         if missing is not None:
             raise NotRegisteredError(
                 f"pipeline {record.uuid} ({record.name} v{record.version}) cannot be {done} here, its code is "

@@ -12,22 +12,25 @@ that drives passes with no sleeping.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from prorch.model.clock import FakeClock
 from prorch.model.records import EventRecord
-from prorch.model.registry import Registry, isolated_registry
+from prorch.model.registry import Registry, current_registry, isolated_registry
 from prorch.model.status import TERMINAL
 from prorch.orchestrator import Orchestrator
 from prorch.pipeline import Pipeline
+from prorch.storage import replay as replaying
+from prorch.storage.replay import ReplayReport
 from prorch.storage.repository import RepositoryLike
-from prorch.storage.store import backends_package
+from prorch.storage.store import backends_package, store_for
 from prorch.summaries import PassSummary
 
 if TYPE_CHECKING:
     from repositories.memory import MemoryBackend
 
-__all__ = ["FakeClock", "Harness", "MemoryBackend", "isolated_registry"]
+__all__ = ["FakeClock", "Harness", "MemoryBackend", "ReplayReport", "isolated_registry", "replay"]
 
 
 def __getattr__(name: str) -> Any:
@@ -107,3 +110,23 @@ class Harness:
 
     def event_types(self, uuid: str) -> list[str]:
         return [event.type.value for event in self.history(uuid)]
+
+
+def replay(
+    source: RepositoryLike | None = None,
+    *,
+    file: str | Path | None = None,
+    registry: Registry | None = None,
+    include_ended: bool = False,
+) -> ReplayReport:
+    """Check the recorded pipelines of a store (``source``: a URL or a repository) or of a file
+    ``prorch export`` wrote (``file``) against the code registered now (``registry``, default
+    the current one), and report per pipeline the first step this code would not run as
+    recorded. Runs no hook and writes nothing (``prorch.storage.replay`` says why that is the
+    check that matters in prorch). Live pipelines only, unless ``include_ended``."""
+    if (source is None) == (file is None):
+        raise TypeError("replay() takes a store (source=...) or an exported file (file=...), one of the two")
+    chosen = registry if registry is not None else current_registry()
+    if file is not None:
+        return replaying.replay(replaying.from_export(file, include_ended=include_ended), chosen)
+    return replaying.replay(replaying.from_store(store_for(source), include_ended=include_ended), chosen)

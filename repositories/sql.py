@@ -28,7 +28,7 @@ from prorch.model.records import JSONDict, Metadata, format_timestamp, to_utc
 from prorch.model.secrets import redact_url
 from prorch.storage.commits import call
 from prorch.storage.composed import MODELS
-from prorch.storage.repository import IRepository, PipelineQuery, PipelineStats
+from prorch.storage.repository import IRepository, PipelineQuery, PipelineStats, VersionGroup
 from repositories import sql_listing, sql_workers
 from repositories.migrate import MIGRATIONS, upgrade
 from repositories.schema import TABLES, schedule_ticks
@@ -110,6 +110,9 @@ class SQLBackend(SQLConnections):
 
     def ended_before(self, statuses: list[str], before: datetime, limit: int) -> list[str]:
         return self(Metadata.PIPELINES_MODEL).ended_before(statuses, before, limit)
+
+    def version_groups(self) -> list[VersionGroup]:
+        return self(Metadata.PIPELINES_MODEL).version_groups()
 
     def save_rows(self, model: str, rows: list[JSONDict]) -> None:
         call(f"save {model} records", self(model).save_many, rows)
@@ -341,6 +344,11 @@ class SQLRepository(SQLClaims, IRepository):
         """The dashboard overview's counts (``SupportsPipelineStats``)."""
         with self.backend.connect(write=False) as connection:
             return sql_listing.stats(self.table, connection, now, ended_since)
+
+    def version_groups(self) -> list[VersionGroup]:
+        """Pipelines by class version and recorded patches (``SupportsVersionGroups``): one GROUP BY."""
+        with self.backend._errors(), self.backend.connect(write=False) as connection:
+            return sql_listing.version_groups(self.table, connection)
 
     def unread_messages(
         self, pipeline_uuid: str, name: str, after: tuple[datetime, str] | None, limit: int

@@ -5,6 +5,7 @@ field, the tenant in context) are compared by JSON type as well as value, so tha
 
 from __future__ import annotations
 
+import json
 from datetime import datetime
 from typing import Any
 
@@ -29,9 +30,10 @@ from sqlalchemy.dialects.postgresql import JSONB
 
 from prorch.model import substates
 from prorch.model.records import to_utc
-from prorch.storage.repository import PipelineQuery, PipelineStats
+from prorch.storage.repository import PipelineQuery, PipelineStats, VersionGroup
 from repositories.schema import ENDED
 
+ENDED_STATUSES = frozenset({"finished", "failed", "cancelled"})
 JSON_TYPES_SQLITE: dict[type, tuple[str, ...]] = {int: ("integer",), float: ("real", "integer")}
 
 
@@ -125,6 +127,30 @@ def stats(table: Table, connection: Connection, now: datetime, ended_since: date
         oldest_due=to_utc(pending[2]) if pending[2] is not None else None,
         ended=[(str(status), to_utc(at)) for status, at in ended if at is not None],
     )
+
+
+def version_groups(table: Table, connection: Connection) -> list[VersionGroup]:
+    """Pipelines counted by (name, version, status, recorded patches) in one GROUP BY, with each
+    group's earliest ``created_at``; statuses are then folded into live and ended here (five at
+    most, so the statement groups by plain columns and the patches' JSON text)."""
+    c = table.c
+    if connection.dialect.name == "postgresql":
+        patches = func.jsonb_extract_path_text(c["metadata"], "patches")
+    else:
+        patches = func.json_extract(c["metadata"], "$.patches")
+    statement = select(c.name, c.version, c.status, patches, func.count(), func.min(c.created_at)).group_by(
+        text("1, 2, 3, 4")  # by position: the patches' expression is bound once
+    )
+    groups: dict[tuple[str, int, tuple[str, ...], bool], tuple[int, datetime | None]] = {}
+    for name, version, status, recorded, count, oldest in connection.execute(statement):
+        ids = tuple(sorted(str(i) for i in json.loads(recorded))) if recorded else ()
+        key = (str(name), int(version), ids, status in ENDED_STATUSES)
+        total, earliest = groups.get(key, (0, None))
+        moment = to_utc(oldest) if oldest is not None else None
+        if moment is not None and (earliest is None or moment < earliest):
+            earliest = moment
+        groups[key] = (total + int(count), earliest)
+    return [VersionGroup(*key, count, oldest) for key, (count, oldest) in groups.items()]
 
 
 def ended_query(table: Table, dialect: str) -> Any:

@@ -11,7 +11,7 @@ from typing import Any
 
 import click
 
-from prorch.cli import acting, maintenance, reading, running
+from prorch.cli import acting, evolution, maintenance, reading, running
 from prorch.cli.helpers import Context
 
 
@@ -58,3 +58,6 @@ main.add_command(acting.send)
 main.add_command(maintenance.purge)
 main.add_command(maintenance.show_config)
 main.add_command(reading.workers)
+main.add_command(evolution.versions)
+main.add_command(evolution.export)
+main.add_command(evolution.replay)

@@ -82,8 +82,9 @@ class Journal:
         # a rate limit counts claims (prorch.model.limit_rules): one claim, one hook
         hooks_left = 1 if pipeline_cls.rate_limit is not None else None
         return Run(
-            pipeline=pipeline, steps=steps, classes=classes, params=params, outputs=outputs, hooks_left=hooks_left
-        )
+            pipeline=pipeline, steps=steps, classes=classes, params=params, outputs=outputs, hooks_left=hooks_left,
+            definition=pipeline_cls,
+        )  # fmt: skip
 
     def reload(self, run: Run) -> bool:
         """Read the run's records again, dropping what was not written; False if the lease is lost."""
@@ -105,7 +106,9 @@ class Journal:
         params = run.params.model_copy(deep=True) if isinstance(run.params, BaseModel) else copy_json(run.params)
         outputs = copy_json(run.outputs)
         cls = run.classes[step.uuid]
-        return cls(record=step, pipeline=run.pipeline, params=params, outputs=outputs, now=now, runtime=runtime)
+        instance = cls(record=step, pipeline=run.pipeline, params=params, outputs=outputs, now=now, runtime=runtime)
+        instance._definition = run.definition
+        return instance
 
     # --- writing -------------------------------------------------------------------------------
 

@@ -19,7 +19,7 @@ from prorch.engine.rounds import write_each
 from prorch.engine.state import Outcome, Run, Writing
 from prorch.engine.step_hooks import HookInvoker
 from prorch.engine.turns import Turns
-from prorch.model import defaults
+from prorch.model import defaults, patches
 from prorch.model.clock import Clock
 from prorch.model.exceptions import NotRegisteredError, StepTimeoutError
 from prorch.model.records import PipelineRecord, StepRecord
@@ -85,6 +85,8 @@ class Runner:
         when they were read after the claim (see ``Store.steps_of_many``)."""
         try:
             run = self.journal.load(pipeline, steps)
+            if not pipeline.cancel_requested:  # a cancel still runs: it is how a stranded pipeline ends
+                patches.check(run.definition, pipeline)
         except NotRegisteredError as exc:
             logger.warning("pipeline %s is blocked: %s", pipeline.uuid, exc, extra={"pipeline_uuid": pipeline.uuid})
             if keeper is not None:

@@ -26,6 +26,9 @@ class PipelineDefinition:
     priority: ClassVar[int] = 0
     Params: ClassVar[type[BaseModel] | None] = None
     Output: ClassVar[type[BaseModel] | None] = None  # the result's model (default: the last step's output)
+    # code evolution in place (prorch.model.patches): ids a new pipeline records; self.patched(id)
+    patches: ClassVar[Sequence[str]] = ()
+    deprecated_patches: ClassVar[Sequence[str]] = ()  # old branch gone: patched() is True, older ones blocked
     # limits kept by every worker's claim (prorch.model.limit_rules)
     max_running: ClassVar[int | None] = None  # at most this many of its pipelines leased at once, all workers
     max_running_per_tenant: ClassVar[int | None] = None  # at most this many of one tenant's

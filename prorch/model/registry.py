@@ -26,6 +26,7 @@ from prorch.model.exceptions import (
 )
 from prorch.model.limit_rules import limits_of
 from prorch.model.mixins import OnContinueMixin, OnStartMixin, defines_hook
+from prorch.model.patches import check_declared_patches
 from prorch.model.records import EventRecord, Record
 from prorch.model.schedule_rules import check_schedule_params, schedule_of
 from prorch.model.step import Step
@@ -127,6 +128,7 @@ class Registry:
             seen.add(item.name)
         schedule = schedule_of(cls)  # a bad schedule is refused here, at import, not at the first pass
         limits_of(cls)  # a bad limit or rate too
+        check_declared_patches(cls)
         if cls.Params is not None and not _is_model(cls.Params):
             raise RegistrationError(f"pipeline {cls.name}: Params must be a pydantic BaseModel subclass")
         if schedule is not None:

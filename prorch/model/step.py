@@ -15,6 +15,7 @@ from pydantic import BaseModel, ValidationError
 from prorch.model.exceptions import InvalidOutputError, StepUsageError, UnstorableValueError
 from prorch.model.jsonvalue import ParamsDict, checked_copy, copy_json
 from prorch.model.mixins import HookResult
+from prorch.model.patches import is_patched
 from prorch.model.records import JSONDict, PipelineRecord, StepRecord
 
 logger = logging.getLogger("prorch.model.step")
@@ -66,6 +67,7 @@ class Step:
     Output: ClassVar[type[BaseModel] | None] = None
     plugin_points: ClassVar[dict[str, tuple[str, ...]]] = {}
     """Plugin points this step offers and their keyword arguments, e.g. {"format": ("text",)}."""
+    _definition: Any = None  # the pipeline's registered class, set by the engine for each hook call
 
     def __init__(
         self,
@@ -198,6 +200,16 @@ class Step:
     def reported_progress(self) -> JSONDict | None:
         """What ``progress()`` reported during this hook, if it was called."""
         return self._progress
+
+    def patched(self, patch: str) -> bool:
+        """Whether this pipeline was created by code with ``patch`` (an id in its class's
+        ``patches``): True for pipelines created after that code was deployed, False for older
+        ones, the same answer on every call for one pipeline. True for an id in
+        ``deprecated_patches`` (older pipelines are not run then). An id the class declares in
+        neither list raises ``StepUsageError``: a typo must not answer False."""
+        if self._definition is None:
+            raise StepUsageError("patched() works only inside a hook run by prorch")
+        return is_patched(self._definition, self._pipeline, patch)
 
     def start_child(self, pipeline: Any, params: Any = None, key: str | None = None) -> str:
         """Create a child pipeline (a ``Pipeline`` class or a registered name) and return its

@@ -19,7 +19,7 @@ from typing import Protocol, runtime_checkable
 from prorch.model.due import Runnable
 from prorch.model.limit_rules import ClaimLimit
 from prorch.model.records import JSONDict, MessageRecord, PipelineRecord, Record, StepRecord
-from prorch.storage.repository import PipelineQuery, PipelineStats
+from prorch.storage.repository import PipelineQuery, PipelineStats, VersionGroup
 
 
 @dataclass(slots=True)
@@ -78,6 +78,11 @@ class Backend(Protocol):
 
     def pipeline_stats(self, now: datetime, ended_since: datetime) -> PipelineStats:
         """The dashboard overview's counts."""
+        ...
+
+    def version_groups(self) -> list[VersionGroup]:
+        """Pipelines counted by (name, version, recorded patches, ended or not), with the oldest
+        ``created_at`` of each group (``prorch versions``)."""
         ...
 
     def ended_before(self, statuses: list[str], before: datetime, limit: int) -> list[str]:

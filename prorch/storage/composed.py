@@ -19,7 +19,7 @@ from prorch.model.records import EventRecord, JSONDict, MessageRecord, PipelineR
 from prorch.model.status import Status
 from prorch.storage import listing
 from prorch.storage.commits import Committer, call, chunks, conflict
-from prorch.storage.repository import PipelineQuery, PipelineStats
+from prorch.storage.repository import PipelineQuery, PipelineStats, VersionGroup
 
 MODELS = (PipelineRecord.MODEL, StepRecord.MODEL, EventRecord.MODEL, MessageRecord.MODEL)
 
@@ -111,6 +111,9 @@ class RepositoryBackend(Committer):
 
     def pipeline_stats(self, now: datetime, ended_since: datetime) -> PipelineStats:
         return listing.stats_of([PipelineRecord.from_dict(row) for row in self.all_pipelines()], now, ended_since)
+
+    def version_groups(self) -> list[VersionGroup]:
+        return listing.version_groups_of([PipelineRecord.from_dict(row) for row in self.all_pipelines()])
 
     def ended_before(self, statuses: list[str], before: datetime, limit: int) -> list[str]:
         rows = [row for status in statuses for row in self.search(PipelineRecord.MODEL, "status", status)]

@@ -26,6 +26,7 @@ from prorch.model.exceptions import (
 )
 from prorch.model.jsonvalue import checked_copy
 from prorch.model.keys import check_uuid, uuid_for_key
+from prorch.model.patches import PATCHES, to_record
 from prorch.model.records import EventRecord, JSONDict, PipelineRecord, Record, StepRecord, new_uuid
 from prorch.model.registry import Registry
 from prorch.model.status import EventType, Status
@@ -121,7 +122,7 @@ def build_records(
         status=status,
         params=params,
         context=context or {},
-        metadata={"current_step": None},
+        metadata=_metadata(definition),
         priority=definition.priority if priority is None else priority,
         created_at=now,
         updated_at=now,
@@ -149,6 +150,13 @@ def build_records(
         data={"name": record.name, "version": record.version},
     )
     return [*steps, created, record]
+
+
+def _metadata(definition: type[PipelineDefinition]) -> JSONDict:
+    """A new pipeline's metadata: the seed's current step and, when its class declares any, the
+    patches it is created with (``prorch.model.patches``), never changed afterwards."""
+    patches = to_record(definition)
+    return {"current_step": None, PATCHES: patches} if patches else {"current_step": None}
 
 
 def store_new(store: Store, groups: list[list[Record]], now: datetime, registry: Registry) -> list[PipelineRecord]:

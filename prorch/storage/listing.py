@@ -14,9 +14,10 @@ from typing import Any
 from prorch.model import substates
 from prorch.model.exceptions import InvalidParamsError
 from prorch.model.keys import uuid_for_key
+from prorch.model.patches import recorded as recorded_patches
 from prorch.model.records import PipelineRecord
 from prorch.model.status import TERMINAL, Status
-from prorch.storage.repository import PipelineQuery, PipelineStats
+from prorch.storage.repository import PipelineQuery, PipelineStats, VersionGroup
 
 FIELD = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]*$")
 MAX_LIMIT = 1000
@@ -135,6 +136,18 @@ def stats_of(records: list[PipelineRecord], now: datetime, ended_since: datetime
             quarantined += 1
     counts = [(status, name, version, n) for (status, name, version), n in groups.items()]
     return PipelineStats(counts, running, due, quarantined, oldest, ended)
+
+
+def version_groups_of(records: list[PipelineRecord]) -> list[VersionGroup]:
+    """The fallback's version groups, from every pipeline (what ``sql_listing.version_groups`` counts)."""
+    groups: dict[tuple[str, int, tuple[str, ...], bool], tuple[int, datetime | None]] = {}
+    for r in records:
+        group = (r.name, r.version, tuple(sorted(recorded_patches(r))), r.status in TERMINAL)
+        count, oldest = groups.get(group, (0, None))
+        if r.created_at is not None and (oldest is None or r.created_at < oldest):
+            oldest = r.created_at
+        groups[group] = (count + 1, oldest)
+    return [VersionGroup(*group, count, oldest) for group, (count, oldest) in groups.items()]
 
 
 DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhdw])$")

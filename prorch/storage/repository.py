@@ -185,6 +185,28 @@ class SupportsPipelineStats(Protocol):
     def pipeline_stats(self, now: datetime, ended_since: datetime) -> PipelineStats: ...
 
 
+@dataclass(slots=True, frozen=True)
+class VersionGroup:
+    """Stored pipelines of one class version created with one set of patches, live (not ended)
+    or ended, counted by the store (``prorch versions``): how many, and the earliest
+    ``created_at`` among them (None when none has one: a prorch 1.0.1 store)."""
+
+    name: str
+    version: int
+    patches: tuple[str, ...]
+    ended: bool
+    count: int
+    oldest: datetime | None
+
+
+@runtime_checkable
+class SupportsVersionGroups(Protocol):
+    """A pipeline repository that groups pipelines by class version and patches itself (a SQL
+    ``GROUP BY``; without it, the store reads every pipeline to count them)."""
+
+    def version_groups(self) -> list[VersionGroup]: ...
+
+
 @runtime_checkable
 class SupportsDelete(Protocol):
     """A repository that deletes records (retention: ``Orchestrator.purge``, ``prorch purge``)."""

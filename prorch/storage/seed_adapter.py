@@ -49,6 +49,8 @@ from prorch.storage.repository import (
     SupportsServerClock,
     SupportsTransaction,
     SupportsTransitionStatements,
+    SupportsVersionGroups,
+    VersionGroup,
     is_thread_safe,
 )
 
@@ -60,7 +62,7 @@ WORKERS_UUID = str(uuid_module.uuid5(KEY_NAMESPACE, "prorch:workers"))
 CAPABILITIES = (
     SupportsClaim, SupportsLimitedClaim, SupportsDueQuery, SupportsCompareAndSet, SupportsPartialUpdate,
     SupportsSearchMany, SupportsSaveMany, SupportsMessageQuery, SupportsPipelineQuery, SupportsPipelineStats,
-    SupportsEndedQuery, SupportsPurge, SupportsDelete,
+    SupportsEndedQuery, SupportsPurge, SupportsDelete, SupportsVersionGroups,
 )  # fmt: skip
 BACKEND_CAPABILITIES = (
     SupportsTransaction, SupportsPinning, SupportsServerClock, SupportsScheduleTicks, SupportsTransitionStatements,
@@ -93,6 +95,7 @@ class SeedAdapter(RepositoryBackend):
         self.due_query = pipelines if isinstance(pipelines, SupportsDueQuery) else None
         self.listing = pipelines if isinstance(pipelines, SupportsPipelineQuery) else None
         self.stats = pipelines if isinstance(pipelines, SupportsPipelineStats) else None
+        self.grouping = pipelines if isinstance(pipelines, SupportsVersionGroups) else None
         self.ended = pipelines if isinstance(pipelines, SupportsEndedQuery) else None
         self.purge = pipelines if isinstance(pipelines, SupportsPurge) else None
         self.message_query = messages if isinstance(messages, SupportsMessageQuery) else None
@@ -151,6 +154,9 @@ class SeedAdapter(RepositoryBackend):
         if self.stats is not None:
             return self.stats.pipeline_stats(now, ended_since)
         return super().pipeline_stats(now, ended_since)
+
+    def version_groups(self) -> list[VersionGroup]:
+        return self.grouping.version_groups() if self.grouping is not None else super().version_groups()
 
     def ended_before(self, statuses: list[str], before: datetime, limit: int) -> list[str]:
         if self.ended is not None:

@@ -26,7 +26,7 @@ from prorch.storage.commits import SAVE_CHUNK, call
 from prorch.storage.composed import RepositoryBackend
 from prorch.storage.listing import PipelinePage
 from prorch.storage.loading import load, steps_by_pipeline
-from prorch.storage.repository import IRepository, PipelineQuery, PipelineStats
+from prorch.storage.repository import IRepository, PipelineQuery, PipelineStats, VersionGroup
 from prorch.storage.seed_adapter import TICKS_UUID
 from prorch.storage.server_clock import ServerClock
 from prorch.storage.urls import backend_of, backends_package, resolve_backend
@@ -179,6 +179,10 @@ class Store:
 
     def pipeline_stats(self, now: datetime, ended_since: datetime) -> PipelineStats:
         return call("count pipelines", self.engine.pipeline_stats, now, ended_since)
+
+    def version_groups(self) -> list[VersionGroup]:
+        """Pipelines counted by class version, recorded patches and whether they ended."""
+        return call("count pipelines by version", self.engine.version_groups)
 
     def ended_before(self, statuses: list[Status], before: datetime, limit: int) -> list[str]:
         """Uuids of ended pipelines of ``statuses`` last changed before ``before`` and no stored parent."""

@@ -50,6 +50,20 @@ EXPECTED = {
         "rerun: finished {'loaded': 3, 'into': 'sales'}",
         "forked from: {'uuid': '",
     ],
+    "patches.py": [
+        "before [] {'total': 3}",
+        "after ['fix-rounding'] {'total': 3.33}",
+        "old worker: this pipeline was created with patch(es) 'fix-rounding', which this code does not declare",
+        "new worker: {'total': 3.33}",
+        "deprecated: this pipeline predates patch(es) 'fix-rounding', deprecated in this code",
+        "versions: Billing v1: 1 live, 3 ended; fix-rounding: 0 live with it, 1 predating it",
+    ],
+    "replay.py": [
+        "deployed code: replayed 2 pipeline(s) against the code loaded: ok",
+        "changed code: fails",
+        "Order v1 (pending), step Ship: step: recorded step Ship v1 no longer loads",
+        "2 would not run as recorded",
+    ],
     "schemas.py": ["rejected: invalid params for pipeline Thumbnail: image: Field required", "bad: width"],
 }
 
