@@ -42,7 +42,6 @@ from prorch.model.exceptions import (
     ProrchError,
     RepositoryError,
     WaitTimeoutError,
-    WorkerUnhealthyError,
 )
 from prorch.model.keys import uuid_for_key
 from prorch.model.records import EventRecord, MessageRecord, PipelineRecord, StepRecord
@@ -68,6 +67,8 @@ DEFAULT_BATCH_SIZE = defaults.BATCH_SIZE.default
 DEFAULT_GROUP_COMMIT = defaults.GROUP_COMMIT.default
 DEFAULT_INTERVAL_SECONDS = defaults.INTERVAL.default
 DEFAULT_SHUTDOWN_GRACE_SECONDS = defaults.SHUTDOWN_GRACE.default
+DEFAULT_GROUP_WINDOW_SECONDS = defaults.GROUP_WINDOW.default
+DEFAULT_PREFETCH = defaults.PREFETCH.default
 
 
 @dataclass
@@ -89,6 +90,8 @@ class Orchestrator:
         concurrency: int = DEFAULT_CONCURRENCY,
         batch_size: int = DEFAULT_BATCH_SIZE,
         group_commit: int = DEFAULT_GROUP_COMMIT,
+        group_window: float = DEFAULT_GROUP_WINDOW_SECONDS,
+        prefetch: int = DEFAULT_PREFETCH,
         lease_seconds: float = DEFAULT_LEASE_SECONDS,
         max_turns_per_pass: int = DEFAULT_MAX_TURNS_PER_PASS,
         max_crashes: int = DEFAULT_MAX_CRASHES,
@@ -107,6 +110,8 @@ class Orchestrator:
             concurrency=concurrency,
             batch_size=batch_size,
             group_commit=group_commit,
+            group_window=group_window,
+            prefetch=prefetch,
             lease_seconds=lease_seconds,
             max_crashes=max_crashes,
             hook_timeout=hook_timeout,
@@ -126,6 +131,8 @@ class Orchestrator:
         self._claims = itertools.count(1)
         self.batch_size = batch_size
         self.group_commit = group_commit
+        self.group_window = group_window
+        self.prefetch = prefetch
         self.lease_seconds = lease_seconds
         self.shutdown_grace = shutdown_grace
         self.retention = retention
@@ -187,18 +194,10 @@ class Orchestrator:
         started = time.perf_counter()
         summary = PassSummary()
         self.extensions.pass_started(summary)
-        since = time.monotonic()  # before the lease's time is read: see LeaseKeeper
-        now = self.clock.now()
-        lease_until = now + timedelta(seconds=self.lease_seconds)
-        claimed = self.store.claim_due(
-            now, self.new_lease_token(), lease_until, self.batch_size, self.extensions.claim_limits(), self.runnable()
-        )
-        summary.claimed = len(claimed)
-        lags = [(now - p.next_run_at).total_seconds() for p in claimed if p.next_run_at is not None]
         with LeaseKeeper(self.store, self.lease_seconds, self.clock, self.extensions.lease_lost) as keeper:
-            keeper.hold(claimed, since)
-            steps = self.store.steps_of_many([pipeline.uuid for pipeline in claimed])  # one read, not one each
-            writings = [self._advancing(pipeline, keeper, steps.get(pipeline.uuid)) for pipeline in claimed]
+            claimed, lags = self.claim(self.batch_size, keeper)
+            summary.claimed = len(claimed)
+            writings = self.advancings(claimed, keeper)
             if self.group_commit > 1 and len(claimed) > 1 and self.store.has_transaction:
                 # suspects of a crash in an earlier round run alone, so that a crash is pinned on one
                 alone = [i for i, p in enumerate(claimed) if p.crashes or p.hook_started_at is not None]
@@ -215,14 +214,39 @@ class Orchestrator:
                 with self.store.session():  # one set of connections for the whole pass
                     results = [write_each(self.store, writing) for writing in writings]
         for pipeline, result in zip(claimed, results, strict=True):
-            if isinstance(result, Outcome):
-                summary.add(result)
-                if result.status in TERMINAL:
-                    self.extensions.call("on_ended", pipeline, result.status)
-            else:
-                summary.errors[pipeline.uuid] = result
+            self.tally(summary, pipeline, result)
+        self.pass_ended(summary, lags, time.perf_counter() - started)
+        return summary
+
+    def claim(self, limit: int, keeper: LeaseKeeper) -> tuple[list[PipelineRecord], list[float]]:
+        """Claim up to ``limit`` due pipelines, held by ``keeper``; with how late each was (seconds)."""
+        since = time.monotonic()  # before the lease's time is read: see LeaseKeeper
+        now = self.clock.now()
+        lease_until = now + timedelta(seconds=self.lease_seconds)
+        claimed = self.store.claim_due(
+            now, self.new_lease_token(), lease_until, limit, self.extensions.claim_limits(), self.runnable()
+        )
+        keeper.hold(claimed, since)
+        return claimed, [(now - p.next_run_at).total_seconds() for p in claimed if p.next_run_at is not None]
+
+    def advancings(self, claimed: list[PipelineRecord], keeper: LeaseKeeper) -> list[Writing[Outcome | str]]:
+        """The advance of each claimed pipeline, to drive; their steps are read in one go."""
+        steps = self.store.steps_of_many([pipeline.uuid for pipeline in claimed])  # one read, not one each
+        return [self._advancing(pipeline, keeper, steps.get(pipeline.uuid)) for pipeline in claimed]
+
+    def tally(self, summary: PassSummary, pipeline: PipelineRecord, result: Outcome | str) -> None:
+        """Count one ended advance in ``summary`` (``on_ended`` told of a pipeline that ended)."""
+        if isinstance(result, Outcome):
+            summary.add(result)
+            if result.status in TERMINAL:
+                self.extensions.call("on_ended", pipeline, result.status)
+        else:
+            summary.errors[pipeline.uuid] = result
+
+    def pass_ended(self, summary: PassSummary, lags: list[float], seconds: float) -> None:
+        """Tell the extensions a pass (or a worker's interval of work) ended, and log what it did."""
         summary.abandoned_hooks = self.hooks.abandoned
-        self.extensions.call("on_pass_end", summary, lags, time.perf_counter() - started)
+        self.extensions.call("on_pass_end", summary, lags, seconds)
         if summary.did_something:
             logger.info(
                 "pass: claimed %d, finished %d, failed %d, waiting %d, blocked %d, errors %d",
@@ -233,7 +257,6 @@ class Orchestrator:
                 len(summary.blocked),
                 len(summary.errors),
             )
-        return summary
 
     def runnable(self) -> Runnable:
         """The (name, version) of every pipeline class registered here: what this worker claims."""
@@ -276,17 +299,26 @@ class Orchestrator:
             keeper.drop(pipeline.uuid)  # its last write is stored: the lease is released
 
     def run_forever(self, interval: float = DEFAULT_INTERVAL_SECONDS) -> None:
-        """Run passes every ``interval`` seconds until ``stop()`` or SIGTERM/SIGINT; a pass with
-        a full batch is followed at once by the next. Raises ``WorkerUnhealthyError`` when more
-        hung hook threads were abandoned than ``max_abandoned_hooks``, for a supervisor to
-        restart the process."""
+        """Run as a worker until ``stop()`` or SIGTERM/SIGINT: up to ``concurrency`` pipelines in
+        progress at once, each slot refilled as soon as its pipeline's advance ends
+        (``prorch.worker``); ``interval`` is how often it looks for new due work when there was
+        none, and runs the extensions' pass hooks. On stop, running hooks finish and what was
+        claimed and not started is released. Raises ``WorkerUnhealthyError`` when more hung hook
+        threads were abandoned than ``max_abandoned_hooks``, for a supervisor to restart the
+        process."""
+        from prorch.worker import Worker  # the worker loop sits beside this module, and uses it
+
         restore = signals.stop_on_signals(self.stop, self._stopping, self.shutdown_grace)
         if not self.outage.down:
             self.outage = Outage(interval)
         self.extensions.call("start")
         try:
             with self._heartbeat():
-                self._loop(interval)
+                if self.extensions.by_hook["around_pass"]:
+                    with self.extensions.around_pass():
+                        Worker(self, interval).run()
+                else:
+                    Worker(self, interval).run()
         finally:
             restore()
             self.extensions.call("stop")  # a background task ends what it is doing, within shutdown_grace
@@ -298,24 +330,6 @@ class Orchestrator:
             app_version=self.app_version, every=beat_seconds(self.lease_seconds),
         )  # fmt: skip
         return self.heartbeat
-
-    def _loop(self, interval: float) -> None:
-        """Passes until stopped; a pass that claimed a full batch is followed at once by the next."""
-        while not self._stop.is_set():
-            self.last_loop = time.monotonic()
-            try:
-                summary = self.execute_pipelines()
-            except RepositoryError as exc:  # the store is down: keep the worker, back off (logged once)
-                self._stop.wait(self.outage.failed(exc))
-                continue
-            self.outage.recovered()
-            if summary.abandoned_hooks > self.max_abandoned_hooks:
-                raise WorkerUnhealthyError(
-                    f"{summary.abandoned_hooks} hung hook threads are still running (limit "
-                    f"{self.max_abandoned_hooks}); exiting so that the supervisor starts a fresh worker"
-                )
-            if summary.claimed < self.batch_size:
-                self._stop.wait(interval)
 
     def purge(
         self,

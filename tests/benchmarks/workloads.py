@@ -23,6 +23,7 @@ import os
 import resource
 import sqlite3
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -141,6 +142,24 @@ def w1(url: str, n: int, group: int = 100) -> dict[str, Any]:
         "transitions_per_s": transitions / (done - created),
         "rss_mb": rss_mb(),
     }
+
+
+def w1_worker(url: str, n: int, concurrency: int = 4) -> dict[str, Any]:
+    """W1 run by a worker (``run_forever`` in a thread) instead of passes: pipelines per second
+    from its start until all have finished (polled every 10 ms)."""
+    backend = from_url(url)
+    Three.create_many(backend, [{}] * n)
+    worker = Orchestrator(backend, concurrency=concurrency)
+    reader = Orchestrator(backend)
+    started = time.perf_counter()
+    thread = threading.Thread(target=worker.run_forever, kwargs={"interval": 0.05})
+    thread.start()
+    while (reader.query(status="finished", limit=1, count=True).total or 0) < n:
+        time.sleep(0.01)
+    done = time.perf_counter()
+    worker.stop()
+    thread.join()
+    return {"pipelines_per_s": n / (done - started), "transitions_per_s": 3 * n / (done - started)}
 
 
 def w1_batch(url: str, n: int, group: int = 100) -> dict[str, Any]:
@@ -540,6 +559,7 @@ if __name__ == "__main__":
     name, *args = sys.argv[1:]
     commands: dict[str, Callable[[], dict[str, Any]]] = {
         "w1": lambda: w1(args[0], int(args[1]), *map(int, args[2:])),
+        "w1_worker": lambda: w1_worker(args[0], int(args[1]), *map(int, args[2:])),
         "w1_batch": lambda: w1_batch(args[0], int(args[1]), *map(int, args[2:])),
         "floor": lambda: floor(args[0], int(args[1]), int(args[2])),
         "w2_setup": lambda: w2_setup(args[0], int(args[1])),
