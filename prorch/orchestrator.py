@@ -1,29 +1,23 @@
-"""``Orchestrator``: the pass that resumes every due pipeline, the worker loop around it, and the
-operations on one pipeline (read, cancel, retry)."""
+"""``Orchestrator``: one repository's pipelines, resumed by a pass (``prorch.engine.passes``) or a
+worker (``prorch.worker``), and the operations on one pipeline (read, cancel, retry)."""
 
 from __future__ import annotations
 
-import functools
 import itertools
-import logging
 import threading
 import time
 from collections.abc import Iterable, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import timedelta
 from typing import Any
 
-from prorch import signals
+from prorch import worker
 from prorch.engine import (
     DEFAULT_LEASE_SECONDS,
     DEFAULT_MAX_CRASHES,
     DEFAULT_MAX_TURNS_PER_PASS,
-    Outcome,
     Runner,
-    Writing,
-    write_each,
-    write_in_rounds,
+    passes,
 )
 from prorch.engine.bounded_calls import HookCaller
 from prorch.engine.extension import Extension, Extensions, builtin_extensions
@@ -31,36 +25,25 @@ from prorch.engine.outage import Outage
 from prorch.engine.policy import StepOverride
 from prorch.model import defaults
 from prorch.model.clock import Clock
-from prorch.model.due import Runnable
 from prorch.model.exceptions import (
-    ConcurrentUpdateError,
     ConfigurationError,
     InvalidStateError,
-    LeaseLostError,
     NotRegisteredError,
-    PipelineNotFoundError,
-    ProrchError,
-    RepositoryError,
-    WaitTimeoutError,
 )
-from prorch.model.keys import uuid_for_key
-from prorch.model.records import EventRecord, MessageRecord, PipelineRecord, StepRecord
+from prorch.model.records import MessageRecord, PipelineRecord
 from prorch.model.registry import Registry, current_registry
 from prorch.model.status import TERMINAL, Status
 from prorch.pipeline import new_owner_id
+from prorch.reads import Reads
 from prorch.storage import outside, purge
-from prorch.storage.heartbeat import Heartbeat, beat_seconds
-from prorch.storage.leases import LeaseKeeper
-from prorch.storage.listing import PipelinePage
+from prorch.storage.heartbeat import Heartbeat
 from prorch.storage.purge import PurgeSummary
-from prorch.storage.repository import PipelineQuery, RepositoryLike
-from prorch.storage.results import result_of
+from prorch.storage.repository import RepositoryLike
 from prorch.storage.store import Store
 from prorch.summaries import PassSummary, PipelineState
 
 __all__ = ["Orchestrator", "OrchestratorConfig", "PassSummary", "PipelineState"]
 
-logger = logging.getLogger("prorch.orchestrator")
 
 DEFAULT_CONCURRENCY = defaults.CONCURRENCY.default
 DEFAULT_BATCH_SIZE = defaults.BATCH_SIZE.default
@@ -78,7 +61,7 @@ class OrchestratorConfig:
     repository_class: RepositoryLike
 
 
-class Orchestrator:
+class Orchestrator(Reads):
     """Resumes every due pipeline of one repository: ``execute_pipelines()`` for one pass (cron),
     ``run_forever()`` for a worker."""
 
@@ -185,118 +168,9 @@ class Orchestrator:
         """One pass: claim the due pipelines (up to ``batch_size``), advance each, and return
         what happened. One pipeline's error is logged and recorded, and the pass goes on."""
         if not self.extensions.by_hook["around_pass"]:
-            return self._pass()
+            return passes.run_pass(self)
         with self.extensions.around_pass():
-            return self._pass()
-
-    def _pass(self) -> PassSummary:
-        self.store.warn_if_unguarded()
-        started = time.perf_counter()
-        summary = PassSummary()
-        self.extensions.pass_started(summary)
-        with LeaseKeeper(self.store, self.lease_seconds, self.clock, self.extensions.lease_lost) as keeper:
-            claimed, lags = self.claim(self.batch_size, keeper)
-            summary.claimed = len(claimed)
-            writings = self.advancings(claimed, keeper)
-            if self.group_commit > 1 and len(claimed) > 1 and self.store.has_transaction:
-                # suspects of a crash in an earlier round run alone, so that a crash is pinned on one
-                alone = [i for i, p in enumerate(claimed) if p.crashes or p.hook_started_at is not None]
-                with self.store.session():
-                    results = write_in_rounds(
-                        self.store, writings, group=self.group_commit, concurrency=self.concurrency, alone=alone
-                    )
-            elif self.concurrency > 1 and len(claimed) > 1:
-                # No connection is held through a hook: with more pipelines at once than pooled
-                # connections, each thread takes one only for its reads and commits.
-                with ThreadPoolExecutor(self.concurrency, thread_name_prefix="prorch") as pool:
-                    results = list(pool.map(functools.partial(write_each, self.store), writings))
-            else:
-                with self.store.session():  # one set of connections for the whole pass
-                    results = [write_each(self.store, writing) for writing in writings]
-        for pipeline, result in zip(claimed, results, strict=True):
-            self.tally(summary, pipeline, result)
-        self.pass_ended(summary, lags, time.perf_counter() - started)
-        return summary
-
-    def claim(self, limit: int, keeper: LeaseKeeper) -> tuple[list[PipelineRecord], list[float]]:
-        """Claim up to ``limit`` due pipelines, held by ``keeper``; with how late each was (seconds)."""
-        since = time.monotonic()  # before the lease's time is read: see LeaseKeeper
-        now = self.clock.now()
-        lease_until = now + timedelta(seconds=self.lease_seconds)
-        claimed = self.store.claim_due(
-            now, self.new_lease_token(), lease_until, limit, self.extensions.claim_limits(), self.runnable()
-        )
-        keeper.hold(claimed, since)
-        return claimed, [(now - p.next_run_at).total_seconds() for p in claimed if p.next_run_at is not None]
-
-    def advancings(self, claimed: list[PipelineRecord], keeper: LeaseKeeper) -> list[Writing[Outcome | str]]:
-        """The advance of each claimed pipeline, to drive; their steps are read in one go."""
-        steps = self.store.steps_of_many([pipeline.uuid for pipeline in claimed])  # one read, not one each
-        return [self._advancing(pipeline, keeper, steps.get(pipeline.uuid)) for pipeline in claimed]
-
-    def tally(self, summary: PassSummary, pipeline: PipelineRecord, result: Outcome | str) -> None:
-        """Count one ended advance in ``summary`` (``on_ended`` told of a pipeline that ended)."""
-        if isinstance(result, Outcome):
-            summary.add(result)
-            if result.status in TERMINAL:
-                self.extensions.call("on_ended", pipeline, result.status)
-        else:
-            summary.errors[pipeline.uuid] = result
-
-    def pass_ended(self, summary: PassSummary, lags: list[float], seconds: float) -> None:
-        """Tell the extensions a pass (or a worker's interval of work) ended, and log what it did."""
-        summary.abandoned_hooks = self.hooks.abandoned
-        self.extensions.call("on_pass_end", summary, lags, seconds)
-        if summary.did_something:
-            logger.info(
-                "pass: claimed %d, finished %d, failed %d, waiting %d, blocked %d, errors %d",
-                summary.claimed,
-                summary.finished,
-                summary.failed,
-                summary.waiting,
-                len(summary.blocked),
-                len(summary.errors),
-            )
-
-    def runnable(self) -> Runnable:
-        """The (name, version) of every pipeline class registered here: what this worker claims."""
-        return frozenset((name, version) for name, versions in self.registry.pipelines.items() for version in versions)
-
-    def _advancing(
-        self, pipeline: PipelineRecord, keeper: LeaseKeeper, steps: list[StepRecord] | None
-    ) -> Writing[Outcome | str]:
-        """One pipeline's advance; an error is logged and recorded on it, and the pass goes on."""
-        try:
-            return (yield from self.runner.advancing(pipeline, keeper, steps))
-        except LeaseLostError as exc:
-            logger.warning("%s", exc, extra={"pipeline_uuid": pipeline.uuid})
-            return f"{type(exc).__name__}: {exc}"
-        except ConcurrentUpdateError as exc:
-            logger.warning(
-                "pipeline %s: write refused, another orchestrator holds it: %s",
-                pipeline.uuid,
-                exc,
-                extra={"pipeline_uuid": pipeline.uuid},
-            )
-            return f"{type(exc).__name__}: {exc}"
-        except RepositoryError as exc:  # the store's failure, not the engine's: no traceback
-            logger.error(
-                "pipeline %s: store error; what was not stored is done again in a later pass: %s",
-                pipeline.uuid,
-                exc,
-                extra={"pipeline_uuid": pipeline.uuid},
-            )
-            self.runner.journal.record_error(pipeline, exc)
-            return f"{type(exc).__name__}: {exc}"
-        except Exception as exc:
-            logger.exception(
-                "pipeline %s: advance failed: %s", pipeline.uuid, exc, extra={"pipeline_uuid": pipeline.uuid}
-            )
-            keeper.releasing(pipeline.uuid)
-            self.runner.journal.record_error(pipeline, exc)
-            return f"{type(exc).__name__}: {exc}"
-        finally:
-            keeper.drop(pipeline.uuid)  # its last write is stored: the lease is released
+            return passes.run_pass(self)
 
     def run_forever(self, interval: float = DEFAULT_INTERVAL_SECONDS) -> None:
         """Run as a worker until ``stop()`` or SIGTERM/SIGINT: up to ``concurrency`` pipelines in
@@ -306,30 +180,7 @@ class Orchestrator:
         claimed and not started is released. Raises ``WorkerUnhealthyError`` when more hung hook
         threads were abandoned than ``max_abandoned_hooks``, for a supervisor to restart the
         process."""
-        from prorch.worker import Worker  # the worker loop sits beside this module, and uses it
-
-        restore = signals.stop_on_signals(self.stop, self._stopping, self.shutdown_grace)
-        if not self.outage.down:
-            self.outage = Outage(interval)
-        self.extensions.call("start")
-        try:
-            with self._heartbeat():
-                if self.extensions.by_hook["around_pass"]:
-                    with self.extensions.around_pass():
-                        Worker(self, interval).run()
-                else:
-                    Worker(self, interval).run()
-        finally:
-            restore()
-            self.extensions.call("stop")  # a background task ends what it is doing, within shutdown_grace
-            self.close()
-
-    def _heartbeat(self) -> Heartbeat:
-        self.heartbeat = Heartbeat(
-            self.store, self.clock, self.owner, concurrency=self.concurrency, in_flight=lambda: self.hooks.in_flight,
-            app_version=self.app_version, every=beat_seconds(self.lease_seconds),
-        )  # fmt: skip
-        return self.heartbeat
+        worker.run_forever(self, interval)
 
     def purge(
         self,
@@ -361,117 +212,6 @@ class Orchestrator:
 
     def _stopping(self) -> bool:
         return self._stop.is_set()
-
-    # --- reading -------------------------------------------------------------------------------
-
-    def list_pipelines(self, status: Status | str | None = None, name: str | None = None) -> list[PipelineRecord]:
-        """Stored pipelines, newest first; filtered by status and name when given."""
-        found = self.store.pipelines_with_status(Status(status)) if status is not None else self.store.all_pipelines()
-        if name is not None:
-            found = [p for p in found if p.name == name]
-        epoch = datetime.min.replace(tzinfo=self.clock.now().tzinfo)
-        return sorted(found, key=lambda p: p.created_at or epoch, reverse=True)
-
-    def query(
-        self,
-        *,
-        status: Status | str | None = None,
-        name: str | None = None,
-        version: int | None = None,
-        tenant: str | None = None,
-        key: str | None = None,
-        since: datetime | None = None,
-        until: datetime | None = None,
-        updated_since: datetime | None = None,
-        updated_until: datetime | None = None,
-        param: tuple[str, str | int | float | bool] | None = None,
-        limit: int = 50,
-        after: str | None = None,
-        count: bool = False,
-    ) -> PipelinePage:
-        """A page of stored pipelines, newest first, by the store's indexes where it has them.
-
-        Filters combine; ``since``/``until`` bound ``created_at`` (until excluded), ``param`` is
-        ``(field, value)`` on a top-level params field. Pass the page's ``next_after`` as
-        ``after`` for the next page; ``count=True`` adds the total number of matches."""
-        query = PipelineQuery(
-            status=Status(status).value if status is not None else None,
-            name=name, version=version, tenant=tenant, key=key,
-            created_since=since, created_until=until,
-            updated_since=updated_since, updated_until=updated_until,
-            param=param, limit=limit, count=count,
-        )  # fmt: skip
-        return self.store.query_pipelines(query, after=after)
-
-    def get(self, uuid: str, *, workers_code: bool = True) -> PipelineState:
-        """The pipeline ``uuid`` with its steps in order, its children, and why it is blocked,
-        if it is. ``workers_code=False`` says this process has not loaded the workers' code (the
-        CLI without ``--app``): a pipeline whose code is missing here is then reported as
-        ``code_missing``, not as blocked, since the workers may well run it."""
-        record = self._require(uuid)
-        steps = sorted(self.store.steps_of(uuid), key=lambda s: (s.position is None, s.position or 0))
-        missing = self.blocked_reason(record, steps)
-        children = self.store.children_of(uuid)
-        if record.status in TERMINAL or not workers_code:  # an ended pipeline waits for nothing
-            return PipelineState(record, steps, code_missing=missing, children=children)
-        return PipelineState(record, steps, blocked=missing, children=children)
-
-    def result(self, uuid: str) -> Any:
-        """The result of pipeline ``uuid``: its last step's output (or its ``Output`` model) once
-        it finished, None while it runs; ``PipelineFailedError`` if it failed or was cancelled."""
-        record = self._require(uuid)
-        return result_of(record, self.store.steps_of(uuid), self.registry)
-
-    def wait(self, uuid: str, timeout: float | None = None, poll: float = 0.2) -> Any:
-        """Block until pipeline ``uuid`` ends and return its result (as ``result``); a
-        worker elsewhere runs it. ``WaitTimeoutError`` after ``timeout`` seconds."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        delay = min(poll, 0.05)
-        while True:
-            record = self._require(uuid)
-            if record.status in TERMINAL:
-                return result_of(record, self.store.steps_of(uuid), self.registry)
-            if deadline is not None and time.monotonic() >= deadline:
-                raise WaitTimeoutError(
-                    f"pipeline {uuid} did not end within {timeout:g}s (it is {record.status.value})", uuid=uuid
-                )
-            pause = delay if deadline is None else max(min(delay, deadline - time.monotonic()), 0)
-            time.sleep(pause)
-            delay = min(delay * 2, poll)
-
-    def get_by_key(self, key: str, *, workers_code: bool = True) -> PipelineState:
-        """The pipeline created with ``key`` (``create(key=...)``), with its steps (``workers_code``
-        as for ``get``)."""
-        uuid = uuid_for_key(key)
-        try:
-            return self.get(uuid, workers_code=workers_code)
-        except PipelineNotFoundError:
-            raise PipelineNotFoundError(f"no pipeline was created with key {key!r}", uuid=uuid) from None
-
-    def history(self, uuid: str) -> list[EventRecord]:
-        """The pipeline's events, oldest first."""
-        self._require(uuid)
-        return self.store.events_of(uuid)
-
-    def blocked_on_page(self, records: list[PipelineRecord]) -> dict[str, str]:
-        """Why each unended pipeline whose class (name, version) is not registered here is
-        blocked, by uuid: with the workers' code loaded, those no worker claims (``prorch list``)."""
-        found = {}
-        for record in records:
-            if record.status not in TERMINAL:
-                reason = self.blocked_reason(record, [])
-                if reason is not None:
-                    found[record.uuid] = reason
-        return found
-
-    def blocked_reason(self, record: PipelineRecord, steps: list[StepRecord]) -> str | None:
-        try:
-            self.registry.pipeline(record.name, record.version)
-            for step in steps:
-                self.registry.step(step.name, step.version)
-        except ProrchError as exc:
-            return str(exc)
-        return None
 
     # --- acting --------------------------------------------------------------------------------
 
@@ -532,12 +272,6 @@ class Orchestrator:
                 f"not loaded: {missing}",
                 name=record.name,
             )
-
-    def _require(self, uuid: str) -> PipelineRecord:
-        record = self.store.get_pipeline(uuid)
-        if record is None:
-            raise PipelineNotFoundError(f"no pipeline with uuid {uuid} is stored", uuid=uuid)
-        return record
 
 
 def _non_negative(value: Any) -> bool:

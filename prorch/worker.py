@@ -1,4 +1,4 @@
-"""The worker loop (``Orchestrator.run_forever``): continuous slots.
+"""The worker (``Orchestrator.run_forever``, ``prorch worker``): continuous slots.
 
 A worker keeps up to ``concurrency`` pipelines in progress (``prorch.engine.slots``) and refills
 a slot as soon as one ends and its last transition is stored: a slow hook holds one slot, never
@@ -8,54 +8,81 @@ holds many pipelines it is not running. The poll interval is only how often it l
 due work when the last claim found less than it asked for, and how often the extensions' pass
 hooks run (schedules, retention, metrics).
 
+A pipeline is in one slot at most. Its advance's last write releases its lease, and the advance
+ends a moment later; a claim in between may lease it again (a retry due at once): that claim
+waits, its lease kept, until the slot's advance has ended, and then takes a slot.
+
 On stop (SIGTERM, SIGINT, ``stop()``) it claims no more: the pipelines claimed and not started
 are released without running a hook, the running hooks finish (within ``shutdown_grace``, see
 ``prorch.signals``), their transitions are stored, and the loop returns."""
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections import deque
 from typing import Protocol
 
-from prorch.engine import Outcome, Writing
-from prorch.engine.bounded_calls import HookCaller
-from prorch.engine.extension import Extensions
+from prorch import signals
+from prorch.engine import Writing, passes
 from prorch.engine.outage import Outage
+from prorch.engine.passes import PassHost, PassSummary, Result
 from prorch.engine.rounds import _Ended, _marks_a_hook, _resume
 from prorch.engine.slots import Slots
-from prorch.model.clock import Clock
 from prorch.model.exceptions import RepositoryError, WorkerUnhealthyError
 from prorch.model.records import PipelineRecord
+from prorch.storage.heartbeat import Heartbeat, beat_seconds
 from prorch.storage.leases import LeaseKeeper
-from prorch.storage.store import Store, Write
-from prorch.summaries import PassSummary
+from prorch.storage.store import Write
 
-Result = Outcome | str
+logger = logging.getLogger("prorch.worker")
+
+LOG_EVERY = 30.0
+"""Seconds between the worker's INFO lines that sum up what it did (one more when it stops)."""
 
 
-class WorkerHost(Protocol):
-    """What the worker loop needs of its ``Orchestrator``."""
+class WorkerHost(PassHost, Protocol):
+    """What the worker needs of its ``Orchestrator``."""
 
-    store: Store
-    clock: Clock
-    extensions: Extensions
-    hooks: HookCaller
     stopped: threading.Event
     outage: Outage
-    lease_seconds: float
-    concurrency: int
-    group_commit: int
+    owner: str
+    app_version: str | None
+    heartbeat: Heartbeat | None
     group_window: float
     prefetch: int
     max_abandoned_hooks: int
+    shutdown_grace: float
     last_loop: float
 
-    def claim(self, limit: int, keeper: LeaseKeeper) -> tuple[list[PipelineRecord], list[float]]: ...
-    def advancings(self, claimed: list[PipelineRecord], keeper: LeaseKeeper) -> list[Writing[Result]]: ...
-    def tally(self, summary: PassSummary, pipeline: PipelineRecord, result: Result) -> None: ...
-    def pass_ended(self, summary: PassSummary, lags: list[float], seconds: float) -> None: ...
+    def stop(self) -> None: ...
+    def close(self) -> None: ...
+
+
+def run_forever(host: WorkerHost, interval: float) -> None:
+    """Run ``host``'s worker loop until it is stopped (see ``Orchestrator.run_forever``), with
+    its signal handlers, its extensions' background tasks and its row in the store."""
+    restore = signals.stop_on_signals(host.stop, host.stopped.is_set, host.shutdown_grace)
+    if not host.outage.down:
+        host.outage = Outage(interval)
+    host.extensions.call("start")
+    try:
+        host.heartbeat = Heartbeat(
+            host.store, host.clock, host.owner, concurrency=host.concurrency,
+            in_flight=lambda: host.hooks.in_flight, app_version=host.app_version,
+            every=beat_seconds(host.lease_seconds),
+        )  # fmt: skip
+        with host.heartbeat:
+            if host.extensions.by_hook["around_pass"]:
+                with host.extensions.around_pass():
+                    Worker(host, interval).run()
+            else:
+                Worker(host, interval).run()
+    finally:
+        restore()
+        host.extensions.call("stop")  # a background task ends what it is doing, within shutdown_grace
+        host.close()
 
 
 class _Waiting:
@@ -78,34 +105,61 @@ class Worker:
         self.capacity = host.concurrency + host.prefetch
         self.waiting: deque[_Waiting] = deque()
         self.pipelines: dict[str, PipelineRecord] = {}  # in a slot, by uuid
+        self.deferred: dict[str, tuple[PipelineRecord, float]] = {}  # claimed again while in a slot
         self.next_claim = 0.0  # time.monotonic() of the next claim when the last one came back short
         self.summary = PassSummary()
         self.lags: list[float] = []
         self.period_started = time.perf_counter()
+        self.totals = PassSummary()  # since the last INFO line
+        self.logged_at = time.monotonic()
+        self.keeper = LeaseKeeper(host.store, host.lease_seconds, host.clock, host.extensions.lease_lost)
 
     def run(self) -> None:
         host = self.host
         slots: Slots[str, Result] = Slots(
-            host.store, concurrency=host.concurrency, group=host.group_commit, window=host.group_window
-        )
-        with LeaseKeeper(host.store, host.lease_seconds, host.clock, host.extensions.lease_lost) as keeper:
+            host.store, concurrency=host.concurrency, group=host.group_commit, window=host.group_window,
+            broken=_broken,
+        )  # fmt: skip
+        with self.keeper:
             self._period_start()
             try:
-                while not (host.stopped.is_set() and not self.waiting and not slots.active):
-                    host.last_loop = time.monotonic()
-                    if not host.stopped.is_set() and self._claimable(slots):
-                        self._claim(slots, keeper)
-                    self._fill(slots)
-                    if slots.active:
-                        self._ended(slots.step(self._timeout()))
-                    elif not host.stopped.is_set():
-                        host.stopped.wait(self._timeout())
-                    if time.perf_counter() - self.period_started >= self.interval:
-                        self._period_end()
-                        self._period_start()
+                while not (host.stopped.is_set() and self.held == slots.active):
+                    self._turn(slots)
+            except WorkerUnhealthyError:
+                raise
+            except Exception:
+                logger.exception(
+                    "the worker's loop failed; exiting once its running hooks end, so that the supervisor starts "
+                    "a fresh worker (the pipelines it held resume when their leases run out)"
+                )
+                raise
             finally:
                 slots.close()
-                host.pass_ended(self.summary, self.lags, time.perf_counter() - self.period_started)
+                passes.pass_ended(host, self.summary, self.lags, time.perf_counter() - self.period_started)
+                self._log(self.summary, force=True)
+
+    @property
+    def held(self) -> int:
+        """Pipelines this worker holds: in a slot, waiting for one, or claimed again."""
+        return len(self.pipelines) + len(self.waiting) + len(self.deferred)
+
+    def _turn(self, slots: Slots[str, Result]) -> None:
+        host = self.host
+        host.last_loop = time.monotonic()
+        if not host.stopped.is_set() and self._claimable(slots):
+            self._claim(slots)
+        self._fill(slots)
+        if slots.active:
+            self._ended(slots.step(self._timeout()))
+        elif not host.stopped.is_set():
+            self._idle_wait(self._timeout())
+        if time.perf_counter() - self.period_started >= self.interval:
+            self._period_end()
+            self._period_start()
+
+    def _idle_wait(self, timeout: float) -> None:
+        """Nothing runs: wait for work, a stop, or ``timeout`` seconds (the poll interval)."""
+        self.host.stopped.wait(timeout)
 
     # --- claiming ---------------------------------------------------------------------------
 
@@ -114,14 +168,21 @@ class Worker:
         asked for or the interval has passed."""
         return slots.free > len(self.waiting) and time.monotonic() >= self.next_claim
 
-    def _claim(self, slots: Slots[str, Result], keeper: LeaseKeeper) -> None:
-        host = self.host
-        limit = self.capacity - slots.active - len(self.waiting)
+    def _claim(self, slots: Slots[str, Result]) -> None:
+        host, keeper = self.host, self.keeper
+        limit = self.capacity - self.held
         if any(rule.rate is not None for rule in host.extensions.claim_limits().values()):
             limit = min(limit, slots.free - len(self.waiting))  # a rate counts claims: claim only what starts now
+        if limit <= 0:
+            return
+        since = time.monotonic()  # before the lease's time is read: see LeaseKeeper
         try:
-            claimed, lags = host.claim(limit, keeper)
-            writings = host.advancings(claimed, keeper)
+            claimed, lags = passes.claim(host, limit)
+            busy = self._busy()
+            again = [pipeline for pipeline in claimed if pipeline.uuid in busy]
+            fresh = [pipeline for pipeline in claimed if pipeline.uuid not in busy]
+            keeper.hold(fresh, since)
+            writings = passes.advancings(host, fresh, keeper)
         except RepositoryError as exc:  # the store is down: back off from claiming (logged once)
             self.next_claim = time.monotonic() + host.outage.failed(exc)
             return
@@ -130,6 +191,15 @@ class Worker:
             self.next_claim = time.monotonic() + self.interval
         self.summary.claimed += len(claimed)
         self.lags.extend(lags)
+        for pipeline in again:  # its advance here is ending: it waits for that end
+            self.deferred[pipeline.uuid] = (pipeline, since)
+        self._queue(slots, fresh, writings)
+
+    def _busy(self) -> set[str]:
+        """The pipelines this worker holds an advance of: in a slot, or waiting for one."""
+        return {*self.pipelines, *(waiting.pipeline.uuid for waiting in self.waiting)}
+
+    def _queue(self, slots: Slots[str, Result], claimed: list[PipelineRecord], writings: list[Writing[Result]]) -> None:
         suspects = []
         for pipeline, writing in zip(claimed, writings, strict=True):
             # suspects of a crash in an earlier round run alone, so that a crash is pinned on one
@@ -150,7 +220,7 @@ class Worker:
             step = _resume(waiting.writing, None)
             if isinstance(step, _Ended):
                 self.waiting.remove(waiting)
-                self.host.tally(self.summary, waiting.pipeline, step.value)
+                self._done(waiting.pipeline, step.value)
                 continue
             waiting.first = step
             if not _marks_a_hook(step):
@@ -176,7 +246,29 @@ class Worker:
 
     def _ended(self, ended: list[tuple[str, Result]]) -> None:
         for uuid, result in ended:
-            self.host.tally(self.summary, self.pipelines.pop(uuid), result)
+            self._done(self.pipelines.pop(uuid), result)
+
+    def _done(self, pipeline: PipelineRecord, result: Result) -> None:
+        """An advance ended: count it; a claim of the same pipeline that waited for this end
+        takes its turn now."""
+        passes.tally(self.host, self.summary, pipeline, result)
+        if pipeline.uuid in self.deferred and pipeline.uuid not in self._busy():
+            self._resume_deferred(pipeline.uuid)
+
+    def _resume_deferred(self, uuid: str) -> None:
+        """Hold the lease of a pipeline claimed again while it was in a slot (the slot's advance
+        let go of it as it ended) and queue it; if its steps cannot be read, its lease runs out
+        and it resumes then."""
+        pipeline, since = self.deferred.pop(uuid)
+        keeper = self.keeper
+        keeper.hold([pipeline], since)
+        try:
+            writings = passes.advancings(self.host, [pipeline], keeper)
+        except RepositoryError as exc:
+            keeper.drop(uuid)
+            logger.error("pipeline %s: could not read its steps (%s); it resumes when its lease runs out", uuid, exc)
+            return
+        self.waiting.append(_Waiting(pipeline, writings[0], False))
 
     def _timeout(self) -> float:
         """How long to wait for a hook: until the next claim or the end of the period."""
@@ -198,10 +290,37 @@ class Worker:
 
     def _period_end(self) -> None:
         host = self.host
-        host.pass_ended(self.summary, self.lags, time.perf_counter() - self.period_started)
+        passes.pass_ended(host, self.summary, self.lags, time.perf_counter() - self.period_started)
+        self._log(self.summary)
         if self.summary.abandoned_hooks > host.max_abandoned_hooks:
             host.stopped.set()
             raise WorkerUnhealthyError(
                 f"{self.summary.abandoned_hooks} hung hook threads are still running (limit "
                 f"{host.max_abandoned_hooks}); exiting so that the supervisor starts a fresh worker"
             )
+
+    def _log(self, period: PassSummary, *, force: bool = False) -> None:
+        """Add ``period`` to the counts, and log them once every ``LOG_EVERY`` seconds (and
+        when the worker stops) if there was work: a busy worker does not flood its log."""
+        totals = self.totals
+        totals.claimed += period.claimed
+        totals.finished += period.finished
+        totals.failed += period.failed
+        totals.waiting += period.waiting
+        totals.blocked.update(period.blocked)
+        totals.errors.update(period.errors)
+        seconds = time.monotonic() - self.logged_at
+        if seconds < LOG_EVERY and not force:
+            return
+        if totals.did_something:
+            logger.info("worker: %s in the last %.0fs", totals.counts(), seconds)
+        self.totals, self.logged_at = PassSummary(), time.monotonic()
+
+
+def _broken(uuid: str, error: Exception) -> Result:
+    """A slot's advance raised what it should have caught (an engine bug): its end, as an error."""
+    logger.error(
+        "pipeline %s: its advance broke (%s: %s); it resumes when its lease runs out",
+        uuid, type(error).__name__, error, exc_info=error, extra={"pipeline_uuid": uuid},
+    )  # fmt: skip
+    return f"{type(error).__name__}: {error}"

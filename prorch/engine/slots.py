@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections import deque
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from typing import Generic, TypeVar
 
@@ -32,10 +32,14 @@ K = TypeVar("K", bound=Hashable)
 class Slots(Generic[K, T]):
     """Up to ``concurrency`` writings in progress, keyed by ``K``; ``step`` drives them and
     returns those that ended. With ``concurrency`` 1 (a store that is not thread-safe) the
-    writings run in the calling thread."""
+    writings run in the calling thread. A key holds one slot at most. A writing that raises
+    (a bug: an advance catches its errors) ends with ``broken(key, error)``; the others go on."""
 
-    def __init__(self, store: Store, *, concurrency: int, group: int, window: float) -> None:
+    def __init__(
+        self, store: Store, *, concurrency: int, group: int, window: float, broken: Callable[[K, Exception], T]
+    ) -> None:
         self.store = store
+        self.broken = broken
         self.concurrency = concurrency
         self.grouped = group > 1 and store.has_transaction
         self.group = group if self.grouped else 1
@@ -68,7 +72,10 @@ class Slots(Generic[K, T]):
         alone: bool = False,
     ) -> None:
         """Take ``writing`` into a free slot. ``first``: its next write, already taken from it
-        (to store before it is resumed); ``resumed``: what to resume it with first."""
+        (to store before it is resumed); ``resumed``: what to resume it with first. A key that
+        holds a slot already is refused (``ValueError``): its two writings would interleave."""
+        if key in self._writings:
+            raise ValueError(f"{key!r} holds a slot already; it can take another once its writing ended")
         self._writings[key] = writing
         if alone:
             self._alone.add(key)
@@ -88,7 +95,13 @@ class Slots(Generic[K, T]):
                 timeout = max(0.0, min(timeout, self._queued_since + self.window - time.monotonic()))
             done, _ = wait(list(self._running), timeout=timeout, return_when=FIRST_COMPLETED)
             for future in done:
-                self._took(self._running.pop(future), future.result(), ended)
+                key = self._running.pop(future)
+                try:
+                    step = future.result()
+                except Exception as exc:
+                    self._end(key, self.broken(key, exc), ended)
+                    continue
+                self._took(key, step, ended)
         if self._queue and self._group_due():
             self._store()
         return ended
@@ -105,17 +118,26 @@ class Slots(Generic[K, T]):
         while self._ready:
             key, resumed = self._ready.popleft()
             if self._pool is None:
-                self._took(key, _resume(self._writings[key], resumed), ended)
+                try:
+                    step = _resume(self._writings[key], resumed)
+                except Exception as exc:
+                    self._end(key, self.broken(key, exc), ended)
+                    continue
+                self._took(key, step, ended)
             else:
                 self._running[self._pool.submit(_resume, self._writings[key], resumed)] = key
 
     def _took(self, key: K, step: Write | _Ended[T], ended: list[tuple[K, T]]) -> None:
         if isinstance(step, _Ended):
-            del self._writings[key]
-            self._alone.discard(key)
-            ended.append((key, step.value))
+            self._end(key, step.value, ended)
         else:
             self._enqueue(key, step)
+
+    def _end(self, key: K, value: T, ended: list[tuple[K, T]]) -> None:
+        """The slot of ``key`` is free again."""
+        del self._writings[key]
+        self._alone.discard(key)
+        ended.append((key, value))
 
     def _enqueue(self, key: K, write: Write) -> None:
         if not self._queue:

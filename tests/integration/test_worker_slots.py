@@ -36,12 +36,19 @@ def app() -> Iterator[object]:
         sys.modules.pop("slots_app", None)
 
 
-def start_worker(url: str, log: Path, **settings: str) -> subprocess.Popen[str]:
+def start_worker(url: str, log: Path, interval: str = "0.1", **settings: str) -> subprocess.Popen[str]:
+    """A ``prorch worker`` process; its own output goes to ``worker.log`` beside ``log`` (a
+    file, not a pipe nobody reads until the end: a full pipe would stop the worker)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("PRORCH_")}
     env.update({"PYTHONPATH": os.pathsep.join([str(APP), str(ROOT)]), "SLOTS_LOG": str(log)})
     env.update({f"PRORCH_{name.upper()}": value for name, value in settings.items()})
-    command = [PRORCH, "-r", url, "--app", "slots_app", "worker", "--interval", "0.1"]
-    return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    command = [PRORCH, "-r", url, "--app", "slots_app", "worker", "--interval", interval]
+    with worker_log(log).open("w") as output:
+        return subprocess.Popen(command, env=env, stdout=output, stderr=subprocess.STDOUT, text=True)
+
+
+def worker_log(log: Path) -> Path:
+    return log.parent / "worker.log"
 
 
 def events(log: Path) -> list[tuple[str, str]]:
@@ -60,7 +67,7 @@ def leased(db: Path) -> int:
 def stop(worker: subprocess.Popen[str]) -> None:
     if worker.poll() is None:
         worker.kill()
-    worker.communicate()
+    worker.wait()
 
 
 def test_a_slow_hook_holds_one_slot_and_quick_pipelines_run_beside_it(app: object, tmp_path: Path) -> None:
@@ -105,10 +112,10 @@ def test_sigterm_lets_running_hooks_finish_and_releases_what_was_not_started(app
         wait_for(lambda: sum(1 for event, _ in events(log) if event == "start") == 2, 30, "two hooks to start")
         wait_for(lambda: leased(db) == 4, 10, "the prefetch to be claimed")
         worker.send_signal(signal.SIGTERM)
-        _, err = worker.communicate(timeout=30)
+        worker.wait(timeout=30)
     finally:
         stop(worker)
-    assert worker.returncode == 0, err
+    assert worker.returncode == 0, worker_log(log).read_text()[-3000:]
     seen = events(log)
     started = {uuid for event, uuid in seen if event == "start"}
     assert len(started) == 2, seen
@@ -117,3 +124,39 @@ def test_sigterm_lets_running_hooks_finish_and_releases_what_was_not_started(app
     orchestrator = Orchestrator(url)
     assert {p.uuid for p in orchestrator.list_pipelines(status="finished")} == started
     assert {p.uuid for p in orchestrator.list_pipelines(status="pending")} == set(created) - started
+
+
+def test_hooks_past_their_timeout_retried_at_once_run_each_pipeline_once_at_a_time(app: object, tmp_path: Path) -> None:
+    """A hook cancelled at its step's timeout is retried almost at once (backoff 1 ms): its
+    pipeline is due again just after its retry is stored, while its advance is still ending in
+    the slot. The worker must not start it in a second slot (it died with a KeyError when it
+    did): it stays alive, every pipeline ends exactly once, and no pipeline's hook ran twice at
+    once."""
+    url, log = f"sqlite:///{tmp_path}/slots.db", tmp_path / "hooks.log"
+    created: list[str] = []
+    # a short interval: the worker, with slots free, claims again at once after a retry is stored
+    worker = start_worker(url, log, interval="0.02", concurrency="4")
+    try:
+        for _ in range(40):  # created while it runs, no faster than it ends them: no backlog
+            created.append(app.Overrun.create(url).uuid)  # type: ignore[attr-defined]
+            time.sleep(0.15)
+        deadline = time.monotonic() + 120
+        while sum(1 for event, _ in events(log) if event == "done") < len(created):
+            assert worker.poll() is None, "the worker died: " + worker_log(log).read_text()[-3000:]
+            assert time.monotonic() < deadline, (
+                "the pipelines did not end within 120s: " + worker_log(log).read_text()[-3000:]
+            )
+            time.sleep(0.1)
+        wait_for(lambda: len(Orchestrator(url).list_pipelines(status="finished")) == len(created), 10, "all stored")
+        time.sleep(0.5)  # a second run of a pipeline, if any, would show now
+        assert worker.poll() is None, "the worker died: " + worker_log(log).read_text()[-3000:]
+    finally:
+        stop(worker)
+    seen = events(log)
+    done = [uuid for event, uuid in seen if event == "done"]
+    assert sorted(done) == sorted(created), "a pipeline ended twice, or not at all"
+    for uuid in created:
+        own = [event for event, who in seen if who == uuid and event != "done"]
+        assert own == ["start-OverrunFirst", "end-OverrunFirst"] * 3, f"pipeline {uuid}'s hooks overlapped: {own}"
+    output = worker_log(log).read_text()
+    assert "Traceback" not in output, output[-3000:]
