@@ -123,7 +123,7 @@ class Worker:
         with self.keeper:
             self._period_start()
             try:
-                while not (host.stopped.is_set() and self.held == slots.active):
+                while not (host.stopped.is_set() and self.held == 0):
                     self._turn(slots)
             except WorkerUnhealthyError:
                 raise
