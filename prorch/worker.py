@@ -148,6 +148,8 @@ class Worker:
         host.last_loop = time.monotonic()
         if not host.stopped.is_set() and self._claimable(slots):
             self._claim(slots)
+        elif host.stopped.is_set() and self.waiting:
+            self._release_waiting()
         self._fill(slots)
         if slots.active:
             self._ended(slots.step(self._timeout()))
@@ -243,6 +245,22 @@ class Worker:
             self.waiting.popleft()
             self.pipelines[head.pipeline.uuid] = head.pipeline
             slots.start(head.pipeline.uuid, head.writing, first=head.first, resumed=head.resumed, alone=head.alone)
+
+    def _release_waiting(self) -> None:
+        """Stopping: the pipelines claimed and not started give their leases back now, not once
+        a slot frees (the runner parks a pipeline without running a hook once stopped)."""
+        store = self.host.store
+        while self.waiting:
+            waiting = self.waiting.popleft()
+            step = waiting.first if waiting.first is not None else _resume(waiting.writing, waiting.resumed)
+            while not isinstance(step, _Ended):
+                try:
+                    store.commit_write(step)
+                    stored: Exception | None = None
+                except Exception as exc:  # told to the advance, as in a slot
+                    stored = exc
+                step = _resume(waiting.writing, stored)
+            self._done(waiting.pipeline, step.value)
 
     def _ended(self, ended: list[tuple[str, Result]]) -> None:
         for uuid, result in ended:

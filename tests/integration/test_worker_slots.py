@@ -73,10 +73,10 @@ def stop(worker: subprocess.Popen[str]) -> None:
 def test_a_slow_hook_holds_one_slot_and_quick_pipelines_run_beside_it(app: object, tmp_path: Path) -> None:
     url, log = f"sqlite:///{tmp_path}/slots.db", tmp_path / "hooks.log"
     slow = app.Slow.create(url).uuid  # type: ignore[attr-defined]
-    worker = start_worker(url, log, concurrency="2")
+    worker = start_worker(url, log, concurrency="4")
     try:
         wait_for(lambda: ("start", slow) in events(log), 30, "the slow hook to start")
-        quick = [app.Quick.create(url).uuid for _ in range(6)]  # type: ignore[attr-defined]
+        quick = [app.Quick.create(url).uuid for _ in range(12)]  # type: ignore[attr-defined]
         wait_for(lambda: all(("end", q) in events(log) for q in quick), 15, "the quick hooks to end")
         seen = events(log)
         assert ("end", slow) not in seen, f"the quick pipelines waited for the slow hook: {seen}"
@@ -160,3 +160,25 @@ def test_hooks_past_their_timeout_retried_at_once_run_each_pipeline_once_at_a_ti
         assert own == ["start-OverrunFirst", "end-OverrunFirst"] * 3, f"pipeline {uuid}'s hooks overlapped: {own}"
     output = worker_log(log).read_text()
     assert "Traceback" not in output, output[-3000:]
+
+
+def test_sigterm_past_the_grace_exits_non_zero_without_the_running_hook(app: object, tmp_path: Path) -> None:
+    url, log, db = f"sqlite:///{tmp_path}/slots.db", tmp_path / "hooks.log", tmp_path / "slots.db"
+    slow = [app.Slow.create(url).uuid for _ in range(2)]  # type: ignore[attr-defined]
+    waiting = [app.Quick.create(url).uuid for _ in range(3)]  # type: ignore[attr-defined]
+    worker = start_worker(url, log, concurrency="2", prefetch="2", shutdown_grace="1")
+    try:
+        wait_for(lambda: all(("start", uuid) in events(log) for uuid in slow), 30, "the slow hooks to start")
+        wait_for(lambda: leased(db) == 4, 10, "the prefetch to be claimed")
+        stopped = time.monotonic()
+        worker.send_signal(signal.SIGTERM)
+        worker.wait(timeout=30)
+        took = time.monotonic() - stopped
+    finally:
+        stop(worker)
+    assert worker.returncode != 0, "a worker that abandoned a hook must say so by its exit status"
+    assert took < 15, f"the worker waited {took:.0f}s for 20s hooks with a 1s grace"
+    assert not any(("end", uuid) in events(log) for uuid in slow)
+    assert not any(("start", uuid) in events(log) for uuid in waiting), "a hook started after the stop"
+    assert "exiting without them" in worker_log(log).read_text()
+    assert leased(db) == 2, "the pipelines claimed and not started were not released at the stop"
