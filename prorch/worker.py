@@ -178,6 +178,7 @@ class Worker:
         if limit <= 0:
             return
         since = time.monotonic()  # before the lease's time is read: see LeaseKeeper
+        fresh: list[PipelineRecord] = []
         try:
             claimed, lags = passes.claim(host, limit)
             busy = self._busy()
@@ -186,6 +187,8 @@ class Worker:
             keeper.hold(fresh, since)
             writings = passes.advancings(host, fresh, keeper)
         except RepositoryError as exc:  # the store is down: back off from claiming (logged once)
+            for pipeline in fresh:  # their steps were not read: their leases run out, they resume then
+                keeper.drop(pipeline.uuid)
             self.next_claim = time.monotonic() + host.outage.failed(exc)
             return
         host.outage.recovered()
