@@ -116,6 +116,7 @@ def test_sigterm_lets_running_hooks_finish_and_releases_what_was_not_started(app
     finally:
         stop(worker)
     assert worker.returncode == 0, worker_log(log).read_text()[-3000:]
+    assert "worker: claimed 4, finished 2," in worker_log(log).read_text()  # its summary at the stop
     seen = events(log)
     started = {uuid for event, uuid in seen if event == "start"}
     assert len(started) == 2, seen
@@ -160,6 +161,8 @@ def test_hooks_past_their_timeout_retried_at_once_run_each_pipeline_once_at_a_ti
         assert own == ["start-OverrunFirst", "end-OverrunFirst"] * 3, f"pipeline {uuid}'s hooks overlapped: {own}"
     output = worker_log(log).read_text()
     assert "Traceback" not in output, output[-3000:]
+    # a busy worker sums up every 30 s, not once per 0.02 s interval with work
+    assert "pass:" not in output and output.count("worker: claimed") <= 1, output[-3000:]
 
 
 def test_sigterm_past_the_grace_exits_non_zero_without_the_running_hook(app: object, tmp_path: Path) -> None:
