@@ -77,6 +77,10 @@ class SettingsFields(BaseModel):
     group_commit: int = ruled(
         defaults.GROUP_COMMIT, "transitions of different pipelines stored per commit (1: one each)"
     )
+    group_window: float = ruled(
+        defaults.GROUP_WINDOW, "seconds a worker's finished transition waits to share a commit with others"
+    )
+    prefetch: int = ruled(defaults.PREFETCH, "pipelines a worker claims beyond its free slots")
     lease_seconds: float = ruled(defaults.LEASE_SECONDS, "how long a claim lasts unrenewed")
     max_crashes: int = ruled(
         defaults.MAX_CRASHES, "worker deaths in a row inside a pipeline's hooks before it is quarantined"

@@ -1,77 +1,58 @@
-"""``Orchestrator``: the pass that resumes every due pipeline, the worker loop around it, and the
-operations on one pipeline (read, cancel, retry)."""
+"""``Orchestrator``: one repository's pipelines, resumed by a pass (``prorch.engine.passes``) or a
+worker (``prorch.worker``), and the operations on one pipeline (read, cancel, retry)."""
 
 from __future__ import annotations
 
-import functools
 import itertools
-import logging
 import threading
 import time
 from collections.abc import Iterable, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import timedelta
 from typing import Any
 
 from prorch import bulk as bulk_actions
-from prorch import signals
+from prorch import worker
 from prorch.engine import (
     DEFAULT_LEASE_SECONDS,
     DEFAULT_MAX_CRASHES,
     DEFAULT_MAX_TURNS_PER_PASS,
-    Outcome,
     Runner,
-    Writing,
-    write_each,
-    write_in_rounds,
+    passes,
 )
 from prorch.engine.bounded_calls import HookCaller
 from prorch.engine.extension import Extension, Extensions, builtin_extensions
 from prorch.engine.outage import Outage
 from prorch.engine.policy import StepOverride
 from prorch.model import defaults
-from prorch.model import patches as patch_rules
 from prorch.model.clock import Clock
-from prorch.model.due import Runnable
 from prorch.model.exceptions import (
-    ConcurrentUpdateError,
     ConfigurationError,
     InvalidStateError,
-    LeaseLostError,
     NotRegisteredError,
-    PipelineNotFoundError,
-    ProrchError,
-    RepositoryError,
-    WaitTimeoutError,
-    WorkerUnhealthyError,
 )
-from prorch.model.keys import uuid_for_key
-from prorch.model.records import EventRecord, MessageRecord, PipelineRecord, StepRecord
+from prorch.model.records import MessageRecord, PipelineRecord
 from prorch.model.registry import Registry, current_registry
 from prorch.model.status import TERMINAL, Status
 from prorch.pipeline import new_owner_id
+from prorch.reads import Reads
 from prorch.storage import forking, outside, purge
-from prorch.storage import versions as code_versions
-from prorch.storage.heartbeat import Heartbeat, beat_seconds
-from prorch.storage.leases import LeaseKeeper
-from prorch.storage.listing import PipelinePage
+from prorch.storage.heartbeat import Heartbeat
 from prorch.storage.purge import PurgeSummary
-from prorch.storage.repository import PipelineQuery, RepositoryLike
-from prorch.storage.results import result_of
+from prorch.storage.repository import RepositoryLike
 from prorch.storage.store import Store
-from prorch.storage.versions import VersionUsage
 from prorch.summaries import PassSummary, PipelineState
 
 __all__ = ["Orchestrator", "OrchestratorConfig", "PassSummary", "PipelineState"]
 
-logger = logging.getLogger("prorch.orchestrator")
 
 DEFAULT_CONCURRENCY = defaults.CONCURRENCY.default
 DEFAULT_BATCH_SIZE = defaults.BATCH_SIZE.default
 DEFAULT_GROUP_COMMIT = defaults.GROUP_COMMIT.default
 DEFAULT_INTERVAL_SECONDS = defaults.INTERVAL.default
 DEFAULT_SHUTDOWN_GRACE_SECONDS = defaults.SHUTDOWN_GRACE.default
+DEFAULT_GROUP_WINDOW_SECONDS = defaults.GROUP_WINDOW.default
+DEFAULT_PREFETCH = defaults.PREFETCH.default
 
 
 @dataclass
@@ -81,7 +62,7 @@ class OrchestratorConfig:
     repository_class: RepositoryLike
 
 
-class Orchestrator:
+class Orchestrator(Reads):
     """Resumes every due pipeline of one repository: ``execute_pipelines()`` for one pass (cron),
     ``run_forever()`` for a worker."""
 
@@ -93,6 +74,8 @@ class Orchestrator:
         concurrency: int = DEFAULT_CONCURRENCY,
         batch_size: int = DEFAULT_BATCH_SIZE,
         group_commit: int = DEFAULT_GROUP_COMMIT,
+        group_window: float = DEFAULT_GROUP_WINDOW_SECONDS,
+        prefetch: int = DEFAULT_PREFETCH,
         lease_seconds: float = DEFAULT_LEASE_SECONDS,
         max_turns_per_pass: int = DEFAULT_MAX_TURNS_PER_PASS,
         max_crashes: int = DEFAULT_MAX_CRASHES,
@@ -111,6 +94,8 @@ class Orchestrator:
             concurrency=concurrency,
             batch_size=batch_size,
             group_commit=group_commit,
+            group_window=group_window,
+            prefetch=prefetch,
             lease_seconds=lease_seconds,
             max_crashes=max_crashes,
             hook_timeout=hook_timeout,
@@ -130,6 +115,8 @@ class Orchestrator:
         self._claims = itertools.count(1)
         self.batch_size = batch_size
         self.group_commit = group_commit
+        self.group_window = group_window
+        self.prefetch = prefetch
         self.lease_seconds = lease_seconds
         self.shutdown_grace = shutdown_grace
         self.retention = retention
@@ -182,144 +169,19 @@ class Orchestrator:
         """One pass: claim the due pipelines (up to ``batch_size``), advance each, and return
         what happened. One pipeline's error is logged and recorded, and the pass goes on."""
         if not self.extensions.by_hook["around_pass"]:
-            return self._pass()
+            return passes.run_pass(self)
         with self.extensions.around_pass():
-            return self._pass()
-
-    def _pass(self) -> PassSummary:
-        self.store.warn_if_unguarded()
-        started = time.perf_counter()
-        summary = PassSummary()
-        self.extensions.pass_started(summary)
-        since = time.monotonic()  # before the lease's time is read: see LeaseKeeper
-        now = self.clock.now()
-        lease_until = now + timedelta(seconds=self.lease_seconds)
-        claimed = self.store.claim_due(
-            now, self.new_lease_token(), lease_until, self.batch_size, self.extensions.claim_limits(), self.runnable()
-        )
-        summary.claimed = len(claimed)
-        lags = [(now - p.next_run_at).total_seconds() for p in claimed if p.next_run_at is not None]
-        with LeaseKeeper(self.store, self.lease_seconds, self.clock, self.extensions.lease_lost) as keeper:
-            keeper.hold(claimed, since)
-            steps = self.store.steps_of_many([pipeline.uuid for pipeline in claimed])  # one read, not one each
-            writings = [self._advancing(pipeline, keeper, steps.get(pipeline.uuid)) for pipeline in claimed]
-            if self.group_commit > 1 and len(claimed) > 1 and self.store.has_transaction:
-                # suspects of a crash in an earlier round run alone, so that a crash is pinned on one
-                alone = [i for i, p in enumerate(claimed) if p.crashes or p.hook_started_at is not None]
-                with self.store.session():
-                    results = write_in_rounds(
-                        self.store, writings, group=self.group_commit, concurrency=self.concurrency, alone=alone
-                    )
-            elif self.concurrency > 1 and len(claimed) > 1:
-                # No connection is held through a hook: with more pipelines at once than pooled
-                # connections, each thread takes one only for its reads and commits.
-                with ThreadPoolExecutor(self.concurrency, thread_name_prefix="prorch") as pool:
-                    results = list(pool.map(functools.partial(write_each, self.store), writings))
-            else:
-                with self.store.session():  # one set of connections for the whole pass
-                    results = [write_each(self.store, writing) for writing in writings]
-        for pipeline, result in zip(claimed, results, strict=True):
-            if isinstance(result, Outcome):
-                summary.add(result)
-                if result.status in TERMINAL:
-                    self.extensions.call("on_ended", pipeline, result.status)
-            else:
-                summary.errors[pipeline.uuid] = result
-        summary.abandoned_hooks = self.hooks.abandoned
-        self.extensions.call("on_pass_end", summary, lags, time.perf_counter() - started)
-        if summary.did_something:
-            logger.info(
-                "pass: claimed %d, finished %d, failed %d, waiting %d, blocked %d, errors %d",
-                summary.claimed,
-                summary.finished,
-                summary.failed,
-                summary.waiting,
-                len(summary.blocked),
-                len(summary.errors),
-            )
-        return summary
-
-    def runnable(self) -> Runnable:
-        """The (name, version) of every pipeline class registered here: what this worker claims."""
-        return frozenset((name, version) for name, versions in self.registry.pipelines.items() for version in versions)
-
-    def _advancing(
-        self, pipeline: PipelineRecord, keeper: LeaseKeeper, steps: list[StepRecord] | None
-    ) -> Writing[Outcome | str]:
-        """One pipeline's advance; an error is logged and recorded on it, and the pass goes on."""
-        try:
-            return (yield from self.runner.advancing(pipeline, keeper, steps))
-        except LeaseLostError as exc:
-            logger.warning("%s", exc, extra={"pipeline_uuid": pipeline.uuid})
-            return f"{type(exc).__name__}: {exc}"
-        except ConcurrentUpdateError as exc:
-            logger.warning(
-                "pipeline %s: write refused, another orchestrator holds it: %s",
-                pipeline.uuid,
-                exc,
-                extra={"pipeline_uuid": pipeline.uuid},
-            )
-            return f"{type(exc).__name__}: {exc}"
-        except RepositoryError as exc:  # the store's failure, not the engine's: no traceback
-            logger.error(
-                "pipeline %s: store error; what was not stored is done again in a later pass: %s",
-                pipeline.uuid,
-                exc,
-                extra={"pipeline_uuid": pipeline.uuid},
-            )
-            self.runner.journal.record_error(pipeline, exc)
-            return f"{type(exc).__name__}: {exc}"
-        except Exception as exc:
-            logger.exception(
-                "pipeline %s: advance failed: %s", pipeline.uuid, exc, extra={"pipeline_uuid": pipeline.uuid}
-            )
-            keeper.releasing(pipeline.uuid)
-            self.runner.journal.record_error(pipeline, exc)
-            return f"{type(exc).__name__}: {exc}"
-        finally:
-            keeper.drop(pipeline.uuid)  # its last write is stored: the lease is released
+            return passes.run_pass(self)
 
     def run_forever(self, interval: float = DEFAULT_INTERVAL_SECONDS) -> None:
-        """Run passes every ``interval`` seconds until ``stop()`` or SIGTERM/SIGINT; a pass with
-        a full batch is followed at once by the next. Raises ``WorkerUnhealthyError`` when more
-        hung hook threads were abandoned than ``max_abandoned_hooks``, for a supervisor to
-        restart the process."""
-        restore = signals.stop_on_signals(self.stop, self._stopping, self.shutdown_grace)
-        if not self.outage.down:
-            self.outage = Outage(interval)
-        self.extensions.call("start")
-        try:
-            with self._heartbeat():
-                self._loop(interval)
-        finally:
-            restore()
-            self.extensions.call("stop")  # a background task ends what it is doing, within shutdown_grace
-            self.close()
-
-    def _heartbeat(self) -> Heartbeat:
-        self.heartbeat = Heartbeat(
-            self.store, self.clock, self.owner, concurrency=self.concurrency, in_flight=lambda: self.hooks.in_flight,
-            app_version=self.app_version, every=beat_seconds(self.lease_seconds),
-        )  # fmt: skip
-        return self.heartbeat
-
-    def _loop(self, interval: float) -> None:
-        """Passes until stopped; a pass that claimed a full batch is followed at once by the next."""
-        while not self._stop.is_set():
-            self.last_loop = time.monotonic()
-            try:
-                summary = self.execute_pipelines()
-            except RepositoryError as exc:  # the store is down: keep the worker, back off (logged once)
-                self._stop.wait(self.outage.failed(exc))
-                continue
-            self.outage.recovered()
-            if summary.abandoned_hooks > self.max_abandoned_hooks:
-                raise WorkerUnhealthyError(
-                    f"{summary.abandoned_hooks} hung hook threads are still running (limit "
-                    f"{self.max_abandoned_hooks}); exiting so that the supervisor starts a fresh worker"
-                )
-            if summary.claimed < self.batch_size:
-                self._stop.wait(interval)
+        """Run as a worker until ``stop()`` or SIGTERM/SIGINT: up to ``concurrency`` pipelines in
+        progress at once, each slot refilled as soon as its pipeline's advance ends
+        (``prorch.worker``); ``interval`` is how often it looks for new due work when there was
+        none, and runs the extensions' pass hooks. On stop, running hooks finish and what was
+        claimed and not started is released. Raises ``WorkerUnhealthyError`` when more hung hook
+        threads were abandoned than ``max_abandoned_hooks``, for a supervisor to restart the
+        process."""
+        worker.run_forever(self, interval)
 
     def purge(
         self,
@@ -351,131 +213,6 @@ class Orchestrator:
 
     def _stopping(self) -> bool:
         return self._stop.is_set()
-
-    # --- reading -------------------------------------------------------------------------------
-
-    def list_pipelines(self, status: Status | str | None = None, name: str | None = None) -> list[PipelineRecord]:
-        """Stored pipelines, newest first; filtered by status and name when given."""
-        found = self.store.pipelines_with_status(Status(status)) if status is not None else self.store.all_pipelines()
-        if name is not None:
-            found = [p for p in found if p.name == name]
-        epoch = datetime.min.replace(tzinfo=self.clock.now().tzinfo)
-        return sorted(found, key=lambda p: p.created_at or epoch, reverse=True)
-
-    def query(
-        self,
-        *,
-        status: Status | str | None = None,
-        name: str | None = None,
-        version: int | None = None,
-        tenant: str | None = None,
-        key: str | None = None,
-        since: datetime | None = None,
-        until: datetime | None = None,
-        updated_since: datetime | None = None,
-        updated_until: datetime | None = None,
-        param: tuple[str, str | int | float | bool] | None = None,
-        limit: int = 50,
-        after: str | None = None,
-        count: bool = False,
-        state: str | None = None,
-    ) -> PipelinePage:
-        """A page of stored pipelines, newest first, by the store's indexes where it has them.
-
-        Filters combine; ``since``/``until`` bound ``created_at`` (until excluded), ``param`` is
-        ``(field, value)`` on a top-level params field, ``state`` splits pending into running,
-        due and waiting (``prorch.model.substates``). Pass the page's ``next_after`` as
-        ``after`` for the next page; ``count=True`` adds the total number of matches."""
-        query = PipelineQuery(
-            status=Status(status).value if status is not None else None,
-            name=name, version=version, tenant=tenant, key=key,
-            created_since=since, created_until=until,
-            updated_since=updated_since, updated_until=updated_until,
-            param=param, limit=limit, count=count, state=state, now=self.clock.now(),
-        )  # fmt: skip
-        return self.store.query_pipelines(query, after=after)
-
-    def get(self, uuid: str, *, workers_code: bool = True) -> PipelineState:
-        """The pipeline ``uuid`` with its steps in order, its children, and why it is blocked,
-        if it is. ``workers_code=False`` says this process has not loaded the workers' code (the
-        CLI without ``--app``): a pipeline whose code is missing here is then reported as
-        ``code_missing``, not as blocked, since the workers may well run it."""
-        record = self._require(uuid)
-        steps = sorted(self.store.steps_of(uuid), key=lambda s: (s.position is None, s.position or 0))
-        missing = self.blocked_reason(record, steps)
-        children = self.store.children_of(uuid)
-        if record.status in TERMINAL or not workers_code:  # an ended pipeline waits for nothing
-            return PipelineState(record, steps, code_missing=missing, children=children)
-        return PipelineState(record, steps, blocked=missing, children=children)
-
-    def result(self, uuid: str) -> Any:
-        """The result of pipeline ``uuid``: its last step's output (or its ``Output`` model) once
-        it finished, None while it runs; ``PipelineFailedError`` if it failed or was cancelled."""
-        record = self._require(uuid)
-        return result_of(record, self.store.steps_of(uuid), self.registry)
-
-    def wait(self, uuid: str, timeout: float | None = None, poll: float = 0.2) -> Any:
-        """Block until pipeline ``uuid`` ends and return its result (as ``result``); a
-        worker elsewhere runs it. ``WaitTimeoutError`` after ``timeout`` seconds."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        delay = min(poll, 0.05)
-        while True:
-            record = self._require(uuid)
-            if record.status in TERMINAL:
-                return result_of(record, self.store.steps_of(uuid), self.registry)
-            if deadline is not None and time.monotonic() >= deadline:
-                raise WaitTimeoutError(
-                    f"pipeline {uuid} did not end within {timeout:g}s (it is {record.status.value})", uuid=uuid
-                )
-            pause = delay if deadline is None else max(min(delay, deadline - time.monotonic()), 0)
-            time.sleep(pause)
-            delay = min(delay * 2, poll)
-
-    def get_by_key(self, key: str, *, workers_code: bool = True) -> PipelineState:
-        """The pipeline created with ``key`` (``create(key=...)``), with its steps (``workers_code``
-        as for ``get``)."""
-        uuid = uuid_for_key(key)
-        try:
-            return self.get(uuid, workers_code=workers_code)
-        except PipelineNotFoundError:
-            raise PipelineNotFoundError(f"no pipeline was created with key {key!r}", uuid=uuid) from None
-
-    def history(self, uuid: str) -> list[EventRecord]:
-        """The pipeline's events, oldest first."""
-        self._require(uuid)
-        return self.store.events_of(uuid)
-
-    def versions(self, *, workers_code: bool = True) -> list[VersionUsage]:
-        """Per pipeline class and version, the live (not ended) pipelines with the oldest one's
-        creation time, the ended ones, and per patch the live pipelines with it and those that
-        predate it: the code a team can delete (``prorch versions``). Counted by the store (a
-        GROUP BY on SQL). ``workers_code=False``: this process has not loaded the workers' code,
-        so nothing is said about which versions and patches it declares."""
-        return code_versions.summarize(self.store.version_groups(), self.registry if workers_code else None)
-
-    def blocked_on_page(self, records: list[PipelineRecord]) -> dict[str, str]:
-        """Why each unended pipeline whose class (name, version) is not registered here is
-        blocked, by uuid: with the workers' code loaded, those no worker claims (``prorch list``)."""
-        found = {}
-        for record in records:
-            if record.status not in TERMINAL:
-                reason = self.blocked_reason(record, [])
-                if reason is not None:
-                    found[record.uuid] = reason
-        return found
-
-    def blocked_reason(self, record: PipelineRecord, steps: list[StepRecord], *, patches: bool = True) -> str | None:
-        """Why no worker with this process's code runs the pipeline: its class or a step's is not
-        registered, or (``patches``) its recorded patches do not fit the class's."""
-        try:
-            definition = self.registry.pipeline(record.name, record.version)
-            for step in steps:
-                self.registry.step(step.name, step.version)
-        except ProrchError as exc:
-            return str(exc)
-        if not patches or record.status in TERMINAL:  # an ended pipeline's patches decide nothing any more
-            return None
-        return patch_rules.mismatch(definition, record)
 
     # --- acting --------------------------------------------------------------------------------
 
@@ -573,12 +310,6 @@ class Orchestrator:
                 f"not loaded: {missing}",
                 name=record.name,
             )
-
-    def _require(self, uuid: str) -> PipelineRecord:
-        record = self.store.get_pipeline(uuid)
-        if record is None:
-            raise PipelineNotFoundError(f"no pipeline with uuid {uuid} is stored", uuid=uuid)
-        return record
 
 
 def _non_negative(value: Any) -> bool:

@@ -1,51 +1,16 @@
-"""What the orchestrator reports: a pass's summary and one pipeline's state."""
+"""What the orchestrator reports: a pass's summary (``prorch.engine.passes``, kept importable
+from here) and one pipeline's state."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import datetime
 
-from prorch.engine import Outcome
+from prorch.engine.passes import PassSummary
 from prorch.model.records import EventRecord, PipelineRecord, StepRecord
-from prorch.model.status import TERMINAL, EventType, Status
+from prorch.model.status import TERMINAL, EventType
 
-
-@dataclass
-class PassSummary:
-    """What one pass did. ``errors`` maps a pipeline uuid to the error that stopped its advance
-    (or ``schedule:NAME`` to the error that stopped a schedule creating its tick's pipeline);
-    ``blocked`` maps a pipeline uuid to why its code is not available."""
-
-    claimed: int = 0
-    advanced: int = 0
-    transitions: int = 0
-    finished: int = 0
-    failed: int = 0
-    cancelled: int = 0
-    waiting: int = 0
-    blocked: dict[str, str] = field(default_factory=dict)
-    errors: dict[str, str] = field(default_factory=dict)
-    scheduled: int = 0  # pipelines created for schedule ticks at the start of the pass
-    abandoned_hooks: int = 0  # hung hook threads of this orchestrator still running after the pass
-
-    def add(self, outcome: Outcome) -> None:
-        if outcome.blocked:
-            self.blocked[outcome.uuid] = outcome.blocked
-            return
-        self.advanced += 1
-        self.transitions += outcome.transitions
-        if outcome.status == Status.FINISHED:
-            self.finished += 1
-        elif outcome.status == Status.FAILED:
-            self.failed += 1
-        elif outcome.status == Status.CANCELLED:
-            self.cancelled += 1
-        elif outcome.waiting_until is not None:
-            self.waiting += 1
-
-    @property
-    def did_something(self) -> bool:
-        return bool(self.claimed or self.errors)
+__all__ = ["PassSummary", "PipelineState"]
 
 
 @dataclass

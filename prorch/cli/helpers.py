@@ -122,6 +122,8 @@ class Context:
             concurrency=settings.concurrency,
             batch_size=settings.batch_size,
             group_commit=settings.group_commit,
+            group_window=settings.group_window,
+            prefetch=settings.prefetch,
             lease_seconds=settings.lease_seconds,
             max_crashes=settings.max_crashes,
             step_overrides=settings.steps,

@@ -68,6 +68,11 @@ GROUP_COMMIT: Rule[int] = Rule(100, ge=1, note="1: one commit per transition")
 Measured on W1 (transitions/s, group 1 / 8 / 32 / 100): SQLite 1,290 / 1,590 / 1,630 / 1,640,
 durable PostgreSQL about 320 / 300 / 360 / 400, TinyDB (1,000 pipelines) 9 / 78 / 199 / 478: flat
 on SQLite past 8, rising to the default batch size elsewhere."""
+GROUP_WINDOW: Rule[float] = Rule(0.005, ge=0, le=1, integer=False, unit="seconds")
+"""How long a worker's finished transition waits for others to be stored in the same commit
+(group commit while other hooks still run)."""
+PREFETCH: Rule[int] = Rule(2, ge=0)
+"""Pipelines a worker claims beyond its free slots, waiting for one (their leases are renewed)."""
 LEASE_SECONDS: Rule[float] = Rule(60.0, gt=0, le=MAX_SECONDS, integer=False, unit="seconds")
 """How long a claim lasts unrenewed."""
 MAX_CRASHES: Rule[int] = Rule(3, ge=1)
@@ -89,6 +94,8 @@ RULES: dict[str, Rule[Any]] = {
     "concurrency": CONCURRENCY,
     "batch_size": BATCH_SIZE,
     "group_commit": GROUP_COMMIT,
+    "group_window": GROUP_WINDOW,
+    "prefetch": PREFETCH,
     "lease_seconds": LEASE_SECONDS,
     "max_crashes": MAX_CRASHES,
     "hook_timeout": HOOK_TIMEOUT,

@@ -8,6 +8,8 @@
     python tests/benchmarks/workloads.py w3 SQLITE_PATH N  # engine time per transition, SQLite time excluded
     python tests/benchmarks/workloads.py w4 URL N WORKERS [SLEEP]  # WORKERS processes, hooks sleeping 10 ms
     python tests/benchmarks/workloads.py w5 URL N CONCURRENCY async|sync  # hooks waiting 50 ms on I/O
+    python tests/benchmarks/workloads.py w4_slots URL N [CONCURRENCY]  # one worker, sync hooks sleeping 50 ms
+    python tests/benchmarks/workloads.py head_of_line URL [QUICK] [SLOW_SECONDS]  # a slow hook, quick ones after
     python tests/benchmarks/workloads.py children URL N  # a parent of N children reads their results
     python tests/benchmarks/workloads.py drain URL N     # one hook receives N queued messages
 
@@ -23,6 +25,7 @@ import os
 import resource
 import sqlite3
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -140,6 +143,88 @@ def w1(url: str, n: int, group: int = 100) -> dict[str, Any]:
         "transitions": transitions,
         "transitions_per_s": transitions / (done - created),
         "rss_mb": rss_mb(),
+    }
+
+
+def w1_worker(url: str, n: int, concurrency: int = 4) -> dict[str, Any]:
+    """W1 run by a worker (``run_forever`` in a thread) instead of passes: pipelines per second
+    from its start until all have finished (polled every 10 ms)."""
+    backend = from_url(url)
+    Three.create_many(backend, [{}] * n)
+    worker = Orchestrator(backend, concurrency=concurrency)
+    reader = Orchestrator(backend)
+    started = time.perf_counter()
+    thread = threading.Thread(target=worker.run_forever, kwargs={"interval": 0.05})
+    thread.start()
+    while (reader.query(status="finished", limit=1, count=True).total or 0) < n:
+        time.sleep(0.01)
+    done = time.perf_counter()
+    worker.stop()
+    thread.join()
+    return {"pipelines_per_s": n / (done - started), "transitions_per_s": 3 * n / (done - started)}
+
+
+def w4_slots(url: str, n: int, concurrency: int = 32) -> dict[str, Any]:
+    """W4 of #27: N pipelines of 3 steps whose sync hooks sleep 50 ms, run by one worker
+    (``run_forever``) at ``concurrency``; hooks per second against ``concurrency / 50 ms``."""
+    backend = from_url(url)
+    IO_PIPELINES["sync"].create_many(backend, [{}] * n)
+    worker, reader = Orchestrator(backend, concurrency=concurrency), Orchestrator(backend)
+    started = time.perf_counter()
+    thread = threading.Thread(target=worker.run_forever, kwargs={"interval": 0.05})
+    thread.start()
+    while (reader.query(status="finished", limit=1, count=True).total or 0) < n:
+        time.sleep(0.02)
+    took = time.perf_counter() - started
+    worker.stop()
+    thread.join()
+    ideal = concurrency / IO_SECONDS
+    return {"hooks_per_s": 3 * n / took, "ideal_per_s": ideal, "of_ideal": 3 * n / took / ideal, "seconds": took}
+
+
+SLOW_HOOK = {"seconds": 60.0, "started": threading.Event(), "release": threading.Event(), "ended": threading.Event()}
+
+
+@register_step
+class HolSlow(OnStartMixin, Step):
+    """Waits ``SLOW_HOOK['seconds']``, or until the benchmark has measured what it needs."""
+
+    name = "HolSlow"
+
+    def on_start(self) -> None:
+        SLOW_HOOK["started"].set()  # type: ignore[attr-defined]
+        SLOW_HOOK["release"].wait(SLOW_HOOK["seconds"])  # type: ignore[attr-defined]
+        SLOW_HOOK["ended"].set()  # type: ignore[attr-defined]
+
+
+HolSlowPipeline = register_pipeline(type("HolSlowPipeline", (Pipeline,), {"name": "HolSlow", "steps": [HolSlow]}))
+
+
+def head_of_line(url: str, quick: int = 1000, slow_seconds: float = 60.0, concurrency: int = 4) -> dict[str, Any]:
+    """#27's head-of-line case: one slow hook started, then ``quick`` one-step pipelines created;
+    how long they take, and whether the slow hook still runs when the last one finished."""
+    SLOW_HOOK["seconds"] = slow_seconds
+    backend = from_url(url)
+    HolSlowPipeline.create(backend)
+    worker, reader = Orchestrator(backend, concurrency=concurrency), Orchestrator(backend)
+    thread = threading.Thread(target=worker.run_forever, kwargs={"interval": 0.05})
+    thread.start()
+    SLOW_HOOK["started"].wait(30)  # type: ignore[attr-defined]
+    slow_started = time.perf_counter()
+    One.create_many(backend, [{}] * quick)
+    created = time.perf_counter()
+    while (reader.query(status="finished", name="One", limit=1, count=True).total or 0) < quick:
+        time.sleep(0.02)
+    done = time.perf_counter()
+    still_running = not SLOW_HOOK["ended"].is_set()  # type: ignore[attr-defined]
+    SLOW_HOOK["release"].set()  # type: ignore[attr-defined]
+    worker.stop()
+    thread.join()
+    return {
+        "quick_seconds": done - created,
+        "quick_per_s": quick / (done - created),
+        "slow_hook_running_at_end": still_running,
+        "slow_hook_age_at_end_s": done - slow_started,
     }
 
 
@@ -540,12 +625,15 @@ if __name__ == "__main__":
     name, *args = sys.argv[1:]
     commands: dict[str, Callable[[], dict[str, Any]]] = {
         "w1": lambda: w1(args[0], int(args[1]), *map(int, args[2:])),
+        "w1_worker": lambda: w1_worker(args[0], int(args[1]), *map(int, args[2:])),
         "w1_batch": lambda: w1_batch(args[0], int(args[1]), *map(int, args[2:])),
         "floor": lambda: floor(args[0], int(args[1]), int(args[2])),
         "w2_setup": lambda: w2_setup(args[0], int(args[1])),
         "w2_pass": lambda: w2_pass(args[0]),
         "w3": lambda: w3(args[0], int(args[1])),
         "w4": lambda: w4(args[0], int(args[1]), int(args[2]), *map(float, args[3:])),
+        "w4_slots": lambda: w4_slots(args[0], int(args[1]), *map(int, args[2:])),
+        "head_of_line": lambda: head_of_line(args[0], *map(int, args[1:2]), *map(float, args[2:3])),
         "w5": lambda: w5(args[0], int(args[1]), int(args[2]), args[3]),
         "dashboard_pages": lambda: dashboard_pages(args[0]),
         "purge_stall": lambda: purge_stall(args[0], int(args[1])),

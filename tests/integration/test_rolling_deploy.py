@@ -112,7 +112,7 @@ def test_an_old_worker_never_claims_the_classes_it_lacks(
                 process.send_signal(signal.SIGTERM)
                 process.wait(timeout=30)
     old_text = old_log.read_text()
-    claimed = [int(n) for n in re.findall(r"pass: claimed (\d+)", old_text)]
+    claimed = [int(n) for n in re.findall(r"worker: claimed (\d+)", old_text)]  # its summary lines
     assert sum(claimed) == len(old), old_text  # it claimed its own ten, and nothing else
     assert "blocked" not in old_text.replace("blocked 0", ""), old_text
     new_pid = new_worker.pid if new_worker is not None else None

@@ -1,0 +1,347 @@
+"""The worker (``Orchestrator.run_forever``, ``prorch worker``): continuous slots.
+
+A worker keeps up to ``concurrency`` pipelines in progress (``prorch.engine.slots``) and refills
+a slot as soon as one ends and its last transition is stored: a slow hook holds one slot, never
+the others. It claims only what it has free slots for, plus at most ``prefetch`` pipelines
+waiting for a slot (their leases renewed by the lease keeper like the others), so it never
+holds many pipelines it is not running. The poll interval is only how often it looks for new
+due work when the last claim found less than it asked for, and how often the extensions' pass
+hooks run (schedules, retention, metrics).
+
+A pipeline is in one slot at most. Its advance's last write releases its lease, and the advance
+ends a moment later; a claim in between may lease it again (a retry due at once): that claim
+waits, its lease kept, until the slot's advance has ended, and then takes a slot.
+
+On stop (SIGTERM, SIGINT, ``stop()``) it claims no more: the pipelines claimed and not started
+are released without running a hook, the running hooks finish (within ``shutdown_grace``, see
+``prorch.signals``), their transitions are stored, and the loop returns."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from typing import Protocol
+
+from prorch import signals
+from prorch.engine import Writing, passes
+from prorch.engine.outage import Outage
+from prorch.engine.passes import PassHost, PassSummary, Result
+from prorch.engine.rounds import _Ended, _marks_a_hook, _resume
+from prorch.engine.slots import Slots
+from prorch.model.exceptions import RepositoryError, WorkerUnhealthyError
+from prorch.model.records import PipelineRecord
+from prorch.storage.heartbeat import Heartbeat, beat_seconds
+from prorch.storage.leases import LeaseKeeper
+from prorch.storage.store import Write
+
+logger = logging.getLogger("prorch.worker")
+
+LOG_EVERY = 30.0
+"""Seconds between the worker's INFO lines that sum up what it did (one more when it stops)."""
+
+
+class WorkerHost(PassHost, Protocol):
+    """What the worker needs of its ``Orchestrator``."""
+
+    stopped: threading.Event
+    outage: Outage
+    owner: str
+    app_version: str | None
+    heartbeat: Heartbeat | None
+    group_window: float
+    prefetch: int
+    max_abandoned_hooks: int
+    shutdown_grace: float
+    last_loop: float
+
+    def stop(self) -> None: ...
+    def close(self) -> None: ...
+
+
+def run_forever(host: WorkerHost, interval: float) -> None:
+    """Run ``host``'s worker loop until it is stopped (see ``Orchestrator.run_forever``), with
+    its signal handlers, its extensions' background tasks and its row in the store."""
+    restore = signals.stop_on_signals(host.stop, host.stopped.is_set, host.shutdown_grace)
+    if not host.outage.down:
+        host.outage = Outage(interval)
+    host.extensions.call("start")
+    try:
+        host.heartbeat = Heartbeat(
+            host.store, host.clock, host.owner, concurrency=host.concurrency,
+            in_flight=lambda: host.hooks.in_flight, app_version=host.app_version,
+            every=beat_seconds(host.lease_seconds),
+        )  # fmt: skip
+        with host.heartbeat:
+            if host.extensions.by_hook["around_pass"]:
+                with host.extensions.around_pass():
+                    Worker(host, interval).run()
+            else:
+                Worker(host, interval).run()
+    finally:
+        restore()
+        host.extensions.call("stop")  # a background task ends what it is doing, within shutdown_grace
+        host.close()
+
+
+class _Waiting:
+    """A claimed pipeline waiting for a slot; a crash suspect's first write may be taken already."""
+
+    __slots__ = ("alone", "first", "pipeline", "resumed", "writing")
+
+    def __init__(self, pipeline: PipelineRecord, writing: Writing[Result], alone: bool) -> None:
+        self.pipeline, self.writing, self.alone = pipeline, writing, alone
+        self.first: Write | None = None
+        self.resumed: Exception | None = None
+
+
+class Worker:
+    """One worker loop over ``host``; ``run`` returns once the host is stopped and drained."""
+
+    def __init__(self, host: WorkerHost, interval: float) -> None:
+        self.host = host
+        self.interval = interval
+        self.capacity = host.concurrency + host.prefetch
+        self.waiting: deque[_Waiting] = deque()
+        self.pipelines: dict[str, PipelineRecord] = {}  # in a slot, by uuid
+        self.deferred: dict[str, tuple[PipelineRecord, float]] = {}  # claimed again while in a slot
+        self.next_claim = 0.0  # time.monotonic() of the next claim when the last one came back short
+        self.summary = PassSummary()
+        self.lags: list[float] = []
+        self.period_started = time.perf_counter()
+        self.totals = PassSummary()  # since the last INFO line
+        self.logged_at = time.monotonic()
+        self.keeper = LeaseKeeper(host.store, host.lease_seconds, host.clock, host.extensions.lease_lost)
+
+    def run(self) -> None:
+        host = self.host
+        slots: Slots[str, Result] = Slots(
+            host.store, concurrency=host.concurrency, group=host.group_commit, window=host.group_window,
+            broken=_broken,
+        )  # fmt: skip
+        with self.keeper:
+            self._period_start()
+            try:
+                while not (host.stopped.is_set() and self.held == 0):
+                    self._turn(slots)
+            except WorkerUnhealthyError:
+                raise
+            except Exception:
+                logger.exception(
+                    "the worker's loop failed; exiting once its running hooks end, so that the supervisor starts "
+                    "a fresh worker (the pipelines it held resume when their leases run out)"
+                )
+                raise
+            finally:
+                slots.close()
+                passes.pass_ended(host, self.summary, self.lags, time.perf_counter() - self.period_started)
+                self._log(self.summary, force=True)
+
+    @property
+    def held(self) -> int:
+        """Pipelines this worker holds: in a slot, waiting for one, or claimed again."""
+        return len(self.pipelines) + len(self.waiting) + len(self.deferred)
+
+    def _turn(self, slots: Slots[str, Result]) -> None:
+        host = self.host
+        host.last_loop = time.monotonic()
+        if not host.stopped.is_set() and self._claimable(slots):
+            self._claim(slots)
+        elif host.stopped.is_set() and self.waiting:
+            self._release_waiting()
+        self._fill(slots)
+        if slots.active:
+            self._ended(slots.step(self._timeout()))
+        elif not host.stopped.is_set():
+            self._idle_wait(self._timeout())
+        if time.perf_counter() - self.period_started >= self.interval:
+            self._period_end()
+            self._period_start()
+
+    def _idle_wait(self, timeout: float) -> None:
+        """Nothing runs: wait for work, a stop, or ``timeout`` seconds (the poll interval)."""
+        self.host.stopped.wait(timeout)
+
+    # --- claiming ---------------------------------------------------------------------------
+
+    def _claimable(self, slots: Slots[str, Result]) -> bool:
+        """A slot is free with no claimed pipeline to fill it, and the last claim found all it
+        asked for or the interval has passed."""
+        return slots.free > len(self.waiting) and time.monotonic() >= self.next_claim
+
+    def _claim(self, slots: Slots[str, Result]) -> None:
+        host, keeper = self.host, self.keeper
+        limit = self.capacity - self.held
+        if any(rule.rate is not None for rule in host.extensions.claim_limits().values()):
+            limit = min(limit, slots.free - len(self.waiting))  # a rate counts claims: claim only what starts now
+        if limit <= 0:
+            return
+        since = time.monotonic()  # before the lease's time is read: see LeaseKeeper
+        fresh: list[PipelineRecord] = []
+        try:
+            claimed, lags = passes.claim(host, limit)
+            busy = self._busy()
+            again = [pipeline for pipeline in claimed if pipeline.uuid in busy]
+            fresh = [pipeline for pipeline in claimed if pipeline.uuid not in busy]
+            keeper.hold(fresh, since)
+            writings = passes.advancings(host, fresh, keeper)
+        except RepositoryError as exc:  # the store is down: back off from claiming (logged once)
+            for pipeline in fresh:  # their steps were not read: their leases run out, they resume then
+                keeper.drop(pipeline.uuid)
+            self.next_claim = time.monotonic() + host.outage.failed(exc)
+            return
+        host.outage.recovered()
+        if len(claimed) < limit:
+            self.next_claim = time.monotonic() + self.interval
+        self.summary.claimed += len(claimed)
+        self.lags.extend(lags)
+        for pipeline in again:  # its advance here is ending: it waits for that end
+            self.deferred[pipeline.uuid] = (pipeline, since)
+        self._queue(slots, fresh, writings)
+
+    def _busy(self) -> set[str]:
+        """The pipelines this worker holds an advance of: in a slot, or waiting for one."""
+        return {*self.pipelines, *(waiting.pipeline.uuid for waiting in self.waiting)}
+
+    def _queue(self, slots: Slots[str, Result], claimed: list[PipelineRecord], writings: list[Writing[Result]]) -> None:
+        suspects = []
+        for pipeline, writing in zip(claimed, writings, strict=True):
+            # suspects of a crash in an earlier round run alone, so that a crash is pinned on one
+            alone = bool(pipeline.crashes or pipeline.hook_started_at is not None)
+            waiting = _Waiting(pipeline, writing, alone)
+            if alone and slots.grouped:
+                suspects.append(waiting)
+            self.waiting.append(waiting)
+        if suspects:
+            self._charge_first(suspects)
+
+    def _charge_first(self, suspects: list[_Waiting]) -> None:
+        """The suspects' first writes that mark no hook (crash charges) are stored together
+        now, so that a crash while one of them runs cannot charge the others again (as
+        ``rounds`` does for a pass)."""
+        unmarked: list[_Waiting] = []
+        for waiting in suspects:
+            step = _resume(waiting.writing, None)
+            if isinstance(step, _Ended):
+                self.waiting.remove(waiting)
+                self._done(waiting.pipeline, step.value)
+                continue
+            waiting.first = step
+            if not _marks_a_hook(step):
+                unmarked.append(waiting)
+        if not unmarked:
+            return
+        try:
+            stored = list(self.host.store.commit_many([waiting.first for waiting in unmarked if waiting.first]))
+        except Exception as exc:
+            stored = [exc] * len(unmarked)
+        for waiting, outcome in zip(unmarked, stored, strict=True):
+            waiting.first, waiting.resumed = None, outcome
+
+    def _fill(self, slots: Slots[str, Result]) -> None:
+        """Start waiting pipelines in the free slots (a suspect only in an empty worker)."""
+        while self.waiting and slots.free > 0:
+            head = self.waiting[0]
+            if head.alone and slots.active:
+                return
+            self.waiting.popleft()
+            self.pipelines[head.pipeline.uuid] = head.pipeline
+            slots.start(head.pipeline.uuid, head.writing, first=head.first, resumed=head.resumed, alone=head.alone)
+
+    def _release_waiting(self) -> None:
+        """Stopping: the pipelines claimed and not started give their leases back now, not once
+        a slot frees (the runner parks a pipeline without running a hook once stopped)."""
+        store = self.host.store
+        while self.waiting:
+            waiting = self.waiting.popleft()
+            step = waiting.first if waiting.first is not None else _resume(waiting.writing, waiting.resumed)
+            while not isinstance(step, _Ended):
+                try:
+                    store.commit_write(step)
+                    stored: Exception | None = None
+                except Exception as exc:  # told to the advance, as in a slot
+                    stored = exc
+                step = _resume(waiting.writing, stored)
+            self._done(waiting.pipeline, step.value)
+
+    def _ended(self, ended: list[tuple[str, Result]]) -> None:
+        for uuid, result in ended:
+            self._done(self.pipelines.pop(uuid), result)
+
+    def _done(self, pipeline: PipelineRecord, result: Result) -> None:
+        """An advance ended: count it; a claim of the same pipeline that waited for this end
+        takes its turn now."""
+        passes.tally(self.host, self.summary, pipeline, result)
+        if pipeline.uuid in self.deferred and pipeline.uuid not in self._busy():
+            self._resume_deferred(pipeline.uuid)
+
+    def _resume_deferred(self, uuid: str) -> None:
+        """Hold the lease of a pipeline claimed again while it was in a slot (the slot's advance
+        let go of it as it ended) and queue it; if its steps cannot be read, its lease runs out
+        and it resumes then."""
+        pipeline, since = self.deferred.pop(uuid)
+        keeper = self.keeper
+        keeper.hold([pipeline], since)
+        try:
+            writings = passes.advancings(self.host, [pipeline], keeper)
+        except RepositoryError as exc:
+            keeper.drop(uuid)
+            logger.error("pipeline %s: could not read its steps (%s); it resumes when its lease runs out", uuid, exc)
+            return
+        self.waiting.append(_Waiting(pipeline, writings[0], False))
+
+    def _timeout(self) -> float:
+        """How long to wait for a hook: until the next claim or the end of the period."""
+        now = time.monotonic()
+        until_claim = self.next_claim - now if self.next_claim > now else self.interval
+        until_period = self.interval - (time.perf_counter() - self.period_started)
+        return max(0.001, min(until_claim, until_period))
+
+    # --- the extensions' pass hooks, once per interval ---------------------------------------
+
+    def _period_start(self) -> None:
+        self.summary, self.lags = PassSummary(), []
+        self.period_started = time.perf_counter()
+        self.host.store.warn_if_unguarded()
+        try:
+            self.host.extensions.pass_started(self.summary)
+        except RepositoryError as exc:
+            self.next_claim = time.monotonic() + self.host.outage.failed(exc)
+
+    def _period_end(self) -> None:
+        host = self.host
+        passes.pass_ended(host, self.summary, self.lags, time.perf_counter() - self.period_started)
+        self._log(self.summary)
+        if self.summary.abandoned_hooks > host.max_abandoned_hooks:
+            host.stopped.set()
+            raise WorkerUnhealthyError(
+                f"{self.summary.abandoned_hooks} hung hook threads are still running (limit "
+                f"{host.max_abandoned_hooks}); exiting so that the supervisor starts a fresh worker"
+            )
+
+    def _log(self, period: PassSummary, *, force: bool = False) -> None:
+        """Add ``period`` to the counts, and log them once every ``LOG_EVERY`` seconds (and
+        when the worker stops) if there was work: a busy worker does not flood its log."""
+        totals = self.totals
+        totals.claimed += period.claimed
+        totals.finished += period.finished
+        totals.failed += period.failed
+        totals.waiting += period.waiting
+        totals.blocked.update(period.blocked)
+        totals.errors.update(period.errors)
+        seconds = time.monotonic() - self.logged_at
+        if seconds < LOG_EVERY and not force:
+            return
+        if totals.did_something:
+            logger.info("worker: %s in the last %.0fs", totals.counts(), seconds)
+        self.totals, self.logged_at = PassSummary(), time.monotonic()
+
+
+def _broken(uuid: str, error: Exception) -> Result:
+    """A slot's advance raised what it should have caught (an engine bug): its end, as an error."""
+    logger.error(
+        "pipeline %s: its advance broke (%s: %s); it resumes when its lease runs out",
+        uuid, type(error).__name__, error, exc_info=error, extra={"pipeline_uuid": uuid},
+    )  # fmt: skip
+    return f"{type(error).__name__}: {error}"

@@ -1,0 +1,187 @@
+"""A worker's continuous slots, with real worker processes on a real SQLite file: a slow hook
+holds one slot and never the others; a worker leases no more than its free slots plus its
+prefetch; SIGTERM drains (running hooks finish, what was claimed and not started is released)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from prorch import Orchestrator
+from prorch.testing import isolated_registry
+from tests.support.processes import PRORCH, ROOT, wait_for
+
+pytestmark = pytest.mark.slow
+APP = ROOT / "tests" / "integration" / "slots"
+
+
+@pytest.fixture
+def app() -> Iterator[object]:
+    sys.path.insert(0, str(APP))
+    try:
+        with isolated_registry():
+            import slots_app
+
+            yield slots_app
+    finally:
+        sys.path.remove(str(APP))
+        sys.modules.pop("slots_app", None)
+
+
+def start_worker(url: str, log: Path, interval: str = "0.1", **settings: str) -> subprocess.Popen[str]:
+    """A ``prorch worker`` process; its own output goes to ``worker.log`` beside ``log`` (a
+    file, not a pipe nobody reads until the end: a full pipe would stop the worker)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PRORCH_")}
+    env.update({"PYTHONPATH": os.pathsep.join([str(APP), str(ROOT)]), "SLOTS_LOG": str(log)})
+    env.update({f"PRORCH_{name.upper()}": value for name, value in settings.items()})
+    command = [PRORCH, "-r", url, "--app", "slots_app", "worker", "--interval", interval]
+    with worker_log(log).open("w") as output:
+        return subprocess.Popen(command, env=env, stdout=output, stderr=subprocess.STDOUT, text=True)
+
+
+def worker_log(log: Path) -> Path:
+    return log.parent / "worker.log"
+
+
+def events(log: Path) -> list[tuple[str, str]]:
+    """The hooks' own log: (start|end, pipeline uuid), in order."""
+    if not log.exists():
+        return []
+    return [(line.split()[0], line.split()[1]) for line in log.read_text().splitlines() if line.strip()]
+
+
+def leased(db: Path) -> int:
+    """Pipelines whose lease is held, read by this process from the worker's store."""
+    with sqlite3.connect(db, timeout=5) as conn:
+        return int(conn.execute("SELECT count(*) FROM pipelines WHERE lease_owner IS NOT NULL").fetchone()[0])
+
+
+def stop(worker: subprocess.Popen[str]) -> None:
+    if worker.poll() is None:
+        worker.kill()
+    worker.wait()
+
+
+def test_a_slow_hook_holds_one_slot_and_quick_pipelines_run_beside_it(app: object, tmp_path: Path) -> None:
+    url, log = f"sqlite:///{tmp_path}/slots.db", tmp_path / "hooks.log"
+    slow = app.Slow.create(url).uuid  # type: ignore[attr-defined]
+    worker = start_worker(url, log, concurrency="4")
+    try:
+        wait_for(lambda: ("start", slow) in events(log), 30, "the slow hook to start")
+        quick = [app.Quick.create(url).uuid for _ in range(12)]  # type: ignore[attr-defined]
+        wait_for(lambda: all(("end", q) in events(log) for q in quick), 15, "the quick hooks to end")
+        seen = events(log)
+        assert ("end", slow) not in seen, f"the quick pipelines waited for the slow hook: {seen}"
+        assert all(("start", q) in seen for q in quick)
+        assert worker.poll() is None
+    finally:
+        stop(worker)
+
+
+def test_a_worker_leases_no_more_than_its_free_slots_plus_prefetch(app: object, tmp_path: Path) -> None:
+    url, log, db = f"sqlite:///{tmp_path}/slots.db", tmp_path / "hooks.log", tmp_path / "slots.db"
+    created = [app.Quick.create(url).uuid for _ in range(12)]  # type: ignore[attr-defined]
+    worker = start_worker(url, log, concurrency="2", prefetch="1")
+    samples: list[int] = []
+    try:
+        deadline = time.monotonic() + 60
+        while sum(1 for event, _ in events(log) if event == "end") < len(created):
+            assert time.monotonic() < deadline, "the worker did not run the 12 pipelines within 60s"
+            samples.append(leased(db))
+            time.sleep(0.02)
+        wait_for(lambda: len(Orchestrator(url).list_pipelines(status="finished")) == len(created), 10, "all stored")
+    finally:
+        stop(worker)
+    assert max(samples) <= 3, f"the worker leased more than 2 slots + 1 prefetch at once: {max(samples)}"
+    assert max(samples) >= 2, f"the samples never saw the worker's leases: {samples}"
+
+
+def test_sigterm_lets_running_hooks_finish_and_releases_what_was_not_started(app: object, tmp_path: Path) -> None:
+    url, log, db = f"sqlite:///{tmp_path}/slots.db", tmp_path / "hooks.log", tmp_path / "slots.db"
+    created = [app.Mid.create(url).uuid for _ in range(5)]  # type: ignore[attr-defined]
+    worker = start_worker(url, log, concurrency="2", prefetch="2")
+    try:
+        wait_for(lambda: sum(1 for event, _ in events(log) if event == "start") == 2, 30, "two hooks to start")
+        wait_for(lambda: leased(db) == 4, 10, "the prefetch to be claimed")
+        worker.send_signal(signal.SIGTERM)
+        worker.wait(timeout=30)
+    finally:
+        stop(worker)
+    assert worker.returncode == 0, worker_log(log).read_text()[-3000:]
+    assert "worker: claimed 4, finished 2," in worker_log(log).read_text()  # its summary at the stop
+    seen = events(log)
+    started = {uuid for event, uuid in seen if event == "start"}
+    assert len(started) == 2, seen
+    assert {uuid for event, uuid in seen if event == "end"} == started, "a running hook did not finish"
+    assert leased(db) == 0, "a claimed pipeline was left leased"
+    orchestrator = Orchestrator(url)
+    assert {p.uuid for p in orchestrator.list_pipelines(status="finished")} == started
+    assert {p.uuid for p in orchestrator.list_pipelines(status="pending")} == set(created) - started
+
+
+def test_hooks_past_their_timeout_retried_at_once_run_each_pipeline_once_at_a_time(app: object, tmp_path: Path) -> None:
+    """A hook cancelled at its step's timeout is retried almost at once (backoff 1 ms): its
+    pipeline is due again just after its retry is stored, while its advance is still ending in
+    the slot. The worker must not start it in a second slot (it died with a KeyError when it
+    did): it stays alive, every pipeline ends exactly once, and no pipeline's hook ran twice at
+    once."""
+    url, log = f"sqlite:///{tmp_path}/slots.db", tmp_path / "hooks.log"
+    created: list[str] = []
+    # a short interval: the worker, with slots free, claims again at once after a retry is stored
+    worker = start_worker(url, log, interval="0.02", concurrency="4")
+    try:
+        for _ in range(40):  # created while it runs, no faster than it ends them: no backlog
+            created.append(app.Overrun.create(url).uuid)  # type: ignore[attr-defined]
+            time.sleep(0.15)
+        deadline = time.monotonic() + 120
+        while sum(1 for event, _ in events(log) if event == "done") < len(created):
+            assert worker.poll() is None, "the worker died: " + worker_log(log).read_text()[-3000:]
+            assert time.monotonic() < deadline, (
+                "the pipelines did not end within 120s: " + worker_log(log).read_text()[-3000:]
+            )
+            time.sleep(0.1)
+        wait_for(lambda: len(Orchestrator(url).list_pipelines(status="finished")) == len(created), 10, "all stored")
+        time.sleep(0.5)  # a second run of a pipeline, if any, would show now
+        assert worker.poll() is None, "the worker died: " + worker_log(log).read_text()[-3000:]
+    finally:
+        stop(worker)
+    seen = events(log)
+    done = [uuid for event, uuid in seen if event == "done"]
+    assert sorted(done) == sorted(created), "a pipeline ended twice, or not at all"
+    for uuid in created:
+        own = [event for event, who in seen if who == uuid and event != "done"]
+        assert own == ["start-OverrunFirst", "end-OverrunFirst"] * 3, f"pipeline {uuid}'s hooks overlapped: {own}"
+    output = worker_log(log).read_text()
+    assert "Traceback" not in output, output[-3000:]
+    # a busy worker sums up every 30 s, not once per 0.02 s interval with work
+    assert "pass:" not in output and output.count("worker: claimed") <= 1, output[-3000:]
+
+
+def test_sigterm_past_the_grace_exits_non_zero_without_the_running_hook(app: object, tmp_path: Path) -> None:
+    url, log, db = f"sqlite:///{tmp_path}/slots.db", tmp_path / "hooks.log", tmp_path / "slots.db"
+    slow = [app.Slow.create(url).uuid for _ in range(2)]  # type: ignore[attr-defined]
+    waiting = [app.Quick.create(url).uuid for _ in range(3)]  # type: ignore[attr-defined]
+    worker = start_worker(url, log, concurrency="2", prefetch="2", shutdown_grace="1")
+    try:
+        wait_for(lambda: all(("start", uuid) in events(log) for uuid in slow), 30, "the slow hooks to start")
+        wait_for(lambda: leased(db) == 4, 10, "the prefetch to be claimed")
+        stopped = time.monotonic()
+        worker.send_signal(signal.SIGTERM)
+        worker.wait(timeout=30)
+        took = time.monotonic() - stopped
+    finally:
+        stop(worker)
+    assert worker.returncode != 0, "a worker that abandoned a hook must say so by its exit status"
+    assert took < 15, f"the worker waited {took:.0f}s for 20s hooks with a 1s grace"
+    assert not any(("end", uuid) in events(log) for uuid in slow)
+    assert not any(("start", uuid) in events(log) for uuid in waiting), "a hook started after the stop"
+    assert "exiting without them" in worker_log(log).read_text()
+    assert leased(db) == 2, "the pipelines claimed and not started were not released at the stop"
