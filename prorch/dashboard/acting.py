@@ -25,6 +25,7 @@ ACTIONS = ("cancel", "retry", "rerun", "send")
 CONFIRMED = ("cancel", "retry", "rerun")
 """The actions the pages ask to confirm (a message is sent at once)."""
 YES = ("1", "on", "yes", "true")
+NO = ("", "0", "off", "no", "false")
 
 
 @dataclass(frozen=True)
@@ -109,7 +110,7 @@ def flag(value: Any, name: str) -> bool:
     """A checkbox's value from a form (absent: False), or a JSON boolean."""
     if value is None or isinstance(value, bool):
         return bool(value)
-    if isinstance(value, str):
+    if isinstance(value, str) and value.strip().lower() in (*YES, *NO):
         return value.strip().lower() in YES
     raise InvalidParamsError(f"{name} must be true or false, got {json.dumps(value)}")
 
