@@ -146,7 +146,7 @@ def svg(found: Sequence[Bar]) -> str:
         parts.append(f'<line x1="{LABEL}" y1="{y + ROW}" x2="{WIDTH - PAD}" y2="{y + ROW}" stroke="#eee"/>')
     for bar in found:
         x = LABEL + (bar.start - first).total_seconds() * scale
-        width = max((bar.end - bar.start).total_seconds() * scale, 3.0)
+        width = max((bar.end - bar.start).total_seconds() * scale, 6.0)
         y = PAD + rows.index(bar.step) * ROW + 4
         took = format_seconds((bar.end - bar.start).total_seconds())
         tip = f"{bar.step} attempt {bar.attempt}: {bar.outcome}, {took} from {format_time(bar.start)}"
