@@ -16,6 +16,7 @@ from prorch.bulk import Filters
 from prorch.dashboard import timeline
 from prorch.display import app_loaded, lease_holder, step_limits, step_seconds
 from prorch.model.exceptions import InvalidParamsError, PipelineNotFoundError, ProrchError
+from prorch.model.keys import uuid_for_key
 from prorch.model.records import EventRecord, PipelineRecord, StepRecord
 from prorch.model.status import TERMINAL, EventType, Status
 from prorch.model.workers import WorkerRow
@@ -156,9 +157,12 @@ def find(orchestrator: Orchestrator, text: str) -> str:
     canonical = _as_uuid(text)
     if canonical is not None and orchestrator.store.get_pipeline(canonical) is not None:
         return canonical
-    page = orchestrator.query(key=text, limit=1)
-    if page.pipelines:
-        return page.pipelines[0].uuid
+    try:
+        by_key: str | None = uuid_for_key(text)  # a key names its pipeline's uuid
+    except InvalidParamsError:  # not a valid key (too long, NUL): no pipeline has it
+        by_key = None
+    if by_key is not None and orchestrator.store.get_pipeline(by_key) is not None:
+        return by_key
     raise PipelineNotFoundError(f"no pipeline has the uuid or key {text!r}", uuid=text)
 
 

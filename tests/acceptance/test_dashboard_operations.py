@@ -57,7 +57,8 @@ def login(base: str) -> tuple[dict[str, str], str]:
     session = re.search(r"prorch_session=([^;]+)", answer.headers["Set-Cookie"])
     assert session is not None
     cookie = {"Cookie": f"prorch_session={session.group(1)}"}
-    csrf = re.search(r'name="csrf" value="([0-9a-f]+)"', call(base, "GET", "/pipelines?name=Order", headers=cookie).text)
+    listing = call(base, "GET", "/pipelines?name=Order", headers=cookie).text
+    csrf = re.search(r'name="csrf" value="([0-9a-f]+)"', listing)
     assert csrf is not None
     return {**cookie, **FORM}, csrf.group(1)
 
