@@ -25,7 +25,7 @@ COLORS = {
     "failed": "#c62828",
     "retrying": "#ef6c00",
     "cancelled": "#9e9e9e",
-    "running": "#1565c0",
+    "pending": "#1565c0",
     "reused": "#a5d6a7",
 }
 WIDTH, ROW, LABEL, PAD = 720, 24, 150, 10
@@ -53,7 +53,7 @@ class Bar:
 def bars(steps: Sequence[StepRecord], history: Sequence[EventRecord], now: datetime, ended: bool) -> list[Bar]:
     """The attempts, oldest first. An attempt begins at ``step.started``, or when the step was
     due again after a ``step.retrying`` or a ``pipeline.retried``; it ends at its verdict, or
-    now while the step is still pending. A step with no events but a start (one a rerun reused)
+    now while the step has not ended (``pending``: running or waiting). A step with no events but a start (one a rerun reused)
     is one ``reused`` bar."""
     names = {step.uuid: step.name or "?" for step in steps}
     by_name = {step.name: step.uuid for step in steps}
@@ -88,7 +88,7 @@ def _still_running(
 ) -> list[Bar]:
     live = [] if ended else [s for s in steps if s.uuid in begun and s.status in (Status.CREATED, Status.PENDING)]
     return [
-        Bar(s.name or "?", counts.get(s.uuid, 0) + 1, begun[s.uuid], now, "running")
+        Bar(s.name or "?", counts.get(s.uuid, 0) + 1, begun[s.uuid], now, "pending")
         for s in live
         if begun[s.uuid] <= now
     ]

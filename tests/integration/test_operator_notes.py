@@ -145,6 +145,8 @@ def test_the_cli_records_its_reason_with_the_actor_cli(tmp_path: Path) -> None:
         result = runner.invoke(main, [*base, "cancel", uuid, "--reason", "not needed"], catch_exceptions=False)
         assert result.exit_code == 0, result.output
         shown = json.loads(runner.invoke(main, [*base, "show", uuid, "--json"], catch_exceptions=False).stdout)
+        printed = runner.invoke(main, [*base, "show", uuid], catch_exceptions=False).stdout
         patch.delitem(sys.modules, "notes_app", raising=False)
     [event] = [e for e in shown["history"] if e["type"] == "pipeline.cancelled"]
     assert event["data"] == {"actor": "cli", "reason": "not needed"}
+    assert "pipeline.cancelled by cli: not needed" in printed

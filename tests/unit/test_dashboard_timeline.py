@@ -49,7 +49,7 @@ def test_attempts_retries_and_a_running_step_become_bars() -> None:
         ("Fetch", 1, "reused", at(0), at(1)),  # no events of its own: a rerun's reused step
         ("Load", 1, "retrying", at(1), at(2)),
         ("Load", 2, "failed", at(5), at(6)),  # from when it was due again
-        ("Load", 3, "running", at(10), at(12)),  # retried: running since, until now
+        ("Load", 3, "pending", at(10), at(12)),  # retried: not ended, until now
     ]
     assert timeline.bars(steps, history, at(12), ended=True)[-1].outcome == "failed"  # an ended one runs nothing
 
