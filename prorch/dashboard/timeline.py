@@ -53,8 +53,8 @@ class Bar:
 def bars(steps: Sequence[StepRecord], history: Sequence[EventRecord], now: datetime, ended: bool) -> list[Bar]:
     """The attempts, oldest first. An attempt begins at ``step.started``, or when the step was
     due again after a ``step.retrying`` or a ``pipeline.retried``; it ends at its verdict, or
-    now while the step has not ended (``pending``: running or waiting). A step with no events but a start (one a rerun reused)
-    is one ``reused`` bar."""
+    now while the step has not ended (``pending``: running or waiting). A step with no events
+    but a start (one a rerun reused) is one ``reused`` bar."""
     names = {step.uuid: step.name or "?" for step in steps}
     by_name = {step.name: step.uuid for step in steps}
     begun: dict[str, datetime] = {}

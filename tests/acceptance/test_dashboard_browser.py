@@ -144,6 +144,9 @@ def test_an_operator_searches_reruns_and_bulk_retries(tmp_path: Path) -> None:
         assert page.locator("#forked-from").inner_text() == orders[1]
         page.wait_for_selector("#status:has-text('finished')", timeout=30_000)
         assert page.locator("#gantt rect[data-outcome=reused][data-step=Reserve]").count() == 1
+        # it ended while the page was open: what only a live pipeline offers is gone
+        assert not page.locator("#cancel").is_visible() and not page.locator("#cancel-original").is_visible()
+        assert page.locator("#rerun").is_visible()
         shoot(page, "rerun-new.png")
         page.click("#forked-from")
         assert page.locator(".rerun-as a").count() == 1 and "card replaced" in page.locator(".rerun-as").inner_text()
