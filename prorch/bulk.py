@@ -22,6 +22,7 @@ from prorch.model.exceptions import InvalidParamsError, ProrchError, StoreUnreac
 from prorch.model.records import PipelineRecord
 from prorch.model.status import TERMINAL, Status
 from prorch.storage import purge
+from prorch.storage.outside import operator_note
 from prorch.storage.repository import PipelineQuery
 from prorch.storage.store import Store
 
@@ -40,10 +41,17 @@ class Acting(Protocol):
     store: Store
     clock: Clock
 
-    def cancel(self, uuid: str) -> Any: ...
-    def retry(self, uuid: str) -> Any: ...
+    def cancel(self, uuid: str, *, actor: str | None = None, reason: str | None = None) -> Any: ...
+    def retry(self, uuid: str, *, actor: str | None = None, reason: str | None = None) -> Any: ...
     def rerun(
-        self, uuid: str, from_step: str, params: dict[str, Any] | None = None, *, cancel_original: bool = False
+        self,
+        uuid: str,
+        from_step: str,
+        params: dict[str, Any] | None = None,
+        *,
+        cancel_original: bool = False,
+        actor: str | None = None,
+        reason: str | None = None,
     ) -> Any: ...
 
 
@@ -110,7 +118,8 @@ class BulkSummary:
 class BulkAction:
     """One bulk action's arguments: ``from_step``, ``params`` and ``cancel_original`` are
     rerun's; ``older_than`` and ``statuses`` are purge's (a purge takes only ended pipelines
-    whose last change is older, and, by default, not failed ones, as ``purge`` does)."""
+    whose last change is older, and, by default, not failed ones, as ``purge`` does);
+    ``actor`` and ``reason`` go into each pipeline's history event, as a single action's."""
 
     action: str
     from_step: str | None = None
@@ -118,6 +127,8 @@ class BulkAction:
     cancel_original: bool = False
     older_than: timedelta = timedelta(0)
     statuses: tuple[Status | str, ...] = purge.DEFAULT_STATUSES
+    actor: str | None = None
+    reason: str | None = None
 
     def check(self) -> None:
         if self.action not in ACTIONS:
@@ -126,6 +137,7 @@ class BulkAction:
             raise InvalidParamsError("a bulk rerun needs from_step (--from-step STEP)")
         if not isinstance(self.older_than, timedelta) or self.older_than < timedelta(0):
             raise InvalidParamsError(f"older_than must be a timedelta of 0 or more, got {self.older_than!r}")
+        operator_note(self.actor, self.reason)
 
     def qualifies(self, record: PipelineRecord, now: datetime) -> str | None:
         """Why ``record`` is skipped, or None when the action applies to it."""
@@ -204,15 +216,16 @@ def _act(
         if len(chosen) > deleted:  # retried meanwhile, or a child whose parent is kept
             summary.skip("changed meanwhile, or a child whose parent is kept", len(chosen) - deleted)
         return
+    who = {"actor": action.actor, "reason": action.reason}
     for record in chosen:
         try:
             if action.action == "cancel":
-                orchestrator.cancel(record.uuid)
+                orchestrator.cancel(record.uuid, **who)
             elif action.action == "retry":
-                orchestrator.retry(record.uuid)
+                orchestrator.retry(record.uuid, **who)
             else:
                 state = orchestrator.rerun(
-                    record.uuid, action.from_step or "", action.params, cancel_original=action.cancel_original
+                    record.uuid, action.from_step or "", action.params, cancel_original=action.cancel_original, **who
                 )
                 summary.created.append(state.pipeline.uuid)
         except StoreUnreachableError:

@@ -216,50 +216,63 @@ class Orchestrator(Reads):
 
     # --- acting --------------------------------------------------------------------------------
 
-    def cancel(self, uuid: str) -> PipelineState:
+    def cancel(self, uuid: str, *, actor: str | None = None, reason: str | None = None) -> PipelineState:
         """Cancel a pipeline that has not ended; its current step's ``on_cancel()`` runs once.
+        ``actor`` and ``reason`` (who asked, and why) are recorded in the history event.
 
         If another worker holds the pipeline, a cancel request is stored instead: that worker's
         next transition is refused and it cancels the pipeline then (or the next worker does)."""
+        note = outside.operator_note(actor, reason)
         record = self._require(uuid)
         if record.status in TERMINAL:
             raise InvalidStateError(f"pipeline {uuid} is already {record.status.value}; nothing to cancel")
         self._require_code(record, "cancelled")  # before the claim: a refusal leaves no lease behind
-        cancelled = self.cancel_here(uuid)
+        cancelled = self.cancel_here(uuid, note)
         if cancelled is not None:
             self.extensions.call("on_ended", cancelled, Status.CANCELLED)
         return self.get(uuid)
 
-    def cancel_here(self, uuid: str) -> PipelineRecord | None:
+    def cancel_here(self, uuid: str, note: dict[str, str] | None = None) -> PipelineRecord | None:
         """Cancel a pipeline in this process and return it, with no ``on_ended`` told; None when
         it had ended already, or another worker holds it (a cancel request is stored for that
-        worker)."""
+        worker). ``note`` (an operator's actor and reason) goes into the event written."""
         now = self.clock.now()
         claimed = self.store.claim_one(uuid, now, self.new_lease_token(), now + timedelta(seconds=self.lease_seconds))
         if claimed is None:
-            outside.request_cancel(self.store, self.clock, uuid)
+            outside.request_cancel(self.store, self.clock, uuid, note)
             return None
         if claimed.status in TERMINAL:
             return None
-        self.runner.cancel(claimed)
+        self.runner.cancel(claimed, note)
         return claimed
 
-    def retry(self, uuid: str) -> PipelineState:
-        """Resume a failed pipeline from its failed step, with fresh attempts."""
+    def retry(self, uuid: str, *, actor: str | None = None, reason: str | None = None) -> PipelineState:
+        """Resume a failed pipeline from its failed step, with fresh attempts. The errors it
+        clears stay in the ``pipeline.retried`` event, with ``actor`` and ``reason``."""
+        note = outside.operator_note(actor, reason)
         record = self._require(uuid)
         if record.status != Status.FAILED:
             raise InvalidStateError(f"pipeline {uuid} is {record.status.value}; only a failed pipeline can be retried")
         self._require_code(record, "retried")
-        self.runner.retry(record)
+        self.runner.retry(record, note)
         return self.get(uuid)
 
     def rerun(
-        self, uuid: str, from_step: str, params: dict[str, Any] | None = None, *, cancel_original: bool = False
+        self,
+        uuid: str,
+        from_step: str,
+        params: dict[str, Any] | None = None,
+        *,
+        cancel_original: bool = False,
+        actor: str | None = None,
+        reason: str | None = None,
     ) -> PipelineState:
         """Start a new pipeline of the same class and version that reuses the outputs of the
         steps before ``from_step`` and runs from it on; ``params`` replaces the fields it names.
         A live original is refused unless ``cancel_original`` (it is cancelled first); the
-        original is otherwise left as it is, with a ``pipeline.rerun`` event naming the new one."""
+        original is otherwise left as it is, with a ``pipeline.rerun`` event naming the new one.
+        ``actor`` and ``reason`` go into both pipelines' events (and the cancel's)."""
+        note = outside.operator_note(actor, reason)
         record = self._require(uuid)
         self._require_code(record, "rerun")
         plan = forking.plan_rerun(record, self.store.steps_of(uuid), from_step, registry=self.registry, params=params)
@@ -269,11 +282,11 @@ class Orchestrator(Reads):
                     f"pipeline {uuid} is {record.status.value}, still running: rerun an ended pipeline, or cancel "
                     "it first with cancel_original=True (the CLI's --cancel-original)"
                 )
-            self.cancel(uuid)
+            self.cancel(uuid, actor=actor, reason=reason)
             plan = forking.plan_rerun(
                 self._require(uuid), self.store.steps_of(uuid), from_step, registry=self.registry, params=params
             )
-        return self.get(forking.store_rerun(self.store, plan, self.clock, self.registry).uuid)
+        return self.get(forking.store_rerun(self.store, plan, self.clock, self.registry, note).uuid)
 
     def bulk(
         self,

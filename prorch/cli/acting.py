@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import json
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import click
 
@@ -24,6 +25,16 @@ from prorch.model.registry import current_registry
 from prorch.model.status import Status
 from prorch.pipeline import pipeline_class
 from prorch.storage.outside import NO_PAYLOAD
+
+F = TypeVar("F", bound=Callable[..., Any])
+CLI_ACTOR = "cli"
+"""The actor the history records for an action taken with ``prorch``."""
+
+
+def reason_option() -> Callable[[F], F]:
+    return click.option(
+        "--reason", help='Why: recorded in the history event with the actor "cli" (prorch show prints it).'
+    )
 
 
 @click.command()
@@ -69,16 +80,19 @@ def start(ctx: Context, name: str, pairs: tuple[str, ...], params_json: str | No
 
 @click.command()
 @click.argument("uuid", required=False)
+@reason_option()
 @filter_options()
 @click.pass_obj
-def cancel(ctx: Context, /, uuid: str | None, dry_run: bool, yes: bool, batch_size: int, **filters: Any) -> None:
+def cancel(ctx: Context, /, uuid: str | None, reason: str | None, dry_run: bool, yes: bool, batch_size: int,
+           **filters: Any) -> None:  # fmt: skip
     """Cancel a pipeline (its current step's on_cancel runs), or ask its worker to. With filters
     instead of UUID: every matching pipeline that has not ended."""
     with reported(ctx):
         if one_or_many(uuid, filters):
-            bulk_exit(run_bulk(ctx, BulkAction("cancel"), filters, dry_run=dry_run, yes=yes, batch_size=batch_size))
+            action = BulkAction("cancel", actor=CLI_ACTOR, reason=reason)
+            bulk_exit(run_bulk(ctx, action, filters, dry_run=dry_run, yes=yes, batch_size=batch_size))
         assert uuid is not None
-        state = ctx.orchestrator().cancel(uuid)
+        state = ctx.orchestrator().cancel(uuid, actor=CLI_ACTOR, reason=reason)
     if state.pipeline.status == Status.CANCELLED:
         click.echo(f"cancelled {uuid}")
     else:
@@ -87,16 +101,19 @@ def cancel(ctx: Context, /, uuid: str | None, dry_run: bool, yes: bool, batch_si
 
 @click.command()
 @click.argument("uuid", required=False)
+@reason_option()
 @filter_options()
 @click.pass_obj
-def retry(ctx: Context, /, uuid: str | None, dry_run: bool, yes: bool, batch_size: int, **filters: Any) -> None:
+def retry(ctx: Context, /, uuid: str | None, reason: str | None, dry_run: bool, yes: bool, batch_size: int,
+          **filters: Any) -> None:  # fmt: skip
     """Resume a failed pipeline from its failed step (the next pass runs it). With filters
     instead of UUID: every matching failed pipeline."""
     with reported(ctx):
         if one_or_many(uuid, filters):
-            bulk_exit(run_bulk(ctx, BulkAction("retry"), filters, dry_run=dry_run, yes=yes, batch_size=batch_size))
+            action = BulkAction("retry", actor=CLI_ACTOR, reason=reason)
+            bulk_exit(run_bulk(ctx, action, filters, dry_run=dry_run, yes=yes, batch_size=batch_size))
         assert uuid is not None
-        ctx.orchestrator().retry(uuid)
+        ctx.orchestrator().retry(uuid, actor=CLI_ACTOR, reason=reason)
     click.echo(f"retrying {uuid}")
 
 
@@ -133,10 +150,11 @@ def send(ctx: Context, uuid: str, name: str, payload_json: str | None) -> None:
 @click.option("--params-json", help="The parameters to change, as one JSON object.")
 @click.option("--cancel-original", is_flag=True, help="Cancel the original first when it has not ended.")
 @click.option("--json", "as_json", is_flag=True, help="Print the new pipeline as JSON.")
+@reason_option()
 @filter_options(param_flag="--match-param")
 @click.pass_obj
 def rerun(ctx: Context, /, uuid: str | None, from_step: str, pairs: tuple[str, ...], params_json: str | None,
-          cancel_original: bool, as_json: bool, dry_run: bool, yes: bool, batch_size: int,
+          cancel_original: bool, as_json: bool, reason: str | None, dry_run: bool, yes: bool, batch_size: int,
           **filters: Any) -> None:  # fmt: skip
     """Start a new pipeline that reuses the outputs of the original's steps before --from-step
     and runs from that step on, optionally with changed params. Prints the new uuid. With
@@ -145,10 +163,15 @@ def rerun(ctx: Context, /, uuid: str | None, from_step: str, pairs: tuple[str, .
     with reported(ctx):
         changes = parse_params(pairs, params_json) if pairs or params_json is not None else None
         if one_or_many(uuid, filters):
-            action = BulkAction("rerun", from_step=from_step, params=changes, cancel_original=cancel_original)
+            action = BulkAction(
+                "rerun", from_step=from_step, params=changes, cancel_original=cancel_original,
+                actor=CLI_ACTOR, reason=reason,
+            )  # fmt: skip
             bulk_exit(run_bulk(ctx, action, filters, dry_run=dry_run, yes=yes, batch_size=batch_size))
         assert uuid is not None
-        state = ctx.orchestrator().rerun(uuid, from_step, changes, cancel_original=cancel_original)
+        state = ctx.orchestrator().rerun(
+            uuid, from_step, changes, cancel_original=cancel_original, actor=CLI_ACTOR, reason=reason
+        )
     if as_json:
         echo_json(state.pipeline.to_dict())
     else:

@@ -161,7 +161,15 @@ def print_history(history: list[EventRecord]) -> None:
     click.echo("history:")
     for event in history:
         step = f" {event.data['step']}" if "step" in event.data else ""
-        click.echo(f"  {event.at:%Y-%m-%d %H:%M:%S.%f %Z}  {event.type.value}{step}")
+        click.echo(f"  {event.at:%Y-%m-%d %H:%M:%S.%f %Z}  {event.type.value}{step}{_who(event.data)}")
+
+
+def _who(data: dict[str, Any]) -> str:
+    """`` by ACTOR: REASON`` for an operator's action (cancel, retry, rerun), else nothing."""
+    actor, reason = data.get("actor"), data.get("reason")
+    if actor is None and reason is None:
+        return ""
+    return f" by {actor or 'someone'}" + (f": {reason}" if reason else "")
 
 
 def pipeline_schema(pipeline_cls: type[PipelineDefinition]) -> dict[str, Any]:

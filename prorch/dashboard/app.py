@@ -25,17 +25,22 @@ from starlette.responses import HTMLResponse, JSONResponse, RedirectResponse, Re
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
-from prorch.dashboard import chart, views
+from prorch.bulk import BulkSummary
+from prorch.dashboard import acting, chart, timeline, views
 from prorch.dashboard.security import LOCAL_HOSTS, SESSION_COOKIE, Guard, HostCheck, Throttle
 from prorch.display import format_seconds, format_time
-from prorch.model.exceptions import InvalidMessageError, InvalidParamsError, InvalidStateError, PipelineNotFoundError
+from prorch.model.exceptions import (
+    InvalidMessageError,
+    InvalidParamsError,
+    InvalidStateError,
+    PipelineNotFoundError,
+    ProrchError,
+)
 from prorch.model.status import Status
 from prorch.orchestrator import Orchestrator
-from prorch.storage.outside import NO_PAYLOAD
 
 HERE = Path(__file__).parent
 REFRESH_SECONDS = 5
-ACTIONS = ("cancel", "retry", "send")
 FAILED_TOKEN_DELAY = 0.5
 """Seconds before a wrong token is answered: with ``Throttle``'s limit, guessing is slow."""
 logger = logging.getLogger(__name__)
@@ -54,7 +59,9 @@ def pretty(value: Any) -> str:
 def templates() -> Environment:
     environment = Environment(loader=FileSystemLoader(HERE / "templates"), autoescape=select_autoescape(["html"]))
     environment.filters.update(when=when, seconds=format_seconds, pretty=pretty)
-    environment.globals.update(statuses=[s.value for s in Status], refresh=REFRESH_SECONDS, urlencode=urlencode)
+    environment.globals.update(
+        statuses=[s.value for s in Status], refresh=REFRESH_SECONDS, urlencode=urlencode, listed=views.LISTED
+    )
     return environment
 
 
@@ -87,7 +94,7 @@ def create_app(
         code = 404 if isinstance(exc, PipelineNotFoundError) else 409 if isinstance(exc, InvalidStateError) else 400
         if api:
             return JSONResponse({"error": str(exc)}, status_code=code)
-        return page(request, "error.html", status_code=code, message=str(exc))
+        return page(request, "error.html", status_code=code, message=str(exc), still=True)
 
     async def overview_page(request: Request) -> Response:
         data = await off_loop(views.overview, orchestrator, cache)
@@ -104,10 +111,11 @@ def create_app(
 
     async def pipeline_page(request: Request) -> Response:
         try:
-            data = await off_loop(views.pipeline, orchestrator, request.path_params["uuid"])
+            data, bars = await off_loop(views.pipeline_and_bars, orchestrator, request.path_params["uuid"])
         except PipelineNotFoundError as exc:
             return failure(request, exc, api=False)
-        return page(request, "pipeline.html", data=data, done=request.query_params.get("done"))
+        gantt = Markup(timeline.svg(bars))  # user-given names and errors are escaped in it
+        return page(request, "pipeline.html", data=data, gantt=gantt, done=request.query_params.get("done"))
 
     async def workers_page(request: Request) -> Response:
         return page(request, "workers.html", data=await off_loop(views.workers, orchestrator))
@@ -159,29 +167,107 @@ def create_app(
         response.delete_cookie(SESSION_COOKIE)
         return response
 
-    async def act_from_page(request: Request) -> Response:
-        uuid, action = request.path_params["uuid"], request.path_params["action"]
-        form = await request.form()
+    def form_refusal(request: Request, form: Any, what: str) -> Response | None:
+        """A 400/403 page unless the form comes from a logged-in session with its CSRF token."""
         cookie, csrf = request.cookies.get(SESSION_COOKIE, ""), str(form.get("csrf", ""))
-        for value, what, fix in ((cookie, "session cookie", "log in again"), (csrf, "CSRF token", "reload the page")):
+        for value, part, fix in ((cookie, "session cookie", "log in again"), (csrf, "CSRF token", "reload the page")):
             if not value.isascii():
-                return page(request, "error.html", status_code=400, message=f"the {what} is malformed: {fix}")
+                return page(request, "error.html", status_code=400, message=f"the {part} is malformed: {fix}")
         session = guard.session_of(cookie)
         if guard.read_only or session is None or not guard.csrf_matches(session, csrf):
-            logger.warning("dashboard: refused %s of %s from %s (not logged in)", action, uuid, _client(request))
+            logger.warning("dashboard: refused %s from %s (not logged in)", what, _client(request))
             message = (
                 "read-only: set PRORCH_DASHBOARD_TOKEN (or dashboard_token in prorch.toml) to allow actions"
                 if guard.read_only
                 else "log in with the dashboard token first (and reload the page if your session changed)"
             )
             return page(request, "error.html", status_code=403, message=message)
+        return None
+
+    async def api_refusal(request: Request, what: str) -> Response | None:
+        """A 403/429 unless the request carries the token as ``Authorization: Bearer``."""
+        header = request.headers.get("authorization")
+        refused = None if guard.read_only or header is None else too_many(request, api=True)
+        if refused is not None:
+            return refused
+        if guard.read_only or not guard.bearer_matches(header):
+            logger.warning("dashboard: refused API %s from %s", what, _client(request))
+            if not guard.read_only and header is not None:
+                await wrong_token(request)
+            reason = "read-only: no dashboard token is set" if guard.read_only else "send Authorization: Bearer TOKEN"
+            return JSONResponse({"error": reason}, status_code=403)
+        return None
+
+    async def act_from_page(request: Request) -> Response:
+        uuid, action = request.path_params["uuid"], request.path_params["action"]
+        form = await request.form()
+        refused = form_refusal(request, form, f"{action} of {uuid}")
+        if refused is not None:
+            return refused
         try:
-            done = await off_loop(act, orchestrator, uuid, action, form.get("name"), form.get("payload"))
-        except (PipelineNotFoundError, InvalidStateError, InvalidMessageError, InvalidParamsError) as exc:
+            if action in acting.CONFIRMED and form.get("confirm") != "yes":
+                return await confirm_page(request, uuid, action, form)
+            done = await off_loop(acting.act, orchestrator, uuid, action, form, f"dashboard ({_host(request)})")
+        except ProrchError as exc:
             return failure(request, exc, api=False)
         logger.info("dashboard: %s %s by %s", action, uuid, _client(request))
         cache.reset()
-        return RedirectResponse(f"/pipelines/{uuid}?{urlencode({'done': done})}", status_code=303)
+        return RedirectResponse(f"/pipelines/{done.uuid}?{urlencode({'done': done.message})}", status_code=303)
+
+    async def confirm_page(request: Request, uuid: str, action: str, form: Any) -> Response:
+        """The step between a click and the action: what will be done, a reason, and a button."""
+        data = await off_loop(views.pipeline, orchestrator, uuid)
+        rerun = await off_loop(acting.check_rerun, orchestrator, uuid, form) if action == "rerun" else None
+        return page(request, "confirm.html", data=data, action=action, rerun=rerun, reason=form.get("reason") or "",
+                    still=True)  # fmt: skip
+
+    async def search(request: Request) -> Response:
+        text = request.query_params.get("q", "")
+        try:
+            uuid = await off_loop(views.find, orchestrator, text)
+        except ProrchError as exc:
+            if request.url.path.startswith("/api/"):
+                return failure(request, exc, api=True)
+            return page(request, "error.html", status_code=404 if text.strip() else 400, message=str(exc),
+                        heading="Not found", still=True)  # fmt: skip
+        if request.url.path.startswith("/api/"):
+            return JSONResponse({"uuid": uuid})
+        return RedirectResponse(f"/pipelines/{uuid}", status_code=303)
+
+    async def bulk_from_page(request: Request) -> Response:
+        form = await request.form()
+        refused = form_refusal(request, form, "a bulk action")
+        if refused is not None:
+            return refused
+        given = {name: str(form.get(name, "")) for name in views.LISTED}
+        confirmed = form.get("confirm") == "yes"
+        try:
+            chosen = acting.bulk_request(form, given, orchestrator.clock.now(), f"dashboard ({_host(request)})")
+            summary = await off_loop(_bulk, orchestrator, chosen, not confirmed)
+        except ProrchError as exc:
+            return page(request, "error.html", status_code=400, message=str(exc), still=True)
+        if confirmed:
+            logger.info("dashboard: bulk %s of %s by %s", chosen.action.action, chosen.given, _client(request))
+            cache.reset()
+        return page(request, "bulk.html", chosen=chosen, fields=form, summary=acting.summary_json(summary),
+                    still=True)  # fmt: skip
+
+    async def api_bulk(request: Request) -> Response:
+        refused = await api_refusal(request, "bulk action")
+        if refused is not None:
+            return refused
+        try:
+            body = await _json_object(request, '{"action": ..., "filters": {...}, "dry_run": true}')
+            actor = f"dashboard API ({_host(request)})"
+            chosen = acting.bulk_request(body, body.get("filters", {}), orchestrator.clock.now(), actor)
+            dry_run = acting.flag(body.get("dry_run"), "dry_run")
+            summary = await off_loop(_bulk, orchestrator, chosen, dry_run)
+        except ProrchError as exc:
+            return failure(request, exc, api=True)
+        if not dry_run:
+            logger.info("dashboard: API bulk %s of %s by %s", chosen.action.action, chosen.given, _client(request))
+            cache.reset()
+        return JSONResponse({"filters": chosen.given, **acting.summary_json(summary)})
 
     async def api_overview(request: Request) -> Response:
         return JSONResponse(await off_loop(views.overview, orchestrator, cache))
@@ -201,25 +287,20 @@ def create_app(
 
     async def api_act(request: Request) -> Response:
         uuid, action = request.path_params["uuid"], request.path_params["action"]
-        header = request.headers.get("authorization")
-        refused = None if guard.read_only or header is None else too_many(request, api=True)
+        refused = await api_refusal(request, f"{action} of {uuid}")
         if refused is not None:
             return refused
-        if guard.read_only or not guard.bearer_matches(header):
-            logger.warning("dashboard: refused API %s of %s from %s", action, uuid, _client(request))
-            if not guard.read_only and header is not None:
-                await wrong_token(request)
-            reason = "read-only: no dashboard token is set" if guard.read_only else "send Authorization: Bearer TOKEN"
-            return JSONResponse({"error": reason}, status_code=403)
         try:
-            body = await _json_object(request) if action == "send" else {}
-            payload = json.dumps(body["payload"]) if "payload" in body else None  # left out: no payload
-            done = await off_loop(act, orchestrator, uuid, action, body.get("name"), payload)
-        except (PipelineNotFoundError, InvalidStateError, InvalidMessageError, InvalidParamsError) as exc:
+            body = await _json_object(request, '{"name": ..., "payload": ...}') if await request.body() else {}
+            if action == "send":  # the payload as JSON text, as the form sends it; left out: no payload
+                body = {"name": body.get("name"), "payload": json.dumps(body["payload"]) if "payload" in body else None}
+            done = await off_loop(acting.act, orchestrator, uuid, action, body, f"dashboard API ({_host(request)})")
+        except ProrchError as exc:
             return failure(request, exc, api=True)
         logger.info("dashboard: API %s %s by %s", action, uuid, _client(request))
         cache.reset()
-        return JSONResponse({"done": done, **await off_loop(views.pipeline, orchestrator, uuid)})
+        extra = {"original_uuid": uuid} if done.uuid != uuid else {}
+        return JSONResponse({"done": done.message, **extra, **await off_loop(views.pipeline, orchestrator, done.uuid)})
 
     action_path = "/pipelines/{uuid}/{action:str}"
     routes = [
@@ -227,6 +308,8 @@ def create_app(
         Route("/pipelines", pipelines_page),
         Route("/pipelines/{uuid}", pipeline_page),
         Route("/workers", workers_page),
+        Route("/search", search),
+        Route("/bulk", bulk_from_page, methods=["POST"]),
         Route(action_path, act_from_page, methods=["POST"]),
         Route("/login", login, methods=["GET", "POST"]),
         Route("/logout", logout, methods=["POST"]),
@@ -234,6 +317,8 @@ def create_app(
         Route("/api/pipelines", api_pipelines),
         Route("/api/pipelines/{uuid}", api_pipeline),
         Route("/api/workers", api_workers),
+        Route("/api/search", search),
+        Route("/api/bulk", api_bulk, methods=["POST"]),
         Route("/api" + action_path, api_act, methods=["POST"]),
         Mount("/static", StaticFiles(directory=HERE / "static"), name="static"),
     ]
@@ -258,38 +343,18 @@ def store_caller(orchestrator: Orchestrator) -> Callable[..., Any]:
     return off_loop
 
 
-def act(orchestrator: Orchestrator, uuid: str, action: str, name: Any, payload: Any) -> str:
-    """Run one action; what to tell the user it did."""
-    if action == "cancel":
-        state = orchestrator.cancel(uuid)
-        return "cancelled" if state.pipeline.status == Status.CANCELLED else "cancel requested"
-    if action == "retry":
-        orchestrator.retry(uuid)
-        return "retrying"
-    if action == "send":
-        if not name:
-            raise InvalidMessageError("a message needs a name")
-        try:
-            value = json.loads(payload) if payload not in (None, "") else NO_PAYLOAD
-        except json.JSONDecodeError as exc:
-            raise InvalidMessageError(f"the payload is not valid JSON: {exc}") from exc
-        orchestrator.send(uuid, str(name), value)
-        return f"sent {name}"
-    raise InvalidParamsError(f"unknown action {action!r}: use one of {', '.join(ACTIONS)}")
+def _bulk(orchestrator: Orchestrator, chosen: acting.BulkRequest, dry_run: bool) -> BulkSummary:
+    return orchestrator.bulk(chosen.action, chosen.filters, dry_run=dry_run)
 
 
-async def _json_object(request: Request) -> dict[str, Any]:
-    """The request's body, which must be a JSON object."""
+async def _json_object(request: Request, example: str) -> dict[str, Any]:
+    """The request's body, which must be a JSON object (like ``example``)."""
     try:
         body = json.loads(await request.body())
     except ValueError as exc:  # not JSON, or not UTF-8
-        raise InvalidMessageError(
-            f'the body is not JSON ({exc}): send a JSON object, {{"name": ..., "payload": ...}}'
-        ) from exc
+        raise InvalidMessageError(f"the body is not JSON ({exc}): send a JSON object, {example}") from exc
     if not isinstance(body, dict):
-        raise InvalidMessageError(
-            f'the body is {type(body).__name__}: send a JSON object, {{"name": ..., "payload": ...}}'
-        )
+        raise InvalidMessageError(f"the body is {type(body).__name__}: send a JSON object, {example}")
     return body
 
 

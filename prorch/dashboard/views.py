@@ -6,17 +6,22 @@ from __future__ import annotations
 import dataclasses
 import threading
 import time
+import uuid as uuid_module
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
+from prorch.bulk import Filters
+from prorch.dashboard import timeline
 from prorch.display import app_loaded, lease_holder, step_limits, step_seconds
-from prorch.model.exceptions import InvalidParamsError, ProrchError
-from prorch.model.records import PipelineRecord, StepRecord
-from prorch.model.status import TERMINAL, Status
+from prorch.model.exceptions import InvalidParamsError, PipelineNotFoundError, ProrchError
+from prorch.model.keys import uuid_for_key
+from prorch.model.records import EventRecord, PipelineRecord, StepRecord
+from prorch.model.status import TERMINAL, EventType, Status
 from prorch.model.workers import WorkerRow
 from prorch.orchestrator import Orchestrator
+from prorch.storage.forking import FORKED_FROM
 from prorch.storage.listing import filter_value, parse_moment
 from prorch.storage.repository import PipelineStats
 
@@ -109,21 +114,9 @@ def filters_from(query: Mapping[str, str]) -> dict[str, str]:
 def pipelines(orchestrator: Orchestrator, filters: dict[str, str]) -> dict[str, Any]:
     """One page of the listing, with the total; bad filters raise ``InvalidParamsError``."""
     now = orchestrator.clock.now()
-    param = None
-    if "param" in filters:
-        field_name, sep, text = filters["param"].partition("=")
-        if not sep:
-            raise InvalidParamsError(f"param filter {filters['param']!r}: expected NAME=VALUE, e.g. region=eu")
-        param = (field_name.strip(), filter_value(text.strip()))
+    chosen = bulk_filters(filters, now)
     page = orchestrator.query(
-        status=_status(filters),
-        name=filters.get("name"),
-        version=_int(filters, "version"),
-        tenant=filters.get("tenant"),
-        key=filters.get("key"),
-        param=param,
-        since=_moment(filters, "since", now),
-        until=_moment(filters, "until", now),
+        **{name: getattr(chosen, name) for name in LISTED},
         limit=_int(filters, "limit") or 50,
         after=filters.get("after"),
         count=True,
@@ -135,6 +128,50 @@ def pipelines(orchestrator: Orchestrator, filters: dict[str, str]) -> dict[str, 
         "next_after": page.next_after,
         "filters": filters,
     }
+
+
+LISTED = ("status", "name", "version", "tenant", "key", "param", "since", "until")
+
+
+def bulk_filters(filters: dict[str, str], now: datetime) -> Filters:
+    """The listing's filters as a bulk action takes them (``limit`` and ``after`` are the
+    page's, not a filter); bad ones raise ``InvalidParamsError``."""
+    param = None
+    if "param" in filters:
+        field_name, sep, text = filters["param"].partition("=")
+        if not sep:
+            raise InvalidParamsError(f"param filter {filters['param']!r}: expected NAME=VALUE, e.g. region=eu")
+        param = (field_name.strip(), filter_value(text.strip()))
+    return Filters(
+        status=_status(filters), name=filters.get("name"), version=_int(filters, "version"),
+        tenant=filters.get("tenant"), key=filters.get("key"), param=param,
+        since=_moment(filters, "since", now), until=_moment(filters, "until", now),
+    )  # fmt: skip
+
+
+def find(orchestrator: Orchestrator, text: str) -> str:
+    """The uuid of the pipeline ``text`` names: its exact uuid, else its creation key."""
+    text = text.strip()
+    if not text:
+        raise InvalidParamsError("type a pipeline's uuid or key to search for")
+    canonical = _as_uuid(text)
+    if canonical is not None and orchestrator.store.get_pipeline(canonical) is not None:
+        return canonical
+    try:
+        by_key: str | None = uuid_for_key(text)  # a key names its pipeline's uuid
+    except InvalidParamsError:  # not a valid key (too long, NUL): no pipeline has it
+        by_key = None
+    if by_key is not None and orchestrator.store.get_pipeline(by_key) is not None:
+        return by_key
+    raise PipelineNotFoundError(f"no pipeline has the uuid or key {text!r}", uuid=text)
+
+
+def _as_uuid(text: str) -> str | None:
+    """``text`` as a stored uuid is written (lower case, with hyphens), or None if it is none."""
+    try:
+        return str(uuid_module.UUID(text))
+    except ValueError:
+        return None
 
 
 def pipeline_row(record: PipelineRecord, now: datetime, workers: list[WorkerRow] | None = None) -> dict[str, Any]:
@@ -155,9 +192,16 @@ def pipeline_row(record: PipelineRecord, now: datetime, workers: list[WorkerRow]
 
 
 def pipeline(orchestrator: Orchestrator, uuid: str) -> dict[str, Any]:
-    """One pipeline: its steps as a timeline, the next run and why, params, metadata, progress,
-    outputs, errors with tracebacks, the history, and why it is blocked. Without the app loaded
-    here, its code is missing here, not necessarily on the workers: it gets its stored next run."""
+    """One pipeline, as the API returns it (``pipeline_and_bars``)."""
+    return pipeline_and_bars(orchestrator, uuid)[0]
+
+
+def pipeline_and_bars(orchestrator: Orchestrator, uuid: str) -> tuple[dict[str, Any], list[timeline.Bar]]:
+    """One pipeline: its steps, the next run and why, params, metadata, progress, outputs,
+    errors with tracebacks (and those of earlier attempts), its step attempts over time, where
+    it was rerun from and as, the history, and why it is blocked. Without the app loaded here,
+    its code is missing here, not necessarily on the workers: it gets its stored next run. The
+    bars are the timeline's, for its SVG."""
     state = orchestrator.get(uuid)
     if state.blocked and not app_loaded(orchestrator.registry):
         state = dataclasses.replace(state, blocked=None, code_missing=state.blocked)
@@ -167,6 +211,7 @@ def pipeline(orchestrator: Orchestrator, uuid: str) -> dict[str, Any]:
     limits = step_limits(orchestrator.registry, state.steps)
     p = state.pipeline
     workers = orchestrator.store.workers() if _leased(p, now) else []
+    found = timeline.bars(state.steps, history, now, p.status in TERMINAL)
     return {
         "pipeline": {
             **pipeline_row(p, now, workers),
@@ -188,7 +233,18 @@ def pipeline(orchestrator: Orchestrator, uuid: str) -> dict[str, Any]:
         "steps": [_step(step, now, limits) for step in state.steps],
         "history": [{"at": iso(e.at), "type": e.type.value, "step_uuid": e.step_uuid, "data": e.data} for e in history],
         "ended": p.status in TERMINAL,
-    }
+        "timeline": [bar.to_json() for bar in found],
+        "earlier_attempts": timeline.earlier_attempts(history),
+        "forked_from": p.metadata.get(FORKED_FROM),
+        "reruns": [_rerun(e) for e in history if e.type == EventType.PIPELINE_RERUN],
+    }, found
+
+
+def _rerun(event: EventRecord) -> dict[str, Any]:
+    """A ``pipeline.rerun`` event: the new pipeline, the step, and who reran it and why."""
+    data = event.data
+    return {"at": iso(event.at), "uuid": data.get("rerun_uuid"), "from_step": data.get("from_step"),
+            "actor": data.get("actor"), "reason": data.get("reason")}  # fmt: skip
 
 
 def _step(step: StepRecord, now: datetime, limits: dict[str, int]) -> dict[str, Any]:

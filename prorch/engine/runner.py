@@ -116,17 +116,19 @@ class Runner:
             yield from self._interrupted(run)
         return transitions.outcome(run, self.clock.now())
 
-    def cancel(self, pipeline: PipelineRecord) -> Outcome:
-        """Cancel a pipeline that has not ended; the current step's ``on_cancel`` runs."""
+    def cancel(self, pipeline: PipelineRecord, note: dict[str, str] | None = None) -> Outcome:
+        """Cancel a pipeline that has not ended; the current step's ``on_cancel`` runs. ``note``
+        (an operator's actor and reason) goes into the ``pipeline.cancelled`` event."""
         run = self.journal.load(pipeline)
         run.token = pipeline.lease_owner
+        run.note = dict(note or {})
         write_each(self.journal.store, self.endings.cancel(run))
         return transitions.outcome(run, self.clock.now())
 
-    def retry(self, pipeline: PipelineRecord) -> Outcome:
+    def retry(self, pipeline: PipelineRecord, note: dict[str, str] | None = None) -> Outcome:
         """Put a failed pipeline back to pending from its failed step, with fresh attempts."""
         run = self.journal.load(pipeline)
-        changed = transitions.reset_for_retry(run, self.clock.now())
+        changed = transitions.reset_for_retry(run, self.clock.now(), note)
         write_each(self.journal.store, self.journal.commit(run, changed, stop=True))
         return transitions.outcome(run, self.clock.now())
 

@@ -53,6 +53,7 @@ class Run:
     dirty: bool = False  # changed in memory without a transition (a crash charged)
     hooks_left: int | None = None  # hooks this claim may still start (1 for a rate-limited pipeline)
     definition: Any = None  # the pipeline's registered class (its declared patches: self.patched)
+    note: dict[str, str] = field(default_factory=dict)  # an operator's actor and reason, for the ending's event
 
     def current_step(self) -> StepRecord | None:
         return next((s for s in self.steps if s.status in (Status.CREATED, Status.PENDING)), None)

@@ -7,6 +7,8 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 from typing import Any
 
+import msgspec
+
 from prorch.engine.policy import Policies
 from prorch.engine.state import Outcome, Run
 from prorch.model.exceptions import InvalidStateError
@@ -129,7 +131,7 @@ def settle(run: Run, now: datetime) -> bool:
     if derived in TERMINAL:
         if derived == Status.FAILED:
             pipeline.last_error = next((s.error for s in run.steps if s.status == Status.FAILED), pipeline.last_error)
-        run.events.append(new_event(run, PIPELINE_EVENT_FOR[derived], None, now))
+        run.events.append(new_event(run, PIPELINE_EVENT_FOR[derived], None, now, **run.note))
     return True
 
 
@@ -226,11 +228,13 @@ def quarantine(run: Run, now: datetime, error: ErrorInfo) -> list[StepRecord]:
     return changed
 
 
-def reset_for_retry(run: Run, now: datetime) -> list[StepRecord]:
+def reset_for_retry(run: Run, now: datetime, note: dict[str, str] | None = None) -> list[StepRecord]:
     """Put a failed pipeline back to pending from its failed step, with fresh attempts: the step
     runs again the hook that failed; rolled-back steps run again; the others keep their results.
-    Returns the changed steps."""
+    The errors it clears are kept in the ``pipeline.retried`` event, with ``note`` (an
+    operator's actor and reason). Returns the changed steps."""
     changed = []
+    errors = earlier_errors(run)
     for step in run.steps:
         if step.status == Status.FAILED:
             if failed_in_on_start(run, step):
@@ -253,8 +257,25 @@ def reset_for_retry(run: Run, now: datetime) -> list[StepRecord]:
     run.pipeline.last_error = None
     run.pipeline.crashes = 0
     run.pipeline.hook_started_at = None
-    run.events.append(new_event(run, EventType.PIPELINE_RETRIED, None, now, steps=[s.name for s in changed]))
+    run.events.append(
+        new_event(
+            run, EventType.PIPELINE_RETRIED, None, now, steps=[s.name for s in changed], errors=errors, **(note or {})
+        )
+    )
     return changed
+
+
+def earlier_errors(run: Run) -> list[dict[str, Any]]:
+    """The errors a retry clears (each step's, with its attempt and traceback; the pipeline's
+    when no step has one), so that the history keeps them."""
+    errors = [
+        {"step": step.name, "attempt": step.attempt, **msgspec.structs.asdict(step.error)}
+        for step in run.steps
+        if step.error is not None
+    ]
+    if not errors and run.pipeline.last_error is not None:
+        errors.append({"step": None, "attempt": None, **msgspec.structs.asdict(run.pipeline.last_error)})
+    return errors
 
 
 def failed_in_on_start(run: Run, step: StepRecord) -> bool:

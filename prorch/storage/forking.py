@@ -57,9 +57,13 @@ def plan_rerun(
     return RerunPlan(original, definition, from_step, _params(definition, original, params), reused)
 
 
-def store_rerun(store: Store, plan: RerunPlan, clock: Clock, registry: Registry) -> PipelineRecord:
+def store_rerun(
+    store: Store, plan: RerunPlan, clock: Clock, registry: Registry, note: dict[str, str] | None = None
+) -> PipelineRecord:
     """Store the new pipeline (pending, due now) and the original's ``pipeline.rerun`` event in
-    one transaction; return the new pipeline's record."""
+    one transaction; return the new pipeline's record. ``note`` (an operator's actor and
+    reason) goes into both events."""
+    note = note or {}
     original, now = plan.original, clock.now()
     records = build_records(
         plan.definition,
@@ -75,7 +79,12 @@ def store_rerun(store: Store, plan: RerunPlan, clock: Clock, registry: Registry)
     for record in records:
         if isinstance(record, EventRecord) and record.type == EventType.PIPELINE_CREATED:
             record.data.update(
-                {FORKED_FROM: original.uuid, "from_step": plan.from_step, "reused": [s.name for s in plan.reused]}
+                {
+                    FORKED_FROM: original.uuid,
+                    "from_step": plan.from_step,
+                    "reused": [s.name for s in plan.reused],
+                    **note,
+                }
             )
     told = EventRecord(
         uuid=new_uuid(),
@@ -83,7 +92,7 @@ def store_rerun(store: Store, plan: RerunPlan, clock: Clock, registry: Registry)
         type=EventType.PIPELINE_RERUN,
         at=now,
         seq=(original.revision + 1) * 1000,
-        data={"rerun_uuid": pipeline.uuid, "from_step": plan.from_step},
+        data={"rerun_uuid": pipeline.uuid, "from_step": plan.from_step, **note},
     )
     with store.transaction():
         store_new(store, [records], now, registry)

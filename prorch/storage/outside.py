@@ -14,6 +14,7 @@ from prorch.model.clock import Clock
 from prorch.model.exceptions import (
     ConcurrentUpdateError,
     InvalidMessageError,
+    InvalidParamsError,
     InvalidStateError,
     PipelineNotFoundError,
     UnstorableValueError,
@@ -27,6 +28,9 @@ logger = logging.getLogger(__name__)
 
 CHANGE_ATTEMPTS = 20
 """Reads and writes of one outside change before giving up (other writers kept winning)."""
+
+MAX_NOTE = 1000
+"""Characters an operator's actor or reason may have."""
 
 Change = Callable[[PipelineRecord, datetime], list[EventRecord] | None]
 """Applies a change to a freshly read record; returns the events to store with it, or None when
@@ -51,9 +55,28 @@ def change_pipeline(store: Store, clock: Clock, uuid: str, change: Change, attem
     return False
 
 
-def request_cancel(store: Store, clock: Clock, uuid: str) -> None:
+def operator_note(actor: str | None = None, reason: str | None = None) -> dict[str, str]:
+    """Who acted and why, for the data of the history event an operator's cancel, retry or rerun
+    writes (only what was given); a value that is not a short text is refused before anything
+    is written."""
+    note: dict[str, str] = {}
+    for name, value in (("actor", actor), ("reason", reason)):
+        if value is None:
+            continue
+        if not isinstance(value, str) or len(value) > MAX_NOTE or "\x00" in value:
+            raise InvalidParamsError(
+                f"{name} must be a text of at most {MAX_NOTE} characters without NUL, got {type(value).__name__} "
+                f"of length {len(value) if isinstance(value, str) else '-'}"
+            )
+        if value.strip():
+            note[name] = value.strip()
+    return note
+
+
+def request_cancel(store: Store, clock: Clock, uuid: str, note: dict[str, str] | None = None) -> None:
     """Store a cancel request for the worker holding the pipeline (it cancels at its next
-    transition, or the next worker does)."""
+    transition, or the next worker does); ``note`` (an operator's actor and reason) goes into
+    the request's event."""
 
     def change(record: PipelineRecord, now: datetime) -> list[EventRecord] | None:
         if record.status in TERMINAL:
@@ -66,7 +89,7 @@ def request_cancel(store: Store, clock: Clock, uuid: str) -> None:
             type=EventType.PIPELINE_CANCEL_REQUESTED,
             at=now,
             seq=(record.revision + 1) * 1000,
-            data={"held_by": record.lease_owner},
+            data={"held_by": record.lease_owner, **(note or {})},
         )
         return [event]
 

@@ -145,6 +145,9 @@ def test_forms_need_the_session_and_its_csrf_token(shop: tuple[Path, list[str]])
         messages = Orchestrator(f"sqlite:///{workdir / 'shop.db'}").store.messages_of(uuids[3])
         assert [(m.name, m.payload) for m in messages] == [("go", True), ("bare", True)]
         status, body = submit(f"{base}/pipelines/{uuids[3]}/cancel", {"csrf": csrf.group(1)})
+        assert status == 200 and "Yes, cancel" in body  # the confirm step: nothing done yet
+        assert get(f"{base}/api/pipelines/{uuids[3]}")[1]["pipeline"]["status"] == "pending"
+        status, body = submit(f"{base}/pipelines/{uuids[3]}/cancel", {"csrf": csrf.group(1), "confirm": "yes"})
         assert status == 200 and 'id="status">cancelled<' in body
 
 

@@ -5,9 +5,11 @@ shows the ones a run made."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -65,19 +67,117 @@ def test_an_operator_watches_filters_and_cancels(tmp_path: Path) -> None:
         assert re.search(r"waiting", page.locator("#next-run").inner_text())
         page.screenshot(path=str(ARTIFACTS / "pipeline.png"), full_page=True)
 
-        # cancel before logging in: refused, nothing changes
-        page.click("#cancel")
-        assert "log in with the dashboard token" in page.locator("#error").inner_text()
-        page.goto(f"{base}/pipelines/{slow}")
+        # before logging in: the buttons are shown as unavailable, with why
+        assert (
+            page.locator("#cancel").is_disabled() and page.locator("#cancel").get_attribute("title") == "log in to act"
+        )
         assert page.locator("#status").inner_text() == "pending"
 
-        # log in with the token, cancel: the pipeline is cancelled
+        # log in with the token, cancel, confirm with a reason: the pipeline is cancelled
         page.click("text=Log in")
         page.fill("input[name=token]", TOKEN)
         page.click("#login")
         page.click("#cancel")
+        assert "Cancel pipeline" in page.locator("#confirm-box").inner_text()
+        page.fill("#reason", "customer called")
+        page.click("#confirm")
         page.wait_for_selector("#status:has-text('cancelled')")
+        assert "customer called" in page.locator("table.history").inner_text()
         assert "cancelled" in page.locator(".notice").inner_text()
         page.screenshot(path=str(ARTIFACTS / "cancelled.png"), full_page=True)
         browser.close()
     assert prorch(workdir, "show", slow, "--json").count('"status": "cancelled"') >= 1
+
+
+SHOTS = Path(os.environ.get("PRORCH_DASH_SHOTS", "/tmp/dash-shots"))
+
+
+def shoot(page: Any, name: str) -> None:
+    for folder in (ARTIFACTS, SHOTS):
+        folder.mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(folder / name), full_page=True)
+
+
+def test_an_operator_searches_reruns_and_bulk_retries(tmp_path: Path) -> None:
+    """Three orders fail at Charge (the card is declined); the operator finds one by its key,
+    reads its timeline, reruns it from Charge with another quantity once the card works, then
+    retries the other failed ones at once, confirming each, and sees the earlier errors kept."""
+    chromium = chromium_or_skip()
+    workdir = shop_workdir(tmp_path)
+    decline = tmp_path / "decline"
+    decline.touch()
+    orders = [prorch(workdir, "start", "Order", "-p", f"item=book{n}", "--key", f"order-{n}").strip() for n in range(3)]
+    with (
+        running(workdir, "worker", "--interval", "0.2", SHOP_DECLINE_FILE=str(decline)),
+        dashboard(workdir, token=TOKEN) as (base, _),
+        playwright.sync_playwright() as driver,
+    ):
+        browser = driver.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
+        page = browser.new_page(viewport={"width": 1200, "height": 900})
+        page.goto(base + "/pipelines?status=failed")
+        page.wait_for_function("document.querySelector('#total').textContent.startsWith('3 matching')", timeout=30_000)
+        assert page.locator("#bulk-review").is_disabled()  # logged out
+        page.click("text=log in to act")
+        page.fill("input[name=token]", TOKEN)
+        page.click("#login")
+
+        # search by key from the header: the pipeline's page, with its timeline
+        page.fill("#search", "order-1")
+        page.click("#search-go")
+        page.wait_for_url(f"**/pipelines/{orders[1]}")
+        assert page.locator("#gantt rect[data-outcome=failed][data-step=Charge]").count() == 1
+        assert page.locator("#gantt rect[data-outcome=finished][data-step=Reserve]").count() == 1
+        shoot(page, "pipeline-failed.png")
+
+        # rerun from Charge with another quantity, once the card works
+        decline.unlink()
+        assert page.locator("#from-step").input_value() == "Charge"  # the failed step, chosen already
+        params = json.loads(page.locator("#rerun-params").input_value())
+        page.fill("#rerun-params", json.dumps({**params, "qty": 5}))
+        page.click("#rerun")
+        assert page.locator("#confirm-step").inner_text() == "Charge"
+        assert json.loads(page.locator("#confirm-params").inner_text())["qty"] == 5
+        page.fill("#reason", "card replaced")
+        shoot(page, "rerun-confirm.png")
+        page.click("#confirm")
+        page.wait_for_selector("#forked-from")
+        assert page.locator("#forked-from").inner_text() == orders[1]
+        page.wait_for_selector("#status:has-text('finished')", timeout=30_000)
+        assert page.locator("#gantt rect[data-outcome=reused][data-step=Reserve]").count() == 1
+        # it ended while the page was open: what only a live pipeline offers is gone
+        assert not page.locator("#cancel").is_visible() and not page.locator("#cancel-original").is_visible()
+        assert page.locator("#rerun").is_visible()
+        shoot(page, "rerun-new.png")
+        page.click("#forked-from")
+        assert page.locator(".rerun-as a").count() == 1 and "card replaced" in page.locator(".rerun-as").inner_text()
+
+        # bulk retry of every failed order: a dry run with the count, a confirmation, a summary
+        page.goto(base + "/pipelines?status=failed")
+        page.select_option("#bulk-action", "retry")
+        shoot(page, "pipelines-bulk.png")
+        page.click("#bulk-review")
+        assert page.locator("#matched").inner_text() == "3" and page.locator("#done-count").inner_text() == "3"
+        assert page.locator("#bulk-summary").get_attribute("data-dry-run") == "true"
+        page.fill("#reason", "bank is back")
+        shoot(page, "bulk-confirm.png")
+        page.click("#bulk-confirm")
+        assert page.locator("#bulk-summary").get_attribute("data-dry-run") == "false"
+        assert page.locator("#done-count").inner_text() == "3" and page.locator("#failed").inner_text().startswith("0")
+        shoot(page, "bulk-done.png")
+
+        # the retried pipelines finish; the error of the attempt before stays visible
+        page.goto(f"{base}/pipelines/{orders[0]}")
+        page.wait_for_selector("#status:has-text('finished')", timeout=30_000)
+        assert page.locator("#gantt rect[data-step=Charge]").count() == 2  # failed, then finished
+        page.click("details.earlier summary")
+        earlier = page.locator("details.earlier").inner_text()
+        assert "card declined" in earlier and "bank is back" in earlier
+        shoot(page, "retried-earlier-attempts.png")
+
+        # a search that finds nothing says so
+        page.fill("#search", "order-404")
+        page.click("#search-go")
+        assert "no pipeline has the uuid or key 'order-404'" in page.locator("#error").inner_text()
+        assert page.locator("#search").input_value() == "order-404"  # kept, to correct it
+        shoot(page, "search-not-found.png")
+        browser.close()

@@ -277,7 +277,9 @@ def test_a_retry_starts_afresh_with_no_stale_crash_error_mark_window_or_metadata
             0, 0, None, None, None, None,
         )  # fmt: skip
     (event,) = run.events
-    assert event.type == EventType.PIPELINE_RETRIED and event.data == {"steps": ["Compensated", "Polling"]}
+    assert event.type == EventType.PIPELINE_RETRIED and event.data["steps"] == ["Compensated", "Polling"]
+    error = {"type": "Boom", "message": "x", "traceback": None, "hook": "on_continue"}
+    assert event.data["errors"] == [{"step": "Polling", "attempt": 3, **error}]  # kept in the history
     assert event.at == later and event.step_uuid is None
 
 
