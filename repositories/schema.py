@@ -79,6 +79,16 @@ pipelines = Table(
     # ended pipelines only: "ended in the last hour" without indexing every transition
     Index("ix_pipelines_ended", "updated_at", sqlite_where=ENDED, postgresql_where=ENDED),
 )
+# the claim's walk in claim order (``prorch.model.due.CLAIM_ORDER``), all names, or one name's (a
+# limited claim): it reads the rows it takes, not every due row (``repositories.sql_claim``)
+Index("ix_pipelines_claim", pipelines.c.status, pipelines.c.priority.desc(), pipelines.c.next_run_at)
+Index(
+    "ix_pipelines_claim_name",
+    pipelines.c.status,
+    pipelines.c.name,
+    pipelines.c.priority.desc(),
+    pipelines.c.next_run_at,
+)
 
 steps = Table(
     Models.TABLE_NAMES[Models.STEP_MODEL],

@@ -34,8 +34,11 @@ class SQLClaims:
         raise NotImplementedError
 
     def _due_query(self, runnable: Runnable | None = None) -> Select[Any]:
-        """Due pipeline uuids, by the (status, next_run_at, priority) index; bound: _now, _limit.
-        With ``runnable``, only pipelines of those (name, version) pairs."""
+        """Due pipeline uuids in claim order; bound: _now, _limit. With ``runnable``, only
+        pipelines of those (name, version) pairs. SQLite and PostgreSQL walk an index in claim
+        order (``ix_pipelines_claim``, or ``ix_pipelines_claim_name`` for one name) and stop at
+        the limit: a claim reads the rows it takes (and the leased or not-runnable ones among
+        them, and a higher priority's future ones), not every due row; no sort."""
         c = self.table.c
         now = bindparam("_now", type_=c.next_run_at.type)
         query = (
@@ -119,8 +122,11 @@ class SQLClaims:
             self.table, dialect, self._due_query(runnable), self.lockable, self._lease_values()
         ))  # fmt: skip
         rows: list[Any] = []
-        with self.backend.connect(write=True) as connection:
-            rows += connection.execute(others, {**params, "_limit": limit, "_limited": sorted(limits)}).mappings().all()
+        if runnable is None or not {name for name, _ in runnable} <= limits.keys():
+            # (none when every class it runs is limited: the walk would read their due rows for nothing)
+            with self.backend.connect(write=True) as connection:
+                found = connection.execute(others, {**params, "_limit": limit, "_limited": sorted(limits)})
+                rows += found.mappings().all()
         for name in sorted(limits):
             if len(rows) >= limit:
                 break

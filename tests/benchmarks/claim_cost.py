@@ -5,10 +5,11 @@ rows it takes, so a pass over 100,000 due pipelines costs about what one over 1,
     PYTHONPATH=$PWD python tests/benchmarks/claim_cost.py --backends sqlite --sizes 1000 100000
 
 For each backend and backlog size: a fresh store with that many due pipelines (three priorities,
-every one due), then ``--passes`` claims of ``--batch`` each, timed one by one; between two
+every one due,
+of three names), then ``--passes`` claims of ``--batch`` each, timed one by one; between two
 claims, untimed, the claimed pipelines are released to the back of the queue (still due), as a
 pass that moves them on would, so the backlog stays the same size. Prints the median claim in
-milliseconds, plain and limited (a ``max_running`` on the pipelines' name: the limited claim's
+milliseconds, plain and limited (a ``max_running`` on one of the three names: the limited claim's
 path). Run it by hand; the test suite never asserts timings.
 """
 
@@ -36,13 +37,16 @@ from repositories import from_url  # noqa: E402
 from repositories.schema import pipelines  # noqa: E402
 
 NOW = datetime(2030, 1, 1, 12, 0, tzinfo=timezone.utc)
+NAMES = ("P0", "P1", "P2")
+RUNNABLE = frozenset({(name, 1) for name in NAMES} | {("Absent", 1), ("Absent", 2)})
+"""What the worker claims: its registered classes (the engine always passes them)."""
 
 
 def fill(backend: Any, size: int) -> None:
     """``size`` due pending pipelines, written straight into the table (a benchmark's setup)."""
     rows = [
         {
-            "uuid": new_uuid(), "name": "P", "version": 1, "status": "pending", "params": {}, "context": {},
+            "uuid": new_uuid(), "name": f"P{i % len(NAMES)}", "version": 1, "status": "pending", "params": {}, "context": {},
             "metadata": {}, "priority": i % 3, "created_at": NOW, "updated_at": NOW, "claims": 0,
             "next_run_at": NOW - timedelta(hours=2) + timedelta(microseconds=i), "revision": 0,
             "cancel_requested": False, "hook_shared": False, "crashes": 0,
@@ -72,11 +76,11 @@ def measure(url: str, size: int, passes: int, batch: int, limited: bool) -> floa
     backend = from_url(url)
     store = Store(backend)
     fill(backend, size)
-    limits = {"P": ClaimLimit(max_running=10 * batch)} if limited else {}
+    limits = {"P0": ClaimLimit(max_running=10 * batch)} if limited else {}
     took: list[float] = []
     for number in range(passes):
         started = time.perf_counter()
-        claimed = store.claim_due(NOW, f"w{number}", NOW + timedelta(minutes=5), batch, limits)
+        claimed = store.claim_due(NOW, f"w{number}", NOW + timedelta(minutes=5), batch, limits, RUNNABLE)
         took.append(time.perf_counter() - started)
         assert len(claimed) == batch, len(claimed)
         release(backend, [p.uuid for p in claimed], NOW - timedelta(seconds=passes - number))
