@@ -31,7 +31,7 @@ from prorch.engine.outage import Outage
 from prorch.engine.policy import StepOverride
 from prorch.model import defaults
 from prorch.model.clock import Clock
-from prorch.model.due import Runnable
+from prorch.model.due import ClaimRequest, Runnable
 from prorch.model.exceptions import (
     ConcurrentUpdateError,
     ConfigurationError,
@@ -190,9 +190,9 @@ class Orchestrator:
         since = time.monotonic()  # before the lease's time is read: see LeaseKeeper
         now = self.clock.now()
         lease_until = now + timedelta(seconds=self.lease_seconds)
-        claimed = self.store.claim_due(
-            now, self.new_lease_token(), lease_until, self.batch_size, self.extensions.claim_limits(), self.runnable()
-        )
+        limits, runnable = self.extensions.claim_limits(), self.runnable()
+        request = ClaimRequest(now, self.new_lease_token(), lease_until, self.batch_size, limits, runnable)
+        claimed = self.store.claim(request)
         summary.claimed = len(claimed)
         lags = [(now - p.next_run_at).total_seconds() for p in claimed if p.next_run_at is not None]
         with LeaseKeeper(self.store, self.lease_seconds, self.clock, self.extensions.lease_lost) as keeper:

@@ -46,8 +46,8 @@ def fill(backend: Any, size: int) -> None:
     """``size`` due pending pipelines, written straight into the table (a benchmark's setup)."""
     rows = [
         {
-            "uuid": new_uuid(), "name": f"P{i % len(NAMES)}", "version": 1, "status": "pending", "params": {}, "context": {},
-            "metadata": {}, "priority": i % 3, "created_at": NOW, "updated_at": NOW, "claims": 0,
+            "uuid": new_uuid(), "name": f"P{i % len(NAMES)}", "version": 1, "status": "pending", "params": {},
+            "context": {}, "metadata": {}, "priority": i % 3, "created_at": NOW, "updated_at": NOW, "claims": 0,
             "next_run_at": NOW - timedelta(hours=2) + timedelta(microseconds=i), "revision": 0,
             "cancel_requested": False, "hook_shared": False, "crashes": 0,
         }
