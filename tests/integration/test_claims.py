@@ -5,19 +5,19 @@ plain and limited. The mutation run of the SQL claim runs this file (docs/mutati
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import os
 from datetime import datetime, timedelta, timezone
-from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import event, insert
+from sqlalchemy import delete, event, insert
 
 from prorch.model.due import ClaimRequest
 from prorch.model.limit_rules import ClaimLimit, RateLimit
 from prorch.model.records import new_uuid
 from prorch.storage.store import Store
-from repositories.schema import pipelines
+from repositories import from_url
+from repositories.schema import pipelines, rate_limit_starts
 from tests.integration.conftest import make_backend
 
 NOW = datetime(2030, 1, 1, 12, 0, tzinfo=timezone.utc)
@@ -26,11 +26,27 @@ NAMES = ("A", "B", "C")
 RUNNABLE = frozenset({(name, 1) for name in NAMES})
 
 
+_stores: dict[str, Any] = {}
+
+
 @pytest.fixture(params=["sqlite", "postgresql"])
-def sql(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Any]:
-    backend = make_backend(request.param, tmp_path, request)
-    yield backend
-    backend.dispose()
+def sql(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """One store per dialect for the run, emptied before each test: the mutation run calls this
+    file once per mutant, so a store is not migrated for every test. ``PRORCH_TEST_POSTGRES_URL``
+    (a database on a server started once, docs/mutation.md) saves starting a server each run."""
+    key = f"{request.param} {os.getpid()}"  # a forked process (a mutant's run) makes its own
+    if key not in _stores:
+        external = os.environ.get("PRORCH_TEST_POSTGRES_URL")
+        if request.param == "postgresql" and external:
+            _stores[key] = from_url(external)
+        else:
+            _stores[key] = make_backend(request.param, tmp_path_factory.mktemp(request.param), request)
+    backend = _stores[key]
+    backend.__dict__.pop("_by_model", None)  # new repositories: each test builds the statements
+    with backend.engine.begin() as connection:
+        connection.execute(delete(rate_limit_starts))
+        connection.execute(delete(pipelines))
+    return backend
 
 
 def row(name: str = "A", priority: int = 0, minutes: float = -10, **changes: Any) -> dict[str, Any]:
@@ -92,7 +108,7 @@ def test_a_claim_walks_an_index_in_claim_order_and_sorts_nothing(
     due index, so each claim read and sorted every due row (O(backlog) a pass; SQLite planned
     "USE TEMP B-TREE FOR ORDER BY", PostgreSQL a Sort). Now it walks ``ix_pipelines_claim`` (or
     ``ix_pipelines_claim_name`` for one name) and stops at the batch."""
-    fill(sql, [row(NAMES[i % 3], priority=i % 3, minutes=-(i % 500) - 1) for i in range(3_000)])
+    fill(sql, [row(NAMES[i % 3], priority=i % 3, minutes=-(i % 500) - 1) for i in range(1_500)])
     plans = Plans(sql)
     try:
         claimed = Store(sql).claim(ClaimRequest(NOW, "w", UNTIL, 50, limits, runnable))
