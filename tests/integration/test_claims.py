@@ -10,7 +10,7 @@ from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import pytest
-from sqlalchemy import delete, event, insert
+from sqlalchemy import create_engine, delete, event, func, insert, select, update
 
 from prorch.model.due import ClaimRequest
 from prorch.model.limit_rules import ClaimLimit, RateLimit
@@ -174,3 +174,171 @@ def test_a_limited_name_keeps_its_limit_beside_the_unlimited_ones(sql: Any) -> N
     second = store.claim(ClaimRequest(NOW, "w2", UNTIL, 100, limits, RUNNABLE))
     assert [p.uuid for p in second] == [expected[0]]
     assert store.claim(ClaimRequest(NOW, "w3", UNTIL, 100, limits, RUNNABLE)) == []
+
+
+def claim(store: Store, owner: str, size: int, limits: dict[str, ClaimLimit] | None = None, **kw: Any) -> list[str]:
+    """The uuids a claim at NOW takes, in the order it returns them."""
+    at = kw.pop("at", NOW)
+    request = ClaimRequest(at, owner, at + timedelta(minutes=5), size, limits or {}, kw.pop("runnable", RUNNABLE))
+    return [p.uuid for p in store.claim(request)]
+
+
+@pytest.mark.parametrize("limits", [{}, {"A": ClaimLimit(max_running=10)}], ids=["plain", "limited"])
+def test_the_due_rule_at_its_edges(sql: Any, limits: dict[str, ClaimLimit]) -> None:
+    """Due exactly now, a lease expiring exactly now, a class version not run here, no class."""
+    rows = {
+        "now": row("A", minutes=0),
+        "lease ends now": row("A", minutes=-5, lease_owner="x", lease_expires_at=NOW),
+        "a second later": row("A", minutes=1 / 60),
+        "lease ends later": row("A", minutes=-5, lease_owner="x", lease_expires_at=NOW + timedelta(seconds=1)),
+        "version 2": row("A", minutes=-5, version=2),
+        "cancelled": row("A", minutes=-5, status="cancelled"),
+    }
+    fill(sql, list(rows.values()))
+    store = Store(sql)
+    assert claim(store, "w", 10, limits, runnable=frozenset()) == []
+    taken = set(claim(store, "w", 10, limits))
+    assert taken == {rows["now"]["uuid"], rows["lease ends now"]["uuid"]}
+    assert claim(store, "w2", 10, limits, runnable=frozenset({("A", 2)})) == [rows["version 2"]["uuid"]]
+
+
+@pytest.mark.parametrize("limited", [False, True])
+def test_claims_of_other_classes_on_one_store_build_their_own_statement(sql: Any, limited: bool) -> None:
+    fill(sql, [row("A", minutes=-3), row("B", minutes=-2), row("C", minutes=-1)])
+    store = Store(sql)
+    limits = {"C": ClaimLimit(max_running=5)} if limited else {}
+    names = {}
+    for name in ("B", "A", "C"):
+        (uuid,) = claim(store, name, 10, limits, runnable=frozenset({(name, 1)}))
+        names[name] = store.get_pipeline(uuid).name
+    assert names == {"A": "A", "B": "B", "C": "C"}
+
+
+def test_search_due_reads_in_claim_order_up_to_the_limit(sql: Any) -> None:
+    """Every class (the "Z" one first: priority 9, the longest due), in claim order, unleased."""
+    expected = ordered(sql)
+    found = sql("PIPELINE").search_due(NOW, 4)
+    assert found[0]["name"] == "Z" and [r["uuid"] for r in found[1:]] == expected[:3]
+    assert [r["uuid"] for r in sql("PIPELINE").search_due(NOW, 100)][1:] == expected
+    assert all(r["lease_owner"] is None for r in found)
+
+
+def test_claim_one_and_renew_lease(sql: Any) -> None:
+    """``claim_one`` whatever the next run: not another owner's live lease, again our own, an
+    expired one; an ended pipeline as it is, unleased; a missing one None. ``renew_lease`` only
+    for its owner, and it moves nothing else."""
+    later = row("A", minutes=30)
+    theirs = row("A", lease_owner="x", lease_expires_at=NOW + timedelta(seconds=1))
+    expired = row("A", lease_owner="x", lease_expires_at=NOW)
+    done = row("A", status="finished")
+    fill(sql, [later, theirs, expired, done])
+    store, until = Store(sql), NOW + timedelta(minutes=1)
+    got = store.claim_one(later["uuid"], NOW, "me", until)
+    assert got is not None and (got.lease_owner, got.lease_expires_at, got.claims, got.revision) == ("me", until, 1, 1)
+    again = store.claim_one(later["uuid"], NOW, "me", until + timedelta(seconds=1))
+    assert again is not None and again.claims == 2
+    assert store.claim_one(theirs["uuid"], NOW, "me", until) is None
+    assert store.get_pipeline(theirs["uuid"]).lease_owner == "x"
+    taken = store.claim_one(expired["uuid"], NOW, "me", until)
+    assert taken is not None and taken.lease_owner == "me"
+    ended = store.claim_one(done["uuid"], NOW, "me", until)
+    assert ended is not None and ended.lease_owner is None and ended.revision == 0
+    assert store.claim_one("missing", NOW, "me", until) is None
+    assert store.renew_lease(later["uuid"], "me", until + timedelta(minutes=9))
+    renewed = store.get_pipeline(later["uuid"])
+    assert (renewed.lease_expires_at, renewed.revision) == (until + timedelta(minutes=9), 2)
+    assert not store.renew_lease(later["uuid"], "other", until)
+    assert not store.renew_lease("missing", "me", until)
+    assert store.get_pipeline(later["uuid"]).lease_expires_at == until + timedelta(minutes=9)
+
+
+def test_max_running_counts_live_leases_only(sql: Any) -> None:
+    """A lease expiring exactly now is not running (and that pipeline is due again); a finished
+    pipeline's stale lease is not running; another name's leases are not this one's."""
+    fill(sql, [
+        row("A", minutes=-9, lease_owner="x", lease_expires_at=NOW + timedelta(seconds=1)),  # running
+        row("A", minutes=-8, lease_owner="x", lease_expires_at=NOW),  # ended now: due
+        row("A", minutes=-7, status="finished", lease_owner="x", lease_expires_at=NOW + timedelta(minutes=1)),
+        row("B", minutes=-6, lease_owner="x", lease_expires_at=NOW + timedelta(minutes=1)),
+        *[row("A", minutes=-5 + i) for i in range(4)],
+    ])  # fmt: skip
+    store = Store(sql)
+    limits = {"A": ClaimLimit(max_running=3)}
+    assert len(claim(store, "w1", 10, limits)) == 2
+    assert claim(store, "w2", 10, limits) == []
+
+
+def test_a_rate_limit_counts_the_starts_within_its_period(sql: Any) -> None:
+    """2 a minute: two now, none more in the minute, two more once a minute has passed exactly
+    (a start exactly one period old no longer counts); one start stored per claim, the ones a
+    period old pruned."""
+    fill(sql, [row("A", minutes=-9 + i) for i in range(6)])
+    store = Store(sql)
+    limits = {"A": ClaimLimit(rate=RateLimit(2, 60))}
+    assert len(claim(store, "w1", 10, limits)) == 2
+    assert claim(store, "w2", 10, limits, at=NOW + timedelta(seconds=59)) == []
+    assert len(claim(store, "w3", 1, limits, at=NOW + timedelta(seconds=60))) == 1
+    assert len(claim(store, "w4", 10, limits, at=NOW + timedelta(seconds=61))) == 1
+    with sql.engine.connect() as connection:
+        assert connection.execute(select(func.count()).select_from(rate_limit_starts)).scalar_one() == 2
+
+
+def test_max_running_and_a_rate_together_take_the_smaller_room(sql: Any) -> None:
+    fill(sql, [row("A", minutes=-9 + i) for i in range(6)])
+    store = Store(sql)
+    assert len(claim(store, "w1", 10, {"A": ClaimLimit(max_running=3, rate=RateLimit(5, 60))})) == 3
+    assert len(claim(store, "w2", 10, {"A": ClaimLimit(max_running=9, rate=RateLimit(4, 60))})) == 1
+
+
+TENANTS = [  # (context, minutes overdue): t1 first in claim order, with many due
+    *[({"tenant": "t1"}, 50 - i) for i in range(5)],
+    ({"tenant": 7}, 20), ({"tenant": "t2"}, 15), ({}, 12), ({"tenant": {"x": 1}}, 11), ({"tenant": None}, 10),
+    ({"tenant": "t2"}, 5),
+]  # fmt: skip
+
+
+def test_per_tenant_takes_one_of_each_tenant_behind_a_busy_one(sql: Any) -> None:
+    """``max_running_per_tenant`` 1: t1's many due pipelines do not hide the others; a number is
+    a tenant; no tenant, a non-scalar one and null are one group (the pipelines without one);
+    a tenant's live lease counts, another name's does not."""
+    rows = [row("A", minutes=-overdue, context=context) for context, overdue in TENANTS]
+    busy = row("A", minutes=-60, context={"tenant": "t2"}, lease_owner="x", lease_expires_at=NOW + timedelta(minutes=1))
+    other = row("B", minutes=-60, context={"tenant": 7}, lease_owner="x", lease_expires_at=NOW + timedelta(minutes=1))
+    fill(sql, [*rows, busy, other])
+    store = Store(sql)
+    limits = {"A": ClaimLimit(per_tenant=1)}
+    taken = claim(store, "w1", 10, limits)
+    by_uuid = {r["uuid"]: i for i, r in enumerate(rows)}
+    assert sorted(by_uuid[u] for u in taken) == [0, 5, 7]  # t1's oldest, tenant 7, the untenanted group's oldest
+    assert claim(store, "w2", 10, limits) == []
+    assert len(claim(store, "w3", 2, {"A": ClaimLimit(per_tenant=2)})) == 2  # t1's and 7's second: room 2
+
+
+def test_a_pipeline_leased_between_the_window_and_the_lease_is_left_alone(sql: Any) -> None:
+    """A per-tenant claim reads its candidates, then leases them only if still due: a
+    ``claim_one`` of another process in between keeps its lease (PostgreSQL: the name's lock
+    does not stop it; SQLite's write lock does, so nothing can come between)."""
+    if sql.engine.dialect.name != "postgresql":
+        pytest.skip("SQLite's write lock keeps other writers out of the claim")
+    rows = [row("A", minutes=-9 + i, context={"tenant": f"t{i}"}) for i in range(3)]
+    fill(sql, rows)
+    thief = create_engine(sql.engine.url)
+    stolen: list[str] = []
+
+    def steal(connection: Any, cursor: Any, statement: str, params: Any, context: Any, many: bool) -> None:
+        if "ORDER BY" in statement and "pipelines.context" in statement and not stolen:
+            stolen.append(rows[0]["uuid"])
+            with thief.begin() as other:
+                other.execute(
+                    update(pipelines).where(pipelines.c.uuid == rows[0]["uuid"])
+                    .values(lease_owner="thief", lease_expires_at=NOW + timedelta(minutes=1))
+                )  # fmt: skip
+
+    event.listen(sql.engine, "after_cursor_execute", steal)
+    try:
+        taken = claim(Store(sql), "w", 10, {"A": ClaimLimit(per_tenant=1)})
+    finally:
+        event.remove(sql.engine, "after_cursor_execute", steal)
+        thief.dispose()
+    assert stolen and sorted(taken) == sorted(r["uuid"] for r in rows[1:])
+    assert Store(sql).get_pipeline(rows[0]["uuid"]).lease_owner == "thief"
