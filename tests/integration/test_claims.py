@@ -43,6 +43,7 @@ def sql(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
             _stores[key] = make_backend(request.param, tmp_path_factory.mktemp(request.param), request)
     backend = _stores[key]
     backend.__dict__.pop("_by_model", None)  # new repositories: each test builds the statements
+    backend._repositories.clear()
     with backend.engine.begin() as connection:
         connection.execute(delete(rate_limit_starts))
         connection.execute(delete(pipelines))
@@ -312,6 +313,16 @@ def test_per_tenant_takes_one_of_each_tenant_behind_a_busy_one(sql: Any) -> None
     assert sorted(by_uuid[u] for u in taken) == [0, 5, 7]  # t1's oldest, tenant 7, the untenanted group's oldest
     assert claim(store, "w2", 10, limits) == []
     assert len(claim(store, "w3", 2, {"A": ClaimLimit(per_tenant=2)})) == 2  # t1's and 7's second: room 2
+
+
+def test_per_tenant_with_the_untenanted_group_full_takes_the_tenants_behind_it(sql: Any) -> None:
+    """The pipelines without a tenant are one group: with one of them running, the window leaves
+    the group out, so the many due ones ahead do not hide a tenant's."""
+    running = row("A", minutes=-60, lease_owner="x", lease_expires_at=NOW + timedelta(minutes=1))
+    untenanted = [row("A", minutes=-50 + i, context=context) for i, context in enumerate([{}, {"tenant": None}] * 3)]
+    tenant = row("A", minutes=-1, context={"tenant": "t9"})
+    fill(sql, [running, *untenanted, tenant])
+    assert claim(Store(sql), "w", 2, {"A": ClaimLimit(per_tenant=1)}) == [tenant["uuid"]]
 
 
 def test_a_pipeline_leased_between_the_window_and_the_lease_is_left_alone(sql: Any) -> None:
