@@ -301,16 +301,17 @@ TENANTS = [  # (context, minutes overdue): t1 first in claim order, with many du
 def test_per_tenant_takes_one_of_each_tenant_behind_a_busy_one(sql: Any) -> None:
     """``max_running_per_tenant`` 1: t1's many due pipelines do not hide the others; a number is
     a tenant; no tenant, a non-scalar one and null are one group (the pipelines without one);
-    a tenant's live lease counts, another name's does not."""
+    a tenant's live lease counts, another name's does not, one ending exactly now does not."""
     rows = [row("A", minutes=-overdue, context=context) for context, overdue in TENANTS]
     busy = row("A", minutes=-60, context={"tenant": "t2"}, lease_owner="x", lease_expires_at=NOW + timedelta(minutes=1))
     other = row("B", minutes=-60, context={"tenant": 7}, lease_owner="x", lease_expires_at=NOW + timedelta(minutes=1))
-    fill(sql, [*rows, busy, other])
+    ended = row("A", minutes=-3, context={"tenant": "t3"}, lease_owner="old", lease_expires_at=NOW)  # due again
+    fill(sql, [*rows, busy, other, ended])
     store = Store(sql)
     limits = {"A": ClaimLimit(per_tenant=1)}
     taken = claim(store, "w1", 10, limits)
-    by_uuid = {r["uuid"]: i for i, r in enumerate(rows)}
-    assert sorted(by_uuid[u] for u in taken) == [0, 5, 7]  # t1's oldest, tenant 7, the untenanted group's oldest
+    by_uuid = {r["uuid"]: i for i, r in enumerate([*rows, ended])}
+    assert sorted(by_uuid[u] for u in taken) == [0, 5, 7, len(rows)]  # t1's, 7's, the untenanted group's, t3's
     assert claim(store, "w2", 10, limits) == []
     assert len(claim(store, "w3", 2, {"A": ClaimLimit(per_tenant=2)})) == 2  # t1's and 7's second: room 2
 
@@ -337,7 +338,7 @@ def test_a_pipeline_leased_between_the_window_and_the_lease_is_left_alone(sql: A
     stolen: list[str] = []
 
     def steal(connection: Any, cursor: Any, statement: str, params: Any, context: Any, many: bool) -> None:
-        if "ORDER BY" in statement and "pipelines.context" in statement and not stolen:
+        if statement.startswith("SELECT") and "ORDER BY" in statement and "context" in statement and not stolen:
             stolen.append(rows[0]["uuid"])
             with thief.begin() as other:
                 other.execute(
