@@ -6,11 +6,12 @@ plain and limited. The mutation run of the SQL claim runs this file (docs/mutati
 from __future__ import annotations
 
 import os
+import sqlite3
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import pytest
-from sqlalchemy import create_engine, delete, event, func, insert, select, update
+from sqlalchemy import create_engine, delete, event, func, insert, select, text, update
 
 from prorch.model.due import ClaimRequest
 from prorch.model.limit_rules import ClaimLimit, RateLimit
@@ -354,3 +355,45 @@ def test_a_pipeline_leased_between_the_window_and_the_lease_is_left_alone(sql: A
         thief.dispose()
     assert stolen and sorted(taken) == sorted(r["uuid"] for r in rows[1:])
     assert Store(sql).get_pipeline(rows[0]["uuid"]).lease_owner == "thief"
+
+
+def holds_the_lock_of(backend: Any, name: str) -> bool:
+    """Whether another connection finds the claim's lock of ``name`` taken: PostgreSQL's
+    advisory lock of the name, SQLite's write lock."""
+    if backend.engine.dialect.name == "postgresql":
+        other = create_engine(backend.engine.url)
+        try:
+            with other.begin() as connection:
+                key = {"key": f"prorch:limit:{name}"}
+                return not connection.execute(text("SELECT pg_try_advisory_xact_lock(hashtext(:key))"), key).scalar()
+        finally:
+            other.dispose()
+    probe = sqlite3.connect(backend.engine.url.database, timeout=0)
+    try:
+        probe.execute("BEGIN IMMEDIATE")
+        probe.rollback()
+        return False
+    except sqlite3.OperationalError:
+        return True
+    finally:
+        probe.close()
+
+
+def test_a_limited_name_is_counted_and_claimed_under_its_lock(sql: Any) -> None:
+    """Regression guard: ``max_running`` holds across workers only if the count and the claim
+    are one transaction holding the name's lock; checked from another connection while the
+    claim counts (and the lock is free again once it is done)."""
+    fill(sql, [row("A", minutes=-5 + i) for i in range(3)])
+    seen: list[bool] = []
+
+    def probe(connection: Any, cursor: Any, statement: str, params: Any, context: Any, many: bool) -> None:
+        if statement.startswith("SELECT count(*)") and not seen:
+            seen.append(holds_the_lock_of(sql, "A"))
+
+    event.listen(sql.engine, "after_cursor_execute", probe)
+    try:
+        taken = claim(Store(sql), "w", 10, {"A": ClaimLimit(max_running=2)})
+    finally:
+        event.remove(sql.engine, "after_cursor_execute", probe)
+    assert len(taken) == 2 and seen == [True]
+    assert not holds_the_lock_of(sql, "A")
