@@ -397,3 +397,15 @@ def test_a_limited_name_is_counted_and_claimed_under_its_lock(sql: Any) -> None:
         event.remove(sql.engine, "after_cursor_execute", probe)
     assert len(taken) == 2 and seen == [True]
     assert not holds_the_lock_of(sql, "A")
+
+
+def test_a_rate_limit_prunes_only_its_own_names_starts(sql: Any) -> None:
+    """B may start 1 an hour, A 1 a minute: A's claim, pruning its starts a minute old, leaves
+    B's start of two minutes ago, so B is still full."""
+    fill(sql, [*[row("A", minutes=-9 + i) for i in range(3)], *[row("B", minutes=-9 + i) for i in range(3)]])
+    store = Store(sql)
+    limits = {"A": ClaimLimit(rate=RateLimit(1, 60)), "B": ClaimLimit(rate=RateLimit(1, 3600))}
+    assert len(claim(store, "w1", 10, limits)) == 2  # one of each
+    later = NOW + timedelta(minutes=2)
+    assert len(claim(store, "w2", 10, {"A": limits["A"]}, at=later, runnable=frozenset({("A", 1)}))) == 1
+    assert claim(store, "w3", 10, {"B": limits["B"]}, at=later, runnable=frozenset({("B", 1)})) == []
