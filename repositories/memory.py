@@ -18,12 +18,12 @@ from collections.abc import Iterator
 from datetime import datetime
 from typing import Any
 
-from prorch.model.due import TERMINAL_VALUES, Runnable, can_run, claim_order, claimable_by, is_due, leased
-from prorch.model.limit_rules import ClaimLimit, StartLog, Tally, within_limits
+from prorch.model.due import TERMINAL_VALUES, ClaimRequest, Runnable, can_run, claim_order, claimable_by, is_due, leased
+from prorch.model.limit_rules import StartLog, Tally, within_limits
 from prorch.model.records import JSONDict, MessageRecord, Metadata, format_timestamp, to_utc
 from prorch.model.status import Status
 from prorch.storage.composed import RepositoryBackend
-from prorch.storage.repository import IRepository
+from prorch.storage.repository import ClaimsByRequest, IRepository
 
 INDEXED = ("pipeline_uuid", "status")  # the fields the engine searches by
 TICKS = "schedule_ticks"  # the table of schedules' last ticks, one row per schedule
@@ -104,7 +104,7 @@ class MemoryBackend(RepositoryBackend):
                 self._undo = None
 
 
-class MemoryRepository(IRepository):
+class MemoryRepository(ClaimsByRequest, IRepository):
     """One model's table inside a ``MemoryBackend``, indexed by the fields the engine searches."""
 
     partial_update = True  # update and compare_and_set keep the fields not given
@@ -245,31 +245,20 @@ class MemoryRepository(IRepository):
         with self.backend.lock:
             return self._due(format_timestamp(now), limit)
 
-    def claim_due(
-        self, now: datetime, owner: str, lease_expires_at: datetime, limit: int, runnable: Runnable | None = None
-    ) -> list[JSONDict]:
-        with self.backend.lock:
-            due = self._due(format_timestamp(now), limit, runnable)
-            return [self._lease(row, owner, lease_expires_at) for row in due]
-
-    def claim_due_limited(
-        self,
-        now: datetime,
-        owner: str,
-        lease_expires_at: datetime,
-        limit: int,
-        limits: dict[str, ClaimLimit],
-        runnable: Runnable | None = None,
-    ) -> list[JSONDict]:
+    def claim(self, request: ClaimRequest) -> list[JSONDict]:
+        now, limits = request.now, request.limits
         with self.backend.lock:
             stamp = format_timestamp(now)
-            leased_now = [u for u, (_, _, lease) in self.due_keys.items() if lease is not None and lease > stamp]
-            tally = Tally(limits, started=self.starts.counts(limits, now))
-            tally.add_leased(json.loads(self.rows[u]) for u in leased_now)
-            due = [(row, row) for row in self._due(stamp, len(self.due_keys), runnable)]
-            chosen = within_limits(due, tally, limit)
-            self.starts.record(chosen, limits, now)
-            return [self._lease(row, owner, lease_expires_at) for row in chosen]
+            if not limits:
+                chosen = self._due(stamp, request.limit, request.runnable)
+            else:
+                leased_now = [u for u, (_, _, lease) in self.due_keys.items() if lease is not None and lease > stamp]
+                tally = Tally(limits, started=self.starts.counts(limits, now))
+                tally.add_leased(json.loads(self.rows[u]) for u in leased_now)
+                due = [(row, row) for row in self._due(stamp, len(self.due_keys), request.runnable)]
+                chosen = within_limits(due, tally, request.limit)
+                self.starts.record(chosen, limits, now)
+            return [self._lease(row, request.owner, request.lease_expires_at) for row in chosen]
 
     def claim_one(self, uuid: str, now: datetime, owner: str, lease_expires_at: datetime) -> JSONDict | None:
         with self.backend.lock:

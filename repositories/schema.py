@@ -26,7 +26,7 @@ from sqlalchemy.dialects.postgresql import JSONB
 
 from prorch.model.records import Metadata as Models
 
-SCHEMA_REVISION = "0015"
+SCHEMA_REVISION = "0016"
 """The newest migration; a store at this revision needs no upgrade."""
 VERSION_TABLE = "prorch_schema_version"
 HISTORY_TABLE = "prorch_schema_migrations"
@@ -78,6 +78,16 @@ pipelines = Table(
     Index("ix_pipelines_leased", "name", "lease_expires_at", sqlite_where=LEASED, postgresql_where=LEASED),
     # ended pipelines only: "ended in the last hour" without indexing every transition
     Index("ix_pipelines_ended", "updated_at", sqlite_where=ENDED, postgresql_where=ENDED),
+)
+# the claim's walk in claim order (``prorch.model.due.CLAIM_ORDER``), all names, or one name's (a
+# limited claim): it reads the rows it takes, not every due row (``repositories.sql_claim``)
+Index("ix_pipelines_claim", pipelines.c.status, pipelines.c.priority.desc(), pipelines.c.next_run_at)
+Index(
+    "ix_pipelines_claim_name",
+    pipelines.c.status,
+    pipelines.c.name,
+    pipelines.c.priority.desc(),
+    pipelines.c.next_run_at,
 )
 
 steps = Table(

@@ -10,10 +10,10 @@ from typing import Any, TypeVar, cast
 
 from sqlalchemy import ColumnElement, Integer, Select, Table, and_, bindparam, false, or_, select, update
 
-from prorch.model.due import CLAIM_ORDER, TERMINAL_VALUES, Runnable, row_claim_order
-from prorch.model.limit_rules import ClaimLimit
+from prorch.model.due import CLAIM_ORDER, TERMINAL_VALUES, ClaimRequest, Runnable, row_claim_order
 from prorch.model.records import JSONDict
 from prorch.model.status import Status
+from prorch.storage.repository import ClaimsByRequest
 from repositories.sql_connections import SQLConnections
 from repositories.sql_limits import LimitedClaim
 
@@ -22,7 +22,7 @@ __all__ = ["SQLClaims"]
 T = TypeVar("T")
 
 
-class SQLClaims:
+class SQLClaims(ClaimsByRequest):
     """The claim and lease statements of the pipelines' table (``SQLRepository`` is one)."""
 
     table: Table
@@ -34,8 +34,11 @@ class SQLClaims:
         raise NotImplementedError
 
     def _due_query(self, runnable: Runnable | None = None) -> Select[Any]:
-        """Due pipeline uuids, by the (status, next_run_at, priority) index; bound: _now, _limit.
-        With ``runnable``, only pipelines of those (name, version) pairs."""
+        """Due pipeline uuids in claim order; bound: _now, _limit. With ``runnable``, only
+        pipelines of those (name, version) pairs. SQLite and PostgreSQL walk an index in claim
+        order (``ix_pipelines_claim``, or ``ix_pipelines_claim_name`` for one name) and stop at
+        the limit: a claim reads the rows it takes (and the leased or not-runnable ones among
+        them, and a higher priority's future ones), not every due row; no sort."""
         c = self.table.c
         now = bindparam("_now", type_=c.next_run_at.type)
         query = (
@@ -81,34 +84,29 @@ class SQLClaims:
             rows = connection.execute(query, {"_now": now, "_limit": limit}).mappings().all()
         return self._by_priority([self._to_record(row) for row in rows])
 
-    def claim_due(
-        self, now: datetime, owner: str, lease_expires_at: datetime, limit: int, runnable: Runnable | None = None
-    ) -> list[JSONDict]:
+    def claim(self, request: ClaimRequest) -> list[JSONDict]:
+        """Lease due pipelines in one statement; ``_claim_limited`` when the request has limits."""
+        if request.limits:
+            return self._claim_limited(request)
+        runnable = request.runnable
         query = self._statement("claim", runnable, lambda: (
             update(self.table)
             .where(self.table.c.uuid.in_(self.lockable(self._due_query(runnable)).scalar_subquery()))
             .values(self._lease_values())
             .returning(*self.table.columns)
         ))  # fmt: skip
-        params = {"_now": now, "_limit": limit, "_owner": owner, "_until": lease_expires_at}
+        params = {**self._claim_params(request), "_limit": request.limit}
         with self.backend.connect(write=True) as connection:
             rows = connection.execute(query, params).mappings().all()
         return self._by_priority([self._to_record(row) for row in rows])
 
-    def claim_due_limited(
-        self,
-        now: datetime,
-        owner: str,
-        lease_expires_at: datetime,
-        limit: int,
-        limits: dict[str, ClaimLimit],
-        runnable: Runnable | None = None,
-    ) -> list[JSONDict]:
-        """``claim_due`` within the limits of pipeline names (``prorch.model.limit_rules``): the unlimited
+    def _claim_limited(self, request: ClaimRequest) -> list[JSONDict]:
+        """The claim within the limits of pipeline names (``prorch.model.limit_rules``): the unlimited
         names in one statement, then each limited name in a transaction of its own that holds
         the name's lock while it counts and claims (``sql_limits.LimitedClaim``)."""
         c = self.table.c
-        params = {"_now": now, "_owner": owner, "_until": lease_expires_at}
+        limit, limits, runnable = request.limit, request.limits, request.runnable
+        params = self._claim_params(request)
         due = self._due_query(runnable).where(c.name.not_in(bindparam("_limited", expanding=True)))
         others = self._statement("claim_others", runnable, lambda: (
             update(self.table).where(c.uuid.in_(self.lockable(due).scalar_subquery())).values(self._lease_values())
@@ -119,8 +117,11 @@ class SQLClaims:
             self.table, dialect, self._due_query(runnable), self.lockable, self._lease_values()
         ))  # fmt: skip
         rows: list[Any] = []
-        with self.backend.connect(write=True) as connection:
-            rows += connection.execute(others, {**params, "_limit": limit, "_limited": sorted(limits)}).mappings().all()
+        if runnable is None or not {name for name, _ in runnable} <= limits.keys():
+            # (none when every class it runs is limited: the walk would read their due rows for nothing)
+            with self.backend.connect(write=True) as connection:
+                found = connection.execute(others, {**params, "_limit": limit, "_limited": sorted(limits)})
+                rows += found.mappings().all()
         for name in sorted(limits):
             if len(rows) >= limit:
                 break
@@ -128,6 +129,11 @@ class SQLClaims:
                 self.backend.lock_name(connection, name)
                 rows += limited.claim(connection, name, limits, params, limit - len(rows))
         return self._by_priority([self._to_record(row) for row in rows])
+
+    @staticmethod
+    def _claim_params(request: ClaimRequest) -> dict[str, Any]:
+        """The bound values every claim statement shares."""
+        return {"_now": request.now, "_owner": request.owner, "_until": request.lease_expires_at}
 
     def lockable(self, due: Select[Any]) -> Select[Any]:
         """The due query as the claim's subquery: where the database can lock rows, it skips

@@ -27,6 +27,7 @@ from tinydb.storages import Storage
 
 from prorch.model.due import (
     TERMINAL_VALUES,
+    ClaimRequest,
     Runnable,
     can_run,
     claimable_by,
@@ -36,11 +37,11 @@ from prorch.model.due import (
     row_is_due,
 )
 from prorch.model.exceptions import ConfigurationError, CorruptRecordError, CorruptStoreError
-from prorch.model.limit_rules import ClaimLimit, StartLog, Tally, within_limits
+from prorch.model.limit_rules import StartLog, Tally, within_limits
 from prorch.model.records import JSONDict, Metadata, format_timestamp, to_utc
 from prorch.model.status import Status
 from prorch.storage.composed import RepositoryBackend
-from prorch.storage.repository import IRepository
+from prorch.storage.repository import ClaimsByRequest, IRepository
 
 STATUSES = tuple(status.value for status in Status)
 STATUS_MODELS = (Metadata.PIPELINES_MODEL, Metadata.STEP_MODEL)
@@ -239,7 +240,7 @@ class TinyDBBackend(RepositoryBackend):
                 self.storage.buffering = False
 
 
-class TinyDBRepository(IRepository):
+class TinyDBRepository(ClaimsByRequest, IRepository):
     """One model's table in the backend's file, edited in TinyDB's layout
     (``{table: {doc_id: record}}``) directly through the storage: TinyDB's ``Table`` caches its
     next document id per instance, which two processes writing one file would break."""
@@ -374,33 +375,25 @@ class TinyDBRepository(IRepository):
         with self.backend.locked():
             return [dict(row) for _, row in self._due(format_timestamp(now), limit)]
 
-    def claim_due(
-        self, now: datetime, owner: str, lease_expires_at: datetime, limit: int, runnable: Runnable | None = None
-    ) -> list[JSONDict]:
+    def claim(self, request: ClaimRequest) -> list[JSONDict]:
         with self.backend.transaction():
-            due = self._due(format_timestamp(now), limit, runnable)
-            return [self._lease(doc_id, row, owner, lease_expires_at) for doc_id, row in due]
+            stamp = format_timestamp(request.now)
+            chosen = self._due(stamp, request.limit, request.runnable) if not request.limits else self._within(request)
+            return [self._lease(doc_id, row, request.owner, request.lease_expires_at) for doc_id, row in chosen]
 
-    def claim_due_limited(
-        self,
-        now: datetime,
-        owner: str,
-        lease_expires_at: datetime,
-        limit: int,
-        limits: dict[str, ClaimLimit],
-        runnable: Runnable | None = None,
-    ) -> list[JSONDict]:
-        with self.backend.transaction():
-            stamp = format_timestamp(now)
-            rows = self._rows()
-            starts = self._start_log()
-            tally = Tally(limits, started=starts.counts(limits, now))
-            tally.add_leased(row for row in rows.values() if holds_lease(row, stamp))
-            due = [(row, (doc_id, row)) for doc_id, row in self._due(stamp, len(rows), runnable)]
-            chosen = within_limits(due, tally, limit)
-            starts.record((row for _, row in chosen), limits, now)
-            self._save_start_log(starts)
-            return [self._lease(doc_id, row, owner, lease_expires_at) for doc_id, row in chosen]
+    def _within(self, request: ClaimRequest) -> list[tuple[str, JSONDict]]:
+        """The due pipelines the request's limits admit, their starts stored (in its transaction)."""
+        now, limits = request.now, request.limits
+        stamp = format_timestamp(now)
+        rows = self._rows()
+        starts = self._start_log()
+        tally = Tally(limits, started=starts.counts(limits, now))
+        tally.add_leased(row for row in rows.values() if holds_lease(row, stamp))
+        due = [(row, (doc_id, row)) for doc_id, row in self._due(stamp, len(rows), request.runnable)]
+        chosen = within_limits(due, tally, request.limit)
+        starts.record((row for _, row in chosen), limits, now)
+        self._save_start_log(starts)
+        return chosen
 
     def _start_log(self) -> StartLog:
         document = (self.backend.storage.read() or {}).get(RATE_TABLE, {}).get("1", {})

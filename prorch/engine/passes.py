@@ -22,7 +22,7 @@ from prorch.engine.rounds import write_each, write_in_rounds
 from prorch.engine.runner import Runner
 from prorch.engine.state import Outcome, Writing
 from prorch.model.clock import Clock
-from prorch.model.due import Runnable
+from prorch.model.due import ClaimRequest, Runnable
 from prorch.model.exceptions import ConcurrentUpdateError, LeaseLostError, RepositoryError
 from prorch.model.records import PipelineRecord, StepRecord
 from prorch.model.registry import Registry
@@ -140,9 +140,8 @@ def claim(host: PassHost, limit: int) -> tuple[list[PipelineRecord], list[float]
     their leases (``LeaseKeeper.hold``, with ``time.monotonic()`` read before this call)."""
     now = host.clock.now()
     lease_until = now + timedelta(seconds=host.lease_seconds)
-    claimed = host.store.claim_due(
-        now, host.new_lease_token(), lease_until, limit, host.extensions.claim_limits(), runnable(host.registry)
-    )
+    limits, classes = host.extensions.claim_limits(), runnable(host.registry)
+    claimed = host.store.claim(ClaimRequest(now, host.new_lease_token(), lease_until, limit, limits, classes))
     return claimed, [(now - p.next_run_at).total_seconds() for p in claimed if p.next_run_at is not None]
 
 

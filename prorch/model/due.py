@@ -9,8 +9,11 @@ stored records (``format_timestamp``), which sort as the moments they name."""
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any, Protocol, TypeAlias, TypeVar
 
+from prorch.model.limit_rules import ClaimLimit
 from prorch.model.status import TERMINAL, Status
 
 TERMINAL_VALUES = frozenset(status.value for status in TERMINAL)
@@ -25,6 +28,20 @@ MomentT = TypeVar("MomentT", bound=Comparable)
 Runnable: TypeAlias = frozenset[tuple[str, int]]
 """The (name, version) pairs of the pipeline classes a worker has: its claim takes only those, so
 an older worker beside a newer one never claims (and pushes back) what it cannot run."""
+
+
+@dataclass(frozen=True, slots=True)
+class ClaimRequest:
+    """One claim of due pipelines, as the engine asks every backend for it (``Backend.claim``):
+    up to ``limit`` due pipelines, in claim order, of the ``runnable`` classes (None: any), within
+    the ``limits`` of pipeline names (empty: none), leased to ``owner`` until ``lease_expires_at``."""
+
+    now: datetime
+    owner: str
+    lease_expires_at: datetime
+    limit: int
+    limits: dict[str, ClaimLimit] = field(default_factory=dict)
+    runnable: Runnable | None = None
 
 
 def can_run(row: Mapping[str, Any], runnable: Runnable | None) -> bool:

@@ -16,8 +16,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Protocol, runtime_checkable
 
-from prorch.model.due import Runnable
-from prorch.model.limit_rules import ClaimLimit
+from prorch.model.due import ClaimRequest, Runnable
 from prorch.model.records import JSONDict, MessageRecord, PipelineRecord, Record, StepRecord
 from prorch.storage.repository import PipelineQuery, PipelineStats, VersionGroup
 
@@ -115,18 +114,11 @@ class Backend(Protocol):
 
     # --- claiming ------------------------------------------------------------------------------
 
-    def claim(
-        self,
-        now: datetime,
-        owner: str,
-        lease_expires_at: datetime,
-        limit: int,
-        limits: dict[str, ClaimLimit],
-        runnable: Runnable | None,
-    ) -> list[JSONDict]:
-        """Lease up to ``limit`` due pipelines (as ``due``) within ``limits`` (``prorch.model.limit_rules``:
-        counted and stored atomically with the claim), setting ``lease_owner``,
-        ``lease_expires_at``, ``claims + 1`` and ``revision + 1``; return them as now stored."""
+    def claim(self, request: ClaimRequest) -> list[JSONDict]:
+        """Lease up to ``request.limit`` due pipelines (as ``due``, of ``request.runnable``) within
+        ``request.limits`` (``prorch.model.limit_rules``: counted and stored atomically with the
+        claim), setting ``lease_owner``, ``lease_expires_at``, ``claims + 1`` and ``revision + 1``;
+        return them as now stored."""
         ...
 
     def claim_one(self, uuid: str, now: datetime, owner: str, lease_expires_at: datetime) -> JSONDict | None:

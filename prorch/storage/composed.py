@@ -13,8 +13,7 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any, Protocol
 
-from prorch.model.due import Runnable, can_run
-from prorch.model.limit_rules import ClaimLimit
+from prorch.model.due import ClaimRequest, Runnable, can_run
 from prorch.model.records import EventRecord, JSONDict, MessageRecord, PipelineRecord, Record, StepRecord, to_utc
 from prorch.model.status import Status
 from prorch.storage import listing
@@ -37,18 +36,7 @@ class FullRepository(Protocol):
     def delete_by(self, field: str, values: list[Any]) -> int: ...
     def compare_and_set(self, uuid: str, expected_revision: int, data: JSONDict) -> bool: ...
     def search_due(self, now: datetime, limit: int) -> list[JSONDict]: ...
-    def claim_due(
-        self, now: datetime, owner: str, lease_expires_at: datetime, limit: int, runnable: Runnable | None = None
-    ) -> list[JSONDict]: ...
-    def claim_due_limited(
-        self,
-        now: datetime,
-        owner: str,
-        lease_expires_at: datetime,
-        limit: int,
-        limits: dict[str, ClaimLimit],
-        runnable: Runnable | None = None,
-    ) -> list[JSONDict]: ...
+    def claim(self, request: ClaimRequest) -> list[JSONDict]: ...
     def claim_one(self, uuid: str, now: datetime, owner: str, lease_expires_at: datetime) -> JSONDict | None: ...
     def renew_lease(self, uuid: str, owner: str, lease_expires_at: datetime) -> bool: ...
     def unread_messages(
@@ -146,19 +134,8 @@ class RepositoryBackend(Committer):
 
     # --- claiming ------------------------------------------------------------------------------
 
-    def claim(
-        self,
-        now: datetime,
-        owner: str,
-        lease_expires_at: datetime,
-        limit: int,
-        limits: dict[str, ClaimLimit],
-        runnable: Runnable | None,
-    ) -> list[JSONDict]:
-        pipelines = self.table(PipelineRecord.MODEL)
-        if limits:
-            return pipelines.claim_due_limited(now, owner, lease_expires_at, limit, limits, runnable)
-        return pipelines.claim_due(now, owner, lease_expires_at, limit, runnable)
+    def claim(self, request: ClaimRequest) -> list[JSONDict]:
+        return self.table(PipelineRecord.MODEL).claim(request)
 
     def claim_one(self, uuid: str, now: datetime, owner: str, lease_expires_at: datetime) -> JSONDict | None:
         return self.table(PipelineRecord.MODEL).claim_one(uuid, now, owner, lease_expires_at)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol, runtime_checkable
 
-from prorch.model.due import Runnable
+from prorch.model.due import ClaimRequest, Runnable
 from prorch.model.limit_rules import ClaimLimit
 
 JSONDict = dict[str, Any]
@@ -318,6 +318,31 @@ class SupportsLimitedClaim(Protocol):
         each rate-limited name within its period before ``now``, which it stores with the claim
         (one start per pipeline claimed)."""
         ...
+
+
+class ClaimsByRequest:
+    """``SupportsClaim.claim_due`` and ``SupportsLimitedClaim.claim_due_limited`` for a shipped
+    repository whose one claim takes a ``ClaimRequest`` (``claim``): the protocols' spelled-out
+    forms, which a user's repository implements and the contract tests call."""
+
+    def claim(self, request: ClaimRequest) -> list[JSONDict]:  # pragma: no cover - the repository's
+        raise NotImplementedError
+
+    def claim_due(
+        self, now: datetime, owner: str, lease_expires_at: datetime, limit: int, runnable: Runnable | None = None
+    ) -> list[JSONDict]:
+        return self.claim(ClaimRequest(now, owner, lease_expires_at, limit, runnable=runnable))
+
+    def claim_due_limited(
+        self,
+        now: datetime,
+        owner: str,
+        lease_expires_at: datetime,
+        limit: int,
+        limits: dict[str, ClaimLimit],
+        runnable: Runnable | None = None,
+    ) -> list[JSONDict]:
+        return self.claim(ClaimRequest(now, owner, lease_expires_at, limit, limits, runnable))
 
 
 @runtime_checkable

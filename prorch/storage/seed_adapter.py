@@ -18,10 +18,10 @@ from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import Any
 
-from prorch.model.due import Runnable, claim_order, is_due, is_leased
+from prorch.model.due import ClaimRequest, Runnable, claim_order, is_due, is_leased
 from prorch.model.exceptions import ConfigurationError
 from prorch.model.keys import KEY_NAMESPACE
-from prorch.model.limit_rules import ClaimLimit, StartLog, Tally, within_limits
+from prorch.model.limit_rules import StartLog, Tally, within_limits
 from prorch.model.records import JSONDict, MessageRecord, PipelineRecord, StepRecord, format_timestamp, to_utc
 from prorch.storage.backend import Outcome, Write
 from prorch.storage.commits import by_statements, call, conflict
@@ -206,31 +206,27 @@ class SeedAdapter(RepositoryBackend):
 
     # --- claiming (without a claim: one process, no other claimer to race) ----------------------
 
-    def claim(
-        self,
-        now: datetime,
-        owner: str,
-        lease_expires_at: datetime,
-        limit: int,
-        limits: dict[str, ClaimLimit],
-        runnable: Runnable | None,
-    ) -> list[JSONDict]:
+    def claim(self, request: ClaimRequest) -> list[JSONDict]:
+        """The user's ``claim_due`` or ``claim_due_limited`` (the request spelled out, as the
+        protocols have it), else the due pipelines within the limits, unleased."""
         if self.claims is None:
-            return self._due_within(now, limit, limits, runnable)
+            return self._due_within(request)
+        now, owner, until, limit, limits, runnable = (
+            request.now, request.owner, request.lease_expires_at, request.limit, request.limits, request.runnable
+        )  # fmt: skip
         if limits and self.limited is not None:
             claim: Callable[..., list[JSONDict]] = self.limited.claim_due_limited
-            return claim(now, owner, lease_expires_at, limit, limits, *_runnable_argument(claim, runnable))
+            return claim(now, owner, until, limit, limits, *_runnable_argument(claim, runnable))
         if limits:
             _warn_once(
                 f"{self.factory!r} has no SupportsLimitedClaim: the limits of {', '.join(sorted(limits))} "
                 "(max_running, rate_limit) are not enforced"
             )
         claim = self.claims.claim_due
-        return claim(now, owner, lease_expires_at, limit, *_runnable_argument(claim, runnable))
+        return claim(now, owner, until, limit, *_runnable_argument(claim, runnable))
 
-    def _due_within(
-        self, now: datetime, limit: int, limits: dict[str, ClaimLimit], runnable: Runnable | None
-    ) -> list[JSONDict]:
+    def _due_within(self, request: ClaimRequest) -> list[JSONDict]:
+        now, limit, limits, runnable = request.now, request.limit, request.limits, request.runnable
         if not limits:
             return self.due(now, limit, runnable)
         tally = Tally(limits, started=self._starts.counts(limits, now))

@@ -14,7 +14,7 @@ from datetime import datetime
 from typing import Any, TypeVar
 
 from prorch.model.clock import Clock
-from prorch.model.due import Runnable
+from prorch.model.due import ClaimRequest, Runnable
 from prorch.model.exceptions import PipelineNotFoundError
 from prorch.model.limit_rules import ClaimLimit
 from prorch.model.records import EventRecord, MessageRecord, PipelineRecord, Record, StepRecord
@@ -206,9 +206,12 @@ class Store:
         limits: dict[str, ClaimLimit] | None = None,
         runnable: Runnable | None = None,
     ) -> list[PipelineRecord]:
+        """``claim`` spelled out (tests and scripts)."""
+        return self.claim(ClaimRequest(now, owner, lease_expires_at, limit, limits or {}, runnable))
+
+    def claim(self, request: ClaimRequest) -> list[PipelineRecord]:
         """Lease due pipelines within their limits, only of the ``runnable`` classes when given."""
-        args = (now, owner, lease_expires_at, limit, limits or {}, runnable)
-        rows = call("claim due pipelines", self.engine.claim, *args)
+        rows = call("claim due pipelines", self.engine.claim, request)
         return [load(PipelineRecord, row, remember=self.partial_update) for row in rows]
 
     def claim_one(self, uuid: str, now: datetime, owner: str, lease_expires_at: datetime) -> PipelineRecord | None:

@@ -1,0 +1,411 @@
+"""The SQL claim on SQLite and PostgreSQL (``repositories.sql_claim``, ``repositories.sql_limits``):
+that it walks an index in claim order and reads the rows it takes (#28 item 3), and that a batch
+smaller than the due backlog takes exactly the first ones by the one rule (``CLAIM_ORDER``),
+plain and limited. The mutation run of the SQL claim runs this file (docs/mutation.md)."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from datetime import datetime, timedelta, timezone
+from typing import Any
+
+import pytest
+from sqlalchemy import create_engine, delete, event, func, insert, select, text, update
+
+from prorch.model.due import ClaimRequest
+from prorch.model.limit_rules import ClaimLimit, RateLimit
+from prorch.model.records import new_uuid
+from prorch.storage.store import Store
+from repositories import from_url
+from repositories.schema import pipelines, rate_limit_starts
+from tests.integration.conftest import make_backend
+
+NOW = datetime(2030, 1, 1, 12, 0, tzinfo=timezone.utc)
+UNTIL = NOW + timedelta(minutes=5)
+NAMES = ("A", "B", "C")
+RUNNABLE = frozenset({(name, 1) for name in NAMES})
+
+
+_stores: dict[str, Any] = {}
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def sql(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """One store per dialect for the run, emptied before each test: the mutation run calls this
+    file once per mutant, so a store is not migrated for every test. ``PRORCH_TEST_POSTGRES_URL``
+    (a database on a server started once, docs/mutation.md) saves starting a server each run."""
+    key = f"{request.param} {os.getpid()}"  # a forked process (a mutant's run) makes its own
+    if key not in _stores:
+        external = os.environ.get("PRORCH_TEST_POSTGRES_URL")
+        if request.param == "postgresql" and external:
+            _stores[key] = from_url(external)
+        else:
+            _stores[key] = make_backend(request.param, tmp_path_factory.mktemp(request.param), request)
+    backend = _stores[key]
+    backend.__dict__.pop("_by_model", None)  # new repositories: each test builds the statements
+    backend._repositories.clear()
+    with backend.engine.begin() as connection:
+        connection.execute(delete(rate_limit_starts))
+        connection.execute(delete(pipelines))
+    return backend
+
+
+def row(name: str = "A", priority: int = 0, minutes: float = -10, **changes: Any) -> dict[str, Any]:
+    """A pipeline row due ``-minutes`` ago (due in ``minutes`` when positive); every column
+    given, as an insert of many rows takes its columns from the first."""
+    return {
+        "uuid": new_uuid(), "name": name, "version": 1, "status": "pending", "params": {}, "context": {},
+        "metadata": {}, "priority": priority, "created_at": NOW, "updated_at": NOW, "claims": 0,
+        "next_run_at": NOW + timedelta(minutes=minutes), "revision": 0, "cancel_requested": False,
+        "hook_shared": False, "crashes": 0, "lease_owner": None, "lease_expires_at": None, **changes,
+    }  # fmt: skip
+
+
+def fill(backend: Any, rows: list[dict[str, Any]]) -> None:
+    with backend.engine.begin() as connection:
+        connection.execute(insert(pipelines), rows)
+    with backend.engine.connect() as connection:
+        connection.exec_driver_sql("ANALYZE pipelines" if backend.engine.dialect.name == "postgresql" else "ANALYZE")
+        connection.commit()
+
+
+class Plans:
+    """The plan of every claim statement the backend runs (EXPLAIN QUERY PLAN on SQLite, EXPLAIN
+    on PostgreSQL), read with the statement's own values, before it runs."""
+
+    def __init__(self, backend: Any) -> None:
+        self.backend, self.plans = backend, []
+        event.listen(backend.engine, "before_cursor_execute", self.explain)
+
+    def explain(self, connection: Any, cursor: Any, statement: str, params: Any, context: Any, many: bool) -> None:
+        if "FROM pipelines" not in statement or "ORDER BY" not in statement:
+            return  # not a walk in claim order (a count, a lease by uuid, a rate's start)
+        if self.backend.engine.dialect.name == "postgresql":
+            cursor.execute("EXPLAIN " + statement, params)
+            self.plans.append("\n".join(line for (line,) in cursor.fetchall()))
+        else:
+            found = cursor.connection.execute("EXPLAIN QUERY PLAN " + statement, params).fetchall()
+            self.plans.append("\n".join(step[3] for step in found))
+
+    def close(self) -> None:
+        event.remove(self.backend.engine, "before_cursor_execute", self.explain)
+
+
+CLAIMS = {
+    "plain": {},
+    "one name limited": {"A": ClaimLimit(max_running=1_000)},
+    "limited": {name: ClaimLimit(max_running=1_000) for name in NAMES},
+    "rate-limited": {name: ClaimLimit(rate=RateLimit(1_000, 60)) for name in NAMES},
+    "per tenant": {name: ClaimLimit(per_tenant=1_000) for name in NAMES},
+}
+
+
+@pytest.mark.parametrize("runnable", [RUNNABLE, None], ids=["runnable", "any class"])
+@pytest.mark.parametrize("limits", list(CLAIMS.values()), ids=list(CLAIMS))
+def test_a_claim_walks_an_index_in_claim_order_and_sorts_nothing(
+    sql: Any, limits: dict[str, ClaimLimit], runnable: Any
+) -> None:
+    """Regression (#28 item 3): the claim's ORDER BY priority DESC, next_run_at could not use the
+    due index, so each claim read and sorted every due row (O(backlog) a pass; SQLite planned
+    "USE TEMP B-TREE FOR ORDER BY", PostgreSQL a Sort). Now it walks ``ix_pipelines_claim`` (or
+    ``ix_pipelines_claim_name`` for one name) and stops at the batch."""
+    fill(sql, [row(NAMES[i % 3], priority=i % 3, minutes=-(i % 500) - 1) for i in range(1_500)])
+    plans = Plans(sql)
+    try:
+        claimed = Store(sql).claim(ClaimRequest(NOW, "w", UNTIL, 50, limits, runnable))
+    finally:
+        plans.close()
+    assert len(claimed) == 50
+    assert plans.plans, "no claim statement seen"
+    for plan in plans.plans:
+        assert "ix_pipelines_claim" in plan, plan
+        assert "TEMP B-TREE" not in plan and "Sort" not in plan, plan
+        assert "SCAN pipelines" not in plan and "Seq Scan on pipelines pipelines_1" not in plan, plan
+
+
+ORDERED = [  # (name, priority, minutes overdue); the claim order by the rule is this list's order
+    ("A", 9, 30), ("B", 9, 20), ("A", 9, 1), ("C", 0, 120), ("A", 0, 45), ("B", 0, 2), ("C", -3, 90), ("A", -3, 5),
+]  # fmt: skip
+
+
+def ordered(backend: Any) -> list[str]:
+    """ORDERED stored in another order, with rows a claim must step over: a future one of the
+    highest priority, a leased one, an ended one, one of a class no worker here runs."""
+    rows = [row(name, priority, -minutes) for name, priority, minutes in ORDERED]
+    others = [
+        row("A", 9, 30),  # not yet due
+        row("A", 9, -50, lease_owner="x", lease_expires_at=NOW + timedelta(minutes=1)),  # leased
+        row("A", 9, -60, status="finished"),
+        row("Z", 9, -70),  # not runnable
+    ]
+    fill(backend, others + rows[::-1])
+    return [r["uuid"] for r in rows]
+
+
+@pytest.mark.parametrize("limits", list(CLAIMS.values()), ids=list(CLAIMS))
+def test_a_batch_takes_the_first_due_in_claim_order(sql: Any, limits: dict[str, ClaimLimit]) -> None:
+    """Batches smaller than the backlog: a plain one takes the next ones by priority, then the
+    longest due; a limited one (the unlimited names first, then each limited name) keeps that
+    order within each name; both step over the future, leased, ended and not-runnable rows."""
+    expected = ordered(sql)
+    names = dict(zip(expected, [name for name, _, _ in ORDERED], strict=True))
+    store = Store(sql)
+    taken: list[str] = []
+    for owner, size in (("w1", 3), ("w2", 2), ("w3", 10)):
+        batch = store.claim(ClaimRequest(NOW, owner, UNTIL, size, limits, RUNNABLE))
+        assert len(batch) == min(size, len(expected) - len(taken))
+        assert all(p.lease_owner == owner and p.lease_expires_at == UNTIL and p.claims == 1 for p in batch)
+        taken += [p.uuid for p in batch]
+    if not limits:
+        assert taken == expected
+    for name in NAMES:
+        assert [u for u in taken if names[u] == name] == [u for u in expected if names[u] == name]
+    assert store.claim(ClaimRequest(NOW, "w4", UNTIL, 10, limits, RUNNABLE)) == []
+
+
+def test_a_limited_name_keeps_its_limit_beside_the_unlimited_ones(sql: Any) -> None:
+    """``max_running`` 2 on A, which has one live lease: the unlimited names fill the first
+    batch, in claim order; the next takes one A, the oldest of the highest priority; then none."""
+    expected = ordered(sql)
+    names = dict(zip(expected, [name for name, _, _ in ORDERED], strict=True))
+    store = Store(sql)
+    limits = {"A": ClaimLimit(max_running=2)}
+    first = store.claim(ClaimRequest(NOW, "w1", UNTIL, 4, limits, RUNNABLE))
+    assert [p.uuid for p in first] == [u for u in expected if names[u] != "A"]
+    second = store.claim(ClaimRequest(NOW, "w2", UNTIL, 100, limits, RUNNABLE))
+    assert [p.uuid for p in second] == [expected[0]]
+    assert store.claim(ClaimRequest(NOW, "w3", UNTIL, 100, limits, RUNNABLE)) == []
+
+
+def claim(store: Store, owner: str, size: int, limits: dict[str, ClaimLimit] | None = None, **kw: Any) -> list[str]:
+    """The uuids a claim at NOW takes, in the order it returns them."""
+    at = kw.pop("at", NOW)
+    request = ClaimRequest(at, owner, at + timedelta(minutes=5), size, limits or {}, kw.pop("runnable", RUNNABLE))
+    return [p.uuid for p in store.claim(request)]
+
+
+@pytest.mark.parametrize("limits", [{}, {"A": ClaimLimit(max_running=10)}], ids=["plain", "limited"])
+def test_the_due_rule_at_its_edges(sql: Any, limits: dict[str, ClaimLimit]) -> None:
+    """Due exactly now, a lease expiring exactly now, a class version not run here, no class."""
+    rows = {
+        "now": row("A", minutes=0),
+        "lease ends now": row("A", minutes=-5, lease_owner="x", lease_expires_at=NOW),
+        "a second later": row("A", minutes=1 / 60),
+        "lease ends later": row("A", minutes=-5, lease_owner="x", lease_expires_at=NOW + timedelta(seconds=1)),
+        "version 2": row("A", minutes=-5, version=2),
+        "cancelled": row("A", minutes=-5, status="cancelled"),
+    }
+    fill(sql, list(rows.values()))
+    store = Store(sql)
+    assert claim(store, "w", 10, limits, runnable=frozenset()) == []
+    taken = set(claim(store, "w", 10, limits))
+    assert taken == {rows["now"]["uuid"], rows["lease ends now"]["uuid"]}
+    assert claim(store, "w2", 10, limits, runnable=frozenset({("A", 2)})) == [rows["version 2"]["uuid"]]
+
+
+@pytest.mark.parametrize("limited", [False, True])
+def test_claims_of_other_classes_on_one_store_build_their_own_statement(sql: Any, limited: bool) -> None:
+    fill(sql, [row("A", minutes=-3), row("B", minutes=-2), row("C", minutes=-1)])
+    store = Store(sql)
+    limits = {"C": ClaimLimit(max_running=5)} if limited else {}
+    names = {}
+    for name in ("B", "A", "C"):
+        (uuid,) = claim(store, name, 10, limits, runnable=frozenset({(name, 1)}))
+        names[name] = store.get_pipeline(uuid).name
+    assert names == {"A": "A", "B": "B", "C": "C"}
+
+
+def test_search_due_reads_in_claim_order_up_to_the_limit(sql: Any) -> None:
+    """Every class (the "Z" one first: priority 9, the longest due), in claim order, unleased."""
+    expected = ordered(sql)
+    found = sql("PIPELINE").search_due(NOW, 4)
+    assert found[0]["name"] == "Z" and [r["uuid"] for r in found[1:]] == expected[:3]
+    assert [r["uuid"] for r in sql("PIPELINE").search_due(NOW, 100)][1:] == expected
+    assert all(r["lease_owner"] is None for r in found)
+
+
+def test_claim_one_and_renew_lease(sql: Any) -> None:
+    """``claim_one`` whatever the next run: not another owner's live lease, again our own, an
+    expired one; an ended pipeline as it is, unleased; a missing one None. ``renew_lease`` only
+    for its owner, and it moves nothing else."""
+    later = row("A", minutes=30)
+    theirs = row("A", lease_owner="x", lease_expires_at=NOW + timedelta(seconds=1))
+    expired = row("A", lease_owner="x", lease_expires_at=NOW)
+    done = row("A", status="finished")
+    fill(sql, [later, theirs, expired, done])
+    store, until = Store(sql), NOW + timedelta(minutes=1)
+    got = store.claim_one(later["uuid"], NOW, "me", until)
+    assert got is not None and (got.lease_owner, got.lease_expires_at, got.claims, got.revision) == ("me", until, 1, 1)
+    again = store.claim_one(later["uuid"], NOW, "me", until + timedelta(seconds=1))
+    assert again is not None and again.claims == 2
+    assert store.claim_one(theirs["uuid"], NOW, "me", until) is None
+    assert store.get_pipeline(theirs["uuid"]).lease_owner == "x"
+    taken = store.claim_one(expired["uuid"], NOW, "me", until)
+    assert taken is not None and taken.lease_owner == "me"
+    ended = store.claim_one(done["uuid"], NOW, "me", until)
+    assert ended is not None and ended.lease_owner is None and ended.revision == 0
+    assert store.claim_one("missing", NOW, "me", until) is None
+    assert store.renew_lease(later["uuid"], "me", until + timedelta(minutes=9))
+    renewed = store.get_pipeline(later["uuid"])
+    assert (renewed.lease_expires_at, renewed.revision) == (until + timedelta(minutes=9), 2)
+    assert not store.renew_lease(later["uuid"], "other", until)
+    assert not store.renew_lease("missing", "me", until)
+    assert store.get_pipeline(later["uuid"]).lease_expires_at == until + timedelta(minutes=9)
+
+
+def test_max_running_counts_live_leases_only(sql: Any) -> None:
+    """A lease expiring exactly now is not running (and that pipeline is due again); a finished
+    pipeline's stale lease is not running; another name's leases are not this one's."""
+    fill(sql, [
+        row("A", minutes=-9, lease_owner="x", lease_expires_at=NOW + timedelta(seconds=1)),  # running
+        row("A", minutes=-8, lease_owner="x", lease_expires_at=NOW),  # ended now: due
+        row("A", minutes=-7, status="finished", lease_owner="x", lease_expires_at=NOW + timedelta(minutes=1)),
+        row("B", minutes=-6, lease_owner="x", lease_expires_at=NOW + timedelta(minutes=1)),
+        *[row("A", minutes=-5 + i) for i in range(4)],
+    ])  # fmt: skip
+    store = Store(sql)
+    limits = {"A": ClaimLimit(max_running=3)}
+    assert len(claim(store, "w1", 10, limits)) == 2
+    assert claim(store, "w2", 10, limits) == []
+
+
+def test_a_rate_limit_counts_the_starts_within_its_period(sql: Any) -> None:
+    """2 a minute: two now, none more in the minute, two more once a minute has passed exactly
+    (a start exactly one period old no longer counts); one start stored per claim, the ones a
+    period old pruned."""
+    fill(sql, [row("A", minutes=-9 + i) for i in range(6)])
+    store = Store(sql)
+    limits = {"A": ClaimLimit(rate=RateLimit(2, 60))}
+    assert len(claim(store, "w1", 10, limits)) == 2
+    assert claim(store, "w2", 10, limits, at=NOW + timedelta(seconds=59)) == []
+    assert len(claim(store, "w3", 1, limits, at=NOW + timedelta(seconds=60))) == 1
+    assert len(claim(store, "w4", 10, limits, at=NOW + timedelta(seconds=61))) == 1
+    with sql.engine.connect() as connection:
+        assert connection.execute(select(func.count()).select_from(rate_limit_starts)).scalar_one() == 2
+
+
+def test_max_running_and_a_rate_together_take_the_smaller_room(sql: Any) -> None:
+    fill(sql, [row("A", minutes=-9 + i) for i in range(6)])
+    store = Store(sql)
+    assert len(claim(store, "w1", 10, {"A": ClaimLimit(max_running=3, rate=RateLimit(5, 60))})) == 3
+    assert len(claim(store, "w2", 10, {"A": ClaimLimit(max_running=9, rate=RateLimit(4, 60))})) == 1
+
+
+TENANTS = [  # (context, minutes overdue): t1 first in claim order, with many due
+    *[({"tenant": "t1"}, 50 - i) for i in range(5)],
+    ({"tenant": 7}, 20), ({"tenant": "t2"}, 15), ({}, 12), ({"tenant": {"x": 1}}, 11), ({"tenant": None}, 10),
+    ({"tenant": "t2"}, 5),
+]  # fmt: skip
+
+
+def test_per_tenant_takes_one_of_each_tenant_behind_a_busy_one(sql: Any) -> None:
+    """``max_running_per_tenant`` 1: t1's many due pipelines do not hide the others; a number is
+    a tenant; no tenant, a non-scalar one and null are one group (the pipelines without one);
+    a tenant's live lease counts, another name's does not, one ending exactly now does not."""
+    rows = [row("A", minutes=-overdue, context=context) for context, overdue in TENANTS]
+    busy = row("A", minutes=-60, context={"tenant": "t2"}, lease_owner="x", lease_expires_at=NOW + timedelta(minutes=1))
+    other = row("B", minutes=-60, context={"tenant": 7}, lease_owner="x", lease_expires_at=NOW + timedelta(minutes=1))
+    ended = row("A", minutes=-3, context={"tenant": "t3"}, lease_owner="old", lease_expires_at=NOW)  # due again
+    fill(sql, [*rows, busy, other, ended])
+    store = Store(sql)
+    limits = {"A": ClaimLimit(per_tenant=1)}
+    taken = claim(store, "w1", 10, limits)
+    by_uuid = {r["uuid"]: i for i, r in enumerate([*rows, ended])}
+    assert sorted(by_uuid[u] for u in taken) == [0, 5, 7, len(rows)]  # t1's, 7's, the untenanted group's, t3's
+    assert claim(store, "w2", 10, limits) == []
+    assert len(claim(store, "w3", 2, {"A": ClaimLimit(per_tenant=2)})) == 2  # t1's and 7's second: room 2
+
+
+def test_per_tenant_with_the_untenanted_group_full_takes_the_tenants_behind_it(sql: Any) -> None:
+    """The pipelines without a tenant are one group: with one of them running, the window leaves
+    the group out, so the many due ones ahead do not hide a tenant's."""
+    running = row("A", minutes=-60, lease_owner="x", lease_expires_at=NOW + timedelta(minutes=1))
+    untenanted = [row("A", minutes=-50 + i, context=context) for i, context in enumerate([{}, {"tenant": None}] * 3)]
+    tenant = row("A", minutes=-1, context={"tenant": "t9"})
+    fill(sql, [running, *untenanted, tenant])
+    assert claim(Store(sql), "w", 2, {"A": ClaimLimit(per_tenant=1)}) == [tenant["uuid"]]
+
+
+def test_a_pipeline_leased_between_the_window_and_the_lease_is_left_alone(sql: Any) -> None:
+    """A per-tenant claim reads its candidates, then leases them only if still due: a
+    ``claim_one`` of another process in between keeps its lease (PostgreSQL: the name's lock
+    does not stop it; SQLite's write lock does, so nothing can come between)."""
+    if sql.engine.dialect.name != "postgresql":
+        pytest.skip("SQLite's write lock keeps other writers out of the claim")
+    rows = [row("A", minutes=-9 + i, context={"tenant": f"t{i}"}) for i in range(3)]
+    fill(sql, rows)
+    thief = create_engine(sql.engine.url)
+    stolen: list[str] = []
+
+    def steal(connection: Any, cursor: Any, statement: str, params: Any, context: Any, many: bool) -> None:
+        if statement.startswith("SELECT") and "ORDER BY" in statement and "context" in statement and not stolen:
+            stolen.append(rows[0]["uuid"])
+            with thief.begin() as other:
+                other.execute(
+                    update(pipelines).where(pipelines.c.uuid == rows[0]["uuid"])
+                    .values(lease_owner="thief", lease_expires_at=NOW + timedelta(minutes=1))
+                )  # fmt: skip
+
+    event.listen(sql.engine, "after_cursor_execute", steal)
+    try:
+        taken = claim(Store(sql), "w", 10, {"A": ClaimLimit(per_tenant=1)})
+    finally:
+        event.remove(sql.engine, "after_cursor_execute", steal)
+        thief.dispose()
+    assert stolen and sorted(taken) == sorted(r["uuid"] for r in rows[1:])
+    assert Store(sql).get_pipeline(rows[0]["uuid"]).lease_owner == "thief"
+
+
+def holds_the_lock_of(backend: Any, name: str) -> bool:
+    """Whether another connection finds the claim's lock of ``name`` taken: PostgreSQL's
+    advisory lock of the name, SQLite's write lock."""
+    if backend.engine.dialect.name == "postgresql":
+        other = create_engine(backend.engine.url)
+        try:
+            with other.begin() as connection:
+                key = {"key": f"prorch:limit:{name}"}
+                return not connection.execute(text("SELECT pg_try_advisory_xact_lock(hashtext(:key))"), key).scalar()
+        finally:
+            other.dispose()
+    probe = sqlite3.connect(backend.engine.url.database, timeout=0)
+    try:
+        probe.execute("BEGIN IMMEDIATE")
+        probe.rollback()
+        return False
+    except sqlite3.OperationalError:
+        return True
+    finally:
+        probe.close()
+
+
+def test_a_limited_name_is_counted_and_claimed_under_its_lock(sql: Any) -> None:
+    """Regression guard: ``max_running`` holds across workers only if the count and the claim
+    are one transaction holding the name's lock; checked from another connection while the
+    claim counts (and the lock is free again once it is done)."""
+    fill(sql, [row("A", minutes=-5 + i) for i in range(3)])
+    seen: list[bool] = []
+
+    def probe(connection: Any, cursor: Any, statement: str, params: Any, context: Any, many: bool) -> None:
+        if statement.startswith("SELECT count(*)") and not seen:
+            seen.append(holds_the_lock_of(sql, "A"))
+
+    event.listen(sql.engine, "after_cursor_execute", probe)
+    try:
+        taken = claim(Store(sql), "w", 10, {"A": ClaimLimit(max_running=2)})
+    finally:
+        event.remove(sql.engine, "after_cursor_execute", probe)
+    assert len(taken) == 2 and seen == [True]
+    assert not holds_the_lock_of(sql, "A")
+
+
+def test_a_rate_limit_prunes_only_its_own_names_starts(sql: Any) -> None:
+    """B may start 1 an hour, A 1 a minute: A's claim, pruning its starts a minute old, leaves
+    B's start of two minutes ago, so B is still full."""
+    fill(sql, [*[row("A", minutes=-9 + i) for i in range(3)], *[row("B", minutes=-9 + i) for i in range(3)]])
+    store = Store(sql)
+    limits = {"A": ClaimLimit(rate=RateLimit(1, 60)), "B": ClaimLimit(rate=RateLimit(1, 3600))}
+    assert len(claim(store, "w1", 10, limits)) == 2  # one of each
+    later = NOW + timedelta(minutes=2)
+    assert len(claim(store, "w2", 10, {"A": limits["A"]}, at=later, runnable=frozenset({("A", 1)}))) == 1
+    assert claim(store, "w3", 10, {"B": limits["B"]}, at=later, runnable=frozenset({("B", 1)})) == []
