@@ -105,10 +105,9 @@ def _alone(store: Store, writings: Sequence[Writing[T]], alone: Collection[int],
 
 
 def _shared(write: Write) -> Write:
-    for record in write.changed:
-        if isinstance(record, PipelineRecord):
-            share_hook_mark(record)
-    return write
+    """The write as part of a round: its hook mark, if any, is shared (the write is rebuilt)."""
+    marked = [r for r in write.changed if isinstance(r, PipelineRecord) and share_hook_mark(r)]
+    return write.again() if marked else write
 
 
 def _marks_a_hook(write: Write) -> bool:

@@ -12,7 +12,7 @@ from prorch.model.records import EventRecord, MessageRecord, PipelineRecord, Ste
 from prorch.model.status import Status
 from prorch.model.step import Step
 from prorch.storage.leases import LeaseKeeper
-from prorch.storage.store import Write
+from prorch.storage.store import Snapshots, Write
 
 T = TypeVar("T")
 
@@ -52,6 +52,7 @@ class Run:
     crashed_hook_at: datetime | None = None  # a worker died while a hook that began then ran
     dirty: bool = False  # changed in memory without a transition (a crash charged)
     hooks_left: int | None = None  # hooks this claim may still start (1 for a rate-limited pipeline)
+    stored: Snapshots | None = None  # what the store holds of pipeline and steps (None: writes are whole)
 
     def current_step(self) -> StepRecord | None:
         return next((s for s in self.steps if s.status in (Status.CREATED, Status.PENDING)), None)
