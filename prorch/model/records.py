@@ -12,7 +12,9 @@ prorch 1.0.1 store lacks have defaults, so such a store loads as it is.
 from __future__ import annotations
 
 import functools
+import itertools
 import json
+import operator
 import traceback as traceback_module
 import uuid
 from datetime import datetime, timezone
@@ -121,21 +123,25 @@ def changes(record: Record, stored: Snapshot, revision: int) -> tuple[JSONDict, 
     write), as stored values, and the snapshot of the record once they are written."""
     names, _, times, _ = _layout(type(record))
     now = snapshot(record, revision)
-    values = msgspec.structs.astuple(record)
     data: JSONDict = {}
-    for index, (value, before) in enumerate(zip(now, stored, strict=True)):
-        if value != before:
-            if index in times:
-                data[names[index]] = value if value is None else format_timestamp(value)
-            else:
-                data[names[index]] = msgspec.to_builtins(values[index], builtin_types=(datetime,))
+    for index in itertools.compress(range(len(now)), map(operator.ne, now, stored)):
+        name = names[index]
+        if index in times:
+            data[name] = None if now[index] is None else format_timestamp(now[index])
+        else:
+            value = getattr(record, name)
+            data[name] = value if type(value) in _PLAIN else msgspec.to_builtins(value, builtin_types=(datetime,))
     data["revision"] = revision
     return data, now
 
 
+_PLAIN = frozenset({str, int, float, bool, type(None)})
+_encode = msgspec.json.Encoder().encode
+
+
 def _encoded(value: Any) -> bytes:
     try:
-        return msgspec.json.encode(value)
+        return _encode(value)
     except TypeError:  # a value msgspec cannot encode: compare the standard library's text
         return json.dumps(value, sort_keys=False, default=str).encode()
 
