@@ -30,7 +30,6 @@ from prorch.model.records import (
 )
 from prorch.storage.repository import PipelineQuery, PipelineStats
 
-
 Snapshots = dict[str, Snapshot]
 """What the store holds of the records one writer has read, by uuid: a write sends only the
 fields that differ. The writer keeps it (``Run.stored``); a committed write updates it."""

@@ -49,7 +49,8 @@ def test_a_refused_write_in_a_group_undoes_that_write_only(
     for record in (first, stale, third):
         record.priority = 7
     events = [event_for(record) for record in (first, stale, third)]
-    writes = [Write.of([record], [event], snapshots=stored) for record, event in zip((first, stale, third), events, strict=True)]
+    pairs = zip((first, stale, third), events, strict=True)
+    writes = [Write.of([record], [event], snapshots=stored) for record, event in pairs]
 
     outcomes = store.commit_many(writes)
 
@@ -104,7 +105,8 @@ def test_a_refused_step_in_a_group_undoes_that_write_only(
     for record, step in zip(pipelines, steps, strict=True):
         record.priority = 3
         step.metadata["seen"] = True
-    writes = [Write.of([step, record], [event], snapshots=stored) for step, record, event in zip(steps, pipelines, events, strict=True)]
+    triples = zip(steps, pipelines, events, strict=True)
+    writes = [Write.of([step, record], [event], snapshots=stored) for step, record, event in triples]
 
     outcomes = store.commit_many(writes)
 
