@@ -10,7 +10,7 @@ strategy inside. A user's four-method ``IRepository`` is wrapped once in
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import datetime
@@ -84,8 +84,21 @@ class Write:
         token: str | None = None,
     ) -> Write:
         """The write of ``changed`` as they are now: the fields that differ from ``snapshots``
-        (every field of a record it does not hold, or with no snapshots)."""
-        return cls(tuple(change_of(r, snapshots) for r in changed), tuple(added), tuple(touched), token, snapshots)
+        (every field of a record it does not hold, or with no snapshots). One loop, no helper:
+        this runs on every transition."""
+        made = []
+        for record in changed:
+            expected = record.revision
+            stored = snapshots.get(record.uuid) if snapshots is not None else None
+            if stored is not None:
+                fields, after = changes(record, stored, expected + 1)
+                made.append(Change(record, expected, fields, True, after))
+                continue
+            data = record.to_dict()
+            data["revision"] = expected + 1
+            whole = snapshot(record, expected + 1) if snapshots is not None else None
+            made.append(Change(record, expected, data, False, whole))
+        return cls(tuple(made), tuple(added), tuple(touched), token, snapshots)
 
     @property
     def changed(self) -> list[PipelineRecord | StepRecord]:
@@ -102,22 +115,6 @@ class Write:
             change.record.revision = change.expected + 1
             if self.snapshots is not None and change.stored is not None:
                 self.snapshots[change.record.uuid] = change.stored
-
-
-def change_of(record: PipelineRecord | StepRecord, snapshots: Snapshots | None) -> Change:
-    expected = record.revision
-    stored = snapshots.get(record.uuid) if snapshots is not None else None
-    if stored is not None:
-        fields, after = changes(record, stored, expected + 1)
-        return Change(record, expected, fields, True, after)
-    data = record.to_dict()
-    data["revision"] = expected + 1
-    return Change(record, expected, data, False, snapshot(record, expected + 1) if snapshots is not None else None)
-
-
-def snapshots_of(records: Iterable[Record]) -> Snapshots:
-    """Snapshots of records as read, before they are changed."""
-    return {record.uuid: snapshot(record) for record in records}
 
 
 Outcome = Exception | None

@@ -17,11 +17,11 @@ from prorch.model.clock import Clock
 from prorch.model.due import Runnable
 from prorch.model.exceptions import PipelineNotFoundError
 from prorch.model.limit_rules import ClaimLimit
-from prorch.model.records import EventRecord, MessageRecord, PipelineRecord, Record, StepRecord
+from prorch.model.records import EventRecord, MessageRecord, PipelineRecord, Record, StepRecord, snapshot
 from prorch.model.status import Status
 from prorch.model.workers import WorkerRow
 from prorch.storage import listing
-from prorch.storage.backend import Backend, Outcome, Snapshots, Write, snapshots_of
+from prorch.storage.backend import Backend, Outcome, Snapshots, Write
 from prorch.storage.commits import SAVE_CHUNK, call
 from prorch.storage.composed import RepositoryBackend
 from prorch.storage.listing import PipelinePage
@@ -242,7 +242,12 @@ class Store:
     def tracking(self, records: Sequence[Record]) -> Snapshots | None:
         """Snapshots of records just read, so that their next write sends only what changed;
         None on a store that writes whole records."""
-        return snapshots_of(records) if self.partial_update else None
+        if not self.partial_update:
+            return None
+        stored: Snapshots = {}
+        for record in records:
+            stored[record.uuid] = snapshot(record)
+        return stored
 
     def commit_write(self, write: Write) -> None:
         outcome = self.commit_many([write])[0]
