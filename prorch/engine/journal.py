@@ -83,7 +83,7 @@ class Journal:
         hooks_left = 1 if pipeline_cls.rate_limit is not None else None
         return Run(
             pipeline=pipeline, steps=steps, classes=classes, params=params, outputs=outputs, hooks_left=hooks_left,
-            definition=pipeline_cls,
+            definition=pipeline_cls, stored=self.store.tracking([pipeline, *steps]),
         )  # fmt: skip
 
     def reload(self, run: Run) -> bool:
@@ -93,6 +93,7 @@ class Journal:
             return False
         reloaded = self.load(fresh)
         run.pipeline, run.steps, run.outputs = reloaded.pipeline, reloaded.steps, reloaded.outputs
+        run.stored = reloaded.stored
         run.forget_pending()
         return True
 
@@ -134,7 +135,7 @@ class Journal:
             if self.extensions.on_transition:
                 added += self.extensions.records_for(pipeline.name, run.events, now)
             try:
-                yield Write([*steps, pipeline], added, run.consumed)
+                yield Write.of([*steps, pipeline], added, run.consumed, snapshots=run.stored, token=run.token)
                 break
             except ConcurrentUpdateError:
                 if self.merge(run) is Merge.LEASE_LOST:
@@ -192,18 +193,21 @@ class Journal:
             record = self.store.get_pipeline(claimed.uuid)
             if record is None or record.status in TERMINAL:
                 return
+            stored = self.store.tracking([record])
             record.last_error = ErrorInfo.from_exception(exc)
             if claimed.lease_owner is None or record.lease_owner == claimed.lease_owner:
                 transitions.release(record)
                 record.hook_started_at = None
-            self.store.commit([record])
+            self.store.commit([record], snapshots=stored)
         except Exception as again:  # the repository is still down: the lease expires by itself
             logger.warning("pipeline %s: could not record the error: %s", claimed.uuid, again)
 
     def leave_blocked(self, pipeline: PipelineRecord, reason: str) -> Writing[Outcome]:
         """Code for this record is not deployed: touch nothing but our own lease."""
         if pipeline.lease_owner is not None:
+            stored = self.store.tracking([pipeline])
+            token = pipeline.lease_owner
             transitions.release(pipeline)
             pipeline.next_run_at = self.clock.now() + timedelta(seconds=self.lease_seconds)
-            yield Write([pipeline], [], [])
+            yield Write.of([pipeline], snapshots=stored, token=token)
         return Outcome(pipeline.uuid, pipeline.status, blocked=reason)

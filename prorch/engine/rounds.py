@@ -105,14 +105,16 @@ def _alone(store: Store, writings: Sequence[Writing[T]], alone: Collection[int],
 
 
 def _shared(write: Write) -> Write:
-    for record in write.changed:
-        if isinstance(record, PipelineRecord):
-            share_hook_mark(record)
-    return write
+    """The write as part of a round: its hook mark, if any, is shared (the write is rebuilt)."""
+    marked = False
+    for change in write.changes:
+        if isinstance(change.record, PipelineRecord) and share_hook_mark(change.record):
+            marked = True
+    return write.again() if marked else write
 
 
 def _marks_a_hook(write: Write) -> bool:
-    return any(isinstance(record, PipelineRecord) and record.hook_started_at is not None for record in write.changed)
+    return any(isinstance(c.record, PipelineRecord) and c.record.hook_started_at is not None for c in write.changes)
 
 
 def _rounds(

@@ -12,7 +12,7 @@ from prorch.model.records import EventRecord, MessageRecord, PipelineRecord, Ste
 from prorch.model.status import Status
 from prorch.model.step import Step
 from prorch.storage.leases import LeaseKeeper
-from prorch.storage.store import Write
+from prorch.storage.store import Snapshots, Write
 
 T = TypeVar("T")
 
@@ -54,6 +54,7 @@ class Run:
     hooks_left: int | None = None  # hooks this claim may still start (1 for a rate-limited pipeline)
     definition: Any = None  # the pipeline's registered class (its declared patches: self.patched)
     note: dict[str, str] = field(default_factory=dict)  # an operator's actor and reason, for the ending's event
+    stored: Snapshots | None = None  # what the store holds of pipeline and steps (None: writes are whole)
 
     def current_step(self) -> StepRecord | None:
         return next((s for s in self.steps if s.status in (Status.CREATED, Status.PENDING)), None)

@@ -207,11 +207,14 @@ def charge_crash(run: Run) -> bool:
     return True
 
 
-def share_hook_mark(pipeline: PipelineRecord) -> None:
+def share_hook_mark(pipeline: PipelineRecord) -> bool:
     """The write about to be stored is part of a round of group commit: if it marks a hook
-    running, so do the round's other writes, and a crash would not be this pipeline's alone."""
-    if pipeline.hook_started_at is not None:
-        pipeline.hook_shared = True
+    running, so do the round's other writes, and a crash would not be this pipeline's alone.
+    True when that changed the record."""
+    if pipeline.hook_started_at is None or pipeline.hook_shared:
+        return False
+    pipeline.hook_shared = True
+    return True
 
 
 def quarantine(run: Run, now: datetime, error: ErrorInfo) -> list[StepRecord]:

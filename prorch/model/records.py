@@ -12,14 +12,15 @@ prorch 1.0.1 store lacks have defaults, so such a store loads as it is.
 from __future__ import annotations
 
 import functools
+import itertools
 import json
+import operator
 import traceback as traceback_module
 import uuid
 from datetime import datetime, timezone
 from typing import Any, ClassVar, TypeVar
 
 import msgspec
-import orjson
 
 from prorch.model.status import EventType, RollbackState, Status
 
@@ -50,7 +51,7 @@ def format_timestamp(moment: datetime) -> str:
     return to_utc(moment).isoformat(timespec="microseconds")
 
 
-class Record(msgspec.Struct, kw_only=True, dict=True):
+class Record(msgspec.Struct, kw_only=True):
     """Base of every stored record: validated on the way in, extra keys ignored."""
 
     MODEL: ClassVar[str]
@@ -90,40 +91,59 @@ class Record(msgspec.Struct, kw_only=True, dict=True):
 RecordT = TypeVar("RecordT", bound=Record)
 
 
-def snapshot(record: Record, data: JSONDict) -> JSONDict:
-    """What ``changed_fields`` compares with: ``data`` with JSON values as their encoding. A
-    record shares nested values with the data it was read from, so a hook that changes one in
-    place must not change the snapshot; and ``1 == 1.0 == True`` in Python, but a change
-    between those must be written."""
-    json_fields = record.JSON
-    return {name: _encoded(value) if name in json_fields else value for name, value in data.items()}
+Snapshot = tuple[Any, ...]
+"""What the store holds of a record, as the record's field values in order, its JSON values as
+their encoding (``snapshot``): what ``changes`` compares a record with to find what to write."""
 
 
-def remember_stored(record: Record, stored: JSONDict) -> None:
-    """Note a ``snapshot`` of what the store now holds for ``record``. Kept outside the fields:
-    it is never stored itself."""
-    record.__dict__["stored"] = stored
+@functools.cache
+def _layout(cls: type[Record]) -> tuple[tuple[str, ...], tuple[int, ...], frozenset[int], int]:
+    """A record class's field names, the positions of its JSON and time fields, and of ``revision``."""
+    names: tuple[str, ...] = cls.__struct_fields__
+    encoded = tuple(index for index, name in enumerate(names) if name in cls.JSON)
+    times = frozenset(index for index, name in enumerate(names) if name in cls.TIMES)
+    return names, encoded, times, names.index("revision") if "revision" in names else -1
 
 
-def changed_fields(record: Record, data: JSONDict) -> tuple[JSONDict | None, JSONDict]:
-    """The fields of ``data`` (``record.to_dict()``) that differ from what the store holds
-    (None when that is not known: write them all), and the snapshot to remember once they
-    are stored."""
-    now = snapshot(record, data)
-    stored: JSONDict | None = record.__dict__.get("stored")
-    if stored is None:
-        return None, now
-    return {name: data[name] for name, value in now.items() if stored.get(name, _ABSENT) != value}, now
+def snapshot(record: Record, revision: int | None = None) -> Snapshot:
+    """The record's field values as stored (with ``revision`` when given). JSON values are kept
+    as their encoding: a hook that changes one in place must not change the snapshot, and
+    ``1 == 1.0 == True`` in Python, but a change between those must be written."""
+    _, encoded, _, at_revision = _layout(type(record))
+    values = list(msgspec.structs.astuple(record))
+    for index in encoded:
+        values[index] = _encoded(values[index])
+    if revision is not None:
+        values[at_revision] = revision
+    return tuple(values)
 
 
-_ABSENT = object()
+def changes(record: Record, stored: Snapshot, revision: int) -> tuple[JSONDict, Snapshot]:
+    """The fields of ``record`` that differ from ``stored`` (``revision`` given as the one to
+    write), as stored values, and the snapshot of the record once they are written."""
+    names, _, times, _ = _layout(type(record))
+    now = snapshot(record, revision)
+    data: JSONDict = {}
+    for index in itertools.compress(range(len(now)), map(operator.ne, now, stored)):
+        name = names[index]
+        if index in times:
+            data[name] = None if now[index] is None else format_timestamp(now[index])
+        else:
+            value = getattr(record, name)
+            data[name] = value if type(value) in _PLAIN else msgspec.to_builtins(value, builtin_types=(datetime,))
+    data["revision"] = revision
+    return data, now
+
+
+_PLAIN = frozenset({str, int, float, bool, type(None)})
+_encode = msgspec.json.Encoder().encode
 
 
 def _encoded(value: Any) -> bytes:
     try:
-        return orjson.dumps(value)
-    except TypeError:  # an int beyond 64 bits: rare, compare the standard library's text
-        return json.dumps(value, sort_keys=False).encode()
+        return _encode(value)
+    except TypeError:  # a value msgspec cannot encode: compare the standard library's text
+        return json.dumps(value, sort_keys=False, default=str).encode()
 
 
 MAX_ERROR_TEXT = 20_000

@@ -17,18 +17,103 @@ from datetime import datetime
 from typing import Protocol, runtime_checkable
 
 from prorch.model.due import ClaimRequest, Runnable
-from prorch.model.records import JSONDict, MessageRecord, PipelineRecord, Record, StepRecord
+from prorch.model.records import (
+    JSONDict,
+    MessageRecord,
+    PipelineRecord,
+    Record,
+    Snapshot,
+    StepRecord,
+    changes,
+    snapshot,
+)
 from prorch.storage.repository import PipelineQuery, PipelineStats, VersionGroup
 
+Snapshots = dict[str, Snapshot]
+"""What the store holds of the records one writer has read, by uuid: a write sends only the
+fields that differ. The writer keeps it (``Run.stored``); a committed write updates it."""
 
-@dataclass(slots=True)
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    """One changed record of a write, stored by compare-and-set on ``expected``."""
+
+    record: PipelineRecord | StepRecord
+    expected: int
+    """The revision the record was read with: the write is refused unless the store holds it."""
+    fields: JSONDict
+    """What to write, ``revision`` (``expected + 1``) included: the fields that changed, or every
+    field when ``partial`` is False."""
+    partial: bool
+    stored: Snapshot | None
+    """What the store holds of the record once this is committed (None: not tracked)."""
+
+    def whole(self) -> JSONDict:
+        """Every field, for a store that cannot write some of them only."""
+        if not self.partial:
+            return self.fields
+        data = self.record.to_dict()
+        data["revision"] = self.expected + 1
+        return data
+
+
+@dataclass(frozen=True, slots=True)
 class Write:
     """One transition to store: the changed pipeline and steps (each by compare-and-set on the
-    revision it was read with), the new records (events) and the consumed messages."""
+    revision it was read with), the new records (events) and the consumed messages. A value:
+    building it touches no record, and neither does a backend's ``commit``; ``committed``
+    applies it once stored (new revisions, and the writer's snapshots)."""
 
-    changed: list[PipelineRecord | StepRecord]
-    added: list[Record]
-    touched: list[MessageRecord]
+    changes: tuple[Change, ...]
+    added: tuple[Record, ...] = ()
+    touched: tuple[MessageRecord, ...] = ()
+    token: str | None = None
+    """The lease token of the writer (None: no lease): the compare-and-set on the pipeline's
+    revision is what refuses a lost lease's write; the token says whose write it was."""
+    snapshots: Snapshots | None = None
+
+    @classmethod
+    def of(
+        cls,
+        changed: Sequence[PipelineRecord | StepRecord],
+        added: Sequence[Record] = (),
+        touched: Sequence[MessageRecord] = (),
+        *,
+        snapshots: Snapshots | None = None,
+        token: str | None = None,
+    ) -> Write:
+        """The write of ``changed`` as they are now: the fields that differ from ``snapshots``
+        (every field of a record it does not hold, or with no snapshots). One loop, no helper:
+        this runs on every transition."""
+        made = []
+        for record in changed:
+            expected = record.revision
+            stored = snapshots.get(record.uuid) if snapshots is not None else None
+            if stored is not None:
+                fields, after = changes(record, stored, expected + 1)
+                made.append(Change(record, expected, fields, True, after))
+                continue
+            data = record.to_dict()
+            data["revision"] = expected + 1
+            whole = snapshot(record, expected + 1) if snapshots is not None else None
+            made.append(Change(record, expected, data, False, whole))
+        return cls(tuple(made), tuple(added), tuple(touched), token, snapshots)
+
+    @property
+    def changed(self) -> list[PipelineRecord | StepRecord]:
+        return [change.record for change in self.changes]
+
+    def again(self) -> Write:
+        """The write rebuilt from its records as they are now (changed since it was built)."""
+        return Write.of(self.changed, self.added, self.touched, snapshots=self.snapshots, token=self.token)
+
+    def committed(self) -> None:
+        """The write was stored: its records now hold their new revisions, and the writer's
+        snapshots what was written."""
+        for change in self.changes:
+            change.record.revision = change.expected + 1
+            if self.snapshots is not None and change.stored is not None:
+                self.snapshots[change.record.uuid] = change.stored
 
 
 Outcome = Exception | None
@@ -140,8 +225,8 @@ class Backend(Protocol):
     def commit(self, writes: Sequence[Write]) -> list[Outcome]:
         """Store each write all-or-nothing (several in one transaction where the store can: group
         commit) and return each one's outcome. A refused compare-and-set is that write's
-        ``ConcurrentUpdateError`` and stores nothing of it; the other writes go on. A stored
-        write's records get their new revision; a refused one's keep theirs."""
+        ``ConcurrentUpdateError`` and stores nothing of it; the other writes go on. Touch no
+        record: the caller applies each stored write (``Write.committed``)."""
         ...
 
     def advance_schedule(self, name: str, tick: datetime) -> bool:

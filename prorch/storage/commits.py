@@ -2,8 +2,9 @@
 one record per call (memory, TinyDB, SQLite's fast path, a user's repository). A backend with a
 better way (PostgreSQL's one statement per transition) offers it through ``one_statement``.
 
-A record's revision is bumped as its write is sent and put back if the write did not happen;
-with partial updates, what the store will hold is kept aside (``pending``) until the commit."""
+A ``Write`` is a value: each changed record comes with the revision it was read with and the
+fields to write. Nothing here touches a record; the caller applies a stored write
+(``Write.committed``)."""
 
 from __future__ import annotations
 
@@ -12,17 +13,9 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any, TypeVar
 
 from prorch.model.exceptions import ConcurrentUpdateError, ProrchError, RepositoryError
-from prorch.model.records import (
-    JSONDict,
-    MessageRecord,
-    PipelineRecord,
-    Record,
-    StepRecord,
-    changed_fields,
-    remember_stored,
-)
+from prorch.model.records import JSONDict, MessageRecord, PipelineRecord, Record, StepRecord
 from prorch.model.secrets import error_summary
-from prorch.storage.backend import Outcome, Write
+from prorch.storage.backend import Change, Outcome, Write
 from prorch.storage.repository import TransitionRows
 
 T = TypeVar("T")
@@ -72,39 +65,24 @@ class Committer:
             return found
         if not self.has_transactions or len(writes) == 1:
             return [self._try_alone(write) for write in writes]
-        revisions = [[record.revision for record in write.changed] for write in writes]
         outcomes: list[Outcome] = []
         try:
             with self.transaction():
-                for write, before in zip(writes, revisions, strict=True):
+                for write in writes:
                     try:
                         self._write_unit(write, pipeline_first=True)
                     except _Refused as refused:
-                        restore(write, before)
                         outcomes.append(refused.error)
                     else:
                         outcomes.append(None)
-        except BaseException as exc:
-            for write, before in zip(writes, revisions, strict=True):
-                restore(write, before)  # nothing of the group was stored
-            if not isinstance(exc, Exception):
-                raise
+        except Exception:  # nothing of the group was stored
             return [self._try_alone(write) for write in writes]
-        for write, outcome in zip(writes, outcomes, strict=True):
-            if outcome is None:
-                settle(write)
         return outcomes
 
     def commit_alone(self, write: Write) -> None:
         """One write in its own transaction; raises what kept it out."""
-        revisions = [record.revision for record in write.changed]
-        try:
-            with self.transaction():
-                self._write_unit(write)
-        except BaseException:
-            restore(write, revisions)  # the unit did not happen
-            raise
-        settle(write)
+        with self.transaction():
+            self._write_unit(write)
 
     def _try_alone(self, write: Write) -> Outcome:
         try:
@@ -117,25 +95,25 @@ class Committer:
         """The statements of one write. Steps go first (without a transaction, a crash in
         between leaves them, the source of truth, ahead); inside a group, the pipeline goes
         first, so that a refused compare-and-set is found before anything is written."""
-        pipelines = [record for record in write.changed if isinstance(record, PipelineRecord)]
+        pipelines = [change for change in write.changes if isinstance(change.record, PipelineRecord)]
         if pipeline_first and pipelines:
             try:
                 self._write(pipelines[0])
             except ConcurrentUpdateError as exc:
                 raise _Refused(exc) from exc
             pipelines = pipelines[1:]
-        for record in write.changed:
-            if not isinstance(record, PipelineRecord):
-                self._write(record)
+        for change in write.changes:
+            if not isinstance(change.record, PipelineRecord):
+                self._write(change)
         for message in write.touched:
             self.update_message(message)
         self.save(write.added)
-        for record in pipelines:
-            self._write(record)
+        for change in pipelines:
+            self._write(change)
 
-    def _write(self, record: PipelineRecord | StepRecord) -> None:
-        expected, data = payload(record, self.partial_update)
-        self.write_record(record, expected, data)
+    def _write(self, change: Change) -> None:
+        data = change.fields if self.partial_update else change.whole()
+        self.write_record(change.record, change.expected, data)
 
 
 class _Refused(Exception):
@@ -146,31 +124,17 @@ class _Refused(Exception):
         self.error = error
 
 
-def payload(record: PipelineRecord | StepRecord, partial: bool) -> tuple[int, JSONDict]:
-    """Bump a record's revision for its write; the revision it was read with, and the fields
-    to write (only the changed ones where the store takes that)."""
-    expected = record.revision
-    record.revision = expected + 1
-    data = record.to_dict()
-    if partial:
-        changes, stored = changed_fields(record, data)
-        record.__dict__["pending"] = stored  # what the store holds once this commits
-        if changes is not None:
-            data = changes
-    return expected, data
-
-
 def transition_rows(write: Write, partial: bool) -> TransitionRows:
-    """A write of one pipeline as rows (each changed record's revision bumped), for a backend
-    that writes a transition in one statement."""
+    """A write of one pipeline as rows, for a backend that writes a transition in one statement."""
     pipeline: tuple[str, str, int, JSONDict] | None = None
     steps = []
-    for record in write.changed:
-        expected, data = payload(record, partial)
+    for change in write.changes:
+        record = change.record
+        row = (record.MODEL, record.uuid, change.expected, change.fields if partial else change.whole())
         if isinstance(record, PipelineRecord):
-            pipeline = (record.MODEL, record.uuid, expected, data)
+            pipeline = row
         else:
-            steps.append((record.MODEL, record.uuid, expected, data))
+            steps.append(row)
     assert pipeline is not None
     return TransitionRows(
         pipeline=pipeline,
@@ -182,27 +146,12 @@ def transition_rows(write: Write, partial: bool) -> TransitionRows:
 
 def one_pipeline(write: Write) -> bool:
     """A write of exactly one pipeline (with its steps): what a one-statement transition is."""
-    return sum(isinstance(record, PipelineRecord) for record in write.changed) == 1
-
-
-def restore(write: Write, revisions: list[int]) -> None:
-    """A write that did not happen: its records keep the revisions they were read with."""
-    for record, revision in zip(write.changed, revisions, strict=True):
-        record.revision = revision
-        record.__dict__.pop("pending", None)
-
-
-def settle(write: Write) -> None:
-    """A write that was committed: what the store holds for its records is what was written."""
-    for record in write.changed:
-        stored = record.__dict__.pop("pending", None)
-        if stored is not None:
-            remember_stored(record, stored)
+    return sum(isinstance(change.record, PipelineRecord) for change in write.changes) == 1
 
 
 def conflict_of(write: Write) -> ConcurrentUpdateError:
-    pipeline = next(r for r in write.changed if isinstance(r, PipelineRecord))
-    return conflict(pipeline.MODEL, pipeline.uuid, pipeline.revision)
+    change = next(c for c in write.changes if isinstance(c.record, PipelineRecord))
+    return conflict(change.record.MODEL, change.record.uuid, change.expected)
 
 
 def chunks(records: Sequence[Record]) -> Iterator[tuple[str, Sequence[Record]]]:
@@ -248,24 +197,10 @@ def _statements(
 ) -> list[Outcome]:
     """A refused pipeline wrote nothing (each statement is conditioned on its compare-and-set);
     anything else rolls the whole call back."""
-    revisions = [[record.revision for record in write.changed] for write in writes]
-    try:
-        with committer.transaction():
-            units = [transition_rows(write, committer.partial_update) for write in writes]
-            written = call("write transitions", write_transitions, units)
-    except BaseException:
-        for write, before in zip(writes, revisions, strict=True):
-            restore(write, before)  # nothing was stored
-        raise
-    outcomes: list[Outcome] = []
-    for write, before, stored in zip(writes, revisions, written, strict=True):
-        if stored:
-            settle(write)
-            outcomes.append(None)
-        else:
-            restore(write, before)
-            outcomes.append(conflict_of(write))
-    return outcomes
+    with committer.transaction():
+        units = [transition_rows(write, committer.partial_update) for write in writes]
+        written = call("write transitions", write_transitions, units)
+    return [None if stored else conflict_of(write) for write, stored in zip(writes, written, strict=True)]
 
 
 def call(action: str, func: Callable[..., T], *args: Any) -> T:

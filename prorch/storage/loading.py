@@ -7,36 +7,31 @@ from collections.abc import Sequence
 from typing import Any, TypeVar
 
 from prorch.model.exceptions import CorruptRecordError
-from prorch.model.records import Record, RecordError, StepRecord, remember_stored, snapshot
+from prorch.model.records import Record, RecordError, StepRecord
 
 __all__ = ["load", "steps_by_pipeline"]
 
 RecordT = TypeVar("RecordT", bound=Record)
 
 
-def load(record_type: type[RecordT], data: Any, *, remember: bool = False) -> RecordT:
-    """A record from a row; with ``remember``, a snapshot of it is kept, so that its next write
-    sends only what changed."""
+def load(record_type: type[RecordT], data: Any) -> RecordT:
+    """A record from a row."""
     try:
         record = record_type.from_dict(data)
     except (RecordError, TypeError, ValueError) as exc:
         uuid = data.get("uuid") if isinstance(data, dict) else None
         raise CorruptRecordError(f"stored {record_type.MODEL} record {uuid!r} is not valid: {exc}", uuid=uuid) from exc
-    if remember:
-        remember_stored(record, snapshot(record, data))
     return record
 
 
-def steps_by_pipeline(
-    rows: Sequence[Any], pipeline_uuids: Sequence[str], *, remember: bool
-) -> dict[str, list[StepRecord]]:
+def steps_by_pipeline(rows: Sequence[Any], pipeline_uuids: Sequence[str]) -> dict[str, list[StepRecord]]:
     """The steps of ``rows`` by pipeline; a pipeline with an invalid step is left out (its
     steps are read again on their own, which reports the error)."""
     found: dict[str, list[StepRecord]] = {uuid: [] for uuid in pipeline_uuids}
     unreadable: set[str] = set()
     for row in rows:
         try:
-            step = load(StepRecord, row, remember=remember)
+            step = load(StepRecord, row)
         except CorruptRecordError:
             unreadable.add(str(row.get("pipeline_uuid")))
             continue

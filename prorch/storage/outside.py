@@ -44,11 +44,12 @@ def change_pipeline(store: Store, clock: Clock, uuid: str, change: Change, attem
         record = store.get_pipeline(uuid)
         if record is None:
             raise PipelineNotFoundError(f"no pipeline with uuid {uuid} is stored", uuid=uuid)
+        stored = store.tracking([record])
         events = change(record, clock.now())
         if events is None:
             return True
         try:
-            store.commit([record], events)
+            store.commit([record], events, snapshots=stored)
             return True
         except ConcurrentUpdateError:
             continue

@@ -17,11 +17,11 @@ from prorch.model.clock import Clock
 from prorch.model.due import ClaimRequest, Runnable
 from prorch.model.exceptions import PipelineNotFoundError
 from prorch.model.limit_rules import ClaimLimit
-from prorch.model.records import EventRecord, MessageRecord, PipelineRecord, Record, StepRecord
+from prorch.model.records import EventRecord, MessageRecord, PipelineRecord, Record, StepRecord, snapshot
 from prorch.model.status import Status
 from prorch.model.workers import WorkerRow
 from prorch.storage import listing
-from prorch.storage.backend import Backend, Outcome, Write
+from prorch.storage.backend import Backend, Outcome, Snapshots, Write
 from prorch.storage.commits import SAVE_CHUNK, call
 from prorch.storage.composed import RepositoryBackend
 from prorch.storage.listing import PipelinePage
@@ -35,6 +35,7 @@ __all__ = [
     "MESSAGE_PAGE",
     "SAVE_CHUNK",
     "TICKS_UUID",
+    "Snapshots",
     "Store",
     "Write",
     "backends_package",
@@ -110,11 +111,11 @@ class Store:
 
     def get_pipeline(self, uuid: str) -> PipelineRecord | None:
         data = call("get a pipeline", self.engine.get, PipelineRecord.MODEL, uuid)
-        return load(PipelineRecord, data, remember=self.partial_update) if data else None
+        return load(PipelineRecord, data) if data else None
 
-    def _search(self, record_type: type[RecordT], field: str, value: object, remember: bool = False) -> list[RecordT]:
+    def _search(self, record_type: type[RecordT], field: str, value: object) -> list[RecordT]:
         rows = call(f"search {record_type.MODEL.lower()} records", self.engine.search, record_type.MODEL, field, value)
-        return [load(record_type, row, remember=remember) for row in rows or []]
+        return [load(record_type, row) for row in rows or []]
 
     def pipelines_with_status(self, status: Status) -> list[PipelineRecord]:
         return self._search(PipelineRecord, "status", status.value)
@@ -127,7 +128,7 @@ class Store:
         return sorted(self._search(PipelineRecord, "parent_uuid", uuid), key=listing.newest_first)
 
     def steps_of(self, pipeline_uuid: str) -> list[StepRecord]:
-        return self._search(StepRecord, "pipeline_uuid", pipeline_uuid, self.partial_update)
+        return self._search(StepRecord, "pipeline_uuid", pipeline_uuid)
 
     def steps_of_many(self, pipeline_uuids: Sequence[str]) -> dict[str, list[StepRecord]]:
         """The steps of several pipelines in one query where the store can. A pipeline left out
@@ -141,7 +142,7 @@ class Store:
             return {}
         if rows is None:
             return {}
-        return steps_by_pipeline(rows, pipeline_uuids, remember=self.partial_update)
+        return steps_by_pipeline(rows, pipeline_uuids)
 
     def events_of(self, pipeline_uuid: str) -> list[EventRecord]:
         events = self._search(EventRecord, "pipeline_uuid", pipeline_uuid)
@@ -190,7 +191,7 @@ class Store:
 
     def due(self, now: datetime, limit: int, runnable: Runnable | None = None) -> list[PipelineRecord]:
         rows = call("query due pipelines", self.engine.due, now, limit, runnable)
-        return [load(PipelineRecord, row, remember=self.partial_update) for row in rows]
+        return [load(PipelineRecord, row) for row in rows]
 
     def schedule_ticks(self) -> dict[str, datetime]:
         return call("read the schedules' last ticks", self.engine.schedule_ticks)
@@ -212,12 +213,12 @@ class Store:
     def claim(self, request: ClaimRequest) -> list[PipelineRecord]:
         """Lease due pipelines within their limits, only of the ``runnable`` classes when given."""
         rows = call("claim due pipelines", self.engine.claim, request)
-        return [load(PipelineRecord, row, remember=self.partial_update) for row in rows]
+        return [load(PipelineRecord, row) for row in rows]
 
     def claim_one(self, uuid: str, now: datetime, owner: str, lease_expires_at: datetime) -> PipelineRecord | None:
         """Lease one pipeline for an in-process run; None when another owner holds it."""
         row = call("claim a pipeline", self.engine.claim_one, uuid, now, owner, lease_expires_at)
-        return load(PipelineRecord, row, remember=self.partial_update) if row else None
+        return load(PipelineRecord, row) if row else None
 
     def renew_lease(self, uuid: str, owner: str, lease_expires_at: datetime) -> bool:
         return bool(call("renew a lease", self.engine.renew_lease, uuid, owner, lease_expires_at))
@@ -239,9 +240,21 @@ class Store:
         changed: Sequence[PipelineRecord | StepRecord],
         added: Sequence[Record] = (),
         touched: Sequence[MessageRecord] = (),
+        snapshots: Snapshots | None = None,
     ) -> None:
-        """Write one transition (steps, consumed messages, new records, the pipeline) by compare-and-set."""
-        self.commit_write(Write(list(changed), list(added), list(touched)))
+        """Write one transition (steps, consumed messages, new records, the pipeline) by
+        compare-and-set; only the fields that differ from ``snapshots`` (``tracking``), if given."""
+        self.commit_write(Write.of(changed, added, touched, snapshots=snapshots))
+
+    def tracking(self, records: Sequence[Record]) -> Snapshots | None:
+        """Snapshots of records just read, so that their next write sends only what changed;
+        None on a store that writes whole records."""
+        if not self.partial_update:
+            return None
+        stored: Snapshots = {}
+        for record in records:
+            stored[record.uuid] = snapshot(record)
+        return stored
 
     def commit_write(self, write: Write) -> None:
         outcome = self.commit_many([write])[0]
@@ -250,8 +263,13 @@ class Store:
 
     def commit_many(self, writes: Sequence[Write]) -> list[Outcome]:
         """Each write all-or-nothing, several in one transaction where the store can; per write,
-        None when stored or the error that kept it out."""
-        return call("write transitions", self.engine.commit, writes)
+        None when stored or the error that kept it out. A stored write is applied to its
+        records (``Write.committed``); a refused one leaves them as they were."""
+        outcomes = call("write transitions", self.engine.commit, writes)
+        for write, outcome in zip(writes, outcomes, strict=True):
+            if outcome is None:
+                write.committed()
+        return outcomes
 
     def advance_schedule(self, name: str, tick: datetime) -> bool:
         """Store ``tick`` as the schedule's last tick unless it or a later one is (False)."""

@@ -31,16 +31,18 @@ def test_a_nested_value_changed_in_place_is_written(kind: str, tmp_path: Path, r
     store, uuid = _stored_pipeline(kind, tmp_path, request)
     record = store.get_pipeline(uuid)
     assert record is not None
+    stored = store.tracking([record])
     record.metadata["job"] = {"polls": 1, "ids": [1]}
-    store.commit([record])
+    store.commit([record], snapshots=stored)
 
     again = store.get_pipeline(uuid)
     assert again is not None
+    stored = store.tracking([again])
     again.metadata["job"]["polls"] += 1  # in place: the loaded record shares nothing with its snapshot
     again.metadata["job"]["ids"].append(2)
-    store.commit([again])
+    store.commit([again], snapshots=stored)
     again.metadata["job"]["polls"] += 1  # and once more on the same record, after its write
-    store.commit([again])
+    store.commit([again], snapshots=stored)
 
     stored = store.get_pipeline(uuid)
     assert stored is not None
@@ -55,10 +57,11 @@ def test_a_change_python_calls_equal_is_written(
     store, uuid = _stored_pipeline(kind, tmp_path, request)
     record = store.get_pipeline(uuid)
     assert record is not None
+    stored = store.tracking([record])
     record.metadata["value"] = before
-    store.commit([record])
+    store.commit([record], snapshots=stored)
     record.metadata["value"] = after  # == before in Python, but not the same JSON
-    store.commit([record])
+    store.commit([record], snapshots=stored)
 
     stored = store.get_pipeline(uuid)
     assert stored is not None
@@ -74,9 +77,10 @@ def test_fields_a_write_did_not_change_keep_what_is_stored(
     store, uuid = _stored_pipeline(kind, tmp_path, request)
     record = store.get_pipeline(uuid)
     assert record is not None
+    stored = store.tracking([record])
     store.pipelines.update(uuid, {"priority": 7})
     record.metadata["note"] = "engine"
-    store.commit([record])
+    store.commit([record], snapshots=stored)
 
     stored = store.get_pipeline(uuid)
     assert stored is not None
@@ -93,16 +97,20 @@ def test_a_refused_write_is_written_whole_after_a_reload(
     mine = store.get_pipeline(uuid)
     theirs = store.get_pipeline(uuid)
     assert mine is not None and theirs is not None
+    my_snapshots, their_snapshots = store.tracking([mine]), store.tracking([theirs])
     theirs.metadata["by"] = "them"
-    store.commit([theirs])
+    store.commit([theirs], snapshots=their_snapshots)
     mine.metadata["by"] = "me"
+    revision, kept = mine.revision, dict(my_snapshots or {})
     with pytest.raises(ConcurrentUpdateError):
-        store.commit([mine])
+        store.commit([mine], snapshots=my_snapshots)
+    assert mine.revision == revision and my_snapshots == kept  # a refused write touches nothing
 
     fresh = store.get_pipeline(uuid)
     assert fresh is not None and fresh.metadata["by"] == "them"
+    stored = store.tracking([fresh])
     fresh.metadata["by"] = "me"
-    store.commit([fresh])
+    store.commit([fresh], snapshots=stored)
     stored = store.get_pipeline(uuid)
     assert stored is not None and stored.metadata["by"] == "me"
 

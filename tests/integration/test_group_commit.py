@@ -44,11 +44,13 @@ def test_a_refused_write_in_a_group_undoes_that_write_only(
     records = [store.get_pipeline(uuid) for uuid in uuids]
     assert all(records)
     first, stale, third = (r for r in records if r is not None)
+    stored = store.tracking([first, stale, third])  # writes send only what changed
     stale.revision -= 1  # read before someone else's write: its compare-and-set must be refused
     for record in (first, stale, third):
         record.priority = 7
     events = [event_for(record) for record in (first, stale, third)]
-    writes = [Write([record], [event], []) for record, event in zip((first, stale, third), events, strict=True)]
+    pairs = zip((first, stale, third), events, strict=True)
+    writes = [Write.of([record], [event], snapshots=stored) for record, event in pairs]
 
     outcomes = store.commit_many(writes)
 
@@ -77,7 +79,7 @@ def test_a_store_error_in_one_write_of_a_group_undoes_that_write_only(
     duplicate = event_for(records[0])
     # the same event in two writes of one group: the second insert fails half-way through its
     # write (its pipeline already written), so the group is stored one write at a time instead
-    outcomes = store.commit_many([Write([records[0]], [duplicate], []), Write([records[1]], [duplicate], [])])
+    outcomes = store.commit_many([Write.of([records[0]], [duplicate]), Write.of([records[1]], [duplicate])])
     assert outcomes[0] is None and outcomes[1] is not None
     assert records[1].revision == before[1]
     stored = Store(make_backend(kind, tmp_path, request)).get_pipeline(uuids[1])
@@ -97,12 +99,14 @@ def test_a_refused_step_in_a_group_undoes_that_write_only(
     store = Store(backend)
     pipelines = [r for r in (store.get_pipeline(uuid) for uuid in uuids) if r is not None]
     steps = [store.steps_of(uuid)[0] for uuid in uuids]
+    stored = store.tracking([*pipelines, *steps])
     steps[1].revision += 5  # as if read before writes that never happened: refused
     events = [event_for(record) for record in pipelines]
     for record, step in zip(pipelines, steps, strict=True):
         record.priority = 3
         step.metadata["seen"] = True
-    writes = [Write([step, record], [event], []) for step, record, event in zip(steps, pipelines, events, strict=True)]
+    triples = zip(steps, pipelines, events, strict=True)
+    writes = [Write.of([step, record], [event], snapshots=stored) for step, record, event in triples]
 
     outcomes = store.commit_many(writes)
 

@@ -129,7 +129,9 @@ def test_a_bad_actor_or_reason_is_refused_and_nothing_changes(
     assert len(orchestrator.list_pipelines()) == 1
 
 
-def test_the_cli_records_its_reason_with_the_actor_cli(tmp_path: Path) -> None:
+def test_the_cli_records_its_reason_with_the_actor_cli(tmp_path: Path, registry: Registry) -> None:
+    """In its own registry: the CLI imports the app into the current one, where an earlier test's
+    step named Wait may be."""
     app = tmp_path / "notes_app.py"
     app.write_text(
         "from prorch import OnStartMixin, Pipeline, Step, register_pipeline, register_step\n"

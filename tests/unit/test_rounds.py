@@ -33,7 +33,7 @@ def test_writes_left_when_a_round_breaks_off_are_stored_with_shared_marks(regist
     record.hook_started_at = NOW  # the write marks its next hook running
 
     def marks() -> Writing[None]:
-        yield Write([record], [], [])
+        yield Write.of([record])
 
     def breaks() -> Writing[None]:
         raise KeyboardInterrupt
@@ -69,7 +69,7 @@ def _pipelines(store: CountingStore, registry: Registry, count: int) -> list[Pip
 
 def _one_write(record: PipelineRecord, before: Callable[[], None] = lambda: None) -> Writing[str]:
     before()
-    error = yield Write([record], [], [])
+    error = yield Write.of([record])
     return "stored" if error is None else f"refused: {error}"
 
 
@@ -121,7 +121,7 @@ def _writes(*records: PipelineRecord, ends: str = "") -> Writing[list[str]]:
     seen = []
     for record in records:
         try:
-            yield Write([record], [], [])
+            yield Write.of([record])
         except ConcurrentUpdateError:
             seen.append("refused")
         else:
@@ -133,7 +133,7 @@ def _stale(store: Store, record: PipelineRecord) -> PipelineRecord:
     """A copy of ``record`` that another write makes stale: writing it is refused."""
     copy = store.get_pipeline(record.uuid)
     assert copy is not None
-    store.commit_write(Write([record], [], []))
+    store.commit_write(Write.of([record]))
     return copy
 
 
