@@ -22,6 +22,7 @@ from prorch.engine import (
     Outcome,
     Runner,
     Writing,
+    idle,
     write_each,
     write_in_rounds,
 )
@@ -67,6 +68,7 @@ DEFAULT_CONCURRENCY = defaults.CONCURRENCY.default
 DEFAULT_BATCH_SIZE = defaults.BATCH_SIZE.default
 DEFAULT_GROUP_COMMIT = defaults.GROUP_COMMIT.default
 DEFAULT_INTERVAL_SECONDS = defaults.INTERVAL.default
+DEFAULT_WAKE_POLL = defaults.WAKE_POLL.default
 DEFAULT_SHUTDOWN_GRACE_SECONDS = defaults.SHUTDOWN_GRACE.default
 
 
@@ -275,18 +277,21 @@ class Orchestrator:
         finally:
             keeper.drop(pipeline.uuid)  # its last write is stored: the lease is released
 
-    def run_forever(self, interval: float = DEFAULT_INTERVAL_SECONDS) -> None:
-        """Run passes every ``interval`` seconds until ``stop()`` or SIGTERM/SIGINT; a pass with
-        a full batch is followed at once by the next. Raises ``WorkerUnhealthyError`` when more
-        hung hook threads were abandoned than ``max_abandoned_hooks``, for a supervisor to
-        restart the process."""
+    def run_forever(self, interval: float = DEFAULT_INTERVAL_SECONDS, wake_poll: float = DEFAULT_WAKE_POLL) -> None:
+        """Run passes until ``stop()`` or SIGTERM/SIGINT; a pass with a full batch is followed at
+        once by the next. Between passes the worker waits until work may have arrived, the
+        next timer, or ``interval`` seconds at most (``prorch.engine.idle``); ``wake_poll``:
+        seconds between its looks for other processes' writes on SQLite and TinyDB. Raises
+        ``WorkerUnhealthyError`` when more hung hook threads were abandoned than
+        ``max_abandoned_hooks``, for a supervisor to restart the process."""
+        _check_settings(interval=interval, wake_poll=wake_poll)
         restore = signals.stop_on_signals(self.stop, self._stopping, self.shutdown_grace)
         if not self.outage.down:
             self.outage = Outage(interval)
         self.extensions.call("start")
         try:
             with self._heartbeat():
-                self._loop(interval)
+                self._loop(interval, wake_poll)
         finally:
             restore()
             self.extensions.call("stop")  # a background task ends what it is doing, within shutdown_grace
@@ -299,7 +304,7 @@ class Orchestrator:
         )  # fmt: skip
         return self.heartbeat
 
-    def _loop(self, interval: float) -> None:
+    def _loop(self, interval: float, wake_poll: float) -> None:
         """Passes until stopped; a pass that claimed a full batch is followed at once by the next."""
         while not self._stop.is_set():
             self.last_loop = time.monotonic()
@@ -315,7 +320,7 @@ class Orchestrator:
                     f"{self.max_abandoned_hooks}); exiting so that the supervisor starts a fresh worker"
                 )
             if summary.claimed < self.batch_size:
-                self._stop.wait(interval)
+                idle.wait_for_work(self.store, self.extensions, self.clock, interval, wake_poll, self._stop)
 
     def purge(
         self,

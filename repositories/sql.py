@@ -26,9 +26,11 @@ from prorch.model.due import Runnable
 from prorch.model.exceptions import ConfigurationError
 from prorch.model.records import JSONDict, Metadata, format_timestamp, to_utc
 from prorch.model.secrets import redact_url
+from prorch.model.status import Status
 from prorch.storage.commits import call
 from prorch.storage.composed import MODELS
 from prorch.storage.repository import IRepository, PipelineQuery, PipelineStats
+from prorch.storage.wakeups import Bell, bell_for
 from repositories import sql_listing, sql_workers
 from repositories.migrate import MIGRATIONS, upgrade
 from repositories.schema import TABLES, schedule_ticks
@@ -94,6 +96,20 @@ class SQLBackend(SQLConnections):
 
     def dispose(self) -> None:
         self.engine.dispose()
+
+    # --- waiting (prorch.storage.wakeups) --------------------------------------------------
+
+    def wake_bell(self) -> Bell:
+        """One bell per database URL in this process."""
+        return bell_for(f"sql:{self.url}")
+
+    def next_due_at(self, now: datetime) -> datetime | None:
+        """By the due index: the first ``next_run_at`` after ``now`` of a pending pipeline."""
+        c = TABLES[Metadata.PIPELINES_MODEL].c
+        query = select(func.min(c.next_run_at)).where(c.status == Status.PENDING.value, c.next_run_at > now)
+        with self._errors(), self.connect(write=False) as connection:
+            found: datetime | None = connection.execute(query).scalar()
+        return to_utc(found) if found is not None else None
 
     def server_time(self) -> datetime | None:
         """The database server's clock, where workers on several machines share it (see

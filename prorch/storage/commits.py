@@ -24,6 +24,7 @@ from prorch.model.records import (
 from prorch.model.secrets import error_summary
 from prorch.storage.backend import Outcome, Write
 from prorch.storage.repository import TransitionRows
+from prorch.storage.wakeups import makes_work
 
 T = TypeVar("T")
 SAVE_CHUNK = 1000
@@ -56,11 +57,23 @@ class Committer:
         """Commit the writes by the backend's own strategy, or None to go record by record."""
         return None
 
+    def work_arrived(self) -> None:
+        """Called inside the transaction of writes that make a pipeline due (``makes_work``):
+        where a store tells other processes in the transaction itself (PostgreSQL's NOTIFY)."""
+
+    def work_stored(self) -> None:
+        """Called once those writes are stored: wake this process's idle workers."""
+
     # --- the contract --------------------------------------------------------------------------
 
     def insert(self, records: Sequence[Record]) -> None:
+        work = makes_work(records)
         with self.transaction():
             self.save(records)
+            if work:
+                self.work_arrived()
+        if work:
+            self.work_stored()
 
     def commit(self, writes: Sequence[Write]) -> list[Outcome]:
         """Several writes in one transaction (group commit), each all-or-nothing. Each write's
@@ -74,6 +87,7 @@ class Committer:
             return [self._try_alone(write) for write in writes]
         revisions = [[record.revision for record in write.changed] for write in writes]
         outcomes: list[Outcome] = []
+        work = makes_work(record for write in writes for record in write.changed)
         try:
             with self.transaction():
                 for write, before in zip(writes, revisions, strict=True):
@@ -84,6 +98,8 @@ class Committer:
                         outcomes.append(refused.error)
                     else:
                         outcomes.append(None)
+                if work:
+                    self.work_arrived()
         except BaseException as exc:
             for write, before in zip(writes, revisions, strict=True):
                 restore(write, before)  # nothing of the group was stored
@@ -93,18 +109,25 @@ class Committer:
         for write, outcome in zip(writes, outcomes, strict=True):
             if outcome is None:
                 settle(write)
+        if work:
+            self.work_stored()
         return outcomes
 
     def commit_alone(self, write: Write) -> None:
         """One write in its own transaction; raises what kept it out."""
         revisions = [record.revision for record in write.changed]
+        work = makes_work(write.changed)
         try:
             with self.transaction():
                 self._write_unit(write)
+                if work:
+                    self.work_arrived()
         except BaseException:
             restore(write, revisions)  # the unit did not happen
             raise
         settle(write)
+        if work:
+            self.work_stored()
 
     def _try_alone(self, write: Write) -> Outcome:
         try:
@@ -249,10 +272,14 @@ def _statements(
     """A refused pipeline wrote nothing (each statement is conditioned on its compare-and-set);
     anything else rolls the whole call back."""
     revisions = [[record.revision for record in write.changed] for write in writes]
+    work = makes_work(record for write in writes for record in write.changed)
     try:
         with committer.transaction():
             units = [transition_rows(write, committer.partial_update) for write in writes]
             written = call("write transitions", write_transitions, units)
+            work = work and any(written)
+            if work:
+                committer.work_arrived()
     except BaseException:
         for write, before in zip(writes, revisions, strict=True):
             restore(write, before)  # nothing was stored
@@ -265,6 +292,8 @@ def _statements(
         else:
             restore(write, before)
             outcomes.append(conflict_of(write))
+    if work:
+        committer.work_stored()
     return outcomes
 
 
