@@ -15,7 +15,6 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import pytest
 from sqlalchemy import create_engine, text
 
 from prorch import OnContinueMixin, OnStartMixin, Orchestrator, Status, Step
@@ -91,6 +90,12 @@ def idle_listening(url: str, proc: subprocess.Popen[bytes], log: Path) -> int:
     return listeners(url)[0]
 
 
+def idle(url: str) -> None:
+    """Wait until the worker's row is stored, then until it is surely idle (its first passes done)."""
+    wait_for(lambda: any(Orchestrator(url).store.workers()), 30, "the worker's row")
+    time.sleep(2.0)
+
+
 @contextlib.contextmanager
 def worker_thread(orchestrator: Orchestrator, **options: Any) -> Iterator[None]:
     thread = threading.Thread(target=orchestrator.run_forever, kwargs={"interval": POLL, **options}, daemon=True)
@@ -108,20 +113,19 @@ def worker_thread(orchestrator: Orchestrator, **options: Any) -> Iterator[None]:
 
 def test_a_create_in_another_process_wakes_an_idle_postgresql_worker(postgres_url: str, tmp_path: Path) -> None:
     with worker_process(postgres_url, tmp_path) as proc:
-        idle_listening(postgres_url, proc, tmp_path)
+        idle(postgres_url)
         started = time.time()
         created = wake_app.Stamp.create(postgres_url, {})
         assert picked_up_within(tmp_path, created.uuid, "start", started, proc) < PICKUP
 
 
 def test_a_send_wakes_a_waiting_step_on_postgresql(postgres_url: str, tmp_path: Path) -> None:
+    created = wake_app.Mailbox.create(postgres_url, {})  # parked by the worker's first pass
+    orchestrator = Orchestrator(postgres_url)
     with worker_process(postgres_url, tmp_path) as proc:
-        idle_listening(postgres_url, proc, tmp_path)
-        created = wake_app.Mailbox.create(postgres_url, {})
         picked_up_within(tmp_path, created.uuid, "parked", time.time(), proc)
-        orchestrator = Orchestrator(postgres_url)
         wait_for(lambda: orchestrator.get(created.uuid).pipeline.lease_owner is None, 10, "the step to park")
-        time.sleep(0.5)  # the worker idle again
+        time.sleep(2.0)  # the worker idle again
         started = time.time()
         orchestrator.send(created.uuid, "go")
         assert picked_up_within(tmp_path, created.uuid, "go", started, proc) < PICKUP
@@ -189,8 +193,7 @@ def test_a_create_in_another_process_is_seen_by_the_sqlite_poll(tmp_path: Path) 
     url = f"sqlite:///{tmp_path / 'wake.db'}"
     from_url(url)  # the schema, before the worker and this process race to create it
     with worker_process(url, tmp_path) as proc:
-        wait_for(lambda: any(Orchestrator(url).store.workers()), 30, "the worker's row")
-        time.sleep(1.0)
+        idle(url)
         started = time.time()
         created = wake_app.Stamp.create(url, {})
         assert picked_up_within(tmp_path, created.uuid, "start", started, proc) < PICKUP
