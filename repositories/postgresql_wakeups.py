@@ -23,7 +23,7 @@ from prorch.model.secrets import error_summary
 if TYPE_CHECKING:
     from sqlalchemy import Engine
 
-logger = logging.getLogger("prorch.repositories.postgresql")
+logger = logging.getLogger("prorch.repositories.postgresql_wakeups")
 
 CHANNEL_PREFIX = "prorch_"
 RETRY_SECONDS = 1.0
