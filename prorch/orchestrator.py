@@ -132,6 +132,8 @@ class Orchestrator:
         self.shutdown_grace = shutdown_grace
         self.retention = retention
         self.last_loop = time.monotonic()  # when run_forever last started a pass
+        self.claimed_at: datetime | None = None
+        """The time the last claim read as now: what became due since, it missed."""
         self.app_version: str | None = None
         """The version of the user's code (the ``--app`` modules' ``__version__``), on the worker's row."""
         self.heartbeat: Heartbeat | None = None
@@ -191,6 +193,7 @@ class Orchestrator:
         self.extensions.pass_started(summary)
         since = time.monotonic()  # before the lease's time is read: see LeaseKeeper
         now = self.clock.now()
+        self.claimed_at = now
         lease_until = now + timedelta(seconds=self.lease_seconds)
         claimed = self.store.claim_due(
             now, self.new_lease_token(), lease_until, self.batch_size, self.extensions.claim_limits(), self.runnable()
@@ -320,7 +323,9 @@ class Orchestrator:
                     f"{self.max_abandoned_hooks}); exiting so that the supervisor starts a fresh worker"
                 )
             if summary.claimed < self.batch_size:
-                idle.wait_for_work(self.store, self.extensions, self.clock, interval, wake_poll, self._stop)
+                idle.wait_for_work(
+                    self.store, self.extensions, self.clock, interval, wake_poll, self._stop, self.claimed_at
+                )
 
     def purge(
         self,
