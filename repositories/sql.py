@@ -18,7 +18,7 @@ import threading
 from datetime import datetime
 from typing import Any, ClassVar
 
-from sqlalchemy import Integer, bindparam, delete, func, insert, select, tuple_, update
+from sqlalchemy import Integer, bindparam, delete, func, insert, or_, select, tuple_, update
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, DatabaseError
 
@@ -104,9 +104,11 @@ class SQLBackend(SQLConnections):
         return bell_for(f"sql:{self.url}")
 
     def next_due_at(self, now: datetime) -> datetime | None:
-        """By the due index: the first ``next_run_at`` after ``now`` of a pending pipeline."""
+        """By the due index: the first ``next_run_at`` after ``now`` of a pending pipeline no
+        live lease holds (a held one's holder wakes for it)."""
         c = TABLES[Metadata.PIPELINES_MODEL].c
-        query = select(func.min(c.next_run_at)).where(c.status == Status.PENDING.value, c.next_run_at > now)
+        unleased = or_(c.lease_expires_at.is_(None), c.lease_expires_at <= now)
+        query = select(func.min(c.next_run_at)).where(c.status == Status.PENDING.value, c.next_run_at > now, unleased)
         with self._errors(), self.connect(write=False) as connection:
             found: datetime | None = connection.execute(query).scalar()
         return to_utc(found) if found is not None else None

@@ -183,8 +183,9 @@ class Backend(Protocol):
         ...
 
     def next_due_at(self, now: datetime) -> datetime | None:
-        """The earliest ``next_run_at`` after ``now`` of a pending pipeline (a timer: a
-        ``wait``, a retry's backoff), or None: an idle worker waits until then at most."""
+        """The earliest ``next_run_at`` after ``now`` of a pending pipeline that no live lease
+        holds (a timer: a ``wait``, a retry's backoff), or None: an idle worker waits until
+        then at most."""
         ...
 
     # --- workers -------------------------------------------------------------------------------

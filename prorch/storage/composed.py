@@ -222,9 +222,12 @@ class RepositoryBackend(Committer):
         return False
 
     def next_due_at(self, now: datetime) -> datetime | None:
-        """In Python, over the pending pipelines: a store without indexes."""
-        times = (row.get("next_run_at") for row in self.search(PipelineRecord.MODEL, "status", Status.PENDING.value))
-        later = [moment for moment in map(_moment, times) if moment is not None and moment > now]
+        """In Python, over the pending pipelines no live lease holds: a store without indexes."""
+        later = []
+        for row in self.search(PipelineRecord.MODEL, "status", Status.PENDING.value):
+            moment, lease = _moment(row.get("next_run_at")), _moment(row.get("lease_expires_at"))
+            if moment is not None and moment > now and (lease is None or lease <= now):
+                later.append(moment)
         return min(later, default=None)
 
 

@@ -128,3 +128,17 @@ def test_a_pipeline_due_since_the_last_claim_is_claimed_at_once(registry: Regist
     store, extensions = orchestrator.store, orchestrator.extensions
     assert idle_seconds(store, extensions, clock, 30.0, since=claimed_at) == 0.0
     assert idle_seconds(store, extensions, clock, 30.0) == 30.0  # what the worker did
+
+
+def test_a_pipeline_another_worker_holds_is_no_timer(registry: Registry) -> None:
+    """A held pipeline's due time is its holder's business: taken for a timer, it made idle
+    workers pass again and again while others ran it (claims contending on SQLite's write lock,
+    seen as 5 rate-limited starts in a window of 4 in test_limit_workers)."""
+    clock = FakeClock(datetime(2030, 1, 1, tzinfo=timezone.utc))
+    backend = MemoryBackend()
+    orchestrator = Orchestrator(backend, registry=registry, clock=clock)
+    created = pipeline_of(quick("Held")).create(backend, {}, clock=clock)
+    before = clock.now() - timedelta(seconds=1)
+    assert orchestrator.store.next_due_at(before) == clock.now()
+    assert orchestrator.store.claim_one(created.uuid, clock.now(), "elsewhere#1", clock.now() + timedelta(minutes=1))
+    assert orchestrator.store.next_due_at(before) is None
