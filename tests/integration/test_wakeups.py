@@ -12,6 +12,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Iterator
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -199,9 +200,7 @@ def test_a_create_in_another_process_is_seen_by_the_sqlite_poll(tmp_path: Path) 
         assert picked_up_within(tmp_path, created.uuid, "start", started, proc) < PICKUP
 
 
-def test_a_two_second_wait_resumes_at_two_seconds_not_at_the_poll_interval(
-    tmp_path: Path, registry: Registry
-) -> None:
+def test_a_two_second_wait_resumes_at_two_seconds_not_at_the_poll_interval(tmp_path: Path, registry: Registry) -> None:
     url = f"sqlite:///{tmp_path / 'timer.db'}"
     moments: dict[str, float] = {}
 
@@ -233,3 +232,28 @@ def test_stop_ends_an_idle_wait_at_once(tmp_path: Path, registry: Registry) -> N
         time.sleep(0.5)
         stopping = time.monotonic()
     assert time.monotonic() - stopping < 2.0
+
+
+# --- the contract, on every backend ------------------------------------------------------------
+
+
+def test_every_backend_waits_for_work_and_knows_its_next_due_time(backend: Any, registry: Registry) -> None:
+    """A create of this process ends a wait at once where the store can be told (every shipped
+    backend); a user's repository sleeps. The next due time is the earliest ``next_run_at``
+    still to come."""
+    from prorch.model.clock import FakeClock
+    from prorch.storage.store import Store
+
+    store = Store(backend)
+    told = type(store.engine).__name__ != "SeedAdapter"
+    store.wait_for_work(0.01)  # PostgreSQL listens from here on
+    store.wait_for_work(0.01)
+    pipeline = pipeline_of(quick("Only"))
+    pipeline.create(backend, {})
+    began = time.monotonic()
+    assert store.wait_for_work(5.0 if told else 0.3) is told
+    assert time.monotonic() - began < (2.0 if told else 5.0)
+    clock = FakeClock(datetime(2030, 1, 1, tzinfo=timezone.utc))
+    pipeline.create(backend, {}, clock=clock)  # due in 2030: a timer
+    assert store.next_due_at(clock.now() - timedelta(seconds=1)) == clock.now()
+    assert store.next_due_at(clock.now()) is None
