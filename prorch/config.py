@@ -71,7 +71,10 @@ class SettingsFields(BaseModel):
     )
     app: Modules = Field(default_factory=list, description="modules that define your pipelines")
     plugins: Modules = Field(default_factory=list, description="modules that register plugins")
-    interval: float = ruled(defaults.INTERVAL, "seconds between a worker's passes")
+    interval: float = ruled(defaults.INTERVAL, "seconds an idle worker waits at most between passes")
+    wake_poll: float = ruled(
+        defaults.WAKE_POLL, "seconds between an idle worker's looks for other processes' work (SQLite, TinyDB)"
+    )
     concurrency: int = ruled(defaults.CONCURRENCY, "hooks run at once by one process")
     batch_size: int = ruled(defaults.BATCH_SIZE, "pipelines claimed per pass")
     group_commit: int = ruled(

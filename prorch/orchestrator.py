@@ -8,7 +8,7 @@ import threading
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from prorch import bulk as bulk_actions
@@ -50,6 +50,7 @@ DEFAULT_CONCURRENCY = defaults.CONCURRENCY.default
 DEFAULT_BATCH_SIZE = defaults.BATCH_SIZE.default
 DEFAULT_GROUP_COMMIT = defaults.GROUP_COMMIT.default
 DEFAULT_INTERVAL_SECONDS = defaults.INTERVAL.default
+DEFAULT_WAKE_POLL = defaults.WAKE_POLL.default
 DEFAULT_SHUTDOWN_GRACE_SECONDS = defaults.SHUTDOWN_GRACE.default
 DEFAULT_GROUP_WINDOW_SECONDS = defaults.GROUP_WINDOW.default
 DEFAULT_PREFETCH = defaults.PREFETCH.default
@@ -121,6 +122,8 @@ class Orchestrator(Reads):
         self.shutdown_grace = shutdown_grace
         self.retention = retention
         self.last_loop = time.monotonic()  # when run_forever last started a pass
+        self.claimed_at: datetime | None = None
+        """The time the last claim read as now: what became due since, it missed."""
         self.app_version: str | None = None
         """The version of the user's code (the ``--app`` modules' ``__version__``), on the worker's row."""
         self.heartbeat: Heartbeat | None = None
@@ -173,15 +176,18 @@ class Orchestrator(Reads):
         with self.extensions.around_pass():
             return passes.run_pass(self)
 
-    def run_forever(self, interval: float = DEFAULT_INTERVAL_SECONDS) -> None:
+    def run_forever(self, interval: float = DEFAULT_INTERVAL_SECONDS, wake_poll: float = DEFAULT_WAKE_POLL) -> None:
         """Run as a worker until ``stop()`` or SIGTERM/SIGINT: up to ``concurrency`` pipelines in
         progress at once, each slot refilled as soon as its pipeline's advance ends
         (``prorch.worker``); ``interval`` is how often it looks for new due work when there was
         none, and runs the extensions' pass hooks. On stop, running hooks finish and what was
         claimed and not started is released. Raises ``WorkerUnhealthyError`` when more hung hook
         threads were abandoned than ``max_abandoned_hooks``, for a supervisor to restart the
-        process."""
-        worker.run_forever(self, interval)
+        process. An idle worker wakes when work arrives (``prorch.engine.idle``: NOTIFY on
+        PostgreSQL, a look every ``wake_poll`` seconds at other processes' writes on SQLite and
+        TinyDB, at once for this process's), at its next timer, or after ``interval``."""
+        _check_settings(interval=interval, wake_poll=wake_poll)
+        worker.run_forever(self, interval, wake_poll)
 
     def purge(
         self,

@@ -25,7 +25,7 @@ from collections import deque
 from typing import Protocol
 
 from prorch import signals
-from prorch.engine import Writing, passes
+from prorch.engine import Writing, idle, passes
 from prorch.engine.outage import Outage
 from prorch.engine.passes import PassHost, PassSummary, Result
 from prorch.engine.rounds import _Ended, _marks_a_hook, _resume
@@ -60,7 +60,7 @@ class WorkerHost(PassHost, Protocol):
     def close(self) -> None: ...
 
 
-def run_forever(host: WorkerHost, interval: float) -> None:
+def run_forever(host: WorkerHost, interval: float, wake_poll: float) -> None:
     """Run ``host``'s worker loop until it is stopped (see ``Orchestrator.run_forever``), with
     its signal handlers, its extensions' background tasks and its row in the store."""
     restore = signals.stop_on_signals(host.stop, host.stopped.is_set, host.shutdown_grace)
@@ -76,9 +76,9 @@ def run_forever(host: WorkerHost, interval: float) -> None:
         with host.heartbeat:
             if host.extensions.by_hook["around_pass"]:
                 with host.extensions.around_pass():
-                    Worker(host, interval).run()
+                    Worker(host, interval, wake_poll).run()
             else:
-                Worker(host, interval).run()
+                Worker(host, interval, wake_poll).run()
     finally:
         restore()
         host.extensions.call("stop")  # a background task ends what it is doing, within shutdown_grace
@@ -99,9 +99,11 @@ class _Waiting:
 class Worker:
     """One worker loop over ``host``; ``run`` returns once the host is stopped and drained."""
 
-    def __init__(self, host: WorkerHost, interval: float) -> None:
+    def __init__(self, host: WorkerHost, interval: float, wake_poll: float) -> None:
         self.host = host
         self.interval = interval
+        self.wake_poll = wake_poll
+        self.looked_at = 0.0  # time.monotonic() of the last look for work while hooks ran
         self.capacity = host.concurrency + host.prefetch
         self.waiting: deque[_Waiting] = deque()
         self.pipelines: dict[str, PipelineRecord] = {}  # in a slot, by uuid
@@ -152,7 +154,8 @@ class Worker:
             self._release_waiting()
         self._fill(slots)
         if slots.active:
-            self._ended(slots.step(self._timeout()))
+            self._ended(slots.step(self._busy_timeout(slots)))
+            self._look_for_work(slots)
         elif not host.stopped.is_set():
             self._idle_wait(self._timeout())
         if time.perf_counter() - self.period_started >= self.interval:
@@ -160,8 +163,34 @@ class Worker:
             self._period_start()
 
     def _idle_wait(self, timeout: float) -> None:
-        """Nothing runs: wait for work, a stop, or ``timeout`` seconds (the poll interval)."""
-        self.host.stopped.wait(timeout)
+        """Nothing runs: wait for work (a wake-up: ``prorch.engine.idle``), the next timer, a
+        stop, or ``timeout`` seconds (the poll interval); claim at once after a wake-up."""
+        host = self.host
+        if idle.wait_for_work(
+            host.store, host.extensions, host.clock, timeout, self.wake_poll, host.stopped, host.claimed_at
+        ):
+            self.next_claim = 0.0
+
+    def _busy_timeout(self, slots: Slots[str, Result]) -> float:
+        """How long to wait for a hook: with a slot free and nothing to fill it, at most
+        ``wake_poll``, so that work arriving meanwhile is claimed soon, not at the interval."""
+        timeout = self._timeout()
+        return min(timeout, self.wake_poll) if slots.free > len(self.waiting) else timeout
+
+    def _look_for_work(self, slots: Slots[str, Result]) -> None:
+        """With a slot free, a wake-up (or a due timer) since the last look means: claim now."""
+        now = time.monotonic()
+        if self.host.stopped.is_set() or slots.free <= len(self.waiting) or now >= self.next_claim:
+            return
+        if now - self.looked_at < self.wake_poll:  # at most one look per wake_poll, however many hooks end
+            return
+        self.looked_at = now
+        try:
+            woken = self.host.store.wait_for_work(0)
+        except Exception:  # a store's wait never stops the worker: the interval finds the work
+            return
+        if woken:
+            self.next_claim = 0.0
 
     # --- claiming ---------------------------------------------------------------------------
 

@@ -19,9 +19,11 @@ from prorch.storage.backend import Outcome, Write
 from prorch.storage.commits import by_statements
 from prorch.storage.repository import TransitionRows
 from repositories.postgresql_transitions import TransitionStatements
+from repositories.postgresql_wakeups import Listeners, channel_name
 from repositories.schema import TABLES
 from repositories.sql import DatabaseRefusedError, SQLBackend, SQLRepository
 
+NOTIFY = text("SELECT pg_notify(:channel, '')")
 SCHEMA_LOCK = 7270712
 """The advisory lock key of schema upgrades ('prorch')."""
 
@@ -31,6 +33,7 @@ class PostgreSQLBackend(SQLBackend):
     run in autocommit: one round trip each instead of three (BEGIN, the read, COMMIT)."""
 
     reads_in_transaction = False
+    _channel: str | None = None
 
     def _create_engine(self, url: URL, options: dict[str, Any]) -> Engine:
         backend, plus, driver = url.drivername.partition("+")
@@ -39,6 +42,37 @@ class PostgreSQLBackend(SQLBackend):
         if url.drivername in ("postgresql", "postgres"):
             url = url.set(drivername="postgresql+psycopg")
         return super()._create_engine(url, options)
+
+    # --- waking idle workers (repositories.postgresql_wakeups) -------------------------------
+
+    notifications = 0
+    """NOTIFYs received by this process's waiting threads (tests and metrics read it)."""
+
+    @functools.cached_property
+    def _listeners(self) -> Listeners:
+        return Listeners()
+
+    def work_arrived(self) -> None:
+        """One NOTIFY per transaction, in it: delivered on commit only, and not at all on a
+        rollback."""
+        connection = self.current_connection()
+        if connection is None or getattr(self._local, "notified", False):
+            return
+        self._local.notified = True
+        with self._errors():
+            if self._channel is None:
+                self._channel = channel_name(connection.execute(text("SELECT current_schema()")).scalar())
+            connection.execute(NOTIFY, {"channel": self._channel})
+
+    def work_stored(self) -> None:
+        """Nothing more: this process's waiting threads get the NOTIFY too."""
+
+    def wait_for_work(self, timeout: float) -> bool:
+        return self._listeners.of_this_thread(self.engine, self).wait(timeout)
+
+    def dispose(self) -> None:
+        self._listeners.close()
+        super().dispose()
 
     def server_time(self) -> datetime | None:
         """PostgreSQL's clock, which all workers follow (see ``SupportsServerClock``)."""

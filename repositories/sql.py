@@ -18,7 +18,7 @@ import threading
 from datetime import datetime
 from typing import Any, ClassVar
 
-from sqlalchemy import Integer, bindparam, delete, func, insert, select, tuple_, update
+from sqlalchemy import Integer, bindparam, delete, func, insert, or_, select, tuple_, update
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, DatabaseError
 
@@ -26,9 +26,11 @@ from prorch.model.due import Runnable
 from prorch.model.exceptions import ConfigurationError
 from prorch.model.records import JSONDict, Metadata, format_timestamp, to_utc
 from prorch.model.secrets import redact_url
+from prorch.model.status import Status
 from prorch.storage.commits import call
 from prorch.storage.composed import MODELS
 from prorch.storage.repository import IRepository, PipelineQuery, PipelineStats, VersionGroup
+from prorch.storage.wakeups import Bell, bell_for
 from repositories import sql_listing, sql_workers
 from repositories.migrate import MIGRATIONS, upgrade
 from repositories.schema import TABLES, schedule_ticks
@@ -94,6 +96,22 @@ class SQLBackend(SQLConnections):
 
     def dispose(self) -> None:
         self.engine.dispose()
+
+    # --- waiting (prorch.storage.wakeups) --------------------------------------------------
+
+    def wake_bell(self) -> Bell:
+        """One bell per database URL in this process."""
+        return bell_for(f"sql:{self.url}")
+
+    def next_due_at(self, now: datetime) -> datetime | None:
+        """By the due index: the first ``next_run_at`` after ``now`` of a pending pipeline no
+        live lease holds (a held one's holder wakes for it)."""
+        c = TABLES[Metadata.PIPELINES_MODEL].c
+        unleased = or_(c.lease_expires_at.is_(None), c.lease_expires_at <= now)
+        query = select(func.min(c.next_run_at)).where(c.status == Status.PENDING.value, c.next_run_at > now, unleased)
+        with self._errors(), self.connect(write=False) as connection:
+            found: datetime | None = connection.execute(query).scalar()
+        return to_utc(found) if found is not None else None
 
     def server_time(self) -> datetime | None:
         """The database server's clock, where workers on several machines share it (see

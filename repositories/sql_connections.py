@@ -115,6 +115,7 @@ class SQLConnections(RepositoryBackend):
             return
         with self._errors(), self._writer(True), self._checkout(write=True) as connection:
             self._local.connection = connection
+            self._local.notified = False  # work_arrived: once per transaction
             try:
                 handle = self._begin(connection)
                 try:

@@ -9,9 +9,11 @@ transition take the fast path on the driver's connection (``repositories.sqlite_
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import sqlite3
 import threading
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, cast
 
@@ -20,8 +22,9 @@ from sqlalchemy.engine import URL
 from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError
 
 from prorch.model.exceptions import ConfigurationError, CorruptStoreError, RepositoryError
-from prorch.model.records import JSONDict
+from prorch.model.records import JSONDict, Metadata
 from prorch.model.secrets import error_summary, redact_url
+from prorch.storage.wakeups import Bell, bell_for
 from repositories.sql import SEARCH_CHUNK, SQLBackend, SQLRepository
 from repositories.sqlite_fastpath import SQLiteFastPath, db_json
 
@@ -82,6 +85,36 @@ class SQLiteBackend(SQLBackend):
         engine = super()._create_engine(url, options)
         _configure(engine, synchronous, checkpoint)
         return engine
+
+    # --- waiting (prorch.storage.wakeups) --------------------------------------------------
+
+    @functools.cached_property
+    def file(self) -> Path | None:
+        """The database file, or None (``:memory:``: no other process can write to it)."""
+        database = self.engine.url.database
+        return Path(database).expanduser().resolve() if database and database != ":memory:" else None
+
+    def wake_bell(self) -> Bell:
+        """One bell per file in this process, whatever URL named it."""
+        return bell_for(f"sqlite:{self.file}") if self.file is not None else super().wake_bell()
+
+    def work_elsewhere(self) -> bool:
+        """Another process committed (``PRAGMA data_version``, on this thread's own connection,
+        changed: no table read) and a pipeline is due now (one row of the due index)."""
+        if self.file is None:
+            return False
+        try:
+            look: sqlite3.Connection | None = getattr(self._local, "looks", None)
+            if look is None:
+                look = self._local.looks = sqlite3.connect(self.file, timeout=BUSY_TIMEOUT_SECONDS)
+            (version,) = look.execute("PRAGMA data_version").fetchone()
+            if version == getattr(self._local, "data_version", None):
+                return False
+            self._local.data_version = version
+            due = self(Metadata.PIPELINES_MODEL).search_due(datetime.now(timezone.utc), 1)
+        except Exception:  # the file is busy or gone: let the pass look, and say what it finds
+            return True
+        return bool(due)
 
     def _unusable(self, exc: BaseException) -> RepositoryError:
         return CorruptStoreError(

@@ -18,7 +18,7 @@ import os
 import tempfile
 import threading
 from collections.abc import Iterator
-from datetime import datetime
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +42,7 @@ from prorch.model.records import JSONDict, Metadata, format_timestamp, to_utc
 from prorch.model.status import Status
 from prorch.storage.composed import RepositoryBackend
 from prorch.storage.repository import ClaimsByRequest, IRepository
+from prorch.storage.wakeups import Bell, bell_for
 
 STATUSES = tuple(status.value for status in Status)
 STATUS_MODELS = (Metadata.PIPELINES_MODEL, Metadata.STEP_MODEL)
@@ -153,6 +154,7 @@ class TinyDBBackend(RepositoryBackend):
         self._thread_lock = threading.RLock()
         self._file_lock = FileLock(str(self.path) + ".lock")
         self._depth = 0
+        self._looks = threading.local()  # what each waiting thread saw of the file
         with self.locked():
             if self.storage.read() is None:  # a new store: create the file, atomically
                 self.storage.write({})
@@ -222,6 +224,24 @@ class TinyDBBackend(RepositoryBackend):
         data = self.storage.read() or {}
         data[WORKERS_TABLE] = {"1": {"workers": rows}}
         self.storage.write(data)
+
+    # --- waiting (prorch.storage.wakeups) --------------------------------------------------
+
+    def wake_bell(self) -> Bell:
+        """One bell per file in this process."""
+        return bell_for(f"tinydb:{self.path}")
+
+    def work_elsewhere(self) -> bool:
+        """The file was replaced since this thread last looked (a ``stat``, no read) and a
+        pipeline is due now."""
+        stamp = self.storage._file_stamp()
+        if stamp == getattr(self._looks, "stamp", None):
+            return False
+        self._looks.stamp = stamp
+        try:
+            return bool(self(Metadata.PIPELINES_MODEL).search_due(datetime.now(timezone.utc), 1))
+        except Exception:  # unreadable now: let the pass look, and say what it finds
+            return True
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[None]:

@@ -48,7 +48,8 @@ def run(ctx: Context, /, as_json: bool, **flags: Any) -> None:
 
 
 @click.command()
-@click.option("--interval", type=float, help="Seconds between passes.")
+@click.option("--interval", type=float, help="Seconds an idle worker waits at most between passes.")
+@click.option("--wake-poll", type=float, help="Seconds between looks for other processes' work (SQLite, TinyDB).")
 @click.option("--metrics-port", type=int, help="Serve /metrics (Prometheus) and /healthz on this port.")
 @worker_options
 @click.pass_obj
@@ -72,7 +73,7 @@ def worker(ctx: Context, /, **flags: Any) -> None:
             endpoint.attach(orchestrator)
         click.echo(f"prorch worker {orchestrator.owner} on {redact_url(settings.repository)}", err=True)
         try:
-            orchestrator.run_forever(interval=settings.interval)
+            orchestrator.run_forever(interval=settings.interval, wake_poll=settings.wake_poll)
         except WorkerUnhealthyError as exc:
             click.echo(f"error: {exc}", err=True)
             sys.stdout.flush()

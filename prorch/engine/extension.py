@@ -112,10 +112,15 @@ class Extension:
     def on_lease_lost(self, pipeline_name: str) -> None:
         """A lease this worker held was lost (its renewal was refused)."""
 
+    def next_due(self, now: datetime) -> datetime | None:
+        """When this feature next has work for a pass (a schedule's next tick), or None: an
+        idle worker wakes then at the latest."""
+        return None
+
 
 HOOKS = (
     "start", "stop", "claim_limits", "around_pass", "on_pass_start", "around_hook", "on_hook_end",
-    "on_transition", "on_ended", "on_pass_end", "on_lease_lost",
+    "on_transition", "on_ended", "on_pass_end", "on_lease_lost", "next_due",
 )  # fmt: skip
 
 
@@ -183,6 +188,19 @@ class Extensions:
             except Exception:
                 logger.exception("extension %s: claim_limits failed; its limits are left out", _name(extension))
         return limits
+
+    def next_due(self, now: datetime) -> datetime | None:
+        """The earliest ``next_due`` of the extensions; one that fails is logged and left out."""
+        found: list[datetime] = []
+        for extension in self.by_hook["next_due"]:
+            try:
+                moment = extension.next_due(now)
+            except Exception:
+                logger.exception("extension %s: next_due failed; left out", _name(extension))
+                continue
+            if moment is not None:
+                found.append(moment)
+        return min(found, default=None)
 
     def pass_started(self, summary: PassReport) -> None:
         """``on_pass_start``: an extension's failure is an error of the pass (``extension:NAME``,

@@ -13,7 +13,7 @@ import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Protocol
 
 from prorch.engine.bounded_calls import HookCaller
@@ -94,6 +94,7 @@ class PassHost(Protocol):
     batch_size: int
     group_commit: int
     concurrency: int
+    claimed_at: datetime | None  # what the last claim read as now: the idle wait's timers start there
 
     def new_lease_token(self) -> str: ...
 
@@ -139,6 +140,7 @@ def claim(host: PassHost, limit: int) -> tuple[list[PipelineRecord], list[float]
     """Claim up to ``limit`` due pipelines; with how late each was (seconds). The caller holds
     their leases (``LeaseKeeper.hold``, with ``time.monotonic()`` read before this call)."""
     now = host.clock.now()
+    host.claimed_at = now
     lease_until = now + timedelta(seconds=host.lease_seconds)
     limits, classes = host.extensions.claim_limits(), runnable(host.registry)
     claimed = host.store.claim(ClaimRequest(now, host.new_lease_token(), lease_until, limit, limits, classes))

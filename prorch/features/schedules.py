@@ -139,3 +139,7 @@ class Schedules(Extension):
         created, failed = create_due(self.host.store, self.host.registry, self.host.clock)
         summary.scheduled += created
         summary.errors.update(failed)
+
+    def next_due(self, now: datetime) -> datetime | None:
+        """The next tick of any schedule: an idle worker wakes for it."""
+        return min((schedule.upcoming(now, 1)[0] for _, schedule in scheduled(self.host.registry)), default=None)

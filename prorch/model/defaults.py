@@ -84,7 +84,10 @@ MAX_ABANDONED_HOOKS: Rule[int | None] = Rule(None, ge=0)
 SHUTDOWN_GRACE: Rule[float] = Rule(30.0, ge=0, le=MAX_SECONDS, integer=False, unit="seconds")
 """How long a stopping worker waits for running hooks before it exits anyway."""
 INTERVAL: Rule[float] = Rule(5.0, gt=0, le=MAX_SECONDS, integer=False, unit="seconds")
-"""Seconds between a worker's passes."""
+"""Seconds an idle worker waits at most between passes: the safety net under its wake-ups."""
+WAKE_POLL: Rule[float] = Rule(0.2, ge=0.01, le=60, integer=False, unit="seconds")
+"""Seconds between an idle worker's cheap looks for work written by other processes (SQLite,
+TinyDB: a file's change counter, then one row of the due index) and for a stop."""
 PORT: Rule[int | None] = Rule(None, ge=1, le=65535)
 """A TCP port (``metrics_port``; None: none)."""
 DASHBOARD_PORT: Rule[int] = Rule(8181, ge=1, le=65535)
@@ -102,6 +105,7 @@ RULES: dict[str, Rule[Any]] = {
     "max_abandoned_hooks": MAX_ABANDONED_HOOKS,
     "shutdown_grace": SHUTDOWN_GRACE,
     "interval": INTERVAL,
+    "wake_poll": WAKE_POLL,
     "metrics_port": PORT,
     "dashboard_port": DASHBOARD_PORT,
 }

@@ -255,10 +255,19 @@ class Backend(Protocol):
 
     # --- waiting -------------------------------------------------------------------------------
 
-    def wait_for_work(self, timeout: float) -> None:
-        """Return when work may have arrived or after ``timeout`` seconds. The hook for a store
-        that can be told (PostgreSQL's LISTEN/NOTIFY, for a later worker); the shipped backends
-        just sleep for the timeout (``composed.RepositoryBackend``)."""
+    def wait_for_work(self, timeout: float) -> bool:
+        """Return as soon as work may have arrived (True), or after ``timeout`` seconds (False,
+        unless work turned up in the last check). A spurious True costs one empty pass; a
+        missed wake-up costs at most the caller's poll interval, which stays the safety net.
+        PostgreSQL listens for a NOTIFY; SQLite and TinyDB wake at once on a write of this
+        process and check for other processes' writes once per call; memory wakes on its
+        writes; a user's repository sleeps (``prorch.storage.wakeups``)."""
+        ...
+
+    def next_due_at(self, now: datetime) -> datetime | None:
+        """The earliest ``next_run_at`` after ``now`` of a pending pipeline that no live lease
+        holds (a timer: a ``wait``, a retry's backoff), or None: an idle worker waits until
+        then at most."""
         ...
 
     # --- workers -------------------------------------------------------------------------------

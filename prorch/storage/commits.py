@@ -17,6 +17,7 @@ from prorch.model.records import JSONDict, MessageRecord, PipelineRecord, Record
 from prorch.model.secrets import error_summary
 from prorch.storage.backend import Change, Outcome, Write
 from prorch.storage.repository import TransitionRows
+from prorch.storage.wakeups import makes_work
 
 T = TypeVar("T")
 SAVE_CHUNK = 1000
@@ -49,11 +50,23 @@ class Committer:
         """Commit the writes by the backend's own strategy, or None to go record by record."""
         return None
 
+    def work_arrived(self) -> None:
+        """Called inside the transaction of writes that make a pipeline due (``makes_work``):
+        where a store tells other processes in the transaction itself (PostgreSQL's NOTIFY)."""
+
+    def work_stored(self) -> None:
+        """Called once those writes are stored: wake this process's idle workers."""
+
     # --- the contract --------------------------------------------------------------------------
 
     def insert(self, records: Sequence[Record]) -> None:
+        work = makes_work(records)
         with self.transaction():
             self.save(records)
+            if work:
+                self.work_arrived()
+        if work:
+            self.work_stored()
 
     def commit(self, writes: Sequence[Write]) -> list[Outcome]:
         """Several writes in one transaction (group commit), each all-or-nothing. Each write's
@@ -66,6 +79,7 @@ class Committer:
         if not self.has_transactions or len(writes) == 1:
             return [self._try_alone(write) for write in writes]
         outcomes: list[Outcome] = []
+        work = makes_work(change.record for write in writes for change in write.changes)
         try:
             with self.transaction():
                 for write in writes:
@@ -75,14 +89,23 @@ class Committer:
                         outcomes.append(refused.error)
                     else:
                         outcomes.append(None)
+                if work:
+                    self.work_arrived()
         except Exception:  # nothing of the group was stored
             return [self._try_alone(write) for write in writes]
+        if work:
+            self.work_stored()
         return outcomes
 
     def commit_alone(self, write: Write) -> None:
         """One write in its own transaction; raises what kept it out."""
+        work = makes_work(change.record for change in write.changes)
         with self.transaction():
             self._write_unit(write)
+            if work:
+                self.work_arrived()
+        if work:
+            self.work_stored()
 
     def _try_alone(self, write: Write) -> Outcome:
         try:
@@ -197,9 +220,15 @@ def _statements(
 ) -> list[Outcome]:
     """A refused pipeline wrote nothing (each statement is conditioned on its compare-and-set);
     anything else rolls the whole call back."""
+    work = makes_work(change.record for write in writes for change in write.changes)
     with committer.transaction():
         units = [transition_rows(write, committer.partial_update) for write in writes]
         written = call("write transitions", write_transitions, units)
+        work = work and any(written)
+        if work:
+            committer.work_arrived()
+    if work:
+        committer.work_stored()
     return [None if stored else conflict_of(write) for write, stored in zip(writes, written, strict=True)]
 
 

@@ -8,7 +8,6 @@ overrides."""
 from __future__ import annotations
 
 import contextlib
-import time
 from collections.abc import Sequence
 from datetime import datetime
 from typing import Any, Protocol
@@ -19,6 +18,7 @@ from prorch.model.status import Status
 from prorch.storage import listing
 from prorch.storage.commits import Committer, call, chunks, conflict
 from prorch.storage.repository import PipelineQuery, PipelineStats, VersionGroup
+from prorch.storage.wakeups import Bell
 
 MODELS = (PipelineRecord.MODEL, StepRecord.MODEL, EventRecord.MODEL, MessageRecord.MODEL)
 
@@ -179,6 +179,40 @@ class RepositoryBackend(Committer):
     def session(self) -> contextlib.AbstractContextManager[None]:
         return contextlib.nullcontext()
 
-    def wait_for_work(self, timeout: float) -> None:
-        """No store here can be told of new work: sleep for the timeout."""
-        time.sleep(max(0.0, timeout))
+    # --- waiting (prorch.storage.wakeups) -------------------------------------------------------
+
+    def wake_bell(self) -> Bell:
+        """The bell this store's writers of this process ring (one per backend object here; a
+        store on a file shares one per file)."""
+        found: Bell | None = self.__dict__.get("_bell")
+        if found is None:
+            found = self.__dict__.setdefault("_bell", Bell())
+        return found
+
+    def work_stored(self) -> None:
+        self.wake_bell().ring()
+
+    def wait_for_work(self, timeout: float) -> bool:
+        """This process's writes ring the bell; then one look for other processes' writes."""
+        return self.wake_bell().wait(timeout) or self.work_elsewhere()
+
+    def work_elsewhere(self) -> bool:
+        """Whether another process may have made work since the last look (a cheap check,
+        once per ``wait_for_work``); False where no other process can write (memory)."""
+        return False
+
+    def next_due_at(self, now: datetime) -> datetime | None:
+        """In Python, over the pending pipelines no live lease holds: a store without indexes."""
+        later = []
+        for row in self.search(PipelineRecord.MODEL, "status", Status.PENDING.value):
+            moment, lease = _moment(row.get("next_run_at")), _moment(row.get("lease_expires_at"))
+            if moment is not None and moment > now and (lease is None or lease <= now):
+                later.append(moment)
+        return min(later, default=None)
+
+
+def _moment(value: object) -> datetime | None:
+    """A stored timestamp (ISO text or datetime) as an aware datetime."""
+    if isinstance(value, str):
+        return to_utc(datetime.fromisoformat(value))
+    return to_utc(value) if isinstance(value, datetime) else None

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import logging
+import time
 import uuid as uuid_module
 from collections.abc import Callable, Sequence
 from datetime import datetime
@@ -255,6 +256,12 @@ class SeedAdapter(RepositoryBackend):
 
     def one_statement(self, writes: Sequence[Write]) -> list[Outcome] | None:
         return by_statements(self, writes, self.statements.write_transitions) if self.statements else None
+
+    def wait_for_work(self, timeout: float) -> bool:
+        """A user's repository cannot be told of new work (nor is this adapter shared by its
+        writers): sleep, and let the worker's next pass look."""
+        time.sleep(max(0.0, timeout))
+        return False
 
     def write_record(self, record: PipelineRecord | StepRecord, expected: int, data: JSONDict) -> None:
         if self.compare_and_set is None:

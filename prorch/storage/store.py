@@ -284,6 +284,17 @@ class Store:
         values = [status.value for status in statuses]
         return call("delete pipelines", self.engine.delete_pipelines, uuids, values, before)
 
+    # --- waiting (prorch.storage.wakeups) --------------------------------------------------------
+
+    def wait_for_work(self, timeout: float) -> bool:
+        """Return as soon as work may have arrived (True) or after ``timeout`` seconds (see
+        ``Backend.wait_for_work``)."""
+        return bool(self.engine.wait_for_work(timeout))
+
+    def next_due_at(self, now: datetime) -> datetime | None:
+        """The earliest ``next_run_at`` after ``now`` of a pending pipeline, or None."""
+        return call("find the next due time", self.engine.next_due_at, now)
+
     # --- workers -------------------------------------------------------------------------------
 
     def upsert_worker(self, row: WorkerRow) -> None:

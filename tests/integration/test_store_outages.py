@@ -89,8 +89,12 @@ def test_killed_connections_leave_the_next_writes_clean(
     assert "InvalidRequestError" not in log and "already initialized" not in log, log[-3000:]
     assert "advance failed" not in log and "Traceback" not in log, log[-3000:]
     # what the killed connections cost is said as what it is: a store error (of a pipeline, a
-    # pass, the lease keeper or the heartbeat), whichever of the worker's connections was hit
-    reports = ("store error", "store unreachable", "could not renew the lease", "heartbeat not stored")
+    # pass, the lease keeper, the heartbeat or the idle wait's LISTEN), whichever of the
+    # worker's connections was hit
+    reports = (
+        "store error", "store unreachable", "could not renew the lease", "heartbeat not stored",
+        "lost the connection that listens for new work",
+    )  # fmt: skip
     hit = [line for line in log.splitlines() if "terminating connection" in line]
     assert all(any(report in line for report in reports) for line in hit), hit
     assert "UnstorableResultError" not in log, log[-3000:]  # and is not charged to a step as a failed attempt

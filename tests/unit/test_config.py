@@ -147,8 +147,9 @@ def test_the_settings_and_the_orchestrator_agree_on_defaults_and_bounds() -> Non
         assert keywords[name].default == SettingsFields.model_fields[name].default, name
         for value in (-1, 0, 0.5, 1, 2, 65535, 65536, None):
             assert orchestrator_accepts(name, value) == settings_accept(name, value), (name, value)
-    interval = inspect.signature(Orchestrator.run_forever).parameters["interval"].default
-    assert interval == SettingsFields.model_fields["interval"].default
+    for name in ("interval", "wake_poll"):
+        default = inspect.signature(Orchestrator.run_forever).parameters[name].default
+        assert default == SettingsFields.model_fields[name].default, name
 
 
 def test_the_documented_defaults_are_the_defaults() -> None:

@@ -150,8 +150,10 @@ def test_a_hook_nobody_implements_has_an_empty_list_and_the_built_ins_are_there(
     assert [type(e) for e in hooks["claim_limits"]] == [Limits]
     assert [type(e) for e in hooks["on_ended"]] == [Children]
     assert [e.name for e in hooks["on_transition"]] == ["reactions"]
+    assert [type(e) for e in hooks["next_due"]] == [Schedules]
     extensions = Extensions([Recorder()])
-    assert [hook for hook, found in extensions.by_hook.items() if not found] == ["on_lease_lost"]  # not overridden
+    not_overridden = [hook for hook, found in extensions.by_hook.items() if not found]
+    assert not_overridden == ["on_lease_lost", "next_due"]
 
 
 def test_extension_is_public_and_an_extension_is_attached_once(registry: Registry) -> None:
