@@ -2,11 +2,17 @@
 
     python tests/benchmarks/run.py            # everything, medians of 3 runs (about 15 minutes)
     python tests/benchmarks/run.py --quick    # one run each, smaller N: a smoke test of the harness
+    python tests/benchmarks/run.py --only compare floor --output /tmp/bench.json  # results and page in /tmp
 
 Each measurement is a fresh process on a fresh store. The peers run in their own virtual
-environments, made here on first use: the original prorch 1.0.1 with the TinyDB repository of
-its README, and DBOS with a SQLite system database. PostgreSQL is started on 127.0.0.1 as the
-test suite does. Run it by hand on a quiet machine; the test suite never asserts timings.
+environments under $PRORCH_BENCH_VENVS (default ~/.cache/prorch-benchmarks), made on first use
+with ``python -m venv`` and ``pip install`` from PyPI: the original prorch 1.0.1 with the
+TinyDB repository of its README (``prorch==1.0.1 tinydb``), and DBOS (``dbos==3.4.0``). An
+existing venv there is used as it is. PostgreSQL is started on 127.0.0.1 as the test suite
+does, durable (``fsync=on``, ``synchronous_commit=on``). ``compare`` runs prorch and DBOS in
+interleaved rounds (every configuration once per round, ``--rounds`` rounds) and reports
+medians: on a shared machine, noise then hits every configuration alike. Run it by hand; the
+test suite never asserts timings.
 """
 
 from __future__ import annotations
@@ -88,28 +94,38 @@ def fresh_pg_url(server: Any) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="one run each, small N")
-    parser.add_argument("--output", default=str(ROOT / "docs" / "benchmarks.md"))
+    parser.add_argument(
+        "--output",
+        default=str(ROOT / "docs" / "benchmarks.md"),
+        help="the page to write; a .json path gets the results, the page beside it (.md), and "
+        "tests/benchmarks/last_results.json is left as it is",
+    )
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds of `compare`")
     parser.add_argument("--render-only", action="store_true", help="rewrite the page from last_results.json")
     parser.add_argument(
         "--only",
         nargs="+",
         metavar="WORKLOAD",
-        help="run only these (w1 floor w2 w3 w4 w5 dashboard purge children observed peers), keeping the others",
+        help="run only these (w1 floor compare w2 w3 w4 w5 dashboard purge children observed peers), "
+        "keeping the others",
     )
     options = parser.parse_args()
+    page, saved = Path(options.output), HERE / "last_results.json"
+    if page.suffix == ".json":
+        page, saved = page.with_suffix(".md"), page
     runs = 1 if options.quick else 3
     sizes = [200] if options.quick else [1000]
     large = 2000 if options.quick else 100_000  # W1 SQLite at scale, one run
     waiting = 5000 if options.quick else 1_000_000
     if options.render_only:
-        results = json.loads((HERE / "last_results.json").read_text())
-        Path(options.output).write_text(render(results, runs, sizes, waiting, large))
+        results = json.loads(saved.read_text())
+        page.write_text(render(results, runs, sizes, waiting, large))
         return
     from tests.support.postgres import remove, start_server
 
     server = start_server(durable=True)  # every PostgreSQL figure is a durable commit: fsync and synchronous_commit on
     results: dict[str, Any] = {}
-    everything = ["w1", "floor", "w2", "w3", "w4", "w5", "dashboard", "purge", "children", "observed", "peers"]
+    everything = ["w1", "floor", "compare", "w2", "w3", "w4", "w5", "dashboard", "purge", "children", "observed", "peers"]
     chosen = set(options.only or everything)
     if options.only:
         results = json.loads((HERE / "last_results.json").read_text())
@@ -130,7 +146,7 @@ def main() -> None:
                         "sqlite": f"sqlite:///{folder}/w1.db",
                         "sqlite-batch": f"sqlite:///{folder}/w1.db",
                         "sqlite-group1": f"sqlite:///{folder}/w1.db",
-                        "sqlite-full": f"sqlite:///{folder}/w1.db?synchronous=full",
+                        "sqlite-normal": f"sqlite:///{folder}/w1.db?synchronous=normal",
                         "tinydb": f"tinydb:///{folder}/w1.json",
                     }.get(backend) or fresh_pg_url(server)
                     name = "w1_batch" if backend in ("sqlite-batch", "postgresql-batch") else "w1"
@@ -145,8 +161,11 @@ def main() -> None:
                 1, lambda f: run_json(workload("w1_batch", f"sqlite:///{f}/w1.db", str(large)), cwd=f, timeout=1800)
             )
 
+        if "compare" in chosen:
+            compare(results, server, sizes[0], 1 if options.quick else options.rounds)
+
         if "floor" in chosen:
-            # the same writes replayed with the raw driver, no engine: what the store itself costs
+            # the engine's own recorded statements replayed with the raw driver: what the store costs
             for store in ("sqlite", "postgresql"):
                 for group in (1, 100):
                     print(f"floor {store} group={group}", flush=True)
@@ -252,24 +271,54 @@ def main() -> None:
                         [seed, str(HERE / "peers" / "seed_w1.py"), str(n)], cwd=f, timeout=SEED_TIMEOUT, peer=True
                     ),
                 )
-            dbos = venv_python("dbos")
-            for store in ("sqlite", "postgresql"):
-                for mode in ("inline", "start"):
-                    print(f"peer DBOS {store} {mode} N={sizes[0]}", flush=True)
-                    results[f"dbos/{mode}" if store == "sqlite" else f"dbos-pg/{mode}"] = measure(
-                        runs,
-                        lambda f, m=mode, store=store: run_json(
-                            [dbos, str(HERE / "peers" / "dbos_w1.py"), str(sizes[0]), m]
-                            + ([fresh_pg_url(server)] if store == "postgresql" else []),
-                            cwd=f,
-                            peer=True,
-                        ),
-                    )
     finally:
         remove(server)
-    Path(options.output).write_text(render(results, runs, sizes, waiting, large))
-    (HERE / "last_results.json").write_text(json.dumps(results, indent=1))
-    print(f"wrote {options.output}")
+    saved.write_text(json.dumps(results, indent=1))  # first: a page that fails to render loses nothing
+    page.write_text(render(results, runs, sizes, waiting, large))
+    print(f"wrote {page} and {saved}")
+
+
+COMPARED = {
+    # key: (system, store, how it creates, durability)
+    "prorch/sqlite/create": ("prorch", "sqlite", "`create()` per pipeline", "WAL, synchronous=FULL (default)"),
+    "prorch/sqlite/create_many": ("prorch", "sqlite", "one `create_many`", "WAL, synchronous=FULL (default)"),
+    "dbos/sqlite-wal-full/start": ("DBOS 3.4", "sqlite", "`start_workflow`", "WAL, synchronous=FULL (listener)"),
+    "dbos/sqlite-wal-full/inline": ("DBOS 3.4", "sqlite", "workflows called in a row", "WAL, synchronous=FULL (listener)"),
+    "dbos/sqlite-defaults/start": ("DBOS 3.4", "sqlite", "`start_workflow`", "DBOS defaults: rollback journal, FULL"),
+    "dbos/sqlite-defaults/inline": (
+        "DBOS 3.4",
+        "sqlite",
+        "workflows called in a row",
+        "DBOS defaults: rollback journal, FULL",
+    ),
+    "prorch/postgresql/create": ("prorch", "postgresql", "`create()` per pipeline", "fsync=on, synchronous_commit=on"),
+    "prorch/postgresql/create_many": ("prorch", "postgresql", "one `create_many`", "fsync=on, synchronous_commit=on"),
+    "dbos/postgresql/start": ("DBOS 3.4", "postgresql", "`start_workflow`", "fsync=on, synchronous_commit=on"),
+    "dbos/postgresql/inline": ("DBOS 3.4", "postgresql", "workflows called in a row", "fsync=on, synchronous_commit=on"),
+}
+"""W1 end to end, prorch against DBOS, each in its modes, on the same durability settings."""
+
+
+def compare(results: dict[str, Any], server: Any, n: int, rounds: int) -> None:
+    """Every configuration of ``COMPARED`` once per round, ``rounds`` rounds: interleaved, so
+    the shared machine's noise falls on all of them alike; each run a fresh process and store."""
+    dbos = venv_python("dbos")
+    for key in COMPARED:
+        results[f"compare/{key}"] = []
+    for number in range(rounds):
+        for key in COMPARED:
+            system, store, mode = key.split("/")
+            print(f"compare round {number + 1}/{rounds}: {key}", flush=True)
+            with tempfile.TemporaryDirectory(prefix="prorch-bench-") as name:
+                folder = Path(name)
+                url = f"sqlite:///{folder}/w1.db" if store.startswith("sqlite") else fresh_pg_url(server)
+                if system == "prorch":
+                    command = workload("w1" if mode == "create" else "w1_batch", url, str(n))
+                else:
+                    how, durability = mode, store.partition("-")[2] or "defaults"
+                    peer_url = [] if store.startswith("sqlite") else [url]
+                    command = [dbos, str(HERE / "peers" / "dbos_w1.py"), str(n), how, durability, *peer_url]
+                results[f"compare/{key}"].append(run_json(command, cwd=folder, peer=system == "dbos"))
 
 
 W1_BACKENDS = (
@@ -277,7 +326,7 @@ W1_BACKENDS = (
     "sqlite",
     "sqlite-batch",
     "sqlite-group1",
-    "sqlite-full",
+    "sqlite-normal",
     "tinydb",
     "postgresql",
     "postgresql-batch",
