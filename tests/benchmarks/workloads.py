@@ -31,11 +31,11 @@ from typing import Any
 
 from prorch import OnContinueMixin, OnStartMixin, Orchestrator, Pipeline, Status, Step, register_pipeline, register_step
 from prorch.model.records import Record
-from tests.benchmarks import replay
 from prorch.storage.creation import build_records
 from prorch.storage.store import Store
 from repositories import from_url
 from repositories.sql import SQLBackend
+from tests.benchmarks import replay
 
 SLEEP = {"seconds": 0.0}
 
