@@ -2,7 +2,7 @@
 
     python tests/benchmarks/workloads.py w1 URL N [GROUP]  # N pipelines of 3 quick steps, created then run
     python tests/benchmarks/workloads.py w1_batch URL N [GROUP]  # the same, created by one create_many
-    python tests/benchmarks/workloads.py floor URL N GROUP  # W1's writes replayed with the raw driver
+    python tests/benchmarks/workloads.py floor URL N GROUP  # W1's recorded statements replayed, raw driver
     python tests/benchmarks/workloads.py w2_setup URL WAITING  # WAITING idle + 10 due pipelines
     python tests/benchmarks/workloads.py w2_pass URL           # one pass of a fresh worker over them
     python tests/benchmarks/workloads.py w3 SQLITE_PATH N  # engine time per transition, SQLite time excluded
@@ -27,23 +27,18 @@ import sqlite3
 import sys
 import threading
 import time
-import uuid
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
-
-import msgspec
 
 from prorch import OnContinueMixin, OnStartMixin, Orchestrator, Pipeline, Status, Step, register_pipeline, register_step
 from prorch.model.records import Record
 from prorch.storage.creation import build_records
 from prorch.storage.store import Store
 from repositories import from_url
-from repositories.schema import TABLES
 from repositories.sql import SQLBackend
-from repositories.sqlite import WAL_AUTOCHECKPOINT_PAGES
-from repositories.sqlite_fastpath import SQLiteFastPath
+from tests.benchmarks import replay
 
 SLEEP = {"seconds": 0.0}
 
@@ -130,18 +125,20 @@ def w1_observed(url: str, n: int, state: str) -> dict[str, Any]:
 
 def w1(url: str, n: int, group: int = 100) -> dict[str, Any]:
     backend = from_url(url)
-    started = time.perf_counter()
+    cpu, started = time.process_time(), time.perf_counter()
     for _ in range(n):
         Three.create(backend)
     created = time.perf_counter()
     transitions = run_to_end(Orchestrator(backend, concurrency=1, group_commit=group))
-    done = time.perf_counter()
+    done, cpu = time.perf_counter(), time.process_time() - cpu
     finished = len(Orchestrator(backend).list_pipelines(status="finished"))
     assert finished == n, f"only {finished} of {n} finished"
     return {
         "create_per_s": n / (created - started),
         "transitions": transitions,
         "transitions_per_s": transitions / (done - created),
+        "e2e_per_s": transitions / (done - started),  # the creates counted, as DBOS's are
+        "e2e_cpu_us": cpu / transitions * 1e6,
         "rss_mb": rss_mb(),
     }
 
@@ -231,15 +228,17 @@ def head_of_line(url: str, quick: int = 1000, slow_seconds: float = 60.0, concur
 def w1_batch(url: str, n: int, group: int = 100) -> dict[str, Any]:
     """W1 with the pipelines created by one ``create_many`` instead of one ``create`` each."""
     backend = from_url(url)
-    started = time.perf_counter()
+    cpu, started = time.process_time(), time.perf_counter()
     Three.create_many(backend, [{}] * n)
     created = time.perf_counter()
     transitions = run_to_end(Orchestrator(backend, concurrency=1, group_commit=group))
-    done = time.perf_counter()
+    done, cpu = time.perf_counter(), time.process_time() - cpu
     return {
         "create_per_s": n / (created - started),
         "transitions": transitions,
         "transitions_per_s": transitions / (done - created),
+        "e2e_per_s": transitions / (done - started),
+        "e2e_cpu_us": cpu / transitions * 1e6,
         "rss_mb": rss_mb(),
     }
 
@@ -477,75 +476,68 @@ def w5(url: str, n: int, concurrency: int, kind: str) -> dict[str, Any]:
 
 
 def floor(url: str, n: int, group: int) -> dict[str, Any]:
-    """The floor under W1: its writes replayed with the raw driver (sqlite3 or psycopg) on
-    prorch's own schema and statements, ``group`` writes per commit, with no engine at all. Per
-    pipeline: the hook mark (the pipeline row), then per step the step row, two events and the
-    pipeline row; rows written whole, by compare-and-set, as prorch writes them. Parameters are
-    built before the clock starts."""
-    backend = from_url(url)
-    Three.create_many(backend, [{}] * n)
-    store = Store(backend)
-    pipelines = store.pipelines_with_status(Status.PENDING)
-    fast = {model: SQLiteFastPath(TABLES[model]) for model in ("PIPELINE", "STEP", "EVENT")}
+    """The floor under W1: the engine's own statement stream of W1's run phase (N pipelines
+    made by ``create_many``, ``group`` transitions per commit), recorded at the driver and
+    replayed with the raw driver on a copy of the store taken before the run, with the same
+    settings (``tests/benchmarks/replay.py``). Both timed in this process, one after the other."""
     sqlite = url.startswith("sqlite")
-
-    def text(sql: str) -> str:
-        return sql if sqlite else sql.replace("?", "%s")
-
-    def values(model: str, record: Record) -> list[Any]:
-        row = fast[model].row(record.to_dict(), with_uuid=model == "EVENT")
-        if sqlite:
-            return row
-        # PostgreSQL takes the same text for JSON and timestamps, and real booleans
-        kinds = [
-            k
-            for name, k in zip(fast[model].names, fast[model].kinds, strict=True)
-            if model == "EVENT" or name != "uuid"
-        ]
-        return [bool(v) if kind == "bool" and v is not None else v for v, kind in zip(row, kinds, strict=True)]
-
-    template = store.events_of(pipelines[0].uuid)[0]
-    cas = {model: text(fast[model].compare_and_set) for model in ("PIPELINE", "STEP")}
-
-    def compare_and_set(model: str, record: Any) -> tuple[str, list[Any]]:
-        record.revision += 1  # as Store._write: the new revision is written, the old one compared
-        return cas[model], [*values(model, record), record.uuid, record.revision - 1]
-
-    statements: list[list[tuple[str, list[Any]]]] = []  # one list per write
-    for pipeline in pipelines:
-        statements.append([compare_and_set("PIPELINE", pipeline)])
-        for step in store.steps_of(pipeline.uuid):
-            write = [compare_and_set("STEP", step)]
-            for _ in range(2):
-                event = msgspec.structs.replace(template, uuid=str(uuid.uuid4()), pipeline_uuid=pipeline.uuid)
-                write.append((text(fast["EVENT"].insert), values("EVENT", event)))
-            write.append(compare_and_set("PIPELINE", pipeline))
-            statements.append(write)
-    if hasattr(backend, "dispose"):
-        backend.dispose()
     if sqlite:
-        connection: Any = sqlite3.connect(url.removeprefix("sqlite:///"), isolation_level=None)
-        connection.execute(f"PRAGMA wal_autocheckpoint={WAL_AUTOCHECKPOINT_PAGES}")
-        cursor = connection.cursor()
+        backend: Any = SQLBackend(url, connect_args={"factory": replay.SQLiteConnection})
     else:
-        import psycopg
+        connection_class, cursor_class = replay.recording_psycopg()
+        backend = SQLBackend(url, creator=lambda: connection_class.connect(url, cursor_factory=cursor_class))
+    Three.create_many(backend, [{}] * n)
+    copy, pragmas = _copy_store(backend, url)
+    orchestrator = Orchestrator(backend, concurrency=1, group_commit=group)
+    orchestrator.list_pipelines(status="finished")  # the pool's connections made before the clock
+    replay.RECORDING[0] = True
+    cpu, started = time.process_time(), time.perf_counter()
+    transitions = run_to_end(orchestrator)
+    took, cpu = time.perf_counter() - started, time.process_time() - cpu
+    replay.RECORDING[0] = False
+    backend.dispose()
+    raw, raw_cpu = replay.replay_sqlite(copy, pragmas) if sqlite else replay.replay_postgresql(copy)
+    check = SQLBackend(f"sqlite:///{copy}" if sqlite else copy, migrate=False)
+    finished = len(Orchestrator(check).list_pipelines(status="finished"))
+    assert finished == n, f"the replay finished {finished} of {n} pipelines"
+    kinds = [event[1] for event in replay.STREAM]
+    return {
+        "transitions": transitions,
+        "statements": kinds.count("execute") + kinds.count("executemany"),
+        "commits": kinds.count("commit") + sum(1 for e in replay.STREAM if e[1] == "execute" and e[2] == "COMMIT"),
+        "pragmas": pragmas,
+        "engine_per_s": transitions / took,
+        "engine_us": took / transitions * 1e6,
+        "engine_cpu_us": cpu / transitions * 1e6,
+        "transitions_per_s": transitions / raw,
+        "us_per_transition": raw / transitions * 1e6,
+        "raw_cpu_us": raw_cpu / transitions * 1e6,
+    }
 
-        connection = psycopg.connect(url)
-        cursor = connection.cursor()
-    started = time.perf_counter()
-    for first in range(0, len(statements), group):
-        if sqlite:
-            cursor.execute("BEGIN IMMEDIATE")
-        for write in statements[first : first + group]:
-            for sql, parameters in write:
-                cursor.execute(sql, parameters)
-                assert cursor.rowcount == 1
-        if sqlite:
-            cursor.execute("COMMIT")
-        else:
-            connection.commit()
-    took = time.perf_counter() - started
-    return {"writes": len(statements), "transitions_per_s": 3 * n / took, "us_per_transition": took / (3 * n) * 1e6}
+
+def _copy_store(backend: Any, url: str) -> tuple[str, list[str]]:
+    """A copy of the store as it is now (the SQLite file, or a PostgreSQL database made from
+    it as a template), and the SQLite PRAGMAs the engine's connections run with."""
+    if url.startswith("sqlite"):
+        path = url.removeprefix("sqlite:///").split("?")[0]
+        with backend.engine.connect() as connection:
+            dbapi = connection.connection.driver_connection
+            dbapi.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            names = ("journal_mode", "synchronous", "wal_autocheckpoint", "journal_size_limit", "busy_timeout")
+            pragmas = [f"PRAGMA {name}={dbapi.execute(f'PRAGMA {name}').fetchone()[0]}" for name in names]
+            copy = sqlite3.connect(f"{path}.replay")
+            dbapi.backup(copy)
+            copy.close()
+        return f"{path}.replay", pragmas
+    from sqlalchemy import create_engine, text
+
+    backend.dispose()
+    base, name = url.rsplit("/", 1)
+    admin = create_engine(f"postgresql+psycopg://{base.split('://', 1)[1]}/postgres", isolation_level="AUTOCOMMIT")
+    with admin.connect() as connection:
+        connection.execute(text(f"CREATE DATABASE {name}_replay TEMPLATE {name}"))
+    admin.dispose()
+    return f"{base}/{name}_replay", []
 
 
 HOOKS: dict[str, list[float]] = {"fan_in": [], "drain": []}

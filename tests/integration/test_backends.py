@@ -168,6 +168,24 @@ def test_sqlite_checkpoints_every_so_many_wal_pages(tmp_path: Path, query: str, 
         assert dbapi.execute("PRAGMA journal_mode").fetchone() == ("wal",)
 
 
+@pytest.mark.parametrize(("query", "level"), [("", 2), ("?synchronous=normal", 1), ("?synchronous=FULL", 2)])
+def test_sqlite_is_durable_by_default(tmp_path: Path, query: str, level: int) -> None:
+    """WAL with synchronous=FULL (2) survives a power cut; NORMAL (1) is an opt-in."""
+    backend = from_url(f"sqlite:///{tmp_path / 'durable.db'}{query}")
+    with backend.engine.connect() as connection:  # type: ignore[attr-defined]
+        dbapi = connection.connection.driver_connection
+        assert dbapi.execute("PRAGMA synchronous").fetchone() == (level,)
+        assert dbapi.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+    backend.dispose()  # type: ignore[attr-defined]
+
+
+def test_sqlite_bad_synchronous_is_one_clear_error(tmp_path: Path) -> None:
+    path = tmp_path / "bad.db"
+    with pytest.raises(ConfigurationError, match=r"synchronous=often in .*: use one of off, normal, full, extra$"):
+        from_url(f"sqlite:///{path}?synchronous=often")
+    assert not path.exists()  # nothing stored
+
+
 def test_one_backend_per_url_per_process(tmp_path: Path) -> None:
     assert from_url("memory://") is from_url("memory://")
     assert from_url("memory://a") is not from_url("memory://b")
