@@ -49,10 +49,11 @@ def workers(workdir: Path) -> list[dict[str, Any]]:
     return found
 
 
-def worker(workdir: Path, processes: list[subprocess.Popen[str]], log: Path) -> subprocess.Popen[str]:
+def worker(workdir: Path, processes: list[subprocess.Popen[str]], log: Path, **env: str) -> subprocess.Popen[str]:
     process = subprocess.Popen(
         [PRORCH, "worker", "--interval", "0.2", "--lease-seconds", LEASE, "--concurrency", "2"],
-        cwd=workdir, env=child_env(FAULT_LOG=str(log)), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        cwd=workdir, env=child_env(FAULT_LOG=str(log), **env), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True,
     )  # fmt: skip
     processes.append(process)
     return process
@@ -80,7 +81,7 @@ def test_a_killed_workers_pipeline_is_shown_stranded_then_resumed_by_another(
     store: Path, processes: list[subprocess.Popen[str]]
 ) -> None:
     log = store / "log"
-    uuid = cli(store, "start", "Slow", "-p", "seconds=8").strip()
+    uuid = cli(store, "start", "Slow", "-p", "seconds=300").strip()  # runs until the kill, however slow the CLI
     doomed = worker(store, processes, log)
     wait_for(lambda: log.exists() and "start" in log.read_text(), 30, "the hook to start")
     # the row tells the hook at the worker's next beat (every few seconds), not at once
@@ -103,7 +104,7 @@ def test_a_killed_workers_pipeline_is_shown_stranded_then_resumed_by_another(
     assert f"stranded, resumes at {resumes:%H:%M}" in cli(store, "show", uuid)
     assert [w["id"] for w in workers(store)] == [row["id"]]  # the dead worker's row stays, stale
 
-    rescuer = worker(store, processes, log)
+    rescuer = worker(store, processes, log, FAULT_SLEEP_CAP="1")  # its run of the hook is short
     wait_for(lambda: json.loads(cli(store, "show", uuid, "--json"))["pipeline"]["status"] == "finished", 60,
              "another worker to resume and finish the stranded pipeline")  # fmt: skip
     starts = [line.split() for line in log.read_text().splitlines() if line.startswith("start")]

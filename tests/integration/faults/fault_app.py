@@ -19,13 +19,14 @@ def note(event: str, step: Step) -> None:
 
 @register_step
 class Sleep(OnStartMixin, Step):
-    """Sleeps ``params['seconds']``."""
+    """Sleeps ``params['seconds']`` (at most ``$FAULT_SLEEP_CAP`` seconds, for a worker that
+    resumes a long hook another worker started)."""
 
     name = "Sleep"
 
     def on_start(self) -> None:
         note("start", self)
-        time.sleep(float(self.params.get("seconds", 3)))
+        time.sleep(min(float(self.params.get("seconds", 3)), float(os.environ.get("FAULT_SLEEP_CAP", "inf"))))
         note("end", self)
 
 
