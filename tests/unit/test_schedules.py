@@ -357,7 +357,9 @@ def test_cron_ticks_and_keys_are_in_utc_whatever_the_machines_zone() -> None:
     assert nightly.key(tick) == "schedule:Nightly:2026-11-23T02:00:00+00:00"
 
 
-def test_fixed_params_that_params_accepts_are_accepted_and_refused_ones_say_how_to_fix() -> None:
+def test_fixed_params_that_params_accepts_are_accepted_and_refused_ones_say_how_to_fix(registry: Registry) -> None:
+    """In its own registry: its hourly Nightly in the default one made another test's pass create
+    a tick's pipeline (the audit log test, after 09:00 UTC)."""
     flow = pipeline_of(step_of("Tick", lambda self: None), name="Nightly", every=timedelta(hours=1), Params=Region,
                        schedule_params={"region": "eu"})  # fmt: skip
     assert flow.name == "Nightly"
