@@ -112,8 +112,7 @@ class Worker:
         self.summary = PassSummary()
         self.lags: list[float] = []
         self.period_started = time.perf_counter()
-        self.totals = PassSummary()  # since the last INFO line
-        self.logged_at = time.monotonic()
+        self.log = SummaryLog()
         self.keeper = LeaseKeeper(host.store, host.lease_seconds, host.clock, host.extensions.lease_lost)
 
     def run(self) -> None:
@@ -138,7 +137,7 @@ class Worker:
             finally:
                 slots.close()
                 passes.pass_ended(host, self.summary, self.lags, time.perf_counter() - self.period_started)
-                self._log(self.summary, force=True)
+                self.log.add(self.summary, force=True)
 
     @property
     def held(self) -> int:
@@ -154,7 +153,8 @@ class Worker:
             self._release_waiting()
         self._fill(slots)
         if slots.active:
-            self._ended(slots.step(self._busy_timeout(slots)))
+            for uuid, result in slots.step(self._busy_timeout(slots)):
+                self._done(self.pipelines.pop(uuid), result)
             self._look_for_work(slots)
         elif not host.stopped.is_set():
             self._idle_wait(self._timeout())
@@ -294,10 +294,6 @@ class Worker:
                 step = _resume(waiting.writing, stored)
             self._done(waiting.pipeline, step.value)
 
-    def _ended(self, ended: list[tuple[str, Result]]) -> None:
-        for uuid, result in ended:
-            self._done(self.pipelines.pop(uuid), result)
-
     def _done(self, pipeline: PipelineRecord, result: Result) -> None:
         """An advance ended: count it; a claim of the same pipeline that waited for this end
         takes its turn now."""
@@ -341,7 +337,7 @@ class Worker:
     def _period_end(self) -> None:
         host = self.host
         passes.pass_ended(host, self.summary, self.lags, time.perf_counter() - self.period_started)
-        self._log(self.summary)
+        self.log.add(self.summary)
         if self.summary.abandoned_hooks > host.max_abandoned_hooks:
             host.stopped.set()
             raise WorkerUnhealthyError(
@@ -349,9 +345,16 @@ class Worker:
                 f"{host.max_abandoned_hooks}); exiting so that the supervisor starts a fresh worker"
             )
 
-    def _log(self, period: PassSummary, *, force: bool = False) -> None:
-        """Add ``period`` to the counts, and log them once every ``LOG_EVERY`` seconds (and
-        when the worker stops) if there was work: a busy worker does not flood its log."""
+
+class SummaryLog:
+    """The worker's INFO lines: what it did, summed and logged once every ``LOG_EVERY``
+    seconds (and when it stops) if there was work, so that a busy worker does not flood its log."""
+
+    def __init__(self) -> None:
+        self.totals = PassSummary()
+        self.logged_at = time.monotonic()
+
+    def add(self, period: PassSummary, *, force: bool = False) -> None:
         totals = self.totals
         totals.claimed += period.claimed
         totals.finished += period.finished

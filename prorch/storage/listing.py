@@ -74,17 +74,18 @@ def matches(record: PipelineRecord, query: PipelineQuery) -> bool:
         return False
     if query.param is not None and not same_json(record.params.get(query.param[0], _MISSING), query.param[1]):
         return False
-    for moment, since, until in (
-        (record.created_at, query.created_since, query.created_until),
-        (record.updated_at, query.updated_since, query.updated_until),
-    ):
-        if (since is not None or until is not None) and moment is None:
-            return False
-        if since is not None and moment is not None and moment < since:
-            return False
-        if until is not None and moment is not None and moment >= until:
-            return False
-    return True
+    return within(record.created_at, query.created_since, query.created_until) and within(
+        record.updated_at, query.updated_since, query.updated_until
+    )
+
+
+def within(moment: datetime | None, since: datetime | None, until: datetime | None) -> bool:
+    """``since <= moment < until`` for the bounds given; a record without the time matches none."""
+    if since is None and until is None:
+        return True
+    if moment is None:
+        return False
+    return (since is None or moment >= since) and (until is None or moment < until)
 
 
 _MISSING = object()

@@ -17,7 +17,7 @@ import time
 import uuid as uuid_module
 from collections.abc import Callable, Sequence
 from datetime import datetime
-from typing import Any
+from typing import Any, Protocol
 
 from prorch.model.due import ClaimRequest, Runnable, claim_order, is_due, is_leased
 from prorch.model.exceptions import ConfigurationError
@@ -70,7 +70,46 @@ BACKEND_CAPABILITIES = (
 )  # fmt: skip
 
 
-class SeedAdapter(RepositoryBackend):
+class _Rows(Protocol):
+    """What the worker rows need of their adapter."""
+
+    def repository(self, model: str) -> IRepository: ...
+    def get(self, model: str, uuid: str) -> JSONDict | None: ...
+    def search(self, model: str, field: str, value: object) -> list[JSONDict]: ...
+
+
+class _WorkerRowsAsMessages:
+    """Worker rows kept as message records of ``WORKERS_UUID`` in a four-method repository,
+    which has no table of its own for them."""
+
+    def upsert_worker(self: _Rows, row: JSONDict) -> None:
+        """A worker row as a message record of ``WORKERS_UUID`` (read already, so never unread)."""
+        uuid = _worker_uuid(str(row["id"]))
+        at = datetime.fromisoformat(str(row["heartbeat_at"]))
+        record = MessageRecord(uuid=uuid, pipeline_uuid=WORKERS_UUID, name=str(row["id"]), payload=row,
+                               sent_at=at, consumed_at=at).to_dict()  # fmt: skip
+        messages = self.repository(MessageRecord.MODEL)
+        if self.get(MessageRecord.MODEL, uuid) is None:
+            messages.save(record)
+        else:
+            messages.update(uuid, record)
+
+    def delete_worker(self: _Rows, worker_id: str) -> None:
+        """Deleted where the repository can delete (``SupportsDelete``); else emptied, which
+        ``workers`` skips."""
+        uuid = _worker_uuid(worker_id)
+        messages = self.repository(MessageRecord.MODEL)
+        if isinstance(messages, SupportsDelete):
+            messages.delete_by("uuid", [uuid])
+        elif (found := self.get(MessageRecord.MODEL, uuid)) is not None:
+            messages.update(uuid, {**found, "payload": None})
+
+    def workers(self: _Rows) -> list[JSONDict]:
+        rows = self.search(MessageRecord.MODEL, "pipeline_uuid", WORKERS_UUID)
+        return [row["payload"] for row in rows if isinstance(row.get("payload"), dict)]
+
+
+class SeedAdapter(_WorkerRowsAsMessages, RepositoryBackend):
     """``Backend`` over a ``model -> IRepository`` factory."""
 
     def __init__(self, factory: RepositoryFactory) -> None:
@@ -314,32 +353,6 @@ class SeedAdapter(RepositoryBackend):
             return len(gone)
 
     # --- workers (the fallback: message records addressed to no pipeline, as schedule ticks) ---
-
-    def upsert_worker(self, row: JSONDict) -> None:
-        """A worker row as a message record of ``WORKERS_UUID`` (read already, so never unread)."""
-        uuid = _worker_uuid(str(row["id"]))
-        at = datetime.fromisoformat(str(row["heartbeat_at"]))
-        record = MessageRecord(uuid=uuid, pipeline_uuid=WORKERS_UUID, name=str(row["id"]), payload=row,
-                               sent_at=at, consumed_at=at).to_dict()  # fmt: skip
-        messages = self.repository(MessageRecord.MODEL)
-        if self.get(MessageRecord.MODEL, uuid) is None:
-            messages.save(record)
-        else:
-            messages.update(uuid, record)
-
-    def delete_worker(self, worker_id: str) -> None:
-        """Deleted where the repository can delete (``SupportsDelete``); else emptied, which
-        ``workers`` skips."""
-        uuid = _worker_uuid(worker_id)
-        messages = self.repository(MessageRecord.MODEL)
-        if isinstance(messages, SupportsDelete):
-            messages.delete_by("uuid", [uuid])
-        elif (found := self.get(MessageRecord.MODEL, uuid)) is not None:
-            messages.update(uuid, {**found, "payload": None})
-
-    def workers(self) -> list[JSONDict]:
-        rows = self.search(MessageRecord.MODEL, "pipeline_uuid", WORKERS_UUID)
-        return [row["payload"] for row in rows if isinstance(row.get("payload"), dict)]
 
 
 def _worker_uuid(worker_id: str) -> str:
