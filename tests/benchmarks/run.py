@@ -348,6 +348,11 @@ def fmt(value: float | None, digits: int = 0) -> str:
     return "did not finish" if value is None else f"{value:,.{digits}f}"
 
 
+BY_HAND = HERE / "by_hand.md"
+"""The sections measured by hand with their own scripts (claim cost, the worker, the write),
+kept across runs of this page."""
+
+
 def render(results: dict[str, Any], runs: int, sizes: list[int], waiting: int, large: int) -> str:
     import prorch
 
@@ -583,6 +588,8 @@ def render(results: dict[str, Any], runs: int, sizes: list[int], waiting: int, l
         ),
         "",
         *targets_section(results, n, m),
+        "",
+        BY_HAND.read_text().split("\n", 2)[2].rstrip(),  # past its comment line
         "",
         NOTES,
     ]
