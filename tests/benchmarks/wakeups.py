@@ -7,6 +7,8 @@
   waiting step running again.
 - SQLite, the worker in this process (``run_forever`` in a thread): ``create()`` -> first hook.
 - SQLite, the worker in another process: ``create()`` -> first hook, at the default ``wake_poll``.
+- ``--only paced``: PostgreSQL, one worker process, ``--rate`` creates a second (200 by
+  default) offered by 4 threads for ``--seconds``: ``create()`` -> first hook under load.
 
 Every worker polls every ``--interval`` seconds (30 by default), so what is measured is the
 wake-up, not the poll. Each hook writes the moment it started (``time.time()``) to a file
@@ -58,8 +60,10 @@ def stamp_of(log: Path, uuid: str, what: str, timeout: float = 60.0) -> float:
 
 
 @contextlib.contextmanager
-def worker_process(url: str, log: Path, interval: float) -> Iterator[None]:
+def worker_process(url: str, log: Path, interval: float, concurrency: int | None = None) -> Iterator[None]:
     command = [PRORCH, "-r", url, "--app", "tests.integration.wake_app", "worker", "--interval", str(interval)]
+    if concurrency is not None:
+        command += ["--concurrency", str(concurrency)]
     with (log / "worker.log").open("wb") as output:
         proc = subprocess.Popen(command, env=child_env(WAKE_LOG=str(log)), stdout=output, stderr=subprocess.STDOUT)
         try:
@@ -125,6 +129,40 @@ def same_process(url: str, samples: int, interval: float) -> tuple[list[float], 
         thread.join(30)
 
 
+def paced(url: str, log: Path, rate: float, seconds: float, creators: int = 4) -> tuple[list[float], list[float]]:
+    """Milliseconds from create() called, and returned, to the first hook, with ``rate``
+    pipelines a second offered for ``seconds`` by ``creators`` threads, each on its own
+    schedule (a late create does not shift the next): pickup under load, not idle wake-ups."""
+    made: list[tuple[str, float, float]] = []
+    lock = threading.Lock()
+    per_thread = rate / creators
+    count = int(per_thread * seconds)
+
+    def create_some(offset: float) -> None:
+        backend = from_url(url)
+        start = time.monotonic() + offset
+        for i in range(count):
+            delay = start + i / per_thread - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+            called = time.time()
+            created = wake_app.Stamp.create(backend, {})
+            with lock:
+                made.append((created.uuid, called, time.time()))
+
+    threads = [threading.Thread(target=create_some, args=(n / rate,)) for n in range(creators)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    called_ms, returned_ms = [], []
+    for uuid, called, returned in made:
+        hook = stamp_of(log, uuid, "start", timeout=120)
+        called_ms.append((hook - called) * 1000)
+        returned_ms.append((hook - returned) * 1000)
+    return called_ms, returned_ms
+
+
 def percentiles(values: list[float]) -> str:
     ordered = sorted(values)
     p50 = statistics.median(ordered)
@@ -145,7 +183,10 @@ def main() -> None:
     parser.add_argument("--output", required=True, help="markdown rows are written here (not docs/)")
     parser.add_argument("--samples", type=int, default=200)
     parser.add_argument("--interval", type=float, default=30.0)
-    parser.add_argument("--only", choices=["postgresql", "sqlite"], default=None)
+    parser.add_argument("--only", choices=["postgresql", "sqlite", "paced"], default=None)
+    parser.add_argument("--rate", type=float, default=200.0, help="pipelines a second offered, for paced")
+    parser.add_argument("--seconds", type=float, default=15.0, help="how long the paced load lasts")
+    parser.add_argument("--concurrency", type=int, default=None, help="the paced worker's (default: prorch's)")
     args = parser.parse_args()
     rows = [
         "| idle worker, interval 30 s | samples | from the call: p50 / p90 / p99 ms | from its return |",
@@ -167,6 +208,22 @@ def main() -> None:
                         rows,
                     )
                     measured("PostgreSQL: send() -> waiting step runs", lambda: sends(url, log, args.samples), rows)
+            finally:
+                remove(server)
+        if args.only in (None, "paced"):
+            server = start_server(durable=True)
+            try:
+                url = server.url
+                from_url(url)
+                log = base / "paced"
+                log.mkdir()
+                with worker_process(url, log, args.interval, args.concurrency):
+                    shown = f", concurrency {args.concurrency}" if args.concurrency else ""
+                    measured(
+                        f"PostgreSQL: {args.rate:g} creates/s offered for {args.seconds:g} s{shown} -> first hook",
+                        lambda: paced(url, log, args.rate, args.seconds),
+                        rows,
+                    )
             finally:
                 remove(server)
         if args.only in (None, "sqlite"):
