@@ -304,26 +304,46 @@ def html_of(url: str) -> tuple[int, str]:
 
 
 def test_versions_api_and_page_show_what_prorch_versions_prints(shop: tuple[Path, list[str]]) -> None:
-    """``/api/versions`` is ``prorch versions --json``; ``/versions`` shows its table and the lines
-    on code that can go (issue #30)."""
-    workdir, _ = shop
+    """``/api/versions`` is ``prorch versions --json``; ``/versions`` shows its table, per patch
+    the live pipelines with it / predating it, and the lines on code that can go (issue #30)."""
+    workdir, uuids = shop
     with dashboard(workdir) as (base, _):
         status, found = get(base + "/api/versions")
         assert status == 200 and found == json.loads(prorch(workdir, "versions", "--json"))
         (order,) = found["versions"]
         assert (order["name"], order["version"], order["live"], order["ended"]) == ("Order", 1, 1, 3)
-        assert order["registered"] is True and order["oldest_live"] is not None
+        assert order["registered"] is True and order["oldest_live"] is not None and order["patches"] == []
         status, html = html_of(base + "/versions")
         assert status == 200 and 'href="/versions"' in html
         row = re.search(r'<tr data-version="Order v1">(.*?)</tr>', html, re.S)
         assert row is not None and '<td class="num live">1</td>' in row.group(1) and ">yes<" in row.group(1)
-    prorch(workdir, "cancel", shop[1][3])
+    code = (workdir / "shop.py").read_text()
+    (workdir / "shop.py").write_text(
+        code.replace('    name = "Order"\n', '    name = "Order"\n    patches = ["fast-ship"]\n')
+    )
+    patched = prorch(workdir, "start", "Order", "-p", "item=patched").strip()
+    with dashboard(workdir) as (base, _):
+        (order,) = get(base + "/api/versions")[1]["versions"]
+        (patch,) = order["patches"]
+        assert (patch["id"], patch["live_with"], patch["live_without"], patch["declared"]) == (
+            "fast-ship",
+            1,
+            1,
+            "patches",
+        )
+        html = html_of(base + "/versions")[1]
+        assert re.search(r'data-patch="fast-ship"><span class="mono">fast-ship</span> 1/1<', html)
+        assert 'id="advice"' not in html  # the slowpoke predates the patch: its old branch stays
+        prorch(workdir, "cancel", uuids[3])
+        html = html_of(base + "/versions")[1]  # counted again at each load
+        assert "Order v1: no live pipeline predates patch &#39;fast-ship&#39;; its old branch can go" in html
+        prorch(workdir, "cancel", patched)
     (workdir / "prorch.toml").write_text('repository = "sqlite:///shop.db"\n')  # no code loaded here
     with dashboard(workdir) as (base, _):
         (order,) = get(base + "/api/versions")[1]["versions"]
-        assert order["live"] == 0 and order["ended"] == 4 and order["registered"] is None
+        assert order["live"] == 0 and order["ended"] == 5 and order["registered"] is None
         html = html_of(base + "/versions")[1]
-        assert "Order v1: no live pipeline; its code can go (its 4 ended ones are only read)" in html
+        assert "Order v1: no live pipeline; its code can go (its 5 ended ones are only read)" in html
         assert 'id="code-not-loaded"' in html
 
 
