@@ -352,7 +352,7 @@ def test_pipelines_show_and_filter_by_state(shop: tuple[Path, list[str]]) -> Non
     filters by it through ``query(state=...)``; the overview's cards link to it (issue #29)."""
     workdir, uuids = shop
     prorch(workdir, "start", "Order", "-p", "item=later", "--tenant", "acme")  # not run: due
-    with dashboard(workdir) as (base, _):
+    with dashboard(workdir, token=TOKEN) as (base, _):
         status, waiting = get(base + "/api/pipelines?state=waiting")
         assert status == 200 and waiting["total"] == 1 and waiting["pipelines"][0]["uuid"] == uuids[3]
         assert waiting["pipelines"][0]["state"] == "waiting" and waiting["filters"] == {"state": "waiting"}
@@ -367,6 +367,9 @@ def test_pipelines_show_and_filter_by_state(shop: tuple[Path, list[str]]) -> Non
         assert '<option value="waiting" selected>' in html and "pending · waiting" in html
         assert uuids[3] in html and due["uuid"] not in html
         assert 'id="state">waiting<' in html_of(base + f"/pipelines/{uuids[3]}")[1]
+        bulk = {"action": "cancel", "filters": {"state": "waiting"}, "dry_run": True}
+        status, body = post(base + "/api/bulk", bulk, {"Authorization": f"Bearer {TOKEN}"})
+        assert status == 200 and json.loads(body)["matched"] == 1  # a bulk action takes the state filter too
         overview = html_of(base + "/")[1]
         for state in ("running", "due", "waiting"):
             assert f'href="/pipelines?state={state}"' in overview
