@@ -26,7 +26,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from prorch.bulk import BulkSummary
-from prorch.dashboard import acting, chart, timeline, views
+from prorch.dashboard import acting, chart, timeline, versions_api, views
 from prorch.dashboard.security import LOCAL_HOSTS, SESSION_COOKIE, Guard, HostCheck, Throttle
 from prorch.display import format_seconds, format_time
 from prorch.model.exceptions import (
@@ -37,6 +37,7 @@ from prorch.model.exceptions import (
     ProrchError,
 )
 from prorch.model.status import Status
+from prorch.model.substates import STATES
 from prorch.orchestrator import Orchestrator
 
 HERE = Path(__file__).parent
@@ -60,7 +61,11 @@ def templates() -> Environment:
     environment = Environment(loader=FileSystemLoader(HERE / "templates"), autoescape=select_autoescape(["html"]))
     environment.filters.update(when=when, seconds=format_seconds, pretty=pretty)
     environment.globals.update(
-        statuses=[s.value for s in Status], refresh=REFRESH_SECONDS, urlencode=urlencode, listed=views.LISTED
+        statuses=[s.value for s in Status],
+        states=STATES,
+        refresh=REFRESH_SECONDS,
+        urlencode=urlencode,
+        listed=views.LISTED,
     )
     return environment
 
@@ -122,6 +127,13 @@ def create_app(
 
     async def api_workers(request: Request) -> Response:
         return JSONResponse(await off_loop(views.workers, orchestrator))
+
+    async def versions_page(request: Request) -> Response:
+        data = await off_loop(versions_api.versions_page, orchestrator)
+        return page(request, "versions.html", data=data, still=True)  # a count over the whole store: on demand
+
+    async def api_versions(request: Request) -> Response:
+        return JSONResponse(await off_loop(versions_api.versions_view, orchestrator))
 
     def too_many(request: Request, api: bool) -> Response | None:
         """A 429 for a client that gave too many wrong tokens lately, else None."""
@@ -308,6 +320,7 @@ def create_app(
         Route("/pipelines", pipelines_page),
         Route("/pipelines/{uuid}", pipeline_page),
         Route("/workers", workers_page),
+        Route("/versions", versions_page),
         Route("/search", search),
         Route("/bulk", bulk_from_page, methods=["POST"]),
         Route(action_path, act_from_page, methods=["POST"]),
@@ -317,6 +330,7 @@ def create_app(
         Route("/api/pipelines", api_pipelines),
         Route("/api/pipelines/{uuid}", api_pipeline),
         Route("/api/workers", api_workers),
+        Route("/api/versions", api_versions),
         Route("/api/search", search),
         Route("/api/bulk", api_bulk, methods=["POST"]),
         Route("/api" + action_path, api_act, methods=["POST"]),

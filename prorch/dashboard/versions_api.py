@@ -1,29 +1,29 @@
-"""``/api/versions`` for the dashboard: the JSON of ``prorch versions --json``. Kept in its own
-module so that the dashboard's app can mount it in one line (not mounted yet, nor the page):
-``Route("/api/versions", versions_endpoint(orchestrator))``."""
+"""The dashboard's Versions page and ``/api/versions``: what ``prorch versions`` prints, per
+pipeline class and version the live and ended pipelines and per patch the live ones with it or
+predating it, and the code that can be deleted."""
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 from prorch.display import app_loaded
 from prorch.orchestrator import Orchestrator
+from prorch.storage.versions import advice
 
 
 def versions_view(orchestrator: Orchestrator) -> dict[str, Any]:
-    """Per pipeline class and version, live and ended counts and patches (``Orchestrator.versions``);
-    what the workers' code declares only when it is loaded here."""
-    found = orchestrator.versions(workers_code=app_loaded(orchestrator.registry))
-    return {"versions": [usage.to_json() for usage in found]}
+    """``prorch versions --json``: per pipeline class and version, live and ended counts and
+    patches (``Orchestrator.versions``); what the workers' code declares only when it is loaded here."""
+    return {"versions": versions_page(orchestrator)["versions"]}
 
 
-def versions_endpoint(orchestrator: Orchestrator) -> Callable[[Any], Awaitable[Any]]:
-    """A Starlette endpoint returning ``versions_view`` as JSON, counted off the event loop."""
-    from starlette.concurrency import run_in_threadpool
-    from starlette.responses import JSONResponse
-
-    async def endpoint(request: Any) -> Any:
-        return JSONResponse(await run_in_threadpool(versions_view, orchestrator))
-
-    return endpoint
+def versions_page(orchestrator: Orchestrator) -> dict[str, Any]:
+    """``versions_view`` with the lines ``prorch versions`` prints under its table (``advice``),
+    and whether the code is loaded here (without it, the page cannot say what it declares)."""
+    loaded = app_loaded(orchestrator.registry)
+    found = orchestrator.versions(workers_code=loaded)
+    return {
+        "versions": [usage.to_json() for usage in found],
+        "advice": [line for usage in found for line in advice(usage)],
+        "code_loaded": loaded,
+    }

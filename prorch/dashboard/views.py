@@ -14,11 +14,12 @@ from typing import Any
 
 from prorch.bulk import Filters
 from prorch.dashboard import timeline
-from prorch.display import app_loaded, lease_holder, step_limits, step_seconds
+from prorch.display import app_loaded, lease_holder, state_text, step_limits, step_seconds
 from prorch.model.exceptions import InvalidParamsError, PipelineNotFoundError, ProrchError
 from prorch.model.keys import uuid_for_key
 from prorch.model.records import EventRecord, PipelineRecord, StepRecord
 from prorch.model.status import TERMINAL, EventType, Status
+from prorch.model.substates import STATES
 from prorch.model.workers import WorkerRow
 from prorch.orchestrator import Orchestrator
 from prorch.storage.forking import FORKED_FROM
@@ -26,7 +27,7 @@ from prorch.storage.listing import filter_value, parse_moment
 from prorch.storage.repository import PipelineStats
 
 MAX_INT = 2**31 - 1  # a stored version is a 32-bit integer on PostgreSQL
-FILTERS = ("status", "name", "version", "tenant", "key", "param", "since", "until", "limit", "after")
+FILTERS = ("status", "state", "name", "version", "tenant", "key", "param", "since", "until", "limit", "after")
 STATS_SECONDS = 5.0
 """How long overview counts are reused: every open page refreshes every few seconds, and a
 count over millions of pipelines should not run once per page per refresh."""
@@ -122,15 +123,16 @@ def pipelines(orchestrator: Orchestrator, filters: dict[str, str]) -> dict[str, 
         count=True,
     )
     rows = orchestrator.store.workers() if any(_leased(r, now) for r in page.pipelines) else []
+    blocked = orchestrator.blocked_on_page(page.pipelines) if app_loaded(orchestrator.registry) else {}
     return {
-        "pipelines": [pipeline_row(record, now, rows) for record in page.pipelines],
+        "pipelines": [pipeline_row(record, now, rows, blocked.get(record.uuid)) for record in page.pipelines],
         "total": page.total,
         "next_after": page.next_after,
         "filters": filters,
     }
 
 
-LISTED = ("status", "name", "version", "tenant", "key", "param", "since", "until")
+LISTED = ("status", "state", "name", "version", "tenant", "key", "param", "since", "until")
 
 
 def bulk_filters(filters: dict[str, str], now: datetime) -> Filters:
@@ -143,7 +145,7 @@ def bulk_filters(filters: dict[str, str], now: datetime) -> Filters:
             raise InvalidParamsError(f"param filter {filters['param']!r}: expected NAME=VALUE, e.g. region=eu")
         param = (field_name.strip(), filter_value(text.strip()))
     return Filters(
-        status=_status(filters), name=filters.get("name"), version=_int(filters, "version"),
+        status=_status(filters), state=_state(filters), name=filters.get("name"), version=_int(filters, "version"),
         tenant=filters.get("tenant"), key=filters.get("key"), param=param,
         since=_moment(filters, "since", now), until=_moment(filters, "until", now),
     )  # fmt: skip
@@ -174,8 +176,12 @@ def _as_uuid(text: str) -> str | None:
         return None
 
 
-def pipeline_row(record: PipelineRecord, now: datetime, workers: list[WorkerRow] | None = None) -> dict[str, Any]:
-    """One pipeline of a listing; with ``workers``, which of them runs it (``display.lease_holder``)."""
+def pipeline_row(
+    record: PipelineRecord, now: datetime, workers: list[WorkerRow] | None = None, blocked: str | None = None
+) -> dict[str, Any]:
+    """One pipeline of a listing; with ``workers``, which of them runs it (``display.lease_holder``).
+    Its state is what ``prorch list`` prints: running, due or waiting for a pending one, stranded,
+    blocked (given why), else its status (``display.state_text``)."""
     ended = record.status in TERMINAL
     return {
         "worker": lease_holder(record, workers, now) if workers is not None else None,
@@ -183,6 +189,7 @@ def pipeline_row(record: PipelineRecord, now: datetime, workers: list[WorkerRow]
         "name": record.name,
         "version": record.version,
         "status": record.status.value,
+        "state": state_text(record, now, workers or [], blocked),
         "tenant": record.context.get("tenant"),
         "created_at": iso(record.created_at),
         "updated_at": iso(record.updated_at),
@@ -214,7 +221,7 @@ def pipeline_and_bars(orchestrator: Orchestrator, uuid: str) -> tuple[dict[str, 
     found = timeline.bars(state.steps, history, now, p.status in TERMINAL)
     return {
         "pipeline": {
-            **pipeline_row(p, now, workers),
+            **pipeline_row(p, now, workers, state.blocked),
             "key": p.key,
             "priority": p.priority,
             "params": p.params,
@@ -292,6 +299,14 @@ def _status(filters: dict[str, str]) -> str | None:
     if filters["status"] not in STATUSES:
         raise InvalidParamsError(f"status {filters['status']!r}: give one of {', '.join(STATUSES)}")
     return filters["status"]
+
+
+def _state(filters: dict[str, str]) -> str | None:
+    if "state" not in filters:
+        return None
+    if filters["state"] not in STATES:
+        raise InvalidParamsError(f"state {filters['state']!r}: give one of {', '.join(STATES)}")
+    return filters["state"]
 
 
 def _moment(filters: dict[str, str], name: str, now: datetime) -> datetime | None:

@@ -293,3 +293,83 @@ def test_workers_page_and_api_show_live_workers_and_stranded_pipelines(shop: tup
             assert "stranded, resumes at" in response.read().decode()
         listed = get(base + "/api/pipelines?status=pending")[1]["pipelines"]
         assert [p["worker"]["stranded"] for p in listed if p["uuid"] == uuids[3]] == [True]
+
+
+def html_of(url: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=10) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read().decode()
+
+
+def test_versions_api_and_page_show_what_prorch_versions_prints(shop: tuple[Path, list[str]]) -> None:
+    """``/api/versions`` is ``prorch versions --json``; ``/versions`` shows its table, per patch
+    the live pipelines with it / predating it, and the lines on code that can go (issue #30)."""
+    workdir, uuids = shop
+    with dashboard(workdir) as (base, _):
+        status, found = get(base + "/api/versions")
+        assert status == 200 and found == json.loads(prorch(workdir, "versions", "--json"))
+        (order,) = found["versions"]
+        assert (order["name"], order["version"], order["live"], order["ended"]) == ("Order", 1, 1, 3)
+        assert order["registered"] is True and order["oldest_live"] is not None and order["patches"] == []
+        status, html = html_of(base + "/versions")
+        assert status == 200 and 'href="/versions"' in html
+        row = re.search(r'<tr data-version="Order v1">(.*?)</tr>', html, re.S)
+        assert row is not None and '<td class="num live">1</td>' in row.group(1) and ">yes<" in row.group(1)
+    code = (workdir / "shop.py").read_text()
+    (workdir / "shop.py").write_text(
+        code.replace('    name = "Order"\n', '    name = "Order"\n    patches = ["fast-ship"]\n')
+    )
+    patched = prorch(workdir, "start", "Order", "-p", "item=patched").strip()
+    with dashboard(workdir) as (base, _):
+        (order,) = get(base + "/api/versions")[1]["versions"]
+        (patch,) = order["patches"]
+        assert (patch["id"], patch["live_with"], patch["live_without"], patch["declared"]) == (
+            "fast-ship",
+            1,
+            1,
+            "patches",
+        )
+        html = html_of(base + "/versions")[1]
+        assert re.search(r'data-patch="fast-ship"><span class="mono">fast-ship</span> 1/1<', html)
+        assert 'id="advice"' not in html  # the slowpoke predates the patch: its old branch stays
+        prorch(workdir, "cancel", uuids[3])
+        html = html_of(base + "/versions")[1]  # counted again at each load
+        assert "Order v1: no live pipeline predates patch &#39;fast-ship&#39;; its old branch can go" in html
+        prorch(workdir, "cancel", patched)
+    (workdir / "prorch.toml").write_text('repository = "sqlite:///shop.db"\n')  # no code loaded here
+    with dashboard(workdir) as (base, _):
+        (order,) = get(base + "/api/versions")[1]["versions"]
+        assert order["live"] == 0 and order["ended"] == 5 and order["registered"] is None
+        html = html_of(base + "/versions")[1]
+        assert "Order v1: no live pipeline; its code can go (its 5 ended ones are only read)" in html
+        assert 'id="code-not-loaded"' in html
+
+
+def test_pipelines_show_and_filter_by_state(shop: tuple[Path, list[str]]) -> None:
+    """The listing shows each pipeline's state (pending splits into running, due and waiting) and
+    filters by it through ``query(state=...)``; the overview's cards link to it (issue #29)."""
+    workdir, uuids = shop
+    prorch(workdir, "start", "Order", "-p", "item=later", "--tenant", "acme")  # not run: due
+    with dashboard(workdir, token=TOKEN) as (base, _):
+        status, waiting = get(base + "/api/pipelines?state=waiting")
+        assert status == 200 and waiting["total"] == 1 and waiting["pipelines"][0]["uuid"] == uuids[3]
+        assert waiting["pipelines"][0]["state"] == "waiting" and waiting["filters"] == {"state": "waiting"}
+        (due,) = get(base + "/api/pipelines?state=due")[1]["pipelines"]
+        assert due["state"] == "due" and due["status"] == "pending"
+        assert get(base + "/api/pipelines?state=finished&tenant=acme")[1]["total"] == 0
+        assert get(base + "/api/pipelines?state=finished")[1]["total"] == 3
+        status, bad = get(base + "/api/pipelines?state=sleeping")
+        assert status == 400 and "state 'sleeping': give one of running, due, waiting" in bad["error"]
+        assert get(base + f"/api/pipelines/{uuids[3]}")[1]["pipeline"]["state"] == "waiting"
+        html = html_of(base + "/pipelines?state=waiting")[1]
+        assert '<option value="waiting" selected>' in html and "pending · waiting" in html
+        assert uuids[3] in html and due["uuid"] not in html
+        assert 'id="state">waiting<' in html_of(base + f"/pipelines/{uuids[3]}")[1]
+        bulk = {"action": "cancel", "filters": {"state": "waiting"}, "dry_run": True}
+        status, body = post(base + "/api/bulk", bulk, {"Authorization": f"Bearer {TOKEN}"})
+        assert status == 200 and json.loads(body)["matched"] == 1  # a bulk action takes the state filter too
+        overview = html_of(base + "/")[1]
+        for state in ("running", "due", "waiting"):
+            assert f'href="/pipelines?state={state}"' in overview

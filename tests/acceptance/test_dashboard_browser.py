@@ -181,3 +181,45 @@ def test_an_operator_searches_reruns_and_bulk_retries(tmp_path: Path) -> None:
         assert page.locator("#search").input_value() == "order-404"  # kept, to correct it
         shoot(page, "search-not-found.png")
         browser.close()
+
+
+def test_an_operator_lists_pipelines_by_state_and_reads_versions(tmp_path: Path) -> None:
+    """From the overview's waiting card to the list filtered by state (pending splits into
+    running, due and waiting: issue #29), then another state from the form; the Versions page
+    from the header, with what ``prorch versions`` prints (issue #30)."""
+    chromium = chromium_or_skip()
+    workdir = shop_workdir(tmp_path)
+    for n in range(2):
+        prorch(workdir, "start", "Order", "-p", f"item=book{n}")
+    slow = prorch(workdir, "start", "Order", "-p", "item=slowpoke", "--tenant", "acme").strip()
+    prorch(workdir, "run")  # the books finish; the slowpoke waits for its word (an hour)
+    due = prorch(workdir, "start", "Order", "-p", "item=later").strip()  # no worker runs it: due
+    with dashboard(workdir) as (base, _), playwright.sync_playwright() as driver:
+        browser = driver.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
+        page = browser.new_page(viewport={"width": 1200, "height": 700})
+        page.goto(base + "/")
+        assert page.locator("[data-kind=waiting] .count").inner_text() == "1"
+        assert page.locator("[data-kind=due] .count").inner_text() == "1"
+        page.click("[data-kind=waiting]")
+        page.wait_for_url("**/pipelines?state=waiting")
+        assert page.locator("select[name=state]").input_value() == "waiting"
+        assert page.locator("#total").inner_text().startswith("1 matching")
+        row = page.locator("#pipelines tbody tr")
+        assert row.count() == 1 and row.get_attribute("data-uuid") == slow
+        assert row.locator(".badge").inner_text() == "pending · waiting"
+        shoot(page, "pipelines-waiting.png")
+
+        page.select_option("select[name=state]", "due")
+        page.click("button[type=submit]")
+        assert page.locator("#pipelines tbody tr").get_attribute("data-uuid") == due
+        assert page.locator("#pipelines tbody tr .badge").inner_text() == "pending · due"
+        page.click(f"tr[data-uuid='{due}'] a")
+        assert page.locator("#status").inner_text() == "pending" and page.locator("#state").inner_text() == "due"
+
+        page.click("header nav >> text=Versions")
+        page.wait_for_url("**/versions")
+        order = page.locator("tr[data-version='Order v1']")
+        assert order.locator("td.live").inner_text() == "2" and order.locator("td.code").inner_text() == "yes"
+        assert "Code you can delete" not in page.content()  # both live ones predate nothing to delete
+        shoot(page, "versions.png")
+        browser.close()
