@@ -12,6 +12,7 @@ from prorch.bulk import BulkAction
 from prorch.cli.bulk import bulk_exit, filter_options, one_or_many, run_bulk
 from prorch.cli.helpers import (
     Context,
+    params_options,
     parse_params,
     reported,
 )
@@ -39,15 +40,7 @@ def reason_option() -> Callable[[F], F]:
 
 @click.command()
 @click.argument("name")
-@click.option(
-    "--param",
-    "-p",
-    "pairs",
-    multiple=True,
-    metavar="KEY=VALUE",
-    help="A parameter (repeatable); VALUE is read as JSON when it parses, else as text.",
-)
-@click.option("--params-json", help="All parameters as one JSON object.")
+@params_options()
 @click.option("--version", "version", type=int, help="The pipeline version to run (default: the newest).")
 @click.option("--tenant", help="The tenant, for tenant plugins.")
 @click.option("--priority", type=int, help="Higher runs first.")
@@ -138,16 +131,7 @@ def send(ctx: Context, uuid: str, name: str, payload_json: str | None) -> None:
 @click.command()
 @click.argument("uuid", required=False)
 @click.option("--from-step", "from_step", required=True, help="The step to run again; the steps before it are reused.")
-@click.option(
-    "--param",
-    "-p",
-    "pairs",
-    multiple=True,
-    metavar="KEY=VALUE",
-    help="A parameter to change (repeatable); the others are the original's. VALUE is read as JSON when it "
-    "parses, else as text.",
-)
-@click.option("--params-json", help="The parameters to change, as one JSON object.")
+@params_options(changes=True)
 @click.option("--cancel-original", is_flag=True, help="Cancel the original first when it has not ended.")
 @click.option("--json", "as_json", is_flag=True, help="Print the new pipeline as JSON.")
 @reason_option()

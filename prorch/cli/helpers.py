@@ -8,10 +8,10 @@ import inspect
 import json
 import re
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, NoReturn, cast
+from typing import Any, NoReturn, TypeVar, cast
 
 import click
 
@@ -40,6 +40,7 @@ FLAG_NAMES = {"dashboard_host": "--host", "dashboard_port": "--port", "dashboard
 """Settings whose command-line flag is not ``--`` + the setting's name (``prorch dashboard --port``)."""
 FACTORY = re.compile(r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$")
 """``module:attribute``: a repository of your own, where a URL would be (a URL has ``://``)."""
+F = TypeVar("F", bound=Callable[..., Any])
 
 
 class Context:
@@ -232,6 +233,23 @@ def worker_options(command: Any) -> Any:
     ):
         command = option(command)
     return command
+
+
+def params_options(changes: bool = False) -> Callable[[F], F]:
+    """``--param/-p KEY=VALUE`` (repeatable, into ``pairs``) and ``--params-json``, read
+    together by ``parse_params``: a new pipeline's params (``start``), or with ``changes``
+    the ones a rerun changes."""
+    what, json_help = ("A parameter", "All parameters as one JSON object.")
+    if changes:
+        what, json_help = ("A parameter to change", "The parameters to change, as one JSON object.")
+    others = " the others are the original's." if changes else ""
+    pair_help = f"{what} (repeatable);{others} VALUE is read as JSON when it parses, else as text."
+
+    def decorate(command: F) -> F:
+        command = click.option("--params-json", help=json_help)(command)
+        return click.option("--param", "-p", "pairs", multiple=True, metavar="KEY=VALUE", help=pair_help)(command)
+
+    return decorate
 
 
 def parse_params(pairs: tuple[str, ...], params_json: str | None) -> dict[str, Any]:

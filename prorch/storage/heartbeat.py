@@ -16,6 +16,7 @@ from types import TracebackType
 from prorch.model.clock import Clock
 from prorch.model.workers import HEARTBEAT_SECONDS, STALE_BEATS, WorkerRow
 from prorch.storage.store import Store
+from prorch.storage.ticker import Ticker
 
 logger = logging.getLogger("prorch.storage.heartbeat")
 
@@ -61,22 +62,18 @@ class Heartbeat:
         )  # fmt: skip
         self.last_beat: float | None = None  # time.monotonic() of the last row stored
         self._loop_thread: threading.Thread | None = None
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._ticker = Ticker("prorch-heartbeat", every, self.beat)
 
     def __enter__(self) -> Heartbeat:
         self._loop_thread = threading.current_thread()
         self.beat()
-        self._thread = threading.Thread(target=self._run, name="prorch-heartbeat", daemon=True)
-        self._thread.start()
+        self._ticker.start()
         return self
 
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
+        self._ticker.stop()
         try:
             self.store.delete_worker(self.row.id)
         except Exception as error:  # the store is down: the row goes stale and says so
@@ -98,7 +95,7 @@ class Heartbeat:
         """Healthy while the worker's loop runs and its row was stored within ``STALE_BEATS`` beats."""
         if self._loop_thread is not None and not self._loop_thread.is_alive():
             return False, "stopped: the worker's loop has ended"
-        if self._thread is not None and not self._thread.is_alive():
+        if self._ticker.ended:
             return False, "stalled: the heartbeat thread has ended"
         limit = STALE_BEATS * self.every
         if self.last_beat is None:
@@ -106,7 +103,3 @@ class Heartbeat:
         age = time.monotonic() - self.last_beat
         healthy = age <= limit
         return healthy, f"{'ok' if healthy else 'stalled'}: heartbeat {age:.1f}s ago (limit {limit:g}s)"
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.every):
-            self.beat()

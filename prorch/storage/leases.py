@@ -15,6 +15,7 @@ from prorch.model.clock import Clock
 from prorch.model.exceptions import LeaseLostError, RepositoryError
 from prorch.model.records import PipelineRecord
 from prorch.storage.store import Store
+from prorch.storage.ticker import Ticker
 
 logger = logging.getLogger("prorch.storage.leases")
 
@@ -56,21 +57,17 @@ class LeaseKeeper:
         self._lost: set[str] = set()
         self._limits: dict[str, datetime] = {}  # pipeline uuid -> renew no later than this
         self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._ticker = Ticker("prorch-lease-keeper", lease_seconds / 3, self.renew_all, on_error=self._turn_failed)
 
     def __enter__(self) -> LeaseKeeper:
         if self.store.can_claim:
-            self._thread = threading.Thread(target=self._loop, name="prorch-lease-keeper", daemon=True)
-            self._thread.start()
+            self._ticker.start()
         return self
 
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
+        self._ticker.stop()
 
     def hold(self, records: Iterable[PipelineRecord], since: float) -> None:
         """Keep the leases of ``records``, claimed with a lease time read after
@@ -175,9 +172,6 @@ class LeaseKeeper:
             except Exception:  # a metrics observer must not stop the keeper
                 logger.exception("telling a lost lease of pipeline %s failed", uuid)
 
-    def _loop(self) -> None:
-        while not self._stop.wait(self.lease_seconds / 3):
-            try:
-                self.renew_all()
-            except Exception as exc:  # e.g. the clock could not be read: try again at the next turn
-                logger.warning("lease keeper: renewing failed, trying again in %.1fs: %s", self.lease_seconds / 3, exc)
+    def _turn_failed(self, exc: Exception) -> None:
+        """A turn of the keeper's thread failed (e.g. the clock could not be read); the next turn tries again."""
+        logger.warning("lease keeper: renewing failed, trying again in %.1fs: %s", self._ticker.every, exc)

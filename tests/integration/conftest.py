@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -14,6 +16,19 @@ from tests.support.seed_repository import seed_backend
 
 BACKENDS = ["memory", "sqlite", "postgresql", "tinydb", "seed", "docs-example"]
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+@pytest.fixture
+def processes() -> Iterator[list[subprocess.Popen[Any]]]:
+    """The processes a test started (append them): those still running at its end, stopped
+    (SIGSTOP) ones too, are killed and reaped, so a failed test leaves no worker behind."""
+    started: list[subprocess.Popen[Any]] = []
+    yield started
+    for process in started:
+        if process.poll() is None:
+            process.send_signal(signal.SIGCONT)
+            process.kill()
+            process.communicate(timeout=30)
 
 
 @pytest.fixture(scope="session")

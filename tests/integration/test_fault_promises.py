@@ -10,7 +10,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -50,23 +49,13 @@ def sqlite_url(tmp_path: Path) -> str:
     return f"sqlite:///{tmp_path / 'faults.db'}"
 
 
-@pytest.fixture
-def stop_all() -> Iterator[list[subprocess.Popen[bytes]]]:
-    procs: list[subprocess.Popen[bytes]] = []
-    yield procs
-    for proc in procs:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGKILL)
-            proc.wait()
-
-
 # --- 1. only the pipeline whose hook was running is charged ---------------------------------------
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("concurrency", [1, 4])
 def test_sigkill_during_hooks_charges_only_the_running_pipelines(
-    sqlite_url: str, tmp_path: Path, concurrency: int, stop_all: list[subprocess.Popen[bytes]]
+    sqlite_url: str, tmp_path: Path, concurrency: int, processes: list[subprocess.Popen[bytes]]
 ) -> None:
     """Regression: every pipeline of a killed worker's batch was charged, so a deploy that
     SIGKILLed a worker 3 times quarantined all 10 pipelines, though only those whose hooks
@@ -78,7 +67,7 @@ def test_sigkill_during_hooks_charges_only_the_running_pipelines(
     running_at_kill: list[set[str]] = []
     for _ in range(5):  # a deploy SIGKILLs the worker while its first hooks run
         worker = start_worker(sqlite_url, log, options)
-        stop_all.append(worker)
+        processes.append(worker)
         wait_for(
             lambda pid=worker.pid: (
                 any(e[1] == pid for e in events(log)) or not orchestrator.list_pipelines(status="pending")
@@ -93,7 +82,7 @@ def test_sigkill_during_hooks_charges_only_the_running_pipelines(
         worker.wait()
         running_at_kill.append(running)
         time.sleep(2.2)  # its leases run out
-    stop_all.append(start_worker(sqlite_url, log, options))
+    processes.append(start_worker(sqlite_url, log, options))
     wait_for(lambda: not orchestrator.list_pipelines(status="pending"), 120, "every pipeline to end")
 
     charged = collections.Counter(uuid for running in running_at_kill for uuid in running)
@@ -111,7 +100,7 @@ def test_sigkill_during_hooks_charges_only_the_running_pipelines(
 @pytest.mark.slow
 @pytest.mark.parametrize("group_commit", [1, 32])
 def test_a_hook_that_kills_its_worker_is_quarantined_and_nothing_else_is(
-    sqlite_url: str, tmp_path: Path, stop_all: list[subprocess.Popen[bytes]], group_commit: int
+    sqlite_url: str, tmp_path: Path, processes: list[subprocess.Popen[bytes]], group_commit: int
 ) -> None:
     """With group commit, the first death comes in a round, where it cannot be pinned on one
     pipeline and charges none; the culprit then runs alone and is charged for each death."""
@@ -126,7 +115,7 @@ def test_a_hook_that_kills_its_worker_is_quarantined_and_nothing_else_is(
     while orchestrator.list_pipelines(status="pending"):  # a supervisor restarting the worker
         assert time.monotonic() < deadline, "the culprit was never quarantined"
         worker = start_worker(sqlite_url, log, options)
-        stop_all.append(worker)
+        processes.append(worker)
         try:
             deaths += worker.wait(timeout=5) != 0
         except subprocess.TimeoutExpired:
@@ -169,18 +158,18 @@ def test_prorch_run_returns_with_a_hung_hook(sqlite_url: str, tmp_path: Path) ->
 
 @pytest.mark.slow
 def test_another_worker_records_the_timeout_of_a_vanished_one(
-    sqlite_url: str, tmp_path: Path, stop_all: list[subprocess.Popen[bytes]]
+    sqlite_url: str, tmp_path: Path, processes: list[subprocess.Popen[bytes]]
 ) -> None:
     log = tmp_path / "hooks.log"
     hung = fault_app.Hung.create(sqlite_url).uuid  # timeout = 2
     options = {"lease_seconds": 2}
     first = start_worker(sqlite_url, log, options)
-    stop_all.append(first)
+    processes.append(first)
     wait_for(lambda: any(e[2] == hung for e in events(log)), 30, "the hook to start")
     started = next(e[3] for e in events(log) if e[2] == hung)
     first.send_signal(signal.SIGSTOP)  # wedged: it can neither record the timeout nor renew
     second = start_worker(sqlite_url, log, options)
-    stop_all.append(second)
+    processes.append(second)
     orchestrator = Orchestrator(from_url(sqlite_url))
     wait_for(lambda: orchestrator.get(hung).pipeline.status == Status.FAILED, 30, "the timeout to be recorded")
     recorded = next(e.at for e in orchestrator.history(hung) if e.type.value == "step.failed")
@@ -192,13 +181,13 @@ def test_another_worker_records_the_timeout_of_a_vanished_one(
 
 @pytest.mark.slow
 def test_sigterm_with_a_hung_hook_exits_within_the_grace_period(
-    sqlite_url: str, tmp_path: Path, stop_all: list[subprocess.Popen[bytes]]
+    sqlite_url: str, tmp_path: Path, processes: list[subprocess.Popen[bytes]]
 ) -> None:
     """Regression: one SIGTERM did nothing while a hook hung."""
     log = tmp_path / "hooks.log"
     fault_app.HungNoLimit.create(sqlite_url)
     worker = start_worker(sqlite_url, log, {"shutdown_grace": 2})
-    stop_all.append(worker)
+    processes.append(worker)
     wait_for(lambda: bool(events(log)), 30, "the hook to start")
     signalled = time.monotonic()
     worker.send_signal(signal.SIGTERM)
@@ -209,12 +198,12 @@ def test_sigterm_with_a_hung_hook_exits_within_the_grace_period(
 
 @pytest.mark.slow
 def test_a_worker_with_too_many_abandoned_hooks_exits(
-    sqlite_url: str, tmp_path: Path, stop_all: list[subprocess.Popen[bytes]]
+    sqlite_url: str, tmp_path: Path, processes: list[subprocess.Popen[bytes]]
 ) -> None:
     log = tmp_path / "hooks.log"
     uuids = [fault_app.HungNoLimit.create(sqlite_url).uuid for _ in range(2)]
     worker = start_worker(sqlite_url, log, {"hook_timeout": 0.5, "max_abandoned_hooks": 1, "concurrency": 2})
-    stop_all.append(worker)
+    processes.append(worker)
     code = worker.wait(timeout=30)
     assert code != 0
     assert worker.stderr is not None and b"hung hook threads are still running (limit 1)" in worker.stderr.read()
@@ -229,13 +218,13 @@ def test_a_worker_with_too_many_abandoned_hooks_exits(
 
 @pytest.mark.slow
 def test_keyboard_interrupt_in_a_hook_stops_the_worker_cleanly(
-    sqlite_url: str, tmp_path: Path, stop_all: list[subprocess.Popen[bytes]]
+    sqlite_url: str, tmp_path: Path, processes: list[subprocess.Popen[bytes]]
 ) -> None:
     """Regression: the worker died (exit 3 / "Aborted!"), logged nothing and left its batch leased."""
     log = tmp_path / "hooks.log"
     uuid = fault_app.Interrupts.create(sqlite_url).uuid
     worker = start_worker(sqlite_url, log, {})
-    stop_all.append(worker)
+    processes.append(worker)
     assert worker.wait(timeout=30) == 0
     assert worker.stderr is not None and b"raised KeyboardInterrupt; stopping the worker" in worker.stderr.read()
     record = Orchestrator(from_url(sqlite_url)).get(uuid).pipeline
@@ -296,16 +285,16 @@ def burst(url: str, tmp_path: Path, procs: list[subprocess.Popen[bytes]]) -> Non
 
 @pytest.mark.slow
 def test_message_bursts_cost_no_transition_on_sqlite(
-    sqlite_url: str, tmp_path: Path, stop_all: list[subprocess.Popen[bytes]]
+    sqlite_url: str, tmp_path: Path, processes: list[subprocess.Popen[bytes]]
 ) -> None:
-    burst(sqlite_url, tmp_path, stop_all)
+    burst(sqlite_url, tmp_path, processes)
 
 
 @pytest.mark.slow
 def test_message_bursts_cost_no_transition_on_postgresql(
-    postgres_url: str, tmp_path: Path, stop_all: list[subprocess.Popen[bytes]]
+    postgres_url: str, tmp_path: Path, processes: list[subprocess.Popen[bytes]]
 ) -> None:
-    burst(postgres_url, tmp_path, stop_all)
+    burst(postgres_url, tmp_path, processes)
 
 
 # --- 7. clocks ---------------------------------------------------------------------------------------------
@@ -313,16 +302,16 @@ def test_message_bursts_cost_no_transition_on_postgresql(
 
 @pytest.mark.slow
 def test_a_worker_whose_clock_runs_ahead_never_takes_a_leased_pipeline(
-    postgres_url: str, tmp_path: Path, stop_all: list[subprocess.Popen[bytes]]
+    postgres_url: str, tmp_path: Path, processes: list[subprocess.Popen[bytes]]
 ) -> None:
     """Regression: a worker whose clock ran more than lease_seconds ahead saw every lease as
     expired and ran hooks that another worker was running."""
     log = tmp_path / "hooks.log"
     uuids = [fault_app.Slow.create(postgres_url, {"seconds": 1.5}).uuid for _ in range(8)]
     options = {"concurrency": 2, "lease_seconds": 5, "batch_size": 4}
-    stop_all.append(start_worker(postgres_url, log, options))
+    processes.append(start_worker(postgres_url, log, options))
     wait_for(lambda: bool(events(log)), 30, "a hook to start")
-    stop_all.append(start_worker(postgres_url, log, options, SKEW_SECONDS="120"))
+    processes.append(start_worker(postgres_url, log, options, SKEW_SECONDS="120"))
     orchestrator = Orchestrator(from_url(postgres_url))
     wait_for(lambda: not orchestrator.list_pipelines(status="pending"), 90, "every pipeline to end")
     spans: dict[str, list[tuple[float, float]]] = collections.defaultdict(list)

@@ -32,16 +32,6 @@ def env(**more: str) -> dict[str, str]:
     return child_env(**more)
 
 
-@pytest.fixture
-def processes() -> Iterator[list[subprocess.Popen[bytes]]]:
-    started: list[subprocess.Popen[bytes]] = []
-    yield started
-    for process in started:
-        if process.poll() is None:
-            process.send_signal(signal.SIGKILL)
-            process.wait()
-
-
 def kill_backends(server: PostgresServer, database: str) -> int:
     """``pg_terminate_backend`` on every connection to ``database``: how many were killed."""
     with psycopg.connect(server.url, autocommit=True) as admin:

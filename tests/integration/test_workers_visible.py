@@ -26,16 +26,6 @@ def store(tmp_path: Path) -> Iterator[Path]:
     yield tmp_path
 
 
-@pytest.fixture
-def processes() -> Iterator[list[subprocess.Popen[str]]]:
-    started: list[subprocess.Popen[str]] = []
-    yield started
-    for process in started:
-        if process.poll() is None:
-            process.kill()
-            process.communicate(timeout=30)
-
-
 def cli(workdir: Path, *args: str, **env: str) -> str:
     done = subprocess.run(
         [PRORCH, *args], cwd=workdir, env=child_env(**env), capture_output=True, text=True, timeout=60
