@@ -107,7 +107,10 @@ def test_metrics_and_health_of_a_real_worker(tmp_path: Path) -> None:
             except OSError:
                 time.sleep(0.1)
                 continue
-            if 'prorch_pipelines{pipeline="FlakyJob",status="finished"} 1.0' in text:
+            finished = 'prorch_pipelines{pipeline="FlakyJob",status="finished"} 1.0' in text
+            # the worker observes a pass's duration once per interval: wait for two of them too
+            passes = "prorch_pass_duration_seconds_count" in text and value(text, "prorch_pass_duration_seconds_count")
+            if finished and passes >= 2:
                 break
             time.sleep(0.3)
         assert status == 200
