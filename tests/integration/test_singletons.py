@@ -1,0 +1,255 @@
+"""Singleton and debounce (issue #30, item 1): ``create(key=..., if_running="attach"|"error")``
+and ``create(key=..., debounce=...)`` on every backend, across retention, at a claim's edge, and
+with real processes creating one key at once beside a worker (SQLite and PostgreSQL)."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import subprocess
+import sys
+import threading
+import time
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from prorch import (
+    ConfigurationError,
+    FakeClock,
+    InvalidKeyError,
+    InvalidParamsError,
+    KeyConflictError,
+    KeyRunningError,
+    Orchestrator,
+    PipelineNotFoundError,
+)
+from prorch.model.status import Status
+from prorch.storage.store import Store, store_for
+from repositories import MemoryBackend, from_url
+from tests.integration.key_race import BatchPipeline, KeyRacePipeline, debounce_in_lockstep
+
+PRORCH = str(Path(sys.executable).parent / "prorch")
+ROOT = Path(__file__).resolve().parents[2]
+WINDOW = timedelta(seconds=30)
+
+
+def test_attach_returns_the_live_pipeline_and_a_new_one_starts_once_it_ended(backend: Any) -> None:
+    clock = FakeClock()
+    orchestrator = Orchestrator(backend, clock=clock)
+    first = KeyRacePipeline.create(backend, {"order": 1}, key="k", if_running="attach", clock=clock)
+    same = KeyRacePipeline.create(backend, {"order": 2}, key="k", if_running="attach", clock=clock)
+    assert (first.created, same.created, same.uuid, same.record.params) == (True, False, first.uuid, {"order": 1})
+    with pytest.raises(KeyRunningError, match=r"key 'k' names pipeline KeyRacePipeline .*, which has not ended"):
+        KeyRacePipeline.create(backend, {"order": 3}, key="k", if_running="error", clock=clock)
+    with pytest.raises(KeyConflictError, match="this create asked for BatchPipeline: use another key"):
+        BatchPipeline.create(backend, {"ids": [1]}, key="k", if_running="attach", clock=clock)
+    assert [p.uuid for p in orchestrator.list_pipelines()] == [first.uuid]  # nothing stored by those
+    orchestrator.execute_pipelines()
+    assert orchestrator.get(first.uuid).pipeline.status == Status.FINISHED
+    clock.advance(1)
+    second = KeyRacePipeline.create(backend, {"order": 4}, key="k", if_running="error", clock=clock)
+    assert second.created and second.uuid != first.uuid  # an ended pipeline does not hold its key
+    again = KeyRacePipeline.create(backend, {"order": 5}, key="k", if_running="attach", clock=clock)
+    assert (again.created, again.uuid) == (False, second.uuid)
+    assert orchestrator.get_by_key("k").pipeline.uuid == second.uuid  # the live one
+    assert {p.uuid for p in orchestrator.query(key="k").pipelines} == {first.uuid, second.uuid}
+    orchestrator.execute_pipelines()
+    assert orchestrator.get_by_key("k").pipeline.uuid == second.uuid  # all ended: the newest
+
+
+def test_debounce_collapses_the_creates_of_a_window_into_one_pipeline(backend: Any) -> None:
+    clock = FakeClock()
+    orchestrator = Orchestrator(backend, clock=clock)
+    first = BatchPipeline.create(backend, {"ids": [1]}, key="b", debounce=WINDOW, clock=clock)
+    assert first.created and first.record.next_run_at == clock.now() + WINDOW
+    clock.advance(20)
+    second = BatchPipeline.create(backend, {"ids": [2]}, key="b", debounce=WINDOW, clock=clock)
+    assert (second.created, second.uuid, second.record.params) == (False, first.uuid, {"ids": [1, 2]})  # merge
+    clock.advance(20)  # the first create's window has passed, not the second's
+    orchestrator.execute_pipelines()
+    stored = orchestrator.get(first.uuid).pipeline
+    assert (stored.status, stored.claims, stored.next_run_at) == (Status.PENDING, 0, clock.now() + timedelta(seconds=10))
+    clock.advance(10)
+    orchestrator.execute_pipelines()
+    state = orchestrator.get(first.uuid)
+    assert state.pipeline.status == Status.FINISHED and state.steps[0].output == {"ids": [1, 2]}
+    third = BatchPipeline.create(backend, {"ids": [3]}, key="b", debounce=WINDOW, clock=clock)
+    assert third.created and third.uuid != first.uuid  # it started: a new window, a new pipeline
+    last = KeyRacePipeline.create(backend, {"order": 1}, key="plain", debounce=WINDOW, clock=clock)
+    later = KeyRacePipeline.create(backend, {"order": 2}, key="plain", debounce=WINDOW, clock=clock)
+    assert (later.uuid, later.record.params) == (last.uuid, {"order": 2})  # no merge declared: the last wins
+
+
+def test_a_debounced_create_after_a_claim_starts_a_new_pipeline(backend: Any) -> None:
+    """The window's edge in one process: once a worker has claimed the pipeline, a create
+    never changes it (its hooks may be reading the params) but starts the next one."""
+    clock = FakeClock()
+    store = Orchestrator(backend, clock=clock).store
+    first = BatchPipeline.create(backend, {"ids": [1]}, key="edge", debounce=WINDOW, clock=clock)
+    clock.advance(31)
+    now = clock.now()
+    if store.can_claim:
+        assert [p.uuid for p in store.claim_due(now, "worker-1", now + timedelta(minutes=5), 10)] == [first.uuid]
+    else:  # a user's repository without a claim: the engine marks the pipeline claimed by hand
+        record = store.get_pipeline(first.uuid)
+        assert record is not None
+        record.claims, record.lease_owner = 1, "worker-1"
+        store.commit([record])
+    second = BatchPipeline.create(backend, {"ids": [2]}, key="edge", debounce=WINDOW, clock=clock)
+    assert second.created and second.uuid != first.uuid
+    assert store.get_pipeline(first.uuid).params == {"ids": [1]}  # type: ignore[union-attr]
+    third = BatchPipeline.create(backend, {"ids": [3]}, key="edge", debounce=WINDOW, clock=clock)
+    assert (third.created, third.uuid, third.record.params) == (False, second.uuid, {"ids": [2, 3]})
+
+
+@pytest.mark.parametrize(
+    ("options", "error", "message"),
+    [
+        ({"debounce": WINDOW}, InvalidKeyError, "debounce= needs key="),
+        ({"if_running": "attach"}, InvalidKeyError, "if_running='attach' needs key="),
+        ({"key": "x", "if_running": "wait"}, InvalidParamsError, "if_running='wait': use one of 'same', 'attach', 'error'"),
+        ({"key": "x", "debounce": timedelta(seconds=-1)}, InvalidParamsError, "give a positive timedelta"),
+        ({"key": "x", "debounce": 30}, InvalidParamsError, "debounce=30: give a positive timedelta"),
+        ({"key": "x", "debounce": WINDOW, "if_running": "error"}, InvalidParamsError, "do not combine"),
+        ({"key": "x", "if_running": "attach", "uuid": "u-1"}, InvalidKeyError, "give key= or uuid=, not both"),
+        ({"key": "", "if_running": "attach"}, InvalidKeyError, "1 to 200 characters long, not 0"),
+    ],
+)
+def test_bad_options_are_one_clear_error_and_store_nothing(
+    options: dict[str, Any], error: type[Exception], message: str
+) -> None:
+    backend = MemoryBackend()
+    with pytest.raises(error, match=message):
+        BatchPipeline.create(backend, {"ids": [1]}, **options)
+    assert Orchestrator(backend).list_pipelines() == []
+
+
+def test_params_that_fail_validation_on_a_debounced_update_change_nothing(backend: Any) -> None:
+    clock = FakeClock()
+    first = BatchPipeline.create(backend, {"ids": [1]}, key="b", debounce=WINDOW, clock=clock)
+    stored = Orchestrator(backend).store.get_pipeline(first.uuid)
+    clock.advance(5)
+    with pytest.raises(InvalidParamsError, match="ids"):
+        BatchPipeline.create(backend, {"ids": "seven"}, key="b", debounce=WINDOW, clock=clock)
+    original = BatchPipeline.merge
+    try:  # a merge that returns what Params refuses
+        BatchPipeline.merge = classmethod(lambda cls, old, new: {"ids": None})  # type: ignore[assignment,method-assign]
+        with pytest.raises(InvalidParamsError, match=r"BatchPipeline.merge\(\) returned params that are not valid"):
+            BatchPipeline.create(backend, {"ids": [2]}, key="b", debounce=WINDOW, clock=clock)
+    finally:
+        BatchPipeline.merge = original  # type: ignore[method-assign]
+    assert Orchestrator(backend).store.get_pipeline(first.uuid) == stored  # params, due time, revision
+    assert len(Orchestrator(backend).list_pipelines()) == 1
+
+
+def test_keys_across_retention(backend: Any) -> None:
+    """A waiting debounced pipeline is pending, so retention never takes it; an ended one it
+    takes with its key, and the key then names only what comes next."""
+    clock = FakeClock()
+    orchestrator = Orchestrator(backend, clock=clock)
+    try:
+        orchestrator.store.deleters()
+    except ConfigurationError:
+        pytest.skip("this repository cannot delete: nothing is ever purged")
+    ended = KeyRacePipeline.create(backend, {"order": 1}, key="k", if_running="attach", clock=clock)
+    orchestrator.execute_pipelines()
+    waiting = BatchPipeline.create(backend, {"ids": [1]}, key="b", debounce=timedelta(days=40), clock=clock)
+    clock.advance(31 * 86400)
+    assert orchestrator.purge(timedelta(days=30)).pipelines == 1  # the ended one only
+    with pytest.raises(PipelineNotFoundError, match="no pipeline was created with key 'k'"):
+        orchestrator.get_by_key("k")
+    fresh = KeyRacePipeline.create(backend, {"order": 2}, key="k", if_running="attach", clock=clock)
+    assert fresh.created and fresh.uuid != ended.uuid
+    again = BatchPipeline.create(backend, {"ids": [2]}, key="b", debounce=WINDOW, clock=clock)
+    assert (again.created, again.uuid, again.record.params) == (False, waiting.uuid, {"ids": [1, 2]})
+    clock.advance(31)
+    orchestrator.execute_pipelines()
+    clock.advance(31 * 86400)
+    assert orchestrator.purge(timedelta(days=30)).pipelines == 2
+    after = BatchPipeline.create(backend, {"ids": [3]}, key="b", debounce=WINDOW, clock=clock)
+    assert after.created and after.uuid != waiting.uuid
+
+
+def test_a_create_landing_while_a_worker_claims_the_pipeline_loses_no_params(postgres_url: str) -> None:
+    """The window's edge on PostgreSQL, where a claim does not wait for a create: a worker
+    (another thread, its own connection) claims the pipeline between this create's look-up and
+    its write. The write's compare-and-set is refused; the create tries again, finds the
+    pipeline claimed, and starts a new one with its params."""
+    backend = from_url(postgres_url)
+    first = BatchPipeline.create(backend, {"ids": [1]}, key="edge", debounce=timedelta(milliseconds=1))
+    time.sleep(0.05)
+    store = store_for(backend)
+    claimed: list[str] = []
+
+    def claim() -> None:
+        worker = Store(from_url(postgres_url))
+        now = worker.clock().now()
+        claimed.extend(p.uuid for p in worker.claim_due(now, "worker-1", now + timedelta(minutes=5), 10))
+
+    real = store.pipelines_with_key
+
+    def look_up_then_let_a_worker_claim(key: str) -> list[Any]:
+        found = real(key)
+        if not claimed:
+            thread = threading.Thread(target=claim)
+            thread.start()
+            thread.join(30)
+        return found
+
+    store.pipelines_with_key = look_up_then_let_a_worker_claim  # type: ignore[method-assign]
+    try:
+        second = BatchPipeline.create(backend, {"ids": [2]}, key="edge", debounce=WINDOW)
+    finally:
+        del store.pipelines_with_key
+    assert claimed == [first.uuid]
+    assert second.created and second.uuid != first.uuid and second.record.params == {"ids": [2]}
+    assert store.get_pipeline(first.uuid).params == {"ids": [1]}  # type: ignore[union-attr]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
+def test_four_processes_debouncing_one_key_beside_a_worker(
+    kind: str, tmp_path: Path, request: pytest.FixtureRequest, processes: list[subprocess.Popen[Any]]
+) -> None:
+    """4 creator processes and a worker: a burst of creates in lockstep (window 4 s) is one
+    pipeline, created once; a stream of creates with a 0.25 s window (some landing while the
+    worker claims) loses no create's params: each pipeline ran with exactly the ids of the
+    creates that returned it, and none started before its window had passed."""
+    url = f"sqlite:///{tmp_path / 'debounce.db'}" if kind == "sqlite" else request.getfixturevalue("postgres_url")
+    Orchestrator(url).store.get_pipeline("none")  # the schema, before five processes race to make it
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PRORCH_")}
+    env["PYTHONPATH"] = str(ROOT)
+    worker_command = [PRORCH, "-r", url, "--app", "tests.integration.key_race", "worker", "--interval", "0.05"]
+    processes.append(subprocess.Popen(worker_command, cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True))
+    context = multiprocessing.get_context("spawn")
+    barrier, results = context.Barrier(4), context.Queue()
+    rounds, stream = 5, 12
+    creators = [
+        context.Process(target=debounce_in_lockstep, args=(url, me, barrier, results, rounds, stream))
+        for me in range(4)
+    ]
+    for creator in creators:
+        creator.start()
+    reports = [results.get(timeout=120) for _ in range(4 * (rounds + stream))]
+    for creator in creators:
+        creator.join(30)
+        assert creator.exitcode == 0
+    assert [error for *_, error in reports if error] == []
+    assert len(reports) == 4 * (rounds + stream)
+    orchestrator = Orchestrator(url)
+    burst = [report for report in reports if report[0] == "burst"]
+    assert len({uuid for _, _, uuid, *_ in burst}) == 1 and sum(created for *_, created, _, _ in burst) == 1
+    uuids = {uuid for _, _, uuid, *_ in reports}
+    deadline = time.monotonic() + 90
+    while any(orchestrator.get(uuid).pipeline.status != Status.FINISHED for uuid in uuids):
+        assert time.monotonic() < deadline, "the worker did not finish the debounced pipelines"
+        time.sleep(0.2)
+    for uuid in uuids:
+        mine = [report for report in reports if report[2] == uuid]
+        assert sum(created for *_, created, _, _ in mine) == 1, mine  # created once, by one process
+        step = orchestrator.get(uuid).steps[0]
+        assert step.output == {"ids": sorted(number for _, number, *_ in mine)}  # no create's params lost
+        assert step.started_at is not None and step.started_at >= max(due for *_, due, _ in mine)
