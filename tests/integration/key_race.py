@@ -3,6 +3,7 @@ test_singletons), and the app its worker runs (``--app tests.integration.key_rac
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from pydantic import BaseModel
@@ -33,6 +34,7 @@ class BatchStep(OnStartMixin, Step):
     name = "BatchStep"
 
     def on_start(self) -> None:
+        time.sleep(0.1)  # a while for a create to land on a pipeline that has started
         self.finish({"ids": self.params.ids})  # what it ran with: no create's ids may be missing
 
 
@@ -55,7 +57,6 @@ def debounce_in_lockstep(url: str, me: int, barrier: Any, results: Any, rounds: 
     some land while a worker claims the pipeline; each reports (key, id, uuid, created, the due
     time it stored, error)."""
     import random
-    import time
     from datetime import timedelta
 
     from repositories import from_url
@@ -74,8 +75,8 @@ def debounce_in_lockstep(url: str, me: int, barrier: Any, results: Any, rounds: 
         barrier.wait(timeout=60)
         create("burst", me * 1000 + round_, 4.0)
     for n in range(stream):
-        time.sleep(jitter.uniform(0.05, 0.35))
-        create("stream", me * 1000 + 100 + n, 0.25)
+        time.sleep(jitter.uniform(0.1, 0.6))
+        create("stream", me * 1000 + 100 + n, 0.2)
 
 
 def create_in_lockstep(url: str, keys: list[str], barrier: Any, results: Any, by: str = "key") -> None:
