@@ -52,10 +52,11 @@ class BatchPipeline(Pipeline):
 
 
 def debounce_in_lockstep(url: str, me: int, barrier: Any, results: Any, rounds: int, stream: int) -> None:
-    """``rounds`` debounced creates of key "burst" (window 4 s) in lockstep with the other
-    processes, then ``stream`` creates of key "stream" (window 0.25 s) at random moments, so that
-    some land while a worker claims the pipeline; each reports (key, id, uuid, created, the due
-    time it stored, error)."""
+    """In lockstep with the other processes, ``rounds`` debounced creates of key "burst" (window
+    4 s), then ``2 * rounds`` creates of key "single" with ``if_running="attach"``; then
+    ``stream`` creates of key "stream" (window 0.2 s) at random moments, so that some land while
+    a worker claims the pipeline. Each reports (key, id, uuid, created, the due time it stored,
+    error)."""
     import random
     from datetime import timedelta
 
@@ -74,6 +75,14 @@ def debounce_in_lockstep(url: str, me: int, barrier: Any, results: Any, rounds: 
     for round_ in range(rounds):
         barrier.wait(timeout=60)
         create("burst", me * 1000 + round_, 4.0)
+    for _ in range(rounds * 2):  # attach while the worker ends the key's pipelines
+        barrier.wait(timeout=60)
+        try:
+            made = KeyRacePipeline.create(backend, {"order": me}, key="single", if_running="attach")
+            results.put(("single", me, made.uuid, made.created, None, None))
+        except Exception as exc:
+            results.put(("single", me, None, None, None, f"{type(exc).__name__}: {exc}"))
+        time.sleep(jitter.uniform(0, 0.1))
     for n in range(stream):
         time.sleep(jitter.uniform(0.1, 0.6))
         create("stream", me * 1000 + 100 + n, 0.2)

@@ -4,6 +4,8 @@ with real processes creating one key at once beside a worker (SQLite and Postgre
 
 from __future__ import annotations
 
+import itertools
+import json
 import multiprocessing
 import os
 import subprocess
@@ -71,7 +73,8 @@ def test_debounce_collapses_the_creates_of_a_window_into_one_pipeline(backend: A
     clock.advance(20)  # the first create's window has passed, not the second's
     orchestrator.execute_pipelines()
     stored = orchestrator.get(first.uuid).pipeline
-    assert (stored.status, stored.claims, stored.next_run_at) == (Status.PENDING, 0, clock.now() + timedelta(seconds=10))
+    pushed = clock.now() + timedelta(seconds=10)
+    assert (stored.status, stored.claims, stored.next_run_at) == (Status.PENDING, 0, pushed)
     clock.advance(10)
     orchestrator.execute_pipelines()
     state = orchestrator.get(first.uuid)
@@ -110,7 +113,7 @@ def test_a_debounced_create_after_a_claim_starts_a_new_pipeline(backend: Any) ->
     [
         ({"debounce": WINDOW}, InvalidKeyError, "debounce= needs key="),
         ({"if_running": "attach"}, InvalidKeyError, "if_running='attach' needs key="),
-        ({"key": "x", "if_running": "wait"}, InvalidParamsError, "if_running='wait': use one of 'same', 'attach', 'error'"),
+        ({"key": "x", "if_running": "wait"}, InvalidParamsError, "use one of 'same', 'attach', 'error'"),
         ({"key": "x", "debounce": timedelta(seconds=-1)}, InvalidParamsError, "give a positive timedelta"),
         ({"key": "x", "debounce": 30}, InvalidParamsError, "debounce=30: give a positive timedelta"),
         ({"key": "x", "debounce": WINDOW, "if_running": "error"}, InvalidParamsError, "do not combine"),
@@ -215,7 +218,8 @@ def test_four_processes_debouncing_one_key_beside_a_worker(
     kind: str, tmp_path: Path, request: pytest.FixtureRequest, processes: list[subprocess.Popen[Any]]
 ) -> None:
     """4 creator processes and a worker: a burst of creates in lockstep (window 4 s) is one
-    pipeline, created once; a stream of creates with a 0.2 s window (some landing while the
+    pipeline, created once; creates with if_running="attach" while the worker ends the key's
+    pipelines never leave two live at once; a stream of creates with a 0.2 s window (some landing while the
     worker claims) loses no create's params: each pipeline ran with exactly the ids of the
     creates that returned it, and none started before its window had passed."""
     url = f"sqlite:///{tmp_path / 'debounce.db'}" if kind == "sqlite" else request.getfixturevalue("postgres_url")
@@ -233,24 +237,61 @@ def test_four_processes_debouncing_one_key_beside_a_worker(
     ]
     for creator in creators:
         creator.start()
-    reports = [results.get(timeout=120) for _ in range(4 * (rounds + stream))]
+    reports = [results.get(timeout=120) for _ in range(4 * (3 * rounds + stream))]
     for creator in creators:
         creator.join(30)
         assert creator.exitcode == 0
     assert [error for *_, error in reports if error] == []
-    assert len(reports) == 4 * (rounds + stream)
+    single = [report for report in reports if report[0] == "single"]
+    reports = [report for report in reports if report[0] != "single"]
     orchestrator = Orchestrator(url)
     burst = [report for report in reports if report[0] == "burst"]
     assert len({uuid for _, _, uuid, *_ in burst}) == 1 and sum(created for *_, created, _, _ in burst) == 1
     uuids = {uuid for _, _, uuid, *_ in reports}
     assert len(uuids) >= 3  # the stream's windows passed a few times: creates met claims
     deadline = time.monotonic() + 90
-    while any(orchestrator.get(uuid).pipeline.status != Status.FINISHED for uuid in uuids):
+    every = uuids | {uuid for _, _, uuid, *_ in single}
+    while any(orchestrator.get(uuid).pipeline.status != Status.FINISHED for uuid in every):
         assert time.monotonic() < deadline, "the worker did not finish the debounced pipelines"
         time.sleep(0.2)
+    attached = sorted(orchestrator.query(key="single").pipelines, key=lambda p: p.created_at)  # type: ignore[arg-type, return-value]
+    assert {p.uuid for p in attached} == {uuid for _, _, uuid, *_ in single} and len(attached) >= 2  # some ended
+    assert sum(created for *_, created, _, _ in single) == len(attached)  # each created once
+    for before, after in itertools.pairwise(attached):  # never two live at once: each ended before the next
+        ended = orchestrator.get(before.uuid).steps[0].finished_at
+        assert ended is not None and after.created_at is not None and ended <= after.created_at
     for uuid in uuids:
         mine = [report for report in reports if report[2] == uuid]
         assert sum(created for *_, created, _, _ in mine) == 1, mine  # created once, by one process
         step = orchestrator.get(uuid).steps[0]
         assert step.output == {"ids": sorted(number for _, number, *_ in mine)}  # no create's params lost
         assert step.started_at is not None and step.started_at >= max(due for *_, due, _ in mine)
+
+
+def test_prorch_start_with_if_running_and_debounce(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from prorch.cli.commands import main
+
+    base = ["--repository", f"sqlite:///{tmp_path / 'cli.db'}", "--app", "tests.integration.key_race", "start"]
+
+    def start(*args: str) -> Any:
+        return CliRunner().invoke(main, [*base, *args], env={"PYTHONPATH": str(ROOT)})
+
+    attach = ["KeyRacePipeline", "--key", "k", "--if-running", "attach"]
+    first = start(*attach, "-p", "order=1")
+    assert first.exit_code == 0, first.output
+    assert start(*attach, "-p", "order=2").stdout.strip() == f"{first.stdout.strip()} exists"
+    refused = start("KeyRacePipeline", "-p", "order=3", "--key", "k", "--if-running", "error")
+    assert refused.exit_code == 2 and "if_running='error' stores no second one" in refused.output
+    waiting = start("BatchPipeline", "-p", "ids=[1]", "--key", "b", "--debounce", "30s")
+    updated = start("BatchPipeline", "-p", "ids=[2]", "--key", "b", "--debounce", "30s", "--json")
+    shown = json.loads(updated.stdout)
+    assert (shown["created"], shown["uuid"], shown["params"]) == (False, waiting.stdout.strip(), {"ids": [1, 2]})
+    again = start("BatchPipeline", "-p", "ids=[3]", "--key", "b", "--debounce", "30s")
+    assert again.stdout.strip() == f"{waiting.stdout.strip()} updated"
+    bad = start("BatchPipeline", "-p", "ids=[1]", "--key", "b", "--debounce", "soon")
+    assert bad.exit_code == 2 and "--debounce 'soon': give an age such as 30d, 12h or 90m" in bad.output
+    keyless = start("BatchPipeline", "-p", "ids=[1]", "--debounce", "30s")
+    assert keyless.exit_code == 2 and "debounce= needs key=" in keyless.output
+    assert len(Orchestrator(f"sqlite:///{tmp_path / 'cli.db'}").list_pipelines()) == 2
