@@ -295,3 +295,29 @@ def test_prorch_start_with_if_running_and_debounce(tmp_path: Path) -> None:
     keyless = start("BatchPipeline", "-p", "ids=[1]", "--debounce", "30s")
     assert keyless.exit_code == 2 and "debounce= needs key=" in keyless.output
     assert len(Orchestrator(f"sqlite:///{tmp_path / 'cli.db'}").list_pipelines()) == 2
+
+
+def test_a_childs_key_is_its_parents_own_and_attach_finds_it_by_the_whole_key(backend: Any, registry: Any) -> None:
+    """A hook's ``start_child(..., key="1")`` stores the key ``child:<parent>:<step>:1``: a create
+    with key "1" and if_running="attach" starts a pipeline of its own, and one with the child's
+    whole key attaches to the live child instead of starting a second."""
+    from tests.support.builders import pipeline_of, step_of
+
+    def fan_out(step: Any) -> None:
+        step.metadata["kid"] = step.start_child("Thumb", {"size": 1}, key="1")
+        step.wait(seconds=86400)
+
+    pipeline_of(step_of("Resize", lambda step: step.finish({"px": 2})), name="Thumb")
+    gallery_class = pipeline_of(step_of("Fan", fan_out), name="Gallery")
+    clock = FakeClock()
+    orchestrator = Orchestrator(backend, registry=registry, clock=clock)
+    gallery = gallery_class.create(backend, {}, clock=clock, registry=registry)
+    thumb = registry.pipeline("Thumb")
+    orchestrator.execute_pipelines()  # the parent's hook starts its child, which is still pending
+    (child,) = orchestrator.store.children_of(gallery.uuid)
+    assert child.status == Status.PENDING and child.key == f"child:{gallery.uuid}:Fan:1"
+    own = thumb.create(backend, {"size": 1}, key="1", if_running="attach", clock=clock, registry=registry)
+    assert own.created and own.uuid != child.uuid and own.record.parent_uuid is None
+    attached = thumb.create(backend, {"size": 5}, key=child.key, if_running="attach", clock=clock, registry=registry)
+    assert (attached.created, attached.uuid) == (False, child.uuid)
+    assert orchestrator.get_by_key(child.key or "").pipeline.uuid == child.uuid
