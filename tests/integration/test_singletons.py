@@ -308,13 +308,14 @@ def test_a_childs_key_is_its_parents_own_and_attach_finds_it_by_the_whole_key(ba
         step.wait(seconds=86400)
 
     pipeline_of(step_of("Resize", lambda step: step.finish({"px": 2})), name="Thumb")
-    gallery_class = pipeline_of(step_of("Fan", fan_out), name="Gallery")
+    gallery_class = pipeline_of(step_of("Fan", fan_out, lambda step: step.wait(seconds=86400)), name="Gallery")
     clock = FakeClock()
     orchestrator = Orchestrator(backend, registry=registry, clock=clock)
     gallery = gallery_class.create(backend, {}, clock=clock, registry=registry)
     thumb = registry.pipeline("Thumb")
     orchestrator.execute_pipelines()  # the parent's hook starts its child, which is still pending
     (child,) = orchestrator.store.children_of(gallery.uuid)
+    assert orchestrator.get(gallery.uuid).pipeline.status == Status.PENDING  # the parent waits for it
     assert child.status == Status.PENDING and child.key == f"child:{gallery.uuid}:Fan:1"
     own = thumb.create(backend, {"size": 1}, key="1", if_running="attach", clock=clock, registry=registry)
     assert own.created and own.uuid != child.uuid and own.record.parent_uuid is None
