@@ -322,3 +322,27 @@ def test_a_childs_key_is_its_parents_own_and_attach_finds_it_by_the_whole_key(ba
     attached = thumb.create(backend, {"size": 5}, key=child.key, if_running="attach", clock=clock, registry=registry)
     assert (attached.created, attached.uuid) == (False, child.uuid)
     assert orchestrator.get_by_key(child.key or "").pipeline.uuid == child.uuid
+
+
+def test_a_keys_lock_holds_other_creates_of_that_key_until_the_transaction_ends(postgres_url: str) -> None:
+    """``lock_key`` on PostgreSQL: a second transaction locking the same key waits for the
+    first to end; another key does not wait."""
+    holder, waiter = Store(from_url(postgres_url)), Store(from_url(postgres_url))
+    waited: list[tuple[str, float]] = []
+
+    def lock(store: Store, key: str) -> None:
+        started = time.monotonic()
+        with store.transaction():
+            store.lock_key(key)
+        waited.append((key, time.monotonic() - started))
+
+    with holder.transaction():
+        holder.lock_key("k")
+        threads = [threading.Thread(target=lock, args=(waiter, key)) for key in ("other", "k")]
+        for thread in threads:
+            thread.start()
+        time.sleep(0.5)
+        assert [key for key, _ in waited] == ["other"]  # "k" still waits for this transaction
+    for thread in threads:
+        thread.join(30)
+    assert [key for key, _ in waited] == ["other", "k"] and dict(waited)["k"] >= 0.5
