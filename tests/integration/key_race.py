@@ -82,7 +82,7 @@ def debounce_in_lockstep(url: str, me: int, barrier: Any, results: Any, rounds: 
             results.put(("single", me, made.uuid, made.created, None, None))
         except Exception as exc:
             results.put(("single", me, None, None, None, f"{type(exc).__name__}: {exc}"))
-        time.sleep(jitter.uniform(0, 0.1))
+        time.sleep(jitter.uniform(0.05, 0.15))
     for n in range(stream):
         time.sleep(jitter.uniform(0.1, 0.6))
         create("stream", me * 1000 + 100 + n, 0.2)

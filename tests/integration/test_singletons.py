@@ -227,7 +227,12 @@ def test_four_processes_debouncing_one_key_beside_a_worker(
     env = {k: v for k, v in os.environ.items() if not k.startswith("PRORCH_")}
     env["PYTHONPATH"] = str(ROOT)
     worker_command = [PRORCH, "-r", url, "--app", "tests.integration.key_race", "worker", "--interval", "0.05"]
-    processes.append(subprocess.Popen(worker_command, cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True))
+    with (tmp_path / "worker.log").open("w") as log:
+        processes.append(subprocess.Popen(worker_command, cwd=tmp_path, env=env, stdout=log, stderr=log))
+    deadline = time.monotonic() + 60
+    while not Orchestrator(url).store.workers():  # its heartbeat row: it claims from now on
+        assert time.monotonic() < deadline and processes[0].poll() is None, (tmp_path / "worker.log").read_text()
+        time.sleep(0.1)
     context = multiprocessing.get_context("spawn")
     barrier, results = context.Barrier(4), context.Queue()
     rounds, stream = 5, 12
