@@ -115,7 +115,7 @@ class Pipeline(PipelineDefinition):
             )  # fmt: skip
         if key is not None and (if_running != "same" or debounce is not None):
             if uuid is not None:
-                raise InvalidKeyError("give key= or uuid=, not both: a keyed pipeline's uuid comes from its key")
+                raise InvalidKeyError("give key= or uuid=, not both: with if_running or debounce the key finds it")
             store = store_for(repository)
             clock = store.clock(clock)
             record, made = create_single(
