@@ -173,8 +173,17 @@ def _debounced(
 
 
 def is_waiting(record: PipelineRecord) -> bool:
-    """A debounced pipeline still in its window: pending and never claimed (``claims`` 0)."""
-    return record.status == Status.PENDING and record.claims == 0 and record.lease_owner is None
+    """A debounced pipeline still in its window: pending, not claimed now (a claim sets
+    ``claims`` and the lease), and never started: no step has started (``current_step``, set
+    with the first) and no hook is marked running. A started pipeline whose step waits is
+    unleased with ``claims`` 0 again, and must not be taken for one."""
+    return (
+        record.status == Status.PENDING
+        and record.claims == 0
+        and record.lease_owner is None
+        and record.hook_started_at is None
+        and record.metadata.get("current_step") is None
+    )
 
 
 def _same_name(definition: type[PipelineDefinition], found: PipelineRecord, key: str) -> None:

@@ -108,6 +108,28 @@ def test_a_debounced_create_after_a_claim_starts_a_new_pipeline(backend: Any) ->
     assert (third.created, third.uuid, third.record.params) == (False, second.uuid, {"ids": [2, 3]})
 
 
+def test_a_debounced_create_leaves_a_started_pipeline_that_waits_alone(backend: Any, registry: Any) -> None:
+    """Regression: a started pipeline whose step waits (``self.wait``) is pending, unleased and
+    has ``claims`` 0 again (the worker released it); a debounced create took it for one still
+    in its window and changed its params and its wake-up under its hooks."""
+    from tests.support.builders import pipeline_of, step_of
+
+    def poll(step: Any) -> None:
+        step.wait(seconds=3600)
+
+    poller = pipeline_of(step_of("Poll", poll, poll), name="Poller")
+    clock = FakeClock()
+    orchestrator = Orchestrator(backend, registry=registry, clock=clock)
+    first = poller.create(backend, {"n": 1}, key="p", debounce=WINDOW, clock=clock, registry=registry)
+    clock.advance(31)
+    orchestrator.execute_pipelines()  # started: its step waits an hour
+    started = orchestrator.store.get_pipeline(first.uuid)
+    assert started is not None and started.status == Status.PENDING and started.lease_owner is None
+    second = poller.create(backend, {"n": 2}, key="p", debounce=WINDOW, clock=clock, registry=registry)
+    assert second.created and second.uuid != first.uuid
+    assert orchestrator.store.get_pipeline(first.uuid) == started  # its params and wake-up untouched
+
+
 @pytest.mark.parametrize(
     ("options", "error", "message"),
     [
