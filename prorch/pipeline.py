@@ -19,6 +19,7 @@ from prorch.model.status import Status
 from prorch.storage.creation import build_records, check_declared, create_pipelines, store_new
 from prorch.storage.leases import LeaseKeeper
 from prorch.storage.repository import RepositoryLike
+from prorch.storage.singletons import IfRunning, check_options, create_single
 from prorch.storage.store import Store, store_for
 
 
@@ -84,6 +85,8 @@ class Pipeline(PipelineDefinition):
         clock: Clock | None = None,
         uuid: str | None = None,
         registry: Registry | None = None,
+        if_running: IfRunning = "same",
+        debounce: timedelta | None = None,
     ) -> Pipeline:
         """Validate ``params`` and store the pipeline as pending and due now, running no hook:
         the next orchestrator pass runs it. Raises ``InvalidParamsError`` and stores nothing when
@@ -94,14 +97,32 @@ class Pipeline(PipelineDefinition):
         pipeline exactly once: a later create with that key, this pipeline's name and equal
         params returns the stored pipeline with ``created`` False; with another name or other
         params it raises ``KeyConflictError``. ``uuid`` does the same with a uuid of your own.
-        ``registry`` is where this class is registered (default: the global one)."""
+        ``registry`` is where this class is registered (default: the global one).
+
+        ``if_running="attach"`` returns the key's pipeline that has not ended, whatever its params,
+        and ``"error"`` raises ``KeyRunningError`` while there is one; with either, once the
+        key's pipeline has ended the next create starts a new one. ``debounce`` (a timedelta,
+        with ``key``): creates within the window update the one pipeline still waiting (params
+        from ``merge``, the last by default) and push its start to the window's end; once it
+        has been claimed, the next create starts a new one (docs/concepts.md)."""
         registry = registry or current_registry()
+        if_running, debounce = check_options(key, if_running, debounce)
         if version is not None and version != cls.version:
             target = pipeline_class(registry, cls.name or "", version)
             return target.create(
                 repository, params, key=key, tenant=tenant, context=context, priority=priority, clock=clock,
-                uuid=uuid, registry=registry,
+                uuid=uuid, registry=registry, if_running=if_running, debounce=debounce,
             )  # fmt: skip
+        if key is not None and (if_running != "same" or debounce is not None):
+            if uuid is not None:
+                raise InvalidKeyError("give key= or uuid=, not both: with if_running or debounce the key finds it")
+            store = store_for(repository)
+            clock = store.clock(clock)
+            record, made = create_single(
+                store, cls, params, key, if_running=if_running, debounce=debounce, registry=registry, clock=clock,
+                context=context, tenant=tenant, priority=priority,
+            )  # fmt: skip
+            return cls._bound(store, clock, record, created=made, registry=registry)
         (created,) = cls._create_all(
             repository, [params], [key], tenant=tenant, context=context, priority=priority, clock=clock, uuid=uuid,
             registry=registry,

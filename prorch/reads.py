@@ -10,7 +10,7 @@ from typing import Any
 from prorch.model import patches as patch_rules
 from prorch.model.clock import Clock
 from prorch.model.exceptions import PipelineNotFoundError, ProrchError, WaitTimeoutError
-from prorch.model.keys import uuid_for_key
+from prorch.model.keys import check_key, uuid_for_key
 from prorch.model.records import EventRecord, PipelineRecord, StepRecord
 from prorch.model.registry import Registry
 from prorch.model.status import TERMINAL, Status
@@ -109,12 +109,15 @@ class Reads:
 
     def get_by_key(self, key: str, *, workers_code: bool = True) -> PipelineState:
         """The pipeline created with ``key`` (``create(key=...)``), with its steps (``workers_code``
-        as for ``get``)."""
-        uuid = uuid_for_key(key)
+        as for ``get``): the one that has not ended, else the newest (a key used with
+        ``if_running`` or ``debounce`` may name several over time)."""
+        found = self.store.pipelines_with_key(check_key(key))
+        live = [record for record in found if record.status not in TERMINAL]
+        chosen = (live or found)[-1].uuid if found else uuid_for_key(key)
         try:
-            return self.get(uuid, workers_code=workers_code)
+            return self.get(chosen, workers_code=workers_code)
         except PipelineNotFoundError:
-            raise PipelineNotFoundError(f"no pipeline was created with key {key!r}", uuid=uuid) from None
+            raise PipelineNotFoundError(f"no pipeline was created with key {key!r}", uuid=chosen) from None
 
     def history(self, uuid: str) -> list[EventRecord]:
         """The pipeline's events, oldest first."""

@@ -25,7 +25,7 @@ from prorch.model.status import Status
 from prorch.storage.composed import RepositoryBackend
 from prorch.storage.repository import ClaimsByRequest, IRepository
 
-INDEXED = ("pipeline_uuid", "status")  # the fields the engine searches by
+INDEXED = ("pipeline_uuid", "status", "key")  # the fields the engine searches by
 TICKS = "schedule_ticks"  # the table of schedules' last ticks, one row per schedule
 WORKERS = "workers"  # the table of worker rows, by worker id
 

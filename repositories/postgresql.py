@@ -24,6 +24,7 @@ from repositories.schema import TABLES
 from repositories.sql import DatabaseRefusedError, SQLBackend, SQLRepository
 
 NOTIFY = text("SELECT pg_notify(:channel, '')")
+KEY_LOCK = text("SELECT pg_advisory_xact_lock(hashtextextended(:key, 0))")
 SCHEMA_LOCK = 7270712
 """The advisory lock key of schema upgrades ('prorch')."""
 
@@ -84,6 +85,13 @@ class PostgreSQLBackend(SQLBackend):
         """A transaction-scoped advisory lock per pipeline name: two workers counting and
         claiming the same limited name take turns (``max_running``)."""
         connection.execute(text("SELECT pg_advisory_xact_lock(hashtext(:key))"), {"key": f"prorch:limit:{name}"})
+
+    def lock_key(self, key: str) -> None:
+        """A transaction-scoped advisory lock per creation key (64-bit hash): two processes
+        creating with one key take turns between the look-up and the insert or update."""
+        connection = self.current_connection()
+        if connection is not None:
+            connection.execute(KEY_LOCK, {"key": f"prorch:key:{key}"})
 
     def lock_schema(self, connection: Connection) -> None:
         connection.execute(text(f"SELECT pg_advisory_xact_lock({SCHEMA_LOCK})"))

@@ -26,7 +26,7 @@ from sqlalchemy.dialects.postgresql import JSONB
 
 from prorch.model.records import Metadata as Models
 
-SCHEMA_REVISION = "0016"
+SCHEMA_REVISION = "0019"
 """The newest migration; a store at this revision needs no upgrade."""
 VERSION_TABLE = "prorch_schema_version"
 HISTORY_TABLE = "prorch_schema_migrations"
@@ -36,6 +36,7 @@ Json = JSON().with_variant(JSONB(), "postgresql")
 ENDED = text("status IN ('finished', 'failed', 'cancelled')")
 LEASED = text("lease_expires_at IS NOT NULL")
 UNREAD = text("consumed_at IS NULL")
+KEYED = text("key IS NOT NULL")
 Timestamp = DateTime(timezone=True)
 
 metadata = MetaData()
@@ -74,6 +75,8 @@ pipelines = Table(
     # the dashboard's counts by status, name and version, read from the index alone
     Index("ix_pipelines_status_name", "status", "name", "version"),
     Index("ix_pipelines_parent", "parent_uuid"),  # a pipeline's children
+    # a creation key's pipelines (if_running, debounce, get_by_key): keyed rows only
+    Index("ix_pipelines_key", "key", sqlite_where=KEYED, postgresql_where=KEYED),
     # live leases by name, for max_running: only leased rows, so as small as the work in flight
     Index("ix_pipelines_leased", "name", "lease_expires_at", sqlite_where=LEASED, postgresql_where=LEASED),
     # ended pipelines only: "ended in the last hour" without indexing every transition

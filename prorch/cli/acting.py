@@ -25,7 +25,9 @@ from prorch.model.exceptions import (
 from prorch.model.registry import current_registry
 from prorch.model.status import Status
 from prorch.pipeline import pipeline_class
+from prorch.storage.listing import parse_age
 from prorch.storage.outside import NO_PAYLOAD
+from prorch.storage.singletons import IF_RUNNING, IfRunning
 
 F = TypeVar("F", bound=Callable[..., Any])
 CLI_ACTOR = "cli"
@@ -49,12 +51,28 @@ def reason_option() -> Callable[[F], F]:
     help="Create it once: a repeat with this key, NAME and params prints the stored pipeline's uuid "
     "and 'exists'; with another NAME or params it is an error.",
 )
+@click.option(
+    "--if-running",
+    "if_running",
+    type=click.Choice(IF_RUNNING),
+    default="same",
+    show_default=True,
+    help="With --key, when the key's pipeline has not ended: 'same' as above; 'attach' prints its uuid "
+    "and 'exists' whatever its params; 'error' refuses. With attach and error an ended pipeline does not "
+    "hold its key.",
+)
+@click.option(
+    "--debounce",
+    help="With --key: a quiet window (30s, 5m): creates within it update the one pipeline still waiting "
+    "(printed with 'updated') and push its start to the window's end.",
+)
 @click.option("--json", "as_json", is_flag=True, help='Print the pipeline as JSON, with "created": true/false.')
 @click.pass_obj
 def start(ctx: Context, name: str, pairs: tuple[str, ...], params_json: str | None, version: int | None,
-          tenant: str | None, priority: int | None, key: str | None, as_json: bool) -> None:  # fmt: skip
+          tenant: str | None, priority: int | None, key: str | None, if_running: IfRunning, debounce: str | None,
+          as_json: bool) -> None:  # fmt: skip
     """Create a pipeline NAME, pending and due now (the next pass runs it). Prints its uuid, with
-    ' exists' after it when --key found it already stored."""
+    ' exists' after it when --key found it already stored (' updated' with --debounce)."""
     with reported(ctx):
         params = parse_params(pairs, params_json)
         repository = ctx.repository()
@@ -64,11 +82,14 @@ def start(ctx: Context, name: str, pairs: tuple[str, ...], params_json: str | No
         override = settings.pipelines.get(name)
         if priority is None and override is not None:
             priority = override.priority
-        created = pipeline_cls.create(repository, params, key=key, tenant=tenant, priority=priority)
+        window = parse_age(debounce, "--debounce") if debounce is not None else None
+        created = pipeline_cls.create(
+            repository, params, key=key, tenant=tenant, priority=priority, if_running=if_running, debounce=window
+        )
     if as_json:
         echo_json({**created.record.to_dict(), "created": created.created})
     else:
-        click.echo(created.uuid if created.created else f"{created.uuid} exists")
+        click.echo(created.uuid if created.created else f"{created.uuid} {'updated' if window else 'exists'}")
 
 
 @click.command()

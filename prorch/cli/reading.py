@@ -44,7 +44,7 @@ from prorch.storage.listing import MAX_LIMIT, parse_moment
 @click.option("--name", help="Only pipelines with this name.")
 @click.option("--version", "version", type=int, help="Only pipelines of this version.")
 @click.option("--tenant", help="Only pipelines of this tenant.")
-@click.option("--key", help="Only the pipeline created with this key.")
+@click.option("--key", help="Only the pipelines created with this key.")
 @click.option(
     "--param",
     "param",
@@ -86,7 +86,9 @@ def list_pipelines(ctx: Context, status: str | None, state: str | None, name: st
 
 @click.command()
 @click.argument("uuid", required=False)
-@click.option("--key", help="Show the pipeline created with this key (prorch start --key) instead.")
+@click.option(
+    "--key", help="Show the pipeline created with this key (prorch start --key) instead: the live one, else the newest."
+)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.option(
     "--traceback/--no-traceback",

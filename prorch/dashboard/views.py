@@ -16,7 +16,6 @@ from prorch.bulk import Filters
 from prorch.dashboard import timeline
 from prorch.display import app_loaded, lease_holder, state_text, step_limits, step_seconds
 from prorch.model.exceptions import InvalidParamsError, PipelineNotFoundError, ProrchError
-from prorch.model.keys import uuid_for_key
 from prorch.model.records import EventRecord, PipelineRecord, StepRecord
 from prorch.model.status import TERMINAL, EventType, Status
 from prorch.model.substates import STATES
@@ -159,13 +158,10 @@ def find(orchestrator: Orchestrator, text: str) -> str:
     canonical = _as_uuid(text)
     if canonical is not None and orchestrator.store.get_pipeline(canonical) is not None:
         return canonical
-    try:
-        by_key: str | None = uuid_for_key(text)  # a key names its pipeline's uuid
-    except InvalidParamsError:  # not a valid key (too long, NUL): no pipeline has it
-        by_key = None
-    if by_key is not None and orchestrator.store.get_pipeline(by_key) is not None:
-        return by_key
-    raise PipelineNotFoundError(f"no pipeline has the uuid or key {text!r}", uuid=text)
+    try:  # the key's live pipeline, else its newest (if_running and debounce reuse keys)
+        return orchestrator.get_by_key(text, workers_code=False).pipeline.uuid
+    except (InvalidParamsError, PipelineNotFoundError):  # no pipeline has it (or it is no valid key)
+        raise PipelineNotFoundError(f"no pipeline has the uuid or key {text!r}", uuid=text) from None
 
 
 def _as_uuid(text: str) -> str | None:

@@ -62,6 +62,13 @@ class PipelineDefinition:
             ) from exc
         return copied
 
+    @classmethod
+    def merge(cls, old_params: JSONDict, new_params: JSONDict) -> Any:
+        """Debounce (``create(key=..., debounce=...)``): the params of a pipeline still waiting
+        in its window when another create lands in it, from its stored params and the new
+        create's (both validated). The result is validated again. Default: the last wins."""
+        return new_params
+
 
 def _validated_by_model(name: str | None, model_cls: type[BaseModel], params: Any) -> JSONDict:
     if isinstance(params, dict) and model_cls.model_config.get("extra") in (None, "ignore"):

@@ -51,6 +51,11 @@ class KeyConflictError(ProrchError, ValueError):
     was stored."""
 
 
+class KeyRunningError(KeyConflictError):
+    """``create(key=..., if_running="error")``: a pipeline with that key has not ended yet;
+    nothing was stored."""
+
+
 class InvalidOutputError(ProrchError, ValueError):
     """A step's output is not valid JSON-compatible data or does not match its Output model."""
 

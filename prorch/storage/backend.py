@@ -253,6 +253,13 @@ class Backend(Protocol):
         """Hold this thread's connections for a block of work, where the store has any."""
         ...
 
+    def lock_key(self, key: str) -> None:
+        """Inside ``transaction()``: other transactions locking ``key`` wait until this one ends,
+        so that a create by key (look up, then insert or update) runs one at a time per key in
+        every process. Nothing to do where a transaction already holds the store's only write
+        lock (SQLite, TinyDB, memory); an advisory lock on PostgreSQL."""
+        ...
+
     # --- waiting -------------------------------------------------------------------------------
 
     def wait_for_work(self, timeout: float) -> bool:

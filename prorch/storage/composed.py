@@ -179,6 +179,10 @@ class RepositoryBackend(Committer):
     def session(self) -> contextlib.AbstractContextManager[None]:
         return contextlib.nullcontext()
 
+    def lock_key(self, key: str) -> None:
+        """Nothing: ``transaction()`` holds the store's only write lock here (memory, TinyDB,
+        SQLite), or the store has no transactions (a user's repository: one process only)."""
+
     # --- waiting (prorch.storage.wakeups) -------------------------------------------------------
 
     def wake_bell(self) -> Bell:

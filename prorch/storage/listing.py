@@ -7,13 +7,13 @@ from __future__ import annotations
 import json
 import re
 from collections import Counter
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from prorch.model import substates
 from prorch.model.exceptions import InvalidParamsError
-from prorch.model.keys import uuid_for_key
+from prorch.model.keys import check_key
 from prorch.model.patches import recorded as recorded_patches
 from prorch.model.records import PipelineRecord
 from prorch.model.status import TERMINAL, Status
@@ -35,7 +35,7 @@ class PipelinePage:
 
 
 def checked(query: PipelineQuery) -> PipelineQuery:
-    """The query with a key turned into its uuid; one clear error for a bad filter."""
+    """The query, checked: one clear error for a bad filter."""
     if isinstance(query.limit, bool) or not isinstance(query.limit, int) or not 1 <= query.limit <= MAX_LIMIT:
         raise InvalidParamsError(f"limit must be a whole number from 1 to {MAX_LIMIT}, got {query.limit!r}")
     if query.param is not None:
@@ -56,7 +56,7 @@ def checked(query: PipelineQuery) -> PipelineQuery:
         if query.now is None:
             raise InvalidParamsError("a state filter needs the time to judge it at (query.now)")
     if query.key is not None:
-        query = replace(query, uuid=uuid_for_key(query.key))
+        check_key(query.key)  # every pipeline of the key: with if_running or debounce, it may name several
     return query
 
 

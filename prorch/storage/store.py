@@ -127,6 +127,11 @@ class Store:
         """The pipelines started by ``uuid``'s hooks, oldest first."""
         return sorted(self._search(PipelineRecord, "parent_uuid", uuid), key=listing.newest_first)
 
+    def pipelines_with_key(self, key: str) -> list[PipelineRecord]:
+        """Every stored pipeline created with ``key`` (one, or with ``if_running`` and
+        ``debounce``, one per time the key was free), oldest first."""
+        return sorted(self._search(PipelineRecord, "key", key), key=listing.newest_first)
+
     def steps_of(self, pipeline_uuid: str) -> list[StepRecord]:
         return self._search(StepRecord, "pipeline_uuid", pipeline_uuid)
 
@@ -230,6 +235,10 @@ class Store:
 
     def transaction(self) -> contextlib.AbstractContextManager[None]:
         return self.engine.transaction()
+
+    def lock_key(self, key: str) -> None:
+        """Inside ``transaction()``: creates by ``key`` in other transactions wait for this one."""
+        call("lock a creation key", self.engine.lock_key, key)
 
     def insert_all(self, records: Sequence[Record]) -> None:
         """Store new records (a pipeline with its steps and first event) as one unit."""

@@ -1,8 +1,12 @@
-"""A process that creates pipelines by key in lockstep with others (for test_creation_keys)."""
+"""A process that creates pipelines by key in lockstep with others (for test_creation_keys and
+test_singletons), and the app its worker runs (``--app tests.integration.key_race``)."""
 
 from __future__ import annotations
 
+import time
 from typing import Any
+
+from pydantic import BaseModel
 
 from prorch import OnStartMixin, Pipeline, Step, register_pipeline, register_step
 
@@ -19,6 +23,69 @@ class KeyRaceStep(OnStartMixin, Step):
 class KeyRacePipeline(Pipeline):
     name = "KeyRacePipeline"
     steps = [KeyRaceStep]
+
+
+class Batch(BaseModel):
+    ids: list[int]
+
+
+@register_step
+class BatchStep(OnStartMixin, Step):
+    name = "BatchStep"
+
+    def on_start(self) -> None:
+        time.sleep(0.1)  # a while for a create to land on a pipeline that has started
+        self.finish({"ids": self.params.ids})  # what it ran with: no create's ids may be missing
+
+
+@register_pipeline
+class BatchPipeline(Pipeline):
+    """Debounced: the creates of one window merge their ids, so a lost update shows as a lost id."""
+
+    name = "BatchPipeline"
+    steps = [BatchStep]
+    Params = Batch
+
+    @classmethod
+    def merge(cls, old_params: dict[str, Any], new_params: dict[str, Any]) -> dict[str, Any]:
+        return {"ids": sorted(set(old_params["ids"]) | set(new_params["ids"]))}
+
+
+def debounce_in_lockstep(url: str, me: int, barrier: Any, results: Any, rounds: int, stream: int) -> None:
+    """In lockstep with the other processes, ``rounds`` debounced creates of key "burst" (window
+    4 s), then ``2 * rounds`` creates of key "single" with ``if_running="attach"``; then
+    ``stream`` creates of key "stream" (window 0.2 s) at random moments, so that some land while
+    a worker claims the pipeline. Each reports (key, id, uuid, created, the due time it stored,
+    error)."""
+    import random
+    from datetime import timedelta
+
+    from repositories import from_url
+
+    backend = from_url(url)
+    jitter = random.Random(me)
+
+    def create(key: str, number: int, window: float) -> None:
+        try:
+            made = BatchPipeline.create(backend, {"ids": [number]}, key=key, debounce=timedelta(seconds=window))
+            results.put((key, number, made.uuid, made.created, made.record.next_run_at, None))
+        except Exception as exc:  # reported to the test, which fails on it
+            results.put((key, number, None, None, None, f"{type(exc).__name__}: {exc}"))
+
+    for round_ in range(rounds):
+        barrier.wait(timeout=60)
+        create("burst", me * 1000 + round_, 4.0)
+    for _ in range(rounds * 2):  # attach while the worker ends the key's pipelines
+        barrier.wait(timeout=60)
+        try:
+            made = KeyRacePipeline.create(backend, {"order": me}, key="single", if_running="attach")
+            results.put(("single", me, made.uuid, made.created, None, None))
+        except Exception as exc:
+            results.put(("single", me, None, None, None, f"{type(exc).__name__}: {exc}"))
+        time.sleep(jitter.uniform(0.05, 0.15))
+    for n in range(stream):
+        time.sleep(jitter.uniform(0.1, 0.6))
+        create("stream", me * 1000 + 100 + n, 0.2)
 
 
 def create_in_lockstep(url: str, keys: list[str], barrier: Any, results: Any, by: str = "key") -> None:
