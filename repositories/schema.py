@@ -26,7 +26,7 @@ from sqlalchemy.dialects.postgresql import JSONB
 
 from prorch.model.records import Metadata as Models
 
-SCHEMA_REVISION = "0016"
+SCHEMA_REVISION = "0020"
 """The newest migration; a store at this revision needs no upgrade."""
 VERSION_TABLE = "prorch_schema_version"
 HISTORY_TABLE = "prorch_schema_migrations"
@@ -34,6 +34,7 @@ HISTORY_TABLE = "prorch_schema_migrations"
 
 Json = JSON().with_variant(JSONB(), "postgresql")
 ENDED = text("status IN ('finished', 'failed', 'cancelled')")
+KEYED = text("concurrency_key IS NOT NULL")
 LEASED = text("lease_expires_at IS NOT NULL")
 UNREAD = text("consumed_at IS NULL")
 Timestamp = DateTime(timezone=True)
@@ -66,6 +67,7 @@ pipelines = Table(
     Column("key", String(200)),
     Column("parent_uuid", String(36)),
     Column("trace", Json),
+    Column("concurrency_key", String(400)),  # its class's concurrency key value, JSON text (max_running_per_key)
     Index("ix_pipelines_due", "status", "next_run_at", "priority"),
     # newest-first listings by keyset, alone or after a status or name filter (prorch list)
     Index("ix_pipelines_created", "created_at", "uuid"),
@@ -76,6 +78,10 @@ pipelines = Table(
     Index("ix_pipelines_parent", "parent_uuid"),  # a pipeline's children
     # live leases by name, for max_running: only leased rows, so as small as the work in flight
     Index("ix_pipelines_leased", "name", "lease_expires_at", sqlite_where=LEASED, postgresql_where=LEASED),
+    # the keyed pipelines by name and concurrency key: a key's pipelines (only keyed rows)
+    Index(
+        "ix_pipelines_concurrency_key", "name", "concurrency_key", "status", sqlite_where=KEYED, postgresql_where=KEYED
+    ),
     # ended pipelines only: "ended in the last hour" without indexing every transition
     Index("ix_pipelines_ended", "updated_at", sqlite_where=ENDED, postgresql_where=ENDED),
 )

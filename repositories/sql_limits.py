@@ -1,9 +1,12 @@
 """The claim of one limited pipeline name as SQL (``max_running``, ``max_running_per_tenant``,
-``rate_limit``: ``prorch.model.limit_rules``). It runs in a transaction that holds the name's lock
-(``SQLBackend.lock_name``: SQLite's write lock, a PostgreSQL advisory lock), so counting and
-claiming are one step for every worker: it counts the name's live leases (per tenant when it
-must) and its claims within the rate's period, leases only what the limits leave room for, and
-stores one start per claim of a rate-limited name."""
+``max_running_per_key``, ``rate_limit``, ``fair``: ``prorch.model.limit_rules``). It runs in a
+transaction that holds the name's lock (``SQLBackend.lock_name``: SQLite's write lock, a
+PostgreSQL advisory lock), so counting and claiming are one step for every worker: it counts the
+name's live leases (per group when it must) and its claims within the rate's period, leases only
+what the limits leave room for, and stores one start per claim of a rate-limited name. Per
+tenant and per key are one path (a grouping each: the tenant in the context's JSON, the stored
+``concurrency_key`` column), and so is a fair claim, which takes the groups' due pipelines in
+turns."""
 
 from __future__ import annotations
 
@@ -13,9 +16,12 @@ from typing import Any
 from sqlalchemy import (
     ColumnElement,
     Connection,
+    Float,
+    Integer,
     Select,
     Table,
     bindparam,
+    case,
     delete,
     func,
     insert,
@@ -28,7 +34,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects.postgresql import JSONB
 
-from prorch.model.limit_rules import ClaimLimit, Tally, TenantKey, within_limits
+from prorch.model.due import CLAIM_ORDER
+from prorch.model.limit_rules import KEY, TENANT, ClaimLimit, Fairness, GroupValue, Tally, TenantKey, within_limits
 from prorch.model.status import Status
 from repositories.schema import rate_limit_starts
 from repositories.sql_listing import json_field_equals
@@ -51,7 +58,7 @@ class LimitedClaim:
         now = bindparam("_now", type_=c.lease_expires_at.type)
         live = (c.name == bindparam("_name"), c.status == Status.PENDING.value, c.lease_expires_at > now)
         self.running = select(func.count()).where(*live)
-        self.leased = select(c.name, c.context).where(*live)
+        self.leased = select(c.name, c.context, c.concurrency_key).where(*live)
         self.claim_some = (
             update(table).where(c.uuid.in_(lockable(self.due).scalar_subquery()))
             .values(lease_values).returning(*table.columns)
@@ -71,7 +78,7 @@ class LimitedClaim:
         if limit.rate is not None:
             connection.execute(self.prune, {"_name": name, "_since": params["_now"] - limit.rate.period})
             tally.started[name] = connection.execute(self.started, {"_name": name}).scalar_one()
-        if limit.per_tenant is not None:
+        if limit.groupings():
             tally.add_leased(row._mapping for row in connection.execute(self.leased, bound))
         elif limit.max_running is not None:
             tally.running[name] = connection.execute(self.running, bound).scalar_one()
@@ -79,28 +86,31 @@ class LimitedClaim:
         room = most if room is None else min(room, most)
         if room <= 0:
             return []
-        if limit.per_tenant is None:
+        if not limit.groupings() and limit.fair is None:
             rows = list(connection.execute(self.claim_some, {**params, "_name": name, "_limit": room}).mappings())
         else:
-            rows = self._claim_per_tenant(connection, name, tally, params, room)
+            rows = self._claim_by_group(connection, name, tally, params, room)
         if limit.rate is not None and rows:
             connection.execute(
                 self.record, [{"name": name, "started_at": params["_now"], "pipeline_uuid": r["uuid"]} for r in rows]
             )
         return rows
 
-    def _claim_per_tenant(
+    def _claim_by_group(
         self, connection: Connection, name: str, tally: Tally, params: dict[str, Any], room: int
     ) -> list[Any]:
-        """Candidates of the tenants not yet full, a window at a time: each window fills at
-        least one more tenant, or the room, or is the last one, so a tenant with many due
-        pipelines never hides the others behind it."""
+        """Candidates of the groups (tenants, keys) not yet full, a window at a time: each window
+        fills at least one more group, or the room, or is the last one, so a group with many
+        due pipelines never hides the others behind it. A fair name's window is in turns."""
         c = self.table.c
+        limit = tally.limits[name]
         rows: list[Any] = []
         while room > 0:
-            window = self.due.add_columns(c.name, c.context).where(
-                *[self._not_of(tenant) for tenant in tally.full_tenants(name)]
-            )
+            full = [self._not_in(by, group) for by, _ in limit.groupings() for group in tally.full_groups(name, by)]
+            if limit.fair is not None:
+                window = self._fair_window(limit.fair, full)
+            else:
+                window = self.due.add_columns(*self._grouped).where(*full)
             requested = room
             found = connection.execute(window, {**params, "_name": name, "_limit": requested}).all()
             chosen = within_limits([(row._mapping, row.uuid) for row in found], tally, requested)
@@ -111,6 +121,68 @@ class LimitedClaim:
             if len(found) < requested or not chosen:
                 break  # the last window: no more candidates
         return rows
+
+    @property
+    def _grouped(self) -> tuple[ColumnElement[Any], ...]:
+        """What ``within_limits`` reads of a candidate: its name and groups."""
+        c = self.table.c
+        return (c.name, c.context, c.concurrency_key)
+
+    def _fair_window(self, fair: Fairness, where: list[ColumnElement[bool]]) -> Select[Any]:
+        """The due pipelines of the name (bound: _name, _now, _limit) in turns: each group's
+        first, then each group's second, ..., a group of weight w taking w turns per turn of a
+        group of weight 1 (ties in claim order). It reads every due pipeline of the name (a
+        window function over them), which only a fair name pays; the plain claim stays a walk
+        of the rows it takes."""
+        c = self.table.c
+        in_claim_order = [c[f].desc() if descending else c[f] for f, descending in CLAIM_ORDER]
+        turn = func.row_number().over(partition_by=self._partition(fair.by), order_by=in_claim_order)
+        ranked = (
+            self.due.order_by(None)
+            .limit(None)
+            .add_columns(*self._grouped, c.priority, c.next_run_at, (turn / self._weight(fair)).label("turn"))
+        )
+        inner = ranked.where(*where).subquery()
+        order = [inner.c.turn, *(inner.c[f].desc() if descending else inner.c[f] for f, descending in CLAIM_ORDER)]
+        return (
+            select(inner.c.uuid, inner.c.name, inner.c.context, inner.c.concurrency_key)
+            .order_by(*order)
+            .limit(bindparam("_limit", type_=Integer()))
+        )
+
+    def _partition(self, by: str) -> list[ColumnElement[Any]]:
+        """The group of a pipeline as SQL: its stored key, or its scalar tenant with its JSON type
+        (so that "7" and 7 are two groups, and the pipelines without a scalar tenant one)."""
+        c = self.table.c
+        if by == KEY:
+            return [c.concurrency_key]
+        scalar = not_(self._without_tenant())
+        if self.dialect == "postgresql":
+            return [case((scalar, type_coerce(c.context, JSONB)["tenant"]))]
+        path = literal('$."tenant"')
+        return [case((scalar, func.json_type(c.context, path))), case((scalar, func.json_extract(c.context, path)))]
+
+    def _weight(self, fair: Fairness) -> ColumnElement[Any]:
+        """A pipeline's group's weight (1.0 unless ``tenant_weights`` names it)."""
+        if not fair.weights:
+            return literal(1.0, Float())
+        whens = [(self._is_in(fair.by, group), literal(weight, Float())) for group, weight in fair.weights]
+        return case(*whens, else_=literal(1.0, Float()))
+
+    def _is_in(self, by: str, group: GroupValue) -> ColumnElement[bool]:
+        """Pipelines of this group (not None: weights name groups)."""
+        if by == KEY:
+            same: ColumnElement[bool] = self.table.c.concurrency_key == group
+            return same
+        return json_field_equals(self.table.c.context, "tenant", group[1], self.dialect)
+
+    def _not_in(self, by: str, group: GroupValue) -> ColumnElement[bool]:
+        """Pipelines not of this group (tenant or key; None: the group of none)."""
+        if by == TENANT:
+            return self._not_of(group)
+        key = self.table.c.concurrency_key
+        other: ColumnElement[bool] = key.is_not(None) if group is None else or_(key.is_(None), key != group)
+        return other
 
     def _still_due(self) -> tuple[ColumnElement[bool], ...]:
         """Due as the claim read it (another process's ``claim_one`` may have taken one since)."""
