@@ -7,14 +7,14 @@ group's first pipeline. Worker processes: ``test_key_limit_workers.py``."""
 from __future__ import annotations
 
 import re
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
 import pytest
 from pydantic import BaseModel
 
-from prorch import InvalidParamsError, Orchestrator, RegistrationError
+from prorch import FakeClock, InvalidParamsError, Orchestrator, RegistrationError
 from prorch.model.limit_rules import ClaimLimit, RateLimit, limits_of
 from prorch.model.registry import Registry
 from tests.integration.conftest import make_backend
@@ -175,3 +175,88 @@ def test_bad_key_limits_and_weights_are_refused_at_registration(
     with pytest.raises(RegistrationError, match=re.escape(message)):
         pipeline_of(step_of("S", lambda self: None), name="Bad", **attributes)
     assert "Bad" not in registry.pipelines
+
+
+def status(orchestrator: Orchestrator, uuid: str) -> str:
+    record = orchestrator.store.get_pipeline(uuid)
+    assert record is not None
+    return record.status.value
+
+
+# --- the seams: a key's limit across retries, children, group commit and lost leases ---------
+
+
+def test_a_pipeline_waiting_out_its_retry_backoff_leaves_its_key_to_the_next(
+    tmp_path: Path, registry: Registry
+) -> None:
+    """A retry's backoff releases the lease, so it does not count: the key's next pipeline runs
+    meanwhile, and the retry runs when it is due and the key has room."""
+    failed: list[str] = []
+
+    def flaky(self: Any) -> None:
+        if self.params.size == 0 and not failed:
+            failed.append(self.pipeline_uuid)
+            raise RuntimeError("the first call fails")
+        self.finish({"size": self.params.size})
+
+    step = step_of("Flaky", flaky, max_attempts=2, retry_delay=60)
+    cls = pipeline_of(step, name="Keyed", Params=Order, concurrency_key="customer_id", max_running_per_key=1)
+    backend = make_backend("sqlite", tmp_path, None)  # type: ignore[arg-type]
+    retried = cls.create(backend, {"customer_id": "c", "size": 0}).uuid
+    nxt = cls.create(backend, {"customer_id": "c", "size": 1}).uuid
+    clock = FakeClock(datetime.now(timezone.utc))
+    orchestrator = Orchestrator(backend, registry=registry, clock=clock)
+    assert orchestrator.execute_pipelines().claimed == 1  # the key's one: the retried pipeline, which fails once
+    assert orchestrator.execute_pipelines().finished == 1  # it waits out its backoff unleased: the next runs
+    assert status(orchestrator, nxt) == "finished" and status(orchestrator, retried) == "pending"
+    clock.advance(61)
+    orchestrator.execute_pipelines()
+    assert status(orchestrator, retried) == "finished"
+
+
+def test_a_parent_waiting_for_its_child_of_the_same_key_leaves_it_room(tmp_path: Path, registry: Registry) -> None:
+    """A parent and its child of one key, at most one of the key running: the parent waits for
+    the child unleased, so the child runs (no deadlock), then the parent finishes."""
+
+    def spawn(self: Any) -> None:
+        if self.params.size == 0:
+            self.finish({"child": True})
+            return
+        child = self.start_child("Family", {"customer_id": self.params.customer_id, "size": 0})
+        result = self.child_result(child)
+        if result is None:
+            self.wait(seconds=3600)
+        else:
+            self.finish({"from child": result})
+
+    cls = pipeline_of(
+        step_of("Spawn", None, spawn), name="Family", Params=Order, concurrency_key="customer_id", max_running_per_key=1
+    )
+    backend = make_backend("sqlite", tmp_path, None)  # type: ignore[arg-type]
+    parent = cls.create(backend, {"customer_id": "c", "size": 1}).uuid
+    orchestrator = Orchestrator(backend, registry=registry)
+    for _ in range(4):
+        orchestrator.execute_pipelines()
+    [child] = orchestrator.store.children_of(parent)
+    assert child.concurrency_key == '"c"'  # the child's own key, from its params
+    assert status(orchestrator, parent) == "finished"
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
+def test_group_commit_claims_one_of_each_key_per_pass(
+    kind: str, tmp_path: Path, request: pytest.FixtureRequest, registry: Registry
+) -> None:
+    """Passes that store their transitions by group commit: each claim takes one pipeline of a
+    key, the key's next one is claimed once that round is stored, and each key runs in turn."""
+    runs: list[tuple[int, Any]] = []
+    passes = [0]
+    step = step_of("Record", lambda self: runs.append((passes[0], self.params.customer_id)))
+    cls = pipeline_of(step, name="Keyed", Params=Order, concurrency_key="customer_id", max_running_per_key=1)
+    backend = make_backend(kind, tmp_path, request)
+    for customer in ("a", "b", "c") * 3:
+        cls.create(backend, {"customer_id": customer})
+    orchestrator = Orchestrator(backend, registry=registry, group_commit=8)
+    while passes[0] < 6 and orchestrator.execute_pipelines().claimed:
+        passes[0] += 1
+    assert passes[0] == 3 and len(runs) == 9
+    assert all(sorted(customer for at, customer in runs if at == n) == ["a", "b", "c"] for n in range(3))
