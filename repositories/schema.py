@@ -67,7 +67,7 @@ pipelines = Table(
     Column("key", String(200)),
     Column("parent_uuid", String(36)),
     Column("trace", Json),
-    Column("concurrency_key", String(400)),  # its class's concurrency key value, JSON text (max_running_per_key)
+    Column("concurrency_key", String(400)),  # JSON text of its concurrency key value (default: its tenant)
     Index("ix_pipelines_due", "status", "next_run_at", "priority"),
     # newest-first listings by keyset, alone or after a status or name filter (prorch list)
     Index("ix_pipelines_created", "created_at", "uuid"),
@@ -78,10 +78,6 @@ pipelines = Table(
     Index("ix_pipelines_parent", "parent_uuid"),  # a pipeline's children
     # live leases by name, for max_running: only leased rows, so as small as the work in flight
     Index("ix_pipelines_leased", "name", "lease_expires_at", sqlite_where=LEASED, postgresql_where=LEASED),
-    # the keyed pipelines by name and concurrency key: a key's pipelines (only keyed rows)
-    Index(
-        "ix_pipelines_concurrency_key", "name", "concurrency_key", "status", sqlite_where=KEYED, postgresql_where=KEYED
-    ),
     # ended pipelines only: "ended in the last hour" without indexing every transition
     Index("ix_pipelines_ended", "updated_at", sqlite_where=ENDED, postgresql_where=ENDED),
 )
@@ -94,6 +90,18 @@ Index(
     pipelines.c.name,
     pipelines.c.priority.desc(),
     pipelines.c.next_run_at,
+)
+# a name's keys with pending pipelines, and a key's due ones in claim order (a fair claim,
+# ``repositories.sql_limits``); partial, so that no claim without a key condition plans on it
+Index(
+    "ix_pipelines_concurrency_key",
+    pipelines.c.name,
+    pipelines.c.status,
+    pipelines.c.concurrency_key,
+    pipelines.c.priority.desc(),
+    pipelines.c.next_run_at,
+    sqlite_where=KEYED,
+    postgresql_where=KEYED,
 )
 
 steps = Table(

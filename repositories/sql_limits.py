@@ -10,18 +10,16 @@ turns."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
 from sqlalchemy import (
     ColumnElement,
     Connection,
-    Float,
-    Integer,
     Select,
     Table,
     bindparam,
-    case,
     delete,
     func,
     insert,
@@ -34,8 +32,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects.postgresql import JSONB
 
-from prorch.model.due import CLAIM_ORDER
-from prorch.model.limit_rules import KEY, TENANT, ClaimLimit, Fairness, GroupValue, Tally, TenantKey, within_limits
+from prorch.model.due import row_claim_order
+from prorch.model.limit_rules import KEY, TENANT, ClaimLimit, GroupValue, Tally, TenantKey, fair_order, within_limits
 from prorch.model.status import Status
 from repositories.schema import rate_limit_starts
 from repositories.sql_listing import json_field_equals
@@ -67,6 +65,10 @@ class LimitedClaim:
         self.prune = delete(rate_limit_starts).where(starts.name == bindparam("_name"), starts.started_at <= since)
         self.started = select(func.count()).where(starts.name == bindparam("_name"))
         self.record = insert(rate_limit_starts)
+        grouped = (c.name, c.context, c.concurrency_key, c.priority, c.next_run_at)
+        self.heads = self.due.add_columns(*grouped)  # the first due ones of the name, in claim order
+        self.group_heads = self.heads.where(c.concurrency_key == bindparam("_group"))  # of one key
+        self.pending_groups = pending_keys(table)
 
     def claim(
         self, connection: Connection, name: str, limits: dict[str, ClaimLimit], params: dict[str, Any], most: int
@@ -86,10 +88,12 @@ class LimitedClaim:
         room = most if room is None else min(room, most)
         if room <= 0:
             return []
-        if not limit.groupings() and limit.fair is None:
-            rows = list(connection.execute(self.claim_some, {**params, "_name": name, "_limit": room}).mappings())
-        else:
+        if limit.fair is not None:
+            rows = self._claim_fair(connection, name, tally, params, room)
+        elif limit.groupings():
             rows = self._claim_by_group(connection, name, tally, params, room)
+        else:
+            rows = list(connection.execute(self.claim_some, {**params, "_name": name, "_limit": room}).mappings())
         if limit.rate is not None and rows:
             connection.execute(
                 self.record, [{"name": name, "started_at": params["_now"], "pipeline_uuid": r["uuid"]} for r in rows]
@@ -101,16 +105,13 @@ class LimitedClaim:
     ) -> list[Any]:
         """Candidates of the groups (tenants, keys) not yet full, a window at a time: each window
         fills at least one more group, or the room, or is the last one, so a group with many
-        due pipelines never hides the others behind it. A fair name's window is in turns."""
+        due pipelines never hides the others behind it."""
         c = self.table.c
         limit = tally.limits[name]
         rows: list[Any] = []
         while room > 0:
             full = [self._not_in(by, group) for by, _ in limit.groupings() for group in tally.full_groups(name, by)]
-            if limit.fair is not None:
-                window = self._fair_window(limit.fair, full)
-            else:
-                window = self.due.add_columns(*self._grouped).where(*full)
+            window = self.due.add_columns(*self._grouped).where(*full)
             requested = room
             found = connection.execute(window, {**params, "_name": name, "_limit": requested}).all()
             chosen = within_limits([(row._mapping, row.uuid) for row in found], tally, requested)
@@ -128,53 +129,34 @@ class LimitedClaim:
         c = self.table.c
         return (c.name, c.context, c.concurrency_key)
 
-    def _fair_window(self, fair: Fairness, where: list[ColumnElement[bool]]) -> Select[Any]:
-        """The due pipelines of the name (bound: _name, _now, _limit) in turns: each group's
-        first, then each group's second, ..., a group of weight w taking w turns per turn of a
-        group of weight 1 (ties in claim order). It reads every due pipeline of the name (a
-        window function over them), which only a fair name pays; the plain claim stays a walk
-        of the rows it takes."""
+    def _claim_fair(
+        self, connection: Connection, name: str, tally: Tally, params: dict[str, Any], room: int
+    ) -> list[Any]:
+        """The name's due pipelines taken from each key (by default the tenant) in turn: the
+        keys with pending pipelines (a skip over the keyed index, one step per key), the first
+        due ones of each key in claim order, as many as its share of the room and one more,
+        and the first due ones of the name (those stored without a key among them); then
+        ``fair_order`` and ``within_limits`` as every backend. O(keys x room), not O(backlog)."""
+        fair = tally.limits[name].fair
+        assert fair is not None
+        full = set(tally.full_groups(name, KEY))
+        keys = [key for (key,) in connection.execute(self.pending_groups, {"_name": name}) if key not in full]
+        bound = {**params, "_name": name}
+        found = {row.uuid: row for row in connection.execute(self.heads, {**bound, "_limit": room})}
+        total = sum(fair.weight(key) for key in keys)
+        for key in keys:
+            share = min(room, math.ceil(room * fair.weight(key) / total) + 1)
+            found.update(
+                (row.uuid, row)
+                for row in connection.execute(self.group_heads, {**bound, "_group": key, "_limit": share})
+            )
+        due = sorted(found.values(), key=lambda row: row_claim_order(dict(row._mapping)))
+        chosen = within_limits(fair_order([(row._mapping, row.uuid) for row in due], tally.limits), tally, room)
+        if not chosen:
+            return []
         c = self.table.c
-        in_claim_order = [c[f].desc() if descending else c[f] for f, descending in CLAIM_ORDER]
-        turn = func.row_number().over(partition_by=self._partition(fair.by), order_by=in_claim_order)
-        ranked = (
-            self.due.order_by(None)
-            .limit(None)
-            .add_columns(*self._grouped, c.priority, c.next_run_at, (turn / self._weight(fair)).label("turn"))
-        )
-        inner = ranked.where(*where).subquery()
-        order = [inner.c.turn, *(inner.c[f].desc() if descending else inner.c[f] for f, descending in CLAIM_ORDER)]
-        return (
-            select(inner.c.uuid, inner.c.name, inner.c.context, inner.c.concurrency_key)
-            .order_by(*order)
-            .limit(bindparam("_limit", type_=Integer()))
-        )
-
-    def _partition(self, by: str) -> list[ColumnElement[Any]]:
-        """The group of a pipeline as SQL: its stored key, or its scalar tenant with its JSON type
-        (so that "7" and 7 are two groups, and the pipelines without a scalar tenant one)."""
-        c = self.table.c
-        if by == KEY:
-            return [c.concurrency_key]
-        scalar = not_(self._without_tenant())
-        if self.dialect == "postgresql":
-            return [case((scalar, type_coerce(c.context, JSONB)["tenant"]))]
-        path = literal('$."tenant"')
-        return [case((scalar, func.json_type(c.context, path))), case((scalar, func.json_extract(c.context, path)))]
-
-    def _weight(self, fair: Fairness) -> ColumnElement[Any]:
-        """A pipeline's group's weight (1.0 unless ``tenant_weights`` names it)."""
-        if not fair.weights:
-            return literal(1.0, Float())
-        whens = [(self._is_in(fair.by, group), literal(weight, Float())) for group, weight in fair.weights]
-        return case(*whens, else_=literal(1.0, Float()))
-
-    def _is_in(self, by: str, group: GroupValue) -> ColumnElement[bool]:
-        """Pipelines of this group (not None: weights name groups)."""
-        if by == KEY:
-            same: ColumnElement[bool] = self.table.c.concurrency_key == group
-            return same
-        return json_field_equals(self.table.c.context, "tenant", group[1], self.dialect)
+        lease = update(self.table).where(c.uuid.in_(chosen), *self._still_due()).values(self.lease_values)
+        return list(connection.execute(lease.returning(*self.table.columns), params).mappings())
 
     def _not_in(self, by: str, group: GroupValue) -> ColumnElement[bool]:
         """Pipelines not of this group (tenant or key; None: the group of none)."""
@@ -206,3 +188,17 @@ class LimitedClaim:
         else:
             kind = func.json_type(context, literal('$."tenant"'))
         return or_(kind.is_(None), kind.not_in(SCALAR_TYPES.get(self.dialect, SCALAR_TYPES["sqlite"])))
+
+
+def pending_keys(table: Table) -> Any:
+    """The distinct stored keys of one name's pending pipelines (bound: _name), ascending, read
+    as a skip over ``ix_pipelines_concurrency_key``: one index step per key, however many
+    pipelines each key holds (a loose index scan, written as a recursive CTE)."""
+    c = table.c
+    pending = (c.name == bindparam("_name"), c.status == Status.PENDING.value)
+    first = select(c.concurrency_key).where(*pending, c.concurrency_key.is_not(None))
+    first = first.order_by(c.concurrency_key).limit(1)
+    keys = select(first.scalar_subquery().label("key")).cte("keys", recursive=True)
+    after = select(c.concurrency_key).where(*pending, c.concurrency_key > keys.c.key).order_by(c.concurrency_key)
+    keys = keys.union_all(select(after.limit(1).scalar_subquery()).where(keys.c.key.is_not(None)))
+    return select(keys.c.key).where(keys.c.key.is_not(None))

@@ -10,7 +10,8 @@ pipelines within them.
   pipelines without a tenant are. Per tenant is the same rule with the tenant as the key: both
   are a ``Grouping`` of the claim, and both may hold at once.
 - ``fair = True`` (or ``tenant_weights = {...}``): the claim takes the due pipelines of each
-  group (the concurrency key's values when declared, else the tenants) in turn, weighted.
+  group in turn, weighted: of each concurrency key value, and the tenant is the key of a class
+  that declares none (stored so, so that the claim groups by one indexed column).
 - ``rate_limit = "100/minute"``: at most 100 of its hook calls start in any minute. A claim of
   such a pipeline runs one hook (``Run.hooks_left``), so a claim is a start; the starts of the
   last period are stored with the claims, in the claim's transaction.
@@ -79,13 +80,13 @@ GroupValue = Any  # a TenantKey (by tenant) or the key's JSON text (by key); Non
 
 @dataclass(frozen=True)
 class Fairness:
-    """Claim the due pipelines of each group ``by`` (TENANT or KEY) in turn: a group of weight w
-    has w turns for each turn of a group of weight 1 (groups not named: 1)."""
+    """Claim the due pipelines of each group (``fair_group``: the concurrency key's value, by
+    default the tenant) in turn: a group of weight w has w turns for each turn of a group of
+    weight 1 (groups not named: 1). ``weights`` pairs stored key texts with weights."""
 
-    by: str
-    weights: tuple[tuple[GroupValue, float], ...] = ()
+    weights: tuple[tuple[str, float], ...] = ()
 
-    def weight(self, group: GroupValue) -> float:
+    def weight(self, group: str) -> float:
         return dict(self.weights).get(group, 1.0)
 
 
@@ -110,12 +111,10 @@ def group_of(row: Row, by: str) -> GroupValue:
     return tenant_key(row.get("context")) if by == TENANT else row.get("concurrency_key")
 
 
-def key_text(value: Any) -> str | None:
-    """A concurrency key's value as stored: JSON text of a scalar (so "7" and 7 are two keys, as
-    two tenants are), None for None; ValueError for anything else."""
-    if value is None:
-        return None
-    if not isinstance(value, (str, int, float, bool)):
+def key_text(value: Any) -> str:
+    """A concurrency key's value as stored: JSON text of a scalar or None (so that "7" and 7 are
+    two keys, as they are two tenants); ValueError for anything else."""
+    if value is not None and not isinstance(value, (str, int, float, bool)):
         raise ValueError(f"a concurrency key must be a str, int, float, bool or None, got {value!r}")
     text = json.dumps(value, ensure_ascii=False)
     if len(text) > KEY_LENGTH:
@@ -123,12 +122,15 @@ def key_text(value: Any) -> str | None:
     return text
 
 
-def concurrency_key_of(cls: Any, params: Mapping[str, Any]) -> str | None:
-    """The concurrency key a new pipeline of ``cls`` stores, from its validated params (a missing
-    field: None); ValueError when the key is not a scalar or the class's function raised."""
+def concurrency_key_of(cls: Any, params: Mapping[str, Any], context: Row | None = None) -> str:
+    """The concurrency key a new pipeline of ``cls`` stores: its declared key's value from the
+    validated params (a missing field: None), else its tenant (None without a scalar one), as
+    JSON text. The tenant is the default key: what a fair claim takes in turn. ValueError when
+    the key is not a scalar or the class's function raised."""
     declared = getattr(cls, "concurrency_key", None)
     if declared is None:
-        return None
+        tenant = tenant_key(context)
+        return key_text(tenant[1] if tenant is not None else None)
     if isinstance(declared, str):
         return key_text(params.get(declared))
     try:
@@ -136,6 +138,16 @@ def concurrency_key_of(cls: Any, params: Mapping[str, Any]) -> str | None:
     except Exception as exc:
         raise ValueError(f"concurrency_key of pipeline {cls.name} raised {type(exc).__name__}: {exc}") from exc
     return key_text(value)
+
+
+def fair_group(row: Row) -> str:
+    """The group a fair claim takes in turn: the stored key (the tenant's when the class declares
+    none); for a row stored before keys were (no key), its tenant's."""
+    stored = row.get("concurrency_key")
+    if stored is not None:
+        return str(stored)
+    tenant = tenant_key(row.get("context"))
+    return key_text(tenant[1] if tenant is not None else None)
 
 
 def limits_of(cls: Any) -> ClaimLimit | None:
@@ -166,7 +178,7 @@ def _limits_of(cls: Any) -> ClaimLimit | None:
             f"pipeline {name}: max_running_per_key needs a concurrency_key: the params field (or a function "
             'of the params) whose value the pipelines are counted by, e.g. concurrency_key = "customer_id"'
         )
-    fair = _fairness_of(cls, name, KEY if keyed else TENANT)
+    fair = _fairness_of(cls, name)
     if not any(counts.values()) and rate is None and fair is None:
         return None
     per_tenant, per_key = counts["max_running_per_tenant"], counts["max_running_per_key"]
@@ -194,28 +206,28 @@ def _checked_key(cls: Any, name: str) -> bool:
     )
 
 
-def _fairness_of(cls: Any, name: str, by: str) -> Fairness | None:
-    """``fair = True`` and ``tenant_weights``, checked: the weights are by tenant, or by the
-    concurrency key's values when the class declares one."""
+def _fairness_of(cls: Any, name: str) -> Fairness | None:
+    """``fair = True`` and ``tenant_weights``, checked: weights by tenant, or by the concurrency
+    key's values when the class declares one (the groups a fair claim takes in turn)."""
     fair, weights = getattr(cls, "fair", False), getattr(cls, "tenant_weights", None)
     if not isinstance(fair, bool):
         raise RegistrationError(f"pipeline {name}: fair must be True or False, got {fair!r}")
     if weights is None:
-        return Fairness(by) if fair else None
-    return Fairness(by, checked_weights(weights, by, f"pipeline {name}: tenant_weights"))
+        return Fairness() if fair else None
+    return Fairness(checked_weights(weights, f"pipeline {name}: tenant_weights"))
 
 
-def checked_weights(weights: Any, by: str, what: str) -> tuple[tuple[GroupValue, float], ...]:
-    """``{tenant or key value: positive number}`` as (group, weight) pairs; RegistrationError else."""
+def checked_weights(weights: Any, what: str) -> tuple[tuple[str, float], ...]:
+    """``{tenant or key value: positive number}`` as (stored key, weight) pairs; RegistrationError else."""
     if not isinstance(weights, Mapping) or not weights:
         raise RegistrationError(f'{what} must be a non-empty dict of group to weight, e.g. {{"acme": 3}}: {weights!r}')
     pairs = []
     for group, weight in weights.items():
-        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight > 0 or weight == float("inf"):
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 < weight < float("inf"):
             raise RegistrationError(f"{what}: the weight of {group!r} must be a positive number, got {weight!r}")
         if not isinstance(group, (str, int, float, bool)):
             raise RegistrationError(f"{what}: {group!r} is not a tenant or key value (a str, int, float or bool)")
-        pairs.append((tenant_key({"tenant": group}) if by == TENANT else key_text(group), float(weight)))
+        pairs.append((key_text(group), float(weight)))
     return tuple(pairs)
 
 
@@ -314,12 +326,12 @@ def fair_order(due: Sequence[tuple[Row, KeptT]], limits: Mapping[str, ClaimLimit
     if not any(limit.fair is not None for limit in limits.values()):
         return list(due)
     places, fair_rows = [], []
-    turns: Counter[tuple[str, GroupValue]] = Counter()
+    turns: Counter[tuple[str, str]] = Counter()
     for place, (row, kept) in enumerate(due):
         name = str(row.get("name", ""))
         fairness = limits[name].fair if name in limits else None
         if fairness is not None:
-            group = group_of(row, fairness.by)
+            group = fair_group(row)
             turns[(name, group)] += 1
             places.append(place)
             fair_rows.append((turns[(name, group)] / fairness.weight(group), place, (row, kept)))

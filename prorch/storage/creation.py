@@ -131,7 +131,7 @@ def build_records(
         key=key,
         parent_uuid=parent_uuid,
         trace=trace,
-        concurrency_key=_concurrency_key(definition, params),
+        concurrency_key=_concurrency_key(definition, params, context),
     )
     steps: list[Record] = [
         StepRecord(
@@ -230,11 +230,12 @@ def _shown(params: JSONDict) -> str:
     return text if len(text) <= 300 else text[:297] + "..."
 
 
-def _concurrency_key(definition: type[PipelineDefinition], params: JSONDict) -> str | None:
-    """The class's concurrency key of these params, stored with the pipeline so that the claim
-    counts by it without reading params; a bad key is the params' error (nothing is stored)."""
+def _concurrency_key(definition: type[PipelineDefinition], params: JSONDict, context: JSONDict | None) -> str:
+    """The class's concurrency key of these params (by default the tenant), stored with the
+    pipeline so that the claim counts and groups by it without reading params or context; a
+    bad key is the params' error (nothing is stored)."""
     try:
-        return concurrency_key_of(definition, params)
+        return concurrency_key_of(definition, params, context)
     except ValueError as exc:
         raise InvalidParamsError(f"pipeline {definition.name}: {exc}") from exc
 
