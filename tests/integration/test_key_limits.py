@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from pydantic import BaseModel
 
-from prorch import FakeClock, InvalidParamsError, Orchestrator, RegistrationError
+from prorch import ConfigurationError, FakeClock, InvalidParamsError, Orchestrator, RegistrationError
 from prorch.model.limit_rules import ClaimLimit, RateLimit, limits_of
 from prorch.model.registry import Registry
 from tests.integration.conftest import make_backend
@@ -260,3 +260,23 @@ def test_group_commit_claims_one_of_each_key_per_pass(
         passes[0] += 1
     assert passes[0] == 3 and len(runs) == 9
     assert all(sorted(customer for at, customer in runs if at == n) == ["a", "b", "c"] for n in range(3))
+
+
+def test_the_orchestrator_s_weights_apply_to_fair_classes_without_their_own(registry: Registry) -> None:
+    backend = make_backend("memory", Path("."), None)  # type: ignore[arg-type]
+    step = step_of("Work", None, lambda self: None)
+    fair = pipeline_of(step, name="Fair", fair=True)
+    own = pipeline_of(step, name="Own", tenant_weights={"free": 2})
+    for tenant in ("free", "gold") * 10:
+        fair.create(backend, {}, tenant=tenant)
+    orchestrator = Orchestrator(backend, registry=registry, tenant_weights={"gold": 3})
+    limits = orchestrator.extensions.claim_limits()
+    assert limits["Own"] == limits_of(own)  # a class's own weights win
+    now = orchestrator.clock.now()
+    claimed = orchestrator.store.claim_due(now, "w", now + timedelta(seconds=60), 8, dict(limits))
+    assert sorted(p.context["tenant"] for p in claimed) == ["free"] * 2 + ["gold"] * 6
+    with pytest.raises(
+        ConfigurationError,
+        match=re.escape("Orchestrator(tenant_weights=...): the weight of 'gold' must be a positive number, got -1"),
+    ):
+        Orchestrator(backend, registry=registry, tenant_weights={"gold": -1})
