@@ -58,6 +58,13 @@ APP = """
         Params = Visit
         concurrency_key = "customer"
         max_running_per_key = 1
+
+    @register_pipeline
+    class FairCall(Pipeline):
+        name = "FairCall"
+        steps = [Call]
+        Params = Visit
+        fair = True  # tenants in turn
 """
 
 
@@ -68,15 +75,15 @@ def app(tmp_path: Path) -> Iterator[Path]:
     sys.modules.pop("keyed_app", None)
 
 
-def create(url: str, app: Path, customers: list[str]) -> list[str]:
+def create(url: str, app: Path, customers: list[str], name: str = "PerCustomer", **options: Any) -> list[str]:
     sys.path.insert(0, str(app))
     sys.modules.pop("keyed_app", None)  # imported again: registered in this registry
     try:
         with isolated_registry() as registry:
             import keyed_app  # noqa: F401 - registers the app's pipeline here, to create it
 
-            cls = registry.pipeline("PerCustomer")
-            return [cls.create(url, {"customer": customer}).uuid for customer in customers]
+            cls = registry.pipeline(name)
+            return [cls.create(url, {"customer": customer, "seconds": 0}, **options).uuid for customer in customers]
     finally:
         sys.path.remove(str(app))
 
@@ -151,3 +158,20 @@ def test_a_killed_worker_s_lease_counts_for_its_key_until_it_expires(
     assert min(later_k) > killed_at + 2 and other_start < min(later_k)
     store = Orchestrator(url).store
     wait_for(lambda: getattr(store.get_pipeline(hung), "lease_owner", "") is None, 60, "the dead one to be resumed")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
+def test_a_fair_worker_starts_the_second_tenant_s_pipeline_among_its_first_hooks(
+    kind: str, app: Path, request: pytest.FixtureRequest, processes: list[subprocess.Popen[str]]
+) -> None:
+    """From the hooks' own clocks: one tenant's 60 due pipelines, another's one created after
+    them; a worker of one slot (claims of 3: the slot and its default prefetch) starts the second
+    tenant's hook second, not 61st."""
+    url = f"sqlite:///{app / 'keys.db'}" if kind == "sqlite" else request.getfixturevalue("postgres_url")
+    backlog = create(url, app, ["big"] * 60, "FairCall", tenant="big")
+    [small] = create(url, app, ["small"], "FairCall", tenant="small")
+    start_worker(url, app, processes, "30", "--concurrency", "1")
+    wait_for(lambda: finished(url, [*backlog, small]), 90, "the 61 pipelines to finish")
+    order = [entry["customer"] for entry in sorted(starts(app), key=lambda entry: entry["at"])]
+    assert len(order) == 61 and order.index("small") <= 2, order[:5]
