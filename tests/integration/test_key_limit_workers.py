@@ -89,9 +89,9 @@ def create(url: str, app: Path, customers: list[str], name: str = "PerCustomer",
 
 
 def start_worker(
-    url: str, app: Path, processes: list[subprocess.Popen[str]], lease: str = "30"
+    url: str, app: Path, processes: list[subprocess.Popen[str]], lease: str = "30", *more: str
 ) -> subprocess.Popen[str]:
-    command = [PRORCH, "-r", url, "--app", "keyed_app", "worker", "--interval", "0.05", "--lease-seconds", lease]
+    command = [PRORCH, "-r", url, "--app", "keyed_app", "worker", "--interval", "0.05", "--lease-seconds", lease, *more]
     env = child_env(KEY_LOG=str(app / "log"))
     env["PYTHONPATH"] = os.pathsep.join([str(app), env["PYTHONPATH"]])  # the app, and this prorch
     process = subprocess.Popen(command, cwd=app, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
