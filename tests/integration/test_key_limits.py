@@ -6,17 +6,23 @@ group's first pipeline. Worker processes: ``test_key_limit_workers.py``."""
 
 from __future__ import annotations
 
+import json
 import re
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
 import pytest
+from alembic import command
+from alembic.config import Config
 from pydantic import BaseModel
+from sqlalchemy import inspect, text
 
 from prorch import ConfigurationError, FakeClock, InvalidParamsError, Orchestrator, RegistrationError
 from prorch.model.limit_rules import ClaimLimit, RateLimit, limits_of
+from prorch.model.records import new_uuid
 from prorch.model.registry import Registry
+from repositories.sql import MIGRATIONS, SQLBackend, upgrade
 from tests.integration.conftest import make_backend
 from tests.support.builders import pipeline_of, step_of
 
@@ -280,3 +286,42 @@ def test_the_orchestrator_s_weights_apply_to_fair_classes_without_their_own(regi
         match=re.escape("Orchestrator(tenant_weights=...): the weight of 'gold' must be a positive number, got -1"),
     ):
         Orchestrator(backend, registry=registry, tenant_weights={"gold": -1})
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
+def test_migration_0020_gives_pending_pipelines_their_tenant_as_key_and_takes_it_back(
+    kind: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    url = f"sqlite:///{tmp_path / 'old.db'}" if kind == "sqlite" else request.getfixturevalue("postgres_url")
+    old = SQLBackend(url, migrate=False)
+    upgrade(old, "0016")
+    tenants: list[Any] = ["acme", 7, "7", True, None, {"id": 1}]
+    rows = [
+        {"uuid": new_uuid(), "name": "P", "version": 1, "status": "pending", "params": {}, "metadata": {},
+         "context": {} if tenant is None else {"tenant": tenant}, "priority": 0, "revision": 0}
+        for tenant in [*tenants, "ended"]
+    ]  # fmt: skip
+    rows[-1]["status"] = "finished"
+    columns = "uuid, name, version, status, params, context, metadata, priority, revision, claims, crashes"
+    with old.engine.begin() as connection:
+        for row in rows:
+            values = {**row, "params": "{}", "metadata": "{}", "context": json.dumps(row["context"])}
+            connection.execute(
+                text(f"INSERT INTO pipelines ({columns}, cancel_requested, hook_shared) VALUES "
+                     "(:uuid, :name, :version, :status, :params, :context, :metadata, :priority, :revision, 0, 0, "
+                     "false, false)"),
+                values,
+            )  # fmt: skip
+    old.dispose()
+    new = SQLBackend(url)  # opening the store upgrades it
+    with new.engine.connect() as connection:
+        found = dict(connection.execute(text("SELECT uuid, concurrency_key FROM pipelines")).all())
+    assert [found[row["uuid"]] for row in rows] == ['"acme"', "7", '"7"', "true", "null", "null", None]
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    with new.engine.begin() as connection:
+        config.attributes["connection"] = connection
+        command.downgrade(config, "0016")
+    with new.engine.connect() as connection:
+        assert "concurrency_key" not in {column["name"] for column in inspect(connection).get_columns("pipelines")}
+    new.dispose()
