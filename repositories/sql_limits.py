@@ -17,6 +17,7 @@ from typing import Any
 from sqlalchemy import (
     ColumnElement,
     Connection,
+    Integer,
     Select,
     Table,
     bindparam,
@@ -37,6 +38,12 @@ from prorch.model.limit_rules import KEY, TENANT, ClaimLimit, GroupValue, Tally,
 from prorch.model.status import Status
 from repositories.schema import rate_limit_starts
 from repositories.sql_listing import json_field_equals
+
+FEW_KEYS = 32
+"""A per-key claim reads key by key up to this many keys with pending pipelines, else walks
+the name's due pipelines in claim order leaving the full keys out (one query, but it reads past
+a full key's backlog)."""
+ALL_KEYS = 1_000_000  # a fair claim reads every key: its turns need them all
 
 SCALAR_TYPES = {"postgresql": ("string", "number", "boolean"), "sqlite": ("text", "integer", "real", "true", "false")}
 
@@ -88,17 +95,28 @@ class LimitedClaim:
         room = most if room is None else min(room, most)
         if room <= 0:
             return []
-        if limit.fair is not None:
-            rows = self._claim_fair(connection, name, tally, params, room)
-        elif limit.groupings():
-            rows = self._claim_by_group(connection, name, tally, params, room)
-        else:
-            rows = list(connection.execute(self.claim_some, {**params, "_name": name, "_limit": room}).mappings())
+        rows = self._claim_within(connection, name, tally, params, room)
         if limit.rate is not None and rows:
             connection.execute(
                 self.record, [{"name": name, "started_at": params["_now"], "pipeline_uuid": r["uuid"]} for r in rows]
             )
         return rows
+
+    def _claim_within(
+        self, connection: Connection, name: str, tally: Tally, params: dict[str, Any], room: int
+    ) -> list[Any]:
+        """Up to ``room`` of the name's due pipelines within its per-group limits and turns."""
+        limit = tally.limits[name]
+        rows = None
+        if limit.fair is not None:
+            rows = self._claim_by_keys(connection, name, tally, params, room, ALL_KEYS)
+        elif limit.per_key is not None and limit.per_tenant is None:
+            rows = self._claim_by_keys(connection, name, tally, params, room, FEW_KEYS)
+        if rows is not None:
+            return rows
+        if limit.groupings():
+            return self._claim_by_group(connection, name, tally, params, room)
+        return list(connection.execute(self.claim_some, {**params, "_name": name, "_limit": room}).mappings())
 
     def _claim_by_group(
         self, connection: Connection, name: str, tally: Tally, params: dict[str, Any], room: int
@@ -129,27 +147,28 @@ class LimitedClaim:
         c = self.table.c
         return (c.name, c.context, c.concurrency_key)
 
-    def _claim_fair(
-        self, connection: Connection, name: str, tally: Tally, params: dict[str, Any], room: int
-    ) -> list[Any]:
-        """The name's due pipelines taken from each key (by default the tenant) in turn: the
-        keys with pending pipelines (a skip over the keyed index, one step per key), the first
-        due ones of each key in claim order, as many as its share of the room and one more,
-        and the first due ones of the name (those stored without a key among them); then
-        ``fair_order`` and ``within_limits`` as every backend. O(keys x room), not O(backlog)."""
-        fair = tally.limits[name].fair
-        assert fair is not None
+    def _claim_by_keys(
+        self, connection: Connection, name: str, tally: Tally, params: dict[str, Any], room: int, most_keys: int
+    ) -> list[Any] | None:
+        """The name's due pipelines read key by key: the keys with pending pipelines (a skip
+        over the keyed index, one step per key), the first due ones of each key not yet full in
+        claim order, as many as it may take (its room under ``max_running_per_key``, and for a
+        fair name its share of the room and one more), and the first due ones of the name (those
+        stored without a key among them); then ``fair_order`` (a fair name: keys in turn) and
+        ``within_limits`` as every backend. O(keys x room), however long one key's backlog;
+        None when more than ``most_keys`` keys have pending pipelines (the caller walks)."""
+        limit = tally.limits[name]
         full = set(tally.full_groups(name, KEY))
-        keys = [key for (key,) in connection.execute(self.pending_groups, {"_name": name}) if key not in full]
+        found_keys = connection.execute(self.pending_groups, {"_name": name, "_keys": most_keys + 1}).scalars().all()
+        if len(found_keys) > most_keys:
+            return None
+        keys = [key for key in found_keys if key not in full]
         bound = {**params, "_name": name}
         found = {row.uuid: row for row in connection.execute(self.heads, {**bound, "_limit": room})}
-        total = sum(fair.weight(key) for key in keys)
         for key in keys:
-            share = min(room, math.ceil(room * fair.weight(key) / total) + 1)
-            found.update(
-                (row.uuid, row)
-                for row in connection.execute(self.group_heads, {**bound, "_group": key, "_limit": share})
-            )
+            share = self._share(limit, tally, name, key, keys, room)
+            heads = connection.execute(self.group_heads, {**bound, "_group": key, "_limit": share})
+            found.update((row.uuid, row) for row in heads)
         due = sorted(found.values(), key=lambda row: row_claim_order(dict(row._mapping)))
         chosen = within_limits(fair_order([(row._mapping, row.uuid) for row in due], tally.limits), tally, room)
         if not chosen:
@@ -157,6 +176,18 @@ class LimitedClaim:
         c = self.table.c
         lease = update(self.table).where(c.uuid.in_(chosen), *self._still_due()).values(self.lease_values)
         return list(connection.execute(lease.returning(*self.table.columns), params).mappings())
+
+    @staticmethod
+    def _share(limit: ClaimLimit, tally: Tally, name: str, key: str, keys: list[str], room: int) -> int:
+        """How many of a key's first due pipelines the claim may take: enough for its turns
+        (fair) and no more than its room under the per-key limit."""
+        share = room
+        if limit.fair is not None:
+            total = sum(limit.fair.weight(other) for other in keys)
+            share = min(share, math.ceil(room * limit.fair.weight(key) / total) + 1)
+        if limit.per_key is not None:
+            share = min(share, limit.per_key - tally.groups[(name, KEY, key)])
+        return max(share, 0)
 
     def _not_in(self, by: str, group: GroupValue) -> ColumnElement[bool]:
         """Pipelines not of this group (tenant or key; None: the group of none)."""
@@ -201,4 +232,4 @@ def pending_keys(table: Table) -> Any:
     keys = select(first.scalar_subquery().label("key")).cte("keys", recursive=True)
     after = select(c.concurrency_key).where(*pending, c.concurrency_key > keys.c.key).order_by(c.concurrency_key)
     keys = keys.union_all(select(after.limit(1).scalar_subquery()).where(keys.c.key.is_not(None)))
-    return select(keys.c.key).where(keys.c.key.is_not(None))
+    return select(keys.c.key).where(keys.c.key.is_not(None)).limit(bindparam("_keys", type_=Integer()))
