@@ -23,6 +23,7 @@ name. This module is the model layer: it knows rows, not stores."""
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import re
 from collections import Counter
@@ -318,25 +319,38 @@ def within_limits(due: Sequence[tuple[Row, KeptT]], tally: Tally, limit: int) ->
     return chosen
 
 
-def fair_order(due: Sequence[tuple[Row, KeptT]], limits: Mapping[str, ClaimLimit]) -> list[tuple[Row, KeptT]]:
+_ROTATIONS = itertools.count()
+"""Claims of this process that took turns: which group goes first rotates from one to the next."""
+
+
+def fair_order(
+    due: Sequence[tuple[Row, KeptT]], limits: Mapping[str, ClaimLimit], start: int | None = None
+) -> list[tuple[Row, KeptT]]:
     """Due rows (in claim order) with those of fair names taken from their groups in turn: the
-    places the fair rows hold are refilled with them in order of (turn / weight, claim order),
-    so that a group's long backlog does not hold back another group's first pipeline. Other
-    rows keep their places; without a fair name, ``due`` as it is."""
+    places the fair rows hold are refilled with them in order of turn / weight, so that a
+    group's long backlog does not hold back another group's first pipeline. Turns carry no
+    memory from one claim to the next, so the group that goes first within a turn rotates by
+    ``start`` (default: this process's next claim), else claims of one pipeline would always
+    take the group first in claim order. Other rows keep their places; without a fair name,
+    ``due`` as it is."""
     if not any(limit.fair is not None for limit in limits.values()):
         return list(due)
-    places, fair_rows = [], []
+    first = next(_ROTATIONS) if start is None else start
+    places, found = [], []
     turns: Counter[tuple[str, str]] = Counter()
+    ranks: dict[str, dict[str, int]] = {}
     for place, (row, kept) in enumerate(due):
         name = str(row.get("name", ""))
         fairness = limits[name].fair if name in limits else None
         if fairness is not None:
             group = fair_group(row)
             turns[(name, group)] += 1
+            rank = ranks.setdefault(name, {}).setdefault(group, len(ranks[name]))
             places.append(place)
-            fair_rows.append((turns[(name, group)] / fairness.weight(group), place, (row, kept)))
+            found.append((turns[(name, group)] / fairness.weight(group), name, rank, place, (row, kept)))
+    keyed = [((turn, (rank - first) % len(ranks[name]), place), item) for turn, name, rank, place, item in found]
     ordered = list(due)
-    for place, (_, _, item) in zip(places, sorted(fair_rows, key=lambda found: found[:2]), strict=True):
+    for place, (_, item) in zip(places, sorted(keyed, key=lambda pair: pair[0]), strict=True):
         ordered[place] = item
     return ordered
 

@@ -75,7 +75,9 @@ def app(tmp_path: Path) -> Iterator[Path]:
     sys.modules.pop("keyed_app", None)
 
 
-def create(url: str, app: Path, customers: list[str], name: str = "PerCustomer", **options: Any) -> list[str]:
+def create(
+    url: str, app: Path, customers: list[str], name: str = "PerCustomer", seconds: float = 0.3, **options: Any
+) -> list[str]:
     sys.path.insert(0, str(app))
     sys.modules.pop("keyed_app", None)  # imported again: registered in this registry
     try:
@@ -83,7 +85,9 @@ def create(url: str, app: Path, customers: list[str], name: str = "PerCustomer",
             import keyed_app  # noqa: F401 - registers the app's pipeline here, to create it
 
             cls = registry.pipeline(name)
-            return [cls.create(url, {"customer": customer, "seconds": 0}, **options).uuid for customer in customers]
+            return [
+                cls.create(url, {"customer": customer, "seconds": seconds}, **options).uuid for customer in customers
+            ]
     finally:
         sys.path.remove(str(app))
 
@@ -92,7 +96,7 @@ def start_worker(
     url: str, app: Path, processes: list[subprocess.Popen[str]], lease: str = "30", *more: str
 ) -> subprocess.Popen[str]:
     command = [PRORCH, "-r", url, "--app", "keyed_app", "worker", "--interval", "0.05", "--lease-seconds", lease, *more]
-    env = child_env(KEY_LOG=str(app / "log"))
+    env = child_env(KEY_LOG=str(app / "log"), PRORCH_PREFETCH="0")  # claims only what it starts
     env["PYTHONPATH"] = os.pathsep.join([str(app), env["PYTHONPATH"]])  # the app, and this prorch
     process = subprocess.Popen(command, cwd=app, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     processes.append(process)
@@ -118,8 +122,8 @@ def test_max_running_per_key_holds_across_four_workers(
     url = f"sqlite:///{app / 'keys.db'}" if kind == "sqlite" else request.getfixturevalue("postgres_url")
     customers = ["a", "b", "c"] * 4
     uuids = create(url, app, customers)
-    for _ in range(4):
-        start_worker(url, app, processes)
+    for _ in range(4):  # one hook at a time each: running two at once takes two workers
+        start_worker(url, app, processes, "30", "--concurrency", "1")
     wait_for(lambda: finished(url, uuids), 90, "the 12 pipelines to finish")
     orchestrator = Orchestrator(url)
     outputs = [
@@ -127,8 +131,8 @@ def test_max_running_per_key_holds_across_four_workers(
     ]
     for customer in "abc":
         assert most_at_once([(o["start"], o["end"]) for c, o in outputs if c == customer]) == 1
-    assert most_at_once([(o["start"], o["end"]) for _, o in outputs]) >= 2  # customers ran beside each other
-    assert len({o["pid"] for _, o in outputs}) >= 2  # several workers took part
+    assert most_at_once([(o["start"], o["end"]) for _, o in outputs]) >= 2  # customers side by side, so
+    assert len({o["pid"] for _, o in outputs}) >= 2  # in several workers
 
 
 @pytest.mark.slow
@@ -166,12 +170,11 @@ def test_a_fair_worker_starts_the_second_tenant_s_pipeline_among_its_first_hooks
     kind: str, app: Path, request: pytest.FixtureRequest, processes: list[subprocess.Popen[str]]
 ) -> None:
     """From the hooks' own clocks: one tenant's 60 due pipelines, another's one created after
-    them; a worker of one slot (claims of 3: the slot and its default prefetch) starts the second
-    tenant's hook second, not 61st."""
+    them; a worker of one slot (claims of one) starts the second tenant's hook second, not 61st."""
     url = f"sqlite:///{app / 'keys.db'}" if kind == "sqlite" else request.getfixturevalue("postgres_url")
-    backlog = create(url, app, ["big"] * 60, "FairCall", tenant="big")
-    [small] = create(url, app, ["small"], "FairCall", tenant="small")
+    backlog = create(url, app, ["big"] * 60, "FairCall", 0, tenant="big")
+    [small] = create(url, app, ["small"], "FairCall", 0, tenant="small")
     start_worker(url, app, processes, "30", "--concurrency", "1")
     wait_for(lambda: finished(url, [*backlog, small]), 90, "the 61 pipelines to finish")
     order = [entry["customer"] for entry in sorted(starts(app), key=lambda entry: entry["at"])]
-    assert len(order) == 61 and order.index("small") <= 2, order[:5]
+    assert len(order) == 61 and order.index("small") == 1, order[:5]
