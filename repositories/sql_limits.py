@@ -124,7 +124,6 @@ class LimitedClaim:
         """Candidates of the groups (tenants, keys) not yet full, a window at a time: each window
         fills at least one more group, or the room, or is the last one, so a group with many
         due pipelines never hides the others behind it."""
-        c = self.table.c
         limit = tally.limits[name]
         rows: list[Any] = []
         while room > 0:
@@ -134,8 +133,7 @@ class LimitedClaim:
             found = connection.execute(window, {**params, "_name": name, "_limit": requested}).all()
             chosen = within_limits([(row._mapping, row.uuid) for row in found], tally, requested)
             if chosen:
-                lease = update(self.table).where(c.uuid.in_(chosen), *self._still_due()).values(self.lease_values)
-                rows += connection.execute(lease.returning(*self.table.columns), params).mappings().all()
+                rows += self._lease(connection, chosen, params)
             room -= len(chosen)
             if len(found) < requested or not chosen:
                 break  # the last window: no more candidates
@@ -171,10 +169,12 @@ class LimitedClaim:
             found.update((row.uuid, row) for row in heads)
         due = sorted(found.values(), key=lambda row: row_claim_order(dict(row._mapping)))
         chosen = within_limits(fair_order([(row._mapping, row.uuid) for row in due], tally.limits), tally, room)
-        if not chosen:
-            return []
+        return self._lease(connection, chosen, params) if chosen else []
+
+    def _lease(self, connection: Connection, uuids: list[str], params: dict[str, Any]) -> list[Any]:
+        """Lease the chosen pipelines that are still due; their rows as leased."""
         c = self.table.c
-        lease = update(self.table).where(c.uuid.in_(chosen), *self._still_due()).values(self.lease_values)
+        lease = update(self.table).where(c.uuid.in_(uuids), *self._still_due()).values(self.lease_values)
         return list(connection.execute(lease.returning(*self.table.columns), params).mappings())
 
     @staticmethod
