@@ -28,7 +28,9 @@ from prorch.model import defaults
 from prorch.model.clock import Clock
 from prorch.model.exceptions import (
     ConfigurationError,
+    RegistrationError,
 )
+from prorch.model.limit_rules import checked_weights
 from prorch.model.registry import Registry, current_registry
 from prorch.model.status import Status
 from prorch.pipeline import new_owner_id
@@ -84,6 +86,7 @@ class Orchestrator(Actions):
         clock: Clock | None = None,
         registry: Registry | None = None,
         extensions: Iterable[Extension] = (),
+        tenant_weights: Mapping[Any, float] | None = None,
     ) -> None:
         if repository is None and config is not None:
             repository = config.repository_class
@@ -103,6 +106,8 @@ class Orchestrator(Actions):
             raise ConfigurationError(
                 f"Orchestrator(retention={retention!r}): retention must be None or a timedelta >= 0"
             )
+        self.tenant_weights = _checked_weights(tenant_weights)
+        """The weights of the groups of every fair class that declares none (fair claims)."""
         self.store = Store(repository)
         self.stopped = threading.Event()
         self._stop = self.stopped
@@ -219,6 +224,16 @@ class Orchestrator(Actions):
 
 def _non_negative(value: Any) -> bool:
     return isinstance(value, timedelta) and value >= timedelta(0)
+
+
+def _checked_weights(weights: Mapping[Any, float] | None) -> tuple[tuple[str, float], ...]:
+    """``tenant_weights`` as the claim takes them; a ConfigurationError names what is wrong."""
+    if weights is None:
+        return ()
+    try:
+        return checked_weights(weights, "Orchestrator(tenant_weights=...)")
+    except RegistrationError as exc:
+        raise ConfigurationError(str(exc)) from None
 
 
 def _check_settings(**settings: Any) -> None:

@@ -19,7 +19,7 @@ from datetime import datetime
 from typing import Any
 
 from prorch.model.due import TERMINAL_VALUES, ClaimRequest, Runnable, can_run, claim_order, claimable_by, is_due, leased
-from prorch.model.limit_rules import StartLog, Tally, within_limits
+from prorch.model.limit_rules import StartLog, Tally, fair_order, within_limits
 from prorch.model.records import JSONDict, MessageRecord, Metadata, format_timestamp, to_utc
 from prorch.model.status import Status
 from prorch.storage.composed import RepositoryBackend
@@ -256,7 +256,7 @@ class MemoryRepository(ClaimsByRequest, IRepository):
                 tally = Tally(limits, started=self.starts.counts(limits, now))
                 tally.add_leased(json.loads(self.rows[u]) for u in leased_now)
                 due = [(row, row) for row in self._due(stamp, len(self.due_keys), request.runnable)]
-                chosen = within_limits(due, tally, request.limit)
+                chosen = within_limits(fair_order(due, limits), tally, request.limit)
                 self.starts.record(chosen, limits, now)
             return [self._lease(row, request.owner, request.lease_expires_at) for row in chosen]
 

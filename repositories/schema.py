@@ -26,7 +26,7 @@ from sqlalchemy.dialects.postgresql import JSONB
 
 from prorch.model.records import Metadata as Models
 
-SCHEMA_REVISION = "0019"
+SCHEMA_REVISION = "0020"
 """The newest migration; a store at this revision needs no upgrade."""
 VERSION_TABLE = "prorch_schema_version"
 HISTORY_TABLE = "prorch_schema_migrations"
@@ -34,6 +34,7 @@ HISTORY_TABLE = "prorch_schema_migrations"
 
 Json = JSON().with_variant(JSONB(), "postgresql")
 ENDED = text("status IN ('finished', 'failed', 'cancelled')")
+HAS_CONCURRENCY_KEY = text("concurrency_key IS NOT NULL")
 LEASED = text("lease_expires_at IS NOT NULL")
 UNREAD = text("consumed_at IS NULL")
 KEYED = text("key IS NOT NULL")
@@ -67,6 +68,7 @@ pipelines = Table(
     Column("key", String(200)),
     Column("parent_uuid", String(36)),
     Column("trace", Json),
+    Column("concurrency_key", String(400)),  # JSON text of its concurrency key value (default: its tenant)
     Index("ix_pipelines_due", "status", "next_run_at", "priority"),
     # newest-first listings by keyset, alone or after a status or name filter (prorch list)
     Index("ix_pipelines_created", "created_at", "uuid"),
@@ -91,6 +93,18 @@ Index(
     pipelines.c.name,
     pipelines.c.priority.desc(),
     pipelines.c.next_run_at,
+)
+# a name's keys with pending pipelines, and a key's due ones in claim order (a fair claim,
+# ``repositories.sql_limits``); partial, so that no claim without a key condition plans on it
+Index(
+    "ix_pipelines_concurrency_key",
+    pipelines.c.name,
+    pipelines.c.status,
+    pipelines.c.concurrency_key,
+    pipelines.c.priority.desc(),
+    pipelines.c.next_run_at,
+    sqlite_where=HAS_CONCURRENCY_KEY,
+    postgresql_where=HAS_CONCURRENCY_KEY,
 )
 
 steps = Table(

@@ -1,18 +1,23 @@
 """The claim of one limited pipeline name as SQL (``max_running``, ``max_running_per_tenant``,
-``rate_limit``: ``prorch.model.limit_rules``). It runs in a transaction that holds the name's lock
-(``SQLBackend.lock_name``: SQLite's write lock, a PostgreSQL advisory lock), so counting and
-claiming are one step for every worker: it counts the name's live leases (per tenant when it
-must) and its claims within the rate's period, leases only what the limits leave room for, and
-stores one start per claim of a rate-limited name."""
+``max_running_per_key``, ``rate_limit``, ``fair``: ``prorch.model.limit_rules``). It runs in a
+transaction that holds the name's lock (``SQLBackend.lock_name``: SQLite's write lock, a
+PostgreSQL advisory lock), so counting and claiming are one step for every worker: it counts the
+name's live leases (per group when it must) and its claims within the rate's period, leases only
+what the limits leave room for, and stores one start per claim of a rate-limited name. Per
+tenant and per key are one path (a grouping each: the tenant in the context's JSON, the stored
+``concurrency_key`` column), and so is a fair claim, which takes the groups' due pipelines in
+turns."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
 from sqlalchemy import (
     ColumnElement,
     Connection,
+    Integer,
     Select,
     Table,
     bindparam,
@@ -28,10 +33,17 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects.postgresql import JSONB
 
-from prorch.model.limit_rules import ClaimLimit, Tally, TenantKey, within_limits
+from prorch.model.due import row_claim_order
+from prorch.model.limit_rules import KEY, TENANT, ClaimLimit, GroupValue, Tally, TenantKey, fair_order, within_limits
 from prorch.model.status import Status
 from repositories.schema import rate_limit_starts
 from repositories.sql_listing import json_field_equals
+
+FEW_KEYS = 32
+"""A per-key claim reads key by key up to this many keys with pending pipelines, else walks
+the name's due pipelines in claim order leaving the full keys out (one query, but it reads past
+a full key's backlog)."""
+ALL_KEYS = 1_000_000  # a fair claim reads every key: its turns need them all
 
 SCALAR_TYPES = {"postgresql": ("string", "number", "boolean"), "sqlite": ("text", "integer", "real", "true", "false")}
 
@@ -51,7 +63,7 @@ class LimitedClaim:
         now = bindparam("_now", type_=c.lease_expires_at.type)
         live = (c.name == bindparam("_name"), c.status == Status.PENDING.value, c.lease_expires_at > now)
         self.running = select(func.count()).where(*live)
-        self.leased = select(c.name, c.context).where(*live)
+        self.leased = select(c.name, c.context, c.concurrency_key).where(*live)
         self.claim_some = (
             update(table).where(c.uuid.in_(lockable(self.due).scalar_subquery()))
             .values(lease_values).returning(*table.columns)
@@ -60,6 +72,10 @@ class LimitedClaim:
         self.prune = delete(rate_limit_starts).where(starts.name == bindparam("_name"), starts.started_at <= since)
         self.started = select(func.count()).where(starts.name == bindparam("_name"))
         self.record = insert(rate_limit_starts)
+        grouped = (c.name, c.context, c.concurrency_key, c.priority, c.next_run_at)
+        self.heads = self.due.add_columns(*grouped)  # the first due ones of the name, in claim order
+        self.group_heads = self.heads.where(c.concurrency_key == bindparam("_group"))  # of one key
+        self.pending_groups = pending_keys(table)
 
     def claim(
         self, connection: Connection, name: str, limits: dict[str, ClaimLimit], params: dict[str, Any], most: int
@@ -71,7 +87,7 @@ class LimitedClaim:
         if limit.rate is not None:
             connection.execute(self.prune, {"_name": name, "_since": params["_now"] - limit.rate.period})
             tally.started[name] = connection.execute(self.started, {"_name": name}).scalar_one()
-        if limit.per_tenant is not None:
+        if limit.groupings():
             tally.add_leased(row._mapping for row in connection.execute(self.leased, bound))
         elif limit.max_running is not None:
             tally.running[name] = connection.execute(self.running, bound).scalar_one()
@@ -79,38 +95,107 @@ class LimitedClaim:
         room = most if room is None else min(room, most)
         if room <= 0:
             return []
-        if limit.per_tenant is None:
-            rows = list(connection.execute(self.claim_some, {**params, "_name": name, "_limit": room}).mappings())
-        else:
-            rows = self._claim_per_tenant(connection, name, tally, params, room)
+        rows = self._claim_within(connection, name, tally, params, room)
         if limit.rate is not None and rows:
             connection.execute(
                 self.record, [{"name": name, "started_at": params["_now"], "pipeline_uuid": r["uuid"]} for r in rows]
             )
         return rows
 
-    def _claim_per_tenant(
+    def _claim_within(
         self, connection: Connection, name: str, tally: Tally, params: dict[str, Any], room: int
     ) -> list[Any]:
-        """Candidates of the tenants not yet full, a window at a time: each window fills at
-        least one more tenant, or the room, or is the last one, so a tenant with many due
-        pipelines never hides the others behind it."""
-        c = self.table.c
+        """Up to ``room`` of the name's due pipelines within its per-group limits and turns."""
+        limit = tally.limits[name]
+        rows = None
+        if limit.fair is not None:
+            rows = self._claim_by_keys(connection, name, tally, params, room, ALL_KEYS)
+        elif limit.per_key is not None and limit.per_tenant is None:
+            rows = self._claim_by_keys(connection, name, tally, params, room, FEW_KEYS)
+        if rows is not None:
+            return rows
+        if limit.groupings():
+            return self._claim_by_group(connection, name, tally, params, room)
+        return list(connection.execute(self.claim_some, {**params, "_name": name, "_limit": room}).mappings())
+
+    def _claim_by_group(
+        self, connection: Connection, name: str, tally: Tally, params: dict[str, Any], room: int
+    ) -> list[Any]:
+        """Candidates of the groups (tenants, keys) not yet full, a window at a time: each window
+        fills at least one more group, or the room, or is the last one, so a group with many
+        due pipelines never hides the others behind it."""
+        limit = tally.limits[name]
         rows: list[Any] = []
         while room > 0:
-            window = self.due.add_columns(c.name, c.context).where(
-                *[self._not_of(tenant) for tenant in tally.full_tenants(name)]
-            )
+            full = [self._not_in(by, group) for by, _ in limit.groupings() for group in tally.full_groups(name, by)]
+            window = self.due.add_columns(*self._grouped).where(*full)
             requested = room
             found = connection.execute(window, {**params, "_name": name, "_limit": requested}).all()
             chosen = within_limits([(row._mapping, row.uuid) for row in found], tally, requested)
             if chosen:
-                lease = update(self.table).where(c.uuid.in_(chosen), *self._still_due()).values(self.lease_values)
-                rows += connection.execute(lease.returning(*self.table.columns), params).mappings().all()
+                rows += self._lease(connection, chosen, params)
             room -= len(chosen)
             if len(found) < requested or not chosen:
                 break  # the last window: no more candidates
         return rows
+
+    @property
+    def _grouped(self) -> tuple[ColumnElement[Any], ...]:
+        """What ``within_limits`` reads of a candidate: its name and groups."""
+        c = self.table.c
+        return (c.name, c.context, c.concurrency_key)
+
+    def _claim_by_keys(
+        self, connection: Connection, name: str, tally: Tally, params: dict[str, Any], room: int, most_keys: int
+    ) -> list[Any] | None:
+        """The name's due pipelines read key by key: the keys with pending pipelines (a skip
+        over the keyed index, one step per key), the first due ones of each key not yet full in
+        claim order, as many as it may take (its room under ``max_running_per_key``, and for a
+        fair name its share of the room and one more), and the first due ones of the name (those
+        stored without a key among them); then ``fair_order`` (a fair name: keys in turn) and
+        ``within_limits`` as every backend. O(keys x room), however long one key's backlog;
+        None when more than ``most_keys`` keys have pending pipelines (the caller walks)."""
+        limit = tally.limits[name]
+        full = set(tally.full_groups(name, KEY))
+        found_keys = connection.execute(self.pending_groups, {"_name": name, "_keys": most_keys + 1}).scalars().all()
+        if len(found_keys) > most_keys:
+            return None
+        keys = [key for key in found_keys if key not in full]
+        bound = {**params, "_name": name}
+        found = {row.uuid: row for row in connection.execute(self.heads, {**bound, "_limit": room})}
+        for key in keys:
+            share = self._share(limit, tally, name, key, keys, room)
+            heads = connection.execute(self.group_heads, {**bound, "_group": key, "_limit": share})
+            found.update((row.uuid, row) for row in heads)
+        due = sorted(found.values(), key=lambda row: row_claim_order(dict(row._mapping)))
+        chosen = within_limits(fair_order([(row._mapping, row.uuid) for row in due], tally.limits), tally, room)
+        return self._lease(connection, chosen, params) if chosen else []
+
+    def _lease(self, connection: Connection, uuids: list[str], params: dict[str, Any]) -> list[Any]:
+        """Lease the chosen pipelines that are still due; their rows as leased."""
+        c = self.table.c
+        lease = update(self.table).where(c.uuid.in_(uuids), *self._still_due()).values(self.lease_values)
+        return list(connection.execute(lease.returning(*self.table.columns), params).mappings())
+
+    @staticmethod
+    def _share(limit: ClaimLimit, tally: Tally, name: str, key: str, keys: list[str], room: int) -> int:
+        """How many of a key's first due pipelines the claim may take: enough for its turns
+        (fair) and no more than its room under the per-key limit."""
+        share = room
+        if limit.fair is not None:
+            total = sum(limit.fair.weight(other) for other in keys)
+            share = min(share, math.ceil(room * limit.fair.weight(key) / total) + 1)
+        if limit.per_key is not None:
+            share = min(share, limit.per_key - tally.groups[(name, KEY, key)])
+        return max(share, 0)
+
+    def _not_in(self, by: str, group: GroupValue) -> ColumnElement[bool]:
+        """Pipelines not of this group (tenant or key; None: the group of none)."""
+        if by == TENANT:
+            return self._not_of(group)
+        key = self.table.c.concurrency_key
+        other: ColumnElement[bool] = key.is_not(None) if group is None else or_(key.is_(None), key != group)
+        return other
 
     def _still_due(self) -> tuple[ColumnElement[bool], ...]:
         """Due as the claim read it (another process's ``claim_one`` may have taken one since)."""
@@ -134,3 +219,17 @@ class LimitedClaim:
         else:
             kind = func.json_type(context, literal('$."tenant"'))
         return or_(kind.is_(None), kind.not_in(SCALAR_TYPES.get(self.dialect, SCALAR_TYPES["sqlite"])))
+
+
+def pending_keys(table: Table) -> Any:
+    """The distinct stored keys of one name's pending pipelines (bound: _name), ascending, read
+    as a skip over ``ix_pipelines_concurrency_key``: one index step per key, however many
+    pipelines each key holds (a loose index scan, written as a recursive CTE)."""
+    c = table.c
+    pending = (c.name == bindparam("_name"), c.status == Status.PENDING.value)
+    first = select(c.concurrency_key).where(*pending, c.concurrency_key.is_not(None))
+    first = first.order_by(c.concurrency_key).limit(1)
+    keys = select(first.scalar_subquery().label("key")).cte("keys", recursive=True)
+    after = select(c.concurrency_key).where(*pending, c.concurrency_key > keys.c.key).order_by(c.concurrency_key)
+    keys = keys.union_all(select(after.limit(1).scalar_subquery()).where(keys.c.key.is_not(None)))
+    return select(keys.c.key).where(keys.c.key.is_not(None)).limit(bindparam("_keys", type_=Integer()))

@@ -37,7 +37,7 @@ from prorch.model.due import (
     row_is_due,
 )
 from prorch.model.exceptions import ConfigurationError, CorruptRecordError, CorruptStoreError
-from prorch.model.limit_rules import StartLog, Tally, within_limits
+from prorch.model.limit_rules import StartLog, Tally, fair_order, within_limits
 from prorch.model.records import JSONDict, Metadata, format_timestamp, to_utc
 from prorch.model.status import Status
 from prorch.storage.composed import RepositoryBackend
@@ -410,7 +410,7 @@ class TinyDBRepository(ClaimsByRequest, IRepository):
         tally = Tally(limits, started=starts.counts(limits, now))
         tally.add_leased(row for row in rows.values() if holds_lease(row, stamp))
         due = [(row, (doc_id, row)) for doc_id, row in self._due(stamp, len(rows), request.runnable)]
-        chosen = within_limits(due, tally, request.limit)
+        chosen = within_limits(fair_order(due, limits), tally, request.limit)
         starts.record((row for _, row in chosen), limits, now)
         self._save_start_log(starts)
         return chosen

@@ -55,6 +55,7 @@ class Host(Protocol):
     retention: timedelta | None
     shutdown_grace: float
     stopped: threading.Event
+    tenant_weights: tuple[tuple[str, float], ...]  # fair classes' weights unless they declare their own
 
     def cancel_here(self, uuid: str) -> PipelineRecord | None: ...
 

@@ -4,7 +4,7 @@ creating, loading and running on top, so that the model does not depend on the e
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import timedelta
 from typing import Any, ClassVar
 
@@ -33,6 +33,11 @@ class PipelineDefinition:
     max_running: ClassVar[int | None] = None  # at most this many of its pipelines leased at once, all workers
     max_running_per_tenant: ClassVar[int | None] = None  # at most this many of one tenant's
     rate_limit: ClassVar[str | None] = None  # "100/minute": at most that many hook calls started
+    # a params field (or a function of the stored params) stored at create: what max_running_per_key counts by
+    concurrency_key: ClassVar[str | Callable[[JSONDict], Any] | None] = None
+    max_running_per_key: ClassVar[int | None] = None  # at most this many of one concurrency key value's
+    fair: ClassVar[bool] = False  # claim its due pipelines from each key value (else tenant) in turn
+    tenant_weights: ClassVar[Mapping[Any, float] | None] = None  # fair, with these turns per group (default 1)
     cancel_children: ClassVar[bool] = True  # cancelling this pipeline cancels its unended children
     # a recurring schedule (prorch.model.schedule_rules): a cron string or an interval, not both
     schedule: ClassVar[str | None] = None

@@ -208,6 +208,7 @@ class PipelineRecord(Record, kw_only=True):
     key: str | None = None  # the creator's key (create(key=...)): the uuid is derived from it
     parent_uuid: str | None = None  # the pipeline whose hook started this one (self.start_child)
     trace: JSONDict | None = None  # the W3C trace context it was created in (prorch[otel])
+    concurrency_key: str | None = None  # its class's concurrency key value as JSON text, stored at create
 
 
 class StepRecord(Record, kw_only=True):

@@ -26,6 +26,7 @@ from prorch.model.exceptions import (
 )
 from prorch.model.jsonvalue import checked_copy
 from prorch.model.keys import check_uuid, uuid_for_key
+from prorch.model.limit_rules import concurrency_key_of
 from prorch.model.patches import PATCHES, to_record
 from prorch.model.records import EventRecord, JSONDict, PipelineRecord, Record, StepRecord, new_uuid
 from prorch.model.registry import Registry
@@ -130,6 +131,7 @@ def build_records(
         key=key,
         parent_uuid=parent_uuid,
         trace=trace,
+        concurrency_key=_concurrency_key(definition, params, context),
     )
     steps: list[Record] = [
         StepRecord(
@@ -226,6 +228,16 @@ def _conflict(found: PipelineRecord, wanted: PipelineRecord) -> str:
 def _shown(params: JSONDict) -> str:
     text = json.dumps(params, sort_keys=True, ensure_ascii=False)
     return text if len(text) <= 300 else text[:297] + "..."
+
+
+def _concurrency_key(definition: type[PipelineDefinition], params: JSONDict, context: JSONDict | None) -> str:
+    """The class's concurrency key of these params (by default the tenant), stored with the
+    pipeline so that the claim counts and groups by it without reading params or context; a
+    bad key is the params' error (nothing is stored)."""
+    try:
+        return concurrency_key_of(definition, params, context)
+    except ValueError as exc:
+        raise InvalidParamsError(f"pipeline {definition.name}: {exc}") from exc
 
 
 def with_tenant(context: JSONDict | None, tenant: str | None) -> JSONDict:

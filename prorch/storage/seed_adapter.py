@@ -22,7 +22,7 @@ from typing import Any, Protocol
 from prorch.model.due import ClaimRequest, Runnable, claim_order, is_due, is_leased
 from prorch.model.exceptions import ConfigurationError
 from prorch.model.keys import KEY_NAMESPACE
-from prorch.model.limit_rules import StartLog, Tally, within_limits
+from prorch.model.limit_rules import StartLog, Tally, fair_order, within_limits
 from prorch.model.records import JSONDict, MessageRecord, PipelineRecord, StepRecord, format_timestamp, to_utc
 from prorch.storage.backend import Outcome, Write
 from prorch.storage.commits import by_statements, call, conflict
@@ -271,9 +271,10 @@ class SeedAdapter(_WorkerRowsAsMessages, RepositoryBackend):
             return self.due(now, limit, runnable)
         tally = Tally(limits, started=self._starts.counts(limits, now))
         pending = [PipelineRecord.from_dict(row) for row in self.search(PipelineRecord.MODEL, "status", "pending")]
-        tally.add_leased({"name": p.name, "context": p.context} for p in pending
+        tally.add_leased({"name": p.name, "context": p.context, "concurrency_key": p.concurrency_key} for p in pending
                          if is_leased(p.status.value, p.lease_expires_at, now))  # fmt: skip
-        chosen = within_limits([(row, row) for row in self.due(now, 1_000_000, runnable)], tally, limit)
+        due = [(row, row) for row in self.due(now, 1_000_000, runnable)]
+        chosen = within_limits(fair_order(due, limits), tally, limit)
         self._starts.record(chosen, limits, now)
         return chosen
 

@@ -14,7 +14,7 @@ import pytest
 from sqlalchemy import create_engine, delete, event, func, insert, select, text, update
 
 from prorch.model.due import ClaimRequest
-from prorch.model.limit_rules import ClaimLimit, RateLimit
+from prorch.model.limit_rules import ClaimLimit, Fairness, RateLimit
 from prorch.model.records import new_uuid
 from prorch.storage.store import Store
 from repositories import from_url
@@ -122,6 +122,47 @@ def test_a_claim_walks_an_index_in_claim_order_and_sorts_nothing(
         assert "ix_pipelines_claim" in plan, plan
         assert "TEMP B-TREE" not in plan and "Sort" not in plan, plan
         assert "SCAN pipelines" not in plan and "Seq Scan on pipelines pipelines_1" not in plan, plan
+
+
+def test_a_fair_claim_steps_over_the_keys_and_walks_each_key_in_claim_order(sql: Any) -> None:
+    """A fair claim (#30 item 2) reads the name's keys by a skip over ``ix_pipelines_concurrency_key``
+    and each key's first due ones in claim order on it: O(keys x batch), no sort, no scan of a
+    backlog, and the few pipelines of a key behind a backlog of another are in the claim."""
+    fill(sql, [row("A", minutes=-(i % 500) - 1, concurrency_key='"big"') for i in range(1_500)])
+    fill(sql, [row("A", minutes=-1, concurrency_key='"small"') for _ in range(3)])
+    plans = Plans(sql)
+    try:
+        fair = {"A": ClaimLimit(fair=Fairness())}
+        claimed = Store(sql).claim(ClaimRequest(NOW, "w", UNTIL, 10, fair, frozenset({("A", 1)})))
+    finally:
+        plans.close()
+    assert sorted(p.concurrency_key for p in claimed) == ['"big"'] * 7 + ['"small"'] * 3
+    assert len(plans.plans) == 4, plans.plans  # the keys, the name's first, each key's first
+    for plan in plans.plans:
+        assert "TEMP B-TREE" not in plan and "Sort" not in plan, plan
+        assert "SCAN pipelines" not in plan and "Seq Scan on pipelines" not in plan, plan
+    assert sum("ix_pipelines_concurrency_key" in plan for plan in plans.plans) == 3, plans.plans
+
+
+def test_a_per_key_claim_reads_key_by_key_past_a_full_key_s_backlog(sql: Any) -> None:
+    """``max_running_per_key`` with one key full and 1,500 due ahead of another key's three: the
+    claim reads the few keys and each key's first due ones not the full key's backlog (the walk
+    in claim order would read all 1,500 to find the three)."""
+    leased = {"lease_owner": "x", "lease_expires_at": NOW + timedelta(minutes=1)}
+    fill(sql, [row("A", minutes=-600, concurrency_key='"big"', **leased) for _ in range(2)])
+    fill(sql, [row("A", minutes=-(i % 500) - 1, concurrency_key='"big"') for i in range(1_500)])
+    fill(sql, [row("A", minutes=-1, concurrency_key='"small"') for _ in range(3)])
+    plans = Plans(sql)
+    try:
+        per_key = {"A": ClaimLimit(per_key=2)}
+        claimed = Store(sql).claim(ClaimRequest(NOW, "w", UNTIL, 10, per_key, frozenset({("A", 1)})))
+    finally:
+        plans.close()
+    assert sorted(p.concurrency_key for p in claimed) == ['"small"'] * 2  # big is full, small has room for 2
+    for plan in plans.plans:
+        assert "TEMP B-TREE" not in plan and "Sort" not in plan, plan
+        assert "SCAN pipelines" not in plan and "Seq Scan on pipelines" not in plan, plan
+    assert sum("ix_pipelines_concurrency_key" in plan for plan in plans.plans) == 2, plans.plans  # keys, small's
 
 
 ORDERED = [  # (name, priority, minutes overdue); the claim order by the rule is this list's order

@@ -9,7 +9,17 @@ from typing import Any
 import pytest
 
 from prorch.model.exceptions import RegistrationError
-from prorch.model.limit_rules import ClaimLimit, RateLimit, StartLog, Tally, limits_of, tenant_key, within_limits
+from prorch.model.limit_rules import (
+    ClaimLimit,
+    Fairness,
+    RateLimit,
+    StartLog,
+    Tally,
+    fair_order,
+    limits_of,
+    tenant_key,
+    within_limits,
+)
 from prorch.model.records import format_timestamp
 from prorch.model.registry import Registry
 from prorch.storage.store import Store
@@ -179,3 +189,30 @@ def test_a_start_log_drops_starts_older_than_the_window() -> None:
     assert log.counts(limits, NOW + timedelta(seconds=59)) == {"L": 2}
     assert log.counts(limits, NOW + timedelta(seconds=60)) == {"L": 1}  # a start exactly a period ago is out
     assert log.starts == {"L": [format_timestamp(NOW + timedelta(seconds=30))]}
+
+
+def fair_rows(*groups: str, name: str = "F") -> list[tuple[dict[str, Any], int]]:
+    return [({"name": name, "concurrency_key": f'"{group}"'}, i) for i, group in enumerate(groups)]
+
+
+def test_fair_order_takes_groups_in_turn_and_leaves_other_names_in_place() -> None:
+    limits = {"F": ClaimLimit(fair=Fairness())}
+    due = [*fair_rows("big", "big", "big"), ({"name": "other"}, 3), *fair_rows("small", "small")]
+    due[-2:] = [(row, 4 + i) for i, (row, _) in enumerate(due[-2:])]
+    assert [kept for _, kept in fair_order(due, limits, start=0)] == [0, 4, 1, 3, 5, 2]
+
+
+def test_fair_order_rotates_the_first_group_so_claims_of_one_alternate() -> None:
+    """Turns carry no memory between claims: without the rotation a claim of one pipeline
+    would take the backlog's group every time, and the other group's never."""
+    limits = {"F": ClaimLimit(fair=Fairness())}
+    due = fair_rows("big", "big", "big", "small")
+    firsts = [fair_order(due, limits, start=claim)[0][0]["concurrency_key"] for claim in range(4)]
+    assert firsts == ['"big"', '"small"', '"big"', '"small"']
+
+
+def test_fair_order_gives_a_weighted_group_its_turns() -> None:
+    limits = {"F": ClaimLimit(fair=Fairness((('"gold"', 3.0),)))}
+    due = fair_rows(*["free"] * 6, *["gold"] * 6)
+    taken = [row["concurrency_key"] for row, _ in fair_order(due, limits, start=0)[:8]]
+    assert taken.count('"gold"') == 6 and taken.count('"free"') == 2
