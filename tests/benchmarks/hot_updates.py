@@ -4,6 +4,7 @@ transitions, for vacuum to clean.
 
     PYTHONPATH=$PWD python tests/benchmarks/hot_updates.py                 # N=1,000, 3 runs each mode
     PYTHONPATH=$PWD python tests/benchmarks/hot_updates.py --n 1000 --runs 1 --output /tmp/hot.json
+    PYTHONPATH=$PWD python tests/benchmarks/hot_updates.py --roots /tmp/before . --modes quiet  # A/B
 
 Each run is W1 (``workloads.py w1``: N pipelines of 3 quick steps, created one by one, then run
 to the end by one worker, group commit 100) on a fresh database of a durable server (fsync on),
@@ -11,13 +12,15 @@ in two modes: ``quiet``, autovacuum off on the two tables, so the dead tuples co
 are all those the run left for a vacuum (page pruning, which HOT chains allow, already took the
 rest); ``autovacuum``, the server's defaults, sampled every 0.2 s for the peak of dead tuples and
 the autovacuums that ran. The counters are ``pg_stat_user_tables``' (reset before the run). Run
-it by hand; the test suite never asserts timings.
+it by hand; the test suite never asserts timings. ``--roots`` runs the same on other copies of
+the code (a checkout of another commit), interleaved: each root migrates its own databases.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -31,8 +34,7 @@ from sqlalchemy import create_engine, text
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from repositories import from_url  # noqa: E402
-from tests.benchmarks.run import fresh_pg_url, run_json, workload  # noqa: E402
+from tests.benchmarks.run import fresh_pg_url  # noqa: E402
 from tests.support.postgres import remove, start_server  # noqa: E402
 
 TABLES = ("pipelines", "pipeline_steps")
@@ -48,11 +50,23 @@ def counters(engine: Any) -> dict[str, dict[str, int]]:
         return {row.relname: dict(row._mapping) for row in connection.execute(STATS)}
 
 
-def one_run(server: Any, n: int, mode: str) -> dict[str, Any]:
+def in_root(root: Path, *args: str) -> str:
+    """Run python with ``root``'s code (its workloads, its migrations); its last line of output."""
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    done = subprocess.run([sys.executable, *args], cwd=root, env=env, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"{args} failed in {root}:\n{done.stderr[-2000:]}")
+    return done.stdout.strip().splitlines()[-1] if done.stdout.strip() else ""
+
+
+def one_run(server: Any, root: Path, n: int, mode: str, fillfactor: list[int] | None) -> dict[str, Any]:
     url = fresh_pg_url(server)
-    from_url(url).dispose()  # migrated here, so that the tables exist before the counters are reset
+    # migrated first, so that the tables exist before the counters are reset
+    in_root(root, "-c", f"from repositories import from_url; from_url({url!r}).dispose()")
     engine = create_engine(url.replace("postgresql://", "postgresql+psycopg://"), isolation_level="AUTOCOMMIT")
     with engine.connect() as connection:
+        for table, factor in zip(TABLES, fillfactor or [], strict=False):  # an experiment's override
+            connection.execute(text(f"ALTER TABLE {table} SET (fillfactor = {factor})"))
         if mode == "quiet":
             for table in TABLES:
                 connection.execute(text(f"ALTER TABLE {table} SET (autovacuum_enabled = false)"))
@@ -70,11 +84,10 @@ def one_run(server: Any, n: int, mode: str) -> dict[str, Any]:
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
     try:
-        result = run_json(workload("w1", url, str(n)), cwd=ROOT)
+        result = json.loads(in_root(root, str(root / "tests" / "benchmarks" / "workloads.py"), "w1", url, str(n)))
     finally:
         running = False
         sampler.join()
-    assert result is not None
     time.sleep(1.5)  # the worker's last counters reach the shared statistics at its exit
     with engine.connect() as connection:
         wal = connection.execute(text("SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), :lsn)"), {"lsn": wal_before})
@@ -102,23 +115,27 @@ def one_run(server: Any, n: int, mode: str) -> dict[str, Any]:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--n", type=int, default=1000)
-    parser.add_argument("--runs", type=int, default=3, help="rounds; each round runs both modes")
+    parser.add_argument("--runs", type=int, default=3, help="rounds; each round runs every root and mode")
     parser.add_argument("--modes", nargs="+", default=["quiet", "autovacuum"])
+    parser.add_argument("--roots", nargs="+", default=[str(ROOT)], help="code trees to compare, interleaved")
+    parser.add_argument("--fillfactor", nargs=2, type=int, metavar=("PIPELINES", "STEPS"), help="an override")
     parser.add_argument("--output", help="also write the results here as JSON")
     options = parser.parse_args()
     server = start_server(durable=True)
-    runs: dict[str, list[dict[str, Any]]] = {mode: [] for mode in options.modes}
+    configurations = [(root, mode) for root in options.roots for mode in options.modes]
+    runs: dict[str, list[dict[str, Any]]] = {f"{root} {mode}": [] for root, mode in configurations}
     try:
         for _ in range(options.runs):
-            for mode in options.modes:  # interleaved: noise hits both modes alike
-                runs[mode].append(one_run(server, options.n, mode))
+            for root, mode in configurations:  # interleaved: noise hits every configuration alike
+                result = one_run(server, Path(root).resolve(), options.n, mode, options.fillfactor)
+                runs[f"{root} {mode}"].append(result)
     finally:
         remove(server)
     medians = {
-        mode: {key: statistics.median(run[key] for run in found) for key in found[0]} for mode, found in runs.items()
+        name: {key: statistics.median(run[key] for run in found) for key in found[0]} for name, found in runs.items()
     }
-    for mode, values in medians.items():
-        print(mode, json.dumps({key: round(value, 1) for key, value in values.items()}))
+    for name, values in medians.items():
+        print(name, json.dumps({key: round(value, 1) for key, value in values.items()}))
     if options.output:
         Path(options.output).write_text(json.dumps({"n": options.n, "runs": runs, "medians": medians}, indent=1))
 
