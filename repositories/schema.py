@@ -85,7 +85,7 @@ pipelines = Table(
     # a pipeline runs, so that its writes can be HOT updates
     Index("ix_pipelines_ended", "updated_at", sqlite_where=ENDED),
     # room on each page for a row's next version: what a HOT update needs besides unchanged keys
-    postgresql_with={"fillfactor": 70},
+    postgresql_with={"fillfactor": 60},
 )
 # the claim's walk in claim order (``prorch.model.due.CLAIM_ORDER``), all names, or one name's (a
 # limited claim): it reads the rows it takes, not every due row (``repositories.sql_claim``)
@@ -118,7 +118,7 @@ steps = Table(
     Column("rollback_attempt", Integer, nullable=False, default=0),
     Column("revision", Integer, nullable=False, default=0),
     Column("progress", Json),
-    postgresql_with={"fillfactor": 80},
+    postgresql_with={"fillfactor": 65},
 )
 
 events = Table(

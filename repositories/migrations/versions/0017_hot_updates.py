@@ -33,7 +33,7 @@ ENDED = sa.text("status IN ('finished', 'failed', 'cancelled')")
 LEASED = sa.text("lease_expires_at IS NOT NULL")
 OWNED = sa.text("lease_owner IS NOT NULL")
 ENDED_AT = "CASE WHEN status IN ('finished', 'failed', 'cancelled') THEN updated_at END"
-FILLFACTOR = {"pipelines": 70, "pipeline_steps": 80}
+FILLFACTOR = {"pipelines": 60, "pipeline_steps": 65}
 
 
 def upgrade() -> None:
