@@ -11,9 +11,10 @@ to the end by one worker, group commit 100) on a fresh database of a durable ser
 in two modes: ``quiet``, autovacuum off on the two tables, so the dead tuples counted at the end
 are all those the run left for a vacuum (page pruning, which HOT chains allow, already took the
 rest); ``autovacuum``, the server's defaults, sampled every 0.2 s for the peak of dead tuples and
-the autovacuums that ran. The counters are ``pg_stat_user_tables``' (reset before the run). Run
-it by hand; the test suite never asserts timings. ``--roots`` runs the same on other copies of
-the code (a checkout of another commit), interleaved: each root migrates its own databases.
+the autovacuums that ran (``--settle``: and for a while after the run). The counters are
+``pg_stat_user_tables``' (reset before the run). Run it by hand; the test suite never asserts
+timings. ``--roots`` runs the same on other copies of the code (a checkout of another commit),
+interleaved: each root migrates its own databases.
 """
 
 from __future__ import annotations
@@ -59,7 +60,9 @@ def in_root(root: Path, *args: str) -> str:
     return done.stdout.strip().splitlines()[-1] if done.stdout.strip() else ""
 
 
-def one_run(server: Any, root: Path, n: int, mode: str, fillfactor: list[int] | None) -> dict[str, Any]:
+def one_run(
+    server: Any, root: Path, n: int, mode: str, fillfactor: list[int] | None, settle: float = 0
+) -> dict[str, Any]:
     url = fresh_pg_url(server)
     # migrated first, so that the tables exist before the counters are reset
     in_root(root, "-c", f"from repositories import from_url; from_url({url!r}).dispose()")
@@ -73,18 +76,26 @@ def one_run(server: Any, root: Path, n: int, mode: str, fillfactor: list[int] | 
         connection.execute(text("SELECT pg_stat_reset()"))
         wal_before = connection.execute(text("SELECT pg_current_wal_lsn()")).scalar()
     peak = dict.fromkeys(TABLES, 0)
-    running = True
+    series: list[tuple[float, int, int, int, int]] = []  # seconds; dead tuples, autovacuums of each table
+    running, started = True, time.monotonic()
 
     def sample() -> None:
         while running:
-            for name, row in counters(engine).items():
+            found = counters(engine)
+            for name, row in found.items():
                 peak[name] = max(peak[name], row["n_dead_tup"])
+            pipes, steps = found["pipelines"], found["pipeline_steps"]
+            moment = round(time.monotonic() - started, 1)
+            series.append(
+                (moment, pipes["n_dead_tup"], steps["n_dead_tup"], pipes["autovacuum_count"], steps["autovacuum_count"])
+            )
             time.sleep(0.2)
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
     try:
         result = json.loads(in_root(root, str(root / "tests" / "benchmarks" / "workloads.py"), "w1", url, str(n)))
+        time.sleep(settle)  # what autovacuum does once the work stops
     finally:
         running = False
         sampler.join()
@@ -99,6 +110,7 @@ def one_run(server: Any, root: Path, n: int, mode: str, fillfactor: list[int] | 
         "transitions_per_s": result["transitions_per_s"],
         "e2e_per_s": result["e2e_per_s"],
         "wal_bytes_per_transition": wal_bytes / transitions,
+        "series": series,
     }
     for name in TABLES:
         row = found[name]
@@ -119,6 +131,7 @@ def main() -> None:
     parser.add_argument("--modes", nargs="+", default=["quiet", "autovacuum"])
     parser.add_argument("--roots", nargs="+", default=[str(ROOT)], help="code trees to compare, interleaved")
     parser.add_argument("--fillfactor", nargs=2, type=int, metavar=("PIPELINES", "STEPS"), help="an override")
+    parser.add_argument("--settle", type=float, default=0, help="seconds to keep sampling after the run")
     parser.add_argument("--output", help="also write the results here as JSON")
     options = parser.parse_args()
     server = start_server(durable=True)
@@ -127,12 +140,13 @@ def main() -> None:
     try:
         for _ in range(options.runs):
             for root, mode in configurations:  # interleaved: noise hits every configuration alike
-                result = one_run(server, Path(root).resolve(), options.n, mode, options.fillfactor)
+                result = one_run(server, Path(root).resolve(), options.n, mode, options.fillfactor, options.settle)
                 runs[f"{root} {mode}"].append(result)
     finally:
         remove(server)
     medians = {
-        name: {key: statistics.median(run[key] for run in found) for key in found[0]} for name, found in runs.items()
+        name: {key: statistics.median(run[key] for run in found) for key in found[0] if key != "series"}
+        for name, found in runs.items()
     }
     for name, values in medians.items():
         print(name, json.dumps({key: round(value, 1) for key, value in values.items()}))
