@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import create_engine, insert, text
+from sqlalchemy import create_engine, event, insert, text
 
 from prorch import Orchestrator
 from prorch.model.records import new_uuid
@@ -101,9 +101,22 @@ def test_migration_0017_moves_the_indexes_off_changing_columns_and_back(
             assert "fillfactor=60" in options.scalar_one()
         else:
             assert "(updated_at)" in indexes["ix_pipelines_ended"], indexes
+    plans: list[str] = []
+
+    def explain(connection: Any, cursor: Any, statement: str, params: Any, context: Any, many: bool) -> None:
+        if "ended_at" in statement:  # could the planner use the index, were the table large?
+            cursor.execute("SET enable_seqscan = off")
+            cursor.execute("EXPLAIN " + statement, params)
+            plans.append(" ".join(line for (line,) in cursor.fetchall()))
+            cursor.execute("RESET enable_seqscan")
+
+    event.listen(old.engine, "before_cursor_execute", explain)
     stats = old.pipeline_stats(ENDED_AT, ENDED_AT - timedelta(hours=1))  # the ended query, on its new index
     assert [status for status, _ in stats.ended] == ["finished"]
     assert old.ended_before(["finished"], ENDED_AT + timedelta(seconds=1), 10) == [ended["uuid"]]
+    event.remove(old.engine, "before_cursor_execute", explain)
+    assert len(plans) == (2 if kind == "postgresql" else 0), plans
+    assert all("ix_pipelines_ended" in plan for plan in plans), plans
     with old.engine.begin() as connection:
         config = Config()
         config.set_main_option("script_location", str(MIGRATIONS))
