@@ -35,10 +35,13 @@ HISTORY_TABLE = "prorch_schema_migrations"
 Json = JSON().with_variant(JSONB(), "postgresql")
 ENDED = text("status IN ('finished', 'failed', 'cancelled')")
 HAS_CONCURRENCY_KEY = text("concurrency_key IS NOT NULL")
-LEASED = text("lease_expires_at IS NOT NULL")
+LEASED = text("lease_owner IS NOT NULL")
 UNREAD = text("consumed_at IS NULL")
 KEYED = text("key IS NOT NULL")
 Timestamp = DateTime(timezone=True)
+ENDED_AT = "ended_at"
+"""PostgreSQL only: a stored generated column of pipelines, ``updated_at`` when ended, else NULL
+(migration 0017). Not in the table below: only the ended queries (``sql_listing``) name it."""
 
 metadata = MetaData()
 
@@ -79,10 +82,15 @@ pipelines = Table(
     Index("ix_pipelines_parent", "parent_uuid"),  # a pipeline's children
     # a creation key's pipelines (if_running, debounce, get_by_key): keyed rows only
     Index("ix_pipelines_key", "key", sqlite_where=KEYED, postgresql_where=KEYED),
-    # live leases by name, for max_running: only leased rows, so as small as the work in flight
-    Index("ix_pipelines_leased", "name", "lease_expires_at", sqlite_where=LEASED, postgresql_where=LEASED),
-    # ended pipelines only: "ended in the last hour" without indexing every transition
-    Index("ix_pipelines_ended", "updated_at", sqlite_where=ENDED, postgresql_where=ENDED),
+    # live leases by name, for max_running: only leased rows, so as small as the work in flight;
+    # keyed on the owner, which a lease's renewals leave as it is (its expiry is checked on the row)
+    Index("ix_pipelines_leased", "name", "lease_owner", sqlite_where=LEASED, postgresql_where=LEASED),
+    # ended pipelines only: "ended in the last hour" without indexing every transition. On
+    # PostgreSQL it is on ``ended_at`` instead (ENDED_AT, migration 0017), which stays NULL while
+    # a pipeline runs, so that its writes can be HOT updates
+    Index("ix_pipelines_ended", "updated_at", sqlite_where=ENDED),
+    # room on each page for a row's next version: what a HOT update needs besides unchanged keys
+    postgresql_with={"fillfactor": 60},
 )
 # the claim's walk in claim order (``prorch.model.due.CLAIM_ORDER``), all names, or one name's (a
 # limited claim): it reads the rows it takes, not every due row (``repositories.sql_claim``)
@@ -127,6 +135,7 @@ steps = Table(
     Column("rollback_attempt", Integer, nullable=False, default=0),
     Column("revision", Integer, nullable=False, default=0),
     Column("progress", Json),
+    postgresql_with={"fillfactor": 65},
 )
 
 events = Table(

@@ -61,7 +61,13 @@ class LimitedClaim:
         self.table, self.dialect, self.lease_values = table, dialect, lease_values
         self.due = due.where(c.name == bindparam("_name"))
         now = bindparam("_now", type_=c.lease_expires_at.type)
-        live = (c.name == bindparam("_name"), c.status == Status.PENDING.value, c.lease_expires_at > now)
+        # by ix_pipelines_leased (name, lease_owner) of leased rows: their expiry is checked on the row
+        live = (
+            c.name == bindparam("_name"),
+            c.lease_owner.is_not(None),
+            c.status == Status.PENDING.value,
+            c.lease_expires_at > now,
+        )
         self.running = select(func.count()).where(*live)
         self.leased = select(c.name, c.context, c.concurrency_key).where(*live)
         self.claim_some = (

@@ -31,7 +31,7 @@ from sqlalchemy.dialects.postgresql import JSONB
 from prorch.model import substates
 from prorch.model.records import to_utc
 from prorch.storage.repository import PipelineQuery, PipelineStats, VersionGroup
-from repositories.schema import ENDED
+from repositories.schema import ENDED, ENDED_AT
 
 ENDED_STATUSES = frozenset({"finished", "failed", "cancelled"})
 JSON_TYPES_SQLITE: dict[type, tuple[str, ...]] = {int: ("integer",), float: ("real", "integer")}
@@ -156,14 +156,18 @@ def version_groups(table: Table, connection: Connection) -> list[VersionGroup]:
 def ended_query(table: Table, dialect: str) -> Any:
     """Pipelines ended since ``:since``, read from the partial index of ended pipelines. SQLite's
     planner, without statistics, prefers the (status, created_at) index, which reads every
-    finished pipeline; ``INDEXED BY`` names the right one."""
+    finished pipeline; ``INDEXED BY`` names the right one. On PostgreSQL the index is on
+    ``ended_at`` (``schema.ENDED_AT``: ``updated_at`` once ended, so the same rows)."""
     c = table.c
-    if dialect != "sqlite":
+    if dialect == "postgresql":
+        sql = f"SELECT status, updated_at FROM {table.name} WHERE {ENDED_AT} >= :since"
+    elif dialect == "sqlite":
+        sql = (
+            f"SELECT status, updated_at FROM {table.name} INDEXED BY ix_pipelines_ended "
+            f"WHERE {ENDED.text} AND updated_at >= :since"
+        )
+    else:
         return select(c.status, c.updated_at).where(ENDED, c.updated_at >= bindparam("since", type_=c.updated_at.type))
-    sql = (
-        f"SELECT status, updated_at FROM {table.name} INDEXED BY ix_pipelines_ended "
-        f"WHERE {ENDED.text} AND updated_at >= :since"
-    )
     return text(sql).bindparams(bindparam("since", type_=c.updated_at.type)).columns(c.status, c.updated_at)
 
 
@@ -175,13 +179,19 @@ def ended_before(table: Table, dialect: str) -> Any:
     before = bindparam("before", type_=c.updated_at.type)
     statuses: Any = bindparam("statuses", expanding=True)
     limit = bindparam("limit", type_=Integer())
-    if dialect != "sqlite":
+    if dialect == "postgresql":  # by the index on ended_at; for an ended pipeline it is updated_at
+        sql = (
+            f"SELECT uuid FROM {table.name} WHERE {ENDED_AT} < :before AND status IN :statuses "
+            f"AND {_ORPHAN.format(t=table.name)} LIMIT :limit"
+        )
+    elif dialect == "sqlite":
+        sql = (
+            f"SELECT uuid FROM {table.name} INDEXED BY ix_pipelines_ended "
+            f"WHERE {ENDED.text} AND status IN :statuses AND updated_at < :before AND {_ORPHAN.format(t=table.name)} "
+            "LIMIT :limit"
+        )
+    else:
         return select(c.uuid).where(*purgeable(table, statuses, before)).limit(limit)
-    sql = (
-        f"SELECT uuid FROM {table.name} INDEXED BY ix_pipelines_ended "
-        f"WHERE {ENDED.text} AND status IN :statuses AND updated_at < :before AND {_ORPHAN.format(t=table.name)} "
-        "LIMIT :limit"
-    )
     return text(sql).bindparams(before, statuses, limit)
 
 

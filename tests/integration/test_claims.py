@@ -74,12 +74,12 @@ class Plans:
     """The plan of every claim statement the backend runs (EXPLAIN QUERY PLAN on SQLite, EXPLAIN
     on PostgreSQL), read with the statement's own values, before it runs."""
 
-    def __init__(self, backend: Any) -> None:
-        self.backend, self.plans = backend, []
+    def __init__(self, backend: Any, marker: str = "ORDER BY") -> None:
+        self.backend, self.plans, self.marker = backend, [], marker
         event.listen(backend.engine, "before_cursor_execute", self.explain)
 
     def explain(self, connection: Any, cursor: Any, statement: str, params: Any, context: Any, many: bool) -> None:
-        if "FROM pipelines" not in statement or "ORDER BY" not in statement:
+        if "FROM pipelines" not in statement or self.marker not in statement:
             return  # not a walk in claim order (a count, a lease by uuid, a rate's start)
         if self.backend.engine.dialect.name == "postgresql":
             cursor.execute("EXPLAIN " + statement, params)
@@ -309,6 +309,23 @@ def test_max_running_counts_live_leases_only(sql: Any) -> None:
     limits = {"A": ClaimLimit(max_running=3)}
     assert len(claim(store, "w1", 10, limits)) == 2
     assert claim(store, "w2", 10, limits) == []
+
+
+def test_live_leases_are_counted_from_the_index_of_leased_rows(sql: Any) -> None:
+    """``max_running`` counts a name's live leases from ``ix_pipelines_leased`` (#28 item 4: now
+    keyed on the lease's owner, which its renewals leave alone, so that they can be HOT updates
+    on PostgreSQL): it reads the leased rows, not every pending one of the name."""
+    leased = [row("A", minutes=-9, lease_owner="x", lease_expires_at=NOW + timedelta(minutes=1)) for _ in range(3)]
+    fill(sql, [*leased, *[row("A", minutes=-(i % 500) - 1) for i in range(1_500)]])
+    plans = Plans(sql, marker="count(")
+    try:
+        claimed = claim(Store(sql), "w", 10, {"A": ClaimLimit(max_running=5)})
+    finally:
+        plans.close()
+    assert len(claimed) == 2
+    assert plans.plans, "no count seen"
+    for plan in plans.plans:
+        assert "ix_pipelines_leased" in plan, plan
 
 
 def test_a_rate_limit_counts_the_starts_within_its_period(sql: Any) -> None:
