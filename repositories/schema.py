@@ -26,7 +26,7 @@ from sqlalchemy.dialects.postgresql import JSONB
 
 from prorch.model.records import Metadata as Models
 
-SCHEMA_REVISION = "0016"
+SCHEMA_REVISION = "0018"
 """The newest migration; a store at this revision needs no upgrade."""
 VERSION_TABLE = "prorch_schema_version"
 HISTORY_TABLE = "prorch_schema_migrations"
@@ -175,6 +175,20 @@ workers = Table(
     Column("in_flight", Integer, nullable=False),
 )
 
+pauses = Table(
+    "pauses",
+    metadata,
+    # "class:NAME", "class:NAME@VERSION", "tenant:T" or "pipeline:UUID" (prorch.model.pauses): the
+    # claim looks up a pipeline's few keys by this primary key, so a pause costs one row
+    Column("scope", String(300), primary_key=True),
+    Column("kind", String(16), nullable=False),
+    Column("value", String(200), nullable=False),
+    Column("version", Integer),
+    Column("since", Timestamp, nullable=False),
+    Column("actor", String(1000)),
+    Column("reason", String(1000)),
+)
+
 schema_history = Table(
     HISTORY_TABLE,
     metadata,
@@ -210,6 +224,7 @@ __all__ = [
     "VERSION_TABLE",
     "column_kind",
     "metadata",
+    "pauses",
     "schedule_ticks",
     "schema_history",
     "workers",
