@@ -52,7 +52,8 @@ def not_paused(table: Table, dialect: str) -> ColumnElement[bool]:
 def _tenant_text(context: Any, dialect: str) -> ColumnElement[Any]:
     """The context's tenant as text (NULL without one: no tenant pause holds it)."""
     if dialect == "postgresql":
-        return type_coerce(context, JSONB)["tenant"].astext
+        text: ColumnElement[Any] = type_coerce(context, JSONB)["tenant"].astext
+        return text
     return cast(func.json_extract(context, literal('$."tenant"')), String)
 
 

@@ -183,6 +183,12 @@ class RepositoryBackend(Committer):
 
     # --- pauses (each backend stores the rows; resuming wakes workers) --------------------------
 
+    def pauses(self) -> list[JSONDict]:  # pragma: no cover - each backend's
+        raise NotImplementedError
+
+    def add_pause(self, row: JSONDict) -> bool:  # pragma: no cover - each backend's
+        raise NotImplementedError
+
     def paused(self) -> Paused:
         """The stored pauses, for a claim's filter in Python."""
         return Paused.of_rows(self.pauses())

@@ -65,8 +65,8 @@ def test_a_paused_class_tenant_or_pipeline_is_not_claimed_until_resumed(orchestr
     assert orchestrator.execute_pipelines().claimed == 4  # due at once: no wait for a timer
     assert all(status(orchestrator, u) == Status.FINISHED for u in (job1, acme, solo, late))
 
-    paused, resumed_event = [e for e in orchestrator.history(solo) if e.type in (EventType.PIPELINE_PAUSED,
-                                                                                   EventType.PIPELINE_RESUMED)]  # fmt: skip
+    kinds = (EventType.PIPELINE_PAUSED, EventType.PIPELINE_RESUMED)
+    paused, resumed_event = [e for e in orchestrator.history(solo) if e.type in kinds]
     assert paused.type == EventType.PIPELINE_PAUSED and resumed_event.data == {"actor": "bob"}
 
 
