@@ -87,6 +87,11 @@ class MemoryBackend(RepositoryBackend):
         with self.lock:
             return [json.loads(text) for text in self(WORKERS).rows.values()]
 
+    def rate_starts(self, name: str, since: datetime) -> int:
+        with self.lock:
+            stamp = format_timestamp(since)
+            return sum(start > stamp for start in self(Metadata.PIPELINES_MODEL).starts.starts.get(name, []))
+
     def pauses(self) -> list[JSONDict]:
         with self.lock:
             return [json.loads(text) for text in self(PAUSES).rows.values()]

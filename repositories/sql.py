@@ -176,6 +176,9 @@ class SQLBackend(SQLConnections):
     def pauses(self) -> list[JSONDict]:
         return sql_pauses.pause_rows(self)
 
+    def rate_starts(self, name: str, since: datetime) -> int:
+        return sql_pauses.rate_starts(self, name, since)
+
     def add_pause(self, row: JSONDict) -> bool:
         return sql_pauses.insert_pause(self, row)
 

@@ -25,7 +25,7 @@ from sqlalchemy.dialects.postgresql import JSONB
 
 from prorch.model.pauses import CLASS, PIPELINE, TENANT
 from prorch.model.records import JSONDict, format_timestamp, to_utc
-from repositories.schema import pauses
+from repositories.schema import pauses, rate_limit_starts
 
 
 class SQLBackend(Protocol):
@@ -55,6 +55,14 @@ def _tenant_text(context: Any, dialect: str) -> ColumnElement[Any]:
         text: ColumnElement[Any] = type_coerce(context, JSONB)["tenant"].astext
         return text
     return cast(func.json_extract(context, literal('$."tenant"')), String)
+
+
+def rate_starts(backend: SQLBackend, name: str, since: datetime) -> int:
+    """A rate-limited name's stored claims after ``since`` (for the display: a read, no lock)."""
+    c = rate_limit_starts.c
+    with backend._errors(), backend.connect(write=False) as connection:
+        query = select(func.count()).where(c.name == name, c.started_at > since)
+        return int(connection.execute(query).scalar_one())
 
 
 def pause_rows(backend: SQLBackend) -> list[JSONDict]:

@@ -227,6 +227,11 @@ class TinyDBBackend(RepositoryBackend):
         data[WORKERS_TABLE] = {"1": {"workers": rows}}
         self.storage.write(data)
 
+    def rate_starts(self, name: str, since: datetime) -> int:
+        with self.locked():
+            stamp = format_timestamp(since)
+            return sum(start > stamp for start in self(Metadata.PIPELINES_MODEL)._start_log().starts.get(name, []))
+
     def pauses(self) -> list[JSONDict]:
         with self.locked():
             return list(self._pauses().values())

@@ -47,14 +47,18 @@ def print_table(rows: list[list[str]]) -> None:
         click.echo("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
 
 
-def print_page(page: PipelinePage, states: dict[str, str], blocked: dict[str, str] | None = None) -> None:
+def print_page(
+    page: PipelinePage, states: dict[str, str], blocked: dict[str, str] | None = None,
+    held: dict[str, str] | None = None,
+) -> None:  # fmt: skip
     """``prorch list``; ``states`` maps each uuid to its state (``display.state_text``),
-    ``blocked`` the uuid of a pipeline no worker can run to why."""
-    blocked = blocked or {}
+    ``blocked`` the uuid of a pipeline no worker can run to why, ``held`` one a pause or a
+    limit holds to which (its next run is then not "now")."""
+    blocked, held = blocked or {}, held or {}
     rows = [["UUID", "STATE", "NAME", "VERSION", "CREATED", "NEXT RUN"]]
     rows += [
         [r.uuid, states[r.uuid], r.name, str(r.version), format_time(r.created_at),
-         f"blocked: {blocked[r.uuid]}" if r.uuid in blocked else next_run(r)]
+         f"blocked: {blocked[r.uuid]}" if r.uuid in blocked else held.get(r.uuid) or next_run(r)]
         for r in page.pipelines
     ]  # fmt: skip
     print_table(rows)

@@ -23,6 +23,7 @@ from prorch.cli.output import (
 )
 from prorch.display import format_seconds, format_time, holder_text, lease_holder, state_text, step_limits
 from prorch.features.schedules import scheduled
+from prorch.model import substates
 from prorch.model.exceptions import (
     InvalidParamsError,
     PipelineFailedError,
@@ -39,7 +40,8 @@ from prorch.storage.listing import MAX_LIMIT, parse_moment
 @click.option(
     "--state",
     type=click.Choice(STATES),
-    help="Only pipelines in this state: running, due or waiting (pending split up), or an ended status.",
+    help="Only pipelines in this state: running, due, waiting, paused, max-running or rate-limited "
+    "(pending split up), or an ended status.",
 )
 @click.option("--name", help="Only pipelines with this name.")
 @click.option("--version", "version", type=int, help="Only pipelines of this version.")
@@ -74,14 +76,16 @@ def list_pipelines(ctx: Context, status: str | None, state: str | None, name: st
         blocked = orchestrator.blocked_on_page(page.pipelines) if ctx.has_app() else {}
         running = [r for r in page.pipelines if r.lease_expires_at is not None and r.lease_expires_at > now]
         workers = orchestrator.store.workers() if running else []
-        states = {r.uuid: state_text(r, now, workers, blocked.get(r.uuid)) for r in page.pipelines}
+        holds = orchestrator.holds()
+        states = {r.uuid: state_text(r, now, workers, blocked.get(r.uuid), holds) for r in page.pipelines}
+        held = {r.uuid: text for r in page.pipelines if (text := substates.why(r, states[r.uuid], holds))}
     if as_json:
         echo_json(
-            {"pipelines": [{**r.to_dict(), "state": states[r.uuid]} for r in page.pipelines], "total": page.total,
-             "next_after": page.next_after, "blocked": blocked}
+            {"pipelines": [{**r.to_dict(), "state": states[r.uuid], "held": held.get(r.uuid)} for r in page.pipelines],
+             "total": page.total, "next_after": page.next_after, "blocked": blocked}
         )  # fmt: skip
         return
-    print_page(page, states, blocked)
+    print_page(page, states, blocked, held)
 
 
 @click.command()
@@ -112,7 +116,9 @@ def show(ctx: Context, uuid: str | None, key: str | None, as_json: bool, traceba
         now = orchestrator.clock.now()
         workers = orchestrator.store.workers()
         holder = lease_holder(state.pipeline, workers, now)
-        current = state_text(state.pipeline, now, workers, state.blocked)
+        holds = orchestrator.holds()
+        current = state_text(state.pipeline, now, workers, state.blocked, holds)
+        held = substates.why(state.pipeline, current, holds)
     if as_json:
         echo_json(
             {
@@ -125,10 +131,11 @@ def show(ctx: Context, uuid: str | None, key: str | None, as_json: bool, traceba
                 "next_run": {"at": moment.isoformat() if moment else None, "reason": reason},
                 "worker": holder,
                 "state": current,
+                "held": held,
             }
         )
         return
-    text = holder_text(holder) if holder is not None else None
+    text = holder_text(holder) if holder is not None else held
     limits = step_limits(orchestrator.registry, state.steps)
     print_state(state, history, now, limits, tracebacks, holder=text, current=current)
 

@@ -270,6 +270,11 @@ class Backend(Protocol):
         then at most."""
         ...
 
+    def rate_starts(self, name: str, since: datetime) -> int:
+        """How many claims of the rate-limited class ``name`` the store holds after ``since``
+        (what its ``rate_limit`` counted; 0 where the store keeps none)."""
+        ...
+
     # --- pauses (prorch.model.pauses) ----------------------------------------------------------
 
     def pauses(self) -> list[JSONDict]:

@@ -375,6 +375,11 @@ class SeedAdapter(_WorkerRowsAsMessages, RepositoryBackend):
                 call("delete records", self.repository(model).delete_by, "pipeline_uuid", gone)  # type: ignore[attr-defined]
             return len(gone)
 
+    def rate_starts(self, name: str, since: datetime) -> int:
+        """The starts this adapter counted itself (none when the repository claims within limits)."""
+        stamp = format_timestamp(since)
+        return sum(start > stamp for start in self._starts.starts.get(name, []))
+
     # --- pauses (the fallback: message records addressed to no pipeline, as schedule ticks) ----
 
     def pauses(self) -> list[JSONDict]:

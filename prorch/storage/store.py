@@ -303,6 +303,10 @@ class Store:
         rows = call("read the pauses", self.engine.pauses)
         return sorted((Pause.from_dict(row) for row in rows), key=lambda p: (p.since is None, p.since, p.scope))
 
+    def rate_starts(self, name: str, since: datetime) -> int:
+        """Claims of a rate-limited class after ``since`` (what its ``rate_limit`` counts)."""
+        return int(call("count a rate limit's starts", self.engine.rate_starts, name, since))
+
     def paused(self) -> Paused:
         """The stored pauses by scope (which one holds a pipeline)."""
         return Paused(self.pauses())

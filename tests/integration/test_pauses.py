@@ -5,6 +5,7 @@ history with who and why."""
 
 from __future__ import annotations
 
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -87,3 +88,37 @@ def test_a_class_paused_in_every_version_and_the_errors(orchestrator: Orchestrat
     assert status(orchestrator, job1) == status(orchestrator, job2) == Status.FINISHED
     with pytest.raises(InvalidStateError, match="nothing to pause"):
         orchestrator.pause(uuid=job1)
+
+
+def test_held_pipelines_show_as_paused_max_running_or_rate_limited_not_due(
+    orchestrator: Orchestrator, registry: Registry
+) -> None:
+    pipeline_of(step_of("Capped", work), name="Capped", max_running=1)
+    pipeline_of(step_of("Rated", work), name="Rated", rate_limit="1/hour")
+    job = create(orchestrator, "Job", 1)
+    orchestrator.pause(name="Job", reason="maintenance")
+    rated = [create(orchestrator, "Rated") for _ in range(2)]
+    orchestrator.execute_pipelines()  # one of the rated runs: the rate is spent for the hour
+    capped = [create(orchestrator, "Capped") for _ in range(2)]
+    now = orchestrator.clock.now()
+    leased = orchestrator.store.claim_one(capped[0], now, "w:1", now + timedelta(seconds=60))
+    limits_kept = sum(status(orchestrator, u) == Status.FINISHED for u in rated) == 1  # docs-example: no limits
+    holds_leases = leased is not None and leased.lease_expires_at is not None  # a seed repository: no leases
+
+    def found(state: str) -> set[str]:
+        return {p.uuid for p in orchestrator.query(state=state, count=True).pipelines}
+
+    assert found("paused") == {job}
+    [waiting_rated] = [u for u in rated if status(orchestrator, u) != Status.FINISHED] if limits_kept else [None]
+    assert found("rate-limited") == ({waiting_rated} if limits_kept else set())
+    assert found("max-running") == ({capped[1]} if holds_leases else set())
+    assert found("running") == ({capped[0]} if holds_leases else set())
+    expected_due = {u for u in (*rated, *capped) if status(orchestrator, u) == Status.PENDING}
+    expected_due -= found("rate-limited") | found("max-running") | found("running")
+    assert found("due") == expected_due
+
+    holds = orchestrator.holds()
+    pause = holds.pause_of(orchestrator.get(job).pipeline)
+    assert pause is not None and pause.describe() == "paused (class Job, maintenance)"
+    if limits_kept:
+        assert holds.limited["Rated"].why == "rate_limit 1 per 3600s of Rated: 1 started"
