@@ -5,13 +5,17 @@ history with who and why."""
 
 from __future__ import annotations
 
+import json
+import sys
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
+from click.testing import CliRunner
 
 from prorch import FakeClock, InvalidParamsError, Orchestrator, Status
+from prorch.cli.commands import main
 from prorch.model.exceptions import InvalidStateError
 from prorch.model.registry import Registry
 from prorch.model.status import EventType
@@ -122,3 +126,38 @@ def test_held_pipelines_show_as_paused_max_running_or_rate_limited_not_due(
     assert pause is not None and pause.describe() == "paused (class Job, maintenance)"
     if limits_kept:
         assert holds.limited["Rated"].why == "rate_limit 1 per 3600s of Rated: 1 started"
+
+
+def test_the_cli_pauses_lists_shows_and_resumes(tmp_path: Path, registry: Registry) -> None:
+    """In its own registry: the CLI imports the app into the current one."""
+    (tmp_path / "pause_app.py").write_text(
+        "from prorch import Pipeline, Step, register_pipeline, register_step\n"
+        "@register_step\nclass Do(Step):\n    name = 'Do'\n    def on_start(self):\n        self.finish({})\n"
+        "@register_pipeline\nclass Nightly(Pipeline):\n    name = 'Nightly'\n    steps = [Do]\n"
+    )
+    base = ["--repository", f"sqlite:///{tmp_path / 'pause.db'}", "--app", "pause_app"]
+    runner = CliRunner()
+
+    def cli(*args: str, code: int = 0) -> str:
+        result = runner.invoke(main, [*base, *args], catch_exceptions=False)
+        assert result.exit_code == code, result.output
+        return result.stdout if code == 0 else result.output
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.syspath_prepend(str(tmp_path))
+        uuid = cli("start", "Nightly").strip()
+        assert cli("pause", "--class", "Nightly", "--reason", "db migration") == "paused class Nightly\n"
+        assert "already" in cli("pause", "--class", "Nightly", code=1)
+        assert "exactly one scope" in cli("pause", "--class", "Nightly", "--tenant", "acme", code=2)
+        assert "class Nightly" in cli("pauses") and "by cli: db migration" in cli("pauses")
+        assert "claimed 0" in cli("run")
+        listed = cli("list", "--state", "paused")
+        assert uuid in listed and "paused (class Nightly, by cli: db migration)" in listed
+        assert "0 shown of 0 matching" in cli("list", "--state", "due")
+        shown = json.loads(cli("show", uuid, "--json"))
+        assert shown["state"] == "paused" and shown["held"] == "paused (class Nightly, by cli: db migration)"
+        assert "paused (class Nightly, by cli: db migration)" in cli("show", uuid)
+        assert cli("resume", "--class", "Nightly").startswith("resumed class Nightly (paused since ")
+        assert "nothing is paused" in cli("pauses")
+        assert "claimed 1" in cli("run")
+        patch.delitem(sys.modules, "pause_app", raising=False)
