@@ -18,6 +18,7 @@ from sqlalchemy import (
     func,
     insert,
     literal,
+    or_,
     select,
     type_coerce,
 )
@@ -46,7 +47,9 @@ def not_paused(table: Table, dialect: str) -> ColumnElement[bool]:
         literal(f"{PIPELINE}:") + c.uuid,
         literal(f"{TENANT}:") + _tenant_text(c.context, dialect),
     ]
-    return ~exists().where(pauses.c.scope.in_(keys))
+    # the uncorrelated test is evaluated once per statement: with no pause stored (the usual
+    # case), the rows' keys are never built (measured: +30% CPU per claim without it)
+    return or_(~exists().select_from(pauses), ~exists().where(pauses.c.scope.in_(keys)))
 
 
 def _tenant_text(context: Any, dialect: str) -> ColumnElement[Any]:
