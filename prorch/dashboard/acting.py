@@ -1,5 +1,5 @@
-"""What the dashboard's actions do, for its forms and its JSON API alike: cancel, retry, rerun
-and send on one pipeline, and bulk actions on every pipeline a listing's filters match. Each
+"""What the dashboard's actions do, for its forms and its JSON API alike: cancel, retry, rerun,
+send, pause and resume on one pipeline, and bulk actions on every pipeline a listing's filters match. Each
 reads its fields (strings from a form, JSON values from the API), refuses bad ones with one
 error before anything is written, and records who acted and why."""
 
@@ -21,8 +21,8 @@ from prorch.storage import forking
 from prorch.storage.listing import parse_age
 from prorch.storage.outside import NO_PAYLOAD
 
-ACTIONS = ("cancel", "retry", "rerun", "send")
-CONFIRMED = ("cancel", "retry", "rerun")
+ACTIONS = ("cancel", "retry", "rerun", "send", "pause", "resume")
+CONFIRMED = ("cancel", "retry", "rerun", "pause", "resume")
 """The actions the pages ask to confirm (a message is sent at once)."""
 YES = ("1", "on", "yes", "true")
 NO = ("", "0", "off", "no", "false")
@@ -47,6 +47,9 @@ def act(orchestrator: Orchestrator, uuid: str, action: str, fields: Mapping[str,
     if action == "retry":
         orchestrator.retry(uuid, actor=actor, reason=reason)
         return Done("retrying", uuid)
+    if action in ("pause", "resume"):
+        getattr(orchestrator, action)(uuid=uuid, actor=actor, reason=reason)
+        return Done("paused" if action == "pause" else "resumed", uuid)
     if action == "rerun":
         step, params, cancel_original = rerun_fields(fields)
         new = orchestrator.rerun(uuid, step, params, cancel_original=cancel_original, actor=actor, reason=reason)
