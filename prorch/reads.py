@@ -157,6 +157,16 @@ class Reads:
                     limited[name] = Limited(substates.RATE_LIMITED, why)
         return Holds(self.store.paused(), limited)
 
+    def held_counts(self) -> dict[str, int]:
+        """Pipelines per held state (paused, max-running, rate-limited) and due ones, when a
+        pause or a limit holds some (one count each); empty when none does (the usual case, and
+        then nothing is counted): what the overview's cards and the metrics' gauges show."""
+        holds = self.holds()
+        if not holds.paused and not holds.limited:
+            return {}
+        states = (substates.PAUSED, *substates.LIMITED, substates.DUE)
+        return {state: self.query(state=state, count=True, limit=1).total or 0 for state in states}
+
     def blocked_on_page(self, records: list[PipelineRecord]) -> dict[str, str]:
         """Why each unended pipeline whose class (name, version) is not registered here is
         blocked, by uuid: with the workers' code loaded, those no worker claims (``prorch list``)."""

@@ -63,7 +63,7 @@ class StatsCache:
             if self._stats is None or self._now is None or time.monotonic() - self._at > STATS_SECONDS:
                 now = self.orchestrator.clock.now()
                 self._stats = self.orchestrator.store.pipeline_stats(now, now - timedelta(minutes=CHART_MINUTES))
-                self._held = held_counts(self.orchestrator)
+                self._held = self.orchestrator.held_counts()
                 self._now, self._at = now, time.monotonic()
             return self._stats, self._now, self._held
 
@@ -71,16 +71,6 @@ class StatsCache:
         """Count again at the next request (after an action changed something)."""
         with self._lock:
             self._stats = None
-
-
-def held_counts(orchestrator: Orchestrator) -> dict[str, int]:
-    """Pipelines per held state, and due ones, when a pause or a limit holds some (a count each);
-    nothing when none does (the usual case: no count at all)."""
-    holds = orchestrator.holds()
-    if not holds.paused and not holds.limited:
-        return {}
-    states = (substates.PAUSED, *substates.LIMITED, substates.DUE)
-    return {state: orchestrator.query(state=state, count=True, limit=1).total or 0 for state in states}
 
 
 def overview(orchestrator: Orchestrator, cache: StatsCache) -> dict[str, Any]:

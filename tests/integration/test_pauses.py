@@ -212,3 +212,25 @@ def test_pause_while_a_hook_runs_lets_it_finish_and_holds_the_next_step(orchestr
     orchestrator.resume(name="Two")
     assert orchestrator.execute_pipelines().claimed == 1
     assert status(orchestrator, uuid) == Status.FINISHED
+
+
+def test_the_metrics_split_held_pipelines_from_due_ones(registry: Registry) -> None:
+    pytest.importorskip("prometheus_client")
+    from prorch.observability.metrics import StoreGauges
+
+    pipeline_of(step_of("Work", work), name="Job")
+    orchestrator = Orchestrator("memory://", registry=registry, clock=FakeClock())
+    for _ in range(3):
+        create(orchestrator, "Job")
+    create(orchestrator, "Job", tenant="acme")
+
+    def gauges() -> dict[tuple[str, str], float]:
+        found = {}
+        for family in StoreGauges(orchestrator).collect():
+            for sample in family.samples:
+                found[(sample.name, sample.labels.get("state", ""))] = sample.value
+        return found
+
+    assert gauges()[("prorch_pipelines_due", "")] == 4 and gauges()[("prorch_pipelines_held", "paused")] == 0
+    orchestrator.pause(tenant="acme")
+    assert gauges()[("prorch_pipelines_due", "")] == 3 and gauges()[("prorch_pipelines_held", "paused")] == 1
