@@ -84,12 +84,14 @@ def print_state(
     tracebacks: bool = True,
     holder: str | None = None,
     current: str | None = None,
+    held: str | None = None,
 ) -> None:
     """``prorch show``: everything an operator asks about one pipeline, times with their zone.
     ``max_attempts`` maps a step name to its limit when its code is loaded here; ``tracebacks``:
     print a failed step's traceback under its error; ``holder``: which worker runs it;
-    ``current``: its state, when it says more than its status (running, due, waiting...)."""
-    _print_pipeline(state, history, now, holder, current)
+    ``current``: its state, when it says more than its status (running, due, waiting...);
+    ``held``: what holds it (a pause, a limit), said instead of its next run's reason."""
+    _print_pipeline(state, history, now, holder, current, held)
     click.echo("steps:")
     for s in state.steps:
         _print_step(s, max_attempts.get(s.name), now, state.pipeline.updated_at, tracebacks)
@@ -101,8 +103,9 @@ def print_state(
 
 
 def _print_pipeline(
-    state: PipelineState, history: list[EventRecord], now: datetime, holder: str | None, current: str | None
-) -> None:
+    state: PipelineState, history: list[EventRecord], now: datetime, holder: str | None, current: str | None,
+    held: str | None = None,
+) -> None:  # fmt: skip
     """The pipeline's own lines of ``prorch show``, above its steps."""
     p = state.pipeline
     shown = p.status.value if current in (None, p.status.value) else f"{p.status.value} ({current})"
@@ -115,8 +118,9 @@ def _print_pipeline(
     if p.parent_uuid:
         click.echo(f"  parent: {p.parent_uuid}")
     moment, reason = state.next_run(now, history)
+    reason = held or reason
     click.echo(f"  next run: {format_time(moment) if moment is not None else '-'} ({reason})")
-    if holder is not None:
+    if holder is not None and holder != held:
         click.echo(f"  {holder}")
     click.echo(f"  params: {json.dumps(p.params, sort_keys=True)}")
     context = {k: v for k, v in p.context.items() if k != "tenant"}

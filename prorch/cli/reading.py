@@ -119,6 +119,7 @@ def show(ctx: Context, uuid: str | None, key: str | None, as_json: bool, traceba
         holds = orchestrator.holds()
         current = state_text(state.pipeline, now, workers, state.blocked, holds)
         held = substates.why(state.pipeline, current, holds)
+        reason = held or reason  # not "due now" while a pause or a limit holds it
     if as_json:
         echo_json(
             {
@@ -137,7 +138,7 @@ def show(ctx: Context, uuid: str | None, key: str | None, as_json: bool, traceba
         return
     text = holder_text(holder) if holder is not None else held
     limits = step_limits(orchestrator.registry, state.steps)
-    print_state(state, history, now, limits, tracebacks, holder=text, current=current)
+    print_state(state, history, now, limits, tracebacks, holder=text, current=current, held=held)
 
 
 @click.command()

@@ -241,9 +241,11 @@ def pipeline_and_bars(orchestrator: Orchestrator, uuid: str) -> tuple[dict[str, 
     found = timeline.bars(state.steps, history, now, p.status in TERMINAL)
     holds = orchestrator.holds()
     pause = holds.pause_of(p)
+    row = pipeline_row(p, now, workers, state.blocked, holds)
+    reason = row["held"] or reason  # not "due now" while a pause or a limit holds it
     return {
         "pipeline": {
-            **pipeline_row(p, now, workers, state.blocked, holds),
+            **row,
             "key": p.key,
             "priority": p.priority,
             "params": p.params,

@@ -157,7 +157,10 @@ def test_the_cli_pauses_lists_shows_and_resumes(tmp_path: Path, registry: Regist
         assert "0 shown of 0 matching" in cli("list", "--state", "due")
         shown = json.loads(cli("show", uuid, "--json"))
         assert shown["state"] == "paused" and shown["held"] == "paused (class Nightly, by cli: db migration)"
-        assert "paused (class Nightly, by cli: db migration)" in cli("show", uuid)
+        assert shown["next_run"]["reason"] == shown["held"]  # not "due now"
+        printed = cli("show", uuid)
+        assert "next run:" in printed and "(paused (class Nightly, by cli: db migration))" in printed
+        assert "due now" not in printed
         assert cli("resume", "--class", "Nightly").startswith("resumed class Nightly (paused since ")
         assert "nothing is paused" in cli("pauses")
         assert "claimed 1" in cli("run")
