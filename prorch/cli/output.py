@@ -50,15 +50,18 @@ def print_table(rows: list[list[str]]) -> None:
 def print_page(
     page: PipelinePage, states: dict[str, str], blocked: dict[str, str] | None = None,
     held: dict[str, str] | None = None,
+    progress: dict[str, str] | None = None,
 ) -> None:  # fmt: skip
     """``prorch list``; ``states`` maps each uuid to its state (``display.state_text``),
     ``blocked`` the uuid of a pipeline no worker can run to why, ``held`` one a pause or a
-    limit holds to which (its next run is then not "now")."""
-    blocked, held = blocked or {}, held or {}
-    rows = [["UUID", "STATE", "NAME", "VERSION", "CREATED", "NEXT RUN"]]
+    limit holds to which (its next run is then not "now"), ``progress`` one whose current step
+    reported progress to it (a PROGRESS column, when any did)."""
+    blocked, held, progress = blocked or {}, held or {}, progress or {}
+    rows = [["UUID", "STATE", "NAME", "VERSION", "CREATED", "NEXT RUN", *(["PROGRESS"] if progress else [])]]
     rows += [
         [r.uuid, states[r.uuid], r.name, str(r.version), format_time(r.created_at),
-         f"blocked: {blocked[r.uuid]}" if r.uuid in blocked else held.get(r.uuid) or next_run(r)]
+         f"blocked: {blocked[r.uuid]}" if r.uuid in blocked else held.get(r.uuid) or next_run(r),
+         *([progress.get(r.uuid, "")] if progress else [])]
         for r in page.pipelines
     ]  # fmt: skip
     print_table(rows)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import sys
 from datetime import datetime, timezone
+from typing import Any
 
 import click
 
@@ -20,6 +21,7 @@ from prorch.cli.output import (
     print_page,
     print_state,
     print_table,
+    progress_text,
 )
 from prorch.display import format_seconds, format_time, holder_text, lease_holder, state_text, step_limits
 from prorch.features.schedules import scheduled
@@ -29,9 +31,11 @@ from prorch.model.exceptions import (
     PipelineFailedError,
     WaitTimeoutError,
 )
+from prorch.model.records import PipelineRecord
 from prorch.model.registry import current_registry
 from prorch.model.status import TERMINAL
 from prorch.model.substates import STATES
+from prorch.orchestrator import Orchestrator
 from prorch.storage.listing import MAX_LIMIT, parse_moment
 
 
@@ -79,13 +83,31 @@ def list_pipelines(ctx: Context, status: str | None, state: str | None, name: st
         holds = orchestrator.holds()
         states = {r.uuid: state_text(r, now, workers, blocked.get(r.uuid), holds) for r in page.pipelines}
         held = {r.uuid: text for r in page.pipelines if (text := substates.why(r, states[r.uuid], holds))}
+        progress = current_progress(orchestrator, [r for r in page.pipelines if r.status not in TERMINAL])
     if as_json:
         echo_json(
-            {"pipelines": [{**r.to_dict(), "state": states[r.uuid], "held": held.get(r.uuid)} for r in page.pipelines],
+            {"pipelines": [{**r.to_dict(), "state": states[r.uuid], "held": held.get(r.uuid),
+                            "progress": progress.get(r.uuid)} for r in page.pipelines],
              "total": page.total, "next_after": page.next_after, "blocked": blocked}
         )  # fmt: skip
         return
-    print_page(page, states, blocked, held)
+    print_page(page, states, blocked, held, {uuid: progress_text(found) for uuid, found in progress.items()})
+
+
+def current_progress(orchestrator: Orchestrator, records: list[PipelineRecord]) -> dict[str, dict[str, Any]]:
+    """The progress its current step last stored, by pipeline uuid, for the live pipelines of a
+    page: one read of their steps (none when the page has no live pipeline)."""
+    if not records:
+        return {}
+    uuids = [r.uuid for r in records]
+    found = orchestrator.store.steps_of_many(uuids) or {uuids[0]: orchestrator.store.steps_of(uuids[0])}
+    progress = {}
+    for record in records:
+        current = record.metadata.get("current_step")
+        step = next((s for s in found.get(record.uuid, []) if s.uuid == current and s.progress), None)
+        if step is not None and step.progress is not None:
+            progress[record.uuid] = step.progress
+    return progress
 
 
 @click.command()

@@ -135,6 +135,10 @@ def test_the_cli_pauses_lists_shows_and_resumes(tmp_path: Path, registry: Regist
         "from prorch import Pipeline, Step, register_pipeline, register_step\n"
         "@register_step\nclass Do(Step):\n    name = 'Do'\n    def on_start(self):\n        self.finish({})\n"
         "@register_pipeline\nclass Nightly(Pipeline):\n    name = 'Nightly'\n    steps = [Do]\n"
+        "@register_step\nclass Copy(Step):\n    name = 'Copy'\n    def on_start(self):\n"
+        "        self.progress(3, 10, 'copying')\n        self.wait(seconds=3600)\n"
+        "    def on_continue(self):\n        self.wait(seconds=3600)\n"
+        "@register_pipeline\nclass Copies(Pipeline):\n    name = 'Copies'\n    steps = [Copy]\n"
     )
     base = ["--repository", f"sqlite:///{tmp_path / 'pause.db'}", "--app", "pause_app"]
     runner = CliRunner()
@@ -164,6 +168,13 @@ def test_the_cli_pauses_lists_shows_and_resumes(tmp_path: Path, registry: Regist
         assert cli("resume", "--class", "Nightly").startswith("resumed class Nightly (paused since ")
         assert "nothing is paused" in cli("pauses")
         assert "claimed 1" in cli("run")
+        assert "PROGRESS" not in cli("list")  # no live pipeline reported any
+        copying = cli("start", "Copies").strip()
+        cli("run")
+        listed = cli("list")
+        assert "PROGRESS" in listed and "3/10 (30%) copying" in listed
+        [row] = [p for p in json.loads(cli("list", "--json"))["pipelines"] if p["uuid"] == copying]
+        assert row["progress"]["done"] == 3 and row["state"] == "waiting"
         patch.delitem(sys.modules, "pause_app", raising=False)
 
 
