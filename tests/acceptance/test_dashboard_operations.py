@@ -276,9 +276,18 @@ def test_pause_and_resume_from_the_pages_and_the_api_show_everywhere(shop: tuple
         assert 'id="resume"' in page and 'id="paused"' in page
 
         status, answer = api(base, f"/api/pipelines/{waiting}/resume", {"reason": "stock is fine"})
-        assert status == 200 and answer["done"] == "resumed" and answer["pause"] is None
+        assert status == 200 and answer["done"] == f"resumed pipeline {waiting}" and answer["pause"] is None
         assert store(workdir).pauses() == []
         status, answer = api(base, f"/api/pipelines/{waiting}/resume", {})
         assert status == 409 and "is not paused" in answer["error"], answer
+        # a class: paused from one of its pipelines' pages, resumed from it (the pause that holds it)
+        status, answer = api(base, f"/api/pipelines/{waiting}/pause-class", {"reason": "supplier down"})
+        assert status == 200 and answer["done"] == "paused class Order" and answer["pause"]["kind"] == "class"
+        assert [p.label() for p in store(workdir).pauses()] == ["class Order"]
+        other = call(base, "GET", f"/pipelines/{waiting}", headers=headers).text
+        assert "Resume class Order…" in other and 'id="pause-class"' not in other
+        done = call(base, "POST", f"/pipelines/{waiting}/resume", form({"csrf": csrf, "confirm": "yes"}), headers)
+        assert done.status == 303 and "resumed+class+Order" in done.headers["Location"]
+        assert store(workdir).pauses() == []
     kinds = [e.type.value for e in store(workdir).history(waiting)]
     assert kinds[-2:] == ["pipeline.paused", "pipeline.resumed"]
