@@ -242,7 +242,7 @@ def pipeline_and_bars(orchestrator: Orchestrator, uuid: str) -> tuple[dict[str, 
     holds = orchestrator.holds()
     pause = holds.pause_of(p)
     row = pipeline_row(p, now, workers, state.blocked, holds)
-    reason = row["held"] or reason  # not "due now" while a pause or a limit holds it
+    reason = row["state"] if row["held"] else reason  # not "due now" while held; which hold: "paused"/"held"
     return {
         "pipeline": {
             **row,
