@@ -4,6 +4,7 @@ own, as its reads are (``prorch.reads``)."""
 
 from __future__ import annotations
 
+import logging
 from datetime import timedelta
 from typing import Any
 
@@ -11,11 +12,14 @@ from prorch import bulk as bulk_actions
 from prorch.engine.extension import Extensions
 from prorch.engine.runner import Runner
 from prorch.model.exceptions import InvalidStateError, NotRegisteredError
-from prorch.model.records import MessageRecord, PipelineRecord
-from prorch.model.status import TERMINAL, Status
+from prorch.model.pauses import Pause, make_pause
+from prorch.model.records import EventRecord, MessageRecord, PipelineRecord, new_uuid
+from prorch.model.status import TERMINAL, EventType, Status
 from prorch.reads import Reads
 from prorch.storage import forking, outside
 from prorch.summaries import PipelineState
+
+logger = logging.getLogger("prorch.actions")
 
 
 class Actions(Reads):
@@ -125,6 +129,73 @@ class Actions(Reads):
         if record.status in TERMINAL:
             raise InvalidStateError(f"pipeline {uuid} is {record.status.value}; a message to it would never be read")
         return outside.send(self.store, self.clock, uuid, name, payload)
+
+    def pause(
+        self,
+        *,
+        name: str | None = None,
+        version: int | None = None,
+        tenant: str | None = None,
+        uuid: str | None = None,
+        actor: str | None = None,
+        reason: str | None = None,
+    ) -> Pause:
+        """Stop claiming the work of one scope until ``resume``: a class (``name``; every version,
+        or ``version``), a ``tenant``, or one pipeline (``uuid``). One row is stored, whatever
+        the number of pipelines, and it holds the pipelines created while it lasts; a hook
+        running now finishes and stores its transition, and the next one waits. ``actor`` and
+        ``reason`` are kept with the pause (and in a pipeline's history, for one pipeline)."""
+        note = outside.operator_note(actor, reason)
+        pause = make_pause(name=name, version=version, tenant=tenant, uuid=uuid, since=self.clock.now(), **note)
+        if uuid is not None:
+            record = self._require(uuid)
+            if record.status in TERMINAL:
+                raise InvalidStateError(f"pipeline {uuid} is already {record.status.value}; nothing to pause")
+        with self.store.transaction():
+            if not self.store.add_pause(pause):
+                held = self.store.paused().by_scope.get(pause.scope)
+                raise InvalidStateError(f"{held.describe() if held else pause.label()}: it is paused already")
+            if uuid is not None:
+                self._pause_event(uuid, EventType.PIPELINE_PAUSED, note)
+        logger.info("%s", pause.describe())
+        return pause
+
+    def resume(
+        self,
+        *,
+        name: str | None = None,
+        version: int | None = None,
+        tenant: str | None = None,
+        uuid: str | None = None,
+        actor: str | None = None,
+        reason: str | None = None,
+    ) -> Pause:
+        """End the pause of one scope (as ``pause`` names it) and return it; its due work is
+        claimed at once (idle workers are woken, as by a create). A pipeline waiting for a
+        time still waits for it."""
+        note = outside.operator_note(actor, reason)
+        wanted = make_pause(name=name, version=version, tenant=tenant, uuid=uuid)
+        removed = self.store.remove_pause(wanted.scope)  # its own transaction: the wake-up follows its commit
+        if removed is None:
+            paused = ", ".join(p.label() for p in self.store.pauses()) or "nothing"
+            raise InvalidStateError(f"{wanted.label()} is not paused (paused now: {paused})")
+        if uuid is not None and self.store.get_pipeline(uuid) is not None:
+            self._pause_event(uuid, EventType.PIPELINE_RESUMED, note)
+        logger.info("resumed %s", removed.label())
+        return removed
+
+    def pauses(self) -> list[Pause]:
+        """Every pause now in force, oldest first."""
+        return self.store.pauses()
+
+    def _pause_event(self, uuid: str, kind: EventType, note: dict[str, str]) -> None:
+        """A pipeline's own pause or resume, in its history: after the outside events of its
+        revision (a pause and its resume change no record, so they share one)."""
+        base = (self._require(uuid).revision + 1) * 1000
+        seq = max((e.seq + 1 for e in self.history(uuid) if base <= e.seq < base + 999), default=base)
+        event = EventRecord(uuid=new_uuid(), pipeline_uuid=uuid, type=kind, at=self.clock.now(), seq=seq,
+                            data=dict(note))  # fmt: skip
+        self.store.insert_all([event])
 
     def _require_code(self, record: PipelineRecord, done: str) -> None:
         """``NotRegisteredError`` before anything is claimed or written, when the code of the

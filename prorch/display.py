@@ -10,7 +10,7 @@ from prorch.model.exceptions import ProrchError
 from prorch.model.records import PipelineRecord, StepRecord, format_timestamp
 from prorch.model.registry import Registry
 from prorch.model.status import TERMINAL
-from prorch.model.substates import RUNNING, state_of
+from prorch.model.substates import NO_HOLDS, RUNNING, Holds, state_of
 from prorch.model.workers import WorkerRow, stranded_until, worker_of
 
 
@@ -81,13 +81,18 @@ def holder_text(holder: dict[str, Any]) -> str:
     return f"running on worker {holder['worker']} since {since}"
 
 
-def state_text(record: PipelineRecord, now: datetime, workers: list[WorkerRow], blocked: str | None = None) -> str:
-    """What ``prorch list`` and ``show`` print for a pipeline's state: ``running``, ``due`` or
-    ``waiting`` for a pending one (``prorch.model.substates``), ``stranded`` for one running on
-    a worker whose heartbeat stopped, ``blocked`` when no worker has its code; else its status."""
+def state_text(
+    record: PipelineRecord, now: datetime, workers: list[WorkerRow], blocked: str | None = None,
+    holds: Holds = NO_HOLDS,
+) -> str:  # fmt: skip
+    """What ``prorch list`` and ``show`` print for a pipeline's state: ``running``, ``due``,
+    ``waiting``, ``paused``, ``max-running`` or ``rate-limited`` for a pending one
+    (``prorch.model.substates``, with ``holds``: ``Orchestrator.holds()``), ``stranded`` for one
+    running on a worker whose heartbeat stopped, ``blocked`` when no worker has its code; else
+    its status."""
     if blocked and record.status not in TERMINAL:
         return "blocked"
-    state = state_of(record, now)
+    state = state_of(record, now, holds)
     expires = record.lease_expires_at
     if state == RUNNING and expires is not None and stranded_until(record.lease_owner, expires, workers, now):
         return "stranded"

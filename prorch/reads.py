@@ -8,12 +8,15 @@ from datetime import datetime
 from typing import Any
 
 from prorch.model import patches as patch_rules
+from prorch.model import substates
 from prorch.model.clock import Clock
 from prorch.model.exceptions import PipelineNotFoundError, ProrchError, WaitTimeoutError
 from prorch.model.keys import check_key, uuid_for_key
+from prorch.model.limit_rules import limits_of
 from prorch.model.records import EventRecord, PipelineRecord, StepRecord
 from prorch.model.registry import Registry
 from prorch.model.status import TERMINAL, Status
+from prorch.model.substates import Holds, Limited
 from prorch.storage import versions as code_versions
 from prorch.storage.listing import PipelinePage
 from prorch.storage.repository import PipelineQuery
@@ -60,14 +63,15 @@ class Reads:
 
         Filters combine; ``since``/``until`` bound ``created_at`` (until excluded), ``param`` is
         ``(field, value)`` on a top-level params field, ``state`` splits pending into running,
-        due and waiting (``prorch.model.substates``). Pass the page's ``next_after`` as
-        ``after`` for the next page; ``count=True`` adds the total number of matches."""
+        due, waiting, paused, max-running and rate-limited (``prorch.model.substates``). Pass the
+        page's ``next_after`` as ``after`` for the next page; ``count=True`` adds the total number of matches."""
         query = PipelineQuery(
             status=Status(status).value if status is not None else None,
             name=name, version=version, tenant=tenant, key=key,
             created_since=since, created_until=until,
             updated_since=updated_since, updated_until=updated_until,
             param=param, limit=limit, count=count, state=state, now=self.clock.now(),
+            holds=self.holds() if state in substates.SUBSTATES else None,
         )  # fmt: skip
         return self.store.query_pipelines(query, after=after)
 
@@ -131,6 +135,40 @@ class Reads:
         GROUP BY on SQL). ``workers_code=False``: this process has not loaded the workers' code,
         so nothing is said about which versions and patches it declares."""
         return code_versions.summarize(self.store.version_groups(), self.registry if workers_code else None)
+
+    def holds(self) -> Holds:
+        """What holds due work back now: the stored pauses, and each class of this process's
+        registry at its ``max_running`` or out of its ``rate_limit`` (``prorch.model.substates``).
+        A few reads: the pauses, and one count per limited class."""
+        now = self.clock.now()
+        limited: dict[str, Limited] = {}
+        for name, versions in self.registry.pipelines.items():
+            limit = limits_of(versions[max(versions)])
+            if limit is None:
+                continue
+            if limit.max_running is not None:
+                query = PipelineQuery(name=name, state=substates.RUNNING, now=now, count=True, limit=1)
+                running = self.store.query_pipelines(query).total or 0
+                if running >= limit.max_running:
+                    why = f"max_running {limit.max_running} of {name}: {running} running"
+                    limited[name] = Limited(substates.MAX_RUNNING, why)
+                    continue
+            if limit.rate is not None:
+                started = self.store.rate_starts(name, now - limit.rate.period)
+                if started >= limit.rate.count:
+                    why = f"rate_limit {limit.rate.count} per {limit.rate.seconds:g}s of {name}: {started} started"
+                    limited[name] = Limited(substates.RATE_LIMITED, why)
+        return Holds(self.store.paused(), limited)
+
+    def held_counts(self) -> dict[str, int]:
+        """Pipelines per held state (paused, max-running, rate-limited) and due ones, when a
+        pause or a limit holds some (one count each); empty when none does (the usual case, and
+        then nothing is counted): what the overview's cards and the metrics' gauges show."""
+        holds = self.holds()
+        if not holds.paused and not holds.limited:
+            return {}
+        states = (substates.PAUSED, *substates.LIMITED, substates.DUE)
+        return {state: self.query(state=state, count=True, limit=1).total or 0 for state in states}
 
     def blocked_on_page(self, records: list[PipelineRecord]) -> dict[str, str]:
         """Why each unended pipeline whose class (name, version) is not registered here is

@@ -28,6 +28,7 @@ from prorch.storage.repository import ClaimsByRequest, IRepository
 INDEXED = ("pipeline_uuid", "status", "key")  # the fields the engine searches by
 TICKS = "schedule_ticks"  # the table of schedules' last ticks, one row per schedule
 WORKERS = "workers"  # the table of worker rows, by worker id
+PAUSES = "pauses"  # the table of pauses, by scope (prorch.model.pauses)
 
 
 class MemoryBackend(RepositoryBackend):
@@ -85,6 +86,32 @@ class MemoryBackend(RepositoryBackend):
     def workers(self) -> list[JSONDict]:
         with self.lock:
             return [json.loads(text) for text in self(WORKERS).rows.values()]
+
+    def rate_starts(self, name: str, since: datetime) -> int:
+        with self.lock:
+            stamp = format_timestamp(since)
+            return sum(start > stamp for start in self(Metadata.PIPELINES_MODEL).starts.starts.get(name, []))
+
+    def pauses(self) -> list[JSONDict]:
+        with self.lock:
+            return [json.loads(text) for text in self(PAUSES).rows.values()]
+
+    def add_pause(self, row: JSONDict) -> bool:
+        with self.lock:
+            table, scope = self(PAUSES), str(row["scope"])
+            if scope in table.rows:
+                return False
+            table._write(scope, {**row, "uuid": scope})
+            return True
+
+    def drop_pause(self, scope: str) -> JSONDict | None:
+        with self.lock:
+            table = self(PAUSES)
+            found = table._row(scope)
+            if found is not None:
+                table.delete_by("uuid", [scope])
+                found.pop("uuid", None)
+            return found
 
     @contextlib.contextmanager
     def transaction(self) -> Iterator[None]:
@@ -286,7 +313,9 @@ class MemoryRepository(ClaimsByRequest, IRepository):
         ]
         due.sort()
         rows = (json.loads(self.rows[uuid]) for _, _, uuid in due)
-        return list(itertools.islice((row for row in rows if can_run(row, runnable)), limit))
+        paused = self.backend.paused()
+        wanted = (row for row in rows if can_run(row, runnable) and not paused.holds_row(row))
+        return list(itertools.islice(wanted, limit))
 
     def _lease(self, row: JSONDict, owner: str, lease_expires_at: datetime) -> JSONDict:
         claimed = leased(row, owner, format_timestamp(lease_expires_at))

@@ -201,6 +201,20 @@ workers = Table(
     Column("in_flight", Integer, nullable=False),
 )
 
+pauses = Table(
+    "pauses",
+    metadata,
+    # "class:NAME", "class:NAME@VERSION", "tenant:T" or "pipeline:UUID" (prorch.model.pauses): the
+    # claim looks up a pipeline's few keys by this primary key, so a pause costs one row
+    Column("scope", String(300), primary_key=True),
+    Column("kind", String(16), nullable=False),
+    Column("value", String(200), nullable=False),
+    Column("version", Integer),
+    Column("since", Timestamp, nullable=False),
+    Column("actor", String(1000)),
+    Column("reason", String(1000)),
+)
+
 schema_history = Table(
     HISTORY_TABLE,
     metadata,
@@ -236,6 +250,7 @@ __all__ = [
     "VERSION_TABLE",
     "column_kind",
     "metadata",
+    "pauses",
     "schedule_ticks",
     "schema_history",
     "workers",

@@ -31,7 +31,7 @@ from prorch.storage.commits import call
 from prorch.storage.composed import MODELS
 from prorch.storage.repository import IRepository, PipelineQuery, PipelineStats, VersionGroup
 from prorch.storage.wakeups import Bell, bell_for
-from repositories import sql_listing, sql_workers
+from repositories import sql_listing, sql_pauses, sql_workers
 from repositories.migrate import MIGRATIONS, upgrade
 from repositories.schema import TABLES, schedule_ticks
 from repositories.sql_claim import SQLClaims
@@ -170,6 +170,20 @@ class SQLBackend(SQLConnections):
                 return False
             connection.execute(insert(schedule_ticks).values(name=name, tick=tick))
             return True
+
+    # --- pauses (repositories.sql_pauses) ------------------------------------------------------
+
+    def pauses(self) -> list[JSONDict]:
+        return sql_pauses.pause_rows(self)
+
+    def rate_starts(self, name: str, since: datetime) -> int:
+        return sql_pauses.rate_starts(self, name, since)
+
+    def add_pause(self, row: JSONDict) -> bool:
+        return sql_pauses.insert_pause(self, row)
+
+    def drop_pause(self, scope: str) -> JSONDict | None:
+        return sql_pauses.delete_pause(self, scope)
 
     # --- workers (repositories.sql_workers) ---------------------------------------------------
 

@@ -16,6 +16,7 @@ from prorch.model.status import Status
 from prorch.storage.repository import ClaimsByRequest
 from repositories.sql_connections import SQLConnections
 from repositories.sql_limits import LimitedClaim
+from repositories.sql_pauses import not_paused
 
 __all__ = ["SQLClaims"]
 
@@ -47,6 +48,7 @@ class SQLClaims(ClaimsByRequest):
                 c.status == Status.PENDING.value,
                 c.next_run_at <= now,
                 (c.lease_expires_at.is_(None)) | (c.lease_expires_at <= now),
+                not_paused(self.table, self.backend.engine.dialect.name),
             )
             .order_by(*(c[field].desc() if descending else c[field].asc() for field, descending in CLAIM_ORDER))
             .limit(bindparam("_limit", type_=Integer()))

@@ -32,6 +32,7 @@ from prorch.model import substates
 from prorch.model.records import to_utc
 from prorch.storage.repository import PipelineQuery, PipelineStats, VersionGroup
 from repositories.schema import ENDED, ENDED_AT
+from repositories.sql_pauses import not_paused
 
 ENDED_STATUSES = frozenset({"finished", "failed", "cancelled"})
 JSON_TYPES_SQLITE: dict[type, tuple[str, ...]] = {int: ("integer",), float: ("real", "integer")}
@@ -59,7 +60,7 @@ def listing(table: Table, query: PipelineQuery, dialect: str) -> tuple[Select[An
         if value is not None:
             where.append(c[name] == value)
     if query.state is not None and query.now is not None:
-        where += state_conditions(table, query.state, query.now)
+        where += state_conditions(table, query.state, query.now, query.holds or substates.NO_HOLDS, dialect)
     if query.tenant is not None:
         where.append(json_field_equals(c.context, "tenant", query.tenant, dialect))
     if query.param is not None:
@@ -85,16 +86,27 @@ def listing(table: Table, query: PipelineQuery, dialect: str) -> tuple[Select[An
     return page, count
 
 
-def state_conditions(table: Table, state: str, now: datetime) -> list[ColumnElement[bool]]:
-    """``prorch.model.substates.state_of`` as conditions on the pipeline row."""
+def state_conditions(
+    table: Table, state: str, now: datetime, holds: substates.Holds, dialect: str
+) -> list[ColumnElement[bool]]:
+    """``prorch.model.substates.state_of`` as conditions on the pipeline row: the pauses from
+    their table (as the claim reads them), the classes held by their limits from ``holds``."""
     c = table.c
     if state not in substates.SUBSTATES:
         return [c.status == state]
     leased = and_(c.lease_expires_at.is_not(None), c.lease_expires_at > now)
     if state == substates.RUNNING:
         return [c.status == "pending", leased]
+    free = not_paused(table, dialect)
+    if state == substates.PAUSED:
+        return [c.status == "pending", not_(leased), not_(free)]
     came = or_(c.next_run_at.is_(None), c.next_run_at <= now)
-    return [c.status == "pending", not_(leased), came if state == substates.DUE else not_(came)]
+    if state == substates.WAITING:
+        return [c.status == "pending", not_(leased), free, not_(came)]
+    if state in substates.LIMITED:
+        return [c.status == "pending", not_(leased), free, came, c.name.in_(holds.names_in(state))]
+    held = sorted(holds.limited)
+    return [c.status == "pending", not_(leased), free, came, *([c.name.not_in(held)] if held else [])]
 
 
 def stats(table: Table, connection: Connection, now: datetime, ended_since: datetime) -> PipelineStats:

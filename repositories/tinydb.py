@@ -38,6 +38,7 @@ from prorch.model.due import (
 )
 from prorch.model.exceptions import ConfigurationError, CorruptRecordError, CorruptStoreError
 from prorch.model.limit_rules import StartLog, Tally, fair_order, within_limits
+from prorch.model.pauses import Paused
 from prorch.model.records import JSONDict, Metadata, format_timestamp, to_utc
 from prorch.model.status import Status
 from prorch.storage.composed import RepositoryBackend
@@ -49,6 +50,7 @@ STATUS_MODELS = (Metadata.PIPELINES_MODEL, Metadata.STEP_MODEL)
 RATE_TABLE = "rate_limit_starts"
 TICKS_TABLE = "schedule_ticks"  # one document: each schedule's last created tick
 WORKERS_TABLE = "workers"  # one document: the worker rows, by worker id
+PAUSES_TABLE = "pauses"  # one document: the pauses, by scope (prorch.model.pauses)
 """The starts of rate-limited pipelines within their window, in one document by name."""
 
 
@@ -225,6 +227,41 @@ class TinyDBBackend(RepositoryBackend):
         data[WORKERS_TABLE] = {"1": {"workers": rows}}
         self.storage.write(data)
 
+    def rate_starts(self, name: str, since: datetime) -> int:
+        with self.locked():
+            stamp = format_timestamp(since)
+            return sum(start > stamp for start in self(Metadata.PIPELINES_MODEL)._start_log().starts.get(name, []))
+
+    def pauses(self) -> list[JSONDict]:
+        with self.locked():
+            return list(self._pauses().values())
+
+    def add_pause(self, row: JSONDict) -> bool:
+        """Under the file lock, in one atomic replacement of the file (in a transaction, with it)."""
+        with self.locked():
+            rows = self._pauses()
+            if str(row["scope"]) in rows:
+                return False
+            self._write_pauses({**rows, str(row["scope"]): row})
+            return True
+
+    def drop_pause(self, scope: str) -> JSONDict | None:
+        with self.locked():
+            rows = self._pauses()
+            found = rows.pop(scope, None)
+            if found is not None:
+                self._write_pauses(rows)
+            return found
+
+    def _pauses(self) -> dict[str, JSONDict]:
+        rows: dict[str, JSONDict] = (self.storage.read() or {}).get(PAUSES_TABLE, {}).get("1", {}).get("pauses", {})
+        return dict(rows)
+
+    def _write_pauses(self, rows: dict[str, JSONDict]) -> None:
+        data = self.storage.read() or {}
+        data[PAUSES_TABLE] = {"1": {"pauses": rows}}
+        self.storage.write(data)
+
     # --- waiting (prorch.storage.wakeups) --------------------------------------------------
 
     def wake_bell(self) -> Bell:
@@ -387,7 +424,11 @@ class TinyDBRepository(ClaimsByRequest, IRepository):
 
     def _due(self, now: str, limit: int, runnable: Runnable | None = None) -> list[tuple[str, JSONDict]]:
         self._check_statuses(self._rows())
-        rows = [(i, row) for i, row in self._rows().items() if row_is_due(row, now) and can_run(row, runnable)]
+        paused = Paused.of_rows(self.backend._pauses().values())
+        rows = [
+            (i, row) for i, row in self._rows().items()
+            if row_is_due(row, now) and can_run(row, runnable) and not paused.holds_row(row)
+        ]  # fmt: skip
         rows.sort(key=lambda item: row_claim_order(item[1]))
         return rows[:limit]
 

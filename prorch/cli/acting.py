@@ -1,4 +1,5 @@
-"""The commands that change pipelines from outside: ``start``, ``cancel``, ``retry``, ``send``."""
+"""The commands that change pipelines from outside: ``start``, ``cancel``, ``retry``, ``rerun``,
+``send``, ``pause``, ``resume`` (and ``pauses``, what is paused)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from prorch.cli.helpers import (
 from prorch.cli.output import (
     echo_json,
 )
+from prorch.display import format_time
 from prorch.model.exceptions import (
     InvalidMessageError,
 )
@@ -181,3 +183,64 @@ def rerun(ctx: Context, /, uuid: str | None, from_step: str, pairs: tuple[str, .
         echo_json(state.pipeline.to_dict())
     else:
         click.echo(f"{state.pipeline.uuid} reruns {uuid} from {from_step}")
+
+
+def scope_options(verb: str) -> Callable[[F], F]:
+    """The one scope ``pause`` and ``resume`` take: a pipeline UUID, --class (with --version) or --tenant."""
+
+    def decorate(command: F) -> F:
+        for option in reversed([
+            click.argument("uuid", required=False),
+            click.option("--class", "name", metavar="NAME", help=f"{verb} the pipeline class NAME (every version)."),
+            click.option("--version", type=int, help=f"With --class: {verb.lower()} this version only."),
+            click.option("--tenant", help=f"{verb} the pipelines of this tenant."),
+            reason_option(),
+        ]):  # fmt: skip
+            command = option(command)
+        return command
+
+    return decorate
+
+
+@click.command()
+@scope_options("Pause")
+@click.pass_obj
+def pause(ctx: Context, uuid: str | None, name: str | None, version: int | None, tenant: str | None,
+          reason: str | None) -> None:  # fmt: skip
+    """Stop claiming the work of a pipeline UUID, a --class or a --tenant until `prorch resume`:
+    a hook running now finishes, the next step waits; pipelines created meanwhile wait too."""
+    with reported(ctx):
+        paused = ctx.orchestrator().pause(
+            name=name, version=version, tenant=tenant, uuid=uuid, actor=CLI_ACTOR, reason=reason
+        )
+    click.echo(f"paused {paused.label()}")
+
+
+@click.command()
+@scope_options("Resume")
+@click.pass_obj
+def resume(ctx: Context, uuid: str | None, name: str | None, version: int | None, tenant: str | None,
+           reason: str | None) -> None:  # fmt: skip
+    """End a pause (named as `prorch pause` named it): its due work is claimed at once."""
+    with reported(ctx):
+        resumed = ctx.orchestrator().resume(
+            name=name, version=version, tenant=tenant, uuid=uuid, actor=CLI_ACTOR, reason=reason
+        )
+    click.echo(f"resumed {resumed.label()} (paused since {format_time(resumed.since)})")
+
+
+@click.command()
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_obj
+def pauses(ctx: Context, as_json: bool) -> None:
+    """The pauses in force: what, since when, by whom and why."""
+    with reported(ctx):
+        found = ctx.orchestrator().pauses()
+    if as_json:
+        echo_json([p.to_dict() for p in found])
+        return
+    if not found:
+        click.echo("nothing is paused")
+        return
+    for p in found:
+        click.echo(f"{p.label()}  since {format_time(p.since)}  {p.describe()}")

@@ -47,14 +47,21 @@ def print_table(rows: list[list[str]]) -> None:
         click.echo("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
 
 
-def print_page(page: PipelinePage, states: dict[str, str], blocked: dict[str, str] | None = None) -> None:
+def print_page(
+    page: PipelinePage, states: dict[str, str], blocked: dict[str, str] | None = None,
+    held: dict[str, str] | None = None,
+    progress: dict[str, str] | None = None,
+) -> None:  # fmt: skip
     """``prorch list``; ``states`` maps each uuid to its state (``display.state_text``),
-    ``blocked`` the uuid of a pipeline no worker can run to why."""
-    blocked = blocked or {}
-    rows = [["UUID", "STATE", "NAME", "VERSION", "CREATED", "NEXT RUN"]]
+    ``blocked`` the uuid of a pipeline no worker can run to why, ``held`` one a pause or a
+    limit holds to which (its next run is then not "now"), ``progress`` one whose current step
+    reported progress to it (a PROGRESS column, when any did)."""
+    blocked, held, progress = blocked or {}, held or {}, progress or {}
+    rows = [["UUID", "STATE", "NAME", "VERSION", "CREATED", "NEXT RUN", *(["PROGRESS"] if progress else [])]]
     rows += [
         [r.uuid, states[r.uuid], r.name, str(r.version), format_time(r.created_at),
-         f"blocked: {blocked[r.uuid]}" if r.uuid in blocked else next_run(r)]
+         f"blocked: {blocked[r.uuid]}" if r.uuid in blocked else held.get(r.uuid) or next_run(r),
+         *([progress.get(r.uuid, "")] if progress else [])]
         for r in page.pipelines
     ]  # fmt: skip
     print_table(rows)
@@ -80,12 +87,14 @@ def print_state(
     tracebacks: bool = True,
     holder: str | None = None,
     current: str | None = None,
+    held: str | None = None,
 ) -> None:
     """``prorch show``: everything an operator asks about one pipeline, times with their zone.
     ``max_attempts`` maps a step name to its limit when its code is loaded here; ``tracebacks``:
     print a failed step's traceback under its error; ``holder``: which worker runs it;
-    ``current``: its state, when it says more than its status (running, due, waiting...)."""
-    _print_pipeline(state, history, now, holder, current)
+    ``current``: its state, when it says more than its status (running, due, waiting...);
+    ``held``: what holds it (a pause, a limit), said instead of its next run's reason."""
+    _print_pipeline(state, history, now, holder, current, held)
     click.echo("steps:")
     for s in state.steps:
         _print_step(s, max_attempts.get(s.name), now, state.pipeline.updated_at, tracebacks)
@@ -97,8 +106,9 @@ def print_state(
 
 
 def _print_pipeline(
-    state: PipelineState, history: list[EventRecord], now: datetime, holder: str | None, current: str | None
-) -> None:
+    state: PipelineState, history: list[EventRecord], now: datetime, holder: str | None, current: str | None,
+    held: str | None = None,
+) -> None:  # fmt: skip
     """The pipeline's own lines of ``prorch show``, above its steps."""
     p = state.pipeline
     shown = p.status.value if current in (None, p.status.value) else f"{p.status.value} ({current})"
@@ -111,8 +121,9 @@ def _print_pipeline(
     if p.parent_uuid:
         click.echo(f"  parent: {p.parent_uuid}")
     moment, reason = state.next_run(now, history)
+    reason = held or reason
     click.echo(f"  next run: {format_time(moment) if moment is not None else '-'} ({reason})")
-    if holder is not None:
+    if holder is not None and holder != held:
         click.echo(f"  {holder}")
     click.echo(f"  params: {json.dumps(p.params, sort_keys=True)}")
     context = {k: v for k, v in p.context.items() if k != "tenant"}

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import sys
 from datetime import datetime, timezone
+from typing import Any
 
 import click
 
@@ -20,17 +21,21 @@ from prorch.cli.output import (
     print_page,
     print_state,
     print_table,
+    progress_text,
 )
 from prorch.display import format_seconds, format_time, holder_text, lease_holder, state_text, step_limits
 from prorch.features.schedules import scheduled
+from prorch.model import substates
 from prorch.model.exceptions import (
     InvalidParamsError,
     PipelineFailedError,
     WaitTimeoutError,
 )
+from prorch.model.records import PipelineRecord
 from prorch.model.registry import current_registry
 from prorch.model.status import TERMINAL
 from prorch.model.substates import STATES
+from prorch.orchestrator import Orchestrator
 from prorch.storage.listing import MAX_LIMIT, parse_moment
 
 
@@ -39,7 +44,8 @@ from prorch.storage.listing import MAX_LIMIT, parse_moment
 @click.option(
     "--state",
     type=click.Choice(STATES),
-    help="Only pipelines in this state: running, due or waiting (pending split up), or an ended status.",
+    help="Only pipelines in this state: running, due, waiting, paused, max-running or rate-limited "
+    "(pending split up), or an ended status.",
 )
 @click.option("--name", help="Only pipelines with this name.")
 @click.option("--version", "version", type=int, help="Only pipelines of this version.")
@@ -74,14 +80,34 @@ def list_pipelines(ctx: Context, status: str | None, state: str | None, name: st
         blocked = orchestrator.blocked_on_page(page.pipelines) if ctx.has_app() else {}
         running = [r for r in page.pipelines if r.lease_expires_at is not None and r.lease_expires_at > now]
         workers = orchestrator.store.workers() if running else []
-        states = {r.uuid: state_text(r, now, workers, blocked.get(r.uuid)) for r in page.pipelines}
+        holds = orchestrator.holds()
+        states = {r.uuid: state_text(r, now, workers, blocked.get(r.uuid), holds) for r in page.pipelines}
+        held = {r.uuid: text for r in page.pipelines if (text := substates.why(r, states[r.uuid], holds))}
+        progress = current_progress(orchestrator, [r for r in page.pipelines if r.status not in TERMINAL])
     if as_json:
         echo_json(
-            {"pipelines": [{**r.to_dict(), "state": states[r.uuid]} for r in page.pipelines], "total": page.total,
-             "next_after": page.next_after, "blocked": blocked}
+            {"pipelines": [{**r.to_dict(), "state": states[r.uuid], "held": held.get(r.uuid),
+                            "progress": progress.get(r.uuid)} for r in page.pipelines],
+             "total": page.total, "next_after": page.next_after, "blocked": blocked}
         )  # fmt: skip
         return
-    print_page(page, states, blocked)
+    print_page(page, states, blocked, held, {uuid: progress_text(found) for uuid, found in progress.items()})
+
+
+def current_progress(orchestrator: Orchestrator, records: list[PipelineRecord]) -> dict[str, dict[str, Any]]:
+    """The progress its current step last stored, by pipeline uuid, for the live pipelines of a
+    page: one read of their steps (none when the page has no live pipeline)."""
+    if not records:
+        return {}
+    uuids = [r.uuid for r in records]
+    found = orchestrator.store.steps_of_many(uuids) or {uuids[0]: orchestrator.store.steps_of(uuids[0])}
+    progress = {}
+    for record in records:
+        current = record.metadata.get("current_step")
+        step = next((s for s in found.get(record.uuid, []) if s.uuid == current and s.progress), None)
+        if step is not None and step.progress is not None:
+            progress[record.uuid] = step.progress
+    return progress
 
 
 @click.command()
@@ -114,7 +140,10 @@ def show(ctx: Context, uuid: str | None, key: str | None, as_json: bool, traceba
         now = orchestrator.clock.now()
         workers = orchestrator.store.workers()
         holder = lease_holder(state.pipeline, workers, now)
-        current = state_text(state.pipeline, now, workers, state.blocked)
+        holds = orchestrator.holds()
+        current = state_text(state.pipeline, now, workers, state.blocked, holds)
+        held = substates.why(state.pipeline, current, holds)
+        reason = held or reason  # not "due now" while a pause or a limit holds it
     if as_json:
         echo_json(
             {
@@ -127,12 +156,13 @@ def show(ctx: Context, uuid: str | None, key: str | None, as_json: bool, traceba
                 "next_run": {"at": moment.isoformat() if moment else None, "reason": reason},
                 "worker": holder,
                 "state": current,
+                "held": held,
             }
         )
         return
-    text = holder_text(holder) if holder is not None else None
+    text = holder_text(holder) if holder is not None else held
     limits = step_limits(orchestrator.registry, state.steps)
-    print_state(state, history, now, limits, tracebacks, holder=text, current=current)
+    print_state(state, history, now, limits, tracebacks, holder=text, current=current, held=held)
 
 
 @click.command()

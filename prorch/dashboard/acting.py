@@ -1,5 +1,5 @@
-"""What the dashboard's actions do, for its forms and its JSON API alike: cancel, retry, rerun
-and send on one pipeline, and bulk actions on every pipeline a listing's filters match. Each
+"""What the dashboard's actions do, for its forms and its JSON API alike: cancel, retry, rerun,
+send, pause and resume on one pipeline, and bulk actions on every pipeline a listing's filters match. Each
 reads its fields (strings from a form, JSON values from the API), refuses bad ones with one
 error before anything is written, and records who acted and why."""
 
@@ -14,15 +14,16 @@ from typing import Any
 from prorch.bulk import ACTIONS as BULK_ACTIONS
 from prorch.bulk import BulkAction, BulkSummary, Filters
 from prorch.dashboard import views
-from prorch.model.exceptions import InvalidMessageError, InvalidParamsError
+from prorch.model.exceptions import InvalidMessageError, InvalidParamsError, InvalidStateError
+from prorch.model.pauses import CLASS, TENANT, Pause
 from prorch.model.status import Status
 from prorch.orchestrator import Orchestrator
 from prorch.storage import forking
 from prorch.storage.listing import parse_age
 from prorch.storage.outside import NO_PAYLOAD
 
-ACTIONS = ("cancel", "retry", "rerun", "send")
-CONFIRMED = ("cancel", "retry", "rerun")
+ACTIONS = ("cancel", "retry", "rerun", "send", "pause", "pause-class", "resume")
+CONFIRMED = ("cancel", "retry", "rerun", "pause", "pause-class", "resume")
 """The actions the pages ask to confirm (a message is sent at once)."""
 YES = ("1", "on", "yes", "true")
 NO = ("", "0", "off", "no", "false")
@@ -47,11 +48,30 @@ def act(orchestrator: Orchestrator, uuid: str, action: str, fields: Mapping[str,
     if action == "retry":
         orchestrator.retry(uuid, actor=actor, reason=reason)
         return Done("retrying", uuid)
+    if action == "pause":
+        orchestrator.pause(uuid=uuid, actor=actor, reason=reason)
+        return Done("paused", uuid)
+    if action == "pause-class":
+        name = orchestrator.get(uuid).pipeline.name
+        orchestrator.pause(name=name, actor=actor, reason=reason)
+        return Done(f"paused class {name}", uuid)
+    if action == "resume":
+        return Done(f"resumed {resume_holding(orchestrator, uuid, actor, reason).label()}", uuid)
     if action == "rerun":
         step, params, cancel_original = rerun_fields(fields)
         new = orchestrator.rerun(uuid, step, params, cancel_original=cancel_original, actor=actor, reason=reason)
         return Done(f"rerun of {uuid} from {step}", new.pipeline.uuid)
     return send(orchestrator, uuid, fields)
+
+
+def resume_holding(orchestrator: Orchestrator, uuid: str, actor: str, reason: str | None) -> Pause:
+    """End the pause that holds the pipeline, whatever its scope (itself, its class, its tenant)."""
+    pause = orchestrator.holds().pause_of(orchestrator.get(uuid).pipeline)
+    if pause is None:
+        raise InvalidStateError(f"pipeline {uuid} is not paused: nothing to resume")
+    scope = {"name": pause.value} if pause.kind == CLASS else {"tenant": pause.value} if pause.kind == TENANT else {
+        "uuid": pause.value}  # fmt: skip
+    return orchestrator.resume(**scope, version=pause.version, actor=actor, reason=reason)
 
 
 def send(orchestrator: Orchestrator, uuid: str, fields: Mapping[str, Any]) -> Done:

@@ -15,10 +15,12 @@ from typing import Any
 from prorch.bulk import Filters
 from prorch.dashboard import timeline
 from prorch.display import app_loaded, lease_holder, state_text, step_limits, step_seconds
+from prorch.model import substates
 from prorch.model.exceptions import InvalidParamsError, PipelineNotFoundError, ProrchError
+from prorch.model.pauses import PIPELINE
 from prorch.model.records import EventRecord, PipelineRecord, StepRecord
 from prorch.model.status import TERMINAL, EventType, Status
-from prorch.model.substates import STATES
+from prorch.model.substates import NO_HOLDS, STATES, Holds
 from prorch.model.workers import WorkerRow
 from prorch.orchestrator import Orchestrator
 from prorch.storage.forking import FORKED_FROM
@@ -47,14 +49,22 @@ class StatsCache:
     _at: float = 0.0
     _stats: PipelineStats | None = None
     _now: datetime | None = None
+    _held: dict[str, int] = field(default_factory=dict)
 
     def get(self) -> tuple[PipelineStats, datetime]:
+        stats, now, _ = self.get_all()
+        return stats, now
+
+    def get_all(self) -> tuple[PipelineStats, datetime, dict[str, int]]:
+        """The counts, and those of the held states (paused, max-running, rate-limited, and due
+        without them) when anything holds work back: counted only then (empty otherwise)."""
         with self._lock:
             if self._stats is None or self._now is None or time.monotonic() - self._at > STATS_SECONDS:
                 now = self.orchestrator.clock.now()
                 self._stats = self.orchestrator.store.pipeline_stats(now, now - timedelta(minutes=CHART_MINUTES))
+                self._held = self.orchestrator.held_counts()
                 self._now, self._at = now, time.monotonic()
-            return self._stats, self._now
+            return self._stats, self._now, self._held
 
     def reset(self) -> None:
         """Count again at the next request (after an action changed something)."""
@@ -66,7 +76,7 @@ def overview(orchestrator: Orchestrator, cache: StatsCache) -> dict[str, Any]:
     """Counts by status and by name, running / due / waiting / blocked / quarantined, the
     oldest due pipeline's lag, and the pipelines that ended in each minute of the last hour.
     Blocked (not ended, code not loaded here) is counted only when the app is loaded here, else None."""
-    stats, now = cache.get()
+    stats, now, held = cache.get_all()
     by_status = {status.value: 0 for status in Status}
     by_name: dict[str, dict[str, int]] = {}
     blocked: int | None = 0 if app_loaded(orchestrator.registry) else None
@@ -77,7 +87,9 @@ def overview(orchestrator: Orchestrator, cache: StatsCache) -> dict[str, Any]:
         row["total"] += count
         if blocked is not None and Status(status) not in TERMINAL and not _registered(orchestrator, name, version):
             blocked += count
-    waiting = max(by_status.get(Status.PENDING.value, 0) - stats.running - stats.due, 0)
+    due = held.get(substates.DUE, stats.due)
+    paused, limited = held.get(substates.PAUSED, 0), {state: held.get(state, 0) for state in substates.LIMITED}
+    waiting = max(by_status.get(Status.PENDING.value, 0) - stats.running - due - paused - sum(limited.values()), 0)
     minutes = [{"finished": 0, "failed": 0, "cancelled": 0} for _ in range(CHART_MINUTES)]
     for status, at in stats.ended:
         age = int((now - at).total_seconds() // 60)
@@ -88,8 +100,11 @@ def overview(orchestrator: Orchestrator, cache: StatsCache) -> dict[str, Any]:
         "by_status": by_status,
         "by_name": dict(sorted(by_name.items())),
         "running": stats.running,
-        "due": stats.due,
+        "due": due,
         "waiting": waiting,
+        "paused": paused,
+        "max_running": limited[substates.MAX_RUNNING],
+        "rate_limited": limited[substates.RATE_LIMITED],
         "blocked": blocked,
         "quarantined": stats.quarantined,
         "oldest_due_lag_seconds": (now - stats.oldest_due).total_seconds() if stats.oldest_due else None,
@@ -123,8 +138,9 @@ def pipelines(orchestrator: Orchestrator, filters: dict[str, str]) -> dict[str, 
     )
     rows = orchestrator.store.workers() if any(_leased(r, now) for r in page.pipelines) else []
     blocked = orchestrator.blocked_on_page(page.pipelines) if app_loaded(orchestrator.registry) else {}
+    holds = orchestrator.holds()
     return {
-        "pipelines": [pipeline_row(record, now, rows, blocked.get(record.uuid)) for record in page.pipelines],
+        "pipelines": [pipeline_row(record, now, rows, blocked.get(record.uuid), holds) for record in page.pipelines],
         "total": page.total,
         "next_after": page.next_after,
         "filters": filters,
@@ -173,19 +189,23 @@ def _as_uuid(text: str) -> str | None:
 
 
 def pipeline_row(
-    record: PipelineRecord, now: datetime, workers: list[WorkerRow] | None = None, blocked: str | None = None
-) -> dict[str, Any]:
+    record: PipelineRecord, now: datetime, workers: list[WorkerRow] | None = None, blocked: str | None = None,
+    holds: Holds = NO_HOLDS,
+) -> dict[str, Any]:  # fmt: skip
     """One pipeline of a listing; with ``workers``, which of them runs it (``display.lease_holder``).
-    Its state is what ``prorch list`` prints: running, due or waiting for a pending one, stranded,
-    blocked (given why), else its status (``display.state_text``)."""
+    Its state is what ``prorch list`` prints: running, due, waiting, paused, max-running or
+    rate-limited for a pending one (``held``: what holds it), stranded, blocked (given why), else
+    its status (``display.state_text``)."""
     ended = record.status in TERMINAL
+    state = state_text(record, now, workers or [], blocked, holds)
     return {
         "worker": lease_holder(record, workers, now) if workers is not None else None,
         "uuid": record.uuid,
         "name": record.name,
         "version": record.version,
         "status": record.status.value,
-        "state": state_text(record, now, workers or [], blocked),
+        "state": state,
+        "held": substates.why(record, state, holds),
         "tenant": record.context.get("tenant"),
         "created_at": iso(record.created_at),
         "updated_at": iso(record.updated_at),
@@ -215,9 +235,13 @@ def pipeline_and_bars(orchestrator: Orchestrator, uuid: str) -> tuple[dict[str, 
     p = state.pipeline
     workers = orchestrator.store.workers() if _leased(p, now) else []
     found = timeline.bars(state.steps, history, now, p.status in TERMINAL)
+    holds = orchestrator.holds()
+    pause = holds.pause_of(p)
+    row = pipeline_row(p, now, workers, state.blocked, holds)
+    reason = row["state"] if row["held"] else reason  # not "due now" while held; which hold: "paused"/"held"
     return {
         "pipeline": {
-            **pipeline_row(p, now, workers, state.blocked),
+            **row,
             "key": p.key,
             "priority": p.priority,
             "params": p.params,
@@ -240,6 +264,8 @@ def pipeline_and_bars(orchestrator: Orchestrator, uuid: str) -> tuple[dict[str, 
         "earlier_attempts": timeline.earlier_attempts(history),
         "forked_from": p.metadata.get(FORKED_FROM),
         "reruns": [_rerun(e) for e in history if e.type == EventType.PIPELINE_RERUN],
+        "pause": {**pause.to_dict(), "text": pause.describe()} if pause is not None else None,
+        "paused_itself": pause is not None and pause.kind == PIPELINE,
     }, found
 
 

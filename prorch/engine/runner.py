@@ -6,7 +6,9 @@ hooks and their results) and ``endings`` (rollback, cancel, quarantine)."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import time
 from collections.abc import Callable, Mapping
 
 from prorch.engine import transitions
@@ -21,7 +23,8 @@ from prorch.engine.step_hooks import HookInvoker
 from prorch.engine.turns import Turns
 from prorch.model import defaults, patches
 from prorch.model.clock import Clock
-from prorch.model.exceptions import NotRegisteredError, StepTimeoutError
+from prorch.model.exceptions import NotRegisteredError, ProrchError, StepTimeoutError
+from prorch.model.pauses import Paused, scopes_of
 from prorch.model.records import PipelineRecord, StepRecord
 from prorch.model.registry import Registry
 from prorch.model.status import TERMINAL
@@ -35,6 +38,29 @@ DEFAULT_MAX_TURNS_PER_PASS = 100
 """How many step hooks one pipeline may run in one pass before it yields to the others."""
 DEFAULT_MAX_CRASHES = defaults.MAX_CRASHES.default
 """How many workers in a row may die while one of a pipeline's hooks runs before it is quarantined."""
+
+
+PAUSE_LOOK_SECONDS = 1.0
+"""How old the pauses may be that a runner checks between two hooks of one claim (the claim
+itself reads them in its statement): a pause stored while a hook runs holds the next one."""
+
+
+class PauseLook:
+    """The stored pauses as last read, read again when older than ``PAUSE_LOOK_SECONDS``: a
+    look between two hooks costs no read on most turns."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self._seen: tuple[float, Paused] = (-PAUSE_LOOK_SECONDS, Paused())
+
+    def holds(self, pipeline: PipelineRecord) -> bool:
+        at, paused = self._seen
+        if time.monotonic() - at > PAUSE_LOOK_SECONDS:
+            with contextlib.suppress(ProrchError):  # the store is down: the next write says so
+                paused = self.store.paused()
+            self._seen = (time.monotonic(), paused)
+        return bool(paused) and paused.holding(scopes_of(pipeline.name, pipeline.version, pipeline.uuid,
+                                                         pipeline.context)) is not None  # fmt: skip
 
 
 class Runner:
@@ -65,6 +91,7 @@ class Runner:
         self.request_stop = request_stop
         self.extensions = extensions or Extensions()
         """The features' hooks the runner calls: ``around_hook``, ``on_hook_end``, ``on_transition``."""
+        self.pauses = PauseLook(store)
         self.journal = Journal(store, registry, clock, self.policies, lease_seconds, self.extensions)
         self.invoker = HookInvoker(self.journal, self.hooks, clock, self.policies, hook_timeout, self.extensions)
         self.turns = Turns(self.journal, self.invoker, registry, clock, self.policies)
@@ -135,6 +162,7 @@ class Runner:
     # --- the loop --------------------------------------------------------------------------
 
     def _loop(self, run: Run) -> Writing[None]:
+        ran = False
         while run.pipeline.status not in TERMINAL:
             if run.pipeline.cancel_requested:  # merged from an outside write while we ran
                 yield from self.endings.cancel(run)
@@ -158,12 +186,16 @@ class Runner:
             if run.transitions >= self.max_turns or run.hooks_left == 0 or self.should_stop():
                 yield from self.journal.park(run)
                 return
+            if ran and self.pauses.holds(run.pipeline):  # paused while its last hook ran
+                yield from self.journal.park(run)
+                return
             yield from self.journal.mark_hook_running(run)  # a no-op when the last write did it
             if self.should_stop():  # asked for while that was stored (in a round of group commit)
                 yield from self.journal.park(run)
                 return
             if run.hooks_left is not None:
                 run.hooks_left -= 1
+            ran = True
             turn = self.endings.roll_back(run, step, now) if rollback else self.turns.turn(run, step, now)
             if not (yield from turn):
                 return

@@ -13,7 +13,12 @@ within ``schedule_grace`` (default 60 seconds).
 
 One schedule's failure (its ``schedule_params`` raising or refused) is logged, reported as an
 error of the pass under ``schedule:NAME`` and skipped; its tick is not marked created, so the
-next pass tries again, and the other schedules and the pipelines go on."""
+next pass tries again, and the other schedules and the pipelines go on.
+
+While the class is paused (``prorch pause --class``, every version or the scheduled one), its
+ticks follow ``schedule_when_paused``: ``"skip"`` (the default) marks each tick done and creates
+nothing, so a resume does not flood the workers with the runs a pause was meant to stop;
+``"queue"`` creates them as usual, and they wait, paused, until the resume."""
 
 from __future__ import annotations
 
@@ -28,6 +33,7 @@ from prorch.model.clock import Clock
 from prorch.model.definition import PipelineDefinition
 from prorch.model.exceptions import DuplicateRecordError, ProrchError, RepositoryError
 from prorch.model.keys import uuid_for_key
+from prorch.model.pauses import SCHEDULES_SKIP, Pause, Paused, class_scope
 from prorch.model.registry import Registry
 from prorch.model.schedule_rules import Schedule, schedule_of
 from prorch.storage.creation import create_pipelines
@@ -78,12 +84,17 @@ def create_due(store: Store, registry: Registry, clock: Clock) -> tuple[int, dic
         return 0, {}
     now = clock.now()
     marks = store.schedule_ticks()
+    paused = store.paused()
     created, errors = 0, {}
     for cls, schedule in schedules:
         try:
             last = marks.get(schedule.name) or _created_before(store, schedule, now)
+            skip = schedule.when_paused == SCHEDULES_SKIP and _paused(paused, schedule.name, cls.version)
             for tick in due_ticks(schedule, last, now):
-                created += _create(store, registry, clock, cls, schedule, tick)
+                if skip:
+                    _skip(store, schedule, tick)
+                else:
+                    created += _create(store, registry, clock, cls, schedule, tick)
         except RepositoryError:
             raise
         except Exception as exc:  # the user's schedule_params, or its result refused: this schedule only
@@ -91,6 +102,16 @@ def create_due(store: Store, registry: Registry, clock: Clock) -> tuple[int, dic
             logger.debug("schedule of %s failed", schedule.name, exc_info=not isinstance(exc, ProrchError))
             errors[f"schedule:{schedule.name}"] = f"{type(exc).__name__}: {exc}"
     return created, errors
+
+
+def _paused(paused: Paused, name: str, version: int) -> Pause | None:
+    return paused.holding((class_scope(name), class_scope(name, version)))
+
+
+def _skip(store: Store, schedule: Schedule, tick: datetime) -> None:
+    """A tick of a paused class, with ``schedule_when_paused = "skip"``: marked done, nothing created."""
+    if store.advance_schedule(schedule.name, tick):
+        logger.info("schedule of %s: skipped %s, the class is paused", schedule.name, tick.isoformat())
 
 
 def _created_before(store: Store, schedule: Schedule, now: datetime) -> datetime | None:

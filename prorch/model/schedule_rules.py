@@ -15,6 +15,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 from cronsim import CronSim, CronSimError
 
 from prorch.model.exceptions import ProrchError, RegistrationError
+from prorch.model.pauses import SCHEDULE_MODES, SCHEDULES_SKIP
 
 CatchUp = Literal["latest", "all", "none"]
 CATCH_UP = ("latest", "all", "none")
@@ -34,6 +35,7 @@ class Schedule:
     catch_up: CatchUp
     params: dict[str, Any] | Callable[[datetime], Any] | None
     grace: timedelta = timedelta(seconds=DEFAULT_GRACE_SECONDS)  # catch_up "none": how late a tick may be seen
+    when_paused: str = SCHEDULES_SKIP  # a tick while the class is paused: "skip" it or "queue" its pipeline
 
     def latest(self, now: datetime) -> datetime:
         """The last tick at or before ``now``."""
@@ -118,7 +120,12 @@ def schedule_of(cls: Any) -> Schedule | None:
     params = getattr(cls, "schedule_params", None)
     if params is not None and not (isinstance(params, dict) or callable(params)):
         raise RegistrationError(f"pipeline {name}: schedule_params must be a dict or a function of the tick time")
-    schedule = Schedule(name, cron, every, tz, cast(CatchUp, catch_up), params, _grace(cls, name))
+    when_paused = getattr(cls, "schedule_when_paused", SCHEDULES_SKIP)
+    if when_paused not in SCHEDULE_MODES:
+        raise RegistrationError(
+            f"pipeline {name}: schedule_when_paused must be one of {', '.join(SCHEDULE_MODES)}, got {when_paused!r}"
+        )
+    schedule = Schedule(name, cron, every, tz, cast(CatchUp, catch_up), params, _grace(cls, name), when_paused)
     _check_ticks(schedule)
     return schedule
 

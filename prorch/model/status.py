@@ -83,6 +83,8 @@ class EventType(str, Enum):
     STEP_ROLLED_BACK = "step.rolled_back"
     STEP_ROLLBACK_FAILED = "step.rollback_failed"
     PIPELINE_CANCEL_REQUESTED = "pipeline.cancel_requested"
+    PIPELINE_PAUSED = "pipeline.paused"  # Orchestrator.pause(uuid=...): data has the actor and reason
+    PIPELINE_RESUMED = "pipeline.resumed"
     MESSAGE_RECEIVED = "message.received"
 
     def __str__(self) -> str:

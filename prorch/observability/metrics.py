@@ -22,6 +22,7 @@ from prometheus_client.registry import Collector
 from prorch.engine.extension import Extension, PassReport
 from prorch.model.records import EventRecord, Record
 from prorch.model.status import EventType
+from prorch.model.substates import DUE, LIMITED, PAUSED
 from prorch.orchestrator import Orchestrator
 from prorch.storage.repository import PipelineStats
 
@@ -137,18 +138,21 @@ class StoreGauges(Collector):
         self.orchestrator = orchestrator
         self._lock = threading.Lock()
         self._read_at = 0.0
-        self._stats: tuple[PipelineStats, datetime] | None = None
+        self._stats: tuple[PipelineStats, datetime, dict[str, int]] | None = None
 
-    def stats(self) -> tuple[PipelineStats, datetime]:
+    def stats(self) -> tuple[PipelineStats, datetime, dict[str, int]]:
+        """The counts, and the held states' (``Orchestrator.held_counts``: empty when nothing holds work)."""
         with self._lock:
             if self._stats is None or time.monotonic() - self._read_at > GAUGE_SECONDS:
                 now = self.orchestrator.clock.now()
-                self._stats = (self.orchestrator.store.pipeline_stats(now, now - timedelta(minutes=1)), now)
+                stats = self.orchestrator.store.pipeline_stats(now, now - timedelta(minutes=1))
+                self._stats = (stats, now, self.orchestrator.held_counts())
                 self._read_at = time.monotonic()
             return self._stats
 
     def collect(self) -> Iterator[Any]:
-        stats, now = self.stats()
+        stats, now, held = self.stats()
+        due = held.get(DUE, stats.due)
         pipelines = GaugeMetricFamily(
             "prorch_pipelines", "Stored pipelines by status and name.", labels=["status", "pipeline"]
         )
@@ -159,12 +163,18 @@ class StoreGauges(Collector):
             pipelines.add_metric([status, name], count)
         yield pipelines
         yield GaugeMetricFamily(
-            "prorch_pipelines_due", "Pending pipelines whose time has come, not leased.", value=stats.due
+            "prorch_pipelines_due", "Pending pipelines whose time has come, not leased, paused or limited.", value=due
         )
+        states = GaugeMetricFamily(
+            "prorch_pipelines_held", "Pending pipelines a pause or their class's limit holds.", labels=["state"]
+        )
+        for state in (PAUSED, *LIMITED):
+            states.add_metric([state], held.get(state, 0))
+        yield states
         yield GaugeMetricFamily(
             "prorch_pipelines_running", "Due pipelines leased by a worker now.", value=stats.running
         )
-        renamed = (("prorch_due", "prorch_pipelines_due", stats.due),
+        renamed = (("prorch_due", "prorch_pipelines_due", due),
                    ("prorch_running", "prorch_pipelines_running", stats.running))  # fmt: skip
         for old, new, value in renamed:
             yield GaugeMetricFamily(old, f"Deprecated: use {new} (this name goes in the next release).", value=value)

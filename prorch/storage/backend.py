@@ -277,6 +277,27 @@ class Backend(Protocol):
         then at most."""
         ...
 
+    def rate_starts(self, name: str, since: datetime) -> int:
+        """How many claims of the rate-limited class ``name`` the store holds after ``since``
+        (what its ``rate_limit`` counted; 0 where the store keeps none)."""
+        ...
+
+    # --- pauses (prorch.model.pauses) ----------------------------------------------------------
+
+    def pauses(self) -> list[JSONDict]:
+        """Every stored pause (``Pause.to_dict`` rows), in no particular order. ``claim`` and
+        ``due`` leave out the pipelines any of them holds (``Paused.holds_row``)."""
+        ...
+
+    def add_pause(self, row: JSONDict) -> bool:
+        """Store a pause row unless a pause of its ``scope`` is stored already (False then)."""
+        ...
+
+    def remove_pause(self, scope: str) -> JSONDict | None:
+        """Remove the pause of ``scope`` and return its row (None: none was stored); its work is
+        due again at once, so idle workers are woken as by a create."""
+        ...
+
     # --- workers -------------------------------------------------------------------------------
 
     def upsert_worker(self, row: JSONDict) -> None:

@@ -13,6 +13,7 @@ from datetime import datetime
 from typing import Any, Protocol
 
 from prorch.model.due import ClaimRequest, Runnable, can_run
+from prorch.model.pauses import Paused
 from prorch.model.records import EventRecord, JSONDict, MessageRecord, PipelineRecord, Record, StepRecord, to_utc
 from prorch.model.status import Status
 from prorch.storage import listing
@@ -83,7 +84,8 @@ class RepositoryBackend(Committer):
         wanted = limit
         while True:  # the index knows nothing of classes: read more until enough are runnable
             rows = self.table(PipelineRecord.MODEL).search_due(now, wanted)
-            found = [row for row in rows if can_run(row, runnable)]
+            paused = self.paused()
+            found = [row for row in rows if can_run(row, runnable) and not paused.holds_row(row)]
             if len(found) >= limit or len(rows) < wanted:
                 return found[:limit]
             wanted *= 4
@@ -182,6 +184,31 @@ class RepositoryBackend(Committer):
     def lock_key(self, key: str) -> None:
         """Nothing: ``transaction()`` holds the store's only write lock here (memory, TinyDB,
         SQLite), or the store has no transactions (a user's repository: one process only)."""
+
+    # --- pauses (each backend stores the rows; resuming wakes workers) --------------------------
+
+    def pauses(self) -> list[JSONDict]:  # pragma: no cover - each backend's
+        raise NotImplementedError
+
+    def add_pause(self, row: JSONDict) -> bool:  # pragma: no cover - each backend's
+        raise NotImplementedError
+
+    def paused(self) -> Paused:
+        """The stored pauses, for a claim's filter in Python."""
+        return Paused.of_rows(self.pauses())
+
+    def remove_pause(self, scope: str) -> JSONDict | None:
+        with self.transaction():
+            found = self.drop_pause(scope)
+            if found is not None:
+                self.work_arrived()
+        if found is not None:
+            self.work_stored()
+        return found
+
+    def drop_pause(self, scope: str) -> JSONDict | None:  # pragma: no cover - each backend's
+        """Delete the pause row of ``scope`` and return it (None: none was stored)."""
+        raise NotImplementedError
 
     # --- waiting (prorch.storage.wakeups) -------------------------------------------------------
 

@@ -68,7 +68,12 @@ def matches(record: PipelineRecord, query: PipelineQuery) -> bool:
             return False
     if query.status is not None and record.status.value != query.status:
         return False
-    if query.state is not None and query.now is not None and substates.state_of(record, query.now) != query.state:
+    holds = query.holds or substates.NO_HOLDS
+    if (
+        query.state is not None
+        and query.now is not None
+        and substates.state_of(record, query.now, holds) != query.state
+    ):
         return False
     if query.tenant is not None and not same_json(record.context.get("tenant", _MISSING), query.tenant):
         return False

@@ -13,6 +13,7 @@ from datetime import timedelta
 
 from prorch.model.clock import Clock
 from prorch.model.exceptions import InvalidParamsError
+from prorch.model.pauses import PIPELINE
 from prorch.model.status import TERMINAL, Status
 from prorch.storage.store import Store
 
@@ -80,12 +81,20 @@ def purge(
         else:
             stop.wait(min(took, MAX_PAUSE_SECONDS))
     if summary.pipelines:
+        _forget_pauses(store)
         logger.info(
             "purged %d pipelines (%s) older than %s in %d batches; longest %.3fs%s",
             summary.pipelines, ", ".join(s.value for s in chosen), before.isoformat(), summary.batches,
             summary.longest_batch_seconds, "; stopped early for shutdown" if stop and stop.is_set() else "",
         )  # fmt: skip
     return summary
+
+
+def _forget_pauses(store: Store) -> None:
+    """The pauses of single pipelines that are gone now: nothing is left for them to hold."""
+    for pause in store.pauses():
+        if pause.kind == PIPELINE and store.get_pipeline(pause.value) is None:
+            store.remove_pause(pause.scope)
 
 
 def _statuses(statuses: tuple[Status | str, ...]) -> list[Status]:

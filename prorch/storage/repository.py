@@ -18,6 +18,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from prorch.model.due import ClaimRequest, Runnable
 from prorch.model.limit_rules import ClaimLimit
+from prorch.model.substates import Holds
 
 JSONDict = dict[str, Any]
 
@@ -146,8 +147,9 @@ class PipelineQuery:
     limit: int = 50
     after: tuple[datetime | None, str] | None = None
     count: bool = False
-    state: str | None = None  # running, due, waiting (prorch.model.substates) or an ended status
+    state: str | None = None  # running, due, waiting... (prorch.model.substates) or an ended status
     now: datetime | None = None  # what ``state`` is judged at (the store's clock)
+    holds: Holds | None = None  # the classes held by their limits at ``now`` (pauses: the store's own)
 
 
 @runtime_checkable

@@ -16,7 +16,7 @@ import logging
 import time
 import uuid as uuid_module
 from collections.abc import Callable, Sequence
-from datetime import datetime
+from datetime import datetime, timezone
 from typing import Any, Protocol
 
 from prorch.model.due import ClaimRequest, Runnable, claim_order, is_due, is_leased
@@ -60,6 +60,8 @@ TICKS_UUID = str(uuid_module.uuid5(KEY_NAMESPACE, "prorch:schedule-ticks"))
 WORKERS_UUID = str(uuid_module.uuid5(KEY_NAMESPACE, "prorch:workers"))
 """The pipeline uuid no pipeline has that the fallback's worker rows (message records) are addressed to."""
 """The pipeline uuid (of no pipeline) that the fallback's records of schedules' last ticks carry."""
+PAUSES_UUID = str(uuid_module.uuid5(KEY_NAMESPACE, "prorch:pauses"))
+"""The pipeline uuid (of no pipeline) that the fallback's pause rows (message records) carry."""
 CAPABILITIES = (
     SupportsClaim, SupportsLimitedClaim, SupportsDueQuery, SupportsCompareAndSet, SupportsPartialUpdate,
     SupportsSearchMany, SupportsSaveMany, SupportsMessageQuery, SupportsPipelineQuery, SupportsPipelineStats,
@@ -174,11 +176,13 @@ class SeedAdapter(_WorkerRowsAsMessages, RepositoryBackend):
         pending = [
             (PipelineRecord.from_dict(row), row) for row in self.search(PipelineRecord.MODEL, "status", "pending")
         ]
+        paused = self.paused()
         candidates = [
             (claim_order(p.priority, format_timestamp(p.next_run_at) if p.next_run_at else None), row)
             for p, row in pending
             if is_due(p.status, p.next_run_at, p.lease_expires_at, now)
             and (runnable is None or (p.name, p.version) in runnable)
+            and not paused.holds_row(row)
         ]
         candidates.sort(key=lambda pair: pair[0])
         return [row for _, row in candidates[:limit]]
@@ -254,6 +258,8 @@ class SeedAdapter(_WorkerRowsAsMessages, RepositoryBackend):
         now, owner, until, limit, limits, runnable = (
             request.now, request.owner, request.lease_expires_at, request.limit, request.limits, request.runnable
         )  # fmt: skip
+        if self.pauses():
+            return self._claim_around_pauses(request)
         if limits and self.limited is not None:
             claim: Callable[..., list[JSONDict]] = self.limited.claim_due_limited
             return claim(now, owner, until, limit, limits, *_runnable_argument(claim, runnable))
@@ -264,6 +270,23 @@ class SeedAdapter(_WorkerRowsAsMessages, RepositoryBackend):
             )
         claim = self.claims.claim_due
         return claim(now, owner, until, limit, *_runnable_argument(claim, runnable))
+
+    def _claim_around_pauses(self, request: ClaimRequest) -> list[JSONDict]:
+        """A repository's own ``claim_due`` knows no pauses: while one is stored, the due
+        pipelines are chosen here (``due`` leaves the paused out) and each is leased by its
+        ``claim_one``; one that another writer changed since it was read is given back."""
+        assert self.claims is not None
+        claimed = []
+        for row in self._due_within(request):
+            got = self.claims.claim_one(str(row["uuid"]), request.now, request.owner, request.lease_expires_at)
+            if got is None or got.get("status") != "pending":
+                continue
+            if got.get("revision", 0) != row.get("revision", 0) + 1:
+                back = {**got, "lease_owner": None, "lease_expires_at": None, "revision": got.get("revision", 0) + 1}
+                self.write_record(PipelineRecord.from_dict(got), int(got.get("revision", 0)), back)
+                continue
+            claimed.append(got)
+        return claimed
 
     def _due_within(self, request: ClaimRequest) -> list[JSONDict]:
         now, limit, limits, runnable = request.now, request.limit, request.limits, request.runnable
@@ -353,7 +376,54 @@ class SeedAdapter(_WorkerRowsAsMessages, RepositoryBackend):
                 call("delete records", self.repository(model).delete_by, "pipeline_uuid", gone)  # type: ignore[attr-defined]
             return len(gone)
 
+    def rate_starts(self, name: str, since: datetime) -> int:
+        """The starts this adapter counted itself (none when the repository claims within limits)."""
+        stamp = format_timestamp(since)
+        return sum(start > stamp for start in self._starts.starts.get(name, []))
+
+    # --- pauses (the fallback: message records addressed to no pipeline, as schedule ticks) ----
+
+    def pauses(self) -> list[JSONDict]:
+        rows = self.search(MessageRecord.MODEL, "pipeline_uuid", PAUSES_UUID)
+        return [row["payload"] for row in rows if isinstance(row.get("payload"), dict)]
+
+    def add_pause(self, row: JSONDict) -> bool:
+        """Reads, then writes: atomic only inside a transaction (one process, as this adapter's
+        claims without a lease)."""
+        uuid = _pause_uuid(str(row["scope"]))
+        found = self.get(MessageRecord.MODEL, uuid)
+        if found is not None and isinstance(found.get("payload"), dict):
+            return False
+        at = datetime.fromisoformat(str(row["since"])) if row.get("since") else datetime.now(timezone.utc)
+        record = MessageRecord(uuid=uuid, pipeline_uuid=PAUSES_UUID, name=str(row["scope"]), payload=row,
+                               sent_at=at, consumed_at=at).to_dict()  # fmt: skip
+        messages = self.repository(MessageRecord.MODEL)
+        if found is None:
+            messages.save(record)
+        else:
+            messages.update(uuid, record)
+        return True
+
+    def drop_pause(self, scope: str) -> JSONDict | None:
+        """Deleted where the repository can delete (``SupportsDelete``); else emptied, which
+        ``pauses`` skips."""
+        uuid = _pause_uuid(scope)
+        found = self.get(MessageRecord.MODEL, uuid)
+        if found is None or not isinstance(found.get("payload"), dict):
+            return None
+        messages = self.repository(MessageRecord.MODEL)
+        if isinstance(messages, SupportsDelete):
+            messages.delete_by("uuid", [uuid])
+        else:
+            messages.update(uuid, {**found, "payload": None})
+        row: JSONDict = found["payload"]
+        return row
+
     # --- workers (the fallback: message records addressed to no pipeline, as schedule ticks) ---
+
+
+def _pause_uuid(scope: str) -> str:
+    return str(uuid_module.uuid5(KEY_NAMESPACE, f"pause:{scope}"))
 
 
 def _worker_uuid(worker_id: str) -> str:

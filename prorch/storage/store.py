@@ -17,6 +17,7 @@ from prorch.model.clock import Clock
 from prorch.model.due import ClaimRequest, Runnable
 from prorch.model.exceptions import PipelineNotFoundError
 from prorch.model.limit_rules import ClaimLimit
+from prorch.model.pauses import Pause, Paused
 from prorch.model.records import EventRecord, MessageRecord, PipelineRecord, Record, StepRecord, snapshot
 from prorch.model.status import Status
 from prorch.model.workers import WorkerRow
@@ -303,6 +304,30 @@ class Store:
     def next_due_at(self, now: datetime) -> datetime | None:
         """The earliest ``next_run_at`` after ``now`` of a pending pipeline, or None."""
         return call("find the next due time", self.engine.next_due_at, now)
+
+    # --- pauses --------------------------------------------------------------------------------
+
+    def pauses(self) -> list[Pause]:
+        """Every stored pause, oldest first."""
+        rows = call("read the pauses", self.engine.pauses)
+        return sorted((Pause.from_dict(row) for row in rows), key=lambda p: (p.since is None, p.since, p.scope))
+
+    def rate_starts(self, name: str, since: datetime) -> int:
+        """Claims of a rate-limited class after ``since`` (what its ``rate_limit`` counts)."""
+        return int(call("count a rate limit's starts", self.engine.rate_starts, name, since))
+
+    def paused(self) -> Paused:
+        """The stored pauses by scope (which one holds a pipeline)."""
+        return Paused(self.pauses())
+
+    def add_pause(self, pause: Pause) -> bool:
+        """Store a pause; False when its scope is paused already."""
+        return bool(call("store a pause", self.engine.add_pause, pause.to_dict()))
+
+    def remove_pause(self, scope: str) -> Pause | None:
+        """Remove the pause of ``scope`` (waking idle workers); the removed pause, or None."""
+        row = call("remove a pause", self.engine.remove_pause, scope)
+        return Pause.from_dict(row) if row is not None else None
 
     # --- workers -------------------------------------------------------------------------------
 

@@ -223,3 +223,47 @@ def test_an_operator_lists_pipelines_by_state_and_reads_versions(tmp_path: Path)
         assert "Code you can delete" not in page.content()  # both live ones predate nothing to delete
         shoot(page, "versions.png")
         browser.close()
+
+
+def test_an_operator_pauses_a_pipeline_and_resumes_it(tmp_path: Path) -> None:
+    """Pause… on a pipeline's page asks to confirm, with a reason; the page then says which pause
+    holds it and offers Resume…; the overview's paused card counts it and leads to the list of
+    paused pipelines (issue #29 item 3)."""
+    chromium = chromium_or_skip()
+    workdir = shop_workdir(tmp_path)
+    due = prorch(workdir, "start", "Order", "-p", "item=later").strip()  # no worker runs it: due
+    with dashboard(workdir, token=TOKEN) as (base, _), playwright.sync_playwright() as driver:
+        browser = driver.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
+        page = browser.new_page(viewport={"width": 1200, "height": 800})
+        page.goto(f"{base}/pipelines/{due}")
+        assert page.locator("#pause").is_disabled() and page.locator("#pause").get_attribute("title") == "log in to act"
+        page.click("text=Log in")
+        page.fill("input[name=token]", TOKEN)
+        page.click("#login")
+        page.click("#pause")
+        assert "no worker claims it until it is resumed" in page.locator("#confirm-box").inner_text()
+        page.fill("#reason", "waiting for stock")
+        page.click("#confirm")
+        page.wait_for_selector("#state:has-text('paused')")
+        assert "by dashboard (127.0.0.1): waiting for stock" in page.locator("#paused").inner_text()
+        assert page.locator("#resume").is_enabled() and page.locator("#pause").count() == 0
+        assert "due now" not in page.locator("#next-run").inner_text()
+        shoot(page, "pipeline-paused.png")
+
+        page.goto(base + "/")
+        assert page.locator("[data-kind=paused] .count").inner_text() == "1"
+        assert page.locator("[data-kind=due] .count").inner_text() == "0"
+        page.click("[data-kind=paused]")
+        page.wait_for_url("**/pipelines?state=paused")
+        row = page.locator("#pipelines tbody tr")
+        assert row.get_attribute("data-uuid") == due and row.locator(".badge").inner_text() == "pending · paused"
+        assert "waiting for stock" in row.locator(".held").inner_text()
+        shoot(page, "pipelines-paused.png")
+
+        page.click(f"tr[data-uuid='{due}'] a")
+        page.click("#resume")
+        page.click("#confirm")
+        page.wait_for_selector("#state:has-text('due')")
+        assert page.locator("#pause").is_enabled() and page.locator("#paused").count() == 0
+        browser.close()
+    assert '"pipeline.resumed"' in prorch(workdir, "show", due, "--json")

@@ -247,3 +247,47 @@ def test_logged_out_or_forged_requests_are_refused_and_nothing_changes(shop: tup
         assert refused.status == 403 and "PRORCH_DASHBOARD_TOKEN" in refused.text
         assert 'id="retry" disabled title="read-only' in call(base, "GET", f"/pipelines/{failed[0]}").text
         assert snapshot(workdir) == before
+
+
+def test_pause_and_resume_from_the_pages_and_the_api_show_everywhere(shop: tuple[Path, list[str], str]) -> None:
+    """Pause asks to confirm like cancel; the pipeline then reads as paused (with which pause) on
+    its page, in the listing, in the API and on the overview; resume through the API ends it."""
+    workdir, _, waiting = shop
+    with dashboard(workdir, token=TOKEN) as (base, _):
+        headers, csrf = login(base)
+        page = call(base, "GET", f"/pipelines/{waiting}", headers=headers).text
+        assert 'id="pause"' in page and 'id="resume"' not in page
+        asked = call(base, "POST", f"/pipelines/{waiting}/pause", form({"csrf": csrf}), headers)
+        assert asked.status == 200 and "Yes, pause" in asked.text and store(workdir).pauses() == []
+        done = call(base, "POST", f"/pipelines/{waiting}/pause",
+                    form({"csrf": csrf, "confirm": "yes", "reason": "check the stock"}), headers)  # fmt: skip
+        assert done.status == 303
+        [pause] = store(workdir).pauses()
+        assert (pause.kind, pause.value, pause.actor, pause.reason) == ("pipeline", waiting, "dashboard (127.0.0.1)",
+                                                                         "check the stock")  # fmt: skip
+
+        shown = call(base, "GET", f"/api/pipelines/{waiting}", headers=BEARER).json()
+        assert shown["pipeline"]["state"] == "paused" and shown["paused_itself"] is True
+        assert shown["pause"]["text"] == "paused (pipeline " + waiting + ", by dashboard (127.0.0.1): check the stock)"
+        listed = call(base, "GET", "/api/pipelines?state=paused", headers=BEARER).json()
+        assert [p["uuid"] for p in listed["pipelines"]] == [waiting] and listed["pipelines"][0]["held"]
+        assert call(base, "GET", "/api/overview", headers=BEARER).json()["paused"] == 1
+        page = call(base, "GET", f"/pipelines/{waiting}", headers=headers).text
+        assert 'id="resume"' in page and 'id="paused"' in page
+
+        status, answer = api(base, f"/api/pipelines/{waiting}/resume", {"reason": "stock is fine"})
+        assert status == 200 and answer["done"] == f"resumed pipeline {waiting}" and answer["pause"] is None
+        assert store(workdir).pauses() == []
+        status, answer = api(base, f"/api/pipelines/{waiting}/resume", {})
+        assert status == 409 and "is not paused" in answer["error"], answer
+        # a class: paused from one of its pipelines' pages, resumed from it (the pause that holds it)
+        status, answer = api(base, f"/api/pipelines/{waiting}/pause-class", {"reason": "supplier down"})
+        assert status == 200 and answer["done"] == "paused class Order" and answer["pause"]["kind"] == "class"
+        assert [p.label() for p in store(workdir).pauses()] == ["class Order"]
+        other = call(base, "GET", f"/pipelines/{waiting}", headers=headers).text
+        assert "Resume class Order…" in other and 'id="pause-class"' not in other
+        done = call(base, "POST", f"/pipelines/{waiting}/resume", form({"csrf": csrf, "confirm": "yes"}), headers)
+        assert done.status == 303 and "resumed+class+Order" in done.headers["Location"]
+        assert store(workdir).pauses() == []
+    kinds = [e.type.value for e in store(workdir).history(waiting)]
+    assert kinds[-2:] == ["pipeline.paused", "pipeline.resumed"]

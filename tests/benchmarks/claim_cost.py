@@ -10,7 +10,8 @@ of three names), then ``--passes`` claims of ``--batch`` each, timed one by one;
 claims, untimed, the claimed pipelines are released to the back of the queue (still due), as a
 pass that moves them on would, so the backlog stays the same size. Prints the median claim in
 milliseconds, plain and limited (a ``max_running`` on one of the three names: the limited claim's
-path). Run it by hand; the test suite never asserts timings.
+path). ``--pause P0`` pauses one of the three names first (issue #29: the claim leaves out the
+paused third). Run it by hand; the test suite never asserts timings.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from prorch.model.limit_rules import ClaimLimit  # noqa: E402
+from prorch.model.pauses import make_pause  # noqa: E402
 from prorch.model.records import new_uuid  # noqa: E402
 from prorch.storage.store import Store  # noqa: E402
 from repositories import from_url  # noqa: E402
@@ -72,10 +74,12 @@ def release(backend: Any, uuids: list[str], back: datetime) -> None:
         connection.execute(query)
 
 
-def measure(url: str, size: int, passes: int, batch: int, limited: bool) -> float:
+def measure(url: str, size: int, passes: int, batch: int, limited: bool, paused: str | None = None) -> float:
     backend = from_url(url)
     store = Store(backend)
     fill(backend, size)
+    if paused is not None:  # a third of the backlog paused: the claim walks past it
+        store.add_pause(make_pause(name=paused, since=NOW))
     limits = {"P0": ClaimLimit(max_running=10 * batch)} if limited else {}
     took: list[float] = []
     for number in range(passes):
@@ -94,6 +98,7 @@ def main() -> None:
     parser.add_argument("--sizes", nargs="+", type=int, default=[1_000, 100_000])
     parser.add_argument("--passes", type=int, default=30)
     parser.add_argument("--batch", type=int, default=100)
+    parser.add_argument("--pause", metavar="NAME", help="Pause this class (P0, P1 or P2) first.")
     args = parser.parse_args()
     results: dict[str, Any] = {}
     server = None
@@ -110,7 +115,7 @@ def main() -> None:
 
                         server = server or start_server()
                         url = fresh_pg_url(server)
-                    ms = measure(url, size, args.passes, args.batch, limited)
+                    ms = measure(url, size, args.passes, args.batch, limited, args.pause)
                     key = f"{kind} {'limited' if limited else 'plain'} N={size}"
                     results[key] = round(ms, 2)
                     print(f"{key}: {ms:.2f} ms a claim of {args.batch}", flush=True)

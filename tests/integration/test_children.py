@@ -247,3 +247,21 @@ def test_draining_messages_reads_each_about_once(
     assert drained == [i for i in range(n) if i % 3]  # oldest first, each once
     assert reads.rows <= 3 * n  # quadratic: every receive read all n messages
     assert reads.calls - calls <= len(drained) // 10 + 5  # reads by pages, not one per message
+
+
+def test_a_paused_child_holds_its_parent_until_it_is_resumed(orchestrator: Orchestrator) -> None:
+    """Pause x children (#29 item 3): the parent waits for a paused child as for any child."""
+    orchestrator.pause(name="Thumb", reason="thumbnails later")
+    gallery = orchestrator.registry.pipeline("Gallery").create(
+        orchestrator.store.backend, {"sizes": [1, 2]}, clock=orchestrator.clock
+    )
+    for _ in range(3):
+        orchestrator.execute_pipelines()
+    state = orchestrator.get(gallery.uuid)
+    assert state.pipeline.status.value == "pending" and [c.status.value for c in state.children] == ["pending"] * 2
+    assert {p.uuid for p in orchestrator.query(state="paused").pipelines} == {c.uuid for c in state.children}
+    assert orchestrator.query(state="waiting").pipelines[0].uuid == gallery.uuid
+    orchestrator.resume(name="Thumb")
+    for _ in range(3):
+        orchestrator.execute_pipelines()
+    assert orchestrator.result(gallery.uuid) == {"px": [2, 4]}

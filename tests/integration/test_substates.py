@@ -49,6 +49,7 @@ def test_pending_splits_into_running_due_and_waiting(orchestrator: Orchestrator)
     assert found == {
         "running": {running} if leased else set(), "due": {due} if leased else {running, due}, "waiting": {waiting},
         "created": set(), "finished": {done}, "failed": set(), "cancelled": set(),
+        "paused": set(), "max-running": set(), "rate-limited": set(),
     }  # fmt: skip
     assert orchestrator.query(state="due", count=True).total == (1 if leased else 2)
     assert orchestrator.query(state="waiting", name="Job", count=True).total == 1
