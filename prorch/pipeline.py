@@ -84,6 +84,7 @@ class Pipeline(PipelineDefinition):
         clock: Clock | None = None,
         uuid: str | None = None,
         registry: Registry | None = None,
+        attributes: dict[str, str] | None = None,
     ) -> Pipeline:
         """Validate ``params`` and store the pipeline as pending and due now, running no hook:
         the next orchestrator pass runs it. Raises ``InvalidParamsError`` and stores nothing when
@@ -94,17 +95,18 @@ class Pipeline(PipelineDefinition):
         pipeline exactly once: a later create with that key, this pipeline's name and equal
         params returns the stored pipeline with ``created`` False; with another name or other
         params it raises ``KeyConflictError``. ``uuid`` does the same with a uuid of your own.
-        ``registry`` is where this class is registered (default: the global one)."""
+        ``registry`` is where this class is registered (default: the global one).
+        ``attributes`` are search attributes (str to str) to list and act on it by."""
         registry = registry or current_registry()
         if version is not None and version != cls.version:
             target = pipeline_class(registry, cls.name or "", version)
             return target.create(
                 repository, params, key=key, tenant=tenant, context=context, priority=priority, clock=clock,
-                uuid=uuid, registry=registry,
+                uuid=uuid, registry=registry, attributes=attributes,
             )  # fmt: skip
         (created,) = cls._create_all(
             repository, [params], [key], tenant=tenant, context=context, priority=priority, clock=clock, uuid=uuid,
-            registry=registry,
+            registry=registry, attributes=attributes,
         )  # fmt: skip
         return created
 
@@ -120,11 +122,13 @@ class Pipeline(PipelineDefinition):
         priority: int | None = None,
         clock: Clock | None = None,
         registry: Registry | None = None,
+        attributes: dict[str, str] | None = None,
     ) -> list[Pipeline]:
         """``create`` for a batch, in one transaction: every params is validated first, and an
         invalid one raises ``InvalidParamsError`` naming its index, storing nothing. ``keys``
         (one per params, or None) work as ``create``'s ``key``: the pipelines already stored
-        under their keys come back with ``created`` False, and one conflict stores nothing."""
+        under their keys come back with ``created`` False, and one conflict stores nothing.
+        ``attributes`` are given to every pipeline of the batch."""
         items = list(params)
         key_list: list[str | None] = list(keys) if keys is not None else [None] * len(items)
         if len(key_list) != len(items):
@@ -133,7 +137,7 @@ class Pipeline(PipelineDefinition):
             )
         return cls._create_all(
             repository, items, key_list, tenant=tenant, context=context, priority=priority, clock=clock,
-            registry=registry or current_registry(),
+            registry=registry or current_registry(), attributes=attributes,
         )  # fmt: skip
 
     @classmethod
@@ -149,12 +153,13 @@ class Pipeline(PipelineDefinition):
         clock: Clock | None,
         registry: Registry,
         uuid: str | None = None,
+        attributes: dict[str, str] | None = None,
     ) -> list[Pipeline]:
         store = store_for(repository)
         clock = store.clock(clock)
         stored = create_pipelines(
             store, cls, items, keys, registry=registry, clock=clock, context=context, tenant=tenant,
-            priority=priority, uuid=uuid,
+            priority=priority, uuid=uuid, attributes=attributes,
         )  # fmt: skip
         return [cls._bound(store, clock, record, created=created, registry=registry) for record, created in stored]
 

@@ -26,7 +26,7 @@ from sqlalchemy.dialects.postgresql import JSONB
 
 from prorch.model.records import Metadata as Models
 
-SCHEMA_REVISION = "0016"
+SCHEMA_REVISION = "0021"
 """The newest migration; a store at this revision needs no upgrade."""
 VERSION_TABLE = "prorch_schema_version"
 HISTORY_TABLE = "prorch_schema_migrations"
@@ -66,6 +66,8 @@ pipelines = Table(
     Column("key", String(200)),
     Column("parent_uuid", String(36)),
     Column("trace", Json),
+    # search attributes; indexed in pipeline_attributes, which triggers keep in step (migration 0021)
+    Column("attributes", Json, nullable=False, server_default=text("'{}'")),
     Index("ix_pipelines_due", "status", "next_run_at", "priority"),
     # newest-first listings by keyset, alone or after a status or name filter (prorch list)
     Index("ix_pipelines_created", "created_at", "uuid"),
@@ -143,6 +145,20 @@ messages = Table(
     Index("ix_messages_sent", "pipeline_uuid", "sent_at"),  # a pipeline's newest message (send)
 )
 
+pipeline_attributes = Table(
+    "pipeline_attributes",
+    metadata,
+    # one row per search attribute of a pipeline, kept in step with its ``attributes`` column by
+    # triggers (migration 0021; a new pipeline's rows on SQLite by ``SQLiteRepository.save_many``),
+    # in the pipeline's own transaction; a deleted pipeline takes its rows along
+    Column("pipeline_uuid", String(36), nullable=False),
+    Column("name", String(64), nullable=False),
+    Column("value", String(200), nullable=False),
+    Column("created_at", Timestamp),  # the pipeline's: a filtered listing is one range, newest first
+    PrimaryKeyConstraint("pipeline_uuid", "name", name="pipeline_attributes_pkey"),
+    Index("ix_pipeline_attributes_value", "name", "value", "created_at", "pipeline_uuid"),
+)
+
 rate_limit_starts = Table(
     "rate_limit_starts",
     metadata,
@@ -210,6 +226,7 @@ __all__ = [
     "VERSION_TABLE",
     "column_kind",
     "metadata",
+    "pipeline_attributes",
     "schedule_ticks",
     "schema_history",
     "workers",

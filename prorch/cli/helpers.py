@@ -17,6 +17,7 @@ import click
 
 from prorch.config import LoadedSettings, Settings, closest, load_settings
 from prorch.features import tenant_plugins
+from prorch.model import attributes as search_attributes
 from prorch.model import logs
 from prorch.model.exceptions import (
     ConfigurationError,
@@ -275,6 +276,11 @@ def parse_params(pairs: tuple[str, ...], params_json: str | None) -> dict[str, A
         except RecursionError:
             raise InvalidParamsError(f"--param {key}: nested too deeply (at most 100 levels)") from None
     return params
+
+
+def parse_attr_filters(pairs: tuple[str, ...] | None) -> dict[str, str] | None:
+    """``--attr name=value`` (repeatable): the search attributes a pipeline must carry."""
+    return dict(search_attributes.parse_pair(pair) for pair in pairs) if pairs else None
 
 
 def parse_param_filter(pair: str) -> tuple[str, Any]:

@@ -115,6 +115,8 @@ def _print_pipeline(
     if holder is not None:
         click.echo(f"  {holder}")
     click.echo(f"  params: {json.dumps(p.params, sort_keys=True)}")
+    if p.attributes:
+        click.echo(f"  attributes: {', '.join(f'{k}={v}' for k, v in sorted(p.attributes.items()))}")
     context = {k: v for k, v in p.context.items() if k != "tenant"}
     if context:
         click.echo(f"  context: {json.dumps(context, sort_keys=True)}")

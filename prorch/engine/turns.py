@@ -81,6 +81,8 @@ class Turns:
             step.metadata = instance.metadata
             if instance.reported_progress is not None:
                 step.progress = instance.reported_progress
+            if instance.changed_attributes is not None:
+                run.pipeline.attributes = instance.changed_attributes
             if first_run:
                 transitions.start_step(run, step, now)
             return (yield from self.apply(run, step, instance, instance.verdict, now, name, first_run=first_run))

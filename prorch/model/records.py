@@ -177,7 +177,7 @@ class ErrorInfo(msgspec.Struct, kw_only=True):
 
 class PipelineRecord(Record, kw_only=True):
     MODEL: ClassVar[str] = "PIPELINE"
-    JSON: ClassVar[frozenset[str]] = frozenset({"params", "context", "metadata", "last_error", "trace"})
+    JSON: ClassVar[frozenset[str]] = frozenset({"params", "context", "metadata", "last_error", "trace", "attributes"})
     TIMES: ClassVar[tuple[str, ...]] = (
         "created_at",
         "updated_at",
@@ -208,6 +208,7 @@ class PipelineRecord(Record, kw_only=True):
     key: str | None = None  # the creator's key (create(key=...)): the uuid is derived from it
     parent_uuid: str | None = None  # the pipeline whose hook started this one (self.start_child)
     trace: JSONDict | None = None  # the W3C trace context it was created in (prorch[otel])
+    attributes: dict[str, str] = msgspec.field(default_factory=dict)  # search attributes (prorch.model.attributes)
 
 
 class StepRecord(Record, kw_only=True):
