@@ -15,6 +15,7 @@ from typing import Any
 from prorch.bulk import Filters
 from prorch.dashboard import timeline
 from prorch.display import app_loaded, lease_holder, state_text, step_limits, step_seconds
+from prorch.model import attributes as search_attributes
 from prorch.model.exceptions import InvalidParamsError, PipelineNotFoundError, ProrchError
 from prorch.model.keys import uuid_for_key
 from prorch.model.records import EventRecord, PipelineRecord, StepRecord
@@ -28,6 +29,7 @@ from prorch.storage.repository import PipelineStats
 
 MAX_INT = 2**31 - 1  # a stored version is a 32-bit integer on PostgreSQL
 FILTERS = ("status", "state", "name", "version", "tenant", "key", "param", "since", "until", "limit", "after")
+FILTERS += ("attributes",)  # search attributes: name=value, comma-separated
 STATS_SECONDS = 5.0
 """How long overview counts are reused: every open page refreshes every few seconds, and a
 count over millions of pipelines should not run once per page per refresh."""
@@ -133,6 +135,7 @@ def pipelines(orchestrator: Orchestrator, filters: dict[str, str]) -> dict[str, 
 
 
 LISTED = ("status", "state", "name", "version", "tenant", "key", "param", "since", "until")
+LISTED += ("attributes",)
 
 
 def bulk_filters(filters: dict[str, str], now: datetime) -> Filters:
@@ -148,7 +151,17 @@ def bulk_filters(filters: dict[str, str], now: datetime) -> Filters:
         status=_status(filters), state=_state(filters), name=filters.get("name"), version=_int(filters, "version"),
         tenant=filters.get("tenant"), key=filters.get("key"), param=param,
         since=_moment(filters, "since", now), until=_moment(filters, "until", now),
+        attributes=_attributes(filters),
     )  # fmt: skip
+
+
+def _attributes(filters: dict[str, str]) -> dict[str, str] | None:
+    """The ``attributes`` filter as typed: ``name=value`` pairs separated by commas."""
+    text = filters.get("attributes")
+    if not text:
+        return None
+    pairs = [pair.strip() for pair in text.split(",") if pair.strip()]
+    return dict(search_attributes.parse_pair(pair, "attributes filter") for pair in pairs)
 
 
 def find(orchestrator: Orchestrator, text: str) -> str:
@@ -231,6 +244,7 @@ def pipeline_and_bars(orchestrator: Orchestrator, uuid: str) -> tuple[dict[str, 
             "lease_owner": p.lease_owner,
             "cancel_requested": p.cancel_requested,
             "parent_uuid": p.parent_uuid,
+            "attributes": p.attributes,
         },
         "children": [pipeline_row(child, now) for child in state.children],
         "result": _result(orchestrator, p),
