@@ -28,8 +28,20 @@ from prorch.storage.listing import filter_value, parse_moment
 from prorch.storage.repository import PipelineStats
 
 MAX_INT = 2**31 - 1  # a stored version is a 32-bit integer on PostgreSQL
-FILTERS = ("status", "state", "name", "version", "tenant", "key", "param", "since", "until", "limit", "after")
-FILTERS += ("attributes",)  # search attributes: name=value, comma-separated
+FILTERS = (
+    "status",
+    "state",
+    "name",
+    "version",
+    "tenant",
+    "key",
+    "param",
+    "since",
+    "until",
+    "limit",
+    "after",
+    "attributes",
+)
 STATS_SECONDS = 5.0
 """How long overview counts are reused: every open page refreshes every few seconds, and a
 count over millions of pipelines should not run once per page per refresh."""
@@ -134,8 +146,7 @@ def pipelines(orchestrator: Orchestrator, filters: dict[str, str]) -> dict[str, 
     }
 
 
-LISTED = ("status", "state", "name", "version", "tenant", "key", "param", "since", "until")
-LISTED += ("attributes",)
+LISTED = ("status", "state", "name", "version", "tenant", "key", "param", "since", "until", "attributes")
 
 
 def bulk_filters(filters: dict[str, str], now: datetime) -> Filters:
