@@ -11,7 +11,7 @@ from typing import Any, NoReturn
 import click
 
 from prorch.bulk import BulkAction, BulkSummary, Filters, count
-from prorch.cli.helpers import STATUSES, Context, parse_attr_filters, parse_param_filter
+from prorch.cli.helpers import STATUSES, Context, parse_attributes, parse_param_filter
 from prorch.model.exceptions import InvalidParamsError
 from prorch.model.substates import STATES
 from prorch.storage.listing import parse_moment
@@ -93,7 +93,7 @@ def filters_from(ctx: Context, given: dict[str, Any]) -> Filters:
         tenant=given.get("tenant"), key=given.get("key"), param=param,
         since=moments["since"], until=moments["until"],
         updated_since=moments["updated_since"], updated_until=moments["updated_until"],
-        attributes=parse_attr_filters(given.get("attrs")),
+        attributes=parse_attributes(given.get("attrs")),
     )  # fmt: skip
 
 

@@ -278,8 +278,8 @@ def parse_params(pairs: tuple[str, ...], params_json: str | None) -> dict[str, A
     return params
 
 
-def parse_attr_filters(pairs: tuple[str, ...] | None) -> dict[str, str] | None:
-    """``--attr name=value`` (repeatable): the search attributes a pipeline must carry."""
+def parse_attributes(pairs: tuple[str, ...] | None) -> dict[str, str] | None:
+    """``--attr name=value`` (repeatable): search attributes to give a pipeline or to filter by."""
     return dict(search_attributes.parse_pair(pair) for pair in pairs) if pairs else None
 
 

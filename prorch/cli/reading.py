@@ -11,7 +11,7 @@ import click
 from prorch.cli.helpers import (
     STATUSES,
     Context,
-    parse_attr_filters,
+    parse_attributes,
     parse_param_filter,
     reported,
 )
@@ -77,7 +77,7 @@ def list_pipelines(ctx: Context, status: str | None, state: str | None, name: st
             param=parse_param_filter(param) if param is not None else None,
             since=parse_moment(since, "--since", now) if since is not None else None,
             until=parse_moment(until, "--until", now) if until is not None else None,
-            limit=limit, after=after, count=True, state=state, attributes=parse_attr_filters(attrs),
+            limit=limit, after=after, count=True, state=state, attributes=parse_attributes(attrs),
         )  # fmt: skip
         blocked = orchestrator.blocked_on_page(page.pipelines) if ctx.has_app() else {}
         running = [r for r in page.pipelines if r.lease_expires_at is not None and r.lease_expires_at > now]

@@ -243,6 +243,11 @@ def test_the_cli_filters_shows_and_acts_by_attribute(tmp_path: Path, registry: R
     dry = runner.invoke(main, ["-r", url, "cancel", "--attr", "customer=globex", "--dry-run"])
     assert dry.exit_code == 0, dry.output
     assert "would cancel 1 of 1 matching" in dry.stdout
+    started = runner.invoke(main, ["-r", url, "start", "Job", "--attr", "customer=initech", "--json"])
+    assert started.exit_code == 0, started.output
+    assert json.loads(started.stdout)["attributes"] == {"customer": "initech"}
+    refused = runner.invoke(main, ["-r", url, "start", "Job", "--attr", "9=x"])
+    assert refused.exit_code != 0 and "attribute name '9'" in refused.output
 
 
 def asgi_get(app: Any, path: str, query: str = "") -> tuple[int, str]:
