@@ -112,6 +112,7 @@ steps = Table(
     Column("rollback_attempt", Integer, nullable=False, default=0),
     Column("revision", Integer, nullable=False, default=0),
     Column("progress", Json),
+    Column("logs", Json),  # what its hooks logged, by attempt (prorch.model.step_logs)
 )
 
 events = Table(

@@ -132,6 +132,8 @@ class Context:
             hook_timeout=settings.hook_timeout,
             max_abandoned_hooks=settings.max_abandoned_hooks,
             shutdown_grace=settings.shutdown_grace,
+            step_log_lines=settings.step_log_lines,
+            capture_logging=settings.capture_logging,
             retention=parse_age(settings.retention, "retention") if settings.retention else None,
         )
         orchestrator.app_version = self.app_version()

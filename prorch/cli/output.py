@@ -80,15 +80,20 @@ def print_state(
     tracebacks: bool = True,
     holder: str | None = None,
     current: str | None = None,
+    logs: bool = False,
 ) -> None:
     """``prorch show``: everything an operator asks about one pipeline, times with their zone.
     ``max_attempts`` maps a step name to its limit when its code is loaded here; ``tracebacks``:
     print a failed step's traceback under its error; ``holder``: which worker runs it;
-    ``current``: its state, when it says more than its status (running, due, waiting...)."""
+    ``current``: its state, when it says more than its status (running, due, waiting...);
+    ``logs``: each step's logs, by attempt."""
     _print_pipeline(state, history, now, holder, current)
     click.echo("steps:")
     for s in state.steps:
         _print_step(s, max_attempts.get(s.name), now, state.pipeline.updated_at, tracebacks)
+        if logs:
+            for line in log_lines(s.logs):
+                click.echo(f"       {line}")
     if state.children:
         click.echo("children:")
         for child in state.children:
@@ -149,6 +154,20 @@ def _print_step(
             click.echo(textwrap.indent(s.error.traceback.rstrip(), "         "))
     if s.rollback:
         click.echo(f"       rollback: {s.rollback}")
+
+
+def log_lines(logs: dict[str, Any] | None) -> list[str]:
+    """A step's logs as ``prorch show --logs`` prints them: per attempt, its lines, then how many
+    were dropped past the cap."""
+    printed: list[str] = []
+    for attempt in sorted(logs or {}, key=lambda key: (not key.isdigit(), int(key) if key.isdigit() else 0, key)):
+        entry = (logs or {})[attempt]
+        printed.append(f"logs of attempt {attempt}:")
+        for at, level, message in entry.get("lines", []):
+            printed.append(f"  {at[11:23]} {level:<7} {message}")
+        if entry.get("dropped"):
+            printed.append(f"  ({entry['dropped']} lines dropped: step_log_lines caps an attempt)")
+    return printed
 
 
 def step_times(step: StepRecord, now: datetime, last_change: datetime | None) -> str:

@@ -103,8 +103,9 @@ def list_pipelines(ctx: Context, status: str | None, state: str | None, name: st
     show_default=True,
     help="Print the traceback of a failed step's error.",
 )
+@click.option("--logs", "logs", is_flag=True, help="Print what each step's hooks logged (self.log), by attempt.")
 @click.pass_obj
-def show(ctx: Context, uuid: str | None, key: str | None, as_json: bool, tracebacks: bool) -> None:
+def show(ctx: Context, uuid: str | None, key: str | None, as_json: bool, tracebacks: bool, logs: bool = False) -> None:
     """A pipeline's steps, outputs, errors (with their tracebacks) and history."""
     with reported(ctx):
         if (uuid is None) == (key is None):
@@ -138,7 +139,7 @@ def show(ctx: Context, uuid: str | None, key: str | None, as_json: bool, traceba
         return
     text = holder_text(holder) if holder is not None else None
     limits = step_limits(orchestrator.registry, state.steps)
-    print_state(state, history, now, limits, tracebacks, holder=text, current=current)
+    print_state(state, history, now, limits, tracebacks, holder=text, current=current, logs=logs)
 
 
 @click.command()

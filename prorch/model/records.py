@@ -214,7 +214,7 @@ class PipelineRecord(Record, kw_only=True):
 class StepRecord(Record, kw_only=True):
     MODEL: ClassVar[str] = "STEP"
     TIMES: ClassVar[tuple[str, ...]] = ("started_at", "finished_at", "next_run_at")
-    JSON: ClassVar[frozenset[str]] = frozenset({"metadata", "output", "error", "progress"})
+    JSON: ClassVar[frozenset[str]] = frozenset({"metadata", "output", "error", "progress", "logs"})
 
     pipeline_uuid: str
     name: str
@@ -232,6 +232,7 @@ class StepRecord(Record, kw_only=True):
     rollback_attempt: int = 0
     revision: int = 0
     progress: JSONDict | None = None  # the last self.progress(): {"done", "total", "note", "at"}
+    logs: JSONDict | None = None  # what its hooks logged, by attempt (prorch.model.step_logs)
 
 
 class EventRecord(Record, kw_only=True):

@@ -13,11 +13,13 @@ from typing import Any, ClassVar, Literal, Protocol
 from pydantic import BaseModel, ValidationError
 
 from prorch.model import attributes as search_attributes
+from prorch.model import defaults
 from prorch.model.exceptions import InvalidOutputError, StepUsageError, UnstorableValueError
 from prorch.model.jsonvalue import ParamsDict, checked_copy, copy_json
 from prorch.model.mixins import HookResult
 from prorch.model.patches import is_patched
 from prorch.model.records import JSONDict, PipelineRecord, StepRecord
+from prorch.model.step_logs import LogBuffer, StepLog
 
 logger = logging.getLogger("prorch.model.step")
 
@@ -92,6 +94,8 @@ class Step:
         self._context: JSONDict | None = None
         self._progress: JSONDict | None = None
         self._attributes: dict[str, str] | None = None  # the pipeline's, once set_attribute() changed them
+        self.log_buffer = LogBuffer(defaults.STEP_LOG_LINES.default)  # the engine sets its cap
+        self._log: StepLog | None = None
 
     # --- what a hook reads ---------------------------------------------------------------------
 
@@ -104,6 +108,15 @@ class Step:
                 {"pipeline_uuid": self._record.pipeline_uuid, "step_uuid": self._record.uuid},
             )
         return self._logger
+
+    @property
+    def log(self) -> StepLog:
+        """``self.logger``, whose lines are also stored with this step attempt (``prorch show
+        --logs``, the dashboard), with the transition that records this hook's outcome, also
+        when it raises. A hook whose worker dies loses them with its transition."""
+        if self._log is None:
+            self._log = StepLog(self.logger.logger, dict(self.logger.extra or {}), self.log_buffer)
+        return self._log
 
     @property
     def uuid(self) -> str:

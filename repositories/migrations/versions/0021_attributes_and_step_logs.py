@@ -11,6 +11,8 @@ none. New pipelines' rows: an insert trigger on PostgreSQL; on SQLite, whose ins
 insert trigger made 2 to 3 times slower even when it did nothing (measured: 48 -> 153 us a
 row), the backend writes them with the pipelines (``SQLiteRepository.save_many``).
 
+Step logs (issue #29): a step's ``logs`` (JSON: what its hooks logged, by attempt), nullable.
+
 A later migration that recreates the pipelines table on SQLite (``batch_alter_table`` with
 ``recreate="always"``) drops these triggers and must create them again (``SQLITE_TRIGGERS``).
 
@@ -25,7 +27,7 @@ revision = "0021"
 down_revision = "0016"
 branch_labels = None
 depends_on = None
-additive = True  # a column with a default and a table kept by triggers: an older prorch keeps working
+additive = True  # columns with defaults and a table kept by triggers: an older prorch keeps working
 
 Json = sa.JSON().with_variant(JSONB(), "postgresql")
 
@@ -74,6 +76,8 @@ def upgrade() -> None:
     op.create_index(
         "ix_pipeline_attributes_value", "pipeline_attributes", ["name", "value", "created_at", "pipeline_uuid"]
     )
+    with op.batch_alter_table("pipeline_steps") as batch:
+        batch.add_column(sa.Column("logs", Json))
     postgresql = op.get_bind().dialect.name == "postgresql"
     for statement in POSTGRESQL_TRIGGERS if postgresql else SQLITE_TRIGGERS:
         op.execute(statement)
@@ -87,5 +91,7 @@ def downgrade() -> None:
         op.execute("DROP FUNCTION IF EXISTS prorch_pipeline_attributes()")
     op.drop_index("ix_pipeline_attributes_value", table_name="pipeline_attributes")
     op.drop_table("pipeline_attributes")
+    with op.batch_alter_table("pipeline_steps") as batch:
+        batch.drop_column("logs")
     with op.batch_alter_table("pipelines") as batch:
         batch.drop_column("attributes")

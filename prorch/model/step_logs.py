@@ -1,0 +1,133 @@
+"""Step logs: what a hook logs through ``self.log`` (and, with the ``capture_logging`` setting,
+the standard ``logging`` records emitted in the hook's thread or task while it runs), kept with
+the step attempt it was logged in and stored with the transition that records the hook's
+outcome, all or nothing with it.
+
+A step's ``logs`` field holds them by attempt: ``{"1": {"lines": [[at, level, message], ...],
+"dropped": 0}, "2": ...}``. An attempt keeps its first ``step_log_lines`` lines; the others
+are counted in ``dropped`` (shown as "N lines dropped"), so a hook logging in a loop cannot
+grow a record without bound."""
+
+from __future__ import annotations
+
+import contextvars
+import functools
+import inspect
+import logging
+from collections.abc import Callable
+from datetime import datetime, timezone
+from typing import Any
+
+from prorch.model.records import JSONDict
+
+MAX_LINE = 2000
+"""Characters of one stored line at most (the rest is cut, marked ``[...]``)."""
+MARK = "prorch_step_log"
+"""Set on the records ``self.log`` forwards to ``logging``: the capture does not store them twice."""
+
+
+class LogBuffer:
+    """The lines of one hook call, at most ``cap``; the others counted."""
+
+    def __init__(self, cap: int) -> None:
+        self.cap = cap
+        self.lines: list[list[str]] = []
+        self.dropped = 0
+
+    def add(self, level: str, message: str, at: datetime | None = None) -> None:
+        if len(self.lines) >= self.cap:
+            self.dropped += 1
+            return
+        if len(message) > MAX_LINE:
+            message = message[:MAX_LINE] + " [...]"
+        moment = at or datetime.now(timezone.utc)
+        self.lines.append([moment.isoformat(timespec="milliseconds"), level, message.replace("\x00", "\\x00")])
+
+    def __bool__(self) -> bool:
+        return bool(self.lines or self.dropped)
+
+
+class StepLog(logging.LoggerAdapter):  # type: ignore[type-arg]
+    """``self.log``: a ``logging.LoggerAdapter`` whose lines are also kept with the step
+    attempt. Every level is kept, whatever the logger's level; the line still goes to
+    ``logging`` (logger ``prorch.steps.NAME``) as ``self.logger``'s do."""
+
+    def __init__(self, logger: logging.Logger, extra: dict[str, Any], buffer: LogBuffer) -> None:
+        super().__init__(logger, {**extra, MARK: True})
+        self.buffer = buffer
+
+    def log(self, level: int, msg: object, *args: Any, **kwargs: Any) -> None:
+        try:
+            text = str(msg) % args if args else str(msg)
+        except (TypeError, ValueError):  # a format that does not match its arguments
+            text = f"{msg} {args!r}"
+        if kwargs.get("exc_info"):
+            text += " (with a traceback: see the worker's log)"
+        self.buffer.add(logging.getLevelName(level), text)
+        super().log(level, msg, *args, **kwargs)
+
+
+_CAPTURING: contextvars.ContextVar[LogBuffer | None] = contextvars.ContextVar("prorch_step_log", default=None)
+
+
+class CaptureHandler(logging.Handler):
+    """On the root logger while ``capture_logging`` is on: a record emitted where a hook runs
+    (its thread, or its task for an ``async def`` hook) goes to that hook's lines too."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        buffer = _CAPTURING.get()
+        if buffer is None or getattr(record, MARK, False):
+            return
+        try:
+            text = record.getMessage()
+        except Exception:  # a bad format: logging reports it through its own handlers
+            return
+        buffer.add(record.levelname, f"{record.name}: {text}", datetime.fromtimestamp(record.created, timezone.utc))
+
+
+_HANDLER = CaptureHandler()
+
+
+def install_capture() -> None:
+    """Add the capture's handler to the root logger, once per process."""
+    root = logging.getLogger()
+    if _HANDLER not in root.handlers:
+        root.addHandler(_HANDLER)
+
+
+def capturing(hook: Callable[[], object], buffer: LogBuffer) -> Callable[[], object]:
+    """``hook``, with ``logging``'s records emitted while it runs (in its thread or task) kept in
+    ``buffer``; an ``async def`` hook stays one."""
+    if inspect.iscoroutinefunction(hook):
+
+        @functools.wraps(hook)
+        async def run_async() -> object:
+            token = _CAPTURING.set(buffer)
+            try:
+                return await hook()
+            finally:
+                _CAPTURING.reset(token)
+
+        return run_async
+
+    @functools.wraps(hook)
+    def run() -> object:
+        token = _CAPTURING.set(buffer)
+        try:
+            return hook()
+        finally:
+            _CAPTURING.reset(token)
+
+    return run
+
+
+def merged(stored: JSONDict | None, attempt: int, buffer: LogBuffer, cap: int) -> JSONDict:
+    """A step's logs with ``buffer``'s lines added to attempt ``attempt`` (at most ``cap`` lines
+    an attempt, the rest counted as dropped)."""
+    logs = {key: dict(value) for key, value in (stored or {}).items()}
+    entry = logs.get(str(attempt)) or {"lines": [], "dropped": 0}
+    lines = list(entry.get("lines") or [])
+    room = max(cap - len(lines), 0)
+    dropped = int(entry.get("dropped") or 0) + buffer.dropped + max(len(buffer.lines) - room, 0)
+    logs[str(attempt)] = {"lines": lines + buffer.lines[:room], "dropped": dropped}
+    return logs
