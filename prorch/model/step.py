@@ -95,7 +95,7 @@ class Step:
         self._progress: JSONDict | None = None
         self._attributes: dict[str, str] | None = None  # the pipeline's, once set_attribute() changed them
         self.log_buffer = LogBuffer(defaults.STEP_LOG_LINES.default)  # the engine sets its cap
-        self._log: StepLog | None = None
+        self._log: Any = None  # a StepLog, made when first used (or what a step of older code set)
 
     # --- what a hook reads ---------------------------------------------------------------------
 
@@ -116,7 +116,12 @@ class Step:
         when it raises. A hook whose worker dies loses them with its transition."""
         if self._log is None:
             self._log = StepLog(self.logger.logger, dict(self.logger.extra or {}), self.log_buffer)
-        return self._log
+        return self._log  # type: ignore[no-any-return]
+
+    @log.setter
+    def log(self, value: Any) -> None:
+        """Steps written before ``self.log`` existed may use the name for their own things."""
+        self._log = value
 
     @property
     def uuid(self) -> str:

@@ -170,6 +170,29 @@ def test_show_logs_and_the_dashboard_print_them_by_attempt(tmp_path: Path, regis
         ("2", "attempt 2 starts", 1),
         ("3", "attempt 3 starts", 0),
     ]
+    from prorch.dashboard.app import create_app
+    from tests.integration.test_search_attributes import asgi_get
+
+    status, page = asgi_get(create_app(orchestrator), f"/pipelines/{uuid}")
+    assert status == 200
+    assert "<summary>logs of attempt 1 (1 lines, 1 dropped)</summary>" in page
+    assert "INFO    attempt 3 starts" in page
+
+
+def test_a_step_of_older_code_may_still_use_the_name_log(registry: Registry) -> None:
+    from repositories import MemoryBackend
+
+    def own(self: Any) -> None:
+        self.log = ["mine"]  # before self.log existed, a step could name anything so
+        self.log.append("more")
+        self.finish({"log": self.log})
+
+    backend = MemoryBackend()
+    uuid = pipeline_of(step_of("Own", own), name="Job").create(backend, {}).uuid
+    orchestrator = Orchestrator(backend, registry=registry)
+    orchestrator.execute_pipelines()
+    (step,) = orchestrator.get(uuid).steps
+    assert (step.status.value, step.output, step.logs) == ("finished", {"log": ["mine", "more"]}, None)
 
 
 def test_retention_removes_the_logs_with_the_pipeline(tmp_path: Path, registry: Registry) -> None:
