@@ -157,6 +157,7 @@ pipeline_attributes = Table(
     Column("value", String(200), nullable=False),
     Column("created_at", Timestamp),  # the pipeline's: a filtered listing is one range, newest first
     PrimaryKeyConstraint("pipeline_uuid", "name", name="pipeline_attributes_pkey"),
+    # on PostgreSQL built (created_at DESC NULLS LAST, pipeline_uuid DESC) by migration 0021
     Index("ix_pipeline_attributes_value", "name", "value", "created_at", "pipeline_uuid"),
 )
 

@@ -73,12 +73,16 @@ def upgrade() -> None:
         sa.Column("created_at", Timestamp),
         sa.PrimaryKeyConstraint("pipeline_uuid", "name", name="pipeline_attributes_pkey"),
     )
-    op.create_index(
-        "ix_pipeline_attributes_value", "pipeline_attributes", ["name", "value", "created_at", "pipeline_uuid"]
-    )
+    postgresql = op.get_bind().dialect.name == "postgresql"
+    # newest first, as listings read: PostgreSQL walks an index in ORDER BY created_at DESC NULLS
+    # LAST only if it is built so (else it sorts every match: 28 ms instead of 6 for a page of 50
+    # among 50,000 matches); SQLite's backward walk already gives that order
+    newest: list[str | sa.TextClause] = ["created_at", "pipeline_uuid"]
+    if postgresql:
+        newest = [sa.text("created_at DESC NULLS LAST"), sa.text("pipeline_uuid DESC")]
+    op.create_index("ix_pipeline_attributes_value", "pipeline_attributes", ["name", "value", *newest])
     with op.batch_alter_table("pipeline_steps") as batch:
         batch.add_column(sa.Column("logs", Json))
-    postgresql = op.get_bind().dialect.name == "postgresql"
     for statement in POSTGRESQL_TRIGGERS if postgresql else SQLITE_TRIGGERS:
         op.execute(statement)
 
