@@ -156,13 +156,13 @@ def _print_step(
         click.echo(f"       rollback: {s.rollback}")
 
 
-def log_lines(logs: dict[str, Any] | None) -> list[str]:
-    """A step's logs as ``prorch show --logs`` prints them: per attempt, its lines, then how many
-    were dropped past the cap."""
+def log_lines(logs: list[dict[str, Any]] | None) -> list[str]:
+    """A step's logs as ``prorch show --logs`` prints them: attempt by attempt, its lines, then
+    how many were dropped past the cap, and whether an operator's retry followed."""
     printed: list[str] = []
-    for attempt in sorted(logs or {}, key=lambda key: (not key.isdigit(), int(key) if key.isdigit() else 0, key)):
-        entry = (logs or {})[attempt]
-        printed.append(f"logs of attempt {attempt}:")
+    for entry in logs or []:
+        retried = " (then retried by an operator)" if entry.get("retried") else ""
+        printed.append(f"logs of attempt {entry.get('attempt')}{retried}:")
         for at, level, message in entry.get("lines", []):
             printed.append(f"  {at[11:23]} {level:<7} {message}")
         if entry.get("dropped"):

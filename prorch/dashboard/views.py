@@ -301,14 +301,18 @@ def _step(step: StepRecord, now: datetime, limits: dict[str, int]) -> dict[str, 
     }
 
 
-def _logs(logs: dict[str, Any] | None) -> list[dict[str, Any]]:
-    """A step's logs by attempt, in attempt order: ``attempt``, ``lines`` (``at``, ``level``,
-    ``message``) and how many were ``dropped`` past the cap."""
-    found = []
-    for attempt, entry in sorted((logs or {}).items(), key=lambda item: int(item[0]) if item[0].isdigit() else 0):
-        lines = [{"at": at, "level": level, "message": message} for at, level, message in entry.get("lines", [])]
-        found.append({"attempt": attempt, "lines": lines, "dropped": entry.get("dropped", 0)})
-    return found
+def _logs(logs: list[dict[str, Any]] | None) -> list[dict[str, Any]]:
+    """A step's logs attempt by attempt: ``attempt``, ``lines`` (``at``, ``level``,
+    ``message``), how many were ``dropped`` past the cap, whether an operator ``retried`` after."""
+    return [
+        {
+            "attempt": entry.get("attempt"),
+            "lines": [{"at": at, "level": level, "message": message} for at, level, message in entry.get("lines", [])],
+            "dropped": entry.get("dropped", 0),
+            "retried": bool(entry.get("retried")),
+        }
+        for entry in logs or []
+    ]
 
 
 def _error(error: Any) -> dict[str, Any] | None:

@@ -232,7 +232,7 @@ class StepRecord(Record, kw_only=True):
     rollback_attempt: int = 0
     revision: int = 0
     progress: JSONDict | None = None  # the last self.progress(): {"done", "total", "note", "at"}
-    logs: JSONDict | None = None  # what its hooks logged, by attempt (prorch.model.step_logs)
+    logs: list[JSONDict] | None = None  # what its hooks logged, attempt by attempt (prorch.model.step_logs)
 
 
 class EventRecord(Record, kw_only=True):

@@ -3,10 +3,12 @@ the standard ``logging`` records emitted in the hook's thread or task while it r
 the step attempt it was logged in and stored with the transition that records the hook's
 outcome, all or nothing with it.
 
-A step's ``logs`` field holds them by attempt: ``{"1": {"lines": [[at, level, message], ...],
-"dropped": 0}, "2": ...}``. An attempt keeps its first ``step_log_lines`` lines; the others
-are counted in ``dropped`` (shown as "N lines dropped"), so a hook logging in a loop cannot
-grow a record without bound."""
+A step's ``logs`` field holds them attempt by attempt, oldest first: ``[{"attempt": 1, "lines":
+[[at, level, message], ...], "dropped": 0}, {"attempt": 2, ...}]``. An attempt keeps its first
+``step_log_lines`` lines; the others are counted in ``dropped`` (shown as "N lines dropped"),
+so a hook logging in a loop cannot grow a record without bound. An operator's retry starts the
+attempts again from 1: it marks the last entry ``retried``, so that the new attempt 1 gets an
+entry of its own."""
 
 from __future__ import annotations
 
@@ -121,13 +123,23 @@ def capturing(hook: Callable[[], object], buffer: LogBuffer) -> Callable[[], obj
     return run
 
 
-def merged(stored: JSONDict | None, attempt: int, buffer: LogBuffer, cap: int) -> JSONDict:
-    """A step's logs with ``buffer``'s lines added to attempt ``attempt`` (at most ``cap`` lines
-    an attempt, the rest counted as dropped)."""
-    logs = {key: dict(value) for key, value in (stored or {}).items()}
-    entry = logs.get(str(attempt)) or {"lines": [], "dropped": 0}
+def merged(stored: list[JSONDict] | None, attempt: int, buffer: LogBuffer, cap: int) -> list[JSONDict]:
+    """A step's logs with ``buffer``'s lines added to attempt ``attempt``: to its entry when it
+    is the last one (and no retry closed it), else to a new one; at most ``cap`` lines an
+    attempt, the rest counted as dropped."""
+    entries = [dict(entry) for entry in stored or []]
+    if not entries or entries[-1].get("attempt") != attempt or entries[-1].get("retried"):
+        entries.append({"attempt": attempt, "lines": [], "dropped": 0})
+    entry = entries[-1]
     lines = list(entry.get("lines") or [])
     room = max(cap - len(lines), 0)
-    dropped = int(entry.get("dropped") or 0) + buffer.dropped + max(len(buffer.lines) - room, 0)
-    logs[str(attempt)] = {"lines": lines + buffer.lines[:room], "dropped": dropped}
-    return logs
+    entry["dropped"] = int(entry.get("dropped") or 0) + buffer.dropped + max(len(buffer.lines) - room, 0)
+    entry["lines"] = lines + buffer.lines[:room]
+    return entries
+
+
+def closed(stored: list[JSONDict] | None) -> list[JSONDict] | None:
+    """The logs of a step an operator retries: its last entry marked ``retried``."""
+    if not stored:
+        return stored
+    return [*stored[:-1], {**stored[-1], "retried": True}]

@@ -33,8 +33,9 @@ def flaky(self: Any) -> None:
     self.finish({"ok": True})
 
 
-def messages(step: Any, attempt: str) -> list[str]:
-    return [message for _, _, message in step.logs[attempt]["lines"]]
+def messages(step: Any, index: int) -> list[str]:
+    """The lines of the step's ``index``-th logs entry (attempt by attempt, oldest first)."""
+    return [message for _, _, message in step.logs[index]["lines"]]
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -51,11 +52,31 @@ def test_each_attempt_keeps_its_own_logs(
         clock.advance(60)
     (step,) = orchestrator.get(uuid).steps
     assert step.status.value == "finished"
-    assert messages(step, "1") == ["attempt 1 starts", "attempt 1 gives up"]
-    assert messages(step, "2") == ["attempt 2 starts", "attempt 2 gives up"]
-    assert messages(step, "3") == ["attempt 3 starts"]
-    assert [level for _, level, _ in step.logs["1"]["lines"]] == ["INFO", "WARNING"]
-    assert all(entry["dropped"] == 0 for entry in step.logs.values())
+    assert [entry["attempt"] for entry in step.logs] == [1, 2, 3]
+    assert messages(step, 0) == ["attempt 1 starts", "attempt 1 gives up"]
+    assert messages(step, 1) == ["attempt 2 starts", "attempt 2 gives up"]
+    assert messages(step, 2) == ["attempt 3 starts"]
+    assert [level for _, level, _ in step.logs[0]["lines"]] == ["INFO", "WARNING"]
+    assert all(entry["dropped"] == 0 for entry in step.logs)
+
+
+def test_an_operators_retry_starts_new_entries_and_keeps_the_old(tmp_path: Path, registry: Registry) -> None:
+    url = f"sqlite:///{tmp_path / 'retry.db'}"
+
+    def once(self: Any) -> None:
+        self.log.info("run %s", self.metadata.setdefault("run", 0))
+        raise RuntimeError("down")
+
+    uuid = pipeline_of(step_of("Once", once), name="Job").create(url, {}).uuid
+    orchestrator = Orchestrator(url, registry=registry)
+    orchestrator.execute_pipelines()
+    orchestrator.retry(uuid, actor="ops")
+    orchestrator.execute_pipelines()
+    (step,) = orchestrator.get(uuid).steps
+    assert [(e["attempt"], e.get("retried", False), len(e["lines"])) for e in step.logs] == [
+        (1, True, 1),
+        (1, False, 1),
+    ]
 
 
 def chatty(self: Any) -> None:
@@ -81,8 +102,9 @@ def test_an_attempt_keeps_its_first_lines_and_counts_the_rest(
         orchestrator.execute_pipelines()
     (step,) = orchestrator.get(uuid).steps
     assert step.status.value == "finished"
-    assert messages(step, "1") == [f"call {c} line {i}" for c in (0, 1) for i in range(4)][:6]
-    assert step.logs["1"]["dropped"] == 12 - 6
+    assert len(step.logs) == 1  # the on_continue calls of one attempt share its entry
+    assert messages(step, 0) == [f"call {c} line {i}" for c in (0, 1) for i in range(4)][:6]
+    assert step.logs[0]["dropped"] == 12 - 6
 
 
 @pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
@@ -111,7 +133,7 @@ def test_group_commit_stores_each_pipelines_logs(
     store = Store(backend)
     for uuid, n in made.items():
         (step,) = store.steps_of(uuid)
-        assert messages(step, "1") == [f"hello from {n}"]
+        assert messages(step, 0) == [f"hello from {n}"]
 
 
 def mixed(self: Any) -> None:
@@ -137,10 +159,10 @@ def test_logging_records_are_captured_only_when_asked(tmp_path: Path, registry: 
     (step,) = orchestrator.get(uuid).steps
     (async_step,) = orchestrator.get(async_uuid).steps
     if capture:
-        assert messages(step, "1") == ["app.billing: charged acme", "own line"]  # own line once
-        assert messages(async_step, "1") == ["app.billing: async charged"]
+        assert messages(step, 0) == ["app.billing: charged acme", "own line"]  # own line once
+        assert messages(async_step, 0) == ["app.billing: async charged"]
     else:
-        assert messages(step, "1") == ["own line"]
+        assert messages(step, 0) == ["own line"]
         assert async_step.logs is None
 
 
@@ -163,12 +185,16 @@ def test_show_logs_and_the_dashboard_print_them_by_attempt(tmp_path: Path, regis
     assert "logs of attempt 3:" in lines
     assert "logs of attempt 1:" not in CliRunner().invoke(main, ["-r", url, "show", uuid]).stdout
     as_json = json.loads(CliRunner().invoke(main, ["-r", url, "show", uuid, "--json"]).stdout)
-    assert as_json["steps"][0]["logs"]["2"]["dropped"] == 1
+    assert as_json["steps"][0]["logs"][1] == {
+        "attempt": 2,
+        "lines": as_json["steps"][0]["logs"][1]["lines"],
+        "dropped": 1,
+    }
     (step,) = views.pipeline(orchestrator, uuid)["steps"]
     assert [(log["attempt"], log["lines"][0]["message"], log["dropped"]) for log in step["logs"]] == [
-        ("1", "attempt 1 starts", 1),
-        ("2", "attempt 2 starts", 1),
-        ("3", "attempt 3 starts", 0),
+        (1, "attempt 1 starts", 1),
+        (2, "attempt 2 starts", 1),
+        (3, "attempt 3 starts", 0),
     ]
     from prorch.dashboard.app import create_app
     from tests.integration.test_search_attributes import asgi_get
@@ -204,7 +230,7 @@ def test_retention_removes_the_logs_with_the_pipeline(tmp_path: Path, registry: 
     uuid = job.create(url, {}, clock=clock).uuid
     orchestrator = Orchestrator(url, registry=registry, clock=clock)
     orchestrator.execute_pipelines()
-    assert messages(orchestrator.get(uuid).steps[0], "1") == ["kept"]
+    assert messages(orchestrator.get(uuid).steps[0], 0) == ["kept"]
     clock.advance(timedelta(days=31).total_seconds())
     assert orchestrator.purge(timedelta(days=30), ["finished"]).pipelines == 1
     assert Store(url).steps_of(uuid) == []
