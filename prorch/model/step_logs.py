@@ -16,6 +16,7 @@ import contextvars
 import functools
 import inspect
 import logging
+import sys
 from collections.abc import Callable
 from datetime import datetime, timezone
 from typing import Any
@@ -63,10 +64,20 @@ class StepLog(logging.LoggerAdapter):  # type: ignore[type-arg]
             text = str(msg) % args if args else str(msg)
         except (TypeError, ValueError):  # a format that does not match its arguments
             text = f"{msg} {args!r}"
-        if kwargs.get("exc_info"):
-            text += " (with a traceback: see the worker's log)"
+        error = _exception(kwargs.get("exc_info"))
+        if error is not None:
+            text += f" ({type(error).__name__}: {error}; its traceback is in the worker's log)"
         self.buffer.add(logging.getLevelName(level), text)
         super().log(level, msg, *args, **kwargs)
+
+
+def _exception(exc_info: Any) -> BaseException | None:
+    """The exception ``exc_info`` names (``logging``'s forms: True, an exception, a tuple)."""
+    if isinstance(exc_info, BaseException):
+        return exc_info
+    if isinstance(exc_info, tuple) and len(exc_info) == 3 and isinstance(exc_info[1], BaseException):
+        return exc_info[1]
+    return sys.exc_info()[1] if exc_info else None
 
 
 _CAPTURING: contextvars.ContextVar[LogBuffer | None] = contextvars.ContextVar("prorch_step_log", default=None)

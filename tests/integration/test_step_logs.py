@@ -139,7 +139,14 @@ def test_group_commit_stores_each_pipelines_logs(
 def mixed(self: Any) -> None:
     logging.getLogger("app.billing").warning("charged %s", "acme")
     self.log.info("own line")
+    try:
+        {}["missing"]
+    except KeyError:
+        self.log.exception("lookup failed")
     self.finish()
+
+
+FAILED = "lookup failed (KeyError: 'missing'; its traceback is in the worker's log)"
 
 
 async def mixed_async(self: Any) -> None:
@@ -159,10 +166,10 @@ def test_logging_records_are_captured_only_when_asked(tmp_path: Path, registry: 
     (step,) = orchestrator.get(uuid).steps
     (async_step,) = orchestrator.get(async_uuid).steps
     if capture:
-        assert messages(step, 0) == ["app.billing: charged acme", "own line"]  # own line once
+        assert messages(step, 0) == ["app.billing: charged acme", "own line", FAILED]  # own lines once
         assert messages(async_step, 0) == ["app.billing: async charged"]
     else:
-        assert messages(step, 0) == ["own line"]
+        assert messages(step, 0) == ["own line", FAILED]
         assert async_step.logs is None
 
 
