@@ -58,7 +58,8 @@ class Acting(Protocol):
 @dataclass(frozen=True)
 class Filters:
     """The filters of ``prorch list`` (all given must match): creation and last-change windows
-    (``until`` excluded), a top-level params field's value, and the rest by equality."""
+    (``until`` excluded), a top-level params field's value, search attributes (each given must
+    be carried with that value), and the rest by equality."""
 
     status: Status | str | None = None
     name: str | None = None
@@ -71,6 +72,7 @@ class Filters:
     updated_until: datetime | None = None
     param: tuple[str, str | int | float | bool] | None = None
     state: str | None = None  # running, due, waiting (``prorch.model.substates``) or an ended status
+    attributes: dict[str, str] | None = None  # search attributes (``prorch.model.attributes``)
 
     def query(
         self, now: datetime, limit: int, after: tuple[datetime | None, str] | None = None, count: bool = False
@@ -81,10 +83,11 @@ class Filters:
             created_since=self.since, created_until=self.until,
             updated_since=self.updated_since, updated_until=self.updated_until,
             param=self.param, limit=limit, after=after, count=count, state=self.state, now=now,
+            attributes=self.attributes or None,
         )  # fmt: skip
 
     def given(self) -> bool:
-        return any(value is not None for value in dataclasses.astuple(self))
+        return any(value is not None and value != {} for value in dataclasses.astuple(self))
 
 
 @dataclass

@@ -97,6 +97,10 @@ class SettingsFields(BaseModel):
     shutdown_grace: float = ruled(
         defaults.SHUTDOWN_GRACE, "seconds a stopping worker waits for running hooks before it exits"
     )
+    step_log_lines: int = ruled(defaults.STEP_LOG_LINES, "lines of a hook's self.log kept per step attempt")
+    capture_logging: bool = Field(
+        default=False, description="keep the logging records emitted while a hook runs with its step's logs too"
+    )
     retention: str | None = Field(
         default=None,
         description="a worker purges finished and cancelled pipelines older than this (e.g. 30d; unset: never)",

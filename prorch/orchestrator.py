@@ -87,6 +87,8 @@ class Orchestrator(Actions):
         registry: Registry | None = None,
         extensions: Iterable[Extension] = (),
         tenant_weights: Mapping[Any, float] | None = None,
+        step_log_lines: int = defaults.STEP_LOG_LINES.default,
+        capture_logging: bool = False,
     ) -> None:
         if repository is None and config is not None:
             repository = config.repository_class
@@ -101,7 +103,12 @@ class Orchestrator(Actions):
             hook_timeout=hook_timeout,
             max_abandoned_hooks=max_abandoned_hooks,
             shutdown_grace=shutdown_grace,
+            step_log_lines=step_log_lines,
         )
+        if type(capture_logging) not in (bool, int) or capture_logging not in (0, 1):
+            raise ConfigurationError(
+                f"Orchestrator(capture_logging={capture_logging!r}): capture_logging must be a bool"
+            )
         if not (retention is None or _non_negative(retention)):
             raise ConfigurationError(
                 f"Orchestrator(retention={retention!r}): retention must be None or a timedelta >= 0"
@@ -150,6 +157,8 @@ class Orchestrator(Actions):
             should_stop=self._stopping,
             request_stop=self.stop,
             extensions=self.extensions,
+            step_log_lines=step_log_lines,
+            capture_logging=capture_logging,
         )
         for extension in [*builtin_extensions(self), *self.registry.extensions, *extensions]:
             self.add_extension(extension)

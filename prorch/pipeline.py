@@ -87,6 +87,7 @@ class Pipeline(PipelineDefinition):
         registry: Registry | None = None,
         if_running: IfRunning = "same",
         debounce: timedelta | None = None,
+        attributes: dict[str, str] | None = None,
     ) -> Pipeline:
         """Validate ``params`` and store the pipeline as pending and due now, running no hook:
         the next orchestrator pass runs it. Raises ``InvalidParamsError`` and stores nothing when
@@ -104,14 +105,17 @@ class Pipeline(PipelineDefinition):
         key's pipeline has ended the next create starts a new one. ``debounce`` (a timedelta,
         with ``key``): creates within the window update the one pipeline still waiting (params
         from ``merge``, the last by default) and push its start to the window's end; once it
-        has been claimed, the next create starts a new one (docs/concepts.md)."""
+        has been claimed, the next create starts a new one (docs/concepts.md).
+
+        ``attributes`` are search attributes (str to str) to list and act on it by (a debounced
+        create that updates the waiting pipeline leaves its attributes as they were)."""
         registry = registry or current_registry()
         if_running, debounce = check_options(key, if_running, debounce)
         if version is not None and version != cls.version:
             target = pipeline_class(registry, cls.name or "", version)
             return target.create(
                 repository, params, key=key, tenant=tenant, context=context, priority=priority, clock=clock,
-                uuid=uuid, registry=registry, if_running=if_running, debounce=debounce,
+                uuid=uuid, registry=registry, if_running=if_running, debounce=debounce, attributes=attributes,
             )  # fmt: skip
         if key is not None and (if_running != "same" or debounce is not None):
             if uuid is not None:
@@ -120,12 +124,12 @@ class Pipeline(PipelineDefinition):
             clock = store.clock(clock)
             record, made = create_single(
                 store, cls, params, key, if_running=if_running, debounce=debounce, registry=registry, clock=clock,
-                context=context, tenant=tenant, priority=priority,
+                context=context, tenant=tenant, priority=priority, attributes=attributes,
             )  # fmt: skip
             return cls._bound(store, clock, record, created=made, registry=registry)
         (created,) = cls._create_all(
             repository, [params], [key], tenant=tenant, context=context, priority=priority, clock=clock, uuid=uuid,
-            registry=registry,
+            registry=registry, attributes=attributes,
         )  # fmt: skip
         return created
 
@@ -141,11 +145,13 @@ class Pipeline(PipelineDefinition):
         priority: int | None = None,
         clock: Clock | None = None,
         registry: Registry | None = None,
+        attributes: dict[str, str] | None = None,
     ) -> list[Pipeline]:
         """``create`` for a batch, in one transaction: every params is validated first, and an
         invalid one raises ``InvalidParamsError`` naming its index, storing nothing. ``keys``
         (one per params, or None) work as ``create``'s ``key``: the pipelines already stored
-        under their keys come back with ``created`` False, and one conflict stores nothing."""
+        under their keys come back with ``created`` False, and one conflict stores nothing.
+        ``attributes`` are given to every pipeline of the batch."""
         items = list(params)
         key_list: list[str | None] = list(keys) if keys is not None else [None] * len(items)
         if len(key_list) != len(items):
@@ -154,7 +160,7 @@ class Pipeline(PipelineDefinition):
             )
         return cls._create_all(
             repository, items, key_list, tenant=tenant, context=context, priority=priority, clock=clock,
-            registry=registry or current_registry(),
+            registry=registry or current_registry(), attributes=attributes,
         )  # fmt: skip
 
     @classmethod
@@ -170,12 +176,13 @@ class Pipeline(PipelineDefinition):
         clock: Clock | None,
         registry: Registry,
         uuid: str | None = None,
+        attributes: dict[str, str] | None = None,
     ) -> list[Pipeline]:
         store = store_for(repository)
         clock = store.clock(clock)
         stored = create_pipelines(
             store, cls, items, keys, registry=registry, clock=clock, context=context, tenant=tenant,
-            priority=priority, uuid=uuid,
+            priority=priority, uuid=uuid, attributes=attributes,
         )  # fmt: skip
         return [cls._bound(store, clock, record, created=created, registry=registry) for record, created in stored]
 

@@ -58,19 +58,22 @@ class Reads:
         after: str | None = None,
         count: bool = False,
         state: str | None = None,
+        attributes: dict[str, str] | None = None,
     ) -> PipelinePage:
         """A page of stored pipelines, newest first, by the store's indexes where it has them.
 
         Filters combine; ``since``/``until`` bound ``created_at`` (until excluded), ``param`` is
         ``(field, value)`` on a top-level params field, ``state`` splits pending into running,
-        due, waiting, paused, max-running and rate-limited (``prorch.model.substates``). Pass the
-        page's ``next_after`` as ``after`` for the next page; ``count=True`` adds the total number of matches."""
+        due, waiting, paused, max-running and rate-limited (``prorch.model.substates``),
+        ``attributes`` keeps the pipelines that carry every one of those search attributes with
+        that value. Pass the page's ``next_after`` as ``after`` for the next page; ``count=True``
+        adds the total number of matches."""
         query = PipelineQuery(
             status=Status(status).value if status is not None else None,
             name=name, version=version, tenant=tenant, key=key,
             created_since=since, created_until=until,
             updated_since=updated_since, updated_until=updated_until,
-            param=param, limit=limit, count=count, state=state, now=self.clock.now(),
+            param=param, limit=limit, count=count, state=state, now=self.clock.now(), attributes=attributes,
             holds=self.holds() if state in substates.SUBSTATES else None,
         )  # fmt: skip
         return self.store.query_pipelines(query, after=after)

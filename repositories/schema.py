@@ -26,7 +26,7 @@ from sqlalchemy.dialects.postgresql import JSONB
 
 from prorch.model.records import Metadata as Models
 
-SCHEMA_REVISION = "0020"
+SCHEMA_REVISION = "0021"
 """The newest migration; a store at this revision needs no upgrade."""
 VERSION_TABLE = "prorch_schema_version"
 HISTORY_TABLE = "prorch_schema_migrations"
@@ -72,6 +72,8 @@ pipelines = Table(
     Column("parent_uuid", String(36)),
     Column("trace", Json),
     Column("concurrency_key", String(400)),  # JSON text of its concurrency key value (default: its tenant)
+    # search attributes; indexed in pipeline_attributes, which triggers keep in step (migration 0021)
+    Column("attributes", Json, nullable=False, server_default=text("'{}'")),
     Index("ix_pipelines_due", "status", "next_run_at", "priority"),
     # newest-first listings by keyset, alone or after a status or name filter (prorch list)
     Index("ix_pipelines_created", "created_at", "uuid"),
@@ -135,6 +137,7 @@ steps = Table(
     Column("rollback_attempt", Integer, nullable=False, default=0),
     Column("revision", Integer, nullable=False, default=0),
     Column("progress", Json),
+    Column("logs", Json),  # what its hooks logged, by attempt (prorch.model.step_logs)
     postgresql_with={"fillfactor": 65},
 )
 
@@ -167,6 +170,21 @@ messages = Table(
         "ix_messages_unread", "pipeline_uuid", "name", "sent_at", "uuid", sqlite_where=UNREAD, postgresql_where=UNREAD
     ),
     Index("ix_messages_sent", "pipeline_uuid", "sent_at"),  # a pipeline's newest message (send)
+)
+
+pipeline_attributes = Table(
+    "pipeline_attributes",
+    metadata,
+    # one row per search attribute of a pipeline, kept in step with its ``attributes`` column by
+    # triggers (migration 0021; a new pipeline's rows on SQLite by ``SQLiteRepository.save_many``),
+    # in the pipeline's own transaction; a deleted pipeline takes its rows along
+    Column("pipeline_uuid", String(36), nullable=False),
+    Column("name", String(64), nullable=False),
+    Column("value", String(200), nullable=False),
+    Column("created_at", Timestamp),  # the pipeline's: a filtered listing is one range, newest first
+    PrimaryKeyConstraint("pipeline_uuid", "name", name="pipeline_attributes_pkey"),
+    # on PostgreSQL built (created_at DESC NULLS LAST, pipeline_uuid DESC) by migration 0021
+    Index("ix_pipeline_attributes_value", "name", "value", "created_at", "pipeline_uuid"),
 )
 
 rate_limit_starts = Table(
@@ -251,6 +269,7 @@ __all__ = [
     "column_kind",
     "metadata",
     "pauses",
+    "pipeline_attributes",
     "schedule_ticks",
     "schema_history",
     "workers",

@@ -31,7 +31,7 @@ from sqlalchemy.dialects.postgresql import JSONB
 from prorch.model import substates
 from prorch.model.records import to_utc
 from prorch.storage.repository import PipelineQuery, PipelineStats, VersionGroup
-from repositories.schema import ENDED, ENDED_AT
+from repositories.schema import ENDED, ENDED_AT, pipeline_attributes
 from repositories.sql_pauses import not_paused
 
 ENDED_STATUSES = frozenset({"finished", "failed", "cancelled"})
@@ -52,7 +52,10 @@ def json_field_equals(column: Any, field: str, value: str | int | float | bool, 
 
 
 def listing(table: Table, query: PipelineQuery, dialect: str) -> tuple[Select[Any], Select[Any] | None]:
-    """The page's statement and, when ``query.count``, the statement counting every match."""
+    """The page's statement and, when ``query.count``, the statement counting every match.
+    With an attributes filter, the first attribute drives: its range of the attribute index
+    is walked newest first (its rows carry the pipeline's ``created_at``), the pipelines
+    fetched by key, the other attributes probed by key."""
     c = table.c
     where: list[ColumnElement[bool]] = []
     for name in ("status", "name", "version", "uuid", "key"):
@@ -65,25 +68,58 @@ def listing(table: Table, query: PipelineQuery, dialect: str) -> tuple[Select[An
         where.append(json_field_equals(c.context, "tenant", query.tenant, dialect))
     if query.param is not None:
         where.append(json_field_equals(c.params, query.param[0], query.param[1], dialect))
+    source, created, uuid_column, more = attribute_source(table, query.attributes)
+    where += more
     for column, since, until in (
-        (c.created_at, query.created_since, query.created_until),
+        (created, query.created_since, query.created_until),
         (c.updated_at, query.updated_since, query.updated_until),
     ):
         if since is not None:
             where.append(column >= since)
         if until is not None:
             where.append(column < until)
-    count = select(func.count()).select_from(table).where(*where) if query.count else None
+    count = select(func.count()).select_from(source).where(*where) if query.count else None
     if query.after is not None:
-        created, uuid = query.after
-        if created is None:  # a prorch 1.0.1 record without created_at: those sort last
-            where.append(and_(c.created_at.is_(None), c.uuid < uuid))
+        after_created, after_uuid = query.after
+        if after_created is None:  # a prorch 1.0.1 record without created_at: those sort last
+            where.append(and_(created.is_(None), uuid_column < after_uuid))
         else:
             where.append(
-                or_(c.created_at < created, and_(c.created_at == created, c.uuid < uuid), c.created_at.is_(None))
+                or_(
+                    created < after_created,
+                    and_(created == after_created, uuid_column < after_uuid),
+                    created.is_(None),
+                )
             )
-    page = select(table).where(*where).order_by(c.created_at.desc().nulls_last(), c.uuid.desc()).limit(query.limit)
+    page = (
+        select(table)
+        .select_from(source)
+        .where(*where)
+        .order_by(created.desc().nulls_last(), uuid_column.desc())
+        .limit(query.limit)
+    )
     return page, count
+
+
+def attribute_source(
+    table: Table, wanted: dict[str, str] | None
+) -> tuple[Any, ColumnElement[Any], ColumnElement[Any], list[ColumnElement[bool]]]:
+    """What a listing reads from, its (created_at, uuid) order, and the conditions of the
+    attributes after the first: the pipelines table alone without attributes; else joined to
+    the first attribute's rows, whose (name, value, created_at, uuid) index gives the order
+    (a rare attribute costs its matches, a common one a page), the others probed by key."""
+    c = table.c
+    if not wanted:
+        return table, c.created_at, c.uuid, []
+    (name, value), *rest = wanted.items()
+    first = pipeline_attributes.alias("attribute")
+    joined = table.join(first, and_(first.c.pipeline_uuid == c.uuid, first.c.name == name, first.c.value == value))
+    a = pipeline_attributes.c
+    more: list[ColumnElement[bool]] = [
+        exists().where(a.pipeline_uuid == c.uuid, a.name == other, a.value == wanted_value)
+        for other, wanted_value in rest
+    ]
+    return joined, first.c.created_at, first.c.pipeline_uuid, more
 
 
 def state_conditions(

@@ -26,7 +26,7 @@ from prorch.model.records import JSONDict, Metadata
 from prorch.model.secrets import error_summary, redact_url
 from prorch.storage.wakeups import Bell, bell_for
 from repositories.sql import SEARCH_CHUNK, SQLBackend, SQLRepository
-from repositories.sqlite_fastpath import SQLiteFastPath, db_json
+from repositories.sqlite_fastpath import ENCODERS, SQLiteFastPath, db_json
 
 BUSY_TIMEOUT_SECONDS = 30.0
 SYNCHRONOUS = ("OFF", "NORMAL", "FULL", "EXTRA")
@@ -163,7 +163,18 @@ class SQLiteRepository(SQLRepository):
         return self.fast.record(found) if found is not None else None
 
     def save_many(self, rows: list[JSONDict]) -> None:
-        self._write(self.fast.insert, [self.fast.row(row) for row in rows], many=True)
+        """Insert the rows; for pipelines, their search attributes' index rows with them (in
+        the caller's transaction: see migration 0021 on why no insert trigger does it here)."""
+        encoded = [self.fast.row(row) for row in rows]
+        labels = []
+        if self.model == Metadata.PIPELINES_MODEL:
+            labels = [(row["uuid"], name, value, _created(row)) for row in rows for name, value in _labels(row)]
+        if not labels:
+            self._write(self.fast.insert, encoded, many=True)
+            return
+        with self.backend.transaction():
+            self._write(self.fast.insert, encoded, many=True)
+            self._write(ATTRIBUTE_ROWS, labels, many=True)
 
     def update(self, uuid: str, data: JSONDict) -> None:
         if not self.fast.covers(data):  # a partial update (a user's call)
@@ -210,6 +221,19 @@ class SQLiteRepository(SQLRepository):
 
 
 SQLiteBackend.repository_class = SQLiteRepository
+
+
+ATTRIBUTE_ROWS = "INSERT INTO pipeline_attributes (pipeline_uuid, name, value, created_at) VALUES (?, ?, ?, ?)"
+
+
+def _labels(row: JSONDict) -> list[tuple[str, str]]:
+    found = row.get("attributes")
+    return list(found.items()) if isinstance(found, dict) else []
+
+
+def _created(row: JSONDict) -> str | None:
+    """The pipeline's ``created_at`` as this dialect stores it (the fast path's format)."""
+    return ENCODERS["time"](row.get("created_at"))  # type: ignore[no-any-return]
 
 
 def driver(connection: Connection) -> sqlite3.Connection:

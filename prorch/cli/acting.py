@@ -14,6 +14,7 @@ from prorch.cli.bulk import bulk_exit, filter_options, one_or_many, run_bulk
 from prorch.cli.helpers import (
     Context,
     params_options,
+    parse_attributes,
     parse_params,
     reported,
 )
@@ -69,10 +70,11 @@ def reason_option() -> Callable[[F], F]:
     "(printed with 'updated') and push its start to the window's end.",
 )
 @click.option("--json", "as_json", is_flag=True, help='Print the pipeline as JSON, with "created": true/false.')
+@click.option("--attr", "attrs", multiple=True, metavar="NAME=VALUE", help="A search attribute (repeatable).")
 @click.pass_obj
 def start(ctx: Context, name: str, pairs: tuple[str, ...], params_json: str | None, version: int | None,
           tenant: str | None, priority: int | None, key: str | None, if_running: IfRunning, debounce: str | None,
-          as_json: bool) -> None:  # fmt: skip
+          as_json: bool, attrs: tuple[str, ...] = ()) -> None:  # fmt: skip
     """Create a pipeline NAME, pending and due now (the next pass runs it). Prints its uuid, with
     ' exists' after it when --key found it already stored (' updated' with --debounce)."""
     with reported(ctx):
@@ -85,8 +87,16 @@ def start(ctx: Context, name: str, pairs: tuple[str, ...], params_json: str | No
         if priority is None and override is not None:
             priority = override.priority
         window = parse_age(debounce, "--debounce") if debounce is not None else None
+        attributes = parse_attributes(attrs)
         created = pipeline_cls.create(
-            repository, params, key=key, tenant=tenant, priority=priority, if_running=if_running, debounce=window
+            repository,
+            params,
+            key=key,
+            tenant=tenant,
+            priority=priority,
+            if_running=if_running,
+            debounce=window,
+            attributes=attributes,
         )
     if as_json:
         echo_json({**created.record.to_dict(), "created": created.created})

@@ -11,7 +11,7 @@ from typing import Any, NoReturn
 import click
 
 from prorch.bulk import BulkAction, BulkSummary, Filters, count
-from prorch.cli.helpers import STATUSES, Context, parse_param_filter
+from prorch.cli.helpers import STATUSES, Context, parse_attributes, parse_param_filter
 from prorch.model.exceptions import InvalidParamsError
 from prorch.model.substates import STATES
 from prorch.storage.listing import parse_moment
@@ -31,6 +31,7 @@ FILTERS = (
     "until",
     "updated_since",
     "updated_until",
+    "attrs",
 )
 PAST_TENSE = {"cancel": "cancelled", "retry": "retried", "rerun": "reran", "purge": "purged"}
 
@@ -49,6 +50,9 @@ def filter_options(
             click.option("--tenant", help="... of this tenant."),
             click.option("--key", help="... created with this key."),
             click.option(param_flag, "param", metavar="NAME=VALUE", help="... whose params field NAME equals VALUE."),
+            click.option(
+                "--attr", "attrs", multiple=True, metavar="NAME=VALUE", help="... with this search attribute."
+            ),
             click.option("--since", help="... created at or after: an age (30m, 2h, 7d) or an ISO time."),
             click.option("--until", help="... created before: an age or an ISO time."),
             click.option("--updated-since", "updated_since", help="... last changed at or after this."),
@@ -89,12 +93,18 @@ def filters_from(ctx: Context, given: dict[str, Any]) -> Filters:
         tenant=given.get("tenant"), key=given.get("key"), param=param,
         since=moments["since"], until=moments["until"],
         updated_since=moments["updated_since"], updated_until=moments["updated_until"],
+        attributes=parse_attributes(given.get("attrs")),
     )  # fmt: skip
+
+
+def any_given(filters: dict[str, Any]) -> bool:
+    """Whether a filter option was given (a repeatable one, ``--attr``, is () when not)."""
+    return any(value is not None and value != () for value in filters.values())
 
 
 def one_or_many(uuid: str | None, filters: dict[str, Any]) -> bool:
     """True for a bulk run (filters, no UUID); one clear error for both or neither."""
-    chosen = any(value is not None for value in filters.values())
+    chosen = any_given(filters)
     if uuid is not None and chosen:
         raise InvalidParamsError("give one pipeline's UUID or filters (--status, --name, ...), not both")
     if uuid is None and not chosen:

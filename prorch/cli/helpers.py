@@ -17,6 +17,7 @@ import click
 
 from prorch.config import LoadedSettings, Settings, closest, load_settings
 from prorch.features import tenant_plugins
+from prorch.model import attributes as search_attributes
 from prorch.model import logs
 from prorch.model.exceptions import (
     ConfigurationError,
@@ -131,6 +132,8 @@ class Context:
             hook_timeout=settings.hook_timeout,
             max_abandoned_hooks=settings.max_abandoned_hooks,
             shutdown_grace=settings.shutdown_grace,
+            step_log_lines=settings.step_log_lines,
+            capture_logging=settings.capture_logging,
             retention=parse_age(settings.retention, "retention") if settings.retention else None,
         )
         orchestrator.app_version = self.app_version()
@@ -275,6 +278,11 @@ def parse_params(pairs: tuple[str, ...], params_json: str | None) -> dict[str, A
         except RecursionError:
             raise InvalidParamsError(f"--param {key}: nested too deeply (at most 100 levels)") from None
     return params
+
+
+def parse_attributes(pairs: tuple[str, ...] | None) -> dict[str, str] | None:
+    """``--attr name=value`` (repeatable): search attributes to give a pipeline or to filter by."""
+    return dict(search_attributes.parse_pair(pair) for pair in pairs) if pairs else None
 
 
 def parse_param_filter(pair: str) -> tuple[str, Any]:

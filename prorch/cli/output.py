@@ -88,16 +88,21 @@ def print_state(
     holder: str | None = None,
     current: str | None = None,
     held: str | None = None,
+    logs: bool = False,
 ) -> None:
     """``prorch show``: everything an operator asks about one pipeline, times with their zone.
     ``max_attempts`` maps a step name to its limit when its code is loaded here; ``tracebacks``:
     print a failed step's traceback under its error; ``holder``: which worker runs it;
     ``current``: its state, when it says more than its status (running, due, waiting...);
-    ``held``: what holds it (a pause, a limit), said instead of its next run's reason."""
+    ``held``: what holds it (a pause, a limit), said instead of its next run's reason;
+    ``logs``: each step's logs, by attempt."""
     _print_pipeline(state, history, now, holder, current, held)
     click.echo("steps:")
     for s in state.steps:
         _print_step(s, max_attempts.get(s.name), now, state.pipeline.updated_at, tracebacks)
+        if logs:
+            for line in log_lines(s.logs):
+                click.echo(f"       {line}")
     if state.children:
         click.echo("children:")
         for child in state.children:
@@ -126,6 +131,8 @@ def _print_pipeline(
     if holder is not None and holder != held:
         click.echo(f"  {holder}")
     click.echo(f"  params: {json.dumps(p.params, sort_keys=True)}")
+    if p.attributes:
+        click.echo(f"  attributes: {', '.join(f'{k}={v}' for k, v in sorted(p.attributes.items()))}")
     context = {k: v for k, v in p.context.items() if k != "tenant"}
     if context:
         click.echo(f"  context: {json.dumps(context, sort_keys=True)}")
@@ -158,6 +165,20 @@ def _print_step(
             click.echo(textwrap.indent(s.error.traceback.rstrip(), "         "))
     if s.rollback:
         click.echo(f"       rollback: {s.rollback}")
+
+
+def log_lines(logs: list[dict[str, Any]] | None) -> list[str]:
+    """A step's logs as ``prorch show --logs`` prints them: attempt by attempt, its lines, then
+    how many were dropped past the cap, and whether an operator's retry followed."""
+    printed: list[str] = []
+    for entry in logs or []:
+        retried = " (then retried by an operator)" if entry.get("retried") else ""
+        printed.append(f"logs of attempt {entry.get('attempt')}{retried}:")
+        for at, level, message in entry.get("lines", []):
+            printed.append(f"  {at[11:23]} {level:<7} {message}")
+        if entry.get("dropped"):
+            printed.append(f"  ({entry['dropped']} lines dropped: step_log_lines caps an attempt)")
+    return printed
 
 
 def step_times(step: StepRecord, now: datetime, last_change: datetime | None) -> str:

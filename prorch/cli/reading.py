@@ -12,6 +12,7 @@ import click
 from prorch.cli.helpers import (
     STATUSES,
     Context,
+    parse_attributes,
     parse_param_filter,
     reported,
 )
@@ -57,6 +58,13 @@ from prorch.storage.listing import MAX_LIMIT, parse_moment
     metavar="NAME=VALUE",
     help="Only pipelines whose params field NAME equals VALUE (JSON when it parses).",
 )
+@click.option(
+    "--attr",
+    "attrs",
+    multiple=True,
+    metavar="NAME=VALUE",
+    help="Only pipelines with this search attribute (repeatable).",
+)
 @click.option("--since", help="Created at or after: an age (30m, 2h, 7d) or an ISO time.")
 @click.option("--until", help="Created before: an age (30m, 2h, 7d) or an ISO time.")
 @click.option("--limit", type=click.IntRange(1, MAX_LIMIT), default=50, show_default=True, help="Pipelines per page.")
@@ -65,7 +73,7 @@ from prorch.storage.listing import MAX_LIMIT, parse_moment
 @click.pass_obj
 def list_pipelines(ctx: Context, status: str | None, state: str | None, name: str | None, version: int | None,
                    tenant: str | None, key: str | None, param: str | None, since: str | None, until: str | None,
-                   limit: int, after: str | None, as_json: bool) -> None:  # fmt: skip
+                   limit: int, after: str | None, as_json: bool, attrs: tuple[str, ...] = ()) -> None:  # fmt: skip
     """Stored pipelines, newest first, a page at a time, with the total that match."""
     with reported(ctx):
         orchestrator = ctx.orchestrator()
@@ -75,7 +83,7 @@ def list_pipelines(ctx: Context, status: str | None, state: str | None, name: st
             param=parse_param_filter(param) if param is not None else None,
             since=parse_moment(since, "--since", now) if since is not None else None,
             until=parse_moment(until, "--until", now) if until is not None else None,
-            limit=limit, after=after, count=True, state=state,
+            limit=limit, after=after, count=True, state=state, attributes=parse_attributes(attrs),
         )  # fmt: skip
         blocked = orchestrator.blocked_on_page(page.pipelines) if ctx.has_app() else {}
         running = [r for r in page.pipelines if r.lease_expires_at is not None and r.lease_expires_at > now]
@@ -123,8 +131,9 @@ def current_progress(orchestrator: Orchestrator, records: list[PipelineRecord]) 
     show_default=True,
     help="Print the traceback of a failed step's error.",
 )
+@click.option("--logs", "logs", is_flag=True, help="Print what each step's hooks logged (self.log), by attempt.")
 @click.pass_obj
-def show(ctx: Context, uuid: str | None, key: str | None, as_json: bool, tracebacks: bool) -> None:
+def show(ctx: Context, uuid: str | None, key: str | None, as_json: bool, tracebacks: bool, logs: bool = False) -> None:
     """A pipeline's steps, outputs, errors (with their tracebacks) and history."""
     with reported(ctx):
         if (uuid is None) == (key is None):
@@ -162,7 +171,7 @@ def show(ctx: Context, uuid: str | None, key: str | None, as_json: bool, traceba
         return
     text = holder_text(holder) if holder is not None else held
     limits = step_limits(orchestrator.registry, state.steps)
-    print_state(state, history, now, limits, tracebacks, holder=text, current=current, held=held)
+    print_state(state, history, now, limits, tracebacks, holder=text, current=current, held=held, logs=logs)
 
 
 @click.command()

@@ -15,6 +15,7 @@ from typing import Any
 from prorch.bulk import Filters
 from prorch.dashboard import timeline
 from prorch.display import app_loaded, lease_holder, state_text, step_limits, step_seconds
+from prorch.model import attributes as search_attributes
 from prorch.model import substates
 from prorch.model.exceptions import InvalidParamsError, PipelineNotFoundError, ProrchError
 from prorch.model.pauses import PIPELINE
@@ -28,7 +29,20 @@ from prorch.storage.listing import filter_value, parse_moment
 from prorch.storage.repository import PipelineStats
 
 MAX_INT = 2**31 - 1  # a stored version is a 32-bit integer on PostgreSQL
-FILTERS = ("status", "state", "name", "version", "tenant", "key", "param", "since", "until", "limit", "after")
+FILTERS = (
+    "status",
+    "state",
+    "name",
+    "version",
+    "tenant",
+    "key",
+    "param",
+    "since",
+    "until",
+    "limit",
+    "after",
+    "attributes",
+)
 STATS_SECONDS = 5.0
 """How long overview counts are reused: every open page refreshes every few seconds, and a
 count over millions of pipelines should not run once per page per refresh."""
@@ -147,7 +161,7 @@ def pipelines(orchestrator: Orchestrator, filters: dict[str, str]) -> dict[str, 
     }
 
 
-LISTED = ("status", "state", "name", "version", "tenant", "key", "param", "since", "until")
+LISTED = ("status", "state", "name", "version", "tenant", "key", "param", "since", "until", "attributes")
 
 
 def bulk_filters(filters: dict[str, str], now: datetime) -> Filters:
@@ -163,7 +177,17 @@ def bulk_filters(filters: dict[str, str], now: datetime) -> Filters:
         status=_status(filters), state=_state(filters), name=filters.get("name"), version=_int(filters, "version"),
         tenant=filters.get("tenant"), key=filters.get("key"), param=param,
         since=_moment(filters, "since", now), until=_moment(filters, "until", now),
+        attributes=_attributes(filters),
     )  # fmt: skip
+
+
+def _attributes(filters: dict[str, str]) -> dict[str, str] | None:
+    """The ``attributes`` filter as typed: ``name=value`` pairs separated by commas."""
+    text = filters.get("attributes")
+    if not text:
+        return None
+    pairs = [pair.strip() for pair in text.split(",") if pair.strip()]
+    return dict(search_attributes.parse_pair(pair, "attributes filter") for pair in pairs)
 
 
 def find(orchestrator: Orchestrator, text: str) -> str:
@@ -251,6 +275,7 @@ def pipeline_and_bars(orchestrator: Orchestrator, uuid: str) -> tuple[dict[str, 
             "lease_owner": p.lease_owner,
             "cancel_requested": p.cancel_requested,
             "parent_uuid": p.parent_uuid,
+            "attributes": p.attributes,
         },
         "children": [pipeline_row(child, now) for child in state.children],
         "result": _result(orchestrator, p),
@@ -294,7 +319,22 @@ def _step(step: StepRecord, now: datetime, limits: dict[str, int]) -> dict[str, 
         "output": step.output,
         "error": _error(step.error),
         "rollback": step.rollback.value if step.rollback else None,
+        "logs": _logs(step.logs),
     }
+
+
+def _logs(logs: list[dict[str, Any]] | None) -> list[dict[str, Any]]:
+    """A step's logs attempt by attempt: ``attempt``, ``lines`` (``at``, ``level``,
+    ``message``), how many were ``dropped`` past the cap, whether an operator ``retried`` after."""
+    return [
+        {
+            "attempt": entry.get("attempt"),
+            "lines": [{"at": at, "level": level, "message": message} for at, level, message in entry.get("lines", [])],
+            "dropped": entry.get("dropped", 0),
+            "retried": bool(entry.get("retried")),
+        }
+        for entry in logs or []
+    ]
 
 
 def _error(error: Any) -> dict[str, Any] | None:

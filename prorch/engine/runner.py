@@ -28,6 +28,7 @@ from prorch.model.pauses import Paused, scopes_of
 from prorch.model.records import PipelineRecord, StepRecord
 from prorch.model.registry import Registry
 from prorch.model.status import TERMINAL
+from prorch.model.step_logs import install_capture
 from prorch.storage.leases import LeaseKeeper
 from prorch.storage.store import Store
 
@@ -37,6 +38,7 @@ DEFAULT_LEASE_SECONDS = defaults.LEASE_SECONDS.default
 DEFAULT_MAX_TURNS_PER_PASS = 100
 """How many step hooks one pipeline may run in one pass before it yields to the others."""
 DEFAULT_MAX_CRASHES = defaults.MAX_CRASHES.default
+DEFAULT_STEP_LOG_LINES = defaults.STEP_LOG_LINES.default
 """How many workers in a row may die while one of a pipeline's hooks runs before it is quarantined."""
 
 
@@ -81,6 +83,8 @@ class Runner:
         should_stop: Callable[[], bool] = lambda: False,
         request_stop: Callable[[], None] | None = None,
         extensions: Extensions | None = None,
+        step_log_lines: int = DEFAULT_STEP_LOG_LINES,
+        capture_logging: bool = False,
     ) -> None:
         self.clock = clock
         self.max_turns = max_turns
@@ -95,6 +99,9 @@ class Runner:
         self.journal = Journal(store, registry, clock, self.policies, lease_seconds, self.extensions)
         self.invoker = HookInvoker(self.journal, self.hooks, clock, self.policies, hook_timeout, self.extensions)
         self.turns = Turns(self.journal, self.invoker, registry, clock, self.policies)
+        self.turns.log_lines, self.turns.capture_logging = step_log_lines, capture_logging
+        if capture_logging:
+            install_capture()
         self.endings = Endings(self.journal, self.invoker, self.turns, clock, self.policies, max_crashes)
 
     # --- entry points ----------------------------------------------------------------------

@@ -11,6 +11,7 @@ import msgspec
 
 from prorch.engine.policy import Policies
 from prorch.engine.state import Outcome, Run
+from prorch.model import step_logs
 from prorch.model.exceptions import InvalidStateError
 from prorch.model.mixins import defines_hook
 from prorch.model.records import ErrorInfo, EventRecord, PipelineRecord, StepRecord, new_uuid
@@ -254,6 +255,7 @@ def reset_for_retry(run: Run, now: datetime, note: dict[str, str] | None = None)
         elif step.rollback is None:
             continue
         step.attempt = step.rollback_attempt = 0
+        step.logs = step_logs.closed(step.logs)  # the attempts start again: in entries of their own
         step.error = step.rollback = step.finished_at = step.next_run_at = None
         changed.append(step)
     move(run.pipeline, Status.PENDING)

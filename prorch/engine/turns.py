@@ -13,6 +13,7 @@ from prorch.engine.policy import Policies
 from prorch.engine.runtime import HookRuntime
 from prorch.engine.state import Run, Writing
 from prorch.engine.step_hooks import HookInvoker
+from prorch.model import defaults
 from prorch.model.clock import Clock
 from prorch.model.exceptions import (
     ConcurrentUpdateError,
@@ -30,6 +31,7 @@ from prorch.model.records import ErrorInfo, StepRecord
 from prorch.model.registry import Registry
 from prorch.model.status import EventType, Status
 from prorch.model.step import Step, Verdict
+from prorch.model.step_logs import capturing, merged
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +50,10 @@ class Turns:
         self.registry = registry
         self.clock = clock
         self.policies = policies
+        self.log_lines = defaults.STEP_LOG_LINES.default
+        """Lines of a hook's ``self.log`` kept per step attempt (``step_log_lines``)."""
+        self.capture_logging = False
+        """Keep ``logging``'s records emitted while a hook runs as well (``capture_logging``)."""
 
     def turn(self, run: Run, step: StepRecord, now: datetime) -> Writing[bool]:
         """Run the step's next hook and persist the result; True to go on in this pass."""
@@ -60,27 +66,35 @@ class Turns:
         step.attempt = max(step.attempt, 1)
         runtime = HookRuntime(self.journal.store, self.registry, self.clock, run, now)
         yield from self.journal.mark_hook_running(run)
+        instance: Step | None = None
         try:
             instance = self.journal.instance(run, step, now, runtime)
+            instance.log_buffer.cap = self.log_lines
             if defines_hook(cls, name):
-                self.invoker.call(run, step, now, getattr(instance, name), name)
+                self.invoker.call(run, step, now, self.hook_of(instance, name), name)
             if instance.verdict is None and not has_continue:
                 instance.finish()  # its only hook returned: done, its Output model still applies
             check_json(instance.metadata, "metadata")
         except HookTimeoutError as exc:
+            self.keep_logs(step, instance)
             return (yield from self.time_out(run, step, now, exc))
         except UnstorableValueError as exc:
+            self.keep_logs(step, instance)
             error = UnstorableResultError(f"the results of {name} of step {step.name} cannot be stored: {exc}")
             return (yield from self.failed(run, step, error, now, name))
         except KeyboardInterrupt:
             raise
         except BaseException as exc:  # SystemExit too: a failure of this step, not of the worker
+            self.keep_logs(step, instance)
             return (yield from self.failed(run, step, exc, now, name))
+        self.keep_logs(step, instance)
         runtime.merge()
         try:
             step.metadata = instance.metadata
             if instance.reported_progress is not None:
                 step.progress = instance.reported_progress
+            if instance.changed_attributes is not None:
+                run.pipeline.attributes = instance.changed_attributes
             if first_run:
                 transitions.start_step(run, step, now)
             return (yield from self.apply(run, step, instance, instance.verdict, now, name, first_run=first_run))
@@ -88,6 +102,16 @@ class Turns:
             raise  # not the hook's results: the store went away (the pass reports a store error)
         except RepositoryError as exc:
             return (yield from self.unstorable(run, step, exc, name))
+
+    def hook_of(self, instance: Step, name: str) -> Any:
+        """The hook to call: with ``capture_logging``, wrapped to keep ``logging``'s records."""
+        hook = getattr(instance, name)
+        return capturing(hook, instance.log_buffer) if self.capture_logging else hook
+
+    def keep_logs(self, step: StepRecord, instance: Step | None) -> None:
+        """The hook call's lines join its attempt's, to be stored with this transition."""
+        if instance is not None and instance.log_buffer and self.log_lines:
+            step.logs = merged(step.logs, max(step.attempt, 1), instance.log_buffer, self.log_lines)
 
     def apply(
         self, run: Run, step: StepRecord, instance: Step, verdict: Verdict | None, now: datetime, hook: str,

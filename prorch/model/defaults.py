@@ -83,6 +83,8 @@ MAX_ABANDONED_HOOKS: Rule[int | None] = Rule(None, ge=0)
 """Hung hook threads a worker may hold before it exits (None: ``concurrency``)."""
 SHUTDOWN_GRACE: Rule[float] = Rule(30.0, ge=0, le=MAX_SECONDS, integer=False, unit="seconds")
 """How long a stopping worker waits for running hooks before it exits anyway."""
+STEP_LOG_LINES: Rule[int] = Rule(200, ge=0, note="0: keep none")
+"""Lines of ``self.log`` kept per step attempt; the rest are counted as dropped."""
 INTERVAL: Rule[float] = Rule(5.0, gt=0, le=MAX_SECONDS, integer=False, unit="seconds")
 """Seconds an idle worker waits at most between passes: the safety net under its wake-ups."""
 WAKE_POLL: Rule[float] = Rule(0.2, ge=0.01, le=60, integer=False, unit="seconds")
@@ -104,6 +106,7 @@ RULES: dict[str, Rule[Any]] = {
     "hook_timeout": HOOK_TIMEOUT,
     "max_abandoned_hooks": MAX_ABANDONED_HOOKS,
     "shutdown_grace": SHUTDOWN_GRACE,
+    "step_log_lines": STEP_LOG_LINES,
     "interval": INTERVAL,
     "wake_poll": WAKE_POLL,
     "metrics_port": PORT,

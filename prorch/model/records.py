@@ -177,7 +177,7 @@ class ErrorInfo(msgspec.Struct, kw_only=True):
 
 class PipelineRecord(Record, kw_only=True):
     MODEL: ClassVar[str] = "PIPELINE"
-    JSON: ClassVar[frozenset[str]] = frozenset({"params", "context", "metadata", "last_error", "trace"})
+    JSON: ClassVar[frozenset[str]] = frozenset({"params", "context", "metadata", "last_error", "trace", "attributes"})
     TIMES: ClassVar[tuple[str, ...]] = (
         "created_at",
         "updated_at",
@@ -209,12 +209,13 @@ class PipelineRecord(Record, kw_only=True):
     parent_uuid: str | None = None  # the pipeline whose hook started this one (self.start_child)
     trace: JSONDict | None = None  # the W3C trace context it was created in (prorch[otel])
     concurrency_key: str | None = None  # its class's concurrency key value as JSON text, stored at create
+    attributes: dict[str, str] = msgspec.field(default_factory=dict)  # search attributes (prorch.model.attributes)
 
 
 class StepRecord(Record, kw_only=True):
     MODEL: ClassVar[str] = "STEP"
     TIMES: ClassVar[tuple[str, ...]] = ("started_at", "finished_at", "next_run_at")
-    JSON: ClassVar[frozenset[str]] = frozenset({"metadata", "output", "error", "progress"})
+    JSON: ClassVar[frozenset[str]] = frozenset({"metadata", "output", "error", "progress", "logs"})
 
     pipeline_uuid: str
     name: str
@@ -232,6 +233,7 @@ class StepRecord(Record, kw_only=True):
     rollback_attempt: int = 0
     revision: int = 0
     progress: JSONDict | None = None  # the last self.progress(): {"done", "total", "note", "at"}
+    logs: list[JSONDict] | None = None  # what its hooks logged, attempt by attempt (prorch.model.step_logs)
 
 
 class EventRecord(Record, kw_only=True):

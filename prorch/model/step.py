@@ -12,11 +12,14 @@ from typing import Any, ClassVar, Literal, Protocol
 
 from pydantic import BaseModel, ValidationError
 
+from prorch.model import attributes as search_attributes
+from prorch.model import defaults
 from prorch.model.exceptions import InvalidOutputError, StepUsageError, UnstorableValueError
 from prorch.model.jsonvalue import ParamsDict, checked_copy, copy_json
 from prorch.model.mixins import HookResult
 from prorch.model.patches import is_patched
 from prorch.model.records import JSONDict, PipelineRecord, StepRecord
+from prorch.model.step_logs import LogBuffer, StepLog
 
 logger = logging.getLogger("prorch.model.step")
 
@@ -90,6 +93,9 @@ class Step:
         self._logger: logging.LoggerAdapter[logging.Logger] | None = None
         self._context: JSONDict | None = None
         self._progress: JSONDict | None = None
+        self._attributes: dict[str, str] | None = None  # the pipeline's, once set_attribute() changed them
+        self.log_buffer = LogBuffer(defaults.STEP_LOG_LINES.default)  # the engine sets its cap
+        self._log: Any = None  # a StepLog, made when first used (or what a step of older code set)
 
     # --- what a hook reads ---------------------------------------------------------------------
 
@@ -102,6 +108,20 @@ class Step:
                 {"pipeline_uuid": self._record.pipeline_uuid, "step_uuid": self._record.uuid},
             )
         return self._logger
+
+    @property
+    def log(self) -> StepLog:
+        """``self.logger``, whose lines are also stored with this step attempt (``prorch show
+        --logs``, the dashboard), with the transition that records this hook's outcome, also
+        when it raises. A hook whose worker dies loses them with its transition."""
+        if self._log is None:
+            self._log = StepLog(self.logger.logger, dict(self.logger.extra or {}), self.log_buffer)
+        return self._log  # type: ignore[no-any-return]
+
+    @log.setter
+    def log(self, value: Any) -> None:
+        """Steps written before ``self.log`` existed may use the name for their own things."""
+        self._log = value
 
     @property
     def uuid(self) -> str:
@@ -195,6 +215,34 @@ class Step:
         if note is not None and not isinstance(note, str):
             raise StepUsageError(f"progress(note=...) needs a str, got {type(note).__name__}")
         self._progress = {"done": done, "total": total, "note": note, "at": datetime.now(timezone.utc).isoformat()}
+
+    @property
+    def attributes(self) -> dict[str, str]:
+        """The pipeline's search attributes, with this hook's ``set_attribute`` calls (a copy)."""
+        return dict(self._pipeline.attributes if self._attributes is None else self._attributes)
+
+    def set_attribute(self, name: str, value: str | None) -> None:
+        """Set the pipeline's search attribute ``name`` to ``value`` (a string; None removes
+        it). Stored with this hook's transition, all or nothing: if the hook raises, nothing
+        is set. A bad name or value raises ``StepUsageError`` here."""
+        found = search_attributes.problem(name, "" if value is None else value)
+        if found is not None:
+            raise StepUsageError(f"set_attribute: {found}")
+        changed = self.attributes
+        if value is None:
+            changed.pop(name, None)
+        else:
+            changed[name] = value
+        if len(changed) > search_attributes.MAX_ATTRIBUTES:
+            raise StepUsageError(
+                f"set_attribute({name!r}): a pipeline has at most {search_attributes.MAX_ATTRIBUTES} attributes"
+            )
+        self._attributes = changed
+
+    @property
+    def changed_attributes(self) -> dict[str, str] | None:
+        """The pipeline's attributes after this hook's ``set_attribute`` calls; None without any."""
+        return self._attributes
 
     @property
     def reported_progress(self) -> JSONDict | None:

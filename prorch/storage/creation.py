@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
+from prorch.model import attributes as search_attributes
 from prorch.model import trace_context
 from prorch.model.clock import Clock
 from prorch.model.definition import PipelineDefinition
@@ -50,12 +51,14 @@ def create_pipelines(
     priority: int | None = None,
     uuid: str | None = None,
     parent_uuid: str | None = None,
+    attributes: JSONDict | None = None,
 ) -> list[tuple[PipelineRecord, bool]]:
     """Validate every params first, then store the pipelines, pending and due now, in one
     transaction. Returns each pipeline's record and whether it was created now (False: its key
-    or uuid named an equal pipeline already stored). Invalid params store nothing."""
+    or uuid named an equal pipeline already stored). Invalid params or attributes store nothing."""
     check_declared(definition, registry)
     merged = with_tenant(context, tenant)
+    labels = search_attributes.checked(attributes)
     validated = []
     for index, item in enumerate(items):
         try:
@@ -79,6 +82,7 @@ def create_pipelines(
             key=key,
             parent_uuid=parent_uuid,
             trace=trace_context.new_carrier(definition.name),
+            attributes=labels,
         )
         for item, given, key in zip(validated, uuids, keys, strict=True)
     ]
@@ -113,6 +117,7 @@ def build_records(
     key: str | None = None,
     parent_uuid: str | None = None,
     trace: JSONDict | None = None,
+    attributes: dict[str, str] | None = None,
 ) -> list[Record]:
     """A new pipeline's records, in write order: its steps, its ``pipeline.created`` event, and
     the pipeline itself (due now when pending). ``params`` must be validated already."""
@@ -132,6 +137,7 @@ def build_records(
         parent_uuid=parent_uuid,
         trace=trace,
         concurrency_key=_concurrency_key(definition, params, context),
+        attributes=dict(attributes) if attributes else {},
     )
     steps: list[Record] = [
         StepRecord(

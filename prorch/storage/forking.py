@@ -3,7 +3,9 @@ outputs of the original's finished steps before the named step and runs from tha
 
 The original is never changed: it only gains a ``pipeline.rerun`` event naming the new
 pipeline, written in the same transaction as the new pipeline's records, so both histories
-say where the work went, or neither does."""
+say where the work went, or neither does. The new pipeline carries the original's search
+attributes as they stand (it does the same work for the same customer, say), so filtering by
+them finds both."""
 
 from __future__ import annotations
 
@@ -72,6 +74,7 @@ def store_rerun(
         context=dict(original.context),
         priority=original.priority,
         trace=trace_context.new_carrier(plan.definition.name),
+        attributes=original.attributes,
     )
     pipeline = next(record for record in records if isinstance(record, PipelineRecord))
     pipeline.metadata[FORKED_FROM] = {"uuid": original.uuid, "step": plan.from_step}

@@ -7,11 +7,11 @@ from __future__ import annotations
 import json
 import re
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
-from prorch.model import substates
+from prorch.model import attributes, substates
 from prorch.model.exceptions import InvalidParamsError
 from prorch.model.keys import check_key
 from prorch.model.patches import recorded as recorded_patches
@@ -55,9 +55,22 @@ def checked(query: PipelineQuery) -> PipelineQuery:
             raise InvalidParamsError(f"state {query.state!r}: use one of {', '.join(substates.STATES)}")
         if query.now is None:
             raise InvalidParamsError("a state filter needs the time to judge it at (query.now)")
+    if query.attributes is not None:
+        query = replace(query, attributes=_checked_filter(query.attributes))
     if query.key is not None:
         check_key(query.key)  # every pipeline of the key: with if_running or debounce, it may name several
     return query
+
+
+def _checked_filter(wanted: Any) -> dict[str, str]:
+    """An attributes filter: the same rules as the attributes a pipeline may carry."""
+    if not isinstance(wanted, dict):
+        raise InvalidParamsError(f"attributes filter must be a dict of str to str, got {type(wanted).__name__}")
+    for name, value in wanted.items():
+        found = attributes.problem(name, value)
+        if found is not None:
+            raise InvalidParamsError(f"attributes filter: {found}")
+    return dict(wanted)
 
 
 def matches(record: PipelineRecord, query: PipelineQuery) -> bool:
@@ -78,6 +91,8 @@ def matches(record: PipelineRecord, query: PipelineQuery) -> bool:
     if query.tenant is not None and not same_json(record.context.get("tenant", _MISSING), query.tenant):
         return False
     if query.param is not None and not same_json(record.params.get(query.param[0], _MISSING), query.param[1]):
+        return False
+    if not attributes.matches(record.attributes, query.attributes):
         return False
     return within(record.created_at, query.created_since, query.created_until) and within(
         record.updated_at, query.updated_since, query.updated_until

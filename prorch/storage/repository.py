@@ -127,7 +127,8 @@ class PipelineQuery:
     """Which pipelines a listing wants, newest first (``created_at``, then ``uuid``, descending).
 
     Every filter given must match; ``param`` is ``(field, value)`` on a top-level params field
-    (a str, number or bool) and ``tenant`` reads ``context["tenant"]``. ``after`` is the keyset
+    (a str, number or bool), ``tenant`` reads ``context["tenant"]`` and ``attributes`` are
+    search attributes the pipeline must carry with those values. ``after`` is the keyset
     cursor: the ``(created_at, uuid)`` of the last pipeline of the previous page. ``count``
     asks for the total number of matches as well (without ``after`` and ``limit``). ``state``
     splits pending by ``prorch.model.substates.state_of`` at ``now``; a repository that filters
@@ -150,6 +151,7 @@ class PipelineQuery:
     state: str | None = None  # running, due, waiting... (prorch.model.substates) or an ended status
     now: datetime | None = None  # what ``state`` is judged at (the store's clock)
     holds: Holds | None = None  # the classes held by their limits at ``now`` (pauses: the store's own)
+    attributes: dict[str, str] | None = None  # search attributes, each to match (prorch.model.attributes)
 
 
 @runtime_checkable

@@ -188,9 +188,10 @@ class SeedAdapter(_WorkerRowsAsMessages, RepositoryBackend):
         return [row for _, row in candidates[:limit]]
 
     def query_pipelines(self, query: PipelineQuery) -> tuple[list[JSONDict], int | None]:
-        """The user's own query where it has one; a state filter (newer than that protocol, so
-        perhaps unknown to it) in Python over every pipeline."""
-        if self.listing is not None and query.state is None:
+        """The user's own query where it has one; a state or attributes filter (newer than that
+        protocol, so perhaps unknown to it) in Python over every pipeline, whose records keep
+        their attributes."""
+        if self.listing is not None and query.state is None and not query.attributes:
             return self.listing.query_pipelines(query)
         return super().query_pipelines(query)
 

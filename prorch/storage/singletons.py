@@ -15,6 +15,7 @@ from datetime import datetime, timedelta
 from typing import Literal, cast, get_args
 
 from prorch.model import trace_context
+from prorch.model.attributes import checked as checked_attributes
 from prorch.model.clock import Clock
 from prorch.model.definition import PipelineDefinition
 from prorch.model.exceptions import (
@@ -77,6 +78,7 @@ def create_single(
     context: JSONDict | None = None,
     tenant: str | None = None,
     priority: int | None = None,
+    attributes: dict[str, str] | None = None,
 ) -> tuple[PipelineRecord, bool]:
     """Create (True) or find or update (False) the pipeline of ``key`` by ``if_running`` or
     ``debounce``. Invalid params, key or options raise before anything is stored."""
@@ -84,11 +86,12 @@ def create_single(
     check_key(key)
     merged_context = creation.with_tenant(context, tenant)
     validated = definition.validate_params(params)
+    searchable = checked_attributes(attributes)
     for attempt in range(1, UPDATE_ATTEMPTS + 1):
         try:
             return _create_or_find(
                 store, definition, validated, key, if_running=if_running, debounce=debounce, registry=registry,
-                clock=clock, context=merged_context, priority=priority,
+                clock=clock, context=merged_context, priority=priority, attributes=searchable,
             )  # fmt: skip
         except ConcurrentUpdateError:
             if attempt == UPDATE_ATTEMPTS:
@@ -108,6 +111,7 @@ def _create_or_find(
     clock: Clock,
     context: JSONDict,
     priority: int | None,
+    attributes: dict[str, str],
 ) -> tuple[PipelineRecord, bool]:
     """One try of ``create_single``, in one transaction holding the key's lock."""
     with store.transaction():
@@ -122,7 +126,7 @@ def _create_or_find(
             return kept, False
         group = creation.build_records(
             definition, params, now=now, context=context, priority=priority, key=key,
-            trace=trace_context.new_carrier(definition.name),
+            trace=trace_context.new_carrier(definition.name), attributes=attributes,
         )  # fmt: skip
         if debounce is not None:
             _wait_until(group, now + debounce)

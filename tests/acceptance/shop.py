@@ -57,6 +57,7 @@ class Ship(OnStartMixin, OnContinueMixin, Step):
 
     def on_continue(self) -> None:
         if self.params.item == "slowpoke" and self.receive("ship_now") is None:
+            self.log.info("no ship_now yet for %s", self.params.item)
             self.progress(1, 4, note="in transit")
             self.wait(seconds=3600)
         else:

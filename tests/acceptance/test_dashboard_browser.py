@@ -29,7 +29,9 @@ def test_an_operator_watches_filters_and_cancels(tmp_path: Path) -> None:
     workdir = shop_workdir(tmp_path)
     for n in range(4):
         prorch(workdir, "start", "Order", "-p", f"item=book{n}", "-p", f"qty={n + 1}")
-    slow = prorch(workdir, "start", "Order", "-p", "item=slowpoke", "-p", "qty=7", "--tenant", "acme").strip()
+    slow = prorch(
+        workdir, "start", "Order", "-p", "item=slowpoke", "-p", "qty=7", "--tenant", "acme", "--attr", "customer=acme"
+    ).strip()
     with (
         running(workdir, "worker", "--interval", "0.2"),
         dashboard(workdir, token=TOKEN) as (base, _),
@@ -57,6 +59,11 @@ def test_an_operator_watches_filters_and_cancels(tmp_path: Path) -> None:
         page.click("button[type=submit]")
         assert page.locator("#total").inner_text().startswith("1 matching")
         assert page.locator("#pipelines tbody tr").get_attribute("data-uuid") == slow
+        page.fill("input[name=param]", "")
+        page.fill("input[name=attributes]", "customer=acme")  # search attributes (#29)
+        page.click("button[type=submit]")
+        assert page.locator("#total").inner_text().startswith("1 matching")
+        assert page.locator("#pipelines tbody tr").get_attribute("data-uuid") == slow
         page.screenshot(path=str(ARTIFACTS / "pipelines.png"), full_page=True)
 
         # one pipeline: its steps as a timeline, with the progress its hook reported
@@ -65,6 +72,10 @@ def test_an_operator_watches_filters_and_cancels(tmp_path: Path) -> None:
         assert "1/4 (25%)" in page.locator("[data-step=Ship] .progress").inner_text()
         assert "in transit" in page.locator("[data-step=Ship] .progress").inner_text()
         assert re.search(r"waiting", page.locator("#next-run").inner_text())
+        assert page.locator("#attributes").inner_text().strip() == "customer=acme"
+        logs = page.locator("[data-step=Ship] .step-logs")  # what on_continue logged with self.log
+        assert "logs of attempt 1" in logs.locator("summary").inner_text()
+        assert "INFO    no ship_now yet for slowpoke" in logs.locator("pre.logs").inner_text()
         page.screenshot(path=str(ARTIFACTS / "pipeline.png"), full_page=True)
 
         # before logging in: the buttons are shown as unavailable, with why
