@@ -63,8 +63,10 @@ Timestamp = sa.DateTime(timezone=True)
 
 
 def upgrade() -> None:
+    # a plain string default: with a SQL expression as default, SQLite's batch would copy the
+    # table to add the column, and the copy would lose the DESC of the claim indexes (0016)
     with op.batch_alter_table("pipelines") as batch:
-        batch.add_column(sa.Column("attributes", Json, nullable=False, server_default=sa.text("'{}'")))
+        batch.add_column(sa.Column("attributes", Json, nullable=False, server_default="{}"))
     op.create_table(
         "pipeline_attributes",
         sa.Column("pipeline_uuid", sa.String(36), nullable=False),
