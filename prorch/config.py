@@ -39,6 +39,19 @@ PYPROJECT_FILE = "pyproject.toml"
 PYPROJECT_TABLE = ("tool", "prorch")
 
 
+Scope = Literal["read", "act", "start"]
+
+
+class ApiToken(BaseModel):
+    """One token of the HTTP API (``/api/v1/``), under a label that the logs name (never the
+    token): what it may do (``scopes``) and, optionally, to which pipeline names."""
+
+    model_config = ConfigDict(extra="forbid")
+    token: SecretStr = Field(min_length=16, description="the bearer token (16 characters or more)")
+    scopes: list[Scope] = Field(min_length=1, description="read (get, result, list), act (send, cancel, retry), start")
+    names: list[str] | None = Field(default=None, description="pipeline names it may touch (unset: every name)")
+
+
 class PipelineOverride(BaseModel):
     """Per-pipeline settings that override the class attributes, by pipeline name."""
 
@@ -114,6 +127,10 @@ class SettingsFields(BaseModel):
     dashboard_allowed_hosts: Names = Field(
         default_factory=list,
         description="host names the dashboard answers to besides its address and localhost (* for any)",
+    )
+    api_tokens: dict[str, ApiToken] = Field(
+        default_factory=dict,
+        description="tokens of the dashboard's HTTP API /api/v1/, by label (unset: the API answers 401)",
     )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(default="INFO", description="log level")
     log_format: Literal["text", "json"] = Field(default="text", description="log line format")
@@ -226,7 +243,7 @@ def load_settings(
     for where, values in layers:
         _validate_layer(where, values)
         for key, value in values.items():
-            if key in ("pipelines", "steps") and isinstance(value, dict):
+            if key in ("pipelines", "steps", "api_tokens") and isinstance(value, dict):
                 merged[key] = {**merged.get(key, {}), **value}
             else:
                 merged[key] = value

@@ -112,7 +112,13 @@ def dashboard(ctx: Context, host: str | None, port: int | None, allowed_host: tu
         token = settings.dashboard_token.get_secret_value() if settings.dashboard_token else None
         host, port = settings.dashboard_host, settings.dashboard_port
         hosts = allowed_hosts(host, settings.dashboard_allowed_hosts)
-        app = create_app(orchestrator, token=token, store_name=redact_url(settings.repository), allowed_hosts=hosts)
+        app = create_app(
+            orchestrator,
+            token=token,
+            store_name=redact_url(settings.repository),
+            allowed_hosts=hosts,
+            api_tokens=settings.api_tokens,
+        )
     if not token:
         click.echo("dashboard is read-only: set PRORCH_DASHBOARD_TOKEN to allow cancel, retry and send", err=True)
     if host not in LOOPBACK and not token:

@@ -9,7 +9,7 @@ import functools
 import json
 import logging
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
@@ -26,7 +26,8 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from prorch.bulk import BulkSummary
-from prorch.dashboard import acting, chart, timeline, versions_api, views
+from prorch.config import ApiToken
+from prorch.dashboard import acting, chart, service_api, timeline, versions_api, views
 from prorch.dashboard.security import LOCAL_HOSTS, SESSION_COOKIE, Guard, HostCheck, Throttle
 from prorch.display import format_seconds, format_time
 from prorch.model.exceptions import (
@@ -76,11 +77,13 @@ def create_app(
     token: str | None = None,
     store_name: str = "",
     allowed_hosts: Iterable[str] = LOCAL_HOSTS,
+    api_tokens: Mapping[str, ApiToken] | None = None,
 ) -> Starlette:
     """The dashboard over ``orchestrator``'s store. Without ``token`` it is read-only; with it,
     cancel, retry and send are allowed to a logged-in browser (with CSRF tokens) or to an API
     client that sends ``Authorization: Bearer TOKEN``. Only requests whose ``Host`` is one of
-    ``allowed_hosts`` are answered (see ``security.allowed_hosts``)."""
+    ``allowed_hosts`` are answered (see ``security.allowed_hosts``). ``api_tokens`` open the
+    HTTP API for other services under ``/api/v1/`` (``service_api``)."""
     guard = Guard(token or None)
     throttle = Throttle()
     cache = views.StatsCache(orchestrator)
@@ -326,6 +329,7 @@ def create_app(
         Route(action_path, act_from_page, methods=["POST"]),
         Route("/login", login, methods=["GET", "POST"]),
         Route("/logout", logout, methods=["POST"]),
+        Mount("/api/v1", routes=service_api.routes(orchestrator, api_tokens or {}, off_loop)),
         Route("/api/overview", api_overview),
         Route("/api/pipelines", api_pipelines),
         Route("/api/pipelines/{uuid}", api_pipeline),
