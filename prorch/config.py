@@ -47,9 +47,16 @@ class ApiToken(BaseModel):
     token): what it may do (``scopes``) and, optionally, to which pipeline names."""
 
     model_config = ConfigDict(extra="forbid")
-    token: SecretStr = Field(min_length=16, description="the bearer token (16 characters or more)")
+    token: SecretStr = Field(description="the bearer token (16 characters or more)")
     scopes: list[Scope] = Field(min_length=1, description="read (get, result, list), act (send, cancel, retry), start")
     names: list[str] | None = Field(default=None, description="pipeline names it may touch (unset: every name)")
+
+    @field_validator("token")
+    @classmethod
+    def _long_enough(cls, value: SecretStr) -> SecretStr:
+        if len(value.get_secret_value()) < 16:
+            raise ValueError("a token needs 16 characters or more: make one with openssl rand -hex 20")
+        return value
 
 
 class PipelineOverride(BaseModel):

@@ -206,3 +206,6 @@ def test_api_tokens_come_from_the_environment_as_json(tmp_path: Path, monkeypatc
     monkeypatch.setenv("PRORCH_API_TOKENS", json.dumps({"billing": {"token": READ, "scopes": ["write"]}}))
     with pytest.raises(Exception, match=r"api_tokens\.billing\.scopes"):
         load_settings(cwd=tmp_path)
+    monkeypatch.setenv("PRORCH_API_TOKENS", json.dumps({"billing": {"token": "short", "scopes": ["read"]}}))
+    with pytest.raises(Exception, match="a token needs 16 characters or more"):
+        load_settings(cwd=tmp_path)
