@@ -129,6 +129,9 @@ def dashboard(ctx: Context, host: str | None, port: int | None, allowed_host: tu
         )
     click.echo(f"prorch dashboard on http://{host}:{port}/ ({redact_url(settings.repository)})", err=True)
     click.echo(f"answering to Host: {', '.join(hosts)} (add names with --allowed-host)", err=True)
+    labels = ", ".join(sorted(settings.api_tokens))
+    click.echo(f"HTTP API on /api/v1/ for tokens {labels}" if labels else
+               "HTTP API /api/v1/ is closed: set PRORCH_API_TOKENS to open it (docs/api.md)", err=True)  # fmt: skip
     uvicorn.run(app, host=host, port=port, log_level="warning")
 
 

@@ -47,7 +47,8 @@ from prorch.storage.outside import NO_PAYLOAD
 logger = logging.getLogger(__name__)
 MAX_WAIT = 60.0
 """Seconds a long poll on ``/result`` waits at most (``timeout`` is capped to it)."""
-POLL = 0.25
+POLL = 1.0
+"""Seconds between a long poll's reads of the pipeline, at most (it starts at 50 ms and doubles)."""
 FAILED_TOKEN_DELAY = 0.5
 START_FIELDS = ("params", "version", "key", "tenant", "priority", "attributes", "if_running", "debounce")
 OffLoop = Callable[..., Awaitable[Any]]
@@ -113,10 +114,10 @@ def routes(orchestrator: Orchestrator, api_tokens: Mapping[str, ApiToken], off_l
         uuid = request.path_params["uuid"]
         timeout = wait_seconds(request.query_params.get("timeout"))
         deadline = time.monotonic() + timeout
-        record = await record_for(caller, uuid)
+        record, delay = await record_for(caller, uuid), 0.05
         while record.status not in TERMINAL and time.monotonic() < deadline:
-            await asyncio.sleep(min(POLL, max(deadline - time.monotonic(), 0)))
-            record = await record_for(caller, uuid)
+            await asyncio.sleep(min(delay, max(deadline - time.monotonic(), 0)))  # no thread held meanwhile
+            record, delay = await record_for(caller, uuid), min(delay * 2, POLL)
         if record.status not in TERMINAL:
             message = f"pipeline {uuid} did not end within {timeout:g}s (it is {record.status.value}): ask again"
             return JSONResponse({"uuid": uuid, "status": record.status.value, "message": message},
