@@ -132,6 +132,31 @@ def test_a_refused_start_says_why_and_stores_nothing(
     assert stored(orchestrator) == 0
 
 
+@pytest.mark.parametrize(
+    ("action", "token", "raw", "status", "message"),
+    [
+        ("send", READ, b'{"name": "go"}', 403, "token 'reader' lacks the 'act' scope"),
+        ("send", ONLY_OTHER, b'{"name": "go"}', 403, "may not touch pipelines named 'Invoice'"),
+        ("send", ACT, b'{"name": "go",', 400, "the body is not JSON"),
+        ("send", ACT, b'{"payload": 1}', 400, "a message needs a name"),
+        ("cancel", READ, b"", 403, "token 'reader' lacks the 'act' scope"),
+        ("cancel", ONLY_OTHER, b"", 403, "may not touch pipelines named 'Invoice'"),
+        ("cancel", ACT, b'{"reason": 7}', 422, "reason must be a text"),
+        ("cancel", "x" * 20, b"", 401, "wrong API token"),
+    ],
+)
+def test_a_refused_action_says_why_and_changes_nothing(
+    setup: tuple[Any, Orchestrator], action: str, token: str, raw: bytes, status: int, message: str
+) -> None:
+    app, orchestrator = setup
+    uuid = Invoice.create(orchestrator.store.backend, GOOD["params"], registry=orchestrator.registry).uuid
+    got, body = call(app, "POST", f"/api/v1/pipelines/{uuid}/{action}", token=token, raw=raw)
+    assert got == status, body
+    assert message in body["error"]["message"]
+    assert orchestrator.store.messages_of(uuid) == []
+    assert orchestrator.get(uuid).pipeline.status.value == "pending" and len(orchestrator.history(uuid)) == 1
+
+
 def test_the_cli_and_the_api_say_the_same_for_invalid_params(setup: tuple[Any, Orchestrator]) -> None:
     app, orchestrator = setup
     with pytest.raises(Exception) as raised:
