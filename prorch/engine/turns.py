@@ -89,6 +89,7 @@ class Turns:
             return (yield from self.failed(run, step, exc, now, name))
         self.keep_logs(step, instance)
         runtime.merge()
+        self.journal.emitted(run, instance.emitted, now)
         try:
             step.metadata = instance.metadata
             if instance.reported_progress is not None:
