@@ -6,13 +6,23 @@ a user's four-method repository (the seed adapter's fallback)."""
 
 from __future__ import annotations
 
+import contextlib
+import json
+import socket
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
+from click.testing import CliRunner
 
-from prorch import FakeClock, Orchestrator, StepUsageError
+from prorch import FakeClock, Orchestrator, StepUsageError, WaitTimeoutError
+from prorch.cli.commands import main
 from prorch.model.registry import Registry
 from prorch.model.streams import MAX_ENTRY_BYTES
 from tests.integration.conftest import make_backend
@@ -127,3 +137,128 @@ def test_retention_removes_the_stream_with_its_pipeline(
     assert orchestrator.store.last_stream_seq(gone) == 0
     assert orchestrator.store.stream_entries(gone) == []
     assert values(orchestrator.stream(kept)) == [{"n": 1}]
+
+
+def test_following_ends_when_the_pipeline_ends(tmp_path: Path, registry: Registry) -> None:
+    """A reader follows while a worker (a thread here) runs the pipeline, and stops once the
+    pipeline has ended and its last transition's entries are read."""
+    url = f"sqlite:///{tmp_path / 'follow.db'}"
+
+    def ticking(self: Any) -> None:
+        turn = self.metadata.setdefault("turn", 0)
+        self.emit(turn)
+        self.metadata["turn"] = turn + 1
+        if turn == 4:
+            self.finish()
+
+    uuid = pipeline_of(step_of("Tick", ticking, ticking), name="Job").create(url, {}).uuid
+    orchestrator = Orchestrator(url, registry=registry)
+    reader = Orchestrator(url, registry=registry)
+    worker = threading.Thread(target=lambda: [orchestrator.execute_pipelines() or time.sleep(0.05) for _ in range(5)])
+    worker.start()
+    try:
+        assert values(reader.stream(uuid, timeout=60, poll=0.05)) == [0, 1, 2, 3, 4]
+    finally:
+        worker.join(60)
+    assert reader.get(uuid).pipeline.status.value == "finished"
+    with pytest.raises(WaitTimeoutError, match="no end within"):  # a pipeline that never ends
+        waiting = pipeline_of(step_of("Idle", lambda s: s.emit(1), lambda s: s.wait(3600)), name="Idle")
+        idle = waiting.create(url, {}).uuid
+        orchestrator.execute_pipelines()
+        list(reader.stream(idle, timeout=0.3, poll=0.05))
+
+
+def test_prorch_stream_prints_resumes_and_follows(tmp_path: Path, registry: Registry) -> None:
+    url = f"sqlite:///{tmp_path / 'cli.db'}"
+    job = pipeline_of(step_of("Count", counting, counting), name="Job")
+    uuid = job.create(url, {}).uuid
+    clock = FakeClock()
+    orchestrator = Orchestrator(url, registry=registry, clock=clock)
+    orchestrator.execute_pipelines()
+    shown = CliRunner().invoke(main, ["-r", url, "stream", uuid])
+    assert shown.exit_code == 0, shown.output
+    lines = shown.stdout.splitlines()
+    assert [line.split("  ")[0] for line in lines] == ["1", "2", "3"]
+    assert lines[0].endswith('{"turn": 0, "i": 0}')
+    resumed = CliRunner().invoke(main, ["-r", url, "stream", uuid, "--after", "2", "--json"])
+    assert [json.loads(line)["seq"] for line in resumed.stdout.splitlines()] == [3]
+    assert json.loads(resumed.stdout)["value"] == {"turn": 0, "i": 2}
+    timed_out = CliRunner().invoke(main, ["-r", url, "stream", uuid, "--follow", "--timeout", "0.2"])
+    assert timed_out.exit_code == 1 and "no end within" in timed_out.stderr
+    for _ in range(2):
+        clock.advance(61)
+        orchestrator.execute_pipelines()
+    followed = CliRunner().invoke(main, ["-r", url, "stream", uuid, "--follow", "--after", "3", "--json"])
+    assert followed.exit_code == 0, followed.output
+    assert [json.loads(line)["seq"] for line in followed.stdout.splitlines()] == list(range(4, 10))
+    missing = CliRunner().invoke(main, ["-r", url, "stream", "no-such-uuid"])
+    assert missing.exit_code != 0 and "no-such-uuid" in missing.stderr
+
+
+@contextlib.contextmanager
+def serving(app: Any) -> Iterator[str]:
+    """``app`` served by a real uvicorn on a free local port, in a thread."""
+    uvicorn = pytest.importorskip("uvicorn")
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(30)
+
+
+def sse_events(body: str) -> list[dict[str, str]]:
+    """The events of a text/event-stream body (comments left out)."""
+    found = []
+    for block in body.split("\n\n"):
+        fields = dict(line.split(": ", 1) for line in block.splitlines() if line and not line.startswith(":"))
+        if fields:
+            found.append(fields)
+    return found
+
+
+def test_the_dashboard_serves_the_stream_as_server_sent_events(tmp_path: Path, registry: Registry) -> None:
+    pytest.importorskip("starlette")
+    from prorch.dashboard.app import create_app
+
+    url = f"sqlite:///{tmp_path / 'sse.db'}"
+    job = pipeline_of(step_of("Count", counting, counting), name="Job")
+    uuid = job.create(url, {}).uuid
+    clock = FakeClock()
+    orchestrator = Orchestrator(url, registry=registry, clock=clock)
+    orchestrator.execute_pipelines()
+    with serving(create_app(Orchestrator(url, registry=registry))) as base:
+
+        def finish_later() -> None:
+            time.sleep(0.5)  # the client is following by then: the rest arrives while it waits
+            for _ in range(2):
+                clock.advance(61)
+                orchestrator.execute_pipelines()
+
+        worker = threading.Thread(target=finish_later)
+        worker.start()
+        with urllib.request.urlopen(f"{base}/api/pipelines/{uuid}/stream?after=1", timeout=60) as response:
+            assert response.headers["content-type"].startswith("text/event-stream")
+            events = sse_events(response.read().decode())  # returns once the server ends the stream
+        worker.join(60)
+        entries, end = events[:-1], events[-1]
+        assert [int(e["id"]) for e in entries] == list(range(2, 10))
+        assert [json.loads(e["data"])["seq"] for e in entries] == list(range(2, 10))
+        assert json.loads(entries[0]["data"])["value"] == {"turn": 0, "i": 1}
+        assert end == {"event": "end", "data": '{"status": "finished"}'}
+        request = urllib.request.Request(f"{base}/api/pipelines/{uuid}/stream", headers={"Last-Event-ID": "8"})
+        with urllib.request.urlopen(request, timeout=60) as response:  # a reconnecting EventSource
+            assert [e.get("id") for e in sse_events(response.read().decode())] == ["9", None]
+        for path, code in (("no-such-uuid/stream", 404), (f"{uuid}/stream?after=x", 400)):
+            with pytest.raises(urllib.error.HTTPError) as refused:
+                urllib.request.urlopen(f"{base}/api/pipelines/{path}", timeout=60)
+            assert refused.value.code == code and "error" in json.loads(refused.value.read())
