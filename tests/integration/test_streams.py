@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import signal
 import socket
+import subprocess
 import threading
 import time
 import urllib.error
@@ -27,6 +29,7 @@ from prorch.model.registry import Registry
 from prorch.model.streams import MAX_ENTRY_BYTES
 from tests.integration.conftest import make_backend
 from tests.support.builders import pipeline_of, step_of
+from tests.support.processes import PRORCH, child_env, wait_for
 
 KINDS = ["sqlite", "postgresql", "memory", "tinydb", "seed"]
 
@@ -262,3 +265,59 @@ def test_the_dashboard_serves_the_stream_as_server_sent_events(tmp_path: Path, r
             with pytest.raises(urllib.error.HTTPError) as refused:
                 urllib.request.urlopen(f"{base}/api/pipelines/{path}", timeout=60)
             assert refused.value.code == code and "error" in json.loads(refused.value.read())
+
+
+@pytest.mark.slow
+def test_stream_order_and_resume_under_a_sigkilled_emitter(
+    tmp_path: Path, processes: list[subprocess.Popen[str]]
+) -> None:
+    """A real ``prorch worker`` whose hook emits, then blocks, is SIGKILLed; another worker reruns
+    the step. The stream holds exactly the committed entries, in order, with no gap and no
+    duplicate: the killed hook's entries were never stored, its rerun's are."""
+    (tmp_path / "prorch.toml").write_text('repository = "sqlite:///jobs.db"\napp = ["fault_app"]\n')
+    log = tmp_path / "log"
+
+    def worker(**env: str) -> subprocess.Popen[str]:
+        process = subprocess.Popen(
+            [PRORCH, "worker", "--interval", "0.2", "--lease-seconds", "3"],
+            cwd=tmp_path, env=child_env(FAULT_LOG=str(log), **env), stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL, text=True,
+        )  # fmt: skip
+        processes.append(process)
+        return process
+
+    def stream(*args: str) -> list[dict[str, Any]]:
+        done = subprocess.run(
+            [PRORCH, "stream", uuid, "--json", *args], cwd=tmp_path, env=child_env(), capture_output=True,
+            text=True, timeout=60,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        return [json.loads(line) for line in done.stdout.splitlines()]
+
+    started = subprocess.run(
+        [PRORCH, "start", "Streaming"], cwd=tmp_path, env=child_env(), capture_output=True, text=True, timeout=60
+    )
+    assert started.returncode == 0, started.stderr
+    uuid = started.stdout.strip()
+    doomed = worker(STREAM_BLOCK="1")
+    wait_for(lambda: log.exists() and "blocked" in log.read_text(), 30, "the hook to block after emitting")
+    before = stream()
+    assert [(e["seq"], e["value"]["v"], e["value"]["pid"]) for e in before] == [
+        (1, "a", doomed.pid),
+        (2, "b", doomed.pid),
+    ]  # on_start's transition is stored; on_continue's entries are not (its transition is not)
+    doomed.send_signal(signal.SIGKILL)
+    doomed.wait(30)
+    rescuer = worker()
+    followed = subprocess.run(
+        [PRORCH, "stream", uuid, "--json", "--follow", "--after", "1", "--timeout", "60"],
+        cwd=tmp_path, env=child_env(), capture_output=True, text=True, timeout=90,
+    )  # fmt: skip
+    assert followed.returncode == 0, followed.stderr
+    after = [json.loads(line) for line in followed.stdout.splitlines()]
+    assert [(e["seq"], e["value"]["v"], e["value"]["pid"]) for e in after] == [
+        (2, "b", doomed.pid),
+        (3, "c", rescuer.pid),
+        (4, "d", rescuer.pid),
+    ]
+    assert [e["seq"] for e in stream()] == [1, 2, 3, 4]
