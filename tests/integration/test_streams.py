@@ -99,6 +99,21 @@ def test_a_hook_that_raises_stores_no_entry(
     assert [(e.seq, e.value) for e in entries] == [(1, "attempt 3")]
 
 
+def test_rollback_hooks_emit_with_their_transition(tmp_path: Path, registry: Registry) -> None:
+    url = f"sqlite:///{tmp_path / 'rollback.db'}"
+
+    def fail(self: Any) -> None:
+        self.emit("failing")
+        raise RuntimeError("down")
+
+    charge = step_of("Charge", lambda s: s.emit("charged"), on_rollback=lambda s: s.emit("refunded"))
+    uuid = pipeline_of(charge, step_of("Ship", fail), name="Job").create(url, {}).uuid
+    orchestrator = Orchestrator(url, registry=registry)
+    orchestrator.execute_pipelines()
+    assert orchestrator.get(uuid).pipeline.status.value == "failed"
+    assert [(e.seq, e.value) for e in orchestrator.stream(uuid)] == [(1, "charged"), (2, "refunded")]
+
+
 def test_a_bad_value_fails_the_attempt_with_one_clear_error(tmp_path: Path, registry: Registry) -> None:
     url = f"sqlite:///{tmp_path / 'bad.db'}"
 
