@@ -71,7 +71,10 @@ class Turns:
             instance = self.journal.instance(run, step, now, runtime)
             instance.log_buffer.cap = self.log_lines
             if defines_hook(cls, name):
-                self.invoker.call(run, step, now, self.hook_of(instance, name), name)
+                try:
+                    self.invoker.call(run, step, now, self.hook_of(instance, name), name)
+                finally:
+                    runtime.close()
             if instance.verdict is None and not has_continue:
                 instance.finish()  # its only hook returned: done, its Output model still applies
             check_json(instance.metadata, "metadata")

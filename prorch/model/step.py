@@ -38,6 +38,8 @@ class StepRuntime(Protocol):
 
     def child_result(self, step: Step, uuid: str) -> Any: ...
 
+    def emit_now(self, step: Step, value: Any) -> None: ...
+
 
 @dataclass(frozen=True)
 class Verdict:
@@ -240,15 +242,26 @@ class Step:
             )
         self._attributes = changed
 
-    def emit(self, value: Any) -> None:
+    def emit(self, value: Any, *, now: bool = False) -> None:
         """Append ``value`` (a JSON value, at most ``prorch.model.streams.MAX_ENTRY_BYTES`` of
         JSON) to the pipeline's stream (``Orchestrator.stream``, ``prorch stream``). Stored with
         this hook's transition, all or nothing: if the hook raises, or its worker dies first,
-        nothing of this call is stored, and a rerun emits again. A bad value raises
-        ``StepUsageError`` here."""
+        nothing of this call is stored, and a rerun emits again. ``now=True`` (``on_start`` and
+        ``on_continue`` only): stored at once, for live progress, ahead of the hook's other
+        entries, and kept whatever the hook does next (a rerun emits it again). A bad value
+        raises ``StepUsageError`` here."""
         if len(self.emitted) >= streams.MAX_HOOK_ENTRIES:
             raise StepUsageError(f"emit(): one hook call may emit at most {streams.MAX_HOOK_ENTRIES} entries")
-        self.emitted.append(streams.checked_entry(value))
+        entry = streams.checked_entry(value)
+        if not now:
+            self.emitted.append(entry)
+        elif self._runtime is None:
+            raise StepUsageError(
+                "emit(now=True) works only in on_start and on_continue run by prorch; emit without now= "
+                "elsewhere (stored with the hook's transition)"
+            )
+        else:
+            self._runtime.emit_now(self, entry)
 
     @property
     def changed_attributes(self) -> dict[str, str] | None:

@@ -28,6 +28,7 @@ from prorch.model.records import (
     JSONDict,
     MessageRecord,
     PipelineRecord,
+    Record,
     StepRecord,
     StreamRecord,
     format_timestamp,
@@ -353,6 +354,9 @@ class SeedAdapter(_WorkerRowsAsMessages, RepositoryBackend):
 
     def commit(self, writes: Sequence[Write]) -> list[Outcome]:
         return super().commit([_streams_as_messages(write) for write in writes])
+
+    def insert(self, records: Sequence[Record]) -> None:
+        super().insert([_as_message(r) if isinstance(r, StreamRecord) else r for r in records])
 
     def _stream_rows(self, pipeline_uuid: str) -> list[JSONDict]:
         mail = self.search(MessageRecord.MODEL, "pipeline_uuid", pipeline_uuid)

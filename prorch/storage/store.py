@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 
 from prorch.model.clock import Clock
 from prorch.model.due import ClaimRequest, Runnable
-from prorch.model.exceptions import ConfigurationError, PipelineNotFoundError
+from prorch.model.exceptions import ConcurrentUpdateError, ConfigurationError, PipelineNotFoundError
 from prorch.model.limit_rules import ClaimLimit
 from prorch.model.pauses import Pause, Paused
 from prorch.model.records import EventRecord, MessageRecord, PipelineRecord, Record, StepRecord, StreamRecord, snapshot
@@ -174,6 +174,21 @@ class Store:
         """The pipeline's stream entries after cursor ``after``, oldest first, at most ``limit``."""
         rows = call("read a stream", self._streams().stream_entries, pipeline_uuid, after, limit)
         return [load(StreamRecord, row) for row in rows]
+
+    def append_stream(self, entry: StreamRecord, token: str | None) -> None:
+        """Store one stream entry at once (``emit(now=True)``), in a transaction that first
+        checks that lease ``token`` still holds its pipeline (None: no leases); else
+        ``ConcurrentUpdateError``. Two writers of one ``seq`` are refused by the primary key
+        (SQL); elsewhere the store's single write lock orders them."""
+        self._streams()
+        with self.transaction():
+            found = self.get_pipeline(entry.pipeline_uuid)
+            if found is None or (token is not None and found.lease_owner != token):
+                raise ConcurrentUpdateError(
+                    f"pipeline {entry.pipeline_uuid}: lease lost; emit(now=True) stored nothing",
+                    uuid=entry.pipeline_uuid,
+                )
+            self.insert_all([entry])
 
     def last_stream_seq(self, pipeline_uuid: str) -> int:
         """The cursor of the pipeline's last stored stream entry (0: none)."""

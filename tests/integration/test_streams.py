@@ -114,6 +114,31 @@ def test_rollback_hooks_emit_with_their_transition(tmp_path: Path, registry: Reg
     assert [(e.seq, e.value) for e in orchestrator.stream(uuid)] == [(1, "charged"), (2, "refunded")]
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_emit_now_is_stored_at_once_ahead_of_the_hooks_other_entries(
+    kind: str, tmp_path: Path, request: pytest.FixtureRequest, registry: Registry
+) -> None:
+    backend = make_backend(kind, tmp_path, request)
+    seen: list[list[Any]] = []
+    orchestrator = Orchestrator(backend, registry=registry, clock=FakeClock())
+
+    def live(self: Any) -> None:
+        self.emit("with the transition")
+        self.emit("at once", now=True)
+        seen.append(values(orchestrator.stream(self.pipeline_uuid, follow=False)))  # another reader's view
+        if self.attempt == 1:
+            raise RuntimeError("flake")
+        self.finish()
+
+    uuid = pipeline_of(step_of("Live", live, max_attempts=2, retry_delay=1), name="Job").create(backend, {}).uuid
+    orchestrator.execute_pipelines()
+    orchestrator.clock.advance(60)  # type: ignore[attr-defined]
+    orchestrator.execute_pipelines()
+    assert seen == [["at once"], ["at once", "at once"]]  # the first attempt's: kept though it raised
+    entries = list(orchestrator.stream(uuid))
+    assert [(e.seq, e.value) for e in entries] == [(1, "at once"), (2, "at once"), (3, "with the transition")]
+
+
 def test_a_bad_value_fails_the_attempt_with_one_clear_error(tmp_path: Path, registry: Registry) -> None:
     url = f"sqlite:///{tmp_path / 'bad.db'}"
 
