@@ -92,7 +92,7 @@ class Turns:
             return (yield from self.failed(run, step, exc, now, name))
         self.keep_logs(step, instance)
         runtime.merge()
-        self.journal.emitted(run, instance.emitted, now)
+        self.journal.emitted(run, getattr(instance, "emitted", []), now)  # a step whose __init__ skips Step's has none
         try:
             step.metadata = instance.metadata
             if instance.reported_progress is not None:
