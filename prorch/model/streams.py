@@ -6,7 +6,11 @@ as its step logs and search attributes are: a hook that raises, or whose worker 
 transition is stored, leaves no entry, and its rerun emits them again. Each entry of a pipeline
 has a sequence number (its cursor), 1, 2, 3... without gaps: the worker that holds the pipeline's
 lease numbers them after the last stored one, and the transition's compare-and-set on the
-pipeline's revision (with the table's primary key) refuses any other writer's."""
+pipeline's revision (with the table's primary key) refuses any other writer's.
+
+``emit(value, now=True)`` stores an entry at once instead (live progress), in a transaction that
+checks the lease; it is numbered ahead of the hook's entries still waiting for the transition,
+and kept whatever the hook does next (at least once)."""
 
 from __future__ import annotations
 
