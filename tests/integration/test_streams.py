@@ -31,7 +31,7 @@ from tests.integration.conftest import make_backend
 from tests.support.builders import pipeline_of, step_of
 from tests.support.processes import PRORCH, child_env, wait_for
 
-KINDS = ["sqlite", "postgresql", "memory", "tinydb", "seed"]
+KINDS = ["sqlite", "postgresql", "memory", "tinydb", "seed", "docs-example"]
 
 
 def counting(self: Any) -> None:
