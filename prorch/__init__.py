@@ -48,6 +48,7 @@ from prorch.model.records import (
     Metadata,
     PipelineRecord,
     StepRecord,
+    StreamRecord,
 )
 from prorch.model.registry import Registry, register_pipeline, register_step
 from prorch.model.status import EventType, RollbackState, Status
@@ -129,6 +130,7 @@ __all__ = [
     "StepUsageError",
     "StepsNotDefinedError",
     "StoreUnreachableError",
+    "StreamRecord",
     "SupportsClaim",
     "SupportsCompareAndSet",
     "SupportsDueQuery",

@@ -207,7 +207,7 @@ class Orchestrator(Actions):
         dry_run: bool = False,
     ) -> PurgeSummary:
         """Delete ended pipelines (default: finished and cancelled) last changed more than
-        ``older_than`` ago, with their steps, events and messages, ``batch_size`` per short
+        ``older_than`` ago, with their steps, events, messages and stream entries, ``batch_size`` per short
         transaction so that running workers wait at most one batch. ``dry_run`` only counts."""
         return purge.purge(self.store, self.clock, older_than, statuses, batch_size, dry_run)
 

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from datetime import datetime
 from typing import Any
 
@@ -13,7 +14,7 @@ from prorch.model.clock import Clock
 from prorch.model.exceptions import PipelineNotFoundError, ProrchError, WaitTimeoutError
 from prorch.model.keys import check_key, uuid_for_key
 from prorch.model.limit_rules import limits_of
-from prorch.model.records import EventRecord, PipelineRecord, StepRecord
+from prorch.model.records import EventRecord, PipelineRecord, StepRecord, StreamRecord
 from prorch.model.registry import Registry
 from prorch.model.status import TERMINAL, Status
 from prorch.model.substates import Holds, Limited
@@ -24,6 +25,10 @@ from prorch.storage.results import result_of
 from prorch.storage.store import Store
 from prorch.storage.versions import VersionUsage
 from prorch.summaries import PipelineState
+
+
+def _deadline(timeout: float | None) -> float | None:
+    return None if timeout is None else time.monotonic() + timeout
 
 
 class Reads:
@@ -112,6 +117,34 @@ class Reads:
                 )
             pause = delay if deadline is None else max(min(delay, deadline - time.monotonic()), 0)
             time.sleep(pause)
+            delay = min(delay * 2, poll)
+
+    def stream(
+        self, uuid: str, after: int | None = None, *, follow: bool = True, timeout: float | None = None,
+        poll: float = 0.2,
+    ) -> Iterator[StreamRecord]:  # fmt: skip
+        """The entries of pipeline ``uuid``'s stream (``self.emit``), oldest first, each with its
+        cursor ``seq``; after cursor ``after`` when given (resume with the last ``seq`` seen).
+        ``follow``: wait for more (polling the store, at most every ``poll`` seconds) until the
+        pipeline has ended and its last entries are read; ``WaitTimeoutError`` after
+        ``timeout`` seconds. Without ``follow``: the entries stored now. Only what a hook's
+        transition stored is ever read: an entry, once read, stays (until the pipeline is purged)."""
+        self._require(uuid)
+        cursor, deadline, delay = after or 0, _deadline(timeout), min(poll, 0.05)
+        while True:
+            page = self.store.stream_entries(uuid, cursor)
+            yield from page
+            if page:
+                cursor, delay = page[-1].seq, min(poll, 0.05)
+                continue
+            if not follow:
+                return
+            if self._require(uuid).status in TERMINAL:  # its last transition is stored: read after it
+                yield from self.stream(uuid, cursor, follow=False)
+                return
+            if deadline is not None and time.monotonic() >= deadline:
+                raise WaitTimeoutError(f"pipeline {uuid}'s stream: no end within {timeout:g}s", uuid=uuid)
+            time.sleep(delay if deadline is None else max(min(delay, deadline - time.monotonic()), 0))
             delay = min(delay * 2, poll)
 
     def get_by_key(self, key: str, *, workers_code: bool = True) -> PipelineState:

@@ -26,7 +26,7 @@ from sqlalchemy.dialects.postgresql import JSONB
 
 from prorch.model.records import Metadata as Models
 
-SCHEMA_REVISION = "0021"
+SCHEMA_REVISION = "0022"
 """The newest migration; a store at this revision needs no upgrade."""
 VERSION_TABLE = "prorch_schema_version"
 HISTORY_TABLE = "prorch_schema_migrations"
@@ -172,6 +172,20 @@ messages = Table(
     Index("ix_messages_sent", "pipeline_uuid", "sent_at"),  # a pipeline's newest message (send)
 )
 
+stream = Table(
+    Models.TABLE_NAMES[Models.STREAM_MODEL],
+    metadata,
+    Column("uuid", String(80), nullable=False),  # PIPELINE_UUID:SEQ (the record's id)
+    Column("pipeline_uuid", String(36), nullable=False),
+    Column("seq", Integer, nullable=False),
+    Column("at", Timestamp, nullable=False),
+    Column("value", Json),
+    # clustered by pipeline, in order: a read after a cursor is one range; a second writer of
+    # one seq (a lost lease's) is refused
+    PrimaryKeyConstraint("pipeline_uuid", "seq", name="pipeline_stream_pkey"),
+    sqlite_with_rowid=False,
+)
+
 pipeline_attributes = Table(
     "pipeline_attributes",
     metadata,
@@ -245,6 +259,7 @@ TABLES: dict[str, Table] = {
     Models.STEP_MODEL: steps,
     Models.EVENT_MODEL: events,
     Models.MESSAGE_MODEL: messages,
+    Models.STREAM_MODEL: stream,
 }
 
 

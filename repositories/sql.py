@@ -28,12 +28,12 @@ from prorch.model.records import JSONDict, Metadata, format_timestamp, to_utc
 from prorch.model.secrets import redact_url
 from prorch.model.status import Status
 from prorch.storage.commits import call
-from prorch.storage.composed import MODELS
+from prorch.storage.composed import OWNED
 from prorch.storage.repository import IRepository, PipelineQuery, PipelineStats, VersionGroup
 from prorch.storage.wakeups import Bell, bell_for
 from repositories import sql_listing, sql_pauses, sql_workers
 from repositories.migrate import MIGRATIONS, upgrade
-from repositories.schema import TABLES, schedule_ticks
+from repositories.schema import TABLES, schedule_ticks, stream
 from repositories.sql_claim import SQLClaims
 from repositories.sql_connections import DatabaseRefusedError, SQLConnections, parse_url
 
@@ -144,7 +144,7 @@ class SQLBackend(SQLConnections):
         skips those another transaction holds: no deadlock with a worker or a second purge."""
         with self.transaction():
             gone = call("delete pipelines", self(Metadata.PIPELINES_MODEL).delete_ended, uuids, statuses, before)
-            for model in MODELS[1:]:
+            for model in OWNED:
                 call("delete records", self(model).delete_by, "pipeline_uuid", gone)
             return len(gone)
 
@@ -170,6 +170,20 @@ class SQLBackend(SQLConnections):
                 return False
             connection.execute(insert(schedule_ticks).values(name=name, tick=tick))
             return True
+
+    # --- streams: a range of the primary key (pipeline_uuid, seq) --------------------------------
+
+    def stream_entries(self, pipeline_uuid: str, after: int, limit: int) -> list[JSONDict]:
+        c = stream.c
+        query = select(stream).where(c.pipeline_uuid == pipeline_uuid, c.seq > after).order_by(c.seq).limit(limit)
+        with self._errors(), self.connect(write=False) as connection:
+            rows = connection.execute(query).mappings().all()
+        return [{**row, "at": format_timestamp(to_utc(row["at"]))} for row in rows]
+
+    def last_stream_seq(self, pipeline_uuid: str) -> int:
+        query = select(func.max(stream.c.seq)).where(stream.c.pipeline_uuid == pipeline_uuid)
+        with self._errors(), self.connect(write=False) as connection:
+            return int(connection.execute(query).scalar() or 0)
 
     # --- pauses (repositories.sql_pauses) ------------------------------------------------------
 

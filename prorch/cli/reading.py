@@ -1,8 +1,9 @@
 """The commands that read pipelines and never change them: ``list``, ``show``, ``wait``,
-``schema``, ``schedules``."""
+``stream``, ``schema``, ``schedules``."""
 
 from __future__ import annotations
 
+import json
 import sys
 from datetime import datetime, timezone
 from typing import Any
@@ -197,6 +198,34 @@ def wait(ctx: Context, uuid: str, timeout: float | None) -> None:
             click.echo(f"error: {exc}", err=True)
             sys.exit(1)
     echo_json(result)
+
+
+@click.command()
+@click.argument("uuid")
+@click.option("--after", type=click.IntRange(0), help="Only the entries after this cursor (the last SEQ you read).")
+@click.option("--follow", is_flag=True, help="Wait for more entries until the pipeline ends.")
+@click.option("--timeout", type=float, help="With --follow: seconds to wait at most (exit 1 after them).")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object a line: seq, at, value.")
+@click.pass_obj
+def stream(ctx: Context, uuid: str, after: int | None, follow: bool, timeout: float | None, as_json: bool) -> None:
+    """Print the entries of pipeline UUID's stream (what its hooks emit), oldest first: SEQ (the
+    cursor to resume after with --after), time, value as JSON. Only entries stored with their
+    hook's transition are shown. Exit 1 when --timeout passes before the pipeline ends."""
+    with reported(ctx):
+        orchestrator = ctx.orchestrator()
+        try:
+            for entry in orchestrator.stream(uuid, after, follow=follow, timeout=timeout):
+                at = entry.at.isoformat(timespec="milliseconds")
+                value = json.dumps(entry.value, ensure_ascii=False)
+                line = (
+                    json.dumps({"seq": entry.seq, "at": at, "value": entry.value})
+                    if as_json
+                    else f"{entry.seq}  {at}  {value}"
+                )
+                click.echo(line)
+        except WaitTimeoutError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(1)
 
 
 @click.command()

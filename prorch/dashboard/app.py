@@ -27,7 +27,7 @@ from starlette.staticfiles import StaticFiles
 
 from prorch.bulk import BulkSummary
 from prorch.config import ApiToken
-from prorch.dashboard import acting, chart, service_api, timeline, versions_api, views
+from prorch.dashboard import acting, chart, service_api, streams_api, timeline, versions_api, views
 from prorch.dashboard.security import LOCAL_HOSTS, SESSION_COOKIE, Guard, HostCheck, Throttle
 from prorch.display import format_seconds, format_time
 from prorch.model.exceptions import (
@@ -333,6 +333,7 @@ def create_app(
         Route("/api/overview", api_overview),
         Route("/api/pipelines", api_pipelines),
         Route("/api/pipelines/{uuid}", api_pipeline),
+        streams_api.route(orchestrator, off_loop),
         Route("/api/workers", api_workers),
         Route("/api/versions", api_versions),
         Route("/api/search", search),

@@ -24,7 +24,7 @@ from prorch.engine.state import Outcome, Run, Writing
 from prorch.model.clock import Clock
 from prorch.model.exceptions import ConcurrentUpdateError
 from prorch.model.jsonvalue import copy_json
-from prorch.model.records import ErrorInfo, PipelineRecord, Record, StepRecord
+from prorch.model.records import ErrorInfo, PipelineRecord, Record, StepRecord, StreamRecord
 from prorch.model.registry import Registry
 from prorch.model.status import TERMINAL, Status
 from prorch.model.step import Step, StepRuntime
@@ -86,6 +86,20 @@ class Journal:
             definition=pipeline_cls, stored=self.store.tracking([pipeline, *steps]),
         )  # fmt: skip
 
+    def emitted(self, run: Run, values: list[Any], now: datetime) -> None:
+        """A hook's ``emit`` values join the run's next transition, numbered after the last
+        stored entry (read once per claim: the lease keeps other writers out)."""
+        if not values:
+            return
+        if run.stream_seq is None:
+            run.stream_seq = self.store.last_stream_seq(run.pipeline.uuid)
+        uuid = run.pipeline.uuid
+        seq = run.stream[-1].seq if run.stream else run.stream_seq
+        for offset, value in enumerate(values, start=1):
+            run.stream.append(
+                StreamRecord(uuid=f"{uuid}:{seq + offset}", pipeline_uuid=uuid, seq=seq + offset, at=now, value=value)
+            )
+
     def reload(self, run: Run) -> bool:
         """Read the run's records again, dropping what was not written; False if the lease is lost."""
         fresh = self.store.get_pipeline(run.pipeline.uuid)
@@ -131,7 +145,7 @@ class Journal:
             transitions.schedule(
                 run, stop=stop, now=now, lease_seconds=self.lease_seconds, policies=self.policies, mark=mark
             )
-            added: list[Record] = list(run.events)
+            added: list[Record] = [*run.events, *run.stream]
             if self.extensions.on_transition:
                 added += self.extensions.records_for(pipeline.name, run.events, now)
             try:
@@ -144,6 +158,8 @@ class Journal:
             raise ConcurrentUpdateError(f"pipeline {pipeline.uuid} kept changing; giving up this transition")
         if not stop and run.keeper is not None:
             run.keeper.renewed(pipeline.uuid, since)
+        if run.stream:  # stored: the next entries follow these
+            run.stream_seq, run.stream = run.stream[-1].seq, []
         run.forget_pending()
         run.dirty = False
         return not stop

@@ -5,6 +5,7 @@ only if the hook returns without raising."""
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -14,7 +15,7 @@ from prorch.engine.transitions import new_event
 from prorch.model.clock import Clock
 from prorch.model.definition import PipelineDefinition
 from prorch.model.exceptions import StepUsageError
-from prorch.model.records import EventRecord, MessageRecord
+from prorch.model.records import EventRecord, MessageRecord, StreamRecord
 from prorch.model.registry import Registry
 from prorch.model.status import TERMINAL, EventType
 from prorch.model.step import Step
@@ -72,6 +73,28 @@ class HookRuntime:
         self.consumed: list[MessageRecord] = []
         self.events: list[EventRecord] = []
         self.inboxes: dict[str, Inbox] = {}
+        self.lock = threading.Lock()
+        self.closed = False  # the hook call ended (returned, raised or ran past its timeout)
+
+    def close(self) -> None:
+        """The hook call ended: a thread of it still running (past its timeout) writes nothing more."""
+        with self.lock:
+            self.closed = True
+
+    def emit_now(self, step: Step, value: Any) -> None:
+        """Store one stream entry at once, numbered after the last stored one, while this
+        worker holds the pipeline's lease (``Store.append_stream``); the hook's other entries,
+        stored with its transition, are numbered after it."""
+        with self.lock:
+            if self.closed:
+                raise StepUsageError("emit(now=True) after its hook call ended (it ran past its timeout)")
+            run, uuid = self.run, self.run.pipeline.uuid
+            if run.stream_seq is None:
+                run.stream_seq = self.store.last_stream_seq(uuid)
+            seq = run.stream_seq + 1
+            entry = StreamRecord(uuid=f"{uuid}:{seq}", pipeline_uuid=uuid, seq=seq, at=self.clock.now(), value=value)
+            self.store.append_stream(entry, run.token)
+            run.stream_seq = seq
 
     def receive(self, step: Step, name: str) -> Any:
         inbox = self._inbox(name)

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, TypeAlias, TypeVar
 
-from prorch.model.records import EventRecord, MessageRecord, PipelineRecord, StepRecord
+from prorch.model.records import EventRecord, MessageRecord, PipelineRecord, StepRecord, StreamRecord
 from prorch.model.status import Status
 from prorch.model.step import Step
 from prorch.storage.leases import LeaseKeeper
@@ -45,6 +45,8 @@ class Run:
     outputs: dict[str, Any]
     events: list[EventRecord] = field(default_factory=list)
     consumed: list[MessageRecord] = field(default_factory=list)
+    stream: list[StreamRecord] = field(default_factory=list)  # entries emitted, to store with the next transition
+    stream_seq: int | None = None  # the last stored entry's seq, once read (None: not read yet)
     transitions: int = 0
     woken: bool = False  # a message arrived while we held the pipeline: be due again at once
     token: str | None = None  # the lease token we claimed the pipeline with (None: no leases)
@@ -79,3 +81,5 @@ class Run:
     def forget_pending(self) -> None:
         """Drop what was to be written with the next transition (events, consumed messages)."""
         self.events, self.consumed = [], []
+        if self.stream:  # not stored: the next emit reads the last stored seq again
+            self.stream, self.stream_seq = [], None

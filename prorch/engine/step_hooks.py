@@ -94,11 +94,13 @@ class HookInvoker:
         yield from self.journal.mark_hook_running(run)
         try:
             target = instance or self.journal.instance(run, step, now)
+            before = len(getattr(target, "emitted", ()))  # a reused instance's earlier hook may have emitted
             self.call(run, step, now, getattr(target, name), name)
         except KeyboardInterrupt:
             raise
         except BaseException as exc:
             return ErrorInfo.from_exception(exc, hook=name)
+        self.journal.emitted(run, list(getattr(target, "emitted", ()))[before:], now)  # with the next transition
         return None
 
     def call_on_cancel(self, run: Run, step: StepRecord, now: datetime, instance: Step | None = None) -> Writing[None]:

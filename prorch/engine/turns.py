@@ -71,7 +71,10 @@ class Turns:
             instance = self.journal.instance(run, step, now, runtime)
             instance.log_buffer.cap = self.log_lines
             if defines_hook(cls, name):
-                self.invoker.call(run, step, now, self.hook_of(instance, name), name)
+                try:
+                    self.invoker.call(run, step, now, self.hook_of(instance, name), name)
+                finally:
+                    runtime.close()
             if instance.verdict is None and not has_continue:
                 instance.finish()  # its only hook returned: done, its Output model still applies
             check_json(instance.metadata, "metadata")
@@ -89,6 +92,7 @@ class Turns:
             return (yield from self.failed(run, step, exc, now, name))
         self.keep_logs(step, instance)
         runtime.merge()
+        self.journal.emitted(run, getattr(instance, "emitted", []), now)  # a step whose __init__ skips Step's has none
         try:
             step.metadata = instance.metadata
             if instance.reported_progress is not None:

@@ -259,6 +259,19 @@ class MessageRecord(Record, kw_only=True):
     consumed_at: datetime | None = None
 
 
+class StreamRecord(Record, kw_only=True):
+    """One entry of a pipeline's stream (``self.emit``, ``prorch.model.streams``); ``seq`` is
+    its cursor, 1, 2, 3... per pipeline. ``uuid`` is ``PIPELINE_UUID:SEQ``."""
+
+    MODEL: ClassVar[str] = "STREAM"
+    TIMES: ClassVar[tuple[str, ...]] = ("at",)
+
+    pipeline_uuid: str
+    seq: int
+    at: datetime
+    value: Any = None
+
+
 class Metadata:
     """Model names and their table names, as in prorch 1.0.1 (``Metadata.TABLE_NAMES[model]``)."""
 
@@ -266,10 +279,12 @@ class Metadata:
     STEP_MODEL = StepRecord.MODEL
     EVENT_MODEL = EventRecord.MODEL
     MESSAGE_MODEL = MessageRecord.MODEL
+    STREAM_MODEL = StreamRecord.MODEL
 
     TABLE_NAMES: ClassVar[dict[str, str]] = {
         PIPELINES_MODEL: "pipelines",
         STEP_MODEL: "pipeline_steps",
         EVENT_MODEL: "pipeline_events",
         MESSAGE_MODEL: "pipeline_messages",
+        STREAM_MODEL: "pipeline_stream",
     }

@@ -13,7 +13,7 @@ from typing import Any, ClassVar, Literal, Protocol
 from pydantic import BaseModel, ValidationError
 
 from prorch.model import attributes as search_attributes
-from prorch.model import defaults
+from prorch.model import defaults, streams
 from prorch.model.exceptions import InvalidOutputError, StepUsageError, UnstorableValueError
 from prorch.model.jsonvalue import ParamsDict, checked_copy, copy_json
 from prorch.model.mixins import HookResult
@@ -37,6 +37,8 @@ class StepRuntime(Protocol):
     def start_child(self, step: Step, pipeline: Any, params: Any, key: str | None) -> str: ...
 
     def child_result(self, step: Step, uuid: str) -> Any: ...
+
+    def emit_now(self, step: Step, value: Any) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -94,6 +96,7 @@ class Step:
         self._context: JSONDict | None = None
         self._progress: JSONDict | None = None
         self._attributes: dict[str, str] | None = None  # the pipeline's, once set_attribute() changed them
+        self.emitted: list[Any] = []  # this hook call's stream entries (emit), stored with its transition
         self.log_buffer = LogBuffer(defaults.STEP_LOG_LINES.default)  # the engine sets its cap
         self._log: Any = None  # a StepLog, made when first used (or what a step of older code set)
 
@@ -238,6 +241,27 @@ class Step:
                 f"set_attribute({name!r}): a pipeline has at most {search_attributes.MAX_ATTRIBUTES} attributes"
             )
         self._attributes = changed
+
+    def emit(self, value: Any, *, now: bool = False) -> None:
+        """Append ``value`` (a JSON value, at most ``prorch.model.streams.MAX_ENTRY_BYTES`` of
+        JSON) to the pipeline's stream (``Orchestrator.stream``, ``prorch stream``). Stored with
+        this hook's transition, all or nothing: if the hook raises, or its worker dies first,
+        nothing of this call is stored, and a rerun emits again. ``now=True`` (``on_start`` and
+        ``on_continue`` only): stored at once, for live progress, ahead of the hook's other
+        entries, and kept whatever the hook does next (a rerun emits it again). A bad value
+        raises ``StepUsageError`` here."""
+        if len(self.emitted) >= streams.MAX_HOOK_ENTRIES:
+            raise StepUsageError(f"emit(): one hook call may emit at most {streams.MAX_HOOK_ENTRIES} entries")
+        entry = streams.checked_entry(value)
+        if not now:
+            self.emitted.append(entry)
+        elif self._runtime is None:
+            raise StepUsageError(
+                "emit(now=True) works only in on_start and on_continue run by prorch; emit without now= "
+                "elsewhere (stored with the hook's transition)"
+            )
+        else:
+            self._runtime.emit_now(self, entry)
 
     @property
     def changed_attributes(self) -> dict[str, str] | None:

@@ -282,6 +282,18 @@ class Backend(Protocol):
         (what its ``rate_limit`` counted; 0 where the store keeps none)."""
         ...
 
+    # --- streams (prorch.model.streams) ---------------------------------------------------------
+
+    def stream_entries(self, pipeline_uuid: str, after: int, limit: int) -> list[JSONDict]:
+        """The pipeline's stream entries (``StreamRecord`` rows) whose ``seq`` is above
+        ``after``, in ``seq`` order, at most ``limit``. Entries are inserted as ``added``
+        records of a transition's ``Write``, all or nothing with it."""
+        ...
+
+    def last_stream_seq(self, pipeline_uuid: str) -> int:
+        """The ``seq`` of the pipeline's last stored stream entry; 0 when it has none."""
+        ...
+
     # --- pauses (prorch.model.pauses) ----------------------------------------------------------
 
     def pauses(self) -> list[JSONDict]:

@@ -14,7 +14,16 @@ from typing import Any, Protocol
 
 from prorch.model.due import ClaimRequest, Runnable, can_run
 from prorch.model.pauses import Paused
-from prorch.model.records import EventRecord, JSONDict, MessageRecord, PipelineRecord, Record, StepRecord, to_utc
+from prorch.model.records import (
+    EventRecord,
+    JSONDict,
+    MessageRecord,
+    PipelineRecord,
+    Record,
+    StepRecord,
+    StreamRecord,
+    to_utc,
+)
 from prorch.model.status import Status
 from prorch.storage import listing
 from prorch.storage.commits import Committer, call, chunks, conflict
@@ -22,6 +31,9 @@ from prorch.storage.repository import PipelineQuery, PipelineStats, VersionGroup
 from prorch.storage.wakeups import Bell
 
 MODELS = (PipelineRecord.MODEL, StepRecord.MODEL, EventRecord.MODEL, MessageRecord.MODEL)
+"""The models of a user's four-method repository (``IRepository``)."""
+OWNED = (*MODELS[1:], StreamRecord.MODEL)
+"""The models of a shipped backend whose rows belong to a pipeline: deleted with it."""
 
 
 class FullRepository(Protocol):
@@ -55,6 +67,8 @@ class RepositoryBackend(Committer):
     guards_concurrency = True
     has_transactions = True
     partial_update = True
+    owned: tuple[str, ...] = OWNED
+    """The models deleted with their pipeline."""
 
     def __call__(self, model: str) -> Any:  # pragma: no cover - each backend gives its repositories
         raise NotImplementedError
@@ -171,7 +185,7 @@ class RepositoryBackend(Committer):
         with self.transaction():
             rows = [self.get(PipelineRecord.MODEL, uuid) for uuid in uuids]
             chosen = [str(row["uuid"]) for row in rows if row is not None and self.purgeable(row, statuses, before)]
-            for model in MODELS[1:]:
+            for model in self.owned:
                 call("delete records", self.table(model).delete_by, "pipeline_uuid", chosen)
             return call("delete pipelines", self.table(PipelineRecord.MODEL).delete_by, "uuid", chosen)
 
@@ -184,6 +198,20 @@ class RepositoryBackend(Committer):
     def lock_key(self, key: str) -> None:
         """Nothing: ``transaction()`` holds the store's only write lock here (memory, TinyDB,
         SQLite), or the store has no transactions (a user's repository: one process only)."""
+
+    # --- streams (a store with an index by (pipeline, seq) overrides: SQL) ----------------------
+
+    def stream_entries(self, pipeline_uuid: str, after: int, limit: int) -> list[JSONDict]:
+        rows = [row for row in self._stream_rows(pipeline_uuid) if int(row["seq"]) > after]
+        return rows[:limit]
+
+    def last_stream_seq(self, pipeline_uuid: str) -> int:
+        rows = self._stream_rows(pipeline_uuid)
+        return int(rows[-1]["seq"]) if rows else 0
+
+    def _stream_rows(self, pipeline_uuid: str) -> list[JSONDict]:
+        """The pipeline's entries in order: one search of its rows (memory, TinyDB)."""
+        return sorted(self.search(StreamRecord.MODEL, "pipeline_uuid", pipeline_uuid), key=lambda row: int(row["seq"]))
 
     # --- pauses (each backend stores the rows; resuming wakes workers) --------------------------
 

@@ -1,4 +1,4 @@
-"""Retention: deleting ended pipelines with their steps, events and messages once they are old
+"""Retention: deleting ended pipelines with their steps, events, messages and streams once they are old
 enough (``Orchestrator.purge``, ``prorch purge``, the worker's ``retention`` setting). It goes
 in batches, each its own short transaction followed by a pause as long as the batch, so that
 workers writing at the same time wait at most about one batch."""

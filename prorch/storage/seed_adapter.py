@@ -11,6 +11,7 @@ is the only place that asks a repository what it can do."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import inspect
 import logging
 import time
@@ -23,7 +24,16 @@ from prorch.model.due import ClaimRequest, Runnable, claim_order, is_due, is_lea
 from prorch.model.exceptions import ConfigurationError
 from prorch.model.keys import KEY_NAMESPACE
 from prorch.model.limit_rules import StartLog, Tally, fair_order, within_limits
-from prorch.model.records import JSONDict, MessageRecord, PipelineRecord, StepRecord, format_timestamp, to_utc
+from prorch.model.records import (
+    JSONDict,
+    MessageRecord,
+    PipelineRecord,
+    Record,
+    StepRecord,
+    StreamRecord,
+    format_timestamp,
+    to_utc,
+)
 from prorch.storage.backend import Outcome, Write
 from prorch.storage.commits import by_statements, call, conflict
 from prorch.storage.composed import MODELS, RepositoryBackend
@@ -62,6 +72,9 @@ WORKERS_UUID = str(uuid_module.uuid5(KEY_NAMESPACE, "prorch:workers"))
 """The pipeline uuid (of no pipeline) that the fallback's records of schedules' last ticks carry."""
 PAUSES_UUID = str(uuid_module.uuid5(KEY_NAMESPACE, "prorch:pauses"))
 """The pipeline uuid (of no pipeline) that the fallback's pause rows (message records) carry."""
+STREAM_MESSAGE = "prorch.stream"
+"""The name of the message records that hold a pipeline's stream entries in the fallback: read
+already (never received), addressed to the pipeline (deleted with it), the entry as payload."""
 CAPABILITIES = (
     SupportsClaim, SupportsLimitedClaim, SupportsDueQuery, SupportsCompareAndSet, SupportsPartialUpdate,
     SupportsSearchMany, SupportsSaveMany, SupportsMessageQuery, SupportsPipelineQuery, SupportsPipelineStats,
@@ -70,6 +83,23 @@ CAPABILITIES = (
 BACKEND_CAPABILITIES = (
     SupportsTransaction, SupportsPinning, SupportsServerClock, SupportsScheduleTicks, SupportsTransitionStatements,
 )  # fmt: skip
+
+
+def _streams_as_messages(write: Write) -> Write:
+    """``write`` with its stream entries as message records (``STREAM_MESSAGE``): a four-method
+    repository has no stream model, and gets them with the transition all the same."""
+    if not any(isinstance(record, StreamRecord) for record in write.added):
+        return write
+    added = tuple(_as_message(record) if isinstance(record, StreamRecord) else record for record in write.added)
+    return dataclasses.replace(write, added=added)
+
+
+def _as_message(entry: StreamRecord) -> MessageRecord:
+    uuid = str(uuid_module.uuid5(KEY_NAMESPACE, f"prorch:stream:{entry.uuid}"))
+    return MessageRecord(
+        uuid=uuid, pipeline_uuid=entry.pipeline_uuid, name=STREAM_MESSAGE, payload=entry.to_dict(),
+        sent_at=entry.at, consumed_at=entry.at,
+    )  # fmt: skip
 
 
 class _Rows(Protocol):
@@ -113,6 +143,8 @@ class _WorkerRowsAsMessages:
 
 class SeedAdapter(_WorkerRowsAsMessages, RepositoryBackend):
     """``Backend`` over a ``model -> IRepository`` factory."""
+
+    owned = MODELS[1:]  # stream entries are message records here
 
     def __init__(self, factory: RepositoryFactory) -> None:
         self.factory = factory
@@ -317,6 +349,21 @@ class SeedAdapter(_WorkerRowsAsMessages, RepositoryBackend):
 
     def session(self) -> contextlib.AbstractContextManager[None]:
         return self.pinning.pinned() if self.pinning is not None else contextlib.nullcontext()
+
+    # --- streams (the fallback: message records of the pipeline, as pauses and ticks) -----------
+
+    def commit(self, writes: Sequence[Write]) -> list[Outcome]:
+        return super().commit([_streams_as_messages(write) for write in writes])
+
+    def insert(self, records: Sequence[Record]) -> None:
+        super().insert([_as_message(r) if isinstance(r, StreamRecord) else r for r in records])
+
+    def _stream_rows(self, pipeline_uuid: str) -> list[JSONDict]:
+        mail = self.search(MessageRecord.MODEL, "pipeline_uuid", pipeline_uuid)
+        rows = [
+            row["payload"] for row in mail if row.get("name") == STREAM_MESSAGE and isinstance(row.get("payload"), dict)
+        ]
+        return sorted(rows, key=lambda row: int(row["seq"]))
 
     def one_statement(self, writes: Sequence[Write]) -> list[Outcome] | None:
         return by_statements(self, writes, self.statements.write_transitions) if self.statements else None

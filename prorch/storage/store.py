@@ -15,10 +15,10 @@ from typing import Any, TypeVar
 
 from prorch.model.clock import Clock
 from prorch.model.due import ClaimRequest, Runnable
-from prorch.model.exceptions import PipelineNotFoundError
+from prorch.model.exceptions import ConcurrentUpdateError, ConfigurationError, PipelineNotFoundError
 from prorch.model.limit_rules import ClaimLimit
 from prorch.model.pauses import Pause, Paused
-from prorch.model.records import EventRecord, MessageRecord, PipelineRecord, Record, StepRecord, snapshot
+from prorch.model.records import EventRecord, MessageRecord, PipelineRecord, Record, StepRecord, StreamRecord, snapshot
 from prorch.model.status import Status
 from prorch.model.workers import WorkerRow
 from prorch.storage import listing
@@ -48,6 +48,8 @@ logger = logging.getLogger("prorch.storage.store")
 RecordT = TypeVar("RecordT", bound=Record)
 MESSAGE_PAGE = 500
 """Unread messages per read of ``unread_messages``: a hook draining a long queue reads it by pages."""
+STREAM_PAGE = 500
+"""Stream entries per read: a reader far behind catches up page by page."""
 _warned_backends: set[int] = set()
 _stores: weakref.WeakKeyDictionary[Any, Store] = weakref.WeakKeyDictionary()
 _stores_lock = threading.Lock()
@@ -167,6 +169,38 @@ class Store:
 
     def has_unread_messages(self, pipeline_uuid: str) -> bool:
         return bool(call("look for unread messages", self.engine.has_unread_messages, pipeline_uuid))
+
+    def stream_entries(self, pipeline_uuid: str, after: int = 0, limit: int = STREAM_PAGE) -> list[StreamRecord]:
+        """The pipeline's stream entries after cursor ``after``, oldest first, at most ``limit``."""
+        rows = call("read a stream", self._streams().stream_entries, pipeline_uuid, after, limit)
+        return [load(StreamRecord, row) for row in rows]
+
+    def append_stream(self, entry: StreamRecord, token: str | None) -> None:
+        """Store one stream entry at once (``emit(now=True)``), in a transaction that first
+        checks that lease ``token`` still holds its pipeline (None: no leases); else
+        ``ConcurrentUpdateError``. Two writers of one ``seq`` are refused by the primary key
+        (SQL); elsewhere the store's single write lock orders them."""
+        self._streams()
+        with self.transaction():
+            found = self.get_pipeline(entry.pipeline_uuid)
+            if found is None or (token is not None and found.lease_owner != token):
+                raise ConcurrentUpdateError(
+                    f"pipeline {entry.pipeline_uuid}: lease lost; emit(now=True) stored nothing",
+                    uuid=entry.pipeline_uuid,
+                )
+            self.insert_all([entry])
+
+    def last_stream_seq(self, pipeline_uuid: str) -> int:
+        """The cursor of the pipeline's last stored stream entry (0: none)."""
+        return int(call("read a stream's end", self._streams().last_stream_seq, pipeline_uuid))
+
+    def _streams(self) -> Any:
+        if not hasattr(self.engine, "stream_entries"):
+            raise ConfigurationError(
+                f"{type(self.engine).__name__} stores no streams: implement stream_entries and last_stream_seq "
+                "(prorch.storage.backend.Backend), or subclass prorch.storage.composed.RepositoryBackend"
+            )
+        return self.engine
 
     def last_sent_at(self, pipeline_uuid: str) -> datetime | None:
         return call("read the last message's time", self.engine.last_sent_at, pipeline_uuid)

@@ -129,3 +129,29 @@ class Inbox(OnStartMixin, OnContinueMixin, Step):
 class Mailbox(Pipeline):
     name = "Mailbox"
     steps = [Inbox]
+
+
+@register_step
+class Emitter(OnContinueMixin, Step):
+    """Emits two entries in on_start; in on_continue emits two more and, with ``$STREAM_BLOCK``
+    set, blocks before returning (its worker is SIGKILLed there), else finishes."""
+
+    name = "Emitter"
+
+    def on_start(self) -> None:
+        for value in ("a", "b"):
+            self.emit({"v": value, "pid": os.getpid()})
+
+    def on_continue(self) -> None:
+        for value in ("c", "d"):
+            self.emit({"v": value, "pid": os.getpid()})
+        if os.environ.get("STREAM_BLOCK"):
+            note("blocked", self)
+            time.sleep(300)
+        self.finish()
+
+
+@register_pipeline
+class Streaming(Pipeline):
+    name = "Streaming"
+    steps = [Emitter]
