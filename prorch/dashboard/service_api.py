@@ -19,11 +19,11 @@ from datetime import timedelta
 from typing import Any
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from prorch.config import ApiToken
-from prorch.dashboard import views
+from prorch.dashboard import streams_api, views
 from prorch.dashboard.security import Throttle
 from prorch.dashboard.service_auth import ApiAuthError, Caller, Tokens
 from prorch.dashboard.service_doc import openapi
@@ -155,6 +155,20 @@ def routes(orchestrator: Orchestrator, api_tokens: Mapping[str, ApiToken], off_l
 
         return act
 
+    async def stream(request: Request, caller: Caller) -> Response:
+        """The pipeline's stream as server-sent events, as the dashboard's own stream route."""
+        uuid = request.path_params["uuid"]
+        await record_for(caller, uuid)
+        try:
+            after = streams_api.cursor_of(request)
+        except ValueError as exc:
+            raise ApiAuthError(str(exc), 400) from None
+        return StreamingResponse(
+            streams_api.events(orchestrator, off_loop, uuid, after),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
+
     async def listing(request: Request, caller: Caller) -> Response:
         filters = views.filters_from(request.query_params)
         if caller.names is not None and filters.get("name") not in caller.names:
@@ -177,6 +191,7 @@ def routes(orchestrator: Orchestrator, api_tokens: Mapping[str, ApiToken], off_l
         Route("/pipelines/{uuid}/send", guarded("act", send), methods=["POST"]),
         Route("/pipelines/{uuid}/cancel", guarded("act", acting("cancel")), methods=["POST"]),
         Route("/pipelines/{uuid}/retry", guarded("act", acting("retry")), methods=["POST"]),
+        Route("/pipelines/{uuid}/stream", guarded("read", stream), methods=["GET"]),
         Route("/pipelines/{uuid}", guarded("read", get), methods=["GET"]),
         Route("/pipelines/{name}", guarded("start", start), methods=["POST"]),
     ]

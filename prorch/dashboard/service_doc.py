@@ -15,8 +15,8 @@ from prorch.model.registry import Registry
 REF = "#/components/schemas/{model}"
 ANY_OBJECT: dict[str, Any] = {"type": "object"}
 DESCRIPTION = (
-    "Start prorch pipelines and wait for their results (docs/api.md). The pipeline stream (server-sent "
-    "events) is served under the dashboard's /api/pipelines/{uuid}/stream where this version has it."
+    "Start prorch pipelines and wait for their results (docs/api.md), and follow a pipeline's stream "
+    "(what its hooks emit) as server-sent events."
 )
 ERROR = {"$ref": "#/components/schemas/Error"}
 
@@ -110,8 +110,11 @@ def _common() -> dict[str, Any]:
                                              "parameters": uuid, "requestBody": reason,
                                              "responses": {"200": pipeline, **_errors("401", "403", "404", "409")}}},
         "/pipelines/{uuid}/stream": {"get": {
-            "summary": "Reserved: the pipeline's stream as server-sent events (see docs/api.md); not served yet.",
-            "parameters": uuid, "responses": {"404": _json("not served by this version", ERROR)}}},
+            "summary": "The pipeline's stream (self.emit) as server-sent events, id = the entry's seq; "
+                       "?after=N or Last-Event-ID resumes; an 'end' event once the pipeline has ended; scope read.",
+            "parameters": uuid,
+            "responses": {"200": {"description": "text/event-stream", "content": {"text/event-stream": {}}},
+                          **_errors("400", "401", "403", "404")}}},
     }  # fmt: skip
 
 

@@ -234,3 +234,66 @@ def test_api_tokens_come_from_the_environment_as_json(tmp_path: Path, monkeypatc
     monkeypatch.setenv("PRORCH_API_TOKENS", json.dumps({"billing": {"token": "short", "scopes": ["read"]}}))
     with pytest.raises(Exception, match="a token needs 16 characters or more"):
         load_settings(cwd=tmp_path)
+
+
+def stream_call(app: Any, path: str, token: str | None) -> tuple[int, str]:
+    """A GET of a server-sent-events route through ASGI: its status and the whole text sent."""
+    target, _, query = path.partition("?")
+    headers = [(b"host", b"localhost")]
+    if token is not None:
+        headers.append((b"authorization", f"Bearer {token}".encode()))
+    scope = {"type": "http", "method": "GET", "path": target, "raw_path": target.encode(), "root_path": "",
+             "query_string": query.encode(), "headers": headers, "client": ("127.0.0.1", 5000),
+             "server": ("localhost", 80), "scheme": "http", "asgi": {"version": "3.0"}}  # fmt: skip
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        await asyncio.sleep(30)  # the client stays connected until the response ends
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    asyncio.run(asyncio.wait_for(app(scope, receive, send), timeout=20))
+    status = next(m["status"] for m in sent if m["type"] == "http.response.start")
+    return status, b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body").decode()
+
+
+class Emit(OnStartMixin, Step):
+    name = "Emit"
+
+    def on_start(self) -> None:
+        for n in range(3):
+            self.emit({"n": n})
+        self.finish()
+
+
+class Emitting(Pipeline):
+    name = "Emitting"
+    steps = [Emit]
+
+
+def test_the_stream_is_served_under_api_v1_with_the_read_scope_and_the_tokens_names(tmp_path: Path) -> None:
+    """#30: the API serves a pipeline's stream to a service: entries in order, resumable after a
+    cursor, behind the token's scope and names; a bad cursor is a 400 that says why."""
+    registry = Registry()
+    registry.add_step(Emit)
+    registry.add_pipeline(Emitting)
+    url = f"sqlite:///{tmp_path / 'api.db'}"
+    orchestrator = Orchestrator(url, registry=registry)
+    app = create_app(orchestrator, api_tokens=TOKENS)
+    uuid = Emitting.create(url, registry=registry).uuid
+    orchestrator.execute_pipelines()
+
+    status, text = stream_call(app, f"/api/v1/pipelines/{uuid}/stream", READ)
+    assert status == 200, text
+    assert [line for line in text.splitlines() if line.startswith("id:")] == ["id: 1", "id: 2", "id: 3"]
+    assert "event: end" in text and '"finished"' in text
+    status, text = stream_call(app, f"/api/v1/pipelines/{uuid}/stream?after=2", READ)
+    assert [line for line in text.splitlines() if line.startswith("id:")] == ["id: 3"]
+    status, text = stream_call(app, f"/api/v1/pipelines/{uuid}/stream?after=x", READ)
+    assert status == 400 and "is not a cursor" in text
+    status, text = stream_call(app, f"/api/v1/pipelines/{uuid}/stream", ONLY_OTHER)
+    assert status == 403, text
+    status, text = stream_call(app, f"/api/v1/pipelines/{uuid}/stream", None)
+    assert status == 401, text
