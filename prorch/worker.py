@@ -104,7 +104,6 @@ class Worker:
         self.interval = interval
         self.wake_poll = wake_poll
         self.looked_at = 0.0  # time.monotonic() of the last look for work while hooks ran
-        self.capacity = host.concurrency + host.prefetch
         self.waiting: deque[_Waiting] = deque()
         self.pipelines: dict[str, PipelineRecord] = {}  # in a slot, by uuid
         self.deferred: dict[str, tuple[PipelineRecord, float]] = {}  # claimed again while in a slot
@@ -119,7 +118,7 @@ class Worker:
         host = self.host
         slots: Slots[str, Result] = Slots(
             host.store, concurrency=host.concurrency, group=host.group_commit, window=host.group_window,
-            broken=_broken,
+            broken=_broken, slowest=lambda: host.hooks.recent_slowest,
         )  # fmt: skip
         with self.keeper:
             self._period_start()
@@ -153,7 +152,7 @@ class Worker:
             self._release_waiting()
         self._fill(slots)
         if slots.active:
-            for uuid, result in slots.step(self._busy_timeout(slots)):
+            for uuid, result in slots.step(self._busy_timeout(slots), more=self._more(slots)):
                 self._done(self.pipelines.pop(uuid), result)
             self._look_for_work(slots)
         elif not host.stopped.is_set():
@@ -194,6 +193,13 @@ class Worker:
 
     # --- claiming ---------------------------------------------------------------------------
 
+    def _more(self, slots: Slots[str, Result]) -> bool:
+        """A pipeline can start as soon as a slot is free: one is waiting (a suspect only in an
+        empty worker), or a claim may find one now."""
+        if self.waiting:
+            return not (self.waiting[0].alone and slots.active)
+        return not self.host.stopped.is_set() and time.monotonic() >= self.next_claim
+
     def _claimable(self, slots: Slots[str, Result]) -> bool:
         """A slot is free with no claimed pipeline to fill it, and the last claim found all it
         asked for or the interval has passed."""
@@ -201,7 +207,7 @@ class Worker:
 
     def _claim(self, slots: Slots[str, Result]) -> None:
         host, keeper = self.host, self.keeper
-        limit = self.capacity - self.held
+        limit = slots.room + host.prefetch - len(self.waiting) - len(self.deferred)
         if any(rule.rate is not None for rule in host.extensions.claim_limits().values()):
             limit = min(limit, slots.free - len(self.waiting))  # a rate counts claims: claim only what starts now
         if limit <= 0:
