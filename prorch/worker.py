@@ -106,7 +106,7 @@ class Worker:
         self.looked_at = 0.0  # time.monotonic() of the last look for work while hooks ran
         self.waiting: deque[_Waiting] = deque()
         self.pipelines: dict[str, PipelineRecord] = {}  # in a slot, by uuid
-        self.deferred: dict[str, tuple[PipelineRecord, float]] = {}  # claimed again while in a slot
+        self.deferred: dict[str, tuple[PipelineRecord, float, bool]] = {}  # claimed again while in a slot
         self.next_claim = 0.0  # time.monotonic() of the next claim when the last one came back short
         self.summary = PassSummary()
         self.lags: list[float] = []
@@ -215,12 +215,14 @@ class Worker:
         since = time.monotonic()  # before the lease's time is read: see LeaseKeeper
         fresh: list[PipelineRecord] = []
         try:
-            claimed, lags = passes.claim(host, limit)
+            # grouped, the claim stores the hook marks too (shared, as the group's would be)
+            claimed, lags = passes.claim(host, limit, mark=slots.grouped)
+            marked = passes.marked_by(claimed, host.claimed_at) if slots.grouped else frozenset()
             busy = self._busy()
             again = [pipeline for pipeline in claimed if pipeline.uuid in busy]
             fresh = [pipeline for pipeline in claimed if pipeline.uuid not in busy]
             keeper.hold(fresh, since)
-            writings = passes.advancings(host, fresh, keeper)
+            writings = passes.advancings(host, fresh, keeper, marked)
         except RepositoryError as exc:  # the store is down: back off from claiming (logged once)
             for pipeline in fresh:  # their steps were not read: their leases run out, they resume then
                 keeper.drop(pipeline.uuid)
@@ -232,18 +234,24 @@ class Worker:
         self.summary.claimed += len(claimed)
         self.lags.extend(lags)
         for pipeline in again:  # its advance here is ending: it waits for that end
-            self.deferred[pipeline.uuid] = (pipeline, since)
-        self._queue(slots, fresh, writings)
+            self.deferred[pipeline.uuid] = (pipeline, since, pipeline.uuid in marked)
+        self._queue(slots, fresh, writings, marked)
 
     def _busy(self) -> set[str]:
         """The pipelines this worker holds an advance of: in a slot, or waiting for one."""
         return {*self.pipelines, *(waiting.pipeline.uuid for waiting in self.waiting)}
 
-    def _queue(self, slots: Slots[str, Result], claimed: list[PipelineRecord], writings: list[Writing[Result]]) -> None:
+    def _queue(
+        self,
+        slots: Slots[str, Result],
+        claimed: list[PipelineRecord],
+        writings: list[Writing[Result]],
+        marked: frozenset[str],
+    ) -> None:
         suspects = []
         for pipeline, writing in zip(claimed, writings, strict=True):
             # suspects of a crash in an earlier round run alone, so that a crash is pinned on one
-            alone = bool(pipeline.crashes or pipeline.hook_started_at is not None)
+            alone = bool(pipeline.crashes or (pipeline.hook_started_at is not None and pipeline.uuid not in marked))
             waiting = _Waiting(pipeline, writing, alone)
             if alone and slots.grouped:
                 suspects.append(waiting)
@@ -311,11 +319,11 @@ class Worker:
         """Hold the lease of a pipeline claimed again while it was in a slot (the slot's advance
         let go of it as it ended) and queue it; if its steps cannot be read, its lease runs out
         and it resumes then."""
-        pipeline, since = self.deferred.pop(uuid)
+        pipeline, since, marked = self.deferred.pop(uuid)
         keeper = self.keeper
         keeper.hold([pipeline], since)
         try:
-            writings = passes.advancings(self.host, [pipeline], keeper)
+            writings = passes.advancings(self.host, [pipeline], keeper, frozenset([uuid] if marked else []))
         except RepositoryError as exc:
             keeper.drop(uuid)
             logger.error("pipeline %s: could not read its steps (%s); it resumes when its lease runs out", uuid, exc)

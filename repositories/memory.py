@@ -258,7 +258,8 @@ class MemoryRepository(ClaimsByRequest, IRepository):
                 due = [(row, row) for row in self._due(stamp, len(self.due_keys), request.runnable)]
                 chosen = within_limits(due, tally, request.limit)
                 self.starts.record(chosen, limits, now)
-            return [self._lease(row, request.owner, request.lease_expires_at) for row in chosen]
+            mark = stamp if request.mark else None
+            return [self._lease(row, request.owner, request.lease_expires_at, mark) for row in chosen]
 
     def claim_one(self, uuid: str, now: datetime, owner: str, lease_expires_at: datetime) -> JSONDict | None:
         with self.backend.lock:
@@ -288,7 +289,7 @@ class MemoryRepository(ClaimsByRequest, IRepository):
         rows = (json.loads(self.rows[uuid]) for _, _, uuid in due)
         return list(itertools.islice((row for row in rows if can_run(row, runnable)), limit))
 
-    def _lease(self, row: JSONDict, owner: str, lease_expires_at: datetime) -> JSONDict:
-        claimed = leased(row, owner, format_timestamp(lease_expires_at))
+    def _lease(self, row: JSONDict, owner: str, lease_expires_at: datetime, mark: str | None = None) -> JSONDict:
+        claimed = leased(row, owner, format_timestamp(lease_expires_at), mark)
         self._write(claimed["uuid"], claimed)
         return claimed
