@@ -77,6 +77,8 @@ class Slots(Generic[K, T]):
         for, and room between hooks (none while one runs alone)."""
         if self._alone:
             return 0
+        if self._pool is None:  # hooks run one after another in ``step``: start what may wait between them
+            return max(0, min(self.room, self._unfilled) - len(self._ready))
         return max(0, min(self.concurrency - len(self._running) - len(self._ready), self.room, self._unfilled))
 
     @property
