@@ -21,10 +21,11 @@ transition, each hook marked on its own."""
 from __future__ import annotations
 
 import contextlib
+import queue
 import time
 from collections import deque
 from collections.abc import Callable, Hashable
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Generic, TypeVar
 
 from prorch.engine.rounds import _Ended, _resume, _shared
@@ -64,6 +65,7 @@ class Slots(Generic[K, T]):
         self._ready: deque[tuple[K, Exception | None]] = deque()
         self._running: dict[Future[Write | _Ended[T]], K] = {}
         self._since: dict[Future[Write | _Ended[T]], float] = {}  # time.monotonic() of each running hook's start
+        self._done: queue.SimpleQueue[Future[Write | _Ended[T]]] = queue.SimpleQueue()  # ended, in order
         self._queue: list[tuple[K, Write]] = []
 
     @property
@@ -139,7 +141,7 @@ class Slots(Generic[K, T]):
                 timeout = 0.0  # a slot is free for the caller's next pipeline: no wait
             elif self._queue:
                 timeout = min(timeout, self.window)
-            done, _ = wait(list(self._running), timeout=timeout, return_when=FIRST_COMPLETED)
+            done = self._ended(timeout)
             idle = not done
             for future in done:
                 key = self._running.pop(future)
@@ -177,6 +179,20 @@ class Slots(Generic[K, T]):
             else:
                 future = self._pool.submit(_resume, self._writings[key], resumed)
                 self._running[future], self._since[future] = key, time.monotonic()
+                future.add_done_callback(self._done.put)
+
+    def _ended(self, timeout: float) -> list[Future[Write | _Ended[T]]]:
+        """The running hooks that ended: waits up to ``timeout`` for the first (a queue the
+        pool's threads put each into as it ends: cheaper than ``wait`` on every future)."""
+        try:
+            done = [self._done.get(timeout=timeout) if timeout > 0 else self._done.get_nowait()]
+        except queue.Empty:
+            return []
+        while True:
+            try:
+                done.append(self._done.get_nowait())
+            except queue.Empty:
+                return done
 
     def _startable(self, more: bool) -> bool:
         """Something could start in a free hook slot now."""
