@@ -1,14 +1,16 @@
 """The worker (``Orchestrator.run_forever``, ``prorch worker``): continuous slots.
 
-A worker keeps up to ``concurrency`` pipelines in progress (``prorch.engine.slots``) and refills
-a slot as soon as one ends and its last transition is stored: a slow hook holds one slot, never
-the others. It claims only what it has free slots for, plus at most ``prefetch`` pipelines
-waiting for a slot (their leases renewed by the lease keeper like the others), so it never
-holds many pipelines it is not running. The poll interval is only how often it looks for new
-due work when the last claim found less than it asked for, and how often the extensions' pass
-hooks run (schedules, retention, metrics).
+A worker runs up to ``concurrency`` hooks at once (``prorch.engine.slots``) and refills a slot
+as soon as a hook returns: a slow hook holds one slot, never the others. It claims only what it
+has room for (``Slots.room``: the slots, and while hooks are quick, a group commit's worth of
+pipelines between two hooks), plus at most ``prefetch`` pipelines waiting for a slot (their
+leases renewed by the lease keeper like the others), so it never holds many pipelines it is
+not running. When it groups, its claim stores the claimed pipelines' hook marks too
+(``ClaimRequest.mark``). The poll interval is only how often it looks for new due work when the
+last claim found less than it asked for, and how often the extensions' pass hooks run
+(schedules, retention, metrics).
 
-A pipeline is in one slot at most. Its advance's last write releases its lease, and the advance
+A pipeline is in progress once at most. Its advance's last write releases its lease, and the advance
 ends a moment later; a claim in between may lease it again (a retry due at once): that claim
 waits, its lease kept, until the slot's advance has ended, and then takes a slot.
 
