@@ -200,7 +200,11 @@ class Worker:
         empty worker), or a claim may find one now."""
         if self.waiting:
             return not (self.waiting[0].alone and slots.active)
-        return not self.host.stopped.is_set() and time.monotonic() >= self.next_claim
+        return not self.host.stopped.is_set() and time.monotonic() >= self.next_claim and self._room(slots) > 0
+
+    def _room(self, slots: Slots[str, Result]) -> int:
+        """Pipelines a claim may take now: the slots' room, plus the prefetch, less what waits."""
+        return slots.room + self.host.prefetch - len(self.waiting) - len(self.deferred)
 
     def _claimable(self, slots: Slots[str, Result]) -> bool:
         """A slot is free with no claimed pipeline to fill it, and the last claim found all it
@@ -209,7 +213,7 @@ class Worker:
 
     def _claim(self, slots: Slots[str, Result]) -> None:
         host, keeper = self.host, self.keeper
-        limit = slots.room + host.prefetch - len(self.waiting) - len(self.deferred)
+        limit = self._room(slots)
         if any(rule.rate is not None for rule in host.extensions.claim_limits().values()):
             limit = min(limit, slots.free - len(self.waiting))  # a rate counts claims: claim only what starts now
         if limit <= 0:
