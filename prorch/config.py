@@ -101,7 +101,7 @@ class SettingsFields(BaseModel):
         defaults.GROUP_COMMIT, "transitions of different pipelines stored per commit (1: one each)"
     )
     group_window: float = ruled(
-        defaults.GROUP_WINDOW, "seconds a worker's finished transition waits to share a commit with others"
+        defaults.GROUP_WINDOW, "seconds a worker waits for a running hook before it commits the transitions waiting"
     )
     prefetch: int = ruled(defaults.PREFETCH, "pipelines a worker claims beyond its free slots")
     lease_seconds: float = ruled(defaults.LEASE_SECONDS, "how long a claim lasts unrenewed")

@@ -1,14 +1,16 @@
 """The worker (``Orchestrator.run_forever``, ``prorch worker``): continuous slots.
 
-A worker keeps up to ``concurrency`` pipelines in progress (``prorch.engine.slots``) and refills
-a slot as soon as one ends and its last transition is stored: a slow hook holds one slot, never
-the others. It claims only what it has free slots for, plus at most ``prefetch`` pipelines
-waiting for a slot (their leases renewed by the lease keeper like the others), so it never
-holds many pipelines it is not running. The poll interval is only how often it looks for new
-due work when the last claim found less than it asked for, and how often the extensions' pass
-hooks run (schedules, retention, metrics).
+A worker runs up to ``concurrency`` hooks at once (``prorch.engine.slots``) and refills a slot
+as soon as a hook returns: a slow hook holds one slot, never the others. It claims only what it
+has room for (``Slots.room``: the slots, and while hooks are quick, a group commit's worth of
+pipelines between two hooks), plus at most ``prefetch`` pipelines waiting for a slot (their
+leases renewed by the lease keeper like the others), so it never holds many pipelines it is
+not running. When it groups, its claim stores the claimed pipelines' hook marks too
+(``ClaimRequest.mark``). The poll interval is only how often it looks for new due work when the
+last claim found less than it asked for, and how often the extensions' pass hooks run
+(schedules, retention, metrics).
 
-A pipeline is in one slot at most. Its advance's last write releases its lease, and the advance
+A pipeline is in progress once at most. Its advance's last write releases its lease, and the advance
 ends a moment later; a claim in between may lease it again (a retry due at once): that claim
 waits, its lease kept, until the slot's advance has ended, and then takes a slot.
 
@@ -104,10 +106,9 @@ class Worker:
         self.interval = interval
         self.wake_poll = wake_poll
         self.looked_at = 0.0  # time.monotonic() of the last look for work while hooks ran
-        self.capacity = host.concurrency + host.prefetch
         self.waiting: deque[_Waiting] = deque()
         self.pipelines: dict[str, PipelineRecord] = {}  # in a slot, by uuid
-        self.deferred: dict[str, tuple[PipelineRecord, float]] = {}  # claimed again while in a slot
+        self.deferred: dict[str, tuple[PipelineRecord, float, bool]] = {}  # claimed again while in a slot
         self.next_claim = 0.0  # time.monotonic() of the next claim when the last one came back short
         self.summary = PassSummary()
         self.lags: list[float] = []
@@ -119,7 +120,7 @@ class Worker:
         host = self.host
         slots: Slots[str, Result] = Slots(
             host.store, concurrency=host.concurrency, group=host.group_commit, window=host.group_window,
-            broken=_broken,
+            broken=_broken, slowest=lambda: host.hooks.recent_slowest,
         )  # fmt: skip
         with self.keeper:
             self._period_start()
@@ -153,7 +154,7 @@ class Worker:
             self._release_waiting()
         self._fill(slots)
         if slots.active:
-            for uuid, result in slots.step(self._busy_timeout(slots)):
+            for uuid, result in slots.step(self._busy_timeout(slots), more=self._more(slots)):
                 self._done(self.pipelines.pop(uuid), result)
             self._look_for_work(slots)
         elif not host.stopped.is_set():
@@ -194,6 +195,17 @@ class Worker:
 
     # --- claiming ---------------------------------------------------------------------------
 
+    def _more(self, slots: Slots[str, Result]) -> bool:
+        """A pipeline can start as soon as a slot is free: one is waiting (a suspect only in an
+        empty worker), or a claim may find one now."""
+        if self.waiting:
+            return not (self.waiting[0].alone and slots.active)
+        return not self.host.stopped.is_set() and time.monotonic() >= self.next_claim and self._room(slots) > 0
+
+    def _room(self, slots: Slots[str, Result]) -> int:
+        """Pipelines a claim may take now: the slots' room, plus the prefetch, less what waits."""
+        return slots.room + self.host.prefetch - len(self.waiting) - len(self.deferred)
+
     def _claimable(self, slots: Slots[str, Result]) -> bool:
         """A slot is free with no claimed pipeline to fill it, and the last claim found all it
         asked for or the interval has passed."""
@@ -201,7 +213,7 @@ class Worker:
 
     def _claim(self, slots: Slots[str, Result]) -> None:
         host, keeper = self.host, self.keeper
-        limit = self.capacity - self.held
+        limit = self._room(slots)
         if any(rule.rate is not None for rule in host.extensions.claim_limits().values()):
             limit = min(limit, slots.free - len(self.waiting))  # a rate counts claims: claim only what starts now
         if limit <= 0:
@@ -209,12 +221,14 @@ class Worker:
         since = time.monotonic()  # before the lease's time is read: see LeaseKeeper
         fresh: list[PipelineRecord] = []
         try:
-            claimed, lags = passes.claim(host, limit)
+            # grouped, the claim stores the hook marks too (shared, as the group's would be)
+            claimed, lags = passes.claim(host, limit, mark=slots.grouped)
+            marked = passes.marked_by(claimed, host.claimed_at) if slots.grouped else frozenset()
             busy = self._busy()
             again = [pipeline for pipeline in claimed if pipeline.uuid in busy]
             fresh = [pipeline for pipeline in claimed if pipeline.uuid not in busy]
             keeper.hold(fresh, since)
-            writings = passes.advancings(host, fresh, keeper)
+            writings = passes.advancings(host, fresh, keeper, marked)
         except RepositoryError as exc:  # the store is down: back off from claiming (logged once)
             for pipeline in fresh:  # their steps were not read: their leases run out, they resume then
                 keeper.drop(pipeline.uuid)
@@ -226,18 +240,24 @@ class Worker:
         self.summary.claimed += len(claimed)
         self.lags.extend(lags)
         for pipeline in again:  # its advance here is ending: it waits for that end
-            self.deferred[pipeline.uuid] = (pipeline, since)
-        self._queue(slots, fresh, writings)
+            self.deferred[pipeline.uuid] = (pipeline, since, pipeline.uuid in marked)
+        self._queue(slots, fresh, writings, marked)
 
     def _busy(self) -> set[str]:
         """The pipelines this worker holds an advance of: in a slot, or waiting for one."""
         return {*self.pipelines, *(waiting.pipeline.uuid for waiting in self.waiting)}
 
-    def _queue(self, slots: Slots[str, Result], claimed: list[PipelineRecord], writings: list[Writing[Result]]) -> None:
+    def _queue(
+        self,
+        slots: Slots[str, Result],
+        claimed: list[PipelineRecord],
+        writings: list[Writing[Result]],
+        marked: frozenset[str],
+    ) -> None:
         suspects = []
         for pipeline, writing in zip(claimed, writings, strict=True):
             # suspects of a crash in an earlier round run alone, so that a crash is pinned on one
-            alone = bool(pipeline.crashes or pipeline.hook_started_at is not None)
+            alone = bool(pipeline.crashes or (pipeline.hook_started_at is not None and pipeline.uuid not in marked))
             waiting = _Waiting(pipeline, writing, alone)
             if alone and slots.grouped:
                 suspects.append(waiting)
@@ -305,11 +325,11 @@ class Worker:
         """Hold the lease of a pipeline claimed again while it was in a slot (the slot's advance
         let go of it as it ended) and queue it; if its steps cannot be read, its lease runs out
         and it resumes then."""
-        pipeline, since = self.deferred.pop(uuid)
+        pipeline, since, marked = self.deferred.pop(uuid)
         keeper = self.keeper
         keeper.hold([pipeline], since)
         try:
-            writings = passes.advancings(self.host, [pipeline], keeper)
+            writings = passes.advancings(self.host, [pipeline], keeper, frozenset([uuid] if marked else []))
         except RepositoryError as exc:
             keeper.drop(uuid)
             logger.error("pipeline %s: could not read its steps (%s); it resumes when its lease runs out", uuid, exc)

@@ -285,7 +285,8 @@ class MemoryRepository(ClaimsByRequest, IRepository):
                 due = [(row, row) for row in self._due(stamp, len(self.due_keys), request.runnable)]
                 chosen = within_limits(fair_order(due, limits), tally, request.limit)
                 self.starts.record(chosen, limits, now)
-            return [self._lease(row, request.owner, request.lease_expires_at) for row in chosen]
+            mark = stamp if request.mark else None
+            return [self._lease(row, request.owner, request.lease_expires_at, mark) for row in chosen]
 
     def claim_one(self, uuid: str, now: datetime, owner: str, lease_expires_at: datetime) -> JSONDict | None:
         with self.backend.lock:
@@ -317,7 +318,7 @@ class MemoryRepository(ClaimsByRequest, IRepository):
         wanted = (row for row in rows if can_run(row, runnable) and not paused.holds_row(row))
         return list(itertools.islice(wanted, limit))
 
-    def _lease(self, row: JSONDict, owner: str, lease_expires_at: datetime) -> JSONDict:
-        claimed = leased(row, owner, format_timestamp(lease_expires_at))
+    def _lease(self, row: JSONDict, owner: str, lease_expires_at: datetime, mark: str | None = None) -> JSONDict:
+        claimed = leased(row, owner, format_timestamp(lease_expires_at), mark)
         self._write(claimed["uuid"], claimed)
         return claimed

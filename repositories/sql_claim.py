@@ -8,7 +8,7 @@ from collections.abc import Callable
 from datetime import datetime
 from typing import Any, TypeVar, cast
 
-from sqlalchemy import ColumnElement, Integer, Select, Table, and_, bindparam, false, or_, select, update
+from sqlalchemy import ColumnElement, Integer, Select, Table, and_, bindparam, case, false, or_, select, true, update
 
 from prorch.model.due import CLAIM_ORDER, TERMINAL_VALUES, ClaimRequest, Runnable, row_claim_order
 from prorch.model.records import JSONDict
@@ -21,6 +21,11 @@ from repositories.sql_pauses import not_paused
 __all__ = ["SQLClaims"]
 
 T = TypeVar("T")
+
+
+def _kind(kind: str, mark: bool) -> str:
+    """A claim statement's cache key: one that marks hooks is another statement."""
+    return f"{kind}_marked" if mark else kind
 
 
 class SQLClaims(ClaimsByRequest):
@@ -90,11 +95,11 @@ class SQLClaims(ClaimsByRequest):
         """Lease due pipelines in one statement; ``_claim_limited`` when the request has limits."""
         if request.limits:
             return self._claim_limited(request)
-        runnable = request.runnable
-        query = self._statement("claim", runnable, lambda: (
+        runnable, mark = request.runnable, request.mark
+        query = self._statement(_kind("claim", mark), runnable, lambda: (
             update(self.table)
             .where(self.table.c.uuid.in_(self.lockable(self._due_query(runnable)).scalar_subquery()))
-            .values(self._lease_values())
+            .values(self._lease_values(mark=mark))
             .returning(*self.table.columns)
         ))  # fmt: skip
         params = {**self._claim_params(request), "_limit": request.limit}
@@ -107,16 +112,16 @@ class SQLClaims(ClaimsByRequest):
         names in one statement, then each limited name in a transaction of its own that holds
         the name's lock while it counts and claims (``sql_limits.LimitedClaim``)."""
         c = self.table.c
-        limit, limits, runnable = request.limit, request.limits, request.runnable
+        limit, limits, runnable, mark = request.limit, request.limits, request.runnable, request.mark
         params = self._claim_params(request)
         due = self._due_query(runnable).where(c.name.not_in(bindparam("_limited", expanding=True)))
-        others = self._statement("claim_others", runnable, lambda: (
-            update(self.table).where(c.uuid.in_(self.lockable(due).scalar_subquery())).values(self._lease_values())
-            .returning(*self.table.columns)
+        others = self._statement(_kind("claim_others", mark), runnable, lambda: (
+            update(self.table).where(c.uuid.in_(self.lockable(due).scalar_subquery()))
+            .values(self._lease_values(mark=mark)).returning(*self.table.columns)
         ))  # fmt: skip
         dialect = self.backend.engine.dialect.name
-        limited = self._statement("limited", runnable, lambda: LimitedClaim(
-            self.table, dialect, self._due_query(runnable), self.lockable, self._lease_values()
+        limited = self._statement(_kind("limited", mark), runnable, lambda: LimitedClaim(
+            self.table, dialect, self._due_query(runnable), self.lockable, self._lease_values(mark=mark)
         ))  # fmt: skip
         rows: list[Any] = []
         if runnable is None or not {name for name, _ in runnable} <= limits.keys():
@@ -171,14 +176,23 @@ class SQLClaims(ClaimsByRequest):
         with self.backend.connect(write=True) as connection:
             return connection.execute(query).rowcount == 1
 
-    def _lease_values(self) -> JSONDict:
+    def _lease_values(self, *, mark: bool = False) -> JSONDict:
+        """What a claim sets; with ``mark``, the hook mark of a row that is no crash suspect
+        (``prorch.model.due.marks``; each CASE reads the row as it was before the claim)."""
         c = self.table.c
-        return {
+        values: JSONDict = {
             "lease_owner": bindparam("_owner"),
             "lease_expires_at": bindparam("_until", type_=c.lease_expires_at.type),
             "claims": c.claims + 1,
             "revision": c.revision + 1,
         }
+        if mark:
+            fresh = and_(c.hook_started_at.is_(None), c.crashes == 0)
+            values["hook_started_at"] = case(
+                (fresh, bindparam("_now", type_=c.hook_started_at.type)), else_=c.hook_started_at
+            )
+            values["hook_shared"] = case((fresh, true()), else_=c.hook_shared)
+        return values
 
     @staticmethod
     def _by_priority(records: list[JSONDict]) -> list[JSONDict]:

@@ -440,7 +440,8 @@ class TinyDBRepository(ClaimsByRequest, IRepository):
         with self.backend.transaction():
             stamp = format_timestamp(request.now)
             chosen = self._due(stamp, request.limit, request.runnable) if not request.limits else self._within(request)
-            return [self._lease(doc_id, row, request.owner, request.lease_expires_at) for doc_id, row in chosen]
+            mark = stamp if request.mark else None
+            return [self._lease(doc_id, row, request.owner, request.lease_expires_at, mark) for doc_id, row in chosen]
 
     def _within(self, request: ClaimRequest) -> list[tuple[str, JSONDict]]:
         """The due pipelines the request's limits admit, their starts stored (in its transaction)."""
@@ -485,7 +486,9 @@ class TinyDBRepository(ClaimsByRequest, IRepository):
             self._write_row(found[0], {**found[1], "lease_expires_at": format_timestamp(lease_expires_at)})
             return True
 
-    def _lease(self, doc_id: str, row: JSONDict, owner: str, lease_expires_at: datetime) -> JSONDict:
-        claimed = leased(row, owner, format_timestamp(lease_expires_at))
+    def _lease(
+        self, doc_id: str, row: JSONDict, owner: str, lease_expires_at: datetime, mark: str | None = None
+    ) -> JSONDict:
+        claimed = leased(row, owner, format_timestamp(lease_expires_at), mark)
         self._write_row(doc_id, claimed)
         return dict(claimed)

@@ -21,13 +21,18 @@ import inspect
 import logging
 import os
 import threading
+import time
 import weakref
+from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from prorch.model.exceptions import HookTimeoutError
 
 logger = logging.getLogger("prorch.engine.bounded_calls")
+
+RECENT_CALLS = 16
+"""Hook calls ``HookCaller.recent_slowest`` looks back on."""
 
 CANCEL_GRACE_SECONDS = 1.0
 """How long a cancelled async hook gets to unwind (its ``finally`` blocks) before it is abandoned."""
@@ -61,6 +66,14 @@ class HookCaller:
         self._loop_thread: threading.Thread | None = None
         self._loop_pid = 0
         self._in_flight = 0
+        self._recent: deque[float] = deque(maxlen=RECENT_CALLS)
+
+    @property
+    def recent_slowest(self) -> float:
+        """Seconds the slowest of the last ``RECENT_CALLS`` hook calls took (infinite before
+        any): how quick hooks are now, for a worker sizing its claims."""
+        with self._lock:
+            return max(self._recent, default=float("inf"))
 
     @property
     def in_flight(self) -> int:
@@ -74,11 +87,14 @@ class HookCaller:
         raises (``BaseException`` included) is raised here, with its traceback."""
         with self._lock:
             self._in_flight += 1
+        started = time.monotonic()
         try:
             self._call(func, bound, what)
         finally:
+            took = time.monotonic() - started
             with self._lock:
                 self._in_flight -= 1
+                self._recent.append(took)
 
     def _call(self, func: Callable[[], object], bound: float | None, what: str) -> None:
         if inspect.iscoroutinefunction(func):

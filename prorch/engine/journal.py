@@ -218,12 +218,15 @@ class Journal:
         except Exception as again:  # the repository is still down: the lease expires by itself
             logger.warning("pipeline %s: could not record the error: %s", claimed.uuid, again)
 
-    def leave_blocked(self, pipeline: PipelineRecord, reason: str) -> Writing[Outcome]:
-        """Code for this record is not deployed: touch nothing but our own lease."""
+    def leave_blocked(self, pipeline: PipelineRecord, reason: str, *, unmark: bool = False) -> Writing[Outcome]:
+        """Code for this record is not deployed: touch nothing but our own lease (and the hook
+        mark our claim stored, with ``unmark``)."""
         if pipeline.lease_owner is not None:
             stored = self.store.tracking([pipeline])
             token = pipeline.lease_owner
             transitions.release(pipeline)
+            if unmark:
+                pipeline.hook_started_at, pipeline.hook_shared = None, False
             pipeline.next_run_at = self.clock.now() + timedelta(seconds=self.lease_seconds)
             yield Write.of([pipeline], snapshots=stored, token=token)
         return Outcome(pipeline.uuid, pipeline.status, blocked=reason)

@@ -136,21 +136,39 @@ def _drive(host: PassHost, claimed: list[PipelineRecord], writings: list[Writing
         return [write_each(store, writing) for writing in writings]
 
 
-def claim(host: PassHost, limit: int) -> tuple[list[PipelineRecord], list[float]]:
+def claim(host: PassHost, limit: int, *, mark: bool = False) -> tuple[list[PipelineRecord], list[float]]:
     """Claim up to ``limit`` due pipelines; with how late each was (seconds). The caller holds
-    their leases (``LeaseKeeper.hold``, with ``time.monotonic()`` read before this call)."""
+    their leases (``LeaseKeeper.hold``, with ``time.monotonic()`` read before this call). With
+    ``mark`` the claim stores the hook marks too, where the backend can (``ClaimRequest.mark``;
+    which it did: ``marked_by``)."""
     now = host.clock.now()
     host.claimed_at = now
     lease_until = now + timedelta(seconds=host.lease_seconds)
     limits, classes = host.extensions.claim_limits(), runnable(host.registry)
-    claimed = host.store.claim(ClaimRequest(now, host.new_lease_token(), lease_until, limit, limits, classes))
+    request = ClaimRequest(now, host.new_lease_token(), lease_until, limit, limits, classes, mark=mark)
+    claimed = host.store.claim(request)
     return claimed, [(now - p.next_run_at).total_seconds() for p in claimed if p.next_run_at is not None]
 
 
-def advancings(host: PassHost, claimed: list[PipelineRecord], keeper: LeaseKeeper) -> list[Writing[Result]]:
-    """The advance of each claimed pipeline, to drive; their steps are read in one go."""
+def marked_by(claimed: list[PipelineRecord], now: datetime | None) -> frozenset[str]:
+    """The claimed pipelines whose hook mark the claim made at ``now`` (``ClaimRequest.mark``):
+    shared, no crash charged, and of the claim's time. A mark left by a dead worker is older
+    than its lease, which ran out before this claim could take the pipeline."""
+    if now is None:
+        return frozenset()
+    return frozenset(p.uuid for p in claimed if p.hook_shared and not p.crashes and p.hook_started_at == now)
+
+
+def advancings(
+    host: PassHost, claimed: list[PipelineRecord], keeper: LeaseKeeper, marked: frozenset[str] = frozenset()
+) -> list[Writing[Result]]:
+    """The advance of each claimed pipeline, to drive; their steps are read in one go.
+    ``marked``: those whose claim stored their hook mark (``marked_by``)."""
     steps = host.store.steps_of_many([pipeline.uuid for pipeline in claimed])  # one read, not one each
-    return [advancing(host.runner, pipeline, keeper, steps.get(pipeline.uuid)) for pipeline in claimed]
+    return [
+        advancing(host.runner, pipeline, keeper, steps.get(pipeline.uuid), marked=pipeline.uuid in marked)
+        for pipeline in claimed
+    ]
 
 
 def tally(host: PassHost, summary: PassSummary, pipeline: PipelineRecord, result: Result) -> None:
@@ -175,11 +193,16 @@ def runnable(registry: Registry) -> Runnable:
 
 
 def advancing(
-    runner: Runner, pipeline: PipelineRecord, keeper: LeaseKeeper, steps: list[StepRecord] | None
+    runner: Runner,
+    pipeline: PipelineRecord,
+    keeper: LeaseKeeper,
+    steps: list[StepRecord] | None,
+    *,
+    marked: bool = False,
 ) -> Writing[Result]:
     """One pipeline's advance; an error is logged and recorded on it, and the pass goes on."""
     try:
-        return (yield from runner.advancing(pipeline, keeper, steps))
+        return (yield from runner.advancing(pipeline, keeper, steps, marked=marked))
     except LeaseLostError as exc:
         logger.warning("%s", exc, extra={"pipeline_uuid": pipeline.uuid})
         return f"{type(exc).__name__}: {exc}"

@@ -111,12 +111,18 @@ class Runner:
         return write_each(self.journal.store, self.advancing(pipeline, keeper))
 
     def advancing(
-        self, pipeline: PipelineRecord, keeper: LeaseKeeper | None = None, steps: list[StepRecord] | None = None
+        self,
+        pipeline: PipelineRecord,
+        keeper: LeaseKeeper | None = None,
+        steps: list[StepRecord] | None = None,
+        *,
+        marked: bool = False,
     ) -> Writing[Outcome]:
         """The pipeline's due work, yielding each transition to store (see ``Writing``). The
         record must be claimed by this runner (its ``lease_owner`` is our lease token), or the
         store must be one without claims, used by a single orchestrator. ``steps``: its steps,
-        when they were read after the claim (see ``Store.steps_of_many``)."""
+        when they were read after the claim (see ``Store.steps_of_many``). ``marked``: the
+        claim stored its hook mark (``ClaimRequest.mark``), which is then no dead worker's."""
         try:
             run = self.journal.load(pipeline, steps)
             if not pipeline.cancel_requested:  # a cancel still runs: it is how a stranded pipeline ends
@@ -125,10 +131,10 @@ class Runner:
             logger.warning("pipeline %s is blocked: %s", pipeline.uuid, exc, extra={"pipeline_uuid": pipeline.uuid})
             if keeper is not None:
                 keeper.releasing(pipeline.uuid)
-            return (yield from self.journal.leave_blocked(pipeline, str(exc)))
+            return (yield from self.journal.leave_blocked(pipeline, str(exc), unmark=marked))
         run.token, run.keeper = pipeline.lease_owner, keeper
         try:
-            if transitions.charge_crash(run):
+            if not marked and transitions.charge_crash(run):  # the claim's own mark is no dead worker's
                 self._log_crash(run)
                 # stored before any hook runs, with no hook marked: a crash from here on is a new one
                 yield from self.journal.commit(run, [], stop=False, mark=False)

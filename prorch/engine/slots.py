@@ -1,25 +1,31 @@
-"""``Slots``: a continuous driver of the runner's writings, for a worker that refills a slot as
-soon as one frees.
+"""``Slots``: a continuous driver of the runner's writings, for a worker that refills a hook
+slot as soon as one frees.
 
 ``write_in_rounds`` drives a fixed list of writings to their ends (one pass). A worker instead
-keeps up to ``concurrency`` pipelines in progress, and takes a new one (``start``) whenever one
-ends, while the others go on: a slow hook holds its own slot, never the others'. A slot is held
-from a pipeline's start to the end of its advance, through its hooks and the commits of its
-transitions; it is free again once its last transition is stored.
+keeps pipelines in progress and takes a new one (``start``) whenever a **hook slot** frees,
+while the others go on: a slow hook holds its own slot, never the others'. A slot is held while
+a pipeline's hook runs (from its resume to its next transition); once the hook returned, its
+transition waits for the group commit without a slot, and the pipeline takes a slot again for
+its next hook once that transition is stored (a pipeline between two hooks goes before a new
+one). So up to ``concurrency`` hooks run, and up to ``group`` more pipelines wait between two
+hooks (their transition waiting for its commit, or stored and waiting for a slot).
 
-Group commit stays: a transition waits for the others finishing within ``window`` seconds (or
-until ``group`` are waiting, or no hook is left running), and they are stored in one
-transaction, each all-or-nothing on its own, with shared hook marks as in rounds (see
-``prorch.engine.rounds``). A pipeline started ``alone`` (a crash suspect) runs only while no
-other does, one commit per transition, each hook marked on its own."""
+Group commit as in a pass: the waiting transitions are stored in one transaction, each
+all-or-nothing on its own, with shared hook marks as in rounds (see ``prorch.engine.rounds``),
+once ``group`` are waiting, or once nothing more can start (no slot free, or nothing to start
+in one: ``step``'s ``more``) and either no hook is running or the first of them has waited
+``window`` seconds (a slow hook never holds the others' transitions back longer than that). A
+pipeline started ``alone`` (a crash suspect) runs only while no other does, one commit per
+transition, each hook marked on its own."""
 
 from __future__ import annotations
 
 import contextlib
+import queue
 import time
 from collections import deque
 from collections.abc import Callable, Hashable
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Generic, TypeVar
 
 from prorch.engine.rounds import _Ended, _resume, _shared
@@ -30,16 +36,25 @@ K = TypeVar("K", bound=Hashable)
 
 
 class Slots(Generic[K, T]):
-    """Up to ``concurrency`` writings in progress, keyed by ``K``; ``step`` drives them and
-    returns those that ended. With ``concurrency`` 1 (a store that is not thread-safe) the
-    writings run in the calling thread. A key holds one slot at most. A writing that raises
-    (a bug: an advance catches its errors) ends with ``broken(key, error)``; the others go on."""
+    """Writings in progress, keyed by ``K``: up to ``concurrency`` running a hook, up to ``group``
+    more between two hooks; ``step`` drives them and returns those that ended. With
+    ``concurrency`` 1 (a store that is not thread-safe) the writings run in the calling thread.
+    A key is in progress once at most. A writing that raises (a bug: an advance catches its
+    errors) ends with ``broken(key, error)``; the others go on."""
 
     def __init__(
-        self, store: Store, *, concurrency: int, group: int, window: float, broken: Callable[[K, Exception], T]
+        self,
+        store: Store,
+        *,
+        concurrency: int,
+        group: int,
+        window: float,
+        broken: Callable[[K, Exception], T],
+        slowest: Callable[[], float] = lambda: float("inf"),
     ) -> None:
         self.store = store
         self.broken = broken
+        self.slowest = slowest
         self.concurrency = concurrency
         self.grouped = group > 1 and store.has_transaction
         self.group = group if self.grouped else 1
@@ -49,18 +64,47 @@ class Slots(Generic[K, T]):
         self._alone: set[K] = set()
         self._ready: deque[tuple[K, Exception | None]] = deque()
         self._running: dict[Future[Write | _Ended[T]], K] = {}
+        self._since: dict[Future[Write | _Ended[T]], float] = {}  # time.monotonic() of each running hook's start
+        self._done: queue.SimpleQueue[Future[Write | _Ended[T]]] = queue.SimpleQueue()  # ended, in order
         self._queue: list[tuple[K, Write]] = []
-        self._queued_since = 0.0
 
     @property
     def active(self) -> int:
-        """Pipelines in progress: each holds a slot."""
+        """Pipelines in progress: running a hook, or between two."""
         return len(self._writings)
 
     @property
     def free(self) -> int:
-        """Slots free to start a pipeline in (none while one runs alone)."""
-        return 0 if self._alone else self.concurrency - len(self._writings)
+        """New pipelines that may start now: a hook slot free that no pipeline in progress waits
+        for, and room between hooks (none while one runs alone)."""
+        if self._alone:
+            return 0
+        if self._pool is None:  # hooks run one after another in ``step``: start what may wait between them
+            return max(0, min(self.room, self._unfilled) - len(self._ready))
+        return max(0, min(self.concurrency - len(self._running) - len(self._ready), self.room, self._unfilled))
+
+    @property
+    def room(self) -> int:
+        """Pipelines that may still join those in progress: ``concurrency`` running a hook, plus
+        ``group`` between two hooks while hooks are ``quick``."""
+        return max(0, self.concurrency + (self.group if self.quick else 0) - len(self._writings))
+
+    @property
+    def _unfilled(self) -> int:
+        """Transitions the group waiting for its commit may still take, counting the running
+        hooks' (as a pass's rounds do): none once full, until it is stored."""
+        return self.group - len(self._queue) - len(self._running) if self.grouped else self.concurrency
+
+    @property
+    def quick(self) -> bool:
+        """Grouping, and hooks return within ``window``: the recent ones did (``slowest``: the
+        hook caller's ``recent_slowest``), and none running has run longer. Then a group fills
+        about as fast as pipelines start, and pipelines may wait between two hooks for it; with
+        slower hooks (or none seen yet) no more pipelines are in progress than slots."""
+        if not self.grouped or self.slowest() >= self.window:
+            return False
+        now = time.monotonic()
+        return all(now - since < self.window for since in self._since.values())
 
     def start(
         self,
@@ -71,9 +115,9 @@ class Slots(Generic[K, T]):
         resumed: Exception | None = None,
         alone: bool = False,
     ) -> None:
-        """Take ``writing`` into a free slot. ``first``: its next write, already taken from it
-        (to store before it is resumed); ``resumed``: what to resume it with first. A key that
-        holds a slot already is refused (``ValueError``): its two writings would interleave."""
+        """Take ``writing`` into progress. ``first``: its next write, already taken from it (to
+        store before it is resumed); ``resumed``: what to resume it with first. A key in
+        progress already is refused (``ValueError``): its two writings would interleave."""
         if key in self._writings:
             raise ValueError(f"{key!r} holds a slot already; it can take another once its writing ended")
         self._writings[key] = writing
@@ -84,25 +128,31 @@ class Slots(Generic[K, T]):
         else:
             self._ready.append((key, resumed))
 
-    def step(self, timeout: float) -> list[tuple[K, T]]:
-        """Resume the writings that are ready, wait up to ``timeout`` seconds for one to reach
-        its next transition, and store the waiting transitions when their group is due; returns
-        the writings that ended, with their results."""
+    def step(self, timeout: float, *, more: bool = False) -> list[tuple[K, T]]:
+        """Resume the writings that are ready (in free hook slots), wait up to ``timeout``
+        seconds for a hook to reach its next transition, and store the waiting transitions when
+        their group is due; returns the writings that ended, with their results. ``more``: the
+        caller has pipelines to start as soon as a slot is free (the group waits for them)."""
         ended: list[tuple[K, T]] = []
         self._launch(ended)
+        idle = False  # a wait of ``window`` saw no hook return
         if self._running:
-            if self._queue:
-                timeout = max(0.0, min(timeout, self._queued_since + self.window - time.monotonic()))
-            done, _ = wait(list(self._running), timeout=timeout, return_when=FIRST_COMPLETED)
+            if self._startable(more):
+                timeout = 0.0  # a slot is free for the caller's next pipeline: no wait
+            elif self._queue:
+                timeout = min(timeout, self.window)
+            done = self._ended(timeout)
+            idle = not done
             for future in done:
                 key = self._running.pop(future)
+                del self._since[future]
                 try:
                     step = future.result()
                 except Exception as exc:
                     self._end(key, self.broken(key, exc), ended)
                     continue
                 self._took(key, step, ended)
-        if self._queue and self._group_due():
+        if self._queue and self._group_due(more, idle):
             self._store()
         return ended
 
@@ -115,7 +165,9 @@ class Slots(Generic[K, T]):
                 self._store()
 
     def _launch(self, ended: list[tuple[K, T]]) -> None:
-        while self._ready:
+        """Resume ready writings: in the calling thread one after another, or in the pool's free
+        hook slots."""
+        while self._ready and len(self._running) < self.concurrency and self._unfilled > 0:
             key, resumed = self._ready.popleft()
             if self._pool is None:
                 try:
@@ -125,7 +177,28 @@ class Slots(Generic[K, T]):
                     continue
                 self._took(key, step, ended)
             else:
-                self._running[self._pool.submit(_resume, self._writings[key], resumed)] = key
+                future = self._pool.submit(_resume, self._writings[key], resumed)
+                self._running[future], self._since[future] = key, time.monotonic()
+                future.add_done_callback(self._done.put)
+
+    def _ended(self, timeout: float) -> list[Future[Write | _Ended[T]]]:
+        """The running hooks that ended: waits up to ``timeout`` for the first (a queue the
+        pool's threads put each into as it ends: cheaper than ``wait`` on every future)."""
+        try:
+            done = [self._done.get(timeout=timeout) if timeout > 0 else self._done.get_nowait()]
+        except queue.Empty:
+            return []
+        while True:
+            try:
+                done.append(self._done.get_nowait())
+            except queue.Empty:
+                return done
+
+    def _startable(self, more: bool) -> bool:
+        """Something could start in a free hook slot now."""
+        if len(self._running) >= self.concurrency or self._unfilled <= 0:
+            return False
+        return bool(self._ready) or (more and self.free > 0)
 
     def _took(self, key: K, step: Write | _Ended[T], ended: list[tuple[K, T]]) -> None:
         if isinstance(step, _Ended):
@@ -134,24 +207,23 @@ class Slots(Generic[K, T]):
             self._enqueue(key, step)
 
     def _end(self, key: K, value: T, ended: list[tuple[K, T]]) -> None:
-        """The slot of ``key`` is free again."""
+        """``key`` is no longer in progress."""
         del self._writings[key]
         self._alone.discard(key)
         ended.append((key, value))
 
     def _enqueue(self, key: K, write: Write) -> None:
-        if not self._queue:
-            self._queued_since = time.monotonic()
         self._queue.append((key, write))
 
-    def _group_due(self) -> bool:
-        return (
-            not self.grouped
-            or bool(self._alone)
-            or not self._running
-            or len(self._queue) >= self.group
-            or time.monotonic() >= self._queued_since + self.window
-        )
+    def _group_due(self, more: bool, idle: bool) -> bool:
+        """Store now: not grouping; or nothing more can join the group (it is full, or no slot
+        is free for a pipeline to start) and either its running hooks are back or none returned
+        within ``window``."""
+        if not self.grouped or self._alone:
+            return True
+        if self._startable(more):
+            return False
+        return not self._running or idle
 
     def _store(self) -> None:
         """Store the waiting transitions: together (shared hook marks) when grouped, else each

@@ -69,10 +69,11 @@ Measured on W1 (transitions/s, group 1 / 8 / 32 / 100): SQLite 1,290 / 1,590 / 1
 durable PostgreSQL about 320 / 300 / 360 / 400, TinyDB (1,000 pipelines) 9 / 78 / 199 / 478: flat
 on SQLite past 8, rising to the default batch size elsewhere."""
 GROUP_WINDOW: Rule[float] = Rule(0.005, ge=0, le=1, integer=False, unit="seconds")
-"""How long a worker's finished transition waits for others to be stored in the same commit
-(group commit while other hooks still run)."""
+"""How long a worker waits for a running hook to return before it stores the transitions
+waiting for their group commit; hooks quicker than this also let pipelines wait between two
+hooks for a fuller group (see ``prorch.engine.slots``)."""
 PREFETCH: Rule[int] = Rule(2, ge=0)
-"""Pipelines a worker claims beyond its free slots, waiting for one (their leases are renewed)."""
+"""Pipelines a worker claims beyond its room, waiting for a slot (their leases are renewed)."""
 LEASE_SECONDS: Rule[float] = Rule(60.0, gt=0, le=MAX_SECONDS, integer=False, unit="seconds")
 """How long a claim lasts unrenewed."""
 MAX_CRASHES: Rule[int] = Rule(3, ge=1)

@@ -34,7 +34,11 @@ an older worker beside a newer one never claims (and pushes back) what it cannot
 class ClaimRequest:
     """One claim of due pipelines, as the engine asks every backend for it (``Backend.claim``):
     up to ``limit`` due pipelines, in claim order, of the ``runnable`` classes (None: any), within
-    the ``limits`` of pipeline names (empty: none), leased to ``owner`` until ``lease_expires_at``."""
+    the ``limits`` of pipeline names (empty: none), leased to ``owner`` until ``lease_expires_at``.
+    With ``mark``, the claim also stores the hook mark of each claimed pipeline that is no crash
+    suspect (``fresh``), as shared, at ``now`` (``marks``): its first hook then starts after one
+    commit, the claim, not two. A backend may ignore ``mark`` (a user's claim does): the engine
+    then stores the mark itself."""
 
     now: datetime
     owner: str
@@ -42,6 +46,7 @@ class ClaimRequest:
     limit: int
     limits: dict[str, ClaimLimit] = field(default_factory=dict)
     runnable: Runnable | None = None
+    mark: bool = False
 
 
 def can_run(row: Mapping[str, Any], runnable: Runnable | None) -> bool:
@@ -87,15 +92,29 @@ def claimable_by(row: Mapping[str, Any], owner: str, now: str) -> bool:
     return lease is None or lease <= now or row.get("lease_owner") == owner
 
 
-def leased(row: Mapping[str, Any], owner: str, lease_expires_at: str) -> dict[str, Any]:
-    """The row as a claim writes it: leased to ``owner``, one more claim, a new revision."""
+def leased(row: Mapping[str, Any], owner: str, lease_expires_at: str, mark: str | None = None) -> dict[str, Any]:
+    """The row as a claim writes it: leased to ``owner``, one more claim, a new revision; with
+    ``mark`` (the claim's now), its hook mark (``marks``)."""
     return {
         **row,
         "lease_owner": owner,
         "lease_expires_at": lease_expires_at,
         "claims": row.get("claims", 0) + 1,
         "revision": row.get("revision", 0) + 1,
+        **(marks(row, mark) if mark is not None else {}),
     }
+
+
+def fresh(row: Mapping[str, Any]) -> bool:
+    """No crash suspect: no hook mark left by a worker, no crash charged. Only these get a
+    claim's mark; a suspect's old mark is evidence the engine reads (``charge_crash``)."""
+    return row.get("hook_started_at") is None and not row.get("crashes")
+
+
+def marks(row: Mapping[str, Any], now: str) -> dict[str, Any]:
+    """The hook mark a claim with ``mark`` stores on a ``fresh`` row (``now``, shared: the
+    claim's pipelines' hooks run together), or nothing."""
+    return {"hook_started_at": now, "hook_shared": True} if fresh(row) else {}
 
 
 def is_leased(status: str, lease_expires_at: MomentT | None, now: MomentT) -> bool:

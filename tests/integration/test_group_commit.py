@@ -5,6 +5,8 @@ pipelines found with a mark run alone."""
 
 from __future__ import annotations
 
+import threading
+import time
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -295,3 +297,74 @@ def test_an_exact_mark_is_charged_and_the_charge_stored_before_any_hook(tmp_path
     assert orchestrator.execute_pipelines().finished == 2
     # when the first hook ran, both charges were stored already
     assert crashes_seen == {uuid: 1 for uuid in uuids}
+
+
+def run_worker_until_finished(orchestrator: Orchestrator, count: int, seconds: float = 60) -> None:
+    """``run_forever`` in a thread until ``count`` pipelines finished, then stop it."""
+    thread = threading.Thread(target=orchestrator.run_forever, kwargs={"interval": 0.05})
+    thread.start()
+    try:
+        deadline = time.monotonic() + seconds
+        while len(orchestrator.list_pipelines(status="finished")) < count:
+            assert time.monotonic() < deadline, "the worker did not finish the pipelines in time"
+            time.sleep(0.02)
+    finally:
+        orchestrator.stop()
+        thread.join()
+
+
+def test_a_worker_stores_quick_hooks_transitions_in_groups_as_a_pass_does(
+    tmp_path: Path, registry: Registry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Regression (#27's W1 through the worker, 3x slower than a pass): a slot held a pipeline
+    through its commits, so a commit held at most one transition per slot (about 4 per commit
+    at concurrency 4). Quick hooks' transitions now fill a group, as in a pass's rounds."""
+    backend = SQLiteBackend(f"sqlite:///{tmp_path / 'p.db'}")
+    pipeline = pipeline_of(*(step_of(name, lambda self: None) for name in "ABC"))
+    pipeline.create_many(backend, [{}] * 60, registry=registry)
+    groups: list[int] = []
+    original = Store.commit_many
+
+    def counted(self: Store, writes: Any) -> Any:
+        groups.append(len(writes))
+        return original(self, writes)
+
+    monkeypatch.setattr(Store, "commit_many", counted)
+    orchestrator = Orchestrator(backend, registry=registry, concurrency=4, group_commit=32)
+    run_worker_until_finished(orchestrator, 60)
+    assert sum(groups) >= 180  # 3 transitions each (and a hook mark each, where the claim does not store it)
+    assert len(groups) <= 20, f"{len(groups)} commits of {groups}"
+
+
+@pytest.mark.parametrize("kind", [*GROUP_BACKENDS, "docs-example"])
+def test_a_worker_starts_a_claimed_pipelines_first_hook_after_one_commit(
+    kind: str, tmp_path: Path, request: pytest.FixtureRequest, registry: Registry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """#28 item 5: the worker's claim stores the hook mark, so no second commit (the mark) comes
+    before the first hook: one write per pipeline here, its transition. The hook sees its mark
+    stored, so a worker dying in it leaves a crash suspect, as the mark's own commit did. A
+    user's repository (docs/repositories.md's) claims without marks: the engine marks, in a
+    write of its own, as before."""
+    backend = make_backend(kind, tmp_path, request)
+    reader = Store(backend)
+    marked_when_run: list[bool] = []
+
+    def look(self: Step) -> None:
+        record = reader.get_pipeline(self.pipeline_uuid)
+        marked_when_run.append(record is not None and record.hook_started_at is not None and record.hook_shared)
+
+    pipeline = pipeline_of(step_of("Look", look))
+    for _ in range(8):
+        pipeline.create(backend, registry=registry)
+    writes = count_calls(monkeypatch, Store, "commit_write")
+    groups: list[int] = []
+    original = Store.commit_many
+
+    def counted(self: Store, many: Any) -> Any:
+        groups.append(len(many))
+        return original(self, many)
+
+    monkeypatch.setattr(Store, "commit_many", counted)
+    run_worker_until_finished(Orchestrator(backend, registry=registry, concurrency=4, group_commit=32), 8)
+    assert marked_when_run == [True] * 8
+    assert sum(groups) + len(writes) == (8 if kind in GROUP_BACKENDS else 16), (groups, len(writes))

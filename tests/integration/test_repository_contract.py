@@ -26,6 +26,8 @@ from prorch import (
     SupportsTransaction,
     register_step,
 )
+from prorch.engine.passes import marked_by
+from prorch.model.due import ClaimRequest
 from prorch.model.limit_rules import ClaimLimit
 from prorch.model.records import ErrorInfo, new_uuid
 from prorch.model.registry import Registry
@@ -235,6 +237,40 @@ MIXED = {  # name: (priority, minutes overdue); the claim order, by the rule, is
     "low-old": (-3, 90),
     "low-new": (-3, 5),
 }
+
+
+@pytest.mark.parametrize("limited", [False, True])
+def test_a_claim_that_marks_hooks_marks_no_crash_suspect(
+    request: pytest.FixtureRequest, backend: Any, limited: bool
+) -> None:
+    """#28 item 5: a worker's claim stores the hook mark of each pipeline it takes (shared, at
+    the claim's time), so that its first hook starts after one commit, not two; a crash suspect
+    (an old mark, or crashes charged) keeps what it had, the evidence the engine reads. A
+    user's four-method repository marks nothing: the engine then marks as before."""
+    repo = backend("PIPELINE")
+    expired = (NOW - timedelta(seconds=1)).isoformat()
+    old_mark = NOW - timedelta(minutes=2)
+    rows = {
+        "fresh": pipeline_row(),
+        "suspect": pipeline_row(
+            lease_owner="dead", lease_expires_at=expired, hook_started_at=old_mark.isoformat(), hook_shared=False
+        ),
+        "crashed": pipeline_row(crashes=1),
+    }
+    for row in rows.values():
+        repo.save(row)
+    limits = {"P": ClaimLimit(max_running=10)} if limited else {}
+    claimed = Store(backend).claim(ClaimRequest(NOW, "me", NOW + timedelta(seconds=60), 10, limits, mark=True))
+    by_uuid = {record.uuid: record for record in claimed}
+    assert set(by_uuid) == {row["uuid"] for row in rows.values()}
+    marked = marked_by(claimed, NOW)
+    shipped = request.node.callspec.params["backend"] in ("memory", "sqlite", "postgresql", "tinydb")
+    assert marked == ({rows["fresh"]["uuid"]} if shipped else set())
+    suspect, crashed = by_uuid[rows["suspect"]["uuid"]], by_uuid[rows["crashed"]["uuid"]]
+    assert (suspect.hook_started_at, suspect.hook_shared) == (old_mark, False)
+    assert (crashed.hook_started_at, crashed.crashes) == (None, 1)
+    stored = Store(backend).get_pipeline(rows["fresh"]["uuid"])
+    assert stored is not None and (stored.hook_started_at == NOW) is shipped
 
 
 @pytest.mark.parametrize("how", ["due", "claim", "limited claim"])

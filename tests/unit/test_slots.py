@@ -3,11 +3,15 @@ a key holds one slot at most, and a writing that raises frees its slot without s
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from types import SimpleNamespace
+from typing import cast
+
 import pytest
 
 from prorch.engine.slots import Slots
 from prorch.engine.state import Writing
-from prorch.storage.store import Store
+from prorch.storage.store import Store, Write
 from repositories.memory import MemoryBackend
 
 
@@ -58,3 +62,51 @@ def test_a_writing_that_raises_frees_its_slot_and_the_others_go_on(concurrency: 
     assert driven.free == concurrency
     if concurrency > 1:
         assert ended["good"] == "done"
+
+
+class CountedStore(Store):
+    """The in-memory store, with the size of each group commit kept (the writes are stand-ins)."""
+
+    def __init__(self) -> None:
+        super().__init__(MemoryBackend())
+        self.groups: list[int] = []
+
+    def commit_many(self, writes: Sequence[Write]) -> list[Exception | None]:
+        self.groups.append(len(writes))
+        return [None] * len(writes)
+
+
+def two_hooks(name: str, seen: list[str]) -> Writing[str]:
+    """A writing of two hooks, each followed by its transition (a stand-in write)."""
+    for hook in (1, 2):
+        seen.append(f"{name}{hook}")
+        yield cast(Write, SimpleNamespace(changes=()))
+    return name
+
+
+def test_quick_hooks_free_their_slot_and_their_transitions_share_one_commit() -> None:
+    """#27's W1 through the worker: a slot held its pipeline through its commits, so a commit
+    held one transition per slot. One slot (hooks in the calling thread), quick hooks: four
+    pipelines' first hooks run, their transitions are stored together, and only then does any
+    second hook run."""
+    store, seen = CountedStore(), []
+    driven: Slots[str, str] = Slots(
+        store, concurrency=1, group=4, window=1.0, broken=lambda key, exc: "broken", slowest=lambda: 0.0
+    )
+    assert driven.free == 4  # a group of 4: each transition waits between two hooks for the others
+    for name in "abcd":
+        driven.start(name, two_hooks(name, seen))
+    assert driven.step(0.0) == [] and store.groups == [4]
+    assert seen == ["a1", "b1", "c1", "d1"]
+    assert dict(drive(driven)) == {name: name for name in "abcd"}
+    assert store.groups == [4, 4] and seen[4:] == ["a2", "b2", "c2", "d2"]
+
+
+def test_with_slow_hooks_no_more_pipelines_are_in_progress_than_slots() -> None:
+    store, seen = CountedStore(), []
+    driven: Slots[str, str] = Slots(store, concurrency=1, group=4, window=1.0, broken=lambda key, exc: "broken")
+    assert driven.free == 1  # no hook seen yet: as slow
+    driven.start("a", two_hooks("a", seen))
+    assert driven.free == 0
+    assert dict(drive(driven)) == {"a": "a"}
+    assert store.groups == [1, 1]
