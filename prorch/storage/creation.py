@@ -31,7 +31,8 @@ from prorch.model.limit_rules import concurrency_key_of
 from prorch.model.patches import PATCHES, to_record
 from prorch.model.records import EventRecord, JSONDict, PipelineRecord, Record, StepRecord, new_uuid
 from prorch.model.registry import Registry
-from prorch.model.status import EventType, Status
+from prorch.model.status import TERMINAL, EventType, Status
+from prorch.storage import listing
 from prorch.storage.store import Store
 
 STORE_ONCE_ATTEMPTS = 3
@@ -210,7 +211,7 @@ def _sort_out(store: Store, groups: list[list[Record]]) -> tuple[list[tuple[Pipe
     taken: dict[str, PipelineRecord] = {}
     for group in groups:
         wanted = next(record for record in group if isinstance(record, PipelineRecord))
-        found = taken.get(wanted.uuid) or store.get_pipeline(wanted.uuid)
+        found = taken.get(wanted.uuid) or store.get_pipeline(wanted.uuid) or _keyed_live(store, wanted)
         if found is None:
             taken[wanted.uuid] = wanted
             fresh.append(group)
@@ -220,6 +221,19 @@ def _sort_out(store: Store, groups: list[list[Record]]) -> tuple[list[tuple[Pipe
             raise KeyConflictError(_conflict(found, wanted))
         results.append((found, False))
     return results, fresh
+
+
+def _keyed_live(store: Store, wanted: PipelineRecord) -> PipelineRecord | None:
+    return None if wanted.key is None else live_holder(store, wanted.key)
+
+
+def live_holder(store: Store, key: str, *, other_than: str | None = None) -> PipelineRecord | None:
+    """The newest pipeline of ``key`` that has not ended (other than ``other_than``): while it
+    lives it holds the key, whether a create with ``if_running`` or ``debounce`` started it under
+    a uuid of its own or the default one did. A default create returns it (or conflicts) and an
+    operator's retry of an ended pipeline of the key is refused, rather than run two at once."""
+    live = [record for record in store.pipelines_with_key(key) if record.status not in TERMINAL]
+    return max((record for record in live if record.uuid != other_than), key=listing.newest_first, default=None)
 
 
 def _conflict(found: PipelineRecord, wanted: PipelineRecord) -> str:

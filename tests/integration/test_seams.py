@@ -1,0 +1,94 @@
+"""Seams between the features of #28-#30 and the older ones: debounce and attach with pause,
+rerun and retry; per-key limits with pause and rerun; step logs of a step that waits many times.
+Each test is a pair that could lose, double or strand work if the two features disagreed."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from prorch import FakeClock, KeyConflictError, KeyRunningError, Orchestrator, Status
+from prorch.model.exceptions import InvalidStateError
+from prorch.model.registry import Registry
+from tests.integration.conftest import make_backend
+from tests.integration.key_race import BatchPipeline
+from tests.support.builders import pipeline_of, step_of
+
+WINDOW = timedelta(seconds=30)
+
+
+@pytest.fixture(params=["memory", "sqlite", "postgresql", "tinydb", "seed"])
+def store_kind(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+def backend_of(store_kind: str, tmp_path: Path, request: pytest.FixtureRequest) -> Any:
+    made = make_backend(store_kind, tmp_path, request)
+    yield made
+    if hasattr(made, "dispose"):
+        made.dispose()
+
+
+def test_a_debounced_pipeline_whose_window_passes_while_paused_runs_once_with_every_create(backend_of: Any) -> None:
+    clock = FakeClock()
+    orchestrator = Orchestrator(backend_of, clock=clock)
+    first = BatchPipeline.create(backend_of, {"ids": [1]}, key="b", debounce=WINDOW, clock=clock)
+    orchestrator.pause(name="BatchPipeline")
+    clock.advance(60)  # the window passes while paused
+    assert orchestrator.execute_pipelines().claimed == 0
+    late = BatchPipeline.create(backend_of, {"ids": [2]}, key="b", debounce=WINDOW, clock=clock)
+    assert (late.created, late.uuid) == (False, first.uuid)  # still waiting: merged, not a second one
+    clock.advance(60)
+    assert orchestrator.execute_pipelines().claimed == 0
+    orchestrator.resume(name="BatchPipeline")
+    orchestrator.execute_pipelines()
+    pipelines = orchestrator.query(key="b").pipelines
+    assert [(p.uuid, p.status) for p in pipelines] == [(first.uuid, Status.FINISHED)]
+    assert orchestrator.get(first.uuid).steps[0].output == {"ids": [1, 2]}
+
+
+FAILS_ONCE: list[str] = []
+
+
+def fails_the_first_time(step: Any) -> None:
+    if not FAILS_ONCE:
+        FAILS_ONCE.append(step.pipeline_uuid)
+        raise RuntimeError("boom")
+    step.finish({})
+
+
+def test_retry_of_an_ended_keyed_pipeline_is_refused_while_a_newer_one_holds_its_key(
+    backend_of: Any, registry: Registry
+) -> None:
+    FAILS_ONCE.clear()
+    keyed = pipeline_of(step_of("Sync", fails_the_first_time), name="Sync")
+    clock = FakeClock()
+    orchestrator = Orchestrator(backend_of, registry=registry, clock=clock)
+    failed = keyed.create(backend_of, {}, key="k", if_running="error", clock=clock)
+    orchestrator.execute_pipelines()
+    assert orchestrator.get(failed.uuid).pipeline.status == Status.FAILED
+    live = keyed.create(backend_of, {}, key="k", if_running="error", clock=clock)
+    assert live.created  # the failed one does not hold its key
+    with pytest.raises(InvalidStateError, match=rf"key 'k' names pipeline Sync {live.uuid}, which has not ended"):
+        orchestrator.retry(failed.uuid)
+    assert orchestrator.get(failed.uuid).pipeline.status == Status.FAILED  # nothing changed
+    orchestrator.execute_pipelines()  # the live one ends: the key is free again, the retry goes through
+    assert orchestrator.retry(failed.uuid).pipeline.status == Status.PENDING
+    with pytest.raises(KeyRunningError):
+        keyed.create(backend_of, {}, key="k", if_running="error", clock=clock)  # the retried one holds it
+
+
+def test_a_default_create_finds_the_live_pipeline_an_attach_create_started(backend_of: Any, registry: Registry) -> None:
+    keyed = pipeline_of(step_of("Sync", fails_the_first_time), name="Sync")
+    clock = FakeClock()
+    orchestrator = Orchestrator(backend_of, registry=registry, clock=clock)
+    attached = keyed.create(backend_of, {}, key="k", if_running="attach", clock=clock)
+    same = keyed.create(backend_of, {}, key="k", clock=clock)  # the default mode, if_running="same"
+    assert (same.created, same.uuid) == (False, attached.uuid)
+    with pytest.raises(KeyConflictError, match="key 'k'"):
+        keyed.create(backend_of, {"other": 1}, key="k", clock=clock)
+    assert [p.uuid for p in orchestrator.list_pipelines()] == [attached.uuid]
