@@ -119,7 +119,7 @@ def _create_or_find(
         found = store.pipelines_with_key(key)
         now = clock.now()
         if debounce is not None:
-            kept = _debounced(store, definition, params, found, now + debounce, now)
+            kept = _debounced(store, definition, params, attributes, found, now + debounce, now)
         else:
             kept = _live(definition, found, key, if_running)
         if kept is not None:
@@ -154,12 +154,15 @@ def _debounced(
     store: Store,
     definition: type[PipelineDefinition],
     params: JSONDict,
+    attributes: dict[str, str],
     found: list[PipelineRecord],
     until: datetime,
     now: datetime,
 ) -> PipelineRecord | None:
-    """The pipeline of the key still waiting in its window, given the merged params and due at
-    ``until``; None when none waits (none was created, or it has been claimed: it started)."""
+    """The pipeline of the key still waiting in its window, given the merged params, this
+    create's search attributes over its own (the later value wins: the pipeline does the later
+    create's work too, and a search by its labels must find it) and due at ``until``; None when
+    none waits (none was created, or it has been claimed: it started)."""
     waiting = newest([record for record in found if is_waiting(record)])
     if waiting is None:
         return None
@@ -171,6 +174,8 @@ def _debounced(
         raise InvalidParamsError(
             f"{definition.__qualname__}.merge() returned params that are not valid: {exc}; nothing was stored"
         ) from exc
+    if attributes:
+        waiting.attributes = {**waiting.attributes, **attributes}
     waiting.next_run_at, waiting.updated_at = until, now
     store.commit([waiting])  # ConcurrentUpdateError when a worker claimed it meanwhile: try again
     return waiting

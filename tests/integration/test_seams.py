@@ -92,3 +92,23 @@ def test_a_default_create_finds_the_live_pipeline_an_attach_create_started(backe
     with pytest.raises(KeyConflictError, match="key 'k'"):
         keyed.create(backend_of, {"other": 1}, key="k", clock=clock)
     assert [p.uuid for p in orchestrator.list_pipelines()] == [attached.uuid]
+
+
+def test_a_debounced_update_adds_the_later_creates_search_attributes(backend_of: Any) -> None:
+    clock = FakeClock()
+    orchestrator = Orchestrator(backend_of, clock=clock)
+    first = BatchPipeline.create(
+        backend_of, {"ids": [1]}, key="b", debounce=WINDOW, clock=clock, attributes={"customer": "acme", "n": "1"}
+    )
+    clock.advance(5)
+    later = BatchPipeline.create(
+        backend_of, {"ids": [2]}, key="b", debounce=WINDOW, clock=clock, attributes={"customer": "globex", "n": "2"}
+    )
+    assert (later.created, later.uuid) == (False, first.uuid)
+    found = orchestrator.query(attributes={"customer": "globex"}).pipelines  # the index follows the update
+    assert [p.uuid for p in found] == [first.uuid]
+    assert orchestrator.query(attributes={"n": "1"}).pipelines == []  # the later value replaced it
+    assert orchestrator.get(first.uuid).pipeline.attributes == {"customer": "globex", "n": "2"}
+    clock.advance(60)
+    orchestrator.execute_pipelines()
+    assert orchestrator.get(first.uuid).pipeline.status == Status.FINISHED
