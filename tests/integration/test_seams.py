@@ -4,6 +4,7 @@ Each test is a pair that could lose, double or strand work if the two features d
 
 from __future__ import annotations
 
+import json
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -112,3 +113,29 @@ def test_a_debounced_update_adds_the_later_creates_search_attributes(backend_of:
     clock.advance(60)
     orchestrator.execute_pipelines()
     assert orchestrator.get(first.uuid).pipeline.status == Status.FINISHED
+
+
+def waits_and_logs(step: Any) -> None:
+    step.log.info("look %d", step.metadata.get("looks", 0))
+    step.metadata["looks"] = step.metadata.get("looks", 0) + 1
+    if step.metadata["looks"] >= step.params["waits"]:
+        step.finish({})
+    else:
+        step.wait(0)  # due again at the next pass
+
+
+@pytest.mark.parametrize(("kind", "waits"), [("memory", 1000), ("sqlite", 25)])
+def test_the_logs_of_a_step_that_waits_many_times_stay_bounded(
+    kind: str, waits: int, tmp_path: Path, request: pytest.FixtureRequest, registry: Registry
+) -> None:
+    backend = make_backend(kind, tmp_path, request)
+    job = pipeline_of(step_of("Poll", waits_and_logs, waits_and_logs), name="Poll")
+    uuid = job.create(backend, {"waits": waits}).uuid
+    orchestrator = Orchestrator(backend, registry=registry, step_log_lines=10)
+    sizes = []
+    while orchestrator.get(uuid).pipeline.status != Status.FINISHED:
+        orchestrator.execute_pipelines()
+        sizes.append(len(json.dumps(orchestrator.get(uuid).steps[0].logs)))
+    (step,) = orchestrator.get(uuid).steps
+    assert [(entry["attempt"], len(entry["lines"]), entry["dropped"]) for entry in step.logs] == [(1, 10, waits - 10)]
+    assert len(sizes) == waits and max(sizes) <= sizes[10] + 5  # from the cap on: a digit of the count more at most
