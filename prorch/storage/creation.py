@@ -137,7 +137,7 @@ def build_records(
         key=key,
         parent_uuid=parent_uuid,
         trace=trace,
-        concurrency_key=_concurrency_key(definition, params, context),
+        concurrency_key=concurrency_key_for(definition, params, context),
         attributes=dict(attributes) if attributes else {},
     )
     steps: list[Record] = [
@@ -250,7 +250,7 @@ def _shown(params: JSONDict) -> str:
     return text if len(text) <= 300 else text[:297] + "..."
 
 
-def _concurrency_key(definition: type[PipelineDefinition], params: JSONDict, context: JSONDict | None) -> str:
+def concurrency_key_for(definition: type[PipelineDefinition], params: JSONDict, context: JSONDict | None) -> str:
     """The class's concurrency key of these params (by default the tenant), stored with the
     pipeline so that the claim counts and groups by it without reading params or context; a
     bad key is the params' error (nothing is stored)."""

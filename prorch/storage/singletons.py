@@ -174,6 +174,7 @@ def _debounced(
         raise InvalidParamsError(
             f"{definition.__qualname__}.merge() returned params that are not valid: {exc}; nothing was stored"
         ) from exc
+    waiting.concurrency_key = creation.concurrency_key_for(definition, waiting.params, waiting.context)
     if attributes:
         waiting.attributes = {**waiting.attributes, **attributes}
     waiting.next_run_at, waiting.updated_at = until, now

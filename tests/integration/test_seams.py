@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from pydantic import BaseModel
 
 from prorch import FakeClock, KeyConflictError, KeyRunningError, Orchestrator, Status
 from prorch.model.exceptions import InvalidStateError
@@ -139,3 +140,26 @@ def test_the_logs_of_a_step_that_waits_many_times_stay_bounded(
     (step,) = orchestrator.get(uuid).steps
     assert [(entry["attempt"], len(entry["lines"]), entry["dropped"]) for entry in step.logs] == [(1, 10, waits - 10)]
     assert len(sizes) == waits and max(sizes) <= sizes[10] + 5  # from the cap on: a digit of the count more at most
+
+
+class Customer(BaseModel):
+    customer: str
+
+
+def test_a_debounced_update_recomputes_the_stored_concurrency_key(backend_of: Any, registry: Registry) -> None:
+    """The default merge keeps the later params: a pipeline that now works for customer "y"
+    must count as "y"'s in the per-key limit, not as "x"'s (then two of "y" could run at once)."""
+    keyed = pipeline_of(
+        step_of("Reindex", finishes), name="Reindex", Params=Customer, concurrency_key="customer", max_running_per_key=1
+    )
+    clock = FakeClock()
+    first = keyed.create(backend_of, {"customer": "x"}, key="d", debounce=WINDOW, clock=clock)
+    later = keyed.create(backend_of, {"customer": "y"}, key="d", debounce=WINDOW, clock=clock)
+    assert later.uuid == first.uuid
+    orchestrator = Orchestrator(backend_of, registry=registry, clock=clock)
+    stored = orchestrator.get(first.uuid).pipeline
+    assert (stored.params, stored.concurrency_key) == ({"customer": "y"}, '"y"')
+
+
+def finishes(step: Any) -> None:
+    step.finish({})
