@@ -17,6 +17,7 @@ from prorch.model.exceptions import InvalidStateError
 from prorch.model.registry import Registry
 from tests.integration.conftest import make_backend
 from tests.integration.key_race import BatchPipeline
+from tests.integration.test_key_limits import Claims, keyed
 from tests.support.builders import pipeline_of, step_of
 
 WINDOW = timedelta(seconds=30)
@@ -163,3 +164,27 @@ def test_a_debounced_update_recomputes_the_stored_concurrency_key(backend_of: An
 
 def finishes(step: Any) -> None:
     step.finish({})
+
+
+def test_a_paused_pipeline_neither_counts_nor_blocks_its_key_and_a_fair_claim_skips_a_paused_tenant(
+    backend_of: Any, store_kind: str, registry: Registry
+) -> None:
+    by_key = keyed(registry, max_running_per_key=1)
+    held = by_key.create(backend_of, {"customer_id": "c1"}).uuid  # due first, then paused
+    next_in_line = by_key.create(backend_of, {"customer_id": "c1"}).uuid
+    other = by_key.create(backend_of, {"customer_id": "c2"}).uuid
+    claims = Claims(backend_of, registry, by_key)
+    claims.orchestrator.pause(uuid=held)
+    assert sorted(p.uuid for p in claims(4)) == sorted([next_in_line, other])
+    fair = pipeline_of(step_of("Turn", None, lambda self: None), name="Fair", fair=True)
+    for _ in range(40):
+        fair.create(backend_of, {}, tenant="big")
+    small = [fair.create(backend_of, {}, tenant="small").uuid for _ in range(3)]
+    claims = Claims(backend_of, registry, fair)
+    claims.orchestrator.pause(tenant="big")
+    claims.orchestrator.pause(name="Keyed")  # the four-method fallback leased none of those
+    assert sorted(p.uuid for p in claims(4)) == sorted(small)  # no turn is spent on the paused tenant
+    if store_kind == "seed":
+        return  # the four-method fallback's claim leases nothing (one process): the next one sees them again
+    claims.orchestrator.resume(tenant="big")
+    assert {p.context["tenant"] for p in claims(4)} == {"big"}
