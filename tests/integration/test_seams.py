@@ -17,7 +17,7 @@ from prorch.model.exceptions import InvalidStateError
 from prorch.model.registry import Registry
 from tests.integration.conftest import make_backend
 from tests.integration.key_race import BatchPipeline
-from tests.integration.test_key_limits import Claims, keyed
+from tests.integration.test_key_limits import Claims, Order, keyed
 from tests.support.builders import pipeline_of, step_of
 
 WINDOW = timedelta(seconds=30)
@@ -188,3 +188,26 @@ def test_a_paused_pipeline_neither_counts_nor_blocks_its_key_and_a_fair_claim_sk
         return  # the four-method fallback's claim leases nothing (one process): the next one sees them again
     claims.orchestrator.resume(tenant="big")
     assert {p.context["tenant"] for p in claims(4)} == {"big"}
+
+
+def test_a_rerun_with_edited_params_is_keyed_by_them_keeps_the_attributes_and_holds_no_creation_key(
+    backend_of: Any, registry: Registry
+) -> None:
+    by_key = pipeline_of(
+        step_of("Work", finishes), name="Keyed", Params=Order, concurrency_key="customer_id", max_running_per_key=1
+    )
+    clock = FakeClock()
+    orchestrator = Orchestrator(backend_of, registry=registry, clock=clock)
+    original = by_key.create(
+        backend_of, {"customer_id": "c1"}, key="sync-c1", if_running="error", clock=clock, attributes={"team": "a"}
+    )
+    orchestrator.execute_pipelines()
+    assert orchestrator.get(original.uuid).pipeline.status == Status.FINISHED
+    rerun = orchestrator.rerun(original.uuid, "Work", params={"customer_id": "c2"}).pipeline
+    assert (rerun.concurrency_key, rerun.attributes, rerun.key) == ('"c2"', {"team": "a"}, None)
+    found = orchestrator.query(attributes={"team": "a"}).pipelines
+    assert sorted(p.uuid for p in found) == sorted([rerun.uuid, original.uuid])
+    fresh = by_key.create(backend_of, {"customer_id": "c1"}, key="sync-c1", if_running="error", clock=clock)
+    assert fresh.created  # the rerun does not hold the creation key
+    claimed = orchestrator.store.claim_due(clock.now(), "w", clock.now() + timedelta(seconds=60), 4, {})
+    assert sorted(p.uuid for p in claimed) == sorted([rerun.uuid, fresh.uuid])  # c2 and c1: one each
