@@ -13,6 +13,7 @@ import pytest
 from pydantic import BaseModel
 
 from prorch import FakeClock, KeyConflictError, KeyRunningError, Orchestrator, Status
+from prorch.bulk import Filters
 from prorch.model.exceptions import InvalidStateError
 from prorch.model.registry import Registry
 from tests.integration.conftest import make_backend
@@ -78,6 +79,9 @@ def test_retry_of_an_ended_keyed_pipeline_is_refused_while_a_newer_one_holds_its
     assert live.created  # the failed one does not hold its key
     with pytest.raises(InvalidStateError, match=rf"key 'k' names pipeline Sync {live.uuid}, which has not ended"):
         orchestrator.retry(failed.uuid)
+    summary = orchestrator.bulk("retry", Filters(key="k", status="failed"))
+    assert (summary.done, summary.failed) == (0, 1)  # the bulk action reports it, and goes on
+    assert "which has not ended" in summary.errors[failed.uuid]
     assert orchestrator.get(failed.uuid).pipeline.status == Status.FAILED  # nothing changed
     orchestrator.execute_pipelines()  # the live one ends: the key is free again, the retry goes through
     assert orchestrator.retry(failed.uuid).pipeline.status == Status.PENDING
