@@ -232,8 +232,14 @@ def live_holder(store: Store, key: str, *, other_than: str | None = None) -> Pip
     lives it holds the key, whether a create with ``if_running`` or ``debounce`` started it under
     a uuid of its own or the default one did. A default create returns it (or conflicts) and an
     operator's retry of an ended pipeline of the key is refused, rather than run two at once."""
-    live = [record for record in store.pipelines_with_key(key) if record.status not in TERMINAL]
+    live = [record for record in store.pipelines_with_key(key) if holds_key(record)]
     return max((record for record in live if record.uuid != other_than), key=listing.newest_first, default=None)
+
+
+def holds_key(record: PipelineRecord) -> bool:
+    """Whether ``record`` holds its key against a second live pipeline: it has not ended, and no
+    cancel of it is pending (that one ends cancelled, and would take a create's work with it)."""
+    return record.status not in TERMINAL and not record.cancel_requested
 
 
 def _conflict(found: PipelineRecord, wanted: PipelineRecord) -> str:

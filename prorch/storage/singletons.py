@@ -28,7 +28,7 @@ from prorch.model.exceptions import (
 from prorch.model.keys import check_key
 from prorch.model.records import JSONDict, PipelineRecord, Record
 from prorch.model.registry import Registry
-from prorch.model.status import TERMINAL, Status
+from prorch.model.status import Status
 from prorch.storage import creation, listing
 from prorch.storage.store import Store
 
@@ -137,8 +137,10 @@ def _create_or_find(
 def _live(
     definition: type[PipelineDefinition], found: list[PipelineRecord], key: str, if_running: IfRunning
 ) -> PipelineRecord | None:
-    """The live pipeline of ``key`` that this create returns (attach), or None to create one."""
-    live = newest([record for record in found if record.status not in TERMINAL])
+    """The live pipeline of ``key`` that this create returns (attach), or None to create one. A
+    pipeline whose cancel is requested (while a worker held it) will end cancelled: it holds the
+    key no more, else the work of a create attached to it would be cancelled with it."""
+    live = newest([record for record in found if creation.holds_key(record)])
     if live is None:
         return None
     _same_name(definition, live, key)
@@ -193,6 +195,7 @@ def is_waiting(record: PipelineRecord) -> bool:
         and record.lease_owner is None
         and record.hook_started_at is None
         and record.metadata.get("current_step") is None
+        and not record.cancel_requested
     )
 
 

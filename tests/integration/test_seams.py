@@ -215,3 +215,27 @@ def test_a_rerun_with_edited_params_is_keyed_by_them_keeps_the_attributes_and_ho
     assert fresh.created  # the rerun does not hold the creation key
     claimed = orchestrator.store.claim_due(clock.now(), "w", clock.now() + timedelta(seconds=60), 4, {})
     assert sorted(p.uuid for p in claimed) == sorted([rerun.uuid, fresh.uuid])  # c2 and c1: one each
+
+
+@pytest.mark.parametrize("mode", ["attach", "error"])
+def test_a_keyed_create_does_not_attach_to_a_pipeline_whose_cancel_is_requested(
+    backend_of: Any, store_kind: str, registry: Registry, mode: str
+) -> None:
+    """A cancel asked while a worker holds the pipeline is a stored request: the pipeline will
+    end cancelled. A create that attached to it would see its work cancelled with it."""
+    if store_kind == "seed":
+        pytest.skip("the four-method fallback leases nothing (one process): its cancel is never a stored request")
+    keyed = pipeline_of(step_of("Sync", finishes), name="Sync")
+    clock = FakeClock()
+    orchestrator = Orchestrator(backend_of, registry=registry, clock=clock)
+    doomed = keyed.create(backend_of, {}, key="k", if_running=mode, clock=clock)
+    held = orchestrator.store.claim_one(doomed.uuid, clock.now(), "another-worker", clock.now() + timedelta(seconds=60))
+    assert held is not None
+    orchestrator.cancel(doomed.uuid)  # another worker holds it: a request is stored
+    assert orchestrator.get(doomed.uuid).pipeline.cancel_requested
+    again = keyed.create(backend_of, {}, key="k", if_running=mode, clock=clock)
+    assert again.created and again.uuid != doomed.uuid
+    clock.advance(120)  # the holder's lease expires; the next pass honours the cancel and runs the new one
+    orchestrator.execute_pipelines()
+    assert orchestrator.get(doomed.uuid).pipeline.status == Status.CANCELLED
+    assert orchestrator.get(again.uuid).pipeline.status == Status.FINISHED
