@@ -5,6 +5,10 @@ Each test is a pair that could lose, double or strand work if the two features d
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+import time
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -22,6 +26,8 @@ from tests.integration.test_key_limits import Claims, Order, keyed
 from tests.support.builders import pipeline_of, step_of
 
 WINDOW = timedelta(seconds=30)
+PRORCH = str(Path(sys.executable).parent / "prorch")
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(params=["memory", "sqlite", "postgresql", "tinydb", "seed"])
@@ -239,3 +245,40 @@ def test_a_keyed_create_does_not_attach_to_a_pipeline_whose_cancel_is_requested(
     orchestrator.execute_pipelines()
     assert orchestrator.get(doomed.uuid).pipeline.status == Status.CANCELLED
     assert orchestrator.get(again.uuid).pipeline.status == Status.FINISHED
+
+
+@pytest.mark.slow
+def test_a_worker_process_runs_a_debounced_pipeline_once_after_its_pause_with_every_create(
+    tmp_path: Path, processes: list[subprocess.Popen[Any]]
+) -> None:
+    """A real worker polling every 0.05 s while the class is paused and the window passes: it
+    claims nothing, a later create still merges into the waiting pipeline, and after the resume
+    the worker runs that one pipeline once, with both creates' ids."""
+    url = f"sqlite:///{tmp_path / 'seams.db'}"
+    operator = Orchestrator(url)
+    operator.store.get_pipeline("none")  # the schema, before the worker races to make it
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PRORCH_")}
+    env["PYTHONPATH"] = str(ROOT)
+    command = [PRORCH, "-r", url, "--app", "tests.integration.key_race", "worker", "--interval", "0.05"]
+    with (tmp_path / "worker.log").open("w") as log:
+        processes.append(subprocess.Popen(command, cwd=tmp_path, env=env, stdout=log, stderr=log))
+    deadline = time.monotonic() + 60
+    while not operator.store.workers():
+        assert time.monotonic() < deadline and processes[0].poll() is None, (tmp_path / "worker.log").read_text()
+        time.sleep(0.1)
+    operator.pause(name="BatchPipeline")
+    window = timedelta(seconds=0.3)
+    first = BatchPipeline.create(url, {"ids": [1]}, key="p", debounce=window)
+    time.sleep(1.5)  # the window passed while paused: the worker looked and claimed nothing
+    later = BatchPipeline.create(url, {"ids": [2]}, key="p", debounce=window)
+    assert (later.created, later.uuid) == (False, first.uuid)
+    time.sleep(1.0)
+    assert operator.get(first.uuid).pipeline.claims == 0
+    operator.resume(name="BatchPipeline")
+    deadline = time.monotonic() + 30
+    while operator.get(first.uuid).pipeline.status != Status.FINISHED:
+        assert time.monotonic() < deadline, (tmp_path / "worker.log").read_text()[-2000:]
+        time.sleep(0.1)
+    assert [p.uuid for p in operator.query(key="p").pipelines] == [first.uuid]
+    assert operator.get(first.uuid).steps[0].output == {"ids": [1, 2]}
+    assert processes[0].poll() is None, "the worker died"
