@@ -282,3 +282,27 @@ def test_a_worker_process_runs_a_debounced_pipeline_once_after_its_pause_with_ev
     assert [p.uuid for p in operator.query(key="p").pipelines] == [first.uuid]
     assert operator.get(first.uuid).steps[0].output == {"ids": [1, 2]}
     assert processes[0].poll() is None, "the worker died"
+
+
+def test_cancelling_a_paused_parent_cancels_it_and_its_paused_child_at_once(
+    backend_of: Any, store_kind: str, registry: Registry
+) -> None:
+    child_class = pipeline_of(step_of("Leaf", finishes), name="Leaf")
+
+    def spawn(step: Any) -> None:
+        step.start_child(child_class, {}, key="leaf")
+        step.wait(3600)
+
+    parent_class = pipeline_of(step_of("Spawn", spawn, lambda step: step.wait(3600)), name="Tree")
+    clock = FakeClock()
+    orchestrator = Orchestrator(backend_of, registry=registry, clock=clock)
+    parent = parent_class.create(backend_of, {}, clock=clock).uuid
+    orchestrator.pause(name="Leaf")
+    orchestrator.execute_pipelines()
+    (child,) = [p for p in orchestrator.list_pipelines() if p.name == "Leaf"]
+    assert child.status == Status.PENDING
+    orchestrator.pause(name="Tree")
+    orchestrator.cancel(parent)
+    assert orchestrator.get(parent).pipeline.status == Status.CANCELLED
+    orchestrator.execute_pipelines()
+    assert orchestrator.get(child.uuid).pipeline.status == Status.CANCELLED  # a pause does not hold a cancel
