@@ -185,6 +185,9 @@ class RepositoryBackend(Committer):
         """Nothing: ``transaction()`` holds the store's only write lock here (memory, TinyDB,
         SQLite), or the store has no transactions (a user's repository: one process only)."""
 
+    def lock_keys(self, keys: Sequence[str]) -> None:
+        """Nothing, as ``lock_key``."""
+
     # --- pauses (each backend stores the rows; resuming wakes workers) --------------------------
 
     def pauses(self) -> list[JSONDict]:  # pragma: no cover - each backend's

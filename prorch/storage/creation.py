@@ -190,10 +190,17 @@ def store_once(
 
     The look-up and the inserts share one transaction: writers take turns on SQLite, TinyDB
     and the memory store. On PostgreSQL two transactions can both find nothing; the second
-    insert then fails on the uuid's uniqueness, and the look-up runs again and finds the first."""
+    insert then fails on the uuid's uniqueness, and the look-up runs again and finds the first.
+    The keys' locks (in one order, so two batches cannot deadlock) make a create with
+    ``if_running`` or ``debounce``, which stores a uuid of its own, wait for this one and the
+    other way round, so that the look-up by key sees what the other stored."""
+    keys = sorted(
+        {record.key for group in groups for record in group if isinstance(record, PipelineRecord) and record.key}
+    )
     for attempt in range(1, STORE_ONCE_ATTEMPTS + 1):
         try:
             with store.transaction():
+                store.lock_keys(keys)
                 results, fresh = _sort_out(store, groups)
                 if fresh:
                     store_new(store, fresh, now, registry)
@@ -209,9 +216,11 @@ def _sort_out(store: Store, groups: list[list[Record]]) -> tuple[list[tuple[Pipe
     results: list[tuple[PipelineRecord, bool]] = []
     fresh: list[list[Record]] = []
     taken: dict[str, PipelineRecord] = {}
+    wanted_keys = [record.key for group in groups for record in group if isinstance(record, PipelineRecord)]
+    live = live_holders(store, [key for key in dict.fromkeys(wanted_keys) if key is not None])
     for group in groups:
         wanted = next(record for record in group if isinstance(record, PipelineRecord))
-        found = taken.get(wanted.uuid) or store.get_pipeline(wanted.uuid) or _keyed_live(store, wanted)
+        found = taken.get(wanted.uuid) or store.get_pipeline(wanted.uuid) or live.get(wanted.key or "")
         if found is None:
             taken[wanted.uuid] = wanted
             fresh.append(group)
@@ -223,8 +232,12 @@ def _sort_out(store: Store, groups: list[list[Record]]) -> tuple[list[tuple[Pipe
     return results, fresh
 
 
-def _keyed_live(store: Store, wanted: PipelineRecord) -> PipelineRecord | None:
-    return None if wanted.key is None else live_holder(store, wanted.key)
+def live_holders(store: Store, keys: list[str]) -> dict[str, PipelineRecord]:
+    """``live_holder`` of each of ``keys`` that has one, read in one query where the store can."""
+    found = store.pipelines_with_keys(keys) if keys else {}
+    holders = {key: max((r for r in records if holds_key(r)), key=listing.newest_first, default=None)
+               for key, records in found.items()}  # fmt: skip
+    return {key: holder for key, holder in holders.items() if holder is not None}
 
 
 def live_holder(store: Store, key: str, *, other_than: str | None = None) -> PipelineRecord | None:

@@ -5,6 +5,7 @@ Each test is a pair that could lose, double or strand work if the two features d
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import subprocess
 import sys
@@ -21,7 +22,7 @@ from prorch.bulk import Filters
 from prorch.model.exceptions import InvalidStateError
 from prorch.model.registry import Registry
 from tests.integration.conftest import make_backend
-from tests.integration.key_race import BatchPipeline
+from tests.integration.key_race import BatchPipeline, mixed_modes_in_lockstep
 from tests.integration.test_key_limits import Claims, Order, keyed
 from tests.support.builders import pipeline_of, step_of
 
@@ -306,3 +307,31 @@ def test_cancelling_a_paused_parent_cancels_it_and_its_paused_child_at_once(
     assert orchestrator.get(parent).pipeline.status == Status.CANCELLED
     orchestrator.execute_pipelines()
     assert orchestrator.get(child.uuid).pipeline.status == Status.CANCELLED  # a pause does not hold a cancel
+
+
+@pytest.mark.slow
+def test_default_and_attach_creates_of_one_key_in_four_postgresql_processes_store_one_pipeline(
+    postgres_url: str,
+) -> None:
+    """Two processes create with ``if_running="attach"`` and two in the default mode, in
+    lockstep, key after key: each key's creates all return the one pipeline stored."""
+    Orchestrator(postgres_url).store.get_pipeline("none")  # the schema first
+    context = multiprocessing.get_context("spawn")
+    barrier, results = context.Barrier(4), context.Queue()
+    rounds = 30
+    creators = [
+        context.Process(target=mixed_modes_in_lockstep, args=(postgres_url, me, barrier, results, rounds))
+        for me in range(4)
+    ]
+    for creator in creators:
+        creator.start()
+    reports = [results.get(timeout=120) for _ in range(4 * rounds)]
+    for creator in creators:
+        creator.join(30)
+        assert creator.exitcode == 0
+    assert [error for *_, error in reports if error] == []
+    orchestrator = Orchestrator(postgres_url)
+    for n in range(rounds):
+        stored = [p.uuid for p in orchestrator.query(key=f"mixed-{n}").pipelines]
+        returned = {uuid for key, uuid, _ in reports if key == f"mixed-{n}"}
+        assert (len(stored), returned) == (1, set(stored)), f"key mixed-{n}"
