@@ -335,3 +335,28 @@ def test_default_and_attach_creates_of_one_key_in_four_postgresql_processes_stor
         stored = [p.uuid for p in orchestrator.query(key=f"mixed-{n}").pipelines]
         returned = {uuid for key, uuid, _ in reports if key == f"mixed-{n}"}
         assert (len(stored), returned) == (1, set(stored)), f"key mixed-{n}"
+
+
+def test_the_logs_of_a_hook_whose_lease_was_lost_are_not_stored_with_the_refused_finish(
+    backend_of: Any, store_kind: str, registry: Registry
+) -> None:
+    if store_kind == "seed":
+        pytest.skip("the four-method fallback leases nothing: no lease to lose")
+    clock = FakeClock()
+    thief: list[Any] = []
+
+    def slow(step: Any) -> None:
+        step.log.info("ran past my lease")
+        clock.advance(3600)  # the lease expired while the hook ran; another worker takes the pipeline
+        store = thief[0].store
+        assert store.claim_one(step.pipeline_uuid, clock.now(), "thief", clock.now() + timedelta(seconds=60))
+        step.finish({"late": True})
+
+    job = pipeline_of(step_of("Slow", slow), name="Slow")
+    orchestrator = Orchestrator(backend_of, registry=registry, clock=clock)
+    thief.append(orchestrator)
+    uuid = job.create(backend_of, {}, clock=clock).uuid
+    orchestrator.execute_pipelines()
+    state = orchestrator.get(uuid)
+    assert state.pipeline.lease_owner == "thief"  # the late finish was refused
+    assert state.steps[0].status != Status.FINISHED and not state.steps[0].logs  # and its lines with it
