@@ -16,7 +16,7 @@ from prorch.model.pauses import Pause, make_pause
 from prorch.model.records import EventRecord, MessageRecord, PipelineRecord, new_uuid
 from prorch.model.status import TERMINAL, EventType, Status
 from prorch.reads import Reads
-from prorch.storage import forking, outside
+from prorch.storage import creation, forking, outside
 from prorch.summaries import PipelineState
 
 logger = logging.getLogger("prorch.actions")
@@ -71,7 +71,19 @@ class Actions(Reads):
         if record.status != Status.FAILED:
             raise InvalidStateError(f"pipeline {uuid} is {record.status.value}; only a failed pipeline can be retried")
         self._require_code(record, "retried")
-        self.runner.retry(record, note)
+        if record.key is None:
+            self.runner.retry(record, note)
+            return self.get(uuid)
+        with self.store.transaction():  # under the key's lock, as a keyed create is
+            self.store.lock_key(record.key)
+            holder = creation.live_holder(self.store, record.key, other_than=uuid)
+            if holder is not None:
+                raise InvalidStateError(
+                    f"pipeline {uuid} has key {record.key!r}, and key {record.key!r} names pipeline {holder.name} "
+                    f"{holder.uuid}, which has not ended ({holder.status.value}): a retry would run two pipelines "
+                    "of one key; wait for that one to end (or cancel it), or rerun this one (a rerun has no key)"
+                )
+            self.runner.retry(record, note)
         return self.get(uuid)
 
     def rerun(

@@ -25,6 +25,11 @@ from repositories.sql import DatabaseRefusedError, SQLBackend, SQLRepository
 
 NOTIFY = text("SELECT pg_notify(:channel, '')")
 KEY_LOCK = text("SELECT pg_advisory_xact_lock(hashtextextended(:key, 0))")
+KEY_LOCKS = text(
+    "SELECT count(pg_advisory_xact_lock(lock_id)) FROM (SELECT DISTINCT hashtextextended(k, 0) AS lock_id "
+    "FROM unnest(CAST(:keys AS text[])) AS k ORDER BY lock_id) AS ordered"
+)
+"""``lock_key`` for many keys in one statement, in the order of their lock ids (every caller's)."""
 SCHEMA_LOCK = 7270712
 """The advisory lock key of schema upgrades ('prorch')."""
 
@@ -92,6 +97,11 @@ class PostgreSQLBackend(SQLBackend):
         connection = self.current_connection()
         if connection is not None:
             connection.execute(KEY_LOCK, {"key": f"prorch:key:{key}"})
+
+    def lock_keys(self, keys: Sequence[str]) -> None:
+        connection = self.current_connection()
+        if connection is not None:
+            connection.execute(KEY_LOCKS, {"keys": [f"prorch:key:{key}" for key in keys]})
 
     def lock_schema(self, connection: Connection) -> None:
         connection.execute(text(f"SELECT pg_advisory_xact_lock({SCHEMA_LOCK})"))

@@ -260,6 +260,11 @@ class Backend(Protocol):
         lock (SQLite, TinyDB, memory); an advisory lock on PostgreSQL."""
         ...
 
+    def lock_keys(self, keys: Sequence[str]) -> None:
+        """``lock_key`` for each of ``keys``, in one order every caller shares (two batches
+        with keys in common cannot deadlock), in one statement where the store needs any."""
+        ...
+
     # --- waiting -------------------------------------------------------------------------------
 
     def wait_for_work(self, timeout: float) -> bool:

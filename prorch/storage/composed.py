@@ -199,6 +199,9 @@ class RepositoryBackend(Committer):
         """Nothing: ``transaction()`` holds the store's only write lock here (memory, TinyDB,
         SQLite), or the store has no transactions (a user's repository: one process only)."""
 
+    def lock_keys(self, keys: Sequence[str]) -> None:
+        """Nothing, as ``lock_key``."""
+
     # --- streams (a store with an index by (pipeline, seq) overrides: SQL) ----------------------
 
     def stream_entries(self, pipeline_uuid: str, after: int, limit: int) -> list[JSONDict]:

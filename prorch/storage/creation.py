@@ -31,7 +31,8 @@ from prorch.model.limit_rules import concurrency_key_of
 from prorch.model.patches import PATCHES, to_record
 from prorch.model.records import EventRecord, JSONDict, PipelineRecord, Record, StepRecord, new_uuid
 from prorch.model.registry import Registry
-from prorch.model.status import EventType, Status
+from prorch.model.status import TERMINAL, EventType, Status
+from prorch.storage import listing
 from prorch.storage.store import Store
 
 STORE_ONCE_ATTEMPTS = 3
@@ -136,7 +137,7 @@ def build_records(
         key=key,
         parent_uuid=parent_uuid,
         trace=trace,
-        concurrency_key=_concurrency_key(definition, params, context),
+        concurrency_key=concurrency_key_for(definition, params, context),
         attributes=dict(attributes) if attributes else {},
     )
     steps: list[Record] = [
@@ -189,10 +190,17 @@ def store_once(
 
     The look-up and the inserts share one transaction: writers take turns on SQLite, TinyDB
     and the memory store. On PostgreSQL two transactions can both find nothing; the second
-    insert then fails on the uuid's uniqueness, and the look-up runs again and finds the first."""
+    insert then fails on the uuid's uniqueness, and the look-up runs again and finds the first.
+    The keys' locks (in one order, so two batches cannot deadlock) make a create with
+    ``if_running`` or ``debounce``, which stores a uuid of its own, wait for this one and the
+    other way round, so that the look-up by key sees what the other stored."""
+    keys = sorted(
+        {record.key for group in groups for record in group if isinstance(record, PipelineRecord) and record.key}
+    )
     for attempt in range(1, STORE_ONCE_ATTEMPTS + 1):
         try:
             with store.transaction():
+                store.lock_keys(keys)
                 results, fresh = _sort_out(store, groups)
                 if fresh:
                     store_new(store, fresh, now, registry)
@@ -208,9 +216,11 @@ def _sort_out(store: Store, groups: list[list[Record]]) -> tuple[list[tuple[Pipe
     results: list[tuple[PipelineRecord, bool]] = []
     fresh: list[list[Record]] = []
     taken: dict[str, PipelineRecord] = {}
+    wanted_keys = [record.key for group in groups for record in group if isinstance(record, PipelineRecord)]
+    live = live_holders(store, [key for key in dict.fromkeys(wanted_keys) if key is not None])
     for group in groups:
         wanted = next(record for record in group if isinstance(record, PipelineRecord))
-        found = taken.get(wanted.uuid) or store.get_pipeline(wanted.uuid)
+        found = taken.get(wanted.uuid) or store.get_pipeline(wanted.uuid) or live.get(wanted.key or "")
         if found is None:
             taken[wanted.uuid] = wanted
             fresh.append(group)
@@ -220,6 +230,29 @@ def _sort_out(store: Store, groups: list[list[Record]]) -> tuple[list[tuple[Pipe
             raise KeyConflictError(_conflict(found, wanted))
         results.append((found, False))
     return results, fresh
+
+
+def live_holders(store: Store, keys: list[str]) -> dict[str, PipelineRecord]:
+    """``live_holder`` of each of ``keys`` that has one, read in one query where the store can."""
+    found = store.pipelines_with_keys(keys) if keys else {}
+    holders = {key: max((r for r in records if holds_key(r)), key=listing.newest_first, default=None)
+               for key, records in found.items()}  # fmt: skip
+    return {key: holder for key, holder in holders.items() if holder is not None}
+
+
+def live_holder(store: Store, key: str, *, other_than: str | None = None) -> PipelineRecord | None:
+    """The newest pipeline of ``key`` that has not ended (other than ``other_than``): while it
+    lives it holds the key, whether a create with ``if_running`` or ``debounce`` started it under
+    a uuid of its own or the default one did. A default create returns it (or conflicts) and an
+    operator's retry of an ended pipeline of the key is refused, rather than run two at once."""
+    live = [record for record in store.pipelines_with_key(key) if holds_key(record)]
+    return max((record for record in live if record.uuid != other_than), key=listing.newest_first, default=None)
+
+
+def holds_key(record: PipelineRecord) -> bool:
+    """Whether ``record`` holds its key against a second live pipeline: it has not ended, and no
+    cancel of it is pending (that one ends cancelled, and would take a create's work with it)."""
+    return record.status not in TERMINAL and not record.cancel_requested
 
 
 def _conflict(found: PipelineRecord, wanted: PipelineRecord) -> str:
@@ -236,7 +269,7 @@ def _shown(params: JSONDict) -> str:
     return text if len(text) <= 300 else text[:297] + "..."
 
 
-def _concurrency_key(definition: type[PipelineDefinition], params: JSONDict, context: JSONDict | None) -> str:
+def concurrency_key_for(definition: type[PipelineDefinition], params: JSONDict, context: JSONDict | None) -> str:
     """The class's concurrency key of these params (by default the tenant), stored with the
     pipeline so that the claim counts and groups by it without reading params or context; a
     bad key is the params' error (nothing is stored)."""

@@ -28,7 +28,7 @@ from prorch.model.exceptions import (
 from prorch.model.keys import check_key
 from prorch.model.records import JSONDict, PipelineRecord, Record
 from prorch.model.registry import Registry
-from prorch.model.status import TERMINAL, Status
+from prorch.model.status import Status
 from prorch.storage import creation, listing
 from prorch.storage.store import Store
 
@@ -119,7 +119,7 @@ def _create_or_find(
         found = store.pipelines_with_key(key)
         now = clock.now()
         if debounce is not None:
-            kept = _debounced(store, definition, params, found, now + debounce, now)
+            kept = _debounced(store, definition, params, attributes, found, now + debounce, now)
         else:
             kept = _live(definition, found, key, if_running)
         if kept is not None:
@@ -137,8 +137,10 @@ def _create_or_find(
 def _live(
     definition: type[PipelineDefinition], found: list[PipelineRecord], key: str, if_running: IfRunning
 ) -> PipelineRecord | None:
-    """The live pipeline of ``key`` that this create returns (attach), or None to create one."""
-    live = newest([record for record in found if record.status not in TERMINAL])
+    """The live pipeline of ``key`` that this create returns (attach), or None to create one. A
+    pipeline whose cancel is requested (while a worker held it) will end cancelled: it holds the
+    key no more, else the work of a create attached to it would be cancelled with it."""
+    live = newest([record for record in found if creation.holds_key(record)])
     if live is None:
         return None
     _same_name(definition, live, key)
@@ -154,12 +156,15 @@ def _debounced(
     store: Store,
     definition: type[PipelineDefinition],
     params: JSONDict,
+    attributes: dict[str, str],
     found: list[PipelineRecord],
     until: datetime,
     now: datetime,
 ) -> PipelineRecord | None:
-    """The pipeline of the key still waiting in its window, given the merged params and due at
-    ``until``; None when none waits (none was created, or it has been claimed: it started)."""
+    """The pipeline of the key still waiting in its window, given the merged params, this
+    create's search attributes over its own (the later value wins: the pipeline does the later
+    create's work too, and a search by its labels must find it) and due at ``until``; None when
+    none waits (none was created, or it has been claimed: it started)."""
     waiting = newest([record for record in found if is_waiting(record)])
     if waiting is None:
         return None
@@ -171,6 +176,9 @@ def _debounced(
         raise InvalidParamsError(
             f"{definition.__qualname__}.merge() returned params that are not valid: {exc}; nothing was stored"
         ) from exc
+    waiting.concurrency_key = creation.concurrency_key_for(definition, waiting.params, waiting.context)
+    if attributes:
+        waiting.attributes = {**waiting.attributes, **attributes}
     waiting.next_run_at, waiting.updated_at = until, now
     store.commit([waiting])  # ConcurrentUpdateError when a worker claimed it meanwhile: try again
     return waiting
@@ -187,6 +195,7 @@ def is_waiting(record: PipelineRecord) -> bool:
         and record.lease_owner is None
         and record.hook_started_at is None
         and record.metadata.get("current_step") is None
+        and not record.cancel_requested
     )
 
 

@@ -135,6 +135,20 @@ class Store:
         ``debounce``, one per time the key was free), oldest first."""
         return sorted(self._search(PipelineRecord, "key", key), key=listing.newest_first)
 
+    def pipelines_with_keys(self, keys: Sequence[str]) -> dict[str, list[PipelineRecord]]:
+        """``pipelines_with_key`` of several keys (a keyed ``create_many``), in one query where
+        the store can, else key by key."""
+        rows = None
+        if len(keys) > 1:
+            rows = call("search pipeline records", self.engine.search_many, PipelineRecord.MODEL, "key", list(keys))
+        if rows is None:
+            return {key: self.pipelines_with_key(key) for key in keys}
+        found: dict[str, list[PipelineRecord]] = {key: [] for key in keys}
+        for record in (load(PipelineRecord, row) for row in rows):
+            if record.key is not None:
+                found.setdefault(record.key, []).append(record)
+        return found
+
     def steps_of(self, pipeline_uuid: str) -> list[StepRecord]:
         return self._search(StepRecord, "pipeline_uuid", pipeline_uuid)
 
@@ -274,6 +288,11 @@ class Store:
     def lock_key(self, key: str) -> None:
         """Inside ``transaction()``: creates by ``key`` in other transactions wait for this one."""
         call("lock a creation key", self.engine.lock_key, key)
+
+    def lock_keys(self, keys: Sequence[str]) -> None:
+        """``lock_key`` for several keys at once (a keyed ``create_many``)."""
+        if keys:
+            call("lock creation keys", self.engine.lock_keys, keys)
 
     def insert_all(self, records: Sequence[Record]) -> None:
         """Store new records (a pipeline with its steps and first event) as one unit."""

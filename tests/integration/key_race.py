@@ -107,3 +107,20 @@ def create_in_lockstep(url: str, keys: list[str], barrier: Any, results: Any, by
             results.put((key, made.uuid, made.created, None))
         except Exception as exc:  # reported to the test, which fails on it
             results.put((key, None, None, f"{type(exc).__name__}: {exc}"))
+
+
+def mixed_modes_in_lockstep(url: str, me: int, barrier: Any, results: Any, rounds: int) -> None:
+    """In lockstep with three other processes, ``rounds`` creates of key ``mixed-N``: processes
+    0 and 1 with ``if_running="attach"``, 2 and 3 in the default mode. Reports (key, uuid, error)."""
+    from repositories import from_url
+
+    backend = from_url(url)
+    mode = "attach" if me < 2 else "same"
+    for n in range(rounds):
+        key = f"mixed-{n}"
+        barrier.wait(timeout=60)
+        try:
+            made = KeyRacePipeline.create(backend, {}, key=key, if_running=mode)  # type: ignore[arg-type]
+            results.put((key, made.uuid, None))
+        except Exception as exc:  # reported, not raised: the test says which
+            results.put((key, None, f"{type(exc).__name__}: {exc}"))
