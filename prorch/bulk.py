@@ -55,6 +55,10 @@ class Acting(Protocol):
     ) -> Any: ...
 
 
+LISTING_FILTERS = ("status", "state", "name", "version", "tenant", "key", "param", "since", "until")
+"""The filters every listing shares by name (``prorch list``, bulk actions, the dashboard)."""
+
+
 @dataclass(frozen=True)
 class Filters:
     """The filters of ``prorch list`` (all given must match): creation and last-change windows

@@ -10,7 +10,7 @@ from typing import Any, NoReturn
 
 import click
 
-from prorch.bulk import BulkAction, BulkSummary, Filters, count
+from prorch.bulk import LISTING_FILTERS, BulkAction, BulkSummary, Filters, count
 from prorch.cli.helpers import STATUSES, Context, parse_attributes, parse_param_filter
 from prorch.model.exceptions import InvalidParamsError
 from prorch.model.substates import STATES
@@ -19,20 +19,7 @@ from prorch.storage.listing import parse_moment
 CONFIRM_ABOVE = 10
 """A bulk action on more pipelines than this asks first (``--yes`` does not)."""
 
-FILTERS = (
-    "status",
-    "state",
-    "name",
-    "version",
-    "tenant",
-    "key",
-    "param",
-    "since",
-    "until",
-    "updated_since",
-    "updated_until",
-    "attrs",
-)
+FILTERS = (*LISTING_FILTERS, "updated_since", "updated_until", "attrs")
 PAST_TENSE = {"cancel": "cancelled", "retry": "retried", "rerun": "reran", "purge": "purged"}
 
 

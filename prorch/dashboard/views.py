@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
-from prorch.bulk import Filters
+from prorch.bulk import LISTING_FILTERS, Filters
 from prorch.dashboard import timeline
 from prorch.display import app_loaded, lease_holder, state_text, step_limits, step_seconds
 from prorch.model import attributes as search_attributes
@@ -29,20 +29,7 @@ from prorch.storage.listing import filter_value, parse_moment
 from prorch.storage.repository import PipelineStats
 
 MAX_INT = 2**31 - 1  # a stored version is a 32-bit integer on PostgreSQL
-FILTERS = (
-    "status",
-    "state",
-    "name",
-    "version",
-    "tenant",
-    "key",
-    "param",
-    "since",
-    "until",
-    "limit",
-    "after",
-    "attributes",
-)
+FILTERS = (*LISTING_FILTERS, "limit", "after", "attributes")
 STATS_SECONDS = 5.0
 """How long overview counts are reused: every open page refreshes every few seconds, and a
 count over millions of pipelines should not run once per page per refresh."""

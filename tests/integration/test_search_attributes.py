@@ -7,7 +7,6 @@ PostgreSQL server, the in-memory store and a user's four-method repository."""
 from __future__ import annotations
 
 import json
-import time
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,7 @@ from repositories.schema import TABLES, pipeline_attributes
 from repositories.sql_listing import listing
 from tests.integration.conftest import make_backend
 from tests.support.builders import pipeline_of, step_of
+from tests.support.grouped import run_grouped_counting
 
 KINDS = ["sqlite", "postgresql", "memory", "tinydb", "seed"]
 SQL = ["sqlite", "postgresql"]
@@ -192,20 +192,7 @@ def test_group_commit_indexes_each_pipelines_attributes(
     backend = make_backend(kind, tmp_path, request)
     job = pipeline_of(step_of("Label", labelled), name="Job")
     made = {job.create(backend, {"label": f"s{i}"}).uuid: f"s{i}" for i in range(4)}
-    rounds: list[int] = []
-    commit_many = Store.commit_many
-
-    def counted(self: Store, writes: Any) -> Any:
-        rounds.append(sum("attributes" in c.fields for w in writes for c in w.changes))
-        return commit_many(self, writes)
-
-    monkeypatch.setattr(Store, "commit_many", counted)
-    grouped = Orchestrator(backend, registry=registry, concurrency=4, group_commit=8)
-    for _ in range(100):  # the server's clock, read again, may put the newest one a moment ahead
-        grouped.execute_pipelines()
-        if all(p.status.value == "finished" for p in Store(backend).all_pipelines()):
-            break
-        time.sleep(0.02)
+    rounds = run_grouped_counting(backend, registry, monkeypatch, "attributes")
 
     assert {p.uuid: p.attributes.get("stage") for p in Store(backend).all_pipelines()} == made
     assert max(rounds) >= 2, rounds  # two pipelines' new attributes went in one commit

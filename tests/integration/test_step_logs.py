@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +19,7 @@ from prorch.model.registry import Registry
 from prorch.storage.store import Store
 from tests.integration.conftest import make_backend
 from tests.support.builders import pipeline_of, step_of
+from tests.support.grouped import run_grouped_counting
 
 KINDS = ["sqlite", "postgresql", "memory", "tinydb"]
 
@@ -115,20 +115,7 @@ def test_group_commit_stores_each_pipelines_logs(
     say = step_of("Say", lambda self: (self.log.info("hello from %s", self.params["n"]), self.finish()))
     job = pipeline_of(say, name="Job")
     made = {job.create(backend, {"n": n}).uuid: n for n in range(4)}
-    rounds: list[int] = []
-    commit_many = Store.commit_many
-
-    def counted(self: Store, writes: Any) -> Any:
-        rounds.append(sum("logs" in c.fields for w in writes for c in w.changes))
-        return commit_many(self, writes)
-
-    monkeypatch.setattr(Store, "commit_many", counted)
-    grouped = Orchestrator(backend, registry=registry, concurrency=4, group_commit=8)
-    for _ in range(100):  # the server's clock, read again, may put the newest one a moment ahead
-        grouped.execute_pipelines()
-        if all(p.status.value == "finished" for p in Store(backend).all_pipelines()):
-            break
-        time.sleep(0.02)
+    rounds = run_grouped_counting(backend, registry, monkeypatch, "logs")
     assert max(rounds) >= 2, rounds  # two pipelines' logs went in one commit
     store = Store(backend)
     for uuid, n in made.items():
