@@ -5,7 +5,9 @@ only if the hook returns without raising."""
 
 from __future__ import annotations
 
+import logging
 import threading
+import time
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -15,7 +17,7 @@ from prorch.engine.transitions import new_event
 from prorch.model.clock import Clock
 from prorch.model.definition import PipelineDefinition
 from prorch.model.exceptions import StepUsageError
-from prorch.model.records import EventRecord, MessageRecord, StreamRecord
+from prorch.model.records import EventRecord, JSONDict, MessageRecord, StreamRecord
 from prorch.model.registry import Registry
 from prorch.model.status import TERMINAL, EventType
 from prorch.model.step import Step
@@ -23,6 +25,11 @@ from prorch.storage.creation import create_pipelines
 from prorch.storage.outside import NO_PAYLOAD
 from prorch.storage.results import CHILD_ENDED, result_of
 from prorch.storage.store import MESSAGE_PAGE, Store
+
+logger = logging.getLogger("prorch.engine.runtime")
+PROGRESS_EVERY = 0.5
+"""Seconds between two live writes of one hook call's ``progress()``: a hook reporting in a
+tight loop writes a few times a second; its last report is stored with its transition."""
 
 
 @dataclass
@@ -75,6 +82,8 @@ class HookRuntime:
         self.inboxes: dict[str, Inbox] = {}
         self.lock = threading.Lock()
         self.closed = False  # the hook call ended (returned, raised or ran past its timeout)
+        self.progress_at: float | None = None  # time.monotonic() of the last live progress write
+        self.progress_live = True  # False once a write found the lease lost or the store keeps it for the transition
 
     def close(self) -> None:
         """The hook call ended: a thread of it still running (past its timeout) writes nothing more."""
@@ -95,6 +104,30 @@ class HookRuntime:
             entry = StreamRecord(uuid=f"{uuid}:{seq}", pipeline_uuid=uuid, seq=seq, at=self.clock.now(), value=value)
             self.store.append_stream(entry, run.token)
             run.stream_seq = seq
+
+    def progress_now(self, step: Step, progress: JSONDict) -> None:
+        """Store ``progress()`` at once for ``prorch show`` and the dashboard, at most every
+        ``PROGRESS_EVERY`` seconds, while this worker holds the lease. Never fails the hook:
+        a store error or a lost lease is logged, and the transition stores the last report."""
+        with self.lock:
+            now = time.monotonic()
+            if self.closed or not self.progress_live:
+                return
+            if self.progress_at is not None and now - self.progress_at < PROGRESS_EVERY:
+                return
+            self.progress_at = now
+            record = next(s for s in self.run.steps if s.uuid == step.uuid)
+            try:
+                stored = self.store.write_progress(record, self.run.token, progress)
+            except Exception as exc:  # a store error: the transition stores it
+                logger.warning("step %s of %s: storing its progress failed: %s", step.name, record.pipeline_uuid, exc)
+                return
+            if stored:
+                record.progress = progress  # kept by the transition, also when the hook raises
+                return
+            self.progress_live = False  # the lease is lost, or the store keeps progress for the transition
+            if stored is False:
+                logger.warning("step %s of %s: its lease is lost; progress not stored", step.name, record.pipeline_uuid)
 
     def receive(self, step: Step, name: str) -> Any:
         inbox = self._inbox(name)

@@ -40,6 +40,8 @@ class StepRuntime(Protocol):
 
     def emit_now(self, step: Step, value: Any) -> None: ...
 
+    def progress_now(self, step: Step, progress: JSONDict) -> None: ...
+
 
 @dataclass(frozen=True)
 class Verdict:
@@ -205,9 +207,12 @@ class Step:
         self._decide(Verdict("wait", until=until))
 
     def progress(self, done: float, total: float | None = None, note: str | None = None) -> None:
-        """Report how far this step has come (``done`` of ``total``, with an optional note).
-        Stored with the step's next transition, which this hook's return writes; shown by
-        ``Orchestrator.get()``, ``prorch show`` and the dashboard. The last report wins."""
+        """Report how far this step has come (``done`` of ``total``, with an optional note),
+        shown by ``Orchestrator.get()``, ``prorch show`` and the dashboard. In ``on_start`` and
+        ``on_continue`` run by prorch it is stored at once, while the hook still runs (at most
+        every half second; with a user's four-method repository, with the transition only);
+        the last report is stored with the step's next transition, which this hook's return
+        writes. A failed or refused early write is logged, never raised."""
         for label, value in (("done", done), ("total", total)):
             if value is None and label == "total":
                 continue
@@ -218,6 +223,8 @@ class Step:
         if note is not None and not isinstance(note, str):
             raise StepUsageError(f"progress(note=...) needs a str, got {type(note).__name__}")
         self._progress = {"done": done, "total": total, "note": note, "at": datetime.now(timezone.utc).isoformat()}
+        if self._runtime is not None:
+            self._runtime.progress_now(self, self._progress)
 
     @property
     def attributes(self) -> dict[str, str]:

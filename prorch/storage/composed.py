@@ -202,6 +202,23 @@ class RepositoryBackend(Committer):
     def lock_keys(self, keys: Sequence[str]) -> None:
         """Nothing, as ``lock_key``."""
 
+    # --- live progress (``self.progress()`` while the hook runs) ---------------------------------
+
+    live_progress = True
+    """True when ``write_progress`` stores a step's progress ahead of its transition."""
+
+    def write_progress(self, pipeline_uuid: str, step_uuid: str, token: str | None, progress: JSONDict) -> bool:
+        """Store the step's ``progress`` column alone, while lease ``token`` holds its pipeline
+        (None: no leases); False, storing nothing, once it does not. ``revision`` is left as
+        it is: the hook's transition, written by compare-and-set on it, is not refused, and
+        writes the last progress after this."""
+        with self.transaction():
+            found = self.get(PipelineRecord.MODEL, pipeline_uuid)
+            if found is None or (token is not None and found.get("lease_owner") != token):
+                return False
+            call("store a step's progress", self.table(StepRecord.MODEL).update, step_uuid, {"progress": progress})
+            return True
+
     # --- streams (a store with an index by (pipeline, seq) overrides: SQL) ----------------------
 
     def stream_entries(self, pipeline_uuid: str, after: int, limit: int) -> list[JSONDict]:

@@ -145,6 +145,7 @@ class SeedAdapter(_WorkerRowsAsMessages, RepositoryBackend):
     """``Backend`` over a ``model -> IRepository`` factory."""
 
     owned = MODELS[1:]  # stream entries are message records here
+    live_progress = False  # a step's progress is stored with its transition only: its rows are the user's
 
     def __init__(self, factory: RepositoryFactory) -> None:
         self.factory = factory

@@ -18,7 +18,16 @@ from prorch.model.due import ClaimRequest, Runnable
 from prorch.model.exceptions import ConcurrentUpdateError, ConfigurationError, PipelineNotFoundError
 from prorch.model.limit_rules import ClaimLimit
 from prorch.model.pauses import Pause, Paused
-from prorch.model.records import EventRecord, MessageRecord, PipelineRecord, Record, StepRecord, StreamRecord, snapshot
+from prorch.model.records import (
+    EventRecord,
+    JSONDict,
+    MessageRecord,
+    PipelineRecord,
+    Record,
+    StepRecord,
+    StreamRecord,
+    snapshot,
+)
 from prorch.model.status import Status
 from prorch.model.workers import WorkerRow
 from prorch.storage import listing
@@ -203,6 +212,15 @@ class Store:
                     uuid=entry.pipeline_uuid,
                 )
             self.insert_all([entry])
+
+    def write_progress(self, step: StepRecord, token: str | None, progress: JSONDict) -> bool | None:
+        """Store a running hook's ``progress()`` ahead of its transition, while lease ``token``
+        holds the pipeline: True when stored, False when the lease is lost (nothing stored),
+        None on a store that keeps progress for the transition (a user's four-method one)."""
+        if not getattr(self.engine, "live_progress", False):
+            return None
+        write = self.engine.write_progress  # type: ignore[attr-defined]
+        return bool(call("store a step's progress", write, step.pipeline_uuid, step.uuid, token, progress))
 
     def last_stream_seq(self, pipeline_uuid: str) -> int:
         """The cursor of the pipeline's last stored stream entry (0: none)."""

@@ -155,3 +155,27 @@ class Emitter(OnContinueMixin, Step):
 class Streaming(Pipeline):
     name = "Streaming"
     steps = [Emitter]
+
+
+@register_step
+class Reporter(OnStartMixin, Step):
+    """Reports progress, then blocks until the file ``$PROGRESS_GATE`` exists (at most a
+    minute), then reports its last progress and finishes: its progress is read while it runs."""
+
+    name = "Reporter"
+
+    def on_start(self) -> None:
+        self.progress(1, 3, note="first")
+        self.progress(2, 3, note="throttled")  # within the half second: kept for the transition
+        note("reporting", self)
+        gate, deadline = os.environ.get("PROGRESS_GATE", ""), time.monotonic() + 60
+        while not os.path.exists(gate) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        self.progress(3, 3, note="done")
+        self.finish()
+
+
+@register_pipeline
+class Reporting(Pipeline):
+    name = "Reporting"
+    steps = [Reporter]
