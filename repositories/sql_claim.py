@@ -135,7 +135,10 @@ class SQLClaims(ClaimsByRequest):
             with self.backend.connect(write=True) as connection:
                 self.backend.lock_name(connection, name)
                 rows += limited.claim(connection, name, limits, params, limit - len(rows))
-        return self._by_priority([self._to_record(row) for row in rows])
+        records = [self._to_record(row) for row in rows]
+        if any(rule.fair is not None for rule in limits.values()):
+            return records  # a fair name's rows in the order of its turns, which a worker runs them in
+        return self._by_priority(records)
 
     @staticmethod
     def _claim_params(request: ClaimRequest) -> dict[str, Any]:

@@ -178,10 +178,13 @@ class LimitedClaim:
         return self._lease(connection, chosen, params) if chosen else []
 
     def _lease(self, connection: Connection, uuids: list[str], params: dict[str, Any]) -> list[Any]:
-        """Lease the chosen pipelines that are still due; their rows as leased."""
+        """Lease the chosen pipelines that are still due; their rows as leased, in the order
+        chosen (a fair claim's turns: RETURNING gives no order of its own)."""
         c = self.table.c
         lease = update(self.table).where(c.uuid.in_(uuids), *self._still_due()).values(self.lease_values)
-        return list(connection.execute(lease.returning(*self.table.columns), params).mappings())
+        rows = list(connection.execute(lease.returning(*self.table.columns), params).mappings())
+        place = {uuid: index for index, uuid in enumerate(uuids)}
+        return sorted(rows, key=lambda row: place[row["uuid"]])
 
     @staticmethod
     def _share(limit: ClaimLimit, tally: Tally, name: str, key: str, keys: list[str], room: int) -> int:
