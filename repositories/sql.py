@@ -148,6 +148,16 @@ class SQLBackend(SQLConnections):
                 call("delete records", self(model).delete_by, "pipeline_uuid", gone)
             return len(gone)
 
+    def held_lease(self, pipeline_uuid: str) -> JSONDict | None:
+        """``SELECT ... FOR SHARE`` where the database locks rows (PostgreSQL): a claim of the
+        pipeline waits (or skips it) until the transaction ends, and one that changed it first
+        is seen. SQLite has no row locks: its write transaction already holds the only one."""
+        c = TABLES[Metadata.PIPELINES_MODEL].c
+        query = select(c.lease_owner).where(c.uuid == pipeline_uuid).with_for_update(read=True)
+        with self._errors(), self.connect(write=True) as connection:
+            row = connection.execute(query).mappings().first()
+        return dict(row) if row is not None else None
+
     # --- schedules (SupportsScheduleTicks) --------------------------------------------------
 
     def schedule_ticks(self) -> dict[str, datetime]:

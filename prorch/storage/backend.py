@@ -265,6 +265,14 @@ class Backend(Protocol):
         with keys in common cannot deadlock), in one statement where the store needs any."""
         ...
 
+    def while_leased(self, pipeline_uuid: str, token: str | None) -> AbstractContextManager[None]:
+        """A transaction whose block runs only while lease ``token`` holds the pipeline (None:
+        a store without leases), else ``LeaseLostError`` and nothing runs; no claim takes the
+        lease before the block commits (a shared row lock, or the store's only write lock).
+        What a hook stores ahead of its transition (``emit(now=True)``, live ``progress()``)
+        is written in it."""
+        ...
+
     # --- waiting -------------------------------------------------------------------------------
 
     def wait_for_work(self, timeout: float) -> bool:

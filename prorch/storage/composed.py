@@ -8,11 +8,12 @@ overrides."""
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from datetime import datetime
 from typing import Any, Protocol
 
 from prorch.model.due import ClaimRequest, Runnable, can_run
+from prorch.model.exceptions import LeaseLostError
 from prorch.model.pauses import Paused
 from prorch.model.records import (
     EventRecord,
@@ -202,22 +203,39 @@ class RepositoryBackend(Committer):
     def lock_keys(self, keys: Sequence[str]) -> None:
         """Nothing, as ``lock_key``."""
 
-    # --- live progress (``self.progress()`` while the hook runs) ---------------------------------
+    # --- writes while a lease holds (``emit(now=True)``, live ``progress()``) -------------------
+
+    @contextlib.contextmanager
+    def while_leased(self, pipeline_uuid: str, token: str | None) -> Iterator[None]:
+        """A transaction whose block runs only while lease ``token`` holds the pipeline (None:
+        no leases), else ``LeaseLostError`` before it runs. The lease is read by
+        ``held_lease``, which keeps any claim from taking it before the block commits."""
+        with self.transaction():
+            found = self.held_lease(pipeline_uuid)
+            if found is None or (token is not None and found.get("lease_owner") != token):
+                raise LeaseLostError(f"pipeline {pipeline_uuid}: its lease is lost; nothing stored", uuid=pipeline_uuid)
+            yield
+
+    def held_lease(self, pipeline_uuid: str) -> JSONDict | None:
+        """Inside ``while_leased``'s transaction: the pipeline's row (``lease_owner`` at least),
+        unchanged by any claim until the transaction ends. Here the transaction already holds
+        the store's only write lock (memory, TinyDB, SQLite); a store with row locks takes a
+        shared lock on the row (SQL: ``FOR SHARE``)."""
+        return self.get(PipelineRecord.MODEL, pipeline_uuid)
 
     live_progress = True
     """True when ``write_progress`` stores a step's progress ahead of its transition."""
 
     def write_progress(self, pipeline_uuid: str, step_uuid: str, token: str | None, progress: JSONDict) -> bool:
-        """Store the step's ``progress`` column alone, while lease ``token`` holds its pipeline
-        (None: no leases); False, storing nothing, once it does not. ``revision`` is left as
-        it is: the hook's transition, written by compare-and-set on it, is not refused, and
-        writes the last progress after this."""
-        with self.transaction():
-            found = self.get(PipelineRecord.MODEL, pipeline_uuid)
-            if found is None or (token is not None and found.get("lease_owner") != token):
-                return False
-            call("store a step's progress", self.table(StepRecord.MODEL).update, step_uuid, {"progress": progress})
-            return True
+        """Store the step's ``progress`` column alone, ``while_leased``; False, storing nothing,
+        once lease ``token`` is lost. ``revision`` is left as it is: the hook's transition,
+        written by compare-and-set on it, is not refused, and writes the last progress after this."""
+        try:
+            with self.while_leased(pipeline_uuid, token):
+                call("store a step's progress", self.table(StepRecord.MODEL).update, step_uuid, {"progress": progress})
+        except LeaseLostError:
+            return False
+        return True
 
     # --- streams (a store with an index by (pipeline, seq) overrides: SQL) ----------------------
 

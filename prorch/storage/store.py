@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 
 from prorch.model.clock import Clock
 from prorch.model.due import ClaimRequest, Runnable
-from prorch.model.exceptions import ConcurrentUpdateError, ConfigurationError, PipelineNotFoundError
+from prorch.model.exceptions import ConfigurationError, PipelineNotFoundError
 from prorch.model.limit_rules import ClaimLimit
 from prorch.model.pauses import Pause, Paused
 from prorch.model.records import (
@@ -199,18 +199,12 @@ class Store:
         return [load(StreamRecord, row) for row in rows]
 
     def append_stream(self, entry: StreamRecord, token: str | None) -> None:
-        """Store one stream entry at once (``emit(now=True)``), in a transaction that first
-        checks that lease ``token`` still holds its pipeline (None: no leases); else
-        ``ConcurrentUpdateError``. Two writers of one ``seq`` are refused by the primary key
-        (SQL); elsewhere the store's single write lock orders them."""
+        """Store one stream entry at once (``emit(now=True)``) while lease ``token`` holds its
+        pipeline (``Backend.while_leased``); else ``LeaseLostError``, storing nothing. Two
+        writers of one ``seq`` are refused by the primary key (SQL); elsewhere the store's
+        single write lock orders them."""
         self._streams()
-        with self.transaction():
-            found = self.get_pipeline(entry.pipeline_uuid)
-            if found is None or (token is not None and found.lease_owner != token):
-                raise ConcurrentUpdateError(
-                    f"pipeline {entry.pipeline_uuid}: lease lost; emit(now=True) stored nothing",
-                    uuid=entry.pipeline_uuid,
-                )
+        with self.engine.while_leased(entry.pipeline_uuid, token):
             self.insert_all([entry])
 
     def write_progress(self, step: StepRecord, token: str | None, progress: JSONDict) -> bool | None:

@@ -179,3 +179,33 @@ class Reporter(OnStartMixin, Step):
 class Reporting(Pipeline):
     name = "Reporting"
     steps = [Reporter]
+
+
+@register_step
+class Sleeper(OnStartMixin, Step):
+    """Blocks until the file ``$FREEZE_GATE.<pid>`` exists (at most a minute; its worker is
+    frozen there), then writes at once: ``emit(now=True)`` and a live ``progress()``, each with
+    this process's pid, noting whether the emit was refused; then finishes."""
+
+    name = "Sleeper"
+
+    def on_start(self) -> None:
+        note("asleep", self)
+        gate, deadline = f"{os.environ.get('FREEZE_GATE', '')}.{os.getpid()}", time.monotonic() + 60
+        while not os.path.exists(gate) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        try:
+            self.emit({"pid": os.getpid()}, now=True)
+        except Exception as exc:
+            note(f"emit-refused:{type(exc).__name__}", self)
+        else:
+            note("emit-stored", self)
+        self.progress(1, 2, note=str(os.getpid()))
+        note("awake", self)
+        self.finish()
+
+
+@register_pipeline
+class Freezing(Pipeline):
+    name = "Freezing"
+    steps = [Sleeper]
