@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from prorch.model import trace_context
 from prorch.model.clock import Clock
 from prorch.model.definition import PipelineDefinition
-from prorch.model.exceptions import InvalidParamsError, InvalidStateError
+from prorch.model.exceptions import InvalidParamsError, InvalidStateError, LeaseLostError, PipelineNotFoundError
 from prorch.model.records import EventRecord, JSONDict, PipelineRecord, Record, StepRecord, new_uuid
 from prorch.model.registry import Registry
 from prorch.model.status import EventType, Status
@@ -63,8 +63,9 @@ def store_rerun(
     store: Store, plan: RerunPlan, clock: Clock, registry: Registry, note: dict[str, str] | None = None
 ) -> PipelineRecord:
     """Store the new pipeline (pending, due now) and the original's ``pipeline.rerun`` event in
-    one transaction; return the new pipeline's record. ``note`` (an operator's actor and
-    reason) goes into both events."""
+    one transaction, while the original is stored (a purge meanwhile: ``PipelineNotFoundError``,
+    and no event is left of a deleted pipeline); return the new pipeline's record. ``note`` (an
+    operator's actor and reason) goes into both events."""
     note = note or {}
     original, now = plan.original, clock.now()
     records = build_records(
@@ -97,9 +98,14 @@ def store_rerun(
         seq=(original.revision + 1) * 1000,
         data={"rerun_uuid": pipeline.uuid, "from_step": plan.from_step, **note},
     )
-    with store.transaction():
-        store_new(store, [records], now, registry)
-        store.insert_all([told])
+    try:
+        with store.engine.while_leased(original.uuid, None):  # the original stays stored until this commits
+            store_new(store, [records], now, registry)
+            store.insert_all([told])
+    except LeaseLostError:
+        raise PipelineNotFoundError(
+            f"pipeline {original.uuid} was deleted (purged) while it was rerun; nothing stored", uuid=original.uuid
+        ) from None
     return pipeline
 
 

@@ -7,16 +7,18 @@ and the CLI on a SQLite file."""
 from __future__ import annotations
 
 import json
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 from click.testing import CliRunner
 
-from prorch import FakeClock, InvalidParamsError, InvalidStateError, Orchestrator, Status
+from prorch import FakeClock, InvalidParamsError, InvalidStateError, Orchestrator, PipelineNotFoundError, Status
 from prorch.cli.commands import main
 from prorch.model.registry import Registry
 from prorch.model.status import EventType
+from prorch.storage import forking
 from prorch.storage.forking import FORKED_FROM
 from tests.integration.conftest import make_backend
 from tests.support.builders import pipeline_of, step_of
@@ -189,3 +191,40 @@ def test_the_cli_reruns_with_a_changed_param(tmp_path: Path, registry: Registry)
     finally:
         sys.path.remove(str(tmp_path))
         sys.modules.pop("rerun_app", None)
+
+
+def test_a_rerun_whose_original_is_purged_meanwhile_stores_nothing(
+    orchestrator: Orchestrator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A purge (another process's, say) deletes the original between the rerun's read and its
+    write: the rerun is refused, and neither a new pipeline nor a ``pipeline.rerun`` event of
+    the deleted pipeline is left behind."""
+    store = orchestrator.store
+    original = orchestrator.registry.pipeline("Etl").create(store.backend, {"x": 1}, clock=orchestrator.clock)
+    run_to_end(orchestrator, original.uuid)
+    planning = forking.plan_rerun
+
+    def purged_meanwhile(*args: Any, **kwargs: Any) -> forking.RerunPlan:
+        plan = planning(*args, **kwargs)
+        orchestrator.clock.advance(60)  # type: ignore[attr-defined]
+        assert orchestrator.purge(timedelta(seconds=1)).pipelines == 1
+        return plan
+
+    monkeypatch.setattr(forking, "plan_rerun", purged_meanwhile)
+    with pytest.raises(PipelineNotFoundError, match=f"pipeline {original.uuid} was deleted"):
+        orchestrator.rerun(original.uuid, "Transform")
+    assert store.events_of(original.uuid) == []  # no event of a deleted pipeline
+    assert store.all_pipelines() == []  # and no rerun
+
+
+def test_purging_a_reruns_original_later_leaves_the_rerun_whole(orchestrator: Orchestrator) -> None:
+    store = orchestrator.store
+    original = orchestrator.registry.pipeline("Etl").create(store.backend, {"x": 1}, clock=orchestrator.clock)
+    run_to_end(orchestrator, original.uuid)
+    new = orchestrator.rerun(original.uuid, "Transform").pipeline
+    orchestrator.clock.advance(60)  # type: ignore[attr-defined]
+    assert orchestrator.purge(timedelta(seconds=1)).pipelines == 1  # the original only: the rerun is pending
+    assert store.events_of(original.uuid) == [] and store.steps_of(original.uuid) == []
+    run_to_end(orchestrator, new.uuid)
+    assert orchestrator.result(new.uuid) == {"stored": 11}
+    assert orchestrator.get(new.uuid).pipeline.metadata[FORKED_FROM]["uuid"] == original.uuid
