@@ -267,10 +267,10 @@ class Backend(Protocol):
 
     def while_leased(self, pipeline_uuid: str, token: str | None) -> AbstractContextManager[None]:
         """A transaction whose block runs only while lease ``token`` holds the pipeline (None:
-        a store without leases), else ``LeaseLostError`` and nothing runs; no claim takes the
-        lease before the block commits (a shared row lock, or the store's only write lock).
-        What a hook stores ahead of its transition (``emit(now=True)``, live ``progress()``)
-        is written in it."""
+        while the pipeline is stored, whoever leases it), else ``LeaseLostError`` and nothing
+        runs; no claim or purge changes the pipeline before the block commits (a shared row
+        lock, or the store's only write lock). What a hook stores ahead of its transition
+        (``emit(now=True)``, live ``progress()``) is written in it, and a rerun's records."""
         ...
 
     # --- waiting -------------------------------------------------------------------------------

@@ -203,13 +203,13 @@ class RepositoryBackend(Committer):
     def lock_keys(self, keys: Sequence[str]) -> None:
         """Nothing, as ``lock_key``."""
 
-    # --- writes while a lease holds (``emit(now=True)``, live ``progress()``) -------------------
+    # --- writes while a lease holds (``emit(now=True)``, live ``progress()``, a rerun) ---------
 
     @contextlib.contextmanager
     def while_leased(self, pipeline_uuid: str, token: str | None) -> Iterator[None]:
         """A transaction whose block runs only while lease ``token`` holds the pipeline (None:
-        no leases), else ``LeaseLostError`` before it runs. The lease is read by
-        ``held_lease``, which keeps any claim from taking it before the block commits."""
+        while it is stored), else ``LeaseLostError`` before it runs. The lease is read by
+        ``held_lease``, which keeps any claim or purge off the row until the block commits."""
         with self.transaction():
             found = self.held_lease(pipeline_uuid)
             if found is None or (token is not None and found.get("lease_owner") != token):
@@ -218,9 +218,9 @@ class RepositoryBackend(Committer):
 
     def held_lease(self, pipeline_uuid: str) -> JSONDict | None:
         """Inside ``while_leased``'s transaction: the pipeline's row (``lease_owner`` at least),
-        unchanged by any claim until the transaction ends. Here the transaction already holds
-        the store's only write lock (memory, TinyDB, SQLite); a store with row locks takes a
-        shared lock on the row (SQL: ``FOR SHARE``)."""
+        unchanged by any claim or delete until the transaction ends. Here the transaction
+        already holds the store's only write lock (memory, TinyDB, SQLite); a store with row
+        locks takes a shared lock on the row (SQL: ``FOR SHARE``)."""
         return self.get(PipelineRecord.MODEL, pipeline_uuid)
 
     live_progress = True
