@@ -5,6 +5,7 @@ own, as its reads are (``prorch.reads``)."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from datetime import timedelta
 from typing import Any
 
@@ -29,9 +30,15 @@ class Actions(Reads):
     runner: Runner
     extensions: Extensions
     lease_seconds: float
+    owner: str
+    """This process's worker id: the stem of its lease tokens."""
+    _claims: Iterator[int]
 
-    def new_lease_token(self) -> str:  # pragma: no cover - the Orchestrator's
-        raise NotImplementedError
+    def new_lease_token(self) -> str:
+        """A token for one claim (a pass's, a worker's, a cancel's): a lease is ours only while
+        the stored token is this one, so a hook thread abandoned in an earlier pass can never
+        write over a later claim."""
+        return f"{self.owner}#{next(self._claims)}"
 
     def cancel(self, uuid: str, *, actor: str | None = None, reason: str | None = None) -> PipelineState:
         """Cancel a pipeline that has not ended; its current step's ``on_cancel()`` runs once.
@@ -130,7 +137,22 @@ class Actions(Reads):
         page of ``batch_size`` at a time, each as its single action would; ``dry_run`` counts.
         Give a ``BulkAction`` for rerun's step and params or purge's age and statuses."""
         chosen = bulk_actions.BulkAction(action) if isinstance(action, str) else action
-        return bulk_actions.apply(self, chosen, filters, dry_run=dry_run, batch_size=batch_size, progress=progress)
+        return bulk_actions.apply(
+            self, chosen, filters, self._act_on, dry_run=dry_run, batch_size=batch_size, progress=progress
+        )
+
+    def _act_on(self, action: bulk_actions.BulkAction, uuid: str) -> str | None:
+        """A bulk action's single action on pipeline ``uuid``; the uuid of the pipeline a rerun
+        created, else None."""
+        if action.action == "cancel":
+            self.cancel(uuid, actor=action.actor, reason=action.reason)
+            return None
+        if action.action == "retry":
+            self.retry(uuid, actor=action.actor, reason=action.reason)
+            return None
+        rerun = self.rerun(uuid, action.from_step or "", action.params, cancel_original=action.cancel_original,
+                           actor=action.actor, reason=action.reason)  # fmt: skip
+        return rerun.pipeline.uuid
 
     def send(self, uuid: str, name: str, payload: Any = outside.NO_PAYLOAD) -> MessageRecord:
         """Store a message for pipeline ``uuid`` and make it due at once, even while it waits;

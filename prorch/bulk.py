@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any, Protocol
@@ -36,27 +36,20 @@ Progress = Callable[[int], None]
 
 
 class Acting(Protocol):
-    """What a bulk action calls: the orchestrator's single actions, its store and its clock."""
+    """What a bulk action reads: the orchestrator's store and clock."""
 
     store: Store
     clock: Clock
 
-    def cancel(self, uuid: str, *, actor: str | None = None, reason: str | None = None) -> Any: ...
-    def retry(self, uuid: str, *, actor: str | None = None, reason: str | None = None) -> Any: ...
-    def rerun(
-        self,
-        uuid: str,
-        from_step: str,
-        params: dict[str, Any] | None = None,
-        *,
-        cancel_original: bool = False,
-        actor: str | None = None,
-        reason: str | None = None,
-    ) -> Any: ...
-
 
 LISTING_FILTERS = ("status", "state", "name", "version", "tenant", "key", "param", "since", "until")
 """The filters every listing shares by name (``prorch list``, bulk actions, the dashboard)."""
+
+
+def any_filter(values: Iterable[object]) -> bool:
+    """Whether any of a listing's filter values was given: None is not, nor an empty repeatable
+    one (the CLI's ``--attr``: (), ``Filters.attributes``: {})."""
+    return any(value is not None and value != () and value != {} for value in values)
 
 
 @dataclass(frozen=True)
@@ -91,7 +84,7 @@ class Filters:
         )  # fmt: skip
 
     def given(self) -> bool:
-        return any(value is not None and value != {} for value in dataclasses.astuple(self))
+        return any_filter(getattr(self, f.name) for f in dataclasses.fields(self))
 
 
 @dataclass
@@ -163,6 +156,13 @@ class BulkAction:
         return None
 
 
+ActOn = Callable[[BulkAction, str], str | None]
+"""One pipeline's single action (``Orchestrator.cancel``, ``retry`` or ``rerun``) for a bulk
+action, given the pipeline's uuid: returns the uuid of the pipeline a rerun created, else None.
+The orchestrator gives it (``Actions._act_on``): the single actions' signatures are written
+once, where they are defined."""
+
+
 def count(orchestrator: Acting, filters: Filters) -> int:
     """How many pipelines the filters match now."""
     page = orchestrator.store.query_pipelines(filters.query(orchestrator.clock.now(), limit=1, count=True))
@@ -173,14 +173,16 @@ def apply(
     orchestrator: Acting,
     action: BulkAction,
     filters: Filters,
+    act_on: ActOn,
     *,
     dry_run: bool = False,
     batch_size: int = DEFAULT_BATCH,
     progress: Progress | None = None,
 ) -> BulkSummary:
-    """Apply ``action`` to every pipeline ``filters`` match, ``batch_size`` at a time, and say
-    what happened; with ``dry_run``, count what would be done and change nothing. A store that
-    fails stops the run with its error (what was done stays done: run it again for the rest)."""
+    """Apply ``action`` to every pipeline ``filters`` match, ``batch_size`` at a time (a purge
+    here, the others by ``act_on``), and say what happened; with ``dry_run``, count what would
+    be done and change nothing. A store that fails stops the run with its error (what was done
+    stays done: run it again for the rest)."""
     action.check()
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or not 1 <= batch_size <= 1_000:
         raise InvalidParamsError(f"batch_size must be a whole number from 1 to 1000, got {batch_size!r}")
@@ -202,7 +204,7 @@ def apply(
             else:
                 summary.skip(reason)
         if not dry_run:
-            _act(orchestrator, action, chosen, summary, now)
+            _act(orchestrator, action, act_on, chosen, summary, now)
         else:
             summary.done += len(chosen)
         if progress is not None:
@@ -214,7 +216,12 @@ def apply(
 
 
 def _act(
-    orchestrator: Acting, action: BulkAction, chosen: list[PipelineRecord], summary: BulkSummary, now: datetime
+    orchestrator: Acting,
+    action: BulkAction,
+    act_on: ActOn,
+    chosen: list[PipelineRecord],
+    summary: BulkSummary,
+    now: datetime,
 ) -> None:
     if action.action == "purge":
         statuses = [Status(s) for s in action.statuses]
@@ -223,21 +230,14 @@ def _act(
         if len(chosen) > deleted:  # retried meanwhile, or a child whose parent is kept
             summary.skip("changed meanwhile, or a child whose parent is kept", len(chosen) - deleted)
         return
-    who = {"actor": action.actor, "reason": action.reason}
     for record in chosen:
         try:
-            if action.action == "cancel":
-                orchestrator.cancel(record.uuid, **who)
-            elif action.action == "retry":
-                orchestrator.retry(record.uuid, **who)
-            else:
-                state = orchestrator.rerun(
-                    record.uuid, action.from_step or "", action.params, cancel_original=action.cancel_original, **who
-                )
-                summary.created.append(state.pipeline.uuid)
+            created = act_on(action, record.uuid)
         except StoreUnreachableError:
             raise
         except ProrchError as exc:
             summary.fail(record.uuid, f"{type(exc).__name__}: {exc}")
         else:
             summary.done += 1
+            if created is not None:
+                summary.created.append(created)

@@ -173,11 +173,6 @@ class Orchestrator(Actions):
 
     # --- the pass -------------------------------------------------------------------------------
 
-    def new_lease_token(self) -> str:
-        """A token for one claim: a lease is ours only while the stored token is this one, so a
-        hook thread abandoned in an earlier pass can never write over a later claim."""
-        return f"{self.owner}#{next(self._claims)}"
-
     def execute_pipelines(self) -> PassSummary:
         """One pass: claim the due pipelines (up to ``batch_size``), advance each, and return
         what happened. One pipeline's error is logged and recorded, and the pass goes on."""

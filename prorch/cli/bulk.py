@@ -10,7 +10,7 @@ from typing import Any, NoReturn
 
 import click
 
-from prorch.bulk import LISTING_FILTERS, BulkAction, BulkSummary, Filters, count
+from prorch.bulk import LISTING_FILTERS, BulkAction, BulkSummary, Filters, any_filter, count
 from prorch.cli.helpers import STATUSES, Context, parse_attributes, parse_param_filter
 from prorch.model.exceptions import InvalidParamsError
 from prorch.model.substates import STATES
@@ -84,14 +84,9 @@ def filters_from(ctx: Context, given: dict[str, Any]) -> Filters:
     )  # fmt: skip
 
 
-def any_given(filters: dict[str, Any]) -> bool:
-    """Whether a filter option was given (a repeatable one, ``--attr``, is () when not)."""
-    return any(value is not None and value != () for value in filters.values())
-
-
 def one_or_many(uuid: str | None, filters: dict[str, Any]) -> bool:
     """True for a bulk run (filters, no UUID); one clear error for both or neither."""
-    chosen = any_given(filters)
+    chosen = any_filter(filters.values())
     if uuid is not None and chosen:
         raise InvalidParamsError("give one pipeline's UUID or filters (--status, --name, ...), not both")
     if uuid is None and not chosen:

@@ -7,8 +7,8 @@ from typing import Any
 
 import click
 
-from prorch.bulk import BulkAction
-from prorch.cli.bulk import any_given, bulk_exit, filter_options, run_bulk
+from prorch.bulk import BulkAction, any_filter
+from prorch.cli.bulk import bulk_exit, filter_options, run_bulk
 from prorch.cli.helpers import (
     Context,
     reported,
@@ -42,7 +42,7 @@ def purge(ctx: Context, /, older_than: str, statuses: tuple[str, ...], batch_siz
     with reported(ctx):
         age = parse_age(older_than, "--older-than")
         chosen = statuses or ("finished", "cancelled")
-        if any_given(filters):
+        if any_filter(filters.values()):
             action = BulkAction("purge", older_than=age, statuses=tuple(chosen))
             bulk_exit(run_bulk(ctx, action, filters, dry_run=dry_run, yes=yes, batch_size=min(batch_size, 1_000)))
         summary = ctx.orchestrator().purge(age, chosen, batch_size=batch_size, dry_run=dry_run)

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from prorch import FakeClock, InvalidParamsError, Orchestrator, Status
-from prorch.bulk import BulkAction, Filters
+from prorch.bulk import BulkAction, Filters, any_filter
 from prorch.model.registry import Registry
 from tests.integration.conftest import make_backend
 from tests.support.builders import pipeline_of, step_of
@@ -230,3 +230,14 @@ def test_the_cli_counts_confirms_and_refuses_a_uuid_with_filters(tmp_path: Path)
     again = prorch("retry", "--name", "Flakes", "--yes")
     assert again.stdout.strip() == "retried 0 of 12 matching (12 skipped: 12 pending, not failed)"
     assert json.loads(prorch("list", "--status", "pending", "--json").stdout)["total"] == 12
+
+
+def test_one_rule_says_whether_a_filter_was_given() -> None:
+    """The CLI's options (a repeatable ``--attr`` is () when not given) and ``Filters`` (no
+    attributes: {}) are judged by one rule, ``prorch.bulk.any_filter``."""
+    assert not any_filter({"name": None, "attrs": ()}.values())
+    assert any_filter({"name": None, "attrs": ("customer=acme",)}.values())
+    assert any_filter({"version": 0}.values())  # 0 is a value
+    assert not Filters(attributes={}).given()
+    assert Filters(attributes={"customer": "acme"}).given()
+    assert Filters(version=0).given()
