@@ -17,11 +17,12 @@ import pytest
 
 from prorch import FakeClock, Orchestrator
 from prorch.model.exceptions import LeaseLostError
-from prorch.model.records import PipelineRecord, StepRecord, StreamRecord
+from prorch.model.records import StepRecord, StreamRecord
 from prorch.storage.store import store_for
 from repositories.sql import SQLBackend
 from tests.integration.conftest import make_backend
 from tests.support.builders import pipeline_of, step_of
+from tests.support.leases import take_lease
 from tests.support.processes import PRORCH, child_env, wait_for
 
 SQL = ["sqlite", "postgresql"]
@@ -151,10 +152,7 @@ def test_emit_now_after_another_worker_took_the_lease_raises_and_stores_nothing(
     refused: list[str] = []
 
     def stolen(self: Any) -> None:
-        record = store.get_pipeline(self.pipeline_uuid)
-        assert record is not None and record.lease_owner  # claimed by this worker
-        claimed = {"lease_owner": "another-worker", "revision": record.revision + 1}  # as another worker's claim
-        store.repository(PipelineRecord.MODEL).update(self.pipeline_uuid, claimed)
+        take_lease(store, self.pipeline_uuid)
         try:
             self.emit("too late", now=True)
         except LeaseLostError as exc:

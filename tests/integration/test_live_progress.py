@@ -14,11 +14,11 @@ import pytest
 
 from prorch import FakeClock, Orchestrator
 from prorch.engine import runtime as hook_runtime
-from prorch.model.records import PipelineRecord
 from prorch.model.registry import Registry
 from prorch.storage.store import store_for
 from tests.integration.conftest import make_backend
 from tests.support.builders import pipeline_of, step_of
+from tests.support.leases import take_lease
 from tests.support.processes import PRORCH, child_env, wait_for
 
 LIVE = ["sqlite", "postgresql", "memory", "tinydb"]
@@ -85,10 +85,7 @@ def test_a_hook_whose_lease_is_lost_writes_no_progress_and_does_not_fail(
     after: list[Any] = []
 
     def stolen(self: Any) -> None:
-        record = store.get_pipeline(self.pipeline_uuid)
-        assert record is not None and record.lease_owner  # claimed by this worker
-        claimed = {"lease_owner": "another-worker", "revision": record.revision + 1}  # as another worker's claim
-        store.repository(PipelineRecord.MODEL).update(self.pipeline_uuid, claimed)
+        take_lease(store, self.pipeline_uuid)
         self.progress(1, 2, note="too late")  # refused: logged, not raised
         after.append(current_progress(reader, self.pipeline_uuid))
         self.finish()
