@@ -1,6 +1,6 @@
 """Bulk actions by filter (issue #29 item 2): cancel, retry, rerun and purge every pipeline the
 listing's filters match, page by page, each as its single action would, with a dry run that
-changes nothing; a worker process running meanwhile loses and doubles nothing. Memory, SQLite,
+changes nothing; a worker process running meanwhile loses and doubles nothing. Memory, SQLite, TinyDB,
 PostgreSQL, and the CLI (count, confirmation, summary, exit code)."""
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ def report(step: Any) -> None:
     step.finish({"done": step.outputs["Work"]["x"]})
 
 
-@pytest.fixture(params=["memory", "sqlite", "postgresql"])
+@pytest.fixture(params=["memory", "sqlite", "postgresql", "tinydb"])
 def orchestrator(request: pytest.FixtureRequest, tmp_path: Path, registry: Registry) -> Any:
     pipeline_of(step_of("Work", work, work, max_attempts=1), step_of("Report", report), name="Job")
     pipeline_of(step_of("Other", work, work, max_attempts=1), name="Other")

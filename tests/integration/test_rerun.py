@@ -1,7 +1,8 @@
 """Rerun from a step (issue #29 item 1): a new pipeline of the same class and version reuses the
 outputs of the original's steps before the named step, runs from it on (the hooks before it are
 not called again), optionally with changed params; both histories say so; bad input stores
-nothing; a live original is refused unless it is cancelled first. Memory, SQLite, PostgreSQL,
+nothing; a live original is refused unless it is cancelled first; a purge of the original meanwhile
+leaves no trace of the rerun. Memory, SQLite, PostgreSQL, TinyDB,
 and the CLI on a SQLite file."""
 
 from __future__ import annotations
@@ -48,7 +49,7 @@ def hold(step: Any) -> None:
     step.wait(seconds=3600)
 
 
-@pytest.fixture(params=["memory", "sqlite", "postgresql"])
+@pytest.fixture(params=["memory", "sqlite", "postgresql", "tinydb"])
 def orchestrator(request: pytest.FixtureRequest, tmp_path: Path, registry: Registry) -> Any:
     CALLS.clear()
     pipeline_of(
