@@ -211,7 +211,7 @@ class RepositoryBackend(Committer):
         while it is stored), else ``LeaseLostError`` before it runs. The lease is read by
         ``held_lease``, which keeps any claim or purge off the row until the block commits."""
         with self.transaction():
-            found = self.held_lease(pipeline_uuid)
+            found = call("read a pipeline's lease", self.held_lease, pipeline_uuid)
             if found is None or (token is not None and found.get("lease_owner") != token):
                 raise LeaseLostError(f"pipeline {pipeline_uuid}: its lease is lost; nothing stored", uuid=pipeline_uuid)
             yield
