@@ -1,0 +1,218 @@
+"""More seams between the features of #28-#30 and the older ones, each a pair that could lose,
+double, strand or wrongly fail work: pause, the HTTP API and streams with the store down for a
+while; debounce and attach on TinyDB across processes; search attributes and step logs with two
+code versions at once; a queued schedule of a paused class under retention; the per-key limit
+on PostgreSQL with a SIGKILLed worker; keyed creates across tenants."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytest.importorskip("starlette")
+
+from prorch import Orchestrator, Status
+from prorch.dashboard import create_app
+from prorch.dashboard import streams_api
+from prorch.dashboard.app import store_caller
+from prorch.model.exceptions import RepositoryError
+from prorch.model.registry import Registry
+from tests.support import processes as support
+from tests.support.builders import pipeline_of, step_of
+from tests.support.postgres import PostgresServer, PostgresUnavailable, start_server
+from tests.support.processes import FAULTS, child_env, wait_for
+from tests.unit import test_service_api as service
+
+fault_app = support.fault_app()
+
+
+@pytest.fixture
+def own_server() -> Iterator[PostgresServer]:
+    """A server of this test's own, to stop and start (the session's serves the other tests)."""
+    try:
+        server = start_server()
+    except PostgresUnavailable as exc:
+        pytest.skip(f"PostgreSQL not available: {exc}")
+    yield server
+    with contextlib.suppress(subprocess.CalledProcessError):  # a test may leave it stopped
+        server.stop("immediate")
+    shutil.rmtree(server.folder, ignore_errors=True)
+
+
+# --- 1. pause, the HTTP API and streams with the store down -----------------------------------
+
+
+def api_of(orchestrator: Orchestrator) -> Any:
+    return create_app(orchestrator, api_tokens=service.TOKENS)
+
+
+def assert_unavailable(answer: tuple[int, Any]) -> None:
+    """A 503 with the API's JSON error, saying the store failed (not a 400: the request was fine)."""
+    status, body = answer
+    assert status == 503, answer
+    assert set(body) == {"error"} and body["error"]["type"] in ("StoreUnreachableError", "RepositoryError"), body
+    assert "try again" in body["error"]["message"], body
+
+
+def waiting(orchestrator: Orchestrator, uuid: str) -> bool:
+    """The mailbox's first hook ran and its wait is stored."""
+    steps = orchestrator.get(uuid).steps
+    return bool(steps) and steps[0].metadata.get("count") == 0
+
+
+@pytest.mark.slow
+def test_the_api_answers_503_while_postgresql_is_down_and_a_paused_class_stays_paused_under_a_worker(
+    own_server: PostgresServer, tmp_path: Path, processes: list[subprocess.Popen[bytes]]
+) -> None:
+    url = own_server.url
+    operator = Orchestrator(url)
+    operator.pause(name="Slow")
+    paused = [fault_app.Slow.create(url, {"seconds": 0.05}).uuid for _ in range(3)]
+    mailbox = fault_app.Mailbox.create(url, {}).uuid
+    worker = subprocess.Popen(
+        [sys.executable, str(FAULTS / "worker.py"), url, json.dumps({"interval": 0.05})],
+        env=child_env(), stdout=subprocess.DEVNULL, stderr=(tmp_path / "worker.err").open("wb"),
+    )  # fmt: skip
+    processes.append(worker)
+    wait_for(lambda: waiting(operator, mailbox), 60, "the worker to start the mailbox and store its wait")
+    app = api_of(operator)
+    operator.store.backend.dispose()  # type: ignore[attr-defined]
+    own_server.stop()
+    assert_unavailable(service.call(app, "GET", f"/api/v1/pipelines/{mailbox}", token=service.READ))
+    assert_unavailable(service.call(app, "GET", "/api/v1/pipelines?name=Slow", token=service.READ))
+    start = {"params": {"seconds": 0.05}}
+    assert_unavailable(service.call(app, "POST", "/api/v1/pipelines/Slow", start, token=service.START))
+    assert_unavailable(service.call(app, "GET", f"/api/v1/pipelines/{mailbox}/stream", token=service.READ))
+    with pytest.raises(RepositoryError):
+        operator.resume(name="Slow")  # said, not lost: the operator tries again later
+    time.sleep(2)  # the worker meets the outage and backs off
+    own_server.start()
+    for payload in ("one", "two"):
+        status, body = service.call(
+            app, "POST", f"/api/v1/pipelines/{mailbox}/send", {"name": "tick", "payload": payload}, token=service.ACT
+        )
+        assert status == 200, body
+    service.call(app, "POST", f"/api/v1/pipelines/{mailbox}/send", {"name": "stop"}, token=service.ACT)
+    wait_for(lambda: operator.get(mailbox).pipeline.status == Status.FINISHED, 60, "the worker back at work")
+    assert operator.get(mailbox).steps[0].output == {"count": 2}  # nothing sent during the outage was lost
+    time.sleep(1)  # passes of the reconnected worker
+    assert [p.value for p in operator.pauses()] == ["Slow"]
+    assert [(operator.get(u).pipeline.status, operator.get(u).pipeline.claims) for u in paused] == [
+        (Status.PENDING, 0)
+    ] * 3
+    operator.resume(name="Slow")
+    wait_for(lambda: all(operator.get(u).pipeline.status == Status.FINISHED for u in paused), 60, "the resumed ones")
+    assert len(operator.query(name="Slow").pipelines) == 3  # the refused start stored nothing
+    assert worker.poll() is None, (tmp_path / "worker.err").read_text()[-3000:]
+
+
+def emits_and_waits(step: Any) -> None:
+    step.emit({"n": 1})
+    step.emit({"n": 2})
+    step.wait(3600)
+
+
+def emits_on_more(step: Any) -> None:
+    if step.receive("more") is None:
+        step.wait(3600)
+        return
+    step.emit({"n": 3})
+    step.finish({})
+
+
+@pytest.mark.slow
+def test_a_stream_followed_across_a_postgresql_outage_sends_each_entry_once_and_its_end(
+    own_server: PostgresServer, registry: Registry
+) -> None:
+    """Regression: a read failing mid-stream ended the SSE response with an exception (the client
+    saw the connection drop, the server logged a traceback). It now says so in a comment and
+    reads on from its cursor once the store is back."""
+    emitter = pipeline_of(step_of("Emit", emits_and_waits, emits_on_more), name="Emitting")
+    orchestrator = Orchestrator(own_server.url, registry=registry)
+    uuid = emitter.create(own_server.url, {}).uuid
+    orchestrator.execute_pipelines()
+    received: list[str] = []
+
+    async def follow() -> None:
+        async for event in streams_api.events(orchestrator, store_caller(orchestrator), uuid, 0):
+            received.append(event)
+
+    reader = threading.Thread(target=lambda: asyncio.run(asyncio.wait_for(follow(), 90)), daemon=True)
+    reader.start()
+    wait_for(lambda: len(received) >= 2, 30, "the first two entries")
+    orchestrator.store.backend.dispose()  # type: ignore[attr-defined]
+    own_server.stop()
+    with pytest.raises(RepositoryError):
+        list(orchestrator.stream(uuid, follow=False))  # the Python iterator says it, to be resumed
+    wait_for(lambda: any("unavailable" in event for event in received), 30, "the stream to notice")
+    time.sleep(1)
+    own_server.start()
+    orchestrator.send(uuid, "more")
+    orchestrator.execute_pipelines()
+    reader.join(60)
+    assert not reader.is_alive()
+    entries = [json.loads(e.split("data: ", 1)[1]) for e in received if e.startswith("id: ")]
+    assert [entry["value"] for entry in entries] == [{"n": 1}, {"n": 2}, {"n": 3}]
+    assert received[-1] == 'event: end\ndata: {"status": "finished"}\n\n'
+    resumed = list(orchestrator.stream(uuid, after=entries[1]["seq"], follow=False))
+    assert [entry.value for entry in resumed] == [{"n": 3}]
+
+
+LOCK_HOLDER = """
+import sqlite3, sys, time
+connection = sqlite3.connect(sys.argv[1], isolation_level=None, timeout=30)
+connection.execute("PRAGMA locking_mode=EXCLUSIVE")  # readers are shut out too, until the end
+connection.execute("BEGIN EXCLUSIVE")
+connection.execute("CREATE TABLE IF NOT EXISTS held (x)")
+print("held", flush=True)
+time.sleep(float(sys.argv[2]))
+connection.execute("ROLLBACK")
+"""
+
+
+def test_the_api_answers_503_while_another_process_locks_the_sqlite_file_and_works_after(
+    tmp_path: Path, registry: Registry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Regression: a store error (here SQLite's "database is locked", past the busy timeout) was
+    answered 400, as if the request were wrong. It is a 503 with Retry-After; nothing is stored,
+    and the same calls succeed once the lock is gone; a pause stays in force."""
+    monkeypatch.setattr("repositories.sqlite.BUSY_TIMEOUT_SECONDS", 0.3)  # give up on the lock quickly
+    registry.add_step(service.Sum)
+    registry.add_pipeline(service.Invoice)
+    path = tmp_path / "api.db"
+    orchestrator = Orchestrator(f"sqlite:///{path}", registry=registry)
+    app = create_app(orchestrator, api_tokens=service.TOKENS)
+    orchestrator.pause(name="Invoice")
+    start = {"params": {"customer": "acme", "amount": 2}}
+    status, first = service.call(app, "POST", "/api/v1/pipelines/Invoice", start, token=service.START)
+    assert status == 201, first
+    orchestrator.store.backend.dispose()  # type: ignore[attr-defined]
+    holder = subprocess.Popen([sys.executable, "-c", LOCK_HOLDER, str(path), "2"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "held\n"
+        assert_unavailable(service.call(app, "GET", f"/api/v1/pipelines/{first['uuid']}", token=service.READ))
+        assert_unavailable(service.call(app, "POST", "/api/v1/pipelines/Invoice", start, token=service.START))
+        status, body = service.call(app, "GET", f"/api/pipelines/{first['uuid']}/stream")  # the dashboard's own
+        assert (status, "locked" in body["error"]) == (503, True), body
+    finally:
+        assert holder.wait(30) == 0
+    assert [p.uuid for p in orchestrator.list_pipelines()] == [first["uuid"]]  # the refused start stored nothing
+    assert orchestrator.execute_pipelines().claimed == 0  # still paused
+    status, second = service.call(app, "POST", "/api/v1/pipelines/Invoice", start, token=service.START)
+    assert status == 201, second
+    orchestrator.resume(name="Invoice")
+    orchestrator.execute_pipelines()
+    for uuid in (first["uuid"], second["uuid"]):
+        status, body = service.call(app, "GET", f"/api/v1/pipelines/{uuid}/result", token=service.READ)
+        assert (status, body["result"]) == (200, {"total": 4}), body
