@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import multiprocessing
 import shutil
 import subprocess
 import sys
@@ -28,6 +29,7 @@ from prorch.dashboard import streams_api
 from prorch.dashboard.app import store_caller
 from prorch.model.exceptions import RepositoryError
 from prorch.model.registry import Registry
+from tests.integration.key_race import debounce_and_attach_in_lockstep
 from tests.support import processes as support
 from tests.support.builders import pipeline_of, step_of
 from tests.support.postgres import PostgresServer, PostgresUnavailable, start_server
@@ -216,3 +218,39 @@ def test_the_api_answers_503_while_another_process_locks_the_sqlite_file_and_wor
     for uuid in (first["uuid"], second["uuid"]):
         status, body = service.call(app, "GET", f"/api/v1/pipelines/{uuid}/result", token=service.READ)
         assert (status, body["result"]) == (200, {"total": 4}), body
+
+
+# --- 2. debounce and attach on TinyDB across processes -----------------------------------------
+
+
+@pytest.mark.slow
+def test_four_processes_debouncing_and_attaching_one_key_on_tinydb_store_one_pipeline_each(tmp_path: Path) -> None:
+    """4 creator processes on one TinyDB file, in lockstep: the debounced creates of one key are
+    one pipeline, created once, whose params hold every create's id exactly once (the merge
+    concatenates: applied twice, an id would show twice); the attach creates of another key
+    are one pipeline too."""
+    url = f"tinydb:///{tmp_path / 'keys.json'}"
+    Orchestrator(url).store.get_pipeline("none")
+    context = multiprocessing.get_context("spawn")
+    barrier, results = context.Barrier(4), context.Queue()
+    rounds = 8
+    creators = [
+        context.Process(target=debounce_and_attach_in_lockstep, args=(url, me, barrier, results, rounds))
+        for me in range(4)
+    ]
+    for creator in creators:
+        creator.start()
+    reports = [results.get(timeout=120) for _ in range(4 * rounds * 2)]
+    for creator in creators:
+        creator.join(30)
+        assert creator.exitcode == 0
+    assert [error for *_, error in reports if error] == []
+    orchestrator = Orchestrator(url)
+    for key in ("merged", "attached"):
+        mine = [report for report in reports if report[0] == key]
+        stored = orchestrator.query(key=key).pipelines
+        assert len(stored) == 1 and {uuid for _, _, uuid, _, _ in mine} == {stored[0].uuid}, key
+        assert sum(created for *_, created, _ in mine) == 1, key
+    (merged,) = orchestrator.query(key="merged").pipelines
+    assert sorted(merged.params["ids"]) == sorted(number for key, number, *_ in reports if key == "merged")
+    assert orchestrator.query(key="attached").pipelines[0].status == Status.PENDING
