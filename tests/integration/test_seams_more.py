@@ -23,12 +23,13 @@ import pytest
 
 pytest.importorskip("starlette")
 
-from prorch import Orchestrator, Status
+from prorch import FakeClock, OnContinueMixin, OnStartMixin, Orchestrator, Pipeline, Status, Step
 from prorch.dashboard import create_app
 from prorch.dashboard import streams_api
 from prorch.dashboard.app import store_caller
 from prorch.model.exceptions import RepositoryError
 from prorch.model.registry import Registry
+from tests.integration.conftest import make_backend
 from tests.integration.key_race import debounce_and_attach_in_lockstep
 from tests.support import processes as support
 from tests.support.builders import pipeline_of, step_of
@@ -50,6 +51,19 @@ def own_server() -> Iterator[PostgresServer]:
     with contextlib.suppress(subprocess.CalledProcessError):  # a test may leave it stopped
         server.stop("immediate")
     shutil.rmtree(server.folder, ignore_errors=True)
+
+
+@pytest.fixture(params=["memory", "sqlite", "postgresql", "tinydb", "seed"])
+def store_kind(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+def backend_of(store_kind: str, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Any]:
+    made = make_backend(store_kind, tmp_path, request)
+    yield made
+    if hasattr(made, "dispose"):
+        made.dispose()
 
 
 # --- 1. pause, the HTTP API and streams with the store down -----------------------------------
@@ -254,3 +268,89 @@ def test_four_processes_debouncing_and_attaching_one_key_on_tinydb_store_one_pip
     (merged,) = orchestrator.query(key="merged").pipelines
     assert sorted(merged.params["ids"]) == sorted(number for key, number, *_ in reports if key == "merged")
     assert orchestrator.query(key="attached").pipelines[0].status == Status.PENDING
+
+
+# --- 3. search attributes and step logs with two code versions at once -------------------------
+
+
+def two_codes(new: dict[str, Any], old: dict[str, Any], **step_attrs: Any) -> tuple[Registry, Registry]:
+    """The same pipeline class ("Deployed", version 1, one step "Work") in two registries, with
+    the new code's hooks and the old code's, as two workers of a rolling deploy load them."""
+    made = []
+    for hooks in (new, old):
+        registry = Registry()
+        step = type("Work", (OnStartMixin, OnContinueMixin, Step), {"name": "Work", "on_continue": finishes_plainly, **hooks, **step_attrs})
+        registry.add_step(step)
+        registry.add_pipeline(type("Deployed", (Pipeline,), {"name": "Deployed", "steps": [step]}))
+        made.append(registry)
+    return made[0], made[1]
+
+
+def labels_logs_and_waits(step: Any) -> None:
+    step.set_attribute("stage", "started")
+    step.log.info("started by the new code")
+    step.wait(60)
+
+
+def logs_and_fails(step: Any) -> None:
+    step.log.info("attempt by the new code")
+    raise RuntimeError("boom")
+
+
+def fails(step: Any) -> None:
+    raise RuntimeError("boom")
+
+
+def finishes_plainly(step: Any) -> None:
+    step.finish({})
+
+
+def test_attributes_and_logs_of_the_new_code_survive_the_old_codes_transition(backend_of: Any) -> None:
+    """The new code labels the pipeline and logs, then waits; a worker of the old code (which
+    knows neither) takes it on: the label, its index and the lines stay."""
+    new, old = two_codes(
+        {"on_start": labels_logs_and_waits, "on_continue": finishes_plainly},
+        {"on_start": finishes_plainly, "on_continue": finishes_plainly},
+    )
+    clock = FakeClock()
+    uuid = new.pipeline("Deployed").create(
+        backend_of, {}, attributes={"customer": "acme"}, clock=clock, registry=new
+    ).uuid
+    Orchestrator(backend_of, registry=new, clock=clock).execute_pipelines()
+    clock.advance(61)
+    older = Orchestrator(backend_of, registry=old, clock=clock)
+    older.execute_pipelines()
+    state = older.get(uuid)
+    assert state.pipeline.status == Status.FINISHED
+    assert state.pipeline.attributes == {"customer": "acme", "stage": "started"}
+    assert [p.uuid for p in older.query(attributes={"stage": "started", "customer": "acme"}).pipelines] == [uuid]
+    assert [(entry["attempt"], [line[2] for line in entry["lines"]]) for entry in state.steps[0].logs] == [
+        (1, ["started by the new code"])
+    ]
+
+
+@pytest.mark.parametrize("order", ["new-then-old", "old-then-new"])
+def test_the_logs_of_an_attempt_survive_a_retry_by_the_other_code(backend_of: Any, order: str) -> None:
+    """Attempt 1 by one code, attempt 2 (the step's retry) and the operator's retry (attempts
+    from 1 again, the earlier entries marked ``retried``) by the first: each attempt's lines stay under its number; the code that does not log adds
+    no entry and removes none."""
+    new, old = two_codes({"on_start": logs_and_fails}, {"on_start": fails}, max_attempts=2, retry_delay=1)
+    first, second = (new, old) if order == "new-then-old" else (old, new)
+    clock = FakeClock()
+    uuid = first.pipeline("Deployed").create(backend_of, {}, clock=clock, registry=first).uuid
+    Orchestrator(backend_of, registry=first, clock=clock).execute_pipelines()  # attempt 1 fails
+    clock.advance(60)
+    later = Orchestrator(backend_of, registry=second, clock=clock)
+    later.execute_pipelines()  # attempt 2, by the other code, fails for good
+    state = later.get(uuid)
+    assert state.pipeline.status == Status.FAILED
+    logged = 1 if order == "new-then-old" else 2
+    assert [(entry["attempt"], [line[2] for line in entry["lines"]]) for entry in state.steps[0].logs] == [
+        (logged, ["attempt by the new code"])
+    ]
+    later.retry(uuid)  # an operator's retry, run by the first code again
+    Orchestrator(backend_of, registry=first, clock=clock).execute_pipelines()
+    clock.advance(60)
+    Orchestrator(backend_of, registry=first, clock=clock).execute_pipelines()
+    entries = [(e["attempt"], e.get("retried", False), len(e["lines"])) for e in later.get(uuid).steps[0].logs]
+    assert entries == ([(1, True, 1), (1, False, 1), (2, False, 1)] if first is new else [(2, True, 1)])
