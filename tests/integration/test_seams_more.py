@@ -16,6 +16,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -354,3 +355,49 @@ def test_the_logs_of_an_attempt_survive_a_retry_by_the_other_code(backend_of: An
     Orchestrator(backend_of, registry=first, clock=clock).execute_pipelines()
     entries = [(e["attempt"], e.get("retried", False), len(e["lines"])) for e in later.get(uuid).steps[0].logs]
     assert entries == ([(1, True, 1), (1, False, 1), (2, False, 1)] if first is new else [(2, True, 1)])
+
+
+# --- 4. pause x schedule_when_paused="queue" x retention ---------------------------------------
+
+RAN: list[str] = []
+
+
+def ticks(orchestrator: Orchestrator) -> dict[str, Status]:
+    return {p.context["schedule_tick"][11:16]: p.status for p in orchestrator.query(name="Hourly").pipelines}
+
+
+def test_queued_ticks_of_a_paused_class_outlive_retention_and_run_once_each_after_the_resume(
+    backend_of: Any, store_kind: str, registry: Registry
+) -> None:
+    """Retention purges the ended ticks (one that ran before the pause, one cancelled while
+    queued) and none of the queued ones; no pass creates a purged tick again or doubles a queued
+    one; the resume runs each queued tick once."""
+    if store_kind == "seed":
+        pytest.skip("a four-method repository cannot delete: no retention there")
+    RAN.clear()
+    step = step_of("Tick", lambda self: (RAN.append(self.pipeline_uuid), self.finish({})))
+    pipeline_of(step, name="Hourly", every=timedelta(hours=1), catch_up="all", schedule_when_paused="queue")
+    clock = FakeClock(datetime(2026, 11, 23, 12, 0, 30, tzinfo=timezone.utc))
+    orchestrator = Orchestrator(backend_of, registry=registry, clock=clock)
+    assert orchestrator.execute_pipelines().scheduled == 1  # 12:00 runs
+    orchestrator.pause(name="Hourly")
+    for _ in range(3):
+        clock.advance(3600)
+        assert (orchestrator.execute_pipelines().scheduled, len(RAN)) == (1, 1)  # 13:00, 14:00, 15:00 wait
+    (cancelled,) = [p.uuid for p in orchestrator.query(name="Hourly").pipelines if p.context["schedule_tick"][11:13] == "14"]
+    orchestrator.cancel(cancelled)
+    clock.advance(3600)
+    assert orchestrator.execute_pipelines().scheduled == 1  # 16:00 waits
+    assert orchestrator.purge(timedelta(minutes=30)).pipelines == 2  # 12:00 (finished) and 14:00 (cancelled)
+    assert ticks(orchestrator) == {"13:00": Status.PENDING, "15:00": Status.PENDING, "16:00": Status.PENDING}
+    for _ in range(3):
+        assert orchestrator.execute_pipelines().scheduled == 0  # neither the purged ones again nor a queued one twice
+    assert [p.value for p in orchestrator.pauses()] == ["Hourly"]
+    orchestrator.resume(name="Hourly")
+    assert orchestrator.execute_pipelines().claimed == 3
+    assert orchestrator.execute_pipelines().claimed == 0
+    assert ticks(orchestrator) == {"13:00": Status.FINISHED, "15:00": Status.FINISHED, "16:00": Status.FINISHED}
+    assert sorted(RAN[1:]) == sorted(p.uuid for p in orchestrator.query(name="Hourly").pipelines)  # once each
+    clock.advance(3600)
+    assert orchestrator.execute_pipelines().scheduled == 1  # 17:00, and no catch-up of a purged tick
+    assert sorted(ticks(orchestrator)) == ["13:00", "15:00", "16:00", "17:00"]
