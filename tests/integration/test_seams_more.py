@@ -11,6 +11,7 @@ import contextlib
 import json
 import multiprocessing
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -32,6 +33,8 @@ from prorch.model.exceptions import RepositoryError
 from prorch.model.registry import Registry
 from tests.integration.conftest import make_backend
 from tests.integration.key_race import debounce_and_attach_in_lockstep
+from tests.integration.test_key_limit_workers import app, create, finished, start_worker, starts  # noqa: F401
+from tests.integration.test_limit_workers import most_at_once
 from tests.support import processes as support
 from tests.support.builders import pipeline_of, step_of
 from tests.support.postgres import PostgresServer, PostgresUnavailable, start_server
@@ -401,3 +404,33 @@ def test_queued_ticks_of_a_paused_class_outlive_retention_and_run_once_each_afte
     clock.advance(3600)
     assert orchestrator.execute_pipelines().scheduled == 1  # 17:00, and no catch-up of a purged tick
     assert sorted(ticks(orchestrator)) == ["13:00", "15:00", "16:00", "17:00"]
+
+
+# --- 5. the per-key limit on PostgreSQL with a SIGKILLed worker --------------------------------
+
+
+@pytest.mark.slow
+def test_a_killed_worker_s_keyed_pipeline_is_taken_over_on_postgresql_and_its_key_never_runs_two(
+    app: Path, postgres_url: str, processes: list[subprocess.Popen[str]]
+) -> None:
+    """A worker SIGKILLed in a hook of key "k" (max_running_per_key = 1); two workers take
+    over: the key's next pipelines wait for the dead lease (6 s) to expire, the dead one's pipeline is taken over by a live worker, and the hooks' own clocks
+    (the killed attempt until the kill) never show two of "k" at once."""
+    url = postgres_url
+    (app / "hang").write_text("")
+    [hung, *queued] = create(url, app, ["k"] * 4, seconds=0.2)
+    doomed = start_worker(url, app, processes, "6")
+    wait_for(lambda: len(starts(app)) == 1, 30, "the first hook to start")
+    doomed.send_signal(signal.SIGKILL)
+    doomed.wait(timeout=10)
+    killed_at = time.time()
+    [other] = create(url, app, ["other"])
+    for _ in range(2):
+        start_worker(url, app, processes, "6", "--concurrency", "2")
+    wait_for(lambda: finished(url, [hung, other, *queued]), 90, "every pipeline to finish")
+    orchestrator = Orchestrator(url)
+    outputs = {uuid: orchestrator.get(uuid).steps[0].output for uuid in [hung, *queued]}
+    assert outputs[hung]["pid"] != doomed.pid  # a live worker took the dead one's pipeline over
+    killed = (starts(app)[0]["at"], killed_at)
+    assert most_at_once([killed, *((o["start"], o["end"]) for o in outputs.values())]) == 1
+    assert min(o["start"] for o in outputs.values()) > killed_at + 2  # the dead lease counted for "k"
