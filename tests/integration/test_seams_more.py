@@ -25,7 +25,7 @@ import pytest
 
 pytest.importorskip("starlette")
 
-from prorch import FakeClock, OnContinueMixin, OnStartMixin, Orchestrator, Pipeline, Status, Step
+from prorch import FakeClock, KeyConflictError, KeyRunningError, OnContinueMixin, OnStartMixin, Orchestrator, Pipeline, Status, Step
 from prorch.dashboard import create_app
 from prorch.dashboard import streams_api
 from prorch.dashboard.app import store_caller
@@ -434,3 +434,36 @@ def test_a_killed_worker_s_keyed_pipeline_is_taken_over_on_postgresql_and_its_ke
     killed = (starts(app)[0]["at"], killed_at)
     assert most_at_once([killed, *((o["start"], o["end"]) for o in outputs.values())]) == 1
     assert min(o["start"] for o in outputs.values()) > killed_at + 2  # the dead lease counted for "k"
+
+
+# --- 6. keyed creates across tenants ---------------------------------------------------------
+
+
+def test_a_key_is_global_a_create_in_another_tenant_finds_the_first_tenant_s_pipeline(
+    backend_of: Any, registry: Registry
+) -> None:
+    """Documented (docs/concepts.md, keys): keys are not per tenant. Tenant b's repeat of tenant
+    a's key returns a's pipeline (tenant a's, unchanged), with ``attach`` too; other params are
+    the key's usual conflict, one clear error, nothing stored; ``error`` refuses it as running."""
+    job = pipeline_of(step_of("Sync", finishes), name="Sync")
+    first = job.create(backend_of, {"order": 1}, key="order-1", tenant="a")
+    again = job.create(backend_of, {"order": 1}, key="order-1", tenant="b")
+    assert (again.created, again.uuid, again.record.context.get("tenant")) == (False, first.uuid, "a")
+    live = job.create(backend_of, {"order": 2}, key="sync", tenant="a", if_running="attach")
+    attached = job.create(backend_of, {"order": 2}, key="sync", tenant="b", if_running="attach")
+    assert (attached.created, attached.uuid, attached.record.context.get("tenant")) == (False, live.uuid, "a")
+    across = "of tenant 'a' \\(this create is of tenant 'b': keys are global, not per tenant; put the tenant in the key"
+    with pytest.raises(KeyConflictError, match=rf"key 'order-1' .* params {{\"order\": 1}} {across}.*{{\"order\": 9}}"):
+        job.create(backend_of, {"order": 9}, key="order-1", tenant="b")
+    with pytest.raises(KeyRunningError, match=f"key 'sync' names pipeline Sync {live.uuid} {across}"):
+        job.create(backend_of, {"order": 2}, key="sync", tenant="b", if_running="error")
+    with pytest.raises(KeyConflictError) as same_tenant:
+        job.create(backend_of, {"order": 9}, key="order-1", tenant="a")
+    assert "tenant" not in str(same_tenant.value)  # said only where the tenants differ
+    orchestrator = Orchestrator(backend_of, registry=registry)
+    assert sorted(p.uuid for p in orchestrator.list_pipelines()) == sorted([first.uuid, live.uuid])
+    assert orchestrator.query(tenant="b").pipelines == []
+
+
+def finishes(step: Any) -> None:
+    step.finish({})
