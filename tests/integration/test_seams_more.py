@@ -14,6 +14,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import textwrap
 import threading
 import time
 from collections.abc import Iterator
@@ -25,15 +26,24 @@ import pytest
 
 pytest.importorskip("starlette")
 
-from prorch import FakeClock, KeyConflictError, KeyRunningError, OnContinueMixin, OnStartMixin, Orchestrator, Pipeline, Status, Step
-from prorch.dashboard import create_app
-from prorch.dashboard import streams_api
+from prorch import (
+    FakeClock,
+    KeyConflictError,
+    KeyRunningError,
+    OnContinueMixin,
+    OnStartMixin,
+    Orchestrator,
+    Pipeline,
+    Status,
+    Step,
+)
+from prorch.dashboard import create_app, streams_api
 from prorch.dashboard.app import store_caller
 from prorch.model.exceptions import RepositoryError
 from prorch.model.registry import Registry
+from tests.integration import test_key_limit_workers as key_workers
 from tests.integration.conftest import make_backend
 from tests.integration.key_race import debounce_and_attach_in_lockstep
-from tests.integration.test_key_limit_workers import app, create, finished, start_worker, starts  # noqa: F401
 from tests.integration.test_limit_workers import most_at_once
 from tests.support import processes as support
 from tests.support.builders import pipeline_of, step_of
@@ -283,7 +293,11 @@ def two_codes(new: dict[str, Any], old: dict[str, Any], **step_attrs: Any) -> tu
     made = []
     for hooks in (new, old):
         registry = Registry()
-        step = type("Work", (OnStartMixin, OnContinueMixin, Step), {"name": "Work", "on_continue": finishes_plainly, **hooks, **step_attrs})
+        step = type(
+            "Work",
+            (OnStartMixin, OnContinueMixin, Step),
+            {"name": "Work", "on_continue": finishes_plainly, **hooks, **step_attrs},
+        )
         registry.add_step(step)
         registry.add_pipeline(type("Deployed", (Pipeline,), {"name": "Deployed", "steps": [step]}))
         made.append(registry)
@@ -317,9 +331,9 @@ def test_attributes_and_logs_of_the_new_code_survive_the_old_codes_transition(ba
         {"on_start": finishes_plainly, "on_continue": finishes_plainly},
     )
     clock = FakeClock()
-    uuid = new.pipeline("Deployed").create(
-        backend_of, {}, attributes={"customer": "acme"}, clock=clock, registry=new
-    ).uuid
+    uuid = (
+        new.pipeline("Deployed").create(backend_of, {}, attributes={"customer": "acme"}, clock=clock, registry=new).uuid
+    )
     Orchestrator(backend_of, registry=new, clock=clock).execute_pipelines()
     clock.advance(61)
     older = Orchestrator(backend_of, registry=old, clock=clock)
@@ -335,9 +349,10 @@ def test_attributes_and_logs_of_the_new_code_survive_the_old_codes_transition(ba
 
 @pytest.mark.parametrize("order", ["new-then-old", "old-then-new"])
 def test_the_logs_of_an_attempt_survive_a_retry_by_the_other_code(backend_of: Any, order: str) -> None:
-    """Attempt 1 by one code, attempt 2 (the step's retry) and the operator's retry (attempts
-    from 1 again, the earlier entries marked ``retried``) by the first: each attempt's lines stay under its number; the code that does not log adds
-    no entry and removes none."""
+    """Attempt 1 by one code, attempt 2 (the step's retry) by the other, and the operator's
+    retry (attempts from 1 again, the earlier entries marked ``retried``) by the first: each
+    attempt's lines stay under its number; the code that does not log adds no entry and
+    removes none."""
     new, old = two_codes({"on_start": logs_and_fails}, {"on_start": fails}, max_attempts=2, retry_delay=1)
     first, second = (new, old) if order == "new-then-old" else (old, new)
     clock = FakeClock()
@@ -387,7 +402,9 @@ def test_queued_ticks_of_a_paused_class_outlive_retention_and_run_once_each_afte
     for _ in range(3):
         clock.advance(3600)
         assert (orchestrator.execute_pipelines().scheduled, len(RAN)) == (1, 1)  # 13:00, 14:00, 15:00 wait
-    (cancelled,) = [p.uuid for p in orchestrator.query(name="Hourly").pipelines if p.context["schedule_tick"][11:13] == "14"]
+    (cancelled,) = [
+        p.uuid for p in orchestrator.query(name="Hourly").pipelines if p.context["schedule_tick"][11:13] == "14"
+    ]
     orchestrator.cancel(cancelled)
     clock.advance(3600)
     assert orchestrator.execute_pipelines().scheduled == 1  # 16:00 waits
@@ -409,29 +426,38 @@ def test_queued_ticks_of_a_paused_class_outlive_retention_and_run_once_each_afte
 # --- 5. the per-key limit on PostgreSQL with a SIGKILLed worker --------------------------------
 
 
+@pytest.fixture
+def keyed_app(tmp_path: Path) -> Iterator[Path]:
+    """The app of test_key_limit_workers (PerCustomer: max_running_per_key = 1) in a folder."""
+    (tmp_path / "keyed_app.py").write_text(textwrap.dedent(key_workers.APP))
+    yield tmp_path
+    sys.modules.pop("keyed_app", None)
+
+
 @pytest.mark.slow
 def test_a_killed_worker_s_keyed_pipeline_is_taken_over_on_postgresql_and_its_key_never_runs_two(
-    app: Path, postgres_url: str, processes: list[subprocess.Popen[str]]
+    keyed_app: Path, postgres_url: str, processes: list[subprocess.Popen[str]]
 ) -> None:
     """A worker SIGKILLed in a hook of key "k" (max_running_per_key = 1); two workers take
-    over: the key's next pipelines wait for the dead lease (6 s) to expire, the dead one's pipeline is taken over by a live worker, and the hooks' own clocks
-    (the killed attempt until the kill) never show two of "k" at once."""
-    url = postgres_url
+    over: the key's next pipelines wait for the dead lease (6 s) to expire, a live worker takes
+    the dead one's pipeline over, and the hooks' own clocks (the killed attempt until the
+    kill) never show two of "k" at once."""
+    url, app = postgres_url, keyed_app
     (app / "hang").write_text("")
-    [hung, *queued] = create(url, app, ["k"] * 4, seconds=0.2)
-    doomed = start_worker(url, app, processes, "6")
-    wait_for(lambda: len(starts(app)) == 1, 30, "the first hook to start")
+    [hung, *queued] = key_workers.create(url, app, ["k"] * 4, seconds=0.2)
+    doomed = key_workers.start_worker(url, app, processes, "6")
+    wait_for(lambda: len(key_workers.starts(app)) == 1, 30, "the first hook to start")
     doomed.send_signal(signal.SIGKILL)
     doomed.wait(timeout=10)
     killed_at = time.time()
-    [other] = create(url, app, ["other"])
+    [other] = key_workers.create(url, app, ["other"])
     for _ in range(2):
-        start_worker(url, app, processes, "6", "--concurrency", "2")
-    wait_for(lambda: finished(url, [hung, other, *queued]), 90, "every pipeline to finish")
+        key_workers.start_worker(url, app, processes, "6", "--concurrency", "2")
+    wait_for(lambda: key_workers.finished(url, [hung, other, *queued]), 90, "every pipeline to finish")
     orchestrator = Orchestrator(url)
     outputs = {uuid: orchestrator.get(uuid).steps[0].output for uuid in [hung, *queued]}
     assert outputs[hung]["pid"] != doomed.pid  # a live worker took the dead one's pipeline over
-    killed = (starts(app)[0]["at"], killed_at)
+    killed = (key_workers.starts(app)[0]["at"], killed_at)
     assert most_at_once([killed, *((o["start"], o["end"]) for o in outputs.values())]) == 1
     assert min(o["start"] for o in outputs.values()) > killed_at + 2  # the dead lease counted for "k"
 
