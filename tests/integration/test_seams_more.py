@@ -493,3 +493,31 @@ def test_a_key_is_global_a_create_in_another_tenant_finds_the_first_tenant_s_pip
 
 def finishes(step: Any) -> None:
     step.finish({})
+
+
+@pytest.mark.slow
+def test_a_pipeline_whose_write_met_the_outage_resumes_when_postgresql_is_back_not_when_its_lease_runs_out(
+    own_server: PostgresServer, tmp_path: Path, processes: list[subprocess.Popen[bytes]]
+) -> None:
+    """Regression (found by the outage seam): a hook that ended while PostgreSQL was down could
+    not store its transition, and its pipeline stayed leased by its own worker, unclaimable,
+    until the lease ran out (60 s by default, 40 s here), long after the server was back. The
+    worker now gives such a lease back (compare-and-set on its token) once the store answers."""
+    url = own_server.url
+    uuid = fault_app.Slow.create(url, {"seconds": 3}).uuid
+    hooks = tmp_path / "hooks.log"
+    worker = subprocess.Popen(
+        [sys.executable, str(FAULTS / "worker.py"), url, json.dumps({"interval": 0.05, "lease_seconds": 40})],
+        env=child_env(FAULT_LOG=str(hooks)), stdout=subprocess.DEVNULL, stderr=(tmp_path / "worker.err").open("wb"),
+    )  # fmt: skip
+    processes.append(worker)
+    wait_for(lambda: hooks.exists() and "start" in hooks.read_text(), 60, "the hook to start")
+    own_server.stop()
+    wait_for(lambda: "end" in hooks.read_text(), 30, "the hook to end, its transition not stored")
+    time.sleep(1)
+    own_server.start()
+    back = time.monotonic()
+    orchestrator = Orchestrator(url)
+    wait_for(lambda: orchestrator.get(uuid).pipeline.status == Status.FINISHED, 60, "the pipeline to finish")
+    assert time.monotonic() - back < 20, (tmp_path / "worker.err").read_text()[-3000:]
+    assert hooks.read_text().count("start") == 2  # run again, as after any lost transition: once more
