@@ -32,7 +32,7 @@ from prorch.engine.outage import Outage
 from prorch.engine.passes import PassHost, PassSummary, Result
 from prorch.engine.rounds import _Ended, _marks_a_hook, _resume
 from prorch.engine.slots import Slots
-from prorch.model.exceptions import RepositoryError, WorkerUnhealthyError
+from prorch.model.exceptions import RepositoryError, StoreUnreachableError, WorkerUnhealthyError
 from prorch.model.records import PipelineRecord
 from prorch.storage.heartbeat import Heartbeat, beat_seconds
 from prorch.storage.leases import LeaseKeeper
@@ -230,11 +230,14 @@ class Worker:
             keeper.hold(fresh, since)
             writings = passes.advancings(host, fresh, keeper, marked)
         except RepositoryError as exc:  # the store is down: back off from claiming (logged once)
-            for pipeline in fresh:  # their steps were not read: their leases run out, they resume then
+            for pipeline in fresh:  # their steps were not read: their leases are given back once the store is
+                if isinstance(exc, StoreUnreachableError):
+                    keeper.give_back_later(pipeline.uuid)
                 keeper.drop(pipeline.uuid)
             self.next_claim = time.monotonic() + host.outage.failed(exc)
             return
         host.outage.recovered()
+        keeper.give_back()  # the leases of advances the outage ended: claimable from the next claim
         if len(claimed) < limit:
             self.next_claim = time.monotonic() + self.interval
         self.summary.claimed += len(claimed)

@@ -28,6 +28,7 @@ from prorch.dashboard.security import Throttle
 from prorch.dashboard.service_auth import ApiAuthError, Caller, Tokens
 from prorch.dashboard.service_doc import openapi
 from prorch.model.exceptions import (
+    ConcurrentUpdateError,
     InvalidMessageError,
     InvalidParamsError,
     InvalidStateError,
@@ -36,6 +37,7 @@ from prorch.model.exceptions import (
     PipelineFailedError,
     PipelineNotFoundError,
     ProrchError,
+    RepositoryError,
 )
 from prorch.model.records import PipelineRecord
 from prorch.model.status import TERMINAL
@@ -50,6 +52,8 @@ MAX_WAIT = 60.0
 POLL = 1.0
 """Seconds between a long poll's reads of the pipeline, at most (it starts at 50 ms and doubles)."""
 FAILED_TOKEN_DELAY = 0.5
+STORE_RETRY_AFTER = 5
+"""Seconds a 503 (the store failed) asks a client to wait before trying again."""
 START_FIELDS = ("params", "version", "key", "tenant", "priority", "attributes", "if_running", "debounce")
 OffLoop = Callable[..., Awaitable[Any]]
 Handler = Callable[[Request, Caller], Awaitable[Response]]
@@ -198,16 +202,25 @@ def routes(orchestrator: Orchestrator, api_tokens: Mapping[str, ApiToken], off_l
 
 
 def refusal(exc: ProrchError) -> JSONResponse:
-    """``{"error": {"type", "message"}}`` with the HTTP code that says what was wrong."""
-    return JSONResponse({"error": {"type": type(exc).__name__, "message": str(exc)}}, status_code=status_of(exc))
+    """``{"error": {"type", "message"}}`` with the HTTP code that says what was wrong; a store that
+    failed (down, locked, lost connection) is a 503 with ``Retry-After``: the request was fine,
+    nothing was stored, and the same request may succeed later."""
+    status, message = status_of(exc), str(exc)
+    if status != 503:
+        return JSONResponse({"error": {"type": type(exc).__name__, "message": message}}, status_code=status)
+    message = f"the store is unavailable, nothing was done: {message}; try again later"
+    return JSONResponse({"error": {"type": type(exc).__name__, "message": message}}, status_code=503,
+                        headers={"Retry-After": str(STORE_RETRY_AFTER)})  # fmt: skip
 
 
 def status_of(exc: ProrchError) -> int:
     if isinstance(exc, ApiAuthError):
         return exc.status
+    if isinstance(exc, RepositoryError) and not isinstance(exc, ConcurrentUpdateError):
+        return 503
     if isinstance(exc, (NotRegisteredError, PipelineNotFoundError)):
         return 404
-    if isinstance(exc, (KeyConflictError, InvalidStateError)):
+    if isinstance(exc, (KeyConflictError, InvalidStateError, ConcurrentUpdateError)):
         return 409
     if isinstance(exc, InvalidParamsError):
         return 422

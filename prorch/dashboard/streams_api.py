@@ -18,7 +18,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from prorch.model.exceptions import PipelineNotFoundError
+from prorch.model.exceptions import PipelineNotFoundError, RepositoryError
 from prorch.model.records import StreamRecord
 from prorch.model.status import TERMINAL
 from prorch.orchestrator import Orchestrator
@@ -27,6 +27,9 @@ POLL_SECONDS = 0.5
 """Longest sleep between two reads of a stream that has nothing new."""
 KEEP_ALIVE_SECONDS = 15.0
 """A comment line at least this often, so that proxies keep an idle stream open."""
+OUTAGE_FIRST_SECONDS = 0.1
+OUTAGE_MAX_SECONDS = 5.0
+"""While the store fails, the stream reads it again after 0.1 s, doubling up to this."""
 
 
 def route(orchestrator: Orchestrator, off_loop: Callable[..., Any]) -> Route:
@@ -39,6 +42,9 @@ def route(orchestrator: Orchestrator, off_loop: Callable[..., Any]) -> Route:
             await off_loop(orchestrator.get, uuid)
         except PipelineNotFoundError as exc:
             return JSONResponse({"error": str(exc)}, status_code=404)
+        except RepositoryError as exc:  # nothing sent yet: say so, and when to try again
+            message = f"the store is unavailable: {exc}; try again later"
+            return JSONResponse({"error": message}, status_code=503, headers={"Retry-After": "5"})
         except ValueError as exc:
             return JSONResponse({"error": str(exc)}, status_code=400)
         headers = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -64,28 +70,45 @@ def cursor_of(request: Request) -> int:
 
 
 async def events(orchestrator: Orchestrator, off_loop: Callable[..., Any], uuid: str, after: int) -> AsyncIterator[str]:
-    """The entries after ``after`` as they are stored, then ``end`` once the pipeline has ended."""
-    cursor, delay, quiet = after, 0.05, 0.0
+    """The entries after ``after`` as they are stored, then ``end`` once the pipeline has ended.
+    While the store fails (down, locked), the stream stays open: a comment says so, and the next
+    read, after a backoff, goes on from the same cursor (nothing skipped, nothing sent twice)."""
+    cursor, delay, quiet, backoff = after, 0.05, 0.0, OUTAGE_FIRST_SECONDS
     while True:
-        page: list[StreamRecord] = await off_loop(orchestrator.store.stream_entries, uuid, cursor)
+        try:
+            page, ended = await off_loop(_next, orchestrator, uuid, cursor)
+        except RepositoryError:
+            yield ": the store is unavailable: trying again\n\n"
+            await asyncio.sleep(backoff)
+            backoff, quiet = min(backoff * 2, OUTAGE_MAX_SECONDS), 0.0
+            continue
+        backoff = OUTAGE_FIRST_SECONDS
         for entry in page:
             yield entry_event(entry)
+        if ended is not None:
+            yield f"event: end\ndata: {json.dumps({'status': ended})}\n\n"
+            return
         if page:
             cursor, delay, quiet = page[-1].seq, 0.05, 0.0
             continue
-        record = await off_loop(orchestrator.store.get_pipeline, uuid)
-        if record is None or record.status in TERMINAL:
-            for entry in await off_loop(_rest, orchestrator, uuid, cursor):  # its last transition's entries
-                yield entry_event(entry)
-            status = record.status.value if record is not None else "purged"
-            yield f"event: end\ndata: {json.dumps({'status': status})}\n\n"
-            return
         if quiet >= KEEP_ALIVE_SECONDS:
             yield ": keep-alive\n\n"
             quiet = 0.0
         await asyncio.sleep(delay)
         quiet += delay
         delay = min(delay * 2, POLL_SECONDS)
+
+
+def _next(orchestrator: Orchestrator, uuid: str, cursor: int) -> tuple[list[StreamRecord], str | None]:
+    """The entries after ``cursor``, and the pipeline's final status ("purged" once it is gone)
+    if it has ended, with every entry of its last transition; None while it runs."""
+    page = orchestrator.store.stream_entries(uuid, cursor)
+    if page:
+        return page, None
+    record = orchestrator.store.get_pipeline(uuid)
+    if record is None or record.status in TERMINAL:
+        return _rest(orchestrator, uuid, cursor), record.status.value if record is not None else "purged"
+    return [], None
 
 
 def entry_event(entry: StreamRecord) -> str:

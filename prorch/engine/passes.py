@@ -23,7 +23,7 @@ from prorch.engine.runner import Runner
 from prorch.engine.state import Outcome, Writing
 from prorch.model.clock import Clock
 from prorch.model.due import ClaimRequest, Runnable
-from prorch.model.exceptions import ConcurrentUpdateError, LeaseLostError, RepositoryError
+from prorch.model.exceptions import ConcurrentUpdateError, LeaseLostError, RepositoryError, StoreUnreachableError
 from prorch.model.records import PipelineRecord, StepRecord
 from prorch.model.registry import Registry
 from prorch.model.status import TERMINAL, Status
@@ -215,6 +215,8 @@ def advancing(
         )
         return f"{type(exc).__name__}: {exc}"
     except RepositoryError as exc:  # the store's failure, not the engine's: no traceback
+        if isinstance(exc, StoreUnreachableError):  # our lease stays stored: give it back once the store is
+            keeper.give_back_later(pipeline.uuid)
         logger.error(
             "pipeline %s: store error; what was not stored is done again in a later pass: %s",
             pipeline.uuid,

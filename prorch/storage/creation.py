@@ -258,9 +258,22 @@ def holds_key(record: PipelineRecord) -> bool:
 def _conflict(found: PipelineRecord, wanted: PipelineRecord) -> str:
     taken_by = f"key {found.key!r}" if found.key is not None else f"uuid {found.uuid}"
     return (
-        f"{taken_by} already names pipeline {found.name} {found.uuid} with params {_shown(found.params)}; "
+        f"{taken_by} already names pipeline {found.name} {found.uuid} with params {_shown(found.params)}"
+        f"{other_tenant(found, wanted.context.get('tenant'))}; "
         f"this create asked for {wanted.name} with params {_shown(wanted.params)}; use another key, "
         "or the same name and params to get the stored pipeline"
+    )
+
+
+def other_tenant(found: PipelineRecord, tenant: Any) -> str:
+    """Where a create of one tenant met another tenant's pipeline, the words that say why: keys
+    are global (a tenant is not part of the key), so the fix is a key that names the tenant."""
+    stored = found.context.get("tenant")
+    if stored == tenant:
+        return ""
+    return (
+        f" of tenant {stored!r} (this create is of tenant {tenant!r}: keys are global, not per tenant; "
+        "put the tenant in the key, e.g. f'{tenant}:order-1')"
     )
 
 

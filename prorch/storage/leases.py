@@ -56,6 +56,7 @@ class LeaseKeeper:
         self._held: dict[str, _Lease] = {}  # pipeline uuid -> its lease as we last wrote it
         self._lost: set[str] = set()
         self._limits: dict[str, datetime] = {}  # pipeline uuid -> renew no later than this
+        self._unsettled: dict[str, str] = {}  # pipeline uuid -> the token of a lease to give back
         self._lock = threading.Lock()
         self._ticker = Ticker("prorch-lease-keeper", lease_seconds / 3, self.renew_all, on_error=self._turn_failed)
 
@@ -84,6 +85,34 @@ class LeaseKeeper:
             self._held.pop(uuid, None)
             self._limits.pop(uuid, None)
             self._lost.discard(uuid)
+
+    def give_back_later(self, uuid: str) -> None:
+        """The advance of ``uuid`` ended because the store was unreachable: its lease is most
+        likely still stored as ours, with nothing of it running here. ``give_back`` expires it
+        once the store answers, so that the pipeline resumes then, not when the lease runs out."""
+        with self._lock:
+            lease = self._held.get(uuid)
+            if lease is not None:
+                self._unsettled[uuid] = lease.token
+
+    def give_back(self) -> None:
+        """Expire the leases ``give_back_later`` set aside (compare-and-set on their tokens: a
+        lease released, run out or taken over since is left alone); while the store fails, they
+        wait for the next call."""
+        with self._lock:
+            pending = list(self._unsettled.items())
+        for uuid, token in pending:
+            try:
+                given = self.store.renew_lease(uuid, token, self.clock.now())
+            except RepositoryError:
+                return  # still unreachable: the next call tries again
+            with self._lock:
+                self._unsettled.pop(uuid, None)
+            if given:
+                logger.info(
+                    "pipeline %s: gave its lease back, its transition was not stored (store unreachable); "
+                    "it resumes at the next claim", uuid, extra={"pipeline_uuid": uuid},
+                )  # fmt: skip
 
     def limit(self, uuid: str, until: datetime | None) -> None:
         """Renew the lease of ``uuid`` only while the clock is before ``until`` (None: always)."""
@@ -142,6 +171,7 @@ class LeaseKeeper:
                 self._renew(uuid, token, since, now)
             except Exception as exc:  # the store is down: the lease may lapse; confirm() and the CAS still guard
                 logger.warning("could not renew the lease of pipeline %s: %s", uuid, exc)
+        self.give_back()
 
     def _renew(self, uuid: str, token: str, since: float, now: datetime | None = None) -> bool:
         """Renew one lease; False (and the loss told) when it was refused."""

@@ -12,7 +12,7 @@ and creates a new one, so its params are never lost."""
 from __future__ import annotations
 
 from datetime import datetime, timedelta
-from typing import Literal, cast, get_args
+from typing import Any, Literal, cast, get_args
 
 from prorch.model import trace_context
 from prorch.model.attributes import checked as checked_attributes
@@ -121,7 +121,7 @@ def _create_or_find(
         if debounce is not None:
             kept = _debounced(store, definition, params, attributes, found, now + debounce, now)
         else:
-            kept = _live(definition, found, key, if_running)
+            kept = _live(definition, found, key, if_running, context.get("tenant"))
         if kept is not None:
             return kept, False
         group = creation.build_records(
@@ -135,7 +135,7 @@ def _create_or_find(
 
 
 def _live(
-    definition: type[PipelineDefinition], found: list[PipelineRecord], key: str, if_running: IfRunning
+    definition: type[PipelineDefinition], found: list[PipelineRecord], key: str, if_running: IfRunning, tenant: Any
 ) -> PipelineRecord | None:
     """The live pipeline of ``key`` that this create returns (attach), or None to create one. A
     pipeline whose cancel is requested (while a worker held it) will end cancelled: it holds the
@@ -146,7 +146,8 @@ def _live(
     _same_name(definition, live, key)
     if if_running == "error":
         raise KeyRunningError(
-            f"key {key!r} names pipeline {live.name} {live.uuid}, which has not ended ({live.status.value}); "
+            f"key {key!r} names pipeline {live.name} {live.uuid}{creation.other_tenant(live, tenant)}, "
+            f"which has not ended ({live.status.value}); "
             "if_running='error' stores no second one: wait for it to end, or pass if_running='attach' to get it"
         )
     return live

@@ -124,3 +124,40 @@ def mixed_modes_in_lockstep(url: str, me: int, barrier: Any, results: Any, round
             results.put((key, made.uuid, None))
         except Exception as exc:  # reported, not raised: the test says which
             results.put((key, None, f"{type(exc).__name__}: {exc}"))
+
+
+@register_pipeline
+class ConcatPipeline(Pipeline):
+    """Debounced, with a merge that is not idempotent (it concatenates): a merge applied twice for
+    one create shows as an id twice, a lost one as an id missing."""
+
+    name = "ConcatPipeline"
+    steps = [BatchStep]
+    Params = Batch
+
+    @classmethod
+    def merge(cls, old_params: dict[str, Any], new_params: dict[str, Any]) -> dict[str, Any]:
+        return {"ids": [*old_params["ids"], *new_params["ids"]]}
+
+
+def debounce_and_attach_in_lockstep(url: str, me: int, barrier: Any, results: Any, rounds: int) -> None:
+    """In lockstep with the other processes, ``rounds`` times: a debounced create of key "merged"
+    (window an hour: every create merges) and an ``if_running="attach"`` create of key "attached".
+    Reports (key, id, uuid, created, error)."""
+    from datetime import timedelta
+
+    from repositories import from_url
+
+    backend = from_url(url)
+    for round_ in range(rounds):
+        number = me * 1000 + round_
+        barrier.wait(timeout=60)
+        for key in ("merged", "attached"):
+            try:
+                if key == "merged":
+                    made = ConcatPipeline.create(backend, {"ids": [number]}, key=key, debounce=timedelta(hours=1))
+                else:
+                    made = ConcatPipeline.create(backend, {"ids": [me]}, key=key, if_running="attach")
+                results.put((key, number, made.uuid, made.created, None))
+            except Exception as exc:  # reported to the test, which fails on it
+                results.put((key, number, None, None, f"{type(exc).__name__}: {exc}"))

@@ -454,3 +454,40 @@ def test_the_keeper_thread_logs_a_failed_turn_and_goes_on(registry: Registry, ca
             time.sleep(0.02)
     assert len(turns) >= 2
     assert caplog.records[0].getMessage() == "lease keeper: renewing failed, trying again in 0.1s: no clock"
+
+
+def test_a_lease_given_back_after_an_outage_expires_ours_and_leaves_a_taken_over_one_alone(registry: Registry) -> None:
+    """``give_back_later`` then ``give_back``: our stored lease expires at once (claimable by
+    any worker); one taken over meanwhile keeps its new owner; a store still failing keeps the
+    lease for the next call."""
+    backend = MemoryBackend()
+    harness = Harness(backend, registry=registry)
+    mine = harness.create(pipeline_of(quick("A")))
+    taken = harness.create(pipeline_of(quick("B"), name="Q"))
+    store = Store(backend)
+    keeper = LeaseKeeper(store, 30, harness.clock)
+
+    def claim(uuid: str, owner: str) -> PipelineRecord | None:
+        now = harness.clock.now()
+        return store.claim_one(uuid, now, owner, now + timedelta(seconds=30))
+
+    keeper.hold([claim(taken.uuid, "token-1")], time.monotonic())  # type: ignore[list-item]
+    harness.clock.advance(31)  # its lease ran out: another worker takes it over
+    assert claim(taken.uuid, "other") is not None
+    keeper.hold([claim(mine.uuid, "token-2")], time.monotonic())  # type: ignore[list-item]
+    for uuid in (mine.uuid, taken.uuid):
+        keeper.give_back_later(uuid)
+        keeper.drop(uuid)  # the advance ended on the store's error
+    working = store.renew_lease
+
+    def unreachable(*args: Any) -> bool:
+        raise RepositoryError("store unreachable")
+
+    store.renew_lease = unreachable  # type: ignore[method-assign]
+    keeper.give_back()
+    store.renew_lease = working  # type: ignore[method-assign]
+    assert claim(mine.uuid, "next") is None  # still ours: the failed call gave nothing back
+    keeper.give_back()
+    assert claim(mine.uuid, "next") is not None  # within what was its lease: given back
+    assert store.get_pipeline(taken.uuid).lease_owner == "other"  # type: ignore[union-attr]
+    assert keeper._unsettled == {}
