@@ -6,16 +6,19 @@ transition (get, search, insert, full-row update and compare-and-set), this modu
 SQL text (written from the same ``Table`` declarations) and converts values itself, in exactly
 the formats SQLAlchemy's SQLite dialect uses (JSON as text, ``null`` for None; timestamps as
 ``YYYY-MM-DD HH:MM:SS.ffffff`` in UTC; booleans as 0/1), so that rows written by either path
-read back the same through the other. Everything else (migrations, claims) stays in SQLAlchemy.
+read back the same through the other. The claim's statement is SQLAlchemy's, compiled once
+(``DriverStatement``) and run here too, its rows read as ``get``'s are. Everything else
+(migrations, listings, limited claims) stays in SQLAlchemy.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import Table
+from sqlalchemy import ClauseElement, Dialect, Table
+from sqlalchemy.sql.compiler import SQLCompiler
 
 from prorch.model.jsonvalue import dumps, loads
 from prorch.model.records import JSONDict, format_timestamp, to_utc
@@ -103,6 +106,38 @@ class SQLiteFastPath:
     def covers(self, data: JSONDict) -> bool:
         """True when ``data`` sets every column but the key (what the engine always writes)."""
         return self.required <= data.keys()
+
+
+class DriverStatement:
+    """A SQLAlchemy statement compiled once for the driver: its SQL text with ``?`` markers,
+    the constants bound into it (pipeline names and versions, statuses) already converted, and
+    the names of the values given at each run (converted by SQLAlchemy's own bind processors,
+    so that the values are exactly what its path would send)."""
+
+    def __init__(self, statement: ClauseElement, dialect: Dialect, given: Sequence[str]) -> None:
+        compiled = cast(SQLCompiler, statement.compile(dialect=dialect))
+        expanded = compiled.construct_expanded_state(dict.fromkeys(given))
+        self.sql: str = expanded.statement
+        self.names: tuple[str, ...] = tuple(expanded.positiontup or ())
+        processors = dict(expanded.processors)  # the expanded IN lists' only
+        for name, bind in compiled.binds.items():
+            process = bind.type.dialect_impl(dialect).bind_processor(dialect)
+            if process is not None:
+                processors.setdefault(name, process)
+        self.processors = {name: processors[name] for name in given if name in processors}
+        self.constants = {
+            name: processors[name](value) if name in processors else value
+            for name, value in expanded.parameters.items()
+            if name not in self.processors and name not in given
+        }
+
+    def parameters(self, given: JSONDict) -> list[Any]:
+        """The positional values of one run: ``given`` (converted) and the constants."""
+        values = dict(self.constants)
+        for name, value in given.items():
+            convert = self.processors.get(name)
+            values[name] = convert(value) if convert is not None and value is not None else value
+        return [values[name] for name in self.names]
 
 
 def _db_bool(value: Any) -> int | None:
