@@ -13,6 +13,7 @@ read back the same through the other. The claim's statement is SQLAlchemy's, com
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from datetime import datetime
 from typing import Any, cast
@@ -25,8 +26,10 @@ from prorch.model.records import JSONDict, format_timestamp, to_utc
 from repositories.schema import column_kind
 
 
+@functools.lru_cache(maxsize=256)
 def _db_time(value: Any) -> str | None:
-    """A record's timestamp (our fixed-width UTC ISO text) as SQLAlchemy stores it on SQLite."""
+    """A record's timestamp (our fixed-width UTC ISO text) as SQLAlchemy stores it on SQLite.
+    Cached: one transition writes the same few times in several columns and rows."""
     if value is None:
         return None
     if isinstance(value, str) and len(value) == 32 and value.endswith("+00:00"):
@@ -35,9 +38,7 @@ def _db_time(value: Any) -> str | None:
     return moment.strftime("%Y-%m-%d %H:%M:%S.%f")
 
 
-def _record_time(value: str | None) -> str | None:
-    if value is None:
-        return None
+def _record_time(value: str) -> str:
     if len(value) == 26:
         return value[:10] + "T" + value[11:] + "+00:00"
     return format_timestamp(datetime.fromisoformat(value))
@@ -56,6 +57,9 @@ class SQLiteFastPath:
             (name, self.defaults[name], ENCODERS[kind]) for name, kind in zip(self.names, self.kinds, strict=True)
         ]
         self.encoders_without_uuid = [entry for entry in self.encoders if entry[0] != "uuid"]
+        self.decoders = [
+            (name, DECODERS[kind]) for name, kind in zip(self.names, self.kinds, strict=True) if kind in DECODERS
+        ]
         self.required = frozenset(self.names) - {"uuid"}
         quoted = [f'"{name}"' for name in self.names]
         settable = [f'"{name}" = ?' for name in self.names if name != "uuid"]
@@ -91,16 +95,12 @@ class SQLiteFastPath:
         ]
 
     def record(self, values: Sequence[Any]) -> JSONDict:
-        result: JSONDict = {}
-        for name, kind, value in zip(self.names, self.kinds, values, strict=True):
-            if kind == "json":
-                # SQLite gives a JSON column NUMERIC affinity: a scalar such as 7 comes back a number
-                value = loads(value) if isinstance(value, (str, bytes)) else value
-            elif kind == "time":
-                value = _record_time(value)
-            elif kind == "bool" and value is not None:
-                value = bool(value)
-            result[name] = value
+        """A row as the record's data: one converter per column, none for most."""
+        result = dict(zip(self.names, values, strict=True))
+        for name, decode in self.decoders:
+            value = result[name]
+            if value is not None:
+                result[name] = decode(value)
         return result
 
     def covers(self, data: JSONDict) -> bool:
@@ -156,3 +156,12 @@ def db_json(value: Any) -> str | bytes:
 
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 ENCODERS: dict[str, Any] = {"json": db_json, "time": _db_time, "bool": _db_bool, "plain": None}
+
+
+def _record_json(value: Any) -> Any:
+    """SQLite gives a JSON column NUMERIC affinity: a scalar such as 7 comes back a number."""
+    return loads(value) if isinstance(value, (str, bytes)) else value
+
+
+DECODERS: dict[str, Any] = {"json": _record_json, "time": _record_time, "bool": bool}
+"""A stored value (not None) as the record's, per column kind; a plain one as it is."""
