@@ -139,12 +139,14 @@ def changes(record: Record, stored: Snapshot, revision: int) -> tuple[JSONDict, 
     now = snapshot(record, revision)
     data: JSONDict = {}
     for index in itertools.compress(range(len(now)), map(operator.ne, now, stored)):
-        name = names[index]
+        value = now[index]  # a JSON field's is its encoding: its value is read from the record
         if index in times:
-            data[name] = None if now[index] is None else format_timestamp(now[index])
+            data[names[index]] = None if value is None else format_timestamp(value)
+        elif type(value) in _PLAIN:
+            data[names[index]] = value
         else:
-            value = getattr(record, name)
-            data[name] = value if type(value) in _PLAIN else msgspec.to_builtins(value, builtin_types=(datetime,))
+            value = getattr(record, names[index])
+            data[names[index]] = msgspec.to_builtins(value, builtin_types=(datetime,))
     data["revision"] = revision
     return data, now
 
