@@ -18,12 +18,12 @@ from repositories.sql_connections import SQLConnections
 from repositories.sql_limits import LimitedClaim
 from repositories.sql_pauses import not_paused
 
-__all__ = ["SQLClaims"]
+__all__ = ["SQLClaims", "claim_kind"]
 
 T = TypeVar("T")
 
 
-def _kind(kind: str, mark: bool) -> str:
+def claim_kind(kind: str, mark: bool) -> str:
     """A claim statement's cache key: one that marks hooks is another statement."""
     return f"{kind}_marked" if mark else kind
 
@@ -96,16 +96,21 @@ class SQLClaims(ClaimsByRequest):
         if request.limits:
             return self._claim_limited(request)
         runnable, mark = request.runnable, request.mark
-        query = self._statement(_kind("claim", mark), runnable, lambda: (
-            update(self.table)
-            .where(self.table.c.uuid.in_(self.lockable(self._due_query(runnable)).scalar_subquery()))
-            .values(self._lease_values(mark=mark))
-            .returning(*self.table.columns)
-        ))  # fmt: skip
+        query = self._statement(claim_kind("claim", mark), runnable, lambda: self._claim_query(runnable, mark))
         params = {**self._claim_params(request), "_limit": request.limit}
         with self.backend.connect(write=True) as connection:
             rows = connection.execute(query, params).mappings().all()
         return self._by_priority([self._to_record(row) for row in rows])
+
+    def _claim_query(self, runnable: Runnable | None, mark: bool) -> Any:
+        """The unlimited claim: lease the due rows of ``runnable`` in claim order and return
+        them whole; bound: _now, _owner, _until, _limit."""
+        return (
+            update(self.table)
+            .where(self.table.c.uuid.in_(self.lockable(self._due_query(runnable)).scalar_subquery()))
+            .values(self._lease_values(mark=mark))
+            .returning(*self.table.columns)
+        )
 
     def _claim_limited(self, request: ClaimRequest) -> list[JSONDict]:
         """The claim within the limits of pipeline names (``prorch.model.limit_rules``): the unlimited
@@ -115,12 +120,12 @@ class SQLClaims(ClaimsByRequest):
         limit, limits, runnable, mark = request.limit, request.limits, request.runnable, request.mark
         params = self._claim_params(request)
         due = self._due_query(runnable).where(c.name.not_in(bindparam("_limited", expanding=True)))
-        others = self._statement(_kind("claim_others", mark), runnable, lambda: (
+        others = self._statement(claim_kind("claim_others", mark), runnable, lambda: (
             update(self.table).where(c.uuid.in_(self.lockable(due).scalar_subquery()))
             .values(self._lease_values(mark=mark)).returning(*self.table.columns)
         ))  # fmt: skip
         dialect = self.backend.engine.dialect.name
-        limited = self._statement(_kind("limited", mark), runnable, lambda: LimitedClaim(
+        limited = self._statement(claim_kind("limited", mark), runnable, lambda: LimitedClaim(
             self.table, dialect, self._due_query(runnable), self.lockable, self._lease_values(mark=mark)
         ))  # fmt: skip
         rows: list[Any] = []

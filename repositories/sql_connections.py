@@ -182,19 +182,36 @@ class SQLConnections(RepositoryBackend):
                 _reset(connection)
                 raise
 
-    @contextlib.contextmanager
-    def _errors(self) -> Iterator[None]:
+    def _errors(self) -> DriverErrors:
         """Driver errors become RepositoryError, naming the store, with the first line of the
         driver's message only: the rest quotes rows and parameters, which may hold secrets.
         The driver's exception is not chained, so no traceback carries it either."""
-        try:
-            yield
-        except self.unreachable_errors as exc:  # down, locked, lost
-            raise self.unreachable_error(f"{self!r}: {error_summary(exc)}") from None
-        except self.duplicate_errors as exc:  # a uuid inserted twice, at the same time
-            raise DuplicateRecordError(f"{self!r}: {error_summary(exc)}") from None
-        except self.refused_errors as exc:  # the database refused a statement or is not one
-            raise DatabaseRefusedError(f"{self!r}: {error_summary(exc)}") from None
+        return DriverErrors(self)
+
+
+class DriverErrors:
+    """``SQLConnections._errors()``: a class rather than a ``contextlib.contextmanager``
+    generator, which costs several times more to enter and leave, and a transition's every
+    statement passes through one."""
+
+    __slots__ = ("backend",)
+
+    def __init__(self, backend: SQLConnections) -> None:
+        self.backend = backend
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, traceback: Any) -> None:
+        if exc is None:
+            return
+        backend = self.backend
+        if isinstance(exc, backend.unreachable_errors):  # down, locked, lost
+            raise backend.unreachable_error(f"{backend!r}: {error_summary(exc)}") from None
+        if isinstance(exc, backend.duplicate_errors):  # a uuid inserted twice, at the same time
+            raise DuplicateRecordError(f"{backend!r}: {error_summary(exc)}") from None
+        if isinstance(exc, backend.refused_errors):  # the database refused a statement or is not one
+            raise DatabaseRefusedError(f"{backend!r}: {error_summary(exc)}") from None
 
 
 def _reset(connection: Connection) -> bool:

@@ -6,24 +6,30 @@ transition (get, search, insert, full-row update and compare-and-set), this modu
 SQL text (written from the same ``Table`` declarations) and converts values itself, in exactly
 the formats SQLAlchemy's SQLite dialect uses (JSON as text, ``null`` for None; timestamps as
 ``YYYY-MM-DD HH:MM:SS.ffffff`` in UTC; booleans as 0/1), so that rows written by either path
-read back the same through the other. Everything else (migrations, claims) stays in SQLAlchemy.
+read back the same through the other. The claim's statement is SQLAlchemy's, compiled once
+(``DriverStatement``) and run here too, its rows read as ``get``'s are. Everything else
+(migrations, listings, limited claims) stays in SQLAlchemy.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import Table
+from sqlalchemy import ClauseElement, Dialect, Table
+from sqlalchemy.sql.compiler import SQLCompiler
 
 from prorch.model.jsonvalue import dumps, loads
 from prorch.model.records import JSONDict, format_timestamp, to_utc
 from repositories.schema import column_kind
 
 
+@functools.lru_cache(maxsize=256)
 def _db_time(value: Any) -> str | None:
-    """A record's timestamp (our fixed-width UTC ISO text) as SQLAlchemy stores it on SQLite."""
+    """A record's timestamp (our fixed-width UTC ISO text) as SQLAlchemy stores it on SQLite.
+    Cached: one transition writes the same few times in several columns and rows."""
     if value is None:
         return None
     if isinstance(value, str) and len(value) == 32 and value.endswith("+00:00"):
@@ -32,9 +38,7 @@ def _db_time(value: Any) -> str | None:
     return moment.strftime("%Y-%m-%d %H:%M:%S.%f")
 
 
-def _record_time(value: str | None) -> str | None:
-    if value is None:
-        return None
+def _record_time(value: str) -> str:
     if len(value) == 26:
         return value[:10] + "T" + value[11:] + "+00:00"
     return format_timestamp(datetime.fromisoformat(value))
@@ -53,6 +57,9 @@ class SQLiteFastPath:
             (name, self.defaults[name], ENCODERS[kind]) for name, kind in zip(self.names, self.kinds, strict=True)
         ]
         self.encoders_without_uuid = [entry for entry in self.encoders if entry[0] != "uuid"]
+        self.decoders = [
+            (name, DECODERS[kind]) for name, kind in zip(self.names, self.kinds, strict=True) if kind in DECODERS
+        ]
         self.required = frozenset(self.names) - {"uuid"}
         quoted = [f'"{name}"' for name in self.names]
         settable = [f'"{name}" = ?' for name in self.names if name != "uuid"]
@@ -88,21 +95,49 @@ class SQLiteFastPath:
         ]
 
     def record(self, values: Sequence[Any]) -> JSONDict:
-        result: JSONDict = {}
-        for name, kind, value in zip(self.names, self.kinds, values, strict=True):
-            if kind == "json":
-                # SQLite gives a JSON column NUMERIC affinity: a scalar such as 7 comes back a number
-                value = loads(value) if isinstance(value, (str, bytes)) else value
-            elif kind == "time":
-                value = _record_time(value)
-            elif kind == "bool" and value is not None:
-                value = bool(value)
-            result[name] = value
+        """A row as the record's data: one converter per column, none for most."""
+        result = dict(zip(self.names, values, strict=True))
+        for name, decode in self.decoders:
+            value = result[name]
+            if value is not None:
+                result[name] = decode(value)
         return result
 
     def covers(self, data: JSONDict) -> bool:
         """True when ``data`` sets every column but the key (what the engine always writes)."""
         return self.required <= data.keys()
+
+
+class DriverStatement:
+    """A SQLAlchemy statement compiled once for the driver: its SQL text with ``?`` markers,
+    the constants bound into it (pipeline names and versions, statuses) already converted, and
+    the names of the values given at each run (converted by SQLAlchemy's own bind processors,
+    so that the values are exactly what its path would send)."""
+
+    def __init__(self, statement: ClauseElement, dialect: Dialect, given: Sequence[str]) -> None:
+        compiled = cast(SQLCompiler, statement.compile(dialect=dialect))
+        expanded = compiled.construct_expanded_state(dict.fromkeys(given))
+        self.sql: str = expanded.statement
+        self.names: tuple[str, ...] = tuple(expanded.positiontup or ())
+        processors = dict(expanded.processors)  # the expanded IN lists' only
+        for name, bind in compiled.binds.items():
+            process = bind.type.dialect_impl(dialect).bind_processor(dialect)
+            if process is not None:
+                processors.setdefault(name, process)
+        self.processors = {name: processors[name] for name in given if name in processors}
+        self.constants = {
+            name: processors[name](value) if name in processors else value
+            for name, value in expanded.parameters.items()
+            if name not in self.processors and name not in given
+        }
+
+    def parameters(self, given: JSONDict) -> list[Any]:
+        """The positional values of one run: ``given`` (converted) and the constants."""
+        values = dict(self.constants)
+        for name, value in given.items():
+            convert = self.processors.get(name)
+            values[name] = convert(value) if convert is not None and value is not None else value
+        return [values[name] for name in self.names]
 
 
 def _db_bool(value: Any) -> int | None:
@@ -121,3 +156,12 @@ def db_json(value: Any) -> str | bytes:
 
 _INT64_MIN, _INT64_MAX = -(2**63), 2**63 - 1
 ENCODERS: dict[str, Any] = {"json": db_json, "time": _db_time, "bool": _db_bool, "plain": None}
+
+
+def _record_json(value: Any) -> Any:
+    """SQLite gives a JSON column NUMERIC affinity: a scalar such as 7 comes back a number."""
+    return loads(value) if isinstance(value, (str, bytes)) else value
+
+
+DECODERS: dict[str, Any] = {"json": _record_json, "time": _record_time, "bool": bool}
+"""A stored value (not None) as the record's, per column kind; a plain one as it is."""

@@ -15,10 +15,12 @@ from sqlalchemy import create_engine, delete, event, func, insert, select, text,
 
 from prorch.model.due import ClaimRequest
 from prorch.model.limit_rules import ClaimLimit, Fairness, RateLimit
-from prorch.model.records import new_uuid
+from prorch.model.records import Metadata, new_uuid
 from prorch.storage.store import Store
 from repositories import from_url
+from repositories import sqlite as sqlite_dialect
 from repositories.schema import pipelines, rate_limit_starts
+from repositories.sql_claim import SQLClaims
 from tests.integration.conftest import make_backend
 
 NOW = datetime(2030, 1, 1, 12, 0, tzinfo=timezone.utc)
@@ -77,6 +79,15 @@ class Plans:
     def __init__(self, backend: Any, marker: str = "ORDER BY") -> None:
         self.backend, self.plans, self.marker = backend, [], marker
         event.listen(backend.engine, "before_cursor_execute", self.explain)
+        # SQLite's plain claim runs on the driver's connection, past SQLAlchemy's events
+        self.driven = sqlite_dialect._execute_rows
+
+        def explained(on: Any, sql: str, parameters: list[Any]) -> list[Any]:
+            driver = on.current_connection().connection.driver_connection
+            self.explain(None, driver.cursor(), sql, parameters, None, False)
+            return self.driven(on, sql, parameters)
+
+        sqlite_dialect._execute_rows = explained
 
     def explain(self, connection: Any, cursor: Any, statement: str, params: Any, context: Any, many: bool) -> None:
         if "FROM pipelines" not in statement or self.marker not in statement:
@@ -90,6 +101,7 @@ class Plans:
 
     def close(self) -> None:
         event.remove(self.backend.engine, "before_cursor_execute", self.explain)
+        sqlite_dialect._execute_rows = self.driven
 
 
 CLAIMS = {
@@ -467,3 +479,41 @@ def test_a_rate_limit_prunes_only_its_own_names_starts(sql: Any) -> None:
     later = NOW + timedelta(minutes=2)
     assert len(claim(store, "w2", 10, {"A": limits["A"]}, at=later, runnable=frozenset({("A", 1)}))) == 1
     assert claim(store, "w3", 10, {"B": limits["B"]}, at=later, runnable=frozenset({("B", 1)})) == []
+
+
+@pytest.mark.parametrize("mark", [False, True], ids=["plain", "marking"])
+@pytest.mark.parametrize("runnable", [RUNNABLE, None], ids=["runnable", "any class"])
+def test_sqlite_s_claim_on_the_driver_takes_and_reads_what_sqlalchemy_s_path_does(
+    tmp_path: Any, mark: bool, runnable: Any
+) -> None:
+    """#28 item 5: SQLite's plain claim runs SQLAlchemy's statement, compiled once, on the
+    driver's connection, and reads its rows as ``get`` does. Two stores with the same rows
+    (every column set, JSON, times, flags; due, future, leased, a crash suspect): the same
+    claim on each, one per path, leases the same rows and returns the same records."""
+    rows = [
+        row("A", priority=2, minutes=-3, params={"n": 1, "big": 2**70, "deep": [{"x": None}]}, context={"tenant": "t"},
+            metadata={"current_step": "s"}, attributes={"k": "v"}, trace={"traceparent": "00-1-2-01"}, key="k1",
+            last_error={"type": "E", "message": "m", "traceback": None, "hook": "on_start"}, crashes=1,
+            hook_started_at=NOW - timedelta(seconds=3), hook_shared=True, cancel_requested=True),
+        row("B", minutes=-2, concurrency_key='"x"', parent_uuid=new_uuid()),
+        row("C", minutes=-1, lease_owner="other", lease_expires_at=NOW - timedelta(seconds=1)),
+        row("A", minutes=-1, lease_owner="other", lease_expires_at=NOW + timedelta(seconds=1)),
+        row("B", minutes=1),
+        row("D", minutes=-5),
+        row("C", minutes=0),  # due exactly now: the bound time's text must be the stored times' format
+    ]  # fmt: skip
+    columns = {key for r in rows for key in r}
+    claimed = []
+    for name, path in (("driver", sqlite_dialect.SQLiteRepository.claim), ("sqlalchemy", SQLClaims.claim)):
+        backend = from_url(f"sqlite:///{tmp_path / name}.db")
+        fill(backend, [{**dict.fromkeys(columns), **r} for r in rows])  # one insert: every row every column
+        repository = backend(Metadata.PIPELINES_MODEL)
+        taken = path(repository, ClaimRequest(NOW, "w", UNTIL, 10, {}, runnable, mark))
+        with sqlite3.connect(tmp_path / f"{name}.db") as raw:  # the text stored, as both paths write it
+            stored = raw.execute("SELECT * FROM pipelines ORDER BY uuid").fetchall()
+        claimed.append((taken, stored))
+        backend.dispose()
+    (driver, driver_stored), (sqlalchemy, sqlalchemy_stored) = claimed
+    assert [r["name"] for r in driver] == (["A", "B", "C", "C"] if runnable else ["A", "D", "B", "C", "C"])
+    assert driver == sqlalchemy
+    assert driver_stored == sqlalchemy_stored
