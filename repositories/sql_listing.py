@@ -5,6 +5,7 @@ field, the tenant in context) are compared by JSON type as well as value, so tha
 
 from __future__ import annotations
 
+import functools
 import json
 from collections import Counter
 from datetime import datetime
@@ -12,6 +13,7 @@ from typing import Any
 
 from sqlalchemy import (
     ColumnElement,
+    CompoundSelect,
     Connection,
     Integer,
     Select,
@@ -187,7 +189,7 @@ def group_counts(table: Table, connection: Connection) -> list[GroupCount]:
     the largest group is not walked when a sample of the table names it: it is the table's
     ``count(*)`` (which SQLite answers from its pages' cell counts, not entry by entry) minus the
     other groups, counted in the index's ranges around it, all in one statement (one snapshot).
-    Over a million pipelines mostly in one group, that is 7x less CPU than a GROUP BY."""
+    Over a million pipelines in one group: a fifth of the GROUP BY's CPU (docs/benchmarks.md)."""
     if connection.dialect.name == "sqlite":
         largest = largest_group(table, connection)
         if largest is not None:
@@ -201,14 +203,7 @@ def largest_group(table: Table, connection: Connection) -> tuple[str, str, int] 
     """The (status, name, version) of most of ``SAMPLES`` pipelines read at points spread over
     the uuid range (uuids are random: a sample of the table), if it holds a quarter of them;
     None otherwise (no group is large enough for leaving it out to pay for the total count)."""
-    c = table.c
-    points = [
-        select(c.status, c.name, c.version).where(c.uuid >= f"{i * 256 // SAMPLES:02x}").order_by(c.uuid).limit(1)
-        for i in range(SAMPLES)
-    ]
-    found = Counter(
-        (str(s), str(n), int(v)) for s, n, v in connection.execute(union_all(*(select(p.subquery()) for p in points)))
-    )
+    found = Counter((str(s), str(n), int(v)) for s, n, v in connection.execute(sample_statement(table)))
     if not found:
         return None
     group, seen = found.most_common(1)[0]
@@ -218,8 +213,40 @@ def largest_group(table: Table, connection: Connection) -> tuple[str, str, int] 
 def counts_around(table: Table, connection: Connection, largest: tuple[str, str, int]) -> list[GroupCount]:
     """Pipelines by (status, name, version): the groups in the index's ranges before and after
     ``largest`` grouped, and ``largest`` as the total minus theirs (left out when none is left)."""
-    c = table.c
     status, name, version = largest
+    rows = connection.execute(around_statement(table), {"status": status, "name": name, "version": version})
+    others: list[GroupCount] = []
+    everything = 0
+    for s, n, v, k in rows:
+        if s is None:  # the total's row (status is never NULL)
+            everything = int(k)
+        else:
+            others.append((str(s), str(n), int(v), int(k)))
+    left = everything - sum(k for *_, k in others)
+    return sorted(others + ([(status, name, version, left)] if left > 0 else []))
+
+
+@functools.cache
+def sample_statement(table: Table) -> CompoundSelect[Any]:
+    """(status, name, version) of the first pipeline at or after each of ``SAMPLES`` points
+    spread over the uuid range: a seek of the primary key each (built once per table)."""
+    c = table.c
+    points = [
+        select(c.status, c.name, c.version).where(c.uuid >= f"{i * 256 // SAMPLES:02x}").order_by(c.uuid).limit(1)
+        for i in range(SAMPLES)
+    ]
+    return union_all(*(select(point.subquery()) for point in points))
+
+
+@functools.cache
+def around_statement(table: Table) -> CompoundSelect[Any]:
+    """The groups in the six ranges of the (status, name, version) index before and after the
+    group ``:status, :name, :version``, and the table's ``count(*)`` as a row of NULLs and the
+    total (on SQLite from page cell counts: a whole table's count, alone in its subquery)."""
+    c = table.c
+    columns = (c.status, c.name, c.version)
+    status, name = bindparam("status", type_=c.status.type), bindparam("name", type_=c.name.type)
+    version = bindparam("version", type_=c.version.type)
     ranges = [
         c.status < status,
         and_(c.status == status, c.name < name),
@@ -228,21 +255,11 @@ def counts_around(table: Table, connection: Connection, largest: tuple[str, str,
         and_(c.status == status, c.name > name),
         c.status > status,
     ]
-    columns = (c.status, c.name, c.version)
-    total = select(func.count()).select_from(table).scalar_subquery()  # SQLite: from page cell counts
-    statement = union_all(
+    total = select(func.count()).select_from(table).scalar_subquery()
+    return union_all(
         *(select(*columns, func.count()).where(part).group_by(*columns) for part in ranges),
         select(null(), null(), null(), total),
     )
-    others: list[GroupCount] = []
-    everything = 0
-    for s, n, v, k in connection.execute(statement):
-        if s is None:  # the total's row (status is never NULL)
-            everything = int(k)
-        else:
-            others.append((str(s), str(n), int(v), int(k)))
-    left = everything - sum(k for *_, k in others)
-    return sorted(others + ([(status, name, version, left)] if left > 0 else []))
 
 
 def version_groups(table: Table, connection: Connection) -> list[VersionGroup]:
