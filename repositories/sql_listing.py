@@ -5,12 +5,15 @@ field, the tenant in context) are compared by JSON type as well as value, so tha
 
 from __future__ import annotations
 
+import functools
 import json
+from collections import Counter
 from datetime import datetime
 from typing import Any
 
 from sqlalchemy import (
     ColumnElement,
+    CompoundSelect,
     Connection,
     Integer,
     Select,
@@ -21,10 +24,12 @@ from sqlalchemy import (
     func,
     literal,
     not_,
+    null,
     or_,
     select,
     text,
     type_coerce,
+    union_all,
 )
 from sqlalchemy.dialects.postgresql import JSONB
 
@@ -35,6 +40,10 @@ from repositories.schema import ENDED, ENDED_AT, pipeline_attributes
 from repositories.sql_pauses import not_paused
 
 ENDED_STATUSES = frozenset({"finished", "failed", "cancelled"})
+SAMPLES = 32
+"""Pipelines read to guess the largest (status, name, version) group of the overview's counts."""
+GroupCount = tuple[str, str, int, int]
+"""(status, name, version, pipelines)."""
 JSON_TYPES_SQLITE: dict[type, tuple[str, ...]] = {int: ("integer",), float: ("real", "integer")}
 
 
@@ -150,9 +159,7 @@ def stats(table: Table, connection: Connection, now: datetime, ended_since: date
     index, running and due pipelines from the due index, the last hour from the partial index
     of ended pipelines."""
     c = table.c
-    counts = connection.execute(
-        select(c.status, c.name, c.version, func.count()).group_by(c.status, c.name, c.version)
-    ).all()
+    counts = group_counts(table, connection)
     # running = leased among the due ones: a worker claims only due pipelines, so this reads the
     # due index's range, not every pending row (a million waiting ones cost nothing here)
     leased = c.lease_expires_at > now
@@ -168,12 +175,90 @@ def stats(table: Table, connection: Connection, now: datetime, ended_since: date
     quarantined = connection.execute(select(func.count()).where(c.status == "failed", crashed)).scalar_one()
     ended = connection.execute(ended_query(table, connection.dialect.name), {"since": ended_since}).all()
     return PipelineStats(
-        counts=[(str(s), str(n), int(v), int(k)) for s, n, v, k in counts],
+        counts=counts,
         running=int(pending[0] or 0),
         due=int(pending[1] or 0),
         quarantined=int(quarantined or 0),
         oldest_due=to_utc(pending[2]) if pending[2] is not None else None,
         ended=[(str(status), to_utc(at)) for status, at in ended if at is not None],
+    )
+
+
+def group_counts(table: Table, connection: Connection) -> list[GroupCount]:
+    """Pipelines by (status, name, version), in that order, from the covering index. On SQLite
+    the largest group is not walked when a sample of the table names it: it is the table's
+    ``count(*)`` (which SQLite answers from its pages' cell counts, not entry by entry) minus the
+    other groups, counted in the index's ranges around it, all in one statement (one snapshot).
+    Over a million pipelines in one group: a fifth of the GROUP BY's CPU (docs/benchmarks.md)."""
+    if connection.dialect.name == "sqlite":
+        largest = largest_group(table, connection)
+        if largest is not None:
+            return counts_around(table, connection, largest)
+    c = table.c
+    rows = connection.execute(select(c.status, c.name, c.version, func.count()).group_by(c.status, c.name, c.version))
+    return sorted((str(s), str(n), int(v), int(k)) for s, n, v, k in rows)
+
+
+def largest_group(table: Table, connection: Connection) -> tuple[str, str, int] | None:
+    """The (status, name, version) of most of ``SAMPLES`` pipelines read at points spread over
+    the uuid range (uuids are random: a sample of the table), if it holds a quarter of them;
+    None otherwise (no group is large enough for leaving it out to pay for the total count)."""
+    found = Counter((str(s), str(n), int(v)) for s, n, v in connection.execute(sample_statement(table)))
+    if not found:
+        return None
+    group, seen = found.most_common(1)[0]
+    return group if seen >= SAMPLES // 4 else None
+
+
+def counts_around(table: Table, connection: Connection, largest: tuple[str, str, int]) -> list[GroupCount]:
+    """Pipelines by (status, name, version): the groups in the index's ranges before and after
+    ``largest`` grouped, and ``largest`` as the total minus theirs (left out when none is left)."""
+    status, name, version = largest
+    rows = connection.execute(around_statement(table), {"status": status, "name": name, "version": version})
+    others: list[GroupCount] = []
+    everything = 0
+    for s, n, v, k in rows:
+        if s is None:  # the total's row (status is never NULL)
+            everything = int(k)
+        else:
+            others.append((str(s), str(n), int(v), int(k)))
+    left = everything - sum(k for *_, k in others)
+    return sorted(others + ([(status, name, version, left)] if left > 0 else []))
+
+
+@functools.cache
+def sample_statement(table: Table) -> CompoundSelect[Any]:
+    """(status, name, version) of the first pipeline at or after each of ``SAMPLES`` points
+    spread over the uuid range: a seek of the primary key each (built once per table)."""
+    c = table.c
+    points = [
+        select(c.status, c.name, c.version).where(c.uuid >= f"{i * 256 // SAMPLES:02x}").order_by(c.uuid).limit(1)
+        for i in range(SAMPLES)
+    ]
+    return union_all(*(select(point.subquery()) for point in points))
+
+
+@functools.cache
+def around_statement(table: Table) -> CompoundSelect[Any]:
+    """The groups in the six ranges of the (status, name, version) index before and after the
+    group ``:status, :name, :version``, and the table's ``count(*)`` as a row of NULLs and the
+    total (on SQLite from page cell counts: a whole table's count, alone in its subquery)."""
+    c = table.c
+    columns = (c.status, c.name, c.version)
+    status, name = bindparam("status", type_=c.status.type), bindparam("name", type_=c.name.type)
+    version = bindparam("version", type_=c.version.type)
+    ranges = [
+        c.status < status,
+        and_(c.status == status, c.name < name),
+        and_(c.status == status, c.name == name, c.version < version),
+        and_(c.status == status, c.name == name, c.version > version),
+        and_(c.status == status, c.name > name),
+        c.status > status,
+    ]
+    total = select(func.count()).select_from(table).scalar_subquery()
+    return union_all(
+        *(select(*columns, func.count()).where(part).group_by(*columns) for part in ranges),
+        select(null(), null(), null(), total),
     )
 
 

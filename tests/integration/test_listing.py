@@ -9,12 +9,15 @@ import sqlite3
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
+from uuid import uuid4
 
 import pytest
+from sqlalchemy import event, insert
 
 from prorch import FakeClock, InvalidParamsError, Orchestrator, PipelineNotFoundError, StepUsageError
 from prorch.model.registry import Registry
 from prorch.storage.store import store_for
+from repositories import sql_listing
 from repositories.schema import TABLES
 from repositories.sql_listing import ended_query
 from tests.integration.conftest import make_backend
@@ -190,4 +193,93 @@ def test_sqlite_overview_counts_read_indexes_only(tmp_path: Path, registry: Regi
     for index, query in plans.items():
         plan = " ".join(row[3] for row in connection.execute("EXPLAIN QUERY PLAN " + query))
         assert index in plan and "SCAN pipelines\\b" not in plan, (index, plan)
+    backend.dispose()
+
+
+GROUPS = {  # (status, name, version): pipelines; the largest has groups on each side in every column
+    ("cancelled", "M", 2): 3,
+    ("failed", "M", 2): 1,
+    ("finished", "A", 1): 2,
+    ("finished", "M", 1): 4,
+    ("finished", "M", 2): 200,
+    ("finished", "M", 3): 5,
+    ("finished", "Z", 1): 6,
+    ("pending", "M", 2): 7,
+}
+
+
+def grouped(backend: Any) -> None:
+    """GROUPS as pipeline rows, written straight to the table (only the counted columns matter)."""
+    rows = [
+        {"uuid": str(uuid4()), "status": s, "name": n, "version": v, "params": {}, "context": {}, "metadata": {}}
+        for (s, n, v), count in GROUPS.items()
+        for _ in range(count)
+    ]
+    with backend.engine.begin() as connection:
+        connection.execute(insert(TABLES["PIPELINE"]), rows)
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
+def test_overview_group_counts_around_the_largest(kind: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    """The overview's counts by (status, name, version) on SQL stores: the largest group, which
+    SQLite derives from the table's total instead of walking it, and every other group, counted
+    in the ranges around it, whichever group is taken as the largest (even one not stored)."""
+    backend = make_backend(kind, tmp_path, request)
+    grouped(backend)
+    expected = sorted((*group, count) for group, count in GROUPS.items())
+    stats = backend.pipeline_stats(START, START - timedelta(hours=1))
+    assert stats.counts == expected
+    table = TABLES["PIPELINE"]
+    with backend.engine.connect() as connection:
+        assert sql_listing.largest_group(table, connection) == ("finished", "M", 2)  # 200 of 228: 88% of a sample
+        for guess in [*GROUPS, ("finished", "N", 1), ("aborted", "A", 1), ("waiting", "Z", 9)]:
+            assert sql_listing.counts_around(table, connection, guess) == expected, guess
+    backend.dispose()
+
+
+def test_overview_group_counts_without_a_large_group(tmp_path: Path) -> None:
+    """When no group holds a quarter of the sample (50 groups of 2 here), SQLite counts with one
+    GROUP BY (leaving out a small group would not pay for the total's count); the same counts."""
+    backend = make_backend("sqlite", tmp_path, None)  # type: ignore[arg-type]
+    rows = [
+        {"uuid": str(uuid4()), "status": "pending", "name": f"N{i % 50:02}", "version": 1, "params": {}, "context": {},
+         "metadata": {}}
+        for i in range(100)
+    ]  # fmt: skip
+    with backend.engine.begin() as connection:
+        connection.execute(insert(TABLES["PIPELINE"]), rows)
+    with backend.engine.connect() as connection:
+        assert sql_listing.largest_group(TABLES["PIPELINE"], connection) is None
+    stats = backend.pipeline_stats(START, START - timedelta(hours=1))
+    assert stats.counts == [("pending", f"N{i:02}", 1, 2) for i in range(50)]
+    backend.dispose()
+
+
+def test_sqlite_overview_group_counts_plans(tmp_path: Path) -> None:
+    """The statements the overview's group counts run on SQLite, as they run: the sample seeks
+    the primary key; the groups around the largest are ranges of the covering (status, name,
+    version) index; the total is SQLite's count of a whole table (the ``Count`` opcode, which adds
+    up the cells of an index's pages instead of stepping through its entries)."""
+    backend = make_backend("sqlite", tmp_path, None)  # type: ignore[arg-type]
+    grouped(backend)
+    statements: list[tuple[str, Any]] = []
+
+    def record(conn: Any, cursor: Any, statement: str, parameters: Any, context: Any, many: bool) -> None:
+        statements.append((statement, parameters))
+
+    event.listen(backend.engine, "before_cursor_execute", record)
+    backend.pipeline_stats(START, START - timedelta(hours=1))
+    event.remove(backend.engine, "before_cursor_execute", record)
+    sample, around = statements[0], statements[1]
+    connection = sqlite3.connect(tmp_path / "prorch.db")
+    plan = [row[3] for row in connection.execute("EXPLAIN QUERY PLAN " + sample[0], sample[1])]
+    searches = [step for step in plan if step.startswith(("SEARCH", "SCAN pipelines"))]
+    assert len(searches) == sql_listing.SAMPLES and all("(uuid>?)" in step for step in searches), plan
+    plan = [row[3] for row in connection.execute("EXPLAIN QUERY PLAN " + around[0], around[1])]
+    ranges = [step for step in plan if step.startswith("SEARCH")]
+    assert len(ranges) == 6 and all("COVERING INDEX ix_pipelines_status_name" in step for step in ranges), plan
+    scans = [step for step in plan if step.startswith("SCAN pipelines")]
+    assert len(scans) == 1 and "COVERING INDEX" in scans[0], plan  # the total's
+    opcodes = [row[1] for row in connection.execute("EXPLAIN " + around[0], around[1])]
+    assert opcodes.count("Count") == 1 and opcodes.count("AggStep") >= 6, opcodes
     backend.dispose()
