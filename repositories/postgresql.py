@@ -24,12 +24,26 @@ from repositories.schema import TABLES
 from repositories.sql import DatabaseRefusedError, SQLBackend, SQLRepository
 
 NOTIFY = text("SELECT pg_notify(:channel, '')")
-KEY_LOCK = text("SELECT pg_advisory_xact_lock(hashtextextended(:key, 0))")
+KEY_LOCK_SPACE = 7270713
+"""The first half of a creation key's advisory lock (the two-int form, apart from the others)."""
+KEY_LOCK_BUCKETS = 1024
+"""Creation keys share this many advisory locks (a power of two): a keyed ``create_many`` of any
+size holds at most this many, where one lock per key ran PostgreSQL's shared lock table out
+(about 64 x (max_connections + workers) entries) at some 12,000 keys. Two keys of one bucket
+only take turns; a batch of thousands of keys holds nearly every bucket."""
+
+
+def key_bucket(key: str) -> str:
+    """SQL for the bucket of the text ``key`` (an expression): its 64-bit hash's low bits."""
+    return f"CAST(hashtextextended({key}, 0) & {KEY_LOCK_BUCKETS - 1} AS integer)"
+
+
+KEY_LOCK = text(f"SELECT pg_advisory_xact_lock({KEY_LOCK_SPACE}, {key_bucket('CAST(:key AS text)')})")
 KEY_LOCKS = text(
-    "SELECT count(pg_advisory_xact_lock(lock_id)) FROM (SELECT DISTINCT hashtextextended(k, 0) AS lock_id "
-    "FROM unnest(CAST(:keys AS text[])) AS k ORDER BY lock_id) AS ordered"
+    f"SELECT count(pg_advisory_xact_lock({KEY_LOCK_SPACE}, bucket)) FROM (SELECT DISTINCT {key_bucket('k')} "
+    "AS bucket FROM unnest(CAST(:keys AS text[])) AS k ORDER BY bucket) AS ordered"
 )
-"""``lock_key`` for many keys in one statement, in the order of their lock ids (every caller's)."""
+"""``lock_key`` for many keys in one statement, each bucket once, in bucket order (every caller's)."""
 SCHEMA_LOCK = 7270712
 """The advisory lock key of schema upgrades ('prorch')."""
 
@@ -92,8 +106,8 @@ class PostgreSQLBackend(SQLBackend):
         connection.execute(text("SELECT pg_advisory_xact_lock(hashtext(:key))"), {"key": f"prorch:limit:{name}"})
 
     def lock_key(self, key: str) -> None:
-        """A transaction-scoped advisory lock per creation key (64-bit hash): two processes
-        creating with one key take turns between the look-up and the insert or update."""
+        """A transaction-scoped advisory lock on the creation key's bucket (``KEY_LOCK_BUCKETS``):
+        two processes creating with one key take turns between the look-up and the insert or update."""
         connection = self.current_connection()
         if connection is not None:
             connection.execute(KEY_LOCK, {"key": f"prorch:key:{key}"})

@@ -257,7 +257,8 @@ class Backend(Protocol):
         """Inside ``transaction()``: other transactions locking ``key`` wait until this one ends,
         so that a create by key (look up, then insert or update) runs one at a time per key in
         every process. Nothing to do where a transaction already holds the store's only write
-        lock (SQLite, TinyDB, memory); an advisory lock on PostgreSQL."""
+        lock (SQLite, TinyDB, memory); an advisory lock on the key's bucket on PostgreSQL (a
+        bounded number: a batch of any size holds at most ``KEY_LOCK_BUCKETS``)."""
         ...
 
     def lock_keys(self, keys: Sequence[str]) -> None:

@@ -11,9 +11,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy import create_engine, text
 
 from prorch import ConfigurationError, KeyConflictError, Orchestrator
 from prorch.model.keys import uuid_for_key
+from prorch.storage.store import Store
+from repositories import from_url
+from repositories.postgresql import KEY_LOCK_BUCKETS
 from tests.integration.key_race import KeyRacePipeline, create_in_lockstep
 
 PRORCH = str(Path(sys.executable).parent / "prorch")
@@ -125,3 +129,40 @@ def test_a_key_is_kept_as_long_as_its_pipeline(backend: Any) -> None:
     after = KeyRacePipeline.create(backend, {"order": 1}, key="order-1", clock=clock)
     assert (after.created, after.uuid) == (True, first.uuid)  # purged: the key creates a new pipeline
     assert orchestrator.get(after.uuid).pipeline.status.value == "pending"
+
+
+def advisory_locks(url: str) -> int:
+    """The advisory locks held in the server's lock table now, seen from a connection of its own."""
+    engine = create_engine(url.replace("postgresql://", "postgresql+psycopg://"))
+    try:
+        with engine.connect() as connection:
+            return int(connection.execute(text("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'")).scalar())
+    finally:
+        engine.dispose()
+
+
+@pytest.mark.slow
+def test_a_keyed_create_many_holds_a_bounded_number_of_locks_on_postgresql(postgres_url: str) -> None:
+    """Regression: a keyed ``create_many`` took one advisory lock per key in its transaction, and
+    PostgreSQL's shared lock table (max_locks_per_transaction x connections: some 12,800 entries
+    on the fixture server, max_connections 100) ran out: 20,000 keys failed with "out of shared
+    memory". Creation keys now lock a bounded set of buckets, released with the transaction."""
+    backend = from_url(postgres_url)
+    store = Store(backend)
+    with store.transaction():  # the locks of a 20,000-key batch, without storing 20,000 pipelines
+        store.lock_keys([f"order-{n}" for n in range(20_000)])
+        assert advisory_locks(postgres_url) == KEY_LOCK_BUCKETS  # each bucket once
+    keys = [f"order-{n}" for n in range(1500)]
+    with store.transaction():  # a batch's own transaction, held open to count its locks
+        made = KeyRacePipeline.create_many(backend, [{"order": n} for n in range(len(keys))], keys=keys)
+        held = advisory_locks(postgres_url)
+    assert 0 < held <= KEY_LOCK_BUCKETS < len(keys)
+    assert advisory_locks(postgres_url) == 0
+    assert all(p.created for p in made) and len({p.uuid for p in made}) == len(keys)
+    assert Orchestrator(backend).query(name="KeyRacePipeline", limit=1, count=True).total == len(keys)
+    again = KeyRacePipeline.create_many(backend, [{"order": n} for n in range(100)], keys=keys[:100])
+    assert not any(p.created for p in again)  # the keys still name their pipelines
+    with store.transaction():  # a create_many without keys takes no key lock
+        plain = KeyRacePipeline.create_many(backend, [{"order": n} for n in range(1000)])
+        assert advisory_locks(postgres_url) == 0
+    assert len({p.uuid for p in plain}) == 1000
