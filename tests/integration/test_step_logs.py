@@ -315,3 +315,22 @@ def test_on_cancel_and_on_timeout_lines_are_stored_under_their_step(
         (2, None, ["start 2"]),
         (2, "on_cancel", ["cancelled"]),
     ]
+
+
+def test_a_rollback_hooks_logging_records_are_captured_when_asked(tmp_path: Path, registry: Registry) -> None:
+    """With ``capture_logging``, ``on_rollback``'s ``logging`` records join its own lines, once."""
+
+    def refund(self: Any) -> None:
+        logging.getLogger("app.bank").warning("refund sent")
+        self.log.info("own line")
+
+    charge = step_of("Charge", lambda self: self.finish(), on_rollback=refund)
+    ship = step_of("Ship", lambda self: (_ for _ in ()).throw(RuntimeError("no stock")))
+    url = f"sqlite:///{tmp_path / 'capture.db'}"
+    uuid = pipeline_of(charge, ship, name="Order").create(url, {}).uuid
+    orchestrator = Orchestrator(url, registry=registry, capture_logging=True)
+    orchestrator.execute_pipelines()
+    charged = orchestrator.get(uuid).steps[0]
+    assert [(e.get("hook"), [m for _, _, m in e["lines"]]) for e in charged.logs] == [
+        ("on_rollback", ["app.bank: refund sent", "own line"])
+    ]
