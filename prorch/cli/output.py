@@ -169,11 +169,13 @@ def _print_step(
 
 def log_lines(logs: list[dict[str, Any]] | None) -> list[str]:
     """A step's logs as ``prorch show --logs`` prints them: attempt by attempt, its lines, then
-    how many were dropped past the cap, and whether an operator's retry followed."""
+    how many were dropped past the cap, and whether an operator's retry followed; the lines of
+    ``on_rollback``, ``on_cancel`` and ``on_timeout`` name their hook."""
     printed: list[str] = []
     for entry in logs or []:
         retried = " (then retried by an operator)" if entry.get("retried") else ""
-        printed.append(f"logs of attempt {entry.get('attempt')}{retried}:")
+        hook = f"{entry['hook']}, " if entry.get("hook") else ""
+        printed.append(f"logs of {hook}attempt {entry.get('attempt')}{retried}:")
         for at, level, message in entry.get("lines", []):
             printed.append(f"  {at[11:23]} {level:<7} {message}")
         if entry.get("dropped"):

@@ -22,8 +22,8 @@ from prorch.storage import forking
 from prorch.storage.listing import parse_age
 from prorch.storage.outside import NO_PAYLOAD
 
-ACTIONS = ("cancel", "retry", "rerun", "send", "pause", "pause-class", "resume")
-CONFIRMED = ("cancel", "retry", "rerun", "pause", "pause-class", "resume")
+ACTIONS = ("cancel", "retry", "rerun", "send", "pause", "pause-class", "pause-tenant", "resume")
+CONFIRMED = ("cancel", "retry", "rerun", "pause", "pause-class", "pause-tenant", "resume")
 """The actions the pages ask to confirm (a message is sent at once)."""
 YES = ("1", "on", "yes", "true")
 NO = ("", "0", "off", "no", "false")
@@ -55,6 +55,10 @@ def act(orchestrator: Orchestrator, uuid: str, action: str, fields: Mapping[str,
         name = orchestrator.get(uuid).pipeline.name
         orchestrator.pause(name=name, actor=actor, reason=reason)
         return Done(f"paused class {name}", uuid)
+    if action == "pause-tenant":
+        tenant = tenant_of(orchestrator, uuid)
+        orchestrator.pause(tenant=tenant, actor=actor, reason=reason)
+        return Done(f"paused tenant {tenant}", uuid)
     if action == "resume":
         return Done(f"resumed {resume_holding(orchestrator, uuid, actor, reason).label()}", uuid)
     if action == "rerun":
@@ -62,6 +66,14 @@ def act(orchestrator: Orchestrator, uuid: str, action: str, fields: Mapping[str,
         new = orchestrator.rerun(uuid, step, params, cancel_original=cancel_original, actor=actor, reason=reason)
         return Done(f"rerun of {uuid} from {step}", new.pipeline.uuid)
     return send(orchestrator, uuid, fields)
+
+
+def tenant_of(orchestrator: Orchestrator, uuid: str) -> str:
+    """The tenant of pipeline ``uuid``, as text (a tenant's pause matches it as text)."""
+    tenant = orchestrator.get(uuid).pipeline.context.get("tenant")
+    if tenant is None or tenant == "":
+        raise InvalidStateError(f"pipeline {uuid} has no tenant: pause it, or its class, instead")
+    return str(tenant)
 
 
 def resume_holding(orchestrator: Orchestrator, uuid: str, actor: str, reason: str | None) -> Pause:

@@ -312,10 +312,12 @@ def _step(step: StepRecord, now: datetime, limits: dict[str, int]) -> dict[str, 
 
 def _logs(logs: list[dict[str, Any]] | None) -> list[dict[str, Any]]:
     """A step's logs attempt by attempt: ``attempt``, ``lines`` (``at``, ``level``,
-    ``message``), how many were ``dropped`` past the cap, whether an operator ``retried`` after."""
+    ``message``), how many were ``dropped`` past the cap, whether an operator ``retried`` after,
+    and the ``hook`` that logged them when it is not ``on_start``/``on_continue`` (else None)."""
     return [
         {
             "attempt": entry.get("attempt"),
+            "hook": entry.get("hook"),
             "lines": [{"at": at, "level": level, "message": message} for at, level, message in entry.get("lines", [])],
             "dropped": entry.get("dropped", 0),
             "retried": bool(entry.get("retried")),

@@ -100,6 +100,7 @@ class Runner:
         self.invoker = HookInvoker(self.journal, self.hooks, clock, self.policies, hook_timeout, self.extensions)
         self.turns = Turns(self.journal, self.invoker, registry, clock, self.policies)
         self.turns.log_lines, self.turns.capture_logging = step_log_lines, capture_logging
+        self.invoker.log_lines, self.invoker.capture_logging = step_log_lines, capture_logging
         if capture_logging:
             install_capture()
         self.endings = Endings(self.journal, self.invoker, self.turns, clock, self.policies, max_crashes)

@@ -15,6 +15,7 @@ from prorch.engine.extension import Extensions
 from prorch.engine.journal import Journal
 from prorch.engine.policy import Policies
 from prorch.engine.state import Run, Writing
+from prorch.model import defaults, step_logs
 from prorch.model.clock import Clock
 from prorch.model.records import ErrorInfo, StepRecord
 from prorch.model.step import Step
@@ -44,6 +45,10 @@ class HookInvoker:
         self.hook_timeout = hook_timeout
         self.extensions = extensions or Extensions()
         """Their ``around_hook`` (tracing's spans) and ``on_hook_end`` (metrics' timings)."""
+        self.log_lines = defaults.STEP_LOG_LINES.default
+        """Lines of ``self.log`` kept per attempt of a guarded hook (``step_log_lines``)."""
+        self.capture_logging = False
+        """Keep ``logging``'s records emitted while a guarded hook runs as well (``capture_logging``)."""
 
     def bound(self, run: Run, step: StepRecord, now: datetime, *, own_hook: bool) -> float | None:
         """Seconds one hook call may take: until the step's deadline for ``on_start`` and
@@ -90,18 +95,41 @@ class HookInvoker:
         self, run: Run, step: StepRecord, now: datetime, name: str, instance: Step | None = None
     ) -> Writing[ErrorInfo | None]:
         """Mark the hook running and call hook ``name`` (``on_timeout``, ``on_rollback``,
-        ``on_cancel``) on a fresh step object (or ``instance``); what it raised, or None."""
+        ``on_cancel``) on a fresh step object (or ``instance``); what it raised, or None. Its
+        ``self.log`` lines are kept with the step, in an entry naming the hook, for the next
+        transition to store, also when it raises."""
         yield from self.journal.mark_hook_running(run)
+        target: Step | None = None
+        kept = (0, 0)  # the lines and dropped ones a reused instance's earlier hook kept itself
         try:
             target = instance or self.journal.instance(run, step, now)
             before = len(getattr(target, "emitted", ()))  # a reused instance's earlier hook may have emitted
-            self.call(run, step, now, getattr(target, name), name)
+            hook = getattr(target, name)
+            buffer = getattr(target, "log_buffer", None)  # a step whose __init__ skips Step's has none
+            if buffer is not None:
+                kept = (len(buffer.lines), buffer.dropped)
+                buffer.cap = kept[0] + self.log_lines
+                hook = step_logs.capturing(hook, buffer) if self.capture_logging else hook
+            self.call(run, step, now, hook, name)
         except KeyboardInterrupt:
             raise
         except BaseException as exc:
+            self.keep_logs(step, target, name, kept)
             return ErrorInfo.from_exception(exc, hook=name)
+        self.keep_logs(step, target, name, kept)
         self.journal.emitted(run, list(getattr(target, "emitted", ()))[before:], now)  # with the next transition
         return None
+
+    def keep_logs(self, step: StepRecord, target: Step | None, name: str, kept: tuple[int, int]) -> None:
+        """The lines hook ``name`` logged (past those ``kept`` before it) join the step's logs, in
+        an entry of that hook's attempt (a rollback's count of tries, else the step's attempt)."""
+        buffer = getattr(target, "log_buffer", None)
+        if buffer is None or not self.log_lines:
+            return
+        logged = step_logs.since(buffer, *kept)
+        if logged:
+            attempt = step.rollback_attempt if name == "on_rollback" else step.attempt
+            step.logs = step_logs.merged(step.logs, max(attempt, 1), logged, self.log_lines, hook=name)
 
     def call_on_cancel(self, run: Run, step: StepRecord, now: datetime, instance: Step | None = None) -> Writing[None]:
         """The step is being cancelled: its ``on_cancel`` runs, if it has one. The cancel stands

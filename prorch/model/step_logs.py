@@ -8,7 +8,11 @@ A step's ``logs`` field holds them attempt by attempt, oldest first: ``[{"attemp
 ``step_log_lines`` lines; the others are counted in ``dropped`` (shown as "N lines dropped"),
 so a hook logging in a loop cannot grow a record without bound. An operator's retry starts the
 attempts again from 1: it marks the last entry ``retried``, so that the new attempt 1 gets an
-entry of its own."""
+entry of its own.
+
+The lines of a step's other hooks (``on_rollback``, ``on_cancel``, ``on_timeout``) are kept the
+same way, in entries of their own that name the hook: ``{"attempt": 1, "hook": "on_rollback",
+...}`` (a rollback's attempt is its own count of tries, the others the step's attempt)."""
 
 from __future__ import annotations
 
@@ -134,19 +138,30 @@ def capturing(hook: Callable[[], object], buffer: LogBuffer) -> Callable[[], obj
     return run
 
 
-def merged(stored: list[JSONDict] | None, attempt: int, buffer: LogBuffer, cap: int) -> list[JSONDict]:
-    """A step's logs with ``buffer``'s lines added to attempt ``attempt``: to its entry when it
-    is the last one (and no retry closed it), else to a new one; at most ``cap`` lines an
-    attempt, the rest counted as dropped."""
+def merged(
+    stored: list[JSONDict] | None, attempt: int, buffer: LogBuffer, cap: int, hook: str | None = None
+) -> list[JSONDict]:
+    """A step's logs with ``buffer``'s lines added to attempt ``attempt`` (of ``hook``, None for
+    ``on_start`` and ``on_continue``): to its entry when it is the last one (and no retry closed
+    it), else to a new one; at most ``cap`` lines an attempt, the rest counted as dropped."""
     entries = [dict(entry) for entry in stored or []]
-    if not entries or entries[-1].get("attempt") != attempt or entries[-1].get("retried"):
-        entries.append({"attempt": attempt, "lines": [], "dropped": 0})
+    last = entries[-1] if entries else {}
+    if not entries or last.get("attempt") != attempt or last.get("hook") != hook or last.get("retried"):
+        entries.append({"attempt": attempt, "lines": [], "dropped": 0, **({"hook": hook} if hook else {})})
     entry = entries[-1]
     lines = list(entry.get("lines") or [])
     room = max(cap - len(lines), 0)
     entry["dropped"] = int(entry.get("dropped") or 0) + buffer.dropped + max(len(buffer.lines) - room, 0)
     entry["lines"] = lines + buffer.lines[:room]
     return entries
+
+
+def since(buffer: LogBuffer, lines: int, dropped: int) -> LogBuffer:
+    """What ``buffer`` got after it held ``lines`` lines and ``dropped`` dropped ones: the lines
+    of a later hook called on the same step object (``on_cancel`` after ``cancel()``)."""
+    later = LogBuffer(buffer.cap)
+    later.lines, later.dropped = buffer.lines[lines:], buffer.dropped - dropped
+    return later
 
 
 def closed(stored: list[JSONDict] | None) -> list[JSONDict] | None:

@@ -38,7 +38,9 @@ class Limited:
 @dataclass(frozen=True)
 class Holds:
     """What holds due work back at one moment: the stored pauses, and the classes at their
-    ``max_running`` or out of their ``rate_limit`` (by name; the per-tenant limit is not told)."""
+    ``max_running`` or out of their ``rate_limit`` (by name). A full tenant or key of a class is
+    not told (its due pipelines show as due): no index answers "due and not of these tenants",
+    so the overview's due count would compare every due row of the class (docs/concepts.md)."""
 
     paused: Paused = field(default_factory=Paused)
     limited: Mapping[str, Limited] = field(default_factory=dict)

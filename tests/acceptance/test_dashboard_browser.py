@@ -88,6 +88,22 @@ def test_an_operator_watches_filters_and_cancels(tmp_path: Path) -> None:
         page.click("text=Log in")
         page.fill("input[name=token]", TOKEN)
         page.click("#login")
+
+        # pause its tenant (asked first, with a reason), see what holds it, resume the tenant
+        page.click("#pause-tenant")
+        assert "Pause the tenant acme" in page.locator("#confirm-box").inner_text()
+        page.fill("#reason", "acme migrates")
+        page.screenshot(path=str(ARTIFACTS / "pause-tenant-confirm.png"), full_page=True)
+        page.click("#confirm")
+        page.wait_for_selector("#paused")
+        assert "tenant acme" in page.locator("#paused").inner_text()
+        assert "acme migrates" in page.locator("#paused").inner_text()
+        page.screenshot(path=str(ARTIFACTS / "tenant-paused.png"), full_page=True)
+        page.click("#resume")
+        page.click("#confirm")
+        page.wait_for_selector("#pause-tenant")
+        assert page.locator("#paused").count() == 0
+
         page.click("#cancel")
         assert "Cancel pipeline" in page.locator("#confirm-box").inner_text()
         page.fill("#reason", "customer called")

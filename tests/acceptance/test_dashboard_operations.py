@@ -291,3 +291,35 @@ def test_pause_and_resume_from_the_pages_and_the_api_show_everywhere(shop: tuple
         assert store(workdir).pauses() == []
     kinds = [e.type.value for e in store(workdir).history(waiting)]
     assert kinds[-2:] == ["pipeline.paused", "pipeline.resumed"]
+
+
+@pytest.mark.slow
+def test_a_tenant_is_paused_from_its_pipelines_page_after_a_confirm_and_resumed(tmp_path: Path) -> None:
+    """The pipeline page of a tenant's pipeline pauses the tenant (asking first, as the other
+    pauses do); the pause holds it, and resume ends the tenant's pause. A pipeline without a
+    tenant has no such button, and the API refuses it with one clear error."""
+    workdir = shop_workdir(tmp_path)
+    waiting = prorch(workdir, "start", "Order", "-p", "item=slowpoke", "--tenant", "acme").strip()
+    lone = prorch(workdir, "start", "Order", "-p", "item=slowpoke").strip()
+    with dashboard(workdir, token=TOKEN) as (base, _):
+        headers, csrf = login(base)
+        page = call(base, "GET", f"/pipelines/{waiting}", headers=headers).text
+        assert 'id="pause-tenant"' in page and "Pause tenant acme…" in page
+        assert 'id="pause-tenant"' not in call(base, "GET", f"/pipelines/{lone}", headers=headers).text
+        asked = call(base, "POST", f"/pipelines/{waiting}/pause-tenant", form({"csrf": csrf}), headers)
+        assert asked.status == 200 and "Yes, pause-tenant" in asked.text and store(workdir).pauses() == []
+        assert "Pause the tenant <strong>acme</strong>" in asked.text
+        done = call(base, "POST", f"/pipelines/{waiting}/pause-tenant",
+                    form({"csrf": csrf, "confirm": "yes", "reason": "acme migrates"}), headers)  # fmt: skip
+        assert done.status == 303 and "paused+tenant+acme" in done.headers["Location"]
+        [pause] = store(workdir).pauses()
+        assert (pause.kind, pause.value, pause.actor, pause.reason) == ("tenant", "acme", "dashboard (127.0.0.1)",
+                                                                         "acme migrates")  # fmt: skip
+        assert store(workdir).query(state="paused").pipelines[0].uuid == waiting
+        page = call(base, "GET", f"/pipelines/{waiting}", headers=headers).text
+        assert "Resume tenant acme…" in page and 'id="pause-tenant"' not in page
+        status, answer = api(base, f"/api/pipelines/{lone}/pause-tenant", {})
+        assert status == 409 and "has no tenant" in answer["error"], answer
+        done = call(base, "POST", f"/pipelines/{waiting}/resume", form({"csrf": csrf, "confirm": "yes"}), headers)
+        assert done.status == 303 and "resumed+tenant+acme" in done.headers["Location"]
+        assert store(workdir).pauses() == []

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -228,3 +229,108 @@ def test_retention_removes_the_logs_with_the_pipeline(tmp_path: Path, registry: 
     clock.advance(timedelta(days=31).total_seconds())
     assert orchestrator.purge(timedelta(days=30), ["finished"]).pipelines == 1
     assert Store(url).steps_of(uuid) == []
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_rollback_hooks_lines_are_stored_under_its_step(
+    kind: str, tmp_path: Path, request: pytest.FixtureRequest, registry: Registry
+) -> None:
+    backend = make_backend(kind, tmp_path, request)
+    tries: list[int] = []
+
+    def undo(self: Any) -> None:
+        """Logs, fails its first try, then undoes."""
+        tries.append(1)
+        self.log.info("refund try %d", len(tries))
+        if len(tries) < 2:
+            raise RuntimeError("bank down")
+
+    charge = step_of("Charge", lambda self: (self.log.info("charged"), self.finish()), on_rollback=undo, max_attempts=2)
+    ship = step_of("Ship", lambda self: (_ for _ in ()).throw(RuntimeError("no stock")))
+    uuid = pipeline_of(charge, ship, name="Order").create(backend, {}).uuid
+    clock = FakeClock()
+    orchestrator = Orchestrator(backend, registry=registry, clock=clock)
+    for _ in range(4):
+        orchestrator.execute_pipelines()
+        clock.advance(60)
+    charged = orchestrator.get(uuid).steps[0]
+    assert charged.rollback is not None and charged.rollback.value == "done"
+    assert [(e["attempt"], e.get("hook"), [m for _, _, m in e["lines"]]) for e in charged.logs] == [
+        (1, None, ["charged"]),
+        (1, "on_rollback", ["refund try 1"]),
+        (2, "on_rollback", ["refund try 2"]),
+    ]
+
+
+def test_show_logs_and_the_dashboard_name_the_hook_of_a_rollbacks_lines(tmp_path: Path, registry: Registry) -> None:
+    from prorch.cli.commands import main
+    from prorch.dashboard import views
+
+    url = f"sqlite:///{tmp_path / 'rollback.db'}"
+    charge = step_of("Charge", lambda self: self.finish(), on_rollback=lambda self: self.log.warning("refunded"))
+    ship = step_of("Ship", lambda self: (_ for _ in ()).throw(RuntimeError("no stock")))
+    uuid = pipeline_of(charge, ship, name="Order").create(url, {}).uuid
+    orchestrator = Orchestrator(url, registry=registry)
+    orchestrator.execute_pipelines()
+    shown = CliRunner().invoke(main, ["-r", url, "show", uuid, "--logs"])
+    assert shown.exit_code == 0, shown.output
+    lines = [line.strip() for line in shown.stdout.splitlines()]
+    at = lines.index("logs of on_rollback, attempt 1:")
+    assert lines[at + 1].endswith("WARNING refunded")
+    step = views.pipeline(orchestrator, uuid)["steps"][0]
+    assert [(log["hook"], log["lines"][0]["message"]) for log in step["logs"]] == [("on_rollback", "refunded")]
+    from prorch.dashboard.app import create_app
+    from tests.integration.test_search_attributes import asgi_get
+
+    status, page = asgi_get(create_app(orchestrator), f"/pipelines/{uuid}")
+    assert status == 200
+    assert "<summary>logs of on_rollback, attempt 1 (1 lines)</summary>" in page
+
+
+@pytest.mark.parametrize("kind", ["memory", "sqlite"])
+def test_on_cancel_and_on_timeout_lines_are_stored_under_their_step(
+    kind: str, tmp_path: Path, request: pytest.FixtureRequest, registry: Registry
+) -> None:
+    backend = make_backend(kind, tmp_path, request)
+
+    def start(self: Any) -> None:
+        self.log.info("start %d", self.attempt)
+        if self.attempt == 1:
+            time.sleep(0.6)  # past hook_timeout: on_timeout runs, then attempt 2
+        self.cancel()
+
+    slow = step_of(
+        "Slow", start, max_attempts=2, retry_delay=0,
+        on_timeout=lambda self: self.log.info("timed out"), on_cancel=lambda self: self.log.info("cancelled"),
+    )  # fmt: skip
+    uuid = pipeline_of(slow, name="Job").create(backend, {}).uuid
+    orchestrator = Orchestrator(backend, registry=registry, hook_timeout=0.2)
+    for _ in range(3):
+        orchestrator.execute_pipelines()
+    (step,) = orchestrator.get(uuid).steps
+    assert step.status.value == "cancelled"
+    assert [(e["attempt"], e.get("hook"), [m for _, _, m in e["lines"]]) for e in step.logs] == [
+        (1, None, ["start 1"]),
+        (1, "on_timeout", ["timed out"]),
+        (2, None, ["start 2"]),
+        (2, "on_cancel", ["cancelled"]),
+    ]
+
+
+def test_a_rollback_hooks_logging_records_are_captured_when_asked(tmp_path: Path, registry: Registry) -> None:
+    """With ``capture_logging``, ``on_rollback``'s ``logging`` records join its own lines, once."""
+
+    def refund(self: Any) -> None:
+        logging.getLogger("app.bank").warning("refund sent")
+        self.log.info("own line")
+
+    charge = step_of("Charge", lambda self: self.finish(), on_rollback=refund)
+    ship = step_of("Ship", lambda self: (_ for _ in ()).throw(RuntimeError("no stock")))
+    url = f"sqlite:///{tmp_path / 'capture.db'}"
+    uuid = pipeline_of(charge, ship, name="Order").create(url, {}).uuid
+    orchestrator = Orchestrator(url, registry=registry, capture_logging=True)
+    orchestrator.execute_pipelines()
+    charged = orchestrator.get(uuid).steps[0]
+    assert [(e.get("hook"), [m for _, _, m in e["lines"]]) for e in charged.logs] == [
+        ("on_rollback", ["app.bank: refund sent", "own line"])
+    ]
