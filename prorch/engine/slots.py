@@ -13,7 +13,7 @@ hooks (their transition waiting for its commit, or stored and waiting for a slot
 Group commit as in a pass: the waiting transitions are stored in one transaction, each
 all-or-nothing on its own, with shared hook marks as in rounds (see ``prorch.engine.rounds``),
 once ``group`` are waiting, or once nothing more can start (no slot free, or nothing to start
-in one: ``step``'s ``more``) and either no hook is running or the first of them has waited
+in one: ``step``'s ``more``) and either no hook is running or the first transition waiting has waited
 ``window`` seconds (a slow hook never holds the others' transitions back longer than that). A
 pipeline started ``alone`` (a crash suspect) runs only while no other does, one commit per
 transition, each hook marked on its own."""
@@ -67,6 +67,7 @@ class Slots(Generic[K, T]):
         self._since: dict[Future[Write | _Ended[T]], float] = {}  # time.monotonic() of each running hook's start
         self._done: queue.SimpleQueue[Future[Write | _Ended[T]]] = queue.SimpleQueue()  # ended, in order
         self._queue: list[tuple[K, Write]] = []
+        self._queued_at = 0.0  # time.monotonic() the first transition waiting in ``_queue`` was put there
 
     @property
     def active(self) -> int:
@@ -140,7 +141,7 @@ class Slots(Generic[K, T]):
             if self._startable(more):
                 timeout = 0.0  # a slot is free for the caller's next pipeline: no wait
             elif self._queue:
-                timeout = min(timeout, self.window)
+                timeout = min(timeout, self._window_left())
             done = self._ended(timeout)
             idle = not done
             for future in done:
@@ -213,17 +214,24 @@ class Slots(Generic[K, T]):
         ended.append((key, value))
 
     def _enqueue(self, key: K, write: Write) -> None:
+        if not self._queue:
+            self._queued_at = time.monotonic()
         self._queue.append((key, write))
+
+    def _window_left(self) -> float:
+        """Seconds the first waiting transition may still wait for its group."""
+        return max(0.0, self._queued_at + self.window - time.monotonic())
 
     def _group_due(self, more: bool, idle: bool) -> bool:
         """Store now: not grouping; or nothing more can join the group (it is full, or no slot
-        is free for a pipeline to start) and either its running hooks are back or none returned
-        within ``window``."""
+        is free for a pipeline to start) and either its running hooks are back, or none returned
+        within ``window``, or its first transition has waited ``window`` (hooks returning less
+        than ``window`` apart never hold a returned one's slot until the last of them is back)."""
         if not self.grouped or self._alone:
             return True
         if self._startable(more):
             return False
-        return not self._running or idle
+        return not self._running or idle or not self.quick or self._window_left() <= 0
 
     def _store(self) -> None:
         """Store the waiting transitions: together (shared hook marks) when grouped, else each
