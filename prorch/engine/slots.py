@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import queue
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Hashable
@@ -63,11 +64,10 @@ class Slots(Generic[K, T]):
         self._writings: dict[K, Writing[T]] = {}
         self._alone: set[K] = set()
         self._ready: deque[tuple[K, Exception | None]] = deque()
-        self._running: dict[Future[Write | _Ended[T]], K] = {}
-        self._since: dict[Future[Write | _Ended[T]], float] = {}  # time.monotonic() of each running hook's start
-        self._done: queue.SimpleQueue[Future[Write | _Ended[T]]] = queue.SimpleQueue()  # ended, in order
+        self._running: dict[Future[None], _Run[K, T]] = {}  # a pool thread's run, by its future
+        self._in_runs = 0  # writings handed to the running runs and not taken back yet
+        self._done: queue.SimpleQueue[Future[None]] = queue.SimpleQueue()  # the runs that ended, in order
         self._queue: list[tuple[K, Write]] = []
-        self._queued_at = 0.0  # time.monotonic() the first transition waiting in ``_queue`` was put there
 
     @property
     def active(self) -> int:
@@ -80,7 +80,7 @@ class Slots(Generic[K, T]):
         for, and room between hooks (none while one runs alone)."""
         if self._alone:
             return 0
-        if self._pool is None:  # hooks run one after another in ``step``: start what may wait between them
+        if self._pool is None or self.quick:  # hooks run one after another (in ``step``, or in runs)
             return max(0, min(self.room, self._unfilled) - len(self._ready))
         return max(0, min(self.concurrency - len(self._running) - len(self._ready), self.room, self._unfilled))
 
@@ -94,7 +94,7 @@ class Slots(Generic[K, T]):
     def _unfilled(self) -> int:
         """Transitions the group waiting for its commit may still take, counting the running
         hooks' (as a pass's rounds do): none once full, until it is stored."""
-        return self.group - len(self._queue) - len(self._running) if self.grouped else self.concurrency
+        return self.group - len(self._queue) - self._in_runs if self.grouped else self.concurrency
 
     @property
     def quick(self) -> bool:
@@ -105,7 +105,7 @@ class Slots(Generic[K, T]):
         if not self.grouped or self.slowest() >= self.window:
             return False
         now = time.monotonic()
-        return all(now - since < self.window for since in self._since.values())
+        return all(now - run.started < self.window for run in self._running.values())
 
     def start(
         self,
@@ -141,18 +141,13 @@ class Slots(Generic[K, T]):
             if self._startable(more):
                 timeout = 0.0  # a slot is free for the caller's next pipeline: no wait
             elif self._queue:
-                timeout = min(timeout, self._window_left())
-            done = self._ended(timeout)
+                timeout = min(timeout, self.window)
+            done = self._ended(min(timeout, self._overdue_in()))
             idle = not done
             for future in done:
-                key = self._running.pop(future)
-                del self._since[future]
-                try:
-                    step = future.result()
-                except Exception as exc:
-                    self._end(key, self.broken(key, exc), ended)
-                    continue
-                self._took(key, step, ended)
+                future.result()  # a run catches its writings' errors: what is raised here stops the worker
+                self._collect(self._running.pop(future), ended, rest=True)
+            self._take_back_overdue(ended)
         if self._queue and self._group_due(more, idle):
             self._store()
         return ended
@@ -169,22 +164,66 @@ class Slots(Generic[K, T]):
         """Resume ready writings: in the calling thread one after another, or in the pool's free
         hook slots."""
         while self._ready and len(self._running) < self.concurrency and self._unfilled > 0:
-            key, resumed = self._ready.popleft()
             if self._pool is None:
+                key, resumed = self._ready.popleft()
                 try:
                     step = _resume(self._writings[key], resumed)
                 except Exception as exc:
                     self._end(key, self.broken(key, exc), ended)
                     continue
                 self._took(key, step, ended)
-            else:
-                future = self._pool.submit(_resume, self._writings[key], resumed)
-                self._running[future], self._since[future] = key, time.monotonic()
-                future.add_done_callback(self._done.put)
+                continue
+            size = self._run_size()
+            taken = [self._ready.popleft() for _ in range(size)]
+            todo = [(key, self._writings[key], resumed) for key, resumed in taken]
+            run: _Run[K, T] = _Run(todo)
+            self._in_runs += size
+            future = self._pool.submit(_drive, run, self.window)
+            self._running[future] = run
+            future.add_done_callback(self._done.put)
 
-    def _ended(self, timeout: float) -> list[Future[Write | _Ended[T]]]:
-        """The running hooks that ended: waits up to ``timeout`` for the first (a queue the
-        pool's threads put each into as it ends: cheaper than ``wait`` on every future)."""
+    def _run_size(self) -> int:
+        """How many ready writings the next free thread takes: while hooks are quick, its
+        share of those ready (one hand-off for them all, not one per transition), else one."""
+        if self._alone or not self.quick:
+            return 1
+        threads = self.concurrency - len(self._running)
+        return max(1, min(self._unfilled, -(-len(self._ready) // threads)))
+
+    def _collect(self, run: _Run[K, T], ended: list[tuple[K, T]], *, rest: bool) -> None:
+        """Take what ``run`` resumed so far; ``rest``: and the writings it has not started,
+        ready again for any free thread."""
+        with run.lock:
+            took, run.took = run.took, []
+            left = list(run.todo) if rest else []
+            if rest:
+                run.todo.clear()
+        self._in_runs -= len(took) + len(left)
+        self._ready.extendleft((key, resumed) for key, _, resumed in reversed(left))
+        for key, step in took:
+            if isinstance(step, Exception):
+                self._end(key, self.broken(key, step), ended)
+            else:
+                self._took(key, step, ended)
+
+    def _overdue_in(self) -> float:
+        """Seconds until a run's current hook has taken ``window`` with writings still after
+        it in the run (``_take_back_overdue``), or a long while."""
+        starts = [run.started for run in self._running.values() if run.todo]
+        return max(0.0005, min(starts) + self.window - time.monotonic()) if starts else 3600.0
+
+    def _take_back_overdue(self, ended: list[tuple[K, T]]) -> None:
+        """A run whose current hook has taken ``window`` gives back what it has not started
+        (and what it resumed so far): a slow hook holds its own slot only, and delays the
+        rest of its run by about ``window``, not by itself."""
+        now = time.monotonic()
+        for run in list(self._running.values()):
+            if run.todo and now - run.started >= self.window:
+                self._collect(run, ended, rest=True)
+
+    def _ended(self, timeout: float) -> list[Future[None]]:
+        """The runs that ended: waits up to ``timeout`` for the first (a queue the pool's
+        threads put each into as it ends: cheaper than ``wait`` on every future)."""
         try:
             done = [self._done.get(timeout=timeout) if timeout > 0 else self._done.get_nowait()]
         except queue.Empty:
@@ -214,24 +253,18 @@ class Slots(Generic[K, T]):
         ended.append((key, value))
 
     def _enqueue(self, key: K, write: Write) -> None:
-        if not self._queue:
-            self._queued_at = time.monotonic()
         self._queue.append((key, write))
-
-    def _window_left(self) -> float:
-        """Seconds the first waiting transition may still wait for its group."""
-        return max(0.0, self._queued_at + self.window - time.monotonic())
 
     def _group_due(self, more: bool, idle: bool) -> bool:
         """Store now: not grouping; or nothing more can join the group (it is full, or no slot
         is free for a pipeline to start) and either its running hooks are back, or none returned
-        within ``window``, or its first transition has waited ``window`` (hooks returning less
-        than ``window`` apart never hold a returned one's slot until the last of them is back)."""
+        within ``window``, or hooks are slow (then the running ones, returning less than
+        ``window`` apart, would hold each returned one's slot until the last of them is back)."""
         if not self.grouped or self._alone:
             return True
         if self._startable(more):
             return False
-        return not self._running or idle or not self.quick or self._window_left() <= 0
+        return not self._running or idle or not self.quick
 
     def _store(self) -> None:
         """Store the waiting transitions: together (shared hook marks) when grouped, else each
@@ -252,3 +285,35 @@ class Slots(Generic[K, T]):
         except Exception as exc:
             return exc
         return None
+
+
+class _Run(Generic[K, T]):
+    """Ready writings handed to one pool thread at once (``_drive``): resumed one after another
+    until one's hook takes ``window`` or longer; the thread then stops, and the loop takes back
+    what was not started (also while that hook still runs: ``Slots._take_back_overdue``)."""
+
+    __slots__ = ("lock", "started", "todo", "took")
+
+    def __init__(self, todo: list[tuple[K, Writing[T], Exception | None]]) -> None:
+        self.lock = threading.Lock()
+        self.todo = deque(todo)
+        self.took: list[tuple[K, Write | _Ended[T] | Exception]] = []
+        self.started = time.monotonic()  # when the writing resumed now was resumed
+
+
+def _drive(run: _Run[K, T], window: float) -> None:
+    """A pool thread's run: resume its writings in turn, until one took ``window`` or longer."""
+    while True:
+        with run.lock:
+            if not run.todo:
+                return
+            key, writing, resumed = run.todo.popleft()
+            run.started = time.monotonic()
+        try:
+            step: Write | _Ended[T] | Exception = _resume(writing, resumed)
+        except Exception as exc:  # an engine bug: ``broken``, the others go on
+            step = exc
+        with run.lock:
+            run.took.append((key, step))
+        if time.monotonic() - run.started >= window:
+            return

@@ -3,8 +3,9 @@ a key holds one slot at most, and a writing that raises frees its slot without s
 
 from __future__ import annotations
 
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from types import SimpleNamespace
 from typing import cast
 
@@ -149,3 +150,40 @@ def test_with_slow_hooks_a_transition_waits_for_its_group_at_most_the_window() -
         driven.close()
     assert "d" not in store.stored[0], store.stored
     assert store.stored[0][0] == "a"
+
+
+def one_hook(name: str, hook: Callable[[], None], threads: dict[str, int]) -> Writing[str]:
+    """A writing of one hook (``hook``, run in the slot's thread) and its transition."""
+    threads[name] = threading.get_ident()
+    hook()
+    yield cast(Write, SimpleNamespace(changes=(), key=name))
+    return name
+
+
+def test_a_slow_hook_in_a_run_gives_the_rest_of_the_run_back_to_the_other_slots() -> None:
+    """While hooks are quick a thread takes a run of ready writings (one hand-off for them all);
+    a hook of the run that turns out slow must not hold the writings after it in its run. Two
+    slots, six writings: runs of three, ``slow`` second in the first. ``slow`` waits (up to
+    10 s) for ``c``, third in its run, to start: ``c`` must be taken back and run in the other
+    slot while ``slow`` still runs."""
+    store, threads = NamedStore(), {}
+    c_started = threading.Event()
+    waited: list[bool] = []
+    driven: Slots[str, str] = Slots(
+        store, concurrency=2, group=10, window=0.05, broken=lambda key, exc: f"broken: {exc}", slowest=lambda: 0.0
+    )
+
+    def slow() -> None:
+        waited.append(c_started.wait(10))
+
+    hooks = {"a": lambda: None, "slow": slow, "c": c_started.set, "d": lambda: None, "e": lambda: None}
+    hooks["f"] = lambda: None
+    for name, hook in hooks.items():
+        driven.start(name, one_hook(name, hook, threads))
+    try:
+        assert sorted(drive(driven)) == sorted(hooks)
+    finally:
+        driven.close()
+    assert threads["a"] == threads["slow"]  # one run: one thread took both
+    assert waited == [True]  # ``c`` started while ``slow`` ran
+    assert threads["c"] != threads["slow"]
