@@ -27,7 +27,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Hashable
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 from prorch.engine.rounds import _Ended, _resume, _shared
 from prorch.engine.state import T, Writing
@@ -66,7 +66,11 @@ class Slots(Generic[K, T]):
         self._ready: deque[tuple[K, Exception | None]] = deque()
         self._running: dict[Future[None], _Run[K, T]] = {}  # a pool thread's run, by its future
         self._in_runs = 0  # writings handed to the running runs and not taken back yet
-        self._done: queue.SimpleQueue[Future[None]] = queue.SimpleQueue()  # the runs that ended, in order
+        self._done: queue.SimpleQueue[Future[Any]] = queue.SimpleQueue()  # the runs (and commits) that ended
+        # with hook threads, a group is stored by a thread of its own while the next one fills
+        self._committer = ThreadPoolExecutor(1, thread_name_prefix="prorch-commit") if self._pool else None
+        self._committing: Future[list[Exception | None]] | None = None
+        self._committing_keys: list[K] = []
         self._queue: list[tuple[K, Write]] = []
 
     @property
@@ -137,7 +141,7 @@ class Slots(Generic[K, T]):
         ended: list[tuple[K, T]] = []
         self._launch(ended)
         idle = False  # a wait of ``window`` saw no hook return
-        if self._running:
+        if self._running or self._committing is not None:
             if self._startable(more):
                 timeout = 0.0  # a slot is free for the caller's next pipeline: no wait
             elif self._queue:
@@ -145,10 +149,13 @@ class Slots(Generic[K, T]):
             done = self._ended(min(timeout, self._overdue_in()))
             idle = not done
             for future in done:
+                if future is self._committing:
+                    self._stored(future.result())
+                    continue
                 future.result()  # a run catches its writings' errors: what is raised here stops the worker
                 self._collect(self._running.pop(future), ended, rest=True)
             self._take_back_overdue(ended)
-        if self._queue and self._group_due(more, idle):
+        if self._queue and self._committing is None and self._group_due(more, idle):
             self._store()
         return ended
 
@@ -156,6 +163,9 @@ class Slots(Generic[K, T]):
         """Wait for the hooks still running (the worker stopped), then store what waits."""
         if self._pool is not None:
             self._pool.shutdown(wait=True)
+        if self._committer is not None:
+            self._committer.shutdown(wait=True)
+            self._committer = None
         if self._queue:  # an engine error stops the worker: keep the hooks' results that are waiting
             with contextlib.suppress(Exception):
                 self._store()
@@ -221,8 +231,8 @@ class Slots(Generic[K, T]):
             if run.todo and now - run.started >= self.window:
                 self._collect(run, ended, rest=True)
 
-    def _ended(self, timeout: float) -> list[Future[None]]:
-        """The runs that ended: waits up to ``timeout`` for the first (a queue the pool's
+    def _ended(self, timeout: float) -> list[Future[Any]]:
+        """The runs (and the commit) that ended: waits up to ``timeout`` for the first (a queue the pool's
         threads put each into as it ends: cheaper than ``wait`` on every future)."""
         try:
             done = [self._done.get(timeout=timeout) if timeout > 0 else self._done.get_nowait()]
@@ -271,13 +281,27 @@ class Slots(Generic[K, T]):
         in its own commit; each pipeline is then ready to go on."""
         queue, self._queue = self._queue, []
         if self.grouped and not self._alone:
-            try:
-                stored: list[Exception | None] = list(self.store.commit_many([_shared(write) for _, write in queue]))
-            except Exception as exc:  # the store is down: each pipeline is told, as of a refused write
-                stored = [exc] * len(queue)
+            writes = [_shared(write) for _, write in queue]
+            if self._committer is not None:  # the loop goes on meanwhile: the next group fills
+                self._committing_keys = [key for key, _ in queue]
+                self._committing = self._committer.submit(self._commit_many, writes)
+                self._committing.add_done_callback(self._done.put)
+                return
+            stored = self._commit_many(writes)
         else:
             stored = [self._commit_one(write) for _, write in queue]
         self._ready.extend((key, outcome) for (key, _), outcome in zip(queue, stored, strict=True))
+
+    def _stored(self, outcomes: list[Exception | None]) -> None:
+        """The group the commit thread stored: each pipeline is ready to go on."""
+        keys, self._committing, self._committing_keys = self._committing_keys, None, []
+        self._ready.extend(zip(keys, outcomes, strict=True))
+
+    def _commit_many(self, writes: list[Write]) -> list[Exception | None]:
+        try:
+            return list(self.store.commit_many(writes))
+        except Exception as exc:  # the store is down: each pipeline is told, as of a refused write
+            return [exc] * len(writes)
 
     def _commit_one(self, write: Write) -> Exception | None:
         try:
