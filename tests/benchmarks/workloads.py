@@ -33,7 +33,17 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from prorch import Extension, OnContinueMixin, OnStartMixin, Orchestrator, Pipeline, Status, Step, register_pipeline, register_step
+from prorch import (
+    Extension,
+    OnContinueMixin,
+    OnStartMixin,
+    Orchestrator,
+    Pipeline,
+    Status,
+    Step,
+    register_pipeline,
+    register_step,
+)
 from prorch.model.records import Record
 from prorch.storage.creation import build_records
 from prorch.storage.store import Store
@@ -202,15 +212,16 @@ def w1_loop(url: str, n: int, mode: str, concurrency: int = 4) -> dict[str, Any]
 
 def w4_slots(url: str, n: int, concurrency: int = 32) -> dict[str, Any]:
     """W4 of #27: N pipelines of 3 steps whose sync hooks sleep 50 ms, run by one worker
-    (``run_forever``) at ``concurrency``; hooks per second against ``concurrency / 50 ms``."""
+    (``run_forever``) at ``concurrency``; hooks per second against ``concurrency / 50 ms``,
+    timed by ``Ended``."""
     backend = from_url(url)
     IO_PIPELINES["sync"].create_many(backend, [{}] * n)
-    worker, reader = Orchestrator(backend, concurrency=concurrency), Orchestrator(backend)
+    reader = Ended(n)
+    worker = Orchestrator(backend, concurrency=concurrency, extensions=[reader])
     started = time.perf_counter()
     thread = threading.Thread(target=worker.run_forever, kwargs={"interval": 0.05})
     thread.start()
-    while (reader.query(status="finished", limit=1, count=True).total or 0) < n:
-        time.sleep(0.02)
+    reader.all_ended.wait()
     took = time.perf_counter() - started
     worker.stop()
     thread.join()
