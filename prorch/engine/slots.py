@@ -13,10 +13,15 @@ hooks (their transition waiting for its commit, or stored and waiting for a slot
 Group commit as in a pass: the waiting transitions are stored in one transaction, each
 all-or-nothing on its own, with shared hook marks as in rounds (see ``prorch.engine.rounds``),
 once ``group`` are waiting, or once nothing more can start (no slot free, or nothing to start
-in one: ``step``'s ``more``) and either no hook is running or the first transition waiting has waited
-``window`` seconds (a slow hook never holds the others' transitions back longer than that). A
-pipeline started ``alone`` (a crash suspect) runs only while no other does, one commit per
-transition, each hook marked on its own."""
+in one: ``step``'s ``more``) and, while hooks are ``quick``, either no hook is running or none
+returned within ``window`` seconds; while they are slow, at once. With hook threads, a commit
+thread stores the group while the loop goes on (one group at a time). A pipeline started
+``alone`` (a crash suspect) runs only while no other does, one commit per transition, each hook
+marked on its own.
+
+Runs: while hooks are quick, a free thread is handed its share of the ready writings at once
+(``_Run``), one hand-off for them all; a hook of a run that takes ``window`` or longer makes
+the loop take back the rest of the run, so a slow hook holds one slot only."""
 
 from __future__ import annotations
 
