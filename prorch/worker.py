@@ -43,6 +43,17 @@ logger = logging.getLogger("prorch.worker")
 LOG_EVERY = 30.0
 """Seconds between the worker's INFO lines that sum up what it did (one more when it stops)."""
 
+BUSY_LOOK = 0.005
+"""Seconds between two looks for new work while hooks run and a slot is free (a NOTIFY
+received, a write of this process, another process's write on SQLite or TinyDB: each a cheap
+check, no claim), or ``wake_poll`` if shorter: work arriving during a hook is claimed within
+that, not at the next ``wake_poll``. Looks that found work this worker could not claim back
+off, doubling up to ``wake_poll``; so does a store whose look is slow (TinyDB reads its file):
+at most one look per ``LOOK_SHARE`` times what the last one took."""
+
+LOOK_SHARE = 50
+"""A busy worker spends at most about 1/50 of its loop's time looking for new work."""
+
 
 class WorkerHost(PassHost, Protocol):
     """What the worker needs of its ``Orchestrator``."""
@@ -105,6 +116,9 @@ class Worker:
         self.host = host
         self.interval = interval
         self.wake_poll = wake_poll
+        self.look_every = min(BUSY_LOOK, wake_poll)  # while hooks run; longer after looks that led nowhere
+        self.look_floor = self.look_every  # BUSY_LOOK, or longer for a slow look (LOOK_SHARE)
+        self.woken = False  # the next claim follows a look that found work
         self.looked_at = 0.0  # time.monotonic() of the last look for work while hooks ran
         self.waiting: deque[_Waiting] = deque()
         self.pipelines: dict[str, PipelineRecord] = {}  # in a slot, by uuid
@@ -174,24 +188,27 @@ class Worker:
 
     def _busy_timeout(self, slots: Slots[str, Result]) -> float:
         """How long to wait for a hook: with a slot free and nothing to fill it, at most
-        ``wake_poll``, so that work arriving meanwhile is claimed soon, not at the interval."""
+        ``BUSY_LOOK``, so that work arriving meanwhile is claimed soon, not at the interval."""
         timeout = self._timeout()
-        return min(timeout, self.wake_poll) if slots.free > len(self.waiting) else timeout
+        return min(timeout, self.look_every) if slots.free > len(self.waiting) else timeout
 
     def _look_for_work(self, slots: Slots[str, Result]) -> None:
         """With a slot free, a wake-up (or a due timer) since the last look means: claim now."""
         now = time.monotonic()
         if self.host.stopped.is_set() or slots.free <= len(self.waiting) or now >= self.next_claim:
             return
-        if now - self.looked_at < self.wake_poll:  # at most one look per wake_poll, however many hooks end
+        if now - self.looked_at < self.look_every:  # at most one look per look_every, however many hooks end
             return
         self.looked_at = now
         try:
             woken = self.host.store.wait_for_work(0)
+            took = time.monotonic() - now
+            self.look_floor = min(self.wake_poll, max(BUSY_LOOK, LOOK_SHARE * took))
+            self.look_every = max(self.look_every, self.look_floor)
         except Exception:  # a store's wait never stops the worker: the interval finds the work
             return
         if woken:
-            self.next_claim = 0.0
+            self.next_claim, self.woken = 0.0, True
 
     # --- claiming ---------------------------------------------------------------------------
 
@@ -238,6 +255,9 @@ class Worker:
             return
         host.outage.recovered()
         keeper.give_back()  # the leases of advances the outage ended: claimable from the next claim
+        if self.woken:  # work it cannot claim (another app's, limited): looks back off, up to wake_poll
+            self.look_every = min(self.look_floor if claimed else 2 * self.look_every, self.wake_poll)
+            self.woken = False
         if len(claimed) < limit:
             self.next_claim = time.monotonic() + self.interval
         self.summary.claimed += len(claimed)

@@ -13,20 +13,26 @@ hooks (their transition waiting for its commit, or stored and waiting for a slot
 Group commit as in a pass: the waiting transitions are stored in one transaction, each
 all-or-nothing on its own, with shared hook marks as in rounds (see ``prorch.engine.rounds``),
 once ``group`` are waiting, or once nothing more can start (no slot free, or nothing to start
-in one: ``step``'s ``more``) and either no hook is running or the first of them has waited
-``window`` seconds (a slow hook never holds the others' transitions back longer than that). A
-pipeline started ``alone`` (a crash suspect) runs only while no other does, one commit per
-transition, each hook marked on its own."""
+in one: ``step``'s ``more``) and, while hooks are ``quick``, either no hook is running or none
+returned within ``window`` seconds; while they are slow, at once. With hook threads, a commit
+thread stores the group while the loop goes on (one group at a time). A pipeline started
+``alone`` (a crash suspect) runs only while no other does, one commit per transition, each hook
+marked on its own.
+
+Runs: while hooks are quick, a free thread is handed its share of the ready writings at once
+(``_Run``), one hand-off for them all; a hook of a run that takes ``window`` or longer makes
+the loop take back the rest of the run, so a slow hook holds one slot only."""
 
 from __future__ import annotations
 
 import contextlib
 import queue
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Hashable
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 from prorch.engine.rounds import _Ended, _resume, _shared
 from prorch.engine.state import T, Writing
@@ -63,9 +69,13 @@ class Slots(Generic[K, T]):
         self._writings: dict[K, Writing[T]] = {}
         self._alone: set[K] = set()
         self._ready: deque[tuple[K, Exception | None]] = deque()
-        self._running: dict[Future[Write | _Ended[T]], K] = {}
-        self._since: dict[Future[Write | _Ended[T]], float] = {}  # time.monotonic() of each running hook's start
-        self._done: queue.SimpleQueue[Future[Write | _Ended[T]]] = queue.SimpleQueue()  # ended, in order
+        self._running: dict[Future[None], _Run[K, T]] = {}  # a pool thread's run, by its future
+        self._in_runs = 0  # writings handed to the running runs and not taken back yet
+        self._done: queue.SimpleQueue[Future[Any]] = queue.SimpleQueue()  # the runs (and commits) that ended
+        # with hook threads, a group is stored by a thread of its own while the next one fills
+        self._committer = ThreadPoolExecutor(1, thread_name_prefix="prorch-commit") if self._pool else None
+        self._committing: Future[list[Exception | None]] | None = None
+        self._committing_keys: list[K] = []
         self._queue: list[tuple[K, Write]] = []
 
     @property
@@ -79,7 +89,7 @@ class Slots(Generic[K, T]):
         for, and room between hooks (none while one runs alone)."""
         if self._alone:
             return 0
-        if self._pool is None:  # hooks run one after another in ``step``: start what may wait between them
+        if self._pool is None or self.quick:  # hooks run one after another (in ``step``, or in runs)
             return max(0, min(self.room, self._unfilled) - len(self._ready))
         return max(0, min(self.concurrency - len(self._running) - len(self._ready), self.room, self._unfilled))
 
@@ -93,7 +103,7 @@ class Slots(Generic[K, T]):
     def _unfilled(self) -> int:
         """Transitions the group waiting for its commit may still take, counting the running
         hooks' (as a pass's rounds do): none once full, until it is stored."""
-        return self.group - len(self._queue) - len(self._running) if self.grouped else self.concurrency
+        return self.group - len(self._queue) - self._in_runs if self.grouped else self.concurrency
 
     @property
     def quick(self) -> bool:
@@ -104,7 +114,7 @@ class Slots(Generic[K, T]):
         if not self.grouped or self.slowest() >= self.window:
             return False
         now = time.monotonic()
-        return all(now - since < self.window for since in self._since.values())
+        return all(now - run.started < self.window for run in self._running.values())
 
     def start(
         self,
@@ -136,23 +146,21 @@ class Slots(Generic[K, T]):
         ended: list[tuple[K, T]] = []
         self._launch(ended)
         idle = False  # a wait of ``window`` saw no hook return
-        if self._running:
+        if self._running or self._committing is not None:
             if self._startable(more):
                 timeout = 0.0  # a slot is free for the caller's next pipeline: no wait
             elif self._queue:
                 timeout = min(timeout, self.window)
-            done = self._ended(timeout)
+            done = self._ended(min(timeout, self._overdue_in()))
             idle = not done
             for future in done:
-                key = self._running.pop(future)
-                del self._since[future]
-                try:
-                    step = future.result()
-                except Exception as exc:
-                    self._end(key, self.broken(key, exc), ended)
+                if future is self._committing:
+                    self._stored(future.result())
                     continue
-                self._took(key, step, ended)
-        if self._queue and self._group_due(more, idle):
+                future.result()  # a run catches its writings' errors: what is raised here stops the worker
+                self._collect(self._running.pop(future), ended, rest=True)
+            self._take_back_overdue(ended)
+        if self._queue and self._committing is None and self._group_due(more, idle):
             self._store()
         return ended
 
@@ -160,6 +168,9 @@ class Slots(Generic[K, T]):
         """Wait for the hooks still running (the worker stopped), then store what waits."""
         if self._pool is not None:
             self._pool.shutdown(wait=True)
+        if self._committer is not None:
+            self._committer.shutdown(wait=True)
+            self._committer = None
         if self._queue:  # an engine error stops the worker: keep the hooks' results that are waiting
             with contextlib.suppress(Exception):
                 self._store()
@@ -168,22 +179,66 @@ class Slots(Generic[K, T]):
         """Resume ready writings: in the calling thread one after another, or in the pool's free
         hook slots."""
         while self._ready and len(self._running) < self.concurrency and self._unfilled > 0:
-            key, resumed = self._ready.popleft()
             if self._pool is None:
+                key, resumed = self._ready.popleft()
                 try:
                     step = _resume(self._writings[key], resumed)
                 except Exception as exc:
                     self._end(key, self.broken(key, exc), ended)
                     continue
                 self._took(key, step, ended)
-            else:
-                future = self._pool.submit(_resume, self._writings[key], resumed)
-                self._running[future], self._since[future] = key, time.monotonic()
-                future.add_done_callback(self._done.put)
+                continue
+            size = self._run_size()
+            taken = [self._ready.popleft() for _ in range(size)]
+            todo = [(key, self._writings[key], resumed) for key, resumed in taken]
+            run: _Run[K, T] = _Run(todo)
+            self._in_runs += size
+            future = self._pool.submit(_drive, run, self.window)
+            self._running[future] = run
+            future.add_done_callback(self._done.put)
 
-    def _ended(self, timeout: float) -> list[Future[Write | _Ended[T]]]:
-        """The running hooks that ended: waits up to ``timeout`` for the first (a queue the
-        pool's threads put each into as it ends: cheaper than ``wait`` on every future)."""
+    def _run_size(self) -> int:
+        """How many ready writings the next free thread takes: while hooks are quick, its
+        share of those ready (one hand-off for them all, not one per transition), else one."""
+        if self._alone or not self.quick:
+            return 1
+        threads = self.concurrency - len(self._running)
+        return max(1, min(self._unfilled, -(-len(self._ready) // threads)))
+
+    def _collect(self, run: _Run[K, T], ended: list[tuple[K, T]], *, rest: bool) -> None:
+        """Take what ``run`` resumed so far; ``rest``: and the writings it has not started,
+        ready again for any free thread."""
+        with run.lock:
+            took, run.took = run.took, []
+            left = list(run.todo) if rest else []
+            if rest:
+                run.todo.clear()
+        self._in_runs -= len(took) + len(left)
+        self._ready.extendleft((key, resumed) for key, _, resumed in reversed(left))
+        for key, step in took:
+            if isinstance(step, Exception):
+                self._end(key, self.broken(key, step), ended)
+            else:
+                self._took(key, step, ended)
+
+    def _overdue_in(self) -> float:
+        """Seconds until a run's current hook has taken ``window`` with writings still after
+        it in the run (``_take_back_overdue``), or a long while."""
+        starts = [run.started for run in self._running.values() if run.todo]
+        return max(0.0005, min(starts) + self.window - time.monotonic()) if starts else 3600.0
+
+    def _take_back_overdue(self, ended: list[tuple[K, T]]) -> None:
+        """A run whose current hook has taken ``window`` gives back what it has not started
+        (and what it resumed so far): a slow hook holds its own slot only, and delays the
+        rest of its run by about ``window``, not by itself."""
+        now = time.monotonic()
+        for run in list(self._running.values()):
+            if run.todo and now - run.started >= self.window:
+                self._collect(run, ended, rest=True)
+
+    def _ended(self, timeout: float) -> list[Future[Any]]:
+        """The runs (and the commit) that ended: waits up to ``timeout`` for the first (a queue the pool's
+        threads put each into as it ends: cheaper than ``wait`` on every future)."""
         try:
             done = [self._done.get(timeout=timeout) if timeout > 0 else self._done.get_nowait()]
         except queue.Empty:
@@ -217,26 +272,41 @@ class Slots(Generic[K, T]):
 
     def _group_due(self, more: bool, idle: bool) -> bool:
         """Store now: not grouping; or nothing more can join the group (it is full, or no slot
-        is free for a pipeline to start) and either its running hooks are back or none returned
-        within ``window``."""
+        is free for a pipeline to start) and either its running hooks are back, or none returned
+        within ``window``, or hooks are slow (then the running ones, returning less than
+        ``window`` apart, would hold each returned one's slot until the last of them is back)."""
         if not self.grouped or self._alone:
             return True
         if self._startable(more):
             return False
-        return not self._running or idle
+        return not self._running or idle or not self.quick
 
     def _store(self) -> None:
         """Store the waiting transitions: together (shared hook marks) when grouped, else each
         in its own commit; each pipeline is then ready to go on."""
         queue, self._queue = self._queue, []
         if self.grouped and not self._alone:
-            try:
-                stored: list[Exception | None] = list(self.store.commit_many([_shared(write) for _, write in queue]))
-            except Exception as exc:  # the store is down: each pipeline is told, as of a refused write
-                stored = [exc] * len(queue)
+            writes = [_shared(write) for _, write in queue]
+            if self._committer is not None:  # the loop goes on meanwhile: the next group fills
+                self._committing_keys = [key for key, _ in queue]
+                self._committing = self._committer.submit(self._commit_many, writes)
+                self._committing.add_done_callback(self._done.put)
+                return
+            stored = self._commit_many(writes)
         else:
             stored = [self._commit_one(write) for _, write in queue]
         self._ready.extend((key, outcome) for (key, _), outcome in zip(queue, stored, strict=True))
+
+    def _stored(self, outcomes: list[Exception | None]) -> None:
+        """The group the commit thread stored: each pipeline is ready to go on."""
+        keys, self._committing, self._committing_keys = self._committing_keys, None, []
+        self._ready.extend(zip(keys, outcomes, strict=True))
+
+    def _commit_many(self, writes: list[Write]) -> list[Exception | None]:
+        try:
+            return list(self.store.commit_many(writes))
+        except Exception as exc:  # the store is down: each pipeline is told, as of a refused write
+            return [exc] * len(writes)
 
     def _commit_one(self, write: Write) -> Exception | None:
         try:
@@ -244,3 +314,35 @@ class Slots(Generic[K, T]):
         except Exception as exc:
             return exc
         return None
+
+
+class _Run(Generic[K, T]):
+    """Ready writings handed to one pool thread at once (``_drive``): resumed one after another
+    until one's hook takes ``window`` or longer; the thread then stops, and the loop takes back
+    what was not started (also while that hook still runs: ``Slots._take_back_overdue``)."""
+
+    __slots__ = ("lock", "started", "todo", "took")
+
+    def __init__(self, todo: list[tuple[K, Writing[T], Exception | None]]) -> None:
+        self.lock = threading.Lock()
+        self.todo = deque(todo)
+        self.took: list[tuple[K, Write | _Ended[T] | Exception]] = []
+        self.started = time.monotonic()  # when the writing resumed now was resumed
+
+
+def _drive(run: _Run[K, T], window: float) -> None:
+    """A pool thread's run: resume its writings in turn, until one took ``window`` or longer."""
+    while True:
+        with run.lock:
+            if not run.todo:
+                return
+            key, writing, resumed = run.todo.popleft()
+            run.started = time.monotonic()
+        try:
+            step: Write | _Ended[T] | Exception = _resume(writing, resumed)
+        except Exception as exc:  # an engine bug: ``broken``, the others go on
+            step = exc
+        with run.lock:
+            run.took.append((key, step))
+        if time.monotonic() - run.started >= window:
+            return

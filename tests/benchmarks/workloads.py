@@ -6,6 +6,7 @@
     python tests/benchmarks/workloads.py w2_setup URL WAITING  # WAITING idle + 10 due pipelines
     python tests/benchmarks/workloads.py w2_pass URL           # one pass of a fresh worker over them
     python tests/benchmarks/workloads.py w3 SQLITE_PATH N  # engine time per transition, SQLite time excluded
+    python tests/benchmarks/workloads.py w1_loop URL N pass|worker [CONCURRENCY]  # W1 by passes or a worker
     python tests/benchmarks/workloads.py w4 URL N WORKERS [SLEEP]  # WORKERS processes, hooks sleeping 10 ms
     python tests/benchmarks/workloads.py w5 URL N CONCURRENCY async|sync  # hooks waiting 50 ms on I/O
     python tests/benchmarks/workloads.py w4_slots URL N [CONCURRENCY]  # one worker, sync hooks sleeping 50 ms
@@ -32,7 +33,17 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from prorch import OnContinueMixin, OnStartMixin, Orchestrator, Pipeline, Status, Step, register_pipeline, register_step
+from prorch import (
+    Extension,
+    OnContinueMixin,
+    OnStartMixin,
+    Orchestrator,
+    Pipeline,
+    Status,
+    Step,
+    register_pipeline,
+    register_step,
+)
 from prorch.model.records import Record
 from prorch.storage.creation import build_records
 from prorch.storage.store import Store
@@ -161,17 +172,56 @@ def w1_worker(url: str, n: int, concurrency: int = 4) -> dict[str, Any]:
     return {"pipelines_per_s": n / (done - started), "transitions_per_s": 3 * n / (done - started)}
 
 
+class Ended(Extension):
+    """The benchmarks' reader: counts the pipelines that ended in this process (``on_ended``)
+    and sets ``all_ended`` at ``n``; a few microseconds a pipeline, the same for a pass and a
+    worker (a query counting them every 10 ms cost the worker about 140 us a transition)."""
+
+    def __init__(self, n: int) -> None:
+        self.n, self.ended, self.all_ended = n, 0, threading.Event()
+
+    def on_ended(self, pipeline: Any, status: Status) -> None:
+        self.ended += 1
+        if self.ended >= self.n:
+            self.all_ended.set()
+
+
+def w1_loop(url: str, n: int, mode: str, concurrency: int = 4) -> dict[str, Any]:
+    """W1's run phase (N pipelines of 3 quick steps made by ``create_many``), run by passes
+    (``mode`` pass: ``execute_pipelines`` in a loop, concurrency 1, as ``w1``) or by a worker
+    (``worker``: ``run_forever`` at ``concurrency``), each in a thread, both timed by the same
+    reader (``Ended``): from the start until the last pipeline ended."""
+    backend = from_url(url)
+    Three.create_many(backend, [{}] * n)
+    reader = Ended(n)
+    if mode == "pass":
+        orchestrator = Orchestrator(backend, concurrency=1, group_commit=100, extensions=[reader])
+        target: Callable[[], Any] = lambda: run_to_end(orchestrator)  # noqa: E731
+    else:
+        orchestrator = Orchestrator(backend, concurrency=concurrency, extensions=[reader])
+        target = lambda: orchestrator.run_forever(interval=0.05)  # noqa: E731
+    cpu, started = time.process_time(), time.perf_counter()
+    thread = threading.Thread(target=target)
+    thread.start()
+    reader.all_ended.wait()
+    took, cpu = time.perf_counter() - started, time.process_time() - cpu
+    orchestrator.stop()
+    thread.join()
+    return {"mode": mode, "transitions_per_s": 3 * n / took, "cpu_us": cpu / (3 * n) * 1e6}
+
+
 def w4_slots(url: str, n: int, concurrency: int = 32) -> dict[str, Any]:
     """W4 of #27: N pipelines of 3 steps whose sync hooks sleep 50 ms, run by one worker
-    (``run_forever``) at ``concurrency``; hooks per second against ``concurrency / 50 ms``."""
+    (``run_forever``) at ``concurrency``; hooks per second against ``concurrency / 50 ms``,
+    timed by ``Ended``."""
     backend = from_url(url)
     IO_PIPELINES["sync"].create_many(backend, [{}] * n)
-    worker, reader = Orchestrator(backend, concurrency=concurrency), Orchestrator(backend)
+    reader = Ended(n)
+    worker = Orchestrator(backend, concurrency=concurrency, extensions=[reader])
     started = time.perf_counter()
     thread = threading.Thread(target=worker.run_forever, kwargs={"interval": 0.05})
     thread.start()
-    while (reader.query(status="finished", limit=1, count=True).total or 0) < n:
-        time.sleep(0.02)
+    reader.all_ended.wait()
     took = time.perf_counter() - started
     worker.stop()
     thread.join()
@@ -617,6 +667,7 @@ if __name__ == "__main__":
     name, *args = sys.argv[1:]
     commands: dict[str, Callable[[], dict[str, Any]]] = {
         "w1": lambda: w1(args[0], int(args[1]), *map(int, args[2:])),
+        "w1_loop": lambda: w1_loop(args[0], int(args[1]), args[2], *map(int, args[3:])),
         "w1_worker": lambda: w1_worker(args[0], int(args[1]), *map(int, args[2:])),
         "w1_batch": lambda: w1_batch(args[0], int(args[1]), *map(int, args[2:])),
         "floor": lambda: floor(args[0], int(args[1]), int(args[2])),

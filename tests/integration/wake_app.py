@@ -47,6 +47,26 @@ class WakeInbox(OnStartMixin, OnContinueMixin, Step):
         self.finish()
 
 
+@register_step
+class WakeSlow(OnStartMixin, Step):
+    """Holds its slot until ``$WAKE_LOG/release`` exists (60 s at most); writes ``.start`` first."""
+
+    name = "WakeSlow"
+
+    def on_start(self) -> None:
+        stamp(self, "start")
+        release = Path(os.environ.get("WAKE_LOG", ".")) / "release"
+        deadline = time.monotonic() + 60
+        while not release.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+
+
+@register_pipeline
+class Slow(Pipeline):
+    name = "WakeSlow"
+    steps = [WakeSlow]
+
+
 @register_pipeline
 class Stamp(Pipeline):
     name = "WakeStamp"

@@ -3,7 +3,9 @@ a key holds one slot at most, and a writing that raises frees its slot without s
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import threading
+import time
+from collections.abc import Callable, Sequence
 from types import SimpleNamespace
 from typing import cast
 
@@ -110,3 +112,78 @@ def test_with_slow_hooks_no_more_pipelines_are_in_progress_than_slots() -> None:
     assert driven.free == 0
     assert dict(drive(driven)) == {"a": "a"}
     assert store.groups == [1, 1]
+
+
+def sleeps(name: str, seconds: float, stored: list[list[str]]) -> Writing[str]:
+    """A writing whose one hook sleeps ``seconds`` (in its slot's thread) before its transition."""
+    time.sleep(seconds)
+    yield cast(Write, SimpleNamespace(changes=(), key=name))
+    return name
+
+
+class NamedStore(CountedStore):
+    """A ``CountedStore`` that keeps which writings' transitions each group commit held."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stored: list[list[str]] = []
+
+    def commit_many(self, writes: Sequence[Write]) -> list[Exception | None]:
+        self.stored.append([cast(SimpleNamespace, write).key for write in writes])
+        return super().commit_many(writes)
+
+
+def test_with_slow_hooks_a_transition_waits_for_its_group_at_most_the_window() -> None:
+    """#27's W4: a returned hook's transition waited until every running hook was back whenever
+    they returned less than ``group_window`` apart, so 32 slots of 50 ms hooks ran in waves
+    (on average half of them busy). Four slots: ``a`` returns at once, the others 0.15 s apart;
+    ``a`` is stored once it waited the window (0.2 s), not after the last hook (0.45 s)."""
+    store = NamedStore()
+    driven: Slots[str, str] = Slots(
+        store, concurrency=4, group=10, window=0.2, broken=lambda key, exc: f"broken: {exc}"
+    )
+    for name, seconds in (("a", 0.0), ("b", 0.15), ("c", 0.3), ("d", 0.45)):
+        driven.start(name, sleeps(name, seconds, store.stored))
+    try:
+        assert sorted(drive(driven)) == ["a", "b", "c", "d"]
+    finally:
+        driven.close()
+    assert "d" not in store.stored[0], store.stored
+    assert store.stored[0][0] == "a"
+
+
+def one_hook(name: str, hook: Callable[[], None], threads: dict[str, int]) -> Writing[str]:
+    """A writing of one hook (``hook``, run in the slot's thread) and its transition."""
+    threads[name] = threading.get_ident()
+    hook()
+    yield cast(Write, SimpleNamespace(changes=(), key=name))
+    return name
+
+
+def test_a_slow_hook_in_a_run_gives_the_rest_of_the_run_back_to_the_other_slots() -> None:
+    """While hooks are quick a thread takes a run of ready writings (one hand-off for them all);
+    a hook of the run that turns out slow must not hold the writings after it in its run. Two
+    slots, six writings: runs of three, ``slow`` second in the first. ``slow`` waits (up to
+    10 s) for ``c``, third in its run, to start: ``c`` must be taken back and run in the other
+    slot while ``slow`` still runs."""
+    store, threads = NamedStore(), {}
+    c_started = threading.Event()
+    waited: list[bool] = []
+    driven: Slots[str, str] = Slots(
+        store, concurrency=2, group=10, window=0.05, broken=lambda key, exc: f"broken: {exc}", slowest=lambda: 0.0
+    )
+
+    def slow() -> None:
+        waited.append(c_started.wait(10))
+
+    hooks = {"a": lambda: None, "slow": slow, "c": c_started.set, "d": lambda: None, "e": lambda: None}
+    hooks["f"] = lambda: None
+    for name, hook in hooks.items():
+        driven.start(name, one_hook(name, hook, threads))
+    try:
+        assert sorted(drive(driven)) == sorted(hooks)
+    finally:
+        driven.close()
+    assert threads["a"] == threads["slow"]  # one run: one thread took both
+    assert waited == [True]  # ``c`` started while ``slow`` ran
+    assert threads["c"] != threads["slow"]
