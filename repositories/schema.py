@@ -26,7 +26,7 @@ from sqlalchemy.dialects.postgresql import JSONB
 
 from prorch.model.records import Metadata as Models
 
-SCHEMA_REVISION = "0022"
+SCHEMA_REVISION = "0023"
 """The newest migration; a store at this revision needs no upgrade."""
 VERSION_TABLE = "prorch_schema_version"
 HISTORY_TABLE = "prorch_schema_migrations"
@@ -85,8 +85,10 @@ pipelines = Table(
     # a creation key's pipelines (if_running, debounce, get_by_key): keyed rows only
     Index("ix_pipelines_key", "key", sqlite_where=KEYED, postgresql_where=KEYED),
     # live leases by name, for max_running: only leased rows, so as small as the work in flight;
-    # keyed on the owner, which a lease's renewals leave as it is (its expiry is checked on the row)
-    Index("ix_pipelines_leased", "name", "lease_owner", sqlite_where=LEASED, postgresql_where=LEASED),
+    # keyed on the owner, which a lease's renewals leave as it is (its expiry is checked on the row).
+    # SQLite only: on PostgreSQL the leases are in ``pipeline_leases`` (migration 0023), so that a
+    # claim and a release change no index of this table and can be HOT updates
+    Index("ix_pipelines_leased", "name", "lease_owner", sqlite_where=LEASED).ddl_if(dialect="sqlite"),
     # ended pipelines only: "ended in the last hour" without indexing every transition. On
     # PostgreSQL it is on ``ended_at`` instead (ENDED_AT, migration 0017), which stays NULL while
     # a pipeline runs, so that its writes can be HOT updates
@@ -201,6 +203,18 @@ pipeline_attributes = Table(
     Index("ix_pipeline_attributes_value", "name", "value", "created_at", "pipeline_uuid"),
 )
 
+pipeline_leases = Table(
+    "pipeline_leases",
+    metadata,
+    # PostgreSQL only (migration 0023): one row per pipeline whose ``lease_owner`` is set, kept by
+    # triggers on pipelines in the writer's transaction (whichever prorch wrote the lease), and
+    # gone with its pipeline; ``max_running`` counts a name's leases here, joined to the pipeline
+    # for its status and expiry (``repositories.sql_limits``)
+    Column("pipeline_uuid", String(36), primary_key=True),
+    Column("name", String(200), nullable=False),
+    Index("ix_pipeline_leases_name", "name"),
+)
+
 rate_limit_starts = Table(
     "rate_limit_starts",
     metadata,
@@ -285,6 +299,7 @@ __all__ = [
     "metadata",
     "pauses",
     "pipeline_attributes",
+    "pipeline_leases",
     "schedule_ticks",
     "schema_history",
     "workers",

@@ -17,6 +17,7 @@ from typing import Any
 from sqlalchemy import (
     ColumnElement,
     Connection,
+    FromClause,
     Integer,
     Select,
     Table,
@@ -36,7 +37,7 @@ from sqlalchemy.dialects.postgresql import JSONB
 from prorch.model.due import row_claim_order
 from prorch.model.limit_rules import KEY, TENANT, ClaimLimit, GroupValue, Tally, TenantKey, fair_order, within_limits
 from prorch.model.status import Status
-from repositories.schema import rate_limit_starts
+from repositories.schema import pipeline_leases, rate_limit_starts
 from repositories.sql_listing import json_field_equals
 
 FEW_KEYS = 32
@@ -60,16 +61,9 @@ class LimitedClaim:
         c, starts = table.c, rate_limit_starts.c
         self.table, self.dialect, self.lease_values = table, dialect, lease_values
         self.due = due.where(c.name == bindparam("_name"))
-        now = bindparam("_now", type_=c.lease_expires_at.type)
-        # by ix_pipelines_leased (name, lease_owner) of leased rows: their expiry is checked on the row
-        live = (
-            c.name == bindparam("_name"),
-            c.lease_owner.is_not(None),
-            c.status == Status.PENDING.value,
-            c.lease_expires_at > now,
-        )
-        self.running = select(func.count()).where(*live)
-        self.leased = select(c.name, c.context, c.concurrency_key).where(*live)
+        leases, live = live_leases(table, dialect)
+        self.running = select(func.count()).select_from(leases).where(*live)
+        self.leased = select(c.name, c.context, c.concurrency_key).select_from(leases).where(*live)
         self.claim_some = (
             update(table).where(c.uuid.in_(lockable(self.due).scalar_subquery()))
             .values(lease_values).returning(*table.columns)
@@ -228,6 +222,21 @@ class LimitedClaim:
         else:
             kind = func.json_type(context, literal('$."tenant"'))
         return or_(kind.is_(None), kind.not_in(SCALAR_TYPES.get(self.dialect, SCALAR_TYPES["sqlite"])))
+
+
+def live_leases(table: Table, dialect: str) -> tuple[FromClause, tuple[ColumnElement[bool], ...]]:
+    """Where a name's live leases are read (bound: _name, _now), and the conditions: only the
+    leased rows, their status and expiry checked on the pipeline row. SQLite: the pipelines by
+    ``ix_pipelines_leased``; PostgreSQL: ``pipeline_leases`` by name, each joined to its
+    pipeline (migration 0023: no index of the pipelines table holds the lease there)."""
+    c = table.c
+    now = bindparam("_now", type_=c.lease_expires_at.type)
+    live = (c.lease_owner.is_not(None), c.status == Status.PENDING.value, c.lease_expires_at > now)
+    if dialect != "postgresql":
+        return table, (c.name == bindparam("_name"), *live)
+    leases = pipeline_leases.c
+    joined = pipeline_leases.join(table, c.uuid == leases.pipeline_uuid)
+    return joined, (leases.name == bindparam("_name"), *live)
 
 
 def pending_keys(table: Table) -> Any:

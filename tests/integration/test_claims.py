@@ -79,7 +79,7 @@ class Plans:
         event.listen(backend.engine, "before_cursor_execute", self.explain)
 
     def explain(self, connection: Any, cursor: Any, statement: str, params: Any, context: Any, many: bool) -> None:
-        if "FROM pipelines" not in statement or self.marker not in statement:
+        if not ("FROM pipelines" in statement or "FROM pipeline_leases" in statement) or self.marker not in statement:
             return  # not a walk in claim order (a count, a lease by uuid, a rate's start)
         if self.backend.engine.dialect.name == "postgresql":
             cursor.execute("EXPLAIN " + statement, params)
@@ -324,8 +324,53 @@ def test_live_leases_are_counted_from_the_index_of_leased_rows(sql: Any) -> None
         plans.close()
     assert len(claimed) == 2
     assert plans.plans, "no count seen"
+    # PostgreSQL: from the narrow table of leases by name (0023), each joined to its pipeline
+    index = "ix_pipeline_leases_name" if sql.engine.dialect.name == "postgresql" else "ix_pipelines_leased"
     for plan in plans.plans:
-        assert "ix_pipelines_leased" in plan, plan
+        assert index in plan, plan
+
+
+def lease_rows(backend: Any) -> set[str] | None:
+    """PostgreSQL: the uuids in ``pipeline_leases``, after checking they are exactly the pipelines
+    whose ``lease_owner`` is set (SQLite has no such table: None)."""
+    if backend.engine.dialect.name != "postgresql":
+        return None
+    with backend.engine.connect() as connection:
+        side = {uuid for (uuid,) in connection.exec_driver_sql("SELECT pipeline_uuid FROM pipeline_leases")}
+        owned = set(connection.execute(select(pipelines.c.uuid).where(pipelines.c.lease_owner.is_not(None))).scalars())
+    assert side == owned, (side, owned)
+    return side
+
+
+def test_max_running_counts_every_writer_s_leases(sql: Any) -> None:
+    """Regression (#28 item 4): on PostgreSQL the live leases are counted from ``pipeline_leases``,
+    which triggers keep (0023), so every writer's lease counts: an older prorch's (a raw UPDATE
+    of ``lease_owner`` on the row), ``claim_one``'s, the limited claim's; a release or an expiry
+    frees the room, and a deleted leased pipeline leaves no row behind."""
+    rows = [row("A", minutes=-9 + i) for i in range(8)]
+    fill(sql, rows)
+    store, limits = Store(sql), {"A": ClaimLimit(max_running=3)}
+    old = [rows[0]["uuid"], rows[1]["uuid"]]
+
+    def write(**values: Any) -> None:  # as an older prorch writes the row: no trigger of its own
+        with sql.engine.begin() as connection:
+            connection.execute(update(pipelines).where(pipelines.c.uuid.in_(old)).values(**values))
+
+    write(lease_owner="older", lease_expires_at=NOW + timedelta(minutes=1), revision=pipelines.c.revision + 1)
+    assert lease_rows(sql) in (None, set(old))
+    assert claim(store, "w1", 10, limits) == [rows[2]["uuid"]]  # 2 of the older worker's + 1
+    assert store.claim_one(rows[7]["uuid"], NOW, "w2", UNTIL) is not None  # one run in process: 4 live
+    assert lease_rows(sql) in (None, {*old, rows[2]["uuid"], rows[7]["uuid"]})
+    write(lease_owner=None, lease_expires_at=None)  # the older worker releases both: 2 live
+    assert lease_rows(sql) in (None, {rows[2]["uuid"], rows[7]["uuid"]})
+    assert claim(store, "w3", 10, limits) == [rows[0]["uuid"]]
+    assert claim(store, "w3", 10, limits) == []
+    with sql.engine.begin() as connection:  # one lease runs out, its owner still written on the row
+        connection.execute(update(pipelines).where(pipelines.c.uuid == rows[7]["uuid"]).values(lease_expires_at=NOW))
+    assert claim(store, "w4", 10, limits) == [rows[1]["uuid"]]
+    with sql.engine.begin() as connection:  # retention or a purge deleting leased pipelines
+        connection.execute(delete(pipelines).where(pipelines.c.uuid.in_([r["uuid"] for r in rows[:5]])))
+    assert lease_rows(sql) in (None, {rows[7]["uuid"]})  # the expired one's owner is still on its row
 
 
 def test_a_rate_limit_counts_the_starts_within_its_period(sql: Any) -> None:
