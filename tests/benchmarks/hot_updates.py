@@ -39,10 +39,11 @@ from tests.benchmarks.run import fresh_pg_url  # noqa: E402
 from tests.support.postgres import remove, start_server  # noqa: E402
 
 TABLES = ("pipelines", "pipeline_steps")
+LEASES = "pipeline_leases"  # PostgreSQL's table of live leases (migration 0023): its dead tuples count too
 STATS = text(
     "SELECT relname, n_tup_upd, n_tup_hot_upd, n_dead_tup, autovacuum_count, "
     "pg_relation_size(relid) AS heap, pg_indexes_size(relid) AS indexes "
-    "FROM pg_stat_user_tables WHERE relname IN ('pipelines', 'pipeline_steps')"
+    "FROM pg_stat_user_tables WHERE relname IN ('pipelines', 'pipeline_steps', 'pipeline_leases')"
 )
 
 
@@ -71,11 +72,12 @@ def one_run(
         for table, factor in zip(TABLES, fillfactor or [], strict=False):  # an experiment's override
             connection.execute(text(f"ALTER TABLE {table} SET (fillfactor = {factor})"))
         if mode == "quiet":
-            for table in TABLES:
-                connection.execute(text(f"ALTER TABLE {table} SET (autovacuum_enabled = false)"))
+            for table in (*TABLES, LEASES):
+                if connection.execute(text("SELECT to_regclass(:t)"), {"t": table}).scalar() is not None:
+                    connection.execute(text(f"ALTER TABLE {table} SET (autovacuum_enabled = false)"))
         connection.execute(text("SELECT pg_stat_reset()"))
         wal_before = connection.execute(text("SELECT pg_current_wal_lsn()")).scalar()
-    peak = dict.fromkeys(TABLES, 0)
+    peak = dict.fromkeys((*TABLES, LEASES), 0)
     series: list[tuple[float, int, int, int, int]] = []  # seconds; dead tuples, autovacuums of each table
     running, started = True, time.monotonic()
 
@@ -121,6 +123,10 @@ def one_run(
         out[f"{short}_peak_dead_per_1000"] = 1000 * max(peak[name], row["n_dead_tup"]) / transitions
         out[f"{short}_autovacuums"] = row["autovacuum_count"]
         out[f"{short}_kb"] = (row["heap"] + row["indexes"]) / 1024
+    leases = found.get(LEASES, {"n_dead_tup": 0, "autovacuum_count": 0})  # none before 0023
+    out["leases_dead_per_1000"] = 1000 * leases["n_dead_tup"] / transitions
+    out["leases_peak_dead_per_1000"] = 1000 * max(peak.get(LEASES, 0), leases["n_dead_tup"]) / transitions
+    out["leases_autovacuums"] = leases["autovacuum_count"]
     return out
 
 

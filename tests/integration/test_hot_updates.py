@@ -15,7 +15,7 @@ from alembic.config import Config
 from sqlalchemy import create_engine, delete, event, insert, inspect, text, update
 
 from prorch import Orchestrator
-from prorch.model.records import new_uuid
+from prorch.model.records import Metadata, new_uuid
 from prorch.model.registry import Registry
 from repositories import from_url
 from repositories.schema import pipelines
@@ -42,13 +42,15 @@ def table_counters(url: str, table: str) -> tuple[int, int]:
         engine.dispose()
 
 
-def test_only_a_pipelines_end_touches_an_index(postgres_url: str, registry: Registry) -> None:
+@pytest.mark.parametrize("max_running", [None, 5], ids=["unlimited", "max_running"])
+def test_only_a_pipelines_end_touches_an_index(postgres_url: str, registry: Registry, max_running: int | None) -> None:
     """Regression (#28 item 4): 0 of a pipeline's updates were HOT, since ``updated_at`` and
     ``lease_expires_at``, which every write changes, were index keys (0017 made all but 2 HOT);
     then the claim was not, since it sets the lease's owner, which ``ix_pipelines_leased`` held.
-    Now the leases are in their own table (0023): only the end (status, due time) changes an
-    indexed column; the steps' updates never do. While a hook runs its lease is in that table,
-    and the release takes it out."""
+    Now the leases of limited names are in their own table (0023): only the end (status, due
+    time) changes an indexed column; the steps' updates never do. While a hook of a limited
+    name runs, its lease is in that table, and the release takes it out; an unlimited name's
+    leases never go there."""
     leases: list[int] = []
 
     def count_leases(self: Any) -> None:
@@ -59,14 +61,14 @@ def test_only_a_pipelines_end_touches_an_index(postgres_url: str, registry: Regi
 
     steps = [step_of("Hot0", count_leases), *(step_of(f"Hot{i}", lambda self: None) for i in (1, 2))]
     backend = from_url(postgres_url)
-    pipeline_of(*steps, name="Hot").create(backend, {})
+    pipeline_of(*steps, name="Hot", max_running=max_running).create(backend, {})
     orchestrator = Orchestrator(backend, registry=registry)
     while orchestrator.execute_pipelines().claimed:
         pass
     with backend.engine.connect() as connection:
         left = connection.exec_driver_sql("SELECT count(*) FROM pipeline_leases").scalar_one()
     backend.dispose()  # its connections close: their counters reach the statistics
-    assert leases == [1] and left == 0, (leases, left)
+    assert leases == [0 if max_running is None else 1] and left == 0, (leases, left)
     updates, hot = table_counters(postgres_url, "pipelines")
     assert updates >= 4, updates  # the claim, the end and the writes between
     assert updates - hot == 1, f"{updates - hot} of {updates} pipeline updates were not HOT"
@@ -158,9 +160,9 @@ def downgrade_to(backend: SQLBackend, revision: str) -> None:
 def test_migration_0023_moves_the_leases_to_their_own_table_and_back(
     kind: str, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
-    """On PostgreSQL 0023 copies the stored leases into ``pipeline_leases`` and drops
-    ``ix_pipelines_leased``, and its downgrade puts the index back and drops the table; on
-    SQLite it changes nothing."""
+    """On PostgreSQL 0023 adds ``pipeline_leases`` and ``pipeline_limited_names`` and drops
+    ``ix_pipelines_leased``, and its downgrade puts the index back and drops the tables and
+    their triggers; on SQLite it changes nothing."""
     url = f"sqlite:///{tmp_path / 'old.db'}" if kind == "sqlite" else request.getfixturevalue("postgres_url")
     old = SQLBackend(url, migrate=False)
     upgrade(old, "0022")
@@ -168,13 +170,17 @@ def test_migration_0023_moves_the_leases_to_their_own_table_and_back(
     with old.engine.begin() as connection:
         connection.execute(insert(pipelines), [stored_row("pending"), leased, stored_row("finished")])
     upgrade(old)  # to this prorch's newest
+    if kind == "postgresql":  # a name entered copies its stored leases; the downgrade drops them
+        with old.engine.connect() as connection:
+            assert old(Metadata.PIPELINES_MODEL).leases_in_table(connection, "Old")
+            side = connection.exec_driver_sql("SELECT pipeline_uuid, name FROM pipeline_leases").all()
+        assert [tuple(found) for found in side] == [(leased["uuid"], "Old")]
     with old.engine.connect() as connection:
         indexes = index_definitions(connection)
         tables = set(inspect(connection).get_table_names())
-        if kind == "postgresql":
+        if kind == "postgresql":  # the stored leases are copied by a name's first limited claim
             assert "ix_pipelines_leased" not in indexes, indexes
-            side = connection.exec_driver_sql("SELECT pipeline_uuid, name FROM pipeline_leases").all()
-            assert [tuple(found) for found in side] == [(leased["uuid"], "Old")]
+            assert {"pipeline_leases", "pipeline_limited_names"} <= tables, tables
         else:
             assert "(name, lease_owner)" in indexes["ix_pipelines_leased"], indexes
             assert "pipeline_leases" not in tables
@@ -183,7 +189,7 @@ def test_migration_0023_moves_the_leases_to_their_own_table_and_back(
         indexes = index_definitions(connection)
         assert "(name, lease_owner)" in indexes["ix_pipelines_leased"], indexes
         assert "lease_owner IS NOT NULL" in indexes["ix_pipelines_leased"], indexes
-        assert "pipeline_leases" not in set(inspect(connection).get_table_names())
+        assert not {"pipeline_leases", "pipeline_limited_names"} & set(inspect(connection).get_table_names())
     with old.engine.begin() as connection:  # no trigger is left behind to write to the dropped table
         connection.execute(update(pipelines).values(lease_owner="v"))
         connection.execute(delete(pipelines))
