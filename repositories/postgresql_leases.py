@@ -19,23 +19,25 @@ logger = logging.getLogger(__name__)
 
 READY = text("SELECT ready FROM pipeline_limited_names WHERE name = :name")
 ENTER = text("INSERT INTO pipeline_limited_names (name, ready) VALUES (:name, false) ON CONFLICT (name) DO NOTHING")
-# the leases stored before the name's entry; a row another transaction holds is waited for and
-# read as that one leaves it (FOR UPDATE), so a lease written before the entry, by a writer
-# whose trigger did not see it, is copied here once that writer commits
+WAIT = text("SET LOCAL lock_timeout = '2s'")
+# the writers in flight, whose triggers may have looked before the name was entered, end
+# first: the copy sees their leases (and blocks new writers until it commits)
+QUIET = text("LOCK TABLE pipelines IN SHARE MODE")
 COPY = text(
     "INSERT INTO pipeline_leases (pipeline_uuid, name) "
     "SELECT uuid, name FROM pipelines WHERE name = :name AND status = 'pending' AND lease_owner IS NOT NULL "
-    "FOR UPDATE ON CONFLICT (pipeline_uuid) DO NOTHING"
+    "ON CONFLICT (pipeline_uuid) DO NOTHING"
 )
 MARK = text("UPDATE pipeline_limited_names SET ready = true WHERE name = :name")
-WAIT = text("SET LOCAL lock_timeout = '2s'")
 
 
 def limited_name_ready(engine: Engine, name: str) -> bool:
     """Whether ``name``'s live leases can be counted from ``pipeline_leases``; enters the name
-    and copies its stored leases when it was not (on a connection of its own, two commits:
-    the entry first, so that every later lease write sees it). False when a held row made the
-    copy wait too long: the caller counts from the pipelines this time, and tries again next."""
+    and copies its stored leases when it was not, once per database (on a connection of its
+    own, two commits: the entry first, so that every later lease write sees it; then the copy,
+    once the writes in flight have ended, which holds the pipelines' writers back meanwhile).
+    False when a writer kept the table longer than the lock timeout: the caller counts from the
+    pipelines this time, and tries again next."""
     with engine.connect() as connection:
         if connection.execute(READY, {"name": name}).scalar():
             return True
@@ -43,6 +45,7 @@ def limited_name_ready(engine: Engine, name: str) -> bool:
         connection.commit()
         try:
             connection.execute(WAIT)
+            connection.execute(QUIET)
             connection.execute(COPY, {"name": name})
             connection.execute(MARK, {"name": name})
             connection.commit()

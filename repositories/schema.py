@@ -94,7 +94,8 @@ pipelines = Table(
     # a pipeline runs, so that its writes can be HOT updates
     Index("ix_pipelines_ended", "updated_at", sqlite_where=ENDED),
     # room on each page for a row's next version: what a HOT update needs besides unchanged keys
-    postgresql_with={"fillfactor": 60},
+    # (40: a claim or a commit round updates many rows of a page in one transaction, migration 0023)
+    postgresql_with={"fillfactor": 40},
 )
 # the claim's walk in claim order (``prorch.model.due.CLAIM_ORDER``), all names, or one name's (a
 # limited claim): it reads the rows it takes, not every due row (``repositories.sql_claim``)

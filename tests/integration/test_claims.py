@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import threading
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
@@ -514,3 +515,30 @@ def test_a_rate_limit_prunes_only_its_own_names_starts(sql: Any) -> None:
     later = NOW + timedelta(minutes=2)
     assert len(claim(store, "w2", 10, {"A": limits["A"]}, at=later, runnable=frozenset({("A", 1)}))) == 1
     assert claim(store, "w3", 10, {"B": limits["B"]}, at=later, runnable=frozenset({("B", 1)})) == []
+
+
+def test_a_lease_written_while_its_name_is_entered_is_counted(sql: Any) -> None:
+    """PostgreSQL (0023): a lease written before a name's first limited claim entered it, by a
+    transaction still open then (an older prorch's), is not in ``pipeline_leases`` by its
+    trigger; the entry's copy waits for that transaction and copies it, so it is counted."""
+    if sql.engine.dialect.name != "postgresql":
+        pytest.skip("SQLite counts the leases on the pipelines table")
+    rows = [row("A", minutes=-9 + i) for i in range(4)]
+    fill(sql, rows)
+    writer = sql.engine.connect()
+    writer.execute(
+        update(pipelines)
+        .where(pipelines.c.uuid == rows[0]["uuid"])
+        .values(lease_owner="older", lease_expires_at=NOW + timedelta(minutes=1))
+    )  # in flight: A is not entered yet, so its trigger wrote nothing
+    found: list[list[str]] = []
+    limits = {"A": ClaimLimit(max_running=2)}
+    claimer = threading.Thread(target=lambda: found.append(claim(Store(sql), "w", 10, limits)))
+    claimer.start()
+    claimer.join(0.5)
+    assert claimer.is_alive()  # the copy waits for the row the writer holds
+    writer.commit()
+    writer.close()
+    claimer.join(10)
+    assert found == [[rows[1]["uuid"]]]  # the older worker's lease and one more
+    assert lease_rows(sql) == {rows[0]["uuid"], rows[1]["uuid"]}

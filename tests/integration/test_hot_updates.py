@@ -116,7 +116,7 @@ def test_migration_0017_moves_the_indexes_off_changing_columns_and_back(
             found = dict(connection.exec_driver_sql("SELECT uuid, ended_at FROM pipelines").all())
             assert found == {ended["uuid"]: ENDED_AT, running["uuid"]: None}  # computed for stored rows
             options = connection.exec_driver_sql("SELECT reloptions FROM pg_class WHERE relname = 'pipelines'")
-            assert "fillfactor=60" in options.scalar_one()
+            assert "fillfactor=40" in options.scalar_one()  # 0017's 60, lowered by 0023
         else:
             assert "(updated_at)" in indexes["ix_pipelines_ended"], indexes
     plans: list[str] = []
@@ -181,6 +181,8 @@ def test_migration_0023_moves_the_leases_to_their_own_table_and_back(
         if kind == "postgresql":  # the stored leases are copied by a name's first limited claim
             assert "ix_pipelines_leased" not in indexes, indexes
             assert {"pipeline_leases", "pipeline_limited_names"} <= tables, tables
+            options = connection.exec_driver_sql("SELECT reloptions FROM pg_class WHERE relname = 'pipelines'")
+            assert "fillfactor=40" in options.scalar_one()
         else:
             assert "(name, lease_owner)" in indexes["ix_pipelines_leased"], indexes
             assert "pipeline_leases" not in tables
@@ -190,6 +192,9 @@ def test_migration_0023_moves_the_leases_to_their_own_table_and_back(
         assert "(name, lease_owner)" in indexes["ix_pipelines_leased"], indexes
         assert "lease_owner IS NOT NULL" in indexes["ix_pipelines_leased"], indexes
         assert not {"pipeline_leases", "pipeline_limited_names"} & set(inspect(connection).get_table_names())
+        if kind == "postgresql":
+            options = connection.exec_driver_sql("SELECT reloptions FROM pg_class WHERE relname = 'pipelines'")
+            assert "fillfactor=60" in options.scalar_one()
     with old.engine.begin() as connection:  # no trigger is left behind to write to the dropped table
         connection.execute(update(pipelines).values(lease_owner="v"))
         connection.execute(delete(pipelines))
