@@ -19,7 +19,8 @@ logger = logging.getLogger(__name__)
 
 READY = text("SELECT ready FROM pipeline_limited_names WHERE name = :name")
 ENTER = text("INSERT INTO pipeline_limited_names (name, ready) VALUES (:name, false) ON CONFLICT (name) DO NOTHING")
-WAIT = text("SET LOCAL lock_timeout = '2s'")
+LOCK_TIMEOUT = "2s"
+"""How long the copy waits for the writers in flight before it gives up for this claim."""
 # the writers in flight, whose triggers may have looked before the name was entered, end
 # first: the copy sees their leases (and blocks new writers until it commits)
 QUIET = text("LOCK TABLE pipelines IN SHARE MODE")
@@ -44,7 +45,7 @@ def limited_name_ready(engine: Engine, name: str) -> bool:
         connection.execute(ENTER, {"name": name})
         connection.commit()
         try:
-            connection.execute(WAIT)
+            connection.execute(text(f"SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'"))
             connection.execute(QUIET)
             connection.execute(COPY, {"name": name})
             connection.execute(MARK, {"name": name})

@@ -18,7 +18,7 @@ from prorch.model.due import ClaimRequest
 from prorch.model.limit_rules import ClaimLimit, Fairness, RateLimit
 from prorch.model.records import new_uuid
 from prorch.storage.store import Store
-from repositories import from_url
+from repositories import from_url, postgresql_leases
 from repositories.schema import pipelines, rate_limit_starts
 from tests.integration.conftest import make_backend
 
@@ -542,3 +542,24 @@ def test_a_lease_written_while_its_name_is_entered_is_counted(sql: Any) -> None:
     claimer.join(10)
     assert found == [[rows[1]["uuid"]]]  # the older worker's lease and one more
     assert lease_rows(sql) == {rows[0]["uuid"], rows[1]["uuid"]}
+
+
+def test_a_name_not_entered_in_time_is_counted_from_the_pipelines(sql: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """PostgreSQL (0023): while a writer keeps the pipelines table past the lock timeout, the
+    name's first limited claim cannot copy its leases and counts them from the pipelines, which
+    is as right; a later claim enters it."""
+    if sql.engine.dialect.name != "postgresql":
+        pytest.skip("SQLite counts the leases on the pipelines table")
+    monkeypatch.setattr(postgresql_leases, "LOCK_TIMEOUT", "100ms")
+    rows = [row("A", minutes=-9 + i, lease_owner="x", lease_expires_at=UNTIL) for i in range(2)]
+    other = row("B", minutes=-9)
+    fill(sql, [*rows, *[row("A", minutes=-5 + i) for i in range(3)], other])
+    store, limits = Store(sql), {"A": ClaimLimit(max_running=3)}
+    with sql.engine.connect() as writer:  # a long transaction writing another pipeline
+        writer.execute(update(pipelines).where(pipelines.c.uuid == other["uuid"]).values(priority=1))
+        claimed = claim(store, "w1", 10, limits, runnable=frozenset({("A", 1)}))
+        assert len(claimed) == 1
+        assert lease_rows(sql) == set(claimed)  # entered, its new leases kept; the stored ones not copied
+        writer.commit()
+    assert claim(store, "w2", 10, limits, runnable=frozenset({("A", 1)})) == []
+    assert len(lease_rows(sql) or ()) == 3  # entered now: the 3 live leases copied
