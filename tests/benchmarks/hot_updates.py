@@ -5,6 +5,7 @@ transitions, for vacuum to clean.
     PYTHONPATH=$PWD python tests/benchmarks/hot_updates.py                 # N=1,000, 3 runs each mode
     PYTHONPATH=$PWD python tests/benchmarks/hot_updates.py --n 1000 --runs 1 --output /tmp/hot.json
     PYTHONPATH=$PWD python tests/benchmarks/hot_updates.py --roots /tmp/before . --modes quiet  # A/B
+    PYTHONPATH=$PWD python tests/benchmarks/hot_updates.py --limited   # through the limited claim
 
 Each run is W1 (``workloads.py w1``: N pipelines of 3 quick steps, created one by one, then run
 to the end by one worker, group commit 100) on a fresh database of a durable server (fsync on),
@@ -62,7 +63,7 @@ def in_root(root: Path, *args: str) -> str:
 
 
 def one_run(
-    server: Any, root: Path, n: int, mode: str, fillfactor: list[int] | None, settle: float = 0
+    server: Any, root: Path, n: int, mode: str, fillfactor: list[int] | None, settle: float = 0, limited: bool = False
 ) -> dict[str, Any]:
     url = fresh_pg_url(server)
     # migrated first, so that the tables exist before the counters are reset
@@ -96,7 +97,8 @@ def one_run(
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
     try:
-        result = json.loads(in_root(root, str(root / "tests" / "benchmarks" / "workloads.py"), "w1", url, str(n)))
+        workload = ["w1", url, str(n), *(["100", "1"] if limited else [])]
+        result = json.loads(in_root(root, str(root / "tests" / "benchmarks" / "workloads.py"), *workload))
         time.sleep(settle)  # what autovacuum does once the work stops
     finally:
         running = False
@@ -138,6 +140,7 @@ def main() -> None:
     parser.add_argument("--roots", nargs="+", default=[str(ROOT)], help="code trees to compare, interleaved")
     parser.add_argument("--fillfactor", nargs=2, type=int, metavar=("PIPELINES", "STEPS"), help="an override")
     parser.add_argument("--settle", type=float, default=0, help="seconds to keep sampling after the run")
+    parser.add_argument("--limited", action="store_true", help="W1 of a class with max_running (never reached)")
     parser.add_argument("--output", help="also write the results here as JSON")
     options = parser.parse_args()
     server = start_server(durable=True)
@@ -146,7 +149,9 @@ def main() -> None:
     try:
         for _ in range(options.runs):
             for root, mode in configurations:  # interleaved: noise hits every configuration alike
-                result = one_run(server, Path(root).resolve(), options.n, mode, options.fillfactor, options.settle)
+                result = one_run(
+                    server, Path(root).resolve(), options.n, mode, options.fillfactor, options.settle, options.limited
+                )
                 runs[f"{root} {mode}"].append(result)
     finally:
         remove(server)
