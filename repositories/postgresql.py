@@ -155,9 +155,12 @@ class PostgreSQLRepository(SQLRepository):
 
     def leases_in_table(self, connection: Connection, name: str) -> bool:
         """From ``pipeline_leases`` once the name is ready there (``postgresql_leases``): its
-        first limited claim enters it; until then (a held row delayed the copy), from the
-        pipelines, by the name's claim index."""
-        if name not in self._ready_names and limited_name_ready(connection.engine, name):
+        first limited claim enters it; until then (a writer kept the pipelines past the lock
+        timeout, or the claim runs inside a caller's transaction, which the entry's lock of
+        the table would wait for), from the pipelines, by the name's claim index."""
+        if name in self._ready_names:
+            return True
+        if self.backend.current_connection() is None and limited_name_ready(connection.engine, name):
             self._ready_names |= {name}
         return name in self._ready_names
 

@@ -207,13 +207,23 @@ pipeline_attributes = Table(
 pipeline_leases = Table(
     "pipeline_leases",
     metadata,
-    # PostgreSQL only (migration 0023): one row per pipeline whose ``lease_owner`` is set, kept by
-    # triggers on pipelines in the writer's transaction (whichever prorch wrote the lease), and
-    # gone with its pipeline; ``max_running`` counts a name's leases here, joined to the pipeline
-    # for its status and expiry (``repositories.sql_limits``)
+    # PostgreSQL only (migration 0023): one row per leased pipeline of a name entered in
+    # pipeline_limited_names, kept by triggers on pipelines in the writer's transaction
+    # (whichever prorch wrote the lease), and gone with its pipeline; ``max_running`` counts a
+    # name's leases here, joined to the pipeline for its status and expiry (``sql_limits``)
     Column("pipeline_uuid", String(36), primary_key=True),
     Column("name", String(200), nullable=False),
     Index("ix_pipeline_leases_name", "name"),
+)
+
+pipeline_limited_names = Table(
+    "pipeline_limited_names",
+    metadata,
+    # PostgreSQL only (migration 0023): the names whose leases go to pipeline_leases, entered by
+    # their first limited claim; ``ready`` once the leases stored before were copied there
+    # (``repositories.postgresql_leases``)
+    Column("name", String(200), primary_key=True),
+    Column("ready", Boolean, nullable=False, server_default=text("false")),
 )
 
 rate_limit_starts = Table(
@@ -301,6 +311,7 @@ __all__ = [
     "pauses",
     "pipeline_attributes",
     "pipeline_leases",
+    "pipeline_limited_names",
     "schedule_ticks",
     "schema_history",
     "workers",
