@@ -9,13 +9,14 @@ transitions, for vacuum to clean.
 
 Each run is W1 (``workloads.py w1``: N pipelines of 3 quick steps, created one by one, then run
 to the end by one worker, group commit 100) on a fresh database of a durable server (fsync on),
-in two modes: ``quiet``, autovacuum off on the two tables, so the dead tuples counted at the end
+in two modes: ``quiet``, autovacuum off on the tables, so the dead tuples counted at the end
 are all those the run left for a vacuum (page pruning, which HOT chains allow, already took the
 rest); ``autovacuum``, the server's defaults, sampled every 0.2 s for the peak of dead tuples and
 the autovacuums that ran (``--settle``: and for a while after the run). The counters are
-``pg_stat_user_tables``' (reset before the run). Run it by hand; the test suite never asserts
-timings. ``--roots`` runs the same on other copies of the code (a checkout of another commit),
-interleaved: each root migrates its own databases.
+``pg_stat_user_tables``' (reset before the run), of pipelines and steps, and the dead tuples of
+``pipeline_leases`` (migration 0023: a row per lease of a limited name, ``--limited``). Run it
+by hand; the test suite never asserts timings. ``--roots`` runs the same on other copies of the
+code (a checkout of another commit), interleaved: each root migrates its own databases.
 """
 
 from __future__ import annotations
