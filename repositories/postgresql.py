@@ -18,6 +18,7 @@ from prorch.model.secrets import error_summary
 from prorch.storage.backend import Outcome, Write
 from prorch.storage.commits import by_statements
 from prorch.storage.repository import TransitionRows
+from repositories.postgresql_leases import limited_name_ready
 from repositories.postgresql_transitions import TransitionStatements
 from repositories.postgresql_wakeups import Listeners, channel_name
 from repositories.schema import TABLES
@@ -161,8 +162,21 @@ class PostgreSQLBackend(SQLBackend):
 
 
 class PostgreSQLRepository(SQLRepository):
+    _ready_names: frozenset[str] = frozenset()
+
     def lockable(self, due: Select[Any]) -> Select[Any]:
         return due.with_for_update(skip_locked=True)
+
+    def leases_in_table(self, connection: Connection, name: str) -> bool:
+        """From ``pipeline_leases`` once the name is ready there (``postgresql_leases``): its
+        first limited claim enters it; until then (a writer kept the pipelines past the lock
+        timeout, or the claim runs inside a caller's transaction, which the entry's lock of
+        the table would wait for), from the pipelines, by the name's claim index."""
+        if name in self._ready_names:
+            return True
+        if self.backend.current_connection() is None and limited_name_ready(connection.engine, name):
+            self._ready_names |= {name}
+        return name in self._ready_names
 
 
 PostgreSQLBackend.repository_class = PostgreSQLRepository

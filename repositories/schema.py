@@ -26,7 +26,7 @@ from sqlalchemy.dialects.postgresql import JSONB
 
 from prorch.model.records import Metadata as Models
 
-SCHEMA_REVISION = "0022"
+SCHEMA_REVISION = "0023"
 """The newest migration; a store at this revision needs no upgrade."""
 VERSION_TABLE = "prorch_schema_version"
 HISTORY_TABLE = "prorch_schema_migrations"
@@ -85,14 +85,17 @@ pipelines = Table(
     # a creation key's pipelines (if_running, debounce, get_by_key): keyed rows only
     Index("ix_pipelines_key", "key", sqlite_where=KEYED, postgresql_where=KEYED),
     # live leases by name, for max_running: only leased rows, so as small as the work in flight;
-    # keyed on the owner, which a lease's renewals leave as it is (its expiry is checked on the row)
-    Index("ix_pipelines_leased", "name", "lease_owner", sqlite_where=LEASED, postgresql_where=LEASED),
+    # keyed on the owner, which a lease's renewals leave as it is (its expiry is checked on the row).
+    # SQLite only: on PostgreSQL the leases are in ``pipeline_leases`` (migration 0023), so that a
+    # claim and a release change no index of this table and can be HOT updates
+    Index("ix_pipelines_leased", "name", "lease_owner", sqlite_where=LEASED).ddl_if(dialect="sqlite"),
     # ended pipelines only: "ended in the last hour" without indexing every transition. On
     # PostgreSQL it is on ``ended_at`` instead (ENDED_AT, migration 0017), which stays NULL while
     # a pipeline runs, so that its writes can be HOT updates
     Index("ix_pipelines_ended", "updated_at", sqlite_where=ENDED),
     # room on each page for a row's next version: what a HOT update needs besides unchanged keys
-    postgresql_with={"fillfactor": 60},
+    # (40: a claim or a commit round updates many rows of a page in one transaction, migration 0023)
+    postgresql_with={"fillfactor": 40},
 )
 # the claim's walk in claim order (``prorch.model.due.CLAIM_ORDER``), all names, or one name's (a
 # limited claim): it reads the rows it takes, not every due row (``repositories.sql_claim``)
@@ -201,6 +204,28 @@ pipeline_attributes = Table(
     Index("ix_pipeline_attributes_value", "name", "value", "created_at", "pipeline_uuid"),
 )
 
+pipeline_leases = Table(
+    "pipeline_leases",
+    metadata,
+    # PostgreSQL only (migration 0023): one row per leased pipeline of a name entered in
+    # pipeline_limited_names, kept by triggers on pipelines in the writer's transaction
+    # (whichever prorch wrote the lease), and gone with its pipeline; ``max_running`` counts a
+    # name's leases here, joined to the pipeline for its status and expiry (``sql_limits``)
+    Column("pipeline_uuid", String(36), primary_key=True),
+    Column("name", String(200), nullable=False),
+    Index("ix_pipeline_leases_name", "name"),
+)
+
+pipeline_limited_names = Table(
+    "pipeline_limited_names",
+    metadata,
+    # PostgreSQL only (migration 0023): the names whose leases go to pipeline_leases, entered by
+    # their first limited claim; ``ready`` once the leases stored before were copied there
+    # (``repositories.postgresql_leases``)
+    Column("name", String(200), primary_key=True),
+    Column("ready", Boolean, nullable=False, server_default=text("false")),
+)
+
 rate_limit_starts = Table(
     "rate_limit_starts",
     metadata,
@@ -285,6 +310,8 @@ __all__ = [
     "metadata",
     "pauses",
     "pipeline_attributes",
+    "pipeline_leases",
+    "pipeline_limited_names",
     "schedule_ticks",
     "schema_history",
     "workers",

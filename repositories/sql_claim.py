@@ -8,7 +8,21 @@ from collections.abc import Callable
 from datetime import datetime
 from typing import Any, TypeVar, cast
 
-from sqlalchemy import ColumnElement, Integer, Select, Table, and_, bindparam, case, false, or_, select, true, update
+from sqlalchemy import (
+    ColumnElement,
+    Connection,
+    Integer,
+    Select,
+    Table,
+    and_,
+    bindparam,
+    case,
+    false,
+    or_,
+    select,
+    true,
+    update,
+)
 
 from prorch.model.due import CLAIM_ORDER, TERMINAL_VALUES, ClaimRequest, Runnable, row_claim_order
 from prorch.model.records import JSONDict
@@ -126,7 +140,8 @@ class SQLClaims(ClaimsByRequest):
         ))  # fmt: skip
         dialect = self.backend.engine.dialect.name
         limited = self._statement(claim_kind("limited", mark), runnable, lambda: LimitedClaim(
-            self.table, dialect, self._due_query(runnable), self.lockable, self._lease_values(mark=mark)
+            self.table, dialect, self._due_query(runnable), self.lockable, self._lease_values(mark=mark),
+            self.leases_in_table,
         ))  # fmt: skip
         rows: list[Any] = []
         if runnable is None or not {name for name, _ in runnable} <= limits.keys():
@@ -154,6 +169,11 @@ class SQLClaims(ClaimsByRequest):
         """The due query as the claim's subquery: where the database can lock rows, it skips
         the ones another worker's claim holds (PostgreSQL); as it is here."""
         return due
+
+    def leases_in_table(self, connection: Connection, name: str) -> bool:
+        """Whether a limited name's live leases are counted from ``pipeline_leases`` (PostgreSQL,
+        migration 0023); here not: from the pipelines table, by ``ix_pipelines_leased``."""
+        return False
 
     def claim_one(self, uuid: str, now: datetime, owner: str, lease_expires_at: datetime) -> JSONDict | None:
         c = self.table.c

@@ -17,6 +17,7 @@ from typing import Any
 from sqlalchemy import (
     ColumnElement,
     Connection,
+    FromClause,
     Integer,
     Select,
     Table,
@@ -36,7 +37,7 @@ from sqlalchemy.dialects.postgresql import JSONB
 from prorch.model.due import row_claim_order
 from prorch.model.limit_rules import KEY, TENANT, ClaimLimit, GroupValue, Tally, TenantKey, fair_order, within_limits
 from prorch.model.status import Status
-from repositories.schema import rate_limit_starts
+from repositories.schema import pipeline_leases, rate_limit_starts
 from repositories.sql_listing import json_field_equals
 
 FEW_KEYS = 32
@@ -53,23 +54,18 @@ class LimitedClaim:
 
     def __init__(
         self, table: Table, dialect: str, due: Select[Any], lockable: Callable[[Select[Any]], Select[Any]],
-        lease_values: dict[str, Any],
+        lease_values: dict[str, Any], by_lease_table: Callable[[Connection, str], bool],
     ) -> None:  # fmt: skip
         """``due``: the due query of the table (uuids in claim order; bound: _now, _limit);
-        ``lockable``: it as a claim's subquery (``SQLRepository.lockable``)."""
+        ``lockable``: it as a claim's subquery (``SQLRepository.lockable``); ``by_lease_table``:
+        whether a name's leases are counted from ``pipeline_leases`` (``SQLRepository``'s)."""
         c, starts = table.c, rate_limit_starts.c
         self.table, self.dialect, self.lease_values = table, dialect, lease_values
+        self.by_lease_table = by_lease_table
         self.due = due.where(c.name == bindparam("_name"))
-        now = bindparam("_now", type_=c.lease_expires_at.type)
-        # by ix_pipelines_leased (name, lease_owner) of leased rows: their expiry is checked on the row
-        live = (
-            c.name == bindparam("_name"),
-            c.lease_owner.is_not(None),
-            c.status == Status.PENDING.value,
-            c.lease_expires_at > now,
-        )
-        self.running = select(func.count()).where(*live)
-        self.leased = select(c.name, c.context, c.concurrency_key).where(*live)
+        self.running, self.leased = live_lease_queries(table, by_lease_table=False)
+        # PostgreSQL: from pipeline_leases once the name is ready there (repositories.postgresql_leases)
+        self.running_by_table, self.leased_by_table = live_lease_queries(table, by_lease_table=True)
         self.claim_some = (
             update(table).where(c.uuid.in_(lockable(self.due).scalar_subquery()))
             .values(lease_values).returning(*table.columns)
@@ -94,9 +90,11 @@ class LimitedClaim:
             connection.execute(self.prune, {"_name": name, "_since": params["_now"] - limit.rate.period})
             tally.started[name] = connection.execute(self.started, {"_name": name}).scalar_one()
         if limit.groupings():
-            tally.add_leased(row._mapping for row in connection.execute(self.leased, bound))
+            leased = self.leased_by_table if self.by_lease_table(connection, name) else self.leased
+            tally.add_leased(row._mapping for row in connection.execute(leased, bound))
         elif limit.max_running is not None:
-            tally.running[name] = connection.execute(self.running, bound).scalar_one()
+            running = self.running_by_table if self.by_lease_table(connection, name) else self.running
+            tally.running[name] = connection.execute(running, bound).scalar_one()
         room = tally.room(name)
         room = most if room is None else min(room, most)
         if room <= 0:
@@ -228,6 +226,25 @@ class LimitedClaim:
         else:
             kind = func.json_type(context, literal('$."tenant"'))
         return or_(kind.is_(None), kind.not_in(SCALAR_TYPES.get(self.dialect, SCALAR_TYPES["sqlite"])))
+
+
+def live_lease_queries(table: Table, *, by_lease_table: bool) -> tuple[Select[Any], Select[Any]]:
+    """A name's live leases, counted and as rows for the groups (bound: _name, _now): only the
+    leased rows, their status and expiry checked on the pipeline row. From the pipelines (by
+    ``ix_pipelines_leased`` on SQLite, by the name's claim index on PostgreSQL, which has no
+    index of leases on the table: migration 0023), or from ``pipeline_leases`` by name, each
+    joined to its pipeline."""
+    c = table.c
+    now = bindparam("_now", type_=c.lease_expires_at.type)
+    live = (c.lease_owner.is_not(None), c.status == Status.PENDING.value, c.lease_expires_at > now)
+    source: FromClause = table
+    of_name = c.name == bindparam("_name")
+    if by_lease_table:
+        leases = pipeline_leases.c
+        source, of_name = pipeline_leases.join(table, c.uuid == leases.pipeline_uuid), leases.name == bindparam("_name")
+    running = select(func.count()).select_from(source).where(of_name, *live)
+    leased = select(c.name, c.context, c.concurrency_key).select_from(source).where(of_name, *live)
+    return running, leased
 
 
 def pending_keys(table: Table) -> Any:

@@ -5,16 +5,18 @@ transitions, for vacuum to clean.
     PYTHONPATH=$PWD python tests/benchmarks/hot_updates.py                 # N=1,000, 3 runs each mode
     PYTHONPATH=$PWD python tests/benchmarks/hot_updates.py --n 1000 --runs 1 --output /tmp/hot.json
     PYTHONPATH=$PWD python tests/benchmarks/hot_updates.py --roots /tmp/before . --modes quiet  # A/B
+    PYTHONPATH=$PWD python tests/benchmarks/hot_updates.py --limited   # through the limited claim
 
 Each run is W1 (``workloads.py w1``: N pipelines of 3 quick steps, created one by one, then run
 to the end by one worker, group commit 100) on a fresh database of a durable server (fsync on),
-in two modes: ``quiet``, autovacuum off on the two tables, so the dead tuples counted at the end
+in two modes: ``quiet``, autovacuum off on the tables, so the dead tuples counted at the end
 are all those the run left for a vacuum (page pruning, which HOT chains allow, already took the
 rest); ``autovacuum``, the server's defaults, sampled every 0.2 s for the peak of dead tuples and
 the autovacuums that ran (``--settle``: and for a while after the run). The counters are
-``pg_stat_user_tables``' (reset before the run). Run it by hand; the test suite never asserts
-timings. ``--roots`` runs the same on other copies of the code (a checkout of another commit),
-interleaved: each root migrates its own databases.
+``pg_stat_user_tables``' (reset before the run), of pipelines and steps, and the dead tuples of
+``pipeline_leases`` (migration 0023: a row per lease of a limited name, ``--limited``). Run it
+by hand; the test suite never asserts timings. ``--roots`` runs the same on other copies of the
+code (a checkout of another commit), interleaved: each root migrates its own databases.
 """
 
 from __future__ import annotations
@@ -39,10 +41,11 @@ from tests.benchmarks.run import fresh_pg_url  # noqa: E402
 from tests.support.postgres import remove, start_server  # noqa: E402
 
 TABLES = ("pipelines", "pipeline_steps")
+LEASES = "pipeline_leases"  # PostgreSQL's table of live leases (migration 0023): its dead tuples count too
 STATS = text(
     "SELECT relname, n_tup_upd, n_tup_hot_upd, n_dead_tup, autovacuum_count, "
     "pg_relation_size(relid) AS heap, pg_indexes_size(relid) AS indexes "
-    "FROM pg_stat_user_tables WHERE relname IN ('pipelines', 'pipeline_steps')"
+    "FROM pg_stat_user_tables WHERE relname IN ('pipelines', 'pipeline_steps', 'pipeline_leases')"
 )
 
 
@@ -61,7 +64,7 @@ def in_root(root: Path, *args: str) -> str:
 
 
 def one_run(
-    server: Any, root: Path, n: int, mode: str, fillfactor: list[int] | None, settle: float = 0
+    server: Any, root: Path, n: int, mode: str, fillfactor: list[int] | None, settle: float = 0, limited: bool = False
 ) -> dict[str, Any]:
     url = fresh_pg_url(server)
     # migrated first, so that the tables exist before the counters are reset
@@ -71,11 +74,12 @@ def one_run(
         for table, factor in zip(TABLES, fillfactor or [], strict=False):  # an experiment's override
             connection.execute(text(f"ALTER TABLE {table} SET (fillfactor = {factor})"))
         if mode == "quiet":
-            for table in TABLES:
-                connection.execute(text(f"ALTER TABLE {table} SET (autovacuum_enabled = false)"))
+            for table in (*TABLES, LEASES):
+                if connection.execute(text("SELECT to_regclass(:t)"), {"t": table}).scalar() is not None:
+                    connection.execute(text(f"ALTER TABLE {table} SET (autovacuum_enabled = false)"))
         connection.execute(text("SELECT pg_stat_reset()"))
         wal_before = connection.execute(text("SELECT pg_current_wal_lsn()")).scalar()
-    peak = dict.fromkeys(TABLES, 0)
+    peak = dict.fromkeys((*TABLES, LEASES), 0)
     series: list[tuple[float, int, int, int, int]] = []  # seconds; dead tuples, autovacuums of each table
     running, started = True, time.monotonic()
 
@@ -94,7 +98,8 @@ def one_run(
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
     try:
-        result = json.loads(in_root(root, str(root / "tests" / "benchmarks" / "workloads.py"), "w1", url, str(n)))
+        workload = ["w1", url, str(n), *(["100", "1"] if limited else [])]
+        result = json.loads(in_root(root, str(root / "tests" / "benchmarks" / "workloads.py"), *workload))
         time.sleep(settle)  # what autovacuum does once the work stops
     finally:
         running = False
@@ -121,6 +126,10 @@ def one_run(
         out[f"{short}_peak_dead_per_1000"] = 1000 * max(peak[name], row["n_dead_tup"]) / transitions
         out[f"{short}_autovacuums"] = row["autovacuum_count"]
         out[f"{short}_kb"] = (row["heap"] + row["indexes"]) / 1024
+    leases = found.get(LEASES, {"n_dead_tup": 0, "autovacuum_count": 0})  # none before 0023
+    out["leases_dead_per_1000"] = 1000 * leases["n_dead_tup"] / transitions
+    out["leases_peak_dead_per_1000"] = 1000 * max(peak.get(LEASES, 0), leases["n_dead_tup"]) / transitions
+    out["leases_autovacuums"] = leases["autovacuum_count"]
     return out
 
 
@@ -132,6 +141,7 @@ def main() -> None:
     parser.add_argument("--roots", nargs="+", default=[str(ROOT)], help="code trees to compare, interleaved")
     parser.add_argument("--fillfactor", nargs=2, type=int, metavar=("PIPELINES", "STEPS"), help="an override")
     parser.add_argument("--settle", type=float, default=0, help="seconds to keep sampling after the run")
+    parser.add_argument("--limited", action="store_true", help="W1 of a class with max_running (never reached)")
     parser.add_argument("--output", help="also write the results here as JSON")
     options = parser.parse_args()
     server = start_server(durable=True)
@@ -140,7 +150,9 @@ def main() -> None:
     try:
         for _ in range(options.runs):
             for root, mode in configurations:  # interleaved: noise hits every configuration alike
-                result = one_run(server, Path(root).resolve(), options.n, mode, options.fillfactor, options.settle)
+                result = one_run(
+                    server, Path(root).resolve(), options.n, mode, options.fillfactor, options.settle, options.limited
+                )
                 runs[f"{root} {mode}"].append(result)
     finally:
         remove(server)

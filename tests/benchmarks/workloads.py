@@ -64,6 +64,10 @@ def quick_step(index: int) -> type[Step]:
 
 Three = register_pipeline(type("Three", (Pipeline,), {"name": "Three", "steps": [quick_step(i) for i in range(3)]}))
 One = register_pipeline(type("One", (Pipeline,), {"name": "One", "steps": [quick_step(9)]}))
+# Three with a limit that never binds: W1 through the limited claim (its count of live leases)
+ThreeLimited = register_pipeline(
+    type("ThreeLimited", (Pipeline,), {"name": "ThreeLimited", "steps": Three.steps, "max_running": 1_000_000})
+)
 
 
 def io_step(index: int, kind: str) -> type[Step]:
@@ -134,11 +138,13 @@ def w1_observed(url: str, n: int, state: str) -> dict[str, Any]:
     return {"state": state, "transitions_per_s": transitions / (time.perf_counter() - started)}
 
 
-def w1(url: str, n: int, group: int = 100) -> dict[str, Any]:
+def w1(url: str, n: int, group: int = 100, limited: int = 0) -> dict[str, Any]:
+    """W1; with ``limited``, of ``ThreeLimited`` (claimed by the limited claim)."""
     backend = from_url(url)
+    pipeline = ThreeLimited if limited else Three
     cpu, started = time.process_time(), time.perf_counter()
     for _ in range(n):
-        Three.create(backend)
+        pipeline.create(backend)
     created = time.perf_counter()
     transitions = run_to_end(Orchestrator(backend, concurrency=1, group_commit=group))
     done, cpu = time.perf_counter(), time.process_time() - cpu

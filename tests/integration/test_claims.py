@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import threading
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
@@ -17,7 +18,7 @@ from prorch.model.due import ClaimRequest
 from prorch.model.limit_rules import ClaimLimit, Fairness, RateLimit
 from prorch.model.records import Metadata, new_uuid
 from prorch.storage.store import Store
-from repositories import from_url
+from repositories import from_url, postgresql_leases
 from repositories import sqlite as sqlite_dialect
 from repositories.schema import pipelines, rate_limit_starts
 from repositories.sql_claim import SQLClaims
@@ -50,6 +51,8 @@ def sql(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
     with backend.engine.begin() as connection:
         connection.execute(delete(rate_limit_starts))
         connection.execute(delete(pipelines))
+        if request.param == "postgresql":  # no name entered for its leases' table (0023) by an earlier test
+            connection.exec_driver_sql("DELETE FROM pipeline_limited_names")
     return backend
 
 
@@ -90,7 +93,7 @@ class Plans:
         sqlite_dialect._execute_rows = explained
 
     def explain(self, connection: Any, cursor: Any, statement: str, params: Any, context: Any, many: bool) -> None:
-        if "FROM pipelines" not in statement or self.marker not in statement:
+        if not ("FROM pipelines" in statement or "FROM pipeline_leases" in statement) or self.marker not in statement:
             return  # not a walk in claim order (a count, a lease by uuid, a rate's start)
         if self.backend.engine.dialect.name == "postgresql":
             cursor.execute("EXPLAIN " + statement, params)
@@ -336,8 +339,53 @@ def test_live_leases_are_counted_from_the_index_of_leased_rows(sql: Any) -> None
         plans.close()
     assert len(claimed) == 2
     assert plans.plans, "no count seen"
+    # PostgreSQL: from the narrow table of leases by name (0023), each joined to its pipeline
+    index = "ix_pipeline_leases_name" if sql.engine.dialect.name == "postgresql" else "ix_pipelines_leased"
     for plan in plans.plans:
-        assert "ix_pipelines_leased" in plan, plan
+        assert index in plan, plan
+
+
+def lease_rows(backend: Any) -> set[str] | None:
+    """PostgreSQL: the uuids in ``pipeline_leases`` (SQLite has no such table: None)."""
+    if backend.engine.dialect.name != "postgresql":
+        return None
+    with backend.engine.connect() as connection:
+        return {uuid for (uuid,) in connection.exec_driver_sql("SELECT pipeline_uuid FROM pipeline_leases")}
+
+
+def test_max_running_counts_every_writer_s_leases(sql: Any) -> None:
+    """Regression (#28 item 4): on PostgreSQL a limited name's live leases are counted from
+    ``pipeline_leases`` (0023), which its first limited claim fills with the leases stored until
+    then and triggers keep afterwards, so every writer's lease counts: an older prorch's (a raw
+    UPDATE of ``lease_owner`` on the row), ``claim_one``'s, the limited claim's; a release or an
+    expiry frees the room, a deleted leased pipeline leaves no row behind, and an unlimited
+    name's leases never go there."""
+    rows = [row("A", minutes=-9 + i) for i in range(8)]
+    free = row("B", minutes=-9)
+    fill(sql, [*rows, free])
+    store, limits = Store(sql), {"A": ClaimLimit(max_running=3)}
+    old = [rows[0]["uuid"], rows[1]["uuid"]]
+
+    def write(**values: Any) -> None:  # as an older prorch writes the row: no code of its own for the table
+        with sql.engine.begin() as connection:
+            connection.execute(update(pipelines).where(pipelines.c.uuid.in_(old)).values(**values))
+
+    write(lease_owner="older", lease_expires_at=NOW + timedelta(minutes=1), revision=pipelines.c.revision + 1)
+    assert lease_rows(sql) in (None, set())  # A has had no limited claim yet
+    assert claim(store, "w1", 10, limits) == [free["uuid"], rows[2]["uuid"]]  # 2 of the older worker's + 1
+    assert lease_rows(sql) in (None, {*old, rows[2]["uuid"]})  # copied, then kept by the trigger; not B's
+    assert store.claim_one(rows[7]["uuid"], NOW, "w2", UNTIL) is not None  # one run in process: 4 live
+    assert lease_rows(sql) in (None, {*old, rows[2]["uuid"], rows[7]["uuid"]})
+    write(lease_owner=None, lease_expires_at=None)  # the older worker releases both: 2 live
+    assert lease_rows(sql) in (None, {rows[2]["uuid"], rows[7]["uuid"]})
+    assert claim(store, "w3", 10, limits) == [rows[0]["uuid"]]
+    assert claim(store, "w3", 10, limits) == []
+    with sql.engine.begin() as connection:  # one lease runs out, its owner still written on the row
+        connection.execute(update(pipelines).where(pipelines.c.uuid == rows[7]["uuid"]).values(lease_expires_at=NOW))
+    assert claim(store, "w4", 10, limits) == [rows[1]["uuid"]]
+    with sql.engine.begin() as connection:  # retention or a purge deleting leased pipelines
+        connection.execute(delete(pipelines).where(pipelines.c.uuid.in_([r["uuid"] for r in rows[:5]])))
+    assert lease_rows(sql) in (None, {rows[7]["uuid"]})  # the expired one's owner is still on its row
 
 
 def test_a_rate_limit_counts_the_starts_within_its_period(sql: Any) -> None:
@@ -517,3 +565,49 @@ def test_sqlite_s_claim_on_the_driver_takes_and_reads_what_sqlalchemy_s_path_doe
     assert [r["name"] for r in driver] == (["A", "B", "C", "C"] if runnable else ["A", "D", "B", "C", "C"])
     assert driver == sqlalchemy
     assert driver_stored == sqlalchemy_stored
+def test_a_lease_written_while_its_name_is_entered_is_counted(sql: Any) -> None:
+    """PostgreSQL (0023): a lease written before a name's first limited claim entered it, by a
+    transaction still open then (an older prorch's), is not in ``pipeline_leases`` by its
+    trigger; the entry's copy waits for that transaction and copies it, so it is counted."""
+    if sql.engine.dialect.name != "postgresql":
+        pytest.skip("SQLite counts the leases on the pipelines table")
+    rows = [row("A", minutes=-9 + i) for i in range(4)]
+    fill(sql, rows)
+    writer = sql.engine.connect()
+    writer.execute(
+        update(pipelines)
+        .where(pipelines.c.uuid == rows[0]["uuid"])
+        .values(lease_owner="older", lease_expires_at=NOW + timedelta(minutes=1))
+    )  # in flight: A is not entered yet, so its trigger wrote nothing
+    found: list[list[str]] = []
+    limits = {"A": ClaimLimit(max_running=2)}
+    claimer = threading.Thread(target=lambda: found.append(claim(Store(sql), "w", 10, limits)))
+    claimer.start()
+    claimer.join(0.5)
+    assert claimer.is_alive()  # the copy waits for the row the writer holds
+    writer.commit()
+    writer.close()
+    claimer.join(10)
+    assert found == [[rows[1]["uuid"]]]  # the older worker's lease and one more
+    assert lease_rows(sql) == {rows[0]["uuid"], rows[1]["uuid"]}
+
+
+def test_a_name_not_entered_in_time_is_counted_from_the_pipelines(sql: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """PostgreSQL (0023): while a writer keeps the pipelines table past the lock timeout, the
+    name's first limited claim cannot copy its leases and counts them from the pipelines, which
+    is as right; a later claim enters it."""
+    if sql.engine.dialect.name != "postgresql":
+        pytest.skip("SQLite counts the leases on the pipelines table")
+    monkeypatch.setattr(postgresql_leases, "LOCK_TIMEOUT", "100ms")
+    rows = [row("A", minutes=-9 + i, lease_owner="x", lease_expires_at=UNTIL) for i in range(2)]
+    other = row("B", minutes=-9)
+    fill(sql, [*rows, *[row("A", minutes=-5 + i) for i in range(3)], other])
+    store, limits = Store(sql), {"A": ClaimLimit(max_running=3)}
+    with sql.engine.connect() as writer:  # a long transaction writing another pipeline
+        writer.execute(update(pipelines).where(pipelines.c.uuid == other["uuid"]).values(priority=1))
+        claimed = claim(store, "w1", 10, limits, runnable=frozenset({("A", 1)}))
+        assert len(claimed) == 1
+        assert lease_rows(sql) == set(claimed)  # entered, its new leases kept; the stored ones not copied
+        writer.commit()
+    assert claim(store, "w2", 10, limits, runnable=frozenset({("A", 1)})) == []
+    assert len(lease_rows(sql) or ()) == 3  # entered now: the 3 live leases copied

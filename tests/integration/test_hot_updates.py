@@ -12,10 +12,10 @@ from typing import Any
 import pytest
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import create_engine, event, insert, text
+from sqlalchemy import create_engine, delete, event, insert, inspect, text, update
 
 from prorch import Orchestrator
-from prorch.model.records import new_uuid
+from prorch.model.records import Metadata, new_uuid
 from prorch.model.registry import Registry
 from repositories import from_url
 from repositories.schema import pipelines
@@ -42,21 +42,36 @@ def table_counters(url: str, table: str) -> tuple[int, int]:
         engine.dispose()
 
 
-def test_only_a_pipelines_claim_and_its_end_touch_an_index(postgres_url: str, registry: Registry) -> None:
+@pytest.mark.parametrize("max_running", [None, 5], ids=["unlimited", "max_running"])
+def test_only_a_pipelines_end_touches_an_index(postgres_url: str, registry: Registry, max_running: int | None) -> None:
     """Regression (#28 item 4): 0 of a pipeline's updates were HOT, since ``updated_at`` and
-    ``lease_expires_at``, which every write changes, were index keys. Now only the claim (it
-    sets the lease's owner, which the index of live leases holds) and the end (status, due
-    time) change an indexed column; the steps' updates never do."""
-    steps = [step_of(f"Hot{i}", lambda self: None) for i in range(3)]
+    ``lease_expires_at``, which every write changes, were index keys (0017 made all but 2 HOT);
+    then the claim was not, since it sets the lease's owner, which ``ix_pipelines_leased`` held.
+    Now the leases of limited names are in their own table (0023): only the end (status, due
+    time) changes an indexed column; the steps' updates never do. While a hook of a limited
+    name runs, its lease is in that table, and the release takes it out; an unlimited name's
+    leases never go there."""
+    leases: list[int] = []
+
+    def count_leases(self: Any) -> None:
+        engine = create_engine(postgres_url.replace("postgresql://", "postgresql+psycopg://", 1))
+        with engine.connect() as connection:
+            leases.append(connection.exec_driver_sql("SELECT count(*) FROM pipeline_leases").scalar_one())
+        engine.dispose()
+
+    steps = [step_of("Hot0", count_leases), *(step_of(f"Hot{i}", lambda self: None) for i in (1, 2))]
     backend = from_url(postgres_url)
-    pipeline_of(*steps, name="Hot").create(backend, {})
+    pipeline_of(*steps, name="Hot", max_running=max_running).create(backend, {})
     orchestrator = Orchestrator(backend, registry=registry)
     while orchestrator.execute_pipelines().claimed:
         pass
+    with backend.engine.connect() as connection:
+        left = connection.exec_driver_sql("SELECT count(*) FROM pipeline_leases").scalar_one()
     backend.dispose()  # its connections close: their counters reach the statistics
+    assert leases == [0 if max_running is None else 1] and left == 0, (leases, left)
     updates, hot = table_counters(postgres_url, "pipelines")
     assert updates >= 4, updates  # the claim, the end and the writes between
-    assert updates - hot == 2, f"{updates - hot} of {updates} pipeline updates were not HOT"
+    assert updates - hot == 1, f"{updates - hot} of {updates} pipeline updates were not HOT"
     step_updates, step_hot = table_counters(postgres_url, "pipeline_steps")
     assert step_updates >= 3 and step_hot == step_updates, (step_updates, step_hot)
 
@@ -91,14 +106,17 @@ def test_migration_0017_moves_the_indexes_off_changing_columns_and_back(
     upgrade(old)  # to this prorch's newest
     with old.engine.connect() as connection:
         indexes = index_definitions(connection)
-        assert "(name, lease_owner)" in indexes["ix_pipelines_leased"], indexes
-        assert "lease_owner IS NOT NULL" in indexes["ix_pipelines_leased"], indexes
+        if kind == "postgresql":
+            assert "ix_pipelines_leased" not in indexes, indexes  # in pipeline_leases since 0023
+        else:
+            assert "(name, lease_owner)" in indexes["ix_pipelines_leased"], indexes
+            assert "lease_owner IS NOT NULL" in indexes["ix_pipelines_leased"], indexes
         if kind == "postgresql":
             assert "(ended_at)" in indexes["ix_pipelines_ended"], indexes
             found = dict(connection.exec_driver_sql("SELECT uuid, ended_at FROM pipelines").all())
             assert found == {ended["uuid"]: ENDED_AT, running["uuid"]: None}  # computed for stored rows
             options = connection.exec_driver_sql("SELECT reloptions FROM pg_class WHERE relname = 'pipelines'")
-            assert "fillfactor=60" in options.scalar_one()
+            assert "fillfactor=40" in options.scalar_one()  # 0017's 60, lowered by 0023
         else:
             assert "(updated_at)" in indexes["ix_pipelines_ended"], indexes
     plans: list[str] = []
@@ -117,11 +135,7 @@ def test_migration_0017_moves_the_indexes_off_changing_columns_and_back(
     event.remove(old.engine, "before_cursor_execute", explain)
     assert len(plans) == (2 if kind == "postgresql" else 0), plans
     assert all("ix_pipelines_ended" in plan for plan in plans), plans
-    with old.engine.begin() as connection:
-        config = Config()
-        config.set_main_option("script_location", str(MIGRATIONS))
-        config.attributes["connection"] = connection
-        command.downgrade(config, "0016")
+    downgrade_to(old, "0016")
     with old.engine.connect() as connection:
         indexes = index_definitions(connection)
         assert "(name, lease_expires_at)" in indexes["ix_pipelines_leased"], indexes
@@ -131,4 +145,57 @@ def test_migration_0017_moves_the_indexes_off_changing_columns_and_back(
                 "SELECT column_name FROM information_schema.columns WHERE table_name = 'pipelines'"
             )
             assert "ended_at" not in {name for (name,) in columns}
+    old.dispose()
+
+
+def downgrade_to(backend: SQLBackend, revision: str) -> None:
+    with backend.engine.begin() as connection:
+        config = Config()
+        config.set_main_option("script_location", str(MIGRATIONS))
+        config.attributes["connection"] = connection
+        command.downgrade(config, revision)
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
+def test_migration_0023_moves_the_leases_to_their_own_table_and_back(
+    kind: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """On PostgreSQL 0023 adds ``pipeline_leases`` and ``pipeline_limited_names`` and drops
+    ``ix_pipelines_leased``, and its downgrade puts the index back and drops the tables and
+    their triggers; on SQLite it changes nothing."""
+    url = f"sqlite:///{tmp_path / 'old.db'}" if kind == "sqlite" else request.getfixturevalue("postgres_url")
+    old = SQLBackend(url, migrate=False)
+    upgrade(old, "0022")
+    leased = stored_row("pending", lease_owner="w", lease_expires_at=ENDED_AT)
+    with old.engine.begin() as connection:
+        connection.execute(insert(pipelines), [stored_row("pending"), leased, stored_row("finished")])
+    upgrade(old)  # to this prorch's newest
+    if kind == "postgresql":  # a name entered copies its stored leases; the downgrade drops them
+        with old.engine.connect() as connection:
+            assert old(Metadata.PIPELINES_MODEL).leases_in_table(connection, "Old")
+            side = connection.exec_driver_sql("SELECT pipeline_uuid, name FROM pipeline_leases").all()
+        assert [tuple(found) for found in side] == [(leased["uuid"], "Old")]
+    with old.engine.connect() as connection:
+        indexes = index_definitions(connection)
+        tables = set(inspect(connection).get_table_names())
+        if kind == "postgresql":  # the stored leases are copied by a name's first limited claim
+            assert "ix_pipelines_leased" not in indexes, indexes
+            assert {"pipeline_leases", "pipeline_limited_names"} <= tables, tables
+            options = connection.exec_driver_sql("SELECT reloptions FROM pg_class WHERE relname = 'pipelines'")
+            assert "fillfactor=40" in options.scalar_one()
+        else:
+            assert "(name, lease_owner)" in indexes["ix_pipelines_leased"], indexes
+            assert "pipeline_leases" not in tables
+    downgrade_to(old, "0022")
+    with old.engine.connect() as connection:
+        indexes = index_definitions(connection)
+        assert "(name, lease_owner)" in indexes["ix_pipelines_leased"], indexes
+        assert "lease_owner IS NOT NULL" in indexes["ix_pipelines_leased"], indexes
+        assert not {"pipeline_leases", "pipeline_limited_names"} & set(inspect(connection).get_table_names())
+        if kind == "postgresql":
+            options = connection.exec_driver_sql("SELECT reloptions FROM pg_class WHERE relname = 'pipelines'")
+            assert "fillfactor=60" in options.scalar_one()
+    with old.engine.begin() as connection:  # no trigger is left behind to write to the dropped table
+        connection.execute(update(pipelines).values(lease_owner="v"))
+        connection.execute(delete(pipelines))
     old.dispose()
