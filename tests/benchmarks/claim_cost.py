@@ -11,7 +11,9 @@ claims, untimed, the claimed pipelines are released to the back of the queue (st
 pass that moves them on would, so the backlog stays the same size. Prints the median claim in
 milliseconds, plain and limited (a ``max_running`` on one of the three names: the limited claim's
 path). ``--pause P0`` pauses one of the three names first (issue #29: the claim leaves out the
-paused third). Run it by hand; the test suite never asserts timings.
+paused third). SQLite at its default (WAL, ``synchronous=FULL``), PostgreSQL a durable server
+(``fsync=on``, ``synchronous_commit=on``), as in ``run.py``. Run it by hand; the test suite never
+asserts timings.
 """
 
 from __future__ import annotations
@@ -113,7 +115,7 @@ def main() -> None:
                         from tests.benchmarks.run import fresh_pg_url
                         from tests.support.postgres import start_server
 
-                        server = server or start_server()
+                        server = server or start_server(durable=True)  # fsync on, as run.py's
                         url = fresh_pg_url(server)
                     ms = measure(url, size, args.passes, args.batch, limited, args.pause)
                     key = f"{kind} {'limited' if limited else 'plain'} N={size}"

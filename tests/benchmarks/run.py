@@ -201,7 +201,10 @@ def main() -> None:
             print(f"W2 sqlite waiting={waiting}", flush=True)
             with tempfile.TemporaryDirectory(prefix="prorch-bench-") as folder:
                 url = f"sqlite:///{folder}/w2.db"
-                run_json(workload("w2_setup", url, str(waiting)), cwd=Path(folder))
+                # 1,000,000 pipelines took 17 minutes on the loaded machine: past run_json's
+                # default 15, a setup killed before its 10 due ones left the pass nothing to claim
+                if run_json(workload("w2_setup", url, str(waiting)), cwd=Path(folder), timeout=3600) is None:
+                    raise RuntimeError(f"W2's setup of {waiting:,} waiting pipelines took over an hour")
                 if "w2" in chosen:
                     passes = []
                     for _ in range(runs):
