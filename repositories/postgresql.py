@@ -5,6 +5,7 @@ workers follow the server's clock, and schema upgrades take an advisory lock."""
 from __future__ import annotations
 
 import functools
+import time
 from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
@@ -45,6 +46,13 @@ KEY_LOCKS = text(
     "AS bucket FROM unnest(CAST(:keys AS text[])) AS k ORDER BY bucket) AS ordered"
 )
 """``lock_key`` for many keys in one statement, each bucket once, in bucket order (every caller's)."""
+ENTRY_RETRY_FIRST = 30.0
+ENTRY_RETRY_MOST = 900.0
+"""Seconds before a limited name whose entry for ``pipeline_leases`` timed out is tried again
+(doubling from the first to the most): while a long transaction keeps the pipelines table (a
+large import, a session left idle in its transaction), every try queues a SHARE lock that holds
+each writer of pipelines back for ``postgresql_leases.LOCK_TIMEOUT``, and claims come every few
+milliseconds. Meanwhile the name's leases are counted from the pipelines, which is as right."""
 SCHEMA_LOCK = 7270712
 """The advisory lock key of schema upgrades ('prorch')."""
 
@@ -164,6 +172,11 @@ class PostgreSQLBackend(SQLBackend):
 class PostgreSQLRepository(SQLRepository):
     _ready_names: frozenset[str] = frozenset()
 
+    def __init__(self, model: str, backend: SQLBackend) -> None:
+        super().__init__(model, backend)
+        # a name whose entry timed out -> (time.monotonic() before which it is not tried again, that pause)
+        self._entry_pauses: dict[str, tuple[float, float]] = {}
+
     def lockable(self, due: Select[Any]) -> Select[Any]:
         return due.with_for_update(skip_locked=True)
 
@@ -171,12 +184,24 @@ class PostgreSQLRepository(SQLRepository):
         """From ``pipeline_leases`` once the name is ready there (``postgresql_leases``): its
         first limited claim enters it; until then (a writer kept the pipelines past the lock
         timeout, or the claim runs inside a caller's transaction, which the entry's lock of
-        the table would wait for), from the pipelines, by the name's claim index."""
+        the table would wait for), from the pipelines, by the name's claim index. An entry that
+        timed out is tried again only after ``ENTRY_RETRY_FIRST`` seconds, doubling up to
+        ``ENTRY_RETRY_MOST``: each try holds every writer of pipelines back while it waits."""
         if name in self._ready_names:
             return True
-        if self.backend.current_connection() is None and limited_name_ready(connection.engine, name):
+        if self.backend.current_connection() is not None:
+            return False
+        pauses, now = self._entry_pauses, time.monotonic()
+        not_before, pause = pauses.get(name, (0.0, 0.0))
+        if now < not_before:
+            return False
+        if limited_name_ready(connection.engine, name):
             self._ready_names |= {name}
-        return name in self._ready_names
+            pauses.pop(name, None)
+            return True
+        pause = min(ENTRY_RETRY_MOST, max(ENTRY_RETRY_FIRST, 2 * pause))
+        pauses[name] = (time.monotonic() + pause, pause)
+        return False
 
 
 PostgreSQLBackend.repository_class = PostgreSQLRepository

@@ -24,9 +24,13 @@ LOCK_TIMEOUT = "2s"
 # the writers in flight, whose triggers may have looked before the name was entered, end
 # first: the copy sees their leases (and blocks new writers until it commits)
 QUIET = text("LOCK TABLE pipelines IN SHARE MODE")
+# the created ones too: one leased before it started (``claim_one``) becomes pending with its lease
+# kept, which fires no trigger; ended ones not (by ix_pipelines_status_name: the name's live rows
+# only, read while the writers wait). The count checks the status
 COPY = text(
     "INSERT INTO pipeline_leases (pipeline_uuid, name) "
-    "SELECT uuid, name FROM pipelines WHERE name = :name AND status = 'pending' AND lease_owner IS NOT NULL "
+    "SELECT uuid, name FROM pipelines WHERE name = :name AND status IN ('created', 'pending') "
+    "AND lease_owner IS NOT NULL "
     "ON CONFLICT (pipeline_uuid) DO NOTHING"
 )
 MARK = text("UPDATE pipeline_limited_names SET ready = true WHERE name = :name")

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Sequence
-from datetime import datetime
+from datetime import datetime, timezone
 from typing import Any, cast
 
 from sqlalchemy import ClauseElement, Dialect, Table
@@ -26,10 +26,17 @@ from prorch.model.records import JSONDict, format_timestamp, to_utc
 from repositories.schema import column_kind
 
 
-@functools.lru_cache(maxsize=256)
 def _db_time(value: Any) -> str | None:
     """A record's timestamp (our fixed-width UTC ISO text) as SQLAlchemy stores it on SQLite.
-    Cached: one transition writes the same few times in several columns and rows."""
+    Cached (by the text, or the UTC time: two local times of a repeated hour are equal keys):
+    one transition writes the same few times in several columns and rows."""
+    if isinstance(value, datetime) and value.tzinfo is not timezone.utc:
+        value = to_utc(value)
+    return _db_time_cached(value)
+
+
+@functools.lru_cache(maxsize=256)
+def _db_time_cached(value: Any) -> str | None:
     if value is None:
         return None
     if isinstance(value, str) and len(value) == 32 and value.endswith("+00:00"):

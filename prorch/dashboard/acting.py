@@ -15,7 +15,7 @@ from prorch.bulk import ACTIONS as BULK_ACTIONS
 from prorch.bulk import BulkAction, BulkSummary, Filters
 from prorch.dashboard import views
 from prorch.model.exceptions import InvalidMessageError, InvalidParamsError, InvalidStateError
-from prorch.model.pauses import CLASS, TENANT, Pause
+from prorch.model.pauses import CLASS, TENANT, Pause, tenant_text
 from prorch.model.status import Status
 from prorch.orchestrator import Orchestrator
 from prorch.storage import forking
@@ -69,11 +69,14 @@ def act(orchestrator: Orchestrator, uuid: str, action: str, fields: Mapping[str,
 
 
 def tenant_of(orchestrator: Orchestrator, uuid: str) -> str:
-    """The tenant of pipeline ``uuid``, as text (a tenant's pause matches it as text)."""
-    tenant = orchestrator.get(uuid).pipeline.context.get("tenant")
+    """The tenant of pipeline ``uuid``, as text (a tenant's pause matches it as text); refused
+    when no tenant's pause could hold it (none, or not a text or an integer)."""
+    tenant = tenant_text(orchestrator.get(uuid).pipeline.context)
     if tenant is None or tenant == "":
-        raise InvalidStateError(f"pipeline {uuid} has no tenant: pause it, or its class, instead")
-    return str(tenant)
+        raise InvalidStateError(
+            f"pipeline {uuid} has no tenant a pause can hold (a text or an integer): pause it, or its class, instead"
+        )
+    return tenant
 
 
 def resume_holding(orchestrator: Orchestrator, uuid: str, actor: str, reason: str | None) -> Pause:

@@ -166,6 +166,9 @@ class Slots(Generic[K, T]):
 
     def close(self) -> None:
         """Wait for the hooks still running (the worker stopped), then store what waits."""
+        for run in self._running.values():  # its writings not started stay so: only running hooks end
+            with run.lock:
+                run.todo.clear()
         if self._pool is not None:
             self._pool.shutdown(wait=True)
         if self._committer is not None:

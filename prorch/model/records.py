@@ -51,12 +51,17 @@ def to_utc(moment: datetime) -> datetime:
     return moment.astimezone(timezone.utc)
 
 
-@functools.lru_cache(maxsize=512)
 def format_timestamp(moment: datetime) -> str:
-    """Fixed-width UTC ISO-8601, so that text order is time order. Cached: one transition
-    writes the same ``now`` in several places (updated_at, started_at, its events)."""
+    """Fixed-width UTC ISO-8601, so that text order is time order. Cached by the UTC time: one
+    transition writes the same ``now`` in several places (updated_at, started_at, its events).
+    Not by a local time: the two instants of a repeated hour (``fold`` 0 and 1) are equal keys."""
     if moment.tzinfo is not timezone.utc:  # the engine's own times are UTC already
         moment = to_utc(moment)
+    return _format_utc(moment)
+
+
+@functools.lru_cache(maxsize=512)
+def _format_utc(moment: datetime) -> str:
     return moment.isoformat(timespec="microseconds")
 
 

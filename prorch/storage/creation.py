@@ -106,6 +106,19 @@ def check_declared(definition: type[PipelineDefinition], registry: Registry) -> 
         )
 
 
+PRIORITY_RANGE = (-(2**31), 2**31 - 1)
+"""What every store holds in ``priority`` (a 32-bit integer column on PostgreSQL)."""
+
+
+def checked_priority(priority: int) -> int:
+    """``priority``, or one clear error (``InvalidParamsError``) when no store could hold it: a
+    database's refusal would come late, worded as the store's failure (the API's 503)."""
+    low, high = PRIORITY_RANGE
+    if isinstance(priority, bool) or not isinstance(priority, int) or not low <= priority <= high:
+        raise InvalidParamsError(f"priority must be a whole number from {low} to {high}, got {priority!r}")
+    return priority
+
+
 def build_records(
     definition: type[PipelineDefinition],
     params: JSONDict,
@@ -122,6 +135,7 @@ def build_records(
 ) -> list[Record]:
     """A new pipeline's records, in write order: its steps, its ``pipeline.created`` event, and
     the pipeline itself (due now when pending). ``params`` must be validated already."""
+    priority = checked_priority(definition.priority if priority is None else priority)
     record = PipelineRecord(
         uuid=uuid or new_uuid(),
         name=definition.name or "",
@@ -130,7 +144,7 @@ def build_records(
         params=params,
         context=context or {},
         metadata=_metadata(definition),
-        priority=definition.priority if priority is None else priority,
+        priority=priority,
         created_at=now,
         updated_at=now,
         next_run_at=now if status == Status.PENDING else None,

@@ -3,12 +3,14 @@ exactly what the store already holds, on every backend that takes partial writes
 
 from __future__ import annotations
 
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
+from zoneinfo import ZoneInfo
 
 import pytest
 
-from prorch import Orchestrator, Status
+from prorch import FakeClock, Orchestrator, Status
 from prorch.model.exceptions import ConcurrentUpdateError
 from prorch.storage.store import Store
 from tests.integration.conftest import make_backend
@@ -135,3 +137,26 @@ def test_a_pipeline_runs_to_its_end_with_partial_writes(
     assert state.pipeline.status == Status.FINISHED
     assert state.steps[0].metadata["job"] == {"polls": 3}
     assert state.steps[0].output == {"polls": 3}
+
+
+@pytest.mark.parametrize("kind", ["memory", "sqlite"])
+def test_the_two_instants_of_a_repeated_local_hour_are_stored_apart(
+    kind: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """Regression (review of the cached timestamps): 02:30 in Paris on 2030-10-27 is two instants
+    (00:30 and 01:30 UTC, ``fold`` 0 and 1) whose datetimes compare and hash equal; a cache keyed
+    by the datetime stored the second as the first's instant. Two pipelines wait until each."""
+    backend = make_backend(kind, tmp_path, request)
+    paris = ZoneInfo("Europe/Paris")
+
+    def until(step: Any) -> None:
+        step.wait(until=datetime.fromisoformat(step.params["until"]).astimezone(paris))
+
+    waits = pipeline_of(step_of("Wait", on_start=until, on_continue=lambda step: None), name="LocalWait")
+    instants = ["2030-10-27T00:30:00+00:00", "2030-10-27T01:30:00+00:00"]
+    assert [datetime.fromisoformat(i).astimezone(paris).fold for i in instants] == [0, 1]  # 02:30 both
+    uuids = [waits.create(backend, {"until": instant}).uuid for instant in instants]
+    clock = FakeClock(datetime(2030, 10, 26, 12, 0, tzinfo=timezone.utc))
+    Orchestrator(backend, clock=clock).execute_pipelines()
+    stored = [Store(backend).get_pipeline(uuid) for uuid in uuids]
+    assert [r.next_run_at.isoformat() if r and r.next_run_at else None for r in stored] == instants

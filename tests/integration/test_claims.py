@@ -18,7 +18,7 @@ from prorch.model.due import ClaimRequest
 from prorch.model.limit_rules import ClaimLimit, Fairness, RateLimit
 from prorch.model.records import Metadata, new_uuid
 from prorch.storage.store import Store
-from repositories import from_url, postgresql_leases
+from repositories import from_url, postgresql, postgresql_leases
 from repositories import sqlite as sqlite_dialect
 from repositories.schema import pipelines, rate_limit_starts
 from repositories.sql_claim import SQLClaims
@@ -565,6 +565,8 @@ def test_sqlite_s_claim_on_the_driver_takes_and_reads_what_sqlalchemy_s_path_doe
     assert [r["name"] for r in driver] == (["A", "B", "C", "C"] if runnable else ["A", "D", "B", "C", "C"])
     assert driver == sqlalchemy
     assert driver_stored == sqlalchemy_stored
+
+
 def test_a_lease_written_while_its_name_is_entered_is_counted(sql: Any) -> None:
     """PostgreSQL (0023): a lease written before a name's first limited claim entered it, by a
     transaction still open then (an older prorch's), is not in ``pipeline_leases`` by its
@@ -595,10 +597,11 @@ def test_a_lease_written_while_its_name_is_entered_is_counted(sql: Any) -> None:
 def test_a_name_not_entered_in_time_is_counted_from_the_pipelines(sql: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     """PostgreSQL (0023): while a writer keeps the pipelines table past the lock timeout, the
     name's first limited claim cannot copy its leases and counts them from the pipelines, which
-    is as right; a later claim enters it."""
+    is as right; a later claim (past the pause between tries, none here) enters it."""
     if sql.engine.dialect.name != "postgresql":
         pytest.skip("SQLite counts the leases on the pipelines table")
     monkeypatch.setattr(postgresql_leases, "LOCK_TIMEOUT", "100ms")
+    monkeypatch.setattr(postgresql, "ENTRY_RETRY_FIRST", 0.0)
     rows = [row("A", minutes=-9 + i, lease_owner="x", lease_expires_at=UNTIL) for i in range(2)]
     other = row("B", minutes=-9)
     fill(sql, [*rows, *[row("A", minutes=-5 + i) for i in range(3)], other])
@@ -611,3 +614,46 @@ def test_a_name_not_entered_in_time_is_counted_from_the_pipelines(sql: Any, monk
         writer.commit()
     assert claim(store, "w2", 10, limits, runnable=frozenset({("A", 1)})) == []
     assert len(lease_rows(sql) or ()) == 3  # entered now: the 3 live leases copied
+
+
+def test_a_name_not_entered_in_time_is_not_tried_again_at_every_claim(
+    sql: Any, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Regression (review of 0023): while a transaction keeps the pipelines table (a long
+    import, a session left idle in its transaction), each try to enter a name queues a SHARE
+    lock that holds every writer of pipelines back for the lock timeout. Claims come every few
+    milliseconds; they must not try again each time, or every writer waits nearly all along."""
+    if sql.engine.dialect.name != "postgresql":
+        pytest.skip("SQLite counts the leases on the pipelines table")
+    monkeypatch.setattr(postgresql_leases, "LOCK_TIMEOUT", "100ms")
+    other = row("B", minutes=-9)
+    fill(sql, [*[row("A", minutes=-5 + i) for i in range(4)], other])
+    store, limits, runnable = Store(sql), {"A": ClaimLimit(max_running=1)}, frozenset({("A", 1)})
+    caplog.set_level("INFO", logger=postgresql_leases.logger.name)
+    with sql.engine.connect() as writer:  # a long transaction writing another pipeline
+        writer.execute(update(pipelines).where(pipelines.c.uuid == other["uuid"]).values(priority=1))
+        first = claim(store, "w1", 10, limits, runnable=runnable)
+        for _ in range(3):  # the claims that follow count from the pipelines without waiting
+            assert claim(store, "w2", 10, limits, runnable=runnable) == []
+        writer.commit()
+    assert len(first) == 1
+    tries = [r for r in caplog.records if "counted from the pipelines for now" in r.getMessage()]
+    assert len(tries) == 1, [r.getMessage() for r in tries]
+
+
+def test_a_lease_taken_before_its_pipeline_was_pending_is_counted_once_it_is(sql: Any) -> None:
+    """Regression (review of 0023): ``claim_one`` leases a pipeline that has not started
+    (status created); it counts for ``max_running`` once it is pending. Leased so before its
+    name was entered for ``pipeline_leases``, it was not copied (only pending rows were), and
+    its first transition (to pending, the lease kept) fires no trigger: never counted."""
+    started = row("A", minutes=-20, status="created", lease_owner="w0", lease_expires_at=UNTIL)
+    rows = [row("A", minutes=-9 + i) for i in range(2)]
+    fill(sql, [started, *rows])
+    store, limits = Store(sql), {"A": ClaimLimit(max_running=1)}
+    assert claim(store, "w1", 10, limits) == [rows[0]["uuid"]]  # the one that had not started counts not yet
+    with sql.engine.begin() as connection:
+        connection.execute(  # the claimed one ended; the started one's first transition
+            update(pipelines).where(pipelines.c.uuid == rows[0]["uuid"]).values(status="finished", lease_owner=None)
+        )
+        connection.execute(update(pipelines).where(pipelines.c.uuid == started["uuid"]).values(status="pending"))
+    assert claim(store, "w2", 10, limits) == []  # the started one runs: no room

@@ -28,6 +28,7 @@ pytest.importorskip("starlette")
 
 from prorch import (
     FakeClock,
+    InvalidParamsError,
     KeyConflictError,
     KeyRunningError,
     OnContinueMixin,
@@ -521,3 +522,24 @@ def test_a_pipeline_whose_write_met_the_outage_resumes_when_postgresql_is_back_n
     wait_for(lambda: orchestrator.get(uuid).pipeline.status == Status.FINISHED, 60, "the pipeline to finish")
     assert time.monotonic() - back < 20, (tmp_path / "worker.err").read_text()[-3000:]
     assert hooks.read_text().count("start") == 2  # run again, as after any lost transition: once more
+
+
+@pytest.mark.parametrize("store_kind", ["postgresql", "sqlite"])
+def test_a_priority_the_store_cannot_hold_is_one_clear_error_not_a_503(
+    backend_of: Any, registry: Registry, store_kind: str
+) -> None:
+    """Regression (review of the API's 503): a priority past a 32-bit integer (the column's type
+    on PostgreSQL) was refused by the database, which the API now answers 503 "try again later",
+    so a client retried for ever. It is one clear error before anything is stored, on every
+    backend alike (422 from the API)."""
+    job = pipeline_of(step_of("Work", on_start=lambda step: None), name="Job")
+    orchestrator = Orchestrator(backend_of, registry=registry)
+    app = api_of(orchestrator)
+    for priority in (2**31, 2**40):
+        status, body = service.call(app, "POST", "/api/v1/pipelines/Job", {"params": {}, "priority": priority},
+                                    token=service.START)  # fmt: skip
+        assert status == 422 and "priority" in body["error"]["message"], body
+    with pytest.raises(InvalidParamsError, match="priority"):
+        job.create(backend_of, {}, priority=-(2**31) - 1)
+    assert job.create(backend_of, {}, priority=2**31 - 1).uuid  # the largest one that fits
+    assert orchestrator.query(count=True).total == 1

@@ -6,11 +6,13 @@ import os
 import threading
 import uuid as uuid_module
 from datetime import datetime, timedelta, timezone
+from zoneinfo import ZoneInfo
 
 import pytest
 from sqlalchemy.sql.elements import quoted_name
 
-from prorch.model.records import PipelineRecord, RecordError, new_uuid
+from prorch.model.records import PipelineRecord, RecordError, format_timestamp, new_uuid
+from repositories.sqlite_fastpath import _db_time
 
 
 def test_new_uuids_are_random_version_4_and_unique_across_threads() -> None:
@@ -73,3 +75,16 @@ def test_timestamps_are_utc_and_fixed_width_whatever_zone_they_came_in() -> None
     assert data["created_at"] == "2030-01-02T03:00:00.000000+00:00"
     naive = PipelineRecord.from_dict({**data, "updated_at": "2030-01-02 03:00:00"})
     assert naive.updated_at == record.created_at
+
+
+def test_the_cached_timestamp_texts_keep_the_two_instants_of_a_repeated_local_hour_apart() -> None:
+    """Regression (review): 02:30 in Paris on 2030-10-27 is 00:30 and 01:30 UTC (``fold`` 0
+    and 1), two datetimes that compare and hash equal: caches keyed by them gave the second the
+    first's text, on every backend (``format_timestamp``) and SQLite's fast path (``_db_time``)."""
+    paris = ZoneInfo("Europe/Paris")
+    first, second = (datetime(2030, 10, 27, 2, 30, fold=fold, tzinfo=paris) for fold in (0, 1))
+    assert first == second and hash(first) == hash(second)  # why a cache keyed by them is wrong
+    assert [format_timestamp(first), format_timestamp(second)] == [
+        "2030-10-27T00:30:00.000000+00:00", "2030-10-27T01:30:00.000000+00:00",
+    ]  # fmt: skip
+    assert [_db_time(first), _db_time(second)] == ["2030-10-27 00:30:00.000000", "2030-10-27 01:30:00.000000"]

@@ -187,3 +187,26 @@ def test_a_slow_hook_in_a_run_gives_the_rest_of_the_run_back_to_the_other_slots(
     assert threads["a"] == threads["slow"]  # one run: one thread took both
     assert waited == [True]  # ``c`` started while ``slow`` ran
     assert threads["c"] != threads["slow"]
+
+
+def test_a_worker_that_stops_on_an_error_starts_no_more_hooks_of_its_runs() -> None:
+    """Regression (review of the runs): ``close`` (the worker's loop failed) waits for the
+    running hooks only; a run's writings not started yet must not start then (their
+    transitions would not be stored: each hook would run again after its lease ran out)."""
+    store, threads = NamedStore(), {}
+    gate, ran = threading.Event(), []
+    driven: Slots[str, str] = Slots(
+        store, concurrency=2, group=10, window=5.0, broken=lambda key, exc: f"broken: {exc}", slowest=lambda: 0.0
+    )
+    hooks = {"a": lambda: gate.wait(10), "b": lambda: ran.append("b"), "c": lambda: ran.append("c")}
+    hooks |= {"d": lambda: None, "e": lambda: None, "f": lambda: None}
+    for name, hook in hooks.items():
+        driven.start(name, one_hook(name, hook, threads))
+    driven.step(0.0)  # two runs of three: a (held at the gate), b, c in one
+    closing = threading.Thread(target=driven.close)
+    closing.start()
+    time.sleep(0.2)  # close waits for ``a``
+    gate.set()
+    closing.join(10)
+    assert not closing.is_alive()
+    assert "a" in threads and ran == []
