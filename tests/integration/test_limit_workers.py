@@ -137,7 +137,9 @@ def test_max_running_holds_across_four_workers(kind: str, tmp_path: Path, reques
     url = f"sqlite:///{tmp_path / 'limits.db'}" if kind == "sqlite" else request.getfixturevalue("postgres_url")
     outputs = run_four_workers(url, tmp_path, [("Limited", None)] * 12 + [("Free", None)] * 8)
     assert most_at_once(runs_of(outputs, "Limited")) == 2
-    assert len({o["pid"] for n, _, o in outputs if n == "Limited"}) >= 2  # several workers took part
+    # (not asserted: that several workers ran Limited ones. A worker whose hook ends claims again
+    # at once, while idle ones look every wake_poll, so on a loaded machine one worker may run
+    # them all; the limit is then still held, and test_key_limit_workers covers four at once)
     assert most_at_once(runs_of(outputs, "Limited") + runs_of(outputs, "Free")) > 2  # Free was not held back
 
 
