@@ -157,9 +157,10 @@ def test_tenant_and_rate_limits_hold_across_four_workers(
     assert most_at_once(runs_of(outputs, "PerTenant")) >= 2  # tenants ran beside each other
     starts = sorted(start for start, _ in runs_of(outputs, "Rated"))
     # "4/2s" counts claims; a hook starts after its claim, a few ms later on a quiet machine but
-    # up to most of a second on a loaded one (seen: 5 starts in 1.75 s at load 17), so the
-    # windows checked are 1 s: no limit at all would start the 12 within a fraction of that
-    assert max(bisect.bisect_left(starts, start + 1.0) - i for i, start in enumerate(starts)) <= 4
+    # up to a second or two on a loaded one, where a claimed pipeline waits for a slot (seen: 5
+    # starts in 1.75 s, and 7 in 1 s at load 17: two claims' fours bunched), so a 1 s window may
+    # hold two claims' worth: no limit at all would start the 12 within a fraction of a second
+    assert max(bisect.bisect_left(starts, start + 1.0) - i for i, start in enumerate(starts)) <= 8
     assert starts[-1] - starts[0] >= 3.5  # 12 starts at 4 per 2 s: the third four wait 4 s for room
 
 
