@@ -280,7 +280,7 @@ class Worker:
         suspects = []
         for pipeline, writing in zip(claimed, writings, strict=True):
             # suspects of a crash in an earlier round run alone, so that a crash is pinned on one
-            alone = bool(pipeline.crashes or (pipeline.hook_started_at is not None and pipeline.uuid not in marked))
+            alone = passes.suspect(pipeline, marked)
             waiting = _Waiting(pipeline, writing, alone)
             if alone and slots.grouped:
                 suspects.append(waiting)
