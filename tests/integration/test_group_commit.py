@@ -434,3 +434,33 @@ def test_a_pass_on_sqlite_commits_once_before_its_first_hook(tmp_path: Path, reg
         sqlalchemy_event.remove(Engine, "connect", trace)
     assert summary.finished == 6
     assert commits_at_hooks[0] == 1, statements
+
+
+def test_a_worker_stores_and_starts_slow_hooks_while_its_claim_commits(
+    tmp_path: Path, registry: Registry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """#27 W4: with slow hooks running, a claim (a commit, an fsync) ran in the worker's loop,
+    and the hooks that returned meanwhile waited for it before their transitions were stored and
+    their next hooks started. The claim now runs in a thread of its own: here a claim held until
+    a running pipeline's second hook starts is released by that start, not by its timeout."""
+    backend = SQLiteBackend(f"sqlite:///{tmp_path / 'p.db'}")
+    second_started = threading.Event()
+    pipeline = pipeline_of(
+        step_of("First", lambda self: time.sleep(0.2)), step_of("Second", lambda self: second_started.set())
+    )
+    uuid = pipeline.create(backend, registry=registry).uuid
+    original = Store.claim
+    calls: list[int] = []
+    held_until_started: list[bool] = []
+
+    def claim(self: Store, request: Any) -> Any:
+        calls.append(1)
+        if len(calls) == 2:  # the first claim after the pipeline's first hook started
+            held_until_started.append(second_started.wait(3))
+        return original(self, request)
+
+    monkeypatch.setattr(Store, "claim", claim)
+    orchestrator = Orchestrator(backend, registry=registry, concurrency=4, group_commit=32)
+    run_worker_until_finished(orchestrator, 1, seconds=30)
+    assert orchestrator.get(uuid).pipeline.status == Status.FINISHED
+    assert held_until_started == [True]
