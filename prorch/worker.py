@@ -6,7 +6,9 @@ has room for (``Slots.room``: the slots, and while hooks are quick, a group comm
 pipelines between two hooks), plus at most ``prefetch`` pipelines waiting for a slot (their
 leases renewed by the lease keeper like the others), so it never holds many pipelines it is
 not running. When it groups, its claim stores the claimed pipelines' hook marks too
-(``ClaimRequest.mark``). The poll interval is only how often it looks for new due work when the
+(``ClaimRequest.mark``). While slow hooks run, a claim runs in a thread of its own (one at a
+time), so that the hooks returning meanwhile are stored and restarted without waiting for the
+claim's commit. The poll interval is only how often it looks for new due work when the
 last claim found less than it asked for, and how often the extensions' pass hooks run
 (schedules, retention, metrics).
 
