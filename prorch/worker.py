@@ -6,7 +6,9 @@ has room for (``Slots.room``: the slots, and while hooks are quick, a group comm
 pipelines between two hooks), plus at most ``prefetch`` pipelines waiting for a slot (their
 leases renewed by the lease keeper like the others), so it never holds many pipelines it is
 not running. When it groups, its claim stores the claimed pipelines' hook marks too
-(``ClaimRequest.mark``). The poll interval is only how often it looks for new due work when the
+(``ClaimRequest.mark``). While slow hooks run, a claim runs in a thread of its own (one at a
+time), so that the hooks returning meanwhile are stored and restarted without waiting for the
+claim's commit. The poll interval is only how often it looks for new due work when the
 last claim found less than it asked for, and how often the extensions' pass hooks run
 (schedules, retention, metrics).
 
@@ -24,6 +26,8 @@ import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Protocol
 
 from prorch import signals
@@ -124,6 +128,10 @@ class Worker:
         self.pipelines: dict[str, PipelineRecord] = {}  # in a slot, by uuid
         self.deferred: dict[str, tuple[PipelineRecord, float, bool]] = {}  # claimed again while in a slot
         self.next_claim = 0.0  # time.monotonic() of the next claim when the last one came back short
+        # while slow hooks run, a claim (a commit) runs in a thread of its own: the loop goes on
+        self.claimer = ThreadPoolExecutor(1, thread_name_prefix="prorch-claim") if host.concurrency > 1 else None
+        self.claiming: Future[tuple[list[PipelineRecord], list[float]]] | None = None
+        self.claiming_args: tuple[float, int, bool] = (0.0, 0, False)  # its since, limit and mark
         self.summary = PassSummary()
         self.lags: list[float] = []
         self.period_started = time.perf_counter()
@@ -150,18 +158,23 @@ class Worker:
                 )
                 raise
             finally:
+                if self.claimer is not None:
+                    self.claimer.shutdown(wait=True)  # a claim in flight: its leases run out
                 slots.close()
                 passes.pass_ended(host, self.summary, self.lags, time.perf_counter() - self.period_started)
                 self.log.add(self.summary, force=True)
 
     @property
     def held(self) -> int:
-        """Pipelines this worker holds: in a slot, waiting for one, or claimed again."""
-        return len(self.pipelines) + len(self.waiting) + len(self.deferred)
+        """Pipelines this worker holds: in a slot, waiting for one, or claimed again (and one
+        for a claim in flight, whose pipelines are not known yet)."""
+        return len(self.pipelines) + len(self.waiting) + len(self.deferred) + (self.claiming is not None)
 
     def _turn(self, slots: Slots[str, Result]) -> None:
         host = self.host
         host.last_loop = time.monotonic()
+        if self.claiming is not None and (self.claiming.done() or not slots.active):
+            self._claimed(slots)  # (waited for when nothing else runs)
         if not host.stopped.is_set() and self._claimable(slots):
             self._claim(slots)
         elif host.stopped.is_set() and self.waiting:
@@ -217,6 +230,8 @@ class Worker:
         empty worker), or a claim may find one now."""
         if self.waiting:
             return not (self.waiting[0].alone and slots.active)
+        if self.claiming is not None:  # its end wakes the slots' wait (``Slots.wake_on``)
+            return False
         return not self.host.stopped.is_set() and time.monotonic() >= self.next_claim and self._room(slots) > 0
 
     def _room(self, slots: Slots[str, Result]) -> int:
@@ -226,21 +241,49 @@ class Worker:
     def _claimable(self, slots: Slots[str, Result]) -> bool:
         """A slot is free with no claimed pipeline to fill it, and the last claim found all it
         asked for or the interval has passed."""
+        if self.claiming is not None:  # one claim at a time: its limit counted the room
+            return False
         return slots.free > len(self.waiting) and time.monotonic() >= self.next_claim
 
     def _claim(self, slots: Slots[str, Result]) -> None:
-        host, keeper = self.host, self.keeper
+        host = self.host
         limit = self._room(slots)
         if any(rule.rate is not None for rule in host.extensions.claim_limits().values()):
             limit = min(limit, slots.free - len(self.waiting))  # a rate counts claims: claim only what starts now
         if limit <= 0:
             return
         since = time.monotonic()  # before the lease's time is read: see LeaseKeeper
+        mark = slots.grouped  # grouped, the claim stores the hook marks too (shared, as the group's would be)
+        if self.claimer is not None and slots.active and not slots.quick:
+            # Slow hooks run: the claim (a commit, an fsync) goes to a thread of its own, and the
+            # loop meanwhile stores and starts the hooks that return. Nothing else joins what
+            # this worker holds until it is back (``_claimable``), so ``limit`` stays its bound.
+            self.claiming = self.claimer.submit(passes.claim, host, limit, mark=mark)
+            self.claiming_args = (since, limit, mark)
+            slots.wake_on(self.claiming)
+            return
+        self._take(slots, since, limit, mark, lambda: passes.claim(host, limit, mark=mark))
+
+    def _claimed(self, slots: Slots[str, Result]) -> None:
+        """The claim in its thread is back (or nothing else runs: wait for it): take what it leased."""
+        claiming, self.claiming = self.claiming, None
+        if claiming is not None:
+            self._take(slots, *self.claiming_args, claiming.result)
+
+    def _take(
+        self,
+        slots: Slots[str, Result],
+        since: float,
+        limit: int,
+        mark: bool,
+        claimed_by: Callable[[], tuple[list[PipelineRecord], list[float]]],
+    ) -> None:
+        """Hold and queue what ``claimed_by`` leased (the claim, run now or back from its thread)."""
+        host, keeper = self.host, self.keeper
         fresh: list[PipelineRecord] = []
         try:
-            # grouped, the claim stores the hook marks too (shared, as the group's would be)
-            claimed, lags = passes.claim(host, limit, mark=slots.grouped)
-            marked = passes.marked_by(claimed, host.claimed_at) if slots.grouped else frozenset()
+            claimed, lags = claimed_by()
+            marked = passes.marked_by(claimed, host.claimed_at) if mark else frozenset()
             busy = self._busy()
             again = [pipeline for pipeline in claimed if pipeline.uuid in busy]
             fresh = [pipeline for pipeline in claimed if pipeline.uuid not in busy]
@@ -280,7 +323,7 @@ class Worker:
         suspects = []
         for pipeline, writing in zip(claimed, writings, strict=True):
             # suspects of a crash in an earlier round run alone, so that a crash is pinned on one
-            alone = bool(pipeline.crashes or (pipeline.hook_started_at is not None and pipeline.uuid not in marked))
+            alone = passes.suspect(pipeline, marked)
             waiting = _Waiting(pipeline, writing, alone)
             if alone and slots.grouped:
                 suspects.append(waiting)

@@ -108,10 +108,14 @@ def run_pass(host: PassHost) -> PassSummary:
     host.extensions.pass_started(summary)
     with LeaseKeeper(host.store, host.lease_seconds, host.clock, host.extensions.lease_lost) as keeper:
         since = time.monotonic()  # before the lease's time is read: see LeaseKeeper
-        claimed, lags = claim(host, host.batch_size)
+        # grouped, the claim stores the hook marks too (shared, as a round's would be): the
+        # first hooks start after one commit, the claim, as in the worker
+        mark = _grouped(host)
+        claimed, lags = claim(host, host.batch_size, mark=mark)
         keeper.hold(claimed, since)
         summary.claimed = len(claimed)
-        results = _drive(host, claimed, advancings(host, claimed, keeper))
+        marked = marked_by(claimed, host.claimed_at) if mark else frozenset()
+        results = _drive(host, claimed, advancings(host, claimed, keeper, marked), marked)
     for pipeline, result in zip(claimed, results, strict=True):
         tally(host, summary, pipeline, result)
     pass_ended(host, summary, lags, time.perf_counter() - started)
@@ -120,11 +124,19 @@ def run_pass(host: PassHost) -> PassSummary:
     return summary
 
 
-def _drive(host: PassHost, claimed: list[PipelineRecord], writings: list[Writing[Result]]) -> list[Result]:
+def _grouped(host: PassHost) -> bool:
+    """The pass stores its transitions in rounds of group commit (when it claims more than one)."""
+    return host.group_commit > 1 and host.batch_size > 1 and host.store.has_transaction
+
+
+def _drive(
+    host: PassHost, claimed: list[PipelineRecord], writings: list[Writing[Result]], marked: frozenset[str]
+) -> list[Result]:
     store = host.store
-    if host.group_commit > 1 and len(claimed) > 1 and store.has_transaction:
+    if _grouped(host) and len(claimed) > 1:
         # suspects of a crash in an earlier round run alone, so that a crash is pinned on one
-        alone = [i for i, p in enumerate(claimed) if p.crashes or p.hook_started_at is not None]
+        # (a mark our claim stored is no suspect's: ``marked_by``)
+        alone = [i for i, p in enumerate(claimed) if suspect(p, marked)]
         with store.session():
             return write_in_rounds(store, writings, group=host.group_commit, concurrency=host.concurrency, alone=alone)
     if host.concurrency > 1 and len(claimed) > 1:
@@ -157,6 +169,12 @@ def marked_by(claimed: list[PipelineRecord], now: datetime | None) -> frozenset[
     if now is None:
         return frozenset()
     return frozenset(p.uuid for p in claimed if p.hook_shared and not p.crashes and p.hook_started_at == now)
+
+
+def suspect(pipeline: PipelineRecord, marked: frozenset[str]) -> bool:
+    """A suspect of a crash: a crash charged, or a hook mark that our claim did not store (a
+    dead worker's); it runs alone, so that a crash is pinned on one."""
+    return bool(pipeline.crashes or (pipeline.hook_started_at is not None and pipeline.uuid not in marked))
 
 
 def advancings(

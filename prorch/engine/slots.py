@@ -77,6 +77,7 @@ class Slots(Generic[K, T]):
         self._committing: Future[list[Exception | None]] | None = None
         self._committing_keys: list[K] = []
         self._queue: list[tuple[K, Write]] = []
+        self._others: set[Future[Any]] = set()  # the caller's work beside the slots (``wake_on``)
 
     @property
     def active(self) -> int:
@@ -138,6 +139,12 @@ class Slots(Generic[K, T]):
         else:
             self._ready.append((key, resumed))
 
+    def wake_on(self, future: Future[Any]) -> None:
+        """``step`` returns as soon as ``future`` ends too (the caller's work beside the slots:
+        a worker's claim in a thread of its own)."""
+        self._others.add(future)
+        future.add_done_callback(self._done.put)
+
     def step(self, timeout: float, *, more: bool = False) -> list[tuple[K, T]]:
         """Resume the writings that are ready (in free hook slots), wait up to ``timeout``
         seconds for a hook to reach its next transition, and store the waiting transitions when
@@ -146,7 +153,7 @@ class Slots(Generic[K, T]):
         ended: list[tuple[K, T]] = []
         self._launch(ended)
         idle = False  # a wait of ``window`` saw no hook return
-        if self._running or self._committing is not None:
+        if self._running or self._committing is not None or self._others:
             if self._startable(more):
                 timeout = 0.0  # a slot is free for the caller's next pipeline: no wait
             elif self._queue:
@@ -156,6 +163,9 @@ class Slots(Generic[K, T]):
             for future in done:
                 if future is self._committing:
                     self._stored(future.result())
+                    continue
+                if future in self._others:  # the caller reads its result
+                    self._others.discard(future)
                     continue
                 future.result()  # a run catches its writings' errors: what is raised here stops the worker
                 self._collect(self._running.pop(future), ended, rest=True)

@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy import event as sqlalchemy_event
+from sqlalchemy.engine import Engine
 
 from prorch import ConcurrentUpdateError, FakeClock, Orchestrator, Status, Step
 from prorch.model.records import EventRecord, PipelineRecord, new_uuid
@@ -193,7 +195,7 @@ def test_sqlite_commits_once_per_round(
     if group_commit == 1:
         assert len(commits) >= 80  # a hook mark and 3 transitions each
     else:
-        assert len(commits) <= 5, len(commits)  # 80 writes in rounds of up to 32
+        assert len(commits) <= 5, len(commits)  # 60 writes (the claim stores the marks) in rounds of up to 32
 
 
 @pytest.mark.parametrize("group_commit", [1, 32])
@@ -208,7 +210,9 @@ def test_postgresql_writes_a_transition_in_one_statement_and_a_round_in_one_call
     separate = count_calls(monkeypatch, SQLRepository, "compare_and_set")
     summary = Orchestrator(backend, registry=registry, concurrency=1, group_commit=group_commit).execute_pipelines()
     assert summary.finished == 20
-    assert len(statements) == 80 and not separate  # a hook mark and 3 transitions each, one statement each
+    # 3 transitions each, one statement each, and with group_commit 1 a hook mark each (grouped,
+    # the claim stores the marks)
+    assert len(statements) == (80 if group_commit == 1 else 60) and not separate
     if group_commit == 1:
         assert len(calls) == 80
     else:
@@ -368,3 +372,95 @@ def test_a_worker_starts_a_claimed_pipelines_first_hook_after_one_commit(
     run_worker_until_finished(Orchestrator(backend, registry=registry, concurrency=4, group_commit=32), 8)
     assert marked_when_run == [True] * 8
     assert sum(groups) + len(writes) == (8 if kind in GROUP_BACKENDS else 16), (groups, len(writes))
+
+
+@pytest.mark.parametrize("kind", [*GROUP_BACKENDS, "docs-example"])
+def test_a_pass_starts_its_first_hooks_after_one_commit(
+    kind: str, tmp_path: Path, request: pytest.FixtureRequest, registry: Registry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """#27: a pass's claim stores the hook marks too (``ClaimRequest.mark``), as the worker's
+    does: one write per pipeline here, its transition, not a mark and then the transition. Each
+    hook sees its mark stored (shared, as a round's), so a worker dying in it leaves a crash
+    suspect. A user's repository claims without marks: the engine marks, as before."""
+    backend = make_backend(kind, tmp_path, request)
+    reader = Store(backend)
+    marked_when_run: list[bool] = []
+
+    def look(self: Step) -> None:
+        record = reader.get_pipeline(self.pipeline_uuid)
+        marked_when_run.append(record is not None and record.hook_started_at is not None and record.hook_shared)
+
+    pipeline = pipeline_of(step_of("Look", look))
+    for _ in range(8):
+        pipeline.create(backend, registry=registry)
+    writes = count_calls(monkeypatch, Store, "commit_write")
+    groups: list[int] = []
+    original = Store.commit_many
+
+    def counted(self: Store, many: Any) -> Any:
+        groups.append(len(many))
+        return original(self, many)
+
+    monkeypatch.setattr(Store, "commit_many", counted)
+    summary = Orchestrator(backend, registry=registry, concurrency=4, group_commit=32).execute_pipelines()
+    assert summary.finished == 8 and not summary.errors
+    assert marked_when_run == [True] * 8
+    assert sum(groups) + len(writes) == (8 if kind in GROUP_BACKENDS else 16), (groups, len(writes))
+
+
+def test_a_pass_on_sqlite_commits_once_before_its_first_hook(tmp_path: Path, registry: Registry) -> None:
+    """#27: the COMMITs the SQLite file sees (every statement traced on each driver connection)
+    from the start of a pass to its first hook: the claim's only, its hook marks in it."""
+    url = f"sqlite:///{tmp_path / 'p.db'}"
+    statements: list[str] = []
+    commits_at_hooks: list[int] = []
+
+    def look(self: Step) -> None:
+        commits_at_hooks.append(sum(1 for sql in list(statements) if sql.strip().upper().startswith("COMMIT")))
+
+    pipeline = pipeline_of(step_of("Look", look))
+    pipeline.create_many(SQLiteBackend(url), [{}] * 6, registry=registry)
+
+    def trace(dbapi_connection: Any, _record: Any) -> None:
+        dbapi_connection.set_trace_callback(statements.append)
+
+    sqlalchemy_event.listen(Engine, "connect", trace)  # every connection the pass's backend opens
+    try:
+        backend = SQLiteBackend(url)
+        orchestrator = Orchestrator(backend, registry=registry, concurrency=2, group_commit=32)
+        statements.clear()
+        summary = orchestrator.execute_pipelines()
+    finally:
+        sqlalchemy_event.remove(Engine, "connect", trace)
+    assert summary.finished == 6
+    assert commits_at_hooks[0] == 1, statements
+
+
+def test_a_worker_stores_and_starts_slow_hooks_while_its_claim_commits(
+    tmp_path: Path, registry: Registry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """#27 W4: with slow hooks running, a claim (a commit, an fsync) ran in the worker's loop,
+    and the hooks that returned meanwhile waited for it before their transitions were stored and
+    their next hooks started. The claim now runs in a thread of its own: here a claim held until
+    a running pipeline's second hook starts is released by that start, not by its timeout."""
+    backend = SQLiteBackend(f"sqlite:///{tmp_path / 'p.db'}")
+    second_started = threading.Event()
+    pipeline = pipeline_of(
+        step_of("First", lambda self: time.sleep(0.2)), step_of("Second", lambda self: second_started.set())
+    )
+    uuid = pipeline.create(backend, registry=registry).uuid
+    original = Store.claim
+    calls: list[int] = []
+    held_until_started: list[bool] = []
+
+    def claim(self: Store, request: Any) -> Any:
+        calls.append(1)
+        if len(calls) == 2:  # the first claim after the pipeline's first hook started
+            held_until_started.append(second_started.wait(3))
+        return original(self, request)
+
+    monkeypatch.setattr(Store, "claim", claim)
+    orchestrator = Orchestrator(backend, registry=registry, concurrency=4, group_commit=32)
+    run_worker_until_finished(orchestrator, 1, seconds=30)
+    assert orchestrator.get(uuid).pipeline.status == Status.FINISHED
+    assert held_until_started == [True]

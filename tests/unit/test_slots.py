@@ -6,6 +6,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future
 from types import SimpleNamespace
 from typing import cast
 
@@ -210,3 +211,25 @@ def test_a_worker_that_stops_on_an_error_starts_no_more_hooks_of_its_runs() -> N
     closing.join(10)
     assert not closing.is_alive()
     assert "a" in threads and ran == []
+
+
+def test_a_wait_in_step_ends_when_a_watched_future_ends() -> None:
+    """The worker's claim in its own thread (``wake_on``): its end wakes the slots' wait for a
+    slow hook, so the worker takes what it claimed without waiting for that hook."""
+    driven = slots(2)
+    release = threading.Event()
+
+    def slow() -> Writing[str]:
+        release.wait(10)
+        return "slow"
+        yield  # pragma: no cover - a generator
+
+    driven.start("slow", slow())
+    claim: Future[int] = Future()
+    driven.wake_on(claim)
+    threading.Timer(0.05, claim.set_result, (1,)).start()
+    started = time.monotonic()
+    assert driven.step(5.0) == []  # woken by the claim, not by the hook
+    assert time.monotonic() - started < 4 and claim.done()
+    release.set()
+    assert drive(driven) == {"slow": "slow"}
