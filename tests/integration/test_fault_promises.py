@@ -82,7 +82,8 @@ def test_sigkill_during_hooks_charges_only_the_running_pipelines(
         worker.wait()
         running_at_kill.append(running)
         time.sleep(2.2)  # its leases run out
-    processes.append(start_worker(sqlite_url, log, options))
+    # the worker that ends them runs them side by side: its concurrency charges no one (no kill)
+    processes.append(start_worker(sqlite_url, log, {**options, "concurrency": 10}))
     wait_for(lambda: not orchestrator.list_pipelines(status="pending"), 120, "every pipeline to end")
 
     charged = collections.Counter(uuid for running in running_at_kill for uuid in running)
