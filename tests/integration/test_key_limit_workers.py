@@ -147,11 +147,15 @@ def test_a_killed_worker_s_lease_counts_for_its_key_until_it_expires(
     [hung, queued] = create(url, app, ["k", "k"])
     doomed = start_worker(url, app, processes, lease="6")
     wait_for(lambda: len(starts(app)) == 1, 30, "the first hook to start")
+    # the rescuer is up before the kill (idle: k is full), so that the other key's pipeline can
+    # show that it does not wait for the dead lease even where a worker takes seconds to start
+    start_worker(url, app, processes, lease="6")
+    store = Orchestrator(url).store
+    wait_for(lambda: len(store.workers()) == 2, 60, "the rescuing worker to start")
     doomed.send_signal(signal.SIGKILL)
     doomed.wait(timeout=10)
     killed_at = time.time()
     [other] = create(url, app, ["other"])
-    start_worker(url, app, processes, lease="6")
     wait_for(lambda: finished(url, [other, queued]), 90, "the other key's and the queued pipeline to finish")
     by_customer = {(entry["customer"], i): entry["at"] for i, entry in enumerate(starts(app))}
     other_start = next(at for (customer, _), at in by_customer.items() if customer == "other")
@@ -160,7 +164,6 @@ def test_a_killed_worker_s_lease_counts_for_its_key_until_it_expires(
     # no pipeline of k started while the dead lease (6 s, renewed every 2 s) could still be
     # live: at least 2 s after the kill; the other key's did not wait for it
     assert min(later_k) > killed_at + 2 and other_start < min(later_k)
-    store = Orchestrator(url).store
     wait_for(lambda: getattr(store.get_pipeline(hung), "lease_owner", "") is None, 60, "the dead one to be resumed")
 
 
