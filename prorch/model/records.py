@@ -151,6 +151,33 @@ def changes(record: Record, stored: Snapshot, revision: int) -> tuple[JSONDict, 
     return data, now
 
 
+def changes_again(
+    record: Record, name: str, stored: Snapshot | None, data: JSONDict, now: Snapshot | None
+) -> tuple[JSONDict, Snapshot | None]:
+    """``changes``' result (``data``, ``now``) once the plain field ``name`` of ``record`` was
+    set again since it was made: exactly what ``changes`` would give now (``stored`` None: a
+    whole record's ``data``), without comparing every field again. Group commit sets the hook
+    mark's ``hook_shared`` after a transition's write is built."""
+    names, encoded, times, _ = _layout(type(record))
+    at = names.index(name)
+    assert at not in times and at not in encoded, f"{name} is not a plain field"
+    value = getattr(record, name)
+    after = None if now is None else (*now[:at], value, *now[at + 1 :])
+    if stored is None:  # a whole record: every field is written, in place
+        return {**data, name: value}, after
+    result: JSONDict = {}
+    placed = value == stored[at]  # unchanged from the store: not written
+    for key, written in data.items():  # field order, as ``changes`` writes them
+        if key == name:
+            continue
+        if not placed and names.index(key) > at:
+            result[name], placed = value, True
+        result[key] = written
+    if not placed:
+        result[name] = value
+    return result, after
+
+
 _PLAIN = frozenset({str, int, float, bool, type(None)})
 _encode = msgspec.json.Encoder().encode
 
