@@ -292,7 +292,8 @@ def test_a_rounds_shared_mark_changes_the_write_as_rebuilding_it_would(stored_sh
     record = PipelineRecord(uuid="p1", name="P", status=Status.PENDING, hook_shared=stored_shared)
     step = StepRecord(uuid="s1", pipeline_uuid="p1", name="S", status=Status.CREATED)
     snapshots = Store(MemoryBackend()).tracking([record, step]) if tracked else None
-    record.hook_started_at, record.hook_shared, record.crashes = datetime.now(timezone.utc), False, 1  # crashes: after it
+    # crashes: a field after hook_shared, so that the mark's field goes in the middle of the write
+    record.hook_started_at, record.hook_shared, record.crashes = datetime.now(timezone.utc), False, 1
     record.metadata["current_step"] = step.uuid
     step.attempt = 1
     shared = _shared(Write.of([step, record], snapshots=snapshots))
@@ -300,5 +301,6 @@ def test_a_rounds_shared_mark_changes_the_write_as_rebuilding_it_would(stored_sh
     assert record.hook_shared
     for got, want in zip(shared.changes, rebuilt.changes, strict=True):
         assert list(got.fields.items()) == list(want.fields.items())
-        assert (got.record, got.expected, got.partial, got.stored) == (want.record, want.expected, want.partial, want.stored)
+        got_rest = (got.record, got.expected, got.partial, got.stored)
+        assert got_rest == (want.record, want.expected, want.partial, want.stored)
     assert ("hook_shared" in shared.changes[1].fields) is (not tracked or not stored_shared)
