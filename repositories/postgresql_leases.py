@@ -15,7 +15,7 @@ import logging
 from sqlalchemy import Engine, text
 from sqlalchemy.exc import OperationalError
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger(f"prorch.{__name__}")
 
 READY = text("SELECT ready FROM pipeline_limited_names WHERE name = :name")
 ENTER = text("INSERT INTO pipeline_limited_names (name, ready) VALUES (:name, false) ON CONFLICT (name) DO NOTHING")

@@ -185,8 +185,12 @@ class SQLConnections(RepositoryBackend):
     def _errors(self) -> DriverErrors:
         """Driver errors become RepositoryError, naming the store, with the first line of the
         driver's message only: the rest quotes rows and parameters, which may hold secrets.
-        The driver's exception is not chained, so no traceback carries it either."""
-        return DriverErrors(self)
+        The driver's exception is not chained, so no traceback carries it either. One guard
+        per backend (it holds nothing else): a transition's every statement enters it."""
+        guard: DriverErrors | None = self.__dict__.get("_driver_errors")
+        if guard is None:
+            guard = self.__dict__["_driver_errors"] = DriverErrors(self)
+        return guard
 
 
 class DriverErrors:

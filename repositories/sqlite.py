@@ -140,6 +140,7 @@ class SQLiteBackend(SQLBackend):
         transaction is driven there too, without SQLAlchemy's bookkeeping per transition."""
         dbapi = driver(connection)
         dbapi.execute("BEGIN IMMEDIATE")
+        self._local.driver = dbapi  # the fast path's statements go straight to it (``_write``)
         return dbapi
 
     def _end(self, connection: Connection, handle: Any, *, commit: bool) -> None:
@@ -149,6 +150,7 @@ class SQLiteBackend(SQLBackend):
             elif handle.in_transaction:
                 handle.execute("ROLLBACK")
         finally:
+            self._local.driver = None
             if connection.in_transaction():  # a statement through SQLAlchemy autobegan: reset
                 connection.rollback()  # a no-op for the driver, which is already done
 
@@ -232,6 +234,9 @@ class SQLiteRepository(SQLRepository):
         transaction, on its connection directly (the hot path: no connect() per statement),
         else in a short transaction of its own."""
         with self.backend._errors():
+            handle: sqlite3.Connection | None = getattr(self.backend._local, "driver", None)
+            if handle is not None:  # this thread's transaction, begun on the driver (``_begin``)
+                return _execute(handle.cursor(), sql, params, many)
             current = self.backend.current_connection()
             if current is not None:
                 return _execute(cursor(current), sql, params, many)

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import sys
 from typing import Any
@@ -72,6 +73,7 @@ def worker(ctx: Context, /, **flags: Any) -> None:
         if endpoint is not None:
             endpoint.attach(orchestrator)
         click.echo(f"prorch worker {orchestrator.owner} on {redact_url(settings.repository)}", err=True)
+        freeze_loaded()
         try:
             orchestrator.run_forever(interval=settings.interval, wake_poll=settings.wake_poll)
         except WorkerUnhealthyError as exc:
@@ -79,6 +81,16 @@ def worker(ctx: Context, /, **flags: Any) -> None:
             sys.stdout.flush()
             sys.stderr.flush()
             os._exit(1)  # hung hook threads cannot be joined: leave without waiting for them
+
+
+def freeze_loaded() -> None:
+    """What is loaded by now (the app, prorch, the drivers) lives as long as the worker: move
+    it out of the garbage collector's generations (``gc.freeze``), so that its full
+    collections stop walking it. W1 on SQLite: the one full collection of a 3,000-transition
+    run cost about 12 µs a transition, none after a freeze. Collected first, so that no
+    garbage is frozen with it; the process is the worker's own (a library call would not)."""
+    gc.collect()
+    gc.freeze()
 
 
 @click.command()

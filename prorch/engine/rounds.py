@@ -105,12 +105,12 @@ def _alone(store: Store, writings: Sequence[Writing[T]], alone: Collection[int],
 
 
 def _shared(write: Write) -> Write:
-    """The write as part of a round: its hook mark, if any, is shared (the write is rebuilt)."""
-    marked = False
+    """The write as part of a round: its hook mark, if any, is shared (that one field of the
+    write made again: comparing every field of every record again cost 5% of a transition)."""
     for change in write.changes:
         if isinstance(change.record, PipelineRecord) and share_hook_mark(change.record):
-            marked = True
-    return write.again() if marked else write
+            write = write.refreshed(change.record, "hook_shared")
+    return write
 
 
 def _marks_a_hook(write: Write) -> bool:

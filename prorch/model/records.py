@@ -110,38 +110,56 @@ Snapshot = tuple[Any, ...]
 their encoding (``snapshot``): what ``changes`` compares a record with to find what to write."""
 
 
+class _Layout(msgspec.Struct, frozen=True):
+    """A record class's fields as ``snapshot`` and ``changes`` walk them, worked out once."""
+
+    names: tuple[str, ...]
+    encoded: tuple[int, ...]  # the positions of the JSON fields
+    times: frozenset[int]  # of the timestamps
+    at_revision: int  # of ``revision`` (-1: none)
+    positions: dict[str, int]
+
+
 @functools.cache
-def _layout(cls: type[Record]) -> tuple[tuple[str, ...], tuple[int, ...], frozenset[int], int]:
-    """A record class's field names, the positions of its JSON and time fields, and of ``revision``."""
+def _layout(cls: type[Record]) -> _Layout:
     names: tuple[str, ...] = cls.__struct_fields__
-    encoded = tuple(index for index, name in enumerate(names) if name in cls.JSON)
-    times = frozenset(index for index, name in enumerate(names) if name in cls.TIMES)
-    return names, encoded, times, names.index("revision") if "revision" in names else -1
+    return _Layout(
+        names=names,
+        encoded=tuple(index for index, name in enumerate(names) if name in cls.JSON),
+        times=frozenset(index for index, name in enumerate(names) if name in cls.TIMES),
+        at_revision=names.index("revision") if "revision" in names else -1,
+        positions={name: index for index, name in enumerate(names)},
+    )
 
 
 def snapshot(record: Record, revision: int | None = None) -> Snapshot:
     """The record's field values as stored (with ``revision`` when given). JSON values are kept
     as their encoding: a hook that changes one in place must not change the snapshot, and
     ``1 == 1.0 == True`` in Python, but a change between those must be written."""
-    _, encoded, _, at_revision = _layout(type(record))
+    return _snapshot(record, _layout(type(record)), revision)
+
+
+def _snapshot(record: Record, layout: _Layout, revision: int | None) -> Snapshot:
     values = list(msgspec.structs.astuple(record))
     try:
-        for index in encoded:
+        for index in layout.encoded:
             values[index] = _encode(values[index])
     except TypeError:  # a value msgspec cannot encode (rare): the slow way, field by field
         values = list(msgspec.structs.astuple(record))
-        for index in encoded:
+        for index in layout.encoded:
             values[index] = _encoded(values[index])
     if revision is not None:
-        values[at_revision] = revision
+        values[layout.at_revision] = revision
     return tuple(values)
 
 
 def changes(record: Record, stored: Snapshot, revision: int) -> tuple[JSONDict, Snapshot]:
     """The fields of ``record`` that differ from ``stored`` (``revision`` given as the one to
-    write), as stored values, and the snapshot of the record once they are written."""
-    names, _, times, _ = _layout(type(record))
-    now = snapshot(record, revision)
+    write), as stored values, and the snapshot of the record once they are written. Every
+    changed record of every transition comes here: its layout is looked up once."""
+    layout = _layout(type(record))
+    names, times = layout.names, layout.times
+    now = _snapshot(record, layout, revision)
     data: JSONDict = {}
     for index in itertools.compress(range(len(now)), map(operator.ne, now, stored)):
         value = now[index]  # a JSON field's is its encoding: its value is read from the record
@@ -154,6 +172,34 @@ def changes(record: Record, stored: Snapshot, revision: int) -> tuple[JSONDict, 
             data[names[index]] = msgspec.to_builtins(value, builtin_types=(datetime,))
     data["revision"] = revision
     return data, now
+
+
+def changes_again(
+    record: Record, name: str, stored: Snapshot | None, data: JSONDict, now: Snapshot | None
+) -> tuple[JSONDict, Snapshot | None]:
+    """``changes``' result (``data``, ``now``) once the plain field ``name`` of ``record`` was
+    set again since it was made: exactly what ``changes`` would give now (``stored`` None: a
+    whole record's ``data``), without comparing every field again. Group commit sets the hook
+    mark's ``hook_shared`` after a transition's write is built."""
+    layout = _layout(type(record))
+    position = layout.positions
+    at = position[name]
+    assert at not in layout.times and at not in layout.encoded, f"{name} is not a plain field"
+    value = getattr(record, name)
+    after = None if now is None else (*now[:at], value, *now[at + 1 :])
+    if stored is None:  # a whole record: every field is written, in place
+        return {**data, name: value}, after
+    result: JSONDict = {}
+    placed = value == stored[at]  # unchanged from the store: not written
+    for key, written in data.items():  # field order, as ``changes`` writes them
+        if key == name:
+            continue
+        if not placed and position[key] > at:
+            result[name], placed = value, True
+        result[key] = written
+    if not placed:
+        result[name] = value
+    return result, after
 
 
 _PLAIN = frozenset({str, int, float, bool, type(None)})

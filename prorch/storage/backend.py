@@ -25,6 +25,7 @@ from prorch.model.records import (
     Snapshot,
     StepRecord,
     changes,
+    changes_again,
     snapshot,
 )
 from prorch.storage.repository import PipelineQuery, PipelineStats, VersionGroup
@@ -106,6 +107,18 @@ class Write:
     def again(self) -> Write:
         """The write rebuilt from its records as they are now (changed since it was built)."""
         return Write.of(self.changed, self.added, self.touched, snapshots=self.snapshots, token=self.token)
+
+    def refreshed(self, record: PipelineRecord | StepRecord, name: str) -> Write:
+        """The write once the plain field ``name`` of ``record`` (one of its changed records)
+        was set again: ``again()``'s result, with that one field looked at."""
+        made = []
+        for change in self.changes:
+            if change.record is record:
+                stored = self.snapshots.get(record.uuid) if change.partial and self.snapshots is not None else None
+                fields, after = changes_again(record, name, stored, change.fields, change.stored)
+                change = Change(record, change.expected, fields, change.partial, after)
+            made.append(change)
+        return Write(tuple(made), self.added, self.touched, self.token, self.snapshots)
 
     def committed(self) -> None:
         """The write was stored: its records now hold their new revisions, and the writer's

@@ -35,6 +35,8 @@ MODELS = (PipelineRecord.MODEL, StepRecord.MODEL, EventRecord.MODEL, MessageReco
 """The models of a user's four-method repository (``IRepository``)."""
 OWNED = (*MODELS[1:], StreamRecord.MODEL)
 """The models of a shipped backend whose rows belong to a pipeline: deleted with it."""
+_UPDATE_ACTION = {model: f"update a {model} record" for model in (PipelineRecord.MODEL, StepRecord.MODEL)}
+"""What ``write_record`` says failed, made once rather than at every write."""
 
 
 class FullRepository(Protocol):
@@ -164,7 +166,7 @@ class RepositoryBackend(Committer):
 
     def write_record(self, record: PipelineRecord | StepRecord, expected: int, data: JSONDict) -> None:
         cas = self.table(record.MODEL).compare_and_set
-        if not call(f"update a {record.MODEL} record", cas, record.uuid, expected, data):
+        if not call(_UPDATE_ACTION[record.MODEL], cas, record.uuid, expected, data):
             raise conflict(record.MODEL, record.uuid, expected)
 
     def update_message(self, message: MessageRecord) -> None:

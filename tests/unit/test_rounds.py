@@ -9,11 +9,12 @@ from datetime import datetime, timezone
 
 import pytest
 
-from prorch.engine.rounds import write_each, write_in_rounds
+from prorch.engine.rounds import _shared, write_each, write_in_rounds
 from prorch.engine.state import Writing
 from prorch.model.exceptions import ConcurrentUpdateError, StoreUnreachableError
-from prorch.model.records import PipelineRecord
+from prorch.model.records import PipelineRecord, StepRecord
 from prorch.model.registry import Registry
+from prorch.model.status import Status
 from prorch.storage.store import Store, Write
 from repositories.memory import MemoryBackend
 from tests.support.builders import pipeline_of, step_of
@@ -281,3 +282,25 @@ def test_the_engine_error_is_raised_when_the_waiting_writes_cannot_be_stored(reg
 
     with pytest.raises(KeyboardInterrupt):
         write_in_rounds(store, [_one_write(record), breaks()], group=100)
+
+
+@pytest.mark.parametrize("stored_shared", [False, True])
+@pytest.mark.parametrize("tracked", [True, False])
+def test_a_rounds_shared_mark_changes_the_write_as_rebuilding_it_would(stored_shared: bool, tracked: bool) -> None:
+    """``_shared`` sets ``hook_shared`` after the write is built and makes only that field again:
+    the same fields, in the same order, and the same snapshot as the whole write built anew."""
+    record = PipelineRecord(uuid="p1", name="P", status=Status.PENDING, hook_shared=stored_shared)
+    step = StepRecord(uuid="s1", pipeline_uuid="p1", name="S", status=Status.CREATED)
+    snapshots = Store(MemoryBackend()).tracking([record, step]) if tracked else None
+    # crashes: a field after hook_shared, so that the mark's field goes in the middle of the write
+    record.hook_started_at, record.hook_shared, record.crashes = datetime.now(timezone.utc), False, 1
+    record.metadata["current_step"] = step.uuid
+    step.attempt = 1
+    shared = _shared(Write.of([step, record], snapshots=snapshots))
+    rebuilt = Write.of([step, record], snapshots=snapshots)
+    assert record.hook_shared
+    for got, want in zip(shared.changes, rebuilt.changes, strict=True):
+        assert list(got.fields.items()) == list(want.fields.items())
+        got_rest = (got.record, got.expected, got.partial, got.stored)
+        assert got_rest == (want.record, want.expected, want.partial, want.stored)
+    assert ("hook_shared" in shared.changes[1].fields) is (not tracked or not stored_shared)
