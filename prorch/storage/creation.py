@@ -212,15 +212,17 @@ def store_once(
 
 
 def _sort_out(store: Store, groups: list[list[Record]]) -> tuple[list[tuple[PipelineRecord, bool]], list[list[Record]]]:
-    """Each group's pipeline as stored (or as it will be), whether it is new, and the groups to insert."""
+    """Each group's pipeline as stored (or as it will be), whether it is new, and the groups to
+    insert. The stored ones are read by uuid and by key, a chunk of values per query (not one
+    query per key: 20,000 round trips on PostgreSQL), in the caller's transaction."""
     results: list[tuple[PipelineRecord, bool]] = []
     fresh: list[list[Record]] = []
     taken: dict[str, PipelineRecord] = {}
-    wanted_keys = [record.key for group in groups for record in group if isinstance(record, PipelineRecord)]
-    live = live_holders(store, [key for key in dict.fromkeys(wanted_keys) if key is not None])
-    for group in groups:
-        wanted = next(record for record in group if isinstance(record, PipelineRecord))
-        found = taken.get(wanted.uuid) or store.get_pipeline(wanted.uuid) or live.get(wanted.key or "")
+    pipelines = [next(record for record in group if isinstance(record, PipelineRecord)) for group in groups]
+    stored = store.get_pipelines(list(dict.fromkeys(record.uuid for record in pipelines)))
+    live = live_holders(store, [key for key in dict.fromkeys(record.key for record in pipelines) if key is not None])
+    for group, wanted in zip(groups, pipelines, strict=True):
+        found = taken.get(wanted.uuid) or stored.get(wanted.uuid) or live.get(wanted.key or "")
         if found is None:
             taken[wanted.uuid] = wanted
             fresh.append(group)
