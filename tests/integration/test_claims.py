@@ -565,6 +565,8 @@ def test_sqlite_s_claim_on_the_driver_takes_and_reads_what_sqlalchemy_s_path_doe
     assert [r["name"] for r in driver] == (["A", "B", "C", "C"] if runnable else ["A", "D", "B", "C", "C"])
     assert driver == sqlalchemy
     assert driver_stored == sqlalchemy_stored
+
+
 def test_a_lease_written_while_its_name_is_entered_is_counted(sql: Any) -> None:
     """PostgreSQL (0023): a lease written before a name's first limited claim entered it, by a
     transaction still open then (an older prorch's), is not in ``pipeline_leases`` by its
