@@ -125,6 +125,17 @@ class Store:
         data = call("get a pipeline", self.engine.get, PipelineRecord.MODEL, uuid)
         return load(PipelineRecord, data) if data else None
 
+    def get_pipelines(self, uuids: Sequence[str]) -> dict[str, PipelineRecord]:
+        """``get_pipeline`` of several uuids (a keyed ``create_many``), by uuid, the ones stored:
+        in one query per chunk of uuids where the store can, else uuid by uuid."""
+        rows = None
+        if len(uuids) > 1:
+            rows = call("search pipeline records", self.engine.search_many, PipelineRecord.MODEL, "uuid", list(uuids))
+        if rows is None:
+            found = ((uuid, self.get_pipeline(uuid)) for uuid in uuids)
+            return {uuid: record for uuid, record in found if record is not None}
+        return {record.uuid: record for record in (load(PipelineRecord, row) for row in rows)}
+
     def _search(self, record_type: type[RecordT], field: str, value: object) -> list[RecordT]:
         rows = call(f"search {record_type.MODEL.lower()} records", self.engine.search, record_type.MODEL, field, value)
         return [load(record_type, row) for row in rows or []]
