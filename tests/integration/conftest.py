@@ -1,6 +1,8 @@
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import signal
 import subprocess
 from collections.abc import Iterator
@@ -45,6 +47,19 @@ def postgres_server() -> Iterator[PostgresServer]:
 
 
 _databases = iter(range(1, 1_000_000))
+
+
+@pytest.fixture
+def own_server() -> Iterator[PostgresServer]:
+    """A server of this test's own, to stop and start (the session's serves the other tests)."""
+    try:
+        server = start_server()
+    except PostgresUnavailable as exc:
+        pytest.skip(f"PostgreSQL not available: {exc}")
+    yield server
+    with contextlib.suppress(subprocess.CalledProcessError):  # a test may leave it stopped
+        server.stop("immediate")
+    shutil.rmtree(server.folder, ignore_errors=True)
 
 
 @pytest.fixture

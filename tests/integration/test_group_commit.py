@@ -340,13 +340,20 @@ def test_a_worker_stores_quick_hooks_transitions_in_groups_as_a_pass_does(
     assert len(groups) <= 20, f"{len(groups)} commits of {groups}"
 
 
+@pytest.mark.parametrize("runner", ["worker", "pass"])
 @pytest.mark.parametrize("kind", [*GROUP_BACKENDS, "docs-example"])
-def test_a_worker_starts_a_claimed_pipelines_first_hook_after_one_commit(
-    kind: str, tmp_path: Path, request: pytest.FixtureRequest, registry: Registry, monkeypatch: pytest.MonkeyPatch
+def test_a_claimed_pipelines_first_hook_starts_after_one_commit(
+    kind: str,
+    runner: str,
+    tmp_path: Path,
+    request: pytest.FixtureRequest,
+    registry: Registry,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """#28 item 5: the worker's claim stores the hook mark, so no second commit (the mark) comes
-    before the first hook: one write per pipeline here, its transition. The hook sees its mark
-    stored, so a worker dying in it leaves a crash suspect, as the mark's own commit did. A
+    """#28 item 5 and #27: the worker's claim and a pass's claim store the hook marks
+    (``ClaimRequest.mark``), so no second commit (the mark) comes before the first hook: one
+    write per pipeline here, its transition. Each hook sees its mark stored (shared, as a
+    round's), so a worker dying in it leaves a crash suspect, as the mark's own commit did. A
     user's repository (docs/repositories.md's) claims without marks: the engine marks, in a
     write of its own, as before."""
     backend = make_backend(kind, tmp_path, request)
@@ -369,41 +376,12 @@ def test_a_worker_starts_a_claimed_pipelines_first_hook_after_one_commit(
         return original(self, many)
 
     monkeypatch.setattr(Store, "commit_many", counted)
-    run_worker_until_finished(Orchestrator(backend, registry=registry, concurrency=4, group_commit=32), 8)
-    assert marked_when_run == [True] * 8
-    assert sum(groups) + len(writes) == (8 if kind in GROUP_BACKENDS else 16), (groups, len(writes))
-
-
-@pytest.mark.parametrize("kind", [*GROUP_BACKENDS, "docs-example"])
-def test_a_pass_starts_its_first_hooks_after_one_commit(
-    kind: str, tmp_path: Path, request: pytest.FixtureRequest, registry: Registry, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """#27: a pass's claim stores the hook marks too (``ClaimRequest.mark``), as the worker's
-    does: one write per pipeline here, its transition, not a mark and then the transition. Each
-    hook sees its mark stored (shared, as a round's), so a worker dying in it leaves a crash
-    suspect. A user's repository claims without marks: the engine marks, as before."""
-    backend = make_backend(kind, tmp_path, request)
-    reader = Store(backend)
-    marked_when_run: list[bool] = []
-
-    def look(self: Step) -> None:
-        record = reader.get_pipeline(self.pipeline_uuid)
-        marked_when_run.append(record is not None and record.hook_started_at is not None and record.hook_shared)
-
-    pipeline = pipeline_of(step_of("Look", look))
-    for _ in range(8):
-        pipeline.create(backend, registry=registry)
-    writes = count_calls(monkeypatch, Store, "commit_write")
-    groups: list[int] = []
-    original = Store.commit_many
-
-    def counted(self: Store, many: Any) -> Any:
-        groups.append(len(many))
-        return original(self, many)
-
-    monkeypatch.setattr(Store, "commit_many", counted)
-    summary = Orchestrator(backend, registry=registry, concurrency=4, group_commit=32).execute_pipelines()
-    assert summary.finished == 8 and not summary.errors
+    orchestrator = Orchestrator(backend, registry=registry, concurrency=4, group_commit=32)
+    if runner == "worker":
+        run_worker_until_finished(orchestrator, 8)
+    else:
+        summary = orchestrator.execute_pipelines()
+        assert summary.finished == 8 and not summary.errors
     assert marked_when_run == [True] * 8
     assert sum(groups) + len(writes) == (8 if kind in GROUP_BACKENDS else 16), (groups, len(writes))
 

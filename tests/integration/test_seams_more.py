@@ -7,10 +7,8 @@ on PostgreSQL with a SIGKILLed worker; keyed creates across tenants."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import multiprocessing
-import shutil
 import signal
 import subprocess
 import sys
@@ -48,24 +46,11 @@ from tests.integration.key_race import debounce_and_attach_in_lockstep
 from tests.integration.test_limit_workers import most_at_once
 from tests.support import processes as support
 from tests.support.builders import pipeline_of, step_of
-from tests.support.postgres import PostgresServer, PostgresUnavailable, start_server
+from tests.support.postgres import PostgresServer
 from tests.support.processes import FAULTS, child_env, wait_for
 from tests.unit import test_service_api as service
 
 fault_app = support.fault_app()
-
-
-@pytest.fixture
-def own_server() -> Iterator[PostgresServer]:
-    """A server of this test's own, to stop and start (the session's serves the other tests)."""
-    try:
-        server = start_server()
-    except PostgresUnavailable as exc:
-        pytest.skip(f"PostgreSQL not available: {exc}")
-    yield server
-    with contextlib.suppress(subprocess.CalledProcessError):  # a test may leave it stopped
-        server.stop("immediate")
-    shutil.rmtree(server.folder, ignore_errors=True)
 
 
 @pytest.fixture(params=["memory", "sqlite", "postgresql", "tinydb", "seed"])

@@ -4,16 +4,13 @@ the worker's connections killed mid-transaction."""
 
 from __future__ import annotations
 
-import contextlib
 import json
-import shutil
 import signal
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 
 import psycopg
@@ -22,7 +19,7 @@ import pytest
 from prorch import Orchestrator, Status
 from repositories import from_url
 from tests.support import processes
-from tests.support.postgres import PostgresServer, PostgresUnavailable, free_port, start_server
+from tests.support.postgres import PostgresServer, free_port
 from tests.support.processes import FAULTS, PRORCH, child_env, wait_for
 
 fault_app = processes.fault_app()
@@ -88,19 +85,6 @@ def test_killed_connections_leave_the_next_writes_clean(
     hit = [line for line in log.splitlines() if "terminating connection" in line]
     assert all(any(report in line for report in reports) for line in hit), hit
     assert "UnstorableResultError" not in log, log[-3000:]  # and is not charged to a step as a failed attempt
-
-
-@pytest.fixture
-def own_server() -> Iterator[PostgresServer]:
-    """A server of this test's own, to stop and start (the session's serves the other tests)."""
-    try:
-        server = start_server()
-    except PostgresUnavailable as exc:
-        pytest.skip(f"PostgreSQL not available: {exc}")
-    yield server
-    with contextlib.suppress(subprocess.CalledProcessError):  # a test may leave it stopped
-        server.stop("immediate")
-    shutil.rmtree(server.folder, ignore_errors=True)
 
 
 def health(port: int) -> int | None:
