@@ -93,8 +93,9 @@ def overview(orchestrator: Orchestrator, cache: StatsCache) -> dict[str, Any]:
     waiting = max(by_status.get(Status.PENDING.value, 0) - stats.running - due - paused - sum(limited.values()), 0)
     minutes = [{"finished": 0, "failed": 0, "cancelled": 0} for _ in range(CHART_MINUTES)]
     for status, at in stats.ended:
-        age = int((now - at).total_seconds() // 60)
-        if 0 <= age < CHART_MINUTES:
+        # one that ended between the cache's ``now`` and its read is of this minute, not the future
+        age = max(int((now - at).total_seconds() // 60), 0)
+        if age < CHART_MINUTES:
             minutes[CHART_MINUTES - 1 - age][status] += 1
     return {
         "now": iso(now),

@@ -159,7 +159,7 @@ def test_postgresql_eight_workers_random_sigkill(tmp_path: Path, postgres_url: s
 
 @pytest.mark.slow
 def test_tinydb_three_workers_random_sigkill(tmp_path: Path) -> None:
-    run_chaos(f"tinydb:///{tmp_path / 'chaos.json'}", tmp_path, workers=3, pipelines=40, kill_every=20)
+    run_chaos(f"tinydb:///{tmp_path / 'chaos.json'}", tmp_path, workers=3, pipelines=100, kill_every=10)
 
 
 def test_overlap_check_catches_two_processes_in_one_pipeline() -> None:
