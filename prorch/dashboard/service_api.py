@@ -29,6 +29,8 @@ from prorch.dashboard.service_auth import ApiAuthError, Caller, Tokens
 from prorch.dashboard.service_doc import openapi
 from prorch.model.exceptions import (
     ConcurrentUpdateError,
+    CorruptRecordError,
+    CorruptStoreError,
     InvalidMessageError,
     InvalidParamsError,
     InvalidStateError,
@@ -216,6 +218,8 @@ def refusal(exc: ProrchError) -> JSONResponse:
 def status_of(exc: ProrchError) -> int:
     if isinstance(exc, ApiAuthError):
         return exc.status
+    if isinstance(exc, (CorruptRecordError, CorruptStoreError)):
+        return 500  # stored data prorch cannot read: the same request will fail again, so no 503
     if isinstance(exc, RepositoryError) and not isinstance(exc, ConcurrentUpdateError):
         return 503
     if isinstance(exc, (NotRegisteredError, PipelineNotFoundError)):

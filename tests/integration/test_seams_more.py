@@ -234,6 +234,27 @@ def test_the_api_answers_503_while_another_process_locks_the_sqlite_file_and_wor
         assert (status, body["result"]) == (200, {"total": 4}), body
 
 
+def test_the_api_answers_500_not_503_for_a_stored_pipeline_it_cannot_read(tmp_path: Path, registry: Registry) -> None:
+    """Regression (review): corrupt stored data was answered 503 "try again later", which a
+    client would retry for ever; it is a 500 naming the record error, and the others still read."""
+    import sqlite3
+
+    registry.add_step(service.Sum)
+    registry.add_pipeline(service.Invoice)
+    path = tmp_path / "api.db"
+    app = create_app(Orchestrator(f"sqlite:///{path}", registry=registry), api_tokens=service.TOKENS)
+    start = {"params": {"customer": "acme", "amount": 2}}
+    started = [service.call(app, "POST", "/api/v1/pipelines/Invoice", start, token=service.START) for _ in "ab"]
+    uuids = [body["uuid"] for _, body in started]
+    with sqlite3.connect(path) as connection:
+        connection.execute("UPDATE pipelines SET status = 'exploded' WHERE uuid = ?", (uuids[0],))
+    status, body = service.call(app, "GET", f"/api/v1/pipelines/{uuids[0]}", token=service.READ)
+    assert (status, body["error"]["type"]) == (500, "CorruptRecordError"), body
+    assert "try again" not in body["error"]["message"]
+    status, body = service.call(app, "GET", f"/api/v1/pipelines/{uuids[1]}", token=service.READ)
+    assert status == 200, body
+
+
 # --- 2. debounce and attach on TinyDB across processes -----------------------------------------
 
 
