@@ -52,6 +52,8 @@ def check_json(value: Any, where: str) -> None:
         if kind is str:
             if "\x00" in item:
                 raise UnstorableValueError(f"{path}: a string with a NUL character (\\x00) cannot be stored")
+            if not item.isascii() and not _is_unicode(item):
+                raise UnstorableValueError(f"{path}: {LONE_SURROGATE}")
         elif kind is float:
             if not math.isfinite(item):
                 raise UnstorableValueError(f"{path}: {item!r} is not a JSON number (NaN and infinity are refused)")
@@ -70,10 +72,27 @@ def check_json(value: Any, where: str) -> None:
                     )
                 if "\x00" in key:
                     raise UnstorableValueError(f"{path}: key {key!r} has a NUL character (\\x00)")
+                if not key.isascii() and not _is_unicode(key):
+                    raise UnstorableValueError(f"{path}: key {key!r}: {LONE_SURROGATE}")
                 stack.append((element, f"{path}[{key!r}]", depth + 1))
         else:
             hint = " (use a list)" if kind in (tuple, set, frozenset) else ""
             raise UnstorableValueError(f"{path}: {kind.__name__} is not a JSON value{hint}; store JSON values only")
+
+
+LONE_SURROGATE = (
+    "a string with a lone surrogate (such as '\\ud800', from a broken \\u escape or a bad decode) "
+    "is not valid Unicode and cannot be stored: send the text as valid UTF-8"
+)
+
+
+def _is_unicode(text: str) -> bool:
+    """Whether ``text`` encodes as UTF-8 (no lone surrogate), as every store needs it to."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def checked_copy(value: Any, where: str) -> Any:

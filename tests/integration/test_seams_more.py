@@ -255,6 +255,21 @@ def test_the_api_answers_500_not_503_for_a_stored_pipeline_it_cannot_read(tmp_pa
     assert status == 200, body
 
 
+def test_a_lone_surrogate_in_api_params_is_a_422_and_nothing_is_stored(tmp_path: Path, registry: Registry) -> None:
+    """Regression (review): JSON may spell a lone surrogate (``"\\ud800"``), which no store can
+    encode; the start failed in the store with a UnicodeEncodeError, answered 503 "try again
+    later". It is one clear InvalidParamsError (422) before anything is stored."""
+    registry.add_step(service.Sum)
+    registry.add_pipeline(service.Invoice)
+    orchestrator = Orchestrator(f"sqlite:///{tmp_path / 'api.db'}", registry=registry)
+    app = create_app(orchestrator, api_tokens=service.TOKENS)
+    start = {"params": {"customer": "\ud800", "amount": 2}}
+    status, body = service.call(app, "POST", "/api/v1/pipelines/Invoice", start, token=service.START)
+    assert (status, body["error"]["type"]) == (422, "InvalidParamsError"), body
+    assert "params['customer']: a string with a lone surrogate" in body["error"]["message"]
+    assert orchestrator.list_pipelines() == []
+
+
 # --- 2. debounce and attach on TinyDB across processes -----------------------------------------
 
 

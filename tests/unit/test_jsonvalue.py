@@ -45,6 +45,8 @@ def test_depth_is_counted_per_branch_not_per_sibling() -> None:
         ((1, 2), r"^context: tuple is not a JSON value \(use a list\); store JSON values only$"),
         ({"s": {1}}, r"^context\['s'\]: set is not a JSON value \(use a list\)"),
         ([b"x"], r"^context\[0\]: bytes is not a JSON value; store JSON values only$"),
+        ({"a": "caf\u00e9 \ud800"}, r"^context\['a'\]: a string with a lone surrogate"),  # every store refuses it
+        ({"\udfff": 1}, r"^context: key '\\udfff': a string with a lone surrogate"),
     ],
 )
 def test_what_is_not_json_is_refused_with_its_path(value: Any, message: str) -> None:
@@ -53,7 +55,7 @@ def test_what_is_not_json_is_refused_with_its_path(value: Any, message: str) -> 
 
 
 def test_json_values_are_accepted() -> None:
-    check_json({"a": [None, True, 1, 1.5, "x", {}, [], 2**70]}, "params")
+    check_json({"a": [None, True, 1, 1.5, "x", {}, [], 2**70, "caf\u00e9 \U0001f600"]}, "params")
 
 
 def test_a_checked_copy_is_not_changed_by_the_caller_afterwards() -> None:
