@@ -13,13 +13,14 @@ from typing import Any
 import pytest
 from sqlalchemy import create_engine, event, text
 
-from prorch import ConfigurationError, KeyConflictError, Orchestrator
+from prorch import KeyConflictError, Orchestrator
 from prorch.model.keys import uuid_for_key
 from prorch.model.status import Status
 from prorch.storage.store import Store
 from repositories import from_url
 from repositories.postgresql import KEY_LOCK_BUCKETS
 from tests.integration.key_race import KeyRacePipeline, create_in_lockstep
+from tests.support.purging import purging_orchestrator
 
 PRORCH = str(Path(sys.executable).parent / "prorch")
 PROCESSES = 4
@@ -114,11 +115,7 @@ def test_a_key_is_kept_as_long_as_its_pipeline(backend: Any) -> None:
     from prorch import FakeClock
 
     clock = FakeClock()
-    orchestrator = Orchestrator(backend, clock=clock)
-    try:
-        orchestrator.store.deleters()
-    except ConfigurationError:
-        pytest.skip("this repository cannot delete: nothing is ever purged")
+    orchestrator = purging_orchestrator(backend, clock)
     first = KeyRacePipeline.create(backend, {"order": 1}, key="order-1", clock=clock)
     orchestrator.execute_pipelines()
     clock.advance(29 * 86400)

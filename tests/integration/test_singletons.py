@@ -19,7 +19,6 @@ from typing import Any
 import pytest
 
 from prorch import (
-    ConfigurationError,
     FakeClock,
     InvalidKeyError,
     InvalidParamsError,
@@ -32,6 +31,7 @@ from prorch.model.status import Status
 from prorch.storage.store import Store, store_for
 from repositories import MemoryBackend, from_url
 from tests.integration.key_race import BatchPipeline, KeyRacePipeline, debounce_in_lockstep
+from tests.support.purging import purging_orchestrator
 
 PRORCH = str(Path(sys.executable).parent / "prorch")
 ROOT = Path(__file__).resolve().parents[2]
@@ -174,11 +174,7 @@ def test_keys_across_retention(backend: Any) -> None:
     """A waiting debounced pipeline is pending, so retention never takes it; an ended one it
     takes with its key, and the key then names only what comes next."""
     clock = FakeClock()
-    orchestrator = Orchestrator(backend, clock=clock)
-    try:
-        orchestrator.store.deleters()
-    except ConfigurationError:
-        pytest.skip("this repository cannot delete: nothing is ever purged")
+    orchestrator = purging_orchestrator(backend, clock)
     ended = KeyRacePipeline.create(backend, {"order": 1}, key="k", if_running="attach", clock=clock)
     orchestrator.execute_pipelines()
     waiting = BatchPipeline.create(backend, {"ids": [1]}, key="b", debounce=timedelta(days=40), clock=clock)
