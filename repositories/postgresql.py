@@ -13,12 +13,13 @@ from typing import Any
 from sqlalchemy import Connection, Engine, Select, text
 from sqlalchemy.engine import URL
 
-from prorch.model.exceptions import ConcurrentUpdateError, ProrchError, RepositoryError
-from prorch.model.records import to_utc
+from prorch.model.exceptions import ConcurrentUpdateError, DuplicateRecordError, ProrchError, RepositoryError
+from prorch.model.records import Record, to_utc
 from prorch.model.secrets import error_summary
 from prorch.storage.backend import Outcome, Write
 from prorch.storage.commits import by_statements
 from prorch.storage.repository import TransitionRows
+from prorch.storage.wakeups import makes_work
 from repositories.postgresql_leases import limited_name_ready
 from repositories.postgresql_transitions import TransitionStatements
 from repositories.postgresql_wakeups import Listeners, channel_name
@@ -53,6 +54,9 @@ ENTRY_RETRY_MOST = 900.0
 large import, a session left idle in its transaction), every try queues a SHARE lock that holds
 each writer of pipelines back for ``postgresql_leases.LOCK_TIMEOUT``, and claims come every few
 milliseconds. Meanwhile the name's leases are counted from the pipelines, which is as right."""
+ONE_STATEMENT_RECORDS = 100
+"""At most this many new records go in ``insert``'s one statement (a few parameters each, far
+below PostgreSQL's 65,535); a larger batch goes table by table in one transaction."""
 SCHEMA_LOCK = 7270712
 """The advisory lock key of schema upgrades ('prorch')."""
 
@@ -89,12 +93,44 @@ class PostgreSQLBackend(SQLBackend):
             return
         self._local.notified = True
         with self._errors():
-            if self._channel is None:
-                self._channel = channel_name(connection.execute(text("SELECT current_schema()")).scalar())
-            connection.execute(NOTIFY, {"channel": self._channel})
+            connection.execute(NOTIFY, {"channel": self._notify_channel(connection)})
 
     def work_stored(self) -> None:
         """Nothing more: this process's waiting threads get the NOTIFY too."""
+
+    def insert(self, records: Sequence[Record]) -> None:
+        """A few new records outside a caller's transaction (a ``create()``) go in one statement
+        with their NOTIFY, in autocommit: one round trip (``TransitionStatements.inserts``).
+        Inside a transaction (keyed creates take their locks first) or for a large batch, the
+        records go table by table in the caller's or a new transaction."""
+        if self.current_connection() is not None or not records or len(records) > ONE_STATEMENT_RECORDS:
+            super().insert(records)
+            return
+        added = [(record.MODEL, self(record.MODEL).full_row(record.to_dict())) for record in records]
+        with self._errors(), self._checkout(write=False) as connection:  # autocommit: the statement is the transaction
+            channel = self._notify_channel(connection) if makes_work(records) else None
+            sql, params = self._statements.inserts(added, channel)
+            driver: Any = connection.connection.driver_connection
+            try:
+                driver.execute(sql, params)
+            except Exception as exc:
+                raise self._insert_error(connection, exc) from None
+
+    def _notify_channel(self, connection: Connection) -> str:
+        if self._channel is None:
+            self._channel = channel_name(connection.execute(text("SELECT current_schema()")).scalar())
+        return self._channel
+
+    def _insert_error(self, connection: Connection, exc: Exception) -> RepositoryError:
+        """A uuid stored already is ``DuplicateRecordError`` as on the table-by-table path; a
+        lost connection is invalidated (SQLAlchemy never saw the driver's error)."""
+        import psycopg
+
+        if isinstance(exc, psycopg.errors.UniqueViolation):
+            return DuplicateRecordError(f"{self!r}: {error_summary(exc)}")
+        if isinstance(exc, (psycopg.OperationalError, psycopg.InterfaceError)):
+            connection.invalidate()
+        return self._driver_error(exc)
 
     def wait_for_work(self, timeout: float) -> bool:
         return self._listeners.of_this_thread(self.engine, self).wait(timeout)

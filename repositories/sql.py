@@ -288,7 +288,7 @@ class SQLRepository(SQLClaims, IRepository):
         events of one transition). A uuid stored already raises ``DuplicateRecordError``, inside
         a transaction too."""
         with self.backend._errors(), self.backend.connect(write=True) as connection:
-            connection.execute(self._insert, [self._full_row(row) for row in rows])
+            connection.execute(self._insert, [self.full_row(row) for row in rows])
 
     def update(self, uuid: str, data: JSONDict) -> None:
         with self.backend.connect(write=True) as connection:
@@ -444,7 +444,7 @@ class SQLRepository(SQLClaims, IRepository):
 
     # --- conversion --------------------------------------------------------------------------
 
-    def _full_row(self, data: JSONDict) -> JSONDict:
+    def full_row(self, data: JSONDict) -> JSONDict:
         """Every column, missing ones as None: one cached INSERT serves every record."""
         row = self._to_row(data)
         return {name: row.get(name, self._defaults[name]) for name in self.columns}

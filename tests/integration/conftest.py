@@ -65,6 +65,11 @@ def own_server() -> Iterator[PostgresServer]:
 @pytest.fixture
 def postgres_url(postgres_server: PostgresServer) -> str:
     """A fresh, empty database on the session's server."""
+    return new_database(postgres_server)
+
+
+def new_database(postgres_server: PostgresServer) -> str:
+    """The URL of a new, empty database on ``postgres_server``."""
     name = f"prorch_test_{next(_databases)}"
     admin = create_engine(
         postgres_server.url.replace("postgresql://", "postgresql+psycopg://"), isolation_level="AUTOCOMMIT"
