@@ -4,7 +4,7 @@ renewed. A part of ``SQLRepository`` (``repositories.sql``); each statement is b
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import Any, TypeVar, cast
 
@@ -21,6 +21,7 @@ from sqlalchemy import (
     or_,
     select,
     true,
+    tuple_,
     update,
 )
 
@@ -35,6 +36,8 @@ from repositories.sql_pauses import not_paused
 __all__ = ["SQLClaims", "claim_kind"]
 
 T = TypeVar("T")
+RENEW_CHUNK = 500
+"""Leases per statement of ``renew_leases``: two bound values each, far below every driver's limit."""
 
 
 def claim_kind(kind: str, mark: bool) -> str:
@@ -203,6 +206,28 @@ class SQLClaims(ClaimsByRequest):
         )
         with self.backend.connect(write=True) as connection:
             return connection.execute(query).rowcount == 1
+
+    def renew_leases(self, leases: Sequence[tuple[str, str]], lease_expires_at: datetime) -> set[str]:
+        """One statement per ``RENEW_CHUNK`` leases, in one transaction. Where rows are locked
+        (PostgreSQL) it skips a row another transaction holds (a transition in flight) rather
+        than wait for it while holding the others, which that transaction may be about to wait
+        for (a deadlock); a lease it did not renew is tried alone once it committed
+        (``renew_lease``: waits for the row, then compares the token): a skipped one is renewed
+        then, a lost one refused again."""
+        c = self.table.c
+        renewed: set[str] = set()
+        with self.backend.connect(write=True) as connection:
+            for start in range(0, len(leases), RENEW_CHUNK):
+                held = select(c.uuid).where(tuple_(c.uuid, c.lease_owner).in_(leases[start : start + RENEW_CHUNK]))
+                query = (
+                    update(self.table)
+                    .where(c.uuid.in_(self.lockable(held).scalar_subquery()))
+                    .values(lease_expires_at=lease_expires_at)
+                    .returning(c.uuid)
+                )
+                renewed.update(connection.execute(query).scalars())
+        left = [(uuid, owner) for uuid, owner in leases if uuid not in renewed]
+        return renewed | {uuid for uuid, owner in left if self.renew_lease(uuid, owner, lease_expires_at)}
 
     def _lease_values(self, *, mark: bool = False) -> JSONDict:
         """What a claim sets; with ``mark``, the hook mark of a row that is no crash suspect
