@@ -18,7 +18,7 @@ from prorch.model.due import ClaimRequest
 from prorch.model.limit_rules import ClaimLimit, Fairness, RateLimit
 from prorch.model.records import Metadata, new_uuid
 from prorch.storage.store import Store
-from repositories import from_url, postgresql, postgresql_leases
+from repositories import from_url, postgresql, postgresql_leases, sql_claim
 from repositories import sqlite as sqlite_dialect
 from repositories.schema import pipelines, rate_limit_starts
 from repositories.sql_claim import SQLClaims
@@ -444,6 +444,34 @@ def test_per_tenant_with_the_untenanted_group_full_takes_the_tenants_behind_it(s
     tenant = row("A", minutes=-1, context={"tenant": "t9"})
     fill(sql, [running, *untenanted, tenant])
     assert claim(Store(sql), "w", 2, {"A": ClaimLimit(per_tenant=1)}) == [tenant["uuid"]]
+
+
+def test_leases_renewed_together_go_by_chunks_in_one_transaction(sql: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """More leases than one statement takes (``RENEW_CHUNK``): one statement per chunk, all in
+    one transaction; only the owner's leases are renewed, in every chunk."""
+    monkeypatch.setattr(sql_claim, "RENEW_CHUNK", 2)
+    rows = [row("A", lease_owner="me#1" if i != 3 else "x#1", lease_expires_at=UNTIL) for i in range(5)]
+    fill(sql, rows)
+    statements: list[str] = []
+    commits: list[int] = []
+
+    def seen(connection: Any, cursor: Any, statement: str, *args: Any) -> None:
+        statements.append(statement)
+
+    def committed(connection: Any) -> None:
+        commits.append(1)
+
+    event.listen(sql.engine, "before_cursor_execute", seen)
+    event.listen(sql.engine, "commit", committed)
+    try:
+        renewed, failed = Store(sql).renew_leases([(r["uuid"], "me#1") for r in rows], UNTIL + timedelta(minutes=5))
+    finally:
+        event.remove(sql.engine, "before_cursor_execute", seen)
+        event.remove(sql.engine, "commit", committed)
+    assert renewed == {r["uuid"] for i, r in enumerate(rows) if i != 3} and failed == {}
+    batches = [s for s in statements if s.lstrip().startswith("UPDATE") and "RETURNING" in s]
+    assert len(batches) == 3
+    assert len(commits) == 2  # the batch's transaction, then the refused lease tried alone
 
 
 def test_leases_renewed_together_wait_for_no_row_while_holding_the_others(sql: Any) -> None:
