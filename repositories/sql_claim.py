@@ -208,26 +208,31 @@ class SQLClaims(ClaimsByRequest):
             return connection.execute(query).rowcount == 1
 
     def renew_leases(self, leases: Sequence[tuple[str, str]], lease_expires_at: datetime) -> set[str]:
-        """One statement per ``RENEW_CHUNK`` leases, in one transaction. Where rows are locked
-        (PostgreSQL) it skips a row another transaction holds (a transition in flight) rather
-        than wait for it while holding the others, which that transaction may be about to wait
-        for (a deadlock); a lease it did not renew is tried alone once it committed
-        (``renew_lease``: waits for the row, then compares the token): a skipped one is renewed
-        then, a lost one refused again."""
-        c = self.table.c
+        """One statement per ``RENEW_CHUNK`` leases, in one transaction. A lease whose row
+        another transaction held (``renew_chunk``, PostgreSQL) is tried alone once that one is
+        committed (``renew_lease``: it waits for the row, then compares the token)."""
         renewed: set[str] = set()
+        busy: list[tuple[str, str]] = []
         with self.backend.connect(write=True) as connection:
             for start in range(0, len(leases), RENEW_CHUNK):
-                held = select(c.uuid).where(tuple_(c.uuid, c.lease_owner).in_(leases[start : start + RENEW_CHUNK]))
-                query = (
-                    update(self.table)
-                    .where(c.uuid.in_(self.lockable(held).scalar_subquery()))
-                    .values(lease_expires_at=lease_expires_at)
-                    .returning(c.uuid)
-                )
-                renewed.update(connection.execute(query).scalars())
-        left = [(uuid, owner) for uuid, owner in leases if uuid not in renewed]
-        return renewed | {uuid for uuid, owner in left if self.renew_lease(uuid, owner, lease_expires_at)}
+                done, held = self.renew_chunk(connection, leases[start : start + RENEW_CHUNK], lease_expires_at)
+                renewed |= done
+                busy += held
+        return renewed | {uuid for uuid, owner in busy if self.renew_lease(uuid, owner, lease_expires_at)}
+
+    def renew_chunk(
+        self, connection: Connection, leases: Sequence[tuple[str, str]], lease_expires_at: datetime
+    ) -> tuple[set[str], list[tuple[str, str]]]:
+        """Renew the leases whose token still holds their row: the uuids renewed, and the leases
+        left to try alone (none here: SQLite's write lock keeps other writers out meanwhile)."""
+        c = self.table.c
+        query = (
+            update(self.table)
+            .where(tuple_(c.uuid, c.lease_owner).in_(leases))
+            .values(lease_expires_at=lease_expires_at)
+            .returning(c.uuid)
+        )
+        return set(connection.execute(query).scalars()), []
 
     def _lease_values(self, *, mark: bool = False) -> JSONDict:
         """What a claim sets; with ``mark``, the hook mark of a row that is no crash suspect
