@@ -14,7 +14,7 @@ import itertools
 import json
 import threading
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -307,6 +307,11 @@ class MemoryRepository(ClaimsByRequest, IRepository):
             row["lease_expires_at"] = format_timestamp(lease_expires_at)
             self._write(uuid, row)
             return True
+
+    def renew_leases(self, leases: Sequence[tuple[str, str]], lease_expires_at: datetime) -> set[str]:
+        """Under the backend's lock, once for the batch."""
+        with self.backend.lock:
+            return {uuid for uuid, owner in leases if self.renew_lease(uuid, owner, lease_expires_at)}
 
     def _due(self, now: str, limit: int, runnable: Runnable | None = None) -> list[JSONDict]:
         due = [

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, Engine, Select, text
+from sqlalchemy import Connection, Engine, Select, false, select, text, true, tuple_, update
 from sqlalchemy.engine import URL
 
 from prorch.model.exceptions import ConcurrentUpdateError, DuplicateRecordError, ProrchError, RepositoryError
@@ -215,6 +215,30 @@ class PostgreSQLRepository(SQLRepository):
 
     def lockable(self, due: Select[Any]) -> Select[Any]:
         return due.with_for_update(skip_locked=True)
+
+    def renew_chunk(
+        self, connection: Connection, leases: Sequence[tuple[str, str]], lease_expires_at: datetime
+    ) -> tuple[set[str], list[tuple[str, str]]]:
+        """One statement that waits for no row: it renews the leases whose token still holds a
+        row no other transaction holds, and returns apart those still ours whose row one does
+        (a group commit of transitions, writing several pipelines in turn): waiting for such a
+        row while holding the others could deadlock with that transaction as it goes on to
+        write one of them. A lost lease is neither: told in this one round trip."""
+        c = self.table.c
+        ours = tuple_(c.uuid, c.lease_owner).in_(leases)
+        free = select(c.uuid).where(ours).with_for_update(skip_locked=True).cte("free")
+        done = (
+            update(self.table)
+            .where(c.uuid.in_(select(free.c.uuid)))
+            .values(lease_expires_at=lease_expires_at)
+            .returning(c.uuid)
+            .cte("done")
+        )
+        held = select(c.uuid, false()).where(ours, c.uuid.not_in(select(free.c.uuid)))
+        owners = dict(leases)
+        rows = connection.execute(select(done.c.uuid, true()).union_all(held)).all()
+        busy = [(uuid, owners[uuid]) for uuid, renewed in rows if not renewed]
+        return {uuid for uuid, renewed in rows if renewed}, busy
 
     def leases_in_table(self, connection: Connection, name: str) -> bool:
         """From ``pipeline_leases`` once the name is ready there (``postgresql_leases``): its

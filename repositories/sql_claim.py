@@ -4,7 +4,7 @@ renewed. A part of ``SQLRepository`` (``repositories.sql``); each statement is b
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from typing import Any, TypeVar, cast
 
@@ -21,6 +21,7 @@ from sqlalchemy import (
     or_,
     select,
     true,
+    tuple_,
     update,
 )
 
@@ -35,6 +36,8 @@ from repositories.sql_pauses import not_paused
 __all__ = ["SQLClaims", "claim_kind"]
 
 T = TypeVar("T")
+RENEW_CHUNK = 500
+"""Leases per statement of ``renew_leases``: two bound values each, far below every driver's limit."""
 
 
 def claim_kind(kind: str, mark: bool) -> str:
@@ -203,6 +206,33 @@ class SQLClaims(ClaimsByRequest):
         )
         with self.backend.connect(write=True) as connection:
             return connection.execute(query).rowcount == 1
+
+    def renew_leases(self, leases: Sequence[tuple[str, str]], lease_expires_at: datetime) -> set[str]:
+        """One statement per ``RENEW_CHUNK`` leases, in one transaction. A lease whose row
+        another transaction held (``renew_chunk``, PostgreSQL) is tried alone once that one is
+        committed (``renew_lease``: it waits for the row, then compares the token)."""
+        renewed: set[str] = set()
+        busy: list[tuple[str, str]] = []
+        with self.backend.connect(write=True) as connection:
+            for start in range(0, len(leases), RENEW_CHUNK):
+                done, held = self.renew_chunk(connection, leases[start : start + RENEW_CHUNK], lease_expires_at)
+                renewed |= done
+                busy += held
+        return renewed | {uuid for uuid, owner in busy if self.renew_lease(uuid, owner, lease_expires_at)}
+
+    def renew_chunk(
+        self, connection: Connection, leases: Sequence[tuple[str, str]], lease_expires_at: datetime
+    ) -> tuple[set[str], list[tuple[str, str]]]:
+        """Renew the leases whose token still holds their row: the uuids renewed, and the leases
+        left to try alone (none here: SQLite's write lock keeps other writers out meanwhile)."""
+        c = self.table.c
+        query = (
+            update(self.table)
+            .where(tuple_(c.uuid, c.lease_owner).in_(leases))
+            .values(lease_expires_at=lease_expires_at)
+            .returning(c.uuid)
+        )
+        return set(connection.execute(query).scalars()), []
 
     def _lease_values(self, *, mark: bool = False) -> JSONDict:
         """What a claim sets; with ``mark``, the hook mark of a row that is no crash suspect

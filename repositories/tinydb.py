@@ -17,7 +17,7 @@ import json
 import os
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -485,6 +485,20 @@ class TinyDBRepository(ClaimsByRequest, IRepository):
                 return False
             self._write_row(found[0], {**found[1], "lease_expires_at": format_timestamp(lease_expires_at)})
             return True
+
+    def renew_leases(self, leases: Sequence[tuple[str, str]], lease_expires_at: datetime) -> set[str]:
+        """One read and one rewrite of the file for the batch (none when nothing is renewed)."""
+        owners = dict(leases)
+        stamp = format_timestamp(lease_expires_at)
+        with self.backend.transaction():
+            renewed = {
+                doc_id: row
+                for doc_id, row in self._rows().items()
+                if row.get("uuid") in owners and row.get("lease_owner") == owners[row["uuid"]]
+            }
+            for doc_id, row in renewed.items():
+                self._write_row(doc_id, {**row, "lease_expires_at": stamp})
+            return {str(row["uuid"]) for row in renewed.values()}
 
     def _lease(
         self, doc_id: str, row: JSONDict, owner: str, lease_expires_at: datetime, mark: str | None = None

@@ -225,7 +225,9 @@ class Backend(Protocol):
         ...
 
     def renew_lease(self, uuid: str, owner: str, lease_expires_at: datetime) -> bool:
-        """Move the lease's expiry if ``owner`` still holds it; False when it was lost."""
+        """Move the lease's expiry if ``owner`` still holds it; False when it was lost. (A
+        worker's keeper renews all its leases at once, by ``BatchRenewal`` where the backend
+        has it.)"""
         ...
 
     # --- writing -------------------------------------------------------------------------------
@@ -350,4 +352,28 @@ class Backend(Protocol):
 
     def workers(self) -> list[JSONDict]:
         """Every stored worker row, live or stale, in no particular order."""
+        ...
+
+
+Lease = tuple[str, str]
+"""A lease as its holder knows it: (pipeline uuid, owner token)."""
+
+
+@runtime_checkable
+class BatchRenewal(Protocol):
+    """Optional, beside ``Backend``: renewing many leases in one write. A worker's lease keeper
+    renews every lease it holds each third of the lease length; one write per lease (one whole
+    rewrite of a TinyDB file, one fsync of a SQL transaction) falls behind under load. Every
+    shipped backend has it (``RepositoryBackend``); a backend without it (``batch_renewal``
+    False, or no such method) gets one ``renew_lease`` per lease."""
+
+    batch_renewal: bool
+    """True when ``renew_leases`` renews its batch in one write."""
+
+    def renew_leases(self, leases: Sequence[Lease], lease_expires_at: datetime) -> set[str]:
+        """Move the expiry of each lease whose owner token still holds its pipeline (a
+        compare-and-set on the token, as ``renew_lease``), in one statement, transaction or
+        write of the store; the uuids of those renewed (the others were lost, or are not
+        stored). On a failure it raises: the keeper counts none of them renewed, and tries
+        again at its next turn."""
         ...

@@ -27,6 +27,7 @@ from prorch.model.records import (
 )
 from prorch.model.status import Status
 from prorch.storage import listing
+from prorch.storage.backend import Lease
 from prorch.storage.commits import Committer, call, chunks, conflict
 from prorch.storage.repository import PipelineQuery, PipelineStats, VersionGroup
 from prorch.storage.wakeups import Bell
@@ -55,6 +56,7 @@ class FullRepository(Protocol):
     def claim(self, request: ClaimRequest) -> list[JSONDict]: ...
     def claim_one(self, uuid: str, now: datetime, owner: str, lease_expires_at: datetime) -> JSONDict | None: ...
     def renew_lease(self, uuid: str, owner: str, lease_expires_at: datetime) -> bool: ...
+    def renew_leases(self, leases: Sequence[Lease], lease_expires_at: datetime) -> set[str]: ...
     def unread_messages(
         self, pipeline_uuid: str, name: str, after: tuple[datetime, str] | None, limit: int
     ) -> list[JSONDict]: ...
@@ -161,6 +163,12 @@ class RepositoryBackend(Committer):
 
     def renew_lease(self, uuid: str, owner: str, lease_expires_at: datetime) -> bool:
         return self.table(PipelineRecord.MODEL).renew_lease(uuid, owner, lease_expires_at)
+
+    batch_renewal = True
+    """``BatchRenewal``: the keeper's leases in one write (the pipelines' repository's)."""
+
+    def renew_leases(self, leases: Sequence[Lease], lease_expires_at: datetime) -> set[str]:
+        return self.table(PipelineRecord.MODEL).renew_leases(leases, lease_expires_at)
 
     # --- writing (the record-by-record strategy of ``Committer``) ------------------------------
 

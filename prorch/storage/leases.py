@@ -96,23 +96,26 @@ class LeaseKeeper:
                 self._unsettled[uuid] = lease.token
 
     def give_back(self) -> None:
-        """Expire the leases ``give_back_later`` set aside (compare-and-set on their tokens: a
-        lease released, run out or taken over since is left alone); while the store fails, they
-        wait for the next call."""
+        """Expire the leases ``give_back_later`` set aside, together (compare-and-set on their
+        tokens: a lease released, run out or taken over since is left alone); while the store
+        fails, they wait for the next call."""
         with self._lock:
             pending = list(self._unsettled.items())
-        for uuid, token in pending:
-            try:
-                given = self.store.renew_lease(uuid, token, self.clock.now())
-            except RepositoryError:
-                return  # still unreachable: the next call tries again
-            with self._lock:
-                self._unsettled.pop(uuid, None)
-            if given:
-                logger.info(
-                    "pipeline %s: gave its lease back, its transition was not stored (store unreachable); "
-                    "it resumes at the next claim", uuid, extra={"pipeline_uuid": uuid},
-                )  # fmt: skip
+        if not pending:
+            return
+        try:
+            given, failed = self.store.renew_leases(pending, self.clock.now())
+        except RepositoryError:
+            return  # still unreachable: the next call tries again
+        with self._lock:
+            for uuid, _token in pending:
+                if uuid not in failed:
+                    self._unsettled.pop(uuid, None)
+        for uuid in given:
+            logger.info(
+                "pipeline %s: gave its lease back, its transition was not stored (store unreachable); "
+                "it resumes at the next claim", uuid, extra={"pipeline_uuid": uuid},
+            )  # fmt: skip
 
     def limit(self, uuid: str, until: datetime | None) -> None:
         """Renew the lease of ``uuid`` only while the clock is before ``until`` (None: always)."""
@@ -161,22 +164,38 @@ class LeaseKeeper:
             raise RepositoryError(f"pipeline {uuid}: renewing its lease took too long to start a hook safely")
 
     def renew_all(self) -> None:
-        """Renew every lease held, unless past its hook's limit; a failure is logged."""
+        """Renew every lease held, unless past its hook's limit, in one write of the store
+        (``Store.renew_leases``: one per lease would fall behind under load); a failure is logged."""
         since = time.monotonic()
         now = self.clock.now()
         with self._lock:
             held = [(uuid, lease.token) for uuid, lease in self._held.items() if self._limits.get(uuid, now) >= now]
-        for uuid, token in held:
-            try:
-                self._renew(uuid, token, since, now)
-            except Exception as exc:  # the store is down: the lease may lapse; confirm() and the CAS still guard
-                logger.warning("could not renew the lease of pipeline %s: %s", uuid, exc)
+        if held:
+            self._renew_held(held, since, now + timedelta(seconds=self.lease_seconds))
         self.give_back()
 
-    def _renew(self, uuid: str, token: str, since: float, now: datetime | None = None) -> bool:
-        """Renew one lease; False (and the loss told) when it was refused."""
-        now = self.clock.now() if now is None else now
-        if self.store.renew_lease(uuid, token, now + timedelta(seconds=self.lease_seconds)):
+    def _renew_held(self, held: list[tuple[str, str]], since: float, until: datetime) -> None:
+        """Renew ``held`` together: each renewed is noted, each refused told lost."""
+        try:
+            renewed, failed = self.store.renew_leases(held, until)
+        except Exception as exc:  # the store is down: the leases may lapse; confirm() and the CAS still guard
+            uuids = [uuid for uuid, _token in held]
+            if len(uuids) == 1:
+                logger.warning("could not renew the lease of pipeline %s: %s", uuids[0], exc)
+            else:
+                logger.warning("could not renew the leases of %d pipelines (%s): %s", len(uuids), ", ".join(uuids), exc)
+            return
+        for uuid, token in held:
+            if uuid in renewed:
+                self.renewed(uuid, since)
+            elif uuid in failed:  # a store renewing one lease at a time: this one alone failed
+                logger.warning("could not renew the lease of pipeline %s: %s", uuid, failed[uuid])
+            else:
+                self._refused(uuid, token)
+
+    def _renew(self, uuid: str, token: str, since: float) -> bool:
+        """Renew one lease (before a hook); False (and the loss told) when it was refused."""
+        if self.store.renew_lease(uuid, token, self.clock.now() + timedelta(seconds=self.lease_seconds)):
             self.renewed(uuid, since)
             return True
         self._refused(uuid, token)

@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 
 from prorch.model.clock import Clock
 from prorch.model.due import ClaimRequest, Runnable
-from prorch.model.exceptions import ConfigurationError, PipelineNotFoundError
+from prorch.model.exceptions import ConfigurationError, PipelineNotFoundError, ProrchError
 from prorch.model.limit_rules import ClaimLimit
 from prorch.model.pauses import Pause, Paused
 from prorch.model.records import (
@@ -31,7 +31,7 @@ from prorch.model.records import (
 from prorch.model.status import Status
 from prorch.model.workers import WorkerRow
 from prorch.storage import listing
-from prorch.storage.backend import Backend, Outcome, Snapshots, Write
+from prorch.storage.backend import Backend, BatchRenewal, Lease, Outcome, Snapshots, Write
 from prorch.storage.commits import SAVE_CHUNK, call
 from prorch.storage.composed import RepositoryBackend
 from prorch.storage.listing import PipelinePage
@@ -299,6 +299,28 @@ class Store:
 
     def renew_lease(self, uuid: str, owner: str, lease_expires_at: datetime) -> bool:
         return bool(call("renew a lease", self.engine.renew_lease, uuid, owner, lease_expires_at))
+
+    def renew_leases(
+        self, leases: Sequence[Lease], lease_expires_at: datetime
+    ) -> tuple[set[str], dict[str, ProrchError]]:
+        """Renew many leases (pipeline uuid, owner token), each by compare-and-set on its token:
+        the uuids renewed, and the leases a store error kept from being renewed, with it (the
+        others were lost). In one write where the backend can (``BatchRenewal``, which fails
+        as a whole: ``RepositoryError``); else one ``renew_lease`` each, an error keeping out
+        that lease alone."""
+        if not leases:
+            return set(), {}
+        if isinstance(self.engine, BatchRenewal) and self.engine.batch_renewal:
+            return set(call("renew leases", self.engine.renew_leases, list(leases), lease_expires_at)), {}
+        renewed: set[str] = set()
+        failed: dict[str, ProrchError] = {}
+        for uuid, owner in leases:
+            try:
+                if self.renew_lease(uuid, owner, lease_expires_at):
+                    renewed.add(uuid)
+            except ProrchError as exc:
+                failed[uuid] = exc
+        return renewed, failed
 
     # --- writing -------------------------------------------------------------------------------
 

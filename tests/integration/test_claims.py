@@ -18,11 +18,12 @@ from prorch.model.due import ClaimRequest
 from prorch.model.limit_rules import ClaimLimit, Fairness, RateLimit
 from prorch.model.records import Metadata, new_uuid
 from prorch.storage.store import Store
-from repositories import from_url, postgresql, postgresql_leases
+from repositories import from_url, postgresql, postgresql_leases, sql_claim
 from repositories import sqlite as sqlite_dialect
 from repositories.schema import pipelines, rate_limit_starts
 from repositories.sql_claim import SQLClaims
 from tests.integration.conftest import make_backend
+from tests.support.processes import wait_for
 
 NOW = datetime(2030, 1, 1, 12, 0, tzinfo=timezone.utc)
 UNTIL = NOW + timedelta(minutes=5)
@@ -443,6 +444,63 @@ def test_per_tenant_with_the_untenanted_group_full_takes_the_tenants_behind_it(s
     tenant = row("A", minutes=-1, context={"tenant": "t9"})
     fill(sql, [running, *untenanted, tenant])
     assert claim(Store(sql), "w", 2, {"A": ClaimLimit(per_tenant=1)}) == [tenant["uuid"]]
+
+
+def test_leases_renewed_together_go_by_chunks_in_one_transaction(sql: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """More leases than one statement takes (``RENEW_CHUNK``): one statement per chunk, all in
+    one transaction; only the owner's leases are renewed, in every chunk."""
+    monkeypatch.setattr(sql_claim, "RENEW_CHUNK", 2)
+    rows = [row("A", lease_owner="me#1" if i != 3 else "x#1", lease_expires_at=UNTIL) for i in range(5)]
+    fill(sql, rows)
+    statements: list[str] = []
+    commits: list[int] = []
+
+    def seen(connection: Any, cursor: Any, statement: str, *args: Any) -> None:
+        statements.append(statement)
+
+    def committed(connection: Any) -> None:
+        commits.append(1)
+
+    event.listen(sql.engine, "before_cursor_execute", seen)
+    event.listen(sql.engine, "commit", committed)
+    try:
+        renewed, failed = Store(sql).renew_leases([(r["uuid"], "me#1") for r in rows], UNTIL + timedelta(minutes=5))
+    finally:
+        event.remove(sql.engine, "before_cursor_execute", seen)
+        event.remove(sql.engine, "commit", committed)
+    assert renewed == {r["uuid"] for i, r in enumerate(rows) if i != 3} and failed == {}
+    batches = [s for s in statements if "RETURNING" in s]
+    assert len(batches) == 3
+    assert len(commits) == 1  # the refused lease is not tried again alone
+
+
+def test_leases_renewed_together_wait_for_no_row_while_holding_the_others(sql: Any) -> None:
+    """PostgreSQL: ``renew_leases`` skips a row that another transaction holds (a group commit
+    of transitions, which writes several pipelines one after another), commits the others,
+    then renews that one alone once it is free. A batch that waited for the row while holding
+    the others could deadlock with that transaction as it went on to write one of them."""
+    if sql.engine.dialect.name != "postgresql":
+        pytest.skip("SQLite has no row locks: its write lock orders the writers")
+    rows = [row("A", minutes=-10 + i, lease_owner="me#1", lease_expires_at=UNTIL) for i in range(10)]
+    fill(sql, rows)
+    store, later, c = Store(sql), UNTIL + timedelta(minutes=5), pipelines.c
+    busy, others = rows[-1]["uuid"], [r["uuid"] for r in rows[:-1]]
+    results: list[Any] = []
+    renewing = threading.Thread(
+        target=lambda: results.append(store.renew_leases([(r["uuid"], "me#1") for r in rows], later))
+    )
+    group_commit = create_engine(sql.engine.url)
+    try:
+        with group_commit.begin() as transaction:
+            transaction.execute(update(pipelines).where(c.uuid == busy).values(revision=c.revision + 1))
+            renewing.start()
+            wait_for(lambda: {store.get_pipeline(u).lease_expires_at for u in others} == {later}, 10, "the free rows")  # type: ignore[union-attr]
+            transaction.execute(update(pipelines).where(c.uuid.in_(others)).values(revision=c.revision + 1))
+        renewing.join(10)
+    finally:
+        group_commit.dispose()
+    assert results == [({r["uuid"] for r in rows}, {})]
+    assert store.get_pipeline(busy).lease_expires_at == later  # type: ignore[union-attr]
 
 
 def test_a_pipeline_leased_between_the_window_and_the_lease_is_left_alone(sql: Any) -> None:

@@ -380,6 +380,32 @@ def test_claims_count_up_and_leases_renew_only_for_their_owner(backend: Any) -> 
     assert repo.claim_due(later, "other", later + timedelta(seconds=60), 5)[0]["claims"] == 2
 
 
+def test_leases_renew_together_each_only_for_its_owner(backend: Any) -> None:
+    """``Store.renew_leases``: one batch (one statement, or one rewrite of the TinyDB file, on
+    a shipped backend; one ``renew_lease`` each on a user's repository) moves the expiry of
+    each lease whose token still holds it, and of no other: a wrong token, a lease another
+    owner took, a pipeline not stored."""
+    repo = backend("PIPELINE")
+    require(repo, SupportsClaim)
+    store = Store(backend)
+    until, later = NOW + timedelta(seconds=60), NOW + timedelta(seconds=120)
+    rows = [pipeline_row() for _ in range(5)]
+    for row in rows:
+        repo.save(row)
+    mine, mine_too, stale, taken, unleased = (row["uuid"] for row in rows)
+    for uuid in (mine, mine_too, stale):
+        assert store.claim_one(uuid, NOW, "me#1", until) is not None
+    assert store.claim_one(taken, NOW, "other#1", until) is not None
+    leases = [(mine, "me#1"), (stale, "me#0"), (taken, "me#1"), (mine_too, "me#1"), (unleased, "me#1")]
+    leases.append(("missing", "me#1"))
+    renewed, failed = store.renew_leases(leases, later)
+    assert renewed == {mine, mine_too} and failed == {}
+    expiry = {uuid: store.get_pipeline(uuid).lease_expires_at for uuid in (mine, mine_too, stale, taken)}  # type: ignore[union-attr]
+    assert expiry == {mine: later, mine_too: later, stale: until, taken: until}
+    assert store.get_pipeline(unleased).lease_owner is None  # type: ignore[union-attr]
+    assert store.renew_leases([], later) == (set(), {})
+
+
 @pytest.mark.parametrize(
     "payload",
     [7, 2.5, "text", "7", True, None, [1, "a"], {"n": 1}, 2**70, -(2**63), 2.5e-7, "é ☃ \u2028", {"ü": ["ß"]}],

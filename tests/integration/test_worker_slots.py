@@ -185,3 +185,22 @@ def test_sigterm_past_the_grace_exits_non_zero_without_the_running_hook(app: obj
     assert not any(("start", uuid) in events(log) for uuid in waiting), "a hook started after the stop"
     assert "exiting without them" in worker_log(log).read_text()
     assert leased(db) == 2, "the pipelines claimed and not started were not released at the stop"
+
+
+def test_a_tinydb_worker_with_32_hooks_at_once_keeps_every_lease(app: object, tmp_path: Path) -> None:
+    """32 two-second hooks at once on a TinyDB file, with a 0.6 s lease (renewed every 0.2 s):
+    the keeper renews all 32 in one rewrite of the file per turn, so the worker loses none of
+    them and no hook runs twice. It rewrote the file once per lease, 32 times a turn: under
+    load the renewals fell behind and the live worker lost its leases ("lease ... was lost")."""
+    url, log = f"tinydb:///{tmp_path}/slots.json", tmp_path / "hooks.log"
+    created = [app.Mid.create(url).uuid for _ in range(32)]  # type: ignore[attr-defined]
+    worker = start_worker(url, log, concurrency="32", lease_seconds="0.6")
+    try:
+        wait_for(lambda: sum(1 for event, _ in events(log) if event == "end") >= len(created), 60, "the 32 hooks")
+        wait_for(lambda: len(Orchestrator(url).list_pipelines(status="finished")) == len(created), 20, "all stored")
+    finally:
+        stop(worker)
+    output = worker_log(log).read_text()
+    assert "was lost" not in output, output[-3000:]
+    starts = [uuid for event, uuid in events(log) if event == "start"]
+    assert sorted(starts) == sorted(created), "a hook ran twice, or not at all"

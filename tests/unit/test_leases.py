@@ -29,6 +29,7 @@ from prorch.testing import Harness
 from repositories import from_url
 from repositories.memory import MemoryBackend
 from tests.support.builders import pipeline_of, quick, step_of
+from tests.support.faults import FaultyBackend
 
 
 def test_lease_keeper_renews_held_leases_and_notices_lost_ones(registry: Registry) -> None:
@@ -402,15 +403,15 @@ def test_lost_leases_and_failed_renewals_are_logged_with_the_pipeline(
     registry: Registry, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     harness, store, keeper, uuid = held(registry, age=0)
-    original = store.renew_lease
+    original = store.renew_leases
 
     def down(*args: Any) -> bool:
         raise RepositoryError("connection refused")
 
-    monkeypatch.setattr(store, "renew_lease", down)
+    monkeypatch.setattr(store, "renew_leases", down)
     with caplog.at_level(logging.WARNING, logger="prorch.storage.leases"):
         keeper.renew_all()
-        monkeypatch.setattr(store, "renew_lease", original)
+        monkeypatch.setattr(store, "renew_leases", original)
         now = harness.clock.now() + timedelta(seconds=31)
         assert store.claim_one(uuid, now, "thief#1", now + timedelta(seconds=60)) is not None
         keeper.renew_all()
@@ -478,16 +479,95 @@ def test_a_lease_given_back_after_an_outage_expires_ours_and_leaves_a_taken_over
     for uuid in (mine.uuid, taken.uuid):
         keeper.give_back_later(uuid)
         keeper.drop(uuid)  # the advance ended on the store's error
-    working = store.renew_lease
+    working = store.renew_leases
 
     def unreachable(*args: Any) -> bool:
         raise RepositoryError("store unreachable")
 
-    store.renew_lease = unreachable  # type: ignore[method-assign]
+    store.renew_leases = unreachable  # type: ignore[method-assign]
     keeper.give_back()
-    store.renew_lease = working  # type: ignore[method-assign]
+    store.renew_leases = working  # type: ignore[method-assign]
     assert claim(mine.uuid, "next") is None  # still ours: the failed call gave nothing back
     keeper.give_back()
     assert claim(mine.uuid, "next") is not None  # within what was its lease: given back
     assert store.get_pipeline(taken.uuid).lease_owner == "other"  # type: ignore[union-attr]
     assert keeper._unsettled == {}
+
+
+# --- a keeper's turn is one write, whatever the number of leases held ----------------------------
+
+
+def count_writes(backend: Any, kind: str, monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """One entry per whole-file rewrite (TinyDB) or per committed transaction (SQLite)."""
+    writes: list[int] = []
+    if kind == "tinydb":
+        replace = backend.storage._replace
+
+        def counted(data: Any) -> None:
+            writes.append(1)
+            replace(data)
+
+        monkeypatch.setattr(backend.storage, "_replace", counted)
+    else:
+        from sqlalchemy import event
+
+        event.listen(backend.engine, "commit", lambda _connection: writes.append(1))
+    return writes
+
+
+@pytest.mark.parametrize("kind", ["tinydb", "sqlite"])
+def test_a_keeper_turn_renews_every_lease_held_in_one_write(
+    registry: Registry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kind: str
+) -> None:
+    """32 leases held: a turn of the keeper rewrites (and fsyncs) the TinyDB file once, and
+    commits one transaction on SQLite. It was one per lease: 32 rewrites of the whole file every
+    third of the lease, which fell behind under load until live workers lost their leases."""
+    backend = from_url(f"{kind}:///{tmp_path / 'leases.store'}")
+    harness = Harness(backend, registry=registry)
+    uuids = {harness.create(pipeline_of(quick("A"))).uuid for _ in range(32)}
+    store = Store(backend)
+    now = harness.clock.now()
+    keeper = LeaseKeeper(store, 30, harness.clock)
+    keeper.hold(store.claim_due(now, "me#1", now + timedelta(seconds=30), 100), time.monotonic())
+    harness.clock.advance(10)
+    writes = count_writes(backend, kind, monkeypatch)
+    keeper.renew_all()
+    assert len(writes) == 1
+    assert {uuid: expires(store, uuid) for uuid in uuids} == dict.fromkeys(uuids, now + timedelta(seconds=40))
+    assert set(keeper._held) == uuids and keeper._lost == set()
+
+
+def test_a_repository_without_batches_renews_each_lease_alone_and_an_error_keeps_out_that_one(
+    registry: Registry, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A user's repository with claims but no batch renewal (``SeedAdapter``): the keeper's turn
+    renews each lease by its own ``renew_lease``, as before; the one whose call fails is logged
+    and neither renewed nor lost, the others are renewed, a refused one is lost."""
+    backend = FaultyBackend(MemoryBackend(), rate=0.0)
+    harness = Harness(backend, registry=registry)
+    ok, failing, taken = (harness.create(pipeline_of(quick("A"))).uuid for _ in range(3))
+    store = Store(backend)
+    assert store.can_claim and not store.engine.batch_renewal  # type: ignore[attr-defined]
+    now = harness.clock.now()
+    keeper = LeaseKeeper(store, 30, harness.clock)
+    keeper.hold(store.claim_due(now, "me#1", now + timedelta(seconds=30), 10), time.monotonic())
+    harness.clock.advance(31)
+    assert store.claim_one(taken, harness.clock.now(), "other#1", harness.clock.now() + timedelta(seconds=30))
+    claims = store.engine.claims  # type: ignore[attr-defined]
+    working = claims.renew_lease
+
+    def renew(uuid: str, owner: str, until: datetime) -> bool:
+        if uuid == failing:
+            raise OSError("disk full")
+        return bool(working(uuid, owner, until))
+
+    claims.renew_lease = renew
+    with caplog.at_level(logging.WARNING, logger="prorch.storage.leases"):
+        keeper.renew_all()
+    assert expires(store, ok) == harness.clock.now() + timedelta(seconds=30)
+    assert expires(store, failing) == now + timedelta(seconds=30)
+    assert set(keeper._held) == {ok, failing} and keeper._lost == {taken}
+    messages = sorted(record.getMessage() for record in caplog.records if record.name == "prorch.storage.leases")
+    failed = f"could not renew the lease of pipeline {failing}: repository failed to renew a lease: OSError: disk full"
+    assert len(messages) == 2 and messages[0] == failed
+    assert messages[1].startswith(f"lease of pipeline {taken} was lost")
