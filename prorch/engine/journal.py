@@ -170,6 +170,8 @@ class Journal:
         if run.token is None or not self.store.has_transaction:
             return Merge.LEASE_LOST
         fresh = self.store.get_pipeline(run.pipeline.uuid)
+        if fresh is not None and fresh.lease_owner != run.token and run.keeper is not None:
+            run.keeper.taken(run.pipeline.uuid)  # before the keeper's next turn could see it
         if fresh is None or fresh.status in TERMINAL or fresh.lease_owner != run.token:
             return Merge.LEASE_LOST
         pipeline = run.pipeline

@@ -201,13 +201,20 @@ class LeaseKeeper:
         self._refused(uuid, token)
         return False
 
-    def _refused(self, uuid: str, token: str) -> None:
+    def taken(self, uuid: str) -> None:
+        """A write of ours was refused and the stored lease is another's: lost (told once)."""
+        with self._lock:
+            lease = self._held.get(uuid)
+        if lease is not None:
+            self._refused(uuid, lease.token, written=True)
+
+    def _refused(self, uuid: str, token: str, *, written: bool = False) -> None:
         with self._lock:
             lease = self._held.get(uuid)
             if lease is None or lease.token != token:
                 return  # dropped meanwhile
             del self._held[uuid]
-            if lease.releasing:
+            if lease.releasing and not written:
                 return  # most likely our own release was stored first; a refused write would say otherwise
             self._lost.add(uuid)
         logger.warning(

@@ -571,3 +571,31 @@ def test_a_repository_without_batches_renews_each_lease_alone_and_an_error_keeps
     failed = f"could not renew the lease of pipeline {failing}: repository failed to renew a lease: OSError: disk full"
     assert len(messages) == 2 and messages[0] == failed
     assert messages[1].startswith(f"lease of pipeline {taken} was lost")
+
+
+def test_a_write_refused_because_another_worker_took_the_lease_is_a_lost_lease(
+    registry: Registry, tmp_path: Path
+) -> None:
+    """The hook outlasts the lease and ends before the keeper's next turn (a frozen worker
+    resumed): its write is refused, and that is the loss the keeper tells (it was dropped
+    uncounted, so ``prorch_leases_lost_total`` missed it)."""
+    url, store = sqlite_store(tmp_path)
+    lost: list[str] = []
+    thief = Store(from_url(url))
+
+    def on_start(step: Step) -> None:
+        ahead = datetime.now(timezone.utc) + timedelta(seconds=30)  # past our lease
+        assert thief.claim_one(step.pipeline_uuid, ahead, "thief#1", ahead + timedelta(seconds=60)) is not None
+
+    flow = pipeline_of(step_of("Slow", on_start=on_start))
+    flow.create(store.backend)
+    claimed, since = claim(store, 30)
+    keeper = LeaseKeeper(store, 30, SystemClock(), on_lost=lost.append)  # not started: no turn sees it
+    keeper.hold(claimed, since)
+    runner = Runner(store, registry, SystemClock(), lease_seconds=30)
+    results = write_in_rounds(store, [guarded(runner.advancing(p, keeper)) for p in claimed], group=1)
+
+    assert isinstance(results[0], ConcurrentUpdateError), results
+    assert lost == ["P"]  # told once
+    keeper.renew_all()  # nothing left to renew or to tell again
+    assert lost == ["P"] and keeper._held == {}
