@@ -80,24 +80,26 @@ class SQLiteFastPath:
         self.compare_and_set = self.update + " AND revision = ?"
         self.order = ' ORDER BY "seq", "at"' if "seq" in self.names else ""
         self.encoder_of = {name: encode for name, _, encode in self.encoders}
-        self._partial: dict[tuple[str, ...], str] = {}
+        self._partial: dict[tuple[str, ...], tuple[str, list[tuple[str, Any]]]] = {}
         self._plans: dict[type[Record], tuple[Callable[[Any], Any], list[tuple[int, Callable[[Any], Any]]]]] = {}
 
     def changes(self, data: JSONDict) -> tuple[str, list[Any]]:
         """An UPDATE (compare-and-set: its last two parameters are the uuid and the expected
         revision) of the columns in ``data`` only, and their values; keys that are not columns
-        are left out, as SQLAlchemy's path does."""
+        are left out, as SQLAlchemy's path does. Worked out once per set of keys (a transition
+        changes the same few fields again and again)."""
+        keys = tuple(data)
+        plan = self._partial.get(keys) or self._partial_plan(keys)
+        sql, encoders = plan
+        return sql, [data[name] if encode is None else encode(data[name]) for name, encode in encoders]
+
+    def _partial_plan(self, keys: tuple[str, ...]) -> tuple[str, list[tuple[str, Any]]]:
         encoder_of = self.encoder_of
-        names = tuple(name for name in data if name in encoder_of and name != "uuid")
-        sql = self._partial.get(names)
-        if sql is None:
-            settable = ", ".join(f'"{name}" = ?' for name in names) or '"uuid" = "uuid"'  # nothing: only compare
-            sql = self._partial[names] = f'UPDATE "{self.table.name}" SET {settable} WHERE uuid = ? AND revision = ?'
-        values = []
-        for name in names:
-            encode = encoder_of[name]
-            values.append(data[name] if encode is None else encode(data[name]))
-        return sql, values
+        names = [name for name in keys if name in encoder_of and name != "uuid"]
+        settable = ", ".join(f'"{name}" = ?' for name in names) or '"uuid" = "uuid"'  # nothing: only compare
+        sql = f'UPDATE "{self.table.name}" SET {settable} WHERE uuid = ? AND revision = ?'
+        plan = self._partial[keys] = (sql, [(name, encoder_of[name]) for name in names])
+        return plan
 
     def row(self, data: JSONDict, *, with_uuid: bool = True) -> list[Any]:
         get = data.get

@@ -1,6 +1,6 @@
-"""SQLite's per-transition statements made without the record -> dict round trip (#28 item 5)
-store exactly the rows the dict path stored: the same sample run, on the same clock and the
-same uuids, leaves byte-identical tables either way."""
+"""SQLite's per-transition statements on the driver, made without the record -> dict round
+trip (#28 item 5), store exactly the rows of the dict path and SQLAlchemy's UPDATEs: the same
+sample run, on the same clock and the same uuids, leaves identical tables either way."""
 
 from __future__ import annotations
 
@@ -20,8 +20,8 @@ from prorch.model import records
 from prorch.model.records import ErrorInfo, EventRecord, MessageRecord, Record, StepRecord, StreamRecord
 from prorch.model.status import EventType, RollbackState
 from prorch.storage.composed import RepositoryBackend
-from repositories.sql import SQLBackend
-from repositories.sqlite import SQLiteBackend
+from repositories.sql import SQLBackend, SQLRepository
+from repositories.sqlite import SQLiteBackend, SQLiteRepository
 from tests.support.builders import pipeline_of, step_of
 
 TABLES = ("pipelines", "pipeline_steps", "pipeline_events", "pipeline_messages", "pipeline_stream")
@@ -95,7 +95,8 @@ def test_a_run_stores_the_rows_the_dict_path_stored(
     now = _sample_run(tmp_path / "new.db")
     assert len(now["pipeline_events"]) > 10 and now["pipeline_stream"] and now["pipeline_messages"]
     same_uuids()
-    monkeypatch.setattr(SQLiteBackend, "save", RepositoryBackend.save)  # every row through to_dict
+    monkeypatch.setattr(SQLiteBackend, "save", RepositoryBackend.save)  # every new row through to_dict
+    monkeypatch.setattr(SQLiteRepository, "compare_and_set", SQLRepository.compare_and_set)  # SQLAlchemy's UPDATEs
     before = _sample_run(tmp_path / "old.db")
     for table in TABLES:
         assert now[table] == before[table], table
