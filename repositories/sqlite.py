@@ -13,6 +13,7 @@ import functools
 import os
 import sqlite3
 import threading
+from collections.abc import Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, cast
@@ -23,8 +24,9 @@ from sqlalchemy.exc import IntegrityError, InterfaceError, OperationalError
 
 from prorch.model.due import ClaimRequest
 from prorch.model.exceptions import ConfigurationError, CorruptStoreError, RepositoryError
-from prorch.model.records import JSONDict, Metadata
+from prorch.model.records import JSONDict, Metadata, Record
 from prorch.model.secrets import error_summary, redact_url
+from prorch.storage.commits import call, chunks
 from prorch.storage.wakeups import Bell, bell_for
 from repositories.sql import SEARCH_CHUNK, SQLBackend, SQLRepository
 from repositories.sql_claim import claim_kind
@@ -123,6 +125,15 @@ class SQLiteBackend(SQLBackend):
             return True
         return bool(due)
 
+    def save(self, records: Sequence[Record]) -> None:
+        """New records' rows made from their fields (``SQLiteRepository.save_records``); new
+        pipelines, whose search attributes add index rows, as every backend saves them."""
+        for model, batch in chunks(records):
+            if model == Metadata.PIPELINES_MODEL:
+                self.save_rows(model, [record.to_dict() for record in batch])
+            else:
+                call(f"save {model} records", cast(SQLiteRepository, self(model)).save_records, batch)
+
     def _unusable(self, exc: BaseException) -> RepositoryError:
         return CorruptStoreError(
             f"{redact_url(self.url)} is not a usable SQLite store ({error_summary(exc)}); it was left "
@@ -180,6 +191,11 @@ class SQLiteRepository(SQLRepository):
         with self.backend.transaction():
             self._write(self.fast.insert, encoded, many=True)
             self._write(ATTRIBUTE_ROWS, labels, many=True)
+
+    def save_records(self, records: Sequence[Record]) -> None:
+        """Insert new records of this table (not pipelines: see ``save_many``), as
+        ``save_many`` of their ``to_dict`` would, without the dicts."""
+        self._write(self.fast.insert, self.fast.rows_of(records), many=True)
 
     def update(self, uuid: str, data: JSONDict) -> None:
         if not self.fast.covers(data):  # a partial update (a user's call)

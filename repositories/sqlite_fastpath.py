@@ -13,16 +13,20 @@ read back the same through the other. The claim's statement is SQLAlchemy's, com
 
 from __future__ import annotations
 
+import enum
 import functools
-from collections.abc import Sequence
+import operator
+import typing
+from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
 from typing import Any, cast
 
+import msgspec
 from sqlalchemy import ClauseElement, Dialect, Table
 from sqlalchemy.sql.compiler import SQLCompiler
 
 from prorch.model.jsonvalue import dumps, loads
-from prorch.model.records import JSONDict, format_timestamp, to_utc
+from prorch.model.records import JSONDict, Record, format_timestamp, to_utc
 from repositories.schema import column_kind
 
 
@@ -76,23 +80,26 @@ class SQLiteFastPath:
         self.compare_and_set = self.update + " AND revision = ?"
         self.order = ' ORDER BY "seq", "at"' if "seq" in self.names else ""
         self.encoder_of = {name: encode for name, _, encode in self.encoders}
-        self._partial: dict[tuple[str, ...], str] = {}
+        self._partial: dict[tuple[str, ...], tuple[str, list[tuple[str, Any]]]] = {}
+        self._plans: dict[type[Record], tuple[Callable[[Any], Any], list[tuple[int, Callable[[Any], Any]]]]] = {}
 
     def changes(self, data: JSONDict) -> tuple[str, list[Any]]:
         """An UPDATE (compare-and-set: its last two parameters are the uuid and the expected
         revision) of the columns in ``data`` only, and their values; keys that are not columns
-        are left out, as SQLAlchemy's path does."""
+        are left out, as SQLAlchemy's path does. Worked out once per set of keys (a transition
+        changes the same few fields again and again)."""
+        keys = tuple(data)
+        plan = self._partial.get(keys) or self._partial_plan(keys)
+        sql, encoders = plan
+        return sql, [data[name] if encode is None else encode(data[name]) for name, encode in encoders]
+
+    def _partial_plan(self, keys: tuple[str, ...]) -> tuple[str, list[tuple[str, Any]]]:
         encoder_of = self.encoder_of
-        names = tuple(name for name in data if name in encoder_of and name != "uuid")
-        sql = self._partial.get(names)
-        if sql is None:
-            settable = ", ".join(f'"{name}" = ?' for name in names) or '"uuid" = "uuid"'  # nothing: only compare
-            sql = self._partial[names] = f'UPDATE "{self.table.name}" SET {settable} WHERE uuid = ? AND revision = ?'
-        values = []
-        for name in names:
-            encode = encoder_of[name]
-            values.append(data[name] if encode is None else encode(data[name]))
-        return sql, values
+        names = [name for name in keys if name in encoder_of and name != "uuid"]
+        settable = ", ".join(f'"{name}" = ?' for name in names) or '"uuid" = "uuid"'  # nothing: only compare
+        sql = f'UPDATE "{self.table.name}" SET {settable} WHERE uuid = ? AND revision = ?'
+        plan = self._partial[keys] = (sql, [(name, encoder_of[name]) for name in names])
+        return plan
 
     def row(self, data: JSONDict, *, with_uuid: bool = True) -> list[Any]:
         get = data.get
@@ -100,6 +107,34 @@ class SQLiteFastPath:
             encode(get(name, default)) if encode is not None else get(name, default)
             for name, default, encode in (self.encoders if with_uuid else self.encoders_without_uuid)
         ]
+
+    def rows_of(self, records: Sequence[Record]) -> list[list[Any]]:
+        """The rows of new records of one class: exactly ``row(record.to_dict())``, read from
+        the records' fields in place, without the dict (the events of every transition come
+        here): the fields in column order, then a converter for each column that needs one."""
+        order, converters = self._plans.get(type(records[0])) or self._plan(type(records[0]))
+        astuple = msgspec.structs.astuple
+        rows = []
+        for record in records:
+            row = list(order(astuple(record)))
+            for at, convert in converters:
+                row[at] = convert(row[at])
+            rows.append(row)
+        return rows
+
+    def _plan(self, cls: type[Record]) -> tuple[Callable[[Any], Any], list[tuple[int, Callable[[Any], Any]]]]:
+        """The record's fields in column order, and the conversion ``to_dict`` then ``row``
+        make of each column's value where there is one."""
+        fields: tuple[str, ...] = cls.__struct_fields__
+        hints = typing.get_type_hints(cls)
+        positions = [fields.index(name) for name in self.names]
+        converters: list[tuple[int, Callable[[Any], Any]]] = []
+        for at, (name, kind) in enumerate(zip(self.names, self.kinds, strict=True)):
+            convert = _enum_value if kind == "plain" and _holds_enum(hints[name]) else _RECORD_ENCODERS[kind]
+            if convert is not None:
+                converters.append((at, convert))
+        plan = self._plans[cls] = (_picker(positions), converters)
+        return plan
 
     def record(self, values: Sequence[Any]) -> JSONDict:
         """A row as the record's data: one converter per column, none for most."""
@@ -169,6 +204,61 @@ def _record_json(value: Any) -> Any:
     """SQLite gives a JSON column NUMERIC affinity: a scalar such as 7 comes back a number."""
     return loads(value) if isinstance(value, (str, bytes)) else value
 
+
+def _time_of(value: datetime | None) -> str | None:
+    """A record's timestamp as ``to_dict`` then ``_db_time`` store it; a UTC one (the engine's)
+    cached by its time."""
+    if value is None:
+        return None
+    if value.tzinfo is timezone.utc:
+        return _utc_db_time(value)
+    return _db_time(format_timestamp(value))
+
+
+@functools.lru_cache(maxsize=256)
+def _utc_db_time(value: datetime) -> str | None:
+    return _db_time(format_timestamp(value))
+
+
+def _json_of(value: Any) -> str | bytes:
+    """A record's JSON value as ``to_dict`` (msgspec's builtins) then ``db_json`` store it.
+    A value the JSON encoders take as it is (every checked JSON value) encodes the same without
+    the builtins copy; an error's struct does not, and takes it."""
+    try:
+        return db_json(value)
+    except TypeError:
+        return db_json(_to_builtins(value, builtin_types=_KEPT))
+
+
+_to_builtins = msgspec.to_builtins
+_KEPT = (datetime,)
+
+
+def _picker(positions: list[int]) -> Callable[[Any], Any]:
+    """A function of a tuple giving its items at ``positions`` (as a tuple)."""
+    if len(positions) == 1:
+        return lambda values: (values[positions[0]],)
+    return operator.itemgetter(*positions)
+
+
+def _enum_value(value: Any) -> Any:
+    return value.value if isinstance(value, enum.Enum) else value
+
+
+def _holds_enum(hint: Any) -> bool:
+    """True when a field's type is an Enum, or a union with one, whose members are not text
+    (``to_dict`` stores an Enum's value; the driver binds a ``str`` Enum's member as its text)."""
+    kinds = typing.get_args(hint) or (hint,)
+    return any(isinstance(k, type) and issubclass(k, enum.Enum) and not issubclass(k, str) for k in kinds)
+
+
+_RECORD_ENCODERS: dict[str, Callable[[Any], Any] | None] = {
+    "json": _json_of,
+    "time": _time_of,
+    "bool": _db_bool,
+    "plain": None,
+}
+"""A record's field value as its column's, per column kind (``rows_of``)."""
 
 DECODERS: dict[str, Any] = {"json": _record_json, "time": _record_time, "bool": bool}
 """A stored value (not None) as the record's, per column kind; a plain one as it is."""

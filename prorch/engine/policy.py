@@ -76,6 +76,17 @@ class Policies:
 
     def __init__(self, overrides: Mapping[str, StepOverride] | None = None) -> None:
         self.overrides = dict(overrides or {})
+        self._made: dict[type[Step], tuple[tuple[object, ...], StepPolicy]] = {}
 
     def of(self, step: type[Step]) -> StepPolicy:
-        return StepPolicy.of(step, self.overrides.get(step.name or ""))
+        """The step class's policy, made once for as long as its attributes stay as they are
+        (a transition asks twice; a test may change a class's attributes between passes)."""
+        attributes = (
+            step.name, step.timeout, step.max_attempts, step.retry_delay, step.retry_max_delay, tuple(step.never_retry)
+        )  # fmt: skip
+        made = self._made.get(step)
+        if made is not None and made[0] == attributes:
+            return made[1]
+        policy = StepPolicy.of(step, self.overrides.get(step.name or ""))
+        self._made[step] = (attributes, policy)
+        return policy

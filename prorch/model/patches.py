@@ -81,7 +81,10 @@ def mismatch(cls: Any, record: PipelineRecord) -> str | None:
     deprecated patch (the old branch is gone), or it has a patch this code does not declare
     (newer code created it)."""
     have = recorded(record)
-    missing = _listed(id_ for id_ in getattr(cls, "deprecated_patches", ()) if id_ not in have)
+    deprecated = getattr(cls, "deprecated_patches", ())
+    if not have and not deprecated:  # most classes: every pipeline load comes here
+        return None
+    missing = _listed(id_ for id_ in deprecated if id_ not in have)
     if missing:
         return (
             f"this pipeline predates patch(es) {missing}, deprecated in this code (its old branch is gone); "

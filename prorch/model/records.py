@@ -107,7 +107,8 @@ RecordT = TypeVar("RecordT", bound=Record)
 
 Snapshot = tuple[Any, ...]
 """What the store holds of a record, as the record's field values in order, its JSON values as
-their encoding (``snapshot``): what ``changes`` compares a record with to find what to write."""
+their encoding (None as it is) (``snapshot``): what ``changes`` compares a record with to find
+what to write."""
 
 
 class _Layout(msgspec.Struct, frozen=True):
@@ -143,11 +144,13 @@ def _snapshot(record: Record, layout: _Layout, revision: int | None) -> Snapshot
     values = list(msgspec.structs.astuple(record))
     try:
         for index in layout.encoded:
-            values[index] = _encode(values[index])
+            if values[index] is not None:  # None stays None: as unlike any encoding as b"null"
+                values[index] = _encode(values[index])
     except TypeError:  # a value msgspec cannot encode (rare): the slow way, field by field
         values = list(msgspec.structs.astuple(record))
         for index in layout.encoded:
-            values[index] = _encoded(values[index])
+            if values[index] is not None:
+                values[index] = _encoded(values[index])
     if revision is not None:
         values[layout.at_revision] = revision
     return tuple(values)
@@ -169,7 +172,7 @@ def changes(record: Record, stored: Snapshot, revision: int) -> tuple[JSONDict, 
             data[names[index]] = value
         else:
             value = getattr(record, names[index])
-            data[names[index]] = msgspec.to_builtins(value, builtin_types=(datetime,))
+            data[names[index]] = msgspec.to_builtins(value, builtin_types=_KEPT)
     data["revision"] = revision
     return data, now
 
@@ -203,6 +206,7 @@ def changes_again(
 
 
 _PLAIN = frozenset({str, int, float, bool, type(None)})
+_KEPT = (datetime,)  # msgspec's builtins keep these as they are
 _encode = msgspec.json.Encoder().encode
 
 

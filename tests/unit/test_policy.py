@@ -37,6 +37,24 @@ def test_an_override_wins_where_it_sets_a_value() -> None:
     assert Policies({"Flaky": StepOverride(timeout=5)}).of(Flaky).timeout == 5
 
 
+def test_a_policy_follows_its_class_attributes_when_they_change(monkeypatch: pytest.MonkeyPatch) -> None:
+    """#28 item 5: ``Policies.of`` keeps a class's policy (a transition asks twice) only while the
+    class's attributes are the ones it was made from."""
+    policies = Policies({"Other": StepOverride(max_attempts=9)})
+    assert policies.of(Flaky) is policies.of(Flaky)
+    assert policies.of(Flaky) == StepPolicy.of(Flaky)
+    for name, value in [("timeout", 5.0), ("max_attempts", 4), ("retry_delay", 1.0), ("retry_max_delay", 3.0)]:
+        monkeypatch.setattr(Flaky, name, value)
+        assert getattr(policies.of(Flaky), name) == value
+    monkeypatch.setattr(Flaky, "never_retry", [KeyError])
+    assert policies.of(Flaky).never_retry == (KeyError,)
+    Flaky.never_retry.append(ValueError)  # type: ignore[attr-defined]
+    assert policies.of(Flaky).never_retry == (KeyError, ValueError)
+    monkeypatch.setattr(Flaky, "name", "Other")
+    assert policies.of(Flaky).max_attempts == 9
+    assert policies.of(Flaky) == StepPolicy.of(Flaky, StepOverride(max_attempts=9))
+
+
 @pytest.mark.parametrize(
     ("error", "attempt", "at_least", "expected"),
     [
