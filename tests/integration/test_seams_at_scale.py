@@ -7,15 +7,17 @@ from __future__ import annotations
 
 import collections
 import importlib.util
+import json
 import logging
 import multiprocessing
 import os
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
-from datetime import timedelta
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +26,7 @@ from sqlalchemy import bindparam, select, text
 
 from prorch import Orchestrator, Status
 from prorch.dashboard import views
+from prorch.model.clock import ServerAlignedClock, SystemClock
 from prorch.model.due import ClaimRequest
 from prorch.model.records import PipelineRecord
 from prorch.model.registry import Registry
@@ -32,8 +35,8 @@ from prorch.storage.leases import LeaseKeeper
 from repositories import from_url
 from repositories.schema import TABLES
 from tests.integration.conftest import make_backend
-from tests.support.builders import pipeline_of, step_of
 from tests.support import processes as support
+from tests.support.builders import pipeline_of, step_of
 from tests.support.postgres import PostgresServer, free_port
 from tests.support.processes import PRORCH, child_env, wait_for
 
@@ -222,7 +225,9 @@ def test_overlapping_keyed_batches_from_three_postgresql_processes_create_each_k
     told which pipelines it made and which it found, all of one uuid per key."""
     context = multiprocessing.get_context("spawn")
     barrier, results = context.Barrier(CREATORS + 1), context.Queue()
-    workers = [context.Process(target=create_batch, args=(postgres_url, me, barrier, results)) for me in range(CREATORS)]
+    workers = [
+        context.Process(target=create_batch, args=(postgres_url, me, barrier, results)) for me in range(CREATORS)
+    ]
     workers.append(context.Process(target=create_one_while, args=(postgres_url, barrier, results)))
     for worker in workers:
         worker.start()
@@ -265,7 +270,7 @@ def copy_as_old(url: str, template: str, rows: int) -> None:
         head = "WITH RECURSIVE s(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM s WHERE n < :rows) "
         fresh, series = "lower(hex(randomblob(16)))", "s"
     statement = text(
-        f'{head}INSERT INTO {table.name} (uuid, updated_at, {columns}) SELECT {fresh}, :old, {columns} '
+        f"{head}INSERT INTO {table.name} (uuid, updated_at, {columns}) SELECT {fresh}, :old, {columns} "
         f"FROM {table.name}, {series} WHERE uuid = :template"
     ).bindparams(bindparam("old", type_=table.c.updated_at.type))
     with engine.begin() as connection:
@@ -403,3 +408,67 @@ def test_a_frozen_worker_collects_the_cycles_its_hooks_make_over_5000_transition
         most = max(most, rss_mb(worker.pid))
         time.sleep(0.1)
     assert most - early < 60, (early, most)  # 250 MB with no collection
+
+
+# --- 5. the PostgreSQL clock x a jump of this machine's clock ------------------------------------
+
+
+class JumpingClock(SystemClock):
+    """This machine's clock, stepped by ``jump`` seconds (an NTP step, a VM resumed)."""
+
+    def __init__(self) -> None:
+        self.jump = 0.0
+
+    def now(self) -> datetime:
+        return super().now() + timedelta(seconds=self.jump)
+
+
+@pytest.mark.parametrize("jump", [3600.0, -3600.0])
+def test_a_server_aligned_clock_ignores_a_jump_of_this_machine_s_clock_between_its_checks(jump: float) -> None:
+    """Regression (found by the clock jumps x PostgreSQL clock seam): the aligned clock was this
+    machine's time plus the offset last measured, so for up to 30 s after this machine's clock
+    jumped (the next check), a worker's time was off by the jump: an hour ahead, its claims took
+    every pipeline other workers held as expired and ran their hooks again; an hour behind, its
+    renewals wrote leases an hour in the past, free for others to take. It now carries the
+    server's time forward on a clock that does not jump between its checks."""
+    base = JumpingClock()
+    aligned = ServerAlignedClock(lambda: datetime.now(timezone.utc) + timedelta(seconds=5), base)
+    assert abs((aligned.now() - datetime.now(timezone.utc)).total_seconds() - 5) < 0.5
+    base.jump = jump
+    for _ in range(3):
+        assert abs((aligned.now() - datetime.now(timezone.utc)).total_seconds() - 5) < 0.5
+        time.sleep(0.1)
+
+
+@pytest.mark.slow
+def test_a_postgresql_worker_whose_clock_jumps_an_hour_ahead_takes_no_pipeline_another_worker_holds(
+    postgres_url: str, tmp_path: Path, processes: list[subprocess.Popen[bytes]]
+) -> None:
+    """One worker runs six 4-second hooks; a second one's machine clock jumps an hour ahead
+    after it started (and measured the server's clock): it claims none of the first worker's
+    pipelines (before the fix it took all six within its next claim and ran their hooks again)."""
+    uuids = [fault_app.Slow.create(postgres_url, {"seconds": 4}).uuid for _ in range(6)]
+    hooks, jump = tmp_path / "hooks.log", tmp_path / "jump"
+
+    def worker(**more: str) -> subprocess.Popen[bytes]:
+        started = subprocess.Popen(
+            [sys.executable, str(support.FAULTS / "worker.py"), postgres_url,
+             json.dumps({"interval": 0.05, "concurrency": 6, "lease_seconds": 20})],
+            env=child_env(FAULT_LOG=str(hooks), **more), stdout=subprocess.DEVNULL,
+            stderr=(tmp_path / f"worker{len(processes)}.err").open("wb"),
+        )  # fmt: skip
+        processes.append(started)
+        return started
+
+    first = worker()
+    wait_for(lambda: sum(hook_events(hooks)["start"].values()) == 6, 60, "the first worker's six hooks")
+    second = worker(JUMP_FILE=str(jump), WORKER_LOG_LEVELS="1")
+    err = tmp_path / "worker1.err"
+    wait_for(lambda: err.exists() and "Traceback" not in err.read_text() and second.poll() is None, 10, "its start")
+    time.sleep(3)  # it measured the server's clock and claims (nothing: every pipeline is held)
+    jump.write_text("3600")
+    orchestrator = Orchestrator(postgres_url)
+    wait_for(lambda: not orchestrator.list_pipelines(status="pending"), 60, "the six to finish")
+    starts = [line.split() for line in hooks.read_text().splitlines() if line.startswith("start")]
+    assert {int(pid) for _, pid, _, _ in starts} == {first.pid}, (starts, err.read_text()[-2000:])
+    assert sorted(uuid for _, _, uuid, _ in starts) == sorted(uuids)  # each hook once
