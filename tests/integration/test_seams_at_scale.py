@@ -11,6 +11,7 @@ import json
 import logging
 import multiprocessing
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -472,3 +473,48 @@ def test_a_postgresql_worker_whose_clock_jumps_an_hour_ahead_takes_no_pipeline_a
     starts = [line.split() for line in hooks.read_text().splitlines() if line.startswith("start")]
     assert {int(pid) for _, pid, _, _ in starts} == {first.pid}, (starts, err.read_text()[-2000:])
     assert sorted(uuid for _, _, uuid, _ in starts) == sorted(uuids)  # each hook once
+
+
+@pytest.mark.slow
+def test_a_worker_stopped_while_postgresql_is_down_exits_in_its_grace_and_a_new_one_ends_the_work(
+    own_server: PostgresServer, tmp_path: Path, processes: list[subprocess.Popen[bytes]]
+) -> None:
+    """SIGTERM reaches a worker with slow hooks (its claims in their own thread) while its
+    server is down: it exits within its grace, whatever its claim, its hooks' writes and its
+    release of what it claimed meet; once the server is back, a new worker ends every pipeline,
+    each finished once."""
+    url = own_server.url
+    uuids = [fault_app.Slow.create(url, {"seconds": 0.5}).uuid for _ in range(40)]
+    from_url(url).dispose()  # type: ignore[attr-defined]
+    hooks = tmp_path / "hooks.log"
+
+    def worker(name: str) -> subprocess.Popen[bytes]:
+        started = subprocess.Popen(
+            [PRORCH, "--app", "fault_app", "-r", url, "worker", "--interval", "0.1", "--concurrency", "4",
+             "--lease-seconds", "10"],
+            env=child_env(FAULT_LOG=str(hooks), PRORCH_SHUTDOWN_GRACE="5"), cwd=tmp_path,
+            stdout=subprocess.DEVNULL, stderr=(tmp_path / name).open("wb"),
+        )  # fmt: skip
+        processes.append(started)
+        return started
+
+    first = worker("first.err")
+    wait_for(lambda: sum(hook_events(hooks)["end"].values()) >= 6, 60, "the first worker's first hooks")
+    own_server.stop()
+    time.sleep(0.3)  # hooks running meet the outage as they end
+    stopped = time.monotonic()
+    first.send_signal(signal.SIGTERM)
+    code = first.wait(timeout=30)
+    took = time.monotonic() - stopped
+    log = (tmp_path / "first.err").read_text()
+    assert took < 5 + 3, (took, log[-3000:])  # its grace (5 s), and a little
+    assert code == 0, log[-3000:]
+    assert "Traceback" not in log, log[-3000:]
+    own_server.start()
+    worker("second.err")
+    orchestrator = Orchestrator(url)
+    wait_for(lambda: not orchestrator.list_pipelines(status="pending"), 90, "every pipeline to end")
+    for uuid in uuids:
+        view = orchestrator.get(uuid)
+        assert view.pipeline.status == Status.FINISHED, (uuid, view.pipeline)
+    assert set(hook_events(hooks)["end"]) == set(uuids)
