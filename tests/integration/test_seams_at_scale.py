@@ -518,3 +518,56 @@ def test_a_worker_stopped_while_postgresql_is_down_exits_in_its_grace_and_a_new_
         view = orchestrator.get(uuid)
         assert view.pipeline.status == Status.FINISHED, (uuid, view.pipeline)
     assert set(hook_events(hooks)["end"]) == set(uuids)
+
+
+def server_pids(server: PostgresServer) -> list[int]:
+    """The server's postmaster and its children (the backends, the background processes)."""
+    postmaster = int((server.data / "postmaster.pid").read_text().split()[0])
+    children = [
+        int(entry.name) for entry in Path("/proc").iterdir() if entry.name.isdigit() and _parent_of(entry) == postmaster
+    ]
+    return [postmaster, *children]
+
+
+def _parent_of(entry: Path) -> int | None:
+    try:
+        return int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+@pytest.mark.slow
+def test_a_worker_whose_postgresql_server_freezes_for_10_seconds_carries_on_after(
+    own_server: PostgresServer, tmp_path: Path, processes: list[subprocess.Popen[bytes]]
+) -> None:
+    """The server stops answering without closing a connection (SIGSTOP: a paused VM, a stuck
+    disk) for 10 s while a worker with slow hooks runs, then goes on: the worker's queries wait,
+    nothing fails, every pipeline finishes, each hook once."""
+    url = own_server.url
+    uuids = [fault_app.Slow.create(url, {"seconds": 0.3}).uuid for _ in range(60)]
+    from_url(url).dispose()  # type: ignore[attr-defined]
+    hooks, stderr = tmp_path / "hooks.log", tmp_path / "worker.err"
+    with stderr.open("wb") as sink:
+        worker = subprocess.Popen(
+            [PRORCH, "--app", "fault_app", "-r", url, "worker", "--interval", "0.1", "--concurrency", "4"],
+            env=child_env(FAULT_LOG=str(hooks)), cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=sink,
+        )  # fmt: skip
+    processes.append(worker)
+    wait_for(lambda: sum(hook_events(hooks)["end"].values()) >= 8, 60, "the worker's first hooks")
+    frozen = server_pids(own_server)
+    for pid in frozen:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        time.sleep(10)
+        assert worker.poll() is None, stderr.read_text()[-3000:]
+    finally:
+        for pid in frozen:
+            os.kill(pid, signal.SIGCONT)
+    orchestrator = Orchestrator(url)
+    wait_for(lambda: not orchestrator.list_pipelines(status="pending"), 90, "every pipeline to end")
+    log = stderr.read_text()
+    assert worker.poll() is None, log[-3000:]
+    assert all(orchestrator.get(uuid).pipeline.status == Status.FINISHED for uuid in uuids)
+    events = hook_events(hooks)
+    assert set(events["end"]) == set(uuids) and max(events["start"].values()) == 1, log[-3000:]
+    assert "Traceback" not in log and "died or vanished" not in log, log[-3000:]
