@@ -12,8 +12,9 @@ from datetime import datetime, timedelta
 from types import TracebackType
 
 from prorch.model.clock import Clock
-from prorch.model.exceptions import LeaseLostError, RepositoryError
+from prorch.model.exceptions import ConcurrentUpdateError, LeaseLostError, RepositoryError
 from prorch.model.records import PipelineRecord
+from prorch.storage.backend import Write
 from prorch.storage.store import Store
 from prorch.storage.ticker import Ticker
 
@@ -29,6 +30,7 @@ class _Lease:
     token: str
     name: str
     live_until: float  # time.monotonic() before which the stored lease is sure to be live
+    claimed_at: datetime | None = None  # the claim's time (its lease's end less lease_seconds)
     releasing: bool = False  # our next write gives the lease up: a refused renewal is no loss
 
 
@@ -56,7 +58,7 @@ class LeaseKeeper:
         self._held: dict[str, _Lease] = {}  # pipeline uuid -> its lease as we last wrote it
         self._lost: set[str] = set()
         self._limits: dict[str, datetime] = {}  # pipeline uuid -> renew no later than this
-        self._unsettled: dict[str, str] = {}  # pipeline uuid -> the token of a lease to give back
+        self._unsettled: dict[str, _Lease] = {}  # pipeline uuid -> a lease to give back
         self._lock = threading.Lock()
         self._ticker = Ticker("prorch-lease-keeper", lease_seconds / 3, self.renew_all, on_error=self._turn_failed)
 
@@ -77,7 +79,9 @@ class LeaseKeeper:
         with self._lock:
             for record in records:
                 if record.lease_owner is not None:
-                    self._held[record.uuid] = _Lease(record.lease_owner, record.name, until)
+                    expires = record.lease_expires_at
+                    claimed_at = expires - timedelta(seconds=self.lease_seconds) if expires else None
+                    self._held[record.uuid] = _Lease(record.lease_owner, record.name, until, claimed_at)
 
     def drop(self, uuid: str) -> None:
         """The pipeline's advance is over: its lease was released, or is left to run out."""
@@ -93,29 +97,52 @@ class LeaseKeeper:
         with self._lock:
             lease = self._held.get(uuid)
             if lease is not None:
-                self._unsettled[uuid] = lease.token
+                self._unsettled[uuid] = lease
 
     def give_back(self) -> None:
-        """Expire the leases ``give_back_later`` set aside, together (compare-and-set on their
-        tokens: a lease released, run out or taken over since is left alone); while the store
-        fails, they wait for the next call."""
+        """Expire the leases ``give_back_later`` set aside, one by one (rare: after an outage;
+        each reads its pipeline for its hook mark), by compare-and-set on their tokens: a lease
+        released, run out or taken over since is left alone; while the store fails, they wait
+        for the next call."""
         with self._lock:
             pending = list(self._unsettled.items())
-        if not pending:
-            return
+        for uuid, lease in pending:
+            try:
+                given = self._give_back(uuid, lease)
+            except RepositoryError:
+                return  # still unreachable: the next call tries again
+            with self._lock:
+                self._unsettled.pop(uuid, None)
+            if given:
+                logger.info(
+                    "pipeline %s: gave its lease back, its transition was not stored (store unreachable); "
+                    "it resumes at the next claim", uuid, extra={"pipeline_uuid": uuid},
+                )  # fmt: skip
+
+    def _give_back(self, uuid: str, lease: _Lease) -> bool:
+        """Expire one lease of ours. A hook mark stored under it is ours too, and no crash: the
+        hook ended here and only its result was lost, so the mark goes with the lease (else the
+        next claim charges a crash, counted towards quarantine, and runs the pipeline alone).
+        A mark older than our claim is a dead worker's (its lease ran out first, at least two
+        thirds of a lease after its last renewal) and stays, to be charged."""
+        now = self.clock.now()
+        record = self.store.get_pipeline(uuid) if lease.claimed_at is not None else None
+        mark = record.hook_started_at if record is not None else None
+        ours = lease.claimed_at is not None and mark is not None and mark >= lease.claimed_at - self._skew
+        if record is None or record.lease_owner != lease.token or not ours:
+            return self.store.renew_lease(uuid, lease.token, now)
+        stored = self.store.tracking([record])
+        record.lease_expires_at, record.hook_started_at, record.hook_shared = now, None, False
         try:
-            given, failed = self.store.renew_leases(pending, self.clock.now())
-        except RepositoryError:
-            return  # still unreachable: the next call tries again
-        with self._lock:
-            for uuid, _token in pending:
-                if uuid not in failed:
-                    self._unsettled.pop(uuid, None)
-        for uuid in given:
-            logger.info(
-                "pipeline %s: gave its lease back, its transition was not stored (store unreachable); "
-                "it resumes at the next claim", uuid, extra={"pipeline_uuid": uuid},
-            )  # fmt: skip
+            self.store.commit_write(Write.of([record], snapshots=stored, token=lease.token))
+        except ConcurrentUpdateError:
+            return False  # written since it was read: released, taken over or cancelled
+        return True
+
+    @property
+    def _skew(self) -> timedelta:
+        """How far two clocks may disagree for a mark to still count as ours (see ``_give_back``)."""
+        return timedelta(seconds=self.lease_seconds / 3)
 
     def limit(self, uuid: str, until: datetime | None) -> None:
         """Renew the lease of ``uuid`` only while the clock is before ``until`` (None: always)."""

@@ -479,14 +479,14 @@ def test_a_lease_given_back_after_an_outage_expires_ours_and_leaves_a_taken_over
     for uuid in (mine.uuid, taken.uuid):
         keeper.give_back_later(uuid)
         keeper.drop(uuid)  # the advance ended on the store's error
-    working = store.renew_leases
+    working = store.renew_lease
 
     def unreachable(*args: Any) -> bool:
         raise RepositoryError("store unreachable")
 
-    store.renew_leases = unreachable  # type: ignore[method-assign]
+    store.renew_lease = unreachable  # type: ignore[method-assign]
     keeper.give_back()
-    store.renew_leases = working  # type: ignore[method-assign]
+    store.renew_lease = working  # type: ignore[method-assign]
     assert claim(mine.uuid, "next") is None  # still ours: the failed call gave nothing back
     keeper.give_back()
     assert claim(mine.uuid, "next") is not None  # within what was its lease: given back
