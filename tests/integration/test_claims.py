@@ -201,9 +201,9 @@ def ordered(backend: Any) -> list[str]:
 
 @pytest.mark.parametrize("limits", list(CLAIMS.values()), ids=list(CLAIMS))
 def test_a_batch_takes_the_first_due_in_claim_order(sql: Any, limits: dict[str, ClaimLimit]) -> None:
-    """Batches smaller than the backlog: a plain one takes the next ones by priority, then the
-    longest due; a limited one (the unlimited names first, then each limited name) keeps that
-    order within each name; both step over the future, leased, ended and not-runnable rows."""
+    """Batches smaller than the backlog take the next ones by priority, then the longest due,
+    plain or limited (limits with room to spare: the one order across the names, not the
+    unlimited names first); both step over the future, leased, ended and not-runnable rows."""
     expected = ordered(sql)
     names = dict(zip(expected, [name for name, _, _ in ORDERED], strict=True))
     store = Store(sql)
@@ -213,24 +213,26 @@ def test_a_batch_takes_the_first_due_in_claim_order(sql: Any, limits: dict[str, 
         assert len(batch) == min(size, len(expected) - len(taken))
         assert all(p.lease_owner == owner and p.lease_expires_at == UNTIL and p.claims == 1 for p in batch)
         taken += [p.uuid for p in batch]
-    if not limits:
-        assert taken == expected
+    assert taken == expected
     for name in NAMES:
         assert [u for u in taken if names[u] == name] == [u for u in expected if names[u] == name]
     assert store.claim(ClaimRequest(NOW, "w4", UNTIL, 10, limits, RUNNABLE)) == []
 
 
 def test_a_limited_name_keeps_its_limit_beside_the_unlimited_ones(sql: Any) -> None:
-    """``max_running`` 2 on A, which has one live lease: the unlimited names fill the first
-    batch, in claim order; the next takes one A, the oldest of the highest priority; then none."""
+    """``max_running`` 2 on A, which has one live lease: a batch of 4 takes, in claim order, the
+    oldest A of the highest priority (A's room of one) and the first three of the unlimited
+    names, stepping over the other As; the next takes the last unlimited one; then none. (The
+    claim took every unlimited name first: the first batch had no A, though A came first.)"""
     expected = ordered(sql)
     names = dict(zip(expected, [name for name, _, _ in ORDERED], strict=True))
     store = Store(sql)
     limits = {"A": ClaimLimit(max_running=2)}
     first = store.claim(ClaimRequest(NOW, "w1", UNTIL, 4, limits, RUNNABLE))
-    assert [p.uuid for p in first] == [u for u in expected if names[u] != "A"]
+    unlimited = [u for u in expected if names[u] != "A"]
+    assert [p.uuid for p in first] == [expected[0], *unlimited[:3]]
     second = store.claim(ClaimRequest(NOW, "w2", UNTIL, 100, limits, RUNNABLE))
-    assert [p.uuid for p in second] == [expected[0]]
+    assert [p.uuid for p in second] == unlimited[3:]
     assert store.claim(ClaimRequest(NOW, "w3", UNTIL, 100, limits, RUNNABLE)) == []
 
 
