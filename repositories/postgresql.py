@@ -13,12 +13,14 @@ from typing import Any
 from sqlalchemy import Connection, Engine, Select, text
 from sqlalchemy.engine import URL
 
+from prorch.model.due import ClaimRequest
 from prorch.model.exceptions import ConcurrentUpdateError, ProrchError, RepositoryError
-from prorch.model.records import to_utc
+from prorch.model.records import JSONDict, to_utc
 from prorch.model.secrets import error_summary
 from prorch.storage.backend import Outcome, Write
 from prorch.storage.commits import by_statements
 from prorch.storage.repository import TransitionRows
+from repositories import postgresql_leases
 from repositories.postgresql_leases import limited_name_ready
 from repositories.postgresql_transitions import TransitionStatements
 from repositories.postgresql_wakeups import Listeners, channel_name
@@ -176,6 +178,23 @@ class PostgreSQLRepository(SQLRepository):
         super().__init__(model, backend)
         # a name whose entry timed out -> (time.monotonic() before which it is not tried again, that pause)
         self._entry_pauses: dict[str, tuple[float, float]] = {}
+        self._names_kept_at: float | None = None  # time.monotonic() of the last keep_limited_names
+
+    def claim(self, request: ClaimRequest) -> list[JSONDict]:
+        """The SQL claim; first, every ``KEEP_EVERY`` seconds, the names this worker limits are
+        refreshed in ``pipeline_limited_names`` and the stale ones dropped (``keep_limited_names``)."""
+        self._keep_limited_names(request)
+        return super().claim(request)
+
+    def _keep_limited_names(self, request: ClaimRequest) -> None:
+        kept_at, now = self._names_kept_at, time.monotonic()
+        if kept_at is not None and now - kept_at < postgresql_leases.KEEP_EVERY:
+            return
+        if self.backend.current_connection() is not None:
+            return  # in a caller's transaction: at a later claim, on a connection of its own
+        self._names_kept_at = now
+        dropped = postgresql_leases.keep_limited_names(self.backend.engine, list(request.limits))
+        self._ready_names -= set(dropped)
 
     def lockable(self, due: Select[Any]) -> Select[Any]:
         return due.with_for_update(skip_locked=True)
@@ -188,7 +207,9 @@ class PostgreSQLRepository(SQLRepository):
         timed out is tried again only after ``ENTRY_RETRY_FIRST`` seconds, doubling up to
         ``ENTRY_RETRY_MOST``: each try holds every writer of pipelines back while it waits."""
         if name in self._ready_names:
-            return True
+            if postgresql_leases.still_ready(connection, name):
+                return True
+            self._ready_names -= {name}  # dropped by keep_limited_names (no claim limited it for a day)
         if self.backend.current_connection() is not None:
             return False
         pauses, now = self._entry_pauses, time.monotonic()
