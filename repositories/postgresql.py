@@ -51,10 +51,10 @@ KEY_LOCKS = text(
 ENTRY_RETRY_FIRST = 30.0
 ENTRY_RETRY_MOST = 900.0
 """Seconds before a limited name whose entry for ``pipeline_leases`` timed out is tried again
-(doubling from the first to the most): while a long transaction keeps the pipelines table (a
-large import, a session left idle in its transaction), every try queues a SHARE lock that holds
-each writer of pipelines back for ``postgresql_leases.LOCK_TIMEOUT``, and claims come every few
-milliseconds. Meanwhile the name's leases are counted from the pipelines, which is as right."""
+(doubling from the first to the most): while a long transaction writes the pipelines table (a
+large import, a session left idle in its transaction), every try makes its claim wait
+``postgresql_leases.ENTRY_WAIT`` for it, and claims come every few milliseconds. Meanwhile the
+name's leases are counted from the pipelines, which is as right."""
 SCHEMA_LOCK = 7270712
 """The advisory lock key of schema upgrades ('prorch')."""
 
@@ -200,12 +200,13 @@ class PostgreSQLRepository(SQLRepository):
         return due.with_for_update(skip_locked=True)
 
     def leases_in_table(self, connection: Connection, name: str) -> bool:
-        """From ``pipeline_leases`` once the name is ready there (``postgresql_leases``): its
-        first limited claim enters it; until then (a writer kept the pipelines past the lock
-        timeout, or the claim runs inside a caller's transaction, which the entry's lock of
-        the table would wait for), from the pipelines, by the name's claim index. An entry that
-        timed out is tried again only after ``ENTRY_RETRY_FIRST`` seconds, doubling up to
-        ``ENTRY_RETRY_MOST``: each try holds every writer of pipelines back while it waits."""
+        """From ``pipeline_leases`` once the name is ready there (``postgresql_leases``) and still
+        is (a name no claim limited for a day is dropped): its first limited claim enters it;
+        until then (a writer in flight at the entry ran past ``ENTRY_WAIT``, or the claim runs
+        inside a caller's transaction, whose own writes the entry would wait for), from the
+        pipelines, by the name's claim index. An entry that timed out is tried again only after
+        ``ENTRY_RETRY_FIRST`` seconds, doubling up to ``ENTRY_RETRY_MOST``: each try makes its
+        claim wait for the writers in flight."""
         if name in self._ready_names:
             if postgresql_leases.still_ready(connection, name):
                 return True

@@ -18,20 +18,29 @@ the name and its rows, or neither: it looks whether the name is still there unde
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
 
 from sqlalchemy import Connection, Engine, text
-from sqlalchemy.exc import OperationalError
 
 logger = logging.getLogger(f"prorch.{__name__}")
 
 READY = text("SELECT ready FROM pipeline_limited_names WHERE name = :name")
 ENTER = text("INSERT INTO pipeline_limited_names (name, ready) VALUES (:name, false) ON CONFLICT (name) DO NOTHING")
-LOCK_TIMEOUT = "2s"
-"""How long the copy waits for the writers in flight before it gives up for this claim."""
-# the writers in flight, whose triggers may have looked before the name was entered, end
-# first: the copy sees their leases (and blocks new writers until it commits)
-QUIET = text("LOCK TABLE pipelines IN SHARE MODE")
+ENTRY_WAIT = 2.0
+"""Seconds the copy waits for the writers in flight at the entry before it gives up for this
+claim (the claim then counts from the pipelines, and tries again later)."""
+# the writers in flight at the entry, whose triggers may have looked before the name was there:
+# each holds its lock on pipelines until it ends; the copy waits for them, and only them, to end
+# (a later writer's trigger sees the name). Polled: no lock of the table, so no writer waits
+WRITERS = text(
+    "SELECT DISTINCT virtualtransaction FROM pg_locks WHERE locktype = 'relation' "
+    "AND relation = CAST('pipelines' AS regclass) AND mode = 'RowExclusiveLock' AND pid <> pg_backend_pid()"
+)
+STILL_WRITING = text(
+    "SELECT count(*) FROM pg_locks WHERE locktype = 'relation' AND relation = CAST('pipelines' AS regclass) "
+    "AND mode = 'RowExclusiveLock' AND virtualtransaction = ANY(CAST(:writers AS text[]))"
+)
 # the created ones too: one leased before it started (``claim_one``) becomes pending with its lease
 # kept, which fires no trigger; ended ones not (by ix_pipelines_status_name: the name's live rows
 # only, read while the writers wait). The count checks the status
@@ -102,22 +111,34 @@ def limited_name_ready(engine: Engine, name: str) -> bool:
     """Whether ``name``'s live leases can be counted from ``pipeline_leases``; enters the name
     and copies its stored leases when it was not, once per database (on a connection of its
     own, two commits: the entry first, so that every later lease write sees it; then the copy,
-    once the writes in flight have ended, which holds the pipelines' writers back meanwhile).
-    False when a writer kept the table longer than the lock timeout: the caller counts from the
-    pipelines this time, and tries again next."""
+    once the writes in flight at the entry have ended; no writer waits for it). False when
+    one of them ran longer than ``ENTRY_WAIT``: the caller counts from the pipelines this time,
+    and tries again later."""
     with engine.connect() as connection:
         if connection.execute(READY, {"name": name}).scalar():
             return True
         connection.execute(ENTER, {"name": name})
         connection.commit()
-        try:
-            connection.execute(text(f"SET LOCAL lock_timeout = '{LOCK_TIMEOUT}'"))
-            connection.execute(QUIET)
-            connection.execute(COPY, {"name": name})
-            connection.execute(MARK, {"name": name})
-            connection.commit()
-        except OperationalError as exc:
-            connection.rollback()
-            logger.info("the leases of %s are counted from the pipelines for now: %s", name, exc.orig)
+        writers = list(connection.execute(WRITERS).scalars())
+        connection.commit()
+        if writers and not _ended(connection, writers):
+            logger.info("the leases of %s are counted from the pipelines for now: writers still in flight", name)
             return False
+        connection.execute(COPY, {"name": name})
+        connection.execute(MARK, {"name": name})
+        connection.commit()
     return True
+
+
+def _ended(connection: Connection, writers: list[str]) -> bool:
+    """Whether the transactions ``writers`` (virtual ids) have all ended within ``ENTRY_WAIT``."""
+    deadline, pause = time.monotonic() + ENTRY_WAIT, 0.002
+    while True:
+        still = connection.execute(STILL_WRITING, {"writers": writers}).scalar_one()
+        connection.commit()  # each look a statement of its own (no snapshot held meanwhile)
+        if not still:
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(pause)
+        pause = min(pause * 2, 0.05)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import sqlite3
 import threading
+import time
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
@@ -596,13 +597,56 @@ def test_a_lease_written_while_its_name_is_entered_is_counted(sql: Any) -> None:
     assert lease_rows(sql) == {rows[0]["uuid"], rows[1]["uuid"]}
 
 
+def test_the_entry_of_a_name_holds_no_writer_back(sql: Any) -> None:
+    """#28: a name's first limited claim copies its stored leases once the writers in flight at
+    its entry have ended. It took ``LOCK TABLE pipelines IN SHARE MODE`` for that, which queued
+    every later writer of pipelines behind it until they had (up to its 2 s lock timeout, once
+    per name): here a writer of another pipeline, allowed to wait 1 s, gave up. Now the entry
+    waits for those writers by their locks, and takes none: the other writer goes through at
+    once while the claim still waits, and the lease in flight is counted."""
+    if sql.engine.dialect.name != "postgresql":
+        pytest.skip("SQLite counts the leases on the pipelines table")
+    rows = [row("A", minutes=-9 + i) for i in range(4)]
+    other = row("Z", minutes=-9)  # of a class the claim does not run: not among the rows it locks
+    fill(sql, [*rows, other])
+    in_flight = sql.engine.connect()
+    in_flight.execute(
+        update(pipelines).where(pipelines.c.uuid == rows[0]["uuid"]).values(lease_owner="older", lease_expires_at=UNTIL)
+    )  # A not entered yet: its trigger wrote nothing
+    found: list[list[str]] = []
+    claimer = threading.Thread(
+        target=lambda: found.append(claim(Store(sql), "w", 10, {"A": ClaimLimit(max_running=2)}))
+    )
+    claimer.start()
+    try:
+        waiting = time.monotonic() + 10
+        while not postgresql_listed(sql) and time.monotonic() < waiting:
+            time.sleep(0.01)  # entered: the copy now waits for the writer in flight
+        with sql.engine.connect() as writer:
+            writer.execute(text("SET LOCAL lock_timeout = '1s'"))
+            writer.execute(update(pipelines).where(pipelines.c.uuid == other["uuid"]).values(priority=3))
+            writer.commit()
+        assert claimer.is_alive()  # the copy still waits for the writer in flight
+    finally:
+        in_flight.commit()
+        in_flight.close()
+        claimer.join(10)
+    assert found == [[rows[1]["uuid"]]]  # the lease in flight counted, and one more
+    assert lease_rows(sql) == {rows[0]["uuid"], rows[1]["uuid"]}
+
+
+def postgresql_listed(backend: Any) -> set[str]:
+    with backend.engine.connect() as connection:
+        return set(connection.exec_driver_sql("SELECT name FROM pipeline_limited_names").scalars())
+
+
 def test_a_name_not_entered_in_time_is_counted_from_the_pipelines(sql: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    """PostgreSQL (0023): while a writer keeps the pipelines table past the lock timeout, the
+    """PostgreSQL (0023): while a writer keeps the pipelines table past ``ENTRY_WAIT``, the
     name's first limited claim cannot copy its leases and counts them from the pipelines, which
     is as right; a later claim (past the pause between tries, none here) enters it."""
     if sql.engine.dialect.name != "postgresql":
         pytest.skip("SQLite counts the leases on the pipelines table")
-    monkeypatch.setattr(postgresql_leases, "LOCK_TIMEOUT", "100ms")
+    monkeypatch.setattr(postgresql_leases, "ENTRY_WAIT", 0.1)
     monkeypatch.setattr(postgresql, "ENTRY_RETRY_FIRST", 0.0)
     rows = [row("A", minutes=-9 + i, lease_owner="x", lease_expires_at=UNTIL) for i in range(2)]
     other = row("B", minutes=-9)
@@ -622,12 +666,12 @@ def test_a_name_not_entered_in_time_is_not_tried_again_at_every_claim(
     sql: Any, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Regression (review of 0023): while a transaction keeps the pipelines table (a long
-    import, a session left idle in its transaction), each try to enter a name queues a SHARE
-    lock that holds every writer of pipelines back for the lock timeout. Claims come every few
-    milliseconds; they must not try again each time, or every writer waits nearly all along."""
+    import, a session left idle in its transaction), each try to enter a name waits for it
+    (0023 queued a SHARE lock that held every writer of pipelines back meanwhile). Claims come
+    every few milliseconds; they must not try again each time, or every claim waits."""
     if sql.engine.dialect.name != "postgresql":
         pytest.skip("SQLite counts the leases on the pipelines table")
-    monkeypatch.setattr(postgresql_leases, "LOCK_TIMEOUT", "100ms")
+    monkeypatch.setattr(postgresql_leases, "ENTRY_WAIT", 0.1)
     other = row("B", minutes=-9)
     fill(sql, [*[row("A", minutes=-5 + i) for i in range(4)], other])
     store, limits, runnable = Store(sql), {"A": ClaimLimit(max_running=1)}, frozenset({("A", 1)})
