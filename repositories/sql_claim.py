@@ -32,6 +32,7 @@ from prorch.model.due import (
     merge_in_claim_order,
     row_claim_order,
 )
+from prorch.model.limit_rules import next_rotation
 from prorch.model.records import JSONDict
 from prorch.model.status import Status
 from prorch.storage.repository import ClaimsByRequest
@@ -145,6 +146,7 @@ class SQLClaims(ClaimsByRequest):
         params = self._claim_params(request)
         free, limited = self._limited_statements(runnable, request.mark)
         names = sorted(limits) if runnable is None else sorted({name for name, _ in runnable} & limits.keys())
+        rotation = next_rotation() if any(rule.fair is not None for rule in limits.values()) else 0
         with self.backend.connect(write=True) as connection:
             unlimited: list[Any] = []
             if runnable is None or not {name for name, _ in runnable} <= limits.keys():
@@ -158,7 +160,7 @@ class SQLClaims(ClaimsByRequest):
                     sources.append([])  # none of it due before the batch is full without it: no lock
                     continue
                 self.backend.lock_name(connection, name)
-                sources.append(limited.choose(connection, name, limits, params, limit))
+                sources.append(limited.choose(connection, name, limits, params, limit, rotation))
             taken = merge_in_claim_order(sources, limit)
             rows: list[Any] = []
             for index, of in enumerate([None, *names]):

@@ -90,11 +90,13 @@ class LimitedClaim:
         return first is not None and row_claim_order(first) < last
 
     def choose(
-        self, connection: Connection, name: str, limits: dict[str, ClaimLimit], params: dict[str, Any], most: int
-    ) -> list[tuple[Any, str]]:
+        self, connection: Connection, name: str, limits: dict[str, ClaimLimit], params: dict[str, Any], most: int,
+        rotation: int = 0,
+    ) -> list[tuple[Any, str]]:  # fmt: skip
         """Up to ``most`` due pipelines of ``name`` that its limits let a claim take now, as
-        (row, uuid) in the order it takes them (claim order; a fair name's turns), not leased
-        yet: the caller holds the name's lock until it has leased those it keeps (``lease``)."""
+        (row, uuid) in the order it takes them (claim order; a fair name's turns, from the
+        claim's ``rotation``), not leased yet: the caller holds the name's lock until it has
+        leased those it keeps (``lease``)."""
         limit = limits[name]
         tally = Tally(limits)
         bound = {"_name": name, "_now": params["_now"]}
@@ -111,7 +113,7 @@ class LimitedClaim:
         room = most if room is None else min(room, most)
         if room <= 0:
             return []
-        return self._choose_within(connection, name, tally, params, room)
+        return self._choose_within(connection, name, tally, params, room, rotation)
 
     def lease(
         self, connection: Connection, uuids: list[str], params: dict[str, Any],
@@ -130,15 +132,15 @@ class LimitedClaim:
         return sorted(rows, key=lambda row: place[row["uuid"]])
 
     def _choose_within(
-        self, connection: Connection, name: str, tally: Tally, params: dict[str, Any], room: int
+        self, connection: Connection, name: str, tally: Tally, params: dict[str, Any], room: int, rotation: int
     ) -> list[tuple[Any, str]]:
         """Up to ``room`` of the name's due pipelines within its per-group limits and turns."""
         limit = tally.limits[name]
         rows = None
         if limit.fair is not None:
-            rows = self._choose_by_keys(connection, name, tally, params, room, ALL_KEYS)
+            rows = self._choose_by_keys(connection, name, tally, params, (room, ALL_KEYS, rotation))
         elif limit.per_key is not None and limit.per_tenant is None:
-            rows = self._choose_by_keys(connection, name, tally, params, room, FEW_KEYS)
+            rows = self._choose_by_keys(connection, name, tally, params, (room, FEW_KEYS, rotation))
         if rows is not None:
             return rows
         if limit.groupings():
@@ -170,7 +172,7 @@ class LimitedClaim:
         return chosen
 
     def _choose_by_keys(
-        self, connection: Connection, name: str, tally: Tally, params: dict[str, Any], room: int, most_keys: int
+        self, connection: Connection, name: str, tally: Tally, params: dict[str, Any], bounds: tuple[int, int, int]
     ) -> list[tuple[Any, str]] | None:
         """The name's due pipelines read key by key: the keys with pending pipelines (a skip
         over the keyed index, one step per key), the first due ones of each key not yet full in
@@ -178,7 +180,9 @@ class LimitedClaim:
         fair name its share of the room and one more), and the first due ones of the name (those
         stored without a key among them); then ``fair_order`` (a fair name: keys in turn) and
         ``within_limits`` as every backend. O(keys x room), however long one key's backlog;
-        None when more than ``most_keys`` keys have pending pipelines (the caller walks)."""
+        None when more than ``most_keys`` keys have pending pipelines (the caller walks).
+        ``bounds``: (room, most_keys, the claim's rotation of turns)."""
+        room, most_keys, rotation = bounds
         limit = tally.limits[name]
         full = set(tally.full_groups(name, KEY))
         found_keys = connection.execute(self.pending_groups, {"_name": name, "_keys": most_keys + 1}).scalars().all()
@@ -192,8 +196,8 @@ class LimitedClaim:
             share = self._share(limit, tally, name, key, keys, room)
             of_key = connection.execute(self.locked_group_heads, {**bound, "_group": key, "_limit": share}).mappings()
             found.update((row["uuid"], row) for row in of_key)
-        due = sorted(found.values(), key=row_claim_order)
-        return within_limits(fair_order([(row, (row, row["uuid"])) for row in due], tally.limits), tally, room)
+        due = [(row, (row, row["uuid"])) for row in sorted(found.values(), key=row_claim_order)]
+        return within_limits(fair_order(due, {name: limit}, rotation), tally, room)
 
     @staticmethod
     def _share(limit: ClaimLimit, tally: Tally, name: str, key: str, keys: list[str], room: int) -> int:

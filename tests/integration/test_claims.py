@@ -5,6 +5,7 @@ plain and limited. The mutation run of the SQL claim runs this file (docs/mutati
 
 from __future__ import annotations
 
+import itertools
 import os
 import sqlite3
 import threading
@@ -158,6 +159,22 @@ def test_a_fair_claim_steps_over_the_keys_and_walks_each_key_in_claim_order(sql:
         assert "TEMP B-TREE" not in plan and "Sort" not in plan, plan
         assert "SCAN pipelines" not in plan and "Seq Scan on pipelines" not in plan, plan
     assert sum("ix_pipelines_concurrency_key" in plan for plan in plans.plans) == 3, plans.plans
+
+
+def test_a_fair_name_s_groups_take_turns_beside_another_limited_name(sql: Any) -> None:
+    """Claims of one take a fair name's groups in turn, also beside another limited name: each
+    limited name's choice ordered its candidates for turns, and each advanced the process's
+    rotation, so with two names a claim advanced it by two and the fair name began with the
+    same group at every claim (a worker of one slot ran one tenant's whole backlog first; seen
+    in test_key_limit_workers once every limited name was chosen in each claim)."""
+    fill(sql, [row("F", minutes=-60 + i, concurrency_key='"big"') for i in range(3)])
+    fill(sql, [row("F", minutes=-30 + i, concurrency_key='"small"') for i in range(3)])
+    limits = {"A": ClaimLimit(per_key=1), "F": ClaimLimit(fair=Fairness())}  # no A due: it only counts
+    store, runnable = Store(sql), frozenset({("A", 1), ("F", 1)})
+    groups = [
+        p.concurrency_key for n in range(4) for p in store.claim(ClaimRequest(NOW, f"w{n}", UNTIL, 1, limits, runnable))
+    ]
+    assert len(groups) == 4 and all(a != b for a, b in itertools.pairwise(groups)), groups
 
 
 def test_a_per_key_claim_reads_key_by_key_past_a_full_key_s_backlog(sql: Any) -> None:
