@@ -1,9 +1,11 @@
 """The claim of one limited pipeline name as SQL (``max_running``, ``max_running_per_tenant``,
-``max_running_per_key``, ``rate_limit``, ``fair``: ``prorch.model.limit_rules``). It runs in a
-transaction that holds the name's lock (``SQLBackend.lock_name``: SQLite's write lock, a
-PostgreSQL advisory lock), so counting and claiming are one step for every worker: it counts the
-name's live leases (per group when it must) and its claims within the rate's period, leases only
-what the limits leave room for, and stores one start per claim of a rate-limited name. Per
+``max_running_per_key``, ``rate_limit``, ``fair``: ``prorch.model.limit_rules``). It runs in the
+claim's transaction, which holds the name's lock (``SQLBackend.lock_name``: SQLite's write lock,
+a PostgreSQL advisory lock) until it commits, so counting and claiming are one step for every
+worker: ``choose`` counts the name's live leases (per group when it must) and its claims within
+the rate's period and picks what the limits leave room for; the claim takes those that have a
+place in the one claim order (``repositories.sql_claim``), and ``lease`` leases them and stores
+one start per claim of a rate-limited name. Per
 tenant and per key are one path (a grouping each: the tenant in the context's JSON, the stored
 ``concurrency_key`` column), and so is a fair claim, which takes the groups' due pipelines in
 turns."""
