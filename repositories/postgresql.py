@@ -193,7 +193,8 @@ class PostgreSQLRepository(SQLRepository):
         if self.backend.current_connection() is not None:
             return  # in a caller's transaction: at a later claim, on a connection of its own
         self._names_kept_at = now
-        dropped = postgresql_leases.keep_limited_names(self.backend.engine, list(request.limits))
+        with self.backend._errors():  # the store down: the worker's outage, as for the claim itself
+            dropped = postgresql_leases.keep_limited_names(self.backend.engine, list(request.limits))
         self._ready_names -= set(dropped)
 
     def lockable(self, due: Select[Any]) -> Select[Any]:
