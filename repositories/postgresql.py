@@ -13,13 +13,15 @@ from typing import Any
 from sqlalchemy import Connection, Engine, Select, false, select, text, true, tuple_, update
 from sqlalchemy.engine import URL
 
+from prorch.model.due import ClaimRequest
 from prorch.model.exceptions import ConcurrentUpdateError, DuplicateRecordError, ProrchError, RepositoryError
-from prorch.model.records import Record, to_utc
+from prorch.model.records import JSONDict, Record, to_utc
 from prorch.model.secrets import error_summary
 from prorch.storage.backend import Outcome, Write
 from prorch.storage.commits import by_statements
 from prorch.storage.repository import TransitionRows
 from prorch.storage.wakeups import makes_work
+from repositories import postgresql_leases
 from repositories.postgresql_leases import limited_name_ready
 from repositories.postgresql_transitions import TransitionStatements
 from repositories.postgresql_wakeups import Listeners, channel_name
@@ -50,10 +52,10 @@ KEY_LOCKS = text(
 ENTRY_RETRY_FIRST = 30.0
 ENTRY_RETRY_MOST = 900.0
 """Seconds before a limited name whose entry for ``pipeline_leases`` timed out is tried again
-(doubling from the first to the most): while a long transaction keeps the pipelines table (a
-large import, a session left idle in its transaction), every try queues a SHARE lock that holds
-each writer of pipelines back for ``postgresql_leases.LOCK_TIMEOUT``, and claims come every few
-milliseconds. Meanwhile the name's leases are counted from the pipelines, which is as right."""
+(doubling from the first to the most): while a long transaction writes the pipelines table (a
+large import, a session left idle in its transaction), every try makes its claim wait
+``postgresql_leases.ENTRY_WAIT`` for it, and claims come every few milliseconds. Meanwhile the
+name's leases are counted from the pipelines, which is as right."""
 ONE_STATEMENT_RECORDS = 100
 """At most this many new records go in ``insert``'s one statement (a few parameters each, far
 below PostgreSQL's 65,535); a larger batch goes table by table in one transaction."""
@@ -212,6 +214,24 @@ class PostgreSQLRepository(SQLRepository):
         super().__init__(model, backend)
         # a name whose entry timed out -> (time.monotonic() before which it is not tried again, that pause)
         self._entry_pauses: dict[str, tuple[float, float]] = {}
+        self._names_kept_at: float | None = None  # time.monotonic() of the last keep_limited_names
+
+    def claim(self, request: ClaimRequest) -> list[JSONDict]:
+        """The SQL claim; first, every ``KEEP_EVERY`` seconds, the names this worker limits are
+        refreshed in ``pipeline_limited_names`` and the stale ones dropped (``keep_limited_names``)."""
+        self._keep_limited_names(request)
+        return super().claim(request)
+
+    def _keep_limited_names(self, request: ClaimRequest) -> None:
+        kept_at, now = self._names_kept_at, time.monotonic()
+        if kept_at is not None and now - kept_at < postgresql_leases.KEEP_EVERY:
+            return
+        if self.backend.current_connection() is not None:
+            return  # in a caller's transaction: at a later claim, on a connection of its own
+        self._names_kept_at = now
+        with self.backend._errors():  # the store down: the worker's outage, as for the claim itself
+            dropped = postgresql_leases.keep_limited_names(self.backend.engine, list(request.limits))
+        self._ready_names -= set(dropped)
 
     def lockable(self, due: Select[Any]) -> Select[Any]:
         return due.with_for_update(skip_locked=True)
@@ -241,14 +261,17 @@ class PostgreSQLRepository(SQLRepository):
         return {uuid for uuid, renewed in rows if renewed}, busy
 
     def leases_in_table(self, connection: Connection, name: str) -> bool:
-        """From ``pipeline_leases`` once the name is ready there (``postgresql_leases``): its
-        first limited claim enters it; until then (a writer kept the pipelines past the lock
-        timeout, or the claim runs inside a caller's transaction, which the entry's lock of
-        the table would wait for), from the pipelines, by the name's claim index. An entry that
-        timed out is tried again only after ``ENTRY_RETRY_FIRST`` seconds, doubling up to
-        ``ENTRY_RETRY_MOST``: each try holds every writer of pipelines back while it waits."""
+        """From ``pipeline_leases`` once the name is ready there (``postgresql_leases``) and still
+        is (a name no claim limited for a day is dropped): its first limited claim enters it;
+        until then (a writer in flight at the entry ran past ``ENTRY_WAIT``, or the claim runs
+        inside a caller's transaction, whose own writes the entry would wait for), from the
+        pipelines, by the name's claim index. An entry that timed out is tried again only after
+        ``ENTRY_RETRY_FIRST`` seconds, doubling up to ``ENTRY_RETRY_MOST``: each try makes its
+        claim wait for the writers in flight."""
         if name in self._ready_names:
-            return True
+            if postgresql_leases.still_ready(connection, name):
+                return True
+            self._ready_names -= {name}  # dropped by keep_limited_names (no claim limited it for a day)
         if self.backend.current_connection() is not None:
             return False
         pauses, now = self._entry_pauses, time.monotonic()

@@ -26,7 +26,7 @@ from sqlalchemy.dialects.postgresql import JSONB
 
 from prorch.model.records import Metadata as Models
 
-SCHEMA_REVISION = "0023"
+SCHEMA_REVISION = "0024"
 """The newest migration; a store at this revision needs no upgrade."""
 VERSION_TABLE = "prorch_schema_version"
 HISTORY_TABLE = "prorch_schema_migrations"
@@ -224,6 +224,8 @@ pipeline_limited_names = Table(
     # (``repositories.postgresql_leases``)
     Column("name", String(200), primary_key=True),
     Column("ready", Boolean, nullable=False, server_default=text("false")),
+    # when a claim that limits the name last said so; not for a day: the name is dropped (0024)
+    Column("limited_at", Timestamp, nullable=False, server_default=text("now()")),
 )
 
 rate_limit_starts = Table(

@@ -25,7 +25,15 @@ from sqlalchemy import (
     update,
 )
 
-from prorch.model.due import CLAIM_ORDER, TERMINAL_VALUES, ClaimRequest, Runnable, row_claim_order
+from prorch.model.due import (
+    CLAIM_ORDER,
+    TERMINAL_VALUES,
+    ClaimRequest,
+    Runnable,
+    merge_in_claim_order,
+    row_claim_order,
+)
+from prorch.model.limit_rules import next_rotation
 from prorch.model.records import JSONDict
 from prorch.model.status import Status
 from prorch.storage.repository import ClaimsByRequest
@@ -130,38 +138,55 @@ class SQLClaims(ClaimsByRequest):
         )
 
     def _claim_limited(self, request: ClaimRequest) -> list[JSONDict]:
-        """The claim within the limits of pipeline names (``prorch.model.limit_rules``): the unlimited
-        names in one statement, then each limited name in a transaction of its own that holds
-        the name's lock while it counts and claims (``sql_limits.LimitedClaim``)."""
-        c = self.table.c
-        limit, limits, runnable, mark = request.limit, request.limits, request.runnable, request.mark
+        """The claim within the limits of pipeline names (``prorch.model.limit_rules``), in the
+        one claim order across limited and unlimited names, in one transaction: the first due
+        ones of the unlimited names (a walk of the claim index, up to the batch), then, under
+        its lock, what each limited name may take (``sql_limits.LimitedClaim.choose``) when its
+        first due one comes before the last of those; the first of them all in claim order
+        (``merge_in_claim_order``) are leased. O(batch x limited names), however long the
+        backlog: a limited class waits behind the unlimited ones only where the order says so."""
+        limit, limits, runnable = request.limit, request.limits, request.runnable
         params = self._claim_params(request)
-        due = self._due_query(runnable).where(c.name.not_in(bindparam("_limited", expanding=True)))
-        others = self._statement(claim_kind("claim_others", mark), runnable, lambda: (
-            update(self.table).where(c.uuid.in_(self.lockable(due).scalar_subquery()))
-            .values(self._lease_values(mark=mark)).returning(*self.table.columns)
+        free, limited = self._limited_statements(runnable, request.mark)
+        names = sorted(limits) if runnable is None else sorted({name for name, _ in runnable} & limits.keys())
+        rotation = next_rotation() if any(rule.fair is not None for rule in limits.values()) else 0
+        with self.backend.connect(write=True) as connection:
+            unlimited: list[Any] = []
+            if runnable is None or not {name for name, _ in runnable} <= limits.keys():
+                # (none when every class it runs is limited: the walk would read their due rows for nothing)
+                bound = {**params, "_limit": limit, "_limited": sorted(limits)}
+                unlimited = list(connection.execute(free, bound).mappings())
+            last = row_claim_order(unlimited[-1]) if len(unlimited) >= limit else None
+            sources: list[list[tuple[Any, str]]] = [[(row, row["uuid"]) for row in unlimited]]
+            for name in names:
+                if last is not None and not limited.due_before(connection, name, params, last):
+                    sources.append([])  # none of it due before the batch is full without it: no lock
+                    continue
+                self.backend.lock_name(connection, name)
+                sources.append(limited.choose(connection, name, limits, params, limit, rotation))
+            taken = merge_in_claim_order(sources, limit)
+            rows: list[Any] = []
+            for index, of in enumerate([None, *names]):
+                uuids = [uuid for source, uuid in taken if source == index]
+                if uuids:
+                    rows += limited.lease(connection, uuids, params, of, limits[of] if of else None)
+        place = {uuid: number for number, (_, uuid) in enumerate(taken)}
+        return [self._to_record(row) for row in sorted(rows, key=lambda row: place[row["uuid"]])]
+
+    def _limited_statements(self, runnable: Runnable | None, mark: bool) -> tuple[Any, LimitedClaim]:
+        """The limited claim's statements for these classes, built once: the walk of the
+        unlimited names' due pipelines (bound: _limited, the limited names) and ``LimitedClaim``."""
+        c = self.table.c
+        due = self._due_query(runnable).add_columns(c.priority, c.next_run_at)
+        free = self._statement(claim_kind("claim_free", mark), runnable, lambda: (
+            self.lockable(due.where(c.name.not_in(bindparam("_limited", expanding=True))))
         ))  # fmt: skip
         dialect = self.backend.engine.dialect.name
         limited = self._statement(claim_kind("limited", mark), runnable, lambda: LimitedClaim(
             self.table, dialect, self._due_query(runnable), self.lockable, self._lease_values(mark=mark),
             self.leases_in_table,
         ))  # fmt: skip
-        rows: list[Any] = []
-        if runnable is None or not {name for name, _ in runnable} <= limits.keys():
-            # (none when every class it runs is limited: the walk would read their due rows for nothing)
-            with self.backend.connect(write=True) as connection:
-                found = connection.execute(others, {**params, "_limit": limit, "_limited": sorted(limits)})
-                rows += found.mappings().all()
-        for name in sorted(limits):
-            if len(rows) >= limit:
-                break
-            with self.backend.connect(write=True) as connection:
-                self.backend.lock_name(connection, name)
-                rows += limited.claim(connection, name, limits, params, limit - len(rows))
-        records = [self._to_record(row) for row in rows]
-        if any(rule.fair is not None for rule in limits.values()):
-            return records  # a fair name's rows in the order of its turns, which a worker runs them in
-        return self._by_priority(records)
+        return free, limited
 
     @staticmethod
     def _claim_params(request: ClaimRequest) -> dict[str, Any]:

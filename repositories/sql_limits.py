@@ -1,9 +1,11 @@
 """The claim of one limited pipeline name as SQL (``max_running``, ``max_running_per_tenant``,
-``max_running_per_key``, ``rate_limit``, ``fair``: ``prorch.model.limit_rules``). It runs in a
-transaction that holds the name's lock (``SQLBackend.lock_name``: SQLite's write lock, a
-PostgreSQL advisory lock), so counting and claiming are one step for every worker: it counts the
-name's live leases (per group when it must) and its claims within the rate's period, leases only
-what the limits leave room for, and stores one start per claim of a rate-limited name. Per
+``max_running_per_key``, ``rate_limit``, ``fair``: ``prorch.model.limit_rules``). It runs in the
+claim's transaction, which holds the name's lock (``SQLBackend.lock_name``: SQLite's write lock,
+a PostgreSQL advisory lock) until it commits, so counting and claiming are one step for every
+worker: ``choose`` counts the name's live leases (per group when it must) and its claims within
+the rate's period and picks what the limits leave room for; the claim takes those that have a
+place in the one claim order (``repositories.sql_claim``), and ``lease`` leases them and stores
+one start per claim of a rate-limited name. Per
 tenant and per key are one path (a grouping each: the tenant in the context's JSON, the stored
 ``concurrency_key`` column), and so is a fair claim, which takes the groups' due pipelines in
 turns."""
@@ -66,8 +68,9 @@ class LimitedClaim:
         self.running, self.leased = live_lease_queries(table, by_lease_table=False)
         # PostgreSQL: from pipeline_leases once the name is ready there (repositories.postgresql_leases)
         self.running_by_table, self.leased_by_table = live_lease_queries(table, by_lease_table=True)
-        self.claim_some = (
-            update(table).where(c.uuid.in_(lockable(self.due).scalar_subquery()))
+        self.lockable = lockable
+        self.lease_chosen = (
+            update(table).where(c.uuid.in_(bindparam("_uuids", expanding=True)), *self._still_due())
             .values(lease_values).returning(*table.columns)
         )  # fmt: skip
         since = bindparam("_since", type_=starts.started_at.type)
@@ -77,12 +80,25 @@ class LimitedClaim:
         grouped = (c.name, c.context, c.concurrency_key, c.priority, c.next_run_at)
         self.heads = self.due.add_columns(*grouped)  # the first due ones of the name, in claim order
         self.group_heads = self.heads.where(c.concurrency_key == bindparam("_group"))  # of one key
+        # as a claim reads them: on PostgreSQL, locked, skipping those another claim holds
+        self.locked_heads, self.locked_group_heads = lockable(self.heads), lockable(self.group_heads)
         self.pending_groups = pending_keys(table)
 
-    def claim(
-        self, connection: Connection, name: str, limits: dict[str, ClaimLimit], params: dict[str, Any], most: int
-    ) -> list[Any]:
-        """Lease up to ``most`` due pipelines of ``name`` within its limits; the leased rows."""
+    def due_before(self, connection: Connection, name: str, params: dict[str, Any], last: tuple[Any, ...]) -> bool:
+        """Whether the name's first due pipeline comes before ``last`` in claim order: whether
+        it can have a place in a claim whose unlimited names fill the batch up to ``last``
+        (read without its lock: one step of its claim index)."""
+        first = connection.execute(self.heads, {**params, "_name": name, "_limit": 1}).mappings().first()
+        return first is not None and row_claim_order(first) < last
+
+    def choose(
+        self, connection: Connection, name: str, limits: dict[str, ClaimLimit], params: dict[str, Any], most: int,
+        rotation: int = 0,
+    ) -> list[tuple[Any, str]]:  # fmt: skip
+        """Up to ``most`` due pipelines of ``name`` that its limits let a claim take now, as
+        (row, uuid) in the order it takes them (claim order; a fair name's turns, from the
+        claim's ``rotation``), not leased yet: the caller holds the name's lock until it has
+        leased those it keeps (``lease``)."""
         limit = limits[name]
         tally = Tally(limits)
         bound = {"_name": name, "_now": params["_now"]}
@@ -99,66 +115,76 @@ class LimitedClaim:
         room = most if room is None else min(room, most)
         if room <= 0:
             return []
-        rows = self._claim_within(connection, name, tally, params, room)
-        if limit.rate is not None and rows:
+        return self._choose_within(connection, name, tally, params, room, rotation)
+
+    def lease(
+        self, connection: Connection, uuids: list[str], params: dict[str, Any],
+        name: str | None = None, limit: ClaimLimit | None = None,
+    ) -> list[Any]:  # fmt: skip
+        """Lease the chosen pipelines that are still due (another process's ``claim_one`` may
+        have taken one since), of the limited ``name`` with ``limit`` (or of unlimited names),
+        and store one start per claim of a rate-limited name; their rows as leased, in the
+        order chosen (RETURNING gives no order of its own)."""
+        rows = list(connection.execute(self.lease_chosen, {**params, "_uuids": uuids}).mappings())
+        if limit is not None and limit.rate is not None and rows:
             connection.execute(
                 self.record, [{"name": name, "started_at": params["_now"], "pipeline_uuid": r["uuid"]} for r in rows]
             )
-        return rows
+        place = {uuid: index for index, uuid in enumerate(uuids)}
+        return sorted(rows, key=lambda row: place[row["uuid"]])
 
-    def _claim_within(
-        self, connection: Connection, name: str, tally: Tally, params: dict[str, Any], room: int
-    ) -> list[Any]:
+    def _choose_within(
+        self, connection: Connection, name: str, tally: Tally, params: dict[str, Any], room: int, rotation: int
+    ) -> list[tuple[Any, str]]:
         """Up to ``room`` of the name's due pipelines within its per-group limits and turns."""
         limit = tally.limits[name]
         rows = None
         if limit.fair is not None:
-            rows = self._claim_by_keys(connection, name, tally, params, room, ALL_KEYS)
+            rows = self._choose_by_keys(connection, name, tally, params, (room, ALL_KEYS, rotation))
         elif limit.per_key is not None and limit.per_tenant is None:
-            rows = self._claim_by_keys(connection, name, tally, params, room, FEW_KEYS)
+            rows = self._choose_by_keys(connection, name, tally, params, (room, FEW_KEYS, rotation))
         if rows is not None:
             return rows
         if limit.groupings():
-            return self._claim_by_group(connection, name, tally, params, room)
-        return list(connection.execute(self.claim_some, {**params, "_name": name, "_limit": room}).mappings())
+            return self._choose_by_group(connection, name, tally, params, room)
+        found = connection.execute(self.locked_heads, {**params, "_name": name, "_limit": room}).mappings()
+        return [(row, row["uuid"]) for row in found]
 
-    def _claim_by_group(
+    def _choose_by_group(
         self, connection: Connection, name: str, tally: Tally, params: dict[str, Any], room: int
-    ) -> list[Any]:
+    ) -> list[tuple[Any, str]]:
         """Candidates of the groups (tenants, keys) not yet full, a window at a time: each window
         fills at least one more group, or the room, or is the last one, so a group with many
-        due pipelines never hides the others behind it."""
+        due pipelines never hides the others behind it. A window leaves out the ones chosen
+        before it (nothing is leased until the claim has chosen)."""
         limit = tally.limits[name]
-        rows: list[Any] = []
+        chosen: list[tuple[Any, str]] = []
         while room > 0:
             full = [self._not_in(by, group) for by, _ in limit.groupings() for group in tally.full_groups(name, by)]
-            window = self.due.add_columns(*self._grouped).where(*full)
-            requested = room
-            found = connection.execute(window, {**params, "_name": name, "_limit": requested}).all()
-            chosen = within_limits([(row._mapping, row.uuid) for row in found], tally, requested)
-            if chosen:
-                rows += self._lease(connection, chosen, params)
-            room -= len(chosen)
-            if len(found) < requested or not chosen:
+            window = self.lockable(
+                self.heads.where(*full, self.table.c.uuid.not_in(bindparam("_chosen", expanding=True)))
+            )
+            bound = {**params, "_name": name, "_limit": room, "_chosen": [uuid for _, uuid in chosen]}
+            found = connection.execute(window, bound).mappings().all()
+            more = within_limits([(row, (row, row["uuid"])) for row in found], tally, room)
+            chosen += more
+            if len(found) < room or not more:
                 break  # the last window: no more candidates
-        return rows
+            room -= len(more)
+        return chosen
 
-    @property
-    def _grouped(self) -> tuple[ColumnElement[Any], ...]:
-        """What ``within_limits`` reads of a candidate: its name and groups."""
-        c = self.table.c
-        return (c.name, c.context, c.concurrency_key)
-
-    def _claim_by_keys(
-        self, connection: Connection, name: str, tally: Tally, params: dict[str, Any], room: int, most_keys: int
-    ) -> list[Any] | None:
+    def _choose_by_keys(
+        self, connection: Connection, name: str, tally: Tally, params: dict[str, Any], bounds: tuple[int, int, int]
+    ) -> list[tuple[Any, str]] | None:
         """The name's due pipelines read key by key: the keys with pending pipelines (a skip
         over the keyed index, one step per key), the first due ones of each key not yet full in
         claim order, as many as it may take (its room under ``max_running_per_key``, and for a
         fair name its share of the room and one more), and the first due ones of the name (those
         stored without a key among them); then ``fair_order`` (a fair name: keys in turn) and
         ``within_limits`` as every backend. O(keys x room), however long one key's backlog;
-        None when more than ``most_keys`` keys have pending pipelines (the caller walks)."""
+        None when more than ``most_keys`` keys have pending pipelines (the caller walks).
+        ``bounds``: (room, most_keys, the claim's rotation of turns)."""
+        room, most_keys, rotation = bounds
         limit = tally.limits[name]
         full = set(tally.full_groups(name, KEY))
         found_keys = connection.execute(self.pending_groups, {"_name": name, "_keys": most_keys + 1}).scalars().all()
@@ -166,23 +192,14 @@ class LimitedClaim:
             return None
         keys = [key for key in found_keys if key not in full]
         bound = {**params, "_name": name}
-        found = {row.uuid: row for row in connection.execute(self.heads, {**bound, "_limit": room})}
+        heads = connection.execute(self.locked_heads, {**bound, "_limit": room}).mappings()
+        found = {row["uuid"]: row for row in heads}
         for key in keys:
             share = self._share(limit, tally, name, key, keys, room)
-            heads = connection.execute(self.group_heads, {**bound, "_group": key, "_limit": share})
-            found.update((row.uuid, row) for row in heads)
-        due = sorted(found.values(), key=lambda row: row_claim_order(dict(row._mapping)))
-        chosen = within_limits(fair_order([(row._mapping, row.uuid) for row in due], tally.limits), tally, room)
-        return self._lease(connection, chosen, params) if chosen else []
-
-    def _lease(self, connection: Connection, uuids: list[str], params: dict[str, Any]) -> list[Any]:
-        """Lease the chosen pipelines that are still due; their rows as leased, in the order
-        chosen (a fair claim's turns: RETURNING gives no order of its own)."""
-        c = self.table.c
-        lease = update(self.table).where(c.uuid.in_(uuids), *self._still_due()).values(self.lease_values)
-        rows = list(connection.execute(lease.returning(*self.table.columns), params).mappings())
-        place = {uuid: index for index, uuid in enumerate(uuids)}
-        return sorted(rows, key=lambda row: place[row["uuid"]])
+            of_key = connection.execute(self.locked_group_heads, {**bound, "_group": key, "_limit": share}).mappings()
+            found.update((row["uuid"], row) for row in of_key)
+        due = [(row, (row, row["uuid"])) for row in sorted(found.values(), key=row_claim_order)]
+        return within_limits(fair_order(due, {name: limit}, rotation), tally, room)
 
     @staticmethod
     def _share(limit: ClaimLimit, tally: Tally, name: str, key: str, keys: list[str], room: int) -> int:

@@ -8,7 +8,7 @@ stored records (``format_timestamp``), which sort as the moments they name."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol, TypeAlias, TypeVar
@@ -75,7 +75,7 @@ Python (the engine's fallback, memory, TinyDB, a SQL claim's result), ``reposito
 builds its ORDER BY from it. A descending field is an int; a missing one is 0 or ``""``."""
 
 
-def row_claim_order(row: Mapping[str, Any]) -> tuple[Any, ...]:
+def row_claim_order(row: Mapping[Any, Any]) -> tuple[Any, ...]:
     """Sort key of a due pipeline row (``CLAIM_ORDER``; timestamps as ISO strings)."""
     return tuple(-(row.get(field) or 0) if descending else row.get(field) or "" for field, descending in CLAIM_ORDER)
 
@@ -83,6 +83,22 @@ def row_claim_order(row: Mapping[str, Any]) -> tuple[Any, ...]:
 def claim_order(priority: int, next_run_at: str | None) -> tuple[Any, ...]:
     """``row_claim_order`` of a pipeline with this priority and next run."""
     return row_claim_order({"priority": priority, "next_run_at": next_run_at})
+
+
+KeptT = TypeVar("KeptT")
+
+
+def merge_in_claim_order(
+    sources: Sequence[Sequence[tuple[Mapping[Any, Any], KeptT]]], limit: int
+) -> list[tuple[int, KeptT]]:
+    """The first ``limit`` due pipelines of several lists in claim order, as (list index, what the
+    list keeps): how one claim takes unlimited and limited classes in the one order when each
+    list was chosen apart (the unlimited ones; each limited name within its limits). A list
+    keeps its own order (a fair name's turns) in the places its rows' claim order gives it;
+    ties go to the earlier list."""
+    places = sorted((row_claim_order(row), index) for index, source in enumerate(sources) for row, _ in source)
+    pending = [iter(source) for source in sources]
+    return [(index, next(pending[index])[1]) for _, index in places[:limit]]
 
 
 def claimable_by(row: Mapping[str, Any], owner: str, now: str) -> bool:

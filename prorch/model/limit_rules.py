@@ -323,6 +323,13 @@ _ROTATIONS = itertools.count()
 """Claims of this process that took turns: which group goes first rotates from one to the next."""
 
 
+def next_rotation() -> int:
+    """This process's next claim's rotation (``fair_order``'s ``start``), for a claim that orders
+    several lists in turns: all take the one rotation, or two lists a claim would advance it by
+    two and each fair name's turns would start with the same group at every claim."""
+    return next(_ROTATIONS)
+
+
 def fair_order(
     due: Sequence[tuple[Row, KeptT]], limits: Mapping[str, ClaimLimit], start: int | None = None
 ) -> list[tuple[Row, KeptT]]:

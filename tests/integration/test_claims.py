@@ -5,9 +5,11 @@ plain and limited. The mutation run of the SQL claim runs this file (docs/mutati
 
 from __future__ import annotations
 
+import itertools
 import os
 import sqlite3
 import threading
+import time
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
@@ -160,6 +162,22 @@ def test_a_fair_claim_steps_over_the_keys_and_walks_each_key_in_claim_order(sql:
     assert sum("ix_pipelines_concurrency_key" in plan for plan in plans.plans) == 3, plans.plans
 
 
+def test_a_fair_name_s_groups_take_turns_beside_another_limited_name(sql: Any) -> None:
+    """Claims of one take a fair name's groups in turn, also beside another limited name: each
+    limited name's choice ordered its candidates for turns, and each advanced the process's
+    rotation, so with two names a claim advanced it by two and the fair name began with the
+    same group at every claim (a worker of one slot ran one tenant's whole backlog first; seen
+    in test_key_limit_workers once every limited name was chosen in each claim)."""
+    fill(sql, [row("F", minutes=-60 + i, concurrency_key='"big"') for i in range(3)])
+    fill(sql, [row("F", minutes=-30 + i, concurrency_key='"small"') for i in range(3)])
+    limits = {"A": ClaimLimit(per_key=1), "F": ClaimLimit(fair=Fairness())}  # no A due: it only counts
+    store, runnable = Store(sql), frozenset({("A", 1), ("F", 1)})
+    groups = [
+        p.concurrency_key for n in range(4) for p in store.claim(ClaimRequest(NOW, f"w{n}", UNTIL, 1, limits, runnable))
+    ]
+    assert len(groups) == 4 and all(a != b for a, b in itertools.pairwise(groups)), groups
+
+
 def test_a_per_key_claim_reads_key_by_key_past_a_full_key_s_backlog(sql: Any) -> None:
     """``max_running_per_key`` with one key full and 1,500 due ahead of another key's three: the
     claim reads the few keys and each key's first due ones not the full key's backlog (the walk
@@ -202,9 +220,9 @@ def ordered(backend: Any) -> list[str]:
 
 @pytest.mark.parametrize("limits", list(CLAIMS.values()), ids=list(CLAIMS))
 def test_a_batch_takes_the_first_due_in_claim_order(sql: Any, limits: dict[str, ClaimLimit]) -> None:
-    """Batches smaller than the backlog: a plain one takes the next ones by priority, then the
-    longest due; a limited one (the unlimited names first, then each limited name) keeps that
-    order within each name; both step over the future, leased, ended and not-runnable rows."""
+    """Batches smaller than the backlog take the next ones by priority, then the longest due,
+    plain or limited (limits with room to spare: the one order across the names, not the
+    unlimited names first); both step over the future, leased, ended and not-runnable rows."""
     expected = ordered(sql)
     names = dict(zip(expected, [name for name, _, _ in ORDERED], strict=True))
     store = Store(sql)
@@ -214,24 +232,26 @@ def test_a_batch_takes_the_first_due_in_claim_order(sql: Any, limits: dict[str, 
         assert len(batch) == min(size, len(expected) - len(taken))
         assert all(p.lease_owner == owner and p.lease_expires_at == UNTIL and p.claims == 1 for p in batch)
         taken += [p.uuid for p in batch]
-    if not limits:
-        assert taken == expected
+    assert taken == expected
     for name in NAMES:
         assert [u for u in taken if names[u] == name] == [u for u in expected if names[u] == name]
     assert store.claim(ClaimRequest(NOW, "w4", UNTIL, 10, limits, RUNNABLE)) == []
 
 
 def test_a_limited_name_keeps_its_limit_beside_the_unlimited_ones(sql: Any) -> None:
-    """``max_running`` 2 on A, which has one live lease: the unlimited names fill the first
-    batch, in claim order; the next takes one A, the oldest of the highest priority; then none."""
+    """``max_running`` 2 on A, which has one live lease: a batch of 4 takes, in claim order, the
+    oldest A of the highest priority (A's room of one) and the first three of the unlimited
+    names, stepping over the other As; the next takes the last unlimited one; then none. (The
+    claim took every unlimited name first: the first batch had no A, though A came first.)"""
     expected = ordered(sql)
     names = dict(zip(expected, [name for name, _, _ in ORDERED], strict=True))
     store = Store(sql)
     limits = {"A": ClaimLimit(max_running=2)}
     first = store.claim(ClaimRequest(NOW, "w1", UNTIL, 4, limits, RUNNABLE))
-    assert [p.uuid for p in first] == [u for u in expected if names[u] != "A"]
+    unlimited = [u for u in expected if names[u] != "A"]
+    assert [p.uuid for p in first] == [expected[0], *unlimited[:3]]
     second = store.claim(ClaimRequest(NOW, "w2", UNTIL, 100, limits, RUNNABLE))
-    assert [p.uuid for p in second] == [expected[0]]
+    assert [p.uuid for p in second] == unlimited[3:]
     assert store.claim(ClaimRequest(NOW, "w3", UNTIL, 100, limits, RUNNABLE)) == []
 
 
@@ -652,13 +672,56 @@ def test_a_lease_written_while_its_name_is_entered_is_counted(sql: Any) -> None:
     assert lease_rows(sql) == {rows[0]["uuid"], rows[1]["uuid"]}
 
 
+def test_the_entry_of_a_name_holds_no_writer_back(sql: Any) -> None:
+    """#28: a name's first limited claim copies its stored leases once the writers in flight at
+    its entry have ended. It took ``LOCK TABLE pipelines IN SHARE MODE`` for that, which queued
+    every later writer of pipelines behind it until they had (up to its 2 s lock timeout, once
+    per name): here a writer of another pipeline, allowed to wait 1 s, gave up. Now the entry
+    waits for those writers by their locks, and takes none: the other writer goes through at
+    once while the claim still waits, and the lease in flight is counted."""
+    if sql.engine.dialect.name != "postgresql":
+        pytest.skip("SQLite counts the leases on the pipelines table")
+    rows = [row("A", minutes=-9 + i) for i in range(4)]
+    other = row("Z", minutes=-9)  # of a class the claim does not run: not among the rows it locks
+    fill(sql, [*rows, other])
+    in_flight = sql.engine.connect()
+    in_flight.execute(
+        update(pipelines).where(pipelines.c.uuid == rows[0]["uuid"]).values(lease_owner="older", lease_expires_at=UNTIL)
+    )  # A not entered yet: its trigger wrote nothing
+    found: list[list[str]] = []
+    claimer = threading.Thread(
+        target=lambda: found.append(claim(Store(sql), "w", 10, {"A": ClaimLimit(max_running=2)}))
+    )
+    claimer.start()
+    try:
+        waiting = time.monotonic() + 10
+        while not postgresql_listed(sql) and time.monotonic() < waiting:
+            time.sleep(0.01)  # entered: the copy now waits for the writer in flight
+        with sql.engine.connect() as writer:
+            writer.execute(text("SET LOCAL lock_timeout = '1s'"))
+            writer.execute(update(pipelines).where(pipelines.c.uuid == other["uuid"]).values(priority=3))
+            writer.commit()
+        assert claimer.is_alive()  # the copy still waits for the writer in flight
+    finally:
+        in_flight.commit()
+        in_flight.close()
+        claimer.join(10)
+    assert found == [[rows[1]["uuid"]]]  # the lease in flight counted, and one more
+    assert lease_rows(sql) == {rows[0]["uuid"], rows[1]["uuid"]}
+
+
+def postgresql_listed(backend: Any) -> set[str]:
+    with backend.engine.connect() as connection:
+        return set(connection.exec_driver_sql("SELECT name FROM pipeline_limited_names").scalars())
+
+
 def test_a_name_not_entered_in_time_is_counted_from_the_pipelines(sql: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    """PostgreSQL (0023): while a writer keeps the pipelines table past the lock timeout, the
+    """PostgreSQL (0023): while a writer keeps the pipelines table past ``ENTRY_WAIT``, the
     name's first limited claim cannot copy its leases and counts them from the pipelines, which
     is as right; a later claim (past the pause between tries, none here) enters it."""
     if sql.engine.dialect.name != "postgresql":
         pytest.skip("SQLite counts the leases on the pipelines table")
-    monkeypatch.setattr(postgresql_leases, "LOCK_TIMEOUT", "100ms")
+    monkeypatch.setattr(postgresql_leases, "ENTRY_WAIT", 0.1)
     monkeypatch.setattr(postgresql, "ENTRY_RETRY_FIRST", 0.0)
     rows = [row("A", minutes=-9 + i, lease_owner="x", lease_expires_at=UNTIL) for i in range(2)]
     other = row("B", minutes=-9)
@@ -678,12 +741,12 @@ def test_a_name_not_entered_in_time_is_not_tried_again_at_every_claim(
     sql: Any, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Regression (review of 0023): while a transaction keeps the pipelines table (a long
-    import, a session left idle in its transaction), each try to enter a name queues a SHARE
-    lock that holds every writer of pipelines back for the lock timeout. Claims come every few
-    milliseconds; they must not try again each time, or every writer waits nearly all along."""
+    import, a session left idle in its transaction), each try to enter a name waits for it
+    (0023 queued a SHARE lock that held every writer of pipelines back meanwhile). Claims come
+    every few milliseconds; they must not try again each time, or every claim waits."""
     if sql.engine.dialect.name != "postgresql":
         pytest.skip("SQLite counts the leases on the pipelines table")
-    monkeypatch.setattr(postgresql_leases, "LOCK_TIMEOUT", "100ms")
+    monkeypatch.setattr(postgresql_leases, "ENTRY_WAIT", 0.1)
     other = row("B", minutes=-9)
     fill(sql, [*[row("A", minutes=-5 + i) for i in range(4)], other])
     store, limits, runnable = Store(sql), {"A": ClaimLimit(max_running=1)}, frozenset({("A", 1)})

@@ -28,7 +28,7 @@ from prorch import (
 )
 from prorch.engine.passes import marked_by
 from prorch.model.due import ClaimRequest
-from prorch.model.limit_rules import ClaimLimit
+from prorch.model.limit_rules import ClaimLimit, Fairness, RateLimit
 from prorch.model.records import ErrorInfo, new_uuid
 from prorch.model.registry import Registry
 from prorch.model.workers import WorkerRow
@@ -296,6 +296,55 @@ def test_every_backend_claims_in_the_one_order(backend: Any, how: str) -> None:
     assert [uuids[record.uuid] for record in found] == list(MIXED)
     if how == "due":  # a limit takes the first ones
         assert [uuids[record.uuid] for record in store.due(NOW, 3)] == list(MIXED)[:3]
+
+
+ACROSS = {  # label: (class, priority, minutes overdue), in claim order; Limited runs at most 2
+    "limited-urgent": ("Limited", 9, 1),
+    "free-urgent": ("Free", 5, 1),
+    "limited-oldest": ("Limited", 0, 120),
+    "free-older": ("Free", 0, 100),
+    "limited-old": ("Limited", 0, 60),  # its limit is full by now: left for a later claim
+    "free-new": ("Free", 0, 2),
+    "free-low": ("Free", -3, 200),
+}
+SAVED = ["free-new", "limited-old", "free-low", "limited-urgent", "free-older", "limited-oldest", "free-urgent"]
+HELD = ["limited-urgent", "free-urgent", "limited-oldest", "free-older", "free-new", "free-low"]
+ACROSS_LIMITS = {
+    "max_running": ClaimLimit(max_running=2),
+    "per_tenant": ClaimLimit(per_tenant=2),
+    "per_key": ClaimLimit(per_key=2),
+    "rate": ClaimLimit(rate=RateLimit(2, 60)),
+    "fair": ClaimLimit(max_running=2, fair=Fairness()),
+}
+
+
+@pytest.mark.parametrize("size", [1, 3])
+@pytest.mark.parametrize("kind", list(ACROSS_LIMITS))
+def test_limited_and_unlimited_classes_are_claimed_in_the_one_order(backend: Any, kind: str, size: int) -> None:
+    """A limited class with room is claimed in its place in the claim order, not after all the
+    due work of unlimited classes: claims of one (or three) take the limited pipeline of
+    priority 9 first, and the oldest one while it has room left, before a younger unlimited
+    one (the SQL claim took every unlimited name first: a limited class waited behind them)."""
+    repo = backend("PIPELINE")
+    uuids = {}
+    for label in SAVED:
+        name, priority, overdue = ACROSS[label]
+        due = (NOW - timedelta(minutes=overdue)).isoformat()
+        row = pipeline_row(name=name, priority=priority, next_run_at=due, concurrency_key='"k"')
+        repo.save(row)
+        uuids[row["uuid"]] = label
+    store, limits = Store(backend), {"Limited": ACROSS_LIMITS[kind]}
+    until = NOW + timedelta(seconds=60)
+    if not isinstance(repo, SupportsClaim):  # no leases: every pass starts from nothing held
+        assert [uuids[p.uuid] for p in store.claim_due(NOW, "w", until, 100, limits)] == HELD
+        return
+    require(repo, SupportsLimitedClaim)  # a user's claim without limits: they are not enforced (warned)
+    taken = []
+    for number in range(len(ACROSS)):
+        found = store.claim_due(NOW, f"w{number}", until, size, limits)
+        assert len(found) <= size
+        taken += [uuids[p.uuid] for p in found]
+    assert taken == HELD
 
 
 def test_claim_one_respects_a_live_lease(backend: Any) -> None:
