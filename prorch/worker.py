@@ -130,7 +130,7 @@ class Worker:
         self.next_claim = 0.0  # time.monotonic() of the next claim when the last one came back short
         # while slow hooks run, a claim (a commit) runs in a thread of its own: the loop goes on
         self.claimer = ThreadPoolExecutor(1, thread_name_prefix="prorch-claim") if host.concurrency > 1 else None
-        self.claiming: Future[tuple[list[PipelineRecord], list[float]]] | None = None
+        self.claiming: Future[passes.Claimed] | None = None
         self.claiming_args: tuple[float, int, bool] = (0.0, 0, False)  # its since, limit and mark
         self.summary = PassSummary()
         self.lags: list[float] = []
@@ -258,11 +258,11 @@ class Worker:
             # Slow hooks run: the claim (a commit, an fsync) goes to a thread of its own, and the
             # loop meanwhile stores and starts the hooks that return. Nothing else joins what
             # this worker holds until it is back (``_claimable``), so ``limit`` stays its bound.
-            self.claiming = self.claimer.submit(passes.claim, host, limit, mark=mark)
+            self.claiming = self.claimer.submit(passes.claim_and_read, host, limit, mark=mark)
             self.claiming_args = (since, limit, mark)
             slots.wake_on(self.claiming)
             return
-        self._take(slots, since, limit, mark, lambda: passes.claim(host, limit, mark=mark))
+        self._take(slots, since, limit, mark, lambda: (*passes.claim(host, limit, mark=mark), None))
 
     def _claimed(self, slots: Slots[str, Result]) -> None:
         """The claim in its thread is back (or nothing else runs: wait for it): take what it leased."""
@@ -276,19 +276,19 @@ class Worker:
         since: float,
         limit: int,
         mark: bool,
-        claimed_by: Callable[[], tuple[list[PipelineRecord], list[float]]],
+        claimed_by: Callable[[], passes.Claimed],
     ) -> None:
         """Hold and queue what ``claimed_by`` leased (the claim, run now or back from its thread)."""
         host, keeper = self.host, self.keeper
         fresh: list[PipelineRecord] = []
         try:
-            claimed, lags = claimed_by()
+            claimed, lags, steps = claimed_by()
             marked = passes.marked_by(claimed, host.claimed_at) if mark else frozenset()
             busy = self._busy()
             again = [pipeline for pipeline in claimed if pipeline.uuid in busy]
             fresh = [pipeline for pipeline in claimed if pipeline.uuid not in busy]
             keeper.hold(fresh, since)
-            writings = passes.advancings(host, fresh, keeper, marked)
+            writings = passes.advancings(host, fresh, keeper, marked, steps)
         except RepositoryError as exc:  # the store is down: back off from claiming (logged once)
             for pipeline in fresh:  # their steps were not read: their leases are given back once the store is
                 if isinstance(exc, StoreUnreachableError):
