@@ -16,10 +16,10 @@ once ``group`` are waiting, or once nothing more can start (no slot free, or not
 in one: ``step``'s ``more``) and, while hooks are ``quick``, either no hook is running or none
 returned within ``window`` seconds; while they are slow, at once. With hook threads, a commit
 thread stores the group while the loop goes on: one group at a time while hooks are quick (the
-next fills meanwhile), up to the store's ``commits_at_once`` while they are slow (PostgreSQL: 2,
-whose fsyncs overlap; each returned hook's transition then waits for no other group's). A pipeline started
-``alone`` (a crash suspect) runs only while no other does, one commit per transition, each hook
-marked on its own.
+next fills meanwhile), up to the store's ``commits_at_once`` while they are slow (PostgreSQL:
+2, whose fsyncs overlap; a returned hook's transition then waits for no other group's). A
+pipeline started ``alone`` (a crash suspect) runs only while no other does, one commit per
+transition, each hook marked on its own.
 
 Runs: while hooks are quick, a free thread is handed its share of the ready writings at once
 (``_Run``), one hand-off for them all; a hook of a run that takes ``window`` or longer makes
