@@ -6,11 +6,11 @@ has room for (``Slots.room``: the slots, and while hooks are quick, a group comm
 pipelines between two hooks), plus at most ``prefetch`` pipelines waiting for a slot (their
 leases renewed by the lease keeper like the others), so it never holds many pipelines it is
 not running. When it groups, its claim stores the claimed pipelines' hook marks too
-(``ClaimRequest.mark``). While slow hooks run, a claim runs in a thread of its own (one at a
-time), so that the hooks returning meanwhile are stored and restarted without waiting for the
-claim's commit. The poll interval is only how often it looks for new due work when the
-last claim found less than it asked for, and how often the extensions' pass hooks run
-(schedules, retention, metrics).
+(``ClaimRequest.mark``). While hooks run, a claim (and the read of its pipelines' steps) runs
+in a thread of its own, one at a time, so that the hooks returning meanwhile are stored and
+restarted without waiting for the claim's commit; an idle worker claims in its loop. The poll
+interval is only how often it looks for new due work when the last claim found less than it
+asked for, and how often the extensions' pass hooks run (schedules, retention, metrics).
 
 A pipeline is in progress once at most. Its advance's last write releases its lease, and the advance
 ends a moment later; a claim in between may lease it again (a retry due at once): that claim
@@ -130,7 +130,7 @@ class Worker:
         self.next_claim = 0.0  # time.monotonic() of the next claim when the last one came back short
         # while slow hooks run, a claim (a commit) runs in a thread of its own: the loop goes on
         self.claimer = ThreadPoolExecutor(1, thread_name_prefix="prorch-claim") if host.concurrency > 1 else None
-        self.claiming: Future[tuple[list[PipelineRecord], list[float]]] | None = None
+        self.claiming: Future[passes.Claimed] | None = None
         self.claiming_args: tuple[float, int, bool] = (0.0, 0, False)  # its since, limit and mark
         self.summary = PassSummary()
         self.lags: list[float] = []
@@ -254,15 +254,17 @@ class Worker:
             return
         since = time.monotonic()  # before the lease's time is read: see LeaseKeeper
         mark = slots.grouped  # grouped, the claim stores the hook marks too (shared, as the group's would be)
-        if self.claimer is not None and slots.active and not slots.quick:
-            # Slow hooks run: the claim (a commit, an fsync) goes to a thread of its own, and the
-            # loop meanwhile stores and starts the hooks that return. Nothing else joins what
-            # this worker holds until it is back (``_claimable``), so ``limit`` stays its bound.
-            self.claiming = self.claimer.submit(passes.claim, host, limit, mark=mark)
+        if self.claimer is not None and slots.active:
+            # Hooks run: the claim (a commit, an fsync) goes to a thread of its own, and the loop
+            # meanwhile stores and starts the hooks that return (quick hooks' too: at 200 creates
+            # a second on PostgreSQL the loop spent a quarter of its time in claims). Nothing else
+            # joins what this worker holds until it is back (``_claimable``), so ``limit`` stays
+            # its bound.
+            self.claiming = self.claimer.submit(passes.claim_and_read, host, limit, mark=mark)
             self.claiming_args = (since, limit, mark)
             slots.wake_on(self.claiming)
             return
-        self._take(slots, since, limit, mark, lambda: passes.claim(host, limit, mark=mark))
+        self._take(slots, since, limit, mark, lambda: (*passes.claim(host, limit, mark=mark), None))
 
     def _claimed(self, slots: Slots[str, Result]) -> None:
         """The claim in its thread is back (or nothing else runs: wait for it): take what it leased."""
@@ -276,19 +278,19 @@ class Worker:
         since: float,
         limit: int,
         mark: bool,
-        claimed_by: Callable[[], tuple[list[PipelineRecord], list[float]]],
+        claimed_by: Callable[[], passes.Claimed],
     ) -> None:
         """Hold and queue what ``claimed_by`` leased (the claim, run now or back from its thread)."""
         host, keeper = self.host, self.keeper
         fresh: list[PipelineRecord] = []
         try:
-            claimed, lags = claimed_by()
+            claimed, lags, steps = claimed_by()
             marked = passes.marked_by(claimed, host.claimed_at) if mark else frozenset()
             busy = self._busy()
             again = [pipeline for pipeline in claimed if pipeline.uuid in busy]
             fresh = [pipeline for pipeline in claimed if pipeline.uuid not in busy]
             keeper.hold(fresh, since)
-            writings = passes.advancings(host, fresh, keeper, marked)
+            writings = passes.advancings(host, fresh, keeper, marked, steps)
         except RepositoryError as exc:  # the store is down: back off from claiming (logged once)
             for pipeline in fresh:  # their steps were not read: their leases are given back once the store is
                 if isinstance(exc, StoreUnreachableError):

@@ -68,6 +68,7 @@ class PostgreSQLBackend(SQLBackend):
     run in autocommit: one round trip each instead of three (BEGIN, the read, COMMIT)."""
 
     reads_in_transaction = False
+    commits_at_once = 2  # the server flushes concurrent commits' WAL together: two overlap their fsyncs
     _channel: str | None = None
 
     def _create_engine(self, url: URL, options: dict[str, Any]) -> Engine:

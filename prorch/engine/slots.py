@@ -15,9 +15,11 @@ all-or-nothing on its own, with shared hook marks as in rounds (see ``prorch.eng
 once ``group`` are waiting, or once nothing more can start (no slot free, or nothing to start
 in one: ``step``'s ``more``) and, while hooks are ``quick``, either no hook is running or none
 returned within ``window`` seconds; while they are slow, at once. With hook threads, a commit
-thread stores the group while the loop goes on (one group at a time). A pipeline started
-``alone`` (a crash suspect) runs only while no other does, one commit per transition, each hook
-marked on its own.
+thread stores the group while the loop goes on: one group at a time while hooks are quick (the
+next fills meanwhile), up to the store's ``commits_at_once`` while they are slow (PostgreSQL:
+2, whose fsyncs overlap; a returned hook's transition then waits for no other group's). A
+pipeline started ``alone`` (a crash suspect) runs only while no other does, one commit per
+transition, each hook marked on its own.
 
 Runs: while hooks are quick, a free thread is handed its share of the ready writings at once
 (``_Run``), one hand-off for them all; a hook of a run that takes ``window`` or longer makes
@@ -72,10 +74,11 @@ class Slots(Generic[K, T]):
         self._running: dict[Future[None], _Run[K, T]] = {}  # a pool thread's run, by its future
         self._in_runs = 0  # writings handed to the running runs and not taken back yet
         self._done: queue.SimpleQueue[Future[Any]] = queue.SimpleQueue()  # the runs (and commits) that ended
-        # with hook threads, a group is stored by a thread of its own while the next one fills
-        self._committer = ThreadPoolExecutor(1, thread_name_prefix="prorch-commit") if self._pool else None
-        self._committing: Future[list[Exception | None]] | None = None
-        self._committing_keys: list[K] = []
+        # with hook threads, a group is stored by a commit thread while the next one fills; while
+        # hooks are slow, up to ``store.commits_at_once`` groups at once (their fsyncs overlap)
+        self.commits = store.commits_at_once if self._pool else 1
+        self._committer = ThreadPoolExecutor(self.commits, thread_name_prefix="prorch-commit") if self._pool else None
+        self._committing: dict[Future[list[Exception | None]], list[K]] = {}  # the groups in flight: their keys
         self._queue: list[tuple[K, Write]] = []
         self._others: set[Future[Any]] = set()  # the caller's work beside the slots (``wake_on``)
 
@@ -153,7 +156,7 @@ class Slots(Generic[K, T]):
         ended: list[tuple[K, T]] = []
         self._launch(ended)
         idle = False  # a wait of ``window`` saw no hook return
-        if self._running or self._committing is not None or self._others:
+        if self._running or self._committing or self._others:
             if self._startable(more):
                 timeout = 0.0  # a slot is free for the caller's next pipeline: no wait
             elif self._queue:
@@ -161,8 +164,8 @@ class Slots(Generic[K, T]):
             done = self._ended(min(timeout, self._overdue_in()))
             idle = not done
             for future in done:
-                if future is self._committing:
-                    self._stored(future.result())
+                if future in self._committing:
+                    self._stored(future)
                     continue
                 if future in self._others:  # the caller reads its result
                     self._others.discard(future)
@@ -170,7 +173,7 @@ class Slots(Generic[K, T]):
                 future.result()  # a run catches its writings' errors: what is raised here stops the worker
                 self._collect(self._running.pop(future), ended, rest=True)
             self._take_back_overdue(ended)
-        if self._queue and self._committing is None and self._group_due(more, idle):
+        if self._queue and len(self._committing) < self._commits_now() and self._group_due(more, idle):
             self._store()
         return ended
 
@@ -301,19 +304,25 @@ class Slots(Generic[K, T]):
         if self.grouped and not self._alone:
             writes = [_shared(write) for _, write in queue]
             if self._committer is not None:  # the loop goes on meanwhile: the next group fills
-                self._committing_keys = [key for key, _ in queue]
-                self._committing = self._committer.submit(self._commit_many, writes)
-                self._committing.add_done_callback(self._done.put)
+                committing = self._committer.submit(self._commit_many, writes)
+                self._committing[committing] = [key for key, _ in queue]
+                committing.add_done_callback(self._done.put)
                 return
             stored = self._commit_many(writes)
         else:
             stored = [self._commit_one(write) for _, write in queue]
         self._ready.extend((key, outcome) for (key, _), outcome in zip(queue, stored, strict=True))
 
-    def _stored(self, outcomes: list[Exception | None]) -> None:
-        """The group the commit thread stored: each pipeline is ready to go on."""
-        keys, self._committing, self._committing_keys = self._committing_keys, None, []
-        self._ready.extend(zip(keys, outcomes, strict=True))
+    def _stored(self, committing: Future[list[Exception | None]]) -> None:
+        """A group a commit thread stored: each pipeline is ready to go on."""
+        keys = self._committing.pop(committing)
+        self._ready.extend(zip(keys, committing.result(), strict=True))
+
+    def _commits_now(self) -> int:
+        """Groups that may be in flight: one while hooks are quick (the next group fills while
+        one is stored: fewer, larger commits), up to ``commits`` while they are slow (each
+        returned hook's transition is stored at once, and waits for no other group's fsync)."""
+        return 1 if self.quick else self.commits
 
     def _commit_many(self, writes: list[Write]) -> list[Exception | None]:
         try:

@@ -136,7 +136,8 @@ Outcome = Exception | None
 @runtime_checkable
 class Backend(Protocol):
     """A store at the engine's verbs. Raise any exception on a storage failure (the facade wraps
-    it in ``RepositoryError``); ``ConcurrentUpdateError`` and ``DuplicateRecordError`` pass as they are."""
+    it in ``RepositoryError``); ``ConcurrentUpdateError`` and ``DuplicateRecordError`` pass as they are.
+    Optional: ``commits_at_once`` (an int, 1 without it; see ``RepositoryBackend``)."""
 
     thread_safe: bool
     """True when several threads may call it at once (a pass then runs hooks in a pool)."""

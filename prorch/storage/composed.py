@@ -72,6 +72,10 @@ class RepositoryBackend(Committer):
     guards_concurrency = True
     has_transactions = True
     partial_update = True
+    commits_at_once = 1
+    """How many group commits a worker may have in flight at once while its hooks are slow
+    (``prorch.engine.slots``): 1 where writers take one lock (SQLite, TinyDB, memory, a
+    user's repository); more where the server overlaps commits' log flushes (PostgreSQL)."""
     owned: tuple[str, ...] = OWNED
     """The models deleted with their pipeline."""
 

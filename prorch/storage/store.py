@@ -91,6 +91,8 @@ class Store:
         self.guards_concurrency = self.engine.guards_concurrency
         self.can_claim = self.engine.can_claim
         self.partial_update = self.engine.partial_update
+        # optional on a backend of the user's (``RepositoryBackend.commits_at_once``): 1 without it
+        self.commits_at_once: int = max(1, int(getattr(self.engine, "commits_at_once", 1)))
         self._clock = ServerClock(self.engine, self.backend)
 
     def repository(self, model: str) -> IRepository:

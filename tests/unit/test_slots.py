@@ -233,3 +233,78 @@ def test_a_wait_in_step_ends_when_a_watched_future_ends() -> None:
     assert time.monotonic() - started < 4 and claim.done()
     release.set()
     assert drive(driven) == {"slow": "slow"}
+
+
+class OverlappingStore(NamedStore):
+    """A ``NamedStore`` whose group commits each wait (up to ``wait`` seconds) until another is
+    in flight too, as a server's fsyncs would overlap; ``most``: the most seen in flight at once."""
+
+    def __init__(self, commits_at_once: int, wait: float) -> None:
+        super().__init__()
+        self.commits_at_once, self.wait = commits_at_once, wait
+        self.lock = threading.Lock()
+        self.in_flight = self.most = 0
+        self.two = threading.Event()
+
+    def commit_many(self, writes: Sequence[Write]) -> list[Exception | None]:
+        with self.lock:
+            self.in_flight += 1
+            self.most = max(self.most, self.in_flight)
+            if self.in_flight >= 2:
+                self.two.set()
+        self.two.wait(self.wait)
+        try:
+            return super().commit_many(writes)
+        finally:
+            with self.lock:
+                self.in_flight -= 1
+
+
+@pytest.mark.parametrize("commits_at_once", [1, 2])
+def test_with_slow_hooks_a_store_that_overlaps_commits_gets_two_groups_at_once(commits_at_once: int) -> None:
+    """#27's W4 on PostgreSQL: one commit thread stored one group at a time, so each returned
+    hook's transition waited for the group in flight's fsync (about 60% of the run the commit
+    thread was busy). A store with ``commits_at_once`` 2 gets a second group while the first
+    is in flight; one with 1 never does. Slow hooks: ``a`` returns at once, ``b`` 0.05 s later,
+    while ``a``'s group waits in its commit (up to 1 s)."""
+    store = OverlappingStore(commits_at_once, wait=1.0)
+    driven: Slots[str, str] = Slots(store, concurrency=4, group=10, window=0.05, broken=lambda key, exc: f"{exc}")
+    driven.start("a", sleeps("a", 0.0, store.stored))
+    driven.start("b", sleeps("b", 0.05, store.stored))
+    try:
+        assert sorted(drive(driven)) == ["a", "b"]
+    finally:
+        driven.close()
+    assert sorted(store.stored) == [["a"], ["b"]]
+    assert store.most == commits_at_once
+
+
+def test_with_quick_hooks_one_group_is_in_flight_at_a_time() -> None:
+    """Quick hooks keep one group in flight (the next fills meanwhile: fewer, larger commits,
+    W1's rate), whatever the store allows."""
+    store = OverlappingStore(2, wait=0.1)
+    driven: Slots[str, str] = Slots(
+        store, concurrency=4, group=10, window=0.05, broken=lambda key, exc: f"{exc}", slowest=lambda: 0.0
+    )
+    for name in "abcdef":
+        driven.start(name, sleeps(name, 0.0, store.stored))
+    try:
+        assert sorted(drive(driven)) == list("abcdef")
+    finally:
+        driven.close()
+    assert store.most == 1
+
+
+def test_only_postgresql_overlaps_group_commits() -> None:
+    """``commits_at_once``: PostgreSQL's server flushes concurrent commits together; SQLite,
+    TinyDB and memory writers take one lock."""
+    from repositories.postgresql import PostgreSQLBackend
+    from repositories.sqlite import SQLiteBackend
+    from repositories.tinydb import TinyDBBackend
+
+    assert PostgreSQLBackend.commits_at_once == 2
+    assert SQLiteBackend.commits_at_once == TinyDBBackend.commits_at_once == 1
+    assert Store(MemoryBackend()).commits_at_once == 1
+    assert Slots(CountedStore(), concurrency=4, group=10, window=0.0, broken=lambda key, exc: "").commits == 1
+    # no commit threads at all without hook threads
+    assert Slots(OverlappingStore(2, 0.0), concurrency=1, group=10, window=0.0, broken=lambda key, exc: "").commits == 1
