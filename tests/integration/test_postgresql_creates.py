@@ -10,8 +10,9 @@ import pytest
 from sqlalchemy import create_engine, text
 
 from prorch.model.exceptions import DuplicateRecordError
-from prorch.model.records import Record
+from prorch.model.records import PipelineRecord, Record, StepRecord, new_uuid
 from prorch.model.registry import Registry
+from prorch.model.status import Status
 from repositories.postgresql import PostgreSQLBackend
 from repositories.postgresql_transitions import TransitionStatements
 from repositories.schema import TABLES
@@ -89,3 +90,22 @@ def test_a_uuid_stored_already_is_a_duplicate_on_the_one_statement_path(
         original(backend, inserted[0])
     assert len(stored_rows(postgres_url)["pipelines"]) == 1  # nothing of the second insert stored
     backend.dispose()
+
+
+def test_a_column_none_in_every_row_is_stored_as_on_the_table_by_table_path(postgres_server: PostgresServer) -> None:
+    """A VALUES column whose every value is NULL is text to PostgreSQL: the integer ``position``
+    of a step without one (as in a prorch 1.0.1 store) was refused ("column is of type integer
+    but expression is of type text")."""
+    first, second = PostgreSQLBackend(new_database(postgres_server)), PostgreSQLBackend(new_database(postgres_server))
+    pipeline = PipelineRecord(uuid=new_uuid(), name="Old", status=Status.PENDING)
+    records = [
+        *(StepRecord(uuid=new_uuid(), pipeline_uuid=pipeline.uuid, name=name, status=Status.CREATED) for name in "AB"),
+        pipeline,
+    ]
+    first.insert(records)
+    with second.transaction():
+        second.insert(records)
+    assert len(stored_rows(first.url)["pipeline_steps"]) == 2
+    assert stored_rows(first.url) == stored_rows(second.url)
+    first.dispose()
+    second.dispose()
