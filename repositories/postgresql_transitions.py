@@ -13,14 +13,30 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import Table
+from sqlalchemy import BigInteger, Boolean, Float, Integer, Table
 
 from prorch.model.jsonvalue import dumps
 from prorch.model.records import JSONDict
 from prorch.storage.repository import TransitionRows
 from repositories.schema import column_kind
 
-_CASTS = {"json": "::jsonb", "time": "::timestamptz", "plain": "", "bool": ""}
+_CASTS = {"json": "::jsonb", "time": "::timestamptz", "plain": "", "bool": "::boolean"}
+
+
+def _cast(column: Any) -> str:
+    """The cast of a column's value in a VALUES list, whose column type PostgreSQL infers from
+    its values: one NULL in every row is text, which an integer column refuses. A text column
+    stays uncast: a cast to ``varchar(n)`` would truncate a value too long where the insert
+    refuses it."""
+    if isinstance(column.type, BigInteger):
+        return "::bigint"
+    if isinstance(column.type, Integer):
+        return "::integer"
+    if isinstance(column.type, Float):
+        return "::double precision"
+    if isinstance(column.type, Boolean):
+        return "::boolean"
+    return _CASTS[column_kind(column.type)]
 
 
 class TransitionStatements:
@@ -31,6 +47,7 @@ class TransitionStatements:
         self.kinds = {
             model: {str(c.name): column_kind(c.type) for c in table.columns} for model, table in tables.items()
         }
+        self.casts = {model: {str(c.name): _cast(c) for c in table.columns} for model, table in tables.items()}
 
     def run(self, driver: Any, units: Sequence[TransitionRows]) -> list[tuple[bool, bool]]:
         """Run one statement per unit on ``driver`` (a psycopg connection, in a transaction):
@@ -92,9 +109,9 @@ class TransitionStatements:
 
     def _insert(self, name: str, model: str, rows: list[JSONDict], params: list[Any], condition: str) -> str:
         """The CTE ``name`` inserting ``rows`` of ``model`` (their values appended to ``params``)."""
-        kinds = self.kinds[model]
+        kinds, casts = self.kinds[model], self.casts[model]
         names = list(kinds)
-        row_text = "(" + ", ".join(f"%s{_CASTS[kinds[column]]}" for column in names) + ")"
+        row_text = "(" + ", ".join(f"%s{casts[column]}" for column in names) + ")"
         quoted = ", ".join(f'"{column}"' for column in names)
         for row in rows:
             params += [self._value(kinds[column], row.get(column)) for column in names]

@@ -45,7 +45,7 @@ __all__ = ["SQLClaims", "claim_kind"]
 
 T = TypeVar("T")
 RENEW_CHUNK = 500
-"""Leases per statement of ``renew_leases``: two bound values each, far below every driver's limit."""
+"""Leases per statement of ``renew_leases``: three bound values each, far below every driver's limit."""
 
 
 def claim_kind(kind: str, mark: bool) -> str:
@@ -249,11 +249,13 @@ class SQLClaims(ClaimsByRequest):
         self, connection: Connection, leases: Sequence[tuple[str, str]], lease_expires_at: datetime
     ) -> tuple[set[str], list[tuple[str, str]]]:
         """Renew the leases whose token still holds their row: the uuids renewed, and the leases
-        left to try alone (none here: SQLite's write lock keeps other writers out meanwhile)."""
+        left to try alone (none here: SQLite's write lock keeps other writers out meanwhile).
+        The uuids' own ``IN`` finds the rows by the primary key: SQLite scans the whole table
+        for a row value ``IN`` alone, inside its write lock."""
         c = self.table.c
         query = (
             update(self.table)
-            .where(tuple_(c.uuid, c.lease_owner).in_(leases))
+            .where(c.uuid.in_([uuid for uuid, _owner in leases]), tuple_(c.uuid, c.lease_owner).in_(leases))
             .values(lease_expires_at=lease_expires_at)
             .returning(c.uuid)
         )

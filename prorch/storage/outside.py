@@ -32,6 +32,9 @@ CHANGE_ATTEMPTS = 20
 MAX_NOTE = 1000
 """Characters an operator's actor or reason may have."""
 
+MAX_MESSAGE_NAME = 200
+"""Characters a message's name may have (the stores' ``messages.name`` column)."""
+
 Change = Callable[[PipelineRecord, datetime], list[EventRecord] | None]
 """Applies a change to a freshly read record; returns the events to store with it, or None when
 there is nothing to write."""
@@ -108,6 +111,10 @@ def send(store: Store, clock: Clock, uuid: str, name: str, payload: Any = NO_PAY
     payload of None is refused: the receiver would take the message for none."""
     if not isinstance(name, str) or not name:
         raise InvalidMessageError("a message needs a non-empty name")
+    if len(name) > MAX_MESSAGE_NAME:
+        raise InvalidMessageError(f"a message name is at most {MAX_MESSAGE_NAME} characters, got {len(name)}")
+    if "\x00" in name:
+        raise InvalidMessageError(f"message name {name!r} has a NUL character (\\x00), which PostgreSQL cannot store")
     if payload is None:
         raise InvalidMessageError(
             f"message {name!r} has the payload None, which its receiver could not tell from no message "

@@ -9,15 +9,17 @@ from typing import Any
 import pytest
 from sqlalchemy import create_engine, text
 
-from prorch.model.exceptions import DuplicateRecordError
-from prorch.model.records import Record
+from prorch.model.exceptions import DuplicateRecordError, StoreUnreachableError
+from prorch.model.records import PipelineRecord, Record, StepRecord, new_uuid
 from prorch.model.registry import Registry
+from prorch.model.status import Status
 from repositories.postgresql import PostgreSQLBackend
 from repositories.postgresql_transitions import TransitionStatements
 from repositories.schema import TABLES
 from repositories.sql import SQLRepository
 from tests.integration.conftest import new_database
 from tests.integration.test_group_commit import count_calls
+from tests.integration.test_store_outages import kill_backends
 from tests.support.builders import pipeline_of, step_of
 from tests.support.postgres import PostgresServer
 
@@ -88,4 +90,49 @@ def test_a_uuid_stored_already_is_a_duplicate_on_the_one_statement_path(
     with pytest.raises(DuplicateRecordError):
         original(backend, inserted[0])
     assert len(stored_rows(postgres_url)["pipelines"]) == 1  # nothing of the second insert stored
+    backend.dispose()
+
+
+def test_a_column_none_in_every_row_is_stored_as_on_the_table_by_table_path(postgres_server: PostgresServer) -> None:
+    """A VALUES column whose every value is NULL is text to PostgreSQL: the integer ``position``
+    of a step without one (as in a prorch 1.0.1 store) was refused ("column is of type integer
+    but expression is of type text")."""
+    first, second = PostgreSQLBackend(new_database(postgres_server)), PostgreSQLBackend(new_database(postgres_server))
+    pipeline = PipelineRecord(uuid=new_uuid(), name="Old", status=Status.PENDING)
+    records = [
+        *(StepRecord(uuid=new_uuid(), pipeline_uuid=pipeline.uuid, name=name, status=Status.CREATED) for name in "AB"),
+        pipeline,
+    ]
+    first.insert(records)
+    with second.transaction():
+        second.insert(records)
+    assert len(stored_rows(first.url)["pipeline_steps"]) == 2
+    assert stored_rows(first.url) == stored_rows(second.url)
+    first.dispose()
+    second.dispose()
+
+
+def test_a_create_on_a_killed_connection_is_a_store_error_and_the_next_one_is_stored(
+    postgres_server: PostgresServer, postgres_url: str
+) -> None:
+    """The one-statement create runs on the driver, unseen by SQLAlchemy: a connection the
+    server killed is a ``StoreUnreachableError`` with nothing stored, and is not handed out
+    again (inside ``pinned()``, where no pre-ping looks first); one killed in the pool is
+    replaced by the pool's pre-ping."""
+    backend = PostgreSQLBackend(postgres_url)
+    database = postgres_url.rsplit("/", 1)[1]
+
+    def record() -> PipelineRecord:
+        return PipelineRecord(uuid=new_uuid(), name="P", status=Status.PENDING)
+
+    backend.insert([record()])
+    assert kill_backends(postgres_server, database) >= 1
+    backend.insert([record()])  # pooled: the pre-ping replaced it
+    with backend.pinned():
+        backend.insert([record()])
+        assert kill_backends(postgres_server, database) >= 1
+        with pytest.raises(StoreUnreachableError):
+            backend.insert([record()])
+        backend.insert([record()])
+    assert len(stored_rows(postgres_url)["pipelines"]) == 4
     backend.dispose()

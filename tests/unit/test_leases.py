@@ -23,6 +23,7 @@ from prorch.model.exceptions import ConcurrentUpdateError, LeaseLostError, Repos
 from prorch.model.records import EventRecord, PipelineRecord, Record
 from prorch.model.registry import Registry
 from prorch.observability.metrics import WorkerMetrics
+from prorch.storage import outside
 from prorch.storage.leases import LeaseKeeper
 from prorch.storage.store import Store
 from prorch.testing import Harness
@@ -599,3 +600,43 @@ def test_a_write_refused_because_another_worker_took_the_lease_is_a_lost_lease(
     assert lost == ["P"]  # told once
     keeper.renew_all()  # nothing left to renew or to tell again
     assert lost == ["P"] and keeper._held == {}
+
+
+def _outside_cancel(store: Store, uuid: str) -> None:
+    outside.request_cancel(store, SystemClock(), uuid)
+
+
+def _outside_send(store: Store, uuid: str) -> None:
+    outside.send(store, SystemClock(), uuid, "nudge")
+
+
+def _outside_priority(store: Store, uuid: str) -> None:
+    def change(record: PipelineRecord, now: datetime) -> list[EventRecord]:
+        record.priority = 9
+        return []
+
+    assert outside.change_pipeline(store, SystemClock(), uuid, change)
+
+
+@pytest.mark.parametrize("act", [_outside_cancel, _outside_send, _outside_priority], ids=["cancel", "send", "priority"])
+def test_a_write_refused_by_an_outside_change_while_we_hold_the_lease_is_no_loss(
+    registry: Registry, tmp_path: Path, act: Any
+) -> None:
+    """An operator's cancel request, a message or a priority change while our lease holds the
+    pipeline refuses our write: it is merged and written again, and no lease is told lost."""
+    url, store = sqlite_store(tmp_path)
+    lost: list[str] = []
+    operator = Store(from_url(url))
+    flow = pipeline_of(step_of("Slow", on_start=lambda step: act(operator, step.pipeline_uuid)))
+    flow.create(store.backend)
+    claimed, since = claim(store, 30)
+    keeper = LeaseKeeper(store, 30, SystemClock(), on_lost=lost.append)
+    keeper.hold(claimed, since)
+    before = claimed[0].revision
+    runner = Runner(store, registry, SystemClock(), lease_seconds=30)
+    results = write_in_rounds(store, [guarded(runner.advancing(p, keeper)) for p in claimed], group=1)
+
+    assert not isinstance(results[0], Exception), results
+    assert lost == [] and keeper._lost == set()
+    stored = store.get_pipeline(claimed[0].uuid)
+    assert stored is not None and stored.revision >= before + 2  # the outside write, then ours

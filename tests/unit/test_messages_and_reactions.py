@@ -104,6 +104,20 @@ def test_send_rejects_bad_input_and_ended_pipelines(harness: Harness, registry: 
         harness.orchestrator.send(run.uuid, "approval", {"by": "bob"})
 
 
+def test_send_refuses_a_name_no_store_could_hold(harness: Harness, registry: Registry) -> None:
+    """A message's name goes in a 200-character text column: on PostgreSQL a longer one, or one
+    with a NUL, was the database's refusal ("value too long for type character varying(200)"),
+    while SQLite, TinyDB and the memory store kept it. One clear error now, on every store."""
+    run = harness.create(approval_pipeline())
+    with pytest.raises(InvalidMessageError, match="at most 200 characters, got 201"):
+        harness.orchestrator.send(run.uuid, "n" * 201)
+    with pytest.raises(InvalidMessageError, match="NUL"):
+        harness.orchestrator.send(run.uuid, "approval\x00")
+    assert harness.orchestrator.store.messages_of(run.uuid) == []
+    harness.orchestrator.send(run.uuid, "n" * 200)
+    assert len(harness.orchestrator.store.messages_of(run.uuid)) == 1
+
+
 def test_a_message_without_a_payload_is_told_apart_from_no_message(harness: Harness, registry: Registry) -> None:
     """Issue #25: a message sent without a payload stored None, which ``receive()`` returned
     as if no message waited; it was consumed, and the step waited another day."""
