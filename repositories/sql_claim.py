@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from datetime import datetime
-from typing import Any, TypeVar, cast
+from typing import Any, ClassVar, TypeVar, cast
 
 from sqlalchemy import (
     ColumnElement,
@@ -18,6 +18,7 @@ from sqlalchemy import (
     bindparam,
     case,
     false,
+    func,
     or_,
     select,
     true,
@@ -36,6 +37,12 @@ __all__ = ["SQLClaims", "claim_kind"]
 
 T = TypeVar("T")
 
+LEVEL, *IN_LEVEL = CLAIM_ORDER
+assert LEVEL == ("priority", True), "a claim by levels walks the priorities highest first"
+FEW_LEVELS = 64
+"""A claim by levels (``SQLClaims.by_levels``) with more pending priorities than this walks them
+all in one statement instead (one probe a level would cost more than the sort it saves)."""
+
 
 def claim_kind(kind: str, mark: bool) -> str:
     """A claim statement's cache key: one that marks hooks is another statement."""
@@ -49,18 +56,27 @@ class SQLClaims(ClaimsByRequest):
     backend: SQLConnections
     _searches: dict[str, Any]
     _claims: dict[tuple[str, Runnable | None], Any]
+    by_levels: ClassVar[bool] = False
+    """SQLite: claim one priority level at a time (``_by_levels``). prorch never runs ANALYZE,
+    and without statistics SQLite planned the one walk in claim order on ``ix_pipelines_due``
+    and sorted every due row (O(backlog) a claim); with ``priority = ?`` the walk is a range of
+    ``ix_pipelines_claim`` up to ``next_run_at <= now``: the rows it takes, whatever the backlog
+    of due or waiting pipelines. PostgreSQL plans the one walk from its statistics (autovacuum
+    analyzes)."""
 
     def _to_record(self, row: Any) -> JSONDict:  # pragma: no cover - SQLRepository's
         raise NotImplementedError
 
-    def _due_query(self, runnable: Runnable | None = None) -> Select[Any]:
+    def _due_query(self, runnable: Runnable | None = None, *, level: bool = False) -> Select[Any]:
         """Due pipeline uuids in claim order; bound: _now, _limit. With ``runnable``, only
         pipelines of those (name, version) pairs. SQLite and PostgreSQL walk an index in claim
         order (``ix_pipelines_claim``, or ``ix_pipelines_claim_name`` for one name) and stop at
         the limit: a claim reads the rows it takes (and the leased or not-runnable ones among
-        them, and a higher priority's future ones), not every due row; no sort."""
+        them, and a higher priority's future ones), not every due row; no sort. With ``level``,
+        those of one priority (bound: _priority), a range of that index (``by_levels``)."""
         c = self.table.c
         now = bindparam("_now", type_=c.next_run_at.type)
+        order = IN_LEVEL if level else CLAIM_ORDER
         query = (
             select(c.uuid)
             .where(
@@ -69,10 +85,44 @@ class SQLClaims(ClaimsByRequest):
                 (c.lease_expires_at.is_(None)) | (c.lease_expires_at <= now),
                 not_paused(self.table, self.backend.engine.dialect.name),
             )
-            .order_by(*(c[field].desc() if descending else c[field].asc() for field, descending in CLAIM_ORDER))
+            .order_by(*(c[field].desc() if descending else c[field].asc() for field, descending in order))
             .limit(bindparam("_limit", type_=Integer()))
         )
+        if level:
+            query = query.where(c[LEVEL[0]] == bindparam("_priority", type_=Integer()))
         return query if runnable is None else query.where(self._of_classes(runnable))
+
+    def _levels_query(self) -> Any:
+        """The pending pipelines' priorities, highest first, one index probe each: a skip over
+        ``ix_pipelines_claim`` (a recursive ``max(priority) < the last one``), not a read of the
+        pending rows. Bound: _few (at most this many)."""
+        c = self.table.c
+        pending = c.status == Status.PENDING.value
+        levels = select(func.max(c.priority).label("level")).where(pending).cte("levels", recursive=True)
+        below = select(func.max(c.priority)).where(pending, c.priority < levels.c.level).scalar_subquery()
+        levels = levels.union_all(select(below).where(levels.c.level.is_not(None)))
+        return select(levels.c.level).where(levels.c.level.is_not(None)).limit(bindparam("_few", type_=Integer()))
+
+    def _levels(self, connection: Connection) -> list[int]:
+        """The pending priorities, highest first (up to ``FEW_LEVELS`` + 1)."""
+        query = self._searches.get("_levels")
+        if query is None:
+            query = self._searches["_levels"] = self._levels_query()
+        return list(connection.execute(query, {"_few": FEW_LEVELS + 1}).scalars())
+
+    @staticmethod
+    def _by_levels(levels: list[int], run: Callable[[dict[str, Any] | None], list[Any]], limit: int) -> list[Any]:
+        """Up to ``limit`` rows of a claim statement run one priority level at a time, highest
+        first (``run`` with its level's values; or once with None, the one walk of every level,
+        when there are more than ``FEW_LEVELS``)."""
+        if len(levels) > FEW_LEVELS:
+            return run(None)
+        rows: list[Any] = []
+        for level in levels:
+            if len(rows) >= limit:
+                break
+            rows += run({"_priority": level, "_limit": limit - len(rows)})
+        return rows
 
     def _of_classes(self, runnable: Runnable) -> ColumnElement[bool]:
         """``(name = a AND version IN (1, 2)) OR (name = b AND ...)``, one term per name: a
@@ -116,12 +166,12 @@ class SQLClaims(ClaimsByRequest):
             rows = connection.execute(query, params).mappings().all()
         return self._by_priority([self._to_record(row) for row in rows])
 
-    def _claim_query(self, runnable: Runnable | None, mark: bool) -> Any:
+    def _claim_query(self, runnable: Runnable | None, mark: bool, *, level: bool = False) -> Any:
         """The unlimited claim: lease the due rows of ``runnable`` in claim order and return
-        them whole; bound: _now, _owner, _until, _limit."""
+        them whole; bound: _now, _owner, _until, _limit (and _priority with ``level``)."""
         return (
             update(self.table)
-            .where(self.table.c.uuid.in_(self.lockable(self._due_query(runnable)).scalar_subquery()))
+            .where(self.table.c.uuid.in_(self.lockable(self._due_query(runnable, level=level)).scalar_subquery()))
             .values(self._lease_values(mark=mark))
             .returning(*self.table.columns)
         )
@@ -130,14 +180,8 @@ class SQLClaims(ClaimsByRequest):
         """The claim within the limits of pipeline names (``prorch.model.limit_rules``): the unlimited
         names in one statement, then each limited name in a transaction of its own that holds
         the name's lock while it counts and claims (``sql_limits.LimitedClaim``)."""
-        c = self.table.c
         limit, limits, runnable, mark = request.limit, request.limits, request.runnable, request.mark
         params = self._claim_params(request)
-        due = self._due_query(runnable).where(c.name.not_in(bindparam("_limited", expanding=True)))
-        others = self._statement(claim_kind("claim_others", mark), runnable, lambda: (
-            update(self.table).where(c.uuid.in_(self.lockable(due).scalar_subquery()))
-            .values(self._lease_values(mark=mark)).returning(*self.table.columns)
-        ))  # fmt: skip
         dialect = self.backend.engine.dialect.name
         limited = self._statement(claim_kind("limited", mark), runnable, lambda: LimitedClaim(
             self.table, dialect, self._due_query(runnable), self.lockable, self._lease_values(mark=mark),
@@ -147,8 +191,7 @@ class SQLClaims(ClaimsByRequest):
         if runnable is None or not {name for name, _ in runnable} <= limits.keys():
             # (none when every class it runs is limited: the walk would read their due rows for nothing)
             with self.backend.connect(write=True) as connection:
-                found = connection.execute(others, {**params, "_limit": limit, "_limited": sorted(limits)})
-                rows += found.mappings().all()
+                rows += self._claim_others(connection, request, {**params, "_limited": sorted(limits)})
         for name in sorted(limits):
             if len(rows) >= limit:
                 break
@@ -159,6 +202,31 @@ class SQLClaims(ClaimsByRequest):
         if any(rule.fair is not None for rule in limits.values()):
             return records  # a fair name's rows in the order of its turns, which a worker runs them in
         return self._by_priority(records)
+
+    def _claim_others(self, connection: Connection, request: ClaimRequest, params: dict[str, Any]) -> list[Any]:
+        """The unlimited names' part of a limited claim (bound: _limited, the limited names)."""
+        runnable, mark = request.runnable, request.mark
+
+        def others(level: bool) -> Any:
+            due = self._due_query(runnable, level=level).where(
+                self.table.c.name.not_in(bindparam("_limited", expanding=True))
+            )
+            return (
+                update(self.table).where(self.table.c.uuid.in_(self.lockable(due).scalar_subquery()))
+                .values(self._lease_values(mark=mark)).returning(*self.table.columns)
+            )  # fmt: skip
+
+        walk = self._statement(claim_kind("claim_others", mark), runnable, lambda: others(False))
+        if not self.by_levels:
+            return list(connection.execute(walk, {**params, "_limit": request.limit}).mappings())
+        by_level = self._statement(claim_kind("claim_others_level", mark), runnable, lambda: others(True))
+
+        def run(level: dict[str, Any] | None) -> list[Any]:
+            if level is None:
+                return list(connection.execute(walk, {**params, "_limit": request.limit}).mappings())
+            return list(connection.execute(by_level, {**params, **level}).mappings())
+
+        return self._by_levels(self._levels(connection), run, request.limit)
 
     @staticmethod
     def _claim_params(request: ClaimRequest) -> dict[str, Any]:

@@ -27,7 +27,7 @@ from prorch.model.records import JSONDict, Metadata
 from prorch.model.secrets import error_summary, redact_url
 from prorch.storage.wakeups import Bell, bell_for
 from repositories.sql import SEARCH_CHUNK, SQLBackend, SQLRepository
-from repositories.sql_claim import claim_kind
+from repositories.sql_claim import FEW_LEVELS, claim_kind
 from repositories.sql_connections import SQLConnections
 from repositories.sqlite_fastpath import ENCODERS, DriverStatement, SQLiteFastPath, db_json
 
@@ -158,6 +158,8 @@ class SQLiteBackend(SQLBackend):
 class SQLiteRepository(SQLRepository):
     """One table, its per-transition statements on the driver's connection."""
 
+    by_levels = True
+
     def __init__(self, model: str, backend: SQLBackend) -> None:
         super().__init__(model, backend)
         self.fast = SQLiteFastPath(self.table)
@@ -212,13 +214,29 @@ class SQLiteRepository(SQLRepository):
         A claim within limits (several statements, a lock per name) stays on SQLAlchemy's path."""
         if request.limits:
             return super().claim(request)
-        runnable, mark = request.runnable, request.mark
-        statement: DriverStatement = self._statement(claim_kind("driver_claim", mark), runnable, lambda: (
-            DriverStatement(self._claim_query(runnable, mark), self.backend.engine.dialect, CLAIM_VALUES)
+        runnable, mark, dialect = request.runnable, request.mark, self.backend.engine.dialect
+        walk: DriverStatement = self._statement(claim_kind("driver_claim", mark), runnable, lambda: (
+            DriverStatement(self._claim_query(runnable, mark), dialect, CLAIM_VALUES)
         ))  # fmt: skip
-        parameters = statement.parameters({**self._claim_params(request), "_limit": request.limit})
+        by_level: DriverStatement = self._statement(claim_kind("driver_claim_level", mark), runnable, lambda: (
+            DriverStatement(self._claim_query(runnable, mark, level=True), dialect, LEVEL_CLAIM_VALUES)
+        ))  # fmt: skip
+        values = self._claim_params(request)
+
+        def run(level: dict[str, Any] | None) -> list[Any]:
+            if level is None:
+                return _execute_rows(self.backend, walk.sql, walk.parameters({**values, "_limit": request.limit}))
+            return _execute_rows(self.backend, by_level.sql, by_level.parameters({**values, **level}))
+
+        levels: DriverStatement = self._statement("driver_levels", None, lambda: (
+            DriverStatement(self._levels_query(), dialect, ("_few",))
+        ))  # fmt: skip
         with self.backend.transaction(), self.backend._errors():
-            found = _execute_rows(self.backend, statement.sql, parameters)
+            found = [
+                level
+                for (level,) in _execute_rows(self.backend, levels.sql, levels.parameters({"_few": FEW_LEVELS + 1}))
+            ]
+            found = self._by_levels(found, run, request.limit)
         return self._by_priority([self.fast.record(row) for row in found])
 
     def compare_and_set(self, uuid: str, expected_revision: int, data: JSONDict) -> bool:
@@ -252,6 +270,8 @@ ATTRIBUTE_ROWS = "INSERT INTO pipeline_attributes (pipeline_uuid, name, value, c
 
 CLAIM_VALUES = ("_now", "_owner", "_until", "_limit")
 """The values a claim statement is given at each run (``SQLClaims._claim_params``)."""
+LEVEL_CLAIM_VALUES = (*CLAIM_VALUES, "_priority")
+"""Those of a claim of one priority level (``SQLClaims.by_levels``)."""
 
 
 def _execute_rows(backend: SQLConnections, sql: str, parameters: list[Any]) -> list[Any]:

@@ -139,6 +139,39 @@ def test_a_claim_walks_an_index_in_claim_order_and_sorts_nothing(
         assert "SCAN pipelines" not in plan and "Seq Scan on pipelines pipelines_1" not in plan, plan
 
 
+@pytest.mark.parametrize(
+    "limits", [{}, {"A": ClaimLimit(max_running=1_000)}, {"Z": ClaimLimit(max_running=1)}],
+    ids=["plain", "one name limited", "another name limited"],
+)  # fmt: skip
+def test_a_sqlite_claim_walks_the_claim_index_in_a_store_never_analyzed(
+    tmp_path: Any, request: pytest.FixtureRequest, limits: dict[str, ClaimLimit]
+) -> None:
+    """Regression (#28, W1 at N=100,000 cost 1.4x N=1,000 a transition): prorch never runs
+    ANALYZE, and without statistics SQLite planned the claim on ``ix_pipelines_due``
+    (status=? AND next_run_at<?) and sorted every due row ("USE TEMP B-TREE FOR ORDER BY"): 8,000
+    pages read and 200-350 ms a claim at 100,000 due. The plan test above runs ANALYZE first.
+    Now a claim walks ``ix_pipelines_claim`` one priority at a time, due rows only (next_run_at<?,
+    so a million waiting pipelines are not read either), and sorts nothing."""
+    backend = make_backend("sqlite", tmp_path, request)
+    rows = [row(NAMES[i % 3], priority=i % 3, minutes=-(i % 500) - 1) for i in range(1_500)]
+    rows += [row(NAMES[i % 3], priority=i % 3, minutes=60 + i) for i in range(1_500)]  # waiting
+    with backend.engine.begin() as connection:
+        connection.execute(insert(pipelines), rows)  # and no ANALYZE: as prorch leaves a store
+    plans = Plans(backend)
+    try:
+        claimed = Store(backend).claim(ClaimRequest(NOW, "w", UNTIL, 50, limits, RUNNABLE | {("Z", 1)}))
+    finally:
+        plans.close()
+    assert [(p.priority, p.next_run_at) for p in claimed] == sorted(
+        [(r["priority"], r["next_run_at"]) for r in rows if r["next_run_at"] <= NOW], key=lambda k: (-k[0], k[1])
+    )[:50]
+    assert plans.plans, "no claim statement seen"
+    for plan in plans.plans:
+        assert "TEMP B-TREE" not in plan, plan
+        assert "ix_pipelines_claim" in plan and "next_run_at<?" in plan, plan
+    backend.dispose()
+
+
 def test_a_fair_claim_steps_over_the_keys_and_walks_each_key_in_claim_order(sql: Any) -> None:
     """A fair claim (#30 item 2) reads the name's keys by a skip over ``ix_pipelines_concurrency_key``
     and each key's first due ones in claim order on it: O(keys x batch), no sort, no scan of a
