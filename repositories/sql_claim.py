@@ -18,7 +18,6 @@ from sqlalchemy import (
     bindparam,
     case,
     false,
-    func,
     or_,
     select,
     true,
@@ -92,23 +91,10 @@ class SQLClaims(ClaimsByRequest):
             query = query.where(c[LEVEL[0]] == bindparam("_priority", type_=Integer()))
         return query if runnable is None else query.where(self._of_classes(runnable))
 
-    def _levels_query(self) -> Any:
-        """The pending pipelines' priorities, highest first, one index probe each: a skip over
-        ``ix_pipelines_claim`` (a recursive ``max(priority) < the last one``), not a read of the
-        pending rows. Bound: _few (at most this many)."""
-        c = self.table.c
-        pending = c.status == Status.PENDING.value
-        levels = select(func.max(c.priority).label("level")).where(pending).cte("levels", recursive=True)
-        below = select(func.max(c.priority)).where(pending, c.priority < levels.c.level).scalar_subquery()
-        levels = levels.union_all(select(below).where(levels.c.level.is_not(None)))
-        return select(levels.c.level).where(levels.c.level.is_not(None)).limit(bindparam("_few", type_=Integer()))
-
     def _levels(self, connection: Connection) -> list[int]:
-        """The pending priorities, highest first (up to ``FEW_LEVELS`` + 1)."""
-        query = self._searches.get("_levels")
-        if query is None:
-            query = self._searches["_levels"] = self._levels_query()
-        return list(connection.execute(query, {"_few": FEW_LEVELS + 1}).scalars())
+        """The pending pipelines' priorities, highest first (up to ``FEW_LEVELS`` + 1), read
+        without reading the pending rows: a dialect with ``by_levels`` gives them."""
+        raise NotImplementedError
 
     @staticmethod
     def _by_levels(levels: list[int], run: Callable[[dict[str, Any] | None], list[Any]], limit: int) -> list[Any]:
@@ -216,15 +202,15 @@ class SQLClaims(ClaimsByRequest):
                 .values(self._lease_values(mark=mark)).returning(*self.table.columns)
             )  # fmt: skip
 
-        walk = self._statement(claim_kind("claim_others", mark), runnable, lambda: others(False))
-        if not self.by_levels:
-            return list(connection.execute(walk, {**params, "_limit": request.limit}).mappings())
-        by_level = self._statement(claim_kind("claim_others_level", mark), runnable, lambda: others(True))
-
         def run(level: dict[str, Any] | None) -> list[Any]:
-            if level is None:
+            if level is None:  # every level in one walk
+                walk = self._statement(claim_kind("claim_others", mark), runnable, lambda: others(False))
                 return list(connection.execute(walk, {**params, "_limit": request.limit}).mappings())
+            by_level = self._statement(claim_kind("claim_others_level", mark), runnable, lambda: others(True))
             return list(connection.execute(by_level, {**params, **level}).mappings())
+
+        if not self.by_levels:
+            return run(None)
 
         return self._by_levels(self._levels(connection), run, request.limit)
 

@@ -25,6 +25,7 @@ from prorch.model.due import ClaimRequest
 from prorch.model.exceptions import ConfigurationError, CorruptStoreError, RepositoryError
 from prorch.model.records import JSONDict, Metadata
 from prorch.model.secrets import error_summary, redact_url
+from prorch.model.status import Status
 from prorch.storage.wakeups import Bell, bell_for
 from repositories.sql import SEARCH_CHUNK, SQLBackend, SQLRepository
 from repositories.sql_claim import FEW_LEVELS, claim_kind
@@ -215,29 +216,31 @@ class SQLiteRepository(SQLRepository):
         if request.limits:
             return super().claim(request)
         runnable, mark, dialect = request.runnable, request.mark, self.backend.engine.dialect
-        walk: DriverStatement = self._statement(claim_kind("driver_claim", mark), runnable, lambda: (
-            DriverStatement(self._claim_query(runnable, mark), dialect, CLAIM_VALUES)
-        ))  # fmt: skip
-        by_level: DriverStatement = self._statement(claim_kind("driver_claim_level", mark), runnable, lambda: (
-            DriverStatement(self._claim_query(runnable, mark, level=True), dialect, LEVEL_CLAIM_VALUES)
-        ))  # fmt: skip
         values = self._claim_params(request)
 
         def run(level: dict[str, Any] | None) -> list[Any]:
-            if level is None:
+            if level is None:  # every level in one walk
+                walk: DriverStatement = self._statement(claim_kind("driver_claim", mark), runnable, lambda: (
+                    DriverStatement(self._claim_query(runnable, mark), dialect, CLAIM_VALUES)
+                ))  # fmt: skip
                 return _execute_rows(self.backend, walk.sql, walk.parameters({**values, "_limit": request.limit}))
+            by_level: DriverStatement = self._statement(claim_kind("driver_claim_level", mark), runnable, lambda: (
+                DriverStatement(self._claim_query(runnable, mark, level=True), dialect, LEVEL_CLAIM_VALUES)
+            ))  # fmt: skip
             return _execute_rows(self.backend, by_level.sql, by_level.parameters({**values, **level}))
 
-        levels: DriverStatement = self._statement("driver_levels", None, lambda: (
-            DriverStatement(self._levels_query(), dialect, ("_few",))
-        ))  # fmt: skip
         with self.backend.transaction(), self.backend._errors():
-            found = [
-                level
-                for (level,) in _execute_rows(self.backend, levels.sql, levels.parameters({"_few": FEW_LEVELS + 1}))
-            ]
-            found = self._by_levels(found, run, request.limit)
+            connection = self.backend.current_connection()
+            assert connection is not None, "inside transaction()"
+            found = self._by_levels(self._levels(connection), run, request.limit)
         return self._by_priority([self.fast.record(row) for row in found])
+
+    def _levels(self, connection: Connection) -> list[int]:
+        """The pending priorities, highest first: a skip over ``ix_pipelines_claim``, one probe
+        of the index a level (``max(priority)`` below the last one), on the driver."""
+        sql = LEVELS.format(table=self.table.name)
+        found = cursor(connection).execute(sql, (Status.PENDING.value, Status.PENDING.value, FEW_LEVELS + 1))
+        return [level for (level,) in found.fetchall()]
 
     def compare_and_set(self, uuid: str, expected_revision: int, data: JSONDict) -> bool:
         if self.fast.covers(data):
@@ -272,6 +275,12 @@ CLAIM_VALUES = ("_now", "_owner", "_until", "_limit")
 """The values a claim statement is given at each run (``SQLClaims._claim_params``)."""
 LEVEL_CLAIM_VALUES = (*CLAIM_VALUES, "_priority")
 """Those of a claim of one priority level (``SQLClaims.by_levels``)."""
+LEVELS = (
+    "WITH RECURSIVE levels(level) AS (SELECT max(priority) FROM {table} WHERE status = ? UNION ALL "
+    "SELECT (SELECT max(priority) FROM {table} WHERE status = ? AND priority < levels.level) FROM levels "
+    "WHERE levels.level IS NOT NULL) SELECT level FROM levels WHERE level IS NOT NULL LIMIT ?"
+)
+"""The pending priorities, highest first (``SQLiteRepository._levels``)."""
 
 
 def _execute_rows(backend: SQLConnections, sql: str, parameters: list[Any]) -> list[Any]:

@@ -169,7 +169,32 @@ def test_a_sqlite_claim_walks_the_claim_index_in_a_store_never_analyzed(
     for plan in plans.plans:
         assert "TEMP B-TREE" not in plan, plan
         assert "ix_pipelines_claim" in plan and "next_run_at<?" in plan, plan
+    with backend.engine.connect() as connection:  # the levels: probes of the index, no read of the rows
+        found = connection.exec_driver_sql(
+            "EXPLAIN QUERY PLAN " + sqlite_dialect.LEVELS.format(table="pipelines"), ("pending", "pending", 65)
+        )
+        levels = "\n".join(step[3] for step in found)
+    assert "SCAN pipelines" not in levels and "COVERING INDEX ix_pipelines_claim" in levels, levels
     backend.dispose()
+
+
+@pytest.mark.parametrize("levels", [3, 70], ids=["few priorities", "more than FEW_LEVELS"])
+def test_a_claim_by_levels_takes_the_first_due_in_claim_order(sql: Any, levels: int) -> None:
+    """SQLite claims one priority at a time (``SQLClaims.by_levels``), in one walk past
+    ``FEW_LEVELS`` priorities; either way a batch is the first due ones by the one rule, past the
+    levels whose pipelines are all waiting or leased."""
+    leased = {"lease_owner": "x", "lease_expires_at": NOW + timedelta(minutes=1)}
+    rows = [row("A", priority=i % levels, minutes=-(i % 7) - 1) for i in range(300)]
+    rows += [row("B", priority=levels + 5, minutes=30), row("B", priority=levels + 4, minutes=-5, **leased)]
+    fill(sql, rows)
+    store = Store(sql)
+    taken = claim(store, "w", 40) + claim(store, "w2", 40, {"B": ClaimLimit(max_running=5)})
+    due = sorted((r for r in rows if r["name"] == "A"), key=lambda r: (-r["priority"], r["next_run_at"]))
+    claimed = {r["uuid"]: r for r in rows if r["uuid"] in taken}
+    assert len(taken) == 80
+    assert sorted((-claimed[u]["priority"], claimed[u]["next_run_at"]) for u in taken) == [
+        (-r["priority"], r["next_run_at"]) for r in due[:80]
+    ]
 
 
 def test_a_fair_claim_steps_over_the_keys_and_walks_each_key_in_claim_order(sql: Any) -> None:
