@@ -20,6 +20,7 @@ Run them all with tests/benchmarks/run.py, which writes docs/benchmarks.md.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import multiprocessing
 import os
@@ -64,10 +65,17 @@ def quick_step(index: int) -> type[Step]:
 
 Three = register_pipeline(type("Three", (Pipeline,), {"name": "Three", "steps": [quick_step(i) for i in range(3)]}))
 One = register_pipeline(type("One", (Pipeline,), {"name": "One", "steps": [quick_step(9)]}))
-# Three with a limit that never binds: W1 through the limited claim (its count of live leases)
-ThreeLimited = register_pipeline(
-    type("ThreeLimited", (Pipeline,), {"name": "ThreeLimited", "steps": Three.steps, "max_running": 1_000_000})
-)
+
+
+@functools.cache
+def three_limited() -> type[Pipeline]:
+    """Three with a limit that never binds: W1 through the limited claim (its count of live
+    leases). Registered only by the run that asks for it: a limited class registered sends
+    every claim of the process through the limited claim (a second write transaction, its
+    statements built in the first pass), which W1 and W2 do not measure."""
+    return register_pipeline(
+        type("ThreeLimited", (Pipeline,), {"name": "ThreeLimited", "steps": Three.steps, "max_running": 1_000_000})
+    )
 
 
 def io_step(index: int, kind: str) -> type[Step]:
@@ -141,7 +149,7 @@ def w1_observed(url: str, n: int, state: str) -> dict[str, Any]:
 def w1(url: str, n: int, group: int = 100, limited: int = 0) -> dict[str, Any]:
     """W1; with ``limited``, of ``ThreeLimited`` (claimed by the limited claim)."""
     backend = from_url(url)
-    pipeline = ThreeLimited if limited else Three
+    pipeline = three_limited() if limited else Three
     cpu, started = time.process_time(), time.perf_counter()
     for _ in range(n):
         pipeline.create(backend)
