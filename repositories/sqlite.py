@@ -209,10 +209,11 @@ class SQLiteRepository(SQLRepository):
         return found
 
     def claim(self, request: ClaimRequest) -> list[JSONDict]:
-        """The claim's one statement on the driver's connection, as the commit's statements:
-        SQLAlchemy's statement compiled once, its rows read as ``get`` reads them (SQLAlchemy's
-        execution and row processing cost a worker more than SQLite's own work on 100 rows).
-        A claim within limits (several statements, a lock per name) stays on SQLAlchemy's path."""
+        """The claim's statement on the driver's connection, as the commit's statements, once
+        per pending priority (``by_levels``), in one transaction: SQLAlchemy's statement compiled
+        once, its rows read as ``get`` reads them (SQLAlchemy's execution and row processing cost
+        a worker more than SQLite's own work on 100 rows). A claim within limits (several
+        statements, a lock per name) stays on SQLAlchemy's path."""
         if request.limits:
             return super().claim(request)
         runnable, mark, dialect = request.runnable, request.mark, self.backend.engine.dialect
