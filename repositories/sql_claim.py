@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from datetime import datetime
-from typing import Any, TypeVar, cast
+from typing import Any, ClassVar, TypeVar, cast
 
 from sqlalchemy import (
     ColumnElement,
@@ -18,6 +18,7 @@ from sqlalchemy import (
     bindparam,
     case,
     false,
+    func,
     or_,
     select,
     true,
@@ -47,6 +48,12 @@ T = TypeVar("T")
 RENEW_CHUNK = 500
 """Leases per statement of ``renew_leases``: three bound values each, far below every driver's limit."""
 
+LEVEL, *IN_LEVEL = CLAIM_ORDER
+assert LEVEL == ("priority", True), "a claim by levels walks the priorities highest first"
+FEW_LEVELS = 64
+"""A claim by levels (``SQLClaims.by_levels``) with more pending priorities than this walks them
+all in one statement instead (one probe a level would cost more than the sort it saves)."""
+
 
 def claim_kind(kind: str, mark: bool) -> str:
     """A claim statement's cache key: one that marks hooks is another statement."""
@@ -60,30 +67,66 @@ class SQLClaims(ClaimsByRequest):
     backend: SQLConnections
     _searches: dict[str, Any]
     _claims: dict[tuple[str, Runnable | None], Any]
+    by_levels: ClassVar[bool] = False
+    """SQLite: claim one priority level at a time (``_by_levels``). prorch never runs ANALYZE,
+    and without statistics SQLite planned the one walk in claim order on ``ix_pipelines_due``
+    and sorted every due row (O(backlog) a claim); with ``priority = ?`` the walk is a range of
+    ``ix_pipelines_claim`` up to ``next_run_at <= now``: the rows it takes, whatever the backlog
+    of due or waiting pipelines. PostgreSQL plans the one walk from its statistics (autovacuum
+    analyzes)."""
 
     def _to_record(self, row: Any) -> JSONDict:  # pragma: no cover - SQLRepository's
         raise NotImplementedError
 
-    def _due_query(self, runnable: Runnable | None = None) -> Select[Any]:
+    def _due_query(self, runnable: Runnable | None = None, *, level: bool = False, named: bool = False) -> Select[Any]:
         """Due pipeline uuids in claim order; bound: _now, _limit. With ``runnable``, only
         pipelines of those (name, version) pairs. SQLite and PostgreSQL walk an index in claim
         order (``ix_pipelines_claim``, or ``ix_pipelines_claim_name`` for one name) and stop at
         the limit: a claim reads the rows it takes (and the leased or not-runnable ones among
-        them, and a higher priority's future ones), not every due row; no sort."""
+        them, and a higher priority's future ones), not every due row; no sort. With ``level``,
+        those of one priority (bound: _priority), a range of that index (``by_levels``). With
+        ``named`` (a limited name's statements add ``name = :_name``), on SQLite the time term
+        is kept off the due index (``coalesce``), which a store never analyzed would take and
+        sort every due row of every name by: the walk of ``ix_pipelines_claim_name`` is left."""
         c = self.table.c
         now = bindparam("_now", type_=c.next_run_at.type)
+        due_at: ColumnElement[Any] = c.next_run_at
+        if named and self.by_levels:
+            due_at = func.coalesce(c.next_run_at, c.next_run_at)
+        order = IN_LEVEL if level else CLAIM_ORDER
         query = (
             select(c.uuid)
             .where(
                 c.status == Status.PENDING.value,
-                c.next_run_at <= now,
+                due_at <= now,
                 (c.lease_expires_at.is_(None)) | (c.lease_expires_at <= now),
                 not_paused(self.table, self.backend.engine.dialect.name),
             )
-            .order_by(*(c[field].desc() if descending else c[field].asc() for field, descending in CLAIM_ORDER))
+            .order_by(*(c[field].desc() if descending else c[field].asc() for field, descending in order))
             .limit(bindparam("_limit", type_=Integer()))
         )
+        if level:
+            query = query.where(c[LEVEL[0]] == bindparam("_priority", type_=Integer()))
         return query if runnable is None else query.where(self._of_classes(runnable))
+
+    def _levels(self, connection: Connection) -> list[int]:
+        """The pending pipelines' priorities, highest first (up to ``FEW_LEVELS`` + 1), read
+        without reading the pending rows: a dialect with ``by_levels`` gives them."""
+        raise NotImplementedError
+
+    @staticmethod
+    def _by_levels(levels: list[int], run: Callable[[dict[str, Any] | None], list[Any]], limit: int) -> list[Any]:
+        """Up to ``limit`` rows of a claim statement run one priority level at a time, highest
+        first (``run`` with its level's values; or once with None, the one walk of every level,
+        when there are more than ``FEW_LEVELS``)."""
+        if len(levels) > FEW_LEVELS:
+            return run(None)
+        rows: list[Any] = []
+        for level in levels:
+            if len(rows) >= limit:
+                break
+            rows += run({"_priority": level, "_limit": limit - len(rows)})
+        return rows
 
     def _of_classes(self, runnable: Runnable) -> ColumnElement[bool]:
         """``(name = a AND version IN (1, 2)) OR (name = b AND ...)``, one term per name: a
@@ -127,12 +170,12 @@ class SQLClaims(ClaimsByRequest):
             rows = connection.execute(query, params).mappings().all()
         return self._by_priority([self._to_record(row) for row in rows])
 
-    def _claim_query(self, runnable: Runnable | None, mark: bool) -> Any:
+    def _claim_query(self, runnable: Runnable | None, mark: bool, *, level: bool = False) -> Any:
         """The unlimited claim: lease the due rows of ``runnable`` in claim order and return
-        them whole; bound: _now, _owner, _until, _limit."""
+        them whole; bound: _now, _owner, _until, _limit (and _priority with ``level``)."""
         return (
             update(self.table)
-            .where(self.table.c.uuid.in_(self.lockable(self._due_query(runnable)).scalar_subquery()))
+            .where(self.table.c.uuid.in_(self.lockable(self._due_query(runnable, level=level)).scalar_subquery()))
             .values(self._lease_values(mark=mark))
             .returning(*self.table.columns)
         )
@@ -147,7 +190,7 @@ class SQLClaims(ClaimsByRequest):
         backlog: a limited class waits behind the unlimited ones only where the order says so."""
         limit, limits, runnable = request.limit, request.limits, request.runnable
         params = self._claim_params(request)
-        free, limited = self._limited_statements(runnable, request.mark)
+        free, free_level, limited = self._limited_statements(runnable, request.mark)
         names = sorted(limits) if runnable is None else sorted({name for name, _ in runnable} & limits.keys())
         rotation = next_rotation() if any(rule.fair is not None for rule in limits.values()) else 0
         with self.backend.connect(write=True) as connection:
@@ -155,7 +198,13 @@ class SQLClaims(ClaimsByRequest):
             if runnable is None or not {name for name, _ in runnable} <= limits.keys():
                 # (none when every class it runs is limited: the walk would read their due rows for nothing)
                 bound = {**params, "_limit": limit, "_limited": sorted(limits)}
-                unlimited = list(connection.execute(free, bound).mappings())
+
+                def walk(level: dict[str, Any] | None) -> list[Any]:
+                    if level is None:  # every level in one walk
+                        return list(connection.execute(free, bound).mappings())
+                    return list(connection.execute(free_level, {**bound, **level}).mappings())
+
+                unlimited = self._by_levels(self._levels(connection), walk, limit) if self.by_levels else walk(None)
             last = row_claim_order(unlimited[-1]) if len(unlimited) >= limit else None
             sources: list[list[tuple[Any, str]]] = [[(row, row["uuid"]) for row in unlimited]]
             for name in names:
@@ -173,20 +222,24 @@ class SQLClaims(ClaimsByRequest):
         place = {uuid: number for number, (_, uuid) in enumerate(taken)}
         return [self._to_record(row) for row in sorted(rows, key=lambda row: place[row["uuid"]])]
 
-    def _limited_statements(self, runnable: Runnable | None, mark: bool) -> tuple[Any, LimitedClaim]:
+    def _limited_statements(self, runnable: Runnable | None, mark: bool) -> tuple[Any, Any, LimitedClaim]:
         """The limited claim's statements for these classes, built once: the walk of the
-        unlimited names' due pipelines (bound: _limited, the limited names) and ``LimitedClaim``."""
+        unlimited names' due pipelines (bound: _limited, the limited names), the same walk of
+        one priority level (``by_levels``), and ``LimitedClaim``."""
         c = self.table.c
-        due = self._due_query(runnable).add_columns(c.priority, c.next_run_at)
-        free = self._statement(claim_kind("claim_free", mark), runnable, lambda: (
-            self.lockable(due.where(c.name.not_in(bindparam("_limited", expanding=True))))
-        ))  # fmt: skip
+
+        def walk(level: bool) -> Any:
+            due = self._due_query(runnable, level=level).add_columns(c.priority, c.next_run_at)
+            return self.lockable(due.where(c.name.not_in(bindparam("_limited", expanding=True))))
+
+        free = self._statement(claim_kind("claim_free", mark), runnable, lambda: walk(False))
+        free_level = self._statement(claim_kind("claim_free_level", mark), runnable, lambda: walk(True))
         dialect = self.backend.engine.dialect.name
         limited = self._statement(claim_kind("limited", mark), runnable, lambda: LimitedClaim(
-            self.table, dialect, self._due_query(runnable), self.lockable, self._lease_values(mark=mark),
+            self.table, dialect, self._due_query(runnable, named=True), self.lockable, self._lease_values(mark=mark),
             self.leases_in_table,
         ))  # fmt: skip
-        return free, limited
+        return free, free_level, limited
 
     @staticmethod
     def _claim_params(request: ClaimRequest) -> dict[str, Any]:

@@ -26,10 +26,11 @@ from prorch.model.due import ClaimRequest
 from prorch.model.exceptions import ConfigurationError, CorruptStoreError, RepositoryError
 from prorch.model.records import JSONDict, Metadata, Record
 from prorch.model.secrets import error_summary, redact_url
+from prorch.model.status import Status
 from prorch.storage.commits import call, chunks
 from prorch.storage.wakeups import Bell, bell_for
 from repositories.sql import SEARCH_CHUNK, SQLBackend, SQLRepository
-from repositories.sql_claim import claim_kind
+from repositories.sql_claim import FEW_LEVELS, claim_kind
 from repositories.sql_connections import SQLConnections
 from repositories.sqlite_fastpath import ENCODERS, DriverStatement, SQLiteFastPath, db_json
 
@@ -169,6 +170,8 @@ class SQLiteBackend(SQLBackend):
 class SQLiteRepository(SQLRepository):
     """One table, its per-transition statements on the driver's connection."""
 
+    by_levels = True
+
     def __init__(self, model: str, backend: SQLBackend) -> None:
         super().__init__(model, backend)
         self.fast = SQLiteFastPath(self.table)
@@ -222,20 +225,39 @@ class SQLiteRepository(SQLRepository):
         return found
 
     def claim(self, request: ClaimRequest) -> list[JSONDict]:
-        """The claim's one statement on the driver's connection, as the commit's statements:
-        SQLAlchemy's statement compiled once, its rows read as ``get`` reads them (SQLAlchemy's
-        execution and row processing cost a worker more than SQLite's own work on 100 rows).
-        A claim within limits (several statements, a lock per name) stays on SQLAlchemy's path."""
+        """The claim's statement on the driver's connection, as the commit's statements, once
+        per pending priority (``by_levels``), in one transaction: SQLAlchemy's statement compiled
+        once, its rows read as ``get`` reads them (SQLAlchemy's execution and row processing cost
+        a worker more than SQLite's own work on 100 rows). A claim within limits (several
+        statements, a lock per name) stays on SQLAlchemy's path."""
         if request.limits:
             return super().claim(request)
-        runnable, mark = request.runnable, request.mark
-        statement: DriverStatement = self._statement(claim_kind("driver_claim", mark), runnable, lambda: (
-            DriverStatement(self._claim_query(runnable, mark), self.backend.engine.dialect, CLAIM_VALUES)
-        ))  # fmt: skip
-        parameters = statement.parameters({**self._claim_params(request), "_limit": request.limit})
+        runnable, mark, dialect = request.runnable, request.mark, self.backend.engine.dialect
+        values = self._claim_params(request)
+
+        def run(level: dict[str, Any] | None) -> list[Any]:
+            if level is None:  # every level in one walk
+                walk: DriverStatement = self._statement(claim_kind("driver_claim", mark), runnable, lambda: (
+                    DriverStatement(self._claim_query(runnable, mark), dialect, CLAIM_VALUES)
+                ))  # fmt: skip
+                return _execute_rows(self.backend, walk.sql, walk.parameters({**values, "_limit": request.limit}))
+            by_level: DriverStatement = self._statement(claim_kind("driver_claim_level", mark), runnable, lambda: (
+                DriverStatement(self._claim_query(runnable, mark, level=True), dialect, LEVEL_CLAIM_VALUES)
+            ))  # fmt: skip
+            return _execute_rows(self.backend, by_level.sql, by_level.parameters({**values, **level}))
+
         with self.backend.transaction(), self.backend._errors():
-            found = _execute_rows(self.backend, statement.sql, parameters)
+            connection = self.backend.current_connection()
+            assert connection is not None, "inside transaction()"
+            found = self._by_levels(self._levels(connection), run, request.limit)
         return self._by_priority([self.fast.record(row) for row in found])
+
+    def _levels(self, connection: Connection) -> list[int]:
+        """The pending priorities, highest first: a skip over ``ix_pipelines_claim``, one probe
+        of the index a level (``max(priority)`` below the last one), on the driver."""
+        sql = LEVELS.format(table=self.table.name)
+        found = cursor(connection).execute(sql, (Status.PENDING.value, Status.PENDING.value, FEW_LEVELS + 1))
+        return [level for (level,) in found.fetchall()]
 
     def compare_and_set(self, uuid: str, expected_revision: int, data: JSONDict) -> bool:
         if self.fast.covers(data):
@@ -268,6 +290,14 @@ ATTRIBUTE_ROWS = "INSERT INTO pipeline_attributes (pipeline_uuid, name, value, c
 
 CLAIM_VALUES = ("_now", "_owner", "_until", "_limit")
 """The values a claim statement is given at each run (``SQLClaims._claim_params``)."""
+LEVEL_CLAIM_VALUES = (*CLAIM_VALUES, "_priority")
+"""Those of a claim of one priority level (``SQLClaims.by_levels``)."""
+LEVELS = (
+    "WITH RECURSIVE levels(level) AS (SELECT max(priority) FROM {table} WHERE status = ? UNION ALL "
+    "SELECT (SELECT max(priority) FROM {table} WHERE status = ? AND priority < levels.level) FROM levels "
+    "WHERE levels.level IS NOT NULL) SELECT level FROM levels WHERE level IS NOT NULL LIMIT ?"
+)
+"""The pending priorities, highest first (``SQLiteRepository._levels``)."""
 
 
 def _execute_rows(backend: SQLConnections, sql: str, parameters: list[Any]) -> list[Any]:

@@ -142,6 +142,69 @@ def test_a_claim_walks_an_index_in_claim_order_and_sorts_nothing(
         assert "SCAN pipelines" not in plan and "Seq Scan on pipelines pipelines_1" not in plan, plan
 
 
+@pytest.mark.parametrize(
+    "limits",
+    [{}, {"A": ClaimLimit(max_running=1_000)}, {"Z": ClaimLimit(max_running=1)}],
+    ids=["plain", "one name limited", "another name limited"],
+)
+def test_a_sqlite_claim_walks_the_claim_index_in_a_store_never_analyzed(
+    tmp_path: Any, request: pytest.FixtureRequest, limits: dict[str, ClaimLimit]
+) -> None:
+    """Regression (#28, W1 at N=100,000 cost 1.4x N=1,000 a transition): prorch never runs
+    ANALYZE, and without statistics SQLite planned the claim on ``ix_pipelines_due``
+    (status=? AND next_run_at<?) and sorted every due row ("USE TEMP B-TREE FOR ORDER BY"): 8,000
+    pages read and 200-350 ms a claim at 100,000 due. The plan test above runs ANALYZE first.
+    Now a claim walks ``ix_pipelines_claim`` one priority at a time, due rows only (next_run_at<?,
+    so a million waiting pipelines are not read either), and sorts nothing; a limited name's
+    statements walk ``ix_pipelines_claim_name`` in claim order (they sorted every due row of
+    every name too, once the one claim order read a limited name beside the unlimited ones)."""
+    backend = make_backend("sqlite", tmp_path, request)
+    rows = [row(NAMES[i % 3], priority=i % 3, minutes=-(i % 500) - 1) for i in range(1_500)]
+    rows += [row(NAMES[i % 3], priority=i % 3, minutes=60 + i) for i in range(1_500)]  # waiting
+    with backend.engine.begin() as connection:
+        connection.execute(insert(pipelines), rows)  # and no ANALYZE: as prorch leaves a store
+    plans = Plans(backend)
+    try:
+        claimed = Store(backend).claim(ClaimRequest(NOW, "w", UNTIL, 50, limits, RUNNABLE | {("Z", 1)}))
+    finally:
+        plans.close()
+    assert [(p.priority, p.next_run_at) for p in claimed] == sorted(
+        [(r["priority"], r["next_run_at"]) for r in rows if r["next_run_at"] <= NOW], key=lambda k: (-k[0], k[1])
+    )[:50]
+    assert plans.plans, "no claim statement seen"
+    for plan in plans.plans:
+        assert "TEMP B-TREE" not in plan, plan
+        if "ix_pipelines_claim_name" in plan:  # a limited name's walk, in claim order from its first
+            continue
+        assert "ix_pipelines_claim" in plan and "next_run_at<?" in plan, plan
+    with backend.engine.connect() as connection:  # the levels: probes of the index, no read of the rows
+        found = connection.exec_driver_sql(
+            "EXPLAIN QUERY PLAN " + sqlite_dialect.LEVELS.format(table="pipelines"), ("pending", "pending", 65)
+        )
+        levels = "\n".join(step[3] for step in found)
+    assert "SCAN pipelines" not in levels and "COVERING INDEX ix_pipelines_claim" in levels, levels
+    backend.dispose()
+
+
+@pytest.mark.parametrize("levels", [3, 70], ids=["few priorities", "more than FEW_LEVELS"])
+def test_a_claim_by_levels_takes_the_first_due_in_claim_order(sql: Any, levels: int) -> None:
+    """SQLite claims one priority at a time (``SQLClaims.by_levels``), in one walk past
+    ``FEW_LEVELS`` priorities; either way a batch is the first due ones by the one rule, past the
+    levels whose pipelines are all waiting or leased."""
+    leased = {"lease_owner": "x", "lease_expires_at": NOW + timedelta(minutes=1)}
+    rows = [row("A", priority=i % levels, minutes=-(i % 7) - 1) for i in range(300)]
+    rows += [row("B", priority=levels + 5, minutes=30), row("B", priority=levels + 4, minutes=-5, **leased)]
+    fill(sql, rows)
+    store = Store(sql)
+    taken = claim(store, "w", 40) + claim(store, "w2", 40, {"B": ClaimLimit(max_running=5)})
+    due = sorted((r for r in rows if r["name"] == "A"), key=lambda r: (-r["priority"], r["next_run_at"]))
+    claimed = {r["uuid"]: r for r in rows if r["uuid"] in taken}
+    assert len(taken) == 80
+    assert sorted((-claimed[u]["priority"], claimed[u]["next_run_at"]) for u in taken) == [
+        (-r["priority"], r["next_run_at"]) for r in due[:80]
+    ]
+
+
 def test_a_fair_claim_steps_over_the_keys_and_walks_each_key_in_claim_order(sql: Any) -> None:
     """A fair claim (#30 item 2) reads the name's keys by a skip over ``ix_pipelines_concurrency_key``
     and each key's first due ones in claim order on it: O(keys x batch), no sort, no scan of a
