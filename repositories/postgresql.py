@@ -5,6 +5,7 @@ workers follow the server's clock, and schema upgrades take an advisory lock."""
 from __future__ import annotations
 
 import functools
+import os
 import time
 from collections.abc import Sequence
 from datetime import datetime
@@ -74,6 +75,28 @@ LOCK_TIMEOUT_MOST = 2**31 - 1
 """PostgreSQL's largest ``lock_timeout``, in milliseconds."""
 
 
+CONNECTION_DEFAULTS: dict[str, int] = {
+    "connect_timeout": 10,  # seconds to open a connection, per host
+    "keepalives": 1,  # an idle connection (a LISTEN, a query the server is running) is probed ...
+    "keepalives_idle": 30,  # ... after 30 s of silence,
+    "keepalives_interval": 10,  # then every 10 s,
+    "keepalives_count": 3,  # and given up after 3 unanswered probes: about a minute
+    "tcp_user_timeout": 30_000,  # ms a statement sent may go unacknowledged before the connection is given up
+}
+"""libpq's connection parameters prorch gives psycopg unless the URL's query (``?keepalives_idle=60``),
+the engine's ``connect_args`` or, for ``connect_timeout``, ``PGCONNECT_TIMEOUT`` sets them:
+without them a network partition hangs each query, and the worker with it, until the kernel's
+TCP timeout (15 minutes and more), and a connection never answers at all."""
+
+
+def connection_defaults(url: URL, given: dict[str, Any]) -> dict[str, Any]:
+    """``CONNECTION_DEFAULTS`` under what the URL and ``given`` (``connect_args``) set."""
+    chosen = {key: value for key, value in CONNECTION_DEFAULTS.items() if key not in url.query}
+    if "PGCONNECT_TIMEOUT" in os.environ:  # libpq's own, read only when no parameter is given
+        chosen.pop("connect_timeout", None)
+    return {**chosen, **given}
+
+
 class PostgreSQLBackend(SQLBackend):
     """A PostgreSQL database through psycopg 3 (``pip install 'prorch[postgresql]'``). Reads
     run in autocommit: one round trip each instead of three (BEGIN, the read, COMMIT)."""
@@ -88,6 +111,8 @@ class PostgreSQLBackend(SQLBackend):
             url = url.set(drivername=f"postgresql{plus}{driver}")
         if url.drivername in ("postgresql", "postgres"):
             url = url.set(drivername="postgresql+psycopg")
+        if url.drivername == "postgresql+psycopg":
+            options["connect_args"] = connection_defaults(url, options.get("connect_args", {}))
         return super()._create_engine(url, options)
 
     # --- waking idle workers (repositories.postgresql_wakeups) -------------------------------
