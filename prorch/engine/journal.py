@@ -41,6 +41,7 @@ class Merge(enum.Enum):
 
     MERGED = "merged"  # we still hold the lease: the outside change is taken in, write again
     LEASE_LOST = "lease lost"  # another worker holds the pipeline now (or it ended): stop
+    UNMOVED = "unmoved"  # still ours and unchanged: another record (a step) refused it, no merge helps
 
 
 class Journal:
@@ -153,7 +154,7 @@ class Journal:
                 yield Write.of([*steps, pipeline], added, run.consumed, snapshots=run.stored, token=run.token)
                 break
             except ConcurrentUpdateError:
-                if self.merge(run) is Merge.LEASE_LOST:
+                if self.merge(run) is not Merge.MERGED:
                     raise
         else:  # pragma: no cover - MAX_MERGES outside writes during one transition
             raise ConcurrentUpdateError(f"pipeline {pipeline.uuid} kept changing; giving up this transition")
@@ -168,7 +169,9 @@ class Journal:
     def merge(self, run: Run) -> Merge:
         """Our write was refused. If our lease token still holds the pipeline, someone wrote it
         from outside: take their changes (revision, cancel request, priority) in. Without a
-        transaction nothing is merged (the write's steps may be stored already)."""
+        transaction nothing is merged (the write's steps may be stored already), nor when the
+        pipeline has not moved: another of the write's records refused it, and writing again
+        would be refused again (it was, ``MAX_MERGES`` times)."""
         if run.token is None:
             return Merge.LEASE_LOST
         fresh = self.store.get_pipeline(run.pipeline.uuid)
@@ -178,6 +181,8 @@ class Journal:
         if fresh.status in TERMINAL or not self.store.has_transaction:
             return Merge.LEASE_LOST
         pipeline = run.pipeline
+        if fresh.revision == pipeline.revision:  # e.g. our own write, stored with its answer lost, moved a step
+            return Merge.UNMOVED
         pipeline.revision = fresh.revision
         pipeline.priority = fresh.priority
         pipeline.cancel_requested = pipeline.cancel_requested or fresh.cancel_requested

@@ -30,6 +30,7 @@ class FaultyBackend:
         self.enabled = True
         self.thread_safe = getattr(inner, "thread_safe", False)
         self.planned: list[tuple[str, bool]] = []
+        self.calls: dict[str, int] = {}  # repository calls made, by method
         self._depth = threading.local()
         if transactions and hasattr(inner, "transaction"):
             self.transaction = self._transaction
@@ -70,6 +71,7 @@ class FaultyBackend:
         planned = self._planned(what, model)
         with self.lock:
             roll = self.rng.random() if self.enabled else 1.0
+            self.calls[what] = self.calls.get(what, 0) + 1
         before = roll < self.rate / 2 if planned is None else not planned
         if before:
             self._count()

@@ -746,3 +746,25 @@ def test_a_release_stored_whose_answer_was_lost_is_no_loss_without_transactions_
     stored = store.get_pipeline(claimed[0].uuid)
     assert stored is not None and stored.status == Status.FINISHED and stored.lease_owner is None
     assert lost == [] and keeper._lost == set()
+
+
+def test_a_transition_stored_but_reported_failed_is_not_merged_a_thousand_times(registry: Registry) -> None:
+    """A round of two transitions that keep their leases (``on_start`` without a verdict) is
+    stored, its COMMIT's answer lost. Each write, tried alone, is refused: the pipeline moved
+    (by our own write), so it is merged and written again, and refused again, now by its step
+    (written by us too), which no merge can change. That went on ``MAX_MERGES`` (1000) times,
+    a read and a write each; it stops once the pipeline, read again, has not moved."""
+    backend: FaultyBackend
+
+    def on_start(step: Step) -> None:
+        backend.plan("commit", after=True)
+
+    flow = pipeline_of(step_of("Two", on_start=on_start, on_continue=lambda step: step.finish()))
+    backend, store, claimed, keeper, lost = faulty_store(registry, flow, 2)
+    reads = backend.calls.get("get", 0)
+    runner = Runner(store, registry, keeper.clock, lease_seconds=30)
+    results = write_in_rounds(store, [guarded(runner.advancing(p, keeper)) for p in claimed], group=2)
+
+    assert backend.faults == 1 and all(isinstance(r, ConcurrentUpdateError) for r in results), results
+    assert backend.calls["get"] - reads <= 2 * 3, backend.calls  # per pipeline: its steps, then two merges
+    assert lost == [] and keeper._lost == set()
