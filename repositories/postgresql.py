@@ -86,7 +86,7 @@ CONNECTION_DEFAULTS: dict[str, int] = {
 """libpq's connection parameters prorch gives psycopg unless the URL's query (``?keepalives_idle=60``),
 the engine's ``connect_args`` or, for ``connect_timeout``, ``PGCONNECT_TIMEOUT`` sets them:
 without them a network partition hangs each query, and the worker with it, until the kernel's
-TCP timeout (15 minutes and more), and a connection never answers at all."""
+TCP timeout (15 minutes and more), and an idle connection (the ``LISTEN``) is never found dead."""
 
 
 def connection_defaults(url: URL, given: dict[str, Any]) -> dict[str, Any]:
