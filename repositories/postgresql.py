@@ -5,6 +5,7 @@ workers follow the server's clock, and schema upgrades take an advisory lock."""
 from __future__ import annotations
 
 import functools
+import os
 import time
 from collections.abc import Sequence
 from datetime import datetime
@@ -12,12 +13,13 @@ from typing import Any
 
 from sqlalchemy import Connection, Engine, Select, false, select, text, true, tuple_, update
 from sqlalchemy.engine import URL
+from sqlalchemy.exc import OperationalError
 
 from prorch.model.due import ClaimRequest
 from prorch.model.exceptions import ConcurrentUpdateError, DuplicateRecordError, ProrchError, RepositoryError
 from prorch.model.records import JSONDict, Record, to_utc
 from prorch.model.secrets import error_summary
-from prorch.storage.backend import Outcome, Write
+from prorch.storage.backend import Outcome, RenewalsPending, Write
 from prorch.storage.commits import by_statements
 from prorch.storage.repository import TransitionRows
 from prorch.storage.wakeups import makes_work
@@ -61,6 +63,38 @@ ONE_STATEMENT_RECORDS = 100
 below PostgreSQL's 65,535); a larger batch goes table by table in one transaction."""
 SCHEMA_LOCK = 7270712
 """The advisory lock key of schema upgrades ('prorch')."""
+BUSY_WAIT_SHARE = 1 / 6
+"""The share of a lease the keeper's turn waits, in all, for lease rows other transactions hold
+(half the third of a lease between turns): a group commit holds its rows for milliseconds; a
+session left idle in its transaction may hold one for ever."""
+BUSY_WAIT_LEAST = 0.05
+"""Seconds such a wait lasts at least (a lease already at its end by the server's clock)."""
+LOCK_TIMEOUT = text("SELECT set_config('lock_timeout', :timeout, true)")
+"""``SET LOCAL lock_timeout`` with a bound value."""
+LOCK_TIMEOUT_MOST = 2**31 - 1
+"""PostgreSQL's largest ``lock_timeout``, in milliseconds."""
+
+
+CONNECTION_DEFAULTS: dict[str, int] = {
+    "connect_timeout": 10,  # seconds to open a connection, per host
+    "keepalives": 1,  # an idle connection (a LISTEN, a query the server is running) is probed ...
+    "keepalives_idle": 30,  # ... after 30 s of silence,
+    "keepalives_interval": 10,  # then every 10 s,
+    "keepalives_count": 3,  # and given up after 3 unanswered probes: about a minute
+    "tcp_user_timeout": 30_000,  # ms a statement sent may go unacknowledged before the connection is given up
+}
+"""libpq's connection parameters prorch gives psycopg unless the URL's query (``?keepalives_idle=60``),
+the engine's ``connect_args`` or, for ``connect_timeout``, ``PGCONNECT_TIMEOUT`` sets them:
+without them a network partition hangs each query, and the worker with it, until the kernel's
+TCP timeout (15 minutes and more), and an idle connection (the ``LISTEN``) is never found dead."""
+
+
+def connection_defaults(url: URL, given: dict[str, Any]) -> dict[str, Any]:
+    """``CONNECTION_DEFAULTS`` under what the URL and ``given`` (``connect_args``) set."""
+    chosen = {key: value for key, value in CONNECTION_DEFAULTS.items() if key not in url.query}
+    if "PGCONNECT_TIMEOUT" in os.environ:  # libpq's own, read only when no parameter is given
+        chosen.pop("connect_timeout", None)
+    return {**chosen, **given}
 
 
 class PostgreSQLBackend(SQLBackend):
@@ -77,6 +111,8 @@ class PostgreSQLBackend(SQLBackend):
             url = url.set(drivername=f"postgresql{plus}{driver}")
         if url.drivername in ("postgresql", "postgres"):
             url = url.set(drivername="postgresql+psycopg")
+        if url.drivername == "postgresql+psycopg":
+            options["connect_args"] = connection_defaults(url, options.get("connect_args", {}))
         return super()._create_engine(url, options)
 
     # --- waking idle workers (repositories.postgresql_wakeups) -------------------------------
@@ -260,6 +296,57 @@ class PostgreSQLRepository(SQLRepository):
         rows = connection.execute(select(done.c.uuid, true()).union_all(held)).all()
         busy = [(uuid, owners[uuid]) for uuid, renewed in rows if not renewed]
         return {uuid for uuid, renewed in rows if renewed}, busy
+
+    def renew_busy(self, busy: Sequence[tuple[str, str]], lease_expires_at: datetime) -> set[str]:
+        """Each lease whose row another transaction held during the batch, alone, waiting for
+        the rows ``BUSY_WAIT_SHARE`` of the lease at most in all (``lock_timeout``): a session
+        left idle in its transaction holding one must not hang the keeper's thread, and so
+        every other lease of the worker. One still held then is pending (``RenewalsPending``):
+        neither renewed nor lost, tried again at the keeper's next turn."""
+        budget = self._busy_budget(lease_expires_at)
+        deadline = time.monotonic() + budget
+        renewed: set[str] = set()
+        pending: set[str] = set()
+        for uuid, owner in busy:
+            left = deadline - time.monotonic()
+            outcome = self._renew_within(uuid, owner, lease_expires_at, left) if left > 0 else None
+            if outcome is None:
+                pending.add(uuid)
+            elif outcome:
+                renewed.add(uuid)
+        if pending:
+            raise RenewalsPending(
+                f"another transaction held its row for longer than the {budget:.2f}s a renewal waits (a session "
+                "idle in its transaction?); tried again at the next turn", renewed, pending,
+            )  # fmt: skip
+        return renewed
+
+    def _busy_budget(self, lease_expires_at: datetime) -> float:
+        """``BUSY_WAIT_SHARE`` of what is left of the lease being written, by the server's clock
+        (which the keeper follows), at least ``BUSY_WAIT_LEAST``."""
+        now = self.backend.server_time()
+        left = (lease_expires_at - now).total_seconds() if now is not None else 0.0
+        return max(BUSY_WAIT_LEAST, left * BUSY_WAIT_SHARE)
+
+    def _renew_within(self, uuid: str, owner: str, lease_expires_at: datetime, seconds: float) -> bool | None:
+        """``renew_lease``, waiting at most ``seconds`` for the row; None when that ran out."""
+        import psycopg
+
+        c = self.table.c
+        renew = (
+            update(self.table).where(c.uuid == uuid, c.lease_owner == owner).values(lease_expires_at=lease_expires_at)
+        )
+        timeout = f"{min(LOCK_TIMEOUT_MOST, max(1, round(seconds * 1000)))}ms"  # 0 would wait forever
+        backend = self.backend
+        with backend._errors(), backend._checkout(write=True) as connection:
+            try:
+                with connection.begin():
+                    connection.execute(LOCK_TIMEOUT, {"timeout": timeout})
+                    return connection.execute(renew).rowcount == 1
+            except OperationalError as exc:
+                if isinstance(exc.orig, psycopg.errors.LockNotAvailable):
+                    return None
+                raise
 
     def leases_in_table(self, connection: Connection, name: str) -> bool:
         """From ``pipeline_leases`` once the name is ready there (``postgresql_leases``) and still

@@ -37,6 +37,7 @@ from prorch.model.due import (
 from prorch.model.limit_rules import next_rotation
 from prorch.model.records import JSONDict
 from prorch.model.status import Status
+from prorch.storage.backend import RenewalsPending
 from prorch.storage.repository import ClaimsByRequest
 from repositories.sql_connections import SQLConnections
 from repositories.sql_limits import LimitedClaim
@@ -287,8 +288,8 @@ class SQLClaims(ClaimsByRequest):
 
     def renew_leases(self, leases: Sequence[tuple[str, str]], lease_expires_at: datetime) -> set[str]:
         """One statement per ``RENEW_CHUNK`` leases, in one transaction. A lease whose row
-        another transaction held (``renew_chunk``, PostgreSQL) is tried alone once that one is
-        committed (``renew_lease``: it waits for the row, then compares the token)."""
+        another transaction held (``renew_chunk``, PostgreSQL) is tried alone after it
+        (``renew_busy``); one still held then is pending (``RenewalsPending``, with all renewed)."""
         renewed: set[str] = set()
         busy: list[tuple[str, str]] = []
         with self.backend.connect(write=True) as connection:
@@ -296,7 +297,18 @@ class SQLClaims(ClaimsByRequest):
                 done, held = self.renew_chunk(connection, leases[start : start + RENEW_CHUNK], lease_expires_at)
                 renewed |= done
                 busy += held
-        return renewed | {uuid for uuid, owner in busy if self.renew_lease(uuid, owner, lease_expires_at)}
+        if not busy:
+            return renewed
+        try:
+            return renewed | self.renew_busy(busy, lease_expires_at)
+        except RenewalsPending as pending:
+            pending.renewed |= renewed
+            raise
+
+    def renew_busy(self, busy: Sequence[tuple[str, str]], lease_expires_at: datetime) -> set[str]:
+        """Renew alone each lease whose row another transaction held during the batch: the
+        uuids renewed. Here each waits for its row (``renew_lease``), then compares the token."""
+        return {uuid for uuid, owner in busy if self.renew_lease(uuid, owner, lease_expires_at)}
 
     def renew_chunk(
         self, connection: Connection, leases: Sequence[tuple[str, str]], lease_expires_at: datetime

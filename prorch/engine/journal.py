@@ -41,6 +41,7 @@ class Merge(enum.Enum):
 
     MERGED = "merged"  # we still hold the lease: the outside change is taken in, write again
     LEASE_LOST = "lease lost"  # another worker holds the pipeline now (or it ended): stop
+    UNMOVED = "unmoved"  # still ours and unchanged: another record (a step) refused it, no merge helps
 
 
 class Journal:
@@ -104,6 +105,7 @@ class Journal:
         """Read the run's records again, dropping what was not written; False if the lease is lost."""
         fresh = self.store.get_pipeline(run.pipeline.uuid)
         if fresh is None or (run.token is not None and fresh.lease_owner != run.token):
+            self._not_ours(run, fresh)
             return False
         reloaded = self.load(fresh)
         run.pipeline, run.steps, run.outputs = reloaded.pipeline, reloaded.steps, reloaded.outputs
@@ -152,7 +154,7 @@ class Journal:
                 yield Write.of([*steps, pipeline], added, run.consumed, snapshots=run.stored, token=run.token)
                 break
             except ConcurrentUpdateError:
-                if self.merge(run) is Merge.LEASE_LOST:
+                if self.merge(run) is not Merge.MERGED:
                     raise
         else:  # pragma: no cover - MAX_MERGES outside writes during one transition
             raise ConcurrentUpdateError(f"pipeline {pipeline.uuid} kept changing; giving up this transition")
@@ -166,20 +168,33 @@ class Journal:
 
     def merge(self, run: Run) -> Merge:
         """Our write was refused. If our lease token still holds the pipeline, someone wrote it
-        from outside: take their changes (revision, cancel request, priority) in."""
-        if run.token is None or not self.store.has_transaction:
+        from outside: take their changes (revision, cancel request, priority) in. Without a
+        transaction nothing is merged (the write's steps may be stored already), nor when the
+        pipeline has not moved: another of the write's records refused it, and writing again
+        would be refused again (it was, ``MAX_MERGES`` times)."""
+        if run.token is None:
             return Merge.LEASE_LOST
         fresh = self.store.get_pipeline(run.pipeline.uuid)
-        if fresh is not None and fresh.lease_owner != run.token and run.keeper is not None:
-            run.keeper.taken(run.pipeline.uuid)  # before the keeper's next turn could see it
-        if fresh is None or fresh.status in TERMINAL or fresh.lease_owner != run.token:
+        if fresh is None or fresh.lease_owner != run.token:
+            self._not_ours(run, fresh)
+            return Merge.LEASE_LOST
+        if fresh.status in TERMINAL or not self.store.has_transaction:
             return Merge.LEASE_LOST
         pipeline = run.pipeline
+        if fresh.revision == pipeline.revision:  # e.g. our own write, stored with its answer lost, moved a step
+            return Merge.UNMOVED
         pipeline.revision = fresh.revision
         pipeline.priority = fresh.priority
         pipeline.cancel_requested = pipeline.cancel_requested or fresh.cancel_requested
         run.woken = True  # a message may have arrived: be due again at once
         return Merge.MERGED
+
+    @staticmethod
+    def _not_ours(run: Run, fresh: PipelineRecord | None) -> None:
+        """Read again after a write of ours failed, the stored lease is not our token: tell the
+        keeper at once (before its next turn could see it), which decides whether it was lost."""
+        if fresh is not None and run.keeper is not None:
+            run.keeper.taken(run.pipeline.uuid, fresh.lease_owner)
 
     def mark_hook_running(self, run: Run) -> Writing[None]:
         """Store that a hook is about to run, unless the last write already did (it does when

@@ -17,6 +17,7 @@ from datetime import datetime
 from typing import Protocol, runtime_checkable
 
 from prorch.model.due import ClaimRequest, Runnable
+from prorch.model.exceptions import RepositoryError
 from prorch.model.records import (
     JSONDict,
     MessageRecord,
@@ -376,5 +377,18 @@ class BatchRenewal(Protocol):
         compare-and-set on the token, as ``renew_lease``), in one statement, transaction or
         write of the store; the uuids of those renewed (the others were lost, or are not
         stored). On a failure it raises: the keeper counts none of them renewed, and tries
-        again at its next turn."""
+        again at its next turn. Leases it could neither renew nor find lost in time (their
+        rows held by another transaction past a lock timeout) it reports by raising
+        ``RenewalsPending``, with the uuids it did renew."""
         ...
+
+
+class RenewalsPending(RepositoryError):
+    """``renew_leases`` renewed ``renewed`` but could not decide ``pending`` in time (their rows
+    held by other transactions): those are neither renewed nor lost, and the keeper tries them
+    again at its next turn."""
+
+    def __init__(self, message: str, renewed: set[str], pending: set[str]) -> None:
+        super().__init__(message)
+        self.renewed = renewed
+        self.pending = pending

@@ -228,12 +228,19 @@ class LeaseKeeper:
         self._refused(uuid, token)
         return False
 
-    def taken(self, uuid: str) -> None:
-        """A write of ours was refused and the stored lease is another's: lost (told once)."""
+    def taken(self, uuid: str, owner: str | None) -> None:
+        """A write of ours failed, and read again the pipeline's lease is ``owner``'s, not our
+        token: lost (told once) when another worker holds it, or released it (it held it). A
+        lease released (``owner`` None) when our write gave it up is no loss: that write was
+        most likely stored and only its answer lost (a dropped connection after the COMMIT)."""
         with self._lock:
             lease = self._held.get(uuid)
-        if lease is not None:
-            self._refused(uuid, lease.token, written=True)
+            if lease is None or lease.token == owner:
+                return
+            if owner is None and lease.releasing:
+                del self._held[uuid]
+                return
+        self._refused(uuid, lease.token, written=True)
 
     def _refused(self, uuid: str, token: str, *, written: bool = False) -> None:
         with self._lock:

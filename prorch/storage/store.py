@@ -31,7 +31,7 @@ from prorch.model.records import (
 from prorch.model.status import Status
 from prorch.model.workers import WorkerRow
 from prorch.storage import listing
-from prorch.storage.backend import Backend, BatchRenewal, Lease, Outcome, Snapshots, Write
+from prorch.storage.backend import Backend, BatchRenewal, Lease, Outcome, RenewalsPending, Snapshots, Write
 from prorch.storage.commits import SAVE_CHUNK, call
 from prorch.storage.composed import RepositoryBackend
 from prorch.storage.listing import PipelinePage
@@ -308,12 +308,16 @@ class Store:
         """Renew many leases (pipeline uuid, owner token), each by compare-and-set on its token:
         the uuids renewed, and the leases a store error kept from being renewed, with it (the
         others were lost). In one write where the backend can (``BatchRenewal``, which fails
-        as a whole: ``RepositoryError``); else one ``renew_lease`` each, an error keeping out
-        that lease alone."""
+        as a whole: ``RepositoryError``, but for the leases it could not decide in time:
+        ``RenewalsPending`` keeps out those alone); else one ``renew_lease`` each, an error
+        keeping out that lease alone."""
         if not leases:
             return set(), {}
         if isinstance(self.engine, BatchRenewal) and self.engine.batch_renewal:
-            return set(call("renew leases", self.engine.renew_leases, list(leases), lease_expires_at)), {}
+            try:
+                return set(call("renew leases", self.engine.renew_leases, list(leases), lease_expires_at)), {}
+            except RenewalsPending as pending:
+                return set(pending.renewed), dict.fromkeys(pending.pending, pending)
         renewed: set[str] = set()
         failed: dict[str, ProrchError] = {}
         for uuid, owner in leases:

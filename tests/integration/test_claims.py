@@ -16,9 +16,11 @@ from typing import Any
 import pytest
 from sqlalchemy import create_engine, delete, event, func, insert, select, text, update
 
+from prorch.model.clock import SystemClock
 from prorch.model.due import ClaimRequest
 from prorch.model.limit_rules import ClaimLimit, Fairness, RateLimit
 from prorch.model.records import Metadata, new_uuid
+from prorch.storage.leases import LeaseKeeper
 from prorch.storage.store import Store
 from repositories import from_url, postgresql, postgresql_leases, sql_claim
 from repositories import sqlite as sqlite_dialect
@@ -609,6 +611,50 @@ def test_leases_renewed_together_wait_for_no_row_while_holding_the_others(sql: A
         group_commit.dispose()
     assert results == [({r["uuid"] for r in rows}, {})]
     assert store.get_pipeline(busy).lease_expires_at == later  # type: ignore[union-attr]
+
+
+def test_a_lease_whose_row_an_idle_transaction_holds_waits_a_share_of_the_lease_and_is_not_lost(sql: Any) -> None:
+    """PostgreSQL: a session left idle in its transaction holds one lease's row. The keeper's
+    turn renewed that lease alone after the batch, waiting for the row with no limit: the
+    keeper thread, and so every other lease of the worker, hung until that session ended. Now
+    it waits a sixth of the lease at most: the turn returns, the other leases are renewed, and
+    that one is neither renewed nor lost (tried again at the next turn)."""
+    if sql.engine.dialect.name != "postgresql":
+        pytest.skip("SQLite has no row locks: its write lock orders the writers")
+    lease = 3.0
+    clock = SystemClock()
+    now = clock.now()
+    rows = [row("A", lease_owner="me#1", lease_expires_at=now + timedelta(seconds=lease)) for _ in range(5)]
+    fill(sql, rows)
+    store, c = Store(sql), pipelines.c
+    busy, others = rows[0]["uuid"], [r["uuid"] for r in rows[1:]]
+    keeper = LeaseKeeper(store, lease, clock)
+    keeper.hold([store.get_pipeline(r["uuid"]) for r in rows], time.monotonic())  # type: ignore[misc]
+    turn = threading.Thread(target=keeper.renew_all, daemon=True)
+    idle = create_engine(sql.engine.url)
+    try:
+        with idle.connect() as session:
+            session.execute(update(pipelines).where(c.uuid == busy).values(revision=c.revision + 1))  # left open
+            started = time.monotonic()
+            turn.start()
+            turn.join(10 * lease)
+            took = time.monotonic() - started
+            returned = not turn.is_alive()
+            session.rollback()
+        turn.join(10)
+    finally:
+        idle.dispose()
+    assert returned, "the keeper's turn waited for the idle transaction"
+    assert took < lease, took  # a sixth of the lease, and the batch: far below its end
+    assert all(expires(store, uuid) > now + timedelta(seconds=lease) for uuid in others)
+    assert expires(store, busy) == now + timedelta(seconds=lease)
+    assert keeper._lost == set() and set(keeper._held) == {r["uuid"] for r in rows}
+
+
+def expires(store: Store, uuid: str) -> datetime:
+    record = store.get_pipeline(uuid)
+    assert record is not None and record.lease_expires_at is not None
+    return record.lease_expires_at
 
 
 def test_a_pipeline_leased_between_the_window_and_the_lease_is_left_alone(sql: Any) -> None:

@@ -194,9 +194,25 @@ def test_a_transition_refused_time_after_time_gives_up_with_a_clear_error(
     run = loaded(journal)
     writing = journal.commit(run, [], stop=False)
     next(writing)
+    store = journal.store
     with pytest.raises(ConcurrentUpdateError, match=f"pipeline {run.pipeline.uuid} kept changing; giving up"):
         while True:  # every write refused by an outside write under our lease: merged, written again
+            outside = store.get_pipeline(run.pipeline.uuid)
+            assert outside is not None
+            stored = store.tracking([outside])
+            outside.priority += 1
+            store.commit([outside], snapshots=stored)
             writing.throw(ConcurrentUpdateError("refused"))
+
+
+def test_a_write_refused_while_the_pipeline_has_not_moved_is_not_written_again(journal: Journal) -> None:
+    """Refused, and the pipeline read again is still ours at the revision we wrote against:
+    another record of the write (a step) refused it, which no merge changes."""
+    run = loaded(journal)
+    writing = journal.commit(run, [], stop=False)
+    next(writing)
+    with pytest.raises(ConcurrentUpdateError, match="a step refused"):
+        writing.throw(ConcurrentUpdateError("a step refused"))
 
 
 class Order(BaseModel):

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from prorch import Orchestrator, Status, Step
+from prorch import Orchestrator, Pipeline, Status, Step
 from prorch.engine import Outcome, Runner, Writing, write_in_rounds
 from prorch.engine.extension import Extension
 from prorch.model import clock as clock_module
@@ -640,3 +640,131 @@ def test_a_write_refused_by_an_outside_change_while_we_hold_the_lease_is_no_loss
     assert lost == [] and keeper._lost == set()
     stored = store.get_pipeline(claimed[0].uuid)
     assert stored is not None and stored.revision >= before + 2  # the outside write, then ours
+
+
+# --- a refused write tells a loss only when another worker holds the lease --------------------
+
+
+def faulty_store(
+    registry: Registry, flow: type[Pipeline], count: int = 1, **faults: Any
+) -> tuple[FaultyBackend, Store, list[PipelineRecord], LeaseKeeper, list[str]]:
+    """``count`` pipelines of ``flow`` claimed on a fault-injecting store, held by a keeper
+    (not started: no turn of it sees anything) that tells its losses into the list returned."""
+    backend = FaultyBackend(MemoryBackend(), rate=0.0, **faults)
+    harness = Harness(backend, registry=registry)
+    for _ in range(count):
+        harness.create(flow)
+    store = Store(backend)
+    lost: list[str] = []
+    since, now = time.monotonic(), harness.clock.now()
+    claimed = store.claim_due(now, "me#1", now + timedelta(seconds=30), 10)
+    keeper = LeaseKeeper(store, 30, harness.clock, on_lost=lost.append)
+    keeper.hold(claimed, since)
+    return backend, store, claimed, keeper, lost
+
+
+def test_a_release_stored_but_reported_failed_is_no_lost_lease(registry: Registry) -> None:
+    """A round of two releasing writes is stored, but the COMMIT's answer is lost (the
+    connection dropped after it): each write, tried again alone, is refused, and the fresh
+    record shows the lease released, by us. That is no loss (it was told as one)."""
+    backend: FaultyBackend
+
+    def on_start(step: Step) -> None:
+        backend.plan("commit", after=True)  # the round of both pipelines' last writes
+
+    backend, store, claimed, keeper, lost = faulty_store(registry, pipeline_of(step_of("Last", on_start=on_start)), 2)
+    runner = Runner(store, registry, keeper.clock, lease_seconds=30)
+    results = write_in_rounds(store, [guarded(runner.advancing(p, keeper)) for p in claimed], group=2)
+
+    assert backend.faults == 1 and all(isinstance(r, ConcurrentUpdateError) for r in results), results
+    for pipeline in claimed:
+        stored = store.get_pipeline(pipeline.uuid)
+        assert stored is not None and stored.status == Status.FINISHED and stored.lease_owner is None
+    assert lost == [] and keeper._lost == set()
+
+
+def taken_over(store: Store, keeper: LeaseKeeper, uuid: str) -> None:
+    """Another worker claims ``uuid``, our lease having run out (as seen from past its end)."""
+    ahead = keeper.clock.now() + timedelta(seconds=31)
+    assert store.claim_one(uuid, ahead, "thief#1", ahead + timedelta(seconds=30)) is not None
+
+
+def test_a_failed_write_whose_pipeline_another_worker_took_is_a_lost_lease(registry: Registry) -> None:
+    """The hook's results fail to be stored (a store error, not a refusal) and, read again, the
+    pipeline is another worker's: a lost lease, told once (``Journal.reload`` said only False)."""
+    backend: FaultyBackend
+    store: Store
+    keeper: LeaseKeeper
+
+    def on_start(step: Step) -> None:
+        taken_over(store, keeper, step.pipeline_uuid)
+        backend.plan("compare_and_set")  # the first statement of the hook's write
+
+    backend, store, claimed, keeper, lost = faulty_store(registry, pipeline_of(step_of("Last", on_start=on_start)))
+    runner = Runner(store, registry, keeper.clock, lease_seconds=30)
+    results = write_in_rounds(store, [guarded(runner.advancing(p, keeper)) for p in claimed], group=1)
+
+    assert backend.faults == 1 and isinstance(results[0], ConcurrentUpdateError), results
+    assert lost == ["P"] and keeper._lost == {claimed[0].uuid}
+    keeper.renew_all()
+    assert lost == ["P"]
+
+
+def test_a_write_refused_on_a_store_without_transactions_tells_a_lost_lease(registry: Registry) -> None:
+    """Without transactions a refused write is not merged and made again (its steps may be
+    written already), but when another worker holds the lease it is still a loss, told once."""
+    store: Store
+    keeper: LeaseKeeper
+
+    def on_start(step: Step) -> None:
+        taken_over(store, keeper, step.pipeline_uuid)
+
+    flow = pipeline_of(step_of("Last", on_start=on_start))
+    _, store, claimed, keeper, lost = faulty_store(registry, flow, transactions=False)
+    assert not store.has_transaction
+    runner = Runner(store, registry, keeper.clock, lease_seconds=30)
+    results = write_in_rounds(store, [guarded(runner.advancing(p, keeper)) for p in claimed], group=1)
+
+    assert isinstance(results[0], ConcurrentUpdateError), results
+    assert lost == ["P"] and keeper._lost == {claimed[0].uuid}
+
+
+def test_a_release_stored_whose_answer_was_lost_is_no_loss_without_transactions_either(registry: Registry) -> None:
+    """The pipeline's statement, the last of a write without a transaction, stores the release
+    but fails after: read again, the lease is released (by us), not another's: no loss."""
+    backend: FaultyBackend
+
+    def on_start(step: Step) -> None:
+        backend.plan("PIPELINE.compare_and_set", after=True)
+
+    flow = pipeline_of(step_of("Last", on_start=on_start))
+    backend, store, claimed, keeper, lost = faulty_store(registry, flow, transactions=False)
+    runner = Runner(store, registry, keeper.clock, lease_seconds=30)
+    results = write_in_rounds(store, [guarded(runner.advancing(p, keeper)) for p in claimed], group=1)
+
+    assert backend.faults == 1 and isinstance(results[0], ConcurrentUpdateError), results
+    stored = store.get_pipeline(claimed[0].uuid)
+    assert stored is not None and stored.status == Status.FINISHED and stored.lease_owner is None
+    assert lost == [] and keeper._lost == set()
+
+
+def test_a_transition_stored_but_reported_failed_is_not_merged_a_thousand_times(registry: Registry) -> None:
+    """A round of two transitions that keep their leases (``on_start`` without a verdict) is
+    stored, its COMMIT's answer lost. Each write, tried alone, is refused: the pipeline moved
+    (by our own write), so it is merged and written again, and refused again, now by its step
+    (written by us too), which no merge can change. That went on ``MAX_MERGES`` (1000) times,
+    a read and a write each; it stops once the pipeline, read again, has not moved."""
+    backend: FaultyBackend
+
+    def on_start(step: Step) -> None:
+        backend.plan("commit", after=True)
+
+    flow = pipeline_of(step_of("Two", on_start=on_start, on_continue=lambda step: step.finish()))
+    backend, store, claimed, keeper, lost = faulty_store(registry, flow, 2)
+    reads = backend.calls.get("get", 0)
+    runner = Runner(store, registry, keeper.clock, lease_seconds=30)
+    results = write_in_rounds(store, [guarded(runner.advancing(p, keeper)) for p in claimed], group=2)
+
+    assert backend.faults == 1 and all(isinstance(r, ConcurrentUpdateError) for r in results), results
+    assert backend.calls["get"] - reads <= 2 * 3, backend.calls  # per pipeline: its steps, then two merges
+    assert lost == [] and keeper._lost == set()
