@@ -97,8 +97,8 @@ class LimitedClaim:
     ) -> list[tuple[Any, str]]:  # fmt: skip
         """Up to ``most`` due pipelines of ``name`` that its limits let a claim take now, as
         (row, uuid) in the order it takes them (claim order; a fair name's turns, from the
-        claim's ``rotation``), not leased yet: the caller holds the name's lock until it has
-        leased those it keeps (``lease``)."""
+        claim's ``rotation``, each with the row whose place in the claim order it takes), not
+        leased yet: the caller holds the name's lock until it has leased those it keeps (``lease``)."""
         limit = limits[name]
         tally = Tally(limits)
         bound = {"_name": name, "_now": params["_now"]}
@@ -199,7 +199,13 @@ class LimitedClaim:
             of_key = connection.execute(self.locked_group_heads, {**bound, "_group": key, "_limit": share}).mappings()
             found.update((row["uuid"], row) for row in of_key)
         due = [(row, (row, row["uuid"])) for row in sorted(found.values(), key=row_claim_order)]
-        return within_limits(fair_order(due, {name: limit}, rotation), tally, room)
+        # each one taken holds the place (the claim order) of the candidate whose place its turn
+        # fills: a fair name's turns hold the places of its first due ones in the one claim order
+        # (``merge_in_claim_order``), not their own later ones, which younger pipelines of other
+        # names would take
+        ordered = fair_order(due, {name: limit}, rotation)
+        placed = [(row, (due[place][0], uuid)) for place, (row, (_, uuid)) in enumerate(ordered)]
+        return within_limits(placed, tally, room)
 
     @staticmethod
     def _share(limit: ClaimLimit, tally: Tally, name: str, key: str, keys: list[str], room: int) -> int:

@@ -243,6 +243,22 @@ def test_a_fair_name_s_groups_take_turns_beside_another_limited_name(sql: Any) -
     assert len(groups) == 4 and all(a != b for a, b in itertools.pairwise(groups)), groups
 
 
+def test_a_fair_name_s_turns_hold_its_places_beside_an_unlimited_name(sql: Any) -> None:
+    """Claims of one beside an unlimited name (B) due between the fair name's groups: the fair
+    name's turns fill the places its first due pipelines hold in the one claim order
+    (docs/concepts.md), as on memory and TinyDB. The SQL claim placed each chosen pipeline at its
+    own due time: the small group's turn, due after B's, lost to B at every claim, so claims of
+    one alternated the big group with B and the small group waited for all of B's backlog."""
+    fill(sql, [row("F", minutes=-60 + i, concurrency_key='"big"') for i in range(3)])
+    fill(sql, [row("F", minutes=-10, concurrency_key='"small"')])
+    fill(sql, [row("B", minutes=-40 + i) for i in range(3)])
+    limits, runnable = {"F": ClaimLimit(fair=Fairness())}, frozenset({("B", 1), ("F", 1)})
+    store = Store(sql)
+    taken = [p for n in range(6) for p in store.claim(ClaimRequest(NOW, f"w{n}", UNTIL, 1, limits, runnable))]
+    assert [p.name for p in taken] == ["F"] * 4 + ["B"] * 2, [(p.name, p.concurrency_key) for p in taken]
+    assert '"small"' in [p.concurrency_key for p in taken[:2]]  # its turn comes in the first two claims
+
+
 def test_a_per_key_claim_reads_key_by_key_past_a_full_key_s_backlog(sql: Any) -> None:
     """``max_running_per_key`` with one key full and 1,500 due ahead of another key's three: the
     claim reads the few keys and each key's first due ones not the full key's backlog (the walk
