@@ -334,7 +334,7 @@ def fair_order(
     due: Sequence[tuple[Row, KeptT]], limits: Mapping[str, ClaimLimit], start: int | None = None
 ) -> list[tuple[Row, KeptT]]:
     """Due rows (in claim order) with those of fair names taken from their groups in turn: the
-    places the fair rows hold are refilled with them in order of turn / weight, so that a
+    places each fair name's rows hold are refilled with them in order of turn / weight, so that a
     group's long backlog does not hold back another group's first pipeline. Turns carry no
     memory from one claim to the next, so the group that goes first within a turn rotates by
     ``start`` (default: this process's next claim), else claims of one pipeline would always
@@ -355,9 +355,11 @@ def fair_order(
             rank = ranks.setdefault(name, {}).setdefault(group, len(ranks[name]))
             places.append(place)
             found.append((turns[(name, group)] / fairness.weight(group), name, rank, place, (row, kept)))
-    keyed = [((turn, (rank - first) % len(ranks[name]), place), item) for turn, name, rank, place, item in found]
+    keyed = [((name, turn, (rank - first) % len(ranks[name]), place), item) for turn, name, rank, place, item in found]
+    by_name = sorted(zip([str(due[place][0].get("name", "")) for place in places], places, strict=True))
     ordered = list(due)
-    for place, (_, item) in zip(places, sorted(keyed, key=lambda pair: pair[0]), strict=True):
+    # each name's turns fill its own places (by name, then turn): one name's turns never take another's
+    for (_, place), (_, item) in zip(by_name, sorted(keyed, key=lambda pair: pair[0]), strict=True):
         ordered[place] = item
     return ordered
 

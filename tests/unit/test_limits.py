@@ -216,3 +216,15 @@ def test_fair_order_gives_a_weighted_group_its_turns() -> None:
     due = fair_rows(*["free"] * 6, *["gold"] * 6)
     taken = [row["concurrency_key"] for row, _ in fair_order(due, limits, start=0)[:8]]
     assert taken.count('"gold"') == 6 and taken.count('"free"') == 2
+
+
+def test_fair_order_keeps_each_fair_name_in_its_own_places() -> None:
+    """Two fair names: each one's turns fill the places its own pipelines hold (docs/concepts.md,
+    and the SQL claim, which orders each name apart). The turns of both were sorted together
+    into all their places, so a name's first turn took another name's place: G's second group
+    (due last) came before F's second pipeline, and a claim of two took F's and G's instead of
+    F's two, which the claim order puts first."""
+    limits = {"F": ClaimLimit(fair=Fairness()), "G": ClaimLimit(fair=Fairness())}
+    due = [*fair_rows("f0", "f0"), *fair_rows("g0", "g1", name="G")]
+    due = [(row, i) for i, (row, _) in enumerate(due)]
+    assert [kept for _, kept in fair_order(due, limits, start=0)] == [0, 1, 2, 3]
