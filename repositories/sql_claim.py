@@ -152,13 +152,26 @@ class SQLClaims(ClaimsByRequest):
         return cast(T, found)
 
     def search_due(self, now: datetime, limit: int) -> list[JSONDict]:
-        query = self._searches.get("_due")
-        if query is None:
-            due = self._due_query().subquery()
-            query = self._searches["_due"] = select(self.table).where(self.table.c.uuid.in_(select(due.c.uuid)))
+        """Due pipelines in claim order, unleased; by levels where the claim is (``by_levels``):
+        the one walk, on a SQLite store never analyzed, sorted every due row each call."""
+        query, level_query = self._search("_due", level=False), self._search("_due_level", level=True)
         with self.backend.connect(write=False) as connection:
-            rows = connection.execute(query, {"_now": now, "_limit": limit}).mappings().all()
+
+            def run(level: dict[str, Any] | None) -> list[Any]:
+                if level is None:  # every level in one walk
+                    return list(connection.execute(query, {"_now": now, "_limit": limit}).mappings())
+                return list(connection.execute(level_query, {"_now": now, **level}).mappings())
+
+            rows = self._by_levels(self._levels(connection), run, limit) if self.by_levels and limit > 0 else run(None)
         return self._by_priority([self._to_record(row) for row in rows])
+
+    def _search(self, key: str, *, level: bool) -> Any:
+        """``search_due``'s statement (of one priority level with ``level``), built once."""
+        query = self._searches.get(key)
+        if query is None:
+            due = self._due_query(level=level).subquery()
+            query = self._searches[key] = select(self.table).where(self.table.c.uuid.in_(select(due.c.uuid)))
+        return query
 
     def claim(self, request: ClaimRequest) -> list[JSONDict]:
         """Lease due pipelines in one statement; ``_claim_limited`` when the request has limits."""

@@ -383,6 +383,41 @@ def test_search_due_reads_in_claim_order_up_to_the_limit(sql: Any) -> None:
     assert all(r["lease_owner"] is None for r in found)
 
 
+@pytest.mark.parametrize("levels", [3, 70], ids=["few priorities", "more than FEW_LEVELS"])
+def test_a_sqlite_search_due_walks_by_levels_in_a_store_never_analyzed(
+    tmp_path: Any, request: pytest.FixtureRequest, levels: int
+) -> None:
+    """Regression: ``search_due`` (the idle worker's look at another process's writes, a store's
+    listing of due work) walked every level in one statement, which SQLite without statistics
+    planned on ``ix_pipelines_due`` and sorted every due row each call ("USE TEMP B-TREE").
+    Now it reads one priority at a time, as the claim does; the same rows in claim order."""
+    backend = make_backend("sqlite", tmp_path, request)
+    leased = {"lease_owner": "x", "lease_expires_at": NOW + timedelta(minutes=1)}
+    rows = [row(NAMES[i % 3], priority=i % levels, minutes=-(i % 500) - 1) for i in range(1_500)]
+    rows += [row("A", priority=levels + 5, minutes=60 + i) for i in range(300)]  # waiting, a higher level
+    rows += [row("B", priority=levels + 4, minutes=-5, **leased)]
+    with backend.engine.begin() as connection:
+        connection.execute(insert(pipelines), rows)  # and no ANALYZE: as prorch leaves a store
+    due = sorted((r for r in rows if r["next_run_at"] <= NOW and r["lease_owner"] is None), key=row_order)
+    plans = Plans(backend)
+    try:
+        found = [backend("PIPELINE").search_due(NOW, size) for size in (1, 50, 2_000)]
+    finally:
+        plans.close()
+    for size, rows_found in zip((1, 50, 2_000), found, strict=True):
+        assert [r["uuid"] for r in rows_found] == [r["uuid"] for r in due[:size]]
+    assert plans.plans, "no search statement seen"
+    if levels <= sql_claim.FEW_LEVELS:
+        for plan in plans.plans:
+            assert "TEMP B-TREE" not in plan, plan
+            assert "ix_pipelines_claim" in plan and "next_run_at<?" in plan, plan
+    backend.dispose()
+
+
+def row_order(r: dict[str, Any]) -> tuple[int, datetime, str]:
+    return (-r["priority"], r["next_run_at"], r["uuid"])
+
+
 def test_claim_one_and_renew_lease(sql: Any) -> None:
     """``claim_one`` whatever the next run: not another owner's live lease, again our own, an
     expired one; an ended pipeline as it is, unleased; a missing one None. ``renew_lease`` only
