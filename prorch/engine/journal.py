@@ -156,7 +156,7 @@ class Journal:
             except ConcurrentUpdateError as exc:
                 merge = self.merge(run)
                 if merge is Merge.UNMOVED:
-                    raise self._unconfirmed(run, exc) from exc
+                    raise self._unconfirmed(run) from exc
                 if merge is not Merge.MERGED:
                     raise
         else:  # pragma: no cover - MAX_MERGES outside writes during one transition
@@ -193,7 +193,7 @@ class Journal:
         return Merge.MERGED
 
     @staticmethod
-    def _unconfirmed(run: Run, refused: ConcurrentUpdateError) -> UnconfirmedWriteError:
+    def _unconfirmed(run: Run) -> UnconfirmedWriteError:
         """Our write, reported failed, left the pipeline ours and unchanged (likely stored, its
         answer lost): nothing of it runs here any more, so its lease, and the hook mark it may
         have stored, are given back at the keeper's next chance, not left to run out (the mark
@@ -203,8 +203,8 @@ class Journal:
         if run.keeper is not None:
             run.keeper.give_back_later(uuid)
         return UnconfirmedWriteError(
-            f"pipeline {uuid}: write refused ({refused}), yet the pipeline is still ours and unchanged (likely "
-            "our own write, stored with its answer lost); its lease is given back, it resumes at the next claim",
+            f"pipeline {uuid}: write refused, yet the pipeline is still ours and unchanged (likely our own "
+            "write, stored with its answer lost); its lease is given back, it resumes at the next claim",
             uuid=uuid,
         )
 
