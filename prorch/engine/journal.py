@@ -22,7 +22,7 @@ from prorch.engine.extension import Extensions
 from prorch.engine.policy import Policies
 from prorch.engine.state import Outcome, Run, Writing
 from prorch.model.clock import Clock
-from prorch.model.exceptions import ConcurrentUpdateError
+from prorch.model.exceptions import ConcurrentUpdateError, UnconfirmedWriteError
 from prorch.model.jsonvalue import copy_json
 from prorch.model.records import ErrorInfo, PipelineRecord, Record, StepRecord, StreamRecord
 from prorch.model.registry import Registry
@@ -153,8 +153,11 @@ class Journal:
             try:
                 yield Write.of([*steps, pipeline], added, run.consumed, snapshots=run.stored, token=run.token)
                 break
-            except ConcurrentUpdateError:
-                if self.merge(run) is not Merge.MERGED:
+            except ConcurrentUpdateError as exc:
+                merge = self.merge(run)
+                if merge is Merge.UNMOVED:
+                    raise self._unconfirmed(run) from exc
+                if merge is not Merge.MERGED:
                     raise
         else:  # pragma: no cover - MAX_MERGES outside writes during one transition
             raise ConcurrentUpdateError(f"pipeline {pipeline.uuid} kept changing; giving up this transition")
@@ -188,6 +191,22 @@ class Journal:
         pipeline.cancel_requested = pipeline.cancel_requested or fresh.cancel_requested
         run.woken = True  # a message may have arrived: be due again at once
         return Merge.MERGED
+
+    @staticmethod
+    def _unconfirmed(run: Run) -> UnconfirmedWriteError:
+        """Our write, reported failed, left the pipeline ours and unchanged (likely stored, its
+        answer lost): nothing of it runs here any more, so its lease, and the hook mark it may
+        have stored, are given back at the keeper's next chance, not left to run out (the mark
+        would then charge a crash). ``give_back`` is a compare-and-set on our token: safe
+        whatever was stored."""
+        uuid = run.pipeline.uuid
+        if run.keeper is not None:
+            run.keeper.give_back_later(uuid)
+        return UnconfirmedWriteError(
+            f"pipeline {uuid}: write refused, yet the pipeline is still ours and unchanged (likely our own "
+            "write, stored with its answer lost); its lease is given back, it resumes at the next claim",
+            uuid=uuid,
+        )
 
     @staticmethod
     def _not_ours(run: Run, fresh: PipelineRecord | None) -> None:

@@ -24,7 +24,13 @@ from prorch.engine.runner import Runner
 from prorch.engine.state import Outcome, Writing
 from prorch.model.clock import Clock
 from prorch.model.due import ClaimRequest, Runnable
-from prorch.model.exceptions import ConcurrentUpdateError, LeaseLostError, RepositoryError, StoreUnreachableError
+from prorch.model.exceptions import (
+    ConcurrentUpdateError,
+    LeaseLostError,
+    RepositoryError,
+    StoreUnreachableError,
+    UnconfirmedWriteError,
+)
 from prorch.model.records import PipelineRecord, StepRecord
 from prorch.model.registry import Registry
 from prorch.model.status import TERMINAL, Status
@@ -241,7 +247,7 @@ def advancing(
     """One pipeline's advance; an error is logged and recorded on it, and the pass goes on."""
     try:
         return (yield from runner.advancing(pipeline, keeper, steps, marked=marked))
-    except LeaseLostError as exc:
+    except (LeaseLostError, UnconfirmedWriteError) as exc:
         logger.warning("%s", exc, extra={"pipeline_uuid": pipeline.uuid})
         return f"{type(exc).__name__}: {exc}"
     except ConcurrentUpdateError as exc:

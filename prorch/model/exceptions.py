@@ -131,6 +131,11 @@ class ConcurrentUpdateError(RepositoryError):
     """The record changed since it was read (another orchestrator holds it); the write was refused."""
 
 
+class UnconfirmedWriteError(ConcurrentUpdateError):
+    """A write was refused, yet the pipeline, read again, is still ours and unchanged: most
+    likely our own write, stored with its answer lost. The advance ends; its lease is given back."""
+
+
 class LeaseLostError(ConcurrentUpdateError):
     """This worker no longer holds the pipeline's lease (a renewal was refused: it ran out and
     another worker claimed it), so it starts none of its hooks."""

@@ -91,8 +91,9 @@ class LeaseKeeper:
             self._lost.discard(uuid)
 
     def give_back_later(self, uuid: str) -> None:
-        """The advance of ``uuid`` ended because the store was unreachable: its lease is most
-        likely still stored as ours, with nothing of it running here. ``give_back`` expires it
+        """The advance of ``uuid`` ended because the store was unreachable, or a write's answer
+        was lost (``UnconfirmedWriteError``): its lease is most likely still stored as ours,
+        with nothing of it running here. ``give_back`` expires it
         once the store answers, so that the pipeline resumes then, not when the lease runs out."""
         with self._lock:
             lease = self._held.get(uuid)
@@ -115,8 +116,8 @@ class LeaseKeeper:
                 self._unsettled.pop(uuid, None)
             if given:
                 logger.info(
-                    "pipeline %s: gave its lease back, its transition was not stored (store unreachable); "
-                    "it resumes at the next claim", uuid, extra={"pipeline_uuid": uuid},
+                    "pipeline %s: gave its lease back, its advance ended on a store failure (unreachable, or "
+                    "an answer lost); it resumes at the next claim", uuid, extra={"pipeline_uuid": uuid},
                 )  # fmt: skip
 
     def _give_back(self, uuid: str, lease: _Lease) -> bool:

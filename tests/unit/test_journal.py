@@ -20,7 +20,7 @@ from prorch.engine.journal import Journal, Merge
 from prorch.engine.policy import Policies
 from prorch.engine.rounds import write_each
 from prorch.engine.state import Run
-from prorch.model.exceptions import RepositoryError
+from prorch.model.exceptions import RepositoryError, UnconfirmedWriteError
 from prorch.model.records import EventRecord, Record
 from prorch.model.registry import Registry
 from prorch.model.status import EventType
@@ -211,8 +211,9 @@ def test_a_write_refused_while_the_pipeline_has_not_moved_is_not_written_again(j
     run = loaded(journal)
     writing = journal.commit(run, [], stop=False)
     next(writing)
-    with pytest.raises(ConcurrentUpdateError, match="a step refused"):
+    with pytest.raises(UnconfirmedWriteError, match="still ours and unchanged") as raised:
         writing.throw(ConcurrentUpdateError("a step refused"))
+    assert str(raised.value.__cause__) == "a step refused"
 
 
 class Order(BaseModel):

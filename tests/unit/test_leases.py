@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from prorch import Orchestrator, Pipeline, Status, Step
-from prorch.engine import Outcome, Runner, Writing, write_in_rounds
+from prorch.engine import Outcome, Runner, Writing, passes, write_in_rounds
 from prorch.engine.extension import Extension
 from prorch.model import clock as clock_module
 from prorch.model.clock import ServerAlignedClock, SystemClock
@@ -768,3 +768,36 @@ def test_a_transition_stored_but_reported_failed_is_not_merged_a_thousand_times(
     assert backend.faults == 1 and all(isinstance(r, ConcurrentUpdateError) for r in results), results
     assert backend.calls["get"] - reads <= 2 * 3, backend.calls  # per pipeline: its steps, then two merges
     assert lost == [] and keeper._lost == set()
+
+
+def test_a_transition_stored_but_reported_failed_gives_its_lease_back(
+    registry: Registry, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The same lost answer ends both advances with their leases and hook marks stored as ours,
+    nothing of them running here. They were left to run out (a lease later), and the marks made
+    the next claim run them alone, as after a crash. Given back at the next claim (``give_back``,
+    as after an outage), they are claimable at once, without a mark, and finish."""
+    backend: FaultyBackend
+
+    def on_start(step: Step) -> None:
+        backend.plan("commit", after=True)
+
+    flow = pipeline_of(step_of("Two", on_start=on_start, on_continue=lambda step: step.finish()))
+    backend, store, claimed, keeper, lost = faulty_store(registry, flow, 2)
+    runner = Runner(store, registry, keeper.clock, lease_seconds=30)
+    results = write_in_rounds(store, [passes.advancing(runner, p, keeper, None) for p in claimed], group=2)
+    assert backend.faults == 1 and all(str(r).startswith("UnconfirmedWriteError") for r in results), results
+    assert "another orchestrator holds it" not in caplog.text
+    backend.planned.clear()  # the second hook's plan: the round had failed already
+
+    keeper.give_back()  # the worker's next claim
+    now = keeper.clock.now()
+    again = store.claim_due(now, "me#2", now + timedelta(seconds=30), 10)
+    assert sorted(p.uuid for p in again) == sorted(p.uuid for p in claimed)
+    assert all(p.hook_started_at is None and p.crashes == 0 for p in again), again
+    keeper.hold(again, time.monotonic())
+    write_in_rounds(store, [guarded(runner.advancing(p, keeper)) for p in again], group=2)
+    for pipeline in again:
+        stored = store.get_pipeline(pipeline.uuid)
+        assert stored is not None and stored.status == Status.FINISHED and stored.crashes == 0
+    assert lost == []
