@@ -69,7 +69,7 @@ class SQLClaims(ClaimsByRequest):
     _searches: dict[str, Any]
     _claims: dict[tuple[str, Runnable | None], Any]
     by_levels: ClassVar[bool] = False
-    """SQLite: claim one priority level at a time (``_by_levels``). prorch never runs ANALYZE,
+    """SQLite: claim one priority level at a time (``_walk``). prorch never runs ANALYZE,
     and without statistics SQLite planned the one walk in claim order on ``ix_pipelines_due``
     and sorted every due row (O(backlog) a claim); with ``priority = ?`` the walk is a range of
     ``ix_pipelines_claim`` up to ``next_run_at <= now``: the rows it takes, whatever the backlog
@@ -115,11 +115,13 @@ class SQLClaims(ClaimsByRequest):
         without reading the pending rows: a dialect with ``by_levels`` gives them."""
         raise NotImplementedError
 
-    @staticmethod
-    def _by_levels(levels: list[int], run: Callable[[dict[str, Any] | None], list[Any]], limit: int) -> list[Any]:
-        """Up to ``limit`` rows of a claim statement run one priority level at a time, highest
-        first (``run`` with its level's values; or once with None, the one walk of every level,
-        when there are more than ``FEW_LEVELS``)."""
+    def _walk(self, connection: Connection, run: Callable[[dict[str, Any] | None], list[Any]], limit: int) -> list[Any]:
+        """Up to ``limit`` rows of a claim statement: ``run`` once with None (the one walk of
+        every level), or, where the dialect claims ``by_levels``, once per pending priority,
+        highest first, with its level's values (the one walk again past ``FEW_LEVELS``)."""
+        if not self.by_levels:
+            return run(None)
+        levels = self._levels(connection)
         if len(levels) > FEW_LEVELS:
             return run(None)
         rows: list[Any] = []
@@ -162,7 +164,7 @@ class SQLClaims(ClaimsByRequest):
                     return list(connection.execute(query, {"_now": now, "_limit": limit}).mappings())
                 return list(connection.execute(level_query, {"_now": now, **level}).mappings())
 
-            rows = self._by_levels(self._levels(connection), run, limit) if self.by_levels and limit > 0 else run(None)
+            rows = self._walk(connection, run, limit) if limit > 0 else run(None)
         return self._by_priority([self._to_record(row) for row in rows])
 
     def _search(self, key: str, *, level: bool) -> Any:
@@ -218,7 +220,7 @@ class SQLClaims(ClaimsByRequest):
                         return list(connection.execute(free, bound).mappings())
                     return list(connection.execute(free_level, {**bound, **level}).mappings())
 
-                unlimited = self._by_levels(self._levels(connection), walk, limit) if self.by_levels else walk(None)
+                unlimited = self._walk(connection, walk, limit)
             last = row_claim_order(unlimited[-1]) if len(unlimited) >= limit else None
             sources: list[list[tuple[Any, str]]] = [[(row, row["uuid"]) for row in unlimited]]
             for name in names:

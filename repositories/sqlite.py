@@ -249,7 +249,7 @@ class SQLiteRepository(SQLRepository):
         with self.backend.transaction(), self.backend._errors():
             connection = self.backend.current_connection()
             assert connection is not None, "inside transaction()"
-            found = self._by_levels(self._levels(connection), run, request.limit)
+            found = self._walk(connection, run, request.limit)
         return self._by_priority([self.fast.record(row) for row in found])
 
     def _levels(self, connection: Connection) -> list[int]:
