@@ -187,7 +187,9 @@ class PostgreSQLBackend(SQLBackend):
     def lock_name(self, connection: Connection, name: str) -> None:
         """A transaction-scoped advisory lock per pipeline name: two workers counting and
         claiming the same limited name take turns (``max_running``)."""
-        connection.execute(text("SELECT pg_advisory_xact_lock(hashtext(:key))"), {"key": f"prorch:limit:{name}"})
+        connection.execute(
+            text("SELECT pg_advisory_xact_lock(hashtext(:key))"), {"key": postgresql_leases.limit_lock_key(name)}
+        )
 
     def lock_key(self, key: str) -> None:
         """A transaction-scoped advisory lock on the creation key's bucket (``KEY_LOCK_BUCKETS``):

@@ -70,6 +70,13 @@ STALE = text(
 # a claim of the name holds this lock while it counts and claims (``PostgreSQLBackend.lock_name``):
 # not waited for, the name is dropped at a later refresh
 TRY_LOCK = text("SELECT pg_try_advisory_xact_lock(hashtext(:key))")
+
+
+def limit_lock_key(name: str) -> str:
+    """The advisory lock key of a limited name's claims (``PostgreSQLBackend.lock_name``)."""
+    return f"prorch:limit:{name}"
+
+
 DROP = text(
     "DELETE FROM pipeline_limited_names WHERE name = :name "
     "AND limited_at < now() - make_interval(secs => :kept) RETURNING name"
@@ -91,7 +98,7 @@ def keep_limited_names(engine: Engine, limited: Sequence[str]) -> list[str]:
         stale = connection.execute(STALE, {"names": names, "kept": LIMITED_NAME_KEPT}).scalars().all()
         connection.commit()
         for name in stale:
-            locked = connection.execute(TRY_LOCK, {"key": f"prorch:limit:{name}"}).scalar()
+            locked = connection.execute(TRY_LOCK, {"key": limit_lock_key(name)}).scalar()
             if locked and connection.execute(DROP, {"name": name, "kept": LIMITED_NAME_KEPT}).first() is not None:
                 connection.execute(DROP_LEASES, {"name": name})
                 dropped.append(name)

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from sqlalchemy import BigInteger, Boolean, Float, Integer, Table
+from sqlalchemy import BigInteger, Float, Integer, Table
 
 from prorch.model.jsonvalue import dumps
 from prorch.model.records import JSONDict
@@ -34,8 +34,6 @@ def _cast(column: Any) -> str:
         return "::integer"
     if isinstance(column.type, Float):
         return "::double precision"
-    if isinstance(column.type, Boolean):
-        return "::boolean"
     return _CASTS[column_kind(column.type)]
 
 

@@ -343,7 +343,7 @@ def fair_order(
     if not any(limit.fair is not None for limit in limits.values()):
         return list(due)
     first = next(_ROTATIONS) if start is None else start
-    places, found = [], []
+    found = []
     turns: Counter[tuple[str, str]] = Counter()
     ranks: dict[str, dict[str, int]] = {}
     for place, (row, kept) in enumerate(due):
@@ -353,10 +353,9 @@ def fair_order(
             group = fair_group(row)
             turns[(name, group)] += 1
             rank = ranks.setdefault(name, {}).setdefault(group, len(ranks[name]))
-            places.append(place)
             found.append((turns[(name, group)] / fairness.weight(group), name, rank, place, (row, kept)))
     keyed = [((name, turn, (rank - first) % len(ranks[name]), place), item) for turn, name, rank, place, item in found]
-    by_name = sorted(zip([str(due[place][0].get("name", "")) for place in places], places, strict=True))
+    by_name = sorted((name, place) for _, name, _, place, _ in found)
     ordered = list(due)
     # each name's turns fill its own places (by name, then turn): one name's turns never take another's
     for (_, place), (_, item) in zip(by_name, sorted(keyed, key=lambda pair: pair[0]), strict=True):

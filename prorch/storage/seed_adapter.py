@@ -34,7 +34,7 @@ from prorch.model.records import (
     format_timestamp,
     to_utc,
 )
-from prorch.storage.backend import Lease, Outcome, Write
+from prorch.storage.backend import Outcome, Write
 from prorch.storage.commits import by_statements, call, conflict
 from prorch.storage.composed import MODELS, RepositoryBackend
 from prorch.storage.repository import (
@@ -344,9 +344,6 @@ class SeedAdapter(_WorkerRowsAsMessages, RepositoryBackend):
         return self.claims is not None and bool(self.claims.renew_lease(uuid, owner, lease_expires_at))
 
     batch_renewal = False  # a user's repository renews one lease at a time: the store calls renew_lease for each
-
-    def renew_leases(self, leases: Sequence[Lease], lease_expires_at: datetime) -> set[str]:
-        return {uuid for uuid, owner in leases if self.renew_lease(uuid, owner, lease_expires_at)}
 
     # --- writing -------------------------------------------------------------------------------
 
