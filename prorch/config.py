@@ -103,7 +103,9 @@ class SettingsFields(BaseModel):
     group_window: float = ruled(
         defaults.GROUP_WINDOW, "seconds a worker waits for a running hook before it commits the transitions waiting"
     )
-    prefetch: int = ruled(defaults.PREFETCH, "pipelines a worker claims beyond its free slots")
+    prefetch: int | None = ruled(
+        defaults.PREFETCH, "pipelines a worker claims beyond its free slots (default: concurrency / 4, at least 2)"
+    )
     lease_seconds: float = ruled(defaults.LEASE_SECONDS, "how long a claim lasts unrenewed")
     max_crashes: int = ruled(
         defaults.MAX_CRASHES, "worker deaths in a row inside a pipeline's hooks before it is quarantined"

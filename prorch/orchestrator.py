@@ -74,7 +74,7 @@ class Orchestrator(Actions):
         batch_size: int = DEFAULT_BATCH_SIZE,
         group_commit: int = DEFAULT_GROUP_COMMIT,
         group_window: float = DEFAULT_GROUP_WINDOW_SECONDS,
-        prefetch: int = DEFAULT_PREFETCH,
+        prefetch: int | None = DEFAULT_PREFETCH,
         lease_seconds: float = DEFAULT_LEASE_SECONDS,
         max_turns_per_pass: int = DEFAULT_MAX_TURNS_PER_PASS,
         max_crashes: int = DEFAULT_MAX_CRASHES,
@@ -125,7 +125,6 @@ class Orchestrator(Actions):
         self.batch_size = batch_size
         self.group_commit = group_commit
         self.group_window = group_window
-        self.prefetch = prefetch
         self.lease_seconds = lease_seconds
         self.shutdown_grace = shutdown_grace
         self.retention = retention
@@ -142,6 +141,7 @@ class Orchestrator(Actions):
         """The features attached (``prorch.engine.extension``): the built-in ones, then ``extensions``."""
         # Hooks run in threads only on a backend that says it is thread-safe.
         self.concurrency = concurrency if self.store.thread_safe else 1
+        self.prefetch = defaults.prefetch_for(self.concurrency) if prefetch is None else prefetch
         self.max_abandoned_hooks = concurrency if max_abandoned_hooks is None else max_abandoned_hooks
         self.hooks = HookCaller()
         self.runner = Runner(

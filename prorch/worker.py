@@ -142,7 +142,7 @@ class Worker:
         host = self.host
         slots: Slots[str, Result] = Slots(
             host.store, concurrency=host.concurrency, group=host.group_commit, window=host.group_window,
-            broken=_broken, slowest=lambda: host.hooks.recent_slowest,
+            broken=_broken, slowest=lambda: host.hooks.recent_slowest, spare=host.prefetch,
         )  # fmt: skip
         with self.keeper:
             self._period_start()
@@ -235,15 +235,18 @@ class Worker:
         return not self.host.stopped.is_set() and time.monotonic() >= self.next_claim and self._room(slots) > 0
 
     def _room(self, slots: Slots[str, Result]) -> int:
-        """Pipelines a claim may take now: the slots' room, plus the prefetch, less what waits."""
-        return slots.room + self.host.prefetch - len(self.waiting) - len(self.deferred)
+        """Pipelines a claim may take now: the slots' room (their spare is the prefetch), less
+        what waits."""
+        return slots.room - len(self.waiting) - len(self.deferred)
 
     def _claimable(self, slots: Slots[str, Result]) -> bool:
-        """A slot is free with no claimed pipeline to fill it, and the last claim found all it
-        asked for or the interval has passed."""
+        """A slot is free with no claimed pipeline to fill it, or half the prefetch is used up
+        (so that a slot freed meanwhile starts at once, not after a claim's commit); and the
+        last claim found all it asked for or the interval has passed."""
         if self.claiming is not None:  # one claim at a time: its limit counted the room
             return False
-        return slots.free > len(self.waiting) and time.monotonic() >= self.next_claim
+        wanted = slots.free > len(self.waiting) or self._room(slots) >= max(1, (self.host.prefetch + 1) // 2)
+        return wanted and time.monotonic() >= self.next_claim
 
     def _claim(self, slots: Slots[str, Result]) -> None:
         host = self.host

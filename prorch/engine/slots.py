@@ -36,7 +36,7 @@ from collections.abc import Callable, Hashable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Generic, TypeVar
 
-from prorch.engine.rounds import _Ended, _resume, _shared
+from prorch.engine.rounds import _Ended, _marks_a_hook, _resume, _shared
 from prorch.engine.state import T, Writing
 from prorch.storage.store import Store, Write
 
@@ -59,26 +59,34 @@ class Slots(Generic[K, T]):
         window: float,
         broken: Callable[[K, Exception], T],
         slowest: Callable[[], float] = lambda: float("inf"),
+        spare: int = 0,
     ) -> None:
         self.store = store
+        self.spare = spare
         self.broken = broken
         self.slowest = slowest
         self.concurrency = concurrency
         self.grouped = group > 1 and store.has_transaction
         self.group = group if self.grouped else 1
         self.window = window
-        self._pool = ThreadPoolExecutor(concurrency, thread_name_prefix="prorch") if concurrency > 1 else None
+        # a thread per pipeline in progress while hooks are slow: the hook slots', and the spares'
+        # (a resume that runs no hook needs no slot, and must not queue behind the hooks)
+        threads = concurrency + spare
+        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="prorch") if concurrency > 1 else None
         self._writings: dict[K, Writing[T]] = {}
         self._alone: set[K] = set()
         self._ready: deque[tuple[K, Exception | None]] = deque()
+        self._ending: deque[tuple[K, Exception | None]] = deque()  # ready, and their resume runs no hook
         self._running: dict[Future[None], _Run[K, T]] = {}  # a pool thread's run, by its future
+        self._hook_runs = 0  # the runs among them that may run a hook: those in a hook slot
         self._in_runs = 0  # writings handed to the running runs and not taken back yet
         self._done: queue.SimpleQueue[Future[Any]] = queue.SimpleQueue()  # the runs (and commits) that ended
         # with hook threads, a group is stored by a commit thread while the next one fills; while
         # hooks are slow, up to ``store.commits_at_once`` groups at once (their fsyncs overlap)
         self.commits = store.commits_at_once if self._pool else 1
         self._committer = ThreadPoolExecutor(self.commits, thread_name_prefix="prorch-commit") if self._pool else None
-        self._committing: dict[Future[list[Exception | None]], list[K]] = {}  # the groups in flight: their keys
+        # the groups in flight: their keys, and whether each one's write marked a hook
+        self._committing: dict[Future[list[Exception | None]], list[tuple[K, bool]]] = {}
         self._queue: list[tuple[K, Write]] = []
         self._others: set[Future[Any]] = set()  # the caller's work beside the slots (``wake_on``)
 
@@ -94,14 +102,16 @@ class Slots(Generic[K, T]):
         if self._alone:
             return 0
         if self._pool is None or self.quick:  # hooks run one after another (in ``step``, or in runs)
-            return max(0, min(self.room, self._unfilled) - len(self._ready))
-        return max(0, min(self.concurrency - len(self._running) - len(self._ready), self.room, self._unfilled))
+            return max(0, min(self.room - self.spare, self._unfilled) - len(self._ready))
+        return max(0, min(self.concurrency - self._hook_runs - len(self._ready), self.room, self._unfilled))
 
     @property
     def room(self) -> int:
         """Pipelines that may still join those in progress: ``concurrency`` running a hook, plus
-        ``group`` between two hooks while hooks are ``quick``."""
-        return max(0, self.concurrency + (self.group if self.quick else 0) - len(self._writings))
+        ``spare`` (a worker's prefetch) and, while hooks are ``quick``, ``group`` between two
+        hooks. Negative while more are in progress (hooks turned slow with a group between two
+        hooks): a worker claims nothing until they are fewer."""
+        return self.concurrency + self.spare + (self.group if self.quick else 0) - len(self._writings)
 
     @property
     def _unfilled(self) -> int:
@@ -156,7 +166,7 @@ class Slots(Generic[K, T]):
         ended: list[tuple[K, T]] = []
         self._launch(ended)
         idle = False  # a wait of ``window`` saw no hook return
-        if self._running or self._committing or self._others:
+        if self._running or self._committing or self._others or self._ending:
             if self._startable(more):
                 timeout = 0.0  # a slot is free for the caller's next pipeline: no wait
             elif self._queue:
@@ -171,7 +181,9 @@ class Slots(Generic[K, T]):
                     self._others.discard(future)
                     continue
                 future.result()  # a run catches its writings' errors: what is raised here stops the worker
-                self._collect(self._running.pop(future), ended, rest=True)
+                run = self._running.pop(future)
+                self._hook_runs -= run.hooks
+                self._collect(run, ended, rest=True)
             self._take_back_overdue(ended)
         if self._queue and len(self._committing) < self._commits_now() and self._group_due(more, idle):
             self._store()
@@ -193,8 +205,10 @@ class Slots(Generic[K, T]):
 
     def _launch(self, ended: list[tuple[K, T]]) -> None:
         """Resume ready writings: in the calling thread one after another, or in the pool's free
-        hook slots."""
-        while self._ready and len(self._running) < self.concurrency and self._unfilled > 0:
+        hook slots; those whose resume runs no hook (``_ending``) in threads of their own."""
+        while self._ending and self._unfilled > 0 and self._pool is not None:
+            self._submit(_Run([self._with_writing(self._ending.popleft())], hooks=False))
+        while self._ready and self._hook_runs < self.concurrency and self._unfilled > 0:
             if self._pool is None:
                 key, resumed = self._ready.popleft()
                 try:
@@ -205,20 +219,26 @@ class Slots(Generic[K, T]):
                 self._took(key, step, ended)
                 continue
             size = self._run_size()
-            taken = [self._ready.popleft() for _ in range(size)]
-            todo = [(key, self._writings[key], resumed) for key, resumed in taken]
-            run: _Run[K, T] = _Run(todo)
-            self._in_runs += size
-            future = self._pool.submit(_drive, run, self.window)
-            self._running[future] = run
-            future.add_done_callback(self._done.put)
+            self._submit(_Run([self._with_writing(self._ready.popleft()) for _ in range(size)], hooks=True))
+
+    def _with_writing(self, ready: tuple[K, Exception | None]) -> tuple[K, Writing[T], Exception | None]:
+        key, resumed = ready
+        return key, self._writings[key], resumed
+
+    def _submit(self, run: _Run[K, T]) -> None:
+        assert self._pool is not None
+        self._in_runs += len(run.todo)
+        self._hook_runs += run.hooks
+        future = self._pool.submit(_drive, run, self.window)
+        self._running[future] = run
+        future.add_done_callback(self._done.put)
 
     def _run_size(self) -> int:
         """How many ready writings the next free thread takes: while hooks are quick, its
         share of those ready (one hand-off for them all, not one per transition), else one."""
         if self._alone or not self.quick:
             return 1
-        threads = self.concurrency - len(self._running)
+        threads = self.concurrency - self._hook_runs
         return max(1, min(self._unfilled, -(-len(self._ready) // threads)))
 
     def _collect(self, run: _Run[K, T], ended: list[tuple[K, T]], *, rest: bool) -> None:
@@ -267,7 +287,7 @@ class Slots(Generic[K, T]):
 
     def _startable(self, more: bool) -> bool:
         """Something could start in a free hook slot now."""
-        if len(self._running) >= self.concurrency or self._unfilled <= 0:
+        if self._hook_runs >= self.concurrency or self._unfilled <= 0:
             return False
         return bool(self._ready) or (more and self.free > 0)
 
@@ -301,22 +321,34 @@ class Slots(Generic[K, T]):
         """Store the waiting transitions: together (shared hook marks) when grouped, else each
         in its own commit; each pipeline is then ready to go on."""
         queue, self._queue = self._queue, []
+        keys = [(key, _marks_a_hook(write)) for key, write in queue]
         if self.grouped and not self._alone:
             writes = [_shared(write) for _, write in queue]
             if self._committer is not None:  # the loop goes on meanwhile: the next group fills
                 committing = self._committer.submit(self._commit_many, writes)
-                self._committing[committing] = [key for key, _ in queue]
+                self._committing[committing] = keys
                 committing.add_done_callback(self._done.put)
                 return
             stored = self._commit_many(writes)
         else:
             stored = [self._commit_one(write) for _, write in queue]
-        self._ready.extend((key, outcome) for (key, _), outcome in zip(queue, stored, strict=True))
+        self._go_on(keys, stored)
 
     def _stored(self, committing: Future[list[Exception | None]]) -> None:
         """A group a commit thread stored: each pipeline is ready to go on."""
-        keys = self._committing.pop(committing)
-        self._ready.extend(zip(keys, committing.result(), strict=True))
+        self._go_on(self._committing.pop(committing), committing.result())
+
+    def _go_on(self, keys: list[tuple[K, bool]], stored: list[Exception | None]) -> None:
+        """Each pipeline whose write was stored (or refused) is ready to go on: in a hook slot
+        if that write marked a hook (its resume runs it), else without one (a hook runs only
+        after a write that marks it is stored: such a resume ends, or writes again), so that a
+        pipeline's end never waits for a slot that a spare pipeline took meanwhile. One that
+        runs alone keeps the slot order."""
+        for (key, marks), outcome in zip(keys, stored, strict=True):
+            if marks or self._alone or self._pool is None:
+                self._ready.append((key, outcome))
+            else:
+                self._ending.append((key, outcome))
 
     def _commits_now(self) -> int:
         """Groups that may be in flight: one while hooks are quick (the next group fills while
@@ -343,9 +375,10 @@ class _Run(Generic[K, T]):
     until one's hook takes ``window`` or longer; the thread then stops, and the loop takes back
     what was not started (also while that hook still runs: ``Slots._take_back_overdue``)."""
 
-    __slots__ = ("lock", "started", "todo", "took")
+    __slots__ = ("hooks", "lock", "started", "todo", "took")
 
-    def __init__(self, todo: list[tuple[K, Writing[T], Exception | None]]) -> None:
+    def __init__(self, todo: list[tuple[K, Writing[T], Exception | None]], *, hooks: bool = True) -> None:
+        self.hooks = hooks  # in a hook slot; else its writings' resumes run no hook
         self.lock = threading.Lock()
         self.todo = deque(todo)
         self.took: list[tuple[K, Write | _Ended[T] | Exception]] = []

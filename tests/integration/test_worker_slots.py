@@ -104,6 +104,31 @@ def test_a_worker_leases_no_more_than_its_free_slots_plus_prefetch(app: object, 
     assert max(samples) >= 2, f"the samples never saw the worker's leases: {samples}"
 
 
+def test_a_worker_keeps_its_prefetch_while_every_slot_is_busy(app: object, tmp_path: Path) -> None:
+    """The prefetch was refilled only once a slot was free with nothing claimed for it, so a
+    worker whose slots were all busy ran its waiting pipelines down to none, and the next
+    freed slot waited for a claim's commit (#27's W4). Two slots, prefetch 2: one 20 s hook
+    and 2 s ones; once the first 2 s hook ended and a waiting pipeline took its slot, the worker
+    claims one more (4 leased again, never more)."""
+    url, log, db = f"sqlite:///{tmp_path}/slots.db", tmp_path / "hooks.log", tmp_path / "slots.db"
+    app.Slow.create(url)  # type: ignore[attr-defined]
+    for _ in range(6):
+        app.Mid.create(url)  # type: ignore[attr-defined]
+    worker = start_worker(url, log, concurrency="2", prefetch="2")
+    samples: list[int] = []
+    try:
+        wait_for(lambda: sum(1 for event, _ in events(log) if event == "start") == 3, 30, "a waiting pipeline to start")
+        deadline = time.monotonic() + 1.5  # well before the next 2 s hook ends
+        while time.monotonic() < deadline and (not samples or samples[-1] < 4):
+            samples.append(leased(db))
+            time.sleep(0.02)
+        samples.extend(leased(db) for _ in range(10))
+    finally:
+        stop(worker)
+    assert samples[-1] == 4, f"the prefetch was not claimed again while both slots were busy: {samples}"
+    assert max(samples) <= 4, f"the worker leased more than 2 slots + 2 prefetch at once: {samples}"
+
+
 def test_sigterm_lets_running_hooks_finish_and_releases_what_was_not_started(app: object, tmp_path: Path) -> None:
     url, log, db = f"sqlite:///{tmp_path}/slots.db", tmp_path / "hooks.log", tmp_path / "slots.db"
     created = [app.Mid.create(url).uuid for _ in range(5)]  # type: ignore[attr-defined]

@@ -308,3 +308,49 @@ def test_only_postgresql_overlaps_group_commits() -> None:
     assert Slots(CountedStore(), concurrency=4, group=10, window=0.0, broken=lambda key, exc: "").commits == 1
     # no commit threads at all without hook threads
     assert Slots(OverlappingStore(2, 0.0), concurrency=1, group=10, window=0.0, broken=lambda key, exc: "").commits == 1
+
+
+class HeldStore(NamedStore):
+    """A ``NamedStore`` whose group commits wait until ``release`` is set (a slow fsync)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.committing, self.release = threading.Event(), threading.Event()
+
+    def commit_many(self, writes: Sequence[Write]) -> list[Exception | None]:
+        self.committing.set()
+        self.release.wait(10)
+        return super().commit_many(writes)
+
+
+def test_with_slow_hooks_a_spare_pipeline_runs_in_a_slot_whose_transition_is_being_stored() -> None:
+    """#27's W4 on PostgreSQL: a slot whose hook had returned stayed empty until that hook's
+    transition was stored (a group commit's round trip and fsync, 10-15 ms of every 60), since
+    with slow hooks no more pipelines were in progress than slots. With ``spare`` (a worker's
+    prefetch), a claimed pipeline starts in that slot meanwhile; the bound on pipelines in
+    progress is ``concurrency + spare``."""
+    store, threads = HeldStore(), {}
+    hold = threading.Event()
+    driven: Slots[str, str] = Slots(
+        store, concurrency=2, group=10, window=0.001, broken=lambda key, exc: f"{exc}", spare=1
+    )
+    driven.start("quick", one_hook("quick", lambda: None, threads))
+    driven.start("long", one_hook("long", lambda: hold.wait(10) and None, threads))
+    try:
+        deadline = time.monotonic() + 5
+        while not store.committing.is_set() and time.monotonic() < deadline:
+            driven.step(0.01)
+        assert store.committing.is_set()  # ``quick``'s transition is in its commit, ``long`` runs
+        assert driven.free == driven.room == 1
+        driven.start("spare", one_hook("spare", lambda: None, threads))
+        deadline = time.monotonic() + 5
+        while "spare" not in threads and time.monotonic() < deadline:
+            driven.step(0.01)
+        assert "spare" in threads and not store.stored  # it ran while the commit still waited
+        assert driven.free == driven.room == 0  # three in progress: concurrency 2 + spare 1
+    finally:
+        store.release.set()
+        hold.set()
+        ended = drive(driven)
+        driven.close()
+    assert sorted(ended) == ["long", "quick", "spare"]
