@@ -123,6 +123,10 @@ def run_pass(host: PassHost) -> PassSummary:
         summary.claimed = len(claimed)
         marked = marked_by(claimed, host.claimed_at) if mark else frozenset()
         results = _drive(host, claimed, advancings(host, claimed, keeper, marked), marked)
+        # the leases of advances that ended on a store failure (an outage, a lost answer):
+        # given back now if the store answers, so that the next pass (cron) resumes them at
+        # once, not after the lease, with no crash charged; else they run out as before
+        keeper.give_back()
     for pipeline, result in zip(claimed, results, strict=True):
         tally(host, summary, pipeline, result)
     pass_ended(host, summary, lags, time.perf_counter() - started)

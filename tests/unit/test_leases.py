@@ -801,3 +801,35 @@ def test_a_transition_stored_but_reported_failed_gives_its_lease_back(
         stored = store.get_pipeline(pipeline.uuid)
         assert stored is not None and stored.status == Status.FINISHED and stored.crashes == 0
     assert lost == []
+
+
+def test_a_pass_gives_back_the_lease_of_a_transition_stored_but_reported_failed(registry: Registry) -> None:
+    """A pass (``execute_pipelines``, ``prorch run`` from cron) never gave back the leases that
+    ``give_back_later`` set aside (a worker does at its next claim): a transition stored with
+    its COMMIT's answer lost left the pipeline leased, with its hook mark, until the lease ran
+    out, and the next claim then ran it alone as a crash suspect. The pass now gives them back
+    as it ends: the next pass resumes it at once, with no crash charged."""
+    backend: FaultyBackend
+
+    def on_start(step: Step) -> None:
+        if not backend.faults and not backend.planned:  # the round's COMMIT: stored, answer lost
+            backend.plan("commit", after=True)
+
+    flow = pipeline_of(step_of("Two", on_start=on_start, on_continue=lambda step: step.finish()))
+    backend = FaultyBackend(MemoryBackend(), rate=0.0)  # (a COMMIT's answer lost: planned on its transaction)
+    harness = Harness(backend, registry=registry)
+    uuids = [harness.create(flow).uuid for _ in range(2)]  # a round of two: one COMMIT for both
+    orchestrator = Orchestrator(
+        backend, registry=registry, clock=harness.clock, lease_seconds=30, concurrency=1, batch_size=2
+    )
+    orchestrator.execute_pipelines()
+    assert backend.faults == 1
+    now = orchestrator.clock.now()
+    for uuid in uuids:
+        stored = orchestrator.store.get_pipeline(uuid)
+        assert stored is not None and stored.hook_started_at is None, stored
+        assert stored.lease_expires_at is None or stored.lease_expires_at <= now, stored
+    orchestrator.execute_pipelines()
+    for uuid in uuids:
+        finished = orchestrator.store.get_pipeline(uuid)
+        assert finished is not None and finished.status == Status.FINISHED and finished.crashes == 0, finished
