@@ -343,9 +343,11 @@ class Slots(Generic[K, T]):
         if that write marked a hook (its resume runs it), else without one (a hook runs only
         after a write that marks it is stored: such a resume ends, or writes again), so that a
         pipeline's end never waits for a slot that a spare pipeline took meanwhile. One that
-        runs alone keeps the slot order."""
+        runs alone keeps the slot order; while hooks are quick, all go in runs (a free slot is
+        near, and a run is one hand-off for many)."""
+        apart = self._pool is not None and not self._alone and not self.quick
         for (key, marks), outcome in zip(keys, stored, strict=True):
-            if marks or self._alone or self._pool is None:
+            if marks or not apart:
                 self._ready.append((key, outcome))
             else:
                 self._ending.append((key, outcome))
