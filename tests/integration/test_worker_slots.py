@@ -11,11 +11,13 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
 
 from prorch import Orchestrator
+from prorch.model.status import TERMINAL
 from prorch.testing import isolated_registry
 from tests.support.processes import PRORCH, ROOT, wait_for
 
@@ -229,3 +231,132 @@ def test_a_tinydb_worker_with_32_hooks_at_once_keeps_every_lease(app: object, tm
     assert "was lost" not in output, output[-3000:]
     starts = [uuid for event, uuid in events(log) if event == "start"]
     assert sorted(starts) == sorted(created), "a hook ran twice, or not at all"
+
+
+def most_hooks_at_once(log: Path) -> int:
+    """The most hooks of the ``_Logged`` steps running at once, by the order of their lines."""
+    running = most = 0
+    for event, _ in events(log):
+        running += {"hook-start": 1, "hook-end": -1}.get(event, 0)
+        most = max(most, running)
+    return most
+
+
+def leases(orchestrator: Orchestrator) -> int:
+    """Pipelines whose lease is held, read by this process on any backend."""
+    return sum(1 for pipeline in orchestrator.store.all_pipelines() if pipeline.lease_owner is not None)
+
+
+@pytest.mark.parametrize(
+    ("kind", "concurrency", "prefetch", "bound"),
+    [("sqlite", "4", "2", 6), ("postgresql", "4", "2", 6), ("tinydb", "4", "2", 6), ("sqlite", "1", "", 3)],
+)
+def test_slots_and_spares_bound_hooks_and_leases_across_retries_rollbacks_and_cancels(
+    app: object,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    request: pytest.FixtureRequest,
+    kind: str,
+    concurrency: str,
+    prefetch: str,
+    bound: int,
+) -> None:
+    """Slow multi-step pipelines, retries due at once, rollbacks and cancel requests merged into
+    a running advance: a slot whose hook returned takes a spare pipeline while that hook's
+    transition is stored, and an advance whose resume runs no hook goes on without a slot, yet
+    never more than ``concurrency`` hooks run at once (counted from the hooks' own log) and
+    never more than ``concurrency + prefetch`` pipelines are leased (sampled from the store;
+    the default prefetch is 2 for one slot)."""
+    urls = {"sqlite": f"sqlite:///{tmp_path}/slots.db", "tinydb": f"tinydb:///{tmp_path}/slots.json"}
+    url = request.getfixturevalue("postgres_url") if kind == "postgresql" else urls[kind]
+    log = tmp_path / "hooks.log"
+    monkeypatch.setenv("SLOTS_LOG", str(tmp_path / "here.log"))  # a cancel run in this process logs apart
+    chains = [app.Chain.create(url).uuid for _ in range(8)]  # type: ignore[attr-defined]
+    flaky = [app.Flaky.create(url).uuid for _ in range(4)]  # type: ignore[attr-defined]
+    cancelled = [app.Cancelled.create(url).uuid for _ in range(3)]  # type: ignore[attr-defined]
+    created = chains + flaky + cancelled
+    settings = {"concurrency": concurrency, **({"prefetch": prefetch} if prefetch else {})}
+    worker = start_worker(url, log, **settings)
+    orchestrator = Orchestrator(url)
+    samples: list[int] = []
+    asked: set[str] = set()
+    try:
+        deadline = time.monotonic() + 90
+        while sum(1 for p in orchestrator.list_pipelines() if p.status in TERMINAL) < len(created):
+            assert worker.poll() is None, "the worker died: " + worker_log(log).read_text()[-3000:]
+            assert time.monotonic() < deadline, "not all ended within 90s: " + worker_log(log).read_text()[-3000:]
+            samples.append(leases(orchestrator))
+            for uuid in cancelled:
+                if uuid not in asked and any(who.startswith(f"{uuid}:LoggedLong") for _, who in events(log)):
+                    orchestrator.cancel(uuid)  # held by the worker: a request, merged by its next write
+                    asked.add(uuid)
+            time.sleep(0.02)
+    finally:
+        stop(worker)
+    output = worker_log(log).read_text()
+    assert "Traceback" not in output, output[-3000:]
+    assert max(samples) <= bound, f"the worker leased more than {concurrency} slots + prefetch at once: {samples}"
+    assert most_hooks_at_once(log) <= int(concurrency), f"more than {concurrency} hooks ran at once: {events(log)}"
+    statuses = {p.uuid: p.status.value for p in orchestrator.list_pipelines()}
+    assert {statuses[uuid] for uuid in chains} == {"finished"}
+    assert {statuses[uuid] for uuid in flaky} == {"failed"}
+    assert {statuses[uuid] for uuid in cancelled} == {"cancelled"}
+    assert not (tmp_path / "here.log").exists(), "a cancel ran here, not as a request merged by the worker"
+
+
+@pytest.mark.parametrize("after", [3, 6])
+def test_sigterm_with_spares_in_progress_drains_every_hook_and_lease(app: object, tmp_path: Path, after: int) -> None:
+    """SIGTERM while slots run hooks, spare pipelines took the slots of hooks whose transitions
+    are being stored, and advances end without a slot: the worker exits 0, every hook started
+    ended, and nothing is left leased."""
+    url, log, db = f"sqlite:///{tmp_path}/slots.db", tmp_path / "hooks.log", tmp_path / "slots.db"
+    created = [app.Chain.create(url).uuid for _ in range(8)]  # type: ignore[attr-defined]
+    worker = start_worker(url, log, concurrency="2", prefetch="2")
+    try:
+        wait_for(lambda: sum(1 for e, _ in events(log) if e == "hook-start") >= after, 30, f"{after} hooks to start")
+        worker.send_signal(signal.SIGTERM)
+        worker.wait(timeout=30)
+    finally:
+        stop(worker)
+    output = worker_log(log).read_text()
+    assert worker.returncode == 0, output[-3000:]
+    assert "Traceback" not in output, output[-3000:]
+    seen = events(log)
+    started = [who for event, who in seen if event == "hook-start"]
+    assert sorted(started) == sorted(who for event, who in seen if event == "hook-end"), "a hook was abandoned"
+    assert leased(db) == 0, "a pipeline was left leased"
+    statuses = {p.uuid: p.status.value for p in Orchestrator(url).list_pipelines()}
+    assert {statuses[uuid] for uuid in created} <= {"created", "pending", "finished"}, statuses
+
+
+def test_sigterm_releases_a_waiting_pipeline_with_a_cancel_request_without_its_on_cancel(
+    app: object, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A claimed pipeline waiting for a slot is released at SIGTERM without running a hook,
+    also one with a cancel request: its ``on_cancel`` ran in the worker's loop during the
+    drain (a hook started after the stop, beside the slots' running hooks: one more than
+    ``concurrency``, and not bounded by the grace); it is cancelled by the next worker."""
+    url, log = f"sqlite:///{tmp_path}/slots.db", tmp_path / "hooks.log"
+    monkeypatch.setenv("SLOTS_LOG", str(tmp_path / "here.log"))
+    busy = [app.Mid.create(url).uuid for _ in range(2)]  # type: ignore[attr-defined]
+    cancelled = app.Cancelled.create(url).uuid  # type: ignore[attr-defined]
+    orchestrator = Orchestrator(url)
+    now = orchestrator.clock.now()
+    assert orchestrator.store.claim_one(cancelled, now, "gone", now + timedelta(seconds=0.5)) is not None
+    orchestrator.cancel(cancelled)  # held by a worker that went away: a request, taken by the next claim
+    assert orchestrator.store.get_pipeline(cancelled).cancel_requested  # type: ignore[union-attr]
+    time.sleep(0.6)  # that lease ran out
+    worker = start_worker(url, log, concurrency="2", prefetch="2")
+    try:
+        wait_for(lambda: all(("start", uuid) in events(log) for uuid in busy), 30, "the two hooks to start")
+        wait_for(lambda: leases(orchestrator) == 3, 10, "the cancelled pipeline to be claimed, waiting")
+        worker.send_signal(signal.SIGTERM)
+        worker.wait(timeout=30)
+    finally:
+        stop(worker)
+    assert worker.returncode == 0, worker_log(log).read_text()[-3000:]
+    assert not [who for event, who in events(log) if who.startswith(cancelled)], "a hook ran after the stop"
+    assert leases(orchestrator) == 0
+    assert {p.uuid for p in orchestrator.list_pipelines(status="finished")} == set(busy)
+    record = orchestrator.store.get_pipeline(cancelled)
+    assert record is not None and record.cancel_requested and record.status.value in {"created", "pending"}
