@@ -360,3 +360,30 @@ def test_sigterm_releases_a_waiting_pipeline_with_a_cancel_request_without_its_o
     assert {p.uuid for p in orchestrator.list_pipelines(status="finished")} == set(busy)
     record = orchestrator.store.get_pipeline(cancelled)
     assert record is not None and record.cancel_requested and record.status.value in {"created", "pending"}
+
+
+def test_a_spare_never_holds_up_a_pipeline_in_progress_behind_a_slow_hook(app: object, tmp_path: Path) -> None:
+    """While a pipeline's transition was stored, a spare (prefetched) pipeline took its slot,
+    so its next hook waited for the spare's: a three-step pipeline of 0.15 s hooks took 41 s
+    behind 20 s hooks claimed after it (1.2 s before spares). A slot is lent only while hooks
+    are short (``LEND_SECONDS``; here one has run for 20 s): the pipeline ends before any of
+    the slow hooks, and a spare takes its slot once its last transition is being stored."""
+    url, log = f"sqlite:///{tmp_path}/slots.db", tmp_path / "hooks.log"
+    slow = [app.Slow.create(url).uuid]  # type: ignore[attr-defined]
+    worker = start_worker(url, log, concurrency="2", prefetch="2")
+
+    def ended() -> bool:
+        seen = events(log)
+        return ("hook-end", f"{chain}:LoggedLast:on_start") in seen or any(("end", uuid) in seen for uuid in slow)
+
+    try:
+        wait_for(lambda: ("start", slow[0]) in events(log), 30, "the first slow hook to start")
+        time.sleep(0.5)  # it is a slow one now
+        chain = app.Chain.create(url).uuid  # type: ignore[attr-defined]
+        slow += [app.Slow.create(url).uuid for _ in range(3)]  # type: ignore[attr-defined]
+        wait_for(ended, 60, "the chain's last hook or a slow hook to end")
+        wait_for(lambda: sum(1 for event, _ in events(log) if event == "start") >= 2, 10, "a spare to start")
+    finally:
+        stop(worker)
+    seen = events(log)
+    assert ("hook-end", f"{chain}:LoggedLast:on_start") in seen, f"the chain waited for a slow hook: {seen}"
