@@ -249,7 +249,13 @@ def leases(orchestrator: Orchestrator) -> int:
 
 @pytest.mark.parametrize(
     ("kind", "concurrency", "prefetch", "bound"),
-    [("sqlite", "4", "2", 6), ("postgresql", "4", "2", 6), ("tinydb", "4", "2", 6), ("sqlite", "1", "", 3)],
+    [
+        ("sqlite", "4", "2", 6),
+        ("postgresql", "4", "2", 6),
+        ("tinydb", "4", "2", 6),
+        ("sqlite", "1", "", 3),
+        ("tinydb", "1", "", 3),
+    ],
 )
 def test_slots_and_spares_bound_hooks_and_leases_across_retries_rollbacks_and_cancels(
     app: object,
@@ -387,3 +393,22 @@ def test_a_spare_never_holds_up_a_pipeline_in_progress_behind_a_slow_hook(app: o
         stop(worker)
     seen = events(log)
     assert ("hook-end", f"{chain}:LoggedLast:on_start") in seen, f"the chain waited for a slow hook: {seen}"
+
+
+def test_with_quick_hooks_a_worker_leases_no_more_than_slots_group_and_prefetch(app: object, tmp_path: Path) -> None:
+    """Instant hooks: up to ``group_commit`` pipelines wait between two hooks, beside the slots
+    and the prefetch (spares included): 4 + 10 + 2 leases at most, sampled from the store."""
+    url, log, db = f"sqlite:///{tmp_path}/slots.db", tmp_path / "hooks.log", tmp_path / "slots.db"
+    app.Instant.create_many(url, [{}] * 400)  # type: ignore[attr-defined]
+    worker = start_worker(url, log, concurrency="4", prefetch="2", group_commit="10")
+    samples: list[int] = []
+    try:
+        deadline = time.monotonic() + 60
+        while sum(1 for event, _ in events(log) if event == "done") < 400:
+            assert time.monotonic() < deadline, "the worker did not run the 400 pipelines within 60s"
+            samples.append(leased(db))
+            time.sleep(0.003)
+    finally:
+        stop(worker)
+    assert max(samples) <= 16, f"the worker leased more than 4 slots + a group of 10 + 2 prefetch: {max(samples)}"
+    assert max(samples) > 6, f"the samples never saw a group between two hooks: {max(samples)}"

@@ -176,3 +176,11 @@ class Flaky(Pipeline):
 class Cancelled(Pipeline):
     name = "Cancelled"
     steps = [LoggedLong, LoggedStep]
+
+
+@register_pipeline
+class Instant(Pipeline):
+    """One instant hook: a worker's hooks are quick."""
+
+    name = "Instant"
+    steps = [Done]
