@@ -148,7 +148,7 @@ class Runner:
             if pipeline.status not in TERMINAL and pipeline.crashes >= self.max_crashes:
                 yield from self.endings.quarantine(run)
             elif pipeline.cancel_requested and pipeline.status not in TERMINAL:
-                yield from self.endings.cancel(run)
+                yield from self._cancel(run)
             else:
                 if transitions.settle(run, self.clock.now()):
                     yield from self.journal.commit(run, [], stop=run.pipeline.status in TERMINAL)
@@ -179,7 +179,7 @@ class Runner:
         ran = False
         while run.pipeline.status not in TERMINAL:
             if run.pipeline.cancel_requested:  # merged from an outside write while we ran
-                yield from self.endings.cancel(run)
+                yield from self._cancel(run)
                 return
             now = self.clock.now()
             step, rollback = run.next_step()
@@ -213,6 +213,15 @@ class Runner:
             turn = self.endings.roll_back(run, step, now) if rollback else self.turns.turn(run, step, now)
             if not (yield from turn):
                 return
+
+    def _cancel(self, run: Run) -> Writing[None]:
+        """Cancel the run's pipeline (its ``on_cancel`` runs); once stopping, put it back instead,
+        its cancel request kept for the next worker: no hook starts after a stop (a worker
+        releases what it claimed and did not start without running a hook, outside its slots)."""
+        if self.should_stop():
+            yield from self.journal.park(run)
+        else:
+            yield from self.endings.cancel(run)
 
     def _log_crash(self, run: Run) -> None:
         pipeline = run.pipeline

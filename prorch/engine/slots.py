@@ -42,6 +42,11 @@ from prorch.storage.store import Store, Write
 
 K = TypeVar("K", bound=Hashable)
 
+LEND_SECONDS = 0.25
+"""A pipeline whose transition is being stored lends its hook slot to a spare pipeline only
+while hooks are shorter than this (the recent ones, and the running ones so far): it then waits
+for a slot about that long at most, never for a slow hook that started after it."""
+
 
 class Slots(Generic[K, T]):
     """Writings in progress, keyed by ``K``: up to ``concurrency`` running a hook, up to ``group``
@@ -103,7 +108,25 @@ class Slots(Generic[K, T]):
             return 0
         if self._pool is None or self.quick:  # hooks run one after another (in ``step``, or in runs)
             return max(0, min(self.room - self.spare, self._unfilled) - len(self._ready))
-        return max(0, min(self.concurrency - self._hook_runs - len(self._ready), self.room, self._unfilled))
+        slots = self.concurrency - self._hook_runs - len(self._ready)
+        if not self._lending:  # a pipeline whose transition is being stored keeps its slot
+            slots -= self._going_on()
+        return max(0, min(slots, self.room, self._unfilled))
+
+    @property
+    def _lending(self) -> bool:
+        """A slot whose hook returned may take a spare while that hook's transition is stored
+        (``LEND_SECONDS``): hooks are short, so the pipeline that goes on waits little for a slot."""
+        if not self.spare or self.slowest() >= LEND_SECONDS:
+            return False
+        now = time.monotonic()
+        return all(now - run.started < LEND_SECONDS for run in self._running.values() if run.hooks)
+
+    def _going_on(self) -> int:
+        """Pipelines whose transition waits for (or is in) its commit and marks their next hook:
+        each takes a hook slot again once it is stored."""
+        committing = sum(marks for keys in self._committing.values() for _, marks in keys)
+        return committing + sum(1 for _, write in self._queue if _marks_a_hook(write))
 
     @property
     def room(self) -> int:

@@ -11,11 +11,13 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
 
 from prorch import Orchestrator
+from prorch.model.status import TERMINAL
 from prorch.testing import isolated_registry
 from tests.support.processes import PRORCH, ROOT, wait_for
 
@@ -229,3 +231,184 @@ def test_a_tinydb_worker_with_32_hooks_at_once_keeps_every_lease(app: object, tm
     assert "was lost" not in output, output[-3000:]
     starts = [uuid for event, uuid in events(log) if event == "start"]
     assert sorted(starts) == sorted(created), "a hook ran twice, or not at all"
+
+
+def most_hooks_at_once(log: Path) -> int:
+    """The most hooks of the ``_Logged`` steps running at once, by the order of their lines."""
+    running = most = 0
+    for event, _ in events(log):
+        running += {"hook-start": 1, "hook-end": -1}.get(event, 0)
+        most = max(most, running)
+    return most
+
+
+def leases(orchestrator: Orchestrator) -> int:
+    """Pipelines whose lease is held, read by this process on any backend."""
+    return sum(1 for pipeline in orchestrator.store.all_pipelines() if pipeline.lease_owner is not None)
+
+
+@pytest.mark.parametrize(
+    ("kind", "concurrency", "prefetch", "bound"),
+    [
+        ("sqlite", "4", "2", 6),
+        ("postgresql", "4", "2", 6),
+        ("tinydb", "4", "2", 6),
+        ("sqlite", "1", "", 3),
+        ("tinydb", "1", "", 3),
+    ],
+)
+def test_slots_and_spares_bound_hooks_and_leases_across_retries_rollbacks_and_cancels(
+    app: object,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    request: pytest.FixtureRequest,
+    kind: str,
+    concurrency: str,
+    prefetch: str,
+    bound: int,
+) -> None:
+    """Slow multi-step pipelines, retries due at once, rollbacks and cancel requests merged into
+    a running advance: a slot whose hook returned takes a spare pipeline while that hook's
+    transition is stored, and an advance whose resume runs no hook goes on without a slot, yet
+    never more than ``concurrency`` hooks run at once (counted from the hooks' own log) and
+    never more than ``concurrency + prefetch`` pipelines are leased (sampled from the store;
+    the default prefetch is 2 for one slot)."""
+    urls = {"sqlite": f"sqlite:///{tmp_path}/slots.db", "tinydb": f"tinydb:///{tmp_path}/slots.json"}
+    url = request.getfixturevalue("postgres_url") if kind == "postgresql" else urls[kind]
+    log = tmp_path / "hooks.log"
+    monkeypatch.setenv("SLOTS_LOG", str(tmp_path / "here.log"))  # a cancel run in this process logs apart
+    chains = [app.Chain.create(url).uuid for _ in range(8)]  # type: ignore[attr-defined]
+    flaky = [app.Flaky.create(url).uuid for _ in range(4)]  # type: ignore[attr-defined]
+    cancelled = [app.Cancelled.create(url).uuid for _ in range(3)]  # type: ignore[attr-defined]
+    created = chains + flaky + cancelled
+    settings = {"concurrency": concurrency, **({"prefetch": prefetch} if prefetch else {})}
+    worker = start_worker(url, log, **settings)
+    orchestrator = Orchestrator(url)
+    samples: list[int] = []
+    asked: set[str] = set()
+    try:
+        deadline = time.monotonic() + 90
+        while sum(1 for p in orchestrator.list_pipelines() if p.status in TERMINAL) < len(created):
+            assert worker.poll() is None, "the worker died: " + worker_log(log).read_text()[-3000:]
+            assert time.monotonic() < deadline, "not all ended within 90s: " + worker_log(log).read_text()[-3000:]
+            samples.append(leases(orchestrator))
+            for uuid in cancelled:
+                if uuid not in asked and any(who.startswith(f"{uuid}:LoggedLong") for _, who in events(log)):
+                    orchestrator.cancel(uuid)  # held by the worker: a request, merged by its next write
+                    asked.add(uuid)
+            time.sleep(0.02)
+    finally:
+        stop(worker)
+    output = worker_log(log).read_text()
+    assert "Traceback" not in output, output[-3000:]
+    assert max(samples) <= bound, f"the worker leased more than {concurrency} slots + prefetch at once: {samples}"
+    assert most_hooks_at_once(log) <= int(concurrency), f"more than {concurrency} hooks ran at once: {events(log)}"
+    statuses = {p.uuid: p.status.value for p in orchestrator.list_pipelines()}
+    assert {statuses[uuid] for uuid in chains} == {"finished"}
+    assert {statuses[uuid] for uuid in flaky} == {"failed"}
+    assert {statuses[uuid] for uuid in cancelled} == {"cancelled"}
+    assert not (tmp_path / "here.log").exists(), "a cancel ran here, not as a request merged by the worker"
+
+
+@pytest.mark.parametrize("after", [3, 6])
+def test_sigterm_with_spares_in_progress_drains_every_hook_and_lease(app: object, tmp_path: Path, after: int) -> None:
+    """SIGTERM while slots run hooks, spare pipelines took the slots of hooks whose transitions
+    are being stored, and advances end without a slot: the worker exits 0, every hook started
+    ended, and nothing is left leased."""
+    url, log, db = f"sqlite:///{tmp_path}/slots.db", tmp_path / "hooks.log", tmp_path / "slots.db"
+    created = [app.Chain.create(url).uuid for _ in range(8)]  # type: ignore[attr-defined]
+    worker = start_worker(url, log, concurrency="2", prefetch="2")
+    try:
+        wait_for(lambda: sum(1 for e, _ in events(log) if e == "hook-start") >= after, 30, f"{after} hooks to start")
+        worker.send_signal(signal.SIGTERM)
+        worker.wait(timeout=30)
+    finally:
+        stop(worker)
+    output = worker_log(log).read_text()
+    assert worker.returncode == 0, output[-3000:]
+    assert "Traceback" not in output, output[-3000:]
+    seen = events(log)
+    started = [who for event, who in seen if event == "hook-start"]
+    assert sorted(started) == sorted(who for event, who in seen if event == "hook-end"), "a hook was abandoned"
+    assert leased(db) == 0, "a pipeline was left leased"
+    statuses = {p.uuid: p.status.value for p in Orchestrator(url).list_pipelines()}
+    assert {statuses[uuid] for uuid in created} <= {"created", "pending", "finished"}, statuses
+
+
+def test_sigterm_releases_a_waiting_pipeline_with_a_cancel_request_without_its_on_cancel(
+    app: object, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A claimed pipeline waiting for a slot is released at SIGTERM without running a hook,
+    also one with a cancel request: its ``on_cancel`` ran in the worker's loop during the
+    drain (a hook started after the stop, beside the slots' running hooks: one more than
+    ``concurrency``, and not bounded by the grace); it is cancelled by the next worker."""
+    url, log = f"sqlite:///{tmp_path}/slots.db", tmp_path / "hooks.log"
+    monkeypatch.setenv("SLOTS_LOG", str(tmp_path / "here.log"))
+    busy = [app.Mid.create(url).uuid for _ in range(2)]  # type: ignore[attr-defined]
+    cancelled = app.Cancelled.create(url).uuid  # type: ignore[attr-defined]
+    orchestrator = Orchestrator(url)
+    now = orchestrator.clock.now()
+    assert orchestrator.store.claim_one(cancelled, now, "gone", now + timedelta(seconds=0.5)) is not None
+    orchestrator.cancel(cancelled)  # held by a worker that went away: a request, taken by the next claim
+    assert orchestrator.store.get_pipeline(cancelled).cancel_requested  # type: ignore[union-attr]
+    time.sleep(0.6)  # that lease ran out
+    worker = start_worker(url, log, concurrency="2", prefetch="2")
+    try:
+        wait_for(lambda: all(("start", uuid) in events(log) for uuid in busy), 30, "the two hooks to start")
+        wait_for(lambda: leases(orchestrator) == 3, 10, "the cancelled pipeline to be claimed, waiting")
+        worker.send_signal(signal.SIGTERM)
+        worker.wait(timeout=30)
+    finally:
+        stop(worker)
+    assert worker.returncode == 0, worker_log(log).read_text()[-3000:]
+    assert not [who for event, who in events(log) if who.startswith(cancelled)], "a hook ran after the stop"
+    assert leases(orchestrator) == 0
+    assert {p.uuid for p in orchestrator.list_pipelines(status="finished")} == set(busy)
+    record = orchestrator.store.get_pipeline(cancelled)
+    assert record is not None and record.cancel_requested and record.status.value in {"created", "pending"}
+
+
+def test_a_spare_never_holds_up_a_pipeline_in_progress_behind_a_slow_hook(app: object, tmp_path: Path) -> None:
+    """While a pipeline's transition was stored, a spare (prefetched) pipeline took its slot,
+    so its next hook waited for the spare's: a three-step pipeline of 0.15 s hooks took 41 s
+    behind 20 s hooks claimed after it (1.2 s before spares). A slot is lent only while hooks
+    are short (``LEND_SECONDS``; here one has run for 20 s): the pipeline ends before any of
+    the slow hooks, and a spare takes its slot once its last transition is being stored."""
+    url, log = f"sqlite:///{tmp_path}/slots.db", tmp_path / "hooks.log"
+    slow = [app.Slow.create(url).uuid]  # type: ignore[attr-defined]
+    worker = start_worker(url, log, concurrency="2", prefetch="2")
+
+    def ended() -> bool:
+        seen = events(log)
+        return ("hook-end", f"{chain}:LoggedLast:on_start") in seen or any(("end", uuid) in seen for uuid in slow)
+
+    try:
+        wait_for(lambda: ("start", slow[0]) in events(log), 30, "the first slow hook to start")
+        time.sleep(0.5)  # it is a slow one now
+        chain = app.Chain.create(url).uuid  # type: ignore[attr-defined]
+        slow += [app.Slow.create(url).uuid for _ in range(3)]  # type: ignore[attr-defined]
+        wait_for(ended, 60, "the chain's last hook or a slow hook to end")
+        wait_for(lambda: sum(1 for event, _ in events(log) if event == "start") >= 2, 10, "a spare to start")
+    finally:
+        stop(worker)
+    seen = events(log)
+    assert ("hook-end", f"{chain}:LoggedLast:on_start") in seen, f"the chain waited for a slow hook: {seen}"
+
+
+def test_with_quick_hooks_a_worker_leases_no_more_than_slots_group_and_prefetch(app: object, tmp_path: Path) -> None:
+    """Instant hooks: up to ``group_commit`` pipelines wait between two hooks, beside the slots
+    and the prefetch (spares included): 4 + 10 + 2 leases at most, sampled from the store."""
+    url, log, db = f"sqlite:///{tmp_path}/slots.db", tmp_path / "hooks.log", tmp_path / "slots.db"
+    app.Instant.create_many(url, [{}] * 400)  # type: ignore[attr-defined]
+    worker = start_worker(url, log, concurrency="4", prefetch="2", group_commit="10")
+    samples: list[int] = []
+    try:
+        deadline = time.monotonic() + 60
+        while sum(1 for event, _ in events(log) if event == "done") < 400:
+            assert time.monotonic() < deadline, "the worker did not run the 400 pipelines within 60s"
+            samples.append(leased(db))
+            time.sleep(0.003)
+    finally:
+        stop(worker)
+    assert max(samples) <= 16, f"the worker leased more than 4 slots + a group of 10 + 2 prefetch: {max(samples)}"
+    assert max(samples) > 6, f"the samples never saw a group between two hooks: {max(samples)}"

@@ -95,3 +95,92 @@ class Done(OnStartMixin, Step):
 class Overrun(Pipeline):
     name = "Overrun"
     steps = [OverrunFirst, Done]
+
+
+class _Logged(Step):
+    """Every hook it runs (on_start, on_continue, on_rollback, on_cancel) logs its start and end
+    as ``hook-start`` / ``hook-end``: the worker's hooks at once can be counted from the log."""
+
+    seconds = 0.15
+
+    def _hook(self, name: str) -> None:
+        log("hook-start", f"{self.pipeline_uuid}:{self.name}:{name}")
+        time.sleep(self.seconds)
+        log("hook-end", f"{self.pipeline_uuid}:{self.name}:{name}")
+
+    def on_rollback(self) -> None:
+        self._hook("on_rollback")
+
+    def on_cancel(self) -> None:
+        self._hook("on_cancel")
+
+
+@register_step
+class LoggedStep(OnStartMixin, _Logged):
+    name = "LoggedStep"
+
+    def on_start(self) -> None:
+        self._hook("on_start")
+        self.finish({})
+
+
+@register_step
+class LoggedFlaky(OnStartMixin, _Logged):
+    """Fails its first attempt, retried at once (due again while its advance still ends in its
+    slot), then fails for good: the finished steps before it roll back."""
+
+    name = "LoggedFlaky"
+    max_attempts = 2
+    retry_delay = 0.001
+
+    def on_start(self) -> None:
+        self._hook("on_start")
+        raise RuntimeError(f"attempt {self.attempt} fails")
+
+
+@register_step
+class LoggedLong(OnStartMixin, _Logged):
+    """A hook long enough to be cancelled while it runs."""
+
+    name = "LoggedLong"
+    seconds = 1.0
+
+    def on_start(self) -> None:
+        self._hook("on_start")
+        self.finish({})
+
+
+@register_step
+class LoggedNext(LoggedStep):
+    name = "LoggedNext"
+
+
+@register_step
+class LoggedLast(LoggedStep):
+    name = "LoggedLast"
+
+
+@register_pipeline
+class Chain(Pipeline):
+    name = "Chain"
+    steps = [LoggedStep, LoggedNext, LoggedLast]
+
+
+@register_pipeline
+class Flaky(Pipeline):
+    name = "Flaky"
+    steps = [LoggedStep, LoggedFlaky]
+
+
+@register_pipeline
+class Cancelled(Pipeline):
+    name = "Cancelled"
+    steps = [LoggedLong, LoggedStep]
+
+
+@register_pipeline
+class Instant(Pipeline):
+    """One instant hook: a worker's hooks are quick."""
+
+    name = "Instant"
+    steps = [Done]
