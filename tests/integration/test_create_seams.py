@@ -1,0 +1,171 @@
+"""A ``create()`` on PostgreSQL is one statement in autocommit (its rows and its NOTIFY). Two
+seams of it, with real processes on the session's server: creates racing ``prorch purge`` of
+ended pipelines of the same class (none of the new ones, nor a step of theirs, is deleted; each
+ended one is purged once), and creates by code with version 2 of a class while a worker with
+only version 1 runs (the old worker claims only version 1; every version 2 pipeline waits,
+neither blocked nor failed, and finishes on a worker that has it)."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from prorch import Orchestrator
+from prorch.model.registry import Registry, isolated_registry
+from prorch.model.status import Status
+from tests.support.processes import PRORCH, child_env, wait_for
+
+APP = """
+    import os
+    from prorch import OnStartMixin, Pipeline, Step, register_pipeline, register_step
+
+    @register_step
+    class Work(OnStartMixin, Step):
+        name = "Work"
+
+        def on_start(self):
+            self.finish({"pid": os.getpid()})
+
+    @register_step
+    class Tail(OnStartMixin, Step):
+        name = "Tail"
+
+        def on_start(self):
+            self.finish({"pid": os.getpid()})
+
+    @register_pipeline
+    class Job(Pipeline):
+        name = "Job"
+        steps = [Work, Tail]
+"""
+NEW_APP = (
+    APP
+    + """
+    @register_pipeline
+    class JobV2(Pipeline):
+        name = "Job"
+        version = 2
+        steps = [Work, Tail]
+"""
+)
+CREATE = """
+import sys
+import {app}
+from prorch import Orchestrator
+from prorch.model.registry import current_registry
+
+url, count = sys.argv[1], int(sys.argv[2])
+store = Orchestrator(url).store.engine  # one backend: each create is its own statement on it
+for n in range(count):
+    version = {versions}[n % len({versions})]
+    print(current_registry().pipeline("Job", version).create(store, {{"n": n}}).uuid, version, flush=True)
+"""
+
+
+def write_apps(tmp_path: Path) -> dict[str, str]:
+    (tmp_path / "old_app.py").write_text(textwrap.dedent(APP))
+    (tmp_path / "new_app.py").write_text(textwrap.dedent(NEW_APP))
+    return child_env(PYTHONPATH=str(tmp_path) + ":" + child_env()["PYTHONPATH"])
+
+
+def creator(url: str, app: str, versions: list[int], count: int, tmp_path: Path, env: dict[str, str]) -> Any:
+    script = CREATE.format(app=app, versions=versions)
+    return subprocess.Popen(
+        [sys.executable, "-c", script, url, str(count)],
+        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+
+
+def load_old_app(tmp_path: Path) -> None:
+    sys.path.insert(0, str(tmp_path))
+    try:
+        import old_app  # noqa: F401 - registers Job (version 1) in the test's registry
+    finally:
+        sys.path.remove(str(tmp_path))
+        sys.modules.pop("old_app", None)
+
+
+@pytest.mark.slow
+def test_creates_racing_purges_of_the_same_class_lose_nothing_and_purge_each_ended_pipeline_once(
+    postgres_url: str, tmp_path: Path, registry: Registry, processes: list[Any]
+) -> None:
+    env = write_apps(tmp_path)
+    load_old_app(tmp_path)
+    setup = Orchestrator(postgres_url, registry=registry, batch_size=500)
+    ended = [p.uuid for p in registry.pipeline("Job").create_many(postgres_url, [{"n": n} for n in range(600)])]
+    while setup.execute_pipelines().claimed:
+        pass
+    assert {setup.store.get_pipeline(u).status for u in ended[::100]} == {Status.FINISHED}  # type: ignore[union-attr]
+    purge = [PRORCH, "-r", postgres_url, "--app", "old_app", "purge", "--older-than", "0s", "--batch-size", "20"]
+    run = {"cwd": tmp_path, "env": env, "stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True}
+    creators = [creator(postgres_url, "old_app", [1], 150, tmp_path, env) for _ in range(2)]
+    purges = [subprocess.Popen(purge, **run) for _ in range(2)]  # type: ignore[call-overload]
+    processes += creators + purges
+    created_out = [p.communicate(timeout=300) for p in creators]
+    purge_out = [p.communicate(timeout=300) for p in purges]
+    for process, (_, log) in zip(creators + purges, created_out + purge_out, strict=True):
+        assert process.returncode == 0, log
+    created = [line.split()[0] for out, _ in created_out for line in out.splitlines()]
+    assert len(created) == len(set(created)) == 300
+    purged = sum(int(out.split()[1]) for out, _ in purge_out)
+    store = Orchestrator(postgres_url, registry=registry).store
+    assert purged == len(ended)  # each ended pipeline purged once
+    assert [u for u in ended if store.get_pipeline(u) is not None] == []
+    fresh = [store.get_pipeline(u) for u in created]
+    assert [p.status if p else None for p in fresh] == [Status.PENDING] * len(created)  # none lost
+    assert {len(steps) for steps in store.steps_of_many(created).values()} == {2}  # nor a step of one
+    while setup.execute_pipelines().claimed:
+        pass
+    assert {store.get_pipeline(u).status for u in created} == {Status.FINISHED}  # type: ignore[union-attr]
+
+
+def start_worker(url: str, app: str, tmp_path: Path, env: dict[str, str]) -> tuple[subprocess.Popen[str], Path]:
+    log = tmp_path / f"{app}.log"
+    command = [PRORCH, "-r", url, "--app", app, "--log-level", "INFO", "worker", "--interval", "0.1"]
+    with log.open("w") as sink:
+        process = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=sink, stderr=sink, text=True)
+    return process, log
+
+
+@pytest.mark.slow
+def test_version_2_created_while_a_version_1_worker_runs_waits_for_a_worker_that_has_it(
+    postgres_url: str, tmp_path: Path, processes: list[Any]
+) -> None:
+    env = write_apps(tmp_path)
+    old_worker, old_log = start_worker(postgres_url, "old_app", tmp_path, env)
+    processes.append(old_worker)
+    making = creator(postgres_url, "new_app", [2, 1, 2], 150, tmp_path, env)  # version 1 and 2 interleaved
+    processes.append(making)
+    out, log = making.communicate(timeout=120)
+    assert making.returncode == 0, log
+    created = [line.split() for line in out.splitlines()]
+    old = [uuid for uuid, version in created if version == "1"]
+    new = [uuid for uuid, version in created if version == "2"]
+    assert (len(old), len(new)) == (50, 100)
+    orchestrator = Orchestrator(postgres_url)
+    store = orchestrator.store
+
+    def ended(uuids: list[str]) -> bool:
+        return all(store.get_pipeline(u).status == Status.FINISHED for u in uuids)  # type: ignore[union-attr]
+
+    wait_for(lambda: ended(old), 60, "the old worker to finish version 1's pipelines")
+    with isolated_registry():  # this process has no Job at all: the rows are read as stored
+        waiting = [store.get_pipeline(u) for u in new]
+    found = {(p.status, p.lease_owner, p.claims, p.last_error) for p in waiting}  # type: ignore[union-attr]
+    assert found == {(Status.PENDING, None, 0, None)}  # never claimed, blocked nor failed
+    new_worker, _ = start_worker(postgres_url, "new_app", tmp_path, env)
+    processes.append(new_worker)
+    wait_for(lambda: ended(new), 60, "the new worker to finish version 2's pipelines")
+    for process in (old_worker, new_worker):
+        process.terminate()
+        assert process.wait(timeout=30) == 0
+    text = old_log.read_text()
+    assert sum(int(n) for n in re.findall(r"worker: claimed (\d+)", text)) == len(old), text
+    pids = {s.output["pid"] for u in new for s in orchestrator.get(u).steps}
+    assert pids == {new_worker.pid}  # version 2 ran on the new worker only
