@@ -1,0 +1,76 @@
+"""Batched lease renewal (``Store.renew_leases`` in one write) beside a worker of the code before
+it, which renews one lease at a time, on one PostgreSQL database and on one SQLite file: real
+worker processes whose hooks outlast the lease, so that every pipeline lives by renewals. No
+lease may be lost (each hook runs once: a lost lease would let the other worker run it again),
+no two processes run hooks of one pipeline at once, and each step's finish is stored once."""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from prorch import Orchestrator, Status
+from tests.integration.test_chaos import CHAOS, ROOT, check_no_overlap
+from tests.support.processes import wait_for
+
+LEASE = 1.5
+HOOK = 2.5
+"""Each hook outlasts the lease: its pipeline's lease is renewed at least once while it runs."""
+
+
+def load_lease_app() -> Any:
+    sys.path.insert(0, str(CHAOS))
+    try:
+        import lease_app
+    finally:
+        sys.path.remove(str(CHAOS))
+    return lease_app
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
+def test_a_batch_renewing_worker_beside_one_renewing_lease_by_lease_loses_no_lease(
+    kind: str, tmp_path: Path, request: pytest.FixtureRequest, processes: list[Any]
+) -> None:
+    url = f"sqlite:///{tmp_path / 'renew.db'}" if kind == "sqlite" else request.getfixturevalue("postgres_url")
+    lease_app = load_lease_app()
+    log = tmp_path / "hooks.log"
+    uuids = [p.uuid for p in lease_app.Outlasting.create_many(url, [{"seconds": HOOK}] * 12)]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(CHAOS), str(ROOT)]), "CHAOS_LOG": str(log)}
+    errors = tmp_path / "workers.log"
+    with errors.open("w") as sink:
+        for mode in ("batch", "single"):
+            command = [sys.executable, str(CHAOS / "renewal_worker.py"), url, str(LEASE), mode, str(tmp_path / mode)]
+            processes.append(subprocess.Popen(command, env=env, stdout=sink, stderr=sink))
+    orchestrator = Orchestrator(url)
+
+    def done() -> bool:
+        return all(orchestrator.store.get_pipeline(u).status == Status.FINISHED for u in uuids)  # type: ignore[union-attr]
+
+    wait_for(done, 120, "the two workers to finish every pipeline", poll=0.2)
+    for process in processes:
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == 0, errors.read_text()
+    counts = {mode: json.loads((tmp_path / mode).read_text()) for mode in ("batch", "single")}
+    assert counts["batch"]["batch"] > 0 and counts["single"]["single"] > 0, counts  # each path renewed
+    assert counts["single"]["batch"] == 0, counts  # the older worker never used the batch
+    text = errors.read_text()
+    assert "was lost" not in text and "could not renew" not in text, text
+    lines = log.read_text().splitlines()
+    hooks = collections.Counter((line.split()[1], line.split()[2]) for line in lines if line.startswith("S "))
+    assert set(hooks.values()) == {1} and len(hooks) == 2 * len(uuids), hooks  # each hook ran once
+    assert {int(line.split()[3]) for line in lines} == {p.pid for p in processes}  # both workers ran hooks
+    check_no_overlap(lines, killed={})
+    for uuid in uuids:
+        finished = collections.Counter(
+            e.step_uuid for e in orchestrator.history(uuid) if e.type.value == "step.finished"
+        )
+        assert set(finished.values()) == {1} and len(finished) == 2, (uuid, finished)
