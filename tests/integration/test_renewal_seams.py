@@ -9,9 +9,11 @@ from __future__ import annotations
 import collections
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -74,3 +76,57 @@ def test_a_batch_renewing_worker_beside_one_renewing_lease_by_lease_loses_no_lea
             e.step_uuid for e in orchestrator.history(uuid) if e.type.value == "step.finished"
         )
         assert set(finished.values()) == {1} and len(finished) == 2, (uuid, finished)
+
+
+"""A worker SIGKILLed right after a write was stored, before it read the answer (its claim, the
+commit of a step's finish that also marks the next hook, or the commit that ends a pipeline),
+then a second worker: every pipeline ends finished, each step's finish is stored once, a step
+whose finish was stored never runs again, no hook runs more than twice (the at-least-once rerun
+of the hook that was running) and no pipeline is charged more than one crash."""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
+@pytest.mark.parametrize("when", ["claim", "finish", "end"])
+def test_a_worker_killed_after_a_commit_it_never_read_is_resumed_once(
+    kind: str, when: str, tmp_path: Path, request: pytest.FixtureRequest, processes: list[Any]
+) -> None:
+    url = f"sqlite:///{tmp_path / 'unread.db'}" if kind == "sqlite" else request.getfixturevalue("postgres_url")
+    lease_app = load_lease_app()
+    log, note, errors = tmp_path / "hooks.log", tmp_path / "stored.json", tmp_path / "workers.log"
+    uuids = [p.uuid for p in lease_app.LeasePipeline.create_many(url, [{}] * 8)]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(CHAOS), str(ROOT)]), "CHAOS_LOG": str(log)}
+    with errors.open("w") as sink:
+        command = [sys.executable, str(CHAOS / "unread_commit_worker.py"), url, str(LEASE), when, str(note)]
+        killed = subprocess.Popen(command, env=env, stdout=sink, stderr=sink)
+        processes.append(killed)
+        assert killed.wait(timeout=60) == -signal.SIGKILL, errors.read_text()
+        died_at = time.monotonic()
+        second = subprocess.Popen(
+            [sys.executable, str(CHAOS / "lease_worker.py"), url, str(LEASE)], env=env, stdout=sink, stderr=sink
+        )
+        processes.append(second)
+    orchestrator = Orchestrator(url)
+
+    def done() -> bool:
+        return all(orchestrator.store.get_pipeline(u).status == Status.FINISHED for u in uuids)  # type: ignore[union-attr]
+
+    wait_for(done, 60, "the second worker to finish every pipeline", poll=0.1)
+    second.send_signal(signal.SIGTERM)
+    assert second.wait(timeout=30) == 0, errors.read_text()
+    stored = json.loads(note.read_text())
+    assert stored, "the killed worker stored nothing before it died"
+    lines = log.read_text().splitlines()
+    runs = collections.Counter((line.split()[1], line.split()[2]) for line in lines if line.startswith("S "))
+    assert max(runs.values()) <= 2 and len(runs) == 3 * len(uuids), runs  # each hook ran, at most twice
+    assert [(u, s) for u, names in stored.items() for s in names if runs[(u, s)] != 1] == []  # stored: never again
+    text = errors.read_text()
+    charged = collections.Counter(re.findall(r"pipeline (\S+): a worker died or vanished while one of its hooks", text))
+    assert max(charged.values(), default=0) <= 1, text
+    assert "quarantin" not in text.replace("before quarantine", ""), text
+    for uuid in uuids:
+        finished = collections.Counter(
+            e.step_uuid for e in orchestrator.history(uuid) if e.type.value == "step.finished"
+        )
+        assert set(finished.values()) == {1} and len(finished) == 3, (uuid, finished)
+    check_no_overlap(lines, killed={killed.pid: died_at})
