@@ -20,6 +20,7 @@ from typing import Any
 import pytest
 
 from prorch import Orchestrator, Status
+from repositories.sql_claim import FEW_LEVELS
 from tests.integration.test_chaos import CHAOS, ROOT, check_no_overlap
 from tests.support.processes import wait_for
 
@@ -130,3 +131,59 @@ def test_a_worker_killed_after_a_commit_it_never_read_is_resumed_once(
         )
         assert set(finished.values()) == {1} and len(finished) == 3, (uuid, finished)
     check_no_overlap(lines, killed={killed.pid: died_at})
+
+
+"""SQLite's claim walks the pending priorities highest first, one level a statement (up to
+``FEW_LEVELS`` levels; past them one walk of every level). An operator changing pipelines'
+priorities meanwhile (an outside write, as ``test_leases`` writes one) while two workers claim:
+every pipeline is claimed and finishes (none skipped forever), each hook runs once (none
+claimed twice) and no two workers run one pipeline at once."""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("levels", [6, FEW_LEVELS + 16], ids=["by-levels", "one-walk"])
+def test_priorities_changed_while_two_sqlite_workers_claim_by_levels_skip_and_double_nothing(
+    levels: int, tmp_path: Path, processes: list[Any]
+) -> None:
+    url = f"sqlite:///{tmp_path / 'levels.db'}"
+    lease_app = load_lease_app()
+    log, stop = tmp_path / "hooks.log", tmp_path / "stop"
+    uuids = [
+        p.uuid
+        for level in range(levels)
+        for p in lease_app.LeasePipeline.create_many(url, [{}] * (320 // levels), priority=level)
+    ]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(CHAOS), str(ROOT)]), "CHAOS_LOG": str(log)}
+    changer = subprocess.Popen(
+        [sys.executable, str(CHAOS / "reprioritizer.py"), url, str(levels), str(stop), *uuids],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    processes.append(changer)
+    assert changer.stdout is not None and changer.stdout.readline() == "ready\n", changer.stderr
+    errors = tmp_path / "workers.log"
+    with errors.open("w") as sink:
+        workers = [
+            subprocess.Popen(
+                [sys.executable, str(CHAOS / "lease_worker.py"), url, "30"], env=env, stdout=sink, stderr=sink
+            )
+            for _ in range(2)
+        ]
+    processes += workers
+    orchestrator = Orchestrator(url)
+
+    def done() -> bool:
+        return all(p.status == Status.FINISHED for p in orchestrator.store.get_pipelines(uuids).values())
+
+    wait_for(done, 120, "the workers to finish every pipeline", poll=0.2)
+    stop.touch()
+    out, err = changer.communicate(timeout=30)
+    assert changer.returncode == 0, err
+    assert int(out) > 20  # the operator changed pending pipelines' priorities meanwhile
+    for worker in workers:
+        worker.send_signal(signal.SIGTERM)
+        assert worker.wait(timeout=30) == 0, errors.read_text()
+    lines = log.read_text().splitlines()
+    runs = collections.Counter((line.split()[1], line.split()[2]) for line in lines if line.startswith("S "))
+    assert set(runs.values()) == {1} and len(runs) == 3 * len(uuids)  # each hook once: none claimed twice
+    check_no_overlap(lines, killed={})
+    assert "lost" not in errors.read_text(), errors.read_text()
