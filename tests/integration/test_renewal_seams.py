@@ -187,3 +187,61 @@ def test_priorities_changed_while_two_sqlite_workers_claim_by_levels_skip_and_do
     assert set(runs.values()) == {1} and len(runs) == 3 * len(uuids)  # each hook once: none claimed twice
     check_no_overlap(lines, killed={})
     assert "lost" not in errors.read_text(), errors.read_text()
+
+
+def stopped(pid: int) -> bool:
+    """Whether the process is stopped (SIGSTOP): its state in /proc is T."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "T"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
+@pytest.mark.parametrize("when", ["claim", "finish"])
+def test_a_worker_frozen_between_a_commit_and_its_answer_past_its_lease_writes_nothing_more(
+    kind: str, when: str, tmp_path: Path, request: pytest.FixtureRequest, processes: list[Any]
+) -> None:
+    """The same seam with SIGSTOP: the worker freezes right after its claim or a step's finish
+    was stored, before it reads the answer; a second worker finishes everything; the first is
+    continued with that answer and leases long run out: it starts no hook and stores nothing."""
+    url = f"sqlite:///{tmp_path / 'frozen.db'}" if kind == "sqlite" else request.getfixturevalue("postgres_url")
+    lease_app = load_lease_app()
+    log, note, errors = tmp_path / "hooks.log", tmp_path / "stored.json", tmp_path / "workers.log"
+    uuids = [p.uuid for p in lease_app.LeasePipeline.create_many(url, [{}] * 8)]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(CHAOS), str(ROOT)]), "CHAOS_LOG": str(log)}
+    with errors.open("w") as sink:
+        command = [sys.executable, str(CHAOS / "unread_commit_worker.py"), url, str(LEASE), when, str(note)]
+        frozen = subprocess.Popen(command, env={**env, "FREEZE": "1"}, stdout=sink, stderr=sink)
+        processes.append(frozen)
+        wait_for(lambda: note.exists() and stopped(frozen.pid), 60, "the first worker to freeze after its write")
+        second = subprocess.Popen(
+            [sys.executable, str(CHAOS / "lease_worker.py"), url, str(LEASE)], env=env, stdout=sink, stderr=sink
+        )
+        processes.append(second)
+    orchestrator = Orchestrator(url)
+
+    def done() -> bool:
+        return all(orchestrator.store.get_pipeline(u).status == Status.FINISHED for u in uuids)  # type: ignore[union-attr]
+
+    wait_for(done, 60, "the second worker to finish every pipeline", poll=0.1)
+    history = {u: orchestrator.history(u) for u in uuids}
+    continued = time.monotonic()
+    frozen.send_signal(signal.SIGCONT)
+    time.sleep(3 * LEASE)  # the first worker goes on with its stale answer, then idles
+    for process in (frozen, second):
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == 0, errors.read_text()
+    assert {u: orchestrator.history(u) for u in uuids} == history  # the continued worker stored nothing
+    lines = log.read_text().splitlines()
+    late = [line for line in lines if int(line.split()[3]) == frozen.pid and float(line.split()[4]) > continued]
+    assert [line for line in late if line.startswith("S ")] == []  # nor started a hook
+    runs = collections.Counter((line.split()[1], line.split()[2]) for line in lines if line.startswith("S "))
+    stored = json.loads(note.read_text())
+    assert [(u, s) for u, names in stored.items() for s in names if runs[(u, s)] != 1] == []
+    assert max(runs.values()) <= 2 and len(runs) == 3 * len(uuids), runs
+    charged = collections.Counter(
+        re.findall(r"pipeline (\S+): a worker died or vanished while one", errors.read_text())
+    )
+    assert max(charged.values(), default=0) <= 1, errors.read_text()
+    for uuid in uuids:
+        finished = collections.Counter(e.step_uuid for e in history[uuid] if e.type.value == "step.finished")
+        assert set(finished.values()) == {1} and len(finished) == 3, (uuid, finished)

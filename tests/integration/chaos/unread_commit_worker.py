@@ -3,7 +3,9 @@ prorch reads its answer (as a worker killed between the server's COMMIT and its 
 ``unread_commit_worker.py URL LEASE_SECONDS WHEN NOTE_FILE``, WHEN one of ``claim`` (after the
 first claim that leased something), ``finish`` (after the first commit that stores a step's
 finish) or ``end`` (after the first commit that ends a pipeline). Before dying it writes to
-NOTE_FILE, as JSON, the pipelines and steps that write stored."""
+NOTE_FILE, as JSON, the pipelines and steps that write stored. With FREEZE set it stops
+itself (SIGSTOP) there instead, once, and goes on with the answer when the test continues it
+(SIGCONT): a worker frozen between the COMMIT and its reply past its lease."""
 
 import json
 import os
@@ -21,10 +23,15 @@ if __name__ == "__main__":
     orchestrator = Orchestrator(url, lease_seconds=lease)
     engine: Any = orchestrator.store.engine
 
+    fired = []
+
     def die(stored: dict[str, list[str]]) -> None:
+        if fired:
+            return
+        fired.append(True)
         with open(note_file, "w") as sink:
             json.dump(stored, sink)
-        os.kill(os.getpid(), signal.SIGKILL)
+        os.kill(os.getpid(), signal.SIGSTOP if os.environ.get("FREEZE") else signal.SIGKILL)
 
     claim, commit = engine.claim, engine.commit
 
