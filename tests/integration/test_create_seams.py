@@ -68,9 +68,15 @@ for n in range(count):
 """
 
 
+PATCHED_APP = APP.replace(
+    'self.finish({"pid": os.getpid()})', 'self.finish({"pid": os.getpid(), "fixed": self.patched("fix")})', 1
+).replace("steps = [Work, Tail]", 'steps = [Work, Tail]\n        patches = ["fix"]')
+
+
 def write_apps(tmp_path: Path) -> dict[str, str]:
     (tmp_path / "old_app.py").write_text(textwrap.dedent(APP))
     (tmp_path / "new_app.py").write_text(textwrap.dedent(NEW_APP))
+    (tmp_path / "patched_app.py").write_text(textwrap.dedent(PATCHED_APP))
     return child_env(PYTHONPATH=str(tmp_path) + ":" + child_env()["PYTHONPATH"])
 
 
@@ -125,9 +131,11 @@ def test_creates_racing_purges_of_the_same_class_lose_nothing_and_purge_each_end
     assert {store.get_pipeline(u).status for u in created} == {Status.FINISHED}  # type: ignore[union-attr]
 
 
-def start_worker(url: str, app: str, tmp_path: Path, env: dict[str, str]) -> tuple[subprocess.Popen[str], Path]:
+def start_worker(
+    url: str, app: str, tmp_path: Path, env: dict[str, str], *more: str
+) -> tuple[subprocess.Popen[str], Path]:
     log = tmp_path / f"{app}.log"
-    command = [PRORCH, "-r", url, "--app", app, "--log-level", "INFO", "worker", "--interval", "0.1"]
+    command = [PRORCH, "-r", url, "--app", app, "--log-level", "INFO", "worker", "--interval", "0.1", *more]
     with log.open("w") as sink:
         process = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=sink, stderr=sink, text=True)
     return process, log
@@ -169,3 +177,39 @@ def test_version_2_created_while_a_version_1_worker_runs_waits_for_a_worker_that
     assert sum(int(n) for n in re.findall(r"worker: claimed (\d+)", text)) == len(old), text
     pids = {s.output["pid"] for u in new for s in orchestrator.get(u).steps}
     assert pids == {new_worker.pid}  # version 2 ran on the new worker only
+
+
+@pytest.mark.slow
+def test_a_patched_pipeline_created_while_an_old_worker_runs_is_blocked_there_never_failed_nor_charged(
+    postgres_url: str, tmp_path: Path, processes: list[Any]
+) -> None:
+    """The patch of docs/how-to.md's rolling deploy: new code declares patch "fix" on Job (same
+    version); its creates are one statement each while an old worker, without the patch, runs.
+    The old worker leaves each it claims blocked for one lease (2 s here), running no hook; a
+    new worker then runs every one down the patched branch, with no crash charged."""
+    env = write_apps(tmp_path)
+    old_worker, old_log = start_worker(postgres_url, "old_app", tmp_path, env, "--lease-seconds", "2")
+    processes.append(old_worker)
+    making = creator(postgres_url, "patched_app", [1], 12, tmp_path, env)
+    processes.append(making)
+    out, log = making.communicate(timeout=120)
+    assert making.returncode == 0, log
+    created = [line.split()[0] for line in out.splitlines()]
+    wait_for(lambda: "patch(es) 'fix'" in old_log.read_text(), 30, "the old worker to leave one blocked")
+    new_worker, new_log = start_worker(postgres_url, "patched_app", tmp_path, env, "--lease-seconds", "2")
+    processes.append(new_worker)
+    orchestrator = Orchestrator(postgres_url)
+    store = orchestrator.store
+
+    def ended() -> bool:
+        return all(store.get_pipeline(u).status == Status.FINISHED for u in created)  # type: ignore[union-attr]
+
+    wait_for(ended, 60, "the new worker to finish the patched pipelines")
+    for process in (old_worker, new_worker):
+        process.terminate()
+        assert process.wait(timeout=30) == 0
+    outputs = [orchestrator.get(u).steps[0].output for u in created]
+    assert {(o["pid"], o["fixed"]) for o in outputs} == {(new_worker.pid, True)}  # type: ignore[index]
+    old_text, new_text = old_log.read_text(), new_log.read_text()
+    assert "died or vanished" not in new_text and "quarantin" not in new_text, new_text
+    assert "Traceback" not in old_text + new_text, old_text + new_text
