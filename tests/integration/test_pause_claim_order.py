@@ -1,11 +1,13 @@
 """Claims with pauses of classes, class versions, tenants and single pipelines, on memory, SQLite
 and PostgreSQL side by side: the same random pipelines, pauses and resumes, and the same random
-sequence of claims (batch sizes, runnable classes, limits) on each. A paused pipeline is never
-claimed (by the model's rule, ``prorch.model.pauses``), and each claim takes the same pipelines
-in the same order on every backend."""
+sequence of claims (batch sizes, runnable classes, limits: max_running, per tenant, fair, rate)
+on each. A paused pipeline is never claimed (by the model's rule, ``prorch.model.pauses``), and
+each claim takes the same pipelines in the same order on every backend. (A fair claim's turns
+start with the same group on each: the rotation is reset before each backend's claim.)"""
 
 from __future__ import annotations
 
+import itertools
 import random
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -14,8 +16,9 @@ from typing import Any
 import pytest
 
 from prorch import Orchestrator
+from prorch.model import limit_rules
 from prorch.model.due import ClaimRequest
-from prorch.model.limit_rules import ClaimLimit
+from prorch.model.limit_rules import ClaimLimit, Fairness, RateLimit, key_text
 from prorch.model.pauses import Pause, Paused, make_pause, row_scopes
 from prorch.model.records import PipelineRecord, new_uuid
 from prorch.model.registry import Registry
@@ -42,6 +45,7 @@ def pipelines(rng: random.Random, count: int) -> list[PipelineRecord]:
             uuid=new_uuid(), name=rng.choice(NAMES), version=rng.choice((1, 2)), status=Status.PENDING,
             context={} if tenant is None else {"tenant": tenant}, priority=rng.choice((-1, 0, 0, 3, 9)),
             created_at=NOW, updated_at=NOW, next_run_at=NOW + timedelta(seconds=index),
+            concurrency_key=key_text(tenant),  # as a create stores it: the tenant, "null" for none
         )  # fmt: skip
         if leased:
             record.lease_owner, record.lease_expires_at = "other", NOW + timedelta(minutes=5)
@@ -60,9 +64,23 @@ def random_pause(rng: random.Random, uuids: list[str]) -> Pause:
     return make_pause(uuid=rng.choice(uuids), since=NOW)
 
 
+def random_limit(rng: random.Random) -> ClaimLimit:
+    """A class's limits: a cap on running, per tenant, a fair claim by tenant, or a rate."""
+    kind = rng.choice(("max_running", "per_tenant", "fair", "rate", "both"))
+    if kind == "max_running":
+        return ClaimLimit(max_running=rng.randrange(2, 6))
+    if kind == "per_tenant":
+        return ClaimLimit(per_tenant=rng.randrange(1, 3))
+    if kind == "fair":
+        return ClaimLimit(fair=Fairness(weights=((key_text("t1"), 2.0),)))
+    if kind == "rate":
+        return ClaimLimit(rate=RateLimit(rng.randrange(2, 8), 60))
+    return ClaimLimit(max_running=rng.randrange(3, 8), per_tenant=rng.randrange(1, 3))
+
+
 def random_claim(rng: random.Random, step: int) -> ClaimRequest:
     runnable = None if rng.random() < 0.5 else frozenset((n, v) for n in NAMES for v in (1, 2) if rng.random() < 0.7)
-    limits = {} if rng.random() < 0.6 else {rng.choice(NAMES): ClaimLimit(max_running=rng.randrange(2, 6))}
+    limits = {} if rng.random() < 0.4 else {rng.choice(NAMES): random_limit(rng)}
     at = NOW + timedelta(seconds=20 * step)
     return ClaimRequest(at, f"w{step}", at + timedelta(days=1), rng.randrange(1, 12), limits, runnable)
 
@@ -76,9 +94,9 @@ def stores(tmp_path: Path, request: pytest.FixtureRequest) -> Any:
             backend.dispose()
 
 
-@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("seed", range(6))
 def test_claims_with_pauses_take_no_paused_pipeline_and_the_same_ones_in_the_same_order_everywhere(
-    stores: dict[str, Store], seed: int
+    stores: dict[str, Store], seed: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     rng = random.Random(seed)
     records = pipelines(rng, 120)
@@ -102,7 +120,10 @@ def test_claims_with_pauses_take_no_paused_pipeline_and_the_same_ones_in_the_sam
                     for store in stores.values():
                         assert store.add_pause(pause)
         request = random_claim(rng, step)
-        taken = {kind: [p.uuid for p in store.claim(request)] for kind, store in stores.items()}
+        taken = {}
+        for kind, store in stores.items():  # a fair claim's turns start with the same group on each
+            monkeypatch.setattr(limit_rules, "_ROTATIONS", itertools.count(step))
+            taken[kind] = [p.uuid for p in store.claim(request)]
         held = Paused(pauses.values())
         paused = [
             u for u in taken["memory"] + taken["sqlite"] + taken["postgresql"] if held.holding(row_scopes(rows[u]))
