@@ -1,5 +1,5 @@
-"""Claims with pauses of classes, class versions, tenants and single pipelines, on memory, SQLite
-and PostgreSQL side by side: the same random pipelines, pauses and resumes, and the same random
+"""Claims with pauses of classes, class versions, tenants and single pipelines, on memory, SQLite,
+PostgreSQL and TinyDB side by side: the same random pipelines, pauses and resumes, and the same random
 sequence of claims (batch sizes, runnable classes, limits: max_running, per tenant, fair, rate)
 on each. A paused pipeline is never claimed (by the model's rule, ``prorch.model.pauses``), and
 each claim takes the same pipelines in the same order on every backend. (A fair claim's turns
@@ -33,7 +33,7 @@ TENANTS: tuple[Any, ...] = (None, "t1", "t2", 7, "7", "ünï", True, 2.5, -3)
 """Tenants as a context may hold them: texts and integers, which a tenant pause names by their
 text, and values that are neither (a boolean, a fraction), which no tenant pause holds."""
 PAUSE_TENANTS = ("t1", "7", "ünï", "true", "1", "2.5", "-3")
-KINDS = ("memory", "sqlite", "postgresql")
+KINDS = ("memory", "sqlite", "postgresql", "tinydb")
 
 
 def pipelines(rng: random.Random, count: int) -> list[PipelineRecord]:
@@ -129,7 +129,7 @@ def test_claims_with_pauses_take_no_paused_pipeline_and_the_same_ones_in_the_sam
             u for u in taken["memory"] + taken["sqlite"] + taken["postgresql"] if held.holding(row_scopes(rows[u]))
         ]
         assert paused == [], (step, [(rows[u]["context"], held.holding(row_scopes(rows[u]))) for u in paused])
-        assert taken["sqlite"] == taken["memory"] and taken["postgresql"] == taken["memory"], (step, request, pauses)
+        assert all(taken[kind] == taken["memory"] for kind in KINDS), (step, request, pauses, taken)
         assert not claimed & set(taken["memory"])  # leases of a day: none claimed twice
         claimed |= set(taken["memory"])
     assert claimed  # the claims took something
