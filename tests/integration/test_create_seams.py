@@ -7,6 +7,7 @@ neither blocked nor failed, and finishes on a worker that has it)."""
 
 from __future__ import annotations
 
+import collections
 import re
 import subprocess
 import sys
@@ -15,10 +16,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy import create_engine, text
 
 from prorch import Orchestrator
 from prorch.model.registry import Registry, isolated_registry
 from prorch.model.status import Status
+from repositories.schema import events, pipelines, steps
 from tests.support.processes import PRORCH, child_env, wait_for
 
 APP = """
@@ -131,6 +134,18 @@ def test_creates_racing_purges_of_the_same_class_lose_nothing_and_purge_each_end
     assert {store.get_pipeline(u).status for u in created} == {Status.FINISHED}  # type: ignore[union-attr]
 
 
+def orphans(url: str) -> tuple[int, int]:
+    """Steps and events whose pipeline is not stored."""
+    engine = create_engine(url.replace("postgresql://", "postgresql+psycopg://"))
+    found = []
+    with engine.connect() as connection:
+        for table in (steps.name, events.name):
+            query = f"SELECT count(*) FROM {table} t WHERE NOT EXISTS (SELECT 1 FROM {pipelines.name} p "
+            found.append(int(connection.execute(text(query + "WHERE p.uuid = t.pipeline_uuid)")).scalar_one()))
+    engine.dispose()
+    return found[0], found[1]
+
+
 def start_worker(
     url: str, app: str, tmp_path: Path, env: dict[str, str], *more: str
 ) -> tuple[subprocess.Popen[str], Path]:
@@ -213,3 +228,69 @@ def test_a_patched_pipeline_created_while_an_old_worker_runs_is_blocked_there_ne
     old_text, new_text = old_log.read_text(), new_log.read_text()
     assert "died or vanished" not in new_text and "quarantin" not in new_text, new_text
     assert "Traceback" not in old_text + new_text, old_text + new_text
+
+
+KEYED_CREATE = """
+import sys
+import time
+import old_app
+from prorch import Orchestrator
+from prorch.model.registry import current_registry
+
+url, keys = sys.argv[1], sys.argv[2].split(",")
+store = Orchestrator(url).store.engine
+deadline = time.monotonic() + 60
+while keys and time.monotonic() < deadline:  # again and again, until each key's ended one was purged
+    for key in list(keys):
+        made = current_registry().pipeline("Job").create(store, {"n": key}, key=key)
+        print(key, made.uuid, made.created, flush=True)
+        if made.created or made.status == "pending":
+            keys.remove(key)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["postgresql", "sqlite"])
+def test_keyed_creates_racing_the_purge_of_their_keys_ended_pipelines_store_whole_pipelines(
+    kind: str, tmp_path: Path, registry: Registry, processes: list[Any], request: pytest.FixtureRequest
+) -> None:
+    """A key's pipeline has ended; a purge deletes it (with its steps and events, by its uuid)
+    while creates of the same key run: the uuid is derived from the key, so a create after the
+    purge stores a pipeline of the very uuid whose rows the purge deletes. Each key ends with
+    at most one pipeline, every stored pipeline has its two steps and its created event, no
+    step or event is left without its pipeline, and each create that said created=True stored
+    one that is there, pending."""
+    url = f"sqlite:///{tmp_path / 'keys.db'}" if kind == "sqlite" else request.getfixturevalue("postgres_url")
+    env = write_apps(tmp_path)
+    load_old_app(tmp_path)
+    keys = [f"order-{n}" for n in range(150)]
+    setup = Orchestrator(url, registry=registry, batch_size=500)
+    for key in keys:
+        registry.pipeline("Job").create(url, {"n": key}, key=key, registry=registry)
+    while setup.execute_pipelines().claimed:
+        pass
+    purge = [PRORCH, "-r", url, "--app", "old_app", "purge", "--older-than", "0s", "--batch-size", "5"]
+    run = {"cwd": tmp_path, "env": env, "stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True}
+    creators = [
+        subprocess.Popen([sys.executable, "-c", KEYED_CREATE, url, ",".join(order)], **run)  # type: ignore[call-overload]
+        for order in (keys, keys[::-1])
+    ]
+    purges = [subprocess.Popen(purge, **run)]  # type: ignore[call-overload]
+    processes += creators + purges
+    outputs = [p.communicate(timeout=300) for p in creators + purges]
+    for process, (_, log) in zip(creators + purges, outputs, strict=True):
+        assert process.returncode == 0, log
+    made = [line.split() for out, _ in outputs[:2] for line in out.splitlines()]
+    store = Orchestrator(url, registry=registry).store
+    stored = store.all_pipelines()
+    by_key = collections.Counter(p.key for p in stored)
+    assert max(by_key.values(), default=0) <= 1, by_key.most_common(3)
+    steps = store.steps_of_many([p.uuid for p in stored])
+    assert {p.uuid: len(steps.get(p.uuid, [])) for p in stored if len(steps.get(p.uuid, [])) != 2} == {}
+    created_events = {p.uuid: [e.type.value for e in store.events_of(p.uuid)].count("pipeline.created") for p in stored}
+    assert set(created_events.values()) <= {1}, created_events
+    fresh = {uuid for _key, uuid, created in made if created == "True"}
+    assert len(made) > len(keys) and len(fresh) == len(keys)  # found ended, then purged and created anew
+    kept = {p.uuid: p.status for p in stored}
+    assert {uuid: kept.get(uuid) for uuid in fresh} == dict.fromkeys(fresh, Status.PENDING)
+    assert orphans(url) == (0, 0)
