@@ -29,10 +29,10 @@ from tests.support.builders import pipeline_of, quick
 
 NOW = datetime(2030, 1, 1, 12, 0, tzinfo=timezone.utc)
 NAMES = ("A", "B", "C")
-TENANTS: tuple[Any, ...] = (None, "t1", "t2", 7, "7", "ünï", True, 2.5, -3)
+TENANTS: tuple[Any, ...] = (None, "t1", "t2", 7, "7", "ünï", 'q"\\u', True, 2.5, -3)
 """Tenants as a context may hold them: texts and integers, which a tenant pause names by their
 text, and values that are neither (a boolean, a fraction), which no tenant pause holds."""
-PAUSE_TENANTS = ("t1", "7", "ünï", "true", "1", "2.5", "-3")
+PAUSE_TENANTS = ("t1", "7", "ünï", 'q"\\u', "true", "1", "2.5", "-3")
 KINDS = ("memory", "sqlite", "postgresql", "tinydb")
 
 
