@@ -2,7 +2,8 @@
 PostgreSQL and TinyDB side by side: the same random pipelines, pauses and resumes, and the same random
 sequence of claims (batch sizes, runnable classes, limits: max_running, per tenant, fair, rate)
 on each. A paused pipeline is never claimed (by the model's rule, ``prorch.model.pauses``), and
-each claim takes the same pipelines in the same order on every backend. (A fair claim's turns
+each claim takes the same pipelines in the same order on every backend; after each claim, the
+listing's ``state="paused"`` names, on each, exactly the unleased pipelines a pause holds. (A fair claim's turns
 start with the same group on each: the rotation is reset before each backend's claim.)"""
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from prorch import Orchestrator
+from prorch import FakeClock, Orchestrator
 from prorch.model import limit_rules
 from prorch.model.due import ClaimRequest
 from prorch.model.limit_rules import ClaimLimit, Fairness, RateLimit, key_text
@@ -85,6 +86,12 @@ def random_claim(rng: random.Random, step: int) -> ClaimRequest:
     return ClaimRequest(at, f"w{step}", at + timedelta(days=1), rng.randrange(1, 12), limits, runnable)
 
 
+def paused_listed(store: Store, now: datetime) -> set[str]:
+    """The pipelines ``query(state="paused")`` lists at ``now`` (the listing's own rule)."""
+    reads = Orchestrator(store.engine, clock=FakeClock(now))
+    return {p.uuid for p in reads.query(state="paused", limit=1000).pipelines}
+
+
 @pytest.fixture
 def stores(tmp_path: Path, request: pytest.FixtureRequest) -> Any:
     made = {kind: make_backend(kind, tmp_path, request) for kind in KINDS}
@@ -106,6 +113,7 @@ def test_claims_with_pauses_take_no_paused_pipeline_and_the_same_ones_in_the_sam
         store.insert_all([PipelineRecord.from_dict(record.to_dict()) for record in records])
     pauses: dict[str, Pause] = {}
     claimed: set[str] = set()
+    seen_paused: set[str] = set()
     for step in range(30):
         if rng.random() < 0.4:  # an operator pauses a scope, or resumes one
             if pauses and rng.random() < 0.4:
@@ -132,7 +140,12 @@ def test_claims_with_pauses_take_no_paused_pipeline_and_the_same_ones_in_the_sam
         assert all(taken[kind] == taken["memory"] for kind in KINDS), (step, request, pauses, taken)
         assert not claimed & set(taken["memory"])  # leases of a day: none claimed twice
         claimed |= set(taken["memory"])
-    assert claimed  # the claims took something
+        leased = claimed | {u for u, r in rows.items() if r["lease_owner"] and request.now < NOW + timedelta(minutes=5)}
+        expected = {u for u in uuids if u not in leased and held.holding(row_scopes(rows[u]))}
+        listed = {kind: paused_listed(store, request.now) for kind, store in stores.items()}
+        assert all(found == expected for found in listed.values()), (step, pauses, expected, listed)
+        seen_paused |= expected
+    assert claimed and seen_paused  # the claims took something, and pauses held some
 
 
 @pytest.mark.parametrize("kind", ["memory", "sqlite", "postgresql", "tinydb"])
