@@ -12,12 +12,14 @@ from sqlalchemy import (
     Connection,
     String,
     Table,
+    case,
     cast,
     delete,
     exists,
     func,
     insert,
     literal,
+    null,
     or_,
     select,
     type_coerce,
@@ -53,11 +55,18 @@ def not_paused(table: Table, dialect: str) -> ColumnElement[bool]:
 
 
 def _tenant_text(context: Any, dialect: str) -> ColumnElement[Any]:
-    """The context's tenant as text (NULL without one: no tenant pause holds it)."""
+    """The context's tenant as text when it is a text or an integer, as ``tenant_text`` takes it
+    (NULL for none and for other values: no tenant pause holds it). The type is checked, not
+    only the text: a tenant ``2.5`` or ``true`` read as text ("2.5", SQLite's "1" for true) was
+    held by a pause of that text here and by none on memory and TinyDB, nor in the display."""
     if dialect == "postgresql":
-        text: ColumnElement[Any] = type_coerce(context, JSONB)["tenant"].astext
-        return text
-    return cast(func.json_extract(context, literal('$."tenant"')), String)
+        tenant = type_coerce(context, JSONB)["tenant"]
+        kind, text = func.jsonb_typeof(tenant), tenant.astext
+        integral = (kind == "number") & text.regexp_match("^-?[0-9]+$")
+        return case(((kind == "string") | integral, text), else_=null())
+    path = literal('$."tenant"')
+    kind = func.json_type(context, path)
+    return case((kind.in_(("text", "integer")), cast(func.json_extract(context, path), String)), else_=null())
 
 
 def rate_starts(backend: SQLBackend, name: str, since: datetime) -> int:

@@ -36,3 +36,26 @@ class LeaseC(Brief):
 class LeasePipeline(Pipeline):
     name = "LeasePipeline"
     steps = [LeaseA, LeaseB, LeaseC]
+
+
+@register_step
+class Outlast(OnStartMixin, Step):
+    """Runs longer than its worker's lease (``params['seconds']``): the lease lives by renewals."""
+
+    name = "Outlast"
+
+    def on_start(self) -> None:
+        log("S", self)
+        time.sleep(float(self.params["seconds"]))
+        log("E", self)
+
+
+@register_step
+class OutlastAgain(Outlast):
+    name = "OutlastAgain"
+
+
+@register_pipeline
+class Outlasting(Pipeline):
+    name = "Outlasting"
+    steps = [Outlast, OutlastAgain]
