@@ -47,6 +47,12 @@ LEND_SECONDS = 0.25
 while hooks are shorter than this (the recent ones, and the running ones so far): it then waits
 for a slot about that long at most, never for a slow hook that started after it."""
 
+SERIAL_SECONDS = 0.0005
+"""Hooks that all return within this (about the engine's own CPU for a transition) gain nothing
+from threads of their own: a free thread then takes every ready writing in one run, as a pass
+resumes its pipelines in one thread. Measured on W1 through the worker (SQLite, instant hooks,
+concurrency 4): four runs at once cost twice the pass's CPU a transition in GIL hand-offs."""
+
 
 class Slots(Generic[K, T]):
     """Writings in progress, keyed by ``K``: up to ``concurrency`` running a hook, up to ``group``
@@ -261,6 +267,8 @@ class Slots(Generic[K, T]):
         share of those ready (one hand-off for them all, not one per transition), else one."""
         if self._alone or not self.quick:
             return 1
+        if self.slowest() < SERIAL_SECONDS:  # no thread would wait on a hook: one takes them all
+            return max(1, min(self._unfilled, len(self._ready)))
         threads = self.concurrency - self._hook_runs
         return max(1, min(self._unfilled, -(-len(self._ready) // threads)))
 

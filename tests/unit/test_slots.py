@@ -12,7 +12,7 @@ from typing import cast
 
 import pytest
 
-from prorch.engine.slots import Slots
+from prorch.engine.slots import SERIAL_SECONDS, Slots
 from prorch.engine.state import Writing
 from prorch.storage.store import Store, Write
 from repositories.memory import MemoryBackend
@@ -354,3 +354,25 @@ def test_with_slow_hooks_a_spare_pipeline_runs_in_a_slot_whose_transition_is_bei
         ended = drive(driven)
         driven.close()
     assert sorted(ended) == ["long", "quick", "spare"]
+
+
+@pytest.mark.parametrize("slowest", [0.0, 0.01])
+def test_instant_hooks_run_in_one_thread_and_quick_ones_spread(slowest: float) -> None:
+    """W1 through the worker (instant hooks, concurrency 4): the ready writings were split into
+    one run per free thread, and four threads contending for the GIL cost the worker twice the
+    pass's CPU a transition. Hooks under ``SERIAL_SECONDS`` run in one run; hooks that take
+    longer (I/O: a thread waiting is a thread freed) still spread over the free threads."""
+    store, threads = NamedStore(), {}
+    driven: Slots[str, str] = Slots(
+        store, concurrency=4, group=10, window=1.0, broken=lambda key, exc: f"{exc}", slowest=lambda: slowest
+    )
+    for name in "abcdef":
+        driven.start(name, one_hook(name, lambda: time.sleep(slowest), threads))
+    try:
+        assert sorted(drive(driven)) == list("abcdef")
+    finally:
+        driven.close()
+    if slowest < SERIAL_SECONDS:
+        assert len(set(threads.values())) == 1, threads
+    else:  # its share of the ready ones per free thread (2, 2, 1, 1), each in a thread of its own
+        assert len(set(threads.values())) >= 3 and threads["a"] == threads["b"], threads
