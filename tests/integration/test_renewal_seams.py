@@ -15,7 +15,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import pytest
 
@@ -90,23 +90,37 @@ whose finish was stored never runs again, no hook runs more than twice (the at-l
 of the hook that was running) and no pipeline is charged more than one crash."""
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
-@pytest.mark.parametrize("when", ["claim", "finish", "end"])
-def test_a_worker_killed_after_a_commit_it_never_read_is_resumed_once(
-    kind: str, when: str, tmp_path: Path, request: pytest.FixtureRequest, processes: list[Any]
-) -> None:
-    url = f"sqlite:///{tmp_path / 'unread.db'}" if kind == "sqlite" else request.getfixturevalue("postgres_url")
+class UnreadCommit(NamedTuple):
+    """Two workers in turn (``unread_commit``): what they ran and where they logged it."""
+
+    uuids: list[str]
+    log: Path
+    note: Path
+    errors: Path
+    first: subprocess.Popen[bytes]
+    second: subprocess.Popen[bytes]
+    orchestrator: Orchestrator
+    first_gone_at: float = 0.0
+
+
+def unread_commit(url: str, tmp_path: Path, processes: list[Any], when: str, *, freeze: bool) -> UnreadCommit:
+    """Eight pipelines; a first worker that SIGKILLs itself (or, ``freeze``, SIGSTOPs itself)
+    right after ``when`` (its claim, a step's finish, a pipeline's end) was stored, before it
+    reads the answer; then a second worker, until every pipeline finished."""
     lease_app = load_lease_app()
     log, note, errors = tmp_path / "hooks.log", tmp_path / "stored.json", tmp_path / "workers.log"
     uuids = [p.uuid for p in lease_app.LeasePipeline.create_many(url, [{}] * 8)]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(CHAOS), str(ROOT)]), "CHAOS_LOG": str(log)}
+    gone_at = 0.0
     with errors.open("w") as sink:
         command = [sys.executable, str(CHAOS / "unread_commit_worker.py"), url, str(LEASE), when, str(note)]
-        killed = subprocess.Popen(command, env=env, stdout=sink, stderr=sink)
-        processes.append(killed)
-        assert killed.wait(timeout=60) == -signal.SIGKILL, errors.read_text()
-        died_at = time.monotonic()
+        first = subprocess.Popen(command, env={**env, "FREEZE": "1"} if freeze else env, stdout=sink, stderr=sink)
+        processes.append(first)
+        if freeze:
+            wait_for(lambda: note.exists() and stopped(first.pid), 60, "the first worker to freeze after its write")
+        else:
+            assert first.wait(timeout=60) == -signal.SIGKILL, errors.read_text()
+            gone_at = time.monotonic()
         second = subprocess.Popen(
             [sys.executable, str(CHAOS / "lease_worker.py"), url, str(LEASE)], env=env, stdout=sink, stderr=sink
         )
@@ -117,6 +131,19 @@ def test_a_worker_killed_after_a_commit_it_never_read_is_resumed_once(
         return all(orchestrator.store.get_pipeline(u).status == Status.FINISHED for u in uuids)  # type: ignore[union-attr]
 
     wait_for(done, 60, "the second worker to finish every pipeline", poll=0.1)
+    return UnreadCommit(uuids, log, note, errors, first, second, orchestrator, gone_at)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
+@pytest.mark.parametrize("when", ["claim", "finish", "end"])
+def test_a_worker_killed_after_a_commit_it_never_read_is_resumed_once(
+    kind: str, when: str, tmp_path: Path, request: pytest.FixtureRequest, processes: list[Any]
+) -> None:
+    url = f"sqlite:///{tmp_path / 'unread.db'}" if kind == "sqlite" else request.getfixturevalue("postgres_url")
+    uuids, log, note, errors, killed, second, orchestrator, died_at = unread_commit(
+        url, tmp_path, processes, when, freeze=False
+    )
     second.send_signal(signal.SIGTERM)
     assert second.wait(timeout=30) == 0, errors.read_text()
     stored = json.loads(note.read_text())
@@ -207,25 +234,9 @@ def test_a_worker_frozen_between_a_commit_and_its_answer_past_its_lease_writes_n
     was stored, before it reads the answer; a second worker finishes everything; the first is
     continued with that answer and leases long run out: it starts no hook and stores nothing."""
     url = f"sqlite:///{tmp_path / 'frozen.db'}" if kind == "sqlite" else request.getfixturevalue("postgres_url")
-    lease_app = load_lease_app()
-    log, note, errors = tmp_path / "hooks.log", tmp_path / "stored.json", tmp_path / "workers.log"
-    uuids = [p.uuid for p in lease_app.LeasePipeline.create_many(url, [{}] * 8)]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(CHAOS), str(ROOT)]), "CHAOS_LOG": str(log)}
-    with errors.open("w") as sink:
-        command = [sys.executable, str(CHAOS / "unread_commit_worker.py"), url, str(LEASE), when, str(note)]
-        frozen = subprocess.Popen(command, env={**env, "FREEZE": "1"}, stdout=sink, stderr=sink)
-        processes.append(frozen)
-        wait_for(lambda: note.exists() and stopped(frozen.pid), 60, "the first worker to freeze after its write")
-        second = subprocess.Popen(
-            [sys.executable, str(CHAOS / "lease_worker.py"), url, str(LEASE)], env=env, stdout=sink, stderr=sink
-        )
-        processes.append(second)
-    orchestrator = Orchestrator(url)
-
-    def done() -> bool:
-        return all(orchestrator.store.get_pipeline(u).status == Status.FINISHED for u in uuids)  # type: ignore[union-attr]
-
-    wait_for(done, 60, "the second worker to finish every pipeline", poll=0.1)
+    uuids, log, note, errors, frozen, second, orchestrator, _ = unread_commit(
+        url, tmp_path, processes, when, freeze=True
+    )
     history = {u: orchestrator.history(u) for u in uuids}
     continued = time.monotonic()
     frozen.send_signal(signal.SIGCONT)
