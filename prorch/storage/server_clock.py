@@ -3,7 +3,9 @@ machine's clock aligned to it, so that workers on several machines agree on what
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import weakref
 from datetime import datetime
 
 from prorch.model.clock import Clock, ServerAlignedClock, SystemClock
@@ -14,6 +16,12 @@ from prorch.storage.commits import call
 __all__ = ["ServerClock"]
 
 logger = logging.getLogger("prorch.storage.server_clock")
+
+_ALIGNED: weakref.WeakKeyDictionary[object, ServerAlignedClock] = weakref.WeakKeyDictionary()
+"""The aligned clock of each backend object: every store this process makes over one backend
+(a ``create()``, an ``Orchestrator``, a CLI command) reads one estimate of the server's time.
+Two estimates differ by up to half a round trip each, so a pipeline created by one store at its
+"now" was not yet due at another store's "now" a few milliseconds later."""
 
 
 class ServerClock:
@@ -29,6 +37,8 @@ class ServerClock:
         aligned to the server's; else the system clock. A test clock is used as it is."""
         if clock is not None and not isinstance(clock, SystemClock):
             return clock
+        if clock is None and self._aligned_clock is None:
+            self._aligned_clock = _shared(self.backend)
         if clock is None and self._aligned_clock is not None:
             return self._aligned_clock
         try:
@@ -41,6 +51,7 @@ class ServerClock:
         aligned = ServerAlignedClock(self._server_now, clock)
         if clock is None:
             self._aligned_clock = aligned
+            _share(self.backend, aligned)
         return aligned
 
     def _server_now(self) -> datetime:
@@ -48,3 +59,15 @@ class ServerClock:
         if found is None:  # pragma: no cover - it answered when the clock was made
             raise RepositoryError(f"{self.backend!r} no longer reports its clock")
         return found
+
+
+def _shared(backend: object) -> ServerAlignedClock | None:
+    try:
+        return _ALIGNED.get(backend)
+    except TypeError:  # a backend that cannot be weakly referenced: each store aligns its own
+        return None
+
+
+def _share(backend: object, aligned: ServerAlignedClock) -> None:
+    with contextlib.suppress(TypeError):  # not weakly referable: each store aligns its own
+        _ALIGNED.setdefault(backend, aligned)
