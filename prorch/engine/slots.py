@@ -98,7 +98,8 @@ class Slots(Generic[K, T]):
         self._committer = ThreadPoolExecutor(self.commits, thread_name_prefix="prorch-commit") if self._pool else None
         # the groups in flight: their keys, and whether each one's write marked a hook
         self._committing: dict[Future[list[Exception | None]], list[tuple[K, bool]]] = {}
-        self._queue: list[tuple[K, Write]] = []
+        self._queue: list[tuple[K, Write, bool]] = []  # the transitions waiting, each with whether it marks a hook
+        self._marking = 0  # of those waiting or in a commit, the ones that mark their next hook
         self._others: set[Future[Any]] = set()  # the caller's work beside the slots (``wake_on``)
 
     @property
@@ -130,9 +131,9 @@ class Slots(Generic[K, T]):
 
     def _going_on(self) -> int:
         """Pipelines whose transition waits for (or is in) its commit and marks their next hook:
-        each takes a hook slot again once it is stored."""
-        committing = sum(marks for keys in self._committing.values() for _, marks in keys)
-        return committing + sum(1 for _, write in self._queue if _marks_a_hook(write))
+        each takes a hook slot again once it is stored (counted as they come and go: ``free``
+        is read several times a turn)."""
+        return self._marking
 
     @property
     def room(self) -> int:
@@ -335,7 +336,9 @@ class Slots(Generic[K, T]):
         ended.append((key, value))
 
     def _enqueue(self, key: K, write: Write) -> None:
-        self._queue.append((key, write))
+        marks = _marks_a_hook(write)
+        self._marking += marks
+        self._queue.append((key, write, marks))
 
     def _group_due(self, more: bool, idle: bool) -> bool:
         """Store now: not grouping; or nothing more can join the group (it is full, or no slot
@@ -352,9 +355,9 @@ class Slots(Generic[K, T]):
         """Store the waiting transitions: together (shared hook marks) when grouped, else each
         in its own commit; each pipeline is then ready to go on."""
         queue, self._queue = self._queue, []
-        keys = [(key, _marks_a_hook(write)) for key, write in queue]
+        keys = [(key, marks) for key, _, marks in queue]
         if self.grouped and not self._alone:
-            writes = [_shared(write) for _, write in queue]
+            writes = [_shared(write) for _, write, _ in queue]
             if self._committer is not None:  # the loop goes on meanwhile: the next group fills
                 committing = self._committer.submit(self._commit_many, writes)
                 self._committing[committing] = keys
@@ -362,7 +365,7 @@ class Slots(Generic[K, T]):
                 return
             stored = self._commit_many(writes)
         else:
-            stored = [self._commit_one(write) for _, write in queue]
+            stored = [self._commit_one(write) for _, write, _ in queue]
         self._go_on(keys, stored)
 
     def _stored(self, committing: Future[list[Exception | None]]) -> None:
@@ -378,6 +381,7 @@ class Slots(Generic[K, T]):
         near, and a run is one hand-off for many)."""
         apart = self._pool is not None and not self._alone and not self.quick
         for (key, marks), outcome in zip(keys, stored, strict=True):
+            self._marking -= marks
             if marks or not apart:
                 self._ready.append((key, outcome))
             else:

@@ -37,10 +37,10 @@ class ServerClock:
         aligned to the server's; else the system clock. A test clock is used as it is."""
         if clock is not None and not isinstance(clock, SystemClock):
             return clock
-        if clock is None and self._aligned_clock is None:
-            self._aligned_clock = _shared(self.backend)
-        if clock is None and self._aligned_clock is not None:
-            return self._aligned_clock
+        if clock is None:
+            self._aligned_clock = self._aligned_clock or _shared(self.backend)
+            if self._aligned_clock is not None:
+                return self._aligned_clock
         try:
             probe = call("read the server's clock", self.engine.server_time)
         except RepositoryError as exc:
