@@ -83,3 +83,17 @@ def test_on_cancel_errors_are_kept_on_the_step(registry: Registry) -> None:
     (step,) = run.steps
     write_each(invoker.journal.store, invoker.call_on_cancel(run, step, NOW))
     assert step.error is not None and step.error.message == "cleanup failed" and step.error.hook == "on_cancel"
+
+
+def test_recent_slowest_is_the_slowest_of_the_last_calls() -> None:
+    """Read several times a turn of a worker's loop, it is kept as each call ends: infinite
+    before any call, then the slowest of the last ``RECENT_CALLS``, forgetting older ones."""
+    from prorch.engine.bounded_calls import RECENT_CALLS
+
+    hooks = HookCaller()
+    assert hooks.recent_slowest == float("inf")
+    hooks.call(lambda: time.sleep(0.05), None, "slow")
+    assert 0.05 <= hooks.recent_slowest < 1
+    for _ in range(RECENT_CALLS):
+        hooks.call(lambda: None, None, "instant")
+    assert hooks.recent_slowest < 0.01  # the slow call is out of the window
