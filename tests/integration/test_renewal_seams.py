@@ -131,6 +131,8 @@ def unread_commit(url: str, tmp_path: Path, processes: list[Any], when: str, *, 
         return all(orchestrator.store.get_pipeline(u).status == Status.FINISHED for u in uuids)  # type: ignore[union-attr]
 
     wait_for(done, 60, "the second worker to finish every pipeline", poll=0.1)
+    # its row is written once its signal handlers are set: a SIGTERM before them kills it (-15)
+    wait_for(lambda: any(row.pid == second.pid for row in orchestrator.store.workers()), 30, "the second worker's row")
     return UnreadCommit(uuids, log, note, errors, first, second, orchestrator, gone_at)
 
 
